@@ -1,0 +1,17 @@
+# Quickstart targets. Each creates .venv and installs the package on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: demo test
+demo: $(VENV)/.installed  ## train the small text-to-image model on captioned_shapes, then sample
+	$(PY) -m diffusion_jax.main --config=configs/t2i_shapes.py --workdir=workdirs/t2i_shapes
+
+test: $(VENV)/.installed  ## the whole test suite on 2 workers
+	$(PY) -m pytest -n 2 -q -p no:cacheprovider

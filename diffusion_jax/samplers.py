@@ -1,0 +1,172 @@
+"""The reverse process: samplers, classifier-free guidance and thresholding, as pure functions.
+
+A *denoiser* is `denoise_fn(x, alpha, sigma) -> x0_hat` with x: [batch, ...] and alpha, sigma: [batch].
+A sampling *grid* is two arrays alpha, sigma of shape [steps + 1], noisiest first; the last entry is
+usually clean (sigma = 0). Every sampler is one `lax.scan` over the grid, so the whole reverse process
+compiles to one program.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import objectives
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "flow_euler")
+THRESHOLDS = ("none", "static", "dynamic")
+
+
+def _logsnr(alpha, sigma):
+  return 2 * (jnp.log(alpha) - jnp.log(sigma))
+
+
+# ----------------------------------------------------------------------------- single steps
+# Each step moves x from noise level (a_t, s_t) to (a_s, s_s) given x0 = denoise(x, a_t, s_t).
+
+
+def ddim_step(x, x0, a_t, s_t, a_s, s_s, eta, noise):
+  """DDIM (Song et al. 2021); eta = 1 is DDPM's ancestral step with the 'fixed_small' variance."""
+  eps = (x - a_t * x0) / s_t
+  # c^2 = s_s^2 (1 - snr_t / snr_s); zero at the clean end (s_s = 0).
+  c = eta * s_s * jnp.sqrt(-jnp.expm1(jnp.minimum(_logsnr(a_t, s_t) - _logsnr(a_s, s_s), 0.0)))
+  return a_s * x0 + jnp.sqrt(jnp.maximum(s_s**2 - c**2, 0.0)) * eps + c * noise
+
+
+def dpmpp_2m_step(x, x0, x0_prev, h_prev, a_t, s_t, a_s, s_s, second_order):
+  """DPM-Solver++(2M) (Lu et al. 2022), midpoint form; first order where `second_order` is False."""
+  h = (_logsnr(a_s, s_s) - _logsnr(a_t, s_t)) / 2
+  inv_2r = jnp.where(second_order, h / (2 * h_prev), 0.0)
+  inv_2r = jnp.where(jnp.isfinite(inv_2r), inv_2r, 0.0)
+  d = (1 + inv_2r) * x0 - inv_2r * x0_prev
+  ratio = jnp.where(s_s > 0, s_s / s_t, 0.0)
+  return ratio * x - a_s * jnp.expm1(-h) * d, h
+
+
+def euler_step(x, x0, a_t, s_t, a_s, s_s):
+  """Euler in EDM's sigma-space y = x / alpha, sigma_edm = sigma / alpha (Karras et al. 2022)."""
+  y, sig_t, sig_s = x / a_t, s_t / a_t, s_s / a_s
+  return a_s * (y + (sig_s - sig_t) * (y - x0) / sig_t)
+
+
+def flow_euler_step(x, x0, s_t, s_s):
+  """Euler on the rectified-flow ODE dx/dt = eps - x0 with t = sigma (path alpha = 1 - t)."""
+  return x + (s_s - s_t) * (x - x0) / s_t
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, eta: float = 0.0,
+           return_trajectory: bool = False):
+  """Run the reverse process from x_init (already at noise level alpha[0], sigma[0]).
+
+  x_init: [batch, ...] (images or videos). alpha, sigma: [steps + 1]. `key` is needed by the
+  stochastic samplers (ddpm; ddim with eta > 0). Returns x at the last noise level, or with
+  return_trajectory the states after every step [steps, batch, ...].
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"Unknown sampler {sampler!r}; valid samplers: {list(SAMPLERS)}.")
+  if alpha.shape[0] < 2:
+    raise ValueError("a sampling grid needs steps >= 1 (at least 2 noise levels).")
+  if sampler == "ddpm":
+    eta = 1.0
+  if key is None:
+    key = jax.random.key(0)
+  steps = alpha.shape[0] - 1
+  levels = (alpha[:-1], sigma[:-1], alpha[1:], sigma[1:])
+  keys = jax.random.split(key, steps)
+
+  def body(carry, inputs):
+    x, x0_prev, h_prev, n = carry
+    (a_t, s_t, a_s, s_s), step_key = inputs
+    x0 = denoise_fn(x, jnp.full(x.shape[:1], a_t), jnp.full(x.shape[:1], s_t))
+    if sampler in ("ddpm", "ddim"):
+      noise = jax.random.normal(step_key, x.shape, x.dtype) if eta else jnp.zeros_like(x)
+      x = ddim_step(x, x0, a_t, s_t, a_s, s_s, eta, noise)
+    elif sampler == "dpmpp_2m":
+      x, h_prev = dpmpp_2m_step(x, x0, x0_prev, h_prev, a_t, s_t, a_s, s_s,
+                                second_order=(n > 0) & (s_s > 0))
+    elif sampler == "euler":
+      x = euler_step(x, x0, a_t, s_t, a_s, s_s)
+    elif sampler == "flow_euler":
+      x = flow_euler_step(x, x0, s_t, s_s)
+    else:  # heun: Euler predictor, trapezoidal corrector unless the target is clean
+      x_euler = euler_step(x, x0, a_t, s_t, a_s, s_s)
+
+      def correct(x_euler):
+        x0_next = denoise_fn(x_euler, jnp.full(x.shape[:1], a_s), jnp.full(x.shape[:1], s_s))
+        y, sig_t, sig_s = x / a_t, s_t / a_t, s_s / a_s
+        slope = ((y - x0) / sig_t + (x_euler / a_s - x0_next) / sig_s) / 2
+        return a_s * (y + (sig_s - sig_t) * slope)
+
+      x = jax.lax.cond(s_s > 0, correct, lambda x_euler: x_euler, x_euler)
+    return (x, x0, h_prev, n + 1), (x if return_trajectory else None)
+
+  carry = (x_init, jnp.zeros_like(x_init), jnp.ones((), x_init.dtype), jnp.zeros((), jnp.int32))
+  (x, *_), trajectory = jax.lax.scan(body, carry, (levels, keys))
+  return trajectory if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------- guidance and thresholding
+
+
+def guided_prediction(cond, uncond, guidance_scale: float, guidance_rescale: float = 0.0):
+  """Classifier-free guidance: uncond + w (cond - uncond), optionally rescaled (Lin et al. 2023).
+
+  With guidance_rescale = phi the result's per-example std is pulled toward cond's std.
+  """
+  guided = uncond + guidance_scale * (cond - uncond)
+  if guidance_rescale:
+    axes = tuple(range(1, cond.ndim))
+    rescaled = guided * jnp.std(cond, axis=axes, keepdims=True) / jnp.std(guided, axis=axes, keepdims=True)
+    guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+  return guided
+
+
+def threshold_x0(x0, kind: str = "none", percentile: float = 99.5):
+  """static: clip to [-1, 1]; dynamic (Imagen): s = max(1, percentile of |x0|) per example,
+  clip to [-s, s] and divide by s."""
+  if kind == "none":
+    return x0
+  if kind == "static":
+    return jnp.clip(x0, -1.0, 1.0)
+  if kind == "dynamic":
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    s = jnp.maximum(jnp.percentile(flat, percentile, axis=1), 1.0)
+    s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) / s
+  raise ValueError(f"Unknown thresholding {kind!r}; valid options: {list(THRESHOLDS)}.")
+
+
+def make_denoiser(network_fn, prediction: str, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                  threshold: str = "none", threshold_percentile: float = 99.5, sigma_data: float = 0.5):
+  """Wrap a network into a guided, thresholded denoiser.
+
+  network_fn(x, logsnr, conditional: bool) -> output in the `prediction` parameterisation, where
+  conditional=False means the empty (null) text condition. Guidance combines the two outputs in
+  eps space, which equals combining them in any linear parameterisation.
+  """
+  if guidance_scale < 0:
+    raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+  if threshold not in THRESHOLDS:
+    raise ValueError(f"Unknown thresholding {threshold!r}; valid options: {list(THRESHOLDS)}.")
+  if not 0 < threshold_percentile <= 100:
+    raise ValueError(f"threshold_percentile must be in (0, 100], got {threshold_percentile}.")
+
+  def eps_of(output, x, alpha, sigma):
+    x0 = objectives.x0_from_prediction(prediction, output, x, alpha, sigma, sigma_data)
+    return objectives.eps_from_x0(x0, x, alpha, sigma)
+
+  def denoise(x, alpha, sigma):
+    logsnr = _logsnr(alpha, sigma)
+    x_in = x * objectives.per_example(objectives.network_input_scale(prediction, alpha, sigma, sigma_data), x)
+    cond = network_fn(x_in, logsnr, True)
+    if guidance_scale == 1.0:
+      x0 = objectives.x0_from_prediction(prediction, cond, x, alpha, sigma, sigma_data)
+    else:
+      uncond = network_fn(x_in, logsnr, False)
+      eps = guided_prediction(eps_of(cond, x, alpha, sigma), eps_of(uncond, x, alpha, sigma),
+                              guidance_scale, guidance_rescale)
+      x0 = (x - objectives.per_example(sigma, x) * eps) / objectives.per_example(alpha, x)
+    return threshold_x0(x0, threshold, threshold_percentile)
+
+  return denoise

@@ -1,0 +1,250 @@
+"""Samplers against diffusers' PyTorch schedulers (step by step) and against exact Gaussian denoisers."""
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from diffusion_jax import samplers, schedules
+
+STEPS = 12
+SHAPE = (4, 6)
+MEAN = np.linspace(-0.5, 0.5, SHAPE[1])
+STD = np.linspace(0.3, 0.9, SHAPE[1])
+
+
+def exact_x0(x, alpha, sigma, mean=MEAN, std=STD):
+  """E[x0 | x_t] for x0 ~ N(mean, diag(std^2)) and x_t = alpha x0 + sigma eps (any scaling)."""
+  alpha, sigma = alpha.reshape(-1, 1), sigma.reshape(-1, 1)
+  gain = alpha * std**2 / (alpha**2 * std**2 + sigma**2)
+  return mean + gain * (x - alpha * mean)
+
+
+def rel_err(ours, theirs):
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  return np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))
+
+
+def run_diffusers(scheduler, vp_alpha_sigma_of, generator_seed=None):
+  """Run a diffusers loop with the exact Gaussian eps-model; return the states after each step.
+
+  vp_alpha_sigma_of(i, t) gives the VP (alpha, sigma) of the model input at loop index i.
+  """
+  torch.manual_seed(0)
+  x = torch.randn(SHAPE, dtype=torch.float64) * scheduler.init_noise_sigma
+  x_init = x.clone()
+  states = []
+  for i, t in enumerate(scheduler.timesteps):
+    x_in = scheduler.scale_model_input(x, t)
+    alpha, sigma = vp_alpha_sigma_of(i, t)
+    x0 = exact_x0(x_in.numpy(), np.array([alpha]), np.array([sigma]))
+    eps = (x_in.numpy() - alpha * x0) / sigma
+    kwargs = {} if generator_seed is None else {"generator": torch.Generator().manual_seed(generator_seed + i)}
+    x = scheduler.step(torch.from_numpy(eps), t, x, **kwargs).prev_sample
+    states.append(x.numpy().copy())
+  return x_init.numpy(), states
+
+
+def exact_denoiser(x, alpha, sigma):
+  return exact_x0(x, alpha, sigma)
+
+
+def our_trajectory(logsnr, x_init, sampler, key=None):
+  alpha, sigma = schedules.alpha_sigma_from_logsnr(jnp.asarray(logsnr))
+  with jax.enable_x64(True):
+    alpha, sigma = schedules.alpha_sigma_from_logsnr(jnp.asarray(logsnr, jnp.float64))
+    fn = jax.jit(lambda x: samplers.sample(exact_denoiser, x, alpha, sigma, sampler, key=key,
+                                           return_trajectory=True))
+    return np.asarray(fn(jnp.asarray(x_init)))
+
+
+def ac_logsnr(scheduler, t):
+  ac = scheduler.alphas_cumprod.double().numpy()
+  return schedules.logsnr_from_alphas_cumprod(ac[int(t)]) if t >= 0 else np.inf
+
+
+def vp_from_ac(scheduler):
+  ac = scheduler.alphas_cumprod.double().numpy()
+  return lambda i, t: (np.sqrt(ac[int(t)]), np.sqrt(1 - ac[int(t)]))
+
+
+def vp_from_edm_sigmas(scheduler):
+  edm = scheduler.sigmas.double().numpy()
+  return lambda i, t: (1 / np.sqrt(1 + edm[i] ** 2), edm[i] / np.sqrt(1 + edm[i] ** 2))
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_ddim_matches_diffusers_step_by_step(beta_schedule):
+  scheduler = diffusers.DDIMScheduler(beta_schedule=beta_schedule, clip_sample=False, set_alpha_to_one=True)
+  scheduler.set_timesteps(STEPS)
+  x_init, states = run_diffusers(scheduler, vp_from_ac(scheduler))
+  grid = [ac_logsnr(scheduler, t) for t in scheduler.timesteps] + [np.inf]
+  ours = our_trajectory(grid, x_init, "ddim")
+  for step, (a, b) in enumerate(zip(ours, states)):
+    assert rel_err(a, b) < 1e-5, f"step {step}"
+
+
+def test_ddpm_matches_diffusers_step_by_step():
+  scheduler = diffusers.DDPMScheduler(beta_schedule="linear", clip_sample=False)
+  scheduler.set_timesteps(STEPS)
+  x_init, states = run_diffusers(scheduler, vp_from_ac(scheduler), generator_seed=100)
+  timesteps = [int(t) for t in scheduler.timesteps]
+  grid = [ac_logsnr(scheduler, t) for t in timesteps] + [np.inf]
+  alpha, sigma = schedules.alpha_sigma_from_logsnr(np.array(grid))
+  # Drive our step with the very noise diffusers drew (same generator seeds).
+  x = x_init
+  for i, (a_t, s_t, a_s, s_s) in enumerate(zip(alpha[:-1], sigma[:-1], alpha[1:], sigma[1:])):
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64).numpy()
+    with jax.enable_x64(True):
+      x0 = exact_x0(x, np.array([a_t]), np.array([s_t]))
+      x = np.asarray(samplers.ddim_step(x, x0, a_t, s_t, a_s, s_s, 1.0, noise if i < STEPS - 1 else 0 * noise))
+    assert rel_err(x, states[i]) < 1e-5, f"step {i}"
+
+
+def test_dpmpp_2m_matches_diffusers_step_by_step():
+  scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear")
+  scheduler.set_timesteps(STEPS)
+  x_init, states = run_diffusers(scheduler, vp_from_edm_sigmas(scheduler))
+  grid = schedules.logsnr_from_edm_sigma(scheduler.sigmas.double().numpy())
+  ours = our_trajectory(grid, x_init, "dpmpp_2m")
+  for step, (a, b) in enumerate(zip(ours, states)):
+    assert rel_err(a, b) < 1e-5, f"step {step}"
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_euler_matches_diffusers_step_by_step(karras):
+  scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", use_karras_sigmas=karras)
+  scheduler.set_timesteps(STEPS)
+  x_init, states = run_diffusers(scheduler, vp_from_edm_sigmas(scheduler))
+  edm = scheduler.sigmas.double().numpy()
+  grid = schedules.logsnr_from_edm_sigma(edm)
+  # diffusers keeps x in sigma-space (x / alpha); ours is on the VP path.
+  vp_scale = 1 / np.sqrt(1 + edm**2)
+  ours = our_trajectory(grid, x_init * vp_scale[0], "euler")
+  for step, (a, b) in enumerate(zip(ours, states)):
+    assert rel_err(a / vp_scale[step + 1], b) < 1e-5, f"step {step}"
+
+
+def test_heun_matches_diffusers_step_by_step():
+  scheduler = diffusers.HeunDiscreteScheduler(beta_schedule="linear", use_karras_sigmas=True)
+  scheduler.set_timesteps(STEPS)
+  x_init, states = run_diffusers(scheduler, vp_from_edm_sigmas(scheduler))
+  edm = scheduler.sigmas.double().numpy()[::2]  # [s0, s1, s1, s2, s2, ..., 0] -> one per level
+  edm = np.concatenate([edm, [0.0]]) if edm[-1] != 0 else edm
+  grid = schedules.logsnr_from_edm_sigma(edm)
+  vp_scale = 1 / np.sqrt(1 + edm**2)
+  ours = our_trajectory(grid, x_init * vp_scale[0], "heun")
+  # A diffusers Heun step is two scheduler calls (the last one, to sigma = 0, is a single Euler call).
+  completed = states[1::2] + [states[-1]]
+  for step, (a, b) in enumerate(zip(ours, completed)):
+    assert rel_err(a / vp_scale[step + 1], b) < 1e-5, f"step {step}"
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_betas_match_diffusers(name):
+  params = {} if name == "squaredcos_cap_v2" else {"beta_start": 0.00085, "beta_end": 0.012}
+  theirs = diffusers.DDPMScheduler(beta_schedule=name, **params).betas.numpy()
+  np.testing.assert_allclose(schedules.betas(name, 1000, **params), theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_grids_match_diffusers_timesteps():
+  for cls, spacing in [(diffusers.DDIMScheduler, "leading"), (diffusers.DDIMScheduler, "trailing"),
+                       (diffusers.EulerDiscreteScheduler, "linspace")]:
+    scheduler = cls(beta_schedule="linear", timestep_spacing=spacing)
+    scheduler.set_timesteps(STEPS)
+    np.testing.assert_allclose(schedules.discrete_timesteps(1000, STEPS, spacing), scheduler.timesteps.numpy(),
+                               rtol=1e-6)
+  scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="linear")
+  scheduler.set_timesteps(STEPS)
+  ac = schedules.alphas_cumprod_from_betas(schedules.betas("linear"))
+  ours = schedules.edm_sigma_from_logsnr(schedules.discrete_logsnr_grid(ac, STEPS, "linspace"))
+  np.testing.assert_allclose(ours, scheduler.sigmas.numpy(), rtol=1e-4)  # diffusers tables are float32
+
+
+# ----------------------------------------------------------------------------- analytic data
+
+
+def gaussian_sampling_error(sampler, steps, n=4096, dims=SHAPE[1], grid="cosine"):
+  """|mean error| + |std error| of samples from the exact denoiser of N(MEAN, diag(STD^2))."""
+  logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule("cosine", logsnr_min=-12, logsnr_max=12), steps)
+  path = "flow" if sampler == "flow_euler" else "vp"
+  alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, path)
+  key = jax.random.key(1)
+  x_init = sigma[0] * jax.random.normal(key, (n, dims))
+  x = jax.jit(lambda x: samplers.sample(exact_denoiser, x, alpha, sigma, sampler, key=jax.random.key(2)))(x_init)
+  x = np.asarray(x)
+  return np.abs(x.mean(0) - MEAN).max() + np.abs(x.std(0) - STD).max()
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_samplers_reproduce_gaussian_data(sampler):
+  assert gaussian_sampling_error(sampler, 64) < 0.08
+
+
+def deterministic_error(sampler, steps):
+  """Distance of a sampler's endpoint to a fine-grid reference for the same starting noise."""
+
+  def run(k):
+    with jax.enable_x64(True):
+      # Uniform steps in log-SNR, stopping short of clean so the ODE solution stays smooth.
+      logsnr = jnp.linspace(-10.0, 10.0, k + 1)
+      alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr)
+      x_init = sigma[0] * jax.random.normal(jax.random.key(0), (64, SHAPE[1]), jnp.float64)
+      return np.asarray(samplers.sample(exact_denoiser, x_init, alpha, sigma, sampler))
+
+  return np.abs(run(steps) - run(2048)).max()
+
+
+@pytest.mark.parametrize("sampler, order", [("ddim", 1), ("euler", 1), ("dpmpp_2m", 2), ("heun", 2)])
+def test_convergence_order(sampler, order):
+  e1, e2 = deterministic_error(sampler, 32), deterministic_error(sampler, 64)
+  measured = np.log2(e1 / e2)
+  assert order - 0.25 < measured < order + 0.35, measured
+
+
+# ----------------------------------------------------------------------------- guidance, thresholding
+
+
+def test_guidance_scale_one_is_conditional_model():
+  x = jax.random.normal(jax.random.key(0), (3, 4, 4, 3))
+  alpha, sigma = jnp.full((3,), 0.6), jnp.full((3,), 0.8)
+
+  def network(x, logsnr, conditional):
+    return jnp.tanh(x) * (1.0 if conditional else -2.0)
+
+  guided = samplers.make_denoiser(network, "eps", guidance_scale=1.0)(x, alpha, sigma)
+  cond_only = (x - 0.8 * jnp.tanh(x)) / 0.6
+  np.testing.assert_allclose(guided, cond_only, rtol=1e-5, atol=1e-6)
+  scaled = samplers.make_denoiser(network, "eps", guidance_scale=3.0)(x, alpha, sigma)
+  eps = -2.0 * jnp.tanh(x) + 3.0 * (3.0 * jnp.tanh(x))
+  np.testing.assert_allclose(scaled, (x - 0.8 * eps) / 0.6, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_rescale_restores_conditional_std():
+  cond = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  uncond = 0.2 * cond
+  guided = samplers.guided_prediction(cond, uncond, 7.5, guidance_rescale=1.0)
+  np.testing.assert_allclose(guided.std(axis=(1, 2, 3)), cond.std(axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_dynamic_thresholding_keeps_x0_in_range():
+  x0 = 3 * jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  out = samplers.threshold_x0(x0, "dynamic", 95.0)
+  assert float(jnp.abs(out).max()) <= 1.0 + 1e-6
+  small = 0.5 * jnp.tanh(x0)  # already within [-1, 1]: dynamic thresholding leaves it alone
+  np.testing.assert_allclose(samplers.threshold_x0(small, "dynamic"), small)
+  assert float(jnp.abs(samplers.threshold_x0(x0, "static")).max()) <= 1.0
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: samplers.sample(exact_denoiser, jnp.zeros(SHAPE), jnp.ones(3), jnp.ones(3), "plms"), "valid samplers"),
+    (lambda: samplers.sample(exact_denoiser, jnp.zeros(SHAPE), jnp.ones(1), jnp.ones(1)), "steps >= 1"),
+    (lambda: samplers.make_denoiser(lambda *a: a[0], "eps", guidance_scale=-1.0), "guidance_scale"),
+    (lambda: samplers.make_denoiser(lambda *a: a[0], "eps", threshold="soft"), "valid options"),
+    (lambda: schedules.continuous_logsnr_grid(schedules.logsnr_schedule("cosine"), 0), "steps must be >= 1"),
+])
+def test_bad_input_raises_clear_error(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
