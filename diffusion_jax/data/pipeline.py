@@ -1,0 +1,94 @@
+"""Input pipeline: TFDS array_record source -> grain (shard, shuffle, preprocess, batch) -> global jax.Array.
+
+Each process reads a disjoint shard of the records; the iterator state is small and checkpointable
+(`iterator.get_state()` / `set_state()`), so a resumed run sees exactly the batches it would have seen.
+
+Batch (per process): image [batch, res, res, 3] float32 in [-1, 1], text_ids [batch, tokens] int32,
+text_mask [batch, tokens] bool, plus the dataset's integer attributes when present.
+"""
+
+import grain.python as grain
+import jax
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+
+from diffusion_jax.data import captioned_shapes
+
+DATASETS = ("captioned_shapes", "tfds")
+
+
+def data_source(config, split: str):
+  """A random-access source of examples for `config.data` (see configs/base.py)."""
+  if config.dataset == "captioned_shapes":
+    builder = captioned_shapes.builder(config.data_dir, resolution=config.resolution,
+                                       max_objects=config.max_objects, num_train=config.num_train,
+                                       num_eval=config.num_eval, seed=config.seed)
+    return builder.as_data_source(split)
+  if config.dataset == "tfds":
+    try:
+      return tfds.data_source(config.name, split=split, data_dir=config.data_dir)
+    except Exception as error:  # TFDS raises many kinds; the user needs the name, split and dir.
+      raise ValueError(f"Cannot open TFDS dataset {config.name!r} split {split!r} in data_dir "
+                       f"{config.data_dir!r} as array_record ({error}). Prepare it with "
+                       "file_format='array_record' (see README, 'Datasets').") from None
+  raise ValueError(f"Unknown data.dataset {config.dataset!r}; valid options: {list(DATASETS)}.")
+
+
+def resize_and_crop(image: np.ndarray, resolution: int, rng: np.random.Generator | None) -> np.ndarray:
+  """uint8 [h, w, 3] -> [resolution, resolution, 3]: shorter side to resolution, then a centre
+  (rng None) or random crop."""
+  h, w = image.shape[:2]
+  if (h, w) != (resolution, resolution):
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    image = np.asarray(PIL.Image.fromarray(image).resize(size, PIL.Image.BICUBIC))
+    h, w = image.shape[:2]
+  top = (h - resolution) // 2 if rng is None else int(rng.integers(0, h - resolution + 1))
+  left = (w - resolution) // 2 if rng is None else int(rng.integers(0, w - resolution + 1))
+  return image[top:top + resolution, left:left + resolution]
+
+
+class Preprocess(grain.RandomMapTransform):
+  """Decode, resize/crop, optional flip, scale to [-1, 1], tokenize the caption."""
+
+  def __init__(self, config, tokenizer):
+    self.config = config
+    self.tokenizer = tokenizer
+
+  def random_map(self, element, rng: np.random.Generator):
+    config = self.config
+    image = np.asarray(element[config.image_key])
+    if image.ndim == 2:
+      image = np.repeat(image[..., None], 3, axis=-1)
+    image = resize_and_crop(image[..., :3], config.resolution, rng if config.random_crop else None)
+    if config.random_flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    ids, mask = self.tokenizer([element[config.caption_key]])
+    out = {"image": image.astype(np.float32) / 127.5 - 1.0, "text_ids": ids[0], "text_mask": mask[0]}
+    for key in config.attribute_keys:
+      out[key] = np.asarray(element[key])
+    return out
+
+
+def make_loader(config, source, tokenizer, batch_per_process: int, seed: int, shuffle: bool = True,
+                num_epochs: int | None = None) -> grain.DataLoader:
+  """A grain loader over this process's shard of `source`, batched to batch_per_process."""
+  if len(source) < batch_per_process * jax.process_count():
+    raise ValueError(f"The dataset has {len(source)} examples, fewer than one global batch of "
+                     f"{batch_per_process * jax.process_count()}; lower the batch size or use more data.")
+  sampler = grain.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.ShardByJaxProcess(drop_remainder=True),
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      seed=seed,
+  )
+  operations = [Preprocess(config, tokenizer), grain.Batch(batch_per_process, drop_remainder=True)]
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                          worker_count=config.worker_count)
+
+
+def to_global(local_batch: dict, sharding) -> dict:
+  """Assemble per-process numpy batches into global jax.Arrays sharded over the batch axis."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

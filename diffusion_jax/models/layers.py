@@ -1,0 +1,160 @@
+"""Building blocks shared by the image and video U-Nets: residual block, attention, feed-forward.
+
+Every parameter carries logical axis names in its `out_sharding` metadata (see `sharding.py`):
+`conv_in`, `conv_out` (convolution channels), `embed` (model width), `heads` (attention projections),
+`mlp` (feed-forward hidden), `text_embed` (text encoder width), `norm` (normalisation scales).
+Activations are [batch, height, width, channels] unless stated.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Parameters are created with logical names only; shardings come from the rules in sharding.py.
+nnx.use_eager_sharding(False)
+
+
+def names(*axes):
+  return {"sharding_names": axes}
+
+
+def conv(in_ch, out_ch, kernel, rngs, dtype, stride=1, zero_init=False):
+  init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
+  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, dtype=dtype, kernel_init=init, rngs=rngs,
+                  kernel_metadata=names(None, None, "conv_in", "conv_out"), bias_metadata=names("conv_out"))
+
+
+def dense(in_dim, out_dim, axes, rngs, dtype, use_bias=True, zero_init=False):
+  init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
+  return nnx.Linear(in_dim, out_dim, use_bias=use_bias, dtype=dtype, kernel_init=init, rngs=rngs,
+                    kernel_metadata=names(*axes), bias_metadata=names(axes[-1]))
+
+
+def group_norm(channels, rngs, dtype, groups=32):
+  groups = math.gcd(groups, channels)
+  return nnx.GroupNorm(channels, num_groups=groups, dtype=dtype, rngs=rngs,
+                       scale_metadata=names("norm"), bias_metadata=names("norm"))
+
+
+def layer_norm(dim, rngs, dtype):
+  return nnx.LayerNorm(dim, dtype=dtype, rngs=rngs, scale_metadata=names("norm"), bias_metadata=names("norm"))
+
+
+def dropout(x, rate, key):
+  """Inverted dropout; identity when key is None (inference) or rate is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class ResBlock(nnx.Module):
+  """GroupNorm-SiLU-Conv twice, with FiLM (scale-shift) conditioning on the embedding.
+
+  x: [batch, h, w, in_ch], emb: [batch, emb_dim] -> [batch, h, w, out_ch].
+  """
+
+  def __init__(self, in_ch, out_ch, emb_dim, *, dropout_rate, skip_scale, dtype, rngs):
+    self.norm1 = group_norm(in_ch, rngs, dtype)
+    self.conv1 = conv(in_ch, out_ch, 3, rngs, dtype)
+    self.film = dense(emb_dim, 2 * out_ch, ("embed", "conv_out"), rngs, dtype)
+    self.norm2 = group_norm(out_ch, rngs, dtype)
+    self.conv2 = conv(out_ch, out_ch, 3, rngs, dtype, zero_init=True)
+    self.skip = conv(in_ch, out_ch, 1, rngs, dtype) if in_ch != out_ch else None
+    self.dropout_rate = dropout_rate
+    self.skip_scale = skip_scale
+
+  def __call__(self, x, emb, dropout_key=None):
+    h = self.conv1(nnx.silu(self.norm1(x)))
+    scale, shift = jnp.split(self.film(nnx.silu(emb))[:, None, None, :], 2, axis=-1)
+    h = self.norm2(h) * (1 + scale) + shift
+    h = self.conv2(dropout(nnx.silu(h), self.dropout_rate, dropout_key))
+    skip = self.skip(x) if self.skip is not None else x
+    return (skip + h) * self.skip_scale
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; queries from x [batch, q, dim], keys/values from context [batch, k, ctx_dim].
+
+  mask: [batch, k] bool (True = attend). A learned null key/value is always attended, so a fully
+  masked context (the empty prompt) is well defined and padding never changes the output.
+  """
+
+  def __init__(self, dim, context_dim, heads, *, dtype, rngs, context_axis="embed", null_kv=False):
+    if dim % heads:
+      raise ValueError(f"attention width {dim} is not divisible by heads={heads}.")
+    self.heads = heads
+    self.q = dense(dim, dim, ("embed", "heads"), rngs, dtype, use_bias=False)
+    self.k = dense(context_dim, dim, (context_axis, "heads"), rngs, dtype, use_bias=False)
+    self.v = dense(context_dim, dim, (context_axis, "heads"), rngs, dtype, use_bias=False)
+    self.out = dense(dim, dim, ("heads", "embed"), rngs, dtype, zero_init=True)
+    self.null_kv = nnx.Param(jnp.zeros((2, dim)), **names(None, "heads")) if null_kv else None
+
+  def __call__(self, x, context, mask=None, bias=None):
+    b, q_len, dim = x.shape
+    split = lambda t: t.reshape(b, t.shape[1], self.heads, dim // self.heads)
+    q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
+    if self.null_kv is not None:
+      null = self.null_kv.value.astype(k.dtype).reshape(2, 1, 1, self.heads, dim // self.heads)
+      k = jnp.concatenate([jnp.broadcast_to(null[0], (b, 1) + k.shape[2:]), k], axis=1)
+      v = jnp.concatenate([jnp.broadcast_to(null[1], (b, 1) + v.shape[2:]), v], axis=1)
+      if mask is not None:
+        mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+    if mask is not None:
+      mask = mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+    return self.out(out.reshape(b, q_len, dim))
+
+
+class FeedForward(nnx.Module):
+  """GEGLU feed-forward: [.., dim] -> [.., dim]."""
+
+  def __init__(self, dim, mult, *, dtype, rngs):
+    self.proj_in = dense(dim, 2 * mult * dim, ("embed", "mlp"), rngs, dtype)
+    self.proj_out = dense(mult * dim, dim, ("mlp", "embed"), rngs, dtype, zero_init=True)
+
+  def __call__(self, x):
+    h, gate = jnp.split(self.proj_in(x), 2, axis=-1)
+    return self.proj_out(h * nnx.gelu(gate))
+
+
+class TransformerBlock(nnx.Module):
+  """Spatial self-attention, text cross-attention and feed-forward over the pixels of a feature map.
+
+  x: [batch, h, w, ch]; text: [batch, tokens, text_dim]; text_mask: [batch, tokens] bool.
+  """
+
+  def __init__(self, channels, text_dim, heads, *, ff_mult, dtype, rngs):
+    self.norm_in = group_norm(channels, rngs, dtype)
+    self.norm_self = layer_norm(channels, rngs, dtype)
+    self.self_attn = Attention(channels, channels, heads, dtype=dtype, rngs=rngs)
+    self.norm_cross = layer_norm(channels, rngs, dtype)
+    self.cross_attn = Attention(channels, text_dim, heads, dtype=dtype, rngs=rngs, context_axis="text_embed",
+                                null_kv=True)
+    self.norm_ff = layer_norm(channels, rngs, dtype)
+    self.ff = FeedForward(channels, ff_mult, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, text, text_mask):
+    b, h, w, c = x.shape
+    tokens = self.norm_in(x).reshape(b, h * w, c)
+    normed = self.norm_self(tokens)
+    tokens = tokens + self.self_attn(normed, normed)
+    tokens = tokens + self.cross_attn(self.norm_cross(tokens), text, text_mask)
+    tokens = tokens + self.ff(self.norm_ff(tokens))
+    return x + tokens.reshape(b, h, w, c)
+
+
+def sinusoidal_embedding(values, dim, max_period=10000.0):
+  """values [batch] -> [batch, dim] sin/cos features (Transformer / DDPM timestep embedding)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half) / half)
+  args = values[:, None].astype(jnp.float32) * freqs[None]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def masked_mean(tokens, mask):
+  """tokens [batch, n, d], mask [batch, n] -> [batch, d]; zeros where nothing is unmasked."""
+  weights = mask.astype(tokens.dtype)[..., None]
+  return (tokens * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)

@@ -1,0 +1,184 @@
+"""T5 encoder (original T5 with ReLU, T5 v1.1 with gated GELU) in Flax NNX, and Hugging Face import.
+
+`load_hf_encoder(path)` reads `config.json` and `model.safetensors` (or sharded safetensors with
+`model.safetensors.index.json`) from a local directory, without transformers. Decoder and LM-head
+tensors of a full T5 checkpoint are ignored; any other unknown, missing or mis-shaped tensor is an error
+that names it.
+
+Call: ids [batch, tokens] int32, mask [batch, tokens] bool -> embeddings [batch, tokens, d_model] float32.
+"""
+
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from diffusion_jax.models import layers
+
+
+def relative_position_bucket(relative_position, num_buckets: int, max_distance: int):
+  """T5's bidirectional bucketing of key - query offsets [q, k] -> bucket ids [q, k]."""
+  num_buckets //= 2
+  buckets = (relative_position > 0).astype(jnp.int32) * num_buckets
+  distance = jnp.abs(relative_position)
+  max_exact = num_buckets // 2
+  large = max_exact + (jnp.log(jnp.maximum(distance, 1) / max_exact) / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return buckets + jnp.where(distance < max_exact, distance, large)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim, eps):
+    self.weight = nnx.Param(jnp.ones((dim,)), **layers.names("norm"))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.weight.value).astype(x.dtype)
+
+
+class T5Block(nnx.Module):
+  def __init__(self, config, *, has_position_bias, dtype, rngs):
+    inner, d = config.num_heads * config.d_kv, config.d_model
+    dense = lambda i, o, axes: layers.dense(i, o, axes, rngs, dtype, use_bias=False)
+    self.heads, self.d_kv = config.num_heads, config.d_kv
+    self.attn_norm = RMSNorm(d, config.layer_norm_epsilon)
+    self.q, self.k, self.v = (dense(d, inner, ("text_embed", "heads")) for _ in range(3))
+    self.o = dense(inner, d, ("heads", "text_embed"))
+    self.position_bias = (nnx.Param(jax.random.normal(rngs.params(), (config.num_buckets, config.num_heads)) * 0.1,
+                                    **layers.names(None, None)) if has_position_bias else None)
+    self.ff_norm = RMSNorm(d, config.layer_norm_epsilon)
+    self.gated = config.gated
+    self.wi_0 = dense(d, config.d_ff, ("text_embed", "mlp"))
+    self.wi_1 = dense(d, config.d_ff, ("text_embed", "mlp")) if config.gated else None
+    self.wo = dense(config.d_ff, d, ("mlp", "text_embed"))
+
+  def __call__(self, x, bias):
+    b, n, _ = x.shape
+    h = self.attn_norm(x)
+    split = lambda t: t.reshape(b, n, self.heads, self.d_kv)
+    q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias  # T5: no 1/sqrt(d) scaling
+    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+    x = x + self.o(out.reshape(b, n, -1))
+    h = self.ff_norm(x)
+    hidden = nnx.gelu(self.wi_0(h), approximate=True) * self.wi_1(h) if self.gated else nnx.relu(self.wi_0(h))
+    return x + self.wo(hidden)
+
+
+class T5Encoder(nnx.Module):
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(config.dtype)
+    self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs,
+                           embedding_metadata=layers.names("vocab", "text_embed"))
+    self.blocks = nnx.List([T5Block(config, has_position_bias=i == 0, dtype=dtype, rngs=rngs)
+                            for i in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+    self.num_buckets, self.max_distance = config.num_buckets, config.max_distance
+
+  def __call__(self, ids, mask):
+    n = ids.shape[1]
+    positions = jnp.arange(n)
+    buckets = relative_position_bucket(positions[None, :] - positions[:, None], self.num_buckets, self.max_distance)
+    bias = jnp.transpose(self.blocks[0].position_bias.value[buckets], (2, 0, 1))[None]  # [1, heads, q, k]
+    bias = bias + jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
+    x = self.embed(ids)
+    for block in self.blocks:
+      x = block(x, bias)
+    return self.final_norm(x).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- Hugging Face import
+
+
+def config_from_hf(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDict:
+  proj = hf.get("feed_forward_proj", "relu")
+  if proj not in ("relu", "gated-gelu"):
+    raise ValueError(f"Unsupported T5 feed_forward_proj {proj!r}; supported: 'relu', 'gated-gelu'.")
+  return ml_collections.ConfigDict(dict(
+      vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
+      num_layers=hf["num_layers"], num_heads=hf["num_heads"],
+      num_buckets=hf.get("relative_attention_num_buckets", 32),
+      max_distance=hf.get("relative_attention_max_distance", 128),
+      gated=proj == "gated-gelu", layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dtype=dtype))
+
+
+def _hf_name(path) -> tuple[str, bool]:
+  """Our parameter path -> (HF tensor name, transpose?)."""
+  path = [str(p) for p in path]
+  if path[0] == "embed":
+    return "shared.weight", False
+  if path[0] == "final_norm":
+    return "encoder.final_layer_norm.weight", False
+  i, part = path[1], path[2]
+  prefix = f"encoder.block.{i}.layer"
+  table = {
+      "attn_norm": (f"{prefix}.0.layer_norm.weight", False),
+      "position_bias": (f"{prefix}.0.SelfAttention.relative_attention_bias.weight", False),
+      "ff_norm": (f"{prefix}.1.layer_norm.weight", False),
+      "wo": (f"{prefix}.1.DenseReluDense.wo.weight", True),
+      "wi_1": (f"{prefix}.1.DenseReluDense.wi_1.weight", True),
+  }
+  if part in ("q", "k", "v", "o"):
+    return f"{prefix}.0.SelfAttention.{part}.weight", True
+  if part == "wi_0":
+    return None, True  # name depends on gating, resolved by the caller
+  return table[part]
+
+
+def _read_safetensors(directory: pathlib.Path) -> dict:
+  from safetensors.numpy import load_file
+
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  elif (directory / "model.safetensors").exists():
+    files = ["model.safetensors"]
+  else:
+    raise ValueError(f"No model.safetensors or model.safetensors.index.json in {str(directory)!r}; a Hugging Face "
+                     "T5 checkpoint directory is needed (PyTorch .bin files are not read).")
+  tensors = {}
+  for name in files:
+    tensors.update(load_file(directory / name))
+  return tensors
+
+
+def load_hf_encoder(path, dtype: str = "float32") -> T5Encoder:
+  """Build a T5Encoder from a local Hugging Face checkpoint directory."""
+  directory = pathlib.Path(path)
+  if not (directory / "config.json").exists():
+    raise ValueError(f"No config.json in {str(directory)!r}; give the local directory of a Hugging Face T5 "
+                     "checkpoint.")
+  config = config_from_hf(json.loads((directory / "config.json").read_text()), dtype)
+  tensors = _read_safetensors(directory)
+  tensors.setdefault("shared.weight", tensors.get("encoder.embed_tokens.weight"))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: T5Encoder(config, rngs=nnx.Rngs(0))))
+  flat = nnx.to_flat_state(state)
+  used, problems = set(), []
+  for path, variable in flat:
+    name, transpose = _hf_name(path)
+    if name is None:
+      name = f"encoder.block.{path[1]}.layer.1.DenseReluDense.{'wi_0' if config.gated else 'wi'}.weight"
+    if tensors.get(name) is None:
+      problems.append(f"missing {name}")
+      continue
+    value = tensors[name].T if transpose else tensors[name]
+    if value.shape != variable.value.shape:
+      problems.append(f"{name} has shape {value.shape}, expected {variable.value.shape}")
+      continue
+    variable.value = jnp.asarray(value, jnp.float32)
+    used.add(name)
+  ignored = ("decoder.", "lm_head.", "encoder.embed_tokens.weight")
+  unknown = sorted(k for k in tensors if k not in used and not k.startswith(ignored))
+  problems += [f"unknown tensor {k}" for k in unknown]
+  if problems:
+    raise ValueError(f"T5 checkpoint {str(directory)!r} does not match the encoder: " + "; ".join(problems[:20]))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))

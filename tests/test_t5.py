@@ -1,0 +1,58 @@
+"""T5 encoder against transformers' PyTorch T5EncoderModel (random tiny weights saved as safetensors)."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from diffusion_jax.models import t5
+
+
+def save_tiny_t5(directory, feed_forward_proj):
+  config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                 feed_forward_proj=feed_forward_proj, dropout_rate=0.0)
+  torch.manual_seed(0)
+  model = transformers.T5EncoderModel(config).eval()
+  model.save_pretrained(directory, safe_serialization=True)
+  return model
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+def test_encoder_matches_transformers(tmp_path, feed_forward_proj):
+  reference = save_tiny_t5(tmp_path, feed_forward_proj)
+  ours = t5.load_hf_encoder(tmp_path)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 64, (3, 11)).astype(np.int32)
+  mask = np.ones_like(ids, bool)
+  mask[1, 7:] = False
+  mask[2, 3:] = False
+  ids[~mask] = 0
+  with torch.no_grad():
+    expected = reference(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+  expected = expected.last_hidden_state.numpy()
+  got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+  np.testing.assert_allclose(got[mask], expected[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_padding_does_not_change_real_tokens(tmp_path):
+  save_tiny_t5(tmp_path, "gated-gelu")
+  ours = t5.load_hf_encoder(tmp_path)
+  ids = jnp.array([[5, 9, 13, 0, 0, 0, 0, 0]], jnp.int32)
+  short = ours(ids[:, :3], ids[:, :3] > 0)
+  long = ours(ids, ids > 0)
+  np.testing.assert_allclose(long[:, :3], short, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+  with pytest.raises(ValueError, match="config.json"):
+    t5.load_hf_encoder(tmp_path)
+  save_tiny_t5(tmp_path, "relu")
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["d_ff"] = 40
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="DenseReluDense.wi.weight has shape"):
+    t5.load_hf_encoder(tmp_path)
