@@ -65,3 +65,17 @@ class SentencePieceTokenizer:
     texts = [t.decode() if isinstance(t, bytes) else t for t in texts]
     token_lists = [self._sp.encode(t) + [self._sp.eos_id()] if t else [] for t in texts]
     return _pack(token_lists, self.max_length, texts)
+
+
+def from_config(config):
+  """The tokenizer named by config.text for the dataset of config.data."""
+  if config.text.tokenizer == "sentencepiece":
+    return SentencePieceTokenizer(config.text.spiece_path, config.text.max_length)
+  if config.text.tokenizer == "words":
+    if config.data.dataset != "captioned_shapes":
+      raise ValueError("text.tokenizer='words' knows only the built-in datasets' vocabulary; use "
+                       "text.tokenizer='sentencepiece' with text.spiece_path for other data.")
+    from diffusion_jax.data import captioned_shapes
+
+    return WordTokenizer(captioned_shapes.VOCABULARY, config.text.max_length)
+  raise ValueError(f"Unknown text.tokenizer {config.text.tokenizer!r}; valid options: ['words', 'sentencepiece'].")

@@ -1,0 +1,90 @@
+"""Defaults for every experiment. Experiments import this and change what differs.
+
+Every default lives here; code never invents one. `diffusion_jax.config_checks.validate` checks a
+config before anything compiles.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data: captioned_shapes (built in) or any TFDS dataset prepared as array_record.
+  c.data = dict(
+      dataset="captioned_shapes",
+      name="",                     # TFDS name when dataset == "tfds"
+      data_dir="~/tensorflow_datasets",
+      image_key="image",
+      caption_key="caption",
+      attribute_keys=(),           # extra integer features passed through to the batch
+      resolution=32,
+      max_objects=2,               # captioned_shapes only
+      num_train=20000,             # captioned_shapes only
+      num_eval=1000,               # captioned_shapes only
+      seed=0,                      # captioned_shapes generation seed
+      random_crop=False,
+      random_flip=False,           # never for captions that name left/right
+      worker_count=0,              # grain worker processes (0 = in the main process)
+  )
+
+  # Text: a T5 encoder, trained from scratch (pretrained_path empty) or loaded from a local HF checkpoint.
+  c.text = dict(
+      tokenizer="words",           # 'words' (dataset vocabulary) or 'sentencepiece'
+      spiece_path="",              # sentencepiece model for tokenizer == 'sentencepiece'
+      max_length=32,
+      pretrained_path="",          # local Hugging Face T5 directory; empty = random init
+      trainable=True,              # False freezes the encoder (Imagen)
+      t5=dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, num_buckets=32,
+              max_distance=128, gated=True, layer_norm_epsilon=1e-6, dtype="float32"),
+  )
+
+  # U-Net (diffusion_jax/models/unet.py documents each field).
+  c.model = dict(
+      channels=64, channel_mults=(1, 2, 4), num_res_blocks=(2, 2, 2), attention_levels=(1, 2), skips="block",
+      skip_scale=1.0, heads=4, ff_mult=2, dropout=0.0, text_dim=512, in_channels=3, dtype="float32",
+      remat=False, lowres_conditioning=False,
+  )
+
+  # Diffusion process and training objective (schedules.py, objectives.py).
+  c.diffusion = dict(
+      path="vp",                   # 'vp' or 'flow'
+      schedule="cosine",           # schedules.CONTINUOUS_SCHEDULES
+      schedule_params=ml_collections.ConfigDict(dict(logsnr_min=-15.0, logsnr_max=15.0)),
+      prediction="v",              # eps, x0, v, flow, edm
+      weighting="v_mse",           # eps_mse, v_mse, x0_mse, min_snr, edm
+      min_snr_gamma=5.0,
+      sigma_data=0.5,
+      time_sampler="uniform",      # uniform, log_normal, logit_normal
+      time_mean=0.0,
+      time_std=1.0,
+      cond_drop_prob=0.1,          # classifier-free guidance training
+  )
+
+  c.optimizer = dict(
+      learning_rate=3e-4, schedule="cosine", warmup_steps=500, end_learning_rate_factor=0.1,
+      b1=0.9, b2=0.99, weight_decay=0.0, grad_clip=1.0,
+  )
+
+  c.train = dict(
+      batch_size=64,               # global batch
+      grad_accum=1,                # micro-batches per step
+      steps=10000,
+      ema_decays=(0.9999,),
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      max_nonfinite=10,            # stop after this many non-finite steps in a row
+      sample_at_end=True,
+  )
+
+  # Device mesh; -1 takes all remaining devices. Product must equal the device count.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+
+  # Sampling (used after training and by `python -m diffusion_jax.sample`).
+  c.sample = dict(
+      sampler="dpmpp_2m", steps=25, eta=0.0, guidance_scale=3.0, guidance_rescale=0.0, threshold="dynamic",
+      threshold_percentile=99.5, num_per_prompt=4, seed=0, use_ema=True, prompts=("a large red circle",),
+  )
+  return c

@@ -1,0 +1,54 @@
+"""Small text-to-image model on the built-in captioned_shapes dataset; trains on a laptop CPU.
+
+  python -m diffusion_jax.main --config=configs/t2i_shapes.py --workdir=workdirs/t2i_shapes
+
+Variants (`--config=configs/t2i_shapes.py:VARIANT`): `fsdp` shards parameters and optimizer state over
+all devices; `test` is a seconds-long smoke configuration for the test suite.
+"""
+
+from configs import base
+
+
+def get_config(variant: str = ""):
+  config = base.get_config()
+  config.data.dataset = "captioned_shapes"
+  config.data.resolution = 32
+  config.data.max_objects = 2
+  config.data.num_train = 20000
+
+  config.text.tokenizer = "words"
+  config.text.max_length = 20
+  config.text.t5.update(vocab_size=32, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+
+  config.model.update(channels=48, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 2), attention_levels=(1, 2),
+                      skips="level", skip_scale=0.7071067811865476, heads=4, text_dim=64)
+
+  config.train.batch_size = 32
+  config.train.steps = 3000
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 200
+  config.train.ema_decays = (0.995,)
+  config.train.log_every = 100
+  config.train.checkpoint_every = 1000
+
+  config.sample.prompts = (
+      "a large red circle at the top left",
+      "a small blue square at the bottom right",
+      "a large green triangle at the top right and a small yellow circle at the bottom left",
+      "a large magenta square at the bottom left",
+  )
+  if variant == "fsdp":
+    config.mesh.update(data=1, fsdp=-1)
+  elif variant == "test":
+    config.data.num_train = 256
+    config.data.num_eval = 32
+    config.data.resolution = 16
+    config.text.t5.update(d_model=32, d_kv=8, d_ff=64, num_layers=1)
+    config.model.update(channels=16, channel_mults=(1, 2), num_res_blocks=(1, 1), attention_levels=(1,),
+                        heads=2, text_dim=32)
+    config.train.update(batch_size=16, steps=4, log_every=2, checkpoint_every=2)
+    config.optimizer.warmup_steps = 2
+    config.sample.update(steps=4, num_per_prompt=2)
+  elif variant:
+    raise ValueError(f"Unknown t2i_shapes variant {variant!r}; valid variants: 'fsdp', 'test'.")
+  return config

@@ -1,0 +1,79 @@
+"""Check an experiment config before anything compiles; all problems are reported in one error."""
+
+import jax
+
+from diffusion_jax import objectives, samplers, schedules, sharding
+
+
+def problems(config, device_count: int | None = None, process_count: int | None = None) -> list[str]:
+  device_count = jax.device_count() if device_count is None else device_count
+  process_count = jax.process_count() if process_count is None else process_count
+  found = []
+
+  def option(value, valid, key):
+    if value not in valid:
+      found.append(f"{key}={value!r} is not one of {list(valid)}")
+
+  d = config.diffusion
+  option(d.path, ("vp", "flow"), "diffusion.path")
+  option(d.prediction, objectives.PREDICTIONS, "diffusion.prediction")
+  option(d.weighting, objectives.WEIGHTINGS, "diffusion.weighting")
+  option(d.time_sampler, objectives.TIME_SAMPLERS, "diffusion.time_sampler")
+  try:
+    schedules.logsnr_schedule(d.schedule, **d.schedule_params)
+  except ValueError as error:
+    found.append(f"diffusion.schedule: {error}")
+  if not 0 <= d.cond_drop_prob <= 1:
+    found.append(f"diffusion.cond_drop_prob={d.cond_drop_prob} must be in [0, 1]")
+  option(config.optimizer.schedule, ("cosine", "constant"), "optimizer.schedule")
+  option(config.sample.sampler, samplers.SAMPLERS, "sample.sampler")
+  option(config.sample.threshold, samplers.THRESHOLDS, "sample.threshold")
+  if config.sample.steps < 1:
+    found.append(f"sample.steps={config.sample.steps} must be >= 1")
+  if config.sample.guidance_scale < 0:
+    found.append(f"sample.guidance_scale={config.sample.guidance_scale} must be >= 0")
+
+  m = config.model
+  if len(m.num_res_blocks) != len(m.channel_mults):
+    found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
+                 f"model.channel_mults {tuple(m.channel_mults)}")
+  if any(level >= len(m.channel_mults) for level in m.attention_levels):
+    found.append(f"model.attention_levels {tuple(m.attention_levels)} names a level beyond "
+                 f"{len(m.channel_mults) - 1}")
+  if config.data.resolution % 2 ** (len(m.channel_mults) - 1):
+    found.append(f"data.resolution={config.data.resolution} must be divisible by 2^(levels - 1) = "
+                 f"{2 ** (len(m.channel_mults) - 1)}")
+  if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path:
+    found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
+  option(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+  option(m.skips, ("block", "level"), "model.skips")
+
+  t = config.train
+  try:
+    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, device_count)))
+  except ValueError as error:
+    found.append(str(error))
+  else:
+    data_parallel = shape["data"] * shape["fsdp"]
+    if t.batch_size % data_parallel:
+      found.append(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
+                   f"{data_parallel} (mesh.data * mesh.fsdp)")
+    if (t.batch_size // max(t.grad_accum, 1)) % data_parallel:
+      found.append(f"each micro-batch (train.batch_size / train.grad_accum = "
+                   f"{t.batch_size // max(t.grad_accum, 1)}) must be divisible by {data_parallel} devices")
+  if t.grad_accum < 1 or t.batch_size % t.grad_accum:
+    found.append(f"train.grad_accum={t.grad_accum} must be >= 1 and divide train.batch_size={t.batch_size}")
+  if t.batch_size % process_count:
+    found.append(f"train.batch_size={t.batch_size} is not divisible by {process_count} processes")
+  if not t.ema_decays or any(not 0 < decay < 1 for decay in t.ema_decays):
+    found.append(f"train.ema_decays={tuple(t.ema_decays)} needs at least one decay in (0, 1)")
+  for key in ("steps", "log_every", "checkpoint_every", "max_nonfinite"):
+    if t[key] < 1:
+      found.append(f"train.{key}={t[key]} must be >= 1")
+  return found
+
+
+def validate(config, device_count: int | None = None, process_count: int | None = None) -> None:
+  found = problems(config, device_count, process_count)
+  if found:
+    raise ValueError("Invalid config:\n  - " + "\n  - ".join(found))

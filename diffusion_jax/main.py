@@ -1,0 +1,60 @@
+"""The main job: train an experiment, then sample from it.
+
+  python -m diffusion_jax.main --config=configs/t2i_shapes.py --workdir=workdirs/t2i_shapes [--config.key=value ...]
+
+Flags:
+  --config        experiment config file (optionally `file.py:variant`); every field can be overridden with
+                  --config.<field>=<value>; a mistyped field is an error
+  --workdir       where checkpoints, logs, config.json and samples go; rerunning resumes from it
+  --coordinator   host:port of process 0 for multi-process runs (launch/ sets it); empty = single process
+  --num_processes number of processes in a multi-process run
+  --process_id    this process's index in a multi-process run
+
+The same command runs on a laptop CPU, a GPU node and every host of a TPU pod.
+"""
+
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, samples).")
+flags.DEFINE_string("coordinator", "", "host:port of process 0 for multi-process runs.")
+flags.DEFINE_integer("num_processes", 1, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", 0, "Index of this process.")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if f.workdir is None or f.config is None:
+    raise app.UsageError("--config and --workdir are required.")
+  if f.coordinator:
+    jax.distributed.initialize(f.coordinator, num_processes=f.num_processes, process_id=f.process_id)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, tfds) say only what matters
+  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+  from diffusion_jax import sample, sharding, train
+  from diffusion_jax.text import tokenizers
+
+  config = f.config
+  try:
+    state, graphdef = train.train_and_evaluate(config, f.workdir)
+  except ValueError as error:  # configuration, data and path errors a user can fix
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  if config.train.sample_at_end:
+    mesh = sharding.make_mesh(config.mesh)
+    params = state.ema[0] if config.sample.use_ema else state.params
+    step = int(state.step)
+    grid = sample.write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config),
+                                list(config.sample.prompts), config.sample, mesh, step,
+                                f"{f.workdir}/samples/step_{step}")
+    print(f"samples: {grid}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,45 @@
+"""Writing generated images: PNGs that carry their provenance, and labelled grids."""
+
+import json
+import pathlib
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.PngImagePlugin
+
+
+def to_uint8(images) -> np.ndarray:
+  """[..., h, w, 3] in [-1, 1] -> uint8 [0, 255]."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_png(path, image: np.ndarray, provenance: dict) -> None:
+  """Save uint8 [h, w, 3]; every provenance key becomes a PNG text chunk (plus 'generated_by')."""
+  info = PIL.PngImagePlugin.PngInfo()
+  info.add_text("generated_by", "diffusion_jax")
+  for key, value in provenance.items():
+    info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  PIL.Image.fromarray(image).save(path, pnginfo=info)
+
+
+def read_provenance(path) -> dict:
+  with PIL.Image.open(path) as image:
+    return dict(image.text)
+
+
+def labelled_grid(rows: list[np.ndarray], labels: list[str], scale: int = 2, label_height: int = 14) -> np.ndarray:
+  """rows: one uint8 [n, h, w, 3] per label -> one image with each label above its row."""
+  n = max(len(r) for r in rows)
+  h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
+  width = max(n * (w + 2), 8 * max(len(label) for label in labels) // 1)
+  canvas = PIL.Image.new("RGB", (width, len(rows) * (h + label_height + 4)), (255, 255, 255))
+  draw = PIL.ImageDraw.Draw(canvas)
+  for r, (row, label) in enumerate(zip(rows, labels)):
+    top = r * (h + label_height + 4)
+    draw.text((2, top), label, fill=(0, 0, 0))
+    for c, image in enumerate(row):
+      tile = PIL.Image.fromarray(image).resize((w, h), PIL.Image.NEAREST)
+      canvas.paste(tile, (c * (w + 2), top + label_height))
+  return np.asarray(canvas)

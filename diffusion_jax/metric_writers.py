@@ -1,0 +1,54 @@
+"""Metrics to JSONL, TensorBoard and a progress line with ETA. Only process 0 writes."""
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+
+  def __init__(self, workdir, total_steps: int, name: str = "train"):
+    self.active = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.start_time = None
+    self.start_step = 0
+    if self.active:
+      from tensorboardX import SummaryWriter
+
+      directory = pathlib.Path(workdir).expanduser() / "logs"
+      directory.mkdir(parents=True, exist_ok=True)
+      self.jsonl = open(directory / f"{name}.jsonl", "a")
+      self.tensorboard = SummaryWriter(str(directory / name))
+
+  def start(self, step: int):
+    self.start_time, self.start_step = time.time(), step
+
+  def write(self, step: int, metrics: dict):
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.flush()
+    for key, value in scalars.items():
+      if np.isfinite(value):
+        self.tensorboard.add_scalar(key, value, step)
+    self.tensorboard.flush()
+    self.progress(step, scalars)
+
+  def progress(self, step: int, scalars: dict):
+    done = step - self.start_step
+    elapsed = time.time() - (self.start_time or time.time())
+    eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+    shown = " ".join(f"{k}={scalars[k]:.4g}" for k in ("loss", "grad_norm", "examples_per_s", "mfu")
+                     if k in scalars)
+    print(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) {shown} "
+          f"elapsed {elapsed:.0f}s eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+  def close(self):
+    if self.active:
+      self.jsonl.close()
+      self.tensorboard.close()

@@ -1,0 +1,92 @@
+"""Device mesh and the ONE table mapping logical axis names to mesh axes.
+
+Mesh axes: `data` (batch only: pmap-style data parallel), `fsdp` (batch AND parameters/optimizer
+state: fully sharded data parallel), `tensor` (attention heads and MLP hidden: tensor parallel).
+Changing the parallelism is a config change (`config.mesh`), never a model change.
+"""
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes (tuple) or None (replicated)
+RULES = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "text_embed": ("fsdp",),
+    "conv_out": ("fsdp",),
+    "conv_in": None,
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "norm": None,
+    "frames": None,
+}
+
+
+def mesh_shape(mesh_config, device_count: int) -> tuple[int, ...]:
+  """Resolve -1 entries of config.mesh against the device count; raise if they cannot match."""
+  sizes = [mesh_config[a] for a in MESH_AXES]
+  unknown = [i for i, s in enumerate(sizes) if s == -1]
+  if len(unknown) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: use positive sizes and at most one -1.")
+  known = math.prod(s for s in sizes if s != -1)
+  if unknown:
+    if device_count % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} cannot fill {device_count} devices "
+                       f"({device_count} is not divisible by {known}).")
+    sizes[unknown[0]] = device_count // known
+  if math.prod(sizes) != device_count:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+                     f"{device_count} are present; make the product match or use -1 for one axis.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(logical_axes, shape, mesh) -> PartitionSpec:
+  """Map logical names to a PartitionSpec; a dim whose size the mesh axes do not divide, or whose
+  mesh axis is already used by an earlier dim, stays replicated."""
+  used, spec = set(), []
+  for name, size in zip(logical_axes, shape):
+    axes = RULES.get(name) if name is not None else None
+    if name is not None and name not in RULES:
+      raise ValueError(f"Logical axis {name!r} has no sharding rule; add it to sharding.RULES.")
+    axes = tuple(a for a in (axes or ()) if a not in used and mesh.shape[a] > 1)
+    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      spec.append(axes if len(axes) > 1 else axes[0])
+    else:
+      spec.append(None)
+  return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, mesh) -> dict:
+  """NamedShardings, as a pure nested dict like `nnx.to_pure_dict(state)`, from each variable's
+  `out_sharding` logical names."""
+  result = {}
+  for path, variable in nnx.to_flat_state(state):
+    logical = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(variable.value)
+    node = result
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = NamedSharding(mesh, logical_to_spec(logical, np.shape(variable.value), mesh))
+  return result
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Batch dimension over all data-parallel axes (data and fsdp); other dims replicated."""
+  return NamedSharding(mesh, PartitionSpec(RULES["batch"]))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

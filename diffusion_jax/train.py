@@ -1,0 +1,295 @@
+"""Train state, the pure train step, and the training loop.
+
+The step is `(state, batch) -> (state, metrics)`, compiled once with `jax.jit` and explicit
+NamedShardings on the mesh; the state argument is donated. Parameters are pure nested dicts (see
+`models/text_to_image.py`); `nnx.merge` rebuilds the module inside the step.
+"""
+
+import logging
+import signal
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from diffusion_jax import checkpoint, config_checks, hardware, metric_writers, objectives, schedules, sharding
+from diffusion_jax.data import pipeline
+from diffusion_jax.models import text_to_image
+from diffusion_jax.text import tokenizers
+
+# Edges of the log-SNR bins in which the loss is also reported (low log-SNR = high noise).
+LOGSNR_BIN_EDGES = (-6.0, -3.0, 0.0, 3.0, 6.0)
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict                  # trainable parameters (float32 master weights)
+  frozen: dict                  # parameters the optimizer does not touch (a frozen text encoder)
+  ema: tuple                    # one copy of params per config.train.ema_decays entry
+  opt_state: Any
+  rng: jax.Array                # raw uint32 key
+  nonfinite_run: jax.Array      # consecutive steps skipped for a non-finite loss or gradient
+  nonfinite_total: jax.Array
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(config, total_steps: int):
+  c = config.optimizer
+  if c.schedule == "constant":
+    return optax.warmup_constant_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))
+  return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1),
+                                            max(total_steps, c.warmup_steps + 1),
+                                            end_value=c.learning_rate * c.end_learning_rate_factor)
+
+
+def make_optimizer(config, total_steps: int):
+  c = config.optimizer
+  lr = learning_rate_schedule(config, total_steps)
+  tx = optax.chain(optax.clip_by_global_norm(c.grad_clip) if c.grad_clip else optax.identity(),
+                   optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+  return tx, lr
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def abstract_model(config):
+  return nnx.eval_shape(lambda: text_to_image.TextToImage(config, rngs=nnx.Rngs(config.seed)))
+
+
+def init_state(config, mesh, tx):
+  """A TrainState created directly with its shardings (no full host copy of a randomly initialised model)."""
+  graphdef, abstract_params, abstract_frozen = text_to_image.split(abstract_model(config), config)
+  shardings = (sharding.state_shardings(abstract_params, mesh), sharding.state_shardings(abstract_frozen, mesh))
+
+  def init():
+    _, params, frozen = text_to_image.split(text_to_image.TextToImage(config, rngs=nnx.Rngs(config.seed)), config)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+
+  if config.text.pretrained_path:  # weights come from a file: load on the host, then place
+    params, frozen = jax.device_put(init(), shardings)
+  else:
+    params, frozen = jax.jit(init, out_shardings=shardings)()
+
+  def rest(params):
+    return (tuple(jax.tree.map(jnp.copy, params) for _ in config.train.ema_decays), tx.init(params))
+
+  ema, opt_state = jax.jit(rest)(params)  # shardings follow the parameters'
+  place = lambda x: jax.device_put(x, sharding.replicated(mesh))
+  zero = lambda: place(jnp.zeros((), jnp.int32))  # distinct buffers: the state is donated
+  state = TrainState(step=zero(), params=params, frozen=frozen, ema=ema, opt_state=opt_state,
+                     rng=place(jax.random.PRNGKey(config.seed)), nonfinite_run=zero(), nonfinite_total=zero())
+  return state, graphdef
+
+
+def count_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def make_train_step(config, graphdef, tx, lr_fn):
+  """The pure train step for this config (static configuration is closed over)."""
+  d = config.diffusion
+  logsnr_fn = schedules.logsnr_schedule(d.schedule, **d.schedule_params)
+  decays = tuple(config.train.ema_decays)
+  accum = config.train.grad_accum
+  edges = jnp.array(LOGSNR_BIN_EDGES)
+
+  def loss_fn(params, frozen, batch, key):
+    k_drop, k_time, k_noise, k_dropout = jax.random.split(key, 4)
+    model = nnx.merge(graphdef, params, frozen)
+    x0 = batch["image"]
+    text = model.encode(batch["text_ids"], batch["text_mask"])
+    text, text_mask, _ = objectives.drop_condition(k_drop, text, batch["text_mask"], d.cond_drop_prob)
+    logsnr = objectives.sample_logsnr(k_time, x0.shape[0], d.time_sampler, logsnr_fn, d.time_mean, d.time_std)
+    alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
+    eps = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = objectives.diffuse(x0, eps, alpha, sigma)
+    x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)
+    output = model(x_in, logsnr, text, text_mask, dropout_key=k_dropout)
+    per_example = objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
+                                  d.sigma_data)
+    return per_example.mean(), (per_example, logsnr)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict):
+    key = jax.random.fold_in(state.rng, state.step)
+    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+    def accumulate(grads_sum, inputs):
+      index, micro_batch = inputs
+      (loss, aux), grads = grad_fn(state.params, state.frozen, micro_batch, jax.random.fold_in(key, index))
+      return jax.tree.map(jnp.add, grads_sum, grads), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (losses, (per_example, logsnr)) = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    loss, grad_norm = losses.mean(), optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    # EMA with the usual warm-up: decay_t = min(decay, (1 + t) / (10 + t)).
+    t = state.step.astype(jnp.float32)
+    ema = tuple(
+        jax.tree.map(lambda e, p, decay=decay: e + (1 - jnp.minimum(decay, (1 + t) / (10 + t))) * (p - e), e, params)
+        for decay, e in zip(decays, state.ema))
+
+    bins = jnp.digitize(logsnr.reshape(-1), edges)
+    onehot = jax.nn.one_hot(bins, len(LOGSNR_BIN_EDGES) + 1)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": lr_fn(state.step),
+        "nonfinite": 1 - finite.astype(jnp.int32),
+        "loss_by_logsnr_sum": onehot.T @ per_example.reshape(-1),
+        "loss_by_logsnr_count": onehot.sum(0),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, ema=ema, opt_state=opt_state,
+        nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+        nonfinite_total=state.nonfinite_total + 1 - finite.astype(jnp.int32))
+    return new_state, metrics
+
+  return train_step
+
+
+def compile_step(train_step, state, batch_shapes: dict, mesh):
+  """jit with explicit shardings, lowered and compiled once; returns (compiled, flops per step)."""
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding) for k, s in batch_shapes.items()}
+  compiled = jitted.lower(checkpoint.abstract(state), abstract_batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  return compiled, flops
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class _Preemption:
+  """Turns SIGTERM (preemption notice on most clusters) into a flag checked between steps."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread
+      pass
+
+  def _handler(self, *_):
+    self.requested = True
+
+
+def _host_metrics(metrics, flops, step_time, data_time, batch_size, peak, device_count):
+  metrics = jax.device_get(metrics)
+  out = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
+  for i, (total, count) in enumerate(zip(metrics["loss_by_logsnr_sum"], metrics["loss_by_logsnr_count"])):
+    edges = (-np.inf,) + LOGSNR_BIN_EDGES + (np.inf,)
+    out[f"loss_by_logsnr/{edges[i]:g}_to_{edges[i + 1]:g}"] = total / count if count else float("nan")
+  out["step_time_s"] = step_time
+  out["data_wait_s"] = data_time
+  out["examples_per_s"] = batch_size / step_time
+  out["tflops_per_device"] = flops / step_time / device_count / 1e12
+  out["mfu"] = flops / step_time / device_count / peak
+  return out
+
+
+def train_and_evaluate(config, workdir: str):
+  """Build everything from the config, resume from the workdir if it has checkpoints, train, sample."""
+  config_checks.validate(config)
+  workdir = str(workdir)
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(config.mesh)
+  n_dev = jax.device_count()
+  log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), n_dev, jax.process_count())
+  # ---------------------------------------------------------------- input
+  tokenizer = tokenizers.from_config(config)
+  source = pipeline.data_source(config.data, "train")
+  per_process = config.train.batch_size // jax.process_count()
+  loader = pipeline.make_loader(config.data, source, tokenizer, per_process, seed=config.seed)
+  data_iter = iter(loader)
+  # ---------------------------------------------------------------- model and optimizer
+  tx, lr_fn = make_optimizer(config, config.train.steps)
+  state, graphdef = init_state(config, mesh, tx)
+  log.info("parameters: %d trainable, %d frozen", count_params(state.params), count_params(state.frozen))
+  # ---------------------------------------------------------------- restore
+  if jax.process_index() == 0:
+    checkpoint.write_config(workdir, config)
+  mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+  restored, step = checkpoint.restore(mngr, state, data_iter)
+  if restored is not None:
+    state = restored
+    log.info("resumed from step %d", step)
+  step = int(state.step)
+  # ---------------------------------------------------------------- compile
+  first = next(data_iter)
+  batch_shapes = {k: jax.ShapeDtypeStruct((config.train.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
+                  for k, v in first.items() if k in ("image", "text_ids", "text_mask")}
+  compiled, flops = compile_step(make_train_step(config, graphdef, tx, lr_fn), state, batch_shapes, mesh)
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    log.info("per-device memory: arguments %.1f MB, temporaries %.1f MB",
+                 memory.argument_size_in_bytes / 1e6, memory.temp_size_in_bytes / 1e6)
+  peak, peak_source = hardware.peak_flops()
+  log.info("train step: %.3g FLOPs; peak %.3g FLOP/s per device (%s)", flops, peak, peak_source)
+  # ---------------------------------------------------------------- loop
+  writer = metric_writers.MetricWriter(workdir, config.train.steps)
+  writer.start(step)
+  preemption = _Preemption()
+  batch_sharding = sharding.batch_sharding(mesh)
+  keys = tuple(batch_shapes)
+  pending, local = None, first
+  last_time = time.perf_counter()
+  while step < config.train.steps:
+    data_start = time.perf_counter()
+    local = local if local is not None else next(data_iter)
+    batch = pipeline.to_global({k: local[k] for k in keys}, batch_sharding)
+    data_time = time.perf_counter() - data_start
+    local = None
+    state, metrics = compiled(state, batch)
+    step += 1
+    if pending is not None:  # metrics are read one step late so the host never stalls the device
+      writer.write(*pending)
+      pending = None
+    if step % config.train.log_every == 0 or step == config.train.steps:
+      now = time.perf_counter()
+      step_time = (now - last_time) / config.train.log_every
+      last_time = now
+      pending = (step, _host_metrics(metrics, flops, step_time, data_time, config.train.batch_size, peak, n_dev))
+      run = int(state.nonfinite_run)
+      if run >= config.train.max_nonfinite:
+        checkpoint.save(mngr, step, state, data_iter, force=True)
+        mngr.wait_until_finished()
+        raise FloatingPointError(
+            f"{run} steps in a row had a non-finite loss or gradient (step {step}); the last good state is "
+            f"saved in {workdir}. Lower optimizer.learning_rate or set model.dtype='float32'.")
+    if step % config.train.checkpoint_every == 0 or step == config.train.steps or preemption.requested:
+      checkpoint.save(mngr, step, state, data_iter, force=True)
+    if preemption.requested:
+      log.warning("SIGTERM received: checkpoint saved at step %d, exiting.", step)
+      break
+  if pending is not None:
+    writer.write(*pending)
+  mngr.wait_until_finished()
+  writer.close()
+  log.info("non-finite steps skipped: %d", int(state.nonfinite_total))
+  return state, graphdef
