@@ -9,6 +9,7 @@ Flags:
   --coordinator   host:port of process 0 for multi-process runs (launch/ sets it); empty = single process
   --num_processes number of processes in a multi-process run
   --process_id    this process's index in a multi-process run
+  --auto_distributed  initialise multi-process JAX from the cluster environment (TPU pod, SLURM, Open MPI)
 
 The same command runs on a laptop CPU, a GPU node and every host of a TPU pod.
 """
@@ -26,6 +27,7 @@ flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, samples
 flags.DEFINE_string("coordinator", "", "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", 1, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", 0, "Index of this process.")
+flags.DEFINE_bool("auto_distributed", False, "Initialise multi-process JAX from the cluster environment.")
 
 
 def main(argv):
@@ -35,6 +37,8 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required.")
   if f.coordinator:
     jax.distributed.initialize(f.coordinator, num_processes=f.num_processes, process_id=f.process_id)
+  elif f.auto_distributed:
+    jax.distributed.initialize()
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, tfds) say only what matters
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   from diffusion_jax import sample, sharding, train

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint, media, samplers, schedules, sharding
 
@@ -73,7 +74,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   batch = sharding.batch_sharding(mesh)
   ids, mask = (jax.device_put(a, batch) for a in (ids, mask))
   fn = jax.jit(make_generate_fn(config, graphdef, sample_config), out_shardings=batch)
-  images = np.asarray(jax.device_get(fn(params, frozen, jax.random.PRNGKey(sample_config.seed), ids, mask)))
+  images = fn(params, frozen, jax.random.PRNGKey(sample_config.seed), ids, mask)
+  images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
   return media.to_uint8(images[:len(repeated)]).reshape((len(prompts), n) + images.shape[1:])
 
 
@@ -146,6 +148,9 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
 
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir):
   images = generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh)
+  output_dir = pathlib.Path(output_dir)
+  if jax.process_index() != 0:  # every process samples its shard; process 0 writes
+    return output_dir / "grid.png"
   provenance = {"seed": sample_config.seed, "sampler": sample_config.sampler, "steps": sample_config.steps,
                 "guidance_scale": sample_config.guidance_scale, "checkpoint_step": int(step),
                 "ema": bool(sample_config.use_ema), "config_hash": config_hash(config)}

@@ -4,3 +4,30 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+def tiny_config(tmp_path_factory):
+  """The seconds-long test variant of the main experiment, with its own dataset directory."""
+  from configs import t2i_shapes
+
+  config = t2i_shapes.get_config("test")
+  config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  return config
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """A 4-step training run with checkpoints at 2 and 4: (config, workdir, final params).
+
+  Tests using it carry @pytest.mark.xdist_group("trained") so one worker trains once.
+  """
+  import jax
+
+  from diffusion_jax import train
+
+  config = tiny_config(tmp_path_factory)
+  workdir = tmp_path_factory.mktemp("workdir")
+  state, _ = train.train_and_evaluate(config, workdir)
+  return config, workdir, jax.device_get(state.params)

@@ -10,6 +10,7 @@ text_mask [batch, tokens] bool, plus the dataset's integer attributes when prese
 import grain.python as grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 import PIL.Image
 import tensorflow_datasets as tfds
 
@@ -21,9 +22,16 @@ DATASETS = ("captioned_shapes", "tfds")
 def data_source(config, split: str):
   """A random-access source of examples for `config.data` (see configs/base.py)."""
   if config.dataset == "captioned_shapes":
-    builder = captioned_shapes.builder(config.data_dir, resolution=config.resolution,
-                                       max_objects=config.max_objects, num_train=config.num_train,
-                                       num_eval=config.num_eval, seed=config.seed)
+    build = lambda: captioned_shapes.builder(config.data_dir, resolution=config.resolution,
+                                             max_objects=config.max_objects, num_train=config.num_train,
+                                             num_eval=config.num_eval, seed=config.seed)
+    # Process 0 generates the files; the others open them once they exist.
+    if jax.process_index() == 0:
+      builder = build()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("captioned_shapes prepared")
+    if jax.process_index() != 0:
+      builder = build()
     return builder.as_data_source(split)
   if config.dataset == "tfds":
     try:
@@ -72,14 +80,15 @@ class Preprocess(grain.RandomMapTransform):
 
 
 def make_loader(config, source, tokenizer, batch_per_process: int, seed: int, shuffle: bool = True,
-                num_epochs: int | None = None) -> grain.DataLoader:
-  """A grain loader over this process's shard of `source`, batched to batch_per_process."""
+                num_epochs: int | None = None, shard_options=None) -> grain.DataLoader:
+  """A grain loader over this process's shard of `source` (or the shard in `shard_options`), batched
+  to batch_per_process."""
   if len(source) < batch_per_process * jax.process_count():
     raise ValueError(f"The dataset has {len(source)} examples, fewer than one global batch of "
                      f"{batch_per_process * jax.process_count()}; lower the batch size or use more data.")
   sampler = grain.IndexSampler(
       num_records=len(source),
-      shard_options=grain.ShardByJaxProcess(drop_remainder=True),
+      shard_options=shard_options or grain.ShardByJaxProcess(drop_remainder=True),
       shuffle=shuffle,
       num_epochs=num_epochs,
       seed=seed,

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run the same command on every host of a Cloud TPU pod slice; JAX discovers the topology itself.
+#
+#   launch/tpu_pod.sh TPU_NAME ZONE --config=configs/imagen_base64.py --workdir=gs://bucket/runs/base64
+#
+# The repository must be checked out (and installed with `pip install -e .`) at the same path on every host.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 TPU_NAME ZONE [main flags...]" >&2
+  exit 2
+fi
+name=$1; zone=$2; shift 2
+repo=${REPO_DIR:-$(pwd)}
+gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all \
+  --command="cd ${repo} && python -m diffusion_jax.main --auto_distributed $(printf '%q ' "$@")"

@@ -1,0 +1,56 @@
+"""Sampling job: outputs with provenance, and clear errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from diffusion_jax import media, sample
+
+
+@pytest.mark.xdist_group("trained")
+def test_samples_carry_provenance(trained, tmp_path):
+  config, workdir, _ = trained
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"prompt": "a large red circle at the top left"}) + "\n"
+                     + json.dumps({"prompt": "a small blue square at the bottom right"}) + "\n")
+  out = tmp_path / "out"
+  grid = sample.sample_from_workdir(workdir, {"num_per_prompt": 3, "steps": 3, "sampler": "ddim", "seed": 7},
+                                    prompts, step=2, output_dir=out)
+  records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  assert len(records) == 6 and grid.exists()
+  for record in records:
+    image = np.asarray(PIL.Image.open(out / record["file"]))
+    assert image.shape == (config.data.resolution, config.data.resolution, 3)
+    provenance = media.read_provenance(out / record["file"])
+    assert provenance["prompt"] == record["prompt"] and provenance["generated_by"] == "diffusion_jax"
+    for key in ("seed", "sampler", "steps", "guidance_scale", "checkpoint_step", "config_hash"):
+      assert key in provenance
+    assert json.loads(provenance["checkpoint_step"]) == 2 and provenance["sampler"] == "ddim"
+
+
+@pytest.mark.xdist_group("trained")
+@pytest.mark.parametrize("overrides, prompts_text, message", [
+    ({"sampler": "plms"}, None, "--sampler='plms'"),
+    ({"steps": 0}, None, "--steps=0"),
+    ({"guidance_scale": -1.0}, None, "--guidance_scale=-1.0"),
+    ({}, "\n\n", "has no prompts"),
+])
+def test_bad_sampling_input_is_explained(trained, tmp_path, overrides, prompts_text, message):
+  _, workdir, _ = trained
+  prompts = None
+  if prompts_text is not None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(prompts_text)
+  with pytest.raises(ValueError, match=message):
+    sample.sample_from_workdir(workdir, overrides, prompts)
+
+
+def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "diffusion_jax.sample", f"--workdir={tmp_path / 'nope'}"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert "is not a diffusion_jax workdir" in result.stderr and "Traceback" not in result.stderr
