@@ -31,7 +31,9 @@ class MetricWriter:
     if not self.active:
       return
     scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    # Non-finite values (e.g. an empty log-SNR bin) are written as null: the file stays strict JSON.
+    record = {k: (v if np.isfinite(v) else None) for k, v in scalars.items()}
+    self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
     self.jsonl.flush()
     for key, value in scalars.items():
       if np.isfinite(value):

@@ -248,3 +248,33 @@ def test_dynamic_thresholding_keeps_x0_in_range():
 def test_bad_input_raises_clear_error(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+MODES = np.array([[-1.0, 0.5], [1.0, -0.5]])
+MODE_WEIGHTS = np.array([0.3, 0.7])
+MODE_STD = 0.2
+
+
+def mixture_x0(x, alpha, sigma):
+  """E[x0 | x_t] for x0 ~ sum_k w_k N(mode_k, MODE_STD^2 I) in 2-D."""
+  alpha, sigma = alpha.reshape(-1, 1, 1), sigma.reshape(-1, 1, 1)
+  var = alpha**2 * MODE_STD**2 + sigma**2                              # marginal variance per mode
+  diff = x[:, None, :] - alpha * MODES[None]                           # [n, modes, 2]
+  log_w = jnp.log(MODE_WEIGHTS) - jnp.sum(diff**2, -1) / (2 * var[..., 0])
+  resp = jax.nn.softmax(log_w, axis=1)[..., None]                      # posterior mode probabilities
+  posterior_mean = MODES[None] + alpha * MODE_STD**2 / var * diff
+  return jnp.sum(resp * posterior_mean, axis=1)
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_samplers_reproduce_gaussian_mixture(sampler):
+  logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule("cosine", logsnr_min=-12, logsnr_max=12), 64)
+  alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, "flow" if sampler == "flow_euler" else "vp")
+  x_init = sigma[0] * jax.random.normal(jax.random.key(3), (4096, 2))
+  x = np.asarray(jax.jit(lambda x: samplers.sample(mixture_x0, x, alpha, sigma, sampler, key=jax.random.key(4)))(x_init))
+  nearest = np.argmin(((x[:, None] - MODES[None]) ** 2).sum(-1), axis=1)
+  np.testing.assert_allclose(np.bincount(nearest, minlength=2) / len(x), MODE_WEIGHTS, atol=0.03)
+  for k in range(2):
+    members = x[nearest == k]
+    np.testing.assert_allclose(members.mean(0), MODES[k], atol=0.03)
+    np.testing.assert_allclose(members.std(0), MODE_STD, rtol=0.15)
