@@ -36,6 +36,7 @@ def get_config():
       max_length=32,
       pretrained_path="",          # local Hugging Face T5 directory; empty = random init
       trainable=True,              # False freezes the encoder (Imagen)
+      embedding_cache="",          # directory of cached frozen-encoder embeddings (built on first use)
       t5=dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, num_buckets=32,
               max_distance=128, gated=True, layer_norm_epsilon=1e-6, dtype="float32"),
   )

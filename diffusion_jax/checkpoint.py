@@ -5,8 +5,11 @@ config, written once, used by sampling and evaluation jobs). Saves are asynchron
 each array with the sharding of the target, so a checkpoint restores onto any mesh.
 """
 
+import importlib.metadata
 import json
+import logging
 import pathlib
+import subprocess
 
 import grain.python as grain
 import jax
@@ -14,6 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data_iter")
+log = logging.getLogger(__name__)
 
 
 def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -22,11 +26,23 @@ def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointMa
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iter=None, force: bool = False) -> bool:
+def run_metadata(config) -> dict:
+  """What produced a checkpoint: the config, the package version and the git commit (when known)."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                            cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  return {"config": json.loads(config.to_json_best_effort()), "git_commit": commit,
+          "package_version": importlib.metadata.version("diffusion_jax")}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter=None, force: bool = False,
+         metadata: dict | None = None) -> bool:
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     items["data_iter"] = grain.PyGrainCheckpointSave(data_iter)
-  return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+  return mngr.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=metadata)
 
 
 def abstract(tree):
@@ -36,17 +52,27 @@ def abstract(tree):
 
 def restore(mngr: ocp.CheckpointManager, target_state, data_iter=None, step: int | None = None):
   """Restore (state, step) at `step` (default latest) into target_state's structure and shardings;
-  the data iterator, if given, is restored in place. Returns (None, None) when there is no checkpoint."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None, None
-  if step not in mngr.all_steps():
+  the data iterator, if given, is restored in place. Returns (None, None) when there is no checkpoint.
+
+  Without an explicit step, an unreadable newest checkpoint (partial or corrupt) is skipped with a
+  warning and the one before it is used.
+  """
+  if step is not None and step not in mngr.all_steps():
     raise ValueError(f"No checkpoint at step {step} in {mngr.directory}; available steps: {mngr.all_steps()}.")
-  items = {"state": ocp.args.StandardRestore(abstract(target_state))}
-  if data_iter is not None:
-    items["data_iter"] = grain.PyGrainCheckpointRestore(data_iter)
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  return restored["state"], step
+  candidates = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+  for candidate in candidates:
+    items = {"state": ocp.args.StandardRestore(abstract(target_state))}
+    if data_iter is not None:
+      items["data_iter"] = grain.PyGrainCheckpointRestore(data_iter)
+    try:
+      restored = mngr.restore(candidate, args=ocp.args.Composite(**items))
+    except Exception as error:  # orbax/tensorstore raise many kinds for a damaged checkpoint
+      if step is not None or candidate == candidates[-1]:
+        raise ValueError(f"Checkpoint {candidate} in {mngr.directory} cannot be read ({error}).") from None
+      log.warning("Checkpoint %d cannot be read (%s); falling back to an earlier one.", candidate, error)
+      continue
+    return restored["state"], candidate
+  return None, None
 
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:

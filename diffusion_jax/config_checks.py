@@ -46,6 +46,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path:
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+  if config.text.embedding_cache and config.text.trainable:
+    found.append("text.embedding_cache needs a frozen encoder: set text.trainable=False")
   option(m.skips, ("block", "level"), "model.skips")
 
   t = config.train

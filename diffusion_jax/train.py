@@ -6,6 +6,7 @@ NamedShardings on the mesh; the state argument is donated. Parameters are pure n
 """
 
 import logging
+import pathlib
 import signal
 import time
 from typing import Any
@@ -16,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint, config_checks, hardware, metric_writers, objectives, schedules, sharding
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import text_to_image
-from diffusion_jax.text import tokenizers
+from diffusion_jax.text import embedding_cache, tokenizers
 
 # Edges of the log-SNR bins in which the loss is also reported (low log-SNR = high noise).
 LOGSNR_BIN_EDGES = (-6.0, -3.0, 0.0, 3.0, 6.0)
@@ -112,7 +114,10 @@ def make_train_step(config, graphdef, tx, lr_fn):
     k_drop, k_time, k_noise, k_dropout = jax.random.split(key, 4)
     model = nnx.merge(graphdef, params, frozen)
     x0 = batch["image"]
-    text = model.encode(batch["text_ids"], batch["text_mask"])
+    if "text_embeddings" in batch:  # from the text-embedding cache of a frozen encoder
+      text = batch["text_embeddings"]
+    else:
+      text = model.encode(batch["text_ids"], batch["text_mask"])
     text, text_mask, _ = objectives.drop_condition(k_drop, text, batch["text_mask"], d.cond_drop_prob)
     logsnr = objectives.sample_logsnr(k_time, x0.shape[0], d.time_sampler, logsnr_fn, d.time_mean, d.time_std)
     alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
@@ -188,6 +193,26 @@ def compile_step(train_step, state, batch_shapes: dict, mesh):
   return compiled, flops
 
 
+# ----------------------------------------------------------------------------- text-embedding cache
+
+
+def open_text_cache(config, graphdef, state, tokenizer, source):
+  """The frozen encoder's embeddings of every training caption, built by process 0 on first use."""
+  frozen_text = state.frozen.get("text_encoder")
+  if not frozen_text:
+    raise ValueError("text.embedding_cache needs a frozen text encoder (text.trainable=False).")
+  key = embedding_cache.cache_key(frozen_text, config.text.tokenizer + config.text.spiece_path, config.text.max_length)
+  directory = pathlib.Path(config.text.embedding_cache).expanduser()
+  if jax.process_index() == 0 and not (directory / "meta.json").exists():
+    encode = jax.jit(lambda ids, mask: nnx.merge(graphdef, state.params, state.frozen).encode(ids, mask))
+    captions = (source[i][config.data.caption_key] for i in range(len(source)))
+    log.info("building the text-embedding cache in %s", directory)
+    embedding_cache.build(directory, captions, tokenizer, encode, key)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("text-embedding cache built")
+  return embedding_cache.EmbeddingCache(directory, key)
+
+
 # ----------------------------------------------------------------------------- loop
 
 
@@ -227,20 +252,23 @@ def train_and_evaluate(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh)
   n_dev = jax.device_count()
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), n_dev, jax.process_count())
-  # ---------------------------------------------------------------- input
-  tokenizer = tokenizers.from_config(config)
-  source = pipeline.data_source(config.data, "train")
-  per_process = config.train.batch_size // jax.process_count()
-  loader = pipeline.make_loader(config.data, source, tokenizer, per_process, seed=config.seed)
-  data_iter = iter(loader)
   # ---------------------------------------------------------------- model and optimizer
   tx, lr_fn = make_optimizer(config, config.train.steps)
   state, graphdef = init_state(config, mesh, tx)
   log.info("parameters: %d trainable, %d frozen", count_params(state.params), count_params(state.frozen))
+  # ---------------------------------------------------------------- input
+  tokenizer = tokenizers.from_config(config)
+  source = pipeline.data_source(config.data, "train")
+  text_cache = open_text_cache(config, graphdef, state, tokenizer, source) if config.text.embedding_cache else None
+  per_process = config.train.batch_size // jax.process_count()
+  loader = pipeline.make_loader(config.data, source, tokenizer, per_process, seed=config.seed, text_cache=text_cache)
+  data_iter = iter(loader)
   # ---------------------------------------------------------------- restore
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+  metadata = checkpoint.run_metadata(config)
+  save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True, metadata=metadata)
   restored, step = checkpoint.restore(mngr, state, data_iter)
   if restored is not None:
     state = restored
@@ -249,7 +277,7 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- compile
   first = next(data_iter)
   batch_shapes = {k: jax.ShapeDtypeStruct((config.train.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
-                  for k, v in first.items() if k in ("image", "text_ids", "text_mask")}
+                  for k, v in first.items() if k in ("image", "text_ids", "text_embeddings", "text_mask")}
   compiled, flops = compile_step(make_train_step(config, graphdef, tx, lr_fn), state, batch_shapes, mesh)
   memory = compiled.memory_analysis()
   if memory is not None:
@@ -284,13 +312,13 @@ def train_and_evaluate(config, workdir: str):
                                      peak, n_dev))
       run = int(state.nonfinite_run)
       if run >= config.train.max_nonfinite:
-        checkpoint.save(mngr, step, state, data_iter, force=True)
+        save()
         mngr.wait_until_finished()
         raise FloatingPointError(
             f"{run} steps in a row had a non-finite loss or gradient (step {step}); the last good state is "
             f"saved in {workdir}. Lower optimizer.learning_rate or set model.dtype='float32'.")
     if step % config.train.checkpoint_every == 0 or step == config.train.steps or preemption.requested:
-      checkpoint.save(mngr, step, state, data_iter, force=True)
+      save()
     if preemption.requested:
       log.warning("SIGTERM received: checkpoint saved at step %d, exiting.", step)
       break

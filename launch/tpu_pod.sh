@@ -4,6 +4,7 @@
 #   launch/tpu_pod.sh TPU_NAME ZONE --config=configs/imagen_base64.py --workdir=gs://bucket/runs/base64
 #
 # The repository must be checked out (and installed with `pip install -e .`) at the same path on every host.
+# DRY_RUN=1 prints the gcloud command instead of running it.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 TPU_NAME ZONE [main flags...]" >&2
@@ -11,5 +12,10 @@ if [ $# -lt 2 ]; then
 fi
 name=$1; zone=$2; shift 2
 repo=${REPO_DIR:-$(pwd)}
-gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all \
-  --command="cd ${repo} && python -m diffusion_jax.main --auto_distributed $(printf '%q ' "$@")"
+command=(gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all
+  --command="cd ${repo} && python -m diffusion_jax.main --auto_distributed $(printf '%q ' "$@")")
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  printf '%q ' "${command[@]}"; echo
+else
+  "${command[@]}"
+fi

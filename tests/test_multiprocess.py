@@ -1,7 +1,6 @@
 """Two processes on 127.0.0.1 (4 simulated devices each) train, checkpoint and sample as one job."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,11 +13,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_two_process_training(tmp_path):
-  env = dict(os.environ, PYTHON=sys.executable)
-  env.pop("XLA_FLAGS", None)
-  command = [str(ROOT / "launch" / "local.sh"), "2", "4", "--config=configs/t2i_shapes.py:test",
-             f"--workdir={tmp_path / 'work'}", f"--config.data.data_dir={tmp_path / 'tfds'}"]
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  command = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
+             "--", "--config=configs/t2i_shapes.py:test", f"--workdir={tmp_path / 'work'}",
+             f"--config.data.data_dir={tmp_path / 'tfds'}"]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert checkpoint.manager(tmp_path / "work", read_only=True).all_steps() == [2, 4]
   # Each process saved its own input-iterator position.
@@ -26,3 +24,14 @@ def test_two_process_training(tmp_path):
   assert any("process_0" in name for name in iterator_files) and any("process_1" in name for name in iterator_files)
   manifest = (tmp_path / "work" / "samples" / "step_4" / "manifest.jsonl").read_text().splitlines()
   assert len(manifest) == 4 * 2 and all(json.loads(line)["checkpoint_step"] == 4 for line in manifest)
+
+
+def test_launchers_dry_run():
+  local = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=3", "--port=1234",
+                          "--dry_run", "--", "--workdir=w"], capture_output=True, text=True, timeout=60)
+  lines = local.stdout.splitlines()
+  assert len(lines) == 3 and all("--coordinator=127.0.0.1:1234" in line and "--workdir=w" in line for line in lines)
+  assert "--process_id=2" in lines[2]
+  tpu = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "pod", "zone", "--workdir=gs://b/r"],
+                       env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+  assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "--auto_distributed" in tpu.stdout

@@ -3,8 +3,9 @@
 Each process reads a disjoint shard of the records; the iterator state is small and checkpointable
 (`iterator.get_state()` / `set_state()`), so a resumed run sees exactly the batches it would have seen.
 
-Batch (per process): image [batch, res, res, 3] float32 in [-1, 1], text_ids [batch, tokens] int32,
-text_mask [batch, tokens] bool, plus the dataset's integer attributes when present.
+Batch (per process): image [batch, res, res, 3] float32 in [-1, 1], text_ids [batch, tokens] int32
+(or text_embeddings [batch, tokens, dim] float32 from a text-embedding cache), text_mask [batch, tokens]
+bool, plus the dataset's integer attributes when present.
 """
 
 import grain.python as grain
@@ -58,11 +59,13 @@ def resize_and_crop(image: np.ndarray, resolution: int, rng: np.random.Generator
 
 
 class Preprocess(grain.RandomMapTransform):
-  """Decode, resize/crop, optional flip, scale to [-1, 1], tokenize the caption."""
+  """Decode, resize/crop, optional flip, scale to [-1, 1], tokenize the caption (or look up its cached
+  text embeddings when `text_cache` is given)."""
 
-  def __init__(self, config, tokenizer):
+  def __init__(self, config, tokenizer, text_cache=None):
     self.config = config
     self.tokenizer = tokenizer
+    self.text_cache = text_cache
 
   def random_map(self, element, rng: np.random.Generator):
     config = self.config
@@ -72,15 +75,19 @@ class Preprocess(grain.RandomMapTransform):
     image = resize_and_crop(image[..., :3], config.resolution, rng if config.random_crop else None)
     if config.random_flip and rng.random() < 0.5:
       image = image[:, ::-1]
-    ids, mask = self.tokenizer([element[config.caption_key]])
-    out = {"image": image.astype(np.float32) / 127.5 - 1.0, "text_ids": ids[0], "text_mask": mask[0]}
+    out = {"image": image.astype(np.float32) / 127.5 - 1.0}
+    if self.text_cache is not None:
+      out["text_embeddings"], out["text_mask"] = self.text_cache(element[config.caption_key])
+    else:
+      ids, mask = self.tokenizer([element[config.caption_key]])
+      out["text_ids"], out["text_mask"] = ids[0], mask[0]
     for key in config.attribute_keys:
       out[key] = np.asarray(element[key])
     return out
 
 
 def make_loader(config, source, tokenizer, batch_per_process: int, seed: int, shuffle: bool = True,
-                num_epochs: int | None = None, shard_options=None) -> grain.DataLoader:
+                num_epochs: int | None = None, shard_options=None, text_cache=None) -> grain.DataLoader:
   """A grain loader over this process's shard of `source` (or the shard in `shard_options`), batched
   to batch_per_process."""
   if len(source) < batch_per_process * jax.process_count():
@@ -93,7 +100,7 @@ def make_loader(config, source, tokenizer, batch_per_process: int, seed: int, sh
       num_epochs=num_epochs,
       seed=seed,
   )
-  operations = [Preprocess(config, tokenizer), grain.Batch(batch_per_process, drop_remainder=True)]
+  operations = [Preprocess(config, tokenizer, text_cache), grain.Batch(batch_per_process, drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                           worker_count=config.worker_count)
 

@@ -1,0 +1,65 @@
+"""Cache of frozen text-encoder outputs, so training reads embeddings instead of running the encoder.
+
+A cache directory holds `embeddings.npy` [captions, tokens, dim] (float16, memory-mapped), `mask.npy`
+[captions, tokens] bool, `captions.json` (the distinct captions, row order) and `meta.json` with the key:
+a hash of the encoder weights, the tokenizer's identity and max_length. Opening a cache with a different
+key is refused: the embeddings would silently belong to another encoder.
+"""
+
+import hashlib
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+
+def cache_key(encoder_params, tokenizer_name: str, max_length: int) -> str:
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(encoder_params):
+    digest.update(np.asarray(leaf).tobytes())
+  digest.update(f"{tokenizer_name}|{max_length}".encode())
+  return digest.hexdigest()[:16]
+
+
+def build(directory, captions, tokenizer, encode_fn, key: str, batch_size: int = 256) -> "EmbeddingCache":
+  """Encode each distinct caption once. encode_fn(ids, mask) -> embeddings [n, tokens, dim]."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  distinct = sorted({c.decode() if isinstance(c, bytes) else c for c in captions})
+  if not distinct:
+    raise ValueError("No captions to cache.")
+  chunks, masks = [], []
+  for start in range(0, len(distinct), batch_size):
+    ids, mask = tokenizer(distinct[start:start + batch_size])
+    chunks.append(np.asarray(encode_fn(ids, mask), np.float16))
+    masks.append(mask)
+  np.save(directory / "embeddings.npy", np.concatenate(chunks))
+  np.save(directory / "mask.npy", np.concatenate(masks))
+  (directory / "captions.json").write_text(json.dumps(distinct))
+  (directory / "meta.json").write_text(json.dumps({"key": key, "count": len(distinct)}))
+  return EmbeddingCache(directory, key)
+
+
+class EmbeddingCache:
+  """Read-only lookup caption -> (embeddings [tokens, dim] float32, mask [tokens] bool)."""
+
+  def __init__(self, directory, expected_key: str):
+    directory = pathlib.Path(directory)
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+      raise ValueError(f"{str(directory)!r} is not a text-embedding cache (no meta.json); build one first.")
+    key = json.loads(meta_path.read_text())["key"]
+    if key != expected_key:
+      raise ValueError(f"The text-embedding cache in {str(directory)!r} was built for another encoder, tokenizer "
+                       f"or max_length (key {key}, expected {expected_key}); rebuild it or point to the right one.")
+    self.embeddings = np.load(directory / "embeddings.npy", mmap_mode="r")
+    self.mask = np.load(directory / "mask.npy", mmap_mode="r")
+    self.rows = {caption: i for i, caption in enumerate(json.loads((directory / "captions.json").read_text()))}
+
+  def __call__(self, caption):
+    caption = caption.decode() if isinstance(caption, bytes) else caption
+    row = self.rows.get(caption)
+    if row is None:
+      raise KeyError(f"Caption not in the text-embedding cache: {caption!r}; rebuild the cache for this dataset.")
+    return np.asarray(self.embeddings[row], np.float32), np.asarray(self.mask[row])

@@ -1,0 +1,54 @@
+"""Run the main job as N processes on this machine (multi-host simulation over 127.0.0.1).
+
+  python launch/local.py --num_processes=2 --devices_per_process=4 [--dry_run] -- \
+      --config=configs/t2i_shapes.py --workdir=DIR [--config.x=y ...]
+
+Flags:
+  --num_processes        processes to start (default 2)
+  --devices_per_process  simulated CPU devices per process (default 4)
+  --port                 coordinator port on 127.0.0.1 (default: a free one)
+  --dry_run              print the commands instead of running them
+Everything after `--` goes to `python -m diffusion_jax.main`. Exits non-zero if any process fails.
+"""
+
+import argparse
+import os
+import shlex
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def commands(num_processes: int, port: int, main_args: list[str]) -> list[list[str]]:
+  return [[sys.executable, "-m", "diffusion_jax.main", f"--coordinator=127.0.0.1:{port}",
+           f"--num_processes={num_processes}", f"--process_id={i}", *main_args] for i in range(num_processes)]
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--num_processes", type=int, default=2)
+  parser.add_argument("--devices_per_process", type=int, default=4)
+  parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--dry_run", action="store_true")
+  parser.add_argument("main_args", nargs=argparse.REMAINDER)
+  args = parser.parse_args()
+  main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")
+  todo = commands(args.num_processes, args.port or free_port(), main_args)
+  if args.dry_run:
+    for command in todo:
+      print(f"XLA_FLAGS={env['XLA_FLAGS']} JAX_PLATFORMS=cpu {shlex.join(command)}")
+    return 0
+  processes = [subprocess.Popen(command, env=env) for command in todo]
+  return max(p.wait() for p in processes) and 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
