@@ -3,7 +3,6 @@
 import grain.python as grain
 import numpy as np
 import pytest
-import sentencepiece
 
 from configs import t2i_shapes
 from diffusion_jax.data import captioned_shapes, pipeline
@@ -93,12 +92,10 @@ def test_word_tokenizer_pads_truncates_and_handles_empty(caplog):
 
 
 def test_sentencepiece_tokenizer(tmp_path):
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text("\n".join(captioned_shapes.caption([(c, s, z, p)]) for c in range(6) for s in range(3)
-                              for z in range(2) for p in range(4)))
-  sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
-                                           pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
-  tokenizer = tokenizers.SentencePieceTokenizer(tmp_path / "sp.model", max_length=12)
+  captions = [captioned_shapes.caption([(c, s, z, p)]) for c in range(6) for s in range(3) for z in range(2)
+              for p in range(4)]
+  model_path = tokenizers.train_sentencepiece(captions, tmp_path / "sp", vocab_size=40)
+  tokenizer = tokenizers.SentencePieceTokenizer(model_path, max_length=12)
   ids, mask = tokenizer(["a red circle", ""])
   assert mask[0].sum() >= 4 and ids[0, mask[0].sum() - 1] == 1  # ends with EOS
   assert not mask[1].any()

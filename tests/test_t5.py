@@ -11,13 +11,21 @@ import transformers
 from diffusion_jax.models import t5
 
 
-def save_tiny_t5(directory, feed_forward_proj):
-  config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                 feed_forward_proj=feed_forward_proj, dropout_rate=0.0)
+# Two different small configurations: T5 v1.1 (gated GELU) and original T5 (ReLU).
+CONFIGS = {
+    "gated-gelu": dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                       relative_attention_max_distance=16),
+    "relu": dict(d_model=24, d_kv=6, d_ff=40, num_layers=3, num_heads=3, relative_attention_num_buckets=16,
+                 relative_attention_max_distance=32),
+}
+
+
+def save_tiny_t5(directory, feed_forward_proj, max_shard_size="10GB"):
+  config = transformers.T5Config(vocab_size=64, feed_forward_proj=feed_forward_proj, dropout_rate=0.0,
+                                 **CONFIGS[feed_forward_proj])
   torch.manual_seed(0)
   model = transformers.T5EncoderModel(config).eval()
-  model.save_pretrained(directory, safe_serialization=True)
+  model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
   return model
 
 
@@ -38,6 +46,16 @@ def test_encoder_matches_transformers(tmp_path, feed_forward_proj):
   np.testing.assert_allclose(got[mask], expected[mask], rtol=1e-4, atol=1e-4)
 
 
+def test_sharded_checkpoint_with_index(tmp_path):
+  reference = save_tiny_t5(tmp_path, "relu", max_shard_size="20KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  ours = t5.load_hf_encoder(tmp_path)
+  ids = np.arange(1, 9, dtype=np.int32)[None]
+  with torch.no_grad():
+    expected = reference(input_ids=torch.from_numpy(ids).long()).last_hidden_state.numpy()
+  np.testing.assert_allclose(ours(jnp.asarray(ids), jnp.ones_like(ids, bool)), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_padding_does_not_change_real_tokens(tmp_path):
   save_tiny_t5(tmp_path, "gated-gelu")
   ours = t5.load_hf_encoder(tmp_path)
@@ -52,7 +70,7 @@ def test_bad_checkpoints_are_named(tmp_path):
     t5.load_hf_encoder(tmp_path)
   save_tiny_t5(tmp_path, "relu")
   config = json.loads((tmp_path / "config.json").read_text())
-  config["d_ff"] = 40
+  config["d_ff"] += 8
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="DenseReluDense.wi.weight has shape"):
     t5.load_hf_encoder(tmp_path)

@@ -10,6 +10,11 @@ Configuration (`config.model`, see configs/base.py):
   lowres_conditioning            super-resolution stage: concatenate an upsampled low-res image and
                                  embed its noise-augmentation log-SNR
 
+Layout: level i runs its blocks at resolution res / 2^i. Going down, a level downsamples (strided conv)
+before its blocks; going up, it upsamples (nearest + conv) after them. This is the Efficient U-Net's
+order (Imagen, Saharia et al. 2022) and, level for level, the same network as ADM's "blocks then
+downsample", so both are configurations of this one module.
+
 Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim],
 text_mask [batch, tokens] bool -> prediction [batch, h, w, in_channels] (float32).
 """

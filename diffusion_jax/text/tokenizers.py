@@ -67,6 +67,19 @@ class SentencePieceTokenizer:
     return _pack(token_lists, self.max_length, texts)
 
 
+def train_sentencepiece(captions, model_prefix, vocab_size: int = 64) -> str:
+  """Train a small sentencepiece model on captions (T5 ids: pad 0, eos 1, unk 2); returns the model path."""
+  import io
+
+  import sentencepiece
+
+  text = "\n".join(c.decode() if isinstance(c, bytes) else c for c in captions)
+  sentencepiece.SentencePieceTrainer.train(sentence_iterator=io.StringIO(text), model_prefix=str(model_prefix),
+                                           vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                           hard_vocab_limit=False)
+  return f"{model_prefix}.model"
+
+
 def from_config(config):
   """The tokenizer named by config.text for the dataset of config.data."""
   if config.text.tokenizer == "sentencepiece":
