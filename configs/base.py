@@ -13,17 +13,20 @@ def get_config():
 
   # Data: captioned_shapes (built in) or any TFDS dataset prepared as array_record.
   c.data = dict(
-      dataset="captioned_shapes",
+      dataset="captioned_shapes",  # captioned_shapes, moving_shapes, folder, tfds
       name="",                     # TFDS name when dataset == "tfds"
+      folder="",                   # image folder when dataset == "folder"
+      captions_file="",            # captions.jsonl / .csv when dataset == "folder"
       data_dir="~/tensorflow_datasets",
       image_key="image",
       caption_key="caption",
       attribute_keys=(),           # extra integer features passed through to the batch
       resolution=32,
       max_objects=2,               # captioned_shapes only
-      num_train=20000,             # captioned_shapes only
-      num_eval=1000,               # captioned_shapes only
-      seed=0,                      # captioned_shapes generation seed
+      frames=8,                    # moving_shapes only
+      num_train=20000,             # built-in datasets: training examples
+      num_eval=1000,               # built-in datasets: validation and test examples
+      seed=0,                      # built-in datasets: generation seed
       random_crop=False,
       random_flip=False,           # never for captions that name left/right
       worker_count=0,              # grain worker processes (0 = in the main process)

@@ -1,6 +1,9 @@
 """captioned_shapes and the grain pipeline: determinism, attributes, disjoint shards, exact resume, tokenizers."""
 
+import json
+
 import grain.python as grain
+import PIL.Image
 import numpy as np
 import pytest
 
@@ -112,3 +115,118 @@ def test_bad_dataset_settings_are_explained(config):
   bad.dataset, bad.name = "tfds", "no_such_dataset"
   with pytest.raises(ValueError, match="array_record"):
     pipeline.data_source(bad, "train")
+
+
+def test_shards_are_disjoint_and_cover_the_split(config):
+  """Records carry their index in their pixels; two shards for one epoch see every index exactly once."""
+  records = [{"image": np.full((16, 16, 3), i, np.uint8), "caption": b"a red circle"} for i in range(64)]
+  config = config.copy_and_resolve_references()
+  config.data.attribute_keys = ()
+  seen = []
+  for index in range(2):
+    shard = grain.ShardOptions(shard_index=index, shard_count=2, drop_remainder=False)
+    loader = pipeline.make_loader(config.data, records, tokenizers.from_config(config), 8, seed=0,
+                                  num_epochs=1, shard_options=shard)
+    seen.append([int(round((b["image"][i, 0, 0, 0] + 1) * 127.5)) for b in loader for i in range(8)])
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == list(range(64))
+
+
+def test_moving_shapes_motion_matches_caption(tmp_path):
+  from diffusion_jax.data import moving_shapes
+
+  source = moving_shapes.builder(str(tmp_path), resolution=32, frames=6, num_train=40, num_eval=4).as_data_source(
+      "train")
+  for i in range(10):
+    example = source[i]
+    video = np.asarray(example["video"])
+    assert video.shape == (6, 32, 32, 3)
+    direction = moving_shapes.DIRECTIONS[int(example["direction"])]
+    assert example["caption"].decode().endswith(f"moving {direction}")
+    centroids = [np.argwhere(frame.max(-1) > 0).mean(0) for frame in video]
+    dy, dx = centroids[-1] - centroids[0]
+    expected = {"left": dx < -5, "right": dx > 5, "up": dy < -5, "down": dy > 5}[direction]
+    assert expected, (direction, dy, dx)
+
+
+def test_video_batches(tmp_path):
+  config = t2i_shapes.get_config("test")
+  config.data.update(dataset="moving_shapes", data_dir=str(tmp_path), image_key="video", frames=4, num_train=32,
+                     num_eval=4)
+  source = pipeline.data_source(config.data, "train")
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 4, seed=0)))
+  assert batch["video"].shape == (4, 4, 16, 16, 3) and batch["text_mask"].any(axis=1).all()
+
+
+def write_folder(folder):
+  from diffusion_jax.data import captioned_shapes
+
+  folder.mkdir()
+  lines = []
+  for i in range(6):
+    PIL.Image.fromarray(captioned_shapes.render([(i % 6, i % 3, 1, i % 4)], 40)).save(folder / f"{i}.png")
+    lines.append({"file": f"{i}.png", "caption": captioned_shapes.caption([(i % 6, i % 3, 1, i % 4)])})
+  PIL.Image.fromarray(np.full((20, 30), 128, np.uint8)).save(folder / "gray.png")          # grayscale
+  PIL.Image.fromarray(np.full((8, 8, 4), 200, np.uint8)).save(folder / "tiny_rgba.png")   # tiny RGBA
+  (folder / "corrupt.png").write_bytes(b"not an image")
+  lines += [{"file": "gray.png", "caption": "a grey image"}, {"file": "tiny_rgba.png", "caption": "a tiny image"},
+            {"file": "corrupt.png", "caption": "broken"}, {"file": "missing.png", "caption": "gone"},
+            {"file": "0.png", "caption": ""}]
+  (folder / "captions.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+
+
+def test_folder_dataset_skips_bad_files_and_trains_shapes(tmp_path):
+  from diffusion_jax.data import folder_dataset
+
+  write_folder(tmp_path / "images")
+  code = folder_dataset.main([f"--images={tmp_path / 'images'}", f"--captions={tmp_path / 'images/captions.jsonl'}",
+                              f"--data_dir={tmp_path / 'tfds'}"])
+  assert code == 0
+  config = t2i_shapes.get_config("test")
+  spiece = tokenizers.train_sentencepiece([line["caption"] for line in map(
+      json.loads, (tmp_path / "images/captions.jsonl").read_text().splitlines()) if line["caption"]],
+      tmp_path / "sp", vocab_size=40)
+  config.text.update(tokenizer="sentencepiece", spiece_path=spiece)
+  config.data.update(dataset="folder", folder=str(tmp_path / "images"),
+                     captions_file=str(tmp_path / "images/captions.jsonl"), data_dir=str(tmp_path / "tfds"))
+  source = pipeline.data_source(config.data, "train")
+  assert len(source) == 8  # 6 shapes + grayscale + tiny RGBA; corrupt, missing and empty-caption skipped
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 8, seed=0)))
+  assert batch["image"].shape == (8, 16, 16, 3) and np.isfinite(batch["image"]).all()
+
+
+def test_unreadable_and_uncaptioned_records_are_skipped(config):
+  records = [{"image": np.zeros((16, 16, 3), np.uint8), "caption": b"a red circle"} for _ in range(20)]
+  records[3]["caption"] = b""
+  config = config.copy_and_resolve_references()
+  config.data.attribute_keys = ()
+
+  class Flaky(list):
+    def __getitem__(self, index):
+      if index == 5:
+        raise OSError("corrupt PNG")
+      return super().__getitem__(index)
+
+  source = pipeline.SkipBadRecords(Flaky(records))
+  loader = pipeline.make_loader(config.data, source, tokenizers.from_config(config), 6, seed=0, num_epochs=1,
+                                shuffle=False)
+  assert sum(len(b["image"]) for b in loader) == 18
+  assert source.skipped == 1
+
+
+def test_wrong_feature_key_lists_the_available_ones(config):
+  bad = config.data.copy_and_resolve_references()
+  bad.caption_key = "text"
+  with pytest.raises(ValueError, match=r"\['text'\] are not in the dataset; it has \['caption', 'color'"):
+    pipeline.data_source(bad, "train")
+
+
+def test_tfds_path_with_mock_data(config):
+  import tensorflow_datasets as tfds
+
+  tfds_config = config.data.copy_and_resolve_references()
+  tfds_config.update(dataset="tfds", name="captioned_shapes", attribute_keys=())
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = pipeline.data_source(tfds_config, "train")
+    batch = next(iter(pipeline.make_loader(tfds_config, source, tokenizers.from_config(config), 8, seed=0)))
+  assert batch["image"].shape[0] == 8 and batch["text_ids"].shape == (8, config.text.max_length)

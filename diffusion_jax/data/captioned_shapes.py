@@ -37,23 +37,32 @@ def caption(objects) -> str:
   return " and ".join(parts)
 
 
+def draw_shape(image: np.ndarray, color: int, shape: int, radius: float, cy: float, cx: float) -> None:
+  """Paint one shape of the given radius (pixels) centred at (cy, cx) into image [res, res, 3] in place."""
+  resolution = image.shape[0]
+  yy, xx = np.mgrid[0:resolution, 0:resolution] + 0.5
+  dy, dx = yy - cy, xx - cx
+  if SHAPES[shape] == "circle":
+    inside = dy**2 + dx**2 <= radius**2
+  elif SHAPES[shape] == "square":
+    inside = (np.abs(dy) <= radius * 0.85) & (np.abs(dx) <= radius * 0.85)
+  else:  # upward triangle: below the two slanted edges, above the base
+    inside = (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
+  image[inside] = COLORS[list(COLORS)[color]]
+
+
+def radius_of(size: int, resolution: int) -> float:
+  """Shape radius in pixels: a quarter-image cell holds a large shape."""
+  return resolution / 2 * (0.22 if SIZES[size] == "small" else 0.42)
+
+
 def render(objects, resolution: int) -> np.ndarray:
   """objects -> uint8 image [resolution, resolution, 3]."""
   image = np.zeros((resolution, resolution, 3), np.uint8)
   half = resolution / 2
-  yy, xx = np.mgrid[0:resolution, 0:resolution] + 0.5
   for color, shape, size, position in objects:
-    cy = half * (0.5 + (position // 2))
-    cx = half * (0.5 + (position % 2))
-    radius = half * (0.22 if SIZES[size] == "small" else 0.42)
-    dy, dx = yy - cy, xx - cx
-    if SHAPES[shape] == "circle":
-      inside = dy**2 + dx**2 <= radius**2
-    elif SHAPES[shape] == "square":
-      inside = (np.abs(dy) <= radius * 0.85) & (np.abs(dx) <= radius * 0.85)
-    else:  # upward triangle: below the two slanted edges, above the base
-      inside = (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
-    image[inside] = COLORS[list(COLORS)[color]]
+    draw_shape(image, color, shape, radius_of(size, resolution), half * (0.5 + position // 2),
+               half * (0.5 + position % 2))
   return image
 
 

@@ -8,6 +8,8 @@ Batch (per process): image [batch, res, res, 3] float32 in [-1, 1], text_ids [ba
 bool, plus the dataset's integer attributes when present.
 """
 
+import logging
+
 import grain.python as grain
 import jax
 import numpy as np
@@ -15,25 +17,34 @@ from jax.experimental import multihost_utils
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from diffusion_jax.data import captioned_shapes
+from diffusion_jax.data import captioned_shapes, folder_dataset, moving_shapes
 
-DATASETS = ("captioned_shapes", "tfds")
+DATASETS = ("captioned_shapes", "moving_shapes", "folder", "tfds")
 
 
-def data_source(config, split: str):
-  """A random-access source of examples for `config.data` (see configs/base.py)."""
+def _prepared(build):
+  """Process 0 generates the files; the others open them once they exist."""
+  if jax.process_index() == 0:
+    builder = build()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dataset prepared")
+  if jax.process_index() != 0:
+    builder = build()
+  return builder
+
+
+def _open(config, split: str):
   if config.dataset == "captioned_shapes":
-    build = lambda: captioned_shapes.builder(config.data_dir, resolution=config.resolution,
-                                             max_objects=config.max_objects, num_train=config.num_train,
-                                             num_eval=config.num_eval, seed=config.seed)
-    # Process 0 generates the files; the others open them once they exist.
-    if jax.process_index() == 0:
-      builder = build()
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("captioned_shapes prepared")
-    if jax.process_index() != 0:
-      builder = build()
-    return builder.as_data_source(split)
+    return _prepared(lambda: captioned_shapes.builder(
+        config.data_dir, resolution=config.resolution, max_objects=config.max_objects, num_train=config.num_train,
+        num_eval=config.num_eval, seed=config.seed)).as_data_source(split)
+  if config.dataset == "moving_shapes":
+    return _prepared(lambda: moving_shapes.builder(
+        config.data_dir, resolution=config.resolution, frames=config.frames, num_train=config.num_train,
+        num_eval=config.num_eval, seed=config.seed)).as_data_source(split)
+  if config.dataset == "folder":
+    return _prepared(lambda: folder_dataset.builder(config.folder, config.captions_file,
+                                                    config.data_dir)).as_data_source(split)
   if config.dataset == "tfds":
     try:
       return tfds.data_source(config.name, split=split, data_dir=config.data_dir)
@@ -42,6 +53,53 @@ def data_source(config, split: str):
                        f"{config.data_dir!r} as array_record ({error}). Prepare it with "
                        "file_format='array_record' (see README, 'Datasets').") from None
   raise ValueError(f"Unknown data.dataset {config.dataset!r}; valid options: {list(DATASETS)}.")
+
+
+def data_source(config, split: str):
+  """A random-access source of examples for `config.data` (see configs/base.py); the configured
+  feature keys are checked against what the dataset has."""
+  source = _open(config, split)
+  if len(source) == 0:
+    raise ValueError(f"Split {split!r} of data.dataset={config.dataset!r} is empty.")
+  available = sorted(source[0])
+  missing = [k for k in (config.image_key, config.caption_key, *config.attribute_keys) if k not in available]
+  if missing:
+    raise ValueError(f"data feature keys {missing} are not in the dataset; it has {available} "
+                     "(set data.image_key / data.caption_key / data.attribute_keys).")
+  return SkipBadRecords(source)
+
+
+class SkipBadRecords(grain.RandomAccessDataSource):
+  """Wraps a source: a record that cannot be read (e.g. corrupt image bytes) becomes None and is
+  dropped by the pipeline's filter, and counted in `skipped` (per process, in-process workers)."""
+
+  def __init__(self, source):
+    self.source = source
+    self.skipped = 0
+
+  def __len__(self):
+    return len(self.source)
+
+  def __repr__(self):  # grain checks the source's repr when restoring an iterator
+    return f"SkipBadRecords({self.source!r})"
+
+  def __getitem__(self, index):
+    try:
+      return self.source[index]
+    except Exception as error:  # decoders raise many kinds; one bad record must not stop training
+      self.skipped += 1
+      logging.warning("skipping unreadable record %d: %s", index, error)
+      return None
+
+
+class KeepUsable(grain.FilterTransform):
+  """Drops unreadable records and records with an empty caption."""
+
+  def __init__(self, caption_key):
+    self.caption_key = caption_key
+
+  def filter(self, element) -> bool:
+    return element is not None and len(element[self.caption_key]) > 0
 
 
 def resize_and_crop(image: np.ndarray, resolution: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -69,13 +127,21 @@ class Preprocess(grain.RandomMapTransform):
 
   def random_map(self, element, rng: np.random.Generator):
     config = self.config
-    image = np.asarray(element[config.image_key])
-    if image.ndim == 2:
-      image = np.repeat(image[..., None], 3, axis=-1)
-    image = resize_and_crop(image[..., :3], config.resolution, rng if config.random_crop else None)
+    visual = np.asarray(element[config.image_key])
+    is_video = visual.ndim == 4 or (visual.ndim == 3 and visual.shape[-1] not in (1, 3, 4))
+    frames = visual if is_video else visual[None]
+    if frames.ndim == 3:  # grayscale frames [f, h, w]
+      frames = frames[..., None]
+    if frames.shape[-1] == 1:
+      frames = np.repeat(frames, 3, axis=-1)
+    crop_seed = int(rng.integers(2**31))  # one crop for all frames of a video
+    frames = np.stack([resize_and_crop(f[..., :3], config.resolution,
+                                       np.random.default_rng(crop_seed) if config.random_crop else None)
+                       for f in frames])
     if config.random_flip and rng.random() < 0.5:
-      image = image[:, ::-1]
-    out = {"image": image.astype(np.float32) / 127.5 - 1.0}
+      frames = frames[:, :, ::-1]
+    frames = frames.astype(np.float32) / 127.5 - 1.0
+    out = {"video": frames} if is_video else {"image": frames[0]}
     if self.text_cache is not None:
       out["text_embeddings"], out["text_mask"] = self.text_cache(element[config.caption_key])
     else:
@@ -100,7 +166,7 @@ def make_loader(config, source, tokenizer, batch_per_process: int, seed: int, sh
       num_epochs=num_epochs,
       seed=seed,
   )
-  operations = [Preprocess(config, tokenizer, text_cache), grain.Batch(batch_per_process, drop_remainder=True)]
+  operations = [KeepUsable(config.caption_key), Preprocess(config, tokenizer, text_cache), grain.Batch(batch_per_process, drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                           worker_count=config.worker_count)
 

@@ -85,10 +85,11 @@ def from_config(config):
   if config.text.tokenizer == "sentencepiece":
     return SentencePieceTokenizer(config.text.spiece_path, config.text.max_length)
   if config.text.tokenizer == "words":
-    if config.data.dataset != "captioned_shapes":
+    from diffusion_jax.data import captioned_shapes, moving_shapes
+
+    vocabularies = {"captioned_shapes": captioned_shapes.VOCABULARY, "moving_shapes": moving_shapes.VOCABULARY}
+    if config.data.dataset not in vocabularies:
       raise ValueError("text.tokenizer='words' knows only the built-in datasets' vocabulary; use "
                        "text.tokenizer='sentencepiece' with text.spiece_path for other data.")
-    from diffusion_jax.data import captioned_shapes
-
-    return WordTokenizer(captioned_shapes.VOCABULARY, config.text.max_length)
+    return WordTokenizer(vocabularies[config.data.dataset], config.text.max_length)
   raise ValueError(f"Unknown text.tokenizer {config.text.tokenizer!r}; valid options: ['words', 'sentencepiece'].")

@@ -1,0 +1,111 @@
+"""`moving_shapes`: built-in TFDS dataset of short videos of a shape moving in a straight line.
+
+Each video shows one coloured shape moving left, right, up or down at constant speed on a black
+background; the caption names it and its motion ("a small red circle moving left"). Colour, shape,
+size, direction and start position are stored as features, so a judge can check generated motion.
+Deterministic from a seed; generated locally.
+"""
+
+import dataclasses
+
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+
+from diffusion_jax.data import captioned_shapes as shapes
+
+DIRECTIONS = ("left", "right", "up", "down")
+STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per unit
+VOCABULARY = tuple(sorted(set(shapes.VOCABULARY) | {"moving"} | set(DIRECTIONS)))
+
+
+def caption(color: int, shape: int, size: int, direction: int) -> str:
+  return (f"a {shapes.SIZES[size]} {list(shapes.COLORS)[color]} {shapes.SHAPES[shape]} moving "
+          f"{DIRECTIONS[direction]}")
+
+
+def render(color, shape, size, direction, start, frames: int, resolution: int) -> np.ndarray:
+  """uint8 video [frames, resolution, resolution, 3]; start = (cy, cx) of the first frame in pixels."""
+  dy, dx = STEP[DIRECTIONS[direction]]
+  travel = resolution * 0.45 / max(frames - 1, 1)  # pixels per frame: ~half the frame over the clip
+  video = np.zeros((frames, resolution, resolution, 3), np.uint8)
+  for f in range(frames):
+    shapes.draw_shape(video[f], color, shape, shapes.radius_of(size, resolution), start[0] + dy * travel * f,
+                      start[1] + dx * travel * f)
+  return video
+
+
+def random_clip(rng: np.random.Generator, frames: int, resolution: int):
+  """(color, shape, size, direction, start) with the whole path inside the frame."""
+  color, shape = int(rng.integers(len(shapes.COLORS))), int(rng.integers(len(shapes.SHAPES)))
+  size, direction = int(rng.integers(len(shapes.SIZES))), int(rng.integers(len(DIRECTIONS)))
+  margin = shapes.radius_of(size, resolution)
+  dy, dx = STEP[DIRECTIONS[direction]]
+  travel = resolution * 0.45
+  low = lambda d: margin + (travel if d < 0 else 0)
+  high = lambda d: resolution - margin - (travel if d > 0 else 0)
+  start = (float(rng.uniform(low(dy), high(dy))), float(rng.uniform(low(dx), high(dx))))
+  return color, shape, size, direction, start
+
+
+@dataclasses.dataclass
+class MovingShapesConfig(tfds.core.BuilderConfig):
+  resolution: int = 32
+  frames: int = 8
+  num_train: int = 5000
+  num_eval: int = 500
+  seed: int = 0
+
+
+class MovingShapes(tfds.core.GeneratorBasedBuilder):
+  """Videos of coloured shapes moving in one of four directions, with captions and attributes."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [MovingShapesConfig(name="r32_f8_n5000_s0_e500")]
+
+  def _info(self):
+    c = self.builder_config
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            # A sequence of PNG frames: TFDS encodes PIL images without TensorFlow.
+            "video": tfds.features.Sequence(tfds.features.Image(shape=(c.resolution, c.resolution, 3)),
+                                            length=c.frames),
+            "caption": tfds.features.Text(),
+            "color": tfds.features.Scalar(dtype=np.int32),
+            "shape": tfds.features.Scalar(dtype=np.int32),
+            "size": tfds.features.Scalar(dtype=np.int32),
+            "direction": tfds.features.Scalar(dtype=np.int32),
+            "start": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+        }),
+        description=__doc__,
+    )
+
+  def _split_generators(self, dl_manager):
+    c = self.builder_config
+    return {"train": self._generate_examples(c.num_train, c.seed),
+            "validation": self._generate_examples(c.num_eval, c.seed + 1_000_003),
+            "test": self._generate_examples(c.num_eval, c.seed + 2_000_003)}
+
+  def _generate_examples(self, count, seed):
+    c = self.builder_config
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+      color, shape, size, direction, start = random_clip(rng, c.frames, c.resolution)
+      video = render(color, shape, size, direction, start, c.frames, c.resolution)
+      yield index, {"video": [PIL.Image.fromarray(frame) for frame in video],
+                    "caption": caption(color, shape, size, direction), "color": color, "shape": shape,
+                    "size": size, "direction": direction, "start": np.array(start, np.float32)}
+
+
+def builder(data_dir: str, resolution: int = 32, frames: int = 8, num_train: int = 5000, num_eval: int = 500,
+            seed: int = 0) -> MovingShapes:
+  """The builder for one configuration, prepared (array_record files) on first use."""
+  if resolution not in (16, 32, 64):
+    raise ValueError(f"moving_shapes resolution must be 16, 32 or 64, got {resolution}.")
+  if not 2 <= frames <= 32:
+    raise ValueError(f"moving_shapes frames must be in 2..32, got {frames}.")
+  config = MovingShapesConfig(name=f"r{resolution}_f{frames}_n{num_train}_s{seed}_e{num_eval}", resolution=resolution,
+                              frames=frames, num_train=num_train, num_eval=num_eval, seed=seed)
+  result = MovingShapes(config=config, data_dir=data_dir, file_format="array_record")
+  result.download_and_prepare()
+  return result
