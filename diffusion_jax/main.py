@@ -50,13 +50,19 @@ def main(argv):
   except ValueError as error:  # configuration, data and path errors a user can fix
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  if config.train.sample_at_end:
+  if config.train.sample_at_end and int(state.step) == config.train.steps:  # not after a preemption
     mesh = sharding.make_mesh(config.mesh)
     params = state.ema[0] if config.sample.use_ema else state.params
     step = int(state.step)
     grid = sample.write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config),
                                 list(config.sample.prompts), config.sample, mesh, step,
                                 f"{f.workdir}/samples/step_{step}")
+    if jax.process_index() == 0:
+      from diffusion_jax import media, metric_writers
+
+      writer = metric_writers.MetricWriter(f.workdir, config.train.steps, name="samples")
+      writer.write_image(step, "samples/grid", media.read_image(grid))
+      writer.close()
     print(f"samples: {grid}")
 
 

@@ -24,6 +24,11 @@ def save_png(path, image: np.ndarray, provenance: dict) -> None:
   PIL.Image.fromarray(image).save(path, pnginfo=info)
 
 
+def read_image(path) -> np.ndarray:
+  with PIL.Image.open(path) as image:
+    return np.asarray(image.convert("RGB"))
+
+
 def read_provenance(path) -> dict:
   with PIL.Image.open(path) as image:
     return dict(image.text)

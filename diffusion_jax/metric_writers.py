@@ -41,6 +41,12 @@ class MetricWriter:
     self.tensorboard.flush()
     self.progress(step, scalars)
 
+  def write_image(self, step: int, name: str, image: np.ndarray):
+    """uint8 [h, w, 3] into TensorBoard (e.g. a sample grid)."""
+    if self.active:
+      self.tensorboard.add_image(name, image, step, dataformats="HWC")
+      self.tensorboard.flush()
+
   def progress(self, step: int, scalars: dict):
     done = step - self.start_step
     elapsed = time.time() - (self.start_time or time.time())

@@ -309,7 +309,7 @@ def train_and_evaluate(config, workdir: str):
       steps_done = (step - 1) % config.train.log_every + 1
       step_time = (time.perf_counter() - interval_start) / steps_done
       pending = (step, _host_metrics(metrics, flops, step_time, data_time / steps_done, config.train.batch_size,
-                                     peak, n_dev))
+                                     peak, n_dev) | {"skipped_records": source.skipped})
       run = int(state.nonfinite_run)
       if run >= config.train.max_nonfinite:
         save()
@@ -317,6 +317,8 @@ def train_and_evaluate(config, workdir: str):
         raise FloatingPointError(
             f"{run} steps in a row had a non-finite loss or gradient (step {step}); the last good state is "
             f"saved in {workdir}. Lower optimizer.learning_rate or set model.dtype='float32'.")
+    # SIGTERM, or (multi-host TPU/GPU) the preemption sync point all processes agree on.
+    preemption.requested = preemption.requested or mngr.reached_preemption(step)
     if step % config.train.checkpoint_every == 0 or step == config.train.steps or preemption.requested:
       save()
     if preemption.requested:
