@@ -117,8 +117,23 @@ def read_prompts(path) -> list[str]:
 
 # ----------------------------------------------------------------------------- CLI
 
-def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None):
+def load_checkpoint(workdir, step=None):
+  """(config, state, graphdef, step, mesh) of a training workdir's checkpoint (default: latest), restored
+  onto a data-parallel mesh over all devices."""
   from diffusion_jax import train  # the state layout lives with the trainer
+
+  config = checkpoint.read_config(workdir)
+  mngr = checkpoint.manager(workdir, read_only=True)
+  if not mngr.all_steps():
+    raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  tx, _ = train.make_optimizer(config, config.train.steps)
+  state, graphdef = train.init_state(config, mesh, tx)
+  state, step = checkpoint.restore(mngr, state, step=step)
+  return config, state, graphdef, step, mesh
+
+
+def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None):
   from diffusion_jax.text import tokenizers
 
   config = checkpoint.read_config(workdir)
@@ -134,13 +149,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   if problems:
     raise ValueError("; ".join(problems))
   prompts = read_prompts(prompts_path) if prompts_path else list(sample_config.prompts)
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  tx, _ = train.make_optimizer(config, config.train.steps)
-  state, graphdef = train.init_state(config, mesh, tx)
-  mngr = checkpoint.manager(workdir, read_only=True)
-  if not mngr.all_steps():
-    raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
-  state, step = checkpoint.restore(mngr, state, step=step)
+  config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   params = state.ema[0] if sample_config.use_ema else state.params
   return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}")

@@ -1,0 +1,175 @@
+"""Evaluation job: score checkpoints of a training workdir, once each, beside training or on demand.
+
+  python -m diffusion_jax.evaluate --workdir=DIR [--watch] [--step=N] [--guidance_sweep=1,2,3,5]
+
+Flags:
+  --workdir           training workdir (required)
+  --step              evaluate this checkpoint only (default: every checkpoint not yet evaluated)
+  --watch             keep polling for new checkpoints until none appears for --max_idle_minutes
+  --poll_seconds      polling interval with --watch (default 60)
+  --max_idle_minutes  with --watch, stop after this long without a new checkpoint (default 60)
+  --num_prompts       validation captions to generate for (default 64); also the FID set size
+  --heldout_examples  validation examples for the held-out loss (default 64)
+  --guidance_sweep    comma-separated guidance scales: also write a table and a plot of the metrics
+                      against guidance for the evaluated checkpoint(s)
+
+Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard scalars (`logs/eval`):
+held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images,
+and for captioned_shapes the judge's per-attribute accuracy. Steps already in eval.jsonl are skipped,
+so the job is resumable.
+"""
+
+import json
+import logging
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from diffusion_jax import checkpoint, media, metric_writers, sample
+from diffusion_jax.data import pipeline
+from diffusion_jax.metrics import fid, heldout_loss, shapes_judge
+from diffusion_jax.text import tokenizers
+
+log = logging.getLogger(__name__)
+
+
+def validation_set(config, count: int):
+  """The first `count` validation examples, in order: (batch for the model, uint8 images, captions)."""
+  source = pipeline.data_source(config.data, "validation")
+  count = min(count, len(source))
+  examples = [source[i] for i in range(count)]
+  tokenizer = tokenizers.from_config(config)
+  ids, mask = tokenizer([e[config.data.caption_key] for e in examples])
+  images = np.stack([pipeline.resize_and_crop(np.asarray(e[config.data.image_key])[..., :3], config.data.resolution,
+                                              None) for e in examples])
+  captions = [e[config.data.caption_key].decode() for e in examples]
+  batch = {"image": images.astype(np.float32) / 127.5 - 1.0, "text_ids": ids, "text_mask": mask}
+  return batch, images, captions
+
+
+def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config) -> dict:
+  params = state.ema[0] if sample_config.use_ema else state.params
+  generated = sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), captions,
+                              sample_config, mesh)[:, 0]
+  metrics = {"fid_random_conv": fid.fid(fid.random_conv_features(generated), fid.random_conv_features(images))}
+  if config.data.dataset == "captioned_shapes":
+    metrics.update({f"accuracy/{k}": v for k, v in shapes_judge.accuracy(generated, captions).items()})
+  return metrics, generated
+
+
+def evaluate_step(workdir, step, num_prompts, heldout_examples, guidance_sweep=()):
+  config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
+  batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
+  small = {k: v[:heldout_examples] for k, v in batch.items()}
+  params = state.ema[0] if config.sample.use_ema else state.params
+  metrics = heldout_loss.as_metrics(heldout_loss.make_heldout_loss_fn(config, graphdef)(params, state.frozen, small))
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.num_per_prompt = 1
+  generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images[:num_prompts],
+                                                    captions[:num_prompts], sample_config)
+  metrics.update(generated_metrics)
+  sweep = []
+  for scale in guidance_sweep:
+    sample_config.guidance_scale = scale
+    sweep.append((scale, generation_metrics(config, graphdef, state, mesh, images[:num_prompts],
+                                            captions[:num_prompts], sample_config)[0]))
+  return step, metrics, generated, sweep
+
+
+def done_steps(workdir) -> set:
+  path = pathlib.Path(workdir) / "logs" / "eval.jsonl"
+  if not path.exists():
+    return set()
+  return {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def write_sweep(workdir, step, sweep) -> pathlib.Path:
+  """Markdown table and PNG plot of metrics against guidance scale."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  directory = pathlib.Path(workdir) / "eval"
+  directory.mkdir(parents=True, exist_ok=True)
+  keys = sorted(sweep[0][1])
+  lines = ["| guidance | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  lines += [f"| {scale:g} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |" for scale, m in sweep]
+  (directory / f"guidance_sweep_step_{step}.md").write_text("\n".join(lines) + "\n")
+  figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  scales = [s for s, _ in sweep]
+  axes[0].plot(scales, [m["fid_random_conv"] for _, m in sweep], "o-")
+  axes[0].set(xlabel="guidance scale", ylabel="FID (random-conv features)", title=f"step {step}")
+  for key in (k for k in keys if k.startswith("accuracy/")):
+    axes[1].plot(scales, [m[key] for _, m in sweep], "o-", label=key.split("/")[1])
+  axes[1].set(xlabel="guidance scale", ylabel="judge accuracy")
+  if any(k.startswith("accuracy/") for k in keys):
+    axes[1].legend(fontsize=7)
+  figure.tight_layout()
+  path = directory / f"guidance_sweep_step_{step}.png"
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+  return path
+
+
+def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
+        heldout_examples=64, guidance_sweep=()):
+  """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written."""
+  config = checkpoint.read_config(workdir)
+  writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
+  written, idle_since = [], time.time()
+  while True:
+    mngr = checkpoint.manager(workdir, read_only=True)
+    todo = [step] if step is not None else sorted(set(mngr.all_steps()) - done_steps(workdir))
+    if step is None and not todo and not mngr.all_steps() and not watch:
+      raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
+    for s in todo:
+      s, metrics, generated, sweep = evaluate_step(workdir, s, num_prompts, heldout_examples, guidance_sweep)
+      writer.write(s, metrics)
+      writer.write_image(s, "eval/generated", media.labelled_grid([generated[:8]], [f"step {s}"]))
+      if sweep:
+        log.info("guidance sweep plot: %s", write_sweep(workdir, s, sweep))
+      written.append({"step": s, **metrics})
+      idle_since = time.time()
+    if not watch or step is not None or time.time() - idle_since > max_idle_minutes * 60:
+      break
+    time.sleep(poll_seconds)
+  writer.close()
+  return written
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "Training workdir.")
+  flags.DEFINE_integer("step", None, "Evaluate only this checkpoint.")
+  flags.DEFINE_bool("watch", False, "Keep polling for new checkpoints.")
+  flags.DEFINE_integer("poll_seconds", 60, "Polling interval with --watch.")
+  flags.DEFINE_float("max_idle_minutes", 60, "With --watch, stop after this long without a new checkpoint.")
+  flags.DEFINE_integer("num_prompts", 64, "Validation captions to generate for (also the FID set size).")
+  flags.DEFINE_integer("heldout_examples", 64, "Validation examples for the held-out loss.")
+  flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if not f.workdir:
+    raise app.UsageError("--workdir is required.")
+  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+  try:
+    scales = [float(s) for s in f.guidance_sweep]
+    results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
+                  f.heldout_examples, scales)
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  for result in results:
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,47 @@
+"""Held-out diffusion loss on fixed (x0, log-SNR, noise) triples: the quantity scaling fits use.
+
+Every example is evaluated at the same fixed log-SNR levels with noise from a fixed key, without
+condition dropout, so two checkpoints (or two models) are compared on exactly the same problem.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffusion_jax import objectives, schedules
+
+LEVELS = tuple(np.linspace(-8.0, 8.0, 9))
+
+
+def make_heldout_loss_fn(config, graphdef):
+  """(params, frozen, batch) -> loss per level [len(LEVELS)] (averaged over the batch)."""
+  d = config.diffusion
+  levels = jnp.array(LEVELS)
+
+  def heldout(params, frozen, batch):
+    model = nnx.merge(graphdef, params, frozen)
+    x0 = batch["image"]
+    text = model.encode(batch["text_ids"], batch["text_mask"])
+
+    def at_level(logsnr_value, key):
+      logsnr = jnp.full((x0.shape[0],), logsnr_value)
+      alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
+      eps = jax.random.normal(key, x0.shape)
+      x_t = objectives.diffuse(x0, eps, alpha, sigma)
+      scale = objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data)
+      output = model(x_t * objectives.per_example(scale, x_t), logsnr, text, batch["text_mask"])
+      return objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
+                             d.sigma_data).mean()
+
+    keys = jax.random.split(jax.random.key(1234), len(LEVELS))  # fixed noise for every evaluation
+    return jnp.stack([at_level(levels[i], keys[i]) for i in range(len(LEVELS))])
+
+  return jax.jit(heldout)
+
+
+def as_metrics(losses) -> dict:
+  losses = np.asarray(losses)
+  out = {f"heldout_loss/logsnr_{level:+.0f}": float(v) for level, v in zip(LEVELS, losses)}
+  out["heldout_loss"] = float(losses.mean())
+  return out

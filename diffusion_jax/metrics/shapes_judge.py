@@ -1,0 +1,77 @@
+"""Exact pixel judge for `captioned_shapes`: does an image show what its caption asked for?
+
+Each quadrant is read off the pixels: empty, or one object whose colour is the nearest palette colour,
+whose size follows from its area and whose shape from how much of its bounding box it fills (square ~1,
+circle ~pi/4, triangle ~1/2). Scores are per attribute: colour, shape, size, position (the named
+quadrant holds an object) and count (number of non-empty quadrants).
+"""
+
+import re
+
+import numpy as np
+
+from diffusion_jax.data import captioned_shapes as shapes
+
+ATTRIBUTES = ("color", "shape", "size", "position", "count")
+_OBJECT = re.compile(r"a (small|large) (\w+) (circle|square|triangle) at the (top left|top right|bottom left|"
+                     r"bottom right)")
+_PALETTE = np.array(list(shapes.COLORS.values()), np.float32)
+
+
+def parse(caption: str):
+  """caption -> list of (color, shape, size, position) indices; ValueError if it is not a shapes caption."""
+  objects = []
+  for size, color, shape, position in _OBJECT.findall(caption):
+    if color not in shapes.COLORS:
+      raise ValueError(f"Unknown colour {color!r} in caption {caption!r}.")
+    objects.append((list(shapes.COLORS).index(color), shapes.SHAPES.index(shape), shapes.SIZES.index(size),
+                    shapes.POSITIONS.index(position)))
+  if not objects:
+    raise ValueError(f"Not a captioned_shapes caption: {caption!r}.")
+  return objects
+
+
+def detect(image: np.ndarray) -> dict:
+  """uint8 [res, res, 3] -> {position: (color, shape, size)} for the non-empty quadrants."""
+  res = image.shape[0]
+  half = res // 2
+  found = {}
+  for position in range(len(shapes.POSITIONS)):
+    top, left = half * (position // 2), half * (position % 2)
+    cell = image[top:top + half, left:left + half].astype(np.float32)
+    lit = cell.max(-1) > 80
+    area = lit.sum()
+    if area < 0.03 * half * half:
+      continue
+    color = int(np.argmin(((_PALETTE - np.median(cell[lit], axis=0)) ** 2).sum(-1)))
+    ys, xs = np.nonzero(lit)
+    fill = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = shapes.SHAPES.index("square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle")
+    size = shapes.SIZES.index("large" if area > 0.24 * half * half else "small")
+    found[position] = (color, shape, size)
+  return found
+
+
+def score(image: np.ndarray, caption: str) -> dict:
+  """Per-attribute correctness in [0, 1] for one image (averaged over the caption's objects)."""
+  expected = parse(caption)
+  found = detect(image)
+  result = {k: 0.0 for k in ATTRIBUTES}
+  for color, shape, size, position in expected:
+    got = found.get(position)
+    result["position"] += got is not None
+    if got is not None:
+      result["color"] += got[0] == color
+      result["shape"] += got[1] == shape
+      result["size"] += got[2] == size
+  result = {k: v / len(expected) for k, v in result.items()}
+  result["count"] = float(len(found) == len(expected))
+  return result
+
+
+def accuracy(images, captions) -> dict:
+  """Mean per-attribute accuracy over a set, plus 'all' (every attribute of an image right)."""
+  scores = [score(np.asarray(i), c.decode() if isinstance(c, bytes) else c) for i, c in zip(images, captions)]
+  result = {k: float(np.mean([s[k] for s in scores])) for k in ATTRIBUTES}
+  result["all"] = float(np.mean([all(s[k] == 1.0 for k in ATTRIBUTES) for s in scores]))
+  return result

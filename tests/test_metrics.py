@@ -1,0 +1,75 @@
+"""Metrics: the shapes judge, Fréchet distance, random-conv FID, the evaluation job."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from diffusion_jax.data import captioned_shapes
+from diffusion_jax.metrics import fid, shapes_judge
+
+
+def dataset_images(count, resolution=32, seed=0):
+  rng = np.random.default_rng(seed)
+  objects = [captioned_shapes.random_objects(rng, 2) for _ in range(count)]
+  return np.stack([captioned_shapes.render(o, resolution) for o in objects]), [captioned_shapes.caption(o) for o in objects]
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_judge_scores_real_images_correct_and_noise_near_chance(resolution):
+  images, captions = dataset_images(300, resolution)
+  assert shapes_judge.accuracy(images, captions)["all"] >= 0.99
+  noise = np.random.default_rng(1).integers(0, 256, images.shape, dtype=np.uint8)
+  scores = shapes_judge.accuracy(noise, captions)
+  assert scores["all"] < 0.05 and scores["color"] < 0.4 and scores["shape"] < 0.5
+
+
+def test_judge_notices_a_wrong_attribute():
+  image = captioned_shapes.render([(0, 0, 1, 0)], 32)  # large red circle, top left
+  assert shapes_judge.score(image, "a large red circle at the top left")["color"] == 1.0
+  wrong = shapes_judge.score(image, "a small blue square at the top left")
+  assert wrong["color"] == wrong["shape"] == wrong["size"] == 0.0 and wrong["position"] == 1.0
+  assert shapes_judge.score(image, "a large red circle at the bottom right")["position"] == 0.0
+  with pytest.raises(ValueError, match="Not a captioned_shapes caption"):
+    shapes_judge.parse("a cat on a mat")
+
+
+def test_frechet_distance_matches_direct_scipy_computation():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(500, 8)), rng.normal(0.3, 1.5, size=(500, 8))
+  mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+  root = scipy.linalg.sqrtm(s1 @ s2).real
+  direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root)
+  assert fid.fid(a, b) == pytest.approx(direct, rel=1e-8)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
+  images, _ = dataset_images(400)
+  features = fid.random_conv_features(images)
+  assert fid.fid(features, features) == pytest.approx(0.0, abs=1e-6)
+  rng = np.random.default_rng(0)
+  distances = []
+  for level in (10, 40, 120):
+    noisy = np.clip(images + rng.normal(0, level, images.shape), 0, 255).astype(np.uint8)
+    distances.append(fid.fid(fid.random_conv_features(noisy), features))
+  assert 0 < distances[0] < distances[1] < distances[2]
+
+
+@pytest.mark.xdist_group("trained")
+def test_evaluation_job_is_resumable(trained):
+  from diffusion_jax import evaluate
+
+  _, workdir, _ = trained
+  first = evaluate.run(workdir, num_prompts=8, heldout_examples=8)
+  assert [r["step"] for r in first] == [2, 4]
+  for record in first:
+    assert np.isfinite(record["heldout_loss"]) and record["fid_random_conv"] >= 0
+    assert 0 <= record["accuracy/all"] <= 1
+  assert evaluate.run(workdir, num_prompts=8, heldout_examples=8) == []  # nothing left to do
+  lines = (workdir / "logs" / "eval.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [2, 4]
+  sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8, guidance_sweep=(1.0, 4.0))
+  assert sweep[0]["step"] == 4
+  assert (workdir / "eval" / "guidance_sweep_step_4.png").exists()
+  assert "| guidance |" in (workdir / "eval" / "guidance_sweep_step_4.md").read_text()
