@@ -5,8 +5,8 @@
 Flags:
   --workdir         training workdir (holds config.json and checkpoints/); required
   --step            checkpoint step (default: the latest)
-  --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?};
-                    default: the config's sample.prompts
+  --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?}
+                    (per-prompt seed and guidance); default: the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
@@ -38,13 +38,15 @@ MAX_PROMPT_CHARS = 2000
 
 
 def make_generate_fn(config, graphdef, sample_config):
-  """(params, frozen, key, ids [n, tokens], mask [n, tokens]) -> images [n, res, res, 3] in [-1, 1]."""
+  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens]) -> images [n, res, res, 3]
+  in [-1, 1]. Each image's starting noise comes from its own key, so an image does not depend on the
+  batch it is generated in (nor on the device count)."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
   shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
 
-  def generate(params, frozen, key, ids, mask):
+  def generate(params, frozen, keys, ids, mask):
     model = nnx.merge(graphdef, params, frozen)
     text = model.encode(ids, mask)
     null_text, null_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
@@ -56,25 +58,33 @@ def make_generate_fn(config, graphdef, sample_config):
 
     denoise = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale, s.threshold,
                                      s.threshold_percentile, d.sigma_data)
-    noise_key, sampler_key = jax.random.split(key)
-    x_init = sigma[0] * jax.random.normal(noise_key, (ids.shape[0],) + shape)
-    images = samplers.sample(denoise, x_init, alpha, sigma, s.sampler, key=sampler_key, eta=s.eta)
+    x_init = sigma[0] * jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+    images = samplers.sample(denoise, x_init, alpha, sigma, s.sampler, key=jax.random.fold_in(keys[0], 1), eta=s.eta)
     return jnp.clip(images, -1.0, 1.0)
 
   return generate
 
 
-def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh) -> np.ndarray:
-  """Images [len(prompts), num_per_prompt, res, res, 3] uint8; the batch is sharded over all devices."""
+def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
+  """Raw keys [len(seeds) * num_per_prompt, 2]: image j of a prompt with seed s gets fold_in(key(s), j)."""
+  keys = [np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), j)) for seed in seeds for j in range(num_per_prompt)]
+  return np.stack(keys) if keys else np.zeros((0, 2), np.uint32)
+
+
+def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None) -> np.ndarray:
+  """Images [len(prompts), num_per_prompt, res, res, 3] uint8; the batch is sharded over all devices.
+
+  seeds: one per prompt (default: sample_config.seed for all)."""
   n = sample_config.num_per_prompt
+  seeds = [sample_config.seed] * len(prompts) if seeds is None else list(seeds)
   repeated = [p for p in prompts for _ in range(n)]
-  devices = mesh.size
-  padded = repeated + [""] * (-len(repeated) % devices)
-  ids, mask = tokenizer(padded)
+  pad = -len(repeated) % mesh.size
+  ids, mask = tokenizer(repeated + [""] * pad)
+  keys = np.concatenate([example_keys(seeds, n), example_keys([0] * pad, 1)])  # padding rows are dropped
   batch = sharding.batch_sharding(mesh)
-  ids, mask = (jax.device_put(a, batch) for a in (ids, mask))
+  ids, mask, keys = (jax.device_put(a, batch) for a in (ids, mask, keys))
   fn = jax.jit(make_generate_fn(config, graphdef, sample_config), out_shardings=batch)
-  images = fn(params, frozen, jax.random.PRNGKey(sample_config.seed), ids, mask)
+  images = fn(params, frozen, keys, ids, mask)
   images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
   return media.to_uint8(images[:len(repeated)]).reshape((len(prompts), n) + images.shape[1:])
 
@@ -83,36 +93,47 @@ def config_hash(config) -> str:
   return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:12]
 
 
-def write_outputs(output_dir, prompts, images, provenance: dict) -> pathlib.Path:
-  """One PNG per sample, grid.png, manifest.jsonl; returns the grid path."""
+def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> pathlib.Path:
+  """One PNG per sample, grid.png, manifest.jsonl; entries carry each prompt's prompt/seed/guidance_scale.
+  Returns the grid path."""
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   with open(output_dir / "manifest.jsonl", "w") as manifest:
-    for p, (prompt, row) in enumerate(zip(prompts, images)):
+    for p, (entry, row) in enumerate(zip(entries, images)):
       for i, image in enumerate(row):
-        record = {**provenance, "prompt": prompt, "index": i, "file": f"p{p:03d}_{i:02d}.png"}
+        record = {**provenance, **entry, "index": i, "file": f"p{p:03d}_{i:02d}.png"}
         media.save_png(output_dir / record["file"], image, record)
         manifest.write(json.dumps(record) + "\n")
   grid_path = output_dir / "grid.png"
-  media.save_png(grid_path, media.labelled_grid(list(images), list(prompts)), {**provenance, "prompts": prompts})
+  prompts = [e["prompt"] for e in entries]
+  media.save_png(grid_path, media.labelled_grid(list(images), prompts), {**provenance, "prompts": prompts})
   return grid_path
 
 
-def read_prompts(path) -> list[str]:
+def read_prompts(path) -> list[dict]:
+  """Prompts file -> [{"prompt", optional "seed", optional "guidance_scale"}]."""
   path = pathlib.Path(path)
   if not path.exists():
     raise ValueError(f"Prompts file {str(path)!r} does not exist.")
   lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
   if path.suffix == ".jsonl":
     try:
-      prompts = [json.loads(line)["prompt"] for line in lines]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-      raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' ({error}).") from None
+      entries = [{k: v for k, v in json.loads(line).items() if k in ("prompt", "seed", "guidance_scale")}
+                 for line in lines]
+      for entry in entries:
+        entry["prompt"] = str(entry["prompt"])
+        if float(entry.get("guidance_scale", 0.0)) < 0:
+          raise ValueError(f"guidance_scale {entry['guidance_scale']} must be >= 0")
+        if "seed" in entry:
+          entry["seed"] = int(entry["seed"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+      raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
+                       f"integer 'seed' and a 'guidance_scale' >= 0 ({error}).") from None
   else:
-    prompts = lines
-  if not prompts:
+    entries = [{"prompt": line} for line in lines]
+  if not entries:
     raise ValueError(f"Prompts file {str(path)!r} has no prompts.")
-  return [p[:MAX_PROMPT_CHARS] for p in prompts]
+  return [{**e, "prompt": e["prompt"][:MAX_PROMPT_CHARS]} for e in entries]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -148,7 +169,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     problems.append(f"--guidance_scale={sample_config.guidance_scale} must be >= 0")
   if problems:
     raise ValueError("; ".join(problems))
-  prompts = read_prompts(prompts_path) if prompts_path else list(sample_config.prompts)
+  prompts = read_prompts(prompts_path) if prompts_path else [{"prompt": p} for p in sample_config.prompts]
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   params = state.ema[0] if sample_config.use_ema else state.params
   return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
@@ -156,14 +177,26 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
 
 
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir):
-  images = generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh)
+  """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale) and write outputs."""
+  entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
+  for entry in entries:
+    entry.setdefault("seed", sample_config.seed)
+    entry.setdefault("guidance_scale", sample_config.guidance_scale)
+  images = [None] * len(entries)
+  for scale in sorted({e["guidance_scale"] for e in entries}):  # one compiled sampler per guidance scale
+    group = [i for i, e in enumerate(entries) if e["guidance_scale"] == scale]
+    group_config = sample_config.copy_and_resolve_references()
+    group_config.guidance_scale = float(scale)
+    generated = generate(config, graphdef, params, frozen, tokenizer, [entries[i]["prompt"] for i in group],
+                         group_config, mesh, seeds=[entries[i]["seed"] for i in group])
+    for i, row in zip(group, generated):
+      images[i] = row
   output_dir = pathlib.Path(output_dir)
   if jax.process_index() != 0:  # every process samples its shard; process 0 writes
     return output_dir / "grid.png"
-  provenance = {"seed": sample_config.seed, "sampler": sample_config.sampler, "steps": sample_config.steps,
-                "guidance_scale": sample_config.guidance_scale, "checkpoint_step": int(step),
+  provenance = {"sampler": sample_config.sampler, "steps": sample_config.steps, "checkpoint_step": int(step),
                 "ema": bool(sample_config.use_ema), "config_hash": config_hash(config)}
-  return write_outputs(output_dir, prompts, images, provenance)
+  return write_outputs(output_dir, entries, np.stack(images), provenance)
 
 
 def define_flags():

@@ -15,8 +15,8 @@ from diffusion_jax import media, sample
 def test_samples_carry_provenance(trained, tmp_path):
   config, workdir, _ = trained
   prompts = tmp_path / "prompts.jsonl"
-  prompts.write_text(json.dumps({"prompt": "a large red circle at the top left"}) + "\n"
-                     + json.dumps({"prompt": "a small blue square at the bottom right"}) + "\n")
+  prompts.write_text(json.dumps({"prompt": "a large red circle at the top left", "seed": 11}) + "\n"
+                     + json.dumps({"prompt": "a small blue square at the bottom right", "guidance_scale": 2.0}) + "\n")
   out = tmp_path / "out"
   grid = sample.sample_from_workdir(workdir, {"num_per_prompt": 3, "steps": 3, "sampler": "ddim", "seed": 7},
                                     prompts, step=2, output_dir=out)
@@ -30,6 +30,7 @@ def test_samples_carry_provenance(trained, tmp_path):
     for key in ("seed", "sampler", "steps", "guidance_scale", "checkpoint_step", "config_hash"):
       assert key in provenance
     assert json.loads(provenance["checkpoint_step"]) == 2 and provenance["sampler"] == "ddim"
+  assert [(r["seed"], r["guidance_scale"]) for r in records[::3]] == [(11, 3.0), (7, 2.0)]
 
 
 @pytest.mark.xdist_group("trained")
@@ -54,3 +55,28 @@ def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert "is not a diffusion_jax workdir" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.xdist_group("trained")
+def test_sampling_is_deterministic_and_independent_of_device_count(trained):
+  import jax
+
+  from diffusion_jax import sharding
+  from diffusion_jax.text import tokenizers
+
+  config, workdir, _ = trained
+  config, state, graphdef, _, _ = sample.load_checkpoint(workdir)
+  tokenizer = tokenizers.from_config(config)
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=3, num_per_prompt=3)
+  prompts = ["a large red circle at the top left"]
+
+  def run(devices):
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=devices)
+    params, frozen = jax.device_put((state.ema[0], state.frozen), sharding.replicated(mesh))
+    return sample.generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh)
+
+  eight, again, one = run(jax.devices()), run(jax.devices()), run(jax.devices()[:1])
+  np.testing.assert_array_equal(eight, again)
+  assert np.abs(eight.astype(int) - one.astype(int)).max() <= 1  # same images up to float rounding
+  assert not np.array_equal(eight[0, 0], eight[0, 1])  # the images of one prompt differ
