@@ -230,3 +230,25 @@ def test_tfds_path_with_mock_data(config):
     source = pipeline.data_source(tfds_config, "train")
     batch = next(iter(pipeline.make_loader(tfds_config, source, tokenizers.from_config(config), 8, seed=0)))
   assert batch["image"].shape[0] == 8 and batch["text_ids"].shape == (8, config.text.max_length)
+
+
+def test_process_slices_rebuild_the_single_process_batches(config):
+  """P processes' local batches, stacked in process order, are the 1-process global batches."""
+  records = [{"image": np.full((16, 16, 3), i, np.uint8), "caption": b"a red circle"} for i in range(64)]
+  config = config.copy_and_resolve_references()
+  config.data.attribute_keys = ()
+  tokenizer = tokenizers.from_config(config)
+  decode = lambda batch: [int(round((v + 1) * 127.5)) for v in batch["image"][:, 0, 0, 0]]
+
+  def loader(process_index, process_count):
+    inner = grain.IndexSampler(num_records=64, shard_options=grain.NoSharding(), shuffle=True, num_epochs=1, seed=5)
+    sampler = pipeline.ProcessSlices(inner, 8 // process_count, process_index, process_count)
+    return grain.DataLoader(data_source=records, sampler=sampler,
+                            operations=[pipeline.Preprocess(config.data, tokenizer),
+                                        grain.Batch(8 // process_count, drop_remainder=True)],
+                            shard_options=grain.NoSharding())
+
+  single = [decode(b) for b in loader(0, 1)]
+  halves = [[decode(b) for b in loader(p, 2)] for p in range(2)]
+  assert len(single) == 8
+  assert single == [a + b for a, b in zip(*halves)]

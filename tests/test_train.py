@@ -41,10 +41,10 @@ def test_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
     np.testing.assert_array_equal(a, b)  # bit-identical: same batches, same keys
 
 
-def one_step(config, mesh_config, batch_np):
+def one_step(config, mesh_config, batch_np, devices=None):
   config = config.copy_and_resolve_references()
   config.mesh.update(mesh_config)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   tx, lr = train.make_optimizer(config, config.train.steps)
   state, graphdef = train.init_state(config, mesh, tx)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
@@ -61,13 +61,15 @@ def batch(tmp_path_factory):
   return config, {k: local[k] for k in ("image", "text_ids", "text_mask")}
 
 
-def test_fsdp_and_tensor_parallel_match_data_parallel(batch):
+def test_data_parallel_fsdp_and_tensor_parallel_match_one_device(batch):
   config, batch_np = batch
+  single_state, single_metrics = one_step(config, dict(data=1, fsdp=1, tensor=1), batch_np, jax.devices()[:1])
   dp_state, dp_metrics = one_step(config, dict(data=-1, fsdp=1, tensor=1), batch_np)
   fsdp_state, fsdp_metrics = one_step(config, dict(data=2, fsdp=2, tensor=2), batch_np)
-  np.testing.assert_allclose(fsdp_metrics["loss"], dp_metrics["loss"], rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(fsdp_state.params), jax.tree.leaves(dp_state.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+  for metrics, state in ((dp_metrics, dp_state), (fsdp_metrics, fsdp_state)):
+    np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(single_state.params))):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
   # FSDP really shards: per-device parameter + optimizer bytes well under the replicated total.
   def per_device_bytes(tree):
     return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))

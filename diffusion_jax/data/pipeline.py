@@ -1,6 +1,6 @@
 """Input pipeline: TFDS array_record source -> grain (shard, shuffle, preprocess, batch) -> global jax.Array.
 
-Each process reads a disjoint shard of the records; the iterator state is small and checkpointable
+Each process reads its own rows of every global batch; the iterator state is small and checkpointable
 (`iterator.get_state()` / `set_state()`), so a resumed run sees exactly the batches it would have seen.
 
 Batch (per process): image [batch, res, res, 3] float32 in [-1, 1], text_ids [batch, tokens] int32
@@ -152,23 +152,47 @@ class Preprocess(grain.RandomMapTransform):
     return out
 
 
+class ProcessSlices:
+  """A grain sampler giving process p the rows [p*L, (p+1)*L) of every global batch of P*L examples.
+
+  Every process walks the same seeded global order, so the global batch at each step (and each
+  example's preprocessing randomness) is the same whatever the process count: a 2-process run trains
+  on exactly the batches of a 1-process run. Each process reads only its own records.
+  """
+
+  def __init__(self, sampler, batch_per_process: int, process_index: int, process_count: int):
+    self.sampler = sampler
+    self.batch_per_process = batch_per_process
+    self.process_index = process_index
+    self.process_count = process_count
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    step, row = divmod(index, self.batch_per_process)
+    global_index = (step * self.process_count + self.process_index) * self.batch_per_process + row
+    record = self.sampler[global_index]
+    return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+  def __repr__(self):  # grain checks the sampler's repr when restoring an iterator
+    return (f"ProcessSlices({self.sampler!r}, batch_per_process={self.batch_per_process}, "
+            f"process_index={self.process_index}, process_count={self.process_count})")
+
+
 def make_loader(config, source, tokenizer, batch_per_process: int, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, shard_options=None, text_cache=None) -> grain.DataLoader:
-  """A grain loader over this process's shard of `source` (or the shard in `shard_options`), batched
-  to batch_per_process."""
+  """A grain loader batched to batch_per_process. By default this process gets its slice of every
+  global batch (`ProcessSlices`); an explicit `shard_options` instead gives it a contiguous shard of
+  the records."""
   if len(source) < batch_per_process * jax.process_count():
     raise ValueError(f"The dataset has {len(source)} examples, fewer than one global batch of "
                      f"{batch_per_process * jax.process_count()}; lower the batch size or use more data.")
-  sampler = grain.IndexSampler(
-      num_records=len(source),
-      shard_options=shard_options or grain.ShardByJaxProcess(drop_remainder=True),
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      seed=seed,
-  )
-  operations = [KeepUsable(config.caption_key), Preprocess(config, tokenizer, text_cache), grain.Batch(batch_per_process, drop_remainder=True)]
+  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options or grain.NoSharding(),
+                               shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+  if shard_options is None:
+    sampler = ProcessSlices(sampler, batch_per_process, jax.process_index(), jax.process_count())
+  operations = [KeepUsable(config.caption_key), Preprocess(config, tokenizer, text_cache),
+                grain.Batch(batch_per_process, drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=config.worker_count)
+                          worker_count=config.worker_count, shard_options=shard_options or grain.NoSharding())
 
 
 def to_global(local_batch: dict, sharding) -> dict:
