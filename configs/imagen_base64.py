@@ -21,7 +21,7 @@ def get_config(variant: str = "fsdp"):
   # T5 v1.1 XXL encoder (used when text.pretrained_path is empty, e.g. for shape-only dry runs).
   config.text.t5.update(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                         gated=True, dtype="bfloat16")
-  config.model.update(channels=480, channel_mults=(1, 2, 3, 4), num_res_blocks=(3, 3, 3, 3),
+  config.model.update(channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=(3, 3, 3, 2),
                       attention_levels=(1, 2, 3), heads=8, ff_mult=2, text_dim=4096, skips="block",
                       dtype="bfloat16", remat=True)
   config.diffusion.update(prediction="eps", weighting="eps_mse", cond_drop_prob=0.1)

@@ -55,7 +55,9 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
 
 def logical_to_spec(logical_axes, shape, mesh) -> PartitionSpec:
   """Map logical names to a PartitionSpec; a dim whose size the mesh axes do not divide, or whose
-  mesh axis is already used by an earlier dim, stays replicated."""
+  mesh axis is already used by an earlier dim, stays replicated. If the rules leave `fsdp` unused
+  (e.g. 480 channels on 256 devices), FSDP falls back to the largest dim it divides, so parameters
+  are sharded whenever any dimension allows it."""
   used, spec = set(), []
   for name, size in zip(logical_axes, shape):
     axes = RULES.get(name) if name is not None else None
@@ -67,6 +69,11 @@ def logical_to_spec(logical_axes, shape, mesh) -> PartitionSpec:
       spec.append(axes if len(axes) > 1 else axes[0])
     else:
       spec.append(None)
+  fsdp = mesh.shape["fsdp"]
+  if fsdp > 1 and "fsdp" not in used:
+    free = [i for i, (s, size) in enumerate(zip(spec, shape)) if s is None and size % fsdp == 0 and size >= fsdp]
+    if free:
+      spec[max(free, key=lambda i: shape[i])] = "fsdp"
   return PartitionSpec(*spec)
 
 
