@@ -25,7 +25,6 @@ import pathlib
 import sys
 import time
 
-import jax
 import numpy as np
 from absl import app, flags
 

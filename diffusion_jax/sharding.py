@@ -82,11 +82,11 @@ def state_shardings(state: nnx.State, mesh) -> dict:
   `out_sharding` logical names."""
   result = {}
   for path, variable in nnx.to_flat_state(state):
-    logical = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(variable.value)
+    logical = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(variable.get_value())
     node = result
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = NamedSharding(mesh, logical_to_spec(logical, np.shape(variable.value), mesh))
+    node[path[-1]] = NamedSharding(mesh, logical_to_spec(logical, np.shape(variable.get_value()), mesh))
   return result
 
 

@@ -21,7 +21,6 @@ def tiny_config(tmp_path_factory):
 def trained(tmp_path_factory):
   """A 4-step training run with checkpoints at 2 and 4: (config, workdir, final params).
 
-  Tests using it carry @pytest.mark.xdist_group("trained") so one worker trains once.
   """
   import jax
 

@@ -8,7 +8,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from diffusion_jax import checkpoint, sharding, train
 
@@ -53,7 +52,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert not (tmp_path / "w" / "samples").exists()
 
 
-@pytest.mark.xdist_group("trained")
 def test_kill_9_then_restart_matches_the_uninterrupted_run(trained, tmp_path):
   config, _, final = trained
   command = main_command(tmp_path / "w", tmp_path / "d", "--config.train.log_every=1",

@@ -56,7 +56,6 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
   assert 0 < distances[0] < distances[1] < distances[2]
 
 
-@pytest.mark.xdist_group("trained")
 def test_evaluation_job_is_resumable(trained):
   from diffusion_jax import evaluate
 

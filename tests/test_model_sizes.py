@@ -47,7 +47,7 @@ def test_fsdp_shards_parameters_evenly(name, devices):
   _, params, _ = text_to_image.split(train.abstract_model(config), config)
   total = per_device = 0
   for _, variable in nnx.to_flat_state(params):
-    shape = variable.value.shape
+    shape = variable.get_value().shape
     spec = sharding.logical_to_spec(variable.get_metadata()["out_sharding"], shape, mesh)
     split = math.prod(mesh.shape[a] for dim in spec if dim for a in ((dim,) if isinstance(dim, str) else dim))
     total += math.prod(shape)

@@ -7,14 +7,12 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from diffusion_jax import checkpoint, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.xdist_group("trained")
 def test_two_process_training_matches_one_process(trained, tmp_path):
   command = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
              "--", "--config=configs/t2i_shapes.py:test", f"--workdir={tmp_path / 'work'}",

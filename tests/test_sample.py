@@ -11,7 +11,6 @@ import pytest
 from diffusion_jax import media, sample
 
 
-@pytest.mark.xdist_group("trained")
 def test_samples_carry_provenance(trained, tmp_path):
   config, workdir, _ = trained
   prompts = tmp_path / "prompts.jsonl"
@@ -33,7 +32,6 @@ def test_samples_carry_provenance(trained, tmp_path):
   assert [(r["seed"], r["guidance_scale"]) for r in records[::3]] == [(11, 3.0), (7, 2.0)]
 
 
-@pytest.mark.xdist_group("trained")
 @pytest.mark.parametrize("overrides, prompts_text, message", [
     ({"sampler": "plms"}, None, "--sampler='plms'"),
     ({"steps": 0}, None, "--steps=0"),
@@ -57,7 +55,6 @@ def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
   assert "is not a diffusion_jax workdir" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.xdist_group("trained")
 def test_sampling_is_deterministic_and_independent_of_device_count(trained):
   import jax
 

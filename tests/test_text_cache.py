@@ -7,7 +7,6 @@ from flax import nnx
 
 from conftest import tiny_config
 from diffusion_jax import sharding, train
-from diffusion_jax.data import pipeline
 from diffusion_jax.text import embedding_cache, tokenizers
 
 

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,7 +15,6 @@ from diffusion_jax.data import pipeline
 from diffusion_jax.text import tokenizers
 
 
-@pytest.mark.xdist_group("trained")
 def test_training_writes_checkpoints_and_metrics(trained):
   config, workdir, _ = trained
   assert checkpoint.manager(workdir, read_only=True).all_steps() == [2, 4]
@@ -29,7 +27,6 @@ def test_training_writes_checkpoints_and_metrics(trained):
   assert checkpoint.read_config(workdir).train.steps == config.train.steps
 
 
-@pytest.mark.xdist_group("trained")
 def test_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
   config, workdir, final = trained
   resumed_dir = tmp_path / "resumed"
@@ -130,7 +127,6 @@ def test_logical_rules_never_reuse_a_mesh_axis():
   assert sharding.logical_to_spec(("embed", "mlp"), (3, 8), mesh) == jax.sharding.PartitionSpec(None, "tensor")
 
 
-@pytest.mark.xdist_group("trained")
 def test_checkpoint_metadata_and_fallback_from_a_damaged_checkpoint(trained, tmp_path):
   config, workdir, _ = trained
   mngr = checkpoint.manager(workdir, read_only=True)
@@ -149,7 +145,6 @@ def test_checkpoint_metadata_and_fallback_from_a_damaged_checkpoint(trained, tmp
     checkpoint.restore(checkpoint.manager(damaged, read_only=True), state, step=4)
 
 
-@pytest.mark.xdist_group("trained")
 def test_restore_onto_a_one_device_mesh(trained):
   config, workdir, final = trained
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])

@@ -114,7 +114,7 @@ def test_every_parameter_has_logical_axis_names():
   params = nnx.state(unet.UNet(tiny_config(), rngs=nnx.Rngs(0)), nnx.Param)
   for path, variable in nnx.to_flat_state(params):
     names = variable.get_metadata().get("out_sharding")
-    assert names is not None and len(names) == variable.value.ndim, path
+    assert names is not None and len(names) == variable.get_value().ndim, path
 
 
 def test_gradient_reaches_every_parameter_and_output_is_deterministic():
@@ -124,5 +124,5 @@ def test_gradient_reaches_every_parameter_and_output_is_deterministic():
   loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, logsnr, text, mask) ** 2)
   grads = jax.jit(jax.grad(loss))(params)
   for path, g in nnx.to_flat_state(grads):
-    assert float(jnp.abs(g.value).max()) > 0, path
+    assert float(jnp.abs(g.get_value()).max()) > 0, path
   np.testing.assert_array_equal(model(x, logsnr, text, mask), model(x, logsnr, text, mask))

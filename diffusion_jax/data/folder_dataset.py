@@ -21,7 +21,6 @@ import logging
 import pathlib
 import sys
 
-import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 

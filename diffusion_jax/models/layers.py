@@ -97,7 +97,7 @@ class Attention(nnx.Module):
     split = lambda t: t.reshape(b, t.shape[1], self.heads, dim // self.heads)
     q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
     if self.null_kv is not None:
-      null = self.null_kv.value.astype(k.dtype).reshape(2, 1, 1, self.heads, dim // self.heads)
+      null = self.null_kv[...].astype(k.dtype).reshape(2, 1, 1, self.heads, dim // self.heads)
       k = jnp.concatenate([jnp.broadcast_to(null[0], (b, 1) + k.shape[2:]), k], axis=1)
       v = jnp.concatenate([jnp.broadcast_to(null[1], (b, 1) + v.shape[2:]), v], axis=1)
       if mask is not None:

@@ -15,7 +15,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import layers
@@ -41,7 +40,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + self.eps)
-    return (normed * self.weight.value).astype(x.dtype)
+    return (normed * self.weight[...]).astype(x.dtype)
 
 
 class T5Block(nnx.Module):
@@ -88,7 +87,7 @@ class T5Encoder(nnx.Module):
     n = ids.shape[1]
     positions = jnp.arange(n)
     buckets = relative_position_bucket(positions[None, :] - positions[:, None], self.num_buckets, self.max_distance)
-    bias = jnp.transpose(self.blocks[0].position_bias.value[buckets], (2, 0, 1))[None]  # [1, heads, q, k]
+    bias = jnp.transpose(self.blocks[0].position_bias[...][buckets], (2, 0, 1))[None]  # [1, heads, q, k]
     bias = bias + jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
     x = self.embed(ids)
     for block in self.blocks:
@@ -171,10 +170,10 @@ def load_hf_encoder(path, dtype: str = "float32") -> T5Encoder:
       problems.append(f"missing {name}")
       continue
     value = tensors[name].T if transpose else tensors[name]
-    if value.shape != variable.value.shape:
-      problems.append(f"{name} has shape {value.shape}, expected {variable.value.shape}")
+    if value.shape != variable.get_value().shape:
+      problems.append(f"{name} has shape {value.shape}, expected {variable.get_value().shape}")
       continue
-    variable.value = jnp.asarray(value, jnp.float32)
+    variable.set_value(jnp.asarray(value, jnp.float32))
     used.add(name)
   ignored = ("decoder.", "lm_head.", "encoder.embed_tokens.weight")
   unknown = sorted(k for k in tensors if k not in used and not k.startswith(ignored))
