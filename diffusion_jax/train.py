@@ -204,7 +204,9 @@ def open_text_cache(config, graphdef, state, tokenizer, source):
   key = embedding_cache.cache_key(frozen_text, config.text.tokenizer + config.text.spiece_path, config.text.max_length)
   directory = pathlib.Path(config.text.embedding_cache).expanduser()
   if jax.process_index() == 0 and not (directory / "meta.json").exists():
-    encode = jax.jit(lambda ids, mask: nnx.merge(graphdef, state.params, state.frozen).encode(ids, mask))
+    # Parameters are arguments, not closed-over constants baked into the compiled program.
+    encode_jit = jax.jit(lambda params, frozen, ids, mask: nnx.merge(graphdef, params, frozen).encode(ids, mask))
+    encode = lambda ids, mask: encode_jit(state.params, state.frozen, ids, mask)
     captions = (source[i][config.data.caption_key] for i in range(len(source)))
     log.info("building the text-embedding cache in %s", directory)
     embedding_cache.build(directory, captions, tokenizer, encode, key)
