@@ -24,6 +24,8 @@ def get_config():
       resolution=32,
       max_objects=2,               # captioned_shapes only
       frames=8,                    # moving_shapes only
+      image_fraction=0.0,          # video data: fraction of examples replaced by a still frame (joint
+                                   # image-video training; the temporal layers are off for those)
       num_train=20000,             # built-in datasets: training examples
       num_eval=1000,               # built-in datasets: validation and test examples
       seed=0,                      # built-in datasets: generation seed
@@ -48,7 +50,7 @@ def get_config():
   c.model = dict(
       channels=64, channel_mults=(1, 2, 4), num_res_blocks=(2, 2, 2), attention_levels=(1, 2), skips="block",
       skip_scale=1.0, heads=4, ff_mult=2, dropout=0.0, text_dim=512, in_channels=3, dtype="float32",
-      remat=False, lowres_conditioning=False,
+      remat=False, lowres_conditioning=False, temporal=False, max_frames=16,
   )
 
   # Diffusion process and training objective (schedules.py, objectives.py).
@@ -64,6 +66,15 @@ def get_config():
       time_mean=0.0,
       time_std=1.0,
       cond_drop_prob=0.1,          # classifier-free guidance training
+  )
+
+  # Inflation (Make-A-Video): initialise a video model's spatial layers (and text encoder) from a trained
+  # image model's checkpoint; the temporal layers start as the identity (see models/inflation.py).
+  c.inflate = dict(
+      image_workdir="",            # training workdir of the image model; empty = no inflation
+      step=-1,                     # its checkpoint step; -1 = latest
+      use_ema=True,                # take the first EMA copy of its weights
+      train_temporal_only=False,   # freeze everything but the temporal layers
   )
 
   c.optimizer = dict(
@@ -90,5 +101,6 @@ def get_config():
   c.sample = dict(
       sampler="dpmpp_2m", steps=25, eta=0.0, guidance_scale=3.0, guidance_rescale=0.0, threshold="dynamic",
       threshold_percentile=99.5, num_per_prompt=4, seed=0, use_ema=True, prompts=("a large red circle",),
+      frames=0,                    # video models: frames per clip (0 = data.frames)
   )
   return c

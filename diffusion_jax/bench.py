@@ -1,26 +1,38 @@
 """Benchmarks that print tables. Everything is measured as ratios inside one run (these machines are noisy).
 
-  python -m diffusion_jax.bench input --config=configs/t2i_shapes.py [--config.x=y] [--steps=20]
+  python -m diffusion_jax.bench MODE --config=configs/t2i_shapes.py [--config.x=y] [--steps=20]
 
 Modes:
-  input   input-pipeline examples/s (grain, 0 and N worker processes) next to the examples/s the
-          compiled train step consumes on this machine; the pipeline keeps up when the ratio is >= 1.
+  input    input-pipeline examples/s (grain, 0 and N worker processes) next to the examples/s the
+           compiled train step consumes on this machine; the pipeline keeps up when the ratio is >= 1.
+  step     the device's measured matmul ceiling (f32 and bf16), then the U-Net train step at the sizes
+           of --widths (model.channels): parameters, step time, FLOPs per step from XLA's cost analysis
+           of the compiled step, achieved FLOP/s, that as a fraction of the f32 ceiling, and MFU against
+           the datasheet peak where one is known (GPU/TPU). FLOPs are per device (XLA counts one device's share).
+  memory   per-device bytes with FSDP over 1, 2, 4, 8 devices: train state (params + EMA + optimizer
+           moments) held by one device vs total / N, and the compiled step's argument and temporary
+           bytes from XLA's memory analysis. On a CPU run it with
+           XLA_FLAGS=--xla_force_host_platform_device_count=8.
 Flags:
   --config   experiment config (overridable with --config.<field>=<value>)
   --steps    batches / train steps timed per measurement (default 20)
   --workers  grain worker processes for the second pipeline measurement (default 2)
+  --widths   comma-separated model.channels for `step` (default 16,32,64)
 """
 
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+MODES = ("input", "step", "memory")
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
+flags.DEFINE_list("widths", ["16", "32", "64"], "model.channels values for the `step` mode.")
 
 
 def pipeline_examples_per_s(config, workers: int, batches: int) -> float:
@@ -39,27 +51,44 @@ def pipeline_examples_per_s(config, workers: int, batches: int) -> float:
   return batches * config.train.batch_size / (time.perf_counter() - start)
 
 
-def train_step_examples_per_s(config, steps: int) -> float:
-  from diffusion_jax import sharding, train
-
-  mesh = sharding.make_mesh(config.mesh)
-  tx, lr = train.make_optimizer(config, config.train.steps)
-  state, graphdef = train.init_state(config, mesh, tx)
+def synthetic_batch(config) -> dict:
   b, r, n = config.train.batch_size, config.data.resolution, config.text.max_length
-  batch_np = {"image": np.zeros((b, r, r, 3), np.float32), "text_ids": np.ones((b, n), np.int32),
-              "text_mask": np.ones((b, n), bool)}
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
-  compiled, _ = train.compile_step(train.make_train_step(config, graphdef, tx, lr), state, shapes, mesh)
+  visual = (b, config.data.frames, r, r, 3) if config.model.temporal else (b, r, r, 3)
+  batch = {"video" if config.model.temporal else "image": np.zeros(visual, np.float32),
+           "text_ids": np.ones((b, n), np.int32), "text_mask": np.ones((b, n), bool)}
+  if config.model.temporal:
+    batch["is_video"] = np.ones((b,), bool)
+  return batch
+
+
+def compiled_step(config, devices=None):
+  """(compiled step, state, global batch, mesh, FLOPs per step per device) on `devices` (default all)."""
+  from diffusion_jax import sharding, train
   from diffusion_jax.data import pipeline
 
-  batch = pipeline.to_global(batch_np, sharding.batch_sharding(mesh))
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  tx, lr = train.make_optimizer(config, config.train.steps)
+  state, graphdef = train.init_state(config, mesh, tx)
+  batch_np = synthetic_batch(config)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
+  compiled, flops = train.compile_step(train.make_train_step(config, graphdef, tx, lr), state, shapes, mesh)
+  return compiled, state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)), mesh, flops
+
+
+def time_steps(compiled, state, batch, steps: int) -> float:
+  """Seconds per step (after one warm-up step)."""
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
-  return steps * b / (time.perf_counter() - start)
+  return (time.perf_counter() - start) / steps
+
+
+def train_step_examples_per_s(config, steps: int) -> float:
+  compiled, state, batch, _, _ = compiled_step(config)
+  return config.train.batch_size / time_steps(compiled, state, batch, steps)
 
 
 def input_table(config, steps: int, workers: int) -> str:
@@ -73,13 +102,69 @@ def input_table(config, steps: int, workers: int) -> str:
   return "\n".join(lines)
 
 
+def step_table(config, steps: int, widths) -> str:
+  """Ceiling rows, then one row per U-Net width."""
+  from diffusion_jax import hardware, train
+
+  device_count = jax.device_count()
+  ceiling = {dtype: hardware.measured_matmul_flops(dtype=getattr(jnp, dtype)) / device_count
+             for dtype in ("float32", "bfloat16")}
+  peak, source = hardware.peak_flops()
+  datasheet = source.startswith("datasheet")
+  lines = [f"measured matmul ceiling per device: f32 {ceiling['float32'] / 1e9:.1f} GFLOP/s, bf16 "
+           f"{ceiling['bfloat16'] / 1e9:.1f} GFLOP/s" + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s" if datasheet
+                                                          else ""), "",
+           "| channels | parameters | step ms | GFLOP/step | GFLOP/s per device | / f32 ceiling | MFU |",
+           "|---|---|---|---|---|---|---|"]
+  for width in widths:
+    sized = config.copy_and_resolve_references()
+    sized.model.channels = int(width)
+    compiled, state, batch, _, flops = compiled_step(sized)
+    seconds = time_steps(compiled, state, batch, steps)
+    achieved = flops / seconds  # cost analysis counts one device's share
+    mfu = f"{achieved / peak:.1%}" if datasheet else "n/a (no datasheet)"
+    lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {seconds * 1e3:.0f} | {flops / 1e9:.4g} | "
+                 f"{achieved / 1e9:.3g} | {achieved / ceiling[sized.model.dtype]:.0%} | {mfu} |")
+  return "\n".join(lines)
+
+
+def state_bytes_on_one_device(state) -> tuple[int, int]:
+  """(bytes of the train state held by the first device, total bytes of the train state)."""
+  leaves = jax.tree.leaves(state)
+  device = jax.devices()[0]
+  held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device)
+  return held, sum(x.nbytes for x in leaves)
+
+
+def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
+  lines = ["| FSDP devices | state on one device (MB) | total / N (MB) | ratio | step arguments (MB) | "
+           "step temporaries (MB) |", "|---|---|---|---|---|---|"]
+  for n in device_counts:
+    if n > jax.device_count():
+      lines.append(f"| {n} | needs {n} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) | | | | |")
+      continue
+    sized = config.copy_and_resolve_references()
+    sized.mesh.update(data=1, fsdp=n, tensor=1)
+    compiled, state, _, _, _ = compiled_step(sized, devices=jax.devices()[:n])
+    held, total = state_bytes_on_one_device(state)
+    memory = compiled.memory_analysis()
+    lines.append(f"| {n} | {held / 1e6:.2f} | {total / n / 1e6:.2f} | {held / (total / n):.3f} | "
+                 f"{memory.argument_size_in_bytes / 1e6:.2f} | {memory.temp_size_in_bytes / 1e6:.1f} |")
+  return "\n".join(lines)
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("input",):
-    raise app.UsageError("usage: python -m diffusion_jax.bench input --config=... (modes: input)")
+  if len(argv) != 2 or argv[1] not in MODES:
+    raise app.UsageError(f"usage: python -m diffusion_jax.bench MODE --config=... (modes: {', '.join(MODES)})")
   f = flags.FLAGS
   print(f"# {argv[1]} benchmark, {jax.device_count()} x {jax.devices()[0].device_kind}, batch "
-        f"{f.config.train.batch_size}, {f.config.data.resolution}px")
-  print(input_table(f.config, f.steps, f.workers))
+        f"{f.config.train.batch_size}, {f.config.data.resolution}px, {time.strftime('%Y-%m-%d')}")
+  if argv[1] == "input":
+    print(input_table(f.config, f.steps, f.workers))
+  elif argv[1] == "step":
+    print(step_table(f.config, f.steps, f.widths))
+  else:
+    print(memory_table(f.config))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,15 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if config.text.embedding_cache and config.text.trainable:
     found.append("text.embedding_cache needs a frozen encoder: set text.trainable=False")
   option(m.skips, ("block", "level"), "model.skips")
+  if m.temporal and config.data.frames > m.max_frames:
+    found.append(f"data.frames={config.data.frames} exceeds model.max_frames={m.max_frames}")
+  if m.temporal and config.sample.frames > m.max_frames:
+    found.append(f"sample.frames={config.sample.frames} exceeds model.max_frames={m.max_frames}")
+  if not 0 <= config.data.image_fraction <= 1:
+    found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
+  if config.inflate.train_temporal_only and not (m.temporal and config.inflate.image_workdir):
+    found.append("inflate.train_temporal_only needs a video model (model.temporal=True) inflated from "
+                 "inflate.image_workdir")
 
   t = config.train
   try:

@@ -14,8 +14,10 @@ Flags:
                       against guidance for the evaluated checkpoint(s)
 
 Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard scalars (`logs/eval`):
-held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images,
-and for captioned_shapes the judge's per-attribute accuracy. Steps already in eval.jsonl are skipped,
+held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images
+(video models: per frame, plus FVD with random-conv frame and motion features), and the judge's
+per-attribute accuracy on captioned_shapes (shapes_judge) or moving_shapes (motion_judge: direction of
+motion, object attributes, appearance change between frames). Steps already in eval.jsonl are skipped,
 so the job is resumable.
 """
 
@@ -30,23 +32,31 @@ from absl import app, flags
 
 from diffusion_jax import checkpoint, media, metric_writers, sample
 from diffusion_jax.data import pipeline
-from diffusion_jax.metrics import fid, heldout_loss, shapes_judge
+from diffusion_jax.metrics import fid, fvd, heldout_loss, motion_judge, shapes_judge
 from diffusion_jax.text import tokenizers
 
 log = logging.getLogger(__name__)
 
 
 def validation_set(config, count: int):
-  """The first `count` validation examples, in order: (batch for the model, uint8 images, captions)."""
+  """The first `count` validation examples, in order: (batch for the model, uint8 images [n, h, w, 3] or
+  videos [n, frames, h, w, 3], captions)."""
   source = pipeline.data_source(config.data, "validation")
   count = min(count, len(source))
   examples = [source[i] for i in range(count)]
   tokenizer = tokenizers.from_config(config)
   ids, mask = tokenizer([e[config.data.caption_key] for e in examples])
-  images = np.stack([pipeline.resize_and_crop(np.asarray(e[config.data.image_key])[..., :3], config.data.resolution,
-                                              None) for e in examples])
+
+  def visual(example):
+    pixels = np.asarray(example[config.data.image_key])[..., :3]
+    frames = pixels if pixels.ndim == 4 else pixels[None]
+    frames = np.stack([pipeline.resize_and_crop(f, config.data.resolution, None) for f in frames])
+    return frames if pixels.ndim == 4 else frames[0]
+
+  images = np.stack([visual(e) for e in examples])
   captions = [e[config.data.caption_key].decode() for e in examples]
-  batch = {"image": images.astype(np.float32) / 127.5 - 1.0, "text_ids": ids, "text_mask": mask}
+  batch = {"video" if images.ndim == 5 else "image": images.astype(np.float32) / 127.5 - 1.0, "text_ids": ids,
+           "text_mask": mask}
   return batch, images, captions
 
 
@@ -54,9 +64,14 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   params = state.ema[0] if sample_config.use_ema else state.params
   generated = sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), captions,
                               sample_config, mesh)[:, 0]
-  metrics = {"fid_random_conv": fid.fid(fid.random_conv_features(generated), fid.random_conv_features(images))}
-  if config.data.dataset == "captioned_shapes":
-    metrics.update({f"accuracy/{k}": v for k, v in shapes_judge.accuracy(generated, captions).items()})
+  frames = lambda v: v.reshape((-1,) + v.shape[-3:])  # videos: FID over all their frames
+  metrics = {"fid_random_conv": fid.fid(fid.random_conv_features(frames(generated)),
+                                        fid.random_conv_features(frames(images)))}
+  if generated.ndim == 5:
+    metrics["fvd_random_conv"] = fvd.fvd(generated, images)
+  judges = {"captioned_shapes": shapes_judge, "moving_shapes": motion_judge}
+  if config.data.dataset in judges:
+    metrics.update({f"accuracy/{k}": v for k, v in judges[config.data.dataset].accuracy(generated, captions).items()})
   return metrics, generated
 
 
@@ -129,7 +144,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     for s in todo:
       s, metrics, generated, sweep = evaluate_step(workdir, s, num_prompts, heldout_examples, guidance_sweep)
       writer.write(s, metrics)
-      writer.write_image(s, "eval/generated", media.labelled_grid([generated[:8]], [f"step {s}"]))
+      first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
+      writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
       if sweep:
         log.info("guidance sweep plot: %s", write_sweep(workdir, s, sweep))
       written.append({"step": s, **metrics})

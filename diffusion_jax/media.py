@@ -48,3 +48,24 @@ def labelled_grid(rows: list[np.ndarray], labels: list[str], scale: int = 2, lab
       tile = PIL.Image.fromarray(image).resize((w, h), PIL.Image.NEAREST)
       canvas.paste(tile, (c * (w + 2), top + label_height))
   return np.asarray(canvas)
+
+
+def save_gif(path, frames: np.ndarray, provenance: dict, scale: int = 1, fps: float = 4.0) -> None:
+  """Animated GIF of uint8 [frames, h, w, 3], looping, upscaled by `scale` (nearest); the provenance (plus
+  'generated_by') is stored as JSON in the GIF comment."""
+  record = {"generated_by": "diffusion_jax", **provenance}
+  images = [PIL.Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), PIL.Image.NEAREST)
+            for f in frames]
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0,
+                 comment=json.dumps(record).encode())
+
+
+def read_gif(path) -> tuple[np.ndarray, dict]:
+  """(frames uint8 [frames, h, w, 3], provenance) of a GIF written by save_gif."""
+  with PIL.Image.open(path) as image:
+    frames = []
+    for index in range(image.n_frames):
+      image.seek(index)
+      frames.append(np.asarray(image.convert("RGB")))
+    return np.stack(frames), json.loads(image.info.get("comment", b"{}"))

@@ -1,4 +1,4 @@
-"""Sampling job: generate images for prompts from a training workdir's checkpoint.
+"""Sampling job: generate images (or videos) for prompts from a training workdir's checkpoint.
 
   python -m diffusion_jax.sample --workdir=DIR --prompts=prompts.txt [--output_dir=DIR/samples/...]
 
@@ -14,9 +14,12 @@ Flags:
   --num_per_prompt  images per prompt (default: config sample.num_per_prompt)
   --seed            noise seed (default: config sample.seed)
   --use_ema         sample with the first EMA copy of the weights (default: config sample.use_ema)
+  --frames          video models: frames per clip, up to model.max_frames (default: config sample.frames,
+                    0 = data.frames)
 
 Every PNG carries its provenance (prompt, seed, sampler, steps, guidance, checkpoint step, config hash)
-as PNG text chunks, and the same record is a line of manifest.jsonl.
+as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as
+an animated GIF (provenance in the GIF comment) and as a PNG strip of its frames, plus grid.gif.
 """
 
 import hashlib
@@ -37,14 +40,25 @@ from diffusion_jax import checkpoint, media, samplers, schedules, sharding
 MAX_PROMPT_CHARS = 2000
 
 
+def output_shape(config, sample_config) -> tuple:
+  """Shape of one sample: [res, res, c], or [frames, res, res, c] for a video (temporal) model."""
+  shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
+  if not config.model.temporal:
+    return shape
+  frames = sample_config.frames or config.data.frames
+  if not 1 <= frames <= config.model.max_frames:
+    raise ValueError(f"--frames={frames} must be in 1..{config.model.max_frames} (model.max_frames).")
+  return (frames,) + shape
+
+
 def make_generate_fn(config, graphdef, sample_config):
-  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens]) -> images [n, res, res, 3]
-  in [-1, 1]. Each image's starting noise comes from its own key, so an image does not depend on the
+  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens]) -> samples [n, *output_shape]
+  in [-1, 1]. Each sample's starting noise comes from its own key, so a sample does not depend on the
   batch it is generated in (nor on the device count)."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
-  shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
+  shape = output_shape(config, sample_config)
 
   def generate(params, frozen, keys, ids, mask):
     model = nnx.merge(graphdef, params, frozen)
@@ -72,7 +86,7 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None) -> np.ndarray:
-  """Images [len(prompts), num_per_prompt, res, res, 3] uint8; the batch is sharded over all devices.
+  """Samples [len(prompts), num_per_prompt, *output_shape] uint8; the batch is sharded over all devices.
 
   seeds: one per prompt (default: sample_config.seed for all)."""
   n = sample_config.num_per_prompt
@@ -94,19 +108,29 @@ def config_hash(config) -> str:
 
 
 def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> pathlib.Path:
-  """One PNG per sample, grid.png, manifest.jsonl; entries carry each prompt's prompt/seed/guidance_scale.
-  Returns the grid path."""
+  """One PNG per sample (videos: a GIF and a PNG strip of its frames), grid.png (videos: also grid.gif),
+  manifest.jsonl; entries carry each prompt's prompt/seed/guidance_scale. Returns the grid path.
+  images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]."""
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
+  is_video = images.ndim == 6
   with open(output_dir / "manifest.jsonl", "w") as manifest:
     for p, (entry, row) in enumerate(zip(entries, images)):
-      for i, image in enumerate(row):
+      for i, sample in enumerate(row):
         record = {**provenance, **entry, "index": i, "file": f"p{p:03d}_{i:02d}.png"}
-        media.save_png(output_dir / record["file"], image, record)
+        if is_video:
+          record["animation"] = f"p{p:03d}_{i:02d}.gif"
+          media.save_gif(output_dir / record["animation"], sample, record)
+          sample = np.concatenate(list(sample), axis=1)  # frames left to right
+        media.save_png(output_dir / record["file"], sample, record)
         manifest.write(json.dumps(record) + "\n")
   grid_path = output_dir / "grid.png"
   prompts = [e["prompt"] for e in entries]
-  media.save_png(grid_path, media.labelled_grid(list(images), prompts), {**provenance, "prompts": prompts})
+  rows = [row.reshape((-1,) + row.shape[-3:]) for row in images]  # a video row: its clips' frames in order
+  media.save_png(grid_path, media.labelled_grid(rows, prompts), {**provenance, "prompts": prompts})
+  if is_video:  # animated grid: frame k of every clip, one row per prompt
+    frames = [media.labelled_grid([row[:, k] for row in images], prompts) for k in range(images.shape[2])]
+    media.save_gif(output_dir / "grid.gif", np.stack(frames), {**provenance, "prompts": prompts})
   return grid_path
 
 
@@ -211,6 +235,7 @@ def define_flags():
   flags.DEFINE_integer("num_per_prompt", None, "Images per prompt.")
   flags.DEFINE_integer("seed", None, "Noise seed.")
   flags.DEFINE_bool("use_ema", None, "Use EMA weights (default: config sample.use_ema).")
+  flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames.")
 
 
 def main(argv):
@@ -219,7 +244,7 @@ def main(argv):
   if not f.workdir:
     raise app.UsageError("--workdir is required.")
   overrides = {"sampler": f.sampler, "steps": f.steps, "guidance_scale": f.guidance_scale,
-               "num_per_prompt": f.num_per_prompt, "seed": f.seed, "use_ema": f.use_ema}
+               "num_per_prompt": f.num_per_prompt, "seed": f.seed, "use_ema": f.use_ema, "frames": f.frames}
   try:
     grid = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir)
   except ValueError as error:

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint, config_checks, hardware, metric_writers, objectives, schedules, sharding
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import text_to_image
+from diffusion_jax.models import inflation, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
 
 # Edges of the log-SNR bins in which the loss is also reported (low log-SNR = high noise).
@@ -64,13 +64,9 @@ def make_optimizer(config, total_steps: int):
 # ----------------------------------------------------------------------------- state
 
 
-def abstract_model(config):
-  return nnx.eval_shape(lambda: text_to_image.TextToImage(config, rngs=nnx.Rngs(config.seed)))
-
-
 def init_state(config, mesh, tx):
   """A TrainState created directly with its shardings (no full host copy of a randomly initialised model)."""
-  graphdef, abstract_params, abstract_frozen = text_to_image.split(abstract_model(config), config)
+  graphdef, abstract_params, abstract_frozen = text_to_image.split(text_to_image.abstract(config), config)
   shardings = (sharding.state_shardings(abstract_params, mesh), sharding.state_shardings(abstract_frozen, mesh))
 
   def init():
@@ -81,6 +77,8 @@ def init_state(config, mesh, tx):
     params, frozen = jax.device_put(init(), shardings)
   else:
     params, frozen = jax.jit(init, out_shardings=shardings)()
+  if config.inflate.image_workdir:  # Make-A-Video: spatial layers and text encoder from an image model
+    params, frozen = inflation.inflate(config, params, frozen)
 
   # Optimizer moments are sharded exactly like the parameters they track; counters are replicated.
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings[0],
@@ -113,7 +111,7 @@ def make_train_step(config, graphdef, tx, lr_fn):
   def loss_fn(params, frozen, batch, key):
     k_drop, k_time, k_noise, k_dropout = jax.random.split(key, 4)
     model = nnx.merge(graphdef, params, frozen)
-    x0 = batch["image"]
+    x0 = batch["video"] if "video" in batch else batch["image"]
     if "text_embeddings" in batch:  # from the text-embedding cache of a frozen encoder
       text = batch["text_embeddings"]
     else:
@@ -124,7 +122,7 @@ def make_train_step(config, graphdef, tx, lr_fn):
     eps = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = objectives.diffuse(x0, eps, alpha, sigma)
     x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)
-    output = model(x_in, logsnr, text, text_mask, dropout_key=k_dropout)
+    output = model(x_in, logsnr, text, text_mask, dropout_key=k_dropout, is_video=batch.get("is_video"))
     per_example = objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
                                   d.sigma_data)
     return per_example.mean(), (per_example, logsnr)
@@ -135,7 +133,7 @@ def make_train_step(config, graphdef, tx, lr_fn):
     key = jax.random.fold_in(state.rng, state.step)
     # Gradient accumulation as an unrolled loop: on XLA:CPU a convolution inside a while loop (lax.scan)
     # runs ~20x slower than the same code unrolled (measured here), and accum is small.
-    micro_size = batch["image"].shape[0] // accum
+    micro_size = batch["text_mask"].shape[0] // accum
     grads, losses, per_example, logsnr = None, [], [], []
     for index in range(accum):
       micro = jax.tree.map(lambda x: x[index * micro_size:(index + 1) * micro_size], batch)
@@ -180,7 +178,9 @@ def make_train_step(config, graphdef, tx, lr_fn):
 
 
 def compile_step(train_step, state, batch_shapes: dict, mesh):
-  """jit with explicit shardings, lowered and compiled once; returns (compiled, flops per step)."""
+  """jit with explicit shardings, lowered and compiled once; returns (compiled, FLOPs per step per device).
+
+  XLA's cost analysis of a partitioned program counts the FLOPs of one device's share."""
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
@@ -232,7 +232,7 @@ class _Preemption:
     self.requested = True
 
 
-def _host_metrics(metrics, flops, step_time, data_time, batch_size, peak, device_count):
+def _host_metrics(metrics, flops, step_time, data_time, batch_size, peak):
   metrics = jax.device_get(metrics)
   out = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
   for i, (total, count) in enumerate(zip(metrics["loss_by_logsnr_sum"], metrics["loss_by_logsnr_count"])):
@@ -241,8 +241,8 @@ def _host_metrics(metrics, flops, step_time, data_time, batch_size, peak, device
   out["step_time_s"] = step_time
   out["data_wait_s"] = data_time
   out["examples_per_s"] = batch_size / step_time
-  out["tflops_per_device"] = flops / step_time / device_count / 1e12
-  out["mfu"] = flops / step_time / device_count / peak
+  out["tflops_per_device"] = flops / step_time / 1e12
+  out["mfu"] = flops / step_time / peak
   return out
 
 
@@ -252,8 +252,7 @@ def train_and_evaluate(config, workdir: str):
   workdir = str(workdir)
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
-  n_dev = jax.device_count()
-  log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), n_dev, jax.process_count())
+  log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
   # ---------------------------------------------------------------- model and optimizer
   tx, lr_fn = make_optimizer(config, config.train.steps)
   state, graphdef = init_state(config, mesh, tx)
@@ -279,14 +278,14 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- compile
   first = next(data_iter)
   batch_shapes = {k: jax.ShapeDtypeStruct((config.train.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
-                  for k, v in first.items() if k in ("image", "text_ids", "text_embeddings", "text_mask")}
+                  for k, v in first.items() if k in ("image", "video", "is_video", "text_ids", "text_embeddings", "text_mask")}
   compiled, flops = compile_step(make_train_step(config, graphdef, tx, lr_fn), state, batch_shapes, mesh)
   memory = compiled.memory_analysis()
   if memory is not None:
     log.info("per-device memory: arguments %.1f MB, temporaries %.1f MB",
                  memory.argument_size_in_bytes / 1e6, memory.temp_size_in_bytes / 1e6)
   peak, peak_source = hardware.peak_flops()
-  log.info("train step: %.3g FLOPs; peak %.3g FLOP/s per device (%s)", flops, peak, peak_source)
+  log.info("train step: %.3g FLOPs per device; peak %.3g FLOP/s per device (%s)", flops, peak, peak_source)
   # ---------------------------------------------------------------- loop
   writer = metric_writers.MetricWriter(workdir, config.train.steps)
   writer.start(step)
@@ -311,7 +310,7 @@ def train_and_evaluate(config, workdir: str):
       steps_done = (step - 1) % config.train.log_every + 1
       step_time = (time.perf_counter() - interval_start) / steps_done
       pending = (step, _host_metrics(metrics, flops, step_time, data_time / steps_done, config.train.batch_size,
-                                     peak, n_dev) | {"skipped_records": source.skipped})
+                                     peak) | {"skipped_records": source.skipped})
       run = int(state.nonfinite_run)
       if run >= config.train.max_nonfinite:
         save()

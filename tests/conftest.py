@@ -30,3 +30,19 @@ def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("workdir")
   state, _ = train.train_and_evaluate(config, workdir)
   return config, workdir, jax.device_get(state.params)
+
+
+@pytest.fixture(scope="session")
+def trained_video(trained, tmp_path_factory):
+  """The t2v test config inflated from the `trained` image workdir, temporal layers only, 4 steps with
+  joint image-video batches: (config, workdir, final state)."""
+  from configs import t2v_moving_shapes
+  from diffusion_jax import train
+
+  config = t2v_moving_shapes.get_config("test")
+  config.data.data_dir = str(tmp_path_factory.mktemp("tfds_video"))
+  config.inflate.update(image_workdir=str(trained[1]), train_temporal_only=True)
+  config.optimizer.learning_rate = 1e-2  # a few steps must visibly train the temporal layers
+  workdir = tmp_path_factory.mktemp("workdir_video")
+  state, _ = train.train_and_evaluate(config, workdir)
+  return config, workdir, state

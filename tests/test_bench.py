@@ -1,7 +1,11 @@
-"""The benchmark command builds its table from real measurements (no timing is asserted)."""
+"""The benchmark command builds its tables from real measurements (no timing is asserted)."""
 
 from conftest import tiny_config
 from diffusion_jax import bench
+
+
+def cells(row):
+  return [c.strip() for c in row.strip("|").split("|")]
 
 
 def test_input_benchmark_table(tmp_path_factory):
@@ -9,3 +13,23 @@ def test_input_benchmark_table(tmp_path_factory):
   assert table[0] == "| what | examples/s | / train step |" and len(table) == 5
   for row in table[2:]:
     assert float(row.split("|")[2]) > 0
+
+
+def test_step_benchmark_flops_grow_about_quadratically_with_width(tmp_path_factory):
+  config = tiny_config(tmp_path_factory)
+  config.train.batch_size = 8
+  lines = bench.step_table(config, steps=1, widths=["8", "16"]).splitlines()
+  assert lines[0].startswith("measured matmul ceiling per device: f32")
+  rows = [cells(r) for r in lines[4:]]
+  flops = [float(r[3]) for r in rows]
+  assert [r[0] for r in rows] == ["8", "16"] and all(float(r[4]) > 0 for r in rows)
+  # Convolutions dominate: doubling the width multiplies FLOPs by between 2.5 and 4.
+  assert 2.5 < flops[1] / flops[0] < 4.2
+
+
+def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):
+  config = tiny_config(tmp_path_factory)
+  rows = [cells(r) for r in bench.memory_table(config, device_counts=(1, 8)).splitlines()[2:]]
+  assert [r[0] for r in rows] == ["1", "8"] and float(rows[0][3]) == 1.0
+  assert float(rows[1][3]) <= 1.1, f"FSDP over 8 devices keeps {rows[1][3]} x total/8 per device"
+  assert float(rows[1][1]) < float(rows[0][1]) / 6 and float(rows[1][5]) > 0

@@ -16,7 +16,8 @@ from diffusion_jax.data import captioned_shapes as shapes
 
 DIRECTIONS = ("left", "right", "up", "down")
 STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per unit
-VOCABULARY = tuple(sorted(set(shapes.VOCABULARY) | {"moving"} | set(DIRECTIONS)))
+# captioned_shapes' vocabulary first, so its word ids stay valid: an image model inflates to a video model.
+VOCABULARY = shapes.VOCABULARY + tuple(w for w in ("moving",) + DIRECTIONS if w not in shapes.VOCABULARY)
 
 
 def caption(color: int, shape: int, size: int, direction: int) -> str:

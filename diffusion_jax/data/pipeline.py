@@ -3,7 +3,8 @@
 Each process reads its own rows of every global batch; the iterator state is small and checkpointable
 (`iterator.get_state()` / `set_state()`), so a resumed run sees exactly the batches it would have seen.
 
-Batch (per process): image [batch, res, res, 3] float32 in [-1, 1], text_ids [batch, tokens] int32
+Batch (per process): image [batch, res, res, 3] float32 in [-1, 1] (video datasets: video
+[batch, frames, res, res, 3] and is_video [batch] bool, False for stills mixed in), text_ids [batch, tokens] int32
 (or text_embeddings [batch, tokens, dim] float32 from a text-embedding cache), text_mask [batch, tokens]
 bool, plus the dataset's integer attributes when present.
 """
@@ -141,7 +142,10 @@ class Preprocess(grain.RandomMapTransform):
     if config.random_flip and rng.random() < 0.5:
       frames = frames[:, :, ::-1]
     frames = frames.astype(np.float32) / 127.5 - 1.0
-    out = {"video": frames} if is_video else {"image": frames[0]}
+    still = is_video and config.image_fraction > 0 and rng.random() < config.image_fraction
+    if still:  # joint image-video training: one frame as a static clip, temporal layers switched off
+      frames = np.broadcast_to(frames[rng.integers(len(frames))], frames.shape).copy()
+    out = {"video": frames, "is_video": np.bool_(not still)} if is_video else {"image": frames[0]}
     if self.text_cache is not None:
       out["text_embeddings"], out["text_mask"] = self.text_cache(element[config.caption_key])
     else:

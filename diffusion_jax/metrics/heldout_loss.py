@@ -21,7 +21,7 @@ def make_heldout_loss_fn(config, graphdef):
 
   def heldout(params, frozen, batch):
     model = nnx.merge(graphdef, params, frozen)
-    x0 = batch["image"]
+    x0 = batch["video"] if "video" in batch else batch["image"]
     text = model.encode(batch["text_ids"], batch["text_mask"])
 
     def at_level(logsnr_value, key):

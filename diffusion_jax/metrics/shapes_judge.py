@@ -31,6 +31,24 @@ def parse(caption: str):
   return objects
 
 
+def lit_pixels(pixels: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] -> bool mask of pixels bright enough to belong to a shape (the background is black)."""
+  return pixels.max(-1) > 80
+
+
+def describe(pixels: np.ndarray, lit: np.ndarray, resolution: int):
+  """(color, shape, size) indices of the one object lit in pixels [h, w, 3] of a resolution-sized image:
+  nearest palette colour of the median lit pixel, shape from how much of its bounding box it fills
+  (square ~1, circle ~pi/4, triangle ~1/2), size from its area (large ~4x small: threshold between)."""
+  area = lit.sum()
+  color = int(np.argmin(((_PALETTE - np.median(pixels[lit].astype(np.float32), axis=0)) ** 2).sum(-1)))
+  ys, xs = np.nonzero(lit)
+  fill = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+  shape = shapes.SHAPES.index("square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle")
+  size = shapes.SIZES.index("large" if area > 0.06 * resolution * resolution else "small")
+  return color, shape, size
+
+
 def detect(image: np.ndarray) -> dict:
   """uint8 [res, res, 3] -> {position: (color, shape, size)} for the non-empty quadrants."""
   res = image.shape[0]
@@ -38,17 +56,11 @@ def detect(image: np.ndarray) -> dict:
   found = {}
   for position in range(len(shapes.POSITIONS)):
     top, left = half * (position // 2), half * (position % 2)
-    cell = image[top:top + half, left:left + half].astype(np.float32)
-    lit = cell.max(-1) > 80
-    area = lit.sum()
-    if area < 0.03 * half * half:
+    cell = image[top:top + half, left:left + half]
+    lit = lit_pixels(cell)
+    if lit.sum() < 0.03 * half * half:
       continue
-    color = int(np.argmin(((_PALETTE - np.median(cell[lit], axis=0)) ** 2).sum(-1)))
-    ys, xs = np.nonzero(lit)
-    fill = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = shapes.SHAPES.index("square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle")
-    size = shapes.SIZES.index("large" if area > 0.24 * half * half else "small")
-    found[position] = (color, shape, size)
+    found[position] = describe(cell, lit, res)
   return found
 
 

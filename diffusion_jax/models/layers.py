@@ -17,7 +17,7 @@ nnx.use_eager_sharding(False)
 
 
 def names(*axes):
-  return {"sharding_names": axes}
+  return {"out_sharding": axes}
 
 
 def conv(in_ch, out_ch, kernel, rngs, dtype, stride=1, zero_init=False):

@@ -1,8 +1,10 @@
-"""The text-to-image network: T5 text encoder + U-Net, and its split into trainable / frozen parameters.
+"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net, and its split into trainable /
+frozen parameters.
 
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `TextToImage(x, logsnr, text, mask)`
--> U-Net output. Parameters live outside the module as pure dicts (see train.py): `nnx.merge(graphdef,
-params, frozen)` rebuilds the module inside a jitted function.
+-> U-Net output (x is [batch, h, w, c], or [batch, frames, h, w, c] for a temporal U-Net). Parameters
+live outside the module as pure dicts (see train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the
+module inside a jitted function.
 """
 
 from flax import nnx
@@ -22,12 +24,25 @@ class TextToImage(nnx.Module):
   def encode(self, ids, mask):
     return self.text_encoder(ids, mask)
 
-  def __call__(self, x, logsnr, text, text_mask, dropout_key=None):
-    return self.unet(x, logsnr, text, text_mask, dropout_key=dropout_key)
+  def __call__(self, x, logsnr, text, text_mask, dropout_key=None, is_video=None):
+    return self.unet(x, logsnr, text, text_mask, dropout_key=dropout_key, is_video=is_video)
+
+
+def abstract(config):
+  """The model with ShapeDtypeStruct parameters (nothing allocated)."""
+  return nnx.eval_shape(lambda: TextToImage(config, rngs=nnx.Rngs(config.seed)))
+
+
+def is_temporal(path, _) -> bool:
+  """Filter: parameters of the temporal layers of a video U-Net (`unet.temporal_*`)."""
+  return any(str(key).startswith("temporal_") for key in path)
 
 
 def trainable_filter(config):
-  """Which parameters the optimizer updates: all, or all but the text encoder when it is frozen."""
+  """Which parameters the optimizer updates: all; all but a frozen text encoder; or only the temporal
+  layers of an inflated video model (`inflate.train_temporal_only`)."""
+  if config.inflate.train_temporal_only:
+    return nnx.All(nnx.Param, is_temporal)
   if config.text.trainable:
     return nnx.Param
   return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text_encoder")))

@@ -9,6 +9,10 @@ Configuration (`config.model`, see configs/base.py):
   heads, ff_mult, dropout, text_dim, in_channels, dtype ('float32' / 'bfloat16'), remat
   lowres_conditioning            super-resolution stage: concatenate an upsampled low-res image and
                                  embed its noise-augmentation log-SNR
+  temporal, max_frames           video U-Net: a `temporal.TemporalBlock` after every spatial block
+                                 (temporal attention at attention levels and in the middle); the
+                                 relative-position bias covers max_frames; a zero-initialised
+                                 embedding of the frame index joins the timestep embedding
 
 Layout: level i runs its blocks at resolution res / 2^i. Going down, a level downsamples (strided conv)
 before its blocks; going up, it upsamples (nearest + conv) after them. This is the Efficient U-Net's
@@ -17,13 +21,17 @@ downsample", so both are configurations of this one module.
 
 Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim],
 text_mask [batch, tokens] bool -> prediction [batch, h, w, in_channels] (float32).
+Video (temporal U-Net): x [batch, frames, h, w, in_channels] -> [batch, frames, h, w, in_channels];
+is_video [batch] (default all True) switches the temporal layers off for images stored as videos. The
+spatial parameters have the same paths as in the image U-Net (temporal ones live under `temporal_*`),
+so an image checkpoint loads into a video U-Net unchanged (see `models/inflation.py`).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, temporal
 
 
 class Downsample(nnx.Module):
@@ -58,6 +66,7 @@ class UNet(nnx.Module):
     self.skips = config.skips
     self.remat = config.remat
     self.lowres_conditioning = config.lowres_conditioning
+    self.temporal = config.temporal
     emb_dim = 4 * config.channels
     block = dict(dropout_rate=config.dropout, skip_scale=config.skip_scale, dtype=dtype, rngs=rngs)
     attn = dict(ff_mult=config.ff_mult, dtype=dtype, rngs=rngs)
@@ -69,6 +78,8 @@ class UNet(nnx.Module):
     self.aug_in = (layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype)
                    if config.lowres_conditioning else None)
     self.conv_in = layers.conv(in_ch, widths[0], 3, rngs, dtype)
+    self.temporal_frame_embed = (layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype, zero_init=True)
+                                 if self.temporal else None)
 
     def level_blocks(level, ch_in, ch_out, n, skip_channels):
       res, tfm = [], []
@@ -79,26 +90,36 @@ class UNet(nnx.Module):
         ch_in = ch_out
       return nnx.List(res), nnx.List(tfm)
 
-    down, skip_chs, ch = [], [], widths[0]
+    def temporal_blocks(ch, n, attention):  # one per spatial block; None everywhere in an image U-Net
+      return nnx.List([temporal.TemporalBlock(ch, emb_dim, config.heads, config.max_frames, attention=attention,
+                                              dtype=dtype, rngs=rngs) if self.temporal else None
+                       for _ in range(n)])
+
+    down, temporal_down, skip_chs, ch = [], [], [], widths[0]
     for i, (w, n) in enumerate(zip(widths, config.num_res_blocks)):
       sample = Downsample(ch, dtype=dtype, rngs=rngs) if i > 0 else None
       down.append((sample, *level_blocks(i, ch, w, n, [0] * n)))
+      temporal_down.append(temporal_blocks(w, n, i in config.attention_levels))
       skip_chs.append([w] * n if self.skips == "block" else [w])
       ch = w
     self.down = nnx.List([nnx.List(d) for d in down])
+    self.temporal_down = nnx.List(temporal_down)
 
     self.mid_res1 = layers.ResBlock(ch, ch, emb_dim, **block)
     self.mid_attn = layers.TransformerBlock(ch, config.text_dim, config.heads, **attn)
     self.mid_res2 = layers.ResBlock(ch, ch, emb_dim, **block)
+    self.temporal_mid = temporal_blocks(ch, 2, True)
 
-    up = []
+    up, temporal_up = [], []
     for i in reversed(range(len(widths))):
       n = config.num_res_blocks[i]
       skips = skip_chs[i][::-1] + [0] * (n - len(skip_chs[i]))
       res, tfm = level_blocks(i, ch, widths[i], n, skips)
       up.append(nnx.List([res, tfm, Upsample(widths[i], dtype=dtype, rngs=rngs) if i > 0 else None]))
+      temporal_up.append(temporal_blocks(widths[i], n, i in config.attention_levels))
       ch = widths[i]
     self.up = nnx.List(up)
+    self.temporal_up = nnx.List(temporal_up)
 
     self.norm_out = layers.group_norm(ch, rngs, dtype)
     self.conv_out = layers.conv(ch, config.in_channels, 3, rngs, dtype, zero_init=True)
@@ -108,7 +129,18 @@ class UNet(nnx.Module):
       return nnx.remat(lambda m, *a: m(*a))(module, *args)
     return module(*args)
 
-  def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None):
+  def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
+    video_shape = x.shape if x.ndim == 5 else None
+    if video_shape is not None:  # frames become batch rows for the spatial layers
+      if not self.temporal:
+        raise ValueError("a video input [batch, frames, h, w, c] needs a temporal U-Net (model.temporal=True).")
+      b, f = video_shape[:2]
+      is_video = jnp.ones((b,), bool) if is_video is None else is_video
+      per_frame = lambda a: jnp.repeat(a, f, axis=0)
+      x, logsnr, text, text_mask = (x.reshape((b * f,) + x.shape[2:]), per_frame(logsnr), per_frame(text),
+                                    per_frame(text_mask))
+      if lowres is not None:
+        lowres, aug_logsnr = lowres.reshape((b * f,) + lowres.shape[2:]), per_frame(aug_logsnr)
     dtype = self.dtype
     text = text.astype(dtype)
     emb = self.time_out(nnx.silu(self.time_in(layers.sinusoidal_embedding(logsnr, self.channels).astype(dtype))))
@@ -119,18 +151,26 @@ class UNet(nnx.Module):
       lowres = jax.image.resize(lowres, x.shape, "bicubic")
       x = jnp.concatenate([x, lowres], axis=-1)
       emb = emb + self.aug_in(layers.sinusoidal_embedding(aug_logsnr, self.channels).astype(dtype))
+    if video_shape is not None:  # which frame each row is (off for stills, so they stay images)
+      frame = jnp.tile(jnp.arange(f), b)
+      frame_emb = self.temporal_frame_embed(layers.sinusoidal_embedding(frame, self.channels).astype(dtype))
+      emb = emb + per_frame(is_video.astype(dtype))[:, None] * frame_emb
     keys = iter(jax.random.split(dropout_key, 256)) if dropout_key is not None else None
     next_key = (lambda: next(keys)) if keys is not None else (lambda: None)
 
+    def across_frames(block, h):
+      return h if video_shape is None else self._run(block, h, emb, is_video)
+
     h = self.conv_in(x.astype(dtype))
     skips = []
-    for sample, res_blocks, attn_blocks in self.down:
+    for (sample, res_blocks, attn_blocks), temporal_blocks in zip(self.down, self.temporal_down):
       if sample is not None:
         h = sample(h)
-      for res, attn in zip(res_blocks, attn_blocks):
+      for res, attn, temporal_block in zip(res_blocks, attn_blocks, temporal_blocks):
         h = self._run(res, h, emb, next_key())
         if attn is not None:
           h = self._run(attn, h, text, text_mask)
+        h = across_frames(temporal_block, h)
         if self.skips == "block":
           skips.append(h)
       if self.skips == "level":
@@ -138,15 +178,19 @@ class UNet(nnx.Module):
 
     h = self._run(self.mid_res1, h, emb, next_key())
     h = self._run(self.mid_attn, h, text, text_mask)
+    h = across_frames(self.temporal_mid[0], h)
     h = self._run(self.mid_res2, h, emb, next_key())
+    h = across_frames(self.temporal_mid[1], h)
 
-    for res_blocks, attn_blocks, sample in self.up:
-      for j, (res, attn) in enumerate(zip(res_blocks, attn_blocks)):
+    for (res_blocks, attn_blocks, sample), temporal_blocks in zip(self.up, self.temporal_up):
+      for j, (res, attn, temporal_block) in enumerate(zip(res_blocks, attn_blocks, temporal_blocks)):
         if self.skips == "block" or j == 0:
           h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = self._run(res, h, emb, next_key())
         if attn is not None:
           h = self._run(attn, h, text, text_mask)
+        h = across_frames(temporal_block, h)
       if sample is not None:
         h = sample(h)
-    return self.conv_out(nnx.silu(self.norm_out(h))).astype(jnp.float32)
+    out = self.conv_out(nnx.silu(self.norm_out(h))).astype(jnp.float32)
+    return out if video_shape is None else out.reshape(video_shape[:2] + out.shape[1:])

@@ -1,0 +1,60 @@
+"""Small text-to-video model on the built-in moving_shapes dataset; trains on a laptop CPU.
+
+  python -m diffusion_jax.main --config=configs/t2v_moving_shapes.py --workdir=workdirs/t2v_moving_shapes
+
+A space-time factorised U-Net (models/temporal.py; the t2i_shapes widths) on 4-frame 16x16 clips, with
+a fifth of the examples replaced by still frames (joint image-video training); about 9 minutes on a
+2-core CPU. Variants (`--config=...:VARIANT`): `inflate`
+initialises the spatial layers from a trained t2i_shapes workdir (`--config.inflate.image_workdir=DIR`)
+and trains only the temporal layers; `test` is a seconds-long smoke configuration for the test suite.
+"""
+
+from configs import base
+
+
+def get_config(variant: str = ""):
+  config = base.get_config()
+  config.data.dataset = "moving_shapes"
+  config.data.resolution = 16
+  config.data.frames = 4
+  config.data.num_train = 5000
+  config.data.num_eval = 256
+  config.data.image_key = "video"
+  config.data.image_fraction = 0.2
+
+  config.text.tokenizer = "words"
+  config.text.max_length = 12
+  config.text.t5.update(vocab_size=32, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+
+  config.model.update(channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 2), attention_levels=(2,),
+                      skips="level", skip_scale=0.7071067811865476, heads=4, text_dim=64, temporal=True,
+                      max_frames=4)
+
+  config.train.batch_size = 32
+  config.train.steps = 500
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 50
+  config.train.ema_decays = (0.99,)
+  config.train.log_every = 50
+  config.train.checkpoint_every = 200
+
+  config.sample.update(steps=25, num_per_prompt=2, prompts=(
+      "a large red circle moving right",
+      "a large blue square moving down",
+      "a small green triangle moving left",
+      "a large yellow circle moving up",
+  ))
+  if variant == "inflate":
+    config.inflate.train_temporal_only = True
+  elif variant == "test":
+    config.data.update(num_train=64, num_eval=16)
+    config.text.t5.update(d_model=32, d_kv=8, d_ff=64, num_layers=1)
+    # The widths of t2i_shapes:test, so the tests inflate its checkpoint.
+    config.model.update(channels=16, channel_mults=(1, 2), num_res_blocks=(1, 1), attention_levels=(1,), heads=2,
+                        text_dim=32)
+    config.train.update(batch_size=8, steps=4, log_every=2, checkpoint_every=2)
+    config.optimizer.warmup_steps = 2
+    config.sample.update(steps=4, num_per_prompt=1)
+  elif variant:
+    raise ValueError(f"Unknown t2v_moving_shapes variant {variant!r}; valid variants: 'inflate', 'test'.")
+  return config

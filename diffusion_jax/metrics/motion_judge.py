@@ -1,0 +1,83 @@
+"""Exact pixel judge for `moving_shapes`: does a generated clip show the object and motion its caption
+asked for, and does the object keep its appearance from frame to frame?
+
+Per frame the lit pixels are the object (black background): its centroid gives the path, and colour /
+shape / size come from `shapes_judge.describe` on the first frame where it is visible. The direction is
+the dominant axis and sign of the centroid's displacement from the first to the last visible frame.
+"""
+
+import re
+
+import numpy as np
+
+from diffusion_jax.data import captioned_shapes as shapes
+from diffusion_jax.data import moving_shapes
+from diffusion_jax.metrics import shapes_judge
+
+ATTRIBUTES = ("direction", "color", "shape", "size", "visible")
+_CAPTION = re.compile(r"a (small|large) (\w+) (circle|square|triangle) moving (left|right|up|down)")
+
+
+def parse(caption: str):
+  """caption -> (color, shape, size, direction) indices; ValueError if it is not a moving_shapes caption."""
+  match = _CAPTION.search(caption)
+  if match is None or match.group(2) not in shapes.COLORS:
+    raise ValueError(f"Not a moving_shapes caption: {caption!r}.")
+  size, color, shape, direction = match.groups()
+  return (list(shapes.COLORS).index(color), shapes.SHAPES.index(shape), shapes.SIZES.index(size),
+          moving_shapes.DIRECTIONS.index(direction))
+
+
+def track(video: np.ndarray):
+  """uint8 [frames, res, res, 3] -> (centroids [frames, 2] (y, x; NaN where nothing is lit), areas [frames])."""
+  res = video.shape[1]
+  lit = shapes_judge.lit_pixels(video)
+  areas = lit.sum(axis=(1, 2)).astype(np.float64)
+  yy, xx = np.mgrid[0:res, 0:res] + 0.5
+  with np.errstate(invalid="ignore", divide="ignore"):
+    centroids = np.stack([(lit * yy).sum(axis=(1, 2)) / areas, (lit * xx).sum(axis=(1, 2)) / areas], axis=-1)
+  visible = areas >= max(1.0, 0.004 * res * res)
+  centroids[~visible] = np.nan
+  return centroids, np.where(visible, areas, 0.0)
+
+
+def direction_of(centroids: np.ndarray):
+  """Index into moving_shapes.DIRECTIONS of the dominant displacement, or None when the object is visible
+  in fewer than two frames or moves less than a pixel."""
+  visible = np.nonzero(~np.isnan(centroids[:, 0]))[0]
+  if len(visible) < 2:
+    return None
+  dy, dx = centroids[visible[-1]] - centroids[visible[0]]
+  if max(abs(dy), abs(dx)) < 1.0:
+    return None
+  if abs(dx) >= abs(dy):
+    return moving_shapes.DIRECTIONS.index("right" if dx > 0 else "left")
+  return moving_shapes.DIRECTIONS.index("down" if dy > 0 else "up")
+
+
+def score(video: np.ndarray, caption: str) -> dict:
+  """Per-attribute correctness (0/1) of one clip, plus `appearance_change`: the mean relative change of
+  the object's area between consecutive visible frames (0 for a perfectly rigid object)."""
+  color, shape, size, direction = parse(caption)
+  centroids, areas = track(video)
+  visible = areas > 0
+  result = {k: 0.0 for k in ATTRIBUTES}
+  result["visible"] = float(visible.mean() >= 0.75)
+  result["direction"] = float(direction_of(centroids) == direction)
+  if visible.any():
+    first = int(np.argmax(visible))
+    got = shapes_judge.describe(video[first], shapes_judge.lit_pixels(video[first]), video.shape[1])
+    result["color"], result["shape"], result["size"] = (float(got[0] == color), float(got[1] == shape),
+                                                        float(got[2] == size))
+  pairs = visible[1:] & visible[:-1]
+  change = np.abs(np.diff(areas)) / np.maximum(areas[:-1], 1.0)
+  result["appearance_change"] = float(change[pairs].mean()) if pairs.any() else 1.0
+  return result
+
+
+def accuracy(videos, captions) -> dict:
+  """Mean per-attribute accuracy over a set, 'all' (every attribute right) and the mean appearance change."""
+  scores = [score(np.asarray(v), c.decode() if isinstance(c, bytes) else c) for v, c in zip(videos, captions)]
+  result = {k: float(np.mean([s[k] for s in scores])) for k in ATTRIBUTES + ("appearance_change",)}
+  result["all"] = float(np.mean([all(s[k] == 1.0 for k in ATTRIBUTES) for s in scores]))
+  return result

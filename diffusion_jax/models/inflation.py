@@ -1,0 +1,96 @@
+"""Inflation (Make-A-Video): a video model initialised from a trained image model's checkpoint.
+
+Every parameter of the image model (U-Net spatial layers and text encoder) is restored into the same
+path of the video model, placed directly with the video model's shardings; the video U-Net's temporal
+layers keep their identity initialisation, so at step 0 the video model produces, per frame, exactly
+what the image model produces. Both models must tokenize text the same way.
+"""
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx, traverse_util
+
+from diffusion_jax import checkpoint
+from diffusion_jax.models import text_to_image
+
+
+def compatibility_problems(image_config, video_config) -> list[str]:
+  """Why the image model's weights cannot initialise the video model (empty when they can)."""
+  found = []
+  image_text, video_text = image_config.text, video_config.text
+  if image_text.tokenizer != video_text.tokenizer:
+    found.append(f"text.tokenizer differs ({image_text.tokenizer!r} vs {video_text.tokenizer!r})")
+  elif image_text.tokenizer == "sentencepiece" and image_text.spiece_path != video_text.spiece_path:
+    found.append(f"text.spiece_path differs ({image_text.spiece_path!r} vs {video_text.spiece_path!r})")
+  elif image_text.tokenizer == "words":
+    from diffusion_jax.text import tokenizers
+
+    image_words = tokenizers.from_config(image_config).vocabulary
+    if tokenizers.from_config(video_config).vocabulary[:len(image_words)] != image_words:
+      found.append(f"the word vocabulary of data.dataset={video_config.data.dataset!r} does not extend that of "
+                   f"{image_config.data.dataset!r}, so word ids would change meaning")
+  if image_config.model.lowres_conditioning != video_config.model.lowres_conditioning:
+    found.append("model.lowres_conditioning differs")
+  return found
+
+
+def _flat(state: nnx.State) -> dict:
+  return traverse_util.flatten_dict(nnx.to_pure_dict(state))
+
+
+def load_image_weights(video_config, video_abstract: dict) -> dict:
+  """{path: jax.Array} of the image checkpoint named by video_config.inflate, each placed with the video
+  parameter's sharding at that path. video_abstract: {path: ShapeDtypeStruct with sharding} of every
+  parameter of the video model (trainable and frozen)."""
+  c = video_config.inflate
+  image_config = checkpoint.read_config(c.image_workdir)
+  problems = compatibility_problems(image_config, video_config)
+  if problems:
+    raise ValueError(f"inflate.image_workdir={c.image_workdir!r} cannot initialise this video model: "
+                     + "; ".join(problems) + ".")
+  _, image_params, image_frozen = text_to_image.split(text_to_image.abstract(image_config), image_config)
+  image_params, image_frozen = _flat(image_params), _flat(image_frozen)
+
+  mismatched = []
+  for path, leaf in (image_params | image_frozen).items():
+    name = "/".join(map(str, path))
+    if path not in video_abstract:
+      mismatched.append(f"{name} is not in the video model")
+    elif tuple(leaf.shape) != tuple(video_abstract[path].shape):
+      mismatched.append(f"{name} has shape {tuple(leaf.shape)} in the image model, "
+                        f"{tuple(video_abstract[path].shape)} in the video model")
+  if mismatched:
+    raise ValueError(f"The image model in {c.image_workdir!r} does not match the video model's spatial layers: "
+                     + "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else "") + ".")
+
+  def target(flat):
+    return traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(x.shape, video_abstract[p].dtype,
+                                                                 sharding=video_abstract[p].sharding)
+                                         for p, x in flat.items()})
+
+  item = {"frozen": target(image_frozen)}
+  item["ema" if c.use_ema else "params"] = [target(image_params)] if c.use_ema else target(image_params)
+  mngr = checkpoint.manager(c.image_workdir, read_only=True)
+  step = mngr.latest_step() if c.step == -1 else c.step
+  if step is None or step not in mngr.all_steps():
+    raise ValueError(f"inflate.image_workdir={c.image_workdir!r} has no checkpoint at step "
+                     f"{'latest' if c.step == -1 else c.step} (available: {mngr.all_steps()}).")
+  args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                partial_restore=True)
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(mngr.directory / str(step) / "state", args=args)
+  except Exception as error:  # orbax raises many kinds for missing keys / shape mismatches
+    raise ValueError(f"Cannot restore the image model from {c.image_workdir!r} step {step}: {error}") from None
+  restored_params = restored["ema"][0] if c.use_ema else restored["params"]
+  return traverse_util.flatten_dict(restored_params) | traverse_util.flatten_dict(restored["frozen"])
+
+
+def inflate(video_config, params: dict, frozen: dict) -> tuple[dict, dict]:
+  """(params, frozen) pure dicts of a freshly initialised video model -> the same with every parameter the
+  image model has replaced by its trained value (same sharding); temporal layers are untouched."""
+  flat_params, flat_frozen = traverse_util.flatten_dict(params), traverse_util.flatten_dict(frozen)
+  video_abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                    for p, x in (flat_params | flat_frozen).items()}
+  weights = load_image_weights(video_config, video_abstract)
+  replace = lambda flat: traverse_util.unflatten_dict({p: weights.get(p, x) for p, x in flat.items()})
+  return replace(flat_params), replace(flat_frozen)

@@ -1,0 +1,94 @@
+"""Temporal layers of the space-time factorised U-Net (Video Diffusion Models, Make-A-Video).
+
+The spatial layers run on every frame as if it were an image; a `TemporalBlock` after each spatial
+block mixes information across frames at every pixel: a temporal residual block (pseudo-3D convolution:
+a kernel over frames only, with FiLM conditioning on the noise level and pooled text, so the words that
+describe motion reach the layers that make it) and, at attention levels, self-attention over frames with
+a learned relative-position bias.
+Both end in zero-initialised projections, so a fresh temporal block is the identity: a video U-Net built
+from an image U-Net ("inflation") produces, per frame, exactly the image model's output.
+
+Activations inside are [batch * frames, height, width, channels] (frames are consecutive rows); each
+residual is multiplied by `is_video` [batch], so images (one-frame or tiled "videos" with is_video
+False) pass through unchanged and joint image-video batches are exact.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax.models import layers
+
+
+def relative_positions(frames: int, max_frames: int):
+  """[frames, frames] indices into a bias table of 2 * max_frames - 1 relative distances (clipped)."""
+  distance = jnp.arange(frames)[None, :] - jnp.arange(frames)[:, None]
+  return jnp.clip(distance, -(max_frames - 1), max_frames - 1) + max_frames - 1
+
+
+class TemporalConv(nnx.Module):
+  """GroupNorm-SiLU, then a kernel-3 convolution over frames (as three shifted matmuls).
+
+  x: [batch, frames, h, w, ch] -> same shape (the residual branch only)."""
+
+  def __init__(self, channels, *, dtype, rngs):
+    self.norm = layers.group_norm(channels, rngs, dtype)
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (3, channels, channels)),
+                            **layers.names(None, "conv_in", "conv_out"))
+    self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), **layers.names("conv_out"))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    b, f = x.shape[:2]
+    h = nnx.silu(self.norm(x.reshape((b * f,) + x.shape[2:]))).reshape(x.shape)
+    padded = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    kernel = self.kernel[...].astype(self.dtype)
+    out = sum(jnp.einsum("bfhwc,cd->bfhwd", padded[:, k:k + f], kernel[k]) for k in range(3))
+    return out + self.bias[...].astype(self.dtype)
+
+
+class TemporalAttention(nnx.Module):
+  """Self-attention over frames at each pixel, with a learned per-head relative-position bias.
+
+  x: [batch, frames, h, w, ch] -> same shape (the residual branch only). Works for any frame count;
+  distances beyond max_frames - 1 share the last bias."""
+
+  def __init__(self, channels, heads, max_frames, *, dtype, rngs):
+    self.norm = layers.layer_norm(channels, rngs, dtype)
+    self.attn = layers.Attention(channels, channels, heads, dtype=dtype, rngs=rngs)
+    self.position_bias = nnx.Param(jnp.zeros((heads, 2 * max_frames - 1), jnp.float32), **layers.names(None, None))
+    self.max_frames = max_frames
+
+  def __call__(self, x):
+    b, f, h, w, c = x.shape
+    tokens = jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b * h * w, f, c)
+    bias = self.position_bias[...][:, relative_positions(f, self.max_frames)][None]  # [1, heads, f, f]
+    normed = self.norm(tokens)
+    out = self.attn(normed, normed, bias=bias.astype(normed.dtype))
+    return jnp.transpose(out.reshape(b, h, w, f, c), (0, 3, 1, 2, 4))
+
+
+class TemporalBlock(nnx.Module):
+  """Temporal residual block (temporal conv, FiLM on emb, SiLU, zero-initialised 1x1 conv), then
+  (optionally) temporal attention, each a residual gated by is_video.
+
+  x: [batch * frames, h, w, ch], emb: [batch * frames, emb_dim], is_video: [batch] -> x's shape."""
+
+  def __init__(self, channels, emb_dim, heads, max_frames, *, attention: bool, dtype, rngs):
+    self.conv = TemporalConv(channels, dtype=dtype, rngs=rngs)
+    self.film = layers.dense(emb_dim, 2 * channels, ("embed", "conv_out"), rngs, dtype)
+    self.norm = layers.group_norm(channels, rngs, dtype)
+    # Zero-initialised output projection of the convolution branch: identity at initialisation.
+    self.conv_out = layers.conv(channels, channels, 1, rngs, dtype, zero_init=True)
+    self.attention = TemporalAttention(channels, heads, max_frames, dtype=dtype, rngs=rngs) if attention else None
+
+  def __call__(self, x, emb, is_video):
+    b = is_video.shape[0]
+    video = x.reshape((b, x.shape[0] // b) + x.shape[1:])
+    gate = is_video.astype(x.dtype)[:, None, None, None, None]
+    scale, shift = jnp.split(self.film(nnx.silu(emb))[:, None, None, :], 2, axis=-1)
+    h = self.norm(self.conv(video).reshape(x.shape)) * (1 + scale) + shift
+    video = video + gate * self.conv_out(nnx.silu(h)).reshape(video.shape)
+    if self.attention is not None:
+      video = video + gate * self.attention(video)
+    return video.reshape(x.shape)

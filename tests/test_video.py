@@ -1,0 +1,208 @@
+"""Text-to-video: space-time U-Net, inflation from an image model, joint image-video training, video
+sampling outputs, the motion judge and FVD."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+from diffusion_jax import media, sample, sharding, train
+from diffusion_jax.data import moving_shapes
+from diffusion_jax.metrics import fid, fvd, motion_judge
+from diffusion_jax.models import text_to_image, unet
+from test_unet import perturb, tiny_config
+
+
+def video_inputs(batch=2, frames=4, res=8, tokens=5, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 2)
+  x = jax.random.normal(keys[0], (batch, frames, res, res, 3))
+  return x, jnp.linspace(-3, 3, batch), jax.random.normal(keys[1], (batch, tokens, 8)), jnp.ones((batch, tokens), bool)
+
+
+def frame_influence(model, x, logsnr, text, mask, frame, **kwargs):
+  """Max |change| of each output frame when input `frame` is changed: [frames]."""
+  changed = x.at[:, frame].add(1.0)
+  diff = jnp.abs(model(changed, logsnr, text, mask, **kwargs) - model(x, logsnr, text, mask, **kwargs))
+  return np.asarray(diff.max(axis=(0, 2, 3, 4)))
+
+
+@pytest.fixture(scope="module")
+def video_unet():
+  """A perturbed (non-identity) temporal U-Net and the image U-Net made of its spatial parameters."""
+  video = perturb(unet.UNet(tiny_config(dropout=0.0, temporal=True, max_frames=4), rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(unet.UNet(tiny_config(dropout=0.0), rngs=nnx.Rngs(1)))
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.split(video)[1]))
+  spatial = {p: v for p, v in flat.items() if not str(p[0]).startswith("temporal_")}
+  return video, nnx.merge(graphdef, traverse_util.unflatten_dict(spatial))
+
+
+def test_temporal_layers_mix_frames_and_are_off_for_images(video_unet):
+  video, image = video_unet
+  x, logsnr, text, mask = video_inputs()
+  mixing = frame_influence(video, x, logsnr, text, mask, frame=1)
+  assert mixing[0] > 1e-3 and mixing[3] > 1e-3  # a trained-looking temporal stack spreads a change
+  # Images stored as videos (is_video False): every frame is exactly the image U-Net's output.
+  off = jnp.zeros((2,), bool)
+  per_frame = jnp.stack([image(x[:, k], logsnr, text, mask) for k in range(4)], axis=1)
+  np.testing.assert_allclose(video(x, logsnr, text, mask, is_video=off), per_frame, atol=1e-5)
+  assert np.all(np.delete(frame_influence(video, x, logsnr, text, mask, 1, is_video=off), 1) == 0)
+  # A mixed batch: the image row is unaffected by the video row being a video.
+  mixed = video(x, logsnr, text, mask, is_video=jnp.array([False, True]))
+  np.testing.assert_allclose(mixed[0], per_frame[0], atol=1e-5)
+  assert float(jnp.abs(mixed[1] - per_frame[1]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("frames", [1, 2, 4])
+def test_any_frame_count_up_to_the_trained_length(video_unet, frames):
+  video, _ = video_unet
+  x, logsnr, text, mask = video_inputs(frames=frames)
+  out = video(x, logsnr, text, mask)
+  assert out.shape == x.shape and bool(jnp.isfinite(out).all())
+
+
+def test_image_input_to_a_video_unet_is_the_image_path(video_unet):
+  video, image = video_unet
+  x, logsnr, text, mask = video_inputs()
+  np.testing.assert_allclose(video(x[:, 0], logsnr, text, mask), image(x[:, 0], logsnr, text, mask), atol=1e-5)
+
+
+def test_video_input_to_an_image_unet_is_refused(video_unet):
+  _, image = video_unet
+  with pytest.raises(ValueError, match="needs a temporal U-Net"):
+    image(*video_inputs())
+
+
+def models_at(config, state, graphdef, image_config, image_workdir):
+  _, image_state, image_graphdef, _, _ = sample.load_checkpoint(image_workdir)
+  video = nnx.merge(graphdef, state.params, state.frozen)
+  image = nnx.merge(image_graphdef, image_state.ema[0], image_state.frozen)
+  return video, image
+
+
+def test_inflated_model_is_the_image_model_per_frame_at_init(trained, trained_video):
+  image_config, image_workdir, _ = trained
+  config, _, _ = trained_video
+  tx, _ = train.make_optimizer(config, 10)
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh), tx)
+  video, image = models_at(config, state, graphdef, image_config, image_workdir)
+  ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
+  text = video.encode(ids, ids > 0)
+  np.testing.assert_array_equal(text, image.encode(ids, ids > 0))
+  x, logsnr = jax.random.normal(jax.random.key(3), (2, 4, 16, 16, 3)), jnp.array([-2.0, 1.0])
+  per_frame = jnp.stack([image(x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
+  assert float(jnp.abs(video(x, logsnr, text, ids > 0) - per_frame).max()) < 1e-5
+  # At identity init, each output frame depends only on its own input frame.
+  assert np.all(np.delete(frame_influence(video, x, logsnr, text, ids > 0, frame=2), 2) == 0)
+
+
+def test_training_only_the_temporal_layers(trained, trained_video):
+  image_config, image_workdir, _ = trained
+  config, _, state = trained_video
+  graphdef = text_to_image.split(text_to_image.abstract(config), config)[0]
+  video, image = models_at(config, jax.device_get(state), graphdef, image_config, image_workdir)
+  trainable = traverse_util.flatten_dict(state.params)
+  assert trainable and all(str(p[1]).startswith("temporal_") for p in trainable)  # ('unet', 'temporal_*', ...)
+  ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
+  text = video.encode(ids, ids > 0)
+  np.testing.assert_array_equal(text, image.encode(ids, ids > 0))  # frozen text encoder
+  x, logsnr = jax.random.normal(jax.random.key(3), (2, 4, 16, 16, 3)), jnp.array([-2.0, 1.0])
+  # After a few steps the frames interact; the spatial layers are still the image model's.
+  assert np.delete(frame_influence(video, x, logsnr, text, ids > 0, frame=2), 2).max() > 1e-4
+  per_frame = jnp.stack([image(x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
+  np.testing.assert_allclose(video(x, logsnr, text, ids > 0, is_video=jnp.zeros((2,), bool)), per_frame, atol=1e-5)
+
+
+def test_inflation_from_an_incompatible_image_model_is_refused(trained, tmp_path):
+  from configs import t2v_moving_shapes
+
+  config = t2v_moving_shapes.get_config("test")
+  config.data.data_dir = str(tmp_path)
+  config.model.channels = 32
+  config.inflate.image_workdir = str(trained[1])
+  tx, _ = train.make_optimizer(config, 10)
+  with pytest.raises(ValueError, match="does not match the video model's spatial layers.*shape"):
+    train.init_state(config, sharding.make_mesh(config.mesh), tx)
+
+
+def test_video_samples_are_gifs_and_frame_strips_with_provenance(trained_video, tmp_path):
+  config, workdir, _ = trained_video
+  out = tmp_path / "samples"
+  sample.sample_from_workdir(workdir, {"steps": 2, "num_per_prompt": 2, "frames": 3}, None, output_dir=out)
+  records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  assert len(records) == 2 * len(config.sample.prompts) and (out / "grid.gif").exists()
+  for record in records[:2]:
+    frames, provenance = media.read_gif(out / record["animation"])
+    assert frames.shape == (3, 16, 16, 3)
+    assert provenance["prompt"] == record["prompt"] and provenance["checkpoint_step"] == 4
+    strip = media.read_image(out / record["file"])
+    np.testing.assert_array_equal(strip, np.concatenate(list(frames), axis=1))
+    assert media.read_provenance(out / record["file"])["generated_by"] == "diffusion_jax"
+  with pytest.raises(ValueError, match="--frames=9"):
+    sample.sample_from_workdir(workdir, {"frames": 9}, None, output_dir=tmp_path / "bad")
+
+
+def clips(count, resolution, seed=0, frames=8):
+  rng = np.random.default_rng(seed)
+  specs = [moving_shapes.random_clip(rng, frames, resolution) for _ in range(count)]
+  return (np.stack([moving_shapes.render(*s, frames, resolution) for s in specs]),
+          [moving_shapes.caption(*s[:4]) for s in specs])
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_motion_judge_scores_real_clips_and_rejects_noise_and_stills(resolution):
+  videos, captions = clips(200, resolution)
+  real = motion_judge.accuracy(videos, captions)
+  assert real["direction"] == 1.0 and real["color"] == 1.0 and real["size"] == 1.0
+  assert real["appearance_change"] < 0.05
+  noise = np.random.default_rng(1).integers(0, 256, videos.shape, dtype=np.uint8)
+  assert motion_judge.accuracy(noise, captions)["direction"] < 0.4
+  stills = np.broadcast_to(videos[:, :1], videos.shape)
+  assert motion_judge.accuracy(stills, captions)["direction"] == 0.0
+  reversed_clips = videos[:, ::-1]
+  assert motion_judge.accuracy(reversed_clips, captions)["direction"] == 0.0
+  with pytest.raises(ValueError, match="Not a moving_shapes caption"):
+    motion_judge.parse("a large red circle at the top left")
+
+
+def test_fvd_is_zero_on_itself_and_sees_frame_order_that_per_frame_fid_cannot():
+  videos, _ = clips(128, 16, frames=6)
+  assert abs(fvd.fvd(videos, videos)) < 1e-6
+  shuffled = videos[:, np.random.default_rng(0).permutation(6)]  # the same frames, scrambled motion
+  per_frame = lambda v: fid.random_conv_features(v.reshape((-1,) + v.shape[2:]))
+  assert abs(fid.fid(per_frame(videos), per_frame(shuffled))) < 1e-6
+  assert fvd.fvd(videos, shuffled) > 0.01
+  noisy = np.clip(videos + np.random.default_rng(2).normal(0, 40, videos.shape), 0, 255).astype(np.uint8)
+  assert fvd.fvd(videos, noisy) > fvd.fvd(videos, shuffled)
+
+
+def test_video_config_problems_are_reported():
+  from configs import t2v_moving_shapes
+  from diffusion_jax import config_checks
+
+  config = t2v_moving_shapes.get_config()
+  config.data.frames = 12
+  config.data.image_fraction = 1.5
+  config.inflate.train_temporal_only = True
+  message = "\n".join(config_checks.problems(config, device_count=8))
+  assert "data.frames=12 exceeds model.max_frames=4" in message and "data.image_fraction=1.5" in message
+  assert "inflate.train_temporal_only needs" in message
+  config_checks.validate(t2v_moving_shapes.get_config(), device_count=8)
+  config_checks.validate(t2v_moving_shapes.get_config("test"), device_count=8)
+
+
+def test_stills_in_a_video_batch_are_static_and_marked(tmp_path):
+  from configs import t2v_moving_shapes
+  from diffusion_jax.data import pipeline
+  from diffusion_jax.text import tokenizers
+
+  config = t2v_moving_shapes.get_config("test")
+  config.data.update(data_dir=str(tmp_path), image_fraction=0.5)
+  source = pipeline.data_source(config.data, "train")
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 32, seed=0)))
+  video, is_video = batch["video"], batch["is_video"]
+  assert video.shape == (32, 4, 16, 16, 3) and 4 <= (~is_video).sum() <= 28
+  static = np.all(video == video[:, :1], axis=(1, 2, 3, 4))
+  np.testing.assert_array_equal(static, ~is_video)
