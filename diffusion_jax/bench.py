@@ -123,8 +123,8 @@ def step_table(config, steps: int, widths) -> str:
     seconds = time_steps(compiled, state, batch, steps)
     achieved = flops / seconds  # cost analysis counts one device's share
     mfu = f"{achieved / peak:.1%}" if datasheet else "n/a (no datasheet)"
-    lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {seconds * 1e3:.0f} | {flops / 1e9:.4g} | "
-                 f"{achieved / 1e9:.3g} | {achieved / ceiling[sized.model.dtype]:.0%} | {mfu} |")
+    lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {seconds * 1e3:.0f} | "
+                 f"{flops / 1e9:.4g} | {achieved / 1e9:.3g} | {achieved / ceiling[sized.model.dtype]:.0%} | {mfu} |")
   return "\n".join(lines)
 
 

@@ -38,6 +38,10 @@ from jax.experimental import multihost_utils
 from diffusion_jax import checkpoint, media, samplers, schedules, sharding
 
 MAX_PROMPT_CHARS = 2000
+# Settings that change the compiled sampler (prompts, seeds and weights are arguments).
+COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "threshold",
+                     "threshold_percentile", "frames")
+_compiled_samplers = {}
 
 
 def output_shape(config, sample_config) -> tuple:
@@ -79,6 +83,16 @@ def make_generate_fn(config, graphdef, sample_config):
   return generate
 
 
+def compiled_sampler(config, graphdef, sample_config, mesh):
+  """The jitted `make_generate_fn` for this experiment and these settings, built once per process: an
+  evaluation job reuses one compiled program for every checkpoint."""
+  key = (config_hash(config), tuple(sample_config[k] for k in COMPILED_SETTINGS), mesh)
+  if key not in _compiled_samplers:
+    _compiled_samplers[key] = jax.jit(make_generate_fn(config, graphdef, sample_config),
+                                      out_shardings=sharding.batch_sharding(mesh))
+  return _compiled_samplers[key]
+
+
 def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
   """Raw keys [len(seeds) * num_per_prompt, 2]: image j of a prompt with seed s gets fold_in(key(s), j)."""
   keys = [np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), j)) for seed in seeds for j in range(num_per_prompt)]
@@ -97,8 +111,7 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   keys = np.concatenate([example_keys(seeds, n), example_keys([0] * pad, 1)])  # padding rows are dropped
   batch = sharding.batch_sharding(mesh)
   ids, mask, keys = (jax.device_put(a, batch) for a in (ids, mask, keys))
-  fn = jax.jit(make_generate_fn(config, graphdef, sample_config), out_shardings=batch)
-  images = fn(params, frozen, keys, ids, mask)
+  images = compiled_sampler(config, graphdef, sample_config, mesh)(params, frozen, keys, ids, mask)
   images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
   return media.to_uint8(images[:len(repeated)]).reshape((len(prompts), n) + images.shape[1:])
 

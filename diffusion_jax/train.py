@@ -278,7 +278,7 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- compile
   first = next(data_iter)
   batch_shapes = {k: jax.ShapeDtypeStruct((config.train.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
-                  for k, v in first.items() if k in ("image", "video", "is_video", "text_ids", "text_embeddings", "text_mask")}
+                  for k, v in first.items() if k in pipeline.MODEL_INPUTS}
   compiled, flops = compile_step(make_train_step(config, graphdef, tx, lr_fn), state, batch_shapes, mesh)
   memory = compiled.memory_analysis()
   if memory is not None:

@@ -77,3 +77,18 @@ def test_sampling_is_deterministic_and_independent_of_device_count(trained):
   np.testing.assert_array_equal(eight, again)
   assert np.abs(eight.astype(int) - one.astype(int)).max() <= 1  # same images up to float rounding
   assert not np.array_equal(eight[0, 0], eight[0, 1])  # the images of one prompt differ
+
+
+def test_checkpoints_of_one_run_share_one_compiled_sampler(trained):
+  from diffusion_jax.text import tokenizers
+
+  config, workdir, _ = trained
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=2, num_per_prompt=1)
+  images = []
+  for step in (2, 4):  # what the evaluation job does for each new checkpoint
+    config, state, graphdef, _, mesh = sample.load_checkpoint(workdir, step)
+    images.append(sample.generate(config, graphdef, state.ema[0], state.frozen, tokenizers.from_config(config),
+                                  ["a large red circle at the top left"], sample_config, mesh))
+  assert sample.compiled_sampler(config, graphdef, sample_config, mesh)._cache_size() == 1
+  assert not np.array_equal(images[0], images[1])  # the weights are arguments, not baked-in constants

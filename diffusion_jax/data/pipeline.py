@@ -21,6 +21,8 @@ import tensorflow_datasets as tfds
 from diffusion_jax.data import captioned_shapes, folder_dataset, moving_shapes
 
 DATASETS = ("captioned_shapes", "moving_shapes", "folder", "tfds")
+# Batch keys the train step consumes (attribute keys are for evaluation only).
+MODEL_INPUTS = ("image", "video", "is_video", "text_ids", "text_embeddings", "text_mask")
 
 
 def _prepared(build):

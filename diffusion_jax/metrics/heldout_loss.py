@@ -12,10 +12,19 @@ from flax import nnx
 from diffusion_jax import objectives, schedules
 
 LEVELS = tuple(np.linspace(-8.0, 8.0, 9))
+_compiled = {}
 
 
 def make_heldout_loss_fn(config, graphdef):
-  """(params, frozen, batch) -> loss per level [len(LEVELS)] (averaged over the batch)."""
+  """(params, frozen, batch) -> loss per level [len(LEVELS)] (averaged over the batch); jitted once per
+  experiment config, so every checkpoint of a run reuses the compiled program."""
+  key = config.to_json_best_effort(sort_keys=True)
+  if key not in _compiled:
+    _compiled[key] = _build(config, graphdef)
+  return _compiled[key]
+
+
+def _build(config, graphdef):
   d = config.diffusion
   levels = jnp.array(LEVELS)
 
