@@ -186,8 +186,8 @@ def load_checkpoint(workdir, step=None):
     raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   tx, _ = train.make_optimizer(config, config.train.steps)
-  state, graphdef = train.init_state(config, mesh, tx)
-  state, step = checkpoint.restore(mngr, state, step=step)
+  target, graphdef = train.abstract_state(config, mesh, tx)
+  state, step = checkpoint.restore(mngr, target, step=step)
   return config, state, graphdef, step, mesh
 
 

@@ -93,6 +93,25 @@ def init_state(config, mesh, tx):
   return state, graphdef
 
 
+def abstract_state(config, mesh, tx):
+  """(TrainState of ShapeDtypeStructs with shardings, graphdef): what a checkpoint restores into, with
+  nothing allocated (sampling and evaluation jobs never materialise a random model or optimizer state)."""
+  graphdef, params, frozen = text_to_image.split(text_to_image.abstract(config), config)
+  struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params, frozen = (jax.tree.map(struct, nnx.to_pure_dict(tree), sharding.state_shardings(tree, mesh))
+                    for tree in (params, frozen))
+  replicated = sharding.replicated(mesh)
+  opt_shapes = jax.eval_shape(tx.init, params)
+  opt_shardings = optax.tree_map_params(tx, lambda _, p: p.sharding, opt_shapes, params,
+                                        transform_non_params=lambda _: replicated)
+  counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  state = TrainState(step=counter, params=params, frozen=frozen, ema=tuple(params for _ in config.train.ema_decays),
+                     opt_state=jax.tree.map(struct, opt_shapes, opt_shardings),
+                     rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated), nonfinite_run=counter,
+                     nonfinite_total=counter)
+  return state, graphdef
+
+
 def count_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 

@@ -156,3 +156,16 @@ def test_restore_onto_a_one_device_mesh(trained):
   assert leaf.sharding.mesh.size == 1
   for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)), jax.tree.leaves(final)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_abstract_state_describes_the_real_state(tmp_path_factory):
+  config = tiny_config(tmp_path_factory)
+  config.mesh.update(data=2, fsdp=4, tensor=1)
+  mesh = sharding.make_mesh(config.mesh)
+  tx, _ = train.make_optimizer(config, config.train.steps)
+  real, _ = train.init_state(config, mesh, tx)
+  abstract, _ = train.abstract_state(config, mesh, tx)
+  describe = lambda x: (x.shape, x.dtype, x.sharding)
+  assert jax.tree.structure(real) == jax.tree.structure(abstract)
+  assert jax.tree.leaves(jax.tree.map(describe, real)) == jax.tree.leaves(jax.tree.map(describe, abstract))
+  assert any(leaf.sharding.spec != jax.sharding.PartitionSpec() for leaf in jax.tree.leaves(abstract.opt_state))
