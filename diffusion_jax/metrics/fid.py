@@ -33,29 +33,34 @@ def fid(features_a, features_b) -> float:
 
 
 @functools.cache
-def _random_conv_params(seed: int, widths=(32, 64, 128)):
+def random_conv_params(seed: int, kernel=(3, 3), widths=(32, 64, 128)):
+  """He-scaled random kernels [*kernel, in, out] of a fixed 3-layer conv net (2-D or 3-D by `kernel`)."""
   keys = jax.random.split(jax.random.key(seed), len(widths))
   params, channels = [], 3
   for key, width in zip(keys, widths):
-    params.append(jax.random.normal(key, (3, 3, channels, width)) * np.sqrt(2.0 / (9 * channels)))
+    fan_in = int(np.prod(kernel)) * channels
+    params.append(jax.random.normal(key, tuple(kernel) + (channels, width)) * np.sqrt(2.0 / fan_in))
     channels = width
   return params
 
 
-@jax.jit
-def _random_conv_apply(params, images):
-  x = images.astype(jnp.float32) / 127.5 - 1.0
+@functools.partial(jax.jit, static_argnames=("strides", "dimension_numbers"))
+def random_conv_apply(params, pixels, strides, dimension_numbers):
+  """uint8 [n, ..., 3] -> [n, sum of widths]: ReLU conv layers, each mean-pooled over its non-batch axes."""
+  x = pixels.astype(jnp.float32) / 127.5 - 1.0
   pooled = []
   for kernel in params:
-    x = jax.nn.relu(jax.lax.conv_general_dilated(x, kernel, (2, 2), "SAME",
-                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    pooled.append(x.mean(axis=(1, 2)))
+    x = jax.nn.relu(jax.lax.conv_general_dilated(x, kernel, strides, "SAME", dimension_numbers=dimension_numbers))
+    pooled.append(x.mean(axis=tuple(range(1, x.ndim - 1))))
   return jnp.concatenate(pooled, axis=-1)
+
+
+def batched(fn, pixels, batch: int) -> np.ndarray:
+  pixels = np.asarray(pixels)
+  return np.concatenate([np.asarray(fn(pixels[i:i + batch])) for i in range(0, len(pixels), batch)])
 
 
 def random_conv_features(images, seed: int = 0, batch: int = 256) -> np.ndarray:
   """Fixed random-weight conv features (224 dims): mean-pooled activations of three stride-2 layers."""
-  params = _random_conv_params(seed)
-  images = np.asarray(images)
-  return np.concatenate([np.asarray(_random_conv_apply(params, images[i:i + batch]))
-                         for i in range(0, len(images), batch)])
+  params = random_conv_params(seed)
+  return batched(lambda x: random_conv_apply(params, x, (2, 2), ("NHWC", "HWIO", "NHWC")), images, batch)

@@ -35,7 +35,6 @@ class TemporalConv(nnx.Module):
     self.norm = layers.group_norm(channels, rngs, dtype)
     self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (3, channels, channels)),
                             **layers.names(None, "conv_in", "conv_out"))
-    self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), **layers.names("conv_out"))
     self.dtype = dtype
 
   def __call__(self, x):
@@ -44,7 +43,7 @@ class TemporalConv(nnx.Module):
     padded = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
     kernel = self.kernel[...].astype(self.dtype)
     out = sum(jnp.einsum("bfhwc,cd->bfhwd", padded[:, k:k + f], kernel[k]) for k in range(3))
-    return out + self.bias[...].astype(self.dtype)
+    return out  # no bias: a GroupNorm follows in TemporalBlock
 
 
 class TemporalAttention(nnx.Module):
