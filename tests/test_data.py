@@ -252,3 +252,12 @@ def test_process_slices_rebuild_the_single_process_batches(config):
   halves = [[decode(b) for b in loader(p, 2)] for p in range(2)]
   assert len(single) == 8
   assert single == [a + b for a, b in zip(*halves)]
+
+
+def test_home_in_data_dir_is_expanded(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  data = t2i_shapes.get_config("test").data
+  data.update(data_dir="~/datasets", num_train=8, num_eval=8)
+  assert len(pipeline.data_source(data, "train")) == 8
+  assert (tmp_path / "datasets" / "captioned_shapes").is_dir() and not (tmp_path / "~").exists()

@@ -10,6 +10,7 @@ bool, plus the dataset's integer attributes when present.
 """
 
 import logging
+import os
 
 import grain.python as grain
 import jax
@@ -37,6 +38,8 @@ def _prepared(build):
 
 
 def _open(config, split: str):
+  config = config.copy_and_resolve_references()
+  config.data_dir = os.path.expanduser(config.data_dir)  # "~/tensorflow_datasets", not ./~/
   if config.dataset == "captioned_shapes":
     return _prepared(lambda: captioned_shapes.builder(
         config.data_dir, resolution=config.resolution, max_objects=config.max_objects, num_train=config.num_train,
@@ -204,3 +207,14 @@ def make_loader(config, source, tokenizer, batch_per_process: int, seed: int, sh
 def to_global(local_batch: dict, sharding) -> dict:
   """Assemble per-process numpy batches into global jax.Arrays sharded over the batch axis."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def synthetic_batch(config) -> dict:
+  """An all-zero global batch with the model inputs' shapes and dtypes (benchmarks, FLOP counts)."""
+  b, r, n = config.train.batch_size, config.data.resolution, config.text.max_length
+  visual = (b, config.data.frames, r, r, 3) if config.model.temporal else (b, r, r, 3)
+  batch = {"video" if config.model.temporal else "image": np.zeros(visual, np.float32),
+           "text_ids": np.ones((b, n), np.int32), "text_mask": np.ones((b, n), bool)}
+  if config.model.temporal:
+    batch["is_video"] = np.ones((b,), bool)
+  return batch

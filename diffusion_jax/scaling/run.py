@@ -1,0 +1,163 @@
+"""Run a scaling sweep: train every (size, budget) run, record its held-out loss, fit and plot.
+
+  python -m diffusion_jax.scaling.run --sweep=configs/scaling/shapes_t2i.py --root=DIR [--sweep.budgets=...]
+
+Flags:
+  --sweep           sweep config file (optionally `file.py:variant`); fields overridable with --sweep.<field>=...
+  --root            directory of the sweep: one workdir per run, `measurements.json` (FLOPs per example of
+                    each size), `results.jsonl` (one line per finished run), `scaling.md`, `scaling.png`
+  --print_commands  print one training command per unfinished run (prefixed by --launcher) instead of
+                    running them, for a pod or cluster; rerun without it afterwards to record the runs
+                    (finished workdirs are not retrained) and write the report
+  --launcher        command prefix for --print_commands (default `python -m diffusion_jax.main`), e.g.
+                    `sbatch --nodes=4 launch/slurm_gpu.sbatch` or `launch/tpu_pod.sh NAME ZONE`
+  --only            comma-separated run names to run (default all)
+  --analyze_only    only fit and plot the runs already in results.jsonl
+
+Runs execute one after another in this process. Finished runs (in results.jsonl) are skipped; a run
+that was killed resumes from its last checkpoint. Each record holds the parameters, FLOPs per example
+and per step, steps, examples, total FLOPs, and the final held-out loss (fixed (x0, log-SNR, noise)
+triples on validation data) overall and per log-SNR level.
+"""
+
+import json
+import logging
+import pathlib
+import shlex
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from diffusion_jax.scaling import report, sweep as sweeps
+
+log = logging.getLogger("diffusion_jax.scaling.run")  # also when run as __main__
+
+
+def read_results(root) -> dict:
+  path = pathlib.Path(root) / "results.jsonl"
+  if not path.exists():
+    return {}
+  records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+  return {r["name"]: r for r in records}
+
+
+def finished_step(workdir):
+  """The latest checkpoint step of a workdir, or None."""
+  from diffusion_jax import checkpoint
+
+  if not (pathlib.Path(workdir) / "checkpoints").exists():
+    return None
+  steps = checkpoint.manager(workdir, read_only=True).all_steps()
+  return max(steps) if steps else None
+
+
+def heldout_record(sweep, run: sweeps.Run, workdir) -> dict:
+  """The run's final held-out loss and bookkeeping, from its last checkpoint."""
+  from diffusion_jax import evaluate, sample
+  from diffusion_jax.metrics import heldout_loss
+
+  config, state, graphdef, step, _ = sample.load_checkpoint(workdir)
+  batch, _, _ = evaluate.validation_set(config, sweep.heldout_examples)
+  params = state.ema[0] if config.sample.use_ema else state.params
+  losses = heldout_loss.make_heldout_loss_fn(config, graphdef)(params, state.frozen, batch)
+  batch_size = config.train.batch_size
+  return {"name": run.name, "size": run.size, "budget": run.budget, "params": run.params,
+          "flops_per_example": run.flops_per_example, "flops_per_step": run.flops_per_example * batch_size,
+          "steps": step, "batch_size": batch_size, "examples": step * batch_size,
+          "total_flops": run.flops_per_example * batch_size * step, **heldout_loss.as_metrics(losses)}
+
+
+def train_run(sweep, run: sweeps.Run, workdir) -> bool:
+  """Train (or resume) one run; False when it stopped early (SIGTERM)."""
+  from diffusion_jax import train
+
+  if finished_step(workdir) == run.steps:
+    return True
+  state, _ = train.train_and_evaluate(sweeps.run_config(sweep, run), workdir)
+  return int(state.step) == run.steps
+
+
+def run_sweep(sweep, root, only=()) -> list[dict]:
+  """Train and record every unfinished run (in plan order); returns all records, then writes the report."""
+  root = pathlib.Path(root)
+  runs = [r for r in sweeps.plan(sweep, root / "measurements.json") if not only or r.name in only]
+  done = read_results(root)
+  todo = [r for r in runs if r.name not in done]
+  total = sum(r.total_flops for r in todo)
+  log.info("sweep: %d runs, %d already finished, %.3g training FLOPs to go", len(runs), len(runs) - len(todo), total)
+  start, flops_done = time.time(), 0.0
+  for index, run in enumerate(todo):
+    workdir = root / run.name
+    log.info("run %d/%d %s: %d parameters, %d steps", index + 1, len(todo), run.name, run.params, run.steps)
+    if not train_run(sweep, run, workdir):
+      log.warning("%s stopped before its last step; rerun the sweep to resume it.", run.name)
+      break
+    record = heldout_record(sweep, run, workdir)
+    with open(root / "results.jsonl", "a") as f:
+      f.write(json.dumps(record) + "\n")
+    flops_done += run.total_flops
+    elapsed = time.time() - start
+    log.info("%s: held-out loss %.4f; sweep %.0f%% of FLOPs done, elapsed %.0fs, eta %.0fs", run.name,
+             record["heldout_loss"], 100 * flops_done / total, elapsed, elapsed / flops_done * (total - flops_done))
+  return list(read_results(root).values())
+
+
+def print_commands(sweep, root, launcher: str, only=()) -> list[str]:
+  root = pathlib.Path(root)
+  done = read_results(root)
+  lines = []
+  for run in sweeps.plan(sweep, root / "measurements.json"):
+    if run.name in done or (only and run.name not in only):
+      continue
+    lines.append(" ".join([launcher, *(shlex.quote(a) for a in sweeps.main_command(sweep, run, root / run.name))]))
+  return lines
+
+
+def analyze(sweep, root) -> tuple[pathlib.Path, pathlib.Path] | None:
+  records = list(read_results(root).values())
+  try:
+    return report.write(records, root, sweep.bootstrap_samples)
+  except ValueError as error:
+    log.warning("no scaling report yet: %s", error)
+    return None
+
+
+config_flags.DEFINE_config_file("sweep", None, "Sweep config file.", lock_config=True)
+flags.DEFINE_string("root", None, "Sweep directory (run workdirs, results.jsonl, report).")
+flags.DEFINE_bool("print_commands", False, "Print one training command per unfinished run instead of running.")
+flags.DEFINE_string("launcher", "python -m diffusion_jax.main", "Command prefix for --print_commands.")
+flags.DEFINE_list("only", [], "Run names to run (default all).")
+flags.DEFINE_bool("analyze_only", False, "Only fit and plot the finished runs.")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if f.sweep is None or f.root is None:
+    raise app.UsageError("--sweep and --root are required.")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+  import jax
+
+  # Runs of one size share their initialisation and evaluation programs: compile those once per sweep.
+  jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(f.root).expanduser() / "compilation_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  try:
+    if f.print_commands:
+      print("\n".join(print_commands(f.sweep, f.root, f.launcher, f.only)))
+      return
+    if not f.analyze_only:
+      run_sweep(f.sweep, f.root, f.only)
+    written = analyze(f.sweep, f.root)
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  if written:
+    print(f"report: {written[0]}\nplot: {written[1]}")
+
+
+if __name__ == "__main__":
+  app.run(main)

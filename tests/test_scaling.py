@@ -1,0 +1,143 @@
+"""Scaling sweeps: fits recover known laws, FLOPs grow as expected, the runner skips, resumes and reports."""
+
+import ast
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs.scaling import shapes_t2i
+from diffusion_jax.scaling import fit, report, sweep as sweeps
+
+# A synthetic world with known laws: N_opt = 0.01 C^0.5, L_opt = 20 C^-0.1, FLOPs per example = 600 N.
+N_OPT_EXPONENT, LOSS_EXPONENT = 0.5, -0.1
+
+
+def synthetic_runs(budgets=(1e12, 1e13, 1e14, 1e15), noise=0.002, seed=0):
+  rng = np.random.default_rng(seed)
+  runs = []
+  for budget in budgets:
+    n_opt, loss_opt = 0.01 * budget ** N_OPT_EXPONENT, 20 * budget ** LOSS_EXPONENT
+    for params in np.geomspace(n_opt / 8, n_opt * 8, 7):
+      loss = loss_opt * (1 + 0.05 * np.log(params / n_opt) ** 2) + rng.normal(0, noise)
+      runs.append({"budget": budget, "params": float(params), "flops_per_example": 600 * params,
+                   "heldout_loss": float(loss), "size": f"n{params:.3g}", "steps": 1})
+  return runs
+
+
+def test_power_law_recovers_a_noisy_exponent():
+  rng = np.random.default_rng(1)
+  x = np.geomspace(1e3, 1e7, 20)
+  law = fit.power_law(x, 3.0 * x ** -0.3 * np.exp(rng.normal(0, 0.01, x.shape)))
+  assert abs(law.exponent + 0.3) < 0.01 and abs(law.coefficient / 3.0 - 1) < 0.1 and law.r2 > 0.99
+  with pytest.raises(ValueError, match="two distinct x"):
+    fit.power_law([5, 5], [1, 2])
+
+
+def test_isoflop_fit_recovers_the_compute_optimal_laws():
+  runs = synthetic_runs()
+  result = fit.fit(runs)
+  assert all(f.interior for f in result.isoflops)
+  assert abs(result.n_opt_law.exponent - N_OPT_EXPONENT) < 0.03
+  assert abs(result.d_opt_law.exponent - (1 - N_OPT_EXPONENT)) < 0.03  # D = C / (600 N)
+  assert abs(result.loss_law.exponent - LOSS_EXPONENT) < 0.01 and result.loss_law.r2 > 0.99
+  assert abs(result.flops_law.exponent - 1) < 1e-6
+  intervals = fit.bootstrap(runs, samples=200)
+  assert intervals["n_opt"][0] <= N_OPT_EXPONENT + 0.03 and intervals["n_opt"][1] >= N_OPT_EXPONENT - 0.03
+  assert intervals["loss"][0] < intervals["loss"][1]
+  extrapolated = fit.extrapolation(runs)
+  assert extrapolated["budget"] == 1e15 and abs(extrapolated["relative_error"]) < 0.02
+
+
+def test_isoflop_without_an_inner_minimum_is_flagged_and_uses_the_best_run():
+  params = [1e4, 2e4, 4e4, 8e4]
+  result = fit.isoflop(1e12, params, [1.0, 0.9, 0.8, 0.7])  # still improving at the largest size
+  assert not result.interior and result.n_opt == 8e4 and result.loss_opt == pytest.approx(0.7, abs=0.01)
+  with pytest.raises(ValueError, match="at least 3"):
+    fit.isoflop(1e12, params[:2], [1.0, 0.9])
+  with pytest.raises(ValueError, match="two or more compute budgets"):
+    fit.fit(synthetic_runs(budgets=(1e12,)))
+
+
+def test_report_has_every_run_and_a_plot(tmp_path):
+  runs = synthetic_runs(budgets=(1e12, 1e13, 1e14))
+  table, plot = report.write(runs, tmp_path, bootstrap_samples=50)
+  text = table.read_text()
+  for run in runs:
+    assert f"{run['heldout_loss']:.4f}" in text
+  assert "N_opt ∝ C^a" in text and "Extrapolation" in text and text.count("**") == 2 * 3
+  assert PIL.Image.open(plot).size == (1400, 400)
+
+
+def test_step_flops_grow_with_resolution(tmp_path):
+  """About linear in pixels (4x per doubling; attention a bit more). Growth with width (about quadratic)
+  is asserted on the same cost analysis by test_bench's step-benchmark test."""
+  base = sweeps.load_config_file("configs/t2i_shapes.py:test")
+  base.data.data_dir = str(tmp_path)
+  flops = [sweeps.measure_step(sweeps.apply(base, {"data.resolution": r}))[0] for r in (16, 32)]
+  assert 3.5 < flops[1] / flops[0] < 5.5
+
+
+def test_plan_refuses_runs_that_are_too_short(tmp_path):
+  sweep = shapes_t2i.get_config("test")
+  sweep.update(width_multipliers=(0.5,), budgets=(1e6,))
+  with pytest.raises(ValueError, match="fewer than sweep.min_steps"):
+    sweeps.plan(sweep, tmp_path / "measurements.json")
+
+
+def test_runner_skips_finished_runs_and_resumes_a_killed_one(tmp_path, monkeypatch, caplog):
+  from diffusion_jax.scaling import run as runner
+
+  monkeypatch.setenv("HOME", str(tmp_path))  # the built-in dataset goes to ~/tensorflow_datasets
+  root = tmp_path / "sweep"
+  flags = ["--sweep=configs/scaling/shapes_t2i.py:test", "--sweep.width_multipliers=(0.5,)",
+           "--sweep.budgets=(1.2e10,1e11)", f"--root={root}"]
+  # The killed sweep runs on one device; the resumed run continues it on eight (checkpoints are mesh-free).
+  env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  process = subprocess.Popen([sys.executable, "-m", "diffusion_jax.scaling.run", *flags], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  # Kill it (no chance to save) once the second run has committed a checkpoint before its last step.
+  sweep = shapes_t2i.get_config("test")
+  sweep.update(width_multipliers=(0.5,), budgets=(1.2e10, 1e11))
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    if (root / "results.jsonl").exists() and (root / "measurements.json").exists():
+      second = sweeps.plan(sweep, root / "measurements.json")[1]
+      checkpoints = root / second.name / "checkpoints"
+      if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        process.send_signal(signal.SIGKILL)
+        break
+    time.sleep(0.05)
+  process.wait(timeout=30)
+  assert process.returncode == -signal.SIGKILL, f"the sweep ended before it could be killed: {process.stderr.read()}"
+  first, second = sweeps.plan(sweep, root / "measurements.json")
+  assert list(runner.read_results(root)) == [first.name]
+
+  caplog.set_level("INFO", logger="diffusion_jax")
+  records = runner.run_sweep(sweep, root)
+  log = caplog.text
+  assert f"run 1/1 {second.name}" in log and first.name + ":" not in log  # the finished run is skipped
+  resumed = int(log.split("resumed from step ")[1].split()[0])
+  assert 0 < resumed < second.steps
+  assert [r["name"] for r in records] == [first.name, second.name]
+  assert records[1]["steps"] == second.steps and records[1]["total_flops"] == pytest.approx(
+      second.steps * second.flops_per_example * records[1]["batch_size"])
+  assert np.isfinite(records[1]["heldout_loss"]) and "heldout_loss/logsnr_+0" in records[1]
+
+  caplog.clear()
+  assert runner.run_sweep(sweep, root) == records and "run 1/" not in caplog.text  # nothing left to do
+  assert runner.print_commands(sweep, root, "LAUNCH") == []
+  (root / "results.jsonl").write_text(json.dumps(records[0]) + "\n")
+  [command] = runner.print_commands(sweep, root, "LAUNCH")
+  words = shlex.split(command)
+  assert words[0] == "LAUNCH" and words[1] == f"--config={sweep.experiment}" and words[-1] == f"--workdir={root / second.name}"
+  # The printed flags, parsed back, give the config the runner trains with.
+  overrides = {w.split("=", 1)[0][len("--config."):]: ast.literal_eval(w.split("=", 1)[1]) for w in words[2:-1]}
+  assert sweeps.apply(sweeps.load_config_file(sweep.experiment), overrides) == sweeps.run_config(sweep, second)
