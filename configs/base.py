@@ -77,6 +77,14 @@ def get_config():
       train_temporal_only=False,   # freeze everything but the temporal layers
   )
 
+  # Super-resolution stage of a cascade (model.lowres_conditioning=True; see superres.py): the U-Net also
+  # sees the training image downsampled to lowres_resolution, noise-augmented to a random time in [0, aug_max].
+  c.superres = dict(
+      lowres_resolution=0,         # input size; 0 = not a super-resolution stage
+      lowres_frames=0,             # video: input frames (temporal super-resolution); 0 = the stage's frames
+      aug_max=0.5,                 # noise-conditioning augmentation: largest training time t_aug
+  )
+
   c.optimizer = dict(
       learning_rate=3e-4, schedule="cosine", warmup_steps=500, end_learning_rate_factor=0.1,
       b1=0.9, b2=0.99, weight_decay=0.0, grad_clip=1.0,
@@ -102,5 +110,6 @@ def get_config():
       sampler="dpmpp_2m", steps=25, eta=0.0, guidance_scale=3.0, guidance_rescale=0.0, threshold="dynamic",
       threshold_percentile=99.5, num_per_prompt=4, seed=0, use_ema=True, prompts=("a large red circle",),
       frames=0,                    # video models: frames per clip (0 = data.frames)
+      aug_level=0.1,               # super-resolution stages: noise-augmentation time of the low-res input
   )
   return c

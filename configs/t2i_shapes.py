@@ -3,7 +3,9 @@
   python -m diffusion_jax.main --config=configs/t2i_shapes.py --workdir=workdirs/t2i_shapes
 
 Variants (`--config=configs/t2i_shapes.py:VARIANT`): `fsdp` shards parameters and optimizer state over
-all devices; `test` is a seconds-long smoke configuration for the test suite.
+all devices; `base16` is the 16 px base stage of `configs/cascades/shapes_16_32.py`; `scaling` is the
+16 px, single-object base of the scaling sweep (`configs/scaling/shapes_t2i.py`); `test` is a
+seconds-long smoke configuration for the test suite.
 """
 
 from configs import base
@@ -40,6 +42,14 @@ def get_config(variant: str = ""):
   )
   if variant == "fsdp":
     config.mesh.update(data=1, fsdp=-1)
+  elif variant == "base16":  # the 16 px base stage of configs/cascades/shapes_16_32.py
+    config.data.resolution = 16
+  elif variant == "scaling":
+    config.data.update(resolution=16, max_objects=1)
+    config.text.t5.update(d_model=32, d_kv=8, d_ff=64, num_layers=1)
+    config.model.update(channels=16, num_res_blocks=(1, 1, 1), text_dim=32)
+    config.train.update(keep_checkpoints=1, ema_decays=(0.9,))
+    config.sample.use_ema = False  # short runs: the held-out loss is measured on the trained weights
   elif variant == "test":
     config.data.num_train = 256
     config.data.num_eval = 32
@@ -51,5 +61,5 @@ def get_config(variant: str = ""):
     config.optimizer.warmup_steps = 2
     config.sample.update(steps=4, num_per_prompt=2)
   elif variant:
-    raise ValueError(f"Unknown t2i_shapes variant {variant!r}; valid variants: 'fsdp', 'test'.")
+    raise ValueError(f"Unknown t2i_shapes variant {variant!r}; valid variants: 'fsdp', 'base16', 'scaling', 'test'.")
   return config

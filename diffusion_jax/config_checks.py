@@ -59,6 +59,23 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append("inflate.train_temporal_only needs a video model (model.temporal=True) inflated from "
                  "inflate.image_workdir")
 
+  sr = config.superres
+  if m.lowres_conditioning != (sr.lowres_resolution > 0):
+    found.append("a super-resolution stage needs both model.lowres_conditioning=True and "
+                 f"superres.lowres_resolution > 0 (got {m.lowres_conditioning} and {sr.lowres_resolution})")
+  if sr.lowres_frames and not (m.temporal and 0 < sr.lowres_frames < config.data.frames
+                               and config.data.frames % sr.lowres_frames == 0):
+    found.append(f"superres.lowres_frames={sr.lowres_frames} needs a video model (model.temporal) whose "
+                 f"data.frames={config.data.frames} it divides and is below")
+  if sr.lowres_resolution > config.data.resolution or (sr.lowres_resolution == config.data.resolution
+                                                       and not sr.lowres_frames):
+    found.append(f"superres.lowres_resolution={sr.lowres_resolution} must be below data.resolution="
+                 f"{config.data.resolution} (or equal to it in a temporal super-resolution stage)")
+  if not 0 <= sr.aug_max <= 1:
+    found.append(f"superres.aug_max={sr.aug_max} must be in [0, 1]")
+  if not 0 <= config.sample.aug_level <= 1:
+    found.append(f"sample.aug_level={config.sample.aug_level} must be in [0, 1]")
+
   t = config.train
   try:
     shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, device_count)))

@@ -17,8 +17,9 @@ Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard s
 held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images
 (video models: per frame, plus FVD with random-conv frame and motion features), and the judge's
 per-attribute accuracy on captioned_shapes (shapes_judge) or moving_shapes (motion_judge: direction of
-motion, object attributes, appearance change between frames). Steps already in eval.jsonl are skipped,
-so the job is resumable.
+motion, object attributes, appearance change between frames). A super-resolution stage is given the
+validation images downsampled to its input size (at sample.aug_level) and judged on what it makes of
+them. Steps already in eval.jsonl are skipped, so the job is resumable.
 """
 
 import json
@@ -30,7 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax import checkpoint, media, metric_writers, sample
+from diffusion_jax import cascade, checkpoint, media, metric_writers, sample
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import fid, fvd, heldout_loss, motion_judge, shapes_judge
 from diffusion_jax.text import tokenizers
@@ -62,8 +63,11 @@ def validation_set(config, count: int):
 
 def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config) -> dict:
   params = state.ema[0] if sample_config.use_ema else state.params
+  lowres = None
+  if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
+    lowres = cascade.downsampled(images, config)[:, None]
   generated = sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), captions,
-                              sample_config, mesh)[:, 0]
+                              sample_config, mesh, lowres=lowres)[:, 0]
   frames = lambda v: v.reshape((-1,) + v.shape[-3:])  # videos: FID over all their frames
   metrics = {"fid_random_conv": fid.fid(fid.random_conv_features(frames(generated)),
                                         fid.random_conv_features(frames(images)))}

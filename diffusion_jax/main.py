@@ -54,9 +54,13 @@ def main(argv):
     mesh = sharding.make_mesh(config.mesh)
     params = state.ema[0] if config.sample.use_ema else state.params
     step = int(state.step)
-    grid = sample.write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config),
-                                list(config.sample.prompts), config.sample, mesh, step,
-                                f"{f.workdir}/samples/step_{step}")
+    prompts, lowres = list(config.sample.prompts), None
+    if config.model.lowres_conditioning:  # a super-resolution stage upsamples real (downsampled) validation images
+      from diffusion_jax import cascade
+
+      prompts, lowres = cascade.validation_lowres(config, len(prompts), config.sample.num_per_prompt)
+    grid = sample.write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
+                                config.sample, mesh, step, f"{f.workdir}/samples/step_{step}", lowres=lowres)
     if jax.process_index() == 0:
       from diffusion_jax import media, metric_writers
 

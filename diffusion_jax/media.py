@@ -14,6 +14,11 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
+def to_float(images) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1] (the inverse of to_uint8 up to rounding)."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
 def save_png(path, image: np.ndarray, provenance: dict) -> None:
   """Save uint8 [h, w, 3]; every provenance key becomes a PNG text chunk (plus 'generated_by')."""
   info = PIL.PngImagePlugin.PngInfo()

@@ -16,6 +16,11 @@ Flags:
   --use_ema         sample with the first EMA copy of the weights (default: config sample.use_ema)
   --frames          video models: frames per clip, up to model.max_frames (default: config sample.frames,
                     0 = data.frames)
+  --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
+                    sample its base stage, then each super-resolution stage from the one below, with
+                    per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
+                    --workdir. Writes OUTPUT_DIR/stage_<k>/ for every stage and OUTPUT_DIR/cascade.png
+                    (--output_dir defaults to the cascade's output_dir; --prompts to its prompts)
 
 Every PNG carries its provenance (prompt, seed, sampler, steps, guidance, checkpoint step, config hash)
 as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as
@@ -32,15 +37,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, media, samplers, schedules, sharding
+from diffusion_jax import checkpoint, media, samplers, schedules, sharding, superres
 
 MAX_PROMPT_CHARS = 2000
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "threshold",
-                     "threshold_percentile", "frames")
+                     "threshold_percentile", "frames", "aug_level")
 _compiled_samplers = {}
 
 
@@ -56,23 +62,28 @@ def output_shape(config, sample_config) -> tuple:
 
 
 def make_generate_fn(config, graphdef, sample_config):
-  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens]) -> samples [n, *output_shape]
-  in [-1, 1]. Each sample's starting noise comes from its own key, so a sample does not depend on the
-  batch it is generated in (nor on the device count)."""
+  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres) -> samples
+  [n, *output_shape] in [-1, 1]. Each sample's starting noise comes from its own key, so a sample does not
+  depend on the batch it is generated in (nor on the device count). lowres: a super-resolution stage's
+  input [n, (frames,) r, r, c] in [-1, 1] (None otherwise), noise-augmented to sample.aug_level."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
   shape = output_shape(config, sample_config)
 
-  def generate(params, frozen, keys, ids, mask):
+  def generate(params, frozen, keys, ids, mask, lowres=None):
     model = nnx.merge(graphdef, params, frozen)
     text = model.encode(ids, mask)
     null_text, null_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
+    aug_logsnr = None
+    if config.model.lowres_conditioning:  # both guidance branches see the low-res input
+      lowres_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+      lowres, aug_logsnr = superres.sampling_condition(lowres, lowres_keys, config, s.aug_level)
 
     def network_fn(x, logsnr, conditional):
       if conditional:
-        return model(x, logsnr, text, mask)
-      return model(x, logsnr, null_text, null_mask)
+        return model(x, logsnr, text, mask, lowres=lowres, aug_logsnr=aug_logsnr)
+      return model(x, logsnr, null_text, null_mask, lowres=lowres, aug_logsnr=aug_logsnr)
 
     denoise = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale, s.threshold,
                                      s.threshold_percentile, d.sigma_data)
@@ -99,10 +110,12 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
   return np.stack(keys) if keys else np.zeros((0, 2), np.uint32)
 
 
-def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None) -> np.ndarray:
+def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
+             lowres=None) -> np.ndarray:
   """Samples [len(prompts), num_per_prompt, *output_shape] uint8; the batch is sharded over all devices.
 
-  seeds: one per prompt (default: sample_config.seed for all)."""
+  seeds: one per prompt (default: sample_config.seed for all). lowres: a super-resolution stage's inputs,
+  uint8 [len(prompts), num_per_prompt, (frames,) r, r, c] (the stage below's samples)."""
   n = sample_config.num_per_prompt
   seeds = [sample_config.seed] * len(prompts) if seeds is None else list(seeds)
   repeated = [p for p in prompts for _ in range(n)]
@@ -111,7 +124,13 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   keys = np.concatenate([example_keys(seeds, n), example_keys([0] * pad, 1)])  # padding rows are dropped
   batch = sharding.batch_sharding(mesh)
   ids, mask, keys = (jax.device_put(a, batch) for a in (ids, mask, keys))
-  images = compiled_sampler(config, graphdef, sample_config, mesh)(params, frozen, keys, ids, mask)
+  if config.model.lowres_conditioning:
+    if lowres is None:
+      raise ValueError("This is a super-resolution stage: it needs the low-resolution images of the stage below "
+                       "(sample it as part of a cascade: --cascade).")
+    lowres = media.to_float(np.asarray(lowres).reshape((len(repeated),) + np.shape(lowres)[2:]))
+    lowres = jax.device_put(np.concatenate([lowres, np.zeros((pad,) + lowres.shape[1:], lowres.dtype)]), batch)
+  images = compiled_sampler(config, graphdef, sample_config, mesh)(params, frozen, keys, ids, mask, lowres)
   images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
   return media.to_uint8(images[:len(repeated)]).reshape((len(prompts), n) + images.shape[1:])
 
@@ -213,8 +232,10 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}")
 
 
-def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir):
-  """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale) and write outputs."""
+def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
+                  lowres=None):
+  """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale) and write outputs.
+  lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
   for entry in entries:
     entry.setdefault("seed", sample_config.seed)
@@ -225,7 +246,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     group_config = sample_config.copy_and_resolve_references()
     group_config.guidance_scale = float(scale)
     generated = generate(config, graphdef, params, frozen, tokenizer, [entries[i]["prompt"] for i in group],
-                         group_config, mesh, seeds=[entries[i]["seed"] for i in group])
+                         group_config, mesh, seeds=[entries[i]["seed"] for i in group],
+                         lowres=None if lowres is None else np.asarray(lowres)[group])
     for i, row in zip(group, generated):
       images[i] = row
   output_dir = pathlib.Path(output_dir)
@@ -249,13 +271,35 @@ def define_flags():
   flags.DEFINE_integer("seed", None, "Noise seed.")
   flags.DEFINE_bool("use_ema", None, "Use EMA weights (default: config sample.use_ema).")
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames.")
+  config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
+
+
+def sample_cascade(cascade, prompts_path=None, output_dir=None) -> pathlib.Path:
+  from diffusion_jax import cascade as cascades
+
+  prompts = [e["prompt"] for e in read_prompts(prompts_path)] if prompts_path else list(cascade.prompts)
+  if not prompts:
+    raise ValueError("The cascade has no prompts: give --prompts or set prompts in the cascade config.")
+  stages = cascades.load(cascade)
+  outputs = cascades.generate(stages, prompts)
+  if jax.process_index() != 0:
+    return pathlib.Path(output_dir or cascade.output_dir) / "cascade.png"
+  return cascades.write(stages, prompts, outputs, output_dir or cascade.output_dir)
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.cascade is not None:
+    try:
+      path = sample_cascade(f.cascade, f.prompts, f.output_dir)
+    except ValueError as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(2)
+    print(path)
+    return
   if not f.workdir:
-    raise app.UsageError("--workdir is required.")
+    raise app.UsageError("--workdir (or --cascade) is required.")
   overrides = {"sampler": f.sampler, "steps": f.steps, "guidance_scale": f.guidance_scale,
                "num_per_prompt": f.num_per_prompt, "seed": f.seed, "use_ema": f.use_ema, "frames": f.frames}
   try:

@@ -19,7 +19,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, config_checks, hardware, metric_writers, objectives, schedules, sharding
+from diffusion_jax import (checkpoint, config_checks, hardware, metric_writers, objectives, schedules, sharding,
+                           superres)
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import inflation, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
@@ -141,7 +142,10 @@ def make_train_step(config, graphdef, tx, lr_fn):
     eps = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = objectives.diffuse(x0, eps, alpha, sigma)
     x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)
-    output = model(x_in, logsnr, text, text_mask, dropout_key=k_dropout, is_video=batch.get("is_video"))
+    lowres, aug_logsnr = (superres.training_condition(x0, jax.random.fold_in(key, 1), config)
+                          if config.model.lowres_conditioning else (None, None))
+    output = model(x_in, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=k_dropout,
+                   is_video=batch.get("is_video"))
     per_example = objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
                                   d.sigma_data)
     return per_example.mean(), (per_example, logsnr)

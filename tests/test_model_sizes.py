@@ -65,3 +65,13 @@ def test_fsdp_shards_parameters_evenly(name, devices):
     total += math.prod(shape)
     per_device += math.prod(shape) / split
   assert per_device <= 1.1 * total / devices
+
+
+def test_imagen_sr256_stage_size_and_pod_validation():
+  from configs import imagen_sr256
+
+  config = imagen_sr256.get_config()
+  # Imagen's 64 -> 256 Efficient U-Net has 600M parameters.
+  assert count(lambda: unet.UNet(config.model, rngs=nnx.Rngs(0))) == pytest.approx(6.0e8, rel=0.25)
+  config.text.spiece_path = "/path/to/spiece.model"
+  config_checks.validate(config, device_count=256, process_count=64)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_jax import objectives, schedules
+from diffusion_jax import objectives, schedules, superres
 
 LEVELS = tuple(np.linspace(-8.0, 8.0, 9))
 _compiled = {}
@@ -39,7 +39,13 @@ def _build(config, graphdef):
       eps = jax.random.normal(key, x0.shape)
       x_t = objectives.diffuse(x0, eps, alpha, sigma)
       scale = objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data)
-      output = model(x_t * objectives.per_example(scale, x_t), logsnr, text, batch["text_mask"])
+      lowres = aug_logsnr = None
+      if config.model.lowres_conditioning:  # super-resolution stage: the true low-res input, fixed noise
+        lowres = superres.lowres_input(x0, config)
+        lowres_keys = jax.random.split(jax.random.fold_in(key, 1), x0.shape[0])
+        lowres, aug_logsnr = superres.sampling_condition(lowres, lowres_keys, config, config.sample.aug_level)
+      output = model(x_t * objectives.per_example(scale, x_t), logsnr, text, batch["text_mask"], lowres=lowres,
+                     aug_logsnr=aug_logsnr)
       return objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
                              d.sigma_data).mean()
 

@@ -2,7 +2,7 @@
 frozen parameters.
 
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `TextToImage(x, logsnr, text, mask)`
--> U-Net output (x is [batch, h, w, c], or [batch, frames, h, w, c] for a temporal U-Net). Parameters
+(plus `lowres`, `aug_logsnr` for a super-resolution stage) -> U-Net output (x is [batch, h, w, c], or [batch, frames, h, w, c] for a temporal U-Net). Parameters
 live outside the module as pure dicts (see train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the
 module inside a jitted function.
 """
@@ -24,8 +24,9 @@ class TextToImage(nnx.Module):
   def encode(self, ids, mask):
     return self.text_encoder(ids, mask)
 
-  def __call__(self, x, logsnr, text, text_mask, dropout_key=None, is_video=None):
-    return self.unet(x, logsnr, text, text_mask, dropout_key=dropout_key, is_video=is_video)
+  def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
+    return self.unet(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
+                     is_video=is_video)
 
 
 def abstract(config):

@@ -8,7 +8,8 @@ Configuration (`config.model`, see configs/base.py):
   skip_scale                     residual scale, 1/sqrt(2) in the Efficient U-Net, 1.0 in ADM
   heads, ff_mult, dropout, text_dim, in_channels, dtype ('float32' / 'bfloat16'), remat
   lowres_conditioning            super-resolution stage: concatenate an upsampled low-res image and
-                                 embed its noise-augmentation log-SNR
+                                 embed its noise-augmentation log-SNR (video: a low-res clip with
+                                 the same or fewer frames, repeated in time = temporal super-resolution)
   temporal, max_frames           video U-Net: a `temporal.TemporalBlock` after every spatial block
                                  (temporal attention at attention levels and in the middle); the
                                  relative-position bias covers max_frames; a zero-initialised
@@ -139,7 +140,8 @@ class UNet(nnx.Module):
       per_frame = lambda a: jnp.repeat(a, f, axis=0)
       x, logsnr, text, text_mask = (x.reshape((b * f,) + x.shape[2:]), per_frame(logsnr), per_frame(text),
                                     per_frame(text_mask))
-      if lowres is not None:
+      if lowres is not None:  # temporal super-resolution: each low-res frame repeated over the frames it spans
+        lowres = jnp.repeat(lowres, f // lowres.shape[1], axis=1)
         lowres, aug_logsnr = lowres.reshape((b * f,) + lowres.shape[2:]), per_frame(aug_logsnr)
     dtype = self.dtype
     text = text.astype(dtype)

@@ -1,0 +1,24 @@
+"""Super-resolution stage 16 -> 32 px on captioned_shapes: the second stage of configs/cascades/shapes_16_32.py.
+
+  python -m diffusion_jax.main --config=configs/sr_shapes.py --workdir=workdirs/sr_shapes
+
+The same data, text encoder and U-Net widths as configs/t2i_shapes.py; the U-Net also sees the image
+downsampled to 16 px, noise-augmented to a random time in [0, superres.aug_max] (its log-SNR is a
+condition). Variant `test` is a seconds-long 32 px stage for the test suite (it upsamples the 16 px
+`t2i_shapes.py:test` model).
+"""
+
+from configs import t2i_shapes
+
+
+def get_config(variant: str = ""):
+  config = t2i_shapes.get_config("test" if variant == "test" else "")
+  config.model.lowres_conditioning = True
+  config.superres.update(lowres_resolution=16, aug_max=0.5)
+  config.sample.aug_level = 0.1
+  config.sample.prompts = ()  # an SR stage samples validation captions from their downsampled images
+  if variant == "test":
+    config.data.resolution = 32
+  elif variant:
+    raise ValueError(f"Unknown sr_shapes variant {variant!r}; valid variants: 'test'.")
+  return config

@@ -1,0 +1,134 @@
+"""Cascaded sampling (Imagen): a base stage, then super-resolution stages, each its own experiment.
+
+A cascade config (`configs/cascades/*.py`) names each stage's training workdir and its sampling settings
+(sampler, steps, guidance, dynamic thresholding, and for super-resolution stages the noise-augmentation
+level of the low-resolution input). Stage k > 0 must be a super-resolution stage whose
+input (`superres.lowres_resolution`, and for video `superres.lowres_frames`) is what stage k - 1
+produces; a chain that does not fit is refused before anything is sampled. Video cascades chain spatial
+and temporal super-resolution stages the same way (Imagen Video). Every stage's output is kept and written with its provenance.
+"""
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from diffusion_jax import checkpoint, media, sample, superres
+
+STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "threshold", "threshold_percentile",
+                  "aug_level", "use_ema", "eta", "frames")
+
+
+@dataclasses.dataclass
+class Stage:
+  workdir: str
+  config: object           # the stage's experiment config (from its workdir)
+  sample_config: object    # its `sample` section with the cascade's settings for this stage
+  state: object = None
+  graphdef: object = None
+  step: int = 0
+  mesh: object = None
+
+
+def stage_configs(cascade) -> list[Stage]:
+  """Each stage's experiment config with the cascade's sampling settings; nothing is restored yet."""
+  stages = []
+  for index, settings in enumerate(cascade.stages):
+    config = checkpoint.read_config(settings.workdir)
+    sample_config = config.sample.copy_and_resolve_references()
+    for key in STAGE_SETTINGS:
+      if key in settings and settings[key] is not None:
+        sample_config[key] = settings[key]
+    sample_config.num_per_prompt, sample_config.seed = cascade.num_per_prompt, cascade.seed + index
+    stages.append(Stage(settings.workdir, config, sample_config))
+  return stages
+
+
+def chain_problems(stages) -> list[str]:
+  """Why these stages do not form a cascade (empty when they do)."""
+  found = []
+  if not stages:
+    return ["a cascade needs at least one stage"]
+  if stages[0].config.model.lowres_conditioning:
+    found.append(f"stage 0 ({stages[0].workdir}) is a super-resolution stage; the first stage must be a base model")
+  for k in range(1, len(stages)):
+    below, stage = stages[k - 1].config, stages[k].config
+    if not stage.model.lowres_conditioning:
+      found.append(f"stage {k} ({stages[k].workdir}) is not a super-resolution stage (model.lowres_conditioning)")
+    elif stage.superres.lowres_resolution != below.data.resolution:
+      found.append(f"stage {k} ({stages[k].workdir}) upsamples from {stage.superres.lowres_resolution} px but stage "
+                   f"{k - 1} ({stages[k - 1].workdir}) produces {below.data.resolution} px")
+    if stage.model.temporal != below.model.temporal:
+      found.append(f"stages {k - 1} and {k} mix image and video models")
+    elif stage.model.temporal and stage.model.lowres_conditioning:
+      produced = stages[k - 1].sample_config.frames or below.data.frames
+      wanted = stage.superres.lowres_frames or stages[k].sample_config.frames or stage.data.frames
+      if produced != wanted:
+        found.append(f"stage {k} ({stages[k].workdir}) takes {wanted}-frame clips but stage {k - 1} produces "
+                     f"{produced} frames")
+  return found
+
+
+def load(cascade) -> list[Stage]:
+  """Validate the chain, then restore every stage's checkpoint (`step`, default the latest)."""
+  stages = stage_configs(cascade)
+  found = chain_problems(stages)
+  found += [f"stage {k}: sample.{key}={s.sample_config[key]!r} is invalid" for k, s in enumerate(stages)
+            for key, bad in (("steps", s.sample_config.steps < 1), ("guidance_scale", s.sample_config.guidance_scale < 0),
+                             ("aug_level", not 0 <= s.sample_config.aug_level <= 1)) if bad]
+  if found:
+    raise ValueError("Invalid cascade:\n  - " + "\n  - ".join(found))
+  for stage, settings in zip(stages, cascade.stages):
+    step = None if settings.step < 0 else settings.step
+    _, stage.state, stage.graphdef, stage.step, stage.mesh = sample.load_checkpoint(stage.workdir, step)
+  return stages
+
+
+def generate(stages, prompts: list[str]) -> list[np.ndarray]:
+  """Every stage's samples, uint8 [len(prompts), num_per_prompt, (frames,) res, res, 3], base first."""
+  from diffusion_jax.text import tokenizers
+
+  outputs, lowres = [], None
+  for stage in stages:
+    params = stage.state.ema[0] if stage.sample_config.use_ema else stage.state.params
+    lowres = sample.generate(stage.config, stage.graphdef, params, stage.state.frozen,
+                             tokenizers.from_config(stage.config), prompts, stage.sample_config, stage.mesh,
+                             lowres=lowres)
+    outputs.append(lowres)
+  return outputs
+
+
+def downsampled(images, config) -> np.ndarray:
+  """uint8 images [n, (frames,) h, w, 3] -> uint8 at a super-resolution stage's input size."""
+  return media.to_uint8(superres.downsample(media.to_float(images), config.superres.lowres_resolution))
+
+
+def validation_lowres(config, count: int, num_per_prompt: int):
+  """(captions, uint8 low-res inputs [count, num_per_prompt, ...]): the first validation examples
+  downsampled to a super-resolution stage's input size, to show what the stage does on its own."""
+  from diffusion_jax import evaluate
+
+  _, images, captions = evaluate.validation_set(config, count)
+  return captions, np.repeat(downsampled(images, config)[:, None], num_per_prompt, axis=1)
+
+
+def write(stages, prompts: list[str], outputs, output_dir) -> pathlib.Path:
+  """`stage_<k>/` per stage (PNGs, grid, manifest) and `cascade.png`: each sample at every stage, upsampled
+  (nearest) to the final resolution, side by side. Returns the path of cascade.png."""
+  output_dir = pathlib.Path(output_dir)
+  chain = [{"stage": k, "workdir": str(s.workdir), "checkpoint_step": int(s.step),
+            "config_hash": sample.config_hash(s.config)} for k, s in enumerate(stages)]
+  entries = [{"prompt": p} for p in prompts]
+  for k, (stage, images) in enumerate(zip(stages, outputs)):
+    settings = {key: stage.sample_config[key] for key in STAGE_SETTINGS}
+    sample.write_outputs(output_dir / f"stage_{k}", [{**e, "seed": stage.sample_config.seed} for e in entries],
+                         images, {**settings, "checkpoint_step": int(stage.step),
+                                  "config_hash": sample.config_hash(stage.config), "cascade": chain[:k + 1]})
+  final = outputs[-1].shape[-2]
+  enlarge = lambda x: x.repeat(final // x.shape[-2], axis=-2).repeat(final // x.shape[-3], axis=-3)
+  rows = [np.concatenate([enlarge(o[p]) for o in outputs], axis=-2).reshape((-1,) + outputs[-1].shape[-3:-2] +
+                                                                          (final * len(outputs), 3))
+          for p in range(len(prompts))]
+  path = output_dir / "cascade.png"
+  media.save_png(path, media.labelled_grid(rows, prompts), {"cascade": chain, "prompts": prompts})
+  return path

@@ -1,0 +1,150 @@
+"""Cascades: super-resolution conditioning, stage chaining and the cascade sampler."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import sr_shapes
+from configs.cascades import shapes_16_32
+from diffusion_jax import cascade, evaluate, media, sample, superres
+
+
+@pytest.fixture(scope="session")
+def trained_sr(tmp_path_factory):
+  """The 32 px test SR stage (16 -> 32) trained for 4 steps: (config, workdir)."""
+  from diffusion_jax import train
+
+  config = sr_shapes.get_config("test")
+  config.data.data_dir = str(tmp_path_factory.mktemp("tfds_sr"))
+  workdir = tmp_path_factory.mktemp("workdir_sr")
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def cascade_config(*workdirs, steps=2):
+  c = shapes_16_32.get_config()
+  c.stages = tuple(shapes_16_32.stage(str(w), steps=steps, sampler="ddim", aug_level=0.0) for w in workdirs)
+  c.prompts = ("a large red circle at the top left", "a small blue square at the bottom right")
+  c.num_per_prompt = 2
+  return c
+
+
+def test_downsample_and_augmentation():
+  x = jax.random.uniform(jax.random.key(0), (3, 2, 8, 8, 3), minval=-1, maxval=1)  # videos: every frame
+  low = superres.downsample(x, 4)
+  assert low.shape == (3, 2, 4, 4, 3)
+  np.testing.assert_allclose(low.mean((2, 3)), x.mean((2, 3)), atol=0.05)  # a low-pass filter keeps the mean
+  assert low.std() < 0.7 * x.std()  # and removes the finest detail
+  np.testing.assert_allclose(superres.downsample(jnp.full((1, 8, 8, 3), 0.3), 4), 0.3, atol=1e-6)
+  logsnr_fn = lambda t: 4.0 - 8.0 * t
+  eps = jax.random.normal(jax.random.key(1), low.shape)
+  clean, clean_logsnr = superres.augment(low, jnp.zeros(3), eps, logsnr_fn)
+  np.testing.assert_array_equal(clean, low)
+  noisy, logsnr = superres.augment(low, jnp.array([0.0, 0.5, 1.0]), eps, logsnr_fn)
+  np.testing.assert_allclose(logsnr, [4.0, 0.0, -4.0])
+  alpha, sigma = jax.nn.sigmoid(logsnr) ** 0.5, jax.nn.sigmoid(-logsnr) ** 0.5
+  np.testing.assert_allclose(noisy[1:], alpha[1:, None, None, None, None] * low[1:] +
+                             sigma[1:, None, None, None, None] * eps[1:], atol=1e-5)
+  np.testing.assert_array_equal(noisy[0], low[0])
+
+
+def test_sr_stage_conditions_on_the_low_res_input(trained_sr):
+  """Two different low-res inputs give two different upsamplings of the same noise and caption."""
+  config, workdir = trained_sr
+  _, state, graphdef, _, mesh = sample.load_checkpoint(workdir)
+  from diffusion_jax.text import tokenizers
+
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(num_per_prompt=1, steps=2, aug_level=0.0)
+  lowres = np.stack([np.zeros((1, 16, 16, 3), np.uint8), np.full((1, 16, 16, 3), 255, np.uint8)])
+  out = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                        ["a large red circle"] * 2, sample_config, mesh, lowres=lowres)
+  assert out.shape == (2, 1, 32, 32, 3) and out.dtype == np.uint8
+  assert np.abs(out[0].astype(int) - out[1].astype(int)).mean() > 1
+  with pytest.raises(ValueError, match="super-resolution stage"):
+    sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config), ["a"],
+                    sample_config, mesh)
+
+
+def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_path):
+  stages = cascade.load(cascade_config(trained[1], trained_sr[1]))
+  prompts = ["a large red circle at the top left", "a small blue square at the bottom right"]
+  outputs = cascade.generate(stages, prompts)
+  assert [o.shape for o in outputs] == [(2, 2, 16, 16, 3), (2, 2, 32, 32, 3)]
+  assert all(o.dtype == np.uint8 for o in outputs)
+  path = cascade.write(stages, prompts, outputs, tmp_path)
+  assert path.exists() and (tmp_path / "stage_0" / "grid.png").exists()
+  record = json.loads((tmp_path / "stage_1" / "manifest.jsonl").read_text().splitlines()[0])
+  provenance = media.read_provenance(tmp_path / "stage_1" / record["file"])
+  chain = json.loads(provenance["cascade"])
+  assert [c["workdir"] for c in chain] == [str(trained[1]), str(trained_sr[1])]
+  assert json.loads(provenance["aug_level"]) == 0.0 and provenance["prompt"] == prompts[0]
+
+
+def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path):
+  with pytest.raises(ValueError, match="first stage must be a base model"):
+    cascade.load(cascade_config(trained_sr[1], trained_sr[1]))
+  with pytest.raises(ValueError, match="stage 1 .* is not a super-resolution stage"):
+    cascade.load(cascade_config(trained[1], trained[1]))
+  mismatched = tmp_path / "sr8"
+  mismatched.mkdir()
+  config = json.loads((trained_sr[1] / "config.json").read_text())
+  config["superres"]["lowres_resolution"] = 8
+  (mismatched / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="upsamples from 8 px but stage 0 .* produces 16 px"):
+    cascade.load(cascade_config(trained[1], mismatched))
+
+
+def test_sr_validation_inputs_are_the_real_images_downsampled(trained_sr):
+  config, _ = trained_sr
+  captions, lowres = cascade.validation_lowres(config, 2, 3)
+  _, images, real_captions = evaluate.validation_set(config, 2)
+  assert captions == real_captions and lowres.shape == (2, 3, 16, 16, 3) and lowres.dtype == np.uint8
+  assert (lowres == lowres[:, :1]).all()  # the same input for every sample of a caption
+  # Area downsampling keeps each image's mean colour.
+  np.testing.assert_allclose(lowres[:, 0].mean((1, 2)), images.mean((1, 2)), atol=2)
+
+
+def test_temporal_superres_repeats_each_low_res_frame_over_its_span():
+  """A temporal SR U-Net (2 low-res frames -> 4): with the temporal layers off, output frames 0-1 depend
+  only on low-res frame 0 and frames 2-3 only on low-res frame 1; with them on, every frame sees both."""
+  from flax import nnx
+
+  from diffusion_jax.models import unet
+  from test_unet import perturb, tiny_config
+
+  model = perturb(unet.UNet(tiny_config(dropout=0.0, temporal=True, max_frames=4, lowres_conditioning=True),
+                            rngs=nnx.Rngs(0)))
+  keys = jax.random.split(jax.random.key(0), 3)
+  x, lowres = jax.random.normal(keys[0], (2, 4, 8, 8, 3)), jax.random.normal(keys[1], (2, 2, 4, 4, 3))
+  args = (jnp.zeros(2), jax.random.normal(keys[2], (2, 5, 8)), jnp.ones((2, 5), bool))
+  run = nnx.jit(lambda m, low, is_video: m(x, *args, lowres=low, aug_logsnr=jnp.zeros(2), is_video=is_video))
+  for is_video, changed_frames in ((jnp.zeros(2, bool), [2, 3]), (jnp.ones(2, bool), [0, 1, 2, 3])):
+    base = run(model, lowres, is_video)
+    moved = run(model, lowres.at[:, 1].add(1.0), is_video)
+    change = np.asarray(jnp.abs(moved - base).max(axis=(0, 2, 3, 4)))
+    assert base.shape == (2, 4, 8, 8, 3)
+    assert all(change[k] > 1e-4 for k in changed_frames) and all(change[k] == 0 for k in range(4)
+                                                                  if k not in changed_frames)
+
+
+def test_superres_configs_are_checked():
+  from configs import t2v_moving_shapes
+  from diffusion_jax import config_checks
+
+  video = t2v_moving_shapes.get_config("test")
+  video.model.lowres_conditioning = True
+  video.superres.update(lowres_resolution=16, lowres_frames=2)  # temporal SR 2 -> 4 frames at 16 px
+  assert config_checks.problems(video, device_count=8, process_count=1) == []
+  x0 = jnp.arange(4.0)[None, :, None, None, None] * jnp.ones((1, 4, 16, 16, 3))
+  np.testing.assert_array_equal(superres.lowres_input(x0, video)[0, :, 0, 0, 0], [0.0, 2.0])
+  video.superres.lowres_frames = 3
+  assert any("lowres_frames=3" in p for p in config_checks.problems(video, 8, 1))
+  image = sr_shapes.get_config("test")
+  image.superres.lowres_resolution = 32
+  image.model.lowres_conditioning = False
+  found = " ".join(config_checks.problems(image, 8, 1))
+  assert "must be below data.resolution" in found and "needs both model.lowres_conditioning" in found
