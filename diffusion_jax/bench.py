@@ -13,6 +13,11 @@ Modes:
            moments) held by one device vs total / N, and the compiled step's argument and temporary
            bytes from XLA's memory analysis. On a CPU run it with
            XLA_FLAGS=--xla_force_host_platform_device_count=8.
+  peer     diffusers' PyTorch UNet2DConditionModel at a matched size (our widths, resolution and
+           attention levels, the depth whose parameter count is nearest; both counts printed; our
+           feed-forward set to diffusers' 4x): train step time (forward + backward + AdamW) and
+           sampling images/s (25-step DPM-Solver++(2M) with classifier-free guidance), ours vs theirs.
+           Needs torch and diffusers (`pip install -e '.[test]'`).
 Flags:
   --config   experiment config (overridable with --config.<field>=<value>)
   --steps    batches / train steps timed per measurement (default 20)
@@ -28,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("input", "step", "memory")
+MODES = ("input", "step", "memory", "peer")
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
@@ -51,16 +56,6 @@ def pipeline_examples_per_s(config, workers: int, batches: int) -> float:
   return batches * config.train.batch_size / (time.perf_counter() - start)
 
 
-def synthetic_batch(config) -> dict:
-  b, r, n = config.train.batch_size, config.data.resolution, config.text.max_length
-  visual = (b, config.data.frames, r, r, 3) if config.model.temporal else (b, r, r, 3)
-  batch = {"video" if config.model.temporal else "image": np.zeros(visual, np.float32),
-           "text_ids": np.ones((b, n), np.int32), "text_mask": np.ones((b, n), bool)}
-  if config.model.temporal:
-    batch["is_video"] = np.ones((b,), bool)
-  return batch
-
-
 def compiled_step(config, devices=None):
   """(compiled step, state, global batch, mesh, FLOPs per step per device) on `devices` (default all)."""
   from diffusion_jax import sharding, train
@@ -69,7 +64,7 @@ def compiled_step(config, devices=None):
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   tx, lr = train.make_optimizer(config, config.train.steps)
   state, graphdef = train.init_state(config, mesh, tx)
-  batch_np = synthetic_batch(config)
+  batch_np = pipeline.synthetic_batch(config)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
   compiled, flops = train.compile_step(train.make_train_step(config, graphdef, tx, lr), state, shapes, mesh)
   return compiled, state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)), mesh, flops
@@ -128,6 +123,46 @@ def step_table(config, steps: int, widths) -> str:
   return "\n".join(lines)
 
 
+def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 8) -> str:
+  """Our train step and sampler against diffusers' PyTorch U-Net at a matched size, on this machine."""
+  import torch
+
+  from diffusion_jax import diffusers_peer, sample, train
+  from diffusion_jax.text import tokenizers
+
+  config = config.copy_and_resolve_references()
+  config.model.ff_mult = 4  # diffusers' transformer blocks have a 4x (GEGLU) feed-forward
+  b, r, tokens = config.train.batch_size, config.data.resolution, config.text.max_length
+  compiled, state, batch, mesh, _ = compiled_step(config)
+  ours_params = train.count_params(state.params["unet"])
+  ours_step = time_steps(compiled, state, batch, steps)
+  peer = diffusers_peer.closest(config.model, r, ours_params)
+  theirs_step = diffusers_peer.train_step_seconds(peer, b, r, tokens, steps)
+
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(sampler="dpmpp_2m", steps=sampler_steps, guidance_scale=3.0, num_per_prompt=1)
+  tx, _ = train.make_optimizer(config, config.train.steps)
+  state, graphdef = train.init_state(config, mesh, tx)
+  generate = lambda: sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                                     ["a large red circle"] * sample_batch, sample_config, mesh)
+  generate()  # compile
+  start = time.perf_counter()
+  for _ in range(2):
+    generate()
+  ours_sampling = 2 * sample_batch / (time.perf_counter() - start)
+  theirs_sampling = diffusers_peer.sampling_images_per_s(peer, sample_batch, r, tokens, sampler_steps, 3.0)
+  lines = [f"peer: diffusers UNet2DConditionModel, layers_per_block={peer.config.layers_per_block}, torch "
+           f"{torch.__version__} with {torch.get_num_threads()} threads", "",
+           "| | ours (JAX) | diffusers (PyTorch) | ours vs diffusers |", "|---|---|---|---|",
+           f"| U-Net parameters | {ours_params / 1e6:.3f}M | {diffusers_peer.count(peer) / 1e6:.3f}M | "
+           f"{ours_params / diffusers_peer.count(peer):.3f}x |",
+           f"| train step (batch {b}, {r} px), ms | {ours_step * 1e3:.0f} | {theirs_step * 1e3:.0f} | "
+           f"{theirs_step / ours_step:.2f}x faster |",
+           f"| sampling, {sampler_steps}-step DPM-Solver++(2M) + guidance (batch {sample_batch}), images/s | "
+           f"{ours_sampling:.2f} | {theirs_sampling:.2f} | {ours_sampling / theirs_sampling:.2f}x faster |"]
+  return "\n".join(lines)
+
+
 def state_bytes_on_one_device(state) -> tuple[int, int]:
   """(bytes of the train state held by the first device, total bytes of the train state)."""
   leaves = jax.tree.leaves(state)
@@ -163,6 +198,8 @@ def main(argv):
     print(input_table(f.config, f.steps, f.workers))
   elif argv[1] == "step":
     print(step_table(f.config, f.steps, f.widths))
+  elif argv[1] == "peer":
+    print(peer_table(f.config, f.steps))
   else:
     print(memory_table(f.config))
 

@@ -33,3 +33,16 @@ def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):
   assert [r[0] for r in rows] == ["1", "8"] and float(rows[0][3]) == 1.0
   assert float(rows[1][3]) <= 1.1, f"FSDP over 8 devices keeps {rows[1][3]} x total/8 per device"
   assert float(rows[1][1]) < float(rows[0][1]) / 6 and float(rows[1][5]) > 0
+
+
+def test_peer_benchmark_runs_diffusers_at_a_matched_size(tmp_path_factory):
+  config = tiny_config(tmp_path_factory)
+  config.train.batch_size = 8
+  lines = bench.peer_table(config, steps=1, sampler_steps=2, sample_batch=2).splitlines()
+  assert lines[0].startswith("peer: diffusers UNet2DConditionModel, layers_per_block=")
+  rows = {cells(r)[0]: cells(r)[1:] for r in lines[4:]}
+  assert len(rows) == 3
+  params = rows["U-Net parameters"]
+  assert 0.7 < float(params[0].rstrip("M")) / float(params[1].rstrip("M")) < 1.3
+  for name, values in rows.items():
+    assert float(values[0].rstrip("M")) > 0 and float(values[1].rstrip("M")) > 0, name
