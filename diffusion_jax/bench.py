@@ -153,13 +153,13 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   theirs_sampling = diffusers_peer.sampling_images_per_s(peer, sample_batch, r, tokens, sampler_steps, 3.0)
   lines = [f"peer: diffusers UNet2DConditionModel, layers_per_block={peer.config.layers_per_block}, torch "
            f"{torch.__version__} with {torch.get_num_threads()} threads", "",
-           "| | ours (JAX) | diffusers (PyTorch) | ours vs diffusers |", "|---|---|---|---|",
+           "| | ours (JAX) | diffusers (PyTorch) | ours / diffusers |", "|---|---|---|---|",
            f"| U-Net parameters | {ours_params / 1e6:.3f}M | {diffusers_peer.count(peer) / 1e6:.3f}M | "
-           f"{ours_params / diffusers_peer.count(peer):.3f}x |",
+           f"{ours_params / diffusers_peer.count(peer):.3f} |",
            f"| train step (batch {b}, {r} px), ms | {ours_step * 1e3:.0f} | {theirs_step * 1e3:.0f} | "
-           f"{theirs_step / ours_step:.2f}x faster |",
+           f"speed {theirs_step / ours_step:.2f} |",
            f"| sampling, {sampler_steps}-step DPM-Solver++(2M) + guidance (batch {sample_batch}), images/s | "
-           f"{ours_sampling:.2f} | {theirs_sampling:.2f} | {ours_sampling / theirs_sampling:.2f}x faster |"]
+           f"{ours_sampling:.2f} | {theirs_sampling:.2f} | speed {ours_sampling / theirs_sampling:.2f} |"]
   return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Evaluation job: score checkpoints of a training workdir, once each, beside training or on demand.
 
-  python -m diffusion_jax.evaluate --workdir=DIR [--watch] [--step=N] [--guidance_sweep=1,2,3,5]
+  python -m diffusion_jax.evaluate --workdir=DIR [--watch] [--step=N] [--guidance_sweep=1,2,3,5] [--aug_sweep=0,0.2]
 
 Flags:
   --workdir           training workdir (required)
@@ -12,6 +12,8 @@ Flags:
   --heldout_examples  validation examples for the held-out loss (default 64)
   --guidance_sweep    comma-separated guidance scales: also write a table and a plot of the metrics
                       against guidance for the evaluated checkpoint(s)
+  --aug_sweep         super-resolution stages: comma-separated noise-augmentation levels of the low-res
+                      input (sample.aug_level), written the same way as aug_level_sweep_step_N.{md,png}
 
 Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard scalars (`logs/eval`):
 held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images
@@ -19,7 +21,7 @@ held-out loss per log-SNR level, FID (random-conv features) of generated vs real
 per-attribute accuracy on captioned_shapes (shapes_judge) or moving_shapes (motion_judge: direction of
 motion, object attributes, appearance change between frames). A super-resolution stage is given the
 validation images downsampled to its input size (at sample.aug_level) and judged on what it makes of
-them. Steps already in eval.jsonl are skipped, so the job is resumable.
+them, with its PSNR against the real images next to that of bicubic upsampling. Steps already in eval.jsonl are skipped, so the job is resumable.
 """
 
 import json
@@ -33,7 +35,7 @@ from absl import app, flags
 
 from diffusion_jax import cascade, checkpoint, media, metric_writers, sample
 from diffusion_jax.data import pipeline
-from diffusion_jax.metrics import fid, fvd, heldout_loss, motion_judge, shapes_judge
+from diffusion_jax.metrics import fid, fvd, heldout_loss, motion_judge, psnr, shapes_judge
 from diffusion_jax.text import tokenizers
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   frames = lambda v: v.reshape((-1,) + v.shape[-3:])  # videos: FID over all their frames
   metrics = {"fid_random_conv": fid.fid(fid.random_conv_features(frames(generated)),
                                         fid.random_conv_features(frames(images)))}
+  if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
+    metrics["psnr"] = psnr.psnr(generated, images)
+    metrics["psnr_bicubic"] = psnr.psnr(psnr.bicubic(lowres[:, 0], images), images)
   if generated.ndim == 5:
     metrics["fvd_random_conv"] = fvd.fvd(generated, images)
   judges = {"captioned_shapes": shapes_judge, "moving_shapes": motion_judge}
@@ -79,7 +84,12 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   return metrics, generated
 
 
-def evaluate_step(workdir, step, num_prompts, heldout_examples, guidance_sweep=()):
+# Sample settings that can be swept: the flag's name, and the file name and axis label of its table and plot.
+SWEEPS = {"guidance_scale": ("guidance", "guidance scale"), "aug_level": ("aug_level", "noise-augmentation level")}
+
+
+def evaluate_step(workdir, step, num_prompts, heldout_examples, sweeps=None):
+  """(step, metrics, generated, {swept field: [(value, metrics)]}) of one checkpoint."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -90,12 +100,15 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, guidance_sweep=(
   generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images[:num_prompts],
                                                     captions[:num_prompts], sample_config)
   metrics.update(generated_metrics)
-  sweep = []
-  for scale in guidance_sweep:
-    sample_config.guidance_scale = scale
-    sweep.append((scale, generation_metrics(config, graphdef, state, mesh, images[:num_prompts],
-                                            captions[:num_prompts], sample_config)[0]))
-  return step, metrics, generated, sweep
+  results = {}
+  for field, values in (sweeps or {}).items():
+    swept = sample_config.copy_and_resolve_references()
+    results[field] = []
+    for value in values:
+      swept[field] = value
+      results[field].append((value, generation_metrics(config, graphdef, state, mesh, images[:num_prompts],
+                                                       captions[:num_prompts], swept)[0]))
+  return step, metrics, generated, results
 
 
 def done_steps(workdir) -> set:
@@ -105,8 +118,8 @@ def done_steps(workdir) -> set:
   return {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def write_sweep(workdir, step, sweep) -> pathlib.Path:
-  """Markdown table and PNG plot of metrics against guidance scale."""
+def write_sweep(workdir, step, field, sweep) -> pathlib.Path:
+  """Markdown table and PNG plot of metrics against a swept sample setting (SWEEPS)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -114,29 +127,31 @@ def write_sweep(workdir, step, sweep) -> pathlib.Path:
 
   directory = pathlib.Path(workdir) / "eval"
   directory.mkdir(parents=True, exist_ok=True)
+  name, label = SWEEPS[field]
   keys = sorted(sweep[0][1])
-  lines = ["| guidance | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  lines = [f"| {name} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
   lines += [f"| {scale:g} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |" for scale, m in sweep]
-  (directory / f"guidance_sweep_step_{step}.md").write_text("\n".join(lines) + "\n")
+  (directory / f"{name}_sweep_step_{step}.md").write_text("\n".join(lines) + "\n")
   figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
   scales = [s for s, _ in sweep]
   axes[0].plot(scales, [m["fid_random_conv"] for _, m in sweep], "o-")
-  axes[0].set(xlabel="guidance scale", ylabel="FID (random-conv features)", title=f"step {step}")
+  axes[0].set(xlabel=label, ylabel="FID (random-conv features)", title=f"step {step}")
   for key in (k for k in keys if k.startswith("accuracy/")):
     axes[1].plot(scales, [m[key] for _, m in sweep], "o-", label=key.split("/")[1])
-  axes[1].set(xlabel="guidance scale", ylabel="judge accuracy")
+  axes[1].set(xlabel=label, ylabel="judge accuracy")
   if any(k.startswith("accuracy/") for k in keys):
     axes[1].legend(fontsize=7)
   figure.tight_layout()
-  path = directory / f"guidance_sweep_step_{step}.png"
+  path = directory / f"{name}_sweep_step_{step}.png"
   figure.savefig(path, dpi=100)
   plt.close(figure)
   return path
 
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
-        heldout_examples=64, guidance_sweep=()):
-  """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written."""
+        heldout_examples=64, sweeps=None):
+  """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
+  sweeps: {sample field in SWEEPS: values} also written as a table and a plot per checkpoint."""
   config = checkpoint.read_config(workdir)
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
   written, idle_since = [], time.time()
@@ -146,12 +161,12 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     if step is None and not todo and not mngr.all_steps() and not watch:
       raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
     for s in todo:
-      s, metrics, generated, sweep = evaluate_step(workdir, s, num_prompts, heldout_examples, guidance_sweep)
+      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, sweeps)
       writer.write(s, metrics)
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
-      if sweep:
-        log.info("guidance sweep plot: %s", write_sweep(workdir, s, sweep))
+      for field, sweep in swept.items():
+        log.info("%s sweep plot: %s", field, write_sweep(workdir, s, field, sweep))
       written.append({"step": s, **metrics})
       idle_since = time.time()
     if not watch or step is not None or time.time() - idle_since > max_idle_minutes * 60:
@@ -170,6 +185,7 @@ def define_flags():
   flags.DEFINE_integer("num_prompts", 64, "Validation captions to generate for (also the FID set size).")
   flags.DEFINE_integer("heldout_examples", 64, "Validation examples for the held-out loss.")
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
+  flags.DEFINE_list("aug_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
 
 
 def main(argv):
@@ -179,9 +195,10 @@ def main(argv):
     raise app.UsageError("--workdir is required.")
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   try:
-    scales = [float(s) for s in f.guidance_sweep]
+    sweeps = {field: [float(v) for v in values] for field, values in
+              (("guidance_scale", f.guidance_sweep), ("aug_level", f.aug_sweep)) if values}
     results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
-                  f.heldout_examples, scales)
+                  f.heldout_examples, sweeps)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -41,8 +41,7 @@ def main(argv):
     jax.distributed.initialize()
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, tfds) say only what matters
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
-  from diffusion_jax import sample, sharding, train
-  from diffusion_jax.text import tokenizers
+  from diffusion_jax import train
 
   config = f.config
   try:
@@ -51,23 +50,30 @@ def main(argv):
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   if config.train.sample_at_end and int(state.step) == config.train.steps:  # not after a preemption
-    mesh = sharding.make_mesh(config.mesh)
-    params = state.ema[0] if config.sample.use_ema else state.params
-    step = int(state.step)
-    prompts, lowres = list(config.sample.prompts), None
-    if config.model.lowres_conditioning:  # a super-resolution stage upsamples real (downsampled) validation images
-      from diffusion_jax import cascade
+    print(f"samples: {write_final_samples(config, state, graphdef, f.workdir)}")
 
-      prompts, lowres = cascade.validation_lowres(config, len(prompts), config.sample.num_per_prompt)
-    grid = sample.write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
-                                config.sample, mesh, step, f"{f.workdir}/samples/step_{step}", lowres=lowres)
-    if jax.process_index() == 0:
-      from diffusion_jax import media, metric_writers
 
-      writer = metric_writers.MetricWriter(f.workdir, config.train.steps, name="samples")
-      writer.write_image(step, "samples/grid", media.read_image(grid))
-      writer.close()
-    print(f"samples: {grid}")
+def write_final_samples(config, state, graphdef, workdir):
+  """Samples of the config's prompts (a super-resolution stage: as many real validation images,
+  downsampled, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the grid path."""
+  from diffusion_jax import media, metric_writers, sample, sharding
+  from diffusion_jax.text import tokenizers
+
+  mesh = sharding.make_mesh(config.mesh)
+  params = state.ema[0] if config.sample.use_ema else state.params
+  step = int(state.step)
+  prompts, lowres = list(config.sample.prompts), None
+  if config.model.lowres_conditioning:
+    from diffusion_jax import cascade
+
+    prompts, lowres = cascade.validation_lowres(config, len(prompts), config.sample.num_per_prompt)
+  grid = sample.write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
+                              config.sample, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres)
+  if jax.process_index() == 0:
+    writer = metric_writers.MetricWriter(workdir, config.train.steps, name="samples")
+    writer.write_image(step, "samples/grid", media.read_image(grid))
+    writer.close()
+  return grid
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def test_evaluation_job_is_resumable(trained):
   assert evaluate.run(workdir, num_prompts=8, heldout_examples=8) == []  # nothing left to do
   lines = (workdir / "logs" / "eval.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [2, 4]
-  sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8, guidance_sweep=(1.0, 4.0))
+  sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8, sweeps={"guidance_scale": (1.0, 4.0)})
   assert sweep[0]["step"] == 4
   assert (workdir / "eval" / "guidance_sweep_step_4.png").exists()
   assert "| guidance |" in (workdir / "eval" / "guidance_sweep_step_4.md").read_text()
