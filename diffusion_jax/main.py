@@ -50,30 +50,9 @@ def main(argv):
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   if config.train.sample_at_end and int(state.step) == config.train.steps:  # not after a preemption
-    print(f"samples: {write_final_samples(config, state, graphdef, f.workdir)}")
+    from diffusion_jax import sample
 
-
-def write_final_samples(config, state, graphdef, workdir):
-  """Samples of the config's prompts (a super-resolution stage: as many real validation images,
-  downsampled, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the grid path."""
-  from diffusion_jax import media, metric_writers, sample, sharding
-  from diffusion_jax.text import tokenizers
-
-  mesh = sharding.make_mesh(config.mesh)
-  params = state.ema[0] if config.sample.use_ema else state.params
-  step = int(state.step)
-  prompts, lowres = list(config.sample.prompts), None
-  if config.model.lowres_conditioning:
-    from diffusion_jax import cascade
-
-    prompts, lowres = cascade.validation_lowres(config, len(prompts), config.sample.num_per_prompt)
-  grid = sample.write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
-                              config.sample, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres)
-  if jax.process_index() == 0:
-    writer = metric_writers.MetricWriter(workdir, config.train.steps, name="samples")
-    writer.write_image(step, "samples/grid", media.read_image(grid))
-    writer.close()
-  return grid
+    print(f"samples: {sample.write_final_samples(config, state, graphdef, f.workdir)}")
 
 
 if __name__ == "__main__":

@@ -258,6 +258,29 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   return write_outputs(output_dir, entries, np.stack(images), provenance)
 
 
+def write_final_samples(config, state, graphdef, workdir):
+  """Samples of the config's prompts (a super-resolution stage: as many real validation images,
+  downsampled, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the grid path."""
+  from diffusion_jax import metric_writers
+  from diffusion_jax.text import tokenizers
+
+  mesh = sharding.make_mesh(config.mesh)
+  params = state.ema[0] if config.sample.use_ema else state.params
+  step = int(state.step)
+  prompts, lowres = list(config.sample.prompts), None
+  if config.model.lowres_conditioning:
+    from diffusion_jax import cascade
+
+    prompts, lowres = cascade.validation_lowres(config, len(prompts), config.sample.num_per_prompt)
+  grid = write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
+                       config.sample, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres)
+  if jax.process_index() == 0:
+    writer = metric_writers.MetricWriter(workdir, config.train.steps, name="samples")
+    writer.write_image(step, "samples/grid", media.read_image(grid))
+    writer.close()
+  return grid
+
+
 def define_flags():
   """Flags of the sampling CLI (defined only when this module is the program)."""
   flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")

@@ -99,10 +99,10 @@ def test_runner_skips_finished_runs_and_resumes_a_killed_one(tmp_path, monkeypat
   root = tmp_path / "sweep"
   flags = ["--sweep=configs/scaling/shapes_t2i.py:test", "--sweep.width_multipliers=(0.5,)",
            "--sweep.budgets=(1.2e10,1e11)", f"--root={root}"]
-  # The killed sweep runs on one device; the resumed run continues it on eight (checkpoints are mesh-free).
+  # Both sweep processes run on one device: compiling for one is faster than for the eight of the tests.
   env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  process = subprocess.Popen([sys.executable, "-m", "diffusion_jax.scaling.run", *flags], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  command = [sys.executable, "-m", "diffusion_jax.scaling.run", *flags]
+  process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   # Kill it (no chance to save) once the second run has committed a checkpoint before its last step.
   sweep = shapes_t2i.get_config("test")
   sweep.update(width_multipliers=(0.5,), budgets=(1.2e10, 1e11))
@@ -120,18 +120,24 @@ def test_runner_skips_finished_runs_and_resumes_a_killed_one(tmp_path, monkeypat
   first, second = sweeps.plan(sweep, root / "measurements.json")
   assert list(runner.read_results(root)) == [first.name]
 
-  caplog.set_level("INFO", logger="diffusion_jax")
-  records = runner.run_sweep(sweep, root)
-  log = caplog.text
-  assert f"run 1/1 {second.name}" in log and first.name + ":" not in log  # the finished run is skipped
+  # Rerun: the finished run is skipped, the killed one resumes and also records FID and judge accuracy.
+  rerun = subprocess.run(command + ["--sweep.generation_metrics=4"], env=env, capture_output=True, text=True,
+                         timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  log = rerun.stderr
+  assert f"run 1/1 {second.name}" in log and first.name + ":" not in log
   resumed = int(log.split("resumed from step ")[1].split()[0])
   assert 0 < resumed < second.steps
+  records = list(runner.read_results(root).values())
   assert [r["name"] for r in records] == [first.name, second.name]
   assert records[1]["steps"] == second.steps and records[1]["total_flops"] == pytest.approx(
       second.steps * second.flops_per_example * records[1]["batch_size"])
   assert np.isfinite(records[1]["heldout_loss"]) and "heldout_loss/logsnr_+0" in records[1]
+  assert records[1]["fid_random_conv"] >= 0 and 0 <= records[1]["accuracy/all"] <= 1
+  assert "fid_random_conv" not in records[0]
+  assert not (root / "scaling.md").exists()  # one size per budget: nothing to fit, no report
 
-  caplog.clear()
+  caplog.set_level("INFO", logger="diffusion_jax")
   assert runner.run_sweep(sweep, root) == records and "run 1/" not in caplog.text  # nothing left to do
   assert runner.print_commands(sweep, root, "LAUNCH") == []
   (root / "results.jsonl").write_text(json.dumps(records[0]) + "\n")

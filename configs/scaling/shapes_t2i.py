@@ -21,6 +21,7 @@ def get_config(variant: str = ""):
   c.warmup_fraction = 0.05                          # optimizer.warmup_steps = this x steps
   c.checkpoints_per_run = 4                         # a killed run resumes from its last checkpoint
   c.heldout_examples = 256                          # validation examples for the final held-out loss
+  c.generation_metrics = 0                          # > 0: also FID and judge accuracy on this many captions
   c.bootstrap_samples = 1000
   if variant == "test":
     c.experiment = "configs/t2i_shapes.py:test"

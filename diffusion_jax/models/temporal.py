@@ -13,7 +13,6 @@ residual is multiplied by `is_video` [batch], so images (one-frame or tiled "vid
 False) pass through unchanged and joint image-video batches are exact.
 """
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

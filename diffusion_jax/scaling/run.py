@@ -17,7 +17,8 @@ Flags:
 Runs execute one after another in this process. Finished runs (in results.jsonl) are skipped; a run
 that was killed resumes from its last checkpoint. Each record holds the parameters, FLOPs per example
 and per step, steps, examples, total FLOPs, and the final held-out loss (fixed (x0, log-SNR, noise)
-triples on validation data) overall and per log-SNR level.
+triples on validation data) overall and per log-SNR level; with `sweep.generation_metrics` > 0 also FID
+and the judge's per-attribute accuracy on that many generated validation captions.
 """
 
 import json
@@ -59,15 +60,23 @@ def heldout_record(sweep, run: sweeps.Run, workdir) -> dict:
   from diffusion_jax import evaluate, sample
   from diffusion_jax.metrics import heldout_loss
 
-  config, state, graphdef, step, _ = sample.load_checkpoint(workdir)
-  batch, _, _ = evaluate.validation_set(config, sweep.heldout_examples)
+  config, state, graphdef, step, mesh = sample.load_checkpoint(workdir)
+  count = max(sweep.heldout_examples, sweep.generation_metrics)
+  batch, images, captions = evaluate.validation_set(config, count)
+  batch = {k: v[:sweep.heldout_examples] for k, v in batch.items()}
   params = state.ema[0] if config.sample.use_ema else state.params
   losses = heldout_loss.make_heldout_loss_fn(config, graphdef)(params, state.frozen, batch)
   batch_size = config.train.batch_size
-  return {"name": run.name, "size": run.size, "budget": run.budget, "params": run.params,
-          "flops_per_example": run.flops_per_example, "flops_per_step": run.flops_per_example * batch_size,
-          "steps": step, "batch_size": batch_size, "examples": step * batch_size,
-          "total_flops": run.flops_per_example * batch_size * step, **heldout_loss.as_metrics(losses)}
+  record = {"name": run.name, "size": run.size, "budget": run.budget, "params": run.params,
+            "flops_per_example": run.flops_per_example, "flops_per_step": run.flops_per_example * batch_size,
+            "steps": step, "batch_size": batch_size, "examples": step * batch_size,
+            "total_flops": run.flops_per_example * batch_size * step, **heldout_loss.as_metrics(losses)}
+  if sweep.generation_metrics:  # FID and the judge's accuracy on that many validation captions
+    sample_config = config.sample.copy_and_resolve_references()
+    sample_config.num_per_prompt = 1
+    n = sweep.generation_metrics
+    record |= evaluate.generation_metrics(config, graphdef, state, mesh, images[:n], captions[:n], sample_config)[0]
+  return record
 
 
 def train_run(sweep, run: sweeps.Run, workdir) -> bool:
