@@ -147,3 +147,12 @@ def test_runner_skips_finished_runs_and_resumes_a_killed_one(tmp_path, monkeypat
   # The printed flags, parsed back, give the config the runner trains with.
   overrides = {w.split("=", 1)[0][len("--config."):]: ast.literal_eval(w.split("=", 1)[1]) for w in words[2:-1]}
   assert sweeps.apply(sweeps.load_config_file(sweep.experiment), overrides) == sweeps.run_config(sweep, second)
+
+
+def test_only_selects_named_runs_and_refuses_unknown_names():
+  from diffusion_jax.scaling import run as runner
+
+  runs = [sweeps.Run(f"c8_d1_C{b}", "c8_d1", b, {}, 1.0, 10, 5, 2) for b in (1, 2)]
+  assert runner.selected(runs) == runs and runner.selected(runs, ["c8_d1_C2"]) == runs[1:]
+  with pytest.raises(ValueError, match=r"does not have: \['c9_d1_C1'\]"):
+    runner.selected(runs, ["c9_d1_C1"])

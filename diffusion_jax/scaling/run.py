@@ -89,10 +89,19 @@ def train_run(sweep, run: sweeps.Run, workdir) -> bool:
   return int(state.step) == run.steps
 
 
+def selected(runs, only=()) -> list:
+  """The runs named in `only` (all when empty); a name the plan does not have is an error."""
+  unknown = sorted(set(only) - {r.name for r in runs})
+  if unknown:
+    raise ValueError(f"--only names runs this sweep does not have: {unknown}; its runs are "
+                     f"{[r.name for r in runs]}.")
+  return [r for r in runs if not only or r.name in only]
+
+
 def run_sweep(sweep, root, only=()) -> list[dict]:
   """Train and record every unfinished run (in plan order); returns all records, then writes the report."""
   root = pathlib.Path(root)
-  runs = [r for r in sweeps.plan(sweep, root / "measurements.json") if not only or r.name in only]
+  runs = selected(sweeps.plan(sweep, root / "measurements.json"), only)
   done = read_results(root)
   todo = [r for r in runs if r.name not in done]
   total = sum(r.total_flops for r in todo)
@@ -118,8 +127,8 @@ def print_commands(sweep, root, launcher: str, only=()) -> list[str]:
   root = pathlib.Path(root)
   done = read_results(root)
   lines = []
-  for run in sweeps.plan(sweep, root / "measurements.json"):
-    if run.name in done or (only and run.name not in only):
+  for run in selected(sweeps.plan(sweep, root / "measurements.json"), only):
+    if run.name in done:
       continue
     lines.append(" ".join([launcher, *(shlex.quote(a) for a in sweeps.main_command(sweep, run, root / run.name))]))
   return lines
