@@ -1,6 +1,8 @@
 """Evaluation job: score checkpoints of a training workdir, once each, beside training or on demand.
 
-  python -m diffusion_jax.evaluate --workdir=DIR [--watch] [--step=N] [--guidance_sweep=1,2,3,5] [--aug_sweep=0,0.2]
+  python -m diffusion_jax.evaluate --workdir=DIR [--watch] [--step=N] [--guidance_sweep=1,2,3,5]
+                                   [--steps_sweep=10,25,50] [--sampler_sweep=dpmpp_2m:20,ddpm:1000]
+                                   [--aug_level_sweep=0,0.2]
 
 Flags:
   --workdir           training workdir (required)
@@ -11,9 +13,13 @@ Flags:
   --num_prompts       validation captions to generate for (default 64); also the FID set size
   --heldout_examples  validation examples for the held-out loss (default 64)
   --guidance_sweep    comma-separated guidance scales: also write a table and a plot of the metrics
-                      against guidance for the evaluated checkpoint(s)
-  --aug_sweep         super-resolution stages: comma-separated noise-augmentation levels of the low-res
-                      input (sample.aug_level), written the same way as aug_level_sweep_step_N.{md,png}
+                      against guidance (WORKDIR/eval/guidance_sweep_step_N.{md,png})
+  --steps_sweep       comma-separated sampler step counts, written the same way (steps_sweep_step_N)
+  --sampler_sweep     comma-separated SAMPLER[:STEPS] settings compared side by side (sampler_sweep_step_N),
+                      e.g. dpmpp_2m:20,ddpm:1000
+  --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
+                      input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}
+Every swept value is checked before any checkpoint is loaded; the others keep the config's sample settings.
 
 Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard scalars (`logs/eval`):
 held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images
@@ -84,30 +90,61 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   return metrics, generated
 
 
-# Sample settings that can be swept: the flag's name, and the file name and axis label of its table and plot.
-SWEEPS = {"guidance_scale": ("guidance", "guidance scale"), "aug_level": ("aug_level", "noise-augmentation level")}
+def _sampler_and_steps(value: str) -> dict:
+  sampler, _, steps = value.partition(":")
+  return {"sampler": sampler, **({"steps": int(steps)} if steps else {})}
 
 
-def evaluate_step(workdir, step, num_prompts, heldout_examples, sweeps=None):
-  """(step, metrics, generated, {swept field: [(value, metrics)]}) of one checkpoint."""
+# Sample settings that can be swept: name -> (axis label, value string -> the sample-config fields it sets).
+# `--NAME_sweep=v1,v2` writes WORKDIR/eval/NAME_sweep_step_N.{md,png}.
+SWEEPS = {
+    "guidance": ("guidance scale", lambda value: {"guidance_scale": float(value)}),
+    "steps": ("sampler steps", lambda value: {"steps": int(value)}),
+    "sampler": ("sampler:steps", _sampler_and_steps),
+    "aug_level": ("noise-augmentation level", lambda value: {"aug_level": float(value)}),
+}
+
+
+def evaluation_sample_config(config):
+  """The config's sample settings with one image per validation caption."""
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.num_per_prompt = 1
+  return sample_config
+
+
+def sweep_settings(sweeps: dict, sample_config) -> dict:
+  """{name in SWEEPS: [values]} -> {name: [(value string, sample config)]}; all bad values in one ValueError."""
+  settings, problems = {}, []
+  for name, values in sweeps.items():
+    settings[name] = []
+    for value in map(str, values):
+      swept = sample_config.copy_and_resolve_references()
+      try:
+        swept.update(SWEEPS[name][1](value))
+      except ValueError as error:
+        problems.append(f"--{name}_sweep value {value!r}: {error}")
+        continue
+      problems += [f"--{name}_sweep value {value!r}: {problem}" for problem in sample.setting_problems(swept)]
+      settings[name].append((value, swept))
+  if problems:
+    raise ValueError("; ".join(problems))
+  return settings
+
+
+def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None):
+  """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
+  sweep_settings."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
   params = state.ema[0] if config.sample.use_ema else state.params
   metrics = heldout_loss.as_metrics(heldout_loss.make_heldout_loss_fn(config, graphdef)(params, state.frozen, small))
-  sample_config = config.sample.copy_and_resolve_references()
-  sample_config.num_per_prompt = 1
-  generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images[:num_prompts],
-                                                    captions[:num_prompts], sample_config)
+  images, captions = images[:num_prompts], captions[:num_prompts]
+  generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions,
+                                                    evaluation_sample_config(config))
   metrics.update(generated_metrics)
-  results = {}
-  for field, values in (sweeps or {}).items():
-    swept = sample_config.copy_and_resolve_references()
-    results[field] = []
-    for value in values:
-      swept[field] = value
-      results[field].append((value, generation_metrics(config, graphdef, state, mesh, images[:num_prompts],
-                                                       captions[:num_prompts], swept)[0]))
+  results = {name: [(value, generation_metrics(config, graphdef, state, mesh, images, captions, swept)[0])
+                    for value, swept in points] for name, points in (settings or {}).items()}
   return step, metrics, generated, results
 
 
@@ -118,8 +155,9 @@ def done_steps(workdir) -> set:
   return {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def write_sweep(workdir, step, field, sweep) -> pathlib.Path:
-  """Markdown table and PNG plot of metrics against a swept sample setting (SWEEPS)."""
+def write_sweep(workdir, step, name, sweep) -> pathlib.Path:
+  """Markdown table and PNG plot of metrics against a swept sample setting (SWEEPS); `sweep` is
+  [(value string, metrics)]. Numeric values share a numeric axis, others (sampler:steps) are categories."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -127,20 +165,27 @@ def write_sweep(workdir, step, field, sweep) -> pathlib.Path:
 
   directory = pathlib.Path(workdir) / "eval"
   directory.mkdir(parents=True, exist_ok=True)
-  name, label = SWEEPS[field]
+  label = SWEEPS[name][0]
   keys = sorted(sweep[0][1])
   lines = [f"| {name} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-  lines += [f"| {scale:g} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |" for scale, m in sweep]
+  lines += [f"| {value} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |" for value, m in sweep]
   (directory / f"{name}_sweep_step_{step}.md").write_text("\n".join(lines) + "\n")
+  values = [value for value, _ in sweep]
+  try:
+    positions = [float(value) for value in values]
+  except ValueError:
+    positions = list(range(len(values)))
   figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-  scales = [s for s, _ in sweep]
-  axes[0].plot(scales, [m["fid_random_conv"] for _, m in sweep], "o-")
+  axes[0].plot(positions, [m["fid_random_conv"] for _, m in sweep], "o-")
   axes[0].set(xlabel=label, ylabel="FID (random-conv features)", title=f"step {step}")
   for key in (k for k in keys if k.startswith("accuracy/")):
-    axes[1].plot(scales, [m[key] for _, m in sweep], "o-", label=key.split("/")[1])
+    axes[1].plot(positions, [m[key] for _, m in sweep], "o-", label=key.split("/")[1])
   axes[1].set(xlabel=label, ylabel="judge accuracy")
   if any(k.startswith("accuracy/") for k in keys):
     axes[1].legend(fontsize=7)
+  if positions == list(range(len(values))):
+    for axis in axes:
+      axis.set_xticks(positions, values)
   figure.tight_layout()
   path = directory / f"{name}_sweep_step_{step}.png"
   figure.savefig(path, dpi=100)
@@ -151,8 +196,9 @@ def write_sweep(workdir, step, field, sweep) -> pathlib.Path:
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
-  sweeps: {sample field in SWEEPS: values} also written as a table and a plot per checkpoint."""
+  sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint."""
   config = checkpoint.read_config(workdir)
+  settings = sweep_settings(sweeps or {}, evaluation_sample_config(config))
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
   written, idle_since = [], time.time()
   while True:
@@ -161,12 +207,12 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     if step is None and not todo and not mngr.all_steps() and not watch:
       raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
     for s in todo:
-      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, sweeps)
+      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings)
       writer.write(s, metrics)
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
-      for field, sweep in swept.items():
-        log.info("%s sweep plot: %s", field, write_sweep(workdir, s, field, sweep))
+      for name, sweep in swept.items():
+        log.info("%s sweep plot: %s", name, write_sweep(workdir, s, name, sweep))
       written.append({"step": s, **metrics})
       idle_since = time.time()
     if not watch or step is not None or time.time() - idle_since > max_idle_minutes * 60:
@@ -185,7 +231,9 @@ def define_flags():
   flags.DEFINE_integer("num_prompts", 64, "Validation captions to generate for (also the FID set size).")
   flags.DEFINE_integer("heldout_examples", 64, "Validation examples for the held-out loss.")
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
-  flags.DEFINE_list("aug_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
+  flags.DEFINE_list("steps_sweep", [], "Sampler step counts for a metric-vs-steps table and plot.")
+  flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
+  flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
 
 
 def main(argv):
@@ -195,8 +243,7 @@ def main(argv):
     raise app.UsageError("--workdir is required.")
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   try:
-    sweeps = {field: [float(v) for v in values] for field, values in
-              (("guidance_scale", f.guidance_sweep), ("aug_level", f.aug_sweep)) if values}
+    sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
     results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                   f.heldout_examples, sweeps)
   except ValueError as error:

@@ -210,12 +210,8 @@ def load_checkpoint(workdir, step=None):
   return config, state, graphdef, step, mesh
 
 
-def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None):
-  from diffusion_jax.text import tokenizers
-
-  config = checkpoint.read_config(workdir)
-  sample_config = config.sample
-  sample_config.update({k: v for k, v in overrides.items() if v is not None})
+def setting_problems(sample_config) -> list[str]:
+  """What is wrong with a sample config's sampler, steps and guidance scale (empty when nothing)."""
   problems = []
   if sample_config.sampler not in samplers.SAMPLERS:
     problems.append(f"--sampler={sample_config.sampler!r} is not one of {list(samplers.SAMPLERS)}")
@@ -223,7 +219,16 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     problems.append(f"--steps={sample_config.steps} must be >= 1")
   if sample_config.guidance_scale < 0:
     problems.append(f"--guidance_scale={sample_config.guidance_scale} must be >= 0")
-  if problems:
+  return problems
+
+
+def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None):
+  from diffusion_jax.text import tokenizers
+
+  config = checkpoint.read_config(workdir)
+  sample_config = config.sample
+  sample_config.update({k: v for k, v in overrides.items() if v is not None})
+  if problems := setting_problems(sample_config):
     raise ValueError("; ".join(problems))
   prompts = read_prompts(prompts_path) if prompts_path else [{"prompt": p} for p in sample_config.prompts]
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)

@@ -68,7 +68,14 @@ def test_evaluation_job_is_resumable(trained):
   assert evaluate.run(workdir, num_prompts=8, heldout_examples=8) == []  # nothing left to do
   lines = (workdir / "logs" / "eval.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [2, 4]
-  sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8, sweeps={"guidance_scale": (1.0, 4.0)})
+  with pytest.raises(ValueError) as error:  # every bad swept value named before anything is loaded
+    evaluate.run(workdir, step=4, sweeps={"sampler": ("nope:20", "ddpm:0"), "steps": ("many",)})
+  for part in ("'nope:20'", "'ddpm:0'", "must be >= 1", "--steps_sweep value 'many'"):
+    assert part in str(error.value)
+  sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8,
+                       sweeps={"guidance": (1.0, 4.0), "sampler": ("ddim:3", "ddpm")})
   assert sweep[0]["step"] == 4
   assert (workdir / "eval" / "guidance_sweep_step_4.png").exists()
   assert "| guidance |" in (workdir / "eval" / "guidance_sweep_step_4.md").read_text()
+  table = (workdir / "eval" / "sampler_sweep_step_4.md").read_text().splitlines()
+  assert [line.split(" | ")[0] for line in table[2:]] == ["| ddim:3", "| ddpm"]

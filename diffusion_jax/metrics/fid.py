@@ -20,7 +20,7 @@ def statistics(features: np.ndarray):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))."""
-  covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():  # near-singular product: regularise as the reference FID code does
     offset = np.eye(sigma1.shape[0]) * 1e-6
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
