@@ -15,6 +15,9 @@ Flags:
   --inception_weights local FID Inception-v3 weights, pytorch-fid's pt_inception-2015-12-05-6726825d.pth
                       (needs torch) or the same tensors as .safetensors / .npz: adds fid_inception (the
                       standard FID; for video models per frame). Nothing is downloaded.
+  --clip_weights      local Hugging Face CLIP directory (config.json, model.safetensors, tokenizer.json, e.g.
+                      openai/clip-vit-base-patch32): adds clip_score, 100 * max(cosine, 0) of each generated
+                      image (video: each frame) with its caption, averaged
   --guidance_sweep    comma-separated guidance scales: also write a table and a plot of the metrics
                       against guidance (WORKDIR/eval/guidance_sweep_step_N.{md,png})
   --steps_sweep       comma-separated sampler step counts, written the same way (steps_sweep_step_N)
@@ -44,7 +47,7 @@ from absl import app, flags
 
 from diffusion_jax import cascade, checkpoint, media, metric_writers, sample
 from diffusion_jax.data import pipeline
-from diffusion_jax.metrics import fid, fvd, heldout_loss, inception, motion_judge, psnr, shapes_judge
+from diffusion_jax.metrics import clip_score, fid, fvd, heldout_loss, inception, motion_judge, psnr, shapes_judge
 from diffusion_jax.text import tokenizers
 
 log = logging.getLogger(__name__)
@@ -80,9 +83,10 @@ def fid_feature_fns(inception_weights=None) -> dict:
   return fns
 
 
-def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, feature_fns=None) -> dict:
+def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, feature_fns=None,
+                       clip=None) -> dict:
   """({metric: value}, generated uint8 media) for one sample setting; FID with each of `feature_fns`
-  (default: random-conv features)."""
+  (default: random-conv features), CLIP score with `clip` (clip_score.load) when given."""
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
@@ -92,6 +96,8 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   frames = lambda v: v.reshape((-1,) + v.shape[-3:])  # videos: FID over all their frames
   metrics = {f"fid_{name}": fid.fid(fn(frames(generated)), fn(frames(images)))
              for name, fn in (feature_fns or fid_feature_fns()).items()}
+  if clip is not None:  # videos: every frame against its caption
+    metrics["clip_score"] = clip(frames(generated), np.repeat(captions, len(frames(generated)) // len(captions)))
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
     metrics["psnr"] = psnr.psnr(generated, images)
     metrics["psnr_bicubic"] = psnr.psnr(psnr.bicubic(lowres[:, 0], images), images)
@@ -144,9 +150,9 @@ def sweep_settings(sweeps: dict, sample_config) -> dict:
   return settings
 
 
-def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, feature_fns=None):
+def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, feature_fns=None, clip=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
-  sweep_settings, `feature_fns` by fid_feature_fns."""
+  sweep_settings, `feature_fns` by fid_feature_fns, `clip` by clip_score.load."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -154,9 +160,9 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   metrics = heldout_loss.as_metrics(heldout_loss.make_heldout_loss_fn(config, graphdef)(params, state.frozen, small))
   images, captions = images[:num_prompts], captions[:num_prompts]
   generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions,
-                                                    evaluation_sample_config(config), feature_fns)
+                                                    evaluation_sample_config(config), feature_fns, clip)
   metrics.update(generated_metrics)
-  results = {name: [(value, generation_metrics(config, graphdef, state, mesh, images, captions, swept, feature_fns)[0])
+  results = {name: [(value, generation_metrics(config, graphdef, state, mesh, images, captions, swept, feature_fns, clip)[0])
                     for value, swept in points] for name, points in (settings or {}).items()}
   return step, metrics, generated, results
 
@@ -207,13 +213,15 @@ def write_sweep(workdir, step, name, sweep) -> pathlib.Path:
 
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
-        heldout_examples=64, sweeps=None, inception_weights=None):
+        heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
-  inception_weights: a local FID Inception weights file; adds fid_inception."""
+  inception_weights: a local FID Inception weights file; adds fid_inception.
+  clip_weights: a local Hugging Face CLIP directory; adds clip_score."""
   config = checkpoint.read_config(workdir)
   settings = sweep_settings(sweeps or {}, evaluation_sample_config(config))
   feature_fns = fid_feature_fns(inception_weights)
+  clip = clip_score.load(str(clip_weights)) if clip_weights else None
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
   written, idle_since = [], time.time()
   while True:
@@ -222,7 +230,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     if step is None and not todo and not mngr.all_steps() and not watch:
       raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
     for s in todo:
-      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, feature_fns)
+      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, feature_fns, clip)
       writer.write(s, metrics)
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
@@ -247,6 +255,8 @@ def define_flags():
   flags.DEFINE_integer("heldout_examples", 64, "Validation examples for the held-out loss.")
   flags.DEFINE_string("inception_weights", None, "Local FID Inception-v3 weights (.pth, .safetensors, .npz): adds "
                       "fid_inception.")
+  flags.DEFINE_string("clip_weights", None, "Local Hugging Face CLIP directory (config.json, model.safetensors, "
+                      "tokenizer.json): adds clip_score.")
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
   flags.DEFINE_list("steps_sweep", [], "Sampler step counts for a metric-vs-steps table and plot.")
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
@@ -262,7 +272,7 @@ def main(argv):
   try:
     sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
     results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
-                  f.heldout_examples, sweeps, f.inception_weights)
+                  f.heldout_examples, sweeps, f.inception_weights, f.clip_weights)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

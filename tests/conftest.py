@@ -46,3 +46,34 @@ def trained_video(trained, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("workdir_video")
   state, _ = train.train_and_evaluate(config, workdir)
   return config, workdir, state
+
+
+CLIP_WORDS = ["a", "red", "blue", "circle", "square", "small", "large", "at", "the", "top", "left"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+  """A random-weight transformers CLIPModel saved as a Hugging Face directory with a word-level CLIP-style
+  tokenizer.json: (directory, the PyTorch model)."""
+  import torch
+  import transformers
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+  directory = tmp_path_factory.mktemp("clip")
+  vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<unk>"] + CLIP_WORDS + ["<|endoftext|>"])}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.post_processor = processors.TemplateProcessing(
+      single="<|startoftext|> $A <|endoftext|>",
+      special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", vocab["<|endoftext|>"])])
+  tok.save(str(directory / "tokenizer.json"))
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=8, eos_token_id=vocab["<|endoftext|>"]),
+      vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8, hidden_act="gelu"),
+      projection_dim=16)
+  torch.manual_seed(0)
+  model = transformers.CLIPModel(config).eval()
+  model.save_pretrained(directory)
+  return directory, model

@@ -56,7 +56,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
   assert 0 < distances[0] < distances[1] < distances[2]
 
 
-def test_evaluation_job_is_resumable(trained):
+def test_evaluation_job_is_resumable(trained, tiny_clip):
   from diffusion_jax import evaluate
 
   _, workdir, _ = trained
@@ -73,8 +73,8 @@ def test_evaluation_job_is_resumable(trained):
   for part in ("'nope:20'", "'ddpm:0'", "must be >= 1", "--steps_sweep value 'many'"):
     assert part in str(error.value)
   sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8,
-                       sweeps={"guidance": (1.0, 4.0), "sampler": ("ddim:3", "ddpm")})
-  assert sweep[0]["step"] == 4
+                       sweeps={"guidance": (1.0, 4.0), "sampler": ("ddim:3", "ddpm")}, clip_weights=tiny_clip[0])
+  assert sweep[0]["step"] == 4 and 0 <= sweep[0]["clip_score"] <= 100
   assert (workdir / "eval" / "guidance_sweep_step_4.png").exists()
   assert "| guidance |" in (workdir / "eval" / "guidance_sweep_step_4.md").read_text()
   table = (workdir / "eval" / "sampler_sweep_step_4.md").read_text().splitlines()
