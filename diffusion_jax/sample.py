@@ -32,6 +32,7 @@ import json
 import logging
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint, media, samplers, schedules, sharding, superres
+
+log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
@@ -88,10 +91,34 @@ def make_generate_fn(config, graphdef, sample_config):
     denoise = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale, s.threshold,
                                      s.threshold_percentile, d.sigma_data)
     x_init = sigma[0] * jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
-    images = samplers.sample(denoise, x_init, alpha, sigma, s.sampler, key=jax.random.fold_in(keys[0], 1), eta=s.eta)
+    images = samplers.sample(denoise, x_init, alpha, sigma, s.sampler, key=jax.random.fold_in(keys[0], 1), eta=s.eta,
+                             on_step=SamplingProgress(s.steps, s.sampler))
     return jnp.clip(images, -1.0, 1.0)
 
   return generate
+
+
+class SamplingProgress:
+  """Host-side progress of a compiled sampling loop: once sampling has run for `every` seconds, logs the step
+  reached with an ETA (e.g. 1000 DDPM steps on a CPU); short sampling stays silent."""
+
+  def __init__(self, steps: int, sampler: str, every: float = 15.0):
+    self.steps, self.sampler, self.every = steps, sampler, every
+    self.start = self.last_report = time.time()
+    self.step = -1
+
+  def __call__(self, step):
+    step, now = int(step), time.time()
+    if step == 0:
+      self.start = self.last_report = now
+    elif step <= self.step:  # the same step reported by another device
+      return
+    self.step = step
+    if now - self.last_report >= self.every and step > 0:
+      self.last_report = now
+      elapsed = now - self.start
+      log.info("sampling (%s): step %d/%d (%d%%), elapsed %.0fs, eta %.0fs", self.sampler, step, self.steps,
+               100 * step // self.steps, elapsed, elapsed * (self.steps - step) / step)
 
 
 def compiled_sampler(config, graphdef, sample_config, mesh):

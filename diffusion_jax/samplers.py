@@ -56,12 +56,13 @@ def flow_euler_step(x, x0, s_t, s_s):
 
 
 def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, eta: float = 0.0,
-           return_trajectory: bool = False):
+           return_trajectory: bool = False, on_step=None):
   """Run the reverse process from x_init (already at noise level alpha[0], sigma[0]).
 
   x_init: [batch, ...] (images or videos). alpha, sigma: [steps + 1]. `key` is needed by the
   stochastic samplers (ddpm; ddim with eta > 0). Returns x at the last noise level, or with
-  return_trajectory the states after every step [steps, batch, ...].
+  return_trajectory the states after every step [steps, batch, ...]. on_step(step index) is called on the
+  host as each step starts (progress reporting; it cannot change the result).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampler {sampler!r}; valid samplers: {list(SAMPLERS)}.")
@@ -78,6 +79,8 @@ def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, et
   def body(carry, inputs):
     x, x0_prev, h_prev, n = carry
     (a_t, s_t, a_s, s_s), step_key = inputs
+    if on_step is not None:
+      jax.debug.callback(on_step, n)
     x0 = denoise_fn(x, jnp.full(x.shape[:1], a_t), jnp.full(x.shape[:1], s_t))
     if sampler in ("ddpm", "ddim"):
       noise = jax.random.normal(step_key, x.shape, x.dtype) if eta else jnp.zeros_like(x)

@@ -278,3 +278,23 @@ def test_samplers_reproduce_gaussian_mixture(sampler):
     members = x[nearest == k]
     np.testing.assert_allclose(members.mean(0), MODES[k], atol=0.03)
     np.testing.assert_allclose(members.std(0), MODE_STD, rtol=0.15)
+
+
+def test_step_callback_sees_every_step_and_changes_nothing(caplog):
+  from diffusion_jax import sample as sample_job
+
+  logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule("cosine"), 6)
+  alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr)
+  x_init = sigma[0] * jax.random.normal(jax.random.key(0), (8, SHAPE[1]))
+  seen = []
+  run = lambda on_step: np.asarray(jax.jit(lambda x: samplers.sample(exact_denoiser, x, alpha, sigma, "ddpm",
+                                                                      on_step=on_step))(x_init))
+  with_callback = run(lambda step: seen.append(int(step)))
+  jax.effects_barrier()
+  assert sorted(seen) == list(range(6))
+  np.testing.assert_array_equal(with_callback, run(None))
+  caplog.set_level("INFO", logger="diffusion_jax")
+  progress = sample_job.SamplingProgress(6, "ddpm", every=0.0)  # report every step
+  run(progress)
+  jax.effects_barrier()
+  assert "sampling (ddpm): step 5/6 (83%)" in caplog.text and "step 0/" not in caplog.text
