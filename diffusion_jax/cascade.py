@@ -1,7 +1,7 @@
 """Cascaded sampling (Imagen): a base stage, then super-resolution stages, each its own experiment.
 
 A cascade config (`configs/cascades/*.py`) names each stage's training workdir and its sampling settings
-(sampler, steps, guidance, dynamic thresholding, and for super-resolution stages the noise-augmentation
+(sampler, steps, guidance, thresholding, and for super-resolution stages the noise-augmentation
 level of the low-resolution input). Stage k > 0 must be a super-resolution stage whose
 input (`superres.lowres_resolution`, and for video `superres.lowres_frames`) is what stage k - 1
 produces; a chain that does not fit is refused before anything is sampled. Video cascades chain spatial

@@ -4,8 +4,13 @@
                                    [--steps_sweep=10,25,50] [--sampler_sweep=dpmpp_2m:20,ddpm:1000]
                                    [--aug_level_sweep=0,0.2]
 
+  python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
+
 Flags:
-  --workdir           training workdir (required)
+  --workdir           training workdir (this or --cascade)
+  --cascade           cascade config (configs/cascades/*.py, fields overridable with --cascade.<field>):
+                      sample the whole cascade for the validation captions, one image each, and print
+                      the metrics of its final output against the real images (FID, CLIP score, judge)
   --step              evaluate this checkpoint only (default: every checkpoint not yet evaluated)
   --watch             keep polling for new checkpoints until none appears for --max_idle_minutes
   --poll_seconds      polling interval with --watch (default 60)
@@ -44,6 +49,7 @@ import time
 
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from diffusion_jax import cascade, checkpoint, media, metric_writers, sample
 from diffusion_jax.data import pipeline
@@ -83,30 +89,50 @@ def fid_feature_fns(inception_weights=None) -> dict:
   return fns
 
 
+def media_metrics(config, generated, images, captions, feature_fns=None, clip=None) -> dict:
+  """Metrics of generated uint8 media [n, (frames,) h, w, 3] against the real `images` of the same captions:
+  FID with each of `feature_fns` (default: random-conv features), CLIP score with `clip` (clip_score.load),
+  FVD for videos, and the dataset's judge (per-attribute accuracy) where it has one."""
+  frames = lambda v: v.reshape((-1,) + v.shape[-3:])  # videos: FID over all their frames
+  metrics = {f"fid_{name}": fid.fid(fn(frames(generated)), fn(frames(images)))
+             for name, fn in (feature_fns or fid_feature_fns()).items()}
+  if clip is not None:  # videos: every frame against its caption
+    metrics["clip_score"] = clip(frames(generated), np.repeat(captions, len(frames(generated)) // len(captions)))
+  if generated.ndim == 5:
+    metrics["fvd_random_conv"] = fvd.fvd(generated, images)
+  judges = {"captioned_shapes": shapes_judge, "moving_shapes": motion_judge}
+  if config.data.dataset in judges:
+    metrics.update({f"accuracy/{k}": v for k, v in judges[config.data.dataset].accuracy(generated, captions).items()})
+  return metrics
+
+
 def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, feature_fns=None,
                        clip=None) -> dict:
-  """({metric: value}, generated uint8 media) for one sample setting; FID with each of `feature_fns`
-  (default: random-conv features), CLIP score with `clip` (clip_score.load) when given."""
+  """({metric: value}, generated uint8 media) for one sample setting (media_metrics; for super-resolution
+  stages, given the real images downsampled, also PSNR next to bicubic upsampling)."""
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
   generated = sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), captions,
                               sample_config, mesh, lowres=lowres)[:, 0]
-  frames = lambda v: v.reshape((-1,) + v.shape[-3:])  # videos: FID over all their frames
-  metrics = {f"fid_{name}": fid.fid(fn(frames(generated)), fn(frames(images)))
-             for name, fn in (feature_fns or fid_feature_fns()).items()}
-  if clip is not None:  # videos: every frame against its caption
-    metrics["clip_score"] = clip(frames(generated), np.repeat(captions, len(frames(generated)) // len(captions)))
+  metrics = media_metrics(config, generated, images, captions, feature_fns, clip)
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
     metrics["psnr"] = psnr.psnr(generated, images)
     metrics["psnr_bicubic"] = psnr.psnr(psnr.bicubic(lowres[:, 0], images), images)
-  if generated.ndim == 5:
-    metrics["fvd_random_conv"] = fvd.fvd(generated, images)
-  judges = {"captioned_shapes": shapes_judge, "moving_shapes": motion_judge}
-  if config.data.dataset in judges:
-    metrics.update({f"accuracy/{k}": v for k, v in judges[config.data.dataset].accuracy(generated, captions).items()})
   return metrics, generated
+
+
+def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=None) -> dict:
+  """media_metrics of a whole cascade (base -> super-resolution stages, one sample per caption) for the first
+  `num_prompts` validation captions, against the real validation images at the final resolution."""
+  cascade_config = cascade_config.copy_and_resolve_references()
+  cascade_config.num_per_prompt = 1
+  stages = cascade.load(cascade_config)
+  final = stages[-1].config
+  _, images, captions = validation_set(final, num_prompts)
+  outputs = cascade.generate(stages, captions)
+  return media_metrics(final, outputs[-1][:, 0], images, captions, feature_fns, clip)
 
 
 def _sampler_and_steps(value: str) -> dict:
@@ -247,6 +273,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
 
 def define_flags():
   flags.DEFINE_string("workdir", None, "Training workdir.")
+  config_flags.DEFINE_config_file("cascade", None, "Cascade config: evaluate the whole cascade's final output.")
   flags.DEFINE_integer("step", None, "Evaluate only this checkpoint.")
   flags.DEFINE_bool("watch", False, "Keep polling for new checkpoints.")
   flags.DEFINE_integer("poll_seconds", 60, "Polling interval with --watch.")
@@ -266,13 +293,17 @@ def define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
-  if not f.workdir:
-    raise app.UsageError("--workdir is required.")
+  if bool(f.workdir) == bool(f.cascade):
+    raise app.UsageError("Give --workdir (one experiment) or --cascade (a whole cascade), not both.")
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   try:
-    sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
-    results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
-                  f.heldout_examples, sweeps, f.inception_weights, f.clip_weights)
+    if f.cascade:
+      results = [cascade_metrics(f.cascade, f.num_prompts, fid_feature_fns(f.inception_weights),
+                                 clip_score.load(f.clip_weights) if f.clip_weights else None)]
+    else:
+      sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
+      results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
+                    f.heldout_examples, sweeps, f.inception_weights, f.clip_weights)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

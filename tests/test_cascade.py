@@ -82,6 +82,9 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
   chain = json.loads(provenance["cascade"])
   assert [c["workdir"] for c in chain] == [str(trained[1]), str(trained_sr[1])]
   assert json.loads(provenance["aug_level"]) == 0.0 and provenance["prompt"] == prompts[0]
+  # The evaluation job scores the whole cascade's final output against real validation images.
+  metrics = evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), num_prompts=4)
+  assert metrics["fid_random_conv"] > 0 and 0 <= metrics["accuracy/all"] <= 1
 
 
 def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path):
