@@ -18,6 +18,9 @@ Modes:
            feed-forward set to diffusers' 4x): train step time (forward + backward + AdamW) and
            sampling images/s (25-step DPM-Solver++(2M) with classifier-free guidance), ours vs theirs.
            Needs torch and diffusers (`pip install -e '.[test]'`).
+  profile  where the train step's time goes (profiling.py): a profiler trace of --steps steps, each executed
+           HLO op's time attributed to a kind (convolution, matmul, reductions, layout copies, elementwise),
+           a phase (forward, backward, other) and the JAX primitive it came from.
 Flags:
   --config   experiment config (overridable with --config.<field>=<value>)
   --steps    batches / train steps timed per measurement (default 20)
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("input", "step", "memory", "peer")
+MODES = ("input", "step", "memory", "peer", "profile")
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
@@ -187,6 +190,14 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
   return "\n".join(lines)
 
 
+def profile_table(config, steps: int) -> str:
+  from diffusion_jax import profiling
+
+  compiled, state, batch, _, _ = compiled_step(config)
+  by_source, wall = profiling.profile(compiled, (state, batch), steps, advance=lambda args, out: (out[0], args[1]))
+  return profiling.table(by_source, wall)
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in MODES:
     raise app.UsageError(f"usage: python -m diffusion_jax.bench MODE --config=... (modes: {', '.join(MODES)})")
@@ -199,6 +210,8 @@ def main(argv):
     print(step_table(f.config, f.steps, f.widths))
   elif argv[1] == "peer":
     print(peer_table(f.config, f.steps))
+  elif argv[1] == "profile":
+    print(profile_table(f.config, f.steps))
   else:
     print(memory_table(f.config))
 
