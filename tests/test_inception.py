@@ -160,18 +160,31 @@ def torch_inception():
   return model
 
 
-def test_features_match_pytorch_from_a_pth_file(torch_inception, tmp_path):
+def test_features_from_a_pth_file_match_pytorch_and_give_a_sane_fid(torch_inception, tmp_path):
+  from diffusion_jax import evaluate
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.metrics import fid
+
   path = tmp_path / "pt_inception.pth"
   torch.save(torch_inception.state_dict(), path)
-  model = inception.from_weights(inception.read_weights(path))
-  pixels = np.random.default_rng(0).integers(0, 256, (2, 160, 144, 3), dtype=np.uint8)  # 3x3 at the last block
-  ours = inception.features(model, pixels, resize=False)
+  fns = evaluate.fid_feature_fns(path)  # what --inception_weights gives the evaluation job
+  assert sorted(fns) == ["inception", "random_conv"]
+  rng = np.random.default_rng(0)
+  images = np.stack([captioned_shapes.render(captioned_shapes.random_objects(rng, 2), 32) for _ in range(8)])
+  features = fns["inception"](images)  # 32 px, resized to 299 inside
   with torch.no_grad():
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 * 2 - 1
-    theirs = torch_inception(x).numpy()
-  assert ours.shape == (2, inception.FEATURES)
-  assert np.abs(theirs).mean() > 0.1  # not a vanished signal
-  np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=2e-3 * np.abs(theirs).max())
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    theirs = torch_inception(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1)
+  assert features.shape == (8, inception.FEATURES)
+  assert np.abs(theirs.numpy()).mean() > 0.1  # not a vanished signal
+  np.testing.assert_allclose(features, theirs.numpy(), rtol=2e-3, atol=2e-3 * np.abs(theirs.numpy()).max())
+  # FID: zero against itself, growing with added noise.
+  assert fid.fid(features, features) == pytest.approx(0.0, abs=1e-6 * float(np.abs(features).max()) ** 2)
+  distances = [fid.fid(fns["inception"](np.clip(images + rng.normal(0, level, images.shape), 0, 255).astype(np.uint8)),
+                       features) for level in (10, 60)]
+  assert 0 < distances[0] < distances[1]
+  with pytest.raises(ValueError, match="No Inception weights file"):
+    evaluate.fid_feature_fns(tmp_path / "absent.pth")
 
 
 def test_resize_is_pytorch_bilinear_without_antialiasing():
@@ -202,24 +215,3 @@ def test_weights_files_are_read_without_torch_and_mismatches_named(torch_incepti
     assert part in str(error.value)
   with pytest.raises(ValueError, match="No Inception weights file"):
     inception.read_weights(tmp_path / "absent.pth")
-
-
-def test_inception_fid_of_dataset_images_is_zero_against_itself_and_grows_with_noise(torch_inception, tmp_path):
-  from diffusion_jax import evaluate
-  from diffusion_jax.data import captioned_shapes
-  from diffusion_jax.metrics import fid
-
-  path = tmp_path / "pt_inception.pth"
-  torch.save(torch_inception.state_dict(), path)
-  fns = evaluate.fid_feature_fns(path)  # what --inception_weights gives the evaluation job
-  assert sorted(fns) == ["inception", "random_conv"]
-  rng = np.random.default_rng(0)
-  images = np.stack([captioned_shapes.render(captioned_shapes.random_objects(rng, 2), 32) for _ in range(12)])
-  features = fns["inception"](images)  # 32 px, resized to 299 inside
-  assert features.shape == (12, inception.FEATURES)
-  assert fid.fid(features, features) == pytest.approx(0.0, abs=1e-6 * float(np.abs(features).max()) ** 2)
-  distances = [fid.fid(fns["inception"](np.clip(images + rng.normal(0, level, images.shape), 0, 255).astype(np.uint8)),
-                       features) for level in (10, 60)]
-  assert 0 < distances[0] < distances[1]
-  with pytest.raises(ValueError, match="No Inception weights file"):
-    evaluate.fid_feature_fns(tmp_path / "absent.pth")
