@@ -83,6 +83,8 @@ def get_config():
       lowres_resolution=0,         # input size; 0 = not a super-resolution stage
       lowres_frames=0,             # video: input frames (temporal super-resolution); 0 = the stage's frames
       aug_max=0.5,                 # noise-conditioning augmentation: largest training time t_aug
+      residual=False,              # diffuse the residual over the upsampled input instead of the image
+      residual_scale=0.25,         # ... divided by this (about the residual's spread, to suit sigma_data)
   )
 
   c.optimizer = dict(

@@ -71,6 +71,9 @@ def problems(config, device_count: int | None = None, process_count: int | None 
                                                        and not sr.lowres_frames):
     found.append(f"superres.lowres_resolution={sr.lowres_resolution} must be below data.resolution="
                  f"{config.data.resolution} (or equal to it in a temporal super-resolution stage)")
+  if sr.residual and not (m.lowres_conditioning and sr.residual_scale > 0):
+    found.append(f"superres.residual needs a super-resolution stage and superres.residual_scale > 0 (got "
+                 f"{sr.residual_scale})")
   if not 0 <= sr.aug_max <= 1:
     found.append(f"superres.aug_max={sr.aug_max} must be in [0, 1]")
   if not 0 <= config.sample.aug_level <= 1:

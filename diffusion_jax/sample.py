@@ -78,7 +78,7 @@ def make_generate_fn(config, graphdef, sample_config):
     model = nnx.merge(graphdef, params, frozen)
     text = model.encode(ids, mask)
     null_text, null_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
-    aug_logsnr = None
+    aug_logsnr, clean_lowres = None, lowres
     if config.model.lowres_conditioning:  # both guidance branches see the low-res input
       lowres_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
       lowres, aug_logsnr = superres.sampling_condition(lowres, lowres_keys, config, s.aug_level)
@@ -88,11 +88,22 @@ def make_generate_fn(config, graphdef, sample_config):
         return model(x, logsnr, text, mask, lowres=lowres, aug_logsnr=aug_logsnr)
       return model(x, logsnr, null_text, null_mask, lowres=lowres, aug_logsnr=aug_logsnr)
 
-    denoise = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale, s.threshold,
-                                     s.threshold_percentile, d.sigma_data)
+    residual = superres.is_residual(config)
+    denoise = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale,
+                                     "none" if residual else s.threshold, s.threshold_percentile, d.sigma_data)
+    if residual:  # thresholding acts on the image the residual belongs to
+      denoise_residual = denoise
+
+      def denoise(x, alpha_t, sigma_t):
+        image = superres.from_residual(denoise_residual(x, alpha_t, sigma_t), clean_lowres, config)
+        image = samplers.threshold_x0(image, s.threshold, s.threshold_percentile)
+        return superres.to_residual(image, clean_lowres, config)
+
     x_init = sigma[0] * jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
     images = samplers.sample(denoise, x_init, alpha, sigma, s.sampler, key=jax.random.fold_in(keys[0], 1), eta=s.eta,
                              on_step=SamplingProgress(s.steps, s.sampler))
+    if residual:
+      images = superres.from_residual(images, clean_lowres, config)
     return jnp.clip(images, -1.0, 1.0)
 
   return generate

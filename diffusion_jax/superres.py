@@ -7,6 +7,9 @@ stage's own log-SNR schedule and gives the network the corresponding log-SNR, so
 stage tolerates the artefacts of the stage below; there t_aug is a chosen constant (`sample.aug_level`).
 A video stage can also be a temporal super-resolution stage (Imagen Video): its input has
 `superres.lowres_frames` frames (every k-th frame), repeated up to the stage's frame count by the U-Net.
+With `superres.residual` the stage diffuses the residual over its upsampled clean input, scaled by
+1 / superres.residual_scale, instead of the image (as SRDiff does): what bicubic upsampling already gives
+is free, and the network learns only the missing detail.
 Pure functions of arrays. Shapes: x [batch, h, w, c] or [batch, frames, h, w, c].
 """
 
@@ -65,3 +68,25 @@ def sampling_condition(lowres, keys, config, aug_level: float):
   each example's noise from its own key (keys [batch, 2]), so it does not depend on the batch."""
   eps = jax.vmap(lambda k: jax.random.normal(k, lowres.shape[1:], lowres.dtype))(keys)
   return augment(lowres, jnp.full((lowres.shape[0],), aug_level), eps, _logsnr_fn(config), config.diffusion.path)
+
+
+def is_residual(config) -> bool:
+  """Whether the stage diffuses residuals (workdirs from before the option have no such field)."""
+  return bool(config.superres.get("residual", False))
+
+
+def upsampled(lowres, shape):
+  """The low-res input at the stage's output shape: frames repeated (temporal SR), pixels bicubic, as the
+  U-Net upsamples its condition."""
+  if len(shape) == 5 and lowres.shape[1] != shape[1]:
+    lowres = jnp.repeat(lowres, shape[1] // lowres.shape[1], axis=1)
+  return jax.image.resize(lowres, shape, "bicubic")
+
+
+def to_residual(x, lowres, config):
+  """Image (or video) -> what a residual stage diffuses: (x - upsampled clean input) / residual_scale."""
+  return (x - upsampled(lowres, x.shape)) / config.superres.residual_scale
+
+
+def from_residual(residual, lowres, config):
+  return residual * config.superres.residual_scale + upsampled(lowres, residual.shape)

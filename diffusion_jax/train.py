@@ -137,13 +137,15 @@ def make_train_step(config, graphdef, tx, lr_fn):
     else:
       text = model.encode(batch["text_ids"], batch["text_mask"])
     text, text_mask, _ = objectives.drop_condition(k_drop, text, batch["text_mask"], d.cond_drop_prob)
+    lowres, aug_logsnr = (superres.training_condition(x0, jax.random.fold_in(key, 1), config)
+                          if config.model.lowres_conditioning else (None, None))
+    if superres.is_residual(config):  # the stage diffuses the detail its clean input lacks
+      x0 = superres.to_residual(x0, superres.lowres_input(x0, config), config)
     logsnr = objectives.sample_logsnr(k_time, x0.shape[0], d.time_sampler, logsnr_fn, d.time_mean, d.time_std)
     alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
     eps = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = objectives.diffuse(x0, eps, alpha, sigma)
     x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)
-    lowres, aug_logsnr = (superres.training_condition(x0, jax.random.fold_in(key, 1), config)
-                          if config.model.lowres_conditioning else (None, None))
     output = model(x_in, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=k_dropout,
                    is_video=batch.get("is_video"))
     per_example = objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,

@@ -30,7 +30,9 @@ def _build(config, graphdef):
 
   def heldout(params, frozen, batch):
     model = nnx.merge(graphdef, params, frozen)
-    x0 = batch["video"] if "video" in batch else batch["image"]
+    image = batch["video"] if "video" in batch else batch["image"]
+    clean_lowres = superres.lowres_input(image, config) if config.model.lowres_conditioning else None
+    x0 = superres.to_residual(image, clean_lowres, config) if superres.is_residual(config) else image
     text = model.encode(batch["text_ids"], batch["text_mask"])
 
     def at_level(logsnr_value, key):
@@ -41,7 +43,7 @@ def _build(config, graphdef):
       scale = objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data)
       lowres = aug_logsnr = None
       if config.model.lowres_conditioning:  # super-resolution stage: the true low-res input, fixed noise
-        lowres = superres.lowres_input(x0, config)
+        lowres = clean_lowres
         lowres_keys = jax.random.split(jax.random.fold_in(key, 1), x0.shape[0])
         lowres, aug_logsnr = superres.sampling_condition(lowres, lowres_keys, config, config.sample.aug_level)
       output = model(x_t * objectives.per_example(scale, x_t), logsnr, text, batch["text_mask"], lowres=lowres,
