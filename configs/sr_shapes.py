@@ -4,8 +4,10 @@
 
 The same data, text encoder and U-Net widths as configs/t2i_shapes.py; the U-Net also sees the image
 downsampled to 16 px, noise-augmented to a random time in [0, superres.aug_max] (its log-SNR is a
-condition). Variant `test` is a seconds-long 32 px stage for the test suite (it upsamples the 16 px
-`t2i_shapes.py:test` model).
+condition). Variant `residual` diffuses the residual over the bicubic-upsampled input instead of the
+image (superres.residual: a far better upsampler of real images, a more literal one of a base model's
+samples; see README). Variant `test` is a seconds-long 32 px stage for the test suite (it upsamples the
+16 px `t2i_shapes.py:test` model).
 """
 
 from configs import t2i_shapes
@@ -15,9 +17,11 @@ def get_config(variant: str = ""):
   config = t2i_shapes.get_config("test" if variant == "test" else "")
   config.model.lowres_conditioning = True
   config.superres.update(lowres_resolution=16, aug_max=0.5)
-  config.sample.update(aug_level=0.1, guidance_scale=1.0)  # guidance 3 oversaturates the upsampled colours
+  config.sample.update(aug_level=0.1, guidance_scale=1.0)
   if variant == "test":
     config.data.resolution = 32
+  elif variant == "residual":
+    config.superres.residual = True
   elif variant:
-    raise ValueError(f"Unknown sr_shapes variant {variant!r}; valid variants: 'test'.")
+    raise ValueError(f"Unknown sr_shapes variant {variant!r}; valid variants: 'residual', 'test'.")
   return config

@@ -2,7 +2,7 @@
 
   python -m diffusion_jax.main --config=configs/t2i_shapes.py:base16 --workdir=workdirs/t2i_shapes_base16
   python -m diffusion_jax.main --config=configs/sr_shapes.py --workdir=workdirs/sr_shapes
-  python -m diffusion_jax.sample --cascade=configs/cascades/shapes_16_32.py [--cascade.stages.1.aug_level=0.2]
+  python -m diffusion_jax.sample --cascade=configs/cascades/shapes_16_32.py ["--cascade.stages[1].aug_level=0.2"]
 
 Each stage entry: its training workdir, checkpoint step (-1 = latest) and sampling settings (None = the
 stage's own config).
