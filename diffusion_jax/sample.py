@@ -120,12 +120,13 @@ class SamplingProgress:
 
   def __call__(self, step):
     step, now = int(step), time.time()
-    if step == 0:
-      self.start = self.last_report = now
-    elif step <= self.step:  # the same step reported by another device
+    if step == 0:  # a new sampling run
+      self.start, self.last_report, self.step = now, now, 0
+      return
+    if step <= self.step:  # the same step reported by another device
       return
     self.step = step
-    if now - self.last_report >= self.every and step > 0:
+    if now - self.last_report >= self.every:
       self.last_report = now
       elapsed = now - self.start
       log.info("sampling (%s): step %d/%d (%d%%), elapsed %.0fs, eta %.0fs", self.sampler, step, self.steps,
