@@ -38,7 +38,8 @@ held-out loss per log-SNR level, FID (random-conv features) of generated vs real
 per-attribute accuracy on captioned_shapes (shapes_judge) or moving_shapes (motion_judge: direction of
 motion, object attributes, appearance change between frames). A super-resolution stage is given the
 validation images downsampled to its input size (at sample.aug_level) and judged on what it makes of
-them, with its PSNR against the real images next to that of bicubic upsampling. Steps already in eval.jsonl are skipped, so the job is resumable.
+them, with its PSNR against the real images next to that of bicubic upsampling. Steps already in eval.jsonl
+are skipped, so the job is resumable.
 """
 
 import json
@@ -107,7 +108,7 @@ def media_metrics(config, generated, images, captions, feature_fns=None, clip=No
 
 
 def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, feature_fns=None,
-                       clip=None) -> dict:
+                       clip=None) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) for one sample setting (media_metrics; for super-resolution
   stages, given the real images downsampled, also PSNR next to bicubic upsampling)."""
   params = state.ema[0] if sample_config.use_ema else state.params
@@ -188,8 +189,9 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions,
                                                     evaluation_sample_config(config), feature_fns, clip)
   metrics.update(generated_metrics)
-  results = {name: [(value, generation_metrics(config, graphdef, state, mesh, images, captions, swept, feature_fns, clip)[0])
-                    for value, swept in points] for name, points in (settings or {}).items()}
+  scored = lambda swept: generation_metrics(config, graphdef, state, mesh, images, captions, swept, feature_fns,
+                                            clip)[0]
+  results = {name: [(value, scored(swept)) for value, swept in points] for name, points in (settings or {}).items()}
   return step, metrics, generated, results
 
 
@@ -256,7 +258,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     if step is None and not todo and not mngr.all_steps() and not watch:
       raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
     for s in todo:
-      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, feature_fns, clip)
+      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, feature_fns,
+                                                   clip)
       writer.write(s, metrics)
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))

@@ -198,7 +198,8 @@ def read_weights(path) -> dict:
     try:
       import torch
     except ImportError:
-      raise ValueError(f"Reading {path.name} needs torch; install it, or save the same tensors as .safetensors.") from None
+      raise ValueError(f"Reading {path.name} needs torch; install it, or save the same tensors as "
+                       ".safetensors.") from None
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
   if path.suffix == ".safetensors":
