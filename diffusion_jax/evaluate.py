@@ -2,7 +2,7 @@
 
   python -m diffusion_jax.evaluate --workdir=DIR [--watch] [--step=N] [--guidance_sweep=1,2,3,5]
                                    [--steps_sweep=10,25,50] [--sampler_sweep=dpmpp_2m:20,ddpm:1000]
-                                   [--aug_level_sweep=0,0.2]
+                                   [--threshold_sweep=static,dynamic] [--aug_level_sweep=0,0.2]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
 
@@ -28,6 +28,7 @@ Flags:
   --steps_sweep       comma-separated sampler step counts, written the same way (steps_sweep_step_N)
   --sampler_sweep     comma-separated SAMPLER[:STEPS] settings compared side by side (sampler_sweep_step_N),
                       e.g. dpmpp_2m:20,ddpm:1000
+  --threshold_sweep   comma-separated thresholding kinds (none, static, dynamic) compared side by side
   --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
                       input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}
 Every swept value is checked before any checkpoint is loaded; the others keep the config's sample settings.
@@ -52,7 +53,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import cascade, checkpoint, media, metric_writers, sample
+from diffusion_jax import cascade, checkpoint, media, metric_writers, sample, samplers
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import clip_score, fid, fvd, heldout_loss, inception, motion_judge, psnr, shapes_judge
 from diffusion_jax.text import tokenizers
@@ -147,6 +148,7 @@ SWEEPS = {
     "guidance": ("guidance scale", lambda value: {"guidance_scale": float(value)}),
     "steps": ("sampler steps", lambda value: {"steps": int(value)}),
     "sampler": ("sampler:steps", _sampler_and_steps),
+    "threshold": ("thresholding", lambda value: {"threshold": value}),
     "aug_level": ("noise-augmentation level", lambda value: {"aug_level": float(value)}),
 }
 
@@ -290,6 +292,7 @@ def define_flags():
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
   flags.DEFINE_list("steps_sweep", [], "Sampler step counts for a metric-vs-steps table and plot.")
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
+  flags.DEFINE_list("threshold_sweep", [], f"Thresholding kinds to compare, of {list(samplers.THRESHOLDS)}.")
   flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
 
 

@@ -250,7 +250,7 @@ def load_checkpoint(workdir, step=None):
 
 
 def setting_problems(sample_config) -> list[str]:
-  """What is wrong with a sample config's sampler, steps and guidance scale (empty when nothing)."""
+  """What is wrong with a sample config's sampler, steps, guidance scale and thresholding (empty when nothing)."""
   problems = []
   if sample_config.sampler not in samplers.SAMPLERS:
     problems.append(f"--sampler={sample_config.sampler!r} is not one of {list(samplers.SAMPLERS)}")
@@ -258,6 +258,8 @@ def setting_problems(sample_config) -> list[str]:
     problems.append(f"--steps={sample_config.steps} must be >= 1")
   if sample_config.guidance_scale < 0:
     problems.append(f"--guidance_scale={sample_config.guidance_scale} must be >= 0")
+  if sample_config.threshold not in samplers.THRESHOLDS:
+    problems.append(f"sample.threshold={sample_config.threshold!r} is not one of {list(samplers.THRESHOLDS)}")
   return problems
 
 

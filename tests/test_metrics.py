@@ -69,8 +69,8 @@ def test_evaluation_job_is_resumable(trained, tiny_clip):
   lines = (workdir / "logs" / "eval.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [2, 4]
   with pytest.raises(ValueError) as error:  # every bad swept value named before anything is loaded
-    evaluate.run(workdir, step=4, sweeps={"sampler": ("nope:20", "ddpm:0"), "steps": ("many",)})
-  for part in ("'nope:20'", "'ddpm:0'", "must be >= 1", "--steps_sweep value 'many'"):
+    evaluate.run(workdir, step=4, sweeps={"sampler": ("nope:20", "ddpm:0"), "steps": ("many",), "threshold": ("soft",)})
+  for part in ("'nope:20'", "'ddpm:0'", "must be >= 1", "--steps_sweep value 'many'", "--threshold_sweep value 'soft'"):
     assert part in str(error.value)
   sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8,
                        sweeps={"guidance": (1.0, 4.0), "sampler": ("ddim:3", "ddpm")}, clip_weights=tiny_clip[0])
