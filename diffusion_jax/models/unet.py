@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax import superres
 from diffusion_jax.models import layers, temporal
 
 
@@ -150,7 +151,7 @@ class UNet(nnx.Module):
     if self.lowres_conditioning:
       if lowres is None or aug_logsnr is None:
         raise ValueError("this super-resolution U-Net needs `lowres` and `aug_logsnr` inputs.")
-      lowres = jax.image.resize(lowres, x.shape, "bicubic")
+      lowres = superres.upsampled(lowres, x.shape)  # the same upsampling a residual stage builds on
       x = jnp.concatenate([x, lowres], axis=-1)
       emb = emb + self.aug_in(layers.sinusoidal_embedding(aug_logsnr, self.channels).astype(dtype))
     if video_shape is not None:  # which frame each row is (off for stills, so they stay images)
