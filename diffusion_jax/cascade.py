@@ -84,16 +84,20 @@ def load(cascade) -> list[Stage]:
   return stages
 
 
-def generate(stages, prompts: list[str]) -> list[np.ndarray]:
-  """Every stage's samples, uint8 [len(prompts), num_per_prompt, (frames,) res, res, 3], base first."""
+def generate(stages, prompts: list[str], distinct_noise: bool = False) -> list[np.ndarray]:
+  """Every stage's samples, uint8 [len(prompts), num_per_prompt, (frames,) res, res, 3], base first.
+
+  By default every prompt starts from its stage's seed (prompts compared on the same noise);
+  distinct_noise gives prompt i the seed + i instead (evaluation: a set of independent samples)."""
   from diffusion_jax.text import tokenizers
 
   outputs, lowres = [], None
   for stage in stages:
     params = stage.state.ema[0] if stage.sample_config.use_ema else stage.state.params
+    seeds = stage.sample_config.seed + np.arange(len(prompts)) if distinct_noise else None
     lowres = sample.generate(stage.config, stage.graphdef, params, stage.state.frozen,
                              tokenizers.from_config(stage.config), prompts, stage.sample_config, stage.mesh,
-                             lowres=lowres)
+                             seeds=seeds, lowres=lowres)
     outputs.append(lowres)
   return outputs
 

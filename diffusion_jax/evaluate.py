@@ -116,8 +116,11 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
+  # Each caption its own noise (seed + index): the same noise for every caption would make the set far less
+  # diverse than real data (FID) and let the noise, not the caption, decide what the judge sees.
+  seeds = sample_config.seed + np.arange(len(captions))
   generated = sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), captions,
-                              sample_config, mesh, lowres=lowres)[:, 0]
+                              sample_config, mesh, seeds=seeds, lowres=lowres)[:, 0]
   metrics = media_metrics(config, generated, images, captions, feature_fns, clip)
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
     metrics["psnr"] = psnr.psnr(generated, images)
@@ -133,7 +136,7 @@ def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=Non
   stages = cascade.load(cascade_config)
   final = stages[-1].config
   _, images, captions = validation_set(final, num_prompts)
-  outputs = cascade.generate(stages, captions)
+  outputs = cascade.generate(stages, captions, distinct_noise=True)
   return media_metrics(final, outputs[-1][:, 0], images, captions, feature_fns, clip)
 
 

@@ -79,3 +79,16 @@ def test_evaluation_job_is_resumable(trained, tiny_clip):
   assert "| guidance |" in (workdir / "eval" / "guidance_sweep_step_4.md").read_text()
   table = (workdir / "eval" / "sampler_sweep_step_4.md").read_text().splitlines()
   assert [line.split(" | ")[0] for line in table[2:]] == ["| ddim:3", "| ddpm"]
+
+
+def test_evaluation_samples_each_caption_from_its_own_noise(trained):
+  """The same caption twice in an evaluation set gives two different samples: a set that shares one noise
+  is less diverse than the real data, and the noise rather than the caption would decide what is judged."""
+  from diffusion_jax import evaluate, sample
+
+  config, state, graphdef, _, mesh = sample.load_checkpoint(trained[1])
+  _, images, captions = evaluate.validation_set(config, 2)
+  images, captions = np.concatenate([images, images]), captions * 2
+  _, generated = evaluate.generation_metrics(config, graphdef, state, mesh, images, captions,
+                                             evaluate.evaluation_sample_config(config))
+  assert np.abs(generated[0].astype(int) - generated[2]).mean() > 1.0
