@@ -24,7 +24,8 @@ Flags:
 
 Every PNG carries its provenance (prompt, seed, sampler, steps, guidance, checkpoint step, config hash)
 as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as
-an animated GIF (provenance in the GIF comment) and as a PNG strip of its frames, plus grid.gif.
+an animated GIF (provenance in the GIF comment), an H.264 MP4 (provenance in its comment tag) and a PNG
+strip of its frames, plus grid.gif and grid.mp4.
 """
 
 import hashlib
@@ -179,7 +180,8 @@ def config_hash(config) -> str:
 
 
 def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> pathlib.Path:
-  """One PNG per sample (videos: a GIF and a PNG strip of its frames), grid.png (videos: also grid.gif),
+  """One PNG per sample (videos: a GIF, an MP4 and a PNG strip of its frames), grid.png (videos: also grid.gif
+  and grid.mp4),
   manifest.jsonl; entries carry each prompt's prompt/seed/guidance_scale. Returns the grid path.
   images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]."""
   output_dir = pathlib.Path(output_dir)
@@ -190,8 +192,9 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> 
       for i, sample in enumerate(row):
         record = {**provenance, **entry, "index": i, "file": f"p{p:03d}_{i:02d}.png"}
         if is_video:
-          record["animation"] = f"p{p:03d}_{i:02d}.gif"
+          record["animation"], record["video"] = f"p{p:03d}_{i:02d}.gif", f"p{p:03d}_{i:02d}.mp4"
           media.save_gif(output_dir / record["animation"], sample, record)
+          media.save_mp4(output_dir / record["video"], sample, record)
           sample = np.concatenate(list(sample), axis=1)  # frames left to right
         media.save_png(output_dir / record["file"], sample, record)
         manifest.write(json.dumps(record) + "\n")
@@ -202,6 +205,7 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> 
   if is_video:  # animated grid: frame k of every clip, one row per prompt
     frames = [media.labelled_grid([row[:, k] for row in images], prompts) for k in range(images.shape[2])]
     media.save_gif(output_dir / "grid.gif", np.stack(frames), {**provenance, "prompts": prompts})
+    media.save_mp4(output_dir / "grid.mp4", np.stack(frames), {**provenance, "prompts": prompts}, scale=1)
   return grid_path
 
 

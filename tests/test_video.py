@@ -127,16 +127,20 @@ def test_inflation_from_an_incompatible_image_model_is_refused(trained, tmp_path
     train.init_state(config, sharding.make_mesh(config.mesh), tx)
 
 
-def test_video_samples_are_gifs_and_frame_strips_with_provenance(trained_video, tmp_path):
+def test_video_samples_are_gifs_mp4s_and_frame_strips_with_provenance(trained_video, tmp_path):
   config, workdir, _ = trained_video
   out = tmp_path / "samples"
   sample.sample_from_workdir(workdir, {"steps": 2, "num_per_prompt": 2, "frames": 3}, None, output_dir=out)
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   assert len(records) == 2 * len(config.sample.prompts) and (out / "grid.gif").exists()
+  assert media.read_mp4(out / "grid.mp4")[1]["prompts"] == list(config.sample.prompts)
   for record in records[:2]:
     frames, provenance = media.read_gif(out / record["animation"])
     assert frames.shape == (3, 16, 16, 3)
     assert provenance["prompt"] == record["prompt"] and provenance["checkpoint_step"] == 4
+    video, video_provenance = media.read_mp4(out / record["video"])  # 16 px clips upscaled 8x to 128 px
+    assert video.shape == (3, 128, 128, 3) and video_provenance == provenance
+    assert np.abs(video[:, 4::8, 4::8].astype(int) - frames).mean() < 10  # colours kept (lossy codec, noisy clips)
     strip = media.read_image(out / record["file"])
     np.testing.assert_array_equal(strip, np.concatenate(list(frames), axis=1))
     assert media.read_provenance(out / record["file"])["generated_by"] == "diffusion_jax"
