@@ -67,8 +67,9 @@ def output_shape(config, sample_config) -> tuple:
 
 def make_generate_fn(config, graphdef, sample_config):
   """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres) -> samples
-  [n, *output_shape] in [-1, 1]. Each sample's starting noise comes from its own key, so a sample does not
-  depend on the batch it is generated in (nor on the device count). lowres: a super-resolution stage's
+  [n, *output_shape] in [-1, 1]. Each sample's starting noise (and a stochastic sampler's noise at every
+  step) comes from its own key, so a sample does not depend on the batch it is generated in (nor on the
+  device count). lowres: a super-resolution stage's
   input [n, (frames,) r, r, c] in [-1, 1] (None otherwise), noise-augmented to sample.aug_level."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
@@ -101,7 +102,8 @@ def make_generate_fn(config, graphdef, sample_config):
         return superres.to_residual(image, clean_lowres, config)
 
     x_init = sigma[0] * jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
-    images = samplers.sample(denoise, x_init, alpha, sigma, s.sampler, key=jax.random.fold_in(keys[0], 1), eta=s.eta,
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # each sample's own stochastic-sampler noise
+    images = samplers.sample(denoise, x_init, alpha, sigma, s.sampler, key=step_keys, eta=s.eta,
                              on_step=SamplingProgress(s.steps, s.sampler))
     if residual:
       images = superres.from_residual(images, clean_lowres, config)

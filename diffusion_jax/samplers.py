@@ -60,7 +60,9 @@ def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, et
   """Run the reverse process from x_init (already at noise level alpha[0], sigma[0]).
 
   x_init: [batch, ...] (images or videos). alpha, sigma: [steps + 1]. `key` is needed by the
-  stochastic samplers (ddpm; ddim with eta > 0). Returns x at the last noise level, or with
+  stochastic samplers (ddpm; ddim with eta > 0): one key for the batch, or one per example (typed keys
+  [batch] or raw uint32 [batch, 2]), which makes each example's noise its own whatever batch it is sampled
+  in. Returns x at the last noise level, or with
   return_trajectory the states after every step [steps, batch, ...]. on_step(step index) is called on the
   host as each step starts (progress reporting; it cannot change the result).
   """
@@ -74,7 +76,17 @@ def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, et
     key = jax.random.key(0)
   steps = alpha.shape[0] - 1
   levels = (alpha[:-1], sigma[:-1], alpha[1:], sigma[1:])
-  keys = jax.random.split(key, steps)
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  per_example = key.ndim == (1 if typed else 2)
+  if per_example:  # [steps, batch] keys: example i's noise at every step comes from its own key
+    keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, steps))(key), 0, 1)
+  else:
+    keys = jax.random.split(key, steps)
+
+  def step_noise(step_key, x):
+    if per_example:
+      return jax.vmap(lambda k, example: jax.random.normal(k, example.shape, example.dtype))(step_key, x)
+    return jax.random.normal(step_key, x.shape, x.dtype)
 
   def body(carry, inputs):
     x, x0_prev, h_prev, n = carry
@@ -83,7 +95,7 @@ def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, et
       jax.debug.callback(on_step, n)
     x0 = denoise_fn(x, jnp.full(x.shape[:1], a_t), jnp.full(x.shape[:1], s_t))
     if sampler in ("ddpm", "ddim"):
-      noise = jax.random.normal(step_key, x.shape, x.dtype) if eta else jnp.zeros_like(x)
+      noise = step_noise(step_key, x) if eta else jnp.zeros_like(x)
       x = ddim_step(x, x0, a_t, s_t, a_s, s_s, eta, noise)
     elif sampler == "dpmpp_2m":
       x, h_prev = dpmpp_2m_step(x, x0, x0_prev, h_prev, a_t, s_t, a_s, s_s,

@@ -299,3 +299,20 @@ def test_step_callback_sees_every_step_and_changes_nothing(caplog):
   run(progress)  # the compiled sampler reused: its second run reports again
   jax.effects_barrier()
   assert caplog.text.count("sampling (ddpm): step 5/6 (83%)") == 2 and "step 0/" not in caplog.text
+
+
+@pytest.mark.parametrize("typed", [True, False])
+def test_per_example_keys_make_stochastic_samples_independent_of_the_batch(typed):
+  """With one key per example, an example's DDPM noise is its own: sampled alone or beside others, it ends
+  the same; with one key for the batch it does not."""
+  logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule("cosine"), 5)
+  alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr)
+  x_init = sigma[0] * jax.random.normal(jax.random.key(0), (3, SHAPE[1]))
+  keys = jax.random.split(jax.random.key(1), 3)
+  keys = keys if typed else jax.random.key_data(keys)
+  run = lambda x, key: np.asarray(samplers.sample(exact_denoiser, x, alpha, sigma, "ddpm", key=key))
+  together, alone = run(x_init, keys), run(x_init[1:2], keys[1:2])
+  np.testing.assert_allclose(together[1:2], alone, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(together[0], together[1])
+  shared = run(x_init, jax.random.key(1))
+  assert not np.allclose(shared[1:2], run(x_init[1:2], jax.random.key(1)), atol=1e-3)
