@@ -78,7 +78,7 @@ def read_gif(path) -> tuple[np.ndarray, dict]:
 
 
 def save_mp4(path, frames: np.ndarray, provenance: dict, scale: int | None = None, fps: float = 4.0) -> None:
-  """H.264 MP4 (yuv420p, near-lossless) of uint8 [frames, h, w, 3]; the provenance (plus 'generated_by') is
+  """H.264 MP4 (yuv420p, high quality: CRF 12) of uint8 [frames, h, w, 3]; the provenance (plus 'generated_by') is
   JSON in the container's comment tag. Frames are upscaled by `scale` (nearest; default: the smallest
   factor giving a shorter side of at least 128 px, as 4:2:0 chroma would smear a tiny clip's colours) and
   padded with black to even sides, which the codec needs."""

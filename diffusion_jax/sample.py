@@ -69,8 +69,8 @@ def make_generate_fn(config, graphdef, sample_config):
   """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres) -> samples
   [n, *output_shape] in [-1, 1]. Each sample's starting noise (and a stochastic sampler's noise at every
   step) comes from its own key, so a sample does not depend on the batch it is generated in (nor on the
-  device count). lowres: a super-resolution stage's
-  input [n, (frames,) r, r, c] in [-1, 1] (None otherwise), noise-augmented to sample.aug_level."""
+  device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c] in [-1, 1] (None
+  otherwise), noise-augmented to sample.aug_level."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
@@ -182,9 +182,9 @@ def config_hash(config) -> str:
 
 
 def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> pathlib.Path:
-  """One PNG per sample (videos: a GIF, an MP4 and a PNG strip of its frames), grid.png (videos: also grid.gif
-  and grid.mp4),
-  manifest.jsonl; entries carry each prompt's prompt/seed/guidance_scale. Returns the grid path.
+  """One PNG per sample (videos: a GIF, an MP4 and a PNG strip of its frames), grid.png (videos: also
+  grid.gif and grid.mp4), manifest.jsonl; entries carry each prompt's prompt/seed/guidance_scale. Returns
+  the grid path.
   images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]."""
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)

@@ -62,9 +62,9 @@ def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, et
   x_init: [batch, ...] (images or videos). alpha, sigma: [steps + 1]. `key` is needed by the
   stochastic samplers (ddpm; ddim with eta > 0): one key for the batch, or one per example (typed keys
   [batch] or raw uint32 [batch, 2]), which makes each example's noise its own whatever batch it is sampled
-  in. Returns x at the last noise level, or with
-  return_trajectory the states after every step [steps, batch, ...]. on_step(step index) is called on the
-  host as each step starts (progress reporting; it cannot change the result).
+  in. Returns x at the last noise level, or with return_trajectory the states after every step
+  [steps, batch, ...]. on_step(step index) is called on the host as each step starts (progress reporting;
+  it cannot change the result).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampler {sampler!r}; valid samplers: {list(SAMPLERS)}.")
