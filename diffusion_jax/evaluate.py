@@ -37,7 +37,9 @@ Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard s
 held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images
 (video models: per frame, plus FVD with random-conv frame and motion features), and the judge's
 per-attribute accuracy on captioned_shapes (shapes_judge) or moving_shapes (motion_judge: direction of
-motion, object attributes, appearance change between frames). A super-resolution stage is given the
+motion, object attributes, appearance change between frames; and heldout_loss_direction_gap, the held-out
+loss with every caption's direction reversed minus that with the true captions: 0 when the model ignores
+the direction word). A super-resolution stage is given the
 validation images downsampled to its input size (at sample.aug_level) and judged on what it makes of
 them, with its PSNR against the real images next to that of bicubic upsampling. Steps already in eval.jsonl
 are skipped, so the job is resumable.
@@ -189,7 +191,14 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
   params = state.ema[0] if config.sample.use_ema else state.params
-  metrics = heldout_loss.as_metrics(heldout_loss.make_heldout_loss_fn(config, graphdef)(params, state.frozen, small))
+  heldout = heldout_loss.make_heldout_loss_fn(config, graphdef)
+  losses = heldout(params, state.frozen, small)
+  metrics = heldout_loss.as_metrics(losses)
+  if config.data.dataset == "moving_shapes":  # does the model read the direction word at all? (0: it does not)
+    reversed_captions = [motion_judge.reversed_direction(c) for c in captions[:heldout_examples]]
+    ids, mask = tokenizers.from_config(config)(reversed_captions)
+    reversed_losses = heldout(params, state.frozen, {**small, "text_ids": ids, "text_mask": mask})
+    metrics["heldout_loss_direction_gap"] = float(np.mean(np.asarray(reversed_losses) - np.asarray(losses)))
   images, captions = images[:num_prompts], captions[:num_prompts]
   generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions,
                                                     evaluation_sample_config(config), feature_fns, clip)

@@ -169,6 +169,18 @@ def test_motion_judge_scores_real_clips_and_rejects_noise_and_stills(resolution)
   assert motion_judge.accuracy(reversed_clips, captions)["direction"] == 0.0
   with pytest.raises(ValueError, match="Not a moving_shapes caption"):
     motion_judge.parse("a large red circle at the top left")
+  flipped = [motion_judge.reversed_direction(c) for c in captions]  # the reversed clips' captions
+  assert motion_judge.accuracy(reversed_clips, flipped)["direction"] == 1.0
+  assert [motion_judge.parse(c)[:3] for c in flipped] == [motion_judge.parse(c)[:3] for c in captions]
+
+
+def test_evaluating_a_video_model_reports_motion_and_whether_it_reads_the_direction(trained_video):
+  from diffusion_jax import evaluate
+
+  config, workdir, _ = trained_video
+  _, metrics, generated, _ = evaluate.evaluate_step(workdir, None, num_prompts=4, heldout_examples=4)
+  assert generated.shape == (4, config.data.frames, 16, 16, 3) and 0 <= metrics["accuracy/direction"] <= 1
+  assert np.isfinite(metrics["heldout_loss_direction_gap"]) and metrics["heldout_loss_direction_gap"] != 0
 
 
 def test_fvd_is_zero_on_itself_and_sees_frame_order_that_per_frame_fid_cannot():

@@ -28,6 +28,13 @@ def parse(caption: str):
           moving_shapes.DIRECTIONS.index(direction))
 
 
+def reversed_direction(caption: str) -> str:
+  """The caption asking for the opposite motion ("... moving left" -> "... moving right"), all else equal."""
+  color, shape, size, direction = parse(caption)
+  opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}[moving_shapes.DIRECTIONS[direction]]
+  return moving_shapes.caption(color, shape, size, moving_shapes.DIRECTIONS.index(opposite))
+
+
 def track(video: np.ndarray):
   """uint8 [frames, res, res, 3] -> (centroids [frames, 2] (y, x; NaN where nothing is lit), areas [frames])."""
   res = video.shape[1]
