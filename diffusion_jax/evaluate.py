@@ -20,6 +20,9 @@ Flags:
   --inception_weights local FID Inception-v3 weights, pytorch-fid's pt_inception-2015-12-05-6726825d.pth
                       (needs torch) or the same tensors as .safetensors / .npz: adds fid_inception (the
                       standard FID; for video models per frame). Nothing is downloaded.
+  --i3d_weights       local FVD I3D weights, the Kinetics-400 RGB model in the pytorch_i3d layout that FVD code
+                      loads (i3d_pretrained_400.pt; needs torch) or the same tensors as .safetensors / .npz:
+                      adds fvd_i3d for video models (clips under 9 frames stretched in time to 16)
   --clip_weights      local Hugging Face CLIP directory (config.json, model.safetensors, tokenizer.json, e.g.
                       openai/clip-vit-base-patch32): adds clip_score, 100 * max(cosine, 0) of each generated
                       image (video: each frame) with its caption, averaged
@@ -57,7 +60,8 @@ from ml_collections import config_flags
 
 from diffusion_jax import cascade, checkpoint, media, metric_writers, sample, samplers
 from diffusion_jax.data import pipeline
-from diffusion_jax.metrics import clip_score, fid, fvd, heldout_loss, inception, motion_judge, psnr, shapes_judge
+from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, motion_judge, psnr,
+                                   shapes_judge)
 from diffusion_jax.text import tokenizers
 
 log = logging.getLogger(__name__)
@@ -85,25 +89,32 @@ def validation_set(config, count: int):
   return batch, images, captions
 
 
-def fid_feature_fns(inception_weights=None) -> dict:
-  """{name: FID feature function}: random-conv features always, Inception-v3 when given its weights file."""
-  fns = {"random_conv": fid.random_conv_features}
+def metric_features(inception_weights=None, i3d_weights=None) -> dict:
+  """{metric name: feature function} of the Fréchet distances to report: `fid_*` take uint8 images
+  [n, h, w, 3] (video frames), `fvd_*` uint8 videos [n, frames, h, w, 3]. Random-conv features always;
+  Inception-v3 (fid_inception) and I3D (fvd_i3d) when given their local weights files."""
+  fns = {"fid_random_conv": fid.random_conv_features, "fvd_random_conv": fvd.random_video_features}
   if inception_weights:
-    fns["inception"] = inception.feature_fn(str(inception_weights))
+    fns["fid_inception"] = inception.feature_fn(str(inception_weights))
+  if i3d_weights:
+    fns["fvd_i3d"] = i3d.feature_fn(str(i3d_weights))
   return fns
 
 
 def media_metrics(config, generated, images, captions, feature_fns=None, clip=None) -> dict:
   """Metrics of generated uint8 media [n, (frames,) h, w, 3] against the real `images` of the same captions:
-  FID with each of `feature_fns` (default: random-conv features), CLIP score with `clip` (clip_score.load),
-  FVD for videos, and the dataset's judge (per-attribute accuracy) where it has one."""
+  Fréchet distances with each of `feature_fns` (metric_features; default: random-conv features; FID over
+  video frames, FVD for videos only), CLIP score with `clip` (clip_score.load), and the dataset's judge
+  (per-attribute accuracy) where it has one."""
   frames = lambda v: v.reshape((-1,) + v.shape[-3:])  # videos: FID over all their frames
-  metrics = {f"fid_{name}": fid.fid(fn(frames(generated)), fn(frames(images)))
-             for name, fn in (feature_fns or fid_feature_fns()).items()}
+  metrics = {}
+  for name, fn in (feature_fns or metric_features()).items():
+    if name.startswith("fid_"):
+      metrics[name] = fid.fid(fn(frames(generated)), fn(frames(images)))
+    elif generated.ndim == 5:
+      metrics[name] = fvd.fvd(generated, images, fn)
   if clip is not None:  # videos: every frame against its caption
     metrics["clip_score"] = clip(frames(generated), np.repeat(captions, len(frames(generated)) // len(captions)))
-  if generated.ndim == 5:
-    metrics["fvd_random_conv"] = fvd.fvd(generated, images)
   judges = {"captioned_shapes": shapes_judge, "moving_shapes": motion_judge}
   if config.data.dataset in judges:
     metrics.update({f"accuracy/{k}": v for k, v in judges[config.data.dataset].accuracy(generated, captions).items()})
@@ -186,7 +197,7 @@ def sweep_settings(sweeps: dict, sample_config) -> dict:
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, feature_fns=None, clip=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
-  sweep_settings, `feature_fns` by fid_feature_fns, `clip` by clip_score.load."""
+  sweep_settings, `feature_fns` by metric_features, `clip` by clip_score.load."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -255,14 +266,15 @@ def write_sweep(workdir, step, name, sweep) -> pathlib.Path:
 
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
-        heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None):
+        heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
+  i3d_weights: a local FVD I3D weights file; adds fvd_i3d (video models).
   clip_weights: a local Hugging Face CLIP directory; adds clip_score."""
   config = checkpoint.read_config(workdir)
   settings = sweep_settings(sweeps or {}, evaluation_sample_config(config))
-  feature_fns = fid_feature_fns(inception_weights)
+  feature_fns = metric_features(inception_weights, i3d_weights)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
   written, idle_since = [], time.time()
@@ -299,6 +311,8 @@ def define_flags():
   flags.DEFINE_integer("heldout_examples", 64, "Validation examples for the held-out loss.")
   flags.DEFINE_string("inception_weights", None, "Local FID Inception-v3 weights (.pth, .safetensors, .npz): adds "
                       "fid_inception.")
+  flags.DEFINE_string("i3d_weights", None, "Local FVD I3D weights (i3d_pretrained_400.pt, .safetensors, .npz): adds "
+                      "fvd_i3d for video models.")
   flags.DEFINE_string("clip_weights", None, "Local Hugging Face CLIP directory (config.json, model.safetensors, "
                       "tokenizer.json): adds clip_score.")
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
@@ -316,12 +330,12 @@ def main(argv):
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   try:
     if f.cascade:
-      results = [cascade_metrics(f.cascade, f.num_prompts, fid_feature_fns(f.inception_weights),
+      results = [cascade_metrics(f.cascade, f.num_prompts, metric_features(f.inception_weights, f.i3d_weights),
                                  clip_score.load(f.clip_weights) if f.clip_weights else None)]
     else:
       sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
-                    f.heldout_examples, sweeps, f.inception_weights, f.clip_weights)
+                    f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -167,11 +167,11 @@ def test_features_from_a_pth_file_match_pytorch_and_give_a_sane_fid(torch_incept
 
   path = tmp_path / "pt_inception.pth"
   torch.save(torch_inception.state_dict(), path)
-  fns = evaluate.fid_feature_fns(path)  # what --inception_weights gives the evaluation job
-  assert sorted(fns) == ["inception", "random_conv"]
+  fns = evaluate.metric_features(path)  # what --inception_weights gives the evaluation job
+  assert sorted(fns) == ["fid_inception", "fid_random_conv", "fvd_random_conv"]
   rng = np.random.default_rng(0)
   images = np.stack([captioned_shapes.render(captioned_shapes.random_objects(rng, 2), 32) for _ in range(8)])
-  features = fns["inception"](images)  # 32 px, resized to 299 inside
+  features = fns["fid_inception"](images)  # 32 px, resized to 299 inside
   with torch.no_grad():
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     theirs = torch_inception(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1)
@@ -180,11 +180,11 @@ def test_features_from_a_pth_file_match_pytorch_and_give_a_sane_fid(torch_incept
   np.testing.assert_allclose(features, theirs.numpy(), rtol=2e-3, atol=2e-3 * np.abs(theirs.numpy()).max())
   # FID: zero against itself, growing with added noise.
   assert fid.fid(features, features) == pytest.approx(0.0, abs=1e-6 * float(np.abs(features).max()) ** 2)
-  distances = [fid.fid(fns["inception"](np.clip(images + rng.normal(0, level, images.shape), 0, 255).astype(np.uint8)),
+  distances = [fid.fid(fns["fid_inception"](np.clip(images + rng.normal(0, level, images.shape), 0, 255).astype(np.uint8)),
                        features) for level in (10, 60)]
   assert 0 < distances[0] < distances[1]
   with pytest.raises(ValueError, match="No Inception weights file"):
-    evaluate.fid_feature_fns(tmp_path / "absent.pth")
+    evaluate.metric_features(tmp_path / "absent.pth")
 
 
 def test_resize_is_pytorch_bilinear_without_antialiasing():

@@ -12,13 +12,14 @@ images resized bilinearly to 299x299 (no antialiasing) and scaled to [-1, 1], as
 """
 
 import functools
-import pathlib
 
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from diffusion_jax.metrics import torch_weights
 
 FEATURES = 2048
 RESOLUTION = 299
@@ -182,60 +183,18 @@ class InceptionV3(nnx.Module):
     return x.mean(axis=(1, 2))
 
 
-# Standard-file tensor name suffix -> (NNX variable name, layout change from PyTorch).
-_VARIABLES = {"conv.weight": ("kernel", (2, 3, 1, 0)), "bn.weight": ("scale", None), "bn.bias": ("bias", None),
-              "bn.running_mean": ("mean", None), "bn.running_var": ("var", None)}
 _UNUSED = ("fc.", "AuxLogits.")  # the classifier heads; FID features end before them
 
 
 def read_weights(path) -> dict:
   """{tensor name: float32 array} of a .pth (needs torch), .safetensors or .npz weights file."""
-  path = pathlib.Path(path).expanduser()
-  if not path.is_file():
-    raise ValueError(f"No Inception weights file at {str(path)!r}; give the local path of the standard FID "
-                     "weights (pt_inception-2015-12-05-6726825d.pth) or the same tensors as .safetensors / .npz.")
-  if path.suffix in (".pth", ".pt"):
-    try:
-      import torch
-    except ImportError:
-      raise ValueError(f"Reading {path.name} needs torch; install it, or save the same tensors as "
-                       ".safetensors.") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
-  if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
-    return {k: v.astype(np.float32) for k, v in load_file(path).items()}
-  if path.suffix == ".npz":
-    with np.load(path) as data:
-      return {k: data[k].astype(np.float32) for k in data.files}
-  raise ValueError(f"Unknown Inception weights format {path.suffix!r} ({str(path)!r}); use .pth, .safetensors or .npz.")
+  return torch_weights.read(path, "Inception", "pt_inception-2015-12-05-6726825d.pth")
 
 
 def from_weights(tensors: dict) -> InceptionV3:
   """The model with every parameter taken from `tensors` (standard names); all mismatches in one error."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0))))
-  flat = nnx.to_flat_state(state)
-  used, problems = set(), []
-  for path, variable in flat:
-    suffix = {v[0]: k for k, v in _VARIABLES.items()}[path[-1]]
-    name = ".".join(map(str, path[:-2])) + "." + suffix
-    transpose = _VARIABLES[suffix][1]
-    if name not in tensors:
-      problems.append(f"missing {name}")
-      continue
-    shape = variable.get_value().shape
-    expected = tuple(shape[i] for i in np.argsort(transpose)) if transpose else shape  # PyTorch layout
-    if tuple(tensors[name].shape) != expected:
-      problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {expected}")
-      continue
-    variable.set_value(jnp.asarray(np.transpose(tensors[name], transpose) if transpose else tensors[name]))
-    used.add(name)
-  unknown = sorted(k for k in tensors if k not in used and not k.startswith(_UNUSED))
-  problems += [f"unknown tensor {k}" for k in unknown]
-  if problems:
-    raise ValueError(f"Inception weights do not match FID Inception-v3 ({len(problems)} problems): "
-                     + "; ".join(problems[:20]))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return torch_weights.load(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0))), tensors, "FID Inception-v3",
+                            _UNUSED)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "resize"))

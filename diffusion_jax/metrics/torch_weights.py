@@ -1,0 +1,75 @@
+"""Feature networks from local PyTorch-format weights (FID's Inception-v3, FVD's I3D).
+
+`read` gives {tensor name: float32 array} from a .pth / .pt state dict (needs torch), a .safetensors or
+a .npz file; `load` puts them into a Flax NNX module whose attribute paths mirror the PyTorch module's
+names (PyTorch `conv.weight` is NNX `conv.kernel`, `bn.running_mean` is `bn.mean`), transposing kernels
+from PyTorch's [out, in, *window] to Flax's [*window, in, out]. Nothing is downloaded.
+"""
+
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# NNX variable name -> PyTorch parameter or buffer name.
+_TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def read(path, model: str, standard_file: str) -> dict:
+  """{tensor name: float32 array} of a .pth / .pt (needs torch), .safetensors or .npz weights file.
+
+  model and standard_file name what is expected, for the error messages."""
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise ValueError(f"No {model} weights file at {str(path)!r}; give the local path of the standard weights "
+                     f"({standard_file}) or the same tensors as .safetensors / .npz.")
+  if path.suffix in (".pth", ".pt"):
+    try:
+      import torch
+    except ImportError:
+      raise ValueError(f"Reading {path.name} needs torch; install it, or save the same tensors as "
+                       ".safetensors.") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    return {k: v.astype(np.float32) for k, v in load_file(path).items()}
+  if path.suffix == ".npz":
+    with np.load(path) as data:
+      return {k: data[k].astype(np.float32) for k in data.files}
+  raise ValueError(f"Unknown {model} weights format {path.suffix!r} ({str(path)!r}); use .pth, .safetensors or "
+                   ".npz.")
+
+
+def _torch_layout(variable_name: str, ndim: int):
+  """Axes that take a PyTorch tensor to the Flax layout (None: the same layout)."""
+  if variable_name != "kernel":
+    return None
+  return tuple(range(2, ndim)) + (1, 0)
+
+
+def load(abstract_module: nnx.Module, tensors: dict, model: str, unused_prefixes=()) -> nnx.Module:
+  """The module with every parameter and statistic taken from `tensors` (PyTorch names); every mismatch
+  (missing, wrong shape, unknown name not under `unused_prefixes`) is listed in one ValueError."""
+  graphdef, state = nnx.split(abstract_module)
+  flat = nnx.to_flat_state(state)
+  used, problems = set(), []
+  for path, variable in flat:
+    name = ".".join(map(str, path[:-1] + (_TORCH_NAMES[path[-1]],)))
+    shape = variable.get_value().shape
+    transpose = _torch_layout(path[-1], len(shape))
+    if name not in tensors:
+      problems.append(f"missing {name}")
+      continue
+    expected = tuple(shape[i] for i in np.argsort(transpose)) if transpose else shape  # PyTorch layout
+    if tuple(tensors[name].shape) != expected:
+      problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {expected}")
+      continue
+    variable.set_value(jnp.asarray(np.transpose(tensors[name], transpose) if transpose else tensors[name]))
+    used.add(name)
+  unknown = sorted(k for k in tensors if k not in used and not k.startswith(tuple(unused_prefixes)))
+  problems += [f"unknown tensor {k}" for k in unknown]
+  if problems:
+    raise ValueError(f"The weights do not match {model} ({len(problems)} problems): " + "; ".join(problems[:20]))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
