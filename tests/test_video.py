@@ -55,6 +55,25 @@ def test_temporal_layers_mix_frames_and_are_off_for_images(video_unet):
   assert float(jnp.abs(mixed[1] - per_frame[1]).max()) > 1e-3
 
 
+def test_a_video_unet_from_scratch_tells_frames_apart_from_the_first_step():
+  # Its frame-index embedding starts random: a symmetric (all-frames-equal) start would leave nothing
+  # to learn "frame 0 of a clip moving right is on the left" from (inflation zeroes it, tested below).
+  fresh = unet.UNet(tiny_config(dropout=0.0, temporal=True, max_frames=4), rngs=nnx.Rngs(0))
+  graphdef, initial = nnx.split(fresh)
+  # Spatial layers as if trained (their zero-initialised outputs hide the embeddings); temporal ones as
+  # initialised (identity blocks, which cannot tell equal frames apart, and the frame embedding).
+  flat, spatial = (traverse_util.flatten_dict(nnx.to_pure_dict(state))
+                   for state in (initial, nnx.split(perturb(fresh))[1]))
+  mixed = {p: v if str(p[0]).startswith("temporal_") else spatial[p] for p, v in flat.items()}
+  model = nnx.merge(graphdef, traverse_util.unflatten_dict(mixed))
+  x, logsnr, text, mask = video_inputs()
+  same = jnp.repeat(x[:, :1], 4, axis=1)
+  out = model(same, logsnr, text, mask)
+  assert float(jnp.abs(out[:, 0] - out[:, 3]).max()) > 1e-3
+  still = model(same, logsnr, text, mask, is_video=jnp.zeros((2,), bool))
+  np.testing.assert_allclose(still[:, 0], still[:, 3], atol=1e-6)
+
+
 @pytest.mark.parametrize("frames", [1, 2, 4])
 def test_any_frame_count_up_to_the_trained_length(video_unet, frames):
   video, _ = video_unet

@@ -2,8 +2,8 @@
 
 Every parameter of the image model (U-Net spatial layers and text encoder) is restored into the same
 path of the video model, placed directly with the video model's shardings; the video U-Net's temporal
-layers keep their identity initialisation, so at step 0 the video model produces, per frame, exactly
-what the image model produces. Both models must tokenize text the same way.
+layers keep their identity initialisation and its frame-index embedding is zeroed, so at step 0 the
+video model produces, per frame, exactly what the image model produces. Both models must tokenize text the same way.
 """
 
 import jax
@@ -87,10 +87,12 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
 
 def inflate(video_config, params: dict, frozen: dict) -> tuple[dict, dict]:
   """(params, frozen) pure dicts of a freshly initialised video model -> the same with every parameter the
-  image model has replaced by its trained value (same sharding); temporal layers are untouched."""
+  image model has replaced by its trained value (same sharding) and the frame-index embedding zeroed (it
+  starts random in a model trained from scratch); the other temporal layers are untouched."""
   flat_params, flat_frozen = traverse_util.flatten_dict(params), traverse_util.flatten_dict(frozen)
   video_abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                     for p, x in (flat_params | flat_frozen).items()}
   weights = load_image_weights(video_config, video_abstract)
-  replace = lambda flat: traverse_util.unflatten_dict({p: weights.get(p, x) for p, x in flat.items()})
+  start = lambda p, x: x * 0 if "temporal_frame_embed" in p else weights.get(p, x)
+  replace = lambda flat: traverse_util.unflatten_dict({p: start(p, x) for p, x in flat.items()})
   return replace(flat_params), replace(flat_frozen)

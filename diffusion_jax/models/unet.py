@@ -12,8 +12,10 @@ Configuration (`config.model`, see configs/base.py):
                                  the same or fewer frames, repeated in time = temporal super-resolution)
   temporal, max_frames           video U-Net: a `temporal.TemporalBlock` after every spatial block
                                  (temporal attention at attention levels and in the middle); the
-                                 relative-position bias covers max_frames; a zero-initialised
-                                 embedding of the frame index joins the timestep embedding
+                                 relative-position bias covers max_frames; an embedding of the frame
+                                 index joins the timestep embedding (sinusoids with periods up to
+                                 max_frames, so every feature tells frames apart; randomly initialised,
+                                 so frames differ from the first step; inflation zeroes it)
 
 Layout: level i runs its blocks at resolution res / 2^i. Going down, a level downsamples (strided conv)
 before its blocks; going up, it upsamples (nearest + conv) after them. This is the Efficient U-Net's
@@ -65,6 +67,7 @@ class UNet(nnx.Module):
       raise ValueError(f"model.skips must be 'block' or 'level', got {config.skips!r}.")
     self.dtype = dtype
     self.channels = config.channels
+    self.max_frames = config.max_frames
     self.skips = config.skips
     self.remat = config.remat
     self.lowres_conditioning = config.lowres_conditioning
@@ -80,7 +83,7 @@ class UNet(nnx.Module):
     self.aug_in = (layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype)
                    if config.lowres_conditioning else None)
     self.conv_in = layers.conv(in_ch, widths[0], 3, rngs, dtype)
-    self.temporal_frame_embed = (layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype, zero_init=True)
+    self.temporal_frame_embed = (layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype)
                                  if self.temporal else None)
 
     def level_blocks(level, ch_in, ch_out, n, skip_channels):
@@ -156,7 +159,8 @@ class UNet(nnx.Module):
       emb = emb + self.aug_in(layers.sinusoidal_embedding(aug_logsnr, self.channels).astype(dtype))
     if video_shape is not None:  # which frame each row is (off for stills, so they stay images)
       frame = jnp.tile(jnp.arange(f), b)
-      frame_emb = self.temporal_frame_embed(layers.sinusoidal_embedding(frame, self.channels).astype(dtype))
+      frame_features = layers.sinusoidal_embedding(frame, self.channels, max_period=float(self.max_frames))
+      frame_emb = self.temporal_frame_embed(frame_features.astype(dtype))
       emb = emb + per_frame(is_video.astype(dtype))[:, None] * frame_emb
     keys = iter(jax.random.split(dropout_key, 256)) if dropout_key is not None else None
     next_key = (lambda: next(keys)) if keys is not None else (lambda: None)
