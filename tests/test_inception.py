@@ -180,8 +180,8 @@ def test_features_from_a_pth_file_match_pytorch_and_give_a_sane_fid(torch_incept
   np.testing.assert_allclose(features, theirs.numpy(), rtol=2e-3, atol=2e-3 * np.abs(theirs.numpy()).max())
   # FID: zero against itself, growing with added noise.
   assert fid.fid(features, features) == pytest.approx(0.0, abs=1e-6 * float(np.abs(features).max()) ** 2)
-  distances = [fid.fid(fns["fid_inception"](np.clip(images + rng.normal(0, level, images.shape), 0, 255).astype(np.uint8)),
-                       features) for level in (10, 60)]
+  noisy = lambda level: np.clip(images + rng.normal(0, level, images.shape), 0, 255).astype(np.uint8)
+  distances = [fid.fid(fns["fid_inception"](noisy(level)), features) for level in (10, 60)]
   assert 0 < distances[0] < distances[1]
   with pytest.raises(ValueError, match="No Inception weights file"):
     evaluate.metric_features(tmp_path / "absent.pth")
