@@ -101,18 +101,30 @@ def metric_features(inception_weights=None, i3d_weights=None) -> dict:
   return fns
 
 
-def media_metrics(config, generated, images, captions, feature_fns=None, clip=None) -> dict:
-  """Metrics of generated uint8 media [n, (frames,) h, w, 3] against the real `images` of the same captions:
-  Fréchet distances with each of `feature_fns` (metric_features; default: random-conv features; FID over
-  video frames, FVD for videos only), CLIP score with `clip` (clip_score.load), and the dataset's judge
-  (per-attribute accuracy) where it has one."""
-  frames = lambda v: v.reshape((-1,) + v.shape[-3:])  # videos: FID over all their frames
-  metrics = {}
-  for name, fn in (feature_fns or metric_features()).items():
-    if name.startswith("fid_"):
-      metrics[name] = fid.fid(fn(frames(generated)), fn(frames(images)))
-    elif generated.ndim == 5:
-      metrics[name] = fvd.fvd(generated, images, fn)
+def frechet_distances(images, feature_fns=None):
+  """A function generated uint8 media -> {metric name: Fréchet distance to the real `images`} for each of
+  `feature_fns` (metric_features; default: random-conv features): FID over frames (of videos: all their
+  frames), FVD for videos only. The real set's feature statistics are computed here, once, so an evaluation
+  job builds this once and scores every checkpoint and sweep point with it."""
+  frames = lambda v: v.reshape((-1,) + v.shape[-3:])
+  fns = {name: fn for name, fn in (feature_fns or metric_features()).items()
+         if name.startswith("fid_") or images.ndim == 5}
+  media = lambda name, v: frames(v) if name.startswith("fid_") else v
+  reference = {name: fid.statistics(fn(media(name, images))) for name, fn in fns.items()}
+
+  def distances(generated) -> dict:
+    return {name: fid.frechet_distance(*fid.statistics(fn(media(name, generated))), *reference[name])
+            for name, fn in fns.items()}
+
+  return distances
+
+
+def media_metrics(config, generated, captions, frechet, clip=None) -> dict:
+  """Metrics of generated uint8 media [n, (frames,) h, w, 3] for `captions`: the Fréchet distances that
+  `frechet` (frechet_distances of the real media) gives, CLIP score with `clip` (clip_score.load), and the
+  dataset's judge (per-attribute accuracy) where it has one."""
+  frames = lambda v: v.reshape((-1,) + v.shape[-3:])
+  metrics = frechet(generated)
   if clip is not None:  # videos: every frame against its caption
     metrics["clip_score"] = clip(frames(generated), np.repeat(captions, len(frames(generated)) // len(captions)))
   judges = {"captioned_shapes": shapes_judge, "moving_shapes": motion_judge}
@@ -121,10 +133,11 @@ def media_metrics(config, generated, images, captions, feature_fns=None, clip=No
   return metrics
 
 
-def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, feature_fns=None,
+def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, frechet=None,
                        clip=None) -> tuple[dict, np.ndarray]:
-  """({metric: value}, generated uint8 media) for one sample setting (media_metrics; for super-resolution
-  stages, given the real images downsampled, also PSNR next to bicubic upsampling)."""
+  """({metric: value}, generated uint8 media) for one sample setting (media_metrics against the real `images`;
+  `frechet`: their frechet_distances, made here when not given; for super-resolution stages, given the real
+  images downsampled, also PSNR next to bicubic upsampling)."""
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
@@ -134,7 +147,7 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   seeds = sample_config.seed + np.arange(len(captions))
   generated = sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), captions,
                               sample_config, mesh, seeds=seeds, lowres=lowres)[:, 0]
-  metrics = media_metrics(config, generated, images, captions, feature_fns, clip)
+  metrics = media_metrics(config, generated, captions, frechet or frechet_distances(images), clip)
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
     metrics["psnr"] = psnr.psnr(generated, images)
     metrics["psnr_bicubic"] = psnr.psnr(psnr.bicubic(lowres[:, 0], images), images)
@@ -150,7 +163,7 @@ def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=Non
   final = stages[-1].config
   _, images, captions = validation_set(final, num_prompts)
   outputs = cascade.generate(stages, captions, distinct_noise=True)
-  return media_metrics(final, outputs[-1][:, 0], images, captions, feature_fns, clip)
+  return media_metrics(final, outputs[-1][:, 0], captions, frechet_distances(images, feature_fns), clip)
 
 
 def _sampler_and_steps(value: str) -> dict:
@@ -195,9 +208,10 @@ def sweep_settings(sweeps: dict, sample_config) -> dict:
   return settings
 
 
-def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, feature_fns=None, clip=None):
+def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
-  sweep_settings, `feature_fns` by metric_features, `clip` by clip_score.load."""
+  sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
+  not given), `clip` by clip_score.load."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -211,10 +225,11 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
     reversed_losses = heldout(params, state.frozen, {**small, "text_ids": ids, "text_mask": mask})
     metrics["heldout_loss_direction_gap"] = float(np.mean(np.asarray(reversed_losses) - np.asarray(losses)))
   images, captions = images[:num_prompts], captions[:num_prompts]
+  frechet = frechet or frechet_distances(images)
   generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions,
-                                                    evaluation_sample_config(config), feature_fns, clip)
+                                                    evaluation_sample_config(config), frechet, clip)
   metrics.update(generated_metrics)
-  scored = lambda swept: generation_metrics(config, graphdef, state, mesh, images, captions, swept, feature_fns,
+  scored = lambda swept: generation_metrics(config, graphdef, state, mesh, images, captions, swept, frechet,
                                             clip)[0]
   results = {name: [(value, scored(swept)) for value, swept in points] for name, points in (settings or {}).items()}
   return step, metrics, generated, results
@@ -275,6 +290,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   config = checkpoint.read_config(workdir)
   settings = sweep_settings(sweeps or {}, evaluation_sample_config(config))
   feature_fns = metric_features(inception_weights, i3d_weights)
+  frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
   written, idle_since = [], time.time()
@@ -284,7 +300,9 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     if step is None and not todo and not mngr.all_steps() and not watch:
       raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
     for s in todo:
-      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, feature_fns,
+      if frechet is None:  # the real images' features, once for every checkpoint and sweep point
+        frechet = frechet_distances(validation_set(config, num_prompts)[1], feature_fns)
+      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                    clip)
       writer.write(s, metrics)
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])

@@ -56,12 +56,22 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
   assert 0 < distances[0] < distances[1] < distances[2]
 
 
-def test_evaluation_job_is_resumable(trained, tiny_clip):
-  from diffusion_jax import evaluate
+def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
+  from diffusion_jax import checkpoint, evaluate
 
   _, workdir, _ = trained
+  featurised = []  # every set of images the job computed features of
+
+  def features(images):
+    featurised.append(np.array(images))
+    return fid.random_conv_features(images)
+
+  monkeypatch.setattr(evaluate, "metric_features", lambda *weights: {"fid_random_conv": features})
+  real = evaluate.validation_set(checkpoint.read_config(workdir), 8)[1]
+  times_real = lambda: sum(np.array_equal(images, real) for images in featurised)
   first = evaluate.run(workdir, num_prompts=8, heldout_examples=8)
   assert [r["step"] for r in first] == [2, 4]
+  assert times_real() == 1 and len(featurised) == 3  # the real set once for both checkpoints, then their samples
   for record in first:
     assert np.isfinite(record["heldout_loss"]) and record["fid_random_conv"] >= 0
     assert 0 <= record["accuracy/all"] <= 1
@@ -72,8 +82,10 @@ def test_evaluation_job_is_resumable(trained, tiny_clip):
     evaluate.run(workdir, step=4, sweeps={"sampler": ("nope:20", "ddpm:0"), "steps": ("many",), "threshold": ("soft",)})
   for part in ("'nope:20'", "'ddpm:0'", "must be >= 1", "--steps_sweep value 'many'", "--threshold_sweep value 'soft'"):
     assert part in str(error.value)
+  featurised.clear()
   sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8,
                        sweeps={"guidance": (1.0, 4.0), "sampler": ("ddim:3", "ddpm")}, clip_weights=tiny_clip[0])
+  assert times_real() == 1 and len(featurised) == 6  # and once for a checkpoint's five sample settings
   assert sweep[0]["step"] == 4 and 0 <= sweep[0]["clip_score"] <= 100
   assert (workdir / "eval" / "guidance_sweep_step_4.png").exists()
   assert "| guidance |" in (workdir / "eval" / "guidance_sweep_step_4.md").read_text()
