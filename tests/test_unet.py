@@ -126,3 +126,17 @@ def test_gradient_reaches_every_parameter_and_output_is_deterministic():
   for path, g in nnx.to_flat_state(grads):
     assert float(jnp.abs(g.get_value()).max()) > 0, path
   np.testing.assert_array_equal(model(x, logsnr, text, mask), model(x, logsnr, text, mask))
+
+
+def test_coordinate_channels_tell_interior_positions_apart():
+  """Convolutions are translation-equivariant: away from the borders a constant image gives the same output
+  at every pixel, unless the U-Net also reads each pixel's (y, x) coordinates (model.coordinate_channels)."""
+  x, logsnr, text, mask = inputs(batch=1)
+  flat = jnp.zeros((1, 40, 40, 3))
+  differences = []
+  for coordinate_channels in (False, True):
+    config = tiny_config(channel_mults=(1,), num_res_blocks=(1,), attention_levels=(), dropout=0.0,
+                         coordinate_channels=coordinate_channels)
+    out = perturb(unet.UNet(config, rngs=nnx.Rngs(0)))(flat, logsnr, text, mask)
+    differences.append(float(jnp.abs(out[0, 18, 18] - out[0, 22, 21]).max()))
+  assert differences[0] < 1e-6 < 1e-3 < differences[1]

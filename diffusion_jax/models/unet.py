@@ -16,6 +16,9 @@ Configuration (`config.model`, see configs/base.py):
                                  index joins the timestep embedding (sinusoids with periods up to
                                  max_frames, so every feature tells frames apart; randomly initialised,
                                  so frames differ from the first step; inflation zeroes it)
+  coordinate_channels            also feed each pixel's (y, x) in [-1, 1] to the first convolution, so
+                                 absolute position (where an object should be in a given frame) is an
+                                 input rather than something inferred from the zero padding at borders
 
 Layout: level i runs its blocks at resolution res / 2^i. Going down, a level downsamples (strided conv)
 before its blocks; going up, it upsamples (nearest + conv) after them. This is the Efficient U-Net's
@@ -55,6 +58,13 @@ class Upsample(nnx.Module):
     return self.conv(jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest"))
 
 
+def coordinates(shape, dtype):
+  """[b, h, w, 2]: each pixel's (y, x) position, spaced evenly over [-1, 1]."""
+  b, h, w = shape[:3]
+  y, x = jnp.meshgrid(jnp.linspace(-1, 1, h, dtype=dtype), jnp.linspace(-1, 1, w, dtype=dtype), indexing="ij")
+  return jnp.broadcast_to(jnp.stack([y, x], axis=-1), (b, h, w, 2))
+
+
 class UNet(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
@@ -79,7 +89,8 @@ class UNet(nnx.Module):
     self.time_in = layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype)
     self.time_out = layers.dense(emb_dim, emb_dim, ("embed", "embed"), rngs, dtype)
     self.text_pool = layers.dense(config.text_dim, emb_dim, ("text_embed", "embed"), rngs, dtype)
-    in_ch = config.in_channels * (2 if config.lowres_conditioning else 1)
+    self.coordinate_channels = config.coordinate_channels
+    in_ch = config.in_channels * (2 if config.lowres_conditioning else 1) + (2 if config.coordinate_channels else 0)
     self.aug_in = (layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype)
                    if config.lowres_conditioning else None)
     self.conv_in = layers.conv(in_ch, widths[0], 3, rngs, dtype)
@@ -168,6 +179,8 @@ class UNet(nnx.Module):
     def across_frames(block, h):
       return h if video_shape is None else self._run(block, h, emb, is_video)
 
+    if self.coordinate_channels:
+      x = jnp.concatenate([x, coordinates(x.shape, x.dtype)], axis=-1)
     h = self.conv_in(x.astype(dtype))
     skips = []
     for (sample, res_blocks, attn_blocks), temporal_blocks in zip(self.down, self.temporal_down):
