@@ -3,8 +3,8 @@
   python -m diffusion_jax.main --config=configs/t2v_moving_shapes.py --workdir=workdirs/t2v_moving_shapes
 
 A space-time factorised U-Net (models/temporal.py; the t2i_shapes widths) on 4-frame 16x16 clips, with
-a fifth of the examples replaced by still frames (joint image-video training); about 9 minutes on a
-2-core CPU. Variants (`--config=...:VARIANT`): `inflate`
+a fifth of the examples replaced by still frames (joint image-video training) and pixel coordinates as
+extra input channels; about 9 minutes on a 2-core CPU. Variants (`--config=...:VARIANT`): `inflate`
 initialises the spatial layers from a trained t2i_shapes workdir (`--config.inflate.image_workdir=DIR`)
 and trains only the temporal layers; `test` is a seconds-long smoke configuration for the test suite.
 """
@@ -30,7 +30,7 @@ def get_config(variant: str = ""):
 
   config.model.update(channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 2), attention_levels=(2,),
                       skips="level", skip_scale=0.7071067811865476, heads=4, text_dim=64, temporal=True,
-                      max_frames=4)
+                      max_frames=4, coordinate_channels=True)
 
   # Noise levels shifted 2.8 nats towards noise (simple diffusion's shift from 16 to 64 px): which way
   # the object moves is decided at high noise, where the standard schedule trains too rarely for a
@@ -55,12 +55,13 @@ def get_config(variant: str = ""):
   ))
   if variant == "inflate":
     config.inflate.train_temporal_only = True
+    config.model.coordinate_channels = False  # as in the image model it starts from
   elif variant == "test":
     config.data.update(num_train=64, num_eval=16)
     config.text.t5.update(d_model=32, d_kv=8, d_ff=64, num_layers=1)
     # The widths of t2i_shapes:test, so the tests inflate its checkpoint.
     config.model.update(channels=16, channel_mults=(1, 2), num_res_blocks=(1, 1), attention_levels=(1,), heads=2,
-                        text_dim=32)
+                        text_dim=32, coordinate_channels=False)
     config.train.update(batch_size=8, steps=4, log_every=2, checkpoint_every=2)
     config.optimizer.warmup_steps = 2
     config.sample.update(steps=4, num_per_prompt=1)
