@@ -132,6 +132,14 @@ def _shifted_cosine(t, resolution=64, base_resolution=64, logsnr_min=-15.0, logs
   return _cosine(t, logsnr_min - shift, logsnr_max - shift) + shift
 
 
+def _interpolated_shifted_cosine(t, resolution=64, base_resolution=64, logsnr_min=-15.0, logsnr_max=15.0):
+  """simple diffusion's interpolated schedule: t-weighted mix of the cosine shifted for `resolution`
+  (dominant at high noise, t -> 1: where the global layout is decided) and the unshifted one (dominant at
+  low noise, t -> 0: where details are drawn, as at base_resolution)."""
+  shifted = _shifted_cosine(t, resolution, base_resolution, logsnr_min, logsnr_max)
+  return t * shifted + (1 - t) * _cosine(t, logsnr_min, logsnr_max)
+
+
 def _vp_integral_logsnr(integral, beta_start):
   """logsnr for alphas_cumprod = exp(-integral of beta), saturating at the first discrete step."""
   return -jnp.log(jnp.expm1(jnp.maximum(integral, beta_start)))
@@ -165,6 +173,7 @@ def _flow(t, t_min=1e-5):
 CONTINUOUS_SCHEDULES = {
     "cosine": _cosine,
     "shifted_cosine": _shifted_cosine,
+    "interpolated_shifted_cosine": _interpolated_shifted_cosine,
     "linear": _linear,
     "scaled_linear": _scaled_linear,
     "edm": _edm,

@@ -12,6 +12,7 @@ from diffusion_jax import schedules
 CONTINUOUS = [
     ("cosine", {}),
     ("shifted_cosine", {"resolution": 128, "base_resolution": 64}),
+    ("interpolated_shifted_cosine", {"resolution": 64, "base_resolution": 16}),
     ("linear", {}),
     ("scaled_linear", {}),
     ("edm", {}),
@@ -33,6 +34,16 @@ def test_shifted_cosine_shifts_by_resolution_ratio():
   shifted = schedules.logsnr_schedule("shifted_cosine", resolution=256, base_resolution=64,
                                       logsnr_min=-15 - 2 * np.log(4), logsnr_max=15 - 2 * np.log(4))(t)
   np.testing.assert_allclose(shifted, base + 2 * np.log(64 / 256), rtol=1e-5, atol=1e-4)
+
+
+def test_interpolated_schedule_is_unshifted_when_clean_and_shifted_when_noisy():
+  params = {"resolution": 64, "base_resolution": 16}
+  logsnr = lambda name, t: schedules.logsnr_schedule(name, **({} if name == "cosine" else params))(jnp.array(t))
+  interpolated = lambda t: logsnr("interpolated_shifted_cosine", t)
+  assert float(interpolated(0.0)) == pytest.approx(float(logsnr("cosine", 0.0)), abs=1e-4)
+  assert float(interpolated(1.0)) == pytest.approx(float(logsnr("shifted_cosine", 1.0)), abs=1e-4)
+  t = jnp.linspace(0.05, 0.95, 19)  # in between it lies between the two
+  assert bool(jnp.all((logsnr("shifted_cosine", t) < interpolated(t)) & (interpolated(t) < logsnr("cosine", t))))
 
 
 def test_continuous_linear_is_limit_of_discrete_table():
