@@ -55,7 +55,7 @@ def get_config(variant: str = ""):
   ))
   if variant == "inflate":
     config.inflate.train_temporal_only = True
-    config.model.coordinate_channels = False  # as in the image model it starts from
+    config.model.coordinate_channels = False  # frozen at their zero start, coordinates would go unused
   elif variant == "test":
     config.data.update(num_train=64, num_eval=16)
     config.text.t5.update(d_model=32, d_kv=8, d_ff=64, num_layers=1)

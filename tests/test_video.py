@@ -117,6 +117,22 @@ def test_inflated_model_is_the_image_model_per_frame_at_init(trained, trained_vi
   assert np.all(np.delete(frame_influence(video, x, logsnr, text, ids > 0, frame=2), 2) == 0)
 
 
+def test_inflation_adds_pixel_coordinate_inputs_with_zero_weights(trained, trained_video):
+  image_config, image_workdir, _ = trained
+  config = trained_video[0].copy_and_resolve_references()
+  config.model.coordinate_channels = True  # the image model has none
+  config.inflate.train_temporal_only = False
+  tx, _ = train.make_optimizer(config, 10)
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh), tx)
+  video, image = models_at(config, state, graphdef, image_config, image_workdir)
+  assert video.unet.conv_in.kernel.shape[2] == image.unet.conv_in.kernel.shape[2] + 2
+  ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
+  text = video.encode(ids, ids > 0)
+  x, logsnr = jax.random.normal(jax.random.key(3), (2, 4, 16, 16, 3)), jnp.array([-2.0, 1.0])
+  per_frame = jnp.stack([image(x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
+  assert float(jnp.abs(video(x, logsnr, text, ids > 0) - per_frame).max()) < 1e-5
+
+
 def test_training_only_the_temporal_layers(trained, trained_video):
   image_config, image_workdir, _ = trained
   config, _, state = trained_video
@@ -143,6 +159,11 @@ def test_inflation_from_an_incompatible_image_model_is_refused(trained, tmp_path
   config.inflate.image_workdir = str(trained[1])
   tx, _ = train.make_optimizer(config, 10)
   with pytest.raises(ValueError, match="does not match the video model's spatial layers.*shape"):
+    train.init_state(config, sharding.make_mesh(config.mesh), tx)
+  # Coordinates added at zero weight and then frozen would never be used.
+  config.model.update(channels=16, coordinate_channels=True)
+  config.inflate.train_temporal_only = True
+  with pytest.raises(ValueError, match="coordinate channels would stay unused"):
     train.init_state(config, sharding.make_mesh(config.mesh), tx)
 
 

@@ -4,14 +4,25 @@ Every parameter of the image model (U-Net spatial layers and text encoder) is re
 path of the video model, placed directly with the video model's shardings; the video U-Net's temporal
 layers keep their identity initialisation and its frame-index embedding is zeroed, so at step 0 the
 video model produces, per frame, exactly what the image model produces. Both models must tokenize text the same way.
+A video model with pixel coordinate inputs (`model.coordinate_channels`) inflates from an image model without
+them: the first convolution's weights for the coordinates start at zero, which keeps that identity.
 """
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 from diffusion_jax import checkpoint
 from diffusion_jax.models import text_to_image
+
+
+INPUT_KERNEL = ("unet", "conv_in", "kernel")  # [3, 3, in_channels, channels]; coordinates are the last inputs
+
+
+def _added_input_channels(image_config, video_config) -> int:
+  """Input channels (pixel coordinates) that the video U-Net's first convolution has beyond the image U-Net's."""
+  return 2 * (int(video_config.model.coordinate_channels) - int(image_config.model.coordinate_channels))
 
 
 def compatibility_problems(image_config, video_config) -> list[str]:
@@ -31,6 +42,13 @@ def compatibility_problems(image_config, video_config) -> list[str]:
                    f"{image_config.data.dataset!r}, so word ids would change meaning")
   if image_config.model.lowres_conditioning != video_config.model.lowres_conditioning:
     found.append("model.lowres_conditioning differs")
+  added = _added_input_channels(image_config, video_config)
+  if added < 0:
+    found.append("the image model has model.coordinate_channels and the video model does not")
+  elif added and video_config.inflate.train_temporal_only:
+    found.append("the video model's coordinate channels would stay unused (their input weights start at zero "
+                 "and inflate.train_temporal_only freezes them): set model.coordinate_channels=False or "
+                 "inflate.train_temporal_only=False")
   return found
 
 
@@ -51,12 +69,16 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
   _, image_params, image_frozen = text_to_image.split(text_to_image.abstract(image_config), image_config)
   image_params, image_frozen = _flat(image_params), _flat(image_frozen)
 
+  added = _added_input_channels(image_config, video_config)
   mismatched = []
   for path, leaf in (image_params | image_frozen).items():
     name = "/".join(map(str, path))
-    if path not in video_abstract:
+    video_shape = tuple(video_abstract[path].shape) if path in video_abstract else None
+    if path == INPUT_KERNEL and video_shape is not None:
+      video_shape = video_shape[:2] + (video_shape[2] - added,) + video_shape[3:]
+    if video_shape is None:
       mismatched.append(f"{name} is not in the video model")
-    elif tuple(leaf.shape) != tuple(video_abstract[path].shape):
+    elif tuple(leaf.shape) != video_shape:
       mismatched.append(f"{name} has shape {tuple(leaf.shape)} in the image model, "
                         f"{tuple(video_abstract[path].shape)} in the video model")
   if mismatched:
@@ -82,7 +104,12 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
   except Exception as error:  # orbax raises many kinds for missing keys / shape mismatches
     raise ValueError(f"Cannot restore the image model from {c.image_workdir!r} step {step}: {error}") from None
   restored_params = restored["ema"][0] if c.use_ema else restored["params"]
-  return traverse_util.flatten_dict(restored_params) | traverse_util.flatten_dict(restored["frozen"])
+  weights = traverse_util.flatten_dict(restored_params) | traverse_util.flatten_dict(restored["frozen"])
+  if added:
+    zero_extend = lambda kernel: jnp.pad(kernel, ((0, 0), (0, 0), (0, added), (0, 0)))
+    weights[INPUT_KERNEL] = jax.jit(zero_extend, out_shardings=video_abstract[INPUT_KERNEL].sharding)(
+        weights[INPUT_KERNEL])
+  return weights
 
 
 def inflate(video_config, params: dict, frozen: dict) -> tuple[dict, dict]:
