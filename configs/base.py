@@ -23,6 +23,8 @@ def get_config():
       attribute_keys=(),           # extra integer features passed through to the batch
       resolution=32,
       max_objects=2,               # captioned_shapes only
+      heldout_combinations=(),     # captioned_shapes only: colour-shape pairs ("red square") kept out of the
+                                   # train split; evaluation also judges captions that name them
       frames=8,                    # moving_shapes only
       image_fraction=0.0,          # video data: fraction of examples replaced by a still frame (joint
                                    # image-video training; the temporal layers are off for those)

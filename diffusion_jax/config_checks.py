@@ -3,6 +3,7 @@
 import jax
 
 from diffusion_jax import objectives, samplers, schedules, sharding
+from diffusion_jax.data import captioned_shapes
 
 
 def problems(config, device_count: int | None = None, process_count: int | None = None) -> list[str]:
@@ -53,6 +54,14 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"data.frames={config.data.frames} exceeds model.max_frames={m.max_frames}")
   if m.temporal and config.sample.frames > m.max_frames:
     found.append(f"sample.frames={config.sample.frames} exceeds model.max_frames={m.max_frames}")
+  if config.data.heldout_combinations:
+    if config.data.dataset != "captioned_shapes":
+      found.append("data.heldout_combinations needs data.dataset='captioned_shapes'")
+    else:
+      try:
+        captioned_shapes.combinations(config.data.heldout_combinations)
+      except ValueError as error:
+        found.append(f"data.heldout_combinations: {error}")
   if not 0 <= config.data.image_fraction <= 1:
     found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
   if config.inflate.train_temporal_only and not (m.temporal and config.inflate.image_workdir):

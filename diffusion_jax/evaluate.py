@@ -39,15 +39,17 @@ Every swept value is checked before any checkpoint is loaded; the others keep th
 Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard scalars (`logs/eval`):
 held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images
 (video models: per frame, plus FVD with random-conv frame and motion features), and the judge's
-per-attribute accuracy on captioned_shapes (shapes_judge) or moving_shapes (motion_judge: direction of
-motion, object attributes, appearance change between frames; and heldout_loss_direction_gap, the held-out
-loss with every caption's direction reversed minus that with the true captions: 0 when the model ignores
-the direction word). A super-resolution stage is given the
+per-attribute accuracy on captioned_shapes (shapes_judge; with data.heldout_combinations also on as many
+validation captions naming a combination the model never saw, accuracy_heldout_combinations/*) or
+moving_shapes (motion_judge: direction of motion, object attributes, appearance change between frames; and
+heldout_loss_direction_gap, the held-out loss with every caption's direction reversed minus that with the
+true captions: 0 when the model ignores the direction word). A super-resolution stage is given the
 validation images downsampled to its input size (at sample.aug_level) and judged on what it makes of
 them, with its PSNR against the real images next to that of bicubic upsampling. Steps already in eval.jsonl
 are skipped, so the job is resumable.
 """
 
+import itertools
 import json
 import logging
 import pathlib
@@ -59,7 +61,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax import cascade, checkpoint, media, metric_writers, sample, samplers
-from diffusion_jax.data import pipeline
+from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, motion_judge, psnr,
                                    shapes_judge)
 from diffusion_jax.text import tokenizers
@@ -67,12 +69,12 @@ from diffusion_jax.text import tokenizers
 log = logging.getLogger(__name__)
 
 
-def validation_set(config, count: int):
-  """The first `count` validation examples, in order: (batch for the model, uint8 images [n, h, w, 3] or
-  videos [n, frames, h, w, 3], captions)."""
+def validation_set(config, count: int, keep=None):
+  """The first `count` validation examples (that `keep(example)` accepts, when given), in order: (batch for the
+  model, uint8 images [n, h, w, 3] or videos [n, frames, h, w, 3], captions)."""
   source = pipeline.data_source(config.data, "validation")
-  count = min(count, len(source))
-  examples = [source[i] for i in range(count)]
+  examples = (source[i] for i in range(len(source)))
+  examples = list(itertools.islice(examples if keep is None else filter(keep, examples), count))
   tokenizer = tokenizers.from_config(config)
   ids, mask = tokenizer([e[config.data.caption_key] for e in examples])
 
@@ -133,6 +135,33 @@ def media_metrics(config, generated, captions, frechet, clip=None) -> dict:
   return metrics
 
 
+def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None) -> np.ndarray:
+  """uint8 media [n, (frames,) h, w, 3], one per caption. Each caption its own noise (seed + index): the same
+  noise for every caption would make the set far less diverse than real data (FID) and let the noise, not the
+  caption, decide what the judge sees."""
+  seeds = sample_config.seed + np.arange(len(captions))
+  return sample.generate(config, graphdef, params, frozen, tokenizers.from_config(config), captions, sample_config,
+                         mesh, seeds=seeds, lowres=lowres)[:, 0]
+
+
+def heldout_combination_accuracy(config, graphdef, state, mesh, count: int) -> dict:
+  """The judge's per-attribute accuracy, as `accuracy_heldout_combinations/<attribute>`, on the first `count`
+  validation captions that name a colour-shape combination the train split never showed
+  (data.heldout_combinations); empty when the config holds none out."""
+  if not config.data.heldout_combinations:
+    return {}
+  pairs = captioned_shapes.combinations(config.data.heldout_combinations)
+  _, _, captions = validation_set(config, count, keep=lambda example: captioned_shapes.shows_any(example, pairs))
+  if not captions:
+    log.warning("No validation caption names one of data.heldout_combinations %s: their accuracy is not measured "
+                "(raise data.num_eval).", tuple(config.data.heldout_combinations))
+    return {}
+  sample_config = evaluation_sample_config(config)
+  params = state.ema[0] if sample_config.use_ema else state.params
+  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config)
+  return {f"accuracy_heldout_combinations/{k}": v for k, v in shapes_judge.accuracy(generated, captions).items()}
+
+
 def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, frechet=None,
                        clip=None) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) for one sample setting (media_metrics against the real `images`;
@@ -142,11 +171,7 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
-  # Each caption its own noise (seed + index): the same noise for every caption would make the set far less
-  # diverse than real data (FID) and let the noise, not the caption, decide what the judge sees.
-  seeds = sample_config.seed + np.arange(len(captions))
-  generated = sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), captions,
-                              sample_config, mesh, seeds=seeds, lowres=lowres)[:, 0]
+  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres)
   metrics = media_metrics(config, generated, captions, frechet or frechet_distances(images), clip)
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
     metrics["psnr"] = psnr.psnr(generated, images)
@@ -229,6 +254,7 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions,
                                                     evaluation_sample_config(config), frechet, clip)
   metrics.update(generated_metrics)
+  metrics.update(heldout_combination_accuracy(config, graphdef, state, mesh, num_prompts))
   scored = lambda swept: generation_metrics(config, graphdef, state, mesh, images, captions, swept, frechet,
                                             clip)[0]
   results = {name: [(value, scored(swept)) for value, swept in points] for name, points in (settings or {}).items()}

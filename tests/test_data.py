@@ -52,6 +52,22 @@ def batches(config, n, shard_options=None, state=None):
   return [next(iterator) for _ in range(n)], iterator
 
 
+def test_heldout_combinations_are_absent_from_training_only(tmp_path):
+  names = ("red square", "blue circle")
+  pairs = captioned_shapes.combinations(names)
+  built = captioned_shapes.builder(str(tmp_path), resolution=16, num_train=300, num_eval=200,
+                                   heldout_combinations=names)
+  train, validation = built.as_data_source("train"), built.as_data_source("validation")
+  assert not any(captioned_shapes.shows_any(train[i], pairs) for i in range(len(train)))
+  shown = sum(captioned_shapes.shows_any(validation[i], pairs) for i in range(len(validation)))
+  assert 20 < shown < len(validation)
+  # Red things and squares are still in training, just never a red square.
+  objects = {(int(c), int(k)) for i in range(len(train)) for c, k in zip(train[i]["color"], train[i]["shape"])}
+  assert any(c == 0 and k != 1 for c, k in objects) and any(k == 1 and c != 0 for c, k in objects)
+  with pytest.raises(ValueError, match="'red squares' is not a colour-shape combination"):
+    captioned_shapes.combinations(["red squares"])
+
+
 def test_batches_have_the_documented_layout(config):
   (batch,), _ = batches(config, 1)
   r = config.data.resolution

@@ -75,6 +75,7 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
   for record in first:
     assert np.isfinite(record["heldout_loss"]) and record["fid_random_conv"] >= 0
     assert 0 <= record["accuracy/all"] <= 1
+    assert 0 <= record["accuracy_heldout_combinations/all"] <= 1  # t2i_shapes holds three combinations out
   assert evaluate.run(workdir, num_prompts=8, heldout_examples=8) == []  # nothing left to do
   lines = (workdir / "logs" / "eval.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [2, 4]
@@ -91,6 +92,17 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
   assert "| guidance |" in (workdir / "eval" / "guidance_sweep_step_4.md").read_text()
   table = (workdir / "eval" / "sampler_sweep_step_4.md").read_text().splitlines()
   assert [line.split(" | ")[0] for line in table[2:]] == ["| ddim:3", "| ddpm"]
+
+
+def test_heldout_combination_captions_are_the_first_validation_captions_naming_one(trained):
+  from diffusion_jax import evaluate
+
+  config = trained[0]
+  pairs = captioned_shapes.combinations(config.data.heldout_combinations)
+  every = evaluate.validation_set(config, config.data.num_eval)[2]
+  naming = [c for c in every if any((color, shape) in pairs for color, shape, _, _ in shapes_judge.parse(c))]
+  _, images, captions = evaluate.validation_set(config, 3, keep=lambda e: captioned_shapes.shows_any(e, pairs))
+  assert len(naming) >= 3 and captions == naming[:3] and len(images) == 3
 
 
 def test_evaluation_samples_each_caption_from_its_own_noise(trained):

@@ -3,7 +3,9 @@
 Each image shows one or two shapes, each in its own quadrant, on a black background; the caption names
 size, colour, shape and position of each ("a small red circle at the top left and a large blue square
 at the bottom right"). The ground-truth attributes are stored as features so evaluation can judge
-generated images. Everything is generated locally and deterministically from a seed.
+generated images. Everything is generated locally and deterministically from a seed. Colour-shape
+combinations can be held out of the training split ("red square": never a red square in training, though
+red things and squares are), to test whether a model composes attributes it learnt apart.
 
 Build (once, into any data_dir): `captioned_shapes.build(data_dir, resolution=32)`; the training
 pipeline does this on first use.
@@ -66,11 +68,35 @@ def render(objects, resolution: int) -> np.ndarray:
   return image
 
 
-def random_objects(rng: np.random.Generator, max_objects: int):
+def combinations(names) -> frozenset:
+  """("red square", ...) -> frozenset of (colour index, shape index); ValueError naming the valid words."""
+  pairs = []
+  for name in names:
+    color, _, shape = str(name).partition(" ")
+    if color not in COLORS or shape not in SHAPES:
+      raise ValueError(f"{name!r} is not a colour-shape combination of captioned_shapes: write 'COLOUR SHAPE' "
+                       f"with a colour of {list(COLORS)} and a shape of {list(SHAPES)}.")
+    pairs.append((list(COLORS).index(color), SHAPES.index(shape)))
+  return frozenset(pairs)
+
+
+def shows_any(example, pairs: frozenset) -> bool:
+  """Whether a dataset example (its `color` and `shape` features) shows one of the (colour, shape) pairs."""
+  return any((int(c), int(k)) in pairs for c, k in zip(example["color"], example["shape"]))
+
+
+def random_objects(rng: np.random.Generator, max_objects: int, exclude: frozenset = frozenset()):
+  """1..max_objects random (color, shape, size, position) in distinct quadrants; (colour, shape) pairs in
+  `exclude` are drawn again."""
   count = int(rng.integers(1, max_objects + 1))
   positions = rng.permutation(len(POSITIONS))[:count]
-  return [(int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES))), int(rng.integers(len(SIZES))),
-           int(p)) for p in positions]
+  objects = []
+  for position in positions:
+    color, shape = int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES)))
+    while (color, shape) in exclude:
+      color, shape = int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES)))
+    objects.append((color, shape, int(rng.integers(len(SIZES))), int(position)))
+  return objects
 
 
 @dataclasses.dataclass
@@ -81,10 +107,12 @@ class CaptionedShapesConfig(tfds.core.BuilderConfig):
   num_validation: int = 1000
   num_test: int = 1000
   seed: int = 0
+  heldout_combinations: tuple = ()  # (colour, shape) index pairs absent from the train split
 
 
-def config_name(resolution, max_objects, num_train, seed) -> str:
-  return f"r{resolution}_o{max_objects}_n{num_train}_s{seed}"
+def config_name(resolution, max_objects, num_train, seed, heldout_combinations=()) -> str:
+  heldout = "".join(f"_x{c}{k}" for c, k in sorted(heldout_combinations))
+  return f"r{resolution}_o{max_objects}_n{num_train}_s{seed}{heldout}"
 
 
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
@@ -111,15 +139,15 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
-    return {"train": self._generate_examples(c.num_train, c.seed),
+    return {"train": self._generate_examples(c.num_train, c.seed, frozenset(c.heldout_combinations)),
             "validation": self._generate_examples(c.num_validation, c.seed + 1_000_003),
             "test": self._generate_examples(c.num_test, c.seed + 2_000_003)}
 
-  def _generate_examples(self, count, seed):
+  def _generate_examples(self, count, seed, exclude=frozenset()):
     c = self.builder_config
     rng = np.random.default_rng(seed)
     for index in range(count):
-      objects = random_objects(rng, c.max_objects)
+      objects = random_objects(rng, c.max_objects, exclude)
       padded = objects + [(-1, -1, -1, -1)] * (MAX_OBJECTS - len(objects))
       columns = np.array(padded, np.int32).T
       yield index, {
@@ -132,15 +160,17 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
 
 
 def builder(data_dir: str, resolution: int = 32, max_objects: int = 2, num_train: int = 20000,
-            num_eval: int = 1000, seed: int = 0) -> CaptionedShapes:
-  """The builder for one configuration, prepared (array_record files) on first use."""
+            num_eval: int = 1000, seed: int = 0, heldout_combinations=()) -> CaptionedShapes:
+  """The builder for one configuration, prepared (array_record files) on first use. heldout_combinations:
+  colour-shape names ("red square") that the train split never shows; validation and test keep them."""
   if resolution not in (16, 32, 64):
     raise ValueError(f"captioned_shapes resolution must be 16, 32 or 64, got {resolution}.")
   if not 1 <= max_objects <= MAX_OBJECTS:
     raise ValueError(f"captioned_shapes max_objects must be 1..{MAX_OBJECTS}, got {max_objects}.")
-  config = CaptionedShapesConfig(name=config_name(resolution, max_objects, num_train, seed) + f"_e{num_eval}",
+  pairs = tuple(sorted(combinations(heldout_combinations)))
+  config = CaptionedShapesConfig(name=config_name(resolution, max_objects, num_train, seed, pairs) + f"_e{num_eval}",
                                  resolution=resolution, max_objects=max_objects, num_train=num_train,
-                                 num_validation=num_eval, num_test=num_eval, seed=seed)
+                                 num_validation=num_eval, num_test=num_eval, seed=seed, heldout_combinations=pairs)
   result = CaptionedShapes(config=config, data_dir=data_dir, file_format="array_record")
   result.download_and_prepare()
   return result

@@ -43,7 +43,8 @@ def _open(config, split: str):
   if config.dataset == "captioned_shapes":
     return _prepared(lambda: captioned_shapes.builder(
         config.data_dir, resolution=config.resolution, max_objects=config.max_objects, num_train=config.num_train,
-        num_eval=config.num_eval, seed=config.seed)).as_data_source(split)
+        num_eval=config.num_eval, seed=config.seed,
+        heldout_combinations=config.heldout_combinations)).as_data_source(split)
   if config.dataset == "moving_shapes":
     return _prepared(lambda: moving_shapes.builder(
         config.data_dir, resolution=config.resolution, frames=config.frames, num_train=config.num_train,
