@@ -42,6 +42,7 @@ def get_config(variant: str = ""):
       "a small blue square at the bottom right",
       "a large green triangle at the top right and a small yellow circle at the bottom left",
       "a large magenta square at the bottom left",
+      "a large blue triangle at the top left",  # held out of training
   )
   if variant == "fsdp":
     config.mesh.update(data=1, fsdp=-1)

@@ -81,9 +81,31 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> None:
   path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+# Config fields added since workdirs were first written, each with the value that means what the code did
+# before the field existed: a config.json without one is read as if it had that value.
+ADDED_FIELDS = {
+    "text.embedding_cache": "",
+    "data.folder": "", "data.captions_file": "", "data.frames": 8,
+    "data.image_fraction": 0.0, "model.temporal": False, "model.max_frames": 16, "sample.frames": 0,
+    "inflate.image_workdir": "", "inflate.step": -1, "inflate.use_ema": True, "inflate.train_temporal_only": False,
+    "superres.lowres_resolution": 0, "superres.lowres_frames": 0, "superres.aug_max": 0.5, "sample.aug_level": 0.1,
+    "superres.residual": False, "superres.residual_scale": 0.25,
+    "model.coordinate_channels": False,
+    "data.heldout_combinations": (),
+}
+
+
 def read_config(workdir) -> ml_collections.ConfigDict:
+  """The experiment config a workdir was trained with (its config.json; fields it predates: ADDED_FIELDS)."""
   path = pathlib.Path(workdir).expanduser() / "config.json"
   if not path.exists():
     raise ValueError(f"{str(path)!r} does not exist: {str(workdir)!r} is not a diffusion_jax workdir (train "
                      "first, or give the --workdir of a training run).")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  saved = json.loads(path.read_text())
+  for field, value in ADDED_FIELDS.items():
+    *groups, name = field.split(".")
+    group = saved
+    for key in groups:
+      group = group.setdefault(key, {})
+    group.setdefault(name, value)
+  return ml_collections.ConfigDict(saved)

@@ -146,6 +146,28 @@ def test_checkpoint_metadata_and_fallback_from_a_damaged_checkpoint(trained, tmp
     checkpoint.restore(checkpoint.manager(damaged, read_only=True), state, step=4)
 
 
+def test_a_workdir_written_before_newer_config_fields_still_loads(trained, tmp_path):
+  from diffusion_jax import sample
+
+  old = tmp_path / "old"
+  shutil.copytree(trained[1], old)
+  saved = json.loads((old / "config.json").read_text())
+  for field in checkpoint.ADDED_FIELDS:  # as written before these fields existed
+    *groups, name = field.split(".")
+    group = saved
+    for key in groups:
+      group = group[key]
+    del group[name]
+  for group in ("inflate", "superres"):
+    assert not saved.pop(group)
+  (old / "config.json").write_text(json.dumps(saved))
+  config = checkpoint.read_config(old)
+  for field, value in checkpoint.ADDED_FIELDS.items():
+    assert config[field] == value
+  assert config_checks.problems(config) == []
+  assert sample.load_checkpoint(old)[3] == 4  # the model builds from it and restores
+
+
 def test_restore_onto_a_one_device_mesh(trained):
   config, workdir, final = trained
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
