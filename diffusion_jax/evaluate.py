@@ -80,9 +80,9 @@ def validation_set(config, count: int, keep=None):
 
   def visual(example):
     pixels = np.asarray(example[config.data.image_key])[..., :3]
-    frames = pixels if pixels.ndim == 4 else pixels[None]
-    frames = np.stack([pipeline.resize_and_crop(f, config.data.resolution, None) for f in frames])
-    return frames if pixels.ndim == 4 else frames[0]
+    clip = pixels if pixels.ndim == 4 else pixels[None]
+    clip = np.stack([pipeline.resize_and_crop(f, config.data.resolution, None) for f in clip])
+    return clip if pixels.ndim == 4 else clip[0]
 
   images = np.stack([visual(e) for e in examples])
   captions = [e[config.data.caption_key].decode() for e in examples]
@@ -103,12 +103,16 @@ def metric_features(inception_weights=None, i3d_weights=None) -> dict:
   return fns
 
 
+def frames(x: np.ndarray) -> np.ndarray:
+  """Images [n, h, w, c] as they are; videos [n, frames, h, w, c] as their frames [n * frames, h, w, c]."""
+  return x.reshape((-1,) + x.shape[-3:])
+
+
 def frechet_distances(images, feature_fns=None):
   """A function generated uint8 media -> {metric name: Fréchet distance to the real `images`} for each of
   `feature_fns` (metric_features; default: random-conv features): FID over frames (of videos: all their
   frames), FVD for videos only. The real set's feature statistics are computed here, once, so an evaluation
   job builds this once and scores every checkpoint and sweep point with it."""
-  frames = lambda v: v.reshape((-1,) + v.shape[-3:])
   fns = {name: fn for name, fn in (feature_fns or metric_features()).items()
          if name.startswith("fid_") or images.ndim == 5}
   media = lambda name, v: frames(v) if name.startswith("fid_") else v
@@ -125,7 +129,6 @@ def media_metrics(config, generated, captions, frechet, clip=None) -> dict:
   """Metrics of generated uint8 media [n, (frames,) h, w, 3] for `captions`: the Fréchet distances that
   `frechet` (frechet_distances of the real media) gives, CLIP score with `clip` (clip_score.load), and the
   dataset's judge (per-attribute accuracy) where it has one."""
-  frames = lambda v: v.reshape((-1,) + v.shape[-3:])
   metrics = frechet(generated)
   if clip is not None:  # videos: every frame against its caption
     metrics["clip_score"] = clip(frames(generated), np.repeat(captions, len(frames(generated)) // len(captions)))
