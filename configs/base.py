@@ -1,7 +1,8 @@
 """Defaults for every experiment. Experiments import this and change what differs.
 
 Every default lives here; code never invents one. `diffusion_jax.config_checks.validate` checks a
-config before anything compiles.
+config before anything compiles. A field added here also goes into `diffusion_jax.checkpoint.ADDED_FIELDS`
+with the value that means what the code did before it existed, so workdirs written earlier still load.
 """
 
 import ml_collections
