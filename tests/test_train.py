@@ -2,6 +2,7 @@
 config validation."""
 
 import json
+import pathlib
 import shutil
 
 import jax
@@ -166,6 +167,17 @@ def test_a_workdir_written_before_newer_config_fields_still_loads(trained, tmp_p
     assert config[field] == value
   assert config_checks.problems(config) == []
   assert sample.load_checkpoint(old)[3] == 4  # the model builds from it and restores
+
+
+def test_every_config_field_newer_than_the_first_workdirs_has_its_old_behaviour_value():
+  from flax import traverse_util
+
+  from configs import base
+
+  first = set((pathlib.Path(__file__).parent / "first_config_fields.txt").read_text().split())
+  fields = {".".join(path) for path in traverse_util.flatten_dict(base.get_config().to_dict())}
+  missing = sorted(fields - first - set(checkpoint.ADDED_FIELDS))
+  assert not missing, f"Add {missing} to checkpoint.ADDED_FIELDS so that older workdirs still load."
 
 
 def test_restore_onto_a_one_device_mesh(trained):
