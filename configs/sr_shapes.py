@@ -2,7 +2,8 @@
 
   python -m diffusion_jax.main --config=configs/sr_shapes.py --workdir=workdirs/sr_shapes
 
-The same data, text encoder and U-Net widths as configs/t2i_shapes.py; the U-Net also sees the image
+The same data (every colour-shape combination, as the base16 stage), text encoder and U-Net widths as
+configs/t2i_shapes.py; the U-Net also sees the image
 downsampled to 16 px, noise-augmented to a random time in [0, superres.aug_max] (its log-SNR is a
 condition). Variant `residual` diffuses the residual over the bicubic-upsampled input instead of the
 image (superres.residual: a far better upsampler of real images, a more literal one of a base model's
@@ -15,6 +16,7 @@ from configs import t2i_shapes
 
 def get_config(variant: str = ""):
   config = t2i_shapes.get_config("test" if variant == "test" else "")
+  config.data.heldout_combinations = ()  # every combination, as the base16 stage below it (and README)
   config.model.lowres_conditioning = True
   config.superres.update(lowres_resolution=16, aug_max=0.5)
   config.sample.update(aug_level=0.1, guidance_scale=1.0)

@@ -154,14 +154,15 @@ def heldout_combination_accuracy(config, graphdef, state, mesh, count: int) -> d
   if not config.data.heldout_combinations:
     return {}
   pairs = captioned_shapes.combinations(config.data.heldout_combinations)
-  _, _, captions = validation_set(config, count, keep=lambda example: captioned_shapes.shows_any(example, pairs))
+  _, images, captions = validation_set(config, count, keep=lambda example: captioned_shapes.shows_any(example, pairs))
   if not captions:
     log.warning("No validation caption names one of data.heldout_combinations %s: their accuracy is not measured "
                 "(raise data.num_eval).", tuple(config.data.heldout_combinations))
     return {}
   sample_config = evaluation_sample_config(config)
   params = state.ema[0] if sample_config.use_ema else state.params
-  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config)
+  lowres = cascade.downsampled(images, config)[:, None] if config.model.lowres_conditioning else None
+  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres)
   return {f"accuracy_heldout_combinations/{k}": v for k, v in shapes_judge.accuracy(generated, captions).items()}
 
 
