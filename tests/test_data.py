@@ -2,6 +2,7 @@
 
 import collections
 import json
+import threading
 
 import grain.python as grain
 import PIL.Image
@@ -284,3 +285,23 @@ def test_home_in_data_dir_is_expanded(tmp_path, monkeypatch):
   data.update(data_dir="~/datasets", num_train=8, num_eval=8)
   assert len(pipeline.data_source(data, "train")) == 8
   assert (tmp_path / "datasets" / "captioned_shapes").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_two_jobs_preparing_one_dataset_together_both_open_it(tmp_path):
+  data = t2i_shapes.get_config("test").data
+  data.update(data_dir=str(tmp_path), num_train=512)
+  start = threading.Barrier(2)
+
+  def open_train_split(results, i):
+    start.wait()  # both find no dataset and generate it; the second to finish finds the first's in place
+    results[i] = pipeline.data_source(data, "train")
+
+  results = [None, None]
+  threads = [threading.Thread(target=open_train_split, args=(results, i)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert all(r is not None for r in results), "a job preparing the dataset at the same time failed"
+  np.testing.assert_array_equal(results[0][5]["image"], results[1][5]["image"])
+  assert len(results[0]) == len(results[1]) == 512

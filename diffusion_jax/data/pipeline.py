@@ -26,10 +26,20 @@ DATASETS = ("captioned_shapes", "moving_shapes", "folder", "tfds")
 MODEL_INPUTS = ("image", "video", "is_video", "text_ids", "text_embeddings", "text_mask")
 
 
+def _generated_once(build):
+  """build(), which generates the dataset's files if they are missing. Two jobs started together on one
+  data_dir both generate them; the second to finish finds the first's files in place (TFDS refuses the
+  rename) and opens those."""
+  try:
+    return build()
+  except FileExistsError:
+    return build()
+
+
 def _prepared(build):
   """Process 0 generates the files; the others open them once they exist."""
   if jax.process_index() == 0:
-    builder = build()
+    builder = _generated_once(build)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset prepared")
   if jax.process_index() != 0:
