@@ -17,6 +17,9 @@ Flags:
   --max_idle_minutes  with --watch, stop after this long without a new checkpoint (default 60)
   --num_prompts       validation captions to generate for (default 64); also the FID set size
   --heldout_examples  validation examples for the held-out loss (default 64)
+  --combination_prompts  configs with data.heldout_combinations: validation captions naming a held-out
+                      colour-shape combination to generate for and judge, at the config's sample settings and
+                      at every sweep point (default 64; 0: none)
   --inception_weights local FID Inception-v3 weights, pytorch-fid's pt_inception-2015-12-05-6726825d.pth
                       (needs torch) or the same tensors as .safetensors / .npz: adds fid_inception (the
                       standard FID; for video models per frame). Nothing is downloaded.
@@ -39,8 +42,9 @@ Every swept value is checked before any checkpoint is loaded; the others keep th
 Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard scalars (`logs/eval`):
 held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images
 (video models: per frame, plus FVD with random-conv frame and motion features), and the judge's
-per-attribute accuracy on captioned_shapes (shapes_judge; with data.heldout_combinations also on as many
-validation captions naming a combination the model never saw, accuracy_heldout_combinations/*) or
+per-attribute accuracy on captioned_shapes (shapes_judge; with data.heldout_combinations also on
+--combination_prompts validation captions naming a combination the model never saw,
+accuracy_heldout_combinations/*) or
 moving_shapes (motion_judge: direction of motion, object attributes, appearance change between frames; and
 heldout_loss_direction_gap, the held-out loss with every caption's direction reversed minus that with the
 true captions: 0 when the model ignores the direction word). A super-resolution stage is given the
@@ -147,11 +151,11 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
                          mesh, seeds=seeds, lowres=lowres)[:, 0]
 
 
-def heldout_combination_accuracy(config, graphdef, state, mesh, count: int) -> dict:
+def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, sample_config) -> dict:
   """The judge's per-attribute accuracy, as `accuracy_heldout_combinations/<attribute>`, on the first `count`
   validation captions that name a colour-shape combination the train split never showed
-  (data.heldout_combinations); empty when the config holds none out."""
-  if not config.data.heldout_combinations:
+  (data.heldout_combinations), sampled with `sample_config`; empty when the config holds none out or count is 0."""
+  if not config.data.heldout_combinations or count == 0:
     return {}
   pairs = captioned_shapes.combinations(config.data.heldout_combinations)
   _, images, captions = validation_set(config, count, keep=lambda example: captioned_shapes.shows_any(example, pairs))
@@ -159,7 +163,6 @@ def heldout_combination_accuracy(config, graphdef, state, mesh, count: int) -> d
     log.warning("No validation caption names one of data.heldout_combinations %s: their accuracy is not measured "
                 "(raise data.num_eval).", tuple(config.data.heldout_combinations))
     return {}
-  sample_config = evaluation_sample_config(config)
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = cascade.downsampled(images, config)[:, None] if config.model.lowres_conditioning else None
   generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres)
@@ -237,10 +240,13 @@ def sweep_settings(sweeps: dict, sample_config) -> dict:
   return settings
 
 
-def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None):
+def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
+                  combination_prompts=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
-  not given), `clip` by clip_score.load."""
+  not given), `clip` by clip_score.load; `combination_prompts` captions for heldout_combination_accuracy at each
+  sample setting (None: num_prompts)."""
+  combination_prompts = num_prompts if combination_prompts is None else combination_prompts
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -255,13 +261,16 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
     metrics["heldout_loss_direction_gap"] = float(np.mean(np.asarray(reversed_losses) - np.asarray(losses)))
   images, captions = images[:num_prompts], captions[:num_prompts]
   frechet = frechet or frechet_distances(images)
-  generated_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions,
-                                                    evaluation_sample_config(config), frechet, clip)
+
+  def scored(sample_config):
+    metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, frechet,
+                                            clip)
+    metrics.update(heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config))
+    return metrics, generated
+
+  generated_metrics, generated = scored(evaluation_sample_config(config))
   metrics.update(generated_metrics)
-  metrics.update(heldout_combination_accuracy(config, graphdef, state, mesh, num_prompts))
-  scored = lambda swept: generation_metrics(config, graphdef, state, mesh, images, captions, swept, frechet,
-                                            clip)[0]
-  results = {name: [(value, scored(swept)) for value, swept in points] for name, points in (settings or {}).items()}
+  results = {name: [(value, scored(swept)[0]) for value, swept in points] for name, points in (settings or {}).items()}
   return step, metrics, generated, results
 
 
@@ -311,12 +320,14 @@ def write_sweep(workdir, step, name, sweep) -> pathlib.Path:
 
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
-        heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None):
+        heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
+        combination_prompts=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
   i3d_weights: a local FVD I3D weights file; adds fvd_i3d (video models).
-  clip_weights: a local Hugging Face CLIP directory; adds clip_score."""
+  clip_weights: a local Hugging Face CLIP directory; adds clip_score.
+  combination_prompts: held-out-combination captions judged per sample setting (None: num_prompts)."""
   config = checkpoint.read_config(workdir)
   settings = sweep_settings(sweeps or {}, evaluation_sample_config(config))
   feature_fns = metric_features(inception_weights, i3d_weights)
@@ -333,7 +344,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       if frechet is None:  # the real images' features, once for every checkpoint and sweep point
         frechet = frechet_distances(validation_set(config, num_prompts)[1], feature_fns)
       s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
-                                                   clip)
+                                                   clip, combination_prompts)
       writer.write(s, metrics)
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
@@ -355,8 +366,12 @@ def define_flags():
   flags.DEFINE_bool("watch", False, "Keep polling for new checkpoints.")
   flags.DEFINE_integer("poll_seconds", 60, "Polling interval with --watch.")
   flags.DEFINE_float("max_idle_minutes", 60, "With --watch, stop after this long without a new checkpoint.")
-  flags.DEFINE_integer("num_prompts", 64, "Validation captions to generate for (also the FID set size).")
-  flags.DEFINE_integer("heldout_examples", 64, "Validation examples for the held-out loss.")
+  flags.DEFINE_integer("num_prompts", 64, "Validation captions to generate for (also the FID set size).",
+                       lower_bound=1)
+  flags.DEFINE_integer("heldout_examples", 64, "Validation examples for the held-out loss.", lower_bound=1)
+  flags.DEFINE_integer("combination_prompts", 64, "Validation captions naming a held-out colour-shape combination "
+                       "to judge at each sample setting (configs with data.heldout_combinations); 0: none.",
+                       lower_bound=0)
   flags.DEFINE_string("inception_weights", None, "Local FID Inception-v3 weights (.pth, .safetensors, .npz): adds "
                       "fid_inception.")
   flags.DEFINE_string("i3d_weights", None, "Local FVD I3D weights (i3d_pretrained_400.pt, .safetensors, .npz): adds "
@@ -383,7 +398,8 @@ def main(argv):
     else:
       sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
-                    f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights)
+                    f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
+                    f.combination_prompts)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -84,7 +84,7 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
   for part in ("'nope:20'", "'ddpm:0'", "must be >= 1", "--steps_sweep value 'many'", "--threshold_sweep value 'soft'"):
     assert part in str(error.value)
   featurised.clear()
-  sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8,
+  sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8, combination_prompts=4,
                        sweeps={"guidance": (1.0, 4.0), "sampler": ("ddim:3", "ddpm")}, clip_weights=tiny_clip[0])
   assert times_real() == 1 and len(featurised) == 6  # and once for a checkpoint's five sample settings
   assert sweep[0]["step"] == 4 and 0 <= sweep[0]["clip_score"] <= 100
@@ -92,6 +92,8 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
   assert "| guidance |" in (workdir / "eval" / "guidance_sweep_step_4.md").read_text()
   table = (workdir / "eval" / "sampler_sweep_step_4.md").read_text().splitlines()
   assert [line.split(" | ")[0] for line in table[2:]] == ["| ddim:3", "| ddpm"]
+  assert "accuracy_heldout_combinations/all" in table[0]  # judged at every sweep point, not only the default
+  assert evaluate.heldout_combination_accuracy(checkpoint.read_config(workdir), None, None, None, 0, None) == {}
 
 
 def test_heldout_combination_captions_are_the_first_validation_captions_naming_one(trained):
