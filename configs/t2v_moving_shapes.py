@@ -43,6 +43,8 @@ def get_config(variant: str = ""):
   config.train.steps = 500
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 50
+  # Decaying only to half the peak (not a tenth) keeps learning the direction late in the run (README).
+  config.optimizer.end_learning_rate_factor = 0.5
   config.train.ema_decays = (0.99,)
   config.train.log_every = 50
   config.train.checkpoint_every = 200
