@@ -1,25 +1,11 @@
 """Test session set-up: a simulated 8-device pod on the CPU (must precede any jax import)."""
 
 import os
-import shutil
-import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, shared by the xdist workers and the subprocesses the tests
-# start (they inherit the environment): the same tiny train step compiles once instead of in every process.
-_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-if _OWN_CACHE:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffusion_jax_test_jit_cache_")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402  (after the environment is set)
-
-
-def pytest_unconfigure(config):
-  if _OWN_CACHE:  # the process that made the cache (the xdist controller, or pytest without -n)
-    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def tiny_config(tmp_path_factory):
