@@ -241,12 +241,11 @@ def sweep_settings(sweeps: dict, sample_config) -> dict:
 
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
-                  combination_prompts=None):
+                  combination_prompts=64):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load; `combination_prompts` captions for heldout_combination_accuracy at each
-  sample setting (None: num_prompts)."""
-  combination_prompts = num_prompts if combination_prompts is None else combination_prompts
+  sample setting."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -263,10 +262,11 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   frechet = frechet or frechet_distances(images)
 
   def scored(sample_config):
-    metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, frechet,
-                                            clip)
-    metrics.update(heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config))
-    return metrics, generated
+    setting_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions, sample_config,
+                                                    frechet, clip)
+    setting_metrics.update(
+        heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config))
+    return setting_metrics, generated
 
   generated_metrics, generated = scored(evaluation_sample_config(config))
   metrics.update(generated_metrics)
@@ -321,13 +321,13 @@ def write_sweep(workdir, step, name, sweep) -> pathlib.Path:
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
-        combination_prompts=None):
+        combination_prompts=64):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
   i3d_weights: a local FVD I3D weights file; adds fvd_i3d (video models).
   clip_weights: a local Hugging Face CLIP directory; adds clip_score.
-  combination_prompts: held-out-combination captions judged per sample setting (None: num_prompts)."""
+  combination_prompts: held-out-combination captions judged per sample setting (0: none)."""
   config = checkpoint.read_config(workdir)
   settings = sweep_settings(sweeps or {}, evaluation_sample_config(config))
   feature_fns = metric_features(inception_weights, i3d_weights)

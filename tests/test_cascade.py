@@ -187,7 +187,8 @@ def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr):
   records = [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
   captions, _ = cascade.validation_lowres(config, len(config.sample.prompts), 1)
   assert [r["prompt"] for r in records[::config.sample.num_per_prompt]] == captions
-  [record] = evaluate.run(workdir, step=4, num_prompts=4, heldout_examples=4, sweeps={"aug_level": (0.0, 0.5)})
+  [record] = evaluate.run(workdir, step=4, num_prompts=4, heldout_examples=4, combination_prompts=4,
+                          sweeps={"aug_level": (0.0, 0.5)})
   assert np.isfinite(record["psnr"]) and record["psnr_bicubic"] > 10
   assert (workdir / "eval" / "aug_level_sweep_step_4.png").exists()
   assert "| aug_level |" in (workdir / "eval" / "aug_level_sweep_step_4.md").read_text()

@@ -69,14 +69,14 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
   monkeypatch.setattr(evaluate, "metric_features", lambda *weights: {"fid_random_conv": features})
   real = evaluate.validation_set(checkpoint.read_config(workdir), 8)[1]
   times_real = lambda: sum(np.array_equal(images, real) for images in featurised)
-  first = evaluate.run(workdir, num_prompts=8, heldout_examples=8)
+  first = evaluate.run(workdir, num_prompts=8, heldout_examples=8, combination_prompts=8)
   assert [r["step"] for r in first] == [2, 4]
   assert times_real() == 1 and len(featurised) == 3  # the real set once for both checkpoints, then their samples
   for record in first:
     assert np.isfinite(record["heldout_loss"]) and record["fid_random_conv"] >= 0
     assert 0 <= record["accuracy/all"] <= 1
     assert 0 <= record["accuracy_heldout_combinations/all"] <= 1  # t2i_shapes holds three combinations out
-  assert evaluate.run(workdir, num_prompts=8, heldout_examples=8) == []  # nothing left to do
+  assert evaluate.run(workdir, num_prompts=8, heldout_examples=8, combination_prompts=8) == []  # nothing left to do
   lines = (workdir / "logs" / "eval.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [2, 4]
   with pytest.raises(ValueError) as error:  # every bad swept value named before anything is loaded

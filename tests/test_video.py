@@ -218,7 +218,8 @@ def test_evaluating_a_video_model_reports_motion_and_whether_it_reads_the_direct
   from diffusion_jax import evaluate
 
   config, workdir, _ = trained_video
-  _, metrics, generated, _ = evaluate.evaluate_step(workdir, None, num_prompts=4, heldout_examples=4)
+  _, metrics, generated, _ = evaluate.evaluate_step(workdir, None, num_prompts=4, heldout_examples=4,
+                                                           combination_prompts=4)
   assert generated.shape == (4, config.data.frames, 16, 16, 3) and 0 <= metrics["accuracy/direction"] <= 1
   assert np.isfinite(metrics["heldout_loss_direction_gap"]) and metrics["heldout_loss_direction_gap"] != 0
 
