@@ -19,9 +19,9 @@ def main_command(workdir, data_dir, *extra):
           f"--config.data.data_dir={data_dir}", *extra]
 
 
-def start(command):
+def start(command, env=None):
   return subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                          env=dict(os.environ))
+                          env=env or dict(os.environ))
 
 
 def wait_for(process, text):
@@ -56,11 +56,13 @@ def test_kill_9_then_restart_matches_the_uninterrupted_run(trained, tmp_path):
   config, _, final = trained
   command = main_command(tmp_path / "w", tmp_path / "d", "--config.train.log_every=1",
                          "--config.train.sample_at_end=False")
-  process = start(command)
+  # A persistent compilation cache, as a user's restarts would have: the restart loads the killed run's programs.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "compilation_cache"))
+  process = start(command, env)
   wait_for(process, "step 2/4")
   process.kill()  # SIGKILL: no handler runs, an async save may be half written
   process.wait()
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-2000:]
   tx, _ = train.make_optimizer(config, config.train.steps)
   state, _ = train.init_state(config, sharding.make_mesh(config.mesh), tx)
