@@ -74,3 +74,21 @@ def test_bad_checkpoints_are_named(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="DenseReluDense.wi.weight has shape"):
     t5.load_hf_encoder(tmp_path)
+
+
+def test_random_initialisation_follows_t5s(tmp_path):
+  """Trained from scratch, the encoder starts as T5 does (transformers' T5 initialisation is the oracle): the
+  query scaled down by sqrt(d_kv), unit-variance word vectors. Generic LeCun init makes content logits so
+  large that the relative-position bias cannot steer attention, and word order is never learnt."""
+  import jax
+  from flax import nnx
+
+  config = transformers.T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=64)
+  torch.manual_seed(0)
+  transformers.T5EncoderModel(config).save_pretrained(tmp_path, safe_serialization=True)
+  theirs = dict(jax.tree_util.tree_leaves_with_path(nnx.state(t5.load_hf_encoder(tmp_path), nnx.Param)))
+  ours = nnx.state(t5.T5Encoder(t5.config_from_hf(config.to_dict()), rngs=nnx.Rngs(0)), nnx.Param)
+  rms = lambda x: float(np.sqrt(np.mean(np.square(np.asarray(x)))))
+  for path, value in jax.tree_util.tree_leaves_with_path(ours):
+    assert 0.8 < rms(value) / rms(theirs[path]) < 1.25, (jax.tree_util.keystr(path), rms(value), rms(theirs[path]))

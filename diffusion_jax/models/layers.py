@@ -26,8 +26,12 @@ def conv(in_ch, out_ch, kernel, rngs, dtype, stride=1, zero_init=False):
                   kernel_metadata=names(None, None, "conv_in", "conv_out"), bias_metadata=names("conv_out"))
 
 
-def dense(in_dim, out_dim, axes, rngs, dtype, use_bias=True, zero_init=False):
-  init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
+def dense(in_dim, out_dim, axes, rngs, dtype, use_bias=True, zero_init=False, stddev=None):
+  """nnx.Linear with logical axis names; LeCun-normal kernel, zeros when zero_init, normal(stddev) when given."""
+  if stddev is not None:
+    init = nnx.initializers.normal(stddev)
+  else:
+    init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
   return nnx.Linear(in_dim, out_dim, use_bias=use_bias, dtype=dtype, kernel_init=init, rngs=rngs,
                     kernel_metadata=names(*axes), bias_metadata=names(axes[-1]))
 

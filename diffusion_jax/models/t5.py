@@ -46,18 +46,22 @@ class RMSNorm(nnx.Module):
 class T5Block(nnx.Module):
   def __init__(self, config, *, has_position_bias, dtype, rngs):
     inner, d = config.num_heads * config.d_kv, config.d_model
-    dense = lambda i, o, axes: layers.dense(i, o, axes, rngs, dtype, use_bias=False)
+    # T5's initialisation (Raffel et al. 2020): normal with std 1/sqrt(fan-in), the query's also divided by
+    # sqrt(d_kv) in place of the attention's missing 1/sqrt(d_kv), so that at the start content logits are
+    # small next to the relative-position bias and attention can learn word order.
+    dense = lambda i, o, axes, std: layers.dense(i, o, axes, rngs, dtype, use_bias=False, stddev=std)
     self.heads, self.d_kv = config.num_heads, config.d_kv
     self.attn_norm = RMSNorm(d, config.layer_norm_epsilon)
-    self.q, self.k, self.v = (dense(d, inner, ("text_embed", "heads")) for _ in range(3))
-    self.o = dense(inner, d, ("heads", "text_embed"))
-    self.position_bias = (nnx.Param(jax.random.normal(rngs.params(), (config.num_buckets, config.num_heads)) * 0.1,
+    self.q = dense(d, inner, ("text_embed", "heads"), (d * config.d_kv) ** -0.5)
+    self.k, self.v = (dense(d, inner, ("text_embed", "heads"), d**-0.5) for _ in range(2))
+    self.o = dense(inner, d, ("heads", "text_embed"), inner**-0.5)
+    self.position_bias = (nnx.Param(jax.random.normal(rngs.params(), (config.num_buckets, config.num_heads)) * d**-0.5,
                                     **layers.names(None, None)) if has_position_bias else None)
     self.ff_norm = RMSNorm(d, config.layer_norm_epsilon)
     self.gated = config.gated
-    self.wi_0 = dense(d, config.d_ff, ("text_embed", "mlp"))
-    self.wi_1 = dense(d, config.d_ff, ("text_embed", "mlp")) if config.gated else None
-    self.wo = dense(config.d_ff, d, ("mlp", "text_embed"))
+    self.wi_0 = dense(d, config.d_ff, ("text_embed", "mlp"), d**-0.5)
+    self.wi_1 = dense(d, config.d_ff, ("text_embed", "mlp"), d**-0.5) if config.gated else None
+    self.wo = dense(config.d_ff, d, ("mlp", "text_embed"), config.d_ff**-0.5)
 
   def __call__(self, x, bias):
     b, n, _ = x.shape
@@ -77,6 +81,7 @@ class T5Encoder(nnx.Module):
   def __init__(self, config, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs,
+                           embedding_init=nnx.initializers.normal(1.0),  # T5's: unit-variance word vectors
                            embedding_metadata=layers.names("vocab", "text_embed"))
     self.blocks = nnx.List([T5Block(config, has_position_bias=i == 0, dtype=dtype, rngs=rngs)
                             for i in range(config.num_layers)])
