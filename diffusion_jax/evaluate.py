@@ -44,7 +44,9 @@ held-out loss per log-SNR level, FID (random-conv features) of generated vs real
 (video models: per frame, plus FVD with random-conv frame and motion features), and the judge's
 per-attribute accuracy on captioned_shapes (shapes_judge; with data.heldout_combinations also on
 --combination_prompts validation captions naming a combination the model never saw,
-accuracy_heldout_combinations/*) or
+accuracy_heldout_combinations/*; and heldout_loss_binding_gap, the held-out loss with the colours of a
+two-object caption's objects swapped minus that with the true caption: 0 when the model does not bind
+colours to objects) or
 moving_shapes (motion_judge: direction of motion, object attributes, appearance change between frames; and
 heldout_loss_direction_gap, the held-out loss with every caption's direction reversed minus that with the
 true captions: 0 when the model ignores the direction word). A super-resolution stage is given the
@@ -240,6 +242,20 @@ def sweep_settings(sweeps: dict, sample_config) -> dict:
   return settings
 
 
+def binding_gap(config, heldout, params, frozen, batch, captions) -> dict:
+  """{"heldout_loss_binding_gap": held-out loss with the two objects' colours swapped in the caption minus with
+  the true caption, over the examples where swapping changes the caption}; {} when none does."""
+  swapped = [shapes_judge.swapped_colours(c) for c in captions]
+  chosen = np.array([i for i, (c, s) in enumerate(zip(captions, swapped)) if s != c], int)
+  if not len(chosen):
+    return {}
+  subset = {k: np.asarray(v)[chosen] for k, v in batch.items()}
+  ids, mask = tokenizers.from_config(config)([swapped[i] for i in chosen])
+  gap = np.asarray(heldout(params, frozen, {**subset, "text_ids": ids, "text_mask": mask})) - np.asarray(
+      heldout(params, frozen, subset))
+  return {"heldout_loss_binding_gap": float(gap.mean())}
+
+
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
@@ -258,6 +274,8 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
     ids, mask = tokenizers.from_config(config)(reversed_captions)
     reversed_losses = heldout(params, state.frozen, {**small, "text_ids": ids, "text_mask": mask})
     metrics["heldout_loss_direction_gap"] = float(np.mean(np.asarray(reversed_losses) - np.asarray(losses)))
+  if config.data.dataset == "captioned_shapes":  # does the model bind each colour to its object? (0: it does not)
+    metrics.update(binding_gap(config, heldout, params, state.frozen, small, captions[:heldout_examples]))
   images, captions = images[:num_prompts], captions[:num_prompts]
   frechet = frechet or frechet_distances(images)
 

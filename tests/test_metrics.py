@@ -35,6 +35,17 @@ def test_judge_notices_a_wrong_attribute():
     shapes_judge.parse("a cat on a mat")
 
 
+def test_swapped_colours_paint_each_object_in_the_other_ones_colour():
+  objects = [(0, 0, 1, 0), (2, 1, 0, 3)]  # a large red circle top left, a small blue square bottom right
+  image, caption = captioned_shapes.render(objects, 32), captioned_shapes.caption(objects)
+  swapped = shapes_judge.swapped_colours(caption)
+  assert sorted(swapped.split()) == sorted(caption.split())  # the same words
+  scores = shapes_judge.score(image, swapped)
+  assert scores["color"] == 0.0 and scores["shape"] == scores["size"] == scores["position"] == 1.0
+  for unchanged in ([objects[0]], [objects[0], (0, 2, 0, 1)]):  # one object; two of one colour
+    assert shapes_judge.swapped_colours(captioned_shapes.caption(unchanged)) == captioned_shapes.caption(unchanged)
+
+
 def test_frechet_distance_matches_direct_scipy_computation():
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(500, 8)), rng.normal(0.3, 1.5, size=(500, 8))
@@ -76,6 +87,7 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
     assert np.isfinite(record["heldout_loss"]) and record["fid_random_conv"] >= 0
     assert 0 <= record["accuracy/all"] <= 1
     assert 0 <= record["accuracy_heldout_combinations/all"] <= 1  # t2i_shapes holds three combinations out
+    assert np.isfinite(record["heldout_loss_binding_gap"])
   assert evaluate.run(workdir, num_prompts=8, heldout_examples=8, combination_prompts=8) == []  # nothing left to do
   lines = (workdir / "logs" / "eval.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [2, 4]

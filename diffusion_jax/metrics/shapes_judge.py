@@ -31,6 +31,17 @@ def parse(caption: str):
   return objects
 
 
+def swapped_colours(caption: str) -> str:
+  """The caption with its first two objects' colours exchanged, all else equal; unchanged when it names one
+  object, or two of one colour. Every word stays: only a model that binds each colour to its own object
+  finds it a worse description of the image."""
+  objects = parse(caption)
+  if len(objects) < 2:
+    return caption
+  (first_color, *first), (second_color, *second) = objects[:2]
+  return shapes.caption([(second_color, *first), (first_color, *second)] + objects[2:])
+
+
 def lit_pixels(pixels: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] -> bool mask of pixels bright enough to belong to a shape (the background is black)."""
   return pixels.max(-1) > 80
