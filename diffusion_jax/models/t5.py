@@ -47,8 +47,8 @@ class T5Block(nnx.Module):
   def __init__(self, config, *, has_position_bias, dtype, rngs):
     inner, d = config.num_heads * config.d_kv, config.d_model
     # T5's initialisation (Raffel et al. 2020): normal with std 1/sqrt(fan-in), the query's also divided by
-    # sqrt(d_kv) in place of the attention's missing 1/sqrt(d_kv), so that at the start content logits are
-    # small next to the relative-position bias and attention can learn word order.
+    # sqrt(d_kv) in place of the attention's missing 1/sqrt(d_kv), so content logits start small next to the
+    # relative-position bias (LeCun init made them ~16x larger).
     dense = lambda i, o, axes, std: layers.dense(i, o, axes, rngs, dtype, use_bias=False, stddev=std)
     self.heads, self.d_kv = config.num_heads, config.d_kv
     self.attn_norm = RMSNorm(d, config.layer_norm_epsilon)
