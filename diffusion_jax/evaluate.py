@@ -242,18 +242,25 @@ def sweep_settings(sweeps: dict, sample_config) -> dict:
   return settings
 
 
-def binding_gap(config, heldout, params, frozen, batch, captions) -> dict:
-  """{"heldout_loss_binding_gap": held-out loss with the two objects' colours swapped in the caption minus with
-  the true caption, over the examples where swapping changes the caption}; {} when none does."""
-  swapped = [shapes_judge.swapped_colours(c) for c in captions]
-  chosen = np.array([i for i, (c, s) in enumerate(zip(captions, swapped)) if s != c], int)
+# Held-out loss with each caption rewritten minus with the true caption: 0 when the model ignores what changed.
+CAPTION_GAPS = {
+    "moving_shapes": ("heldout_loss_direction_gap", motion_judge.reversed_direction),  # reads the direction?
+    "captioned_shapes": ("heldout_loss_binding_gap", shapes_judge.swapped_colours),  # binds colours to objects?
+}
+
+
+def caption_gap(config, heldout, params, frozen, batch, captions, rewrite):
+  """Mean held-out loss with `rewrite(caption)` minus with the true caption, over the examples whose caption
+  the rewrite changes; None when it changes none."""
+  rewritten = [rewrite(c) for c in captions]
+  chosen = np.array([i for i, (c, r) in enumerate(zip(captions, rewritten)) if r != c], int)
   if not len(chosen):
-    return {}
+    return None
   subset = {k: np.asarray(v)[chosen] for k, v in batch.items()}
-  ids, mask = tokenizers.from_config(config)([swapped[i] for i in chosen])
+  ids, mask = tokenizers.from_config(config)([rewritten[i] for i in chosen])
   gap = np.asarray(heldout(params, frozen, {**subset, "text_ids": ids, "text_mask": mask})) - np.asarray(
       heldout(params, frozen, subset))
-  return {"heldout_loss_binding_gap": float(gap.mean())}
+  return float(gap.mean())
 
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
@@ -269,13 +276,11 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   heldout = heldout_loss.make_heldout_loss_fn(config, graphdef)
   losses = heldout(params, state.frozen, small)
   metrics = heldout_loss.as_metrics(losses)
-  if config.data.dataset == "moving_shapes":  # does the model read the direction word at all? (0: it does not)
-    reversed_captions = [motion_judge.reversed_direction(c) for c in captions[:heldout_examples]]
-    ids, mask = tokenizers.from_config(config)(reversed_captions)
-    reversed_losses = heldout(params, state.frozen, {**small, "text_ids": ids, "text_mask": mask})
-    metrics["heldout_loss_direction_gap"] = float(np.mean(np.asarray(reversed_losses) - np.asarray(losses)))
-  if config.data.dataset == "captioned_shapes":  # does the model bind each colour to its object? (0: it does not)
-    metrics.update(binding_gap(config, heldout, params, state.frozen, small, captions[:heldout_examples]))
+  if config.data.dataset in CAPTION_GAPS:
+    name, rewrite = CAPTION_GAPS[config.data.dataset]
+    gap = caption_gap(config, heldout, params, state.frozen, small, captions[:heldout_examples], rewrite)
+    if gap is not None:
+      metrics[name] = gap
   images, captions = images[:num_prompts], captions[:num_prompts]
   frechet = frechet or frechet_distances(images)
 
