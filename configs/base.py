@@ -45,8 +45,10 @@ def get_config():
       pretrained_path="",          # local Hugging Face T5 directory; empty = random init
       trainable=True,              # False freezes the encoder (Imagen)
       embedding_cache="",          # directory of cached frozen-encoder embeddings (built on first use)
+      # position_bias_init (random init only): 't5' (random normal) or 'local' (each word starts mixed with
+      # its neighbours; models/t5.py local_position_bias).
       t5=dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, num_buckets=32,
-              max_distance=128, gated=True, layer_norm_epsilon=1e-6, dtype="float32"),
+              max_distance=128, position_bias_init="t5", gated=True, layer_norm_epsilon=1e-6, dtype="float32"),
   )
 
   # U-Net (diffusion_jax/models/unet.py documents each field).

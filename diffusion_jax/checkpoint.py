@@ -92,6 +92,7 @@ ADDED_FIELDS = {
     "superres.residual": False, "superres.residual_scale": 0.25,
     "model.coordinate_channels": False,
     "data.heldout_combinations": (),
+    "text.t5.position_bias_init": "t5",
 }
 
 

@@ -4,6 +4,7 @@ import jax
 
 from diffusion_jax import objectives, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes
+from diffusion_jax.models import t5
 
 
 def problems(config, device_count: int | None = None, process_count: int | None = None) -> list[str]:
@@ -46,6 +47,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
                  f"{2 ** (len(m.channel_mults) - 1)}")
   if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path:
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
+  option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")
   option(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
   if config.text.embedding_cache and config.text.trainable:
     found.append("text.embedding_cache needs a frozen encoder: set text.trainable=False")

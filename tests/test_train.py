@@ -109,11 +109,13 @@ def test_config_validation_reports_all_problems():
   config.mesh.update(data=3, fsdp=1, tensor=1)
   config.diffusion.prediction = "score"
   config.sample.steps = 0
+  config.text.t5.position_bias_init = "alibi"
   with pytest.raises(ValueError) as error:
     config_checks.validate(config, device_count=8)
   message = str(error.value)
   assert "has 3 devices but 8 are present" in message
   assert "diffusion.prediction='score'" in message and "sample.steps=0" in message
+  assert "text.t5.position_bias_init='alibi'" in message
   config = t2i_shapes.get_config("test")
   config.train.batch_size = 12
   with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):

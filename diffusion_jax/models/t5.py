@@ -32,6 +32,23 @@ def relative_position_bucket(relative_position, num_buckets: int, max_distance: 
   return buckets + jnp.where(distance < max_exact, distance, large)
 
 
+POSITION_BIAS_INITS = ("t5", "local")  # text.t5.position_bias_init: T5's random normal, or local_position_bias
+
+
+def local_position_bias(num_buckets: int, max_distance: int, num_heads: int):
+  """A locality prior for the relative-position bias table -> [num_buckets, num_heads].
+
+  Head h starts with bias -|offset| / 2**h (head 0 looks at the word and its neighbours, later heads
+  further), so each word's encoding starts mixed with the words around it. T5's random init starts every
+  head near uniform attention, which gives every word the same sentence average: a bag of words.
+  """
+  offsets = jnp.arange(-max_distance, max_distance + 1)
+  buckets = relative_position_bucket(offsets, num_buckets, max_distance)
+  distance = jnp.full((num_buckets,), max_distance, jnp.float32).at[buckets].min(jnp.abs(offsets).astype(jnp.float32))
+  slopes = 2.0 ** -jnp.arange(num_heads, dtype=jnp.float32)
+  return -distance[:, None] * slopes[None, :]
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim, eps):
     self.weight = nnx.Param(jnp.ones((dim,)), **layers.names("norm"))
@@ -55,8 +72,12 @@ class T5Block(nnx.Module):
     self.q = dense(d, inner, ("text_embed", "heads"), (d * config.d_kv) ** -0.5)
     self.k, self.v = (dense(d, inner, ("text_embed", "heads"), d**-0.5) for _ in range(2))
     self.o = dense(inner, d, ("heads", "text_embed"), inner**-0.5)
-    self.position_bias = (nnx.Param(jax.random.normal(rngs.params(), (config.num_buckets, config.num_heads)) * d**-0.5,
-                                    **layers.names(None, None)) if has_position_bias else None)
+    if has_position_bias:
+      init = {"t5": lambda: jax.random.normal(rngs.params(), (config.num_buckets, config.num_heads)) * d**-0.5,
+              "local": lambda: local_position_bias(config.num_buckets, config.max_distance, config.num_heads)}
+      self.position_bias = nnx.Param(init[config.position_bias_init]().astype(jnp.float32), **layers.names(None, None))
+    else:
+      self.position_bias = None
     self.ff_norm = RMSNorm(d, config.layer_norm_epsilon)
     self.gated = config.gated
     self.wi_0 = dense(d, config.d_ff, ("text_embed", "mlp"), d**-0.5)
@@ -112,7 +133,7 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDic
       num_layers=hf["num_layers"], num_heads=hf["num_heads"],
       num_buckets=hf.get("relative_attention_num_buckets", 32),
       max_distance=hf.get("relative_attention_max_distance", 128),
-      gated=proj == "gated-gelu", layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dtype=dtype))
+      position_bias_init="t5", gated=proj == "gated-gelu", layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dtype=dtype))
 
 
 def _hf_name(path) -> tuple[str, bool]:
