@@ -25,6 +25,15 @@ def test_judge_scores_real_images_correct_and_noise_near_chance(resolution):
   assert scores["all"] < 0.05 and scores["color"] < 0.4 and scores["shape"] < 0.5
 
 
+def test_accuracy_is_also_split_by_object_count():
+  one = captioned_shapes.render([(0, 0, 1, 0)], 32)
+  two = captioned_shapes.render([(0, 0, 1, 0), (2, 1, 0, 3)], 32)
+  captions = [captioned_shapes.caption([(0, 0, 1, 0)]), captioned_shapes.caption([(0, 0, 1, 0), (2, 1, 0, 3)])]
+  swapped = shapes_judge.swapped_colours(captions[1])
+  scores = shapes_judge.accuracy(np.stack([one, two, two]), [captions[0], captions[1], swapped])
+  assert scores["all_1_object"] == 1.0 and scores["all_2_objects"] == 0.5 and scores["all"] == 2 / 3
+
+
 def test_judge_notices_a_wrong_attribute():
   image = captioned_shapes.render([(0, 0, 1, 0)], 32)  # large red circle, top left
   assert shapes_judge.score(image, "a large red circle at the top left")["color"] == 1.0

@@ -93,8 +93,14 @@ def score(image: np.ndarray, caption: str) -> dict:
 
 
 def accuracy(images, captions) -> dict:
-  """Mean per-attribute accuracy over a set, plus 'all' (every attribute of an image right)."""
-  scores = [score(np.asarray(i), c.decode() if isinstance(c, bytes) else c) for i, c in zip(images, captions)]
+  """Mean per-attribute accuracy over a set, 'all' (every attribute of an image right), and 'all' over the
+  captions naming n objects as 'all_1_object', 'all_2_objects', ... (binding colours to objects is hard)."""
+  captions = [c.decode() if isinstance(c, bytes) else c for c in captions]
+  scores = [score(np.asarray(i), c) for i, c in zip(images, captions)]
+  right = np.array([all(s[k] == 1.0 for k in ATTRIBUTES) for s in scores])
   result = {k: float(np.mean([s[k] for s in scores])) for k in ATTRIBUTES}
-  result["all"] = float(np.mean([all(s[k] == 1.0 for k in ATTRIBUTES) for s in scores]))
+  result["all"] = float(np.mean(right))
+  counts = np.array([len(parse(c)) for c in captions])
+  for n in sorted(set(counts.tolist())):
+    result[f"all_{n}_object" + "s" * (n > 1)] = float(np.mean(right[counts == n]))
   return result
