@@ -42,8 +42,9 @@ Every swept value is checked before any checkpoint is loaded; the others keep th
 Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard scalars (`logs/eval`):
 held-out loss per log-SNR level, FID (random-conv features) of generated vs real validation images
 (video models: per frame, plus FVD with random-conv frame and motion features), and the judge's
-per-attribute accuracy on captioned_shapes (shapes_judge, also split by object count; with data.heldout_combinations also on
---combination_prompts validation captions naming a combination the model never saw,
+per-attribute accuracy on captioned_shapes (shapes_judge, also split by object count; with
+data.heldout_combinations also on --combination_prompts validation captions naming a combination the
+model never saw,
 accuracy_heldout_combinations/*; and heldout_loss_binding_gap, the held-out loss with the colours of a
 two-object caption's objects swapped minus that with the true caption: 0 when the model does not bind
 colours to objects) or

@@ -133,7 +133,8 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDic
       num_layers=hf["num_layers"], num_heads=hf["num_heads"],
       num_buckets=hf.get("relative_attention_num_buckets", 32),
       max_distance=hf.get("relative_attention_max_distance", 128),
-      position_bias_init="t5", gated=proj == "gated-gelu", layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dtype=dtype))
+      position_bias_init="t5", gated=proj == "gated-gelu", layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+      dtype=dtype))
 
 
 def _hf_name(path) -> tuple[str, bool]:
