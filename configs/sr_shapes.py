@@ -20,11 +20,11 @@ def get_config(variant: str = ""):
   config.model.lowres_conditioning = True
   config.superres.update(lowres_resolution=16, aug_max=0.5)
   config.sample.update(aug_level=0.1, guidance_scale=1.0)
-  if variant != "test":  # the stage README measured: 800 steps (t2i_shapes itself trains 2,000)
-    config.train.steps = 800
   if variant == "test":
     config.data.resolution = 32
-  elif variant == "residual":
+    return config
+  config.train.steps = 800  # the stage README measured (t2i_shapes itself trains 2,000)
+  if variant == "residual":
     config.superres.residual = True
   elif variant:
     raise ValueError(f"Unknown sr_shapes variant {variant!r}; valid variants: 'residual', 'test'.")

@@ -72,12 +72,10 @@ class T5Block(nnx.Module):
     self.q = dense(d, inner, ("text_embed", "heads"), (d * config.d_kv) ** -0.5)
     self.k, self.v = (dense(d, inner, ("text_embed", "heads"), d**-0.5) for _ in range(2))
     self.o = dense(inner, d, ("heads", "text_embed"), inner**-0.5)
-    if has_position_bias:
-      init = {"t5": lambda: jax.random.normal(rngs.params(), (config.num_buckets, config.num_heads)) * d**-0.5,
-              "local": lambda: local_position_bias(config.num_buckets, config.max_distance, config.num_heads)}
-      self.position_bias = nnx.Param(init[config.position_bias_init]().astype(jnp.float32), **layers.names(None, None))
-    else:
-      self.position_bias = None
+    table = lambda: (local_position_bias(config.num_buckets, config.max_distance, config.num_heads)
+                     if config.position_bias_init == "local"
+                     else jax.random.normal(rngs.params(), (config.num_buckets, config.num_heads)) * d**-0.5)
+    self.position_bias = nnx.Param(table(), **layers.names(None, None)) if has_position_bias else None
     self.ff_norm = RMSNorm(d, config.layer_norm_epsilon)
     self.gated = config.gated
     self.wi_0 = dense(d, config.d_ff, ("text_embed", "mlp"), d**-0.5)
