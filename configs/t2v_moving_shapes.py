@@ -2,10 +2,10 @@
 
   python -m diffusion_jax.main --config=configs/t2v_moving_shapes.py --workdir=workdirs/t2v_moving_shapes
 
-A space-time factorised U-Net (models/temporal.py; the t2i_shapes widths) on 4-frame 16x16 clips, with
+A space-time factorised U-Net (models/temporal.py; the widths of t2i_shapes:base16) on 4-frame 16x16 clips, with
 a fifth of the examples replaced by still frames (joint image-video training) and pixel coordinates as
 extra input channels; about 9 minutes on a 2-core CPU. Variants (`--config=...:VARIANT`): `inflate`
-initialises the spatial layers from a trained t2i_shapes workdir (`--config.inflate.image_workdir=DIR`)
+initialises the spatial layers from a trained t2i_shapes:base16 workdir (`--config.inflate.image_workdir=DIR`)
 and trains only the temporal layers; `test` is a seconds-long smoke configuration for the test suite.
 """
 
