@@ -4,7 +4,7 @@ import jax
 
 from diffusion_jax import objectives, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes
-from diffusion_jax.models import t5
+from diffusion_jax.models import attention, t5
 
 
 def problems(config, device_count: int | None = None, process_count: int | None = None) -> list[str]:
@@ -52,6 +52,10 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if config.text.embedding_cache and config.text.trainable:
     found.append("text.embedding_cache needs a frozen encoder: set text.trainable=False")
   option(m.skips, ("block", "level"), "model.skips")
+  option(m.attention, attention.IMPLEMENTATIONS, "model.attention")
+  if m.attention == "cudnn" and jax.default_backend() != "gpu":
+    found.append(f"model.attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
+                 "use 'folded' or 'xla'")
   if m.temporal and config.data.frames > m.max_frames:
     found.append(f"data.frames={config.data.frames} exceeds model.max_frames={m.max_frames}")
   if m.temporal and config.sample.frames > m.max_frames:

@@ -7,6 +7,7 @@ Configuration (`config.model`, see configs/base.py):
   skips                          'block' (ADM: a skip per block) or 'level' (Efficient U-Net: one per level)
   skip_scale                     residual scale, 1/sqrt(2) in the Efficient U-Net, 1.0 in ADM
   heads, ff_mult, dropout, text_dim, in_channels, dtype ('float32' / 'bfloat16'), remat
+  attention                      'folded' (models/attention.py), 'xla' or 'cudnn' (jax.nn.dot_product_attention)
   lowres_conditioning            super-resolution stage: concatenate an upsampled low-res image and
                                  embed its noise-augmentation log-SNR (video: a low-res clip with
                                  the same or fewer frames, repeated in time = temporal super-resolution)
@@ -84,7 +85,7 @@ class UNet(nnx.Module):
     self.temporal = config.temporal
     emb_dim = 4 * config.channels
     block = dict(dropout_rate=config.dropout, skip_scale=config.skip_scale, dtype=dtype, rngs=rngs)
-    attn = dict(ff_mult=config.ff_mult, dtype=dtype, rngs=rngs)
+    attn = dict(ff_mult=config.ff_mult, dtype=dtype, rngs=rngs, implementation=config.attention)
 
     self.time_in = layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype)
     self.time_out = layers.dense(emb_dim, emb_dim, ("embed", "embed"), rngs, dtype)
@@ -108,7 +109,8 @@ class UNet(nnx.Module):
 
     def temporal_blocks(ch, n, attention):  # one per spatial block; None everywhere in an image U-Net
       return nnx.List([temporal.TemporalBlock(ch, emb_dim, config.heads, config.max_frames, attention=attention,
-                                              dtype=dtype, rngs=rngs) if self.temporal else None
+                                              implementation=config.attention, dtype=dtype, rngs=rngs)
+                       if self.temporal else None
                        for _ in range(n)])
 
     down, temporal_down, skip_chs, ch = [], [], [], widths[0]

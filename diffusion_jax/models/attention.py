@@ -1,0 +1,106 @@
+"""Softmax attention, computed as batched matrix products over [batch * heads, tokens, head_dim].
+
+`dot_product_attention(q, k, v, mask=None, bias=None, implementation="folded")`:
+q [batch, q_len, heads, head_dim], k and v [batch, k_len, heads, head_dim]; mask (bool, True = attend)
+and bias (added to the logits) broadcast to [batch, heads, q_len, k_len] -> [batch, q_len, heads, head_dim].
+
+The "folded" implementation is the same function as `jax.nn.dot_product_attention` (tests/test_attention.py
+compares values and gradients). It folds the heads into the batch, so XLA runs plain batched GEMMs;
+divides by the softmax sum after the value product ([q_len, head_dim] divisions, not [q_len, k_len]);
+computes in float32 whatever the inputs' dtype; and its backward pass recomputes the probabilities from
+the saved log-sum-exp, as flash attention does, instead of keeping them. On XLA:CPU it is the faster
+one (README: Benchmarks). "xla" and "cudnn" are `jax.nn.dot_product_attention`'s own implementations
+(cuDNN's fused kernel on NVIDIA GPUs).
+"""
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("folded", "xla", "cudnn")
+
+
+# Logit elements per chunk of [batch * heads] (4 MB in float32): the folded implementation runs the
+# attention of that many heads at a time, so its [chunk, q_len, k_len] arrays stay in cache.
+CHUNK_LOGITS = 2 ** 20
+
+
+def dot_product_attention(q, k, v, mask=None, bias=None, implementation="folded"):
+  if implementation != "folded":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
+  f32 = jnp.float32
+  batch, q_len, heads, _ = q.shape
+  if mask is not None:
+    bias = jnp.where(mask, 0 if bias is None else bias, jnp.finfo(f32).min)
+  if bias is not None:
+    bias = jnp.broadcast_to(bias.astype(f32), (batch, heads, q_len, k.shape[1])).reshape(batch * heads, q_len, -1)
+  out = _folded(_fold(q.astype(f32)), _fold(k.astype(f32)), _fold(v.astype(f32)), bias)
+  return _unfold(out, batch).astype(q.dtype)
+
+
+def _fold(x):
+  """[batch, tokens, heads, head_dim] -> [batch * heads, tokens, head_dim]."""
+  b, n, h, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * h, n, d)
+
+
+def _unfold(x, batch):
+  """[batch * heads, tokens, head_dim] -> [batch, tokens, heads, head_dim]."""
+  g, n, d = x.shape
+  return x.reshape(batch, g // batch, n, d).transpose(0, 2, 1, 3)
+
+
+def _by_chunks(function, q_len, k_len, *arrays):
+  """function(*arrays) over chunks of the leading [batch * heads] axis (None arrays stay None)."""
+  groups = arrays[0].shape[0]
+  chunk = max(c for c in range(1, groups + 1) if groups % c == 0 and (c * q_len * k_len <= CHUNK_LOGITS or c == 1))
+  if chunk == groups:
+    return function(*arrays)
+  split = lambda x: None if x is None else x.reshape(groups // chunk, chunk, *x.shape[1:])
+  outs = jax.lax.map(lambda chunked: function(*chunked), tuple(map(split, arrays)))
+  return jax.tree.map(lambda x: x.reshape(groups, *x.shape[2:]), outs)
+
+
+def _logits(q, k, bias):
+  """q [g, q, d] (already scaled), k [g, k, d], bias [g, q, k] or None -> [g, q, k]."""
+  logits = jnp.einsum("gqd,gkd->gqk", q, k)
+  return logits if bias is None else logits + bias
+
+
+def _chunk_forward(q, k, v, bias):
+  """-> (out [g, q, d], log of the softmax sum [g, q, 1])."""
+  logits = _logits(q, k, bias)
+  peak = logits.max(-1, keepdims=True)
+  weights = jnp.exp(logits - peak)
+  total = weights.sum(-1, keepdims=True)
+  return jnp.einsum("gqk,gkd->gqd", weights, v) / total, peak + jnp.log(total)
+
+
+def _chunk_backward(q, k, v, bias, out, log_total, d_out):
+  """-> gradients of (scaled q, k, v, logits)."""
+  probs = jnp.exp(_logits(q, k, bias) - log_total)
+  d_v = jnp.einsum("gqk,gqd->gkd", probs, d_out)
+  d_probs = jnp.einsum("gqd,gkd->gqk", d_out, v)
+  d_logits = probs * (d_probs - jnp.sum(d_out * out, -1, keepdims=True))
+  return jnp.einsum("gqk,gkd->gqd", d_logits, k), jnp.einsum("gqk,gqd->gkd", d_logits, q), d_v, d_logits
+
+
+@jax.custom_vjp
+def _folded(q, k, v, bias):
+  """Folded q [g, q, d], k and v [g, k, d], bias [g, q, k] or None -> [g, q, d]."""
+  return _forward(q, k, v, bias)[0]
+
+
+def _forward(q, k, v, bias):
+  scaled = q * q.shape[-1] ** -0.5
+  out, log_total = _by_chunks(_chunk_forward, q.shape[1], k.shape[1], scaled, k, v, bias)
+  return out, (scaled, k, v, bias, out, log_total)
+
+
+def _backward(residuals, d_out):
+  scaled, k, v, bias, out, log_total = residuals
+  d_scaled, d_k, d_v, d_logits = _by_chunks(_chunk_backward, scaled.shape[1], k.shape[1], scaled, k, v, bias, out,
+                                            log_total, d_out)
+  return d_scaled * scaled.shape[-1] ** -0.5, d_k, d_v, None if bias is None else d_logits
+
+
+_folded.defvjp(_forward, _backward)

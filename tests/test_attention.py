@@ -1,0 +1,49 @@
+"""The folded attention against jax.nn.dot_product_attention: values and gradients, with masks and biases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.models import attention
+
+
+def arrays(seed=0, batch=3, q_len=10, k_len=7, heads=2, head_dim=8):
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+  q, k, v = normal(batch, q_len, heads, head_dim), normal(batch, k_len, heads, head_dim), normal(batch, k_len, heads,
+                                                                                                  head_dim)
+  mask = jnp.asarray(rng.random((batch, 1, 1, k_len)) > 0.5).at[..., 0].set(True)  # a padded text context
+  bias = normal(1, heads, q_len, k_len)  # a learned per-head bias, shared over the batch (temporal attention)
+  return q, k, v, mask, bias
+
+
+@pytest.mark.parametrize("chunk_heads", [None, 1, 2])  # None: all 6 of batch * heads at once
+@pytest.mark.parametrize("use_mask,use_bias", [(False, False), (True, False), (False, True), (True, True)])
+def test_folded_matches_jax_values_and_gradients(use_mask, use_bias, chunk_heads, monkeypatch):
+  q, k, v, mask, bias = arrays()
+  if chunk_heads:
+    monkeypatch.setattr(attention, "CHUNK_LOGITS", chunk_heads * q.shape[1] * k.shape[1])
+  mask = mask if use_mask else None
+
+  def loss(function):  # a nonlinear read-out, so every output element gets a different cotangent
+    return lambda q, k, v, bias: jnp.sum(jnp.sin(3 * function(q, k, v, mask=mask, bias=bias if use_bias else None)))
+
+  folded = jax.jit(jax.value_and_grad(loss(attention.dot_product_attention), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+  reference = jax.jit(jax.value_and_grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+  for ours, theirs in zip(jax.tree.leaves(folded), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_keys_are_ignored():
+  q, k, v, mask, _ = arrays(seed=1)
+  garbage = jnp.where(mask[:, 0, 0, :, None, None], v, 1e3)
+  out = attention.dot_product_attention(q, k, v, mask=mask)
+  np.testing.assert_allclose(out, attention.dot_product_attention(q, k, garbage, mask=mask), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out, attention.dot_product_attention(q, k, garbage))
+
+
+def test_xla_implementation_is_jax_own():
+  q, k, v, mask, bias = arrays(seed=2)
+  np.testing.assert_array_equal(attention.dot_product_attention(q, k, v, mask=mask, bias=bias, implementation="xla"),
+                                jax.nn.dot_product_attention(q, k, v, mask=mask, bias=bias))
