@@ -18,6 +18,9 @@ Modes:
            feed-forward set to diffusers' 4x): train step time (forward + backward + AdamW) and
            sampling images/s (25-step DPM-Solver++(2M) with classifier-free guidance), ours vs theirs.
            Needs torch and diffusers (`pip install -e '.[test]'`).
+  ops      each operation of the U-Net alone (op_bench.py): 3x3 convolution, group norm + SiLU and
+           attention at each level's shape, forward and forward + backward, ours vs PyTorch's kernels.
+           Needs torch.
   profile  where the train step's time goes (profiling.py): a profiler trace of --steps steps, each executed
            HLO op's time attributed to a kind (convolution, matmul, reductions, layout copies, elementwise),
            a phase (forward, backward, other) and the JAX primitive it came from.
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("input", "step", "memory", "peer", "profile")
+MODES = ("input", "step", "memory", "peer", "ops", "profile")
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
@@ -210,6 +213,9 @@ def main(argv):
     print(step_table(f.config, f.steps, f.widths))
   elif argv[1] == "peer":
     print(peer_table(f.config, f.steps))
+  elif argv[1] == "ops":
+    from diffusion_jax import op_bench
+    print(op_bench.table(f.config, f.steps))
   elif argv[1] == "profile":
     print(profile_table(f.config, f.steps))
   else:

@@ -1,5 +1,7 @@
 """The benchmark command builds its tables from real measurements (no timing is asserted)."""
 
+import numpy as np
+
 from conftest import tiny_config
 from diffusion_jax import bench
 
@@ -46,3 +48,23 @@ def test_peer_benchmark_runs_diffusers_at_a_matched_size(tmp_path_factory):
   assert 0.7 < float(params[0].rstrip("M")) / float(params[1].rstrip("M")) < 1.3
   for name, values in rows.items():
     assert float(values[0].rstrip("M")) > 0 and float(values[1].rstrip("M")) > 0, name
+
+
+def test_ops_benchmark_compares_the_same_functions(tmp_path_factory):
+  import torch
+
+  from diffusion_jax import op_bench
+
+  config = tiny_config(tmp_path_factory)
+  config.train.batch_size = 2
+  compared = []
+  for name, ours, ours_args, theirs, theirs_args, to_ours_layout in op_bench.cases(config):
+    with torch.no_grad():
+      expected = to_ours_layout(theirs(*theirs_args)).numpy()
+    np.testing.assert_allclose(ours(*ours_args), expected, rtol=1e-4, atol=1e-4, err_msg=name)
+    compared.append(name.split(" ")[0])
+  levels, attention_levels = len(config.model.channel_mults), len(config.model.attention_levels)
+  assert compared.count("3x3") == compared.count("group") == levels
+  assert compared.count("self-attention") == compared.count("cross-attention") == 2 * attention_levels
+  lines = op_bench.table(config, repeats=1).splitlines()
+  assert len(lines) == 4 + len(compared) and all(float(cells(r)[-1]) > 0 for r in lines[4:])
