@@ -93,7 +93,7 @@ ADDED_FIELDS = {
     "model.coordinate_channels": False,
     "data.heldout_combinations": (),
     "text.t5.position_bias_init": "t5",
-    "model.attention": "folded",  # the same function as jax.nn.dot_product_attention, which earlier runs used
+    "model.attention": "auto",  # the same function as jax.nn.dot_product_attention, which earlier runs used
 }
 
 

@@ -55,7 +55,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   option(m.attention, attention.IMPLEMENTATIONS, "model.attention")
   if m.attention == "cudnn" and jax.default_backend() != "gpu":
     found.append(f"model.attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
-                 "use 'folded' or 'xla'")
+                 "use 'auto', 'folded' or 'xla'")
   if m.temporal and config.data.frames > m.max_frames:
     found.append(f"data.frames={config.data.frames} exceeds model.max_frames={m.max_frames}")
   if m.temporal and config.sample.frames > m.max_frames:

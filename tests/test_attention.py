@@ -1,5 +1,7 @@
 """The folded attention against jax.nn.dot_product_attention: values and gradients, with masks and biases."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +31,8 @@ def test_folded_matches_jax_values_and_gradients(use_mask, use_bias, chunk_heads
   def loss(function):  # a nonlinear read-out, so every output element gets a different cotangent
     return lambda q, k, v, bias: jnp.sum(jnp.sin(3 * function(q, k, v, mask=mask, bias=bias if use_bias else None)))
 
-  folded = jax.jit(jax.value_and_grad(loss(attention.dot_product_attention), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+  folded = functools.partial(attention.dot_product_attention, implementation="folded")
+  folded = jax.jit(jax.value_and_grad(loss(folded), argnums=(0, 1, 2, 3)))(q, k, v, bias)
   reference = jax.jit(jax.value_and_grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2, 3)))(q, k, v, bias)
   for ours, theirs in zip(jax.tree.leaves(folded), jax.tree.leaves(reference)):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
@@ -47,3 +50,9 @@ def test_xla_implementation_is_jax_own():
   q, k, v, mask, bias = arrays(seed=2)
   np.testing.assert_array_equal(attention.dot_product_attention(q, k, v, mask=mask, bias=bias, implementation="xla"),
                                 jax.nn.dot_product_attention(q, k, v, mask=mask, bias=bias))
+
+
+def test_auto_is_folded_on_a_cpu():
+  q, k, v, mask, _ = arrays(seed=3)
+  np.testing.assert_array_equal(attention.dot_product_attention(q, k, v, mask=mask),
+                                attention.dot_product_attention(q, k, v, mask=mask, implementation="folded"))

@@ -1,6 +1,6 @@
 """Softmax attention, computed as batched matrix products over [batch * heads, tokens, head_dim].
 
-`dot_product_attention(q, k, v, mask=None, bias=None, implementation="folded")`:
+`dot_product_attention(q, k, v, mask=None, bias=None, implementation="auto")`:
 q [batch, q_len, heads, head_dim], k and v [batch, k_len, heads, head_dim]; mask (bool, True = attend)
 and bias (added to the logits) broadcast to [batch, heads, q_len, k_len] -> [batch, q_len, heads, head_dim].
 
@@ -10,21 +10,23 @@ divides by the softmax sum after the value product ([q_len, head_dim] divisions,
 computes in float32 whatever the inputs' dtype; and its backward pass recomputes the probabilities from
 the saved log-sum-exp, as flash attention does, instead of keeping them. On XLA:CPU it is the faster
 one (README: Benchmarks). "xla" and "cudnn" are `jax.nn.dot_product_attention`'s own implementations
-(cuDNN's fused kernel on NVIDIA GPUs).
+(cuDNN's fused kernel on NVIDIA GPUs). "auto" is "folded" on a CPU and "xla" on GPUs and TPUs, whose
+compilers fuse attention themselves and would run the folded implementation's chunks one after another.
 """
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("folded", "xla", "cudnn")
-
+IMPLEMENTATIONS = ("auto", "folded", "xla", "cudnn")
 
 # Logit elements per chunk of [batch * heads] (4 MB in float32): the folded implementation runs the
 # attention of that many heads at a time, so its [chunk, q_len, k_len] arrays stay in cache.
 CHUNK_LOGITS = 2 ** 20
 
 
-def dot_product_attention(q, k, v, mask=None, bias=None, implementation="folded"):
+def dot_product_attention(q, k, v, mask=None, bias=None, implementation="auto"):
+  if implementation == "auto":
+    implementation = "folded" if jax.default_backend() == "cpu" else "xla"
   if implementation != "folded":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
   f32 = jnp.float32
@@ -50,14 +52,17 @@ def _unfold(x, batch):
 
 
 def _by_chunks(function, q_len, k_len, *arrays):
-  """function(*arrays) over chunks of the leading [batch * heads] axis (None arrays stay None)."""
+  """function(*arrays) over chunks of the leading [batch * heads] axis (None arrays stay None).
+
+  Chunk i holds every (groups / chunk)-th group from i, so a batch axis sharded over devices stays
+  sharded inside each chunk rather than splitting the loop."""
   groups = arrays[0].shape[0]
   chunk = max(c for c in range(1, groups + 1) if groups % c == 0 and (c * q_len * k_len <= CHUNK_LOGITS or c == 1))
   if chunk == groups:
     return function(*arrays)
-  split = lambda x: None if x is None else x.reshape(groups // chunk, chunk, *x.shape[1:])
+  split = lambda x: None if x is None else x.reshape(chunk, groups // chunk, *x.shape[1:]).swapaxes(0, 1)
   outs = jax.lax.map(lambda chunked: function(*chunked), tuple(map(split, arrays)))
-  return jax.tree.map(lambda x: x.reshape(groups, *x.shape[2:]), outs)
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(groups, *x.shape[2:]), outs)
 
 
 def _logits(q, k, bias):

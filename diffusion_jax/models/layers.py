@@ -114,7 +114,7 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, dim, context_dim, heads, *, dtype, rngs, context_axis="embed", null_kv=False,
-               implementation="folded"):
+               implementation="auto"):
     if dim % heads:
       raise ValueError(f"attention width {dim} is not divisible by heads={heads}.")
     self.heads = heads
@@ -159,7 +159,7 @@ class TransformerBlock(nnx.Module):
   x: [batch, h, w, ch]; text: [batch, tokens, text_dim]; text_mask: [batch, tokens] bool.
   """
 
-  def __init__(self, channels, text_dim, heads, *, ff_mult, dtype, rngs, implementation="folded"):
+  def __init__(self, channels, text_dim, heads, *, ff_mult, dtype, rngs, implementation="auto"):
     self.norm_in = group_norm(channels, rngs, dtype)
     self.norm_self = layer_norm(channels, rngs, dtype)
     self.self_attn = Attention(channels, channels, heads, dtype=dtype, rngs=rngs, implementation=implementation)

@@ -7,7 +7,7 @@ Configuration (`config.model`, see configs/base.py):
   skips                          'block' (ADM: a skip per block) or 'level' (Efficient U-Net: one per level)
   skip_scale                     residual scale, 1/sqrt(2) in the Efficient U-Net, 1.0 in ADM
   heads, ff_mult, dropout, text_dim, in_channels, dtype ('float32' / 'bfloat16'), remat
-  attention                      'folded' (models/attention.py), 'xla' or 'cudnn' (jax.nn.dot_product_attention)
+  attention                      'auto', 'folded', 'xla' or 'cudnn' (models/attention.py)
   lowres_conditioning            super-resolution stage: concatenate an upsampled low-res image and
                                  embed its noise-augmentation log-SNR (video: a low-res clip with
                                  the same or fewer frames, repeated in time = temporal super-resolution)
