@@ -117,6 +117,13 @@ def test_config_validation_reports_all_problems():
   assert "diffusion.prediction='score'" in message and "sample.steps=0" in message
   assert "text.t5.position_bias_init='alibi'" in message
   config = t2i_shapes.get_config("test")
+  config.model.attention = "flash"
+  with pytest.raises(ValueError, match="model.attention='flash' is not one of"):
+    config_checks.validate(config, device_count=8)
+  config.model.attention = "cudnn"
+  with pytest.raises(ValueError, match="needs an NVIDIA GPU .this backend is cpu."):
+    config_checks.validate(config, device_count=8)
+  config = t2i_shapes.get_config("test")
   config.train.batch_size = 12
   with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
     config_checks.validate(config, device_count=8)
