@@ -26,7 +26,7 @@ Modes:
            a phase (forward, backward, other) and the JAX primitive it came from.
 Flags:
   --config   experiment config (overridable with --config.<field>=<value>)
-  --steps    batches / train steps timed per measurement (default 20)
+  --steps    batches / train steps (ops: calls of each operation) timed per measurement (default 20)
   --workers  grain worker processes for the second pipeline measurement (default 2)
   --widths   comma-separated model.channels for `step` (default 16,32,64)
 """
@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 MODES = ("input", "step", "memory", "peer", "ops", "profile")
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
-flags.DEFINE_integer("steps", 20, "Batches / train steps timed per measurement.")
+flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
 flags.DEFINE_list("widths", ["16", "32", "64"], "model.channels values for the `step` mode.")
 

@@ -1,12 +1,12 @@
 """The U-Net's operations one at a time, ours (JAX, jitted) against PyTorch's at the same shapes.
 
 Says where the train-step gap to diffusers (`bench peer`) comes from. For every level of the config's
-U-Net (resolution / 2^level, channels * mult, batch train.batch_size): a 3x3 convolution, group norm +
-SiLU, and at the attention levels self-attention over the level's pixels (ours in each of
-models/attention.py's CPU implementations) and cross-attention to train.batch_size x text.max_length
-tokens. Each is timed forward and forward + backward (the gradient of the sum of squared outputs with
-respect to the inputs and weights). PyTorch runs diffusers' layout (NCHW) and its own kernels: oneDNN
-convolutions and the fused `scaled_dot_product_attention`.
+U-Net (resolution / 2^level, channels * mult, batch train.batch_size): a 3x3 convolution and group norm
++ SiLU (layers.GroupNorm and flax's own); at the attention levels, self-attention over the level's pixels
+and cross-attention to text.max_length tokens (each in models/attention.py's "folded" and "xla"
+implementations). Each is timed forward and forward + backward (the gradient of the sum of squared
+outputs with respect to the inputs and weights). PyTorch runs diffusers' layout (NCHW) and its own
+kernels: oneDNN convolutions and the fused `scaled_dot_product_attention`.
 """
 
 import time
@@ -75,9 +75,10 @@ def cases(config):
     norm = layers.group_norm(ch, nnx.Rngs(0), jnp.float32)
     torch_norm = torch.nn.GroupNorm(norm.num_groups, ch, eps=norm.epsilon)
     graphdef, params = nnx.split(norm)
-    yield (f"group norm + SiLU {r}x{r}x{ch}", lambda p, x, g=graphdef: nnx.silu(nnx.merge(g, p)(x)),
-           (params, jnp.asarray(x)), lambda x, n=torch_norm: torch.nn.functional.silu(n(x)), (x_nchw,),
-           channels_last)
+    for implementation, call in (("ours", layers.GroupNorm.__call__), ("flax", nnx.GroupNorm.__call__)):
+      yield (f"group norm + SiLU {r}x{r}x{ch} ({implementation})",
+             lambda p, x, g=graphdef, c=call: nnx.silu(c(nnx.merge(g, p), x)), (params, jnp.asarray(x)),
+             lambda x, n=torch_norm: torch.nn.functional.silu(n(x)), (x_nchw,), channels_last)
     if level not in m.attention_levels:
       continue
     head_dim = ch // m.heads
