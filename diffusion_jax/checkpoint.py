@@ -17,10 +17,17 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data_iter")
+# Orbax saves a replicated array "replica-parallel": each replica writes a slice, cut by one eager op per
+# slice. Below this many bytes per slice one replica writes the whole array instead; the cutting cost more
+# than it saved (the test model's 3 MB state on 8 CPU devices: 10 s blocking per save, 0.3 s with this).
+MIN_REPLICA_SLICE_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
 def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+      override=True)
   directory = pathlib.Path(workdir).expanduser().resolve() / "checkpoints"
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)

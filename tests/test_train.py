@@ -138,6 +138,25 @@ def test_logical_rules_never_reuse_a_mesh_axis():
   assert sharding.logical_to_spec(("embed", "mlp"), (3, 8), mesh) == jax.sharding.PartitionSpec(None, "tensor")
 
 
+def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
+  """Each replicated array is written whole by one replica: no slicing programs are compiled per save."""
+  mesh = sharding.make_mesh(t2i_shapes.get_config("test").mesh)  # data parallel over the 8 devices
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {f"w{i}": jax.device_put(np.full((8, 128 * (i + 1)), i, np.float32), replicated) for i in range(3)}
+  compiles = []
+  listener = lambda event, seconds, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    mngr = checkpoint.manager(tmp_path)
+    checkpoint.save(mngr, 1, state, force=True)
+    mngr.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  restored, step = checkpoint.restore(mngr, state)
+  assert step == 1 and all(np.array_equal(restored[k], state[k]) for k in state)
+
+
 def test_checkpoint_metadata_and_fallback_from_a_damaged_checkpoint(trained, tmp_path):
   config, workdir, _ = trained
   mngr = checkpoint.manager(workdir, read_only=True)
