@@ -1,14 +1,26 @@
 """Test session set-up: a simulated 8-device pod on the CPU (must precede any jax import)."""
 
 import os
+import shutil
+import tempfile
 
 # Tests run a few steps of tiny models, so compiling costs more than running: XLA:CPU compiles with its
 # cheapest code generation (the jobs tests start inherit this).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session: its xdist workers and the jobs tests start inherit it, so
+# a program many tests compile (the test config's train step, its sampler) compiles once per session.
+CREATED_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  CREATED_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffusion_jax_tests_cache_")
 
 import pytest  # noqa: E402  (after the environment is set)
+
+
+def pytest_unconfigure(config):
+  if CREATED_CACHE:  # the process that made the cache removes it
+    shutil.rmtree(CREATED_CACHE, ignore_errors=True)
 
 
 def tiny_config(tmp_path_factory):
