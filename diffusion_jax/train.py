@@ -74,12 +74,17 @@ def init_state(config, mesh, tx):
     _, params, frozen = text_to_image.split(text_to_image.TextToImage(config, rngs=nnx.Rngs(config.seed)), config)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
 
+  # Make-A-Video: spatial layers and text encoder from an image model, read (and an incompatible one refused)
+  # before anything is initialised.
+  image_weights = (inflation.load_image_weights(config, inflation.abstract_targets(abstract_params, abstract_frozen,
+                                                                                   shardings))
+                   if config.inflate.image_workdir else None)
   if config.text.pretrained_path:  # weights come from a file: load on the host, then place
     params, frozen = jax.device_put(init(), shardings)
   else:
     params, frozen = jax.jit(init, out_shardings=shardings)()
-  if config.inflate.image_workdir:  # Make-A-Video: spatial layers and text encoder from an image model
-    params, frozen = inflation.inflate(config, params, frozen)
+  if image_weights is not None:
+    params, frozen = inflation.inflate(image_weights, params, frozen)
 
   # Optimizer moments are sharded exactly like the parameters they track; counters are replicated.
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings[0],

@@ -112,14 +112,22 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
   return weights
 
 
-def inflate(video_config, params: dict, frozen: dict) -> tuple[dict, dict]:
-  """(params, frozen) pure dicts of a freshly initialised video model -> the same with every parameter the
-  image model has replaced by its trained value (same sharding) and the frame-index embedding zeroed (it
-  starts random in a model trained from scratch); the other temporal layers are untouched."""
-  flat_params, flat_frozen = traverse_util.flatten_dict(params), traverse_util.flatten_dict(frozen)
-  video_abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                    for p, x in (flat_params | flat_frozen).items()}
-  weights = load_image_weights(video_config, video_abstract)
+def abstract_targets(abstract_params: nnx.State, abstract_frozen: nnx.State, shardings) -> dict:
+  """{path: ShapeDtypeStruct with sharding} of every parameter of the video model, before it exists.
+  shardings: (params, frozen) NamedShardings as pure dicts (sharding.state_shardings)."""
+  targets = {}
+  for state, placement in zip((abstract_params, abstract_frozen), shardings):
+    flat_placement = traverse_util.flatten_dict(placement)
+    for path, variable in nnx.to_flat_state(state):
+      value = variable.get_value()
+      targets[path] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=flat_placement[path])
+  return targets
+
+
+def inflate(weights: dict, params: dict, frozen: dict) -> tuple[dict, dict]:
+  """(params, frozen) pure dicts of a freshly initialised video model -> the same with every parameter of
+  `weights` (load_image_weights) put in its place and the frame-index embedding zeroed (it starts random in a
+  model trained from scratch); the other temporal layers are untouched."""
   start = lambda p, x: x * 0 if "temporal_frame_embed" in p else weights.get(p, x)
   replace = lambda flat: traverse_util.unflatten_dict({p: start(p, x) for p, x in flat.items()})
-  return replace(flat_params), replace(flat_frozen)
+  return replace(traverse_util.flatten_dict(params)), replace(traverse_util.flatten_dict(frozen))
