@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import (checkpoint, config_checks, hardware, metric_writers, objectives, schedules, sharding,
                            superres)
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import inflation, text_to_image
+from diffusion_jax.models import inflation, init_rngs, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
 
 # Edges of the log-SNR bins in which the loss is also reported (low log-SNR = high noise).
@@ -71,7 +71,8 @@ def init_state(config, mesh, tx):
   shardings = (sharding.state_shardings(abstract_params, mesh), sharding.state_shardings(abstract_frozen, mesh))
 
   def init():
-    _, params, frozen = text_to_image.split(text_to_image.TextToImage(config, rngs=nnx.Rngs(config.seed)), config)
+    model = text_to_image.TextToImage(config, rngs=init_rngs.seeded(config.seed))
+    _, params, frozen = text_to_image.split(model, config)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
 
   # Make-A-Video: spatial layers and text encoder from an image model, read (and an incompatible one refused)

@@ -6,7 +6,7 @@ from flax import nnx
 
 from configs import imagen_base64
 from diffusion_jax import config_checks
-from diffusion_jax.models import t5, unet
+from diffusion_jax.models import init_rngs, t5, unet
 
 
 def count(module_fn) -> int:
@@ -16,20 +16,20 @@ def count(module_fn) -> int:
 def test_t5_v1_1_xxl_encoder_size():
   config = imagen_base64.get_config().text.t5
   # google/t5-v1_1-xxl encoder: 4,762,310,656 parameters (shared embedding included).
-  assert count(lambda: t5.T5Encoder(config, rngs=nnx.Rngs(0))) == pytest.approx(4.762e9, rel=0.01)
+  assert count(lambda: t5.T5Encoder(config, rngs=init_rngs.seeded(0))) == pytest.approx(4.762e9, rel=0.01)
 
 
 def test_imagen_base_unet_size():
   config = imagen_base64.get_config().model
   # Imagen's 64x64 base model has 2B parameters (Saharia et al. 2022); ours has 2.01B.
-  assert count(lambda: unet.UNet(config, rngs=nnx.Rngs(0))) == pytest.approx(2.0e9, rel=0.02)
+  assert count(lambda: unet.UNet(config, rngs=init_rngs.seeded(0))) == pytest.approx(2.0e9, rel=0.02)
 
 
 def test_video_base_unet_adds_temporal_layers_to_the_image_base():
   from configs import t2v_base64
 
-  image = count(lambda: unet.UNet(imagen_base64.get_config().model, rngs=nnx.Rngs(0)))
-  video = count(lambda: unet.UNet(t2v_base64.get_config().model, rngs=nnx.Rngs(0)))
+  image = count(lambda: unet.UNet(imagen_base64.get_config().model, rngs=init_rngs.seeded(0)))
+  video = count(lambda: unet.UNet(t2v_base64.get_config().model, rngs=init_rngs.seeded(0)))
   # Imagen Video's 16x40x24 base model is 5.6B with its own widths; ours keeps the image widths.
   assert 1.2 * image < video < 2.5 * image
   config = t2v_base64.get_config()
@@ -72,6 +72,6 @@ def test_imagen_sr256_stage_size_and_pod_validation():
 
   config = imagen_sr256.get_config()
   # Imagen's 64 -> 256 Efficient U-Net has 600M parameters.
-  assert count(lambda: unet.UNet(config.model, rngs=nnx.Rngs(0))) == pytest.approx(6.0e8, rel=0.25)
+  assert count(lambda: unet.UNet(config.model, rngs=init_rngs.seeded(0))) == pytest.approx(6.0e8, rel=0.25)
   config.text.spiece_path = "/path/to/spiece.model"
   config_checks.validate(config, device_count=256, process_count=64)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.models import init_rngs
+
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 # Defaults of a Hugging Face CLIP config (ViT-B/32) for fields a config.json leaves out.
@@ -176,7 +178,7 @@ def from_pretrained(path) -> CLIP:
     raise ValueError(f"CLIP checkpoint {str(directory)!r}: " + "; ".join(problems))
   tensors = load_file(directory / "model.safetensors")
   graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(text, vision, config.get("projection_dim", 512),
-                                                          rngs=nnx.Rngs(0))))
+                                                          rngs=init_rngs.seeded(0))))
   flat = nnx.to_flat_state(state)
   used = set()
   for path, variable in flat:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.metrics import torch_weights
+from diffusion_jax.models import init_rngs
 
 FEATURES = 400
 RESOLUTION = 224
@@ -106,7 +107,7 @@ def read_weights(path) -> dict:
 
 def from_weights(tensors: dict) -> InceptionI3d:
   """The model with every parameter taken from `tensors` (`pytorch_i3d` names); all mismatches in one error."""
-  return torch_weights.load(nnx.eval_shape(lambda: InceptionI3d(rngs=nnx.Rngs(0))), tensors, "I3D")
+  return torch_weights.load(nnx.eval_shape(lambda: InceptionI3d(rngs=init_rngs.seeded(0))), tensors, "I3D")
 
 
 def prepare(videos):

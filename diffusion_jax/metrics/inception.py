@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.metrics import torch_weights
+from diffusion_jax.models import init_rngs
 
 FEATURES = 2048
 RESOLUTION = 299
@@ -193,7 +194,7 @@ def read_weights(path) -> dict:
 
 def from_weights(tensors: dict) -> InceptionV3:
   """The model with every parameter taken from `tensors` (standard names); all mismatches in one error."""
-  return torch_weights.load(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0))), tensors, "FID Inception-v3",
+  return torch_weights.load(nnx.eval_shape(lambda: InceptionV3(rngs=init_rngs.seeded(0))), tensors, "FID Inception-v3",
                             _UNUSED)
 
 

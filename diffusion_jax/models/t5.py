@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import init_rngs, layers
 
 
 def relative_position_bucket(relative_position, num_buckets: int, max_distance: int):
@@ -184,7 +184,7 @@ def load_hf_encoder(path, dtype: str = "float32") -> T5Encoder:
   config = config_from_hf(json.loads((directory / "config.json").read_text()), dtype)
   tensors = _read_safetensors(directory)
   tensors.setdefault("shared.weight", tensors.get("encoder.embed_tokens.weight"))
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: T5Encoder(config, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: T5Encoder(config, rngs=init_rngs.seeded(0))))
   flat = nnx.to_flat_state(state)
   used, problems = set(), []
   for path, variable in flat:

@@ -9,7 +9,7 @@ module inside a jitted function.
 
 from flax import nnx
 
-from diffusion_jax.models import t5, unet
+from diffusion_jax.models import init_rngs, t5, unet
 
 
 class TextToImage(nnx.Module):
@@ -31,7 +31,7 @@ class TextToImage(nnx.Module):
 
 def abstract(config):
   """The model with ShapeDtypeStruct parameters (nothing allocated)."""
-  return nnx.eval_shape(lambda: TextToImage(config, rngs=nnx.Rngs(config.seed)))
+  return nnx.eval_shape(lambda: TextToImage(config, rngs=init_rngs.seeded(config.seed)))
 
 
 def is_temporal(path, _) -> bool:
