@@ -250,18 +250,19 @@ CAPTION_GAPS = {
 }
 
 
-def caption_gap(config, heldout, params, frozen, batch, captions, rewrite):
+def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losses):
   """Mean held-out loss with `rewrite(caption)` minus with the true caption, over the examples whose caption
-  the rewrite changes; None when it changes none."""
+  the rewrite changes; None when it changes none. `losses`: heldout(params, frozen, batch). The whole batch is
+  scored again, the unchanged captions as they are (the same program, no compile for a new batch size): those
+  examples add the same loss to both means, so the difference of the means, times the batch size over the
+  number changed, is the mean difference over the changed ones."""
   rewritten = [rewrite(c) for c in captions]
-  chosen = np.array([i for i, (c, r) in enumerate(zip(captions, rewritten)) if r != c], int)
-  if not len(chosen):
+  changed = sum(r != c for r, c in zip(rewritten, captions))
+  if not changed:
     return None
-  subset = {k: np.asarray(v)[chosen] for k, v in batch.items()}
-  ids, mask = tokenizers.from_config(config)([rewritten[i] for i in chosen])
-  gap = np.asarray(heldout(params, frozen, {**subset, "text_ids": ids, "text_mask": mask})) - np.asarray(
-      heldout(params, frozen, subset))
-  return float(gap.mean())
+  ids, mask = tokenizers.from_config(config)(rewritten)
+  difference = np.asarray(heldout(params, frozen, {**batch, "text_ids": ids, "text_mask": mask})) - np.asarray(losses)
+  return float(difference.mean() * len(captions) / changed)
 
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
@@ -279,7 +280,7 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   metrics = heldout_loss.as_metrics(losses)
   if config.data.dataset in CAPTION_GAPS:
     name, rewrite = CAPTION_GAPS[config.data.dataset]
-    gap = caption_gap(config, heldout, params, state.frozen, small, captions[:heldout_examples], rewrite)
+    gap = caption_gap(config, heldout, params, state.frozen, small, captions[:heldout_examples], rewrite, losses)
     if gap is not None:
       metrics[name] = gap
   images, captions = images[:num_prompts], captions[:num_prompts]

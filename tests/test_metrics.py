@@ -55,6 +55,30 @@ def test_swapped_colours_paint_each_object_in_the_other_ones_colour():
     assert shapes_judge.swapped_colours(captioned_shapes.caption(unchanged)) == captioned_shapes.caption(unchanged)
 
 
+def test_caption_gap_is_the_mean_loss_difference_over_the_changed_captions():
+  from configs import t2i_shapes
+  from diffusion_jax import evaluate
+  from diffusion_jax.text import tokenizers
+
+  config = t2i_shapes.get_config("test")
+  captions = [captioned_shapes.caption(objects) for objects in (
+      [(0, 0, 1, 0), (2, 1, 0, 3)], [(0, 0, 1, 0)], [(1, 2, 0, 1), (0, 1, 1, 2)], [(0, 0, 1, 0), (0, 2, 0, 1)])]
+  ids, mask = tokenizers.from_config(config)(captions)
+  batch = {"image": np.zeros((4, 2, 2, 3), np.float32), "text_ids": ids, "text_mask": mask}
+  # A stand-in loss per example and level (two levels), averaged over the batch as heldout_loss's is.
+  per_example = lambda b: np.stack([np.sin(b["text_ids"] @ np.arange(ids.shape[1])), b["text_ids"][:, :6].sum(1)], 1)
+  heldout = lambda params, frozen, b: per_example(b).mean(0)
+  gap = evaluate.caption_gap(config, heldout, None, None, batch, captions, shapes_judge.swapped_colours,
+                             heldout(None, None, batch))
+  rewritten = [shapes_judge.swapped_colours(c) for c in captions]
+  changed = [i for i, (r, c) in enumerate(zip(rewritten, captions)) if r != c]
+  assert changed == [0, 2]
+  swapped_ids, _ = tokenizers.from_config(config)(rewritten)
+  expected = (per_example({"text_ids": swapped_ids}) - per_example(batch))[changed].mean()
+  assert gap == pytest.approx(expected, rel=1e-12)
+  assert evaluate.caption_gap(config, heldout, None, None, batch, captions, lambda c: c, None) is None
+
+
 @pytest.mark.parametrize("samples, dimensions", [(500, 8), (20, 64)])  # full-rank and singular covariances
 def test_frechet_distance_matches_direct_scipy_computation(samples, dimensions):
   rng = np.random.default_rng(0)
