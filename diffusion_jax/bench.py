@@ -11,7 +11,7 @@ Modes:
            the datasheet peak where one is known (GPU/TPU). FLOPs are per device (XLA counts one device's share).
   memory   per-device bytes with FSDP over 1, 2, 4, 8 devices: train state (params + EMA + optimizer
            moments) held by one device vs total / N, and the compiled step's argument and temporary
-           bytes from XLA's memory analysis. On a CPU run it with
+           bytes from XLA's memory analysis; nothing is allocated (an abstract state). On a CPU run it with
            XLA_FLAGS=--xla_force_host_platform_device_count=8.
   peer     diffusers' PyTorch UNet2DConditionModel at a matched size (our widths, resolution and
            attention levels, the depth whose parameter count is nearest; both counts printed; our
@@ -31,6 +31,7 @@ Flags:
   --widths   comma-separated model.channels for `step` (default 16,32,64)
 """
 
+import math
 import time
 
 import jax
@@ -169,14 +170,19 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
 
 
 def state_bytes_on_one_device(state) -> tuple[int, int]:
-  """(bytes of the train state held by the first device, total bytes of the train state)."""
+  """(bytes of the train state one device holds, total bytes of the train state) of an abstract state
+  (ShapeDtypeStructs with shardings): what its shardings place, with nothing allocated."""
   leaves = jax.tree.leaves(state)
-  device = jax.devices()[0]
-  held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device)
-  return held, sum(x.nbytes for x in leaves)
+  held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+  return held, sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
 
 
 def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
+  """Per-device bytes under FSDP from the shardings and XLA's memory analysis of the compiled step; no state
+  is initialised, so a config larger than this machine's memory is measured too."""
+  from diffusion_jax import sharding, train
+  from diffusion_jax.data import pipeline
+
   lines = ["| FSDP devices | state on one device (MB) | total / N (MB) | ratio | step arguments (MB) | "
            "step temporaries (MB) |", "|---|---|---|---|---|---|"]
   for n in device_counts:
@@ -185,7 +191,11 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
       continue
     sized = config.copy_and_resolve_references()
     sized.mesh.update(data=1, fsdp=n, tensor=1)
-    compiled, state, _, _, _ = compiled_step(sized, devices=jax.devices()[:n])
+    mesh = sharding.make_mesh(sized.mesh, devices=jax.devices()[:n])
+    tx, lr = train.make_optimizer(sized, sized.train.steps)
+    state, graphdef = train.abstract_state(sized, mesh, tx)
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pipeline.synthetic_batch(sized).items()}
+    compiled, _ = train.compile_step(train.make_train_step(sized, graphdef, tx, lr), state, shapes, mesh)
     held, total = state_bytes_on_one_device(state)
     memory = compiled.memory_analysis()
     lines.append(f"| {n} | {held / 1e6:.2f} | {total / n / 1e6:.2f} | {held / (total / n):.3f} | "
