@@ -208,20 +208,28 @@ def make_train_step(config, graphdef, tx, lr_fn):
   return train_step
 
 
-def compile_step(train_step, state, batch_shapes: dict, mesh):
-  """jit with explicit shardings, lowered and compiled once; returns (compiled, FLOPs per step per device).
-
-  XLA's cost analysis of a partitioned program counts the FLOPs of one device's share."""
+def lower_step(train_step, state, batch_shapes: dict, mesh):
+  """The train step jitted with explicit shardings and lowered for `state`'s layout (nothing compiled yet)."""
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
   abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding) for k, s in batch_shapes.items()}
-  compiled = jitted.lower(checkpoint.abstract(state), abstract_batch).compile()
-  cost = compiled.cost_analysis()
+  return jitted.lower(checkpoint.abstract(state), abstract_batch)
+
+
+def program_flops(stage) -> float:
+  """FLOPs from XLA's cost analysis of a lowered or compiled program (NaN when the backend gives none). Of a
+  partitioned program it counts one device's share."""
+  cost = stage.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  return compiled, flops
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def compile_step(train_step, state, batch_shapes: dict, mesh):
+  """lower_step, compiled once; returns (compiled, FLOPs per step per device)."""
+  compiled = lower_step(train_step, state, batch_shapes, mesh).compile()
+  return compiled, program_flops(compiled)
 
 
 # ----------------------------------------------------------------------------- text-embedding cache
