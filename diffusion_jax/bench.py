@@ -76,20 +76,20 @@ def compiled_step(config, devices=None):
   return compiled, state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)), mesh, flops
 
 
-def time_steps(compiled, state, batch, steps: int) -> float:
-  """Seconds per step (after one warm-up step)."""
+def time_steps(compiled, state, batch, steps: int):
+  """(seconds per step after one warm-up step, the state after them): `state` is donated to the step."""
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / steps
+  return (time.perf_counter() - start) / steps, state
 
 
 def train_step_examples_per_s(config, steps: int) -> float:
   compiled, state, batch, _, _ = compiled_step(config)
-  return config.train.batch_size / time_steps(compiled, state, batch, steps)
+  return config.train.batch_size / time_steps(compiled, state, batch, steps)[0]
 
 
 def input_table(config, steps: int, workers: int) -> str:
@@ -121,7 +121,7 @@ def step_table(config, steps: int, widths) -> str:
     sized = config.copy_and_resolve_references()
     sized.model.channels = int(width)
     compiled, state, batch, _, flops = compiled_step(sized)
-    seconds = time_steps(compiled, state, batch, steps)
+    seconds, state = time_steps(compiled, state, batch, steps)
     achieved = flops / seconds  # cost analysis counts one device's share
     mfu = f"{achieved / peak:.1%}" if datasheet else "n/a (no datasheet)"
     lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {seconds * 1e3:.0f} | "
@@ -134,6 +134,7 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   import torch
 
   from diffusion_jax import diffusers_peer, sample, train
+  from diffusion_jax.models import text_to_image
   from diffusion_jax.text import tokenizers
 
   config = config.copy_and_resolve_references()
@@ -141,14 +142,13 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   b, r, tokens = config.train.batch_size, config.data.resolution, config.text.max_length
   compiled, state, batch, mesh, _ = compiled_step(config)
   ours_params = train.count_params(state.params["unet"])
-  ours_step = time_steps(compiled, state, batch, steps)
+  ours_step, state = time_steps(compiled, state, batch, steps)
   peer = diffusers_peer.closest(config.model, r, ours_params)
   theirs_step = diffusers_peer.train_step_seconds(peer, b, r, tokens, steps)
 
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(sampler="dpmpp_2m", steps=sampler_steps, guidance_scale=3.0, num_per_prompt=1)
-  tx, _ = train.make_optimizer(config, config.train.steps)
-  state, graphdef = train.init_state(config, mesh, tx)
+  graphdef = text_to_image.split(text_to_image.abstract(config), config)[0]  # sampling reuses the timed state
   generate = lambda: sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
                                      ["a large red circle"] * sample_batch, sample_config, mesh)
   generate()  # compile
