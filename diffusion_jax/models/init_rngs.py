@@ -2,9 +2,9 @@
 
 Every draw from an `nnx.Rngs` advances a counter Variable. Inside a trace the new count is a tracer, and
 with a plain-array counter flax (0.12.8) compares that tracer's `.sharding`; jax (0.10.2) answers with an
-AttributeError whose message walks the whole trace so far. Building a model then costs O(layers x trace
-length): 11 s for imagen_base64's abstract shapes on a 2-core CPU, minutes for imagen_sr256. A counter kept
-in a mutable array reference is written in place (2 s). The keys, and so the parameters, are the same.
+AttributeError whose message walks the whole trace so far, so building a model costs O(layers x trace
+length): minutes for imagen_sr256's abstract shapes on a 2-core CPU (tests/test_model_sizes.py builds it). A
+counter kept in a mutable array reference is written in place. The keys, and so the parameters, are the same.
 """
 
 from flax import nnx
