@@ -95,9 +95,11 @@ def test_video_input_to_an_image_unet_is_refused(video_unet):
 
 
 def models_at(config, state, graphdef, image_config, image_workdir):
+  """The video model of `state` and the image model of the image checkpoint, their parameters on the host:
+  eager calls then run on one device, not as one partitioned program per operation over the 8 of the mesh."""
   _, image_state, image_graphdef, _, _ = sample.load_checkpoint(image_workdir)
-  video = nnx.merge(graphdef, state.params, state.frozen)
-  image = nnx.merge(image_graphdef, image_state.ema[0], image_state.frozen)
+  video = nnx.merge(graphdef, *jax.device_get((state.params, state.frozen)))
+  image = nnx.merge(image_graphdef, *jax.device_get((image_state.ema[0], image_state.frozen)))
   return video, image
 
 
