@@ -181,7 +181,6 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
   """Per-device bytes under FSDP from the shardings and XLA's memory analysis of the compiled step; no state
   is initialised, so a config larger than this machine's memory is measured too."""
   from diffusion_jax import sharding, train
-  from diffusion_jax.data import pipeline
 
   lines = ["| FSDP devices | state on one device (MB) | total / N (MB) | ratio | step arguments (MB) | "
            "step temporaries (MB) |", "|---|---|---|---|---|---|"]
@@ -191,11 +190,8 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
       continue
     sized = config.copy_and_resolve_references()
     sized.mesh.update(data=1, fsdp=n, tensor=1)
-    mesh = sharding.make_mesh(sized.mesh, devices=jax.devices()[:n])
-    tx, lr = train.make_optimizer(sized, sized.train.steps)
-    state, graphdef = train.abstract_state(sized, mesh, tx)
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pipeline.synthetic_batch(sized).items()}
-    compiled, _ = train.compile_step(train.make_train_step(sized, graphdef, tx, lr), state, shapes, mesh)
+    lowered, state = train.lower_abstract_step(sized, sharding.make_mesh(sized.mesh, devices=jax.devices()[:n]))
+    compiled = lowered.compile()
     held, total = state_bytes_on_one_device(state)
     memory = compiled.memory_analysis()
     lines.append(f"| {n} | {held / 1e6:.2f} | {total / n / 1e6:.2f} | {held / (total / n):.3f} | "

@@ -218,6 +218,15 @@ def lower_step(train_step, state, batch_shapes: dict, mesh):
   return jitted.lower(checkpoint.abstract(state), abstract_batch)
 
 
+def lower_abstract_step(config, mesh):
+  """(the config's train step lowered for its abstract state on `mesh`, that abstract state): shapes and
+  shardings only, nothing allocated (FLOP and memory analyses of configs of any size)."""
+  tx, lr = make_optimizer(config, config.train.steps)
+  state, graphdef = abstract_state(config, mesh, tx)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pipeline.synthetic_batch(config).items()}
+  return lower_step(make_train_step(config, graphdef, tx, lr), state, shapes, mesh), state
+
+
 def program_flops(stage) -> float:
   """FLOPs from XLA's cost analysis of a lowered or compiled program (NaN when the backend gives none). Of a
   partitioned program it counts one device's share."""

@@ -90,16 +90,12 @@ def test_planning_flops_are_within_two_percent_of_the_compiled_step(tmp_path):
   import jax
 
   from diffusion_jax import sharding, train
-  from diffusion_jax.data import pipeline
 
   config = sweeps.load_config_file("configs/t2i_shapes.py:test")
   config.data.data_dir = str(tmp_path)
   planned, _ = sweeps.measure_step(config)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  tx, lr = train.make_optimizer(config, config.train.steps)
-  state, graphdef = train.abstract_state(config, mesh, tx)
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pipeline.synthetic_batch(config).items()}
-  _, compiled = train.compile_step(train.make_train_step(config, graphdef, tx, lr), state, shapes, mesh)
+  lowered, _ = train.lower_abstract_step(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  compiled = train.program_flops(lowered.compile())
   assert planned * config.train.batch_size == pytest.approx(compiled, rel=0.02)
 
 

@@ -94,13 +94,9 @@ def measure_step(config) -> tuple[float, int]:
   import jax
 
   from diffusion_jax import sharding, train
-  from diffusion_jax.data import pipeline
 
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  tx, lr = train.make_optimizer(config, config.train.steps)
-  state, graphdef = train.abstract_state(config, mesh, tx)
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pipeline.synthetic_batch(config).items()}
-  lowered = train.lower_step(train.make_train_step(config, graphdef, tx, lr), state, shapes, mesh)
+  lowered, state = train.lower_abstract_step(config, mesh)
   return train.program_flops(lowered) / config.train.batch_size, train.count_params(state.params)
 
 
