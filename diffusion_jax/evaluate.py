@@ -428,6 +428,10 @@ def main(argv):
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:  # how a --watch job is usually ended
+    where = f"; finished checkpoints are in {f.workdir}/logs/eval.jsonl" if f.workdir else ""
+    print(f"interrupted{where}", file=sys.stderr)
+    sys.exit(130)
   for result in results:
     print(json.dumps(result))
 

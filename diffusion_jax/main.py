@@ -11,7 +11,8 @@ Flags:
   --process_id    this process's index in a multi-process run
   --auto_distributed  initialise multi-process JAX from the cluster environment (TPU pod, SLURM, Open MPI)
 
-The same command runs on a laptop CPU, a GPU node and every host of a TPU pod.
+The same command runs on a laptop CPU, a GPU node and every host of a TPU pod. SIGTERM or Ctrl-C saves a
+checkpoint after the current step and stops (a second Ctrl-C stops at once); rerunning resumes.
 """
 
 import logging
@@ -49,10 +50,18 @@ def main(argv):
   except ValueError as error:  # configuration, data and path errors a user can fix
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  if config.train.sample_at_end and int(state.step) == config.train.steps:  # not after a preemption
+  except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+    print(f"interrupted: {f.workdir} keeps its last checkpoint; rerun the same command to resume.", file=sys.stderr)
+    sys.exit(130)
+  if config.train.sample_at_end and int(state.step) == config.train.steps:  # not after SIGTERM / Ctrl-C
     from diffusion_jax import sample
 
-    print(f"samples: {sample.write_final_samples(config, state, graphdef, f.workdir)}")
+    try:
+      print(f"samples: {sample.write_final_samples(config, state, graphdef, f.workdir)}")
+    except KeyboardInterrupt:
+      print(f"interrupted while sampling; training is finished and saved. Sample later with "
+            f"python -m diffusion_jax.sample --workdir={f.workdir}", file=sys.stderr)
+      sys.exit(130)
 
 
 if __name__ == "__main__":

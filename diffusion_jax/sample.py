@@ -365,25 +365,23 @@ def sample_cascade(cascade, prompts_path=None, output_dir=None) -> pathlib.Path:
 def main(argv):
   del argv
   f = flags.FLAGS
-  if f.cascade is not None:
-    try:
-      path = sample_cascade(f.cascade, f.prompts, f.output_dir)
-    except ValueError as error:
-      print(f"error: {error}", file=sys.stderr)
-      sys.exit(2)
-    print(path)
-    return
-  if not f.workdir:
+  if f.cascade is None and not f.workdir:
     raise app.UsageError("--workdir (or --cascade) is required.")
   overrides = {"sampler": f.sampler, "steps": f.steps, "guidance_scale": f.guidance_scale,
                "num_per_prompt": f.num_per_prompt, "seed": f.seed, "use_ema": f.use_ema, "frames": f.frames}
   try:
-    grid = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir)
+    if f.cascade is not None:
+      path = sample_cascade(f.cascade, f.prompts, f.output_dir)
+    else:
+      path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  logging.info("wrote %s", grid)
-  print(grid)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+  logging.info("wrote %s", path)
+  print(path)
 
 
 if __name__ == "__main__":

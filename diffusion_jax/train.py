@@ -7,7 +7,6 @@ NamedShardings on the mesh; the state argument is donated. Parameters are pure n
 
 import logging
 import pathlib
-import signal
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from diffusion_jax import (checkpoint, config_checks, hardware, metric_writers, objectives, schedules, sharding,
-                           superres)
+                           stop_signals, superres)
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import inflation, init_rngs, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
@@ -266,18 +265,15 @@ def open_text_cache(config, graphdef, state, tokenizer, source):
 # ----------------------------------------------------------------------------- loop
 
 
-class _Preemption:
-  """Turns SIGTERM (preemption notice on most clusters) into a flag checked between steps."""
-
-  def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread
-      pass
-
-  def _handler(self, *_):
-    self.requested = True
+def _all_stop(stop: stop_signals.StopSignals, step: int, interval: int) -> bool:
+  """Whether every process stops after this step: one that got SIGTERM / Ctrl-C asks, and all agree (one
+  gather every `interval` steps) so that they save the same step and none waits in a collective for the
+  others. (A multi-host preemption notice also arrives through `mngr.reached_preemption`.)"""
+  if jax.process_count() == 1:
+    return stop.received is not None
+  if step % interval:
+    return False
+  return bool(np.any(multihost_utils.process_allgather(np.int32(stop.received is not None))))
 
 
 def _host_metrics(metrics, flops, step_time, data_time, batch_size, peak):
@@ -337,47 +333,49 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- loop
   writer = metric_writers.MetricWriter(workdir, config.train.steps)
   writer.start(step)
-  preemption = _Preemption()
   batch_sharding = sharding.batch_sharding(mesh)
   keys = tuple(batch_shapes)
   pending, local = None, first
   interval_start, data_time = time.perf_counter(), 0.0
-  while step < config.train.steps:
-    data_start = time.perf_counter()
-    local = local if local is not None else next(data_iter)
-    batch = pipeline.to_global({k: local[k] for k in keys}, batch_sharding)
-    data_time += time.perf_counter() - data_start
-    local = None
-    state, metrics = compiled(state, batch)
-    step += 1
-    if pending is not None:  # metrics are read one step late so the host never stalls the device
-      writer.write(*pending)
-      pending = None
-    if step % config.train.log_every == 0 or step == config.train.steps:
-      jax.block_until_ready(metrics)
-      steps_done = (step - 1) % config.train.log_every + 1
-      step_time = (time.perf_counter() - interval_start) / steps_done
-      pending = (step, _host_metrics(metrics, flops, step_time, data_time / steps_done, config.train.batch_size,
-                                     peak) | {"skipped_records": source.skipped})
-      run = int(state.nonfinite_run)
-      if run >= config.train.max_nonfinite:
+  with stop_signals.StopSignals() as stop:  # SIGTERM / Ctrl-C: save, then stop
+    while step < config.train.steps:
+      data_start = time.perf_counter()
+      local = local if local is not None else next(data_iter)
+      batch = pipeline.to_global({k: local[k] for k in keys}, batch_sharding)
+      data_time += time.perf_counter() - data_start
+      local = None
+      state, metrics = compiled(state, batch)
+      step += 1
+      if pending is not None:  # metrics are read one step late so the host never stalls the device
+        writer.write(*pending)
+        pending = None
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        jax.block_until_ready(metrics)
+        steps_done = (step - 1) % config.train.log_every + 1
+        step_time = (time.perf_counter() - interval_start) / steps_done
+        pending = (step, _host_metrics(metrics, flops, step_time, data_time / steps_done, config.train.batch_size,
+                                       peak) | {"skipped_records": source.skipped})
+        run = int(state.nonfinite_run)
+        if run >= config.train.max_nonfinite:
+          save()
+          mngr.wait_until_finished()
+          raise FloatingPointError(
+              f"{run} steps in a row had a non-finite loss or gradient (step {step}); the last good state is "
+              f"saved in {workdir}. Lower optimizer.learning_rate or set model.dtype='float32'.")
+      stopping = _all_stop(stop, step, config.train.log_every) or mngr.reached_preemption(step)
+      if step % config.train.checkpoint_every == 0 or step == config.train.steps or stopping:
         save()
-        mngr.wait_until_finished()
-        raise FloatingPointError(
-            f"{run} steps in a row had a non-finite loss or gradient (step {step}); the last good state is "
-            f"saved in {workdir}. Lower optimizer.learning_rate or set model.dtype='float32'.")
-    # SIGTERM, or (multi-host TPU/GPU) the preemption sync point all processes agree on.
-    preemption.requested = preemption.requested or mngr.reached_preemption(step)
-    if step % config.train.checkpoint_every == 0 or step == config.train.steps or preemption.requested:
-      save()
-    if preemption.requested:
-      log.warning("SIGTERM received: checkpoint saved at step %d, exiting.", step)
-      break
-    if step % config.train.log_every == 0:
-      interval_start, data_time = time.perf_counter(), 0.0
-  if pending is not None:
-    writer.write(*pending)
-  mngr.wait_until_finished()
+      if stopping:
+        break
+      if step % config.train.log_every == 0:
+        interval_start, data_time = time.perf_counter(), 0.0
+    if pending is not None:
+      writer.write(*pending)
+    mngr.wait_until_finished()  # still inside: a first Ctrl-C here cannot cut the last save short
   writer.close()
+  if step < config.train.steps:
+    log.warning("%s: checkpoint saved at step %d of %d; rerun the same command to resume.",
+                stop.received or "stop requested by another process or a preemption notice", step,
+                config.train.steps)
   log.info("non-finite steps skipped: %d", int(state.nonfinite_total))
   return state, graphdef

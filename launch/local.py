@@ -8,12 +8,14 @@ Flags:
   --devices_per_process  simulated CPU devices per process (default 4)
   --port                 coordinator port on 127.0.0.1 (default: a free one)
   --dry_run              print the commands instead of running them
-Everything after `--` goes to `python -m diffusion_jax.main`. Exits non-zero if any process fails.
+Everything after `--` goes to `python -m diffusion_jax.main`. Exits non-zero if any process fails. Ctrl-C
+or a SIGTERM to the launcher makes every process save a checkpoint and stop (the launcher waits for them).
 """
 
 import argparse
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +49,10 @@ def main() -> int:
       print(f"XLA_FLAGS={env['XLA_FLAGS']} JAX_PLATFORMS=cpu {shlex.join(command)}")
     return 0
   processes = [subprocess.Popen(command, env=env) for command in todo]
+  # Ctrl-C in the terminal reaches every process of the group: the jobs save a checkpoint and stop, and this
+  # launcher waits for them instead of leaving them behind. A SIGTERM sent to the launcher alone is passed on.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in processes])
   return max(p.wait() for p in processes) and 1
 
 

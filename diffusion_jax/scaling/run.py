@@ -173,6 +173,9 @@ def main(argv):
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted: rerun the same command to resume the sweep (finished runs are kept).", file=sys.stderr)
+    sys.exit(130)
   if written:
     print(f"report: {written[0]}\nplot: {written[1]}")
 

@@ -1,0 +1,44 @@
+"""SIGTERM and Ctrl-C as a request to stop at the next step boundary, after a checkpoint is saved.
+
+SIGTERM is the preemption notice of most clusters; Ctrl-C (SIGINT) is a user stopping a local run. Neither
+should cost the steps since the last periodic checkpoint. A second Ctrl-C interrupts at once
+(KeyboardInterrupt), for a user who will not wait for the save.
+"""
+
+import logging
+import signal
+
+log = logging.getLogger(__name__)
+
+
+class StopSignals:
+  """Context manager: while active, SIGTERM and SIGINT set `received` (the first one's name, e.g. "SIGTERM")
+  instead of ending the process; the previous handlers come back on exit. Outside the main thread, where
+  Python cannot install handlers, it does nothing."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    try:
+      self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+    except ValueError:  # not the main thread
+      self._previous = {}
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handler(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.received is not None:
+      raise KeyboardInterrupt
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+      hint = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
+      log.warning("%s received: saving a checkpoint after this step, then stopping%s.", self.received, hint)
