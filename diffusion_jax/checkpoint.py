@@ -8,6 +8,7 @@ each array with the sharding of the target, so a checkpoint restores onto any me
 import importlib.metadata
 import json
 import logging
+import os
 import pathlib
 import subprocess
 
@@ -80,6 +81,22 @@ def restore(mngr: ocp.CheckpointManager, target_state, data_iter=None, step: int
       continue
     return restored["state"], candidate
   return None, None
+
+
+def prepare_workdir(workdir) -> None:
+  """Create the workdir (every process: on a shared filesystem they all see one) before any work is done; a
+  URL, a file in the way or a place this user cannot write is a ValueError, not a crash at the first save."""
+  text = str(workdir)
+  if "://" in text:
+    raise ValueError(f"--workdir={text} is a URL, but workdirs are written through the local filesystem: mount "
+                     "the bucket (e.g. with gcsfuse, at the same path on every host) or give a shared filesystem path.")
+  path = pathlib.Path(text).expanduser()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as error:  # a file in the way, no permission, a read-only filesystem
+    raise ValueError(f"--workdir={text} cannot be made a directory: {error.strerror} ({error.filename}).") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir={text} is not writable by this user.")
 
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:

@@ -294,6 +294,7 @@ def train_and_evaluate(config, workdir: str):
   """Build everything from the config, resume from the workdir if it has checkpoints, train, sample."""
   config_checks.validate(config)
   workdir = str(workdir)
+  checkpoint.prepare_workdir(workdir)
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run the same command on every host of a Cloud TPU pod slice; JAX discovers the topology itself.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE --config=configs/imagen_base64.py --workdir=gs://bucket/runs/base64
+#   launch/tpu_pod.sh TPU_NAME ZONE --config=configs/imagen_base64.py --workdir=/mnt/shared/runs/base64
 #
-# The repository must be checked out (and installed with `pip install -e .`) at the same path on every host.
+# The repository must be checked out (and installed with `pip install -e .`) at the same path on every host, and
+# the workdir must be one directory every host sees (Filestore/NFS, or a bucket mounted with gcsfuse).
 # DRY_RUN=1 prints the gcloud command instead of running it.
 set -euo pipefail
 if [ $# -lt 2 ]; then

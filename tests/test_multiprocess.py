@@ -46,6 +46,6 @@ def test_launchers_dry_run():
   lines = local.stdout.splitlines()
   assert len(lines) == 3 and all("--coordinator=127.0.0.1:1234" in line and "--workdir=w" in line for line in lines)
   assert "--process_id=2" in lines[2]
-  tpu = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "pod", "zone", "--workdir=gs://b/r"],
+  tpu = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "pod", "zone", "--workdir=/mnt/shared/r"],
                        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
   assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "--auto_distributed" in tpu.stdout

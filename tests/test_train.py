@@ -138,6 +138,18 @@ def test_logical_rules_never_reuse_a_mesh_axis():
   assert sharding.logical_to_spec(("embed", "mlp"), (3, 8), mesh) == jax.sharding.PartitionSpec(None, "tensor")
 
 
+def test_a_workdir_that_cannot_hold_a_run_is_refused_before_anything_is_built(tmp_path):
+  checkpoint.prepare_workdir(tmp_path / "new" / "run")
+  assert (tmp_path / "new" / "run").is_dir()
+  with pytest.raises(ValueError, match="is a URL.*gcsfuse"):
+    checkpoint.prepare_workdir("gs://bucket/run")  # pathlib would have made it a local gs:/bucket/run
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ValueError, match="cannot be made a directory"):
+    checkpoint.prepare_workdir(tmp_path / "a_file")
+  with pytest.raises(ValueError, match="cannot be made a directory"):  # checked before the model and data
+    train.train_and_evaluate(t2i_shapes.get_config("test"), tmp_path / "a_file" / "run")
+
+
 def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
   """Each replicated array is written whole by one replica: no slicing programs are compiled per save."""
   mesh = sharding.make_mesh(t2i_shapes.get_config("test").mesh)  # data parallel over the 8 devices
