@@ -58,6 +58,12 @@ def abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def brief(error: Exception, limit: int = 300) -> str:
+  """The first line of an error, cut to `limit` characters (tensorstore's messages run to kilobytes)."""
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return line if len(line) <= limit else line[:limit] + " ..."
+
+
 def restore(mngr: ocp.CheckpointManager, target_state, data_iter=None, step: int | None = None):
   """Restore (state, step) at `step` (default latest) into target_state's structure and shardings;
   the data iterator, if given, is restored in place. Returns (None, None) when there is no checkpoint.
@@ -76,8 +82,8 @@ def restore(mngr: ocp.CheckpointManager, target_state, data_iter=None, step: int
       restored = mngr.restore(candidate, args=ocp.args.Composite(**items))
     except Exception as error:  # orbax/tensorstore raise many kinds for a damaged checkpoint
       if step is not None or candidate == candidates[-1]:
-        raise ValueError(f"Checkpoint {candidate} in {mngr.directory} cannot be read ({error}).") from None
-      log.warning("Checkpoint %d cannot be read (%s); falling back to an earlier one.", candidate, error)
+        raise ValueError(f"Checkpoint {candidate} in {mngr.directory} cannot be read ({brief(error)}).") from None
+      log.warning("Checkpoint %d cannot be read (%s); falling back to an earlier one.", candidate, brief(error))
       continue
     return restored["state"], candidate
   return None, None
@@ -119,6 +125,25 @@ ADDED_FIELDS = {
     "text.t5.position_bias_init": "t5",
     "model.attention": "auto",  # the same function as jax.nn.dot_product_attention, which earlier runs used
 }
+
+
+def config_differences(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+  """'field: old -> new' for every field whose value differs between two configs (dotted names, sorted; a
+  tuple equals the list config.json makes of it)."""
+  def flat(config):
+    out, todo = {}, [("", json.loads(config.to_json_best_effort()))]
+    while todo:
+      prefix, group = todo.pop()
+      for key, value in group.items():
+        if isinstance(value, dict):
+          todo.append((f"{prefix}{key}.", value))
+        else:
+          out[prefix + key] = value
+    return out
+
+  old, new = flat(old), flat(new)
+  return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(old.keys() | new.keys())
+          if old.get(k) != new.get(k)]
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:

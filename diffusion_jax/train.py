@@ -118,6 +118,33 @@ def abstract_state(config, mesh, tx):
   return state, graphdef
 
 
+def check_resumable(config, workdir, mesh) -> None:
+  """A ValueError, before anything is built, when the workdir's checkpoints hold a train state of another
+  structure, shape or dtype than `config` makes (e.g. rerun with another model.channels): it names the
+  arrays and the config fields that differ from the workdir's config.json. Compares abstract states only."""
+  if not checkpoint.manager(workdir, read_only=True).all_steps():
+    return
+  saved = checkpoint.read_config(workdir)
+
+  def arrays(c):
+    state, _ = abstract_state(c, mesh, make_optimizer(c, c.train.steps)[0])
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): f"{x.dtype}{list(x.shape)}"
+            for path, x in jax.tree_util.tree_leaves_with_path(state)}
+
+  old, new = arrays(saved), arrays(config)
+  if old == new:
+    return
+  # Parameters first: the optimizer moments and EMA copies repeat them.
+  names = sorted(old.keys() | new.keys(), key=lambda k: (not k.startswith("params/"), k))
+  changed = [f"{k}: {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in names if old.get(k) != new.get(k)]
+  fields = checkpoint.config_differences(saved, config)
+  raise ValueError(
+      f"--workdir={workdir} holds checkpoints of another model or optimizer than this config makes ("
+      + "; ".join(changed[:3]) + (f"; {len(changed) - 3} more arrays" if len(changed) > 3 else "") + "). Config "
+      "fields that differ from its config.json: " + "; ".join(fields[:10]) + (" ..." if len(fields) > 10 else "")
+      + ". Rerun with the workdir's config, or give a new --workdir.")
+
+
 def count_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -300,6 +327,7 @@ def train_and_evaluate(config, workdir: str):
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
   # ---------------------------------------------------------------- model and optimizer
   tx, lr_fn = make_optimizer(config, config.train.steps)
+  check_resumable(config, workdir, mesh)
   state, graphdef = init_state(config, mesh, tx)
   log.info("parameters: %d trainable, %d frozen", count_params(state.params), count_params(state.frozen))
   # ---------------------------------------------------------------- input
@@ -310,8 +338,6 @@ def train_and_evaluate(config, workdir: str):
   loader = pipeline.make_loader(config.data, source, tokenizer, per_process, seed=config.seed, text_cache=text_cache)
   data_iter = iter(loader)
   # ---------------------------------------------------------------- restore
-  if jax.process_index() == 0:
-    checkpoint.write_config(workdir, config)
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   metadata = checkpoint.run_metadata(config)
   save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True, metadata=metadata)
@@ -319,6 +345,8 @@ def train_and_evaluate(config, workdir: str):
   if restored is not None:
     state = restored
     log.info("resumed from step %d", step)
+  if jax.process_index() == 0:  # only once the checkpoints are known to fit it
+    checkpoint.write_config(workdir, config)
   step = int(state.step)
   # ---------------------------------------------------------------- compile
   first = next(data_iter)

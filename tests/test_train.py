@@ -187,6 +187,24 @@ def test_checkpoint_metadata_and_fallback_from_a_damaged_checkpoint(trained, tmp
     checkpoint.restore(checkpoint.manager(damaged, read_only=True), state, step=4)
 
 
+def test_resuming_with_a_config_of_another_model_is_refused_and_keeps_the_workdir(trained, tmp_path):
+  config, workdir, _ = trained
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  saved = (copy / "config.json").read_text()
+  wider = config.copy_and_resolve_references()
+  wider.model.channels = config.model.channels + 8
+  with pytest.raises(ValueError) as error:
+    train.train_and_evaluate(wider, copy)
+  message = str(error.value)
+  assert f"model.channels: {config.model.channels} -> {wider.model.channels}" in message
+  assert f"params/unet/conv_in/bias: float32[{config.model.channels}] -> float32[{wider.model.channels}]" in message
+  assert (copy / "config.json").read_text() == saved  # the record of how the checkpoints were trained
+  longer = config.copy_and_resolve_references()
+  longer.train.steps = config.train.steps * 2  # what a resumed run may change
+  train.check_resumable(longer, copy, sharding.make_mesh(config.mesh))
+
+
 def test_a_workdir_written_before_newer_config_fields_still_loads(trained, tmp_path):
   from diffusion_jax import sample
 
