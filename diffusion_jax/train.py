@@ -202,7 +202,7 @@ def make_train_step(config, graphdef, tx, lr_fn):
       logsnr.append(micro_logsnr)
     grads = jax.tree.map(lambda g: g / accum, grads)
     per_example, logsnr = jnp.concatenate(per_example), jnp.concatenate(logsnr)
-    loss, grad_norm = jnp.mean(jnp.stack(losses)), optax.global_norm(grads)
+    loss, grad_norm = jnp.mean(jnp.stack(losses)), optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
