@@ -119,11 +119,9 @@ def abstract_state(config, mesh, tx):
 
 
 def check_resumable(config, workdir, mesh) -> None:
-  """A ValueError, before anything is built, when the workdir's checkpoints hold a train state of another
+  """A ValueError, before anything is built, when the checkpoints in `workdir` hold a train state of another
   structure, shape or dtype than `config` makes (e.g. rerun with another model.channels): it names the
   arrays and the config fields that differ from the workdir's config.json. Compares abstract states only."""
-  if not checkpoint.manager(workdir, read_only=True).all_steps():
-    return
   saved = checkpoint.read_config(workdir)
 
   def arrays(c):
@@ -327,7 +325,9 @@ def train_and_evaluate(config, workdir: str):
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
   # ---------------------------------------------------------------- model and optimizer
   tx, lr_fn = make_optimizer(config, config.train.steps)
-  check_resumable(config, workdir, mesh)
+  mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+  if mngr.all_steps():
+    check_resumable(config, workdir, mesh)
   state, graphdef = init_state(config, mesh, tx)
   log.info("parameters: %d trainable, %d frozen", count_params(state.params), count_params(state.frozen))
   # ---------------------------------------------------------------- input
@@ -338,13 +338,15 @@ def train_and_evaluate(config, workdir: str):
   loader = pipeline.make_loader(config.data, source, tokenizer, per_process, seed=config.seed, text_cache=text_cache)
   data_iter = iter(loader)
   # ---------------------------------------------------------------- restore
-  mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   metadata = checkpoint.run_metadata(config)
   save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True, metadata=metadata)
   restored, step = checkpoint.restore(mngr, state, data_iter)
   if restored is not None:
     state = restored
     log.info("resumed from step %d", step)
+    if step > config.train.steps:
+      log.warning("the workdir is at step %d, past train.steps=%d: nothing to train (raise --config.train.steps "
+                  "to train on).", step, config.train.steps)
   if jax.process_index() == 0:  # only once the checkpoints are known to fit it
     checkpoint.write_config(workdir, config)
   step = int(state.step)
