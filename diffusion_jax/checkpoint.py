@@ -1,15 +1,19 @@
 """Orbax checkpoints of the train state together with the input iterator state.
 
 Layout: `<workdir>/checkpoints/<step>/{state,data_iter}` plus `<workdir>/config.json` (the experiment's
-config, written once, used by sampling and evaluation jobs). Saves are asynchronous; restore places
+config, written when a training job has restored, used by sampling and evaluation jobs) and
+`<workdir>/train.lock` (held while a training job runs). Saves are asynchronous; restore places
 each array with the sharding of the target, so a checkpoint restores onto any mesh.
 """
 
+import contextlib
+import fcntl
 import importlib.metadata
 import json
 import logging
 import os
 import pathlib
+import socket
 import subprocess
 
 import grain.python as grain
@@ -103,6 +107,34 @@ def prepare_workdir(workdir) -> None:
     raise ValueError(f"--workdir={text} cannot be made a directory: {error.strerror} ({error.filename}).") from None
   if not os.access(path, os.W_OK | os.X_OK):
     raise ValueError(f"--workdir={text} is not writable by this user.")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Held by process 0 while a training job uses `workdir`: a second job started on the same workdir (the
+  command rerun in another terminal, an overlapping requeue) is a ValueError instead of two writers of one
+  set of checkpoints. An OS file lock, so a killed job leaves nothing to clean up."""
+  if jax.process_index() != 0:
+    yield
+    return
+  path = pathlib.Path(workdir).expanduser() / "train.lock"
+  with open(path, "a+") as handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      raise ValueError(f"--workdir={workdir} is in use by another training job ({holder}); wait for it to "
+                       "finish or stop it (Ctrl-C saves a checkpoint), then rerun.") from None
+    except OSError as error:  # a filesystem without locks (some FUSE mounts): run unguarded
+      log.warning("cannot lock %s (%s): a second job on this workdir would not be noticed.", path, error.strerror)
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:

@@ -51,7 +51,8 @@ def main(argv):
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
-    print(f"interrupted: {f.workdir} keeps its last checkpoint; rerun the same command to resume.", file=sys.stderr)
+    print(f"interrupted; rerun the same command to resume from the last checkpoint in {f.workdir}, if any.",
+          file=sys.stderr)
     sys.exit(130)
   if config.train.sample_at_end and int(state.step) == config.train.steps:  # not after SIGTERM / Ctrl-C
     from diffusion_jax import sample

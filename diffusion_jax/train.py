@@ -316,10 +316,16 @@ def _host_metrics(metrics, flops, step_time, data_time, batch_size, peak):
 
 
 def train_and_evaluate(config, workdir: str):
-  """Build everything from the config, resume from the workdir if it has checkpoints, train, sample."""
+  """Build everything from the config, resume from the workdir if it has checkpoints, train; returns
+  (state, graphdef). One training job per workdir at a time (a second is refused)."""
   config_checks.validate(config)
   workdir = str(workdir)
   checkpoint.prepare_workdir(workdir)
+  with checkpoint.workdir_lock(workdir):
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str):
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())

@@ -2,6 +2,7 @@
 config validation."""
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -148,6 +149,14 @@ def test_a_workdir_that_cannot_hold_a_run_is_refused_before_anything_is_built(tm
     checkpoint.prepare_workdir(tmp_path / "a_file")
   with pytest.raises(ValueError, match="cannot be made a directory"):  # checked before the model and data
     train.train_and_evaluate(t2i_shapes.get_config("test"), tmp_path / "a_file" / "run")
+
+
+def test_a_second_training_job_on_a_busy_workdir_is_refused(tmp_path):
+  with checkpoint.workdir_lock(tmp_path):
+    with pytest.raises(ValueError, match=f"in use by another training job \\(pid {os.getpid()} on "):
+      train.train_and_evaluate(t2i_shapes.get_config("test"), tmp_path)
+  with checkpoint.workdir_lock(tmp_path):  # released when the job ends
+    pass
 
 
 def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
