@@ -119,8 +119,10 @@ def workdir_lock(workdir):
     return
   path = pathlib.Path(workdir).expanduser() / "train.lock"
   with open(path, "a+") as handle:
+    locked = False
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locked = True
     except BlockingIOError:
       handle.seek(0)
       holder = handle.read().strip() or "another process"
@@ -134,7 +136,8 @@ def workdir_lock(workdir):
     try:
       yield
     finally:
-      fcntl.flock(handle, fcntl.LOCK_UN)
+      if locked:
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:

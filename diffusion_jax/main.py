@@ -60,7 +60,7 @@ def main(argv):
     try:
       print(f"samples: {sample.write_final_samples(config, state, graphdef, f.workdir)}")
     except KeyboardInterrupt:
-      print(f"interrupted while sampling; training is finished and saved. Sample later with "
+      print("interrupted while sampling; training is finished and saved. Sample later with "
             f"python -m diffusion_jax.sample --workdir={f.workdir}", file=sys.stderr)
       sys.exit(130)
 

@@ -1,6 +1,7 @@
 """Training end to end on a simulated 8-device CPU pod: run, resume exactly, FSDP, non-finite skipping,
 config validation."""
 
+import errno
 import json
 import os
 import pathlib
@@ -157,6 +158,16 @@ def test_a_second_training_job_on_a_busy_workdir_is_refused(tmp_path):
       train.train_and_evaluate(t2i_shapes.get_config("test"), tmp_path)
   with checkpoint.workdir_lock(tmp_path):  # released when the job ends
     pass
+
+
+def test_a_filesystem_without_locks_trains_unguarded(tmp_path, monkeypatch, caplog):
+  def no_locks(*_):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)  # as on some FUSE mounts
+  with checkpoint.workdir_lock(tmp_path):
+    pass
+  assert "would not be noticed" in caplog.text
 
 
 def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
