@@ -1,8 +1,8 @@
 """Imagen-like 64x64 base model: frozen T5 v1.1 XXL text encoder + a ~2B-parameter U-Net, sized for a pod.
 
-  launch/tpu_pod.sh NAME ZONE --config=configs/imagen_base64.py:fsdp --workdir=gs://BUCKET/runs/base64 \\
+  launch/tpu_pod.sh NAME ZONE --config=configs/imagen_base64.py:fsdp --workdir=/mnt/shared/runs/base64 \\
       --config.text.pretrained_path=/path/to/t5-v1_1-xxl --config.text.spiece_path=/path/to/spiece.model \\
-      --config.data.dataset=tfds --config.data.name=YOUR_DATASET --config.data.data_dir=gs://BUCKET/tfds
+      --config.data.dataset=tfds --config.data.name=YOUR_DATASET --config.data.data_dir=/mnt/shared/tfds
 
 Variants: `dp` (pure data parallel: every device holds all weights), `fsdp` (parameters and optimizer
 state sharded over all devices; the default for this size), `fsdp_tp` (FSDP x 4-way tensor parallel).

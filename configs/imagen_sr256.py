@@ -1,8 +1,8 @@
 """Imagen-like 64 -> 256 super-resolution stage (Efficient U-Net) for a pod; the second stage after imagen_base64.
 
-  launch/tpu_pod.sh NAME ZONE --config=configs/imagen_sr256.py --workdir=gs://BUCKET/runs/sr256 \\
+  launch/tpu_pod.sh NAME ZONE --config=configs/imagen_sr256.py --workdir=/mnt/shared/runs/sr256 \\
       --config.text.pretrained_path=/path/to/t5-v1_1-xxl --config.text.spiece_path=/path/to/spiece.model \\
-      --config.data.dataset=tfds --config.data.name=YOUR_DATASET --config.data.data_dir=gs://BUCKET/tfds
+      --config.data.dataset=tfds --config.data.name=YOUR_DATASET --config.data.data_dir=/mnt/shared/tfds
 
 Efficient U-Net (Saharia et al. 2022, appendix): more residual blocks at low resolution, one skip per
 level scaled by 1/sqrt(2), no attention at high resolution (self + text cross-attention only at 32 px

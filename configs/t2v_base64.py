@@ -2,12 +2,12 @@
 space-time factorised U-Net (temporal convolution after every block, temporal attention at 16x16 and
 below), FSDP over all devices, joint image-video training.
 
-  launch/tpu_pod.sh NAME ZONE --config=configs/t2v_base64.py --workdir=gs://BUCKET/runs/t2v64 \\
+  launch/tpu_pod.sh NAME ZONE --config=configs/t2v_base64.py --workdir=/mnt/shared/runs/t2v64 \\
       --config.text.pretrained_path=/path/to/t5-v1_1-xxl --config.text.spiece_path=/path/to/spiece.model \\
       --config.data.dataset=tfds --config.data.name=YOUR_VIDEO_DATASET --config.data.image_key=video \\
-      --config.data.data_dir=gs://BUCKET/tfds
+      --config.data.data_dir=/mnt/shared/tfds
 
-Inflating a trained imagen_base64 checkpoint: `--config.inflate.image_workdir=gs://BUCKET/runs/base64`
+Inflating a trained imagen_base64 checkpoint: `--config.inflate.image_workdir=/mnt/shared/runs/base64`
 (both use the same U-Net widths, so every spatial weight carries over).
 """
 
