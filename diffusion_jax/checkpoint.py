@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 
@@ -20,6 +21,7 @@ import grain.python as grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 ITEMS = ("state", "data_iter")
 # Orbax saves a replicated array "replica-parallel": each replica writes a slice, cut by one eager op per
@@ -91,6 +93,28 @@ def restore(mngr: ocp.CheckpointManager, target_state, data_iter=None, step: int
       continue
     return restored["state"], candidate
   return None, None
+
+
+def set_aside_newer(mngr: ocp.CheckpointManager, restored_step: int) -> list[int]:
+  """Move the checkpoints newer than `restored_step` (restore skipped them as unreadable) from `checkpoints/`
+  to `unreadable_checkpoints/` beside it, so that the resumed run can save those steps again; nothing is
+  deleted. Returns the steps moved. Called by every process of a training job; process 0 moves."""
+  newer = [s for s in mngr.all_steps() if s > restored_step]
+  if not newer:
+    return []
+  if jax.process_index() == 0:
+    target = pathlib.Path(mngr.directory).parent / "unreadable_checkpoints"
+    target.mkdir(exist_ok=True)
+    for s in newer:
+      destination = target / str(s)
+      while destination.exists():  # set aside before, by an earlier resume
+        destination = destination.with_name(destination.name + "_again")
+      shutil.move(str(pathlib.Path(mngr.directory) / str(s)), str(destination))
+      log.warning("unreadable checkpoint %d moved to %s", s, destination)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+  mngr.reload()
+  return newer
 
 
 def prepare_workdir(workdir) -> None:

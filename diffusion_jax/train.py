@@ -350,6 +350,7 @@ def _train(config, workdir: str):
   if restored is not None:
     state = restored
     log.info("resumed from step %d", step)
+    checkpoint.set_aside_newer(mngr, step)  # so that those steps can be saved again
     if step > config.train.steps:
       log.warning("the workdir is at step %d, past train.steps=%d: nothing to train (raise --config.train.steps "
                   "to train on).", step, config.train.steps)

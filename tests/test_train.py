@@ -189,7 +189,7 @@ def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
   assert step == 1 and all(np.array_equal(restored[k], state[k]) for k in state)
 
 
-def test_checkpoint_metadata_and_fallback_from_a_damaged_checkpoint(trained, tmp_path):
+def test_checkpoint_metadata_and_training_on_from_a_damaged_checkpoint(trained, tmp_path):
   config, workdir, _ = trained
   mngr = checkpoint.manager(workdir, read_only=True)
   metadata = mngr.metadata(4).custom_metadata
@@ -205,6 +205,10 @@ def test_checkpoint_metadata_and_fallback_from_a_damaged_checkpoint(trained, tmp
   assert step == 2 and int(restored.step) == 2
   with pytest.raises(ValueError, match="cannot be read"):
     checkpoint.restore(checkpoint.manager(damaged, read_only=True), state, step=4)
+  # A training job resumes from step 2 and can save step 4 again: the unreadable one is set aside, not deleted.
+  state, _ = train.train_and_evaluate(config, damaged)
+  assert int(state.step) == 4 and checkpoint.manager(damaged, read_only=True).all_steps() == [2, 4]
+  assert (damaged / "unreadable_checkpoints" / "4" / "state").is_dir()
 
 
 def test_resuming_with_a_config_of_another_model_is_refused_and_keeps_the_workdir(trained, tmp_path):
