@@ -70,9 +70,9 @@ def brief(error: Exception, limit: int = 300) -> str:
   return line if len(line) <= limit else line[:limit] + " ..."
 
 
-def restore(mngr: ocp.CheckpointManager, target_state, data_iter=None, step: int | None = None):
-  """Restore (state, step) at `step` (default latest) into target_state's structure and shardings;
-  the data iterator, if given, is restored in place. Returns (None, None) when there is no checkpoint.
+def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
+  """Restore (state, step) at `step` (default latest) into target_state's structure and shardings.
+  Returns (None, None) when there is no checkpoint.
 
   Without an explicit step, an unreadable newest checkpoint (partial or corrupt) is skipped with a
   warning and the one before it is used.
@@ -81,11 +81,9 @@ def restore(mngr: ocp.CheckpointManager, target_state, data_iter=None, step: int
     raise ValueError(f"No checkpoint at step {step} in {mngr.directory}; available steps: {mngr.all_steps()}.")
   candidates = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
   for candidate in candidates:
-    items = {"state": ocp.args.StandardRestore(abstract(target_state))}
-    if data_iter is not None:
-      items["data_iter"] = grain.PyGrainCheckpointRestore(data_iter)
     try:
-      restored = mngr.restore(candidate, args=ocp.args.Composite(**items))
+      restored = mngr.restore(candidate, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract(target_state))))
     except Exception as error:  # orbax/tensorstore raise many kinds for a damaged checkpoint
       if step is not None or candidate == candidates[-1]:
         raise ValueError(f"Checkpoint {candidate} in {mngr.directory} cannot be read ({brief(error)}).") from None
@@ -93,6 +91,17 @@ def restore(mngr: ocp.CheckpointManager, target_state, data_iter=None, step: int
       continue
     return restored["state"], candidate
   return None, None
+
+
+def restore_input_position(mngr: ocp.CheckpointManager, step: int, data_iter) -> str | None:
+  """Restore the input iterator's position saved at `step` into `data_iter` (in place). Returns None, or why
+  the saved position does not fit this pipeline: grain refuses a position saved with another batch size or
+  process count, whose examples are cut differently."""
+  try:
+    mngr.restore(step, args=ocp.args.Composite(data_iter=grain.PyGrainCheckpointRestore(data_iter)))
+  except Exception as error:  # grain raises ValueError for another sampler, orbax others for missing files
+    return brief(error)
+  return None
 
 
 def set_aside_newer(mngr: ocp.CheckpointManager, restored_step: int) -> list[int]:

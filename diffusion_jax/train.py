@@ -290,15 +290,20 @@ def open_text_cache(config, graphdef, state, tokenizer, source):
 # ----------------------------------------------------------------------------- loop
 
 
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (a gather when there are several): a decision all processes share."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _all_stop(stop: stop_signals.StopSignals, step: int, interval: int) -> bool:
   """Whether every process stops after this step: one that got SIGTERM / Ctrl-C asks, and all agree (one
   gather every `interval` steps) so that they save the same step and none waits in a collective for the
   others. (A multi-host preemption notice also arrives through `mngr.reached_preemption`.)"""
-  if jax.process_count() == 1:
-    return stop.received is not None
-  if step % interval:
+  if jax.process_count() > 1 and step % interval:
     return False
-  return bool(np.any(multihost_utils.process_allgather(np.int32(stop.received is not None))))
+  return _any_process(stop.received is not None)
 
 
 def _host_metrics(metrics, flops, step_time, data_time, batch_size, peak):
@@ -341,16 +346,23 @@ def _train(config, workdir: str):
   source = pipeline.data_source(config.data, "train")
   text_cache = open_text_cache(config, graphdef, state, tokenizer, source) if config.text.embedding_cache else None
   per_process = config.train.batch_size // jax.process_count()
-  loader = pipeline.make_loader(config.data, source, tokenizer, per_process, seed=config.seed, text_cache=text_cache)
-  data_iter = iter(loader)
+  batches = lambda seed: iter(pipeline.make_loader(config.data, source, tokenizer, per_process, seed=seed,
+                                                   text_cache=text_cache))
+  data_iter = batches(config.seed)
   # ---------------------------------------------------------------- restore
   metadata = checkpoint.run_metadata(config)
   save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True, metadata=metadata)
-  restored, step = checkpoint.restore(mngr, state, data_iter)
+  restored, step = checkpoint.restore(mngr, state)
   if restored is not None:
     state = restored
     log.info("resumed from step %d", step)
     checkpoint.set_aside_newer(mngr, step)  # so that those steps can be saved again
+    unfit = checkpoint.restore_input_position(mngr, step, data_iter)
+    if _any_process(unfit is not None):
+      log.warning("the input position saved at step %d does not fit this run (%s): another batch size or process "
+                  "count? The data order restarts with a new shuffle (seed %d).", step, unfit or "on another process",
+                  config.seed + step)
+      data_iter = batches(config.seed + step)
     if step > config.train.steps:
       log.warning("the workdir is at step %d, past train.steps=%d: nothing to train (raise --config.train.steps "
                   "to train on).", step, config.train.steps)

@@ -189,7 +189,7 @@ def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
   assert step == 1 and all(np.array_equal(restored[k], state[k]) for k in state)
 
 
-def test_checkpoint_metadata_and_training_on_from_a_damaged_checkpoint(trained, tmp_path):
+def test_checkpoint_metadata_and_training_on_from_a_damaged_checkpoint(trained, tmp_path, caplog):
   config, workdir, _ = trained
   mngr = checkpoint.manager(workdir, read_only=True)
   metadata = mngr.metadata(4).custom_metadata
@@ -206,9 +206,14 @@ def test_checkpoint_metadata_and_training_on_from_a_damaged_checkpoint(trained, 
   with pytest.raises(ValueError, match="cannot be read"):
     checkpoint.restore(checkpoint.manager(damaged, read_only=True), state, step=4)
   # A training job resumes from step 2 and can save step 4 again: the unreadable one is set aside, not deleted.
+  # An input position that does not fit (here unreadable; by hand: saved with another batch size or process
+  # count, which grain refuses) restarts the data order with a new shuffle instead of failing the run.
+  (damaged / "checkpoints" / "2" / "data_iter" / "process_0-of-1.json").write_text("garbage")
+  caplog.set_level("WARNING", logger="diffusion_jax")
   state, _ = train.train_and_evaluate(config, damaged)
   assert int(state.step) == 4 and checkpoint.manager(damaged, read_only=True).all_steps() == [2, 4]
   assert (damaged / "unreadable_checkpoints" / "4" / "state").is_dir()
+  assert "input position saved at step 2 does not fit this run" in caplog.text
 
 
 def test_resuming_with_a_config_of_another_model_is_refused_and_keeps_the_workdir(trained, tmp_path):
@@ -225,7 +230,7 @@ def test_resuming_with_a_config_of_another_model_is_refused_and_keeps_the_workdi
   assert f"params/unet/conv_in/bias: float32[{config.model.channels}] -> float32[{wider.model.channels}]" in message
   assert (copy / "config.json").read_text() == saved  # the record of how the checkpoints were trained
   longer = config.copy_and_resolve_references()
-  longer.train.steps = config.train.steps * 2  # what a resumed run may change
+  longer.train.update(steps=config.train.steps * 2, batch_size=config.train.batch_size // 2)  # may change
   train.check_resumable(longer, copy, sharding.make_mesh(config.mesh))
 
 
