@@ -29,6 +29,7 @@ flags.DEFINE_string("coordinator", "", "host:port of process 0 for multi-process
 flags.DEFINE_integer("num_processes", 1, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", 0, "Index of this process.")
 flags.DEFINE_bool("auto_distributed", False, "Initialise multi-process JAX from the cluster environment.")
+INIT_TIMEOUT_S = 300  # JAX's default
 
 
 def main(argv):
@@ -37,7 +38,11 @@ def main(argv):
   if f.workdir is None or f.config is None:
     raise app.UsageError("--config and --workdir are required.")
   if f.coordinator:
-    jax.distributed.initialize(f.coordinator, num_processes=f.num_processes, process_id=f.process_id)
+    # JAX aborts the process (no Python error) when not every process has joined within the timeout.
+    print(f"process {f.process_id} of {f.num_processes}: joining the job at {f.coordinator}; every process must "
+          f"be started within {INIT_TIMEOUT_S} s.", file=sys.stderr, flush=True)
+    jax.distributed.initialize(f.coordinator, num_processes=f.num_processes, process_id=f.process_id,
+                               initialization_timeout=INIT_TIMEOUT_S)
   elif f.auto_distributed:
     jax.distributed.initialize()
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, tfds) say only what matters
