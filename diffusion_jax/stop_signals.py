@@ -12,19 +12,18 @@ log = logging.getLogger(__name__)
 
 
 class StopSignals:
-  """Context manager: while active, SIGTERM and SIGINT set `received` (the first one's name, e.g. "SIGTERM")
-  instead of ending the process; the previous handlers come back on exit. Outside the main thread, where
-  Python cannot install handlers, it does nothing."""
+  """Context manager: while active, `signals` (SIGTERM and SIGINT) set `received` (the first one's name, e.g.
+  "SIGTERM") instead of ending the process; the previous handlers come back on exit. Outside the main thread,
+  where Python cannot install handlers, it does nothing."""
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.signals = signals
     self.received = None
     self._previous = {}
 
   def __enter__(self):
     try:
-      self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+      self._previous = {s: signal.signal(s, self._handler) for s in self.signals}
     except ValueError:  # not the main thread
       self._previous = {}
     return self

@@ -7,6 +7,7 @@ NamedShardings on the mesh; the state argument is donated. Parameters are pure n
 
 import logging
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -298,9 +299,8 @@ def _any_process(flag: bool) -> bool:
 
 
 def _all_stop(stop: stop_signals.StopSignals, step: int, interval: int) -> bool:
-  """Whether every process stops after this step: one that got SIGTERM / Ctrl-C asks, and all agree (one
-  gather every `interval` steps) so that they save the same step and none waits in a collective for the
-  others. (A multi-host preemption notice also arrives through `mngr.reached_preemption`.)"""
+  """Whether every process stops after this step: one that got a stop signal asks, and all agree (one gather
+  every `interval` steps) so that they save the same step and none waits in a collective for the others."""
   if jax.process_count() > 1 and step % interval:
     return False
   return _any_process(stop.received is not None)
@@ -387,7 +387,10 @@ def _train(config, workdir: str):
   keys = tuple(batch_shapes)
   pending, local = None, first
   interval_start, data_time = time.perf_counter(), 0.0
-  with stop_signals.StopSignals() as stop:  # SIGTERM / Ctrl-C: save, then stop
+  # SIGTERM / Ctrl-C: save, then stop. With several processes SIGTERM stays with JAX's preemption service,
+  # whose sync point (mngr.reached_preemption, every step, no device work) all processes reach at one step.
+  handled = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+  with stop_signals.StopSignals(handled) as stop:
     while step < config.train.steps:
       data_start = time.perf_counter()
       local = local if local is not None else next(data_iter)
