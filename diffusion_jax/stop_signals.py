@@ -12,9 +12,9 @@ log = logging.getLogger(__name__)
 
 
 class StopSignals:
-  """Context manager: while active, `signals` (SIGTERM and SIGINT) set `received` (the first one's name, e.g.
-  "SIGTERM") instead of ending the process; the previous handlers come back on exit. Outside the main thread,
-  where Python cannot install handlers, it does nothing."""
+  """Context manager: while active, `signals` (default SIGTERM and SIGINT) set `received` (the first one's
+  name, e.g. "SIGTERM") instead of ending the process; the previous handlers come back on exit. Outside the
+  main thread, where Python cannot install handlers, it does nothing."""
 
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.signals = signals
