@@ -122,7 +122,10 @@ def abstract_state(config, mesh, tx):
 def check_resumable(config, workdir, mesh) -> None:
   """A ValueError, before anything is built, when the checkpoints in `workdir` hold a train state of another
   structure, shape or dtype than `config` makes (e.g. rerun with another model.channels): it names the
-  arrays and the config fields that differ from the workdir's config.json. Compares abstract states only."""
+  arrays and the config fields that differ from the workdir's config.json. Compares abstract states only.
+  Without a config.json (checkpoints copied on their own) there is nothing to compare: the restore decides."""
+  if not (pathlib.Path(workdir).expanduser() / "config.json").exists():
+    return
   saved = checkpoint.read_config(workdir)
 
   def arrays(c):
