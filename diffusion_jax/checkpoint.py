@@ -126,14 +126,21 @@ def set_aside_newer(mngr: ocp.CheckpointManager, restored_step: int) -> list[int
   return newer
 
 
+def local_path(workdir) -> pathlib.Path:
+  """The workdir as a local path; a URL is a ValueError (pathlib would make `gs://b/r` a local `gs:/b/r`)."""
+  text = str(workdir)
+  if "://" in text:
+    raise ValueError(f"--workdir={text} is a URL, but workdirs are read and written through the local filesystem: "
+                     "mount the bucket (e.g. with gcsfuse, at the same path on every host) or give a shared "
+                     "filesystem path.")
+  return pathlib.Path(text).expanduser()
+
+
 def prepare_workdir(workdir) -> None:
   """Create the workdir (every process: on a shared filesystem they all see one) before any work is done; a
   URL, a file in the way or a place this user cannot write is a ValueError, not a crash at the first save."""
   text = str(workdir)
-  if "://" in text:
-    raise ValueError(f"--workdir={text} is a URL, but workdirs are written through the local filesystem: mount "
-                     "the bucket (e.g. with gcsfuse, at the same path on every host) or give a shared filesystem path.")
-  path = pathlib.Path(text).expanduser()
+  path = local_path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as error:  # a file in the way, no permission, a read-only filesystem
@@ -216,7 +223,7 @@ def config_differences(old: ml_collections.ConfigDict, new: ml_collections.Confi
 
 def read_config(workdir) -> ml_collections.ConfigDict:
   """The experiment config a workdir was trained with (its config.json; fields it predates: ADDED_FIELDS)."""
-  path = pathlib.Path(workdir).expanduser() / "config.json"
+  path = local_path(workdir) / "config.json"
   if not path.exists():
     raise ValueError(f"{str(path)!r} does not exist: {str(workdir)!r} is not a diffusion_jax workdir (train "
                      "first, or give the --workdir of a training run).")

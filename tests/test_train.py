@@ -145,6 +145,8 @@ def test_a_workdir_that_cannot_hold_a_run_is_refused_before_anything_is_built(tm
   assert (tmp_path / "new" / "run").is_dir()
   with pytest.raises(ValueError, match="is a URL.*gcsfuse"):
     checkpoint.prepare_workdir("gs://bucket/run")  # pathlib would have made it a local gs:/bucket/run
+  with pytest.raises(ValueError, match="is a URL"):  # sample and evaluate jobs read workdirs the same way
+    checkpoint.read_config("gs://bucket/run")
   (tmp_path / "a_file").write_text("")
   with pytest.raises(ValueError, match="cannot be made a directory"):
     checkpoint.prepare_workdir(tmp_path / "a_file")
