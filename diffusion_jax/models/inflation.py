@@ -102,8 +102,8 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
   try:
     restored = ocp.PyTreeCheckpointer().restore(mngr.directory / str(step) / "state", args=args)
   except Exception as error:  # orbax raises many kinds for missing keys / shape mismatches
-    raise ValueError(f"Cannot restore the image model from {c.image_workdir!r} step {step}: {checkpoint.brief(error)}")\
-                     from None
+    raise ValueError(f"Cannot restore the image model from {c.image_workdir!r} step {step}: "
+                     f"{checkpoint.brief(error)}") from None
   restored_params = restored["ema"][0] if c.use_ema else restored["params"]
   weights = traverse_util.flatten_dict(restored_params) | traverse_util.flatten_dict(restored["frozen"])
   if added:
