@@ -93,9 +93,16 @@ def get_config():
       residual_scale=0.25,         # ... divided by this (about the residual's spread, to suit sigma_data)
   )
 
+  # AdamW (optimizer.py). These numbers (and train.steps) are arguments of the compiled train step: runs that
+  # differ only in them share one compiled program.
   c.optimizer = dict(
-      learning_rate=3e-4, schedule="cosine", warmup_steps=500, end_learning_rate_factor=0.1,
-      b1=0.9, b2=0.99, weight_decay=0.0, grad_clip=1.0,
+      learning_rate=3e-4,          # peak, reached at the end of the warm-up
+      schedule="cosine",           # optimizer.SCHEDULES: cosine decay until train.steps, or constant
+      warmup_steps=500,            # linear from 0 to the peak
+      end_learning_rate_factor=0.1,  # cosine: the final learning rate / the peak
+      b1=0.9, b2=0.99,             # decay rates of Adam's first and second moments
+      weight_decay=0.0,            # decoupled (AdamW): scaled by the learning rate
+      grad_clip=1.0,               # clip the gradient's global norm to this; 0: no clipping
   )
 
   c.train = dict(

@@ -63,33 +63,35 @@ def pipeline_examples_per_s(config, workers: int, batches: int) -> float:
 
 
 def compiled_step(config, devices=None):
-  """(compiled step, state, global batch, mesh, FLOPs per step per device) on `devices` (default all)."""
+  """(compiled step, its arguments (state, global batch, optimizer hyper-parameters), mesh, FLOPs per step per
+  device) on `devices` (default all)."""
   from diffusion_jax import sharding, train
   from diffusion_jax.data import pipeline
 
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  tx, lr = train.make_optimizer(config, config.train.steps)
-  state, graphdef = train.init_state(config, mesh, tx)
+  state, graphdef = train.init_state(config, mesh)
   batch_np = pipeline.synthetic_batch(config)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
-  compiled, flops = train.compile_step(train.make_train_step(config, graphdef, tx, lr), state, shapes, mesh)
-  return compiled, state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)), mesh, flops
+  compiled, flops = train.compile_step(train.make_train_step(config, graphdef), state, shapes, mesh)
+  args = (state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)), train.place_hparams(config, mesh))
+  return compiled, args, mesh, flops
 
 
-def time_steps(compiled, state, batch, steps: int):
-  """(seconds per step after one warm-up step, the state after them): `state` is donated to the step."""
-  state, metrics = compiled(state, batch)
+def time_steps(compiled, args: tuple, steps: int):
+  """(seconds per step after one warm-up step, the state after them): the state, args[0], is donated."""
+  state, rest = args[0], args[1:]
+  state, metrics = compiled(state, *rest)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, *rest)
   jax.block_until_ready(metrics)
   return (time.perf_counter() - start) / steps, state
 
 
 def train_step_examples_per_s(config, steps: int) -> float:
-  compiled, state, batch, _, _ = compiled_step(config)
-  return config.train.batch_size / time_steps(compiled, state, batch, steps)[0]
+  compiled, args, _, _ = compiled_step(config)
+  return config.train.batch_size / time_steps(compiled, args, steps)[0]
 
 
 def input_table(config, steps: int, workers: int) -> str:
@@ -120,8 +122,8 @@ def step_table(config, steps: int, widths) -> str:
   for width in widths:
     sized = config.copy_and_resolve_references()
     sized.model.channels = int(width)
-    compiled, state, batch, _, flops = compiled_step(sized)
-    seconds, state = time_steps(compiled, state, batch, steps)
+    compiled, args, _, flops = compiled_step(sized)
+    seconds, state = time_steps(compiled, args, steps)
     achieved = flops / seconds  # cost analysis counts one device's share
     mfu = f"{achieved / peak:.1%}" if datasheet else "n/a (no datasheet)"
     lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {seconds * 1e3:.0f} | "
@@ -140,9 +142,9 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   config = config.copy_and_resolve_references()
   config.model.ff_mult = 4  # diffusers' transformer blocks have a 4x (GEGLU) feed-forward
   b, r, tokens = config.train.batch_size, config.data.resolution, config.text.max_length
-  compiled, state, batch, mesh, _ = compiled_step(config)
-  ours_params = train.count_params(state.params["unet"])
-  ours_step, state = time_steps(compiled, state, batch, steps)
+  compiled, args, mesh, _ = compiled_step(config)
+  ours_params = train.count_params(args[0].params["unet"])
+  ours_step, state = time_steps(compiled, args, steps)
   peer = diffusers_peer.closest(config.model, r, ours_params)
   theirs_step = diffusers_peer.train_step_seconds(peer, b, r, tokens, steps)
 
@@ -202,8 +204,8 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
 def profile_table(config, steps: int) -> str:
   from diffusion_jax import profiling
 
-  compiled, state, batch, _, _ = compiled_step(config)
-  by_source, wall = profiling.profile(compiled, (state, batch), steps, advance=lambda args, out: (out[0], args[1]))
+  compiled, args, _, _ = compiled_step(config)
+  by_source, wall = profiling.profile(compiled, args, steps, advance=lambda args, out: (out[0], *args[1:]))
   return profiling.table(by_source, wall)
 
 

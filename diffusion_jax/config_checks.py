@@ -2,7 +2,7 @@
 
 import jax
 
-from diffusion_jax import objectives, samplers, schedules, sharding
+from diffusion_jax import objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes
 from diffusion_jax.models import attention, t5
 
@@ -27,7 +27,18 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"diffusion.schedule: {error}")
   if not 0 <= d.cond_drop_prob <= 1:
     found.append(f"diffusion.cond_drop_prob={d.cond_drop_prob} must be in [0, 1]")
-  option(config.optimizer.schedule, ("cosine", "constant"), "optimizer.schedule")
+  o = config.optimizer
+  option(o.schedule, optimizer.SCHEDULES, "optimizer.schedule")
+  if not o.learning_rate > 0:
+    found.append(f"optimizer.learning_rate={o.learning_rate} must be > 0")
+  for key in ("b1", "b2"):
+    if not 0 <= o[key] < 1:
+      found.append(f"optimizer.{key}={o[key]} must be in [0, 1)")
+  for key in ("warmup_steps", "weight_decay", "grad_clip"):
+    if not o[key] >= 0:
+      found.append(f"optimizer.{key}={o[key]} must be >= 0")
+  if not 0 <= o.end_learning_rate_factor <= 1:
+    found.append(f"optimizer.end_learning_rate_factor={o.end_learning_rate_factor} must be in [0, 1]")
   option(config.sample.sampler, samplers.SAMPLERS, "sample.sampler")
   option(config.sample.threshold, samplers.THRESHOLDS, "sample.threshold")
   if config.sample.steps < 1:

@@ -249,8 +249,7 @@ def load_checkpoint(workdir, step=None):
   if not mngr.all_steps():
     raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  tx, _ = train.make_optimizer(config, config.train.steps)
-  target, graphdef = train.abstract_state(config, mesh, tx)
+  target, graphdef = train.abstract_state(config, mesh)
   state, step = checkpoint.restore(mngr, target, step=step)
   return config, state, graphdef, step, mesh
 

@@ -1,8 +1,9 @@
 """Train state, the pure train step, and the training loop.
 
-The step is `(state, batch) -> (state, metrics)`, compiled once with `jax.jit` and explicit
-NamedShardings on the mesh; the state argument is donated. Parameters are pure nested dicts (see
-`models/text_to_image.py`); `nnx.merge` rebuilds the module inside the step.
+The step is `(state, batch, hparams) -> (state, metrics)`, compiled once with `jax.jit` and explicit
+NamedShardings on the mesh; the state argument is donated. `hparams` are the optimizer's numbers
+(`optimizer.hyperparameters`): arguments, so that runs differing only in those share one compiled program.
+Parameters are pure nested dicts (see `models/text_to_image.py`); `nnx.merge` rebuilds the module inside the step.
 """
 
 import logging
@@ -19,8 +20,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, config_checks, hardware, metric_writers, objectives, schedules, sharding,
-                           stop_signals, superres)
+from diffusion_jax import (checkpoint, config_checks, hardware, metric_writers, objectives, optimizer, schedules,
+                           sharding, stop_signals, superres)
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import inflation, init_rngs, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
@@ -42,36 +43,16 @@ class TrainState:
   nonfinite_total: jax.Array
 
 
-# ----------------------------------------------------------------------------- optimizer
-
-
-def learning_rate_schedule(config, total_steps: int):
-  c = config.optimizer
-  if c.schedule == "constant":
-    return optax.warmup_constant_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))
-  return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1),
-                                            max(total_steps, c.warmup_steps + 1),
-                                            end_value=c.learning_rate * c.end_learning_rate_factor)
-
-
-def make_optimizer(config, total_steps: int):
-  c = config.optimizer
-  lr = learning_rate_schedule(config, total_steps)
-  tx = optax.chain(optax.clip_by_global_norm(c.grad_clip) if c.grad_clip else optax.identity(),
-                   optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
-  return tx, lr
-
-
 # ----------------------------------------------------------------------------- state
 
 
-def init_state(config, mesh, tx):
+def init_state(config, mesh):
   """A TrainState created directly with its shardings (no full host copy of a randomly initialised model)."""
   graphdef, abstract_params, abstract_frozen = text_to_image.split(text_to_image.abstract(config), config)
   shardings = (sharding.state_shardings(abstract_params, mesh), sharding.state_shardings(abstract_frozen, mesh))
 
-  def init():
-    model = text_to_image.TextToImage(config, rngs=init_rngs.seeded(config.seed))
+  def init(key):  # the seed's key is an argument: runs that differ only in config.seed share the program
+    model = text_to_image.TextToImage(config, rngs=init_rngs.seeded(key))
     _, params, frozen = text_to_image.split(model, config)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
 
@@ -81,13 +62,14 @@ def init_state(config, mesh, tx):
                                                                                    shardings))
                    if config.inflate.image_workdir else None)
   if config.text.pretrained_path:  # weights come from a file: load on the host, then place
-    params, frozen = jax.device_put(init(), shardings)
+    params, frozen = jax.device_put(init(jax.random.key(config.seed)), shardings)
   else:
-    params, frozen = jax.jit(init, out_shardings=shardings)()
+    params, frozen = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
   if image_weights is not None:
     params, frozen = inflation.inflate(image_weights, params, frozen)
 
   # Optimizer moments are sharded exactly like the parameters they track; counters are replicated.
+  tx = optimizer.make(config, optimizer.hyperparameters(config))
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings[0],
                                         transform_non_params=lambda _: sharding.replicated(mesh))
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
@@ -100,7 +82,7 @@ def init_state(config, mesh, tx):
   return state, graphdef
 
 
-def abstract_state(config, mesh, tx):
+def abstract_state(config, mesh):
   """(TrainState of ShapeDtypeStructs with shardings, graphdef): what a checkpoint restores into, with
   nothing allocated (sampling and evaluation jobs never materialise a random model or optimizer state)."""
   graphdef, params, frozen = text_to_image.split(text_to_image.abstract(config), config)
@@ -108,6 +90,7 @@ def abstract_state(config, mesh, tx):
   params, frozen = (jax.tree.map(struct, nnx.to_pure_dict(tree), sharding.state_shardings(tree, mesh))
                     for tree in (params, frozen))
   replicated = sharding.replicated(mesh)
+  tx = optimizer.make(config, optimizer.hyperparameters(config))
   opt_shapes = jax.eval_shape(tx.init, params)
   opt_shardings = optax.tree_map_params(tx, lambda _, p: p.sharding, opt_shapes, params,
                                         transform_non_params=lambda _: replicated)
@@ -129,7 +112,7 @@ def check_resumable(config, workdir, mesh) -> None:
   saved = checkpoint.read_config(workdir)
 
   def arrays(c):
-    state, _ = abstract_state(c, mesh, make_optimizer(c, c.train.steps)[0])
+    state, _ = abstract_state(c, mesh)
     return {jax.tree_util.keystr(path, simple=True, separator="/"): f"{x.dtype}{list(x.shape)}"
             for path, x in jax.tree_util.tree_leaves_with_path(state)}
 
@@ -154,8 +137,10 @@ def count_params(tree) -> int:
 # ----------------------------------------------------------------------------- step
 
 
-def make_train_step(config, graphdef, tx, lr_fn):
-  """The pure train step for this config (static configuration is closed over)."""
+def make_train_step(config, graphdef):
+  """The pure train step `(state, batch, hparams) -> (state, metrics)` for this config: static configuration
+  is closed over; `hparams` are the optimizer's numbers (`optimizer.hyperparameters`), an argument so that
+  runs differing only in those share the compiled program."""
   d = config.diffusion
   logsnr_fn = schedules.logsnr_schedule(d.schedule, **d.schedule_params)
   decays = tuple(config.train.ema_decays)
@@ -188,7 +173,8 @@ def make_train_step(config, graphdef, tx, lr_fn):
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch: dict):
+  def train_step(state: TrainState, batch: dict, hparams: dict):
+    tx = optimizer.make(config, hparams)
     key = jax.random.fold_in(state.rng, state.step)
     # Gradient accumulation as an unrolled loop: on XLA:CPU a convolution inside a while loop (lax.scan)
     # runs ~20x slower than the same code unrolled (measured here), and accum is small.
@@ -222,7 +208,7 @@ def make_train_step(config, graphdef, tx, lr_fn):
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "learning_rate": lr_fn(state.step),
+        "learning_rate": optimizer.learning_rate(state.step, hparams, config.optimizer.schedule),
         "nonfinite": 1 - finite.astype(jnp.int32),
         "loss_by_logsnr_sum": onehot.T @ per_example.reshape(-1),
         "loss_by_logsnr_count": onehot.sum(0),
@@ -240,19 +226,25 @@ def lower_step(train_step, state, batch_shapes: dict, mesh):
   """The train step jitted with explicit shardings and lowered for `state`'s layout (nothing compiled yet)."""
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = sharding.batch_sharding(mesh)
-  jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  replicated = sharding.replicated(mesh)
+  jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
   abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding) for k, s in batch_shapes.items()}
-  return jitted.lower(checkpoint.abstract(state), abstract_batch)
+  abstract_hparams = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in optimizer.HYPERPARAMETERS}
+  return jitted.lower(checkpoint.abstract(state), abstract_batch, abstract_hparams)
+
+
+def place_hparams(config, mesh) -> dict:
+  """The config's optimizer hyper-parameters as replicated arrays: the train step's third argument."""
+  return jax.device_put(optimizer.hyperparameters(config), sharding.replicated(mesh))
 
 
 def lower_abstract_step(config, mesh):
   """(the config's train step lowered for its abstract state on `mesh`, that abstract state): shapes and
   shardings only, nothing allocated (FLOP and memory analyses of configs of any size)."""
-  tx, lr = make_optimizer(config, config.train.steps)
-  state, graphdef = abstract_state(config, mesh, tx)
+  state, graphdef = abstract_state(config, mesh)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pipeline.synthetic_batch(config).items()}
-  return lower_step(make_train_step(config, graphdef, tx, lr), state, shapes, mesh), state
+  return lower_step(make_train_step(config, graphdef), state, shapes, mesh), state
 
 
 def program_flops(stage) -> float:
@@ -338,11 +330,10 @@ def _train(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh)
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
   # ---------------------------------------------------------------- model and optimizer
-  tx, lr_fn = make_optimizer(config, config.train.steps)
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if mngr.all_steps():
     check_resumable(config, workdir, mesh)
-  state, graphdef = init_state(config, mesh, tx)
+  state, graphdef = init_state(config, mesh)
   log.info("parameters: %d trainable, %d frozen", count_params(state.params), count_params(state.frozen))
   # ---------------------------------------------------------------- input
   tokenizer = tokenizers.from_config(config)
@@ -376,7 +367,13 @@ def _train(config, workdir: str):
   first = next(data_iter)
   batch_shapes = {k: jax.ShapeDtypeStruct((config.train.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
                   for k, v in first.items() if k in pipeline.MODEL_INPUTS}
-  compiled, flops = compile_step(make_train_step(config, graphdef, tx, lr_fn), state, batch_shapes, mesh)
+  compile_start = time.perf_counter()
+  compiled, flops = compile_step(make_train_step(config, graphdef), state, batch_shapes, mesh)
+  log.info("train step compiled in %.1f s%s", time.perf_counter() - compile_start,
+           "" if jax.config.jax_compilation_cache_dir else
+           " (JAX_COMPILATION_CACHE_DIR=DIR keeps compiled programs for resumes and for reruns that change only "
+           "optimizer numbers, train.steps or the seed)")
+  hparams = place_hparams(config, mesh)
   memory = compiled.memory_analysis()
   if memory is not None:
     log.info("per-device memory: arguments %.1f MB, temporaries %.1f MB",
@@ -400,7 +397,7 @@ def _train(config, workdir: str):
       batch = pipeline.to_global({k: local[k] for k in keys}, batch_sharding)
       data_time += time.perf_counter() - data_start
       local = None
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, hparams)
       step += 1
       if pending is not None:  # metrics are read one step late so the host never stalls the device
         writer.write(*pending)

@@ -13,8 +13,7 @@ from diffusion_jax.text import embedding_cache, tokenizers
 def test_cache_lookup_matches_encoder_and_refuses_a_stale_key(tmp_path_factory, tmp_path):
   config = tiny_config(tmp_path_factory)
   config.text.trainable = False
-  tx, _ = train.make_optimizer(config, 10)
-  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh), tx)
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
   tokenizer = tokenizers.from_config(config)
   encode = jax.jit(lambda ids, mask: nnx.merge(graphdef, state.params, state.frozen).encode(ids, mask))
   captions = ["a large red circle at the top left", "a small blue square at the bottom right"] * 3

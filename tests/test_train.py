@@ -45,11 +45,10 @@ def one_step(config, mesh_config, batch_np, devices=None):
   config = config.copy_and_resolve_references()
   config.mesh.update(mesh_config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  tx, lr = train.make_optimizer(config, config.train.steps)
-  state, graphdef = train.init_state(config, mesh, tx)
+  state, graphdef = train.init_state(config, mesh)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
-  compiled, _ = train.compile_step(train.make_train_step(config, graphdef, tx, lr), state, shapes, mesh)
-  return compiled(state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)))
+  compiled, _ = train.compile_step(train.make_train_step(config, graphdef), state, shapes, mesh)
+  return compiled(state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)), train.place_hparams(config, mesh))
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +82,11 @@ def test_nonfinite_batch_skips_the_update(batch):
   bad = dict(batch_np, image=np.full_like(batch_np["image"], np.nan))
   config = config.copy_and_resolve_references()
   mesh = sharding.make_mesh(config.mesh)
-  tx, lr = train.make_optimizer(config, config.train.steps)
-  state, graphdef = train.init_state(config, mesh, tx)
+  state, graphdef = train.init_state(config, mesh)
   before = jax.device_get(state.params)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bad.items()}
-  compiled, _ = train.compile_step(train.make_train_step(config, graphdef, tx, lr), state, shapes, mesh)
-  state, metrics = compiled(state, pipeline.to_global(bad, sharding.batch_sharding(mesh)))
+  compiled, _ = train.compile_step(train.make_train_step(config, graphdef), state, shapes, mesh)
+  state, metrics = compiled(state, pipeline.to_global(bad, sharding.batch_sharding(mesh)), train.place_hparams(config, mesh))
   assert int(metrics["nonfinite"]) == 1 and int(state.nonfinite_run) == 1 and int(state.step) == 1
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
     np.testing.assert_array_equal(a, b)
@@ -106,15 +104,30 @@ def test_grad_accumulation_matches_one_big_batch(batch):
   assert 0.5 < float(accumulated["grad_norm"]) / float(big["grad_norm"]) < 2.0
 
 
+def test_runs_differing_only_in_optimizer_numbers_share_the_compiled_step(tmp_path_factory):
+  # A learning-rate sweep, the budgets of one size in a scaling sweep, a resume with more steps: one program.
+  config = tiny_config(tmp_path_factory)
+  other = config.copy_and_resolve_references()
+  other.train.steps = config.train.steps * 3
+  other.optimizer.update(learning_rate=1e-3, warmup_steps=7, end_learning_rate_factor=0.5, b1=0.8, b2=0.95,
+                         weight_decay=0.01, grad_clip=0.5)
+  mesh = sharding.make_mesh(config.mesh)
+  program = lambda c: train.lower_abstract_step(c, mesh)[0].as_text()
+  assert program(config) == program(other)
+
+
 def test_config_validation_reports_all_problems():
   config = t2i_shapes.get_config("test")
   config.mesh.update(data=3, fsdp=1, tensor=1)
   config.diffusion.prediction = "score"
   config.sample.steps = 0
   config.text.t5.position_bias_init = "alibi"
+  config.optimizer.update(learning_rate=float("nan"), b2=1.0, warmup_steps=-1, end_learning_rate_factor=2.0)
   with pytest.raises(ValueError) as error:
     config_checks.validate(config, device_count=8)
   message = str(error.value)
+  assert "optimizer.learning_rate=nan must be > 0" in message and "optimizer.b2=1.0 must be in [0, 1)" in message
+  assert "optimizer.warmup_steps=-1 must be >= 0" in message and "end_learning_rate_factor=2.0" in message
   assert "has 3 devices but 8 are present" in message
   assert "diffusion.prediction='score'" in message and "sample.steps=0" in message
   assert "text.t5.position_bias_init='alibi'" in message
@@ -201,8 +214,7 @@ def test_checkpoint_metadata_and_training_on_from_a_damaged_checkpoint(trained, 
   for path in (damaged / "checkpoints" / "4" / "state").rglob("*"):
     if path.is_file() and path.stat().st_size > 1000:
       path.write_bytes(b"garbage")
-  tx, _ = train.make_optimizer(config, config.train.steps)
-  state, _ = train.init_state(config, sharding.make_mesh(config.mesh), tx)
+  state, _ = train.init_state(config, sharding.make_mesh(config.mesh))
   restored, step = checkpoint.restore(checkpoint.manager(damaged, read_only=True), state)
   assert step == 2 and int(restored.step) == 2
   with pytest.raises(ValueError, match="cannot be read"):
@@ -274,8 +286,7 @@ def test_every_config_field_newer_than_the_first_workdirs_has_its_old_behaviour_
 def test_restore_onto_a_one_device_mesh(trained):
   config, workdir, final = trained
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  tx, _ = train.make_optimizer(config, config.train.steps)
-  state, _ = train.init_state(config, mesh, tx)
+  state, _ = train.init_state(config, mesh)
   restored, step = checkpoint.restore(checkpoint.manager(workdir, read_only=True), state)
   assert step == 4
   leaf = jax.tree.leaves(restored.params)[0]
@@ -288,9 +299,8 @@ def test_abstract_state_describes_the_real_state(tmp_path_factory):
   config = tiny_config(tmp_path_factory)
   config.mesh.update(data=2, fsdp=4, tensor=1)
   mesh = sharding.make_mesh(config.mesh)
-  tx, _ = train.make_optimizer(config, config.train.steps)
-  real, _ = train.init_state(config, mesh, tx)
-  abstract, _ = train.abstract_state(config, mesh, tx)
+  real, _ = train.init_state(config, mesh)
+  abstract, _ = train.abstract_state(config, mesh)
   describe = lambda x: (x.shape, x.dtype, x.sharding)
   assert jax.tree.structure(real) == jax.tree.structure(abstract)
   assert jax.tree.leaves(jax.tree.map(describe, real)) == jax.tree.leaves(jax.tree.map(describe, abstract))

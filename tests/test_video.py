@@ -106,8 +106,7 @@ def models_at(config, state, graphdef, image_config, image_workdir):
 def test_inflated_model_is_the_image_model_per_frame_at_init(trained, trained_video):
   image_config, image_workdir, _ = trained
   config, _, _ = trained_video
-  tx, _ = train.make_optimizer(config, 10)
-  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh), tx)
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
   video, image = models_at(config, state, graphdef, image_config, image_workdir)
   ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
   text = video.encode(ids, ids > 0)
@@ -124,8 +123,7 @@ def test_inflation_adds_pixel_coordinate_inputs_with_zero_weights(trained, train
   config = trained_video[0].copy_and_resolve_references()
   config.model.coordinate_channels = True  # the image model has none
   config.inflate.train_temporal_only = False
-  tx, _ = train.make_optimizer(config, 10)
-  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh), tx)
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
   video, image = models_at(config, state, graphdef, image_config, image_workdir)
   assert video.unet.conv_in.kernel.shape[2] == image.unet.conv_in.kernel.shape[2] + 2
   ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
@@ -159,14 +157,13 @@ def test_inflation_from_an_incompatible_image_model_is_refused(trained, tmp_path
   config.data.data_dir = str(tmp_path)
   config.model.channels = 32
   config.inflate.image_workdir = str(trained[1])
-  tx, _ = train.make_optimizer(config, 10)
   with pytest.raises(ValueError, match="does not match the video model's spatial layers.*shape"):
-    train.init_state(config, sharding.make_mesh(config.mesh), tx)
+    train.init_state(config, sharding.make_mesh(config.mesh))
   # Coordinates added at zero weight and then frozen would never be used.
   config.model.update(channels=16, coordinate_channels=True)
   config.inflate.train_temporal_only = True
   with pytest.raises(ValueError, match="coordinate channels would stay unused"):
-    train.init_state(config, sharding.make_mesh(config.mesh), tx)
+    train.init_state(config, sharding.make_mesh(config.mesh))
 
 
 def test_video_samples_are_gifs_mp4s_and_frame_strips_with_provenance(trained_video, tmp_path):

@@ -10,7 +10,8 @@ kept in a mutable array reference is written in place. The keys, and so the para
 from flax import nnx
 
 
-def seeded(seed: int) -> nnx.Rngs:
-  """`nnx.Rngs(seed)` whose counters are array references (cheap to advance inside a trace)."""
+def seeded(seed) -> nnx.Rngs:
+  """`nnx.Rngs(seed)` whose counters are array references (cheap to advance inside a trace). `seed`: an int, or
+  a key (`jax.random.key(seed)`, the same streams) that may be traced."""
   with nnx.var_defaults(ref=True):
     return nnx.Rngs(seed)

@@ -160,7 +160,8 @@ def main(argv):
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   import jax
 
-  # Runs of one size share their initialisation and evaluation programs: compile those once per sweep.
+  # Runs of one size share their train step (budgets change train.steps and warm-up, arguments of the step),
+  # initialisation and evaluation programs: compile those once per sweep.
   jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(f.root).expanduser() / "compilation_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   try:
