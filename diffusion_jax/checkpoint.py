@@ -70,6 +70,10 @@ def brief(error: Exception, limit: int = 300) -> str:
   return line if len(line) <= limit else line[:limit] + " ..."
 
 
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint's files cannot be restored (damaged storage, a copy cut short)."""
+
+
 def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
   """Restore (state, step) at `step` (default latest) into target_state's structure and shardings.
   Returns (None, None) when there is no checkpoint.
@@ -86,7 +90,7 @@ def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
           state=ocp.args.StandardRestore(abstract(target_state))))
     except Exception as error:  # orbax/tensorstore raise many kinds for a damaged checkpoint
       if step is not None or candidate == candidates[-1]:
-        raise ValueError(f"Checkpoint {candidate} in {mngr.directory} cannot be read ({brief(error)}).") from None
+        raise UnreadableCheckpoint(f"Checkpoint {candidate} in {mngr.directory} cannot be read ({brief(error)}).") from None
       log.warning("Checkpoint %d cannot be read (%s); falling back to an earlier one.", candidate, brief(error))
       continue
     return restored["state"], candidate

@@ -11,7 +11,8 @@ Flags:
   --cascade           cascade config (configs/cascades/*.py, fields overridable with --cascade.<field>):
                       sample the whole cascade for the validation captions, one image each, and print
                       the metrics of its final output against the real images (FID, CLIP score, judge)
-  --step              evaluate this checkpoint only (default: every checkpoint not yet evaluated)
+  --step              evaluate this checkpoint only (default: every checkpoint not yet evaluated; an unreadable
+                      one is then skipped with a warning)
   --watch             keep polling for new checkpoints until none appears for --max_idle_minutes
   --poll_seconds      polling interval with --watch (default 60)
   --max_idle_minutes  with --watch, stop after this long without a new checkpoint (default 60)
@@ -359,17 +360,24 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
-  written, idle_since = [], time.time()
+  written, unreadable, idle_since = [], set(), time.time()
   while True:
     mngr = checkpoint.manager(workdir, read_only=True)
-    todo = [step] if step is not None else sorted(set(mngr.all_steps()) - done_steps(workdir))
+    todo = [step] if step is not None else sorted(set(mngr.all_steps()) - done_steps(workdir) - unreadable)
     if step is None and not todo and not mngr.all_steps() and not watch:
       raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
     for s in todo:
       if frechet is None:  # the real images' features, once for every checkpoint and sweep point
         frechet = frechet_distances(validation_set(config, num_prompts)[1], feature_fns)
-      s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
-                                                   clip, combination_prompts)
+      try:
+        s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
+                                                     clip, combination_prompts)
+      except checkpoint.UnreadableCheckpoint as error:
+        if step is not None:  # the one asked for
+          raise
+        log.warning("%s Skipped; evaluating the others.", error)
+        unreadable.add(s)
+        continue
       writer.write(s, metrics)
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
