@@ -76,6 +76,27 @@ def test_report_has_every_run_and_a_plot(tmp_path):
   assert PIL.Image.open(plot).size == (1400, 400)
 
 
+def test_with_learning_rates_the_fits_and_report_use_the_best_of_each_size_and_budget(tmp_path):
+  runs = synthetic_runs(budgets=(1e12, 1e13, 1e14))
+  for run in runs:
+    run["learning_rate"] = 3e-3
+  # Other learning rates: worse by a margin that varies with the size, so a fit of all runs would be skewed.
+  worse = [dict(run, learning_rate=lr, heldout_loss=run["heldout_loss"] + 0.05 * (1 + index % 3))
+           for lr in (1e-3, 1e-2) for index, run in enumerate(runs)]
+  assert sorted(map(id, fit.best_learning_rate(worse + runs))) == sorted(map(id, runs))
+  table, _ = report.write(worse + runs, tmp_path, bootstrap_samples=20)
+  (tmp_path / "reference").mkdir()
+  reference, _ = report.write(runs, tmp_path / "reference", bootstrap_samples=20)
+  text, reference_text = table.read_text(), reference.read_text()
+  fits_part = lambda t: t[t.index("| budget C (FLOPs)"):]
+  assert fits_part(text) == fits_part(reference_text)  # the same fits, intervals and extrapolation
+  assert "lr 0.003)" in text and "| size | budget C | lr 0.001 | lr 0.003 | lr 0.01 |" in text
+  assert text.count("**") == 2 * 3 + 2 * len(runs)  # best size per budget; best learning rate per size and budget
+  assert "Best at the smallest or largest" not in text  # 3e-3 is inside the range
+  edge, _ = report.write(worse[len(runs):] + runs, tmp_path, bootstrap_samples=20)  # 3e-3 and 1e-2 only
+  assert "Best at the smallest or largest learning rate tried" in edge.read_text()
+
+
 def test_step_flops_grow_with_resolution(tmp_path):
   """About linear in pixels (4x per doubling; attention a bit more). Growth with width (about quadratic)
   is asserted on the same cost analysis by test_bench's step-benchmark test."""
@@ -103,6 +124,22 @@ def test_plan_refuses_runs_that_are_too_short(tmp_path):
   sweep = shapes_t2i.get_config("test")
   sweep.update(width_multipliers=(0.5,), budgets=(1e6,))
   with pytest.raises(ValueError, match="fewer than sweep.min_steps"):
+    sweeps.plan(sweep, tmp_path / "measurements.json")
+
+
+def test_plan_with_learning_rates_trains_each_size_and_budget_at_each(tmp_path):
+  sweep = shapes_t2i.get_config("test")
+  sweep.update(width_multipliers=(0.5,), budgets=(1.2e10, 2.4e10), learning_rates=(1e-3, 3e-3))
+  runs = sweeps.plan(sweep, tmp_path / "measurements.json")
+  assert [r.name.rsplit("_", 1)[1] for r in runs] == ["lr0.001", "lr0.003"] * 2
+  assert runs[0].name.rsplit("_", 1)[0] == runs[1].name.rsplit("_", 1)[0] != runs[2].name.rsplit("_", 1)[0]
+  assert runs[0].steps == runs[1].steps < runs[2].steps == runs[3].steps
+  assert [sweeps.run_config(sweep, r).optimizer.learning_rate for r in runs] == [1e-3, 3e-3] * 2
+  sweep.learning_rates = (3e-3, 0.0)
+  with pytest.raises(ValueError, match="must all be > 0"):
+    sweeps.plan(sweep, tmp_path / "measurements.json")
+  del sweep["learning_rates"]  # a sweep config written before the field
+  with pytest.raises(ValueError, match="has no learning_rates"):
     sweeps.plan(sweep, tmp_path / "measurements.json")
 
 
@@ -144,6 +181,7 @@ def test_runner_skips_finished_runs_and_resumes_a_killed_one(tmp_path, monkeypat
   assert 0 < resumed < second.steps
   records = list(runner.read_results(root).values())
   assert [r["name"] for r in records] == [first.name, second.name]
+  assert records[1]["learning_rate"] == sweeps.run_config(sweep, second).optimizer.learning_rate
   assert records[1]["steps"] == second.steps and records[1]["total_flops"] == pytest.approx(
       second.steps * second.flops_per_example * records[1]["batch_size"])
   assert np.isfinite(records[1]["heldout_loss"]) and "heldout_loss/logsnr_+0" in records[1]

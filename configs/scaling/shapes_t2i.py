@@ -17,6 +17,8 @@ def get_config(variant: str = ""):
   c.width_multipliers = (0.5, 0.75, 1.0, 1.5, 2.0)  # of model.channels (rounded to multiples of model.heads)
   c.depth_multipliers = (1.0,)                      # of model.num_res_blocks (rounded, at least 1)
   c.budgets = (4e11, 8.6e11, 1.86e12, 4e12)         # training FLOPs per run (XLA cost analysis)
+  c.learning_rates = ()                             # optimizer.learning_rate values to train each size and budget
+                                                    # with (the fits use the best); empty: the experiment's
   c.min_steps = 40                                  # refuse a plan with shorter runs
   c.warmup_fraction = 0.05                          # optimizer.warmup_steps = this x steps
   c.checkpoints_per_run = 4                         # a killed run resumes from its last checkpoint

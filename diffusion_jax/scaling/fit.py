@@ -70,6 +70,17 @@ class ScalingFit:
   flops_law: PowerLaw      # FLOPs per example as a function of N (from the runs' measured FLOPs)
 
 
+def best_learning_rate(runs) -> list:
+  """Of the runs at one size and budget that differ only in learning rate, the one with the lowest held-out
+  loss (a sweep without learning rates keeps every run)."""
+  best = {}
+  for run in runs:
+    key = (run["params"], float(run["budget"]))
+    if key not in best or run["heldout_loss"] < best[key]["heldout_loss"]:
+      best[key] = run
+  return list(best.values())
+
+
 def by_budget(runs) -> dict:
   groups = {}
   for run in runs:

@@ -8,19 +8,41 @@ from diffusion_jax.scaling import fit as fits
 
 
 def markdown(runs, result: fits.ScalingFit, intervals: dict, extrapolated: dict | None) -> str:
-  groups = fits.by_budget(runs)
+  """`runs`: every run, several learning rates per size and budget included (`result` fits the best of them)."""
+  learning_rates = sorted({r["learning_rate"] for r in runs if "learning_rate" in r})
+  swept = len(learning_rates) > 1
+  groups = fits.by_budget(fits.best_learning_rate(runs))
   sizes = sorted({(r["params"], r["size"]) for r in runs})
   best = {c: min(g, key=lambda r: r["heldout_loss"])["size"] for c, g in groups.items()}
-  lines = ["Held-out loss (fixed triples, mean over log-SNR levels); bold = best size for the budget.", "",
+  lines = ["Held-out loss (fixed triples, mean over log-SNR levels); bold = best size for the budget"
+           + ("; each at its best learning rate." if swept else "."), "",
            "| size | parameters | " + " | ".join(f"C = {c:.3g}" for c in groups) + " |",
            "|---|---|" + "---|" * len(groups)]
   for params, size in sizes:
     cells = []
     for c, g in groups.items():
       run = next((r for r in g if r["size"] == size), None)
-      cell = "" if run is None else f"{run['heldout_loss']:.4f} ({run['steps']} steps)"
+      cell = "" if run is None else (f"{run['heldout_loss']:.4f} ({run['steps']} steps"
+                                     + (f", lr {run['learning_rate']:g})" if swept else ")"))
       cells.append(f"**{cell}**" if run is not None and best[c] == size else cell)
     lines.append(f"| {size} | {params / 1e6:.3f}M | " + " | ".join(cells) + " |")
+  if swept:
+    lines += ["", "Held-out loss per learning rate; bold = the best, which the fits use.", "",
+              "| size | budget C | " + " | ".join(f"lr {lr:g}" for lr in learning_rates) + " |",
+              "|---|---|" + "---|" * len(learning_rates)]
+    chosen = {id(r): r for r in fits.best_learning_rate(runs)}
+    for params, size in sizes:
+      for c in groups:
+        at = {r.get("learning_rate"): r for r in runs if r["size"] == size and float(r["budget"]) == c}
+        if at:
+          cells = ["" if lr not in at else (f"**{at[lr]['heldout_loss']:.4f}**" if id(at[lr]) in chosen
+                                             else f"{at[lr]['heldout_loss']:.4f}") for lr in learning_rates]
+          lines.append(f"| {size} | {c:.3g} | " + " | ".join(cells) + " |")
+    edge = [f"{r['size']} at C = {float(r['budget']):.3g}" for r in chosen.values()
+            if r.get("learning_rate") in (learning_rates[0], learning_rates[-1])]
+    if edge:
+      lines += ["", "Best at the smallest or largest learning rate tried (the optimum may lie outside the range; "
+                "widen sweep.learning_rates): " + ", ".join(edge) + "."]
   lines += ["", "| budget C (FLOPs) | N_opt | D_opt (examples) | L_opt | vertex inside the grid |", "|---|---|---|---|---|"]
   for isoflop, d_opt in zip(result.isoflops, result.d_opt):
     lines.append(f"| {isoflop.budget:.3g} | {isoflop.n_opt / 1e6:.3f}M | {d_opt:.3g} | {isoflop.loss_opt:.4f} | "
@@ -80,11 +102,13 @@ def plot(runs, result: fits.ScalingFit, extrapolated: dict | None, path) -> path
 
 
 def write(runs, directory, bootstrap_samples: int = 1000) -> tuple[pathlib.Path, pathlib.Path]:
-  """scaling.md and scaling.png in `directory`, from the completed runs."""
-  result = fits.fit(runs)
-  intervals = fits.bootstrap(runs, samples=bootstrap_samples)
-  extrapolated = fits.extrapolation(runs) if len(fits.by_budget(runs)) >= 3 else None
+  """scaling.md and scaling.png in `directory`, from the completed runs; of runs that differ only in learning
+  rate the fits and the plot use the best."""
+  best = fits.best_learning_rate(runs)
+  result = fits.fit(best)
+  intervals = fits.bootstrap(best, samples=bootstrap_samples)
+  extrapolated = fits.extrapolation(best) if len(fits.by_budget(best)) >= 3 else None
   directory = pathlib.Path(directory)
   table = directory / "scaling.md"
   table.write_text(markdown(runs, result, intervals, extrapolated))
-  return table, plot(runs, result, extrapolated, directory / "scaling.png")
+  return table, plot(best, result, extrapolated, directory / "scaling.png")

@@ -1,4 +1,4 @@
-"""Run a scaling sweep: train every (size, budget) run, record its held-out loss, fit and plot.
+"""Run a scaling sweep: train every (size, budget[, learning rate]) run, record its held-out loss, fit and plot.
 
   python -m diffusion_jax.scaling.run --sweep=configs/scaling/shapes_t2i.py --root=DIR [--sweep.budgets=...]
 
@@ -70,6 +70,7 @@ def heldout_record(sweep, run: sweeps.Run, workdir) -> dict:
   record = {"name": run.name, "size": run.size, "budget": run.budget, "params": run.params,
             "flops_per_example": run.flops_per_example, "flops_per_step": run.flops_per_example * batch_size,
             "steps": step, "batch_size": batch_size, "examples": step * batch_size,
+            "learning_rate": config.optimizer.learning_rate,
             "total_flops": run.flops_per_example * batch_size * step, **heldout_loss.as_metrics(losses)}
   if sweep.generation_metrics:  # FID and the judge's accuracy on that many validation captions
     sample_config = config.sample.copy_and_resolve_references()

@@ -1,7 +1,9 @@
-"""A scaling sweep: model sizes x compute budgets, each run's length derived from its measured FLOPs.
+"""A scaling sweep: model sizes x compute budgets (x learning rates), each run's length derived from its measured
+FLOPs.
 
 A sweep config (see `configs/scaling/`) names an experiment config (`file.py[:variant]`), width and
-depth multipliers of its U-Net, and compute budgets C in training FLOPs. A run's examples are
+depth multipliers of its U-Net, compute budgets C in training FLOPs and optionally learning rates to try at
+each size and budget (the fits then use the best). A run's examples are
 D = C / FLOPs-per-example, where FLOPs per example come from XLA's cost analysis of the compiled train
 step (forward, backward and optimizer update; not the 6N rule), so steps = D / batch size.
 """
@@ -16,9 +18,14 @@ import pathlib
 import ml_collections
 
 
+# What a sweep config holds (configs/scaling/shapes_t2i.py documents each).
+FIELDS = ("experiment", "common", "width_multipliers", "depth_multipliers", "budgets", "learning_rates", "min_steps",
+          "warmup_fraction", "checkpoints_per_run", "heldout_examples", "generation_metrics", "bootstrap_samples")
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
-  name: str                # "<size>_C<budget>", also the run's workdir name
+  name: str                # "<size>_C<budget>[_lr<learning rate>]", also the run's workdir name
   size: str
   budget: float            # training FLOPs
   overrides: dict          # flat "section.field" -> value, applied to the experiment config
@@ -26,6 +33,7 @@ class Run:
   params: int
   steps: int
   batch_size: int
+  learning_rate: float | None = None  # None: the experiment's optimizer.learning_rate
 
   @property
   def total_flops(self) -> float:
@@ -111,6 +119,12 @@ def plan(sweep, measurements_path=None) -> list[Run]:
   experiment = apply(load_config_file(sweep.experiment), common)
   path = pathlib.Path(measurements_path) if measurements_path else None
   cache = json.loads(path.read_text()) if path and path.exists() else {}
+  missing = [field for field in FIELDS if field not in sweep]
+  if missing:
+    raise ValueError(f"The sweep config has no {', '.join(missing)} (configs/scaling/shapes_t2i.py documents "
+                     "each field; e.g. learning_rates=() trains with the experiment's learning rate).")
+  if any(not lr > 0 for lr in sweep.learning_rates):
+    raise ValueError(f"sweep.learning_rates={tuple(sweep.learning_rates)} must all be > 0.")
   runs, too_short = [], []
   for size, overrides in size_overrides(sweep, experiment).items():
     sized = apply(experiment, overrides)
@@ -121,17 +135,19 @@ def plan(sweep, measurements_path=None) -> list[Run]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cache, indent=1))
     flops_per_example, params = cache[key]
-    for budget in sweep.budgets:
+    for budget, learning_rate in itertools.product(sweep.budgets, tuple(sweep.learning_rates) or (None,)):
       steps = round(budget / (flops_per_example * sized.train.batch_size))
-      name = f"{size}_{budget_name(budget)}"
+      name = f"{size}_{budget_name(budget)}" + (f"_lr{learning_rate:g}" if learning_rate else "")
       if steps < sweep.min_steps:
         too_short.append(f"{name}: {steps} steps")
       run_overrides = common | overrides | {
           "train.steps": steps, "optimizer.warmup_steps": max(1, round(steps * sweep.warmup_fraction)),
           "train.checkpoint_every": max(1, steps // sweep.checkpoints_per_run), "train.log_every":
           max(1, min(sized.train.log_every, steps // 10)), "train.sample_at_end": False}
+      if learning_rate:
+        run_overrides["optimizer.learning_rate"] = float(learning_rate)
       runs.append(Run(name, size, float(budget), run_overrides, float(flops_per_example), int(params), steps,
-                      sized.train.batch_size))
+                      sized.train.batch_size, learning_rate))
   if too_short:
     raise ValueError(f"These runs would train for fewer than sweep.min_steps={sweep.min_steps} steps; raise the "
                      "smallest budget or shrink the largest model:\n  " + "\n  ".join(too_short))
