@@ -114,7 +114,8 @@ def get_config():
       checkpoint_every=1000,
       keep_checkpoints=3,
       max_nonfinite=10,            # stop after this many non-finite steps in a row
-      sample_at_end=True,
+      sample_at_end=True,          # main: sample config.sample.prompts once training is done
+      sample_every=0,              # also every this many steps (samples/step_N, TensorBoard); 0: never
   )
 
   # Device mesh; -1 takes all remaining devices. Product must equal the device count.

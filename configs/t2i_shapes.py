@@ -39,6 +39,7 @@ def get_config(variant: str = ""):
   config.train.ema_decays = (0.99,)
   config.train.log_every = 50
   config.train.checkpoint_every = 200
+  config.train.sample_every = 1000
 
   config.sample.prompts = (
       "a large red circle at the top left",

@@ -203,6 +203,7 @@ ADDED_FIELDS = {
     "data.heldout_combinations": (),
     "text.t5.position_bias_init": "t5",
     "model.attention": "auto",  # the same function as jax.nn.dot_product_attention, which earlier runs used
+    "train.sample_every": 0,
 }
 
 

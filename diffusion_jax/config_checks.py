@@ -41,6 +41,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"optimizer.end_learning_rate_factor={o.end_learning_rate_factor} must be in [0, 1]")
   option(config.sample.sampler, samplers.SAMPLERS, "sample.sampler")
   option(config.sample.threshold, samplers.THRESHOLDS, "sample.threshold")
+  if config.train.sample_every < 0:
+    found.append(f"train.sample_every={config.train.sample_every} must be >= 0 (0: no samples during training)")
   if config.sample.steps < 1:
     found.append(f"sample.steps={config.sample.steps} must be >= 1")
   if config.sample.guidance_scale < 0:

@@ -63,7 +63,7 @@ def main(argv):
     from diffusion_jax import sample
 
     try:
-      print(f"samples: {sample.write_final_samples(config, state, graphdef, f.workdir)}")
+      print(f"samples: {sample.write_training_samples(config, state, graphdef, f.workdir)}")
     except KeyboardInterrupt:
       print("interrupted while sampling; training is finished and saved. Sample later with "
             f"python -m diffusion_jax.sample --workdir={f.workdir}", file=sys.stderr)

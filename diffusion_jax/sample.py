@@ -309,9 +309,10 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   return write_outputs(output_dir, entries, np.stack(images), provenance)
 
 
-def write_final_samples(config, state, graphdef, workdir):
-  """Samples of the config's prompts (a super-resolution stage: as many real validation images,
-  downsampled, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the grid path."""
+def write_training_samples(config, state, graphdef, workdir):
+  """Samples of the config's prompts from a train state (a super-resolution stage: as many real validation
+  images, downsampled, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the grid
+  path. Every process takes part; process 0 writes."""
   from diffusion_jax import metric_writers
   from diffusion_jax.text import tokenizers
 

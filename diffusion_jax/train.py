@@ -20,8 +20,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, config_checks, hardware, metric_writers, objectives, optimizer, schedules,
-                           sharding, stop_signals, superres)
+from diffusion_jax import (checkpoint, config_checks, hardware, metric_writers, objectives, optimizer, sample,
+                           schedules, sharding, stop_signals, superres)
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import inflation, init_rngs, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
@@ -420,6 +420,10 @@ def _train(config, workdir: str):
         save()
       if stopping:
         break
+      if config.train.sample_every and step % config.train.sample_every == 0 and step < config.train.steps:
+        sample_start = time.perf_counter()
+        log.info("samples at step %d: %s", step, sample.write_training_samples(config, state, graphdef, workdir))
+        interval_start += time.perf_counter() - sample_start  # step times and MFU leave sampling out
       if step % config.train.log_every == 0:
         interval_start, data_time = time.perf_counter(), 0.0
     if pending is not None:

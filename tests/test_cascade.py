@@ -183,7 +183,7 @@ def test_psnr_and_the_bicubic_baseline():
 def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr):
   config, workdir = trained_sr
   config_, state, graphdef, _, _ = sample.load_checkpoint(workdir)
-  grid = sample.write_final_samples(config_, state, graphdef, workdir)
+  grid = sample.write_training_samples(config_, state, graphdef, workdir)
   records = [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
   captions, _ = cascade.validation_lowres(config, len(config.sample.prompts), 1)
   assert [r["prompt"] for r in records[::config.sample.num_per_prompt]] == captions

@@ -60,6 +60,18 @@ def batch(tmp_path_factory):
   return config, {k: local[k] for k in ("image", "text_ids", "text_mask")}
 
 
+def test_samples_during_training_are_written_and_leave_the_run_unchanged(trained, tmp_path):
+  config, _, final = trained
+  config = config.copy_and_resolve_references()
+  config.train.sample_every = 2
+  state, _ = train.train_and_evaluate(config, tmp_path / "work")
+  samples = tmp_path / "work" / "samples"
+  assert sorted(p.name for p in samples.iterdir()) == ["step_2"]  # the last step is main's (train.sample_at_end)
+  assert (samples / "step_2" / "grid.png").exists() and any((tmp_path / "work" / "logs" / "samples").iterdir())
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_data_parallel_fsdp_and_tensor_parallel_match_one_device(batch):
   config, batch_np = batch
   single_state, single_metrics = one_step(config, dict(data=1, fsdp=1, tensor=1), batch_np, jax.devices()[:1])
