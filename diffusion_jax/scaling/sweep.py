@@ -33,7 +33,6 @@ class Run:
   params: int
   steps: int
   batch_size: int
-  learning_rate: float | None = None  # None: the experiment's optimizer.learning_rate
 
   @property
   def total_flops(self) -> float:
@@ -115,14 +114,14 @@ def budget_name(budget: float) -> str:
 def plan(sweep, measurements_path=None) -> list[Run]:
   """Every run of the sweep, sizes outer and budgets inner. Step measurements are cached in
   `measurements_path` (JSON, keyed by the sized config) so a resumed sweep does not recompile them."""
-  common = flatten(sweep.common)
-  experiment = apply(load_config_file(sweep.experiment), common)
-  path = pathlib.Path(measurements_path) if measurements_path else None
-  cache = json.loads(path.read_text()) if path and path.exists() else {}
   missing = [field for field in FIELDS if field not in sweep]
   if missing:
     raise ValueError(f"The sweep config has no {', '.join(missing)} (configs/scaling/shapes_t2i.py documents "
                      "each field; e.g. learning_rates=() trains with the experiment's learning rate).")
+  common = flatten(sweep.common)
+  experiment = apply(load_config_file(sweep.experiment), common)
+  path = pathlib.Path(measurements_path) if measurements_path else None
+  cache = json.loads(path.read_text()) if path and path.exists() else {}
   if any(not lr > 0 for lr in sweep.learning_rates):
     raise ValueError(f"sweep.learning_rates={tuple(sweep.learning_rates)} must all be > 0.")
   runs, too_short = [], []
@@ -147,7 +146,7 @@ def plan(sweep, measurements_path=None) -> list[Run]:
       if learning_rate:
         run_overrides["optimizer.learning_rate"] = float(learning_rate)
       runs.append(Run(name, size, float(budget), run_overrides, float(flops_per_example), int(params), steps,
-                      sized.train.batch_size, learning_rate))
+                      sized.train.batch_size))
   if too_short:
     raise ValueError(f"These runs would train for fewer than sweep.min_steps={sweep.min_steps} steps; raise the "
                      "smallest budget or shrink the largest model:\n  " + "\n  ".join(too_short))
