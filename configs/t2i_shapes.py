@@ -5,8 +5,9 @@
 Variants (`--config=configs/t2i_shapes.py:VARIANT`): `fsdp` shards parameters and optimizer state over
 all devices; `base16` is the 16 px base stage of `configs/cascades/shapes_16_32.py`
 (trained on every colour-shape combination, which the others hold three out of); `scaling` is the
-16 px, single-object base of the scaling sweep (`configs/scaling/shapes_t2i.py`); `test` is a
-seconds-long smoke configuration for the test suite.
+16 px, single-object base of the scaling sweep (`configs/scaling/shapes_t2i.py`); `dit` trains a
+diffusion transformer (`models/dit.py`, 2x2 patches) instead of the U-Net; `test` is a seconds-long smoke
+configuration for the test suite.
 """
 
 from configs import base
@@ -61,6 +62,8 @@ def get_config(variant: str = ""):
     config.model.update(channels=16, num_res_blocks=(1, 1, 1), attention_levels=(2,), text_dim=32)
     config.train.update(keep_checkpoints=1, ema_decays=(0.9,))
     config.sample.use_ema = False  # short runs: the held-out loss is measured on the trained weights
+  elif variant == "dit":  # the same task with a diffusion transformer (models/dit.py) instead of the U-Net
+    config.model.update(backbone="dit", channels=128, depth=6, patch_size=2, heads=4)
   elif variant == "test":
     config.data.num_train = 256
     config.data.num_eval = 32
@@ -72,5 +75,6 @@ def get_config(variant: str = ""):
     config.optimizer.warmup_steps = 2
     config.sample.update(steps=4, num_per_prompt=2)
   elif variant:
-    raise ValueError(f"Unknown t2i_shapes variant {variant!r}; valid variants: 'fsdp', 'base16', 'scaling', 'test'.")
+    raise ValueError(f"Unknown t2i_shapes variant {variant!r}; valid variants: 'fsdp', 'base16', 'scaling', 'dit', "
+                     "'test'.")
   return config

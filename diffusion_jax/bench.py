@@ -32,6 +32,7 @@ Flags:
 """
 
 import math
+import sys
 import time
 
 import jax
@@ -139,6 +140,8 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   from diffusion_jax.models import text_to_image
   from diffusion_jax.text import tokenizers
 
+  if config.model.backbone != "unet":
+    raise ValueError("The peer benchmark matches diffusers' U-Net: give it a U-Net config (model.backbone='unet').")
   config = config.copy_and_resolve_references()
   config.model.ff_mult = 4  # diffusers' transformer blocks have a 4x (GEGLU) feed-forward
   b, r, tokens = config.train.batch_size, config.data.resolution, config.text.max_length
@@ -215,16 +218,27 @@ def main(argv):
   f = flags.FLAGS
   print(f"# {argv[1]} benchmark, {jax.device_count()} x {jax.devices()[0].device_kind}, batch "
         f"{f.config.train.batch_size}, {f.config.data.resolution}px, {time.strftime('%Y-%m-%d')}")
-  if argv[1] == "input":
+  from diffusion_jax import config_checks
+
+  try:
+    config_checks.validate(f.config)
+    print_table(argv[1], f)
+  except ValueError as error:  # configuration errors a user can fix
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def print_table(mode, f):
+  if mode == "input":
     print(input_table(f.config, f.steps, f.workers))
-  elif argv[1] == "step":
+  elif mode == "step":
     print(step_table(f.config, f.steps, f.widths))
-  elif argv[1] == "peer":
+  elif mode == "peer":
     print(peer_table(f.config, f.steps))
-  elif argv[1] == "ops":
+  elif mode == "ops":
     from diffusion_jax import op_bench
     print(op_bench.table(f.config, f.steps))
-  elif argv[1] == "profile":
+  elif mode == "profile":
     print(profile_table(f.config, f.steps))
   else:
     print(memory_table(f.config))

@@ -7,6 +7,23 @@ from diffusion_jax.data import captioned_shapes
 from diffusion_jax.models import attention, t5
 
 
+def dit_problems(config) -> list[str]:
+  """What a DiT (model.backbone='dit') cannot do with this config."""
+  m, found = config.model, []
+  if m.patch_size < 1 or config.data.resolution % m.patch_size:
+    found.append(f"data.resolution={config.data.resolution} must be divisible by model.patch_size={m.patch_size}")
+  if m.channels % 4 or m.channels % m.heads:
+    found.append(f"model.channels={m.channels} (the DiT's width) must be divisible by 4 and by model.heads={m.heads}")
+  if m.depth < 1:
+    found.append(f"model.depth={m.depth} must be >= 1")
+  unsupported = [f"model.{k}" for k in ("temporal", "lowres_conditioning", "coordinate_channels") if m[k]]
+  unsupported += ["model.dropout"] if m.dropout else []
+  if unsupported:
+    found.append(f"model.backbone='dit' has no {', '.join(unsupported)} yet (video, super-resolution, coordinates, "
+                 "dropout): use model.backbone='unet' or switch them off")
+  return found
+
+
 def problems(config, device_count: int | None = None, process_count: int | None = None) -> list[str]:
   device_count = jax.device_count() if device_count is None else device_count
   process_count = jax.process_count() if process_count is None else process_count
@@ -49,15 +66,19 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"sample.guidance_scale={config.sample.guidance_scale} must be >= 0")
 
   m = config.model
-  if len(m.num_res_blocks) != len(m.channel_mults):
-    found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
-                 f"model.channel_mults {tuple(m.channel_mults)}")
-  if any(level >= len(m.channel_mults) for level in m.attention_levels):
-    found.append(f"model.attention_levels {tuple(m.attention_levels)} names a level beyond "
-                 f"{len(m.channel_mults) - 1}")
-  if config.data.resolution % 2 ** (len(m.channel_mults) - 1):
-    found.append(f"data.resolution={config.data.resolution} must be divisible by 2^(levels - 1) = "
-                 f"{2 ** (len(m.channel_mults) - 1)}")
+  option(m.backbone, ("unet", "dit"), "model.backbone")
+  if m.backbone == "dit":
+    found += dit_problems(config)
+  else:
+    if len(m.num_res_blocks) != len(m.channel_mults):
+      found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
+                   f"model.channel_mults {tuple(m.channel_mults)}")
+    if any(level >= len(m.channel_mults) for level in m.attention_levels):
+      found.append(f"model.attention_levels {tuple(m.attention_levels)} names a level beyond "
+                   f"{len(m.channel_mults) - 1}")
+    if config.data.resolution % 2 ** (len(m.channel_mults) - 1):
+      found.append(f"data.resolution={config.data.resolution} must be divisible by 2^(levels - 1) = "
+                   f"{2 ** (len(m.channel_mults) - 1)}")
   if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path:
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")

@@ -14,6 +14,7 @@ import PIL.Image
 import pytest
 
 from configs.scaling import shapes_t2i
+from diffusion_jax import config_checks
 from diffusion_jax.scaling import fit, report, sweep as sweeps
 
 # A synthetic world with known laws: N_opt = 0.01 C^0.5, L_opt = 20 C^-0.1, FLOPs per example = 600 N.
@@ -125,6 +126,17 @@ def test_plan_refuses_runs_that_are_too_short(tmp_path):
   sweep.update(width_multipliers=(0.5,), budgets=(1e6,))
   with pytest.raises(ValueError, match="fewer than sweep.min_steps"):
     sweeps.plan(sweep, tmp_path / "measurements.json")
+
+
+def test_a_dit_sweep_scales_its_width_and_block_count():
+  experiment = sweeps.load_config_file("configs/t2i_shapes.py:dit")
+  sweep = shapes_t2i.get_config("test")
+  sweep.update(width_multipliers=(0.3, 1.0), depth_multipliers=(0.5, 1.0))
+  sizes = sweeps.size_overrides(sweep, experiment)
+  assert sorted(sizes) == ["c128_d0.5", "c128_d1", "c40_d0.5", "c40_d1"]  # 0.3 x 128 rounded to a multiple of 4
+  assert sizes["c40_d0.5"] == {"model.channels": 40, "model.depth": 3}
+  for overrides in sizes.values():
+    assert not config_checks.problems(sweeps.apply(experiment, overrides), device_count=8)
 
 
 def test_plan_with_learning_rates_trains_each_size_and_budget_at_each(tmp_path):

@@ -1,4 +1,4 @@
-"""Building blocks shared by the image and video U-Nets: residual block, attention, feed-forward.
+"""Building blocks shared by the image and video U-Nets and the DiT: residual block, attention, feed-forward.
 
 Every parameter carries logical axis names in its `out_sharding` metadata (see `sharding.py`):
 `conv_in`, `conv_out` (convolution channels), `embed` (model width), `heads` (attention projections),
@@ -110,11 +110,12 @@ class Attention(nnx.Module):
 
   mask: [batch, k] bool (True = attend). A learned null key/value is always attended, so a fully
   masked context (the empty prompt) is well defined and padding never changes the output.
-  implementation: models/attention.py IMPLEMENTATIONS.
+  implementation: models/attention.py IMPLEMENTATIONS. zero_out: the output projection starts at zero (a
+  residual branch that starts as the identity); off where a zero gate multiplies the branch (DiT's adaLN-Zero).
   """
 
   def __init__(self, dim, context_dim, heads, *, dtype, rngs, context_axis="embed", null_kv=False,
-               implementation="auto"):
+               implementation="auto", zero_out=True):
     if dim % heads:
       raise ValueError(f"attention width {dim} is not divisible by heads={heads}.")
     self.heads = heads
@@ -122,7 +123,7 @@ class Attention(nnx.Module):
     self.q = dense(dim, dim, ("embed", "heads"), rngs, dtype, use_bias=False)
     self.k = dense(context_dim, dim, (context_axis, "heads"), rngs, dtype, use_bias=False)
     self.v = dense(context_dim, dim, (context_axis, "heads"), rngs, dtype, use_bias=False)
-    self.out = dense(dim, dim, ("heads", "embed"), rngs, dtype, zero_init=True)
+    self.out = dense(dim, dim, ("heads", "embed"), rngs, dtype, zero_init=zero_out)
     self.null_kv = nnx.Param(jnp.zeros((2, dim)), **names(None, "heads")) if null_kv else None
 
   def __call__(self, x, context, mask=None, bias=None):
@@ -142,11 +143,11 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-  """GEGLU feed-forward: [.., dim] -> [.., dim]."""
+  """GEGLU feed-forward: [.., dim] -> [.., dim]; zero_out as in Attention."""
 
-  def __init__(self, dim, mult, *, dtype, rngs):
+  def __init__(self, dim, mult, *, dtype, rngs, zero_out=True):
     self.proj_in = dense(dim, 2 * mult * dim, ("embed", "mlp"), rngs, dtype)
-    self.proj_out = dense(mult * dim, dim, ("mlp", "embed"), rngs, dtype, zero_init=True)
+    self.proj_out = dense(mult * dim, dim, ("mlp", "embed"), rngs, dtype, zero_init=zero_out)
 
   def __call__(self, x):
     h, gate = jnp.split(self.proj_in(x), 2, axis=-1)

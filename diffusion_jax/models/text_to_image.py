@@ -1,15 +1,15 @@
-"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net, and its split into trainable /
-frozen parameters.
+"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net or DiT (`model.backbone`), and its
+split into trainable / frozen parameters.
 
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `TextToImage(x, logsnr, text, mask)`
-(plus `lowres`, `aug_logsnr` for a super-resolution stage) -> U-Net output (x is [batch, h, w, c], or [batch, frames, h, w, c] for a temporal U-Net). Parameters
+(plus `lowres`, `aug_logsnr` for a super-resolution stage) -> the network's output (x is [batch, h, w, c], or [batch, frames, h, w, c] for a temporal U-Net). Parameters
 live outside the module as pure dicts (see train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the
 module inside a jitted function.
 """
 
 from flax import nnx
 
-from diffusion_jax.models import init_rngs, t5, unet
+from diffusion_jax.models import dit, init_rngs, t5, unet
 
 
 class TextToImage(nnx.Module):
@@ -19,14 +19,19 @@ class TextToImage(nnx.Module):
       self.text_encoder = t5.load_hf_encoder(config.text.pretrained_path, config.text.t5.dtype)
     else:
       self.text_encoder = t5.T5Encoder(config.text.t5, rngs=rngs)
-    self.unet = unet.UNet(config.model, rngs=rngs)
+    self.backbone = config.model.backbone
+    if self.backbone == "dit":
+      self.dit = dit.DiT(config.model, rngs=rngs)
+    else:
+      self.unet = unet.UNet(config.model, rngs=rngs)
 
   def encode(self, ids, mask):
     return self.text_encoder(ids, mask)
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
-    return self.unet(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
-                     is_video=is_video)
+    network = self.dit if self.backbone == "dit" else self.unet
+    return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
+                   is_video=is_video)
 
 
 def abstract(config):

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import pathlib
 
 import ml_collections
@@ -75,13 +76,18 @@ def flatten(nested, prefix: str = "") -> dict:
 
 
 def size_overrides(sweep, experiment) -> dict:
-  """{size name: overrides} for the grid of width x depth multipliers. Widths are rounded to multiples
-  of the attention head count so every level divides into heads."""
+  """{size name: overrides} for the grid of width x depth multipliers (depth: the U-Net's residual blocks per
+  level, or the DiT's blocks). Widths are rounded to multiples of the attention head count so every level
+  divides into heads (a DiT's also to multiples of 4, for its position embedding)."""
   model, sizes = experiment.model, {}
+  step = math.lcm(model.heads, 4) if model.backbone == "dit" else model.heads
   for width, depth in itertools.product(sweep.width_multipliers, sweep.depth_multipliers):
-    channels = max(1, round(model.channels * width / model.heads)) * model.heads
-    blocks = tuple(max(1, round(b * depth)) for b in model.num_res_blocks)
-    sizes[f"c{channels}_d{depth:g}"] = {"model.channels": channels, "model.num_res_blocks": blocks}
+    channels = max(1, round(model.channels * width / step)) * step
+    if model.backbone == "dit":
+      deeper = {"model.depth": max(1, round(model.depth * depth))}
+    else:
+      deeper = {"model.num_res_blocks": tuple(max(1, round(b * depth)) for b in model.num_res_blocks)}
+    sizes[f"c{channels}_d{depth:g}"] = {"model.channels": channels, **deeper}
   return sizes
 
 

@@ -1,0 +1,100 @@
+"""Text-conditioned diffusion transformer (DiT, Peebles & Xie 2023, with text cross-attention as in PixArt-alpha).
+
+The image is cut into patch_size x patch_size patches, each a token of width `channels` with a fixed 2-D
+sin/cos position embedding. Every block is self-attention, cross-attention to the text and a feed-forward,
+the first and last modulated by adaLN-Zero: a shift, scale and gate per block from the conditioning
+embedding (log-SNR and pooled text), the gates starting at zero so every block starts as the identity. A
+final modulated LayerNorm and a zero-initialised projection give each patch's prediction.
+
+Configuration (`config.model`, see configs/base.py): backbone='dit', channels (token width), depth (blocks),
+patch_size, heads, ff_mult, text_dim, in_channels, dtype, remat, attention (models/attention.py).
+
+Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim], text_mask [batch, tokens]
+bool -> prediction [batch, h, w, in_channels] (float32); h and w divisible by patch_size.
+"""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax.models import layers
+
+
+def position_embedding(grid_h: int, grid_w: int, dim: int):
+  """[grid_h * grid_w, dim]: sin/cos of each patch's row (first half) and column (second half)."""
+  rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
+  return jnp.concatenate([layers.sinusoidal_embedding(rows.reshape(-1), dim // 2),
+                          layers.sinusoidal_embedding(cols.reshape(-1), dim // 2)], axis=-1)
+
+
+def plain_layer_norm(dim, rngs, dtype):
+  """LayerNorm without its own scale and bias (adaLN supplies them)."""
+  return nnx.LayerNorm(dim, use_scale=False, use_bias=False, dtype=dtype, rngs=rngs)
+
+
+def modulate(x, shift, scale):
+  """x [batch, tokens, dim]; shift, scale [batch, dim]."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nnx.Module):
+  """x [batch, tokens, dim], emb [batch, dim], text [batch, text_tokens, text_dim] -> x."""
+
+  def __init__(self, dim, text_dim, heads, *, ff_mult, dtype, rngs, implementation="auto"):
+    self.modulation = layers.dense(dim, 6 * dim, ("embed", None), rngs, dtype, zero_init=True)
+    self.norm_self = plain_layer_norm(dim, rngs, dtype)
+    self.self_attn = layers.Attention(dim, dim, heads, dtype=dtype, rngs=rngs, implementation=implementation,
+                                      zero_out=False)
+    self.norm_cross = layers.layer_norm(dim, rngs, dtype)
+    self.cross_attn = layers.Attention(dim, text_dim, heads, dtype=dtype, rngs=rngs, context_axis="text_embed",
+                                       null_kv=True, implementation=implementation)
+    self.norm_ff = plain_layer_norm(dim, rngs, dtype)
+    self.ff = layers.FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs, zero_out=False)
+
+  def __call__(self, x, emb, text, text_mask):
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(nnx.silu(emb)), 6, axis=-1)
+    normed = modulate(self.norm_self(x), shift1, scale1)
+    x = x + gate1[:, None] * self.self_attn(normed, normed)
+    x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
+    return x + gate2[:, None] * self.ff(modulate(self.norm_ff(x), shift2, scale2))
+
+
+class DiT(nnx.Module):
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(config.dtype)
+    dim, patch = config.channels, config.patch_size
+    if dim % 4 or dim % config.heads:
+      raise ValueError(f"model.channels={dim} (the DiT's width) must be divisible by 4 and by model.heads="
+                       f"{config.heads}.")
+    self.dtype, self.dim, self.patch, self.remat = dtype, dim, patch, config.remat
+    self.in_channels = config.in_channels
+    self.patch_in = layers.dense(patch * patch * config.in_channels, dim, (None, "embed"), rngs, dtype)
+    self.time_in = layers.dense(dim, dim, (None, "embed"), rngs, dtype)
+    self.time_out = layers.dense(dim, dim, ("embed", "embed"), rngs, dtype)
+    self.text_pool = layers.dense(config.text_dim, dim, ("text_embed", "embed"), rngs, dtype)
+    self.blocks = nnx.List([DiTBlock(dim, config.text_dim, config.heads, ff_mult=config.ff_mult, dtype=dtype,
+                                     rngs=rngs, implementation=config.attention) for _ in range(config.depth)])
+    self.final_modulation = layers.dense(dim, 2 * dim, ("embed", None), rngs, dtype, zero_init=True)
+    self.norm_out = plain_layer_norm(dim, rngs, dtype)
+    self.patch_out = layers.dense(dim, patch * patch * config.in_channels, ("embed", None), rngs, dtype,
+                                  zero_init=True)
+
+  def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
+    if x.ndim != 4 or lowres is not None:
+      raise ValueError("the DiT takes images [batch, h, w, c] without low-resolution inputs (no video or "
+                       "super-resolution DiT yet: use model.backbone='unet').")
+    b, h, w, c = x.shape
+    p, dtype = self.patch, self.dtype
+    grid_h, grid_w = h // p, w // p
+    patches = x.reshape(b, grid_h, p, grid_w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, grid_h * grid_w, -1)
+    tokens = self.patch_in(patches.astype(dtype)) + position_embedding(grid_h, grid_w, self.dim).astype(dtype)
+    text = text.astype(dtype)
+    emb = self.time_out(nnx.silu(self.time_in(layers.sinusoidal_embedding(logsnr, self.dim).astype(dtype))))
+    emb = emb + self.text_pool(layers.masked_mean(text, text_mask))
+    for block in self.blocks:
+      tokens = (nnx.remat(lambda m, *a: m(*a))(block, tokens, emb, text, text_mask) if self.remat
+                else block(tokens, emb, text, text_mask))
+    shift, scale = jnp.split(self.final_modulation(nnx.silu(emb)), 2, axis=-1)
+    out = self.patch_out(modulate(self.norm_out(tokens), shift, scale)).astype(jnp.float32)
+    out = out.reshape(b, grid_h, grid_w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return out.reshape(b, h, w, c)
