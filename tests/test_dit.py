@@ -18,7 +18,7 @@ from test_train import one_step
 
 def dit_config():
   config = t2i_shapes.get_config("test")
-  config.model.update(backbone="dit", channels=32, depth=2, patch_size=2)
+  config.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
   return config
 
 
@@ -47,7 +47,7 @@ def test_starts_as_the_zero_function_and_learns_through_every_block():
   initial = loss(params)
   assert float(initial) == pytest.approx(float(jnp.mean(target ** 2)))  # the output starts at exactly zero
   trained, opt_state = params, tx.init(params)
-  for _ in range(40):
+  for _ in range(30):
     trained, opt_state, value = step(trained, opt_state)
   assert float(value) < 0.7 * float(initial)
   for index in range(config.model.depth):  # the zero gates open: every block's attention and MLP train
