@@ -34,14 +34,14 @@ def tiny_config(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-  """A 4-step training run with checkpoints at 2 and 4: (config, workdir, final params).
-
-  """
+  """A 4-step training run with checkpoints at 2 and 4 and samples at step 2 (train.sample_every): (config,
+  workdir, final params). Runs without samples (a resume from step 2, test_main's) must end bit-identical."""
   import jax
 
   from diffusion_jax import train
 
   config = tiny_config(tmp_path_factory)
+  config.train.sample_every = 2
   workdir = tmp_path_factory.mktemp("workdir")
   state, _ = train.train_and_evaluate(config, workdir)
   return config, workdir, jax.device_get(state.params)

@@ -167,17 +167,17 @@ def test_evaluation_samples_each_caption_from_its_own_noise(trained):
   assert np.abs(generated[0].astype(int) - generated[2]).mean() > 1.0
 
 
-def test_evaluation_skips_an_unreadable_checkpoint_and_evaluates_the_others(trained, tmp_path, caplog):
+def test_evaluation_skips_unreadable_checkpoints_and_goes_on(trained, tmp_path, caplog):
   import shutil
 
   from diffusion_jax import evaluate
 
   workdir = tmp_path / "work"
   shutil.copytree(trained[1], workdir, ignore=shutil.ignore_patterns("logs", "eval", "samples"))
-  for path in (workdir / "checkpoints" / "2" / "state").rglob("*"):
-    if path.is_file() and path.stat().st_size > 1000:
+  for path in (workdir / "checkpoints").rglob("*"):  # both checkpoints: the job goes past each (and generates
+    if path.is_file() and path.stat().st_size > 1000 and "state" in path.parts:  # nothing, which is cheap)
       path.write_bytes(b"garbage")
-  assert [r["step"] for r in evaluate.run(workdir, num_prompts=4, heldout_examples=4, combination_prompts=0)] == [4]
-  assert "Checkpoint 2 in" in caplog.text and "cannot be read" in caplog.text
+  assert evaluate.run(workdir, num_prompts=4, heldout_examples=4, combination_prompts=0) == []
+  assert "Checkpoint 2 in" in caplog.text and "Checkpoint 4 in" in caplog.text and "cannot be read" in caplog.text
   with pytest.raises(ValueError, match="Checkpoint 2 in .* cannot be read"):  # asked for by step: an error
     evaluate.run(workdir, step=2, num_prompts=4, heldout_examples=4, combination_prompts=0)

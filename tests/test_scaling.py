@@ -161,14 +161,14 @@ def test_runner_skips_finished_runs_and_resumes_a_killed_one(tmp_path, monkeypat
   monkeypatch.setenv("HOME", str(tmp_path))  # the built-in dataset goes to ~/tensorflow_datasets
   root = tmp_path / "sweep"
   flags = ["--sweep=configs/scaling/shapes_t2i.py:test", "--sweep.width_multipliers=(0.5,)",
-           "--sweep.budgets=(1.2e10,5e10)", f"--root={root}"]
+           "--sweep.budgets=(1.2e10,2.4e10)", f"--root={root}"]
   # Both sweep processes run on one device: compiling for one is faster than for the eight of the tests.
   env = os.environ | {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")}
   command = [sys.executable, "-m", "diffusion_jax.scaling.run", *flags]
   process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   # Kill it (no chance to save) once the second run has committed a checkpoint before its last step.
   sweep = shapes_t2i.get_config("test")
-  sweep.update(width_multipliers=(0.5,), budgets=(1.2e10, 5e10))
+  sweep.update(width_multipliers=(0.5,), budgets=(1.2e10, 2.4e10))
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None:
     if (root / "results.jsonl").exists() and (root / "measurements.json").exists():

@@ -28,9 +28,13 @@ def test_training_writes_checkpoints_and_metrics(trained):
     assert line["tflops_per_device"] > 0 and 0 < line["mfu"]
     assert any(k.startswith("loss_by_logsnr/") for k in line)
   assert checkpoint.read_config(workdir).train.steps == config.train.steps
+  # Samples during training (train.sample_every=2): step 2 only; the last step's are main's (sample_at_end).
+  assert sorted(p.name for p in (workdir / "samples").iterdir()) == ["step_2"]
+  assert (workdir / "samples" / "step_2" / "grid.png").exists() and any((workdir / "logs" / "samples").iterdir())
 
 
 def test_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
+  # The uninterrupted run sampled at step 2, this one (resumed after it) does not: sampling leaves training alone.
   config, workdir, final = trained
   resumed_dir = tmp_path / "resumed"
   shutil.copytree(workdir, resumed_dir)
@@ -58,18 +62,6 @@ def batch(tmp_path_factory):
   loader = pipeline.make_loader(config.data, source, tokenizers.from_config(config), config.train.batch_size, seed=0)
   local = next(iter(loader))
   return config, {k: local[k] for k in ("image", "text_ids", "text_mask")}
-
-
-def test_samples_during_training_are_written_and_leave_the_run_unchanged(trained, tmp_path):
-  config, _, final = trained
-  config = config.copy_and_resolve_references()
-  config.train.sample_every = 2
-  state, _ = train.train_and_evaluate(config, tmp_path / "work")
-  samples = tmp_path / "work" / "samples"
-  assert sorted(p.name for p in samples.iterdir()) == ["step_2"]  # the last step is main's (train.sample_at_end)
-  assert (samples / "step_2" / "grid.png").exists() and any((tmp_path / "work" / "logs" / "samples").iterdir())
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(final)):
-    np.testing.assert_array_equal(a, b)
 
 
 def test_data_parallel_fsdp_and_tensor_parallel_match_one_device(batch):
@@ -107,7 +99,6 @@ def test_nonfinite_batch_skips_the_update(batch):
 def test_grad_accumulation_matches_one_big_batch(batch):
   config, batch_np = batch
   config = config.copy_and_resolve_references()
-  config.diffusion.cond_drop_prob = 0.0
   one_device = jax.devices()[:1]  # accumulation does not depend on the mesh; one device compiles faster
   _, big = one_step(config, dict(data=1), batch_np, one_device)
   config.train.grad_accum = 2
