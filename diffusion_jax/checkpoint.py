@@ -90,7 +90,8 @@ def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
           state=ocp.args.StandardRestore(abstract(target_state))))
     except Exception as error:  # orbax/tensorstore raise many kinds for a damaged checkpoint
       if step is not None or candidate == candidates[-1]:
-        raise UnreadableCheckpoint(f"Checkpoint {candidate} in {mngr.directory} cannot be read ({brief(error)}).") from None
+        raise UnreadableCheckpoint(
+            f"Checkpoint {candidate} in {mngr.directory} cannot be read ({brief(error)}).") from None
       log.warning("Checkpoint %d cannot be read (%s); falling back to an earlier one.", candidate, brief(error))
       continue
     return restored["state"], candidate

@@ -147,6 +147,7 @@ def test_plan_with_learning_rates_trains_each_size_and_budget_at_each(tmp_path):
   assert runs[0].name.rsplit("_", 1)[0] == runs[1].name.rsplit("_", 1)[0] != runs[2].name.rsplit("_", 1)[0]
   assert runs[0].steps == runs[1].steps < runs[2].steps == runs[3].steps
   assert [sweeps.run_config(sweep, r).optimizer.learning_rate for r in runs] == [1e-3, 3e-3] * 2
+  assert all(sweeps.run_config(sweep, r).train.sample_every == 0 for r in runs)  # runs sample nothing
   sweep.learning_rates = (3e-3, 0.0)
   with pytest.raises(ValueError, match="must all be > 0"):
     sweeps.plan(sweep, tmp_path / "measurements.json")

@@ -2,9 +2,9 @@
 split into trainable / frozen parameters.
 
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `TextToImage(x, logsnr, text, mask)`
-(plus `lowres`, `aug_logsnr` for a super-resolution stage) -> the network's output (x is [batch, h, w, c], or [batch, frames, h, w, c] for a temporal U-Net). Parameters
-live outside the module as pure dicts (see train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the
-module inside a jitted function.
+(plus `lowres`, `aug_logsnr` for a super-resolution stage) -> the network's output (x is [batch, h, w, c], or
+[batch, frames, h, w, c] for a temporal U-Net). Parameters live outside the module as pure dicts (see
+train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a jitted function.
 """
 
 from flax import nnx

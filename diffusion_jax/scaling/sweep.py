@@ -148,7 +148,8 @@ def plan(sweep, measurements_path=None) -> list[Run]:
       run_overrides = common | overrides | {
           "train.steps": steps, "optimizer.warmup_steps": max(1, round(steps * sweep.warmup_fraction)),
           "train.checkpoint_every": max(1, steps // sweep.checkpoints_per_run), "train.log_every":
-          max(1, min(sized.train.log_every, steps // 10)), "train.sample_at_end": False}
+          max(1, min(sized.train.log_every, steps // 10)), "train.sample_at_end": False,
+          "train.sample_every": 0}  # the held-out loss is the measurement; samples would only cost time
       if learning_rate:
         run_overrides["optimizer.learning_rate"] = float(learning_rate)
       runs.append(Run(name, size, float(budget), run_overrides, float(flops_per_example), int(params), steps,
