@@ -6,7 +6,9 @@ A space-time factorised U-Net (models/temporal.py; the widths of t2i_shapes:base
 a fifth of the examples replaced by still frames (joint image-video training) and pixel coordinates as
 extra input channels; about 9 minutes on a 2-core CPU. Variants (`--config=...:VARIANT`): `inflate`
 initialises the spatial layers from a trained t2i_shapes:base16 workdir (`--config.inflate.image_workdir=DIR`)
-and trains only the temporal layers; `test` is a seconds-long smoke configuration for the test suite.
+and trains only the temporal layers; `dit` trains a video diffusion transformer (models/dit.py: 2x2 patches,
+spatial blocks with temporal attention between them) instead of the U-Net; `test` is a seconds-long smoke
+configuration for the test suite.
 """
 
 import ml_collections
@@ -58,6 +60,8 @@ def get_config(variant: str = ""):
   if variant == "inflate":
     config.inflate.train_temporal_only = True
     config.model.coordinate_channels = False  # frozen at their zero start, coordinates would go unused
+  elif variant == "dit":  # coordinates are a U-Net input (the DiT's patches have position embeddings)
+    config.model.update(backbone="dit", channels=96, depth=6, patch_size=2, heads=4, coordinate_channels=False)
   elif variant == "test":
     config.data.update(num_train=64, num_eval=16)
     config.text.t5.update(d_model=32, d_kv=8, d_ff=64, num_layers=1)
@@ -68,5 +72,5 @@ def get_config(variant: str = ""):
     config.optimizer.warmup_steps = 2
     config.sample.update(steps=4, num_per_prompt=1)
   elif variant:
-    raise ValueError(f"Unknown t2v_moving_shapes variant {variant!r}; valid variants: 'inflate', 'test'.")
+    raise ValueError(f"Unknown t2v_moving_shapes variant {variant!r}; valid variants: 'inflate', 'dit', 'test'.")
   return config

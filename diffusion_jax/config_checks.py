@@ -16,10 +16,10 @@ def dit_problems(config) -> list[str]:
     found.append(f"model.channels={m.channels} (the DiT's width) must be divisible by 4 and by model.heads={m.heads}")
   if m.depth < 1:
     found.append(f"model.depth={m.depth} must be >= 1")
-  unsupported = [f"model.{k}" for k in ("temporal", "lowres_conditioning", "coordinate_channels") if m[k]]
+  unsupported = [f"model.{k}" for k in ("lowres_conditioning", "coordinate_channels") if m[k]]
   unsupported += ["model.dropout"] if m.dropout else []
   if unsupported:
-    found.append(f"model.backbone='dit' has no {', '.join(unsupported)} yet (video, super-resolution, coordinates, "
+    found.append(f"model.backbone='dit' has no {', '.join(unsupported)} yet (super-resolution, coordinates, "
                  "dropout): use model.backbone='unet' or switch them off")
   return found
 

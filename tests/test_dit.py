@@ -1,25 +1,35 @@
-"""The diffusion transformer: starts as the zero function, learns through every block, trains sharded as on one
-device, samples; configs it cannot serve are refused."""
+"""The diffusion transformer: starts as the zero function, learns through every block; its video form mixes
+frames, leaves stills to the image DiT and inflates from one; trains sharded as on one device and samples; configs
+it cannot serve are refused."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
-from configs import t2i_shapes
+from configs import t2i_shapes, t2v_moving_shapes
 from diffusion_jax import config_checks, sample, sharding
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import init_rngs, text_to_image
+from diffusion_jax.models import dit, inflation, init_rngs, text_to_image
 from diffusion_jax.text import tokenizers
 from test_train import one_step
+from test_unet import perturb
+from test_video import frame_influence, video_inputs
 
 
-def dit_config():
-  config = t2i_shapes.get_config("test")
+def dit_config(video=False):
+  config = t2v_moving_shapes.get_config("test") if video else t2i_shapes.get_config("test")
   config.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
   return config
+
+
+def spatial_part(params: dict) -> dict:
+  """A video model's parameters without its temporal layers: an image model's."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not any(str(k).startswith("temporal_")
+                                                                             for k in p)})
 
 
 def test_starts_as_the_zero_function_and_learns_through_every_block():
@@ -57,9 +67,60 @@ def test_starts_as_the_zero_function_and_learns_through_every_block():
       assert float(jnp.abs(leaf(block) - leaf(before)).max()) > 0, (index, path)
 
 
-def test_trains_sharded_like_one_device_and_samples():
-  config = dit_config()
+def test_video_dit_mixes_frames_and_leaves_stills_to_the_image_dit():
+  config = dit_config(video=True).model
+  config.text_dim = 8
+  video = perturb(dit.DiT(config, rngs=nnx.Rngs(0)))
+  config.temporal = False
+  image_graphdef = nnx.split(dit.DiT(config, rngs=nnx.Rngs(1)))[0]
+  image = nnx.merge(image_graphdef, spatial_part(nnx.to_pure_dict(nnx.split(video)[1])))
+  x, logsnr, text, mask = video_inputs(res=16)
+  mixing = frame_influence(video, x, logsnr, text, mask, frame=1)
+  assert mixing[0] > 1e-3 and mixing[3] > 1e-3
+  still = jnp.zeros((2,), bool)  # images stored as videos: each frame is exactly the image DiT's output
+  per_frame = jnp.stack([image(x[:, k], logsnr, text, mask) for k in range(4)], axis=1)
+  np.testing.assert_allclose(video(x, logsnr, text, mask, is_video=still), per_frame, atol=1e-5)
+  assert np.all(np.delete(frame_influence(video, x, logsnr, text, mask, 1, is_video=still), 1) == 0)
+  mixed = video(x, logsnr, text, mask, is_video=jnp.array([False, True]))
+  np.testing.assert_allclose(mixed[0], per_frame[0], atol=1e-5)
+  assert float(jnp.abs(mixed[1] - per_frame[1]).max()) > 1e-3
+  with pytest.raises(ValueError, match="needs a video DiT"):
+    image(x, logsnr, text, mask)
+
+
+def test_a_video_dit_inflated_from_an_image_dit_is_that_model_per_frame():
+  image_config, video_config = dit_config(), dit_config(video=True)
+  assert not inflation.compatibility_problems(image_config, video_config)
+  image = perturb(text_to_image.TextToImage(image_config, rngs=init_rngs.seeded(0)))
+  _, image_params, image_frozen = text_to_image.split(image, image_config)
+  weights = traverse_util.flatten_dict(nnx.to_pure_dict(image_params) | nnx.to_pure_dict(image_frozen))
+  # A trained-looking video model, so the inflation must replace (or zero) what it holds.
+  graphdef, params, frozen = text_to_image.split(
+      perturb(text_to_image.TextToImage(video_config, rngs=init_rngs.seeded(1))), video_config)
+  video = nnx.merge(graphdef, *inflation.inflate(weights, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)))
+  temporal_out = lambda tree: tree["dit"]["temporal_attention"][0]["attn"]["out"]["kernel"]
+  x, logsnr, _, _ = video_inputs(res=16)
+  ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
+  text = image.encode(ids, ids > 0)
+  per_frame = jnp.stack([image(x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
+  # The temporal layers are still the trained-looking ones except the zeroed frame embedding: not identity.
+  assert float(jnp.abs(video(x, logsnr, text, ids > 0) - per_frame).max()) > 1e-3
+  fresh_graphdef, fresh_params, fresh_frozen = text_to_image.split(
+      text_to_image.TextToImage(video_config, rngs=init_rngs.seeded(1)), video_config)
+  fresh_params, fresh_frozen = inflation.inflate(weights, nnx.to_pure_dict(fresh_params),
+                                                 nnx.to_pure_dict(fresh_frozen))
+  assert float(jnp.abs(temporal_out(fresh_params)).max()) == 0  # temporal layers start as the identity
+  inflated = nnx.merge(fresh_graphdef, fresh_params, fresh_frozen)
+  np.testing.assert_allclose(inflated(x, logsnr, text, ids > 0), per_frame, atol=1e-5)
+  unet_config = t2i_shapes.get_config("test")
+  assert "model.backbone differs ('unet' vs 'dit')" in inflation.compatibility_problems(unet_config, video_config)
+
+
+def test_video_dit_trains_sharded_like_one_device_and_samples():
+  config = dit_config(video=True)
   batch_np = pipeline.synthetic_batch(config)
+  batch_np["video"] = np.random.default_rng(0).normal(size=batch_np["video"].shape).astype(np.float32)
+  batch_np["is_video"][::3] = False  # a joint image-video batch
   single_state, single_metrics = one_step(config, dict(data=1, fsdp=1, tensor=1), batch_np, jax.devices()[:1])
   state, metrics = one_step(config, dict(data=2, fsdp=2, tensor=2), batch_np)
   np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-4)
@@ -68,17 +129,17 @@ def test_trains_sharded_like_one_device_and_samples():
   graphdef = text_to_image.split(text_to_image.abstract(config), config)[0]
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(steps=2, num_per_prompt=2)
-  images = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
-                           ["a large red circle", "a small blue square"], sample_config,
+  videos = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                           ["a large red circle moving right", "a small blue square moving up"], sample_config,
                            sharding.make_mesh(config.mesh))
-  assert images.shape == (2, 2, 16, 16, 3) and images.dtype == np.uint8
+  assert videos.shape == (2, 2, 4, 16, 16, 3) and videos.dtype == np.uint8
 
 
 def test_configs_a_dit_cannot_serve_are_refused():
   config = dit_config()
-  config.model.update(patch_size=3, channels=30, temporal=True, dropout=0.1)
+  config.model.update(patch_size=3, channels=30, coordinate_channels=True, dropout=0.1)
   message = "; ".join(config_checks.problems(config, device_count=8))
   assert "divisible by model.patch_size=3" in message and "model.channels=30" in message
-  assert "has no model.temporal, model.dropout yet" in message
+  assert "has no model.coordinate_channels, model.dropout yet" in message
   config.model.backbone = "vit"
   assert "model.backbone='vit' is not one of" in "; ".join(config_checks.problems(config, device_count=8))

@@ -6,17 +6,26 @@ the first and last modulated by adaLN-Zero: a shift, scale and gate per block fr
 embedding (log-SNR and pooled text), the gates starting at zero so every block starts as the identity. A
 final modulated LayerNorm and a zero-initialised projection give each patch's prediction.
 
+Video (`temporal`, Latte-style space-time factorisation): the spatial blocks run on every frame as if it were
+an image, and after each block a temporal attention layer (models/temporal.py: attention over frames at each
+patch position, relative-position bias up to max_frames) mixes the frames; a frame-index embedding joins the
+conditioning. Temporal layers start as the identity and live under `temporal_*`, so an image DiT's checkpoint
+initialises a video DiT that, per frame, is the image model (models/inflation.py), and `is_video` False rows
+(stills in joint image-video batches) pass through them unchanged.
+
 Configuration (`config.model`, see configs/base.py): backbone='dit', channels (token width), depth (blocks),
-patch_size, heads, ff_mult, text_dim, in_channels, dtype, remat, attention (models/attention.py).
+patch_size, heads, ff_mult, text_dim, in_channels, dtype, remat, attention (models/attention.py), temporal,
+max_frames.
 
 Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim], text_mask [batch, tokens]
-bool -> prediction [batch, h, w, in_channels] (float32); h and w divisible by patch_size.
+bool -> prediction [batch, h, w, in_channels] (float32); h and w divisible by patch_size. Video DiT:
+x [batch, frames, h, w, in_channels] -> the same shape; is_video [batch] (default all True).
 """
 
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, temporal
 
 
 def position_embedding(grid_h: int, grid_w: int, dim: int):
@@ -78,23 +87,49 @@ class DiT(nnx.Module):
     self.norm_out = plain_layer_norm(dim, rngs, dtype)
     self.patch_out = layers.dense(dim, patch * patch * config.in_channels, ("embed", None), rngs, dtype,
                                   zero_init=True)
+    self.temporal, self.max_frames = config.temporal, config.max_frames
+    self.temporal_frame_embed = layers.dense(dim, dim, (None, "embed"), rngs, dtype) if self.temporal else None
+    self.temporal_attention = (nnx.List([temporal.TemporalAttention(dim, config.heads, config.max_frames,
+                                                                    implementation=config.attention, dtype=dtype,
+                                                                    rngs=rngs) for _ in range(config.depth)])
+                               if self.temporal else None)
+
+  def _run(self, module, *args):
+    return nnx.remat(lambda m, *a: m(*a))(module, *args) if self.remat else module(*args)
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
-    if x.ndim != 4 or lowres is not None:
-      raise ValueError("the DiT takes images [batch, h, w, c] without low-resolution inputs (no video or "
-                       "super-resolution DiT yet: use model.backbone='unet').")
-    b, h, w, c = x.shape
+    if lowres is not None:
+      raise ValueError("the DiT takes no low-resolution input (no super-resolution DiT yet: use "
+                       "model.backbone='unet').")
+    video_shape = x.shape if x.ndim == 5 else None
+    if video_shape is not None:  # frames become batch rows for the spatial blocks
+      if not self.temporal:
+        raise ValueError("a video input [batch, frames, h, w, c] needs a video DiT (model.temporal=True).")
+      is_video = jnp.ones((x.shape[0],), bool) if is_video is None else is_video
+      x, logsnr, text, text_mask, frame_is_video = temporal.frames_as_rows(x, logsnr, text, text_mask, is_video)
+    rows, h, w, c = x.shape
     p, dtype = self.patch, self.dtype
     grid_h, grid_w = h // p, w // p
-    patches = x.reshape(b, grid_h, p, grid_w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, grid_h * grid_w, -1)
+    patches = x.reshape(rows, grid_h, p, grid_w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(rows, grid_h * grid_w, -1)
     tokens = self.patch_in(patches.astype(dtype)) + position_embedding(grid_h, grid_w, self.dim).astype(dtype)
     text = text.astype(dtype)
     emb = self.time_out(nnx.silu(self.time_in(layers.sinusoidal_embedding(logsnr, self.dim).astype(dtype))))
     emb = emb + self.text_pool(layers.masked_mean(text, text_mask))
-    for block in self.blocks:
-      tokens = (nnx.remat(lambda m, *a: m(*a))(block, tokens, emb, text, text_mask) if self.remat
-                else block(tokens, emb, text, text_mask))
+    if video_shape is not None:  # which frame each row is (off for stills, so they stay images)
+      b, f = video_shape[:2]
+      frame_emb = self.temporal_frame_embed(temporal.frame_features(b, f, self.dim, self.max_frames).astype(dtype))
+      emb = emb + frame_is_video.astype(dtype)[:, None] * frame_emb
+      gate = frame_is_video.astype(dtype)[:, None, None]
+
+      def across_frames(attention, tokens):  # [b * f, tokens, dim] seen as [b, f, grid_h, grid_w, dim]
+        mixed = self._run(attention, tokens.reshape(b, f, grid_h, grid_w, self.dim))
+        return tokens + gate * mixed.reshape(tokens.shape)
+
+    for index, block in enumerate(self.blocks):
+      tokens = self._run(block, tokens, emb, text, text_mask)
+      if video_shape is not None:
+        tokens = across_frames(self.temporal_attention[index], tokens)
     shift, scale = jnp.split(self.final_modulation(nnx.silu(emb)), 2, axis=-1)
     out = self.patch_out(modulate(self.norm_out(tokens), shift, scale)).astype(jnp.float32)
-    out = out.reshape(b, grid_h, grid_w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(b, h, w, c)
+    out = out.reshape(rows, grid_h, grid_w, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(rows, h, w, c)
+    return out if video_shape is None else out.reshape(video_shape)

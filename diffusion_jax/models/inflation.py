@@ -1,9 +1,10 @@
 """Inflation (Make-A-Video): a video model initialised from a trained image model's checkpoint.
 
-Every parameter of the image model (U-Net spatial layers and text encoder) is restored into the same
-path of the video model, placed directly with the video model's shardings; the video U-Net's temporal
+Every parameter of the image model (U-Net or DiT spatial layers and text encoder) is restored into the same
+path of the video model, placed directly with the video model's shardings; the video model's temporal
 layers keep their identity initialisation and its frame-index embedding is zeroed, so at step 0 the
-video model produces, per frame, exactly what the image model produces. Both models must tokenize text the same way.
+video model produces, per frame, exactly what the image model produces. Both models must have the same
+backbone and tokenize text the same way.
 A video model with pixel coordinate inputs (`model.coordinate_channels`) inflates from an image model without
 them: the first convolution's weights for the coordinates start at zero, which keeps that identity.
 """
@@ -40,6 +41,8 @@ def compatibility_problems(image_config, video_config) -> list[str]:
     if tokenizers.from_config(video_config).vocabulary[:len(image_words)] != image_words:
       found.append(f"the word vocabulary of data.dataset={video_config.data.dataset!r} does not extend that of "
                    f"{image_config.data.dataset!r}, so word ids would change meaning")
+  if image_config.model.backbone != video_config.model.backbone:
+    found.append(f"model.backbone differs ({image_config.model.backbone!r} vs {video_config.model.backbone!r})")
   if image_config.model.lowres_conditioning != video_config.model.lowres_conditioning:
     found.append("model.lowres_conditioning differs")
   added = _added_input_channels(image_config, video_config)

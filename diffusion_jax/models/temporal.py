@@ -19,6 +19,19 @@ from flax import nnx
 from diffusion_jax.models import layers
 
 
+def frames_as_rows(x, *per_example):
+  """A video batch as a batch of frames: x [batch, frames, ...] -> [batch * frames, ...] (frames are consecutive
+  rows), and each per-example array [batch, ...] repeated for every frame of its clip."""
+  b, f = x.shape[:2]
+  return (x.reshape((b * f,) + x.shape[2:]), *(jnp.repeat(a, f, axis=0) for a in per_example))
+
+
+def frame_features(batch: int, frames: int, dim: int, max_frames: int):
+  """[batch * frames, dim] sinusoids of each row's frame index, with periods up to max_frames (so every feature
+  tells frames apart); a layer's frame-index embedding is a projection of these."""
+  return layers.sinusoidal_embedding(jnp.tile(jnp.arange(frames), batch), dim, max_period=float(max_frames))
+
+
 def relative_positions(frames: int, max_frames: int):
   """[frames, frames] indices into a bias table of 2 * max_frames - 1 relative distances (clipped)."""
   distance = jnp.arange(frames)[None, :] - jnp.arange(frames)[:, None]

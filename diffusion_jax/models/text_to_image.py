@@ -3,7 +3,7 @@ split into trainable / frozen parameters.
 
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `TextToImage(x, logsnr, text, mask)`
 (plus `lowres`, `aug_logsnr` for a super-resolution stage) -> the network's output (x is [batch, h, w, c], or
-[batch, frames, h, w, c] for a temporal U-Net). Parameters live outside the module as pure dicts (see
+[batch, frames, h, w, c] for a video model). Parameters live outside the module as pure dicts (see
 train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a jitted function.
 """
 
@@ -40,7 +40,7 @@ def abstract(config):
 
 
 def is_temporal(path, _) -> bool:
-  """Filter: parameters of the temporal layers of a video U-Net (`unet.temporal_*`)."""
+  """Filter: parameters of the temporal layers of a video U-Net or DiT (`unet.temporal_*`, `dit.temporal_*`)."""
   return any(str(key).startswith("temporal_") for key in path)
 
 

@@ -154,12 +154,9 @@ class UNet(nnx.Module):
         raise ValueError("a video input [batch, frames, h, w, c] needs a temporal U-Net (model.temporal=True).")
       b, f = video_shape[:2]
       is_video = jnp.ones((b,), bool) if is_video is None else is_video
-      per_frame = lambda a: jnp.repeat(a, f, axis=0)
-      x, logsnr, text, text_mask = (x.reshape((b * f,) + x.shape[2:]), per_frame(logsnr), per_frame(text),
-                                    per_frame(text_mask))
+      x, logsnr, text, text_mask, frame_is_video = temporal.frames_as_rows(x, logsnr, text, text_mask, is_video)
       if lowres is not None:  # temporal super-resolution: each low-res frame repeated over the frames it spans
-        lowres = jnp.repeat(lowres, f // lowres.shape[1], axis=1)
-        lowres, aug_logsnr = lowres.reshape((b * f,) + lowres.shape[2:]), per_frame(aug_logsnr)
+        lowres, aug_logsnr = temporal.frames_as_rows(jnp.repeat(lowres, f // lowres.shape[1], axis=1), aug_logsnr)
     dtype = self.dtype
     text = text.astype(dtype)
     emb = self.time_out(nnx.silu(self.time_in(layers.sinusoidal_embedding(logsnr, self.channels).astype(dtype))))
@@ -171,10 +168,8 @@ class UNet(nnx.Module):
       x = jnp.concatenate([x, lowres], axis=-1)
       emb = emb + self.aug_in(layers.sinusoidal_embedding(aug_logsnr, self.channels).astype(dtype))
     if video_shape is not None:  # which frame each row is (off for stills, so they stay images)
-      frame = jnp.tile(jnp.arange(f), b)
-      frame_features = layers.sinusoidal_embedding(frame, self.channels, max_period=float(self.max_frames))
-      frame_emb = self.temporal_frame_embed(frame_features.astype(dtype))
-      emb = emb + per_frame(is_video.astype(dtype))[:, None] * frame_emb
+      frame_emb = self.temporal_frame_embed(temporal.frame_features(b, f, self.channels, self.max_frames).astype(dtype))
+      emb = emb + frame_is_video.astype(dtype)[:, None] * frame_emb
     keys = iter(jax.random.split(dropout_key, 256)) if dropout_key is not None else None
     next_key = (lambda: next(keys)) if keys is not None else (lambda: None)
 
