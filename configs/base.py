@@ -51,13 +51,13 @@ def get_config():
               max_distance=128, position_bias_init="t5", gated=True, layer_norm_epsilon=1e-6, dtype="float32"),
   )
 
-  # U-Net (diffusion_jax/models/unet.py documents each field).
+  # U-Net or DiT (diffusion_jax/models/unet.py and dit.py document each field).
   c.model = dict(
       channels=64, channel_mults=(1, 2, 4), num_res_blocks=(2, 2, 2), attention_levels=(1, 2), skips="block",
       skip_scale=1.0, heads=4, ff_mult=2, dropout=0.0, text_dim=512, in_channels=3, dtype="float32",
       remat=False, lowres_conditioning=False, temporal=False, max_frames=16, coordinate_channels=False,
       attention="auto",            # models/attention.py: auto (folded on CPU, else xla), folded, xla, cudnn
-      backbone="unet",             # 'unet' (models/unet.py) or 'dit' (models/dit.py: images only, for now)
+      backbone="unet",             # 'unet' (models/unet.py) or 'dit' (models/dit.py; video with temporal=True)
       patch_size=2,                # dit: patch side in pixels
       depth=12,                    # dit: transformer blocks (its width is `channels`)
   )
