@@ -15,7 +15,7 @@ from diffusion_jax.data import pipeline
 from diffusion_jax.models import dit, inflation, init_rngs, text_to_image
 from diffusion_jax.text import tokenizers
 from test_train import one_step
-from test_unet import perturb
+from test_unet import perturb, run
 from test_video import frame_influence, video_inputs
 
 
@@ -54,12 +54,14 @@ def test_starts_as_the_zero_function_and_learns_through_every_block():
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, value
 
-  initial = loss(params)
-  assert float(initial) == pytest.approx(float(jnp.mean(target ** 2)))  # the output starts at exactly zero
   trained, opt_state = params, tx.init(params)
+  losses = []
   for _ in range(30):
     trained, opt_state, value = step(trained, opt_state)
-  assert float(value) < 0.7 * float(initial)
+    losses.append(float(value))
+  # The output starts at exactly zero (up to the order of the mean's sum).
+  assert losses[0] == pytest.approx(float(jnp.mean(target ** 2)), rel=1e-5)
+  assert losses[-1] < 0.7 * losses[0]
   for index in range(config.model.depth):  # the zero gates open: every block's attention and MLP train
     block, before = trained["dit"]["blocks"][index], params["dit"]["blocks"][index]
     for path in (("self_attn", "q", "kernel"), ("ff", "proj_in", "kernel"), ("cross_attn", "out", "kernel")):
@@ -78,14 +80,14 @@ def test_video_dit_mixes_frames_and_leaves_stills_to_the_image_dit():
   mixing = frame_influence(video, x, logsnr, text, mask, frame=1)
   assert mixing[0] > 1e-3 and mixing[3] > 1e-3
   still = jnp.zeros((2,), bool)  # images stored as videos: each frame is exactly the image DiT's output
-  per_frame = jnp.stack([image(x[:, k], logsnr, text, mask) for k in range(4)], axis=1)
-  np.testing.assert_allclose(video(x, logsnr, text, mask, is_video=still), per_frame, atol=1e-5)
+  per_frame = jnp.stack([run(image, x[:, k], logsnr, text, mask) for k in range(4)], axis=1)
+  np.testing.assert_allclose(run(video, x, logsnr, text, mask, is_video=still), per_frame, atol=1e-5)
   assert np.all(np.delete(frame_influence(video, x, logsnr, text, mask, 1, is_video=still), 1) == 0)
-  mixed = video(x, logsnr, text, mask, is_video=jnp.array([False, True]))
+  mixed = run(video, x, logsnr, text, mask, is_video=jnp.array([False, True]))
   np.testing.assert_allclose(mixed[0], per_frame[0], atol=1e-5)
   assert float(jnp.abs(mixed[1] - per_frame[1]).max()) > 1e-3
   with pytest.raises(ValueError, match="needs a video DiT"):
-    image(x, logsnr, text, mask)
+    run(image, x, logsnr, text, mask)
 
 
 def test_a_video_dit_inflated_from_an_image_dit_is_that_model_per_frame():
@@ -102,16 +104,16 @@ def test_a_video_dit_inflated_from_an_image_dit_is_that_model_per_frame():
   x, logsnr, _, _ = video_inputs(res=16)
   ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
   text = image.encode(ids, ids > 0)
-  per_frame = jnp.stack([image(x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
+  per_frame = jnp.stack([run(image, x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
   # The temporal layers are still the trained-looking ones except the zeroed frame embedding: not identity.
-  assert float(jnp.abs(video(x, logsnr, text, ids > 0) - per_frame).max()) > 1e-3
+  assert float(jnp.abs(run(video, x, logsnr, text, ids > 0) - per_frame).max()) > 1e-3
   fresh_graphdef, fresh_params, fresh_frozen = text_to_image.split(
       text_to_image.TextToImage(video_config, rngs=init_rngs.seeded(1)), video_config)
   fresh_params, fresh_frozen = inflation.inflate(weights, nnx.to_pure_dict(fresh_params),
                                                  nnx.to_pure_dict(fresh_frozen))
   assert float(jnp.abs(temporal_out(fresh_params)).max()) == 0  # temporal layers start as the identity
   inflated = nnx.merge(fresh_graphdef, fresh_params, fresh_frozen)
-  np.testing.assert_allclose(inflated(x, logsnr, text, ids > 0), per_frame, atol=1e-5)
+  np.testing.assert_allclose(run(inflated, x, logsnr, text, ids > 0), per_frame, atol=1e-5)
   unet_config = t2i_shapes.get_config("test")
   assert "model.backbone differs ('unet' vs 'dit')" in inflation.compatibility_problems(unet_config, video_config)
 

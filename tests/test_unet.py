@@ -28,18 +28,24 @@ def inputs(batch=2, res=8, tokens=5):
 
 
 def perturb(model, scale=0.05):
-  """Zero-initialised output layers make a fresh model blind to its inputs; nudge every parameter."""
+  """Zero-initialised output layers make a fresh model blind to its inputs; nudge every parameter (noise drawn
+  on the host: no program compiled per parameter shape)."""
   graphdef, params = nnx.split(model)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(42), len(leaves))
-  leaves = [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-  return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
+  rng = np.random.default_rng(42)
+  nudge = lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape).astype(p.dtype))
+  return nnx.merge(graphdef, jax.tree.map(nudge, params))
+
+
+@nnx.jit
+def run(model, *args, **kwargs):
+  """model(*args, **kwargs) compiled as one program (an eager call compiles each of its operations apart)."""
+  return model(*args, **kwargs)
 
 
 @pytest.mark.parametrize("skips", ["block", "level"])
 def test_output_shape_and_dtype(skips):
   model = unet.UNet(tiny_config(skips=skips), rngs=nnx.Rngs(0))
-  out = model(*inputs())
+  out = run(model, *inputs())
   assert out.shape == (2, 8, 8, 3) and out.dtype == jnp.float32
 
 
@@ -47,18 +53,19 @@ def test_padding_tokens_do_not_change_output():
   model = perturb(unet.UNet(tiny_config(), rngs=nnx.Rngs(0)))
   x, logsnr, text, mask = inputs()
   garbage = jnp.where(mask[..., None], text, 100.0 * jax.random.normal(jax.random.key(5), text.shape))
-  np.testing.assert_allclose(model(x, logsnr, text, mask), model(x, logsnr, garbage, mask), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(run(model, x, logsnr, text, mask), run(model, x, logsnr, garbage, mask), rtol=1e-5,
+                             atol=1e-5)
   longer = jnp.concatenate([text, jnp.ones((2, 3, 8))], axis=1)
   longer_mask = jnp.concatenate([mask, jnp.zeros((2, 3), bool)], axis=1)
-  np.testing.assert_allclose(model(x, logsnr, text, mask), model(x, logsnr, longer, longer_mask), rtol=1e-5,
+  np.testing.assert_allclose(run(model, x, logsnr, text, mask), run(model, x, logsnr, longer, longer_mask), rtol=1e-5,
                              atol=1e-5)
 
 
 def test_text_changes_output_and_empty_prompt_is_finite():
   model = perturb(unet.UNet(tiny_config(), rngs=nnx.Rngs(0)))
   x, logsnr, text, mask = inputs()
-  assert float(jnp.abs(model(x, logsnr, text, mask) - model(x, logsnr, -text, mask)).max()) > 1e-3
-  empty = model(x, logsnr, jnp.zeros_like(text), jnp.zeros_like(mask))
+  assert float(jnp.abs(run(model, x, logsnr, text, mask) - run(model, x, logsnr, -text, mask)).max()) > 1e-3
+  empty = run(model, x, logsnr, jnp.zeros_like(text), jnp.zeros_like(mask))
   assert bool(jnp.all(jnp.isfinite(empty)))
 
 
@@ -80,7 +87,7 @@ def test_bfloat16_compute_keeps_float32_params():
   model = perturb(unet.UNet(tiny_config(dtype="bfloat16"), rngs=nnx.Rngs(0)))
   reference = perturb(unet.UNet(tiny_config(), rngs=nnx.Rngs(0)))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  out, expected = model(*inputs()), reference(*inputs())
+  out, expected = run(model, *inputs()), run(reference, *inputs())
   assert out.dtype == jnp.float32
   assert float(jnp.abs(out - expected).max()) < 0.05 * float(jnp.abs(expected).max()) + 0.05
 
@@ -88,19 +95,19 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_dropout_only_with_a_key():
   model = perturb(unet.UNet(tiny_config(dropout=0.5), rngs=nnx.Rngs(0)))
   args = inputs()
-  np.testing.assert_array_equal(model(*args), model(*args))
-  assert float(jnp.abs(model(*args, dropout_key=jax.random.key(1)) - model(*args)).max()) > 1e-4
+  np.testing.assert_array_equal(run(model, *args), run(model, *args))
+  assert float(jnp.abs(run(model, *args, dropout_key=jax.random.key(1)) - run(model, *args)).max()) > 1e-4
 
 
 def test_super_resolution_inputs():
   model = perturb(unet.UNet(tiny_config(lowres_conditioning=True), rngs=nnx.Rngs(0)))
   x, logsnr, text, mask = inputs()
   lowres = jax.random.normal(jax.random.key(3), (2, 4, 4, 3))
-  out = model(x, logsnr, text, mask, lowres=lowres, aug_logsnr=jnp.zeros(2))
+  out = run(model, x, logsnr, text, mask, lowres=lowres, aug_logsnr=jnp.zeros(2))
   assert out.shape == x.shape
-  assert float(jnp.abs(out - model(x, logsnr, text, mask, lowres=-lowres, aug_logsnr=jnp.zeros(2))).max()) > 1e-4
+  assert float(jnp.abs(out - run(model, x, logsnr, text, mask, lowres=-lowres, aug_logsnr=jnp.zeros(2))).max()) > 1e-4
   with pytest.raises(ValueError, match="lowres"):
-    model(x, logsnr, text, mask)
+    run(model, x, logsnr, text, mask)
 
 
 def test_bad_config_is_explained():
@@ -125,7 +132,7 @@ def test_gradient_reaches_every_parameter_and_output_is_deterministic():
   grads = jax.jit(jax.grad(loss))(params)
   for path, g in nnx.to_flat_state(grads):
     assert float(jnp.abs(g.get_value()).max()) > 0, path
-  np.testing.assert_array_equal(model(x, logsnr, text, mask), model(x, logsnr, text, mask))
+  np.testing.assert_array_equal(run(model, x, logsnr, text, mask), run(model, x, logsnr, text, mask))
 
 
 def test_coordinate_channels_tell_interior_positions_apart():
@@ -137,6 +144,6 @@ def test_coordinate_channels_tell_interior_positions_apart():
   for coordinate_channels in (False, True):
     config = tiny_config(channel_mults=(1,), num_res_blocks=(1,), attention_levels=(), dropout=0.0,
                          coordinate_channels=coordinate_channels)
-    out = perturb(unet.UNet(config, rngs=nnx.Rngs(0)))(flat, logsnr, text, mask)
+    out = run(perturb(unet.UNet(config, rngs=nnx.Rngs(0))), flat, logsnr, text, mask)
     differences.append(float(jnp.abs(out[0, 18, 18] - out[0, 22, 21]).max()))
   assert differences[0] < 1e-6 < 1e-3 < differences[1]

@@ -13,7 +13,7 @@ from diffusion_jax import media, sample, sharding, train
 from diffusion_jax.data import moving_shapes
 from diffusion_jax.metrics import fid, fvd, motion_judge
 from diffusion_jax.models import text_to_image, unet
-from test_unet import perturb, tiny_config
+from test_unet import perturb, run, tiny_config
 
 
 def video_inputs(batch=2, frames=4, res=8, tokens=5, seed=0):
@@ -25,7 +25,7 @@ def video_inputs(batch=2, frames=4, res=8, tokens=5, seed=0):
 def frame_influence(model, x, logsnr, text, mask, frame, **kwargs):
   """Max |change| of each output frame when input `frame` is changed: [frames]."""
   changed = x.at[:, frame].add(1.0)
-  diff = jnp.abs(model(changed, logsnr, text, mask, **kwargs) - model(x, logsnr, text, mask, **kwargs))
+  diff = jnp.abs(run(model, changed, logsnr, text, mask, **kwargs) - run(model, x, logsnr, text, mask, **kwargs))
   return np.asarray(diff.max(axis=(0, 2, 3, 4)))
 
 
@@ -46,11 +46,11 @@ def test_temporal_layers_mix_frames_and_are_off_for_images(video_unet):
   assert mixing[0] > 1e-3 and mixing[3] > 1e-3  # a trained-looking temporal stack spreads a change
   # Images stored as videos (is_video False): every frame is exactly the image U-Net's output.
   off = jnp.zeros((2,), bool)
-  per_frame = jnp.stack([image(x[:, k], logsnr, text, mask) for k in range(4)], axis=1)
-  np.testing.assert_allclose(video(x, logsnr, text, mask, is_video=off), per_frame, atol=1e-5)
+  per_frame = jnp.stack([run(image, x[:, k], logsnr, text, mask) for k in range(4)], axis=1)
+  np.testing.assert_allclose(run(video, x, logsnr, text, mask, is_video=off), per_frame, atol=1e-5)
   assert np.all(np.delete(frame_influence(video, x, logsnr, text, mask, 1, is_video=off), 1) == 0)
   # A mixed batch: the image row is unaffected by the video row being a video.
-  mixed = video(x, logsnr, text, mask, is_video=jnp.array([False, True]))
+  mixed = run(video, x, logsnr, text, mask, is_video=jnp.array([False, True]))
   np.testing.assert_allclose(mixed[0], per_frame[0], atol=1e-5)
   assert float(jnp.abs(mixed[1] - per_frame[1]).max()) > 1e-3
 
@@ -68,9 +68,9 @@ def test_a_video_unet_from_scratch_tells_frames_apart_from_the_first_step():
   model = nnx.merge(graphdef, traverse_util.unflatten_dict(mixed))
   x, logsnr, text, mask = video_inputs()
   same = jnp.repeat(x[:, :1], 4, axis=1)
-  out = model(same, logsnr, text, mask)
+  out = run(model, same, logsnr, text, mask)
   assert float(jnp.abs(out[:, 0] - out[:, 3]).max()) > 1e-3
-  still = model(same, logsnr, text, mask, is_video=jnp.zeros((2,), bool))
+  still = run(model, same, logsnr, text, mask, is_video=jnp.zeros((2,), bool))
   np.testing.assert_allclose(still[:, 0], still[:, 3], atol=1e-6)
 
 
@@ -78,14 +78,15 @@ def test_a_video_unet_from_scratch_tells_frames_apart_from_the_first_step():
 def test_any_frame_count_up_to_the_trained_length(video_unet, frames):
   video, _ = video_unet
   x, logsnr, text, mask = video_inputs(frames=frames)
-  out = video(x, logsnr, text, mask)
+  out = run(video, x, logsnr, text, mask)
   assert out.shape == x.shape and bool(jnp.isfinite(out).all())
 
 
 def test_image_input_to_a_video_unet_is_the_image_path(video_unet):
   video, image = video_unet
   x, logsnr, text, mask = video_inputs()
-  np.testing.assert_allclose(video(x[:, 0], logsnr, text, mask), image(x[:, 0], logsnr, text, mask), atol=1e-5)
+  np.testing.assert_allclose(run(video, x[:, 0], logsnr, text, mask), run(image, x[:, 0], logsnr, text, mask),
+                             atol=1e-5)
 
 
 def test_video_input_to_an_image_unet_is_refused(video_unet):
@@ -95,8 +96,8 @@ def test_video_input_to_an_image_unet_is_refused(video_unet):
 
 
 def models_at(config, state, graphdef, image_config, image_workdir):
-  """The video model of `state` and the image model of the image checkpoint, their parameters on the host:
-  eager calls then run on one device, not as one partitioned program per operation over the 8 of the mesh."""
+  """The video model of `state` and the image model of the image checkpoint, their parameters on the host (so
+  their programs run on one device, not partitioned over the 8 of the mesh)."""
   _, image_state, image_graphdef, _, _ = sample.load_checkpoint(image_workdir)
   video = nnx.merge(graphdef, *jax.device_get((state.params, state.frozen)))
   image = nnx.merge(image_graphdef, *jax.device_get((image_state.ema[0], image_state.frozen)))
@@ -112,8 +113,8 @@ def test_inflated_model_is_the_image_model_per_frame_at_init(trained, trained_vi
   text = video.encode(ids, ids > 0)
   np.testing.assert_array_equal(text, image.encode(ids, ids > 0))
   x, logsnr = jax.random.normal(jax.random.key(3), (2, 4, 16, 16, 3)), jnp.array([-2.0, 1.0])
-  per_frame = jnp.stack([image(x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
-  assert float(jnp.abs(video(x, logsnr, text, ids > 0) - per_frame).max()) < 1e-5
+  per_frame = jnp.stack([run(image, x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
+  assert float(jnp.abs(run(video, x, logsnr, text, ids > 0) - per_frame).max()) < 1e-5
   # At identity init, each output frame depends only on its own input frame.
   assert np.all(np.delete(frame_influence(video, x, logsnr, text, ids > 0, frame=2), 2) == 0)
 
@@ -129,8 +130,8 @@ def test_inflation_adds_pixel_coordinate_inputs_with_zero_weights(trained, train
   ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
   text = video.encode(ids, ids > 0)
   x, logsnr = jax.random.normal(jax.random.key(3), (2, 4, 16, 16, 3)), jnp.array([-2.0, 1.0])
-  per_frame = jnp.stack([image(x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
-  assert float(jnp.abs(video(x, logsnr, text, ids > 0) - per_frame).max()) < 1e-5
+  per_frame = jnp.stack([run(image, x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
+  assert float(jnp.abs(run(video, x, logsnr, text, ids > 0) - per_frame).max()) < 1e-5
 
 
 def test_training_only_the_temporal_layers(trained, trained_video):
@@ -146,8 +147,8 @@ def test_training_only_the_temporal_layers(trained, trained_video):
   x, logsnr = jax.random.normal(jax.random.key(3), (2, 4, 16, 16, 3)), jnp.array([-2.0, 1.0])
   # After a few steps the frames interact; the spatial layers are still the image model's.
   assert np.delete(frame_influence(video, x, logsnr, text, ids > 0, frame=2), 2).max() > 1e-4
-  per_frame = jnp.stack([image(x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
-  np.testing.assert_allclose(video(x, logsnr, text, ids > 0, is_video=jnp.zeros((2,), bool)), per_frame, atol=1e-5)
+  per_frame = jnp.stack([run(image, x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
+  np.testing.assert_allclose(run(video, x, logsnr, text, ids > 0, is_video=jnp.zeros((2,), bool)), per_frame, atol=1e-5)
 
 
 def test_inflation_from_an_incompatible_image_model_is_refused(trained, tmp_path):
