@@ -57,7 +57,7 @@ def get_config():
       skip_scale=1.0, heads=4, ff_mult=2, dropout=0.0, text_dim=512, in_channels=3, dtype="float32",
       remat=False, lowres_conditioning=False, temporal=False, max_frames=16, coordinate_channels=False,
       attention="auto",            # models/attention.py: auto (folded on CPU, else xla), folded, xla, cudnn
-      backbone="unet",             # 'unet' (models/unet.py) or 'dit' (models/dit.py; video with temporal=True)
+      backbone="unet",             # 'unet' (models/unet.py) or 'dit' (models/dit.py)
       patch_size=2,                # dit: patch side in pixels
       depth=12,                    # dit: transformer blocks (its width is `channels`)
   )

@@ -16,11 +16,11 @@ def dit_problems(config) -> list[str]:
     found.append(f"model.channels={m.channels} (the DiT's width) must be divisible by 4 and by model.heads={m.heads}")
   if m.depth < 1:
     found.append(f"model.depth={m.depth} must be >= 1")
-  unsupported = [f"model.{k}" for k in ("lowres_conditioning", "coordinate_channels") if m[k]]
-  unsupported += ["model.dropout"] if m.dropout else []
-  if unsupported:
-    found.append(f"model.backbone='dit' has no {', '.join(unsupported)} yet (super-resolution, coordinates, "
-                 "dropout): use model.backbone='unet' or switch them off")
+  if m.coordinate_channels:
+    found.append("model.coordinate_channels is a U-Net input (a DiT's patches carry position embeddings): switch "
+                 "it off or use model.backbone='unet'")
+  if m.dropout:
+    found.append("model.backbone='dit' has no model.dropout yet: set it to 0 or use model.backbone='unet'")
   return found
 
 

@@ -126,16 +126,17 @@ def test_sr_validation_inputs_are_the_real_images_downsampled(trained_sr):
   np.testing.assert_allclose(lowres[:, 0].mean((1, 2)), images.mean((1, 2)), atol=2)
 
 
-def test_temporal_superres_repeats_each_low_res_frame_over_its_span():
-  """A temporal SR U-Net (2 low-res frames -> 4): with the temporal layers off, output frames 0-1 depend
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_temporal_superres_repeats_each_low_res_frame_over_its_span(backbone):
+  """A temporal SR U-Net or DiT (2 low-res frames -> 4): with the temporal layers off, output frames 0-1 depend
   only on low-res frame 0 and frames 2-3 only on low-res frame 1; with them on, every frame sees both."""
   from flax import nnx
 
-  from diffusion_jax.models import unet
+  from diffusion_jax.models import dit, unet
   from test_unet import perturb, tiny_config
 
-  model = perturb(unet.UNet(tiny_config(dropout=0.0, temporal=True, max_frames=4, lowres_conditioning=True),
-                            rngs=nnx.Rngs(0)))
+  config = tiny_config(dropout=0.0, temporal=True, max_frames=4, lowres_conditioning=True, depth=2, patch_size=2)
+  model = perturb((unet.UNet if backbone == "unet" else dit.DiT)(config, rngs=nnx.Rngs(0)))
   keys = jax.random.split(jax.random.key(0), 3)
   x, lowres = jax.random.normal(keys[0], (2, 4, 8, 8, 3)), jax.random.normal(keys[1], (2, 2, 4, 4, 3))
   args = (jnp.zeros(2), jax.random.normal(keys[2], (2, 5, 8)), jnp.ones((2, 5), bool))

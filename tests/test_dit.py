@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx, traverse_util
 
-from configs import t2i_shapes, t2v_moving_shapes
+from configs import sr_shapes, t2i_shapes, t2v_moving_shapes
 from diffusion_jax import config_checks, sample, sharding
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import dit, inflation, init_rngs, text_to_image
@@ -137,11 +137,27 @@ def test_video_dit_trains_sharded_like_one_device_and_samples():
   assert videos.shape == (2, 2, 4, 16, 16, 3) and videos.dtype == np.uint8
 
 
+def test_a_super_resolution_dit_reads_its_low_res_input_and_augmentation_level():
+  config = sr_shapes.get_config("residual")
+  config.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
+  assert config_checks.problems(config, device_count=8) == []
+  model = perturb(dit.DiT(config.model, rngs=nnx.Rngs(0)))
+  keys = jax.random.split(jax.random.key(7), 3)
+  x, lowres = jax.random.normal(keys[0], (2, 32, 32, 3)), jax.random.normal(keys[1], (2, 16, 16, 3))
+  logsnr, text, mask = jnp.zeros(2), jax.random.normal(keys[2], (2, 5, config.model.text_dim)), jnp.ones((2, 5), bool)
+  out = run(model, x, logsnr, text, mask, lowres=lowres, aug_logsnr=jnp.zeros(2))
+  assert out.shape == x.shape
+  for other in (dict(lowres=-lowres, aug_logsnr=jnp.zeros(2)), dict(lowres=lowres, aug_logsnr=jnp.full(2, -3.0))):
+    assert float(jnp.abs(out - run(model, x, logsnr, text, mask, **other)).max()) > 1e-3
+  with pytest.raises(ValueError, match="needs `lowres` and `aug_logsnr`"):
+    run(model, x, logsnr, text, mask)
+
+
 def test_configs_a_dit_cannot_serve_are_refused():
   config = dit_config()
   config.model.update(patch_size=3, channels=30, coordinate_channels=True, dropout=0.1)
   message = "; ".join(config_checks.problems(config, device_count=8))
   assert "divisible by model.patch_size=3" in message and "model.channels=30" in message
-  assert "has no model.coordinate_channels, model.dropout yet" in message
+  assert "model.coordinate_channels is a U-Net input" in message and "no model.dropout yet" in message
   config.model.backbone = "vit"
   assert "model.backbone='vit' is not one of" in "; ".join(config_checks.problems(config, device_count=8))

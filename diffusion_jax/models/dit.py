@@ -13,18 +13,24 @@ conditioning. Temporal layers start as the identity and live under `temporal_*`,
 initialises a video DiT that, per frame, is the image model (models/inflation.py), and `is_video` False rows
 (stills in joint image-video batches) pass through them unchanged.
 
+A super-resolution DiT (`lowres_conditioning`, superres.py) reads the upsampled low-resolution input as extra
+channels of every patch and adds an embedding of its noise-augmentation log-SNR to the conditioning, as the
+U-Net does; a video one repeats each low-resolution frame over the frames it spans (temporal super-resolution).
+
 Configuration (`config.model`, see configs/base.py): backbone='dit', channels (token width), depth (blocks),
 patch_size, heads, ff_mult, text_dim, in_channels, dtype, remat, attention (models/attention.py), temporal,
-max_frames.
+max_frames, lowres_conditioning.
 
 Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim], text_mask [batch, tokens]
 bool -> prediction [batch, h, w, in_channels] (float32); h and w divisible by patch_size. Video DiT:
-x [batch, frames, h, w, in_channels] -> the same shape; is_video [batch] (default all True).
+x [batch, frames, h, w, in_channels] -> the same shape; is_video [batch] (default all True). Super-resolution:
+lowres [batch, (frames,) h', w', in_channels], aug_logsnr [batch].
 """
 
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax import superres
 from diffusion_jax.models import layers, temporal
 
 
@@ -77,7 +83,10 @@ class DiT(nnx.Module):
                        f"{config.heads}.")
     self.dtype, self.dim, self.patch, self.remat = dtype, dim, patch, config.remat
     self.in_channels = config.in_channels
-    self.patch_in = layers.dense(patch * patch * config.in_channels, dim, (None, "embed"), rngs, dtype)
+    self.lowres_conditioning = config.lowres_conditioning
+    patch_channels = config.in_channels * (2 if config.lowres_conditioning else 1)
+    self.patch_in = layers.dense(patch * patch * patch_channels, dim, (None, "embed"), rngs, dtype)
+    self.aug_in = layers.dense(dim, dim, (None, "embed"), rngs, dtype) if config.lowres_conditioning else None
     self.time_in = layers.dense(dim, dim, (None, "embed"), rngs, dtype)
     self.time_out = layers.dense(dim, dim, ("embed", "embed"), rngs, dtype)
     self.text_pool = layers.dense(config.text_dim, dim, ("text_embed", "embed"), rngs, dtype)
@@ -98,23 +107,29 @@ class DiT(nnx.Module):
     return nnx.remat(lambda m, *a: m(*a))(module, *args) if self.remat else module(*args)
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
-    if lowres is not None:
-      raise ValueError("the DiT takes no low-resolution input (no super-resolution DiT yet: use "
-                       "model.backbone='unet').")
+    if self.lowres_conditioning != (lowres is not None and aug_logsnr is not None):
+      raise ValueError("a super-resolution DiT (model.lowres_conditioning) needs `lowres` and `aug_logsnr` inputs, "
+                       "and only it takes them.")
     video_shape = x.shape if x.ndim == 5 else None
+    c = x.shape[-1]
+    if self.lowres_conditioning:  # the upsampled low-res input becomes extra channels of every patch
+      x = jnp.concatenate([x, superres.upsampled(lowres, x.shape)], axis=-1)
     if video_shape is not None:  # frames become batch rows for the spatial blocks
       if not self.temporal:
         raise ValueError("a video input [batch, frames, h, w, c] needs a video DiT (model.temporal=True).")
       is_video = jnp.ones((x.shape[0],), bool) if is_video is None else is_video
       x, logsnr, text, text_mask, frame_is_video = temporal.frames_as_rows(x, logsnr, text, text_mask, is_video)
-    rows, h, w, c = x.shape
+      aug_logsnr = None if aug_logsnr is None else jnp.repeat(aug_logsnr, video_shape[1])
+    rows, h, w = x.shape[:3]
     p, dtype = self.patch, self.dtype
     grid_h, grid_w = h // p, w // p
-    patches = x.reshape(rows, grid_h, p, grid_w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(rows, grid_h * grid_w, -1)
+    patches = x.reshape(rows, grid_h, p, grid_w, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(rows, grid_h * grid_w, -1)
     tokens = self.patch_in(patches.astype(dtype)) + position_embedding(grid_h, grid_w, self.dim).astype(dtype)
     text = text.astype(dtype)
     emb = self.time_out(nnx.silu(self.time_in(layers.sinusoidal_embedding(logsnr, self.dim).astype(dtype))))
     emb = emb + self.text_pool(layers.masked_mean(text, text_mask))
+    if self.lowres_conditioning:
+      emb = emb + self.aug_in(layers.sinusoidal_embedding(aug_logsnr, self.dim).astype(dtype))
     if video_shape is not None:  # which frame each row is (off for stills, so they stay images)
       b, f = video_shape[:2]
       frame_emb = self.temporal_frame_embed(temporal.frame_features(b, f, self.dim, self.max_frames).astype(dtype))
