@@ -329,11 +329,19 @@ def _train(config, workdir: str):
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
-  # ---------------------------------------------------------------- model and optimizer
+  # ---------------------------------------------------------------- model and optimizer: restored, or initialised
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
-  if mngr.all_steps():
+  resuming = bool(mngr.all_steps())
+  if resuming:
     check_resumable(config, workdir, mesh)
-  state, graphdef = init_state(config, mesh)
+  # A resumed run restores into the abstract state: nothing is initialised first (no init program to compile,
+  # no second copy of the state in device memory while the checkpoint is read).
+  state, graphdef = abstract_state(config, mesh) if resuming else init_state(config, mesh)
+  restored, step = checkpoint.restore(mngr, state) if resuming else (None, None)
+  if restored is not None:
+    state = restored
+    log.info("resumed from step %d", step)
+    checkpoint.set_aside_newer(mngr, step)  # so that those steps can be saved again
   log.info("parameters: %d trainable, %d frozen", count_params(state.params), count_params(state.frozen))
   # ---------------------------------------------------------------- input
   tokenizer = tokenizers.from_config(config)
@@ -343,14 +351,9 @@ def _train(config, workdir: str):
   batches = lambda seed: iter(pipeline.make_loader(config.data, source, tokenizer, per_process, seed=seed,
                                                    text_cache=text_cache))
   data_iter = batches(config.seed)
-  # ---------------------------------------------------------------- restore
   metadata = checkpoint.run_metadata(config)
   save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True, metadata=metadata)
-  restored, step = checkpoint.restore(mngr, state)
   if restored is not None:
-    state = restored
-    log.info("resumed from step %d", step)
-    checkpoint.set_aside_newer(mngr, step)  # so that those steps can be saved again
     unfit = checkpoint.restore_input_position(mngr, step, data_iter)
     if _any_process(unfit is not None):
       log.warning("the input position saved at step %d does not fit this run (%s): another batch size or process "

@@ -2,6 +2,7 @@
 sampling outputs, the motion judge and FVD."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,25 @@ def test_training_only_the_temporal_layers(trained, trained_video):
   assert np.delete(frame_influence(video, x, logsnr, text, ids > 0, frame=2), 2).max() > 1e-4
   per_frame = jnp.stack([run(image, x[:, k], logsnr, text, ids > 0) for k in range(4)], axis=1)
   np.testing.assert_allclose(run(video, x, logsnr, text, ids > 0, is_video=jnp.zeros((2,), bool)), per_frame, atol=1e-5)
+
+
+def test_resuming_an_inflated_run_restores_without_initialising(trained_video, tmp_path):
+  # A resumed run restores into the abstract state, so nothing initial is built: not even the inflation, whose
+  # image workdir may have moved since (its weights are in the video run's checkpoints).
+  config, workdir, trained_state = trained_video
+  config = config.copy_and_resolve_references()
+  config.inflate.image_workdir = str(tmp_path / "moved_away")
+  config.train.steps = 6
+  resumed_dir = tmp_path / "resumed"
+  shutil.copytree(workdir, resumed_dir)
+  state, _ = train.train_and_evaluate(config, resumed_dir)
+  assert int(state.step) == 6
+  frozen = lambda s: jax.tree.leaves(jax.device_get(s.frozen))
+  for a, b in zip(frozen(state), frozen(trained_state)):  # the inflated spatial layers, as trained
+    np.testing.assert_array_equal(a, b)
+  fresh = tmp_path / "fresh"  # a new run does inflate, and so needs the image workdir
+  with pytest.raises(ValueError, match="moved_away"):
+    train.train_and_evaluate(config, fresh)
 
 
 def test_inflation_from_an_incompatible_image_model_is_refused(trained, tmp_path):
