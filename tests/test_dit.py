@@ -1,6 +1,6 @@
-"""The diffusion transformer: starts as the zero function, learns through every block; its video form mixes
-frames, leaves stills to the image DiT and inflates from one; trains sharded as on one device and samples; configs
-it cannot serve are refused."""
+"""The diffusion transformer: starts as the zero function, learns through every block; a video DiT inflates from
+an image DiT and trains sharded as on one device and samples; a super-resolution DiT reads its inputs; configs it
+cannot serve are refused (test_video.py holds what video U-Nets and DiTs share)."""
 
 import jax
 import jax.numpy as jnp
@@ -16,20 +16,13 @@ from diffusion_jax.models import dit, inflation, init_rngs, text_to_image
 from diffusion_jax.text import tokenizers
 from test_train import one_step
 from test_unet import perturb, run
-from test_video import frame_influence, video_inputs
+from test_video import video_inputs
 
 
 def dit_config(video=False):
   config = t2v_moving_shapes.get_config("test") if video else t2i_shapes.get_config("test")
   config.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
   return config
-
-
-def spatial_part(params: dict) -> dict:
-  """A video model's parameters without its temporal layers: an image model's."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not any(str(k).startswith("temporal_")
-                                                                             for k in p)})
 
 
 def test_starts_as_the_zero_function_and_learns_through_every_block():
@@ -67,27 +60,6 @@ def test_starts_as_the_zero_function_and_learns_through_every_block():
     for path in (("self_attn", "q", "kernel"), ("ff", "proj_in", "kernel"), ("cross_attn", "out", "kernel")):
       leaf = lambda tree: tree[path[0]][path[1]][path[2]]
       assert float(jnp.abs(leaf(block) - leaf(before)).max()) > 0, (index, path)
-
-
-def test_video_dit_mixes_frames_and_leaves_stills_to_the_image_dit():
-  config = dit_config(video=True).model
-  config.text_dim = 8
-  video = perturb(dit.DiT(config, rngs=nnx.Rngs(0)))
-  config.temporal = False
-  image_graphdef = nnx.split(dit.DiT(config, rngs=nnx.Rngs(1)))[0]
-  image = nnx.merge(image_graphdef, spatial_part(nnx.to_pure_dict(nnx.split(video)[1])))
-  x, logsnr, text, mask = video_inputs(res=16)
-  mixing = frame_influence(video, x, logsnr, text, mask, frame=1)
-  assert mixing[0] > 1e-3 and mixing[3] > 1e-3
-  still = jnp.zeros((2,), bool)  # images stored as videos: each frame is exactly the image DiT's output
-  per_frame = jnp.stack([run(image, x[:, k], logsnr, text, mask) for k in range(4)], axis=1)
-  np.testing.assert_allclose(run(video, x, logsnr, text, mask, is_video=still), per_frame, atol=1e-5)
-  assert np.all(np.delete(frame_influence(video, x, logsnr, text, mask, 1, is_video=still), 1) == 0)
-  mixed = run(video, x, logsnr, text, mask, is_video=jnp.array([False, True]))
-  np.testing.assert_allclose(mixed[0], per_frame[0], atol=1e-5)
-  assert float(jnp.abs(mixed[1] - per_frame[1]).max()) > 1e-3
-  with pytest.raises(ValueError, match="needs a video DiT"):
-    run(image, x, logsnr, text, mask)
 
 
 def test_a_video_dit_inflated_from_an_image_dit_is_that_model_per_frame():

@@ -1,4 +1,4 @@
-"""Text-to-video: space-time U-Net, inflation from an image model, joint image-video training, video
+"""Text-to-video: space-time U-Net and DiT, inflation from an image model, joint image-video training, video
 sampling outputs, the motion judge and FVD."""
 
 import json
@@ -13,7 +13,7 @@ from flax import nnx, traverse_util
 from diffusion_jax import media, sample, sharding, train
 from diffusion_jax.data import moving_shapes
 from diffusion_jax.metrics import fid, fvd, motion_judge
-from diffusion_jax.models import text_to_image, unet
+from diffusion_jax.models import dit, text_to_image, unet
 from test_unet import perturb, run, tiny_config
 
 
@@ -30,22 +30,30 @@ def frame_influence(model, x, logsnr, text, mask, frame, **kwargs):
   return np.asarray(diff.max(axis=(0, 2, 3, 4)))
 
 
-@pytest.fixture(scope="module")
-def video_unet():
-  """A perturbed (non-identity) temporal U-Net and the image U-Net made of its spatial parameters."""
-  video = perturb(unet.UNet(tiny_config(dropout=0.0, temporal=True, max_frames=4), rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(unet.UNet(tiny_config(dropout=0.0), rngs=nnx.Rngs(1)))
-  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.split(video)[1]))
-  spatial = {p: v for p, v in flat.items() if not str(p[0]).startswith("temporal_")}
-  return video, nnx.merge(graphdef, traverse_util.unflatten_dict(spatial))
+def spatial_part(params: dict) -> dict:
+  """A video model's parameters without its temporal layers: an image model's."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not any(str(k).startswith("temporal_")
+                                                                             for k in p)})
 
 
-def test_temporal_layers_mix_frames_and_are_off_for_images(video_unet):
-  video, image = video_unet
+@pytest.fixture(scope="module", params=["unet", "dit"])
+def video_model(request):
+  """A perturbed (non-identity) video U-Net or DiT and the image model made of its spatial parameters."""
+  build = unet.UNet if request.param == "unet" else dit.DiT
+  config = tiny_config(dropout=0.0, temporal=True, max_frames=4, depth=2, patch_size=2)
+  video = perturb(build(config, rngs=nnx.Rngs(0)))
+  config.temporal = False
+  graphdef = nnx.split(build(config, rngs=nnx.Rngs(1)))[0]
+  return video, nnx.merge(graphdef, spatial_part(nnx.to_pure_dict(nnx.split(video)[1])))
+
+
+def test_temporal_layers_mix_frames_and_are_off_for_images(video_model):
+  video, image = video_model
   x, logsnr, text, mask = video_inputs()
   mixing = frame_influence(video, x, logsnr, text, mask, frame=1)
   assert mixing[0] > 1e-3 and mixing[3] > 1e-3  # a trained-looking temporal stack spreads a change
-  # Images stored as videos (is_video False): every frame is exactly the image U-Net's output.
+  # Images stored as videos (is_video False): every frame is exactly the image model's output.
   off = jnp.zeros((2,), bool)
   per_frame = jnp.stack([run(image, x[:, k], logsnr, text, mask) for k in range(4)], axis=1)
   np.testing.assert_allclose(run(video, x, logsnr, text, mask, is_video=off), per_frame, atol=1e-5)
@@ -76,23 +84,23 @@ def test_a_video_unet_from_scratch_tells_frames_apart_from_the_first_step():
 
 
 @pytest.mark.parametrize("frames", [1, 2, 4])
-def test_any_frame_count_up_to_the_trained_length(video_unet, frames):
-  video, _ = video_unet
+def test_any_frame_count_up_to_the_trained_length(video_model, frames):
+  video, _ = video_model
   x, logsnr, text, mask = video_inputs(frames=frames)
   out = run(video, x, logsnr, text, mask)
   assert out.shape == x.shape and bool(jnp.isfinite(out).all())
 
 
-def test_image_input_to_a_video_unet_is_the_image_path(video_unet):
-  video, image = video_unet
+def test_image_input_to_a_video_model_is_the_image_path(video_model):
+  video, image = video_model
   x, logsnr, text, mask = video_inputs()
   np.testing.assert_allclose(run(video, x[:, 0], logsnr, text, mask), run(image, x[:, 0], logsnr, text, mask),
                              atol=1e-5)
 
 
-def test_video_input_to_an_image_unet_is_refused(video_unet):
-  _, image = video_unet
-  with pytest.raises(ValueError, match="needs a temporal U-Net"):
+def test_video_input_to_an_image_model_is_refused(video_model):
+  _, image = video_model
+  with pytest.raises(ValueError, match="needs a (temporal U-Net|video DiT)"):
     image(*video_inputs())
 
 
