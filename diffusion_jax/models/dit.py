@@ -82,7 +82,6 @@ class DiT(nnx.Module):
       raise ValueError(f"model.channels={dim} (the DiT's width) must be divisible by 4 and by model.heads="
                        f"{config.heads}.")
     self.dtype, self.dim, self.patch, self.remat = dtype, dim, patch, config.remat
-    self.in_channels = config.in_channels
     self.lowres_conditioning = config.lowres_conditioning
     patch_channels = config.in_channels * (2 if config.lowres_conditioning else 1)
     self.patch_in = layers.dense(patch * patch * patch_channels, dim, (None, "embed"), rngs, dtype)
