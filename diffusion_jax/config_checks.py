@@ -19,8 +19,6 @@ def dit_problems(config) -> list[str]:
   if m.coordinate_channels:
     found.append("model.coordinate_channels is a U-Net input (a DiT's patches carry position embeddings): switch "
                  "it off or use model.backbone='unet'")
-  if m.dropout:
-    found.append("model.backbone='dit' has no model.dropout yet: set it to 0 or use model.backbone='unet'")
   return found
 
 

@@ -125,11 +125,31 @@ def test_a_super_resolution_dit_reads_its_low_res_input_and_augmentation_level()
     run(model, x, logsnr, text, mask)
 
 
+def test_dropout_acts_in_every_block_and_only_with_a_key():
+  config = dit_config()
+  config.model.dropout = 0.5
+  assert config_checks.problems(config, device_count=8) == []
+  model = perturb(dit.DiT(config.model, rngs=nnx.Rngs(0)))
+  keys = jax.random.split(jax.random.key(3), 3)
+  x, text = jax.random.normal(keys[0], (2, 16, 16, 3)), jax.random.normal(keys[1], (2, 5, config.model.text_dim))
+  args = (x, jnp.zeros(2), text, jnp.ones((2, 5), bool))
+  plain = run(model, *args)
+  np.testing.assert_array_equal(plain, run(model, *args))
+  dropped = run(model, *args, dropout_key=jax.random.key(1))
+  np.testing.assert_array_equal(dropped, run(model, *args, dropout_key=jax.random.key(1)))
+  assert float(jnp.abs(dropped - plain).max()) > 1e-3
+  assert float(jnp.abs(dropped - run(model, *args, dropout_key=jax.random.key(2))).max()) > 1e-3
+  tokens, emb = jax.random.normal(keys[2], (2, 64, 16)), jnp.ones((2, 16))
+  for block in model.blocks:
+    assert float(jnp.abs(run(block, tokens, emb, text, args[3], jax.random.key(1))
+                         - run(block, tokens, emb, text, args[3])).max()) > 1e-3
+
+
 def test_configs_a_dit_cannot_serve_are_refused():
   config = dit_config()
-  config.model.update(patch_size=3, channels=30, coordinate_channels=True, dropout=0.1)
+  config.model.update(patch_size=3, channels=30, coordinate_channels=True)
   message = "; ".join(config_checks.problems(config, device_count=8))
   assert "divisible by model.patch_size=3" in message and "model.channels=30" in message
-  assert "model.coordinate_channels is a U-Net input" in message and "no model.dropout yet" in message
+  assert "model.coordinate_channels is a U-Net input" in message
   config.model.backbone = "vit"
   assert "model.backbone='vit' is not one of" in "; ".join(config_checks.problems(config, device_count=8))

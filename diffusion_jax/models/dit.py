@@ -4,7 +4,8 @@ The image is cut into patch_size x patch_size patches, each a token of width `ch
 sin/cos position embedding. Every block is self-attention, cross-attention to the text and a feed-forward,
 the first and last modulated by adaLN-Zero: a shift, scale and gate per block from the conditioning
 embedding (log-SNR and pooled text), the gates starting at zero so every block starts as the identity. A
-final modulated LayerNorm and a zero-initialised projection give each patch's prediction.
+final modulated LayerNorm and a zero-initialised projection give each patch's prediction. `dropout` (training
+only: a call with a dropout_key) acts on each feed-forward's hidden units.
 
 Video (`temporal`, Latte-style space-time factorisation): the spatial blocks run on every frame as if it were
 an image, and after each block a temporal attention layer (models/temporal.py: attention over frames at each
@@ -18,7 +19,7 @@ channels of every patch and adds an embedding of its noise-augmentation log-SNR 
 U-Net does; a video one repeats each low-resolution frame over the frames it spans (temporal super-resolution).
 
 Configuration (`config.model`, see configs/base.py): backbone='dit', channels (token width), depth (blocks),
-patch_size, heads, ff_mult, text_dim, in_channels, dtype, remat, attention (models/attention.py), temporal,
+patch_size, heads, ff_mult, dropout, text_dim, in_channels, dtype, remat, attention (models/attention.py), temporal,
 max_frames, lowres_conditioning.
 
 Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim], text_mask [batch, tokens]
@@ -27,6 +28,7 @@ x [batch, frames, h, w, in_channels] -> the same shape; is_video [batch] (defaul
 lowres [batch, (frames,) h', w', in_channels], aug_logsnr [batch].
 """
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -54,7 +56,7 @@ def modulate(x, shift, scale):
 class DiTBlock(nnx.Module):
   """x [batch, tokens, dim], emb [batch, dim], text [batch, text_tokens, text_dim] -> x."""
 
-  def __init__(self, dim, text_dim, heads, *, ff_mult, dtype, rngs, implementation="auto"):
+  def __init__(self, dim, text_dim, heads, *, ff_mult, dropout_rate, dtype, rngs, implementation="auto"):
     self.modulation = layers.dense(dim, 6 * dim, ("embed", None), rngs, dtype, zero_init=True)
     self.norm_self = plain_layer_norm(dim, rngs, dtype)
     self.self_attn = layers.Attention(dim, dim, heads, dtype=dtype, rngs=rngs, implementation=implementation,
@@ -63,14 +65,14 @@ class DiTBlock(nnx.Module):
     self.cross_attn = layers.Attention(dim, text_dim, heads, dtype=dtype, rngs=rngs, context_axis="text_embed",
                                        null_kv=True, implementation=implementation)
     self.norm_ff = plain_layer_norm(dim, rngs, dtype)
-    self.ff = layers.FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs, zero_out=False)
+    self.ff = layers.FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs, zero_out=False, dropout_rate=dropout_rate)
 
-  def __call__(self, x, emb, text, text_mask):
+  def __call__(self, x, emb, text, text_mask, dropout_key=None):
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(nnx.silu(emb)), 6, axis=-1)
     normed = modulate(self.norm_self(x), shift1, scale1)
     x = x + gate1[:, None] * self.self_attn(normed, normed)
     x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
-    return x + gate2[:, None] * self.ff(modulate(self.norm_ff(x), shift2, scale2))
+    return x + gate2[:, None] * self.ff(modulate(self.norm_ff(x), shift2, scale2), dropout_key)
 
 
 class DiT(nnx.Module):
@@ -89,8 +91,9 @@ class DiT(nnx.Module):
     self.time_in = layers.dense(dim, dim, (None, "embed"), rngs, dtype)
     self.time_out = layers.dense(dim, dim, ("embed", "embed"), rngs, dtype)
     self.text_pool = layers.dense(config.text_dim, dim, ("text_embed", "embed"), rngs, dtype)
-    self.blocks = nnx.List([DiTBlock(dim, config.text_dim, config.heads, ff_mult=config.ff_mult, dtype=dtype,
-                                     rngs=rngs, implementation=config.attention) for _ in range(config.depth)])
+    self.blocks = nnx.List([DiTBlock(dim, config.text_dim, config.heads, ff_mult=config.ff_mult,
+                                     dropout_rate=config.dropout, dtype=dtype, rngs=rngs,
+                                     implementation=config.attention) for _ in range(config.depth)])
     self.final_modulation = layers.dense(dim, 2 * dim, ("embed", None), rngs, dtype, zero_init=True)
     self.norm_out = plain_layer_norm(dim, rngs, dtype)
     self.patch_out = layers.dense(dim, patch * patch * config.in_channels, ("embed", None), rngs, dtype,
@@ -139,8 +142,10 @@ class DiT(nnx.Module):
         mixed = self._run(attention, tokens.reshape(b, f, grid_h, grid_w, self.dim))
         return tokens + gate * mixed.reshape(tokens.shape)
 
+    dropout_keys = ([None] * len(self.blocks) if dropout_key is None
+                    else list(jax.random.split(dropout_key, len(self.blocks))))
     for index, block in enumerate(self.blocks):
-      tokens = self._run(block, tokens, emb, text, text_mask)
+      tokens = self._run(block, tokens, emb, text, text_mask, dropout_keys[index])
       if video_shape is not None:
         tokens = across_frames(self.temporal_attention[index], tokens)
     shift, scale = jnp.split(self.final_modulation(nnx.silu(emb)), 2, axis=-1)

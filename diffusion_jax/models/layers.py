@@ -143,15 +143,17 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-  """GEGLU feed-forward: [.., dim] -> [.., dim]; zero_out as in Attention."""
+  """GEGLU feed-forward: [.., dim] -> [.., dim]; zero_out as in Attention; dropout_rate on the hidden units
+  (only when called with a dropout_key)."""
 
-  def __init__(self, dim, mult, *, dtype, rngs, zero_out=True):
+  def __init__(self, dim, mult, *, dtype, rngs, zero_out=True, dropout_rate=0.0):
     self.proj_in = dense(dim, 2 * mult * dim, ("embed", "mlp"), rngs, dtype)
     self.proj_out = dense(mult * dim, dim, ("mlp", "embed"), rngs, dtype, zero_init=zero_out)
+    self.dropout_rate = dropout_rate
 
-  def __call__(self, x):
+  def __call__(self, x, dropout_key=None):
     h, gate = jnp.split(self.proj_in(x), 2, axis=-1)
-    return self.proj_out(h * nnx.gelu(gate))
+    return self.proj_out(dropout(h * nnx.gelu(gate), self.dropout_rate, dropout_key))
 
 
 class TransformerBlock(nnx.Module):
