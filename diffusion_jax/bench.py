@@ -15,12 +15,15 @@ Modes:
            XLA_FLAGS=--xla_force_host_platform_device_count=8.
   peer     diffusers' PyTorch UNet2DConditionModel at a matched size (our widths, resolution and
            attention levels, the depth whose parameter count is nearest; both counts printed; our
-           feed-forward set to diffusers' 4x): train step time (forward + backward + AdamW) and
-           sampling images/s (25-step DPM-Solver++(2M) with classifier-free guidance), ours vs theirs.
+           feed-forward set to diffusers' 4x), or for a DiT config (model.backbone='dit') its
+           PixArtTransformer2DModel (our width, heads, patch size; the number of blocks whose parameter
+           count is nearest): train step time (forward + backward + AdamW) and sampling images/s
+           (25-step DPM-Solver++(2M) with classifier-free guidance), ours vs theirs.
            Needs torch and diffusers (`pip install -e '.[test]'`).
-  ops      each operation of the U-Net alone (op_bench.py): 3x3 convolution, group norm + SiLU and
-           attention at each level's shape, forward and forward + backward, ours vs PyTorch's kernels.
-           Needs torch.
+  ops      each operation of the model alone (op_bench.py), ours vs PyTorch's kernels, forward and
+           forward + backward: for a U-Net 3x3 convolution, group norm + SiLU and attention at each
+           level's shape; for a DiT a linear layer, layer norm, the GEGLU feed-forward and attention at
+           its patch tokens. Needs torch.
   profile  where the train step's time goes (profiling.py): a profiler trace of --steps steps, each executed
            HLO op's time attributed to a kind (convolution, matmul, reductions, layout copies, elementwise),
            a phase (forward, backward, other) and the JAX primitive it came from.
@@ -41,6 +44,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 MODES = ("input", "step", "memory", "peer", "ops", "profile")
+BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
@@ -133,20 +137,21 @@ def step_table(config, steps: int, widths) -> str:
 
 
 def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 8) -> str:
-  """Our train step and sampler against diffusers' PyTorch U-Net at a matched size, on this machine."""
+  """Our train step and sampler against diffusers' PyTorch U-Net (or, for a DiT config, its PixArt transformer)
+  at a matched size, on this machine."""
   import torch
 
   from diffusion_jax import diffusers_peer, sample, train
   from diffusion_jax.models import text_to_image
   from diffusion_jax.text import tokenizers
 
-  if config.model.backbone != "unet":
-    raise ValueError("The peer benchmark matches diffusers' U-Net: give it a U-Net config (model.backbone='unet').")
   config = config.copy_and_resolve_references()
-  config.model.ff_mult = 4  # diffusers' transformer blocks have a 4x (GEGLU) feed-forward
+  backbone = config.model.backbone
+  if backbone == "unet":
+    config.model.ff_mult = 4  # diffusers' U-Net transformer blocks have a 4x (GEGLU) feed-forward
   b, r, tokens = config.train.batch_size, config.data.resolution, config.text.max_length
   compiled, args, mesh, _ = compiled_step(config)
-  ours_params = train.count_params(args[0].params["unet"])
+  ours_params = train.count_params(args[0].params[backbone])
   ours_step, state = time_steps(compiled, args, steps)
   peer = diffusers_peer.closest(config.model, r, ours_params)
   theirs_step = diffusers_peer.train_step_seconds(peer, b, r, tokens, steps)
@@ -162,11 +167,11 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
     generate()
   ours_sampling = 2 * sample_batch / (time.perf_counter() - start)
   theirs_sampling = diffusers_peer.sampling_images_per_s(peer, sample_batch, r, tokens, sampler_steps, 3.0)
-  lines = [f"peer: diffusers UNet2DConditionModel, layers_per_block={peer.config.layers_per_block}, torch "
-           f"{torch.__version__} with {torch.get_num_threads()} threads", "",
+  lines = [f"peer: diffusers {diffusers_peer.name(peer)}, torch {torch.__version__} with "
+           f"{torch.get_num_threads()} threads", "",
            "| | ours (JAX) | diffusers (PyTorch) | ours / diffusers |", "|---|---|---|---|",
-           f"| U-Net parameters | {ours_params / 1e6:.3f}M | {diffusers_peer.count(peer) / 1e6:.3f}M | "
-           f"{ours_params / diffusers_peer.count(peer):.3f} |",
+           f"| {BACKBONE_NAMES[backbone]} parameters | {ours_params / 1e6:.3f}M | "
+           f"{diffusers_peer.count(peer) / 1e6:.3f}M | {ours_params / diffusers_peer.count(peer):.3f} |",
            f"| train step (batch {b}, {r} px), ms | {ours_step * 1e3:.0f} | {theirs_step * 1e3:.0f} | "
            f"speed {theirs_step / ours_step:.2f} |",
            f"| sampling, {sampler_steps}-step DPM-Solver++(2M) + guidance (batch {sample_batch}), images/s | "

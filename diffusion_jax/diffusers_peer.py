@@ -1,9 +1,12 @@
-"""The PyTorch peer of the benchmarks: diffusers' UNet2DConditionModel at a size matched to ours.
+"""The PyTorch peers of the benchmarks: diffusers' UNet2DConditionModel for our U-Net and its
+PixArtTransformer2DModel (PixArt-alpha: a DiT with text cross-attention) for our DiT, at a size matched to ours.
 
 Needs torch and diffusers (the `test` extra). The peer U-Net gets our widths, resolution, attention
 levels (cross-attention blocks where ours attend), group-norm groups and time-embedding width; its depth
-(`layers_per_block`) is the candidate whose parameter count is closest to ours (both are printed).
-Its train step is forward + backward + AdamW on the v-prediction MSE, its sampler the diffusers
+(`layers_per_block`) is the candidate whose parameter count is closest to ours (both are printed). The peer
+transformer gets our width, heads, patch size, resolution and text width; its number of blocks is the one whose
+parameter count is closest to ours (PixArt's blocks share one adaLN projection where ours each have their own,
+and its feed-forward is a 4x GELU where ours is a GEGLU of model.ff_mult). Its train step is forward + backward + AdamW on the v-prediction MSE, its sampler the diffusers
 DPM-Solver++(2M) scheduler loop with classifier-free guidance (conditional and unconditional halves in
 one batch), as diffusers' pipelines do.
 """
@@ -34,15 +37,59 @@ def builder(model_config, resolution: int):
   return build
 
 
+def transformer_builder(model_config, resolution: int):
+  """num_layers -> a diffusers PixArtTransformer2DModel with our DiT config's width, heads and patches."""
+  import diffusers
+  import torch
+
+  def build(num_layers):
+    torch.manual_seed(0)
+    return diffusers.PixArtTransformer2DModel(
+        num_attention_heads=model_config.heads, attention_head_dim=model_config.channels // model_config.heads,
+        in_channels=model_config.in_channels, out_channels=model_config.in_channels, num_layers=num_layers,
+        cross_attention_dim=model_config.channels, caption_channels=model_config.text_dim,
+        sample_size=resolution, patch_size=model_config.patch_size)
+
+  return build
+
+
 def count(module) -> int:
   return sum(p.numel() for p in module.parameters())
 
 
 def closest(model_config, resolution: int, ours: int):
-  """The peer whose parameter count is nearest to `ours`, trying depths 1, 2 and ours per level."""
-  build = builder(model_config, resolution)
-  candidates = [build(depth) for depth in (1, 2, tuple(model_config.num_res_blocks))]
-  return min(candidates, key=lambda m: abs(count(m) / ours - 1))
+  """The peer whose parameter count is nearest to `ours`: a U-Net with depths 1, 2 or ours per level, or a
+  transformer with 1 to twice our number of blocks."""
+  if model_config.backbone == "dit":
+    build, depths = transformer_builder(model_config, resolution), range(1, 2 * model_config.depth + 1)
+  else:
+    build, depths = builder(model_config, resolution), (1, 2, tuple(model_config.num_res_blocks))
+  return min((build(depth) for depth in depths), key=lambda m: abs(count(m) / ours - 1))
+
+
+def name(module) -> str:
+  """The peer and its depth, for the table's heading."""
+  if is_transformer(module):
+    return f"PixArtTransformer2DModel, num_layers={module.config.num_layers}"
+  return f"UNet2DConditionModel, layers_per_block={module.config.layers_per_block}"
+
+
+def is_transformer(module) -> bool:
+  import diffusers
+
+  return isinstance(module, diffusers.PixArtTransformer2DModel)
+
+
+def text_width(module) -> int:
+  return module.config.caption_channels if is_transformer(module) else module.config.cross_attention_dim
+
+
+def denoise(module, x, timesteps, text):
+  """The peer's prediction for x [batch, c, h, w] at diffusers timesteps [batch] and text [batch, tokens, width]."""
+  if is_transformer(module):  # no resolution / aspect-ratio conditions (PixArt uses them only at 1024 px)
+    return module(x, encoder_hidden_states=text, timestep=timesteps,
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+  return module(x, timesteps, encoder_hidden_states=text).sample
 
 
 def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: int) -> float:
@@ -52,14 +99,14 @@ def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: 
   optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
   generator = torch.Generator().manual_seed(0)
   x0 = torch.randn(batch, module.config.in_channels, resolution, resolution, generator=generator)
-  text = torch.randn(batch, tokens, module.config.cross_attention_dim, generator=generator)
+  text = torch.randn(batch, tokens, text_width(module), generator=generator)
   module.train()
 
   def step():
     t = torch.rand(batch, generator=generator)
     alpha, sigma = torch.cos(t * np.pi / 2)[:, None, None, None], torch.sin(t * np.pi / 2)[:, None, None, None]
     eps = torch.randn(x0.shape, generator=generator)
-    output = module(alpha * x0 + sigma * eps, t * 1000, encoder_hidden_states=text).sample
+    output = denoise(module, alpha * x0 + sigma * eps, t * 1000, text)
     loss = torch.mean((output - (alpha * eps - sigma * x0)) ** 2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -82,7 +129,7 @@ def sampling_images_per_s(module, batch: int, resolution: int, tokens: int, samp
   scheduler = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
                                                     prediction_type="v_prediction")
   generator = torch.Generator().manual_seed(0)
-  text = torch.randn(batch, tokens, module.config.cross_attention_dim, generator=generator)
+  text = torch.randn(batch, tokens, text_width(module), generator=generator)
   both = torch.cat([text, torch.zeros_like(text)])
   module.eval()
 
@@ -91,7 +138,7 @@ def sampling_images_per_s(module, batch: int, resolution: int, tokens: int, samp
     scheduler.set_timesteps(sampler_steps)
     x = torch.randn(batch, module.config.in_channels, resolution, resolution, generator=generator)
     for t in scheduler.timesteps:
-      conditional, unconditional = module(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
+      conditional, unconditional = denoise(module, torch.cat([x, x]), t.expand(2 * batch), both).chunk(2)
       x = scheduler.step(unconditional + guidance_scale * (conditional - unconditional), t, x).prev_sample
     return x
 

@@ -1,12 +1,14 @@
-"""The U-Net's operations one at a time, ours (JAX, jitted) against PyTorch's at the same shapes.
+"""The model's operations one at a time, ours (JAX, jitted) against PyTorch's at the same shapes.
 
 Says where the train-step gap to diffusers (`bench peer`) comes from. For every level of the config's
 U-Net (resolution / 2^level, channels * mult, batch train.batch_size): a 3x3 convolution and group norm
 + SiLU (layers.GroupNorm and flax's own); at the attention levels, self-attention over the level's pixels
 and cross-attention to text.max_length tokens (each in models/attention.py's "folded" and "xla"
-implementations). Each is timed forward and forward + backward (the gradient of the sum of squared
-outputs with respect to the inputs and weights). PyTorch runs diffusers' layout (NCHW) and its own
-kernels: oneDNN convolutions and the fused `scaled_dot_product_attention`.
+implementations). For a DiT (model.backbone='dit'), at its patch tokens and width: a linear layer, the
+LayerNorm its adaLN modulates, the GEGLU feed-forward, and self- and cross-attention as above. Each is timed
+forward and forward + backward (the gradient of the sum of squared outputs with respect to the inputs and
+weights). PyTorch runs diffusers' layout (NCHW) and its own kernels: oneDNN convolutions and matrix products,
+and the fused `scaled_dot_product_attention`.
 """
 
 import time
@@ -52,26 +54,69 @@ def torch_times(function, args, repeats: int) -> tuple[float, float]:
 
 def cases(config):
   """(name, jax function, jax args, torch function, torch args, torch output -> ours' layout) for each
-  operation of the config's U-Net; both compute the same function (weights copied from ours)."""
+  operation of the config's U-Net or DiT; both compute the same function (weights copied from ours)."""
+  return dit_cases(config) if config.model.backbone == "dit" else unet_cases(config)
+
+
+def _random_normal():
+  rng = np.random.default_rng(0)
+  return lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+
+
+def _as_torch(x):
+  import torch
+
+  return torch.tensor(np.ascontiguousarray(x), requires_grad=True)
+
+
+def _torch_linear(linear):
+  """A torch.nn.Linear holding our nnx.Linear's weights."""
+  import torch
+
+  copy = torch.nn.Linear(*linear.kernel.shape)
+  with torch.no_grad():
+    copy.weight.copy_(torch.tensor(np.asarray(linear.kernel[...]).T))
+    copy.bias.copy_(torch.tensor(np.asarray(linear.bias[...])))
+  return copy
+
+
+def _applied(module):
+  """(function of (params, x), params) for an nnx module: its parameters are differentiated too."""
+  graphdef, params = nnx.split(module)
+  return (lambda p, *x: nnx.merge(graphdef, p)(*x)), params
+
+
+def attention_cases(normal, kind, batch, tokens, keys, heads, head_dim):
+  """`kind` ("self" / "cross") attention of `tokens` queries to `keys` keys, both implementations of ours against
+  PyTorch's fused one."""
+  import torch
+
+  q, k, v = (normal(batch, n, heads, head_dim) for n in (tokens, keys, keys))
+  heads_first = tuple(_as_torch(t.transpose(0, 2, 1, 3)) for t in (q, k, v))
+  for implementation in ("folded", "xla"):
+    ours = lambda q, k, v, i=implementation: attention.dot_product_attention(q, k, v, implementation=i)
+    yield (f"{kind}-attention {tokens}x{keys} tokens, {heads} heads of {head_dim} ({implementation})", ours,
+           tuple(map(jnp.asarray, (q, k, v))), torch.nn.functional.scaled_dot_product_attention, heads_first,
+           lambda y: y.transpose(1, 2))
+
+
+def unet_cases(config):
   import torch
 
   batch, resolution, m = config.train.batch_size, config.data.resolution, config.model
-  rng = np.random.default_rng(0)
-  normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
-  as_torch = lambda x: torch.tensor(np.ascontiguousarray(x), requires_grad=True)
+  normal = _random_normal()
   channels_last = lambda y: y.permute(0, 2, 3, 1)
   for level, mult in enumerate(m.channel_mults):
     r, ch = resolution // 2 ** level, m.channels * mult
     x = normal(batch, r, r, ch)
-    x_nchw = as_torch(x.transpose(0, 3, 1, 2))
+    x_nchw = _as_torch(x.transpose(0, 3, 1, 2))
     conv = layers.conv(ch, ch, 3, nnx.Rngs(0), jnp.float32)
     torch_conv = torch.nn.Conv2d(ch, ch, 3, padding=1)
     with torch.no_grad():
       torch_conv.weight.copy_(torch.tensor(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1)))
       torch_conv.bias.copy_(torch.tensor(np.asarray(conv.bias[...])))
-    graphdef, params = nnx.split(conv)
-    yield (f"3x3 convolution {r}x{r}x{ch}", lambda p, x, g=graphdef: nnx.merge(g, p)(x), (params, jnp.asarray(x)),
-           torch_conv, (x_nchw,), channels_last)
+    apply, params = _applied(conv)
+    yield (f"3x3 convolution {r}x{r}x{ch}", apply, (params, jnp.asarray(x)), torch_conv, (x_nchw,), channels_last)
     norm = layers.group_norm(ch, nnx.Rngs(0), jnp.float32)
     torch_norm = torch.nn.GroupNorm(norm.num_groups, ch, eps=norm.epsilon)
     graphdef, params = nnx.split(norm)
@@ -79,17 +124,40 @@ def cases(config):
       yield (f"group norm + SiLU {r}x{r}x{ch} ({implementation})",
              lambda p, x, g=graphdef, c=call: nnx.silu(c(nnx.merge(g, p), x)), (params, jnp.asarray(x)),
              lambda x, n=torch_norm: torch.nn.functional.silu(n(x)), (x_nchw,), channels_last)
-    if level not in m.attention_levels:
-      continue
-    head_dim = ch // m.heads
-    for kind, keys in (("self", r * r), ("cross", config.text.max_length)):
-      q, k, v = (normal(batch, tokens, m.heads, head_dim) for tokens in (r * r, keys, keys))
-      heads_first = tuple(as_torch(t.transpose(0, 2, 1, 3)) for t in (q, k, v))
-      for implementation in ("folded", "xla"):
-        ours = lambda q, k, v, i=implementation: attention.dot_product_attention(q, k, v, implementation=i)
-        yield (f"{kind}-attention {r * r}x{keys} tokens, {m.heads} heads of {head_dim} ({implementation})", ours,
-               tuple(map(jnp.asarray, (q, k, v))), torch.nn.functional.scaled_dot_product_attention, heads_first,
-               lambda y: y.transpose(1, 2))
+    if level in m.attention_levels:
+      yield from attention_cases(normal, "self", batch, r * r, r * r, m.heads, ch // m.heads)
+      yield from attention_cases(normal, "cross", batch, r * r, config.text.max_length, m.heads, ch // m.heads)
+
+
+def dit_cases(config):
+  import torch
+
+  from diffusion_jax.models import dit
+
+  batch, m = config.train.batch_size, config.model
+  tokens, width = (config.data.resolution // m.patch_size) ** 2, m.channels
+  normal = _random_normal()
+  x = normal(batch, tokens, width)
+  x_torch, same_layout = _as_torch(x), lambda y: y
+  linear = layers.dense(width, width, (None, None), nnx.Rngs(0), jnp.float32)
+  apply, params = _applied(linear)
+  yield (f"linear {tokens} tokens x {width} -> {width}", apply, (params, jnp.asarray(x)), _torch_linear(linear),
+         (x_torch,), same_layout)
+  norm = dit.plain_layer_norm(width, nnx.Rngs(0), jnp.float32)
+  yield (f"layer norm {tokens} tokens x {width}", lambda x: norm(x), (jnp.asarray(x),),
+         lambda x: torch.nn.functional.layer_norm(x, (width,), eps=norm.epsilon), (x_torch,), same_layout)
+  ff = layers.FeedForward(width, m.ff_mult, dtype=jnp.float32, rngs=nnx.Rngs(0), zero_out=False)
+  proj_in, proj_out = _torch_linear(ff.proj_in), _torch_linear(ff.proj_out)
+
+  def torch_ff(x):
+    h, gate = proj_in(x).chunk(2, dim=-1)
+    return proj_out(h * torch.nn.functional.gelu(gate, approximate="tanh"))
+
+  apply, params = _applied(ff)
+  yield (f"GEGLU feed-forward {tokens} tokens x {width}, {m.ff_mult}x", apply, (params, jnp.asarray(x)), torch_ff,
+         (x_torch,), same_layout)
+  yield from attention_cases(normal, "self", batch, tokens, tokens, m.heads, width // m.heads)
+  yield from attention_cases(normal, "cross", batch, tokens, config.text.max_length, m.heads, width // m.heads)
 
 
 def table(config, repeats: int) -> str:

@@ -1,6 +1,7 @@
 """The benchmark command builds its tables from real measurements (no timing is asserted)."""
 
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from diffusion_jax import bench
@@ -36,34 +37,44 @@ def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):
   assert float(rows[1][1]) < float(rows[0][1]) / 6 and float(rows[1][5]) > 0
 
 
-def test_peer_benchmark_runs_diffusers_at_a_matched_size(tmp_path_factory):
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_peer_benchmark_runs_diffusers_at_a_matched_size(tmp_path_factory, backbone):
   config = tiny_config(tmp_path_factory)
   config.train.batch_size = 8
+  if backbone == "dit":
+    config.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
   lines = bench.peer_table(config, steps=1, sampler_steps=2, sample_batch=2).splitlines()
-  assert lines[0].startswith("peer: diffusers UNet2DConditionModel, layers_per_block=")
+  peer = {"unet": "UNet2DConditionModel, layers_per_block=", "dit": "PixArtTransformer2DModel, num_layers="}
+  assert lines[0].startswith(f"peer: diffusers {peer[backbone]}")
   rows = {cells(r)[0]: cells(r)[1:] for r in lines[4:]}
   assert len(rows) == 3
-  params = rows["U-Net parameters"]
+  params = rows[f"{bench.BACKBONE_NAMES[backbone]} parameters"]
   assert 0.7 < float(params[0].rstrip("M")) / float(params[1].rstrip("M")) < 1.3
   for name, values in rows.items():
     assert float(values[0].rstrip("M")) > 0 and float(values[1].rstrip("M")) > 0, name
 
 
-def test_ops_benchmark_compares_the_same_functions(tmp_path_factory):
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_ops_benchmark_compares_the_same_functions(tmp_path_factory, backbone):
   import torch
 
   from diffusion_jax import op_bench
 
   config = tiny_config(tmp_path_factory)
   config.train.batch_size = 2
+  if backbone == "dit":
+    config.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
   compared = []
   for name, ours, ours_args, theirs, theirs_args, to_ours_layout in op_bench.cases(config):
     with torch.no_grad():
       expected = to_ours_layout(theirs(*theirs_args)).numpy()
     np.testing.assert_allclose(ours(*ours_args), expected, rtol=1e-4, atol=1e-4, err_msg=name)
     compared.append(name.split(" ")[0])
-  levels, attention_levels = len(config.model.channel_mults), len(config.model.attention_levels)
-  assert compared.count("3x3") == levels and compared.count("group") == 2 * levels
-  assert compared.count("self-attention") == compared.count("cross-attention") == 2 * attention_levels
+  if backbone == "unet":
+    levels, attention_levels = len(config.model.channel_mults), len(config.model.attention_levels)
+    assert compared.count("3x3") == levels and compared.count("group") == 2 * levels
+    assert compared.count("self-attention") == compared.count("cross-attention") == 2 * attention_levels
+  else:
+    assert compared == ["linear", "layer", "GEGLU"] + ["self-attention"] * 2 + ["cross-attention"] * 2
   lines = op_bench.table(config, repeats=1).splitlines()
   assert len(lines) == 4 + len(compared) and all(float(cells(r)[-1]) > 0 for r in lines[4:])
