@@ -6,9 +6,9 @@ levels (cross-attention blocks where ours attend), group-norm groups and time-em
 (`layers_per_block`) is the candidate whose parameter count is closest to ours (both are printed). The peer
 transformer gets our width, heads, patch size, resolution and text width; its number of blocks is the one whose
 parameter count is closest to ours (PixArt's blocks share one adaLN projection where ours each have their own,
-and its feed-forward is a 4x GELU where ours is a GEGLU of model.ff_mult). Its train step is forward + backward + AdamW on the v-prediction MSE, its sampler the diffusers
-DPM-Solver++(2M) scheduler loop with classifier-free guidance (conditional and unconditional halves in
-one batch), as diffusers' pipelines do.
+and its feed-forward is a 4x GELU where ours is a GEGLU of model.ff_mult). Its train step is forward + backward
++ AdamW on the v-prediction MSE, its sampler the diffusers DPM-Solver++(2M) scheduler loop with
+classifier-free guidance (conditional and unconditional halves in one batch), as diffusers' pipelines do.
 """
 
 import time

@@ -46,7 +46,7 @@ def dense(in_dim, out_dim, axes, rngs, dtype, use_bias=True, zero_init=False, st
   else:
     init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
   return Dense(in_dim, out_dim, use_bias=use_bias, dtype=dtype, kernel_init=init, rngs=rngs,
-                    kernel_metadata=names(*axes), bias_metadata=names(axes[-1]))
+               kernel_metadata=names(*axes), bias_metadata=names(axes[-1]))
 
 
 class GroupNorm(nnx.GroupNorm):
