@@ -1,6 +1,6 @@
 """The diffusion transformer: starts as the zero function, learns through every block; a video DiT inflates from
-an image DiT and trains sharded as on one device and samples; a super-resolution DiT reads its inputs; configs it
-cannot serve are refused (test_video.py holds what video U-Nets and DiTs share)."""
+an image DiT and trains sharded as on one device and samples; a super-resolution DiT reads its inputs; dropout acts
+in every block, only in training; configs it cannot serve are refused (test_video.py holds what video U-Nets and DiTs share)."""
 
 import jax
 import jax.numpy as jnp
