@@ -60,6 +60,7 @@ def get_config():
       backbone="unet",             # 'unet' (models/unet.py) or 'dit' (models/dit.py)
       patch_size=2,                # dit: patch side in pixels
       depth=12,                    # dit: transformer blocks (its width is `channels`)
+      position_max_period=10000.0,  # dit: longest patch-position sinusoid period / 2pi, in patches (DiT: 1e4)
   )
 
   # Diffusion process and training objective (schedules.py, objectives.py).

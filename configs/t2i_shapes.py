@@ -63,7 +63,8 @@ def get_config(variant: str = ""):
     config.train.update(keep_checkpoints=1, ema_decays=(0.9,))
     config.sample.use_ema = False  # short runs: the held-out loss is measured on the trained weights
   elif variant == "dit":  # the same task with a diffusion transformer (models/dit.py) instead of the U-Net
-    config.model.update(backbone="dit", channels=128, depth=6, patch_size=2, heads=4)
+    # Position sinusoids with periods up to 4x the 16x16 patch grid (README, Diffusion transformer).
+    config.model.update(backbone="dit", channels=128, depth=6, patch_size=2, heads=4, position_max_period=64.0)
   elif variant == "test":
     config.data.num_train = 256
     config.data.num_eval = 32

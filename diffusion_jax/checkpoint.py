@@ -205,7 +205,7 @@ ADDED_FIELDS = {
     "text.t5.position_bias_init": "t5",
     "model.attention": "auto",  # the same function as jax.nn.dot_product_attention, which earlier runs used
     "train.sample_every": 0,
-    "model.backbone": "unet", "model.patch_size": 2, "model.depth": 12,
+    "model.backbone": "unet", "model.patch_size": 2, "model.depth": 12, "model.position_max_period": 10000.0,
 }
 
 

@@ -16,6 +16,10 @@ def dit_problems(config) -> list[str]:
     found.append(f"model.channels={m.channels} (the DiT's width) must be divisible by 4 and by model.heads={m.heads}")
   if m.depth < 1:
     found.append(f"model.depth={m.depth} must be >= 1")
+  grid = config.data.resolution // max(m.patch_size, 1)
+  if m.position_max_period < grid:
+    found.append(f"model.position_max_period={m.position_max_period} must be at least the patch grid's side ({grid}): "
+                 "shorter, even the slowest position features wrap around within the image")
   if m.coordinate_channels:
     found.append("model.coordinate_channels is a U-Net input (a DiT's patches carry position embeddings): switch "
                  "it off or use model.backbone='unet'")

@@ -1,6 +1,6 @@
 """The diffusion transformer: starts as the zero function, learns through every block; a video DiT inflates from
 an image DiT and trains sharded as on one device and samples; a super-resolution DiT reads its inputs; dropout acts
-in every block, only in training; configs it cannot serve are refused (test_video.py holds what video U-Nets and DiTs share)."""
+in every block, only in training; the patch-position periods follow the config; configs it cannot serve are refused (test_video.py holds what video U-Nets and DiTs share)."""
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +88,9 @@ def test_a_video_dit_inflated_from_an_image_dit_is_that_model_per_frame():
   np.testing.assert_allclose(run(inflated, x, logsnr, text, ids > 0), per_frame, atol=1e-5)
   unet_config = t2i_shapes.get_config("test")
   assert "model.backbone differs ('unet' vs 'dit')" in inflation.compatibility_problems(unet_config, video_config)
+  image_config.model.position_max_period = 32.0
+  assert "model.position_max_period differs (32.0 vs 10000.0)" in "; ".join(
+      inflation.compatibility_problems(image_config, video_config))
 
 
 def test_video_dit_trains_sharded_like_one_device_and_samples():
@@ -145,11 +148,27 @@ def test_dropout_acts_in_every_block_and_only_with_a_key():
                          - run(block, tokens, emb, text, args[3])).max()) > 1e-3
 
 
+def test_position_periods_follow_the_config():
+  grid, dim = 8, 64
+  spread = lambda max_period: np.ptp(np.asarray(dit.position_embedding(grid, grid, dim, max_period)), axis=0)
+  flat = lambda max_period: np.mean(spread(max_period) < 0.1)  # the fraction that hardly changes over the grid
+  assert flat(10000.0) > 0.5 and flat(4.0 * grid) < 0.15  # DiT's 10,000 patches on an 8x8 grid; 4x the grid
+  config = dit_config()
+  model = perturb(dit.DiT(config.model, rngs=nnx.Rngs(0)))
+  x, text = jax.random.normal(jax.random.key(0), (2, 16, 16, 3)), jax.random.normal(jax.random.key(1), (2, 5, config.model.text_dim))
+  args = (x, jnp.zeros(2), text, jnp.ones((2, 5), bool))
+  model.position_max_period = 4.0 * grid
+  sharp = run(model, *args)
+  model.position_max_period = config.model.position_max_period
+  assert float(jnp.abs(run(model, *args) - sharp).max()) > 1e-3
+
+
 def test_configs_a_dit_cannot_serve_are_refused():
   config = dit_config()
-  config.model.update(patch_size=3, channels=30, coordinate_channels=True)
+  config.model.update(patch_size=3, channels=30, coordinate_channels=True, position_max_period=4.0)
   message = "; ".join(config_checks.problems(config, device_count=8))
   assert "divisible by model.patch_size=3" in message and "model.channels=30" in message
+  assert "model.position_max_period=4.0 must be at least the patch grid's side (5)" in message
   assert "model.coordinate_channels is a U-Net input" in message
   config.model.backbone = "vit"
   assert "model.backbone='vit' is not one of" in "; ".join(config_checks.problems(config, device_count=8))

@@ -1,7 +1,8 @@
 """Text-conditioned diffusion transformer (DiT, Peebles & Xie 2023, with text cross-attention as in PixArt-alpha).
 
 The image is cut into patch_size x patch_size patches, each a token of width `channels` with a fixed 2-D
-sin/cos position embedding. Every block is self-attention, cross-attention to the text and a feed-forward,
+sin/cos position embedding (periods up to 2*pi*position_max_period patches: DiT's 10,000 leaves most features
+nearly constant over a small grid; a few times the grid side makes every feature vary). Every block is self-attention, cross-attention to the text and a feed-forward,
 the first and last modulated by adaLN-Zero: a shift, scale and gate per block from the conditioning
 embedding (log-SNR and pooled text), the gates starting at zero so every block starts as the identity. A
 final modulated LayerNorm and a zero-initialised projection give each patch's prediction. `dropout` (training
@@ -19,8 +20,8 @@ channels of every patch and adds an embedding of its noise-augmentation log-SNR 
 U-Net does; a video one repeats each low-resolution frame over the frames it spans (temporal super-resolution).
 
 Configuration (`config.model`, see configs/base.py): backbone='dit', channels (token width), depth (blocks),
-patch_size, heads, ff_mult, dropout, text_dim, in_channels, dtype, remat, attention (models/attention.py), temporal,
-max_frames, lowres_conditioning.
+patch_size, position_max_period, heads, ff_mult, dropout, text_dim, in_channels, dtype, remat, attention
+(models/attention.py), temporal, max_frames, lowres_conditioning.
 
 Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim], text_mask [batch, tokens]
 bool -> prediction [batch, h, w, in_channels] (float32); h and w divisible by patch_size. Video DiT:
@@ -36,11 +37,12 @@ from diffusion_jax import superres
 from diffusion_jax.models import layers, temporal
 
 
-def position_embedding(grid_h: int, grid_w: int, dim: int):
-  """[grid_h * grid_w, dim]: sin/cos of each patch's row (first half) and column (second half)."""
+def position_embedding(grid_h: int, grid_w: int, dim: int, max_period: float):
+  """[grid_h * grid_w, dim]: sin/cos of each patch's row (first half) and column (second half), periods from
+  2*pi up to 2*pi*max_period patches."""
   rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
-  return jnp.concatenate([layers.sinusoidal_embedding(rows.reshape(-1), dim // 2),
-                          layers.sinusoidal_embedding(cols.reshape(-1), dim // 2)], axis=-1)
+  return jnp.concatenate([layers.sinusoidal_embedding(rows.reshape(-1), dim // 2, max_period),
+                          layers.sinusoidal_embedding(cols.reshape(-1), dim // 2, max_period)], axis=-1)
 
 
 def plain_layer_norm(dim, rngs, dtype):
@@ -84,6 +86,7 @@ class DiT(nnx.Module):
       raise ValueError(f"model.channels={dim} (the DiT's width) must be divisible by 4 and by model.heads="
                        f"{config.heads}.")
     self.dtype, self.dim, self.patch, self.remat = dtype, dim, patch, config.remat
+    self.position_max_period = config.position_max_period
     self.lowres_conditioning = config.lowres_conditioning
     patch_channels = config.in_channels * (2 if config.lowres_conditioning else 1)
     self.patch_in = layers.dense(patch * patch * patch_channels, dim, (None, "embed"), rngs, dtype)
@@ -126,7 +129,8 @@ class DiT(nnx.Module):
     p, dtype = self.patch, self.dtype
     grid_h, grid_w = h // p, w // p
     patches = x.reshape(rows, grid_h, p, grid_w, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(rows, grid_h * grid_w, -1)
-    tokens = self.patch_in(patches.astype(dtype)) + position_embedding(grid_h, grid_w, self.dim).astype(dtype)
+    positions = position_embedding(grid_h, grid_w, self.dim, self.position_max_period)
+    tokens = self.patch_in(patches.astype(dtype)) + positions.astype(dtype)
     text = text.astype(dtype)
     emb = self.time_out(nnx.silu(self.time_in(layers.sinusoidal_embedding(logsnr, self.dim).astype(dtype))))
     emb = emb + self.text_pool(layers.masked_mean(text, text_mask))

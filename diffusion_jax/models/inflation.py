@@ -43,6 +43,10 @@ def compatibility_problems(image_config, video_config) -> list[str]:
                    f"{image_config.data.dataset!r}, so word ids would change meaning")
   if image_config.model.backbone != video_config.model.backbone:
     found.append(f"model.backbone differs ({image_config.model.backbone!r} vs {video_config.model.backbone!r})")
+  elif (image_config.model.backbone == "dit"
+        and image_config.model.position_max_period != video_config.model.position_max_period):
+    found.append(f"model.position_max_period differs ({image_config.model.position_max_period} vs "
+                 f"{video_config.model.position_max_period}): the image DiT learned other patch positions")
   if image_config.model.lowres_conditioning != video_config.model.lowres_conditioning:
     found.append("model.lowres_conditioning differs")
   added = _added_input_channels(image_config, video_config)
