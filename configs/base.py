@@ -97,6 +97,12 @@ def get_config():
       residual_scale=0.25,         # ... divided by this (about the residual's spread, to suit sigma_data)
   )
 
+  # Latent diffusion (models/autoencoder.py): the model diffuses the latents of a frozen KL autoencoder
+  # (Stable Diffusion's VAE) instead of pixels; model.in_channels must be its latent channels.
+  c.latent = dict(
+      autoencoder_path="",         # local diffusers AutoencoderKL directory; empty = diffuse pixels
+  )
+
   # AdamW (optimizer.py). These numbers (and train.steps) are arguments of the compiled train step: runs that
   # differ only in them share one compiled program.
   c.optimizer = dict(

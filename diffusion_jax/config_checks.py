@@ -4,19 +4,57 @@ import jax
 
 from diffusion_jax import objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes
-from diffusion_jax.models import attention, t5
+from diffusion_jax.models import attention, autoencoder, t5
 
 
-def dit_problems(config) -> list[str]:
-  """What a DiT (model.backbone='dit') cannot do with this config."""
+def network_resolution(config) -> int | None:
+  """The side of what the network sees: data.resolution, or that of a latent model's latents (None when its
+  autoencoder cannot be read)."""
+  path = config.latent.autoencoder_path
+  if not path:
+    return config.data.resolution
+  try:
+    return config.data.resolution // autoencoder.downsampling_factor(autoencoder.read_config(path))
+  except ValueError:
+    return None
+
+
+def latent_problems(config) -> list[str]:
+  """What a latent diffusion model (latent.autoencoder_path) cannot do with this config."""
+  try:
+    vae = autoencoder.read_config(config.latent.autoencoder_path)
+  except ValueError as error:
+    return [str(error)]
+  found, factor = [], autoencoder.downsampling_factor(vae)
+  if config.data.resolution % factor:
+    found.append(f"data.resolution={config.data.resolution} must be divisible by the autoencoder's downsampling "
+                 f"factor {factor}")
+  if vae["in_channels"] != 3 or vae["out_channels"] != 3:
+    found.append(f"the autoencoder maps {vae['in_channels']}-channel images to {vae['out_channels']}-channel ones; "
+                 "the data are RGB (3)")
+  if config.model.in_channels != vae["latent_channels"]:
+    found.append(f"model.in_channels={config.model.in_channels} must equal the autoencoder's latent_channels="
+                 f"{vae['latent_channels']}")
+  if config.sample.threshold != "none":
+    found.append(f"sample.threshold={config.sample.threshold!r} would clip latents, which are not in [-1, 1]: set "
+                 "sample.threshold='none'")
+  if config.model.lowres_conditioning:
+    found.append("latent super-resolution stages are not supported: a super-resolution stage diffuses pixels "
+                 "(leave latent.autoencoder_path empty)")
+  return found
+
+
+def dit_problems(config, resolution: int) -> list[str]:
+  """What a DiT (model.backbone='dit') cannot do with this config; `resolution`: network_resolution."""
   m, found = config.model, []
-  if m.patch_size < 1 or config.data.resolution % m.patch_size:
-    found.append(f"data.resolution={config.data.resolution} must be divisible by model.patch_size={m.patch_size}")
+  if m.patch_size < 1 or resolution % m.patch_size:
+    found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible by "
+                 f"model.patch_size={m.patch_size}")
   if m.channels % 4 or m.channels % m.heads:
     found.append(f"model.channels={m.channels} (the DiT's width) must be divisible by 4 and by model.heads={m.heads}")
   if m.depth < 1:
     found.append(f"model.depth={m.depth} must be >= 1")
-  grid = config.data.resolution // max(m.patch_size, 1)
+  grid = resolution // max(m.patch_size, 1)
   if m.position_max_period < grid:
     found.append(f"model.position_max_period={m.position_max_period} must be at least the patch grid's side ({grid}): "
                  "shorter, even the slowest position features wrap around within the image")
@@ -69,18 +107,21 @@ def problems(config, device_count: int | None = None, process_count: int | None 
 
   m = config.model
   option(m.backbone, ("unet", "dit"), "model.backbone")
-  if m.backbone == "dit":
-    found += dit_problems(config)
-  else:
+  resolution = network_resolution(config)  # None: unknown, and latent_problems says why
+  if config.latent.autoencoder_path:
+    found += latent_problems(config)
+  if m.backbone == "dit" and resolution is not None:
+    found += dit_problems(config, resolution)
+  elif m.backbone != "dit":
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
                    f"model.channel_mults {tuple(m.channel_mults)}")
     if any(level >= len(m.channel_mults) for level in m.attention_levels):
       found.append(f"model.attention_levels {tuple(m.attention_levels)} names a level beyond "
                    f"{len(m.channel_mults) - 1}")
-    if config.data.resolution % 2 ** (len(m.channel_mults) - 1):
-      found.append(f"data.resolution={config.data.resolution} must be divisible by 2^(levels - 1) = "
-                   f"{2 ** (len(m.channel_mults) - 1)}")
+    if resolution is not None and resolution % 2 ** (len(m.channel_mults) - 1):
+      found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible "
+                   f"by 2^(levels - 1) = {2 ** (len(m.channel_mults) - 1)}")
   if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path:
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")

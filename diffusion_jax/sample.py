@@ -44,6 +44,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint, media, samplers, schedules, sharding, superres
+from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,11 @@ _compiled_samplers = {}
 
 
 def output_shape(config, sample_config) -> tuple:
-  """Shape of one sample: [res, res, c], or [frames, res, res, c] for a video (temporal) model."""
+  """Shape of what one sample's diffusion runs on: [res, res, c] (a latent model: its latents' shape), or
+  [frames, ...] that for a video (temporal) model."""
   shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
+  if config.latent.autoencoder_path:
+    shape = autoencoder.latent_shape(config.latent.autoencoder_path, config.data.resolution)
   if not config.model.temporal:
     return shape
   frames = sample_config.frames or config.data.frames
@@ -67,7 +71,7 @@ def output_shape(config, sample_config) -> tuple:
 
 def make_generate_fn(config, graphdef, sample_config):
   """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres) -> samples
-  [n, *output_shape] in [-1, 1]. Each sample's starting noise (and a stochastic sampler's noise at every
+  [n, (frames,) res, res, c] in [-1, 1] (a latent model's decoded latents). Each sample's starting noise (and a stochastic sampler's noise at every
   step) comes from its own key, so a sample does not depend on the batch it is generated in (nor on the
   device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c] in [-1, 1] (None
   otherwise), noise-augmented to sample.aug_level."""
@@ -107,7 +111,7 @@ def make_generate_fn(config, graphdef, sample_config):
                              on_step=SamplingProgress(s.steps, s.sampler))
     if residual:
       images = superres.from_residual(images, clean_lowres, config)
-    return jnp.clip(images, -1.0, 1.0)
+    return jnp.clip(model.from_latents(images), -1.0, 1.0)
 
   return generate
 
@@ -154,7 +158,7 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
              lowres=None) -> np.ndarray:
-  """Samples [len(prompts), num_per_prompt, *output_shape] uint8; the batch is sharded over all devices.
+  """Samples [len(prompts), num_per_prompt, (frames,) res, res, c] uint8; the batch is sharded over all devices.
 
   seeds: one per prompt (default: sample_config.seed for all). lowres: a super-resolution stage's inputs,
   uint8 [len(prompts), num_per_prompt, (frames,) r, r, c] (the stage below's samples)."""

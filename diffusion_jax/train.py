@@ -61,7 +61,7 @@ def init_state(config, mesh):
   image_weights = (inflation.load_image_weights(config, inflation.abstract_targets(abstract_params, abstract_frozen,
                                                                                    shardings))
                    if config.inflate.image_workdir else None)
-  if config.text.pretrained_path:  # weights come from a file: load on the host, then place
+  if config.text.pretrained_path or config.latent.autoencoder_path:  # weights from files: load on the host, place
     params, frozen = jax.device_put(init(jax.random.key(config.seed)), shardings)
   else:
     params, frozen = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
@@ -150,7 +150,7 @@ def make_train_step(config, graphdef):
   def loss_fn(params, frozen, batch, key):
     k_drop, k_time, k_noise, k_dropout = jax.random.split(key, 4)
     model = nnx.merge(graphdef, params, frozen)
-    x0 = batch["video"] if "video" in batch else batch["image"]
+    x0 = model.to_latents(batch["video"] if "video" in batch else batch["image"], jax.random.fold_in(key, 2))
     if "text_embeddings" in batch:  # from the text-embedding cache of a frozen encoder
       text = batch["text_embeddings"]
     else:

@@ -47,6 +47,8 @@ def compatibility_problems(image_config, video_config) -> list[str]:
         and image_config.model.position_max_period != video_config.model.position_max_period):
     found.append(f"model.position_max_period differs ({image_config.model.position_max_period} vs "
                  f"{video_config.model.position_max_period}): the image DiT learned other patch positions")
+  if bool(image_config.latent.autoencoder_path) != bool(video_config.latent.autoencoder_path):
+    found.append("one model diffuses latents (latent.autoencoder_path) and the other pixels")
   if image_config.model.lowres_conditioning != video_config.model.lowres_conditioning:
     found.append("model.lowres_conditioning differs")
   added = _added_input_channels(image_config, video_config)

@@ -1,7 +1,10 @@
-"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net or DiT (`model.backbone`), and its
-split into trainable / frozen parameters.
+"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net or DiT (`model.backbone`), with a
+frozen autoencoder for latent diffusion (`latent.autoencoder_path`), and its split into trainable / frozen
+parameters.
 
-`TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `TextToImage(x, logsnr, text, mask)`
+`TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `to_latents(x, key)` / `from_latents(z)`
+map images (or videos) to what the network diffuses and back (the identity for a pixel model);
+`TextToImage(x, logsnr, text, mask)`
 (plus `lowres`, `aug_logsnr` for a super-resolution stage) -> the network's output (x is [batch, h, w, c], or
 [batch, frames, h, w, c] for a video model). Parameters live outside the module as pure dicts (see
 train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a jitted function.
@@ -9,7 +12,7 @@ train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a ji
 
 from flax import nnx
 
-from diffusion_jax.models import dit, init_rngs, t5, unet
+from diffusion_jax.models import autoencoder, dit, init_rngs, t5, unet
 
 
 class TextToImage(nnx.Module):
@@ -24,9 +27,18 @@ class TextToImage(nnx.Module):
       self.dit = dit.DiT(config.model, rngs=rngs)
     else:
       self.unet = unet.UNet(config.model, rngs=rngs)
+    path = config.latent.autoencoder_path
+    self.autoencoder = autoencoder.load_diffusers(path) if path else None
 
   def encode(self, ids, mask):
     return self.text_encoder(ids, mask)
+
+  def to_latents(self, x, key=None):
+    """Images [batch, (frames,) h, w, c] in [-1, 1] -> what the network diffuses (a posterior draw with a key)."""
+    return x if self.autoencoder is None else self.autoencoder.encode(x, key)
+
+  def from_latents(self, z):
+    return z if self.autoencoder is None else self.autoencoder.decode(z)
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
     network = self.dit if self.backbone == "dit" else self.unet
@@ -45,13 +57,14 @@ def is_temporal(path, _) -> bool:
 
 
 def trainable_filter(config):
-  """Which parameters the optimizer updates: all; all but a frozen text encoder; or only the temporal
-  layers of an inflated video model (`inflate.train_temporal_only`)."""
+  """Which parameters the optimizer updates: all but the autoencoder's; also not a frozen text encoder's; or
+  only the temporal layers of an inflated video model (`inflate.train_temporal_only`)."""
   if config.inflate.train_temporal_only:
     return nnx.All(nnx.Param, is_temporal)
+  not_autoencoder = nnx.Not(nnx.PathContains("autoencoder"))
   if config.text.trainable:
-    return nnx.Param
-  return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text_encoder")))
+    return nnx.All(nnx.Param, not_autoencoder)
+  return nnx.All(nnx.Param, not_autoencoder, nnx.Not(nnx.PathContains("text_encoder")))
 
 
 def split(model, config):

@@ -1,0 +1,255 @@
+"""The KL autoencoder of latent diffusion (Rombach et al. 2022: Stable Diffusion's VAE), in the layout of
+diffusers' `AutoencoderKL`, loaded from a local diffusers directory: the frozen map between images and the
+latents a latent diffusion model is trained on (`latent.autoencoder_path`).
+
+Encoder: conv, per level `layers_per_block` residual blocks and a stride-2 convolution (none after the last),
+a middle of residual block, single-head self-attention, residual block, then GroupNorm-SiLU-conv to the
+posterior's mean and log-variance. The decoder mirrors it with `layers_per_block + 1` residual blocks per
+level and nearest-neighbour 2x upsampling. Computed in float32 (SD's VAE overflows in float16).
+
+`encode(x, key)`: x [batch, ..., h, w, in_channels] in [-1, 1] -> latents [batch, ..., h/f, w/f,
+latent_channels]: a draw from the posterior (its mean when key is None), shifted by the checkpoint's
+`shift_factor` and multiplied by its `scaling_factor` (about unit variance for a diffusion model);
+`decode(latents)` undoes both and decodes. f = 2^(levels - 1); leading axes (frames) are folded into the batch.
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffusion_jax.models import layers
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+# Attention names of checkpoints written before diffusers renamed them (its own loader maps them the same way).
+OLD_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def read_config(path: str) -> dict:
+  """The config.json of a local diffusers AutoencoderKL directory; a ValueError saying what is wrong."""
+  file = pathlib.Path(path).expanduser() / "config.json"
+  if not file.exists():
+    raise ValueError(f"latent.autoencoder_path={path!r} has no config.json: give the local directory of a diffusers "
+                     f"AutoencoderKL (config.json and {WEIGHTS_FILE}, e.g. the vae/ folder of a Stable Diffusion "
+                     "checkpoint).")
+  config = json.loads(file.read_text())
+  blocks = set(config.get("down_block_types", ())) | set(config.get("up_block_types", ()))
+  if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL" or blocks - {"DownEncoderBlock2D",
+                                                                              "UpDecoderBlock2D"}:
+    raise ValueError(f"{str(file)!r} is not a 2-D diffusers AutoencoderKL (class {config.get('_class_name')!r}, "
+                     f"blocks {sorted(blocks)}); only that autoencoder is supported.")
+  return config
+
+
+def downsampling_factor(config: dict) -> int:
+  return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="SAME"):
+  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=padding, rngs=rngs,
+                  kernel_metadata=layers.names(None, None, "conv_in", "conv_out"),
+                  bias_metadata=layers.names("conv_out"))
+
+
+def group_norm(channels, groups, rngs):
+  return layers.GroupNorm(channels, num_groups=groups, epsilon=1e-6, rngs=rngs,
+                          scale_metadata=layers.names("norm"), bias_metadata=layers.names("norm"))
+
+
+class ResnetBlock(nnx.Module):
+  """GroupNorm-SiLU-conv twice, plus the input (through a 1x1 conv when the width changes)."""
+
+  def __init__(self, in_ch, out_ch, groups, rngs):
+    self.norm1, self.conv1 = group_norm(in_ch, groups, rngs), conv(in_ch, out_ch, 3, rngs)
+    self.norm2, self.conv2 = group_norm(out_ch, groups, rngs), conv(out_ch, out_ch, 3, rngs)
+    self.conv_shortcut = conv(in_ch, out_ch, 1, rngs) if in_ch != out_ch else None
+
+  def __call__(self, x):
+    h = self.conv2(nnx.silu(self.norm2(self.conv1(nnx.silu(self.norm1(x))))))
+    return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nnx.Module):
+  """Single-head self-attention over all positions, after a GroupNorm, with a residual."""
+
+  def __init__(self, channels, groups, rngs):
+    self.group_norm = group_norm(channels, groups, rngs)
+    projection = lambda: layers.dense(channels, channels, ("embed", "heads"), rngs, jnp.float32)
+    self.to_q, self.to_k, self.to_v = projection(), projection(), projection()
+    self.to_out = nnx.List([layers.dense(channels, channels, ("heads", "embed"), rngs, jnp.float32)])
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    tokens = self.group_norm(x).reshape(b, h * w, 1, c)
+    out = jax.nn.dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+    return x + self.to_out[0](out.reshape(b, h, w, c))
+
+
+class MidBlock(nnx.Module):
+  def __init__(self, channels, groups, attention, rngs):
+    self.resnets = nnx.List([ResnetBlock(channels, channels, groups, rngs) for _ in range(2)])
+    self.attentions = nnx.List([Attention(channels, groups, rngs)]) if attention else None
+
+  def __call__(self, x):
+    x = self.resnets[0](x)
+    if self.attentions is not None:
+      x = self.attentions[0](x)
+    return self.resnets[1](x)
+
+
+class Resample(nnx.Module):
+  """Stride-2 convolution padded on the bottom and right (down), or nearest 2x then a convolution (up)."""
+
+  def __init__(self, channels, up, rngs):
+    self.up = up
+    self.conv = conv(channels, channels, 3, rngs, stride=1 if up else 2, padding="SAME" if up else ((0, 1), (0, 1)))
+
+  def __call__(self, x):
+    if self.up:
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return self.conv(x)
+
+
+class Level(nnx.Module):
+  """Residual blocks at one resolution, then (except at the last level) down- or upsampling."""
+
+  def __init__(self, in_ch, out_ch, blocks, groups, resample, up, rngs):
+    self.resnets = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, rngs) for i in range(blocks)])
+    self.samplers_name = "upsamplers" if up else "downsamplers"  # diffusers' names
+    setattr(self, self.samplers_name, nnx.List([Resample(out_ch, up, rngs)]) if resample else None)
+
+  def __call__(self, x):
+    for block in self.resnets:
+      x = block(x)
+    samplers = getattr(self, self.samplers_name)
+    return x if samplers is None else samplers[0](x)
+
+
+class Encoder(nnx.Module):
+  def __init__(self, c: dict, rngs):
+    widths, groups = c["block_out_channels"], c["norm_num_groups"]
+    self.conv_in = conv(c["in_channels"], widths[0], 3, rngs)
+    self.down_blocks = nnx.List([
+        Level(widths[max(i - 1, 0)], width, c["layers_per_block"], groups, i < len(widths) - 1, False, rngs)
+        for i, width in enumerate(widths)])
+    self.mid_block = MidBlock(widths[-1], groups, c.get("mid_block_add_attention", True), rngs)
+    self.conv_norm_out = group_norm(widths[-1], groups, rngs)
+    self.conv_out = conv(widths[-1], 2 * c["latent_channels"], 3, rngs)
+
+  def __call__(self, x):
+    x = self.conv_in(x)
+    for level in self.down_blocks:
+      x = level(x)
+    return self.conv_out(nnx.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class Decoder(nnx.Module):
+  def __init__(self, c: dict, rngs):
+    widths, groups = c["block_out_channels"][::-1], c["norm_num_groups"]
+    self.conv_in = conv(c["latent_channels"], widths[0], 3, rngs)
+    self.mid_block = MidBlock(widths[0], groups, c.get("mid_block_add_attention", True), rngs)
+    self.up_blocks = nnx.List([
+        Level(widths[max(i - 1, 0)], width, c["layers_per_block"] + 1, groups, i < len(widths) - 1, True, rngs)
+        for i, width in enumerate(widths)])
+    self.conv_norm_out = group_norm(widths[-1], groups, rngs)
+    self.conv_out = conv(widths[-1], c["out_channels"], 3, rngs)
+
+  def __call__(self, z):
+    x = self.mid_block(self.conv_in(z))
+    for level in self.up_blocks:
+      x = level(x)
+    return self.conv_out(nnx.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nnx.Module):
+
+  def __init__(self, config: dict, *, rngs: nnx.Rngs):
+    latent = config["latent_channels"]
+    self.encoder, self.decoder = Encoder(config, rngs), Decoder(config, rngs)
+    self.quant_conv = conv(2 * latent, 2 * latent, 1, rngs) if config.get("use_quant_conv", True) else None
+    self.post_quant_conv = conv(latent, latent, 1, rngs) if config.get("use_post_quant_conv", True) else None
+    self.scaling_factor = float(config.get("scaling_factor") or 0.18215)
+    self.shift_factor = float(config.get("shift_factor") or 0.0)
+
+  def moments(self, x):
+    """x [batch, h, w, in_channels] -> the posterior's (mean, log-variance) [batch, h/f, w/f, latent_channels]."""
+    h = self.encoder(x.astype(jnp.float32))
+    if self.quant_conv is not None:
+      h = self.quant_conv(h)
+    mean, logvar = jnp.split(h, 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+  def encode(self, x, key=None):
+    lead = x.shape[:-3]
+    mean, logvar = self.moments(x.reshape((-1,) + x.shape[-3:]))
+    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    return ((z - self.shift_factor) * self.scaling_factor).reshape(lead + z.shape[1:])
+
+  def decode(self, latents):
+    lead = latents.shape[:-3]
+    z = latents.reshape((-1,) + latents.shape[-3:]).astype(jnp.float32) / self.scaling_factor + self.shift_factor
+    if self.post_quant_conv is not None:
+      z = self.post_quant_conv(z)
+    x = self.decoder(z)
+    return x.reshape(lead + x.shape[1:])
+
+
+def _diffusers_name(path) -> str:
+  """The diffusers tensor name of an nnx parameter path (kernel/scale -> weight)."""
+  *modules, leaf = (str(p) for p in path)
+  return ".".join(modules + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+
+
+def _as_flax(value: np.ndarray, target_ndim: int) -> np.ndarray:
+  """A PyTorch tensor in Flax layout: conv [out, in, kh, kw] -> [kh, kw, in, out]; linear [out, in] -> [in, out]
+  (also from the 1x1 convolutions old checkpoints store attention projections as)."""
+  if target_ndim == 2:
+    return value.reshape(value.shape[:2]).T
+  return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+
+
+def load_diffusers(path: str) -> AutoencoderKL:
+  """An AutoencoderKL with the weights of a local diffusers directory (config.json and WEIGHTS_FILE)."""
+  from safetensors.numpy import load_file
+
+  config = read_config(path)
+  weights = pathlib.Path(path).expanduser() / WEIGHTS_FILE
+  if not weights.exists():
+    raise ValueError(f"No {WEIGHTS_FILE} in {path!r} (PyTorch .bin files are not read): save the autoencoder "
+                     "with diffusers' save_pretrained(..., safe_serialization=True).")
+  tensors = load_file(weights)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
+  flat = nnx.to_flat_state(state)
+  used, problems = set(), []
+  for param_path, variable in flat:
+    name = _diffusers_name(param_path)
+    if name not in tensors:  # an attention projection under its old name
+      prefix, _, rest = name.rpartition("attentions.0.")
+      for new, old in OLD_ATTENTION_NAMES.items():
+        if rest.startswith(new + "."):
+          name = f"{prefix}attentions.0.{old}{rest[len(new):]}"
+    target = variable.get_value()
+    if name not in tensors:
+      problems.append(f"missing {name}")
+      continue
+    value = _as_flax(tensors[name], target.ndim)
+    if value.shape != target.shape:
+      problems.append(f"{name} has shape {tensors[name].shape}, expected {target.shape} in Flax layout")
+      continue
+    variable.set_value(jnp.asarray(value, jnp.float32))
+    used.add(name)
+  problems += [f"unknown tensor {k}" for k in sorted(set(tensors) - used)]
+  if problems:
+    raise ValueError(f"{str(weights)!r} does not match its config.json: " + "; ".join(problems[:20]))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
+  """[h, w, channels] of the latents of a resolution x resolution image."""
+  config = read_config(path)
+  side = resolution // downsampling_factor(config)
+  return (side, side, config["latent_channels"])
+

@@ -1,0 +1,152 @@
+"""The latent-diffusion autoencoder: the function of diffusers' AutoencoderKL with the same weights (also those
+saved under the old attention names); what it cannot read is refused with a reason; a latent text-to-image
+model trains sharded as on one device without touching the autoencoder, and samples full-resolution images."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import t2i_shapes
+from diffusion_jax import config_checks, sample, sharding
+from diffusion_jax.data import pipeline
+from diffusion_jax.models import autoencoder, text_to_image
+from diffusion_jax.text import tokenizers
+from test_train import one_step
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+  """(directory, PyTorch model): a tiny random AutoencoderKL (2 levels, factor 2) saved as diffusers does."""
+  import torch
+  from diffusers import AutoencoderKL
+
+  torch.manual_seed(0)
+  model = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.5, shift_factor=0.1)
+  with torch.no_grad():  # off the zero biases and unit norms of a fresh model
+    for parameter in model.parameters():
+      parameter.add_(0.05 * torch.randn_like(parameter))
+  directory = tmp_path_factory.mktemp("vae")
+  model.save_pretrained(directory, safe_serialization=True)
+  return str(directory), model
+
+
+def as_torch(x):
+  import torch
+
+  return torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
+
+
+def test_encoder_and_decoder_compute_what_diffusers_computes(vae):
+  import torch
+
+  directory, reference = vae
+  ours = autoencoder.load_diffusers(directory)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  with torch.no_grad():
+    posterior = reference.encode(as_torch(x)).latent_dist
+    decoded = reference.decode(as_torch(z)).sample.permute(0, 2, 3, 1).numpy()
+  mean, logvar = ours.moments(jnp.asarray(x))
+  np.testing.assert_allclose(mean, posterior.mean.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(logvar, posterior.logvar.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+  # Latents are shifted and scaled (the diffusion model's input), and decode undoes that first.
+  np.testing.assert_allclose(ours.encode(jnp.asarray(x)), (mean - 0.1) * 0.5, atol=1e-6)
+  np.testing.assert_allclose(ours.decode((jnp.asarray(z) - 0.1) * 0.5), decoded, atol=1e-5)
+  video = jnp.stack([jnp.asarray(x), -jnp.asarray(x)], axis=1)  # frames fold into the batch
+  np.testing.assert_allclose(ours.encode(video)[:, 1], ours.encode(-jnp.asarray(x)), atol=1e-6)
+  draw = ours.encode(jnp.asarray(x), jax.random.key(0))  # a posterior draw: its noise is standard normal
+  noise = np.asarray((draw / 0.5 + 0.1 - mean) / jnp.exp(0.5 * logvar))
+  assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2
+
+
+def test_old_attention_names_load_the_same_weights(vae, tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  directory, _ = vae
+  renames = {f"attentions.0.{new}.": f"attentions.0.{old}." for new, old in autoencoder.OLD_ATTENTION_NAMES.items()}
+  tensors = {}
+  for name, value in load_file(f"{directory}/{autoencoder.WEIGHTS_FILE}").items():
+    for new, old in renames.items():
+      if new in name:  # and the projections were 1x1 convolutions then
+        name, value = name.replace(new, old), value.reshape(value.shape + (1, 1)) if value.ndim == 2 else value
+    tensors[name] = value
+  assert any(".query." in name for name in tensors)
+  save_file(tensors, tmp_path / autoencoder.WEIGHTS_FILE)
+  shutil.copy(f"{directory}/config.json", tmp_path / "config.json")
+  leaves = lambda model: jax.tree.leaves(nnx.state(model))
+  for a, b in zip(leaves(autoencoder.load_diffusers(str(tmp_path))), leaves(autoencoder.load_diffusers(directory))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_what_it_cannot_read_is_refused_with_a_reason(vae, tmp_path):
+  directory, _ = vae
+  with pytest.raises(ValueError, match="has no config.json: give the local directory of a diffusers AutoencoderKL"):
+    autoencoder.read_config(str(tmp_path))
+  config = json.loads(open(f"{directory}/config.json").read())
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="No diffusion_pytorch_model.safetensors"):
+    autoencoder.load_diffusers(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps(config | {"layers_per_block": 2}))
+  shutil.copy(f"{directory}/{autoencoder.WEIGHTS_FILE}", tmp_path)
+  with pytest.raises(ValueError, match="does not match its config.json: missing decoder.up_blocks.0.resnets.2.conv1.bias"):
+    autoencoder.load_diffusers(str(tmp_path))
+  other = tmp_path / "temporal"
+  other.mkdir()
+  (other / "config.json").write_text(json.dumps(config | {"_class_name": "AutoencoderKLTemporalDecoder"}))
+  with pytest.raises(ValueError, match="is not a 2-D diffusers AutoencoderKL"):
+    autoencoder.read_config(str(other))
+
+
+def latent_config(directory):
+  config = t2i_shapes.get_config("test")
+  config.latent.autoencoder_path = directory
+  config.model.in_channels = 4
+  config.sample.threshold = "none"
+  return config
+
+
+def test_config_check_knows_the_latent_geometry(vae, tmp_path):
+  config = latent_config(vae[0])
+  assert config_checks.problems(config, device_count=8) == []
+  config.model.update(in_channels=3, lowres_conditioning=True)
+  config.superres.lowres_resolution = 8
+  config.sample.threshold = "static"
+  config.data.resolution = 18  # 9x9 latents: too odd for the U-Net's two levels
+  message = "; ".join(config_checks.problems(config, device_count=8))
+  for expected in ("model.in_channels=3 must equal the autoencoder's latent_channels=4", "would clip latents",
+                   "latent super-resolution stages are not supported", "the network's resolution 9"):
+    assert expected in message, message
+  config.data.resolution = 17
+  assert "data.resolution=17 must be divisible by the autoencoder's downsampling factor 2" in "; ".join(
+      config_checks.problems(config, device_count=8))
+  config.latent.autoencoder_path = str(tmp_path)
+  assert "has no config.json" in "; ".join(config_checks.problems(config, device_count=8))
+
+
+def test_latent_model_trains_sharded_like_one_device_and_samples_images(vae, tmp_path):
+  config = latent_config(vae[0])
+  config.data.data_dir = str(tmp_path)
+  batch_np = {k: v for k, v in pipeline.synthetic_batch(config).items() if k in ("image", "text_ids", "text_mask")}
+  batch_np["image"] = np.random.default_rng(0).uniform(-1, 1, batch_np["image"].shape).astype(np.float32)
+  single_state, single_metrics = one_step(config, dict(data=1, fsdp=1, tensor=1), batch_np, jax.devices()[:1])
+  state, metrics = one_step(config, dict(data=2, fsdp=2, tensor=2), batch_np)
+  np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(single_state.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+  assert "autoencoder" not in state.params and "autoencoder" in state.frozen  # frozen, and left as loaded
+  loaded = nnx.to_pure_dict(nnx.state(autoencoder.load_diffusers(vae[0])))
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.frozen["autoencoder"])), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(a, b)
+  graphdef = text_to_image.split(text_to_image.abstract(config), config)[0]
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=2, num_per_prompt=2)
+  images = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                           ["a large red circle"], sample_config, sharding.make_mesh(config.mesh))
+  assert images.shape == (1, 2, 16, 16, 3) and images.dtype == np.uint8
