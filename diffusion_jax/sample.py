@@ -56,8 +56,8 @@ _compiled_samplers = {}
 
 
 def output_shape(config, sample_config) -> tuple:
-  """Shape of what one sample's diffusion runs on: [res, res, c] (a latent model: its latents' shape), or
-  [frames, ...] that for a video (temporal) model."""
+  """Shape of what the diffusion of one sample runs on: [res, res, c] (a latent model: the shape of its
+  latents), with a leading frames axis for a video (temporal) model."""
   shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
   if config.latent.autoencoder_path:
     shape = autoencoder.latent_shape(config.latent.autoencoder_path, config.data.resolution)
@@ -71,10 +71,10 @@ def output_shape(config, sample_config) -> tuple:
 
 def make_generate_fn(config, graphdef, sample_config):
   """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres) -> samples
-  [n, (frames,) res, res, c] in [-1, 1] (a latent model's decoded latents). Each sample's starting noise (and a stochastic sampler's noise at every
-  step) comes from its own key, so a sample does not depend on the batch it is generated in (nor on the
-  device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c] in [-1, 1] (None
-  otherwise), noise-augmented to sample.aug_level."""
+  [n, (frames,) res, res, c] in [-1, 1] (a latent model's decoded latents). Each sample's starting noise (and a
+  stochastic sampler's noise at every step) comes from its own key, so a sample does not depend on the batch
+  it is generated in (nor on the device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c]
+  in [-1, 1] (None otherwise), noise-augmented to sample.aug_level."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)

@@ -1,6 +1,7 @@
 """The diffusion transformer: starts as the zero function, learns through every block; a video DiT inflates from
 an image DiT and trains sharded as on one device and samples; a super-resolution DiT reads its inputs; dropout acts
-in every block, only in training; the patch-position periods follow the config; configs it cannot serve are refused (test_video.py holds what video U-Nets and DiTs share)."""
+in every block, only in training; the patch-position periods follow the config; configs it cannot serve are
+refused (test_video.py holds what video U-Nets and DiTs share)."""
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +156,8 @@ def test_position_periods_follow_the_config():
   assert flat(10000.0) > 0.5 and flat(4.0 * grid) < 0.15  # DiT's 10,000 patches on an 8x8 grid; 4x the grid
   config = dit_config()
   model = perturb(dit.DiT(config.model, rngs=nnx.Rngs(0)))
-  x, text = jax.random.normal(jax.random.key(0), (2, 16, 16, 3)), jax.random.normal(jax.random.key(1), (2, 5, config.model.text_dim))
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  text = jax.random.normal(jax.random.key(1), (2, 5, config.model.text_dim))
   args = (x, jnp.zeros(2), text, jnp.ones((2, 5), bool))
   model.position_max_period = 4.0 * grid
   sharp = run(model, *args)

@@ -2,11 +2,12 @@
 
 The image is cut into patch_size x patch_size patches, each a token of width `channels` with a fixed 2-D
 sin/cos position embedding (periods up to 2*pi*position_max_period patches: DiT's 10,000 leaves most features
-nearly constant over a small grid; a few times the grid side makes every feature vary). Every block is self-attention, cross-attention to the text and a feed-forward,
-the first and last modulated by adaLN-Zero: a shift, scale and gate per block from the conditioning
-embedding (log-SNR and pooled text), the gates starting at zero so every block starts as the identity. A
-final modulated LayerNorm and a zero-initialised projection give each patch's prediction. `dropout` (training
-only: a call with a dropout_key) acts on each feed-forward's hidden units.
+nearly constant over a small grid; a few times the grid side makes nearly every feature vary). Every block is
+self-attention, cross-attention to the text and a feed-forward, the first and last modulated by adaLN-Zero: a
+shift, scale and gate per block from the conditioning embedding (log-SNR and pooled text), the gates starting
+at zero so every block starts as the identity. A final modulated LayerNorm and a zero-initialised projection
+give each patch's prediction. `dropout` (training only: a call with a dropout_key) acts on each feed-forward's
+hidden units.
 
 Video (`temporal`, Latte-style space-time factorisation): the spatial blocks run on every frame as if it were
 an image, and after each block a temporal attention layer (models/temporal.py: attention over frames at each
