@@ -14,8 +14,9 @@ from flax import nnx
 from configs import t2i_shapes
 from diffusion_jax import config_checks, sample, sharding
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import autoencoder, text_to_image
+from diffusion_jax.models import autoencoder, init_rngs, text_to_image
 from diffusion_jax.text import tokenizers
+from test_t5 import save_tiny_t5
 from test_train import one_step
 
 
@@ -110,6 +111,24 @@ def latent_config(directory):
   config.model.in_channels = 4
   config.sample.threshold = "none"
   return config
+
+
+def test_the_abstract_model_reads_no_weights_file(vae, tmp_path):
+  """Sampling jobs, resumes and inits build the model's shapes first: from config.json files alone (the weights
+  of a T5-XXL are 19 GB)."""
+  shutil.copytree(vae[0], tmp_path / "vae")
+  save_tiny_t5(tmp_path / "t5", "gated-gelu")
+  config = latent_config(str(tmp_path / "vae"))
+  config.text.update(pretrained_path=str(tmp_path / "t5"), trainable=False)
+  loaded = text_to_image.split(text_to_image.TextToImage(config, rngs=init_rngs.seeded(0)), config)
+  (tmp_path / "vae" / autoencoder.WEIGHTS_FILE).unlink()
+  (tmp_path / "t5" / "model.safetensors").unlink()
+  abstract = text_to_image.split(text_to_image.abstract(config), config)
+  assert abstract[0] == loaded[0]
+  shapes = lambda state: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(state))
+  assert shapes(abstract[1]) == shapes(loaded[1]) and shapes(abstract[2]) == shapes(loaded[2])
+  with pytest.raises(ValueError, match="No model.safetensors"):
+    text_to_image.TextToImage(config, rngs=init_rngs.seeded(0))
 
 
 def test_config_check_knows_the_latent_geometry(vae, tmp_path):

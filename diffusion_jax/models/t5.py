@@ -175,13 +175,19 @@ def _read_safetensors(directory: pathlib.Path) -> dict:
   return tensors
 
 
-def load_hf_encoder(path, dtype: str = "float32") -> T5Encoder:
-  """Build a T5Encoder from a local Hugging Face checkpoint directory."""
+def read_hf_config(path, dtype: str = "float32") -> ml_collections.ConfigDict:
+  """The T5Encoder config of a local Hugging Face checkpoint directory (its config.json only)."""
   directory = pathlib.Path(path)
   if not (directory / "config.json").exists():
     raise ValueError(f"No config.json in {str(directory)!r}; give the local directory of a Hugging Face T5 "
                      "checkpoint.")
-  config = config_from_hf(json.loads((directory / "config.json").read_text()), dtype)
+  return config_from_hf(json.loads((directory / "config.json").read_text()), dtype)
+
+
+def load_hf_encoder(path, dtype: str = "float32") -> T5Encoder:
+  """Build a T5Encoder from a local Hugging Face checkpoint directory."""
+  directory = pathlib.Path(path)
+  config = read_hf_config(path, dtype)
   tensors = _read_safetensors(directory)
   tensors.setdefault("shared.weight", tensors.get("encoder.embed_tokens.weight"))
   graphdef, state = nnx.split(nnx.eval_shape(lambda: T5Encoder(config, rngs=init_rngs.seeded(0))))
