@@ -61,10 +61,10 @@ def init_state(config, mesh):
   image_weights = (inflation.load_image_weights(config, inflation.abstract_targets(abstract_params, abstract_frozen,
                                                                                    shardings))
                    if config.inflate.image_workdir else None)
-  if config.text.pretrained_path or config.latent.autoencoder_path:  # weights from files: load on the host, place
-    params, frozen = jax.device_put(init(jax.random.key(config.seed)), shardings)
-  else:
-    params, frozen = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  params, frozen = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  for name, weights in text_to_image.pretrained_weights(config).items():  # read on the host, then placed
+    tree, tree_shardings = (params, shardings[0]) if name in params else (frozen, shardings[1])
+    tree[name] = jax.device_put(weights, tree_shardings[name])
   if image_weights is not None:
     params, frozen = inflation.inflate(image_weights, params, frozen)
 

@@ -1,6 +1,7 @@
 """The latent-diffusion autoencoder: the function of diffusers' AutoencoderKL with the same weights (also those
-saved under the old attention names); what it cannot read is refused with a reason; a latent text-to-image
-model trains sharded as on one device without touching the autoencoder, and samples full-resolution images."""
+saved under the old attention names); what it cannot read is refused with a reason; the abstract model reads
+no weights; a latent text-to-image model trains on a (2, 2, 2) mesh without touching its pretrained parts, and
+samples full-resolution images."""
 
 import json
 import shutil
@@ -14,7 +15,7 @@ from flax import nnx
 from configs import t2i_shapes
 from diffusion_jax import config_checks, sample, sharding
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import autoencoder, init_rngs, text_to_image
+from diffusion_jax.models import autoencoder, text_to_image
 from diffusion_jax.text import tokenizers
 from test_t5 import save_tiny_t5
 from test_train import one_step
@@ -120,15 +121,15 @@ def test_the_abstract_model_reads_no_weights_file(vae, tmp_path):
   save_tiny_t5(tmp_path / "t5", "gated-gelu")
   config = latent_config(str(tmp_path / "vae"))
   config.text.update(pretrained_path=str(tmp_path / "t5"), trainable=False)
-  loaded = text_to_image.split(text_to_image.TextToImage(config, rngs=init_rngs.seeded(0)), config)
+  weights = text_to_image.pretrained_weights(config)
   (tmp_path / "vae" / autoencoder.WEIGHTS_FILE).unlink()
   (tmp_path / "t5" / "model.safetensors").unlink()
-  abstract = text_to_image.split(text_to_image.abstract(config), config)
-  assert abstract[0] == loaded[0]
-  shapes = lambda state: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(state))
-  assert shapes(abstract[1]) == shapes(loaded[1]) and shapes(abstract[2]) == shapes(loaded[2])
+  _, _, frozen = text_to_image.split(text_to_image.abstract(config), config)
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  for name in ("text_encoder", "autoencoder"):
+    assert shapes(nnx.to_pure_dict(frozen)[name]) == shapes(weights[name]), name
   with pytest.raises(ValueError, match="No model.safetensors"):
-    text_to_image.TextToImage(config, rngs=init_rngs.seeded(0))
+    text_to_image.pretrained_weights(config)
 
 
 def test_config_check_knows_the_latent_geometry(vae, tmp_path):
@@ -149,20 +150,20 @@ def test_config_check_knows_the_latent_geometry(vae, tmp_path):
   assert "has no config.json" in "; ".join(config_checks.problems(config, device_count=8))
 
 
-def test_latent_model_trains_sharded_like_one_device_and_samples_images(vae, tmp_path):
+def test_latent_model_trains_on_a_pod_mesh_and_samples_images(vae, tmp_path):
   config = latent_config(vae[0])
   config.data.data_dir = str(tmp_path)
+  save_tiny_t5(tmp_path / "t5", "gated-gelu")  # a pretrained, frozen text encoder too
+  config.text.update(pretrained_path=str(tmp_path / "t5"), trainable=False)
   batch_np = {k: v for k, v in pipeline.synthetic_batch(config).items() if k in ("image", "text_ids", "text_mask")}
   batch_np["image"] = np.random.default_rng(0).uniform(-1, 1, batch_np["image"].shape).astype(np.float32)
-  single_state, single_metrics = one_step(config, dict(data=1, fsdp=1, tensor=1), batch_np, jax.devices()[:1])
+  # The network takes 4-channel 8x8 latents: fed the images, the step would not compile.
   state, metrics = one_step(config, dict(data=2, fsdp=2, tensor=2), batch_np)
-  np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(single_state.params))):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
-  assert "autoencoder" not in state.params and "autoencoder" in state.frozen  # frozen, and left as loaded
-  loaded = nnx.to_pure_dict(nnx.state(autoencoder.load_diffusers(vae[0])))
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.frozen["autoencoder"])), jax.tree.leaves(loaded)):
-    np.testing.assert_array_equal(a, b)
+  assert np.isfinite(metrics["loss"]) and int(state.step) == 1
+  for name, weights in text_to_image.pretrained_weights(config).items():  # frozen, and left as loaded
+    assert name not in state.params
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.frozen[name])), jax.tree.leaves(weights)):
+      np.testing.assert_array_equal(a, b)
   graphdef = text_to_image.split(text_to_image.abstract(config), config)[0]
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(steps=2, num_per_prompt=2)

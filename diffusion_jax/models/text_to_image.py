@@ -17,26 +17,19 @@ from diffusion_jax.models import autoencoder, dit, init_rngs, t5, unet
 
 class TextToImage(nnx.Module):
 
-  def __init__(self, config, *, rngs: nnx.Rngs, read_weights: bool = True):
-    """read_weights=False: the pretrained parts (text.pretrained_path, latent.autoencoder_path) are built from
-    their config.json alone, with random weights (the same structure, for `abstract`)."""
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    """Every part randomly initialised; a pretrained text encoder (text.pretrained_path) or autoencoder
+    (latent.autoencoder_path) gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
-    if text_path and read_weights:
-      self.text_encoder = t5.load_hf_encoder(text_path, config.text.t5.dtype)
-    else:
-      self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
-                                       else config.text.t5, rngs=rngs)
+    self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
+                                     else config.text.t5, rngs=rngs)
     self.backbone = config.model.backbone
     if self.backbone == "dit":
       self.dit = dit.DiT(config.model, rngs=rngs)
     else:
       self.unet = unet.UNet(config.model, rngs=rngs)
-    if latent_path and read_weights:
-      self.autoencoder = autoencoder.load_diffusers(latent_path)
-    elif latent_path:
-      self.autoencoder = autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs)
-    else:
-      self.autoencoder = None
+    self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path
+                        else None)
 
   def encode(self, ids, mask):
     return self.text_encoder(ids, mask)
@@ -56,7 +49,18 @@ class TextToImage(nnx.Module):
 
 def abstract(config):
   """The model with ShapeDtypeStruct parameters (nothing allocated, no weights file read: a T5-XXL's 19 GB)."""
-  return nnx.eval_shape(lambda: TextToImage(config, rngs=init_rngs.seeded(config.seed), read_weights=False))
+  return nnx.eval_shape(lambda: TextToImage(config, rngs=init_rngs.seeded(config.seed)))
+
+
+def pretrained_weights(config) -> dict:
+  """{'text_encoder': ..., 'autoencoder': ...}: pure dicts of the weights the config names files for (read on
+  the host), to replace those parts of a new model's state."""
+  weights = {}
+  if config.text.pretrained_path:
+    weights["text_encoder"] = t5.load_hf_encoder(config.text.pretrained_path, config.text.t5.dtype)
+  if config.latent.autoencoder_path:
+    weights["autoencoder"] = autoencoder.load_diffusers(config.latent.autoencoder_path)
+  return {name: nnx.to_pure_dict(nnx.state(module)) for name, module in weights.items()}
 
 
 def is_temporal(path, _) -> bool:
