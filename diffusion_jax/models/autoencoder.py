@@ -49,14 +49,11 @@ def downsampling_factor(config: dict) -> int:
 
 
 def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="SAME"):
-  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=padding, rngs=rngs,
-                  kernel_metadata=layers.names(None, None, "conv_in", "conv_out"),
-                  bias_metadata=layers.names("conv_out"))
+  return layers.conv(in_ch, out_ch, kernel, rngs, jnp.float32, stride=stride, padding=padding)
 
 
 def group_norm(channels, groups, rngs):
-  return layers.GroupNorm(channels, num_groups=groups, epsilon=1e-6, rngs=rngs,
-                          scale_metadata=layers.names("norm"), bias_metadata=layers.names("norm"))
+  return layers.group_norm(channels, rngs, jnp.float32, groups=groups)  # epsilon 1e-6, as diffusers'
 
 
 class ResnetBlock(nnx.Module):

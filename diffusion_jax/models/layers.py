@@ -22,10 +22,10 @@ def names(*axes):
   return {"out_sharding": axes}
 
 
-def conv(in_ch, out_ch, kernel, rngs, dtype, stride=1, zero_init=False):
+def conv(in_ch, out_ch, kernel, rngs, dtype, stride=1, zero_init=False, padding="SAME"):
   init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
-  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, dtype=dtype, kernel_init=init, rngs=rngs,
-                  kernel_metadata=names(None, None, "conv_in", "conv_out"), bias_metadata=names("conv_out"))
+  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=padding, dtype=dtype, kernel_init=init,
+                  rngs=rngs, kernel_metadata=names(None, None, "conv_in", "conv_out"), bias_metadata=names("conv_out"))
 
 
 class Dense(nnx.Linear):
