@@ -97,7 +97,7 @@ def test_what_it_cannot_read_is_refused_with_a_reason(vae, tmp_path):
     autoencoder.load_diffusers(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps(config | {"layers_per_block": 2}))
   shutil.copy(f"{directory}/{autoencoder.WEIGHTS_FILE}", tmp_path)
-  with pytest.raises(ValueError, match="does not match its config.json: missing decoder.up_blocks.0.resnets.2.conv1"):
+  with pytest.raises(ValueError, match="does not match its config.json .*missing decoder.up_blocks.0.resnets.2.conv1"):
     autoencoder.load_diffusers(str(tmp_path))
   other = tmp_path / "temporal"
   other.mkdir()

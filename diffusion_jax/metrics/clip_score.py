@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_jax.models import init_rngs
+from diffusion_jax.models import init_rngs, named_tensors
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -148,14 +148,14 @@ class CLIP(nnx.Module):
     return self.visual_projection(self.vision_model(pixels))
 
 
-def _hf_name(path) -> tuple[str, tuple | None]:
+def _hf_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
   """NNX parameter path -> (checkpoint tensor name, transpose from PyTorch layout or None)."""
-  *module, leaf = [str(p) for p in path]
+  *module, leaf = path
   prefix = ".".join(module)
   if leaf in ("class_embedding", "logit_scale"):
     return ".".join(module + [leaf]), None
   if leaf == "kernel":
-    return f"{prefix}.weight", (2, 3, 1, 0) if module[-1] == "patch_embedding" else (1, 0)
+    return f"{prefix}.weight", named_tensors.kernel_transpose(ndim)
   renamed = {"scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
   return f"{prefix}.{renamed}", None
 
@@ -176,28 +176,10 @@ def from_pretrained(path) -> CLIP:
               if c["hidden_act"] not in ACTIVATIONS]
   if problems:
     raise ValueError(f"CLIP checkpoint {str(directory)!r}: " + "; ".join(problems))
-  tensors = load_file(directory / "model.safetensors")
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(text, vision, config.get("projection_dim", 512),
-                                                          rngs=init_rngs.seeded(0))))
-  flat = nnx.to_flat_state(state)
-  used = set()
-  for path, variable in flat:
-    name, transpose = _hf_name(path)
-    shape = variable.get_value().shape
-    expected = tuple(shape[i] for i in np.argsort(transpose)) if transpose else shape
-    if name not in tensors:
-      problems.append(f"missing {name}")
-    elif tuple(tensors[name].shape) != expected:
-      problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {expected}")
-    else:
-      value = tensors[name].astype(np.float32)
-      variable.set_value(jnp.asarray(np.transpose(value, transpose) if transpose else value))
-      used.add(name)
-  problems += [f"unknown tensor {k}" for k in sorted(set(tensors) - used) if not k.endswith("position_ids")]
-  if problems:
-    raise ValueError(f"CLIP checkpoint {str(directory)!r} does not match its config.json ({len(problems)} "
-                     "problems): " + "; ".join(problems[:20]))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  tensors = {k: v for k, v in load_file(directory / "model.safetensors").items() if not k.endswith("position_ids")}
+  abstract = nnx.eval_shape(lambda: CLIP(text, vision, config.get("projection_dim", 512), rngs=init_rngs.seeded(0)))
+  return named_tensors.load(abstract, tensors, _hf_name,
+                            f"CLIP checkpoint {str(directory)!r} does not match its config.json")
 
 
 def tokenizer(path, max_length: int):

@@ -8,9 +8,10 @@ from PyTorch's [out, in, *window] to Flax's [*window, in, out]. Nothing is downl
 
 import pathlib
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from diffusion_jax.models import named_tensors
 
 # NNX variable name -> PyTorch parameter or buffer name.
 _TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -42,34 +43,13 @@ def read(path, model: str, standard_file: str) -> dict:
                    ".npz.")
 
 
-def _torch_layout(variable_name: str, ndim: int):
-  """Axes that take a PyTorch tensor to the Flax layout (None: the same layout)."""
-  if variable_name != "kernel":
-    return None
-  return tuple(range(2, ndim)) + (1, 0)
+def _torch_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
+  """NNX parameter path -> (PyTorch name, transpose from PyTorch's layout or None)."""
+  *module, leaf = path
+  return ".".join(module + [_TORCH_NAMES[leaf]]), named_tensors.kernel_transpose(ndim) if leaf == "kernel" else None
 
 
 def load(abstract_module: nnx.Module, tensors: dict, model: str, unused_prefixes=()) -> nnx.Module:
   """The module with every parameter and statistic taken from `tensors` (PyTorch names); every mismatch
   (missing, wrong shape, unknown name not under `unused_prefixes`) is listed in one ValueError."""
-  graphdef, state = nnx.split(abstract_module)
-  flat = nnx.to_flat_state(state)
-  used, problems = set(), []
-  for path, variable in flat:
-    name = ".".join(map(str, path[:-1] + (_TORCH_NAMES[path[-1]],)))
-    shape = variable.get_value().shape
-    transpose = _torch_layout(path[-1], len(shape))
-    if name not in tensors:
-      problems.append(f"missing {name}")
-      continue
-    expected = tuple(shape[i] for i in np.argsort(transpose)) if transpose else shape  # PyTorch layout
-    if tuple(tensors[name].shape) != expected:
-      problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {expected}")
-      continue
-    variable.set_value(jnp.asarray(np.transpose(tensors[name], transpose) if transpose else tensors[name]))
-    used.add(name)
-  unknown = sorted(k for k in tensors if k not in used and not k.startswith(tuple(unused_prefixes)))
-  problems += [f"unknown tensor {k}" for k in unknown]
-  if problems:
-    raise ValueError(f"The weights do not match {model} ({len(problems)} problems): " + "; ".join(problems[:20]))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return named_tensors.load(abstract_module, tensors, _torch_name, f"The weights do not match {model}", unused_prefixes)

@@ -18,10 +18,9 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, named_tensors
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # Attention names of checkpoints written before diffusers renamed them (its own loader maps them the same way).
@@ -194,18 +193,24 @@ class AutoencoderKL(nnx.Module):
     return x.reshape(lead + x.shape[1:])
 
 
-def _diffusers_name(path) -> str:
-  """The diffusers tensor name of an nnx parameter path (kernel/scale -> weight)."""
-  *modules, leaf = (str(p) for p in path)
-  return ".".join(modules + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+def _diffusers_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
+  """The diffusers tensor name of an nnx parameter path (kernel/scale -> weight) and the kernel's transpose."""
+  *modules, leaf = path
+  name = ".".join(modules + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+  return name, named_tensors.kernel_transpose(ndim) if leaf == "kernel" else None
 
 
-def _as_flax(value: np.ndarray, target_ndim: int) -> np.ndarray:
-  """A PyTorch tensor in Flax layout: conv [out, in, kh, kw] -> [kh, kw, in, out]; linear [out, in] -> [in, out]
-  (also from the 1x1 convolutions old checkpoints store attention projections as)."""
-  if target_ndim == 2:
-    return value.reshape(value.shape[:2]).T
-  return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+def _renamed_old_attention(tensors: dict) -> dict:
+  """Old checkpoints' attention projections (query/key/value/proj_attn, some stored as 1x1 convolutions
+  [out, in, 1, 1]) under today's names and as linear weights [out, in]."""
+  old_to_new = {f"attentions.0.{old}.": f"attentions.0.{new}." for new, old in OLD_ATTENTION_NAMES.items()}
+  renamed = {}
+  for name, value in tensors.items():
+    for old, new in old_to_new.items():
+      if old in name:
+        name, value = name.replace(old, new), value.reshape(value.shape[:2]) if value.ndim == 4 else value
+    renamed[name] = value
+  return renamed
 
 
 def load_diffusers(path: str) -> AutoencoderKL:
@@ -217,31 +222,9 @@ def load_diffusers(path: str) -> AutoencoderKL:
   if not weights.exists():
     raise ValueError(f"No {WEIGHTS_FILE} in {path!r} (PyTorch .bin files are not read): save the autoencoder "
                      "with diffusers' save_pretrained(..., safe_serialization=True).")
-  tensors = load_file(weights)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
-  flat = nnx.to_flat_state(state)
-  used, problems = set(), []
-  for param_path, variable in flat:
-    name = _diffusers_name(param_path)
-    if name not in tensors:  # an attention projection under its old name
-      prefix, _, rest = name.rpartition("attentions.0.")
-      for new, old in OLD_ATTENTION_NAMES.items():
-        if rest.startswith(new + "."):
-          name = f"{prefix}attentions.0.{old}{rest[len(new):]}"
-    target = variable.get_value()
-    if name not in tensors:
-      problems.append(f"missing {name}")
-      continue
-    value = _as_flax(tensors[name], target.ndim)
-    if value.shape != target.shape:
-      problems.append(f"{name} has shape {tensors[name].shape}, expected {target.shape} in Flax layout")
-      continue
-    variable.set_value(jnp.asarray(value, jnp.float32))
-    used.add(name)
-  problems += [f"unknown tensor {k}" for k in sorted(set(tensors) - used)]
-  if problems:
-    raise ValueError(f"{str(weights)!r} does not match its config.json: " + "; ".join(problems[:20]))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return named_tensors.load(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))),
+                            _renamed_old_attention(load_file(weights)), _diffusers_name,
+                            f"{str(weights)!r} does not match its config.json")
 
 
 def latent_shape(path: str, resolution: int) -> tuple[int, int, int]:

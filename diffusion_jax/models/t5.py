@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from diffusion_jax.models import init_rngs, layers
+from diffusion_jax.models import init_rngs, layers, named_tensors
 
 
 def relative_position_bucket(relative_position, num_buckets: int, max_distance: int):
@@ -135,27 +135,22 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDic
       dtype=dtype))
 
 
-def _hf_name(path) -> tuple[str, bool]:
-  """Our parameter path -> (HF tensor name, transpose?)."""
-  path = [str(p) for p in path]
+def _hf_name(path: tuple, gated: bool) -> tuple[str, tuple | None]:
+  """Our parameter path -> (HF tensor name, transpose from HF's layout or None)."""
   if path[0] == "embed":
-    return "shared.weight", False
+    return "shared.weight", None
   if path[0] == "final_norm":
-    return "encoder.final_layer_norm.weight", False
+    return "encoder.final_layer_norm.weight", None
   i, part = path[1], path[2]
   prefix = f"encoder.block.{i}.layer"
-  table = {
-      "attn_norm": (f"{prefix}.0.layer_norm.weight", False),
-      "position_bias": (f"{prefix}.0.SelfAttention.relative_attention_bias.weight", False),
-      "ff_norm": (f"{prefix}.1.layer_norm.weight", False),
-      "wo": (f"{prefix}.1.DenseReluDense.wo.weight", True),
-      "wi_1": (f"{prefix}.1.DenseReluDense.wi_1.weight", True),
-  }
   if part in ("q", "k", "v", "o"):
-    return f"{prefix}.0.SelfAttention.{part}.weight", True
-  if part == "wi_0":
-    return None, True  # name depends on gating, resolved by the caller
-  return table[part]
+    return f"{prefix}.0.SelfAttention.{part}.weight", (1, 0)
+  if part in ("wi_0", "wi_1", "wo"):
+    hf_part = "wi" if part == "wi_0" and not gated else part
+    return f"{prefix}.1.DenseReluDense.{hf_part}.weight", (1, 0)
+  return {"attn_norm": f"{prefix}.0.layer_norm.weight",
+          "position_bias": f"{prefix}.0.SelfAttention.relative_attention_bias.weight",
+          "ff_norm": f"{prefix}.1.layer_norm.weight"}[part], None
 
 
 def _read_safetensors(directory: pathlib.Path) -> dict:
@@ -189,26 +184,9 @@ def load_hf_encoder(path, dtype: str = "float32") -> T5Encoder:
   directory = pathlib.Path(path)
   config = read_hf_config(path, dtype)
   tensors = _read_safetensors(directory)
-  tensors.setdefault("shared.weight", tensors.get("encoder.embed_tokens.weight"))
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: T5Encoder(config, rngs=init_rngs.seeded(0))))
-  flat = nnx.to_flat_state(state)
-  used, problems = set(), []
-  for path, variable in flat:
-    name, transpose = _hf_name(path)
-    if name is None:
-      name = f"encoder.block.{path[1]}.layer.1.DenseReluDense.{'wi_0' if config.gated else 'wi'}.weight"
-    if tensors.get(name) is None:
-      problems.append(f"missing {name}")
-      continue
-    value = tensors[name].T if transpose else tensors[name]
-    if value.shape != variable.get_value().shape:
-      problems.append(f"{name} has shape {value.shape}, expected {variable.get_value().shape}")
-      continue
-    variable.set_value(jnp.asarray(value, jnp.float32))
-    used.add(name)
-  ignored = ("decoder.", "lm_head.", "encoder.embed_tokens.weight")
-  unknown = sorted(k for k in tensors if k not in used and not k.startswith(ignored))
-  problems += [f"unknown tensor {k}" for k in unknown]
-  if problems:
-    raise ValueError(f"T5 checkpoint {str(directory)!r} does not match the encoder: " + "; ".join(problems[:20]))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:  # an encoder-only checkpoint
+    tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
+  abstract = nnx.eval_shape(lambda: T5Encoder(config, rngs=init_rngs.seeded(0)))
+  return named_tensors.load(abstract, tensors, lambda path, ndim: _hf_name(path, config.gated),
+                            f"T5 checkpoint {str(directory)!r} does not match the encoder",
+                            ignored=("decoder.", "lm_head.", "encoder.embed_tokens.weight"))

@@ -1,0 +1,44 @@
+"""Filling a module's parameters from a checkpoint's named tensors (PyTorch, Hugging Face, diffusers).
+
+`load(abstract_module, tensors, locate, what)`: `locate(path, ndim)` gives the checkpoint's name of the parameter
+at an NNX path (a tuple of strings) with `ndim` axes, and the axes permutation from the checkpoint's layout to ours
+(None: the same layout; PyTorch's conv kernel [out, in, *window] is Flax's [*window, in, out]). Every parameter must be found
+with its shape and every tensor used (or named in `ignored`): all mismatches are listed in one ValueError.
+"""
+
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Locate = Callable[[tuple, int], tuple[str, tuple | None]]
+
+
+def kernel_transpose(ndim: int) -> tuple:
+  """The permutation from PyTorch's [out, in, *window] to Flax's [*window, in, out] (linear: [out, in] -> [in, out])."""
+  return tuple(range(2, ndim)) + (1, 0)
+
+
+def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, ignored=()) -> nnx.Module:
+  """The module with every parameter taken from `tensors` {name: array}; `what` says what failed to match
+  (e.g. "CLIP checkpoint '/w/clip' does not match its config.json"); names starting with `ignored` may go unused."""
+  graphdef, state = nnx.split(abstract_module)
+  flat = nnx.to_flat_state(state)
+  used, problems = set(), []
+  for path, variable in flat:
+    target = variable.get_value()
+    name, transpose = locate(tuple(str(p) for p in path), target.ndim)
+    expected = tuple(target.shape[i] for i in np.argsort(transpose)) if transpose else target.shape
+    if tensors.get(name) is None:
+      problems.append(f"missing {name}")
+    elif tuple(tensors[name].shape) != tuple(expected):
+      problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(expected)}")
+    else:
+      value = np.asarray(tensors[name])
+      variable.set_value(jnp.asarray(np.transpose(value, transpose) if transpose else value, target.dtype))
+      used.add(name)
+  problems += [f"unknown tensor {k}" for k in sorted(set(tensors) - used) if not k.startswith(tuple(ignored))]
+  if problems:
+    raise ValueError(f"{what} ({len(problems)} problem{'s' * (len(problems) > 1)}): " + "; ".join(problems[:20]))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
