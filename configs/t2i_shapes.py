@@ -6,8 +6,9 @@ Variants (`--config=configs/t2i_shapes.py:VARIANT`): `fsdp` shards parameters an
 all devices; `base16` is the 16 px base stage of `configs/cascades/shapes_16_32.py`
 (trained on every colour-shape combination, which the others hold three out of); `scaling` is the
 16 px, single-object base of the scaling sweep (`configs/scaling/shapes_t2i.py`); `dit` trains a
-diffusion transformer (`models/dit.py`, 2x2 patches) instead of the U-Net; `test` is a seconds-long smoke
-configuration for the test suite.
+diffusion transformer (`models/dit.py`, 2x2 patches) instead of the U-Net; `latent` trains on the 16x16x4
+latents of the autoencoder `configs/autoencoder_shapes.py` writes (train that first, README: Latent diffusion);
+`test` is a seconds-long smoke configuration for the test suite.
 """
 
 from configs import base
@@ -65,6 +66,10 @@ def get_config(variant: str = ""):
   elif variant == "dit":  # the same task with a diffusion transformer (models/dit.py) instead of the U-Net
     # Position sinusoids with periods up to 4x the 16x16 patch grid (README, Diffusion transformer).
     config.model.update(backbone="dit", channels=128, depth=6, patch_size=2, heads=4, position_max_period=64.0)
+  elif variant == "latent":  # latent diffusion on the autoencoder of configs/autoencoder_shapes.py
+    config.latent.autoencoder_path = "workdirs/autoencoder_shapes/autoencoder"
+    config.model.in_channels = 4
+    config.sample.threshold = "none"  # latents are not in [-1, 1]
   elif variant == "test":
     config.data.num_train = 256
     config.data.num_eval = 32
@@ -77,5 +82,5 @@ def get_config(variant: str = ""):
     config.sample.update(steps=4, num_per_prompt=2)
   elif variant:
     raise ValueError(f"Unknown t2i_shapes variant {variant!r}; valid variants: 'fsdp', 'base16', 'scaling', 'dit', "
-                     "'test'.")
+                     "'latent', 'test'.")
   return config

@@ -51,7 +51,7 @@ class MetricWriter:
     done = step - self.start_step
     elapsed = time.time() - (self.start_time or time.time())
     eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
-    shown = " ".join(f"{k}={scalars[k]:.4g}" for k in ("loss", "grad_norm", "examples_per_s", "mfu")
+    shown = " ".join(f"{k}={scalars[k]:.4g}" for k in ("loss", "l1", "grad_norm", "examples_per_s", "mfu")
                      if k in scalars)
     print(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) {shown} "
           f"elapsed {elapsed:.0f}s eta {eta:.0f}s", file=sys.stderr, flush=True)

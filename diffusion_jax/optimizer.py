@@ -9,6 +9,7 @@ their lengths as Python numbers, so the schedule is written here; it matches
 `optax.warmup_cosine_decay_schedule` / `optax.warmup_constant_schedule` step for step (tested).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -52,3 +53,10 @@ def make(config, hparams: dict) -> optax.GradientTransformation:
                    b2=hparams["b2"], weight_decay=hparams["weight_decay"])
   clip = optax.clip_by_global_norm(hparams["grad_clip"]) if config.optimizer.grad_clip else optax.identity()
   return optax.chain(clip, tx)
+
+
+def state_shardings(tx: optax.GradientTransformation, params, param_shardings, replicated):
+  """Shardings of `tx.init(params)` (params: arrays or ShapeDtypeStructs): the moments sharded exactly like the
+  parameters they track, counters `replicated`."""
+  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+                               transform_non_params=lambda _: replicated)

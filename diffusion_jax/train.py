@@ -70,8 +70,7 @@ def init_state(config, mesh):
 
   # Optimizer moments are sharded exactly like the parameters they track; counters are replicated.
   tx = optimizer.make(config, optimizer.hyperparameters(config))
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings[0],
-                                        transform_non_params=lambda _: sharding.replicated(mesh))
+  opt_shardings = optimizer.state_shardings(tx, params, shardings[0], sharding.replicated(mesh))
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   ema = jax.jit(lambda p: tuple(jax.tree.map(jnp.copy, p) for _ in config.train.ema_decays),
                 out_shardings=tuple(shardings[0] for _ in config.train.ema_decays))(params)
@@ -92,8 +91,7 @@ def abstract_state(config, mesh):
   replicated = sharding.replicated(mesh)
   tx = optimizer.make(config, optimizer.hyperparameters(config))
   opt_shapes = jax.eval_shape(tx.init, params)
-  opt_shardings = optax.tree_map_params(tx, lambda _, p: p.sharding, opt_shapes, params,
-                                        transform_non_params=lambda _: replicated)
+  opt_shardings = optimizer.state_shardings(tx, params, jax.tree.map(lambda p: p.sharding, params), replicated)
   counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   state = TrainState(step=counter, params=params, frozen=frozen, ema=tuple(params for _ in config.train.ema_decays),
                      opt_state=jax.tree.map(struct, opt_shapes, opt_shardings),

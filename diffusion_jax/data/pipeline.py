@@ -135,7 +135,7 @@ def resize_and_crop(image: np.ndarray, resolution: int, rng: np.random.Generator
 
 class Preprocess(grain.RandomMapTransform):
   """Decode, resize/crop, optional flip, scale to [-1, 1], tokenize the caption (or look up its cached
-  text embeddings when `text_cache` is given)."""
+  text embeddings when `text_cache` is given; neither when both are None: images only)."""
 
   def __init__(self, config, tokenizer, text_cache=None):
     self.config = config
@@ -164,7 +164,7 @@ class Preprocess(grain.RandomMapTransform):
     out = {"video": frames, "is_video": np.bool_(not still)} if is_video else {"image": frames[0]}
     if self.text_cache is not None:
       out["text_embeddings"], out["text_mask"] = self.text_cache(element[config.caption_key])
-    else:
+    elif self.tokenizer is not None:
       ids, mask = self.tokenizer([element[config.caption_key]])
       out["text_ids"], out["text_mask"] = ids[0], mask[0]
     for key in config.attribute_keys:

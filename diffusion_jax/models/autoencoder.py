@@ -18,6 +18,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import layers, named_tensors
@@ -187,10 +188,12 @@ class AutoencoderKL(nnx.Module):
   def decode(self, latents):
     lead = latents.shape[:-3]
     z = latents.reshape((-1,) + latents.shape[-3:]).astype(jnp.float32) / self.scaling_factor + self.shift_factor
-    if self.post_quant_conv is not None:
-      z = self.post_quant_conv(z)
-    x = self.decoder(z)
+    x = self.decode_unscaled(z)
     return x.reshape(lead + x.shape[1:])
+
+  def decode_unscaled(self, z):
+    """A posterior draw z [batch, h/f, w/f, latent_channels] (no shift or scaling) -> images [batch, h, w, out]."""
+    return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
 
 def _diffusers_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
@@ -225,6 +228,32 @@ def load_diffusers(path: str) -> AutoencoderKL:
   return named_tensors.load(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))),
                             _renamed_old_attention(load_file(weights)), _diffusers_name,
                             f"{str(weights)!r} does not match its config.json")
+
+
+def diffusers_config(fields: dict, scaling_factor: float) -> dict:
+  """A diffusers AutoencoderKL config.json from our autoencoder fields (configs/autoencoder_shapes.py)."""
+  levels = len(fields["block_out_channels"])
+  return {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * levels,
+          "up_block_types": ["UpDecoderBlock2D"] * levels, "scaling_factor": scaling_factor, "shift_factor": None,
+          "use_quant_conv": True, "use_post_quant_conv": True, "force_upcast": True,
+          **{k: list(v) if isinstance(v, (tuple, list)) else v for k, v in fields.items()}}
+
+
+def save_diffusers(model: AutoencoderKL, config: dict, path) -> pathlib.Path:
+  """Write `model` as a diffusers AutoencoderKL directory (config.json and WEIGHTS_FILE in PyTorch's layout),
+  which `load_diffusers` and diffusers' `AutoencoderKL.from_pretrained` read."""
+  from safetensors.numpy import save_file
+
+  directory = pathlib.Path(path).expanduser()
+  directory.mkdir(parents=True, exist_ok=True)
+  tensors = {}
+  for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = np.asarray(jax.device_get(variable.get_value()), np.float32)
+    name, transpose = _diffusers_name(tuple(str(p) for p in param_path), value.ndim)
+    tensors[name] = np.ascontiguousarray(np.transpose(value, np.argsort(transpose)) if transpose else value)
+  save_file(tensors, directory / WEIGHTS_FILE)
+  (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+  return directory
 
 
 def latent_shape(path: str, resolution: int) -> tuple[int, int, int]:

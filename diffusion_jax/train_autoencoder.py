@@ -1,0 +1,258 @@
+"""Train the KL autoencoder of latent diffusion (models/autoencoder.py) and write it as a diffusers directory.
+
+  python -m diffusion_jax.train_autoencoder --config=configs/autoencoder_shapes.py \
+      --workdir=workdirs/autoencoder_shapes [--config.key=value ...]
+
+Flags:
+  --config   autoencoder config file (optionally `file.py:variant`); every field can be overridden with
+             --config.<field>=<value>; a mistyped field is an error
+  --workdir  where checkpoints, logs, config.json and the trained autoencoder go; rerunning resumes from it
+
+Loss, per example (Rombach et al. 2022 without the perceptual and adversarial terms): the L1 error of the
+reconstruction of a posterior draw, summed over pixels, plus train.kl_weight times the posterior's KL divergence
+from N(0, I), summed over latent elements; averaged over the batch. Video datasets train on their frames.
+
+The workdir gets `checkpoints/` (parameters, optimizer state and input position; SIGTERM or Ctrl-C saves and
+stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/` (config.json and
+diffusion_pytorch_model.safetensors: what `latent.autoencoder_path` and diffusers' AutoencoderKL.from_pretrained
+read; its scaling_factor is 1 / the std of the training latents, as Stable Diffusion's) and
+`reconstructions.png` (held-out images above their reconstructions, with their PSNR).
+"""
+
+import logging
+import pathlib
+import signal
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+from ml_collections import config_flags
+
+from diffusion_jax import checkpoint, media, metric_writers, optimizer, sharding, stop_signals
+from diffusion_jax.data import pipeline
+from diffusion_jax.metrics import psnr
+from diffusion_jax.models import autoencoder, init_rngs
+
+log = logging.getLogger("diffusion_jax.train_autoencoder")  # not __main__ under python -m
+RECONSTRUCTIONS = 8  # held-out images shown in reconstructions.png
+
+
+@flax.struct.dataclass
+class AutoencoderState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def problems(config) -> list[str]:
+  """What is wrong with an autoencoder config, before anything is built."""
+  a, t = config.autoencoder, config.train
+  out = []
+  widths = list(a.block_out_channels)
+  if not widths or any(w <= 0 or w % a.norm_num_groups for w in widths):
+    out.append(f"autoencoder.block_out_channels {tuple(widths)} must be positive multiples of "
+               f"autoencoder.norm_num_groups={a.norm_num_groups}")
+  factor = 2 ** (len(widths) - 1)
+  if config.data.resolution % factor:
+    out.append(f"data.resolution={config.data.resolution} is not divisible by the downsampling factor {factor} "
+               f"of {len(widths)} levels")
+  if (a.in_channels, a.out_channels) != (3, 3):
+    out.append("autoencoder.in_channels and out_channels must be 3 (RGB, what latent diffusion models read)")
+  for field in ("steps", "batch_size", "log_every", "checkpoint_every", "scale_batches"):
+    if t[field] <= 0:
+      out.append(f"train.{field}={t[field]} must be > 0")
+  if t.kl_weight < 0:
+    out.append(f"train.kl_weight={t.kl_weight} must be >= 0")
+  return out
+
+
+def validate(config, mesh) -> None:
+  found = problems(config)
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.train.batch_size % data_parallel:
+    found.append(f"train.batch_size={config.train.batch_size} is not divisible by the {data_parallel} "
+                 "data-parallel devices of config.mesh")
+  if found:
+    raise ValueError("The autoencoder config has problems:\n  - " + "\n  - ".join(found))
+
+
+def model_config(config, scaling_factor: float = 1.0) -> dict:
+  return autoencoder.diffusers_config(config.autoencoder.to_dict(), scaling_factor)
+
+
+def init_state(config, mesh, graphdef, abstract_params) -> AutoencoderState:
+  shardings = sharding.state_shardings(abstract_params, mesh)
+
+  def init(key):
+    return nnx.to_pure_dict(nnx.state(autoencoder.AutoencoderKL(model_config(config), rngs=init_rngs.seeded(key))))
+
+  params = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  tx, replicated = optimizer.make(config, optimizer.hyperparameters(config)), sharding.replicated(mesh)
+  opt_state = jax.jit(tx.init, out_shardings=optimizer.state_shardings(tx, params, shardings, replicated))(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+  return AutoencoderState(step=step, params=params, opt_state=opt_state)
+
+
+def images(batch: dict) -> jax.Array:
+  """The batch's images [n, h, w, 3]; a video batch's frames folded into n."""
+  x = batch["video"] if "video" in batch else batch["image"]
+  return x.reshape((-1,) + x.shape[-3:])
+
+
+def make_train_step(config, graphdef):
+  """`(state, batch, hparams) -> (state, metrics)`: one AdamW step on the loss in the module docstring."""
+  kl_weight = config.train.kl_weight
+
+  def loss_fn(params, x, key):
+    model = nnx.merge(graphdef, params)
+    mean, logvar = model.moments(x)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    error = jnp.abs(model.decode_unscaled(z) - x).sum(axis=(1, 2, 3))
+    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3))
+    return jnp.mean(error + kl_weight * kl), {"l1": jnp.mean(error) / np.prod(x.shape[1:]), "kl": jnp.mean(kl)}
+
+  def train_step(state: AutoencoderState, batch: dict, hparams: dict):
+    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images(batch), key)
+    updates, opt_state = optimizer.make(config, hparams).update(grads, state.opt_state, state.params)
+    finite = jnp.isfinite(loss)  # a non-finite step leaves the state as it was (and is counted)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep(optax.apply_updates(state.params, updates), state.params)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "nonfinite": 1 - finite.astype(jnp.int32),
+               "learning_rate": optimizer.learning_rate(state.step, hparams, config.optimizer.schedule), **parts}
+    return state.replace(step=state.step + 1, params=params, opt_state=keep(opt_state, state.opt_state)), metrics
+
+  return train_step
+
+
+def latent_std(config, graphdef, params, batches) -> float:
+  """The std of posterior draws of the latents of `batches` (global batches of images)."""
+  draw = jax.jit(lambda p, x, key: nnx.merge(graphdef, p).encode(x, key))
+  latents = [np.asarray(draw(params, images(b), jax.random.key(i))) for i, b in enumerate(batches)]
+  return float(np.std(np.concatenate(latents)))
+
+
+def reconstructions(config, model, workdir) -> float:
+  """Write reconstructions.png (held-out images above their reconstructions); returns their PSNR in dB."""
+  source = pipeline.data_source(config.data, "validation")
+  loader = pipeline.make_loader(config.data, source, None, min(RECONSTRUCTIONS, len(source)), seed=0, shuffle=False,
+                                num_epochs=1)
+  x = images(jax.tree.map(jnp.asarray, next(iter(loader))))
+  x_hat = jax.jit(lambda m, x: m.decode(m.encode(x)))(model, x)
+  inputs, outputs = media.to_uint8(x), media.to_uint8(jnp.clip(x_hat, -1, 1))
+  value = psnr.psnr(outputs, inputs)
+  grid = media.labelled_grid([inputs, outputs], ["held-out images", f"reconstructions ({value:.1f} dB PSNR)"], scale=4)
+  media.save_png(pathlib.Path(workdir) / "reconstructions.png", grid, {"psnr_db": f"{value:.2f}"})
+  return value
+
+
+def train(config, workdir: str) -> pathlib.Path:
+  """Train (resuming from the workdir's checkpoints), then write the diffusers directory; returns its path."""
+  found = problems(config)
+  if found:
+    raise ValueError("The autoencoder config has problems:\n  - " + "\n  - ".join(found))
+  checkpoint.prepare_workdir(workdir)
+  with checkpoint.workdir_lock(workdir):
+    return _train(config, str(workdir))
+
+
+def _train(config, workdir: str) -> pathlib.Path:
+  mesh = sharding.make_mesh(config.mesh)
+  validate(config, mesh)
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(
+      lambda: autoencoder.AutoencoderKL(model_config(config), rngs=nnx.Rngs(0))))
+  saved = pathlib.Path(workdir) / "config.json"
+  mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+  if mngr.all_steps() and saved.exists():
+    changed = [d for d in checkpoint.config_differences(checkpoint.read_config(workdir), config)
+               if d.startswith("autoencoder.")]
+    if changed:
+      raise ValueError(f"--workdir={workdir} holds checkpoints of another autoencoder ({'; '.join(changed)}): "
+                       "use a new workdir, or the config it was trained with.")
+  state = init_state(config, mesh, graphdef, abstract_params)
+  per_process = config.train.batch_size // jax.process_count()
+  source = pipeline.data_source(config.data, "train")
+  data_iter = iter(pipeline.make_loader(config.data, source, None, per_process, seed=config.seed))
+  if mngr.all_steps():
+    state, step = checkpoint.restore(mngr, state)
+    log.info("resumed from step %d", step)
+    unfit = checkpoint.restore_input_position(mngr, step, data_iter)
+    if unfit:
+      log.warning("the input position saved at step %d does not fit this run (%s): the data order restarts.",
+                  step, unfit)
+  if jax.process_index() == 0:
+    checkpoint.write_config(workdir, config)
+  step = int(state.step)
+  batch_sharding = sharding.batch_sharding(mesh)
+  next_batch = lambda: pipeline.to_global({k: v for k, v in next(data_iter).items() if k in ("image", "video")},
+                                          batch_sharding)
+  hparams = optimizer.hyperparameters(config)
+  compiled = jax.jit(make_train_step(config, graphdef), donate_argnums=0)
+  log.info("autoencoder: %d parameters, %d-fold downsampling, %s latents", sum(x.size for x in jax.tree.leaves(
+      state.params)), autoencoder.downsampling_factor(model_config(config)), config.autoencoder.latent_channels)
+  writer = metric_writers.MetricWriter(workdir, config.train.steps)
+  writer.start(step)
+  save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True)
+  with stop_signals.StopSignals((signal.SIGTERM, signal.SIGINT)) as stop:
+    while step < config.train.steps:
+      state, metrics = compiled(state, next_batch(), hparams)
+      step += 1
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        writer.write(step, jax.device_get(metrics))
+        if not np.isfinite(float(metrics["loss"])):
+          save()
+          mngr.wait_until_finished()
+          raise FloatingPointError(f"non-finite loss at step {step}; the state before it is saved in {workdir}. "
+                                   "Lower optimizer.learning_rate.")
+      if step % config.train.checkpoint_every == 0 or step == config.train.steps or stop.received:
+        save()
+      if stop.received:
+        break
+    mngr.wait_until_finished()
+  writer.close()
+  if step < config.train.steps:
+    log.warning("%s: checkpoint saved at step %d of %d; rerun the same command to resume.", stop.received, step,
+                config.train.steps)
+    return None
+  std = latent_std(config, graphdef, state.params, [next_batch() for _ in range(config.train.scale_batches)])
+  trained = model_config(config, 1.0 / std)
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(trained, rngs=nnx.Rngs(0)))),
+                    state.params)
+  directory = pathlib.Path(workdir) / "autoencoder"
+  if jax.process_index() == 0:
+    autoencoder.save_diffusers(model, trained, directory)
+    log.info("reconstructions of held-out images: %.2f dB PSNR (%s)", reconstructions(config, model, workdir),
+             pathlib.Path(workdir) / "reconstructions.png")
+  log.info("autoencoder written to %s (scaling_factor %.4g); train on it with --config.latent.autoencoder_path=%s",
+           directory, 1.0 / std, directory)
+  return directory
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if f.workdir is None or f.config is None:
+    raise app.UsageError("--config and --workdir are required.")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+  try:
+    train(f.config, f.workdir)
+  except ValueError as error:  # configuration, data and path errors a user can fix
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print(f"interrupted; rerun the same command to resume from the last checkpoint in {f.workdir}, if any.",
+          file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Autoencoder config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, the trained autoencoder).")
+  app.run(main)
