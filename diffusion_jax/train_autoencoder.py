@@ -15,10 +15,12 @@ from N(0, I), summed over latent elements; averaged over the batch. Video datase
 The workdir gets `checkpoints/` (parameters, optimizer state and input position; SIGTERM or Ctrl-C saves and
 stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/` (config.json and
 diffusion_pytorch_model.safetensors: what `latent.autoencoder_path` and diffusers' AutoencoderKL.from_pretrained
-read; its scaling_factor is 1 / the std of the training latents, as Stable Diffusion's) and
-`reconstructions.png` (held-out images above their reconstructions, with their PSNR).
+read; its scaling_factor is 1 / the std of the training latents, as Stable Diffusion's), the PSNR and FID
+(random-conv features) of reconstructed held-out images in `logs/reconstruction.json`, and `reconstructions.png`
+(the first of them above their reconstructions).
 """
 
+import json
 import logging
 import pathlib
 import signal
@@ -36,7 +38,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import checkpoint, media, metric_writers, optimizer, sharding, stop_signals
 from diffusion_jax.data import pipeline
-from diffusion_jax.metrics import psnr
+from diffusion_jax.metrics import fid, psnr
 from diffusion_jax.models import autoencoder, init_rngs
 
 log = logging.getLogger("diffusion_jax.train_autoencoder")  # not __main__ under python -m
@@ -64,7 +66,7 @@ def problems(config) -> list[str]:
                f"of {len(widths)} levels")
   if (a.in_channels, a.out_channels) != (3, 3):
     out.append("autoencoder.in_channels and out_channels must be 3 (RGB, what latent diffusion models read)")
-  for field in ("steps", "batch_size", "log_every", "checkpoint_every", "scale_batches"):
+  for field in ("steps", "batch_size", "log_every", "checkpoint_every", "scale_batches", "eval_examples"):
     if t[field] <= 0:
       out.append(f"train.{field}={t[field]} must be > 0")
   if t.kl_weight < 0:
@@ -121,7 +123,7 @@ def make_train_step(config, graphdef):
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images(batch), key)
     updates, opt_state = optimizer.make(config, hparams).update(grads, state.opt_state, state.params)
-    finite = jnp.isfinite(loss)  # a non-finite step leaves the state as it was (and is counted)
+    finite = jnp.isfinite(loss)  # a non-finite step leaves the state as it was
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep(optax.apply_updates(state.params, updates), state.params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "nonfinite": 1 - finite.astype(jnp.int32),
@@ -138,22 +140,33 @@ def latent_std(config, graphdef, params, batches) -> float:
   return float(np.std(np.concatenate(latents)))
 
 
-def reconstructions(config, model, workdir) -> float:
-  """Write reconstructions.png (held-out images above their reconstructions); returns their PSNR in dB."""
+def evaluate(config, model, workdir) -> dict:
+  """Reconstruct (posterior means) up to train.eval_examples held-out images: their PSNR and FID (random-conv
+  features) against the originals, also in logs/reconstruction.json; reconstructions.png shows the first ones."""
   source = pipeline.data_source(config.data, "validation")
-  loader = pipeline.make_loader(config.data, source, None, min(RECONSTRUCTIONS, len(source)), seed=0, shuffle=False,
-                                num_epochs=1)
-  x = images(jax.tree.map(jnp.asarray, next(iter(loader))))
-  x_hat = jax.jit(lambda m, x: m.decode(m.encode(x)))(model, x)
-  inputs, outputs = media.to_uint8(x), media.to_uint8(jnp.clip(x_hat, -1, 1))
-  value = psnr.psnr(outputs, inputs)
-  grid = media.labelled_grid([inputs, outputs], ["held-out images", f"reconstructions ({value:.1f} dB PSNR)"], scale=4)
-  media.save_png(pathlib.Path(workdir) / "reconstructions.png", grid, {"psnr_db": f"{value:.2f}"})
-  return value
+  batch = min(config.train.batch_size, config.train.eval_examples, len(source))
+  loader = pipeline.make_loader(config.data, source, None, batch, seed=0, shuffle=False, num_epochs=1)
+  reconstruct = jax.jit(lambda m, x: jnp.clip(m.decode(m.encode(x)), -1, 1))
+  inputs, outputs = [], []
+  for local in loader:
+    x = images({k: v for k, v in local.items() if k in ("image", "video")})
+    inputs.append(media.to_uint8(x))
+    outputs.append(media.to_uint8(reconstruct(model, jnp.asarray(x))))
+    if sum(map(len, inputs)) >= config.train.eval_examples:
+      break
+  inputs, outputs = np.concatenate(inputs), np.concatenate(outputs)
+  result = {"examples": len(inputs), "psnr_db": psnr.psnr(outputs, inputs),
+            "fid_random_conv": fid.fid(fid.random_conv_features(inputs), fid.random_conv_features(outputs))}
+  label = f"reconstructions ({result['psnr_db']:.1f} dB PSNR over {len(inputs)} held-out images)"
+  grid = media.labelled_grid([inputs[:RECONSTRUCTIONS], outputs[:RECONSTRUCTIONS]], ["held-out images", label], scale=4)
+  media.save_png(pathlib.Path(workdir) / "reconstructions.png", grid, {k: str(v) for k, v in result.items()})
+  (pathlib.Path(workdir) / "logs" / "reconstruction.json").write_text(json.dumps(result, indent=2))
+  return result
 
 
 def train(config, workdir: str) -> pathlib.Path:
-  """Train (resuming from the workdir's checkpoints), then write the diffusers directory; returns its path."""
+  """Train (resuming from the workdir's checkpoints), then write the diffusers directory; returns its path (None
+  when a stop signal ended the run before train.steps)."""
   found = problems(config)
   if found:
     raise ValueError("The autoencoder config has problems:\n  - " + "\n  - ".join(found))
@@ -227,8 +240,9 @@ def _train(config, workdir: str) -> pathlib.Path:
   directory = pathlib.Path(workdir) / "autoencoder"
   if jax.process_index() == 0:
     autoencoder.save_diffusers(model, trained, directory)
-    log.info("reconstructions of held-out images: %.2f dB PSNR (%s)", reconstructions(config, model, workdir),
-             pathlib.Path(workdir) / "reconstructions.png")
+    result = evaluate(config, model, workdir)
+    log.info("reconstructions of %d held-out images: %.2f dB PSNR, FID (random conv) %.3g (%s)", result["examples"],
+             result["psnr_db"], result["fid_random_conv"], pathlib.Path(workdir) / "reconstructions.png")
   log.info("autoencoder written to %s (scaling_factor %.4g); train on it with --config.latent.autoencoder_path=%s",
            directory, 1.0 / std, directory)
   return directory

@@ -47,7 +47,10 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, tmp_path, cap
   # scaling_factor = 1 / the std of the training latents: the diffusion model sees about unit variance.
   latents = ours.encode(jnp.asarray(x), jax.random.key(0))
   assert theirs.config.scaling_factor == ours.scaling_factor and 0.7 < float(jnp.std(latents)) < 1.4
-  assert "psnr_db" in media.read_provenance(workdir / "reconstructions.png")
+  result = json.loads((workdir / "logs" / "reconstruction.json").read_text())
+  assert result["examples"] == 16 and media.read_provenance(workdir / "reconstructions.png")["psnr_db"] == str(
+      result["psnr_db"])
+  assert result["psnr_db"] > 10 and result["fid_random_conv"] > 0
   latent = t2i_shapes.get_config("latent")  # the latent demo's config fits the autoencoder written
   latent.latent.autoencoder_path = str(directory)
   latent.data.resolution = config.data.resolution
