@@ -101,6 +101,8 @@ def get_config():
   # (Stable Diffusion's VAE) instead of pixels; model.in_channels must be its latent channels.
   c.latent = dict(
       autoencoder_path="",         # local diffusers AutoencoderKL directory; empty = diffuse pixels
+      cache="",                    # directory of the training set's encoded posteriors (built on first use);
+                                   # empty = encode every batch in the train step
   )
 
   # AdamW (optimizer.py). These numbers (and train.steps) are arguments of the compiled train step: runs that

@@ -206,7 +206,7 @@ ADDED_FIELDS = {
     "model.attention": "auto",  # the same function as jax.nn.dot_product_attention, which earlier runs used
     "train.sample_every": 0,
     "model.backbone": "unet", "model.patch_size": 2, "model.depth": 12, "model.position_max_period": 10000.0,
-    "latent.autoencoder_path": "",
+    "latent.autoencoder_path": "", "latent.cache": "",
 }
 
 

@@ -41,6 +41,11 @@ def latent_problems(config) -> list[str]:
   if config.model.lowres_conditioning:
     found.append("latent super-resolution stages are not supported: a super-resolution stage diffuses pixels "
                  "(leave latent.autoencoder_path empty)")
+  views = [f"data.{f}" for f in ("random_crop", "random_flip") if config.data[f]]
+  views += ["data.image_fraction > 0"] if config.data.image_fraction > 0 else []
+  if config.latent.cache and views:
+    found.append(f"latent.cache holds one view of each example, but {' and '.join(views)} make new ones every "
+                 "epoch: turn them off or leave latent.cache empty")
   return found
 
 
@@ -110,6 +115,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   resolution = network_resolution(config)  # None: unknown, and latent_problems says why
   if config.latent.autoencoder_path:
     found += latent_problems(config)
+  elif config.latent.cache:
+    found.append("latent.cache needs latent.autoencoder_path (it caches that autoencoder's latents)")
   if m.backbone == "dit" and resolution is not None:
     found += dit_problems(config, resolution)
   elif m.backbone != "dit":

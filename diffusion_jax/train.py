@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import flax.struct
+import grain.python as grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import (checkpoint, config_checks, hardware, metric_writers, objectives, optimizer, sample,
                            schedules, sharding, stop_signals, superres)
-from diffusion_jax.data import pipeline
+from diffusion_jax.data import latent_cache, pipeline
 from diffusion_jax.models import inflation, init_rngs, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
 
@@ -148,7 +149,10 @@ def make_train_step(config, graphdef):
   def loss_fn(params, frozen, batch, key):
     k_drop, k_time, k_noise, k_dropout = jax.random.split(key, 4)
     model = nnx.merge(graphdef, params, frozen)
-    x0 = model.to_latents(batch["video"] if "video" in batch else batch["image"], jax.random.fold_in(key, 2))
+    if "latent_mean" in batch:  # from the latent cache: the encoder ran once, the draw is still per step
+      x0 = model.latents_from_moments(batch["latent_mean"], batch["latent_logvar"], jax.random.fold_in(key, 2))
+    else:
+      x0 = model.to_latents(batch["video"] if "video" in batch else batch["image"], jax.random.fold_in(key, 2))
     if "text_embeddings" in batch:  # from the text-embedding cache of a frozen encoder
       text = batch["text_embeddings"]
     else:
@@ -281,6 +285,27 @@ def open_text_cache(config, graphdef, state, tokenizer, source):
   return embedding_cache.EmbeddingCache(directory, key)
 
 
+def open_latent_cache(config, graphdef, state, source, batch_size: int = 64):
+  """The frozen autoencoder's posterior of every training example, built by process 0 on first use."""
+  key = latent_cache.cache_key(state.frozen["autoencoder"], config.data)
+  directory = pathlib.Path(config.latent.cache).expanduser()
+  if jax.process_index() == 0 and not (directory / "meta.json").exists():
+    moments_jit = jax.jit(lambda params, frozen, x: nnx.merge(graphdef, params, frozen).autoencoder.moments(x))
+
+    def moments(pixels):  # frames fold into the batch, and back
+      flat = pixels.reshape((-1,) + pixels.shape[-3:])
+      return [m.reshape(pixels.shape[:-3] + m.shape[1:]) for m in moments_jit(state.params, state.frozen, flat)]
+
+    loader = pipeline.make_loader(config.data, source, None, batch_size, seed=0, shuffle=False, num_epochs=1,
+                                  shard_options=grain.NoSharding(), drop_remainder=False)
+    batches = ((b[pipeline.RECORD_INDEX], b["video"] if "video" in b else b["image"]) for b in loader)
+    log.info("building the latent cache of %d training records in %s", len(source), directory)
+    latent_cache.build(directory, len(source), batches, moments, key)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("latent cache built")
+  return latent_cache.LatentCache(directory, key)
+
+
 # ----------------------------------------------------------------------------- loop
 
 
@@ -345,9 +370,10 @@ def _train(config, workdir: str):
   tokenizer = tokenizers.from_config(config)
   source = pipeline.data_source(config.data, "train")
   text_cache = open_text_cache(config, graphdef, state, tokenizer, source) if config.text.embedding_cache else None
+  latents = open_latent_cache(config, graphdef, state, source) if config.latent.cache else None
   per_process = config.train.batch_size // jax.process_count()
   batches = lambda seed: iter(pipeline.make_loader(config.data, source, tokenizer, per_process, seed=seed,
-                                                   text_cache=text_cache))
+                                                   text_cache=text_cache, latent_cache=latents))
   data_iter = batches(config.seed)
   metadata = checkpoint.run_metadata(config)
   save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True, metadata=metadata)

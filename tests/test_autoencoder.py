@@ -1,7 +1,7 @@
 """The latent-diffusion autoencoder: the function of diffusers' AutoencoderKL with the same weights (also those
 saved under the old attention names); what it cannot read is refused with a reason; the abstract model reads
 no weights; a latent text-to-image model trains on a (2, 2, 2) mesh without touching its pretrained parts, and
-samples full-resolution images."""
+samples full-resolution images; the latent cache holds the encoder's posteriors and trains like the pixels."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import t2i_shapes
-from diffusion_jax import config_checks, sample, sharding
+from diffusion_jax import config_checks, sample, sharding, train
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import autoencoder, text_to_image
 from diffusion_jax.text import tokenizers
@@ -170,3 +170,38 @@ def test_latent_model_trains_on_a_pod_mesh_and_samples_images(vae, tmp_path):
   images = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
                            ["a large red circle"], sample_config, sharding.make_mesh(config.mesh))
   assert images.shape == (1, 2, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_latent_cache_holds_the_encoders_posteriors_and_trains_like_the_pixels(vae, tmp_path):
+  """latent.cache: each row is the autoencoder's posterior of that record's pixels (float16), a loader batch from
+  the cache is the same examples as one from the pixels and gives the train step the same loss, and a cache of
+  another dataset is refused, as is a cache with random flips."""
+  config = latent_config(vae[0])
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.latent.cache = str(tmp_path / "cache")
+  mesh = sharding.make_mesh(config.mesh)
+  state, graphdef = train.init_state(config, mesh)
+  source = pipeline.data_source(config.data, "train")
+  cache = train.open_latent_cache(config, graphdef, state, source)
+  pixels = np.stack([pipeline.Preprocess(config.data, None).pixels(source[i], np.random.default_rng(0))["image"] for i in (0, 77)])
+  mean, logvar = autoencoder.load_diffusers(vae[0]).moments(jnp.asarray(pixels))
+  for row, index in enumerate((0, 77)):
+    np.testing.assert_allclose(cache(index)[0], mean[row], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cache(index)[1], logvar[row], rtol=2e-3, atol=2e-3)
+
+  tokenizer = tokenizers.from_config(config)
+  loader = lambda **cached: next(iter(pipeline.make_loader(config.data, source, tokenizer, 16, seed=0, **cached)))
+  cached, plain = loader(latent_cache=cache), loader()
+  np.testing.assert_array_equal(cached[pipeline.RECORD_INDEX], plain[pipeline.RECORD_INDEX])
+  inputs = lambda batch, keys: {k: batch[k] for k in keys + ("text_ids", "text_mask")}
+  _, from_cache = one_step(config, {}, inputs(cached, ("latent_mean", "latent_logvar")))
+  _, from_pixels = one_step(config, {}, inputs(plain, ("image",)))
+  np.testing.assert_allclose(from_cache["loss"], from_pixels["loss"], rtol=1e-2)
+
+  other = config.copy_and_resolve_references()
+  other.data.num_train = 128  # another dataset: the cache's key no longer matches
+  with pytest.raises(ValueError, match="built for another autoencoder or dataset"):
+    train.open_latent_cache(other, graphdef, state, source)
+  other.data.random_flip = True
+  assert "latent.cache holds one view of each example, but data.random_flip" in "; ".join(
+      config_checks.problems(other, device_count=8))

@@ -23,7 +23,9 @@ from diffusion_jax.data import captioned_shapes, folder_dataset, moving_shapes
 
 DATASETS = ("captioned_shapes", "moving_shapes", "folder", "tfds")
 # Batch keys the train step consumes (attribute keys are for evaluation only).
-MODEL_INPUTS = ("image", "video", "is_video", "text_ids", "text_embeddings", "text_mask")
+MODEL_INPUTS = ("image", "video", "is_video", "text_ids", "text_embeddings", "text_mask", "latent_mean",
+                "latent_logvar")
+RECORD_INDEX = "record_index"
 
 
 def _generated_once(build):
@@ -88,7 +90,8 @@ def data_source(config, split: str):
 
 class SkipBadRecords(grain.RandomAccessDataSource):
   """Wraps a source: a record that cannot be read (e.g. corrupt image bytes) becomes None and is
-  dropped by the pipeline's filter, and counted in `skipped` (per process, in-process workers)."""
+  dropped by the pipeline's filter, and counted in `skipped` (per process, in-process workers). Records carry
+  their index (RECORD_INDEX), which per-record caches look up."""
 
   def __init__(self, source):
     self.source = source
@@ -102,11 +105,12 @@ class SkipBadRecords(grain.RandomAccessDataSource):
 
   def __getitem__(self, index):
     try:
-      return self.source[index]
+      element = self.source[index]
     except Exception as error:  # decoders raise many kinds; one bad record must not stop training
       self.skipped += 1
       logging.warning("skipping unreadable record %d: %s", index, error)
       return None
+    return {**element, RECORD_INDEX: index}
 
 
 class KeepUsable(grain.FilterTransform):
@@ -134,15 +138,18 @@ def resize_and_crop(image: np.ndarray, resolution: int, rng: np.random.Generator
 
 
 class Preprocess(grain.RandomMapTransform):
-  """Decode, resize/crop, optional flip, scale to [-1, 1], tokenize the caption (or look up its cached
-  text embeddings when `text_cache` is given; neither when both are None: images only)."""
+  """Decode, resize/crop, optional flip, scale to [-1, 1] (or look up the record's cached autoencoder posterior
+  when `latent_cache` is given), tokenize the caption (or look up its cached text embeddings when `text_cache` is
+  given; neither when both are None: images only)."""
 
-  def __init__(self, config, tokenizer, text_cache=None):
+  def __init__(self, config, tokenizer, text_cache=None, latent_cache=None):
     self.config = config
     self.tokenizer = tokenizer
     self.text_cache = text_cache
+    self.latent_cache = latent_cache
 
-  def random_map(self, element, rng: np.random.Generator):
+  def pixels(self, element, rng: np.random.Generator) -> dict:
+    """{"image": [res, res, 3]} or {"video": [frames, res, res, 3], "is_video": bool}, float32 in [-1, 1]."""
     config = self.config
     visual = np.asarray(element[config.image_key])
     is_video = visual.ndim == 4 or (visual.ndim == 3 and visual.shape[-1] not in (1, 3, 4))
@@ -161,7 +168,17 @@ class Preprocess(grain.RandomMapTransform):
     still = is_video and config.image_fraction > 0 and rng.random() < config.image_fraction
     if still:  # joint image-video training: one frame as a static clip, temporal layers switched off
       frames = np.broadcast_to(frames[rng.integers(len(frames))], frames.shape).copy()
-    out = {"video": frames, "is_video": np.bool_(not still)} if is_video else {"image": frames[0]}
+    return {"video": frames, "is_video": np.bool_(not still)} if is_video else {"image": frames[0]}
+
+  def random_map(self, element, rng: np.random.Generator):
+    config = self.config
+    if self.latent_cache is not None:  # one view per record: crops, flips and stills are refused with a cache
+      mean, logvar = self.latent_cache(element[RECORD_INDEX])
+      out = {"latent_mean": mean, "latent_logvar": logvar}
+      if mean.ndim == 4:  # [frames, h, w, c]
+        out["is_video"] = np.bool_(True)
+    else:
+      out = self.pixels(element, rng)
     if self.text_cache is not None:
       out["text_embeddings"], out["text_mask"] = self.text_cache(element[config.caption_key])
     elif self.tokenizer is not None:
@@ -169,6 +186,8 @@ class Preprocess(grain.RandomMapTransform):
       out["text_ids"], out["text_mask"] = ids[0], mask[0]
     for key in config.attribute_keys:
       out[key] = np.asarray(element[key])
+    if RECORD_INDEX in element:  # from `data_source` (SkipBadRecords)
+      out[RECORD_INDEX] = np.int64(element[RECORD_INDEX])
     return out
 
 
@@ -198,7 +217,8 @@ class ProcessSlices:
 
 
 def make_loader(config, source, tokenizer, batch_per_process: int, seed: int, shuffle: bool = True,
-                num_epochs: int | None = None, shard_options=None, text_cache=None) -> grain.DataLoader:
+                num_epochs: int | None = None, shard_options=None, text_cache=None, latent_cache=None,
+                drop_remainder: bool = True) -> grain.DataLoader:
   """A grain loader batched to batch_per_process. By default this process gets its slice of every
   global batch (`ProcessSlices`); an explicit `shard_options` instead gives it a contiguous shard of
   the records."""
@@ -209,8 +229,8 @@ def make_loader(config, source, tokenizer, batch_per_process: int, seed: int, sh
                                shuffle=shuffle, num_epochs=num_epochs, seed=seed)
   if shard_options is None:
     sampler = ProcessSlices(sampler, batch_per_process, jax.process_index(), jax.process_count())
-  operations = [KeepUsable(config.caption_key), Preprocess(config, tokenizer, text_cache),
-                grain.Batch(batch_per_process, drop_remainder=True)]
+  operations = [KeepUsable(config.caption_key), Preprocess(config, tokenizer, text_cache, latent_cache),
+                grain.Batch(batch_per_process, drop_remainder=drop_remainder)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                           worker_count=config.worker_count, shard_options=shard_options or grain.NoSharding())
 

@@ -182,8 +182,14 @@ class AutoencoderKL(nnx.Module):
   def encode(self, x, key=None):
     lead = x.shape[:-3]
     mean, logvar = self.moments(x.reshape((-1,) + x.shape[-3:]))
+    return self.latents_from_moments(mean, logvar, key).reshape(lead + mean.shape[1:])
+
+  def latents_from_moments(self, mean, logvar, key=None):
+    """The latents of a posterior [..., h/f, w/f, latent_channels] (`moments`' or a latent cache's): a draw (the
+    mean when key is None), shifted and scaled."""
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
     z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    return ((z - self.shift_factor) * self.scaling_factor).reshape(lead + z.shape[1:])
+    return (z - self.shift_factor) * self.scaling_factor
 
   def decode(self, latents):
     lead = latents.shape[:-3]

@@ -38,6 +38,10 @@ class TextToImage(nnx.Module):
     """Images [batch, (frames,) h, w, c] in [-1, 1] -> what the network diffuses (a posterior draw with a key)."""
     return x if self.autoencoder is None else self.autoencoder.encode(x, key)
 
+  def latents_from_moments(self, mean, logvar, key):
+    """A latent model's latents drawn from cached posterior moments (`data/latent_cache.py`)."""
+    return self.autoencoder.latents_from_moments(mean, logvar, key)
+
   def from_latents(self, z):
     return z if self.autoencoder is None else self.autoencoder.decode(z)
 

@@ -1,0 +1,72 @@
+"""Cache of a frozen autoencoder's posterior for every training example (`latent.cache`), so latent training reads
+it instead of running the encoder at every step.
+
+A cache directory holds `mean.npy` and `logvar.npy` [records, (frames,) h/f, w/f, latent_channels] (float16,
+memory-mapped; row i is record i of the train split, zeros for a record that could not be read) and `meta.json`
+with the key: a hash of the autoencoder's weights and of the data fields that decide each example's pixels. The
+train step still draws a new latent from the posterior at every step, as it does from an image. Opening a cache
+with another key is refused: its latents would silently belong to another autoencoder or dataset.
+"""
+
+import hashlib
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+# data.* fields that decide the pixels of a training example (random crops and flips are refused with a cache).
+DATA_FIELDS = ("dataset", "name", "folder", "captions_file", "image_key", "resolution", "max_objects",
+               "heldout_combinations", "frames", "num_train", "seed")
+
+
+def cache_key(autoencoder_params, data_config) -> str:
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(autoencoder_params):
+    digest.update(np.asarray(leaf).tobytes())
+  digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS]).encode())
+  return digest.hexdigest()[:16]
+
+
+def build(directory, records: int, batches, moments_fn, key: str) -> "LatentCache":
+  """Encode every record once. batches: (record indices [n], pixels [n, (frames,) h, w, 3]) pairs covering the
+  readable records; moments_fn(pixels) -> (mean, logvar) [n, (frames,) h/f, w/f, c]. Written under a temporary
+  name, then renamed: an interrupted build leaves no cache that looks complete."""
+  directory = pathlib.Path(directory).expanduser()
+  directory.mkdir(parents=True, exist_ok=True)
+  arrays, filled = {}, 0
+  for indices, pixels in batches:
+    moments = dict(zip(("mean", "logvar"), moments_fn(pixels)))
+    for name, value in moments.items():
+      if name not in arrays:
+        arrays[name] = np.lib.format.open_memmap(directory / f"{name}.npy.partial", "w+", np.float16,
+                                                 (records,) + np.shape(value)[1:])
+      arrays[name][np.asarray(indices)] = np.asarray(value, np.float16)
+    filled += len(indices)
+  if not arrays:
+    raise ValueError("No readable training examples to cache.")
+  for name, array in arrays.items():
+    array.flush()
+    (directory / f"{name}.npy.partial").rename(directory / f"{name}.npy")
+  (directory / "meta.json").write_text(json.dumps({"key": key, "records": records, "encoded": filled}))
+  return LatentCache(directory, key)
+
+
+class LatentCache:
+  """Read-only lookup record index -> (mean, logvar) float32 [(frames,) h/f, w/f, c]."""
+
+  def __init__(self, directory, expected_key: str):
+    directory = pathlib.Path(directory).expanduser()
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+      raise ValueError(f"{str(directory)!r} is not a latent cache (no meta.json); it is built on first use.")
+    key = json.loads(meta_path.read_text())["key"]
+    if key != expected_key:
+      raise ValueError(f"The latent cache in {str(directory)!r} was built for another autoencoder or dataset (key "
+                       f"{key}, expected {expected_key}); delete it to rebuild, or set latent.cache to a new "
+                       "directory.")
+    self.mean = np.load(directory / "mean.npy", mmap_mode="r")
+    self.logvar = np.load(directory / "logvar.npy", mmap_mode="r")
+
+  def __call__(self, index: int):
+    return np.asarray(self.mean[index], np.float32), np.asarray(self.logvar[index], np.float32)
