@@ -10,11 +10,14 @@ with another key is refused: its latents would silently belong to another autoen
 
 import hashlib
 import json
+import logging
 import pathlib
+import time
 
 import jax
 import numpy as np
 
+log = logging.getLogger(__name__)
 # data.* fields that decide the pixels of a training example (random crops and flips are refused with a cache).
 DATA_FIELDS = ("dataset", "name", "folder", "captions_file", "image_key", "resolution", "max_objects",
                "heldout_combinations", "frames", "num_train", "seed")
@@ -34,7 +37,7 @@ def build(directory, records: int, batches, moments_fn, key: str) -> "LatentCach
   name, then renamed: an interrupted build leaves no cache that looks complete."""
   directory = pathlib.Path(directory).expanduser()
   directory.mkdir(parents=True, exist_ok=True)
-  arrays, filled = {}, 0
+  arrays, filled, start, reported = {}, 0, time.perf_counter(), 0
   for indices, pixels in batches:
     moments = dict(zip(("mean", "logvar"), moments_fn(pixels)))
     for name, value in moments.items():
@@ -43,6 +46,10 @@ def build(directory, records: int, batches, moments_fn, key: str) -> "LatentCach
                                                  (records,) + np.shape(value)[1:])
       arrays[name][np.asarray(indices)] = np.asarray(value, np.float16)
     filled += len(indices)
+    if filled * 10 // records > reported:  # every tenth of the records
+      reported, elapsed = filled * 10 // records, time.perf_counter() - start
+      log.info("latent cache: %d of %d records (%d%%), elapsed %.0fs eta %.0fs", filled, records,
+               100 * filled // records, elapsed, elapsed / filled * (records - filled))
   if not arrays:
     raise ValueError("No readable training examples to cache.")
   for name, array in arrays.items():
