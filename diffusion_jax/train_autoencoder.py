@@ -16,7 +16,8 @@ The workdir gets `checkpoints/` (parameters, optimizer state and input position;
 stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/` (config.json and
 diffusion_pytorch_model.safetensors: what `latent.autoencoder_path` and diffusers' AutoencoderKL.from_pretrained
 read; its scaling_factor is 1 / the std of the training latents, as Stable Diffusion's), the PSNR and FID
-(random-conv features) of reconstructed held-out images in `logs/reconstruction.json`, and `reconstructions.png`
+(random-conv features) of reconstructed held-out images in `logs/reconstruction.json` (on captioned_shapes also
+the shapes judge's accuracy on them: what a latent model's samples can reach at most), and `reconstructions.png`
 (the first of them above their reconstructions).
 """
 
@@ -38,7 +39,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import checkpoint, media, metric_writers, optimizer, sharding, stop_signals
 from diffusion_jax.data import pipeline
-from diffusion_jax.metrics import fid, psnr
+from diffusion_jax.metrics import fid, psnr, shapes_judge
 from diffusion_jax.models import autoencoder, init_rngs
 
 log = logging.getLogger("diffusion_jax.train_autoencoder")  # not __main__ under python -m
@@ -142,14 +143,16 @@ def latent_std(config, graphdef, params, batches) -> float:
 
 def evaluate(config, model, workdir) -> dict:
   """Reconstruct (posterior means) up to train.eval_examples held-out images: their PSNR and FID (random-conv
-  features) against the originals, also in logs/reconstruction.json; reconstructions.png shows the first ones."""
+  features) against the originals and, on captioned_shapes, the shapes judge's accuracy on them against their
+  captions; in logs/reconstruction.json. reconstructions.png shows the first ones."""
   source = pipeline.data_source(config.data, "validation")
   batch = min(config.train.batch_size, config.train.eval_examples, len(source))
   loader = pipeline.make_loader(config.data, source, None, batch, seed=0, shuffle=False, num_epochs=1)
   reconstruct = jax.jit(lambda m, x: jnp.clip(m.decode(m.encode(x)), -1, 1))
-  inputs, outputs = [], []
+  inputs, outputs, records = [], [], []
   for local in loader:
     x = images({k: v for k, v in local.items() if k in ("image", "video")})
+    records += list(local[pipeline.RECORD_INDEX])
     inputs.append(media.to_uint8(x))
     outputs.append(media.to_uint8(reconstruct(model, jnp.asarray(x))))
     if sum(map(len, inputs)) >= config.train.eval_examples:
@@ -157,6 +160,9 @@ def evaluate(config, model, workdir) -> dict:
   inputs, outputs = np.concatenate(inputs), np.concatenate(outputs)
   result = {"examples": len(inputs), "psnr_db": psnr.psnr(outputs, inputs),
             "fid_random_conv": fid.fid(fid.random_conv_features(inputs), fid.random_conv_features(outputs))}
+  if config.data.dataset == "captioned_shapes":  # the judge's scores a latent model's samples can reach at most
+    captions = [source[i][config.data.caption_key] for i in records]
+    result |= {f"judge/{k}": v for k, v in shapes_judge.accuracy(outputs, captions).items()}
   label = f"reconstructions ({result['psnr_db']:.1f} dB PSNR over {len(inputs)} held-out images)"
   grid = media.labelled_grid([inputs[:RECONSTRUCTIONS], outputs[:RECONSTRUCTIONS]], ["held-out images", label], scale=4)
   media.save_png(pathlib.Path(workdir) / "reconstructions.png", grid, {k: str(v) for k, v in result.items()})

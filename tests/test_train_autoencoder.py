@@ -50,7 +50,7 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, tmp_path, cap
   result = json.loads((workdir / "logs" / "reconstruction.json").read_text())
   assert result["examples"] == 16 and media.read_provenance(workdir / "reconstructions.png")["psnr_db"] == str(
       result["psnr_db"])
-  assert result["psnr_db"] > 10 and result["fid_random_conv"] > 0
+  assert result["psnr_db"] > 10 and result["fid_random_conv"] > 0 and 0 <= result["judge/all"] <= 1
   latent = t2i_shapes.get_config("latent")  # the latent demo's config fits the autoencoder written
   latent.latent.autoencoder_path = str(directory)
   latent.data.resolution = config.data.resolution
