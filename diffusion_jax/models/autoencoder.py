@@ -1,6 +1,7 @@
 """The KL autoencoder of latent diffusion (Rombach et al. 2022: Stable Diffusion's VAE), in the layout of
-diffusers' `AutoencoderKL`, loaded from a local diffusers directory: the frozen map between images and the
-latents a latent diffusion model is trained on (`latent.autoencoder_path`).
+diffusers' `AutoencoderKL`, loaded from a local diffusers directory (`load_diffusers`; `save_diffusers` writes one,
+for `train_autoencoder.py`): the frozen map between images and the latents a latent diffusion model is trained on
+(`latent.autoencoder_path`).
 
 Encoder: conv, per level `layers_per_block` residual blocks and a stride-2 convolution (none after the last),
 a middle of residual block, single-head self-attention, residual block, then GroupNorm-SiLU-conv to the
@@ -11,6 +12,7 @@ level and nearest-neighbour 2x upsampling. Computed in float32 (SD's VAE overflo
 latent_channels]: a draw from the posterior (its mean when key is None), shifted by the checkpoint's
 `shift_factor` and multiplied by its `scaling_factor` (about unit variance for a diffusion model);
 `decode(latents)` undoes both and decodes. f = 2^(levels - 1); leading axes (frames) are folded into the batch.
+`moments(x)` and `latents_from_moments` are encode's two halves (a latent cache stores the moments).
 """
 
 import json
