@@ -205,3 +205,24 @@ def test_latent_cache_holds_the_encoders_posteriors_and_trains_like_the_pixels(v
   other.data.random_flip = True
   assert "latent.cache holds one view of each example, but data.random_flip" in "; ".join(
       config_checks.problems(other, device_count=8))
+
+
+def test_latent_cache_of_a_video_dataset_holds_each_frames_posterior(vae, tmp_path):
+  from configs import t2v_moving_shapes
+
+  config = t2v_moving_shapes.get_config("test")
+  config.update(latent=dict(autoencoder_path=vae[0], cache=str(tmp_path / "cache")))
+  config.model.in_channels = 4
+  config.sample.threshold = "none"
+  config.data.data_dir = str(tmp_path / "tfds")
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  source = pipeline.data_source(config.data, "train")
+  cache = train.open_latent_cache(config, graphdef, state, source)
+  clip = pipeline.Preprocess(config.data, None).pixels(source[5], np.random.default_rng(0))["video"]
+  mean, logvar = autoencoder.load_diffusers(vae[0]).moments(jnp.asarray(clip))  # the frames as a batch
+  assert cache(5)[0].shape == (config.data.frames, 8, 8, 4)
+  np.testing.assert_allclose(cache(5)[0], mean, rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(cache(5)[1], logvar, rtol=2e-3, atol=2e-3)
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 4, seed=0,
+                                         latent_cache=cache)))
+  assert batch["latent_mean"].shape == (4, config.data.frames, 8, 8, 4) and batch["is_video"].all()
