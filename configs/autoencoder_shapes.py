@@ -28,13 +28,14 @@ def get_config(variant: str = ""):
   # norm grows with the image size; Adam does not care, a fixed clipping threshold would.
   c.optimizer.update(learning_rate=1e-3, warmup_steps=100, grad_clip=0.0, weight_decay=0.0)
 
-  # Two levels: 32 px images -> 16x16x4 latents (the factor is 2^(levels - 1)); 0.17M parameters.
+  # Two levels: 32 px images -> 16x16x4 latents (the factor is 2^(levels - 1)); 0.66M parameters. Half the widths
+  # (16, 32) train 3.5x faster but blur edges enough to cost the latent model a third of its shapes (README).
   c.autoencoder = dict(
-      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
       norm_num_groups=8, mid_block_add_attention=True, sample_size=32)
 
   c.train = dict(
-      steps=2000,                  # 12 minutes on a 2-core CPU; 29.3 dB PSNR on held-out images (README)
+      steps=3000,                  # 40 minutes on a 2-core CPU; 48 dB PSNR on held-out images (README)
       batch_size=32,
       kl_weight=1e-6,              # the KL term's weight against the L1 error, each summed per example (SD: 1e-6)
       scale_batches=8,             # training batches whose latents set scaling_factor = 1 / their std

@@ -68,6 +68,7 @@ def get_config(variant: str = ""):
     config.model.update(backbone="dit", channels=128, depth=6, patch_size=2, heads=4, position_max_period=64.0)
   elif variant == "latent":  # latent diffusion on the autoencoder of configs/autoencoder_shapes.py
     config.latent.autoencoder_path = "workdirs/autoencoder_shapes/autoencoder"
+    config.latent.cache = "workdirs/autoencoder_shapes/latent_cache"  # encoded once (a minute), then read
     config.model.in_channels = 4
     config.sample.threshold = "none"  # latents are not in [-1, 1]
   elif variant == "test":
