@@ -184,7 +184,8 @@ def test_latent_cache_holds_the_encoders_posteriors_and_trains_like_the_pixels(v
   state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh, one_device))
   source = pipeline.data_source(config.data, "train")
   cache = train.open_latent_cache(config, graphdef, state, source)
-  pixels = np.stack([pipeline.Preprocess(config.data, None).pixels(source[i], np.random.default_rng(0))["image"] for i in (0, 77)])
+  preprocess = pipeline.Preprocess(config.data, None)
+  pixels = np.stack([preprocess.pixels(source[i], np.random.default_rng(0))["image"] for i in (0, 77)])
   mean, logvar = autoencoder.load_diffusers(vae[0]).moments(jnp.asarray(pixels))
   for row, index in enumerate((0, 77)):
     np.testing.assert_allclose(cache(index)[0], mean[row], rtol=2e-3, atol=2e-3)

@@ -1,6 +1,6 @@
-"""Training the latent-diffusion autoencoder (FSDP on a (2, 4) mesh): the loss falls, the written directory is a diffusers AutoencoderKL
-(diffusers' PyTorch model computes what ours does), its scaling factor gives unit-variance latents, a rerun
-resumes, and a bad config is refused with every problem named."""
+"""Training the latent-diffusion autoencoder (FSDP on a (2, 4) mesh): the loss falls, the written directory is a
+diffusers AutoencoderKL (diffusers' PyTorch model computes what ours does), its scaling factor gives unit-variance
+latents, a rerun resumes, and a bad config is refused with every problem named."""
 
 import json
 

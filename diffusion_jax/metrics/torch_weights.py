@@ -13,10 +13,6 @@ from flax import nnx
 
 from diffusion_jax.models import named_tensors
 
-# NNX variable name -> PyTorch parameter or buffer name.
-_TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-
-
 def read(path, model: str, standard_file: str) -> dict:
   """{tensor name: float32 array} of a .pth / .pt (needs torch), .safetensors or .npz weights file.
 
@@ -43,13 +39,8 @@ def read(path, model: str, standard_file: str) -> dict:
                    ".npz.")
 
 
-def _torch_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
-  """NNX parameter path -> (PyTorch name, transpose from PyTorch's layout or None)."""
-  *module, leaf = path
-  return ".".join(module + [_TORCH_NAMES[leaf]]), named_tensors.kernel_transpose(ndim) if leaf == "kernel" else None
-
-
 def load(abstract_module: nnx.Module, tensors: dict, model: str, unused_prefixes=()) -> nnx.Module:
   """The module with every parameter and statistic taken from `tensors` (PyTorch names); every mismatch
   (missing, wrong shape, unknown name not under `unused_prefixes`) is listed in one ValueError."""
-  return named_tensors.load(abstract_module, tensors, _torch_name, f"The weights do not match {model}", unused_prefixes)
+  return named_tensors.load(abstract_module, tensors, named_tensors.torch_name, f"The weights do not match {model}",
+                            unused_prefixes)

@@ -204,13 +204,6 @@ class AutoencoderKL(nnx.Module):
     return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
 
-def _diffusers_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
-  """The diffusers tensor name of an nnx parameter path (kernel/scale -> weight) and the kernel's transpose."""
-  *modules, leaf = path
-  name = ".".join(modules + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
-  return name, named_tensors.kernel_transpose(ndim) if leaf == "kernel" else None
-
-
 def _renamed_old_attention(tensors: dict) -> dict:
   """Old checkpoints' attention projections (query/key/value/proj_attn, some stored as 1x1 convolutions
   [out, in, 1, 1]) under today's names and as linear weights [out, in]."""
@@ -234,7 +227,7 @@ def load_diffusers(path: str) -> AutoencoderKL:
     raise ValueError(f"No {WEIGHTS_FILE} in {path!r} (PyTorch .bin files are not read): save the autoencoder "
                      "with diffusers' save_pretrained(..., safe_serialization=True).")
   return named_tensors.load(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))),
-                            _renamed_old_attention(load_file(weights)), _diffusers_name,
+                            _renamed_old_attention(load_file(weights)), named_tensors.torch_name,
                             f"{str(weights)!r} does not match its config.json")
 
 
@@ -257,7 +250,7 @@ def save_diffusers(model: AutoencoderKL, config: dict, path) -> pathlib.Path:
   tensors = {}
   for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     value = np.asarray(jax.device_get(variable.get_value()), np.float32)
-    name, transpose = _diffusers_name(tuple(str(p) for p in param_path), value.ndim)
+    name, transpose = named_tensors.torch_name(tuple(str(p) for p in param_path), value.ndim)
     tensors[name] = np.ascontiguousarray(np.transpose(value, np.argsort(transpose)) if transpose else value)
   save_file(tensors, directory / WEIGHTS_FILE)
   (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -2,8 +2,9 @@
 
 `load(abstract_module, tensors, locate, what)`: `locate(path, ndim)` gives the checkpoint's name of the parameter
 at an NNX path (a tuple of strings) with `ndim` axes, and the axes permutation from the checkpoint's layout to ours
-(None: the same layout; PyTorch's conv kernel [out, in, *window] is Flax's [*window, in, out]). Every parameter must be found
-with its shape and every tensor used (or named in `ignored`): all mismatches are listed in one ValueError.
+(None: the same layout; PyTorch's conv kernel [out, in, *window] is Flax's [*window, in, out]). Every parameter must
+be found with its shape and every tensor used (or named in `ignored`): all mismatches are listed in one ValueError.
+`torch_name` is that `locate` for modules whose attribute paths mirror the PyTorch module's names.
 """
 
 from typing import Callable
@@ -13,11 +14,19 @@ import numpy as np
 from flax import nnx
 
 Locate = Callable[[tuple, int], tuple[str, tuple | None]]
+# NNX variable name -> PyTorch parameter or buffer name.
+TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
 def kernel_transpose(ndim: int) -> tuple:
   """The permutation from PyTorch's [out, in, *window] to Flax's [*window, in, out] (linear: [out, in] -> [in, out])."""
   return tuple(range(2, ndim)) + (1, 0)
+
+
+def torch_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
+  """NNX path -> (PyTorch name, transpose): `conv.kernel` is `conv.weight` (transposed), `bn.mean` `bn.running_mean`."""
+  *module, leaf = path
+  return ".".join(module + [TORCH_NAMES[leaf]]), kernel_transpose(ndim) if leaf == "kernel" else None
 
 
 def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, ignored=()) -> nnx.Module:
