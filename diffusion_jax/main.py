@@ -6,10 +6,8 @@ Flags:
   --config        experiment config file (optionally `file.py:variant`); every field can be overridden with
                   --config.<field>=<value>; a mistyped field is an error
   --workdir       where checkpoints, logs, config.json and samples go; rerunning resumes from it
-  --coordinator   host:port of process 0 for multi-process runs (launch/ sets it); empty = single process
-  --num_processes number of processes in a multi-process run
-  --process_id    this process's index in a multi-process run
-  --auto_distributed  initialise multi-process JAX from the cluster environment (TPU pod, SLURM, Open MPI)
+  --coordinator, --num_processes, --process_id, --auto_distributed
+                  a multi-process job (launch/ sets them; diffusion_jax/distributed.py)
 
 The same command runs on a laptop CPU, a GPU node and every host of a TPU pod. SIGTERM or Ctrl-C saves a
 checkpoint after the current step and stops (a second Ctrl-C stops at once); rerunning resumes.
@@ -18,18 +16,15 @@ checkpoint after the current step and stops (a second Ctrl-C stops at once); rer
 import logging
 import sys
 
-import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from diffusion_jax import distributed
+
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, samples).")
-flags.DEFINE_string("coordinator", "", "host:port of process 0 for multi-process runs.")
-flags.DEFINE_integer("num_processes", 1, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", 0, "Index of this process.")
-flags.DEFINE_bool("auto_distributed", False, "Initialise multi-process JAX from the cluster environment.")
-INIT_TIMEOUT_S = 300  # JAX's default
+distributed.define_flags()
 
 
 def main(argv):
@@ -37,14 +32,7 @@ def main(argv):
   f = flags.FLAGS
   if f.workdir is None or f.config is None:
     raise app.UsageError("--config and --workdir are required.")
-  if f.coordinator:
-    # JAX aborts the process (no Python error) when not every process has joined within the timeout.
-    print(f"process {f.process_id} of {f.num_processes}: joining the job at {f.coordinator}; every process must "
-          f"be started within {INIT_TIMEOUT_S} s.", file=sys.stderr, flush=True)
-    jax.distributed.initialize(f.coordinator, num_processes=f.num_processes, process_id=f.process_id,
-                               initialization_timeout=INIT_TIMEOUT_S)
-  elif f.auto_distributed:
-    jax.distributed.initialize()
+  distributed.initialize()
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, tfds) say only what matters
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   from diffusion_jax import train

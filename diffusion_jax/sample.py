@@ -21,6 +21,9 @@ Flags:
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
                     --workdir. Writes OUTPUT_DIR/stage_<k>/ for every stage and OUTPUT_DIR/cascade.png
                     (--output_dir defaults to the cascade's output_dir; --prompts to its prompts)
+  --coordinator, --num_processes, --process_id, --auto_distributed
+                    a multi-process job, as the main job's (`launch/local.py --module=diffusion_jax.sample`):
+                    every process generates its part of each batch, process 0 writes
 
 Every PNG carries its provenance (prompt, seed, sampler, steps, guidance, checkpoint step, config hash)
 as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as
@@ -43,7 +46,7 @@ from ml_collections import config_flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, media, samplers, schedules, sharding, superres
+from diffusion_jax import checkpoint, distributed, media, samplers, schedules, sharding, superres
 from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
@@ -351,6 +354,7 @@ def define_flags():
   flags.DEFINE_bool("use_ema", None, "Use EMA weights (default: config sample.use_ema).")
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames.")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
+  distributed.define_flags()
 
 
 def sample_cascade(cascade, prompts_path=None, output_dir=None) -> pathlib.Path:
@@ -371,6 +375,7 @@ def main(argv):
   f = flags.FLAGS
   if f.cascade is None and not f.workdir:
     raise app.UsageError("--workdir (or --cascade) is required.")
+  distributed.initialize()
   overrides = {"sampler": f.sampler, "steps": f.steps, "guidance_scale": f.guidance_scale,
                "num_per_prompt": f.num_per_prompt, "seed": f.seed, "use_ema": f.use_ema, "frames": f.frames}
   try:

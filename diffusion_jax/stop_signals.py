@@ -8,6 +8,10 @@ should cost the steps since the last periodic checkpoint. A second Ctrl-C interr
 import logging
 import signal
 
+import jax
+
+from diffusion_jax import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -41,3 +45,18 @@ class StopSignals:
       self.received = signal.Signals(signum).name
       hint = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
       log.warning("%s received: saving a checkpoint after this step, then stopping%s.", self.received, hint)
+
+
+def job_signals() -> tuple:
+  """The signals a job's StopSignals handles. With several processes SIGTERM stays with JAX's preemption service,
+  whose sync point (the checkpoint manager's `reached_preemption`, every step, no device work) all processes
+  reach at the same step."""
+  return (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+
+
+def all_stop(stop: StopSignals, step: int, interval: int) -> bool:
+  """Whether every process stops after this step: one that got a stop signal asks, and all agree (one gather
+  every `interval` steps) so that they save the same step and none waits in a collective for the others."""
+  if jax.process_count() > 1 and step % interval:
+    return False
+  return distributed.any_process(stop.received is not None)

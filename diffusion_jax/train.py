@@ -8,7 +8,6 @@ Parameters are pure nested dicts (see `models/text_to_image.py`); `nnx.merge` re
 
 import logging
 import pathlib
-import signal
 import time
 from typing import Any
 
@@ -21,8 +20,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, config_checks, hardware, metric_writers, objectives, optimizer, sample,
-                           schedules, sharding, stop_signals, superres)
+from diffusion_jax import (checkpoint, config_checks, distributed, hardware, metric_writers, objectives, optimizer,
+                           sample, schedules, sharding, stop_signals, superres)
 from diffusion_jax.data import latent_cache, pipeline
 from diffusion_jax.models import inflation, init_rngs, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
@@ -309,21 +308,6 @@ def open_latent_cache(config, graphdef, state, source, batch_size: int = 64):
 # ----------------------------------------------------------------------------- loop
 
 
-def _any_process(flag: bool) -> bool:
-  """Whether `flag` holds on any process (a gather when there are several): a decision all processes share."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def _all_stop(stop: stop_signals.StopSignals, step: int, interval: int) -> bool:
-  """Whether every process stops after this step: one that got a stop signal asks, and all agree (one gather
-  every `interval` steps) so that they save the same step and none waits in a collective for the others."""
-  if jax.process_count() > 1 and step % interval:
-    return False
-  return _any_process(stop.received is not None)
-
-
 def _host_metrics(metrics, flops, step_time, data_time, batch_size, peak):
   metrics = jax.device_get(metrics)
   out = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
@@ -379,7 +363,7 @@ def _train(config, workdir: str):
   save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True, metadata=metadata)
   if restored is not None:
     unfit = checkpoint.restore_input_position(mngr, step, data_iter)
-    if _any_process(unfit is not None):
+    if distributed.any_process(unfit is not None):
       log.warning("the input position saved at step %d does not fit this run (%s): another batch size or process "
                   "count? The data order restarts with a new shuffle (seed %d).", step, unfit or "on another process",
                   config.seed + step)
@@ -414,10 +398,7 @@ def _train(config, workdir: str):
   keys = tuple(batch_shapes)
   pending, local = None, first
   interval_start, data_time = time.perf_counter(), 0.0
-  # SIGTERM / Ctrl-C: save, then stop. With several processes SIGTERM stays with JAX's preemption service,
-  # whose sync point (mngr.reached_preemption, every step, no device work) all processes reach at one step.
-  handled = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
-  with stop_signals.StopSignals(handled) as stop:
+  with stop_signals.StopSignals(stop_signals.job_signals()) as stop:  # SIGTERM / Ctrl-C: save, then stop
     while step < config.train.steps:
       data_start = time.perf_counter()
       local = local if local is not None else next(data_iter)
@@ -442,7 +423,7 @@ def _train(config, workdir: str):
           raise FloatingPointError(
               f"{run} steps in a row had a non-finite loss or gradient (step {step}); the last good state is "
               f"saved in {workdir}. Lower optimizer.learning_rate or set model.dtype='float32'.")
-      stopping = _all_stop(stop, step, config.train.log_every) or mngr.reached_preemption(step)
+      stopping = stop_signals.all_stop(stop, step, config.train.log_every) or mngr.reached_preemption(step)
       if step % config.train.checkpoint_every == 0 or step == config.train.steps or stopping:
         save()
       if stopping:

@@ -7,6 +7,9 @@ Flags:
   --config   autoencoder config file (optionally `file.py:variant`); every field can be overridden with
              --config.<field>=<value>; a mistyped field is an error
   --workdir  where checkpoints, logs, config.json and the trained autoencoder go; rerunning resumes from it
+  --coordinator, --num_processes, --process_id, --auto_distributed
+             a multi-process job, as the main job's (launch/ sets them: `launch/local.py
+             --module=diffusion_jax.train_autoencoder -- FLAGS`)
 
 Loss, per example (Rombach et al. 2022 without the perceptual and adversarial terms): the L1 error of the
 reconstruction of a posterior draw, summed over pixels, plus train.kl_weight times the posterior's KL divergence
@@ -24,7 +27,6 @@ the shapes judge's accuracy on them: what a latent model's samples can reach at 
 import json
 import logging
 import pathlib
-import signal
 import sys
 
 import flax
@@ -35,9 +37,10 @@ import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from diffusion_jax import checkpoint, media, metric_writers, optimizer, sharding, stop_signals
+from diffusion_jax import checkpoint, distributed, media, metric_writers, optimizer, sharding, stop_signals
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import fid, psnr, shapes_judge
 from diffusion_jax.models import autoencoder, init_rngs
@@ -81,6 +84,8 @@ def validate(config, mesh) -> None:
   if config.train.batch_size % data_parallel:
     found.append(f"train.batch_size={config.train.batch_size} is not divisible by the {data_parallel} "
                  "data-parallel devices of config.mesh")
+  if config.train.batch_size % jax.process_count():
+    found.append(f"train.batch_size={config.train.batch_size} is not divisible by {jax.process_count()} processes")
   if found:
     raise ValueError("The autoencoder config has problems:\n  - " + "\n  - ".join(found))
 
@@ -135,33 +140,47 @@ def make_train_step(config, graphdef):
 
 
 def latent_std(config, graphdef, params, batches) -> float:
-  """The std of posterior draws of the latents of `batches` (global batches of images)."""
-  draw = jax.jit(lambda p, x, key: nnx.merge(graphdef, p).encode(x, key))
-  latents = [np.asarray(draw(params, images(b), jax.random.key(i))) for i, b in enumerate(batches)]
-  return float(np.std(np.concatenate(latents)))
+  """The std of posterior draws of the latents of `batches` (global batches of images, all of one size)."""
+  def moments(p, x, key):
+    z = nnx.merge(graphdef, p).encode(x, key)
+    return jnp.stack([jnp.mean(z), jnp.mean(jnp.square(z))])
+
+  moments = jax.jit(moments)  # replicated scalars: every process reads them
+  mean, mean_square = np.mean([moments(params, images(b), jax.random.key(i)) for i, b in enumerate(batches)], axis=0)
+  return float(np.sqrt(mean_square - np.square(mean)))
 
 
-def evaluate(config, model, workdir) -> dict:
+def evaluate(config, model, mesh, workdir) -> dict | None:
   """Reconstruct (posterior means) up to train.eval_examples held-out images: their PSNR and FID (random-conv
   features) against the originals and, on captioned_shapes, the shapes judge's accuracy on them against their
-  captions; in logs/reconstruction.json. reconstructions.png shows the first ones."""
+  captions; in logs/reconstruction.json. reconstructions.png shows the first ones. Every process reconstructs its
+  part of each batch; process 0 scores and writes, and returns the scores (None elsewhere, and when the validation
+  split has fewer images than the data-parallel devices)."""
   source = pipeline.data_source(config.data, "validation")
-  batch = min(config.train.batch_size, config.train.eval_examples, len(source))
-  loader = pipeline.make_loader(config.data, source, None, batch, seed=0, shuffle=False, num_epochs=1)
-  reconstruct = jax.jit(lambda m, x: jnp.clip(m.decode(m.encode(x)), -1, 1))
-  inputs, outputs, records = [], [], []
-  for local in loader:
-    x = images({k: v for k, v in local.items() if k in ("image", "video")})
-    records += list(local[pipeline.RECORD_INDEX])
-    inputs.append(media.to_uint8(x))
-    outputs.append(media.to_uint8(reconstruct(model, jnp.asarray(x))))
-    if sum(map(len, inputs)) >= config.train.eval_examples:
-      break
-  inputs, outputs = np.concatenate(inputs), np.concatenate(outputs)
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  examples = min(config.train.eval_examples, len(source))
+  if examples < data_parallel:
+    log.warning("the validation split has %d images, fewer than the %d data-parallel devices: no reconstruction "
+                "scores.", len(source), data_parallel)
+    return None
+  batch = data_parallel * (min(config.train.batch_size, examples) // data_parallel)
+  loader = iter(pipeline.make_loader(config.data, source, None, batch // jax.process_count(), seed=0, shuffle=False))
+  reconstruct = jax.jit(lambda m, x: (x, jnp.clip(m.decode(m.encode(x)), -1, 1)))
+  keep = ("image", "video", pipeline.RECORD_INDEX)
+  parts = []
+  for _ in range(-(-examples // batch)):
+    local = {k: v for k, v in next(loader).items() if k in keep}
+    global_batch = pipeline.to_global(local, sharding.batch_sharding(mesh))
+    pair = reconstruct(model, images(global_batch))
+    parts.append(multihost_utils.process_allgather((*pair, global_batch[pipeline.RECORD_INDEX]), tiled=True))
+  if jax.process_index() != 0:
+    return None
+  inputs, outputs = (media.to_uint8(np.concatenate([p[i] for p in parts])[:examples]) for i in (0, 1))
+  records = np.concatenate([p[2] for p in parts])[:examples]
   result = {"examples": len(inputs), "psnr_db": psnr.psnr(outputs, inputs),
             "fid_random_conv": fid.fid(fid.random_conv_features(inputs), fid.random_conv_features(outputs))}
   if config.data.dataset == "captioned_shapes":  # the judge's scores a latent model's samples can reach at most
-    captions = [source[i][config.data.caption_key] for i in records]
+    captions = [source[int(i)][config.data.caption_key] for i in records]
     result |= {f"judge/{k}": v for k, v in shapes_judge.accuracy(outputs, captions).items()}
   label = f"reconstructions ({result['psnr_db']:.1f} dB PSNR over {len(inputs)} held-out images)"
   grid = media.labelled_grid([inputs[:RECONSTRUCTIONS], outputs[:RECONSTRUCTIONS]], ["held-out images", label], scale=4)
@@ -202,9 +221,10 @@ def _train(config, workdir: str) -> pathlib.Path:
     state, step = checkpoint.restore(mngr, state)
     log.info("resumed from step %d", step)
     unfit = checkpoint.restore_input_position(mngr, step, data_iter)
-    if unfit:
-      log.warning("the input position saved at step %d does not fit this run (%s): the data order restarts.",
-                  step, unfit)
+    if distributed.any_process(unfit is not None):
+      log.warning("the input position saved at step %d does not fit this run (%s): the data order restarts with "
+                  "a new shuffle (seed %d).", step, unfit or "on another process", config.seed + step)
+      data_iter = iter(pipeline.make_loader(config.data, source, None, per_process, seed=config.seed + step))
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
   step = int(state.step)
@@ -218,7 +238,7 @@ def _train(config, workdir: str) -> pathlib.Path:
   writer = metric_writers.MetricWriter(workdir, config.train.steps)
   writer.start(step)
   save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True)
-  with stop_signals.StopSignals((signal.SIGTERM, signal.SIGINT)) as stop:
+  with stop_signals.StopSignals(stop_signals.job_signals()) as stop:
     while step < config.train.steps:
       state, metrics = compiled(state, next_batch(), hparams)
       step += 1
@@ -229,24 +249,27 @@ def _train(config, workdir: str) -> pathlib.Path:
           mngr.wait_until_finished()
           raise FloatingPointError(f"non-finite loss at step {step}; the state before it is saved in {workdir}. "
                                    "Lower optimizer.learning_rate.")
-      if step % config.train.checkpoint_every == 0 or step == config.train.steps or stop.received:
+      stopping = stop_signals.all_stop(stop, step, config.train.log_every) or mngr.reached_preemption(step)
+      if step % config.train.checkpoint_every == 0 or step == config.train.steps or stopping:
         save()
-      if stop.received:
+      if stopping:
         break
     mngr.wait_until_finished()
   writer.close()
   if step < config.train.steps:
-    log.warning("%s: checkpoint saved at step %d of %d; rerun the same command to resume.", stop.received, step,
-                config.train.steps)
+    log.warning("%s: checkpoint saved at step %d of %d; rerun the same command to resume.",
+                stop.received or "stop requested by another process or a preemption notice", step, config.train.steps)
     return None
   std = latent_std(config, graphdef, state.params, [next_batch() for _ in range(config.train.scale_batches)])
   trained = model_config(config, 1.0 / std)
   model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(trained, rngs=nnx.Rngs(0)))),
                     state.params)
   directory = pathlib.Path(workdir) / "autoencoder"
+  params = multihost_utils.process_allgather(state.params, tiled=True)  # whole arrays on every process
   if jax.process_index() == 0:
-    autoencoder.save_diffusers(model, trained, directory)
-    result = evaluate(config, model, workdir)
+    autoencoder.save_diffusers(nnx.merge(nnx.graphdef(model), params), trained, directory)
+  result = evaluate(config, model, mesh, workdir)
+  if result is not None:
     log.info("reconstructions of %d held-out images: %.2f dB PSNR, FID (random conv) %.3g (%s)", result["examples"],
              result["psnr_db"], result["fid_random_conv"], pathlib.Path(workdir) / "reconstructions.png")
   log.info("autoencoder written to %s (scaling_factor %.4g); train on it with --config.latent.autoencoder_path=%s",
@@ -259,6 +282,7 @@ def main(argv):
   f = flags.FLAGS
   if f.workdir is None or f.config is None:
     raise app.UsageError("--config and --workdir are required.")
+  distributed.initialize()
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   try:
@@ -275,4 +299,5 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Autoencoder config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, the trained autoencoder).")
+  distributed.define_flags()
   app.run(main)

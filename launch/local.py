@@ -1,14 +1,16 @@
-"""Run the main job as N processes on this machine (multi-host simulation over 127.0.0.1).
+"""Run a job (the main job by default) as N processes on this machine (multi-host simulation over 127.0.0.1).
 
-  python launch/local.py --num_processes=2 --devices_per_process=4 [--dry_run] -- \
+  python launch/local.py --num_processes=2 --devices_per_process=4 [--module=diffusion_jax.main] [--dry_run] -- \
       --config=configs/t2i_shapes.py --workdir=DIR [--config.x=y ...]
 
 Flags:
   --num_processes        processes to start (default 2)
   --devices_per_process  simulated CPU devices per process (default 4)
   --port                 coordinator port on 127.0.0.1 (default: a free one)
+  --module               the job: diffusion_jax.main (default), diffusion_jax.train_autoencoder or
+                         diffusion_jax.sample
   --dry_run              print the commands instead of running them
-Everything after `--` goes to `python -m diffusion_jax.main`. Exits non-zero if any process fails. Ctrl-C
+Everything after `--` goes to `python -m MODULE`. Exits non-zero if any process fails. Ctrl-C
 or a SIGTERM to the launcher makes every process save a checkpoint and stop (the launcher waits for them).
 """
 
@@ -20,6 +22,8 @@ import socket
 import subprocess
 import sys
 
+MODULES = ("diffusion_jax.main", "diffusion_jax.train_autoencoder", "diffusion_jax.sample")  # the multi-process jobs
+
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -27,8 +31,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def commands(num_processes: int, port: int, main_args: list[str]) -> list[list[str]]:
-  return [[sys.executable, "-m", "diffusion_jax.main", f"--coordinator=127.0.0.1:{port}",
+def commands(module: str, num_processes: int, port: int, main_args: list[str]) -> list[list[str]]:
+  return [[sys.executable, "-m", module, f"--coordinator=127.0.0.1:{port}",
            f"--num_processes={num_processes}", f"--process_id={i}", *main_args] for i in range(num_processes)]
 
 
@@ -37,13 +41,14 @@ def main() -> int:
   parser.add_argument("--num_processes", type=int, default=2)
   parser.add_argument("--devices_per_process", type=int, default=4)
   parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--module", default="diffusion_jax.main", choices=MODULES)
   parser.add_argument("--dry_run", action="store_true")
   parser.add_argument("main_args", nargs=argparse.REMAINDER)
   args = parser.parse_args()
   main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")
-  todo = commands(args.num_processes, args.port or free_port(), main_args)
+  todo = commands(args.module, args.num_processes, args.port or free_port(), main_args)
   if args.dry_run:
     for command in todo:
       print(f"XLA_FLAGS={env['XLA_FLAGS']} JAX_PLATFORMS=cpu {shlex.join(command)}")

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from diffusion_jax import checkpoint, sharding, train
+from diffusion_jax import checkpoint, media, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,30 @@ def test_launchers_dry_run():
                           "--dry_run", "--", "--workdir=w"], capture_output=True, text=True, timeout=60)
   lines = local.stdout.splitlines()
   assert len(lines) == 3 and all("--coordinator=127.0.0.1:1234" in line and "--workdir=w" in line for line in lines)
-  assert "--process_id=2" in lines[2]
+  assert "--process_id=2" in lines[2] and all("-m diffusion_jax.main " in line for line in lines)
+  local = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--module=diffusion_jax.train_autoencoder",
+                          "--dry_run", "--", "--workdir=w"], capture_output=True, text=True, timeout=60)
+  assert all("-m diffusion_jax.train_autoencoder --coordinator=" in line for line in local.stdout.splitlines())
   tpu = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "pod", "zone", "--workdir=/mnt/shared/r"],
                        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
   assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "--auto_distributed" in tpu.stdout
+  slurm = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sbatch"), "--workdir=/shared/r"],
+                         env={"DRY_RUN": "1", "MODULE": "diffusion_jax.sample", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+  assert slurm.stdout.startswith("srun python -m diffusion_jax.sample --auto_distributed --workdir=/shared/r")
+
+
+def test_two_process_sampling_job_writes_the_training_samples(trained, tmp_path):
+  """The sampling job as 2 processes restores step 2 of the `trained` workdir onto both and writes the samples
+  (and manifest) that the 1-process, 8-device training run wrote at that step."""
+  workdir, output = trained[1], tmp_path / "samples"
+  command = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
+             "--module=diffusion_jax.sample", "--", f"--workdir={workdir}", "--step=2", f"--output_dir={output}"]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  theirs = workdir / "samples" / "step_2"
+  assert (output / "manifest.jsonl").read_text() == (theirs / "manifest.jsonl").read_text()
+  for line in (theirs / "manifest.jsonl").read_text().splitlines():
+    name = json.loads(line)["file"]
+    ours, expected = (media.read_image(d / name).astype(int) for d in (output, theirs))
+    assert np.abs(ours - expected).max() <= 1, name  # float rounding may move a pixel by one level
