@@ -7,7 +7,9 @@ configs/t2i_shapes.py; the U-Net also sees the image
 downsampled to 16 px, noise-augmented to a random time in [0, superres.aug_max] (its log-SNR is a
 condition). Variant `residual` diffuses the residual over the bicubic-upsampled input instead of the
 image (superres.residual: a far better upsampler of real images, a more literal one of a base model's
-samples; see README). Variant `test` is a seconds-long 32 px stage for the test suite (it upsamples the
+samples; see README). Variant `latent` is a latent stage (as Stable Diffusion's x4 upscaler): it diffuses the
+16x16x4 latents of the autoencoder that configs/autoencoder_shapes.py trains (train that first) and reads the
+16 px image on that grid. Variant `test` is a seconds-long 32 px stage for the test suite (it upsamples the
 16 px `t2i_shapes.py:test` model).
 """
 
@@ -23,6 +25,10 @@ def get_config(variant: str = ""):
   config.sample.update(aug_level=0.1, guidance_scale=1.0)
   if variant == "residual":
     config.superres.residual = True
+  elif variant == "latent":
+    config.latent.autoencoder_path = "workdirs/autoencoder_shapes/autoencoder"
+    config.model.in_channels = 4
+    config.sample.threshold = "none"  # latents are not in [-1, 1]
   elif variant not in ("", "test"):
-    raise ValueError(f"Unknown sr_shapes variant {variant!r}; valid variants: 'residual', 'test'.")
+    raise ValueError(f"Unknown sr_shapes variant {variant!r}; valid variants: 'residual', 'latent', 'test'.")
   return config

@@ -38,9 +38,12 @@ def latent_problems(config) -> list[str]:
   if config.sample.threshold != "none":
     found.append(f"sample.threshold={config.sample.threshold!r} would clip latents, which are not in [-1, 1]: set "
                  "sample.threshold='none'")
-  if config.model.lowres_conditioning:
-    found.append("latent super-resolution stages are not supported: a super-resolution stage diffuses pixels "
-                 "(leave latent.autoencoder_path empty)")
+  if config.superres.residual:
+    found.append("superres.residual adds detail to the upsampled low-resolution image in pixels; a latent stage "
+                 "diffuses latents: turn superres.residual off or leave latent.autoencoder_path empty")
+  if config.model.lowres_conditioning and config.latent.cache:
+    found.append("a super-resolution stage makes its low-resolution input from each training image, which the "
+                 "latent cache does not hold: leave latent.cache empty")
   views = [f"data.{f}" for f in ("random_crop", "random_flip") if config.data[f]]
   views += ["data.image_fraction > 0"] if config.data.image_fraction > 0 else []
   if config.latent.cache and views:
@@ -115,8 +118,12 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   resolution = network_resolution(config)  # None: unknown, and latent_problems says why
   if config.latent.autoencoder_path:
     found += latent_problems(config)
-  elif config.latent.cache:
-    found.append("latent.cache needs latent.autoencoder_path (it caches that autoencoder's latents)")
+  else:
+    if config.latent.cache:
+      found.append("latent.cache needs latent.autoencoder_path (it caches that autoencoder's latents)")
+    if m.in_channels != 3:
+      found.append(f"model.in_channels={m.in_channels} must be 3 for a pixel model (the data are RGB); a latent "
+                   "model's are its autoencoder's latent_channels (latent.autoencoder_path)")
   if m.backbone == "dit" and resolution is not None:
     found += dit_problems(config, resolution)
   elif m.backbone != "dit":

@@ -2,7 +2,8 @@
 
 SIGTERM is the preemption notice of most clusters; Ctrl-C (SIGINT) is a user stopping a local run. Neither
 should cost the steps since the last periodic checkpoint. A second Ctrl-C interrupts at once
-(KeyboardInterrupt), for a user who will not wait for the save.
+(KeyboardInterrupt), for a user who will not wait for the save. In a multi-process job the processes must stop
+at the same step: `job_signals` and `all_stop` say which signals a trainer handles itself and when all agree.
 """
 
 import logging

@@ -1,7 +1,10 @@
 """Super-resolution conditioning for cascade stages: the low-resolution input and its noise augmentation.
 
 An SR stage is trained on the same data as the base model; its low-resolution input is made on the fly
-by downsampling the training image (or every frame of a video). Noise-conditioning augmentation
+by downsampling the training image (or every frame of a video). That input is always an RGB image (the stage
+below's output), also for a latent stage (latent.autoencoder_path, as Stable Diffusion's x4 upscaler), which
+diffuses the autoencoder's latents of the high-resolution image and reads the low-resolution image resized to
+its latent grid. Noise-conditioning augmentation
 (Imagen, Cascaded Diffusion Models) diffuses that input to a random time t_aug ~ U[0, aug_max] of the
 stage's own log-SNR schedule and gives the network the corresponding log-SNR, so at sampling time the
 stage tolerates the artefacts of the stage below; there t_aug is a chosen constant (`sample.aug_level`).
@@ -17,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import objectives, schedules
+
+LOWRES_CHANNELS = 3  # the low-resolution input is an RGB image
 
 
 def downsample(x, resolution: int):
@@ -76,11 +81,11 @@ def is_residual(config) -> bool:
 
 
 def upsampled(lowres, shape):
-  """The low-res input at the stage's output shape: frames repeated (temporal SR), pixels bicubic, as the
-  U-Net upsamples its condition."""
+  """The low-res input at the spatial size (and frame count) of `shape` [batch, (frames,) h, w, any channels]:
+  frames repeated (temporal SR), pixels bicubic, as the U-Net and DiT read their condition."""
   if len(shape) == 5 and lowres.shape[1] != shape[1]:
     lowres = jnp.repeat(lowres, shape[1] // lowres.shape[1], axis=1)
-  return jax.image.resize(lowres, shape, "bicubic")
+  return jax.image.resize(lowres, tuple(shape[:-1]) + lowres.shape[-1:], "bicubic")
 
 
 def to_residual(x, lowres, config):

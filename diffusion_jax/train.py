@@ -148,16 +148,17 @@ def make_train_step(config, graphdef):
   def loss_fn(params, frozen, batch, key):
     k_drop, k_time, k_noise, k_dropout = jax.random.split(key, 4)
     model = nnx.merge(graphdef, params, frozen)
+    pixels = batch.get("video", batch.get("image"))  # None with the latent cache
     if "latent_mean" in batch:  # from the latent cache: the encoder ran once, the draw is still per step
       x0 = model.latents_from_moments(batch["latent_mean"], batch["latent_logvar"], jax.random.fold_in(key, 2))
     else:
-      x0 = model.to_latents(batch["video"] if "video" in batch else batch["image"], jax.random.fold_in(key, 2))
+      x0 = model.to_latents(pixels, jax.random.fold_in(key, 2))
     if "text_embeddings" in batch:  # from the text-embedding cache of a frozen encoder
       text = batch["text_embeddings"]
     else:
       text = model.encode(batch["text_ids"], batch["text_mask"])
     text, text_mask, _ = objectives.drop_condition(k_drop, text, batch["text_mask"], d.cond_drop_prob)
-    lowres, aug_logsnr = (superres.training_condition(x0, jax.random.fold_in(key, 1), config)
+    lowres, aug_logsnr = (superres.training_condition(pixels, jax.random.fold_in(key, 1), config)
                           if config.model.lowres_conditioning else (None, None))
     if superres.is_residual(config):  # the stage diffuses the detail its clean input lacks
       x0 = superres.to_residual(x0, superres.lowres_input(x0, config), config)

@@ -15,6 +15,7 @@ from flax import nnx
 from configs import t2i_shapes
 from diffusion_jax import config_checks, sample, sharding, train
 from diffusion_jax.data import pipeline
+from diffusion_jax.metrics import heldout_loss
 from diffusion_jax.models import autoencoder, text_to_image
 from diffusion_jax.text import tokenizers
 from test_t5 import save_tiny_t5
@@ -135,19 +136,20 @@ def test_the_abstract_model_reads_no_weights_file(vae, tmp_path):
 def test_config_check_knows_the_latent_geometry(vae, tmp_path):
   config = latent_config(vae[0])
   assert config_checks.problems(config, device_count=8) == []
-  config.model.update(in_channels=3, lowres_conditioning=True)
-  config.superres.lowres_resolution = 8
+  config.model.in_channels = 3
   config.sample.threshold = "static"
   config.data.resolution = 18  # 9x9 latents: too odd for the U-Net's two levels
   message = "; ".join(config_checks.problems(config, device_count=8))
   for expected in ("model.in_channels=3 must equal the autoencoder's latent_channels=4", "would clip latents",
-                   "latent super-resolution stages are not supported", "the network's resolution 9"):
+                   "the network's resolution 9"):
     assert expected in message, message
   config.data.resolution = 17
   assert "data.resolution=17 must be divisible by the autoencoder's downsampling factor 2" in "; ".join(
       config_checks.problems(config, device_count=8))
   config.latent.autoencoder_path = str(tmp_path)
   assert "has no config.json" in "; ".join(config_checks.problems(config, device_count=8))
+  config.latent.autoencoder_path, config.model.in_channels = "", 4
+  assert "model.in_channels=4 must be 3 for a pixel model" in "; ".join(config_checks.problems(config, device_count=8))
 
 
 def test_latent_model_trains_on_a_pod_mesh_and_samples_images(vae, tmp_path):
@@ -228,3 +230,44 @@ def test_latent_cache_of_a_video_dataset_holds_each_frames_posterior(vae, tmp_pa
   batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 4, seed=0,
                                          latent_cache=cache)))
   assert batch["latent_mean"].shape == (4, config.data.frames, 8, 8, 4) and batch["is_video"].all()
+
+
+def test_latent_super_resolution_stage_reads_the_low_res_image(vae):
+  """A latent super-resolution stage (as Stable Diffusion's x4 upscaler) diffuses the 8x8x4 latents of 16 px
+  images and reads the 8 px RGB image resized to its latent grid: a train step teaches its first convolution's
+  low-res channels, its held-out loss and sampler take the image, and the residual option and the latent cache
+  are refused for it."""
+  config = latent_config(vae[0])
+  config.model.lowres_conditioning = True
+  config.superres.lowres_resolution = 8
+  config.mesh.update(data=1)
+  assert config_checks.problems(config, device_count=1) == []
+  one_device = jax.devices()[:1]
+  mesh = sharding.make_mesh(config.mesh, one_device)
+  batch_np = {k: v for k, v in pipeline.synthetic_batch(config).items() if k in ("image", "text_ids", "text_mask")}
+  batch_np["image"] = np.random.default_rng(0).uniform(-1, 1, batch_np["image"].shape).astype(np.float32)
+  graphdef = train.abstract_state(config, mesh)[1]
+  state, metrics = one_step(config, {}, batch_np, one_device)  # the step makes the low-res input from the pixels
+  assert np.isfinite(metrics["loss"]) and state.params["unet"]["conv_in"]["kernel"].shape[2] == 4 + 3
+
+  def network(lowres):  # every weight moved off its initial value (the output layer starts at zero)
+    model = nnx.merge(graphdef, jax.tree.map(lambda p: p + 0.05, state.params), state.frozen)
+    text = model.encode(batch_np["text_ids"][:2], batch_np["text_mask"][:2])
+    return model(jnp.zeros((2, 8, 8, 4)), jnp.zeros(2), text, batch_np["text_mask"][:2], lowres=lowres,
+                 aug_logsnr=jnp.zeros(2))
+
+  lowres = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1, maxval=1)
+  assert np.abs(jax.jit(network)(lowres) - jax.jit(network)(-lowres)).max() > 1e-6
+  losses = heldout_loss.make_heldout_loss_fn(config, graphdef)(state.params, state.frozen, batch_np)
+  assert np.isfinite(losses).all()
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=2, num_per_prompt=1)
+  lowres = np.random.default_rng(1).integers(0, 256, (2, 1, 8, 8, 3), np.uint8)
+  images = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                           ["a large red circle"] * 2, sample_config, mesh, lowres=lowres)
+  assert images.shape == (2, 1, 16, 16, 3) and images.dtype == np.uint8
+
+  config.superres.update(residual=True)
+  config.latent.cache = "/tmp/cache"
+  found = "; ".join(config_checks.problems(config, device_count=1))
+  assert "turn superres.residual off" in found and "which the latent cache does not hold" in found

@@ -30,8 +30,9 @@ def _build(config, graphdef):
 
   def heldout(params, frozen, batch):
     model = nnx.merge(graphdef, params, frozen)
-    image = model.to_latents(batch["video"] if "video" in batch else batch["image"])  # a latent model: the mean
-    clean_lowres = superres.lowres_input(image, config) if config.model.lowres_conditioning else None
+    pixels = batch["video"] if "video" in batch else batch["image"]
+    image = model.to_latents(pixels)  # a latent model: the posterior mean
+    clean_lowres = superres.lowres_input(pixels, config) if config.model.lowres_conditioning else None
     x0 = superres.to_residual(image, clean_lowres, config) if superres.is_residual(config) else image
     text = model.encode(batch["text_ids"], batch["text_mask"])
 

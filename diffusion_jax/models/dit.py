@@ -27,7 +27,7 @@ patch_size, position_max_period, heads, ff_mult, dropout, text_dim, in_channels,
 Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim], text_mask [batch, tokens]
 bool -> prediction [batch, h, w, in_channels] (float32); h and w divisible by patch_size. Video DiT:
 x [batch, frames, h, w, in_channels] -> the same shape; is_video [batch] (default all True). Super-resolution:
-lowres [batch, (frames,) h', w', in_channels], aug_logsnr [batch].
+lowres [batch, (frames,) h', w', 3] (an RGB image, also for a latent model), aug_logsnr [batch].
 """
 
 import jax
@@ -89,7 +89,7 @@ class DiT(nnx.Module):
     self.dtype, self.dim, self.patch, self.remat = dtype, dim, patch, config.remat
     self.position_max_period = config.position_max_period
     self.lowres_conditioning = config.lowres_conditioning
-    patch_channels = config.in_channels * (2 if config.lowres_conditioning else 1)
+    patch_channels = config.in_channels + (superres.LOWRES_CHANNELS if config.lowres_conditioning else 0)
     self.patch_in = layers.dense(patch * patch * patch_channels, dim, (None, "embed"), rngs, dtype)
     self.aug_in = layers.dense(dim, dim, (None, "embed"), rngs, dtype) if config.lowres_conditioning else None
     self.time_in = layers.dense(dim, dim, (None, "embed"), rngs, dtype)

@@ -91,7 +91,8 @@ class UNet(nnx.Module):
     self.time_out = layers.dense(emb_dim, emb_dim, ("embed", "embed"), rngs, dtype)
     self.text_pool = layers.dense(config.text_dim, emb_dim, ("text_embed", "embed"), rngs, dtype)
     self.coordinate_channels = config.coordinate_channels
-    in_ch = config.in_channels * (2 if config.lowres_conditioning else 1) + (2 if config.coordinate_channels else 0)
+    in_ch = (config.in_channels + (superres.LOWRES_CHANNELS if config.lowres_conditioning else 0)
+             + (2 if config.coordinate_channels else 0))
     self.aug_in = (layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype)
                    if config.lowres_conditioning else None)
     self.conv_in = layers.conv(in_ch, widths[0], 3, rngs, dtype)
