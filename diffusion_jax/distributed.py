@@ -37,6 +37,18 @@ def initialize() -> None:
     jax.distributed.initialize()
 
 
+def from_process_zero(values: list[int]) -> list[int]:
+  """Process 0's list of integers, on every process: a plan all processes follow (what each one reads from a
+  shared filesystem, say a workdir's checkpoints, can differ for a moment)."""
+  if jax.process_count() == 1:
+    return list(values)
+  count = int(multihost_utils.broadcast_one_to_all(np.int64(len(values))))
+  if count == 0:
+    return []
+  mine = np.asarray(values if jax.process_index() == 0 else np.zeros(count), np.int64)
+  return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)]
+
+
 def any_process(flag: bool) -> bool:
   """Whether `flag` holds on any process (a gather when there are several): a decision all processes share."""
   if jax.process_count() == 1:

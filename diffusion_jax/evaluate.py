@@ -38,6 +38,10 @@ Flags:
   --threshold_sweep   comma-separated thresholding kinds (none, static, dynamic) compared side by side
   --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
                       input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}
+  --coordinator, --num_processes, --process_id, --auto_distributed
+                      a multi-process job, as the main job's (`launch/local.py --module=diffusion_jax.evaluate`):
+                      every process generates its part of each batch and follows process 0's list of checkpoints;
+                      process 0 writes
 Every swept value is checked before any checkpoint is loaded; the others keep the config's sample settings.
 
 Per checkpoint it writes one line of `WORKDIR/logs/eval.jsonl` and TensorBoard scalars (`logs/eval`):
@@ -64,11 +68,12 @@ import pathlib
 import sys
 import time
 
+import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import cascade, checkpoint, media, metric_writers, sample, samplers
+from diffusion_jax import cascade, checkpoint, distributed, media, metric_writers, sample, samplers
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, motion_judge, psnr,
                                    shapes_judge)
@@ -363,7 +368,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   written, unreadable, idle_since = [], set(), time.time()
   while True:
     mngr = checkpoint.manager(workdir, read_only=True)
-    todo = [step] if step is not None else sorted(set(mngr.all_steps()) - done_steps(workdir) - unreadable)
+    todo = [step] if step is not None else distributed.from_process_zero(
+        sorted(set(mngr.all_steps()) - done_steps(workdir) - unreadable))
     if step is None and not todo and not mngr.all_steps() and not watch:
       raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
     for s in todo:
@@ -382,10 +388,11 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
       for name, sweep in swept.items():
-        log.info("%s sweep plot: %s", name, write_sweep(workdir, s, name, sweep))
+        if jax.process_index() == 0:
+          log.info("%s sweep plot: %s", name, write_sweep(workdir, s, name, sweep))
       written.append({"step": s, **metrics})
       idle_since = time.time()
-    if not watch or step is not None or time.time() - idle_since > max_idle_minutes * 60:
+    if not watch or step is not None or distributed.any_process(time.time() - idle_since > max_idle_minutes * 60):
       break
     time.sleep(poll_seconds)
   writer.close()
@@ -416,6 +423,7 @@ def define_flags():
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
   flags.DEFINE_list("threshold_sweep", [], f"Thresholding kinds to compare, of {list(samplers.THRESHOLDS)}.")
   flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
+  distributed.define_flags()
 
 
 def main(argv):
@@ -423,6 +431,7 @@ def main(argv):
   f = flags.FLAGS
   if bool(f.workdir) == bool(f.cascade):
     raise app.UsageError("Give --workdir (one experiment) or --cascade (a whole cascade), not both.")
+  distributed.initialize()
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   try:
     if f.cascade:

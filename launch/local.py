@@ -7,8 +7,8 @@ Flags:
   --num_processes        processes to start (default 2)
   --devices_per_process  simulated CPU devices per process (default 4)
   --port                 coordinator port on 127.0.0.1 (default: a free one)
-  --module               the job: diffusion_jax.main (default), diffusion_jax.train_autoencoder or
-                         diffusion_jax.sample
+  --module               the job: diffusion_jax.main (default), diffusion_jax.train_autoencoder,
+                         diffusion_jax.sample or diffusion_jax.evaluate
   --dry_run              print the commands instead of running them
 Everything after `--` goes to `python -m MODULE`. Exits non-zero if any process fails. Ctrl-C
 or a SIGTERM to the launcher makes every process save a checkpoint and stop (the launcher waits for them).
@@ -22,7 +22,8 @@ import socket
 import subprocess
 import sys
 
-MODULES = ("diffusion_jax.main", "diffusion_jax.train_autoencoder", "diffusion_jax.sample")  # the multi-process jobs
+MODULES = ("diffusion_jax.main", "diffusion_jax.train_autoencoder", "diffusion_jax.sample",  # the multi-process jobs
+           "diffusion_jax.evaluate")
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@
 #
 # The repository must be checked out (and installed with `pip install -e .`) at the same path on every host, and
 # the workdir must be one directory every host sees (Filestore/NFS, or a bucket mounted with gcsfuse).
-# MODULE=diffusion_jax.train_autoencoder (or diffusion_jax.sample) runs that job instead of diffusion_jax.main.
+# MODULE=diffusion_jax.train_autoencoder (or .sample, .evaluate) runs that job instead of diffusion_jax.main.
 # DRY_RUN=1 prints the gcloud command instead of running it.
 set -euo pipefail
 if [ $# -lt 2 ]; then

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -71,3 +72,23 @@ def test_two_process_sampling_job_writes_the_training_samples(trained, tmp_path)
     name = json.loads(line)["file"]
     ours, expected = (media.read_image(d / name).astype(int) for d in (output, theirs))
     assert np.abs(ours - expected).max() <= 1, name  # float rounding may move a pixel by one level
+
+
+def test_two_process_evaluation_job_scores_as_one_process(trained, tmp_path):
+  """The evaluation job as 2 processes writes for a checkpoint what it writes as this one process."""
+  from diffusion_jax import evaluate
+
+  copies = [tmp_path / "one", tmp_path / "two"]  # eval.jsonl is written into the workdir
+  for copy in copies:
+    shutil.copytree(trained[1], copy)
+  options = dict(num_prompts=8, heldout_examples=8, combination_prompts=0)
+  [one] = evaluate.run(copies[0], step=4, **options)
+  command = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
+             "--module=diffusion_jax.evaluate", "--", f"--workdir={copies[1]}", "--step=4",
+             *(f"--{k}={v}" for k, v in options.items())]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  [two] = [json.loads(line) for line in (copies[1] / "logs" / "eval.jsonl").read_text().splitlines()]
+  assert one.keys() == two.keys() and two["step"] == 4
+  for key in one:
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
