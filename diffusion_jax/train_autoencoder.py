@@ -84,6 +84,9 @@ def validate(config, mesh) -> None:
   if config.train.batch_size % data_parallel:
     found.append(f"train.batch_size={config.train.batch_size} is not divisible by the {data_parallel} "
                  "data-parallel devices of config.mesh")
+  if config.train.eval_examples < data_parallel:
+    found.append(f"train.eval_examples={config.train.eval_examples} must be at least the {data_parallel} "
+                 "data-parallel devices of config.mesh (one image each)")
   if config.train.batch_size % jax.process_count():
     found.append(f"train.batch_size={config.train.batch_size} is not divisible by {jax.process_count()} processes")
   if found:
@@ -141,11 +144,11 @@ def make_train_step(config, graphdef):
 
 def latent_std(config, graphdef, params, batches) -> float:
   """The std of posterior draws of the latents of `batches` (global batches of images, all of one size)."""
-  def moments(p, x, key):
+  @jax.jit
+  def moments(p, x, key):  # replicated scalars: every process reads them
     z = nnx.merge(graphdef, p).encode(x, key)
     return jnp.stack([jnp.mean(z), jnp.mean(jnp.square(z))])
 
-  moments = jax.jit(moments)  # replicated scalars: every process reads them
   mean, mean_square = np.mean([moments(params, images(b), jax.random.key(i)) for i, b in enumerate(batches)], axis=0)
   return float(np.sqrt(mean_square - np.square(mean)))
 
@@ -159,7 +162,7 @@ def evaluate(config, model, mesh, workdir) -> dict | None:
   source = pipeline.data_source(config.data, "validation")
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   examples = min(config.train.eval_examples, len(source))
-  if examples < data_parallel:
+  if examples < data_parallel:  # train.eval_examples is checked before training; the split's size only now
     log.warning("the validation split has %d images, fewer than the %d data-parallel devices: no reconstruction "
                 "scores.", len(source), data_parallel)
     return None

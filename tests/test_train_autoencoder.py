@@ -16,7 +16,7 @@ import pytest
 import safetensors.numpy
 
 from configs import autoencoder_shapes, t2i_shapes
-from diffusion_jax import config_checks, media, train_autoencoder
+from diffusion_jax import config_checks, media, sharding, train_autoencoder
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import autoencoder
 from test_autoencoder import as_torch
@@ -86,17 +86,21 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_
 
 
 def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
-  config = config.copy_and_resolve_references()
-  config.data.resolution = 15
-  config.autoencoder.update(block_out_channels=(8, 10), out_channels=1)
-  config.train.kl_weight = -1.0
+  bad = config.copy_and_resolve_references()
+  bad.data.resolution = 15
+  bad.autoencoder.update(block_out_channels=(8, 10), out_channels=1)
+  bad.train.kl_weight = -1.0
   with pytest.raises(ValueError) as error:
-    train_autoencoder.train(config, tmp_path)
+    train_autoencoder.train(bad, tmp_path)
   for part in ("block_out_channels (8, 10) must be positive multiples of autoencoder.norm_num_groups=4",
                "data.resolution=15 is not divisible by the downsampling factor 2", "must be 3 (RGB",
                "train.kl_weight=-1.0 must be >= 0"):
     assert part in str(error.value)
   assert not (tmp_path / "checkpoints").exists()  # refused before anything is written
+  config = config.copy_and_resolve_references()
+  config.train.eval_examples = 4  # the evaluation at the end shards its batches over the 8 devices
+  with pytest.raises(ValueError, match="train.eval_examples=4 must be at least the 8 data-parallel devices"):
+    train_autoencoder.validate(config, sharding.make_mesh(config.mesh))
 
 
 def test_two_processes_train_and_write_what_one_does(config, trained, tmp_path):
