@@ -5,7 +5,8 @@ A cascade config (`configs/cascades/*.py`) names each stage's training workdir a
 level of the low-resolution input). Stage k > 0 must be a super-resolution stage whose
 input (`superres.lowres_resolution`, and for video `superres.lowres_frames`) is what stage k - 1
 produces; a chain that does not fit is refused before anything is sampled. Video cascades chain spatial
-and temporal super-resolution stages the same way (Imagen Video). Every stage's output is kept and written with its provenance.
+and temporal super-resolution stages the same way (Imagen Video). Every stage's output is kept and written with
+its provenance.
 """
 
 import dataclasses
@@ -73,9 +74,8 @@ def load(cascade) -> list[Stage]:
   """Validate the chain, then restore every stage's checkpoint (`step`, default the latest)."""
   stages = stage_configs(cascade)
   found = chain_problems(stages)
-  found += [f"stage {k}: sample.{key}={s.sample_config[key]!r} is invalid" for k, s in enumerate(stages)
-            for key, bad in (("steps", s.sample_config.steps < 1), ("guidance_scale", s.sample_config.guidance_scale < 0),
-                             ("aug_level", not 0 <= s.sample_config.aug_level <= 1)) if bad]
+  found += [f"stage {k}: {problem}" for k, stage in enumerate(stages)
+            for problem in sample.setting_problems(stage.sample_config)]
   if found:
     raise ValueError("Invalid cascade:\n  - " + "\n  - ".join(found))
   for stage, settings in zip(stages, cascade.stages):
@@ -84,21 +84,28 @@ def load(cascade) -> list[Stage]:
   return stages
 
 
+def generate_stage(stage, prompts: list[str], lowres=None, distinct_noise: bool = False, sample_config=None):
+  """One stage's samples, uint8 [len(prompts), num_per_prompt, (frames,) res, res, 3], upsampling `lowres` (the
+  stage below's samples) when it is a super-resolution stage; `sample_config` (default the stage's) as in
+  `generate`."""
+  from diffusion_jax.text import tokenizers
+
+  sample_config = sample_config or stage.sample_config
+  params = stage.state.ema[0] if sample_config.use_ema else stage.state.params
+  seeds = sample_config.seed + np.arange(len(prompts)) if distinct_noise else None
+  return sample.generate(stage.config, stage.graphdef, params, stage.state.frozen,
+                         tokenizers.from_config(stage.config), prompts, sample_config, stage.mesh, seeds=seeds,
+                         lowres=lowres)
+
+
 def generate(stages, prompts: list[str], distinct_noise: bool = False) -> list[np.ndarray]:
   """Every stage's samples, uint8 [len(prompts), num_per_prompt, (frames,) res, res, 3], base first.
 
   By default every prompt starts from its stage's seed (prompts compared on the same noise);
   distinct_noise gives prompt i the seed + i instead (evaluation: a set of independent samples)."""
-  from diffusion_jax.text import tokenizers
-
-  outputs, lowres = [], None
+  outputs = []
   for stage in stages:
-    params = stage.state.ema[0] if stage.sample_config.use_ema else stage.state.params
-    seeds = stage.sample_config.seed + np.arange(len(prompts)) if distinct_noise else None
-    lowres = sample.generate(stage.config, stage.graphdef, params, stage.state.frozen,
-                             tokenizers.from_config(stage.config), prompts, stage.sample_config, stage.mesh,
-                             seeds=seeds, lowres=lowres)
-    outputs.append(lowres)
+    outputs.append(generate_stage(stage, prompts, outputs[-1] if outputs else None, distinct_noise))
   return outputs
 
 

@@ -5,12 +5,15 @@
                                    [--threshold_sweep=static,dynamic] [--aug_level_sweep=0,0.2]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
+                                   [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2]
 
 Flags:
   --workdir           training workdir (this or --cascade)
   --cascade           cascade config (configs/cascades/*.py, fields overridable with --cascade.<field>):
                       sample the whole cascade for the validation captions, one image each, and print
-                      the metrics of its final output against the real images (FID, CLIP score, judge)
+                      the metrics of its final output against the real images (FID, CLIP score, judge); the
+                      sweep flags then vary the last stage's settings, the stages below it sampling once, and
+                      write CASCADE_OUTPUT_DIR/eval/NAME_sweep_step_N.{md,png} (N: the last stage's step)
   --step              evaluate this checkpoint only (default: every checkpoint not yet evaluated; an unreadable
                       one is then skipped with a warning)
   --watch             keep polling for new checkpoints until none appears for --max_idle_minutes
@@ -37,7 +40,9 @@ Flags:
                       e.g. dpmpp_2m:20,ddpm:1000
   --threshold_sweep   comma-separated thresholding kinds (none, static, dynamic) compared side by side
   --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
-                      input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}
+                      input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}; with --workdir the
+                      input is the real images downsampled, with --cascade what the stage below generates (the
+                      level a cascade needs)
   --coordinator, --num_processes, --process_id, --auto_distributed
                       a multi-process job, as the main job's (`launch/local.py --module=diffusion_jax.evaluate`):
                       every process generates its part of each batch and follows process 0's list of checkpoints;
@@ -195,16 +200,30 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   return metrics, generated
 
 
-def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=None) -> dict:
+def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=None, sweeps=None) -> dict:
   """media_metrics of a whole cascade (base -> super-resolution stages, one sample per caption) for the first
-  `num_prompts` validation captions, against the real validation images at the final resolution."""
+  `num_prompts` validation captions, against the real validation images at the final resolution.
+  sweeps: {name in SWEEPS: values} of the last stage's settings, each written as a table and a plot in
+  `cascade_config.output_dir`/eval (stages below it sample once, so every point upsamples the same images)."""
   cascade_config = cascade_config.copy_and_resolve_references()
   cascade_config.num_per_prompt = 1
+  last = cascade.stage_configs(cascade_config)[-1]  # swept values checked before any checkpoint is restored
+  settings = sweep_settings(sweeps or {}, last.sample_config, last.config)
   stages = cascade.load(cascade_config)
   final = stages[-1].config
   _, images, captions = validation_set(final, num_prompts)
-  outputs = cascade.generate(stages, captions, distinct_noise=True)
-  return media_metrics(final, outputs[-1][:, 0], captions, frechet_distances(images, feature_fns), clip)
+  frechet = frechet_distances(images, feature_fns)
+  below = cascade.generate(stages[:-1], captions, distinct_noise=True)
+
+  def scored(sample_config):
+    outputs = cascade.generate_stage(stages[-1], captions, below[-1] if below else None, True, sample_config)
+    return media_metrics(final, outputs[:, 0], captions, frechet, clip)
+
+  for name, points in settings.items():
+    sweep = [(value, scored(swept)) for value, swept in points]
+    if jax.process_index() == 0:
+      log.info("%s sweep plot: %s", name, write_sweep(cascade_config.output_dir, stages[-1].step, name, sweep))
+  return scored(stages[-1].sample_config)
 
 
 def _sampler_and_steps(value: str) -> dict:
@@ -230,9 +249,12 @@ def evaluation_sample_config(config):
   return sample_config
 
 
-def sweep_settings(sweeps: dict, sample_config) -> dict:
-  """{name in SWEEPS: [values]} -> {name: [(value string, sample config)]}; all bad values in one ValueError."""
+def sweep_settings(sweeps: dict, sample_config, config) -> dict:
+  """{name in SWEEPS: [values]} -> {name: [(value string, sample config)]} for the experiment `config`; all bad
+  values in one ValueError."""
   settings, problems = {}, []
+  if "aug_level" in sweeps and not config.model.lowres_conditioning:
+    problems.append("--aug_level_sweep: the model is not a super-resolution stage (model.lowres_conditioning)")
   for name, values in sweeps.items():
     settings[name] = []
     for value in map(str, values):
@@ -360,7 +382,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   clip_weights: a local Hugging Face CLIP directory; adds clip_score.
   combination_prompts: held-out-combination captions judged per sample setting (0: none)."""
   config = checkpoint.read_config(workdir)
-  settings = sweep_settings(sweeps or {}, evaluation_sample_config(config))
+  settings = sweep_settings(sweeps or {}, evaluation_sample_config(config), config)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -433,12 +455,12 @@ def main(argv):
     raise app.UsageError("Give --workdir (one experiment) or --cascade (a whole cascade), not both.")
   distributed.initialize()
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+  sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
   try:
     if f.cascade:
       results = [cascade_metrics(f.cascade, f.num_prompts, metric_features(f.inception_weights, f.i3d_weights),
-                                 clip_score.load(f.clip_weights) if f.clip_weights else None)]
+                                 clip_score.load(f.clip_weights) if f.clip_weights else None, sweeps)]
     else:
-      sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
                     f.combination_prompts)

@@ -262,7 +262,8 @@ def load_checkpoint(workdir, step=None):
 
 
 def setting_problems(sample_config) -> list[str]:
-  """What is wrong with a sample config's sampler, steps, guidance scale and thresholding (empty when nothing)."""
+  """What is wrong with a sample config's sampler, steps, guidance scale, thresholding and noise-augmentation level
+  (empty when nothing)."""
   problems = []
   if sample_config.sampler not in samplers.SAMPLERS:
     problems.append(f"--sampler={sample_config.sampler!r} is not one of {list(samplers.SAMPLERS)}")
@@ -272,6 +273,8 @@ def setting_problems(sample_config) -> list[str]:
     problems.append(f"--guidance_scale={sample_config.guidance_scale} must be >= 0")
   if sample_config.threshold not in samplers.THRESHOLDS:
     problems.append(f"sample.threshold={sample_config.threshold!r} is not one of {list(samplers.THRESHOLDS)}")
+  if not 0 <= sample_config.aug_level <= 1:
+    problems.append(f"sample.aug_level={sample_config.aug_level} must be in [0, 1]")
   return problems
 
 

@@ -97,9 +97,18 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
   chain = json.loads(provenance["cascade"])
   assert [c["workdir"] for c in chain] == [str(trained[1]), str(trained_sr[1])]
   assert json.loads(provenance["aug_level"]) == 0.0 and provenance["prompt"] == prompts[0]
-  # The evaluation job scores the whole cascade's final output against real validation images.
-  metrics = evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), num_prompts=4)
+  # The evaluation job scores the whole cascade's final output against real validation images; a sweep varies
+  # the last stage's setting on the same base samples: its point at the cascade's own level scores the same.
+  config = cascade_config(trained[1], trained_sr[1])
+  config.output_dir = str(tmp_path / "evaluated")
+  metrics = evaluate.cascade_metrics(config, num_prompts=4, sweeps={"aug_level": ("0.0", "0.9")})
   assert metrics["fid_random_conv"] > 0 and 0 <= metrics["accuracy/all"] <= 1
+  table = (tmp_path / "evaluated" / "eval" / f"aug_level_sweep_step_{stages[1].step}.md").read_text().splitlines()
+  keys = table[0].strip("| ").split(" | ")[1:]
+  rows = {row.strip("| ").split(" | ")[0]: dict(zip(keys, map(float, row.strip("| ").split(" | ")[1:])))
+          for row in table[2:]}
+  assert rows["0.0"]["fid_random_conv"] == pytest.approx(metrics["fid_random_conv"], abs=1e-3)
+  assert rows["0.9"]["fid_random_conv"] != pytest.approx(rows["0.0"]["fid_random_conv"], abs=1e-3)
 
 
 def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path):
@@ -114,6 +123,11 @@ def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path)
   (mismatched / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="upsamples from 8 px but stage 0 .* produces 16 px"):
     cascade.load(cascade_config(trained[1], mismatched))
+  bad = cascade_config(trained[1], trained_sr[1], steps=0)
+  with pytest.raises(ValueError, match="stage 1: --steps=0 must be >= 1"):
+    cascade.load(bad)
+  with pytest.raises(ValueError, match=r"--aug_level_sweep value '1.5': sample.aug_level=1.5 must be in \[0, 1\]"):
+    evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), 4, sweeps={"aug_level": ("1.5",)})
 
 
 def test_sr_validation_inputs_are_the_real_images_downsampled(trained_sr):

@@ -127,8 +127,10 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
   lines = (workdir / "logs" / "eval.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [2, 4]
   with pytest.raises(ValueError) as error:  # every bad swept value named before anything is loaded
-    evaluate.run(workdir, step=4, sweeps={"sampler": ("nope:20", "ddpm:0"), "steps": ("many",), "threshold": ("soft",)})
-  for part in ("'nope:20'", "'ddpm:0'", "must be >= 1", "--steps_sweep value 'many'", "--threshold_sweep value 'soft'"):
+    evaluate.run(workdir, step=4, sweeps={"sampler": ("nope:20", "ddpm:0"), "steps": ("many",), "threshold": ("soft",),
+                                          "aug_level": ("0.2",)})
+  for part in ("'nope:20'", "'ddpm:0'", "must be >= 1", "--steps_sweep value 'many'", "--threshold_sweep value 'soft'",
+               "--aug_level_sweep: the model is not a super-resolution stage"):
     assert part in str(error.value)
   featurised.clear()
   sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8, combination_prompts=4,
