@@ -41,9 +41,6 @@ def latent_problems(config) -> list[str]:
   if config.superres.residual:
     found.append("superres.residual adds detail to the upsampled low-resolution image in pixels; a latent stage "
                  "diffuses latents: turn superres.residual off or leave latent.autoencoder_path empty")
-  if config.model.lowres_conditioning and config.latent.cache:
-    found.append("a super-resolution stage makes its low-resolution input from each training image, which the "
-                 "latent cache does not hold: leave latent.cache empty")
   views = [f"data.{f}" for f in ("random_crop", "random_flip") if config.data[f]]
   views += ["data.image_fraction > 0"] if config.data.image_fraction > 0 else []
   if config.latent.cache and views:

@@ -59,11 +59,11 @@ def _logsnr_fn(config):
   return schedules.logsnr_schedule(config.diffusion.schedule, **config.diffusion.schedule_params)
 
 
-def training_condition(x0, key, config):
-  """What an SR stage is conditioned on while training: (noisy low-res input, aug log-SNR [batch])."""
+def training_condition(lowres, key, config):
+  """What an SR stage is conditioned on while training, from its clean low-res input (lowres_input): (noisy
+  low-res input, aug log-SNR [batch])."""
   k_time, k_noise = jax.random.split(key)
-  lowres = lowres_input(x0, config)
-  aug_time = jax.random.uniform(k_time, (x0.shape[0],), maxval=config.superres.aug_max)
+  aug_time = jax.random.uniform(k_time, (lowres.shape[0],), maxval=config.superres.aug_max)
   eps = jax.random.normal(k_noise, lowres.shape, lowres.dtype)
   return augment(lowres, aug_time, eps, _logsnr_fn(config), config.diffusion.path)
 

@@ -158,8 +158,10 @@ def make_train_step(config, graphdef):
     else:
       text = model.encode(batch["text_ids"], batch["text_mask"])
     text, text_mask, _ = objectives.drop_condition(k_drop, text, batch["text_mask"], d.cond_drop_prob)
-    lowres, aug_logsnr = (superres.training_condition(pixels, jax.random.fold_in(key, 1), config)
-                          if config.model.lowres_conditioning else (None, None))
+    lowres = aug_logsnr = None
+    if config.model.lowres_conditioning:  # the clean low-res input: cached (a latent stage) or from the pixels
+      lowres = batch["lowres"] if "lowres" in batch else superres.lowres_input(pixels, config)
+      lowres, aug_logsnr = superres.training_condition(lowres, jax.random.fold_in(key, 1), config)
     if superres.is_residual(config):  # the stage diffuses the detail its clean input lacks
       x0 = superres.to_residual(x0, superres.lowres_input(x0, config), config)
     logsnr = objectives.sample_logsnr(k_time, x0.shape[0], d.time_sampler, logsnr_fn, d.time_mean, d.time_std)
@@ -286,21 +288,25 @@ def open_text_cache(config, graphdef, state, tokenizer, source):
 
 
 def open_latent_cache(config, graphdef, state, source, batch_size: int = 64):
-  """The frozen autoencoder's posterior of every training example, built by process 0 on first use."""
-  key = latent_cache.cache_key(state.frozen["autoencoder"], config.data)
+  """The frozen autoencoder's posterior of every training example (and a super-resolution stage's clean low-res
+  input), built by process 0 on first use."""
+  lowres = config.model.lowres_conditioning
+  key = latent_cache.cache_key(state.frozen["autoencoder"], config.data, config.superres if lowres else None)
   directory = pathlib.Path(config.latent.cache).expanduser()
   if jax.process_index() == 0 and not (directory / "meta.json").exists():
     moments_jit = jax.jit(lambda params, frozen, x: nnx.merge(graphdef, params, frozen).autoencoder.moments(x))
+    lowres_jit = jax.jit(lambda x: superres.lowres_input(x, config))
 
-    def moments(pixels):  # frames fold into the batch, and back
+    def encode(pixels):  # frames fold into the batch, and back
       flat = pixels.reshape((-1,) + pixels.shape[-3:])
-      return [m.reshape(pixels.shape[:-3] + m.shape[1:]) for m in moments_jit(state.params, state.frozen, flat)]
+      moments = [m.reshape(pixels.shape[:-3] + m.shape[1:]) for m in moments_jit(state.params, state.frozen, flat)]
+      return dict(zip(("mean", "logvar"), moments), **({"lowres": lowres_jit(pixels)} if lowres else {}))
 
     loader = pipeline.make_loader(config.data, source, None, batch_size, seed=0, shuffle=False, num_epochs=1,
                                   shard_options=grain.NoSharding(), drop_remainder=False)
     batches = ((b[pipeline.RECORD_INDEX], b["video"] if "video" in b else b["image"]) for b in loader)
     log.info("building the latent cache of %d training records in %s", len(source), directory)
-    latent_cache.build(directory, len(source), batches, moments, key)
+    latent_cache.build(directory, len(source), batches, encode, key)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("latent cache built")
   return latent_cache.LatentCache(directory, key)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import t2i_shapes
-from diffusion_jax import config_checks, sample, sharding, train
+from diffusion_jax import config_checks, sample, sharding, superres, train
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import heldout_loss
 from diffusion_jax.models import autoencoder, text_to_image
@@ -175,10 +175,13 @@ def test_latent_model_trains_on_a_pod_mesh_and_samples_images(vae, tmp_path):
 
 
 def test_latent_cache_holds_the_encoders_posteriors_and_trains_like_the_pixels(vae, tmp_path):
-  """latent.cache: each row is the autoencoder's posterior of that record's pixels (float16), a loader batch from
-  the cache is the same examples as one from the pixels and gives the train step the same loss, and a cache of
-  another dataset is refused, as is a cache with random flips."""
+  """latent.cache of a latent super-resolution stage (16 px latents, 8 px input): each row is the autoencoder's
+  posterior of that record's pixels and the stage's clean low-res input (float16), a loader batch from the cache
+  is the same examples as one from the pixels and gives the train step the same loss, and a cache of another
+  dataset or input size is refused, as is a cache with random flips."""
   config = latent_config(vae[0])
+  config.model.lowres_conditioning = True
+  config.superres.lowres_resolution = 8
   config.data.data_dir = str(tmp_path / "tfds")
   config.latent.cache = str(tmp_path / "cache")
   config.mesh.update(data=1)  # one device: compiling for it is faster than for eight (the pod mesh is tested above)
@@ -189,23 +192,29 @@ def test_latent_cache_holds_the_encoders_posteriors_and_trains_like_the_pixels(v
   preprocess = pipeline.Preprocess(config.data, None)
   pixels = np.stack([preprocess.pixels(source[i], np.random.default_rng(0))["image"] for i in (0, 77)])
   mean, logvar = autoencoder.load_diffusers(vae[0]).moments(jnp.asarray(pixels))
+  lowres = superres.lowres_input(jnp.asarray(pixels), config)
   for row, index in enumerate((0, 77)):
-    np.testing.assert_allclose(cache(index)[0], mean[row], rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(cache(index)[1], logvar[row], rtol=2e-3, atol=2e-3)
+    cached = cache(index)
+    assert cached.keys() == {"latent_mean", "latent_logvar", "lowres"} and set(cached) <= set(pipeline.MODEL_INPUTS)
+    np.testing.assert_allclose(cached["latent_mean"], mean[row], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cached["latent_logvar"], logvar[row], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cached["lowres"], lowres[row], atol=2e-3)
+    assert cached["lowres"].shape == (8, 8, 3)
 
   tokenizer = tokenizers.from_config(config)
   loader = lambda **cached: next(iter(pipeline.make_loader(config.data, source, tokenizer, 16, seed=0, **cached)))
   cached, plain = loader(latent_cache=cache), loader()
   np.testing.assert_array_equal(cached[pipeline.RECORD_INDEX], plain[pipeline.RECORD_INDEX])
   inputs = lambda batch, keys: {k: batch[k] for k in keys + ("text_ids", "text_mask")}
-  _, from_cache = one_step(config, {}, inputs(cached, ("latent_mean", "latent_logvar")), one_device)
+  _, from_cache = one_step(config, {}, inputs(cached, ("latent_mean", "latent_logvar", "lowres")), one_device)
   _, from_pixels = one_step(config, {}, inputs(plain, ("image",)), one_device)
   np.testing.assert_allclose(from_cache["loss"], from_pixels["loss"], rtol=1e-2)
 
-  other = config.copy_and_resolve_references()
-  other.data.num_train = 128  # another dataset: the cache's key no longer matches
-  with pytest.raises(ValueError, match="built for another autoencoder or dataset"):
-    train.open_latent_cache(other, graphdef, state, source)
+  for field, value in (("data.num_train", 128), ("superres.lowres_resolution", 4)):  # the key no longer matches
+    other = config.copy_and_resolve_references()
+    other.update_from_flattened_dict({field: value})
+    with pytest.raises(ValueError, match="built for another autoencoder or dataset"):
+      train.open_latent_cache(other, graphdef, state, source)
   other.data.random_flip = True
   assert "latent.cache holds one view of each example, but data.random_flip" in "; ".join(
       config_checks.problems(other, device_count=8))
@@ -224,9 +233,10 @@ def test_latent_cache_of_a_video_dataset_holds_each_frames_posterior(vae, tmp_pa
   cache = train.open_latent_cache(config, graphdef, state, source)
   clip = pipeline.Preprocess(config.data, None).pixels(source[5], np.random.default_rng(0))["video"]
   mean, logvar = autoencoder.load_diffusers(vae[0]).moments(jnp.asarray(clip))  # the frames as a batch
-  assert cache(5)[0].shape == (config.data.frames, 8, 8, 4)
-  np.testing.assert_allclose(cache(5)[0], mean, rtol=2e-3, atol=2e-3)
-  np.testing.assert_allclose(cache(5)[1], logvar, rtol=2e-3, atol=2e-3)
+  assert cache(5).keys() == {"latent_mean", "latent_logvar"}  # no low-res input for a base model
+  assert cache(5)["latent_mean"].shape == (config.data.frames, 8, 8, 4)
+  np.testing.assert_allclose(cache(5)["latent_mean"], mean, rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(cache(5)["latent_logvar"], logvar, rtol=2e-3, atol=2e-3)
   batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 4, seed=0,
                                          latent_cache=cache)))
   assert batch["latent_mean"].shape == (4, config.data.frames, 8, 8, 4) and batch["is_video"].all()
@@ -235,8 +245,7 @@ def test_latent_cache_of_a_video_dataset_holds_each_frames_posterior(vae, tmp_pa
 def test_latent_super_resolution_stage_reads_the_low_res_image(vae):
   """A latent super-resolution stage (as Stable Diffusion's x4 upscaler) diffuses the 8x8x4 latents of 16 px
   images and reads the 8 px RGB image resized to its latent grid: a train step teaches its first convolution's
-  low-res channels, its held-out loss and sampler take the image, and the residual option and the latent cache
-  are refused for it."""
+  low-res channels, its held-out loss and sampler take the image, and the residual option is refused for it."""
   config = latent_config(vae[0])
   config.model.lowres_conditioning = True
   config.superres.lowres_resolution = 8
@@ -268,6 +277,4 @@ def test_latent_super_resolution_stage_reads_the_low_res_image(vae):
   assert images.shape == (2, 1, 16, 16, 3) and images.dtype == np.uint8
 
   config.superres.update(residual=True)
-  config.latent.cache = "/tmp/cache"
-  found = "; ".join(config_checks.problems(config, device_count=1))
-  assert "turn superres.residual off" in found and "which the latent cache does not hold" in found
+  assert "turn superres.residual off" in "; ".join(config_checks.problems(config, device_count=1))

@@ -24,7 +24,7 @@ from diffusion_jax.data import captioned_shapes, folder_dataset, moving_shapes
 DATASETS = ("captioned_shapes", "moving_shapes", "folder", "tfds")
 # Batch keys the train step consumes (attribute keys are for evaluation only).
 MODEL_INPUTS = ("image", "video", "is_video", "text_ids", "text_embeddings", "text_mask", "latent_mean",
-                "latent_logvar")
+                "latent_logvar", "lowres")
 RECORD_INDEX = "record_index"
 
 
@@ -173,9 +173,8 @@ class Preprocess(grain.RandomMapTransform):
   def random_map(self, element, rng: np.random.Generator):
     config = self.config
     if self.latent_cache is not None:  # one view per record: crops, flips and stills are refused with a cache
-      mean, logvar = self.latent_cache(element[RECORD_INDEX])
-      out = {"latent_mean": mean, "latent_logvar": logvar}
-      if mean.ndim == 4:  # [frames, h, w, c]
+      out = self.latent_cache(element[RECORD_INDEX])
+      if out["latent_mean"].ndim == 4:  # [frames, h, w, c]
         out["is_video"] = np.bool_(True)
     else:
       out = self.pixels(element, rng)
