@@ -9,13 +9,21 @@ stage's own config).
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+
+# Each stage's sampling settings and their types: None (the stage's own) is a typed placeholder, so that any
+# of them can be set from the command line, e.g. "--cascade.stages[0].threshold=dynamic".
+SETTINGS = dict(sampler=str, steps=int, guidance_scale=float, guidance_rescale=float, threshold=str,
+                threshold_percentile=float, aug_level=float, use_ema=bool, eta=float, frames=int)
 
 
 def stage(workdir, **settings):
-  fields = dict(workdir=workdir, step=-1, sampler=None, steps=None, guidance_scale=None, guidance_rescale=None,
-                threshold=None, threshold_percentile=None, aug_level=None, use_ema=None, eta=None, frames=None)
-  fields.update(settings)
-  return ml_collections.ConfigDict(fields, type_safe=False)
+  fields = dict(workdir=workdir, step=-1)
+  fields.update({name: config_dict.placeholder(kind) for name, kind in SETTINGS.items()})
+  stage = ml_collections.ConfigDict(fields)
+  stage.update(settings)
+  return stage
 
 
 def get_config():
