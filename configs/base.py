@@ -141,5 +141,6 @@ def get_config():
       threshold_percentile=99.5, num_per_prompt=4, seed=0, use_ema=True, prompts=("a large red circle",),
       frames=0,                    # video models: frames per clip (0 = data.frames)
       aug_level=0.1,               # super-resolution stages: noise-augmentation time of the low-res input
+      batch_size=256,              # samples generated at once over all devices (more: batch by batch)
   )
   return c

@@ -17,7 +17,7 @@ import numpy as np
 from diffusion_jax import checkpoint, media, sample, superres
 
 STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "threshold", "threshold_percentile",
-                  "aug_level", "use_ema", "eta", "frames")
+                  "aug_level", "use_ema", "eta", "frames", "batch_size")
 
 
 @dataclasses.dataclass

@@ -109,6 +109,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"sample.steps={config.sample.steps} must be >= 1")
   if config.sample.guidance_scale < 0:
     found.append(f"sample.guidance_scale={config.sample.guidance_scale} must be >= 0")
+  if config.sample.batch_size < 1:
+    found.append(f"sample.batch_size={config.sample.batch_size} must be >= 1")
 
   m = config.model
   option(m.backbone, ("unet", "dit"), "model.backbone")

@@ -20,6 +20,9 @@ Flags:
   --poll_seconds      polling interval with --watch (default 60)
   --max_idle_minutes  with --watch, stop after this long without a new checkpoint (default 60)
   --num_prompts       validation captions to generate for (default 64); also the FID set size
+  --batch_size        samples generated at once over all devices (default: the config's sample.batch_size;
+                      with --cascade it sets every stage's, one stage's is --cascade.stages[k].batch_size);
+                      more are generated batch by batch, with progress
   --heldout_examples  validation examples for the held-out loss (default 64)
   --combination_prompts  configs with data.heldout_combinations: validation captions naming a held-out
                       colour-shape combination to generate for and judge, at the config's sample settings and
@@ -242,10 +245,13 @@ SWEEPS = {
 }
 
 
-def evaluation_sample_config(config):
-  """The config's sample settings with one image per validation caption."""
+def evaluation_sample_config(config, batch_size=None):
+  """The config's sample settings with one image per validation caption (and `batch_size` samples generated at
+  once, when given)."""
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.num_per_prompt = 1
+  if batch_size is not None:
+    sample_config.batch_size = batch_size
   return sample_config
 
 
@@ -294,11 +300,11 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
-                  combination_prompts=64):
+                  combination_prompts=64, batch_size=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load; `combination_prompts` captions for heldout_combination_accuracy at each
-  sample setting."""
+  sample setting; `batch_size`: samples generated at once (default the config's sample.batch_size)."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -321,7 +327,7 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
         heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config))
     return setting_metrics, generated
 
-  generated_metrics, generated = scored(evaluation_sample_config(config))
+  generated_metrics, generated = scored(evaluation_sample_config(config, batch_size))
   metrics.update(generated_metrics)
   results = {name: [(value, scored(swept)[0]) for value, swept in points] for name, points in (settings or {}).items()}
   return step, metrics, generated, results
@@ -374,15 +380,16 @@ def write_sweep(workdir, step, name, sweep) -> pathlib.Path:
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
-        combination_prompts=64):
+        combination_prompts=64, batch_size=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
   i3d_weights: a local FVD I3D weights file; adds fvd_i3d (video models).
   clip_weights: a local Hugging Face CLIP directory; adds clip_score.
-  combination_prompts: held-out-combination captions judged per sample setting (0: none)."""
+  combination_prompts: held-out-combination captions judged per sample setting (0: none).
+  batch_size: samples generated at once (default the config's sample.batch_size)."""
   config = checkpoint.read_config(workdir)
-  settings = sweep_settings(sweeps or {}, evaluation_sample_config(config), config)
+  settings = sweep_settings(sweeps or {}, evaluation_sample_config(config, batch_size), config)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -399,7 +406,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         frechet = frechet_distances(validation_set(config, num_prompts)[1], feature_fns)
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
-                                                     clip, combination_prompts)
+                                                     clip, combination_prompts, batch_size)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -440,6 +447,8 @@ def define_flags():
                       "fvd_i3d for video models.")
   flags.DEFINE_string("clip_weights", None, "Local Hugging Face CLIP directory (config.json, model.safetensors, "
                       "tokenizer.json): adds clip_score.")
+  flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: the config's "
+                       "sample.batch_size; with --cascade: every stage's).", lower_bound=1)
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
   flags.DEFINE_list("steps_sweep", [], "Sampler step counts for a metric-vs-steps table and plot.")
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
@@ -458,12 +467,14 @@ def main(argv):
   sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
   try:
     if f.cascade:
+      for stage in f.cascade.stages if f.batch_size else ():
+        stage.batch_size = f.batch_size
       results = [cascade_metrics(f.cascade, f.num_prompts, metric_features(f.inception_weights, f.i3d_weights),
                                  clip_score.load(f.clip_weights) if f.clip_weights else None, sweeps)]
     else:
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
-                    f.combination_prompts)
+                    f.combination_prompts, f.batch_size)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

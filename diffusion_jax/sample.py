@@ -16,6 +16,8 @@ Flags:
   --use_ema         sample with the first EMA copy of the weights (default: config sample.use_ema)
   --frames          video models: frames per clip, up to model.max_frames (default: config sample.frames,
                     0 = data.frames)
+  --batch_size      samples generated at once over all devices, rounded up to a multiple of the device count
+                    (default: config sample.batch_size); more are generated batch by batch, with progress
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -161,27 +163,37 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
              lowres=None) -> np.ndarray:
-  """Samples [len(prompts), num_per_prompt, (frames,) res, res, c] uint8; the batch is sharded over all devices.
+  """Samples [len(prompts), num_per_prompt, (frames,) res, res, c] uint8, generated sample.batch_size at a time
+  (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
+  serves every batch (the last is padded), and more than one batch logs progress with an ETA.
 
   seeds: one per prompt (default: sample_config.seed for all). lowres: a super-resolution stage's inputs,
   uint8 [len(prompts), num_per_prompt, (frames,) r, r, c] (the stage below's samples)."""
   n = sample_config.num_per_prompt
   seeds = [sample_config.seed] * len(prompts) if seeds is None else list(seeds)
   repeated = [p for p in prompts for _ in range(n)]
-  pad = -len(repeated) % mesh.size
+  chunk = -(-min(sample_config.batch_size, max(len(repeated), 1)) // mesh.size) * mesh.size
+  pad = -len(repeated) % chunk
   ids, mask = tokenizer(repeated + [""] * pad)
   keys = np.concatenate([example_keys(seeds, n), example_keys([0] * pad, 1)])  # padding rows are dropped
-  batch = sharding.batch_sharding(mesh)
-  ids, mask, keys = (jax.device_put(a, batch) for a in (ids, mask, keys))
+  inputs = [keys, np.asarray(ids), np.asarray(mask)]
   if config.model.lowres_conditioning:
     if lowres is None:
       raise ValueError("This is a super-resolution stage: it needs the low-resolution images of the stage below "
                        "(sample it as part of a cascade: --cascade).")
     lowres = media.to_float(np.asarray(lowres).reshape((len(repeated),) + np.shape(lowres)[2:]))
-    lowres = jax.device_put(np.concatenate([lowres, np.zeros((pad,) + lowres.shape[1:], lowres.dtype)]), batch)
-  images = compiled_sampler(config, graphdef, sample_config, mesh)(params, frozen, keys, ids, mask, lowres)
-  images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
-  return media.to_uint8(images[:len(repeated)]).reshape((len(prompts), n) + images.shape[1:])
+    inputs.append(np.concatenate([lowres, np.zeros((pad,) + lowres.shape[1:], lowres.dtype)]))
+  generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh), sharding.batch_sharding(mesh)
+  outputs, start = [], time.time()
+  for first in range(0, len(keys), chunk):
+    images = generate_fn(params, frozen, *(jax.device_put(a[first:first + chunk], batch) for a in inputs))
+    outputs.append(media.to_uint8(np.asarray(multihost_utils.process_allgather(images, tiled=True))))
+    if len(keys) > chunk:
+      done, elapsed = min(first + chunk, len(repeated)), time.time() - start
+      log.info("sampled %d of %d (%d%%), elapsed %.0fs, eta %.0fs", done, len(repeated),
+               100 * done // len(repeated), elapsed, elapsed * (len(repeated) - done) / done)
+  images = np.concatenate(outputs)[:len(repeated)]
+  return images.reshape((len(prompts), n) + images.shape[1:])
 
 
 def config_hash(config) -> str:
@@ -271,6 +283,8 @@ def setting_problems(sample_config) -> list[str]:
     problems.append(f"--steps={sample_config.steps} must be >= 1")
   if sample_config.guidance_scale < 0:
     problems.append(f"--guidance_scale={sample_config.guidance_scale} must be >= 0")
+  if sample_config.batch_size < 1:
+    problems.append(f"--batch_size={sample_config.batch_size} must be >= 1")
   if sample_config.threshold not in samplers.THRESHOLDS:
     problems.append(f"sample.threshold={sample_config.threshold!r} is not one of {list(samplers.THRESHOLDS)}")
   if not 0 <= sample_config.aug_level <= 1:
@@ -356,6 +370,8 @@ def define_flags():
   flags.DEFINE_integer("seed", None, "Noise seed.")
   flags.DEFINE_bool("use_ema", None, "Use EMA weights (default: config sample.use_ema).")
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames.")
+  flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: config "
+                       "sample.batch_size).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
   distributed.define_flags()
 
@@ -380,7 +396,8 @@ def main(argv):
     raise app.UsageError("--workdir (or --cascade) is required.")
   distributed.initialize()
   overrides = {"sampler": f.sampler, "steps": f.steps, "guidance_scale": f.guidance_scale,
-               "num_per_prompt": f.num_per_prompt, "seed": f.seed, "use_ema": f.use_ema, "frames": f.frames}
+               "num_per_prompt": f.num_per_prompt, "seed": f.seed, "use_ema": f.use_ema, "frames": f.frames,
+               "batch_size": f.batch_size}
   try:
     if f.cascade is not None:
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)

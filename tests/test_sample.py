@@ -36,6 +36,7 @@ def test_samples_carry_provenance(trained, tmp_path):
     ({"sampler": "plms"}, None, "--sampler='plms'"),
     ({"steps": 0}, None, "--steps=0"),
     ({"guidance_scale": -1.0}, None, "--guidance_scale=-1.0"),
+    ({"batch_size": 0}, None, "--batch_size=0 must be >= 1"),
     ({}, "\n\n", "has no prompts"),
 ])
 def test_bad_sampling_input_is_explained(trained, tmp_path, overrides, prompts_text, message):
@@ -68,15 +69,18 @@ def test_sampling_is_deterministic_and_independent_of_device_count(trained):
   sample_config.update(steps=3, num_per_prompt=3)
   prompts = ["a large red circle at the top left"]
 
-  def run(devices):
+  def run(devices, batch_size=256):
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=devices)
     params, frozen = jax.device_put((state.ema[0], state.frozen), sharding.replicated(mesh))
+    sample_config.batch_size = batch_size
     return sample.generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh)
 
   eight, again, one = run(jax.devices()), run(jax.devices()), run(jax.devices()[:1])
   np.testing.assert_array_equal(eight, again)
   assert np.abs(eight.astype(int) - one.astype(int)).max() <= 1  # same images up to float rounding
   assert not np.array_equal(eight[0, 0], eight[0, 1])  # the images of one prompt differ
+  by_twos = run(jax.devices()[:1], batch_size=2)  # three samples in two batches, the last one padded
+  assert by_twos.shape == one.shape and np.abs(by_twos.astype(int) - one.astype(int)).max() <= 1
 
 
 def test_checkpoints_of_one_run_share_one_compiled_sampler(trained):

@@ -15,7 +15,7 @@ from ml_collections import config_dict
 # Each stage's sampling settings and their types: None (the stage's own) is a typed placeholder, so that any
 # of them can be set from the command line, e.g. "--cascade.stages[0].threshold=dynamic".
 SETTINGS = dict(sampler=str, steps=int, guidance_scale=float, guidance_rescale=float, threshold=str,
-                threshold_percentile=float, aug_level=float, use_ema=bool, eta=float, frames=int)
+                threshold_percentile=float, aug_level=float, use_ema=bool, eta=float, frames=int, batch_size=int)
 
 
 def stage(workdir, **settings):
