@@ -43,6 +43,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
+from diffusion_jax import cli
+
 MODES = ("input", "step", "memory", "peer", "ops", "profile")
 BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
@@ -250,4 +252,4 @@ def print_table(mode, f):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

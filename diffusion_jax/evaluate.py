@@ -81,7 +81,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import cascade, checkpoint, distributed, media, metric_writers, sample, samplers
+from diffusion_jax import cascade, checkpoint, cli, distributed, media, metric_writers, sample, samplers
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, motion_judge, psnr,
                                    shapes_judge)
@@ -488,4 +488,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

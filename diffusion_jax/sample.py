@@ -48,7 +48,7 @@ from ml_collections import config_flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, distributed, media, samplers, schedules, sharding, superres
+from diffusion_jax import checkpoint, cli, distributed, media, samplers, schedules, sharding, superres
 from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
@@ -415,4 +415,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -40,7 +40,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from diffusion_jax import checkpoint, distributed, media, metric_writers, optimizer, sharding, stop_signals
+from diffusion_jax import checkpoint, cli, distributed, media, metric_writers, optimizer, sharding, stop_signals
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import fid, psnr, shapes_judge
 from diffusion_jax.models import autoencoder, init_rngs
@@ -303,4 +303,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Autoencoder config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, the trained autoencoder).")
   distributed.define_flags()
-  app.run(main)
+  cli.run(main)

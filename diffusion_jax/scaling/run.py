@@ -32,6 +32,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from diffusion_jax import cli
 from diffusion_jax.scaling import report, sweep as sweeps
 
 log = logging.getLogger("diffusion_jax.scaling.run")  # also when run as __main__
@@ -183,4 +184,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

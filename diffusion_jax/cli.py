@@ -1,0 +1,24 @@
+"""Entry point of every command-line job: absl's `app.run`, with a config override that cannot be applied
+(a mistyped `--config.<field>` or `--cascade.<field>`, a config file that fails to load) reported as one line on
+stderr with exit code 2 instead of a traceback; ml_collections raises those while the flags are parsed."""
+
+import sys
+
+from absl import app
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (its own errors print usage and exit); an error raised by a config flag's parser is one
+  line, `error: ...` (ml_collections' "Did you mean" included), and exit code 2."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+    while error.args and isinstance(error.args[0], BaseException):  # ml_collections wraps its KeyError
+      error = error.args[0]
+    message = " ".join(str(error.args[0] if error.args else error).split())
+    print(f"error: {'no such config field: ' if isinstance(error, KeyError) else ''}{message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(main) -> None:
+  app.run(main, flags_parser=parse_flags)
