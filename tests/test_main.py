@@ -37,7 +37,8 @@ def test_mistyped_config_key_is_one_clear_error(tmp_path):
   result = subprocess.run(main_command(tmp_path / "w", tmp_path / "d", "--config.train.stepz=3"), cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-  assert result.stderr.splitlines()[-1] == 'error: no such config field: \'stepz\' Did you mean "steps" instead of "stepz"?'
+  expected = """error: no such config field: 'stepz' Did you mean "steps" instead of "stepz"?"""
+  assert result.stderr.splitlines()[-1] == expected
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
