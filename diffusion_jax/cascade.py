@@ -123,12 +123,17 @@ def validation_lowres(config, count: int, num_per_prompt: int):
   return captions, np.repeat(downsampled(images, config)[:, None], num_per_prompt, axis=1)
 
 
+def provenance(stages) -> list[dict]:
+  """What made a cascade's output: each stage's workdir, checkpoint step and config hash."""
+  return [{"stage": k, "workdir": str(s.workdir), "checkpoint_step": int(s.step),
+           "config_hash": sample.config_hash(s.config)} for k, s in enumerate(stages)]
+
+
 def write(stages, prompts: list[str], outputs, output_dir) -> pathlib.Path:
   """`stage_<k>/` per stage (PNGs, grid, manifest) and `cascade.png`: each sample at every stage, upsampled
   (nearest) to the final resolution, side by side. Returns the path of cascade.png."""
   output_dir = pathlib.Path(output_dir)
-  chain = [{"stage": k, "workdir": str(s.workdir), "checkpoint_step": int(s.step),
-            "config_hash": sample.config_hash(s.config)} for k, s in enumerate(stages)]
+  chain = provenance(stages)
   entries = [{"prompt": p} for p in prompts]
   for k, (stage, images) in enumerate(zip(stages, outputs)):
     settings = {key: stage.sample_config[key] for key in STAGE_SETTINGS}

@@ -11,8 +11,9 @@ Flags:
   --workdir           training workdir (this or --cascade)
   --cascade           cascade config (configs/cascades/*.py, fields overridable with --cascade.<field>):
                       sample the whole cascade for the validation captions, one image each, and print
-                      the metrics of its final output against the real images (FID, CLIP score, judge); the
-                      sweep flags then vary the last stage's settings, the stages below it sampling once, and
+                      the metrics of its final output against the real images (FID, CLIP score, judge), also
+                      appended with the chain's provenance to CASCADE_OUTPUT_DIR/eval/cascade.jsonl (the first
+                      images above their real ones: eval/cascade_generated.png); the sweep flags then vary the last stage's settings, the stages below it sampling once, and
                       write CASCADE_OUTPUT_DIR/eval/NAME_sweep_step_N.{md,png} (N: the last stage's step)
   --step              evaluate this checkpoint only (default: every checkpoint not yet evaluated; an unreadable
                       one is then skipped with a warning)
@@ -207,7 +208,9 @@ def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=Non
   """media_metrics of a whole cascade (base -> super-resolution stages, one sample per caption) for the first
   `num_prompts` validation captions, against the real validation images at the final resolution.
   sweeps: {name in SWEEPS: values} of the last stage's settings, each written as a table and a plot in
-  `cascade_config.output_dir`/eval (stages below it sample once, so every point upsamples the same images)."""
+  `cascade_config.output_dir`/eval (stages below it sample once, so every point upsamples the same images).
+  The metrics are also appended to `output_dir`/eval/cascade.jsonl with the chain and every stage's settings,
+  and the first generated images are shown above their real ones in `output_dir`/eval/cascade_generated.png."""
   cascade_config = cascade_config.copy_and_resolve_references()
   cascade_config.num_per_prompt = 1
   last = cascade.stage_configs(cascade_config)[-1]  # swept values checked before any checkpoint is restored
@@ -219,14 +222,27 @@ def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=Non
   below = cascade.generate(stages[:-1], captions, distinct_noise=True)
 
   def scored(sample_config):
-    outputs = cascade.generate_stage(stages[-1], captions, below[-1] if below else None, True, sample_config)
-    return media_metrics(final, outputs[:, 0], captions, frechet, clip)
+    generated = cascade.generate_stage(stages[-1], captions, below[-1] if below else None, True, sample_config)
+    return media_metrics(final, generated[:, 0], captions, frechet, clip), generated[:, 0]
 
   for name, points in settings.items():
-    sweep = [(value, scored(swept)) for value, swept in points]
+    sweep = [(value, scored(swept)[0]) for value, swept in points]
     if jax.process_index() == 0:
       log.info("%s sweep plot: %s", name, write_sweep(cascade_config.output_dir, stages[-1].step, name, sweep))
-  return scored(stages[-1].sample_config)
+  metrics, generated = scored(stages[-1].sample_config)
+  if jax.process_index() == 0:
+    directory = pathlib.Path(cascade_config.output_dir) / "eval"
+    directory.mkdir(parents=True, exist_ok=True)
+    chain = [{**link, **{key: stage.sample_config[key] for key in cascade.STAGE_SETTINGS}}
+             for link, stage in zip(cascade.provenance(stages), stages)]
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_prompts": len(captions), "cascade": chain, **metrics}
+    with open(directory / "cascade.jsonl", "a") as log_file:
+      log_file.write(json.dumps(record) + "\n")
+    shown = 8 if generated.ndim == 4 else 2  # images, or clips (a row of their frames)
+    rows = [frames(generated[:shown]), frames(images[:shown])]
+    media.save_png(directory / "cascade_generated.png", media.labelled_grid(rows, ["generated", "real"]),
+                   {"cascade": chain, "captions": captions[:8]})
+  return metrics
 
 
 def _sampler_and_steps(value: str) -> dict:

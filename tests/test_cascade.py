@@ -112,6 +112,13 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
           for row in table[2:]}
   assert rows["0.0"]["fid_random_conv"] == pytest.approx(metrics["fid_random_conv"], abs=1e-3)
   assert rows["0.9"]["fid_random_conv"] != pytest.approx(rows["0.0"]["fid_random_conv"], abs=1e-3)
+  lines = (tmp_path / "evaluated" / "eval" / "cascade.jsonl").read_text().splitlines()
+  [record] = [json.loads(line) for line in lines]
+  assert record["fid_random_conv"] == metrics["fid_random_conv"] and record["num_prompts"] == 4
+  chain = [(c["workdir"], c["aug_level"]) for c in record["cascade"]]
+  assert chain == [(str(trained[1]), 0.0), (str(trained_sr[1]), 0.0)]
+  shown = media.read_image(tmp_path / "evaluated" / "eval" / "cascade_generated.png")
+  assert shown.shape[1] >= 4 * 32 * 2  # four generated 32 px images side by side, enlarged twice
 
 
 def test_two_process_cascade_sampling_writes_what_one_process_does(trained, trained_sr, tmp_path):
