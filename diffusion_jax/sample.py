@@ -54,6 +54,7 @@ from diffusion_jax.models import autoencoder
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
+GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "threshold",
                      "threshold_percentile", "frames", "aug_level")
@@ -201,9 +202,9 @@ def config_hash(config) -> str:
 
 
 def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> pathlib.Path:
-  """One PNG per sample (videos: a GIF, an MP4 and a PNG strip of its frames), grid.png (videos: also
-  grid.gif and grid.mp4), manifest.jsonl; entries carry each prompt's prompt/seed/guidance_scale. Returns
-  the grid path.
+  """One PNG per sample (videos: a GIF, an MP4 and a PNG strip of its frames), manifest.jsonl, and grid.png
+  of the first GRID_PROMPTS prompts (videos: also grid.gif and grid.mp4); entries carry each prompt's
+  prompt/seed/guidance_scale. Returns the grid path.
   images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]."""
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +220,8 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> 
           sample = np.concatenate(list(sample), axis=1)  # frames left to right
         media.save_png(output_dir / record["file"], sample, record)
         manifest.write(json.dumps(record) + "\n")
-  grid_path = output_dir / "grid.png"
-  prompts = [e["prompt"] for e in entries]
+  grid_path, images = output_dir / "grid.png", images[:GRID_PROMPTS]
+  prompts = [e["prompt"] for e in entries[:GRID_PROMPTS]]
   rows = [row.reshape((-1,) + row.shape[-3:]) for row in images]  # a video row: its clips' frames in order
   media.save_png(grid_path, media.labelled_grid(rows, prompts), {**provenance, "prompts": prompts})
   if is_video:  # animated grid: frame k of every clip, one row per prompt

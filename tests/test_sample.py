@@ -96,3 +96,13 @@ def test_checkpoints_of_one_run_share_one_compiled_sampler(trained):
                                   ["a large red circle at the top left"], sample_config, mesh))
   assert sample.compiled_sampler(config, graphdef, sample_config, mesh)._cache_size() == 1
   assert not np.array_equal(images[0], images[1])  # the weights are arguments, not baked-in constants
+
+
+def test_a_large_prompts_file_writes_every_sample_and_a_grid_of_the_first(tmp_path):
+  count = sample.GRID_PROMPTS + 3
+  images = np.random.default_rng(0).integers(0, 256, (count, 1, 8, 8, 3), np.uint8)
+  grid = sample.write_outputs(tmp_path, [{"prompt": f"prompt {p}"} for p in range(count)], images, {"steps": 2})
+  records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+  assert len(records) == count and records[-1]["prompt"] == f"prompt {count - 1}"
+  np.testing.assert_array_equal(media.read_image(tmp_path / records[-1]["file"]), images[-1, 0])
+  assert json.loads(media.read_provenance(grid)["prompts"]) == [f"prompt {p}" for p in range(sample.GRID_PROMPTS)]
