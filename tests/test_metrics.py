@@ -102,6 +102,23 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
   assert 0 < distances[0] < distances[1] < distances[2]
 
 
+def test_features_in_padded_batches_are_those_of_the_whole_set(caplog):
+  """Ten images in batches of four: three calls of one shape (the last padded), the padding's rows dropped, and
+  progress logged; the random-conv features are those of one batch of ten."""
+  images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), np.uint8)
+  sizes = []
+
+  def mean_colour(x):
+    sizes.append(len(x))
+    return x.reshape(len(x), -1, 3).mean(1)
+
+  caplog.set_level("INFO", logger="diffusion_jax")
+  np.testing.assert_allclose(fid.batched(mean_colour, images, 4, report_every=0), images.mean((1, 2)))
+  assert sizes == [4, 4, 4] and "features: 4 of 10 (40%)" in caplog.text
+  np.testing.assert_allclose(fid.random_conv_features(images, batch=4), fid.random_conv_features(images), rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
   from diffusion_jax import checkpoint, evaluate
 

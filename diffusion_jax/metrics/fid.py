@@ -6,10 +6,14 @@ datasets; numbers are comparable only between runs that use the same extractor a
 """
 
 import functools
+import logging
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def statistics(features: np.ndarray):
@@ -59,9 +63,24 @@ def random_conv_apply(params, pixels, strides, dimension_numbers):
   return jnp.concatenate(pooled, axis=-1)
 
 
-def batched(fn, pixels, batch: int) -> np.ndarray:
+def batched(fn, pixels, batch: int, report_every: float = 15.0) -> np.ndarray:
+  """fn (features of a batch) over `batch`-sized slices of pixels, concatenated. With more than one slice the last
+  is padded with zeros (rows dropped after), so one compiled program serves every slice; once it has run for
+  `report_every` seconds, progress is logged with an ETA (Inception features of an FID-10k on a CPU)."""
   pixels = np.asarray(pixels)
-  return np.concatenate([np.asarray(fn(pixels[i:i + batch])) for i in range(0, len(pixels), batch)])
+  outputs, start = [], time.time()
+  last_report = start
+  for first in range(0, len(pixels), batch):
+    part = pixels[first:first + batch]
+    if len(part) < batch < len(pixels):
+      part = np.concatenate([part, np.zeros((batch - len(part),) + part.shape[1:], part.dtype)])
+    outputs.append(np.asarray(fn(part))[:len(pixels) - first])
+    done, now = min(first + batch, len(pixels)), time.time()
+    if now - last_report >= report_every and done < len(pixels):
+      last_report = now
+      log.info("features: %d of %d (%d%%), elapsed %.0fs, eta %.0fs", done, len(pixels), 100 * done // len(pixels),
+               now - start, (now - start) * (len(pixels) - done) / done)
+  return np.concatenate(outputs)
 
 
 def random_conv_features(images, seed: int = 0, batch: int = 256) -> np.ndarray:
