@@ -45,6 +45,12 @@ def stage_configs(cascade) -> list[Stage]:
   return stages
 
 
+def set_every_stage(cascade, **settings) -> None:
+  """Give every stage of a cascade config these STAGE_SETTINGS (those that are not None)."""
+  for stage in cascade.stages:
+    stage.update({key: value for key, value in settings.items() if value is not None})
+
+
 def chain_problems(stages) -> list[str]:
   """Why these stages do not form a cascade (empty when they do)."""
   found = []

@@ -4,7 +4,7 @@ stderr with exit code 2 instead of a traceback; ml_collections raises those whil
 
 import sys
 
-from absl import app
+from absl import app, flags
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -22,3 +22,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run(main) -> None:
   app.run(main, flags_parser=parse_flags)
+
+
+def refuse(names: tuple[str, ...], reason: str) -> None:
+  """A usage error naming those of the flags `names` that the command line set, when any: `reason` says why
+  they do not apply (a flag that would be silently ignored is refused instead)."""
+  given = [f"--{name}" for name in names if flags.FLAGS[name].present]
+  if given:
+    raise app.UsageError(f"{', '.join(given)}: {reason}")

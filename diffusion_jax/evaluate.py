@@ -13,8 +13,10 @@ Flags:
                       sample the whole cascade for the validation captions, one image each, and print
                       the metrics of its final output against the real images (FID, CLIP score, judge), also
                       appended with the chain's provenance to CASCADE_OUTPUT_DIR/eval/cascade.jsonl (the first
-                      images above their real ones: eval/cascade_generated.png); the sweep flags then vary the last stage's settings, the stages below it sampling once, and
-                      write CASCADE_OUTPUT_DIR/eval/NAME_sweep_step_N.{md,png} (N: the last stage's step)
+                      images above their real ones: eval/cascade_generated.png); the sweep flags then vary
+                      the last stage's settings, the stages below it sampling once, and write
+                      CASCADE_OUTPUT_DIR/eval/NAME_sweep_step_N.{md,png} (N: the last stage's step); the
+                      flags of a workdir's checkpoints (--step, --watch, --heldout_examples, ...) are refused
   --step              evaluate this checkpoint only (default: every checkpoint not yet evaluated; an unreadable
                       one is then skipped with a warning)
   --watch             keep polling for new checkpoints until none appears for --max_idle_minutes
@@ -478,13 +480,16 @@ def main(argv):
   f = flags.FLAGS
   if bool(f.workdir) == bool(f.cascade):
     raise app.UsageError("Give --workdir (one experiment) or --cascade (a whole cascade), not both.")
+  if f.cascade:
+    cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts"),
+               "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
+               "--cascade.stages[k].step=N)")
   distributed.initialize()
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
   try:
     if f.cascade:
-      for stage in f.cascade.stages if f.batch_size else ():
-        stage.batch_size = f.batch_size
+      cascade.set_every_stage(f.cascade, batch_size=f.batch_size)
       results = [cascade_metrics(f.cascade, f.num_prompts, metric_features(f.inception_weights, f.i3d_weights),
                                  clip_score.load(f.clip_weights) if f.clip_weights else None, sweeps)]
     else:

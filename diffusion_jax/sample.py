@@ -22,7 +22,8 @@ Flags:
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
                     --workdir. Writes OUTPUT_DIR/stage_<k>/ for every stage and OUTPUT_DIR/cascade.png
-                    (--output_dir defaults to the cascade's output_dir; --prompts to its prompts)
+                    (--output_dir defaults to the cascade's output_dir; --prompts to its prompts;
+                    --batch_size sets every stage's; the flags of one workdir's settings are refused)
   --coordinator, --num_processes, --process_id, --auto_distributed
                     a multi-process job, as the main job's (`launch/local.py --module=diffusion_jax.sample`):
                     every process generates its part of each batch, process 0 writes
@@ -54,6 +55,8 @@ from diffusion_jax.models import autoencoder
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
+# Flags that override a workdir's sample settings (a cascade sets them per stage).
+WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "num_per_prompt", "seed", "use_ema", "frames")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "threshold",
@@ -395,10 +398,15 @@ def main(argv):
   f = flags.FLAGS
   if f.cascade is None and not f.workdir:
     raise app.UsageError("--workdir (or --cascade) is required.")
+  if f.cascade is not None:
+    from diffusion_jax import cascade
+
+    cli.refuse(("workdir", "step") + WORKDIR_SETTINGS, "not used with --cascade, which names each stage's workdir, "
+               "checkpoint and settings (e.g. --cascade.stages[1].steps=50, --cascade.stages[1].step=N, "
+               "--cascade.seed, --cascade.num_per_prompt)")
+    cascade.set_every_stage(f.cascade, batch_size=f.batch_size)
   distributed.initialize()
-  overrides = {"sampler": f.sampler, "steps": f.steps, "guidance_scale": f.guidance_scale,
-               "num_per_prompt": f.num_per_prompt, "seed": f.seed, "use_ema": f.use_ema, "frames": f.frames,
-               "batch_size": f.batch_size}
+  overrides = {name: f[name].value for name in WORKDIR_SETTINGS + ("batch_size",)}
   try:
     if f.cascade is not None:
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)

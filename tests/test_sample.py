@@ -1,6 +1,7 @@
 """Sampling job: outputs with provenance, and clear errors for bad input."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import PIL.Image
 import pytest
 
 from diffusion_jax import media, sample
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_samples_carry_provenance(trained, tmp_path):
@@ -54,6 +57,15 @@ def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert "is not a diffusion_jax workdir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_flags_a_cascade_would_ignore_are_refused():
+  for module, flag in (("sample", "--steps=5"), ("evaluate", "--heldout_examples=8")):
+    result = subprocess.run([sys.executable, "-m", f"diffusion_jax.{module}",
+                             "--cascade=configs/cascades/shapes_16_32.py", flag], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"{flag.split('=')[0]}: not used with --cascade"), result.stderr
 
 
 def test_sampling_is_deterministic_and_independent_of_device_count(trained):
