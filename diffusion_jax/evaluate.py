@@ -480,6 +480,9 @@ def main(argv):
   f = flags.FLAGS
   if bool(f.workdir) == bool(f.cascade):
     raise app.UsageError("Give --workdir (one experiment) or --cascade (a whole cascade), not both.")
+  if f.step is not None:
+    cli.refuse(("watch", "poll_seconds", "max_idle_minutes"), "not used with --step, which evaluates one checkpoint "
+               "and stops")
   if f.cascade:
     cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts"),
                "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
