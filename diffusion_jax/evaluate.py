@@ -5,7 +5,7 @@
                                    [--threshold_sweep=static,dynamic] [--aug_level_sweep=0,0.2]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
-                                   [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2]
+                                   [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
 
 Flags:
   --workdir           training workdir (this or --cascade)
@@ -14,9 +14,9 @@ Flags:
                       the metrics of its final output against the real images (FID, CLIP score, judge), also
                       appended with the chain's provenance to CASCADE_OUTPUT_DIR/eval/cascade.jsonl (the first
                       images above their real ones: eval/cascade_generated.png); the sweep flags then vary
-                      the last stage's settings, the stages below it sampling once, and write
-                      CASCADE_OUTPUT_DIR/eval/NAME_sweep_step_N.{md,png} (N: the last stage's step); the
-                      flags of a workdir's checkpoints (--step, --watch, --heldout_examples, ...) are refused
+                      the settings of stage --sweep_stage (default the last), the stages below it sampling
+                      once, and write CASCADE_OUTPUT_DIR/eval/stageK_NAME_sweep_step_N.{md,png} (N: stage K's
+                      step); the flags of a workdir's checkpoints (--step, --watch, ...) are refused
   --step              evaluate this checkpoint only (default: every checkpoint not yet evaluated; an unreadable
                       one is then skipped with a warning)
   --watch             keep polling for new checkpoints until none appears for --max_idle_minutes
@@ -49,6 +49,8 @@ Flags:
                       input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}; with --workdir the
                       input is the real images downsampled, with --cascade what the stage below generates (the
                       level a cascade needs)
+  --sweep_stage       with --cascade: the stage whose settings the sweeps vary (default -1, the last; 0 = the
+                      base model, e.g. its guidance scale judged on the cascade's final output)
   --coordinator, --num_processes, --process_id, --auto_distributed
                       a multi-process job, as the main job's (`launch/local.py --module=diffusion_jax.evaluate`):
                       every process generates its part of each batch and follows process 0's list of checkpoints;
@@ -206,32 +208,40 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   return metrics, generated
 
 
-def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=None, sweeps=None) -> dict:
+def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=None, sweeps=None,
+                    sweep_stage: int = -1) -> dict:
   """media_metrics of a whole cascade (base -> super-resolution stages, one sample per caption) for the first
   `num_prompts` validation captions, against the real validation images at the final resolution.
-  sweeps: {name in SWEEPS: values} of the last stage's settings, each written as a table and a plot in
-  `cascade_config.output_dir`/eval (stages below it sample once, so every point upsamples the same images).
+  sweeps: {name in SWEEPS: values} of stage `sweep_stage`'s settings (default the last), each written as a table
+  and a plot, `cascade_config.output_dir`/eval/stage<K>_<name>_sweep_step_<its step>.{md,png}: the stages below
+  it sample once, those above it again for every point.
   The metrics are also appended to `output_dir`/eval/cascade.jsonl with the chain and every stage's settings,
   and the first generated images are shown above their real ones in `output_dir`/eval/cascade_generated.png."""
   cascade_config = cascade_config.copy_and_resolve_references()
   cascade_config.num_per_prompt = 1
-  last = cascade.stage_configs(cascade_config)[-1]  # swept values checked before any checkpoint is restored
-  settings = sweep_settings(sweeps or {}, last.sample_config, last.config)
+  configs = cascade.stage_configs(cascade_config)  # swept values checked before any checkpoint is restored
+  if not -len(configs) <= sweep_stage < len(configs):
+    raise ValueError(f"--sweep_stage={sweep_stage}: the cascade has stages 0 to {len(configs) - 1}")
+  k = sweep_stage % len(configs)
+  settings = sweep_settings(sweeps or {}, configs[k].sample_config, configs[k].config)
   stages = cascade.load(cascade_config)
   final = stages[-1].config
   _, images, captions = validation_set(final, num_prompts)
   frechet = frechet_distances(images, feature_fns)
-  below = cascade.generate(stages[:-1], captions, distinct_noise=True)
+  below = cascade.generate(stages[:k], captions, distinct_noise=True)
 
   def scored(sample_config):
-    generated = cascade.generate_stage(stages[-1], captions, below[-1] if below else None, True, sample_config)
+    generated = cascade.generate_stage(stages[k], captions, below[-1] if below else None, True, sample_config)
+    for stage in stages[k + 1:]:
+      generated = cascade.generate_stage(stage, captions, generated, True)
     return media_metrics(final, generated[:, 0], captions, frechet, clip), generated[:, 0]
 
   for name, points in settings.items():
     sweep = [(value, scored(swept)[0]) for value, swept in points]
     if jax.process_index() == 0:
-      log.info("%s sweep plot: %s", name, write_sweep(cascade_config.output_dir, stages[-1].step, name, sweep))
-  metrics, generated = scored(stages[-1].sample_config)
+      path = write_sweep(cascade_config.output_dir, stages[k].step, name, sweep, stem=f"stage{k}_{name}_sweep")
+      log.info("%s sweep plot: %s", name, path)
+  metrics, generated = scored(stages[k].sample_config)
   if jax.process_index() == 0:
     directory = pathlib.Path(cascade_config.output_dir) / "eval"
     directory.mkdir(parents=True, exist_ok=True)
@@ -243,7 +253,7 @@ def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=Non
     shown = 8 if generated.ndim == 4 else 2  # images, or clips (a row of their frames)
     rows = [frames(generated[:shown]), frames(images[:shown])]
     media.save_png(directory / "cascade_generated.png", media.labelled_grid(rows, ["generated", "real"]),
-                   {"cascade": chain, "captions": captions[:8]})
+                   {"cascade": chain, "captions": captions[:shown]})
   return metrics
 
 
@@ -358,9 +368,10 @@ def done_steps(workdir) -> set:
   return {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def write_sweep(workdir, step, name, sweep) -> pathlib.Path:
-  """Markdown table and PNG plot of metrics against a swept sample setting (SWEEPS); `sweep` is
-  [(value string, metrics)]. Numeric values share a numeric axis, others (sampler:steps) are categories."""
+def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
+  """Markdown table and PNG plot of metrics against a swept sample setting (SWEEPS), WORKDIR/eval/
+  <stem>_step_<step>.{md,png} (stem: default <name>_sweep); `sweep` is [(value string, metrics)]. Numeric values
+  share a numeric axis, others (sampler:steps) are categories."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -372,7 +383,8 @@ def write_sweep(workdir, step, name, sweep) -> pathlib.Path:
   keys = sorted(sweep[0][1])
   lines = [f"| {name} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
   lines += [f"| {value} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |" for value, m in sweep]
-  (directory / f"{name}_sweep_step_{step}.md").write_text("\n".join(lines) + "\n")
+  stem = f"{stem or f'{name}_sweep'}_step_{step}"
+  (directory / f"{stem}.md").write_text("\n".join(lines) + "\n")
   values = [value for value, _ in sweep]
   try:
     positions = [float(value) for value in values]
@@ -390,7 +402,7 @@ def write_sweep(workdir, step, name, sweep) -> pathlib.Path:
     for axis in axes:
       axis.set_xticks(positions, values)
   figure.tight_layout()
-  path = directory / f"{name}_sweep_step_{step}.png"
+  path = directory / f"{stem}.png"
   figure.savefig(path, dpi=100)
   plt.close(figure)
   return path
@@ -472,6 +484,8 @@ def define_flags():
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
   flags.DEFINE_list("threshold_sweep", [], f"Thresholding kinds to compare, of {list(samplers.THRESHOLDS)}.")
   flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
+  flags.DEFINE_integer("sweep_stage", -1, "With --cascade: the stage whose settings the sweeps vary (default -1, "
+                       "the last).")
   distributed.define_flags()
 
 
@@ -483,6 +497,8 @@ def main(argv):
   if f.step is not None:
     cli.refuse(("watch", "poll_seconds", "max_idle_minutes"), "not used with --step, which evaluates one checkpoint "
                "and stops")
+  if not f.cascade:
+    cli.refuse(("sweep_stage",), "only with --cascade")
   if f.cascade:
     cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts"),
                "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
@@ -494,7 +510,7 @@ def main(argv):
     if f.cascade:
       cascade.set_every_stage(f.cascade, batch_size=f.batch_size)
       results = [cascade_metrics(f.cascade, f.num_prompts, metric_features(f.inception_weights, f.i3d_weights),
-                                 clip_score.load(f.clip_weights) if f.clip_weights else None, sweeps)]
+                                 clip_score.load(f.clip_weights) if f.clip_weights else None, sweeps, f.sweep_stage)]
     else:
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,

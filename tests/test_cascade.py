@@ -106,10 +106,14 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
   config.output_dir = str(tmp_path / "evaluated")
   metrics = evaluate.cascade_metrics(config, num_prompts=4, sweeps={"aug_level": ("0.0", "0.9")})
   assert metrics["fid_random_conv"] > 0 and 0 <= metrics["accuracy/all"] <= 1
-  table = (tmp_path / "evaluated" / "eval" / f"aug_level_sweep_step_{stages[1].step}.md").read_text().splitlines()
-  keys = table[0].strip("| ").split(" | ")[1:]
-  rows = {row.strip("| ").split(" | ")[0]: dict(zip(keys, map(float, row.strip("| ").split(" | ")[1:])))
-          for row in table[2:]}
+
+  def sweep_table(name):  # {swept value: {metric: value}}
+    table = (tmp_path / "evaluated" / "eval" / name).read_text().splitlines()
+    keys = table[0].strip("| ").split(" | ")[1:]
+    return {row.strip("| ").split(" | ")[0]: dict(zip(keys, map(float, row.strip("| ").split(" | ")[1:])))
+            for row in table[2:]}
+
+  rows = sweep_table(f"stage1_aug_level_sweep_step_{stages[1].step}.md")
   assert rows["0.0"]["fid_random_conv"] == pytest.approx(metrics["fid_random_conv"], abs=1e-3)
   assert rows["0.9"]["fid_random_conv"] != pytest.approx(rows["0.0"]["fid_random_conv"], abs=1e-3)
   lines = (tmp_path / "evaluated" / "eval" / "cascade.jsonl").read_text().splitlines()
@@ -119,6 +123,12 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
   assert chain == [(str(trained[1]), 0.0), (str(trained_sr[1]), 0.0)]
   shown = media.read_image(tmp_path / "evaluated" / "eval" / "cascade_generated.png")
   assert shown.shape[1] >= 4 * 32 * 2  # four generated 32 px images side by side, enlarged twice
+  # A sweep of the base model's guidance, judged on the final output (the SR stage runs again at every point).
+  own = str(stages[0].sample_config.guidance_scale)
+  evaluate.cascade_metrics(config, num_prompts=4, sweeps={"guidance": (own, "0.0")}, sweep_stage=0)
+  rows = sweep_table(f"stage0_guidance_sweep_step_{stages[0].step}.md")
+  assert rows[own]["fid_random_conv"] == pytest.approx(metrics["fid_random_conv"], abs=1e-3)
+  assert rows["0.0"]["fid_random_conv"] != pytest.approx(rows[own]["fid_random_conv"], abs=1e-3)
 
 
 def test_two_process_cascade_sampling_writes_what_one_process_does(trained, trained_sr, tmp_path):
@@ -163,6 +173,8 @@ def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path)
     cascade.load(bad)
   with pytest.raises(ValueError, match=r"--aug_level_sweep value '1.5': sample.aug_level=1.5 must be in \[0, 1\]"):
     evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), 4, sweeps={"aug_level": ("1.5",)})
+  with pytest.raises(ValueError, match="--sweep_stage=2: the cascade has stages 0 to 1"):
+    evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), 4, sweeps={"guidance": ("1",)}, sweep_stage=2)
 
 
 def test_sr_validation_inputs_are_the_real_images_downsampled(trained_sr):
