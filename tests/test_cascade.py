@@ -131,29 +131,42 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
   assert rows["0.0"]["fid_random_conv"] != pytest.approx(rows[own]["fid_random_conv"], abs=1e-3)
 
 
-def test_two_process_cascade_sampling_writes_what_one_process_does(trained, trained_sr, tmp_path):
-  """`sample --cascade` as 2 processes of 4 devices (launch/local.py): each stage's batch is split over both
-  processes, the stage below's samples are the next one's input, and process 0 writes the images this process
-  makes."""
-  config = cascade_config(trained[1], trained_sr[1])
-  outputs = cascade.generate(cascade.load(config), list(config.prompts))
-  (tmp_path / "prompts.txt").write_text("\n".join(config.prompts) + "\n")
+def run_two_processes(module, config, *flags):
+  """`module` as 2 processes of 4 devices (launch/local.py) on the test cascade `config` (cascade_config)."""
   root = pathlib.Path(__file__).resolve().parents[1]
   settings = lambda stage: (("workdir", stage.workdir), ("steps", 2), ("sampler", "ddim"), ("aug_level", 0.0))
   stage_flags = [f"--cascade.stages[{k}].{field}={value}" for k, stage in enumerate(config.stages)
                  for field, value in settings(stage)]
   command = [sys.executable, str(root / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
-             "--module=diffusion_jax.sample", "--", "--cascade=configs/cascades/shapes_16_32.py", *stage_flags,
-             f"--cascade.num_per_prompt={config.num_per_prompt}", f"--prompts={tmp_path / 'prompts.txt'}",
-             f"--output_dir={tmp_path / 'out'}"]
+             f"--module=diffusion_jax.{module}", "--", "--cascade=configs/cascades/shapes_16_32.py", *stage_flags,
+             f"--cascade.num_per_prompt={config.num_per_prompt}", *flags]
   result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_process_cascade_sampling_writes_what_one_process_does(trained, trained_sr, tmp_path):
+  """`sample --cascade` as 2 processes: each stage's batch is split over both processes, the stage below's samples
+  are the next one's input, and process 0 writes the images this process makes."""
+  config = cascade_config(trained[1], trained_sr[1])
+  outputs = cascade.generate(cascade.load(config), list(config.prompts))
+  (tmp_path / "prompts.txt").write_text("\n".join(config.prompts) + "\n")
+  run_two_processes("sample", config, f"--prompts={tmp_path / 'prompts.txt'}", f"--output_dir={tmp_path / 'out'}")
   for k, expected in enumerate(outputs):  # [prompts, num_per_prompt, h, w, 3]; the manifest lists them in order
     directory = tmp_path / "out" / f"stage_{k}"
     records = [json.loads(line) for line in (directory / "manifest.jsonl").read_text().splitlines()]
     written = np.stack([media.read_image(directory / r["file"]) for r in records]).astype(int)
     assert written.shape == (expected.shape[0] * expected.shape[1],) + expected.shape[2:]
     assert np.abs(written - expected.reshape(written.shape)).max() <= 1, k  # float rounding may move a level
+
+
+def test_two_process_cascade_evaluation_scores_as_one_process(trained, trained_sr, tmp_path):
+  config = cascade_config(trained[1], trained_sr[1])
+  config.output_dir = str(tmp_path / "one")
+  one = evaluate.cascade_metrics(config, num_prompts=8)
+  run_two_processes("evaluate", config, "--num_prompts=8", f"--cascade.output_dir={tmp_path / 'two'}")
+  [two] = [json.loads(line) for line in (tmp_path / "two" / "eval" / "cascade.jsonl").read_text().splitlines()]
+  for key in one:
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path):
