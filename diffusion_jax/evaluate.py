@@ -497,12 +497,12 @@ def main(argv):
   if f.step is not None:
     cli.refuse(("watch", "poll_seconds", "max_idle_minutes"), "not used with --step, which evaluates one checkpoint "
                "and stops")
-  if not f.cascade:
-    cli.refuse(("sweep_stage",), "only with --cascade")
   if f.cascade:
     cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts"),
                "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
                "--cascade.stages[k].step=N)")
+  else:
+    cli.refuse(("sweep_stage",), "only with --cascade")
   distributed.initialize()
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
