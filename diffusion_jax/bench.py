@@ -46,6 +46,8 @@ from ml_collections import config_flags
 from diffusion_jax import cli
 
 MODES = ("input", "step", "memory", "peer", "ops", "profile")
+# Flags that only some modes read: given for another mode they are refused rather than ignored.
+MODE_FLAGS = {"widths": ("step",), "workers": ("input",), "steps": ("input", "step", "peer", "ops", "profile")}
 BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
@@ -222,6 +224,9 @@ def profile_table(config, steps: int) -> str:
 def main(argv):
   if len(argv) != 2 or argv[1] not in MODES:
     raise app.UsageError(f"usage: python -m diffusion_jax.bench MODE --config=... (modes: {', '.join(MODES)})")
+  for flag, modes in MODE_FLAGS.items():
+    if argv[1] not in modes:
+      cli.refuse((flag,), f"not used by the {argv[1]} mode (only by {', '.join(modes)})")
   f = flags.FLAGS
   print(f"# {argv[1]} benchmark, {jax.device_count()} x {jax.devices()[0].device_kind}, batch "
         f"{f.config.train.batch_size}, {f.config.data.resolution}px, {time.strftime('%Y-%m-%d')}")

@@ -1,5 +1,9 @@
 """The benchmark command builds its tables from real measurements (no timing is asserted)."""
 
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -78,3 +82,11 @@ def test_ops_benchmark_compares_the_same_functions(tmp_path_factory, backbone):
     assert compared == ["linear", "layer", "GEGLU"] + ["self-attention"] * 2 + ["cross-attention"] * 2
   lines = op_bench.table(config, repeats=1).splitlines()
   assert len(lines) == 4 + len(compared) and all(float(cells(r)[-1]) > 0 for r in lines[4:])
+
+
+def test_a_flag_the_mode_does_not_read_is_refused():
+  result = subprocess.run([sys.executable, "-m", "diffusion_jax.bench", "memory", "--steps=3"],
+                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  expected = "--steps: not used by the memory mode (only by input, step, peer, ops, profile)"
+  assert result.stderr.splitlines()[-1] == expected

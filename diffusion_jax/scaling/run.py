@@ -158,6 +158,8 @@ def main(argv):
   f = flags.FLAGS
   if f.sweep is None or f.root is None:
     raise app.UsageError("--sweep and --root are required.")
+  if not f.print_commands:
+    cli.refuse(("launcher",), "only with --print_commands (it prefixes the printed commands)")
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   import jax
