@@ -1,5 +1,6 @@
 """Cascades: super-resolution conditioning, stage chaining and the cascade sampler."""
 
+import importlib
 import json
 import pathlib
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 
 from configs import sr_shapes
 from configs.cascades import shapes_16_32
-from diffusion_jax import cascade, evaluate, media, sample, superres
+from configs.cascades.stages import stage
+from diffusion_jax import cascade, checkpoint, evaluate, media, sample, superres
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +46,7 @@ def trained_residual_sr(tmp_path_factory):
 
 def cascade_config(*workdirs, steps=2):
   c = shapes_16_32.get_config()
-  c.stages = tuple(shapes_16_32.stage(str(w), steps=steps, sampler="ddim", aug_level=0.0) for w in workdirs)
+  c.stages = tuple(stage(str(w), steps=steps, sampler="ddim", aug_level=0.0) for w in workdirs)
   c.prompts = ("a large red circle at the top left", "a small blue square at the bottom right")
   c.num_per_prompt = 2
   return c
@@ -134,9 +136,9 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
 def run_two_processes(module, config, *flags):
   """`module` as 2 processes of 4 devices (launch/local.py) on the test cascade `config` (cascade_config)."""
   root = pathlib.Path(__file__).resolve().parents[1]
-  settings = lambda stage: (("workdir", stage.workdir), ("steps", 2), ("sampler", "ddim"), ("aug_level", 0.0))
-  stage_flags = [f"--cascade.stages[{k}].{field}={value}" for k, stage in enumerate(config.stages)
-                 for field, value in settings(stage)]
+  settings = lambda entry: (("workdir", entry.workdir), ("steps", 2), ("sampler", "ddim"), ("aug_level", 0.0))
+  stage_flags = [f"--cascade.stages[{k}].{field}={value}" for k, entry in enumerate(config.stages)
+                 for field, value in settings(entry)]
   command = [sys.executable, str(root / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
              f"--module=diffusion_jax.{module}", "--", "--cascade=configs/cascades/shapes_16_32.py", *stage_flags,
              f"--cascade.num_per_prompt={config.num_per_prompt}", *flags]
@@ -188,6 +190,22 @@ def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path)
     evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), 4, sweeps={"aug_level": ("1.5",)})
   with pytest.raises(ValueError, match="--sweep_stage=2: the cascade has stages 0 to 1"):
     evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), 4, sweeps={"guidance": ("1",)}, sweep_stage=2)
+
+
+@pytest.mark.parametrize("name, experiments", [("shapes_16_32", ("t2i_shapes:base16", "sr_shapes")),
+                                               ("imagen_64_256", ("imagen_base64", "imagen_sr256"))])
+def test_shipped_cascade_configs_chain_the_experiments_they_name(tmp_path, name, experiments):
+  """Each configs/cascades config, its stages' workdirs holding the config.json of the experiments their
+  docstrings train, passes the chain check and the sample-settings check."""
+  config = importlib.import_module(f"configs.cascades.{name}").get_config()
+  for k, (entry, experiment) in enumerate(zip(config.stages, experiments, strict=True)):
+    module, _, variant = experiment.partition(":")
+    checkpoint.write_config(tmp_path / str(k), importlib.import_module(f"configs.{module}").get_config(
+        *([variant] if variant else [])))
+    entry.workdir = str(tmp_path / str(k))
+  configs = cascade.stage_configs(config)
+  assert cascade.chain_problems(configs) == []
+  assert [sample.setting_problems(c.sample_config) for c in configs] == [[]] * len(configs)
 
 
 def test_sr_validation_inputs_are_the_real_images_downsampled(trained_sr):

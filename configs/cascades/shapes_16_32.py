@@ -4,26 +4,13 @@
   python -m diffusion_jax.main --config=configs/sr_shapes.py --workdir=workdirs/sr_shapes
   python -m diffusion_jax.sample --cascade=configs/cascades/shapes_16_32.py ["--cascade.stages[1].aug_level=0.2"]
 
-Each stage entry: its training workdir, checkpoint step (-1 = latest) and sampling settings (None = the
-stage's own config).
+Each stage entry (`stages.stage`): its training workdir, checkpoint step (-1 = latest) and sampling settings
+(None = the stage's own config).
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-
-# Each stage's sampling settings and their types: None (the stage's own) is a typed placeholder, so that any
-# of them can be set from the command line, e.g. "--cascade.stages[0].threshold=dynamic".
-SETTINGS = dict(sampler=str, steps=int, guidance_scale=float, guidance_rescale=float, threshold=str,
-                threshold_percentile=float, aug_level=float, use_ema=bool, eta=float, frames=int, batch_size=int)
-
-
-def stage(workdir, **settings):
-  fields = dict(workdir=workdir, step=-1)
-  fields.update({name: config_dict.placeholder(kind) for name, kind in SETTINGS.items()})
-  stage = ml_collections.ConfigDict(fields)
-  stage.update(settings)
-  return stage
+from configs.cascades.stages import stage
 
 
 def get_config():

@@ -1,0 +1,19 @@
+"""A cascade config's stage entry: its training workdir, checkpoint step (-1 = latest) and sampling settings.
+
+Each setting left to the stage's own config is a typed placeholder (None), so that any of them can still be set
+from the command line, e.g. "--cascade.stages[0].threshold=dynamic".
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+SETTINGS = dict(sampler=str, steps=int, guidance_scale=float, guidance_rescale=float, threshold=str,
+                threshold_percentile=float, aug_level=float, use_ema=bool, eta=float, frames=int, batch_size=int)
+
+
+def stage(workdir, **settings):
+  fields = dict(workdir=workdir, step=-1)
+  fields.update({name: config_dict.placeholder(kind) for name, kind in SETTINGS.items()})
+  entry = ml_collections.ConfigDict(fields)
+  entry.update(settings)
+  return entry
