@@ -35,7 +35,10 @@ def stage_configs(cascade) -> list[Stage]:
   """Each stage's experiment config with the cascade's sampling settings; nothing is restored yet."""
   stages = []
   for index, settings in enumerate(cascade.stages):
-    config = checkpoint.read_config(settings.workdir)
+    try:
+      config = checkpoint.read_config(settings.workdir)
+    except ValueError as error:  # name the stage and the field that sets its workdir
+      raise ValueError(f"stage {index}: {error} (a stage's workdir: --cascade.stages[{index}].workdir=DIR)") from None
     sample_config = config.sample.copy_and_resolve_references()
     for key in STAGE_SETTINGS:
       if key in settings and settings[key] is not None:

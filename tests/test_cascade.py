@@ -183,6 +183,8 @@ def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path)
   (mismatched / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="upsamples from 8 px but stage 0 .* produces 16 px"):
     cascade.load(cascade_config(trained[1], mismatched))
+  with pytest.raises(ValueError, match=r"stage 1: .*is not a diffusion_jax workdir.*--cascade.stages\[1\].workdir"):
+    cascade.load(cascade_config(trained[1], tmp_path / "nope"))
   bad = cascade_config(trained[1], trained_sr[1], steps=0)
   with pytest.raises(ValueError, match="stage 1: --steps=0 must be >= 1"):
     cascade.load(bad)
