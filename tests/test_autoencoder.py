@@ -245,7 +245,8 @@ def test_latent_cache_of_a_video_dataset_holds_each_frames_posterior(vae, tmp_pa
 def test_latent_super_resolution_stage_reads_the_low_res_image(vae):
   """A latent super-resolution stage (as Stable Diffusion's x4 upscaler) diffuses the 8x8x4 latents of 16 px
   images and reads the 8 px RGB image resized to its latent grid: a train step teaches its first convolution's
-  low-res channels, its held-out loss and sampler take the image, and the residual option is refused for it."""
+  low-res channels, its held-out loss and sampler take the image, a DiT stage's output depends on it too, and the
+  residual option is refused for it."""
   config = latent_config(vae[0])
   config.model.lowres_conditioning = True
   config.superres.lowres_resolution = 8
@@ -275,6 +276,14 @@ def test_latent_super_resolution_stage_reads_the_low_res_image(vae):
   images = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
                            ["a large red circle"] * 2, sample_config, mesh, lowres=lowres)
   assert images.shape == (2, 1, 16, 16, 3) and images.dtype == np.uint8
+
+  dit = config.copy_and_resolve_references()  # a latent DiT stage reads it too, patchified with the latents
+  dit.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
+  assert config_checks.problems(dit, device_count=1) == []
+  state, graphdef = train.init_state(dit, mesh)  # network() above reads these
+  assert state.params["dit"]["patch_in"]["kernel"].shape[0] == 2 * 2 * (4 + 3)
+  lowres = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1, maxval=1)
+  assert np.abs(jax.jit(network)(lowres) - jax.jit(network)(-lowres)).max() > 1e-6
 
   config.superres.update(residual=True)
   assert "turn superres.residual off" in "; ".join(config_checks.problems(config, device_count=1))
