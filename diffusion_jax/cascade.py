@@ -139,8 +139,9 @@ def provenance(stages) -> list[dict]:
 
 
 def write(stages, prompts: list[str], outputs, output_dir) -> pathlib.Path:
-  """`stage_<k>/` per stage (PNGs, grid, manifest) and `cascade.png`: each sample at every stage, upsampled
-  (nearest) to the final resolution, side by side. Returns the path of cascade.png."""
+  """`stage_<k>/` per stage (PNGs, grid, manifest) and `cascade.png`: each sample of the first
+  sample.GRID_PROMPTS prompts at every stage, upsampled (nearest) to the final resolution, side by side. Returns
+  the path of cascade.png."""
   output_dir = pathlib.Path(output_dir)
   chain = provenance(stages)
   entries = [{"prompt": p} for p in prompts]
@@ -153,7 +154,7 @@ def write(stages, prompts: list[str], outputs, output_dir) -> pathlib.Path:
   enlarge = lambda x: x.repeat(final // x.shape[-2], axis=-2).repeat(final // x.shape[-3], axis=-3)
   rows = [np.concatenate([enlarge(o[p]) for o in outputs], axis=-2).reshape((-1,) + outputs[-1].shape[-3:-2] +
                                                                           (final * len(outputs), 3))
-          for p in range(len(prompts))]
-  path = output_dir / "cascade.png"
-  media.save_png(path, media.labelled_grid(rows, prompts), {"cascade": chain, "prompts": prompts})
+          for p in range(min(len(prompts), sample.GRID_PROMPTS))]
+  path, shown = output_dir / "cascade.png", prompts[:len(rows)]
+  media.save_png(path, media.labelled_grid(rows, shown), {"cascade": chain, "prompts": shown})
   return path

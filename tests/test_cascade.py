@@ -210,6 +210,19 @@ def test_shipped_cascade_configs_chain_the_experiments_they_name(tmp_path, name,
   assert [sample.setting_problems(c.sample_config) for c in configs] == [[]] * len(configs)
 
 
+def test_a_cascade_of_many_prompts_writes_every_sample_and_shows_the_first(tmp_path):
+  """cascade.write of more prompts than sample.GRID_PROMPTS (stages made from configs alone: nothing restored)."""
+  from configs import t2i_shapes
+
+  stages = [cascade.Stage(f"w{k}", config, config.sample) for k, config in
+            enumerate((t2i_shapes.get_config("base16"), sr_shapes.get_config()))]
+  count, rng = sample.GRID_PROMPTS + 2, np.random.default_rng(0)
+  outputs = [rng.integers(0, 256, (count, 1, size, size, 3), np.uint8) for size in (16, 32)]
+  path = cascade.write(stages, [f"prompt {p}" for p in range(count)], outputs, tmp_path)
+  assert len((tmp_path / "stage_1" / "manifest.jsonl").read_text().splitlines()) == count
+  assert len(json.loads(media.read_provenance(path)["prompts"])) == sample.GRID_PROMPTS
+
+
 def test_sr_validation_inputs_are_the_real_images_downsampled(trained_sr):
   config, _ = trained_sr
   captions, lowres = cascade.validation_lowres(config, 2, 3)
