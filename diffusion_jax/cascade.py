@@ -37,8 +37,9 @@ def stage_configs(cascade) -> list[Stage]:
   for index, settings in enumerate(cascade.stages):
     try:
       config = checkpoint.read_config(settings.workdir)
-    except ValueError as error:  # name the stage and the field that sets its workdir
-      raise ValueError(f"stage {index}: {error} (a stage's workdir: --cascade.stages[{index}].workdir=DIR)") from None
+    except ValueError:  # read_config's advice names --workdir; a stage's workdir is set by its own field
+      raise ValueError(f"stage {index}: {str(settings.workdir)!r} is not a diffusion_jax workdir (no config.json): "
+                       f"train that stage first, or set --cascade.stages[{index}].workdir=DIR") from None
     sample_config = config.sample.copy_and_resolve_references()
     for key in STAGE_SETTINGS:
       if key in settings and settings[key] is not None:
