@@ -14,7 +14,7 @@ import pathlib
 
 import numpy as np
 
-from diffusion_jax import checkpoint, media, sample, superres
+from diffusion_jax import checkpoint, config_checks, media, sample, superres
 
 STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "threshold", "threshold_percentile",
                   "aug_level", "use_ema", "eta", "frames", "batch_size")
@@ -85,7 +85,7 @@ def load(cascade) -> list[Stage]:
   stages = stage_configs(cascade)
   found = chain_problems(stages)
   found += [f"stage {k}: {problem}" for k, stage in enumerate(stages)
-            for problem in sample.setting_problems(stage.sample_config)]
+            for problem in config_checks.sample_problems(stage.sample_config, "--")]
   if found:
     raise ValueError("Invalid cascade:\n  - " + "\n  - ".join(found))
   for stage, settings in zip(stages, cascade.stages):

@@ -69,6 +69,25 @@ def dit_problems(config, resolution: int) -> list[str]:
   return found
 
 
+def sample_problems(sample_config, prefix: str) -> list[str]:
+  """What is wrong with a sample section's sampler, steps, guidance scale, batch size, thresholding and
+  noise-augmentation level; each named `prefix` + field ("sample." in a config, "--" on a command line)."""
+  s, found = sample_config, []
+  if s.sampler not in samplers.SAMPLERS:
+    found.append(f"{prefix}sampler={s.sampler!r} is not one of {list(samplers.SAMPLERS)}")
+  if s.threshold not in samplers.THRESHOLDS:
+    found.append(f"{prefix}threshold={s.threshold!r} is not one of {list(samplers.THRESHOLDS)}")
+  if s.steps < 1:
+    found.append(f"{prefix}steps={s.steps} must be >= 1")
+  if s.guidance_scale < 0:
+    found.append(f"{prefix}guidance_scale={s.guidance_scale} must be >= 0")
+  if s.batch_size < 1:
+    found.append(f"{prefix}batch_size={s.batch_size} must be >= 1")
+  if not 0 <= s.aug_level <= 1:
+    found.append(f"{prefix}aug_level={s.aug_level} must be in [0, 1]")
+  return found
+
+
 def problems(config, device_count: int | None = None, process_count: int | None = None) -> list[str]:
   device_count = jax.device_count() if device_count is None else device_count
   process_count = jax.process_count() if process_count is None else process_count
@@ -101,16 +120,9 @@ def problems(config, device_count: int | None = None, process_count: int | None 
       found.append(f"optimizer.{key}={o[key]} must be >= 0")
   if not 0 <= o.end_learning_rate_factor <= 1:
     found.append(f"optimizer.end_learning_rate_factor={o.end_learning_rate_factor} must be in [0, 1]")
-  option(config.sample.sampler, samplers.SAMPLERS, "sample.sampler")
-  option(config.sample.threshold, samplers.THRESHOLDS, "sample.threshold")
+  found += sample_problems(config.sample, "sample.")
   if config.train.sample_every < 0:
     found.append(f"train.sample_every={config.train.sample_every} must be >= 0 (0: no samples during training)")
-  if config.sample.steps < 1:
-    found.append(f"sample.steps={config.sample.steps} must be >= 1")
-  if config.sample.guidance_scale < 0:
-    found.append(f"sample.guidance_scale={config.sample.guidance_scale} must be >= 0")
-  if config.sample.batch_size < 1:
-    found.append(f"sample.batch_size={config.sample.batch_size} must be >= 1")
 
   m = config.model
   option(m.backbone, ("unet", "dit"), "model.backbone")
@@ -181,8 +193,6 @@ def problems(config, device_count: int | None = None, process_count: int | None 
                  f"{sr.residual_scale})")
   if not 0 <= sr.aug_max <= 1:
     found.append(f"superres.aug_max={sr.aug_max} must be in [0, 1]")
-  if not 0 <= config.sample.aug_level <= 1:
-    found.append(f"sample.aug_level={config.sample.aug_level} must be in [0, 1]")
 
   t = config.train
   try:

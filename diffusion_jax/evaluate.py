@@ -86,7 +86,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import cascade, checkpoint, cli, distributed, media, metric_writers, sample, samplers
+from diffusion_jax import cascade, checkpoint, cli, config_checks, distributed, media, metric_writers, sample, samplers
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, motion_judge, psnr,
                                    shapes_judge)
@@ -298,7 +298,8 @@ def sweep_settings(sweeps: dict, sample_config, config) -> dict:
       except ValueError as error:
         problems.append(f"--{name}_sweep value {value!r}: {error}")
         continue
-      problems += [f"--{name}_sweep value {value!r}: {problem}" for problem in sample.setting_problems(swept)]
+      problems += [f"--{name}_sweep value {value!r}: {problem}"
+                   for problem in config_checks.sample_problems(swept, "--")]
       settings[name].append((value, swept))
   if problems:
     raise ValueError("; ".join(problems))

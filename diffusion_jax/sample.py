@@ -49,7 +49,7 @@ from ml_collections import config_flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, cli, distributed, media, samplers, schedules, sharding, superres
+from diffusion_jax import checkpoint, cli, config_checks, distributed, media, samplers, schedules, sharding, superres
 from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
@@ -277,32 +277,13 @@ def load_checkpoint(workdir, step=None):
   return config, state, graphdef, step, mesh
 
 
-def setting_problems(sample_config) -> list[str]:
-  """What is wrong with a sample config's sampler, steps, guidance scale, thresholding and noise-augmentation level
-  (empty when nothing)."""
-  problems = []
-  if sample_config.sampler not in samplers.SAMPLERS:
-    problems.append(f"--sampler={sample_config.sampler!r} is not one of {list(samplers.SAMPLERS)}")
-  if sample_config.steps < 1:
-    problems.append(f"--steps={sample_config.steps} must be >= 1")
-  if sample_config.guidance_scale < 0:
-    problems.append(f"--guidance_scale={sample_config.guidance_scale} must be >= 0")
-  if sample_config.batch_size < 1:
-    problems.append(f"--batch_size={sample_config.batch_size} must be >= 1")
-  if sample_config.threshold not in samplers.THRESHOLDS:
-    problems.append(f"sample.threshold={sample_config.threshold!r} is not one of {list(samplers.THRESHOLDS)}")
-  if not 0 <= sample_config.aug_level <= 1:
-    problems.append(f"sample.aug_level={sample_config.aug_level} must be in [0, 1]")
-  return problems
-
-
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None):
   from diffusion_jax.text import tokenizers
 
   config = checkpoint.read_config(workdir)
   sample_config = config.sample
   sample_config.update({k: v for k, v in overrides.items() if v is not None})
-  if problems := setting_problems(sample_config):
+  if problems := config_checks.sample_problems(sample_config, "--"):
     raise ValueError("; ".join(problems))
   prompts = read_prompts(prompts_path) if prompts_path else [{"prompt": p} for p in sample_config.prompts]
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)

@@ -14,7 +14,7 @@ import pytest
 from configs import sr_shapes
 from configs.cascades import shapes_16_32
 from configs.cascades.stages import stage
-from diffusion_jax import cascade, checkpoint, evaluate, media, sample, superres
+from diffusion_jax import cascade, checkpoint, config_checks, evaluate, media, sample, superres
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +188,7 @@ def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path)
   bad = cascade_config(trained[1], trained_sr[1], steps=0)
   with pytest.raises(ValueError, match="stage 1: --steps=0 must be >= 1"):
     cascade.load(bad)
-  with pytest.raises(ValueError, match=r"--aug_level_sweep value '1.5': sample.aug_level=1.5 must be in \[0, 1\]"):
+  with pytest.raises(ValueError, match=r"--aug_level_sweep value '1.5': --aug_level=1.5 must be in \[0, 1\]"):
     evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), 4, sweeps={"aug_level": ("1.5",)})
   with pytest.raises(ValueError, match="--sweep_stage=2: the cascade has stages 0 to 1"):
     evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), 4, sweeps={"guidance": ("1",)}, sweep_stage=2)
@@ -207,7 +207,7 @@ def test_shipped_cascade_configs_chain_the_experiments_they_name(tmp_path, name,
     entry.workdir = str(tmp_path / str(k))
   configs = cascade.stage_configs(config)
   assert cascade.chain_problems(configs) == []
-  assert [sample.setting_problems(c.sample_config) for c in configs] == [[]] * len(configs)
+  assert [config_checks.sample_problems(c.sample_config, "--") for c in configs] == [[]] * len(configs)
 
 
 def test_a_cascade_of_many_prompts_writes_every_sample_and_shows_the_first(tmp_path):
