@@ -44,6 +44,9 @@ def get_config(variant: str = ""):
       checkpoint_every=500,
       keep_checkpoints=2,
   )
+  # LPIPS (metrics/lpips.py): `path`, a local weights directory, adds the held-out reconstructions' LPIPS to
+  # logs/reconstruction.json; `loss_weight` > 0 (SD: 1.0) adds Stable Diffusion's perceptual term to the loss.
+  c.lpips = dict(path="", loss_weight=0.0)
   if variant == "test":
     c.data.update(resolution=16, num_train=256, num_eval=16, max_objects=1)
     c.autoencoder.update(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4, sample_size=16)

@@ -36,6 +36,10 @@ Flags:
   --i3d_weights       local FVD I3D weights, the Kinetics-400 RGB model in the pytorch_i3d layout that FVD code
                       loads (i3d_pretrained_400.pt; needs torch) or the same tensors as .safetensors / .npz:
                       adds fvd_i3d for video models (clips under 9 frames stretched in time to 16)
+  --lpips_weights     super-resolution stages: a local LPIPS weights directory (torchvision's vgg16-397923af.pth
+                      and the lpips package's weights/v0.1/vgg.pth; metrics/lpips.py): adds lpips, the stage's
+                      perceptual distance from the real images, beside lpips_bicubic, that of bicubic upsampling
+                      (lower is closer; video: per frame)
   --clip_weights      local Hugging Face CLIP directory (config.json, model.safetensors, tokenizer.json, e.g.
                       openai/clip-vit-base-patch32): adds clip_score, 100 * max(cosine, 0) of each generated
                       image (video: each frame) with its caption, averaged
@@ -70,7 +74,8 @@ moving_shapes (motion_judge: direction of motion, object attributes, appearance 
 heldout_loss_direction_gap, the held-out loss with every caption's direction reversed minus that with the
 true captions: 0 when the model ignores the direction word). A super-resolution stage is given the
 validation images downsampled to its input size (at sample.aug_level) and judged on what it makes of
-them, with its PSNR against the real images next to that of bicubic upsampling. Steps already in eval.jsonl
+them, with its PSNR (and with --lpips_weights its LPIPS) against the real images next to that of bicubic
+upsampling. Steps already in eval.jsonl
 are skipped, so the job is resumable.
 """
 
@@ -88,8 +93,8 @@ from ml_collections import config_flags
 
 from diffusion_jax import cascade, checkpoint, cli, config_checks, distributed, media, metric_writers, sample, samplers
 from diffusion_jax.data import captioned_shapes, pipeline
-from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, motion_judge, psnr,
-                                   shapes_judge)
+from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, lpips, motion_judge,
+                                   psnr, shapes_judge)
 from diffusion_jax.text import tokenizers
 
 log = logging.getLogger(__name__)
@@ -192,10 +197,10 @@ def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, samp
 
 
 def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, frechet=None,
-                       clip=None) -> tuple[dict, np.ndarray]:
+                       clip=None, perceptual=None) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) for one sample setting (media_metrics against the real `images`;
   `frechet`: their frechet_distances, made here when not given; for super-resolution stages, given the real
-  images downsampled, also PSNR next to bicubic upsampling)."""
+  images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic upsampling's)."""
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
@@ -203,8 +208,11 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres)
   metrics = media_metrics(config, generated, captions, frechet or frechet_distances(images), clip)
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
-    metrics["psnr"] = psnr.psnr(generated, images)
-    metrics["psnr_bicubic"] = psnr.psnr(psnr.bicubic(lowres[:, 0], images), images)
+    bicubic = psnr.bicubic(lowres[:, 0], images)
+    metrics["psnr"], metrics["psnr_bicubic"] = psnr.psnr(generated, images), psnr.psnr(bicubic, images)
+    if perceptual is not None:
+      metrics["lpips"] = lpips.mean_distance(perceptual, generated, images)
+      metrics["lpips_bicubic"] = lpips.mean_distance(perceptual, bicubic, images)
   return metrics, generated
 
 
@@ -329,11 +337,12 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
-                  combination_prompts=64, batch_size=None):
+                  combination_prompts=64, batch_size=None, perceptual=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
-  not given), `clip` by clip_score.load; `combination_prompts` captions for heldout_combination_accuracy at each
-  sample setting; `batch_size`: samples generated at once (default the config's sample.batch_size)."""
+  not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions for
+  heldout_combination_accuracy at each sample setting; `batch_size`: samples generated at once (default the
+  config's sample.batch_size)."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -351,7 +360,7 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
 
   def scored(sample_config):
     setting_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions, sample_config,
-                                                    frechet, clip)
+                                                    frechet, clip, perceptual)
     setting_metrics.update(
         heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config))
     return setting_metrics, generated
@@ -411,12 +420,13 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
-        combination_prompts=64, batch_size=None):
+        combination_prompts=64, batch_size=None, lpips_weights=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
   i3d_weights: a local FVD I3D weights file; adds fvd_i3d (video models).
   clip_weights: a local Hugging Face CLIP directory; adds clip_score.
+  lpips_weights: a local LPIPS weights directory; adds lpips and lpips_bicubic (super-resolution stages only).
   combination_prompts: held-out-combination captions judged per sample setting (0: none).
   batch_size: samples generated at once (default the config's sample.batch_size)."""
   config = checkpoint.read_config(workdir)
@@ -424,6 +434,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
+  if lpips_weights and not config.model.lowres_conditioning:
+    raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "
+                     "given downsampled; this model is not a super-resolution stage (model.lowres_conditioning)")
+  perceptual = lpips.load(str(lpips_weights)) if lpips_weights else None
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
   written, unreadable, idle_since = [], set(), time.time()
   while True:
@@ -437,7 +451,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         frechet = frechet_distances(validation_set(config, num_prompts)[1], feature_fns)
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
-                                                     clip, combination_prompts, batch_size)
+                                                     clip, combination_prompts, batch_size, perceptual)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -476,6 +490,8 @@ def define_flags():
                       "fid_inception.")
   flags.DEFINE_string("i3d_weights", None, "Local FVD I3D weights (i3d_pretrained_400.pt, .safetensors, .npz): adds "
                       "fvd_i3d for video models.")
+  flags.DEFINE_string("lpips_weights", None, "Super-resolution stages: local LPIPS weights directory "
+                      "(vgg16-397923af.pth and the lpips package's vgg.pth): adds lpips and lpips_bicubic.")
   flags.DEFINE_string("clip_weights", None, "Local Hugging Face CLIP directory (config.json, model.safetensors, "
                       "tokenizer.json): adds clip_score.")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: the config's "
@@ -502,6 +518,9 @@ def main(argv):
     cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts"),
                "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
                "--cascade.stages[k].step=N)")
+    cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
+               "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
+               "stage with --workdir)")
   else:
     cli.refuse(("sweep_stage",), "only with --cascade")
   distributed.initialize()
@@ -515,7 +534,7 @@ def main(argv):
     else:
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
-                    f.combination_prompts, f.batch_size)
+                    f.combination_prompts, f.batch_size, f.lpips_weights)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

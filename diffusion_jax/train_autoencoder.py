@@ -11,15 +11,18 @@ Flags:
              a multi-process job, as the main job's (launch/ sets them: `launch/local.py
              --module=diffusion_jax.train_autoencoder -- FLAGS`)
 
-Loss, per example (Rombach et al. 2022 without the perceptual and adversarial terms): the L1 error of the
-reconstruction of a posterior draw, summed over pixels, plus train.kl_weight times the posterior's KL divergence
-from N(0, I), summed over latent elements; averaged over the batch. Video datasets train on their frames.
+Loss, per example (Rombach et al. 2022 without the adversarial term): the L1 error of the reconstruction of a
+posterior draw, summed over pixels, plus lpips.loss_weight times its LPIPS from the input (metrics/lpips.py, weights
+from the local directory lpips.path) counted once per pixel value (as SD adds it to every pixel's L1 error), plus
+train.kl_weight times the posterior's KL divergence from N(0, I), summed over latent elements; averaged over the
+batch. Video datasets train on their frames.
 
 The workdir gets `checkpoints/` (parameters, optimizer state and input position; SIGTERM or Ctrl-C saves and
 stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/` (config.json and
 diffusion_pytorch_model.safetensors: what `latent.autoencoder_path` and diffusers' AutoencoderKL.from_pretrained
-read; its scaling_factor is 1 / the std of the training latents, as Stable Diffusion's), the PSNR and FID
-(random-conv features) of reconstructed held-out images in `logs/reconstruction.json` (on captioned_shapes also
+read; its scaling_factor is 1 / the std of the training latents, as Stable Diffusion's), the PSNR, FID
+(random-conv features) and, with lpips.path, LPIPS of reconstructed held-out images in `logs/reconstruction.json`
+(on captioned_shapes also
 the shapes judge's accuracy on them: what a latent model's samples can reach at most), and `reconstructions.png`
 (the first of them above their reconstructions).
 """
@@ -42,7 +45,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import checkpoint, cli, distributed, media, metric_writers, optimizer, sharding, stop_signals
 from diffusion_jax.data import pipeline
-from diffusion_jax.metrics import fid, psnr, shapes_judge
+from diffusion_jax.metrics import fid, lpips, psnr, shapes_judge
 from diffusion_jax.models import autoencoder, init_rngs
 
 log = logging.getLogger("diffusion_jax.train_autoencoder")  # not __main__ under python -m
@@ -75,6 +78,18 @@ def problems(config) -> list[str]:
       out.append(f"train.{field}={t[field]} must be > 0")
   if t.kl_weight < 0:
     out.append(f"train.kl_weight={t.kl_weight} must be >= 0")
+  if config.lpips.loss_weight < 0:
+    out.append(f"lpips.loss_weight={config.lpips.loss_weight} must be >= 0")
+  if config.lpips.loss_weight > 0 and not config.lpips.path:
+    out.append("lpips.loss_weight > 0 needs lpips.path, a local LPIPS weights directory (metrics/lpips.py)")
+  if config.lpips.path:
+    if config.data.resolution < lpips.MIN_RESOLUTION:
+      out.append(f"LPIPS (lpips.path) needs images of at least {lpips.MIN_RESOLUTION} pixels a side; "
+                 f"data.resolution={config.data.resolution}")
+    try:
+      lpips.weight_files(config.lpips.path)
+    except ValueError as error:
+      out.append(f"lpips.path: {error}")
   return out
 
 
@@ -116,21 +131,37 @@ def images(batch: dict) -> jax.Array:
   return x.reshape((-1,) + x.shape[-3:])
 
 
-def make_train_step(config, graphdef):
-  """`(state, batch, hparams) -> (state, metrics)`: one AdamW step on the loss in the module docstring."""
-  kl_weight = config.train.kl_weight
+def perceptual_model(config, mesh):
+  """(graphdef, state replicated over the mesh) of the LPIPS network of the perceptual loss term; (None, None)
+  when lpips.loss_weight is 0."""
+  if not config.lpips.loss_weight:
+    return None, None
+  graphdef, state = nnx.split(lpips.load(config.lpips.path))
+  return graphdef, jax.device_put(state, sharding.replicated(mesh))
 
-  def loss_fn(params, x, key):
+
+def make_train_step(config, graphdef, perceptual_graphdef=None):
+  """`(state, batch, hparams, perceptual_state) -> (state, metrics)`: one AdamW step on the loss in the module
+  docstring; perceptual_state: the LPIPS network's (perceptual_model), None without the perceptual term."""
+  kl_weight, perceptual_weight = config.train.kl_weight, config.lpips.loss_weight
+
+  def loss_fn(params, x, key, perceptual_state):
     model = nnx.merge(graphdef, params)
     mean, logvar = model.moments(x)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    error = jnp.abs(model.decode_unscaled(z) - x).sum(axis=(1, 2, 3))
+    reconstruction = model.decode_unscaled(z)
+    error = jnp.abs(reconstruction - x).sum(axis=(1, 2, 3))
     kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3))
-    return jnp.mean(error + kl_weight * kl), {"l1": jnp.mean(error) / np.prod(x.shape[1:]), "kl": jnp.mean(kl)}
+    loss, parts = error + kl_weight * kl, {"l1": jnp.mean(error) / np.prod(x.shape[1:]), "kl": jnp.mean(kl)}
+    if perceptual_state is not None:
+      distance = lpips.distance(nnx.merge(perceptual_graphdef, perceptual_state), reconstruction, x)
+      loss, parts["lpips"] = loss + perceptual_weight * np.prod(x.shape[1:]) * distance, jnp.mean(distance)
+    return jnp.mean(loss), parts
 
-  def train_step(state: AutoencoderState, batch: dict, hparams: dict):
+  def train_step(state: AutoencoderState, batch: dict, hparams: dict, perceptual_state=None):
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images(batch), key)
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images(batch), key,
+                                                                     perceptual_state)
     updates, opt_state = optimizer.make(config, hparams).update(grads, state.opt_state, state.params)
     finite = jnp.isfinite(loss)  # a non-finite step leaves the state as it was
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -182,6 +213,8 @@ def evaluate(config, model, mesh, workdir) -> dict | None:
   records = np.concatenate([p[2] for p in parts])[:examples]
   result = {"examples": len(inputs), "psnr_db": psnr.psnr(outputs, inputs),
             "fid_random_conv": fid.fid(fid.random_conv_features(inputs), fid.random_conv_features(outputs))}
+  if config.lpips.path:
+    result["lpips"] = lpips.mean_distance(lpips.load(config.lpips.path), outputs, inputs)
   if config.data.dataset == "captioned_shapes":  # the judge's scores a latent model's samples can reach at most
     captions = [source[int(i)][config.data.caption_key] for i in records]
     result |= {f"judge/{k}": v for k, v in shapes_judge.accuracy(outputs, captions).items()}
@@ -235,7 +268,8 @@ def _train(config, workdir: str) -> pathlib.Path:
   next_batch = lambda: pipeline.to_global({k: v for k, v in next(data_iter).items() if k in ("image", "video")},
                                           batch_sharding)
   hparams = optimizer.hyperparameters(config)
-  compiled = jax.jit(make_train_step(config, graphdef), donate_argnums=0)
+  perceptual_graphdef, perceptual_state = perceptual_model(config, mesh)
+  compiled = jax.jit(make_train_step(config, graphdef, perceptual_graphdef), donate_argnums=0)
   log.info("autoencoder: %d parameters, %d-fold downsampling, %s latents", sum(x.size for x in jax.tree.leaves(
       state.params)), autoencoder.downsampling_factor(model_config(config)), config.autoencoder.latent_channels)
   writer = metric_writers.MetricWriter(workdir, config.train.steps)
@@ -243,7 +277,7 @@ def _train(config, workdir: str) -> pathlib.Path:
   save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True)
   with stop_signals.StopSignals(stop_signals.job_signals()) as stop:
     while step < config.train.steps:
-      state, metrics = compiled(state, next_batch(), hparams)
+      state, metrics = compiled(state, next_batch(), hparams, perceptual_state)
       step += 1
       if step % config.train.log_every == 0 or step == config.train.steps:
         writer.write(step, jax.device_get(metrics))

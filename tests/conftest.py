@@ -1,8 +1,11 @@
 """Test session set-up: a simulated 8-device pod on the CPU (must precede any jax import)."""
 
 import os
+import pathlib
 import shutil
+import sys
 import tempfile
+import types
 
 # Tests run a few steps of tiny models, so compiling costs more than running: XLA:CPU compiles with its
 # cheapest code generation (the jobs tests start inherit this).
@@ -92,3 +95,47 @@ def tiny_clip(tmp_path_factory):
   model = transformers.CLIPModel(config).eval()
   model.save_pretrained(directory)
   return directory, model
+
+
+# torchvision's VGG16 configuration "D": widths, "M" for a 2x2 max pool.
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def torch_vgg16_features():
+  """A random-weight `torchvision.models.vgg16().features` (torch.nn.Sequential): same layers at the same indices."""
+  import torch
+
+  layers, channels = [], 3
+  for layer in VGG16_LAYERS:
+    if layer == "M":
+      layers.append(torch.nn.MaxPool2d(2, 2))
+    else:
+      layers += [torch.nn.Conv2d(channels, layer, 3, padding=1), torch.nn.ReLU(inplace=True)]
+      channels = layer
+  return torch.nn.Sequential(*layers)
+
+
+@pytest.fixture(scope="session")
+def lpips_weights(tmp_path_factory):
+  """(LPIPS weights directory: a random-weight VGG16 and the lpips package's linear layers, the lpips package's
+  LPIPS on the same trunk)."""
+  import torch
+
+  torch.manual_seed(0)
+  features = torch_vgg16_features()
+  directory = tmp_path_factory.mktemp("lpips")
+  state = {f"features.{k}": v for k, v in features.state_dict().items()}
+  state["classifier.0.weight"] = torch.zeros(4, 4)  # the classifier the metric does not use
+  torch.save(state, directory / "vgg16-397923af.pth")
+  # The lpips package imports torchvision for its VGG16; the torchvision wheel pip pairs with the CPU torch here
+  # cannot load its operators, so the package is given the trunk above instead (its own code does the rest).
+  stub = types.ModuleType("torchvision")
+  stub.models = types.SimpleNamespace(vgg16=lambda pretrained=False, **_: types.SimpleNamespace(features=features))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(sys.modules, "torchvision", stub)
+    patch.setitem(sys.modules, "torchvision.models", stub.models)
+    import lpips as reference
+
+    oracle = reference.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+  shutil.copy(pathlib.Path(reference.__file__).parent / "weights" / "v0.1" / "vgg.pth", directory / "vgg.pth")
+  return directory, oracle

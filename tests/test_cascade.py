@@ -288,7 +288,7 @@ def test_psnr_and_the_bicubic_baseline():
   np.testing.assert_array_equal(psnr.bicubic(flat[:, :4, :4], flat), flat)
 
 
-def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr):
+def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr, trained, lpips_weights):
   config, workdir = trained_sr
   config_, state, graphdef, _, _ = sample.load_checkpoint(workdir)
   grid = sample.write_training_samples(config_, state, graphdef, workdir)
@@ -296,8 +296,11 @@ def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr):
   captions, _ = cascade.validation_lowres(config, len(config.sample.prompts), 1)
   assert [r["prompt"] for r in records[::config.sample.num_per_prompt]] == captions
   [record] = evaluate.run(workdir, step=4, num_prompts=4, heldout_examples=4, combination_prompts=4,
-                          sweeps={"aug_level": (0.0, 0.5)})
+                          sweeps={"aug_level": (0.0, 0.5)}, lpips_weights=lpips_weights[0])
   assert np.isfinite(record["psnr"]) and record["psnr_bicubic"] > 10
+  assert 0 < record["lpips_bicubic"] != record["lpips"] > 0  # a 4-step stage's samples are not bicubic upsampling
+  with pytest.raises(ValueError, match="--lpips_weights: .*this model is not a super-resolution stage"):
+    evaluate.run(trained[1], step=4, lpips_weights=lpips_weights[0])
   assert (workdir / "eval" / "aug_level_sweep_step_4.png").exists()
   assert "| aug_level |" in (workdir / "eval" / "aug_level_sweep_step_4.md").read_text()
 

@@ -85,17 +85,37 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_
     train_autoencoder.train(config, workdir)
 
 
+def test_the_perceptual_term_is_lpips_per_pixel_value_and_reconstructions_get_an_lpips(config, lpips_weights,
+                                                                                         tmp_path):
+  config = config.copy_and_resolve_references()
+  config.lpips.update(path=str(lpips_weights[0]), loss_weight=0.5)
+  config.train.update(steps=3, log_every=1)
+  train_autoencoder.train(config, tmp_path)
+  pixels = config.data.resolution ** 2 * 3
+  for record in read_log(tmp_path):  # per example: L1 summed over pixels + weight * LPIPS per pixel value + KL
+    expected = record["l1"] * pixels + 0.5 * pixels * record["lpips"] + config.train.kl_weight * record["kl"]
+    np.testing.assert_allclose(record["loss"], expected, rtol=1e-5)
+    assert record["lpips"] > 0
+  result = json.loads((tmp_path / "logs" / "reconstruction.json").read_text())
+  assert result["lpips"] > 0 and result["examples"] == 16
+
+
 def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
   bad = config.copy_and_resolve_references()
   bad.data.resolution = 15
   bad.autoencoder.update(block_out_channels=(8, 10), out_channels=1)
   bad.train.kl_weight = -1.0
+  bad.lpips.update(path=str(tmp_path / "nope"), loss_weight=-1.0)
   with pytest.raises(ValueError) as error:
     train_autoencoder.train(bad, tmp_path)
   for part in ("block_out_channels (8, 10) must be positive multiples of autoencoder.norm_num_groups=4",
                "data.resolution=15 is not divisible by the downsampling factor 2", "must be 3 (RGB",
-               "train.kl_weight=-1.0 must be >= 0"):
+               "train.kl_weight=-1.0 must be >= 0", "lpips.loss_weight=-1.0 must be >= 0",
+               "LPIPS (lpips.path) needs images of at least 16 pixels a side; data.resolution=15",
+               "lpips.path: No LPIPS weights directory at"):
     assert part in str(error.value)
+  bad.lpips.update(path="", loss_weight=1.0)
+  assert "lpips.loss_weight > 0 needs lpips.path" in " ".join(train_autoencoder.problems(bad))
   assert not (tmp_path / "checkpoints").exists()  # refused before anything is written
   config = config.copy_and_resolve_references()
   config.train.eval_examples = 4  # the evaluation at the end shards its batches over the 8 devices
