@@ -11,11 +11,15 @@ Flags:
              a multi-process job, as the main job's (launch/ sets them: `launch/local.py
              --module=diffusion_jax.train_autoencoder -- FLAGS`)
 
-Loss, per example (Rombach et al. 2022 without the adversarial term): the L1 error of the reconstruction of a
-posterior draw, summed over pixels, plus lpips.loss_weight times its LPIPS from the input (metrics/lpips.py, weights
-from the local directory lpips.path) counted once per pixel value (as SD adds it to every pixel's L1 error), plus
-train.kl_weight times the posterior's KL divergence from N(0, I), summed over latent elements; averaged over the
-batch. Video datasets train on their frames.
+Loss, per example (Rombach et al. 2022): the L1 error of the reconstruction of a posterior draw, summed over pixels,
+plus lpips.loss_weight times its LPIPS from the input (metrics/lpips.py, weights from the local directory lpips.path)
+counted once per pixel value (as SD adds it to every pixel's L1 error), plus train.kl_weight times the posterior's
+KL divergence from N(0, I), summed over latent elements; averaged over the batch. With adversarial.weight > 0, from
+step adversarial.start_step on, a PatchGAN discriminator (models/discriminator.py) trains on the same batches with
+the hinge loss (the autoencoder's optimizer settings, its schedule counted from adversarial.start_step), and the autoencoder's loss adds its generator loss
+-E[D(reconstruction)] times SD's adaptive weight: adversarial.weight * ||grad_W reconstruction loss|| /
+(||grad_W generator loss|| + 1e-4), clipped to [0, 1e4 * adversarial.weight], W the decoder's last kernel.
+Video datasets train on their frames.
 
 The workdir gets `checkpoints/` (parameters, optimizer state and input position; SIGTERM or Ctrl-C saves and
 stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/` (config.json and
@@ -46,7 +50,7 @@ from ml_collections import config_flags
 from diffusion_jax import checkpoint, cli, distributed, media, metric_writers, optimizer, sharding, stop_signals
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import fid, lpips, psnr, shapes_judge
-from diffusion_jax.models import autoencoder, init_rngs
+from diffusion_jax.models import autoencoder, discriminator, init_rngs
 
 log = logging.getLogger("diffusion_jax.train_autoencoder")  # not __main__ under python -m
 RECONSTRUCTIONS = 8  # held-out images shown in reconstructions.png
@@ -57,6 +61,14 @@ class AutoencoderState:
   step: jax.Array
   params: dict
   opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class AdversarialState(AutoencoderState):
+  """With the discriminator of the adversarial term (adversarial.weight > 0); checkpoints without it keep the
+  layout of AutoencoderState's."""
+  discriminator: dict
+  discriminator_opt_state: optax.OptState
 
 
 def problems(config) -> list[str]:
@@ -90,6 +102,17 @@ def problems(config) -> list[str]:
       lpips.weight_files(config.lpips.path)
     except ValueError as error:
       out.append(f"lpips.path: {error}")
+  adversarial = config.adversarial
+  for field in ("weight", "start_step"):
+    if adversarial[field] < 0:
+      out.append(f"adversarial.{field}={adversarial[field]} must be >= 0")
+  if adversarial.weight > 0:
+    if adversarial.layers < 1 or adversarial.channels < 1:
+      out.append(f"adversarial.layers={adversarial.layers} and adversarial.channels={adversarial.channels} must be "
+                 ">= 1")
+    elif discriminator.output_size(config.data.resolution, adversarial.layers) < 1:
+      out.append(f"the discriminator's {adversarial.layers} stride-2 layers (adversarial.layers) leave no patch of "
+                 f"data.resolution={config.data.resolution} images: use fewer")
   return out
 
 
@@ -112,17 +135,36 @@ def model_config(config, scaling_factor: float = 1.0) -> dict:
   return autoencoder.diffusers_config(config.autoencoder.to_dict(), scaling_factor)
 
 
-def init_state(config, mesh, graphdef, abstract_params) -> AutoencoderState:
-  shardings = sharding.state_shardings(abstract_params, mesh)
+def discriminator_layout(config) -> str:
+  """What the checkpoints' discriminator is ("none" without the adversarial term; configs older than it have none)."""
+  a = config.get("adversarial")
+  return f"{a.layers} layers, {a.channels} channels" if a and a.weight > 0 else "none"
 
-  def init(key):
-    return nnx.to_pure_dict(nnx.state(autoencoder.AutoencoderKL(model_config(config), rngs=init_rngs.seeded(key))))
 
-  params = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+def make_discriminator(config, rngs) -> discriminator.PatchDiscriminator:
+  a = config.adversarial
+  return discriminator.PatchDiscriminator(config.autoencoder.out_channels, a.channels, a.layers, rngs=rngs)
+
+
+def init_state(config, mesh) -> AutoencoderState:
+  """The initial state, built sharded; an AdversarialState with adversarial.weight > 0."""
   tx, replicated = optimizer.make(config, optimizer.hyperparameters(config)), sharding.replicated(mesh)
-  opt_state = jax.jit(tx.init, out_shardings=optimizer.state_shardings(tx, params, shardings, replicated))(params)
+
+  def params_and_opt_state(make_module, seed):
+    shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: make_module(nnx.Rngs(0)))), mesh)
+    init = lambda key: nnx.to_pure_dict(nnx.state(make_module(init_rngs.seeded(key))))
+    params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return params, jax.jit(tx.init, out_shardings=optimizer.state_shardings(tx, params, shardings, replicated))(params)
+
+  params, opt_state = params_and_opt_state(lambda r: autoencoder.AutoencoderKL(model_config(config), rngs=r),
+                                           config.seed)
   step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-  return AutoencoderState(step=step, params=params, opt_state=opt_state)
+  if config.adversarial.weight == 0:
+    return AutoencoderState(step=step, params=params, opt_state=opt_state)
+  discriminator_params, discriminator_opt_state = params_and_opt_state(lambda r: make_discriminator(config, r),
+                                                                       config.seed + 1)
+  return AdversarialState(step=step, params=params, opt_state=opt_state, discriminator=discriminator_params,
+                          discriminator_opt_state=discriminator_opt_state)
 
 
 def images(batch: dict) -> jax.Array:
@@ -140,35 +182,88 @@ def perceptual_model(config, mesh):
   return graphdef, jax.device_put(state, sharding.replicated(mesh))
 
 
-def make_train_step(config, graphdef, perceptual_graphdef=None):
-  """`(state, batch, hparams, perceptual_state) -> (state, metrics)`: one AdamW step on the loss in the module
-  docstring; perceptual_state: the LPIPS network's (perceptual_model), None without the perceptual term."""
-  kl_weight, perceptual_weight = config.train.kl_weight, config.lpips.loss_weight
+def with_last_kernel(params: dict, kernel) -> dict:
+  """The autoencoder's params with the decoder's last kernel (what SD's adaptive weight differentiates) replaced."""
+  conv_out = {**params["decoder"]["conv_out"], "kernel": kernel}
+  return {**params, "decoder": {**params["decoder"], "conv_out": conv_out}}
 
-  def loss_fn(params, x, key, perceptual_state):
+
+def make_train_step(config, graphdef, perceptual_graphdef=None):
+  """`(state, batch, hparams, perceptual_state) -> (state, metrics)`: one AdamW step of the autoencoder (and of its
+  discriminator, when the state is an AdversarialState) on the losses in the module docstring; perceptual_state: the LPIPS
+  network's (perceptual_model), None without the perceptual term."""
+  kl_weight, perceptual_weight, adversarial = config.train.kl_weight, config.lpips.loss_weight, config.adversarial
+  discriminator_graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_discriminator(config, nnx.Rngs(0))))
+  critic = lambda discriminator_params, x: nnx.merge(discriminator_graphdef, discriminator_params)(x)
+
+  def reconstruct(params, x, key):
     model = nnx.merge(graphdef, params)
     mean, logvar = model.moments(x)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    reconstruction = model.decode_unscaled(z)
+    return model.decode_unscaled(z), mean, logvar
+
+  def reconstruction_loss(reconstruction, x, perceptual_state):
+    """Per example [n]: the L1 error summed over pixels (+ the perceptual term); and its logged parts."""
     error = jnp.abs(reconstruction - x).sum(axis=(1, 2, 3))
-    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3))
-    loss, parts = error + kl_weight * kl, {"l1": jnp.mean(error) / np.prod(x.shape[1:]), "kl": jnp.mean(kl)}
+    loss, parts = error, {"l1": jnp.mean(error) / np.prod(x.shape[1:])}
     if perceptual_state is not None:
       distance = lpips.distance(nnx.merge(perceptual_graphdef, perceptual_state), reconstruction, x)
       loss, parts["lpips"] = loss + perceptual_weight * np.prod(x.shape[1:]) * distance, jnp.mean(distance)
-    return jnp.mean(loss), parts
+    return loss, parts
+
+  def adaptive_weight(params, x, key, perceptual_state, discriminator_params):
+    """SD's weight of the generator loss (module docstring), from the gradients of the two losses with respect to
+    the decoder's last kernel."""
+    kernel = params["decoder"]["conv_out"]["kernel"]
+    reconstruction, pullback = jax.vjp(lambda k: reconstruct(with_last_kernel(params, k), x, key)[0], kernel)
+    grad_of = lambda loss: pullback(jax.grad(loss)(reconstruction))[0]
+    reconstruction_grad = grad_of(lambda r: jnp.mean(reconstruction_loss(r, x, perceptual_state)[0]))
+    generator_grad = grad_of(lambda r: discriminator.generator_loss(critic(discriminator_params, r)))
+    ratio = jnp.linalg.norm(reconstruction_grad) / (jnp.linalg.norm(generator_grad) + 1e-4)
+    return jnp.clip(ratio, 0.0, 1e4) * adversarial.weight
+
+  def loss_fn(params, x, key, perceptual_state, discriminator_params, generator_weight):
+    reconstruction, mean, logvar = reconstruct(params, x, key)
+    loss, parts = reconstruction_loss(reconstruction, x, perceptual_state)
+    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3))
+    loss, parts["kl"] = jnp.mean(loss + kl_weight * kl), jnp.mean(kl)
+    if discriminator_params is not None:
+      parts["generator_loss"] = discriminator.generator_loss(critic(discriminator_params, reconstruction))
+      loss = loss + generator_weight * parts["generator_loss"]
+    return loss, (parts, reconstruction)
 
   def train_step(state: AutoencoderState, batch: dict, hparams: dict, perceptual_state=None):
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images(batch), key,
-                                                                     perceptual_state)
-    updates, opt_state = optimizer.make(config, hparams).update(grads, state.opt_state, state.params)
+    x, tx = images(batch), optimizer.make(config, hparams)
+    adversarial_on = isinstance(state, AdversarialState)
+    started = state.step >= adversarial.start_step
+    generator_weight = jax.lax.cond(  # computed only once the discriminator has started
+        started, lambda: jax.lax.stop_gradient(adaptive_weight(state.params, x, key, perceptual_state,
+                                                               state.discriminator)),
+        lambda: jnp.zeros(())) if adversarial_on else None
+    discriminator_params = state.discriminator if adversarial_on else None
+    (loss, (parts, reconstruction)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, x, key, perceptual_state, discriminator_params, generator_weight)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     finite = jnp.isfinite(loss)  # a non-finite step leaves the state as it was
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params = keep(optax.apply_updates(state.params, updates), state.params)
+    keep = lambda new, old, when: jax.tree.map(lambda n, o: jnp.where(when, n, o), new, old)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "nonfinite": 1 - finite.astype(jnp.int32),
                "learning_rate": optimizer.learning_rate(state.step, hparams, config.optimizer.schedule), **parts}
-    return state.replace(step=state.step + 1, params=params, opt_state=keep(opt_state, state.opt_state)), metrics
+    new = state.replace(step=state.step + 1, params=keep(optax.apply_updates(state.params, updates), state.params,
+                                                         finite), opt_state=keep(opt_state, state.opt_state, finite))
+    if adversarial_on:  # the discriminator's step on the same real images and (fixed) reconstructions
+      fake = jax.lax.stop_gradient(reconstruction)
+      hinge = lambda p: discriminator.hinge_discriminator_loss(critic(p, x), critic(p, fake))
+      discriminator_loss, discriminator_grads = jax.value_and_grad(hinge)(state.discriminator)
+      discriminator_updates, discriminator_opt_state = tx.update(
+          discriminator_grads, state.discriminator_opt_state, state.discriminator)
+      step_it = finite & jnp.isfinite(discriminator_loss) & started
+      new = new.replace(
+          discriminator=keep(optax.apply_updates(state.discriminator, discriminator_updates), state.discriminator,
+                             step_it),
+          discriminator_opt_state=keep(discriminator_opt_state, state.discriminator_opt_state, step_it))
+      metrics |= {"discriminator_loss": discriminator_loss, "generator_weight": generator_weight}
+    return new, metrics
 
   return train_step
 
@@ -239,17 +334,18 @@ def train(config, workdir: str) -> pathlib.Path:
 def _train(config, workdir: str) -> pathlib.Path:
   mesh = sharding.make_mesh(config.mesh)
   validate(config, mesh)
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(
-      lambda: autoencoder.AutoencoderKL(model_config(config), rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(model_config(config), rngs=nnx.Rngs(0))))
   saved = pathlib.Path(workdir) / "config.json"
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if mngr.all_steps() and saved.exists():
-    changed = [d for d in checkpoint.config_differences(checkpoint.read_config(workdir), config)
-               if d.startswith("autoencoder.")]
+    trained = checkpoint.read_config(workdir)
+    changed = [d for d in checkpoint.config_differences(trained, config) if d.startswith("autoencoder.")]
+    if discriminator_layout(trained) != discriminator_layout(config):
+      changed.append(f"discriminator: {discriminator_layout(trained)} -> {discriminator_layout(config)}")
     if changed:
       raise ValueError(f"--workdir={workdir} holds checkpoints of another autoencoder ({'; '.join(changed)}): "
                        "use a new workdir, or the config it was trained with.")
-  state = init_state(config, mesh, graphdef, abstract_params)
+  state = init_state(config, mesh)
   per_process = config.train.batch_size // jax.process_count()
   source = pipeline.data_source(config.data, "train")
   data_iter = iter(pipeline.make_loader(config.data, source, None, per_process, seed=config.seed))

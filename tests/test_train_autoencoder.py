@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from flax import nnx
 
 from configs import autoencoder_shapes, t2i_shapes
-from diffusion_jax import config_checks, media, sharding, train_autoencoder
+from diffusion_jax import config_checks, media, optimizer, sharding, train_autoencoder
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import autoencoder
 from test_autoencoder import as_torch
@@ -100,19 +101,67 @@ def test_the_perceptual_term_is_lpips_per_pixel_value_and_reconstructions_get_an
   assert result["lpips"] > 0 and result["examples"] == 16
 
 
+def test_adversarial_term_starts_at_its_step_with_sds_adaptive_weight_and_resumes(config, tmp_path, caplog):
+  config = config.copy_and_resolve_references()
+  config.adversarial.update(weight=0.5, start_step=2, layers=2, channels=8)
+  config.train.update(steps=3, log_every=1)
+  train_autoencoder.train(config, tmp_path)
+  records = read_log(tmp_path)
+  assert [r["generator_weight"] > 0 for r in records] == [False, False, True]  # steps 1 and 2 come before step 2
+  assert all(r["discriminator_loss"] > 0 for r in records)
+
+  # One step from the state at step 2: the generator loss's weight is SD's ratio of gradient norms with respect to
+  # the decoder's last kernel (here from full gradients), and the discriminator takes a step.
+  mesh = sharding.make_mesh(config.mesh)
+  state = train_autoencoder.init_state(config, mesh).replace(step=jnp.array(2))
+  graphdef = nnx.graphdef(nnx.eval_shape(
+      lambda: autoencoder.AutoencoderKL(train_autoencoder.model_config(config), rngs=nnx.Rngs(0))))
+  source = pipeline.data_source(config.data, "train")
+  x = np.stack([media.to_float(source[i]["image"]) for i in range(8)])
+  step = jax.jit(train_autoencoder.make_train_step(config, graphdef))
+  new, metrics = step(state, {"image": x}, optimizer.hyperparameters(config))
+  key = jax.random.fold_in(jax.random.key(config.seed), 2)
+
+  def reconstruct(params):
+    model = nnx.merge(graphdef, params)
+    mean, logvar = model.moments(x)
+    return model.decode_unscaled(mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape))
+
+  critic = nnx.merge(nnx.graphdef(train_autoencoder.make_discriminator(config, nnx.Rngs(0))), state.discriminator)
+  last_kernel_grad = lambda loss: jax.jit(jax.grad(loss))(state.params)["decoder"]["conv_out"]["kernel"]
+  reconstruction_grad = last_kernel_grad(lambda p: jnp.abs(reconstruct(p) - x).sum(axis=(1, 2, 3)).mean())
+  generator_grad = last_kernel_grad(lambda p: -critic(reconstruct(p)).mean())
+  expected = 0.5 * jnp.linalg.norm(reconstruction_grad) / (jnp.linalg.norm(generator_grad) + 1e-4)
+  np.testing.assert_allclose(metrics["generator_weight"], expected, rtol=1e-4)
+  # Its schedule counts from adversarial.start_step: the warm-up's first learning rate is 0, the second is not.
+  moved = lambda a, b: max(jax.tree.leaves(jax.tree.map(lambda u, v: float(jnp.max(jnp.abs(u - v))), a, b)))
+  assert moved(new.discriminator, state.discriminator) == 0
+  assert moved(step(new, {"image": x}, optimizer.hyperparameters(config))[0].discriminator, new.discriminator) > 0
+
+  config.train.steps = 4
+  caplog.set_level("INFO", logger="diffusion_jax")
+  train_autoencoder.train(config, tmp_path)  # the discriminator and its optimizer state come back too
+  assert "resumed from step 3" in caplog.text and read_log(tmp_path)[-1]["step"] == 4
+  config.adversarial.weight = 0.0
+  with pytest.raises(ValueError, match=r"another autoencoder \(discriminator: 2 layers, 8 channels -> none\)"):
+    train_autoencoder.train(config, tmp_path)
+
+
 def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
   bad = config.copy_and_resolve_references()
   bad.data.resolution = 15
   bad.autoencoder.update(block_out_channels=(8, 10), out_channels=1)
   bad.train.kl_weight = -1.0
   bad.lpips.update(path=str(tmp_path / "nope"), loss_weight=-1.0)
+  bad.adversarial.update(weight=0.5, layers=3, start_step=-1)
   with pytest.raises(ValueError) as error:
     train_autoencoder.train(bad, tmp_path)
   for part in ("block_out_channels (8, 10) must be positive multiples of autoencoder.norm_num_groups=4",
                "data.resolution=15 is not divisible by the downsampling factor 2", "must be 3 (RGB",
                "train.kl_weight=-1.0 must be >= 0", "lpips.loss_weight=-1.0 must be >= 0",
                "LPIPS (lpips.path) needs images of at least 16 pixels a side; data.resolution=15",
-               "lpips.path: No LPIPS weights directory at"):
+               "lpips.path: No LPIPS weights directory at", "adversarial.start_step=-1 must be >= 0",
+               "the discriminator's 3 stride-2 layers (adversarial.layers) leave no patch of data.resolution=15"):
     assert part in str(error.value)
   bad.lpips.update(path="", loss_weight=1.0)
   assert "lpips.loss_weight > 0 needs lpips.path" in " ".join(train_autoencoder.problems(bad))
