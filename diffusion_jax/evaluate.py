@@ -400,14 +400,22 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
     positions = [float(value) for value in values]
   except ValueError:
     positions = list(range(len(values)))
-  figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-  axes[0].plot(positions, [m["fid_random_conv"] for _, m in sweep], "o-")
-  axes[0].set(xlabel=label, ylabel="FID (random-conv features)", title=f"step {step}")
-  for key in (k for k in keys if k.startswith("accuracy/")):
-    axes[1].plot(positions, [m[key] for _, m in sweep], "o-", label=key.split("/")[1])
-  axes[1].set(xlabel=label, ylabel="judge accuracy")
-  if any(k.startswith("accuracy/") for k in keys):
-    axes[1].legend(fontsize=7)
+  # One panel per kind of metric present: FID, the judge's accuracies, a super-resolution stage's PSNR and LPIPS
+  # (each beside bicubic upsampling's).
+  panels = [("FID (random-conv features)", ["fid_random_conv"]),
+            ("judge accuracy", [k for k in keys if k.startswith("accuracy/")]),
+            ("PSNR (dB)", [k for k in ("psnr", "psnr_bicubic") if k in keys]),
+            ("LPIPS", [k for k in ("lpips", "lpips_bicubic") if k in keys])]
+  panels = [panel for panel in panels if panel[1]]
+  figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+  axes = axes[0]
+  for axis, (ylabel, panel_keys) in zip(axes, panels):
+    for key in panel_keys:
+      axis.plot(positions, [m[key] for _, m in sweep], "o-", label=key.split("/")[-1])
+    axis.set(xlabel=label, ylabel=ylabel)
+    if len(panel_keys) > 1:
+      axis.legend(fontsize=7)
+  axes[0].set_title(f"step {step}")
   if positions == list(range(len(values))):
     for axis in axes:
       axis.set_xticks(positions, values)

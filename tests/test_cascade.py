@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import sr_shapes
 from configs.cascades import shapes_16_32
@@ -301,7 +302,8 @@ def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr, tra
   assert 0 < record["lpips_bicubic"] != record["lpips"] > 0  # a 4-step stage's samples are not bicubic upsampling
   with pytest.raises(ValueError, match="--lpips_weights: .*this model is not a super-resolution stage"):
     evaluate.run(trained[1], step=4, lpips_weights=lpips_weights[0])
-  assert (workdir / "eval" / "aug_level_sweep_step_4.png").exists()
+  with Image.open(workdir / "eval" / "aug_level_sweep_step_4.png") as plot:  # 4.5-inch panels at 100 dpi
+    assert plot.size[0] == 4 * 450  # FID, judge accuracy, PSNR and LPIPS (each beside bicubic's)
   assert "| aug_level |" in (workdir / "eval" / "aug_level_sweep_step_4.md").read_text()
 
 
