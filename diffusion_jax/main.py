@@ -9,11 +9,14 @@ Flags:
   --coordinator, --num_processes, --process_id, --auto_distributed
                   a multi-process job (launch/ sets them; diffusion_jax/distributed.py)
 
-The same command runs on a laptop CPU, a GPU node and every host of a TPU pod. SIGTERM or Ctrl-C saves a
-checkpoint after the current step and stops (a second Ctrl-C stops at once); rerunning resumes.
+When training finishes it writes WORKDIR/curves.png (diffusion_jax/curves.py: the curves of the train and
+evaluation logs), then, with train.sample_at_end, samples. The same command runs on a laptop CPU, a GPU node and
+every host of a TPU pod. SIGTERM or Ctrl-C saves a checkpoint after the current step and stops (a second Ctrl-C
+stops at once); rerunning resumes.
 """
 
 import logging
+import pathlib
 import sys
 
 from absl import app, flags
@@ -35,6 +38,8 @@ def main(argv):
   distributed.initialize()
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, tfds) say only what matters
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+  import jax
+
   from diffusion_jax import train
 
   config = f.config
@@ -47,7 +52,14 @@ def main(argv):
     print(f"interrupted; rerun the same command to resume from the last checkpoint in {f.workdir}, if any.",
           file=sys.stderr)
     sys.exit(130)
-  if config.train.sample_at_end and int(state.step) == config.train.steps:  # not after SIGTERM / Ctrl-C
+  finished = int(state.step) == config.train.steps  # not after SIGTERM / Ctrl-C
+  if finished and jax.process_index() == 0:
+    from diffusion_jax import curves
+    try:
+      print(f"curves: {curves.write([f.workdir], pathlib.Path(f.workdir) / 'curves.png')}")
+    except (ValueError, OSError) as error:  # the run is finished and saved; a plot is not worth failing it
+      print(f"warning: no curves.png ({error})", file=sys.stderr)
+  if config.train.sample_at_end and finished:
     from diffusion_jax import sample
 
     try:

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from diffusion_jax import checkpoint, sharding, train
+from diffusion_jax import checkpoint, media, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -70,5 +70,6 @@ def test_kill_9_then_restart_matches_the_uninterrupted_run(trained, tmp_path):
   state, _ = train.init_state(config, sharding.make_mesh(config.mesh))
   restored, step = checkpoint.restore(checkpoint.manager(tmp_path / "w", read_only=True), state)
   assert step == 4
+  assert "loss" in media.read_provenance(tmp_path / "w" / "curves.png")["metrics"]  # written when training ends
   for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)), jax.tree.leaves(final)):
     np.testing.assert_array_equal(a, b)
