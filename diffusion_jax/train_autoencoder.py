@@ -16,10 +16,10 @@ plus lpips.loss_weight times its LPIPS from the input (metrics/lpips.py, weights
 counted once per pixel value (as SD adds it to every pixel's L1 error), plus train.kl_weight times the posterior's
 KL divergence from N(0, I), summed over latent elements; averaged over the batch. With adversarial.weight > 0, from
 step adversarial.start_step on, a PatchGAN discriminator (models/discriminator.py) trains on the same batches with
-the hinge loss (the autoencoder's optimizer settings, its schedule counted from adversarial.start_step), and the autoencoder's loss adds its generator loss
--E[D(reconstruction)] times SD's adaptive weight: adversarial.weight * ||grad_W reconstruction loss|| /
-(||grad_W generator loss|| + 1e-4), clipped to [0, 1e4 * adversarial.weight], W the decoder's last kernel.
-Video datasets train on their frames.
+the hinge loss (the autoencoder's optimizer settings, its schedule counted from adversarial.start_step), and the
+autoencoder's loss adds its generator loss -E[D(reconstruction)] times SD's adaptive weight, adversarial.weight *
+||grad_W reconstruction loss|| / (||grad_W generator loss|| + 1e-4) clipped to [0, 1e4 * adversarial.weight], W the
+decoder's last kernel. Video datasets train on their frames.
 
 The workdir gets `checkpoints/` (parameters, optimizer state and input position; SIGTERM or Ctrl-C saves and
 stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/` (config.json and
@@ -190,8 +190,8 @@ def with_last_kernel(params: dict, kernel) -> dict:
 
 def make_train_step(config, graphdef, perceptual_graphdef=None):
   """`(state, batch, hparams, perceptual_state) -> (state, metrics)`: one AdamW step of the autoencoder (and of its
-  discriminator, when the state is an AdversarialState) on the losses in the module docstring; perceptual_state: the LPIPS
-  network's (perceptual_model), None without the perceptual term."""
+  discriminator, when the state is an AdversarialState) on the losses in the module docstring; perceptual_state:
+  the LPIPS network's (perceptual_model), None without the perceptual term."""
   kl_weight, perceptual_weight, adversarial = config.train.kl_weight, config.lpips.loss_weight, config.adversarial
   discriminator_graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_discriminator(config, nnx.Rngs(0))))
   critic = lambda discriminator_params, x: nnx.merge(discriminator_graphdef, discriminator_params)(x)
@@ -254,14 +254,18 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
     if adversarial_on:  # the discriminator's step on the same real images and (fixed) reconstructions
       fake = jax.lax.stop_gradient(reconstruction)
       hinge = lambda p: discriminator.hinge_discriminator_loss(critic(p, x), critic(p, fake))
-      discriminator_loss, discriminator_grads = jax.value_and_grad(hinge)(state.discriminator)
-      discriminator_updates, discriminator_opt_state = tx.update(
-          discriminator_grads, state.discriminator_opt_state, state.discriminator)
-      step_it = finite & jnp.isfinite(discriminator_loss) & started
-      new = new.replace(
-          discriminator=keep(optax.apply_updates(state.discriminator, discriminator_updates), state.discriminator,
-                             step_it),
-          discriminator_opt_state=keep(discriminator_opt_state, state.discriminator_opt_state, step_it))
+
+      def discriminator_step():
+        loss, grads = jax.value_and_grad(hinge)(state.discriminator)
+        updates, opt_state = tx.update(grads, state.discriminator_opt_state, state.discriminator)
+        ok = finite & jnp.isfinite(loss)
+        return (keep(optax.apply_updates(state.discriminator, updates), state.discriminator, ok),
+                keep(opt_state, state.discriminator_opt_state, ok), loss)
+
+      idle = lambda: (state.discriminator, state.discriminator_opt_state, hinge(state.discriminator))
+      discriminator_params, discriminator_opt_state, discriminator_loss = jax.lax.cond(
+          started, discriminator_step, idle)  # no gradient computed before adversarial.start_step
+      new = new.replace(discriminator=discriminator_params, discriminator_opt_state=discriminator_opt_state)
       metrics |= {"discriminator_loss": discriminator_loss, "generator_weight": generator_weight}
     return new, metrics
 
