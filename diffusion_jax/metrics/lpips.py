@@ -98,14 +98,15 @@ def weight_files(directory) -> tuple[pathlib.Path, pathlib.Path]:
   if not directory.is_dir():
     raise ValueError(f"No LPIPS weights directory at {str(directory)!r}: give a directory holding torchvision's "
                      "vgg16-397923af.pth and the lpips package's weights/v0.1/vgg.pth.")
-  found = [next((p for pattern in patterns for p in sorted(directory.glob(pattern))), None)
-           for patterns in (BACKBONE_FILES, LINEAR_FILES)]
-  missing = [f"{what} ({' or '.join(patterns)})" for path, what, patterns in zip(
-      found, ("torchvision's VGG16 weights", "the LPIPS v0.1 linear layers (the lpips package's weights/v0.1/vgg.pth)"),
-      (BACKBONE_FILES, LINEAR_FILES)) if path is None]
+  first = lambda patterns: next((p for pattern in patterns for p in sorted(directory.glob(pattern))), None)
+  backbone, linear = first(BACKBONE_FILES), first(LINEAR_FILES)
+  missing = [f"torchvision's VGG16 weights ({' or '.join(BACKBONE_FILES)})"] if backbone is None else []
+  if linear is None:
+    missing.append(f"the LPIPS v0.1 linear layers, the lpips package's weights/v0.1/vgg.pth "
+                   f"({' or '.join(LINEAR_FILES)})")
   if missing:
     raise ValueError(f"The LPIPS weights directory {str(directory)!r} lacks {' and '.join(missing)}.")
-  return found[0], found[1]
+  return backbone, linear
 
 
 @functools.cache
