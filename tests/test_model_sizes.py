@@ -75,3 +75,21 @@ def test_imagen_sr256_stage_size_and_pod_validation():
   assert count(lambda: unet.UNet(config.model, rngs=init_rngs.seeded(0))) == pytest.approx(6.0e8, rel=0.25)
   config.text.spiece_path = "/path/to/spiece.model"
   config_checks.validate(config, device_count=256, process_count=64)
+
+
+def test_stable_diffusions_kl_f8_autoencoder_and_discriminator_sizes(lpips_weights):
+  from configs import autoencoder_kl_f8
+  from diffusion_jax import train_autoencoder
+  from diffusion_jax.models import autoencoder
+
+  config = autoencoder_kl_f8.get_config()
+  model_config = train_autoencoder.model_config(config)
+  # diffusers' AutoencoderKL of Stable Diffusion (e.g. stabilityai/sd-vae-ft-mse): 83,653,863 parameters;
+  # taming-transformers' NLayerDiscriminator (ndf 64, 3 layers, batch norm): 2,765,633.
+  assert count(lambda: autoencoder.AutoencoderKL(model_config, rngs=nnx.Rngs(0))) == 83_653_863
+  assert count(lambda: train_autoencoder.make_discriminator(config, nnx.Rngs(0))) == 2_765_633
+  assert autoencoder.downsampling_factor(model_config) == 8
+  assert train_autoencoder.problems(config) == [
+      "lpips.loss_weight > 0 needs lpips.path, a local LPIPS weights directory (metrics/lpips.py)"]
+  config.lpips.path = str(lpips_weights[0])
+  assert train_autoencoder.problems(config) == []
