@@ -142,5 +142,6 @@ def get_config():
       frames=0,                    # video models: frames per clip (0 = data.frames)
       aug_level=0.1,               # super-resolution stages: noise-augmentation time of the low-res input
       batch_size=256,              # samples generated at once over all devices (more: batch by batch)
+      negative_prompt="",          # guidance's unconditional branch reads this text instead of the null one
   )
   return c

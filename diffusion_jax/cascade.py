@@ -17,7 +17,7 @@ import numpy as np
 from diffusion_jax import checkpoint, config_checks, media, sample, superres
 
 STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "threshold", "threshold_percentile",
-                  "aug_level", "use_ema", "eta", "frames", "batch_size")
+                  "aug_level", "use_ema", "eta", "frames", "batch_size", "negative_prompt")
 
 
 @dataclasses.dataclass

@@ -208,6 +208,7 @@ ADDED_FIELDS = {
     "model.backbone": "unet", "model.patch_size": 2, "model.depth": 12, "model.position_max_period": 10000.0,
     "latent.autoencoder_path": "", "latent.cache": "",
     "sample.batch_size": 256,  # before it, every sample of a call was generated at once (up to 256 in the tests)
+    "sample.negative_prompt": "",
 }
 
 

@@ -5,13 +5,16 @@
 Flags:
   --workdir         training workdir (holds config.json and checkpoints/); required
   --step            checkpoint step (default: the latest)
-  --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?}
-                    (per-prompt seed and guidance); default: the config's sample.prompts
+  --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
+                    "negative_prompt"?} (per-prompt settings); default: the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
   --guidance_scale  classifier-free guidance scale, >= 0 (default: config sample.guidance_scale)
   --num_per_prompt  images per prompt (default: config sample.num_per_prompt)
+  --negative_prompt text that classifier-free guidance steers away from: the unconditional branch reads it
+                    instead of the null condition (default: config sample.negative_prompt, "" = none; no effect
+                    at guidance scale 1, where that branch is not run)
   --seed            noise seed (default: config sample.seed)
   --use_ema         sample with the first EMA copy of the weights (default: config sample.use_ema)
   --frames          video models: frames per clip, up to model.max_frames (default: config sample.frames,
@@ -23,13 +26,14 @@ Flags:
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
                     --workdir. Writes OUTPUT_DIR/stage_<k>/ for every stage and OUTPUT_DIR/cascade.png
                     (--output_dir defaults to the cascade's output_dir; --prompts to its prompts;
-                    --batch_size sets every stage's; the flags of one workdir's settings are refused)
+                    --batch_size and --negative_prompt set every stage's; the flags of one workdir's settings
+                    are refused)
   --coordinator, --num_processes, --process_id, --auto_distributed
                     a multi-process job, as the main job's (`launch/local.py --module=diffusion_jax.sample`):
                     every process generates its part of each batch, process 0 writes
 
-Every PNG carries its provenance (prompt, seed, sampler, steps, guidance, checkpoint step, config hash)
-as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as
+Every PNG carries its provenance (prompt, negative prompt if any, seed, sampler, steps, guidance, checkpoint step,
+config hash) as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as
 an animated GIF (provenance in the GIF comment), an H.264 MP4 (provenance in its comment tag) and a PNG
 strip of its frames, plus grid.gif and grid.mp4.
 """
@@ -79,20 +83,27 @@ def output_shape(config, sample_config) -> tuple:
 
 
 def make_generate_fn(config, graphdef, sample_config):
-  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres) -> samples
+  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres, negative) -> samples
   [n, (frames,) res, res, c] in [-1, 1] (a latent model's decoded latents). Each sample's starting noise (and a
   stochastic sampler's noise at every step) comes from its own key, so a sample does not depend on the batch
   it is generated in (nor on the device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c]
-  in [-1, 1] (None otherwise), noise-augmented to sample.aug_level."""
+  in [-1, 1] (None otherwise), noise-augmented to sample.aug_level. negative: (ids, mask) of negative prompts,
+  read by guidance's unconditional branch instead of the null condition (rows whose mask is all 0 keep the
+  null condition), or None."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
   shape = output_shape(config, sample_config)
 
-  def generate(params, frozen, keys, ids, mask, lowres=None):
+  def generate(params, frozen, keys, ids, mask, lowres=None, negative=None):
     model = nnx.merge(graphdef, params, frozen)
     text = model.encode(ids, mask)
     null_text, null_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
+    if negative is not None:
+      negative_ids, negative_mask = negative
+      given = jnp.any(negative_mask > 0, axis=-1)
+      null_text = jnp.where(given[:, None, None], model.encode(negative_ids, negative_mask), null_text)
+      null_mask = jnp.where(given[:, None], negative_mask, null_mask)
     aug_logsnr, clean_lowres = None, lowres
     if config.model.lowres_conditioning:  # both guidance branches see the low-res input
       lowres_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
@@ -166,13 +177,15 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
-             lowres=None) -> np.ndarray:
+             lowres=None, negative_prompts=None) -> np.ndarray:
   """Samples [len(prompts), num_per_prompt, (frames,) res, res, c] uint8, generated sample.batch_size at a time
   (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
   serves every batch (the last is padded), and more than one batch logs progress with an ETA.
 
   seeds: one per prompt (default: sample_config.seed for all). lowres: a super-resolution stage's inputs,
-  uint8 [len(prompts), num_per_prompt, (frames,) r, r, c] (the stage below's samples)."""
+  uint8 [len(prompts), num_per_prompt, (frames,) r, r, c] (the stage below's samples). negative_prompts: one per
+  prompt, "" for none (default: sample_config.negative_prompt for all); with none at all, guidance's
+  unconditional branch is the null condition and the compiled program has no second text encoding."""
   n = sample_config.num_per_prompt
   seeds = [sample_config.seed] * len(prompts) if seeds is None else list(seeds)
   repeated = [p for p in prompts for _ in range(n)]
@@ -187,10 +200,22 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
                        "(sample it as part of a cascade: --cascade).")
     lowres = media.to_float(np.asarray(lowres).reshape((len(repeated),) + np.shape(lowres)[2:]))
     inputs.append(np.concatenate([lowres, np.zeros((pad,) + lowres.shape[1:], lowres.dtype)]))
+  else:
+    inputs.append(None)
+  negatives = [sample_config.negative_prompt] * len(prompts) if negative_prompts is None else list(negative_prompts)
+  if any(negatives) and sample_config.guidance_scale == 1:
+    log.warning("negative prompts have no effect at guidance scale 1 (guidance's unconditional branch, which reads "
+                "them, is not run)")
+  elif any(negatives):
+    negative_ids, negative_mask = tokenizer([p for p in negatives for _ in range(n)] + [""] * pad)
+    given = np.array([bool(p) for p in negatives for _ in range(n)] + [False] * pad)
+    inputs.append((np.asarray(negative_ids), np.asarray(negative_mask) * given[:, None]))  # no text: null
   generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh), sharding.batch_sharding(mesh)
+  place = lambda a, first: None if a is None else jax.device_put(jax.tree.map(lambda x: x[first:first + chunk], a),
+                                                                   batch)
   outputs, start = [], time.time()
   for first in range(0, len(keys), chunk):
-    images = generate_fn(params, frozen, *(jax.device_put(a[first:first + chunk], batch) for a in inputs))
+    images = generate_fn(params, frozen, *(place(a, first) for a in inputs))
     outputs.append(media.to_uint8(np.asarray(multihost_utils.process_allgather(images, tiled=True))))
     if len(keys) > chunk:
       done, elapsed = min(first + chunk, len(repeated)), time.time() - start
@@ -235,24 +260,26 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> 
 
 
 def read_prompts(path) -> list[dict]:
-  """Prompts file -> [{"prompt", optional "seed", optional "guidance_scale"}]."""
+  """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt"}]."""
   path = pathlib.Path(path)
   if not path.exists():
     raise ValueError(f"Prompts file {str(path)!r} does not exist.")
   lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
   if path.suffix == ".jsonl":
     try:
-      entries = [{k: v for k, v in json.loads(line).items() if k in ("prompt", "seed", "guidance_scale")}
-                 for line in lines]
+      entries = [{k: v for k, v in json.loads(line).items()
+                  if k in ("prompt", "seed", "guidance_scale", "negative_prompt")} for line in lines]
       for entry in entries:
         entry["prompt"] = str(entry["prompt"])
+        if "negative_prompt" in entry:
+          entry["negative_prompt"] = str(entry["negative_prompt"])[:MAX_PROMPT_CHARS]
         if float(entry.get("guidance_scale", 0.0)) < 0:
           raise ValueError(f"guidance_scale {entry['guidance_scale']} must be >= 0")
         if "seed" in entry:
           entry["seed"] = int(entry["seed"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
       raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
-                       f"integer 'seed' and a 'guidance_scale' >= 0 ({error}).") from None
+                       f"integer 'seed', a 'guidance_scale' >= 0 and a 'negative_prompt' ({error}).") from None
   else:
     entries = [{"prompt": line} for line in lines]
   if not entries:
@@ -294,12 +321,15 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
 
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
                   lowres=None):
-  """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale) and write outputs.
+  """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / negative_prompt) and write
+  outputs.
   lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
   for entry in entries:
     entry.setdefault("seed", sample_config.seed)
     entry.setdefault("guidance_scale", sample_config.guidance_scale)
+    if entry.get("negative_prompt", sample_config.negative_prompt):  # recorded only when there is one
+      entry.setdefault("negative_prompt", sample_config.negative_prompt)
   images = [None] * len(entries)
   for scale in sorted({e["guidance_scale"] for e in entries}):  # one compiled sampler per guidance scale
     group = [i for i, e in enumerate(entries) if e["guidance_scale"] == scale]
@@ -307,7 +337,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     group_config.guidance_scale = float(scale)
     generated = generate(config, graphdef, params, frozen, tokenizer, [entries[i]["prompt"] for i in group],
                          group_config, mesh, seeds=[entries[i]["seed"] for i in group],
-                         lowres=None if lowres is None else np.asarray(lowres)[group])
+                         lowres=None if lowres is None else np.asarray(lowres)[group],
+                         negative_prompts=[entries[i].get("negative_prompt", "") for i in group])
     for i, row in zip(group, generated):
       images[i] = row
   output_dir = pathlib.Path(output_dir)
@@ -353,6 +384,8 @@ def define_flags():
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 0).")
   flags.DEFINE_integer("num_per_prompt", None, "Images per prompt.")
   flags.DEFINE_integer("seed", None, "Noise seed.")
+  flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from (default: config "
+                      "sample.negative_prompt; \"\" = none).")
   flags.DEFINE_bool("use_ema", None, "Use EMA weights (default: config sample.use_ema).")
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames.")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: config "
@@ -385,9 +418,9 @@ def main(argv):
     cli.refuse(("workdir", "step") + WORKDIR_SETTINGS, "not used with --cascade, which names each stage's workdir, "
                "checkpoint and settings (e.g. --cascade.stages[1].steps=50, --cascade.stages[1].step=N, "
                "--cascade.seed, --cascade.num_per_prompt)")
-    cascade.set_every_stage(f.cascade, batch_size=f.batch_size)
+    cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
   distributed.initialize()
-  overrides = {name: f[name].value for name in WORKDIR_SETTINGS + ("batch_size",)}
+  overrides = {name: f[name].value for name in WORKDIR_SETTINGS + ("batch_size", "negative_prompt")}
   try:
     if f.cascade is not None:
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)

@@ -118,3 +118,40 @@ def test_a_large_prompts_file_writes_every_sample_and_a_grid_of_the_first(tmp_pa
   assert len(records) == count and records[-1]["prompt"] == f"prompt {count - 1}"
   np.testing.assert_array_equal(media.read_image(tmp_path / records[-1]["file"]), images[-1, 0])
   assert json.loads(media.read_provenance(grid)["prompts"]) == [f"prompt {p}" for p in range(sample.GRID_PROMPTS)]
+
+
+def test_negative_prompts_replace_the_null_condition_of_guidance(trained, tmp_path):
+  import jax
+
+  from diffusion_jax.text import tokenizers
+
+  _, workdir, _ = trained
+  config, state, graphdef, _, mesh = sample.load_checkpoint(workdir)
+  leaves, tree = jax.tree.flatten(state.ema[0])  # every weight off its initial value, so the text matters
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=2, num_per_prompt=2)  # the config's guidance scale, 3 (one compiled sampler below)
+  prompts = ["a large red circle at the top left", "a small blue square at the bottom right"]
+
+  def run(negatives, guidance_scale=3.0):
+    sample_config.guidance_scale = guidance_scale
+    return sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
+                           sample_config, mesh, negative_prompts=negatives).astype(int)
+
+  plain, conditional = run(None), run(None, 1.0)
+  # A negative prompt equal to the prompt makes both branches one: guidance gives the conditional prediction.
+  assert np.abs(run(prompts) - conditional).max() <= 1 < np.abs(plain - conditional).max()
+  mixed = run(["a large green triangle in the middle", ""])
+  assert np.abs(mixed[0] - plain[0]).max() > 1  # the negative prompt steers the first prompt's images
+  assert np.abs(mixed[1] - plain[1]).max() <= 1  # "" keeps the null condition
+
+  jsonl = tmp_path / "prompts.jsonl"
+  jsonl.write_text("\n".join(json.dumps(e) for e in [{"prompt": prompts[0], "negative_prompt": "green"},
+                                                      {"prompt": prompts[1]}]))
+  out = tmp_path / "out"
+  sample.sample_from_workdir(workdir, {"steps": 2, "num_per_prompt": 1, "negative_prompt": "blue"}, jsonl,
+                             output_dir=out)
+  records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  assert [r["negative_prompt"] for r in records] == ["green", "blue"]  # the file's, else --negative_prompt's
+  assert media.read_provenance(out / records[0]["file"])["negative_prompt"] == "green"
