@@ -79,8 +79,8 @@ def test_two_process_evaluation_job_scores_as_one_process(trained, tmp_path):
   from diffusion_jax import evaluate
 
   copies = [tmp_path / "one", tmp_path / "two"]  # eval.jsonl is written into the workdir
-  for copy in copies:
-    shutil.copytree(trained[1], copy)
+  for copy in copies:  # without the logs other tests' evaluations may have written into the shared workdir
+    shutil.copytree(trained[1], copy, ignore=shutil.ignore_patterns("logs"))
   options = dict(num_prompts=8, heldout_examples=8, combination_prompts=0)
   [one] = evaluate.run(copies[0], step=4, **options)
   command = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
