@@ -23,7 +23,7 @@ def get_config(variant: str = ""):
   c.lpips.update(loss_weight=1.0)
   c.adversarial.update(weight=0.5, start_step=50_001, layers=3, channels=64)
   c.train.update(steps=500_000, batch_size=96, kl_weight=1e-6, scale_batches=16, eval_examples=2048,
-                 log_every=100, checkpoint_every=5000, keep_checkpoints=3)
+                 eval_every=5000, log_every=100, checkpoint_every=5000, keep_checkpoints=3)
   c.optimizer.update(learning_rate=4.5e-6 * c.train.batch_size, b1=0.5, b2=0.9, warmup_steps=0,
                      schedule="constant", weight_decay=0.0, grad_clip=0.0)
   if variant == "":

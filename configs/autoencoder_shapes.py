@@ -40,6 +40,7 @@ def get_config(variant: str = ""):
       kl_weight=1e-6,              # the KL term's weight against the L1 error, each summed per example (SD: 1e-6)
       scale_batches=8,             # training batches whose latents set scaling_factor = 1 / their std
       eval_examples=512,           # held-out images reconstructed at the end (PSNR, FID)
+      eval_every=1000,             # ... and every this many steps (0: at the end only), into logs/eval.jsonl
       log_every=50,
       checkpoint_every=500,
       keep_checkpoints=2,
@@ -55,7 +56,8 @@ def get_config(variant: str = ""):
     c.data.update(resolution=16, num_train=256, num_eval=16, max_objects=1)
     c.autoencoder.update(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4, sample_size=16)
     c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
-    c.train.update(steps=30, batch_size=8, scale_batches=2, eval_examples=16, log_every=10, checkpoint_every=10)
+    c.train.update(steps=30, batch_size=8, scale_batches=2, eval_examples=16, eval_every=15, log_every=10,
+                   checkpoint_every=10)
   elif variant:
     raise ValueError(f"Unknown autoencoder_shapes variant {variant!r}; valid variants: 'test'.")
   return c

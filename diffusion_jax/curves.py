@@ -27,8 +27,8 @@ from absl import app, flags
 from diffusion_jax import cli, media
 
 # What a run is judged by first: train loss, held-out loss and sample quality, then the optimizer and speed.
-DEFAULT_METRICS = ("loss", "heldout_loss", "fid_random_conv", "accuracy/all", "l1", "lpips", "discriminator_loss",
-                   "learning_rate", "grad_norm", "examples_per_s")
+DEFAULT_METRICS = ("loss", "heldout_loss", "fid_random_conv", "accuracy/all", "psnr_db", "l1", "lpips",
+                   "discriminator_loss", "learning_rate", "grad_norm", "examples_per_s")
 UNSMOOTHED = {"learning_rate"}  # a schedule: smoothing would only shift it
 LOGS = ("train", "eval")
 COLUMNS = 3

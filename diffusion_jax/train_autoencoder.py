@@ -26,9 +26,10 @@ stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/`
 diffusion_pytorch_model.safetensors: what `latent.autoencoder_path` and diffusers' AutoencoderKL.from_pretrained
 read; its scaling_factor is 1 / the std of the training latents, as Stable Diffusion's), the PSNR, FID
 (random-conv features) and, with lpips.path, LPIPS of reconstructed held-out images in `logs/reconstruction.json`
-(on captioned_shapes also
-the shapes judge's accuracy on them: what a latent model's samples can reach at most), and `reconstructions.png`
-(the first of them above their reconstructions).
+(on captioned_shapes also the shapes judge's accuracy on them: what a latent model's samples can reach at most), and
+`reconstructions.png` (the first of them above their reconstructions). The same scores are measured every
+train.eval_every steps (0: at the end only) and appended, with the final ones, to `logs/eval.jsonl` (and
+TensorBoard, `logs/eval`); reconstruction.json and reconstructions.png then show the latest.
 """
 
 import json
@@ -88,6 +89,8 @@ def problems(config) -> list[str]:
   for field in ("steps", "batch_size", "log_every", "checkpoint_every", "scale_batches", "eval_examples"):
     if t[field] <= 0:
       out.append(f"train.{field}={t[field]} must be > 0")
+  if t.eval_every < 0:
+    out.append(f"train.eval_every={t.eval_every} must be >= 0 (0: evaluate at the end only)")
   if t.kl_weight < 0:
     out.append(f"train.kl_weight={t.kl_weight} must be >= 0")
   if config.lpips.loss_weight < 0:
@@ -283,6 +286,13 @@ def latent_std(config, graphdef, params, batches) -> float:
   return float(np.sqrt(mean_square - np.square(mean)))
 
 
+@jax.jit
+def round_trip(model, x):
+  """(x, the reconstruction of x from its posterior mean, clipped to [-1, 1]); one compiled program for every
+  evaluation of a run."""
+  return x, jnp.clip(model.decode(model.encode(x)), -1, 1)
+
+
 def evaluate(config, model, mesh, workdir) -> dict | None:
   """Reconstruct (posterior means) up to train.eval_examples held-out images: their PSNR and FID (random-conv
   features) against the originals and, on captioned_shapes, the shapes judge's accuracy on them against their
@@ -298,13 +308,12 @@ def evaluate(config, model, mesh, workdir) -> dict | None:
     return None
   batch = data_parallel * (min(config.train.batch_size, examples) // data_parallel)
   loader = iter(pipeline.make_loader(config.data, source, None, batch // jax.process_count(), seed=0, shuffle=False))
-  reconstruct = jax.jit(lambda m, x: (x, jnp.clip(m.decode(m.encode(x)), -1, 1)))
   keep = ("image", "video", pipeline.RECORD_INDEX)
   parts = []
   for _ in range(-(-examples // batch)):
     local = {k: v for k, v in next(loader).items() if k in keep}
     global_batch = pipeline.to_global(local, sharding.batch_sharding(mesh))
-    pair = reconstruct(model, images(global_batch))
+    pair = round_trip(model, images(global_batch))
     parts.append(multihost_utils.process_allgather((*pair, global_batch[pipeline.RECORD_INDEX]), tiled=True))
   if jax.process_index() != 0:
     return None
@@ -373,8 +382,16 @@ def _train(config, workdir: str) -> pathlib.Path:
   log.info("autoencoder: %d parameters, %d-fold downsampling, %s latents", sum(x.size for x in jax.tree.leaves(
       state.params)), autoencoder.downsampling_factor(model_config(config)), config.autoencoder.latent_channels)
   writer = metric_writers.MetricWriter(workdir, config.train.steps)
+  eval_writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
   writer.start(step)
   save = lambda: checkpoint.save(mngr, step, state, data_iter, force=True)
+
+  def scored(model) -> dict | None:  # every process reconstructs; process 0 logs the scores
+    result = evaluate(config, model, mesh, workdir)
+    if result is not None:
+      eval_writer.write(step, result)
+    return result
+
   with stop_signals.StopSignals(stop_signals.job_signals()) as stop:
     while step < config.train.steps:
       state, metrics = compiled(state, next_batch(), hparams, perceptual_state)
@@ -391,9 +408,12 @@ def _train(config, workdir: str) -> pathlib.Path:
         save()
       if stopping:
         break
+      if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
+        scored(nnx.merge(graphdef, state.params))  # encode then decode: the scaling factor cancels
     mngr.wait_until_finished()
   writer.close()
   if step < config.train.steps:
+    eval_writer.close()
     log.warning("%s: checkpoint saved at step %d of %d; rerun the same command to resume.",
                 stop.received or "stop requested by another process or a preemption notice", step, config.train.steps)
     return None
@@ -405,7 +425,8 @@ def _train(config, workdir: str) -> pathlib.Path:
   params = multihost_utils.process_allgather(state.params, tiled=True)  # whole arrays on every process
   if jax.process_index() == 0:
     autoencoder.save_diffusers(nnx.merge(nnx.graphdef(model), params), trained, directory)
-  result = evaluate(config, model, mesh, workdir)
+  result = scored(model)
+  eval_writer.close()
   if result is not None:
     log.info("reconstructions of %d held-out images: %.2f dB PSNR, FID (random conv) %.3g (%s)", result["examples"],
              result["psnr_db"], result["fid_random_conv"], pathlib.Path(workdir) / "reconstructions.png")

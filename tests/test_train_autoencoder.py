@@ -38,8 +38,8 @@ def trained(config, tmp_path_factory):
   return workdir, train_autoencoder.train(config, workdir)
 
 
-def read_log(workdir):
-  return [json.loads(line) for line in (workdir / "logs" / "train.jsonl").read_text().splitlines()]
+def read_log(workdir, name="train"):
+  return [json.loads(line) for line in (workdir / "logs" / f"{name}.jsonl").read_text().splitlines()]
 
 
 def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_path, caplog):
@@ -66,6 +66,8 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_
   # scaling_factor = 1 / the std of the training latents: the diffusion model sees about unit variance.
   latents = ours.encode(jnp.asarray(x), jax.random.key(0))
   assert theirs.config.scaling_factor == ours.scaling_factor and 0.7 < float(jnp.std(latents)) < 1.4
+  evaluations = read_log(workdir, "eval")  # every train.eval_every (15) steps and at the end
+  assert [e["step"] for e in evaluations] == [15, 30] and evaluations[-1]["psnr_db"] > evaluations[0]["psnr_db"]
   result = json.loads((workdir / "logs" / "reconstruction.json").read_text())
   assert result["examples"] == 16 and media.read_provenance(workdir / "reconstructions.png")["psnr_db"] == str(
       result["psnr_db"])
@@ -80,7 +82,7 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_
   caplog.set_level("INFO", logger="diffusion_jax")
   assert train_autoencoder.train(config, workdir) == directory
   assert "resumed from step 30" in caplog.text
-  assert read_log(workdir)[-1]["step"] == 32
+  assert read_log(workdir)[-1]["step"] == 32 and read_log(workdir, "eval")[-1]["step"] == 32
   config.autoencoder.latent_channels = 8
   with pytest.raises(ValueError, match="checkpoints of another autoencoder.*latent_channels: 4 -> 8"):
     train_autoencoder.train(config, workdir)
@@ -98,7 +100,7 @@ def test_the_perceptual_term_is_lpips_per_pixel_value_and_reconstructions_get_an
     np.testing.assert_allclose(record["loss"], expected, rtol=1e-5)
     assert record["lpips"] > 0
   result = json.loads((tmp_path / "logs" / "reconstruction.json").read_text())
-  assert result["lpips"] > 0 and result["examples"] == 16
+  assert result["lpips"] > 0 and result["examples"] == 16 and read_log(tmp_path, "eval")[-1]["lpips"] == result["lpips"]
 
 
 def test_adversarial_term_starts_at_its_step_with_sds_adaptive_weight_and_resumes(config, tmp_path, caplog):
