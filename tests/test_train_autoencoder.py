@@ -1,7 +1,7 @@
 """Training the latent-diffusion autoencoder (FSDP on a (2, 4) mesh): the loss falls, the written directory is a
 diffusers AutoencoderKL (diffusers' PyTorch model computes what ours does), its scaling factor gives unit-variance
-latents, a rerun resumes, two processes train and write what one does, and a bad config is refused with every
-problem named."""
+latents, reconstructions are scored during training, a rerun resumes, the perceptual and adversarial terms weigh
+as SD's, two processes train and write what one does, and a bad config is refused with every problem named."""
 
 import json
 import pathlib
