@@ -26,6 +26,8 @@ Flags:
   --batch_size        samples generated at once over all devices (default: the config's sample.batch_size;
                       with --cascade it sets every stage's, one stage's is --cascade.stages[k].batch_size);
                       more are generated batch by batch, with progress
+  --negative_prompt   text guidance steers away from for every caption (default: the config's
+                      sample.negative_prompt, "" = none; with --cascade it sets every stage's)
   --heldout_examples  validation examples for the held-out loss (default 64)
   --combination_prompts  configs with data.heldout_combinations: validation captions naming a held-out
                       colour-shape combination to generate for and judge, at the config's sample settings and
@@ -281,13 +283,12 @@ SWEEPS = {
 }
 
 
-def evaluation_sample_config(config, batch_size=None):
-  """The config's sample settings with one image per validation caption (and `batch_size` samples generated at
-  once, when given)."""
+def evaluation_sample_config(config, overrides=None):
+  """The config's sample settings with one image per validation caption and `overrides` ({field: value}, e.g. the
+  command line's batch_size and negative_prompt; None values are left to the config)."""
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.num_per_prompt = 1
-  if batch_size is not None:
-    sample_config.batch_size = batch_size
+  sample_config.update({k: v for k, v in (overrides or {}).items() if v is not None})
   return sample_config
 
 
@@ -337,12 +338,11 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
-                  combination_prompts=64, batch_size=None, perceptual=None):
+                  combination_prompts=64, sample_overrides=None, perceptual=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions for
-  heldout_combination_accuracy at each sample setting; `batch_size`: samples generated at once (default the
-  config's sample.batch_size)."""
+  heldout_combination_accuracy at each sample setting; `sample_overrides`: as evaluation_sample_config's."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -365,7 +365,7 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
         heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config))
     return setting_metrics, generated
 
-  generated_metrics, generated = scored(evaluation_sample_config(config, batch_size))
+  generated_metrics, generated = scored(evaluation_sample_config(config, sample_overrides))
   metrics.update(generated_metrics)
   results = {name: [(value, scored(swept)[0]) for value, swept in points] for name, points in (settings or {}).items()}
   return step, metrics, generated, results
@@ -428,7 +428,7 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
-        combination_prompts=64, batch_size=None, lpips_weights=None):
+        combination_prompts=64, sample_overrides=None, lpips_weights=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
@@ -436,9 +436,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   clip_weights: a local Hugging Face CLIP directory; adds clip_score.
   lpips_weights: a local LPIPS weights directory; adds lpips and lpips_bicubic (super-resolution stages only).
   combination_prompts: held-out-combination captions judged per sample setting (0: none).
-  batch_size: samples generated at once (default the config's sample.batch_size)."""
+  sample_overrides: {sample field: value} over the config's, e.g. batch_size (samples generated at once) and
+  negative_prompt; sweeps vary the result."""
   config = checkpoint.read_config(workdir)
-  settings = sweep_settings(sweeps or {}, evaluation_sample_config(config, batch_size), config)
+  settings = sweep_settings(sweeps or {}, evaluation_sample_config(config, sample_overrides), config)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -459,7 +460,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         frechet = frechet_distances(validation_set(config, num_prompts)[1], feature_fns)
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
-                                                     clip, combination_prompts, batch_size, perceptual)
+                                                     clip, combination_prompts, sample_overrides, perceptual)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -504,6 +505,8 @@ def define_flags():
                       "tokenizer.json): adds clip_score.")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: the config's "
                        "sample.batch_size; with --cascade: every stage's).", lower_bound=1)
+  flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from, for every caption (default: the "
+                      "config's sample.negative_prompt; with --cascade: every stage's).")
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
   flags.DEFINE_list("steps_sweep", [], "Sampler step counts for a metric-vs-steps table and plot.")
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
@@ -536,13 +539,14 @@ def main(argv):
   sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
   try:
     if f.cascade:
-      cascade.set_every_stage(f.cascade, batch_size=f.batch_size)
+      cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
       results = [cascade_metrics(f.cascade, f.num_prompts, metric_features(f.inception_weights, f.i3d_weights),
                                  clip_score.load(f.clip_weights) if f.clip_weights else None, sweeps, f.sweep_stage)]
     else:
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
-                    f.combination_prompts, f.batch_size, f.lpips_weights)
+                    f.combination_prompts, {"batch_size": f.batch_size, "negative_prompt": f.negative_prompt},
+                    f.lpips_weights)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

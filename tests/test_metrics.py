@@ -200,3 +200,14 @@ def test_evaluation_skips_unreadable_checkpoints_and_goes_on(trained, tmp_path, 
   assert "Checkpoint 2 in" in caplog.text and "Checkpoint 4 in" in caplog.text and "cannot be read" in caplog.text
   with pytest.raises(ValueError, match="Checkpoint 2 in .* cannot be read"):  # asked for by step: an error
     evaluate.run(workdir, step=2, num_prompts=4, heldout_examples=4, combination_prompts=0)
+
+
+def test_the_command_lines_sample_settings_override_the_configs_for_evaluation():
+  from configs import t2i_shapes
+  from diffusion_jax import evaluate
+
+  config = t2i_shapes.get_config("test")
+  settings = evaluate.evaluation_sample_config(config, {"batch_size": 16, "negative_prompt": "blue", "steps": None})
+  assert (settings.batch_size, settings.negative_prompt, settings.num_per_prompt) == (16, "blue", 1)
+  assert settings.steps == config.sample.steps  # None: left to the config
+  assert config.sample.negative_prompt == "" and evaluate.evaluation_sample_config(config).batch_size == 256
