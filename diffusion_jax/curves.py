@@ -5,7 +5,7 @@
 
 Flags:
   --workdirs   comma-separated workdirs of the main job or the autoencoder trainer (their logs/train.jsonl and,
-               when there is one, logs/eval.jsonl)
+               when there is one, logs/eval.jsonl); quoted glob patterns name many, e.g. "sweeps/shapes/runs/*"
   --output     the PNG (default: WORKDIR/curves.png for one workdir; needed for several)
   --metrics    comma-separated metric names of either log, one panel each (default: those of DEFAULT_METRICS that
                some workdir logged); an unknown name is refused with the names there are
@@ -16,8 +16,10 @@ The main job writes WORKDIR/curves.png when its training finishes; the PNG's tex
 metrics. Use it to compare runs (ablations, a scaling sweep's sizes) without starting TensorBoard.
 """
 
+import glob
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -32,6 +34,21 @@ DEFAULT_METRICS = ("loss", "heldout_loss", "fid_random_conv", "accuracy/all", "p
 UNSMOOTHED = {"learning_rate"}  # a schedule: smoothing would only shift it
 LOGS = ("train", "eval")
 COLUMNS = 3
+
+
+def expand(workdirs) -> list[str]:
+  """Workdirs with each glob pattern replaced by the directories it matches (sorted); a pattern that matches
+  none is refused."""
+  out = []
+  for entry in map(str, workdirs):
+    if glob.has_magic(entry):
+      matches = sorted(p for p in glob.glob(os.path.expanduser(entry)) if os.path.isdir(p))
+      if not matches:
+        raise ValueError(f"--workdirs: no directory matches {entry!r}")
+      out += matches
+    else:
+      out.append(entry)
+  return out
 
 
 def read_logs(workdir) -> dict:
@@ -73,7 +90,7 @@ def write(workdirs: list, output, metrics=None, smoothing: float = 0.6) -> pathl
 
   if not 0 <= smoothing < 1:
     raise ValueError(f"--smoothing={smoothing} must be in [0, 1)")
-  logs = {str(w): read_logs(w) for w in workdirs}
+  logs = {w: read_logs(w) for w in expand(workdirs)}
   logged = {m for runs in logs.values() for records in runs.values() for r in records for m in r} - {"step"}
   if metrics:
     unknown = [m for m in metrics if m not in logged]
@@ -119,6 +136,8 @@ def main(argv):
   if f.output is None and len(f.workdirs) > 1:
     raise app.UsageError("--output is required with several --workdirs.")
   output = f.output or pathlib.Path(f.workdirs[0]) / "curves.png"
+  if f.output is None and glob.has_magic(f.workdirs[0]):
+    raise app.UsageError("--output is required with a glob pattern in --workdirs.")
   try:
     print(write(f.workdirs, output, f.metrics, f.smoothing))
   except ValueError as error:

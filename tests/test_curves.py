@@ -42,6 +42,8 @@ def test_several_workdirs_share_one_figure(trained, tmp_path):
   assert metrics[:3] == ["loss", "heldout_loss", "fid_random_conv"] and "learning_rate" in metrics
   with Image.open(path) as image:  # 3 panels a row (4.5 x 3.2 inches at 100 dpi)
     assert image.size == (3 * 450, -(-len(metrics) // 3) * 320)
+  pattern = str(tmp_path / "cop?" / "*")  # a glob pattern names the directories it matches
+  assert json.loads(media.read_provenance(curves.write([pattern], tmp_path / "glob.png"))["workdirs"]) == [str(other)]
   path = curves.write([workdir], tmp_path / "one.png", metrics=["loss"], smoothing=0.0)
   assert json.loads(media.read_provenance(path)["metrics"]) == ["loss"]
 
@@ -50,6 +52,8 @@ def test_what_cannot_be_plotted_is_refused(trained, tmp_path):
   _, workdir, _ = trained
   with pytest.raises(ValueError, match="--metrics: no workdir logged nope; there are .*grad_norm.*loss"):
     curves.write([workdir], tmp_path / "x.png", metrics=["loss", "nope"])
+  with pytest.raises(ValueError, match="--workdirs: no directory matches"):
+    curves.write([str(tmp_path / "nothing*")], tmp_path / "x.png")
   with pytest.raises(ValueError, match=r"--smoothing=1.0 must be in \[0, 1\)"):
     curves.write([workdir], tmp_path / "x.png", smoothing=1.0)
   result = subprocess.run([sys.executable, "-m", "diffusion_jax.curves", f"--workdirs={tmp_path / 'nope'}"],
