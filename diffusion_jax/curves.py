@@ -5,7 +5,8 @@
 
 Flags:
   --workdirs   comma-separated workdirs of the main job or the autoencoder trainer (their logs/train.jsonl and,
-               when there is one, logs/eval.jsonl); quoted glob patterns name many, e.g. "sweeps/shapes/runs/*"
+               when there is one, logs/eval.jsonl); quoted glob patterns name many, e.g. a scaling sweep's runs,
+               "workdirs/scaling_shapes/*" (directories only)
   --output     the PNG (default: WORKDIR/curves.png for one workdir; needed for several)
   --metrics    comma-separated metric names of either log, one panel each (default: those of DEFAULT_METRICS that
                some workdir logged); an unknown name is refused with the names there are
