@@ -439,13 +439,13 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   sample_overrides: {sample field: value} over the config's, e.g. batch_size (samples generated at once) and
   negative_prompt; sweeps vary the result."""
   config = checkpoint.read_config(workdir)
+  if lpips_weights and not config.model.lowres_conditioning:  # before any weights are read
+    raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "
+                     "given downsampled; this model is not a super-resolution stage (model.lowres_conditioning)")
   settings = sweep_settings(sweeps or {}, evaluation_sample_config(config, sample_overrides), config)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
-  if lpips_weights and not config.model.lowres_conditioning:
-    raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "
-                     "given downsampled; this model is not a super-resolution stage (model.lowres_conditioning)")
   perceptual = lpips.load(str(lpips_weights)) if lpips_weights else None
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
   written, unreadable, idle_since = [], set(), time.time()
