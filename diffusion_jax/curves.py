@@ -99,6 +99,9 @@ def write(workdirs: list, output, metrics=None, smoothing: float = 0.6) -> pathl
       raise ValueError(f"--metrics: no workdir logged {', '.join(unknown)}; there are {', '.join(sorted(logged))}")
   else:
     metrics = [m for m in DEFAULT_METRICS if m in logged]
+  if not metrics:
+    raise ValueError(f"No metric of {', '.join(DEFAULT_METRICS)} was logged; name some with --metrics (there are "
+                     f"{', '.join(sorted(logged)) or 'none'})")
   rows = -(-len(metrics) // COLUMNS)
   figure, axes = plt.subplots(rows, COLUMNS, figsize=(4.5 * COLUMNS, 3.2 * rows), squeeze=False)
   labels = [pathlib.Path(w).name for w in logs]
