@@ -52,6 +52,12 @@ def test_what_cannot_be_plotted_is_refused(trained, tmp_path):
   _, workdir, _ = trained
   with pytest.raises(ValueError, match="--metrics: no workdir logged nope; there are .*grad_norm.*loss"):
     curves.write([workdir], tmp_path / "x.png", metrics=["loss", "nope"])
+  odd = tmp_path / "odd" / "logs"
+  odd.mkdir(parents=True)
+  (odd / "train.jsonl").write_text(json.dumps({"step": 1, "custom": 0.5}) + "\n")
+  with pytest.raises(ValueError, match=r"No metric of loss, .* was logged; name some with --metrics \(there are "
+                                       r"custom\)"):
+    curves.write([odd.parent], tmp_path / "x.png")
   with pytest.raises(ValueError, match="--workdirs: no directory matches"):
     curves.write([str(tmp_path / "nothing*")], tmp_path / "x.png")
   with pytest.raises(ValueError, match=r"--smoothing=1.0 must be in \[0, 1\)"):
