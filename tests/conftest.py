@@ -134,8 +134,7 @@ def lpips_weights(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setitem(sys.modules, "torchvision", stub)
     patch.setitem(sys.modules, "torchvision.models", stub.models)
-    import lpips as reference
-
+    reference = pytest.importorskip("lpips", reason="the LPIPS oracle; `make test` installs lpips==0.1.4 --no-deps")
     oracle = reference.LPIPS(net="vgg", pnet_rand=True, verbose=False)
   shutil.copy(pathlib.Path(reference.__file__).parent / "weights" / "v0.1" / "vgg.pth", directory / "vgg.pth")
   return directory, oracle
