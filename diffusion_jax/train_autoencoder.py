@@ -36,6 +36,7 @@ import json
 import logging
 import pathlib
 import sys
+import time
 
 import flax
 import jax
@@ -392,12 +393,17 @@ def _train(config, workdir: str) -> pathlib.Path:
       eval_writer.write(step, result)
     return result
 
+  interval_start, interval_steps = time.perf_counter(), 0  # step time and throughput since the last log line
   with stop_signals.StopSignals(stop_signals.job_signals()) as stop:
     while step < config.train.steps:
       state, metrics = compiled(state, next_batch(), hparams, perceptual_state)
-      step += 1
+      step, interval_steps = step + 1, interval_steps + 1
       if step % config.train.log_every == 0 or step == config.train.steps:
-        writer.write(step, jax.device_get(metrics))
+        metrics = jax.device_get(metrics)  # waits for the step: the interval's time is its steps' time
+        step_time = (time.perf_counter() - interval_start) / interval_steps
+        writer.write(step, {**metrics, "step_time_s": step_time,
+                            "examples_per_s": config.train.batch_size / step_time})
+        interval_start, interval_steps = time.perf_counter(), 0
         if not np.isfinite(float(metrics["loss"])):
           save()
           mngr.wait_until_finished()
@@ -409,7 +415,9 @@ def _train(config, workdir: str) -> pathlib.Path:
       if stopping:
         break
       if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
+        eval_start = time.perf_counter()
         scored(nnx.merge(graphdef, state.params))  # encode then decode: the scaling factor cancels
+        interval_start += time.perf_counter() - eval_start  # step times leave evaluations out
     mngr.wait_until_finished()
   writer.close()
   if step < config.train.steps:

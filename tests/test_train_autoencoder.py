@@ -52,6 +52,7 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_
   records = read_log(workdir)
   assert [r["step"] for r in records] == [10, 20, 30]
   assert records[-1]["l1"] < 0.8 * records[0]["l1"], records  # it learns
+  assert all(r["examples_per_s"] > 0 and r["step_time_s"] > 0 for r in records)
 
   ours = autoencoder.load_diffusers(str(directory))
   theirs = AutoencoderKL.from_pretrained(directory).eval()
