@@ -226,13 +226,15 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
     ratio = jnp.linalg.norm(reconstruction_grad) / (jnp.linalg.norm(generator_grad) + 1e-4)
     return jnp.clip(ratio, 0.0, 1e4) * adversarial.weight
 
-  def loss_fn(params, x, key, perceptual_state, discriminator_params, generator_weight):
+  def loss_fn(params, x, key, perceptual_state, discriminator_params, generator_weight, started):
     reconstruction, mean, logvar = reconstruct(params, x, key)
     loss, parts = reconstruction_loss(reconstruction, x, perceptual_state)
     kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3))
     loss, parts["kl"] = jnp.mean(loss + kl_weight * kl), jnp.mean(kl)
-    if discriminator_params is not None:
-      parts["generator_loss"] = discriminator.generator_loss(critic(discriminator_params, reconstruction))
+    if discriminator_params is not None:  # the discriminator is not run (0) before adversarial.start_step
+      parts["generator_loss"] = jax.lax.cond(
+          started, lambda r: discriminator.generator_loss(critic(discriminator_params, r)), lambda r: 0.0,
+          reconstruction)
       loss = loss + generator_weight * parts["generator_loss"]
     return loss, (parts, reconstruction)
 
@@ -247,7 +249,7 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
         lambda: jnp.zeros(())) if adversarial_on else None
     discriminator_params = state.discriminator if adversarial_on else None
     (loss, (parts, reconstruction)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, x, key, perceptual_state, discriminator_params, generator_weight)
+        state.params, x, key, perceptual_state, discriminator_params, generator_weight, started)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     finite = jnp.isfinite(loss)  # a non-finite step leaves the state as it was
     keep = lambda new, old, when: jax.tree.map(lambda n, o: jnp.where(when, n, o), new, old)
@@ -266,9 +268,9 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
         return (keep(optax.apply_updates(state.discriminator, updates), state.discriminator, ok),
                 keep(opt_state, state.discriminator_opt_state, ok), loss)
 
-      idle = lambda: (state.discriminator, state.discriminator_opt_state, hinge(state.discriminator))
+      idle = lambda: (state.discriminator, state.discriminator_opt_state, jnp.zeros(()))
       discriminator_params, discriminator_opt_state, discriminator_loss = jax.lax.cond(
-          started, discriminator_step, idle)  # no gradient computed before adversarial.start_step
+          started, discriminator_step, idle)  # nothing computed (loss logged as 0) before adversarial.start_step
       new = new.replace(discriminator=discriminator_params, discriminator_opt_state=discriminator_opt_state)
       metrics |= {"discriminator_loss": discriminator_loss, "generator_weight": generator_weight}
     return new, metrics
