@@ -14,10 +14,13 @@ Flags:
                0.6; 0: none); the raw points stay as a faint line
 
 The main job writes WORKDIR/curves.png when its training finishes; the PNG's text chunks name the workdirs and
-metrics. Use it to compare runs (ablations, a scaling sweep's sizes) without starting TensorBoard.
+metrics. Evaluations of one workdir under several settings (the evaluation job's flags, the "settings" of its
+log lines) are separate lines, each with its own marker and dash. Use it to compare runs (ablations, a scaling
+sweep's sizes) without starting TensorBoard.
 """
 
 import glob
+import itertools
 import json
 import math
 import os
@@ -34,6 +37,7 @@ DEFAULT_METRICS = ("loss", "heldout_loss", "fid_random_conv", "accuracy/all", "p
                    "discriminator_loss", "learning_rate", "grad_norm", "examples_per_s")
 UNSMOOTHED = {"learning_rate"}  # a schedule: smoothing would only shift it
 LOGS = ("train", "eval")
+EVAL_MARKERS = ("o-", "s--", "^:", "v-.", "D-")  # one per evaluation settings of a workdir
 COLUMNS = 3
 
 
@@ -73,6 +77,15 @@ def series(records: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
   return steps, np.array([points[s] for s in steps], dtype=np.float64)
 
 
+def by_settings(records: list[dict]) -> list[list[dict]]:
+  """Evaluation records split by the settings they were made under (their "settings" field; lines without one
+  are a group of their own), groups in order of first appearance: each group is one line on a plot."""
+  groups = {}
+  for record in records:
+    groups.setdefault(json.dumps(record.get("settings"), sort_keys=True), []).append(record)
+  return list(groups.values())
+
+
 def smooth(values: np.ndarray, factor: float) -> np.ndarray:
   """Exponential moving average with weight `factor` on the past, debiased (the first point is itself)."""
   out, average, weight = np.empty_like(values), 0.0, 0.0
@@ -92,7 +105,8 @@ def write(workdirs: list, output, metrics=None, smoothing: float = 0.6) -> pathl
   if not 0 <= smoothing < 1:
     raise ValueError(f"--smoothing={smoothing} must be in [0, 1)")
   logs = {w: read_logs(w) for w in expand(workdirs)}
-  logged = {m for runs in logs.values() for records in runs.values() for r in records for m in r} - {"step"}
+  logged = {m for runs in logs.values() for records in runs.values() for r in records for m, v in r.items()
+            if v is None or isinstance(v, (int, float))} - {"step"}
   if metrics:
     unknown = [m for m in metrics if m not in logged]
     if unknown:
@@ -108,14 +122,17 @@ def write(workdirs: list, output, metrics=None, smoothing: float = 0.6) -> pathl
   labels = labels if len(set(labels)) == len(labels) else list(logs)  # names, unless two runs share one
   for axis, metric in zip(axes.flat, metrics):
     for colour, (label, runs) in enumerate(zip(labels, logs.values())):
-      for name, records in runs.items():
+      lines = [("train", "-", runs["train"])]
+      groups = by_settings(runs["eval"])
+      lines += [("eval", style, group) for style, group in zip(itertools.cycle(EVAL_MARKERS), groups)]
+      for name, style, records in lines:
         steps, values = series(records, metric)
         if not len(steps):
           continue
         if name == "train" and smoothing > 0 and len(steps) > 1 and metric not in UNSMOOTHED:
           axis.plot(steps, values, color=f"C{colour}", alpha=0.25, linewidth=0.8)
           values = smooth(values, smoothing)
-        axis.plot(steps, values, "o-" if name == "eval" else "-", color=f"C{colour}", markersize=3)
+        axis.plot(steps, values, style, color=f"C{colour}", markersize=3)
     axis.set(title=metric, xlabel="step")
   for axis in axes.flat[len(metrics):]:
     axis.set_visible(False)

@@ -77,8 +77,9 @@ heldout_loss_direction_gap, the held-out loss with every caption's direction rev
 true captions: 0 when the model ignores the direction word). A super-resolution stage is given the
 validation images downsampled to its input size (at sample.aug_level) and judged on what it makes of
 them, with its PSNR (and with --lpips_weights its LPIPS) against the real images next to that of bicubic
-upsampling. Steps already in eval.jsonl
-are skipped, so the job is resumable.
+upsampling. Each eval.jsonl line also records the settings its numbers depend on (evaluation_settings); checkpoints
+already evaluated under the same settings are skipped, so the job is resumable, and other settings evaluate them
+again.
 """
 
 import itertools
@@ -371,11 +372,44 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   return step, metrics, generated, results
 
 
-def done_steps(workdir) -> set:
+# Sample fields an evaluation's numbers do not depend on: each caption has its own noise whatever the batch.
+UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt")
+
+
+def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics) -> dict:
+  """What an eval.jsonl line's numbers depend on besides the checkpoint, recorded in it as "settings" (JSON
+  values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
+  those added by local weights (fid_inception, fvd_i3d, clip_score, lpips)."""
+  sample_settings = {k: v for k, v in sample_config.to_dict().items() if k not in UNRECORDED_SAMPLE_FIELDS}
+  settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
+              "combination_prompts": combination_prompts, "metrics": sorted(optional_metrics),
+              "sample": sample_settings}
+  return json.loads(json.dumps(settings))
+
+
+def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """`field: old -> new` for each field (nested ones as sample.field) that differs between two settings."""
+  changes = []
+  for key in sorted(old.keys() | new.keys()):
+    before, after = old.get(key), new.get(key)
+    if isinstance(before, dict) and isinstance(after, dict):
+      changes += changed_settings(before, after, f"{prefix}{key}.")
+    elif before != after:
+      changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+  return changes
+
+
+def evaluated(workdir) -> list[dict]:
+  """The records of WORKDIR/logs/eval.jsonl, oldest first."""
   path = pathlib.Path(workdir) / "logs" / "eval.jsonl"
-  if not path.exists():
-    return set()
-  return {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [json.loads(line) for line in lines if line.strip()]
+
+
+def done_steps(workdir, settings: dict) -> set:
+  """Steps evaluated under `settings` (evaluation_settings); lines written before settings were recorded count
+  for any."""
+  return {r["step"] for r in evaluated(workdir) if r.get("settings", settings) == settings}
 
 
 def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
@@ -442,7 +476,12 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   if lpips_weights and not config.model.lowres_conditioning:  # before any weights are read
     raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "
                      "given downsampled; this model is not a super-resolution stage (model.lowres_conditioning)")
-  settings = sweep_settings(sweeps or {}, evaluation_sample_config(config, sample_overrides), config)
+  sample_config = evaluation_sample_config(config, sample_overrides)
+  settings = sweep_settings(sweeps or {}, sample_config, config)
+  optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
+              "lpips": lpips_weights}
+  recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
+                                 [name for name, weights in optional.items() if weights])
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -452,9 +491,14 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   while True:
     mngr = checkpoint.manager(workdir, read_only=True)
     todo = [step] if step is not None else distributed.from_process_zero(
-        sorted(set(mngr.all_steps()) - done_steps(workdir) - unreadable))
-    if step is None and not todo and not mngr.all_steps() and not watch:
-      raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
+        sorted(set(mngr.all_steps()) - done_steps(workdir, recorded) - unreadable))
+    if step is None and not todo and not watch:
+      if not mngr.all_steps():
+        raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
+      log.info("Every checkpoint of %s is already evaluated under these settings (logs/eval.jsonl); --step=N "
+               "evaluates one again (with any sweeps).", workdir)
+    if step is None and jax.process_index() == 0:
+      _log_settings_changes(workdir, todo, recorded)
     for s in todo:
       if frechet is None:  # the real images' features, once for every checkpoint and sweep point
         frechet = frechet_distances(validation_set(config, num_prompts)[1], feature_fns)
@@ -467,19 +511,27 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         log.warning("%s Skipped; evaluating the others.", error)
         unreadable.add(s)
         continue
-      writer.write(s, metrics)
+      writer.write(s, metrics, fields={"settings": recorded})
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
       for name, sweep in swept.items():
         if jax.process_index() == 0:
           log.info("%s sweep plot: %s", name, write_sweep(workdir, s, name, sweep))
-      written.append({"step": s, **metrics})
+      written.append({"step": s, **metrics, "settings": recorded})
       idle_since = time.time()
     if not watch or step is not None or distributed.any_process(time.time() - idle_since > max_idle_minutes * 60):
       break
     time.sleep(poll_seconds)
   writer.close()
   return written
+
+
+def _log_settings_changes(workdir, steps, settings):
+  """Say which of `steps` were evaluated before under other settings, and what changed."""
+  before = {r["step"]: r["settings"] for r in evaluated(workdir) if "settings" in r and r["step"] in steps}
+  for step, old in sorted(before.items()):
+    log.info("Checkpoint %d was evaluated under other settings; evaluating it again (%s).", step,
+             "; ".join(changed_settings(old, settings)))
 
 
 def define_flags():

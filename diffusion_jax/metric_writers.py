@@ -27,13 +27,15 @@ class MetricWriter:
   def start(self, step: int):
     self.start_time, self.start_step = time.time(), step
 
-  def write(self, step: int, metrics: dict):
+  def write(self, step: int, metrics: dict, fields=None):
+    """The scalars of `metrics` to both logs; `fields` ({name: JSON value}, e.g. an evaluation's settings) to the
+    JSONL line only."""
     if not self.active:
       return
     scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
     # Non-finite values (e.g. an empty log-SNR bin) are written as null: the file stays strict JSON.
     record = {k: (v if np.isfinite(v) else None) for k, v in scalars.items()}
-    self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+    self.jsonl.write(json.dumps({"step": step, **record, **(fields or {})}) + "\n")
     self.jsonl.flush()
     for key, value in scalars.items():
       if np.isfinite(value):

@@ -29,6 +29,14 @@ def test_series_keeps_a_resumed_steps_last_value_and_skips_missing_ones():
   np.testing.assert_array_equal(values, [1.0, 0.9, 0.7])
 
 
+def test_evaluations_under_other_settings_are_lines_of_their_own():
+  records = [{"step": 2, "fid": 3.0}, {"step": 2, "fid": 2.0, "settings": {"num_prompts": 8}},
+             {"step": 4, "fid": 1.0, "settings": {"num_prompts": 8}},
+             {"step": 4, "fid": 9.0, "settings": {"num_prompts": 64}}]
+  groups = curves.by_settings(records)
+  assert [[r["fid"] for r in group] for group in groups] == [[3.0], [2.0, 1.0], [9.0]]
+
+
 def test_several_workdirs_share_one_figure(trained, tmp_path):
   _, workdir, _ = trained
   other = tmp_path / "copy" / workdir.name  # the same name: the legend shows whole paths

@@ -1,6 +1,7 @@
 """Metrics: the shapes judge, Fréchet distance, random-conv FID, the evaluation job."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ def test_features_in_padded_batches_are_those_of_the_whole_set(caplog):
                              atol=1e-6)
 
 
-def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
+def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch, caplog):
   from diffusion_jax import checkpoint, evaluate
 
   _, workdir, _ = trained
@@ -140,9 +141,14 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
     assert 0 <= record["accuracy/all"] <= 1
     assert 0 <= record["accuracy_heldout_combinations/all"] <= 1  # t2i_shapes holds three combinations out
     assert np.isfinite(record["heldout_loss_binding_gap"])
+  caplog.set_level(logging.INFO, logger="diffusion_jax")
   assert evaluate.run(workdir, num_prompts=8, heldout_examples=8, combination_prompts=8) == []  # nothing left to do
-  lines = (workdir / "logs" / "eval.jsonl").read_text().splitlines()
-  assert [json.loads(line)["step"] for line in lines] == [2, 4]
+  assert "already evaluated under these settings" in caplog.text
+  lines = [json.loads(line) for line in (workdir / "logs" / "eval.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines] == [2, 4]
+  settings = lines[0]["settings"]  # what the numbers depend on, written beside them
+  assert settings == first[0]["settings"] and settings["num_prompts"] == 8 and settings["metrics"] == []
+  assert settings["sample"]["guidance_scale"] == trained[0].sample.guidance_scale
   with pytest.raises(ValueError) as error:  # every bad swept value named before anything is loaded
     evaluate.run(workdir, step=4, sweeps={"sampler": ("nope:20", "ddpm:0"), "steps": ("many",), "threshold": ("soft",),
                                           "aug_level": ("0.2",)})
@@ -159,7 +165,26 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch):
   table = (workdir / "eval" / "sampler_sweep_step_4.md").read_text().splitlines()
   assert [line.split(" | ")[0] for line in table[2:]] == ["| ddim:3", "| ddpm"]
   assert "accuracy_heldout_combinations/all" in table[0]  # judged at every sweep point, not only the default
+  # Under other settings a checkpoint is evaluated again: here only 2 (4 was, by the --step run above).
+  again = evaluate.run(workdir, num_prompts=8, heldout_examples=8, combination_prompts=4, clip_weights=tiny_clip[0])
+  assert [r["step"] for r in again] == [2] and "clip_score" in again[0]
+  assert ("Checkpoint 2 was evaluated under other settings; evaluating it again (combination_prompts: 8 -> 4; "
+          "metrics: [] -> ['clip_score'])") in caplog.text
   assert evaluate.heldout_combination_accuracy(checkpoint.read_config(workdir), None, None, None, 0, None) == {}
+
+
+def test_a_checkpoint_counts_as_evaluated_only_under_the_same_settings(tmp_path):
+  from diffusion_jax import evaluate
+
+  settings = {"num_prompts": 8, "sample": {"negative_prompt": "", "steps": 25}}
+  other = {"num_prompts": 8, "sample": {"negative_prompt": "blue", "steps": 25}}
+  (tmp_path / "logs").mkdir()
+  lines = [{"step": 1}, {"step": 2, "settings": settings}, {"step": 3, "settings": other}]
+  (tmp_path / "logs" / "eval.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  assert evaluate.done_steps(tmp_path, settings) == {1, 2}  # a line from before settings were recorded: any
+  assert evaluate.done_steps(tmp_path, other) == {1, 3}
+  assert evaluate.changed_settings(settings, other) == ["sample.negative_prompt: '' -> 'blue'"]
+  assert evaluate.changed_settings({"metrics": []}, {}) == ["metrics: [] -> None"]
 
 
 def test_heldout_combination_captions_are_the_first_validation_captions_naming_one(trained):

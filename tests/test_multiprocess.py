@@ -89,6 +89,6 @@ def test_two_process_evaluation_job_scores_as_one_process(trained, tmp_path):
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   [two] = [json.loads(line) for line in (copies[1] / "logs" / "eval.jsonl").read_text().splitlines()]
-  assert one.keys() == two.keys() and two["step"] == 4
+  assert one.keys() == two.keys() and two["step"] == 4 and two.pop("settings") == one.pop("settings")
   for key in one:
     np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
