@@ -143,5 +143,6 @@ def get_config():
       aug_level=0.1,               # super-resolution stages: noise-augmentation time of the low-res input
       batch_size=256,              # samples generated at once over all devices (more: batch by batch)
       negative_prompt="",          # guidance's unconditional branch reads this text instead of the null one
+      strength=0.8,                # image-to-image and inpainting (--init_image): the part of the grid run, (0, 1]
   )
   return c

@@ -209,6 +209,7 @@ ADDED_FIELDS = {
     "latent.autoencoder_path": "", "latent.cache": "",
     "sample.batch_size": 256,  # before it, every sample of a call was generated at once (up to 256 in the tests)
     "sample.negative_prompt": "",
+    "sample.strength": 0.8,  # read only when an image is edited, which earlier code could not
 }
 
 

@@ -70,8 +70,9 @@ def dit_problems(config, resolution: int) -> list[str]:
 
 
 def sample_problems(sample_config, prefix: str) -> list[str]:
-  """What is wrong with a sample section's sampler, steps, guidance scale, batch size, thresholding and
-  noise-augmentation level; each named `prefix` + field ("sample." in a config, "--" on a command line)."""
+  """What is wrong with a sample section's sampler, steps, guidance scale, batch size, thresholding,
+  noise-augmentation level and editing strength; each named `prefix` + field ("sample." in a config, "--" on a
+  command line)."""
   s, found = sample_config, []
   if s.sampler not in samplers.SAMPLERS:
     found.append(f"{prefix}sampler={s.sampler!r} is not one of {list(samplers.SAMPLERS)}")
@@ -85,6 +86,8 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}batch_size={s.batch_size} must be >= 1")
   if not 0 <= s.aug_level <= 1:
     found.append(f"{prefix}aug_level={s.aug_level} must be in [0, 1]")
+  if not 0 < s.strength <= 1:
+    found.append(f"{prefix}strength={s.strength} must be in (0, 1]")
   return found
 
 

@@ -6,7 +6,8 @@ Flags:
   --workdir         training workdir (holds config.json and checkpoints/); required
   --step            checkpoint step (default: the latest)
   --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
-                    "negative_prompt"?} (per-prompt settings); default: the config's sample.prompts
+                    "negative_prompt"?, "init_image"?, "mask"?} (per-prompt settings; image paths relative to the
+                    file); default: the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
@@ -21,6 +22,14 @@ Flags:
                     0 = data.frames)
   --batch_size      samples generated at once over all devices, rounded up to a multiple of the device count
                     (default: config sample.batch_size); more are generated batch by batch, with progress
+  --init_image      text-to-image models: an image (any size: shorter side to the model's resolution, centre crop)
+                    to edit for every prompt without its own, instead of generating from noise (image-to-image,
+                    SDEdit; editing.py): it is noised to --strength and the rest of the sampling grid is run
+  --mask            with --init_image: inpainting mask of the same size, white = generate anew, black = keep (the
+                    kept pixels of the output are the image's)
+  --strength        with --init_image: the part of the sampling grid run, in (0, 1] (default: config
+                    sample.strength, 0.8): 1 starts from pure noise, lower keeps more of the image; with --mask,
+                    1 ignores what the masked region held
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -32,10 +41,10 @@ Flags:
                     a multi-process job, as the main job's (`launch/local.py --module=diffusion_jax.sample`):
                     every process generates its part of each batch, process 0 writes
 
-Every PNG carries its provenance (prompt, negative prompt if any, seed, sampler, steps, guidance, checkpoint step,
-config hash) as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as
-an animated GIF (provenance in the GIF comment), an H.264 MP4 (provenance in its comment tag) and a PNG
-strip of its frames, plus grid.gif and grid.mp4.
+Every PNG carries its provenance (prompt, negative prompt if any, an edit's init image, mask and strength, seed,
+sampler, steps, guidance, checkpoint step, config hash) as PNG text chunks, and the same record is a line of
+manifest.jsonl. A video model writes each clip as an animated GIF (provenance in the GIF comment), an H.264 MP4
+(provenance in its comment tag) and a PNG strip of its frames, plus grid.gif and grid.mp4.
 """
 
 import hashlib
@@ -53,18 +62,20 @@ from ml_collections import config_flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, cli, config_checks, distributed, media, samplers, schedules, sharding, superres
+from diffusion_jax import (checkpoint, cli, config_checks, distributed, editing, media, samplers, schedules, sharding,
+                           superres)
 from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
-WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "num_per_prompt", "seed", "use_ema", "frames")
+WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "num_per_prompt", "seed", "use_ema", "frames", "strength")
+EDIT_FILES = ("init_image", "mask")  # a prompt's image to edit and its inpainting mask (edit_inputs)
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "threshold",
-                     "threshold_percentile", "frames", "aug_level")
+                     "threshold_percentile", "frames", "aug_level", "strength")
 _compiled_samplers = {}
 
 
@@ -83,19 +94,20 @@ def output_shape(config, sample_config) -> tuple:
 
 
 def make_generate_fn(config, graphdef, sample_config):
-  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres, negative) -> samples
+  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres, negative, init) -> samples
   [n, (frames,) res, res, c] in [-1, 1] (a latent model's decoded latents). Each sample's starting noise (and a
   stochastic sampler's noise at every step) comes from its own key, so a sample does not depend on the batch
   it is generated in (nor on the device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c]
   in [-1, 1] (None otherwise), noise-augmented to sample.aug_level. negative: (ids, mask) of negative prompts,
   read by guidance's unconditional branch instead of the null condition (rows whose mask is all 0 keep the
-  null condition), or None."""
+  null condition), or None. init: (images [n, h, w, c] in [-1, 1], keep [n, h, w, 1]) to edit (editing.py: the
+  last sample.strength of the grid from the images noised, the region keep marks kept), or None."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
   shape = output_shape(config, sample_config)
 
-  def generate(params, frozen, keys, ids, mask, lowres=None, negative=None):
+  def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None):
     model = nnx.merge(graphdef, params, frozen)
     text = model.encode(ids, mask)
     null_text, null_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
@@ -125,13 +137,21 @@ def make_generate_fn(config, graphdef, sample_config):
         image = samplers.threshold_x0(image, s.threshold, s.threshold_percentile)
         return superres.to_residual(image, clean_lowres, config)
 
-    x_init = sigma[0] * jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+    noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+    grid_alpha, grid_sigma, x_init = alpha, sigma, sigma[0] * noise
+    if init is not None:  # an edit: the rest of the grid from the given images noised, their kept region kept
+      given, keep = init
+      start = editing.first_step(s.steps, s.strength)
+      grid_alpha, grid_sigma, known = alpha[start:], sigma[start:], model.to_latents(given)
+      x_init = grid_alpha[0] * known + grid_sigma[0] * noise
+      denoise = editing.inpainting_denoiser(denoise, known, editing.keep_at(keep, shape[0]))
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # each sample's own stochastic-sampler noise
-    images = samplers.sample(denoise, x_init, alpha, sigma, s.sampler, key=step_keys, eta=s.eta,
-                             on_step=SamplingProgress(s.steps, s.sampler))
+    images = samplers.sample(denoise, x_init, grid_alpha, grid_sigma, s.sampler, key=step_keys, eta=s.eta,
+                             on_step=SamplingProgress(len(grid_alpha) - 1, s.sampler))
     if residual:
       images = superres.from_residual(images, clean_lowres, config)
-    return jnp.clip(model.from_latents(images), -1.0, 1.0)
+    images = jnp.clip(model.from_latents(images), -1.0, 1.0)
+    return images if init is None else jnp.where(keep > 0, given, images)
 
   return generate
 
@@ -177,7 +197,7 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
-             lowres=None, negative_prompts=None) -> np.ndarray:
+             lowres=None, negative_prompts=None, init_images=None, keep_masks=None) -> np.ndarray:
   """Samples [len(prompts), num_per_prompt, (frames,) res, res, c] uint8, generated sample.batch_size at a time
   (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
   serves every batch (the last is padded), and more than one batch logs progress with an ETA.
@@ -185,7 +205,12 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   seeds: one per prompt (default: sample_config.seed for all). lowres: a super-resolution stage's inputs,
   uint8 [len(prompts), num_per_prompt, (frames,) r, r, c] (the stage below's samples). negative_prompts: one per
   prompt, "" for none (default: sample_config.negative_prompt for all); with none at all, guidance's
-  unconditional branch is the null condition and the compiled program has no second text encoding."""
+  unconditional branch is the null condition and the compiled program has no second text encoding.
+  init_images: images to edit instead of generating from noise, uint8 [len(prompts), res, res, 3] (image models;
+  editing.py, at sample_config.strength), with keep_masks bool [len(prompts), res, res], True where the image is
+  kept (inpainting; default: nothing kept)."""
+  if init_images is not None:
+    check_editable(config)
   n = sample_config.num_per_prompt
   seeds = [sample_config.seed] * len(prompts) if seeds is None else list(seeds)
   repeated = [p for p in prompts for _ in range(n)]
@@ -206,10 +231,16 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   if any(negatives) and sample_config.guidance_scale == 1:
     log.warning("negative prompts have no effect at guidance scale 1 (guidance's unconditional branch, which reads "
                 "them, is not run)")
-  elif any(negatives):
+  negative = None
+  if any(negatives) and sample_config.guidance_scale != 1:
     negative_ids, negative_mask = tokenizer([p for p in negatives for _ in range(n)] + [""] * pad)
     given = np.array([bool(p) for p in negatives for _ in range(n)] + [False] * pad)
-    inputs.append((np.asarray(negative_ids), np.asarray(negative_mask) * given[:, None]))  # no text: null
+    negative = (np.asarray(negative_ids), np.asarray(negative_mask) * given[:, None])  # no text: null
+  inputs.append(negative)
+  if init_images is not None:
+    keep = np.zeros(np.shape(init_images)[:3], bool) if keep_masks is None else np.asarray(keep_masks, bool)
+    rows = lambda a: np.concatenate([np.repeat(a, n, axis=0), np.zeros((pad,) + a.shape[1:], a.dtype)])
+    inputs.append((rows(media.to_float(init_images)), rows(keep[..., None].astype(np.float32))))
   generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh), sharding.batch_sharding(mesh)
   place = lambda a, first: None if a is None else jax.device_put(jax.tree.map(lambda x: x[first:first + chunk], a),
                                                                    batch)
@@ -229,11 +260,13 @@ def config_hash(config) -> str:
   return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:12]
 
 
-def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> pathlib.Path:
+def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edits=None) -> pathlib.Path:
   """One PNG per sample (videos: a GIF, an MP4 and a PNG strip of its frames), manifest.jsonl, and grid.png
   of the first GRID_PROMPTS prompts (videos: also grid.gif and grid.mp4); entries carry each prompt's
   prompt/seed/guidance_scale. Returns the grid path.
-  images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]."""
+  images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]. edits: {prompt index: (image, keep)} of
+  the prompts that edited an image (edit_inputs): their grid rows show it first (inpainting: the region generated
+  anew dark)."""
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   is_video = images.ndim == 6
@@ -251,7 +284,13 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> 
   grid_path, images = output_dir / "grid.png", images[:GRID_PROMPTS]
   prompts = [e["prompt"] for e in entries[:GRID_PROMPTS]]
   rows = [row.reshape((-1,) + row.shape[-3:]) for row in images]  # a video row: its clips' frames in order
-  media.save_png(grid_path, media.labelled_grid(rows, prompts), {**provenance, "prompts": prompts})
+  labels = list(prompts)
+  for p, (image, keep) in (edits or {}).items():
+    if p < GRID_PROMPTS:
+      shown = np.where(keep[..., None], image, image // 4) if keep.any() else image  # inpainting: the mask shown
+      rows[p] = np.concatenate([shown[None], rows[p]])
+      labels[p] = f"{prompts[p]} (the edited image first)"
+  media.save_png(grid_path, media.labelled_grid(rows, labels), {**provenance, "prompts": prompts})
   if is_video:  # animated grid: frame k of every clip, one row per prompt
     frames = [media.labelled_grid([row[:, k] for row in images], prompts) for k in range(images.shape[2])]
     media.save_gif(output_dir / "grid.gif", np.stack(frames), {**provenance, "prompts": prompts})
@@ -260,7 +299,8 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict) -> 
 
 
 def read_prompts(path) -> list[dict]:
-  """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt"}]."""
+  """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt", "init_image", "mask"}]
+  (image paths relative to the file's directory made whole)."""
   path = pathlib.Path(path)
   if not path.exists():
     raise ValueError(f"Prompts file {str(path)!r} does not exist.")
@@ -268,9 +308,14 @@ def read_prompts(path) -> list[dict]:
   if path.suffix == ".jsonl":
     try:
       entries = [{k: v for k, v in json.loads(line).items()
-                  if k in ("prompt", "seed", "guidance_scale", "negative_prompt")} for line in lines]
+                  if k in ("prompt", "seed", "guidance_scale", "negative_prompt") + EDIT_FILES} for line in lines]
       for entry in entries:
         entry["prompt"] = str(entry["prompt"])
+        if "mask" in entry and "init_image" not in entry:
+          raise ValueError("a 'mask' needs the 'init_image' it belongs to")
+        for key in EDIT_FILES:
+          if key in entry:
+            entry[key] = str(path.parent / pathlib.Path(entry[key]).expanduser())  # an absolute path stays
         if "negative_prompt" in entry:
           entry["negative_prompt"] = str(entry["negative_prompt"])[:MAX_PROMPT_CHARS]
         if float(entry.get("guidance_scale", 0.0)) < 0:
@@ -279,7 +324,8 @@ def read_prompts(path) -> list[dict]:
           entry["seed"] = int(entry["seed"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
       raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
-                       f"integer 'seed', a 'guidance_scale' >= 0 and a 'negative_prompt' ({error}).") from None
+                       f"integer 'seed', a 'guidance_scale' >= 0, a 'negative_prompt' and an 'init_image' to edit "
+                       f"with its 'mask' ({error}).") from None
   else:
     entries = [{"prompt": line} for line in lines]
   if not entries:
@@ -304,7 +350,10 @@ def load_checkpoint(workdir, step=None):
   return config, state, graphdef, step, mesh
 
 
-def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None):
+def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
+                        mask=None):
+  """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
+  sample settings; init_image and mask: files every prompt without its own edits (edit_inputs)."""
   from diffusion_jax.text import tokenizers
 
   config = checkpoint.read_config(workdir)
@@ -313,16 +362,56 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   if problems := config_checks.sample_problems(sample_config, "--"):
     raise ValueError("; ".join(problems))
   prompts = read_prompts(prompts_path) if prompts_path else [{"prompt": p} for p in sample_config.prompts]
+  for entry in prompts if init_image else []:
+    if "init_image" not in entry:
+      entry.update({"init_image": str(init_image), **({"mask": str(mask)} if mask else {})})
+  edits = {i: edit_inputs(e, config.data.resolution) for i, e in enumerate(prompts) if "init_image" in e}
+  if edits:  # before a checkpoint is read
+    editing.first_step(sample_config.steps, sample_config.strength)
+    check_editable(config)
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   params = state.ema[0] if sample_config.use_ema else state.params
   return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
-                       sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}")
+                       sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
+                       edits=edits)
+
+
+def check_editable(config):
+  """Image-to-image and inpainting need a text-to-image model."""
+  if config.model.temporal or config.model.lowres_conditioning:
+    raise ValueError("Image-to-image and inpainting (--init_image, --mask) edit images of a text-to-image model; "
+                     f"this is a {'video model' if config.model.temporal else 'super-resolution stage'}.")
+
+
+def edit_inputs(entry: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+  """(image uint8 [resolution, resolution, 3], keep bool [resolution, resolution]) of a prompt entry's
+  "init_image" and optional "mask" files (white: generate anew, black: keep; without one nothing is kept), each
+  brought to the model's resolution as training images are (shorter side, centre crop)."""
+  from diffusion_jax.data import pipeline
+
+  def read(key):
+    path = pathlib.Path(entry[key]).expanduser()
+    try:
+      return media.read_image(path)
+    except (OSError, ValueError) as error:  # missing, or not an image PIL reads
+      raise ValueError(f"{key} {str(path)!r} cannot be read as an image ({error}).") from None
+
+  image = read("init_image")
+  if "mask" not in entry:
+    return pipeline.resize_and_crop(image, resolution, None), np.zeros((resolution, resolution), bool)
+  mask = read("mask")
+  if mask.shape != image.shape:
+    raise ValueError(f"mask {entry['mask']!r} is {mask.shape[1]}x{mask.shape[0]} pixels, its init_image "
+                     f"{entry['init_image']!r} {image.shape[1]}x{image.shape[0]}: they must match.")
+  mask = pipeline.resize_and_crop(np.repeat(mask.mean(-1, keepdims=True).astype(np.uint8), 3, -1), resolution, None)
+  return pipeline.resize_and_crop(image, resolution, None), mask[..., 0] < 128
 
 
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
-                  lowres=None):
-  """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / negative_prompt) and write
-  outputs.
+                  lowres=None, edits=None):
+  """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / negative_prompt, and the
+  init_image / mask files of an edit) and write outputs.
+  edits: {prompt index: (image, keep)} as edit_inputs reads them, the prompts to edit instead of generating for.
   lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
   for entry in entries:
@@ -330,15 +419,21 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     entry.setdefault("guidance_scale", sample_config.guidance_scale)
     if entry.get("negative_prompt", sample_config.negative_prompt):  # recorded only when there is one
       entry.setdefault("negative_prompt", sample_config.negative_prompt)
+  edits = edits or {}
+  for i in edits:
+    entries[i]["strength"] = sample_config.strength
   images = [None] * len(entries)
-  for scale in sorted({e["guidance_scale"] for e in entries}):  # one compiled sampler per guidance scale
-    group = [i for i, e in enumerate(entries) if e["guidance_scale"] == scale]
+  # One compiled sampler per guidance scale, and for edits another.
+  for scale, edited in sorted({(e["guidance_scale"], i in edits) for i, e in enumerate(entries)}):
+    group = [i for i, e in enumerate(entries) if (e["guidance_scale"], i in edits) == (scale, edited)]
     group_config = sample_config.copy_and_resolve_references()
     group_config.guidance_scale = float(scale)
+    init_images, keep_masks = (np.stack([edits[i][k] for i in group]) for k in (0, 1)) if edited else (None, None)
     generated = generate(config, graphdef, params, frozen, tokenizer, [entries[i]["prompt"] for i in group],
                          group_config, mesh, seeds=[entries[i]["seed"] for i in group],
                          lowres=None if lowres is None else np.asarray(lowres)[group],
-                         negative_prompts=[entries[i].get("negative_prompt", "") for i in group])
+                         negative_prompts=[entries[i].get("negative_prompt", "") for i in group],
+                         init_images=init_images, keep_masks=keep_masks)
     for i, row in zip(group, generated):
       images[i] = row
   output_dir = pathlib.Path(output_dir)
@@ -346,7 +441,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     return output_dir / "grid.png"
   provenance = {"sampler": sample_config.sampler, "steps": sample_config.steps, "checkpoint_step": int(step),
                 "ema": bool(sample_config.use_ema), "config_hash": config_hash(config)}
-  return write_outputs(output_dir, entries, np.stack(images), provenance)
+  return write_outputs(output_dir, entries, np.stack(images), provenance, edits)
 
 
 def write_training_samples(config, state, graphdef, workdir):
@@ -390,6 +485,11 @@ def define_flags():
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames.")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: config "
                        "sample.batch_size).")
+  flags.DEFINE_string("init_image", None, "Image to edit for every prompt without its own (image-to-image; "
+                      "text-to-image models).")
+  flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")
+  flags.DEFINE_float("strength", None, "With --init_image: the part of the sampling grid run from the image noised, "
+                     "in (0, 1] (default: config sample.strength).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
   distributed.define_flags()
 
@@ -418,14 +518,18 @@ def main(argv):
     cli.refuse(("workdir", "step") + WORKDIR_SETTINGS, "not used with --cascade, which names each stage's workdir, "
                "checkpoint and settings (e.g. --cascade.stages[1].steps=50, --cascade.stages[1].step=N, "
                "--cascade.seed, --cascade.num_per_prompt)")
+    cli.refuse(("init_image", "mask"), "not used with --cascade: images are edited by one text-to-image model "
+               "(--workdir)")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
+  if f.mask and not f.init_image:
+    raise app.UsageError("--mask needs the --init_image it belongs to.")
   distributed.initialize()
   overrides = {name: f[name].value for name in WORKDIR_SETTINGS + ("batch_size", "negative_prompt")}
   try:
     if f.cascade is not None:
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)
     else:
-      path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir)
+      path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

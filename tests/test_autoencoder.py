@@ -172,6 +172,14 @@ def test_latent_model_trains_on_a_pod_mesh_and_samples_images(vae, tmp_path):
   images = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
                            ["a large red circle"], sample_config, sharding.make_mesh(config.mesh))
   assert images.shape == (1, 2, 16, 16, 3) and images.dtype == np.uint8
+  keep = np.zeros((1, 16, 16), bool)
+  keep[:, :, 9:] = True  # latent columns 5-7 kept (factor 2); the one holding pixels 8 and 9 generated anew
+  inpainted = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                              ["a large red circle"], sample_config, sharding.make_mesh(config.mesh),
+                              init_images=images[:, 0], keep_masks=keep)
+  for edited in inpainted[0]:  # both samples of the prompt: the kept pixels as given, the others generated
+    np.testing.assert_array_equal(edited[keep[0]], images[0, 0][keep[0]])
+    assert np.abs(edited[~keep[0]].astype(int) - images[0, 0][~keep[0]]).max() > 0
 
 
 def test_latent_cache_holds_the_encoders_posteriors_and_trains_like_the_pixels(vae, tmp_path):

@@ -1,0 +1,123 @@
+"""Image-to-image and inpainting: the pure pieces, then the sampler and the sampling job editing images."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from diffusion_jax import editing, media, sample
+
+
+def test_an_edit_runs_the_last_strength_of_the_grid():
+  assert editing.first_step(25, 0.8) == 5 and editing.first_step(25, 1.0) == 0
+  assert editing.first_step(4, 0.3) == 3  # round down: one step of four
+  with pytest.raises(ValueError, match=r"strength=0.2 of 4 sampler steps runs none; raise the strength to at least "
+                                       r"0.25 or the steps"):
+    editing.first_step(4, 0.2)
+  with pytest.raises(ValueError, match=r"strength=0 must be in \(0, 1\]"):
+    editing.first_step(4, 0)
+
+
+def test_a_latent_cell_is_kept_only_when_all_its_pixels_are():
+  keep = np.ones((1, 4, 4, 1), np.float32)
+  keep[0, 1, 0] = 0  # one pixel of the top-left 2x2 block is generated anew
+  np.testing.assert_array_equal(editing.keep_at(keep, 2)[0, ..., 0], [[0, 1], [1, 1]])
+  np.testing.assert_array_equal(editing.keep_at(keep, 4), keep)
+
+
+def test_the_inpainting_denoiser_estimates_the_known_image_where_it_is_kept():
+  known, estimate = np.full((2, 4, 4, 3), 0.5, np.float32), np.full((2, 4, 4, 3), -0.5, np.float32)
+  keep = np.zeros((2, 4, 4, 1), np.float32)
+  keep[:, :, 2:] = 1
+  denoise = editing.inpainting_denoiser(lambda x, alpha, sigma: estimate, known, keep)
+  out = np.asarray(denoise(None, None, None))
+  np.testing.assert_array_equal(out[:, :, 2:], known[:, :, 2:])
+  np.testing.assert_array_equal(out[:, :, :2], estimate[:, :, :2])
+
+
+def perturbed(state):
+  """EMA weights moved off their initial values: the tiny model's output then depends on its input."""
+  import jax
+
+  leaves, tree = jax.tree.flatten(state.ema[0])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_inpainting_keeps_the_kept_pixels_and_a_lower_strength_keeps_more_of_the_image(trained):
+  from diffusion_jax import evaluate
+  from diffusion_jax.text import tokenizers
+
+  config, state, graphdef, _, mesh = sample.load_checkpoint(trained[1])
+  params = perturbed(state)
+  _, images, captions = evaluate.validation_set(config, 2)
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=4, num_per_prompt=1)
+
+  def edit(strength, keep=None):
+    sample_config.strength = strength
+    return sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), captions,
+                           sample_config, mesh, init_images=images, keep_masks=keep)[:, 0].astype(int)
+
+  keep, half = np.zeros(images.shape[:3], bool), images.shape[2] // 2
+  keep[:, :, half:] = True  # the right half kept, the left half generated anew
+  inpainted = edit(1.0, keep)
+  np.testing.assert_array_equal(inpainted[:, :, half:], images[:, :, half:])
+  assert np.abs(inpainted[:, :, :half] - images[:, :, :half]).mean() > 10
+  distance = lambda strength: np.abs(edit(strength) - images).mean()
+  assert distance(0.25) < 0.5 * distance(1.0)  # one step from the image barely noised, against all four from noise
+
+
+def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_path):
+  from diffusion_jax.data import pipeline
+
+  config, workdir, _ = trained
+  resolution = config.data.resolution
+  rng = np.random.default_rng(0)
+  picture = rng.integers(0, 256, (40, 48, 3), np.uint8)  # another size: shorter side to the resolution, centre crop
+  mask = np.zeros((40, 48), np.uint8)
+  mask[:20] = 255  # the top half generated anew
+  PIL.Image.fromarray(picture).save(tmp_path / "picture.png")
+  PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+  PIL.Image.fromarray(mask[:, :40]).save(tmp_path / "narrow_mask.png")
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("\n".join(json.dumps(e) for e in [{"prompt": "a large red circle", "init_image": "picture.png",
+                                                        "mask": "mask.png"},
+                                                       {"prompt": "a small blue square"}]))
+  out = tmp_path / "out"
+  settings = {"steps": 4, "num_per_prompt": 1, "strength": 0.5}
+  sample.sample_from_workdir(workdir, settings, prompts, output_dir=out)
+  records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  assert records[0]["init_image"] == str(tmp_path / "picture.png") and records[0]["strength"] == 0.5
+  assert records[0]["mask"] == str(tmp_path / "mask.png") and "init_image" not in records[1]
+  image, keep = sample.edit_inputs(records[0], resolution)
+  np.testing.assert_array_equal(image, pipeline.resize_and_crop(picture, resolution, None))
+  half = resolution // 2  # the mask's top half, resized and cropped as the image (bicubic: the edge may move)
+  assert keep.shape == (resolution, resolution) and keep[:half - 1].sum() == 0 and keep[half + 1:].all()
+  edited = media.read_image(out / records[0]["file"])
+  np.testing.assert_array_equal(edited[keep], image[keep])
+  assert np.abs(edited[~keep].astype(int) - image[~keep]).mean() > 5
+
+  def refused(message, **overrides):
+    with pytest.raises(ValueError, match=message):
+      sample.sample_from_workdir(workdir, {**settings, **overrides.pop("settings", {})}, overrides.pop("prompts", None),
+                                 output_dir=tmp_path / "x", **overrides)
+
+  refused(r"strength=0.2 of 4 sampler steps runs none", init_image=tmp_path / "picture.png",
+          settings={"strength": 0.2})
+  refused(r"--strength=1.5 must be in \(0, 1\]", init_image=tmp_path / "picture.png", settings={"strength": 1.5})
+  refused(r"mask '.*narrow_mask.png' is 40x40 pixels, its init_image '.*picture.png' 48x40: they must match",
+          init_image=tmp_path / "picture.png", mask=tmp_path / "narrow_mask.png")
+  refused(r"init_image '.*nope.png' cannot be read as an image", init_image=tmp_path / "nope.png")
+  (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a red circle", "mask": "mask.png"}))
+  refused(r"a 'mask' needs the 'init_image' it belongs to", prompts=tmp_path / "bad.jsonl")
+
+
+def test_only_text_to_image_models_edit_images():
+  from configs import sr_shapes, t2v_moving_shapes
+
+  for config, kind in ((t2v_moving_shapes.get_config("test"), "video model"),
+                       (sr_shapes.get_config("test"), "super-resolution stage")):
+    with pytest.raises(ValueError, match=f"edit images of a text-to-image model; this is a {kind}"):
+      sample.check_editable(config)
