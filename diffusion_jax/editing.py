@@ -6,8 +6,11 @@ Inpainting also keeps the region a mask marks as known: at every step the denois
 replaced by the known image, so the sampler converges to it there and the generated region is denoised beside
 it; the known region of the output is then the given image, exactly.
 
-All functions are pure. Shapes: images and estimates [batch, h, w, c]; keep masks [batch, h, w, 1], 1 where the
-given image is kept, 0 where it is generated anew.
+A video model animates an image the same way (image-to-video): the clip to edit is the image repeated, and its
+first frame is kept (the replacement method of Ho et al. 2022's conditional video generation).
+
+All functions are pure. Shapes: images and estimates [batch, (frames,) h, w, c]; keep masks [batch, (frames,) h,
+w, 1], 1 where the given image is kept, 0 where it is generated anew.
 """
 
 import jax.numpy as jnp
@@ -26,11 +29,11 @@ def first_step(steps: int, strength: float) -> int:
 
 
 def keep_at(keep, size: int):
-  """A keep mask [batch, H, W, 1] at `size` x `size` (a latent model's latent grid; H a multiple of size): a
+  """A keep mask [..., H, W, 1] at `size` x `size` (a latent model's latent grid; H a multiple of size): a
   cell is kept only when every pixel it covers is."""
-  batch, height, width, _ = keep.shape
-  blocks = keep.reshape(batch, size, height // size, size, width // size, 1)
-  return blocks.min(axis=(2, 4))
+  *lead, height, width, _ = keep.shape
+  blocks = keep.reshape(*lead, size, height // size, size, width // size, 1)
+  return blocks.min(axis=(-4, -2))
 
 
 def inpainting_denoiser(denoise_fn, known, keep):

@@ -22,11 +22,12 @@ Flags:
                     0 = data.frames)
   --batch_size      samples generated at once over all devices, rounded up to a multiple of the device count
                     (default: config sample.batch_size); more are generated batch by batch, with progress
-  --init_image      text-to-image models: an image (any size: shorter side to the model's resolution, centre crop)
-                    to edit for every prompt without its own, instead of generating from noise (image-to-image,
-                    SDEdit; editing.py): it is noised to --strength and the rest of the sampling grid is run
-  --mask            with --init_image: inpainting mask of the same size, white = generate anew, black = keep (the
-                    kept pixels of the output are the image's)
+  --init_image      an image (any size: shorter side to the model's resolution, centre crop) to edit for every
+                    prompt without its own, instead of generating from noise (image-to-image, SDEdit; editing.py):
+                    it is noised to --strength and the rest of the sampling grid is run; a video model animates it
+                    (image-to-video): it is every clip's first frame, the other frames start from it noised
+  --mask            with --init_image, image models: inpainting mask of the same size, white = generate anew,
+                    black = keep (the kept pixels of the output are the image's)
   --strength        with --init_image: the part of the sampling grid run, in (0, 1] (default: config
                     sample.strength, 0.8): 1 starts from pure noise, lower keeps more of the image; with --mask,
                     1 ignores what the masked region held
@@ -100,7 +101,7 @@ def make_generate_fn(config, graphdef, sample_config):
   it is generated in (nor on the device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c]
   in [-1, 1] (None otherwise), noise-augmented to sample.aug_level. negative: (ids, mask) of negative prompts,
   read by guidance's unconditional branch instead of the null condition (rows whose mask is all 0 keep the
-  null condition), or None. init: (images [n, h, w, c] in [-1, 1], keep [n, h, w, 1]) to edit (editing.py: the
+  null condition), or None. init: (images [n, (frames,) h, w, c] in [-1, 1], keep [n, (frames,) h, w, 1]) to edit (editing.py: the
   last sample.strength of the grid from the images noised, the region keep marks kept), or None."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
@@ -144,7 +145,7 @@ def make_generate_fn(config, graphdef, sample_config):
       start = editing.first_step(s.steps, s.strength)
       grid_alpha, grid_sigma, known = alpha[start:], sigma[start:], model.to_latents(given)
       x_init = grid_alpha[0] * known + grid_sigma[0] * noise
-      denoise = editing.inpainting_denoiser(denoise, known, editing.keep_at(keep, shape[0]))
+      denoise = editing.inpainting_denoiser(denoise, known, editing.keep_at(keep, shape[-2]))
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # each sample's own stochastic-sampler noise
     images = samplers.sample(denoise, x_init, grid_alpha, grid_sigma, s.sampler, key=step_keys, eta=s.eta,
                              on_step=SamplingProgress(len(grid_alpha) - 1, s.sampler))
@@ -206,9 +207,9 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   uint8 [len(prompts), num_per_prompt, (frames,) r, r, c] (the stage below's samples). negative_prompts: one per
   prompt, "" for none (default: sample_config.negative_prompt for all); with none at all, guidance's
   unconditional branch is the null condition and the compiled program has no second text encoding.
-  init_images: images to edit instead of generating from noise, uint8 [len(prompts), res, res, 3] (image models;
-  editing.py, at sample_config.strength), with keep_masks bool [len(prompts), res, res], True where the image is
-  kept (inpainting; default: nothing kept)."""
+  init_images: images (clips) to edit instead of generating from noise, uint8 [len(prompts), (frames,) res, res, 3]
+  (editing.py, at sample_config.strength), with keep_masks bool [len(prompts), (frames,) res, res], True where the
+  image is kept (inpainting; default: nothing kept)."""
   if init_images is not None:
     check_editable(config)
   n = sample_config.num_per_prompt
@@ -238,7 +239,7 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     negative = (np.asarray(negative_ids), np.asarray(negative_mask) * given[:, None])  # no text: null
   inputs.append(negative)
   if init_images is not None:
-    keep = np.zeros(np.shape(init_images)[:3], bool) if keep_masks is None else np.asarray(keep_masks, bool)
+    keep = np.zeros(np.shape(init_images)[:-1], bool) if keep_masks is None else np.asarray(keep_masks, bool)
     rows = lambda a: np.concatenate([np.repeat(a, n, axis=0), np.zeros((pad,) + a.shape[1:], a.dtype)])
     inputs.append((rows(media.to_float(init_images)), rows(keep[..., None].astype(np.float32))))
   generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh), sharding.batch_sharding(mesh)
@@ -265,8 +266,8 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
   of the first GRID_PROMPTS prompts (videos: also grid.gif and grid.mp4); entries carry each prompt's
   prompt/seed/guidance_scale. Returns the grid path.
   images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]. edits: {prompt index: (image, keep)} of
-  the prompts that edited an image (edit_inputs): their grid rows show it first (inpainting: the region generated
-  anew dark)."""
+  the prompts that edited an image (edit_inputs; a video model's: first_frame_edit's clips): their grid rows show
+  it first (inpainting: the region generated anew dark; a clip: its given first frame)."""
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   is_video = images.ndim == 6
@@ -287,6 +288,7 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
   labels = list(prompts)
   for p, (image, keep) in (edits or {}).items():
     if p < GRID_PROMPTS:
+      image, keep = (image[0], keep[0]) if is_video else (image, keep)  # a clip's given first frame
       shown = np.where(keep[..., None], image, image // 4) if keep.any() else image  # inpainting: the mask shown
       rows[p] = np.concatenate([shown[None], rows[p]])
       labels[p] = f"{prompts[p]} (the edited image first)"
@@ -369,6 +371,12 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   if edits:  # before a checkpoint is read
     editing.first_step(sample_config.steps, sample_config.strength)
     check_editable(config)
+  if edits and config.model.temporal:  # each image the first frame of its clip
+    if any("mask" in prompts[i] for i in edits):
+      raise ValueError("A video model animates an --init_image as its clips' first frame; --mask is for image "
+                       "models.")
+    frames = output_shape(config, sample_config)[0]
+    edits = {i: first_frame_edit(image, frames) for i, (image, _) in edits.items()}
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   params = state.ema[0] if sample_config.use_ema else state.params
   return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
@@ -377,10 +385,18 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
 
 
 def check_editable(config):
-  """Image-to-image and inpainting need a text-to-image model."""
-  if config.model.temporal or config.model.lowres_conditioning:
-    raise ValueError("Image-to-image and inpainting (--init_image, --mask) edit images of a text-to-image model; "
-                     f"this is a {'video model' if config.model.temporal else 'super-resolution stage'}.")
+  """Editing needs a text-to-image or text-to-video model."""
+  if config.model.lowres_conditioning:
+    raise ValueError("Image-to-image, inpainting and image-to-video (--init_image, --mask) are for text-to-image and "
+                     "text-to-video models; this is a super-resolution stage.")
+
+
+def first_frame_edit(image: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray]:
+  """An image as the first frame of a clip to generate (image-to-video): (the image repeated [frames, h, w, 3],
+  keep [frames, h, w], True on the first frame)."""
+  keep = np.zeros((frames,) + image.shape[:2], bool)
+  keep[0] = True
+  return np.repeat(image[None], frames, axis=0), keep
 
 
 def edit_inputs(entry: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
@@ -411,7 +427,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
                   lowres=None, edits=None):
   """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / negative_prompt, and the
   init_image / mask files of an edit) and write outputs.
-  edits: {prompt index: (image, keep)} as edit_inputs reads them, the prompts to edit instead of generating for.
+  edits: {prompt index: (image, keep)} as edit_inputs reads them (a video model's: first_frame_edit's clips), the
+  prompts to edit instead of generating for.
   lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
   for entry in entries:
@@ -485,8 +502,8 @@ def define_flags():
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames.")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: config "
                        "sample.batch_size).")
-  flags.DEFINE_string("init_image", None, "Image to edit for every prompt without its own (image-to-image; "
-                      "text-to-image models).")
+  flags.DEFINE_string("init_image", None, "Image to edit for every prompt without its own (image-to-image; a "
+                      "video model: the clips' first frame).")
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")
   flags.DEFINE_float("strength", None, "With --init_image: the part of the sampling grid run from the image noised, "
                      "in (0, 1] (default: config sample.strength).")

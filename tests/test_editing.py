@@ -24,6 +24,8 @@ def test_a_latent_cell_is_kept_only_when_all_its_pixels_are():
   keep[0, 1, 0] = 0  # one pixel of the top-left 2x2 block is generated anew
   np.testing.assert_array_equal(editing.keep_at(keep, 2)[0, ..., 0], [[0, 1], [1, 1]])
   np.testing.assert_array_equal(editing.keep_at(keep, 4), keep)
+  clip = np.stack([keep, np.ones_like(keep)], axis=1)  # [batch, frames, h, w, 1]: each frame apart
+  np.testing.assert_array_equal(editing.keep_at(clip, 2)[0, :, ..., 0], [[[0, 1], [1, 1]], [[1, 1], [1, 1]]])
 
 
 def test_the_inpainting_denoiser_estimates_the_known_image_where_it_is_kept():
@@ -114,10 +116,29 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   refused(r"a 'mask' needs the 'init_image' it belongs to", prompts=tmp_path / "bad.jsonl")
 
 
-def test_only_text_to_image_models_edit_images():
-  from configs import sr_shapes, t2v_moving_shapes
+def test_a_video_model_animates_an_image_as_its_clips_first_frame(trained_video, tmp_path):
+  config, workdir, _ = trained_video
+  resolution = config.data.resolution
+  picture = np.random.default_rng(0).integers(0, 256, (resolution, resolution, 3), np.uint8)
+  PIL.Image.fromarray(picture).save(tmp_path / "picture.png")
+  out = tmp_path / "out"
+  settings = {"steps": 2, "num_per_prompt": 2, "frames": 3, "strength": 1.0}
+  sample.sample_from_workdir(workdir, settings, None, output_dir=out, init_image=tmp_path / "picture.png")
+  records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  assert len(records) == 2 * len(config.sample.prompts)
+  for record in records:
+    strip = media.read_image(out / record["file"])  # the clip's frames left to right, lossless
+    assert strip.shape == (resolution, 3 * resolution, 3) and record["init_image"] == str(tmp_path / "picture.png")
+    np.testing.assert_array_equal(strip[:, :resolution], picture)  # the first frame is the image
+    assert np.abs(strip[:, resolution:].astype(int) - np.tile(picture, (1, 2, 1))).mean() > 10  # the rest generated
+  PIL.Image.fromarray(np.zeros((resolution, resolution), np.uint8)).save(tmp_path / "mask.png")
+  with pytest.raises(ValueError, match="--mask is for image models"):
+    sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "x", init_image=tmp_path / "picture.png",
+                               mask=tmp_path / "mask.png")
 
-  for config, kind in ((t2v_moving_shapes.get_config("test"), "video model"),
-                       (sr_shapes.get_config("test"), "super-resolution stage")):
-    with pytest.raises(ValueError, match=f"edit images of a text-to-image model; this is a {kind}"):
-      sample.check_editable(config)
+
+def test_super_resolution_stages_do_not_edit():
+  from configs import sr_shapes
+
+  with pytest.raises(ValueError, match="are for text-to-image and text-to-video models; this is a super-resolution"):
+    sample.check_editable(sr_shapes.get_config("test"))
