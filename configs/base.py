@@ -78,6 +78,14 @@ def get_config():
       cond_drop_prob=0.1,          # classifier-free guidance training
   )
 
+  # Fine-tuning (finetune.py): start from another run's weights (same model) with a fresh optimizer, step count,
+  # schedule and data; e.g. on other data, or at a higher resolution (progressive resolution training).
+  c.finetune = dict(
+      workdir="",                  # training workdir of the run to start from; empty = random initialisation
+      step=-1,                     # its checkpoint step; -1 = latest
+      use_ema=True,                # take the first EMA copy of its weights
+  )
+
   # Inflation (Make-A-Video): initialise a video model's spatial layers (and text encoder) from a trained
   # image model's checkpoint; the temporal layers start as the identity (see models/inflation.py).
   c.inflate = dict(

@@ -21,6 +21,7 @@ import grain.python as grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 ITEMS = ("state", "data_iter")
@@ -96,6 +97,30 @@ def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
       continue
     return restored["state"], candidate
   return None, None
+
+
+def restore_weights(workdir, step: int, use_ema: bool, params, frozen, setting: str) -> dict:
+  """{path: jax.Array} of the model weights in another run's checkpoint, without its optimizer state: `params`
+  and `frozen` are pure dicts of ShapeDtypeStructs with shardings (where each array goes) of its trainable
+  (with use_ema: its first EMA copy's) and frozen parameters. step -1: the latest. `setting` names the config
+  field that chose the run, for errors."""
+  if use_ema and not read_config(workdir).train.ema_decays:
+    raise ValueError(f"{setting}={str(workdir)!r} kept no EMA copy of its weights (train.ema_decays is empty): take "
+                     f"its trained weights ({setting.split('.')[0]}.use_ema=False).")
+  mngr = manager(workdir, read_only=True)
+  step = mngr.latest_step() if step == -1 else step
+  if step is None or step not in mngr.all_steps():
+    raise ValueError(f"{setting}={str(workdir)!r} has no checkpoint at step {'latest' if step is None else step} "
+                     f"(available: {mngr.all_steps()}).")
+  item = {"frozen": frozen, **({"ema": [params]} if use_ema else {"params": params})}
+  args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                partial_restore=True)
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(mngr.directory / str(step) / "state", args=args)
+  except Exception as error:  # orbax raises many kinds for missing keys / shape mismatches
+    raise ValueError(f"Cannot restore the model of {setting}={str(workdir)!r} step {step}: {brief(error)}") from None
+  weights = restored["ema"][0] if use_ema else restored["params"]
+  return traverse_util.flatten_dict(weights) | traverse_util.flatten_dict(restored["frozen"])
 
 
 def restore_input_position(mngr: ocp.CheckpointManager, step: int, data_iter) -> str | None:
@@ -210,6 +235,7 @@ ADDED_FIELDS = {
     "sample.batch_size": 256,  # before it, every sample of a call was generated at once (up to 256 in the tests)
     "sample.negative_prompt": "",
     "sample.strength": 0.8,  # read only when an image is edited, which earlier code could not
+    "finetune.workdir": "", "finetune.step": -1, "finetune.use_ema": True,
 }
 
 

@@ -20,8 +20,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, config_checks, distributed, hardware, metric_writers, objectives, optimizer,
-                           sample, schedules, sharding, stop_signals, superres)
+from diffusion_jax import (checkpoint, config_checks, distributed, finetune, hardware, metric_writers, objectives,
+                           optimizer, sample, schedules, sharding, stop_signals, superres)
 from diffusion_jax.data import latent_cache, pipeline
 from diffusion_jax.models import inflation, init_rngs, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
@@ -56,15 +56,17 @@ def init_state(config, mesh):
     _, params, frozen = text_to_image.split(model, config)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
 
-  # Make-A-Video: spatial layers and text encoder from an image model, read (and an incompatible one refused)
-  # before anything is initialised.
-  image_weights = (inflation.load_image_weights(config, inflation.abstract_targets(abstract_params, abstract_frozen,
-                                                                                   shardings))
-                   if config.inflate.image_workdir else None)
+  # Fine-tuning: every weight from another run; Make-A-Video: spatial layers and text encoder from an image model.
+  # Read (and an incompatible run refused) before anything is initialised.
+  targets = lambda: finetune.abstract_targets(abstract_params, abstract_frozen, shardings)
+  finetune_weights = finetune.load_weights(config, targets()) if config.finetune.workdir else None
+  image_weights = inflation.load_image_weights(config, targets()) if config.inflate.image_workdir else None
   params, frozen = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
   for name, weights in text_to_image.pretrained_weights(config).items():  # read on the host, then placed
     tree, tree_shardings = (params, shardings[0]) if name in params else (frozen, shardings[1])
     tree[name] = jax.device_put(weights, tree_shardings[name])
+  if finetune_weights is not None:
+    params, frozen = finetune.start_from(finetune_weights, params, frozen)
   if image_weights is not None:
     params, frozen = inflation.inflate(image_weights, params, frozen)
 

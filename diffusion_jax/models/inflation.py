@@ -11,11 +11,9 @@ them: the first convolution's weights for the coordinates start at zero, which k
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
-from flax import nnx, traverse_util
+from flax import traverse_util
 
-from diffusion_jax import checkpoint
-from diffusion_jax.models import text_to_image
+from diffusion_jax import checkpoint, finetune
 
 
 INPUT_KERNEL = ("unet", "conv_in", "kernel")  # [3, 3, in_channels, channels]; coordinates are the last inputs
@@ -28,19 +26,7 @@ def _added_input_channels(image_config, video_config) -> int:
 
 def compatibility_problems(image_config, video_config) -> list[str]:
   """Why the image model's weights cannot initialise the video model (empty when they can)."""
-  found = []
-  image_text, video_text = image_config.text, video_config.text
-  if image_text.tokenizer != video_text.tokenizer:
-    found.append(f"text.tokenizer differs ({image_text.tokenizer!r} vs {video_text.tokenizer!r})")
-  elif image_text.tokenizer == "sentencepiece" and image_text.spiece_path != video_text.spiece_path:
-    found.append(f"text.spiece_path differs ({image_text.spiece_path!r} vs {video_text.spiece_path!r})")
-  elif image_text.tokenizer == "words":
-    from diffusion_jax.text import tokenizers
-
-    image_words = tokenizers.from_config(image_config).vocabulary
-    if tokenizers.from_config(video_config).vocabulary[:len(image_words)] != image_words:
-      found.append(f"the word vocabulary of data.dataset={video_config.data.dataset!r} does not extend that of "
-                   f"{image_config.data.dataset!r}, so word ids would change meaning")
+  found = finetune.text_problems(image_config, video_config)
   if image_config.model.backbone != video_config.model.backbone:
     found.append(f"model.backbone differs ({image_config.model.backbone!r} vs {video_config.model.backbone!r})")
   elif (image_config.model.backbone == "dit"
@@ -61,10 +47,6 @@ def compatibility_problems(image_config, video_config) -> list[str]:
   return found
 
 
-def _flat(state: nnx.State) -> dict:
-  return traverse_util.flatten_dict(nnx.to_pure_dict(state))
-
-
 def load_image_weights(video_config, video_abstract: dict) -> dict:
   """{path: jax.Array} of the image checkpoint named by video_config.inflate, each placed with the video
   parameter's sharding at that path. video_abstract: {path: ShapeDtypeStruct with sharding} of every
@@ -75,8 +57,7 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
   if problems:
     raise ValueError(f"inflate.image_workdir={c.image_workdir!r} cannot initialise this video model: "
                      + "; ".join(problems) + ".")
-  _, image_params, image_frozen = text_to_image.split(text_to_image.abstract(image_config), image_config)
-  image_params, image_frozen = _flat(image_params), _flat(image_frozen)
+  image_params, image_frozen = finetune.abstract_parameters(image_config)
 
   added = _added_input_channels(image_config, video_config)
   mismatched = []
@@ -93,45 +74,14 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
   if mismatched:
     raise ValueError(f"The image model in {c.image_workdir!r} does not match the video model's spatial layers: "
                      + "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else "") + ".")
-
-  def target(flat):
-    return traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(x.shape, video_abstract[p].dtype,
-                                                                 sharding=video_abstract[p].sharding)
-                                         for p, x in flat.items()})
-
-  item = {"frozen": target(image_frozen)}
-  item["ema" if c.use_ema else "params"] = [target(image_params)] if c.use_ema else target(image_params)
-  mngr = checkpoint.manager(c.image_workdir, read_only=True)
-  step = mngr.latest_step() if c.step == -1 else c.step
-  if step is None or step not in mngr.all_steps():
-    raise ValueError(f"inflate.image_workdir={c.image_workdir!r} has no checkpoint at step "
-                     f"{'latest' if c.step == -1 else c.step} (available: {mngr.all_steps()}).")
-  args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                partial_restore=True)
-  try:
-    restored = ocp.PyTreeCheckpointer().restore(mngr.directory / str(step) / "state", args=args)
-  except Exception as error:  # orbax raises many kinds for missing keys / shape mismatches
-    raise ValueError(f"Cannot restore the image model from {c.image_workdir!r} step {step}: "
-                     f"{checkpoint.brief(error)}") from None
-  restored_params = restored["ema"][0] if c.use_ema else restored["params"]
-  weights = traverse_util.flatten_dict(restored_params) | traverse_util.flatten_dict(restored["frozen"])
+  weights = checkpoint.restore_weights(c.image_workdir, c.step, c.use_ema,
+                                       finetune.placed(image_params, video_abstract),
+                                       finetune.placed(image_frozen, video_abstract), "inflate.image_workdir")
   if added:
     zero_extend = lambda kernel: jnp.pad(kernel, ((0, 0), (0, 0), (0, added), (0, 0)))
     weights[INPUT_KERNEL] = jax.jit(zero_extend, out_shardings=video_abstract[INPUT_KERNEL].sharding)(
         weights[INPUT_KERNEL])
   return weights
-
-
-def abstract_targets(abstract_params: nnx.State, abstract_frozen: nnx.State, shardings) -> dict:
-  """{path: ShapeDtypeStruct with sharding} of every parameter of the video model, before it exists.
-  shardings: (params, frozen) NamedShardings as pure dicts (sharding.state_shardings)."""
-  targets = {}
-  for state, placement in zip((abstract_params, abstract_frozen), shardings):
-    flat_placement = traverse_util.flatten_dict(placement)
-    for path, variable in nnx.to_flat_state(state):
-      value = variable.get_value()
-      targets[path] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=flat_placement[path])
-  return targets
 
 
 def inflate(weights: dict, params: dict, frozen: dict) -> tuple[dict, dict]:
