@@ -61,6 +61,7 @@ def get_config():
       patch_size=2,                # dit: patch side in pixels
       depth=12,                    # dit: transformer blocks (its width is `channels`)
       position_max_period=10000.0,  # dit: longest patch-position sinusoid period / 2pi, in patches (DiT: 1e4)
+      lora_rank=0,                 # > 0: low-rank updates of every attention projection, the only weights trained
   )
 
   # Diffusion process and training objective (schedules.py, objectives.py).

@@ -175,6 +175,10 @@ def problems(config, device_count: int | None = None, process_count: int | None 
         found.append(f"data.heldout_combinations: {error}")
   if not 0 <= config.data.image_fraction <= 1:
     found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
+  if m.lora_rank < 0:
+    found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
+  elif m.lora_rank and not config.finetune.workdir:
+    found.append("model.lora_rank adapts a trained model, whose other weights it freezes: set finetune.workdir")
   if config.finetune.workdir and config.inflate.image_workdir:
     found.append("finetune.workdir and inflate.image_workdir both name a run to start from; set one")
   if config.inflate.train_temporal_only and not (m.temporal and config.inflate.image_workdir):

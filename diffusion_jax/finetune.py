@@ -6,7 +6,9 @@ path of this run's model, placed directly with this run's shardings; the optimiz
 schedule, EMA copies (of the restored weights) and input pipeline start afresh. So the data, the resolution (no
 U-Net or DiT parameter depends on the image size), the optimizer, its schedule and the objective may differ from
 the other run's; the parameters may not. Progressive resolution training (Imagen, Stable Diffusion) is a fine-tune
-of a run at a lower resolution. A video model from an image model is an inflation instead (models/inflation.py).
+of a run at a lower resolution. With `model.lora_rank` the fine-tune is a LoRA: this model's low-rank updates
+of its attention projections, which the other run's model lacks, start at zero and are all that trains
+(models/layers.py `lora`). A video model from an image model is an inflation instead (models/inflation.py).
 """
 
 import jax
@@ -84,7 +86,8 @@ def load_weights(config, targets: dict) -> dict:
   if problems := text_problems(source_config, config):
     raise ValueError(f"finetune.workdir={c.workdir!r} cannot initialise this model: {'; '.join(problems)}.")
   source_params, source_frozen = abstract_parameters(source_config)
-  if found := mismatches(source_params | source_frozen, targets):
+  source = source_params | source_frozen  # this model's new low-rank updates (model.lora_rank) start at nothing
+  if found := mismatches(source, {p: t for p, t in targets.items() if p in source or not text_to_image.is_lora(p)}):
     sections = [k for k in checkpoint.config_differences(source_config, config) if k.split(".")[0] in MODEL_SECTIONS]
     hint = (" A video model from an image model: inflate.image_workdir."
             if config.model.temporal and not source_config.model.temporal else "")

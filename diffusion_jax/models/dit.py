@@ -59,14 +59,15 @@ def modulate(x, shift, scale):
 class DiTBlock(nnx.Module):
   """x [batch, tokens, dim], emb [batch, dim], text [batch, text_tokens, text_dim] -> x."""
 
-  def __init__(self, dim, text_dim, heads, *, ff_mult, dropout_rate, dtype, rngs, implementation="auto"):
+  def __init__(self, dim, text_dim, heads, *, ff_mult, dropout_rate, dtype, rngs, implementation="auto",
+               lora_rank=0):
     self.modulation = layers.dense(dim, 6 * dim, ("embed", None), rngs, dtype, zero_init=True)
     self.norm_self = plain_layer_norm(dim, rngs, dtype)
     self.self_attn = layers.Attention(dim, dim, heads, dtype=dtype, rngs=rngs, implementation=implementation,
-                                      zero_out=False)
+                                      zero_out=False, lora_rank=lora_rank)
     self.norm_cross = layers.layer_norm(dim, rngs, dtype)
     self.cross_attn = layers.Attention(dim, text_dim, heads, dtype=dtype, rngs=rngs, context_axis="text_embed",
-                                       null_kv=True, implementation=implementation)
+                                       null_kv=True, implementation=implementation, lora_rank=lora_rank)
     self.norm_ff = plain_layer_norm(dim, rngs, dtype)
     self.ff = layers.FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs, zero_out=False, dropout_rate=dropout_rate)
 
@@ -97,7 +98,8 @@ class DiT(nnx.Module):
     self.text_pool = layers.dense(config.text_dim, dim, ("text_embed", "embed"), rngs, dtype)
     self.blocks = nnx.List([DiTBlock(dim, config.text_dim, config.heads, ff_mult=config.ff_mult,
                                      dropout_rate=config.dropout, dtype=dtype, rngs=rngs,
-                                     implementation=config.attention) for _ in range(config.depth)])
+                                     implementation=config.attention, lora_rank=config.lora_rank)
+                               for _ in range(config.depth)])
     self.final_modulation = layers.dense(dim, 2 * dim, ("embed", None), rngs, dtype, zero_init=True)
     self.norm_out = plain_layer_norm(dim, rngs, dtype)
     self.patch_out = layers.dense(dim, patch * patch * config.in_channels, ("embed", None), rngs, dtype,
@@ -106,7 +108,8 @@ class DiT(nnx.Module):
     self.temporal_frame_embed = layers.dense(dim, dim, (None, "embed"), rngs, dtype) if self.temporal else None
     self.temporal_attention = (nnx.List([temporal.TemporalAttention(dim, config.heads, config.max_frames,
                                                                     implementation=config.attention, dtype=dtype,
-                                                                    rngs=rngs) for _ in range(config.depth)])
+                                                                    rngs=rngs, lora_rank=config.lora_rank)
+                                         for _ in range(config.depth)])
                                if self.temporal else None)
 
   def _run(self, module, *args):

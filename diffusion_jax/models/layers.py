@@ -49,6 +49,15 @@ def dense(in_dim, out_dim, axes, rngs, dtype, use_bias=True, zero_init=False, st
                kernel_metadata=names(*axes), bias_metadata=names(axes[-1]))
 
 
+def lora(in_dim, out_dim, axes, rank, rngs, dtype):
+  """A low-rank update x @ a @ b of a Dense layer [in_dim -> out_dim] (Hu et al. 2021: a [in_dim, rank],
+  b [rank, out_dim] zeros, so it starts at nothing), or None for rank 0. Its parameters are nnx.LoRAParams."""
+  if not rank:
+    return None
+  return nnx.LoRA(in_dim, rank, out_dim, dtype=dtype, rngs=rngs, a_metadata=names(axes[0], None),
+                  b_metadata=names(None, axes[1]))
+
+
 class GroupNorm(nnx.GroupNorm):
   """nnx.GroupNorm (same parameters, same function) with statistics gathered per channel first.
 
@@ -123,24 +132,34 @@ class Attention(nnx.Module):
   masked context (the empty prompt) is well defined and padding never changes the output.
   implementation: models/attention.py IMPLEMENTATIONS. zero_out: the output projection starts at zero (a
   residual branch that starts as the identity); off where a zero gate multiplies the branch (DiT's adaLN-Zero).
+  lora_rank: low-rank updates (`lora`) of the four projections, as `q_lora` ... `out_lora` (0: none).
   """
 
   def __init__(self, dim, context_dim, heads, *, dtype, rngs, context_axis="embed", null_kv=False,
-               implementation="auto", zero_out=True):
+               implementation="auto", zero_out=True, lora_rank=0):
     if dim % heads:
       raise ValueError(f"attention width {dim} is not divisible by heads={heads}.")
     self.heads = heads
     self.implementation = implementation
-    self.q = dense(dim, dim, ("embed", "heads"), rngs, dtype, use_bias=False)
-    self.k = dense(context_dim, dim, (context_axis, "heads"), rngs, dtype, use_bias=False)
-    self.v = dense(context_dim, dim, (context_axis, "heads"), rngs, dtype, use_bias=False)
-    self.out = dense(dim, dim, ("heads", "embed"), rngs, dtype, zero_init=zero_out)
+    shapes = {"q": (dim, dim, ("embed", "heads")), "k": (context_dim, dim, (context_axis, "heads")),
+              "v": (context_dim, dim, (context_axis, "heads")), "out": (dim, dim, ("heads", "embed"))}
+    self.q = dense(*shapes["q"], rngs, dtype, use_bias=False)
+    self.k = dense(*shapes["k"], rngs, dtype, use_bias=False)
+    self.v = dense(*shapes["v"], rngs, dtype, use_bias=False)
+    self.out = dense(*shapes["out"], rngs, dtype, zero_init=zero_out)
+    self.q_lora, self.k_lora, self.v_lora, self.out_lora = (lora(*shapes[name], lora_rank, rngs, dtype)
+                                                            for name in ("q", "k", "v", "out"))
     self.null_kv = nnx.Param(jnp.zeros((2, dim)), **names(None, "heads")) if null_kv else None
+
+  def project(self, name, x):
+    """Projection `name` of x, with its low-rank update when there is one."""
+    out, update = getattr(self, name)(x), getattr(self, f"{name}_lora")
+    return out if update is None else out + update(x).astype(out.dtype)
 
   def __call__(self, x, context, mask=None, bias=None):
     b, q_len, dim = x.shape
     split = lambda t: t.reshape(b, t.shape[1], self.heads, dim // self.heads)
-    q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
+    q, k, v = split(self.project("q", x)), split(self.project("k", context)), split(self.project("v", context))
     if self.null_kv is not None:
       null = self.null_kv[...].astype(k.dtype).reshape(2, 1, 1, self.heads, dim // self.heads)
       k = jnp.concatenate([jnp.broadcast_to(null[0], (b, 1) + k.shape[2:]), k], axis=1)
@@ -150,7 +169,7 @@ class Attention(nnx.Module):
     if mask is not None:
       mask = mask[:, None, None, :]
     out = attention.dot_product_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
-    return self.out(out.reshape(b, q_len, dim))
+    return self.project("out", out.reshape(b, q_len, dim))
 
 
 class FeedForward(nnx.Module):
@@ -173,13 +192,14 @@ class TransformerBlock(nnx.Module):
   x: [batch, h, w, ch]; text: [batch, tokens, text_dim]; text_mask: [batch, tokens] bool.
   """
 
-  def __init__(self, channels, text_dim, heads, *, ff_mult, dtype, rngs, implementation="auto"):
+  def __init__(self, channels, text_dim, heads, *, ff_mult, dtype, rngs, implementation="auto", lora_rank=0):
     self.norm_in = group_norm(channels, rngs, dtype)
     self.norm_self = layer_norm(channels, rngs, dtype)
-    self.self_attn = Attention(channels, channels, heads, dtype=dtype, rngs=rngs, implementation=implementation)
+    self.self_attn = Attention(channels, channels, heads, dtype=dtype, rngs=rngs, implementation=implementation,
+                               lora_rank=lora_rank)
     self.norm_cross = layer_norm(channels, rngs, dtype)
     self.cross_attn = Attention(channels, text_dim, heads, dtype=dtype, rngs=rngs, context_axis="text_embed",
-                                null_kv=True, implementation=implementation)
+                                null_kv=True, implementation=implementation, lora_rank=lora_rank)
     self.norm_ff = layer_norm(channels, rngs, dtype)
     self.ff = FeedForward(channels, ff_mult, dtype=dtype, rngs=rngs)
 

@@ -64,9 +64,10 @@ class TemporalAttention(nnx.Module):
   x: [batch, frames, h, w, ch] -> same shape (the residual branch only). Works for any frame count;
   distances beyond max_frames - 1 share the last bias."""
 
-  def __init__(self, channels, heads, max_frames, *, implementation, dtype, rngs):
+  def __init__(self, channels, heads, max_frames, *, implementation, dtype, rngs, lora_rank=0):
     self.norm = layers.layer_norm(channels, rngs, dtype)
-    self.attn = layers.Attention(channels, channels, heads, dtype=dtype, rngs=rngs, implementation=implementation)
+    self.attn = layers.Attention(channels, channels, heads, dtype=dtype, rngs=rngs, implementation=implementation,
+                                 lora_rank=lora_rank)
     self.position_bias = nnx.Param(jnp.zeros((heads, 2 * max_frames - 1), jnp.float32), **layers.names(None, None))
     self.max_frames = max_frames
 
@@ -85,14 +86,15 @@ class TemporalBlock(nnx.Module):
 
   x: [batch * frames, h, w, ch], emb: [batch * frames, emb_dim], is_video: [batch] -> x's shape."""
 
-  def __init__(self, channels, emb_dim, heads, max_frames, *, attention: bool, implementation, dtype, rngs):
+  def __init__(self, channels, emb_dim, heads, max_frames, *, attention: bool, implementation, dtype, rngs,
+               lora_rank=0):
     self.conv = TemporalConv(channels, dtype=dtype, rngs=rngs)
     self.film = layers.dense(emb_dim, 2 * channels, ("embed", "conv_out"), rngs, dtype)
     self.norm = layers.group_norm(channels, rngs, dtype)
     # Zero-initialised output projection of the convolution branch: identity at initialisation.
     self.conv_out = layers.conv(channels, channels, 1, rngs, dtype, zero_init=True)
     self.attention = (TemporalAttention(channels, heads, max_frames, implementation=implementation, dtype=dtype,
-                                        rngs=rngs) if attention else None)
+                                        rngs=rngs, lora_rank=lora_rank) if attention else None)
 
   def __call__(self, x, emb, is_video):
     b = is_video.shape[0]

@@ -72,9 +72,17 @@ def is_temporal(path, _) -> bool:
   return any(str(key).startswith("temporal_") for key in path)
 
 
+def is_lora(path, _=None) -> bool:
+  """Filter: the low-rank updates of attention projections (`model.lora_rank`; `*_lora` modules)."""
+  return any(str(key).endswith("_lora") for key in path)
+
+
 def trainable_filter(config):
   """Which parameters the optimizer updates: all but the autoencoder's; also not a frozen text encoder's; or
-  only the temporal layers of an inflated video model (`inflate.train_temporal_only`)."""
+  only the temporal layers of an inflated video model (`inflate.train_temporal_only`); or only the low-rank
+  updates of a LoRA fine-tune (`model.lora_rank`)."""
+  if config.model.lora_rank:
+    return nnx.All(nnx.Param, is_lora)
   if config.inflate.train_temporal_only:
     return nnx.All(nnx.Param, is_temporal)
   not_autoencoder = nnx.Not(nnx.PathContains("autoencoder"))

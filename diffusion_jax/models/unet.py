@@ -85,7 +85,8 @@ class UNet(nnx.Module):
     self.temporal = config.temporal
     emb_dim = 4 * config.channels
     block = dict(dropout_rate=config.dropout, skip_scale=config.skip_scale, dtype=dtype, rngs=rngs)
-    attn = dict(ff_mult=config.ff_mult, dtype=dtype, rngs=rngs, implementation=config.attention)
+    attn = dict(ff_mult=config.ff_mult, dtype=dtype, rngs=rngs, implementation=config.attention,
+                lora_rank=config.lora_rank)
 
     self.time_in = layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype)
     self.time_out = layers.dense(emb_dim, emb_dim, ("embed", "embed"), rngs, dtype)
@@ -110,7 +111,8 @@ class UNet(nnx.Module):
 
     def temporal_blocks(ch, n, attention):  # one per spatial block; None everywhere in an image U-Net
       return nnx.List([temporal.TemporalBlock(ch, emb_dim, config.heads, config.max_frames, attention=attention,
-                                              implementation=config.attention, dtype=dtype, rngs=rngs)
+                                              implementation=config.attention, dtype=dtype, rngs=rngs,
+                                              lora_rank=config.lora_rank)
                        if self.temporal else None
                        for _ in range(n)])
 
