@@ -199,11 +199,22 @@ def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, samp
   return {f"accuracy_heldout_combinations/{k}": v for k, v in shapes_judge.accuracy(generated, captions).items()}
 
 
+def bicubic_metrics(config, images, perceptual=None) -> dict:
+  """psnr_bicubic (with `perceptual`, lpips.load, also lpips_bicubic) of bicubic upsampling of the real `images`
+  downsampled to a super-resolution stage's input: what the stage's psnr and lpips are measured against."""
+  bicubic = psnr.bicubic(cascade.downsampled(images, config), images)
+  metrics = {"psnr_bicubic": psnr.psnr(bicubic, images)}
+  if perceptual is not None:
+    metrics["lpips_bicubic"] = lpips.mean_distance(perceptual, bicubic, images)
+  return metrics
+
+
 def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, frechet=None,
-                       clip=None, perceptual=None) -> tuple[dict, np.ndarray]:
+                       clip=None, perceptual=None, bicubic=None) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) for one sample setting (media_metrics against the real `images`;
   `frechet`: their frechet_distances, made here when not given; for super-resolution stages, given the real
-  images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic upsampling's)."""
+  images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic upsampling's, whose
+  bicubic_metrics are made here when not given)."""
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
@@ -211,11 +222,10 @@ def generation_metrics(config, graphdef, state, mesh, images, captions, sample_c
   generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres)
   metrics = media_metrics(config, generated, captions, frechet or frechet_distances(images), clip)
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
-    bicubic = psnr.bicubic(lowres[:, 0], images)
-    metrics["psnr"], metrics["psnr_bicubic"] = psnr.psnr(generated, images), psnr.psnr(bicubic, images)
+    metrics["psnr"] = psnr.psnr(generated, images)
     if perceptual is not None:
       metrics["lpips"] = lpips.mean_distance(perceptual, generated, images)
-      metrics["lpips_bicubic"] = lpips.mean_distance(perceptual, bicubic, images)
+    metrics.update(bicubic or bicubic_metrics(config, images, perceptual))
   return metrics, generated
 
 
@@ -358,10 +368,11 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
       metrics[name] = gap
   images, captions = images[:num_prompts], captions[:num_prompts]
   frechet = frechet or frechet_distances(images)
+  bicubic = bicubic_metrics(config, images, perceptual) if config.model.lowres_conditioning else None  # once
 
   def scored(sample_config):
     setting_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions, sample_config,
-                                                    frechet, clip, perceptual)
+                                                    frechet, clip, perceptual, bicubic)
     setting_metrics.update(
         heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config))
     return setting_metrics, generated

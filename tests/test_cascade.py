@@ -289,15 +289,25 @@ def test_psnr_and_the_bicubic_baseline():
   np.testing.assert_array_equal(psnr.bicubic(flat[:, :4, :4], flat), flat)
 
 
-def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr, trained, lpips_weights):
+def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr, trained, lpips_weights, monkeypatch):
+  from diffusion_jax.metrics import psnr
+
   config, workdir = trained_sr
   config_, state, graphdef, _, _ = sample.load_checkpoint(workdir)
   grid = sample.write_training_samples(config_, state, graphdef, workdir)
   records = [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
   captions, _ = cascade.validation_lowres(config, len(config.sample.prompts), 1)
   assert [r["prompt"] for r in records[::config.sample.num_per_prompt]] == captions
+  upsampled, real_bicubic = [], psnr.bicubic  # every bicubic upsampling the evaluation computes
+
+  def bicubic(*args):
+    upsampled.append(real_bicubic(*args))
+    return upsampled[-1]
+
+  monkeypatch.setattr(psnr, "bicubic", bicubic)
   [record] = evaluate.run(workdir, step=4, num_prompts=4, heldout_examples=4, combination_prompts=4,
                           sweeps={"aug_level": (0.0, 0.5)}, lpips_weights=lpips_weights[0])
+  assert len(upsampled) == 1  # the baseline, once for the checkpoint's three sample settings
   assert np.isfinite(record["psnr"]) and record["psnr_bicubic"] > 10
   assert 0 < record["lpips_bicubic"] != record["lpips"] > 0  # a 4-step stage's samples are not bicubic upsampling
   with pytest.raises(ValueError, match="--lpips_weights: .*this model is not a super-resolution stage"):
