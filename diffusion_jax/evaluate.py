@@ -383,9 +383,9 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   return step, metrics, generated, results
 
 
-# Sample fields an evaluation's numbers do not depend on: each caption has its own noise whatever the batch, and
-# nothing is edited (strength).
-UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt", "strength")
+# Sample fields an evaluation's numbers do not depend on: each caption has its own noise whatever the batch, nothing
+# is edited (strength), and videos are scored one clip long (video_length, context_frames).
+UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt", "strength", "video_length", "context_frames")
 
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics) -> dict:

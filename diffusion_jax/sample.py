@@ -22,6 +22,11 @@ Flags:
                     0 = data.frames)
   --batch_size      samples generated at once over all devices, rounded up to a multiple of the device count
                     (default: config sample.batch_size); more are generated batch by batch, with progress
+  --video_length    video models: frames per video, more than a clip's (--frames) by autoregressive extension
+                    (video_extension.py): each window keeps the last --context_frames frames made so far and
+                    generates the rest of a clip after them (default: config sample.video_length, 0 = one clip)
+  --context_frames  with --video_length: frames each window keeps, 1 to a clip's frames - 1 (default: config
+                    sample.context_frames, 0 = half a clip)
   --init_image      an image (any size: shorter side to the model's resolution, centre crop) to edit for every
                     prompt without its own, instead of generating from noise (image-to-image, SDEdit; editing.py):
                     it is noised to --strength and the rest of the sampling grid is run; a video model animates it
@@ -64,14 +69,15 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from diffusion_jax import (checkpoint, cli, config_checks, distributed, editing, media, samplers, schedules, sharding,
-                           superres)
+                           superres, video_extension)
 from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
-WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "num_per_prompt", "seed", "use_ema", "frames", "strength")
+WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "num_per_prompt", "seed", "use_ema", "frames", "strength",
+                    "video_length", "context_frames")
 EDIT_FILES = ("init_image", "mask")  # a prompt's image to edit and its inpainting mask (edit_inputs)
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
@@ -101,8 +107,9 @@ def make_generate_fn(config, graphdef, sample_config):
   it is generated in (nor on the device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c]
   in [-1, 1] (None otherwise), noise-augmented to sample.aug_level. negative: (ids, mask) of negative prompts,
   read by guidance's unconditional branch instead of the null condition (rows whose mask is all 0 keep the
-  null condition), or None. init: (images [n, (frames,) h, w, c] in [-1, 1], keep [n, (frames,) h, w, 1]) to edit (editing.py: the
-  last sample.strength of the grid from the images noised, the region keep marks kept), or None."""
+  null condition), or None. init: (images [n, (frames,) h, w, c] in [-1, 1], keep [n, (frames,) h, w, 1]) to
+  edit (editing.py: the last sample.strength of the grid from the images noised, the region keep marks kept), or
+  None."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
@@ -198,7 +205,7 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
-             lowres=None, negative_prompts=None, init_images=None, keep_masks=None) -> np.ndarray:
+             lowres=None, negative_prompts=None, init_images=None, keep_masks=None, keys=None) -> np.ndarray:
   """Samples [len(prompts), num_per_prompt, (frames,) res, res, c] uint8, generated sample.batch_size at a time
   (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
   serves every batch (the last is padded), and more than one batch logs progress with an ETA.
@@ -209,7 +216,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   unconditional branch is the null condition and the compiled program has no second text encoding.
   init_images: images (clips) to edit instead of generating from noise, uint8 [len(prompts), (frames,) res, res, 3]
   (editing.py, at sample_config.strength), with keep_masks bool [len(prompts), (frames,) res, res], True where the
-  image is kept (inpainting; default: nothing kept)."""
+  image is kept (inpainting; default: nothing kept). keys: raw keys [len(prompts) * num_per_prompt, 2] of the
+  samples' noise instead of those of their seeds (example_keys)."""
   if init_images is not None:
     check_editable(config)
   n = sample_config.num_per_prompt
@@ -218,7 +226,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   chunk = -(-min(sample_config.batch_size, max(len(repeated), 1)) // mesh.size) * mesh.size
   pad = -len(repeated) % chunk
   ids, mask = tokenizer(repeated + [""] * pad)
-  keys = np.concatenate([example_keys(seeds, n), example_keys([0] * pad, 1)])  # padding rows are dropped
+  keys = np.concatenate([example_keys(seeds, n) if keys is None else np.asarray(keys),
+                         example_keys([0] * pad, 1)])  # padding rows are dropped
   inputs = [keys, np.asarray(ids), np.asarray(mask)]
   if config.model.lowres_conditioning:
     if lowres is None:
@@ -363,6 +372,11 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   sample_config.update({k: v for k, v in overrides.items() if v is not None})
   if problems := config_checks.sample_problems(sample_config, "--"):
     raise ValueError("; ".join(problems))
+  if sample_config.video_length and not config.model.temporal:
+    raise ValueError("--video_length extends the clips of a video model; this workdir's model makes images.")
+  if config.model.temporal:
+    if problems := video_extension.problems(sample_config, output_shape(config, sample_config)[0]):
+      raise ValueError("; ".join(problems))
   prompts = read_prompts(prompts_path) if prompts_path else [{"prompt": p} for p in sample_config.prompts]
   for entry in prompts if init_image else []:
     if "init_image" not in entry:
@@ -382,6 +396,25 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
                        edits=edits)
+
+
+def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds, negative_prompts,
+             first) -> np.ndarray:
+  """Clips [len(prompts), num_per_prompt, frames, h, w, 3] (as `generate` made them with these arguments) extended
+  to sample.video_length frames (video_extension.py), each sample window by window with its own noise."""
+  n = sample_config.num_per_prompt
+  rows = lambda values: [value for value in values for _ in range(n)]
+  window_config = sample_config.copy_and_resolve_references()
+  window_config.update(num_per_prompt=1, strength=1.0)  # the new frames from noise
+
+  def generate_window(init, keep, keys):
+    return generate(config, graphdef, params, frozen, tokenizer, rows(prompts), window_config, mesh,
+                    negative_prompts=rows(negative_prompts), init_images=init, keep_masks=keep, keys=keys)[:, 0]
+
+  clips = first.reshape((-1,) + first.shape[2:])
+  videos = video_extension.extend(clips, generate_window, example_keys(seeds, n), sample_config.video_length,
+                                  video_extension.context_frames(sample_config, clips.shape[1]))
+  return videos.reshape(first.shape[:2] + videos.shape[1:])
 
 
 def check_editable(config):
@@ -446,11 +479,14 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     group_config = sample_config.copy_and_resolve_references()
     group_config.guidance_scale = float(scale)
     init_images, keep_masks = (np.stack([edits[i][k] for i in group]) for k in (0, 1)) if edited else (None, None)
-    generated = generate(config, graphdef, params, frozen, tokenizer, [entries[i]["prompt"] for i in group],
-                         group_config, mesh, seeds=[entries[i]["seed"] for i in group],
-                         lowres=None if lowres is None else np.asarray(lowres)[group],
-                         negative_prompts=[entries[i].get("negative_prompt", "") for i in group],
+    group_prompts, seeds = [entries[i]["prompt"] for i in group], [entries[i]["seed"] for i in group]
+    negatives = [entries[i].get("negative_prompt", "") for i in group]
+    generated = generate(config, graphdef, params, frozen, tokenizer, group_prompts, group_config, mesh, seeds=seeds,
+                         lowres=None if lowres is None else np.asarray(lowres)[group], negative_prompts=negatives,
                          init_images=init_images, keep_masks=keep_masks)
+    if config.model.temporal and sample_config.video_length:
+      generated = extended(config, graphdef, params, frozen, tokenizer, group_prompts, group_config, mesh, seeds,
+                           negatives, generated)
     for i, row in zip(group, generated):
       images[i] = row
   output_dir = pathlib.Path(output_dir)
@@ -458,6 +494,10 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     return output_dir / "grid.png"
   provenance = {"sampler": sample_config.sampler, "steps": sample_config.steps, "checkpoint_step": int(step),
                 "ema": bool(sample_config.use_ema), "config_hash": config_hash(config)}
+  if config.model.temporal and sample_config.video_length:
+    clip = output_shape(config, sample_config)[0]
+    provenance.update(video_length=sample_config.video_length, clip_frames=clip,
+                      context_frames=video_extension.context_frames(sample_config, clip))
   return write_outputs(output_dir, entries, np.stack(images), provenance, edits)
 
 
@@ -502,6 +542,10 @@ def define_flags():
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames.")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: config "
                        "sample.batch_size).")
+  flags.DEFINE_integer("video_length", None, "Video models: frames per video, beyond a clip's by autoregressive "
+                       "extension (default: config sample.video_length, 0 = one clip).", lower_bound=0)
+  flags.DEFINE_integer("context_frames", None, "With --video_length: frames of the video so far each new window "
+                       "keeps (default: config sample.context_frames, 0 = half a clip).", lower_bound=0)
   flags.DEFINE_string("init_image", None, "Image to edit for every prompt without its own (image-to-image; a "
                       "video model: the clips' first frame).")
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")

@@ -1,0 +1,51 @@
+"""Videos longer than a clip, window by window (video_extension.py)."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from diffusion_jax import media, sample, video_extension
+
+
+def test_windows_add_a_clip_less_its_context_until_the_length_is_reached():
+  assert video_extension.window_count(8, 4, 2) == 2  # 4 + 2 + 2
+  assert video_extension.window_count(7, 4, 2) == 2  # 8 frames made, the last cut
+  assert video_extension.window_count(4, 4, 2) == 0
+  settings = lambda **s: ml_collections.ConfigDict({"video_length": 0, "context_frames": 0, **s})
+  assert video_extension.context_frames(settings(), 5) == 2 and video_extension.problems(settings(), 4) == []
+  assert "--video_length=4 is not longer than a clip (4 frames" in video_extension.problems(settings(video_length=4),
+                                                                                              4)[0]
+  assert "--context_frames=4 must be in 1..3" in video_extension.problems(settings(video_length=9, context_frames=4),
+                                                                          4)[0]
+
+
+def test_a_video_model_makes_videos_longer_than_its_clips(trained_video, trained, tmp_path):
+  config, workdir, _ = trained_video
+  settings = {"steps": 2, "num_per_prompt": 2, "frames": 3}
+  sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "clips")
+  sample.sample_from_workdir(workdir, {**settings, "video_length": 6, "context_frames": 1}, None,
+                             output_dir=tmp_path / "long")
+  records = [json.loads(line) for line in (tmp_path / "long" / "manifest.jsonl").read_text().splitlines()]
+  assert records[0]["video_length"] == 6 and records[0]["context_frames"] == 1 and records[0]["clip_frames"] == 3
+  side = config.data.resolution
+  videos = []
+  for record in records:
+    strip = media.read_image(tmp_path / "long" / record["file"])  # frames left to right, lossless
+    assert strip.shape == (side, 6 * side, 3)
+    assert media.read_gif(tmp_path / "long" / record["animation"])[0].shape[0] == 6
+    clip = media.read_image(tmp_path / "clips" / record["file"])
+    np.testing.assert_array_equal(strip[:, :3 * side], clip)  # the first clip is the one a plain run makes
+    videos.append(strip.reshape(side, 6, side, 3))
+  # The two samples of a prompt go on with noise of their own: their new frames differ.
+  assert np.abs(videos[0][:, 3:].astype(int) - videos[1][:, 3:]).mean() > 5
+
+  def refused(message, workdir, **overrides):
+    with pytest.raises(ValueError, match=message):
+      sample.sample_from_workdir(workdir, {**settings, **overrides}, None, output_dir=tmp_path / "x")
+
+  refused("--video_length=3 is not longer than a clip", workdir, video_length=3)
+  refused(r"--context_frames=3 must be in 1..2", workdir, video_length=8, context_frames=3)
+  refused("--video_length extends the clips of a video model; this workdir's model makes images", trained[1],
+          video_length=8, frames=None)
