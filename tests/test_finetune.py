@@ -14,8 +14,9 @@ def leaves(tree):
 
 def test_a_finetune_starts_from_the_other_runs_weights_at_another_resolution(trained, tmp_path_factory):
   """Every weight (trainable and frozen) is the other run's first EMA copy, on an FSDP mesh and at twice the
-  resolution (progressive resolution training); the step, optimizer moments and EMA start afresh; and the run
-  trains and resumes as its own."""
+  resolution (progressive resolution training); the step, optimizer moments and EMA start afresh. (A fine-tune
+  trains end to end in the LoRA test below; a resume restores its own checkpoint without initialising, as
+  test_video's inflated run shows.)"""
   _, workdir, _ = trained
   _, source, _, step, _ = sample.load_checkpoint(workdir)
   config = tiny_config(tmp_path_factory)
@@ -37,14 +38,6 @@ def test_a_finetune_starts_from_the_other_runs_weights_at_another_resolution(tra
   state, _ = train.init_state(config, sharding.make_mesh(config.mesh))
   for ours, theirs in zip(leaves(state.params), leaves(source.params)):
     np.testing.assert_array_equal(ours, theirs)
-
-  config.train.update(steps=2, checkpoint_every=2, sample_every=0)
-  finetuned = tmp_path_factory.mktemp("finetuned")
-  state, _ = train.train_and_evaluate(config, finetuned)
-  assert int(state.step) == 2
-  config.finetune.workdir = str(tmp_path_factory.mktemp("nothing_there"))  # a resume reads its own checkpoint
-  config.train.steps = 3
-  assert int(train.train_and_evaluate(config, finetuned)[0].step) == 3
 
 
 def test_a_finetune_of_another_model_is_refused_before_anything_is_read(trained, tmp_path_factory):
