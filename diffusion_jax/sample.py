@@ -381,16 +381,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   for entry in prompts if init_image else []:
     if "init_image" not in entry:
       entry.update({"init_image": str(init_image), **({"mask": str(mask)} if mask else {})})
-  edits = {i: edit_inputs(e, config.data.resolution) for i, e in enumerate(prompts) if "init_image" in e}
-  if edits:  # before a checkpoint is read
-    editing.first_step(sample_config.steps, sample_config.strength)
-    check_editable(config)
-  if edits and config.model.temporal:  # each image the first frame of its clip
-    if any("mask" in prompts[i] for i in edits):
-      raise ValueError("A video model animates an --init_image as its clips' first frame; --mask is for image "
-                       "models.")
-    frames = output_shape(config, sample_config)[0]
-    edits = {i: first_frame_edit(image, frames) for i, (image, _) in edits.items()}
+  edits = read_edits(config, sample_config, prompts)  # before a checkpoint is read
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   params = state.ema[0] if sample_config.use_ema else state.params
   return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
@@ -415,6 +406,22 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   videos = video_extension.extend(clips, generate_window, example_keys(seeds, n), sample_config.video_length,
                                   video_extension.context_frames(sample_config, clips.shape[1]))
   return videos.reshape(first.shape[:2] + videos.shape[1:])
+
+
+def read_edits(config, sample_config, prompts: list[dict]) -> dict:
+  """{prompt index: (image, keep)} of the prompts with an "init_image" (edit_inputs; a video model's:
+  first_frame_edit's clips), each file read and every setting checked."""
+  edits = {i: edit_inputs(e, config.data.resolution) for i, e in enumerate(prompts) if "init_image" in e}
+  if not edits:
+    return edits
+  editing.first_step(sample_config.steps, sample_config.strength)
+  check_editable(config)
+  if not config.model.temporal:
+    return edits
+  if any("mask" in prompts[i] for i in edits):
+    raise ValueError("A video model animates an --init_image as its clips' first frame; --mask is for image models.")
+  frames = output_shape(config, sample_config)[0]
+  return {i: first_frame_edit(image, frames) for i, (image, _) in edits.items()}
 
 
 def check_editable(config):
