@@ -155,5 +155,6 @@ def get_config():
       strength=0.8,                # image-to-image and inpainting (--init_image): the part of the grid run, (0, 1]
       video_length=0,              # video models: frames per video by autoregressive extension (0 = one clip)
       context_frames=0,            # ... frames of the video so far each window keeps (0 = half a clip)
+      reconstruction_guidance=0.0,  # edits: > 0 also steers the generated part to agree with the kept (editing.py)
   )
   return c

@@ -235,7 +235,7 @@ ADDED_FIELDS = {
     "sample.batch_size": 256,  # before it, every sample of a call was generated at once (up to 256 in the tests)
     "sample.negative_prompt": "",
     "sample.strength": 0.8,  # read only when an image is edited, which earlier code could not
-    "sample.video_length": 0, "sample.context_frames": 0,
+    "sample.video_length": 0, "sample.context_frames": 0, "sample.reconstruction_guidance": 0.0,
     "finetune.workdir": "", "finetune.step": -1, "finetune.use_ema": True, "model.lora_rank": 0,
 }
 

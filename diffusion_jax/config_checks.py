@@ -88,7 +88,7 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}aug_level={s.aug_level} must be in [0, 1]")
   if not 0 < s.strength <= 1:
     found.append(f"{prefix}strength={s.strength} must be in (0, 1]")
-  for field in ("video_length", "context_frames"):
+  for field in ("video_length", "context_frames", "reconstruction_guidance"):
     if s[field] < 0:
       found.append(f"{prefix}{field}={s[field]} must be >= 0")
   return found

@@ -13,6 +13,7 @@ All functions are pure. Shapes: images and estimates [batch, (frames,) h, w, c];
 w, 1], 1 where the given image is kept, 0 where it is generated anew.
 """
 
+import jax
 import jax.numpy as jnp
 
 
@@ -36,10 +37,23 @@ def keep_at(keep, size: int):
   return blocks.min(axis=(-4, -2))
 
 
-def inpainting_denoiser(denoise_fn, known, keep):
-  """denoise_fn(x, alpha, sigma) -> clean estimate, with the estimate replaced by `known` where `keep` is 1."""
+def inpainting_denoiser(denoise_fn, known, keep, reconstruction_guidance: float = 0.0):
+  """denoise_fn(x, alpha, sigma) -> clean estimate, with the estimate replaced by `known` where `keep` is 1.
+
+  reconstruction_guidance w > 0 (Ho et al. 2022, Video Diffusion Models, eq. 7): the estimate of the generated
+  region is first moved along - w * alpha / 2 * the gradient w.r.t. x of the squared error of the kept region's
+  estimate, so it agrees with what is kept (a backward pass through the network at every step)."""
 
   def denoise(x, alpha, sigma):
-    return jnp.where(keep > 0, known, denoise_fn(x, alpha, sigma))
+    if not reconstruction_guidance:
+      return jnp.where(keep > 0, known, denoise_fn(x, alpha, sigma))
+
+    def error(x):
+      estimate = denoise_fn(x, alpha, sigma)
+      return jnp.sum(jnp.where(keep > 0, known - estimate, 0.0) ** 2), estimate
+
+    gradient, estimate = jax.grad(error, has_aux=True)(x)
+    scale = reconstruction_guidance * alpha.reshape(alpha.shape + (1,) * (x.ndim - 1)) / 2
+    return jnp.where(keep > 0, known, estimate - scale * gradient)
 
   return denoise

@@ -384,8 +384,9 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
 
 
 # Sample fields an evaluation's numbers do not depend on: each caption has its own noise whatever the batch, nothing
-# is edited (strength), and videos are scored one clip long (video_length, context_frames).
-UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt", "strength", "video_length", "context_frames")
+# is edited (strength, reconstruction_guidance), and videos are scored one clip long (video_length, context_frames).
+UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt", "strength", "video_length", "context_frames",
+                            "reconstruction_guidance")
 
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics) -> dict:

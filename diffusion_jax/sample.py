@@ -36,6 +36,10 @@ Flags:
   --strength        with --init_image: the part of the sampling grid run, in (0, 1] (default: config
                     sample.strength, 0.8): 1 starts from pure noise, lower keeps more of the image; with --mask,
                     1 ignores what the masked region held
+  --reconstruction_guidance
+                    with --init_image or --video_length: > 0 also moves the estimate of what is generated along the
+                    gradient that makes the kept part's estimate agree with it (Ho et al. 2022; a backward pass
+                    through the network at every step; default: config sample.reconstruction_guidance, 0 = none)
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -77,12 +81,12 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "num_per_prompt", "seed", "use_ema", "frames", "strength",
-                    "video_length", "context_frames")
+                    "video_length", "context_frames", "reconstruction_guidance")
 EDIT_FILES = ("init_image", "mask")  # a prompt's image to edit and its inpainting mask (edit_inputs)
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "threshold",
-                     "threshold_percentile", "frames", "aug_level", "strength")
+                     "threshold_percentile", "frames", "aug_level", "strength", "reconstruction_guidance")
 _compiled_samplers = {}
 
 
@@ -152,7 +156,8 @@ def make_generate_fn(config, graphdef, sample_config):
       start = editing.first_step(s.steps, s.strength)
       grid_alpha, grid_sigma, known = alpha[start:], sigma[start:], model.to_latents(given)
       x_init = grid_alpha[0] * known + grid_sigma[0] * noise
-      denoise = editing.inpainting_denoiser(denoise, known, editing.keep_at(keep, shape[-2]))
+      denoise = editing.inpainting_denoiser(denoise, known, editing.keep_at(keep, shape[-2]),
+                                            s.reconstruction_guidance)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # each sample's own stochastic-sampler noise
     images = samplers.sample(denoise, x_init, grid_alpha, grid_sigma, s.sampler, key=step_keys, eta=s.eta,
                              on_step=SamplingProgress(len(grid_alpha) - 1, s.sampler))
@@ -553,6 +558,9 @@ def define_flags():
                        "extension (default: config sample.video_length, 0 = one clip).", lower_bound=0)
   flags.DEFINE_integer("context_frames", None, "With --video_length: frames of the video so far each new window "
                        "keeps (default: config sample.context_frames, 0 = half a clip).", lower_bound=0)
+  flags.DEFINE_float("reconstruction_guidance", None, "Edits and video extension: > 0 also steers what is "
+                     "generated to agree with what is kept, at a backward pass per step (default: config "
+                     "sample.reconstruction_guidance, 0 = replacement only).", lower_bound=0)
   flags.DEFINE_string("init_image", None, "Image to edit for every prompt without its own (image-to-image; a "
                       "video model: the clips' first frame).")
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")

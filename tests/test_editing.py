@@ -142,3 +142,17 @@ def test_super_resolution_stages_do_not_edit():
 
   with pytest.raises(ValueError, match="are for text-to-image and text-to-video models; this is a super-resolution"):
     sample.check_editable(sr_shapes.get_config("test"))
+
+
+def test_reconstruction_guidance_moves_the_generated_estimate_to_agree_with_the_kept():
+  """Ho et al.'s eq. 7 on a linear denoiser coupling two pixels: estimate (x0 + x1, x1), pixel 0 kept at k.
+  The kept pixel's squared error (k - x0 - x1)^2 has gradient -2 (k - x0 - x1) w.r.t. x1, so the generated
+  pixel's estimate becomes x1 + w * alpha * (k - x0 - x1)."""
+  import jax.numpy as jnp
+
+  denoise_fn = lambda x, alpha, sigma: jnp.stack([x[:, 0] + x[:, 1], x[:, 1]], axis=1)
+  x, known, keep = jnp.array([[1.0, 2.0]]), jnp.array([[5.0, 0.0]]), jnp.array([[1.0, 0.0]])
+  alpha = jnp.array([0.5])
+  guided = editing.inpainting_denoiser(denoise_fn, known, keep, reconstruction_guidance=2.0)
+  np.testing.assert_allclose(guided(x, alpha, None), [[5.0, 2.0 + 2.0 * 0.5 * (5.0 - 3.0)]])
+  np.testing.assert_allclose(editing.inpainting_denoiser(denoise_fn, known, keep)(x, alpha, None), [[5.0, 2.0]])
