@@ -45,6 +45,15 @@ Flags:
   --clip_weights      local Hugging Face CLIP directory (config.json, model.safetensors, tokenizer.json, e.g.
                       openai/clip-vit-base-patch32): adds clip_score, 100 * max(cosine, 0) of each generated
                       image (video: each frame) with its caption, averaged
+  --image_to_video    video models: each caption's real clip's first frame is given (image-to-video; sample.py
+                      --init_image) and kept; recorded in the settings
+  --strength          with --image_to_video: the part of the sampling grid run (default: the config's sample.strength)
+  --video_length      video models: make this many frames by autoregressive extension (video_extension.py) and score
+                      the last clip's worth, the frames the extension made (default: the config's, 0 = one clip)
+  --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
+  --reconstruction_guidance
+                      with --image_to_video or --video_length: reconstruction guidance weight (editing.py; default:
+                      the config's, 0 = replacement only)
   --guidance_sweep    comma-separated guidance scales: also write a table and a plot of the metrics
                       against guidance (WORKDIR/eval/guidance_sweep_step_N.{md,png})
   --steps_sweep       comma-separated sampler step counts, written the same way (steps_sweep_step_N)
@@ -94,7 +103,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import cascade, checkpoint, cli, config_checks, distributed, media, metric_writers, sample, samplers
+from diffusion_jax import (cascade, checkpoint, cli, config_checks, distributed, media, metric_writers, sample,
+                           samplers, video_extension)
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, lpips, motion_judge,
                                    psnr, shapes_judge)
@@ -172,13 +182,26 @@ def media_metrics(config, generated, captions, frechet, clip=None) -> dict:
   return metrics
 
 
-def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None) -> np.ndarray:
+def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None,
+              first_frames=None) -> np.ndarray:
   """uint8 media [n, (frames,) h, w, 3], one per caption. Each caption its own noise (seed + index): the same
   noise for every caption would make the set far less diverse than real data (FID) and let the noise, not the
-  caption, decide what the judge sees."""
+  caption, decide what the judge sees. first_frames: uint8 [n, h, w, 3], each clip's given first frame
+  (image-to-video). A video model with sample.video_length makes that many frames (video_extension.py) and
+  returns the last clip's worth, the frames the extension made."""
   seeds = sample_config.seed + np.arange(len(captions))
-  return sample.generate(config, graphdef, params, frozen, tokenizers.from_config(config), captions, sample_config,
-                         mesh, seeds=seeds, lowres=lowres)[:, 0]
+  tokenizer = tokenizers.from_config(config)
+  init = keep = None
+  if first_frames is not None:
+    frames = sample.output_shape(config, sample_config)[0]
+    init, keep = (np.stack(a) for a in zip(*[sample.first_frame_edit(f, frames) for f in first_frames]))
+  clips = sample.generate(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds=seeds,
+                          lowres=lowres, init_images=init, keep_masks=keep)
+  if not (config.model.temporal and sample_config.video_length):
+    return clips[:, 0]
+  videos = sample.extended(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds,
+                           [sample_config.negative_prompt] * len(captions), clips)
+  return videos[:, 0, -clips.shape[2]:]
 
 
 def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, sample_config) -> dict:
@@ -210,16 +233,18 @@ def bicubic_metrics(config, images, perceptual=None) -> dict:
 
 
 def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, frechet=None,
-                       clip=None, perceptual=None, bicubic=None) -> tuple[dict, np.ndarray]:
+                       clip=None, perceptual=None, bicubic=None, image_to_video=False) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) for one sample setting (media_metrics against the real `images`;
   `frechet`: their frechet_distances, made here when not given; for super-resolution stages, given the real
   images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic upsampling's, whose
-  bicubic_metrics are made here when not given)."""
+  bicubic_metrics are made here when not given; image_to_video: a video model is given each real clip's first
+  frame)."""
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
-  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres)
+  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres,
+                        images[:, 0] if image_to_video else None)
   metrics = media_metrics(config, generated, captions, frechet or frechet_distances(images), clip)
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
     metrics["psnr"] = psnr.psnr(generated, images)
@@ -349,11 +374,12 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
-                  combination_prompts=64, sample_overrides=None, perceptual=None):
+                  combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions for
-  heldout_combination_accuracy at each sample setting; `sample_overrides`: as evaluation_sample_config's."""
+  heldout_combination_accuracy at each sample setting; `sample_overrides`: as evaluation_sample_config's;
+  image_to_video: as generation_metrics'."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -372,7 +398,7 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
 
   def scored(sample_config):
     setting_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions, sample_config,
-                                                    frechet, clip, perceptual, bicubic)
+                                                    frechet, clip, perceptual, bicubic, image_to_video)
     setting_metrics.update(
         heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config))
     return setting_metrics, generated
@@ -383,21 +409,32 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   return step, metrics, generated, results
 
 
-# Sample fields an evaluation's numbers do not depend on: each caption has its own noise whatever the batch, nothing
-# is edited (strength, reconstruction_guidance), and videos are scored one clip long (video_length, context_frames).
-UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt", "strength", "video_length", "context_frames",
-                            "reconstruction_guidance")
+# Sample fields an evaluation's numbers do not depend on: each caption has its own noise whatever the batch.
+UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt")
 
 
-def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics) -> dict:
+def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics,
+                        image_to_video=False) -> dict:
   """What an eval.jsonl line's numbers depend on besides the checkpoint, recorded in it as "settings" (JSON
   values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
   those added by local weights (fid_inception, fvd_i3d, clip_score, lpips)."""
   sample_settings = {k: v for k, v in sample_config.to_dict().items() if k not in UNRECORDED_SAMPLE_FIELDS}
   settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
               "combination_prompts": combination_prompts, "metrics": sorted(optional_metrics),
-              "sample": sample_settings}
+              "image_to_video": image_to_video, "sample": sample_settings}
   return json.loads(json.dumps(settings))
+
+
+def video_problems(config, sample_config, image_to_video: bool) -> None:
+  """A ValueError naming what asks a video model's settings of another model, or a bad video length."""
+  found = []
+  if not config.model.temporal:
+    found += ["--image_to_video: this model makes images"] if image_to_video else []
+    found += ["--video_length: this model makes images"] if sample_config.video_length else []
+  else:
+    found += video_extension.problems(sample_config, sample.output_shape(config, sample_config)[0])
+  if found:
+    raise ValueError("; ".join(found))
 
 
 def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -475,7 +512,7 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
-        combination_prompts=64, sample_overrides=None, lpips_weights=None):
+        combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
@@ -483,18 +520,20 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   clip_weights: a local Hugging Face CLIP directory; adds clip_score.
   lpips_weights: a local LPIPS weights directory; adds lpips and lpips_bicubic (super-resolution stages only).
   combination_prompts: held-out-combination captions judged per sample setting (0: none).
-  sample_overrides: {sample field: value} over the config's, e.g. batch_size (samples generated at once) and
-  negative_prompt; sweeps vary the result."""
+  sample_overrides: {sample field: value} over the config's, e.g. batch_size (samples generated at once),
+  negative_prompt, and a video model's video_length (its last clip's worth of frames scored); sweeps vary the result.
+  image_to_video: a video model is given each real clip's first frame (at sample.strength)."""
   config = checkpoint.read_config(workdir)
   if lpips_weights and not config.model.lowres_conditioning:  # before any weights are read
     raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "
                      "given downsampled; this model is not a super-resolution stage (model.lowres_conditioning)")
   sample_config = evaluation_sample_config(config, sample_overrides)
+  video_problems(config, sample_config, image_to_video)
   settings = sweep_settings(sweeps or {}, sample_config, config)
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
               "lpips": lpips_weights}
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
-                                 [name for name, weights in optional.items() if weights])
+                                 [name for name, weights in optional.items() if weights], image_to_video)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -517,7 +556,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         frechet = frechet_distances(validation_set(config, num_prompts)[1], feature_fns)
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
-                                                     clip, combination_prompts, sample_overrides, perceptual)
+                                                     clip, combination_prompts, sample_overrides, perceptual,
+                                                     image_to_video)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -547,6 +587,10 @@ def _log_settings_changes(workdir, steps, settings):
              "; ".join(changed_settings(old, settings)))
 
 
+# Flags of a video model's evaluation of image-to-video and long videos; all but the first are sample settings.
+VIDEO_FLAGS = ("image_to_video", "strength", "video_length", "context_frames", "reconstruction_guidance")
+
+
 def define_flags():
   flags.DEFINE_string("workdir", None, "Training workdir.")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: evaluate the whole cascade's final output.")
@@ -572,6 +616,15 @@ def define_flags():
                        "sample.batch_size; with --cascade: every stage's).", lower_bound=1)
   flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from, for every caption (default: the "
                       "config's sample.negative_prompt; with --cascade: every stage's).")
+  flags.DEFINE_bool("image_to_video", False, "Video models: give each caption's real clip's first frame "
+                    "(image-to-video, at --strength).")
+  flags.DEFINE_float("strength", None, "With --image_to_video: the part of the sampling grid run (default: the "
+                     "config's sample.strength).")
+  flags.DEFINE_integer("video_length", None, "Video models: make this many frames by extension and score the last "
+                       "clip's worth.", lower_bound=0)
+  flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps.", lower_bound=0)
+  flags.DEFINE_float("reconstruction_guidance", None, "With --image_to_video or --video_length: reconstruction "
+                     "guidance weight.", lower_bound=0)
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
   flags.DEFINE_list("steps_sweep", [], "Sampler step counts for a metric-vs-steps table and plot.")
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
@@ -594,6 +647,7 @@ def main(argv):
     cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts"),
                "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
                "--cascade.stages[k].step=N)")
+    cli.refuse(VIDEO_FLAGS, "not used with --cascade: evaluate a video model's edits and long videos with --workdir")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
                "stage with --workdir)")
@@ -610,8 +664,8 @@ def main(argv):
     else:
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
-                    f.combination_prompts, {"batch_size": f.batch_size, "negative_prompt": f.negative_prompt},
-                    f.lpips_weights)
+                    f.combination_prompts, {name: f[name].value for name in ("batch_size", "negative_prompt")
+                                            + VIDEO_FLAGS[1:]}, f.lpips_weights, f.image_to_video)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
