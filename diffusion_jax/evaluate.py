@@ -429,8 +429,9 @@ def video_problems(config, sample_config, image_to_video: bool) -> None:
   """A ValueError naming what asks a video model's settings of another model, or a bad video length."""
   found = []
   if not config.model.temporal:
-    found += ["--image_to_video: this model makes images"] if image_to_video else []
-    found += ["--video_length: this model makes images"] if sample_config.video_length else []
+    hint = "this model makes images (give a video model's workdir)"
+    found += [f"--image_to_video: {hint}"] if image_to_video else []
+    found += [f"--video_length: {hint}"] if sample_config.video_length else []
   else:
     found += video_extension.problems(sample_config, sample.output_shape(config, sample_config)[0])
   if found:
@@ -653,6 +654,13 @@ def main(argv):
                "stage with --workdir)")
   else:
     cli.refuse(("sweep_stage",), "only with --cascade")
+    if not f.image_to_video:
+      cli.refuse(("strength",), "only with --image_to_video (the part of the grid run from the given first frame)")
+    if not f.video_length:
+      cli.refuse(("context_frames",), "only with --video_length (the frames each extension window keeps)")
+    if not (f.image_to_video or f.video_length):
+      cli.refuse(("reconstruction_guidance",), "only with --image_to_video or --video_length, which keep frames "
+                 "for it to agree with")
   distributed.initialize()
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}

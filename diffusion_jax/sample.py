@@ -387,6 +387,13 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     if "init_image" not in entry:
       entry.update({"init_image": str(init_image), **({"mask": str(mask)} if mask else {})})
   edits = read_edits(config, sample_config, prompts)  # before a checkpoint is read
+  unused = [f"--{name}" for name, applies in (("strength", edits), ("context_frames", sample_config.video_length),
+                                              ("reconstruction_guidance", edits or sample_config.video_length))
+            if overrides.get(name) is not None and not applies]
+  if unused:
+    raise ValueError(f"{', '.join(unused)}: not used here: --strength and --reconstruction_guidance apply to edits "
+                     "(--init_image, or init_image lines of a .jsonl prompts file), --context_frames and "
+                     "--reconstruction_guidance to --video_length")
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   params = state.ema[0] if sample_config.use_ema else state.params
   return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,

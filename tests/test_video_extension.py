@@ -49,6 +49,7 @@ def test_a_video_model_makes_videos_longer_than_its_clips(trained_video, trained
   refused(r"--context_frames=3 must be in 1..2", workdir, video_length=8, context_frames=3)
   refused("--video_length extends the clips of a video model; this workdir's model makes images", trained[1],
           video_length=8, frames=None)
+  refused("--strength, --context_frames: not used here", workdir, strength=0.5, context_frames=1)
 
 
 def test_evaluation_scores_image_to_video_and_the_frames_an_extension_makes(trained_video, trained, tmp_path):
@@ -63,8 +64,8 @@ def test_evaluation_scores_image_to_video_and_the_frames_an_extension_makes(trai
   [record] = evaluate.run(workdir, image_to_video=True, sample_overrides=video, **options)
   assert record["settings"]["image_to_video"] and record["settings"]["sample"]["video_length"] == 6
   assert 0 <= record["accuracy/direction"] <= 1 and np.isfinite(record["fvd_random_conv"])
-  with pytest.raises(ValueError, match="--image_to_video: this model makes images; --video_length: this model makes "
-                                       "images"):
+  with pytest.raises(ValueError, match=r"--image_to_video: this model makes images \(give a video model's workdir\); "
+                                       "--video_length: this model makes images"):
     evaluate.run(trained[1], image_to_video=True, sample_overrides=video, **options)
   with pytest.raises(ValueError, match="--video_length=3 is not longer than a clip"):
     evaluate.run(workdir, sample_overrides={"video_length": 3, "frames": 3}, **options)
