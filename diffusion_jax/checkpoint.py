@@ -102,7 +102,7 @@ def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
 def restore_weights(workdir, step: int, use_ema: bool, params, frozen, setting: str) -> dict:
   """{path: jax.Array} of the model weights in another run's checkpoint, without its optimizer state: `params`
   and `frozen` are pure dicts of ShapeDtypeStructs with shardings (where each array goes) of its trainable
-  (with use_ema: its first EMA copy's) and frozen parameters. step -1: the latest. `setting` names the config
+  (with use_ema: its first EMA copy's) and frozen parameters (or of some of them; an empty `frozen`: none). step -1: the latest. `setting` names the config
   field that chose the run, for errors."""
   if use_ema and not read_config(workdir).train.ema_decays:
     raise ValueError(f"{setting}={str(workdir)!r} kept no EMA copy of its weights (train.ema_decays is empty): take "
@@ -112,7 +112,7 @@ def restore_weights(workdir, step: int, use_ema: bool, params, frozen, setting: 
   if step is None or step not in mngr.all_steps():
     raise ValueError(f"{setting}={str(workdir)!r} has no checkpoint at step {'latest' if step is None else step} "
                      f"(available: {mngr.all_steps()}).")
-  item = {"frozen": frozen, **({"ema": [params]} if use_ema else {"params": params})}
+  item = {**({"frozen": frozen} if frozen else {}), **({"ema": [params]} if use_ema else {"params": params})}
   args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                 partial_restore=True)
   try:
@@ -120,7 +120,7 @@ def restore_weights(workdir, step: int, use_ema: bool, params, frozen, setting: 
   except Exception as error:  # orbax raises many kinds for missing keys / shape mismatches
     raise ValueError(f"Cannot restore the model of {setting}={str(workdir)!r} step {step}: {brief(error)}") from None
   weights = restored["ema"][0] if use_ema else restored["params"]
-  return traverse_util.flatten_dict(weights) | traverse_util.flatten_dict(restored["frozen"])
+  return traverse_util.flatten_dict(weights) | traverse_util.flatten_dict(restored.get("frozen", {}))
 
 
 def restore_input_position(mngr: ocp.CheckpointManager, step: int, data_iter) -> str | None:

@@ -32,6 +32,13 @@ Flags:
   --combination_prompts  configs with data.heldout_combinations: validation captions naming a held-out
                       colour-shape combination to generate for and judge, at the config's sample settings and
                       at every sweep point (default 64; 0: none)
+  --combinations      comma-separated colour-shape combinations ("red square,green circle") whose validation
+                      captions --combination_prompts judges, for any captioned_shapes run (default: the config's
+                      data.heldout_combinations), e.g. those a fine-tune showed that its source run never saw;
+                      recorded in the settings
+  --lora              FILE[:SCALE], repeatable: a LoRA adapter (lora.py) fused into every checkpoint's weights at
+                      SCALE (default 1), e.g. a LoRA's updates evaluated on the run they were trained from;
+                      recorded in the settings
   --inception_weights local FID Inception-v3 weights, pytorch-fid's pt_inception-2015-12-05-6726825d.pth
                       (needs torch) or the same tensors as .safetensors / .npz: adds fid_inception (the
                       standard FID; for video models per frame). Nothing is downloaded.
@@ -103,8 +110,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import (cascade, checkpoint, cli, config_checks, distributed, media, metric_writers, sample,
-                           samplers, video_extension)
+from diffusion_jax import (cascade, checkpoint, cli, config_checks, distributed, lora, media, metric_writers,
+                           sample, samplers, video_extension)
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, lpips, motion_judge,
                                    psnr, shapes_judge)
@@ -204,17 +211,19 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
   return videos[:, 0, -clips.shape[2]:]
 
 
-def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, sample_config) -> dict:
+def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, sample_config, combinations=()) -> dict:
   """The judge's per-attribute accuracy, as `accuracy_heldout_combinations/<attribute>`, on the first `count`
-  validation captions that name a colour-shape combination the train split never showed
-  (data.heldout_combinations), sampled with `sample_config`; empty when the config holds none out or count is 0."""
-  if not config.data.heldout_combinations or count == 0:
+  validation captions that name a colour-shape combination of `combinations` ("red square", ...; default: those
+  the train split never showed, data.heldout_combinations), sampled with `sample_config`; empty when there are
+  none or count is 0."""
+  combinations = tuple(combinations or config.data.heldout_combinations)
+  if not combinations or count == 0:
     return {}
-  pairs = captioned_shapes.combinations(config.data.heldout_combinations)
+  pairs = captioned_shapes.combinations(combinations)
   _, images, captions = validation_set(config, count, keep=lambda example: captioned_shapes.shows_any(example, pairs))
   if not captions:
-    log.warning("No validation caption names one of data.heldout_combinations %s: their accuracy is not measured "
-                "(raise data.num_eval).", tuple(config.data.heldout_combinations))
+    log.warning("No validation caption names one of %s: their accuracy is not measured (raise data.num_eval).",
+                combinations)
     return {}
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = cascade.downsampled(images, config)[:, None] if config.model.lowres_conditioning else None
@@ -374,13 +383,16 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
-                  combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False):
+                  combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
+                  combinations=(), adapters=()):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
-  not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions for
-  heldout_combination_accuracy at each sample setting; `sample_overrides`: as evaluation_sample_config's;
-  image_to_video: as generation_metrics'."""
+  not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
+  `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
+  evaluation_sample_config's; image_to_video: as generation_metrics'; adapters: lora.Adapters fused into the
+  weights."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
+  state = lora.fused_state(state, adapters)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
   params = state.ema[0] if config.sample.use_ema else state.params
@@ -400,7 +412,7 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
     setting_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions, sample_config,
                                                     frechet, clip, perceptual, bicubic, image_to_video)
     setting_metrics.update(
-        heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config))
+        heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config, combinations))
     return setting_metrics, generated
 
   generated_metrics, generated = scored(evaluation_sample_config(config, sample_overrides))
@@ -414,14 +426,19 @@ UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt")
 
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics,
-                        image_to_video=False) -> dict:
+                        image_to_video=False, combinations=(), adapters=()) -> dict:
   """What an eval.jsonl line's numbers depend on besides the checkpoint, recorded in it as "settings" (JSON
   values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
-  those added by local weights (fid_inception, fvd_i3d, clip_score, lpips)."""
+  those added by local weights (fid_inception, fvd_i3d, clip_score, lpips); combinations and adapters (recorded
+  only when given): --combinations, lora.Adapters."""
   sample_settings = {k: v for k, v in sample_config.to_dict().items() if k not in UNRECORDED_SAMPLE_FIELDS}
   settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
               "combination_prompts": combination_prompts, "metrics": sorted(optional_metrics),
               "image_to_video": image_to_video, "sample": sample_settings}
+  if combinations:
+    settings["combinations"] = list(combinations)
+  if adapters:
+    settings["lora"] = lora.provenance(adapters)
   return json.loads(json.dumps(settings))
 
 
@@ -513,7 +530,8 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
 
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
-        combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False):
+        combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
+        adapters=()):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
@@ -521,6 +539,9 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   clip_weights: a local Hugging Face CLIP directory; adds clip_score.
   lpips_weights: a local LPIPS weights directory; adds lpips and lpips_bicubic (super-resolution stages only).
   combination_prompts: held-out-combination captions judged per sample setting (0: none).
+  combinations: the colour-shape combinations those captions name ("red square", ...; default:
+  data.heldout_combinations), e.g. those a fine-tune showed that its source run never saw.
+  adapters: lora.Adapters fused into every checkpoint's weights.
   sample_overrides: {sample field: value} over the config's, e.g. batch_size (samples generated at once),
   negative_prompt, and a video model's video_length (its last clip's worth of frames scored); sweeps vary the result.
   image_to_video: a video model is given each real clip's first frame (at sample.strength)."""
@@ -528,13 +549,20 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   if lpips_weights and not config.model.lowres_conditioning:  # before any weights are read
     raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "
                      "given downsampled; this model is not a super-resolution stage (model.lowres_conditioning)")
+  if combinations:
+    if config.data.dataset != "captioned_shapes":
+      raise ValueError(f"--combinations: colour-shape combinations are captioned_shapes', not "
+                       f"data.dataset={config.data.dataset!r}'s")
+    captioned_shapes.combinations(combinations)  # a ValueError naming the words there are
+  lora.check(adapters, config)
   sample_config = evaluation_sample_config(config, sample_overrides)
   video_problems(config, sample_config, image_to_video)
   settings = sweep_settings(sweeps or {}, sample_config, config)
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
               "lpips": lpips_weights}
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
-                                 [name for name, weights in optional.items() if weights], image_to_video)
+                                 [name for name, weights in optional.items() if weights], image_to_video,
+                                 combinations, adapters)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -558,7 +586,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
-                                                     image_to_video)
+                                                     image_to_video, combinations, adapters)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -605,6 +633,10 @@ def define_flags():
   flags.DEFINE_integer("combination_prompts", 64, "Validation captions naming a held-out colour-shape combination "
                        "to judge at each sample setting (configs with data.heldout_combinations); 0: none.",
                        lower_bound=0)
+  flags.DEFINE_list("combinations", [], "Colour-shape combinations ('red square,green circle') whose validation "
+                    "captions --combination_prompts judges (default: data.heldout_combinations).")
+  flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into every checkpoint's "
+                            "weights at SCALE (default 1).")
   flags.DEFINE_string("inception_weights", None, "Local FID Inception-v3 weights (.pth, .safetensors, .npz): adds "
                       "fid_inception.")
   flags.DEFINE_string("i3d_weights", None, "Local FVD I3D weights (i3d_pretrained_400.pt, .safetensors, .npz): adds "
@@ -645,9 +677,11 @@ def main(argv):
     cli.refuse(("watch", "poll_seconds", "max_idle_minutes"), "not used with --step, which evaluates one checkpoint "
                "and stops")
   if f.cascade:
-    cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts"),
+    cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts",
+                "combinations"),
                "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
                "--cascade.stages[k].step=N)")
+    cli.refuse(("lora",), "not used with --cascade: an adapter fits one model (evaluate its workdir with --workdir)")
     cli.refuse(VIDEO_FLAGS, "not used with --cascade: evaluate a video model's edits and long videos with --workdir")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
@@ -673,7 +707,8 @@ def main(argv):
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
                     f.combination_prompts, {name: f[name].value for name in ("batch_size", "negative_prompt")
-                                            + VIDEO_FLAGS[1:]}, f.lpips_weights, f.image_to_video)
+                                            + VIDEO_FLAGS[1:]}, f.lpips_weights, f.image_to_video,
+                    f.combinations, [lora.read(spec) for spec in f.lora])
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -40,6 +40,9 @@ Flags:
                     with --init_image or --video_length: > 0 also moves the estimate of what is generated along the
                     gradient that makes the kept part's estimate agree with it (Ho et al. 2022; a backward pass
                     through the network at every step; default: config sample.reconstruction_guidance, 0 = none)
+  --lora            FILE[:SCALE], repeatable: a LoRA adapter (lora.py; python -m diffusion_jax.lora exports one from a
+                    LoRA fine-tune) fused into the workdir's weights at SCALE (default 1; 0 = without it; several
+                    add up), e.g. a LoRA's updates applied to the run it was trained from at half strength
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -52,7 +55,7 @@ Flags:
                     every process generates its part of each batch, process 0 writes
 
 Every PNG carries its provenance (prompt, negative prompt if any, an edit's init image, mask and strength, seed,
-sampler, steps, guidance, checkpoint step, config hash) as PNG text chunks, and the same record is a line of
+sampler, steps, guidance, checkpoint step, config hash, LoRA adapters) as PNG text chunks, and the same record is a line of
 manifest.jsonl. A video model writes each clip as an animated GIF (provenance in the GIF comment), an H.264 MP4
 (provenance in its comment tag) and a PNG strip of its frames, plus grid.gif and grid.mp4.
 """
@@ -72,8 +75,8 @@ from ml_collections import config_flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, cli, config_checks, distributed, editing, media, samplers, schedules, sharding,
-                           superres, video_extension)
+from diffusion_jax import (checkpoint, cli, config_checks, distributed, editing, lora, media, samplers, schedules,
+                           sharding, superres, video_extension)
 from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
@@ -367,9 +370,10 @@ def load_checkpoint(workdir, step=None):
 
 
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
-                        mask=None):
+                        mask=None, adapters=()):
   """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
-  sample settings; init_image and mask: files every prompt without its own edits (edit_inputs)."""
+  sample settings; init_image and mask: files every prompt without its own edits (edit_inputs); adapters:
+  lora.Adapters fused into its weights."""
   from diffusion_jax.text import tokenizers
 
   config = checkpoint.read_config(workdir)
@@ -387,6 +391,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     if "init_image" not in entry:
       entry.update({"init_image": str(init_image), **({"mask": str(mask)} if mask else {})})
   edits = read_edits(config, sample_config, prompts)  # before a checkpoint is read
+  lora.check(adapters, config)
   unused = [f"--{name}" for name, applies in (("strength", edits), ("context_frames", sample_config.video_length),
                                               ("reconstruction_guidance", edits or sample_config.video_length))
             if overrides.get(name) is not None and not applies]
@@ -395,10 +400,11 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
                      "(--init_image, or init_image lines of a .jsonl prompts file), --context_frames and "
                      "--reconstruction_guidance to --video_length")
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
+  state = lora.fused_state(state, adapters)
   params = state.ema[0] if sample_config.use_ema else state.params
   return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
-                       edits=edits)
+                       edits=edits, adapters=adapters)
 
 
 def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds, negative_prompts,
@@ -476,12 +482,13 @@ def edit_inputs(entry: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
-                  lowres=None, edits=None):
+                  lowres=None, edits=None, adapters=()):
   """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / negative_prompt, and the
   init_image / mask files of an edit) and write outputs.
   edits: {prompt index: (image, keep)} as edit_inputs reads them (a video model's: first_frame_edit's clips), the
   prompts to edit instead of generating for.
-  lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]."""
+  lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]. adapters: the lora.Adapters
+  fused into the weights, recorded in the provenance."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
   for entry in entries:
     entry.setdefault("seed", sample_config.seed)
@@ -513,6 +520,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     return output_dir / "grid.png"
   provenance = {"sampler": sample_config.sampler, "steps": sample_config.steps, "checkpoint_step": int(step),
                 "ema": bool(sample_config.use_ema), "config_hash": config_hash(config)}
+  if adapters:
+    provenance["lora"] = lora.provenance(adapters)
   if config.model.temporal and sample_config.video_length:
     clip = output_shape(config, sample_config)[0]
     provenance.update(video_length=sample_config.video_length, clip_frames=clip,
@@ -573,6 +582,8 @@ def define_flags():
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")
   flags.DEFINE_float("strength", None, "With --init_image: the part of the sampling grid run from the image noised, "
                      "in (0, 1] (default: config sample.strength).")
+  flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE "
+                            "(default 1).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
   distributed.define_flags()
 
@@ -603,6 +614,7 @@ def main(argv):
                "--cascade.seed, --cascade.num_per_prompt)")
     cli.refuse(("init_image", "mask"), "not used with --cascade: images are edited by one text-to-image model "
                "(--workdir)")
+    cli.refuse(("lora",), "not used with --cascade: an adapter fits one model (sample its workdir with --workdir)")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
   if f.mask and not f.init_image:
     raise app.UsageError("--mask needs the --init_image it belongs to.")
@@ -612,7 +624,8 @@ def main(argv):
     if f.cascade is not None:
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)
     else:
-      path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask)
+      path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
+                                 [lora.read(spec) for spec in f.lora])
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

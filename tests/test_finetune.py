@@ -54,34 +54,3 @@ def test_a_finetune_of_another_model_is_refused_before_anything_is_read(trained,
     train.init_state(config, sharding.make_mesh(config.mesh))
   config.inflate.image_workdir = str(workdir)
   assert any("finetune.workdir and inflate.image_workdir both" in p for p in config_checks.problems(config))
-
-
-def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trained, tmp_path_factory):
-  """model.lora_rank: every attention projection gets a low-rank update (b zero: the model is the other run's at
-  the start); those are all the optimizer sees, and training moves them and nothing else."""
-  from flax import traverse_util
-
-  _, workdir, _ = trained
-  _, source, _, _, _ = sample.load_checkpoint(workdir)
-  config = tiny_config(tmp_path_factory)
-  config.model.lora_rank = 2
-  config.finetune.workdir = str(workdir)
-  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
-  config.train.update(steps=2, checkpoint_every=2, sample_every=0, sample_at_end=False)
-  flat = lambda tree: traverse_util.flatten_dict(jax.device_get(tree))
-  state, _ = train.init_state(config, sharding.make_mesh(config.mesh))
-  lora = flat(state.params)
-  attention = [p for p in flat(source.ema[0]) if p[0] == "unet" and p[-2] in ("q", "k", "v", "out")
-               and p[-1] == "kernel"]
-  assert len(lora) == 2 * len(attention) and all(p[-2].endswith("_lora") for p in lora)  # a and b of each
-  assert all(np.all(w == 0) for p, w in lora.items() if p[-1] == "lora_b")
-  base = flat(state.frozen)
-  for path, weight in flat(source.ema[0]).items():  # the other run's weights, frozen
-    np.testing.assert_array_equal(base[path], weight)
-  trained_state, _ = train.train_and_evaluate(config, tmp_path_factory.mktemp("lora"))
-  after = flat(trained_state.params)
-  assert all(np.any(after[p] != lora[p]) for p in lora if p[-1] == "lora_b")  # updates no longer nothing
-  for path, weight in flat(trained_state.frozen).items():
-    np.testing.assert_array_equal(weight, base[path])
-  config.finetune.workdir = ""
-  assert "model.lora_rank adapts a trained model" in "; ".join(config_checks.problems(config))

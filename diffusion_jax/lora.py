@@ -1,0 +1,203 @@
+"""LoRA adapters: the low-rank updates of a LoRA fine-tune (model.lora_rank) as a file of their own, and added
+to another model's weights.
+
+A LoRA run's checkpoints hold its whole model, the frozen weights too. `export` writes only the updates, each
+projection's a [in, rank] and b [rank, out] (float32; the first EMA copy when the run samples with EMA), to a
+safetensors file with what made them in its metadata: a small file to share, where a checkpoint holds the whole
+model.
+`fuse` adds scale * a @ b to the kernel of the projection each update belongs to (Hu et al. 2021, sec. 4.1:
+merged, the model computes what the LoRA model computes at scale 1, at no extra cost): a model with the same
+attention projections (the source run, or another run of the same architecture) takes one or several adapters,
+each at its own scale (0: the model as it was; the updates of several add up). `sample.py --lora=FILE[:SCALE]`
+and `evaluate.py --lora=FILE[:SCALE]` fuse them into a workdir's model.
+
+  python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
+
+Flags:
+  --workdir   a LoRA fine-tune's workdir (model.lora_rank > 0)
+  --output    the adapter file to write (.safetensors)
+  --step      checkpoint step (default: the latest)
+  --use_ema   take the updates' first EMA copy (default: the run's sample.use_ema) or, false, the trained ones
+"""
+
+import dataclasses
+import json
+import logging
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import traverse_util
+
+from diffusion_jax import checkpoint, cli, finetune
+from diffusion_jax.models import text_to_image
+
+FORMAT = "diffusion_jax.lora"
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """One adapter file's updates {name 'path/to/q_lora/lora_a': float32 array} at `scale`; `metadata`: what
+  made them (export's)."""
+  file: str
+  updates: dict
+  metadata: dict
+  scale: float = 1.0
+
+
+def name(path) -> str:
+  return "/".join(map(str, path))
+
+
+def kernel_of(update_name: str) -> str:
+  """The kernel a low-rank update adapts: '.../attn/q_lora/lora_a' -> '.../attn/q/kernel'."""
+  *module, projection, _ = update_name.split("/")
+  return "/".join(module + [projection.removesuffix("_lora"), "kernel"])
+
+
+def parse(spec: str) -> tuple[str, float]:
+  """'FILE' or 'FILE:SCALE' -> (file, scale)."""
+  file, colon, scale = spec.rpartition(":")
+  if colon and file:
+    try:
+      return file, float(scale)
+    except ValueError:
+      pass
+  return spec, 1.0
+
+
+def read(spec: str) -> Adapter:
+  """The adapter of a --lora=FILE[:SCALE] flag; ValueError when the file is missing or not an adapter."""
+  from safetensors import SafetensorError, safe_open
+
+  file, scale = parse(spec)
+  if not pathlib.Path(file).is_file():
+    raise ValueError(f"--lora={spec}: no file {file!r} (write one with python -m diffusion_jax.lora).")
+  try:
+    with safe_open(file, "np") as f:
+      metadata, updates = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
+  except (OSError, SafetensorError) as error:
+    raise ValueError(f"--lora={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None
+  if metadata.get("format") != FORMAT:
+    raise ValueError(f"--lora={spec}: {file!r} is not a diffusion_jax LoRA adapter (no '{FORMAT}' format in its "
+                     "metadata); python -m diffusion_jax.lora writes them from a LoRA run's workdir.")
+  return Adapter(file, updates, metadata, scale)
+
+
+def problems(adapter: Adapter, kernels: dict) -> list[str]:
+  """What keeps `adapter` from a model whose projection kernels are `kernels` ({name: shape}): updates of
+  projections it lacks, a and b whose product has another shape than the kernel."""
+  found = []
+  pairs = sorted({key.rsplit("/", 1)[0] for key in adapter.updates})
+  for module in pairs:
+    a, b = (adapter.updates.get(f"{module}/lora_{part}") for part in "ab")
+    kernel = kernel_of(f"{module}/lora_a")
+    if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+      found.append(f"{module} is not an a [in, rank], b [rank, out] pair")
+    elif kernel not in kernels:
+      found.append(f"{kernel} is not in this model")
+    elif tuple(kernels[kernel]) != (a.shape[0], b.shape[1]):
+      found.append(f"{kernel} has shape {tuple(kernels[kernel])} here, the update {(a.shape[0], b.shape[1])}")
+  return found
+
+
+def check(adapters: list[Adapter], config) -> None:
+  """A ValueError naming the first mismatches when an adapter does not fit `config`'s model (nothing read)."""
+  params, frozen = finetune.abstract_parameters(config)
+  kernels = {name(p): x.shape for p, x in (params | frozen).items() if p[-1] == "kernel"}
+  for adapter in adapters:
+    if found := problems(adapter, kernels):
+      made = adapter.metadata.get("workdir", "another model")
+      raise ValueError(f"--lora={adapter.file}: its updates (from {made}) do not fit this model: "
+                       f"{'; '.join(found[:5])}{' ...' if len(found) > 5 else ''}.")
+
+
+def fuse(tree: dict, adapters: list[Adapter]) -> dict:
+  """A nested parameter dict with scale * a @ b of every adapter added to the kernels it holds (each placed
+  with its kernel's sharding); kernels it does not hold are left to the other trees of the model."""
+  flat = traverse_util.flatten_dict(tree)
+  names = {name(p): p for p in flat}
+  total = {}
+  for adapter in adapters:
+    for key, a in adapter.updates.items():
+      if key.endswith("/lora_a") and kernel_of(key) in names:
+        b = adapter.updates[key.removesuffix("a") + "b"]
+        update = adapter.scale * (a.astype(np.float64) @ b.astype(np.float64))
+        total[kernel_of(key)] = total.get(kernel_of(key), 0) + update
+  for key, update in total.items():
+    kernel = flat[names[key]]
+    add = jax.jit(lambda k, u: (k.astype(jnp.float32) + u).astype(k.dtype), out_shardings=kernel.sharding)
+    flat[names[key]] = add(kernel, update.astype(np.float32))
+  return traverse_util.unflatten_dict(flat)
+
+
+def fused_state(state, adapters: list[Adapter]):
+  """A TrainState (sampling's and evaluation's) with the adapters fused into its weights and EMA copies."""
+  if not adapters:
+    return state
+  return state.replace(params=fuse(state.params, adapters), frozen=fuse(state.frozen, adapters),
+                       ema=tuple(fuse(copy, adapters) for copy in state.ema))
+
+
+def provenance(adapters: list[Adapter]) -> list[dict]:
+  """What sample and evaluation outputs record of the adapters they used."""
+  return [{"file": str(pathlib.Path(a.file).resolve()), "scale": a.scale, "workdir": a.metadata.get("workdir"),
+           "step": int(a.metadata.get("step", -1)), "ema": a.metadata.get("ema") == "True"} for a in adapters]
+
+
+def export(workdir, output, step: int | None = None, use_ema: bool | None = None) -> dict:
+  """Write the low-rank updates of a LoRA run's checkpoint (default: the latest; use_ema default: its
+  sample.use_ema) to `output` (safetensors). Returns the file's metadata."""
+  from safetensors.numpy import save_file
+
+  config = checkpoint.read_config(workdir)
+  if not config.model.lora_rank:
+    raise ValueError(f"--workdir={str(workdir)!r} is not a LoRA fine-tune (model.lora_rank is 0): its checkpoints are "
+                     "the whole model; sample or fine-tune it as a workdir.")
+  use_ema = config.sample.use_ema if use_ema is None else use_ema
+  mngr = checkpoint.manager(workdir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  params, _ = finetune.abstract_parameters(config)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  wanted = {p: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device) for p, x in params.items()
+            if text_to_image.is_lora(p)}
+  weights = checkpoint.restore_weights(workdir, -1 if step is None else step, use_ema,
+                                       traverse_util.unflatten_dict(wanted), {}, "--workdir")
+  metadata = {"format": FORMAT, "rank": str(config.model.lora_rank), "workdir": str(pathlib.Path(workdir).resolve()),
+              "step": str(step), "ema": str(use_ema), "source_workdir": config.finetune.workdir,
+              "config": json.dumps({k: json.loads(config[k].to_json_best_effort()) for k in finetune.MODEL_SECTIONS})}
+  pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
+  save_file({name(p): np.asarray(x, np.float32) for p, x in weights.items()}, str(output), metadata=metadata)
+  return metadata
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "A LoRA fine-tune's workdir (model.lora_rank > 0).")
+  flags.DEFINE_string("output", None, "Adapter file to write (.safetensors).")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
+  flags.DEFINE_bool("use_ema", None, "Export the first EMA copy (default: the run's sample.use_ema).")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if not f.workdir or not f.output:
+    raise app.UsageError("--workdir and --output are required.")
+  try:
+    metadata = export(f.workdir, f.output, f.step, f.use_ema)
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  size = pathlib.Path(f.output).stat().st_size
+  log.info("wrote the rank-%s updates of %s step %s (%s) to %s: %.0f KB", metadata["rank"], f.workdir,
+               metadata["step"], "EMA" if metadata["ema"] == "True" else "trained weights", f.output, size / 1024)
+  print(f.output)
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

@@ -1,0 +1,161 @@
+"""LoRA: fine-tunes that train only low-rank updates of the attention projections (model.lora_rank), and their
+adapters, exported on their own and fused into a model (lora.py)."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+from PIL import Image
+
+from diffusion_jax import config_checks, lora, sample, sharding, train
+from diffusion_jax.text import tokenizers
+from conftest import tiny_config
+
+pytestmark = pytest.mark.xdist_group("lora")  # one worker trains the LoRA run every test here reads
+
+
+def flat(tree):
+  return traverse_util.flatten_dict(jax.device_get(tree))
+
+
+@pytest.fixture(scope="module")
+def lora_run(trained, tmp_path_factory):
+  """A 2-step rank-2 LoRA fine-tune of the `trained` run: (config, workdir, its state at the start, at the end)."""
+  config = tiny_config(tmp_path_factory)
+  config.model.lora_rank = 2
+  config.finetune.workdir = str(trained[1])
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
+  config.train.update(steps=2, checkpoint_every=2, sample_every=0, sample_at_end=False)
+  start, _ = train.init_state(config, sharding.make_mesh(config.mesh))
+  workdir = tmp_path_factory.mktemp("lora")
+  end, _ = train.train_and_evaluate(config, workdir)
+  return config, workdir, jax.device_get(start), jax.device_get(end)
+
+
+def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trained, lora_run):
+  """model.lora_rank: every attention projection gets a low-rank update (b zero: the model is the other run's at
+  the start); those are all the optimizer sees, and training moves them and nothing else."""
+  config, _, start, end = lora_run
+  _, source, _, _, _ = sample.load_checkpoint(trained[1])
+  updates = flat(start.params)
+  attention = [p for p in flat(source.ema[0]) if p[0] == "unet" and p[-2] in ("q", "k", "v", "out")
+               and p[-1] == "kernel"]
+  assert len(updates) == 2 * len(attention) and all(p[-2].endswith("_lora") for p in updates)  # a and b of each
+  assert all(np.all(w == 0) for p, w in updates.items() if p[-1] == "lora_b")
+  base = flat(start.frozen)
+  for path, weight in flat(source.ema[0]).items():  # the other run's weights, frozen
+    np.testing.assert_array_equal(base[path], weight)
+  after = flat(end.params)
+  assert all(np.any(after[p] != updates[p]) for p in updates if p[-1] == "lora_b")  # updates no longer nothing
+  for path, weight in flat(end.frozen).items():
+    np.testing.assert_array_equal(weight, base[path])
+  config = config.copy_and_resolve_references()
+  config.finetune.workdir = ""
+  assert "model.lora_rank adapts a trained model" in "; ".join(config_checks.problems(config))
+
+
+def test_an_exported_adapter_holds_the_updates_alone(lora_run, tmp_path):
+  config, workdir, _, end = lora_run
+  metadata = lora.export(workdir, tmp_path / "adapter.safetensors", use_ema=False)
+  adapter = lora.read(str(tmp_path / "adapter.safetensors"))
+  trained = {lora.name(p): w for p, w in flat(end.params).items()}
+  assert adapter.updates.keys() == trained.keys()
+  for name, weight in trained.items():
+    np.testing.assert_array_equal(adapter.updates[name], weight)
+  assert metadata["rank"] == "2" and metadata["step"] == "2" and json.loads(metadata["config"])["model"]["lora_rank"] == 2
+  lora.export(workdir, tmp_path / "ema.safetensors")
+  ema = lora.read(str(tmp_path / "ema.safetensors"))
+  for name, weight in {lora.name(p): w for p, w in flat(end.ema[0]).items()}.items():
+    np.testing.assert_array_equal(ema.updates[name], weight)  # the default: the run's sample.use_ema
+
+
+def test_fused_into_the_source_an_adapter_computes_what_the_lora_model_computes(trained, lora_run):
+  """Updates far from nothing (random): the source's model with them fused at scale 1 is the LoRA model (up to
+  float rounding); at scale 0 it is the source, bit for bit, and two halves add up to the whole."""
+  config, workdir, start, _ = lora_run
+  rng = np.random.default_rng(0)
+  updates = {p: rng.normal(0, 0.3, w.shape).astype(np.float32) for p, w in flat(start.params).items()}
+  adapter = lora.Adapter("random", {lora.name(p): w for p, w in updates.items()}, {})
+  _, source, graphdef, _, _ = sample.load_checkpoint(trained[1])
+  lora_graphdef = sample.load_checkpoint(workdir)[2]
+  x = rng.normal(size=(2, config.data.resolution, config.data.resolution, 3)).astype(np.float32)
+  ids, mask = tokenizers.from_config(config)(["a large red circle at the top left", "a small blue square"])
+
+  def denoised(graphdef, params, frozen):
+    model = nnx.merge(graphdef, params, frozen)
+    return np.asarray(model(x, np.array([-2.0, 3.0], np.float32), model.encode(ids, mask), mask))
+
+  with_updates = denoised(lora_graphdef, traverse_util.unflatten_dict(updates), start.frozen)
+  fused = lora.fused_state(source, [adapter])
+  np.testing.assert_allclose(denoised(graphdef, fused.ema[0], fused.frozen), with_updates, atol=1e-4)
+  assert np.abs(denoised(graphdef, source.ema[0], source.frozen) - with_updates).max() > 1e-2  # not the source
+
+  kernels = lambda state: {p: w for p, w in flat(state.ema[0]).items() if p[-1] == "kernel"}
+  at = lambda scale: dataclasses.replace(adapter, scale=scale)
+  for path, weight in kernels(lora.fused_state(source, [at(0.0)])).items():
+    np.testing.assert_array_equal(weight, kernels(source)[path])
+  whole, halves = kernels(fused), kernels(lora.fused_state(source, [at(0.5), at(0.5)]))
+  assert sum(np.any(whole[p] != kernels(source)[p]) for p in whole) == len(updates) // 2  # each adapted kernel
+  for path in whole:
+    np.testing.assert_allclose(halves[path], whole[path], atol=1e-6)
+
+
+def test_sampling_with_an_adapter_file_records_it(trained, lora_run, tmp_path):
+  _, workdir, _, _ = lora_run
+  lora.export(workdir, tmp_path / "adapter.safetensors")
+  overrides = {"num_per_prompt": 1, "steps": 3}
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a large red circle at the top left\na small blue square at the bottom right\n")
+  images = lambda out: np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("p*.png"))])
+  source = images(sample.sample_from_workdir(trained[1], overrides, prompts, output_dir=tmp_path / "s").parent)
+  adapted = sample.sample_from_workdir(trained[1], overrides, prompts, output_dir=tmp_path / "a",
+                                       adapters=[lora.read(f"{tmp_path / 'adapter.safetensors'}:100")]).parent
+  assert np.abs(images(adapted).astype(int) - source).max() > 8  # two steps' updates, a hundred times over
+  record = json.loads((adapted / "manifest.jsonl").read_text().splitlines()[0])
+  assert record["lora"] == [{"file": str(tmp_path / "adapter.safetensors"), "scale": 100.0,
+                             "workdir": str(workdir.resolve()), "step": 2, "ema": True}]
+
+
+def test_an_adapter_is_refused_by_a_model_it_does_not_fit(lora_run, tmp_path, tmp_path_factory):
+  _, workdir, _, _ = lora_run
+  lora.export(workdir, tmp_path / "adapter.safetensors")
+  adapter = lora.read(str(tmp_path / "adapter.safetensors"))
+  other = tiny_config(tmp_path_factory)
+  other.model.channels = 32
+  with pytest.raises(ValueError, match=r"--lora=.*adapter.safetensors: its updates \(from .*\) do not fit this "
+                                       r"model: .*/k/kernel has shape \(32, 64\) here, the update \(32, 32\)"):
+    lora.check([adapter], other)
+  (tmp_path / "weights.safetensors").write_bytes((tmp_path / "adapter.safetensors").read_bytes()
+                                                 .replace(b"diffusion_jax.lora", b"something.else...."))
+  with pytest.raises(ValueError, match="is not a diffusion_jax LoRA adapter"):
+    lora.read(str(tmp_path / "weights.safetensors"))
+  with pytest.raises(ValueError, match="no file"):
+    lora.read(str(tmp_path / "missing.safetensors:0.5"))
+  assert lora.parse("a:b.safetensors:0.5") == ("a:b.safetensors", 0.5)
+  assert lora.parse("dir/adapter.safetensors") == ("dir/adapter.safetensors", 1.0)
+
+
+def test_only_a_lora_run_exports_an_adapter(trained, tmp_path):
+  with pytest.raises(ValueError, match=r"is not a LoRA fine-tune \(model.lora_rank is 0\)"):
+    lora.export(trained[1], tmp_path / "adapter.safetensors")
+
+
+def test_evaluation_with_an_adapter_and_chosen_combinations_records_both(lora_run, tmp_path):
+  from diffusion_jax import evaluate
+
+  config, workdir, _, _ = lora_run
+  lora.export(workdir, tmp_path / "adapter.safetensors")
+  adapter = lora.read(f"{tmp_path / 'adapter.safetensors'}:0.5")
+  with pytest.raises(ValueError, match=r"'purple circle' is not a colour-shape combination"):
+    evaluate.run(workdir, combinations=("purple circle",))
+  assert "red circle" not in config.data.heldout_combinations  # a combination the run trained on
+  record, = evaluate.run(workdir, num_prompts=4, heldout_examples=4, combination_prompts=4,
+                         combinations=("red circle",), adapters=[adapter])
+  assert 0 <= record["accuracy_heldout_combinations/all"] <= 1 and record["step"] == 2
+  assert record["settings"]["combinations"] == ["red circle"]
+  assert record["settings"]["lora"][0]["scale"] == 0.5
+  plain = evaluate.evaluation_settings(config.sample, 4, 4, 4, [])
+  assert "lora" not in plain and "combinations" not in plain  # earlier lines keep counting as evaluated
