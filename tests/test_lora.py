@@ -85,9 +85,11 @@ def test_fused_into_the_source_an_adapter_computes_what_the_lora_model_computes(
   x = rng.normal(size=(2, config.data.resolution, config.data.resolution, 3)).astype(np.float32)
   ids, mask = tokenizers.from_config(config)(["a large red circle at the top left", "a small blue square"])
 
-  def denoised(graphdef, params, frozen):
-    model = nnx.merge(graphdef, params, frozen)
-    return np.asarray(model(x, np.array([-2.0, 3.0], np.float32), model.encode(ids, mask), mask))
+  def denoised(graphdef, params, frozen):  # one compiled program per model, not each operation compiled apart
+    def apply(params, frozen):
+      model = nnx.merge(graphdef, params, frozen)
+      return model(x, np.array([-2.0, 3.0], np.float32), model.encode(ids, mask), mask)
+    return np.asarray(jax.jit(apply)(params, frozen))
 
   with_updates = denoised(lora_graphdef, traverse_util.unflatten_dict(updates), start.frozen)
   fused = lora.fused_state(source, [adapter])
