@@ -6,8 +6,8 @@ Flags:
   --workdir         training workdir (holds config.json and checkpoints/); required
   --step            checkpoint step (default: the latest)
   --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
-                    "negative_prompt"?, "init_image"?, "mask"?} (per-prompt settings; image paths relative to the
-                    file); default: the config's sample.prompts
+                    "negative_prompt"?, "init_image"?, "mask"?, "strength"?} (per-prompt settings; image paths
+                    relative to the file); default: the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
@@ -33,8 +33,8 @@ Flags:
                     (image-to-video): it is every clip's first frame, the other frames start from it noised
   --mask            with --init_image, image models: inpainting mask of the same size, white = generate anew,
                     black = keep (the kept pixels of the output are the image's)
-  --strength        with --init_image: the part of the sampling grid run, in (0, 1] (default: config
-                    sample.strength, 0.8): 1 starts from pure noise, lower keeps more of the image; with --mask,
+  --strength        with --init_image: the part of the sampling grid run, in (0, 1], for every edit without a
+                    "strength" of its own (default: config sample.strength, 0.8): 1 starts from pure noise, lower keeps more of the image; with --mask,
                     1 ignores what the masked region held
   --reconstruction_guidance
                     with --init_image or --video_length: > 0 also moves the estimate of what is generated along the
@@ -327,11 +327,16 @@ def read_prompts(path) -> list[dict]:
   if path.suffix == ".jsonl":
     try:
       entries = [{k: v for k, v in json.loads(line).items()
-                  if k in ("prompt", "seed", "guidance_scale", "negative_prompt") + EDIT_FILES} for line in lines]
+                  if k in ("prompt", "seed", "guidance_scale", "negative_prompt", "strength") + EDIT_FILES}
+                 for line in lines]
       for entry in entries:
         entry["prompt"] = str(entry["prompt"])
         if "mask" in entry and "init_image" not in entry:
           raise ValueError("a 'mask' needs the 'init_image' it belongs to")
+        if "strength" in entry:
+          entry["strength"] = float(entry["strength"])
+          if not 0 < entry["strength"] <= 1:
+            raise ValueError(f"strength {entry['strength']} must be in (0, 1]")
         for key in EDIT_FILES:
           if key in entry:
             entry[key] = str(path.parent / pathlib.Path(entry[key]).expanduser())  # an absolute path stays
@@ -344,7 +349,7 @@ def read_prompts(path) -> list[dict]:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
       raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
                        f"integer 'seed', a 'guidance_scale' >= 0, a 'negative_prompt' and an 'init_image' to edit "
-                       f"with its 'mask' ({error}).") from None
+                       f"with its 'mask' and 'strength' ({error}).") from None
   else:
     entries = [{"prompt": line} for line in lines]
   if not entries:
@@ -392,12 +397,14 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
       entry.update({"init_image": str(init_image), **({"mask": str(mask)} if mask else {})})
   edits = read_edits(config, sample_config, prompts)  # before a checkpoint is read
   lora.check(adapters, config)
-  unused = [f"--{name}" for name, applies in (("strength", edits), ("context_frames", sample_config.video_length),
+  unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edits)),
+                                              ("context_frames", sample_config.video_length),
                                               ("reconstruction_guidance", edits or sample_config.video_length))
             if overrides.get(name) is not None and not applies]
   if unused:
     raise ValueError(f"{', '.join(unused)}: not used here: --strength and --reconstruction_guidance apply to edits "
-                     "(--init_image, or init_image lines of a .jsonl prompts file), --context_frames and "
+                     "(--init_image, or init_image lines of a .jsonl prompts file; --strength to those without a "
+                     "strength of their own), --context_frames and "
                      "--reconstruction_guidance to --video_length")
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   state = lora.fused_state(state, adapters)
@@ -429,10 +436,14 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
 def read_edits(config, sample_config, prompts: list[dict]) -> dict:
   """{prompt index: (image, keep)} of the prompts with an "init_image" (edit_inputs; a video model's:
   first_frame_edit's clips), each file read and every setting checked."""
+  if without := [e["prompt"] for e in prompts if "strength" in e and "init_image" not in e][:3]:
+    raise ValueError(f"A prompt's 'strength' is the part of the grid run from its image: give it an 'init_image' (or "
+                     f"--init_image) or leave the strength out: {without}")
   edits = {i: edit_inputs(e, config.data.resolution) for i, e in enumerate(prompts) if "init_image" in e}
   if not edits:
     return edits
-  editing.first_step(sample_config.steps, sample_config.strength)
+  for i in edits:
+    editing.first_step(sample_config.steps, prompts[i].get("strength", sample_config.strength))
   check_editable(config)
   if not config.model.temporal:
     return edits
@@ -497,13 +508,16 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
       entry.setdefault("negative_prompt", sample_config.negative_prompt)
   edits = edits or {}
   for i in edits:
-    entries[i]["strength"] = sample_config.strength
+    entries[i].setdefault("strength", sample_config.strength)
   images = [None] * len(entries)
-  # One compiled sampler per guidance scale, and for edits another.
-  for scale, edited in sorted({(e["guidance_scale"], i in edits) for i, e in enumerate(entries)}):
-    group = [i for i, e in enumerate(entries) if (e["guidance_scale"], i in edits) == (scale, edited)]
+  # One compiled sampler per guidance scale, and for edits one per (guidance scale, strength).
+  setting = lambda i: (entries[i]["guidance_scale"], entries[i]["strength"] if i in edits else -1.0)
+  for scale, strength in sorted({setting(i) for i in range(len(entries))}):
+    group = [i for i in range(len(entries)) if setting(i) == (scale, strength)]
+    edited = strength >= 0
     group_config = sample_config.copy_and_resolve_references()
     group_config.guidance_scale = float(scale)
+    group_config.strength = strength if edited else sample_config.strength
     init_images, keep_masks = (np.stack([edits[i][k] for i in group]) for k in (0, 1)) if edited else (None, None)
     group_prompts, seeds = [entries[i]["prompt"] for i in group], [entries[i]["seed"] for i in group]
     negatives = [entries[i].get("negative_prompt", "") for i in group]

@@ -86,7 +86,10 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("\n".join(json.dumps(e) for e in [{"prompt": "a large red circle", "init_image": "picture.png",
                                                         "mask": "mask.png"},
-                                                       {"prompt": "a small blue square"}]))
+                                                       {"prompt": "a small blue square"},
+                                                       {"prompt": "a large red circle", "init_image": "picture.png"},
+                                                       {"prompt": "a large red circle", "init_image": "picture.png",
+                                                        "strength": 0.25}]))
   out = tmp_path / "out"
   settings = {"steps": 4, "num_per_prompt": 1, "strength": 0.5}
   sample.sample_from_workdir(workdir, settings, prompts, output_dir=out)
@@ -100,6 +103,9 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   edited = media.read_image(out / records[0]["file"])
   np.testing.assert_array_equal(edited[keep], image[keep])
   assert np.abs(edited[~keep].astype(int) - image[~keep]).mean() > 5
+  assert [r["strength"] for r in records[2:]] == [0.5, 0.25]  # --strength, then the prompt's own
+  distance = lambda record: np.abs(media.read_image(out / record["file"]).astype(int) - image).mean()
+  assert distance(records[3]) < distance(records[2])  # its own lower strength keeps more of the image
 
   def refused(message, **overrides):
     with pytest.raises(ValueError, match=message):
@@ -114,6 +120,12 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   refused(r"init_image '.*nope.png' cannot be read as an image", init_image=tmp_path / "nope.png")
   (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a red circle", "mask": "mask.png"}))
   refused(r"a 'mask' needs the 'init_image' it belongs to", prompts=tmp_path / "bad.jsonl")
+  (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a red circle", "strength": 0.5}))
+  refused(r"A prompt's 'strength' is the part of the grid run from its image: .*\['a red circle'\]",
+          prompts=tmp_path / "bad.jsonl")
+  (tmp_path / "own.jsonl").write_text(json.dumps({"prompt": "a red circle", "init_image": "picture.png",
+                                                  "strength": 1}))
+  refused(r"--strength: not used here", prompts=tmp_path / "own.jsonl")  # every edit has its own
 
 
 def test_a_video_model_animates_an_image_as_its_clips_first_frame(trained_video, tmp_path):
