@@ -152,7 +152,7 @@ def provenance(adapters: list[Adapter]) -> list[dict]:
 def export(workdir, output, step: int | None = None, use_ema: bool | None = None) -> dict:
   """Write the low-rank updates of a LoRA run's checkpoint (default: the latest; use_ema default: its
   sample.use_ema) to `output` (safetensors). Returns the file's metadata."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
   config = checkpoint.read_config(workdir)
   if not config.model.lora_rank:
@@ -171,7 +171,8 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
               "step": str(step), "ema": str(use_ema), "source_workdir": config.finetune.workdir,
               "config": json.dumps({k: json.loads(config[k].to_json_best_effort()) for k in finetune.MODEL_SECTIONS})}
   pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
-  save_file({name(p): np.asarray(x, np.float32) for p, x in weights.items()}, str(output), metadata=metadata)
+  tensors = {name(p): np.asarray(x, np.float32) for p, x in weights.items()}
+  pathlib.Path(output).write_bytes(save(tensors, metadata=metadata))  # the umask's permissions (save_file: 0600)
   return metadata
 
 
