@@ -6,8 +6,8 @@ Flags:
   --workdir         training workdir (holds config.json and checkpoints/); required
   --step            checkpoint step (default: the latest)
   --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
-                    "negative_prompt"?, "init_image"?, "mask"?, "strength"?} (per-prompt settings; image paths
-                    relative to the file); default: the config's sample.prompts
+                    "negative_prompt"?, "init_image"?, "mask"?, "init_video"?, "strength"?} (per-prompt settings;
+                    image and clip paths relative to the file); default: the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
@@ -31,9 +31,12 @@ Flags:
                     prompt without its own, instead of generating from noise (image-to-image, SDEdit; editing.py):
                     it is noised to --strength and the rest of the sampling grid is run; a video model animates it
                     (image-to-video): it is every clip's first frame, the other frames start from it noised
+  --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the model's
+                    resolution as --init_image) to edit for every prompt without an edit of its own (video-to-video:
+                    SDEdit over the whole clip, nothing kept)
   --mask            with --init_image, image models: inpainting mask of the same size, white = generate anew,
                     black = keep (the kept pixels of the output are the image's)
-  --strength        with --init_image: the part of the sampling grid run, in (0, 1], for every edit without a
+  --strength        with --init_image or --init_video: the part of the sampling grid run, in (0, 1], for every edit without a
                     "strength" of its own (default: config sample.strength, 0.8): 1 starts from pure noise, lower keeps more of the image; with --mask,
                     1 ignores what the masked region held
   --reconstruction_guidance
@@ -85,7 +88,7 @@ MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "num_per_prompt", "seed", "use_ema", "frames", "strength",
                     "video_length", "context_frames", "reconstruction_guidance")
-EDIT_FILES = ("init_image", "mask")  # a prompt's image to edit and its inpainting mask (edit_inputs)
+EDIT_FILES = ("init_image", "mask", "init_video")  # a prompt's image to edit, its inpainting mask, a clip to edit
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "threshold",
@@ -283,8 +286,9 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
   of the first GRID_PROMPTS prompts (videos: also grid.gif and grid.mp4); entries carry each prompt's
   prompt/seed/guidance_scale. Returns the grid path.
   images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]. edits: {prompt index: (image, keep)} of
-  the prompts that edited an image (edit_inputs; a video model's: first_frame_edit's clips): their grid rows show
-  it first (inpainting: the region generated anew dark; a clip: its given first frame)."""
+  the prompts that edited an image (edit_inputs; a video model's: first_frame_edit's or video_edit's clips): their
+  grid rows show it first (inpainting: the region generated anew dark; image-to-video: the given first frame;
+  video-to-video: the given clip)."""
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   is_video = images.ndim == 6
@@ -304,8 +308,10 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
   rows = [row.reshape((-1,) + row.shape[-3:]) for row in images]  # a video row: its clips' frames in order
   labels = list(prompts)
   for p, (image, keep) in (edits or {}).items():
-    if p < GRID_PROMPTS:
-      image, keep = (image[0], keep[0]) if is_video else (image, keep)  # a clip's given first frame
+    if p < GRID_PROMPTS and is_video:  # image-to-video: the given first frame; video-to-video: the given clip
+      rows[p] = np.concatenate([image[:1] if keep.any() else image, rows[p]])
+      labels[p] = f"{prompts[p]} (the given {'frame' if keep.any() else 'clip'} first)"
+    elif p < GRID_PROMPTS:
       shown = np.where(keep[..., None], image, image // 4) if keep.any() else image  # inpainting: the mask shown
       rows[p] = np.concatenate([shown[None], rows[p]])
       labels[p] = f"{prompts[p]} (the edited image first)"
@@ -318,7 +324,8 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
 
 
 def read_prompts(path) -> list[dict]:
-  """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt", "init_image", "mask"}]
+  """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt", "init_image", "mask",
+  "init_video", "strength"}]
   (image paths relative to the file's directory made whole)."""
   path = pathlib.Path(path)
   if not path.exists():
@@ -333,6 +340,8 @@ def read_prompts(path) -> list[dict]:
         entry["prompt"] = str(entry["prompt"])
         if "mask" in entry and "init_image" not in entry:
           raise ValueError("a 'mask' needs the 'init_image' it belongs to")
+        if "init_image" in entry and "init_video" in entry:
+          raise ValueError("an 'init_image' or an 'init_video' to edit, not both")
         if "strength" in entry:
           entry["strength"] = float(entry["strength"])
           if not 0 < entry["strength"] <= 1:
@@ -348,8 +357,8 @@ def read_prompts(path) -> list[dict]:
           entry["seed"] = int(entry["seed"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
       raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
-                       f"integer 'seed', a 'guidance_scale' >= 0, a 'negative_prompt' and an 'init_image' to edit "
-                       f"with its 'mask' and 'strength' ({error}).") from None
+                       f"integer 'seed', a 'guidance_scale' >= 0, a 'negative_prompt', and an 'init_image' (with its "
+                       f"'mask') or 'init_video' to edit at a 'strength' ({error}).") from None
   else:
     entries = [{"prompt": line} for line in lines]
   if not entries:
@@ -375,9 +384,10 @@ def load_checkpoint(workdir, step=None):
 
 
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
-                        mask=None, adapters=()):
+                        mask=None, adapters=(), init_video=None):
   """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
-  sample settings; init_image and mask: files every prompt without its own edits (edit_inputs); adapters:
+  sample settings; init_image and mask, or init_video: files every prompt without its own edits (edit_inputs,
+  video_edit); adapters:
   lora.Adapters fused into its weights."""
   from diffusion_jax.text import tokenizers
 
@@ -392,9 +402,11 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     if problems := video_extension.problems(sample_config, output_shape(config, sample_config)[0]):
       raise ValueError("; ".join(problems))
   prompts = read_prompts(prompts_path) if prompts_path else [{"prompt": p} for p in sample_config.prompts]
-  for entry in prompts if init_image else []:
-    if "init_image" not in entry:
-      entry.update({"init_image": str(init_image), **({"mask": str(mask)} if mask else {})})
+  given = {"init_image": str(init_image), **({"mask": str(mask)} if mask else {})} if init_image else (
+      {"init_video": str(init_video)} if init_video else {})
+  for entry in prompts if given else []:
+    if "init_image" not in entry and "init_video" not in entry:
+      entry.update(given)
   edits = read_edits(config, sample_config, prompts)  # before a checkpoint is read
   lora.check(adapters, config)
   unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edits)),
@@ -403,7 +415,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
             if overrides.get(name) is not None and not applies]
   if unused:
     raise ValueError(f"{', '.join(unused)}: not used here: --strength and --reconstruction_guidance apply to edits "
-                     "(--init_image, or init_image lines of a .jsonl prompts file; --strength to those without a "
+                     "(--init_image or --init_video, or such lines of a .jsonl prompts file; --strength to those without a "
                      "strength of their own), --context_frames and "
                      "--reconstruction_guidance to --video_length")
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
@@ -435,29 +447,36 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
 
 def read_edits(config, sample_config, prompts: list[dict]) -> dict:
   """{prompt index: (image, keep)} of the prompts with an "init_image" (edit_inputs; a video model's:
-  first_frame_edit's clips), each file read and every setting checked."""
-  if without := [e["prompt"] for e in prompts if "strength" in e and "init_image" not in e][:3]:
-    raise ValueError(f"A prompt's 'strength' is the part of the grid run from its image: give it an 'init_image' (or "
-                     f"--init_image) or leave the strength out: {without}")
-  edits = {i: edit_inputs(e, config.data.resolution) for i, e in enumerate(prompts) if "init_image" in e}
-  if not edits:
-    return edits
-  for i in edits:
-    editing.first_step(sample_config.steps, prompts[i].get("strength", sample_config.strength))
+  first_frame_edit's clips) or an "init_video" (video_edit's clips), each file read and every setting checked."""
+  edited = lambda e: "init_image" in e or "init_video" in e
+  if without := [e["prompt"] for e in prompts if "strength" in e and not edited(e)][:3]:
+    raise ValueError(f"A prompt's 'strength' is the part of the grid run from its image: give it an 'init_image' or "
+                     f"'init_video' (or --init_image, --init_video) or leave the strength out: {without}")
+  videos = [i for i, e in enumerate(prompts) if "init_video" in e]
+  if videos and not config.model.temporal:
+    raise ValueError("--init_video (init_video in a prompts file) is a clip for a video model to edit; this model "
+                     "makes images (--init_image edits an image).")
+  if not any(edited(e) for e in prompts):
+    return {}
+  for e in prompts:
+    if edited(e):
+      editing.first_step(sample_config.steps, e.get("strength", sample_config.strength))
   check_editable(config)
+  frames, resolution = output_shape(config, sample_config)[0] if config.model.temporal else 0, config.data.resolution
+  edits = {i: video_edit(prompts[i], resolution, frames) for i in videos}
+  images = {i: edit_inputs(e, resolution) for i, e in enumerate(prompts) if "init_image" in e}
   if not config.model.temporal:
-    return edits
-  if any("mask" in prompts[i] for i in edits):
+    return images
+  if any("mask" in prompts[i] for i in images):
     raise ValueError("A video model animates an --init_image as its clips' first frame; --mask is for image models.")
-  frames = output_shape(config, sample_config)[0]
-  return {i: first_frame_edit(image, frames) for i, (image, _) in edits.items()}
+  return edits | {i: first_frame_edit(image, frames) for i, (image, _) in images.items()}
 
 
 def check_editable(config):
   """Editing needs a text-to-image or text-to-video model."""
   if config.model.lowres_conditioning:
-    raise ValueError("Image-to-image, inpainting and image-to-video (--init_image, --mask) are for text-to-image and "
-                     "text-to-video models; this is a super-resolution stage.")
+    raise ValueError("Image-to-image, inpainting, image-to-video and video-to-video (--init_image, --mask, "
+                     "--init_video) are for text-to-image and text-to-video models; this is a super-resolution stage.")
 
 
 def first_frame_edit(image: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -466,6 +485,26 @@ def first_frame_edit(image: np.ndarray, frames: int) -> tuple[np.ndarray, np.nda
   keep = np.zeros((frames,) + image.shape[:2], bool)
   keep[0] = True
   return np.repeat(image[None], frames, axis=0), keep
+
+
+def video_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+  """(clip uint8 [frames, resolution, resolution, 3], keep: all False) of a prompt entry's "init_video" (a GIF or an
+  MP4, its first `frames` frames, each brought to the model's resolution as training clips are): a clip to edit
+  as a whole (video-to-video, SDEdit over the clip)."""
+  from diffusion_jax.data import pipeline
+
+  path = pathlib.Path(entry["init_video"]).expanduser()
+  readers = {".gif": media.read_gif, ".mp4": media.read_mp4}
+  if path.suffix.lower() not in readers:
+    raise ValueError(f"init_video {str(path)!r}: a .gif or .mp4 clip, please.")
+  try:
+    clip = readers[path.suffix.lower()](path)[0]
+  except Exception as error:  # PIL and PyAV raise many kinds for missing or damaged files
+    raise ValueError(f"init_video {str(path)!r} cannot be read as a clip ({checkpoint.brief(error)}).") from None
+  if len(clip) < frames:
+    raise ValueError(f"init_video {str(path)!r} has {len(clip)} frames; the model makes clips of {frames} (--frames).")
+  clip = np.stack([pipeline.resize_and_crop(frame, resolution, None) for frame in clip[:frames]])
+  return clip, np.zeros(clip.shape[:-1], bool)
 
 
 def edit_inputs(entry: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
@@ -495,9 +534,9 @@ def edit_inputs(entry: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
                   lowres=None, edits=None, adapters=()):
   """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / negative_prompt, and the
-  init_image / mask files of an edit) and write outputs.
-  edits: {prompt index: (image, keep)} as edit_inputs reads them (a video model's: first_frame_edit's clips), the
-  prompts to edit instead of generating for.
+  init_image / mask / init_video files of an edit) and write outputs.
+  edits: {prompt index: (image, keep)} as edit_inputs reads them (a video model's: first_frame_edit's or
+  video_edit's clips), the prompts to edit instead of generating for.
   lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]. adapters: the lora.Adapters
   fused into the weights, recorded in the provenance."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
@@ -593,9 +632,11 @@ def define_flags():
                      "sample.reconstruction_guidance, 0 = replacement only).", lower_bound=0)
   flags.DEFINE_string("init_image", None, "Image to edit for every prompt without its own (image-to-image; a "
                       "video model: the clips' first frame).")
+  flags.DEFINE_string("init_video", None, "Video models: a clip (.gif, .mp4) to edit for every prompt without an "
+                      "edit of its own (video-to-video, at --strength).")
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")
-  flags.DEFINE_float("strength", None, "With --init_image: the part of the sampling grid run from the image noised, "
-                     "in (0, 1] (default: config sample.strength).")
+  flags.DEFINE_float("strength", None, "With --init_image or --init_video: the part of the sampling grid run from "
+                     "it noised, in (0, 1] (default: config sample.strength).")
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE "
                             "(default 1).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
@@ -626,12 +667,14 @@ def main(argv):
     cli.refuse(("workdir", "step") + WORKDIR_SETTINGS, "not used with --cascade, which names each stage's workdir, "
                "checkpoint and settings (e.g. --cascade.stages[1].steps=50, --cascade.stages[1].step=N, "
                "--cascade.seed, --cascade.num_per_prompt)")
-    cli.refuse(("init_image", "mask"), "not used with --cascade: images are edited by one text-to-image model "
+    cli.refuse(("init_image", "mask", "init_video"), "not used with --cascade: images are edited by one text-to-image model "
                "(--workdir)")
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model (sample its workdir with --workdir)")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
   if f.mask and not f.init_image:
     raise app.UsageError("--mask needs the --init_image it belongs to.")
+  if f.init_image and f.init_video:
+    raise app.UsageError("--init_image or --init_video: an image or a clip to edit, not both.")
   distributed.initialize()
   overrides = {name: f[name].value for name in WORKDIR_SETTINGS + ("batch_size", "negative_prompt")}
   try:
@@ -639,7 +682,7 @@ def main(argv):
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)
     else:
       path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
-                                 [lora.read(spec) for spec in f.lora])
+                                 [lora.read(spec) for spec in f.lora], f.init_video)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

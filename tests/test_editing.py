@@ -7,6 +7,7 @@ import PIL.Image
 import pytest
 
 from diffusion_jax import editing, media, sample
+from diffusion_jax.data import pipeline
 
 
 def test_an_edit_runs_the_last_strength_of_the_grid():
@@ -72,8 +73,6 @@ def test_inpainting_keeps_the_kept_pixels_and_a_lower_strength_keeps_more_of_the
 
 
 def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_path):
-  from diffusion_jax.data import pipeline
-
   config, workdir, _ = trained
   resolution = config.data.resolution
   rng = np.random.default_rng(0)
@@ -147,6 +146,37 @@ def test_a_video_model_animates_an_image_as_its_clips_first_frame(trained_video,
   with pytest.raises(ValueError, match="--mask is for image models"):
     sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "x", init_image=tmp_path / "picture.png",
                                mask=tmp_path / "mask.png")
+
+
+def test_a_video_model_edits_a_clip_as_a_whole(trained, trained_video, tmp_path):
+  """Video-to-video: a GIF's frames (brought to the model's resolution) noised to the strength and denoised, none
+  kept; a lower strength keeps more of the clip. A clip too short, a file of another kind, and an image model
+  are refused."""
+  config, workdir, _ = trained_video
+  resolution = config.data.resolution
+  clip = np.random.default_rng(0).integers(0, 256, (4, 2 * resolution, 2 * resolution, 3), np.uint8)
+  media.save_gif(tmp_path / "clip.gif", clip, {})
+  given = np.stack([pipeline.resize_and_crop(frame, resolution, None) for frame in clip[:3]])
+  settings = {"steps": 4, "num_per_prompt": 1, "frames": 3}
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("\n".join(json.dumps({"prompt": "a red circle moving left", "strength": s}) for s in (0.25, 1)))
+  sample.sample_from_workdir(workdir, settings, prompts, output_dir=tmp_path / "out", init_video=tmp_path / "clip.gif")
+  records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+  assert [(r["init_video"], r["strength"]) for r in records] == [(str(tmp_path / "clip.gif"), s) for s in (0.25, 1)]
+  strips = [media.read_image(tmp_path / "out" / r["file"]) for r in records]
+  distances = [np.abs(strip.astype(int) - np.concatenate(list(given), axis=1)).mean() for strip in strips]
+  assert strips[0].shape == (resolution, 3 * resolution, 3) and 0 < distances[0] < distances[1]
+
+  def refused(message, workdir=workdir, clip="clip.gif"):
+    with pytest.raises(ValueError, match=message):
+      sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "x", init_video=tmp_path / clip)
+
+  media.save_gif(tmp_path / "short.gif", clip[:2], {})
+  refused(r"short.gif' has 2 frames; the model makes clips of 3", clip="short.gif")
+  refused(r"is a clip for a video model to edit; this model makes images", workdir=trained[1])
+  (tmp_path / "clip.png").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"init_video '.*clip.png': a .gif or .mp4 clip"):
+    sample.video_edit({"init_video": str(tmp_path / "clip.png")}, resolution, 3)
 
 
 def test_super_resolution_stages_do_not_edit():
