@@ -36,9 +36,9 @@ Flags:
                     SDEdit over the whole clip, nothing kept)
   --mask            with --init_image, image models: inpainting mask of the same size, white = generate anew,
                     black = keep (the kept pixels of the output are the image's)
-  --strength        with --init_image or --init_video: the part of the sampling grid run, in (0, 1], for every edit without a
-                    "strength" of its own (default: config sample.strength, 0.8): 1 starts from pure noise, lower keeps more of the image; with --mask,
-                    1 ignores what the masked region held
+  --strength        with --init_image or --init_video: the part of the sampling grid run, in (0, 1], for every edit
+                    without a "strength" of its own (default: config sample.strength, 0.8): 1 starts from pure
+                    noise, lower keeps more of the image; with --mask, 1 ignores what the masked region held
   --reconstruction_guidance
                     with --init_image or --video_length: > 0 also moves the estimate of what is generated along the
                     gradient that makes the kept part's estimate agree with it (Ho et al. 2022; a backward pass
@@ -387,8 +387,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
                         mask=None, adapters=(), init_video=None):
   """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
   sample settings; init_image and mask, or init_video: files every prompt without its own edits (edit_inputs,
-  video_edit); adapters:
-  lora.Adapters fused into its weights."""
+  video_edit); adapters: lora.Adapters fused into its weights."""
   from diffusion_jax.text import tokenizers
 
   config = checkpoint.read_config(workdir)
@@ -415,9 +414,9 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
             if overrides.get(name) is not None and not applies]
   if unused:
     raise ValueError(f"{', '.join(unused)}: not used here: --strength and --reconstruction_guidance apply to edits "
-                     "(--init_image or --init_video, or such lines of a .jsonl prompts file; --strength to those without a "
-                     "strength of their own), --context_frames and "
-                     "--reconstruction_guidance to --video_length")
+                     "(--init_image or --init_video, or such lines of a .jsonl prompts file; --strength to those "
+                     "without a strength of their own), --context_frames and --reconstruction_guidance to "
+                     "--video_length")
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   state = lora.fused_state(state, adapters)
   params = state.ema[0] if sample_config.use_ema else state.params
@@ -667,8 +666,8 @@ def main(argv):
     cli.refuse(("workdir", "step") + WORKDIR_SETTINGS, "not used with --cascade, which names each stage's workdir, "
                "checkpoint and settings (e.g. --cascade.stages[1].steps=50, --cascade.stages[1].step=N, "
                "--cascade.seed, --cascade.num_per_prompt)")
-    cli.refuse(("init_image", "mask", "init_video"), "not used with --cascade: images are edited by one text-to-image model "
-               "(--workdir)")
+    cli.refuse(("init_image", "mask", "init_video"), "not used with --cascade: images and clips are edited by one "
+               "model (--workdir)")
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model (sample its workdir with --workdir)")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
   if f.mask and not f.init_image:
