@@ -182,6 +182,11 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
   elif m.lora_rank and not config.finetune.workdir:
     found.append("model.lora_rank adapts a trained model, whose other weights it freezes: set finetune.workdir")
+  if m.lora_convolutions and not m.lora_rank:
+    found.append("model.lora_convolutions: the convolutions' updates need model.lora_rank > 0")
+  elif m.lora_convolutions and m.backbone != "unet":
+    found.append(f"model.lora_convolutions: the updated convolutions are the U-Net's residual blocks; "
+                 f"model.backbone={m.backbone!r} has none")
   if config.finetune.workdir and config.inflate.image_workdir:
     found.append("finetune.workdir and inflate.image_workdir both name a run to start from; set one")
   if config.inflate.train_temporal_only and not (m.temporal and config.inflate.image_workdir):

@@ -2,12 +2,12 @@
 to another model's weights.
 
 A LoRA run's checkpoints hold its whole model, the frozen weights too. `export` writes only the updates, each
-projection's a [in, rank] and b [rank, out] (float32; the first EMA copy when the run samples with EMA), to a
-safetensors file with what made them in its metadata: a small file to share, where a checkpoint holds the whole
-model.
-`fuse` adds scale * a @ b to the kernel of the projection each update belongs to (Hu et al. 2021, sec. 4.1:
-merged, the model computes what the LoRA model computes at scale 1, at no extra cost): a model with the same
-attention projections (the source run, or another run of the same architecture) takes one or several adapters,
+projection's a [in, rank] and b [rank, out] (a convolution's a [k, k, in, rank], model.lora_convolutions), float32
+(the first EMA copy when the run samples with EMA), to a safetensors file with what made them in its metadata: a
+small file to share, where a checkpoint holds the whole model.
+`fuse` adds scale * a @ b to the kernel each update belongs to (Hu et al. 2021, sec. 4.1: merged, the model
+computes what the LoRA model computes at scale 1, at no extra cost): a model with the same
+projections (the source run, or another run of the same architecture) takes one or several adapters,
 each at its own scale (0: the model as it was; the updates of several add up). `sample.py --lora=FILE[:SCALE]`
 and `evaluate.py --lora=FILE[:SCALE]` fuse them into a workdir's model.
 
@@ -89,19 +89,19 @@ def read(spec: str) -> Adapter:
 
 
 def problems(adapter: Adapter, kernels: dict) -> list[str]:
-  """What keeps `adapter` from a model whose projection kernels are `kernels` ({name: shape}): updates of
-  projections it lacks, a and b whose product has another shape than the kernel."""
+  """What keeps `adapter` from a model whose kernels are `kernels` ({name: shape}): updates of projections or
+  convolutions it lacks, a and b whose product has another shape than the kernel."""
   found = []
   pairs = sorted({key.rsplit("/", 1)[0] for key in adapter.updates})
   for module in pairs:
     a, b = (adapter.updates.get(f"{module}/lora_{part}") for part in "ab")
     kernel = kernel_of(f"{module}/lora_a")
-    if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-      found.append(f"{module} is not an a [in, rank], b [rank, out] pair")
+    if a is None or b is None or a.ndim < 2 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
+      found.append(f"{module} is not an a [..., in, rank], b [rank, out] pair")
     elif kernel not in kernels:
       found.append(f"{kernel} is not in this model")
-    elif tuple(kernels[kernel]) != (a.shape[0], b.shape[1]):
-      found.append(f"{kernel} has shape {tuple(kernels[kernel])} here, the update {(a.shape[0], b.shape[1])}")
+    elif tuple(kernels[kernel]) != a.shape[:-1] + b.shape[1:]:
+      found.append(f"{kernel} has shape {tuple(kernels[kernel])} here, the update {a.shape[:-1] + b.shape[1:]}")
   return found
 
 

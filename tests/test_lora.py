@@ -23,9 +23,10 @@ def flat(tree):
 
 @pytest.fixture(scope="module")
 def lora_run(trained, tmp_path_factory):
-  """A 2-step rank-2 LoRA fine-tune of the `trained` run: (config, workdir, its state at the start, at the end)."""
+  """A 2-step rank-2 LoRA fine-tune of the `trained` run, its attention projections and residual convolutions:
+  (config, workdir, its state at the start, at the end)."""
   config = tiny_config(tmp_path_factory)
-  config.model.lora_rank = 2
+  config.model.update(lora_rank=2, lora_convolutions=True)
   config.finetune.workdir = str(trained[1])
   config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
   config.train.update(steps=2, checkpoint_every=2, sample_every=0, sample_at_end=False)
@@ -36,14 +37,17 @@ def lora_run(trained, tmp_path_factory):
 
 
 def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trained, lora_run):
-  """model.lora_rank: every attention projection gets a low-rank update (b zero: the model is the other run's at
-  the start); those are all the optimizer sees, and training moves them and nothing else."""
+  """model.lora_rank: every attention projection (with model.lora_convolutions every residual block's 3x3
+  convolution) gets a low-rank update (b zero: the model is the other run's at the start); those are all the
+  optimizer sees, and training moves them and nothing else."""
   config, _, start, end = lora_run
   _, source, _, _, _ = sample.load_checkpoint(trained[1])
   updates = flat(start.params)
-  attention = [p for p in flat(source.ema[0]) if p[0] == "unet" and p[-2] in ("q", "k", "v", "out")
-               and p[-1] == "kernel"]
-  assert len(updates) == 2 * len(attention) and all(p[-2].endswith("_lora") for p in updates)  # a and b of each
+  adapted = [p for p in flat(source.ema[0]) if p[0] == "unet" and p[-2] in ("q", "k", "v", "out", "conv1", "conv2")
+             and p[-1] == "kernel"]
+  assert len(updates) == 2 * len(adapted) and all(p[-2].endswith("_lora") for p in updates)  # a and b of each
+  assert {p[:-2] + (p[-2].removesuffix("_lora"),) for p in updates} == {p[:-1] for p in adapted}
+  assert any(w.ndim == 4 for w in updates.values())  # a convolution's a: [3, 3, in, rank]
   assert all(np.all(w == 0) for p, w in updates.items() if p[-1] == "lora_b")
   base = flat(start.frozen)
   for path, weight in flat(source.ema[0]).items():  # the other run's weights, frozen
@@ -55,6 +59,10 @@ def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trai
   config = config.copy_and_resolve_references()
   config.finetune.workdir = ""
   assert "model.lora_rank adapts a trained model" in "; ".join(config_checks.problems(config))
+  config.model.lora_rank = 0
+  assert "model.lora_convolutions: the convolutions' updates need" in "; ".join(config_checks.problems(config))
+  config.model.update(lora_rank=2, backbone="dit")
+  assert "model.backbone='dit' has none" in "; ".join(config_checks.problems(config))
 
 
 def test_an_exported_adapter_holds_the_updates_alone(lora_run, tmp_path):
@@ -129,7 +137,8 @@ def test_an_adapter_is_refused_by_a_model_it_does_not_fit(lora_run, tmp_path, tm
   other = tiny_config(tmp_path_factory)
   other.model.channels = 32
   with pytest.raises(ValueError, match=r"--lora=.*adapter.safetensors: its updates \(from .*\) do not fit this "
-                                       r"model: .*/k/kernel has shape \(32, 64\) here, the update \(32, 32\)"):
+                                       r"model: unet/down/0/1/0/conv1/kernel has shape \(3, 3, 32, 32\) here, the "
+                                       r"update \(3, 3, 16, 16\)"):
     lora.check([adapter], other)
   (tmp_path / "weights.safetensors").write_bytes((tmp_path / "adapter.safetensors").read_bytes()
                                                  .replace(b"diffusion_jax.lora", b"something.else...."))

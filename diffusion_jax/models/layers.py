@@ -58,6 +58,26 @@ def lora(in_dim, out_dim, axes, rank, rngs, dtype):
                   b_metadata=names(None, axes[1]))
 
 
+class ConvLoRA(nnx.Module):
+  """A low-rank update of a `kernel` x `kernel` convolution [in_ch -> out_ch] (LoCon): the convolution with
+  lora_a [kernel, kernel, in_ch, rank], then lora_b [rank, out_ch] (zeros, so it starts at nothing). Merged into
+  the convolution's kernel it is lora_a @ lora_b; its parameters are nnx.LoRAParams, named as nnx.LoRA's.
+
+  x: [batch, h, w, in_ch] -> [batch, h, w, out_ch]."""
+
+  def __init__(self, in_ch, out_ch, kernel, rank, rngs, dtype):
+    a = nnx.initializers.lecun_normal()(rngs.params(), (kernel, kernel, in_ch, rank))
+    self.lora_a = nnx.LoRAParam(a, **names(None, None, "conv_in", None))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_ch)), **names(None, "conv_out"))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    h = jax.lax.conv_general_dilated(x.astype(dtype), self.lora_a[...].astype(dtype), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return h @ self.lora_b[...].astype(dtype)
+
+
 class GroupNorm(nnx.GroupNorm):
   """nnx.GroupNorm (same parameters, same function) with statistics gathered per channel first.
 
@@ -104,23 +124,31 @@ class ResBlock(nnx.Module):
   """GroupNorm-SiLU-Conv twice, with FiLM (scale-shift) conditioning on the embedding.
 
   x: [batch, h, w, in_ch], emb: [batch, emb_dim] -> [batch, h, w, out_ch].
+  lora_rank: low-rank updates (ConvLoRA) of both convolutions, as `conv1_lora` and `conv2_lora` (0: none).
   """
 
-  def __init__(self, in_ch, out_ch, emb_dim, *, dropout_rate, skip_scale, dtype, rngs):
+  def __init__(self, in_ch, out_ch, emb_dim, *, dropout_rate, skip_scale, dtype, rngs, lora_rank=0):
     self.norm1 = group_norm(in_ch, rngs, dtype)
     self.conv1 = conv(in_ch, out_ch, 3, rngs, dtype)
     self.film = dense(emb_dim, 2 * out_ch, ("embed", "conv_out"), rngs, dtype)
     self.norm2 = group_norm(out_ch, rngs, dtype)
     self.conv2 = conv(out_ch, out_ch, 3, rngs, dtype, zero_init=True)
+    self.conv1_lora, self.conv2_lora = ((ConvLoRA(i, out_ch, 3, lora_rank, rngs, dtype) if lora_rank else None)
+                                        for i in (in_ch, out_ch))
     self.skip = conv(in_ch, out_ch, 1, rngs, dtype) if in_ch != out_ch else None
     self.dropout_rate = dropout_rate
     self.skip_scale = skip_scale
 
+  def convolve(self, name, x):
+    """Convolution `name` of x, with its low-rank update when there is one."""
+    out, update = getattr(self, name)(x), getattr(self, f"{name}_lora")
+    return out if update is None else out + update(x).astype(out.dtype)
+
   def __call__(self, x, emb, dropout_key=None):
-    h = self.conv1(nnx.silu(self.norm1(x)))
+    h = self.convolve("conv1", nnx.silu(self.norm1(x)))
     scale, shift = jnp.split(self.film(nnx.silu(emb))[:, None, None, :], 2, axis=-1)
     h = self.norm2(h) * (1 + scale) + shift
-    h = self.conv2(dropout(nnx.silu(h), self.dropout_rate, dropout_key))
+    h = self.convolve("conv2", dropout(nnx.silu(h), self.dropout_rate, dropout_key))
     skip = self.skip(x) if self.skip is not None else x
     return (skip + h) * self.skip_scale
 

@@ -84,7 +84,8 @@ class UNet(nnx.Module):
     self.lowres_conditioning = config.lowres_conditioning
     self.temporal = config.temporal
     emb_dim = 4 * config.channels
-    block = dict(dropout_rate=config.dropout, skip_scale=config.skip_scale, dtype=dtype, rngs=rngs)
+    block = dict(dropout_rate=config.dropout, skip_scale=config.skip_scale, dtype=dtype, rngs=rngs,
+                 lora_rank=config.lora_rank if config.lora_convolutions else 0)
     attn = dict(ff_mult=config.ff_mult, dtype=dtype, rngs=rngs, implementation=config.attention,
                 lora_rank=config.lora_rank)
 
