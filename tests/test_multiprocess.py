@@ -74,17 +74,35 @@ def test_two_process_sampling_job_writes_the_training_samples(trained, tmp_path)
     assert np.abs(ours - expected).max() <= 1, name  # float rounding may move a pixel by one level
 
 
+def random_adapter(config, path) -> str:
+  """A LoRA adapter file of random rank-2 updates of every attention projection of `config`'s model."""
+  from safetensors.numpy import save_file
+
+  from diffusion_jax import finetune, lora
+
+  rng, updates = np.random.default_rng(0), {}
+  for p, kernel in finetune.abstract_parameters(config)[0].items():
+    if p[-1] == "kernel" and p[-2] in ("q", "k", "v", "out"):
+      module = lora.name(p[:-2] + (f"{p[-2]}_lora",))
+      updates[f"{module}/lora_a"] = rng.normal(0, 0.3, (kernel.shape[0], 2)).astype(np.float32)
+      updates[f"{module}/lora_b"] = rng.normal(0, 0.3, (2, kernel.shape[1])).astype(np.float32)
+  save_file(updates, str(path), metadata={"format": lora.FORMAT})
+  return str(path)
+
+
 def test_two_process_evaluation_job_scores_as_one_process(trained, tmp_path):
-  """The evaluation job as 2 processes writes for a checkpoint what it writes as this one process."""
-  from diffusion_jax import evaluate
+  """The evaluation job as 2 processes writes for a checkpoint what it writes as this one process, here with a
+  LoRA adapter fused into its weights."""
+  from diffusion_jax import evaluate, lora
 
   copies = [tmp_path / "one", tmp_path / "two"]  # eval.jsonl is written into the workdir
   for copy in copies:  # without the logs other tests' evaluations may have written into the shared workdir
     shutil.copytree(trained[1], copy, ignore=shutil.ignore_patterns("logs"))
   options = dict(num_prompts=8, heldout_examples=8, combination_prompts=0)
-  [one] = evaluate.run(copies[0], step=4, **options)
+  adapter = random_adapter(trained[0], tmp_path / "adapter.safetensors")
+  [one] = evaluate.run(copies[0], step=4, adapters=[lora.read(adapter)], **options)
   command = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
-             "--module=diffusion_jax.evaluate", "--", f"--workdir={copies[1]}", "--step=4",
+             "--module=diffusion_jax.evaluate", "--", f"--workdir={copies[1]}", "--step=4", f"--lora={adapter}",
              *(f"--{k}={v}" for k, v in options.items())]
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
