@@ -25,7 +25,7 @@ Flags:
   --num_prompts       validation captions to generate for (default 64); also the FID set size
   --batch_size        samples generated at once over all devices (default: the config's sample.batch_size;
                       with --cascade it sets every stage's, one stage's is --cascade.stages[k].batch_size);
-                      more are generated batch by batch, with progress
+                      more are generated batch by batch, with progress; also the held-out loss's examples at once
   --negative_prompt   text guidance steers away from for every caption (default: the config's
                       sample.negative_prompt, "" = none; with --cascade it sets every stage's)
   --heldout_examples  validation examples for the held-out loss (default 64)
@@ -396,7 +396,8 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
   params = state.ema[0] if config.sample.use_ema else state.params
-  heldout = heldout_loss.make_heldout_loss_fn(config, graphdef)
+  batch_size = evaluation_sample_config(config, sample_overrides).batch_size  # examples at once, sharded
+  heldout = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, batch_size)
   losses = heldout(params, state.frozen, small)
   metrics = heldout_loss.as_metrics(losses)
   if config.data.dataset in CAPTION_GAPS:

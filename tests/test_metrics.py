@@ -80,6 +80,24 @@ def test_caption_gap_is_the_mean_loss_difference_over_the_changed_captions():
   assert evaluate.caption_gap(config, heldout, None, None, batch, captions, lambda c: c, None) is None
 
 
+def test_heldout_loss_in_sharded_batches_is_the_loss_of_the_whole_set(trained):
+  """12 examples 8 at a time over the 8 devices (the last batch padded) score what all 12 at once on one do: each
+  example's noise is its row of one draw for the set."""
+  from diffusion_jax import evaluate, sample
+  from diffusion_jax.metrics import heldout_loss
+
+  _, workdir, _ = trained
+  config, state, graphdef, _, mesh = sample.load_checkpoint(workdir)
+  batch = evaluate.validation_set(config, 12)[0]
+  whole = heldout_loss.make_heldout_loss_fn(config, graphdef)(state.params, state.frozen, batch)
+  batched = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, batch_size=8)(state.params, state.frozen, batch)
+  assert whole.shape == (len(heldout_loss.LEVELS),) and np.all(whole > 0)
+  np.testing.assert_allclose(batched, whole, rtol=1e-5)
+  first = heldout_loss.make_heldout_loss_fn(config, graphdef)(state.params, state.frozen,
+                                                              {k: v[:8] for k, v in batch.items()})
+  assert np.abs(first - whole).max() > 1e-6  # the last four examples count
+
+
 @pytest.mark.parametrize("samples, dimensions", [(500, 8), (20, 64)])  # full-rank and singular covariances
 def test_frechet_distance_matches_direct_scipy_computation(samples, dimensions):
   rng = np.random.default_rng(0)

@@ -66,7 +66,8 @@ def heldout_record(sweep, run: sweeps.Run, workdir) -> dict:
   batch, images, captions = evaluate.validation_set(config, count)
   batch = {k: v[:sweep.heldout_examples] for k, v in batch.items()}
   params = state.ema[0] if config.sample.use_ema else state.params
-  losses = heldout_loss.make_heldout_loss_fn(config, graphdef)(params, state.frozen, batch)
+  losses = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, config.sample.batch_size)(params, state.frozen,
+                                                                                               batch)
   batch_size = config.train.batch_size
   record = {"name": run.name, "size": run.size, "budget": run.budget, "params": run.params,
             "flops_per_example": run.flops_per_example, "flops_per_step": run.flops_per_example * batch_size,
