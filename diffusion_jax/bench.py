@@ -24,6 +24,11 @@ Modes:
            forward + backward: for a U-Net 3x3 convolution, group norm + SiLU and attention at each
            level's shape; for a DiT a linear layer, layer norm, the GEGLU feed-forward and attention at
            its patch tokens. Needs torch.
+  lora     fine-tuning the config's model in full against a LoRA of rank --lora_rank of its attention
+           projections and one that also updates the residual blocks' convolutions (model.lora_convolutions):
+           trainable parameters, the train state's bytes (trainable weights, EMA copies and optimizer moments
+           apart from the frozen weights), step time, FLOPs per step and the compiled step's temporaries. The
+           weights are random (no finetune.workdir is read): the step's cost does not depend on their values.
   profile  where the train step's time goes (profiling.py): a profiler trace of --steps steps, each executed
            HLO op's time attributed to a kind (convolution, matmul, reductions, layout copies, elementwise),
            a phase (forward, backward, other) and the JAX primitive it came from.
@@ -32,6 +37,7 @@ Flags:
   --steps    batches / train steps (ops: calls of each operation) timed per measurement (default 20)
   --workers  grain worker processes for the second pipeline measurement (default 2)
   --widths   comma-separated model.channels for `step` (default 16,32,64)
+  --lora_rank  the LoRA rank of `lora` (default 8)
 """
 
 import math
@@ -45,14 +51,16 @@ from ml_collections import config_flags
 
 from diffusion_jax import cli
 
-MODES = ("input", "step", "memory", "peer", "ops", "profile")
+MODES = ("input", "step", "memory", "peer", "ops", "lora", "profile")
 # Flags that only some modes read: given for another mode they are refused rather than ignored.
-MODE_FLAGS = {"widths": ("step",), "workers": ("input",), "steps": ("input", "step", "peer", "ops", "profile")}
+MODE_FLAGS = {"widths": ("step",), "workers": ("input",), "lora_rank": ("lora",),
+              "steps": ("input", "step", "peer", "ops", "lora", "profile")}
 BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
 flags.DEFINE_list("widths", ["16", "32", "64"], "model.channels values for the `step` mode.")
+flags.DEFINE_integer("lora_rank", 8, "LoRA rank of the `lora` mode.", lower_bound=1)
 
 
 def pipeline_examples_per_s(config, workers: int, batches: int) -> float:
@@ -213,6 +221,30 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
   return "\n".join(lines)
 
 
+def lora_table(config, steps: int, rank: int) -> str:
+  """One row per way of fine-tuning the config's model: in full, a LoRA of rank `rank`, the same with the
+  convolutions (U-Net only)."""
+  from diffusion_jax import train
+
+  ways = [("full fine-tune", {}), (f"LoRA rank {rank}, attention", {"lora_rank": rank})]
+  if config.model.backbone == "unet":
+    ways.append((f"LoRA rank {rank}, attention + convolutions", {"lora_rank": rank, "lora_convolutions": True}))
+  lines = ["| fine-tune | trainable parameters | trainable state (MB) | frozen (MB) | step ms | GFLOP/step | "
+           "step temporaries (MB) |", "|---|---|---|---|---|---|---|"]
+  for name, model in ways:
+    sized = config.copy_and_resolve_references()
+    sized.model.update(model)
+    compiled, args, _, flops = compiled_step(sized)
+    state = args[0]
+    mb = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e6
+    trainable, frozen = mb((state.params, state.ema, state.opt_state)), mb(state.frozen)
+    parameters, temporaries = train.count_params(state.params), compiled.memory_analysis().temp_size_in_bytes / 1e6
+    seconds, _ = time_steps(compiled, args, steps)
+    lines.append(f"| {name} | {parameters:,} | {trainable:.2f} | {frozen:.2f} | {seconds * 1e3:.0f} | "
+                 f"{flops / 1e9:.4g} | {temporaries:.1f} |")
+  return "\n".join(lines)
+
+
 def profile_table(config, steps: int) -> str:
   from diffusion_jax import profiling
 
@@ -250,6 +282,8 @@ def print_table(mode, f):
   elif mode == "ops":
     from diffusion_jax import op_bench
     print(op_bench.table(f.config, f.steps))
+  elif mode == "lora":
+    print(lora_table(f.config, f.steps, f.lora_rank))
   elif mode == "profile":
     print(profile_table(f.config, f.steps))
   else:
