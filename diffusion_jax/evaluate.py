@@ -110,8 +110,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import (cascade, checkpoint, cli, config_checks, distributed, lora, media, metric_writers,
-                           sample, samplers, video_extension)
+from diffusion_jax import (cascade, checkpoint, cli, config_checks, distributed, edit_inputs, lora, media,
+                           metric_writers, sample, samplers, video_extension)
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, lpips, motion_judge,
                                    psnr, shapes_judge)
@@ -201,7 +201,7 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
   init = keep = None
   if first_frames is not None:
     frames = sample.output_shape(config, sample_config)[0]
-    init, keep = (np.stack(a) for a in zip(*[sample.first_frame_edit(f, frames) for f in first_frames]))
+    init, keep = (np.stack(a) for a in zip(*[edit_inputs.first_frame_edit(f, frames) for f in first_frames]))
   clips = sample.generate(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds=seeds,
                           lowres=lowres, init_images=init, keep_masks=keep)
   if not (config.model.temporal and sample_config.video_length):

@@ -78,8 +78,8 @@ from ml_collections import config_flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, cli, config_checks, distributed, editing, lora, media, samplers, schedules,
-                           sharding, superres, video_extension)
+from diffusion_jax import (checkpoint, cli, config_checks, distributed, edit_inputs, editing, lora, media, samplers,
+                           schedules, sharding, superres, video_extension)
 from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   image is kept (inpainting; default: nothing kept). keys: raw keys [len(prompts) * num_per_prompt, 2] of the
   samples' noise instead of those of their seeds (example_keys)."""
   if init_images is not None:
-    check_editable(config)
+    edit_inputs.check_editable(config)
   n = sample_config.num_per_prompt
   seeds = [sample_config.seed] * len(prompts) if seeds is None else list(seeds)
   repeated = [p for p in prompts for _ in range(n)]
@@ -286,9 +286,8 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
   of the first GRID_PROMPTS prompts (videos: also grid.gif and grid.mp4); entries carry each prompt's
   prompt/seed/guidance_scale. Returns the grid path.
   images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]. edits: {prompt index: (image, keep)} of
-  the prompts that edited an image (edit_inputs; a video model's: first_frame_edit's or video_edit's clips): their
-  grid rows show it first (inpainting: the region generated anew dark; image-to-video: the given first frame;
-  video-to-video: the given clip)."""
+  the prompts that edited an image or clip (edit_inputs.read): their grid rows show it first (inpainting: the region
+  generated anew dark; image-to-video: the given first frame; video-to-video: the given clip)."""
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   is_video = images.ndim == 6
@@ -386,8 +385,8 @@ def load_checkpoint(workdir, step=None):
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
                         mask=None, adapters=(), init_video=None):
   """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
-  sample settings; init_image and mask, or init_video: files every prompt without its own edits (edit_inputs,
-  video_edit); adapters: lora.Adapters fused into its weights."""
+  sample settings; init_image and mask, or init_video: files every prompt without its own edits (edit_inputs.py);
+  adapters: lora.Adapters fused into its weights."""
   from diffusion_jax.text import tokenizers
 
   config = checkpoint.read_config(workdir)
@@ -406,7 +405,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   for entry in prompts if given else []:
     if "init_image" not in entry and "init_video" not in entry:
       entry.update(given)
-  edits = read_edits(config, sample_config, prompts)  # before a checkpoint is read
+  frames = output_shape(config, sample_config)[0] if config.model.temporal else 0
+  edits = edit_inputs.read(config, sample_config, prompts, frames)  # before a checkpoint is read
   lora.check(adapters, config)
   unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edits)),
                                               ("context_frames", sample_config.video_length),
@@ -444,98 +444,12 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   return videos.reshape(first.shape[:2] + videos.shape[1:])
 
 
-def read_edits(config, sample_config, prompts: list[dict]) -> dict:
-  """{prompt index: (image, keep)} of the prompts with an "init_image" (edit_inputs; a video model's:
-  first_frame_edit's clips) or an "init_video" (video_edit's clips), each file read and every setting checked."""
-  edited = lambda e: "init_image" in e or "init_video" in e
-  if without := [e["prompt"] for e in prompts if "strength" in e and not edited(e)][:3]:
-    raise ValueError(f"A prompt's 'strength' is the part of the grid run from its image: give it an 'init_image' or "
-                     f"'init_video' (or --init_image, --init_video) or leave the strength out: {without}")
-  videos = [i for i, e in enumerate(prompts) if "init_video" in e]
-  if videos and not config.model.temporal:
-    raise ValueError("--init_video (init_video in a prompts file) is a clip for a video model to edit; this model "
-                     "makes images (--init_image edits an image).")
-  if not any(edited(e) for e in prompts):
-    return {}
-  for e in prompts:
-    if edited(e):
-      editing.first_step(sample_config.steps, e.get("strength", sample_config.strength))
-  check_editable(config)
-  frames, resolution = output_shape(config, sample_config)[0] if config.model.temporal else 0, config.data.resolution
-  edits = {i: video_edit(prompts[i], resolution, frames) for i in videos}
-  images = {i: edit_inputs(e, resolution) for i, e in enumerate(prompts) if "init_image" in e}
-  if not config.model.temporal:
-    return images
-  if any("mask" in prompts[i] for i in images):
-    raise ValueError("A video model animates an --init_image as its clips' first frame; --mask is for image models.")
-  return edits | {i: first_frame_edit(image, frames) for i, (image, _) in images.items()}
-
-
-def check_editable(config):
-  """Editing needs a text-to-image or text-to-video model."""
-  if config.model.lowres_conditioning:
-    raise ValueError("Image-to-image, inpainting, image-to-video and video-to-video (--init_image, --mask, "
-                     "--init_video) are for text-to-image and text-to-video models; this is a super-resolution stage.")
-
-
-def first_frame_edit(image: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray]:
-  """An image as the first frame of a clip to generate (image-to-video): (the image repeated [frames, h, w, 3],
-  keep [frames, h, w], True on the first frame)."""
-  keep = np.zeros((frames,) + image.shape[:2], bool)
-  keep[0] = True
-  return np.repeat(image[None], frames, axis=0), keep
-
-
-def video_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
-  """(clip uint8 [frames, resolution, resolution, 3], keep: all False) of a prompt entry's "init_video" (a GIF or an
-  MP4, its first `frames` frames, each brought to the model's resolution as training clips are): a clip to edit
-  as a whole (video-to-video, SDEdit over the clip)."""
-  from diffusion_jax.data import pipeline
-
-  path = pathlib.Path(entry["init_video"]).expanduser()
-  readers = {".gif": media.read_gif, ".mp4": media.read_mp4}
-  if path.suffix.lower() not in readers:
-    raise ValueError(f"init_video {str(path)!r}: a .gif or .mp4 clip, please.")
-  try:
-    clip = readers[path.suffix.lower()](path)[0]
-  except Exception as error:  # PIL and PyAV raise many kinds for missing or damaged files
-    raise ValueError(f"init_video {str(path)!r} cannot be read as a clip ({checkpoint.brief(error)}).") from None
-  if len(clip) < frames:
-    raise ValueError(f"init_video {str(path)!r} has {len(clip)} frames; the model makes clips of {frames} (--frames).")
-  clip = np.stack([pipeline.resize_and_crop(frame, resolution, None) for frame in clip[:frames]])
-  return clip, np.zeros(clip.shape[:-1], bool)
-
-
-def edit_inputs(entry: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-  """(image uint8 [resolution, resolution, 3], keep bool [resolution, resolution]) of a prompt entry's
-  "init_image" and optional "mask" files (white: generate anew, black: keep; without one nothing is kept), each
-  brought to the model's resolution as training images are (shorter side, centre crop)."""
-  from diffusion_jax.data import pipeline
-
-  def read(key):
-    path = pathlib.Path(entry[key]).expanduser()
-    try:
-      return media.read_image(path)
-    except (OSError, ValueError) as error:  # missing, or not an image PIL reads
-      raise ValueError(f"{key} {str(path)!r} cannot be read as an image ({error}).") from None
-
-  image = read("init_image")
-  if "mask" not in entry:
-    return pipeline.resize_and_crop(image, resolution, None), np.zeros((resolution, resolution), bool)
-  mask = read("mask")
-  if mask.shape != image.shape:
-    raise ValueError(f"mask {entry['mask']!r} is {mask.shape[1]}x{mask.shape[0]} pixels, its init_image "
-                     f"{entry['init_image']!r} {image.shape[1]}x{image.shape[0]}: they must match.")
-  mask = pipeline.resize_and_crop(np.repeat(mask.mean(-1, keepdims=True).astype(np.uint8), 3, -1), resolution, None)
-  return pipeline.resize_and_crop(image, resolution, None), mask[..., 0] < 128
-
-
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
                   lowres=None, edits=None, adapters=()):
   """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / negative_prompt, and the
   init_image / mask / init_video files of an edit) and write outputs.
-  edits: {prompt index: (image, keep)} as edit_inputs reads them (a video model's: first_frame_edit's or
-  video_edit's clips), the prompts to edit instead of generating for.
+  edits: {prompt index: (image, keep)} as edit_inputs.read reads them, the prompts to edit instead of generating
+  for.
   lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]. adapters: the lora.Adapters
   fused into the weights, recorded in the provenance."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]

@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from diffusion_jax import editing, media, sample
+from diffusion_jax import edit_inputs, editing, media, sample
 from diffusion_jax.data import pipeline
 
 
@@ -95,7 +95,7 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   assert records[0]["init_image"] == str(tmp_path / "picture.png") and records[0]["strength"] == 0.5
   assert records[0]["mask"] == str(tmp_path / "mask.png") and "init_image" not in records[1]
-  image, keep = sample.edit_inputs(records[0], resolution)
+  image, keep = edit_inputs.image_edit(records[0], resolution)
   np.testing.assert_array_equal(image, pipeline.resize_and_crop(picture, resolution, None))
   half = resolution // 2  # the mask's top half, resized and cropped as the image (bicubic: the edge may move)
   assert keep.shape == (resolution, resolution) and keep[:half - 1].sum() == 0 and keep[half + 1:].all()
@@ -176,14 +176,14 @@ def test_a_video_model_edits_a_clip_as_a_whole(trained, trained_video, tmp_path)
   refused(r"is a clip for a video model to edit; this model makes images", workdir=trained[1])
   (tmp_path / "clip.png").write_bytes(b"")
   with pytest.raises(ValueError, match=r"init_video '.*clip.png': a .gif or .mp4 clip"):
-    sample.video_edit({"init_video": str(tmp_path / "clip.png")}, resolution, 3)
+    edit_inputs.video_edit({"init_video": str(tmp_path / "clip.png")}, resolution, 3)
 
 
 def test_super_resolution_stages_do_not_edit():
   from configs import sr_shapes
 
   with pytest.raises(ValueError, match="are for text-to-image and text-to-video models; this is a super-resolution"):
-    sample.check_editable(sr_shapes.get_config("test"))
+    edit_inputs.check_editable(sr_shapes.get_config("test"))
 
 
 def test_reconstruction_guidance_moves_the_generated_estimate_to_agree_with_the_kept():

@@ -1,0 +1,94 @@
+"""What an edit reads: the images, masks and clips a prompt names (sample.py's --init_image, --mask, --init_video
+and their prompts-file fields), brought to the model's resolution as training data is and checked before any
+checkpoint is read. What the sampler does with them is editing.py's.
+"""
+
+import pathlib
+
+import numpy as np
+
+from diffusion_jax import checkpoint, editing, media
+from diffusion_jax.data import pipeline
+
+
+def read(config, sample_config, prompts: list[dict], frames: int) -> dict:
+  """{prompt index: (image, keep)} of the prompts with an "init_image" (image_edit; a video model's:
+  first_frame_edit's clips) or an "init_video" (video_edit's clips), each file read and every setting checked.
+  frames: a video model's frames per clip (0 for an image model)."""
+  edited = lambda e: "init_image" in e or "init_video" in e
+  if without := [e["prompt"] for e in prompts if "strength" in e and not edited(e)][:3]:
+    raise ValueError(f"A prompt's 'strength' is the part of the grid run from its image: give it an 'init_image' or "
+                     f"'init_video' (or --init_image, --init_video) or leave the strength out: {without}")
+  videos = [i for i, e in enumerate(prompts) if "init_video" in e]
+  if videos and not config.model.temporal:
+    raise ValueError("--init_video (init_video in a prompts file) is a clip for a video model to edit; this model "
+                     "makes images (--init_image edits an image).")
+  if not any(edited(e) for e in prompts):
+    return {}
+  for e in prompts:
+    if edited(e):
+      editing.first_step(sample_config.steps, e.get("strength", sample_config.strength))
+  check_editable(config)
+  resolution = config.data.resolution
+  edits = {i: video_edit(prompts[i], resolution, frames) for i in videos}
+  images = {i: image_edit(e, resolution) for i, e in enumerate(prompts) if "init_image" in e}
+  if not config.model.temporal:
+    return images
+  if any("mask" in prompts[i] for i in images):
+    raise ValueError("A video model animates an --init_image as its clips' first frame; --mask is for image models.")
+  return edits | {i: first_frame_edit(image, frames) for i, (image, _) in images.items()}
+
+
+def check_editable(config):
+  """Editing needs a text-to-image or text-to-video model."""
+  if config.model.lowres_conditioning:
+    raise ValueError("Image-to-image, inpainting, image-to-video and video-to-video (--init_image, --mask, "
+                     "--init_video) are for text-to-image and text-to-video models; this is a super-resolution stage.")
+
+
+def image_edit(entry: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+  """(image uint8 [resolution, resolution, 3], keep bool [resolution, resolution]) of a prompt entry's
+  "init_image" and optional "mask" files (white: generate anew, black: keep; without one nothing is kept), each
+  brought to the model's resolution as training images are (shorter side, centre crop)."""
+  def read(key):
+    path = pathlib.Path(entry[key]).expanduser()
+    try:
+      return media.read_image(path)
+    except (OSError, ValueError) as error:  # missing, or not an image PIL reads
+      raise ValueError(f"{key} {str(path)!r} cannot be read as an image ({error}).") from None
+
+  image = read("init_image")
+  if "mask" not in entry:
+    return pipeline.resize_and_crop(image, resolution, None), np.zeros((resolution, resolution), bool)
+  mask = read("mask")
+  if mask.shape != image.shape:
+    raise ValueError(f"mask {entry['mask']!r} is {mask.shape[1]}x{mask.shape[0]} pixels, its init_image "
+                     f"{entry['init_image']!r} {image.shape[1]}x{image.shape[0]}: they must match.")
+  mask = pipeline.resize_and_crop(np.repeat(mask.mean(-1, keepdims=True).astype(np.uint8), 3, -1), resolution, None)
+  return pipeline.resize_and_crop(image, resolution, None), mask[..., 0] < 128
+
+
+def video_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+  """(clip uint8 [frames, resolution, resolution, 3], keep: all False) of a prompt entry's "init_video" (a GIF or an
+  MP4, its first `frames` frames, each brought to the model's resolution as training clips are): a clip to edit
+  as a whole (video-to-video, SDEdit over the clip)."""
+  path = pathlib.Path(entry["init_video"]).expanduser()
+  readers = {".gif": media.read_gif, ".mp4": media.read_mp4}
+  if path.suffix.lower() not in readers:
+    raise ValueError(f"init_video {str(path)!r}: a .gif or .mp4 clip, please.")
+  try:
+    clip = readers[path.suffix.lower()](path)[0]
+  except Exception as error:  # PIL and PyAV raise many kinds for missing or damaged files
+    raise ValueError(f"init_video {str(path)!r} cannot be read as a clip ({checkpoint.brief(error)}).") from None
+  if len(clip) < frames:
+    raise ValueError(f"init_video {str(path)!r} has {len(clip)} frames; the model makes clips of {frames} (--frames).")
+  clip = np.stack([pipeline.resize_and_crop(frame, resolution, None) for frame in clip[:frames]])
+  return clip, np.zeros(clip.shape[:-1], bool)
+
+
+def first_frame_edit(image: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray]:
+  """An image as the first frame of a clip to generate (image-to-video): (the image repeated [frames, h, w, 3],
+  keep [frames, h, w], True on the first frame)."""
+  keep = np.zeros((frames,) + image.shape[:2], bool)
+  keep[0] = True
+  return np.repeat(image[None], frames, axis=0), keep
