@@ -552,8 +552,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
                      "given downsampled; this model is not a super-resolution stage (model.lowres_conditioning)")
   if combinations:
     if config.data.dataset != "captioned_shapes":
-      raise ValueError(f"--combinations: colour-shape combinations are captioned_shapes', not "
-                       f"data.dataset={config.data.dataset!r}'s")
+      raise ValueError(f"--combinations names colour-shape combinations of captioned_shapes; this run's data.dataset "
+                       f"is {config.data.dataset!r}")
     captioned_shapes.combinations(combinations)  # a ValueError naming the words there are
   lora.check(adapters, config)
   sample_config = evaluation_sample_config(config, sample_overrides)
@@ -689,6 +689,8 @@ def main(argv):
                "stage with --workdir)")
   else:
     cli.refuse(("sweep_stage",), "only with --cascade")
+    if f.combination_prompts == 0:
+      cli.refuse(("combinations",), "not used with --combination_prompts=0, which judges no combination's captions")
     if not f.image_to_video:
       cli.refuse(("strength",), "only with --image_to_video (the part of the grid run from the given first frame)")
     if not f.video_length:

@@ -117,8 +117,8 @@ def check(adapters: list[Adapter], config) -> None:
 
 
 def fuse(tree: dict, adapters: list[Adapter]) -> dict:
-  """A nested parameter dict with scale * a @ b of every adapter added to the kernels it holds (each placed
-  with its kernel's sharding); kernels it does not hold are left to the other trees of the model."""
+  """A nested parameter dict with scale * a @ b of every adapter added to the kernels it holds (each keeping its
+  kernel's dtype and sharding); kernels it does not hold are left to the other trees of the model."""
   flat = traverse_util.flatten_dict(tree)
   names = {name(p): p for p in flat}
   total = {}
@@ -129,10 +129,14 @@ def fuse(tree: dict, adapters: list[Adapter]) -> dict:
         update = adapter.scale * (a.astype(np.float64) @ b.astype(np.float64))
         total[kernel_of(key)] = total.get(kernel_of(key), 0) + update
   for key, update in total.items():
-    kernel = flat[names[key]]
-    add = jax.jit(lambda k, u: (k.astype(jnp.float32) + u).astype(k.dtype), out_shardings=kernel.sharding)
-    flat[names[key]] = add(kernel, update.astype(np.float32))
+    flat[names[key]] = _added(flat[names[key]], update.astype(np.float32))
   return traverse_util.unflatten_dict(flat)
+
+
+@jax.jit
+def _added(kernel, update):
+  """kernel + update in float32, in the kernel's dtype and (elementwise) its sharding; one program per shape."""
+  return (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
 
 
 def fused_state(state, adapters: list[Adapter]):
