@@ -229,6 +229,7 @@ def lora_table(config, steps: int, rank: int) -> str:
   ways = [("full fine-tune", {}), (f"LoRA rank {rank}, attention", {"lora_rank": rank})]
   if config.model.backbone == "unet":
     ways.append((f"LoRA rank {rank}, attention + convolutions", {"lora_rank": rank, "lora_convolutions": True}))
+  mb = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e6
   lines = ["| fine-tune | trainable parameters | trainable state (MB) | frozen (MB) | step ms | GFLOP/step | "
            "step temporaries (MB) |", "|---|---|---|---|---|---|---|"]
   for name, model in ways:
@@ -236,7 +237,6 @@ def lora_table(config, steps: int, rank: int) -> str:
     sized.model.update(model)
     compiled, args, _, flops = compiled_step(sized)
     state = args[0]
-    mb = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e6
     trainable, frozen = mb((state.params, state.ema, state.opt_state)), mb(state.frozen)
     parameters, temporaries = train.count_params(state.params), compiled.memory_analysis().temp_size_in_bytes / 1e6
     seconds, _ = time_steps(compiled, args, steps)

@@ -58,6 +58,13 @@ def lora(in_dim, out_dim, axes, rank, rngs, dtype):
                   b_metadata=names(None, axes[1]))
 
 
+def adapted(module, name, x):
+  """Layer `name` of `module` applied to x, plus its low-rank update (`<name>_lora`, lora / ConvLoRA) when there
+  is one."""
+  out, update = getattr(module, name)(x), getattr(module, f"{name}_lora")
+  return out if update is None else out + update(x).astype(out.dtype)
+
+
 class ConvLoRA(nnx.Module):
   """A low-rank update of a `kernel` x `kernel` convolution [in_ch -> out_ch] (LoCon): the convolution with
   lora_a [kernel, kernel, in_ch, rank], then lora_b [rank, out_ch] (zeros, so it starts at nothing). Merged into
@@ -139,16 +146,11 @@ class ResBlock(nnx.Module):
     self.dropout_rate = dropout_rate
     self.skip_scale = skip_scale
 
-  def convolve(self, name, x):
-    """Convolution `name` of x, with its low-rank update when there is one."""
-    out, update = getattr(self, name)(x), getattr(self, f"{name}_lora")
-    return out if update is None else out + update(x).astype(out.dtype)
-
   def __call__(self, x, emb, dropout_key=None):
-    h = self.convolve("conv1", nnx.silu(self.norm1(x)))
+    h = adapted(self, "conv1", nnx.silu(self.norm1(x)))
     scale, shift = jnp.split(self.film(nnx.silu(emb))[:, None, None, :], 2, axis=-1)
     h = self.norm2(h) * (1 + scale) + shift
-    h = self.convolve("conv2", dropout(nnx.silu(h), self.dropout_rate, dropout_key))
+    h = adapted(self, "conv2", dropout(nnx.silu(h), self.dropout_rate, dropout_key))
     skip = self.skip(x) if self.skip is not None else x
     return (skip + h) * self.skip_scale
 
@@ -179,15 +181,10 @@ class Attention(nnx.Module):
                                                             for name in ("q", "k", "v", "out"))
     self.null_kv = nnx.Param(jnp.zeros((2, dim)), **names(None, "heads")) if null_kv else None
 
-  def project(self, name, x):
-    """Projection `name` of x, with its low-rank update when there is one."""
-    out, update = getattr(self, name)(x), getattr(self, f"{name}_lora")
-    return out if update is None else out + update(x).astype(out.dtype)
-
   def __call__(self, x, context, mask=None, bias=None):
     b, q_len, dim = x.shape
     split = lambda t: t.reshape(b, t.shape[1], self.heads, dim // self.heads)
-    q, k, v = split(self.project("q", x)), split(self.project("k", context)), split(self.project("v", context))
+    q, k, v = split(adapted(self, "q", x)), split(adapted(self, "k", context)), split(adapted(self, "v", context))
     if self.null_kv is not None:
       null = self.null_kv[...].astype(k.dtype).reshape(2, 1, 1, self.heads, dim // self.heads)
       k = jnp.concatenate([jnp.broadcast_to(null[0], (b, 1) + k.shape[2:]), k], axis=1)
@@ -197,7 +194,7 @@ class Attention(nnx.Module):
     if mask is not None:
       mask = mask[:, None, None, :]
     out = attention.dot_product_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
-    return self.project("out", out.reshape(b, q_len, dim))
+    return adapted(self, "out", out.reshape(b, q_len, dim))
 
 
 class FeedForward(nnx.Module):
