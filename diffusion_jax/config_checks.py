@@ -187,6 +187,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   elif m.lora_convolutions and m.backbone != "unet":
     found.append(f"model.lora_convolutions: the updated convolutions are the U-Net's residual blocks; "
                  f"model.backbone={m.backbone!r} has none")
+  if m.lora_feed_forward and not m.lora_rank:
+    found.append("model.lora_feed_forward: the feed-forward's updates need model.lora_rank > 0")
   if config.finetune.workdir and config.inflate.image_workdir:
     found.append("finetune.workdir and inflate.image_workdir both name a run to start from; set one")
   if config.inflate.train_temporal_only and not (m.temporal and config.inflate.image_workdir):

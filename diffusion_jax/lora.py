@@ -2,9 +2,10 @@
 to another model's weights.
 
 A LoRA run's checkpoints hold its whole model, the frozen weights too. `export` writes only the updates, each
-projection's a [in, rank] and b [rank, out] (a convolution's a [k, k, in, rank], model.lora_convolutions), float32
-(the first EMA copy when the run samples with EMA), to a safetensors file with what made them in its metadata: a
-small file to share, where a checkpoint holds the whole model.
+projection's a [in, rank] and b [rank, out] (attention's; the feed-forward's with model.lora_feed_forward) and
+each convolution's a [k, k, in, rank] and b (model.lora_convolutions), float32 (the first EMA copy when the run
+samples with EMA), to a safetensors file with what made them in its metadata: a small file to share, where a
+checkpoint holds the whole model.
 `fuse` adds scale * a @ b to the kernel each update belongs to (Hu et al. 2021, sec. 4.1: merged, the model
 computes what the LoRA model computes at scale 1, at no extra cost): a model with the same
 projections (the source run, or another run of the same architecture) takes one or several adapters,
@@ -28,6 +29,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import traverse_util
@@ -105,15 +107,31 @@ def problems(adapter: Adapter, kernels: dict) -> list[str]:
   return found
 
 
+def model_differences(adapter: Adapter, config) -> list[str]:
+  """'field: adapter's -> config's' for the model, text and latent fields (but the LoRA's own) in which the model
+  an adapter was trained on differs from `config`'s; [] when its metadata does not say."""
+  if "config" not in adapter.metadata:
+    return []
+  made = ml_collections.ConfigDict(json.loads(adapter.metadata["config"]))
+  this = ml_collections.ConfigDict({k: json.loads(config[k].to_json_best_effort()) for k in finetune.MODEL_SECTIONS})
+  return [d for d in checkpoint.config_differences(made, this) if not d.startswith("model.lora_")]
+
+
 def check(adapters: list[Adapter], config) -> None:
-  """A ValueError naming the first mismatches when an adapter does not fit `config`'s model (nothing read)."""
+  """A ValueError naming the first mismatches when an adapter does not fit `config`'s model, and the fields in
+  which the model it was made for differs (nothing read)."""
   params, frozen = finetune.abstract_parameters(config)
   kernels = {name(p): x.shape for p, x in (params | frozen).items() if p[-1] == "kernel"}
   for adapter in adapters:
     if found := problems(adapter, kernels):
       made = adapter.metadata.get("workdir", "another model")
-      raise ValueError(f"--lora={adapter.file}: its updates (from {made}) do not fit this model: "
-                       f"{'; '.join(found[:5])}{' ...' if len(found) > 5 else ''}.")
+      said = [f"--lora={adapter.file}: its updates (from {made}) do not fit this model: "
+              f"{'; '.join(found[:5])}{' ...' if len(found) > 5 else ''}"]
+      if differences := model_differences(adapter, config):
+        said.append(f"It was made for a model that differs in: {'; '.join(differences)} (adapter's -> this one's)")
+      if source := adapter.metadata.get("source_workdir"):
+        said.append(f"It fits its source run, {source}, and runs of that model")
+      raise ValueError(". ".join(said) + ".")
 
 
 def fuse(tree: dict, adapters: list[Adapter]) -> dict:

@@ -23,10 +23,10 @@ def flat(tree):
 
 @pytest.fixture(scope="module")
 def lora_run(trained, tmp_path_factory):
-  """A 2-step rank-2 LoRA fine-tune of the `trained` run, its attention projections and residual convolutions:
-  (config, workdir, its state at the start, at the end)."""
+  """A 2-step rank-2 LoRA fine-tune of the `trained` run, its attention and feed-forward projections and residual
+  convolutions: (config, workdir, its state at the start, at the end)."""
   config = tiny_config(tmp_path_factory)
-  config.model.update(lora_rank=2, lora_convolutions=True)
+  config.model.update(lora_rank=2, lora_convolutions=True, lora_feed_forward=True)
   config.finetune.workdir = str(trained[1])
   config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
   config.train.update(steps=2, checkpoint_every=2, sample_every=0, sample_at_end=False)
@@ -38,13 +38,15 @@ def lora_run(trained, tmp_path_factory):
 
 def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trained, lora_run):
   """model.lora_rank: every attention projection (with model.lora_convolutions every residual block's 3x3
-  convolution) gets a low-rank update (b zero: the model is the other run's at the start); those are all the
-  optimizer sees, and training moves them and nothing else."""
+  convolution, with model.lora_feed_forward every feed-forward projection) gets a low-rank update (b zero: the
+  model is the other run's at the start); those are all the optimizer sees, and training moves them and nothing
+  else."""
   config, _, start, end = lora_run
   _, source, _, _, _ = sample.load_checkpoint(trained[1])
   updates = flat(start.params)
-  adapted = [p for p in flat(source.ema[0]) if p[0] == "unet" and p[-2] in ("q", "k", "v", "out", "conv1", "conv2")
-             and p[-1] == "kernel"]
+  adapted = [p for p in flat(source.ema[0]) if p[0] == "unet" and p[-1] == "kernel"
+             and p[-2] in ("q", "k", "v", "out", "conv1", "conv2", "proj_in", "proj_out")]
+  assert {p[-2] for p in adapted} == {"q", "k", "v", "out", "conv1", "conv2", "proj_in", "proj_out"}
   assert len(updates) == 2 * len(adapted) and all(p[-2].endswith("_lora") for p in updates)  # a and b of each
   assert {p[:-2] + (p[-2].removesuffix("_lora"),) for p in updates} == {p[:-1] for p in adapted}
   assert any(w.ndim == 4 for w in updates.values())  # a convolution's a: [3, 3, in, rank]
@@ -61,6 +63,7 @@ def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trai
   assert "model.lora_rank adapts a trained model" in "; ".join(config_checks.problems(config))
   config.model.lora_rank = 0
   assert "model.lora_convolutions: the convolutions' updates need" in "; ".join(config_checks.problems(config))
+  assert "model.lora_feed_forward: the feed-forward's updates need" in "; ".join(config_checks.problems(config))
   config.model.update(lora_rank=2, backbone="dit")
   assert "model.backbone='dit' has none" in "; ".join(config_checks.problems(config))
 
@@ -138,7 +141,9 @@ def test_an_adapter_is_refused_by_a_model_it_does_not_fit(lora_run, tmp_path, tm
   other.model.channels = 32
   with pytest.raises(ValueError, match=r"--lora=.*adapter.safetensors: its updates \(from .*\) do not fit this "
                                        r"model: unet/down/0/1/0/conv1/kernel has shape \(3, 3, 32, 32\) here, the "
-                                       r"update \(3, 3, 16, 16\)"):
+                                       r"update \(3, 3, 16, 16\).* It was made for a model that differs in: "
+                                       r"model.channels: 16 -> 32 \(adapter's -> this one's\)\. It fits its source "
+                                       r"run, .*, and runs of that model\."):
     lora.check([adapter], other)
   (tmp_path / "weights.safetensors").write_bytes((tmp_path / "adapter.safetensors").read_bytes()
                                                  .replace(b"diffusion_jax.lora", b"something.else...."))

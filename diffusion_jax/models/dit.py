@@ -57,10 +57,11 @@ def modulate(x, shift, scale):
 
 
 class DiTBlock(nnx.Module):
-  """x [batch, tokens, dim], emb [batch, dim], text [batch, text_tokens, text_dim] -> x."""
+  """x [batch, tokens, dim], emb [batch, dim], text [batch, text_tokens, text_dim] -> x. lora_rank: low-rank
+  updates of the attention projections; ff_lora_rank: of the feed-forward's (0: none)."""
 
   def __init__(self, dim, text_dim, heads, *, ff_mult, dropout_rate, dtype, rngs, implementation="auto",
-               lora_rank=0):
+               lora_rank=0, ff_lora_rank=0):
     self.modulation = layers.dense(dim, 6 * dim, ("embed", None), rngs, dtype, zero_init=True)
     self.norm_self = plain_layer_norm(dim, rngs, dtype)
     self.self_attn = layers.Attention(dim, dim, heads, dtype=dtype, rngs=rngs, implementation=implementation,
@@ -69,7 +70,8 @@ class DiTBlock(nnx.Module):
     self.cross_attn = layers.Attention(dim, text_dim, heads, dtype=dtype, rngs=rngs, context_axis="text_embed",
                                        null_kv=True, implementation=implementation, lora_rank=lora_rank)
     self.norm_ff = plain_layer_norm(dim, rngs, dtype)
-    self.ff = layers.FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs, zero_out=False, dropout_rate=dropout_rate)
+    self.ff = layers.FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs, zero_out=False, dropout_rate=dropout_rate,
+                                 lora_rank=ff_lora_rank)
 
   def __call__(self, x, emb, text, text_mask, dropout_key=None):
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(nnx.silu(emb)), 6, axis=-1)
@@ -98,7 +100,8 @@ class DiT(nnx.Module):
     self.text_pool = layers.dense(config.text_dim, dim, ("text_embed", "embed"), rngs, dtype)
     self.blocks = nnx.List([DiTBlock(dim, config.text_dim, config.heads, ff_mult=config.ff_mult,
                                      dropout_rate=config.dropout, dtype=dtype, rngs=rngs,
-                                     implementation=config.attention, lora_rank=config.lora_rank)
+                                     implementation=config.attention, lora_rank=config.lora_rank,
+                                     ff_lora_rank=config.lora_rank if config.lora_feed_forward else 0)
                                for _ in range(config.depth)])
     self.final_modulation = layers.dense(dim, 2 * dim, ("embed", None), rngs, dtype, zero_init=True)
     self.norm_out = plain_layer_norm(dim, rngs, dtype)

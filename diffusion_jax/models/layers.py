@@ -199,25 +199,31 @@ class Attention(nnx.Module):
 
 class FeedForward(nnx.Module):
   """GEGLU feed-forward: [.., dim] -> [.., dim]; zero_out as in Attention; dropout_rate on the hidden units
-  (only when called with a dropout_key)."""
+  (only when called with a dropout_key). lora_rank: low-rank updates (`lora`) of both projections, as
+  `proj_in_lora` and `proj_out_lora` (0: none)."""
 
-  def __init__(self, dim, mult, *, dtype, rngs, zero_out=True, dropout_rate=0.0):
-    self.proj_in = dense(dim, 2 * mult * dim, ("embed", "mlp"), rngs, dtype)
-    self.proj_out = dense(mult * dim, dim, ("mlp", "embed"), rngs, dtype, zero_init=zero_out)
+  def __init__(self, dim, mult, *, dtype, rngs, zero_out=True, dropout_rate=0.0, lora_rank=0):
+    shapes = {"proj_in": (dim, 2 * mult * dim, ("embed", "mlp")), "proj_out": (mult * dim, dim, ("mlp", "embed"))}
+    self.proj_in = dense(*shapes["proj_in"], rngs, dtype)
+    self.proj_out = dense(*shapes["proj_out"], rngs, dtype, zero_init=zero_out)
+    self.proj_in_lora, self.proj_out_lora = (lora(*shapes[name], lora_rank, rngs, dtype)
+                                             for name in ("proj_in", "proj_out"))
     self.dropout_rate = dropout_rate
 
   def __call__(self, x, dropout_key=None):
-    h, gate = jnp.split(self.proj_in(x), 2, axis=-1)
-    return self.proj_out(dropout(h * nnx.gelu(gate), self.dropout_rate, dropout_key))
+    h, gate = jnp.split(adapted(self, "proj_in", x), 2, axis=-1)
+    return adapted(self, "proj_out", dropout(h * nnx.gelu(gate), self.dropout_rate, dropout_key))
 
 
 class TransformerBlock(nnx.Module):
   """Spatial self-attention, text cross-attention and feed-forward over the pixels of a feature map.
 
-  x: [batch, h, w, ch]; text: [batch, tokens, text_dim]; text_mask: [batch, tokens] bool.
+  x: [batch, h, w, ch]; text: [batch, tokens, text_dim]; text_mask: [batch, tokens] bool. lora_rank: low-rank
+  updates of the attention projections; ff_lora_rank: of the feed-forward's (0: none).
   """
 
-  def __init__(self, channels, text_dim, heads, *, ff_mult, dtype, rngs, implementation="auto", lora_rank=0):
+  def __init__(self, channels, text_dim, heads, *, ff_mult, dtype, rngs, implementation="auto", lora_rank=0,
+               ff_lora_rank=0):
     self.norm_in = group_norm(channels, rngs, dtype)
     self.norm_self = layer_norm(channels, rngs, dtype)
     self.self_attn = Attention(channels, channels, heads, dtype=dtype, rngs=rngs, implementation=implementation,
@@ -226,7 +232,7 @@ class TransformerBlock(nnx.Module):
     self.cross_attn = Attention(channels, text_dim, heads, dtype=dtype, rngs=rngs, context_axis="text_embed",
                                 null_kv=True, implementation=implementation, lora_rank=lora_rank)
     self.norm_ff = layer_norm(channels, rngs, dtype)
-    self.ff = FeedForward(channels, ff_mult, dtype=dtype, rngs=rngs)
+    self.ff = FeedForward(channels, ff_mult, dtype=dtype, rngs=rngs, lora_rank=ff_lora_rank)
 
   def __call__(self, x, text, text_mask):
     b, h, w, c = x.shape

@@ -73,7 +73,7 @@ def is_temporal(path, _) -> bool:
 
 
 def is_lora(path, _=None) -> bool:
-  """Filter: the low-rank updates of attention projections (`model.lora_rank`; `*_lora` modules)."""
+  """Filter: the low-rank updates of a LoRA (`model.lora_rank`; `*_lora` modules)."""
   return any(str(key).endswith("_lora") for key in path)
 
 

@@ -87,7 +87,7 @@ class UNet(nnx.Module):
     block = dict(dropout_rate=config.dropout, skip_scale=config.skip_scale, dtype=dtype, rngs=rngs,
                  lora_rank=config.lora_rank if config.lora_convolutions else 0)
     attn = dict(ff_mult=config.ff_mult, dtype=dtype, rngs=rngs, implementation=config.attention,
-                lora_rank=config.lora_rank)
+                lora_rank=config.lora_rank, ff_lora_rank=config.lora_rank if config.lora_feed_forward else 0)
 
     self.time_in = layers.dense(config.channels, emb_dim, (None, "embed"), rngs, dtype)
     self.time_out = layers.dense(emb_dim, emb_dim, ("embed", "embed"), rngs, dtype)
