@@ -2,7 +2,7 @@
 
 A cascade config (`configs/cascades/*.py`) names each stage's training workdir and its sampling settings
 (sampler, steps, guidance, thresholding, and for super-resolution stages the noise-augmentation
-level of the low-resolution input). Stage k > 0 must be a super-resolution stage whose
+level of the low-resolution input), and LoRA adapters to fuse into a stage's weights (lora.py). Stage k > 0 must be a super-resolution stage whose
 input (`superres.lowres_resolution`, and for video `superres.lowres_frames`) is what stage k - 1
 produces; a chain that does not fit is refused before anything is sampled. Video cascades chain spatial
 and temporal super-resolution stages the same way (Imagen Video). Every stage's output is kept and written with
@@ -14,7 +14,7 @@ import pathlib
 
 import numpy as np
 
-from diffusion_jax import checkpoint, config_checks, media, sample, superres
+from diffusion_jax import checkpoint, config_checks, lora, media, sample, superres
 
 STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "threshold", "threshold_percentile",
                   "aug_level", "use_ema", "eta", "frames", "batch_size", "negative_prompt")
@@ -25,10 +25,21 @@ class Stage:
   workdir: str
   config: object           # the stage's experiment config (from its workdir)
   sample_config: object    # its `sample` section with the cascade's settings for this stage
+  adapters: list = dataclasses.field(default_factory=list)  # lora.Adapters fused into its weights
   state: object = None
   graphdef: object = None
   step: int = 0
   mesh: object = None
+
+
+def stage_adapters(settings, index: int) -> list:
+  """The lora.Adapters a stage entry names (`lora`: comma-separated FILE[:SCALE]); a ValueError naming the
+  stage's field."""
+  specs = [spec.strip() for spec in (settings.get("lora") or "").split(",") if spec.strip()]
+  try:
+    return [lora.read(spec) for spec in specs]
+  except ValueError as error:
+    raise ValueError(f"stage {index} (--cascade.stages[{index}].lora): {error}") from None
 
 
 def stage_configs(cascade) -> list[Stage]:
@@ -45,7 +56,7 @@ def stage_configs(cascade) -> list[Stage]:
       if key in settings and settings[key] is not None:
         sample_config[key] = settings[key]
     sample_config.num_per_prompt, sample_config.seed = cascade.num_per_prompt, cascade.seed + index
-    stages.append(Stage(settings.workdir, config, sample_config))
+    stages.append(Stage(settings.workdir, config, sample_config, stage_adapters(settings, index)))
   return stages
 
 
@@ -86,11 +97,17 @@ def load(cascade) -> list[Stage]:
   found = chain_problems(stages)
   found += [f"stage {k}: {problem}" for k, stage in enumerate(stages)
             for problem in config_checks.sample_problems(stage.sample_config, "--")]
+  for k, stage in enumerate(stages):
+    try:
+      lora.check(stage.adapters, stage.config)
+    except ValueError as error:
+      found.append(f"stage {k} (--cascade.stages[{k}].lora): {error}")
   if found:
     raise ValueError("Invalid cascade:\n  - " + "\n  - ".join(found))
   for stage, settings in zip(stages, cascade.stages):
     step = None if settings.step < 0 else settings.step
-    _, stage.state, stage.graphdef, stage.step, stage.mesh = sample.load_checkpoint(stage.workdir, step)
+    _, state, stage.graphdef, stage.step, stage.mesh = sample.load_checkpoint(stage.workdir, step)
+    stage.state = lora.fused_state(state, stage.adapters)
   return stages
 
 
@@ -134,9 +151,10 @@ def validation_lowres(config, count: int, num_per_prompt: int):
 
 
 def provenance(stages) -> list[dict]:
-  """What made a cascade's output: each stage's workdir, checkpoint step and config hash."""
+  """What made a cascade's output: each stage's workdir, checkpoint step, config hash and adapters (when any)."""
   return [{"stage": k, "workdir": str(s.workdir), "checkpoint_step": int(s.step),
-           "config_hash": sample.config_hash(s.config)} for k, s in enumerate(stages)]
+           "config_hash": sample.config_hash(s.config), **({"lora": lora.provenance(s.adapters)} if s.adapters else {})}
+          for k, s in enumerate(stages)]
 
 
 def write(stages, prompts: list[str], outputs, output_dir) -> pathlib.Path:

@@ -38,7 +38,7 @@ Flags:
                       recorded in the settings
   --lora              FILE[:SCALE], repeatable: a LoRA adapter (lora.py) fused into every checkpoint's weights at
                       SCALE (default 1), e.g. a LoRA's updates evaluated on the run they were trained from;
-                      recorded in the settings
+                      recorded in the settings (a cascade's stages take theirs as --cascade.stages[K].lora)
   --inception_weights local FID Inception-v3 weights, pytorch-fid's pt_inception-2015-12-05-6726825d.pth
                       (needs torch) or the same tensors as .safetensors / .npz: adds fid_inception (the
                       standard FID; for video models per frame). Nothing is downloaded.
@@ -682,7 +682,8 @@ def main(argv):
                 "combinations"),
                "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
                "--cascade.stages[k].step=N)")
-    cli.refuse(("lora",), "not used with --cascade: an adapter fits one model (evaluate its workdir with --workdir)")
+    cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
+               "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(VIDEO_FLAGS, "not used with --cascade: evaluate a video model's edits and long videos with --workdir")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "

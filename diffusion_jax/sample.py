@@ -45,7 +45,8 @@ Flags:
                     through the network at every step; default: config sample.reconstruction_guidance, 0 = none)
   --lora            FILE[:SCALE], repeatable: a LoRA adapter (lora.py; python -m diffusion_jax.lora exports one from a
                     LoRA fine-tune) fused into the workdir's weights at SCALE (default 1; 0 = without it; several
-                    add up), e.g. a LoRA's updates applied to the run it was trained from at half strength
+                    add up), e.g. a LoRA's updates applied to the run it was trained from at half strength (a
+                    cascade's stages take theirs as --cascade.stages[K].lora=FILE[:SCALE],...)
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -582,7 +583,8 @@ def main(argv):
                "--cascade.seed, --cascade.num_per_prompt)")
     cli.refuse(("init_image", "mask", "init_video"), "not used with --cascade: images and clips are edited by one "
                "model (--workdir)")
-    cli.refuse(("lora",), "not used with --cascade: an adapter fits one model (sample its workdir with --workdir)")
+    cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
+               "(--cascade.stages[K].lora=FILE[:SCALE])")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
   if f.mask and not f.init_image:
     raise app.UsageError("--mask needs the --init_image it belongs to.")

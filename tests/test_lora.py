@@ -10,7 +10,9 @@ import pytest
 from flax import nnx, traverse_util
 from PIL import Image
 
-from diffusion_jax import config_checks, lora, sample, sharding, train
+from configs.cascades import shapes_16_32
+from configs.cascades.stages import stage
+from diffusion_jax import cascade, config_checks, lora, sample, sharding, train
 from diffusion_jax.text import tokenizers
 from conftest import tiny_config
 
@@ -131,6 +133,17 @@ def test_sampling_with_an_adapter_file_records_it(trained, lora_run, tmp_path):
   record = json.loads((adapted / "manifest.jsonl").read_text().splitlines()[0])
   assert record["lora"] == [{"file": str(tmp_path / "adapter.safetensors"), "scale": 100.0,
                              "workdir": str(workdir.resolve()), "step": 2, "ema": True}]
+  # A cascade stage takes the adapter as its `lora` field: the same samples, the adapter in the chain's provenance.
+  config = shapes_16_32.get_config()
+  config.update(stages=(stage(str(trained[1]), steps=3, lora=f"{tmp_path / 'adapter.safetensors'}:100"),),
+                num_per_prompt=1, prompts=tuple(prompts.read_text().splitlines()))
+  stages = cascade.load(config)
+  [output] = cascade.generate(stages, list(config.prompts))
+  np.testing.assert_array_equal(output[:, 0], images(adapted))
+  assert cascade.provenance(stages)[0]["lora"] == record["lora"]
+  config.stages[0].lora = str(tmp_path / "missing.safetensors")
+  with pytest.raises(ValueError, match=r"stage 0 \(--cascade.stages\[0\].lora\): --lora=.*missing.safetensors: no file"):
+    cascade.load(config)
 
 
 def test_an_adapter_is_refused_by_a_model_it_does_not_fit(lora_run, tmp_path, tmp_path_factory):

@@ -1,4 +1,5 @@
-"""A cascade config's stage entry: its training workdir, checkpoint step (-1 = latest) and sampling settings.
+"""A cascade config's stage entry: its training workdir, checkpoint step (-1 = latest), LoRA adapters fused into its
+weights (`lora`: comma-separated FILE[:SCALE], as sample.py's --lora; "" = none) and sampling settings.
 
 Each setting left to the stage's own config is a typed placeholder (None), so that any of them can still be set
 from the command line, e.g. "--cascade.stages[0].threshold=dynamic".
@@ -13,7 +14,7 @@ SETTINGS = dict(sampler=str, steps=int, guidance_scale=float, guidance_rescale=f
 
 
 def stage(workdir, **settings):
-  fields = dict(workdir=workdir, step=-1)
+  fields = dict(workdir=workdir, step=-1, lora="")
   fields.update({name: config_dict.placeholder(kind) for name, kind in SETTINGS.items()})
   entry = ml_collections.ConfigDict(fields)
   entry.update(settings)
