@@ -66,6 +66,9 @@ def dit_problems(config, resolution: int) -> list[str]:
   if m.coordinate_channels:
     found.append("model.coordinate_channels is a U-Net input (a DiT's patches carry position embeddings): switch "
                  "it off or use model.backbone='unet'")
+  if m.video_attention == "spacetime" and config.inflate.train_temporal_only:
+    found.append("inflate.train_temporal_only would train only the frame-index embedding of a spacetime DiT "
+                 "(model.video_attention='spacetime' has no temporal layers: its blocks attend across frames)")
   return found
 
 
@@ -132,6 +135,10 @@ def problems(config, device_count: int | None = None, process_count: int | None 
 
   m = config.model
   option(m.backbone, ("unet", "dit"), "model.backbone")
+  option(m.video_attention, ("factorised", "spacetime"), "model.video_attention")
+  if m.video_attention == "spacetime" and not (m.temporal and m.backbone == "dit"):
+    found.append("model.video_attention='spacetime' is the video DiT's full attention over a clip: it needs "
+                 "model.backbone='dit' and model.temporal=True")
   resolution = network_resolution(config)  # None: unknown, and latent_problems says why
   if config.latent.autoencoder_path:
     found += latent_problems(config)

@@ -17,7 +17,7 @@ from diffusion_jax.models import dit, inflation, init_rngs, text_to_image
 from diffusion_jax.text import tokenizers
 from test_train import one_step
 from test_unet import perturb, run
-from test_video import video_inputs
+from test_video import frame_influence, video_inputs
 
 
 def dit_config(video=False):
@@ -94,8 +94,10 @@ def test_a_video_dit_inflated_from_an_image_dit_is_that_model_per_frame():
       inflation.compatibility_problems(image_config, video_config))
 
 
-def test_video_dit_trains_sharded_like_one_device_and_samples():
+@pytest.mark.parametrize("video_attention", ["factorised", "spacetime"])
+def test_video_dit_trains_sharded_like_one_device_and_samples(video_attention):
   config = dit_config(video=True)
+  config.model.video_attention = video_attention
   batch_np = pipeline.synthetic_batch(config)
   batch_np["video"] = np.random.default_rng(0).normal(size=batch_np["video"].shape).astype(np.float32)
   batch_np["is_video"][::3] = False  # a joint image-video batch
@@ -111,6 +113,33 @@ def test_video_dit_trains_sharded_like_one_device_and_samples():
                            ["a large red circle moving right", "a small blue square moving up"], sample_config,
                            sharding.make_mesh(config.mesh))
   assert videos.shape == (2, 2, 4, 16, 16, 3) and videos.dtype == np.uint8
+
+
+def test_a_spacetime_dit_attends_across_frames_in_every_block_and_keeps_stills_images():
+  """model.video_attention='spacetime': no temporal layers; a video's frames mix (any input frame reaches every
+  output frame) while a still (is_video False) is, frame by frame, what the model makes of that image."""
+  config = dit_config(video=True)
+  config.model.video_attention = "spacetime"
+  assert config_checks.problems(config, device_count=8) == []
+  model = perturb(dit.DiT(config.model, rngs=nnx.Rngs(0)))
+  assert model.temporal_attention is None and model.temporal_frame_embed is not None
+  x, logsnr, _, mask = video_inputs(res=16)
+  text = jax.random.normal(jax.random.key(3), mask.shape + (config.model.text_dim,))
+  for frame in (0, 3):
+    assert np.all(frame_influence(model, x, logsnr, text, mask, frame) > 1e-4)  # every frame moves every frame
+  stills = run(model, x, logsnr, text, mask, is_video=jnp.zeros(2, bool))
+  per_frame = jnp.stack([run(model, x[:, k], logsnr, text, mask) for k in range(x.shape[1])], axis=1)
+  np.testing.assert_allclose(stills, per_frame, atol=1e-5)
+  bias = dit.spacetime_bias(jnp.array([True, False]), frames=2, tokens=3)
+  assert bias.shape == (2, 1, 6, 6) and np.all(bias[0] == 0) and np.count_nonzero(bias[1] == 0) == 2 * 3 * 3
+  for bad in (dict(video_attention="full"), dict(video_attention="spacetime", backbone="unet")):
+    config = dit_config(video=True)
+    config.model.update(bad)
+    assert "model.video_attention" in "; ".join(config_checks.problems(config, device_count=8))
+  config = dit_config(video=True)
+  config.model.video_attention = "spacetime"
+  config.inflate.update(image_workdir="image_run", train_temporal_only=True)
+  assert "only the frame-index embedding" in "; ".join(config_checks.problems(config, device_count=8))
 
 
 def test_a_super_resolution_dit_reads_its_low_res_input_and_augmentation_level():

@@ -16,13 +16,19 @@ conditioning. Temporal layers start as the identity and live under `temporal_*`,
 initialises a video DiT that, per frame, is the image model (models/inflation.py), and `is_video` False rows
 (stills in joint image-video batches) pass through them unchanged.
 
+With `video_attention='spacetime'` (Sora / CogVideoX / Open-Sora style full attention) a video DiT has no
+temporal layers: every block's self-attention spans all patches of all frames of a clip, so frames mix in every
+block; the frame-index embedding tells frames apart. Stills (`is_video` False) attend within their own frame
+only, so they stay images, exactly the image model's output per frame; a video is not the image model per frame,
+even just inflated (its attention spans the clip from the start).
+
 A super-resolution DiT (`lowres_conditioning`, superres.py) reads the upsampled low-resolution input as extra
 channels of every patch and adds an embedding of its noise-augmentation log-SNR to the conditioning, as the
 U-Net does; a video one repeats each low-resolution frame over the frames it spans (temporal super-resolution).
 
 Configuration (`config.model`, see configs/base.py): backbone='dit', channels (token width), depth (blocks),
 patch_size, position_max_period, heads, ff_mult, dropout, text_dim, in_channels, dtype, remat, attention
-(models/attention.py), temporal, max_frames, lowres_conditioning.
+(models/attention.py), temporal, max_frames, video_attention ('factorised' or 'spacetime'), lowres_conditioning.
 
 Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim], text_mask [batch, tokens]
 bool -> prediction [batch, h, w, in_channels] (float32); h and w divisible by patch_size. Video DiT:
@@ -44,6 +50,14 @@ def position_embedding(grid_h: int, grid_w: int, dim: int, max_period: float):
   rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
   return jnp.concatenate([layers.sinusoidal_embedding(rows.reshape(-1), dim // 2, max_period),
                           layers.sinusoidal_embedding(cols.reshape(-1), dim // 2, max_period)], axis=-1)
+
+
+def spacetime_bias(is_video, frames: int, tokens: int):
+  """[batch, 1, frames * tokens, frames * tokens] logit bias of spacetime attention: 0 where a token may attend
+  (any token of its clip; a still's, is_video False, only those of its own frame), -1e9 elsewhere."""
+  frame = jnp.repeat(jnp.arange(frames), tokens)
+  allowed = is_video[:, None, None, None] | (frame[:, None] == frame[None, :])[None, None]
+  return jnp.where(allowed, 0.0, -1e9)
 
 
 def plain_layer_norm(dim, rngs, dtype):
@@ -73,10 +87,18 @@ class DiTBlock(nnx.Module):
     self.ff = layers.FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs, zero_out=False, dropout_rate=dropout_rate,
                                  lora_rank=ff_lora_rank)
 
-  def __call__(self, x, emb, text, text_mask, dropout_key=None):
+  def __call__(self, x, emb, text, text_mask, dropout_key=None, clip_bias=None):
+    """clip_bias: None (each row attends to itself) or [clips, 1, frames * tokens, frames * tokens], added to the
+    self-attention logits of each clip's frames seen as one sequence (spacetime attention; rows are frames, each
+    clip's consecutive)."""
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(nnx.silu(emb)), 6, axis=-1)
     normed = modulate(self.norm_self(x), shift1, scale1)
-    x = x + gate1[:, None] * self.self_attn(normed, normed)
+    if clip_bias is None:
+      attended = self.self_attn(normed, normed)
+    else:
+      clip = normed.reshape(clip_bias.shape[0], -1, normed.shape[-1])
+      attended = self.self_attn(clip, clip, bias=clip_bias).reshape(normed.shape)
+    x = x + gate1[:, None] * attended
     x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
     return x + gate2[:, None] * self.ff(modulate(self.norm_ff(x), shift2, scale2), dropout_key)
 
@@ -108,12 +130,13 @@ class DiT(nnx.Module):
     self.patch_out = layers.dense(dim, patch * patch * config.in_channels, ("embed", None), rngs, dtype,
                                   zero_init=True)
     self.temporal, self.max_frames = config.temporal, config.max_frames
+    self.spacetime = config.temporal and config.video_attention == "spacetime"
     self.temporal_frame_embed = layers.dense(dim, dim, (None, "embed"), rngs, dtype) if self.temporal else None
     self.temporal_attention = (nnx.List([temporal.TemporalAttention(dim, config.heads, config.max_frames,
                                                                     implementation=config.attention, dtype=dtype,
                                                                     rngs=rngs, lora_rank=config.lora_rank)
                                          for _ in range(config.depth)])
-                               if self.temporal else None)
+                               if self.temporal and not self.spacetime else None)
 
   def _run(self, module, *args):
     return nnx.remat(lambda m, *a: m(*a))(module, *args) if self.remat else module(*args)
@@ -153,11 +176,13 @@ class DiT(nnx.Module):
         mixed = self._run(attention, tokens.reshape(b, f, grid_h, grid_w, self.dim))
         return tokens + gate * mixed.reshape(tokens.shape)
 
+    clip_bias = (spacetime_bias(is_video, video_shape[1], grid_h * grid_w).astype(dtype)
+                 if self.spacetime and video_shape is not None else None)
     dropout_keys = ([None] * len(self.blocks) if dropout_key is None
                     else list(jax.random.split(dropout_key, len(self.blocks))))
     for index, block in enumerate(self.blocks):
-      tokens = self._run(block, tokens, emb, text, text_mask, dropout_keys[index])
-      if video_shape is not None:
+      tokens = self._run(block, tokens, emb, text, text_mask, dropout_keys[index], clip_bias)
+      if video_shape is not None and not self.spacetime:
         tokens = across_frames(self.temporal_attention[index], tokens)
     shift, scale = jnp.split(self.final_modulation(nnx.silu(emb)), 2, axis=-1)
     out = self.patch_out(modulate(self.norm_out(tokens), shift, scale)).astype(jnp.float32)

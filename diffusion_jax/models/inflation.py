@@ -3,8 +3,10 @@
 Every parameter of the image model (U-Net or DiT spatial layers and text encoder) is restored into the same
 path of the video model, placed directly with the video model's shardings; the video model's temporal
 layers keep their identity initialisation and its frame-index embedding is zeroed, so at step 0 the
-video model produces, per frame, exactly what the image model produces. Both models must have the same
-backbone and tokenize text the same way.
+video model produces, per frame, exactly what the image model produces (a spacetime DiT,
+model.video_attention='spacetime', has no temporal layers: its inflated blocks attend across frames from the
+start, and only its stills are the image model's output). Both models must have the same backbone and tokenize
+text the same way.
 A video model with pixel coordinate inputs (`model.coordinate_channels`) inflates from an image model without
 them: the first convolution's weights for the coordinates start at zero, which keeps that identity.
 """
