@@ -1,10 +1,10 @@
 """Cascaded sampling (Imagen): a base stage, then super-resolution stages, each its own experiment.
 
-A cascade config (`configs/cascades/*.py`) names each stage's training workdir and its sampling settings
+A cascade config (`configs/cascades/*.py`) names each stage's training workdir, its sampling settings
 (sampler, steps, guidance, thresholding, and for super-resolution stages the noise-augmentation
-level of the low-resolution input), and LoRA adapters to fuse into a stage's weights (lora.py). Stage k > 0 must be a super-resolution stage whose
-input (`superres.lowres_resolution`, and for video `superres.lowres_frames`) is what stage k - 1
-produces; a chain that does not fit is refused before anything is sampled. Video cascades chain spatial
+level of the low-resolution input) and LoRA adapters to fuse into its weights (lora.py). Stage k > 0 must be a
+super-resolution stage whose input (`superres.lowres_resolution`, and for video `superres.lowres_frames`) is what
+stage k - 1 produces; a chain that does not fit is refused before anything is sampled. Video cascades chain spatial
 and temporal super-resolution stages the same way (Imagen Video). Every stage's output is kept and written with
 its provenance.
 """

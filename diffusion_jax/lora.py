@@ -13,12 +13,15 @@ each at its own scale (0: the model as it was; the updates of several add up). `
 and `evaluate.py --lora=FILE[:SCALE]` fuse them into a workdir's model.
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
+  python -m diffusion_jax.lora --inspect=adapter.safetensors
 
 Flags:
   --workdir   a LoRA fine-tune's workdir (model.lora_rank > 0)
   --output    the adapter file to write (.safetensors)
   --step      checkpoint step (default: the latest)
   --use_ema   take the updates' first EMA copy (default: the run's sample.use_ema) or, false, the trained ones
+  --inspect   print what an adapter file holds instead (`describe`): what made it, the model it was made for,
+              and how many layers of each kind it updates with how many weights
 """
 
 import dataclasses
@@ -72,20 +75,20 @@ def parse(spec: str) -> tuple[str, float]:
   return spec, 1.0
 
 
-def read(spec: str) -> Adapter:
-  """The adapter of a --lora=FILE[:SCALE] flag; ValueError when the file is missing or not an adapter."""
+def read(spec: str, flag: str = "--lora") -> Adapter:
+  """The adapter of a --lora=FILE[:SCALE] flag (or `flag`); ValueError when the file is missing or not an adapter."""
   from safetensors import SafetensorError, safe_open
 
   file, scale = parse(spec)
   if not pathlib.Path(file).is_file():
-    raise ValueError(f"--lora={spec}: no file {file!r} (write one with python -m diffusion_jax.lora).")
+    raise ValueError(f"{flag}={spec}: no file {file!r} (write one with python -m diffusion_jax.lora).")
   try:
     with safe_open(file, "np") as f:
       metadata, updates = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
   except (OSError, SafetensorError) as error:
-    raise ValueError(f"--lora={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None
+    raise ValueError(f"{flag}={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None
   if metadata.get("format") != FORMAT:
-    raise ValueError(f"--lora={spec}: {file!r} is not a diffusion_jax LoRA adapter (no '{FORMAT}' format in its "
+    raise ValueError(f"{flag}={spec}: {file!r} is not a diffusion_jax LoRA adapter (no '{FORMAT}' format in its "
                      "metadata); python -m diffusion_jax.lora writes them from a LoRA run's workdir.")
   return Adapter(file, updates, metadata, scale)
 
@@ -198,18 +201,63 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   return metadata
 
 
+def layer_kind(update_name: str) -> str:
+  """Which kind of layer an update adapts: 'temporal attention', 'self-attention', 'cross-attention',
+  'feed-forward' or 'convolution' (by its path)."""
+  parts = update_name.split("/")
+  if parts[-2] in ("conv1_lora", "conv2_lora"):
+    return "convolution"
+  if parts[-2] in ("proj_in_lora", "proj_out_lora"):
+    return "feed-forward"
+  if any(part.startswith("temporal") for part in parts):
+    return "temporal attention"
+  return "cross-attention" if "cross_attn" in parts else "self-attention"
+
+
+def describe(adapter: Adapter) -> str:
+  """A few lines on what an adapter holds: what made it (run, step, EMA, source run), the model it was made for
+  (backbone, width, video or not), and per kind of layer the updates and weights."""
+  m = adapter.metadata
+  model = json.loads(m["config"])["model"] if "config" in m else {}
+  kinds = {}
+  for key, a in adapter.updates.items():
+    if key.endswith("/lora_a"):
+      b = adapter.updates[key.removesuffix("a") + "b"]
+      count, weights = kinds.get(layer_kind(key), (0, 0))
+      kinds[layer_kind(key)] = count + 1, weights + a.size + b.size
+  lines = [f"{adapter.file}: rank {m.get('rank', '?')} LoRA updates of {sum(c for c, _ in kinds.values())} layers, "
+           f"{sum(w for _, w in kinds.values()):,} weights",
+           f"  made from: {m.get('workdir', '?')} step {m.get('step', '?')} "
+           f"({'EMA' if m.get('ema') == 'True' else 'trained weights'}), a LoRA of {m.get('source_workdir', '?')}"]
+  if model:
+    lines.append(f"  for a model: {model.get('backbone', 'unet')}, channels {model.get('channels')}, "
+                 f"{'video' if model.get('temporal') else 'image'}"
+                 f"{', DiT depth ' + str(model.get('depth')) if model.get('backbone') == 'dit' else ''}")
+  lines += [f"  {kind}: {count} layers, {weights:,} weights" for kind, (count, weights) in sorted(kinds.items())]
+  return "\n".join(lines)
+
+
 def define_flags():
   flags.DEFINE_string("workdir", None, "A LoRA fine-tune's workdir (model.lora_rank > 0).")
   flags.DEFINE_string("output", None, "Adapter file to write (.safetensors).")
   flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
   flags.DEFINE_bool("use_ema", None, "Export the first EMA copy (default: the run's sample.use_ema).")
+  flags.DEFINE_string("inspect", None, "Print what this adapter file holds (instead of exporting one).")
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.inspect:
+    cli.refuse(("workdir", "output", "step", "use_ema"), "not used with --inspect, which reads an adapter file")
+    try:
+      print(describe(read(f.inspect, "--inspect")))
+    except ValueError as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(2)
+    return
   if not f.workdir or not f.output:
-    raise app.UsageError("--workdir and --output are required.")
+    raise app.UsageError("--workdir and --output are required (or --inspect=FILE).")
   try:
     metadata = export(f.workdir, f.output, f.step, f.use_ema)
   except ValueError as error:

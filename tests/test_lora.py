@@ -3,6 +3,9 @@ adapters, exported on their own and fused into a model (lora.py)."""
 
 import dataclasses
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -84,6 +87,18 @@ def test_an_exported_adapter_holds_the_updates_alone(lora_run, tmp_path):
   ema = lora.read(str(tmp_path / "ema.safetensors"))
   for name, weight in {lora.name(p): w for p, w in flat(end.ema[0]).items()}.items():
     np.testing.assert_array_equal(ema.updates[name], weight)  # the default: the run's sample.use_ema
+  # --inspect: per kind of layer, the updates and weights, adding up to the file's.
+  result = subprocess.run([sys.executable, "-m", "diffusion_jax.lora", f"--inspect={tmp_path / 'ema.safetensors'}"],
+                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  first, made, model, *kinds = result.stdout.splitlines()
+  rows = {line.split(":")[0].strip(): line.split(":")[1].split(",", 1) for line in kinds}
+  assert rows.keys() == {"self-attention", "cross-attention", "feed-forward", "convolution"}
+  assert sum(int(layers.split()[0]) for layers, _ in rows.values()) == len(ema.updates) // 2
+  weights = sum(w.size for w in ema.updates.values())
+  assert sum(int(w.split()[0].replace(",", "")) for _, w in rows.values()) == weights
+  assert first.endswith(f"rank 2 LoRA updates of {len(ema.updates) // 2} layers, {weights:,} weights")
+  assert f"step 2 (EMA), a LoRA of {config.finetune.workdir}" in made and "unet, channels" in model
 
 
 def test_fused_into_the_source_an_adapter_computes_what_the_lora_model_computes(trained, lora_run):
@@ -142,7 +157,8 @@ def test_sampling_with_an_adapter_file_records_it(trained, lora_run, tmp_path):
   np.testing.assert_array_equal(output[:, 0], images(adapted))
   assert cascade.provenance(stages)[0]["lora"] == record["lora"]
   config.stages[0].lora = str(tmp_path / "missing.safetensors")
-  with pytest.raises(ValueError, match=r"stage 0 \(--cascade.stages\[0\].lora\): --lora=.*missing.safetensors: no file"):
+  with pytest.raises(ValueError, match=r"stage 0 \(--cascade.stages\[0\].lora\): --lora=.*missing.safetensors: "
+                                       r"no file"):
     cascade.load(config)
 
 
