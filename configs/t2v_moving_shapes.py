@@ -7,8 +7,8 @@ a fifth of the examples replaced by still frames (joint image-video training) an
 extra input channels; about 9 minutes on a 2-core CPU. Variants (`--config=...:VARIANT`): `inflate`
 initialises the spatial layers from a trained t2i_shapes:base16 workdir (`--config.inflate.image_workdir=DIR`)
 and trains only the temporal layers; `dit` trains a video diffusion transformer (models/dit.py: 2x2 patches,
-spatial blocks with temporal attention between them) instead of the U-Net; `test` is a seconds-long smoke
-configuration for the test suite.
+spatial blocks with temporal attention between them, or with `--config.model.video_attention=spacetime` full
+attention over each clip) instead of the U-Net; `test` is a seconds-long smoke configuration for the test suite.
 """
 
 import ml_collections

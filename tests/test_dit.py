@@ -1,7 +1,8 @@
 """The diffusion transformer: starts as the zero function, learns through every block; a video DiT inflates from
-an image DiT and trains sharded as on one device and samples; a super-resolution DiT reads its inputs; dropout acts
-in every block, only in training; the patch-position periods follow the config; configs it cannot serve are
-refused (test_video.py holds what video U-Nets and DiTs share)."""
+an image DiT and trains sharded as on one device and samples, with factorised or spacetime attention; a spacetime
+DiT mixes frames and keeps stills images; a super-resolution DiT reads its inputs; dropout acts in every block, only
+in training; the patch-position periods follow the config; a DiT's LoRA with feed-forward updates fuses into it;
+configs it cannot serve are refused (test_video.py holds what video U-Nets and DiTs share)."""
 
 import jax
 import jax.numpy as jnp
