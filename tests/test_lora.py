@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 from PIL import Image
+from safetensors.numpy import save_file
 
 from configs.cascades import shapes_16_32
 from configs.cascades.stages import stage
@@ -159,6 +160,14 @@ def test_sampling_with_an_adapter_file_records_it(trained, lora_run, tmp_path):
   config.stages[0].lora = str(tmp_path / "missing.safetensors")
   with pytest.raises(ValueError, match=r"stage 0 \(--cascade.stages\[0\].lora\): --lora=.*missing.safetensors: "
                                        r"no file"):
+    cascade.load(config)
+  # An adapter that does not fit its stage's model joins the chain's list of problems, before anything is restored.
+  save_file({"unet/nothing_lora/lora_a": np.zeros((4, 2), np.float32),
+             "unet/nothing_lora/lora_b": np.zeros((2, 4), np.float32)},
+            str(tmp_path / "other.safetensors"), metadata={"format": lora.FORMAT})
+  config.stages[0].lora = str(tmp_path / "other.safetensors")
+  with pytest.raises(ValueError, match=r"Invalid cascade:\n  - stage 0 \(--cascade.stages\[0\].lora\): --lora=.*"
+                                       r"other.safetensors: its updates .* unet/nothing/kernel is not in this model"):
     cascade.load(config)
 
 
