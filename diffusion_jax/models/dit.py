@@ -16,7 +16,7 @@ conditioning. Temporal layers start as the identity and live under `temporal_*`,
 initialises a video DiT that, per frame, is the image model (models/inflation.py), and `is_video` False rows
 (stills in joint image-video batches) pass through them unchanged.
 
-With `video_attention='spacetime'` (Sora / CogVideoX / Open-Sora style full attention) a video DiT has no
+With `video_attention='spacetime'` (full attention over space and time, as CogVideoX's) a video DiT has no
 temporal layers: every block's self-attention spans all patches of all frames of a clip, so frames mix in every
 block; the frame-index embedding tells frames apart. Stills (`is_video` False) attend within their own frame
 only, so they stay images, exactly the image model's output per frame; a video is not the image model per frame,
