@@ -15,6 +15,13 @@ def cells(row):
   return [c.strip() for c in row.strip("|").split("|")]
 
 
+def tiny_dit_config(tmp_path_factory):
+  config = tiny_config(tmp_path_factory)
+  config.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
+  config.train.batch_size = 8  # the peer benchmark's: its DiT step compiles once
+  return config
+
+
 def test_input_benchmark_table(tmp_path_factory):
   table = bench.input_table(tiny_config(tmp_path_factory), steps=4, workers=0).splitlines()
   assert table[0] == "| what | examples/s | / train step |" and len(table) == 5
@@ -43,10 +50,8 @@ def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_peer_benchmark_runs_diffusers_at_a_matched_size(tmp_path_factory, backbone):
-  config = tiny_config(tmp_path_factory)
+  config = tiny_dit_config(tmp_path_factory) if backbone == "dit" else tiny_config(tmp_path_factory)
   config.train.batch_size = 8
-  if backbone == "dit":
-    config.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
   lines = bench.peer_table(config, steps=1, sampler_steps=2, sample_batch=2).splitlines()
   peer = {"unet": "UNet2DConditionModel, layers_per_block=", "dit": "PixArtTransformer2DModel, num_layers="}
   assert lines[0].startswith(f"peer: diffusers {peer[backbone]}")
@@ -93,12 +98,12 @@ def test_a_flag_the_mode_does_not_read_is_refused():
 
 
 def test_lora_benchmark_trains_fewer_weights_and_keeps_less_state(tmp_path_factory):
-  rows = [cells(r) for r in bench.lora_table(tiny_config(tmp_path_factory), steps=1, rank=2).splitlines()[2:]]
-  assert [r[0] for r in rows] == ["full fine-tune", "LoRA rank 2, attention", "LoRA rank 2, attention + convolutions",
-                                  "LoRA rank 2, attention + feed-forward"]
+  # A DiT (no convolutions to adapt, so no such row) compiles in a third of the U-Net's time.
+  rows = [cells(r) for r in bench.lora_table(tiny_dit_config(tmp_path_factory), steps=1, rank=2).splitlines()[2:]]
+  assert [r[0] for r in rows] == ["full fine-tune", "LoRA rank 2, attention", "LoRA rank 2, attention + feed-forward"]
   parameters, state, frozen = ([float(r[i].replace(",", "")) for r in rows] for i in (1, 2, 3))
-  assert all(parameters[1] < parameters[i] < parameters[0] / 3 and state[1] < state[i] < state[0] / 3 for i in (2, 3))
+  assert parameters[1] < parameters[2] < parameters[0] / 3 and state[1] < state[2] < state[0] / 3
   # The LoRAs' frozen weights are the model's: a quarter of a full fine-tune's state (weights, one EMA copy, two
   # Adam moments).
-  assert frozen[0] == 0 and frozen[1] == frozen[2] == frozen[3] == pytest.approx(state[0] / 4, rel=0.05)
+  assert frozen[0] == 0 and frozen[1] == frozen[2] == pytest.approx(state[0] / 4, rel=0.05)
   assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
