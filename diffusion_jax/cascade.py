@@ -16,8 +16,8 @@ import numpy as np
 
 from diffusion_jax import checkpoint, config_checks, lora, media, sample, superres
 
-STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "threshold", "threshold_percentile",
-                  "aug_level", "use_ema", "eta", "frames", "batch_size", "negative_prompt")
+STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "guidance_interval", "threshold",
+                  "threshold_percentile", "aug_level", "use_ema", "eta", "frames", "batch_size", "negative_prompt")
 
 
 @dataclasses.dataclass

@@ -239,6 +239,7 @@ ADDED_FIELDS = {
     "finetune.workdir": "", "finetune.step": -1, "finetune.use_ema": True, "model.lora_rank": 0,
     "model.lora_convolutions": False, "model.lora_feed_forward": False,
     "model.video_attention": "factorised",
+    "sample.guidance_interval": (),
 }
 
 

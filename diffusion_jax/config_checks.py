@@ -85,6 +85,8 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}steps={s.steps} must be >= 1")
   if s.guidance_scale < 0:
     found.append(f"{prefix}guidance_scale={s.guidance_scale} must be >= 0")
+  if problem := samplers.guidance_interval_problem(s.guidance_interval):
+    found.append(f"{prefix}guidance_interval={problem}")
   if s.batch_size < 1:
     found.append(f"{prefix}batch_size={s.batch_size} must be >= 1")
   if not 0 <= s.aug_level <= 1:

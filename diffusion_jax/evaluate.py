@@ -58,6 +58,8 @@ Flags:
   --video_length      video models: make this many frames by autoregressive extension (video_extension.py) and score
                       the last clip's worth, the frames the extension made (default: the config's, 0 = one clip)
   --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
+  --guidance_interval LOW:HIGH: guide only the steps whose noise level sigma/alpha is in (LOW, HIGH] (sample.py's
+                      flag; default: the config's); the sweeps run with it, e.g. --guidance_sweep at this interval
   --reconstruction_guidance
                       with --image_to_video or --video_length: reconstruction guidance weight (editing.py; default:
                       the config's, 0 = replacement only)
@@ -67,6 +69,9 @@ Flags:
   --sampler_sweep     comma-separated SAMPLER[:STEPS] settings compared side by side (sampler_sweep_step_N),
                       e.g. dpmpp_2m:20,ddpm:1000
   --threshold_sweep   comma-separated thresholding kinds (none, static, dynamic) compared side by side
+  --guidance_interval_sweep
+                      comma-separated guidance intervals LOW:HIGH (or none = every step) compared side by side
+                      (guidance_interval_sweep_step_N), e.g. none,0.28:5.42,1:5
   --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
                       input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}; with --workdir the
                       input is the real images downsampled, with --cascade what the stage below generates (the
@@ -325,6 +330,8 @@ SWEEPS = {
     "sampler": ("sampler:steps", _sampler_and_steps),
     "threshold": ("thresholding", lambda value: {"threshold": value}),
     "aug_level": ("noise-augmentation level", lambda value: {"aug_level": float(value)}),
+    "guidance_interval": ("guidance interval (sigma/alpha)", lambda value: {
+        "guidance_interval": samplers.parse_guidance_interval(value)}),
 }
 
 
@@ -424,6 +431,9 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
 
 # Sample fields an evaluation's numbers do not depend on: each caption has its own noise whatever the batch.
 UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt")
+# Sample fields added after eval.jsonl lines recorded their settings: recorded only when set, so that the lines
+# written before still count for the settings they were made with.
+RECORDED_WHEN_SET = ("guidance_interval",)
 
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics,
@@ -432,7 +442,8 @@ def evaluation_settings(sample_config, num_prompts, heldout_examples, combinatio
   values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
   those added by local weights (fid_inception, fvd_i3d, clip_score, lpips); combinations and adapters (recorded
   only when given): --combinations, lora.Adapters."""
-  sample_settings = {k: v for k, v in sample_config.to_dict().items() if k not in UNRECORDED_SAMPLE_FIELDS}
+  sample_settings = {k: v for k, v in sample_config.to_dict().items()
+                     if k not in UNRECORDED_SAMPLE_FIELDS and (v or k not in RECORDED_WHEN_SET)}
   settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
               "combination_prompts": combination_prompts, "metrics": sorted(optional_metrics),
               "image_to_video": image_to_video, "sample": sample_settings}
@@ -659,10 +670,14 @@ def define_flags():
   flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps.", lower_bound=0)
   flags.DEFINE_float("reconstruction_guidance", None, "With --image_to_video or --video_length: reconstruction "
                      "guidance weight.", lower_bound=0)
+  flags.DEFINE_string("guidance_interval", None, "LOW:HIGH: guide only the steps whose noise level sigma/alpha is "
+                      "in (LOW, HIGH]; none = every step (default: the config's sample.guidance_interval).")
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
   flags.DEFINE_list("steps_sweep", [], "Sampler step counts for a metric-vs-steps table and plot.")
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
   flags.DEFINE_list("threshold_sweep", [], f"Thresholding kinds to compare, of {list(samplers.THRESHOLDS)}.")
+  flags.DEFINE_list("guidance_interval_sweep", [], "Guidance intervals LOW:HIGH (or none) to compare, e.g. "
+                    "none,0.28:5.42.")
   flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
   flags.DEFINE_integer("sweep_stage", -1, "With --cascade: the stage whose settings the sweeps vary (default -1, "
                        "the last).")
@@ -684,6 +699,8 @@ def main(argv):
                "--cascade.stages[k].step=N)")
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
+    cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
+               "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
     cli.refuse(VIDEO_FLAGS, "not used with --cascade: evaluate a video model's edits and long videos with --workdir")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
@@ -703,6 +720,9 @@ def main(argv):
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
   try:
+    overrides = {name: f[name].value for name in ("batch_size", "negative_prompt") + VIDEO_FLAGS[1:]}
+    if f.guidance_interval is not None:
+      overrides["guidance_interval"] = samplers.parse_guidance_interval(f.guidance_interval, "--guidance_interval=")
     if f.cascade:
       cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
       results = [cascade_metrics(f.cascade, f.num_prompts, metric_features(f.inception_weights, f.i3d_weights),
@@ -710,8 +730,7 @@ def main(argv):
     else:
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
-                    f.combination_prompts, {name: f[name].value for name in ("batch_size", "negative_prompt")
-                                            + VIDEO_FLAGS[1:]}, f.lpips_weights, f.image_to_video,
+                    f.combination_prompts, overrides, f.lpips_weights, f.image_to_video,
                     f.combinations, [lora.read(spec) for spec in f.lora])
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)

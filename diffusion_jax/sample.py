@@ -12,6 +12,9 @@ Flags:
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
   --guidance_scale  classifier-free guidance scale, >= 0 (default: config sample.guidance_scale)
+  --guidance_interval LOW:HIGH: guidance only at the steps whose noise level sigma/alpha (EDM's sigma, exp(-logsnr/2))
+                    is in (LOW, HIGH], the others unguided and without the unconditional pass (Kynkaanniemi et al.
+                    2024); none = every step (default: config sample.guidance_interval, () = every step)
   --num_per_prompt  images per prompt (default: config sample.num_per_prompt)
   --negative_prompt text that classifier-free guidance steers away from: the unconditional branch reads it
                     instead of the null condition (default: config sample.negative_prompt, "" = none; no effect
@@ -87,13 +90,13 @@ log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
-WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "num_per_prompt", "seed", "use_ema", "frames", "strength",
-                    "video_length", "context_frames", "reconstruction_guidance")
+WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_interval", "num_per_prompt", "seed", "use_ema",
+                    "frames", "strength", "video_length", "context_frames", "reconstruction_guidance")
 EDIT_FILES = ("init_image", "mask", "init_video")  # a prompt's image to edit, its inpainting mask, a clip to edit
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
-COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "threshold",
-                     "threshold_percentile", "frames", "aug_level", "strength", "reconstruction_guidance")
+COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "guidance_interval",
+                     "threshold", "threshold_percentile", "frames", "aug_level", "strength", "reconstruction_guidance")
 _compiled_samplers = {}
 
 
@@ -147,7 +150,8 @@ def make_generate_fn(config, graphdef, sample_config):
 
     residual = superres.is_residual(config)
     denoise = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale,
-                                     "none" if residual else s.threshold, s.threshold_percentile, d.sigma_data)
+                                     "none" if residual else s.threshold, s.threshold_percentile, d.sigma_data,
+                                     s.guidance_interval)
     if residual:  # thresholding acts on the image the residual belongs to
       denoise_residual = denoise
 
@@ -203,7 +207,8 @@ class SamplingProgress:
 def compiled_sampler(config, graphdef, sample_config, mesh):
   """The jitted `make_generate_fn` for this experiment and these settings, built once per process: an
   evaluation job reuses one compiled program for every checkpoint."""
-  key = (config_hash(config), tuple(sample_config[k] for k in COMPILED_SETTINGS), mesh)
+  hashable = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # config.json: lists
+  key = (config_hash(config), tuple(hashable(sample_config[k]) for k in COMPILED_SETTINGS), mesh)
   if key not in _compiled_samplers:
     _compiled_samplers[key] = jax.jit(make_generate_fn(config, graphdef, sample_config),
                                       out_shardings=sharding.batch_sharding(mesh))
@@ -489,6 +494,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
                 "ema": bool(sample_config.use_ema), "config_hash": config_hash(config)}
   if adapters:
     provenance["lora"] = lora.provenance(adapters)
+  if sample_config.guidance_interval:
+    provenance["guidance_interval"] = list(sample_config.guidance_interval)
   if config.model.temporal and sample_config.video_length:
     clip = output_shape(config, sample_config)[0]
     provenance.update(video_length=sample_config.video_length, clip_frames=clip,
@@ -529,6 +536,8 @@ def define_flags():
   flags.DEFINE_string("sampler", None, f"Sampler, one of {list(samplers.SAMPLERS)}.")
   flags.DEFINE_integer("steps", None, "Sampler steps (>= 1).")
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 0).")
+  flags.DEFINE_string("guidance_interval", None, "LOW:HIGH: guide only the steps whose noise level sigma/alpha is in "
+                      "(LOW, HIGH], e.g. 0.28:5.42; none = every step (default: config sample.guidance_interval).")
   flags.DEFINE_integer("num_per_prompt", None, "Images per prompt.")
   flags.DEFINE_integer("seed", None, "Noise seed.")
   flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from (default: config "
@@ -593,6 +602,8 @@ def main(argv):
   distributed.initialize()
   overrides = {name: f[name].value for name in WORKDIR_SETTINGS + ("batch_size", "negative_prompt")}
   try:
+    if f.guidance_interval is not None:
+      overrides["guidance_interval"] = samplers.parse_guidance_interval(f.guidance_interval, "--guidance_interval=")
     if f.cascade is not None:
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)
     else:

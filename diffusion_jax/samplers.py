@@ -137,6 +137,37 @@ def guided_prediction(cond, uncond, guidance_scale: float, guidance_rescale: flo
   return guided
 
 
+def parse_guidance_interval(text: str, prefix: str = "") -> tuple:
+  """"LOW:HIGH" -> (low, high); "none" or "" -> () (guidance at every step). The ValueError for anything else, or
+  for an interval guidance_interval_problem refuses, starts with `prefix` (e.g. "--guidance_interval=")."""
+  if text.strip().lower() in ("", "none"):
+    return ()
+  try:
+    low, high = (float(part) for part in text.split(":"))
+  except ValueError:
+    raise ValueError(f"{prefix}{text!r} is not LOW:HIGH (noise levels sigma/alpha, e.g. 0.28:5.42) or none") from None
+  if problem := guidance_interval_problem((low, high)):
+    raise ValueError(f"{prefix}{text!r}: {problem}")
+  return (low, high)
+
+
+def guidance_interval_problem(interval) -> str | None:
+  """Why `interval` is not () or (low, high) with 0 <= low < high, or None when it is fine."""
+  if len(interval) == 0:
+    return None
+  if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+    return f"{tuple(interval)} must be () or (low, high) noise levels sigma/alpha with 0 <= low < high"
+  return None
+
+
+def in_guidance_interval(alpha, sigma, interval):
+  """[batch] bool: whether guidance acts at the noise levels alpha, sigma [batch]: low < sigma / alpha <= high for
+  interval (low, high) (Kynkäänniemi et al. 2024; sigma / alpha = exp(-logsnr / 2) is EDM's noise level, on either
+  diffusion path)."""
+  level = sigma / alpha
+  return (level > interval[0]) & (level <= interval[1])
+
+
 def threshold_x0(x0, kind: str = "none", percentile: float = 99.5):
   """static: clip to [-1, 1]; dynamic (Imagen): s = max(1, percentile of |x0|) per example,
   clip to [-s, s] and divide by s."""
@@ -153,15 +184,21 @@ def threshold_x0(x0, kind: str = "none", percentile: float = 99.5):
 
 
 def make_denoiser(network_fn, prediction: str, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
-                  threshold: str = "none", threshold_percentile: float = 99.5, sigma_data: float = 0.5):
+                  threshold: str = "none", threshold_percentile: float = 99.5, sigma_data: float = 0.5,
+                  guidance_interval=()):
   """Wrap a network into a guided, thresholded denoiser.
 
   network_fn(x, logsnr, conditional: bool) -> output in the `prediction` parameterisation, where
   conditional=False means the empty (null) text condition. Guidance combines the two outputs in
-  eps space, which equals combining them in any linear parameterisation.
+  eps space, which equals combining them in any linear parameterisation. guidance_interval: (low, high) noise
+  levels sigma/alpha outside which a step is unguided (in_guidance_interval), the unconditional pass skipped
+  when no example of the batch is inside; () guides every step.
   """
   if guidance_scale < 0:
     raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+  guidance_interval = tuple(guidance_interval)
+  if problem := guidance_interval_problem(guidance_interval):
+    raise ValueError(f"guidance_interval {problem}.")
   if threshold not in THRESHOLDS:
     raise ValueError(f"Unknown thresholding {threshold!r}; valid options: {list(THRESHOLDS)}.")
   if not 0 < threshold_percentile <= 100:
@@ -175,13 +212,22 @@ def make_denoiser(network_fn, prediction: str, guidance_scale: float = 1.0, guid
     logsnr = _logsnr(alpha, sigma)
     x_in = x * objectives.per_example(objectives.network_input_scale(prediction, alpha, sigma, sigma_data), x)
     cond = network_fn(x_in, logsnr, True)
-    if guidance_scale == 1.0:
-      x0 = objectives.x0_from_prediction(prediction, cond, x, alpha, sigma, sigma_data)
-    else:
+    unguided = lambda: objectives.x0_from_prediction(prediction, cond, x, alpha, sigma, sigma_data)
+
+    def guided():
       uncond = network_fn(x_in, logsnr, False)
       eps = guided_prediction(eps_of(cond, x, alpha, sigma), eps_of(uncond, x, alpha, sigma),
                               guidance_scale, guidance_rescale)
-      x0 = (x - objectives.per_example(sigma, x) * eps) / objectives.per_example(alpha, x)
+      return (x - objectives.per_example(sigma, x) * eps) / objectives.per_example(alpha, x)
+
+    if guidance_scale == 1.0:
+      x0 = unguided()
+    elif not guidance_interval:
+      x0 = guided()
+    else:  # the unconditional pass only when some example of the batch is inside the interval
+      applies = in_guidance_interval(alpha, sigma, guidance_interval)
+      x0 = jax.lax.cond(jnp.any(applies), lambda: jnp.where(objectives.per_example(applies, x), guided(), unguided()),
+                        unguided)
     return threshold_x0(x0, threshold, threshold_percentile)
 
   return denoise

@@ -167,11 +167,13 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch, caplog):
   settings = lines[0]["settings"]  # what the numbers depend on, written beside them
   assert settings == first[0]["settings"] and settings["num_prompts"] == 8 and settings["metrics"] == []
   assert settings["sample"]["guidance_scale"] == trained[0].sample.guidance_scale
+  assert "guidance_interval" not in settings["sample"]  # recorded only when set: older lines still count
   with pytest.raises(ValueError) as error:  # every bad swept value named before anything is loaded
     evaluate.run(workdir, step=4, sweeps={"sampler": ("nope:20", "ddpm:0"), "steps": ("many",), "threshold": ("soft",),
-                                          "aug_level": ("0.2",)})
+                                          "aug_level": ("0.2",), "guidance_interval": ("5:1", "none")})
   for part in ("'nope:20'", "'ddpm:0'", "must be >= 1", "--steps_sweep value 'many'", "--threshold_sweep value 'soft'",
-               "--aug_level_sweep: the model is not a super-resolution stage"):
+               "--aug_level_sweep: the model is not a super-resolution stage",
+               "--guidance_interval_sweep value '5:1': '5:1': (5.0, 1.0) must be () or (low, high)"):
     assert part in str(error.value)
   featurised.clear()
   sweep = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=8, combination_prompts=4,

@@ -35,6 +35,19 @@ def test_samples_carry_provenance(trained, tmp_path):
   assert [(r["seed"], r["guidance_scale"]) for r in records[::3]] == [(11, 3.0), (7, 2.0)]
 
 
+def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path):
+  workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim"}
+  unguided = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 1.0}, step=2, output_dir=tmp_path / "a")
+  interval = (1e6, 1e7)  # above every noise level sigma/alpha of the grid: no step is guided
+  outside = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 3.0, "guidance_interval": interval},
+                                       step=2, output_dir=tmp_path / "b")
+  records = [json.loads(line) for line in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()]
+  assert records and all(r["guidance_interval"] == list(interval) and r["guidance_scale"] == 3.0 for r in records)
+  for record in records:
+    images = [np.asarray(PIL.Image.open(grid.parent / record["file"])) for grid in (unguided, outside)]
+    np.testing.assert_array_equal(*images)
+
+
 @pytest.mark.parametrize("overrides, prompts_text, message", [
     ({"sampler": "plms"}, None, "--sampler='plms'"),
     ({"steps": 0}, None, "--steps=0"),
@@ -61,7 +74,7 @@ def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
 
 def test_flags_a_cascade_would_ignore_are_refused():
   for module, flag in (("sample", "--steps=5"), ("sample", "--init_image=a.png"), ("evaluate", "--heldout_examples=8"),
-                       ("evaluate", "--lpips_weights=w")):
+                       ("evaluate", "--lpips_weights=w"), ("evaluate", "--guidance_interval=1:5")):
     result = subprocess.run([sys.executable, "-m", f"diffusion_jax.{module}",
                              "--cascade=configs/cascades/shapes_16_32.py", flag], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)

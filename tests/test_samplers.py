@@ -155,7 +155,7 @@ def test_grids_match_diffusers_timesteps():
     scheduler = cls(beta_schedule="linear", timestep_spacing=spacing)
     scheduler.set_timesteps(STEPS)
     np.testing.assert_allclose(schedules.discrete_timesteps(1000, STEPS, spacing), scheduler.timesteps.numpy(),
-                               rtol=1e-6)
+                               rtol=1e-5, atol=1e-6)
   scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="linear")
   scheduler.set_timesteps(STEPS)
   ac = schedules.alphas_cumprod_from_betas(schedules.betas("linear"))
@@ -220,6 +220,38 @@ def test_guidance_scale_one_is_conditional_model():
   scaled = samplers.make_denoiser(network, "eps", guidance_scale=3.0)(x, alpha, sigma)
   eps = -2.0 * jnp.tanh(x) + 3.0 * (3.0 * jnp.tanh(x))
   np.testing.assert_allclose(scaled, (x - 0.8 * eps) / 0.6, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it_and_skips_the_unconditional_pass_outside():
+  unconditional_passes = []
+
+  def network(x, logsnr, conditional):  # an eps prediction whose branches differ
+    if not conditional:
+      jax.debug.callback(lambda: unconditional_passes.append(1))
+    return jnp.tanh(x) * (1.0 if conditional else -2.0)
+
+  x = jax.random.normal(jax.random.key(0), (3, 4, 4, 3))
+  logsnr = jnp.array([4.0, 0.0, -4.0])  # noise levels sigma/alpha = exp(-logsnr / 2): 0.14, 1, 7.4
+  alpha, sigma = jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
+  denoiser = lambda **kw: jax.jit(samplers.make_denoiser(network, "eps", **kw))
+  guided, unguided = denoiser(guidance_scale=3.0)(x, alpha, sigma), denoiser(guidance_scale=1.0)(x, alpha, sigma)
+  unconditional_passes.clear()
+  inside = denoiser(guidance_scale=3.0, guidance_interval=(0.5, 2.0))(x, alpha, sigma)
+  np.testing.assert_allclose(inside[1], guided[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(inside[::2], unguided[::2], rtol=1e-5, atol=1e-6)
+  assert len(unconditional_passes) == 1
+  outside = denoiser(guidance_scale=3.0, guidance_interval=(8.0, 20.0))(x, alpha, sigma)
+  np.testing.assert_allclose(outside, unguided, rtol=1e-5, atol=1e-6)
+  assert len(unconditional_passes) == 1  # no example inside: the pass is skipped
+  np.testing.assert_allclose(denoiser(guidance_scale=3.0, guidance_interval=(0.0, 1e9))(x, alpha, sigma), guided,
+                             rtol=1e-5, atol=1e-6)
+  assert samplers.parse_guidance_interval("0.28:5.42") == (0.28, 5.42)
+  assert samplers.parse_guidance_interval("none") == samplers.parse_guidance_interval("") == ()
+  for bad, message in (("5:1", "0 <= low < high"), ("wide", "is not LOW:HIGH"), ("1:2:3", "is not LOW:HIGH")):
+    with pytest.raises(ValueError, match=f"--guidance_interval='{bad}'.*{message}"):
+      samplers.parse_guidance_interval(bad, "--guidance_interval=")
+  with pytest.raises(ValueError, match="0 <= low < high"):
+    samplers.make_denoiser(network, "eps", guidance_scale=3.0, guidance_interval=(1.0,))
 
 
 def test_guidance_rescale_restores_conditional_std():

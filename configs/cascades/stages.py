@@ -8,9 +8,9 @@ from the command line, e.g. "--cascade.stages[0].threshold=dynamic".
 import ml_collections
 from ml_collections import config_dict
 
-SETTINGS = dict(sampler=str, steps=int, guidance_scale=float, guidance_rescale=float, threshold=str,
-                threshold_percentile=float, aug_level=float, use_ema=bool, eta=float, frames=int, batch_size=int,
-                negative_prompt=str)
+SETTINGS = dict(sampler=str, steps=int, guidance_scale=float, guidance_rescale=float, guidance_interval=tuple,
+                threshold=str, threshold_percentile=float, aug_level=float, use_ema=bool, eta=float, frames=int,
+                batch_size=int, negative_prompt=str)
 
 
 def stage(workdir, **settings):
