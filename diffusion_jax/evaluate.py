@@ -3,6 +3,8 @@
   python -m diffusion_jax.evaluate --workdir=DIR [--watch] [--step=N] [--guidance_sweep=1,2,3,5]
                                    [--steps_sweep=10,25,50] [--sampler_sweep=dpmpp_2m:20,ddpm:1000]
                                    [--threshold_sweep=static,dynamic] [--aug_level_sweep=0,0.2]
+                                   [--guidance_interval=LOW:HIGH] [--guidance_interval_sweep=none,0.28:5.42]
+                                   [--guide_workdir=DIR] [--guide_step=N]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
                                    [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
@@ -60,6 +62,9 @@ Flags:
   --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
   --guidance_interval LOW:HIGH: guide only the steps whose noise level sigma/alpha is in (LOW, HIGH] (sample.py's
                       flag; default: the config's); the sweeps run with it, e.g. --guidance_sweep at this interval
+  --guide_workdir, --guide_step
+                      autoguidance (autoguidance.py, as sample.py's flags): the weaker model whose prediction for
+                      each caption is guidance's other branch, the same for every checkpoint; recorded in the settings
   --reconstruction_guidance
                       with --image_to_video or --video_length: reconstruction guidance weight (editing.py; default:
                       the config's, 0 = replacement only)
@@ -115,7 +120,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import (cascade, checkpoint, cli, config_checks, distributed, edit_inputs, lora, media,
+from diffusion_jax import (autoguidance, cascade, checkpoint, cli, config_checks, distributed, edit_inputs, lora, media,
                            metric_writers, sample, samplers, video_extension)
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, lpips, motion_judge,
@@ -195,12 +200,12 @@ def media_metrics(config, generated, captions, frechet, clip=None) -> dict:
 
 
 def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None,
-              first_frames=None) -> np.ndarray:
+              first_frames=None, guide=None) -> np.ndarray:
   """uint8 media [n, (frames,) h, w, 3], one per caption. Each caption its own noise (seed + index): the same
   noise for every caption would make the set far less diverse than real data (FID) and let the noise, not the
   caption, decide what the judge sees. first_frames: uint8 [n, h, w, 3], each clip's given first frame
   (image-to-video). A video model with sample.video_length makes that many frames (video_extension.py) and
-  returns the last clip's worth, the frames the extension made."""
+  returns the last clip's worth, the frames the extension made. guide: an autoguidance.Guide or None."""
   seeds = sample_config.seed + np.arange(len(captions))
   tokenizer = tokenizers.from_config(config)
   init = keep = None
@@ -208,15 +213,16 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
     frames = sample.output_shape(config, sample_config)[0]
     init, keep = (np.stack(a) for a in zip(*[edit_inputs.first_frame_edit(f, frames) for f in first_frames]))
   clips = sample.generate(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds=seeds,
-                          lowres=lowres, init_images=init, keep_masks=keep)
+                          lowres=lowres, init_images=init, keep_masks=keep, guide=guide)
   if not (config.model.temporal and sample_config.video_length):
     return clips[:, 0]
   videos = sample.extended(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds,
-                           [sample_config.negative_prompt] * len(captions), clips)
+                           [sample_config.negative_prompt] * len(captions), clips, guide)
   return videos[:, 0, -clips.shape[2]:]
 
 
-def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, sample_config, combinations=()) -> dict:
+def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, sample_config, combinations=(),
+                                 guide=None) -> dict:
   """The judge's per-attribute accuracy, as `accuracy_heldout_combinations/<attribute>`, on the first `count`
   validation captions that name a colour-shape combination of `combinations` ("red square", ...; default: those
   the train split never showed, data.heldout_combinations), sampled with `sample_config`; empty when there are
@@ -232,7 +238,7 @@ def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, samp
     return {}
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = cascade.downsampled(images, config)[:, None] if config.model.lowres_conditioning else None
-  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres)
+  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres, guide=guide)
   return {f"accuracy_heldout_combinations/{k}": v for k, v in shapes_judge.accuracy(generated, captions).items()}
 
 
@@ -247,18 +253,19 @@ def bicubic_metrics(config, images, perceptual=None) -> dict:
 
 
 def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, frechet=None,
-                       clip=None, perceptual=None, bicubic=None, image_to_video=False) -> tuple[dict, np.ndarray]:
+                       clip=None, perceptual=None, bicubic=None, image_to_video=False,
+                       guide=None) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) for one sample setting (media_metrics against the real `images`;
   `frechet`: their frechet_distances, made here when not given; for super-resolution stages, given the real
   images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic upsampling's, whose
   bicubic_metrics are made here when not given; image_to_video: a video model is given each real clip's first
-  frame)."""
+  frame; guide: an autoguidance.Guide or None)."""
   params = state.ema[0] if sample_config.use_ema else state.params
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
   generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres,
-                        images[:, 0] if image_to_video else None)
+                        images[:, 0] if image_to_video else None, guide)
   metrics = media_metrics(config, generated, captions, frechet or frechet_distances(images), clip)
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
     metrics["psnr"] = psnr.psnr(generated, images)
@@ -391,13 +398,13 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
-                  combinations=(), adapters=()):
+                  combinations=(), adapters=(), guide=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
   `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
-  evaluation_sample_config's; image_to_video: as generation_metrics'; adapters: lora.Adapters fused into the
-  weights."""
+  evaluation_sample_config's; image_to_video and guide: as generation_metrics'; adapters: lora.Adapters fused
+  into the weights."""
   config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   state = lora.fused_state(state, adapters)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
@@ -418,9 +425,9 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
 
   def scored(sample_config):
     setting_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions, sample_config,
-                                                    frechet, clip, perceptual, bicubic, image_to_video)
-    setting_metrics.update(
-        heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts, sample_config, combinations))
+                                                    frechet, clip, perceptual, bicubic, image_to_video, guide)
+    setting_metrics.update(heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts,
+                                                        sample_config, combinations, guide))
     return setting_metrics, generated
 
   generated_metrics, generated = scored(evaluation_sample_config(config, sample_overrides))
@@ -437,11 +444,11 @@ RECORDED_WHEN_SET = ("guidance_interval",)
 
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics,
-                        image_to_video=False, combinations=(), adapters=()) -> dict:
+                        image_to_video=False, combinations=(), adapters=(), guide=None) -> dict:
   """What an eval.jsonl line's numbers depend on besides the checkpoint, recorded in it as "settings" (JSON
   values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
   those added by local weights (fid_inception, fvd_i3d, clip_score, lpips); combinations and adapters (recorded
-  only when given): --combinations, lora.Adapters."""
+  only when given): --combinations, lora.Adapters; guide (recorded only when given): an autoguidance.Guide."""
   sample_settings = {k: v for k, v in sample_config.to_dict().items()
                      if k not in UNRECORDED_SAMPLE_FIELDS and (v or k not in RECORDED_WHEN_SET)}
   settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
@@ -451,6 +458,8 @@ def evaluation_settings(sample_config, num_prompts, heldout_examples, combinatio
     settings["combinations"] = list(combinations)
   if adapters:
     settings["lora"] = lora.provenance(adapters)
+  if guide is not None:
+    settings["guide"] = autoguidance.provenance(guide)
   return json.loads(json.dumps(settings))
 
 
@@ -543,7 +552,7 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
         combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
-        adapters=()):
+        adapters=(), guide_workdir=None, guide_step=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
@@ -556,7 +565,9 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   adapters: lora.Adapters fused into every checkpoint's weights.
   sample_overrides: {sample field: value} over the config's, e.g. batch_size (samples generated at once),
   negative_prompt, and a video model's video_length (its last clip's worth of frames scored); sweeps vary the result.
-  image_to_video: a video model is given each real clip's first frame (at sample.strength)."""
+  image_to_video: a video model is given each real clip's first frame (at sample.strength).
+  guide_workdir (with guide_step alone: this workdir) and guide_step (default: its latest): the autoguidance
+  guide's checkpoint (autoguidance.py), the same for every checkpoint evaluated; recorded in the settings."""
   config = checkpoint.read_config(workdir)
   if lpips_weights and not config.model.lowres_conditioning:  # before any weights are read
     raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "
@@ -572,9 +583,15 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   settings = sweep_settings(sweeps or {}, sample_config, config)
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
               "lpips": lpips_weights}
+  guide = None
+  if guide_workdir or guide_step is not None:
+    if sample_config.negative_prompt:
+      raise ValueError("a negative prompt and an autoguidance guide both replace guidance's unconditional branch: "
+                       "give one of them")
+    guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
-                                 combinations, adapters)
+                                 combinations, adapters, guide)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -598,7 +615,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
-                                                     image_to_video, combinations, adapters)
+                                                     image_to_video, combinations, adapters, guide)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -672,6 +689,10 @@ def define_flags():
                      "guidance weight.", lower_bound=0)
   flags.DEFINE_string("guidance_interval", None, "LOW:HIGH: guide only the steps whose noise level sigma/alpha is "
                       "in (LOW, HIGH]; none = every step (default: the config's sample.guidance_interval).")
+  flags.DEFINE_string("guide_workdir", None, "Autoguidance: a workdir whose weaker model is guidance's other "
+                      "branch instead of the unconditional model (as sample.py's).")
+  flags.DEFINE_integer("guide_step", None, "Autoguidance: the guide's checkpoint (default its latest); alone, a "
+                       "checkpoint of --workdir.")
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
   flags.DEFINE_list("steps_sweep", [], "Sampler step counts for a metric-vs-steps table and plot.")
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")
@@ -701,6 +722,7 @@ def main(argv):
                "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
                "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
+    cli.refuse(("guide_workdir", "guide_step"), "not used with --cascade (autoguidance guides one workdir's model)")
     cli.refuse(VIDEO_FLAGS, "not used with --cascade: evaluate a video model's edits and long videos with --workdir")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
@@ -731,7 +753,7 @@ def main(argv):
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
                     f.combination_prompts, overrides, f.lpips_weights, f.image_to_video,
-                    f.combinations, [lora.read(spec) for spec in f.lora])
+                    f.combinations, [lora.read(spec) for spec in f.lora], f.guide_workdir, f.guide_step)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -50,6 +50,11 @@ Flags:
                     LoRA fine-tune) fused into the workdir's weights at SCALE (default 1; 0 = without it; several
                     add up), e.g. a LoRA's updates applied to the run it was trained from at half strength (a
                     cascade's stages take theirs as --cascade.stages[K].lora=FILE[:SCALE],...)
+  --guide_workdir   autoguidance (autoguidance.py): a workdir of this experiment whose weaker model (an earlier
+                    checkpoint, a smaller run) conditioned on the prompt is guidance's other branch instead of the
+                    unconditional model; refused with negative prompts and when it does not see or predict what
+                    the model does (autoguidance.GUIDE_FIELDS)
+  --guide_step      the guide's checkpoint (default: its latest); without --guide_workdir, a checkpoint of --workdir
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -82,8 +87,8 @@ from ml_collections import config_flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, cli, config_checks, distributed, edit_inputs, editing, lora, media, samplers,
-                           schedules, sharding, superres, video_extension)
+from diffusion_jax import (autoguidance, checkpoint, cli, config_checks, distributed, edit_inputs, editing, lora, media,
+                           samplers, schedules, sharding, superres, video_extension)
 from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
@@ -114,8 +119,8 @@ def output_shape(config, sample_config) -> tuple:
   return (frames,) + shape
 
 
-def make_generate_fn(config, graphdef, sample_config):
-  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres, negative, init) -> samples
+def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
+  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres, negative, init, guide) -> samples
   [n, (frames,) res, res, c] in [-1, 1] (a latent model's decoded latents). Each sample's starting noise (and a
   stochastic sampler's noise at every step) comes from its own key, so a sample does not depend on the batch
   it is generated in (nor on the device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c]
@@ -123,13 +128,14 @@ def make_generate_fn(config, graphdef, sample_config):
   read by guidance's unconditional branch instead of the null condition (rows whose mask is all 0 keep the
   null condition), or None. init: (images [n, (frames,) h, w, c] in [-1, 1], keep [n, (frames,) h, w, 1]) to
   edit (editing.py: the last sample.strength of the grid from the images noised, the region keep marks kept), or
-  None."""
+  None. guide: (params, frozen) of the autoguidance model of `guide_graphdef` (autoguidance.py), whose prediction
+  for the prompt is guidance's other branch instead of the unconditional one, or None."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
   shape = output_shape(config, sample_config)
 
-  def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None):
+  def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, guide=None):
     model = nnx.merge(graphdef, params, frozen)
     text = model.encode(ids, mask)
     null_text, null_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
@@ -143,9 +149,15 @@ def make_generate_fn(config, graphdef, sample_config):
       lowres_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
       lowres, aug_logsnr = superres.sampling_condition(lowres, lowres_keys, config, s.aug_level)
 
+    if guide is not None:
+      guide_model = nnx.merge(guide_graphdef, *guide)
+      guide_text = guide_model.encode(ids, mask)
+
     def network_fn(x, logsnr, conditional):
       if conditional:
         return model(x, logsnr, text, mask, lowres=lowres, aug_logsnr=aug_logsnr)
+      if guide is not None:
+        return guide_model(x, logsnr, guide_text, mask, lowres=lowres, aug_logsnr=aug_logsnr)
       return model(x, logsnr, null_text, null_mask, lowres=lowres, aug_logsnr=aug_logsnr)
 
     residual = superres.is_residual(config)
@@ -204,13 +216,15 @@ class SamplingProgress:
                100 * step // self.steps, elapsed, elapsed * (self.steps - step) / step)
 
 
-def compiled_sampler(config, graphdef, sample_config, mesh):
-  """The jitted `make_generate_fn` for this experiment and these settings, built once per process: an
-  evaluation job reuses one compiled program for every checkpoint."""
+def compiled_sampler(config, graphdef, sample_config, mesh, guide=None):
+  """The jitted `make_generate_fn` for this experiment and these settings (and the architecture of the
+  autoguidance.Guide `guide`), built once per process: an evaluation job reuses one compiled program for every
+  checkpoint."""
   hashable = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # config.json: lists
-  key = (config_hash(config), tuple(hashable(sample_config[k]) for k in COMPILED_SETTINGS), mesh)
+  key = (config_hash(config), tuple(hashable(sample_config[k]) for k in COMPILED_SETTINGS), mesh,
+         guide and config_hash(guide.config))
   if key not in _compiled_samplers:
-    _compiled_samplers[key] = jax.jit(make_generate_fn(config, graphdef, sample_config),
+    _compiled_samplers[key] = jax.jit(make_generate_fn(config, graphdef, sample_config, guide and guide.graphdef),
                                       out_shardings=sharding.batch_sharding(mesh))
   return _compiled_samplers[key]
 
@@ -222,7 +236,8 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
-             lowres=None, negative_prompts=None, init_images=None, keep_masks=None, keys=None) -> np.ndarray:
+             lowres=None, negative_prompts=None, init_images=None, keep_masks=None, keys=None,
+             guide=None) -> np.ndarray:
   """Samples [len(prompts), num_per_prompt, (frames,) res, res, c] uint8, generated sample.batch_size at a time
   (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
   serves every batch (the last is padded), and more than one batch logs progress with an ETA.
@@ -234,7 +249,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   init_images: images (clips) to edit instead of generating from noise, uint8 [len(prompts), (frames,) res, res, 3]
   (editing.py, at sample_config.strength), with keep_masks bool [len(prompts), (frames,) res, res], True where the
   image is kept (inpainting; default: nothing kept). keys: raw keys [len(prompts) * num_per_prompt, 2] of the
-  samples' noise instead of those of their seeds (example_keys)."""
+  samples' noise instead of those of their seeds (example_keys). guide: an autoguidance.Guide, guidance's other
+  branch instead of the unconditional model (refused with negative prompts, which that branch would read)."""
   if init_images is not None:
     edit_inputs.check_editable(config)
   n = sample_config.num_per_prompt
@@ -255,6 +271,9 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   else:
     inputs.append(None)
   negatives = [sample_config.negative_prompt] * len(prompts) if negative_prompts is None else list(negative_prompts)
+  if any(negatives) and guide is not None:
+    raise ValueError("negative prompts and an autoguidance guide both replace guidance's unconditional branch: "
+                     "give one of them")
   if any(negatives) and sample_config.guidance_scale == 1:
     log.warning("negative prompts have no effect at guidance scale 1 (guidance's unconditional branch, which reads "
                 "them, is not run)")
@@ -268,12 +287,15 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     keep = np.zeros(np.shape(init_images)[:-1], bool) if keep_masks is None else np.asarray(keep_masks, bool)
     rows = lambda a: np.concatenate([np.repeat(a, n, axis=0), np.zeros((pad,) + a.shape[1:], a.dtype)])
     inputs.append((rows(media.to_float(init_images)), rows(keep[..., None].astype(np.float32))))
-  generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh), sharding.batch_sharding(mesh)
+  else:
+    inputs.append(None)
+  generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh, guide), sharding.batch_sharding(mesh)
+  guide_weights = None if guide is None else jax.device_put((guide.params, guide.frozen), sharding.replicated(mesh))
   place = lambda a, first: None if a is None else jax.device_put(jax.tree.map(lambda x: x[first:first + chunk], a),
                                                                    batch)
   outputs, start = [], time.time()
   for first in range(0, len(keys), chunk):
-    images = generate_fn(params, frozen, *(place(a, first) for a in inputs))
+    images = generate_fn(params, frozen, *(place(a, first) for a in inputs), guide_weights)
     outputs.append(media.to_uint8(np.asarray(multihost_utils.process_allgather(images, tiled=True))))
     if len(keys) > chunk:
       done, elapsed = min(first + chunk, len(repeated)), time.time() - start
@@ -389,10 +411,11 @@ def load_checkpoint(workdir, step=None):
 
 
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
-                        mask=None, adapters=(), init_video=None):
+                        mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None):
   """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
   sample settings; init_image and mask, or init_video: files every prompt without its own edits (edit_inputs.py);
-  adapters: lora.Adapters fused into its weights."""
+  adapters: lora.Adapters fused into its weights; guide_workdir (with guide_step alone: this workdir) and
+  guide_step (default: its latest): the autoguidance guide's checkpoint."""
   from diffusion_jax.text import tokenizers
 
   config = checkpoint.read_config(workdir)
@@ -423,16 +446,19 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
                      "(--init_image or --init_video, or such lines of a .jsonl prompts file; --strength to those "
                      "without a strength of their own), --context_frames and --reconstruction_guidance to "
                      "--video_length")
+  guide = None
+  if guide_workdir or guide_step is not None:
+    guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   state = lora.fused_state(state, adapters)
   params = state.ema[0] if sample_config.use_ema else state.params
   return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
-                       edits=edits, adapters=adapters)
+                       edits=edits, adapters=adapters, guide=guide)
 
 
 def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds, negative_prompts,
-             first) -> np.ndarray:
+             first, guide=None) -> np.ndarray:
   """Clips [len(prompts), num_per_prompt, frames, h, w, 3] (as `generate` made them with these arguments) extended
   to sample.video_length frames (video_extension.py), each sample window by window with its own noise."""
   n = sample_config.num_per_prompt
@@ -442,7 +468,8 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
 
   def generate_window(init, keep, keys):
     return generate(config, graphdef, params, frozen, tokenizer, rows(prompts), window_config, mesh,
-                    negative_prompts=rows(negative_prompts), init_images=init, keep_masks=keep, keys=keys)[:, 0]
+                    negative_prompts=rows(negative_prompts), init_images=init, keep_masks=keep, keys=keys,
+                    guide=guide)[:, 0]
 
   clips = first.reshape((-1,) + first.shape[2:])
   videos = video_extension.extend(clips, generate_window, example_keys(seeds, n), sample_config.video_length,
@@ -451,19 +478,23 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
 
 
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
-                  lowres=None, edits=None, adapters=()):
+                  lowres=None, edits=None, adapters=(), guide=None):
   """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / negative_prompt, and the
   init_image / mask / init_video files of an edit) and write outputs.
   edits: {prompt index: (image, keep)} as edit_inputs.read reads them, the prompts to edit instead of generating
   for.
   lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]. adapters: the lora.Adapters
-  fused into the weights, recorded in the provenance."""
+  fused into the weights, recorded in the provenance. guide: an autoguidance.Guide (recorded too)."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
   for entry in entries:
     entry.setdefault("seed", sample_config.seed)
     entry.setdefault("guidance_scale", sample_config.guidance_scale)
     if entry.get("negative_prompt", sample_config.negative_prompt):  # recorded only when there is one
       entry.setdefault("negative_prompt", sample_config.negative_prompt)
+  unused = [name for name, given in (("--guidance_interval", sample_config.guidance_interval),
+                                     ("the autoguidance guide", guide is not None)) if given]
+  if unused and all(float(e["guidance_scale"]) == 1 for e in entries):
+    log.warning("%s: no effect at guidance scale 1 (no step is guided)", " and ".join(unused))
   edits = edits or {}
   for i in edits:
     entries[i].setdefault("strength", sample_config.strength)
@@ -481,10 +512,10 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     negatives = [entries[i].get("negative_prompt", "") for i in group]
     generated = generate(config, graphdef, params, frozen, tokenizer, group_prompts, group_config, mesh, seeds=seeds,
                          lowres=None if lowres is None else np.asarray(lowres)[group], negative_prompts=negatives,
-                         init_images=init_images, keep_masks=keep_masks)
+                         init_images=init_images, keep_masks=keep_masks, guide=guide)
     if config.model.temporal and sample_config.video_length:
       generated = extended(config, graphdef, params, frozen, tokenizer, group_prompts, group_config, mesh, seeds,
-                           negatives, generated)
+                           negatives, generated, guide)
     for i, row in zip(group, generated):
       images[i] = row
   output_dir = pathlib.Path(output_dir)
@@ -496,6 +527,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     provenance["lora"] = lora.provenance(adapters)
   if sample_config.guidance_interval:
     provenance["guidance_interval"] = list(sample_config.guidance_interval)
+  if guide is not None:
+    provenance["guide"] = autoguidance.provenance(guide)
   if config.model.temporal and sample_config.video_length:
     clip = output_shape(config, sample_config)[0]
     provenance.update(video_length=sample_config.video_length, clip_frames=clip,
@@ -538,6 +571,10 @@ def define_flags():
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 0).")
   flags.DEFINE_string("guidance_interval", None, "LOW:HIGH: guide only the steps whose noise level sigma/alpha is in "
                       "(LOW, HIGH], e.g. 0.28:5.42; none = every step (default: config sample.guidance_interval).")
+  flags.DEFINE_string("guide_workdir", None, "Autoguidance: a workdir whose model (weaker: fewer steps or a smaller "
+                      "run of this experiment) is guidance's other branch instead of the unconditional model.")
+  flags.DEFINE_integer("guide_step", None, "Autoguidance: the guide's checkpoint (default its latest); alone, a "
+                       "checkpoint of --workdir.")
   flags.DEFINE_integer("num_per_prompt", None, "Images per prompt.")
   flags.DEFINE_integer("seed", None, "Noise seed.")
   flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from (default: config "
@@ -594,6 +631,7 @@ def main(argv):
                "model (--workdir)")
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
+    cli.refuse(("guide_workdir", "guide_step"), "not used with --cascade (autoguidance guides one workdir's model)")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
   if f.mask and not f.init_image:
     raise app.UsageError("--mask needs the --init_image it belongs to.")
@@ -608,7 +646,7 @@ def main(argv):
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)
     else:
       path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
-                                 [lora.read(spec) for spec in f.lora], f.init_video)
+                                 [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

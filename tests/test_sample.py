@@ -35,17 +35,46 @@ def test_samples_carry_provenance(trained, tmp_path):
   assert [(r["seed"], r["guidance_scale"]) for r in records[::3]] == [(11, 3.0), (7, 2.0)]
 
 
-def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path):
-  workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim"}
-  unguided = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 1.0}, step=2, output_dir=tmp_path / "a")
+def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, caplog):
   interval = (1e6, 1e7)  # above every noise level sigma/alpha of the grid: no step is guided
-  outside = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 3.0, "guidance_interval": interval},
-                                       step=2, output_dir=tmp_path / "b")
+  workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim", "guidance_interval": interval}
+  unguided = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 1.0}, step=2, output_dir=tmp_path / "a")
+  assert "--guidance_interval: no effect at guidance scale 1" in caplog.text
+  outside = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 3.0}, step=2, output_dir=tmp_path / "b")
   records = [json.loads(line) for line in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()]
   assert records and all(r["guidance_interval"] == list(interval) and r["guidance_scale"] == 3.0 for r in records)
   for record in records:
     images = [np.asarray(PIL.Image.open(grid.parent / record["file"])) for grid in (unguided, outside)]
     np.testing.assert_array_equal(*images)
+
+
+def test_autoguidance_by_the_model_itself_is_no_guidance_and_by_an_earlier_checkpoint_guides(trained, tmp_path):
+  workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim", "guidance_scale": 3.0}
+  run = lambda name, **guide: sample.sample_from_workdir(workdir, settings, step=4, output_dir=tmp_path / name, **guide)
+  grids = {"self": run("self", guide_step=4), "earlier": run("earlier", guide_workdir=workdir, guide_step=2)}
+  unguided = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 1.0}, step=4,
+                                        output_dir=tmp_path / "scale1")
+  records = [json.loads(line) for line in (grids["earlier"].parent / "manifest.jsonl").read_text().splitlines()]
+  assert all(r["guide"] == {"workdir": str(workdir), "step": 2} for r in records)
+  read = lambda grid, record: np.asarray(PIL.Image.open(grid.parent / record["file"])).astype(int)
+  for record in records:
+    # Guided by itself, guidance pushes nowhere: the conditional model's samples (to float rounding).
+    assert np.abs(read(grids["self"], record) - read(unguided, record)).max() <= 1
+  assert any(np.abs(read(grids["earlier"], r) - read(unguided, r)).max() > 1 for r in records)
+  with pytest.raises(ValueError, match="negative prompts and an autoguidance guide"):
+    sample.sample_from_workdir(workdir, {**settings, "negative_prompt": "blue"}, step=4, output_dir=tmp_path / "n",
+                               guide_step=2)
+
+
+def test_a_guide_must_see_and_predict_what_the_model_does(trained):
+  from diffusion_jax import autoguidance
+
+  config = trained[0]
+  other = config.copy_and_resolve_references()
+  other.data.resolution, other.diffusion.prediction, other.model.channels = 32, "eps", 8  # its size may differ
+  assert autoguidance.problems(config, other) == [f"data.resolution: {config.data.resolution} -> 32",
+                                                  f"diffusion.prediction: {config.diffusion.prediction!r} -> 'eps'"]
+  assert autoguidance.problems(config, config) == []
 
 
 @pytest.mark.parametrize("overrides, prompts_text, message", [
@@ -74,7 +103,8 @@ def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
 
 def test_flags_a_cascade_would_ignore_are_refused():
   for module, flag in (("sample", "--steps=5"), ("sample", "--init_image=a.png"), ("evaluate", "--heldout_examples=8"),
-                       ("evaluate", "--lpips_weights=w"), ("evaluate", "--guidance_interval=1:5")):
+                       ("evaluate", "--lpips_weights=w"), ("evaluate", "--guidance_interval=1:5"),
+                       ("sample", "--guide_step=2")):
     result = subprocess.run([sys.executable, "-m", f"diffusion_jax.{module}",
                              "--cascade=configs/cascades/shapes_16_32.py", flag], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)

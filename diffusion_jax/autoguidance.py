@@ -1,0 +1,55 @@
+"""Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): classifier-free
+guidance's unconditional branch replaced by a weaker model conditioned on the same prompt, so that guidance
+pushes away from that model's errors rather than from the unconditional distribution.
+
+The guide is a checkpoint of a training workdir: an earlier step of the model's own run, or a run of a smaller
+model of the same experiment. It must see and predict what the model does (the fields in GUIDE_FIELDS); it
+encodes the prompt with its own text encoder. `sample.py --guide_workdir=DIR [--guide_step=N]` and
+`evaluate.py` (the same flags) sample with it; samplers.make_denoiser combines the two predictions as it does
+the conditional and unconditional ones (guidance scale, rescale and interval alike).
+"""
+
+import dataclasses
+from typing import Any
+
+from diffusion_jax import checkpoint
+
+# Config fields the guide must share with the model it guides: the same inputs (resolution, latents, frames,
+# low-res conditioning), the same output parameterisation, and the same tokens.
+GUIDE_FIELDS = ("data.resolution", "latent.autoencoder_path", "model.in_channels", "model.temporal",
+                "model.lowres_conditioning", "superres.lowres_resolution", "superres.lowres_frames",
+                "superres.residual", "diffusion.path", "diffusion.prediction", "diffusion.sigma_data",
+                "text.tokenizer", "text.max_length", "text.spiece_path")
+
+
+@dataclasses.dataclass(frozen=True)
+class Guide:
+  config: Any       # the guide run's experiment config
+  graphdef: Any
+  params: Any       # the weights sampled with (its first EMA copy when the model samples with EMA)
+  frozen: Any
+  workdir: str
+  step: int
+
+
+def problems(config, guide_config) -> list[str]:
+  """'field: model's -> guide's' for every GUIDE_FIELDS field in which the guide's config differs."""
+  differences = checkpoint.config_differences(config, guide_config)
+  return [d for d in differences if d.split(":")[0] in GUIDE_FIELDS]
+
+
+def load(config, workdir, step: int | None, use_ema: bool) -> Guide:
+  """The guide from `workdir`'s checkpoint `step` (default: the latest) for the model of `config`; a ValueError
+  naming every field it does not share with it, before any checkpoint is read."""
+  from diffusion_jax import sample
+
+  if found := problems(config, checkpoint.read_config(workdir)):
+    raise ValueError(f"--guide_workdir={workdir} does not see or predict what this model does: "
+                     f"{'; '.join(found)} (this model's -> the guide's)")
+  guide_config, state, graphdef, step, _ = sample.load_checkpoint(workdir, step)
+  return Guide(guide_config, graphdef, state.ema[0] if use_ema else state.params, state.frozen, str(workdir), step)
+
+
+def provenance(guide: Guide) -> dict:
+  """What sample and evaluation outputs record of the guide."""
+  return {"workdir": guide.workdir, "step": int(guide.step)}
