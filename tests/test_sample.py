@@ -64,6 +64,9 @@ def test_autoguidance_by_the_model_itself_is_no_guidance_and_by_an_earlier_check
   with pytest.raises(ValueError, match="negative prompts and an autoguidance guide"):
     sample.sample_from_workdir(workdir, {**settings, "negative_prompt": "blue"}, step=4, output_dir=tmp_path / "n",
                                guide_step=2)
+  with pytest.raises(ValueError, match=r"the autoguidance guide \(--guide_workdir, --guide_step\): No checkpoint at "
+                                       r"step 3 .* available steps: \[2, 4\]"):
+    sample.sample_from_workdir(workdir, settings, step=4, output_dir=tmp_path / "m", guide_step=3)
 
 
 def test_a_guide_must_see_and_predict_what_the_model_does(trained):
