@@ -53,6 +53,16 @@ def load(config, workdir, step: int | None, use_ema: bool) -> Guide:
   return Guide(guide_config, graphdef, state.ema[0] if use_ema else state.params, state.frozen, str(workdir), step)
 
 
+def define_flags():
+  """--guide_workdir and --guide_step, flags of the sampling and the evaluation job (read by `load`)."""
+  from absl import flags
+
+  flags.DEFINE_string("guide_workdir", None, "Autoguidance: a workdir of this experiment whose weaker model (fewer "
+                      "steps, or a smaller run) is guidance's other branch instead of the unconditional model.")
+  flags.DEFINE_integer("guide_step", None, "Autoguidance: the guide's checkpoint (default its latest); alone, a "
+                       "checkpoint of --workdir.")
+
+
 def provenance(guide: Guide) -> dict:
   """What sample and evaluation outputs record of the guide."""
   return {"workdir": guide.workdir, "step": int(guide.step)}

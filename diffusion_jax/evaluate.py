@@ -689,10 +689,7 @@ def define_flags():
                      "guidance weight.", lower_bound=0)
   flags.DEFINE_string("guidance_interval", None, "LOW:HIGH: guide only the steps whose noise level sigma/alpha is "
                       "in (LOW, HIGH]; none = every step (default: the config's sample.guidance_interval).")
-  flags.DEFINE_string("guide_workdir", None, "Autoguidance: a workdir whose weaker model is guidance's other "
-                      "branch instead of the unconditional model (as sample.py's).")
-  flags.DEFINE_integer("guide_step", None, "Autoguidance: the guide's checkpoint (default its latest); alone, a "
-                       "checkpoint of --workdir.")
+  autoguidance.define_flags()
   flags.DEFINE_list("guidance_sweep", [], "Guidance scales for a metric-vs-guidance table and plot.")
   flags.DEFINE_list("steps_sweep", [], "Sampler step counts for a metric-vs-steps table and plot.")
   flags.DEFINE_list("sampler_sweep", [], "SAMPLER[:STEPS] settings to compare, e.g. dpmpp_2m:20,ddpm:1000.")

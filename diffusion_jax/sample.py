@@ -571,10 +571,7 @@ def define_flags():
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 0).")
   flags.DEFINE_string("guidance_interval", None, "LOW:HIGH: guide only the steps whose noise level sigma/alpha is in "
                       "(LOW, HIGH], e.g. 0.28:5.42; none = every step (default: config sample.guidance_interval).")
-  flags.DEFINE_string("guide_workdir", None, "Autoguidance: a workdir whose model (weaker: fewer steps or a smaller "
-                      "run of this experiment) is guidance's other branch instead of the unconditional model.")
-  flags.DEFINE_integer("guide_step", None, "Autoguidance: the guide's checkpoint (default its latest); alone, a "
-                       "checkpoint of --workdir.")
+  autoguidance.define_flags()
   flags.DEFINE_integer("num_per_prompt", None, "Images per prompt.")
   flags.DEFINE_integer("seed", None, "Noise seed.")
   flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from (default: config "
