@@ -53,6 +53,14 @@ def load(config, workdir, step: int | None, use_ema: bool) -> Guide:
   return Guide(guide_config, graphdef, state.ema[0] if use_ema else state.params, state.frozen, str(workdir), step)
 
 
+def check_negative_prompts(negative_prompts) -> None:
+  """A ValueError when any of `negative_prompts` is given: a negative prompt and a guide both replace guidance's
+  unconditional branch."""
+  if any(negative_prompts):
+    raise ValueError("negative prompts and an autoguidance guide both replace guidance's unconditional branch: "
+                     "give one of them (drop --negative_prompt and the prompts file's, or the --guide_* flags)")
+
+
 def define_flags():
   """--guide_workdir and --guide_step, flags of the sampling and the evaluation job (read by `load`)."""
   from absl import flags

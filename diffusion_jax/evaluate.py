@@ -438,9 +438,10 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
 
 # Sample fields an evaluation's numbers do not depend on: each caption has its own noise whatever the batch.
 UNRECORDED_SAMPLE_FIELDS = ("batch_size", "prompts", "num_per_prompt")
-# Sample fields added after eval.jsonl lines recorded their settings: recorded only when set, so that the lines
-# written before still count for the settings they were made with.
-RECORDED_WHEN_SET = ("guidance_interval",)
+# What an eval.jsonl line written before a sample field existed was made with: the field's old-behaviour value.
+ADDED_SAMPLE_SETTINGS = json.loads(json.dumps({
+    field.split(".", 1)[1]: value for field, value in checkpoint.ADDED_FIELDS.items()
+    if field.startswith("sample.") and field.split(".", 1)[1] not in UNRECORDED_SAMPLE_FIELDS}))
 
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics,
@@ -449,8 +450,7 @@ def evaluation_settings(sample_config, num_prompts, heldout_examples, combinatio
   values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
   those added by local weights (fid_inception, fvd_i3d, clip_score, lpips); combinations and adapters (recorded
   only when given): --combinations, lora.Adapters; guide (recorded only when given): an autoguidance.Guide."""
-  sample_settings = {k: v for k, v in sample_config.to_dict().items()
-                     if k not in UNRECORDED_SAMPLE_FIELDS and (v or k not in RECORDED_WHEN_SET)}
+  sample_settings = {k: v for k, v in sample_config.to_dict().items() if k not in UNRECORDED_SAMPLE_FIELDS}
   settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
               "combination_prompts": combination_prompts, "metrics": sorted(optional_metrics),
               "image_to_video": image_to_video, "sample": sample_settings}
@@ -495,10 +495,19 @@ def evaluated(workdir) -> list[dict]:
   return [json.loads(line) for line in lines if line.strip()]
 
 
+def as_of(recorded: dict, settings: dict) -> dict:
+  """An eval.jsonl line's `recorded` settings with each sample field of `settings` that the line predates at its
+  old-behaviour value (ADDED_SAMPLE_SETTINGS): what the line was made with, comparable with `settings`."""
+  if "sample" not in recorded or "sample" not in settings:
+    return recorded
+  predated = {k: v for k, v in ADDED_SAMPLE_SETTINGS.items() if k in settings["sample"]}
+  return {**recorded, "sample": {**predated, **recorded["sample"]}}
+
+
 def done_steps(workdir, settings: dict) -> set:
   """Steps evaluated under `settings` (evaluation_settings); lines written before settings were recorded count
   for any."""
-  return {r["step"] for r in evaluated(workdir) if r.get("settings", settings) == settings}
+  return {r["step"] for r in evaluated(workdir) if as_of(r.get("settings", settings), settings) == settings}
 
 
 def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
@@ -585,9 +594,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
               "lpips": lpips_weights}
   guide = None
   if guide_workdir or guide_step is not None:
-    if sample_config.negative_prompt:
-      raise ValueError("a negative prompt and an autoguidance guide both replace guidance's unconditional branch: "
-                       "give one of them")
+    autoguidance.check_negative_prompts([sample_config.negative_prompt])  # before any checkpoint is read
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
@@ -639,7 +646,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
 
 def _log_settings_changes(workdir, steps, settings):
   """Say which of `steps` were evaluated before under other settings, and what changed."""
-  before = {r["step"]: r["settings"] for r in evaluated(workdir) if "settings" in r and r["step"] in steps}
+  before = {r["step"]: as_of(r["settings"], settings) for r in evaluated(workdir)
+            if "settings" in r and r["step"] in steps}
   for step, old in sorted(before.items()):
     log.info("Checkpoint %d was evaluated under other settings; evaluating it again (%s).", step,
              "; ".join(changed_settings(old, settings)))

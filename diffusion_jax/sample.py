@@ -271,9 +271,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   else:
     inputs.append(None)
   negatives = [sample_config.negative_prompt] * len(prompts) if negative_prompts is None else list(negative_prompts)
-  if any(negatives) and guide is not None:
-    raise ValueError("negative prompts and an autoguidance guide both replace guidance's unconditional branch: "
-                     "give one of them")
+  if guide is not None:
+    autoguidance.check_negative_prompts(negatives)
   if any(negatives) and sample_config.guidance_scale == 1:
     log.warning("negative prompts have no effect at guidance scale 1 (guidance's unconditional branch, which reads "
                 "them, is not run)")
@@ -447,7 +446,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
                      "without a strength of their own), --context_frames and --reconstruction_guidance to "
                      "--video_length")
   guide = None
-  if guide_workdir or guide_step is not None:
+  if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
+    autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
   state = lora.fused_state(state, adapters)

@@ -167,7 +167,6 @@ def test_evaluation_job_is_resumable(trained, tiny_clip, monkeypatch, caplog):
   settings = lines[0]["settings"]  # what the numbers depend on, written beside them
   assert settings == first[0]["settings"] and settings["num_prompts"] == 8 and settings["metrics"] == []
   assert settings["sample"]["guidance_scale"] == trained[0].sample.guidance_scale
-  assert "guidance_interval" not in settings["sample"]  # recorded only when set: older lines still count
   with pytest.raises(ValueError) as error:  # every bad swept value named before anything is loaded
     evaluate.run(workdir, step=4, sweeps={"sampler": ("nope:20", "ddpm:0"), "steps": ("many",), "threshold": ("soft",),
                                           "aug_level": ("0.2",), "guidance_interval": ("5:1", "none")})
@@ -204,6 +203,11 @@ def test_a_checkpoint_counts_as_evaluated_only_under_the_same_settings(tmp_path)
   assert evaluate.done_steps(tmp_path, settings) == {1, 2}  # a line from before settings were recorded: any
   assert evaluate.done_steps(tmp_path, other) == {1, 3}
   assert evaluate.changed_settings(settings, other) == ["sample.negative_prompt: '' -> 'blue'"]
+  # A line written before a sample field existed was made with that field's old-behaviour value.
+  (tmp_path / "logs" / "eval.jsonl").write_text(json.dumps({"step": 5, "settings": settings}) + "\n")
+  with_interval = lambda interval: {**settings, "sample": {**settings["sample"], "guidance_interval": interval}}
+  assert evaluate.done_steps(tmp_path, with_interval([])) == {5}
+  assert evaluate.done_steps(tmp_path, with_interval([1, 2])) == set()
   assert evaluate.changed_settings({"metrics": []}, {}) == ["metrics: [] -> None"]
 
 
