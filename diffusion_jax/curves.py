@@ -78,11 +78,17 @@ def series(records: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def by_settings(records: list[dict]) -> list[list[dict]]:
-  """Evaluation records split by the settings they were made under (their "settings" field; lines without one
-  are a group of their own), groups in order of first appearance: each group is one line on a plot."""
+  """Evaluation records split by the settings they were made under (their "settings" field, a sample field
+  a line predates read at its old-behaviour value as evaluate.as_of does; lines without one are a group of
+  their own), groups in order of first appearance: each group is one line on a plot."""
+  from diffusion_jax import evaluate  # heavy (the models); only plots of evaluations need it
+
+  every_field = {"sample": evaluate.ADDED_SAMPLE_SETTINGS}
   groups = {}
   for record in records:
-    groups.setdefault(json.dumps(record.get("settings"), sort_keys=True), []).append(record)
+    settings = record.get("settings")
+    key = json.dumps(settings and evaluate.as_of(settings, every_field), sort_keys=True)
+    groups.setdefault(key, []).append(record)
   return list(groups.values())
 
 
