@@ -39,7 +39,8 @@ def test_evaluations_under_other_settings_are_lines_of_their_own():
 
 def test_an_evaluation_from_before_a_sample_field_existed_shares_the_line_of_its_old_value():
   old = {"num_prompts": 8, "sample": {"steps": 25}}  # written before sample.guidance_interval existed
-  unguided, guided = ({"num_prompts": 8, "sample": {"steps": 25, "guidance_interval": value}} for value in ([], [0.3, 2]))
+  unguided, guided = ({"num_prompts": 8, "sample": {"steps": 25, "guidance_interval": value}}
+                      for value in ([], [0.3, 2]))
   records = [{"step": 2, "fid": 3.0, "settings": old}, {"step": 4, "fid": 2.0, "settings": unguided},
              {"step": 4, "fid": 1.0, "settings": guided}]
   assert [[r["fid"] for r in group] for group in curves.by_settings(records)] == [[3.0, 2.0], [1.0]]
