@@ -47,10 +47,10 @@ def load(config, workdir, step: int | None, use_ema: bool) -> Guide:
     raise ValueError(f"--guide_workdir={workdir} does not see or predict what this model does: "
                      f"{'; '.join(found)} (this model's -> the guide's)")
   try:
-    guide_config, state, graphdef, step, _ = sample.load_checkpoint(workdir, step)
+    guide_config, weights, graphdef, step, _ = sample.load_checkpoint(workdir, step, use_ema)
   except ValueError as error:
     raise ValueError(f"the autoguidance guide (--guide_workdir, --guide_step): {error}") from None
-  return Guide(guide_config, graphdef, state.ema[0] if use_ema else state.params, state.frozen, str(workdir), step)
+  return Guide(guide_config, graphdef, weights.params, weights.frozen, str(workdir), step)
 
 
 def check_negative_prompts(negative_prompts) -> None:

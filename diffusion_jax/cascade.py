@@ -26,7 +26,7 @@ class Stage:
   config: object           # the stage's experiment config (from its workdir)
   sample_config: object    # its `sample` section with the cascade's settings for this stage
   adapters: list = dataclasses.field(default_factory=list)  # lora.Adapters fused into its weights
-  state: object = None
+  weights: object = None   # sample.Weights of its checkpoint (the sample_config's use_ema), adapters fused
   graphdef: object = None
   step: int = 0
   mesh: object = None
@@ -106,21 +106,21 @@ def load(cascade) -> list[Stage]:
     raise ValueError("Invalid cascade:\n  - " + "\n  - ".join(found))
   for stage, settings in zip(stages, cascade.stages):
     step = None if settings.step < 0 else settings.step
-    _, state, stage.graphdef, stage.step, stage.mesh = sample.load_checkpoint(stage.workdir, step)
-    stage.state = lora.fused_state(state, stage.adapters)
+    _, weights, stage.graphdef, stage.step, stage.mesh = sample.load_checkpoint(
+        stage.workdir, step, stage.sample_config.use_ema)
+    stage.weights = lora.fused(weights, stage.adapters)
   return stages
 
 
 def generate_stage(stage, prompts: list[str], lowres=None, distinct_noise: bool = False, sample_config=None):
   """One stage's samples, uint8 [len(prompts), num_per_prompt, (frames,) res, res, 3], upsampling `lowres` (the
-  stage below's samples) when it is a super-resolution stage; `sample_config` (default the stage's) as in
-  `generate`."""
+  stage below's samples) when it is a super-resolution stage; `sample_config` (default the stage's, whose
+  use_ema chose the weights) as in `generate`."""
   from diffusion_jax.text import tokenizers
 
   sample_config = sample_config or stage.sample_config
-  params = stage.state.ema[0] if sample_config.use_ema else stage.state.params
   seeds = sample_config.seed + np.arange(len(prompts)) if distinct_noise else None
-  return sample.generate(stage.config, stage.graphdef, params, stage.state.frozen,
+  return sample.generate(stage.config, stage.graphdef, stage.weights.params, stage.weights.frozen,
                          tokenizers.from_config(stage.config), prompts, sample_config, stage.mesh, seeds=seeds,
                          lowres=lowres)
 

@@ -76,7 +76,8 @@ class UnreadableCheckpoint(ValueError):
 
 
 def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
-  """Restore (state, step) at `step` (default latest) into target_state's structure and shardings.
+  """Restore (state, step) at `step` (default latest) into target_state's structure and shardings: a TrainState,
+  or a dict of some of its fields (e.g. {"ema": [params], "frozen": frozen}: nothing else is read).
   Returns (None, None) when there is no checkpoint.
 
   Without an explicit step, an unreadable newest checkpoint (partial or corrupt) is skipped with a
@@ -87,8 +88,9 @@ def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
   candidates = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
   for candidate in candidates:
     try:
-      restored = mngr.restore(candidate, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract(target_state))))
+      args = (fields_restore(target_state) if isinstance(target_state, dict)
+              else ocp.args.StandardRestore(abstract(target_state)))
+      restored = mngr.restore(candidate, args=ocp.args.Composite(state=args))
     except Exception as error:  # orbax/tensorstore raise many kinds for a damaged checkpoint
       if step is not None or candidate == candidates[-1]:
         raise UnreadableCheckpoint(
@@ -97,6 +99,13 @@ def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
       continue
     return restored["state"], candidate
   return None, None
+
+
+def fields_restore(fields: dict) -> ocp.args.PyTreeRestore:
+  """Restore arguments reading only `fields` (a dict of some TrainState fields, ShapeDtypeStructs with shardings;
+  "ema" a list of its first copies) of a saved state."""
+  return ocp.args.PyTreeRestore(item=fields, restore_args=ocp.checkpoint_utils.construct_restore_args(fields),
+                                partial_restore=True)
 
 
 def restore_weights(workdir, step: int, use_ema: bool, params, frozen, setting: str) -> dict:
@@ -113,10 +122,8 @@ def restore_weights(workdir, step: int, use_ema: bool, params, frozen, setting: 
     raise ValueError(f"{setting}={str(workdir)!r} has no checkpoint at step {'latest' if step is None else step} "
                      f"(available: {mngr.all_steps()}).")
   item = {**({"frozen": frozen} if frozen else {}), **({"ema": [params]} if use_ema else {"params": params})}
-  args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                partial_restore=True)
   try:
-    restored = ocp.PyTreeCheckpointer().restore(mngr.directory / str(step) / "state", args=args)
+    restored = ocp.PyTreeCheckpointer().restore(mngr.directory / str(step) / "state", args=fields_restore(item))
   except Exception as error:  # orbax raises many kinds for missing keys / shape mismatches
     raise ValueError(f"Cannot restore the model of {setting}={str(workdir)!r} step {step}: {brief(error)}") from None
   weights = restored["ema"][0] if use_ema else restored["params"]

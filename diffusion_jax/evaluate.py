@@ -221,12 +221,12 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
   return videos[:, 0, -clips.shape[2]:]
 
 
-def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, sample_config, combinations=(),
+def heldout_combination_accuracy(config, graphdef, weights, mesh, count: int, sample_config, combinations=(),
                                  guide=None) -> dict:
   """The judge's per-attribute accuracy, as `accuracy_heldout_combinations/<attribute>`, on the first `count`
   validation captions that name a colour-shape combination of `combinations` ("red square", ...; default: those
-  the train split never showed, data.heldout_combinations), sampled with `sample_config`; empty when there are
-  none or count is 0."""
+  the train split never showed, data.heldout_combinations), sampled from `weights` (sample.Weights) with
+  `sample_config`; empty when there are none or count is 0."""
   combinations = tuple(combinations or config.data.heldout_combinations)
   if not combinations or count == 0:
     return {}
@@ -236,9 +236,9 @@ def heldout_combination_accuracy(config, graphdef, state, mesh, count: int, samp
     log.warning("No validation caption names one of %s: their accuracy is not measured (raise data.num_eval).",
                 combinations)
     return {}
-  params = state.ema[0] if sample_config.use_ema else state.params
   lowres = cascade.downsampled(images, config)[:, None] if config.model.lowres_conditioning else None
-  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres, guide=guide)
+  generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, captions, sample_config, lowres,
+                        guide=guide)
   return {f"accuracy_heldout_combinations/{k}": v for k, v in shapes_judge.accuracy(generated, captions).items()}
 
 
@@ -252,19 +252,18 @@ def bicubic_metrics(config, images, perceptual=None) -> dict:
   return metrics
 
 
-def generation_metrics(config, graphdef, state, mesh, images, captions, sample_config, frechet=None,
+def generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config, frechet=None,
                        clip=None, perceptual=None, bicubic=None, image_to_video=False,
                        guide=None) -> tuple[dict, np.ndarray]:
-  """({metric: value}, generated uint8 media) for one sample setting (media_metrics against the real `images`;
-  `frechet`: their frechet_distances, made here when not given; for super-resolution stages, given the real
-  images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic upsampling's, whose
-  bicubic_metrics are made here when not given; image_to_video: a video model is given each real clip's first
-  frame; guide: an autoguidance.Guide or None)."""
-  params = state.ema[0] if sample_config.use_ema else state.params
+  """({metric: value}, generated uint8 media) of `weights` (sample.Weights) for one sample setting (media_metrics
+  against the real `images`; `frechet`: their frechet_distances, made here when not given; for super-resolution
+  stages, given the real images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic
+  upsampling's, whose bicubic_metrics are made here when not given; image_to_video: a video model is given each
+  real clip's first frame; guide: an autoguidance.Guide or None)."""
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
-  generated = _generate(config, graphdef, params, state.frozen, mesh, captions, sample_config, lowres,
+  generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, captions, sample_config, lowres,
                         images[:, 0] if image_to_video else None, guide)
   metrics = media_metrics(config, generated, captions, frechet or frechet_distances(images), clip)
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
@@ -405,18 +404,18 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
   evaluation_sample_config's; image_to_video and guide: as generation_metrics'; adapters: lora.Adapters fused
   into the weights."""
-  config, state, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
-  state = lora.fused_state(state, adapters)
+  config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
+  weights = lora.fused(weights, adapters)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
-  params = state.ema[0] if config.sample.use_ema else state.params
   batch_size = evaluation_sample_config(config, sample_overrides).batch_size  # examples at once, sharded
   heldout = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, batch_size)
-  losses = heldout(params, state.frozen, small)
+  losses = heldout(weights.params, weights.frozen, small)
   metrics = heldout_loss.as_metrics(losses)
   if config.data.dataset in CAPTION_GAPS:
     name, rewrite = CAPTION_GAPS[config.data.dataset]
-    gap = caption_gap(config, heldout, params, state.frozen, small, captions[:heldout_examples], rewrite, losses)
+    gap = caption_gap(config, heldout, weights.params, weights.frozen, small, captions[:heldout_examples], rewrite,
+                      losses)
     if gap is not None:
       metrics[name] = gap
   images, captions = images[:num_prompts], captions[:num_prompts]
@@ -424,9 +423,9 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   bicubic = bicubic_metrics(config, images, perceptual) if config.model.lowres_conditioning else None  # once
 
   def scored(sample_config):
-    setting_metrics, generated = generation_metrics(config, graphdef, state, mesh, images, captions, sample_config,
+    setting_metrics, generated = generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config,
                                                     frechet, clip, perceptual, bicubic, image_to_video, guide)
-    setting_metrics.update(heldout_combination_accuracy(config, graphdef, state, mesh, combination_prompts,
+    setting_metrics.update(heldout_combination_accuracy(config, graphdef, weights, mesh, combination_prompts,
                                                         sample_config, combinations, guide))
     return setting_metrics, generated
 

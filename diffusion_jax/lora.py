@@ -160,12 +160,11 @@ def _added(kernel, update):
   return (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
 
 
-def fused_state(state, adapters: list[Adapter]):
-  """A TrainState (sampling's and evaluation's) with the adapters fused into its weights and EMA copies."""
+def fused(weights, adapters: list[Adapter]):
+  """sample.Weights (sampling's and evaluation's) with the adapters fused into them."""
   if not adapters:
-    return state
-  return state.replace(params=fuse(state.params, adapters), frozen=fuse(state.frozen, adapters),
-                       ema=tuple(fuse(copy, adapters) for copy in state.ema))
+    return weights
+  return weights._replace(params=fuse(weights.params, adapters), frozen=fuse(weights.frozen, adapters))
 
 
 def provenance(adapters: list[Adapter]) -> list[dict]:

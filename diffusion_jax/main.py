@@ -63,7 +63,8 @@ def main(argv):
     from diffusion_jax import sample
 
     try:
-      print(f"samples: {sample.write_training_samples(config, state, graphdef, f.workdir)}")
+      weights = sample.weights_of(state, config.sample.use_ema)
+      print(f"samples: {sample.write_training_samples(config, weights, graphdef, int(state.step), f.workdir)}")
     except KeyboardInterrupt:
       print("interrupted while sampling; training is finished and saved. Sample later with "
             f"python -m diffusion_jax.sample --workdir={f.workdir}", file=sys.stderr)

@@ -78,6 +78,7 @@ import logging
 import pathlib
 import sys
 import time
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -394,19 +395,39 @@ def read_prompts(path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- CLI
 
-def load_checkpoint(workdir, step=None):
-  """(config, state, graphdef, step, mesh) of a training workdir's checkpoint (default: latest), restored
-  onto a data-parallel mesh over all devices."""
+class Weights(typing.NamedTuple):
+  """What sampling reads of a model: one copy of its trainable parameters (the first EMA copy or the trained
+  ones) and its frozen ones, pure dicts of arrays."""
+  params: dict
+  frozen: dict
+
+
+def weights_of(state, use_ema: bool) -> Weights:
+  """A TrainState's Weights (its first EMA copy with use_ema)."""
+  return Weights(state.ema[0] if use_ema else state.params, state.frozen)
+
+
+def load_checkpoint(workdir, step=None, use_ema=None):
+  """(config, Weights, graphdef, step, mesh) of a training workdir's checkpoint (default: latest), restored
+  onto a data-parallel mesh over all devices; use_ema (default: the config's sample.use_ema): its first EMA
+  copy, else its trained parameters. Only those and the frozen weights are read (no optimizer state, no other
+  copy): a third to a quarter of the train state with Adam."""
   from diffusion_jax import train  # the state layout lives with the trainer
 
   config = checkpoint.read_config(workdir)
+  use_ema = config.sample.use_ema if use_ema is None else use_ema
+  if use_ema and not config.train.ema_decays:
+    raise ValueError(f"{str(workdir)!r} kept no EMA copy of its weights (train.ema_decays is empty): sample its "
+                     "trained weights (--use_ema=false).")
   mngr = checkpoint.manager(workdir, read_only=True)
   if not mngr.all_steps():
     raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   target, graphdef = train.abstract_state(config, mesh)
-  state, step = checkpoint.restore(mngr, target, step=step)
-  return config, state, graphdef, step, mesh
+  fields = {"frozen": target.frozen, **({"ema": [target.ema[0]]} if use_ema else {"params": target.params})}
+  restored, step = checkpoint.restore(mngr, fields, step=step)
+  params = restored["ema"][0] if use_ema else restored["params"]
+  return config, Weights(params, restored.get("frozen", {})), graphdef, step, mesh
 
 
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
@@ -449,10 +470,9 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
-  config, state, graphdef, step, mesh = load_checkpoint(workdir, step)
-  state = lora.fused_state(state, adapters)
-  params = state.ema[0] if sample_config.use_ema else state.params
-  return write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
+  config, weights, graphdef, step, mesh = load_checkpoint(workdir, step, sample_config.use_ema)
+  weights = lora.fused(weights, adapters)
+  return write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
                        edits=edits, adapters=adapters, guide=guide)
 
@@ -536,22 +556,20 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   return write_outputs(output_dir, entries, np.stack(images), provenance, edits)
 
 
-def write_training_samples(config, state, graphdef, workdir):
-  """Samples of the config's prompts from a train state (a super-resolution stage: as many real validation
-  images, downsampled, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the grid
-  path. Every process takes part; process 0 writes."""
+def write_training_samples(config, weights: Weights, graphdef, step: int, workdir):
+  """Samples of the config's prompts from a run's weights at `step` (a super-resolution stage: as many real
+  validation images, downsampled, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the
+  grid path. Every process takes part; process 0 writes."""
   from diffusion_jax import metric_writers
   from diffusion_jax.text import tokenizers
 
   mesh = sharding.make_mesh(config.mesh)
-  params = state.ema[0] if config.sample.use_ema else state.params
-  step = int(state.step)
   prompts, lowres = list(config.sample.prompts), None
   if config.model.lowres_conditioning:
     from diffusion_jax import cascade
 
     prompts, lowres = cascade.validation_lowres(config, len(prompts), config.sample.num_per_prompt)
-  grid = write_samples(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
+  grid = write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        config.sample, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres)
   if jax.process_index() == 0:
     writer = metric_writers.MetricWriter(workdir, config.train.steps, name="samples")

@@ -439,7 +439,8 @@ def _train(config, workdir: str):
         break
       if config.train.sample_every and step % config.train.sample_every == 0 and step < config.train.steps:
         sample_start = time.perf_counter()
-        log.info("samples at step %d: %s", step, sample.write_training_samples(config, state, graphdef, workdir))
+        log.info("samples at step %d: %s", step, sample.write_training_samples(
+            config, sample.weights_of(state, config.sample.use_ema), graphdef, step, workdir))
         interval_start += time.perf_counter() - sample_start  # step times and MFU leave sampling out
       if step % config.train.log_every == 0:
         interval_start, data_time = time.perf_counter(), 0.0

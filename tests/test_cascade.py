@@ -75,18 +75,18 @@ def test_downsample_and_augmentation():
 def test_sr_stage_conditions_on_the_low_res_input(trained_sr):
   """Two different low-res inputs give two different upsamplings of the same noise and caption."""
   config, workdir = trained_sr
-  _, state, graphdef, _, mesh = sample.load_checkpoint(workdir)
+  _, weights, graphdef, _, mesh = sample.load_checkpoint(workdir, use_ema=False)
   from diffusion_jax.text import tokenizers
 
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(num_per_prompt=1, steps=2, aug_level=0.0)
   lowres = np.stack([np.zeros((1, 16, 16, 3), np.uint8), np.full((1, 16, 16, 3), 255, np.uint8)])
-  out = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+  out = sample.generate(config, graphdef, *weights, tokenizers.from_config(config),
                         ["a large red circle"] * 2, sample_config, mesh, lowres=lowres)
   assert out.shape == (2, 1, 32, 32, 3) and out.dtype == np.uint8
   assert np.abs(out[0].astype(int) - out[1].astype(int)).mean() > 1
   with pytest.raises(ValueError, match="super-resolution stage"):
-    sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config), ["a"],
+    sample.generate(config, graphdef, *weights, tokenizers.from_config(config), ["a"],
                     sample_config, mesh)
 
 
@@ -293,8 +293,8 @@ def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr, tra
   from diffusion_jax.metrics import psnr
 
   config, workdir = trained_sr
-  config_, state, graphdef, _, _ = sample.load_checkpoint(workdir)
-  grid = sample.write_training_samples(config_, state, graphdef, workdir)
+  config_, weights, graphdef, step, _ = sample.load_checkpoint(workdir)
+  grid = sample.write_training_samples(config_, weights, graphdef, step, workdir)
   records = [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
   captions, _ = cascade.validation_lowres(config, len(config.sample.prompts), 1)
   assert [r["prompt"] for r in records[::config.sample.num_per_prompt]] == captions
@@ -319,11 +319,11 @@ def test_sr_stage_samples_and_evaluation_use_real_low_res_inputs(trained_sr, tra
 
 def test_residual_sr_stage_beats_bicubic_after_a_short_training(trained_residual_sr):
   _, workdir = trained_residual_sr
-  config, state, graphdef, _, mesh = sample.load_checkpoint(workdir)
+  config, weights, graphdef, _, mesh = sample.load_checkpoint(workdir)
   _, images, captions = evaluate.validation_set(config, 16)  # held-out images
   perfect_input = evaluate.evaluation_sample_config(config)
   perfect_input.update(aug_level=0.0, steps=10)
-  metrics, generated = evaluate.generation_metrics(config, graphdef, state, mesh, images, captions, perfect_input)
+  metrics, generated = evaluate.generation_metrics(config, graphdef, weights, mesh, images, captions, perfect_input)
   assert generated.shape == images.shape and generated.dtype == np.uint8
   assert metrics["psnr"] > metrics["psnr_bicubic"] + 0.5, metrics
 

@@ -39,11 +39,11 @@ def test_the_inpainting_denoiser_estimates_the_known_image_where_it_is_kept():
   np.testing.assert_array_equal(out[:, :, :2], estimate[:, :, :2])
 
 
-def perturbed(state):
+def perturbed(weights):
   """EMA weights moved off their initial values: the tiny model's output then depends on its input."""
   import jax
 
-  leaves, tree = jax.tree.flatten(state.ema[0])
+  leaves, tree = jax.tree.flatten(weights.params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   return jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
 
@@ -52,15 +52,15 @@ def test_inpainting_keeps_the_kept_pixels_and_a_lower_strength_keeps_more_of_the
   from diffusion_jax import evaluate
   from diffusion_jax.text import tokenizers
 
-  config, state, graphdef, _, mesh = sample.load_checkpoint(trained[1])
-  params = perturbed(state)
+  config, weights, graphdef, _, mesh = sample.load_checkpoint(trained[1])
+  params = perturbed(weights)
   _, images, captions = evaluate.validation_set(config, 2)
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(steps=4, num_per_prompt=1)
 
   def edit(strength, keep=None):
     sample_config.strength = strength
-    return sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), captions,
+    return sample.generate(config, graphdef, params, weights.frozen, tokenizers.from_config(config), captions,
                            sample_config, mesh, init_images=images, keep_masks=keep)[:, 0].astype(int)
 
   keep, half = np.zeros(images.shape[:3], bool), images.shape[2] // 2

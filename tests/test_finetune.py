@@ -18,7 +18,7 @@ def test_a_finetune_starts_from_the_other_runs_weights_at_another_resolution(tra
   trains end to end in the LoRA test below; a resume restores its own checkpoint without initialising, as
   test_video's inflated run shows.)"""
   _, workdir, _ = trained
-  _, source, _, step, _ = sample.load_checkpoint(workdir)
+  _, source, _, step, _ = sample.load_checkpoint(workdir, use_ema=True)
   config = tiny_config(tmp_path_factory)
   config.data.resolution = 32
   config.optimizer.learning_rate = 3e-4
@@ -26,17 +26,17 @@ def test_a_finetune_starts_from_the_other_runs_weights_at_another_resolution(tra
   config.finetune.workdir = str(workdir)
   assert not config_checks.problems(config)
   state, _ = train.init_state(config, sharding.make_mesh(config.mesh))
-  for ours, theirs in zip(leaves((state.params, state.frozen)), leaves((source.ema[0], source.frozen))):
+  for ours, theirs in zip(leaves((state.params, state.frozen)), leaves((source.params, source.frozen))):
     np.testing.assert_array_equal(ours, theirs)
   for copy in state.ema:
-    for ours, theirs in zip(leaves(copy), leaves(source.ema[0])):
+    for ours, theirs in zip(leaves(copy), leaves(source.params)):
       np.testing.assert_array_equal(ours, theirs)
   assert int(state.step) == 0 and int(step) == 4
   assert all(np.all(moment == 0) for moment in leaves(state.opt_state) if moment.ndim > 0)
 
   config.finetune.use_ema = False  # the trained weights instead
   state, _ = train.init_state(config, sharding.make_mesh(config.mesh))
-  for ours, theirs in zip(leaves(state.params), leaves(source.params)):
+  for ours, theirs in zip(leaves(state.params), leaves(sample.load_checkpoint(workdir, use_ema=False)[1].params)):
     np.testing.assert_array_equal(ours, theirs)
 
 

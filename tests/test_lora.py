@@ -48,9 +48,9 @@ def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trai
   model is the other run's at the start); those are all the optimizer sees, and training moves them and nothing
   else."""
   config, _, start, end = lora_run
-  _, source, _, _, _ = sample.load_checkpoint(trained[1])
+  _, source, _, _, _ = sample.load_checkpoint(trained[1], use_ema=True)
   updates = flat(start.params)
-  adapted = [p for p in flat(source.ema[0]) if p[0] == "unet" and p[-1] == "kernel"
+  adapted = [p for p in flat(source.params) if p[0] == "unet" and p[-1] == "kernel"
              and p[-2] in ("q", "k", "v", "out", "conv1", "conv2", "proj_in", "proj_out")]
   assert {p[-2] for p in adapted} == {"q", "k", "v", "out", "conv1", "conv2", "proj_in", "proj_out"}
   assert len(updates) == 2 * len(adapted) and all(p[-2].endswith("_lora") for p in updates)  # a and b of each
@@ -58,7 +58,7 @@ def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trai
   assert any(w.ndim == 4 for w in updates.values())  # a convolution's a: [3, 3, in, rank]
   assert all(np.all(w == 0) for p, w in updates.items() if p[-1] == "lora_b")
   base = flat(start.frozen)
-  for path, weight in flat(source.ema[0]).items():  # the other run's weights, frozen
+  for path, weight in flat(source.params).items():  # the other run's weights, frozen
     np.testing.assert_array_equal(base[path], weight)
   after = flat(end.params)
   assert all(np.any(after[p] != updates[p]) for p in updates if p[-1] == "lora_b")  # updates no longer nothing
@@ -109,7 +109,7 @@ def test_fused_into_the_source_an_adapter_computes_what_the_lora_model_computes(
   rng = np.random.default_rng(0)
   updates = {p: rng.normal(0, 0.3, w.shape).astype(np.float32) for p, w in flat(start.params).items()}
   adapter = lora.Adapter("random", {lora.name(p): w for p, w in updates.items()}, {})
-  _, source, graphdef, _, _ = sample.load_checkpoint(trained[1])
+  _, source, graphdef, _, _ = sample.load_checkpoint(trained[1], use_ema=True)
   lora_graphdef = sample.load_checkpoint(workdir)[2]
   x = rng.normal(size=(2, config.data.resolution, config.data.resolution, 3)).astype(np.float32)
   ids, mask = tokenizers.from_config(config)(["a large red circle at the top left", "a small blue square"])
@@ -121,15 +121,15 @@ def test_fused_into_the_source_an_adapter_computes_what_the_lora_model_computes(
     return np.asarray(jax.jit(apply)(params, frozen))
 
   with_updates = denoised(lora_graphdef, traverse_util.unflatten_dict(updates), start.frozen)
-  fused = lora.fused_state(source, [adapter])
-  np.testing.assert_allclose(denoised(graphdef, fused.ema[0], fused.frozen), with_updates, atol=1e-4)
-  assert np.abs(denoised(graphdef, source.ema[0], source.frozen) - with_updates).max() > 1e-2  # not the source
+  fused = lora.fused(source, [adapter])
+  np.testing.assert_allclose(denoised(graphdef, *fused), with_updates, atol=1e-4)
+  assert np.abs(denoised(graphdef, *source) - with_updates).max() > 1e-2  # not the source
 
-  kernels = lambda state: {p: w for p, w in flat(state.ema[0]).items() if p[-1] == "kernel"}
+  kernels = lambda weights: {p: w for p, w in flat(weights.params).items() if p[-1] == "kernel"}
   at = lambda scale: dataclasses.replace(adapter, scale=scale)
-  for path, weight in kernels(lora.fused_state(source, [at(0.0)])).items():
+  for path, weight in kernels(lora.fused(source, [at(0.0)])).items():
     np.testing.assert_array_equal(weight, kernels(source)[path])
-  whole, halves = kernels(fused), kernels(lora.fused_state(source, [at(0.5), at(0.5)]))
+  whole, halves = kernels(fused), kernels(lora.fused(source, [at(0.5), at(0.5)]))
   assert sum(np.any(whole[p] != kernels(source)[p]) for p in whole) == len(updates) // 2  # each adapted kernel
   for path in whole:
     np.testing.assert_allclose(halves[path], whole[path], atol=1e-6)

@@ -87,13 +87,13 @@ def test_heldout_loss_in_sharded_batches_is_the_loss_of_the_whole_set(trained):
   from diffusion_jax.metrics import heldout_loss
 
   _, workdir, _ = trained
-  config, state, graphdef, _, mesh = sample.load_checkpoint(workdir)
+  config, weights, graphdef, _, mesh = sample.load_checkpoint(workdir)
   batch = evaluate.validation_set(config, 12)[0]
-  whole = heldout_loss.make_heldout_loss_fn(config, graphdef)(state.params, state.frozen, batch)
-  batched = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, batch_size=8)(state.params, state.frozen, batch)
+  whole = heldout_loss.make_heldout_loss_fn(config, graphdef)(*weights, batch)
+  batched = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, batch_size=8)(*weights, batch)
   assert whole.shape == (len(heldout_loss.LEVELS),) and np.all(whole > 0)
   np.testing.assert_allclose(batched, whole, rtol=1e-5)
-  first = heldout_loss.make_heldout_loss_fn(config, graphdef)(state.params, state.frozen,
+  first = heldout_loss.make_heldout_loss_fn(config, graphdef)(*weights,
                                                               {k: v[:8] for k, v in batch.items()})
   assert np.abs(first - whole).max() > 1e-6  # the last four examples count
 
@@ -227,10 +227,10 @@ def test_evaluation_samples_each_caption_from_its_own_noise(trained):
   is less diverse than the real data, and the noise rather than the caption would decide what is judged."""
   from diffusion_jax import evaluate, sample
 
-  config, state, graphdef, _, mesh = sample.load_checkpoint(trained[1])
+  config, weights, graphdef, _, mesh = sample.load_checkpoint(trained[1])
   _, images, captions = evaluate.validation_set(config, 2)
   images, captions = np.concatenate([images, images]), captions * 2
-  _, generated = evaluate.generation_metrics(config, graphdef, state, mesh, images, captions,
+  _, generated = evaluate.generation_metrics(config, graphdef, weights, mesh, images, captions,
                                              evaluate.evaluation_sample_config(config))
   assert np.abs(generated[0].astype(int) - generated[2]).mean() > 1.0
 

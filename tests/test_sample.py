@@ -122,7 +122,7 @@ def test_sampling_is_deterministic_and_independent_of_device_count(trained):
   from diffusion_jax.text import tokenizers
 
   config, workdir, _ = trained
-  config, state, graphdef, _, _ = sample.load_checkpoint(workdir)
+  config, weights, graphdef, _, _ = sample.load_checkpoint(workdir)
   tokenizer = tokenizers.from_config(config)
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(steps=3, num_per_prompt=3)
@@ -130,7 +130,7 @@ def test_sampling_is_deterministic_and_independent_of_device_count(trained):
 
   def run(devices, batch_size=256):
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=devices)
-    params, frozen = jax.device_put((state.ema[0], state.frozen), sharding.replicated(mesh))
+    params, frozen = jax.device_put((weights.params, weights.frozen), sharding.replicated(mesh))
     sample_config.batch_size = batch_size
     return sample.generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh)
 
@@ -142,6 +142,25 @@ def test_sampling_is_deterministic_and_independent_of_device_count(trained):
   assert by_twos.shape == one.shape and np.abs(by_twos.astype(int) - one.astype(int)).max() <= 1
 
 
+def test_sampling_reads_one_copy_of_the_weights_not_the_train_state(trained):
+  """A checkpoint holds the trainable weights, an EMA copy of them and the optimizer's moments; sampling
+  allocates only the copy it samples with and the frozen weights."""
+  import gc
+
+  import jax
+
+  from diffusion_jax import train
+
+  _, workdir, _ = trained
+  gc.collect()
+  before = {id(array) for array in jax.live_arrays()}
+  config, weights, _, _, mesh = sample.load_checkpoint(workdir)
+  allocated = sum(a.nbytes for a in jax.live_arrays() if id(a) not in before)
+  assert allocated == sum(x.nbytes for x in jax.tree.leaves(tuple(weights))) > 0
+  whole = train.abstract_state(config, mesh)[0]
+  assert 2 * allocated < sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(whole))
+
+
 def test_checkpoints_of_one_run_share_one_compiled_sampler(trained):
   from diffusion_jax.text import tokenizers
 
@@ -150,8 +169,8 @@ def test_checkpoints_of_one_run_share_one_compiled_sampler(trained):
   sample_config.update(steps=2, num_per_prompt=1)
   images = []
   for step in (2, 4):  # what the evaluation job does for each new checkpoint
-    config, state, graphdef, _, mesh = sample.load_checkpoint(workdir, step)
-    images.append(sample.generate(config, graphdef, state.ema[0], state.frozen, tokenizers.from_config(config),
+    config, weights, graphdef, _, mesh = sample.load_checkpoint(workdir, step)
+    images.append(sample.generate(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config),
                                   ["a large red circle at the top left"], sample_config, mesh))
   assert sample.compiled_sampler(config, graphdef, sample_config, mesh)._cache_size() == 1
   assert not np.array_equal(images[0], images[1])  # the weights are arguments, not baked-in constants
@@ -173,8 +192,8 @@ def test_negative_prompts_replace_the_null_condition_of_guidance(trained, tmp_pa
   from diffusion_jax.text import tokenizers
 
   _, workdir, _ = trained
-  config, state, graphdef, _, mesh = sample.load_checkpoint(workdir)
-  leaves, tree = jax.tree.flatten(state.ema[0])  # every weight off its initial value, so the text matters
+  config, weights, graphdef, _, mesh = sample.load_checkpoint(workdir)
+  leaves, tree = jax.tree.flatten(weights.params)  # every weight off its initial value, so the text matters
   keys = jax.random.split(jax.random.key(0), len(leaves))
   params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
   sample_config = config.sample.copy_and_resolve_references()
@@ -183,7 +202,7 @@ def test_negative_prompts_replace_the_null_condition_of_guidance(trained, tmp_pa
 
   def run(negatives, guidance_scale=3.0):
     sample_config.guidance_scale = guidance_scale
-    return sample.generate(config, graphdef, params, state.frozen, tokenizers.from_config(config), prompts,
+    return sample.generate(config, graphdef, params, weights.frozen, tokenizers.from_config(config), prompts,
                            sample_config, mesh, negative_prompts=negatives).astype(int)
 
   plain, conditional = run(None), run(None, 1.0)

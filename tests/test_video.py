@@ -107,9 +107,9 @@ def test_video_input_to_an_image_model_is_refused(video_model):
 def models_at(config, state, graphdef, image_config, image_workdir):
   """The video model of `state` and the image model of the image checkpoint, their parameters on the host (so
   their programs run on one device, not partitioned over the 8 of the mesh)."""
-  _, image_state, image_graphdef, _, _ = sample.load_checkpoint(image_workdir)
+  _, image_weights, image_graphdef, _, _ = sample.load_checkpoint(image_workdir, use_ema=True)
   video = nnx.merge(graphdef, *jax.device_get((state.params, state.frozen)))
-  image = nnx.merge(image_graphdef, *jax.device_get((image_state.ema[0], image_state.frozen)))
+  image = nnx.merge(image_graphdef, *jax.device_get(tuple(image_weights)))
   return video, image
 
 

@@ -61,13 +61,12 @@ def heldout_record(sweep, run: sweeps.Run, workdir) -> dict:
   from diffusion_jax import evaluate, sample
   from diffusion_jax.metrics import heldout_loss
 
-  config, state, graphdef, step, mesh = sample.load_checkpoint(workdir)
+  config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir)
   count = max(sweep.heldout_examples, sweep.generation_metrics)
   batch, images, captions = evaluate.validation_set(config, count)
   batch = {k: v[:sweep.heldout_examples] for k, v in batch.items()}
-  params = state.ema[0] if config.sample.use_ema else state.params
-  losses = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, config.sample.batch_size)(params, state.frozen,
-                                                                                               batch)
+  losses = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, config.sample.batch_size)(weights.params,
+                                                                                               weights.frozen, batch)
   batch_size = config.train.batch_size
   record = {"name": run.name, "size": run.size, "budget": run.budget, "params": run.params,
             "flops_per_example": run.flops_per_example, "flops_per_step": run.flops_per_example * batch_size,
@@ -78,7 +77,7 @@ def heldout_record(sweep, run: sweeps.Run, workdir) -> dict:
     sample_config = config.sample.copy_and_resolve_references()
     sample_config.num_per_prompt = 1
     n = sweep.generation_metrics
-    record |= evaluate.generation_metrics(config, graphdef, state, mesh, images[:n], captions[:n], sample_config)[0]
+    record |= evaluate.generation_metrics(config, graphdef, weights, mesh, images[:n], captions[:n], sample_config)[0]
   return record
 
 
