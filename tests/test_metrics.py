@@ -14,7 +14,8 @@ from diffusion_jax.metrics import fid, shapes_judge
 def dataset_images(count, resolution=32, seed=0):
   rng = np.random.default_rng(seed)
   objects = [captioned_shapes.random_objects(rng, 2) for _ in range(count)]
-  return np.stack([captioned_shapes.render(o, resolution) for o in objects]), [captioned_shapes.caption(o) for o in objects]
+  images = np.stack([captioned_shapes.render(o, resolution) for o in objects])
+  return images, [captioned_shapes.caption(o) for o in objects]
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
