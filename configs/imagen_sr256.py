@@ -7,7 +7,8 @@
 Efficient U-Net (Saharia et al. 2022, appendix): more residual blocks at low resolution, one skip per
 level scaled by 1/sqrt(2), no attention at high resolution (self + text cross-attention only at 32 px
 and below). Imagen's stage has width multipliers (1, 2, 4, 8, 8) and 0.6B parameters; with our heavier
-residual blocks the same depths at (1, 2, 4, 4, 4) give 0.54B. Noise-conditioning augmentation up to t_aug = 0.5 in training; sampled at aug_level 0.
+residual blocks the same depths at (1, 2, 4, 4, 4) give 0.54B. Noise-conditioning augmentation up to t_aug = 0.5
+in training; sampled at aug_level 0.
 Variants: `fsdp` (default), `dp`.
 """
 

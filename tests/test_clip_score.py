@@ -16,7 +16,8 @@ def test_embeddings_and_scores_match_transformers(tiny_clip):
   encode = clip_score.tokenizer(directory, model.max_length)
   prompts = ["a red circle", "a large blue square at the top left"]  # the second is cut to 8 tokens
   ids = encode(prompts)
-  assert ids.shape == (2, 8) and ids[1, -1] == ids[0, 4] == ids.max()  # end of text (the last id) kept last, and padding
+  # End of text (the last id) kept last, and padding.
+  assert ids.shape == (2, 8) and ids[1, -1] == ids[0, 4] == ids.max()
   images = np.random.default_rng(0).integers(0, 256, (2, 20, 20, 3), dtype=np.uint8)
   pixels = np.asarray(clip_score.preprocess(images, model.image_size))
   with torch.no_grad():

@@ -303,7 +303,8 @@ def test_samplers_reproduce_gaussian_mixture(sampler):
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule("cosine", logsnr_min=-12, logsnr_max=12), 64)
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, "flow" if sampler == "flow_euler" else "vp")
   x_init = sigma[0] * jax.random.normal(jax.random.key(3), (4096, 2))
-  x = np.asarray(jax.jit(lambda x: samplers.sample(mixture_x0, x, alpha, sigma, sampler, key=jax.random.key(4)))(x_init))
+  run = jax.jit(lambda x: samplers.sample(mixture_x0, x, alpha, sigma, sampler, key=jax.random.key(4)))
+  x = np.asarray(run(x_init))
   nearest = np.argmin(((x[:, None] - MODES[None]) ** 2).sum(-1), axis=1)
   np.testing.assert_allclose(np.bincount(nearest, minlength=2) / len(x), MODE_WEIGHTS, atol=0.03)
   for k in range(2):

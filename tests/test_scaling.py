@@ -208,7 +208,8 @@ def test_runner_skips_finished_runs_and_resumes_a_killed_one(tmp_path, monkeypat
   (root / "results.jsonl").write_text(json.dumps(records[0]) + "\n")
   [command] = runner.print_commands(sweep, root, "LAUNCH")
   words = shlex.split(command)
-  assert words[0] == "LAUNCH" and words[1] == f"--config={sweep.experiment}" and words[-1] == f"--workdir={root / second.name}"
+  assert words[0] == "LAUNCH" and words[1] == f"--config={sweep.experiment}"
+  assert words[-1] == f"--workdir={root / second.name}"
   # The printed flags, parsed back, give the config the runner trains with.
   overrides = {w.split("=", 1)[0][len("--config."):]: ast.literal_eval(w.split("=", 1)[1]) for w in words[2:-1]}
   assert sweeps.apply(sweeps.load_config_file(sweep.experiment), overrides) == sweeps.run_config(sweep, second)

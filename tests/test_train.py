@@ -71,7 +71,8 @@ def test_data_parallel_fsdp_and_tensor_parallel_match_one_device(batch):
   fsdp_state, fsdp_metrics = one_step(config, dict(data=2, fsdp=2, tensor=2), batch_np)
   for metrics, state in ((dp_metrics, dp_state), (fsdp_metrics, fsdp_state)):
     np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(single_state.params))):
+    ours, single = jax.device_get((state.params, single_state.params))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(single)):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
   # FSDP really shards: per-device parameter + optimizer bytes well under the replicated total.
   def per_device_bytes(tree):
@@ -90,7 +91,8 @@ def test_nonfinite_batch_skips_the_update(batch):
   before = jax.device_get(state.params)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bad.items()}
   compiled, _ = train.compile_step(train.make_train_step(config, graphdef), state, shapes, mesh)
-  state, metrics = compiled(state, pipeline.to_global(bad, sharding.batch_sharding(mesh)), train.place_hparams(config, mesh))
+  bad = pipeline.to_global(bad, sharding.batch_sharding(mesh))
+  state, metrics = compiled(state, bad, train.place_hparams(config, mesh))
   assert int(metrics["nonfinite"]) == 1 and int(state.nonfinite_run) == 1 and int(state.step) == 1
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
     np.testing.assert_array_equal(a, b)

@@ -43,7 +43,8 @@ def markdown(runs, result: fits.ScalingFit, intervals: dict, extrapolated: dict 
     if edge:
       lines += ["", "Best at the smallest or largest learning rate tried (the optimum may lie outside the range; "
                 "widen sweep.learning_rates): " + ", ".join(edge) + "."]
-  lines += ["", "| budget C (FLOPs) | N_opt | D_opt (examples) | L_opt | vertex inside the grid |", "|---|---|---|---|---|"]
+  lines += ["", "| budget C (FLOPs) | N_opt | D_opt (examples) | L_opt | vertex inside the grid |",
+            "|---|---|---|---|---|"]
   for isoflop, d_opt in zip(result.isoflops, result.d_opt):
     lines.append(f"| {isoflop.budget:.3g} | {isoflop.n_opt / 1e6:.3f}M | {d_opt:.3g} | {isoflop.loss_opt:.4f} | "
                  f"{'yes' if isoflop.interior else 'no (best run)'} |")
