@@ -75,10 +75,10 @@ class UnreadableCheckpoint(ValueError):
   """A checkpoint's files cannot be restored (damaged storage, a copy cut short)."""
 
 
-def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
-  """Restore (state, step) at `step` (default latest) into target_state's structure and shardings: a TrainState,
-  or a dict of some of its fields (e.g. {"ema": [params], "frozen": frozen}: nothing else is read).
-  Returns (None, None) when there is no checkpoint.
+def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None, partial: bool = False):
+  """Restore (state, step) at `step` (default latest) into target_state's structure and shardings (arrays or
+  ShapeDtypeStructs); partial: target_state is a dict of some fields of the saved state (e.g. {"ema": [params],
+  "frozen": frozen}), and nothing else is read. Returns (None, None) when there is no checkpoint.
 
   Without an explicit step, an unreadable newest checkpoint (partial or corrupt) is skipped with a
   warning and the one before it is used.
@@ -88,8 +88,7 @@ def restore(mngr: ocp.CheckpointManager, target_state, step: int | None = None):
   candidates = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
   for candidate in candidates:
     try:
-      args = (fields_restore(target_state) if isinstance(target_state, dict)
-              else ocp.args.StandardRestore(abstract(target_state)))
+      args = fields_restore(abstract(target_state)) if partial else ocp.args.StandardRestore(abstract(target_state))
       restored = mngr.restore(candidate, args=ocp.args.Composite(state=args))
     except Exception as error:  # orbax/tensorstore raise many kinds for a damaged checkpoint
       if step is not None or candidate == candidates[-1]:
@@ -247,6 +246,7 @@ ADDED_FIELDS = {
     "model.lora_convolutions": False, "model.lora_feed_forward": False,
     "model.video_attention": "factorised",
     "sample.guidance_interval": (),
+    "model.temporal_patch_size": 1,
 }
 
 

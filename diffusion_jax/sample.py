@@ -117,6 +117,9 @@ def output_shape(config, sample_config) -> tuple:
   frames = sample_config.frames or config.data.frames
   if not 1 <= frames <= config.model.max_frames:
     raise ValueError(f"--frames={frames} must be in 1..{config.model.max_frames} (model.max_frames).")
+  if frames % config.model.temporal_patch_size:
+    raise ValueError(f"--frames={frames} must be a multiple of model.temporal_patch_size="
+                     f"{config.model.temporal_patch_size} (the frames of one token).")
   return (frames,) + shape
 
 
@@ -425,7 +428,7 @@ def load_checkpoint(workdir, step=None, use_ema=None):
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   target, graphdef = train.abstract_state(config, mesh)
   fields = {"frozen": target.frozen, **({"ema": [target.ema[0]]} if use_ema else {"params": target.params})}
-  restored, step = checkpoint.restore(mngr, fields, step=step)
+  restored, step = checkpoint.restore(mngr, fields, step=step, partial=True)
   params = restored["ema"][0] if use_ema else restored["params"]
   return config, Weights(params, restored.get("frozen", {})), graphdef, step, mesh
 
