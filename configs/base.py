@@ -62,6 +62,7 @@ def get_config():
       depth=12,                    # dit: transformer blocks (its width is `channels`)
       position_max_period=10000.0,  # dit: longest patch-position sinusoid period / 2pi, in patches (DiT: 1e4)
       video_attention="factorised",  # video dit: 'factorised' (temporal layers) or 'spacetime' (full attention)
+      temporal_patch_size=1,       # spacetime dit: frames per token (tubelets of that many frames x patch_size^2)
       lora_rank=0,                 # > 0: low-rank updates of every attention projection, the only weights trained
       lora_convolutions=False,     # with lora_rank: also of both 3x3 convolutions of every U-Net residual block
       lora_feed_forward=False,     # with lora_rank: also of both feed-forward projections of every transformer block

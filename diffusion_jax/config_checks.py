@@ -19,6 +19,23 @@ def network_resolution(config) -> int | None:
     return None
 
 
+def tubelet_problems(config) -> list[str]:
+  """Why model.temporal_patch_size (frames per token) does not fit the model or the clips."""
+  t = config.model.temporal_patch_size
+  if t == 1:
+    return []
+  if t < 1:
+    return [f"model.temporal_patch_size={t} must be >= 1"]
+  found = []
+  if config.model.video_attention != "spacetime":
+    found.append(f"model.temporal_patch_size={t} makes tokens of several frames, which only a spacetime DiT's "
+                 "attention reads (model.video_attention='spacetime'; the factorised model attends frame by frame)")
+  for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
+    if frames % t:
+      found.append(f"{field}={frames} must be a multiple of model.temporal_patch_size={t}")
+  return found
+
+
 def latent_problems(config) -> list[str]:
   """What a latent diffusion model (latent.autoencoder_path) cannot do with this config."""
   try:
@@ -141,6 +158,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if m.video_attention == "spacetime" and not (m.temporal and m.backbone == "dit"):
     found.append("model.video_attention='spacetime' is the video DiT's full attention over a clip: it needs "
                  "model.backbone='dit' and model.temporal=True")
+  found += tubelet_problems(config)
   resolution = network_resolution(config)  # None: unknown, and latent_problems says why
   if config.latent.autoencoder_path:
     found += latent_problems(config)

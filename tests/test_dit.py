@@ -97,8 +97,11 @@ def test_a_video_dit_inflated_from_an_image_dit_is_that_model_per_frame():
 
 @pytest.mark.parametrize("video_attention", ["factorised", "spacetime"])
 def test_video_dit_trains_sharded_like_one_device_and_samples(video_attention):
+  """Factorised, or spacetime with tokens of two frames (the spacetime model with one-frame tokens is the same
+  program but for the patch reshapes: tested below)."""
   config = dit_config(video=True)
   config.model.video_attention = video_attention
+  config.model.temporal_patch_size = 2 if video_attention == "spacetime" else 1
   batch_np = pipeline.synthetic_batch(config)
   batch_np["video"] = np.random.default_rng(0).normal(size=batch_np["video"].shape).astype(np.float32)
   batch_np["is_video"][::3] = False  # a joint image-video batch
@@ -141,6 +144,49 @@ def test_a_spacetime_dit_attends_across_frames_in_every_block_and_keeps_stills_i
   config.model.video_attention = "spacetime"
   config.inflate.update(image_workdir="image_run", train_temporal_only=True)
   assert "only the frame-index embedding" in "; ".join(config_checks.problems(config, device_count=8))
+
+
+def test_a_dit_with_tokens_of_two_frames_inflates_from_an_image_dit_checkpoint(tmp_path):
+  """model.temporal_patch_size=2: each token is a tubelet of two frames x one patch (half the tokens of a clip).
+  Inflated from an image DiT's checkpoint, a still is that model's image in every frame; a video's frames mix,
+  within a token and across tokens. Clips of an odd number of frames, and tubelets without spacetime attention,
+  are refused."""
+  from diffusion_jax import checkpoint, train
+
+  image_config = dit_config()
+  state, graphdef = train.init_state(image_config, sharding.make_mesh(image_config.mesh))
+  image = perturb(nnx.merge(graphdef, state.params, state.frozen))
+  params, frozen = (nnx.to_pure_dict(tree) for tree in text_to_image.split(image, image_config)[1:])
+  workdir = tmp_path / "image"
+  checkpoint.write_config(workdir, image_config)
+  mngr = checkpoint.manager(workdir)
+  checkpoint.save(mngr, 1, state.replace(params=params, frozen=frozen, ema=tuple(params for _ in state.ema)))
+  mngr.wait_until_finished()
+
+  config = dit_config(video=True)
+  config.model.update(video_attention="spacetime", temporal_patch_size=2)
+  config.inflate.update(image_workdir=str(workdir), step=1)
+  assert config_checks.problems(config, device_count=8) == []
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  video = nnx.merge(graphdef, state.params, state.frozen)
+  assert state.params["dit"]["patch_in"]["kernel"].shape[0] == 2 * params["dit"]["patch_in"]["kernel"].shape[0]
+  x, logsnr, _, _ = video_inputs(res=16)
+  ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
+  text = image.encode(ids, ids > 0)
+  still = jnp.broadcast_to(x[:, :1], x.shape)
+  stills = run(video, still, logsnr, text, ids > 0, is_video=jnp.zeros(2, bool))
+  image_out = run(image, x[:, 0], logsnr, text, ids > 0)
+  for frame in range(x.shape[1]):
+    np.testing.assert_allclose(stills[:, frame], image_out, atol=1e-5)
+  video = perturb(video)  # the inflated frame-index embedding is zero: frames would differ only by their content
+  for frame in (0, 3):
+    assert np.all(frame_influence(video, x, logsnr, text, ids > 0, frame) > 1e-4)
+  with pytest.raises(ValueError, match="multiple of 2 frames"):
+    run(video, x[:, :3], logsnr, text, ids > 0)
+  config.model.video_attention = "factorised"
+  config.data.frames = 3
+  found = "; ".join(config_checks.problems(config, device_count=8))
+  assert "only a spacetime DiT" in found and "data.frames=3 must be a multiple of model.temporal_patch_size=2" in found
 
 
 def test_a_super_resolution_dit_reads_its_low_res_input_and_augmentation_level():

@@ -20,7 +20,10 @@ With `video_attention='spacetime'` (full attention over space and time, as CogVi
 temporal layers: every block's self-attention spans all patches of all frames of a clip, so frames mix in every
 block; the frame-index embedding tells frames apart. Stills (`is_video` False) attend within their own frame
 only, so they stay images, exactly the image model's output per frame; a video is not the image model per frame,
-even just inflated (its attention spans the clip from the start).
+even just inflated (its attention spans the clip from the start). With `temporal_patch_size` t > 1 a spacetime
+DiT's token is a tubelet, t consecutive frames x one patch (ViViT's tubelet embedding, Latte's and Open-Sora's
+spacetime patches): a clip has t times fewer tokens (attention logits t^2 fewer), a frame-index embedding per
+tubelet, and each token predicts its t frames.
 
 A super-resolution DiT (`lowres_conditioning`, superres.py) reads the upsampled low-resolution input as extra
 channels of every patch and adds an embedding of its noise-augmentation log-SNR to the conditioning, as the
@@ -28,11 +31,13 @@ U-Net does; a video one repeats each low-resolution frame over the frames it spa
 
 Configuration (`config.model`, see configs/base.py): backbone='dit', channels (token width), depth (blocks),
 patch_size, position_max_period, heads, ff_mult, dropout, text_dim, in_channels, dtype, remat, attention
-(models/attention.py), temporal, max_frames, video_attention ('factorised' or 'spacetime'), lowres_conditioning.
+(models/attention.py), temporal, max_frames, video_attention ('factorised' or 'spacetime'), temporal_patch_size,
+lowres_conditioning.
 
 Call: x [batch, h, w, in_channels], logsnr [batch], text [batch, tokens, text_dim], text_mask [batch, tokens]
 bool -> prediction [batch, h, w, in_channels] (float32); h and w divisible by patch_size. Video DiT:
-x [batch, frames, h, w, in_channels] -> the same shape; is_video [batch] (default all True). Super-resolution:
+x [batch, frames, h, w, in_channels] -> the same shape (frames divisible by temporal_patch_size, which takes only
+clips); is_video [batch] (default all True). Super-resolution:
 lowres [batch, (frames,) h', w', 3] (an RGB image, also for a latent model), aug_logsnr [batch].
 """
 
@@ -115,7 +120,10 @@ class DiT(nnx.Module):
     self.position_max_period = config.position_max_period
     self.lowres_conditioning = config.lowres_conditioning
     patch_channels = config.in_channels + (superres.LOWRES_CHANNELS if config.lowres_conditioning else 0)
-    self.patch_in = layers.dense(patch * patch * patch_channels, dim, (None, "embed"), rngs, dtype)
+    # A spacetime DiT's token may span several frames (a tubelet); every other DiT's spans one.
+    self.temporal_patch = config.temporal_patch_size if config.temporal else 1
+    self.patch_in = layers.dense(self.temporal_patch * patch * patch * patch_channels, dim, (None, "embed"), rngs,
+                                 dtype)
     self.aug_in = layers.dense(dim, dim, (None, "embed"), rngs, dtype) if config.lowres_conditioning else None
     self.time_in = layers.dense(dim, dim, (None, "embed"), rngs, dtype)
     self.time_out = layers.dense(dim, dim, ("embed", "embed"), rngs, dtype)
@@ -127,8 +135,8 @@ class DiT(nnx.Module):
                                for _ in range(config.depth)])
     self.final_modulation = layers.dense(dim, 2 * dim, ("embed", None), rngs, dtype, zero_init=True)
     self.norm_out = plain_layer_norm(dim, rngs, dtype)
-    self.patch_out = layers.dense(dim, patch * patch * config.in_channels, ("embed", None), rngs, dtype,
-                                  zero_init=True)
+    self.patch_out = layers.dense(dim, self.temporal_patch * patch * patch * config.in_channels, ("embed", None),
+                                  rngs, dtype, zero_init=True)
     self.temporal, self.max_frames = config.temporal, config.max_frames
     self.spacetime = config.temporal and config.video_attention == "spacetime"
     self.temporal_frame_embed = layers.dense(dim, dim, (None, "embed"), rngs, dtype) if self.temporal else None
@@ -146,6 +154,10 @@ class DiT(nnx.Module):
       raise ValueError("a super-resolution DiT (model.lowres_conditioning) needs `lowres` and `aug_logsnr` inputs, "
                        "and only it takes them.")
     video_shape = x.shape if x.ndim == 5 else None
+    t = self.temporal_patch
+    if t > 1 and (video_shape is None or video_shape[1] % t):
+      raise ValueError(f"a DiT with model.temporal_patch_size={t} takes clips [batch, frames, h, w, c] of a multiple "
+                       f"of {t} frames; got {x.shape}.")
     c = x.shape[-1]
     if self.lowres_conditioning:  # the upsampled low-res input becomes extra channels of every patch
       x = jnp.concatenate([x, superres.upsampled(lowres, x.shape)], axis=-1)
@@ -158,7 +170,11 @@ class DiT(nnx.Module):
     rows, h, w = x.shape[:3]
     p, dtype = self.patch, self.dtype
     grid_h, grid_w = h // p, w // p
-    patches = x.reshape(rows, grid_h, p, grid_w, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(rows, grid_h * grid_w, -1)
+    if t > 1:  # a row is a tubelet of t consecutive frames of one clip, with that clip's conditioning
+      logsnr, text, text_mask, frame_is_video = (a[::t] for a in (logsnr, text, text_mask, frame_is_video))
+      aug_logsnr = None if aug_logsnr is None else aug_logsnr[::t]
+    patches = x.reshape(rows // t, t, grid_h, p, grid_w, p, -1).transpose(0, 2, 4, 1, 3, 5, 6)
+    patches = patches.reshape(rows // t, grid_h * grid_w, -1)  # each patch's values in (frame, row, column) order
     positions = position_embedding(grid_h, grid_w, self.dim, self.position_max_period)
     tokens = self.patch_in(patches.astype(dtype)) + positions.astype(dtype)
     text = text.astype(dtype)
@@ -168,7 +184,8 @@ class DiT(nnx.Module):
       emb = emb + self.aug_in(layers.sinusoidal_embedding(aug_logsnr, self.dim).astype(dtype))
     if video_shape is not None:  # which frame each row is (off for stills, so they stay images)
       b, f = video_shape[:2]
-      frame_emb = self.temporal_frame_embed(temporal.frame_features(b, f, self.dim, self.max_frames).astype(dtype))
+      frame_emb = self.temporal_frame_embed(
+          temporal.frame_features(b, f, self.dim, self.max_frames, stride=t).astype(dtype))
       emb = emb + frame_is_video.astype(dtype)[:, None] * frame_emb
       gate = frame_is_video.astype(dtype)[:, None, None]
 
@@ -176,7 +193,7 @@ class DiT(nnx.Module):
         mixed = self._run(attention, tokens.reshape(b, f, grid_h, grid_w, self.dim))
         return tokens + gate * mixed.reshape(tokens.shape)
 
-    clip_bias = (spacetime_bias(is_video, video_shape[1], grid_h * grid_w).astype(dtype)
+    clip_bias = (spacetime_bias(is_video, video_shape[1] // t, grid_h * grid_w).astype(dtype)
                  if self.spacetime and video_shape is not None else None)
     dropout_keys = ([None] * len(self.blocks) if dropout_key is None
                     else list(jax.random.split(dropout_key, len(self.blocks))))
@@ -186,5 +203,5 @@ class DiT(nnx.Module):
         tokens = across_frames(self.temporal_attention[index], tokens)
     shift, scale = jnp.split(self.final_modulation(nnx.silu(emb)), 2, axis=-1)
     out = self.patch_out(modulate(self.norm_out(tokens), shift, scale)).astype(jnp.float32)
-    out = out.reshape(rows, grid_h, grid_w, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(rows, h, w, c)
+    out = out.reshape(rows // t, grid_h, grid_w, t, p, p, c).transpose(0, 3, 1, 4, 2, 5, 6).reshape(rows, h, w, c)
     return out if video_shape is None else out.reshape(video_shape)

@@ -9,6 +9,9 @@ start, and only its stills are the image model's output). Both models must have 
 text the same way.
 A video model with pixel coordinate inputs (`model.coordinate_channels`) inflates from an image model without
 them: the first convolution's weights for the coordinates start at zero, which keeps that identity.
+A spacetime DiT whose tokens span several frames (`model.temporal_patch_size` t) takes the image DiT's patch
+embedding averaged over a token's t frames and its output projection repeated for each of them (I3D's
+inflation), so a token of t equal frames is the image model's token, and a still its output per frame.
 """
 
 import jax
@@ -19,6 +22,8 @@ from diffusion_jax import checkpoint, finetune
 
 
 INPUT_KERNEL = ("unet", "conv_in", "kernel")  # [3, 3, in_channels, channels]; coordinates are the last inputs
+# The DiT's patch projections and the axis that holds a patch's values, t times longer for t-frame tokens.
+TUBELET_AXES = {("dit", "patch_in", "kernel"): 0, ("dit", "patch_out", "kernel"): 1, ("dit", "patch_out", "bias"): 0}
 
 
 def _added_input_channels(image_config, video_config) -> int:
@@ -62,12 +67,16 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
   image_params, image_frozen = finetune.abstract_parameters(image_config)
 
   added = _added_input_channels(image_config, video_config)
+  tubelet = video_config.model.temporal_patch_size if video_config.model.backbone == "dit" else 1
   mismatched = []
   for path, leaf in (image_params | image_frozen).items():
     name = "/".join(map(str, path))
     video_shape = tuple(video_abstract[path].shape) if path in video_abstract else None
     if path == INPUT_KERNEL and video_shape is not None:
       video_shape = video_shape[:2] + (video_shape[2] - added,) + video_shape[3:]
+    if path in TUBELET_AXES and video_shape is not None:
+      axis = TUBELET_AXES[path]
+      video_shape = video_shape[:axis] + (video_shape[axis] // tubelet,) + video_shape[axis + 1:]
     if video_shape is None:
       mismatched.append(f"{name} is not in the video model")
     elif tuple(leaf.shape) != video_shape:
@@ -83,7 +92,20 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
     zero_extend = lambda kernel: jnp.pad(kernel, ((0, 0), (0, 0), (0, added), (0, 0)))
     weights[INPUT_KERNEL] = jax.jit(zero_extend, out_shardings=video_abstract[INPUT_KERNEL].sharding)(
         weights[INPUT_KERNEL])
+  if tubelet > 1:
+    for path, axis in TUBELET_AXES.items():
+      weights[path] = jax.jit(lambda w, axis=axis, path=path: tubelet_weight(w, path, axis, tubelet),
+                              out_shardings=video_abstract[path].sharding)(weights[path])
   return weights
+
+
+def tubelet_weight(weight, path, axis: int, frames: int):
+  """An image DiT's patch projection weight for tokens of `frames` frames: the input projection's rows averaged
+  over them, the output projection's columns (and bias) repeated for each."""
+  reps = [1] * weight.ndim
+  reps[axis] = frames
+  tiled = jnp.tile(weight, reps)
+  return tiled / frames if path[1] == "patch_in" else tiled
 
 
 def inflate(weights: dict, params: dict, frozen: dict) -> tuple[dict, dict]:

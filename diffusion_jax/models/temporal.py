@@ -26,10 +26,12 @@ def frames_as_rows(x, *per_example):
   return (x.reshape((b * f,) + x.shape[2:]), *(jnp.repeat(a, f, axis=0) for a in per_example))
 
 
-def frame_features(batch: int, frames: int, dim: int, max_frames: int):
-  """[batch * frames, dim] sinusoids of each row's frame index, with periods up to max_frames (so every feature
-  tells frames apart); a layer's frame-index embedding is a projection of these."""
-  return layers.sinusoidal_embedding(jnp.tile(jnp.arange(frames), batch), dim, max_period=float(max_frames))
+def frame_features(batch: int, frames: int, dim: int, max_frames: int, stride: int = 1):
+  """[batch * frames / stride, dim] sinusoids of each row's frame index (rows of `stride` frames each: their
+  first frame's), with periods up to max_frames (so every feature tells frames apart); a layer's frame-index
+  embedding is a projection of these."""
+  return layers.sinusoidal_embedding(jnp.tile(jnp.arange(0, frames, stride), batch), dim,
+                                     max_period=float(max_frames))
 
 
 def relative_positions(frames: int, max_frames: int):
