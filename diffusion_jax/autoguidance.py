@@ -5,8 +5,9 @@ pushes away from that model's errors rather than from the unconditional distribu
 The guide is a checkpoint of a training workdir: an earlier step of the model's own run, or a run of a smaller
 model of the same experiment. It must see and predict what the model does (the fields in GUIDE_FIELDS); it
 encodes the prompt with its own text encoder. `sample.py --guide_workdir=DIR [--guide_step=N]` and
-`evaluate.py` (the same flags) sample with it; samplers.make_denoiser combines the two predictions as it does
-the conditional and unconditional ones (guidance scale, rescale and interval alike).
+`evaluate.py` (the same flags) sample with it, and a cascade stage with its `guide_workdir` and `guide_step`
+fields; samplers.make_denoiser combines the two predictions as it does the conditional and unconditional ones
+(guidance scale, rescale and interval alike).
 """
 
 import dataclasses
@@ -14,6 +15,9 @@ from typing import Any
 
 from diffusion_jax import checkpoint
 
+# Why the --guide_* flags are refused with --cascade, and what to give instead.
+WITH_CASCADE = ("not used with --cascade: give the guide to the stage it guides (--cascade.stages[K].guide_step=N, "
+                "--cascade.stages[K].guide_workdir=DIR)")
 # Config fields the guide must share with the model it guides: the same inputs (resolution, latents, frames,
 # low-res conditioning), the same output parameterisation, and the same tokens.
 GUIDE_FIELDS = ("data.resolution", "latent.autoencoder_path", "model.in_channels", "model.temporal",

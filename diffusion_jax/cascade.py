@@ -2,7 +2,8 @@
 
 A cascade config (`configs/cascades/*.py`) names each stage's training workdir, its sampling settings
 (sampler, steps, guidance, thresholding, and for super-resolution stages the noise-augmentation
-level of the low-resolution input) and LoRA adapters to fuse into its weights (lora.py). Stage k > 0 must be a
+level of the low-resolution input), LoRA adapters to fuse into its weights (lora.py) and an autoguidance guide
+(autoguidance.py: a weaker checkpoint of the same stage's experiment). Stage k > 0 must be a
 super-resolution stage whose input (`superres.lowres_resolution`, and for video `superres.lowres_frames`) is what
 stage k - 1 produces; a chain that does not fit is refused before anything is sampled. Video cascades chain spatial
 and temporal super-resolution stages the same way (Imagen Video). Every stage's output is kept and written with
@@ -14,7 +15,7 @@ import pathlib
 
 import numpy as np
 
-from diffusion_jax import checkpoint, config_checks, lora, media, sample, superres
+from diffusion_jax import autoguidance, checkpoint, config_checks, lora, media, sample, superres
 
 STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "guidance_interval", "threshold",
                   "threshold_percentile", "aug_level", "use_ema", "eta", "frames", "batch_size", "negative_prompt")
@@ -27,6 +28,7 @@ class Stage:
   sample_config: object    # its `sample` section with the cascade's settings for this stage
   adapters: list = dataclasses.field(default_factory=list)  # lora.Adapters fused into its weights
   weights: object = None   # sample.Weights of its checkpoint (the sample_config's use_ema), adapters fused
+  guide: object = None     # an autoguidance.Guide, or None
   graphdef: object = None
   step: int = 0
   mesh: object = None
@@ -102,14 +104,46 @@ def load(cascade) -> list[Stage]:
       lora.check(stage.adapters, stage.config)
     except ValueError as error:
       found.append(f"stage {k} (--cascade.stages[{k}].lora): {error}")
+  found += guide_problems(stages, cascade)
   if found:
     raise ValueError("Invalid cascade:\n  - " + "\n  - ".join(found))
-  for stage, settings in zip(stages, cascade.stages):
+  for k, (stage, settings) in enumerate(zip(stages, cascade.stages)):
     step = None if settings.step < 0 else settings.step
     _, weights, stage.graphdef, stage.step, stage.mesh = sample.load_checkpoint(
         stage.workdir, step, stage.sample_config.use_ema)
     stage.weights = lora.fused(weights, stage.adapters)
+    if guided(settings):
+      try:
+        stage.guide = autoguidance.load(stage.config, settings.guide_workdir or stage.workdir,
+                                        None if settings.guide_step < 0 else settings.guide_step,
+                                        stage.sample_config.use_ema)
+      except ValueError as error:
+        raise ValueError(f"stage {k} (--cascade.stages[{k}].guide_workdir, guide_step): {error}") from None
   return stages
+
+
+def guided(settings) -> bool:
+  """Whether a cascade stage entry names an autoguidance guide."""
+  return bool(settings.get("guide_workdir")) or settings.get("guide_step", -1) >= 0
+
+
+def guide_problems(stages, cascade) -> list[str]:
+  """Why a stage's guide cannot guide it (read from config.json files only: no checkpoint is restored)."""
+  found = []
+  for k, (stage, settings) in enumerate(zip(stages, cascade.stages)):
+    if not guided(settings):
+      continue
+    where = f"stage {k} (--cascade.stages[{k}].guide_workdir, guide_step)"
+    try:
+      autoguidance.check_negative_prompts([stage.sample_config.negative_prompt])
+      misfit = autoguidance.problems(stage.config, checkpoint.read_config(settings.guide_workdir or stage.workdir))
+    except ValueError as error:
+      found.append(f"{where}: {error}")
+      continue
+    if misfit:
+      found.append(f"{where}: the guide does not see or predict what the stage does: {'; '.join(misfit)} (the "
+                   "stage's -> the guide's)")
+  return found
 
 
 def generate_stage(stage, prompts: list[str], lowres=None, distinct_noise: bool = False, sample_config=None):
@@ -122,7 +156,7 @@ def generate_stage(stage, prompts: list[str], lowres=None, distinct_noise: bool 
   seeds = sample_config.seed + np.arange(len(prompts)) if distinct_noise else None
   return sample.generate(stage.config, stage.graphdef, stage.weights.params, stage.weights.frozen,
                          tokenizers.from_config(stage.config), prompts, sample_config, stage.mesh, seeds=seeds,
-                         lowres=lowres)
+                         lowres=lowres, guide=stage.guide)
 
 
 def generate(stages, prompts: list[str], distinct_noise: bool = False) -> list[np.ndarray]:
@@ -151,9 +185,11 @@ def validation_lowres(config, count: int, num_per_prompt: int):
 
 
 def provenance(stages) -> list[dict]:
-  """What made a cascade's output: each stage's workdir, checkpoint step, config hash and adapters (when any)."""
+  """What made a cascade's output: each stage's workdir, checkpoint step, config hash, adapters and guide (when
+  any)."""
   return [{"stage": k, "workdir": str(s.workdir), "checkpoint_step": int(s.step),
-           "config_hash": sample.config_hash(s.config), **({"lora": lora.provenance(s.adapters)} if s.adapters else {})}
+           "config_hash": sample.config_hash(s.config), **({"lora": lora.provenance(s.adapters)} if s.adapters else {}),
+           **({"guide": autoguidance.provenance(s.guide)} if s.guide is not None else {})}
           for k, s in enumerate(stages)]
 
 

@@ -65,6 +65,7 @@ Flags:
   --guide_workdir, --guide_step
                       autoguidance (autoguidance.py, as sample.py's flags): the weaker model whose prediction for
                       each caption is guidance's other branch, the same for every checkpoint; recorded in the settings
+                      (with --cascade: each stage's --cascade.stages[K].guide_workdir and guide_step fields)
   --reconstruction_guidance
                       with --image_to_video or --video_length: reconstruction guidance weight (editing.py; default:
                       the config's, 0 = replacement only)
@@ -726,7 +727,7 @@ def main(argv):
                "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
                "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
-    cli.refuse(("guide_workdir", "guide_step"), "not used with --cascade (autoguidance guides one workdir's model)")
+    cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
     cli.refuse(VIDEO_FLAGS, "not used with --cascade: evaluate a video model's edits and long videos with --workdir")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "

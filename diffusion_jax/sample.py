@@ -55,6 +55,7 @@ Flags:
                     unconditional model; refused with negative prompts and when it does not see or predict what
                     the model does (autoguidance.GUIDE_FIELDS)
   --guide_step      the guide's checkpoint (default: its latest); without --guide_workdir, a checkpoint of --workdir
+                    (a cascade's stages take theirs as --cascade.stages[K].guide_workdir=DIR and guide_step=N)
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -649,7 +650,7 @@ def main(argv):
                "model (--workdir)")
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
-    cli.refuse(("guide_workdir", "guide_step"), "not used with --cascade (autoguidance guides one workdir's model)")
+    cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
   if f.mask and not f.init_image:
     raise app.UsageError("--mask needs the --init_image it belongs to.")

@@ -134,6 +134,31 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
   assert rows["0.0"]["fid_random_conv"] != pytest.approx(rows[own]["fid_random_conv"], abs=1e-3)
 
 
+def test_a_cascade_stage_samples_with_its_autoguidance_guide(trained, trained_sr, tmp_path):
+  """A stage's guide_step / guide_workdir fields: the stage guided by its own checkpoint samples what its
+  conditional model does (guidance pushes nowhere), guided by an earlier one otherwise; recorded in the chain.
+  A guide that does not fit the stage, or one with a negative prompt, is refused before any checkpoint is read."""
+  prompts = ["a large red circle at the top left"]
+  config = cascade_config(trained[1])
+  config.stages[0].guidance_scale = 1.0
+  unguided = cascade.generate(cascade.load(config), prompts)[0]
+  config.stages[0].update(guidance_scale=3.0, guide_step=4)  # its latest checkpoint: the model itself
+  np.testing.assert_allclose(cascade.generate(cascade.load(config), prompts)[0], unguided, atol=1)
+  config.stages[0].guide_step = 2
+  stages = cascade.load(config)
+  assert np.abs(cascade.generate(stages, prompts)[0].astype(int) - unguided).max() > 1
+  assert cascade.provenance(stages)[0]["guide"] == {"workdir": str(trained[1]), "step": 2}
+  config = cascade_config(trained[1], trained_sr[1])
+  config.stages[1].guide_workdir = str(trained[1])  # the 16 px base cannot guide the 32 px stage
+  config.stages[0].update(guide_step=2, negative_prompt="blue")
+  with pytest.raises(ValueError) as error:
+    cascade.load(config)
+  where = lambda k: f"stage {k} (--cascade.stages[{k}].guide_workdir, guide_step): "
+  assert where(0) + "negative prompts and an autoguidance guide" in str(error.value)
+  misfit = "the guide does not see or predict what the stage does: data.resolution: 32 -> 16"
+  assert where(1) + misfit in str(error.value)
+
+
 def run_two_processes(module, config, *flags):
   """`module` as 2 processes of 4 devices (launch/local.py) on the test cascade `config` (cascade_config)."""
   root = pathlib.Path(__file__).resolve().parents[1]
