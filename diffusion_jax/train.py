@@ -172,7 +172,7 @@ def make_train_step(config, graphdef):
     x_t = objectives.diffuse(x0, eps, alpha, sigma)
     x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)
     output = model(x_in, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=k_dropout,
-                   is_video=batch.get("is_video"))
+                   is_video=batch.get("is_video") if config.data.image_fraction > 0 else None)  # None: no stills
     per_example = objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
                                   d.sigma_data)
     return per_example.mean(), (per_example, logsnr)

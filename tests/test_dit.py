@@ -134,6 +134,9 @@ def test_a_spacetime_dit_attends_across_frames_in_every_block_and_keeps_stills_i
   stills = run(model, x, logsnr, text, mask, is_video=jnp.zeros(2, bool))
   per_frame = jnp.stack([run(model, x[:, k], logsnr, text, mask) for k in range(x.shape[1])], axis=1)
   np.testing.assert_allclose(stills, per_frame, atol=1e-5)
+  # No is_video (no still can be in the batch): the same videos, attending without the block-diagonal bias.
+  np.testing.assert_allclose(run(model, x, logsnr, text, mask), run(model, x, logsnr, text, mask,
+                                                                    is_video=jnp.ones(2, bool)), atol=1e-5)
   bias = dit.spacetime_bias(jnp.array([True, False]), frames=2, tokens=3)
   assert bias.shape == (2, 1, 6, 6) and np.all(bias[0] == 0) and np.count_nonzero(bias[1] == 0) == 2 * 3 * 3
   for bad in (dict(video_attention="full"), dict(video_attention="spacetime", backbone="unet")):

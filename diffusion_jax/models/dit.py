@@ -92,16 +92,16 @@ class DiTBlock(nnx.Module):
     self.ff = layers.FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs, zero_out=False, dropout_rate=dropout_rate,
                                  lora_rank=ff_lora_rank)
 
-  def __call__(self, x, emb, text, text_mask, dropout_key=None, clip_bias=None):
-    """clip_bias: None (each row attends to itself) or [clips, 1, frames * tokens, frames * tokens], added to the
-    self-attention logits of each clip's frames seen as one sequence (spacetime attention; rows are frames, each
-    clip's consecutive)."""
+  def __call__(self, x, emb, text, text_mask, dropout_key=None, clip_bias=None, clip_rows=1):
+    """clip_rows: consecutive rows (frames, or tubelets) whose tokens self-attend as one sequence (spacetime
+    attention; 1: each row attends to itself); clip_bias: None or [clips, 1, clip_rows * tokens, clip_rows *
+    tokens], added to those logits."""
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(nnx.silu(emb)), 6, axis=-1)
     normed = modulate(self.norm_self(x), shift1, scale1)
-    if clip_bias is None:
+    if clip_rows == 1:
       attended = self.self_attn(normed, normed)
     else:
-      clip = normed.reshape(clip_bias.shape[0], -1, normed.shape[-1])
+      clip = normed.reshape(normed.shape[0] // clip_rows, -1, normed.shape[-1])
       attended = self.self_attn(clip, clip, bias=clip_bias).reshape(normed.shape)
     x = x + gate1[:, None] * attended
     x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
@@ -146,14 +146,17 @@ class DiT(nnx.Module):
                                          for _ in range(config.depth)])
                                if self.temporal and not self.spacetime else None)
 
-  def _run(self, module, *args):
-    return nnx.remat(lambda m, *a: m(*a))(module, *args) if self.remat else module(*args)
+  def _run(self, module, *args, **static):
+    """module(*args, **static), rematerialised in the backward pass with model.remat (static: Python values)."""
+    call = lambda m, *a: m(*a, **static)
+    return nnx.remat(call)(module, *args) if self.remat else call(module, *args)
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
     if self.lowres_conditioning != (lowres is not None and aug_logsnr is not None):
       raise ValueError("a super-resolution DiT (model.lowres_conditioning) needs `lowres` and `aug_logsnr` inputs, "
                        "and only it takes them.")
     video_shape = x.shape if x.ndim == 5 else None
+    stills = video_shape is not None and is_video is not None  # None: every example a video
     t = self.temporal_patch
     if t > 1 and (video_shape is None or video_shape[1] % t):
       raise ValueError(f"a DiT with model.temporal_patch_size={t} takes clips [batch, frames, h, w, c] of a multiple "
@@ -193,12 +196,14 @@ class DiT(nnx.Module):
         mixed = self._run(attention, tokens.reshape(b, f, grid_h, grid_w, self.dim))
         return tokens + gate * mixed.reshape(tokens.shape)
 
-    clip_bias = (spacetime_bias(is_video, video_shape[1] // t, grid_h * grid_w).astype(dtype)
-                 if self.spacetime and video_shape is not None else None)
+    clip_rows = video_shape[1] // t if self.spacetime and video_shape is not None else 1
+    # Stills attend within their own frame; without any, a clip's tokens attend to each other unmasked.
+    clip_bias = (spacetime_bias(is_video, clip_rows, grid_h * grid_w).astype(dtype)
+                 if clip_rows > 1 and stills else None)
     dropout_keys = ([None] * len(self.blocks) if dropout_key is None
                     else list(jax.random.split(dropout_key, len(self.blocks))))
     for index, block in enumerate(self.blocks):
-      tokens = self._run(block, tokens, emb, text, text_mask, dropout_keys[index], clip_bias)
+      tokens = self._run(block, tokens, emb, text, text_mask, dropout_keys[index], clip_bias, clip_rows=clip_rows)
       if video_shape is not None and not self.spacetime:
         tokens = across_frames(self.temporal_attention[index], tokens)
     shift, scale = jnp.split(self.final_modulation(nnx.silu(emb)), 2, axis=-1)
