@@ -42,14 +42,20 @@ def problems(config, guide_config) -> list[str]:
   return [d for d in differences if d.split(":")[0] in GUIDE_FIELDS]
 
 
+def check_fit(config, workdir) -> None:
+  """A ValueError naming every GUIDE_FIELDS field in which the run in `workdir` (its config.json: no checkpoint
+  is read) differs from the model of `config`."""
+  if found := problems(config, checkpoint.read_config(workdir)):
+    raise ValueError(f"the guide {workdir} does not see or predict what the model does: {'; '.join(found)} (the "
+                     "model's -> the guide's)")
+
+
 def load(config, workdir, step: int | None, use_ema: bool) -> Guide:
-  """The guide from `workdir`'s checkpoint `step` (default: the latest) for the model of `config`; a ValueError
-  naming every field it does not share with it, before any checkpoint is read."""
+  """The guide from `workdir`'s checkpoint `step` (default: the latest) for the model of `config`; check_fit's
+  ValueError before any checkpoint is read."""
   from diffusion_jax import sample
 
-  if found := problems(config, checkpoint.read_config(workdir)):
-    raise ValueError(f"--guide_workdir={workdir} does not see or predict what this model does: "
-                     f"{'; '.join(found)} (this model's -> the guide's)")
+  check_fit(config, workdir)
   try:
     guide_config, weights, graphdef, step, _ = sample.load_checkpoint(workdir, step, use_ema)
   except ValueError as error:

@@ -155,7 +155,7 @@ def test_a_cascade_stage_samples_with_its_autoguidance_guide(trained, trained_sr
     cascade.load(config)
   where = lambda k: f"stage {k} (--cascade.stages[{k}].guide_workdir, guide_step): "
   assert where(0) + "negative prompts and an autoguidance guide" in str(error.value)
-  misfit = "the guide does not see or predict what the stage does: data.resolution: 32 -> 16"
+  misfit = f"the guide {trained[1]} does not see or predict what the model does: data.resolution: 32 -> 16"
   assert where(1) + misfit in str(error.value)
 
 
