@@ -6,7 +6,8 @@ Flags:
   --workdir         training workdir (holds config.json and checkpoints/); required
   --step            checkpoint step (default: the latest)
   --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
-                    "negative_prompt"?, "init_image"?, "mask"?, "init_video"?, "strength"?} (per-prompt settings;
+                    "guidance_interval"? ("LOW:HIGH", [low, high] or "none"), "negative_prompt"?, "init_image"?,
+                    "mask"?, "init_video"?, "strength"?} (per-prompt settings;
                     image and clip paths relative to the file); default: the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
@@ -354,6 +355,16 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
   return grid_path
 
 
+def prompt_guidance_interval(value) -> list:
+  """A prompts file's "guidance_interval" ("LOW:HIGH", "none", or [low, high] / []) as a JSON list of floats."""
+  if isinstance(value, str):
+    return list(samplers.parse_guidance_interval(value))
+  interval = [float(v) for v in value]
+  if problem := samplers.guidance_interval_problem(interval):
+    raise ValueError(f"guidance_interval {problem}")
+  return interval
+
+
 def read_prompts(path) -> list[dict]:
   """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt", "init_image", "mask",
   "init_video", "strength"}]
@@ -365,7 +376,8 @@ def read_prompts(path) -> list[dict]:
   if path.suffix == ".jsonl":
     try:
       entries = [{k: v for k, v in json.loads(line).items()
-                  if k in ("prompt", "seed", "guidance_scale", "negative_prompt", "strength") + EDIT_FILES}
+                  if k in ("prompt", "seed", "guidance_scale", "guidance_interval", "negative_prompt", "strength")
+                  + EDIT_FILES}
                  for line in lines]
       for entry in entries:
         entry["prompt"] = str(entry["prompt"])
@@ -386,10 +398,13 @@ def read_prompts(path) -> list[dict]:
           raise ValueError(f"guidance_scale {entry['guidance_scale']} must be >= 0")
         if "seed" in entry:
           entry["seed"] = int(entry["seed"])
+        if "guidance_interval" in entry:
+          entry["guidance_interval"] = prompt_guidance_interval(entry["guidance_interval"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
       raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
-                       f"integer 'seed', a 'guidance_scale' >= 0, a 'negative_prompt', and an 'init_image' (with its "
-                       f"'mask') or 'init_video' to edit at a 'strength' ({error}).") from None
+                       f"integer 'seed', a 'guidance_scale' >= 0, a 'guidance_interval' (\"LOW:HIGH\", [low, high] "
+                       f"or \"none\"), a 'negative_prompt', and an 'init_image' (with its 'mask') or 'init_video' to "
+                       f"edit at a 'strength' ({error}).") from None
   else:
     entries = [{"prompt": line} for line in lines]
   if not entries:
@@ -503,8 +518,8 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
 
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
                   lowres=None, edits=None, adapters=(), guide=None):
-  """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / negative_prompt, and the
-  init_image / mask / init_video files of an edit) and write outputs.
+  """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / guidance_interval /
+  negative_prompt, and the init_image / mask / init_video files of an edit) and write outputs.
   edits: {prompt index: (image, keep)} as edit_inputs.read reads them, the prompts to edit instead of generating
   for.
   lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]. adapters: the lora.Adapters
@@ -515,7 +530,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     entry.setdefault("guidance_scale", sample_config.guidance_scale)
     if entry.get("negative_prompt", sample_config.negative_prompt):  # recorded only when there is one
       entry.setdefault("negative_prompt", sample_config.negative_prompt)
-  unused = [name for name, given in (("--guidance_interval", sample_config.guidance_interval),
+  interval = lambda i: tuple(entries[i].get("guidance_interval", sample_config.guidance_interval))
+  unused = [name for name, given in (("--guidance_interval", any(map(interval, range(len(entries))))),
                                      ("the autoguidance guide", guide is not None)) if given]
   if unused and all(float(e["guidance_scale"]) == 1 for e in entries):
     log.warning("%s: no effect at guidance scale 1 (no step is guided)", " and ".join(unused))
@@ -523,13 +539,14 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   for i in edits:
     entries[i].setdefault("strength", sample_config.strength)
   images = [None] * len(entries)
-  # One compiled sampler per guidance scale, and for edits one per (guidance scale, strength).
-  setting = lambda i: (entries[i]["guidance_scale"], entries[i]["strength"] if i in edits else -1.0)
-  for scale, strength in sorted({setting(i) for i in range(len(entries))}):
-    group = [i for i in range(len(entries)) if setting(i) == (scale, strength)]
+  # One compiled sampler per (guidance scale, guidance interval), and for edits per strength too.
+  setting = lambda i: (entries[i]["guidance_scale"], interval(i), entries[i]["strength"] if i in edits else -1.0)
+  for scale, group_interval, strength in sorted({setting(i) for i in range(len(entries))}):
+    group = [i for i in range(len(entries)) if setting(i) == (scale, group_interval, strength)]
     edited = strength >= 0
     group_config = sample_config.copy_and_resolve_references()
     group_config.guidance_scale = float(scale)
+    group_config.guidance_interval = group_interval
     group_config.strength = strength if edited else sample_config.strength
     init_images, keep_masks = (np.stack([edits[i][k] for i in group]) for k in (0, 1)) if edited else (None, None)
     group_prompts, seeds = [entries[i]["prompt"] for i in group], [entries[i]["seed"] for i in group]

@@ -46,6 +46,23 @@ def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, c
   for record in records:
     images = [np.asarray(PIL.Image.open(grid.parent / record["file"])) for grid in (unguided, outside)]
     np.testing.assert_array_equal(*images)
+  # A prompts file's own interval: its prompt as unguided, beside the same prompt guided at every step.
+  prompt = records[0]["prompt"]
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"prompt": prompt, "guidance_interval": "1e6:1e7"}) + "\n"
+                     + json.dumps({"prompt": prompt, "guidance_interval": "none"}) + "\n")
+  every_step = {**settings, "guidance_interval": (), "guidance_scale": 3.0}
+  per_prompt = sample.sample_from_workdir(workdir, every_step, prompts, step=2, output_dir=tmp_path / "c")
+  guided = sample.sample_from_workdir(workdir, every_step, step=2, output_dir=tmp_path / "d")
+  records = [json.loads(line) for line in (tmp_path / "c" / "manifest.jsonl").read_text().splitlines()]
+  assert [r["guidance_interval"] for r in records] == [list(interval)] * 2 + [[]] * 2
+  read = lambda grid, r: np.asarray(PIL.Image.open(grid.parent / r["file"]))
+  np.testing.assert_array_equal(read(per_prompt, records[0]), read(unguided, records[0]))
+  np.testing.assert_array_equal(read(per_prompt, records[2]), read(guided, records[0]))
+  assert not np.array_equal(read(guided, records[0]), read(unguided, records[0]))
+  prompts.write_text(json.dumps({"prompt": prompt, "guidance_interval": [2, 1]}) + "\n")
+  with pytest.raises(ValueError, match="'guidance_interval'.*must be .* with 0 <= low < high"):
+    sample.read_prompts(prompts)
 
 
 def test_autoguidance_by_the_model_itself_is_no_guidance_and_by_an_earlier_checkpoint_guides(trained, tmp_path):
