@@ -32,6 +32,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def xla_flags(flags: str, devices: int) -> str:
+  """The caller's XLA_FLAGS with its simulated device count, if any, replaced by `devices`."""
+  kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count=")]
+  return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def commands(module: str, num_processes: int, port: int, main_args: list[str]) -> list[list[str]]:
   return [[sys.executable, "-m", module, f"--coordinator=127.0.0.1:{port}",
            f"--num_processes={num_processes}", f"--process_id={i}", *main_args] for i in range(num_processes)]
@@ -47,12 +53,12 @@ def main() -> int:
   parser.add_argument("main_args", nargs=argparse.REMAINDER)
   args = parser.parse_args()
   main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")
+  flags = xla_flags(os.environ.get("XLA_FLAGS", ""), args.devices_per_process)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   todo = commands(args.module, args.num_processes, args.port or free_port(), main_args)
   if args.dry_run:
     for command in todo:
-      print(f"XLA_FLAGS={env['XLA_FLAGS']} JAX_PLATFORMS=cpu {shlex.join(command)}")
+      print(f"XLA_FLAGS={shlex.quote(flags)} JAX_PLATFORMS=cpu {shlex.join(command)}")
     return 0
   processes = [subprocess.Popen(command, env=env) for command in todo]
   # Ctrl-C in the terminal reaches every process of the group: the jobs save a checkpoint and stop, and this

@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 (4 simulated devices each) train, checkpoint and sample as one job."""
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -45,9 +46,14 @@ def test_launchers_dry_run():
   lines = local.stdout.splitlines()
   assert len(lines) == 3 and all("--coordinator=127.0.0.1:1234" in line and "--workdir=w" in line for line in lines)
   assert "--process_id=2" in lines[2] and all("-m diffusion_jax.main " in line for line in lines)
+  # The caller's XLA flags reach the jobs (the tests' cheap compilation, say); only the device count is replaced.
+  caller = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
   local = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--module=diffusion_jax.train_autoencoder",
-                          "--dry_run", "--", "--workdir=w"], capture_output=True, text=True, timeout=60)
-  assert all("-m diffusion_jax.train_autoencoder --coordinator=" in line for line in local.stdout.splitlines())
+                          "--dry_run", "--", "--workdir=w"], env=caller, capture_output=True, text=True, timeout=60)
+  lines = local.stdout.splitlines()
+  assert len(lines) == 2 and all("-m diffusion_jax.train_autoencoder --coordinator=" in line for line in lines)
+  assert all(line.startswith("XLA_FLAGS='--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4' ")
+             for line in lines), lines
   tpu = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "pod", "zone", "--workdir=/mnt/shared/r"],
                        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
   assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "--auto_distributed" in tpu.stdout
