@@ -111,10 +111,8 @@ def restore_weights(workdir, step: int, use_ema: bool, params, frozen, setting: 
   """{path: jax.Array} of the model weights in another run's checkpoint, without its optimizer state: `params`
   and `frozen` are pure dicts of ShapeDtypeStructs with shardings (where each array goes) of its trainable
   (with use_ema: its first EMA copy's) and frozen parameters (or of some of them; an empty `frozen`: none).
-  step -1: the latest. `setting` names the config field that chose the run, for errors."""
-  if use_ema and not read_config(workdir).train.ema_decays:
-    raise ValueError(f"{setting}={str(workdir)!r} kept no EMA copy of its weights (train.ema_decays is empty): take "
-                     f"its trained weights ({setting.split('.')[0]}.use_ema=False).")
+  step -1: the latest (every run keeps an EMA copy: config_checks). `setting` names the config field that chose the
+  run, for errors."""
   mngr = manager(workdir, read_only=True)
   step = mngr.latest_step() if step == -1 else step
   if step is None or step not in mngr.all_steps():

@@ -434,10 +434,7 @@ def load_checkpoint(workdir, step=None, use_ema=None):
   from diffusion_jax import train  # the state layout lives with the trainer
 
   config = checkpoint.read_config(workdir)
-  use_ema = config.sample.use_ema if use_ema is None else use_ema
-  if use_ema and not config.train.ema_decays:
-    raise ValueError(f"{str(workdir)!r} kept no EMA copy of its weights (train.ema_decays is empty): sample its "
-                     "trained weights (--use_ema=false).")
+  use_ema = config.sample.use_ema if use_ema is None else use_ema  # every run keeps an EMA copy (config_checks)
   mngr = checkpoint.manager(workdir, read_only=True)
   if not mngr.all_steps():
     raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
