@@ -22,8 +22,10 @@ from diffusion_jax import checkpoint, finetune
 
 
 INPUT_KERNEL = ("unet", "conv_in", "kernel")  # [3, 3, in_channels, channels]; coordinates are the last inputs
-# The DiT's patch projections and the axis that holds a patch's values, t times longer for t-frame tokens.
-TUBELET_AXES = {("dit", "patch_in", "kernel"): 0, ("dit", "patch_out", "kernel"): 1, ("dit", "patch_out", "bias"): 0}
+# The DiT's patch projections: (the axis that holds a patch's values, t times longer for t-frame tokens; whether the
+# image weights are averaged over the t frames, as the input projection's are, or repeated for each).
+TUBELET_AXES = {("dit", "patch_in", "kernel"): (0, True), ("dit", "patch_out", "kernel"): (1, False),
+                ("dit", "patch_out", "bias"): (0, False)}
 
 
 def _added_input_channels(image_config, video_config) -> int:
@@ -75,7 +77,7 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
     if path == INPUT_KERNEL and video_shape is not None:
       video_shape = video_shape[:2] + (video_shape[2] - added,) + video_shape[3:]
     if path in TUBELET_AXES and video_shape is not None:
-      axis = TUBELET_AXES[path]
+      axis, _ = TUBELET_AXES[path]
       video_shape = video_shape[:axis] + (video_shape[axis] // tubelet,) + video_shape[axis + 1:]
     if video_shape is None:
       mismatched.append(f"{name} is not in the video model")
@@ -93,19 +95,19 @@ def load_image_weights(video_config, video_abstract: dict) -> dict:
     weights[INPUT_KERNEL] = jax.jit(zero_extend, out_shardings=video_abstract[INPUT_KERNEL].sharding)(
         weights[INPUT_KERNEL])
   if tubelet > 1:
-    for path, axis in TUBELET_AXES.items():
-      weights[path] = jax.jit(lambda w, axis=axis, path=path: tubelet_weight(w, path, axis, tubelet),
+    for path, (axis, averaged) in TUBELET_AXES.items():
+      weights[path] = jax.jit(lambda w, axis=axis, averaged=averaged: tubelet_weight(w, axis, tubelet, averaged),
                               out_shardings=video_abstract[path].sharding)(weights[path])
   return weights
 
 
-def tubelet_weight(weight, path, axis: int, frames: int):
-  """An image DiT's patch projection weight for tokens of `frames` frames: the input projection's rows averaged
-  over them, the output projection's columns (and bias) repeated for each."""
+def tubelet_weight(weight, axis: int, frames: int, averaged: bool):
+  """An image DiT's patch projection weight for tokens of `frames` frames: repeated along `axis` for each frame,
+  and divided by their number if `averaged` (an input projection: a still's tubelet then embeds as its image)."""
   reps = [1] * weight.ndim
   reps[axis] = frames
   tiled = jnp.tile(weight, reps)
-  return tiled / frames if path[1] == "patch_in" else tiled
+  return tiled / frames if averaged else tiled
 
 
 def inflate(weights: dict, params: dict, frozen: dict) -> tuple[dict, dict]:
