@@ -33,15 +33,23 @@ Modes:
   profile  where the train step's time goes (profiling.py): a profiler trace of --steps steps, each executed
            HLO op's time attributed to a kind (convolution, matmul, reductions, layout copies, elementwise),
            a phase (forward, backward, other) and the JAX primitive it came from.
+  restore  reading the latest checkpoint of --workdir as sampling and evaluation jobs do (sample.load_checkpoint:
+           the first EMA copy and the frozen weights) against reading its whole train state (what resuming
+           training reads): bytes restored, seconds and the process's peak resident memory, each in a fresh
+           process, --repeats times. --config is not read (the workdir's own config is).
 Flags:
   --config   experiment config (overridable with --config.<field>=<value>)
   --steps    batches / train steps (ops: calls of each operation) timed per measurement (default 20)
   --workers  grain worker processes for the second pipeline measurement (default 2)
   --widths   comma-separated model.channels for `step` (default 16,32,64)
   --lora_rank  the LoRA rank of `lora` (default 8)
+  --workdir  the training workdir whose checkpoint `restore` reads (required by it)
+  --repeats  fresh processes per way of reading in `restore` (default 2)
 """
 
 import math
+import multiprocessing
+import resource
 import sys
 import time
 
@@ -52,9 +60,10 @@ from ml_collections import config_flags
 
 from diffusion_jax import cli
 
-MODES = ("input", "step", "memory", "peer", "ops", "lora", "profile")
+MODES = ("input", "step", "memory", "peer", "ops", "lora", "profile", "restore")
 # Flags that only some modes read: given for another mode they are refused rather than ignored.
-MODE_FLAGS = {"widths": ("step",), "workers": ("input",), "lora_rank": ("lora",),
+MODE_FLAGS = {"widths": ("step",), "workers": ("input",), "lora_rank": ("lora",), "workdir": ("restore",),
+              "repeats": ("restore",), "config": MODES[:-1],
               "steps": ("input", "step", "peer", "ops", "lora", "profile")}
 BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
@@ -62,6 +71,8 @@ flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each ope
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
 flags.DEFINE_list("widths", ["16", "32", "64"], "model.channels values for the `step` mode.")
 flags.DEFINE_integer("lora_rank", 8, "LoRA rank of the `lora` mode.", lower_bound=1)
+flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint the `restore` mode reads.")
+flags.DEFINE_integer("repeats", 2, "Fresh processes per way of reading in the `restore` mode.", lower_bound=1)
 
 
 def pipeline_examples_per_s(config, workers: int, batches: int) -> float:
@@ -255,6 +266,45 @@ def profile_table(config, steps: int) -> str:
   return profiling.table(by_source, wall)
 
 
+def restore_cost(workdir: str, whole: bool) -> tuple[float, int, int]:
+  """(seconds, bytes restored, this process's peak resident bytes) of reading the latest checkpoint of `workdir`:
+  its whole train state, or (not whole) the sampling weights alone. Run in a fresh process."""
+  from diffusion_jax import checkpoint, sample, sharding, train
+
+  start = time.perf_counter()
+  if whole:
+    config = checkpoint.read_config(workdir)
+    target, _ = train.abstract_state(config, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+    restored, _ = checkpoint.restore(checkpoint.manager(workdir, read_only=True), target)
+  else:
+    restored = tuple(sample.load_checkpoint(workdir)[1])
+  jax.block_until_ready(restored)
+  seconds = time.perf_counter() - start
+  held = sum(x.nbytes for x in jax.tree.leaves(restored))
+  return seconds, held, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def restore_table(workdir: str, repeats: int) -> str:
+  """The `restore` mode's table: each way of reading in `repeats` fresh (spawned) processes, alternating."""
+  from diffusion_jax import checkpoint
+
+  if not checkpoint.manager(workdir, read_only=True).all_steps():
+    raise ValueError(f"--workdir={workdir!r} has no checkpoint to read; train first.")
+  results = {False: [], True: []}
+  context = multiprocessing.get_context("spawn")  # a fresh process: its peak memory is this restore's
+  for _ in range(repeats):
+    for whole in results:
+      with context.Pool(1) as pool:
+        results[whole].append(pool.apply(restore_cost, (workdir, whole)))
+  lines = ["| read | restored (MB) | seconds | peak resident memory (GB) |", "|---|---|---|---|"]
+  span = lambda values, scale, digits: "-".join(f"{v / scale:.{digits}f}" for v in sorted({min(values), max(values)}))
+  for whole, runs in results.items():
+    seconds, held, peak = zip(*runs)
+    lines.append(f"| {'whole train state (resuming)' if whole else 'sampling weights (load_checkpoint)'} | "
+                 f"{span(held, 1e6, 2)} | {span(seconds, 1, 2)} | {span(peak, 1e9, 2)} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in MODES:
     raise app.UsageError(f"usage: python -m diffusion_jax.bench MODE --config=... (modes: {', '.join(MODES)})")
@@ -262,12 +312,17 @@ def main(argv):
     if argv[1] not in modes:
       cli.refuse((flag,), f"not used by the {argv[1]} mode (only by {', '.join(modes)})")
   f = flags.FLAGS
-  print(f"# {argv[1]} benchmark, {jax.device_count()} x {jax.devices()[0].device_kind}, batch "
-        f"{f.config.train.batch_size}, {f.config.data.resolution}px, {time.strftime('%Y-%m-%d')}")
+  if argv[1] == "restore" and not f.workdir:
+    raise app.UsageError("the restore mode reads a checkpoint: give --workdir=DIR (a training workdir)")
+  what = f"{f.workdir}" if argv[1] == "restore" else (
+      f"batch {f.config.train.batch_size}, {f.config.data.resolution}px")
+  print(f"# {argv[1]} benchmark, {jax.device_count()} x {jax.devices()[0].device_kind}, {what}, "
+        f"{time.strftime('%Y-%m-%d')}")
   from diffusion_jax import config_checks
 
   try:
-    config_checks.validate(f.config)
+    if argv[1] != "restore":
+      config_checks.validate(f.config)
     print_table(argv[1], f)
   except ValueError as error:  # configuration errors a user can fix
     print(f"error: {error}", file=sys.stderr)
@@ -288,6 +343,8 @@ def print_table(mode, f):
     print(lora_table(f.config, f.steps, f.lora_rank))
   elif mode == "profile":
     print(profile_table(f.config, f.steps))
+  elif mode == "restore":
+    print(restore_table(f.workdir, f.repeats))
   else:
     print(memory_table(f.config))
 
