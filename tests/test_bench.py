@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -23,25 +24,25 @@ def tiny_dit_config(tmp_path_factory):
 
 
 def test_input_benchmark_table(tmp_path_factory):
-  table = bench.input_table(tiny_config(tmp_path_factory), steps=4, workers=0).splitlines()
+  table = bench.input_table(tiny_dit_config(tmp_path_factory), steps=4, workers=0).splitlines()
   assert table[0] == "| what | examples/s | / train step |" and len(table) == 5
   for row in table[2:]:
     assert float(row.split("|")[2]) > 0
 
 
 def test_step_benchmark_flops_grow_about_quadratically_with_width(tmp_path_factory):
-  config = tiny_config(tmp_path_factory)  # width 16 is the test config's: its step is in the compilation cache
-  lines = bench.step_table(config, steps=1, widths=["8", "16"]).splitlines()
+  # The benchmark is the same for either backbone; a DiT compiles in half the U-Net's time.
+  lines = bench.step_table(tiny_dit_config(tmp_path_factory), steps=1, widths=["32", "64"]).splitlines()
   assert lines[0].startswith("measured matmul ceiling per device: f32")
   rows = [cells(r) for r in lines[4:]]
   flops = [float(r[3]) for r in rows]
-  assert [r[0] for r in rows] == ["8", "16"] and all(float(r[4]) > 0 for r in rows)
-  # Convolutions dominate: doubling the width multiplies FLOPs by between 2.5 and 4.
+  assert [r[0] for r in rows] == ["32", "64"] and all(float(r[4]) > 0 for r in rows)
+  # At these widths the linear layers dominate: doubling the width multiplies FLOPs by between 2.5 and 4.
   assert 2.5 < flops[1] / flops[0] < 4.2
 
 
 def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):
-  config = tiny_config(tmp_path_factory)
+  config = tiny_dit_config(tmp_path_factory)
   rows = [cells(r) for r in bench.memory_table(config, device_counts=(1, 8)).splitlines()[2:]]
   assert [r[0] for r in rows] == ["1", "8"] and float(rows[0][3]) == 1.0
   assert float(rows[1][3]) <= 1.1, f"FSDP over 8 devices keeps {rows[1][3]} x total/8 per device"
@@ -107,3 +108,20 @@ def test_lora_benchmark_trains_fewer_weights_and_keeps_less_state(tmp_path_facto
   # Adam moments).
   assert frozen[0] == 0 and frozen[1] == frozen[2] == pytest.approx(state[0] / 4, rel=0.05)
   assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+
+
+def test_restore_benchmark_reads_the_sampling_weights_apart_from_the_state(trained):
+  """Each way of reading runs in a fresh process: the sampling weights (one EMA copy and the frozen weights) are
+  what load_checkpoint restores, a fraction of the whole state; the table's bytes are those of the checkpoint."""
+  from diffusion_jax import sample
+
+  config, workdir, _ = trained
+  rows = {cells(r)[0]: cells(r)[1:] for r in bench.restore_table(str(workdir), repeats=1).splitlines()[2:]}
+  weights, state = rows["sampling weights (load_checkpoint)"], rows["whole train state (resuming)"]
+  _, loaded, *_ = sample.load_checkpoint(workdir)
+  assert float(weights[0]) == pytest.approx(sum(x.nbytes for x in jax.tree.leaves(tuple(loaded))) / 1e6, abs=0.01)
+  copies = 2 + len(config.train.ema_decays)  # trained weights, Adam's two moments and the EMA copies
+  assert float(state[0]) > float(weights[0]) * copies / 2
+  assert all(float(value) > 0 for value in weights[1:] + state[1:])
+  with pytest.raises(ValueError, match="has no checkpoint to read; train first"):
+    bench.restore_table(str(workdir / "nothing_here"), repeats=1)
