@@ -56,8 +56,8 @@ def get_config(variant: str = ""):
     c.data.update(resolution=16, num_train=256, num_eval=16, max_objects=1)
     c.autoencoder.update(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4, sample_size=16)
     c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
-    c.train.update(steps=20, batch_size=8, scale_batches=2, eval_examples=16, eval_every=10, log_every=10,
-                   checkpoint_every=10)
+    c.train.update(steps=10, batch_size=8, scale_batches=2, eval_examples=16, eval_every=5, log_every=5,
+                   checkpoint_every=5)
   elif variant:
     raise ValueError(f"Unknown autoencoder_shapes variant {variant!r}; valid variants: 'test'.")
   return c

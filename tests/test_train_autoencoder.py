@@ -33,7 +33,7 @@ def config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(config, tmp_path_factory):
-  """20 steps in this process: (workdir, the diffusers directory written)."""
+  """10 steps in this process: (workdir, the diffusers directory written)."""
   workdir = tmp_path_factory.mktemp("autoencoder_workdir")
   return workdir, train_autoencoder.train(config, workdir)
 
@@ -50,7 +50,7 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_
   shutil.copytree(trained[0], workdir)
   directory = workdir / trained[1].name
   records = read_log(workdir)
-  assert [r["step"] for r in records] == [10, 20]
+  assert [r["step"] for r in records] == [5, 10]
   assert records[-1]["l1"] < 0.8 * records[0]["l1"], records  # it learns
   assert all(r["examples_per_s"] > 0 and r["step_time_s"] > 0 for r in records)
 
@@ -67,8 +67,8 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_
   # scaling_factor = 1 / the std of the training latents: the diffusion model sees about unit variance.
   latents = ours.encode(jnp.asarray(x), jax.random.key(0))
   assert theirs.config.scaling_factor == ours.scaling_factor and 0.7 < float(jnp.std(latents)) < 1.4
-  evaluations = read_log(workdir, "eval")  # every train.eval_every (10) steps and at the end
-  assert [e["step"] for e in evaluations] == [10, 20] and evaluations[-1]["psnr_db"] > evaluations[0]["psnr_db"]
+  evaluations = read_log(workdir, "eval")  # every train.eval_every (5) steps and at the end
+  assert [e["step"] for e in evaluations] == [5, 10] and evaluations[-1]["psnr_db"] > evaluations[0]["psnr_db"]
   result = json.loads((workdir / "logs" / "reconstruction.json").read_text())
   assert result["examples"] == 16 and media.read_provenance(workdir / "reconstructions.png")["psnr_db"] == str(
       result["psnr_db"])
@@ -79,11 +79,11 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_
   config_checks.validate(latent)
 
   config = config.copy_and_resolve_references()
-  config.train.steps = 22
+  config.train.steps = 12
   caplog.set_level("INFO", logger="diffusion_jax")
   assert train_autoencoder.train(config, workdir) == directory
-  assert "resumed from step 20" in caplog.text
-  assert read_log(workdir)[-1]["step"] == 22 and read_log(workdir, "eval")[-1]["step"] == 22
+  assert "resumed from step 10" in caplog.text
+  assert read_log(workdir)[-1]["step"] == 12 and read_log(workdir, "eval")[-1]["step"] == 12
   config.autoencoder.latent_channels = 8
   with pytest.raises(ValueError, match="checkpoints of another autoencoder.*latent_channels: 4 -> 8"):
     train_autoencoder.train(config, workdir)
