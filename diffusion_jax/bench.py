@@ -63,7 +63,8 @@ from diffusion_jax import cli
 MODES = ("input", "step", "memory", "peer", "ops", "lora", "profile", "restore")
 # Flags that only some modes read: given for another mode they are refused rather than ignored.
 MODE_FLAGS = {"widths": ("step",), "workers": ("input",), "lora_rank": ("lora",), "workdir": ("restore",),
-              "repeats": ("restore",), "config": MODES[:-1],
+              "repeats": ("restore",),
+              "config": ("input", "step", "memory", "peer", "ops", "lora", "profile"),
               "steps": ("input", "step", "peer", "ops", "lora", "profile")}
 BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
@@ -314,7 +315,7 @@ def main(argv):
   f = flags.FLAGS
   if argv[1] == "restore" and not f.workdir:
     raise app.UsageError("the restore mode reads a checkpoint: give --workdir=DIR (a training workdir)")
-  what = f"{f.workdir}" if argv[1] == "restore" else (
+  what = f.workdir if argv[1] == "restore" else (
       f"batch {f.config.train.batch_size}, {f.config.data.resolution}px")
   print(f"# {argv[1]} benchmark, {jax.device_count()} x {jax.devices()[0].device_kind}, {what}, "
         f"{time.strftime('%Y-%m-%d')}")
