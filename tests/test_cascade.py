@@ -17,6 +17,8 @@ from configs.cascades import shapes_16_32
 from configs.cascades.stages import stage
 from diffusion_jax import cascade, checkpoint, config_checks, evaluate, media, sample, superres
 
+pytestmark = pytest.mark.xdist_group("cascade")  # one worker trains the SR stage (trained_sr) these tests read
+
 
 @pytest.fixture(scope="session")
 def trained_sr(tmp_path_factory):

@@ -22,6 +22,8 @@ from diffusion_jax.data import pipeline
 from diffusion_jax.models import autoencoder
 from test_autoencoder import as_torch
 
+pytestmark = pytest.mark.xdist_group("autoencoder")  # one worker trains the autoencoder (`trained`) these tests read
+
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
