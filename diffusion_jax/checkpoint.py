@@ -110,9 +110,9 @@ def fields_restore(fields: dict) -> ocp.args.PyTreeRestore:
 def restore_weights(workdir, step: int, use_ema: bool, params, frozen, setting: str) -> dict:
   """{path: jax.Array} of the model weights in another run's checkpoint, without its optimizer state: `params`
   and `frozen` are pure dicts of ShapeDtypeStructs with shardings (where each array goes) of its trainable
-  (with use_ema: its first EMA copy's) and frozen parameters (or of some of them; an empty `frozen`: none).
-  step -1: the latest (every run keeps an EMA copy: config_checks). `setting` names the config field that chose the
-  run, for errors."""
+  (with use_ema: its first EMA copy's, which every run keeps: config_checks) and frozen parameters (or of some of
+  them; an empty `frozen`: none). step -1: the latest. `setting` names the config field that chose the run, for
+  errors."""
   mngr = manager(workdir, read_only=True)
   step = mngr.latest_step() if step == -1 else step
   if step is None or step not in mngr.all_steps():
