@@ -33,6 +33,11 @@ Modes:
   profile  where the train step's time goes (profiling.py): a profiler trace of --steps steps, each executed
            HLO op's time attributed to a kind (convolution, matmul, reductions, layout copies, elementwise),
            a phase (forward, backward, other) and the JAX primitive it came from.
+  compile  what compiling costs against what it buys: the initialisation and the train step, each lowered once,
+           then compiled --repeats times (no cache) at XLA's cheapest code generation (backend optimisation level
+           0, what the tests use) and at its default (level 3): StableHLO lines, compile seconds, run time (the
+           step over --steps steps) and after how many runs level 3's longer compile pays for itself. Compile
+           time is most of a short job's time (and of the tests').
   restore  reading the latest checkpoint of --workdir as sampling and evaluation jobs do (sample.load_checkpoint:
            the first EMA copy and the frozen weights) against reading its whole train state (what resuming
            training reads): bytes restored, seconds and the process's peak resident memory, each in a fresh
@@ -44,11 +49,12 @@ Flags:
   --widths   comma-separated model.channels for `step` (default 16,32,64)
   --lora_rank  the LoRA rank of `lora` (default 8)
   --workdir  the training workdir whose checkpoint `restore` reads (required by it)
-  --repeats  fresh processes per way of reading in `restore` (default 2)
+  --repeats  compiles per program and level in `compile`; fresh processes per way of reading in `restore` (default 2)
 """
 
 import math
 import multiprocessing
+import os
 import resource
 import sys
 import time
@@ -60,12 +66,12 @@ from ml_collections import config_flags
 
 from diffusion_jax import cli
 
-MODES = ("input", "step", "memory", "peer", "ops", "lora", "profile", "restore")
+MODES = ("input", "step", "memory", "peer", "ops", "lora", "profile", "compile", "restore")
 # Flags that only some modes read: given for another mode they are refused rather than ignored.
 MODE_FLAGS = {"widths": ("step",), "workers": ("input",), "lora_rank": ("lora",), "workdir": ("restore",),
-              "repeats": ("restore",),
-              "config": ("input", "step", "memory", "peer", "ops", "lora", "profile"),
-              "steps": ("input", "step", "peer", "ops", "lora", "profile")}
+              "repeats": ("compile", "restore"),
+              "config": ("input", "step", "memory", "peer", "ops", "lora", "profile", "compile"),
+              "steps": ("input", "step", "peer", "ops", "lora", "profile", "compile")}
 BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
@@ -73,7 +79,8 @@ flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeli
 flags.DEFINE_list("widths", ["16", "32", "64"], "model.channels values for the `step` mode.")
 flags.DEFINE_integer("lora_rank", 8, "LoRA rank of the `lora` mode.", lower_bound=1)
 flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint the `restore` mode reads.")
-flags.DEFINE_integer("repeats", 2, "Fresh processes per way of reading in the `restore` mode.", lower_bound=1)
+flags.DEFINE_integer("repeats", 2, "Compiles per program and level in the `compile` mode; fresh processes per way of "
+                     "reading in the `restore` mode.", lower_bound=1)
 
 
 def pipeline_examples_per_s(config, workers: int, batches: int) -> float:
@@ -267,6 +274,82 @@ def profile_table(config, steps: int) -> str:
   return profiling.table(by_source, wall)
 
 
+def compile_seconds(lowered, level: int, repeats: int):
+  """(seconds of each of `repeats` compiles of `lowered` at XLA backend optimisation level `level`, the compiled
+  program). Each compile is a real one: JAX's in-memory caches are cleared before it and its persistent cache is
+  off during it (a compile read from disk is not a compile)."""
+  from jax.experimental.compilation_cache import compilation_cache as persistent_cache
+
+  seconds, persistent = [], jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  persistent_cache.reset_cache()  # JAX decides once per process whether it uses the cache: it decides anew
+  try:
+    for _ in range(repeats):
+      jax.clear_caches()
+      start = time.perf_counter()
+      compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": level})
+      seconds.append(time.perf_counter() - start)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", persistent)
+    persistent_cache.reset_cache()
+  return seconds, compiled
+
+
+def pays_off_after(compile_cheap: float, compile_full: float, run_cheap: float, run_full: float) -> str:
+  """After how many runs full optimisation's longer compile is paid back by its faster runs."""
+  if run_full >= run_cheap:
+    return "never (not faster)"
+  return f"{max(math.ceil((compile_full - compile_cheap) / (run_cheap - run_full)), 1):,} runs"
+
+
+def compile_table(config, steps: int, repeats: int) -> str:
+  """The `compile` mode's table: the initialisation and the train step, each lowered once, then compiled at XLA's
+  cheapest code generation (level 0, what the tests use) and at its default (level 3) and run."""
+  from diffusion_jax import sharding, train
+  from diffusion_jax.data import pipeline
+  from diffusion_jax.models import text_to_image
+
+  mesh = sharding.make_mesh(config.mesh)
+  state, graphdef = train.init_state(config, mesh)
+  _, params, frozen = text_to_image.split(text_to_image.abstract(config), config)
+  key = jax.random.key(config.seed)
+  init = train.weights_init(config, (sharding.state_shardings(params, mesh), sharding.state_shardings(frozen, mesh)))
+  batch_np = pipeline.synthetic_batch(config)
+  batch = pipeline.to_global(batch_np, sharding.batch_sharding(mesh))
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
+  step = train.lower_step(train.make_train_step(config, graphdef), state, shapes, mesh)
+  hparams = train.place_hparams(config, mesh)
+
+  def init_ms(compiled):
+    jax.block_until_ready(compiled(key))  # warm-up
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(key))
+    return time.perf_counter() - start
+
+  def step_ms(compiled):
+    nonlocal state
+    seconds, state = time_steps(compiled, (state, batch, hparams), steps)  # the state is donated: carried on
+    return seconds
+
+  span = lambda values: "-".join(f"{v:.2f}" for v in sorted({min(values), max(values)}))
+  arrays = len(jax.tree.leaves(state.params))
+  lines = [f"{train.count_params(state.params):,} trained parameters in {arrays} arrays; XLA_FLAGS="
+           f"{os.environ.get('XLA_FLAGS', '')!r}; compile seconds of {repeats} compile{'s' * (repeats > 1)} per "
+           "program and level (fastest-slowest)", "",
+           "| program | StableHLO lines | compile s, level 0 | compile s, level 3 | run ms, level 0 | run ms, level 3 | "
+           "level 3 pays off after |", "|---|---|---|---|---|---|---|"]
+  for name, lowered, run in (("initialisation", init.lower(key), init_ms), ("train step", step, step_ms)):
+    compiles, runs = [], []
+    for level in (0, 3):
+      seconds, compiled = compile_seconds(lowered, level, repeats)
+      compiles.append(seconds)
+      runs.append(run(compiled))
+    lines.append(f"| {name} | {lowered.as_text().count(chr(10)):,} | {span(compiles[0])} | {span(compiles[1])} | "
+                 f"{runs[0] * 1e3:.1f} | {runs[1] * 1e3:.1f} | "
+                 f"{pays_off_after(min(compiles[0]), min(compiles[1]), *runs)} |")
+  return "\n".join(lines)
+
+
 def restore_cost(workdir: str, whole: bool) -> tuple[float, int, int]:
   """(seconds, bytes restored, this process's peak resident bytes) of reading the latest checkpoint of `workdir`:
   its whole train state, or (not whole) the sampling weights alone. Run in a fresh process."""
@@ -344,6 +427,8 @@ def print_table(mode, f):
     print(lora_table(f.config, f.steps, f.lora_rank))
   elif mode == "profile":
     print(profile_table(f.config, f.steps))
+  elif mode == "compile":
+    print(compile_table(f.config, f.steps, f.repeats))
   elif mode == "restore":
     print(restore_table(f.workdir, f.repeats))
   else:

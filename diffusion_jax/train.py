@@ -46,22 +46,29 @@ class TrainState:
 # ----------------------------------------------------------------------------- state
 
 
+def weights_init(config, shardings):
+  """The jitted program that makes the config's randomly initialised (params, frozen) pure dicts, placed with
+  `shardings`, from a key: the seed's key is an argument, so runs that differ only in config.seed share it."""
+
+  def init(key):
+    model = text_to_image.TextToImage(config, rngs=init_rngs.seeded(key))
+    _, params, frozen = text_to_image.split(model, config)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+
+  return jax.jit(init, out_shardings=shardings)
+
+
 def init_state(config, mesh):
   """A TrainState created directly with its shardings (no full host copy of a randomly initialised model)."""
   graphdef, abstract_params, abstract_frozen = text_to_image.split(text_to_image.abstract(config), config)
   shardings = (sharding.state_shardings(abstract_params, mesh), sharding.state_shardings(abstract_frozen, mesh))
-
-  def init(key):  # the seed's key is an argument: runs that differ only in config.seed share the program
-    model = text_to_image.TextToImage(config, rngs=init_rngs.seeded(key))
-    _, params, frozen = text_to_image.split(model, config)
-    return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
 
   # Fine-tuning: every weight from another run; Make-A-Video: spatial layers and text encoder from an image model.
   # Read (and an incompatible run refused) before anything is initialised.
   targets = lambda: finetune.abstract_targets(abstract_params, abstract_frozen, shardings)
   finetune_weights = finetune.load_weights(config, targets()) if config.finetune.workdir else None
   image_weights = inflation.load_image_weights(config, targets()) if config.inflate.image_workdir else None
-  params, frozen = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  params, frozen = weights_init(config, shardings)(jax.random.key(config.seed))
   for name, weights in text_to_image.pretrained_weights(config).items():  # read on the host, then placed
     tree, tree_shardings = (params, shardings[0]) if name in params else (frozen, shardings[1])
     tree[name] = jax.device_put(weights, tree_shardings[name])

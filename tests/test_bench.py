@@ -94,7 +94,7 @@ def test_a_flag_the_mode_does_not_read_is_refused():
   result = subprocess.run([sys.executable, "-m", "diffusion_jax.bench", "memory", "--steps=3"],
                           cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-  expected = "--steps: not used by the memory mode (only by input, step, peer, ops, lora, profile)"
+  expected = "--steps: not used by the memory mode (only by input, step, peer, ops, lora, profile, compile)"
   assert result.stderr.splitlines()[-1] == expected
 
 
@@ -108,6 +108,32 @@ def test_lora_benchmark_trains_fewer_weights_and_keeps_less_state(tmp_path_facto
   # Adam moments).
   assert frozen[0] == 0 and frozen[1] == frozen[2] == pytest.approx(state[0] / 4, rel=0.05)
   assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+
+
+def test_compile_benchmark_table(tmp_path_factory):
+  lines = bench.compile_table(tiny_dit_config(tmp_path_factory), steps=1, repeats=1).splitlines()
+  assert lines[0].endswith("compile per program and level (fastest-slowest)")
+  rows = {cells(r)[0]: cells(r)[1:] for r in lines[4:]}
+  assert list(rows) == ["initialisation", "train step"]
+  for hlo_lines, compile_cheap, compile_full, run_cheap, run_full, pays_off in rows.values():
+    assert int(hlo_lines.replace(",", "")) > 100
+    assert all(float(x) > 0 for x in (compile_cheap, compile_full, run_cheap, run_full))
+    assert pays_off == "never (not faster)" or pays_off.endswith(" runs") and int(pays_off.split()[0]) >= 1
+  assert jax.config.jax_enable_compilation_cache  # the benchmark turned the persistent cache back on
+
+
+def test_compile_benchmark_compiles_anew_each_time(tmp_path_factory):
+  from diffusion_jax import sharding, train
+  from diffusion_jax.models import text_to_image
+
+  config = tiny_dit_config(tmp_path_factory)
+  mesh = sharding.make_mesh(config.mesh)
+  _, params, frozen = text_to_image.split(text_to_image.abstract(config), config)
+  init = train.weights_init(config, (sharding.state_shardings(params, mesh), sharding.state_shardings(frozen, mesh)))
+  seconds, _ = bench.compile_seconds(init.lower(jax.random.key(0)), level=0, repeats=2)
+  # Neither JAX's in-memory cache nor the persistent cache the tests share may answer the second compile: either
+  # would make it several times faster than the first (1 s or more, so the persistent cache would keep it).
+  assert max(seconds) < 3 * min(seconds), f"compiles took {seconds} s: the second read from a cache?"
 
 
 def test_restore_benchmark_reads_the_sampling_weights_apart_from_the_state(trained):
