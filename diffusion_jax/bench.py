@@ -336,8 +336,8 @@ def compile_table(config, steps: int, repeats: int) -> str:
   lines = [f"{train.count_params(state.params):,} trained parameters in {arrays} arrays; XLA_FLAGS="
            f"{os.environ.get('XLA_FLAGS', '')!r}; compile seconds of {repeats} compile{'s' * (repeats > 1)} per "
            "program and level (fastest-slowest)", "",
-           "| program | StableHLO lines | compile s, level 0 | compile s, level 3 | run ms, level 0 | run ms, level 3 | "
-           "level 3 pays off after |", "|---|---|---|---|---|---|---|"]
+           "| program | StableHLO lines | compile s, level 0 | compile s, level 3 | run ms, level 0 | "
+           "run ms, level 3 | level 3 pays off after |", "|---|---|---|---|---|---|---|"]
   for name, lowered, run in (("initialisation", init.lower(key), init_ms), ("train step", step, step_ms)):
     compiles, runs = [], []
     for level in (0, 3):
