@@ -33,11 +33,12 @@ Modes:
   profile  where the train step's time goes (profiling.py): a profiler trace of --steps steps, each executed
            HLO op's time attributed to a kind (convolution, matmul, reductions, layout copies, elementwise),
            a phase (forward, backward, other) and the JAX primitive it came from.
-  compile  what compiling costs against what it buys: the initialisation and the train step, each lowered once,
-           then compiled --repeats times (no cache) at XLA's cheapest code generation (backend optimisation level
-           0, what the tests use) and at its default (level 3): StableHLO lines, compile seconds, run time (the
-           step over --steps steps) and after how many runs level 3's longer compile pays for itself. Compile
-           time is most of a short job's time (and of the tests').
+  compile  what compiling costs against what it buys: the initialisation, the train step and the sampler
+           (config.sample, one batch of sample.batch_size), each lowered once, then compiled --repeats times (no
+           cache) at XLA's cheapest code generation (backend optimisation level 0, what the tests use) and at its
+           default (level 3): StableHLO lines, compile seconds, run time (the step over --steps steps) and after
+           how many runs level 3's longer compile pays for itself. Compile time is most of a short job's time
+           (and of the tests').
   restore  reading the latest checkpoint of --workdir as sampling and evaluation jobs do (sample.load_checkpoint:
            the first EMA copy and the frozen weights) against reading its whole train state (what resuming
            training reads): bytes restored, seconds and the process's peak resident memory, each in a fresh
@@ -299,15 +300,18 @@ def pays_off_after(compile_cheap: float, compile_full: float, run_cheap: float, 
   """After how many runs full optimisation's longer compile is paid back by its faster runs."""
   if run_full >= run_cheap:
     return "never (not faster)"
-  return f"{max(math.ceil((compile_full - compile_cheap) / (run_cheap - run_full)), 1):,} runs"
+  runs = max(math.ceil((compile_full - compile_cheap) / (run_cheap - run_full)), 1)
+  return f"{runs:,} run{'s' * (runs > 1)}"
 
 
 def compile_table(config, steps: int, repeats: int) -> str:
-  """The `compile` mode's table: the initialisation and the train step, each lowered once, then compiled at XLA's
-  cheapest code generation (level 0, what the tests use) and at its default (level 3) and run."""
-  from diffusion_jax import sharding, train
+  """The `compile` mode's table: the initialisation, the train step and the sampler (config.sample, one batch),
+  each lowered once, then compiled at XLA's cheapest code generation (level 0, what the tests use) and at its
+  default (level 3) and run."""
+  from diffusion_jax import sample, sharding, train
   from diffusion_jax.data import pipeline
   from diffusion_jax.models import text_to_image
+  from diffusion_jax.text import tokenizers
 
   mesh = sharding.make_mesh(config.mesh)
   state, graphdef = train.init_state(config, mesh)
@@ -319,18 +323,27 @@ def compile_table(config, steps: int, repeats: int) -> str:
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
   step = train.lower_step(train.make_train_step(config, graphdef), state, shapes, mesh)
   hparams = train.place_hparams(config, mesh)
+  samples = -(-config.sample.batch_size // mesh.size) * mesh.size  # as sample.generate rounds it
+  ids, mask = tokenizers.from_config(config)(["a large red circle"] * samples)
+  prompts = jax.device_put((sample.example_keys(range(samples), 1), ids, mask), sharding.batch_sharding(mesh))
+  sampler = sample.compiled_sampler(config, graphdef, config.sample, mesh)
 
-  def init_ms(compiled):
-    jax.block_until_ready(compiled(key))  # warm-up
+  def call_seconds(call):
+    jax.block_until_ready(call())  # warm-up
     start = time.perf_counter()
-    jax.block_until_ready(compiled(key))
+    jax.block_until_ready(call())
     return time.perf_counter() - start
 
-  def step_ms(compiled):
+  def step_seconds(compiled):
     nonlocal state
     seconds, state = time_steps(compiled, (state, batch, hparams), steps)  # the state is donated: carried on
     return seconds
 
+  programs = (("initialisation", init.lower(key), lambda compiled: call_seconds(lambda: compiled(key))),
+              ("train step", step, step_seconds),
+              (f"sampling ({config.sample.steps}-step {config.sample.sampler}, {samples} samples)",
+               sampler.lower(state.params, state.frozen, *prompts),
+               lambda compiled: call_seconds(lambda: compiled(state.params, state.frozen, *prompts))))
   span = lambda values: "-".join(f"{v:.2f}" for v in sorted({min(values), max(values)}))
   arrays = len(jax.tree.leaves(state.params))
   lines = [f"{train.count_params(state.params):,} trained parameters in {arrays} arrays; XLA_FLAGS="
@@ -338,7 +351,7 @@ def compile_table(config, steps: int, repeats: int) -> str:
            "program and level (fastest-slowest)", "",
            "| program | StableHLO lines | compile s, level 0 | compile s, level 3 | run ms, level 0 | "
            "run ms, level 3 | level 3 pays off after |", "|---|---|---|---|---|---|---|"]
-  for name, lowered, run in (("initialisation", init.lower(key), init_ms), ("train step", step, step_ms)):
+  for name, lowered, run in programs:
     compiles, runs = [], []
     for level in (0, 3):
       seconds, compiled = compile_seconds(lowered, level, repeats)

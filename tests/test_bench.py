@@ -111,14 +111,17 @@ def test_lora_benchmark_trains_fewer_weights_and_keeps_less_state(tmp_path_facto
 
 
 def test_compile_benchmark_table(tmp_path_factory):
-  lines = bench.compile_table(tiny_dit_config(tmp_path_factory), steps=1, repeats=1).splitlines()
+  config = tiny_dit_config(tmp_path_factory)
+  config.sample.batch_size = 8
+  lines = bench.compile_table(config, steps=1, repeats=1).splitlines()
   assert lines[0].endswith("compile per program and level (fastest-slowest)")
   rows = {cells(r)[0]: cells(r)[1:] for r in lines[4:]}
-  assert list(rows) == ["initialisation", "train step"]
+  assert list(rows) == ["initialisation", "train step", "sampling (4-step dpmpp_2m, 8 samples)"]
   for hlo_lines, compile_cheap, compile_full, run_cheap, run_full, pays_off in rows.values():
     assert int(hlo_lines.replace(",", "")) > 100
     assert all(float(x) > 0 for x in (compile_cheap, compile_full, run_cheap, run_full))
-    assert pays_off == "never (not faster)" or pays_off.endswith(" runs") and int(pays_off.split()[0]) >= 1
+    runs, unit = pays_off.replace(",", "").split(" ", 1)
+    assert pays_off == "never (not faster)" or unit == ("runs" if int(runs) > 1 else "run") and int(runs) >= 1
   assert jax.config.jax_enable_compilation_cache  # the benchmark turned the persistent cache back on
 
 
