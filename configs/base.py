@@ -65,6 +65,7 @@ def get_config():
       temporal_patch_size=1,       # spacetime dit: frames per token (tubelets of that many frames x patch_size^2)
       lora_rank=0,                 # > 0: low-rank updates of every attention projection, the only weights trained
       lora_convolutions=False,     # with lora_rank: also of both 3x3 convolutions of every U-Net residual block
+                                   # (a video U-Net: and both convolutions of every temporal block)
       lora_feed_forward=False,     # with lora_rank: also of both feed-forward projections of every transformer block
   )
 

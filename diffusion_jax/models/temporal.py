@@ -40,10 +40,19 @@ def relative_positions(frames: int, max_frames: int):
   return jnp.clip(distance, -(max_frames - 1), max_frames - 1) + max_frames - 1
 
 
-class TemporalConv(nnx.Module):
-  """GroupNorm-SiLU, then a kernel-3 convolution over frames (as three shifted matmuls).
+def frames_conv(x, kernel):
+  """A kernel-3 convolution over frames (zero-padded, as three shifted matmuls): x [batch, frames, h, w, in],
+  kernel [3, in, out] -> [batch, frames, h, w, out]."""
+  f = x.shape[1]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+  return sum(jnp.einsum("bfhwc,cd->bfhwd", padded[:, k:k + f], kernel[k]) for k in range(3))
 
-  x: [batch, frames, h, w, ch] -> same shape (the residual branch only)."""
+
+class TemporalConv(nnx.Module):
+  """GroupNorm-SiLU, then a kernel-3 convolution over frames.
+
+  x: [batch, frames, h, w, ch] -> same shape (the residual branch only). update: a FramesConvLoRA of the
+  kernel, or None."""
 
   def __init__(self, channels, *, dtype, rngs):
     self.norm = layers.group_norm(channels, rngs, dtype)
@@ -51,13 +60,29 @@ class TemporalConv(nnx.Module):
                             **layers.names(None, "conv_in", "conv_out"))
     self.dtype = dtype
 
-  def __call__(self, x):
+  def __call__(self, x, update=None):
     b, f = x.shape[:2]
     h = nnx.silu(self.norm(x.reshape((b * f,) + x.shape[2:]))).reshape(x.shape)
-    padded = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
-    kernel = self.kernel[...].astype(self.dtype)
-    out = sum(jnp.einsum("bfhwc,cd->bfhwd", padded[:, k:k + f], kernel[k]) for k in range(3))
-    return out  # no bias: a GroupNorm follows in TemporalBlock
+    out = frames_conv(h, self.kernel[...].astype(self.dtype))
+    return out if update is None else out + update(h).astype(out.dtype)  # no bias: a GroupNorm follows
+
+
+class FramesConvLoRA(nnx.Module):
+  """A low-rank update of a TemporalConv's kernel [3, in_ch, out_ch]: the convolution over frames with
+  lora_a [3, in_ch, rank], then lora_b [rank, out_ch] (zeros, so it starts at nothing). Merged into the kernel it
+  is lora_a @ lora_b (layers.ConvLoRA's form, over frames).
+
+  x: [batch, frames, h, w, in_ch] -> [batch, frames, h, w, out_ch]."""
+
+  def __init__(self, in_ch, out_ch, rank, rngs, dtype):
+    a = nnx.initializers.lecun_normal()(rngs.params(), (3, in_ch, rank))
+    self.lora_a = nnx.LoRAParam(a, **layers.names(None, "conv_in", None))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_ch)), **layers.names(None, "conv_out"))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    return frames_conv(x.astype(dtype), self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
 
 
 class TemporalAttention(nnx.Module):
@@ -84,17 +109,22 @@ class TemporalAttention(nnx.Module):
 
 class TemporalBlock(nnx.Module):
   """Temporal residual block (temporal conv, FiLM on emb, SiLU, zero-initialised 1x1 conv), then
-  (optionally) temporal attention, each a residual gated by is_video.
+  (optionally) temporal attention, each a residual gated by is_video. lora_rank: low-rank updates of the
+  attention projections; conv_lora_rank: of both convolutions, as `conv_lora` (FramesConvLoRA) and
+  `conv_out_lora` (layers.ConvLoRA) (0: none).
 
   x: [batch * frames, h, w, ch], emb: [batch * frames, emb_dim], is_video: [batch] -> x's shape."""
 
   def __init__(self, channels, emb_dim, heads, max_frames, *, attention: bool, implementation, dtype, rngs,
-               lora_rank=0):
+               lora_rank=0, conv_lora_rank=0):
     self.conv = TemporalConv(channels, dtype=dtype, rngs=rngs)
     self.film = layers.dense(emb_dim, 2 * channels, ("embed", "conv_out"), rngs, dtype)
     self.norm = layers.group_norm(channels, rngs, dtype)
     # Zero-initialised output projection of the convolution branch: identity at initialisation.
     self.conv_out = layers.conv(channels, channels, 1, rngs, dtype, zero_init=True)
+    self.conv_lora = FramesConvLoRA(channels, channels, conv_lora_rank, rngs, dtype) if conv_lora_rank else None
+    self.conv_out_lora = (layers.ConvLoRA(channels, channels, 1, conv_lora_rank, rngs, dtype) if conv_lora_rank
+                          else None)
     self.attention = (TemporalAttention(channels, heads, max_frames, implementation=implementation, dtype=dtype,
                                         rngs=rngs, lora_rank=lora_rank) if attention else None)
 
@@ -103,8 +133,8 @@ class TemporalBlock(nnx.Module):
     video = x.reshape((b, x.shape[0] // b) + x.shape[1:])
     gate = is_video.astype(x.dtype)[:, None, None, None, None]
     scale, shift = jnp.split(self.film(nnx.silu(emb))[:, None, None, :], 2, axis=-1)
-    h = self.norm(self.conv(video).reshape(x.shape)) * (1 + scale) + shift
-    video = video + gate * self.conv_out(nnx.silu(h)).reshape(video.shape)
+    h = self.norm(self.conv(video, self.conv_lora).reshape(x.shape)) * (1 + scale) + shift
+    video = video + gate * layers.adapted(self, "conv_out", nnx.silu(h)).reshape(video.shape)
     if self.attention is not None:
       video = video + gate * self.attention(video)
     return video.reshape(x.shape)

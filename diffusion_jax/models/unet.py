@@ -113,7 +113,8 @@ class UNet(nnx.Module):
     def temporal_blocks(ch, n, attention):  # one per spatial block; None everywhere in an image U-Net
       return nnx.List([temporal.TemporalBlock(ch, emb_dim, config.heads, config.max_frames, attention=attention,
                                               implementation=config.attention, dtype=dtype, rngs=rngs,
-                                              lora_rank=config.lora_rank)
+                                              lora_rank=config.lora_rank,
+                                              conv_lora_rank=config.lora_rank if config.lora_convolutions else 0)
                        if self.temporal else None
                        for _ in range(n)])
 
