@@ -75,6 +75,19 @@ def parse(spec: str) -> tuple[str, float]:
   return spec, 1.0
 
 
+def at_scales(adapters: list[Adapter], scale=None) -> list[Adapter]:
+  """The adapters at a prompt's 'lora_scale': None (each at its own scale), one number (all at it) or a list with
+  one scale per adapter; a ValueError for a scale without adapters or a list of another length."""
+  if scale is None:
+    return list(adapters)
+  if not adapters:
+    raise ValueError(f"lora_scale {scale}: no --lora adapter to scale")
+  scales = [float(scale)] * len(adapters) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+  if len(scales) != len(adapters):
+    raise ValueError(f"lora_scale {list(scale)}: one scale per --lora adapter ({len(adapters)}), or one number")
+  return [dataclasses.replace(adapter, scale=s) for adapter, s in zip(adapters, scales)]
+
+
 def read(spec: str, flag: str = "--lora") -> Adapter:
   """The adapter of a --lora=FILE[:SCALE] flag (or `flag`); ValueError when the file is missing or not an adapter."""
   from safetensors import SafetensorError, safe_open

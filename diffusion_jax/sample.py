@@ -7,8 +7,9 @@ Flags:
   --step            checkpoint step (default: the latest)
   --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
                     "guidance_interval"? ("LOW:HIGH", [low, high] or "none"), "negative_prompt"?, "init_image"?,
-                    "mask"?, "init_video"?, "strength"?} (per-prompt settings;
-                    image and clip paths relative to the file); default: the config's sample.prompts
+                    "mask"?, "init_video"?, "strength"?, "lora_scale"? (with --lora: every adapter's scale for
+                    this prompt, or a list with one per --lora)} (per-prompt settings; image and clip paths relative
+                    to the file); default: the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
@@ -367,7 +368,7 @@ def prompt_guidance_interval(value) -> list:
 
 def read_prompts(path) -> list[dict]:
   """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt", "init_image", "mask",
-  "init_video", "strength"}]
+  "init_video", "strength", "lora_scale"}]
   (image paths relative to the file's directory made whole)."""
   path = pathlib.Path(path)
   if not path.exists():
@@ -376,8 +377,8 @@ def read_prompts(path) -> list[dict]:
   if path.suffix == ".jsonl":
     try:
       entries = [{k: v for k, v in json.loads(line).items()
-                  if k in ("prompt", "seed", "guidance_scale", "guidance_interval", "negative_prompt", "strength")
-                  + EDIT_FILES}
+                  if k in ("prompt", "seed", "guidance_scale", "guidance_interval", "negative_prompt", "strength",
+                           "lora_scale") + EDIT_FILES}
                  for line in lines]
       for entry in entries:
         entry["prompt"] = str(entry["prompt"])
@@ -400,11 +401,15 @@ def read_prompts(path) -> list[dict]:
           entry["seed"] = int(entry["seed"])
         if "guidance_interval" in entry:
           entry["guidance_interval"] = prompt_guidance_interval(entry["guidance_interval"])
+        if "lora_scale" in entry:
+          scale = entry["lora_scale"]
+          entry["lora_scale"] = [float(s) for s in scale] if isinstance(scale, list) else float(scale)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
       raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
                        f"integer 'seed', a 'guidance_scale' >= 0, a 'guidance_interval' (\"LOW:HIGH\", [low, high] "
-                       f"or \"none\"), a 'negative_prompt', and an 'init_image' (with its 'mask') or 'init_video' to "
-                       f"edit at a 'strength' ({error}).") from None
+                       f"or \"none\"), a 'negative_prompt', an 'init_image' (with its 'mask') or 'init_video' to "
+                       f"edit at a 'strength', and a 'lora_scale' (a number, or a list of one per --lora adapter) "
+                       f"({error}).") from None
   else:
     entries = [{"prompt": line} for line in lines]
   if not entries:
@@ -473,6 +478,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   frames = output_shape(config, sample_config)[0] if config.model.temporal else 0
   edits = edit_inputs.read(config, sample_config, prompts, frames)  # before a checkpoint is read
   lora.check(adapters, config)
+  for entry in prompts:  # a prompt's lora_scale that fits no --lora is refused before a checkpoint is read
+    lora.at_scales(adapters, entry.get("lora_scale"))
   unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edits)),
                                               ("context_frames", sample_config.video_length),
                                               ("reconstruction_guidance", edits or sample_config.video_length))
@@ -487,7 +494,6 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   config, weights, graphdef, step, mesh = load_checkpoint(workdir, step, sample_config.use_ema)
-  weights = lora.fused(weights, adapters)
   return write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
                        edits=edits, adapters=adapters, guide=guide)
@@ -516,11 +522,12 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
                   lowres=None, edits=None, adapters=(), guide=None):
   """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / guidance_interval /
-  negative_prompt, and the init_image / mask / init_video files of an edit) and write outputs.
+  negative_prompt / lora_scale, and the init_image / mask / init_video files of an edit) and write outputs.
   edits: {prompt index: (image, keep)} as edit_inputs.read reads them, the prompts to edit instead of generating
   for.
-  lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]. adapters: the lora.Adapters
-  fused into the weights, recorded in the provenance. guide: an autoguidance.Guide (recorded too)."""
+  lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]. adapters: lora.Adapters
+  fused into the weights (params, frozen), each at its scale or at a prompt's lora_scale (lora.at_scales), recorded
+  in the provenance. guide: an autoguidance.Guide (recorded too)."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
   for entry in entries:
     entry.setdefault("seed", sample_config.seed)
@@ -535,11 +542,18 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   edits = edits or {}
   for i in edits:
     entries[i].setdefault("strength", sample_config.strength)
-  images = [None] * len(entries)
-  # One compiled sampler per (guidance scale, guidance interval), and for edits per strength too.
-  setting = lambda i: (entries[i]["guidance_scale"], interval(i), entries[i]["strength"] if i in edits else -1.0)
-  for scale, group_interval, strength in sorted({setting(i) for i in range(len(entries))}):
-    group = [i for i in range(len(entries)) if setting(i) == (scale, group_interval, strength)]
+  images, fused = [None] * len(entries), {}
+  # One compiled sampler per (guidance scale, guidance interval), and for edits per strength too; the adapters fused
+  # once per set of LoRA scales (sorted first: one fused copy of the weights at a time).
+  lora_scales = lambda i: tuple(a.scale for a in lora.at_scales(adapters, entries[i].get("lora_scale")))
+  setting = lambda i: (lora_scales(i), entries[i]["guidance_scale"], interval(i),
+                       entries[i]["strength"] if i in edits else -1.0)
+  for scales, scale, group_interval, strength in sorted({setting(i) for i in range(len(entries))}):
+    group = [i for i in range(len(entries)) if setting(i) == (scales, scale, group_interval, strength)]
+    if scales not in fused:
+      at_scales = lora.at_scales(adapters, entries[group[0]].get("lora_scale"))
+      fused = {scales: lora.fused(Weights(params, frozen), at_scales)}
+    group_params, group_frozen = fused[scales]
     edited = strength >= 0
     group_config = sample_config.copy_and_resolve_references()
     group_config.guidance_scale = float(scale)
@@ -548,12 +562,12 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     init_images, keep_masks = (np.stack([edits[i][k] for i in group]) for k in (0, 1)) if edited else (None, None)
     group_prompts, seeds = [entries[i]["prompt"] for i in group], [entries[i]["seed"] for i in group]
     negatives = [entries[i].get("negative_prompt", "") for i in group]
-    generated = generate(config, graphdef, params, frozen, tokenizer, group_prompts, group_config, mesh, seeds=seeds,
-                         lowres=None if lowres is None else np.asarray(lowres)[group], negative_prompts=negatives,
-                         init_images=init_images, keep_masks=keep_masks, guide=guide)
+    generated = generate(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
+                         seeds=seeds, lowres=None if lowres is None else np.asarray(lowres)[group],
+                         negative_prompts=negatives, init_images=init_images, keep_masks=keep_masks, guide=guide)
     if config.model.temporal and sample_config.video_length:
-      generated = extended(config, graphdef, params, frozen, tokenizer, group_prompts, group_config, mesh, seeds,
-                           negatives, generated, guide)
+      generated = extended(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
+                           seeds, negatives, generated, guide)
     for i, row in zip(group, generated):
       images[i] = row
   output_dir = pathlib.Path(output_dir)

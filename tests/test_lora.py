@@ -171,6 +171,38 @@ def test_sampling_with_an_adapter_file_records_it(trained, lora_run, tmp_path):
     cascade.load(config)
 
 
+def test_a_prompts_file_sets_each_prompts_lora_scale(trained, lora_run, tmp_path):
+  """'lora_scale' in a .jsonl prompts file: at 0 a prompt samples the source model (bit for bit, as without the
+  adapter); a list gives one scale per --lora; the manifest records it; a scale without adapters, or a list of
+  another length, is refused before a checkpoint is read."""
+  _, workdir, _, _ = lora_run
+  lora.export(workdir, tmp_path / "adapter.safetensors")
+  adapter = lora.read(f"{tmp_path / 'adapter.safetensors'}:100")
+  overrides = {"num_per_prompt": 1, "steps": 3}
+  prompt = "a large red circle at the top left"
+  lines = [{"prompt": prompt, "seed": 1, "lora_scale": 0}, {"prompt": prompt, "seed": 1},
+           {"prompt": prompt, "seed": 1, "lora_scale": [100]}]
+  (tmp_path / "scales.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  (tmp_path / "one.txt").write_text(prompt + "\n")
+  images = lambda out: [np.asarray(Image.open(p)) for p in sorted(out.glob("p*.png"))]
+  scaled = sample.sample_from_workdir(trained[1], overrides, tmp_path / "scales.jsonl", output_dir=tmp_path / "a",
+                                      adapters=[adapter]).parent
+  source = sample.sample_from_workdir(trained[1], {**overrides, "seed": 1}, tmp_path / "one.txt",
+                                      output_dir=tmp_path / "s").parent
+  at_zero, default, at_hundred = images(scaled)
+  np.testing.assert_array_equal(at_zero, images(source)[0])
+  np.testing.assert_array_equal(default, at_hundred)  # --lora's own scale, 100
+  assert np.abs(at_hundred.astype(int) - at_zero).max() > 8
+  records = [json.loads(line) for line in (scaled / "manifest.jsonl").read_text().splitlines()]
+  assert [r.get("lora_scale") for r in records] == [0.0, None, [100.0]]
+  for scale, adapters, message in ((1, [], "no --lora adapter to scale"),
+                                   ([1, 2], [adapter], r"one scale per --lora adapter \(1\)")):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": prompt, "lora_scale": scale}) + "\n")
+    with pytest.raises(ValueError, match=message):
+      sample.sample_from_workdir(trained[1], overrides, tmp_path / "bad.jsonl", output_dir=tmp_path / "b",
+                                 adapters=adapters)
+
+
 def test_an_adapter_is_refused_by_a_model_it_does_not_fit(lora_run, tmp_path, tmp_path_factory):
   _, workdir, _, _ = lora_run
   lora.export(workdir, tmp_path / "adapter.safetensors")
