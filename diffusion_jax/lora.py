@@ -81,7 +81,7 @@ def at_scales(adapters: list[Adapter], scale=None) -> list[Adapter]:
   if scale is None:
     return list(adapters)
   if not adapters:
-    raise ValueError(f"lora_scale {scale}: no --lora adapter to scale")
+    raise ValueError(f"lora_scale {scale}: no --lora adapter to scale (give --lora=FILE[:SCALE], or drop it)")
   scales = [float(scale)] * len(adapters) if isinstance(scale, (int, float)) else [float(s) for s in scale]
   if len(scales) != len(adapters):
     raise ValueError(f"lora_scale {list(scale)}: one scale per --lora adapter ({len(adapters)}), or one number")

@@ -62,7 +62,8 @@ Flags:
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
                     --workdir. Writes OUTPUT_DIR/stage_<k>/ for every stage and OUTPUT_DIR/cascade.png
-                    (--output_dir defaults to the cascade's output_dir; --prompts to its prompts;
+                    (--output_dir defaults to the cascade's output_dir; --prompts to its prompts, a .jsonl's
+                    lines giving their "prompt" alone;
                     --batch_size and --negative_prompt set every stage's; the flags of one workdir's settings
                     are refused)
   --coordinator, --num_processes, --process_id, --auto_distributed
@@ -478,8 +479,11 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   frames = output_shape(config, sample_config)[0] if config.model.temporal else 0
   edits = edit_inputs.read(config, sample_config, prompts, frames)  # before a checkpoint is read
   lora.check(adapters, config)
-  for entry in prompts:  # a prompt's lora_scale that fits no --lora is refused before a checkpoint is read
-    lora.at_scales(adapters, entry.get("lora_scale"))
+  for i, entry in enumerate(prompts):  # a prompt's lora_scale that fits no --lora is refused before a checkpoint
+    try:
+      lora.at_scales(adapters, entry.get("lora_scale"))
+    except ValueError as error:
+      raise ValueError(f"{prompts_path}, prompt {i + 1} ({entry['prompt']!r}): {error}") from None
   unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edits)),
                                               ("context_frames", sample_config.video_length),
                                               ("reconstruction_guidance", edits or sample_config.video_length))
@@ -653,7 +657,12 @@ def define_flags():
 def sample_cascade(cascade, prompts_path=None, output_dir=None) -> pathlib.Path:
   from diffusion_jax import cascade as cascades
 
-  prompts = [e["prompt"] for e in read_prompts(prompts_path)] if prompts_path else list(cascade.prompts)
+  entries = read_prompts(prompts_path) if prompts_path else [{"prompt": p} for p in cascade.prompts]
+  if settings := sorted({key for entry in entries for key in entry} - {"prompt"}):
+    raise ValueError(f"{prompts_path}: with --cascade a line gives its 'prompt' alone (the cascade config sets the "
+                     f"seed and each stage's settings, e.g. --cascade.seed, --cascade.stages[K].guidance_scale); "
+                     f"lines here also give {', '.join(settings)}")
+  prompts = [entry["prompt"] for entry in entries]
   if not prompts:
     raise ValueError("The cascade has no prompts: give --prompts or set prompts in the cascade config.")
   stages = cascades.load(cascade)

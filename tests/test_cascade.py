@@ -220,6 +220,12 @@ def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path)
     evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), 4, sweeps={"aug_level": ("1.5",)})
   with pytest.raises(ValueError, match="--sweep_stage=2: the cascade has stages 0 to 1"):
     evaluate.cascade_metrics(cascade_config(trained[1], trained_sr[1]), 4, sweeps={"guidance": ("1",)}, sweep_stage=2)
+  # A prompts line's own settings, which a workdir's sampling would use, are not silently dropped by a cascade.
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a blue square", "seed": 3, "lora_scale": 0.5}\n')
+  with pytest.raises(ValueError, match=r"prompts.jsonl: with --cascade a line gives its 'prompt' alone .* also give "
+                                       r"lora_scale, seed$"):
+    sample.sample_cascade(cascade_config(trained[1], trained_sr[1]), prompts, tmp_path / "out")
 
 
 @pytest.mark.parametrize("name, experiments", [("shapes_16_32", ("t2i_shapes:base16", "sr_shapes")),

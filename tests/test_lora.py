@@ -195,7 +195,7 @@ def test_a_prompts_file_sets_each_prompts_lora_scale(trained, lora_run, tmp_path
   assert np.abs(at_hundred.astype(int) - at_zero).max() > 8
   records = [json.loads(line) for line in (scaled / "manifest.jsonl").read_text().splitlines()]
   assert [r.get("lora_scale") for r in records] == [0.0, None, [100.0]]
-  for scale, adapters, message in ((1, [], "no --lora adapter to scale"),
+  for scale, adapters, message in ((1, [], r"bad.jsonl, prompt 1 .*no --lora adapter to scale"),
                                    ([1, 2], [adapter], r"one scale per --lora adapter \(1\)")):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": prompt, "lora_scale": scale}) + "\n")
     with pytest.raises(ValueError, match=message):
