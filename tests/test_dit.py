@@ -12,13 +12,13 @@ import pytest
 from flax import nnx, traverse_util
 
 from configs import sr_shapes, t2i_shapes, t2v_moving_shapes
-from diffusion_jax import config_checks, lora, sample, sharding
+from diffusion_jax import config_checks, sample, sharding
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import dit, inflation, init_rngs, text_to_image
 from diffusion_jax.text import tokenizers
 from test_train import one_step
 from test_unet import perturb, run
-from test_video import frame_influence, video_inputs
+from test_video import assert_fused_is_the_lora_model, frame_influence, random_lora, video_inputs
 
 
 def dit_config(video=False):
@@ -250,35 +250,12 @@ def test_a_lora_of_a_dit_adapts_attention_and_feed_forward_and_fuses_into_it():
   updates, far from nothing), they compute what the LoRA model computes."""
   config = dit_config(video=True)
   config.model.update(lora_rank=2, lora_feed_forward=True)
-  graphdef, params, frozen = text_to_image.split(perturb(text_to_image.TextToImage(config, rngs=init_rngs.seeded(0))),
-                                                 config)
-  rng = np.random.default_rng(0)
-  updates = {p: rng.normal(0, 0.3, w.shape).astype(np.float32)
-             for p, w in traverse_util.flatten_dict(nnx.to_pure_dict(params)).items()}
-  weights = traverse_util.flatten_dict(nnx.to_pure_dict(frozen))
+  graphdef, updates, weights = random_lora(config)
   projections = ("q", "k", "v", "out", "proj_in", "proj_out")
   kernels = {p[:-1] for p in weights if p[0] == "dit" and p[-1] == "kernel" and p[-2] in projections}
   assert {p[:-2] + (p[-2].removesuffix("_lora"),) for p in updates} == kernels
   assert {p[-1] for p in kernels} == set(projections) and any(p[1] == "temporal_attention" for p in kernels)
-
-  plain = dit_config(video=True)
-  plain_graphdef, plain_params, plain_frozen = text_to_image.split(
-      text_to_image.TextToImage(plain, rngs=init_rngs.seeded(1)), plain)
-  taken = lambda tree: traverse_util.unflatten_dict(
-      {p: weights[p] for p in traverse_util.flatten_dict(nnx.to_pure_dict(tree))})
-  adapter = lora.Adapter("random", {lora.name(p): w for p, w in updates.items()}, {})
-  x, logsnr, _, _ = video_inputs(res=16)
-  ids = jnp.array([[5, 9, 13, 0], [7, 2, 0, 0]])
-
-  def denoised(model):
-    return run(model, x, logsnr, model.encode(ids, ids > 0), ids > 0)
-
-  with_updates = denoised(nnx.merge(graphdef, traverse_util.unflatten_dict(updates), nnx.to_pure_dict(frozen)))
-  fused = denoised(nnx.merge(plain_graphdef, lora.fuse(taken(plain_params), [adapter]),
-                             lora.fuse(taken(plain_frozen), [adapter])))
-  without = denoised(nnx.merge(plain_graphdef, taken(plain_params), taken(plain_frozen)))
-  np.testing.assert_allclose(fused, with_updates, atol=1e-4)
-  assert float(jnp.abs(without - with_updates).max()) > 1e-2
+  assert_fused_is_the_lora_model(dit_config(video=True), graphdef, updates, weights)
 
 
 def test_configs_a_dit_cannot_serve_are_refused():

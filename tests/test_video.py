@@ -263,29 +263,25 @@ def test_fvd_is_zero_on_itself_and_sees_frame_order_that_per_frame_fid_cannot():
   assert fvd.fvd(videos, noisy) > fvd.fvd(videos, shuffled)
 
 
-def test_a_lora_of_a_video_unet_adapts_its_temporal_convolutions_and_fuses_into_it():
-  """model.lora_convolutions with a video U-Net: low-rank updates of the residual blocks' 3x3 convolutions and of
-  both convolutions of every temporal block (over frames, and its 1x1 output), beside every attention
-  projection's; fused into the U-Net without them (random updates, far from nothing), they compute what the
-  LoRA model computes."""
-  from configs import t2v_moving_shapes
-  from diffusion_jax import lora
+def random_lora(config):
+  """A perturbed model of the LoRA `config` with random updates (far from nothing): (graphdef, updates {path:
+  array}, its frozen weights {path: array})."""
   from diffusion_jax.models import init_rngs
 
-  plain = t2v_moving_shapes.get_config("test")
-  config = plain.copy_and_resolve_references()
-  config.model.update(lora_rank=2, lora_convolutions=True)
   graphdef, params, frozen = text_to_image.split(perturb(text_to_image.TextToImage(config, rngs=init_rngs.seeded(0))),
                                                  config)
   rng = np.random.default_rng(0)
   updates = {p: rng.normal(0, 0.3, w.shape).astype(np.float32)
              for p, w in traverse_util.flatten_dict(nnx.to_pure_dict(params)).items()}
-  weights = traverse_util.flatten_dict(nnx.to_pure_dict(frozen))
-  adapted = {p[:-2] + (p[-2].removesuffix("_lora"), "kernel") for p in updates}
-  temporal = {p for p in weights if p[-1] == "kernel" and any(str(k).startswith("temporal_") for k in p)
-              and p[-2] in ("conv", "conv_out")}
-  assert temporal and temporal <= adapted and {p[-2] for p in adapted} >= {"conv1", "conv2", "q", "out"}
-  assert {lora.layer_kind(lora.name(p)) for p in updates} >= {"temporal convolution", "convolution"}
+  return graphdef, updates, traverse_util.flatten_dict(nnx.to_pure_dict(frozen))
+
+
+def assert_fused_is_the_lora_model(plain, graphdef, updates, weights):
+  """The updates of random_lora fused into the model of `plain` (the same config without LoRA) holding `weights`
+  compute what the LoRA model computes on a video batch, and the plain model without them does not."""
+  from diffusion_jax import lora
+  from diffusion_jax.models import init_rngs
+
   plain_graphdef, plain_params, plain_frozen = text_to_image.split(
       text_to_image.TextToImage(plain, rngs=init_rngs.seeded(1)), plain)
   taken = lambda tree: traverse_util.unflatten_dict(
@@ -297,12 +293,33 @@ def test_a_lora_of_a_video_unet_adapts_its_temporal_convolutions_and_fuses_into_
   def denoised(model):
     return run(model, x, logsnr, model.encode(ids, ids > 0), ids > 0)
 
-  with_updates = denoised(nnx.merge(graphdef, traverse_util.unflatten_dict(updates), nnx.to_pure_dict(frozen)))
+  with_updates = denoised(nnx.merge(graphdef, traverse_util.unflatten_dict(updates),
+                                    traverse_util.unflatten_dict(weights)))
   fused = denoised(nnx.merge(plain_graphdef, lora.fuse(taken(plain_params), [adapter]),
                              lora.fuse(taken(plain_frozen), [adapter])))
   without = denoised(nnx.merge(plain_graphdef, taken(plain_params), taken(plain_frozen)))
   np.testing.assert_allclose(fused, with_updates, atol=1e-4)
   assert float(jnp.abs(without - with_updates).max()) > 1e-2
+
+
+def test_a_lora_of_a_video_unet_adapts_its_temporal_convolutions_and_fuses_into_it():
+  """model.lora_convolutions with a video U-Net: low-rank updates of the residual blocks' 3x3 convolutions and of
+  both convolutions of every temporal block (over frames, and its 1x1 output), beside every attention
+  projection's; fused into the U-Net without them (random updates, far from nothing), they compute what the
+  LoRA model computes."""
+  from configs import t2v_moving_shapes
+  from diffusion_jax import lora
+
+  plain = t2v_moving_shapes.get_config("test")
+  config = plain.copy_and_resolve_references()
+  config.model.update(lora_rank=2, lora_convolutions=True)
+  graphdef, updates, weights = random_lora(config)
+  adapted = {p[:-2] + (p[-2].removesuffix("_lora"), "kernel") for p in updates}
+  temporal = {p for p in weights if p[-1] == "kernel" and any(str(k).startswith("temporal_") for k in p)
+              and p[-2] in ("conv", "conv_out")}
+  assert temporal and temporal <= adapted and {p[-2] for p in adapted} >= {"conv1", "conv2", "q", "out"}
+  assert {lora.layer_kind(lora.name(p)) for p in updates} >= {"temporal convolution", "convolution"}
+  assert_fused_is_the_lora_model(plain, graphdef, updates, weights)
 
 
 def test_video_config_problems_are_reported():
