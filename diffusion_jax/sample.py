@@ -546,7 +546,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   edits = edits or {}
   for i in edits:
     entries[i].setdefault("strength", sample_config.strength)
-  images, fused = [None] * len(entries), {}
+  images, fused = [None] * len(entries), (None, None)  # (LoRA scales, the weights with the adapters fused at them)
   # One compiled sampler per (guidance scale, guidance interval), and for edits per strength too; the adapters fused
   # once per set of LoRA scales (sorted first: one fused copy of the weights at a time).
   lora_scales = lambda i: tuple(a.scale for a in lora.at_scales(adapters, entries[i].get("lora_scale")))
@@ -554,10 +554,9 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
                        entries[i]["strength"] if i in edits else -1.0)
   for scales, scale, group_interval, strength in sorted({setting(i) for i in range(len(entries))}):
     group = [i for i in range(len(entries)) if setting(i) == (scales, scale, group_interval, strength)]
-    if scales not in fused:
-      at_scales = lora.at_scales(adapters, entries[group[0]].get("lora_scale"))
-      fused = {scales: lora.fused(Weights(params, frozen), at_scales)}
-    group_params, group_frozen = fused[scales]
+    if fused[0] != scales:
+      fused = scales, lora.fused(Weights(params, frozen), lora.at_scales(adapters, entries[group[0]].get("lora_scale")))
+    group_params, group_frozen = fused[1]
     edited = strength >= 0
     group_config = sample_config.copy_and_resolve_references()
     group_config.guidance_scale = float(scale)
