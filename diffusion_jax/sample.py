@@ -550,10 +550,10 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   # One compiled sampler per (guidance scale, guidance interval), and for edits per strength too; the adapters fused
   # once per set of LoRA scales (sorted first: one fused copy of the weights at a time).
   lora_scales = lambda i: tuple(a.scale for a in lora.at_scales(adapters, entries[i].get("lora_scale")))
-  setting = lambda i: (lora_scales(i), entries[i]["guidance_scale"], interval(i),
-                       entries[i]["strength"] if i in edits else -1.0)
-  for scales, scale, group_interval, strength in sorted({setting(i) for i in range(len(entries))}):
-    group = [i for i in range(len(entries)) if setting(i) == (scales, scale, group_interval, strength)]
+  settings = [(lora_scales(i), entries[i]["guidance_scale"], interval(i),
+               entries[i]["strength"] if i in edits else -1.0) for i in range(len(entries))]
+  for scales, scale, group_interval, strength in sorted(set(settings)):
+    group = [i for i, setting in enumerate(settings) if setting == (scales, scale, group_interval, strength)]
     if fused[0] != scales:
       fused = scales, lora.fused(Weights(params, frozen), lora.at_scales(adapters, entries[group[0]].get("lora_scale")))
     group_params, group_frozen = fused[1]
