@@ -8,8 +8,12 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from diffusion_jax.metrics import lpips
+
+# The network in one compiled program (an eager call compiles each of its operations apart).
+distance = nnx.jit(lpips.distance)
 
 
 def images(seed, shape):
@@ -22,7 +26,8 @@ def test_distance_and_its_gradient_are_the_lpips_packages(lpips_weights, resolut
   model = lpips.load(str(directory))
   x, y = images(1, (3, resolution, resolution, 3)), images(2, (3, resolution, resolution, 3))
   x[0] = y[0]  # identical images: 0
-  ours, grad = lpips.distance(model, x, y), jax.grad(lambda a: lpips.distance(model, a, y).sum())(x)
+  ours = distance(model, x, y)
+  grad = nnx.jit(lambda model, a, b: jax.grad(lambda a: lpips.distance(model, a, b).sum())(a))(model, x, y)
   as_torch = lambda a: torch.tensor(a.transpose(0, 3, 1, 2))
   torch_x = as_torch(x).requires_grad_()
   theirs = oracle(torch_x, as_torch(y)).reshape(-1)
@@ -38,7 +43,7 @@ def test_mean_distance_of_uint8_images_and_videos(lpips_weights):
   rng = np.random.default_rng(0)
   a, b = (rng.integers(0, 256, (5, 2, 16, 16, 3), dtype=np.uint8) for _ in range(2))
   frames = lambda v: v.reshape(-1, 16, 16, 3).astype(np.float32) / 127.5 - 1
-  expected = float(np.mean(lpips.distance(model, frames(a), frames(b))))
+  expected = float(np.mean(distance(model, frames(a), frames(b))))
   np.testing.assert_allclose(lpips.mean_distance(model, a, b, batch=4), expected, rtol=1e-5)  # 10 frames: 3 batches
   assert lpips.mean_distance(model, a, a) < 1e-6
   with pytest.raises(ValueError, match="at least 16 pixels a side"):
