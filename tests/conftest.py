@@ -18,7 +18,16 @@ CREATED_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   CREATED_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffusion_jax_tests_cache_")
 
+import compile_report  # noqa: E402
 import pytest  # noqa: E402  (after the environment is set)
+
+
+def pytest_addoption(parser):
+  compile_report.add_option(parser)
+
+
+def pytest_configure(config):
+  compile_report.configure(config)
 
 
 def pytest_unconfigure(config):
