@@ -16,4 +16,4 @@ demo: $(VENV)/.installed  ## train the small text-to-image model on captioned_sh
 	$(PY) -m diffusion_jax.main --config=configs/t2i_shapes.py --workdir=workdirs/t2i_shapes
 
 test: $(VENV)/.installed  ## the whole test suite on 2 workers
-	$(PY) -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider --durations=12
+	$(PY) -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider --compile-report=15
