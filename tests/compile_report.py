@@ -55,8 +55,8 @@ class CompileReport:
       self.tests[test].update(columns)
 
   def pytest_terminal_summary(self, terminalreporter):
-    if not self.tests:
-      return  # an xdist worker, or no test ran
+    if hasattr(terminalreporter.config, "workeroutput") or not self.tests:
+      return  # an xdist worker (its controller prints), or no test ran
     write = terminalreporter.write_line
     totals = collections.Counter()
     for columns in self.tests.values():
