@@ -34,11 +34,14 @@ def trained_sr(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_residual_sr(tmp_path_factory):
-  """The test SR stage diffusing residuals over its upsampled input, trained 150 steps: (config, workdir)."""
+  """The test SR stage at half its size (8 -> 16 px) diffusing residuals over its upsampled input, trained 150
+  steps: (config, workdir). At 16 px its test ends 2.8 dB above bicubic in 57 s alone (at 32 px: 1.5 dB in
+  88 s); 60 steps stay below bicubic."""
   from diffusion_jax import train
 
   config = sr_shapes.get_config("test")
-  config.superres.residual = True
+  config.superres.update(residual=True, lowres_resolution=8)
+  config.data.resolution = 16
   config.data.data_dir = str(tmp_path_factory.mktemp("tfds_sr_residual"))
   config.train.update(steps=150, checkpoint_every=150, log_every=50)
   config.optimizer.update(learning_rate=6e-3, warmup_steps=10)  # 3e-3 left it only 0.6 dB above bicubic
