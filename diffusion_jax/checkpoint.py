@@ -242,6 +242,7 @@ ADDED_FIELDS = {
     "sample.video_length": 0, "sample.context_frames": 0, "sample.reconstruction_guidance": 0.0,
     "finetune.workdir": "", "finetune.step": -1, "finetune.use_ema": True, "model.lora_rank": 0,
     "model.lora_convolutions": False, "model.lora_feed_forward": False,
+    "model.lora_modulation": False,
     "model.video_attention": "factorised",
     "sample.guidance_interval": (),
     "model.temporal_patch_size": 1,

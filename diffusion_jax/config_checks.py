@@ -216,6 +216,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
                  f"model.backbone={m.backbone!r} has none")
   if m.lora_feed_forward and not m.lora_rank:
     found.append("model.lora_feed_forward: the feed-forward's updates need model.lora_rank > 0")
+  if m.lora_modulation and not m.lora_rank:
+    found.append("model.lora_modulation: the scale-shift projections' updates need model.lora_rank > 0")
   if config.finetune.workdir and config.inflate.image_workdir:
     found.append("finetune.workdir and inflate.image_workdir both name a run to start from; set one")
   if config.inflate.train_temporal_only and not (m.temporal and config.inflate.image_workdir):

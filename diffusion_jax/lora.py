@@ -2,10 +2,11 @@
 to another model's weights.
 
 A LoRA run's checkpoints hold its whole model, the frozen weights too. `export` writes only the updates, each
-projection's a [in, rank] and b [rank, out] (attention's; the feed-forward's with model.lora_feed_forward) and
-each convolution's a [k, k, in, rank] and b (model.lora_convolutions; a video U-Net's convolutions over frames:
-a [3, in, rank]), float32 (the first EMA copy when the run samples with EMA), to a safetensors file with what
-made them in its metadata: a small file to share, where a checkpoint holds the whole model.
+projection's a [in, rank] and b [rank, out] (attention's; the feed-forward's with model.lora_feed_forward; the
+scale-shift projections' with model.lora_modulation) and each convolution's a [k, k, in, rank] and b
+(model.lora_convolutions; a video U-Net's convolutions over frames: a [3, in, rank]), float32 (the first EMA copy
+when the run samples with EMA), to a safetensors file with what made them in its metadata: a small file to share,
+where a checkpoint holds the whole model.
 `fuse` adds scale * a @ b to the kernel each update belongs to (Hu et al. 2021, sec. 4.1: merged, the model
 computes what the LoRA model computes at scale 1, at no extra cost): a model with the same
 projections (the source run, or another run of the same architecture) takes one or several adapters,
@@ -215,8 +216,10 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
 
 def layer_kind(update_name: str) -> str:
   """Which kind of layer an update adapts: 'temporal attention', 'self-attention', 'cross-attention',
-  'feed-forward', 'convolution' or 'temporal convolution' (by its path)."""
+  'feed-forward', 'convolution', 'temporal convolution', 'modulation' or 'temporal modulation' (by its path)."""
   parts = update_name.split("/")
+  if parts[-2] in ("film_lora", "modulation_lora", "final_modulation_lora"):  # the noise level's scale and shift
+    return "temporal modulation" if any(part.startswith("temporal") for part in parts) else "modulation"
   if parts[-2] in ("conv1_lora", "conv2_lora"):
     return "convolution"
   if parts[-2] in ("conv_lora", "conv_out_lora"):  # a video U-Net's temporal block's

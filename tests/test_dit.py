@@ -244,17 +244,22 @@ def test_position_periods_follow_the_config():
   assert float(jnp.abs(run(model, *args) - sharp).max()) > 1e-3
 
 
-def test_a_lora_of_a_dit_adapts_attention_and_feed_forward_and_fuses_into_it():
-  """model.lora_feed_forward with a video DiT: low-rank updates of every attention projection (self, cross and
-  temporal) and of every feed-forward projection, nothing else; fused into the DiT without them (random
-  updates, far from nothing), they compute what the LoRA model computes."""
+def test_a_lora_of_a_dit_adapts_attention_feed_forward_and_modulation_and_fuses_into_it():
+  """model.lora_feed_forward and model.lora_modulation with a video DiT: low-rank updates of every attention
+  projection (self, cross and temporal), of every feed-forward projection and of every adaLN modulation (each
+  block's and the final one), nothing else; fused into the DiT without them (random updates, far from nothing),
+  they compute what the LoRA model computes."""
+  from diffusion_jax import lora
+
   config = dit_config(video=True)
-  config.model.update(lora_rank=2, lora_feed_forward=True)
+  config.model.update(lora_rank=2, lora_feed_forward=True, lora_modulation=True)
   graphdef, updates, weights = random_lora(config)
-  projections = ("q", "k", "v", "out", "proj_in", "proj_out")
+  projections = ("q", "k", "v", "out", "proj_in", "proj_out", "modulation", "final_modulation")
   kernels = {p[:-1] for p in weights if p[0] == "dit" and p[-1] == "kernel" and p[-2] in projections}
   assert {p[:-2] + (p[-2].removesuffix("_lora"),) for p in updates} == kernels
   assert {p[-1] for p in kernels} == set(projections) and any(p[1] == "temporal_attention" for p in kernels)
+  kinds = {lora.layer_kind(lora.name(p)) for p in updates}
+  assert kinds == {"self-attention", "cross-attention", "temporal attention", "feed-forward", "modulation"}
   assert_fused_is_the_lora_model(dit_config(video=True), graphdef, updates, weights)
 
 

@@ -29,10 +29,10 @@ def flat(tree):
 
 @pytest.fixture(scope="module")
 def lora_run(trained, tmp_path_factory):
-  """A 2-step rank-2 LoRA fine-tune of the `trained` run, its attention and feed-forward projections and residual
-  convolutions: (config, workdir, its state at the start, at the end)."""
+  """A 2-step rank-2 LoRA fine-tune of the `trained` run, its attention, feed-forward and FiLM projections and
+  residual convolutions: (config, workdir, its state at the start, at the end)."""
   config = tiny_config(tmp_path_factory)
-  config.model.update(lora_rank=2, lora_convolutions=True, lora_feed_forward=True)
+  config.model.update(lora_rank=2, lora_convolutions=True, lora_feed_forward=True, lora_modulation=True)
   config.finetune.workdir = str(trained[1])
   config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
   config.train.update(steps=2, checkpoint_every=2, sample_every=0, sample_at_end=False)
@@ -44,15 +44,15 @@ def lora_run(trained, tmp_path_factory):
 
 def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trained, lora_run):
   """model.lora_rank: every attention projection (with model.lora_convolutions every residual block's 3x3
-  convolution, with model.lora_feed_forward every feed-forward projection) gets a low-rank update (b zero: the
-  model is the other run's at the start); those are all the optimizer sees, and training moves them and nothing
-  else."""
+  convolution, with model.lora_feed_forward every feed-forward projection, with model.lora_modulation every FiLM
+  projection) gets a low-rank update (b zero: the model is the other run's at the start); those are all the
+  optimizer sees, and training moves them and nothing else."""
   config, _, start, end = lora_run
   _, source, _, _, _ = sample.load_checkpoint(trained[1], use_ema=True)
   updates = flat(start.params)
   adapted = [p for p in flat(source.params) if p[0] == "unet" and p[-1] == "kernel"
-             and p[-2] in ("q", "k", "v", "out", "conv1", "conv2", "proj_in", "proj_out")]
-  assert {p[-2] for p in adapted} == {"q", "k", "v", "out", "conv1", "conv2", "proj_in", "proj_out"}
+             and p[-2] in ("q", "k", "v", "out", "conv1", "conv2", "proj_in", "proj_out", "film")]
+  assert {p[-2] for p in adapted} == {"q", "k", "v", "out", "conv1", "conv2", "proj_in", "proj_out", "film"}
   assert len(updates) == 2 * len(adapted) and all(p[-2].endswith("_lora") for p in updates)  # a and b of each
   assert {p[:-2] + (p[-2].removesuffix("_lora"),) for p in updates} == {p[:-1] for p in adapted}
   assert any(w.ndim == 4 for w in updates.values())  # a convolution's a: [3, 3, in, rank]
@@ -70,6 +70,7 @@ def test_a_lora_finetune_trains_only_low_rank_updates_that_start_at_nothing(trai
   config.model.lora_rank = 0
   assert "model.lora_convolutions: the convolutions' updates need" in "; ".join(config_checks.problems(config))
   assert "model.lora_feed_forward: the feed-forward's updates need" in "; ".join(config_checks.problems(config))
+  assert "model.lora_modulation: the scale-shift projections' updates need" in "; ".join(config_checks.problems(config))
   config.model.update(lora_rank=2, backbone="dit")
   assert "model.backbone='dit' has none" in "; ".join(config_checks.problems(config))
 
@@ -94,7 +95,7 @@ def test_an_exported_adapter_holds_the_updates_alone(lora_run, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   first, made, model, *kinds = result.stdout.splitlines()
   rows = {line.split(":")[0].strip(): line.split(":")[1].split(",", 1) for line in kinds}
-  assert rows.keys() == {"self-attention", "cross-attention", "feed-forward", "convolution"}
+  assert rows.keys() == {"self-attention", "cross-attention", "feed-forward", "convolution", "modulation"}
   assert sum(int(layers.split()[0]) for layers, _ in rows.values()) == len(ema.updates) // 2
   weights = sum(w.size for w in ema.updates.values())
   assert sum(int(w.split()[0].replace(",", "")) for _, w in rows.values()) == weights

@@ -302,23 +302,26 @@ def assert_fused_is_the_lora_model(plain, graphdef, updates, weights):
   assert float(jnp.abs(without - with_updates).max()) > 1e-2
 
 
-def test_a_lora_of_a_video_unet_adapts_its_temporal_convolutions_and_fuses_into_it():
-  """model.lora_convolutions with a video U-Net: low-rank updates of the residual blocks' 3x3 convolutions and of
-  both convolutions of every temporal block (over frames, and its 1x1 output), beside every attention
-  projection's; fused into the U-Net without them (random updates, far from nothing), they compute what the
-  LoRA model computes."""
+def test_a_lora_of_a_video_unet_adapts_its_temporal_blocks_and_fuses_into_it():
+  """model.lora_convolutions and model.lora_modulation with a video U-Net: low-rank updates of the residual
+  blocks' 3x3 convolutions and of both convolutions of every temporal block (over frames, and its 1x1 output), of
+  every residual and temporal block's FiLM projection, beside every attention projection's; fused into the U-Net
+  without them (random updates, far from nothing), they compute what the LoRA model computes."""
   from configs import t2v_moving_shapes
   from diffusion_jax import lora
 
   plain = t2v_moving_shapes.get_config("test")
   config = plain.copy_and_resolve_references()
-  config.model.update(lora_rank=2, lora_convolutions=True)
+  config.model.update(lora_rank=2, lora_convolutions=True, lora_modulation=True)
   graphdef, updates, weights = random_lora(config)
   adapted = {p[:-2] + (p[-2].removesuffix("_lora"), "kernel") for p in updates}
   temporal = {p for p in weights if p[-1] == "kernel" and any(str(k).startswith("temporal_") for k in p)
-              and p[-2] in ("conv", "conv_out")}
-  assert temporal and temporal <= adapted and {p[-2] for p in adapted} >= {"conv1", "conv2", "q", "out"}
-  assert {lora.layer_kind(lora.name(p)) for p in updates} >= {"temporal convolution", "convolution"}
+              and p[-2] in ("conv", "conv_out", "film")}
+  films = {p for p in weights if p[-2:] == ("film", "kernel")}
+  assert {p[-2] for p in temporal} == {"conv", "conv_out", "film"} and temporal | films <= adapted
+  assert {p[-2] for p in adapted} >= {"conv1", "conv2", "q", "out"} and len(films) > len(temporal & films)
+  assert {lora.layer_kind(lora.name(p)) for p in updates} >= {"temporal convolution", "convolution", "modulation",
+                                                               "temporal modulation"}
   assert_fused_is_the_lora_model(plain, graphdef, updates, weights)
 
 

@@ -77,11 +77,13 @@ def modulate(x, shift, scale):
 
 class DiTBlock(nnx.Module):
   """x [batch, tokens, dim], emb [batch, dim], text [batch, text_tokens, text_dim] -> x. lora_rank: low-rank
-  updates of the attention projections; ff_lora_rank: of the feed-forward's (0: none)."""
+  updates of the attention projections; ff_lora_rank: of the feed-forward's; modulation_lora_rank: of the adaLN
+  modulation's, as `modulation_lora` (0: none)."""
 
   def __init__(self, dim, text_dim, heads, *, ff_mult, dropout_rate, dtype, rngs, implementation="auto",
-               lora_rank=0, ff_lora_rank=0):
+               lora_rank=0, ff_lora_rank=0, modulation_lora_rank=0):
     self.modulation = layers.dense(dim, 6 * dim, ("embed", None), rngs, dtype, zero_init=True)
+    self.modulation_lora = layers.lora(dim, 6 * dim, ("embed", None), modulation_lora_rank, rngs, dtype)
     self.norm_self = plain_layer_norm(dim, rngs, dtype)
     self.self_attn = layers.Attention(dim, dim, heads, dtype=dtype, rngs=rngs, implementation=implementation,
                                       zero_out=False, lora_rank=lora_rank)
@@ -96,7 +98,8 @@ class DiTBlock(nnx.Module):
     """clip_rows: consecutive rows (frames, or tubelets) whose tokens self-attend as one sequence (spacetime
     attention; 1: each row attends to itself); clip_bias: None or [clips, 1, clip_rows * tokens, clip_rows *
     tokens], added to those logits."""
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(nnx.silu(emb)), 6, axis=-1)
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(layers.adapted(self, "modulation", nnx.silu(emb)), 6,
+                                                             axis=-1)
     normed = modulate(self.norm_self(x), shift1, scale1)
     if clip_rows == 1:
       attended = self.self_attn(normed, normed)
@@ -128,12 +131,15 @@ class DiT(nnx.Module):
     self.time_in = layers.dense(dim, dim, (None, "embed"), rngs, dtype)
     self.time_out = layers.dense(dim, dim, ("embed", "embed"), rngs, dtype)
     self.text_pool = layers.dense(config.text_dim, dim, ("text_embed", "embed"), rngs, dtype)
+    modulation_lora_rank = config.lora_rank if config.lora_modulation else 0
     self.blocks = nnx.List([DiTBlock(dim, config.text_dim, config.heads, ff_mult=config.ff_mult,
                                      dropout_rate=config.dropout, dtype=dtype, rngs=rngs,
                                      implementation=config.attention, lora_rank=config.lora_rank,
-                                     ff_lora_rank=config.lora_rank if config.lora_feed_forward else 0)
+                                     ff_lora_rank=config.lora_rank if config.lora_feed_forward else 0,
+                                     modulation_lora_rank=modulation_lora_rank)
                                for _ in range(config.depth)])
     self.final_modulation = layers.dense(dim, 2 * dim, ("embed", None), rngs, dtype, zero_init=True)
+    self.final_modulation_lora = layers.lora(dim, 2 * dim, ("embed", None), modulation_lora_rank, rngs, dtype)
     self.norm_out = plain_layer_norm(dim, rngs, dtype)
     self.patch_out = layers.dense(dim, self.temporal_patch * patch * patch * config.in_channels, ("embed", None),
                                   rngs, dtype, zero_init=True)
@@ -206,7 +212,7 @@ class DiT(nnx.Module):
       tokens = self._run(block, tokens, emb, text, text_mask, dropout_keys[index], clip_bias, clip_rows=clip_rows)
       if video_shape is not None and not self.spacetime:
         tokens = across_frames(self.temporal_attention[index], tokens)
-    shift, scale = jnp.split(self.final_modulation(nnx.silu(emb)), 2, axis=-1)
+    shift, scale = jnp.split(layers.adapted(self, "final_modulation", nnx.silu(emb)), 2, axis=-1)
     out = self.patch_out(modulate(self.norm_out(tokens), shift, scale)).astype(jnp.float32)
     out = out.reshape(rows // t, grid_h, grid_w, t, p, p, c).transpose(0, 3, 1, 4, 2, 5, 6).reshape(rows, h, w, c)
     return out if video_shape is None else out.reshape(video_shape)

@@ -131,13 +131,16 @@ class ResBlock(nnx.Module):
   """GroupNorm-SiLU-Conv twice, with FiLM (scale-shift) conditioning on the embedding.
 
   x: [batch, h, w, in_ch], emb: [batch, emb_dim] -> [batch, h, w, out_ch].
-  lora_rank: low-rank updates (ConvLoRA) of both convolutions, as `conv1_lora` and `conv2_lora` (0: none).
+  lora_rank: low-rank updates (ConvLoRA) of both convolutions, as `conv1_lora` and `conv2_lora`; film_lora_rank:
+  of the FiLM projection, as `film_lora` (`lora`) (0: none).
   """
 
-  def __init__(self, in_ch, out_ch, emb_dim, *, dropout_rate, skip_scale, dtype, rngs, lora_rank=0):
+  def __init__(self, in_ch, out_ch, emb_dim, *, dropout_rate, skip_scale, dtype, rngs, lora_rank=0,
+               film_lora_rank=0):
     self.norm1 = group_norm(in_ch, rngs, dtype)
     self.conv1 = conv(in_ch, out_ch, 3, rngs, dtype)
     self.film = dense(emb_dim, 2 * out_ch, ("embed", "conv_out"), rngs, dtype)
+    self.film_lora = lora(emb_dim, 2 * out_ch, ("embed", "conv_out"), film_lora_rank, rngs, dtype)
     self.norm2 = group_norm(out_ch, rngs, dtype)
     self.conv2 = conv(out_ch, out_ch, 3, rngs, dtype, zero_init=True)
     self.conv1_lora, self.conv2_lora = ((ConvLoRA(i, out_ch, 3, lora_rank, rngs, dtype) if lora_rank else None)
@@ -148,7 +151,7 @@ class ResBlock(nnx.Module):
 
   def __call__(self, x, emb, dropout_key=None):
     h = adapted(self, "conv1", nnx.silu(self.norm1(x)))
-    scale, shift = jnp.split(self.film(nnx.silu(emb))[:, None, None, :], 2, axis=-1)
+    scale, shift = jnp.split(adapted(self, "film", nnx.silu(emb))[:, None, None, :], 2, axis=-1)
     h = self.norm2(h) * (1 + scale) + shift
     h = adapted(self, "conv2", dropout(nnx.silu(h), self.dropout_rate, dropout_key))
     skip = self.skip(x) if self.skip is not None else x

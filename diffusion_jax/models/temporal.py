@@ -111,14 +111,15 @@ class TemporalBlock(nnx.Module):
   """Temporal residual block (temporal conv, FiLM on emb, SiLU, zero-initialised 1x1 conv), then
   (optionally) temporal attention, each a residual gated by is_video. lora_rank: low-rank updates of the
   attention projections; conv_lora_rank: of both convolutions, as `conv_lora` (FramesConvLoRA) and
-  `conv_out_lora` (layers.ConvLoRA) (0: none).
+  `conv_out_lora` (layers.ConvLoRA); film_lora_rank: of the FiLM projection, as `film_lora` (0: none).
 
   x: [batch * frames, h, w, ch], emb: [batch * frames, emb_dim], is_video: [batch] -> x's shape."""
 
   def __init__(self, channels, emb_dim, heads, max_frames, *, attention: bool, implementation, dtype, rngs,
-               lora_rank=0, conv_lora_rank=0):
+               lora_rank=0, conv_lora_rank=0, film_lora_rank=0):
     self.conv = TemporalConv(channels, dtype=dtype, rngs=rngs)
     self.film = layers.dense(emb_dim, 2 * channels, ("embed", "conv_out"), rngs, dtype)
+    self.film_lora = layers.lora(emb_dim, 2 * channels, ("embed", "conv_out"), film_lora_rank, rngs, dtype)
     self.norm = layers.group_norm(channels, rngs, dtype)
     # Zero-initialised output projection of the convolution branch: identity at initialisation.
     self.conv_out = layers.conv(channels, channels, 1, rngs, dtype, zero_init=True)
@@ -132,7 +133,7 @@ class TemporalBlock(nnx.Module):
     b = is_video.shape[0]
     video = x.reshape((b, x.shape[0] // b) + x.shape[1:])
     gate = is_video.astype(x.dtype)[:, None, None, None, None]
-    scale, shift = jnp.split(self.film(nnx.silu(emb))[:, None, None, :], 2, axis=-1)
+    scale, shift = jnp.split(layers.adapted(self, "film", nnx.silu(emb))[:, None, None, :], 2, axis=-1)
     h = self.norm(self.conv(video, self.conv_lora).reshape(x.shape)) * (1 + scale) + shift
     video = video + gate * layers.adapted(self, "conv_out", nnx.silu(h)).reshape(video.shape)
     if self.attention is not None:

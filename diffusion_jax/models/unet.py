@@ -84,8 +84,9 @@ class UNet(nnx.Module):
     self.lowres_conditioning = config.lowres_conditioning
     self.temporal = config.temporal
     emb_dim = 4 * config.channels
+    film_lora_rank = config.lora_rank if config.lora_modulation else 0
     block = dict(dropout_rate=config.dropout, skip_scale=config.skip_scale, dtype=dtype, rngs=rngs,
-                 lora_rank=config.lora_rank if config.lora_convolutions else 0)
+                 lora_rank=config.lora_rank if config.lora_convolutions else 0, film_lora_rank=film_lora_rank)
     attn = dict(ff_mult=config.ff_mult, dtype=dtype, rngs=rngs, implementation=config.attention,
                 lora_rank=config.lora_rank, ff_lora_rank=config.lora_rank if config.lora_feed_forward else 0)
 
@@ -114,7 +115,8 @@ class UNet(nnx.Module):
       return nnx.List([temporal.TemporalBlock(ch, emb_dim, config.heads, config.max_frames, attention=attention,
                                               implementation=config.attention, dtype=dtype, rngs=rngs,
                                               lora_rank=config.lora_rank,
-                                              conv_lora_rank=config.lora_rank if config.lora_convolutions else 0)
+                                              conv_lora_rank=config.lora_rank if config.lora_convolutions else 0,
+                                              film_lora_rank=film_lora_rank)
                        if self.temporal else None
                        for _ in range(n)])
 
