@@ -187,7 +187,7 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   ours_params = train.count_params(args[0].params[backbone])
   ours_step, state = time_steps(compiled, args, steps)
   peer = diffusers_peer.closest(config.model, r, ours_params)
-  theirs_step = diffusers_peer.train_step_seconds(peer, b, r, tokens, steps)
+  theirs_step = diffusers_peer.train_step_seconds(peer, b, r, tokens, steps, config.model.dtype)
 
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(sampler="dpmpp_2m", steps=sampler_steps, guidance_scale=3.0, num_per_prompt=1)
@@ -199,9 +199,11 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   for _ in range(2):
     generate()
   ours_sampling = 2 * sample_batch / (time.perf_counter() - start)
-  theirs_sampling = diffusers_peer.sampling_images_per_s(peer, sample_batch, r, tokens, sampler_steps, 3.0)
-  lines = [f"peer: diffusers {diffusers_peer.name(peer)}, torch {torch.__version__} with "
-           f"{torch.get_num_threads()} threads", "",
+  theirs_sampling = diffusers_peer.sampling_images_per_s(peer, sample_batch, r, tokens, sampler_steps, 3.0,
+                                                         dtype=config.model.dtype)
+  lines = [f"peer: diffusers {diffusers_peer.name(peer)}, torch {torch.__version__} on "
+           f"{diffusers_peer.described(diffusers_peer.device())}; ours: jax {jax.__version__} on "
+           f"{jax.devices()[0].device_kind} ({config.model.dtype})", "",
            "| | ours (JAX) | diffusers (PyTorch) | ours / diffusers |", "|---|---|---|---|",
            f"| {BACKBONE_NAMES[backbone]} parameters | {ours_params / 1e6:.3f}M | "
            f"{diffusers_peer.count(peer) / 1e6:.3f}M | {ours_params / diffusers_peer.count(peer):.3f} |",

@@ -9,6 +9,8 @@ parameter count is closest to ours (PixArt's blocks share one adaLN projection w
 and its feed-forward is a 4x GELU where ours is a GEGLU of model.ff_mult). Its train step is forward + backward
 + AdamW on the v-prediction MSE, its sampler the diffusers DPM-Solver++(2M) scheduler loop with
 classifier-free guidance (conditional and unconditional halves in one batch), as diffusers' pipelines do.
+The peer runs on the GPU when torch sees one (else the CPU), under bfloat16 autocast when our model computes in
+bfloat16 (model.dtype), its weights float32 as ours are.
 """
 
 import time
@@ -84,6 +86,36 @@ def text_width(module) -> int:
   return module.config.caption_channels if is_transformer(module) else module.config.cross_attention_dim
 
 
+def device() -> str:
+  """Where the peer runs: 'cuda' when torch sees a GPU, else 'cpu'."""
+  import torch
+
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def described(where: str) -> str:
+  """The peer's device for the table: the GPU's name, or the CPU threads torch uses."""
+  import torch
+
+  return torch.cuda.get_device_name() if where == "cuda" else f"the CPU with {torch.get_num_threads()} threads"
+
+
+def synchronized(where: str) -> float:
+  """time.perf_counter() once the work queued on `where` has finished (CUDA kernels run asynchronously)."""
+  import torch
+
+  if where == "cuda":
+    torch.cuda.synchronize()
+  return time.perf_counter()
+
+
+def mixed_precision(where: str, dtype: str):
+  """bfloat16 autocast on `where` when our model computes in bfloat16 (model.dtype); else it changes nothing."""
+  import torch
+
+  return torch.autocast(where, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 def denoise(module, x, timesteps, text):
   """The peer's prediction for x [batch, c, h, w] at diffusers timesteps [batch] and text [batch, tokens, width]."""
   if is_transformer(module):  # no resolution / aspect-ratio conditions (PixArt uses them only at 1024 px)
@@ -92,58 +124,65 @@ def denoise(module, x, timesteps, text):
   return module(x, timesteps, encoder_hidden_states=text).sample
 
 
-def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: int) -> float:
-  """Seconds per forward + backward + AdamW step (after two warm-up steps)."""
+def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: int, dtype: str = "float32") -> float:
+  """Seconds per forward + backward + AdamW step (after two warm-up steps); dtype: our model.dtype."""
   import torch
 
+  where = device()
+  module.to(where).train()
   optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-  generator = torch.Generator().manual_seed(0)
-  x0 = torch.randn(batch, module.config.in_channels, resolution, resolution, generator=generator)
-  text = torch.randn(batch, tokens, text_width(module), generator=generator)
-  module.train()
+  generator = torch.Generator(device=where).manual_seed(0)
+  normal = lambda *shape: torch.randn(*shape, generator=generator, device=where)
+  x0 = normal(batch, module.config.in_channels, resolution, resolution)
+  text = normal(batch, tokens, text_width(module))
 
   def step():
-    t = torch.rand(batch, generator=generator)
+    t = torch.rand(batch, generator=generator, device=where)
     alpha, sigma = torch.cos(t * np.pi / 2)[:, None, None, None], torch.sin(t * np.pi / 2)[:, None, None, None]
-    eps = torch.randn(x0.shape, generator=generator)
-    output = denoise(module, alpha * x0 + sigma * eps, t * 1000, text)
-    loss = torch.mean((output - (alpha * eps - sigma * x0)) ** 2)
+    eps = normal(*x0.shape)
+    with mixed_precision(where, dtype):
+      output = denoise(module, alpha * x0 + sigma * eps, t * 1000, text)
+      loss = torch.mean((output.float() - (alpha * eps - sigma * x0)) ** 2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
   for _ in range(2):
     step()
-  start = time.perf_counter()
+  start = synchronized(where)
   for _ in range(steps):
     step()
-  return (time.perf_counter() - start) / steps
+  return (synchronized(where) - start) / steps
 
 
 def sampling_images_per_s(module, batch: int, resolution: int, tokens: int, sampler_steps: int,
-                          guidance_scale: float, repeats: int = 2) -> float:
-  """Images/s of the diffusers DPM-Solver++(2M) loop with classifier-free guidance (after one warm-up)."""
+                          guidance_scale: float, repeats: int = 2, dtype: str = "float32") -> float:
+  """Images/s of the diffusers DPM-Solver++(2M) loop with classifier-free guidance (after one warm-up); dtype:
+  our model.dtype."""
   import diffusers
   import torch
 
+  where = device()
+  module.to(where).eval()
   scheduler = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
                                                     prediction_type="v_prediction")
-  generator = torch.Generator().manual_seed(0)
-  text = torch.randn(batch, tokens, text_width(module), generator=generator)
+  generator = torch.Generator(device=where).manual_seed(0)
+  text = torch.randn(batch, tokens, text_width(module), generator=generator, device=where)
   both = torch.cat([text, torch.zeros_like(text)])
-  module.eval()
 
   @torch.no_grad()
   def run():
-    scheduler.set_timesteps(sampler_steps)
-    x = torch.randn(batch, module.config.in_channels, resolution, resolution, generator=generator)
+    scheduler.set_timesteps(sampler_steps, device=where)
+    x = torch.randn(batch, module.config.in_channels, resolution, resolution, generator=generator, device=where)
     for t in scheduler.timesteps:
-      conditional, unconditional = denoise(module, torch.cat([x, x]), t.expand(2 * batch), both).chunk(2)
+      with mixed_precision(where, dtype):
+        prediction = denoise(module, torch.cat([x, x]), t.expand(2 * batch), both).float()
+      conditional, unconditional = prediction.chunk(2)
       x = scheduler.step(unconditional + guidance_scale * (conditional - unconditional), t, x).prev_sample
     return x
 
   run()
-  start = time.perf_counter()
+  start = synchronized(where)
   for _ in range(repeats):
     run()
-  return batch * repeats / (time.perf_counter() - start)
+  return batch * repeats / (synchronized(where) - start)

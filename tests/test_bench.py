@@ -1,5 +1,7 @@
 """The benchmark command builds its tables from real measurements (no timing is asserted)."""
 
+import importlib.metadata
+import os
 import pathlib
 import subprocess
 import sys
@@ -53,9 +55,12 @@ def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):
 def test_peer_benchmark_runs_diffusers_at_a_matched_size(tmp_path_factory, backbone):
   config = tiny_dit_config(tmp_path_factory) if backbone == "dit" else tiny_config(tmp_path_factory)
   config.train.batch_size = 8
+  if backbone == "dit":  # ours computes in bfloat16, the peer under bfloat16 autocast
+    config.model.dtype = "bfloat16"
   lines = bench.peer_table(config, steps=1, sampler_steps=2, sample_batch=2).splitlines()
   peer = {"unet": "UNet2DConditionModel, layers_per_block=", "dit": "PixArtTransformer2DModel, num_layers="}
   assert lines[0].startswith(f"peer: diffusers {peer[backbone]}")
+  assert lines[0].endswith(f"on cpu ({config.model.dtype})") and "on the CPU with" in lines[0]
   rows = {cells(r)[0]: cells(r)[1:] for r in lines[4:]}
   assert len(rows) == 3
   params = rows[f"{bench.BACKBONE_NAMES[backbone]} parameters"]
@@ -155,3 +160,35 @@ def test_restore_benchmark_reads_the_sampling_weights_apart_from_the_state(train
   assert all(float(value) > 0 for value in weights[1:] + state[1:])
   with pytest.raises(ValueError, match="has no checkpoint to read; train first"):
     bench.restore_table(str(workdir / "nothing_here"), repeats=1)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_gpu_wheels_carry_what_the_lent_machine_lacks_at_the_versions_tested_here():
+  """launch/gpu_wheels.py: the data stack and diffusers travel (the lent machine lacks them), flax, optax and orbax
+  at our versions; jax, torch and what the machine has stay behind, as does PyAV (no benchmark writes MP4s)."""
+  result = subprocess.run([sys.executable, str(ROOT / "launch" / "gpu_wheels.py"), "--dry_run"], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  carried = dict(line.split("==") for line in result.stdout.split())
+  assert {"tensorflow-datasets", "grain", "array-record", "ml-collections", "diffusers", "flax", "orbax-checkpoint",
+          "promise", "tensorboardx"} <= carried.keys()
+  assert not {"jax", "jaxlib", "torch", "numpy", "absl-py", "pillow", "av", "diffusion-jax"} & carried.keys()
+  for name, version in carried.items():
+    assert importlib.metadata.version(name) == version, name
+
+
+def test_gpu_bench_script_writes_what_it_ran_and_refuses_unknown_names(tmp_path):
+  """launch/gpu_bench.sh, rehearsed on the CPU with this interpreter: `env` writes the versions and devices to
+  $OUT/gpu_bench.md; an unknown benchmark name exits 2 naming the known ones."""
+  env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none")}
+  result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_bench.sh"), "env"], env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  written = (tmp_path / "out" / "gpu_bench.md").read_text()
+  assert f"- jax {jax.__version__}\n" in written and "- jax devices: [CpuDevice(id=0)" in written
+  assert f"- grain {importlib.metadata.version('grain')}\n" in written
+  result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_bench.sh"), "stepp"], env=env, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 2 and "no benchmark named 'stepp' (env, step, peer_dit" in result.stderr

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU rows of the benchmarks (README: Benchmarks; issue #9) as one command for a lent GPU machine, which
+# has jax with CUDA and torch but not tensorflow-datasets, grain, diffusers and the rest: those travel as wheels.
+#
+#   .venv/bin/python launch/gpu_wheels.py         # here, once: the wheels it lacks, into .whl/ (git-ignored)
+#   launch/gpu_bench.sh [NAME ...]                # there (the device tool's run, carry [".whl"]); default: all
+#
+# Benchmarks, in the default order (NAME: what, its time limit):
+#   env        the GPU, the Python packages and what jax sees (60 s)
+#   step       the 64 px U-Net train step in bfloat16 at three widths: FLOPs, step time, MFU (240 s)
+#   peer_dit   the demo DiT (bfloat16) against diffusers' PixArt transformer on the same GPU (180 s)
+#   peer_unet  the 64 px U-Net (bfloat16, width 128) against diffusers' UNet2DConditionModel (180 s)
+#   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame
+#              tubelets, one `bench step` each (3 x 120 s)
+#   compile    compile seconds against run time at XLA's level 0 and 3, demo model (240 s)
+# Each runs under its own limit (`timeout`), so one that fails or hangs leaves the others. Writes
+# $OUT/gpu_bench.md (each benchmark's command and table; OUT defaults to out/gpu_bench) and
+# $OUT/gpu_bench.log (their logs). PYTHON (default python3) names another interpreter, e.g. to rehearse on a CPU;
+# WHEELS (default .whl) the folder of wheels to install first, into /tmp/site (none there: nothing installed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_bench}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl || { echo "error: installing the wheels of $WHEELS failed" >&2; exit 1; }
+  PYTHONPATH=/tmp/site:$PWD
+fi
+# jax and torch share the GPU in `peer`: jax takes half of its memory, not the default three quarters.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
+
+bench() {  # LIMIT_S MODE FLAGS...: one `python -m diffusion_jax.bench` run; its table to the .md, its log to the .log
+  local limit=$1 started=$SECONDS status
+  shift
+  printf '\n### `python -m diffusion_jax.bench %s`\n\n' "$*" >> "$OUT/gpu_bench.md"
+  echo "== bench $* (limit ${limit} s)" >> "$OUT/gpu_bench.log"
+  timeout "$limit" "$PYTHON" -m diffusion_jax.bench "$@" >> "$OUT/gpu_bench.md" 2>> "$OUT/gpu_bench.log"
+  status=$?
+  if [ $status -eq 124 ]; then
+    printf '\n(stopped: over its %s s)\n' "$limit" >> "$OUT/gpu_bench.md"
+  elif [ $status -ne 0 ]; then
+    printf '\n(exit status %s: see gpu_bench.log)\n' "$status" >> "$OUT/gpu_bench.md"
+  fi
+  echo "bench $1: exit $status after $((SECONDS - started)) s" >&2
+}
+
+run() {
+  case $1 in
+    env)
+      { echo "## $(date -u +%F) on $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no nvidia-smi')"; echo
+        timeout 60 "$PYTHON" -c 'import importlib.metadata as m, jax
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain", "torch",
+             "diffusers"):
+  try:
+    print(f"- {name} {m.version(name)}")
+  except m.PackageNotFoundError:
+    print(f"- {name}: not installed")
+print(f"- jax devices: {jax.devices()}")'
+      } >> "$OUT/gpu_bench.md" 2>> "$OUT/gpu_bench.log" ;;
+    step)
+      bench 240 step --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
+        --config.train.batch_size=128 --widths=64,128,256 --steps=10 ;;
+    peer_dit)
+      bench 180 peer --config=configs/t2i_shapes.py:dit --config.model.dtype=bfloat16 --steps=10 ;;
+    peer_unet)
+      bench 180 peer --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
+        --config.model.channels=128 --config.train.batch_size=64 --steps=10 ;;
+    video)
+      local video=(--config=configs/t2v_moving_shapes.py:dit --config.data.frames=16 --config.model.max_frames=16
+                   --config.data.resolution=32 --config.model.dtype=bfloat16 --widths=96 --steps=10)
+      bench 120 step "${video[@]}" --config.model.video_attention=factorised
+      bench 120 step "${video[@]}" --config.model.video_attention=spacetime
+      bench 120 step "${video[@]}" --config.model.video_attention=spacetime --config.model.temporal_patch_size=2 ;;
+    compile)
+      bench 240 compile --config=configs/t2i_shapes.py --steps=10 --repeats=1 ;;
+    *)
+      echo "error: no benchmark named '$1' (env, step, peer_dit, peer_unet, video, compile)" >&2; exit 2 ;;
+  esac
+}
+
+for name in "${@:-env step peer_dit peer_unet video compile}"; do
+  for each in $name; do run "$each"; done
+done
+echo "wrote $OUT/gpu_bench.md and $OUT/gpu_bench.log" >&2
