@@ -97,11 +97,13 @@ def download(carry: dict[str, str], directory: pathlib.Path) -> None:
                                     "--implementation", "cp", *platforms, "-d", str(directory), f"{name}=={version}"],
                              capture_output=True, text=True)
     if fetched.returncode:
-      subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(directory), f"{name}=={version}"], check=True)
+      subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(directory), f"{name}=={version}"],
+                     capture_output=True)
       built = [w.name for w in directory.glob("*.whl") if canonicalize_name(w.name.split("-")[0]) == name]
       if not built or not all(w.endswith("-none-any.whl") for w in built):
-        sys.exit(f"{name}=={version}: no wheel for the lent machine ({fetched.stderr.strip()[-300:]}), and building "
-                 f"one here gave {built or 'none'}, not a pure-Python wheel")
+        sys.exit(f"error: {name}=={version}: pip found no wheel for the lent machine ({fetched.stderr.strip()[-300:]}) "
+                 f"and building one here gave {built or 'none'}, not a pure-Python wheel. Is the package registry "
+                 "reachable?")
 
 
 def main():
