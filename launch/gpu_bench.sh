@@ -13,6 +13,7 @@
 #   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame
 #              tubelets, one `bench step` each (3 x 120 s)
 #   compile    compile seconds against run time at XLA's level 0 and 3, demo model (240 s)
+#   profile    where the 64 px U-Net's bfloat16 step (width 128) spends its time, by kind of op and phase (180 s)
 # Each runs under its own limit (`timeout`), so one that fails or hangs leaves the others. Writes
 # $OUT/gpu_bench.md (each benchmark's command and table; OUT defaults to out/gpu_bench) and
 # $OUT/gpu_bench.log (their logs). PYTHON (default python3) names another interpreter, e.g. to rehearse on a CPU;
@@ -76,12 +77,15 @@ print(f"- jax devices: {jax.devices()}")'
       bench 120 step "${video[@]}" --config.model.video_attention=spacetime --config.model.temporal_patch_size=2 ;;
     compile)
       bench 240 compile --config=configs/t2i_shapes.py --steps=10 --repeats=1 ;;
+    profile)
+      bench 180 profile --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
+        --config.model.channels=128 --config.train.batch_size=128 --steps=5 ;;
     *)
-      echo "error: no benchmark named '$1' (env, step, peer_dit, peer_unet, video, compile)" >&2; exit 2 ;;
+      echo "error: no benchmark named '$1' (env, step, peer_dit, peer_unet, video, compile, profile)" >&2; exit 2 ;;
   esac
 }
 
-for name in "${@:-env step peer_dit peer_unet video compile}"; do
+for name in "${@:-env step peer_dit peer_unet video compile profile}"; do
   for each in $name; do run "$each"; done
 done
 echo "wrote $OUT/gpu_bench.md and $OUT/gpu_bench.log" >&2
