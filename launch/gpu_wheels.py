@@ -1,4 +1,5 @@
-"""Fetch, on this machine, the wheels a lent GPU machine lacks for launch/gpu_bench.sh, into .whl/ (git-ignored).
+"""Fetch, on this machine, the wheels a lent GPU machine lacks for launch/gpu_bench.sh, into .whl/ (git-ignored,
+emptied first).
 
   .venv/bin/python launch/gpu_wheels.py [--dry_run]
 
@@ -116,6 +117,8 @@ def main():
     return
   directory = pathlib.Path(__file__).resolve().parents[1] / ".whl"
   directory.mkdir(exist_ok=True)
+  for stale in directory.glob("*.whl"):  # two versions of one package stop the whole install there
+    stale.unlink()
   download(carry, directory)
   size = sum(p.stat().st_size for p in directory.glob("*.whl"))
   print(f"{len(carry)} wheels in {directory}: {size / 2**20:.1f} MiB (the device tool carries at most 64 MiB)")
