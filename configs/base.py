@@ -67,8 +67,9 @@ def get_config():
       lora_convolutions=False,     # with lora_rank: also of both 3x3 convolutions of every U-Net residual block
                                    # (a video U-Net: and both convolutions of every temporal block)
       lora_feed_forward=False,     # with lora_rank: also of both feed-forward projections of every transformer block
-      lora_modulation=False,       # with lora_rank: also of the projections of the noise-level embedding to every
-                                   # block's scale and shift (U-Net residual and temporal blocks' FiLM, DiT adaLN)
+      lora_modulation=False,       # with lora_rank: also of the projections of the conditioning embedding (noise
+                                   # level, pooled text) to every block's scale and shift (U-Net residual and
+                                   # temporal blocks' FiLM, DiT adaLN)
   )
 
   # Diffusion process and training objective (schedules.py, objectives.py).

@@ -218,7 +218,7 @@ def layer_kind(update_name: str) -> str:
   """Which kind of layer an update adapts: 'temporal attention', 'self-attention', 'cross-attention',
   'feed-forward', 'convolution', 'temporal convolution', 'modulation' or 'temporal modulation' (by its path)."""
   parts = update_name.split("/")
-  if parts[-2] in ("film_lora", "modulation_lora", "final_modulation_lora"):  # the noise level's scale and shift
+  if parts[-2] in ("film_lora", "modulation_lora", "final_modulation_lora"):  # the embedding's scale and shift
     return "temporal modulation" if any(part.startswith("temporal") for part in parts) else "modulation"
   if parts[-2] in ("conv1_lora", "conv2_lora"):
     return "convolution"
