@@ -26,7 +26,8 @@ Modes:
            its patch tokens. Needs torch.
   lora     fine-tuning the config's model in full against a LoRA of rank --lora_rank of its attention
            projections, one that also updates the residual blocks' convolutions (model.lora_convolutions; U-Net
-           only) and one that also updates the feed-forward projections (model.lora_feed_forward):
+           only), one that also updates the feed-forward projections (model.lora_feed_forward) and one that also
+           updates the scale-shift projections (model.lora_modulation):
            trainable parameters, the train state's bytes (trainable weights, EMA copies and optimizer moments
            apart from the frozen weights), step time, FLOPs per step and the compiled step's temporaries. The
            weights are random (no finetune.workdir is read): the step's cost does not depend on their values.
@@ -246,13 +247,15 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
 
 def lora_table(config, steps: int, rank: int) -> str:
   """One row per way of fine-tuning the config's model: in full, a LoRA of rank `rank`, the same with the
-  convolutions (U-Net only), the same with the feed-forward projections."""
+  convolutions (U-Net only), the same with the feed-forward projections, the same with the scale-shift
+  projections."""
   from diffusion_jax import train
 
   ways = [("full fine-tune", {}), (f"LoRA rank {rank}, attention", {"lora_rank": rank})]
   if config.model.backbone == "unet":
     ways.append((f"LoRA rank {rank}, attention + convolutions", {"lora_rank": rank, "lora_convolutions": True}))
   ways.append((f"LoRA rank {rank}, attention + feed-forward", {"lora_rank": rank, "lora_feed_forward": True}))
+  ways.append((f"LoRA rank {rank}, attention + modulation", {"lora_rank": rank, "lora_modulation": True}))
   mb = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e6
   lines = ["| fine-tune | trainable parameters | trainable state (MB) | frozen (MB) | step ms | GFLOP/step | "
            "step temporaries (MB) |", "|---|---|---|---|---|---|---|"]

@@ -106,12 +106,14 @@ def test_a_flag_the_mode_does_not_read_is_refused():
 def test_lora_benchmark_trains_fewer_weights_and_keeps_less_state(tmp_path_factory):
   # A DiT (no convolutions to adapt, so no such row) compiles in a third of the U-Net's time.
   rows = [cells(r) for r in bench.lora_table(tiny_dit_config(tmp_path_factory), steps=1, rank=2).splitlines()[2:]]
-  assert [r[0] for r in rows] == ["full fine-tune", "LoRA rank 2, attention", "LoRA rank 2, attention + feed-forward"]
+  assert [r[0] for r in rows] == ["full fine-tune", "LoRA rank 2, attention", "LoRA rank 2, attention + feed-forward",
+                                  "LoRA rank 2, attention + modulation"]
   parameters, state, frozen = ([float(r[i].replace(",", "")) for r in rows] for i in (1, 2, 3))
   assert parameters[1] < parameters[2] < parameters[0] / 3 and state[1] < state[2] < state[0] / 3
+  assert parameters[1] < parameters[3] < parameters[0] / 3
   # The LoRAs' frozen weights are the model's: a quarter of a full fine-tune's state (weights, one EMA copy, two
   # Adam moments).
-  assert frozen[0] == 0 and frozen[1] == frozen[2] == pytest.approx(state[0] / 4, rel=0.05)
+  assert frozen[0] == 0 and frozen[1] == frozen[2] == frozen[3] == pytest.approx(state[0] / 4, rel=0.05)
   assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
 
 
