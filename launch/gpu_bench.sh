@@ -27,7 +27,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 WHEELS=${WHEELS:-.whl}
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$WHEELS"/*.whl || { echo "error: installing the wheels of $WHEELS failed" >&2; exit 1; }
+    "$WHEELS"/*.whl || { echo "error: installing the wheels of $WHEELS failed (above); fetch them again with" \
+    ".venv/bin/python launch/gpu_wheels.py on the machine that carries them" >&2; exit 1; }
   PYTHONPATH=/tmp/site:$PWD
 fi
 # jax and torch share the GPU in `peer`: jax takes half of its memory, not the default three quarters.
