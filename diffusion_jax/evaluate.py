@@ -5,6 +5,7 @@
                                    [--threshold_sweep=static,dynamic] [--aug_level_sweep=0,0.2]
                                    [--guidance_interval=LOW:HIGH] [--guidance_interval_sweep=none,0.28:5.42]
                                    [--guide_workdir=DIR] [--guide_step=N]
+                                   [--image_to_video | --video_to_video [--strength_sweep=0.4,0.6,0.8]]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
                                    [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
@@ -56,7 +57,13 @@ Flags:
                       image (video: each frame) with its caption, averaged
   --image_to_video    video models: each caption's real clip's first frame is given (image-to-video; sample.py
                       --init_image) and kept; recorded in the settings
-  --strength          with --image_to_video: the part of the sampling grid run (default: the config's sample.strength)
+  --video_to_video    video models: each caption's real clip is edited as a whole (video-to-video; sample.py
+                      --init_video) toward another caption: on moving_shapes its own with the direction reversed, on
+                      other data the next clip's. The metrics judge the edits by those captions, and add psnr_source
+                      (each edit's PSNR against its clip) and accuracy_source/* (the judge against the clip's own
+                      caption): what the edit kept. Recorded in the settings; not with --video_length
+  --strength          with --image_to_video or --video_to_video: the part of the sampling grid run (default: the
+                      config's sample.strength)
   --video_length      video models: make this many frames by autoregressive extension (video_extension.py) and score
                       the last clip's worth, the frames the extension made (default: the config's, 0 = one clip)
   --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
@@ -78,6 +85,8 @@ Flags:
   --guidance_interval_sweep
                       comma-separated guidance intervals LOW:HIGH (or none = every step) compared side by side
                       (guidance_interval_sweep_step_N), e.g. none,0.28:5.42,1:5
+  --strength_sweep    with --image_to_video or --video_to_video: comma-separated edit strengths (strength_sweep_step_N;
+                      with --video_to_video the trade-off between following the new caption and keeping the clip)
   --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
                       input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}; with --workdir the
                       input is the real images downsampled, with --cascade what the stage below generates (the
@@ -121,8 +130,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import (autoguidance, cascade, checkpoint, cli, config_checks, distributed, edit_inputs, lora, media,
-                           metric_writers, sample, samplers, video_extension)
+from diffusion_jax import (autoguidance, cascade, checkpoint, cli, config_checks, distributed, edit_inputs, editing,
+                           lora, media, metric_writers, sample, samplers, video_extension)
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, lpips, motion_judge,
                                    psnr, shapes_judge)
@@ -194,25 +203,32 @@ def media_metrics(config, generated, captions, frechet, clip=None) -> dict:
   metrics = frechet(generated)
   if clip is not None:  # videos: every frame against its caption
     metrics["clip_score"] = clip(frames(generated), np.repeat(captions, len(frames(generated)) // len(captions)))
-  judges = {"captioned_shapes": shapes_judge, "moving_shapes": motion_judge}
-  if config.data.dataset in judges:
-    metrics.update({f"accuracy/{k}": v for k, v in judges[config.data.dataset].accuracy(generated, captions).items()})
+  metrics.update(judge_accuracy(config, generated, captions))
   return metrics
 
 
-def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None,
-              first_frames=None, guide=None) -> np.ndarray:
+JUDGES = {"captioned_shapes": shapes_judge, "moving_shapes": motion_judge}
+
+
+def judge_accuracy(config, generated, captions, prefix: str = "accuracy/") -> dict:
+  """{prefix + attribute: accuracy} of the dataset's judge (JUDGES) on generated uint8 media for `captions`;
+  empty for a dataset without one."""
+  if config.data.dataset not in JUDGES:
+    return {}
+  return {f"{prefix}{k}": v for k, v in JUDGES[config.data.dataset].accuracy(generated, captions).items()}
+
+
+def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None, edit=None,
+              guide=None) -> np.ndarray:
   """uint8 media [n, (frames,) h, w, 3], one per caption. Each caption its own noise (seed + index): the same
   noise for every caption would make the set far less diverse than real data (FID) and let the noise, not the
-  caption, decide what the judge sees. first_frames: uint8 [n, h, w, 3], each clip's given first frame
-  (image-to-video). A video model with sample.video_length makes that many frames (video_extension.py) and
-  returns the last clip's worth, the frames the extension made. guide: an autoguidance.Guide or None."""
+  caption, decide what the judge sees. edit: (init uint8 [n, (frames,) h, w, 3], keep bool [n, (frames,) h, w]),
+  media to edit at sample_config.strength (editing.py; clip_edits). A video model with sample.video_length makes
+  that many frames (video_extension.py) and returns the last clip's worth, the frames the extension made.
+  guide: an autoguidance.Guide or None."""
   seeds = sample_config.seed + np.arange(len(captions))
   tokenizer = tokenizers.from_config(config)
-  init = keep = None
-  if first_frames is not None:
-    frames = sample.output_shape(config, sample_config)[0]
-    init, keep = (np.stack(a) for a in zip(*[edit_inputs.first_frame_edit(f, frames) for f in first_frames]))
+  init, keep = edit if edit is not None else (None, None)
   clips = sample.generate(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds=seeds,
                           lowres=lowres, init_images=init, keep_masks=keep, guide=guide)
   if not (config.model.temporal and sample_config.video_length):
@@ -220,6 +236,31 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
   videos = sample.extended(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds,
                            [sample_config.negative_prompt] * len(captions), clips, guide)
   return videos[:, 0, -clips.shape[2]:]
+
+
+def clip_edits(config, sample_config, videos, image_to_video=False, video_to_video=False):
+  """What a video model is given of the real uint8 `videos` [n, frames, h, w, 3] (_generate's edit): with
+  image_to_video each clip's first frame, kept (edit_inputs.first_frame_edit); with video_to_video the whole clip,
+  nothing kept (SDEdit over the clip, as sample.py's --init_video); otherwise None."""
+  if video_to_video:
+    return videos, np.zeros(videos.shape[:-1], bool)
+  if image_to_video:
+    frames = sample.output_shape(config, sample_config)[0]
+    return tuple(np.stack(a) for a in zip(*[edit_inputs.first_frame_edit(v[0], frames) for v in videos]))
+  return None
+
+
+# What a --video_to_video evaluation asks of each real clip: its caption rewritten so that the clip no longer fits.
+VIDEO_EDITS = {"moving_shapes": motion_judge.reversed_direction}  # the same object, moving the other way
+
+
+def edit_captions(config, captions: list[str]) -> list[str]:
+  """The captions a --video_to_video evaluation edits the real clips toward: on a dataset of VIDEO_EDITS each
+  clip's caption rewritten (moving_shapes: its direction reversed), on others the next clip's caption (the last
+  clip: the first's)."""
+  if config.data.dataset in VIDEO_EDITS:
+    return [VIDEO_EDITS[config.data.dataset](c) for c in captions]
+  return captions[1:] + captions[:1]
 
 
 def heldout_combination_accuracy(config, graphdef, weights, mesh, count: int, sample_config, combinations=(),
@@ -255,18 +296,25 @@ def bicubic_metrics(config, images, perceptual=None) -> dict:
 
 def generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config, frechet=None,
                        clip=None, perceptual=None, bicubic=None, image_to_video=False,
-                       guide=None) -> tuple[dict, np.ndarray]:
+                       guide=None, video_to_video=False) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) of `weights` (sample.Weights) for one sample setting (media_metrics
   against the real `images`; `frechet`: their frechet_distances, made here when not given; for super-resolution
   stages, given the real images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic
   upsampling's, whose bicubic_metrics are made here when not given; image_to_video: a video model is given each
-  real clip's first frame; guide: an autoguidance.Guide or None)."""
+  real clip's first frame; video_to_video: each real clip is edited toward edit_captions' caption, which the
+  metrics judge it by, with psnr_source (its PSNR against the clip) and the judge's accuracy_source/* (against the
+  clip's own caption) for what the edit kept; guide: an autoguidance.Guide or None)."""
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
-  generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, captions, sample_config, lowres,
-                        images[:, 0] if image_to_video else None, guide)
-  metrics = media_metrics(config, generated, captions, frechet or frechet_distances(images), clip)
+  asked = edit_captions(config, captions) if video_to_video else captions
+  edit = clip_edits(config, sample_config, images, image_to_video, video_to_video)
+  generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, asked, sample_config, lowres, edit,
+                        guide)
+  metrics = media_metrics(config, generated, asked, frechet or frechet_distances(images), clip)
+  if video_to_video:  # what the edit kept of its source clip
+    metrics["psnr_source"] = psnr.psnr(generated, images)
+    metrics.update(judge_accuracy(config, generated, captions, "accuracy_source/"))
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
     metrics["psnr"] = psnr.psnr(generated, images)
     if perceptual is not None:
@@ -339,6 +387,7 @@ SWEEPS = {
     "aug_level": ("noise-augmentation level", lambda value: {"aug_level": float(value)}),
     "guidance_interval": ("guidance interval (sigma/alpha)", lambda value: {
         "guidance_interval": samplers.parse_guidance_interval(value)}),
+    "strength": ("strength (part of the grid run from the given clip)", lambda value: {"strength": float(value)}),
 }
 
 
@@ -351,12 +400,16 @@ def evaluation_sample_config(config, overrides=None):
   return sample_config
 
 
-def sweep_settings(sweeps: dict, sample_config, config) -> dict:
+def sweep_settings(sweeps: dict, sample_config, config, edits: bool = False) -> dict:
   """{name in SWEEPS: [values]} -> {name: [(value string, sample config)]} for the experiment `config`; all bad
-  values in one ValueError."""
+  values in one ValueError. edits: the evaluation edits given media (--image_to_video, --video_to_video), whose
+  strength can be swept."""
   settings, problems = {}, []
   if "aug_level" in sweeps and not config.model.lowres_conditioning:
     problems.append("--aug_level_sweep: the model is not a super-resolution stage (model.lowres_conditioning)")
+  if "strength" in sweeps and not edits:
+    problems.append("--strength_sweep: only with --image_to_video or --video_to_video (the part of the grid run "
+                    "from the given frames)")
   for name, values in sweeps.items():
     settings[name] = []
     for value in map(str, values):
@@ -367,7 +420,7 @@ def sweep_settings(sweeps: dict, sample_config, config) -> dict:
         problems.append(f"--{name}_sweep value {value!r}: {error}")
         continue
       problems += [f"--{name}_sweep value {value!r}: {problem}"
-                   for problem in config_checks.sample_problems(swept, "--")]
+                   for problem in config_checks.sample_problems(swept, "--") + edit_problems(swept, edits)]
       settings[name].append((value, swept))
   if problems:
     raise ValueError("; ".join(problems))
@@ -398,13 +451,13 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
-                  combinations=(), adapters=(), guide=None):
+                  combinations=(), adapters=(), guide=None, video_to_video=False):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
   `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
-  evaluation_sample_config's; image_to_video and guide: as generation_metrics'; adapters: lora.Adapters fused
-  into the weights."""
+  evaluation_sample_config's; image_to_video, video_to_video and guide: as generation_metrics'; adapters:
+  lora.Adapters fused into the weights."""
   config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   weights = lora.fused(weights, adapters)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
@@ -425,7 +478,8 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
 
   def scored(sample_config):
     setting_metrics, generated = generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config,
-                                                    frechet, clip, perceptual, bicubic, image_to_video, guide)
+                                                    frechet, clip, perceptual, bicubic, image_to_video, guide,
+                                                    video_to_video)
     setting_metrics.update(heldout_combination_accuracy(config, graphdef, weights, mesh, combination_prompts,
                                                         sample_config, combinations, guide))
     return setting_metrics, generated
@@ -445,11 +499,12 @@ ADDED_SAMPLE_SETTINGS = json.loads(json.dumps({
 
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics,
-                        image_to_video=False, combinations=(), adapters=(), guide=None) -> dict:
+                        image_to_video=False, combinations=(), adapters=(), guide=None, video_to_video=False) -> dict:
   """What an eval.jsonl line's numbers depend on besides the checkpoint, recorded in it as "settings" (JSON
   values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
   those added by local weights (fid_inception, fvd_i3d, clip_score, lpips); combinations and adapters (recorded
-  only when given): --combinations, lora.Adapters; guide (recorded only when given): an autoguidance.Guide."""
+  only when given): --combinations, lora.Adapters; guide (recorded only when given): an autoguidance.Guide;
+  video_to_video (recorded only when given)."""
   sample_settings = {k: v for k, v in sample_config.to_dict().items() if k not in UNRECORDED_SAMPLE_FIELDS}
   settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
               "combination_prompts": combination_prompts, "metrics": sorted(optional_metrics),
@@ -460,20 +515,42 @@ def evaluation_settings(sample_config, num_prompts, heldout_examples, combinatio
     settings["lora"] = lora.provenance(adapters)
   if guide is not None:
     settings["guide"] = autoguidance.provenance(guide)
+  if video_to_video:
+    settings["video_to_video"] = True
   return json.loads(json.dumps(settings))
 
 
-def video_problems(config, sample_config, image_to_video: bool) -> None:
-  """A ValueError naming what asks a video model's settings of another model, or a bad video length."""
+def video_problems(config, sample_config, image_to_video: bool, video_to_video: bool = False) -> None:
+  """A ValueError naming what asks a video model's settings of another model, a bad video length, or an edit that
+  cannot run."""
   found = []
+  if image_to_video and video_to_video:
+    found.append("--image_to_video and --video_to_video: one kind of edit at a time")
+  if video_to_video and sample_config.video_length:
+    found.append("--video_to_video scores the edited clip itself; not with --video_length (which scores the frames "
+                 "an extension makes)")
   if not config.model.temporal:
     hint = "this model makes images (give a video model's workdir)"
     found += [f"--image_to_video: {hint}"] if image_to_video else []
+    found += [f"--video_to_video: {hint}"] if video_to_video else []
     found += [f"--video_length: {hint}"] if sample_config.video_length else []
   else:
     found += video_extension.problems(sample_config, sample.output_shape(config, sample_config)[0])
+  found += edit_problems(sample_config, image_to_video or video_to_video)
   if found:
     raise ValueError("; ".join(found))
+
+
+def edit_problems(sample_config, edits: bool) -> list[str]:
+  """When the evaluation edits given media: a strength that runs none of the sampler's steps (one outside (0, 1] is
+  config_checks.sample_problems')."""
+  if not (edits and 0 < sample_config.strength <= 1):
+    return []
+  try:
+    editing.first_step(sample_config.steps, sample_config.strength)
+  except ValueError as error:
+    return [f"--{error}"]
+  return []
 
 
 def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -532,11 +609,13 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
     positions = [float(value) for value in values]
   except ValueError:
     positions = list(range(len(values)))
-  # One panel per kind of metric present: FID, the judge's accuracies, a super-resolution stage's PSNR and LPIPS
-  # (each beside bicubic upsampling's).
+  # One panel per kind of metric present: FID, the judge's accuracies (a video edit's also against its source
+  # clip's caption), a super-resolution stage's PSNR and LPIPS (each beside bicubic upsampling's), a video edit's
+  # PSNR against its source clip.
   panels = [("FID (random-conv features)", ["fid_random_conv"]),
             ("judge accuracy", [k for k in keys if k.startswith("accuracy/")]),
-            ("PSNR (dB)", [k for k in ("psnr", "psnr_bicubic") if k in keys]),
+            ("judge accuracy, source caption", [k for k in keys if k.startswith("accuracy_source/")]),
+            ("PSNR (dB)", [k for k in ("psnr", "psnr_bicubic", "psnr_source") if k in keys]),
             ("LPIPS", [k for k in ("lpips", "lpips_bicubic") if k in keys])]
   panels = [panel for panel in panels if panel[1]]
   figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
@@ -561,7 +640,7 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
         combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
-        adapters=(), guide_workdir=None, guide_step=None):
+        adapters=(), guide_workdir=None, guide_step=None, video_to_video=False):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
@@ -575,6 +654,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   sample_overrides: {sample field: value} over the config's, e.g. batch_size (samples generated at once),
   negative_prompt, and a video model's video_length (its last clip's worth of frames scored); sweeps vary the result.
   image_to_video: a video model is given each real clip's first frame (at sample.strength).
+  video_to_video: a video model edits each real clip (at sample.strength) toward edit_captions' caption; adds
+  psnr_source and accuracy_source/* (generation_metrics).
   guide_workdir (with guide_step alone: this workdir) and guide_step (default: its latest): the autoguidance
   guide's checkpoint (autoguidance.py), the same for every checkpoint evaluated; recorded in the settings."""
   config = checkpoint.read_config(workdir)
@@ -588,8 +669,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     captioned_shapes.combinations(combinations)  # a ValueError naming the words there are
   lora.check(adapters, config)
   sample_config = evaluation_sample_config(config, sample_overrides)
-  video_problems(config, sample_config, image_to_video)
-  settings = sweep_settings(sweeps or {}, sample_config, config)
+  video_problems(config, sample_config, image_to_video, video_to_video)
+  settings = sweep_settings(sweeps or {}, sample_config, config, image_to_video or video_to_video)
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
               "lpips": lpips_weights}
   guide = None
@@ -598,7 +679,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
-                                 combinations, adapters, guide)
+                                 combinations, adapters, guide, video_to_video)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -622,7 +703,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
-                                                     image_to_video, combinations, adapters, guide)
+                                                     image_to_video, combinations, adapters, guide, video_to_video)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -653,8 +734,9 @@ def _log_settings_changes(workdir, steps, settings):
              "; ".join(changed_settings(old, settings)))
 
 
-# Flags of a video model's evaluation of image-to-video and long videos; all but the first are sample settings.
-VIDEO_FLAGS = ("image_to_video", "strength", "video_length", "context_frames", "reconstruction_guidance")
+# Flags of a video model's evaluation of its edits and of long videos: the edits, then the sample settings.
+EDIT_FLAGS = ("image_to_video", "video_to_video")
+VIDEO_SAMPLE_FLAGS = ("strength", "video_length", "context_frames", "reconstruction_guidance")
 
 
 def define_flags():
@@ -688,8 +770,11 @@ def define_flags():
                       "config's sample.negative_prompt; with --cascade: every stage's).")
   flags.DEFINE_bool("image_to_video", False, "Video models: give each caption's real clip's first frame "
                     "(image-to-video, at --strength).")
-  flags.DEFINE_float("strength", None, "With --image_to_video: the part of the sampling grid run (default: the "
-                     "config's sample.strength).")
+  flags.DEFINE_bool("video_to_video", False, "Video models: edit each caption's real clip toward another caption "
+                    "(moving_shapes: its direction reversed; others: the next clip's) at --strength; adds psnr_source "
+                    "and accuracy_source/*.")
+  flags.DEFINE_float("strength", None, "With --image_to_video or --video_to_video: the part of the sampling grid run "
+                     "(default: the config's sample.strength).")
   flags.DEFINE_integer("video_length", None, "Video models: make this many frames by extension and score the last "
                        "clip's worth.", lower_bound=0)
   flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps.", lower_bound=0)
@@ -705,6 +790,7 @@ def define_flags():
   flags.DEFINE_list("guidance_interval_sweep", [], "Guidance intervals LOW:HIGH (or none) to compare, e.g. "
                     "none,0.28:5.42.")
   flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
+  flags.DEFINE_list("strength_sweep", [], "With --image_to_video or --video_to_video: edit strengths to sweep.")
   flags.DEFINE_integer("sweep_stage", -1, "With --cascade: the stage whose settings the sweeps vary (default -1, "
                        "the last).")
   distributed.define_flags()
@@ -728,7 +814,8 @@ def main(argv):
     cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
                "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
-    cli.refuse(VIDEO_FLAGS, "not used with --cascade: evaluate a video model's edits and long videos with --workdir")
+    cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep",), "not used with --cascade: evaluate a video "
+               "model's edits and long videos with --workdir")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
                "stage with --workdir)")
@@ -736,8 +823,9 @@ def main(argv):
     cli.refuse(("sweep_stage",), "only with --cascade")
     if f.combination_prompts == 0:
       cli.refuse(("combinations",), "not used with --combination_prompts=0, which judges no combination's captions")
-    if not f.image_to_video:
-      cli.refuse(("strength",), "only with --image_to_video (the part of the grid run from the given first frame)")
+    if not (f.image_to_video or f.video_to_video):
+      cli.refuse(("strength",), "only with --image_to_video or --video_to_video (the part of the grid run from the "
+                 "given frames)")
     if not f.video_length:
       cli.refuse(("context_frames",), "only with --video_length (the frames each extension window keeps)")
     if not (f.image_to_video or f.video_length):
@@ -747,7 +835,7 @@ def main(argv):
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
   try:
-    overrides = {name: f[name].value for name in ("batch_size", "negative_prompt") + VIDEO_FLAGS[1:]}
+    overrides = {name: f[name].value for name in ("batch_size", "negative_prompt") + VIDEO_SAMPLE_FLAGS}
     if f.guidance_interval is not None:
       overrides["guidance_interval"] = samplers.parse_guidance_interval(f.guidance_interval, "--guidance_interval=")
     if f.cascade:
@@ -758,7 +846,8 @@ def main(argv):
       results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
                     f.combination_prompts, overrides, f.lpips_weights, f.image_to_video,
-                    f.combinations, [lora.read(spec) for spec in f.lora], f.guide_workdir, f.guide_step)
+                    f.combinations, [lora.read(spec) for spec in f.lora], f.guide_workdir, f.guide_step,
+                    f.video_to_video)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
