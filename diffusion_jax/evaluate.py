@@ -5,7 +5,8 @@
                                    [--threshold_sweep=static,dynamic] [--aug_level_sweep=0,0.2]
                                    [--guidance_interval=LOW:HIGH] [--guidance_interval_sweep=none,0.28:5.42]
                                    [--guide_workdir=DIR] [--guide_step=N]
-                                   [--image_to_video | --video_to_video [--strength_sweep=0.4,0.6,0.8]]
+                                   [--image_to_video | --image_to_image | --video_to_video]
+                                   [--strength=0.6] [--strength_sweep=0.2,0.4,0.6,0.8,1]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
                                    [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
@@ -57,13 +58,16 @@ Flags:
                       image (video: each frame) with its caption, averaged
   --image_to_video    video models: each caption's real clip's first frame is given (image-to-video; sample.py
                       --init_image) and kept; recorded in the settings
-  --video_to_video    video models: each caption's real clip is edited as a whole (video-to-video; sample.py
-                      --init_video) toward another caption: on moving_shapes its own with the direction reversed, on
-                      other data the next clip's. The metrics judge the edits by those captions, and add psnr_source
-                      (each edit's PSNR against its clip) and accuracy_source/* (the judge against the clip's own
-                      caption): what the edit kept. Recorded in the settings; not with --video_length
-  --strength          with --image_to_video or --video_to_video: the part of the sampling grid run (default: the
-                      config's sample.strength)
+  --image_to_image    image models: each caption's real image is edited as a whole (image-to-image, SDEdit; sample.py
+                      --init_image) toward another caption: on captioned_shapes its own with every object in the next
+                      colour, on other data the next image's. The metrics judge the edits by those captions, and add
+                      psnr_source (each edit's PSNR against its image) and accuracy_source/* (the judge against the
+                      image's own caption): what the edit kept. Recorded in the settings
+  --video_to_video    video models: the same for each real clip, edited as a whole (video-to-video; sample.py
+                      --init_video); on moving_shapes toward its own caption with the direction reversed; not with
+                      --video_length
+  --strength          with --image_to_video, --image_to_image or --video_to_video: the part of the sampling grid run
+                      (default: the config's sample.strength)
   --video_length      video models: make this many frames by autoregressive extension (video_extension.py) and score
                       the last clip's worth, the frames the extension made (default: the config's, 0 = one clip)
   --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
@@ -85,8 +89,9 @@ Flags:
   --guidance_interval_sweep
                       comma-separated guidance intervals LOW:HIGH (or none = every step) compared side by side
                       (guidance_interval_sweep_step_N), e.g. none,0.28:5.42,1:5
-  --strength_sweep    with --image_to_video or --video_to_video: comma-separated edit strengths (strength_sweep_step_N;
-                      with --video_to_video the trade-off between following the new caption and keeping the clip)
+  --strength_sweep    with --image_to_video, --image_to_image or --video_to_video: comma-separated edit strengths
+                      (strength_sweep_step_N; for an edit toward another caption, the trade-off between following it
+                      and keeping the real image)
   --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
                       input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}; with --workdir the
                       input is the real images downsampled, with --cascade what the stage below generates (the
@@ -223,7 +228,7 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
   """uint8 media [n, (frames,) h, w, 3], one per caption. Each caption its own noise (seed + index): the same
   noise for every caption would make the set far less diverse than real data (FID) and let the noise, not the
   caption, decide what the judge sees. edit: (init uint8 [n, (frames,) h, w, 3], keep bool [n, (frames,) h, w]),
-  media to edit at sample_config.strength (editing.py; clip_edits). A video model with sample.video_length makes
+  media to edit at sample_config.strength (editing.py; given_media). A video model with sample.video_length makes
   that many frames (video_extension.py) and returns the last clip's worth, the frames the extension made.
   guide: an autoguidance.Guide or None."""
   seeds = sample_config.seed + np.arange(len(captions))
@@ -238,28 +243,30 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
   return videos[:, 0, -clips.shape[2]:]
 
 
-def clip_edits(config, sample_config, videos, image_to_video=False, video_to_video=False):
-  """What a video model is given of the real uint8 `videos` [n, frames, h, w, 3] (_generate's edit): with
-  image_to_video each clip's first frame, kept (edit_inputs.first_frame_edit); with video_to_video the whole clip,
-  nothing kept (SDEdit over the clip, as sample.py's --init_video); otherwise None."""
-  if video_to_video:
-    return videos, np.zeros(videos.shape[:-1], bool)
+def given_media(config, sample_config, real, image_to_video=False, edit_real=False):
+  """What the model is given of the real uint8 media `real` [n, (frames,) h, w, 3] (_generate's edit): with
+  edit_real each image or clip whole, nothing kept (SDEdit, as sample.py's --init_image and --init_video); with
+  image_to_video each clip's first frame, kept (edit_inputs.first_frame_edit); otherwise None."""
+  if edit_real:
+    return real, np.zeros(real.shape[:-1], bool)
   if image_to_video:
     frames = sample.output_shape(config, sample_config)[0]
-    return tuple(np.stack(a) for a in zip(*[edit_inputs.first_frame_edit(v[0], frames) for v in videos]))
+    return tuple(np.stack(a) for a in zip(*[edit_inputs.first_frame_edit(v[0], frames) for v in real]))
   return None
 
 
-# What a --video_to_video evaluation asks of each real clip: its caption rewritten so that the clip no longer fits.
-VIDEO_EDITS = {"moving_shapes": motion_judge.reversed_direction}  # the same object, moving the other way
+# What an --image_to_image or --video_to_video evaluation asks of each real image or clip: its caption rewritten so
+# that the image no longer fits it in one respect the judge reads.
+EDITS = {"captioned_shapes": shapes_judge.recoloured,  # every object in the next colour, nothing else changed
+         "moving_shapes": motion_judge.reversed_direction}  # the same object, moving the other way
 
 
 def edit_captions(config, captions: list[str]) -> list[str]:
-  """The captions a --video_to_video evaluation edits the real clips toward: on a dataset of VIDEO_EDITS each
-  clip's caption rewritten (moving_shapes: its direction reversed), on others the next clip's caption (the last
-  clip: the first's)."""
-  if config.data.dataset in VIDEO_EDITS:
-    return [VIDEO_EDITS[config.data.dataset](c) for c in captions]
+  """The captions an --image_to_image or --video_to_video evaluation edits the real images toward: on a dataset
+  of EDITS each image's caption rewritten (captioned_shapes: recoloured; moving_shapes: the direction reversed),
+  on others the next image's caption (the last image: the first's)."""
+  if config.data.dataset in EDITS:
+    return [EDITS[config.data.dataset](c) for c in captions]
   return captions[1:] + captions[:1]
 
 
@@ -296,23 +303,23 @@ def bicubic_metrics(config, images, perceptual=None) -> dict:
 
 def generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config, frechet=None,
                        clip=None, perceptual=None, bicubic=None, image_to_video=False,
-                       guide=None, video_to_video=False) -> tuple[dict, np.ndarray]:
+                       guide=None, edit_real=False) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) of `weights` (sample.Weights) for one sample setting (media_metrics
   against the real `images`; `frechet`: their frechet_distances, made here when not given; for super-resolution
   stages, given the real images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic
   upsampling's, whose bicubic_metrics are made here when not given; image_to_video: a video model is given each
-  real clip's first frame; video_to_video: each real clip is edited toward edit_captions' caption, which the
-  metrics judge it by, with psnr_source (its PSNR against the clip) and the judge's accuracy_source/* (against the
-  clip's own caption) for what the edit kept; guide: an autoguidance.Guide or None)."""
+  real clip's first frame; edit_real: each real image or clip is edited toward edit_captions' caption, which the
+  metrics judge it by, with psnr_source (its PSNR against the real one) and the judge's accuracy_source/* (against
+  the real one's caption) for what the edit kept; guide: an autoguidance.Guide or None)."""
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
-  asked = edit_captions(config, captions) if video_to_video else captions
-  edit = clip_edits(config, sample_config, images, image_to_video, video_to_video)
+  asked = edit_captions(config, captions) if edit_real else captions
+  edit = given_media(config, sample_config, images, image_to_video, edit_real)
   generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, asked, sample_config, lowres, edit,
                         guide)
   metrics = media_metrics(config, generated, asked, frechet or frechet_distances(images), clip)
-  if video_to_video:  # what the edit kept of its source clip
+  if edit_real:  # what the edit kept of the real image
     metrics["psnr_source"] = psnr.psnr(generated, images)
     metrics.update(judge_accuracy(config, generated, captions, "accuracy_source/"))
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
@@ -377,6 +384,10 @@ def _sampler_and_steps(value: str) -> dict:
   return {"sampler": sampler, **({"steps": int(steps)} if steps else {})}
 
 
+# The evaluation's edits of the real validation media, one at a time (the model is given them instead of noise).
+EDIT_FLAGS = ("image_to_video", "image_to_image", "video_to_video")
+EDITING = "--image_to_video, --image_to_image or --video_to_video"
+
 # Sample settings that can be swept: name -> (axis label, value string -> the sample-config fields it sets).
 # `--NAME_sweep=v1,v2` writes WORKDIR/eval/NAME_sweep_step_N.{md,png}.
 SWEEPS = {
@@ -387,7 +398,7 @@ SWEEPS = {
     "aug_level": ("noise-augmentation level", lambda value: {"aug_level": float(value)}),
     "guidance_interval": ("guidance interval (sigma/alpha)", lambda value: {
         "guidance_interval": samplers.parse_guidance_interval(value)}),
-    "strength": ("strength (part of the grid run from the given clip)", lambda value: {"strength": float(value)}),
+    "strength": ("strength (part of the grid run from the given media)", lambda value: {"strength": float(value)}),
 }
 
 
@@ -402,14 +413,12 @@ def evaluation_sample_config(config, overrides=None):
 
 def sweep_settings(sweeps: dict, sample_config, config, edits: bool = False) -> dict:
   """{name in SWEEPS: [values]} -> {name: [(value string, sample config)]} for the experiment `config`; all bad
-  values in one ValueError. edits: the evaluation edits given media (--image_to_video, --video_to_video), whose
-  strength can be swept."""
+  values in one ValueError. edits: the evaluation edits given media (EDIT_FLAGS), whose strength can be swept."""
   settings, problems = {}, []
   if "aug_level" in sweeps and not config.model.lowres_conditioning:
     problems.append("--aug_level_sweep: the model is not a super-resolution stage (model.lowres_conditioning)")
   if "strength" in sweeps and not edits:
-    problems.append("--strength_sweep: only with --image_to_video or --video_to_video (the part of the grid run "
-                    "from the given frames)")
+    problems.append(f"--strength_sweep: only with {EDITING} (the part of the grid run from the given media)")
   for name, values in sweeps.items():
     settings[name] = []
     for value in map(str, values):
@@ -451,12 +460,12 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
-                  combinations=(), adapters=(), guide=None, video_to_video=False):
+                  combinations=(), adapters=(), guide=None, edit_real=False):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
   `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
-  evaluation_sample_config's; image_to_video, video_to_video and guide: as generation_metrics'; adapters:
+  evaluation_sample_config's; image_to_video, edit_real and guide: as generation_metrics'; adapters:
   lora.Adapters fused into the weights."""
   config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   weights = lora.fused(weights, adapters)
@@ -479,7 +488,7 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   def scored(sample_config):
     setting_metrics, generated = generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config,
                                                     frechet, clip, perceptual, bicubic, image_to_video, guide,
-                                                    video_to_video)
+                                                    edit_real)
     setting_metrics.update(heldout_combination_accuracy(config, graphdef, weights, mesh, combination_prompts,
                                                         sample_config, combinations, guide))
     return setting_metrics, generated
@@ -499,12 +508,12 @@ ADDED_SAMPLE_SETTINGS = json.loads(json.dumps({
 
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics,
-                        image_to_video=False, combinations=(), adapters=(), guide=None, video_to_video=False) -> dict:
+                        image_to_video=False, combinations=(), adapters=(), guide=None, edit_real=None) -> dict:
   """What an eval.jsonl line's numbers depend on besides the checkpoint, recorded in it as "settings" (JSON
   values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
   those added by local weights (fid_inception, fvd_i3d, clip_score, lpips); combinations and adapters (recorded
   only when given): --combinations, lora.Adapters; guide (recorded only when given): an autoguidance.Guide;
-  video_to_video (recorded only when given)."""
+  edit_real (recorded only when given): "image_to_image" or "video_to_video", the flag given."""
   sample_settings = {k: v for k, v in sample_config.to_dict().items() if k not in UNRECORDED_SAMPLE_FIELDS}
   settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
               "combination_prompts": combination_prompts, "metrics": sorted(optional_metrics),
@@ -515,28 +524,33 @@ def evaluation_settings(sample_config, num_prompts, heldout_examples, combinatio
     settings["lora"] = lora.provenance(adapters)
   if guide is not None:
     settings["guide"] = autoguidance.provenance(guide)
-  if video_to_video:
-    settings["video_to_video"] = True
+  if edit_real:
+    settings[edit_real] = True
   return json.loads(json.dumps(settings))
 
 
-def video_problems(config, sample_config, image_to_video: bool, video_to_video: bool = False) -> None:
+def video_problems(config, sample_config, image_to_video: bool, edit_real: str | None = None) -> None:
   """A ValueError naming what asks a video model's settings of another model, a bad video length, or an edit that
-  cannot run."""
+  cannot run. edit_real: "image_to_image" or "video_to_video" when given."""
   found = []
-  if image_to_video and video_to_video:
-    found.append("--image_to_video and --video_to_video: one kind of edit at a time")
-  if video_to_video and sample_config.video_length:
-    found.append("--video_to_video scores the edited clip itself; not with --video_length (which scores the frames "
-                 "an extension makes)")
+  if image_to_video and edit_real:
+    found.append(f"--image_to_video and --{edit_real}: one kind of edit at a time")
+  if edit_real and sample_config.video_length:
+    found.append(f"--{edit_real} scores the edits themselves; not with --video_length (which scores the frames an "
+                 "extension makes)")
   if not config.model.temporal:
     hint = "this model makes images (give a video model's workdir)"
     found += [f"--image_to_video: {hint}"] if image_to_video else []
-    found += [f"--video_to_video: {hint}"] if video_to_video else []
+    found += [f"--video_to_video: {hint}; --image_to_image edits images"] if edit_real == "video_to_video" else []
     found += [f"--video_length: {hint}"] if sample_config.video_length else []
   else:
+    if edit_real == "image_to_image":
+      found.append("--image_to_image: this model makes clips; --video_to_video edits its clips whole")
     found += video_extension.problems(sample_config, sample.output_shape(config, sample_config)[0])
-  found += edit_problems(sample_config, image_to_video or video_to_video)
+  if (image_to_video or edit_real) and config.model.lowres_conditioning:
+    found.append(f"--{edit_real or 'image_to_video'}: a super-resolution stage does not edit (its input is the "
+                 "low-resolution image)")
+  found += edit_problems(sample_config, bool(image_to_video or edit_real))
   if found:
     raise ValueError("; ".join(found))
 
@@ -640,7 +654,7 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
         combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
-        adapters=(), guide_workdir=None, guide_step=None, video_to_video=False):
+        adapters=(), guide_workdir=None, guide_step=None, edit_real=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
@@ -654,8 +668,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   sample_overrides: {sample field: value} over the config's, e.g. batch_size (samples generated at once),
   negative_prompt, and a video model's video_length (its last clip's worth of frames scored); sweeps vary the result.
   image_to_video: a video model is given each real clip's first frame (at sample.strength).
-  video_to_video: a video model edits each real clip (at sample.strength) toward edit_captions' caption; adds
-  psnr_source and accuracy_source/* (generation_metrics).
+  edit_real: "image_to_image" (image models) or "video_to_video" (video models): each real image or clip is edited
+  (at sample.strength) toward edit_captions' caption; adds psnr_source and accuracy_source/* (generation_metrics).
   guide_workdir (with guide_step alone: this workdir) and guide_step (default: its latest): the autoguidance
   guide's checkpoint (autoguidance.py), the same for every checkpoint evaluated; recorded in the settings."""
   config = checkpoint.read_config(workdir)
@@ -669,8 +683,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     captioned_shapes.combinations(combinations)  # a ValueError naming the words there are
   lora.check(adapters, config)
   sample_config = evaluation_sample_config(config, sample_overrides)
-  video_problems(config, sample_config, image_to_video, video_to_video)
-  settings = sweep_settings(sweeps or {}, sample_config, config, image_to_video or video_to_video)
+  video_problems(config, sample_config, image_to_video, edit_real)
+  settings = sweep_settings(sweeps or {}, sample_config, config, bool(image_to_video or edit_real))
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
               "lpips": lpips_weights}
   guide = None
@@ -679,7 +693,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
-                                 combinations, adapters, guide, video_to_video)
+                                 combinations, adapters, guide, edit_real)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -703,7 +717,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
-                                                     image_to_video, combinations, adapters, guide, video_to_video)
+                                                     image_to_video, combinations, adapters, guide,
+                                                     bool(edit_real))
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -735,7 +750,6 @@ def _log_settings_changes(workdir, steps, settings):
 
 
 # Flags of a video model's evaluation of its edits and of long videos: the edits, then the sample settings.
-EDIT_FLAGS = ("image_to_video", "video_to_video")
 VIDEO_SAMPLE_FLAGS = ("strength", "video_length", "context_frames", "reconstruction_guidance")
 
 
@@ -770,11 +784,14 @@ def define_flags():
                       "config's sample.negative_prompt; with --cascade: every stage's).")
   flags.DEFINE_bool("image_to_video", False, "Video models: give each caption's real clip's first frame "
                     "(image-to-video, at --strength).")
+  flags.DEFINE_bool("image_to_image", False, "Image models: edit each caption's real image toward another caption "
+                    "(captioned_shapes: recoloured; others: the next image's) at --strength; adds psnr_source and "
+                    "accuracy_source/*.")
   flags.DEFINE_bool("video_to_video", False, "Video models: edit each caption's real clip toward another caption "
                     "(moving_shapes: its direction reversed; others: the next clip's) at --strength; adds psnr_source "
                     "and accuracy_source/*.")
-  flags.DEFINE_float("strength", None, "With --image_to_video or --video_to_video: the part of the sampling grid run "
-                     "(default: the config's sample.strength).")
+  flags.DEFINE_float("strength", None, f"With {EDITING}: the part of the sampling grid run (default: the config's "
+                     "sample.strength).")
   flags.DEFINE_integer("video_length", None, "Video models: make this many frames by extension and score the last "
                        "clip's worth.", lower_bound=0)
   flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps.", lower_bound=0)
@@ -790,7 +807,7 @@ def define_flags():
   flags.DEFINE_list("guidance_interval_sweep", [], "Guidance intervals LOW:HIGH (or none) to compare, e.g. "
                     "none,0.28:5.42.")
   flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
-  flags.DEFINE_list("strength_sweep", [], "With --image_to_video or --video_to_video: edit strengths to sweep.")
+  flags.DEFINE_list("strength_sweep", [], f"With {EDITING}: edit strengths to sweep.")
   flags.DEFINE_integer("sweep_stage", -1, "With --cascade: the stage whose settings the sweeps vary (default -1, "
                        "the last).")
   distributed.define_flags()
@@ -823,9 +840,10 @@ def main(argv):
     cli.refuse(("sweep_stage",), "only with --cascade")
     if f.combination_prompts == 0:
       cli.refuse(("combinations",), "not used with --combination_prompts=0, which judges no combination's captions")
-    if not (f.image_to_video or f.video_to_video):
-      cli.refuse(("strength",), "only with --image_to_video or --video_to_video (the part of the grid run from the "
-                 "given frames)")
+    if f.image_to_image:
+      cli.refuse(("video_to_video",), "not with --image_to_image: one kind of edit at a time")
+    if not any(f[name].value for name in EDIT_FLAGS):
+      cli.refuse(("strength",), f"only with {EDITING} (the part of the grid run from the given media)")
     if not f.video_length:
       cli.refuse(("context_frames",), "only with --video_length (the frames each extension window keeps)")
     if not (f.image_to_video or f.video_length):
@@ -847,7 +865,7 @@ def main(argv):
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
                     f.combination_prompts, overrides, f.lpips_weights, f.image_to_video,
                     f.combinations, [lora.read(spec) for spec in f.lora], f.guide_workdir, f.guide_step,
-                    f.video_to_video)
+                    "image_to_image" if f.image_to_image else "video_to_video" if f.video_to_video else None)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -180,48 +180,85 @@ def test_a_video_model_edits_a_clip_as_a_whole(trained, trained_video, tmp_path)
     edit_inputs.video_edit({"init_video": str(tmp_path / "clip.png")}, resolution, 3)
 
 
-def test_evaluation_scores_video_edits_by_the_new_caption_and_by_what_they_kept(trained, trained_video, tmp_path):
+def sweep_column(path, name: str) -> list[float]:
+  """A column of a sweep's markdown table (evaluate.write_sweep), one value per row."""
+  header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in path.read_text().splitlines()]
+  return [float(row[header.index(name)]) for row in rows]
+
+
+def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(trained, tmp_path):
+  """evaluate --image_to_image: each real image is edited toward its caption recoloured (the judge reads the real
+  images' colours as wrong for it, the rest as before); the edits are judged by that caption and by the image's
+  own (accuracy_source/*), with their PSNR against the image, which a strength sweep shows falling as more of the
+  grid runs. What cannot run is refused before any checkpoint is read."""
+  import shutil
+
+  from diffusion_jax import evaluate
+  from diffusion_jax.metrics import shapes_judge
+
+  two = "a small red circle at the top left and a large cyan square at the bottom right"
+  assert shapes_judge.recoloured(two) == two.replace("red", "green").replace("cyan", "red")
+  config, source, _ = trained
+  _, images, captions = evaluate.validation_set(config, 16)
+  as_captioned = evaluate.judge_accuracy(config, images, captions)
+  recoloured = evaluate.judge_accuracy(config, images, evaluate.edit_captions(config, captions))
+  assert recoloured["accuracy/color"] < as_captioned["accuracy/color"] and recoloured["accuracy/color"] <= 0.1
+  assert all(recoloured[f"accuracy/{k}"] == as_captioned[f"accuracy/{k}"] for k in ("shape", "size", "position"))
+  rolled = evaluate.edit_captions(ml_collections.ConfigDict({"data": {"dataset": "folder"}}), ["a", "b", "c"])
+  assert rolled == ["b", "c", "a"]  # other data: the next image's caption
+
+  workdir = tmp_path / "work"  # eval.jsonl is written into the workdir
+  shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("logs", "eval", "samples"))
+  options = dict(step=4, num_prompts=4, heldout_examples=4, combination_prompts=0)
+  [record] = evaluate.run(workdir, edit_real="image_to_image", sample_overrides={"steps": 4, "strength": 0.25},
+                          sweeps={"strength": ["0.25", "1"]}, **options)
+  assert record["settings"]["image_to_image"] and record["settings"]["sample"]["strength"] == 0.25
+  assert {"accuracy/color", "accuracy_source/color", "psnr_source", "fid_random_conv"} <= record.keys()
+  kept, regenerated = sweep_column(workdir / "eval" / "strength_sweep_step_4.md", "psnr_source")
+  assert kept == pytest.approx(record["psnr_source"], abs=1e-3) and kept > regenerated + 1
+  assert (workdir / "eval" / "strength_sweep_step_4.png").exists()
+
+  def refused(message, **overrides):
+    with pytest.raises(ValueError, match=message):
+      evaluate.run(workdir, **{**options, "edit_real": "image_to_image", **overrides})
+
+  refused(r"--strength_sweep value '0.1': --strength=0.1 of 4 sampler steps runs none",
+          sample_overrides={"steps": 4}, sweeps={"strength": ["0.1"]})
+  refused(r"--strength_sweep: only with --image_to_video, --image_to_image or --video_to_video", edit_real=None,
+          sweeps={"strength": ["0.5"]})
+  refused(r"--video_to_video: this model makes images .*; --image_to_image edits images", edit_real="video_to_video")
+
+
+def test_evaluation_scores_video_edits_by_the_new_caption_and_by_what_they_kept(trained_video, tmp_path):
   """evaluate --video_to_video: each real clip is edited toward its caption with the direction reversed (the
-  real clips' judge says they show the opposite); the edits are judged by that caption and also by the clip's own
-  (accuracy_source/*) with their PSNR against the clip, which a strength sweep shows falling as more of the grid
-  runs. What cannot run is refused before any checkpoint is read."""
+  real clips' judge says they show the opposite, in the same colour); the edits are judged by that caption and by
+  the clip's own. What cannot run is refused."""
   import shutil
 
   from diffusion_jax import evaluate
 
   config, source, _ = trained_video
   _, clips, captions = evaluate.validation_set(config, 4)
-  edited_captions = evaluate.edit_captions(config, captions)
   assert evaluate.judge_accuracy(config, clips, captions)["accuracy/direction"] == 1.0
-  reversed_judged = evaluate.judge_accuracy(config, clips, edited_captions, "accuracy_source/")
-  assert reversed_judged["accuracy_source/direction"] == 0.0 and reversed_judged["accuracy_source/color"] == 1.0
-  rolled = evaluate.edit_captions(ml_collections.ConfigDict({"data": {"dataset": "folder"}}), ["a", "b", "c"])
-  assert rolled == ["b", "c", "a"]  # other data: the next clip's caption
+  reversed_judged = evaluate.judge_accuracy(config, clips, evaluate.edit_captions(config, captions))
+  assert reversed_judged["accuracy/direction"] == 0.0 and reversed_judged["accuracy/color"] == 1.0
 
-  workdir = tmp_path / "work"  # eval.jsonl is written into the workdir
+  workdir = tmp_path / "work"
   shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("logs", "eval", "samples"))
   options = dict(step=4, num_prompts=4, heldout_examples=4, combination_prompts=0)
-  [record] = evaluate.run(workdir, video_to_video=True, sample_overrides={"steps": 4, "strength": 0.25},
-                          sweeps={"strength": ["0.25", "1"]}, **options)
-  assert record["settings"]["video_to_video"] and record["settings"]["sample"]["strength"] == 0.25
+  [record] = evaluate.run(workdir, edit_real="video_to_video", sample_overrides={"steps": 4, "strength": 0.5},
+                          **options)
+  assert record["settings"]["video_to_video"] and "image_to_image" not in record["settings"]
   assert {"accuracy/direction", "accuracy_source/direction", "psnr_source", "fvd_random_conv"} <= record.keys()
-  header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
-                      for line in (workdir / "eval" / "strength_sweep_step_4.md").read_text().splitlines()]
-  kept, regenerated = (float(row[header.index("psnr_source")]) for row in rows)
-  assert kept == pytest.approx(record["psnr_source"], abs=1e-3) and kept > regenerated + 1
-  assert (workdir / "eval" / "strength_sweep_step_4.png").exists()
 
-  def refused(message, workdir=workdir, **overrides):
+  def refused(message, **overrides):
     with pytest.raises(ValueError, match=message):
-      evaluate.run(workdir, **{**options, "video_to_video": True, **overrides})
+      evaluate.run(workdir, **{**options, "edit_real": "video_to_video", **overrides})
 
-  refused(r"--video_to_video: this model makes images", trained[1])
   refused(r"not with --video_length", sample_overrides={"video_length": 6})
   refused(r"--image_to_video and --video_to_video: one kind of edit at a time", image_to_video=True)
-  refused(r"--strength_sweep value '0.1': --strength=0.1 of 4 sampler steps runs none",
-          sample_overrides={"steps": 4}, sweeps={"strength": ["0.1"]})
-  refused(r"--strength_sweep: only with --image_to_video or --video_to_video", video_to_video=False,
-          sweeps={"strength": ["0.5"]})
+  refused(r"--image_to_image: this model makes clips; --video_to_video edits its clips whole",
+          edit_real="image_to_image")
 
 
 def test_super_resolution_stages_do_not_edit():

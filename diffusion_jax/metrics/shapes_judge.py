@@ -42,6 +42,12 @@ def swapped_colours(caption: str) -> str:
   return shapes.caption([(second_color, *first), (first_color, *second)] + objects[2:])
 
 
+def recoloured(caption: str) -> str:
+  """The caption with every object in the next colour of the palette (red -> green, ..., cyan -> red), shapes,
+  sizes and positions as they were: an edit the judge's colour reads and its other attributes should not."""
+  return shapes.caption([((color + 1) % len(shapes.COLORS), *rest) for color, *rest in parse(caption)])
+
+
 def lit_pixels(pixels: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] -> bool mask of pixels bright enough to belong to a shape (the background is black)."""
   return pixels.max(-1) > 80
