@@ -240,6 +240,7 @@ ADDED_FIELDS = {
     "sample.negative_prompt": "",
     "sample.strength": 0.8,  # read only when an image is edited, which earlier code could not
     "sample.video_length": 0, "sample.context_frames": 0, "sample.reconstruction_guidance": 0.0,
+    "sample.edit_noise": "random",
     "finetune.workdir": "", "finetune.step": -1, "finetune.use_ema": True, "model.lora_rank": 0,
     "model.lora_convolutions": False, "model.lora_feed_forward": False,
     "model.lora_modulation": False,

@@ -2,7 +2,7 @@
 
 import jax
 
-from diffusion_jax import objectives, optimizer, samplers, schedules, sharding
+from diffusion_jax import editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes
 from diffusion_jax.models import attention, autoencoder, t5
 
@@ -110,6 +110,8 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}aug_level={s.aug_level} must be in [0, 1]")
   if not 0 < s.strength <= 1:
     found.append(f"{prefix}strength={s.strength} must be in (0, 1]")
+  if s.edit_noise not in editing.EDIT_NOISE:
+    found.append(f"{prefix}edit_noise={s.edit_noise!r} is not one of {list(editing.EDIT_NOISE)}")
   for field in ("video_length", "context_frames", "reconstruction_guidance"):
     if s[field] < 0:
       found.append(f"{prefix}{field}={s[field]} must be >= 0")

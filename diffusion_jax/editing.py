@@ -6,6 +6,11 @@ Inpainting also keeps the region a mask marks as known: at every step the denois
 replaced by the known image, so the sampler converges to it there and the generated region is denoised beside
 it; the known region of the output is then the given image, exactly.
 
+The noise an edit starts from (sample.edit_noise): "random", SDEdit's fresh Gaussian noise, or "inversion", DDIM
+inversion (Song et al. 2021; the start of Mokady et al. 2023's editing): the deterministic sampler's ODE run
+backwards from the given image up to the edit's start level with the unconditional model, so the rest of the
+grid, run forward for the prompt, starts from noise that leads back to the image and keeps more of it.
+
 A video model animates an image the same way (image-to-video): the clip to edit is the image repeated, and its
 first frame is kept (the replacement method of Ho et al. 2022's conditional video generation).
 
@@ -15,6 +20,10 @@ w, 1], 1 where the given image is kept, 0 where it is generated anew.
 
 import jax
 import jax.numpy as jnp
+
+from diffusion_jax import samplers
+
+EDIT_NOISE = ("random", "inversion")
 
 
 def first_step(steps: int, strength: float) -> int:
@@ -57,3 +66,19 @@ def inpainting_denoiser(denoise_fn, known, keep, reconstruction_guidance: float 
     return jnp.where(keep > 0, known, estimate - scale * gradient)
 
   return denoise
+
+
+def inverted(denoise_fn, x0, alpha, sigma):
+  """DDIM inversion: x at the grid's noisiest level (alpha[0], sigma[0]) from which deterministic DDIM over the grid
+  (alpha, sigma [steps + 1], noisiest first, as concrete arrays) leads back to x0 [batch, ...], found by running
+  its steps backwards from the least noisy level, each step's clean estimate taken where the step starts. At a
+  clean end (sigma 0) there is no noise to estimate: the walk starts from x0 at the next level, noise-free."""
+  last = len(alpha) - (2 if float(sigma[-1]) == 0 else 1)  # the least noisy level the walk starts from
+  levels = jnp.stack([alpha[1:last + 1], sigma[1:last + 1], alpha[:last], sigma[:last]], axis=-1)[::-1]
+
+  def step(x, level):
+    a_t, s_t, a_s, s_s = level
+    estimate = denoise_fn(x, jnp.full(x.shape[:1], a_t), jnp.full(x.shape[:1], s_t))
+    return samplers.ddim_step(x, estimate, a_t, s_t, a_s, s_s, 0.0, jnp.zeros_like(x)), None
+
+  return jax.lax.scan(step, alpha[last] * x0, levels)[0]

@@ -6,7 +6,8 @@
                                    [--guidance_interval=LOW:HIGH] [--guidance_interval_sweep=none,0.28:5.42]
                                    [--guide_workdir=DIR] [--guide_step=N]
                                    [--image_to_video | --image_to_image | --video_to_video]
-                                   [--strength=0.6] [--strength_sweep=0.2,0.4,0.6,0.8,1]
+                                   [--strength=0.6] [--edit_noise=inversion] [--strength_sweep=0.2,0.4,0.6,0.8,1]
+                                   [--edit_noise_sweep=random,inversion]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
                                    [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
@@ -68,6 +69,8 @@ Flags:
                       --video_length
   --strength          with --image_to_video, --image_to_image or --video_to_video: the part of the sampling grid run
                       (default: the config's sample.strength)
+  --edit_noise        with those: what the edits start from, random (SDEdit) or inversion (DDIM inversion of the
+                      given media; sample.py's flag) (default: the config's sample.edit_noise)
   --video_length      video models: make this many frames by autoregressive extension (video_extension.py) and score
                       the last clip's worth, the frames the extension made (default: the config's, 0 = one clip)
   --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
@@ -92,6 +95,7 @@ Flags:
   --strength_sweep    with --image_to_video, --image_to_image or --video_to_video: comma-separated edit strengths
                       (strength_sweep_step_N; for an edit toward another caption, the trade-off between following it
                       and keeping the real image)
+  --edit_noise_sweep  with those: random,inversion side by side (edit_noise_sweep_step_N)
   --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
                       input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}; with --workdir the
                       input is the real images downsampled, with --cascade what the stage below generates (the
@@ -399,6 +403,7 @@ SWEEPS = {
     "guidance_interval": ("guidance interval (sigma/alpha)", lambda value: {
         "guidance_interval": samplers.parse_guidance_interval(value)}),
     "strength": ("strength (part of the grid run from the given media)", lambda value: {"strength": float(value)}),
+    "edit_noise": ("what an edit starts from", lambda value: {"edit_noise": value}),
 }
 
 
@@ -417,8 +422,8 @@ def sweep_settings(sweeps: dict, sample_config, config, edits: bool = False) -> 
   settings, problems = {}, []
   if "aug_level" in sweeps and not config.model.lowres_conditioning:
     problems.append("--aug_level_sweep: the model is not a super-resolution stage (model.lowres_conditioning)")
-  if "strength" in sweeps and not edits:
-    problems.append(f"--strength_sweep: only with {EDITING} (the part of the grid run from the given media)")
+  problems += [f"--{name}_sweep: only with {EDITING}, which edit given media" for name in ("strength", "edit_noise")
+               if name in sweeps and not edits]
   for name, values in sweeps.items():
     settings[name] = []
     for value in map(str, values):
@@ -750,7 +755,7 @@ def _log_settings_changes(workdir, steps, settings):
 
 
 # Flags of a video model's evaluation of its edits and of long videos: the edits, then the sample settings.
-VIDEO_SAMPLE_FLAGS = ("strength", "video_length", "context_frames", "reconstruction_guidance")
+VIDEO_SAMPLE_FLAGS = ("strength", "edit_noise", "video_length", "context_frames", "reconstruction_guidance")
 
 
 def define_flags():
@@ -792,6 +797,8 @@ def define_flags():
                     "and accuracy_source/*.")
   flags.DEFINE_float("strength", None, f"With {EDITING}: the part of the sampling grid run (default: the config's "
                      "sample.strength).")
+  flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), f"With {EDITING}: random (SDEdit) or inversion "
+                    "(DDIM inversion of the given media) (default: the config's sample.edit_noise).")
   flags.DEFINE_integer("video_length", None, "Video models: make this many frames by extension and score the last "
                        "clip's worth.", lower_bound=0)
   flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps.", lower_bound=0)
@@ -808,6 +815,7 @@ def define_flags():
                     "none,0.28:5.42.")
   flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
   flags.DEFINE_list("strength_sweep", [], f"With {EDITING}: edit strengths to sweep.")
+  flags.DEFINE_list("edit_noise_sweep", [], f"With {EDITING}: what edits start from, side by side (random,inversion).")
   flags.DEFINE_integer("sweep_stage", -1, "With --cascade: the stage whose settings the sweeps vary (default -1, "
                        "the last).")
   distributed.define_flags()
@@ -831,8 +839,8 @@ def main(argv):
     cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
                "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
-    cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep",), "not used with --cascade: evaluate a video "
-               "model's edits and long videos with --workdir")
+    cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep", "edit_noise_sweep"), "not used with --cascade: "
+               "evaluate a model's edits and a video model's long videos with --workdir")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
                "stage with --workdir)")
@@ -843,7 +851,7 @@ def main(argv):
     if f.image_to_image:
       cli.refuse(("video_to_video",), "not with --image_to_image: one kind of edit at a time")
     if not any(f[name].value for name in EDIT_FLAGS):
-      cli.refuse(("strength",), f"only with {EDITING} (the part of the grid run from the given media)")
+      cli.refuse(("strength", "edit_noise"), f"only with {EDITING}, which edit given media")
     if not f.video_length:
       cli.refuse(("context_frames",), "only with --video_length (the frames each extension window keeps)")
     if not (f.image_to_video or f.video_length):

@@ -44,6 +44,10 @@ Flags:
   --strength        with --init_image or --init_video: the part of the sampling grid run, in (0, 1], for every edit
                     without a "strength" of its own (default: config sample.strength, 0.8): 1 starts from pure
                     noise, lower keeps more of the image; with --mask, 1 ignores what the masked region held
+  --edit_noise      with --init_image or --init_video: what the edit starts from at --strength: random (SDEdit:
+                    the image plus fresh noise) or inversion (DDIM inversion: the noise from which the unconditional
+                    model's deterministic path leads back to the image, found by running it backwards; keeps more of
+                    the image at a strength; editing.py) (default: config sample.edit_noise, random)
   --reconstruction_guidance
                     with --init_image or --video_length: > 0 also moves the estimate of what is generated along the
                     gradient that makes the kept part's estimate agree with it (Ho et al. 2022; a backward pass
@@ -101,12 +105,13 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_interval", "num_per_prompt", "seed", "use_ema",
-                    "frames", "strength", "video_length", "context_frames", "reconstruction_guidance")
+                    "frames", "strength", "edit_noise", "video_length", "context_frames", "reconstruction_guidance")
 EDIT_FILES = ("init_image", "mask", "init_video")  # a prompt's image to edit, its inpainting mask, a clip to edit
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "guidance_interval",
-                     "threshold", "threshold_percentile", "frames", "aug_level", "strength", "reconstruction_guidance")
+                     "threshold", "threshold_percentile", "frames", "aug_level", "strength", "edit_noise",
+                     "reconstruction_guidance")
 _compiled_samplers = {}
 
 
@@ -140,7 +145,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   for the prompt is guidance's other branch instead of the unconditional one, or None."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
-  alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
+  alpha, sigma = (np.asarray(a) for a in schedules.alpha_sigma_from_logsnr(logsnr, d.path))  # concrete: editing
   shape = output_shape(config, sample_config)
 
   def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, guide=None):
@@ -187,6 +192,10 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       start = editing.first_step(s.steps, s.strength)
       grid_alpha, grid_sigma, known = alpha[start:], sigma[start:], model.to_latents(given)
       x_init = grid_alpha[0] * known + grid_sigma[0] * noise
+      if s.edit_noise == "inversion":  # the unconditional model's deterministic path back to the given images
+        unconditional = lambda x, logsnr, _: model(x, logsnr, jnp.zeros_like(text), jnp.zeros_like(mask))
+        x_init = editing.inverted(samplers.make_denoiser(unconditional, d.prediction, sigma_data=d.sigma_data), known,
+                                  grid_alpha, grid_sigma)
       denoise = editing.inpainting_denoiser(denoise, known, editing.keep_at(keep, shape[-2]),
                                             s.reconstruction_guidance)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # each sample's own stochastic-sampler noise
@@ -485,13 +494,14 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     except ValueError as error:
       raise ValueError(f"{prompts_path}, prompt {i + 1} ({entry['prompt']!r}): {error}") from None
   unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edits)),
+                                              ("edit_noise", edits),
                                               ("context_frames", sample_config.video_length),
                                               ("reconstruction_guidance", edits or sample_config.video_length))
             if overrides.get(name) is not None and not applies]
   if unused:
-    raise ValueError(f"{', '.join(unused)}: not used here: --strength and --reconstruction_guidance apply to edits "
-                     "(--init_image or --init_video, or such lines of a .jsonl prompts file; --strength to those "
-                     "without a strength of their own), --context_frames and --reconstruction_guidance to "
+    raise ValueError(f"{', '.join(unused)}: not used here: --strength, --edit_noise and --reconstruction_guidance "
+                     "apply to edits (--init_image or --init_video, or such lines of a .jsonl prompts file; --strength "
+                     "to those without a strength of their own), --context_frames and --reconstruction_guidance to "
                      "--video_length")
   guide = None
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
@@ -510,7 +520,7 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   n = sample_config.num_per_prompt
   rows = lambda values: [value for value in values for _ in range(n)]
   window_config = sample_config.copy_and_resolve_references()
-  window_config.update(num_per_prompt=1, strength=1.0)  # the new frames from noise
+  window_config.update(num_per_prompt=1, strength=1.0, edit_noise="random")  # the new frames from noise
 
   def generate_window(init, keep, keys):
     return generate(config, graphdef, params, frozen, tokenizer, rows(prompts), window_config, mesh,
@@ -546,6 +556,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   edits = edits or {}
   for i in edits:
     entries[i].setdefault("strength", sample_config.strength)
+    entries[i]["edit_noise"] = sample_config.edit_noise
   images, fused = [None] * len(entries), (None, None)  # (LoRA scales, the weights with the adapters fused at them)
   # One compiled sampler per (guidance scale, guidance interval), and for edits per strength too; the adapters fused
   # once per set of LoRA scales (sorted first: one fused copy of the weights at a time).
@@ -647,6 +658,8 @@ def define_flags():
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")
   flags.DEFINE_float("strength", None, "With --init_image or --init_video: the part of the sampling grid run from "
                      "it noised, in (0, 1] (default: config sample.strength).")
+  flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), "With --init_image or --init_video: random (SDEdit) "
+                    "or inversion (DDIM inversion of the image) (default: config sample.edit_noise).")
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE "
                             "(default 1).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")

@@ -21,6 +21,34 @@ def test_an_edit_runs_the_last_strength_of_the_grid():
     editing.first_step(4, 0)
 
 
+def test_ddim_inversion_finds_the_noise_that_leads_back_to_the_image():
+  """With the exact denoiser of Gaussian data x0 ~ N(0, c^2), DDIM inversion maps data to the noisy marginal
+  N(0, alpha^2 c^2 + sigma^2) at the start level, and DDIM from there returns the data, the closer the finer the
+  grid; fresh noise (SDEdit) keeps far less of it."""
+  import jax
+  import jax.numpy as jnp
+
+  from diffusion_jax import samplers, schedules
+
+  c = 0.5
+  exact = lambda x, alpha, sigma: (alpha * c**2 / (alpha**2 * c**2 + sigma**2))[:, None] * x
+  x0 = c * jax.random.normal(jax.random.key(0), (4096, 8))
+
+  def round_trip(steps, strength):
+    logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule("cosine"), steps)
+    alpha, sigma = (a[editing.first_step(steps, strength):] for a in schedules.alpha_sigma_from_logsnr(logsnr, "vp"))
+    noisy = editing.inverted(exact, x0, alpha, sigma)
+    fresh = alpha[0] * x0 + sigma[0] * jax.random.normal(jax.random.key(1), x0.shape)
+    rms = lambda x: float(jnp.sqrt(jnp.mean((samplers.sample(exact, x, alpha, sigma, "ddim") - x0) ** 2)))
+    return float(jnp.std(noisy)), float(jnp.sqrt(alpha[0] ** 2 * c**2 + sigma[0] ** 2)), rms(noisy), rms(fresh)
+
+  for strength in (1.0, 0.75):  # the whole grid and its last three quarters
+    std, marginal, error, _ = round_trip(40, strength)
+    fine_std, _, fine_error, fresh_error = round_trip(160, strength)
+    assert fine_std == pytest.approx(marginal, rel=0.02) and abs(fine_std - marginal) < abs(std - marginal) / 3
+    assert fine_error < 0.05 * c and fine_error < error / 3 and fresh_error > 0.5 * c
+
+
 def test_a_latent_cell_is_kept_only_when_all_its_pixels_are():
   keep = np.ones((1, 4, 4, 1), np.float32)
   keep[0, 1, 0] = 0  # one pixel of the top-left 2x2 block is generated anew
@@ -73,6 +101,28 @@ def test_inpainting_keeps_the_kept_pixels_and_a_lower_strength_keeps_more_of_the
   assert distance(0.25) < 0.5 * distance(1.0)  # one step from the image barely noised, against all four from noise
 
 
+def test_an_edit_from_the_inverted_image_keeps_more_of_it_than_one_from_fresh_noise(trained):
+  """sample.edit_noise="inversion": the edit starts from the noise the unconditional model's DDIM path leads back
+  to the image from; unguided DDIM for the image's caption, which the tiny model reads little, then ends near the
+  image, where fresh noise (SDEdit) at the same strength lands far from it."""
+  from diffusion_jax import evaluate
+  from diffusion_jax.text import tokenizers
+
+  config, weights, graphdef, _, mesh = sample.load_checkpoint(trained[1])
+  params = perturbed(weights)
+  _, images, captions = evaluate.validation_set(config, 4)
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=20, num_per_prompt=1, sampler="ddim", guidance_scale=1.0, strength=0.6)
+
+  def distance(edit_noise):
+    sample_config.edit_noise = edit_noise
+    edited = sample.generate(config, graphdef, params, weights.frozen, tokenizers.from_config(config), captions,
+                             sample_config, mesh, init_images=images)[:, 0]
+    return np.abs(edited.astype(int) - images).mean()
+
+  assert distance("inversion") < 0.5 * distance("random")
+
+
 def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_path):
   config, workdir, _ = trained
   resolution = config.data.resolution
@@ -96,6 +146,7 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   assert records[0]["init_image"] == str(tmp_path / "picture.png") and records[0]["strength"] == 0.5
   assert records[0]["mask"] == str(tmp_path / "mask.png") and "init_image" not in records[1]
+  assert records[0]["edit_noise"] == "random" and "edit_noise" not in records[1]
   image, keep = edit_inputs.image_edit(records[0], resolution)
   np.testing.assert_array_equal(image, pipeline.resize_and_crop(picture, resolution, None))
   half = resolution // 2  # the mask's top half, resized and cropped as the image (bicubic: the edge may move)
@@ -211,12 +262,14 @@ def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(
   shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("logs", "eval", "samples"))
   options = dict(step=4, num_prompts=4, heldout_examples=4, combination_prompts=0)
   [record] = evaluate.run(workdir, edit_real="image_to_image", sample_overrides={"steps": 4, "strength": 0.25},
-                          sweeps={"strength": ["0.25", "1"]}, **options)
+                          sweeps={"strength": ["0.25", "1"], "edit_noise": ["random", "inversion"]}, **options)
   assert record["settings"]["image_to_image"] and record["settings"]["sample"]["strength"] == 0.25
   assert {"accuracy/color", "accuracy_source/color", "psnr_source", "fid_random_conv"} <= record.keys()
   kept, regenerated = sweep_column(workdir / "eval" / "strength_sweep_step_4.md", "psnr_source")
   assert kept == pytest.approx(record["psnr_source"], abs=1e-3) and kept > regenerated + 1
   assert (workdir / "eval" / "strength_sweep_step_4.png").exists()
+  random, inverted = sweep_column(workdir / "eval" / "edit_noise_sweep_step_4.md", "psnr_source")
+  assert random == pytest.approx(kept, abs=1e-3) and inverted != random
 
   def refused(message, **overrides):
     with pytest.raises(ValueError, match=message):
