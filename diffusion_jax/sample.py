@@ -145,7 +145,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   for the prompt is guidance's other branch instead of the unconditional one, or None."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
-  alpha, sigma = (np.asarray(a) for a in schedules.alpha_sigma_from_logsnr(logsnr, d.path))  # concrete: editing
+  # numpy: still concrete inside the jitted function, where editing.inverted reads whether the grid ends clean
+  alpha, sigma = (np.asarray(a) for a in schedules.alpha_sigma_from_logsnr(logsnr, d.path))
   shape = output_shape(config, sample_config)
 
   def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, guide=None):
@@ -191,11 +192,12 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       given, keep = init
       start = editing.first_step(s.steps, s.strength)
       grid_alpha, grid_sigma, known = alpha[start:], sigma[start:], model.to_latents(given)
-      x_init = grid_alpha[0] * known + grid_sigma[0] * noise
       if s.edit_noise == "inversion":  # the unconditional model's deterministic path back to the given images
         unconditional = lambda x, logsnr, _: model(x, logsnr, jnp.zeros_like(text), jnp.zeros_like(mask))
         x_init = editing.inverted(samplers.make_denoiser(unconditional, d.prediction, sigma_data=d.sigma_data), known,
                                   grid_alpha, grid_sigma)
+      else:
+        x_init = grid_alpha[0] * known + grid_sigma[0] * noise
       denoise = editing.inpainting_denoiser(denoise, known, editing.keep_at(keep, shape[-2]),
                                             s.reconstruction_guidance)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # each sample's own stochastic-sampler noise
