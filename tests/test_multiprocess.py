@@ -97,7 +97,8 @@ def random_adapter(config, path) -> str:
 
 def test_two_process_evaluation_job_scores_as_one_process(trained, tmp_path):
   """The evaluation job as 2 processes writes for a checkpoint what it writes as this one process, here with a
-  LoRA adapter fused into its weights and autoguidance by the run's step 2."""
+  LoRA adapter fused into its weights, autoguidance by the run's step 2, and each real image edited from its DDIM
+  inversion (--image_to_image --edit_noise=inversion)."""
   from diffusion_jax import evaluate, lora
 
   copies = [tmp_path / "one", tmp_path / "two"]  # eval.jsonl is written into the workdir
@@ -105,10 +106,12 @@ def test_two_process_evaluation_job_scores_as_one_process(trained, tmp_path):
     shutil.copytree(trained[1], copy, ignore=shutil.ignore_patterns("logs"))
   options = dict(num_prompts=8, heldout_examples=8, combination_prompts=0)
   adapter = random_adapter(trained[0], tmp_path / "adapter.safetensors")
-  [one] = evaluate.run(copies[0], step=4, adapters=[lora.read(adapter)], guide_step=2, **options)
+  [one] = evaluate.run(copies[0], step=4, adapters=[lora.read(adapter)], guide_step=2, edit_real="image_to_image",
+                       sample_overrides={"edit_noise": "inversion"}, **options)
   command = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
              "--module=diffusion_jax.evaluate", "--", f"--workdir={copies[1]}", "--step=4", f"--lora={adapter}",
-             "--guide_step=2", *(f"--{k}={v}" for k, v in options.items())]
+             "--guide_step=2", "--image_to_image", "--edit_noise=inversion",
+             *(f"--{k}={v}" for k, v in options.items())]
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   [two] = [json.loads(line) for line in (copies[1] / "logs" / "eval.jsonl").read_text().splitlines()]
