@@ -247,7 +247,7 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
   return videos[:, 0, -clips.shape[2]:]
 
 
-def given_media(config, sample_config, real, image_to_video=False, edit_real=False):
+def given_media(config, sample_config, real, image_to_video=False, edit_real=None):
   """What the model is given of the real uint8 media `real` [n, (frames,) h, w, 3] (_generate's edit): with
   edit_real each image or clip whole, nothing kept (SDEdit, as sample.py's --init_image and --init_video); with
   image_to_video each clip's first frame, kept (edit_inputs.first_frame_edit); otherwise None."""
@@ -307,14 +307,15 @@ def bicubic_metrics(config, images, perceptual=None) -> dict:
 
 def generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config, frechet=None,
                        clip=None, perceptual=None, bicubic=None, image_to_video=False,
-                       guide=None, edit_real=False) -> tuple[dict, np.ndarray]:
+                       guide=None, edit_real=None) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) of `weights` (sample.Weights) for one sample setting (media_metrics
   against the real `images`; `frechet`: their frechet_distances, made here when not given; for super-resolution
   stages, given the real images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic
   upsampling's, whose bicubic_metrics are made here when not given; image_to_video: a video model is given each
-  real clip's first frame; edit_real: each real image or clip is edited toward edit_captions' caption, which the
-  metrics judge it by, with psnr_source (its PSNR against the real one) and the judge's accuracy_source/* (against
-  the real one's caption) for what the edit kept; guide: an autoguidance.Guide or None)."""
+  real clip's first frame; edit_real ("image_to_image", "video_to_video" or None): each real image or clip is
+  edited toward edit_captions' caption, which the metrics judge it by, with psnr_source (its PSNR against the real
+  one) and the judge's accuracy_source/* (against the real one's caption) for what the edit kept; guide: an
+  autoguidance.Guide or None)."""
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
@@ -465,7 +466,7 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
-                  combinations=(), adapters=(), guide=None, edit_real=False):
+                  combinations=(), adapters=(), guide=None, edit_real=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
@@ -535,8 +536,9 @@ def evaluation_settings(sample_config, num_prompts, heldout_examples, combinatio
 
 
 def video_problems(config, sample_config, image_to_video: bool, edit_real: str | None = None) -> None:
-  """A ValueError naming what asks a video model's settings of another model, a bad video length, or an edit that
-  cannot run. edit_real: "image_to_image" or "video_to_video" when given."""
+  """A ValueError naming what asks a model for what it does not make (a video model's settings of an image model, an
+  image edit of a video model), a bad video length, or an edit that cannot run. edit_real: "image_to_image" or
+  "video_to_video" when given."""
   found = []
   if image_to_video and edit_real:
     found.append(f"--image_to_video and --{edit_real}: one kind of edit at a time")
@@ -628,9 +630,9 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
     positions = [float(value) for value in values]
   except ValueError:
     positions = list(range(len(values)))
-  # One panel per kind of metric present: FID, the judge's accuracies (a video edit's also against its source
-  # clip's caption), a super-resolution stage's PSNR and LPIPS (each beside bicubic upsampling's), a video edit's
-  # PSNR against its source clip.
+  # One panel per kind of metric present: FID, the judge's accuracies (an edit's also against its real image's
+  # caption), a super-resolution stage's PSNR and LPIPS (each beside bicubic upsampling's), an edit's PSNR against
+  # its real image.
   panels = [("FID (random-conv features)", ["fid_random_conv"]),
             ("judge accuracy", [k for k in keys if k.startswith("accuracy/")]),
             ("judge accuracy, source caption", [k for k in keys if k.startswith("accuracy_source/")]),
@@ -722,8 +724,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
-                                                     image_to_video, combinations, adapters, guide,
-                                                     bool(edit_real))
+                                                     image_to_video, combinations, adapters, guide, edit_real)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -754,7 +755,7 @@ def _log_settings_changes(workdir, steps, settings):
              "; ".join(changed_settings(old, settings)))
 
 
-# Flags of a video model's evaluation of its edits and of long videos: the edits, then the sample settings.
+# Sample settings of the edits (EDIT_FLAGS) and of a video model's long videos that the command line sets.
 VIDEO_SAMPLE_FLAGS = ("strength", "edit_noise", "video_length", "context_frames", "reconstruction_guidance")
 
 
