@@ -505,6 +505,11 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
                      "apply to edits (--init_image or --init_video, or such lines of a .jsonl prompts file; --strength "
                      "to those without a strength of their own), --context_frames and --reconstruction_guidance to "
                      "--video_length")
+  if edits and sample_config.edit_noise == "inversion" and sample_config.num_per_prompt > 1 and not (
+      sample_config.sampler == "ddpm" or sample_config.eta):
+    log.warning("--edit_noise=inversion starts every sample of an edited prompt from the same noise, its image's, and "
+                "the %s sampler is deterministic: its %d samples are one image", sample_config.sampler,
+                sample_config.num_per_prompt)
   guide = None
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])

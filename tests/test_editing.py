@@ -1,6 +1,7 @@
 """Image-to-image and inpainting: the pure pieces, then the sampler and the sampling job editing images."""
 
 import json
+import logging
 
 import ml_collections
 import numpy as np
@@ -123,7 +124,7 @@ def test_an_edit_from_the_inverted_image_keeps_more_of_it_than_one_from_fresh_no
   assert distance("inversion") < 0.5 * distance("random")
 
 
-def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_path):
+def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_path, caplog):
   config, workdir, _ = trained
   resolution = config.data.resolution
   rng = np.random.default_rng(0)
@@ -169,6 +170,11 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   refused(r"mask '.*narrow_mask.png' is 40x40 pixels, its init_image '.*picture.png' 48x40: they must match",
           init_image=tmp_path / "picture.png", mask=tmp_path / "narrow_mask.png")
   refused(r"init_image '.*nope.png' cannot be read as an image", init_image=tmp_path / "nope.png")
+  refused(r"--edit_noise: not used here", settings={"edit_noise": "inversion"})
+  with caplog.at_level(logging.WARNING, "diffusion_jax"):  # said before the missing checkpoint is found
+    refused(r"999", init_image=tmp_path / "picture.png", step=999, settings={"edit_noise": "inversion",
+                                                                           "num_per_prompt": 2})
+  assert "--edit_noise=inversion starts every sample of an edited prompt from the same noise" in caplog.text
   (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a red circle", "mask": "mask.png"}))
   refused(r"a 'mask' needs the 'init_image' it belongs to", prompts=tmp_path / "bad.jsonl")
   (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a red circle", "strength": 0.5}))
