@@ -22,10 +22,11 @@ def test_an_edit_runs_the_last_strength_of_the_grid():
     editing.first_step(4, 0)
 
 
-def test_ddim_inversion_finds_the_noise_that_leads_back_to_the_image():
+@pytest.mark.parametrize("path", ["vp", "flow"])
+def test_ddim_inversion_finds_the_noise_that_leads_back_to_the_image(path):
   """With the exact denoiser of Gaussian data x0 ~ N(0, c^2), DDIM inversion maps data to the noisy marginal
   N(0, alpha^2 c^2 + sigma^2) at the start level, and DDIM from there returns the data, the closer the finer the
-  grid; fresh noise (SDEdit) keeps far less of it."""
+  grid; fresh noise (SDEdit) keeps far less of it. On either diffusion path."""
   import jax
   import jax.numpy as jnp
 
@@ -37,7 +38,7 @@ def test_ddim_inversion_finds_the_noise_that_leads_back_to_the_image():
 
   def round_trip(steps, strength):
     logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule("cosine"), steps)
-    alpha, sigma = (a[editing.first_step(steps, strength):] for a in schedules.alpha_sigma_from_logsnr(logsnr, "vp"))
+    alpha, sigma = (a[editing.first_step(steps, strength):] for a in schedules.alpha_sigma_from_logsnr(logsnr, path))
     noisy = editing.inverted(exact, x0, alpha, sigma)
     fresh = alpha[0] * x0 + sigma[0] * jax.random.normal(jax.random.key(1), x0.shape)
     rms = lambda x: float(jnp.sqrt(jnp.mean((samplers.sample(exact, x, alpha, sigma, "ddim") - x0) ** 2)))
