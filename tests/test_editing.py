@@ -275,8 +275,8 @@ def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(
   kept, regenerated = sweep_column(workdir / "eval" / "strength_sweep_step_4.md", "psnr_source")
   assert kept == pytest.approx(record["psnr_source"], abs=1e-3) and kept > regenerated + 1
   assert (workdir / "eval" / "strength_sweep_step_4.png").exists()
-  random, inverted = sweep_column(workdir / "eval" / "edit_noise_sweep_step_4.md", "psnr_source")
-  assert random == pytest.approx(kept, abs=1e-3) and inverted != random
+  fresh, inverted = sweep_column(workdir / "eval" / "edit_noise_sweep_step_4.md", "psnr_source")
+  assert fresh == pytest.approx(kept, abs=1e-3) and inverted != fresh
 
   def refused(message, **overrides):
     with pytest.raises(ValueError, match=message):
