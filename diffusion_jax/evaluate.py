@@ -63,7 +63,8 @@ Flags:
                       --init_image) toward another caption: on captioned_shapes its own with every object in the next
                       colour, on other data the next image's. The metrics judge the edits by those captions, and add
                       psnr_source (each edit's PSNR against its image) and accuracy_source/* (the judge against the
-                      image's own caption): what the edit kept. Recorded in the settings
+                      image's own caption): what the edit kept. Recorded in the settings; WORKDIR/eval/
+                      edits_step_N.png shows the first real images above their edits
   --video_to_video    video models: the same for each real clip, edited as a whole (video-to-video; sample.py
                       --init_video); on moving_shapes toward its own caption with the direction reversed; not with
                       --video_length
@@ -658,6 +659,18 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
   return path
 
 
+def write_edits(workdir, step, real, edited, asked, sample_config) -> pathlib.Path:
+  """WORKDIR/eval/edits_step_<step>.png: the first real images (of videos: two clips' frames) above their edits
+  (uint8 [n, (frames,) h, w, 3]), with the captions `asked` and the edit's settings in its text chunks."""
+  shown = 8 if real.ndim == 4 else 2
+  label = f"edited at strength {sample_config.strength} from {sample_config.edit_noise} noise"
+  path = pathlib.Path(workdir) / "eval" / f"edits_step_{step}.png"
+  media.save_png(path, media.labelled_grid([frames(real[:shown]), frames(edited[:shown])], ["real", label]),
+                 {"step": step, "captions": asked[:shown], "strength": sample_config.strength,
+                  "edit_noise": sample_config.edit_noise})
+  return path
+
+
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
         combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
@@ -720,7 +733,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       _log_settings_changes(workdir, todo, recorded)
     for s in todo:
       if frechet is None:  # the real images' features, once for every checkpoint and sweep point
-        frechet = frechet_distances(validation_set(config, num_prompts)[1], feature_fns)
+        _, real, captions = validation_set(config, num_prompts)
+        frechet = frechet_distances(real, feature_fns)
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
@@ -734,6 +748,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       writer.write(s, metrics, fields={"settings": recorded})
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
+      if edit_real and jax.process_index() == 0:
+        log.info("edits: %s", write_edits(workdir, s, real, generated, edit_captions(config, captions), sample_config))
       for name, sweep in swept.items():
         if jax.process_index() == 0:
           log.info("%s sweep plot: %s", name, write_sweep(workdir, s, name, sweep))

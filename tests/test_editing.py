@@ -277,6 +277,9 @@ def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(
   assert (workdir / "eval" / "strength_sweep_step_4.png").exists()
   fresh, inverted = sweep_column(workdir / "eval" / "edit_noise_sweep_step_4.md", "psnr_source")
   assert fresh == pytest.approx(kept, abs=1e-3) and inverted != fresh
+  shown = PIL.Image.open(workdir / "eval" / "edits_step_4.png")  # the real images above their edits
+  assert json.loads(shown.text["captions"]) == evaluate.edit_captions(config, captions[:4])
+  assert shown.text["strength"] == "0.25" and shown.size[1] == 2 * (2 * config.data.resolution + 18)
 
   def refused(message, **overrides):
     with pytest.raises(ValueError, match=message):
@@ -310,6 +313,7 @@ def test_evaluation_scores_video_edits_by_the_new_caption_and_by_what_they_kept(
                           **options)
   assert record["settings"]["video_to_video"] and "image_to_image" not in record["settings"]
   assert {"accuracy/direction", "accuracy_source/direction", "psnr_source", "fvd_random_conv"} <= record.keys()
+  assert (workdir / "eval" / "edits_step_4.png").exists()
 
   def refused(message, **overrides):
     with pytest.raises(ValueError, match=message):
