@@ -555,9 +555,11 @@ def video_problems(config, sample_config, image_to_video: bool, edit_real: str |
     if edit_real == "image_to_image":
       found.append("--image_to_image: this model makes clips; --video_to_video edits its clips whole")
     found += video_extension.problems(sample_config, sample.output_shape(config, sample_config)[0])
-  if (image_to_video or edit_real) and config.model.lowres_conditioning:
-    found.append(f"--{edit_real or 'image_to_video'}: a super-resolution stage does not edit (its input is the "
-                 "low-resolution image)")
+  if image_to_video or edit_real:
+    try:
+      edit_inputs.check_editable(config)
+    except ValueError as error:
+      found.append(f"--{edit_real or 'image_to_video'}: {error}")
   found += edit_problems(sample_config, bool(image_to_video or edit_real))
   if found:
     raise ValueError("; ".join(found))

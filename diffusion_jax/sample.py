@@ -505,8 +505,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
                      "apply to edits (--init_image or --init_video, or such lines of a .jsonl prompts file; --strength "
                      "to those without a strength of their own), --context_frames and --reconstruction_guidance to "
                      "--video_length")
-  if edits and sample_config.edit_noise == "inversion" and sample_config.num_per_prompt > 1 and not (
-      sample_config.sampler == "ddpm" or sample_config.eta):
+  stochastic = sample_config.sampler == "ddpm" or (sample_config.sampler == "ddim" and sample_config.eta > 0)
+  if edits and sample_config.edit_noise == "inversion" and sample_config.num_per_prompt > 1 and not stochastic:
     log.warning("--edit_noise=inversion starts every sample of an edited prompt from the same noise, its image's, and "
                 "the %s sampler is deterministic: its %d samples are one image", sample_config.sampler,
                 sample_config.num_per_prompt)

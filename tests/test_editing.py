@@ -328,8 +328,13 @@ def test_evaluation_scores_video_edits_by_the_new_caption_and_by_what_they_kept(
 def test_super_resolution_stages_do_not_edit():
   from configs import sr_shapes
 
+  from diffusion_jax import evaluate
+
+  config = sr_shapes.get_config("test")
   with pytest.raises(ValueError, match="are for text-to-image and text-to-video models; this is a super-resolution"):
-    edit_inputs.check_editable(sr_shapes.get_config("test"))
+    edit_inputs.check_editable(config)
+  with pytest.raises(ValueError, match="--image_to_image: Image-to-image, .* this is a super-resolution stage"):
+    evaluate.video_problems(config, evaluate.evaluation_sample_config(config), False, "image_to_image")
 
 
 def test_reconstruction_guidance_moves_the_generated_estimate_to_agree_with_the_kept():
