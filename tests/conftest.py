@@ -46,6 +46,13 @@ def tiny_config(tmp_path_factory):
   return config
 
 
+def sweep_table(path) -> dict:
+  """An evaluation sweep's markdown table (evaluate.write_sweep) as {swept value: {metric: value}}."""
+  header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
+                      for line in pathlib.Path(path).read_text().splitlines()]
+  return {row[0]: dict(zip(header[1:], map(float, row[1:]))) for row in rows}
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
   """A 4-step training run with checkpoints at 2 and 4 and samples at step 2 (train.sample_every): (config,

@@ -15,6 +15,7 @@ from PIL import Image
 from configs import sr_shapes
 from configs.cascades import shapes_16_32
 from configs.cascades.stages import stage
+from conftest import sweep_table
 from diffusion_jax import cascade, checkpoint, config_checks, evaluate, media, sample, superres
 
 pytestmark = pytest.mark.xdist_group("cascade")  # one worker trains the SR stage (trained_sr) these tests read
@@ -115,13 +116,8 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
   metrics = evaluate.cascade_metrics(config, num_prompts=4, sweeps={"aug_level": ("0.0", "0.9")})
   assert metrics["fid_random_conv"] > 0 and 0 <= metrics["accuracy/all"] <= 1
 
-  def sweep_table(name):  # {swept value: {metric: value}}
-    table = (tmp_path / "evaluated" / "eval" / name).read_text().splitlines()
-    keys = table[0].strip("| ").split(" | ")[1:]
-    return {row.strip("| ").split(" | ")[0]: dict(zip(keys, map(float, row.strip("| ").split(" | ")[1:])))
-            for row in table[2:]}
-
-  rows = sweep_table(f"stage1_aug_level_sweep_step_{stages[1].step}.md")
+  evaluated = tmp_path / "evaluated" / "eval"
+  rows = sweep_table(evaluated / f"stage1_aug_level_sweep_step_{stages[1].step}.md")
   assert rows["0.0"]["fid_random_conv"] == pytest.approx(metrics["fid_random_conv"], abs=1e-3)
   assert rows["0.9"]["fid_random_conv"] != pytest.approx(rows["0.0"]["fid_random_conv"], abs=1e-3)
   lines = (tmp_path / "evaluated" / "eval" / "cascade.jsonl").read_text().splitlines()
@@ -134,7 +130,7 @@ def test_cascade_samples_every_stage_with_provenance(trained, trained_sr, tmp_pa
   # A sweep of the base model's guidance, judged on the final output (the SR stage runs again at every point).
   own = str(stages[0].sample_config.guidance_scale)
   evaluate.cascade_metrics(config, num_prompts=4, sweeps={"guidance": (own, "0.0")}, sweep_stage=0)
-  rows = sweep_table(f"stage0_guidance_sweep_step_{stages[0].step}.md")
+  rows = sweep_table(evaluated / f"stage0_guidance_sweep_step_{stages[0].step}.md")
   assert rows[own]["fid_random_conv"] == pytest.approx(metrics["fid_random_conv"], abs=1e-3)
   assert rows["0.0"]["fid_random_conv"] != pytest.approx(rows[own]["fid_random_conv"], abs=1e-3)
 

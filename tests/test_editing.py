@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from conftest import sweep_table
 from diffusion_jax import edit_inputs, editing, media, sample
 from diffusion_jax.data import pipeline
 
@@ -238,12 +239,6 @@ def test_a_video_model_edits_a_clip_as_a_whole(trained, trained_video, tmp_path)
     edit_inputs.video_edit({"init_video": str(tmp_path / "clip.png")}, resolution, 3)
 
 
-def sweep_column(path, name: str) -> list[float]:
-  """A column of a sweep's markdown table (evaluate.write_sweep), one value per row."""
-  header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in path.read_text().splitlines()]
-  return [float(row[header.index(name)]) for row in rows]
-
-
 def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(trained, tmp_path):
   """evaluate --image_to_image: each real image is edited toward its caption recoloured (the judge reads the real
   images' colours as wrong for it, the rest as before); the edits are judged by that caption and by the image's
@@ -272,10 +267,11 @@ def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(
                           sweeps={"strength": ["0.25", "1"], "edit_noise": ["random", "inversion"]}, **options)
   assert record["settings"]["image_to_image"] and record["settings"]["sample"]["strength"] == 0.25
   assert {"accuracy/color", "accuracy_source/color", "psnr_source", "fid_random_conv"} <= record.keys()
-  kept, regenerated = sweep_column(workdir / "eval" / "strength_sweep_step_4.md", "psnr_source")
+  psnr = lambda sweep: [row["psnr_source"] for row in sweep_table(workdir / "eval" / f"{sweep}_step_4.md").values()]
+  kept, regenerated = psnr("strength_sweep")
   assert kept == pytest.approx(record["psnr_source"], abs=1e-3) and kept > regenerated + 1
   assert (workdir / "eval" / "strength_sweep_step_4.png").exists()
-  fresh, inverted = sweep_column(workdir / "eval" / "edit_noise_sweep_step_4.md", "psnr_source")
+  fresh, inverted = psnr("edit_noise_sweep")
   assert fresh == pytest.approx(kept, abs=1e-3) and inverted != fresh
   shown = PIL.Image.open(workdir / "eval" / "edits_step_4.png")  # the real images above their edits
   assert json.loads(shown.text["captions"]) == evaluate.edit_captions(config, captions[:4])
