@@ -95,6 +95,13 @@ def get_config():
       use_ema=True,                # take the first EMA copy of its weights
   )
 
+  # Progressive distillation (distillation.py): with steps > 0 this run is a fine-tune of finetune.workdir (the
+  # teacher) whose student learns to sample in `steps` DDIM steps what the teacher samples in twice as many.
+  c.distill = dict(
+      steps=0,                     # the student's sampler steps (sample.steps, DDIM); 0 = no distillation
+      guidance_scale=1.0,          # the teacher's classifier-free guidance; the student of a guided one samples at 1
+  )
+
   # Inflation (Make-A-Video): initialise a video model's spatial layers (and text encoder) from a trained
   # image model's checkpoint; the temporal layers start as the identity (see models/inflation.py).
   c.inflate = dict(

@@ -4,7 +4,9 @@
 
 Variants (`--config=configs/t2i_shapes.py:VARIANT`): `fsdp` shards parameters and optimizer state over
 all devices; `base16` is the 16 px base stage of `configs/cascades/shapes_16_32.py`
-(trained on every colour-shape combination, which the others hold three out of); `scaling` is the
+(trained on every colour-shape combination, which the others hold three out of); `base16_distill` distils
+that run (workdirs/t2i_shapes_base16) into a student sampling in 8 unguided DDIM steps what it samples in 16
+guided ones (distillation.py; override distill.steps and finetune.workdir for the next halving); `scaling` is the
 16 px, single-object base of the scaling sweep (`configs/scaling/shapes_t2i.py`); `dit` trains a
 diffusion transformer (`models/dit.py`, 2x2 patches) instead of the U-Net; `latent` trains on the 16x16x4
 latents of the autoencoder `configs/autoencoder_shapes.py` writes (train that first, README: Latent diffusion);
@@ -52,7 +54,7 @@ def get_config(variant: str = ""):
   )
   if variant == "fsdp":
     config.mesh.update(data=1, fsdp=-1)
-  elif variant == "base16":  # the 16 px base stage of configs/cascades/shapes_16_32.py, as README measured it
+  elif variant in ("base16", "base16_distill"):  # the 16 px base of configs/cascades/shapes_16_32.py (README)
     config.data.update(resolution=16, heldout_combinations=())  # all combinations
     config.text.t5.num_layers = 2
     config.model.attention_levels = (2,)
@@ -82,6 +84,12 @@ def get_config(variant: str = ""):
     config.optimizer.warmup_steps = 2
     config.sample.update(steps=4, num_per_prompt=2)
   elif variant:
-    raise ValueError(f"Unknown t2i_shapes variant {variant!r}; valid variants: 'fsdp', 'base16', 'scaling', 'dit', "
-                     "'latent', 'test'.")
+    raise ValueError(f"Unknown t2i_shapes variant {variant!r}; valid variants: 'fsdp', 'base16', 'base16_distill', "
+                     "'scaling', 'dit', 'latent', 'test'.")
+  if variant == "base16_distill":  # progressive distillation of the base16 run (README: Distillation)
+    config.finetune.workdir = "workdirs/t2i_shapes_base16"
+    config.distill.update(steps=8, guidance_scale=3.0)  # the teacher's 16 guided steps -> the student's 8 unguided
+    config.sample.update(sampler="ddim", steps=config.distill.get_ref("steps"), guidance_scale=1.0)
+    config.optimizer.update(learning_rate=1e-4, warmup_steps=20)
+    config.train.update(steps=400, checkpoint_every=100, sample_every=0)
   return config

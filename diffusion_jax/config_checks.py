@@ -2,7 +2,7 @@
 
 import jax
 
-from diffusion_jax import editing, objectives, optimizer, samplers, schedules, sharding
+from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes
 from diffusion_jax.models import attention, autoencoder, t5
 
@@ -222,6 +222,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append("model.lora_modulation: the scale-shift projections' updates need model.lora_rank > 0")
   if config.finetune.workdir and config.inflate.image_workdir:
     found.append("finetune.workdir and inflate.image_workdir both name a run to start from; set one")
+  found += distillation.problems(config)
   if config.inflate.train_temporal_only and not (m.temporal and config.inflate.image_workdir):
     found.append("inflate.train_temporal_only needs a video model (model.temporal=True) inflated from "
                  "inflate.image_workdir")

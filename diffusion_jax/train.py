@@ -3,6 +3,8 @@
 The step is `(state, batch, hparams) -> (state, metrics)`, compiled once with `jax.jit` and explicit
 NamedShardings on the mesh; the state argument is donated. `hparams` are the optimizer's numbers
 (`optimizer.hyperparameters`): arguments, so that runs differing only in those share one compiled program.
+A distillation (distillation.py) passes its teacher's parameters as a fourth argument, outside the checkpointed
+state.
 Parameters are pure nested dicts (see `models/text_to_image.py`); `nnx.merge` rebuilds the module inside the step.
 """
 
@@ -20,8 +22,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, config_checks, distributed, finetune, hardware, metric_writers, objectives,
-                           optimizer, sample, schedules, sharding, stop_signals, superres)
+from diffusion_jax import (checkpoint, config_checks, distillation, distributed, finetune, hardware, metric_writers,
+                           objectives, optimizer, sample, schedules, sharding, stop_signals, superres)
 from diffusion_jax.data import latent_cache, pipeline
 from diffusion_jax.models import inflation, init_rngs, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
@@ -147,14 +149,15 @@ def count_params(tree) -> int:
 def make_train_step(config, graphdef):
   """The pure train step `(state, batch, hparams) -> (state, metrics)` for this config: static configuration
   is closed over; `hparams` are the optimizer's numbers (`optimizer.hyperparameters`), an argument so that
-  runs differing only in those share the compiled program."""
+  runs differing only in those share the compiled program. A distillation's step also takes its teacher's
+  parameters (distillation.teacher_weights), whose two DDIM steps make the target."""
   d = config.diffusion
   logsnr_fn = schedules.logsnr_schedule(d.schedule, **d.schedule_params)
   decays = tuple(config.train.ema_decays)
   accum = config.train.grad_accum
   edges = jnp.array(LOGSNR_BIN_EDGES)
 
-  def loss_fn(params, frozen, batch, key):
+  def loss_fn(params, frozen, batch, key, teacher):
     k_drop, k_time, k_noise, k_dropout = jax.random.split(key, 4)
     model = nnx.merge(graphdef, params, frozen)
     pixels = batch.get("video", batch.get("image"))  # None with the latent cache
@@ -166,27 +169,42 @@ def make_train_step(config, graphdef):
       text = batch["text_embeddings"]
     else:
       text = model.encode(batch["text_ids"], batch["text_mask"])
-    text, text_mask, _ = objectives.drop_condition(k_drop, text, batch["text_mask"], d.cond_drop_prob)
+    text, text_mask, kept = objectives.drop_condition(k_drop, text, batch["text_mask"], d.cond_drop_prob)
     lowres = aug_logsnr = None
     if config.model.lowres_conditioning:  # the clean low-res input: cached (a latent stage) or from the pixels
       lowres = batch["lowres"] if "lowres" in batch else superres.lowres_input(pixels, config)
       lowres, aug_logsnr = superres.training_condition(lowres, jax.random.fold_in(key, 1), config)
     if superres.is_residual(config):  # the stage diffuses the detail its clean input lacks
       x0 = superres.to_residual(x0, superres.lowres_input(x0, config), config)
-    logsnr = objectives.sample_logsnr(k_time, x0.shape[0], d.time_sampler, logsnr_fn, d.time_mean, d.time_std)
-    alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
+    is_video = batch.get("is_video") if config.data.image_fraction > 0 else None  # None: no stills
+    if teacher is None:
+      logsnr = objectives.sample_logsnr(k_time, x0.shape[0], d.time_sampler, logsnr_fn, d.time_mean, d.time_std)
+      alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
+    else:  # a step of the student's sampling grid, with the teacher's midpoint
+      logsnr_levels = distillation.training_logsnr(k_time, x0.shape[0], logsnr_fn, config.distill.steps)
+      levels = schedules.alpha_sigma_from_logsnr(logsnr_levels, d.path)  # (alpha, sigma), each [3, batch]
+      logsnr, alpha, sigma = logsnr_levels[0], levels[0][0], levels[1][0]
     eps = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = objectives.diffuse(x0, eps, alpha, sigma)
+    if teacher is not None:  # the clean image two teacher steps imply, and the noise that goes with it
+      teacher_model = nnx.merge(graphdef, teacher, frozen)
+      teacher_text = (batch["text_embeddings"] if "text_embeddings" in batch
+                      else teacher_model.encode(batch["text_ids"], batch["text_mask"]))
+      denoise = distillation.teacher_denoiser(teacher_model, jnp.where(kept[:, None, None], teacher_text, 0),
+                                              text_mask, config, lowres=lowres, aug_logsnr=aug_logsnr,
+                                              is_video=is_video)
+      x0 = jax.lax.stop_gradient(distillation.target(denoise, x_t, *levels))
+      eps = objectives.eps_from_x0(x0, x_t, alpha, sigma)
     x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)
     output = model(x_in, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=k_dropout,
-                   is_video=batch.get("is_video") if config.data.image_fraction > 0 else None)  # None: no stills
+                   is_video=is_video)
     per_example = objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
                                   d.sigma_data)
     return per_example.mean(), (per_example, logsnr)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch: dict, hparams: dict):
+  def train_step(state: TrainState, batch: dict, hparams: dict, teacher: dict | None = None):
     tx = optimizer.make(config, hparams)
     key = jax.random.fold_in(state.rng, state.step)
     # Gradient accumulation as an unrolled loop: on XLA:CPU a convolution inside a while loop (lax.scan)
@@ -196,7 +214,7 @@ def make_train_step(config, graphdef):
     for index in range(accum):
       micro = jax.tree.map(lambda x: x[index * micro_size:(index + 1) * micro_size], batch)
       (loss, (micro_losses, micro_logsnr)), micro_grads = grad_fn(state.params, state.frozen, micro,
-                                                                  jax.random.fold_in(key, index))
+                                                                  jax.random.fold_in(key, index), teacher)
       grads = micro_grads if grads is None else jax.tree.map(jnp.add, grads, micro_grads)
       losses.append(loss)
       per_example.append(micro_losses)
@@ -235,16 +253,20 @@ def make_train_step(config, graphdef):
   return train_step
 
 
-def lower_step(train_step, state, batch_shapes: dict, mesh):
-  """The train step jitted with explicit shardings and lowered for `state`'s layout (nothing compiled yet)."""
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+def lower_step(train_step, state, batch_shapes: dict, mesh, teacher=None):
+  """The train step jitted with explicit shardings and lowered for `state`'s layout (nothing compiled yet); with a
+  distillation's `teacher` parameters, for those as its fourth argument."""
+  shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
-                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+  teacher_args = () if teacher is None else (teacher,)
+  jitted = jax.jit(train_step, in_shardings=(shardings_of(state), batch_sharding, replicated)
+                   + tuple(map(shardings_of, teacher_args)), out_shardings=(shardings_of(state), replicated),
+                   donate_argnums=0)
   abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding) for k, s in batch_shapes.items()}
   abstract_hparams = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in optimizer.HYPERPARAMETERS}
-  return jitted.lower(checkpoint.abstract(state), abstract_batch, abstract_hparams)
+  return jitted.lower(checkpoint.abstract(state), abstract_batch, abstract_hparams,
+                      *map(checkpoint.abstract, teacher_args))
 
 
 def place_hparams(config, mesh) -> dict:
@@ -268,9 +290,9 @@ def program_flops(stage) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def compile_step(train_step, state, batch_shapes: dict, mesh):
+def compile_step(train_step, state, batch_shapes: dict, mesh, teacher=None):
   """lower_step, compiled once; returns (compiled, FLOPs per step per device)."""
-  compiled = lower_step(train_step, state, batch_shapes, mesh).compile()
+  compiled = lower_step(train_step, state, batch_shapes, mesh, teacher).compile()
   return compiled, program_flops(compiled)
 
 
@@ -366,6 +388,13 @@ def _train(config, workdir: str):
     log.info("resumed from step %d", step)
     checkpoint.set_aside_newer(mngr, step)  # so that those steps can be saved again
   log.info("parameters: %d trainable, %d frozen", count_params(state.params), count_params(state.frozen))
+  teacher = None
+  if config.distill.steps:  # the run the student started from: read again on a resume
+    teacher = (distillation.teacher_weights(config, mesh) if resuming
+               else jax.jit(lambda p: jax.tree.map(jnp.copy, p))(state.params))  # not the donated buffers
+    log.info("distilling finetune.workdir=%s into a student of %d DDIM steps", config.finetune.workdir,
+             config.distill.steps)
+  teacher_args = () if teacher is None else (teacher,)
   # ---------------------------------------------------------------- input
   tokenizer = tokenizers.from_config(config)
   source = pipeline.data_source(config.data, "train")
@@ -395,7 +424,7 @@ def _train(config, workdir: str):
   batch_shapes = {k: jax.ShapeDtypeStruct((config.train.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
                   for k, v in first.items() if k in pipeline.MODEL_INPUTS}
   compile_start = time.perf_counter()
-  compiled, flops = compile_step(make_train_step(config, graphdef), state, batch_shapes, mesh)
+  compiled, flops = compile_step(make_train_step(config, graphdef), state, batch_shapes, mesh, teacher)
   log.info("train step compiled in %.1f s%s", time.perf_counter() - compile_start,
            "" if jax.config.jax_compilation_cache_dir else
            " (JAX_COMPILATION_CACHE_DIR=DIR keeps compiled programs for resumes and for reruns that change only "
@@ -421,7 +450,7 @@ def _train(config, workdir: str):
       batch = pipeline.to_global({k: local[k] for k in keys}, batch_sharding)
       data_time += time.perf_counter() - data_start
       local = None
-      state, metrics = compiled(state, batch, hparams)
+      state, metrics = compiled(state, batch, hparams, *teacher_args)
       step += 1
       if pending is not None:  # metrics are read one step late so the host never stalls the device
         writer.write(*pending)
