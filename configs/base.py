@@ -99,7 +99,9 @@ def get_config():
   # teacher) whose student learns to sample in `steps` DDIM steps what the teacher samples in twice as many.
   c.distill = dict(
       steps=0,                     # the student's sampler steps (sample.steps, DDIM); 0 = no distillation
-      guidance_scale=1.0,          # the teacher's classifier-free guidance; the student of a guided one samples at 1
+      guidance_scale=-1.0,         # the teacher's classifier-free guidance; -1: its run's sample.guidance_scale
+                                   # (the teacher denoises as its run samples: thresholding too). The student of a
+                                   # guided teacher samples at 1.
   )
 
   # Inflation (Make-A-Video): initialise a video model's spatial layers (and text encoder) from a trained

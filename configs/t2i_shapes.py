@@ -88,8 +88,9 @@ def get_config(variant: str = ""):
                      "'scaling', 'dit', 'latent', 'test'.")
   if variant == "base16_distill":  # progressive distillation of the base16 run (README: Distillation)
     config.finetune.workdir = "workdirs/t2i_shapes_base16"
-    config.distill.update(steps=8, guidance_scale=3.0)  # the teacher's 16 guided steps -> the student's 8 unguided
-    config.sample.update(sampler="ddim", steps=config.distill.get_ref("steps"), guidance_scale=1.0)
+    config.distill.steps = 8  # the teacher's 16 steps, guided as it samples (3) -> the student's 8 unguided ones
+    # Unthresholded: a student's estimate is where one step must aim, not an image (README: Distillation).
+    config.sample.update(sampler="ddim", steps=config.distill.get_ref("steps"), guidance_scale=1.0, threshold="none")
     config.optimizer.update(learning_rate=1e-4, warmup_steps=20)
     config.train.update(steps=400, checkpoint_every=100, sample_every=0)
   return config

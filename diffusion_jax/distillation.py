@@ -4,9 +4,11 @@ A distillation run is a fine-tune (finetune.py) of the teacher's run with distil
 from the teacher's weights and trains on the teacher's data, but its target at a noisy image x on the N-step
 sampling grid is not the clean image: it is the x0 for which one deterministic DDIM step of the student from x
 lands where two DDIM steps of the teacher land (the teacher's 2N-step grid holds the student's levels at every
-other entry). The teacher denoises as sampling does (sample.threshold), with classifier-free guidance at
-distill.guidance_scale: above 1 the student learns the guided teacher (Meng et al. 2023) and samples with
-guidance scale 1, one network pass per step instead of two. Halving N in a chain of runs, each a distillation of
+other entry). The teacher denoises as its run samples (its sample.threshold and, unless distill.guidance_scale says
+otherwise, its sample.guidance_scale): above guidance 1 the student learns the guided teacher (Meng et al. 2023) and
+samples with guidance scale 1, one network pass per step instead of two, and the next halving distils that student
+unguided. A student's estimate is where one step must aim, not an image: it samples unthresholded
+(configs/t2i_shapes.py:base16_distill), and so does it as the next teacher. Halving N in a chain of runs, each a distillation of
 the one before, is the progressive part (README: Distillation).
 
 Shapes: x [batch, ...]; a training step's levels (log-SNR, alpha, sigma) [3, batch]: where a student step
@@ -32,6 +34,9 @@ def problems(config) -> list[str]:
   if not c.steps:
     return []
   found = []
+  if c.guidance_scale < 0 and c.guidance_scale != -1:
+    found.append(f"distill.guidance_scale={c.guidance_scale} must be >= 0, or -1 for the teacher's "
+                 "sample.guidance_scale")
   if not config.finetune.workdir:
     found.append("distill.steps > 0 distils the run in finetune.workdir (the teacher): set finetune.workdir")
   if config.model.lora_rank:
@@ -42,21 +47,29 @@ def problems(config) -> list[str]:
   if s.steps != c.steps:
     found.append(f"the student is trained for distill.steps={c.steps} sampler steps: set sample.steps={c.steps} "
                  f"(now {s.steps})")
-  if c.guidance_scale < 0:
-    found.append(f"distill.guidance_scale={c.guidance_scale} must be >= 0")
-  elif c.guidance_scale != 1 and s.guidance_scale != 1:
-    found.append(f"a student of a guided teacher (distill.guidance_scale={c.guidance_scale}) has learnt the "
+  if not config.finetune.workdir:
+    return found
+  try:
+    teacher = checkpoint.read_config(config.finetune.workdir)
+  except (OSError, ValueError) as error:
+    return found + [f"finetune.workdir={config.finetune.workdir!r}: {checkpoint.brief(error)}"]
+  differences = [d for d in checkpoint.config_differences(teacher, config) if d.split(":")[0] in TEACHER_FIELDS]
+  if differences:
+    found.append(f"the student must read the teacher's outputs as its run did: {'; '.join(differences)} "
+                 "(teacher -> this config)")
+  if (scale := teacher_sampling(config, teacher).guidance_scale) != 1 and s.guidance_scale != 1:
+    found.append(f"a student of a teacher guided at {scale} (distill.guidance_scale={c.guidance_scale}) learns the "
                  f"guidance: set sample.guidance_scale=1 (now {s.guidance_scale})")
-  if config.finetune.workdir:
-    try:
-      teacher = checkpoint.read_config(config.finetune.workdir)
-    except (OSError, ValueError) as error:
-      return found + [f"finetune.workdir={config.finetune.workdir!r}: {checkpoint.brief(error)}"]
-    differences = [d for d in checkpoint.config_differences(teacher, config) if d.split(":")[0] in TEACHER_FIELDS]
-    if differences:
-      found.append(f"the student must read the teacher's outputs as its run did: {'; '.join(differences)} "
-                   "(teacher -> this config)")
   return found
+
+
+def teacher_sampling(config, teacher_config=None):
+  """The sample settings the teacher denoises with: those of its run (`teacher_config`, by default finetune.workdir's
+  config.json), with distill.guidance_scale as the guidance scale unless it is -1."""
+  settings = (teacher_config or checkpoint.read_config(config.finetune.workdir)).sample.copy_and_resolve_references()
+  if config.distill.guidance_scale >= 0:
+    settings.guidance_scale = config.distill.guidance_scale
+  return settings
 
 
 def training_logsnr(key, batch: int, logsnr_fn, steps: int):
@@ -81,18 +94,19 @@ def target(denoise_fn, x, alpha, sigma):
   return (x_s - ratio * x) / (a_s - ratio * a_t)
 
 
-def teacher_denoiser(model, text, mask, config, **conditioning):
+def teacher_denoiser(model, text, mask, config, sampling, **conditioning):
   """The teacher's denoise_fn(x, alpha, sigma) for the text (embeddings [batch, tokens, dim], mask [batch, tokens]):
-  `model` guided at distill.guidance_scale against the null text and thresholded as sample.threshold (a residual
-  super-resolution stage: not at all). conditioning: the model's other inputs (lowres, aug_logsnr, is_video)."""
+  `model` guided against the null text and thresholded as the sample settings `sampling` say (teacher_sampling; a
+  residual super-resolution stage: not thresholded). conditioning: the model's other inputs (lowres, aug_logsnr,
+  is_video)."""
 
   def network_fn(x, logsnr, conditional):
     if conditional:
       return model(x, logsnr, text, mask, **conditioning)
     return model(x, logsnr, jnp.zeros_like(text), jnp.zeros_like(mask), **conditioning)
 
-  d, s = config.diffusion, config.sample
-  return samplers.make_denoiser(network_fn, d.prediction, config.distill.guidance_scale,
+  d, s = config.diffusion, sampling
+  return samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale,
                                 threshold="none" if superres.is_residual(config) else s.threshold,
                                 threshold_percentile=s.threshold_percentile, sigma_data=d.sigma_data)
 

@@ -156,6 +156,7 @@ def make_train_step(config, graphdef):
   decays = tuple(config.train.ema_decays)
   accum = config.train.grad_accum
   edges = jnp.array(LOGSNR_BIN_EDGES)
+  teacher_sampling = distillation.teacher_sampling(config) if config.distill.steps else None
 
   def loss_fn(params, frozen, batch, key, teacher):
     k_drop, k_time, k_noise, k_dropout = jax.random.split(key, 4)
@@ -191,7 +192,7 @@ def make_train_step(config, graphdef):
       teacher_text = (batch["text_embeddings"] if "text_embeddings" in batch
                       else teacher_model.encode(batch["text_ids"], batch["text_mask"]))
       denoise = distillation.teacher_denoiser(teacher_model, jnp.where(kept[:, None, None], teacher_text, 0),
-                                              text_mask, config, lowres=lowres, aug_logsnr=aug_logsnr,
+                                              text_mask, config, teacher_sampling, lowres=lowres, aug_logsnr=aug_logsnr,
                                               is_video=is_video)
       x0 = jax.lax.stop_gradient(distillation.target(denoise, x_t, *levels))
       eps = objectives.eps_from_x0(x0, x_t, alpha, sigma)

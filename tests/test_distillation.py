@@ -65,24 +65,32 @@ def test_a_distillation_config_names_what_to_set(tmp_path):
   from configs import t2i_shapes
 
   config = t2i_shapes.get_config("test")
-  config.distill.update(steps=2, guidance_scale=3.0)
+  config.distill.steps = 2
   config.model.lora_rank = 4
   found = "\n".join(config_checks.problems(config, device_count=1, process_count=1))
   for expected in ("distils the run in finetune.workdir (the teacher): set finetune.workdir",
-                   "set model.lora_rank=0", "set sample.sampler='ddim' and sample.eta=0",
-                   "set sample.steps=2 (now 4)", "has learnt the guidance: set sample.guidance_scale=1 (now 3.0)"):
+                   "set model.lora_rank=0", "set sample.sampler='ddim' and sample.eta=0", "set sample.steps=2 (now 4)"):
     assert expected in found
-  teacher = t2i_shapes.get_config("test")
+  teacher = t2i_shapes.get_config("test")  # samples at guidance 3, as base.py's default
   teacher.diffusion.prediction = "eps"
   checkpoint.write_config(tmp_path, teacher)
   config = t2i_shapes.get_config("test")
   config.finetune.workdir = str(tmp_path)
   config.distill.steps = 2
   config.sample.update(sampler="ddim", steps=2)
-  assert distillation.problems(config) == ["the student must read the teacher's outputs as its run did: "
-                                           "diffusion.prediction: 'eps' -> 'v' (teacher -> this config)"]
+  assert distillation.problems(config) == [
+      "the student must read the teacher's outputs as its run did: diffusion.prediction: 'eps' -> 'v' (teacher -> "
+      "this config)",
+      "a student of a teacher guided at 3.0 (distill.guidance_scale=-1.0) learns the guidance: set "
+      "sample.guidance_scale=1 (now 3.0)"]
   config.diffusion.prediction = "eps"
+  config.distill.guidance_scale = 1.0  # the teacher unguided: the student may still be sampled guided
+  assert distillation.problems(config) == [] and distillation.teacher_sampling(config).guidance_scale == 1.0
+  config.distill.guidance_scale = -1.0
+  config.sample.update(guidance_scale=1.0, threshold="none")  # the student's; the teacher samples as its run did
   assert distillation.problems(config) == []
+  sampling = distillation.teacher_sampling(config)
+  assert (sampling.guidance_scale, sampling.threshold) == (3.0, "static")
   config.finetune.workdir = str(tmp_path / "absent")
   assert "finetune.workdir=" in distillation.problems(config)[0]
 
@@ -96,7 +104,7 @@ def distilled(trained, tmp_path_factory):
   teacher_config, teacher_workdir, _ = trained
   config = teacher_config.copy_and_resolve_references()
   config.finetune.workdir = str(teacher_workdir)
-  config.distill.update(steps=1, guidance_scale=3.0)
+  config.distill.steps = 1  # guided as the teacher samples: at 3
   config.sample.update(sampler="ddim", steps=1, guidance_scale=1.0)
   config.train.update(steps=40, checkpoint_every=20, log_every=20, sample_every=0)
   config.optimizer.update(learning_rate=2e-3, warmup_steps=2)
