@@ -86,10 +86,10 @@ def get_config(variant: str = ""):
   elif variant:
     raise ValueError(f"Unknown t2i_shapes variant {variant!r}; valid variants: 'fsdp', 'base16', 'base16_distill', "
                      "'scaling', 'dit', 'latent', 'test'.")
-  if variant == "base16_distill":  # progressive distillation of the base16 run (README: Distillation)
+  if variant == "base16_distill":  # README: Progressive distillation
     config.finetune.workdir = "workdirs/t2i_shapes_base16"
     config.distill.steps = 8  # the teacher's 16 steps, guided as it samples (3) -> the student's 8 unguided ones
-    # Unthresholded: a student's estimate is where one step must aim, not an image (README: Distillation).
+    # Unthresholded: a student's estimate is where one step must aim, not an image.
     config.sample.update(sampler="ddim", steps=config.distill.get_ref("steps"), guidance_scale=1.0, threshold="none")
     config.optimizer.update(learning_rate=1e-4, warmup_steps=20)
     config.train.update(steps=400, checkpoint_every=100, sample_every=0)

@@ -8,8 +8,8 @@ other entry). The teacher denoises as its run samples (its sample.threshold and,
 otherwise, its sample.guidance_scale): above guidance 1 the student learns the guided teacher (Meng et al. 2023) and
 samples with guidance scale 1, one network pass per step instead of two, and the next halving distils that student
 unguided. A student's estimate is where one step must aim, not an image: it samples unthresholded
-(configs/t2i_shapes.py:base16_distill), and so does it as the next teacher. Halving N in a chain of runs, each a distillation of
-the one before, is the progressive part (README: Distillation).
+(configs/t2i_shapes.py:base16_distill), as the next round's teacher too. Halving N in a chain of runs, each a
+distillation of the one before, is the progressive part (README: Progressive distillation).
 
 Shapes: x [batch, ...]; a training step's levels (log-SNR, alpha, sigma) [3, batch]: where a student step
 starts, the teacher's midpoint, where it ends.
@@ -70,6 +70,20 @@ def teacher_sampling(config, teacher_config=None):
   if config.distill.guidance_scale >= 0:
     settings.guidance_scale = config.distill.guidance_scale
   return settings
+
+
+def off_grid(config, sample_config) -> list[str]:
+  """How sampling a distilled student (config.distill.steps > 0) with `sample_config` leaves what it was trained for:
+  its N-step deterministic DDIM grid and its run's guidance scale (a student of a guided teacher has learnt the
+  guidance). Empty for a model that is no student."""
+  n, s, found = config.distill.steps, sample_config, []
+  if n and (s.sampler, s.steps, s.eta) != ("ddim", n, 0):
+    found.append(f"this model was distilled for {n} deterministic DDIM steps: sampler={s.sampler!r}, steps={s.steps}, "
+                 f"eta={s.eta} samples it off the grid it learnt (README: Progressive distillation)")
+  if n and s.guidance_scale != config.sample.guidance_scale:
+    found.append(f"this distilled model samples at guidance {config.sample.guidance_scale} (what guidance its teacher "
+                 f"had, it has learnt): guidance_scale={s.guidance_scale} changes that")
+  return found
 
 
 def training_logsnr(key, batch: int, logsnr_fn, steps: int):

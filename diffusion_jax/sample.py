@@ -96,8 +96,8 @@ from ml_collections import config_flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (autoguidance, checkpoint, cli, config_checks, distributed, edit_inputs, editing, lora, media,
-                           samplers, schedules, sharding, superres, video_extension)
+from diffusion_jax import (autoguidance, checkpoint, cli, config_checks, distillation, distributed, edit_inputs,
+                           editing, lora, media, samplers, schedules, sharding, superres, video_extension)
 from diffusion_jax.models import autoencoder
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   branch instead of the unconditional model (refused with negative prompts, which that branch would read)."""
   if init_images is not None:
     edit_inputs.check_editable(config)
+  for problem in distillation.off_grid(config, sample_config):
+    log.warning("%s", problem)
   n = sample_config.num_per_prompt
   seeds = [sample_config.seed] * len(prompts) if seeds is None else list(seeds)
   repeated = [p for p in prompts for _ in range(n)]
