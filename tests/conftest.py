@@ -46,6 +46,28 @@ def tiny_config(tmp_path_factory):
   return config
 
 
+def resumed_after_preemption(config, workdir, tmp_path, last_step: int):
+  """The final state of `config`'s run resumed in a copy of `workdir` whose checkpoint `last_step` is gone (as if
+  preempted after the one before), checked to reach last_step again."""
+  from diffusion_jax import train
+
+  copy = tmp_path / "resumed"
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / "checkpoints" / str(last_step))
+  state, _ = train.train_and_evaluate(config, copy)
+  assert int(state.step) == last_step
+  return state
+
+
+def assert_trees_equal(a, b):
+  """Bit-identical pytrees of arrays (same batches, same keys)."""
+  import jax
+  import numpy as np
+
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
 def sweep_table(path) -> dict:
   """An evaluation sweep's markdown table (evaluate.write_sweep) as {swept value: {metric: value}}."""
   header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")]

@@ -1,13 +1,12 @@
 """Progressive distillation: the student's target and training levels, the config's refusals, and a distillation
 run of the test model (its student samples in one unguided step what its teacher samples in two guided ones)."""
 
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_trees_equal, resumed_after_preemption
 from diffusion_jax import checkpoint, config_checks, distillation, samplers, schedules
 
 
@@ -148,13 +147,5 @@ def test_the_student_samples_in_one_unguided_step_what_the_teacher_samples_in_tw
 
 def test_a_resumed_distillation_reads_its_teacher_again_and_ends_where_the_uninterrupted_one_does(distilled,
                                                                                                   tmp_path):
-  from diffusion_jax import train
-
   config, workdir, final = distilled
-  resumed = tmp_path / "resumed"
-  shutil.copytree(workdir, resumed)
-  shutil.rmtree(resumed / "checkpoints" / "40")  # as if preempted after step 20
-  state, _ = train.train_and_evaluate(config, resumed)
-  assert int(state.step) == 40
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(final.params))):
-    np.testing.assert_array_equal(a, b)
+  assert_trees_equal(resumed_after_preemption(config, workdir, tmp_path, 40).params, final.params)
