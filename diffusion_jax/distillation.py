@@ -81,8 +81,8 @@ def off_grid(config, sample_config) -> list[str]:
     found.append(f"this model was distilled for {n} deterministic DDIM steps: sampler={s.sampler!r}, steps={s.steps}, "
                  f"eta={s.eta} samples it off the grid it learnt (README: Progressive distillation)")
   if n and s.guidance_scale != config.sample.guidance_scale:
-    found.append(f"this distilled model samples at guidance {config.sample.guidance_scale} (what guidance its teacher "
-                 f"had, it has learnt): guidance_scale={s.guidance_scale} changes that")
+    found.append(f"this distilled model's run samples at guidance {config.sample.guidance_scale} (a guided teacher's "
+                 f"student has learnt its guidance): guidance_scale={s.guidance_scale} guides it otherwise")
   return found
 
 

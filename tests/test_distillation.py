@@ -142,7 +142,8 @@ def test_the_student_samples_in_one_unguided_step_what_the_teacher_samples_in_tw
   assert student_distance < 0.6 * teacher_distance
   off_grid, guided = warnings()
   assert "distilled for 1 deterministic DDIM steps: sampler='ddim', steps=2" in off_grid
-  assert "samples at guidance 1.0 (what guidance its teacher had, it has learnt): guidance_scale=3.0" in guided
+  assert ("run samples at guidance 1.0 (a guided teacher's student has learnt its guidance): guidance_scale=3.0"
+          in guided)
 
 
 def test_a_resumed_distillation_reads_its_teacher_again_and_ends_where_the_uninterrupted_one_does(distilled,
