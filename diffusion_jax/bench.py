@@ -7,8 +7,9 @@ Modes:
            compiled train step consumes on this machine; the pipeline keeps up when the ratio is >= 1.
   step     the device's measured matmul ceiling (f32 and bf16), then the U-Net train step at the sizes
            of --widths (model.channels): parameters, step time, FLOPs per step from XLA's cost analysis
-           of the compiled step, achieved FLOP/s, that as a fraction of the f32 ceiling, and MFU against
-           the datasheet peak where one is known (GPU/TPU). FLOPs are per device (XLA counts one device's share).
+           of the compiled step, achieved FLOP/s, that as a fraction of the ceiling in the model's dtype, and
+           MFU against the datasheet peak where one is known (GPU/TPU). FLOPs are per device (XLA counts one
+           device's share).
   memory   per-device bytes with FSDP over 1, 2, 4, 8 devices: train state (params + EMA + optimizer
            moments) held by one device vs total / N, and the compiled step's argument and temporary
            bytes from XLA's memory analysis; nothing is allocated (an abstract state). On a CPU run it with
@@ -156,7 +157,7 @@ def step_table(config, steps: int, widths) -> str:
   lines = [f"measured matmul ceiling per device: f32 {ceiling['float32'] / 1e9:.1f} GFLOP/s, bf16 "
            f"{ceiling['bfloat16'] / 1e9:.1f} GFLOP/s" + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s" if datasheet
                                                           else ""), "",
-           "| channels | parameters | step ms | GFLOP/step | GFLOP/s per device | / f32 ceiling | MFU |",
+           "| channels | parameters | step ms | GFLOP/step | GFLOP/s per device | / ceiling (model dtype) | MFU |",
            "|---|---|---|---|---|---|---|"]
   for width in widths:
     sized = config.copy_and_resolve_references()

@@ -18,6 +18,8 @@ KINDS = {"convolution": "convolution", "dot": "matmul (attention, linear layers)
          "reduce": "reductions (norms, softmax, loss)", "reduce-window": "reductions (norms, softmax, loss)",
          "copy": "layout copies", "transpose": "layout copies"}
 OTHER = "elementwise and other"
+# A GPU runs convolutions and matmuls as custom calls into cuDNN / cuBLAS: (target substring, opcode it stands for).
+LIBRARY_CALLS = (("conv", "convolution"), ("fmha", "dot"), ("gemm", "dot"), ("matmul", "dot"))
 
 
 def _instructions(hlo_text: str):
@@ -33,10 +35,14 @@ def _instructions(hlo_text: str):
       continue
     name, rest = match.groups()
     opcode = re.search(r"(?:^|[\s}\])])([a-z][a-z0-9\-]*)\(", rest)
+    opcode = opcode.group(1) if opcode else "?"
+    if opcode == "custom-call":
+      target = re.search(r'custom_call_target="([^"]*)"', rest)
+      target = target.group(1).lower() if target else ""
+      opcode = next((stands_for for part, stands_for in LIBRARY_CALLS if part in target), opcode)
     calls = re.search(r"calls=%?([\w.\-]+)", rest)
     op_name = re.search(r'op_name="([^"]*)"', rest)
-    yield (computation, name, opcode.group(1) if opcode else "?", calls.group(1) if calls else None,
-           op_name.group(1) if op_name else None)
+    yield (computation, name, opcode, calls.group(1) if calls else None, op_name.group(1) if op_name else None)
 
 
 def _phase(op_name) -> str:

@@ -7,13 +7,15 @@
 #
 # Benchmarks, in the default order (NAME: what, its time limit):
 #   env        the GPU, the Python packages and what jax sees (60 s)
-#   step       the 64 px U-Net train step in bfloat16 at three widths: FLOPs, step time, MFU (240 s)
+#   step       the 64 px U-Net train step in bfloat16: FLOPs, step time, MFU at widths 128 and 256 (batch 128) and
+#              at width 128, batch 512 (150 s each; one took 102 s on the H200 on 2026-12-04, most of it compiling)
 #   peer_dit   the demo DiT (bfloat16) against diffusers' PixArt transformer on the same GPU (180 s)
 #   peer_unet  the 64 px U-Net (bfloat16, width 128) against diffusers' UNet2DConditionModel (180 s)
 #   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame
 #              tubelets, one `bench step` each (3 x 120 s)
 #   compile    compile seconds against run time at XLA's level 0 and 3, demo model (240 s)
-#   profile    where the 64 px U-Net's bfloat16 step (width 128) spends its time, by kind of op and phase (180 s)
+#   profile    where the 64 px U-Net's bfloat16 step (width 128) spends its time, by kind of op and phase (180 s),
+#              with XLA's command buffers (CUDA graphs) off, so that the trace times each op, not each graph
 # Each runs under its own limit (`timeout`), so one that fails or hangs leaves the others. Writes
 # $OUT/gpu_bench.md (each benchmark's command and table; OUT defaults to out/gpu_bench) and
 # $OUT/gpu_bench.log (their logs). PYTHON (default python3) names another interpreter, e.g. to rehearse on a CPU;
@@ -26,6 +28,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 WHEELS=${WHEELS:-.whl}
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  rm -rf /tmp/site  # a warm machine keeps the last call's install, which --upgrade does not take away
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$WHEELS"/*.whl || { echo "error: installing the wheels of $WHEELS failed (above); fetch them again with" \
     ".venv/bin/python launch/gpu_wheels.py on the machine that carries them" >&2; exit 1; }
@@ -63,8 +66,10 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-d
 print(f"- jax devices: {jax.devices()}")'
       } >> "$OUT/gpu_bench.md" 2>> "$OUT/gpu_bench.log" ;;
     step)
-      bench 240 step --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
-        --config.train.batch_size=128 --widths=64,128,256 --steps=10 ;;
+      for width_batch in 128,128 256,128 128,512; do
+        bench 150 step --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
+          --widths=${width_batch%,*} --config.train.batch_size=${width_batch#*,} --steps=10
+      done ;;
     peer_dit)
       bench 180 peer --config=configs/t2i_shapes.py:dit --config.model.dtype=bfloat16 --steps=10 ;;
     peer_unet)
@@ -79,8 +84,9 @@ print(f"- jax devices: {jax.devices()}")'
     compile)
       bench 240 compile --config=configs/t2i_shapes.py --steps=10 --repeats=1 ;;
     profile)
-      bench 180 profile --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
-        --config.model.channels=128 --config.train.batch_size=128 --steps=5 ;;
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" bench 180 profile --config=configs/t2i_shapes.py \
+        --config.data.resolution=64 --config.model.dtype=bfloat16 --config.model.channels=128 \
+        --config.train.batch_size=128 --steps=5 ;;
     *)
       echo "error: no benchmark named '$1' (env, step, peer_dit, peer_unet, video, compile, profile)" >&2; exit 2 ;;
   esac

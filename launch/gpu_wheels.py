@@ -44,7 +44,9 @@ tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torch
 triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 """.split()))
 # Carried although the machine has them: the versions our code is tested with (its jax and jaxlib stay its own).
-PINNED = {canonicalize_name(n) for n in ("flax", "optax", "orbax-checkpoint")}
+# Not flax: flax follows jax's internals, and ours (0.12.8) fails to import under the machine's jax 0.11.2
+# (jax.experimental.hijax has no HiPrimitive; seen there 2026-12-04), so its own flax (0.12.10) serves.
+PINNED = {canonicalize_name(n) for n in ("optax", "orbax-checkpoint")}
 # Left behind: PyAV writes MP4s (imported only then; no benchmark does) and its wheel is most of the 64 MiB.
 LEFT = {"av"}
 ROOTS = ("diffusion_jax", "diffusers")

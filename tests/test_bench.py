@@ -168,15 +168,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_gpu_wheels_carry_what_the_lent_machine_lacks_at_the_versions_tested_here():
-  """launch/gpu_wheels.py: the data stack and diffusers travel (the lent machine lacks them), flax, optax and orbax
-  at our versions; jax, torch and what the machine has stay behind, as does PyAV (no benchmark writes MP4s)."""
+  """launch/gpu_wheels.py: the data stack and diffusers travel (the lent machine lacks them), optax and orbax at our
+  versions; jax, flax (which must match jax), torch and what the machine has stay behind, as does PyAV (no
+  benchmark writes MP4s)."""
   result = subprocess.run([sys.executable, str(ROOT / "launch" / "gpu_wheels.py"), "--dry_run"], capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   carried = dict(line.split("==") for line in result.stdout.split())
-  assert {"tensorflow-datasets", "grain", "array-record", "ml-collections", "diffusers", "flax", "orbax-checkpoint",
+  assert {"tensorflow-datasets", "grain", "array-record", "ml-collections", "diffusers", "optax", "orbax-checkpoint",
           "promise", "tensorboardx"} <= carried.keys()
-  assert not {"jax", "jaxlib", "torch", "numpy", "absl-py", "pillow", "av", "diffusion-jax"} & carried.keys()
+  assert not {"jax", "jaxlib", "flax", "torch", "numpy", "absl-py", "pillow", "av", "diffusion-jax"} & carried.keys()
   for name, version in carried.items():
     assert importlib.metadata.version(name) == version, name
 
