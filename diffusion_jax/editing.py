@@ -9,7 +9,12 @@ it; the known region of the output is then the given image, exactly.
 The noise an edit starts from (sample.edit_noise): "random", SDEdit's fresh Gaussian noise, or "inversion", DDIM
 inversion (Song et al. 2021; the start of Mokady et al. 2023's editing): the deterministic sampler's ODE run
 backwards from the given image up to the edit's start level with the unconditional model, so the rest of the
-grid, run forward for the prompt, starts from noise that leads back to the image and keeps more of it.
+grid, run forward for the prompt, starts from noise that leads back to the image and keeps more of it. Or
+"source_inversion": the same walk with the model conditioned on a source prompt, what the given image shows, which
+guidance's other branch then reads in place of the null condition (Miyake et al. 2023's negative-prompt inversion,
+a stand-in for Mokady et al.'s null-text inversion without its optimisation): under guidance the unconditional
+walk no longer leads back to the image, while with the source prompt the guided step for the source prompt is
+the walk's own, so the edit departs from the image only as far as the new prompt differs from the source.
 
 A video model animates an image the same way (image-to-video): the clip to edit is the image repeated, and its
 first frame is kept (the replacement method of Ho et al. 2022's conditional video generation).
@@ -23,7 +28,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import samplers
 
-EDIT_NOISE = ("random", "inversion")
+EDIT_NOISE = ("random", "inversion", "source_inversion")
 
 
 def first_step(steps: int, strength: float) -> int:

@@ -7,7 +7,7 @@
                                    [--guide_workdir=DIR] [--guide_step=N]
                                    [--image_to_video | --image_to_image | --video_to_video]
                                    [--strength=0.6] [--edit_noise=inversion] [--strength_sweep=0.2,0.4,0.6,0.8,1]
-                                   [--edit_noise_sweep=random,inversion]
+                                   [--edit_noise_sweep=random,inversion,source_inversion]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
                                    [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
@@ -70,8 +70,9 @@ Flags:
                       --video_length
   --strength          with --image_to_video, --image_to_image or --video_to_video: the part of the sampling grid run
                       (default: the config's sample.strength)
-  --edit_noise        with those: what the edits start from, random (SDEdit) or inversion (DDIM inversion of the
-                      given media; sample.py's flag) (default: the config's sample.edit_noise)
+  --edit_noise        with those: what the edits start from, random (SDEdit), inversion (DDIM inversion of the
+                      given media) or source_inversion (inversion with each real image's or clip's own caption as
+                      the source prompt; sample.py's flag) (default: the config's sample.edit_noise)
   --video_length      video models: make this many frames by autoregressive extension (video_extension.py) and score
                       the last clip's worth, the frames the extension made (default: the config's, 0 = one clip)
   --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
@@ -96,7 +97,7 @@ Flags:
   --strength_sweep    with --image_to_video, --image_to_image or --video_to_video: comma-separated edit strengths
                       (strength_sweep_step_N; for an edit toward another caption, the trade-off between following it
                       and keeping the real image)
-  --edit_noise_sweep  with those: random,inversion side by side (edit_noise_sweep_step_N)
+  --edit_noise_sweep  with those: random,inversion,source_inversion side by side (edit_noise_sweep_step_N)
   --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
                       input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}; with --workdir the
                       input is the real images downsampled, with --cascade what the stage below generates (the
@@ -229,18 +230,19 @@ def judge_accuracy(config, generated, captions, prefix: str = "accuracy/") -> di
 
 
 def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None, edit=None,
-              guide=None) -> np.ndarray:
+              guide=None, sources=None) -> np.ndarray:
   """uint8 media [n, (frames,) h, w, 3], one per caption. Each caption its own noise (seed + index): the same
   noise for every caption would make the set far less diverse than real data (FID) and let the noise, not the
   caption, decide what the judge sees. edit: (init uint8 [n, (frames,) h, w, 3], keep bool [n, (frames,) h, w]),
   media to edit at sample_config.strength (editing.py; given_media). A video model with sample.video_length makes
   that many frames (video_extension.py) and returns the last clip's worth, the frames the extension made.
-  guide: an autoguidance.Guide or None."""
+  guide: an autoguidance.Guide or None. sources: the source prompts of edits inverted with them (what the given
+  media show), or None."""
   seeds = sample_config.seed + np.arange(len(captions))
   tokenizer = tokenizers.from_config(config)
   init, keep = edit if edit is not None else (None, None)
   clips = sample.generate(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds=seeds,
-                          lowres=lowres, init_images=init, keep_masks=keep, guide=guide)
+                          lowres=lowres, init_images=init, keep_masks=keep, guide=guide, source_prompts=sources)
   if not (config.model.temporal and sample_config.video_length):
     return clips[:, 0]
   videos = sample.extended(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds,
@@ -322,8 +324,9 @@ def generation_metrics(config, graphdef, weights, mesh, images, captions, sample
     lowres = cascade.downsampled(images, config)[:, None]
   asked = edit_captions(config, captions) if edit_real else captions
   edit = given_media(config, sample_config, images, image_to_video, edit_real)
+  sources = captions if edit is not None and sample_config.edit_noise == "source_inversion" else None
   generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, asked, sample_config, lowres, edit,
-                        guide)
+                        guide, sources)
   metrics = media_metrics(config, generated, asked, frechet or frechet_distances(images), clip)
   if edit_real:  # what the edit kept of the real image
     metrics["psnr_source"] = psnr.psnr(generated, images)
@@ -567,14 +570,19 @@ def video_problems(config, sample_config, image_to_video: bool, edit_real: str |
 
 def edit_problems(sample_config, edits: bool) -> list[str]:
   """When the evaluation edits given media: a strength that runs none of the sampler's steps (one outside (0, 1] is
-  config_checks.sample_problems')."""
-  if not (edits and 0 < sample_config.strength <= 1):
+  config_checks.sample_problems'), or source-prompt inversion with a negative prompt."""
+  if not edits:
     return []
-  try:
-    editing.first_step(sample_config.steps, sample_config.strength)
-  except ValueError as error:
-    return [f"--{error}"]
-  return []
+  found = []
+  if sample_config.edit_noise == "source_inversion" and sample_config.negative_prompt:
+    found.append("--edit_noise=source_inversion: guidance's other branch reads each image's caption, so not with a "
+                 "negative prompt")
+  if 0 < sample_config.strength <= 1:
+    try:
+      editing.first_step(sample_config.steps, sample_config.strength)
+    except ValueError as error:
+      found.append(f"--{error}")
+  return found
 
 
 def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -712,6 +720,9 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   guide = None
   if guide_workdir or guide_step is not None:
     autoguidance.check_negative_prompts([sample_config.negative_prompt])  # before any checkpoint is read
+    if "source_inversion" in [sample_config.edit_noise] + list((sweeps or {}).get("edit_noise", [])):
+      raise ValueError("--edit_noise=source_inversion: guidance's other branch reads each image's caption, so not "
+                       "with an autoguidance guide")
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
@@ -816,8 +827,9 @@ def define_flags():
                     "and accuracy_source/*.")
   flags.DEFINE_float("strength", None, f"With {EDITING}: the part of the sampling grid run (default: the config's "
                      "sample.strength).")
-  flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), f"With {EDITING}: random (SDEdit) or inversion "
-                    "(DDIM inversion of the given media) (default: the config's sample.edit_noise).")
+  flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), f"With {EDITING}: random (SDEdit), inversion "
+                    "(DDIM inversion of the given media) or source_inversion (inversion with their own captions) "
+                    "(default: the config's sample.edit_noise).")
   flags.DEFINE_integer("video_length", None, "Video models: make this many frames by extension and score the last "
                        "clip's worth.", lower_bound=0)
   flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps.", lower_bound=0)
@@ -834,7 +846,8 @@ def define_flags():
                     "none,0.28:5.42.")
   flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
   flags.DEFINE_list("strength_sweep", [], f"With {EDITING}: edit strengths to sweep.")
-  flags.DEFINE_list("edit_noise_sweep", [], f"With {EDITING}: what edits start from, side by side (random,inversion).")
+  flags.DEFINE_list("edit_noise_sweep", [], f"With {EDITING}: what edits start from, side by side "
+                    "(random,inversion,source_inversion).")
   flags.DEFINE_integer("sweep_stage", -1, "With --cascade: the stage whose settings the sweeps vary (default -1, "
                        "the last).")
   distributed.define_flags()

@@ -7,9 +7,9 @@ Flags:
   --step            checkpoint step (default: the latest)
   --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
                     "guidance_interval"? ("LOW:HIGH", [low, high] or "none"), "negative_prompt"?, "init_image"?,
-                    "mask"?, "init_video"?, "strength"?, "lora_scale"? (with --lora: every adapter's scale for
-                    this prompt, or a list with one per --lora)} (per-prompt settings; image and clip paths relative
-                    to the file); default: the config's sample.prompts
+                    "mask"?, "init_video"?, "strength"?, "source_prompt"?, "lora_scale"? (with --lora: every
+                    adapter's scale for this prompt, or a list with one per --lora)} (per-prompt settings; image and
+                    clip paths relative to the file); default: the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
@@ -45,9 +45,13 @@ Flags:
                     without a "strength" of its own (default: config sample.strength, 0.8): 1 starts from pure
                     noise, lower keeps more of the image; with --mask, 1 ignores what the masked region held
   --edit_noise      with --init_image or --init_video: what the edit starts from at --strength: random (SDEdit:
-                    the image plus fresh noise) or inversion (DDIM inversion: the noise from which the unconditional
+                    the image plus fresh noise), inversion (DDIM inversion: the noise from which the unconditional
                     model's deterministic path leads back to the image, found by running it backwards; keeps more of
-                    the image at a strength; editing.py) (default: config sample.edit_noise, random)
+                    the image at a strength) or source_inversion (the same for the model given --source_prompt, which
+                    guidance's other branch then reads: under guidance it keeps more still; editing.py) (default:
+                    config sample.edit_noise, random)
+  --source_prompt   with --edit_noise=source_inversion: what the image or clip to edit shows, for every edit without
+                    a "source_prompt" of its own (e.g. "a red square" to edit toward "a blue square")
   --reconstruction_guidance
                     with --init_image or --video_length: > 0 also moves the estimate of what is generated along the
                     gradient that makes the kept part's estimate agree with it (Ho et al. 2022; a backward pass
@@ -140,9 +144,11 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   in [-1, 1] (None otherwise), noise-augmented to sample.aug_level. negative: (ids, mask) of negative prompts,
   read by guidance's unconditional branch instead of the null condition (rows whose mask is all 0 keep the
   null condition), or None. init: (images [n, (frames,) h, w, c] in [-1, 1], keep [n, (frames,) h, w, 1]) to
-  edit (editing.py: the last sample.strength of the grid from the images noised, the region keep marks kept), or
-  None. guide: (params, frozen) of the autoguidance model of `guide_graphdef` (autoguidance.py), whose prediction
-  for the prompt is guidance's other branch instead of the unconditional one, or None."""
+  edit (editing.py: the last sample.strength of the grid from the images noised, the region keep marks kept), and
+  with sample.edit_noise "source_inversion" the (ids, mask) of the source prompts the images are inverted with and
+  guidance's other branch reads (instead of the null condition or negative prompts), or None. guide: (params,
+  frozen) of the autoguidance model of `guide_graphdef` (autoguidance.py), whose prediction for the prompt is
+  guidance's other branch instead of the unconditional one, or None."""
   d, s = config.diffusion, sample_config
   logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
   # numpy: still concrete inside the jitted function, where editing.inverted reads whether the grid ends clean
@@ -158,6 +164,10 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       given = jnp.any(negative_mask > 0, axis=-1)
       null_text = jnp.where(given[:, None, None], model.encode(negative_ids, negative_mask), null_text)
       null_mask = jnp.where(given[:, None], negative_mask, null_mask)
+    if init is not None and s.edit_noise == "source_inversion":
+      given, keep, source_ids, source_mask = init
+      init = given, keep
+      null_text, null_mask = model.encode(source_ids, source_mask), source_mask
     aug_logsnr, clean_lowres = None, lowres
     if config.model.lowres_conditioning:  # both guidance branches see the low-res input
       lowres_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
@@ -192,9 +202,12 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       given, keep = init
       start = editing.first_step(s.steps, s.strength)
       grid_alpha, grid_sigma, known = alpha[start:], sigma[start:], model.to_latents(given)
-      if s.edit_noise == "inversion":  # the unconditional model's deterministic path back to the given images
-        unconditional = lambda x, logsnr, _: model(x, logsnr, jnp.zeros_like(text), jnp.zeros_like(mask))
-        x_init = editing.inverted(samplers.make_denoiser(unconditional, d.prediction, sigma_data=d.sigma_data), known,
+      if s.edit_noise in ("inversion", "source_inversion"):  # the deterministic path back to the given images
+        # of the unconditional model (null text), or of the model for the source prompts (null_text holds them)
+        inverted_text, inverted_mask = ((null_text, null_mask) if s.edit_noise == "source_inversion" else
+                                        (jnp.zeros_like(text), jnp.zeros_like(mask)))
+        walked = lambda x, logsnr, _: model(x, logsnr, inverted_text, inverted_mask)
+        x_init = editing.inverted(samplers.make_denoiser(walked, d.prediction, sigma_data=d.sigma_data), known,
                                   grid_alpha, grid_sigma)
       else:
         x_init = grid_alpha[0] * known + grid_sigma[0] * noise
@@ -256,7 +269,7 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
              lowres=None, negative_prompts=None, init_images=None, keep_masks=None, keys=None,
-             guide=None) -> np.ndarray:
+             guide=None, source_prompts=None) -> np.ndarray:
   """Samples [len(prompts), num_per_prompt, (frames,) res, res, c] uint8, generated sample.batch_size at a time
   (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
   serves every batch (the last is padded), and more than one batch logs progress with an ETA.
@@ -269,9 +282,17 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   (editing.py, at sample_config.strength), with keep_masks bool [len(prompts), (frames,) res, res], True where the
   image is kept (inpainting; default: nothing kept). keys: raw keys [len(prompts) * num_per_prompt, 2] of the
   samples' noise instead of those of their seeds (example_keys). guide: an autoguidance.Guide, guidance's other
-  branch instead of the unconditional model (refused with negative prompts, which that branch would read)."""
+  branch instead of the unconditional model (refused with negative prompts, which that branch would read).
+  source_prompts: with sample.edit_noise "source_inversion", what each init image shows, one per prompt
+  (editing.py)."""
   if init_images is not None:
     edit_inputs.check_editable(config)
+  sources = list(source_prompts or [])
+  inverting_with_sources = init_images is not None and sample_config.edit_noise == "source_inversion"
+  if inverting_with_sources:
+    check_source_inversion(prompts, sources, negative_prompts or [sample_config.negative_prompt], guide is not None)
+  elif any(sources):
+    raise ValueError("Source prompts are read by edits with --edit_noise=source_inversion only.")
   for problem in distillation.off_grid(config, sample_config):
     log.warning("%s", problem)
   n = sample_config.num_per_prompt
@@ -306,7 +327,10 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   if init_images is not None:
     keep = np.zeros(np.shape(init_images)[:-1], bool) if keep_masks is None else np.asarray(keep_masks, bool)
     rows = lambda a: np.concatenate([np.repeat(a, n, axis=0), np.zeros((pad,) + a.shape[1:], a.dtype)])
-    inputs.append((rows(media.to_float(init_images)), rows(keep[..., None].astype(np.float32))))
+    init = (rows(media.to_float(init_images)), rows(keep[..., None].astype(np.float32)))
+    if inverting_with_sources:
+      init += tuple(map(np.asarray, tokenizer([p for p in sources for _ in range(n)] + [""] * pad)))
+    inputs.append(init)
   else:
     inputs.append(None)
   generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh, guide), sharding.batch_sharding(mesh)
@@ -323,6 +347,20 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
                100 * done // len(repeated), elapsed, elapsed * (len(repeated) - done) / done)
   images = np.concatenate(outputs)[:len(repeated)]
   return images.reshape((len(prompts), n) + images.shape[1:])
+
+
+def check_source_inversion(prompts, sources, negatives, guided: bool) -> None:
+  """A ValueError unless every edit with --edit_noise=source_inversion has a source prompt and guidance's other
+  branch, which reads it, is free: no negative prompt, no autoguidance guide."""
+  missing = [p for i, p in enumerate(prompts) if i >= len(sources) or not sources[i]]
+  if missing:
+    raise ValueError(f"--edit_noise=source_inversion inverts each image with a prompt of what it shows: give every "
+                     f"edit one (--source_prompt, or 'source_prompt' in a .jsonl prompts file); none for "
+                     f"{missing[:3]}")
+  if any(negatives) or guided:
+    raise ValueError("--edit_noise=source_inversion: guidance's other branch reads the source prompt, so not with "
+                     f"{'a negative prompt' if any(negatives) else 'an autoguidance guide'}, which that branch would "
+                     "read too")
 
 
 def config_hash(config) -> str:
@@ -382,7 +420,7 @@ def prompt_guidance_interval(value) -> list:
 
 def read_prompts(path) -> list[dict]:
   """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt", "init_image", "mask",
-  "init_video", "strength", "lora_scale"}]
+  "init_video", "strength", "source_prompt", "lora_scale"}]
   (image paths relative to the file's directory made whole)."""
   path = pathlib.Path(path)
   if not path.exists():
@@ -392,7 +430,7 @@ def read_prompts(path) -> list[dict]:
     try:
       entries = [{k: v for k, v in json.loads(line).items()
                   if k in ("prompt", "seed", "guidance_scale", "guidance_interval", "negative_prompt", "strength",
-                           "lora_scale") + EDIT_FILES}
+                           "source_prompt", "lora_scale") + EDIT_FILES}
                  for line in lines]
       for entry in entries:
         entry["prompt"] = str(entry["prompt"])
@@ -407,8 +445,9 @@ def read_prompts(path) -> list[dict]:
         for key in EDIT_FILES:
           if key in entry:
             entry[key] = str(path.parent / pathlib.Path(entry[key]).expanduser())  # an absolute path stays
-        if "negative_prompt" in entry:
-          entry["negative_prompt"] = str(entry["negative_prompt"])[:MAX_PROMPT_CHARS]
+        for key in ("negative_prompt", "source_prompt"):
+          if key in entry:
+            entry[key] = str(entry[key])[:MAX_PROMPT_CHARS]
         if float(entry.get("guidance_scale", 0.0)) < 0:
           raise ValueError(f"guidance_scale {entry['guidance_scale']} must be >= 0")
         if "seed" in entry:
@@ -422,8 +461,8 @@ def read_prompts(path) -> list[dict]:
       raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
                        f"integer 'seed', a 'guidance_scale' >= 0, a 'guidance_interval' (\"LOW:HIGH\", [low, high] "
                        f"or \"none\"), a 'negative_prompt', an 'init_image' (with its 'mask') or 'init_video' to "
-                       f"edit at a 'strength', and a 'lora_scale' (a number, or a list of one per --lora adapter) "
-                       f"({error}).") from None
+                       f"edit at a 'strength' (with a 'source_prompt'), and a 'lora_scale' (a number, or a list of "
+                       f"one per --lora adapter) ({error}).") from None
   else:
     entries = [{"prompt": line} for line in lines]
   if not entries:
@@ -466,9 +505,11 @@ def load_checkpoint(workdir, step=None, use_ema=None):
 
 
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
-                        mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None):
+                        mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None,
+                        source_prompt=None):
   """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
-  sample settings; init_image and mask, or init_video: files every prompt without its own edits (edit_inputs.py);
+  sample settings; init_image and mask, or init_video: files every prompt without its own edits (edit_inputs.py),
+  and source_prompt what they show, for each edit without its own (edit_noise "source_inversion");
   adapters: lora.Adapters fused into its weights; guide_workdir (with guide_step alone: this workdir) and
   guide_step (default: its latest): the autoguidance guide's checkpoint."""
   from diffusion_jax.text import tokenizers
@@ -491,6 +532,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
       entry.update(given)
   frames = output_shape(config, sample_config)[0] if config.model.temporal else 0
   edits = edit_inputs.read(config, sample_config, prompts, frames)  # before a checkpoint is read
+  check_source_prompts(prompts, edits, sample_config, source_prompt, bool(guide_workdir or guide_step is not None))
   lora.check(adapters, config)
   for i, entry in enumerate(prompts):  # a prompt's lora_scale that fits no --lora is refused before a checkpoint
     try:
@@ -508,10 +550,10 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
                      "to those without a strength of their own), --context_frames and --reconstruction_guidance to "
                      "--video_length")
   stochastic = sample_config.sampler == "ddpm" or (sample_config.sampler == "ddim" and sample_config.eta > 0)
-  if edits and sample_config.edit_noise == "inversion" and sample_config.num_per_prompt > 1 and not stochastic:
-    log.warning("--edit_noise=inversion starts every sample of an edited prompt from the same noise, its image's, and "
-                "the %s sampler is deterministic: its %d samples are one image", sample_config.sampler,
-                sample_config.num_per_prompt)
+  if edits and sample_config.edit_noise != "random" and sample_config.num_per_prompt > 1 and not stochastic:
+    log.warning("--edit_noise=%s starts every sample of an edited prompt from the same noise, its image's, and "
+                "the %s sampler is deterministic: its %d samples are one image", sample_config.edit_noise,
+                sample_config.sampler, sample_config.num_per_prompt)
   guide = None
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
@@ -520,6 +562,26 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   return write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
                        edits=edits, adapters=adapters, guide=guide)
+
+
+def check_source_prompts(prompts: list[dict], edits: dict, sample_config, default: str | None, guided: bool):
+  """Gives each edit of `prompts` without a "source_prompt" the `default` (--source_prompt); a ValueError, before
+  any checkpoint is read, for a source prompt outside an edit with sample.edit_noise "source_inversion", or for
+  such edits that check_source_inversion refuses (guided: an autoguidance guide is given)."""
+  inverting = bool(edits) and sample_config.edit_noise == "source_inversion"
+  for i in edits if inverting and default else ():
+    prompts[i].setdefault("source_prompt", default)
+  what = ("A source prompt (--source_prompt, 'source_prompt' in a .jsonl prompts file) says what an edit's image "
+          "shows, read by edits with --edit_noise=source_inversion alone")
+  if not inverting and (default or any("source_prompt" in e for e in prompts)):
+    raise ValueError(f"{what}; here {'--edit_noise is ' + sample_config.edit_noise if edits else 'nothing is edited'}")
+  if stray := [e["prompt"] for i, e in enumerate(prompts) if "source_prompt" in e and i not in edits]:
+    raise ValueError(f"{what}; these prompts edit nothing: {stray[:3]}")
+  if inverting:
+    edited = sorted(edits)
+    check_source_inversion([prompts[i]["prompt"] for i in edited],
+                           [prompts[i].get("source_prompt", "") for i in edited],
+                           [prompts[i].get("negative_prompt", sample_config.negative_prompt) for i in edited], guided)
 
 
 def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds, negative_prompts,
@@ -585,9 +647,11 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     init_images, keep_masks = (np.stack([edits[i][k] for i in group]) for k in (0, 1)) if edited else (None, None)
     group_prompts, seeds = [entries[i]["prompt"] for i in group], [entries[i]["seed"] for i in group]
     negatives = [entries[i].get("negative_prompt", "") for i in group]
+    sources = [entries[i].get("source_prompt", "") for i in group] if edited else None
     generated = generate(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
                          seeds=seeds, lowres=None if lowres is None else np.asarray(lowres)[group],
-                         negative_prompts=negatives, init_images=init_images, keep_masks=keep_masks, guide=guide)
+                         negative_prompts=negatives, init_images=init_images, keep_masks=keep_masks, guide=guide,
+                         source_prompts=sources)
     if config.model.temporal and sample_config.video_length:
       generated = extended(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
                            seeds, negatives, generated, guide)
@@ -667,8 +731,11 @@ def define_flags():
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")
   flags.DEFINE_float("strength", None, "With --init_image or --init_video: the part of the sampling grid run from "
                      "it noised, in (0, 1] (default: config sample.strength).")
-  flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), "With --init_image or --init_video: random (SDEdit) "
-                    "or inversion (DDIM inversion of the image) (default: config sample.edit_noise).")
+  flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), "With --init_image or --init_video: random (SDEdit), "
+                    "inversion (DDIM inversion of the image) or source_inversion (inversion with --source_prompt, "
+                    "which guidance then steers from) (default: config sample.edit_noise).")
+  flags.DEFINE_string("source_prompt", None, "With --edit_noise=source_inversion: what the image or clip to edit "
+                      "shows, for every edit without its own.")
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE "
                             "(default 1).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
@@ -704,8 +771,8 @@ def main(argv):
     cli.refuse(("workdir", "step") + WORKDIR_SETTINGS, "not used with --cascade, which names each stage's workdir, "
                "checkpoint and settings (e.g. --cascade.stages[1].steps=50, --cascade.stages[1].step=N, "
                "--cascade.seed, --cascade.num_per_prompt)")
-    cli.refuse(("init_image", "mask", "init_video"), "not used with --cascade: images and clips are edited by one "
-               "model (--workdir)")
+    cli.refuse(("init_image", "mask", "init_video", "source_prompt"), "not used with --cascade: images and clips are "
+               "edited by one model (--workdir)")
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
@@ -723,7 +790,8 @@ def main(argv):
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)
     else:
       path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
-                                 [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step)
+                                 [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step,
+                                 f.source_prompt)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -126,6 +126,37 @@ def test_an_edit_from_the_inverted_image_keeps_more_of_it_than_one_from_fresh_no
   assert distance("inversion") < 0.5 * distance("random")
 
 
+def test_under_guidance_an_edit_inverted_with_its_source_prompt_keeps_the_image(trained):
+  """sample.edit_noise="source_inversion" (negative-prompt inversion): with the image's own caption as both source
+  and prompt, guided DDIM at scale 3 is the conditional model's walk run back: it ends where the unguided edit
+  does, near the image, where the unconditional inversion, guided, lands far from it. Without a source prompt for
+  every edit, or with a negative prompt or a source prompt outside such an edit, generate refuses."""
+  from diffusion_jax import evaluate
+  from diffusion_jax.text import tokenizers
+
+  config, weights, graphdef, _, mesh = sample.load_checkpoint(trained[1])
+  params, tokenizer = perturbed(weights), tokenizers.from_config(config)
+  _, images, captions = evaluate.validation_set(config, 4)
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=20, num_per_prompt=1, sampler="ddim", strength=0.6)
+
+  def edit(edit_noise, guidance_scale, **given):
+    sample_config.update(edit_noise=edit_noise, guidance_scale=guidance_scale)
+    return sample.generate(config, graphdef, params, weights.frozen, tokenizer, captions, sample_config, mesh,
+                           init_images=images, **given)[:, 0].astype(int)
+
+  from_source = edit("source_inversion", 3.0, source_prompts=captions)
+  unguided = edit("source_inversion", 1.0, source_prompts=captions)
+  assert np.abs(from_source - unguided).max() <= 1  # the same walk back, up to float rounding
+  assert np.abs(from_source - images).mean() < 0.5 * np.abs(edit("inversion", 3.0) - images).mean()
+  with pytest.raises(ValueError, match=r"give every edit one \(--source_prompt.*none for \['"):
+    edit("source_inversion", 3.0, source_prompts=captions[:2] + ["", captions[3]])
+  with pytest.raises(ValueError, match="not with a negative prompt"):
+    edit("source_inversion", 3.0, source_prompts=captions, negative_prompts=["blurry"] * 4)
+  with pytest.raises(ValueError, match="read by edits with --edit_noise=source_inversion only"):
+    edit("inversion", 3.0, source_prompts=captions)
+
+
 def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_path, caplog):
   config, workdir, _ = trained
   resolution = config.data.resolution
@@ -185,6 +216,29 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   (tmp_path / "own.jsonl").write_text(json.dumps({"prompt": "a red circle", "init_image": "picture.png",
                                                   "strength": 1}))
   refused(r"--strength: not used here", prompts=tmp_path / "own.jsonl")  # every edit has its own
+  inverting = {"edit_noise": "source_inversion"}
+  refused(r"source_inversion inverts each image with a prompt of what it shows: .*none for \['a large red circle at",
+          init_image=tmp_path / "picture.png", settings=inverting)
+  refused(r"source_inversion alone; here --edit_noise is random", init_image=tmp_path / "picture.png",
+          source_prompt="noise")
+  refused(r"source_inversion alone; here nothing is edited", source_prompt="noise", settings=inverting)
+  refused(r"not with a negative prompt", init_image=tmp_path / "picture.png", source_prompt="noise",
+          settings={**inverting, "negative_prompt": "blurry"})
+  refused(r"not with an autoguidance guide", init_image=tmp_path / "picture.png", source_prompt="noise",
+          settings=inverting, guide_step=0)
+  (tmp_path / "sources.jsonl").write_text("\n".join(json.dumps(e) for e in [
+      {"prompt": "a large red circle", "init_image": "picture.png", "source_prompt": "noise"},
+      {"prompt": "a small blue square", "source_prompt": "noise"}]))
+  refused(r"these prompts edit nothing: \['a small blue square'\]", prompts=tmp_path / "sources.jsonl",
+          settings=inverting)
+  (tmp_path / "sources.jsonl").write_text("\n".join(json.dumps(e) for e in [
+      {"prompt": "a large red circle", "init_image": "picture.png", "source_prompt": "coloured noise"},
+      {"prompt": "a small blue square", "init_image": "picture.png"}, {"prompt": "a small blue square"}]))
+  sample.sample_from_workdir(workdir, {**settings, **inverting}, tmp_path / "sources.jsonl", output_dir=out,
+                             source_prompt="noise")
+  records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  assert [r.get("source_prompt") for r in records] == ["coloured noise", "noise", None]  # its own, else the flag's
+  assert [r.get("edit_noise") for r in records] == ["source_inversion"] * 2 + [None]
 
 
 def test_a_video_model_animates_an_image_as_its_clips_first_frame(trained_video, tmp_path):
@@ -264,15 +318,16 @@ def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(
   shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("logs", "eval", "samples"))
   options = dict(step=4, num_prompts=4, heldout_examples=4, combination_prompts=0)
   [record] = evaluate.run(workdir, edit_real="image_to_image", sample_overrides={"steps": 4, "strength": 0.25},
-                          sweeps={"strength": ["0.25", "1"], "edit_noise": ["random", "inversion"]}, **options)
+                          sweeps={"strength": ["0.25", "1"], "edit_noise": ["random", "inversion", "source_inversion"]},
+                          **options)
   assert record["settings"]["image_to_image"] and record["settings"]["sample"]["strength"] == 0.25
   assert {"accuracy/color", "accuracy_source/color", "psnr_source", "fid_random_conv"} <= record.keys()
   psnr = lambda sweep: [row["psnr_source"] for row in sweep_table(workdir / "eval" / f"{sweep}_step_4.md").values()]
   kept, regenerated = psnr("strength_sweep")
   assert kept == pytest.approx(record["psnr_source"], abs=1e-3) and kept > regenerated + 1
   assert (workdir / "eval" / "strength_sweep_step_4.png").exists()
-  fresh, inverted = psnr("edit_noise_sweep")
-  assert fresh == pytest.approx(kept, abs=1e-3) and inverted != fresh
+  fresh, inverted, from_caption = psnr("edit_noise_sweep")  # source_inversion: each image's caption its source
+  assert fresh == pytest.approx(kept, abs=1e-3) and inverted != fresh and from_caption not in (fresh, inverted)
   shown = PIL.Image.open(workdir / "eval" / "edits_step_4.png")  # the real images above their edits
   assert json.loads(shown.text["captions"]) == evaluate.edit_captions(config, captions[:4])
   assert shown.text["strength"] == "0.25" and shown.size[1] == 2 * (2 * config.data.resolution + 18)
@@ -286,6 +341,10 @@ def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(
   refused(r"--strength_sweep: only with --image_to_video, --image_to_image or --video_to_video", edit_real=None,
           sweeps={"strength": ["0.5"]})
   refused(r"--video_to_video: this model makes images .*; --image_to_image edits images", edit_real="video_to_video")
+  refused(r"--edit_noise_sweep value 'source_inversion': --edit_noise=source_inversion: .* not with a negative prompt",
+          sample_overrides={"negative_prompt": "blurry"}, sweeps={"edit_noise": ["source_inversion"]})
+  refused(r"--edit_noise=source_inversion: .* not with an autoguidance guide",
+          sample_overrides={"edit_noise": "source_inversion"}, guide_step=4)
 
 
 def test_evaluation_scores_video_edits_by_the_new_caption_and_by_what_they_kept(trained_video, tmp_path):
