@@ -292,7 +292,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   if inverting_with_sources:
     check_source_inversion(prompts, sources, negative_prompts or [sample_config.negative_prompt], guide is not None)
   elif any(sources):
-    raise ValueError("Source prompts are read by edits with --edit_noise=source_inversion only.")
+    raise ValueError("Source prompts are read by edits with --edit_noise=source_inversion only: set it, or leave the "
+                     "source prompts out.")
   for problem in distillation.off_grid(config, sample_config):
     log.warning("%s", problem)
   n = sample_config.num_per_prompt
@@ -574,9 +575,11 @@ def check_source_prompts(prompts: list[dict], edits: dict, sample_config, defaul
   what = ("A source prompt (--source_prompt, 'source_prompt' in a .jsonl prompts file) says what an edit's image "
           "shows, read by edits with --edit_noise=source_inversion alone")
   if not inverting and (default or any("source_prompt" in e for e in prompts)):
-    raise ValueError(f"{what}; here {'--edit_noise is ' + sample_config.edit_noise if edits else 'nothing is edited'}")
+    raise ValueError(f"{what}; here {'--edit_noise is ' + sample_config.edit_noise if edits else 'nothing is edited'}: "
+                     "leave the source prompt out, or edit with --edit_noise=source_inversion")
   if stray := [e["prompt"] for i, e in enumerate(prompts) if "source_prompt" in e and i not in edits]:
-    raise ValueError(f"{what}; these prompts edit nothing: {stray[:3]}")
+    raise ValueError(f"{what}; these prompts edit nothing (give them an init_image or init_video, or no "
+                     f"source_prompt): {stray[:3]}")
   if inverting:
     edited = sorted(edits)
     check_source_inversion([prompts[i]["prompt"] for i in edited],
