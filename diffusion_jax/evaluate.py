@@ -576,7 +576,7 @@ def edit_problems(sample_config, edits: bool) -> list[str]:
   found = []
   if sample_config.edit_noise == "source_inversion" and sample_config.negative_prompt:
     found.append("--edit_noise=source_inversion: guidance's other branch reads each image's caption, so not with a "
-                 "negative prompt")
+                 "negative prompt (leave it out, or edit with --edit_noise=inversion)")
   if 0 < sample_config.strength <= 1:
     try:
       editing.first_step(sample_config.steps, sample_config.strength)
@@ -720,9 +720,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   guide = None
   if guide_workdir or guide_step is not None:
     autoguidance.check_negative_prompts([sample_config.negative_prompt])  # before any checkpoint is read
-    if "source_inversion" in [sample_config.edit_noise] + list((sweeps or {}).get("edit_noise", [])):
+    edit_noises = [sample_config.edit_noise] + list((sweeps or {}).get("edit_noise", []))
+    if (image_to_video or edit_real) and "source_inversion" in edit_noises:  # only edits read it
       raise ValueError("--edit_noise=source_inversion: guidance's other branch reads each image's caption, so not "
-                       "with an autoguidance guide")
+                       "with an autoguidance guide (leave the guide out, or edit with --edit_noise=inversion)")
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,

@@ -164,9 +164,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       given = jnp.any(negative_mask > 0, axis=-1)
       null_text = jnp.where(given[:, None, None], model.encode(negative_ids, negative_mask), null_text)
       null_mask = jnp.where(given[:, None], negative_mask, null_mask)
-    if init is not None and s.edit_noise == "source_inversion":
-      given, keep, source_ids, source_mask = init
-      init = given, keep
+    if init is not None and s.edit_noise == "source_inversion":  # (images, keep, source ids, source mask)
+      init, (source_ids, source_mask) = init[:2], init[2:]
       null_text, null_mask = model.encode(source_ids, source_mask), source_mask
     aug_logsnr, clean_lowres = None, lowres
     if config.model.lowres_conditioning:  # both guidance branches see the low-res input
@@ -361,7 +360,7 @@ def check_source_inversion(prompts, sources, negatives, guided: bool) -> None:
   if any(negatives) or guided:
     raise ValueError("--edit_noise=source_inversion: guidance's other branch reads the source prompt, so not with "
                      f"{'a negative prompt' if any(negatives) else 'an autoguidance guide'}, which that branch would "
-                     "read too")
+                     "read too: leave it out, or edit with --edit_noise=inversion")
 
 
 def config_hash(config) -> str:
