@@ -5,11 +5,19 @@
 Modes:
   input    input-pipeline examples/s (grain, 0 and N worker processes) next to the examples/s the
            compiled train step consumes on this machine; the pipeline keeps up when the ratio is >= 1.
-  step     the device's measured matmul ceiling (f32 and bf16), then the U-Net train step at the sizes
-           of --widths (model.channels): parameters, step time, FLOPs per step from XLA's cost analysis
-           of the compiled step, achieved FLOP/s, that as a fraction of the ceiling in the model's dtype, and
-           MFU against the datasheet peak where one is known (GPU/TPU). FLOPs are per device (XLA counts one
-           device's share).
+  step     the device's measured ceilings (matmul FLOP/s in f32 and bf16, memory bytes/s), then the train step
+           at the sizes of --widths (model.channels): parameters, step time, FLOPs per step per device (XLA's
+           cost analysis of the lowered step, split over the devices: XLA:GPU's count of the compiled one
+           misses its cuDNN/cuBLAS calls), achieved FLOP/s, that as a fraction of the ceiling in the model's
+           dtype, MFU against the datasheet peak where one is known (GPU/TPU), and a roofline: the bytes one
+           device reads and writes per step (XLA's cost analysis of the compiled step), FLOPs per byte, and the
+           step time at the compute roof or the memory roof, whichever is longer (datasheet roofs where known,
+           else the measured ceilings).
+  roofline the same train step's FLOPs and bytes on one device at the sizes of --widths, compiled here on any
+           backend (nothing runs, nothing is allocated: an abstract state), against the datasheet roofs of
+           --device_kind: FLOPs per byte, the step time at the longer roof and the MFU that roof allows. A plan
+           for hardware this machine lacks; the bytes are this backend's fusion's (a GPU's or TPU's own are in
+           `step` there; XLA:CPU computes bfloat16 in float32, so its bytes of a bfloat16 model run high).
   memory   per-device bytes with FSDP over 1, 2, 4, 8 devices: train state (params + EMA + optimizer
            moments) held by one device vs total / N, and the compiled step's argument and temporary
            bytes from XLA's memory analysis; nothing is allocated (an abstract state). On a CPU run it with
@@ -49,7 +57,8 @@ Flags:
   --config   experiment config (overridable with --config.<field>=<value>)
   --steps    batches / train steps (ops: calls of each operation) timed per measurement (default 20)
   --workers  grain worker processes for the second pipeline measurement (default 2)
-  --widths   comma-separated model.channels for `step` (default 16,32,64)
+  --widths   comma-separated model.channels for `step` and `roofline` (default 16,32,64)
+  --device_kind  the accelerator of `roofline`: a key of hardware.PEAK_FLOPS (default "NVIDIA H200")
   --lora_rank  the LoRA rank of `lora` (default 8)
   --workdir  the training workdir whose checkpoint `restore` reads (required by it)
   --repeats  compiles per program and level in `compile`; fresh processes per way of reading in `restore` (default 2)
@@ -69,17 +78,19 @@ from ml_collections import config_flags
 
 from diffusion_jax import cli
 
-MODES = ("input", "step", "memory", "peer", "ops", "lora", "profile", "compile", "restore")
+MODES = ("input", "step", "roofline", "memory", "peer", "ops", "lora", "profile", "compile", "restore")
 # Flags that only some modes read: given for another mode they are refused rather than ignored.
-MODE_FLAGS = {"widths": ("step",), "workers": ("input",), "lora_rank": ("lora",), "workdir": ("restore",),
-              "repeats": ("compile", "restore"),
-              "config": ("input", "step", "memory", "peer", "ops", "lora", "profile", "compile"),
+MODE_FLAGS = {"widths": ("step", "roofline"), "device_kind": ("roofline",), "workers": ("input",),
+              "lora_rank": ("lora",), "workdir": ("restore",), "repeats": ("compile", "restore"),
+              "config": ("input", "step", "roofline", "memory", "peer", "ops", "lora", "profile", "compile"),
               "steps": ("input", "step", "peer", "ops", "lora", "profile", "compile")}
 BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
-flags.DEFINE_list("widths", ["16", "32", "64"], "model.channels values for the `step` mode.")
+flags.DEFINE_list("widths", ["16", "32", "64"], "model.channels values for the `step` and `roofline` modes.")
+flags.DEFINE_string("device_kind", "NVIDIA H200", "The accelerator whose datasheet roofs the `roofline` mode uses (a "
+                    "key of hardware.PEAK_FLOPS).")
 flags.DEFINE_integer("lora_rank", 8, "LoRA rank of the `lora` mode.", lower_bound=1)
 flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint the `restore` mode reads.")
 flags.DEFINE_integer("repeats", 2, "Compiles per program and level in the `compile` mode; fresh processes per way of "
@@ -146,28 +157,61 @@ def input_table(config, steps: int, workers: int) -> str:
 
 
 def step_table(config, steps: int, widths) -> str:
-  """Ceiling rows, then one row per U-Net width."""
+  """Ceiling rows, then one row per U-Net width, with its roofline: the time the step's FLOPs take at the compute
+  roof or its bytes at the memory roof, whichever is longer (datasheet roofs where known, else measured)."""
   from diffusion_jax import hardware, train
 
   device_count = jax.device_count()
   ceiling = {dtype: hardware.measured_matmul_flops(dtype=getattr(jnp, dtype)) / device_count
              for dtype in ("float32", "bfloat16")}
+  bandwidth = hardware.measured_bandwidth() / device_count
   peak, source = hardware.peak_flops()
   datasheet = source.startswith("datasheet")
-  lines = [f"measured matmul ceiling per device: f32 {ceiling['float32'] / 1e9:.1f} GFLOP/s, bf16 "
-           f"{ceiling['bfloat16'] / 1e9:.1f} GFLOP/s" + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s" if datasheet
-                                                          else ""), "",
-           "| channels | parameters | step ms | GFLOP/step | GFLOP/s per device | / ceiling (model dtype) | MFU |",
-           "|---|---|---|---|---|---|---|"]
+  peak_bandwidth, _ = hardware.peak_bandwidth()
+  lines = [f"measured ceilings per device: matmul f32 {ceiling['float32'] / 1e9:.1f} GFLOP/s, bf16 "
+           f"{ceiling['bfloat16'] / 1e9:.1f} GFLOP/s; memory {bandwidth / 1e9:.1f} GB/s"
+           + (f"; datasheet {peak / 1e12:.0f} TFLOP/s, {peak_bandwidth / 1e12:.2f} TB/s" if datasheet else ""), "",
+           "| channels | parameters | step ms | GFLOP/step | GFLOP/s per device | / ceiling (model dtype) | MFU "
+           "| GB/step (XLA) | FLOP/byte | roofline ms |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for width in widths:
     sized = config.copy_and_resolve_references()
     sized.model.channels = int(width)
     compiled, args, _, flops = compiled_step(sized)
+    traffic = train.program_bytes(compiled)
     seconds, state = time_steps(compiled, args, steps)
-    achieved = flops / seconds  # cost analysis counts one device's share
+    achieved = flops / seconds
     mfu = f"{achieved / peak:.1%}" if datasheet else "n/a (no datasheet)"
+    compute_roof = peak if datasheet else ceiling[sized.model.dtype]
+    memory_roof = peak_bandwidth if datasheet else bandwidth
+    bound = max((flops / compute_roof, "compute"), (traffic / memory_roof, "memory"))
     lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {seconds * 1e3:.0f} | "
-                 f"{flops / 1e9:.4g} | {achieved / 1e9:.3g} | {achieved / ceiling[sized.model.dtype]:.0%} | {mfu} |")
+                 f"{flops / 1e9:.5g} | {achieved / 1e9:.3g} | {achieved / ceiling[sized.model.dtype]:.0%} | {mfu} | "
+                 f"{traffic / 1e9:.4g} | {flops / traffic:.0f} | {bound[0] * 1e3:.0f} ({bound[1]}) |")
+  return "\n".join(lines)
+
+
+def roofline_table(config, widths, device_kind: str) -> str:
+  """One row per U-Net width: the step's FLOPs and bytes on one device (lowered and compiled here for an abstract
+  state; nothing runs) against `device_kind`'s datasheet roofs."""
+  from diffusion_jax import hardware, sharding, train
+
+  if device_kind not in hardware.PEAK_FLOPS:
+    raise ValueError(f"--device_kind={device_kind!r} has no datasheet here; known: {', '.join(hardware.PEAK_FLOPS)}")
+  peak, bandwidth = hardware.PEAK_FLOPS[device_kind], hardware.PEAK_BANDWIDTH[device_kind]
+  lines = [f"{device_kind} datasheet: {peak / 1e12:.0f} TFLOP/s, {bandwidth / 1e12:.2f} TB/s (ridge "
+           f"{peak / bandwidth:.0f} FLOP/byte); bytes as {jax.devices()[0].platform.upper()} XLA fuses the step", "",
+           "| channels | parameters | GFLOP/step | GB/step | FLOP/byte | roofline ms | MFU bound |",
+           "|---|---|---|---|---|---|---|"]
+  for width in widths:
+    sized = config.copy_and_resolve_references()
+    sized.model.channels = int(width)
+    mesh = sharding.make_mesh(sized.mesh, devices=jax.devices()[:1])
+    lowered, state = train.lower_abstract_step(sized, mesh)
+    flops, traffic = train.flops_per_device(lowered, mesh), train.program_bytes(lowered.compile())
+    seconds = max(flops / peak, traffic / bandwidth)
+    lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {flops / 1e9:.5g} | "
+                 f"{traffic / 1e9:.4g} | {flops / traffic:.0f} | {seconds * 1e3:.1f} | {flops / seconds / peak:.0%} |")
   return "\n".join(lines)
 
 
@@ -437,6 +481,8 @@ def print_table(mode, f):
     print(input_table(f.config, f.steps, f.workers))
   elif mode == "step":
     print(step_table(f.config, f.steps, f.widths))
+  elif mode == "roofline":
+    print(roofline_table(f.config, f.widths, f.device_kind))
   elif mode == "peer":
     print(peer_table(f.config, f.steps))
   elif mode == "ops":

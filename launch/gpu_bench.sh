@@ -7,8 +7,9 @@
 #
 # Benchmarks, in the default order (NAME: what, its time limit):
 #   env        the GPU, the Python packages and what jax sees (60 s)
-#   step       the 64 px U-Net train step in bfloat16: FLOPs, step time, MFU at widths 128 and 256 (batch 128) and
-#              at width 128, batch 512 (150 s each; one took 102 s on the H200 on 2026-12-04, most of it compiling)
+#   step       the 64 px U-Net train step in bfloat16: FLOPs, step time, MFU and the GPU program's roofline (bytes
+#              per step, FLOPs per byte) at widths 128 and 256 (batch 128) and at width 128, batch 512 (150 s each;
+#              one took 102 s on the H200 on 2026-12-04, most of it compiling)
 #   peer_dit   the demo DiT (bfloat16) against diffusers' PixArt transformer on the same GPU (180 s)
 #   peer_unet  the 64 px U-Net (bfloat16, width 128) against diffusers' UNet2DConditionModel (180 s)
 #   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame

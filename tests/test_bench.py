@@ -3,6 +3,7 @@
 import importlib.metadata
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -35,12 +36,34 @@ def test_input_benchmark_table(tmp_path_factory):
 def test_step_benchmark_flops_grow_about_quadratically_with_width(tmp_path_factory):
   # The benchmark is the same for either backbone; a DiT compiles in half the U-Net's time.
   lines = bench.step_table(tiny_dit_config(tmp_path_factory), steps=1, widths=["32", "64"]).splitlines()
-  assert lines[0].startswith("measured matmul ceiling per device: f32")
+  assert lines[0].startswith("measured ceilings per device: matmul f32")
   rows = [cells(r) for r in lines[4:]]
   flops = [float(r[3]) for r in rows]
   assert [r[0] for r in rows] == ["32", "64"] and all(float(r[4]) > 0 for r in rows)
   # At these widths the linear layers dominate: doubling the width multiplies FLOPs by between 2.5 and 4.
   assert 2.5 < flops[1] / flops[0] < 4.2
+  # The roofline: bytes per step from the compiled step, FLOPs per byte from the two, the longer roof's time.
+  traffic = [float(r[7]) for r in rows]
+  assert all(t > 0 for t in traffic)
+  assert [float(r[8]) for r in rows] == pytest.approx([f / t for f, t in zip(flops, traffic)], rel=0.1, abs=1)
+  assert all(re.fullmatch(r"\d+ \((compute|memory)\)", r[9]) for r in rows)
+
+
+def test_roofline_benchmark_takes_the_longer_roof_of_a_device_this_machine_lacks(tmp_path_factory):
+  from diffusion_jax import hardware
+
+  config = tiny_dit_config(tmp_path_factory)
+  lines = bench.roofline_table(config, ["32", "64"], "NVIDIA H100").splitlines()
+  assert lines[0].startswith("NVIDIA H100 datasheet: 989 TFLOP/s, 3.35 TB/s (ridge 295 FLOP/byte)")
+  rows = [[float(c.rstrip("M%")) for c in cells(r)] for r in lines[4:]]
+  assert [r[0] for r in rows] == [32, 64]
+  peak, bandwidth = hardware.PEAK_FLOPS["NVIDIA H100"], hardware.PEAK_BANDWIDTH["NVIDIA H100"]
+  for _, _, gflop, gigabytes, intensity, ms, mfu in rows:
+    assert intensity == pytest.approx(gflop / gigabytes, rel=0.05, abs=1)
+    assert ms == pytest.approx(max(gflop / peak, gigabytes / bandwidth) * 1e12, rel=0.05, abs=0.1)
+    assert 0 < mfu <= 100
+  with pytest.raises(ValueError, match="--device_kind='NVIDIA B200' has no datasheet here; known: TPU v4"):
+    bench.roofline_table(config, ["32"], "NVIDIA B200")
 
 
 def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):

@@ -107,8 +107,9 @@ def test_step_flops_grow_with_resolution(tmp_path):
   assert 3.5 < flops[1] / flops[0] < 5.5
 
 
-def test_planning_flops_are_within_two_percent_of_the_compiled_step(tmp_path):
-  """The planner reads the cost analysis of the lowered step; training reports the compiled one's."""
+def test_planned_and_reported_flops_are_within_two_percent_of_the_compiled_step(tmp_path):
+  """The planner and training both read the cost analysis of the lowered step (training's split over the mesh's
+  devices); on one CPU device it matches what the compiled program counts."""
   import jax
 
   from diffusion_jax import sharding, train
@@ -119,6 +120,10 @@ def test_planning_flops_are_within_two_percent_of_the_compiled_step(tmp_path):
   lowered, _ = train.lower_abstract_step(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
   compiled = train.program_flops(lowered.compile())
   assert planned * config.train.batch_size == pytest.approx(compiled, rel=0.02)
+  pod = sharding.make_mesh(config.mesh)
+  assert pod.devices.size == 8
+  per_device = train.flops_per_device(train.lower_abstract_step(config, pod)[0], pod)
+  assert per_device * 8 == pytest.approx(compiled, rel=0.02)
 
 
 def test_plan_refuses_runs_that_are_too_short(tmp_path):
