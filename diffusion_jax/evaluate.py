@@ -7,7 +7,7 @@
                                    [--guide_workdir=DIR] [--guide_step=N]
                                    [--image_to_video | --image_to_image | --video_to_video]
                                    [--strength=0.6] [--edit_noise=inversion] [--strength_sweep=0.2,0.4,0.6,0.8,1]
-                                   [--edit_noise_sweep=random,inversion,source_inversion]
+                                   [--edit_noise_sweep=random,inversion,source_inversion] [--edit_toward=own]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
                                    [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
@@ -68,6 +68,9 @@ Flags:
   --video_to_video    video models: the same for each real clip, edited as a whole (video-to-video; sample.py
                       --init_video); on moving_shapes toward its own caption with the direction reversed; not with
                       --video_length
+  --edit_toward       with --image_to_image or --video_to_video: other (default: the caption those flags name) or own
+                      (each image or clip edited toward its own caption: a reconstruction, whose psnr_source says how
+                      much of it the edit gives back; recorded in the settings)
   --strength          with --image_to_video, --image_to_image or --video_to_video: the part of the sampling grid run
                       (default: the config's sample.strength)
   --edit_noise        with those: what the edits start from, random (SDEdit), inversion (DDIM inversion of the
@@ -268,10 +271,12 @@ EDITS = {"captioned_shapes": shapes_judge.recoloured,  # every object in the nex
          "moving_shapes": motion_judge.reversed_direction}  # the same object, moving the other way
 
 
-def edit_captions(config, captions: list[str]) -> list[str]:
-  """The captions an --image_to_image or --video_to_video evaluation edits the real images toward: on a dataset
-  of EDITS each image's caption rewritten (captioned_shapes: recoloured; moving_shapes: the direction reversed),
-  on others the next image's caption (the last image: the first's)."""
+def edit_captions(config, captions: list[str], toward: str = "other") -> list[str]:
+  """The captions an --image_to_image or --video_to_video evaluation edits the real images toward: toward "own",
+  their own; toward "other", on a dataset of EDITS each image's caption rewritten (captioned_shapes: recoloured;
+  moving_shapes: the direction reversed), on others the next image's caption (the last image: the first's)."""
+  if toward == "own":
+    return list(captions)
   if config.data.dataset in EDITS:
     return [EDITS[config.data.dataset](c) for c in captions]
   return captions[1:] + captions[:1]
@@ -310,19 +315,19 @@ def bicubic_metrics(config, images, perceptual=None) -> dict:
 
 def generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config, frechet=None,
                        clip=None, perceptual=None, bicubic=None, image_to_video=False,
-                       guide=None, edit_real=None) -> tuple[dict, np.ndarray]:
+                       guide=None, edit_real=None, edit_toward="other") -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) of `weights` (sample.Weights) for one sample setting (media_metrics
   against the real `images`; `frechet`: their frechet_distances, made here when not given; for super-resolution
   stages, given the real images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic
   upsampling's, whose bicubic_metrics are made here when not given; image_to_video: a video model is given each
   real clip's first frame; edit_real ("image_to_image", "video_to_video" or None): each real image or clip is
-  edited toward edit_captions' caption, which the metrics judge it by, with psnr_source (its PSNR against the real
-  one) and the judge's accuracy_source/* (against the real one's caption) for what the edit kept; guide: an
-  autoguidance.Guide or None)."""
+  edited toward edit_captions' caption (edit_toward="own": its own), which the metrics judge it by, with psnr_source
+  (its PSNR against the real one) and the judge's accuracy_source/* (against the real one's caption) for what the
+  edit kept; guide: an autoguidance.Guide or None)."""
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
-  asked = edit_captions(config, captions) if edit_real else captions
+  asked = edit_captions(config, captions, edit_toward) if edit_real else captions
   edit = given_media(config, sample_config, images, image_to_video, edit_real)
   sources = captions if edit is not None and sample_config.edit_noise == "source_inversion" else None
   generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, asked, sample_config, lowres, edit,
@@ -396,6 +401,8 @@ def _sampler_and_steps(value: str) -> dict:
 # The evaluation's edits of the real validation media, one at a time (the model is given them instead of noise).
 EDIT_FLAGS = ("image_to_video", "image_to_image", "video_to_video")
 EDITING = "--image_to_video, --image_to_image or --video_to_video"
+# What --image_to_image and --video_to_video edit toward: another caption (edit_captions) or each image's own.
+EDIT_TOWARD = ("other", "own")
 
 # Sample settings that can be swept: name -> (axis label, value string -> the sample-config fields it sets).
 # `--NAME_sweep=v1,v2` writes WORKDIR/eval/NAME_sweep_step_N.{md,png}.
@@ -470,12 +477,12 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
-                  combinations=(), adapters=(), guide=None, edit_real=None):
+                  combinations=(), adapters=(), guide=None, edit_real=None, edit_toward="other"):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
   `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
-  evaluation_sample_config's; image_to_video, edit_real and guide: as generation_metrics'; adapters:
+  evaluation_sample_config's; image_to_video, edit_real, edit_toward and guide: as generation_metrics'; adapters:
   lora.Adapters fused into the weights."""
   config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
   weights = lora.fused(weights, adapters)
@@ -498,7 +505,7 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   def scored(sample_config):
     setting_metrics, generated = generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config,
                                                     frechet, clip, perceptual, bicubic, image_to_video, guide,
-                                                    edit_real)
+                                                    edit_real, edit_toward)
     setting_metrics.update(heldout_combination_accuracy(config, graphdef, weights, mesh, combination_prompts,
                                                         sample_config, combinations, guide))
     return setting_metrics, generated
@@ -518,12 +525,14 @@ ADDED_SAMPLE_SETTINGS = json.loads(json.dumps({
 
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics,
-                        image_to_video=False, combinations=(), adapters=(), guide=None, edit_real=None) -> dict:
+                        image_to_video=False, combinations=(), adapters=(), guide=None, edit_real=None,
+                        edit_toward="other") -> dict:
   """What an eval.jsonl line's numbers depend on besides the checkpoint, recorded in it as "settings" (JSON
   values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
   those added by local weights (fid_inception, fvd_i3d, clip_score, lpips); combinations and adapters (recorded
   only when given): --combinations, lora.Adapters; guide (recorded only when given): an autoguidance.Guide;
-  edit_real (recorded only when given): "image_to_image" or "video_to_video", the flag given."""
+  edit_real (recorded only when given): "image_to_image" or "video_to_video", the flag given; edit_toward (recorded
+  only when "own")."""
   sample_settings = {k: v for k, v in sample_config.to_dict().items() if k not in UNRECORDED_SAMPLE_FIELDS}
   settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
               "combination_prompts": combination_prompts, "metrics": sorted(optional_metrics),
@@ -536,6 +545,8 @@ def evaluation_settings(sample_config, num_prompts, heldout_examples, combinatio
     settings["guide"] = autoguidance.provenance(guide)
   if edit_real:
     settings[edit_real] = True
+  if edit_toward == "own":
+    settings["edit_toward"] = "own"
   return json.loads(json.dumps(settings))
 
 
@@ -684,7 +695,7 @@ def write_edits(workdir, step, real, edited, asked, sample_config) -> pathlib.Pa
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
         combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
-        adapters=(), guide_workdir=None, guide_step=None, edit_real=None):
+        adapters=(), guide_workdir=None, guide_step=None, edit_real=None, edit_toward="other"):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
@@ -700,6 +711,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   image_to_video: a video model is given each real clip's first frame (at sample.strength).
   edit_real: "image_to_image" (image models) or "video_to_video" (video models): each real image or clip is edited
   (at sample.strength) toward edit_captions' caption; adds psnr_source and accuracy_source/* (generation_metrics).
+  edit_toward: with edit_real, "other" (edit_captions' other caption) or "own" (each image's own: a reconstruction).
   guide_workdir (with guide_step alone: this workdir) and guide_step (default: its latest): the autoguidance
   guide's checkpoint (autoguidance.py), the same for every checkpoint evaluated; recorded in the settings."""
   config = checkpoint.read_config(workdir)
@@ -712,6 +724,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
                        f"is {config.data.dataset!r}")
     captioned_shapes.combinations(combinations)  # a ValueError naming the words there are
   lora.check(adapters, config)
+  if edit_toward not in EDIT_TOWARD:
+    raise ValueError(f"--edit_toward={edit_toward!r}: one of {', '.join(EDIT_TOWARD)}")
+  if edit_toward == "own" and not edit_real:
+    raise ValueError("--edit_toward=own: only with --image_to_image or --video_to_video, which edit the real media")
   sample_config = evaluation_sample_config(config, sample_overrides)
   video_problems(config, sample_config, image_to_video, edit_real)
   settings = sweep_settings(sweeps or {}, sample_config, config, bool(image_to_video or edit_real))
@@ -727,7 +743,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
-                                 combinations, adapters, guide, edit_real)
+                                 combinations, adapters, guide, edit_real, edit_toward)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -752,7 +768,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
-                                                     image_to_video, combinations, adapters, guide, edit_real)
+                                                     image_to_video, combinations, adapters, guide, edit_real,
+                                                     edit_toward)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -763,7 +780,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       first = generated[:8] if generated.ndim == 4 else generated[:4].reshape((-1,) + generated.shape[-3:])
       writer.write_image(s, "eval/generated", media.labelled_grid([first], [f"step {s}"]))
       if edit_real and jax.process_index() == 0:
-        log.info("edits: %s", write_edits(workdir, s, real, generated, edit_captions(config, captions), sample_config))
+        log.info("edits: %s", write_edits(workdir, s, real, generated, edit_captions(config, captions, edit_toward),
+                                          sample_config))
       for name, sweep in swept.items():
         if jax.process_index() == 0:
           log.info("%s sweep plot: %s", name, write_sweep(workdir, s, name, sweep))
@@ -826,6 +844,9 @@ def define_flags():
   flags.DEFINE_bool("video_to_video", False, "Video models: edit each caption's real clip toward another caption "
                     "(moving_shapes: its direction reversed; others: the next clip's) at --strength; adds psnr_source "
                     "and accuracy_source/*.")
+  flags.DEFINE_enum("edit_toward", "other", list(EDIT_TOWARD), "With --image_to_image or --video_to_video: other "
+                    "(the caption they name) or own (each image's own caption: a reconstruction, scored by "
+                    "psnr_source).")
   flags.DEFINE_float("strength", None, f"With {EDITING}: the part of the sampling grid run (default: the config's "
                      "sample.strength).")
   flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), f"With {EDITING}: random (SDEdit), inversion "
@@ -872,7 +893,8 @@ def main(argv):
     cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
                "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
-    cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep", "edit_noise_sweep"), "not used with --cascade: "
+    cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep", "edit_noise_sweep", "edit_toward"),
+               "not used with --cascade: "
                "evaluate a model's edits and a video model's long videos with --workdir")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
@@ -885,6 +907,9 @@ def main(argv):
       cli.refuse(("video_to_video",), "not with --image_to_image: one kind of edit at a time")
     if not any(f[name].value for name in EDIT_FLAGS):
       cli.refuse(("strength", "edit_noise"), f"only with {EDITING}, which edit given media")
+    if not (f.image_to_image or f.video_to_video):
+      cli.refuse(("edit_toward",), "only with --image_to_image or --video_to_video, which edit the real media "
+                 "toward a caption")
     if not f.video_length:
       cli.refuse(("context_frames",), "only with --video_length (the frames each extension window keeps)")
     if not (f.image_to_video or f.video_length):
@@ -906,7 +931,8 @@ def main(argv):
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
                     f.combination_prompts, overrides, f.lpips_weights, f.image_to_video,
                     f.combinations, [lora.read(spec) for spec in f.lora], f.guide_workdir, f.guide_step,
-                    "image_to_image" if f.image_to_image else "video_to_video" if f.video_to_video else None)
+                    "image_to_image" if f.image_to_image else "video_to_video" if f.video_to_video else None,
+                    f.edit_toward)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

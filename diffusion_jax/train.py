@@ -293,10 +293,11 @@ def program_flops(stage) -> float:
 
 def program_bytes(compiled) -> float:
   """Bytes one device reads and writes in a compiled program by XLA's cost analysis (each fused kernel's operands
-  and outputs; NaN when the backend gives none): the memory traffic of a roofline."""
+  and outputs; NaN when the backend gives no positive count): the memory traffic of a roofline."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("bytes accessed", float("nan"))) if cost else float("nan")
+  traffic = float(cost.get("bytes accessed", float("nan"))) if cost else float("nan")
+  return traffic if traffic > 0 else float("nan")
 
 
 def flops_per_device(lowered, mesh) -> float:

@@ -345,6 +345,28 @@ def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(
           sample_overrides={"negative_prompt": "blurry"}, sweeps={"edit_noise": ["source_inversion"]})
   refused(r"--edit_noise=source_inversion: .* not with an autoguidance guide",
           sample_overrides={"edit_noise": "source_inversion"}, guide_step=4)
+  refused(r"--edit_toward=own: only with --image_to_image or --video_to_video", edit_real=None, edit_toward="own")
+  refused(r"--edit_toward='back': one of other, own", edit_toward="back")
+
+
+def test_evaluation_reconstructs_images_edited_toward_their_own_captions(trained, tmp_path):
+  """evaluate --image_to_image --edit_toward=own: each real image edited toward its own caption (a reconstruction,
+  which psnr_source scores), so the judge's accuracy for the caption asked is its accuracy for the image's own."""
+  import shutil
+
+  from diffusion_jax import evaluate
+
+  config, source, _ = trained
+  workdir = tmp_path / "work"
+  shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("logs", "eval", "samples"))
+  [record] = evaluate.run(workdir, step=4, num_prompts=8, heldout_examples=4, combination_prompts=0,
+                          edit_real="image_to_image", edit_toward="own",
+                          sample_overrides={"steps": 4, "strength": 1.0, "edit_noise": "source_inversion"})
+  assert record["settings"]["edit_toward"] == "own" and record["settings"]["image_to_image"]
+  assert all(record[f"accuracy/{k}"] == record[f"accuracy_source/{k}"] for k in ("color", "shape", "all"))
+  assert record["psnr_source"] > 0
+  _, _, captions = evaluate.validation_set(config, 8)
+  assert json.loads(PIL.Image.open(workdir / "eval" / "edits_step_4.png").text["captions"]) == captions
 
 
 def test_evaluation_scores_video_edits_by_the_new_caption_and_by_what_they_kept(trained_video, tmp_path):
