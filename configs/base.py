@@ -100,8 +100,10 @@ def get_config():
   c.distill = dict(
       steps=0,                     # the student's sampler steps (sample.steps, DDIM); 0 = no distillation
       guidance_scale=-1.0,         # the teacher's classifier-free guidance; -1: its run's sample.guidance_scale
-                                   # (the teacher denoises as its run samples: thresholding too). The student of a
-                                   # guided teacher samples at 1.
+                                   # (the teacher denoises as its run samples). The student of a guided teacher
+                                   # samples at 1.
+      threshold="",                # the teacher's thresholding (none, static, dynamic); "": its run's
+                                   # sample.threshold
   )
 
   # Inflation (Make-A-Video): initialise a video model's spatial layers (and text encoder) from a trained

@@ -89,6 +89,7 @@ def get_config(variant: str = ""):
   if variant == "base16_distill":  # README: Progressive distillation
     config.finetune.workdir = "workdirs/t2i_shapes_base16"
     config.distill.steps = 8  # the teacher's 16 steps, guided as it samples (3) -> the student's 8 unguided ones
+    config.distill.threshold = "none"  # the teacher's steps unthresholded too: what the students sample like
     # Unthresholded: a student's estimate is where one step must aim, not an image.
     config.sample.update(sampler="ddim", steps=config.distill.get_ref("steps"), guidance_scale=1.0, threshold="none")
     config.optimizer.update(learning_rate=1e-4, warmup_steps=20)

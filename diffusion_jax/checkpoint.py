@@ -247,7 +247,7 @@ ADDED_FIELDS = {
     "model.video_attention": "factorised",
     "sample.guidance_interval": (),
     "model.temporal_patch_size": 1,
-    "distill.steps": 0, "distill.guidance_scale": -1.0,
+    "distill.steps": 0, "distill.guidance_scale": -1.0, "distill.threshold": "",
 }
 
 

@@ -4,11 +4,13 @@ A distillation run is a fine-tune (finetune.py) of the teacher's run with distil
 from the teacher's weights and trains on the teacher's data, but its target at a noisy image x on the N-step
 sampling grid is not the clean image: it is the x0 for which one deterministic DDIM step of the student from x
 lands where two DDIM steps of the teacher land (the teacher's 2N-step grid holds the student's levels at every
-other entry). The teacher denoises as its run samples (its sample.threshold and, unless distill.guidance_scale says
-otherwise, its sample.guidance_scale): above guidance 1 the student learns the guided teacher (Meng et al. 2023) and
-samples with guidance scale 1, one network pass per step instead of two, and the next halving distils that student
-unguided. A student's estimate is where one step must aim, not an image: it samples unthresholded
-(configs/t2i_shapes.py:base16_distill), as the next round's teacher too. Halving N in a chain of runs, each a
+other entry). The teacher denoises as its run samples (its sample.threshold and sample.guidance_scale, unless
+distill.threshold and distill.guidance_scale say otherwise): above guidance 1 the student learns the guided teacher
+(Meng et al. 2023) and samples with guidance scale 1, one network pass per step instead of two, and the next halving
+distils that student unguided. A student's estimate is where one step must aim, not an image: it samples
+unthresholded (configs/t2i_shapes.py:base16_distill), as the next round's teacher too, and the first round's
+teacher denoises unthresholded there as well (distill.threshold; a thresholded teacher's students reached
+over twice its unthresholded FID: README). Halving N in a chain of runs, each a
 distillation of the one before, is the progressive part (README: Progressive distillation).
 
 Shapes: x [batch, ...]; a training step's levels (log-SNR, alpha, sigma) [3, batch]: where a student step
@@ -37,6 +39,9 @@ def problems(config) -> list[str]:
   if c.guidance_scale < 0 and c.guidance_scale != -1:
     found.append(f"distill.guidance_scale={c.guidance_scale} must be >= 0, or -1 for the teacher's "
                  "sample.guidance_scale")
+  if c.threshold and c.threshold not in samplers.THRESHOLDS:
+    found.append(f"distill.threshold={c.threshold!r} must be one of {', '.join(samplers.THRESHOLDS)}, or '' for the "
+                 "teacher's sample.threshold")
   if not config.finetune.workdir:
     found.append("distill.steps > 0 distils the run in finetune.workdir (the teacher): set finetune.workdir")
   if config.model.lora_rank:
@@ -65,10 +70,13 @@ def problems(config) -> list[str]:
 
 def teacher_sampling(config, teacher_config=None):
   """The sample settings the teacher denoises with: those of its run (`teacher_config`, by default finetune.workdir's
-  config.json), with distill.guidance_scale as the guidance scale unless it is -1."""
+  config.json), with distill.guidance_scale as the guidance scale unless it is -1 and distill.threshold as the
+  thresholding unless it is ""."""
   settings = (teacher_config or checkpoint.read_config(config.finetune.workdir)).sample.copy_and_resolve_references()
   if config.distill.guidance_scale >= 0:
     settings.guidance_scale = config.distill.guidance_scale
+  if config.distill.threshold:
+    settings.threshold = config.distill.threshold
   return settings
 
 

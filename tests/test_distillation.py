@@ -90,6 +90,12 @@ def test_a_distillation_config_names_what_to_set(tmp_path):
   assert distillation.problems(config) == []
   sampling = distillation.teacher_sampling(config)
   assert (sampling.guidance_scale, sampling.threshold) == (3.0, "static")
+  config.distill.threshold = "none"  # the teacher's steps unthresholded, whatever its run sampled with
+  assert distillation.problems(config) == [] and distillation.teacher_sampling(config).threshold == "none"
+  config.distill.threshold = "clip"
+  assert distillation.problems(config) == [
+      "distill.threshold='clip' must be one of none, static, dynamic, or '' for the teacher's sample.threshold"]
+  config.distill.threshold = ""
   config.finetune.workdir = str(tmp_path / "absent")
   assert "finetune.workdir=" in distillation.problems(config)[0]
 
