@@ -9,8 +9,8 @@ distill.threshold and distill.guidance_scale say otherwise): above guidance 1 th
 (Meng et al. 2023) and samples with guidance scale 1, one network pass per step instead of two, and the next halving
 distils that student unguided. A student's estimate is where one step must aim, not an image: it samples
 unthresholded (configs/t2i_shapes.py:base16_distill), as the next round's teacher too, and the first round's
-teacher denoises unthresholded there as well (distill.threshold; a thresholded teacher's students reached
-over twice its unthresholded FID: README). Halving N in a chain of runs, each a
+teacher denoises unthresholded there as well (distill.threshold: a thresholded teacher's students lost FID,
+README: Progressive distillation). Halving N in a chain of runs, each a
 distillation of the one before, is the progressive part (README: Progressive distillation).
 
 Shapes: x [batch, ...]; a training step's levels (log-SNR, alpha, sigma) [3, batch]: where a student step
