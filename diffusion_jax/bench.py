@@ -59,6 +59,8 @@ Flags:
   --workers  grain worker processes for the second pipeline measurement (default 2)
   --widths   comma-separated model.channels for `step` and `roofline` (default 16,32,64)
   --device_kind  the accelerator of `roofline`: a key of hardware.PEAK_FLOPS (default "NVIDIA H200")
+  --plot     with `step` or `roofline`: also a roofline PNG at this path, each width a point (achieved FLOP/s in
+             `step`, what the roof allows in `roofline`)
   --lora_rank  the LoRA rank of `lora` (default 8)
   --workdir  the training workdir whose checkpoint `restore` reads (required by it)
   --repeats  compiles per program and level in `compile`; fresh processes per way of reading in `restore` (default 2)
@@ -67,6 +69,7 @@ Flags:
 import math
 import multiprocessing
 import os
+import pathlib
 import resource
 import sys
 import time
@@ -80,8 +83,8 @@ from diffusion_jax import cli
 
 MODES = ("input", "step", "roofline", "memory", "peer", "ops", "lora", "profile", "compile", "restore")
 # Flags that only some modes read: given for another mode they are refused rather than ignored.
-MODE_FLAGS = {"widths": ("step", "roofline"), "device_kind": ("roofline",), "workers": ("input",),
-              "lora_rank": ("lora",), "workdir": ("restore",), "repeats": ("compile", "restore"),
+MODE_FLAGS = {"widths": ("step", "roofline"), "plot": ("step", "roofline"), "device_kind": ("roofline",),
+              "workers": ("input",), "lora_rank": ("lora",), "workdir": ("restore",), "repeats": ("compile", "restore"),
               "config": ("input", "step", "roofline", "memory", "peer", "ops", "lora", "profile", "compile"),
               "steps": ("input", "step", "peer", "ops", "lora", "profile", "compile")}
 BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
@@ -89,6 +92,8 @@ config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment c
 flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
 flags.DEFINE_list("widths", ["16", "32", "64"], "model.channels values for the `step` and `roofline` modes.")
+flags.DEFINE_string("plot", None, "`step` and `roofline`: also draw the roofline with each width's point into this "
+                    "PNG.")
 flags.DEFINE_string("device_kind", "NVIDIA H200", "The accelerator whose datasheet roofs the `roofline` mode uses (a "
                     "key of hardware.PEAK_FLOPS).")
 flags.DEFINE_integer("lora_rank", 8, "LoRA rank of the `lora` mode.", lower_bound=1)
@@ -156,9 +161,38 @@ def input_table(config, steps: int, workers: int) -> str:
   return "\n".join(lines)
 
 
-def step_table(config, steps: int, widths) -> str:
+def write_roofline_plot(path, title: str, compute_roof: float, memory_roof: float, points) -> pathlib.Path:
+  """A log-log roofline PNG at `path`: attainable FLOP/s against FLOPs per byte under the two roofs (FLOP/s,
+  bytes/s), and `points`, [(label, FLOPs per byte, FLOP/s)], marked and labelled."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  ridge = compute_roof / memory_roof
+  intensities = [x for _, x, _ in points if math.isfinite(x)]
+  x = np.geomspace(min(intensities + [ridge]) / 10, max(intensities + [ridge]) * 10, 200)
+  figure, axis = plt.subplots(figsize=(6, 4))
+  axis.loglog(x, np.minimum(compute_roof, x * memory_roof), "k-", label="roof")
+  axis.axvline(ridge, color="0.7", linestyle=":", label=f"ridge {ridge:.0f} FLOP/byte")
+  for label, intensity, flops in points:
+    axis.loglog([intensity], [flops], "o")
+    axis.annotate(label, (intensity, flops), textcoords="offset points", xytext=(5, -12), fontsize=8)
+  axis.set(xlabel="FLOPs per byte", ylabel="FLOP/s per device", title=title)
+  axis.legend(fontsize=8)
+  figure.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+  return path
+
+
+def step_table(config, steps: int, widths, plot=None) -> str:
   """Ceiling rows, then one row per U-Net width, with its roofline: the time the step's FLOPs take at the compute
-  roof or its bytes at the memory roof, whichever is longer (datasheet roofs where known, else measured)."""
+  roof or its bytes at the memory roof, whichever is longer (datasheet roofs where known, else measured); with
+  `plot` (a path) also the roofline PNG with each width's achieved FLOP/s."""
   from diffusion_jax import hardware, train
 
   device_count = jax.device_count()
@@ -174,6 +208,9 @@ def step_table(config, steps: int, widths) -> str:
            "| channels | parameters | step ms | GFLOP/step | GFLOP/s per device | / ceiling (model dtype) | MFU "
            "| GB/step (XLA) | FLOP/byte | roofline ms |",
            "|---|---|---|---|---|---|---|---|---|---|"]
+  compute_roof = peak if datasheet else ceiling[config.model.dtype]
+  memory_roof = peak_bandwidth if datasheet else bandwidth
+  points = []
   for width in widths:
     sized = config.copy_and_resolve_references()
     sized.model.channels = int(width)
@@ -182,27 +219,31 @@ def step_table(config, steps: int, widths) -> str:
     seconds, state = time_steps(compiled, args, steps)
     achieved = flops / seconds
     mfu = f"{achieved / peak:.1%}" if datasheet else "n/a (no datasheet)"
-    compute_roof = peak if datasheet else ceiling[sized.model.dtype]
-    memory_roof = peak_bandwidth if datasheet else bandwidth
+    points.append((f"width {width}", flops / traffic, achieved))
     bound = max((flops / compute_roof, "compute"), (traffic / memory_roof, "memory"))
     lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {seconds * 1e3:.0f} | "
                  f"{flops / 1e9:.5g} | {achieved / 1e9:.3g} | {achieved / ceiling[sized.model.dtype]:.0%} | {mfu} | "
                  f"{traffic / 1e9:.4g} | {flops / traffic:.0f} | {bound[0] * 1e3:.0f} ({bound[1]}) |")
+  if plot:
+    drawn = write_roofline_plot(plot, jax.devices()[0].device_kind, compute_roof, memory_roof, points)
+    lines.append(f"\nroofline plot: {drawn}")
   return "\n".join(lines)
 
 
-def roofline_table(config, widths, device_kind: str) -> str:
+def roofline_table(config, widths, device_kind: str, plot=None) -> str:
   """One row per U-Net width: the step's FLOPs and bytes on one device (lowered and compiled here for an abstract
-  state; nothing runs) against `device_kind`'s datasheet roofs."""
+  state; nothing runs) against `device_kind`'s datasheet roofs; with `plot` (a path) also the roofline PNG with each
+  width at the FLOP/s its roof allows."""
   from diffusion_jax import hardware, sharding, train
 
   if device_kind not in hardware.PEAK_FLOPS:
     raise ValueError(f"--device_kind={device_kind!r} has no datasheet here; known: {', '.join(hardware.PEAK_FLOPS)}")
   peak, bandwidth = hardware.PEAK_FLOPS[device_kind], hardware.PEAK_BANDWIDTH[device_kind]
   lines = [f"{device_kind} datasheet: {peak / 1e12:.0f} TFLOP/s, {bandwidth / 1e12:.2f} TB/s (ridge "
-           f"{peak / bandwidth:.0f} FLOP/byte); bytes as {jax.devices()[0].platform.upper()} XLA fuses the step", "",
+           f"{peak / bandwidth:.0f} FLOP/byte); bytes as XLA:{jax.devices()[0].platform.upper()} fuses the step", "",
            "| channels | parameters | GFLOP/step | GB/step | FLOP/byte | roofline ms | MFU bound |",
            "|---|---|---|---|---|---|---|"]
+  points = []
   for width in widths:
     sized = config.copy_and_resolve_references()
     sized.model.channels = int(width)
@@ -210,8 +251,12 @@ def roofline_table(config, widths, device_kind: str) -> str:
     lowered, state = train.lower_abstract_step(sized, mesh)
     flops, traffic = train.flops_per_device(lowered, mesh), train.program_bytes(lowered.compile())
     seconds = max(flops / peak, traffic / bandwidth)
+    points.append((f"width {width}", flops / traffic, flops / seconds))
     lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {flops / 1e9:.5g} | "
                  f"{traffic / 1e9:.4g} | {flops / traffic:.0f} | {seconds * 1e3:.1f} | {flops / seconds / peak:.0%} |")
+  if plot:
+    title = f"{device_kind} (bytes as XLA:{jax.devices()[0].platform.upper()} fuses the step)"
+    lines.append(f"\nroofline plot: {write_roofline_plot(plot, title, peak, bandwidth, points)}")
   return "\n".join(lines)
 
 
@@ -480,9 +525,9 @@ def print_table(mode, f):
   if mode == "input":
     print(input_table(f.config, f.steps, f.workers))
   elif mode == "step":
-    print(step_table(f.config, f.steps, f.widths))
+    print(step_table(f.config, f.steps, f.widths, f.plot))
   elif mode == "roofline":
-    print(roofline_table(f.config, f.widths, f.device_kind))
+    print(roofline_table(f.config, f.widths, f.device_kind, f.plot))
   elif mode == "peer":
     print(peer_table(f.config, f.steps))
   elif mode == "ops":

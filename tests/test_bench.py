@@ -50,12 +50,16 @@ def test_step_benchmark_flops_grow_about_quadratically_with_width(tmp_path_facto
 
 
 def test_roofline_benchmark_takes_the_longer_roof_of_a_device_this_machine_lacks(tmp_path_factory):
+  import PIL.Image
+
   from diffusion_jax import hardware
 
   config = tiny_dit_config(tmp_path_factory)
-  lines = bench.roofline_table(config, ["32", "64"], "NVIDIA H100").splitlines()
+  plot = tmp_path_factory.mktemp("roofline") / "h100.png"
+  lines = bench.roofline_table(config, ["32", "64"], "NVIDIA H100", plot).splitlines()
   assert lines[0].startswith("NVIDIA H100 datasheet: 989 TFLOP/s, 3.35 TB/s (ridge 295 FLOP/byte)")
-  rows = [[float(c.rstrip("M%")) for c in cells(r)] for r in lines[4:]]
+  assert lines[-1] == f"roofline plot: {plot}" and PIL.Image.open(plot).size == (600, 400)
+  rows = [[float(c.rstrip("M%")) for c in cells(r)] for r in lines[4:6]]
   assert [r[0] for r in rows] == [32, 64]
   peak, bandwidth = hardware.PEAK_FLOPS["NVIDIA H100"], hardware.PEAK_BANDWIDTH["NVIDIA H100"]
   for _, _, gflop, gigabytes, intensity, ms, mfu in rows:
