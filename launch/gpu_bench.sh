@@ -8,8 +8,9 @@
 # Benchmarks, in the default order (NAME: what, its time limit):
 #   env        the GPU, the Python packages and what jax sees (60 s)
 #   step       the 64 px U-Net train step in bfloat16: FLOPs, step time, MFU and the GPU program's roofline (bytes
-#              per step, FLOPs per byte) at widths 128 and 256 (batch 128) and at width 128, batch 512 (150 s each;
-#              one took 102 s on the H200 on 2026-12-04, most of it compiling)
+#              per step, FLOPs per byte; drawn as $OUT/roofline_WIDTH_BATCH.png) at widths 128 and 256 (batch 128)
+#              and at width 128, batch 512 (150 s each; one took 102 s on the H200 on 2026-12-04, most of it
+#              compiling)
 #   peer_dit   the demo DiT (bfloat16) against diffusers' PixArt transformer on the same GPU (180 s)
 #   peer_unet  the 64 px U-Net (bfloat16, width 128) against diffusers' UNet2DConditionModel (180 s)
 #   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame
@@ -69,7 +70,8 @@ print(f"- jax devices: {jax.devices()}")'
     step)
       for width_batch in 128,128 256,128 128,512; do
         bench 150 step --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
-          --widths=${width_batch%,*} --config.train.batch_size=${width_batch#*,} --steps=10
+          --widths=${width_batch%,*} --config.train.batch_size=${width_batch#*,} --steps=10 \
+          --plot="$OUT/roofline_${width_batch/,/_}.png"
       done ;;
     peer_dit)
       bench 180 peer --config=configs/t2i_shapes.py:dit --config.model.dtype=bfloat16 --steps=10 ;;
