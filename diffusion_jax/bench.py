@@ -199,17 +199,15 @@ def step_table(config, steps: int, widths, plot=None) -> str:
   ceiling = {dtype: hardware.measured_matmul_flops(dtype=getattr(jnp, dtype)) / device_count
              for dtype in ("float32", "bfloat16")}
   bandwidth = hardware.measured_bandwidth() / device_count
-  peak, source = hardware.peak_flops()
-  datasheet = source.startswith("datasheet")
-  peak_bandwidth, _ = hardware.peak_bandwidth()
+  datasheet = hardware.datasheet()
   lines = [f"measured ceilings per device: matmul f32 {ceiling['float32'] / 1e9:.1f} GFLOP/s, bf16 "
            f"{ceiling['bfloat16'] / 1e9:.1f} GFLOP/s; memory {bandwidth / 1e9:.1f} GB/s"
-           + (f"; datasheet {peak / 1e12:.0f} TFLOP/s, {peak_bandwidth / 1e12:.2f} TB/s" if datasheet else ""), "",
+           + (f"; datasheet {datasheet[0] / 1e12:.0f} TFLOP/s, {datasheet[1] / 1e12:.2f} TB/s" if datasheet else ""),
+           "",
            "| channels | parameters | step ms | GFLOP/step | GFLOP/s per device | / ceiling (model dtype) | MFU "
            "| GB/step (XLA) | FLOP/byte | roofline ms |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-  compute_roof = peak if datasheet else ceiling[config.model.dtype]
-  memory_roof = peak_bandwidth if datasheet else bandwidth
+  compute_roof, memory_roof = datasheet or (ceiling[config.model.dtype], bandwidth)
   points = []
   for width in widths:
     sized = config.copy_and_resolve_references()
@@ -218,7 +216,7 @@ def step_table(config, steps: int, widths, plot=None) -> str:
     traffic = train.program_bytes(compiled)
     seconds, state = time_steps(compiled, args, steps)
     achieved = flops / seconds
-    mfu = f"{achieved / peak:.1%}" if datasheet else "n/a (no datasheet)"
+    mfu = f"{achieved / datasheet[0]:.1%}" if datasheet else "n/a (no datasheet)"
     points.append((f"width {width}", flops / traffic, achieved))
     bound = max((flops / compute_roof, "compute"), (traffic / memory_roof, "memory"))
     lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {seconds * 1e3:.0f} | "

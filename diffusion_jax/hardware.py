@@ -64,27 +64,22 @@ def measured_bandwidth(megabytes: int | None = None, repeats: int = 3) -> float:
   return 2 * x.nbytes / _best_seconds(jax.jit(lambda x: x * 2 + 1), x, repeats)
 
 
-def _datasheet(table: dict, device) -> float | None:
-  for name in sorted(table, key=len, reverse=True):
+def datasheet(device=None) -> tuple[float, float] | None:
+  """(peak FLOP/s, memory bytes/s) per device from the datasheet of the longest listed name its device_kind starts
+  with ("TPU v5 lite" before "TPU v5"), or None for a kind not listed (a CPU)."""
+  device = device or jax.devices()[0]
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
     if device.device_kind.startswith(name):
-      return table[name]
+      return PEAK_FLOPS[name], PEAK_BANDWIDTH[name]
   return None
 
 
 def peak_flops(device=None) -> tuple[float, str]:
   """(peak FLOP/s per device, where the number comes from)."""
   device = device or jax.devices()[0]
-  if (peak := _datasheet(PEAK_FLOPS, device)) is not None:
-    return peak, f"datasheet {device.device_kind}"
+  if (roofs := datasheet(device)) is not None:
+    return roofs[0], f"datasheet {device.device_kind}"
   if device.platform == "cpu":
     # A simulated multi-device CPU shares the cores: the ceiling is split among the devices.
     return measured_matmul_flops() / jax.local_device_count(), "measured CPU matmul"
   return float("nan"), f"unknown device kind {device.device_kind!r}"
-
-
-def peak_bandwidth(device=None) -> tuple[float, str]:
-  """(peak memory bytes/s per device, where the number comes from): the datasheet's, else measured."""
-  device = device or jax.devices()[0]
-  if (peak := _datasheet(PEAK_BANDWIDTH, device)) is not None:
-    return peak, f"datasheet {device.device_kind}"
-  return measured_bandwidth() / jax.local_device_count(), "measured"

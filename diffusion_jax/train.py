@@ -283,21 +283,24 @@ def lower_abstract_step(config, mesh):
   return lower_step(make_train_step(config, graphdef), state, shapes, mesh), state
 
 
+def _cost(stage, key: str) -> float:
+  """One entry of XLA's cost analysis of a lowered or compiled program; NaN when the backend gives no positive one."""
+  cost = stage.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  value = float(cost.get(key, float("nan"))) if cost else float("nan")
+  return value if value > 0 else float("nan")
+
+
 def program_flops(stage) -> float:
   """FLOPs from XLA's cost analysis of a lowered or compiled program (NaN when the backend gives none). A lowered
   program counts the whole (global) computation; a compiled, partitioned one counts one device's share."""
-  cost = stage.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+  return _cost(stage, "flops")
 
 
 def program_bytes(compiled) -> float:
   """Bytes one device reads and writes in a compiled program by XLA's cost analysis (each fused kernel's operands
-  and outputs; NaN when the backend gives no positive count): the memory traffic of a roofline."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  traffic = float(cost.get("bytes accessed", float("nan"))) if cost else float("nan")
-  return traffic if traffic > 0 else float("nan")
+  and outputs; NaN when the backend gives none): the memory traffic of a roofline."""
+  return _cost(compiled, "bytes accessed")
 
 
 def flops_per_device(lowered, mesh) -> float:

@@ -10,20 +10,18 @@ def fake_device(kind: str, platform: str = "gpu"):
 
 
 def test_datasheet_roofs_match_the_longest_device_kind_prefix():
+  assert hardware.datasheet(fake_device("NVIDIA H100 80GB HBM3")) == (989e12, 3.35e12)
   flops, source = hardware.peak_flops(fake_device("NVIDIA H100 80GB HBM3"))
   assert (flops, source) == (989e12, "datasheet NVIDIA H100 80GB HBM3")
-  assert hardware.peak_bandwidth(fake_device("NVIDIA H100 80GB HBM3"))[0] == 3.35e12
   # "TPU v5 lite" (v5e) must not be read as "TPU v5" (v5p).
-  assert hardware.peak_flops(fake_device("TPU v5 lite", "tpu"))[0] == 197e12
-  assert hardware.peak_bandwidth(fake_device("TPU v5 lite", "tpu"))[0] == 0.82e12
+  assert hardware.datasheet(fake_device("TPU v5 lite", "tpu")) == (197e12, 0.82e12)
   assert set(hardware.PEAK_FLOPS) == set(hardware.PEAK_BANDWIDTH)
 
 
-def test_unknown_device_kind_has_no_peak_flops_and_a_measured_bandwidth():
+def test_an_unknown_device_kind_has_no_datasheet_and_no_peak_flops():
+  assert hardware.datasheet(fake_device("Some NPU")) is None
   flops, source = hardware.peak_flops(fake_device("Some NPU"))
   assert flops != flops and "unknown device kind 'Some NPU'" in source  # NaN
-  bandwidth, source = hardware.peak_bandwidth(fake_device("Some NPU"))
-  assert bandwidth > 0 and source == "measured"
 
 
 def test_measured_roofs_are_rates_of_the_given_sizes():
