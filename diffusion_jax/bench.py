@@ -128,7 +128,7 @@ def compiled_step(config, devices=None):
   state, graphdef = train.init_state(config, mesh)
   batch_np = pipeline.synthetic_batch(config)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
-  compiled, flops = train.compile_step(train.make_train_step(config, graphdef), state, shapes, mesh)
+  compiled, flops = train.compile_step(config, train.make_train_step(config, graphdef), state, shapes, mesh)
   args = (state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)), train.place_hparams(config, mesh))
   return compiled, args, mesh, flops
 

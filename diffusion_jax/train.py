@@ -307,14 +307,32 @@ def flops_per_device(lowered, mesh) -> float:
   """The model FLOPs of a lowered program split evenly over the mesh's devices (what MFU divides). Counted before
   XLA optimises the program: XLA:GPU rewrites convolutions and matmuls into cuDNN and cuBLAS calls that its cost
   analysis of the compiled program does not count (a 64 px U-Net step gave 1.09 of its 11.0 TFLOP on an H200).
-  On a CPU the compiled program's count is within 2% of this (tested)."""
+  On a CPU the compiled program's count is within 2% of this (tested). NaN where the backend counts no lowered
+  program (XLA:GPU behind its PJRT plugin): `flops_on_cpu` counts those."""
   return program_flops(lowered) / mesh.devices.size
 
 
-def compile_step(train_step, state, batch_shapes: dict, mesh, teacher=None):
-  """lower_step, compiled once; returns (compiled, FLOPs per step per device)."""
+def flops_on_cpu(config) -> float:
+  """The FLOPs of one train step of `config` (all devices' together) as XLA:CPU counts the step lowered for one
+  CPU device: the count for backends that give none for a lowered program. Attention that would run cuDNN's
+  kernel ("auto", "cudnn"; it has no CPU lowering) is counted as a CPU runs it ("folded"), and a distillation's
+  teacher steps are left out."""
+  counted = config.copy_and_resolve_references()
+  if counted.model.attention in ("auto", "cudnn"):
+    counted.model.attention = "folded"
+  counted.mesh.update(data=-1, fsdp=1, tensor=1)
+  lowered, _ = lower_abstract_step(counted, sharding.make_mesh(counted.mesh, devices=jax.devices("cpu")[:1]))
+  return program_flops(lowered)
+
+
+def compile_step(config, train_step, state, batch_shapes: dict, mesh, teacher=None):
+  """lower_step, compiled once; returns (compiled, FLOPs per step per device: `flops_per_device`, else
+  `flops_on_cpu` split over the mesh)."""
   lowered = lower_step(train_step, state, batch_shapes, mesh, teacher)
-  return lowered.compile(), flops_per_device(lowered, mesh)
+  flops = flops_per_device(lowered, mesh)
+  if np.isnan(flops):
+    flops = flops_on_cpu(config) / mesh.devices.size
+  return lowered.compile(), flops
 
 
 # ----------------------------------------------------------------------------- text-embedding cache
@@ -445,7 +463,7 @@ def _train(config, workdir: str):
   batch_shapes = {k: jax.ShapeDtypeStruct((config.train.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
                   for k, v in first.items() if k in pipeline.MODEL_INPUTS}
   compile_start = time.perf_counter()
-  compiled, flops = compile_step(make_train_step(config, graphdef), state, batch_shapes, mesh, teacher)
+  compiled, flops = compile_step(config, make_train_step(config, graphdef), state, batch_shapes, mesh, teacher)
   log.info("train step compiled in %.1f s%s", time.perf_counter() - compile_start,
            "" if jax.config.jax_compilation_cache_dir else
            " (JAX_COMPILATION_CACHE_DIR=DIR keeps compiled programs for resumes and for reruns that change only "

@@ -9,8 +9,10 @@
 #   env        the GPU, the Python packages and what jax sees (60 s)
 #   step       the 64 px U-Net train step in bfloat16: FLOPs, step time, MFU and the GPU program's roofline (bytes
 #              per step, FLOPs per byte; drawn as $OUT/roofline_WIDTH_BATCH.png) at widths 128 and 256 (batch 128)
-#              and at width 128, batch 512 (150 s each; one took 102 s on the H200 on 2026-12-04, most of it
-#              compiling)
+#              and at width 128, batch 512 (200 s each; one took 102 s on the H200 on 2026-12-04, most of it
+#              compiling); STEP_ROWS="WIDTH,BATCH ..." names other rows
+#   attention  the same step at width 128, batch 128 with attention "xla" and "auto" (cuDNN's flash attention for the
+#              self-attention; models/attention.py), one `bench step` each (2 x 150 s)
 #   peer_dit   the demo DiT (bfloat16) against diffusers' PixArt transformer on the same GPU (180 s)
 #   peer_unet  the 64 px U-Net (bfloat16, width 128) against diffusers' UNet2DConditionModel (180 s)
 #   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame
@@ -68,10 +70,15 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-d
 print(f"- jax devices: {jax.devices()}")'
       } >> "$OUT/gpu_bench.md" 2>> "$OUT/gpu_bench.log" ;;
     step)
-      for width_batch in 128,128 256,128 128,512; do
-        bench 150 step --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
+      for width_batch in ${STEP_ROWS:-128,128 256,128 128,512}; do
+        bench 200 step --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
           --widths=${width_batch%,*} --config.train.batch_size=${width_batch#*,} --steps=10 \
           --plot="$OUT/roofline_${width_batch/,/_}.png"
+      done ;;
+    attention)
+      for implementation in xla auto; do
+        bench 150 step --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
+          --widths=128 --config.train.batch_size=128 --config.model.attention=$implementation --steps=10
       done ;;
     peer_dit)
       bench 180 peer --config=configs/t2i_shapes.py:dit --config.model.dtype=bfloat16 --steps=10 ;;
@@ -91,11 +98,12 @@ print(f"- jax devices: {jax.devices()}")'
         --config.data.resolution=64 --config.model.dtype=bfloat16 --config.model.channels=128 \
         --config.train.batch_size=128 --steps=5 ;;
     *)
-      echo "error: no benchmark named '$1' (env, step, peer_dit, peer_unet, video, compile, profile)" >&2; exit 2 ;;
+      echo "error: no benchmark named '$1' (env, step, attention, peer_dit, peer_unet, video, compile, profile)" >&2
+      exit 2 ;;
   esac
 }
 
-for name in "${@:-env step peer_dit peer_unet video compile profile}"; do
+for name in "${@:-env step attention peer_dit peer_unet video compile profile}"; do
   for each in $name; do run "$each"; done
 done
 echo "wrote $OUT/gpu_bench.md and $OUT/gpu_bench.log" >&2

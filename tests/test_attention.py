@@ -56,3 +56,20 @@ def test_auto_is_folded_on_a_cpu():
   q, k, v, mask, _ = arrays(seed=3)
   np.testing.assert_array_equal(attention.dot_product_attention(q, k, v, mask=mask),
                                 attention.dot_product_attention(q, k, v, mask=mask, implementation="folded"))
+
+
+@pytest.mark.parametrize("dtype,head_dim,mask,bias,device_kind,expected", [
+    (jnp.bfloat16, 64, None, None, "cpu", "folded"),
+    (jnp.bfloat16, 64, None, None, "NVIDIA H200", "cudnn"),  # the U-Net's self-attention
+    (jnp.float16, 128, None, None, "NVIDIA H100 80GB HBM3", "cudnn"),
+    (jnp.bfloat16, 64, "mask", None, "NVIDIA H200", "xla"),  # cross-attention to a padded text
+    (jnp.bfloat16, 64, None, "bias", "NVIDIA H200", "xla"),  # temporal attention's position bias
+    (jnp.float32, 64, None, None, "NVIDIA H200", "xla"),
+    (jnp.bfloat16, 12, None, None, "NVIDIA H200", "xla"),
+    (jnp.bfloat16, 256, None, None, "NVIDIA H200", "xla"),
+    (jnp.bfloat16, 64, None, None, "TPU v5 lite", "xla"),
+])
+def test_auto_takes_cudnn_only_where_its_flash_kernel_applies(dtype, head_dim, mask, bias, device_kind, expected):
+  q = jnp.zeros((2, 16, 4, head_dim), dtype)
+  assert attention.resolve("auto", q, mask, bias, device_kind) == expected
+  assert attention.resolve("xla", q, mask, bias, device_kind) == "xla"  # a named implementation is kept

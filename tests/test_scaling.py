@@ -109,7 +109,8 @@ def test_step_flops_grow_with_resolution(tmp_path):
 
 def test_planned_and_reported_flops_are_within_two_percent_of_the_compiled_step(tmp_path):
   """The planner and training both read the cost analysis of the lowered step (training's split over the mesh's
-  devices); on one CPU device it matches what the compiled program counts."""
+  devices); on one CPU device it matches what the compiled program counts. So does the recount on one CPU device
+  that backends without a lowered count get, for a config whose attention is cuDNN's on an 8-device FSDP mesh."""
   import jax
 
   from diffusion_jax import sharding, train
@@ -124,6 +125,10 @@ def test_planned_and_reported_flops_are_within_two_percent_of_the_compiled_step(
   assert pod.devices.size == 8
   per_device = train.flops_per_device(train.lower_abstract_step(config, pod)[0], pod)
   assert per_device * 8 == pytest.approx(compiled, rel=0.02)
+  on_gpu = config.copy_and_resolve_references()
+  on_gpu.model.attention = "cudnn"
+  on_gpu.mesh.update(data=1, fsdp=-1)
+  assert train.flops_on_cpu(on_gpu) == pytest.approx(compiled, rel=0.02)
 
 
 def test_plan_refuses_runs_that_are_too_short(tmp_path):

@@ -45,7 +45,7 @@ def one_step(config, mesh_config, batch_np, devices=None):
   mesh = sharding.make_mesh(config.mesh, devices)
   state, graphdef = train.init_state(config, mesh)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
-  compiled, _ = train.compile_step(train.make_train_step(config, graphdef), state, shapes, mesh)
+  compiled, _ = train.compile_step(config, train.make_train_step(config, graphdef), state, shapes, mesh)
   return compiled(state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)), train.place_hparams(config, mesh))
 
 
@@ -84,7 +84,7 @@ def test_nonfinite_batch_skips_the_update(batch):
   state, graphdef = train.init_state(config, mesh)
   before = jax.device_get(state.params)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bad.items()}
-  compiled, _ = train.compile_step(train.make_train_step(config, graphdef), state, shapes, mesh)
+  compiled, _ = train.compile_step(config, train.make_train_step(config, graphdef), state, shapes, mesh)
   bad = pipeline.to_global(bad, sharding.batch_sharding(mesh))
   state, metrics = compiled(state, bad, train.place_hparams(config, mesh))
   assert int(metrics["nonfinite"]) == 1 and int(state.nonfinite_run) == 1 and int(state.step) == 1

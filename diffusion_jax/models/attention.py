@@ -10,8 +10,11 @@ divides by the softmax sum after the value product ([q_len, head_dim] divisions,
 computes in float32 whatever the inputs' dtype; and its backward pass recomputes the probabilities from
 the saved log-sum-exp, as flash attention does, instead of keeping them. On XLA:CPU it is the faster
 one (README: Benchmarks). "xla" and "cudnn" are `jax.nn.dot_product_attention`'s own implementations
-(cuDNN's fused kernel on NVIDIA GPUs). "auto" is "folded" on a CPU and "xla" on GPUs and TPUs, whose
-compilers fuse attention themselves and would run the folded implementation's chunks one after another.
+(cuDNN's fused kernel on NVIDIA GPUs). "auto" (`resolve`) is "folded" on a CPU; on an NVIDIA GPU it is
+"cudnn" where cuDNN's flash attention takes the call (no mask or bias, bfloat16 or float16, a head dimension
+that is a multiple of 8 up to 128: the U-Net's self-attention), which never writes the [q_len, k_len]
+probabilities to memory; elsewhere "xla" (GPUs and TPUs, whose compilers fuse attention themselves and would run
+the folded implementation's chunks one after another).
 """
 
 import jax
@@ -24,9 +27,19 @@ IMPLEMENTATIONS = ("auto", "folded", "xla", "cudnn")
 CHUNK_LOGITS = 2 ** 20
 
 
+def resolve(implementation, q, mask, bias, device_kind):
+  """The implementation "auto" means for a call with q [.., head_dim] on a device of that kind (a name)."""
+  if implementation != "auto":
+    return implementation
+  if device_kind == "cpu":
+    return "folded"
+  fits_cudnn = mask is None and bias is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+  return "cudnn" if fits_cudnn and q.shape[-1] <= 128 and device_kind.startswith("NVIDIA") else "xla"
+
+
 def dot_product_attention(q, k, v, mask=None, bias=None, implementation="auto"):
-  if implementation == "auto":
-    implementation = "folded" if jax.default_backend() == "cpu" else "xla"
+  device = jax.devices()[0]
+  implementation = resolve(implementation, q, mask, bias, "cpu" if device.platform == "cpu" else device.device_kind)
   if implementation != "folded":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
   f32 = jnp.float32
