@@ -15,7 +15,8 @@ Modes:
            else the measured ceilings).
   roofline the same train step's FLOPs and bytes on one device at the sizes of --widths, compiled here on any
            backend (nothing runs, nothing is allocated: an abstract state), against the datasheet roofs of
-           --device_kind: FLOPs per byte, the step time at the longer roof and the MFU that roof allows. A plan
+           --device_kind: FLOPs per byte, the step time at the longer roof and the MFU that roof allows (with
+           model.remat, GFLOP/step and MFU leave out the recomputation, FLOPs per byte and the time do not). A plan
            for hardware this machine lacks; the bytes are this backend's fusion's (a GPU's or TPU's own are in
            `step` there; XLA:CPU computes bfloat16 in float32, so its bytes of a bfloat16 model run high).
   memory   per-device bytes with FSDP over 1, 2, 4, 8 devices: train state (params + EMA + optimizer
@@ -247,11 +248,12 @@ def roofline_table(config, widths, device_kind: str, plot=None) -> str:
     sized.model.channels = int(width)
     mesh = sharding.make_mesh(sized.mesh, devices=jax.devices()[:1])
     lowered, state = train.lower_abstract_step(sized, mesh)
-    flops, traffic = train.flops_per_device(lowered, mesh), train.program_bytes(lowered.compile())
-    seconds = max(flops / peak, traffic / bandwidth)
-    points.append((f"width {width}", flops / traffic, flops / seconds))
+    work, traffic = train.flops_per_device(lowered, mesh), train.program_bytes(lowered.compile())
+    flops = train.flops_on_cpu(sized) if sized.model.remat else work  # less remat's recomputation
+    seconds = max(work / peak, traffic / bandwidth)
+    points.append((f"width {width}", work / traffic, work / seconds))
     lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {flops / 1e9:.5g} | "
-                 f"{traffic / 1e9:.4g} | {flops / traffic:.0f} | {seconds * 1e3:.1f} | {flops / seconds / peak:.0%} |")
+                 f"{traffic / 1e9:.4g} | {work / traffic:.0f} | {seconds * 1e3:.1f} | {flops / seconds / peak:.0%} |")
   if plot:
     title = f"{device_kind} (bytes as XLA:{jax.devices()[0].platform.upper()} fuses the step)"
     lines.append(f"\nroofline plot: {write_roofline_plot(plot, title, peak, bandwidth, points)}")

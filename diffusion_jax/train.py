@@ -313,23 +313,25 @@ def flops_per_device(lowered, mesh) -> float:
 
 
 def flops_on_cpu(config) -> float:
-  """The FLOPs of one train step of `config` (all devices' together) as XLA:CPU counts the step lowered for one
-  CPU device: the count for backends that give none for a lowered program. Attention that would run cuDNN's
-  kernel ("auto", "cudnn"; it has no CPU lowering) is counted as a CPU runs it ("folded"), and a distillation's
-  teacher steps are left out."""
+  """The model FLOPs of one train step of `config` (all devices' together) as XLA:CPU counts the step lowered for
+  one CPU device, with model.remat off: a rematerialised forward pass is recomputation, which MFU does not count,
+  and backends that give no count of a lowered program get one. Attention that would run cuDNN's kernel ("auto",
+  "cudnn"; it has no CPU lowering) is counted as a CPU runs it ("folded"), and a distillation's teacher steps are
+  left out."""
   counted = config.copy_and_resolve_references()
   if counted.model.attention in ("auto", "cudnn"):
     counted.model.attention = "folded"
+  counted.model.remat = False
   counted.mesh.update(data=-1, fsdp=1, tensor=1)
   lowered, _ = lower_abstract_step(counted, sharding.make_mesh(counted.mesh, devices=jax.devices("cpu")[:1]))
   return program_flops(lowered)
 
 
 def compile_step(config, train_step, state, batch_shapes: dict, mesh, teacher=None):
-  """lower_step, compiled once; returns (compiled, FLOPs per step per device: `flops_per_device`, else
-  `flops_on_cpu` split over the mesh)."""
+  """lower_step, compiled once; returns (compiled, model FLOPs per step per device: `flops_per_device`, or
+  `flops_on_cpu` split over the mesh where model.remat is on or the backend counts no lowered program)."""
   lowered = lower_step(train_step, state, batch_shapes, mesh, teacher)
-  flops = flops_per_device(lowered, mesh)
+  flops = float("nan") if config.model.remat else flops_per_device(lowered, mesh)
   if np.isnan(flops):
     flops = flops_on_cpu(config) / mesh.devices.size
   return lowered.compile(), flops

@@ -50,6 +50,8 @@ def test_step_benchmark_flops_grow_about_quadratically_with_width(tmp_path_facto
 
 
 def test_roofline_benchmark_takes_the_longer_roof_of_a_device_this_machine_lacks(tmp_path_factory):
+  """Each row's FLOPs per byte, roof time and MFU bound agree with its FLOPs and bytes, and a plot is drawn; with
+  remat, the model's FLOPs are those of the step without it."""
   import PIL.Image
 
   from diffusion_jax import hardware
@@ -66,6 +68,10 @@ def test_roofline_benchmark_takes_the_longer_roof_of_a_device_this_machine_lacks
     assert intensity == pytest.approx(gflop / gigabytes, rel=0.05, abs=1)
     assert ms == pytest.approx(max(gflop / peak, gigabytes / bandwidth) * 1e12, rel=0.05, abs=0.1)
     assert 0 < mfu <= 100
+  remat = config.copy_and_resolve_references()
+  remat.model.remat = True  # the lowered step with remat counts about 20% more here
+  gflop = float(cells(bench.roofline_table(remat, ["32"], "NVIDIA H100").splitlines()[4])[2])
+  assert gflop == pytest.approx(rows[0][2], rel=0.02)
   with pytest.raises(ValueError, match="--device_kind='NVIDIA B200' has no datasheet here; known: TPU v4"):
     bench.roofline_table(config, ["32"], "NVIDIA B200")
 

@@ -110,7 +110,8 @@ def test_step_flops_grow_with_resolution(tmp_path):
 def test_planned_and_reported_flops_are_within_two_percent_of_the_compiled_step(tmp_path):
   """The planner and training both read the cost analysis of the lowered step (training's split over the mesh's
   devices); on one CPU device it matches what the compiled program counts. So does the recount on one CPU device
-  that backends without a lowered count get, for a config whose attention is cuDNN's on an 8-device FSDP mesh."""
+  that backends without a lowered count and rematerialising models get, for a config whose attention is cuDNN's, on
+  an 8-device FSDP mesh, with remat (whose recomputation the lowered step counts: 18% more here)."""
   import jax
 
   from diffusion_jax import sharding, train
@@ -128,6 +129,7 @@ def test_planned_and_reported_flops_are_within_two_percent_of_the_compiled_step(
   on_gpu = config.copy_and_resolve_references()
   on_gpu.model.attention = "cudnn"
   on_gpu.mesh.update(data=1, fsdp=-1)
+  on_gpu.model.remat = True
   assert train.flops_on_cpu(on_gpu) == pytest.approx(compiled, rel=0.02)
 
 
