@@ -1,6 +1,7 @@
 """The folded attention against jax.nn.dot_product_attention: values and gradients, with masks and biases."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -58,18 +59,24 @@ def test_auto_is_folded_on_a_cpu():
                                 attention.dot_product_attention(q, k, v, mask=mask, implementation="folded"))
 
 
-@pytest.mark.parametrize("dtype,head_dim,mask,bias,device_kind,expected", [
-    (jnp.bfloat16, 64, None, None, "cpu", "folded"),
-    (jnp.bfloat16, 64, None, None, "NVIDIA H200", "cudnn"),  # the U-Net's self-attention
-    (jnp.float16, 128, None, None, "NVIDIA H100 80GB HBM3", "cudnn"),
-    (jnp.bfloat16, 64, "mask", None, "NVIDIA H200", "xla"),  # cross-attention to a padded text
-    (jnp.bfloat16, 64, None, "bias", "NVIDIA H200", "xla"),  # temporal attention's position bias
-    (jnp.float32, 64, None, None, "NVIDIA H200", "xla"),
-    (jnp.bfloat16, 12, None, None, "NVIDIA H200", "xla"),
-    (jnp.bfloat16, 256, None, None, "NVIDIA H200", "xla"),
-    (jnp.bfloat16, 64, None, None, "TPU v5 lite", "xla"),
+@pytest.mark.parametrize("dtype,head_dim,mask,bias,device,expected", [
+    (jnp.bfloat16, 64, None, None, ("cpu", "cpu", None), "folded"),
+    (jnp.bfloat16, 64, None, None, ("gpu", "NVIDIA H200", "9.0"), "cudnn"),  # the U-Net's self-attention
+    (jnp.float16, 128, None, None, ("gpu", "NVIDIA A100-SXM4-80GB", "8.0"), "cudnn"),
+    (jnp.bfloat16, 64, "mask", None, ("gpu", "NVIDIA H200", "9.0"), "xla"),  # cross-attention to a padded text
+    (jnp.bfloat16, 64, None, "bias", ("gpu", "NVIDIA H200", "9.0"), "xla"),  # temporal attention's position bias
+    (jnp.float32, 64, None, None, ("gpu", "NVIDIA H200", "9.0"), "xla"),
+    (jnp.bfloat16, 12, None, None, ("gpu", "NVIDIA H200", "9.0"), "xla"),
+    (jnp.bfloat16, 256, None, None, ("gpu", "NVIDIA H200", "9.0"), "xla"),
+    (jnp.float16, 64, None, None, ("gpu", "NVIDIA GeForce RTX 2080 Ti", "7.5"), "xla"),  # before Ampere
+    (jnp.bfloat16, 64, None, None, ("gpu", "AMD Instinct MI300X", "gfx942"), "xla"),
+    (jnp.bfloat16, 64, None, None, ("tpu", "TPU v5 lite", None), "xla"),
 ])
-def test_auto_takes_cudnn_only_where_its_flash_kernel_applies(dtype, head_dim, mask, bias, device_kind, expected):
+def test_auto_takes_cudnn_only_where_its_flash_kernel_applies(dtype, head_dim, mask, bias, device, expected):
+  platform, kind, capability = device
+  device = types.SimpleNamespace(platform=platform, device_kind=kind)  # the attributes a jax Device has
+  if capability is not None:
+    device.compute_capability = capability
   q = jnp.zeros((2, 16, 4, head_dim), dtype)
-  assert attention.resolve("auto", q, mask, bias, device_kind) == expected
-  assert attention.resolve("xla", q, mask, bias, device_kind) == "xla"  # a named implementation is kept
+  assert attention.resolve("auto", q, mask, bias, device) == expected
+  assert attention.resolve("xla", q, mask, bias, device) == "xla"  # a named implementation is kept

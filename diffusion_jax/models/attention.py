@@ -10,9 +10,9 @@ divides by the softmax sum after the value product ([q_len, head_dim] divisions,
 computes in float32 whatever the inputs' dtype; and its backward pass recomputes the probabilities from
 the saved log-sum-exp, as flash attention does, instead of keeping them. On XLA:CPU it is the faster
 one (README: Benchmarks). "xla" and "cudnn" are `jax.nn.dot_product_attention`'s own implementations
-(cuDNN's fused kernel on NVIDIA GPUs). "auto" (`resolve`) is "folded" on a CPU; on an NVIDIA GPU it is
-"cudnn" where cuDNN's flash attention takes the call (no mask or bias, bfloat16 or float16, a head dimension
-that is a multiple of 8 up to 128: the U-Net's self-attention), which never writes the [q_len, k_len]
+(cuDNN's fused kernel on NVIDIA GPUs). "auto" (`resolve`) is "folded" on a CPU; on an NVIDIA GPU (Ampere or
+later) it is "cudnn" where cuDNN's flash attention takes the call (no mask or bias, bfloat16 or float16, a head
+dimension that is a multiple of 8 up to 128: the U-Net's self-attention), which never writes the [q_len, k_len]
 probabilities to memory; elsewhere "xla" (GPUs and TPUs, whose compilers fuse attention themselves and would run
 the folded implementation's chunks one after another).
 """
@@ -27,19 +27,21 @@ IMPLEMENTATIONS = ("auto", "folded", "xla", "cudnn")
 CHUNK_LOGITS = 2 ** 20
 
 
-def resolve(implementation, q, mask, bias, device_kind):
-  """The implementation "auto" means for a call with q [.., head_dim] on a device of that kind (a name)."""
+def resolve(implementation, q, mask, bias, device):
+  """The implementation "auto" means for a call with q [.., head_dim] on `device` (a jax Device: its platform,
+  kind and, on CUDA, compute capability; cuDNN's flash attention needs Ampere or later)."""
   if implementation != "auto":
     return implementation
-  if device_kind == "cpu":
+  if device.platform == "cpu":
     return "folded"
-  fits_cudnn = mask is None and bias is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-  return "cudnn" if fits_cudnn and q.shape[-1] <= 128 and device_kind.startswith("NVIDIA") else "xla"
+  capability = str(getattr(device, "compute_capability", ""))
+  ampere_or_later = device.device_kind.startswith("NVIDIA") and capability[:1].isdigit() and float(capability) >= 8
+  fits = mask is None and bias is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+  return "cudnn" if ampere_or_later and fits and q.shape[-1] <= 128 else "xla"
 
 
 def dot_product_attention(q, k, v, mask=None, bias=None, implementation="auto"):
-  device = jax.devices()[0]
-  implementation = resolve(implementation, q, mask, bias, "cpu" if device.platform == "cpu" else device.device_kind)
+  implementation = resolve(implementation, q, mask, bias, jax.devices()[0])
   if implementation != "folded":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
   f32 = jnp.float32
