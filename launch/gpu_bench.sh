@@ -5,7 +5,7 @@
 #   .venv/bin/python launch/gpu_wheels.py         # here, once: the wheels it lacks, into .whl/ (git-ignored)
 #   launch/gpu_bench.sh [NAME ...]                # there (the device tool's run, carry [".whl"]); default: all
 #
-# Benchmarks, in the default order (NAME: what, its time limit):
+# Benchmarks, in the default order (NAME: what, its time limit; all but base64 by default):
 #   env        the GPU, the Python packages and what jax sees (60 s)
 #   step       the 64 px U-Net train step in bfloat16: FLOPs, step time, MFU and the GPU program's roofline (bytes
 #              per step, FLOPs per byte; drawn as $OUT/roofline_WIDTH_BATCH.png) at widths 128 and 256 (batch 128)
@@ -13,6 +13,9 @@
 #              compiling); STEP_ROWS="WIDTH,BATCH ..." names other rows
 #   attention  the same step at width 128, batch 128 with attention "xla" and "auto" (cuDNN's flash attention for the
 #              self-attention; models/attention.py), one `bench step` each (2 x 150 s)
+#   base64     the pod's 64 px base, configs/imagen_base64.py (a 2.01B-parameter U-Net under a frozen T5-XXL, remat),
+#              at a per-device batch of 32, with 90% of the GPU's memory (400 s; not yet run on a GPU: its compile
+#              time is unknown; not in the default set)
 #   peer_dit   the demo DiT (bfloat16) against diffusers' PixArt transformer on the same GPU (180 s)
 #   peer_unet  the 64 px U-Net (bfloat16, width 128) against diffusers' UNet2DConditionModel (180 s)
 #   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame
@@ -80,6 +83,9 @@ print(f"- jax devices: {jax.devices()}")'
         bench 150 step --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
           --widths=128 --config.train.batch_size=128 --config.model.attention=$implementation --steps=10
       done ;;
+    base64)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 bench 400 step --config=configs/imagen_base64.py --widths=512 \
+        --config.train.batch_size=32 --steps=5 ;;
     peer_dit)
       bench 180 peer --config=configs/t2i_shapes.py:dit --config.model.dtype=bfloat16 --steps=10 ;;
     peer_unet)
@@ -98,7 +104,8 @@ print(f"- jax devices: {jax.devices()}")'
         --config.data.resolution=64 --config.model.dtype=bfloat16 --config.model.channels=128 \
         --config.train.batch_size=128 --steps=5 ;;
     *)
-      echo "error: no benchmark named '$1' (env, step, attention, peer_dit, peer_unet, video, compile, profile)" >&2
+      echo "error: no benchmark named '$1' (env, step, attention, base64, peer_dit, peer_unet, video, compile," \
+        "profile)" >&2
       exit 2 ;;
   esac
 }

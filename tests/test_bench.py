@@ -227,4 +227,5 @@ def test_gpu_bench_script_writes_what_it_ran_and_refuses_unknown_names(tmp_path)
   assert f"- grain {importlib.metadata.version('grain')}\n" in written
   result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_bench.sh"), "stepp"], env=env, capture_output=True,
                           text=True, timeout=60)
-  assert result.returncode == 2 and "no benchmark named 'stepp' (env, step, attention, peer_dit" in result.stderr
+  assert result.returncode == 2 and "no benchmark named 'stepp' (env, step, attention, base64, peer_dit" in \
+      result.stderr
