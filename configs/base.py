@@ -173,7 +173,10 @@ def get_config():
       batch_size=256,              # samples generated at once over all devices (more: batch by batch)
       negative_prompt="",          # guidance's unconditional branch reads this text instead of the null one
       strength=0.8,                # image-to-image and inpainting (--init_image): the part of the grid run, (0, 1]
-      edit_noise="random",         # edits start from: "random" noise (SDEdit) or "inversion" (DDIM; editing.py)
+      edit_noise="random",         # edits start from: "random" noise (SDEdit), "inversion" (DDIM), "source_inversion"
+                                   # or "null_text_inversion" (with a source prompt; editing.py)
+      null_text_iterations=10,     # null_text_inversion: Adam steps on guidance's other text per sampler step
+      null_text_learning_rate=0.01,  # ... and their learning rate
       video_length=0,              # video models: frames per video by autoregressive extension (0 = one clip)
       context_frames=0,            # ... frames of the video so far each window keeps (0 = half a clip)
       reconstruction_guidance=0.0,  # edits: > 0 also steers the generated part to agree with the kept (editing.py)

@@ -241,6 +241,7 @@ ADDED_FIELDS = {
     "sample.strength": 0.8,  # read only when an image is edited, which earlier code could not
     "sample.video_length": 0, "sample.context_frames": 0, "sample.reconstruction_guidance": 0.0,
     "sample.edit_noise": "random",
+    "sample.null_text_iterations": 10, "sample.null_text_learning_rate": 0.01,  # read by edits earlier code lacked
     "finetune.workdir": "", "finetune.step": -1, "finetune.use_ema": True, "model.lora_rank": 0,
     "model.lora_convolutions": False, "model.lora_feed_forward": False,
     "model.lora_modulation": False,

@@ -112,9 +112,14 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}strength={s.strength} must be in (0, 1]")
   if s.edit_noise not in editing.EDIT_NOISE:
     found.append(f"{prefix}edit_noise={s.edit_noise!r} is not one of {list(editing.EDIT_NOISE)}")
-  for field in ("video_length", "context_frames", "reconstruction_guidance"):
+  for field in ("video_length", "context_frames", "reconstruction_guidance", "null_text_iterations"):
     if s[field] < 0:
       found.append(f"{prefix}{field}={s[field]} must be >= 0")
+  if s.null_text_learning_rate <= 0:
+    found.append(f"{prefix}null_text_learning_rate={s.null_text_learning_rate} must be > 0")
+  if s.edit_noise == "null_text_inversion" and (s.sampler != "ddim" or s.eta):
+    found.append(f"{prefix}edit_noise='null_text_inversion' optimises guidance's text for deterministic DDIM steps: "
+                 f"set sampler='ddim' and eta=0 (not sampler={s.sampler!r}, eta={s.eta})")
   return found
 
 

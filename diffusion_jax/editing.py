@@ -14,7 +14,12 @@ grid, run forward for the prompt, starts from noise that leads back to the image
 guidance's other branch then reads in place of the null condition (Miyake et al. 2023's negative-prompt inversion,
 a stand-in for Mokady et al.'s null-text inversion without its optimisation): under guidance the unconditional
 walk no longer leads back to the image, while with the source prompt the guided step for the source prompt is
-the walk's own, so the edit departs from the image only as far as the new prompt differs from the source.
+the walk's own, so the edit departs from the image only as far as the new prompt differs from the source. Or
+"null_text_inversion" (Mokady et al. 2023): source inversion's path, then for each step of the grid guidance's
+other branch gets its own text, optimised (`optimised_nulls`, from the source prompt's encoding: our null
+condition is a fully masked text, which has nothing to optimise) until the guided step for the source prompt
+lands on the path; the edit then samples the new prompt with those texts, step by step. What it corrects is the
+inversion's own error, which source inversion leaves.
 
 A video model animates an image the same way (image-to-video): the clip to edit is the image repeated, and its
 first frame is kept (the replacement method of Ho et al. 2022's conditional video generation).
@@ -25,10 +30,12 @@ w, 1], 1 where the given image is kept, 0 where it is generated anew.
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from diffusion_jax import samplers
 
-EDIT_NOISE = ("random", "inversion", "source_inversion")
+EDIT_NOISE = ("random", "inversion", "source_inversion", "null_text_inversion")
+SOURCE_PROMPTED = ("source_inversion", "null_text_inversion")  # what edits starting from these read a source prompt
 
 
 def first_step(steps: int, strength: float) -> int:
@@ -73,17 +80,62 @@ def inpainting_denoiser(denoise_fn, known, keep, reconstruction_guidance: float 
   return denoise
 
 
-def inverted(denoise_fn, x0, alpha, sigma):
-  """DDIM inversion: x at the grid's noisiest level (alpha[0], sigma[0]) from which deterministic DDIM over the grid
-  (alpha, sigma [steps + 1], noisiest first, as concrete arrays) leads back to x0 [batch, ...], found by running
-  its steps backwards from the least noisy level, each step's clean estimate taken where the step starts. At a
-  clean end (sigma 0) there is no noise to estimate: the walk starts from x0 at the next level, noise-free."""
-  last = len(alpha) - (2 if float(sigma[-1]) == 0 else 1)  # the least noisy level the walk starts from
+def inversion_path(denoise_fn, x0, alpha, sigma):
+  """DDIM inversion (Song et al. 2021): x at every level of the grid (alpha, sigma [steps + 1], noisiest first, as
+  concrete arrays) -> [steps + 1, batch, ...], noisiest first, on the path deterministic DDIM over the grid walks
+  back to x0 [batch, ...]: its steps run backwards from the least noisy level, each step's clean estimate taken
+  where the step starts. At a clean end (sigma 0) there is no noise to estimate: the walk starts from x0 at the
+  next level, noise-free, and the path ends at x0."""
+  clean = float(sigma[-1]) == 0
+  last = len(alpha) - (2 if clean else 1)  # the least noisy level the walk starts from
   levels = jnp.stack([alpha[1:last + 1], sigma[1:last + 1], alpha[:last], sigma[:last]], axis=-1)[::-1]
 
   def step(x, level):
     a_t, s_t, a_s, s_s = level
     estimate = denoise_fn(x, jnp.full(x.shape[:1], a_t), jnp.full(x.shape[:1], s_t))
-    return samplers.ddim_step(x, estimate, a_t, s_t, a_s, s_s, 0.0, jnp.zeros_like(x)), None
+    x = samplers.ddim_step(x, estimate, a_t, s_t, a_s, s_s, 0.0, jnp.zeros_like(x))
+    return x, x
 
-  return jax.lax.scan(step, alpha[last] * x0, levels)[0]
+  start = alpha[last] * x0
+  walked = jax.lax.scan(step, start, levels)[1]  # levels last - 1, ..., 0
+  return jnp.concatenate([walked[::-1], start[None]] + ([x0[None]] if clean else []))
+
+
+def inverted(denoise_fn, x0, alpha, sigma):
+  """DDIM inversion: x at the grid's noisiest level (alpha[0], sigma[0]) from which deterministic DDIM over the grid
+  leads back to x0 (inversion_path's first level)."""
+  return inversion_path(denoise_fn, x0, alpha, sigma)[0]
+
+
+def optimised_nulls(guided_step, path, null, iterations: int, learning_rate: float):
+  """Null-text inversion (Mokady et al. 2023): guidance's unconditional text for each step of the grid, optimised
+  so that the guided sampler retraces an inversion path.
+
+  guided_step(x, null, i) -> x one deterministic step down the grid from level i, guided with `null`
+  [batch, tokens, dim] as the unconditional branch's text. path [steps + 1, batch, ...]: inversion_path's levels,
+  noisiest first. Step by step from path[0], the text (the previous step's, `null` at the first) takes
+  `iterations` Adam steps of `learning_rate` on the squared distance between the step's result and path[i + 1],
+  summed over each example (so an example's text depends on its own image alone), and the walk goes on from where
+  the step with the optimised text lands. -> texts [steps, batch, tokens, dim]."""
+  optimizer = optax.adam(learning_rate)
+
+  def distance(text, x, i, target):
+    return jnp.sum(jnp.square(guided_step(x, text, i) - target))
+
+  def per_step(carry, i):
+    x, text = carry
+
+    def iterate(_, state):
+      text, moments = state
+      updates, moments = optimizer.update(jax.grad(distance)(text, x, i, path[i + 1]), moments)
+      return optax.apply_updates(text, updates), moments
+
+    text = jax.lax.fori_loop(0, iterations, iterate, (text, optimizer.init(text)))[0]
+    return (guided_step(x, text, i), text), text
+
+  return jax.lax.scan(per_step, (path[0], null), jnp.arange(len(path) - 1))[1]
+
+
+def step_of(logsnr, grid_logsnr):
+  """The index of the grid step [batch] each example's logsnr [batch] starts: the nearest of grid_logsnr [steps]."""
+  return jnp.argmin(jnp.abs(grid_logsnr[None, :] - logsnr[:, None]), axis=1)

@@ -7,7 +7,8 @@
                                    [--guide_workdir=DIR] [--guide_step=N]
                                    [--image_to_video | --image_to_image | --video_to_video]
                                    [--strength=0.6] [--edit_noise=inversion] [--strength_sweep=0.2,0.4,0.6,0.8,1]
-                                   [--edit_noise_sweep=random,inversion,source_inversion] [--edit_toward=own]
+                                   [--edit_noise_sweep=random,inversion,source_inversion,null_text_inversion]
+                                   [--edit_toward=own]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
                                    [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
@@ -74,8 +75,9 @@ Flags:
   --strength          with --image_to_video, --image_to_image or --video_to_video: the part of the sampling grid run
                       (default: the config's sample.strength)
   --edit_noise        with those: what the edits start from, random (SDEdit), inversion (DDIM inversion of the
-                      given media) or source_inversion (inversion with each real image's or clip's own caption as
-                      the source prompt; sample.py's flag) (default: the config's sample.edit_noise)
+                      given media), source_inversion (inversion with each real image's or clip's own caption as
+                      the source prompt) or null_text_inversion (that, with guidance's other text optimised per
+                      step; DDIM only); sample.py's flag (default: the config's sample.edit_noise)
   --video_length      video models: make this many frames by autoregressive extension (video_extension.py) and score
                       the last clip's worth, the frames the extension made (default: the config's, 0 = one clip)
   --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
@@ -100,7 +102,8 @@ Flags:
   --strength_sweep    with --image_to_video, --image_to_image or --video_to_video: comma-separated edit strengths
                       (strength_sweep_step_N; for an edit toward another caption, the trade-off between following it
                       and keeping the real image)
-  --edit_noise_sweep  with those: random,inversion,source_inversion side by side (edit_noise_sweep_step_N)
+  --edit_noise_sweep  with those: random,inversion,source_inversion,null_text_inversion (or some) side by side
+                      (edit_noise_sweep_step_N)
   --aug_level_sweep   super-resolution stages: comma-separated noise-augmentation levels of the low-res
                       input (sample.aug_level), written as aug_level_sweep_step_N.{md,png}; with --workdir the
                       input is the real images downsampled, with --cascade what the stage below generates (the
@@ -329,7 +332,7 @@ def generation_metrics(config, graphdef, weights, mesh, images, captions, sample
     lowres = cascade.downsampled(images, config)[:, None]
   asked = edit_captions(config, captions, edit_toward) if edit_real else captions
   edit = given_media(config, sample_config, images, image_to_video, edit_real)
-  sources = captions if edit is not None and sample_config.edit_noise == "source_inversion" else None
+  sources = captions if edit is not None and sample_config.edit_noise in editing.SOURCE_PROMPTED else None
   generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, asked, sample_config, lowres, edit,
                         guide, sources)
   metrics = media_metrics(config, generated, asked, frechet or frechet_distances(images), clip)
@@ -585,9 +588,9 @@ def edit_problems(sample_config, edits: bool) -> list[str]:
   if not edits:
     return []
   found = []
-  if sample_config.edit_noise == "source_inversion" and sample_config.negative_prompt:
-    found.append("--edit_noise=source_inversion: guidance's other branch reads each image's caption, so not with a "
-                 "negative prompt (leave it out, or edit with --edit_noise=inversion)")
+  if sample_config.edit_noise in editing.SOURCE_PROMPTED and sample_config.negative_prompt:
+    found.append(f"--edit_noise={sample_config.edit_noise}: guidance's other branch reads each image's caption, so "
+                 "not with a negative prompt (leave it out, or edit with --edit_noise=inversion)")
   if 0 < sample_config.strength <= 1:
     try:
       editing.first_step(sample_config.steps, sample_config.strength)
@@ -737,9 +740,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   if guide_workdir or guide_step is not None:
     autoguidance.check_negative_prompts([sample_config.negative_prompt])  # before any checkpoint is read
     edit_noises = [sample_config.edit_noise] + list((sweeps or {}).get("edit_noise", []))
-    if (image_to_video or edit_real) and "source_inversion" in edit_noises:  # only edits read it
-      raise ValueError("--edit_noise=source_inversion: guidance's other branch reads each image's caption, so not "
-                       "with an autoguidance guide (leave the guide out, or edit with --edit_noise=inversion)")
+    if (image_to_video or edit_real) and (prompted := set(editing.SOURCE_PROMPTED) & set(edit_noises)):
+      raise ValueError(f"--edit_noise={'/'.join(sorted(prompted))}: guidance's other branch reads each image's "
+                       "caption, so not with an autoguidance guide (leave the guide out, or edit with "
+                       "--edit_noise=inversion)")
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
@@ -850,8 +854,9 @@ def define_flags():
   flags.DEFINE_float("strength", None, f"With {EDITING}: the part of the sampling grid run (default: the config's "
                      "sample.strength).")
   flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), f"With {EDITING}: random (SDEdit), inversion "
-                    "(DDIM inversion of the given media) or source_inversion (inversion with their own captions) "
-                    "(default: the config's sample.edit_noise).")
+                    "(DDIM inversion of the given media), source_inversion (inversion with their own captions) or "
+                    "null_text_inversion (that, with guidance's other text optimised per step; DDIM only) (default: "
+                    "the config's sample.edit_noise).")
   flags.DEFINE_integer("video_length", None, "Video models: make this many frames by extension and score the last "
                        "clip's worth.", lower_bound=0)
   flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps.", lower_bound=0)
@@ -869,7 +874,7 @@ def define_flags():
   flags.DEFINE_list("aug_level_sweep", [], "Super-resolution stages: noise-augmentation levels to sweep.")
   flags.DEFINE_list("strength_sweep", [], f"With {EDITING}: edit strengths to sweep.")
   flags.DEFINE_list("edit_noise_sweep", [], f"With {EDITING}: what edits start from, side by side "
-                    "(random,inversion,source_inversion).")
+                    "(random,inversion,source_inversion,null_text_inversion).")
   flags.DEFINE_integer("sweep_stage", -1, "With --cascade: the stage whose settings the sweeps vary (default -1, "
                        "the last).")
   distributed.define_flags()

@@ -47,11 +47,15 @@ Flags:
   --edit_noise      with --init_image or --init_video: what the edit starts from at --strength: random (SDEdit:
                     the image plus fresh noise), inversion (DDIM inversion: the noise from which the unconditional
                     model's deterministic path leads back to the image, found by running it backwards; keeps more of
-                    the image at a strength) or source_inversion (the same for the model given --source_prompt, which
-                    guidance's other branch then reads: under guidance it keeps more still; editing.py) (default:
-                    config sample.edit_noise, random)
-  --source_prompt   with --edit_noise=source_inversion: what the image or clip to edit shows, for every edit without
-                    a "source_prompt" of its own (e.g. "a red square" to edit toward "a blue square")
+                    the image at a strength), source_inversion (the same for the model given --source_prompt, which
+                    guidance's other branch then reads: under guidance it keeps more still) or null_text_inversion
+                    (source inversion, then guidance's other text optimised step by step so that the source prompt's
+                    guided steps retrace the inversion: config sample.null_text_iterations Adam steps of
+                    sample.null_text_learning_rate per step; needs --sampler=ddim; editing.py) (default: config
+                    sample.edit_noise, random)
+  --source_prompt   with --edit_noise=source_inversion or null_text_inversion: what the image or clip to edit shows,
+                    for every edit without a "source_prompt" of its own (e.g. "a red square" to edit toward "a blue
+                    square")
   --reconstruction_guidance
                     with --init_image or --video_length: > 0 also moves the estimate of what is generated along the
                     gradient that makes the kept part's estimate agree with it (Ho et al. 2022; a backward pass
@@ -115,7 +119,7 @@ GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation 
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "guidance_interval",
                      "threshold", "threshold_percentile", "frames", "aug_level", "strength", "edit_noise",
-                     "reconstruction_guidance")
+                     "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate")
 _compiled_samplers = {}
 
 
@@ -164,7 +168,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       given = jnp.any(negative_mask > 0, axis=-1)
       null_text = jnp.where(given[:, None, None], model.encode(negative_ids, negative_mask), null_text)
       null_mask = jnp.where(given[:, None], negative_mask, null_mask)
-    if init is not None and s.edit_noise == "source_inversion":  # (images, keep, source ids, source mask)
+    if init is not None and s.edit_noise in editing.SOURCE_PROMPTED:  # (images, keep, source ids, source mask)
       init, (source_ids, source_mask) = init[:2], init[2:]
       null_text, null_mask = model.encode(source_ids, source_mask), source_mask
     aug_logsnr, clean_lowres = None, lowres
@@ -176,42 +180,57 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       guide_model = nnx.merge(guide_graphdef, *guide)
       guide_text = guide_model.encode(ids, mask)
 
-    def network_fn(x, logsnr, conditional):
-      if conditional:
-        return model(x, logsnr, text, mask, lowres=lowres, aug_logsnr=aug_logsnr)
-      if guide is not None:
-        return guide_model(x, logsnr, guide_text, mask, lowres=lowres, aug_logsnr=aug_logsnr)
-      return model(x, logsnr, null_text, null_mask, lowres=lowres, aug_logsnr=aug_logsnr)
+    def make_denoise(cond, uncond_text_at):
+      """The guided (thresholded) denoiser for cond (text, mask) and, in guidance's other branch, uncond_text_at(
+      logsnr [batch]) with null_mask, unless an autoguidance guide fills that branch."""
 
-    residual = superres.is_residual(config)
-    denoise = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale,
-                                     "none" if residual else s.threshold, s.threshold_percentile, d.sigma_data,
-                                     s.guidance_interval)
-    if residual:  # thresholding acts on the image the residual belongs to
-      denoise_residual = denoise
+      def network_fn(x, logsnr, conditional):
+        if conditional:
+          return model(x, logsnr, *cond, lowres=lowres, aug_logsnr=aug_logsnr)
+        if guide is not None:
+          return guide_model(x, logsnr, guide_text, mask, lowres=lowres, aug_logsnr=aug_logsnr)
+        return model(x, logsnr, uncond_text_at(logsnr), null_mask, lowres=lowres, aug_logsnr=aug_logsnr)
 
-      def denoise(x, alpha_t, sigma_t):
-        image = superres.from_residual(denoise_residual(x, alpha_t, sigma_t), clean_lowres, config)
+      guided = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale,
+                                      "none" if residual else s.threshold, s.threshold_percentile, d.sigma_data,
+                                      s.guidance_interval)
+      if not residual:
+        return guided
+
+      def denoise(x, alpha_t, sigma_t):  # thresholding acts on the image the residual belongs to
+        image = superres.from_residual(guided(x, alpha_t, sigma_t), clean_lowres, config)
         image = samplers.threshold_x0(image, s.threshold, s.threshold_percentile)
         return superres.to_residual(image, clean_lowres, config)
 
+      return denoise
+
+    residual = superres.is_residual(config)
+    denoise = make_denoise((text, mask), lambda _: null_text)
     noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
     grid_alpha, grid_sigma, x_init = alpha, sigma, sigma[0] * noise
     if init is not None:  # an edit: the rest of the grid from the given images noised, their kept region kept
       given, keep = init
       start = editing.first_step(s.steps, s.strength)
       grid_alpha, grid_sigma, known = alpha[start:], sigma[start:], model.to_latents(given)
-      if s.edit_noise in ("inversion", "source_inversion"):  # the deterministic path back to the given images
+      keep_latent = editing.keep_at(keep, shape[-2])
+      if s.edit_noise != "random":  # the deterministic path back to the given images
         # of the unconditional model (null text), or of the model for the source prompts (null_text holds them)
-        inverted_text, inverted_mask = ((null_text, null_mask) if s.edit_noise == "source_inversion" else
+        inverted_text, inverted_mask = ((null_text, null_mask) if s.edit_noise in editing.SOURCE_PROMPTED else
                                         (jnp.zeros_like(text), jnp.zeros_like(mask)))
         walked = lambda x, logsnr, _: model(x, logsnr, inverted_text, inverted_mask)
-        x_init = editing.inverted(samplers.make_denoiser(walked, d.prediction, sigma_data=d.sigma_data), known,
-                                  grid_alpha, grid_sigma)
+        path = editing.inversion_path(samplers.make_denoiser(walked, d.prediction, sigma_data=d.sigma_data), known,
+                                      grid_alpha, grid_sigma)
+        x_init = path[0]
       else:
         x_init = grid_alpha[0] * known + grid_sigma[0] * noise
-      denoise = editing.inpainting_denoiser(denoise, known, editing.keep_at(keep, shape[-2]),
-                                            s.reconstruction_guidance)
+      if s.edit_noise == "null_text_inversion":  # per step, the other branch's text that retraces the path
+        step = null_text_step(make_denoise, (null_text, null_mask), known, keep_latent, s.reconstruction_guidance,
+                              grid_alpha, grid_sigma)
+        nulls = editing.optimised_nulls(step, path, null_text, s.null_text_iterations, s.null_text_learning_rate)
+        grid_logsnr = jnp.log(jnp.square(grid_alpha[:-1] / grid_sigma[:-1]))
+        denoise = make_denoise((text, mask), lambda logsnr: nulls[editing.step_of(logsnr, grid_logsnr),
+                                                           jnp.arange(logsnr.shape[0])])
+      denoise = editing.inpainting_denoiser(denoise, known, keep_latent, s.reconstruction_guidance)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # each sample's own stochastic-sampler noise
     images = samplers.sample(denoise, x_init, grid_alpha, grid_sigma, s.sampler, key=step_keys, eta=s.eta,
                              on_step=SamplingProgress(len(grid_alpha) - 1, s.sampler))
@@ -221,6 +240,20 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
     return images if init is None else jnp.where(keep > 0, given, images)
 
   return generate
+
+
+def null_text_step(make_denoise, source, known, keep, reconstruction_guidance, alpha, sigma):
+  """guided_step(x, null, i) for editing.optimised_nulls: one deterministic DDIM step of an edit's grid (alpha,
+  sigma [steps + 1]) from level i, guided for the source prompts' (text, mask) with `null` in the other branch, the
+  kept region of `known` kept as the edit's sampling keeps it (with its reconstruction guidance)."""
+  alpha, sigma = jnp.asarray(alpha), jnp.asarray(sigma)
+
+  def guided_step(x, null, i):
+    denoise = editing.inpainting_denoiser(make_denoise(source, lambda _: null), known, keep, reconstruction_guidance)
+    estimate = denoise(x, jnp.full(x.shape[:1], alpha[i]), jnp.full(x.shape[:1], sigma[i]))
+    return samplers.ddim_step(x, estimate, alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], 0.0, jnp.zeros_like(x))
+
+  return guided_step
 
 
 class SamplingProgress:
@@ -282,17 +315,21 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   image is kept (inpainting; default: nothing kept). keys: raw keys [len(prompts) * num_per_prompt, 2] of the
   samples' noise instead of those of their seeds (example_keys). guide: an autoguidance.Guide, guidance's other
   branch instead of the unconditional model (refused with negative prompts, which that branch would read).
-  source_prompts: with sample.edit_noise "source_inversion", what each init image shows, one per prompt
+  source_prompts: with sample.edit_noise "source_inversion" or "null_text_inversion", what each init image shows,
+  one per prompt
   (editing.py)."""
   if init_images is not None:
     edit_inputs.check_editable(config)
   sources = list(source_prompts or [])
-  inverting_with_sources = init_images is not None and sample_config.edit_noise == "source_inversion"
+  inverting_with_sources = init_images is not None and sample_config.edit_noise in editing.SOURCE_PROMPTED
   if inverting_with_sources:
     check_source_inversion(prompts, sources, negative_prompts or [sample_config.negative_prompt], guide is not None)
   elif any(sources):
-    raise ValueError("Source prompts are read by edits with --edit_noise=source_inversion only: set it, or leave the "
-                     "source prompts out.")
+    raise ValueError("Source prompts are read by edits with --edit_noise=source_inversion or null_text_inversion only: "
+                     "set one, or leave the source prompts out.")
+  if init_images is not None and (problems := [p for p in config_checks.sample_problems(sample_config, "--")
+                                               if "null_text_inversion" in p]):
+    raise ValueError(problems[0])
   for problem in distillation.off_grid(config, sample_config):
     log.warning("%s", problem)
   n = sample_config.num_per_prompt
@@ -350,13 +387,13 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
 
 
 def check_source_inversion(prompts, sources, negatives, guided: bool) -> None:
-  """A ValueError unless every edit with --edit_noise=source_inversion has a source prompt and guidance's other
-  branch, which reads it, is free: no negative prompt, no autoguidance guide."""
+  """A ValueError unless every edit with --edit_noise=source_inversion (or null_text_inversion) has a source prompt
+  and guidance's other branch, which reads it, is free: no negative prompt, no autoguidance guide."""
   missing = [p for i, p in enumerate(prompts) if i >= len(sources) or not sources[i]]
   if missing:
-    raise ValueError(f"--edit_noise=source_inversion inverts each image with a prompt of what it shows: give every "
-                     f"edit one (--source_prompt, or 'source_prompt' in a .jsonl prompts file); none for "
-                     f"{missing[:3]}")
+    raise ValueError(f"--edit_noise=source_inversion and null_text_inversion invert each image with a prompt of "
+                     f"what it shows: give every edit one (--source_prompt, or 'source_prompt' in a .jsonl prompts "
+                     f"file); none for {missing[:3]}")
   if any(negatives) or guided:
     raise ValueError("--edit_noise=source_inversion: guidance's other branch reads the source prompt, so not with "
                      f"{'a negative prompt' if any(negatives) else 'an autoguidance guide'}, which that branch would "
@@ -566,13 +603,14 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
 
 def check_source_prompts(prompts: list[dict], edits: dict, sample_config, default: str | None, guided: bool):
   """Gives each edit of `prompts` without a "source_prompt" the `default` (--source_prompt); a ValueError, before
-  any checkpoint is read, for a source prompt outside an edit with sample.edit_noise "source_inversion", or for
-  such edits that check_source_inversion refuses (guided: an autoguidance guide is given)."""
-  inverting = bool(edits) and sample_config.edit_noise == "source_inversion"
+  any checkpoint is read, for a source prompt outside an edit with sample.edit_noise "source_inversion" or
+  "null_text_inversion", or for such edits that check_source_inversion refuses (guided: an autoguidance guide is
+  given)."""
+  inverting = bool(edits) and sample_config.edit_noise in editing.SOURCE_PROMPTED
   for i in edits if inverting and default else ():
     prompts[i].setdefault("source_prompt", default)
   what = ("A source prompt (--source_prompt, 'source_prompt' in a .jsonl prompts file) says what an edit's image "
-          "shows, read by edits with --edit_noise=source_inversion alone")
+          "shows, read by edits with --edit_noise=source_inversion or null_text_inversion alone")
   if not inverting and (default or any("source_prompt" in e for e in prompts)):
     raise ValueError(f"{what}; here {'--edit_noise is ' + sample_config.edit_noise if edits else 'nothing is edited'}: "
                      "leave the source prompt out, or edit with --edit_noise=source_inversion")
@@ -734,10 +772,11 @@ def define_flags():
   flags.DEFINE_float("strength", None, "With --init_image or --init_video: the part of the sampling grid run from "
                      "it noised, in (0, 1] (default: config sample.strength).")
   flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), "With --init_image or --init_video: random (SDEdit), "
-                    "inversion (DDIM inversion of the image) or source_inversion (inversion with --source_prompt, "
-                    "which guidance then steers from) (default: config sample.edit_noise).")
-  flags.DEFINE_string("source_prompt", None, "With --edit_noise=source_inversion: what the image or clip to edit "
-                      "shows, for every edit without its own.")
+                    "inversion (DDIM inversion of the image), source_inversion (inversion with --source_prompt, "
+                    "which guidance then steers from) or null_text_inversion (that, with guidance's other text "
+                    "optimised per step to retrace the inversion; DDIM only) (default: config sample.edit_noise).")
+  flags.DEFINE_string("source_prompt", None, "With --edit_noise=source_inversion or null_text_inversion: what the "
+                      "image or clip to edit shows, for every edit without its own.")
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE "
                             "(default 1).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")

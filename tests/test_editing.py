@@ -52,6 +52,34 @@ def test_ddim_inversion_finds_the_noise_that_leads_back_to_the_image(path):
     assert fine_error < 0.05 * c and fine_error < error / 3 and fresh_error > 0.5 * c
 
 
+def test_null_text_optimisation_makes_the_guided_walk_retrace_the_path_example_by_example():
+  """editing.optimised_nulls with a step whose landing point the text shifts: the optimised texts bring the walk
+  onto the path (none of its levels is reached without them), and an example's texts are the same in a batch of
+  two as alone. step_of finds the grid step of a noise level."""
+  import jax
+  import jax.numpy as jnp
+
+  path = jax.random.normal(jax.random.key(0), (5, 2, 3))  # 4 steps, 2 examples, 3 values each
+  guided_step = lambda x, text, i: 0.5 * x + text.sum(1)  # text [batch, 2 tokens, 3]
+  start = jnp.zeros((2, 2, 3))
+
+  def walk(texts):
+    x, xs = path[0], []
+    for i in range(4):
+      x = guided_step(x, texts[i], i)
+      xs.append(x)
+    return jnp.stack(xs)
+
+  texts = editing.optimised_nulls(guided_step, path, start, iterations=300, learning_rate=0.05)
+  assert texts.shape == (4, 2, 2, 3)
+  reached = float(jnp.abs(walk(texts) - path[1:]).max())
+  assert reached < 0.05 < float(jnp.abs(walk(jnp.zeros_like(texts)) - path[1:]).max()), reached
+  alone = editing.optimised_nulls(guided_step, path[:, 1:], start[1:], iterations=300, learning_rate=0.05)
+  np.testing.assert_allclose(alone[:, 0], texts[:, 1], rtol=1e-5, atol=1e-6)
+  grid_logsnr = jnp.array([-4.0, -1.0, 2.0])
+  np.testing.assert_array_equal(editing.step_of(jnp.array([2.0, -4.0, -1.0]), grid_logsnr), [2, 0, 1])
+
+
 def test_a_latent_cell_is_kept_only_when_all_its_pixels_are():
   keep = np.ones((1, 4, 4, 1), np.float32)
   keep[0, 1, 0] = 0  # one pixel of the top-left 2x2 block is generated anew
@@ -129,8 +157,11 @@ def test_an_edit_from_the_inverted_image_keeps_more_of_it_than_one_from_fresh_no
 def test_under_guidance_an_edit_inverted_with_its_source_prompt_keeps_the_image(trained):
   """sample.edit_noise="source_inversion" (negative-prompt inversion): with the image's own caption as both source
   and prompt, guided DDIM at scale 3 is the conditional model's walk run back: it ends where the unguided edit
-  does, near the image, where the unconditional inversion, guided, lands far from it. Without a source prompt for
-  every edit, or with a negative prompt or a source prompt outside such an edit, generate refuses."""
+  does, near the image, where the unconditional inversion, guided, lands far from it. "null_text_inversion" then
+  optimises guidance's other text per step: it comes back nearer still (source inversion's error is the
+  inversion's own), and with no optimisation steps it is source inversion exactly. Without a source prompt for
+  every edit, or with a negative prompt or a source prompt outside such an edit, generate refuses, and null-text
+  inversion with any sampler but deterministic DDIM."""
   from diffusion_jax import evaluate
   from diffusion_jax.text import tokenizers
 
@@ -140,21 +171,27 @@ def test_under_guidance_an_edit_inverted_with_its_source_prompt_keeps_the_image(
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(steps=20, num_per_prompt=1, sampler="ddim", strength=0.6)
 
-  def edit(edit_noise, guidance_scale, **given):
-    sample_config.update(edit_noise=edit_noise, guidance_scale=guidance_scale)
+  def edit(edit_noise, guidance_scale, iterations=10, **given):
+    sample_config.update(edit_noise=edit_noise, guidance_scale=guidance_scale, null_text_iterations=iterations)
     return sample.generate(config, graphdef, params, weights.frozen, tokenizer, captions, sample_config, mesh,
                            init_images=images, **given)[:, 0].astype(int)
 
+  error = lambda edited: np.abs(edited - images).mean()
   from_source = edit("source_inversion", 3.0, source_prompts=captions)
   unguided = edit("source_inversion", 1.0, source_prompts=captions)
   assert np.abs(from_source - unguided).max() <= 1  # the same walk back, up to float rounding
-  assert np.abs(from_source - images).mean() < 0.5 * np.abs(edit("inversion", 3.0) - images).mean()
+  assert error(from_source) < 0.5 * error(edit("inversion", 3.0))
+  np.testing.assert_array_equal(edit("null_text_inversion", 3.0, iterations=0, source_prompts=captions), from_source)
+  assert error(edit("null_text_inversion", 3.0, source_prompts=captions)) < 0.85 * error(from_source)
   with pytest.raises(ValueError, match=r"give every edit one \(--source_prompt.*none for \['"):
     edit("source_inversion", 3.0, source_prompts=captions[:2] + ["", captions[3]])
   with pytest.raises(ValueError, match="not with a negative prompt"):
     edit("source_inversion", 3.0, source_prompts=captions, negative_prompts=["blurry"] * 4)
-  with pytest.raises(ValueError, match="read by edits with --edit_noise=source_inversion only"):
+  with pytest.raises(ValueError, match="read by edits with --edit_noise=source_inversion or null_text_inversion only"):
     edit("inversion", 3.0, source_prompts=captions)
+  sample_config.sampler = "dpmpp_2m"
+  with pytest.raises(ValueError, match="set sampler='ddim' and eta=0"):
+    edit("null_text_inversion", 3.0, source_prompts=captions)
 
 
 def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_path, caplog):
@@ -217,11 +254,13 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
                                                   "strength": 1}))
   refused(r"--strength: not used here", prompts=tmp_path / "own.jsonl")  # every edit has its own
   inverting = {"edit_noise": "source_inversion"}
-  refused(r"source_inversion inverts each image with a prompt of what it shows: .*none for \['a large red circle at",
+  refused(r"source_inversion and null_text_inversion invert each image with a prompt of what it shows: .*none for "
+          r"\[.a large red circle at",
           init_image=tmp_path / "picture.png", settings=inverting)
-  refused(r"source_inversion alone; here --edit_noise is random", init_image=tmp_path / "picture.png",
-          source_prompt="noise")
-  refused(r"source_inversion alone; here nothing is edited", source_prompt="noise", settings=inverting)
+  refused(r"source_inversion or null_text_inversion alone; here --edit_noise is random",
+          init_image=tmp_path / "picture.png", source_prompt="noise")
+  refused(r"source_inversion or null_text_inversion alone; here nothing is edited", source_prompt="noise",
+          settings=inverting)
   refused(r"not with a negative prompt", init_image=tmp_path / "picture.png", source_prompt="noise",
           settings={**inverting, "negative_prompt": "blurry"})
   refused(r"not with an autoguidance guide", init_image=tmp_path / "picture.png", source_prompt="noise",

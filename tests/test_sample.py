@@ -102,7 +102,10 @@ def test_a_guide_must_see_and_predict_what_the_model_does(trained):
     ({"steps": 0}, None, "--steps=0"),
     ({"guidance_scale": -1.0}, None, "--guidance_scale=-1.0"),
     ({"batch_size": 0}, None, "--batch_size=0 must be >= 1"),
-    ({"edit_noise": "ddim"}, None, r"--edit_noise='ddim' is not one of \['random', 'inversion', 'source_inversion'\]"),
+    ({"edit_noise": "ddim"}, None,
+     r"--edit_noise='ddim' is not one of \['random', 'inversion', 'source_inversion', 'null_text_inversion'\]"),
+    ({"edit_noise": "null_text_inversion"}, None, r"--edit_noise='null_text_inversion' optimises guidance's text for "
+     r"deterministic DDIM steps: set sampler='ddim' and eta=0 \(not sampler='dpmpp_2m', eta=0.0\)"),
     ({}, "\n\n", "has no prompts"),
 ])
 def test_bad_sampling_input_is_explained(trained, tmp_path, overrides, prompts_text, message):
