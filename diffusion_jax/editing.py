@@ -107,7 +107,7 @@ def inverted(denoise_fn, x0, alpha, sigma):
   return inversion_path(denoise_fn, x0, alpha, sigma)[0]
 
 
-def optimised_nulls(guided_step, path, null, iterations: int, learning_rate: float):
+def optimised_nulls(guided_step, path, null, iterations: int, learning_rate: float, on_step=None):
   """Null-text inversion (Mokady et al. 2023): guidance's unconditional text for each step of the grid, optimised
   so that the guided sampler retraces an inversion path.
 
@@ -116,7 +116,8 @@ def optimised_nulls(guided_step, path, null, iterations: int, learning_rate: flo
   noisiest first. Step by step from path[0], the text (the previous step's, `null` at the first) takes
   `iterations` Adam steps of `learning_rate` on the squared distance between the step's result and path[i + 1],
   summed over each example (so an example's text depends on its own image alone), and the walk goes on from where
-  the step with the optimised text lands. -> texts [steps, batch, tokens, dim]."""
+  the step with the optimised text lands. on_step(step index) is called on the host as each step starts
+  (progress). -> texts [steps, batch, tokens, dim]."""
   optimizer = optax.adam(learning_rate)
 
   def distance(text, x, i, target):
@@ -124,6 +125,8 @@ def optimised_nulls(guided_step, path, null, iterations: int, learning_rate: flo
 
   def per_step(carry, i):
     x, text = carry
+    if on_step is not None:
+      jax.debug.callback(on_step, i)
 
     def iterate(_, state):
       text, moments = state

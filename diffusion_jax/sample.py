@@ -226,7 +226,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       if s.edit_noise == "null_text_inversion":  # per step, the other branch's text that retraces the path
         step = null_text_step(make_denoise, (null_text, null_mask), known, keep_latent, s.reconstruction_guidance,
                               grid_alpha, grid_sigma)
-        nulls = editing.optimised_nulls(step, path, null_text, s.null_text_iterations, s.null_text_learning_rate)
+        nulls = editing.optimised_nulls(step, path, null_text, s.null_text_iterations, s.null_text_learning_rate,
+                                        on_step=SamplingProgress(len(grid_alpha) - 1, "null-text inversion"))
         grid_logsnr = jnp.log(jnp.square(grid_alpha[:-1] / grid_sigma[:-1]))
         denoise = make_denoise((text, mask), lambda logsnr: nulls[editing.step_of(logsnr, grid_logsnr),
                                                            jnp.arange(logsnr.shape[0])])
