@@ -78,6 +78,9 @@ Flags:
                       given media), source_inversion (inversion with each real image's or clip's own caption as
                       the source prompt) or null_text_inversion (that, with guidance's other text optimised per
                       step; DDIM only); sample.py's flag (default: the config's sample.edit_noise)
+  --null_text_iterations
+                      with those and null_text_inversion: Adam steps on guidance's other text per sampler step
+                      (sample.py's flag; default: the config's sample.null_text_iterations)
   --video_length      video models: make this many frames by autoregressive extension (video_extension.py) and score
                       the last clip's worth, the frames the extension made (default: the config's, 0 = one clip)
   --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
@@ -808,7 +811,8 @@ def _log_settings_changes(workdir, steps, settings):
 
 
 # Sample settings of the edits (EDIT_FLAGS) and of a video model's long videos that the command line sets.
-VIDEO_SAMPLE_FLAGS = ("strength", "edit_noise", "video_length", "context_frames", "reconstruction_guidance")
+VIDEO_SAMPLE_FLAGS = ("strength", "edit_noise", "null_text_iterations", "video_length", "context_frames",
+                      "reconstruction_guidance")
 
 
 def define_flags():
@@ -857,6 +861,8 @@ def define_flags():
                     "(DDIM inversion of the given media), source_inversion (inversion with their own captions) or "
                     "null_text_inversion (that, with guidance's other text optimised per step; DDIM only) (default: "
                     "the config's sample.edit_noise).")
+  flags.DEFINE_integer("null_text_iterations", None, f"With {EDITING} and --edit_noise=null_text_inversion: Adam "
+                       "steps on guidance's other text per sampler step.", lower_bound=0)
   flags.DEFINE_integer("video_length", None, "Video models: make this many frames by extension and score the last "
                        "clip's worth.", lower_bound=0)
   flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps.", lower_bound=0)
@@ -911,7 +917,7 @@ def main(argv):
     if f.image_to_image:
       cli.refuse(("video_to_video",), "not with --image_to_image: one kind of edit at a time")
     if not any(f[name].value for name in EDIT_FLAGS):
-      cli.refuse(("strength", "edit_noise"), f"only with {EDITING}, which edit given media")
+      cli.refuse(("strength", "edit_noise", "null_text_iterations"), f"only with {EDITING}, which edit given media")
     if not (f.image_to_image or f.video_to_video):
       cli.refuse(("edit_toward",), "only with --image_to_image or --video_to_video, which edit the real media "
                  "toward a caption")

@@ -53,6 +53,9 @@ Flags:
                     guided steps retrace the inversion: config sample.null_text_iterations Adam steps of
                     sample.null_text_learning_rate per step; needs --sampler=ddim; editing.py) (default: config
                     sample.edit_noise, random)
+  --null_text_iterations
+                    with --edit_noise=null_text_inversion: Adam steps on guidance's other text per sampler step, >= 0
+                    (0 = source inversion; default: config sample.null_text_iterations, 10)
   --source_prompt   with --edit_noise=source_inversion or null_text_inversion: what the image or clip to edit shows,
                     for every edit without a "source_prompt" of its own (e.g. "a red square" to edit toward "a blue
                     square")
@@ -113,7 +116,8 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_interval", "num_per_prompt", "seed", "use_ema",
-                    "frames", "strength", "edit_noise", "video_length", "context_frames", "reconstruction_guidance")
+                    "frames", "strength", "edit_noise", "video_length", "context_frames", "reconstruction_guidance",
+                    "null_text_iterations")
 EDIT_FILES = ("init_image", "mask", "init_video")  # a prompt's image to edit, its inpainting mask, a clip to edit
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
@@ -579,13 +583,16 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
       raise ValueError(f"{prompts_path}, prompt {i + 1} ({entry['prompt']!r}): {error}") from None
   unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edits)),
                                               ("edit_noise", edits),
+                                              ("null_text_iterations",
+                                               edits and sample_config.edit_noise == "null_text_inversion"),
                                               ("context_frames", sample_config.video_length),
                                               ("reconstruction_guidance", edits or sample_config.video_length))
             if overrides.get(name) is not None and not applies]
   if unused:
     raise ValueError(f"{', '.join(unused)}: not used here: --strength, --edit_noise and --reconstruction_guidance "
                      "apply to edits (--init_image or --init_video, or such lines of a .jsonl prompts file; --strength "
-                     "to those without a strength of their own), --context_frames and --reconstruction_guidance to "
+                     "to those without a strength of their own), --null_text_iterations to edits with "
+                     "--edit_noise=null_text_inversion, --context_frames and --reconstruction_guidance to "
                      "--video_length")
   stochastic = sample_config.sampler == "ddpm" or (sample_config.sampler == "ddim" and sample_config.eta > 0)
   if edits and sample_config.edit_noise != "random" and sample_config.num_per_prompt > 1 and not stochastic:
@@ -776,6 +783,9 @@ def define_flags():
                     "inversion (DDIM inversion of the image), source_inversion (inversion with --source_prompt, "
                     "which guidance then steers from) or null_text_inversion (that, with guidance's other text "
                     "optimised per step to retrace the inversion; DDIM only) (default: config sample.edit_noise).")
+  flags.DEFINE_integer("null_text_iterations", None, "With --edit_noise=null_text_inversion: Adam steps on "
+                       "guidance's other text per sampler step (default: config sample.null_text_iterations).",
+                       lower_bound=0)
   flags.DEFINE_string("source_prompt", None, "With --edit_noise=source_inversion or null_text_inversion: what the "
                       "image or clip to edit shows, for every edit without its own.")
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE "

@@ -106,6 +106,7 @@ def test_a_guide_must_see_and_predict_what_the_model_does(trained):
      r"--edit_noise='ddim' is not one of \['random', 'inversion', 'source_inversion', 'null_text_inversion'\]"),
     ({"edit_noise": "null_text_inversion"}, None, r"--edit_noise='null_text_inversion' optimises guidance's text for "
      r"deterministic DDIM steps: set sampler='ddim' and eta=0 \(not sampler='dpmpp_2m', eta=0.0\)"),
+    ({"null_text_iterations": 5}, None, "--null_text_iterations: not used here"),  # nothing is edited
     ({}, "\n\n", "has no prompts"),
 ])
 def test_bad_sampling_input_is_explained(trained, tmp_path, overrides, prompts_text, message):
