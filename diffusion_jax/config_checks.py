@@ -117,10 +117,19 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
       found.append(f"{prefix}{field}={s[field]} must be >= 0")
   if s.null_text_learning_rate <= 0:
     found.append(f"{prefix}null_text_learning_rate={s.null_text_learning_rate} must be > 0")
-  if s.edit_noise == "null_text_inversion" and (s.sampler != "ddim" or s.eta):
-    found.append(f"{prefix}edit_noise='null_text_inversion' optimises guidance's text for deterministic DDIM steps: "
-                 f"set sampler='ddim' and eta=0 (not sampler={s.sampler!r}, eta={s.eta})")
+  if problem := null_text_problem(s, prefix):
+    found.append(problem)
   return found
+
+
+def null_text_problem(sample_config, prefix: str = "sample.") -> str | None:
+  """Why null-text inversion cannot edit with these sample settings (its texts are fitted to deterministic DDIM's
+  steps), or None."""
+  s = sample_config
+  if s.edit_noise == "null_text_inversion" and (s.sampler != "ddim" or s.eta):
+    return (f"{prefix}edit_noise='null_text_inversion' optimises guidance's text for deterministic DDIM steps: set "
+            f"sampler='ddim' and eta=0 (not sampler={s.sampler!r}, eta={s.eta})")
+  return None
 
 
 def problems(config, device_count: int | None = None, process_count: int | None = None) -> list[str]:

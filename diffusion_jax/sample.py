@@ -321,8 +321,7 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   samples' noise instead of those of their seeds (example_keys). guide: an autoguidance.Guide, guidance's other
   branch instead of the unconditional model (refused with negative prompts, which that branch would read).
   source_prompts: with sample.edit_noise "source_inversion" or "null_text_inversion", what each init image shows,
-  one per prompt
-  (editing.py)."""
+  one per prompt (editing.py)."""
   if init_images is not None:
     edit_inputs.check_editable(config)
   sources = list(source_prompts or [])
@@ -332,9 +331,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   elif any(sources):
     raise ValueError("Source prompts are read by edits with --edit_noise=source_inversion or null_text_inversion only: "
                      "set one, or leave the source prompts out.")
-  if init_images is not None and (problems := [p for p in config_checks.sample_problems(sample_config, "--")
-                                               if "null_text_inversion" in p]):
-    raise ValueError(problems[0])
+  if init_images is not None and (problem := config_checks.null_text_problem(sample_config, "--")):
+    raise ValueError(problem)
   for problem in distillation.off_grid(config, sample_config):
     log.warning("%s", problem)
   n = sample_config.num_per_prompt
