@@ -398,9 +398,9 @@ def check_source_inversion(prompts, sources, negatives, guided: bool) -> None:
                      f"what it shows: give every edit one (--source_prompt, or 'source_prompt' in a .jsonl prompts "
                      f"file); none for {missing[:3]}")
   if any(negatives) or guided:
-    raise ValueError("--edit_noise=source_inversion: guidance's other branch reads the source prompt, so not with "
-                     f"{'a negative prompt' if any(negatives) else 'an autoguidance guide'}, which that branch would "
-                     "read too: leave it out, or edit with --edit_noise=inversion")
+    raise ValueError("--edit_noise=source_inversion or null_text_inversion: guidance's other branch reads the source "
+                     f"prompt, so not with {'a negative prompt' if any(negatives) else 'an autoguidance guide'}, "
+                     "which that branch would read too: leave it out, or edit with --edit_noise=inversion")
 
 
 def config_hash(config) -> str:
