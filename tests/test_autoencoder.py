@@ -40,6 +40,24 @@ def vae(tmp_path_factory):
   return str(directory), model
 
 
+@pytest.fixture(scope="module")
+def temporal_vae(tmp_path_factory):
+  """(directory, PyTorch model): a tiny random AutoencoderKLTemporalDecoder (Stable Video Diffusion's VAE layout;
+  its group norms have 32 groups) saved as diffusers does, with random time-mixing weights."""
+  import torch
+  from diffusers import AutoencoderKLTemporalDecoder
+
+  torch.manual_seed(0)
+  model = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                       layers_per_block=2, latent_channels=4, sample_size=16, scaling_factor=0.5)
+  with torch.no_grad():
+    for name, parameter in model.named_parameters():
+      parameter.add_((1.0 if name.endswith("mix_factor") else 0.05) * torch.randn_like(parameter))
+  directory = tmp_path_factory.mktemp("temporal_vae")
+  model.save_pretrained(directory, safe_serialization=True)
+  return str(directory), model
+
+
 def as_torch(x):
   import torch
 
@@ -67,6 +85,27 @@ def test_encoder_and_decoder_compute_what_diffusers_computes(vae):
   draw = ours.encode(jnp.asarray(x), jax.random.key(0))  # a posterior draw: its noise is standard normal
   noise = np.asarray((draw / 0.5 + 0.1 - mean) / jnp.exp(0.5 * logvar))
   assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2
+
+
+def test_temporal_decoder_decodes_clips_as_diffusers_does(temporal_vae):
+  """Stable Video Diffusion's VAE: the encoder's posterior per frame, and the decoder's clips (its frames decoded
+  together; a still image is a one-frame clip) equal diffusers' AutoencoderKLTemporalDecoder's."""
+  import torch
+
+  directory, reference = temporal_vae
+  ours = autoencoder.load_diffusers(directory)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 3, 8, 8, 4)).astype(np.float32)  # 2 clips of 3 frames
+  with torch.no_grad():
+    posterior = reference.encode(as_torch(x)).latent_dist
+    clips = reference.decode(as_torch(z.reshape(6, 8, 8, 4)), num_frames=3).sample
+    stills = reference.decode(as_torch(z[:, 0]), num_frames=1).sample
+  np.testing.assert_allclose(ours.moments(jnp.asarray(x))[0], posterior.mean.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(ours.decode(jnp.asarray(z) * 0.5),
+                             clips.permute(0, 2, 3, 1).numpy().reshape(2, 3, 16, 16, 3), atol=1e-5)
+  np.testing.assert_allclose(ours.decode(jnp.asarray(z[:, 0]) * 0.5), stills.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+  # Frames are not decoded alone: a clip's first frame is not the still decoded from its latents.
+  assert np.abs(ours.decode(jnp.asarray(z) * 0.5)[:, 0] - ours.decode(jnp.asarray(z[:, 0]) * 0.5)).max() > 1e-2
 
 
 def test_old_attention_names_load_the_same_weights(vae, tmp_path):
@@ -102,8 +141,9 @@ def test_what_it_cannot_read_is_refused_with_a_reason(vae, tmp_path):
     autoencoder.load_diffusers(str(tmp_path))
   other = tmp_path / "temporal"
   other.mkdir()
-  (other / "config.json").write_text(json.dumps(config | {"_class_name": "AutoencoderKLTemporalDecoder"}))
-  with pytest.raises(ValueError, match="is not a 2-D diffusers AutoencoderKL"):
+  (other / "config.json").write_text(json.dumps(config | {"_class_name": "AutoencoderKLCogVideoX"}))
+  with pytest.raises(ValueError, match="is not a diffusers AutoencoderKL with 2-D blocks or an "
+                                       "AutoencoderKLTemporalDecoder .class 'AutoencoderKLCogVideoX'"):
     autoencoder.read_config(str(other))
 
 
@@ -228,19 +268,24 @@ def test_latent_cache_holds_the_encoders_posteriors_and_trains_like_the_pixels(v
       config_checks.problems(other, device_count=8))
 
 
-def test_latent_cache_of_a_video_dataset_holds_each_frames_posterior(vae, tmp_path):
+def test_video_latent_model_caches_each_frames_posterior_and_samples_clips_through_a_temporal_decoder(
+    temporal_vae, tmp_path):
+  """A video model on Stable Video Diffusion's VAE: the latent cache holds each frame's posterior, the frozen
+  weights are the temporal decoder's as loaded, and sampled clips are decoded clip by clip."""
   from configs import t2v_moving_shapes
 
   config = t2v_moving_shapes.get_config("test")
-  config.update(latent=dict(autoencoder_path=vae[0], cache=str(tmp_path / "cache")))
+  config.update(latent=dict(autoencoder_path=temporal_vae[0], cache=str(tmp_path / "cache")))
   config.model.in_channels = 4
   config.sample.threshold = "none"
-  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.update(data_dir=str(tmp_path / "tfds"), image_fraction=0.0)  # a cache holds one view of each clip
+  assert not config_checks.problems(config, device_count=8)
   state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
   source = pipeline.data_source(config.data, "train")
   cache = train.open_latent_cache(config, graphdef, state, source)
   clip = pipeline.Preprocess(config.data, None).pixels(source[5], np.random.default_rng(0))["video"]
-  mean, logvar = autoencoder.load_diffusers(vae[0]).moments(jnp.asarray(clip))  # the frames as a batch
+  loaded = autoencoder.load_diffusers(temporal_vae[0])
+  mean, logvar = loaded.moments(jnp.asarray(clip))  # the frames as a batch
   assert cache(5).keys() == {"latent_mean", "latent_logvar"}  # no low-res input for a base model
   assert cache(5)["latent_mean"].shape == (config.data.frames, 8, 8, 4)
   np.testing.assert_allclose(cache(5)["latent_mean"], mean, rtol=2e-3, atol=2e-3)
@@ -248,6 +293,16 @@ def test_latent_cache_of_a_video_dataset_holds_each_frames_posterior(vae, tmp_pa
   batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 4, seed=0,
                                          latent_cache=cache)))
   assert batch["latent_mean"].shape == (4, config.data.frames, 8, 8, 4) and batch["is_video"].all()
+
+  frozen = jax.device_get(state.frozen["autoencoder"])
+  assert "time_conv_out" in frozen["decoder"]
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(text_to_image.pretrained_weights(config)["autoencoder"])):
+    np.testing.assert_array_equal(a, b)
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=2, num_per_prompt=1)
+  clips = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                          ["a red circle moving left"], sample_config, sharding.make_mesh(config.mesh))
+  assert clips.shape == (1, 1, config.data.frames, 16, 16, 3) and clips.dtype == np.uint8
 
 
 def test_latent_super_resolution_stage_reads_the_low_res_image(vae):

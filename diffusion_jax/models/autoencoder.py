@@ -11,8 +11,15 @@ level and nearest-neighbour 2x upsampling. Computed in float32 (SD's VAE overflo
 `encode(x, key)`: x [batch, ..., h, w, in_channels] in [-1, 1] -> latents [batch, ..., h/f, w/f,
 latent_channels]: a draw from the posterior (its mean when key is None), shifted by the checkpoint's
 `shift_factor` and multiplied by its `scaling_factor` (about unit variance for a diffusion model);
-`decode(latents)` undoes both and decodes. f = 2^(levels - 1); leading axes (frames) are folded into the batch.
+`decode(latents)` undoes both and decodes. f = 2^(levels - 1); the encoder and the image decoder fold leading axes
+(frames) into the batch.
 `moments(x)` and `latents_from_moments` are encode's two halves (a latent cache stores the moments).
+
+Stable Video Diffusion's VAE (diffusers' `AutoencoderKLTemporalDecoder`, Blattmann et al. 2023) loads too: the same
+encoder, frame by frame, and a temporal decoder that decodes a clip's frames together. Each of its residual blocks
+is a per-frame block followed by one over time (3x1x1 convolutions, group norms over the whole clip), the two mixed
+by a learned weight, and a last 3x1x1 convolution follows the output convolution. `decode` reads latents [batch,
+frames, h/f, w/f, latent_channels] as clips (a still image [batch, h/f, w/f, c] is a one-frame clip).
 """
 
 import json
@@ -28,22 +35,27 @@ from diffusion_jax.models import layers, named_tensors
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # Attention names of checkpoints written before diffusers renamed them (its own loader maps them the same way).
 OLD_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+TEMPORAL = "AutoencoderKLTemporalDecoder"
+# What diffusers' AutoencoderKLTemporalDecoder fixes rather than reads from its config.json.
+TEMPORAL_FIXED = {"norm_num_groups": 32, "mid_block_add_attention": True, "use_quant_conv": True,
+                  "use_post_quant_conv": False, "shift_factor": None}
 
 
 def read_config(path: str) -> dict:
-  """The config.json of a local diffusers AutoencoderKL directory; a ValueError saying what is wrong."""
+  """The config.json of a local diffusers AutoencoderKL (or AutoencoderKLTemporalDecoder) directory, with the fields
+  the temporal one fixes filled in; a ValueError saying what is wrong."""
   file = pathlib.Path(path).expanduser() / "config.json"
   if not file.exists():
     raise ValueError(f"latent.autoencoder_path={path!r} has no config.json: give the local directory of a diffusers "
                      f"AutoencoderKL (config.json and {WEIGHTS_FILE}, e.g. the vae/ folder of a Stable Diffusion "
-                     "checkpoint).")
+                     f"checkpoint) or {TEMPORAL} (Stable Video Diffusion's vae/ folder).")
   config = json.loads(file.read_text())
   blocks = set(config.get("down_block_types", ())) | set(config.get("up_block_types", ()))
-  if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL" or blocks - {"DownEncoderBlock2D",
-                                                                              "UpDecoderBlock2D"}:
-    raise ValueError(f"{str(file)!r} is not a 2-D diffusers AutoencoderKL (class {config.get('_class_name')!r}, "
-                     f"blocks {sorted(blocks)}); only that autoencoder is supported.")
-  return config
+  name = config.get("_class_name", "AutoencoderKL")
+  if name not in ("AutoencoderKL", TEMPORAL) or blocks - {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
+    raise ValueError(f"{str(file)!r} is not a diffusers AutoencoderKL with 2-D blocks or an {TEMPORAL} (class "
+                     f"{name!r}, blocks {sorted(blocks)}); only those autoencoders are supported.")
+  return config | TEMPORAL_FIXED if name == TEMPORAL else config
 
 
 def downsampling_factor(config: dict) -> int:
@@ -54,8 +66,14 @@ def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="SAME"):
   return layers.conv(in_ch, out_ch, kernel, rngs, jnp.float32, stride=stride, padding=padding)
 
 
-def group_norm(channels, groups, rngs):
-  return layers.group_norm(channels, rngs, jnp.float32, groups=groups)  # epsilon 1e-6, as diffusers'
+def group_norm(channels, groups, rngs, epsilon=1e-6):  # diffusers' epsilon but in the temporal blocks
+  return layers.group_norm(channels, rngs, jnp.float32, groups=groups, epsilon=epsilon)
+
+
+def per_frame(module, clips):
+  """`module` of images [n, h, w, c] applied to each frame of clips [batch, frames, h, w, c]."""
+  out = module(clips.reshape((-1,) + clips.shape[2:]))
+  return out.reshape(clips.shape[:2] + out.shape[1:])
 
 
 class ResnetBlock(nnx.Module):
@@ -112,6 +130,44 @@ class Resample(nnx.Module):
     return self.conv(x)
 
 
+class TemporalResnetBlock(nnx.Module):
+  """GroupNorm-SiLU-conv twice over clips [batch, frames, h, w, c], plus the input: 3x1x1 convolutions (zero-padded
+  in time) and group norms whose statistics span the clip's frames."""
+
+  def __init__(self, channels, rngs):
+    self.norm1 = group_norm(channels, 32, rngs, epsilon=1e-5)
+    self.conv1 = conv(channels, channels, (3, 1, 1), rngs)
+    self.norm2 = group_norm(channels, 32, rngs, epsilon=1e-5)
+    self.conv2 = conv(channels, channels, (3, 1, 1), rngs)
+
+  def __call__(self, x):
+    return x + self.conv2(nnx.silu(self.norm2(self.conv1(nnx.silu(self.norm1(x))))))
+
+
+class TimeMixer(nnx.Module):
+  """The learned weight sigmoid(mix_factor) of the temporal path (diffusers' AlphaBlender, "learned", switched)."""
+
+  def __init__(self):
+    self.mix_factor = nnx.Param(jnp.zeros((1,), jnp.float32))
+
+  def __call__(self, spatial, temporal):
+    weight = jax.nn.sigmoid(self.mix_factor[...][0])
+    return (1 - weight) * spatial + weight * temporal
+
+
+class SpatioTemporalBlock(nnx.Module):
+  """A residual block per frame, then one over time, mixed: clips [batch, frames, h, w, in] -> [..., out]."""
+
+  def __init__(self, in_ch, out_ch, rngs):
+    self.spatial_res_block = ResnetBlock(in_ch, out_ch, 32, rngs)
+    self.temporal_res_block = TemporalResnetBlock(out_ch, rngs)
+    self.time_mixer = TimeMixer()
+
+  def __call__(self, clips):
+    spatial = per_frame(self.spatial_res_block, clips)
+    return self.time_mixer(spatial, self.temporal_res_block(spatial))
+
+
 class Level(nnx.Module):
   """Residual blocks at one resolution, then (except at the last level) down- or upsampling."""
 
@@ -163,11 +219,62 @@ class Decoder(nnx.Module):
     return self.conv_out(nnx.silu(self.conv_norm_out(x)))
 
 
+class TemporalMidBlock(nnx.Module):
+  """diffusers' MidBlockTemporalDecoder: block, per-frame attention, block (it builds `layers_per_block` blocks but
+  runs the first two; with one block the attention is built and not run)."""
+
+  def __init__(self, channels, blocks, rngs):
+    self.resnets = nnx.List([SpatioTemporalBlock(channels, channels, rngs) for _ in range(blocks)])
+    self.attentions = nnx.List([Attention(channels, 32, rngs)])
+
+  def __call__(self, clips):
+    clips = self.resnets[0](clips)
+    if len(self.resnets) > 1:
+      clips = self.resnets[1](per_frame(self.attentions[0], clips))
+    return clips
+
+
+class TemporalLevel(nnx.Module):
+  """Spatio-temporal blocks at one resolution, then (except at the last level) per-frame 2x upsampling."""
+
+  def __init__(self, in_ch, out_ch, blocks, resample, rngs):
+    self.resnets = nnx.List([SpatioTemporalBlock(in_ch if i == 0 else out_ch, out_ch, rngs) for i in range(blocks)])
+    self.upsamplers = nnx.List([Resample(out_ch, True, rngs)]) if resample else None
+
+  def __call__(self, clips):
+    for block in self.resnets:
+      clips = block(clips)
+    return clips if self.upsamplers is None else per_frame(self.upsamplers[0], clips)
+
+
+class TemporalDecoder(nnx.Module):
+  """Stable Video Diffusion's decoder: latents [batch, frames, h/f, w/f, c] -> clips [batch, frames, h, w, out]."""
+
+  def __init__(self, c: dict, rngs):
+    widths, blocks = c["block_out_channels"][::-1], c["layers_per_block"]
+    self.conv_in = conv(c["latent_channels"], widths[0], 3, rngs)
+    self.mid_block = TemporalMidBlock(widths[0], blocks, rngs)
+    self.up_blocks = nnx.List([TemporalLevel(widths[max(i - 1, 0)], width, blocks + 1, i < len(widths) - 1, rngs)
+                               for i, width in enumerate(widths)])
+    self.conv_norm_out = group_norm(widths[-1], 32, rngs)
+    self.conv_out = conv(widths[-1], c["out_channels"], 3, rngs)
+    self.time_conv_out = conv(c["out_channels"], c["out_channels"], (3, 1, 1), rngs)
+
+  def __call__(self, z):
+    clips = self.mid_block(per_frame(self.conv_in, z))
+    for level in self.up_blocks:
+      clips = level(clips)
+    return self.time_conv_out(per_frame(lambda x: self.conv_out(nnx.silu(self.conv_norm_out(x))), clips))
+
+
 class AutoencoderKL(nnx.Module):
+  """diffusers' AutoencoderKL, or its AutoencoderKLTemporalDecoder when config.json names that class."""
 
   def __init__(self, config: dict, *, rngs: nnx.Rngs):
     latent = config["latent_channels"]
-    self.encoder, self.decoder = Encoder(config, rngs), Decoder(config, rngs)
+    self.temporal = config.get("_class_name") == TEMPORAL
+    self.encoder = Encoder(config, rngs)
+    self.decoder = TemporalDecoder(config, rngs) if self.temporal else Decoder(config, rngs)
     self.quant_conv = conv(2 * latent, 2 * latent, 1, rngs) if config.get("use_quant_conv", True) else None
     self.post_quant_conv = conv(latent, latent, 1, rngs) if config.get("use_post_quant_conv", True) else None
     self.scaling_factor = float(config.get("scaling_factor") or 0.18215)
@@ -194,14 +301,20 @@ class AutoencoderKL(nnx.Module):
     return (z - self.shift_factor) * self.scaling_factor
 
   def decode(self, latents):
-    lead = latents.shape[:-3]
-    z = latents.reshape((-1,) + latents.shape[-3:]).astype(jnp.float32) / self.scaling_factor + self.shift_factor
-    x = self.decode_unscaled(z)
-    return x.reshape(lead + x.shape[1:])
+    return self.decode_unscaled(latents.astype(jnp.float32) / self.scaling_factor + self.shift_factor)
 
   def decode_unscaled(self, z):
-    """A posterior draw z [batch, h/f, w/f, latent_channels] (no shift or scaling) -> images [batch, h, w, out]."""
-    return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+    """Posterior draws z [batch, (frames,) h/f, w/f, latent_channels] (no shift or scaling) -> [batch, (frames,) h,
+    w, out]: a temporal decoder decodes each clip's frames together (more leading axes fold into the batch), the
+    image decoder every frame alone."""
+    if self.post_quant_conv is not None:
+      z = self.post_quant_conv(z)
+    lead = z.shape[:-3]
+    if self.temporal:
+      x = self.decoder(z.reshape((-1,) + z.shape[-4:]) if z.ndim > 4 else z[:, None])
+    else:
+      x = self.decoder(z.reshape((-1,) + z.shape[-3:]))
+    return x.reshape(lead + x.shape[-3:])
 
 
 def _renamed_old_attention(tensors: dict) -> dict:

@@ -23,9 +23,12 @@ def names(*axes):
 
 
 def conv(in_ch, out_ch, kernel, rngs, dtype, stride=1, zero_init=False, padding="SAME"):
+  """A convolution; `kernel` k is a k x k window, a tuple any window (e.g. (3, 1, 1): over time only)."""
+  window = kernel if isinstance(kernel, tuple) else (kernel, kernel)
   init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
-  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=padding, dtype=dtype, kernel_init=init,
-                  rngs=rngs, kernel_metadata=names(None, None, "conv_in", "conv_out"), bias_metadata=names("conv_out"))
+  return nnx.Conv(in_ch, out_ch, window, strides=stride, padding=padding, dtype=dtype, kernel_init=init, rngs=rngs,
+                  kernel_metadata=names(*(None,) * len(window), "conv_in", "conv_out"),
+                  bias_metadata=names("conv_out"))
 
 
 class Dense(nnx.Linear):
@@ -109,9 +112,9 @@ class GroupNorm(nnx.GroupNorm):
     return out.astype(self.dtype or x.dtype)
 
 
-def group_norm(channels, rngs, dtype, groups=32):
+def group_norm(channels, rngs, dtype, groups=32, epsilon=1e-6):
   groups = math.gcd(groups, channels)
-  return GroupNorm(channels, num_groups=groups, dtype=dtype, rngs=rngs,
+  return GroupNorm(channels, num_groups=groups, epsilon=epsilon, dtype=dtype, rngs=rngs,
                    scale_metadata=names("norm"), bias_metadata=names("norm"))
 
 

@@ -24,9 +24,10 @@ def kernel_transpose(ndim: int) -> tuple:
 
 
 def torch_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
-  """NNX path -> (PyTorch name, transpose): `conv.kernel` is `conv.weight` (transposed), `bn.mean` `bn.running_mean`."""
+  """NNX path -> (PyTorch name, transpose): `conv.kernel` is `conv.weight` (transposed), `bn.mean` `bn.running_mean`,
+  any other variable its own name."""
   *module, leaf = path
-  return ".".join(module + [TORCH_NAMES[leaf]]), kernel_transpose(ndim) if leaf == "kernel" else None
+  return ".".join(module + [TORCH_NAMES.get(leaf, leaf)]), kernel_transpose(ndim) if leaf == "kernel" else None
 
 
 def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, ignored=()) -> nnx.Module:
