@@ -55,7 +55,10 @@ def get_config():
   c.model = dict(
       channels=64, channel_mults=(1, 2, 4), num_res_blocks=(2, 2, 2), attention_levels=(1, 2), skips="block",
       skip_scale=1.0, heads=4, ff_mult=2, dropout=0.0, text_dim=512, in_channels=3, dtype="float32",
-      remat=False, lowres_conditioning=False, temporal=False, max_frames=16, coordinate_channels=False,
+      remat=False,                 # recompute each block's forward pass in the backward pass (less activation memory)
+      remat_policy="full",         # with remat: 'full' recomputes all of it; 'matmuls' keeps every convolution's and
+                                   # projection's output and recomputes the rest (norms, activations, attention scores)
+      lowres_conditioning=False, temporal=False, max_frames=16, coordinate_channels=False,
       attention="auto",            # models/attention.py: auto (folded on CPU, cudnn or xla on GPU), folded, xla, cudnn
       backbone="unet",             # 'unet' (models/unet.py) or 'dit' (models/dit.py)
       patch_size=2,                # dit: patch side in pixels

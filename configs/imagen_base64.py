@@ -23,7 +23,7 @@ def get_config(variant: str = "fsdp"):
                         gated=True, dtype="bfloat16")
   config.model.update(channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=(3, 3, 3, 2),
                       attention_levels=(1, 2, 3), heads=8, ff_mult=2, text_dim=4096, skips="block",
-                      dtype="bfloat16", remat=True)
+                      dtype="bfloat16", remat=True, remat_policy="matmuls")
   config.diffusion.update(prediction="eps", weighting="eps_mse", cond_drop_prob=0.1)
   config.optimizer.update(learning_rate=1e-4, warmup_steps=10000, schedule="constant")
   config.train.update(batch_size=2048, steps=2_500_000, ema_decays=(0.9999,), checkpoint_every=5000)

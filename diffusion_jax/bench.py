@@ -16,7 +16,8 @@ Modes:
   roofline the same train step's FLOPs and bytes on one device at the sizes of --widths, compiled here on any
            backend (nothing runs, nothing is allocated: an abstract state), against the datasheet roofs of
            --device_kind: FLOPs per byte, the step time at the longer roof and the MFU that roof allows (with
-           model.remat, GFLOP/step and MFU leave out the recomputation, FLOPs per byte and the time do not). A plan
+           model.remat, GFLOP/step and MFU leave out the recomputation, FLOPs per byte and the time do not), and the
+           activations the backward pass keeps (kept_activation_bytes: what remat and its policy change). A plan
            for hardware this machine lacks; the bytes are this backend's fusion's (a GPU's or TPU's own are in
            `step` there; XLA:CPU computes bfloat16 in float32, so its bytes of a bfloat16 model run high).
   memory   per-device bytes with FSDP over 1, 2, 4, 8 devices: train state (params + EMA + optimizer
@@ -229,6 +230,26 @@ def step_table(config, steps: int, widths, plot=None) -> str:
   return "\n".join(lines)
 
 
+def kept_activation_bytes(config) -> float:
+  """Bytes the train step's backward pass keeps from its forward pass for one device's batch of
+  train.batch_size: the residuals of jax.vjp of the training loss, less the trained parameters' bytes (which the
+  step holds anyway), from shapes alone. What model.remat and model.remat_policy change, on any backend (XLA:CPU's
+  memory analysis of the compiled step hardly shows it)."""
+  from diffusion_jax import sharding, train
+  from diffusion_jax.data import pipeline
+
+  state, graphdef = train.abstract_state(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pipeline.synthetic_batch(config).items()}
+  loss_fn = train.make_loss_fn(config, graphdef)
+
+  def residuals(params, frozen, batch):
+    return jax.vjp(lambda p: loss_fn(p, frozen, batch, jax.random.key(0), None)[0], params)[1]
+
+  nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  kept = jax.eval_shape(residuals, state.params, state.frozen, batch)
+  return nbytes(kept) - nbytes(state.params)
+
+
 def roofline_table(config, widths, device_kind: str, plot=None) -> str:
   """One row per U-Net width: the step's FLOPs and bytes on one device (lowered and compiled here for an abstract
   state; nothing runs) against `device_kind`'s datasheet roofs; with `plot` (a path) also the roofline PNG with each
@@ -240,8 +261,8 @@ def roofline_table(config, widths, device_kind: str, plot=None) -> str:
   peak, bandwidth = hardware.PEAK_FLOPS[device_kind], hardware.PEAK_BANDWIDTH[device_kind]
   lines = [f"{device_kind} datasheet: {peak / 1e12:.0f} TFLOP/s, {bandwidth / 1e12:.2f} TB/s (ridge "
            f"{peak / bandwidth:.0f} FLOP/byte); bytes as XLA:{jax.devices()[0].platform.upper()} fuses the step", "",
-           "| channels | parameters | GFLOP/step | GB/step | FLOP/byte | roofline ms | MFU bound |",
-           "|---|---|---|---|---|---|---|"]
+           "| channels | parameters | GFLOP/step | GB/step | FLOP/byte | roofline ms | MFU bound | kept activations "
+           "(GB) |", "|---|---|---|---|---|---|---|---|"]
   points = []
   for width in widths:
     sized = config.copy_and_resolve_references()
@@ -253,7 +274,8 @@ def roofline_table(config, widths, device_kind: str, plot=None) -> str:
     seconds = max(work / peak, traffic / bandwidth)
     points.append((f"width {width}", work / traffic, work / seconds))
     lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {flops / 1e9:.5g} | "
-                 f"{traffic / 1e9:.4g} | {work / traffic:.0f} | {seconds * 1e3:.1f} | {flops / seconds / peak:.0%} |")
+                 f"{traffic / 1e9:.4g} | {work / traffic:.0f} | {seconds * 1e3:.1f} | {flops / seconds / peak:.0%} | "
+                 f"{kept_activation_bytes(sized) / 1e9:.4g} |")
   if plot:
     title = f"{device_kind} (bytes as XLA:{jax.devices()[0].platform.upper()} fuses the step)"
     lines.append(f"\nroofline plot: {write_roofline_plot(plot, title, peak, bandwidth, points)}")

@@ -4,7 +4,7 @@ import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes
-from diffusion_jax.models import attention, autoencoder, t5
+from diffusion_jax.models import attention, autoencoder, layers, t5
 
 
 def network_resolution(config) -> int | None:
@@ -204,6 +204,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append("text.embedding_cache needs a frozen encoder: set text.trainable=False")
   option(m.skips, ("block", "level"), "model.skips")
   option(m.attention, attention.IMPLEMENTATIONS, "model.attention")
+  option(m.remat_policy, layers.REMAT_POLICIES, "model.remat_policy")
   if m.attention == "cudnn" and jax.default_backend() != "gpu":
     found.append(f"model.attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
                  "use 'auto', 'folded' or 'xla'")

@@ -146,16 +146,11 @@ def count_params(tree) -> int:
 # ----------------------------------------------------------------------------- step
 
 
-def make_train_step(config, graphdef):
-  """The pure train step `(state, batch, hparams) -> (state, metrics)` for this config: static configuration
-  is closed over; `hparams` are the optimizer's numbers (`optimizer.hyperparameters`), an argument so that
-  runs differing only in those share the compiled program. A distillation's step also takes its teacher's
-  parameters (distillation.teacher_weights), whose two DDIM steps make the target."""
+def make_loss_fn(config, graphdef):
+  """The training loss `(params, frozen, batch, key, teacher) -> (mean loss, (per-example loss [batch], logsnr
+  [batch]))` of this config; `teacher`: a distillation's teacher parameters, else None."""
   d = config.diffusion
   logsnr_fn = schedules.logsnr_schedule(d.schedule, **d.schedule_params)
-  decays = tuple(config.train.ema_decays)
-  accum = config.train.grad_accum
-  edges = jnp.array(LOGSNR_BIN_EDGES)
   teacher_sampling = distillation.teacher_sampling(config) if config.distill.steps else None
 
   def loss_fn(params, frozen, batch, key, teacher):
@@ -203,7 +198,18 @@ def make_train_step(config, graphdef):
                                   d.sigma_data)
     return per_example.mean(), (per_example, logsnr)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  return loss_fn
+
+
+def make_train_step(config, graphdef):
+  """The pure train step `(state, batch, hparams) -> (state, metrics)` for this config: static configuration
+  is closed over; `hparams` are the optimizer's numbers (`optimizer.hyperparameters`), an argument so that
+  runs differing only in those share the compiled program. A distillation's step also takes its teacher's
+  parameters (distillation.teacher_weights), whose two DDIM steps make the target."""
+  decays = tuple(config.train.ema_decays)
+  accum = config.train.grad_accum
+  edges = jnp.array(LOGSNR_BIN_EDGES)
+  grad_fn = jax.value_and_grad(make_loss_fn(config, graphdef), has_aux=True)
 
   def train_step(state: TrainState, batch: dict, hparams: dict, teacher: dict | None = None):
     tx = optimizer.make(config, hparams)

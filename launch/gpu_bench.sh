@@ -13,7 +13,8 @@
 #              compiling); STEP_ROWS="WIDTH,BATCH ..." names other rows
 #   attention  the same step at width 128, batch 128 with attention "xla" and "auto" (cuDNN's flash attention for the
 #              self-attention; models/attention.py), one `bench step` each (2 x 150 s)
-#   base64     the pod's 64 px base, configs/imagen_base64.py (a 2.01B-parameter U-Net under a frozen T5-XXL, remat),
+#   base64     the pod's 64 px base, configs/imagen_base64.py (a 2.01B-parameter U-Net under a frozen T5-XXL, remat
+#              keeping convolutions' and projections' outputs),
 #              at a per-device batch of 32, with 90% of the GPU's memory (400 s; not yet run on a GPU: its compile
 #              time is unknown; not in the default set)
 #   peer_dit   the demo DiT (bfloat16) against diffusers' PixArt transformer on the same GPU (180 s)

@@ -51,7 +51,7 @@ def test_step_benchmark_flops_grow_about_quadratically_with_width(tmp_path_facto
 
 def test_roofline_benchmark_takes_the_longer_roof_of_a_device_this_machine_lacks(tmp_path_factory):
   """Each row's FLOPs per byte, roof time and MFU bound agree with its FLOPs and bytes, and a plot is drawn; with
-  remat, the model's FLOPs are those of the step without it."""
+  remat, the model's FLOPs are those of the step without it, and the backward pass keeps fewer activations."""
   import PIL.Image
 
   from diffusion_jax import hardware
@@ -64,16 +64,34 @@ def test_roofline_benchmark_takes_the_longer_roof_of_a_device_this_machine_lacks
   rows = [[float(c.rstrip("M%")) for c in cells(r)] for r in lines[4:6]]
   assert [r[0] for r in rows] == [32, 64]
   peak, bandwidth = hardware.PEAK_FLOPS["NVIDIA H100"], hardware.PEAK_BANDWIDTH["NVIDIA H100"]
-  for _, _, gflop, gigabytes, intensity, ms, mfu in rows:
+  for _, _, gflop, gigabytes, intensity, ms, mfu, kept in rows:
     assert intensity == pytest.approx(gflop / gigabytes, rel=0.05, abs=1)
     assert ms == pytest.approx(max(gflop / peak, gigabytes / bandwidth) * 1e12, rel=0.05, abs=0.1)
-    assert 0 < mfu <= 100
+    assert 0 < mfu <= 100 and kept > 0
   remat = config.copy_and_resolve_references()
   remat.model.remat = True  # the lowered step with remat counts about 20% more here
-  gflop = float(cells(bench.roofline_table(remat, ["32"], "NVIDIA H100").splitlines()[4])[2])
-  assert gflop == pytest.approx(rows[0][2], rel=0.02)
+  row = [float(c.rstrip("M%")) for c in cells(bench.roofline_table(remat, ["32"], "NVIDIA H100").splitlines()[4])]
+  assert row[2] == pytest.approx(rows[0][2], rel=0.02) and row[7] < 0.5 * rows[0][7]
   with pytest.raises(ValueError, match="--device_kind='NVIDIA B200' has no datasheet here; known: TPU v4"):
     bench.roofline_table(config, ["32"], "NVIDIA B200")
+
+
+def test_remat_policy_matmuls_keeps_convolutions_and_projections_at_a_few_percent_of_recomputation(tmp_path_factory):
+  """model.remat_policy: 'full' recomputes each block (the step does about 20% more work here) and keeps the fewest
+  activations; 'matmuls' keeps its convolutions' and projections' outputs, so it recomputes little (3.5% more work
+  here) and keeps more than 'full', far less than no remat."""
+  from diffusion_jax import sharding, train
+
+  config = tiny_config(tmp_path_factory)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  work, kept = {}, {}
+  for remat, policy in ((False, "full"), (True, "full"), (True, "matmuls")):
+    config.model.update(remat=remat, remat_policy=policy)
+    work[remat, policy] = train.flops_per_device(train.lower_abstract_step(config, mesh)[0], mesh)
+    kept[remat, policy] = bench.kept_activation_bytes(config)
+  plain = work[False, "full"]
+  assert plain <= work[True, "matmuls"] < 1.05 * plain and work[True, "full"] > 1.1 * plain, work
+  assert kept[True, "full"] < kept[True, "matmuls"] < 0.5 * kept[False, "full"], kept
 
 
 def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):

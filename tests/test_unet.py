@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import base
-from diffusion_jax.models import unet
+from diffusion_jax.models import layers, unet
 
 
 def tiny_config(**overrides):
@@ -70,17 +70,20 @@ def test_text_changes_output_and_empty_prompt_is_finite():
 
 
 def test_remat_gives_same_values_and_gradients():
+  """Under either remat policy (recompute all of each block, or all but its convolutions and projections)."""
   x, logsnr, text, mask = inputs()
   plain = perturb(unet.UNet(tiny_config(dropout=0.0), rngs=nnx.Rngs(0)))
-  remat = perturb(unet.UNet(tiny_config(dropout=0.0, remat=True), rngs=nnx.Rngs(0)))
 
   def grads(model):
     graphdef, params = nnx.split(model)
     loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, logsnr, text, mask) ** 2)
     return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
 
-  for a, b in zip(grads(plain), grads(remat)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  expected = grads(plain)
+  for policy in layers.REMAT_POLICIES:
+    remat = perturb(unet.UNet(tiny_config(dropout=0.0, remat=True, remat_policy=policy), rngs=nnx.Rngs(0)))
+    for a, b in zip(expected, grads(remat)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params():

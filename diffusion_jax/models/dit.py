@@ -30,7 +30,7 @@ channels of every patch and adds an embedding of its noise-augmentation log-SNR 
 U-Net does; a video one repeats each low-resolution frame over the frames it spans (temporal super-resolution).
 
 Configuration (`config.model`, see configs/base.py): backbone='dit', channels (token width), depth (blocks),
-patch_size, position_max_period, heads, ff_mult, dropout, text_dim, in_channels, dtype, remat, attention
+patch_size, position_max_period, heads, ff_mult, dropout, text_dim, in_channels, dtype, remat, remat_policy, attention
 (models/attention.py), temporal, max_frames, video_attention ('factorised' or 'spacetime'), temporal_patch_size,
 lowres_conditioning.
 
@@ -119,7 +119,8 @@ class DiT(nnx.Module):
     if dim % 4 or dim % config.heads:
       raise ValueError(f"model.channels={dim} (the DiT's width) must be divisible by 4 and by model.heads="
                        f"{config.heads}.")
-    self.dtype, self.dim, self.patch, self.remat = dtype, dim, patch, config.remat
+    self.dtype, self.dim, self.patch = dtype, dim, patch
+    self.remat = config.remat_policy if config.remat else None
     self.position_max_period = config.position_max_period
     self.lowres_conditioning = config.lowres_conditioning
     patch_channels = config.in_channels + (superres.LOWRES_CHANNELS if config.lowres_conditioning else 0)
@@ -153,9 +154,10 @@ class DiT(nnx.Module):
                                if self.temporal and not self.spacetime else None)
 
   def _run(self, module, *args, **static):
-    """module(*args, **static), rematerialised in the backward pass with model.remat (static: Python values)."""
+    """module(*args, **static), rematerialised in the backward pass with model.remat under model.remat_policy
+    (static: Python values)."""
     call = lambda m, *a: m(*a, **static)
-    return nnx.remat(call)(module, *args) if self.remat else call(module, *args)
+    return layers.rematerialised(call, self.remat)(module, *args) if self.remat else call(module, *args)
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
     if self.lowres_conditioning != (lowres is not None and aug_logsnr is not None):

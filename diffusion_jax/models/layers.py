@@ -18,6 +18,21 @@ from diffusion_jax.models import attention
 nnx.use_eager_sharding(False)
 
 
+REMAT_POLICIES = ("full", "matmuls")
+
+
+def saves_matmuls(primitive, *args, **params) -> bool:
+  """Remat policy 'matmuls': the outputs of convolutions and of projections (dot_generals without batch axes) are
+  kept for the backward pass; the rest is recomputed (attention's scores, batched dot_generals, are not kept)."""
+  return (primitive.name == "conv_general_dilated"
+          or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(primitive, *args, **params))
+
+
+def rematerialised(function, policy: str):
+  """nnx.remat of `function` under a REMAT_POLICIES policy."""
+  return nnx.remat(function, policy=saves_matmuls if policy == "matmuls" else None)
+
+
 def names(*axes):
   return {"out_sharding": axes}
 

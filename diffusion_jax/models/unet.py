@@ -6,7 +6,9 @@ Configuration (`config.model`, see configs/base.py):
   attention_levels               levels (indices) that get self + cross attention after each block
   skips                          'block' (ADM: a skip per block) or 'level' (Efficient U-Net: one per level)
   skip_scale                     residual scale, 1/sqrt(2) in the Efficient U-Net, 1.0 in ADM
-  heads, ff_mult, dropout, text_dim, in_channels, dtype ('float32' / 'bfloat16'), remat
+  heads, ff_mult, dropout, text_dim, in_channels, dtype ('float32' / 'bfloat16')
+  remat, remat_policy            recompute each block in the backward pass: all of it ('full') or all but its
+                                 convolutions' and projections' outputs ('matmuls'; layers.saves_matmuls)
   attention                      'auto', 'folded', 'xla' or 'cudnn' (models/attention.py)
   lowres_conditioning            super-resolution stage: concatenate an upsampled low-res image and
                                  embed its noise-augmentation log-SNR (video: a low-res clip with
@@ -80,7 +82,7 @@ class UNet(nnx.Module):
     self.channels = config.channels
     self.max_frames = config.max_frames
     self.skips = config.skips
-    self.remat = config.remat
+    self.remat = config.remat_policy if config.remat else None
     self.lowres_conditioning = config.lowres_conditioning
     self.temporal = config.temporal
     emb_dim = 4 * config.channels
@@ -151,7 +153,7 @@ class UNet(nnx.Module):
 
   def _run(self, module, *args):
     if self.remat:
-      return nnx.remat(lambda m, *a: m(*a))(module, *args)
+      return layers.rematerialised(lambda m, *a: m(*a), self.remat)(module, *args)
     return module(*args)
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
