@@ -21,8 +21,9 @@ Modes:
            for hardware this machine lacks; the bytes are this backend's fusion's (a GPU's or TPU's own are in
            `step` there; XLA:CPU computes bfloat16 in float32, so its bytes of a bfloat16 model run high).
   memory   per-device bytes with FSDP over 1, 2, 4, 8 devices: train state (params + EMA + optimizer
-           moments) held by one device vs total / N, and the compiled step's argument and temporary
-           bytes from XLA's memory analysis; nothing is allocated (an abstract state). On a CPU run it with
+           moments) held by one device vs total / N, the compiled step's argument and temporary bytes from
+           XLA's memory analysis, and the activations its backward pass keeps for one device's share of the batch
+           (kept_activation_bytes); nothing is allocated (an abstract state). On a CPU run it with
            XLA_FLAGS=--xla_force_host_platform_device_count=8.
   peer     diffusers' PyTorch UNet2DConditionModel at a matched size (our widths, resolution and
            attention levels, the depth whose parameter count is nearest; both counts printed; our
@@ -238,6 +239,8 @@ def kept_activation_bytes(config) -> float:
   from diffusion_jax import sharding, train
   from diffusion_jax.data import pipeline
 
+  config = config.copy_and_resolve_references()
+  config.mesh.update(data=1, fsdp=1, tensor=1)  # one device's share: shapes only, so any config's
   state, graphdef = train.abstract_state(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pipeline.synthetic_batch(config).items()}
   loss_fn = train.make_loss_fn(config, graphdef)
@@ -341,10 +344,10 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
   from diffusion_jax import sharding, train
 
   lines = ["| FSDP devices | state on one device (MB) | total / N (MB) | ratio | step arguments (MB) | "
-           "step temporaries (MB) |", "|---|---|---|---|---|---|"]
+           "step temporaries (MB) | kept activations (MB) |", "|---|---|---|---|---|---|---|"]
   for n in device_counts:
     if n > jax.device_count():
-      lines.append(f"| {n} | needs {n} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) | | | | |")
+      lines.append(f"| {n} | needs {n} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) | | | | | |")
       continue
     sized = config.copy_and_resolve_references()
     sized.mesh.update(data=1, fsdp=n, tensor=1)
@@ -352,8 +355,11 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
     compiled = lowered.compile()
     held, total = state_bytes_on_one_device(state)
     memory = compiled.memory_analysis()
+    per_device = sized.copy_and_resolve_references()
+    per_device.train.batch_size = max(1, config.train.batch_size // n)
     lines.append(f"| {n} | {held / 1e6:.2f} | {total / n / 1e6:.2f} | {held / (total / n):.3f} | "
-                 f"{memory.argument_size_in_bytes / 1e6:.2f} | {memory.temp_size_in_bytes / 1e6:.1f} |")
+                 f"{memory.argument_size_in_bytes / 1e6:.2f} | {memory.temp_size_in_bytes / 1e6:.1f} | "
+                 f"{kept_activation_bytes(per_device) / 1e6:.1f} |")
   return "\n".join(lines)
 
 

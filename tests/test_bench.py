@@ -100,6 +100,7 @@ def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):
   assert [r[0] for r in rows] == ["1", "8"] and float(rows[0][3]) == 1.0
   assert float(rows[1][3]) <= 1.1, f"FSDP over 8 devices keeps {rows[1][3]} x total/8 per device"
   assert float(rows[1][1]) < float(rows[0][1]) / 6 and float(rows[1][5]) > 0
+  assert 0 < float(rows[1][6]) < float(rows[0][6]) / 4  # an eighth of the batch on each device
 
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
