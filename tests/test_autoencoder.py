@@ -82,6 +82,8 @@ def test_encoder_and_decoder_compute_what_diffusers_computes(vae):
   np.testing.assert_allclose(ours.decode((jnp.asarray(z) - 0.1) * 0.5), decoded, atol=1e-5)
   video = jnp.stack([jnp.asarray(x), -jnp.asarray(x)], axis=1)  # frames fold into the batch
   np.testing.assert_allclose(ours.encode(video)[:, 1], ours.encode(-jnp.asarray(x)), atol=1e-6)
+  clips = jnp.stack([jnp.asarray(z), -jnp.asarray(z)], axis=1)  # and the image decoder decodes frame by frame
+  np.testing.assert_allclose(ours.decode(clips)[:, 1], ours.decode(-jnp.asarray(z)), atol=1e-5)
   draw = ours.encode(jnp.asarray(x), jax.random.key(0))  # a posterior draw: its noise is standard normal
   noise = np.asarray((draw / 0.5 + 0.1 - mean) / jnp.exp(0.5 * logvar))
   assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2

@@ -306,14 +306,13 @@ class AutoencoderKL(nnx.Module):
   def decode_unscaled(self, z):
     """Posterior draws z [batch, (frames,) h/f, w/f, latent_channels] (no shift or scaling) -> [batch, (frames,) h,
     w, out]: a temporal decoder decodes each clip's frames together (more leading axes fold into the batch), the
-    image decoder every frame alone."""
-    if self.post_quant_conv is not None:
-      z = self.post_quant_conv(z)
+    image decoder every frame alone (the temporal autoencoder has no post_quant_conv)."""
     lead = z.shape[:-3]
     if self.temporal:
       x = self.decoder(z.reshape((-1,) + z.shape[-4:]) if z.ndim > 4 else z[:, None])
     else:
-      x = self.decoder(z.reshape((-1,) + z.shape[-3:]))
+      images = z.reshape((-1,) + z.shape[-3:])
+      x = self.decoder(images if self.post_quant_conv is None else self.post_quant_conv(images))
     return x.reshape(lead + x.shape[-3:])
 
 
