@@ -12,7 +12,7 @@ Modes:
            dtype, MFU against the datasheet peak where one is known (GPU/TPU), and a roofline: the bytes one
            device reads and writes per step (XLA's cost analysis of the compiled step), FLOPs per byte, and the
            step time at the compute roof or the memory roof, whichever is longer (datasheet roofs where known,
-           else the measured ceilings).
+           else the measured ceilings), and the device's peak memory where it reports one (GPU, TPU).
   roofline the same train step's FLOPs and bytes on one device at the sizes of --widths, compiled here on any
            backend (nothing runs, nothing is allocated: an abstract state), against the datasheet roofs of
            --device_kind: FLOPs per byte, the step time at the longer roof and the MFU that roof allows (with
@@ -192,6 +192,13 @@ def write_roofline_plot(path, title: str, compute_roof: float, memory_roof: floa
   return path
 
 
+def peak_memory() -> str:
+  """The most memory the first device has held so far in this process, in GB (GPUs and TPUs report it; a CPU
+  does not: "n/a"). A peak over every row run before, so compare settings one run each."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return f"{stats['peak_bytes_in_use'] / 1e9:.3g}" if "peak_bytes_in_use" in stats else "n/a"
+
+
 def step_table(config, steps: int, widths, plot=None) -> str:
   """Ceiling rows, then one row per U-Net width, with its roofline: the time the step's FLOPs take at the compute
   roof or its bytes at the memory roof, whichever is longer (datasheet roofs where known, else measured); with
@@ -208,8 +215,8 @@ def step_table(config, steps: int, widths, plot=None) -> str:
            + (f"; datasheet {datasheet[0] / 1e12:.0f} TFLOP/s, {datasheet[1] / 1e12:.2f} TB/s" if datasheet else ""),
            "",
            "| channels | parameters | step ms | GFLOP/step | GFLOP/s per device | / ceiling (model dtype) | MFU "
-           "| GB/step (XLA) | FLOP/byte | roofline ms |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| GB/step (XLA) | FLOP/byte | roofline ms | peak memory (GB) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   compute_roof, memory_roof = datasheet or (ceiling[config.model.dtype], bandwidth)
   points = []
   for width in widths:
@@ -224,7 +231,8 @@ def step_table(config, steps: int, widths, plot=None) -> str:
     bound = max((flops / compute_roof, "compute"), (traffic / memory_roof, "memory"))
     lines.append(f"| {width} | {train.count_params(state.params) / 1e6:.2f}M | {seconds * 1e3:.0f} | "
                  f"{flops / 1e9:.5g} | {achieved / 1e9:.3g} | {achieved / ceiling[sized.model.dtype]:.0%} | {mfu} | "
-                 f"{traffic / 1e9:.4g} | {flops / traffic:.0f} | {bound[0] * 1e3:.0f} ({bound[1]}) |")
+                 f"{traffic / 1e9:.4g} | {flops / traffic:.0f} | {bound[0] * 1e3:.0f} ({bound[1]}) | "
+                 f"{peak_memory()} |")
   if plot:
     drawn = write_roofline_plot(plot, jax.devices()[0].device_kind, compute_roof, memory_roof, points)
     lines.append(f"\nroofline plot: {drawn}")

@@ -5,7 +5,7 @@
 #   .venv/bin/python launch/gpu_wheels.py         # here, once: the wheels it lacks, into .whl/ (git-ignored)
 #   launch/gpu_bench.sh [NAME ...]                # there (the device tool's run, carry [".whl"]); default: all
 #
-# Benchmarks, in the default order (NAME: what, its time limit; all but base64 by default):
+# Benchmarks, in the default order (NAME: what, its time limit; all but base64 and remat by default):
 #   env        the GPU, the Python packages and what jax sees (60 s)
 #   step       the 64 px U-Net train step in bfloat16: FLOPs, step time, MFU and the GPU program's roofline (bytes
 #              per step, FLOPs per byte; drawn as $OUT/roofline_WIDTH_BATCH.png) at widths 128 and 256 (batch 128)
@@ -17,6 +17,9 @@
 #              keeping convolutions' and projections' outputs),
 #              at a per-device batch of 32, with 90% of the GPU's memory (400 s; not yet run on a GPU: its compile
 #              time is unknown; not in the default set)
+#   remat      the 64 px U-Net step at width 256, batch 128 without remat, with model.remat_policy "full" and with
+#              "matmuls", one `bench step` each (its peak memory column is per process): what each policy costs in
+#              time and saves in memory on the GPU (3 x 150 s; not in the default set)
 #   peer_dit   the demo DiT (bfloat16) against diffusers' PixArt transformer on the same GPU (180 s)
 #   peer_unet  the 64 px U-Net (bfloat16, width 128) against diffusers' UNet2DConditionModel (180 s)
 #   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame
@@ -87,6 +90,12 @@ print(f"- jax devices: {jax.devices()}")'
     base64)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 bench 400 step --config=configs/imagen_base64.py --widths=512 \
         --config.train.batch_size=32 --steps=5 ;;
+    remat)
+      for remat in --config.model.remat=False "--config.model.remat=True --config.model.remat_policy=full" \
+                   "--config.model.remat=True --config.model.remat_policy=matmuls"; do
+        bench 150 step --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
+          --widths=256 --config.train.batch_size=128 $remat --steps=10
+      done ;;
     peer_dit)
       bench 180 peer --config=configs/t2i_shapes.py:dit --config.model.dtype=bfloat16 --steps=10 ;;
     peer_unet)
@@ -105,7 +114,7 @@ print(f"- jax devices: {jax.devices()}")'
         --config.data.resolution=64 --config.model.dtype=bfloat16 --config.model.channels=128 \
         --config.train.batch_size=128 --steps=5 ;;
     *)
-      echo "error: no benchmark named '$1' (env, step, attention, base64, peer_dit, peer_unet, video, compile," \
+      echo "error: no benchmark named '$1' (env, step, attention, base64, remat, peer_dit, peer_unet, video, compile," \
         "profile)" >&2
       exit 2 ;;
   esac

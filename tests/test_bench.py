@@ -47,6 +47,7 @@ def test_step_benchmark_flops_grow_about_quadratically_with_width(tmp_path_facto
   assert all(t > 0 for t in traffic)
   assert [float(r[8]) for r in rows] == pytest.approx([f / t for f, t in zip(flops, traffic)], rel=0.1, abs=1)
   assert all(re.fullmatch(r"\d+ \((compute|memory)\)", r[9]) for r in rows)
+  assert all(r[10] == "n/a" for r in rows)  # a CPU reports no peak memory
 
 
 def test_roofline_benchmark_takes_the_longer_roof_of_a_device_this_machine_lacks(tmp_path_factory):
@@ -246,5 +247,5 @@ def test_gpu_bench_script_writes_what_it_ran_and_refuses_unknown_names(tmp_path)
   assert f"- grain {importlib.metadata.version('grain')}\n" in written
   result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_bench.sh"), "stepp"], env=env, capture_output=True,
                           text=True, timeout=60)
-  assert result.returncode == 2 and "no benchmark named 'stepp' (env, step, attention, base64, peer_dit" in \
+  assert result.returncode == 2 and "no benchmark named 'stepp' (env, step, attention, base64, remat, peer_dit" in \
       result.stderr
