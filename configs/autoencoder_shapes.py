@@ -5,7 +5,8 @@
 
 writes `workdirs/autoencoder_shapes/autoencoder/`, a diffusers AutoencoderKL directory that
 `configs/t2i_shapes.py:latent` trains on (`latent.autoencoder_path`). Variants: `test` is a seconds-long smoke
-configuration for the test suite.
+configuration for the test suite; `video` trains Stable Video Diffusion's layout (a temporal decoder) on
+t2v_moving_shapes' 16 px clips, `video_test` its smoke configuration.
 
 Groups: `data`, `optimizer` and `mesh` are the diffusion experiments' (configs/base.py documents them);
 `autoencoder` holds the fields of diffusers' AutoencoderKL config (models/autoencoder.py); `train` the run.
@@ -32,7 +33,10 @@ def get_config(variant: str = ""):
   # (16, 32) train 3.5x faster but blur edges enough to cost the latent model a third of its shapes (README).
   c.autoencoder = dict(
       in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-      norm_num_groups=8, mid_block_add_attention=True, sample_size=32)
+      norm_num_groups=8, mid_block_add_attention=True, sample_size=32,
+      temporal_decoder=False,      # Stable Video Diffusion's decoder, which decodes a clip's frames together (variant
+                                   # `video`; written as a diffusers AutoencoderKLTemporalDecoder)
+  )
 
   c.train = dict(
       steps=3000,                  # 40 minutes on a 2-core CPU; 48 dB PSNR on held-out images (README)
@@ -58,6 +62,18 @@ def get_config(variant: str = ""):
     c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
     c.train.update(steps=10, batch_size=8, scale_batches=2, eval_examples=16, eval_every=5, log_every=5,
                    checkpoint_every=5)
+  elif variant in ("video", "video_test"):  # t2v_moving_shapes' clips; 32 groups, diffusers' fixed number
+    c.data.update(dataset="moving_shapes", resolution=16, frames=4, image_key="video", num_train=5000, num_eval=256)
+    # Two blocks a level, as SVD's: its middle block runs attention only with two (models/autoencoder.py).
+    c.autoencoder.update(temporal_decoder=True, norm_num_groups=32, sample_size=16, layers_per_block=2)
+    c.train.update(batch_size=8)  # clips of 4 frames: 32 images a step, as the image variant
+    if variant == "video_test":
+      c.data.update(num_train=64, num_eval=8)
+      c.autoencoder.layers_per_block = 1
+      c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
+      c.train.update(steps=10, batch_size=8, scale_batches=2, eval_examples=8, eval_every=5, log_every=5,
+                     checkpoint_every=5)
   elif variant:
-    raise ValueError(f"Unknown autoencoder_shapes variant {variant!r}; valid variants: 'test'.")
+    raise ValueError(f"Unknown autoencoder_shapes variant {variant!r}; valid variants: 'test', 'video', "
+                     "'video_test'.")
   return c

@@ -21,6 +21,10 @@ autoencoder's loss adds its generator loss -E[D(reconstruction)] times SD's adap
 ||grad_W reconstruction loss|| / (||grad_W generator loss|| + 1e-4) clipped to [0, 1e4 * adversarial.weight], W the
 decoder's last kernel. Video datasets train on their frames.
 
+With autoencoder.temporal_decoder (a video dataset), the decoder is Stable Video Diffusion's temporal one
+(models/autoencoder.py): the encoder still encodes each frame, the decoder decodes each training clip's latents
+together, and the losses are the same, per frame; the written directory is a diffusers AutoencoderKLTemporalDecoder.
+
 The workdir gets `checkpoints/` (parameters, optimizer state and input position; SIGTERM or Ctrl-C saves and
 stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/` (config.json and
 diffusion_pytorch_model.safetensors: what `latent.autoencoder_path` and diffusers' AutoencoderKL.from_pretrained
@@ -34,6 +38,7 @@ TensorBoard, `logs/eval`); reconstruction.json and reconstructions.png then show
 
 import json
 import logging
+import math
 import pathlib
 import sys
 import time
@@ -110,6 +115,18 @@ def problems(config) -> list[str]:
   for field in ("weight", "start_step"):
     if adversarial[field] < 0:
       out.append(f"adversarial.{field}={adversarial[field]} must be >= 0")
+  if a.get("temporal_decoder"):
+    if a.norm_num_groups != 32:
+      out.append(f"autoencoder.temporal_decoder: diffusers' AutoencoderKLTemporalDecoder normalises over 32 groups; "
+                 f"set autoencoder.norm_num_groups=32 (not {a.norm_num_groups})")
+    if config.data.dataset == "captioned_shapes":
+      out.append("autoencoder.temporal_decoder decodes clips: give a video dataset (data.dataset='moving_shapes', or "
+                 "a folder or TFDS dataset of videos)")
+    if config.data.get("image_fraction", 0) > 0:
+      out.append("autoencoder.temporal_decoder trains on whole clips: set data.image_fraction=0")
+    if adversarial.weight > 0:
+      out.append("autoencoder.temporal_decoder: the adversarial term is not supported with it yet; set "
+                 "adversarial.weight=0")
   if adversarial.weight > 0:
     if adversarial.layers < 1 or adversarial.channels < 1:
       out.append(f"adversarial.layers={adversarial.layers} and adversarial.channels={adversarial.channels} must be "
@@ -173,8 +190,21 @@ def init_state(config, mesh) -> AutoencoderState:
 
 def images(batch: dict) -> jax.Array:
   """The batch's images [n, h, w, 3]; a video batch's frames folded into n."""
-  x = batch["video"] if "video" in batch else batch["image"]
+  return frames(batch["video"] if "video" in batch else batch["image"])
+
+
+def frames(x: jax.Array) -> jax.Array:
+  """Images or clips [..., h, w, c] as images [n, h, w, c]."""
   return x.reshape((-1,) + x.shape[-3:])
+
+
+def inputs(config, batch: dict) -> jax.Array:
+  """What the autoencoder reconstructs: clips [batch, frames, h, w, 3] for a temporal decoder, else images."""
+  if config.autoencoder.get("temporal_decoder"):
+    if "video" not in batch:
+      raise ValueError("autoencoder.temporal_decoder needs clips, and this dataset gives images")
+    return batch["video"]
+  return images(batch)
 
 
 def perceptual_model(config, mesh):
@@ -201,10 +231,12 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
   critic = lambda discriminator_params, x: nnx.merge(discriminator_graphdef, discriminator_params)(x)
 
   def reconstruct(params, x, key):
+    """x: images, or clips for a temporal decoder -> (reconstructed images [n, h, w, 3], posterior mean and
+    log-variance [n, h/f, w/f, c]; n the images or the clips' frames)."""
     model = nnx.merge(graphdef, params)
-    mean, logvar = model.moments(x)
+    mean, logvar = model.moments(frames(x))
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    return model.decode_unscaled(z), mean, logvar
+    return frames(model.decode_unscaled(z.reshape(x.shape[:-3] + z.shape[1:]))), mean, logvar
 
   def reconstruction_loss(reconstruction, x, perceptual_state):
     """Per example [n]: the L1 error summed over pixels (+ the perceptual term); and its logged parts."""
@@ -228,7 +260,7 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
 
   def loss_fn(params, x, key, perceptual_state, discriminator_params, generator_weight, started):
     reconstruction, mean, logvar = reconstruct(params, x, key)
-    loss, parts = reconstruction_loss(reconstruction, x, perceptual_state)
+    loss, parts = reconstruction_loss(reconstruction, frames(x), perceptual_state)
     kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3))
     loss, parts["kl"] = jnp.mean(loss + kl_weight * kl), jnp.mean(kl)
     if discriminator_params is not None:  # the discriminator is not run (0) before adversarial.start_step
@@ -240,7 +272,7 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
 
   def train_step(state: AutoencoderState, batch: dict, hparams: dict, perceptual_state=None):
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    x, tx = images(batch), optimizer.make(config, hparams)
+    x, tx = inputs(config, batch), optimizer.make(config, hparams)
     adversarial_on = isinstance(state, AdversarialState)
     started = state.step >= adversarial.start_step
     generator_weight = jax.lax.cond(  # computed only once the discriminator has started
@@ -291,9 +323,9 @@ def latent_std(config, graphdef, params, batches) -> float:
 
 @jax.jit
 def round_trip(model, x):
-  """(x, the reconstruction of x from its posterior mean, clipped to [-1, 1]); one compiled program for every
-  evaluation of a run."""
-  return x, jnp.clip(model.decode(model.encode(x)), -1, 1)
+  """(x, the reconstruction of x from its posterior mean, clipped to [-1, 1]), both as images [n, h, w, 3] (a
+  clip's frames decoded together by a temporal decoder); one compiled program for every evaluation of a run."""
+  return frames(x), frames(jnp.clip(model.decode(model.encode(x)), -1, 1))
 
 
 def evaluate(config, model, mesh, workdir) -> dict | None:
@@ -316,21 +348,24 @@ def evaluate(config, model, mesh, workdir) -> dict | None:
   for _ in range(-(-examples // batch)):
     local = {k: v for k, v in next(loader).items() if k in keep}
     global_batch = pipeline.to_global(local, sharding.batch_sharding(mesh))
-    pair = round_trip(model, images(global_batch))
+    x = inputs(config, global_batch)
+    pair = round_trip(model, x)
     parts.append(multihost_utils.process_allgather((*pair, global_batch[pipeline.RECORD_INDEX]), tiled=True))
   if jax.process_index() != 0:
     return None
-  inputs, outputs = (media.to_uint8(np.concatenate([p[i] for p in parts])[:examples]) for i in (0, 1))
+  per_example = math.prod(x.shape[1:-3])  # images per example: a clip's frames
+  originals, outputs = (media.to_uint8(np.concatenate([p[i] for p in parts])[:examples * per_example]) for i in (0, 1))
   records = np.concatenate([p[2] for p in parts])[:examples]
-  result = {"examples": len(inputs), "psnr_db": psnr.psnr(outputs, inputs),
-            "fid_random_conv": fid.fid(fid.random_conv_features(inputs), fid.random_conv_features(outputs))}
+  result = {"examples": len(originals), "psnr_db": psnr.psnr(outputs, originals),
+            "fid_random_conv": fid.fid(fid.random_conv_features(originals), fid.random_conv_features(outputs))}
   if config.lpips.path:
-    result["lpips"] = lpips.mean_distance(lpips.load(config.lpips.path), outputs, inputs)
+    result["lpips"] = lpips.mean_distance(lpips.load(config.lpips.path), outputs, originals)
   if config.data.dataset == "captioned_shapes":  # the judge's scores a latent model's samples can reach at most
     captions = [source[int(i)][config.data.caption_key] for i in records]
     result |= {f"judge/{k}": v for k, v in shapes_judge.accuracy(outputs, captions).items()}
-  label = f"reconstructions ({result['psnr_db']:.1f} dB PSNR over {len(inputs)} held-out images)"
-  grid = media.labelled_grid([inputs[:RECONSTRUCTIONS], outputs[:RECONSTRUCTIONS]], ["held-out images", label], scale=4)
+  label = f"reconstructions ({result['psnr_db']:.1f} dB PSNR over {len(originals)} held-out images)"
+  grid = media.labelled_grid([originals[:RECONSTRUCTIONS], outputs[:RECONSTRUCTIONS]], ["held-out images", label],
+                             scale=4)
   media.save_png(pathlib.Path(workdir) / "reconstructions.png", grid, {k: str(v) for k, v in result.items()})
   (pathlib.Path(workdir) / "logs" / "reconstruction.json").write_text(json.dumps(result, indent=2))
   return result
@@ -355,6 +390,8 @@ def _train(config, workdir: str) -> pathlib.Path:
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if mngr.all_steps() and saved.exists():
     trained = checkpoint.read_config(workdir)
+    if "temporal_decoder" not in trained.autoencoder:  # a run from before the field: an image decoder
+      trained.autoencoder.temporal_decoder = False
     changed = [d for d in checkpoint.config_differences(trained, config) if d.startswith("autoencoder.")]
     if discriminator_layout(trained) != discriminator_layout(config):
       changed.append(f"discriminator: {discriminator_layout(trained)} -> {discriminator_layout(config)}")

@@ -42,8 +42,8 @@ TEMPORAL_FIXED = {"norm_num_groups": 32, "mid_block_add_attention": True, "use_q
 
 
 def read_config(path: str) -> dict:
-  """The config.json of a local diffusers AutoencoderKL (or AutoencoderKLTemporalDecoder) directory, with the fields
-  the temporal one fixes filled in; a ValueError saying what is wrong."""
+  """The config.json of a local diffusers AutoencoderKL (or AutoencoderKLTemporalDecoder) directory; a ValueError
+  saying what is wrong."""
   file = pathlib.Path(path).expanduser() / "config.json"
   if not file.exists():
     raise ValueError(f"latent.autoencoder_path={path!r} has no config.json: give the local directory of a diffusers "
@@ -55,7 +55,7 @@ def read_config(path: str) -> dict:
   if name not in ("AutoencoderKL", TEMPORAL) or blocks - {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
     raise ValueError(f"{str(file)!r} is not a diffusers AutoencoderKL with 2-D blocks or an {TEMPORAL} (class "
                      f"{name!r}, blocks {sorted(blocks)}); only those autoencoders are supported.")
-  return config | TEMPORAL_FIXED if name == TEMPORAL else config
+  return config
 
 
 def downsampling_factor(config: dict) -> int:
@@ -273,6 +273,7 @@ class AutoencoderKL(nnx.Module):
   def __init__(self, config: dict, *, rngs: nnx.Rngs):
     latent = config["latent_channels"]
     self.temporal = config.get("_class_name") == TEMPORAL
+    config = config | TEMPORAL_FIXED if self.temporal else config
     self.encoder = Encoder(config, rngs)
     self.decoder = TemporalDecoder(config, rngs) if self.temporal else Decoder(config, rngs)
     self.quant_conv = conv(2 * latent, 2 * latent, 1, rngs) if config.get("use_quant_conv", True) else None
@@ -344,17 +345,23 @@ def load_diffusers(path: str) -> AutoencoderKL:
 
 
 def diffusers_config(fields: dict, scaling_factor: float) -> dict:
-  """A diffusers AutoencoderKL config.json from our autoencoder fields (configs/autoencoder_shapes.py)."""
-  levels = len(fields["block_out_channels"])
-  return {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * levels,
-          "up_block_types": ["UpDecoderBlock2D"] * levels, "scaling_factor": scaling_factor, "shift_factor": None,
-          "use_quant_conv": True, "use_post_quant_conv": True, "force_upcast": True,
-          **{k: list(v) if isinstance(v, (tuple, list)) else v for k, v in fields.items()}}
+  """A diffusers AutoencoderKL config.json from our autoencoder fields (configs/autoencoder_shapes.py), or an
+  AutoencoderKLTemporalDecoder one with `temporal_decoder` (the fields that class reads)."""
+  fields = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in fields.items()}
+  down = ["DownEncoderBlock2D"] * len(fields["block_out_channels"])
+  if fields.pop("temporal_decoder", False):
+    read = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels", "sample_size")
+    return {"_class_name": TEMPORAL, "down_block_types": down, "scaling_factor": scaling_factor, "force_upcast": True,
+            **{k: fields[k] for k in read}}
+  return {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": down,
+          "up_block_types": ["UpDecoderBlock2D"] * len(down), "scaling_factor": scaling_factor, "shift_factor": None,
+          "use_quant_conv": True, "use_post_quant_conv": True, "force_upcast": True, **fields}
 
 
 def save_diffusers(model: AutoencoderKL, config: dict, path) -> pathlib.Path:
-  """Write `model` as a diffusers AutoencoderKL directory (config.json and WEIGHTS_FILE in PyTorch's layout),
-  which `load_diffusers` and diffusers' `AutoencoderKL.from_pretrained` read."""
+  """Write `model` as a diffusers directory (config.json and WEIGHTS_FILE in PyTorch's layout), which
+  `load_diffusers` and diffusers' `AutoencoderKL.from_pretrained` (AutoencoderKLTemporalDecoder's, for a temporal
+  decoder) read."""
   from safetensors.numpy import save_file
 
   directory = pathlib.Path(path).expanduser()
