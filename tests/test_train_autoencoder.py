@@ -1,7 +1,8 @@
 """Training the latent-diffusion autoencoder (FSDP on a (2, 4) mesh): the loss falls, the written directory is a
 diffusers AutoencoderKL (diffusers' PyTorch model computes what ours does), its scaling factor gives unit-variance
 latents, reconstructions are scored during training, a rerun resumes, the perceptual and adversarial terms weigh
-as SD's, two processes train and write what one does, and a bad config is refused with every problem named."""
+as SD's, two processes train and write what one does, a temporal decoder trains on clips and is written as
+Stable Video Diffusion's autoencoder, and a bad config is refused with every problem named."""
 
 import json
 import pathlib
