@@ -390,8 +390,8 @@ def _train(config, workdir: str) -> pathlib.Path:
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if mngr.all_steps() and saved.exists():
     trained = checkpoint.read_config(workdir)
-    if "temporal_decoder" not in trained.autoencoder:  # a run from before the field: an image decoder
-      trained.autoencoder.temporal_decoder = False
+    if "temporal_decoder" in config.autoencoder and "temporal_decoder" not in trained.autoencoder:
+      trained.autoencoder.temporal_decoder = False  # a run from before the field: an image decoder
     changed = [d for d in checkpoint.config_differences(trained, config) if d.startswith("autoencoder.")]
     if discriminator_layout(trained) != discriminator_layout(config):
       changed.append(f"discriminator: {discriminator_layout(trained)} -> {discriminator_layout(config)}")

@@ -81,6 +81,9 @@ def test_trains_writes_a_diffusers_autoencoder_and_resumes(config, trained, tmp_
   latent.data.resolution = config.data.resolution
   config_checks.validate(latent)
 
+  saved = json.loads((workdir / "config.json").read_text())
+  del saved["autoencoder"]["temporal_decoder"]  # as a run from before the field wrote it: it resumes all the same
+  (workdir / "config.json").write_text(json.dumps(saved))
   config = config.copy_and_resolve_references()
   config.train.steps = 12
   caplog.set_level("INFO", logger="diffusion_jax")
