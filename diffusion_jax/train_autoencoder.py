@@ -202,7 +202,9 @@ def inputs(config, batch: dict) -> jax.Array:
   """What the autoencoder reconstructs: clips [batch, frames, h, w, 3] for a temporal decoder, else images."""
   if config.autoencoder.get("temporal_decoder"):
     if "video" not in batch:
-      raise ValueError("autoencoder.temporal_decoder needs clips, and this dataset gives images")
+      raise ValueError(f"autoencoder.temporal_decoder needs clips, and data.dataset={config.data.dataset!r} gives "
+                       "images: give a video dataset (data.dataset='moving_shapes', or a folder or TFDS dataset of "
+                       "videos) or set autoencoder.temporal_decoder=False")
     return batch["video"]
   return images(batch)
 
