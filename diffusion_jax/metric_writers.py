@@ -9,11 +9,14 @@ import jax
 import numpy as np
 
 
+PROGRESS_SCALARS = 6  # shown by a progress line of a writer that was never started
+
+
 class MetricWriter:
 
   def __init__(self, workdir, total_steps: int, name: str = "train"):
     self.active = jax.process_index() == 0
-    self.total_steps = total_steps
+    self.name, self.total_steps = name, total_steps
     self.start_time = None
     self.start_step = 0
     if self.active:
@@ -50,13 +53,19 @@ class MetricWriter:
       self.tensorboard.flush()
 
   def progress(self, step: int, scalars: dict):
+    """A line on stderr: the run's progress, chosen metrics and ETA; a writer that was never started (evaluations,
+    samples) shows its first few scalars instead."""
+    if self.start_time is None:
+      shown = " ".join(f"{k}={v:.4g}" for k, v in list(scalars.items())[:PROGRESS_SCALARS])
+      print(f"{self.name} at step {step}: {shown}", file=sys.stderr, flush=True)
+      return
     done = step - self.start_step
-    elapsed = time.time() - (self.start_time or time.time())
-    eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+    elapsed = time.time() - self.start_time
+    eta = f"{elapsed / done * (self.total_steps - step):.0f}s" if done > 0 else "unknown"
     shown = " ".join(f"{k}={scalars[k]:.4g}" for k in ("loss", "l1", "grad_norm", "examples_per_s", "mfu")
                      if k in scalars)
     print(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) {shown} "
-          f"elapsed {elapsed:.0f}s eta {eta:.0f}s", file=sys.stderr, flush=True)
+          f"elapsed {elapsed:.0f}s eta {eta}", file=sys.stderr, flush=True)
 
   def close(self):
     if self.active:

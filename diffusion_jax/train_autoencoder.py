@@ -25,6 +25,13 @@ With autoencoder.temporal_decoder (a video dataset), the decoder is Stable Video
 (models/autoencoder.py): the encoder still encodes each frame, the decoder decodes each training clip's latents
 together, and the losses are the same, per frame; the written directory is a diffusers AutoencoderKLTemporalDecoder.
 
+train.init_from, a local diffusers autoencoder directory, starts the run from its weights (a run that resumes reads
+its checkpoint instead): an autoencoder of the same layout (fine-tuning, e.g. SD's VAE on one's own data), or, for a
+temporal decoder, an image autoencoder of the same widths, as SVD's temporal decoder started from an image one. The
+temporal decoder then starts reconstructing every frame exactly as the image autoencoder does: its temporal blocks
+start as the identity (models/autoencoder.py, start_params). With train.eval_every > 0 the start is scored too, as
+step 0.
+
 The workdir gets `checkpoints/` (parameters, optimizer state and input position; SIGTERM or Ctrl-C saves and
 stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/` (config.json and
 diffusion_pytorch_model.safetensors: what `latent.autoencoder_path` and diffusers' AutoencoderKL.from_pretrained
@@ -115,6 +122,14 @@ def problems(config) -> list[str]:
   for field in ("weight", "start_step"):
     if adversarial[field] < 0:
       out.append(f"adversarial.{field}={adversarial[field]} must be >= 0")
+  if t.init_from:
+    try:
+      source = autoencoder.read_config(t.init_from, "train.init_from")
+    except ValueError as error:
+      out.append(str(error))
+    else:
+      out += [f"train.init_from={t.init_from!r} cannot start this autoencoder: {problem}"
+              for problem in autoencoder.start_problems(source, model_config(config))]
   if a.get("temporal_decoder"):
     if a.norm_num_groups != 32:
       out.append(f"autoencoder.temporal_decoder: diffusers' AutoencoderKLTemporalDecoder normalises over 32 groups; "
@@ -186,6 +201,17 @@ def init_state(config, mesh) -> AutoencoderState:
                                                                        config.seed + 1)
   return AdversarialState(step=step, params=params, opt_state=opt_state, discriminator=discriminator_params,
                           discriminator_opt_state=discriminator_opt_state)
+
+
+def started(config, state: AutoencoderState) -> AutoencoderState:
+  """A fresh state whose autoencoder starts from train.init_from's weights (autoencoder.start_params), each placed
+  as the fresh one was."""
+  source = autoencoder.load_diffusers(config.train.init_from)
+  fresh = multihost_utils.process_allgather(state.params, tiled=True)  # whole arrays on every process
+  params = autoencoder.start_params(autoencoder.read_config(config.train.init_from),
+                                    jax.device_get(nnx.to_pure_dict(nnx.state(source, nnx.Param))),
+                                    model_config(config), fresh)
+  return state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params)))
 
 
 def images(batch: dict) -> jax.Array:
@@ -412,6 +438,9 @@ def _train(config, workdir: str) -> pathlib.Path:
       log.warning("the input position saved at step %d does not fit this run (%s): the data order restarts with "
                   "a new shuffle (seed %d).", step, unfit or "on another process", config.seed + step)
       data_iter = iter(pipeline.make_loader(config.data, source, None, per_process, seed=config.seed + step))
+  elif config.train.init_from:
+    state = started(config, state)
+    log.info("started from the autoencoder in %s", config.train.init_from)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
   step = int(state.step)
@@ -434,6 +463,8 @@ def _train(config, workdir: str) -> pathlib.Path:
       eval_writer.write(step, result)
     return result
 
+  if step == 0 and config.train.init_from and config.train.eval_every:
+    scored(nnx.merge(graphdef, state.params))  # where the run starts: step 0 of logs/eval.jsonl
   interval_start, interval_steps = time.perf_counter(), 0  # step time and throughput since the last log line
   with stop_signals.StopSignals(stop_signals.job_signals()) as stop:
     while step < config.train.steps:

@@ -1,7 +1,8 @@
 """The latent-diffusion autoencoder: the function of diffusers' AutoencoderKL with the same weights (also those
 saved under the old attention names); what it cannot read is refused with a reason; the abstract model reads
 no weights; a latent text-to-image model trains on a (2, 2, 2) mesh without touching its pretrained parts, and
-samples full-resolution images; the latent cache holds the encoder's posteriors and trains like the pixels."""
+samples full-resolution images; the latent cache holds the encoder's posteriors and trains like the pixels; an
+image autoencoder starts a temporal decoder that reconstructs as it does."""
 
 import json
 import shutil
@@ -108,6 +109,50 @@ def test_temporal_decoder_decodes_clips_as_diffusers_does(temporal_vae):
   np.testing.assert_allclose(ours.decode(jnp.asarray(z[:, 0]) * 0.5), stills.permute(0, 2, 3, 1).numpy(), atol=1e-5)
   # Frames are not decoded alone: a clip's first frame is not the still decoded from its latents.
   assert np.abs(ours.decode(jnp.asarray(z) * 0.5)[:, 0] - ours.decode(jnp.asarray(z[:, 0]) * 0.5)).max() > 1e-2
+
+
+SVD_FIELDS = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+                  norm_num_groups=32, mid_block_add_attention=True, sample_size=16)
+
+
+def random_autoencoder(fields: dict, seed: int):
+  """(diffusers config.json, model, its parameters as a pure dict): our autoencoder of `fields`
+  (configs/autoencoder_shapes.py's) with every weight moved off its initial value (biases off zero)."""
+  config = autoencoder.diffusers_config(fields, 1.0)
+  model = autoencoder.AutoencoderKL(config, rngs=nnx.Rngs(seed))
+  state = nnx.state(model, nnx.Param)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.normal(size=x.shape).astype(np.float32),
+                        nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return config, model, params
+
+
+def test_an_image_autoencoder_starts_a_temporal_decoder_that_reconstructs_each_frame_as_it_does():
+  """start_params: a temporal decoder started from an image autoencoder (random weights, post_quant_conv's bias
+  included) reconstructs clips from their posterior means frame by frame as the image autoencoder does, although
+  its temporal layers are running; layouts that cannot start one are refused with the reason."""
+  image_config, image, image_params = random_autoencoder(SVD_FIELDS, 1)
+  temporal_config, temporal, fresh = random_autoencoder(SVD_FIELDS | {"temporal_decoder": True}, 2)
+  assert autoencoder.start_problems(image_config, temporal_config) == []
+  state = nnx.state(temporal, nnx.Param)
+  nnx.replace_by_pure_dict(state, autoencoder.start_params(image_config, image_params, temporal_config, fresh))
+  nnx.update(temporal, state)
+  clips = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16, 3)).astype(np.float32))
+  reconstruct = lambda model: model.decode_unscaled(
+      model.moments(clips.reshape(6, 16, 16, 3))[0].reshape(2, 3, 8, 8, 4))
+  expected = reconstruct(image)
+  np.testing.assert_allclose(reconstruct(temporal), expected, atol=1e-4 * float(jnp.abs(expected).max()))
+  assert float(jnp.abs(temporal.decoder.mid_block.resnets[0].temporal_res_block.conv1.kernel[...]).max()) > 0
+
+  found = autoencoder.start_problems(image_config | {"block_out_channels": [32, 32]}, temporal_config)
+  assert found == ["its block_out_channels is [32, 32], this autoencoder's [32, 64]"]
+  one_block = autoencoder.diffusers_config(SVD_FIELDS | {"temporal_decoder": True, "layers_per_block": 1}, 1.0)
+  assert "set layers_per_block >= 2" in " ".join(autoencoder.start_problems(
+      image_config | {"layers_per_block": 1}, one_block))
+  assert autoencoder.start_problems(temporal_config, image_config) == [
+      "it has a temporal decoder and this autoencoder an image decoder"]
 
 
 def test_old_attention_names_load_the_same_weights(vae, tmp_path):

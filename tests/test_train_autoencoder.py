@@ -1,8 +1,9 @@
 """Training the latent-diffusion autoencoder (FSDP on a (2, 4) mesh): the loss falls, the written directory is a
 diffusers AutoencoderKL (diffusers' PyTorch model computes what ours does), its scaling factor gives unit-variance
 latents, reconstructions are scored during training, a rerun resumes, the perceptual and adversarial terms weigh
-as SD's, two processes train and write what one does, a temporal decoder trains on clips and is written as
-Stable Video Diffusion's autoencoder, and a bad config is refused with every problem named."""
+as SD's, two processes train and write what one does, a temporal decoder started from an image autoencoder trains
+on clips and is written as Stable Video Diffusion's autoencoder, and a bad config is refused with every problem
+named."""
 
 import json
 import pathlib
@@ -21,7 +22,7 @@ from configs import autoencoder_shapes, t2i_shapes
 from diffusion_jax import config_checks, media, optimizer, sharding, train_autoencoder
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import autoencoder
-from test_autoencoder import as_torch
+from test_autoencoder import as_torch, random_autoencoder
 
 pytestmark = pytest.mark.xdist_group("autoencoder")  # one worker trains the autoencoder (`trained`) these tests read
 
@@ -189,20 +190,33 @@ def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
 
 
 def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(tmp_path):
-  """autoencoder.temporal_decoder (autoencoder_shapes.py:video_test, on the (2, 4) mesh): trained on moving_shapes
-  clips, the L1 error falls, and the written directory is a diffusers AutoencoderKLTemporalDecoder whose PyTorch
-  model decodes clips as ours does; the held-out reconstructions are scored frame by frame. An image dataset,
-  another group count and the adversarial term are refused with it."""
+  """autoencoder.temporal_decoder (autoencoder_shapes.py:video_test, on the (2, 4) mesh), started from an image
+  autoencoder (train.init_from; random weights): the start is scored, then trained on moving_shapes clips the L1
+  error falls, the encoder is the image one's moved by its few steps, and the written directory is a diffusers
+  AutoencoderKLTemporalDecoder whose PyTorch model decodes clips as ours does; the held-out reconstructions are
+  scored frame by frame. An image dataset, another group count, the adversarial term and an image autoencoder of
+  other widths are refused with it."""
   import torch
   from diffusers import AutoencoderKLTemporalDecoder
 
   config = autoencoder_shapes.get_config("video_test")
   config.data.data_dir = str(tmp_path / "tfds")
   config.mesh.update(data=2, fsdp=4)
+  config.autoencoder.layers_per_block = 2  # a temporal decoder's middle block runs attention only with two blocks
+  image_fields = config.autoencoder.to_dict() | {"temporal_decoder": False}
+  image_config, image, image_params = random_autoencoder(image_fields, 1)
+  autoencoder.save_diffusers(image, image_config, tmp_path / "image")
+  config.train.init_from = str(tmp_path / "image")
   directory = train_autoencoder.train(config, tmp_path / "workdir")
   assert json.loads((directory / "config.json").read_text())["_class_name"] == "AutoencoderKLTemporalDecoder"
   logged = read_log(tmp_path / "workdir")
   assert logged[-1]["l1"] < logged[0]["l1"]
+  assert [r["step"] for r in read_log(tmp_path / "workdir", "eval")] == [0, 5, 10]  # the start is scored too
+  trained = nnx.to_pure_dict(nnx.state(autoencoder.load_diffusers(str(directory)), nnx.Param))
+  fresh = random_autoencoder(config.autoencoder.to_dict(), 2)[2]
+  distance = lambda params: sum(float(np.sum(np.abs(np.asarray(a) - b))) for a, b in zip(
+      jax.tree.leaves(params["encoder"]), jax.tree.leaves(image_params["encoder"])))
+  assert distance(trained) < distance(fresh) / 3
   z = np.random.default_rng(1).normal(size=(2, 4, 8, 8, 4)).astype(np.float32)  # 2 clips of 4 frames
   with torch.no_grad():
     clips = AutoencoderKLTemporalDecoder.from_pretrained(str(directory)).decode(as_torch(z.reshape(8, 8, 8, 4)),
@@ -219,6 +233,14 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
   for part in ("normalises over 32 groups; set autoencoder.norm_num_groups=32 (not 8)",
                "decodes clips: give a video dataset", "the adversarial term is not supported with it yet"):
     assert part in found
+  bad = config.copy_and_resolve_references()
+  bad.autoencoder.block_out_channels = (32, 32)
+  assert train_autoencoder.problems(bad) == [
+      f"train.init_from={config.train.init_from!r} cannot start this autoencoder: its block_out_channels is "
+      "[32, 64], this autoencoder's [32, 32]"]
+  bad.train.init_from = str(tmp_path)
+  assert "train.init_from=" in " ".join(train_autoencoder.problems(bad)) and "has no config.json" in " ".join(
+      train_autoencoder.problems(bad))
 
 
 def test_two_processes_train_and_write_what_one_does(config, trained, tmp_path):

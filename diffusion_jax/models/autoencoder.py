@@ -20,6 +20,10 @@ encoder, frame by frame, and a temporal decoder that decodes a clip's frames tog
 is a per-frame block followed by one over time (3x1x1 convolutions, group norms over the whole clip), the two mixed
 by a learned weight, and a last 3x1x1 convolution follows the output convolution. `decode` reads latents [batch,
 frames, h/f, w/f, latent_channels] as clips (a still image [batch, h/f, w/f, c] is a one-frame clip).
+
+`start_params` starts an autoencoder from another's weights (`train_autoencoder`'s train.init_from): a copy of the
+same layout, or a temporal decoder started from an image autoencoder at which it reconstructs every frame exactly as
+the image autoencoder does (SVD fine-tuned its temporal decoder from an image one).
 """
 
 import json
@@ -28,7 +32,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from diffusion_jax.models import layers, named_tensors
 
@@ -39,14 +43,19 @@ TEMPORAL = "AutoencoderKLTemporalDecoder"
 # What diffusers' AutoencoderKLTemporalDecoder fixes rather than reads from its config.json.
 TEMPORAL_FIXED = {"norm_num_groups": 32, "mid_block_add_attention": True, "use_quant_conv": True,
                   "use_post_quant_conv": False, "shift_factor": None}
+# diffusers AutoencoderKL's defaults for the layout fields a config.json may leave out.
+LAYOUT_DEFAULTS = {"norm_num_groups": 32, "mid_block_add_attention": True, "use_quant_conv": True,
+                   "use_post_quant_conv": True}
+SHARED_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+                 "norm_num_groups")  # what an image autoencoder must share with the temporal decoder it starts
 
 
-def read_config(path: str) -> dict:
+def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
   """The config.json of a local diffusers AutoencoderKL (or AutoencoderKLTemporalDecoder) directory; a ValueError
-  saying what is wrong."""
+  saying what is wrong (naming `field`, the config field that gave the path)."""
   file = pathlib.Path(path).expanduser() / "config.json"
   if not file.exists():
-    raise ValueError(f"latent.autoencoder_path={path!r} has no config.json: give the local directory of a diffusers "
+    raise ValueError(f"{field}={path!r} has no config.json: give the local directory of a diffusers "
                      f"AutoencoderKL (config.json and {WEIGHTS_FILE}, e.g. the vae/ folder of a Stable Diffusion "
                      f"checkpoint) or {TEMPORAL} (Stable Video Diffusion's vae/ folder).")
   config = json.loads(file.read_text())
@@ -382,3 +391,73 @@ def latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
   side = resolution // downsampling_factor(config)
   return (side, side, config["latent_channels"])
 
+
+def is_temporal(config: dict) -> bool:
+  return config.get("_class_name") == TEMPORAL
+
+
+def layout(config: dict) -> dict:
+  """A diffusers autoencoder config.json with the defaults and fixed values its class applies."""
+  return LAYOUT_DEFAULTS | config | (TEMPORAL_FIXED if is_temporal(config) else {})
+
+
+def start_problems(source: dict, target: dict) -> list[str]:
+  """Why the autoencoder of config.json `source` cannot start one of config.json `target` (start_params; empty when
+  it can)."""
+  source, target = layout(source), layout(target)
+  if is_temporal(source) and not is_temporal(target):
+    return ["it has a temporal decoder and this autoencoder an image decoder"]
+  same = is_temporal(source) == is_temporal(target)
+  fields = SHARED_FIELDS + (tuple(LAYOUT_DEFAULTS) if same else ())
+  value = lambda config, field: list(v) if isinstance(v := config.get(field), (tuple, list)) else v
+  found = [f"its {field} is {value(source, field)}, this autoencoder's {value(target, field)}" for field in fields
+           if value(source, field) != value(target, field)]
+  if not same and not source["mid_block_add_attention"]:
+    found.append("its middle block has no attention, which the temporal decoder's runs")
+  if not same and target["layers_per_block"] < 2:
+    found.append("a temporal decoder with layers_per_block < 2 runs no attention and one residual block in its "
+                 "middle block (diffusers' MidBlockTemporalDecoder), the image decoder two and attention: set "
+                 "layers_per_block >= 2")
+  return found
+
+
+def start_params(source_config: dict, source: dict, target_config: dict, fresh: dict) -> dict:
+  """Pure-dict parameters for an autoencoder of `target_config`, started from `source` (an autoencoder of
+  `source_config`; start_problems empty); fresh: a freshly initialised target's. The same kind of decoder: a copy of
+  `source`. An image autoencoder starting a temporal decoder: its encoder and every per-frame layer, each temporal
+  residual block's last convolution zero (the block is the identity, so its mix is the per-frame block's output),
+  the last 3x1x1 convolution the identity in time, and the image decoder's post_quant_conv (z -> z P + b; the
+  temporal decoder has none) folded into the first convolution (kernel P K) and the posterior's mean (+ s, s P = b,
+  exact at the borders too); the temporal blocks' other weights stay fresh."""
+  if is_temporal(source_config) == is_temporal(target_config):
+    return source
+  source, fresh = traverse_util.flatten_dict(source), traverse_util.flatten_dict(fresh)
+  latent = target_config["latent_channels"]
+  quant = (source[("quant_conv", "kernel")], source[("quant_conv", "bias")]) if layout(source_config)[
+      "use_quant_conv"] else (np.eye(2 * latent)[None, None], np.zeros(2 * latent))
+  post, post_bias = (source[("post_quant_conv", "kernel")][0, 0], source[("post_quant_conv", "bias")]) if layout(
+      source_config)["use_post_quant_conv"] else (np.eye(latent), np.zeros(latent))
+  if np.linalg.cond(post) > 1e6:
+    raise ValueError("the image autoencoder's post_quant_conv is singular: it cannot be folded into a temporal "
+                     "decoder")
+  shift = np.linalg.solve(post.T, post_bias)
+  out_channels = target_config["out_channels"]
+  started = {("quant_conv", "kernel"): quant[0],
+             ("quant_conv", "bias"): quant[1] + np.concatenate([shift, np.zeros(latent)]),
+             ("decoder", "conv_in", "kernel"): np.einsum("ij,hwjc->hwic", post,
+                                                         source[("decoder", "conv_in", "kernel")]),
+             ("decoder", "time_conv_out", "kernel"): np.pad(np.eye(out_channels)[None, None, None],
+                                                            ((1, 1), (0, 0), (0, 0), (0, 0), (0, 0))),
+             ("decoder", "time_conv_out", "bias"): np.zeros(out_channels)}
+
+  def start(path, value):
+    if path in started:
+      return started[path]
+    if "temporal_res_block" in path:  # a fresh block, its output convolution zero
+      return np.zeros_like(value) if "conv2" in path else value
+    if "time_mixer" in path or (path[1] == "mid_block" and path[2] == "resnets" and path[3] >= 2):
+      return value  # the mixing weight; the middle blocks diffusers builds but does not run
+    return source[tuple(p for p in path if p != "spatial_res_block")]
+
+  started_flat = {path: np.asarray(start(path, value), np.float32) for path, value in fresh.items()}
+  return traverse_util.unflatten_dict(started_flat)
