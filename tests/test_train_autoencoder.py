@@ -164,6 +164,25 @@ def test_adversarial_term_starts_at_its_step_with_sds_adaptive_weight_and_resume
     train_autoencoder.train(config, tmp_path)
 
 
+def test_init_from_starts_a_run_from_an_autoencoder_of_the_same_layout(config, trained):
+  """train.init_from naming a trained image autoencoder of the config's layout: the fresh state's weights become its
+  weights, each sharded over the (2, 4) mesh as the fresh one was; another layout is refused."""
+  config = config.copy_and_resolve_references()
+  config.train.init_from = str(trained[1])
+  assert train_autoencoder.problems(config) == []
+  mesh = sharding.make_mesh(config.mesh)
+  fresh = train_autoencoder.init_state(config, mesh)
+  placements = jax.tree.map(lambda x: x.sharding, fresh.params)
+  started = train_autoencoder.started(config, fresh)
+  assert jax.tree.map(lambda x: x.sharding, started.params) == placements
+  expected = nnx.to_pure_dict(nnx.state(autoencoder.load_diffusers(str(trained[1])), nnx.Param))
+  for ours, theirs in zip(jax.tree.leaves(started.params), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(ours, theirs)
+  config.autoencoder.latent_channels = 8
+  assert "cannot start this autoencoder: its latent_channels is 4, this autoencoder's 8" in " ".join(
+      train_autoencoder.problems(config))
+
+
 def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
   bad = config.copy_and_resolve_references()
   bad.data.resolution = 15
