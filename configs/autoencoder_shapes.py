@@ -56,8 +56,9 @@ def get_config(variant: str = ""):
   c.lpips = dict(path="", loss_weight=0.0)
   # The PatchGAN adversarial term (models/discriminator.py): `weight` scales SD's adaptive weight (SD: 0.5; 0: no
   # discriminator); it starts at `start_step` (SD: 50001); `layers` stride-2 convolutions (SD: 3), the first
-  # `channels` wide (SD: 64).
-  c.adversarial = dict(weight=0.0, start_step=0, layers=3, channels=64)
+  # `channels` wide (SD: 64); `temporal`: with a temporal decoder, 3-D convolutions judge whole clips (Video LDM's and
+  # SVD's choice) rather than each frame alone.
+  c.adversarial = dict(weight=0.0, start_step=0, layers=3, channels=64, temporal=False)
   if variant == "test":
     c.data.update(resolution=16, num_train=256, num_eval=16, max_objects=1)
     c.autoencoder.update(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4, sample_size=16)

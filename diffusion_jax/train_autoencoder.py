@@ -24,6 +24,8 @@ decoder's last kernel. Video datasets train on their frames.
 With autoencoder.temporal_decoder (a video dataset), the decoder is Stable Video Diffusion's temporal one
 (models/autoencoder.py): the encoder still encodes each frame, the decoder decodes each training clip's latents
 together, and the losses are the same, per frame; the written directory is a diffusers AutoencoderKLTemporalDecoder.
+Its discriminator judges each frame alone, or with adversarial.temporal whole clips (3-D convolutions, as Video LDM's
+and SVD's), and W is the kernel of its last layer, the 3x1x1 convolution (as sgm's VideoDecoder's).
 
 train.init_from, a local diffusers autoencoder directory, starts the run from its weights (a run that resumes reads
 its checkpoint instead): an autoencoder of the same layout (fine-tuning, e.g. SD's VAE on one's own data), or, for a
@@ -139,10 +141,10 @@ def problems(config) -> list[str]:
                  "a folder or TFDS dataset of videos)")
     if config.data.get("image_fraction", 0) > 0:
       out.append("autoencoder.temporal_decoder trains on whole clips: set data.image_fraction=0")
-    if adversarial.weight > 0:
-      out.append("autoencoder.temporal_decoder: the adversarial term is not supported with it yet; set "
-                 "adversarial.weight=0")
   if adversarial.weight > 0:
+    if adversarial.temporal and not a.temporal_decoder:
+      out.append("adversarial.temporal judges clips, which only a temporal decoder reconstructs together: set "
+                 "autoencoder.temporal_decoder=True (on a video dataset) or adversarial.temporal=False")
     if adversarial.layers < 1 or adversarial.channels < 1:
       out.append(f"adversarial.layers={adversarial.layers} and adversarial.channels={adversarial.channels} must be "
                  ">= 1")
@@ -174,12 +176,15 @@ def model_config(config, scaling_factor: float = 1.0) -> dict:
 def discriminator_layout(config) -> str:
   """What the checkpoints' discriminator is ("none" without the adversarial term; configs older than it have none)."""
   a = config.get("adversarial")
-  return f"{a.layers} layers, {a.channels} channels" if a and a.weight > 0 else "none"
+  if not a or a.weight == 0:
+    return "none"
+  return f"{a.layers} layers, {a.channels} channels" + (", 3-D over clips" if a.get("temporal") else "")
 
 
 def make_discriminator(config, rngs) -> discriminator.PatchDiscriminator:
   a = config.adversarial
-  return discriminator.PatchDiscriminator(config.autoencoder.out_channels, a.channels, a.layers, rngs=rngs)
+  return discriminator.PatchDiscriminator(config.autoencoder.out_channels, a.channels, a.layers, a.temporal,
+                                          rngs=rngs)
 
 
 def init_state(config, mesh) -> AutoencoderState:
@@ -244,10 +249,15 @@ def perceptual_model(config, mesh):
   return graphdef, jax.device_put(state, sharding.replicated(mesh))
 
 
-def with_last_kernel(params: dict, kernel) -> dict:
-  """The autoencoder's params with the decoder's last kernel (what SD's adaptive weight differentiates) replaced."""
-  conv_out = {**params["decoder"]["conv_out"], "kernel": kernel}
-  return {**params, "decoder": {**params["decoder"], "conv_out": conv_out}}
+def last_layer(config) -> str:
+  """The decoder's layer whose kernel SD's adaptive weight differentiates: its last (a temporal decoder's 3x1x1
+  convolution, as sgm's VideoDecoder's get_last_layer)."""
+  return "time_conv_out" if config.autoencoder.temporal_decoder else "conv_out"
+
+
+def with_last_kernel(params: dict, kernel, layer: str) -> dict:
+  """The autoencoder's params with the kernel of the decoder's `layer` (last_layer) replaced."""
+  return {**params, "decoder": {**params["decoder"], layer: {**params["decoder"][layer], "kernel": kernel}}}
 
 
 def make_train_step(config, graphdef, perceptual_graphdef=None):
@@ -256,7 +266,12 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
   the LPIPS network's (perceptual_model), None without the perceptual term."""
   kl_weight, perceptual_weight, adversarial = config.train.kl_weight, config.lpips.loss_weight, config.adversarial
   discriminator_graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_discriminator(config, nnx.Rngs(0))))
-  critic = lambda discriminator_params, x: nnx.merge(discriminator_graphdef, discriminator_params)(x)
+
+  def critic(discriminator_params, images, shape):
+    """Patch logits of images [n, h, w, 3], each alone, or by a temporal discriminator as the clips of `shape` (the
+    inputs') that they are the frames of."""
+    judged = images.reshape(shape) if adversarial.temporal else images
+    return nnx.merge(discriminator_graphdef, discriminator_params)(judged)
 
   def reconstruct(params, x, key):
     """x: images, or clips for a temporal decoder -> (reconstructed images [n, h, w, 3], posterior mean and
@@ -278,11 +293,12 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
   def adaptive_weight(params, x, key, perceptual_state, discriminator_params):
     """SD's weight of the generator loss (module docstring), from the gradients of the two losses with respect to
     the decoder's last kernel."""
-    kernel = params["decoder"]["conv_out"]["kernel"]
-    reconstruction, pullback = jax.vjp(lambda k: reconstruct(with_last_kernel(params, k), x, key)[0], kernel)
+    layer = last_layer(config)
+    reconstruction, pullback = jax.vjp(lambda k: reconstruct(with_last_kernel(params, k, layer), x, key)[0],
+                                       params["decoder"][layer]["kernel"])
     grad_of = lambda loss: pullback(jax.grad(loss)(reconstruction))[0]
-    reconstruction_grad = grad_of(lambda r: jnp.mean(reconstruction_loss(r, x, perceptual_state)[0]))
-    generator_grad = grad_of(lambda r: discriminator.generator_loss(critic(discriminator_params, r)))
+    reconstruction_grad = grad_of(lambda r: jnp.mean(reconstruction_loss(r, frames(x), perceptual_state)[0]))
+    generator_grad = grad_of(lambda r: discriminator.generator_loss(critic(discriminator_params, r, x.shape)))
     ratio = jnp.linalg.norm(reconstruction_grad) / (jnp.linalg.norm(generator_grad) + 1e-4)
     return jnp.clip(ratio, 0.0, 1e4) * adversarial.weight
 
@@ -293,7 +309,7 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
     loss, parts["kl"] = jnp.mean(loss + kl_weight * kl), jnp.mean(kl)
     if discriminator_params is not None:  # the discriminator is not run (0) before adversarial.start_step
       parts["generator_loss"] = jax.lax.cond(
-          started, lambda r: discriminator.generator_loss(critic(discriminator_params, r)), lambda r: 0.0,
+          started, lambda r: discriminator.generator_loss(critic(discriminator_params, r, x.shape)), lambda r: 0.0,
           reconstruction)
       loss = loss + generator_weight * parts["generator_loss"]
     return loss, (parts, reconstruction)
@@ -319,7 +335,8 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
                                                          finite), opt_state=keep(opt_state, state.opt_state, finite))
     if adversarial_on:  # the discriminator's step on the same real images and (fixed) reconstructions
       fake = jax.lax.stop_gradient(reconstruction)
-      hinge = lambda p: discriminator.hinge_discriminator_loss(critic(p, x), critic(p, fake))
+      hinge = lambda p: discriminator.hinge_discriminator_loss(critic(p, frames(x), x.shape),
+                                                               critic(p, fake, x.shape))
 
       def discriminator_step():
         loss, grads = jax.value_and_grad(hinge)(state.discriminator)

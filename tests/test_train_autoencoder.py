@@ -213,8 +213,9 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
   autoencoder (train.init_from; random weights): the start is scored, then trained on moving_shapes clips the L1
   error falls, the encoder is the image one's moved by its few steps, and the written directory is a diffusers
   AutoencoderKLTemporalDecoder whose PyTorch model decodes clips as ours does; the held-out reconstructions are
-  scored frame by frame. An image dataset, another group count, the adversarial term and an image autoencoder of
-  other widths are refused with it."""
+  scored frame by frame; a 3-D discriminator judges its clips from adversarial.start_step on. An image dataset,
+  another group count, an image autoencoder of other widths, and a 3-D discriminator without a temporal decoder are
+  refused."""
   import torch
   from diffusers import AutoencoderKLTemporalDecoder
 
@@ -226,10 +227,13 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
   image_config, image, image_params = random_autoencoder(image_fields, 1)
   autoencoder.save_diffusers(image, image_config, tmp_path / "image")
   config.train.init_from = str(tmp_path / "image")
+  config.adversarial.update(weight=0.5, start_step=5, layers=2, channels=8, temporal=True)  # a 3-D discriminator
   directory = train_autoencoder.train(config, tmp_path / "workdir")
   assert json.loads((directory / "config.json").read_text())["_class_name"] == "AutoencoderKLTemporalDecoder"
   logged = read_log(tmp_path / "workdir")
   assert logged[-1]["l1"] < logged[0]["l1"]
+  # Step 5 ran before adversarial.start_step, step 10 after: the discriminator then judged clips and weighed in.
+  assert [(r["generator_weight"] > 0, r["discriminator_loss"] > 0) for r in logged] == [(False, False), (True, True)]
   assert [r["step"] for r in read_log(tmp_path / "workdir", "eval")] == [0, 5, 10]  # the start is scored too
   trained = nnx.to_pure_dict(nnx.state(autoencoder.load_diffusers(str(directory)), nnx.Param))
   fresh = random_autoencoder(config.autoencoder.to_dict(), 2)[2]
@@ -247,11 +251,13 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
   bad = config.copy_and_resolve_references()
   bad.data.dataset = "captioned_shapes"
   bad.autoencoder.norm_num_groups = 8
-  bad.adversarial.weight = 0.5
   found = " ".join(train_autoencoder.problems(bad))
   for part in ("normalises over 32 groups; set autoencoder.norm_num_groups=32 (not 8)",
-               "decodes clips: give a video dataset", "the adversarial term is not supported with it yet"):
+               "decodes clips: give a video dataset"):
     assert part in found
+  bad.autoencoder.temporal_decoder = False
+  assert "adversarial.temporal judges clips, which only a temporal decoder reconstructs together" in " ".join(
+      train_autoencoder.problems(bad))
   bad = config.copy_and_resolve_references()
   bad.autoencoder.block_out_channels = (32, 32)
   assert train_autoencoder.problems(bad) == [
