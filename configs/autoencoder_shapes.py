@@ -43,7 +43,7 @@ def get_config(variant: str = ""):
       batch_size=32,
       kl_weight=1e-6,              # the KL term's weight against the L1 error, each summed per example (SD: 1e-6)
       scale_batches=8,             # training batches whose latents set scaling_factor = 1 / their std
-      eval_examples=512,           # held-out images reconstructed at the end (PSNR, FID)
+      eval_examples=512,           # held-out images (clips of a video dataset) reconstructed at the end (PSNR, FID)
       eval_every=1000,             # ... and every this many steps (0: at the end only), into logs/eval.jsonl
       log_every=50,
       checkpoint_every=500,

@@ -39,7 +39,8 @@ stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/`
 diffusion_pytorch_model.safetensors: what `latent.autoencoder_path` and diffusers' AutoencoderKL.from_pretrained
 read; its scaling_factor is 1 / the std of the training latents, as Stable Diffusion's), the PSNR, FID
 (random-conv features) and, with lpips.path, LPIPS of reconstructed held-out images in `logs/reconstruction.json`
-(on captioned_shapes also the shapes judge's accuracy on them: what a latent model's samples can reach at most), and
+(on a video dataset every frame of train.eval_examples clips, and the FVD of the reconstructed clips; on
+captioned_shapes also the shapes judge's accuracy on them: what a latent model's samples can reach at most), and
 `reconstructions.png` (the first of them above their reconstructions). The same scores are measured every
 train.eval_every steps (0: at the end only) and appended, with the final ones, to `logs/eval.jsonl` (and
 TensorBoard, `logs/eval`); reconstruction.json and reconstructions.png then show the latest.
@@ -65,7 +66,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import checkpoint, cli, distributed, media, metric_writers, optimizer, sharding, stop_signals
 from diffusion_jax.data import pipeline
-from diffusion_jax.metrics import fid, lpips, psnr, shapes_judge
+from diffusion_jax.metrics import fid, fvd, lpips, psnr, shapes_judge
 from diffusion_jax.models import autoencoder, discriminator, init_rngs
 
 log = logging.getLogger("diffusion_jax.train_autoencoder")  # not __main__ under python -m
@@ -374,11 +375,12 @@ def round_trip(model, x):
 
 
 def evaluate(config, model, mesh, workdir) -> dict | None:
-  """Reconstruct (posterior means) up to train.eval_examples held-out images: their PSNR and FID (random-conv
-  features) against the originals and, on captioned_shapes, the shapes judge's accuracy on them against their
-  captions; in logs/reconstruction.json. reconstructions.png shows the first ones. Every process reconstructs its
-  part of each batch; process 0 scores and writes, and returns the scores (None elsewhere, and when the validation
-  split has fewer images than the data-parallel devices)."""
+  """Reconstruct (posterior means) up to train.eval_examples held-out images or clips (every frame of them, decoded
+  by a temporal decoder together, by an image decoder each alone): their PSNR and FID (random-conv features) against
+  the originals, for clips also the FVD (random-conv features) of the reconstructed clips, and on captioned_shapes
+  the shapes judge's accuracy on them against their captions; in logs/reconstruction.json. reconstructions.png
+  shows the first ones. Every process reconstructs its part of each batch; process 0 scores and writes, and returns
+  the scores (None elsewhere, and when the validation split has fewer images than the data-parallel devices)."""
   source = pipeline.data_source(config.data, "validation")
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   examples = min(config.train.eval_examples, len(source))
@@ -393,7 +395,7 @@ def evaluate(config, model, mesh, workdir) -> dict | None:
   for _ in range(-(-examples // batch)):
     local = {k: v for k, v in next(loader).items() if k in keep}
     global_batch = pipeline.to_global(local, sharding.batch_sharding(mesh))
-    x = inputs(config, global_batch)
+    x = global_batch["video"] if "video" in global_batch else global_batch["image"]  # an image decoder: per frame
     pair = round_trip(model, x)
     parts.append(multihost_utils.process_allgather((*pair, global_batch[pipeline.RECORD_INDEX]), tiled=True))
   if jax.process_index() != 0:
@@ -403,6 +405,9 @@ def evaluate(config, model, mesh, workdir) -> dict | None:
   records = np.concatenate([p[2] for p in parts])[:examples]
   result = {"examples": len(originals), "psnr_db": psnr.psnr(outputs, originals),
             "fid_random_conv": fid.fid(fid.random_conv_features(originals), fid.random_conv_features(outputs))}
+  if per_example > 1:  # clips: how far the reconstructed clips are from the originals as videos (flicker counts)
+    clips = lambda images: images.reshape((examples, per_example) + images.shape[1:])
+    result["fvd_random_conv"] = fvd.fvd(clips(originals), clips(outputs))
   if config.lpips.path:
     result["lpips"] = lpips.mean_distance(lpips.load(config.lpips.path), outputs, originals)
   if config.data.dataset == "captioned_shapes":  # the judge's scores a latent model's samples can reach at most

@@ -248,6 +248,7 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
                              clips.permute(0, 2, 3, 1).numpy().reshape(2, 4, 16, 16, 3), atol=1e-4)
   scores = json.loads((tmp_path / "workdir" / "logs" / "reconstruction.json").read_text())
   assert scores["examples"] == 8 * 4 and np.isfinite(scores["psnr_db"])  # train.eval_examples clips, every frame
+  assert scores["fvd_random_conv"] > 0  # and the reconstructed clips as videos
   bad = config.copy_and_resolve_references()
   bad.data.dataset = "captioned_shapes"
   bad.autoencoder.norm_num_groups = 8
