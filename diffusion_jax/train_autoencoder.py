@@ -131,7 +131,8 @@ def problems(config) -> list[str]:
     except ValueError as error:
       out.append(str(error))
     else:
-      out += [f"train.init_from={t.init_from!r} cannot start this autoencoder: {problem}"
+      out += [f"train.init_from={t.init_from!r} cannot start this autoencoder: {problem} (match the autoencoder "
+              "fields to its config.json, or leave train.init_from empty to start from scratch)"
               for problem in autoencoder.start_problems(source, model_config(config))]
   if a.get("temporal_decoder"):
     if a.norm_num_groups != 32:
@@ -220,9 +221,14 @@ def started(config, state: AutoencoderState) -> AutoencoderState:
   return state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params)))
 
 
+def pixels(batch: dict) -> jax.Array:
+  """The batch's images [n, h, w, 3] or clips [n, frames, h, w, 3]."""
+  return batch["video"] if "video" in batch else batch["image"]
+
+
 def images(batch: dict) -> jax.Array:
   """The batch's images [n, h, w, 3]; a video batch's frames folded into n."""
-  return frames(batch["video"] if "video" in batch else batch["image"])
+  return frames(pixels(batch))
 
 
 def frames(x: jax.Array) -> jax.Array:
@@ -395,7 +401,7 @@ def evaluate(config, model, mesh, workdir) -> dict | None:
   for _ in range(-(-examples // batch)):
     local = {k: v for k, v in next(loader).items() if k in keep}
     global_batch = pipeline.to_global(local, sharding.batch_sharding(mesh))
-    x = global_batch["video"] if "video" in global_batch else global_batch["image"]  # an image decoder: per frame
+    x = pixels(global_batch)  # clips: an image decoder decodes each frame alone
     pair = round_trip(model, x)
     parts.append(multihost_utils.process_allgather((*pair, global_batch[pipeline.RECORD_INDEX]), tiled=True))
   if jax.process_index() != 0:

@@ -263,7 +263,8 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
   bad.autoencoder.block_out_channels = (32, 32)
   assert train_autoencoder.problems(bad) == [
       f"train.init_from={config.train.init_from!r} cannot start this autoencoder: its block_out_channels is "
-      "[32, 64], this autoencoder's [32, 32]"]
+      "[32, 64], this autoencoder's [32, 32] (match the autoencoder fields to its config.json, or leave "
+      "train.init_from empty to start from scratch)"]
   bad.train.init_from = str(tmp_path)
   assert "train.init_from=" in " ".join(train_autoencoder.problems(bad)) and "has no config.json" in " ".join(
       train_autoencoder.problems(bad))

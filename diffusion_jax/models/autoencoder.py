@@ -438,8 +438,9 @@ def start_params(source_config: dict, source: dict, target_config: dict, fresh: 
   post, post_bias = (source[("post_quant_conv", "kernel")][0, 0], source[("post_quant_conv", "bias")]) if layout(
       source_config)["use_post_quant_conv"] else (np.eye(latent), np.zeros(latent))
   if np.linalg.cond(post) > 1e6:
-    raise ValueError("the image autoencoder's post_quant_conv is singular: it cannot be folded into a temporal "
-                     "decoder")
+    raise ValueError("the image autoencoder's post_quant_conv is singular, so it cannot be folded into a temporal "
+                     "decoder (which has none): train the temporal decoder from scratch (leave train.init_from "
+                     "empty)")
   shift = np.linalg.solve(post.T, post_bias)
   out_channels = target_config["out_channels"]
   started = {("quant_conv", "kernel"): quant[0],
