@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from diffusion_jax.models import layers, named_tensors
+from diffusion_jax.models import causal_autoencoder, layers, named_tensors
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # Attention names of checkpoints written before diffusers renamed them (its own loader maps them the same way).
@@ -61,14 +61,41 @@ def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
   config = json.loads(file.read_text())
   blocks = set(config.get("down_block_types", ())) | set(config.get("up_block_types", ()))
   name = config.get("_class_name", "AutoencoderKL")
-  if name not in ("AutoencoderKL", TEMPORAL) or blocks - {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
-    raise ValueError(f"{str(file)!r} is not a diffusers AutoencoderKL with 2-D blocks or an {TEMPORAL} (class "
-                     f"{name!r}, blocks {sorted(blocks)}); only those autoencoders are supported.")
+  known = {name: {"DownEncoderBlock2D", "UpDecoderBlock2D"} for name in ("AutoencoderKL", TEMPORAL)} | {
+      causal_autoencoder.CLASS_NAME: causal_autoencoder.BLOCK_TYPES}
+  if name not in known or blocks - known[name]:
+    raise ValueError(f"{str(file)!r} is not a diffusers AutoencoderKL with 2-D blocks, an {TEMPORAL} or an "
+                     f"{causal_autoencoder.CLASS_NAME} (class {name!r}, blocks {sorted(blocks)}); only those "
+                     "autoencoders are supported.")
+  if problems := is_causal(config) and causal_autoencoder.config_problems(config):
+    raise ValueError(f"{str(file)!r}: " + "; ".join(problems))
   return config
 
 
+def is_causal(config: dict) -> bool:
+  """Whether config.json is HunyuanVideo's causal 3-D VAE (causal_autoencoder.py), which compresses time too."""
+  return config.get("_class_name") == causal_autoencoder.CLASS_NAME
+
+
 def downsampling_factor(config: dict) -> int:
+  """How many pixels of a side one latent holds."""
+  if is_causal(config):
+    return causal_autoencoder.compression(config)[1]
   return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def latent_frames(config: dict, frames: int) -> int:
+  """Latent frames of a clip of `frames` frames: as many, but for a causal autoencoder (1 + (frames - 1) / r)."""
+  return causal_autoencoder.latent_frames(config, frames) if is_causal(config) else frames
+
+
+def frames_problem(config: dict, field: str, frames: int) -> str | None:
+  """Why a clip of `frames` frames (the value of config field `field`) cannot be encoded and decoded back to as
+  many frames (None when it can): a causal autoencoder needs 1 + a multiple of its time compression."""
+  if not is_causal(config) or (frames - 1) % (time := causal_autoencoder.compression(config)[0]) == 0:
+    return None
+  return (f"{field}={frames}: the causal autoencoder encodes 1 + {time} k frames into 1 + k latent frames; "
+          f"give 1 + a multiple of {time} (e.g. {1 + time * max(1, (frames - 1) // time)})")
 
 
 def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="SAME"):
@@ -282,16 +309,23 @@ class AutoencoderKL(nnx.Module):
   def __init__(self, config: dict, *, rngs: nnx.Rngs):
     latent = config["latent_channels"]
     self.temporal = config.get("_class_name") == TEMPORAL
+    self.causal = is_causal(config)
     config = config | TEMPORAL_FIXED if self.temporal else config
-    self.encoder = Encoder(config, rngs)
-    self.decoder = TemporalDecoder(config, rngs) if self.temporal else Decoder(config, rngs)
-    self.quant_conv = conv(2 * latent, 2 * latent, 1, rngs) if config.get("use_quant_conv", True) else None
-    self.post_quant_conv = conv(latent, latent, 1, rngs) if config.get("use_post_quant_conv", True) else None
+    if self.causal:
+      self.encoder, self.decoder = causal_autoencoder.Encoder(config, rngs), causal_autoencoder.Decoder(config, rngs)
+    else:
+      self.encoder = Encoder(config, rngs)
+      self.decoder = TemporalDecoder(config, rngs) if self.temporal else Decoder(config, rngs)
+    pointwise = (1, 1, 1) if self.causal else 1
+    self.quant_conv = conv(2 * latent, 2 * latent, pointwise, rngs) if config.get("use_quant_conv", True) else None
+    self.post_quant_conv = (conv(latent, latent, pointwise, rngs) if config.get("use_post_quant_conv", True)
+                            else None)
     self.scaling_factor = float(config.get("scaling_factor") or 0.18215)
     self.shift_factor = float(config.get("shift_factor") or 0.0)
 
   def moments(self, x):
-    """x [batch, h, w, in_channels] -> the posterior's (mean, log-variance) [batch, h/f, w/f, latent_channels]."""
+    """x [batch, h, w, in_channels] (a causal autoencoder: clips [batch, frames, h, w, in_channels]) -> the
+    posterior's (mean, log-variance) [batch, (latent frames,) h/f, w/f, latent_channels]."""
     h = self.encoder(x.astype(jnp.float32))
     if self.quant_conv is not None:
       h = self.quant_conv(h)
@@ -299,8 +333,12 @@ class AutoencoderKL(nnx.Module):
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
   def encode(self, x, key=None):
-    lead = x.shape[:-3]
-    mean, logvar = self.moments(x.reshape((-1,) + x.shape[-3:]))
+    """Images or clips [batch, (frames,) h, w, in_channels] -> latents; a causal autoencoder encodes each clip whole
+    (a still image as a one-frame clip), the others every frame alone (more leading axes fold into the batch)."""
+    if self.causal and x.ndim == 4:
+      return self.encode(x[:, None], key)[:, 0]
+    lead = x.shape[:-4] if self.causal else x.shape[:-3]
+    mean, logvar = self.moments(x.reshape((-1,) + x.shape[len(lead):]))
     return self.latents_from_moments(mean, logvar, key).reshape(lead + mean.shape[1:])
 
   def latents_from_moments(self, mean, logvar, key=None):
@@ -316,7 +354,12 @@ class AutoencoderKL(nnx.Module):
   def decode_unscaled(self, z):
     """Posterior draws z [batch, (frames,) h/f, w/f, latent_channels] (no shift or scaling) -> [batch, (frames,) h,
     w, out]: a temporal decoder decodes each clip's frames together (more leading axes fold into the batch), the
-    image decoder every frame alone (the temporal autoencoder has no post_quant_conv)."""
+    image decoder every frame alone (the temporal autoencoder has no post_quant_conv). A causal decoder decodes each
+    clip whole too, a still's latents [batch, h/f, w/f, c] as a one-frame clip's."""
+    if self.causal:
+      clips = z[:, None] if z.ndim == 4 else z.reshape((-1,) + z.shape[-4:])
+      x = self.decoder(clips if self.post_quant_conv is None else self.post_quant_conv(clips))
+      return x[:, 0] if z.ndim == 4 else x.reshape(z.shape[:-4] + x.shape[1:])
     lead = z.shape[:-3]
     if self.temporal:
       x = self.decoder(z.reshape((-1,) + z.shape[-4:]) if z.ndim > 4 else z[:, None])
@@ -404,6 +447,8 @@ def layout(config: dict) -> dict:
 def start_problems(source: dict, target: dict) -> list[str]:
   """Why the autoencoder of config.json `source` cannot start one of config.json `target` (start_params; empty when
   it can)."""
+  if is_causal(source) or is_causal(target):
+    return [f"{causal_autoencoder.CLASS_NAME} (a causal 3-D autoencoder) neither starts nor is started from another"]
   source, target = layout(source), layout(target)
   if is_temporal(source) and not is_temporal(target):
     return ["it has a temporal decoder and this autoencoder an image decoder"]
