@@ -6,7 +6,8 @@
 writes `workdirs/autoencoder_shapes/autoencoder/`, a diffusers AutoencoderKL directory that
 `configs/t2i_shapes.py:latent` trains on (`latent.autoencoder_path`). Variants: `test` is a seconds-long smoke
 configuration for the test suite; `video` trains Stable Video Diffusion's layout (a temporal decoder) on
-t2v_moving_shapes' 16 px clips, `video_test` its smoke configuration.
+t2v_moving_shapes' 16 px clips, `video_test` its smoke configuration; `causal` HunyuanVideo's causal 3-D VAE, which
+compresses time too, on the same clips made 5 frames long, `causal_test` its smoke configuration.
 
 Groups: `data`, `optimizer` and `mesh` are the diffusion experiments' (configs/base.py documents them);
 `autoencoder` holds the fields of diffusers' AutoencoderKL config (models/autoencoder.py); `train` the run.
@@ -36,6 +37,10 @@ def get_config(variant: str = ""):
       norm_num_groups=8, mid_block_add_attention=True, sample_size=32,
       temporal_decoder=False,      # Stable Video Diffusion's decoder, which decodes a clip's frames together (variant
                                    # `video`; written as a diffusers AutoencoderKLTemporalDecoder)
+      causal=False,                # HunyuanVideo's causal 3-D VAE, which encodes 1 + 4 k frames into 1 + k latent
+                                   # frames (variant `causal`; written as a diffusers AutoencoderKLHunyuanVideo)
+      spatial_compression_ratio=0,  # with causal: the latents' downsampling factor, a power of 2 (diffusers' rule:
+                                   # the first log2 of it levels downsample); 0: 2^(levels - 1), as the image one's
   )
 
   c.train = dict(
@@ -76,7 +81,20 @@ def get_config(variant: str = ""):
       c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
       c.train.update(steps=10, batch_size=8, scale_batches=2, eval_examples=8, eval_every=5, log_every=5,
                      checkpoint_every=5)
+  elif variant in ("causal", "causal_test"):  # t2v_moving_shapes' clips, one frame longer: 5 = 1 + 4
+    c.data.update(dataset="moving_shapes", resolution=16, frames=5, image_key="video", num_train=5000, num_eval=256)
+    # Three levels, time halved at the first two, space at the first only: 5 frames of 16 px -> 2 x 8x8x8 latents,
+    # as many numbers as the temporal decoder's 4 x 8x8x4.
+    c.autoencoder.update(causal=True, block_out_channels=(32, 64, 64), latent_channels=8, sample_size=16,
+                         spatial_compression_ratio=2)
+    c.train.update(batch_size=8)
+    if variant == "causal_test":
+      c.data.update(num_train=64, num_eval=8)
+      c.autoencoder.update(block_out_channels=(8, 16, 16), norm_num_groups=4, latent_channels=4)
+      c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
+      c.train.update(steps=10, batch_size=8, scale_batches=2, eval_examples=8, eval_every=5, log_every=5,
+                     checkpoint_every=5)
   elif variant:
     raise ValueError(f"Unknown autoencoder_shapes variant {variant!r}; valid variants: 'test', 'video', "
-                     "'video_test'.")
+                     "'video_test', 'causal', 'causal_test'.")
   return c

@@ -19,6 +19,15 @@ def network_resolution(config) -> int | None:
     return None
 
 
+def network_frames(config, frames: int) -> int:
+  """Frames of what a video model diffuses for clips of `frames` frames (a causal autoencoder's latent frames)."""
+  path = config.latent.autoencoder_path
+  try:
+    return autoencoder.latent_frames(autoencoder.read_config(path), frames) if path else frames
+  except ValueError:  # latent_problems says why
+    return frames
+
+
 def tubelet_problems(config) -> list[str]:
   """Why model.temporal_patch_size (frames per token) does not fit the model or the clips."""
   t = config.model.temporal_patch_size
@@ -31,8 +40,9 @@ def tubelet_problems(config) -> list[str]:
     found.append(f"model.temporal_patch_size={t} makes tokens of several frames, which only a spacetime DiT's "
                  "attention reads (model.video_attention='spacetime'; the factorised model attends frame by frame)")
   for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
-    if frames % t:
-      found.append(f"{field}={frames} must be a multiple of model.temporal_patch_size={t}")
+    if (network := network_frames(config, frames)) % t:
+      latent = f" ({network} latent frames)" if network != frames else ""
+      found.append(f"{field}={frames}{latent} must be a multiple of model.temporal_patch_size={t}")
   return found
 
 
@@ -63,6 +73,12 @@ def latent_problems(config) -> list[str]:
   if config.latent.cache and views:
     found.append(f"latent.cache holds one view of each example, but {' and '.join(views)} make new ones every "
                  "epoch: turn them off or leave latent.cache empty")
+  if autoencoder.is_causal(vae) and config.model.temporal:
+    for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
+      found += [problem] if frames and (problem := autoencoder.frames_problem(vae, field, frames)) else []
+    if config.superres.lowres_frames:
+      found.append("superres.lowres_frames: a temporal super-resolution stage on a causal autoencoder's latents "
+                   "is not supported; leave superres.lowres_frames at 0")
   return found
 
 
@@ -208,10 +224,10 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if m.attention == "cudnn" and jax.default_backend() != "gpu":
     found.append(f"model.attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
                  "use 'auto', 'folded' or 'xla'")
-  if m.temporal and config.data.frames > m.max_frames:
-    found.append(f"data.frames={config.data.frames} exceeds model.max_frames={m.max_frames}")
-  if m.temporal and config.sample.frames > m.max_frames:
-    found.append(f"sample.frames={config.sample.frames} exceeds model.max_frames={m.max_frames}")
+  for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
+    if m.temporal and (network := network_frames(config, frames)) > m.max_frames:
+      latent = f" ({network} latent frames)" if network != frames else ""
+      found.append(f"{field}={frames}{latent} exceeds model.max_frames={m.max_frames}")
   if config.data.heldout_combinations:
     if config.data.dataset != "captioned_shapes":
       found.append("data.heldout_combinations needs data.dataset='captioned_shapes'")

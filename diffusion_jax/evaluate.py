@@ -151,7 +151,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax import (autoguidance, cascade, checkpoint, cli, config_checks, distributed, edit_inputs, editing,
-                           lora, media, metric_writers, sample, samplers, video_extension)
+                           lora, media, metric_writers, sample, samplers)
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, lpips, motion_judge,
                                    psnr, shapes_judge)
@@ -266,7 +266,7 @@ def given_media(config, sample_config, real, image_to_video=False, edit_real=Non
   if edit_real:
     return real, np.zeros(real.shape[:-1], bool)
   if image_to_video:
-    frames = sample.output_shape(config, sample_config)[0]
+    frames = sample.clip_frames(config, sample_config)
     return tuple(np.stack(a) for a in zip(*[edit_inputs.first_frame_edit(v[0], frames) for v in real]))
   return None
 
@@ -574,7 +574,7 @@ def video_problems(config, sample_config, image_to_video: bool, edit_real: str |
   else:
     if edit_real == "image_to_image":
       found.append("--image_to_image: this model makes clips; --video_to_video edits its clips whole")
-    found += video_extension.problems(sample_config, sample.output_shape(config, sample_config)[0])
+    found += sample.extension_problems(config, sample_config)
   if image_to_video or edit_real:
     try:
       edit_inputs.check_editable(config)

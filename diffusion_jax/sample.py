@@ -127,21 +127,42 @@ COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_resc
 _compiled_samplers = {}
 
 
+def clip_frames(config, sample_config) -> int:
+  """Frames of a video model's clips (--frames, else data.frames); a ValueError when the model cannot make them."""
+  frames = sample_config.frames or config.data.frames
+  vae = autoencoder.read_config(config.latent.autoencoder_path) if config.latent.autoencoder_path else {}
+  if problem := autoencoder.frames_problem(vae, "--frames", frames):
+    raise ValueError(problem)
+  latent = autoencoder.latent_frames(vae, frames)
+  what = "" if latent == frames else f" ({latent} latent frames)"
+  if not 1 <= latent <= config.model.max_frames:
+    raise ValueError(f"--frames={frames}{what} must be in 1..{config.model.max_frames} (model.max_frames).")
+  if latent % config.model.temporal_patch_size:
+    raise ValueError(f"--frames={frames}{what} must be a multiple of model.temporal_patch_size="
+                     f"{config.model.temporal_patch_size} (the frames of one token).")
+  return frames
+
+
+def extension_problems(config, sample_config) -> list[str]:
+  """What is wrong with a video model's sample.video_length and sample.context_frames (video_extension.py)."""
+  found = video_extension.problems(sample_config, clip_frames(config, sample_config))
+  path = config.latent.autoencoder_path
+  if sample_config.video_length and path and autoencoder.is_causal(autoencoder.read_config(path)):
+    found.append("--video_length on a causal autoencoder's latents (which hold several frames each) is not "
+                 "supported yet: leave it 0")
+  return found
+
+
 def output_shape(config, sample_config) -> tuple:
   """Shape of what the diffusion of one sample runs on: [res, res, c] (a latent model: the shape of its
-  latents), with a leading frames axis for a video (temporal) model."""
-  shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
-  if config.latent.autoencoder_path:
-    shape = autoencoder.latent_shape(config.latent.autoencoder_path, config.data.resolution)
+  latents), with a leading frames axis for a video (temporal) model (a causal autoencoder's latent frames)."""
+  path = config.latent.autoencoder_path
+  shape = (autoencoder.latent_shape(path, config.data.resolution) if path else
+           (config.data.resolution, config.data.resolution, config.model.in_channels))
   if not config.model.temporal:
     return shape
-  frames = sample_config.frames or config.data.frames
-  if not 1 <= frames <= config.model.max_frames:
-    raise ValueError(f"--frames={frames} must be in 1..{config.model.max_frames} (model.max_frames).")
-  if frames % config.model.temporal_patch_size:
-    raise ValueError(f"--frames={frames} must be a multiple of model.temporal_patch_size="
-                     f"{config.model.temporal_patch_size} (the frames of one token).")
-  return (frames,) + shape
+  vae = autoencoder.read_config(path) if path else {}
+  return (autoencoder.latent_frames(vae, clip_frames(config, sample_config)),) + shape
 
 
 def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
@@ -216,7 +237,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       given, keep = init
       start = editing.first_step(s.steps, s.strength)
       grid_alpha, grid_sigma, known = alpha[start:], sigma[start:], model.to_latents(given)
-      keep_latent = editing.keep_at(keep, shape[-2])
+      keep_latent = editing.keep_at(keep, shape[-2], shape[0] if keep.ndim == 5 else None)
       if s.edit_noise != "random":  # the deterministic path back to the given images
         # of the unconditional model (null text), or of the model for the source prompts (null_text holds them)
         inverted_text, inverted_mask = ((null_text, null_mask) if s.edit_noise in editing.SOURCE_PROMPTED else
@@ -562,7 +583,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   if sample_config.video_length and not config.model.temporal:
     raise ValueError("--video_length extends the clips of a video model; this workdir's model makes images.")
   if config.model.temporal:
-    if problems := video_extension.problems(sample_config, output_shape(config, sample_config)[0]):
+    if problems := extension_problems(config, sample_config):
       raise ValueError("; ".join(problems))
   prompts = read_prompts(prompts_path) if prompts_path else [{"prompt": p} for p in sample_config.prompts]
   given = {"init_image": str(init_image), **({"mask": str(mask)} if mask else {})} if init_image else (
@@ -570,7 +591,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   for entry in prompts if given else []:
     if "init_image" not in entry and "init_video" not in entry:
       entry.update(given)
-  frames = output_shape(config, sample_config)[0] if config.model.temporal else 0
+  frames = clip_frames(config, sample_config) if config.model.temporal else 0
   edits = edit_inputs.read(config, sample_config, prompts, frames)  # before a checkpoint is read
   check_source_prompts(prompts, edits, sample_config, source_prompt, bool(guide_workdir or guide_step is not None))
   lora.check(adapters, config)
@@ -715,7 +736,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   if guide is not None:
     provenance["guide"] = autoguidance.provenance(guide)
   if config.model.temporal and sample_config.video_length:
-    clip = output_shape(config, sample_config)[0]
+    clip = clip_frames(config, sample_config)
     provenance.update(video_length=sample_config.video_length, clip_frames=clip,
                       context_frames=video_extension.context_frames(sample_config, clip))
   return write_outputs(output_dir, entries, np.stack(images), provenance, edits)

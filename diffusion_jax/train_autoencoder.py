@@ -27,6 +27,12 @@ together, and the losses are the same, per frame; the written directory is a dif
 Its discriminator judges each frame alone, or with adversarial.temporal whole clips (3-D convolutions, as Video LDM's
 and SVD's), and W is the kernel of its last layer, the 3x1x1 convolution (as sgm's VideoDecoder's).
 
+With autoencoder.causal (a video dataset of 1 + 4 k frames), the autoencoder is HunyuanVideo's causal 3-D VAE
+(models/causal_autoencoder.py): it encodes each training clip whole into 1 + k latent frames and decodes them
+together; the losses are per frame, a clip's KL divergence shared evenly by its frames, W the kernel of the last
+causal convolution; the written directory is a diffusers AutoencoderKLHunyuanVideo. Time is halved at the two
+levels before the last, space at the first log2(autoencoder.spatial_compression_ratio) (0: 2^(levels - 1)).
+
 train.init_from, a local diffusers autoencoder directory, starts the run from its weights (a run that resumes reads
 its checkpoint instead): an autoencoder of the same layout (fine-tuning, e.g. SD's VAE on one's own data), or, for a
 temporal decoder, an image autoencoder of the same widths, as SVD's temporal decoder started from an image one. The
@@ -96,10 +102,16 @@ def problems(config) -> list[str]:
   if not widths or any(w <= 0 or w % a.norm_num_groups for w in widths):
     out.append(f"autoencoder.block_out_channels {tuple(widths)} must be positive multiples of "
                f"autoencoder.norm_num_groups={a.norm_num_groups}")
-  factor = 2 ** (len(widths) - 1)
+  causal, ratio = a.get("causal", False), a.get("spatial_compression_ratio", 0)
+  if ratio and not causal:
+    out.append(f"autoencoder.spatial_compression_ratio={ratio} is read by a causal autoencoder only "
+               "(autoencoder.causal=True); an image autoencoder downsamples 2^(levels - 1): leave it at 0")
+  elif ratio < 0 or ratio & (ratio - 1):
+    out.append(f"autoencoder.spatial_compression_ratio={ratio} must be a power of 2 (or 0: 2^(levels - 1))")
+  factor = ratio or 2 ** (len(widths) - 1)
   if config.data.resolution % factor:
-    out.append(f"data.resolution={config.data.resolution} is not divisible by the downsampling factor {factor} "
-               f"of {len(widths)} levels")
+    out.append(f"data.resolution={config.data.resolution} is not divisible by the downsampling factor {factor}"
+               + ("" if ratio else f" of {len(widths)} levels"))
   if (a.in_channels, a.out_channels) != (3, 3):
     out.append("autoencoder.in_channels and out_channels must be 3 (RGB, what latent diffusion models read)")
   for field in ("steps", "batch_size", "log_every", "checkpoint_every", "scale_batches", "eval_examples"):
@@ -143,10 +155,24 @@ def problems(config) -> list[str]:
                  "a folder or TFDS dataset of videos)")
     if config.data.get("image_fraction", 0) > 0:
       out.append("autoencoder.temporal_decoder trains on whole clips: set data.image_fraction=0")
+  if causal:
+    if a.get("temporal_decoder"):
+      out.append("autoencoder.causal and autoencoder.temporal_decoder are two layouts: set one")
+    if len(widths) < 3:
+      out.append(f"autoencoder.causal: diffusers' rule halves time at the two levels before the last, so a causal "
+                 f"autoencoder needs at least 3 levels (autoencoder.block_out_channels has {len(widths)})")
+    if config.data.dataset == "captioned_shapes":
+      out.append("autoencoder.causal encodes clips: give a video dataset (data.dataset='moving_shapes', or a folder "
+                 "or TFDS dataset of videos)")
+    elif problem := autoencoder.frames_problem(model_config(config), "data.frames", config.data.frames):
+      out.append(problem)
+    if config.data.get("image_fraction", 0) > 0:
+      out.append("autoencoder.causal trains on whole clips: set data.image_fraction=0")
   if adversarial.weight > 0:
-    if adversarial.temporal and not a.temporal_decoder:
-      out.append("adversarial.temporal judges clips, which only a temporal decoder reconstructs together: set "
-                 "autoencoder.temporal_decoder=True (on a video dataset) or adversarial.temporal=False")
+    if adversarial.temporal and not (a.temporal_decoder or causal):
+      out.append("adversarial.temporal judges clips, which only a temporal decoder or a causal autoencoder "
+                 "reconstructs together: set autoencoder.temporal_decoder=True or autoencoder.causal=True (on a "
+                 "video dataset), or adversarial.temporal=False")
     if adversarial.layers < 1 or adversarial.channels < 1:
       out.append(f"adversarial.layers={adversarial.layers} and adversarial.channels={adversarial.channels} must be "
                  ">= 1")
@@ -236,13 +262,20 @@ def frames(x: jax.Array) -> jax.Array:
   return x.reshape((-1,) + x.shape[-3:])
 
 
+def reconstructs_clips(config) -> bool:
+  """Whether the autoencoder reconstructs whole clips (a temporal decoder or a causal autoencoder)."""
+  return bool(config.autoencoder.get("temporal_decoder") or config.autoencoder.get("causal"))
+
+
 def inputs(config, batch: dict) -> jax.Array:
-  """What the autoencoder reconstructs: clips [batch, frames, h, w, 3] for a temporal decoder, else images."""
-  if config.autoencoder.get("temporal_decoder"):
+  """What the autoencoder reconstructs: clips [batch, frames, h, w, 3] for a temporal decoder or a causal
+  autoencoder, else images."""
+  if reconstructs_clips(config):
     if "video" not in batch:
-      raise ValueError(f"autoencoder.temporal_decoder needs clips, and data.dataset={config.data.dataset!r} gives "
-                       "images: give a video dataset (data.dataset='moving_shapes', or a folder or TFDS dataset of "
-                       "videos) or set autoencoder.temporal_decoder=False")
+      layout = "causal" if config.autoencoder.get("causal") else "temporal_decoder"
+      raise ValueError(f"autoencoder.{layout} needs clips, and data.dataset={config.data.dataset!r} gives images: "
+                       "give a video dataset (data.dataset='moving_shapes', or a folder or TFDS dataset of videos) "
+                       f"or set autoencoder.{layout}=False")
     return batch["video"]
   return images(batch)
 
@@ -256,15 +289,24 @@ def perceptual_model(config, mesh):
   return graphdef, jax.device_put(state, sharding.replicated(mesh))
 
 
-def last_layer(config) -> str:
-  """The decoder's layer whose kernel SD's adaptive weight differentiates: its last (a temporal decoder's 3x1x1
-  convolution, as sgm's VideoDecoder's get_last_layer)."""
-  return "time_conv_out" if config.autoencoder.temporal_decoder else "conv_out"
+def last_layer(config) -> tuple[str, ...]:
+  """The path in the decoder of the layer whose kernel SD's adaptive weight differentiates: its last (a temporal
+  decoder's 3x1x1 convolution, as sgm's VideoDecoder's get_last_layer; a causal decoder's causal convolution)."""
+  if config.autoencoder.get("causal"):
+    return ("conv_out", "conv")
+  return ("time_conv_out",) if config.autoencoder.temporal_decoder else ("conv_out",)
 
 
-def with_last_kernel(params: dict, kernel, layer: str) -> dict:
+def last_kernel(params: dict, layer: tuple[str, ...]):
+  for key in ("decoder",) + layer + ("kernel",):
+    params = params[key]
+  return params
+
+
+def with_last_kernel(params: dict, kernel, layer: tuple[str, ...]) -> dict:
   """The autoencoder's params with the kernel of the decoder's `layer` (last_layer) replaced."""
-  return {**params, "decoder": {**params["decoder"], layer: {**params["decoder"][layer], "kernel": kernel}}}
+  replaced = lambda tree, path: kernel if not path else {**tree, path[0]: replaced(tree[path[0]], path[1:])}
+  return replaced(params, ("decoder",) + layer + ("kernel",))
 
 
 def make_train_step(config, graphdef, perceptual_graphdef=None):
@@ -272,6 +314,7 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
   discriminator, when the state is an AdversarialState) on the losses in the module docstring; perceptual_state:
   the LPIPS network's (perceptual_model), None without the perceptual term."""
   kl_weight, perceptual_weight, adversarial = config.train.kl_weight, config.lpips.loss_weight, config.adversarial
+  causal = bool(config.autoencoder.get("causal"))
   discriminator_graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_discriminator(config, nnx.Rngs(0))))
 
   def critic(discriminator_params, images, shape):
@@ -281,12 +324,16 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
     return nnx.merge(discriminator_graphdef, discriminator_params)(judged)
 
   def reconstruct(params, x, key):
-    """x: images, or clips for a temporal decoder -> (reconstructed images [n, h, w, 3], posterior mean and
-    log-variance [n, h/f, w/f, c]; n the images or the clips' frames)."""
+    """x: images, or clips for a temporal decoder or a causal autoencoder -> (reconstructed images [n, h, w, 3],
+    the posterior's KL divergence from N(0, I) summed over each image's latents [n]; n the images or the clips'
+    frames, a causal autoencoder's clip KL shared evenly by its frames)."""
     model = nnx.merge(graphdef, params)
-    mean, logvar = model.moments(frames(x))
+    mean, logvar = model.moments(x if causal else frames(x))
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    return frames(model.decode_unscaled(z.reshape(x.shape[:-3] + z.shape[1:]))), mean, logvar
+    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).sum(axis=tuple(range(1, mean.ndim)))
+    if causal:
+      kl = jnp.repeat(kl / x.shape[1], x.shape[1])
+    return frames(model.decode_unscaled(z if causal else z.reshape(x.shape[:-3] + z.shape[1:]))), kl
 
   def reconstruction_loss(reconstruction, x, perceptual_state):
     """Per example [n]: the L1 error summed over pixels (+ the perceptual term); and its logged parts."""
@@ -302,7 +349,7 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
     the decoder's last kernel."""
     layer = last_layer(config)
     reconstruction, pullback = jax.vjp(lambda k: reconstruct(with_last_kernel(params, k, layer), x, key)[0],
-                                       params["decoder"][layer]["kernel"])
+                                       last_kernel(params, layer))
     grad_of = lambda loss: pullback(jax.grad(loss)(reconstruction))[0]
     reconstruction_grad = grad_of(lambda r: jnp.mean(reconstruction_loss(r, frames(x), perceptual_state)[0]))
     generator_grad = grad_of(lambda r: discriminator.generator_loss(critic(discriminator_params, r, x.shape)))
@@ -310,9 +357,8 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
     return jnp.clip(ratio, 0.0, 1e4) * adversarial.weight
 
   def loss_fn(params, x, key, perceptual_state, discriminator_params, generator_weight, started):
-    reconstruction, mean, logvar = reconstruct(params, x, key)
+    reconstruction, kl = reconstruct(params, x, key)
     loss, parts = reconstruction_loss(reconstruction, frames(x), perceptual_state)
-    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3))
     loss, parts["kl"] = jnp.mean(loss + kl_weight * kl), jnp.mean(kl)
     if discriminator_params is not None:  # the discriminator is not run (0) before adversarial.start_step
       parts["generator_loss"] = jax.lax.cond(
@@ -369,7 +415,8 @@ def latent_std(config, graphdef, params, batches) -> float:
     z = nnx.merge(graphdef, p).encode(x, key)
     return jnp.stack([jnp.mean(z), jnp.mean(jnp.square(z))])
 
-  mean, mean_square = np.mean([moments(params, images(b), jax.random.key(i)) for i, b in enumerate(batches)], axis=0)
+  mean, mean_square = np.mean([moments(params, inputs(config, b), jax.random.key(i)) for i, b in enumerate(batches)],
+                              axis=0)
   return float(np.sqrt(mean_square - np.square(mean)))
 
 
@@ -446,8 +493,9 @@ def _train(config, workdir: str) -> pathlib.Path:
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if mngr.all_steps() and saved.exists():
     trained = checkpoint.read_config(workdir)
-    if "temporal_decoder" in config.autoencoder and "temporal_decoder" not in trained.autoencoder:
-      trained.autoencoder.temporal_decoder = False  # a run from before the field: an image decoder
+    for field, before in (("temporal_decoder", False), ("causal", False), ("spatial_compression_ratio", 0)):
+      if field in config.autoencoder and field not in trained.autoencoder:
+        trained.autoencoder[field] = before  # a run from before the field: an image autoencoder
     changed = [d for d in checkpoint.config_differences(trained, config) if d.startswith("autoencoder.")]
     if discriminator_layout(trained) != discriminator_layout(config):
       changed.append(f"discriminator: {discriminator_layout(trained)} -> {discriminator_layout(config)}")

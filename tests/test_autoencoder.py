@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import t2i_shapes
-from diffusion_jax import config_checks, sample, sharding, superres, train
+from diffusion_jax import config_checks, edit_inputs, sample, sharding, superres, train
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import heldout_loss
 from diffusion_jax.models import autoencoder, text_to_image
@@ -55,6 +55,26 @@ def temporal_vae(tmp_path_factory):
     for name, parameter in model.named_parameters():
       parameter.add_((1.0 if name.endswith("mix_factor") else 0.05) * torch.randn_like(parameter))
   directory = tmp_path_factory.mktemp("temporal_vae")
+  model.save_pretrained(directory, safe_serialization=True)
+  return str(directory), model
+
+
+@pytest.fixture(scope="module")
+def causal_vae(tmp_path_factory):
+  """(directory, PyTorch model): a tiny random AutoencoderKLHunyuanVideo (HunyuanVideo's causal 3-D VAE; 3 levels:
+  4x in space, 4x in time) saved as diffusers does."""
+  import torch
+  from diffusers import AutoencoderKLHunyuanVideo
+
+  torch.manual_seed(0)
+  model = AutoencoderKLHunyuanVideo(block_out_channels=(8, 16, 16), down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1,
+                                    latent_channels=4, norm_num_groups=4, spatial_compression_ratio=4,
+                                    temporal_compression_ratio=4, scaling_factor=0.5)
+  with torch.no_grad():
+    for parameter in model.parameters():
+      parameter.add_(0.05 * torch.randn_like(parameter))
+  directory = tmp_path_factory.mktemp("causal_vae")
   model.save_pretrained(directory, safe_serialization=True)
   return str(directory), model
 
@@ -109,6 +129,32 @@ def test_temporal_decoder_decodes_clips_as_diffusers_does(temporal_vae):
   np.testing.assert_allclose(ours.decode(jnp.asarray(z[:, 0]) * 0.5), stills.permute(0, 2, 3, 1).numpy(), atol=1e-5)
   # Frames are not decoded alone: a clip's first frame is not the still decoded from its latents.
   assert np.abs(ours.decode(jnp.asarray(z) * 0.5)[:, 0] - ours.decode(jnp.asarray(z[:, 0]) * 0.5)).max() > 1e-2
+
+
+def test_causal_autoencoder_compresses_time_as_diffusers_hunyuan_video_vae_does(causal_vae):
+  """HunyuanVideo's causal 3-D VAE: a clip of 9 frames has 3 latent frames whose posterior, and the clips decoded
+  from latents, equal diffusers' AutoencoderKLHunyuanVideo's; so do a still image's, as a one-frame clip."""
+  import torch
+
+  directory, reference = causal_vae
+  ours, config = autoencoder.load_diffusers(directory), autoencoder.read_config(directory)
+  assert autoencoder.downsampling_factor(config) == 4 and autoencoder.latent_frames(config, 9) == 3
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 9, 16, 16, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 3, 4, 4, 4)).astype(np.float32)
+  as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
+  with torch.no_grad():
+    posterior = reference.encode(as_clips(x)).latent_dist
+    clips = reference.decode(as_clips(z)).sample.permute(0, 2, 3, 4, 1).numpy()
+    stills = reference.decode(as_clips(z[:, :1])).sample.permute(0, 2, 3, 4, 1).numpy()
+  mean, logvar = ours.moments(jnp.asarray(x))
+  np.testing.assert_allclose(mean, posterior.mean.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(logvar, posterior.logvar.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  assert clips.shape == (2, 9, 16, 16, 3)
+  np.testing.assert_allclose(ours.decode(jnp.asarray(z) * 0.5), clips, atol=1e-5)
+  np.testing.assert_allclose(ours.decode(jnp.asarray(z[:, 0]) * 0.5), stills[:, 0], atol=1e-5)
+  with torch.no_grad():  # a still image is a one-frame clip
+    still_posterior = reference.encode(as_clips(x[:, :1])).latent_dist.mean[:, :, 0].permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(ours.moments(jnp.asarray(x[:, 0]))[0], still_posterior, atol=1e-5)
 
 
 SVD_FIELDS = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=2,
@@ -189,8 +235,14 @@ def test_what_it_cannot_read_is_refused_with_a_reason(vae, tmp_path):
   other = tmp_path / "temporal"
   other.mkdir()
   (other / "config.json").write_text(json.dumps(config | {"_class_name": "AutoencoderKLCogVideoX"}))
-  with pytest.raises(ValueError, match="is not a diffusers AutoencoderKL with 2-D blocks or an "
-                                       "AutoencoderKLTemporalDecoder .class 'AutoencoderKLCogVideoX'"):
+  with pytest.raises(ValueError, match="is not a diffusers AutoencoderKL with 2-D blocks, an AutoencoderKLTemporal"
+                                       "Decoder or an AutoencoderKLHunyuanVideo .class 'AutoencoderKLCogVideoX'"):
+    autoencoder.read_config(str(other))
+  causal = config | {"_class_name": "AutoencoderKLHunyuanVideo", "temporal_compression_ratio": 8,
+                     "down_block_types": ["HunyuanVideoDownBlock3D"] * 2,
+                     "up_block_types": ["HunyuanVideoUpBlock3D"] * 2}
+  (other / "config.json").write_text(json.dumps(causal))
+  with pytest.raises(ValueError, match="temporal_compression_ratio=8: diffusers' decoder of this class supports 4"):
     autoencoder.read_config(str(other))
 
 
@@ -350,6 +402,48 @@ def test_video_latent_model_caches_each_frames_posterior_and_samples_clips_throu
   clips = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
                           ["a red circle moving left"], sample_config, sharding.make_mesh(config.mesh))
   assert clips.shape == (1, 1, config.data.frames, 16, 16, 3) and clips.dtype == np.uint8
+
+
+def test_video_latent_model_on_a_causal_autoencoder_diffuses_fewer_frames_than_it_samples(causal_vae, tmp_path):
+  """A video model on HunyuanVideo's causal VAE: clips of 5 frames (4 is refused), 2 latent frames a clip in the
+  latent cache (each clip's posterior) and in the network, which trains a step on them, 5-frame clips sampled, and
+  image-to-video keeps the given first frame (the first latent frame)."""
+  from configs import t2v_moving_shapes
+
+  config = t2v_moving_shapes.get_config("test")
+  config.update(latent=dict(autoencoder_path=causal_vae[0], cache=str(tmp_path / "cache")))
+  config.model.in_channels = 4
+  config.sample.threshold = "none"
+  config.data.update(data_dir=str(tmp_path / "tfds"), image_fraction=0.0)
+  found = " ".join(config_checks.problems(config, device_count=8))
+  assert "data.frames=4: the causal autoencoder encodes 1 + 4 k frames" in found and "e.g. 5" in found
+  config.data.frames = 5
+  assert not config_checks.problems(config, device_count=8)
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  source = pipeline.data_source(config.data, "train")
+  cache = train.open_latent_cache(config, graphdef, state, source)
+  clip = pipeline.Preprocess(config.data, None).pixels(source[5], np.random.default_rng(0))["video"]
+  mean, _ = autoencoder.load_diffusers(causal_vae[0]).moments(jnp.asarray(clip)[None])
+  assert cache(5)["latent_mean"].shape == (2, 4, 4, 4)
+  np.testing.assert_allclose(cache(5)["latent_mean"], mean[0], rtol=2e-3, atol=2e-3)
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 8, seed=0,
+                                         latent_cache=cache)))
+  keys = ("latent_mean", "latent_logvar", "text_ids", "text_mask")
+  _, metrics = one_step(config, {}, {k: batch[k] for k in keys})  # the network diffuses 2 latent frames
+  assert np.isfinite(metrics["loss"])
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=2, num_per_prompt=1)
+  assert sample.output_shape(config, sample_config) == (2, 4, 4, 4)
+  longer = sample_config.copy_and_resolve_references()
+  longer.video_length = 9
+  assert "--video_length on a causal autoencoder's latents" in " ".join(sample.extension_problems(config, longer))
+  first = (np.asarray(clip[0]) * 127.5 + 127.5).round().astype(np.uint8)
+  given, keep = edit_inputs.first_frame_edit(first, 5)
+  clips = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                          ["a red circle moving left"], sample_config, sharding.make_mesh(config.mesh),
+                          init_images=given[None], keep_masks=keep[None])
+  assert clips.shape == (1, 1, 5, 16, 16, 3) and clips.dtype == np.uint8
+  np.testing.assert_array_equal(clips[0, 0, 0], first)
 
 
 def test_latent_super_resolution_stage_reads_the_low_res_image(vae):

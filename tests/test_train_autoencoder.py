@@ -257,7 +257,7 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
                "decodes clips: give a video dataset"):
     assert part in found
   bad.autoencoder.temporal_decoder = False
-  assert "adversarial.temporal judges clips, which only a temporal decoder reconstructs together" in " ".join(
+  assert "adversarial.temporal judges clips, which only a temporal decoder or a causal autoencoder" in " ".join(
       train_autoencoder.problems(bad))
   bad = config.copy_and_resolve_references()
   bad.autoencoder.block_out_channels = (32, 32)
@@ -267,6 +267,53 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
       "train.init_from empty to start from scratch)"]
   bad.train.init_from = str(tmp_path)
   assert "train.init_from=" in " ".join(train_autoencoder.problems(bad)) and "has no config.json" in " ".join(
+      train_autoencoder.problems(bad))
+
+
+def test_a_causal_autoencoder_trains_on_clips_and_is_written_as_hunyuan_videos(tmp_path):
+  """autoencoder.causal (autoencoder_shapes.py:causal_test, on the (2, 4) mesh): 5-frame clips encode to 2 latent
+  frames, the L1 error falls, a 3-D discriminator weighs in from its start step, the written directory is a diffusers
+  AutoencoderKLHunyuanVideo whose PyTorch model encodes and decodes clips as ours does, and the held-out clips are
+  scored frame by frame and as clips. Clips of 4 frames, 2 levels, both video layouts at once and a spatial ratio
+  without the causal layout are refused."""
+  import torch
+  from diffusers import AutoencoderKLHunyuanVideo
+
+  config = autoencoder_shapes.get_config("causal_test")
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.mesh.update(data=2, fsdp=4)
+  config.train.eval_every = 0  # scored at the end only
+  config.adversarial.update(weight=0.5, start_step=5, layers=2, channels=8, temporal=True)
+  directory = train_autoencoder.train(config, tmp_path / "workdir")
+  written = autoencoder.read_config(str(directory))
+  assert written["_class_name"] == "AutoencoderKLHunyuanVideo" and autoencoder.latent_frames(written, 5) == 2
+  logged = read_log(tmp_path / "workdir")
+  assert logged[-1]["l1"] < logged[0]["l1"]
+  assert [(r["generator_weight"] > 0, r["discriminator_loss"] > 0) for r in logged] == [(False, False), (True, True)]
+  ours = autoencoder.load_diffusers(str(directory))
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 5, 16, 16, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 2, 8, 8, 4)).astype(np.float32)
+  as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
+  with torch.no_grad():
+    reference = AutoencoderKLHunyuanVideo.from_pretrained(str(directory))
+    mean = reference.encode(as_clips(x)).latent_dist.mean.permute(0, 2, 3, 4, 1).numpy()
+    clips = reference.decode(as_clips(z)).sample.permute(0, 2, 3, 4, 1).numpy()
+  np.testing.assert_allclose(ours.moments(jnp.asarray(x))[0], mean, atol=1e-4)
+  np.testing.assert_allclose(ours.decode_unscaled(jnp.asarray(z)), clips, atol=1e-4)
+  scores = json.loads((tmp_path / "workdir" / "logs" / "reconstruction.json").read_text())
+  assert scores["examples"] == 8 * 5 and np.isfinite(scores["psnr_db"]) and scores["fvd_random_conv"] > 0
+  bad = config.copy_and_resolve_references()
+  bad.data.frames = 4
+  bad.autoencoder.temporal_decoder = True
+  found = " ".join(train_autoencoder.problems(bad))
+  for part in ("data.frames=4: the causal autoencoder encodes 1 + 4 k frames", "e.g. 5",
+               "autoencoder.causal and autoencoder.temporal_decoder are two layouts"):
+    assert part in found
+  bad = config.copy_and_resolve_references()
+  bad.autoencoder.block_out_channels = (8, 16)
+  assert "needs at least 3 levels" in " ".join(train_autoencoder.problems(bad))
+  bad.autoencoder.causal = False
+  assert "spatial_compression_ratio=2 is read by a causal autoencoder only" in " ".join(
       train_autoencoder.problems(bad))
 
 

@@ -26,8 +26,10 @@ same layout, or a temporal decoder started from an image autoencoder at which it
 the image autoencoder does (SVD fine-tuned its temporal decoder from an image one).
 """
 
+import functools
 import json
 import pathlib
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,12 +115,13 @@ def per_frame(module, clips):
 
 
 class ResnetBlock(nnx.Module):
-  """GroupNorm-SiLU-conv twice, plus the input (through a 1x1 conv when the width changes)."""
+  """GroupNorm-SiLU-conv twice, plus the input (through a 1-wide conv when the width changes); `make_conv(in, out,
+  kernel, rngs)` makes the convolutions (causal_autoencoder.CausalConv: causal 3-D ones)."""
 
-  def __init__(self, in_ch, out_ch, groups, rngs):
-    self.norm1, self.conv1 = group_norm(in_ch, groups, rngs), conv(in_ch, out_ch, 3, rngs)
-    self.norm2, self.conv2 = group_norm(out_ch, groups, rngs), conv(out_ch, out_ch, 3, rngs)
-    self.conv_shortcut = conv(in_ch, out_ch, 1, rngs) if in_ch != out_ch else None
+  def __init__(self, in_ch, out_ch, groups, rngs, make_conv=conv):
+    self.norm1, self.conv1 = group_norm(in_ch, groups, rngs), make_conv(in_ch, out_ch, 3, rngs)
+    self.norm2, self.conv2 = group_norm(out_ch, groups, rngs), make_conv(out_ch, out_ch, 3, rngs)
+    self.conv_shortcut = make_conv(in_ch, out_ch, 1, rngs) if in_ch != out_ch else None
 
   def __call__(self, x):
     h = self.conv2(nnx.silu(self.norm2(self.conv1(nnx.silu(self.norm1(x))))))
@@ -126,25 +129,32 @@ class ResnetBlock(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Single-head self-attention over all positions, after a GroupNorm, with a residual."""
+  """Single-head self-attention over all positions of x [batch, ..., channels], after a GroupNorm, with a residual;
+  `causal` (clips [batch, frames, h, w, c]): each frame's positions attend to their own frame's and earlier ones'."""
 
-  def __init__(self, channels, groups, rngs):
+  def __init__(self, channels, groups, rngs, causal=False):
+    self.causal = causal
     self.group_norm = group_norm(channels, groups, rngs)
     projection = lambda: layers.dense(channels, channels, ("embed", "heads"), rngs, jnp.float32)
     self.to_q, self.to_k, self.to_v = projection(), projection(), projection()
     self.to_out = nnx.List([layers.dense(channels, channels, ("heads", "embed"), rngs, jnp.float32)])
 
   def __call__(self, x):
-    b, h, w, c = x.shape
-    tokens = self.group_norm(x).reshape(b, h * w, 1, c)
-    out = jax.nn.dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
-    return x + self.to_out[0](out.reshape(b, h, w, c))
+    tokens = self.group_norm(x).reshape(x.shape[0], -1, 1, x.shape[-1])
+    mask = None
+    if self.causal:
+      frame = jnp.repeat(jnp.arange(x.shape[1]), tokens.shape[1] // x.shape[1])
+      mask = frame[:, None] >= frame[None, :]
+    out = jax.nn.dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), mask=mask)
+    return x + self.to_out[0](out.reshape(x.shape))
 
 
 class MidBlock(nnx.Module):
-  def __init__(self, channels, groups, attention, rngs):
-    self.resnets = nnx.List([ResnetBlock(channels, channels, groups, rngs) for _ in range(2)])
-    self.attentions = nnx.List([Attention(channels, groups, rngs)]) if attention else None
+  """Residual block, attention (if any), residual block; `parts` makes them (IMAGE_PARTS, or CAUSAL_PARTS)."""
+
+  def __init__(self, channels, groups, attention, rngs, parts):
+    self.resnets = nnx.List([parts.resnet(channels, channels, groups, rngs) for _ in range(2)])
+    self.attentions = nnx.List([parts.attention(channels, groups, rngs)]) if attention else None
 
   def __call__(self, x):
     x = self.resnets[0](x)
@@ -205,12 +215,12 @@ class SpatioTemporalBlock(nnx.Module):
 
 
 class Level(nnx.Module):
-  """Residual blocks at one resolution, then (except at the last level) down- or upsampling."""
+  """Residual blocks at one resolution, then the level's down- or upsampling module `sampler` (None: none)."""
 
-  def __init__(self, in_ch, out_ch, blocks, groups, resample, up, rngs):
-    self.resnets = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, rngs) for i in range(blocks)])
+  def __init__(self, in_ch, out_ch, blocks, groups, sampler, up, rngs, resnet=ResnetBlock):
+    self.resnets = nnx.List([resnet(in_ch if i == 0 else out_ch, out_ch, groups, rngs) for i in range(blocks)])
     self.samplers_name = "upsamplers" if up else "downsamplers"  # diffusers' names
-    setattr(self, self.samplers_name, nnx.List([Resample(out_ch, up, rngs)]) if resample else None)
+    setattr(self, self.samplers_name, None if sampler is None else nnx.List([sampler]))
 
   def __call__(self, x):
     for block in self.resnets:
@@ -219,16 +229,38 @@ class Level(nnx.Module):
     return x if samplers is None else samplers[0](x)
 
 
+class Parts(NamedTuple):
+  """The building blocks an Encoder and Decoder are assembled from: `conv3(in, out, rngs)`, a 3-wide convolution;
+  `resnet(in, out, groups, rngs)`; `attention(channels, groups, rngs)`; `sampler(config, level, channels, up,
+  rngs)`, that level's down- or upsampling module, or None."""
+  conv3: Callable
+  resnet: Callable
+  attention: Callable
+  sampler: Callable
+
+
+def image_sampler(config, level, channels, up, rngs):
+  return Resample(channels, up, rngs) if level < len(config["block_out_channels"]) - 1 else None
+
+
+IMAGE_PARTS = Parts(lambda i, o, rngs: conv(i, o, 3, rngs), ResnetBlock, Attention, image_sampler)
+CAUSAL_PARTS = Parts(lambda i, o, rngs: causal_autoencoder.CausalConv(i, o, 3, rngs),
+                     functools.partial(ResnetBlock, make_conv=causal_autoencoder.CausalConv),
+                     functools.partial(Attention, causal=True), causal_autoencoder.sampler)
+
+
 class Encoder(nnx.Module):
-  def __init__(self, c: dict, rngs):
+  """Stable Diffusion's encoder (`parts`: IMAGE_PARTS), or HunyuanVideo's causal one (CAUSAL_PARTS)."""
+
+  def __init__(self, c: dict, rngs, parts=IMAGE_PARTS):
     widths, groups = c["block_out_channels"], c["norm_num_groups"]
-    self.conv_in = conv(c["in_channels"], widths[0], 3, rngs)
+    self.conv_in = parts.conv3(c["in_channels"], widths[0], rngs)
     self.down_blocks = nnx.List([
-        Level(widths[max(i - 1, 0)], width, c["layers_per_block"], groups, i < len(widths) - 1, False, rngs)
-        for i, width in enumerate(widths)])
-    self.mid_block = MidBlock(widths[-1], groups, c.get("mid_block_add_attention", True), rngs)
+        Level(widths[max(i - 1, 0)], width, c["layers_per_block"], groups, parts.sampler(c, i, width, False, rngs),
+              False, rngs, parts.resnet) for i, width in enumerate(widths)])
+    self.mid_block = MidBlock(widths[-1], groups, c.get("mid_block_add_attention", True), rngs, parts)
     self.conv_norm_out = group_norm(widths[-1], groups, rngs)
-    self.conv_out = conv(widths[-1], 2 * c["latent_channels"], 3, rngs)
+    self.conv_out = parts.conv3(widths[-1], 2 * c["latent_channels"], rngs)
 
   def __call__(self, x):
     x = self.conv_in(x)
@@ -238,15 +270,17 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  def __init__(self, c: dict, rngs):
+  """The encoder's mirror, with `layers_per_block + 1` residual blocks a level."""
+
+  def __init__(self, c: dict, rngs, parts=IMAGE_PARTS):
     widths, groups = c["block_out_channels"][::-1], c["norm_num_groups"]
-    self.conv_in = conv(c["latent_channels"], widths[0], 3, rngs)
-    self.mid_block = MidBlock(widths[0], groups, c.get("mid_block_add_attention", True), rngs)
+    self.conv_in = parts.conv3(c["latent_channels"], widths[0], rngs)
+    self.mid_block = MidBlock(widths[0], groups, c.get("mid_block_add_attention", True), rngs, parts)
     self.up_blocks = nnx.List([
-        Level(widths[max(i - 1, 0)], width, c["layers_per_block"] + 1, groups, i < len(widths) - 1, True, rngs)
-        for i, width in enumerate(widths)])
+        Level(widths[max(i - 1, 0)], width, c["layers_per_block"] + 1, groups, parts.sampler(c, i, width, True, rngs),
+              True, rngs, parts.resnet) for i, width in enumerate(widths)])
     self.conv_norm_out = group_norm(widths[-1], groups, rngs)
-    self.conv_out = conv(widths[-1], c["out_channels"], 3, rngs)
+    self.conv_out = parts.conv3(widths[-1], c["out_channels"], rngs)
 
   def __call__(self, z):
     x = self.mid_block(self.conv_in(z))
@@ -312,7 +346,8 @@ class AutoencoderKL(nnx.Module):
     self.causal = is_causal(config)
     config = config | TEMPORAL_FIXED if self.temporal else config
     if self.causal:
-      self.encoder, self.decoder = causal_autoencoder.Encoder(config, rngs), causal_autoencoder.Decoder(config, rngs)
+      config = causal_autoencoder.DEFAULTS | config
+      self.encoder, self.decoder = Encoder(config, rngs, CAUSAL_PARTS), Decoder(config, rngs, CAUSAL_PARTS)
     else:
       self.encoder = Encoder(config, rngs)
       self.decoder = TemporalDecoder(config, rngs) if self.temporal else Decoder(config, rngs)
@@ -325,7 +360,10 @@ class AutoencoderKL(nnx.Module):
 
   def moments(self, x):
     """x [batch, h, w, in_channels] (a causal autoencoder: clips [batch, frames, h, w, in_channels]) -> the
-    posterior's (mean, log-variance) [batch, (latent frames,) h/f, w/f, latent_channels]."""
+    posterior's (mean, log-variance) [batch, (latent frames,) h/f, w/f, latent_channels]; it reads a still image
+    [batch, h, w, in_channels] as a one-frame clip."""
+    if self.causal and x.ndim == 4:
+      return tuple(m[:, 0] for m in self.moments(x[:, None]))
     h = self.encoder(x.astype(jnp.float32))
     if self.quant_conv is not None:
       h = self.quant_conv(h)
@@ -335,9 +373,7 @@ class AutoencoderKL(nnx.Module):
   def encode(self, x, key=None):
     """Images or clips [batch, (frames,) h, w, in_channels] -> latents; a causal autoencoder encodes each clip whole
     (a still image as a one-frame clip), the others every frame alone (more leading axes fold into the batch)."""
-    if self.causal and x.ndim == 4:
-      return self.encode(x[:, None], key)[:, 0]
-    lead = x.shape[:-4] if self.causal else x.shape[:-3]
+    lead = x.shape[:-4] if self.causal and x.ndim > 4 else x.shape[:-3]
     mean, logvar = self.moments(x.reshape((-1,) + x.shape[len(lead):]))
     return self.latents_from_moments(mean, logvar, key).reshape(lead + mean.shape[1:])
 
@@ -397,9 +433,19 @@ def load_diffusers(path: str) -> AutoencoderKL:
 
 
 def diffusers_config(fields: dict, scaling_factor: float) -> dict:
-  """A diffusers AutoencoderKL config.json from our autoencoder fields (configs/autoencoder_shapes.py), or an
-  AutoencoderKLTemporalDecoder one with `temporal_decoder` (the fields that class reads)."""
+  """A diffusers AutoencoderKL config.json from our autoencoder fields (configs/autoencoder_shapes.py), an
+  AutoencoderKLTemporalDecoder one with `temporal_decoder`, or an AutoencoderKLHunyuanVideo one with `causal` (the
+  fields each class reads)."""
   fields = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in fields.items()}
+  spatial = fields.pop("spatial_compression_ratio", 0) or 2 ** (len(fields["block_out_channels"]) - 1)
+  if fields.pop("causal", False):
+    read = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+            "norm_num_groups", "mid_block_add_attention")
+    levels = len(fields["block_out_channels"])
+    return {"_class_name": causal_autoencoder.CLASS_NAME, "act_fn": "silu", "scaling_factor": scaling_factor,
+            "down_block_types": ["HunyuanVideoDownBlock3D"] * levels,
+            "up_block_types": ["HunyuanVideoUpBlock3D"] * levels,
+            "spatial_compression_ratio": spatial, "temporal_compression_ratio": 4, **{k: fields[k] for k in read}}
   down = ["DownEncoderBlock2D"] * len(fields["block_out_channels"])
   if fields.pop("temporal_decoder", False):
     read = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels", "sample_size")

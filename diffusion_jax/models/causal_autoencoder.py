@@ -5,19 +5,21 @@ HunyuanVideo compress 4 frames into one).
 Every convolution is 3-D and causal in time: a frame's features see it and the frames before it (padded in front by
 repeating the first frame, and at the borders of space by repeating the edge: diffusers' replicate padding), never
 the frames after. Some levels halve time as well as space (a stride-2 convolution), so a clip of 1 + r k frames
-encodes to 1 + k latent frames (r = 4), the first of which is the first frame's alone: a still image is a one-frame
+encodes to 1 + k latent frames (r = 4), the first of which holds the first frame alone; a still image is a one-frame
 clip. The decoder mirrors it: each upsampling repeats every frame but the first in time as well as in space. The
 middle blocks' single-head attention is causal too (each frame's positions attend to their own frame's and earlier
-ones'), and group norms span the whole clip.
+ones'). The group norms' statistics span the whole clip (as diffusers computes them), so later frames still move
+earlier latents a little through them.
 
-Used through `autoencoder.AutoencoderKL` (whose posterior, scaling and loading it shares) when a config.json names
-this class: `Encoder` clips [batch, frames, h, w, c] -> [batch, latent frames, h/f, w/f, 2 latent_channels],
-`Decoder` latents [batch, latent frames, h/f, w/f, latent_channels] -> clips [batch, frames, h, w, c].
+This module holds what differs from Stable Diffusion's VAE: the causal convolution, resampling in time and space,
+and diffusers' rule for which levels do it. `autoencoder.py` assembles them in the layout of Stable Diffusion's
+encoder and decoder (autoencoder.CAUSAL_PARTS, with its residual blocks and causally masked attention), and
+`autoencoder.AutoencoderKL` (whose posterior, scaling and loading it shares) builds it when a config.json names this
+class: clips [batch, frames, h, w, c] -> latents [batch, latent frames, h/f, w/f, latent_channels] -> clips.
 """
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -27,7 +29,6 @@ CLASS_NAME = "AutoencoderKLHunyuanVideo"
 BLOCK_TYPES = {"HunyuanVideoDownBlock3D", "HunyuanVideoUpBlock3D"}
 DEFAULTS = {"spatial_compression_ratio": 8, "temporal_compression_ratio": 4, "mid_block_add_attention": True,
             "norm_num_groups": 32, "layers_per_block": 2, "latent_channels": 16}
-EPSILON = 1e-6
 
 
 def config_problems(config: dict) -> list[str]:
@@ -80,54 +81,6 @@ class CausalConv(nnx.Module):
     return self.conv(x)
 
 
-def group_norm(channels, groups, rngs):
-  return layers.group_norm(channels, rngs, jnp.float32, groups=groups, epsilon=EPSILON)
-
-
-class ResnetBlock(nnx.Module):
-  """GroupNorm-SiLU-causal conv twice, plus the input (through a 1x1x1 conv when the width changes)."""
-
-  def __init__(self, in_ch, out_ch, groups, rngs):
-    self.norm1, self.conv1 = group_norm(in_ch, groups, rngs), CausalConv(in_ch, out_ch, 3, rngs)
-    self.norm2, self.conv2 = group_norm(out_ch, groups, rngs), CausalConv(out_ch, out_ch, 3, rngs)
-    self.conv_shortcut = CausalConv(in_ch, out_ch, 1, rngs) if in_ch != out_ch else None
-
-  def __call__(self, x):
-    h = self.conv2(nnx.silu(self.norm2(self.conv1(nnx.silu(self.norm1(x))))))
-    return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
-
-class CausalAttention(nnx.Module):
-  """Single-head self-attention over a clip's positions, each attending to its own frame's and earlier frames'
-  (after a GroupNorm, with a residual)."""
-
-  def __init__(self, channels, groups, rngs):
-    self.group_norm = group_norm(channels, groups, rngs)
-    projection = lambda: layers.dense(channels, channels, ("embed", "heads"), rngs, jnp.float32)
-    self.to_q, self.to_k, self.to_v = projection(), projection(), projection()
-    self.to_out = nnx.List([layers.dense(channels, channels, ("heads", "embed"), rngs, jnp.float32)])
-
-  def __call__(self, x):
-    b, t, h, w, c = x.shape
-    tokens = self.group_norm(x).reshape(b, t * h * w, 1, c)
-    frame = jnp.repeat(jnp.arange(t), h * w)
-    mask = frame[:, None] >= frame[None, :]
-    out = jax.nn.dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), mask=mask)
-    return x + self.to_out[0](out.reshape(x.shape))
-
-
-class MidBlock(nnx.Module):
-  def __init__(self, channels, groups, attention, rngs):
-    self.resnets = nnx.List([ResnetBlock(channels, channels, groups, rngs) for _ in range(2)])
-    self.attentions = nnx.List([CausalAttention(channels, groups, rngs)]) if attention else None
-
-  def __call__(self, x):
-    x = self.resnets[0](x)
-    if self.attentions is not None:
-      x = self.attentions[0](x)
-    return self.resnets[1](x)
-
-
 class Upsample(nnx.Module):
   """Nearest-neighbour upsampling by (time, space) (the first frame in space only), then a causal conv."""
 
@@ -153,55 +106,7 @@ class Downsample(nnx.Module):
     return self.conv(x)
 
 
-class Level(nnx.Module):
-  """Residual blocks at one resolution, then the level's down- or upsampling (if it has any)."""
-
-  def __init__(self, in_ch, out_ch, blocks, groups, factors, up, rngs):
-    self.resnets = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, rngs) for i in range(blocks)])
-    self.samplers_name = "upsamplers" if up else "downsamplers"  # diffusers' names
-    sampler = (Upsample if up else Downsample)(out_ch, factors, rngs) if factors != (1, 1) else None
-    setattr(self, self.samplers_name, None if sampler is None else nnx.List([sampler]))
-
-  def __call__(self, x):
-    for block in self.resnets:
-      x = block(x)
-    samplers = getattr(self, self.samplers_name)
-    return x if samplers is None else samplers[0](x)
-
-
-class Encoder(nnx.Module):
-  def __init__(self, config: dict, rngs):
-    c = DEFAULTS | config
-    widths, groups = c["block_out_channels"], c["norm_num_groups"]
-    self.conv_in = CausalConv(c["in_channels"], widths[0], 3, rngs)
-    self.down_blocks = nnx.List([
-        Level(widths[max(i - 1, 0)], width, c["layers_per_block"], groups, factors, False, rngs)
-        for i, (width, factors) in enumerate(zip(widths, level_factors(c)))])
-    self.mid_block = MidBlock(widths[-1], groups, c["mid_block_add_attention"], rngs)
-    self.conv_norm_out = group_norm(widths[-1], groups, rngs)
-    self.conv_out = CausalConv(widths[-1], 2 * c["latent_channels"], 3, rngs)
-
-  def __call__(self, x):
-    x = self.conv_in(x)
-    for level in self.down_blocks:
-      x = level(x)
-    return self.conv_out(nnx.silu(self.conv_norm_out(self.mid_block(x))))
-
-
-class Decoder(nnx.Module):
-  def __init__(self, config: dict, rngs):
-    c = DEFAULTS | config
-    widths, groups = c["block_out_channels"][::-1], c["norm_num_groups"]
-    self.conv_in = CausalConv(c["latent_channels"], widths[0], 3, rngs)
-    self.mid_block = MidBlock(widths[0], groups, c["mid_block_add_attention"], rngs)
-    self.up_blocks = nnx.List([
-        Level(widths[max(i - 1, 0)], width, c["layers_per_block"] + 1, groups, factors, True, rngs)
-        for i, (width, factors) in enumerate(zip(widths, level_factors(c)))])
-    self.conv_norm_out = group_norm(widths[-1], groups, rngs)
-    self.conv_out = CausalConv(widths[-1], c["out_channels"], 3, rngs)
-
-  def __call__(self, z):
-    x = self.mid_block(self.conv_in(z))
-    for level in self.up_blocks:
-      x = level(x)
-    return self.conv_out(nnx.silu(self.conv_norm_out(x)))
+def sampler(config: dict, level: int, channels: int, up: bool, rngs) -> nnx.Module | None:
+  """The down- or upsampling module of a level of the encoder or decoder (level_factors), or None."""
+  factors = level_factors(config)[level]
+  return None if factors == (1, 1) else (Upsample if up else Downsample)(channels, factors, rngs)
