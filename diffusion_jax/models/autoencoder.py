@@ -215,11 +215,13 @@ class SpatioTemporalBlock(nnx.Module):
 
 
 class Level(nnx.Module):
-  """Residual blocks at one resolution, then the level's down- or upsampling module `sampler` (None: none)."""
+  """Residual blocks at one resolution, then the level's down- or upsampling, `make_sampler()`'s module (None:
+  none; made after the blocks, so that they draw their initial weights first)."""
 
-  def __init__(self, in_ch, out_ch, blocks, groups, sampler, up, rngs, resnet=ResnetBlock):
+  def __init__(self, in_ch, out_ch, blocks, groups, make_sampler, up, rngs, resnet=ResnetBlock):
     self.resnets = nnx.List([resnet(in_ch if i == 0 else out_ch, out_ch, groups, rngs) for i in range(blocks)])
     self.samplers_name = "upsamplers" if up else "downsamplers"  # diffusers' names
+    sampler = make_sampler()
     setattr(self, self.samplers_name, None if sampler is None else nnx.List([sampler]))
 
   def __call__(self, x):
@@ -256,8 +258,9 @@ class Encoder(nnx.Module):
     widths, groups = c["block_out_channels"], c["norm_num_groups"]
     self.conv_in = parts.conv3(c["in_channels"], widths[0], rngs)
     self.down_blocks = nnx.List([
-        Level(widths[max(i - 1, 0)], width, c["layers_per_block"], groups, parts.sampler(c, i, width, False, rngs),
-              False, rngs, parts.resnet) for i, width in enumerate(widths)])
+        Level(widths[max(i - 1, 0)], width, c["layers_per_block"], groups,
+              functools.partial(parts.sampler, c, i, width, False, rngs), False, rngs, parts.resnet)
+        for i, width in enumerate(widths)])
     self.mid_block = MidBlock(widths[-1], groups, c.get("mid_block_add_attention", True), rngs, parts)
     self.conv_norm_out = group_norm(widths[-1], groups, rngs)
     self.conv_out = parts.conv3(widths[-1], 2 * c["latent_channels"], rngs)
@@ -277,8 +280,9 @@ class Decoder(nnx.Module):
     self.conv_in = parts.conv3(c["latent_channels"], widths[0], rngs)
     self.mid_block = MidBlock(widths[0], groups, c.get("mid_block_add_attention", True), rngs, parts)
     self.up_blocks = nnx.List([
-        Level(widths[max(i - 1, 0)], width, c["layers_per_block"] + 1, groups, parts.sampler(c, i, width, True, rngs),
-              True, rngs, parts.resnet) for i, width in enumerate(widths)])
+        Level(widths[max(i - 1, 0)], width, c["layers_per_block"] + 1, groups,
+              functools.partial(parts.sampler, c, i, width, True, rngs), True, rngs, parts.resnet)
+        for i, width in enumerate(widths)])
     self.conv_norm_out = group_norm(widths[-1], groups, rngs)
     self.conv_out = parts.conv3(widths[-1], c["out_channels"], rngs)
 
