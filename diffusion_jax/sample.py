@@ -23,7 +23,8 @@ Flags:
                     at guidance scale 1, where that branch is not run)
   --seed            noise seed (default: config sample.seed)
   --use_ema         sample with the first EMA copy of the weights (default: config sample.use_ema)
-  --frames          video models: frames per clip, up to model.max_frames (default: config sample.frames,
+  --frames          video models: frames per clip, up to model.max_frames (a causal autoencoder's latent model:
+                    1 + a multiple of 4, its latent frames up to model.max_frames; default: config sample.frames,
                     0 = data.frames)
   --batch_size      samples generated at once over all devices, rounded up to a multiple of the device count
                     (default: config sample.batch_size); more are generated batch by batch, with progress
@@ -781,7 +782,8 @@ def define_flags():
   flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from (default: config "
                       "sample.negative_prompt; \"\" = none).")
   flags.DEFINE_bool("use_ema", None, "Use EMA weights (default: config sample.use_ema).")
-  flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames.")
+  flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames (on a causal "
+                       "autoencoder: 1 + a multiple of 4, its latent frames up to model.max_frames).")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: config "
                        "sample.batch_size).")
   flags.DEFINE_integer("video_length", None, "Video models: frames per video, beyond a clip's by autoregressive "
