@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import (checkpoint, config_checks, distillation, distributed, finetune, hardware, metric_writers,
                            objectives, optimizer, sample, schedules, sharding, stop_signals, superres)
 from diffusion_jax.data import latent_cache, pipeline
-from diffusion_jax.models import autoencoder, inflation, init_rngs, text_to_image
+from diffusion_jax.models import inflation, init_rngs, text_to_image
 from diffusion_jax.text import embedding_cache, tokenizers
 
 # Edges of the log-SNR bins in which the loss is also reported (low log-SNR = high noise).
@@ -372,17 +372,11 @@ def open_latent_cache(config, graphdef, state, source, batch_size: int = 64):
   key = latent_cache.cache_key(state.frozen["autoencoder"], config.data, config.superres if lowres else None)
   directory = pathlib.Path(config.latent.cache).expanduser()
   if jax.process_index() == 0 and not (directory / "meta.json").exists():
-    moments_jit = jax.jit(lambda params, frozen, x: nnx.merge(graphdef, params, frozen).autoencoder.moments(x))
+    posterior_jit = jax.jit(lambda params, frozen, x: nnx.merge(graphdef, params, frozen).autoencoder.posterior(x))
     lowres_jit = jax.jit(lambda x: superres.lowres_input(x, config))
 
-    causal = autoencoder.is_causal(autoencoder.read_config(config.latent.autoencoder_path))
-
-    def encode(pixels):  # frames fold into the batch, and back (a causal autoencoder encodes clips whole)
-      if causal:
-        moments = moments_jit(state.params, state.frozen, pixels)
-      else:
-        flat = pixels.reshape((-1,) + pixels.shape[-3:])
-        moments = [m.reshape(pixels.shape[:-3] + m.shape[1:]) for m in moments_jit(state.params, state.frozen, flat)]
+    def encode(pixels):
+      moments = posterior_jit(state.params, state.frozen, pixels)
       return dict(zip(("mean", "logvar"), moments), **({"lowres": lowres_jit(pixels)} if lowres else {}))
 
     loader = pipeline.make_loader(config.data, source, None, batch_size, seed=0, shuffle=False, num_epochs=1,

@@ -314,7 +314,6 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
   discriminator, when the state is an AdversarialState) on the losses in the module docstring; perceptual_state:
   the LPIPS network's (perceptual_model), None without the perceptual term."""
   kl_weight, perceptual_weight, adversarial = config.train.kl_weight, config.lpips.loss_weight, config.adversarial
-  causal = bool(config.autoencoder.get("causal"))
   discriminator_graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_discriminator(config, nnx.Rngs(0))))
 
   def critic(discriminator_params, images, shape):
@@ -326,14 +325,14 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
   def reconstruct(params, x, key):
     """x: images, or clips for a temporal decoder or a causal autoencoder -> (reconstructed images [n, h, w, 3],
     the posterior's KL divergence from N(0, I) summed over each image's latents [n]; n the images or the clips'
-    frames, a causal autoencoder's clip KL shared evenly by its frames)."""
+    frames, a clip's KL shared evenly by its frames)."""
     model = nnx.merge(graphdef, params)
-    mean, logvar = model.moments(x if causal else frames(x))
+    mean, logvar = model.posterior(x)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
     kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).sum(axis=tuple(range(1, mean.ndim)))
-    if causal:
+    if x.ndim == 5:  # per clip, shared by its frames
       kl = jnp.repeat(kl / x.shape[1], x.shape[1])
-    return frames(model.decode_unscaled(z if causal else z.reshape(x.shape[:-3] + z.shape[1:]))), kl
+    return frames(model.decode_unscaled(z)), kl
 
   def reconstruction_loss(reconstruction, x, perceptual_state):
     """Per example [n]: the L1 error summed over pixels (+ the perceptual term); and its logged parts."""

@@ -152,6 +152,11 @@ def test_causal_autoencoder_compresses_time_as_diffusers_hunyuan_video_vae_does(
   assert clips.shape == (2, 9, 16, 16, 3)
   np.testing.assert_allclose(ours.decode(jnp.asarray(z) * 0.5), clips, atol=1e-5)
   np.testing.assert_allclose(ours.decode(jnp.asarray(z[:, 0]) * 0.5), stills[:, 0], atol=1e-5)
+  # Fine-tuning: a causal autoencoder starts from one of its own layout only.
+  assert autoencoder.start_problems(config, config) == []
+  assert autoencoder.start_problems(config, config | {"spatial_compression_ratio": 2}) == [
+      "its spatial_compression_ratio is 4, this autoencoder's 2"]
+  assert "the other not" in autoencoder.start_problems(config | {"_class_name": "AutoencoderKL"}, config)[0]
   with torch.no_grad():  # a still image is a one-frame clip
     still_posterior = reference.encode(as_clips(x[:, :1])).latent_dist.mean[:, :, 0].permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(ours.moments(jnp.asarray(x[:, 0]))[0], still_posterior, atol=1e-5)

@@ -374,12 +374,17 @@ class AutoencoderKL(nnx.Module):
     mean, logvar = jnp.split(h, 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
-  def encode(self, x, key=None):
-    """Images or clips [batch, (frames,) h, w, in_channels] -> latents; a causal autoencoder encodes each clip whole
-    (a still image as a one-frame clip), the others every frame alone (more leading axes fold into the batch)."""
+  def posterior(self, x):
+    """Images or clips [batch, (frames,) h, w, in_channels] -> the posterior's (mean, log-variance) [batch, (latent
+    frames,) h/f, w/f, latent_channels]: a causal autoencoder encodes each clip whole (a still image as a one-frame
+    clip), the others every frame alone (more leading axes fold into the batch)."""
     lead = x.shape[:-4] if self.causal and x.ndim > 4 else x.shape[:-3]
-    mean, logvar = self.moments(x.reshape((-1,) + x.shape[len(lead):]))
-    return self.latents_from_moments(mean, logvar, key).reshape(lead + mean.shape[1:])
+    return tuple(m.reshape(lead + m.shape[1:]) for m in self.moments(x.reshape((-1,) + x.shape[len(lead):])))
+
+  def encode(self, x, key=None):
+    """Images or clips [batch, (frames,) h, w, in_channels] -> latents: a posterior draw (its mean when key is
+    None), shifted and scaled."""
+    return self.latents_from_moments(*self.posterior(x), key)
 
   def latents_from_moments(self, mean, logvar, key=None):
     """The latents of a posterior [..., h/f, w/f, latent_channels] (`moments`' or a latent cache's): a draw (the
@@ -497,16 +502,20 @@ def layout(config: dict) -> dict:
 def start_problems(source: dict, target: dict) -> list[str]:
   """Why the autoencoder of config.json `source` cannot start one of config.json `target` (start_params; empty when
   it can)."""
-  if is_causal(source) or is_causal(target):
-    return [f"{causal_autoencoder.CLASS_NAME} (a causal 3-D autoencoder) neither starts nor is started from another"]
+  if is_causal(source) != is_causal(target):
+    return [f"one of them is an {causal_autoencoder.CLASS_NAME} (a causal 3-D autoencoder) and the other not; a "
+            "causal autoencoder starts only from one of its own layout"]
+  value = lambda config, field: list(v) if isinstance(v := config.get(field), (tuple, list)) else v
+  differ = lambda fields: [f"its {field} is {value(source, field)}, this autoencoder's {value(target, field)}"
+                           for field in fields if value(source, field) != value(target, field)]
+  if is_causal(source):
+    source, target = causal_autoencoder.DEFAULTS | source, causal_autoencoder.DEFAULTS | target
+    return differ(SHARED_FIELDS + causal_autoencoder.LAYOUT_FIELDS)
   source, target = layout(source), layout(target)
   if is_temporal(source) and not is_temporal(target):
     return ["it has a temporal decoder and this autoencoder an image decoder"]
   same = is_temporal(source) == is_temporal(target)
-  fields = SHARED_FIELDS + (tuple(LAYOUT_DEFAULTS) if same else ())
-  value = lambda config, field: list(v) if isinstance(v := config.get(field), (tuple, list)) else v
-  found = [f"its {field} is {value(source, field)}, this autoencoder's {value(target, field)}" for field in fields
-           if value(source, field) != value(target, field)]
+  found = differ(SHARED_FIELDS + (tuple(LAYOUT_DEFAULTS) if same else ()))
   if not same and not source["mid_block_add_attention"]:
     found.append("its middle block has no attention, which the temporal decoder's runs")
   if not same and target["layers_per_block"] < 2:

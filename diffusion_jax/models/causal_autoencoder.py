@@ -29,6 +29,8 @@ CLASS_NAME = "AutoencoderKLHunyuanVideo"
 BLOCK_TYPES = {"HunyuanVideoDownBlock3D", "HunyuanVideoUpBlock3D"}
 DEFAULTS = {"spatial_compression_ratio": 8, "temporal_compression_ratio": 4, "mid_block_add_attention": True,
             "norm_num_groups": 32, "layers_per_block": 2, "latent_channels": 16}
+# What a causal autoencoder must share, beyond the image fields, with one it starts from (train.init_from).
+LAYOUT_FIELDS = ("spatial_compression_ratio", "temporal_compression_ratio", "mid_block_add_attention")
 
 
 def config_problems(config: dict) -> list[str]:
