@@ -54,7 +54,8 @@ def get_config(variant: str = ""):
       checkpoint_every=500,
       keep_checkpoints=2,
       init_from="",                # a local diffusers autoencoder directory whose weights start the run (an image
-                                   # autoencoder's can start a temporal decoder: models/autoencoder.py start_params)
+                                   # autoencoder's can start a temporal decoder or, inflated, a causal one:
+                                   # models/autoencoder.py start_params)
   )
   # LPIPS (metrics/lpips.py): `path`, a local weights directory, adds the held-out reconstructions' LPIPS to
   # logs/reconstruction.json; `loss_weight` > 0 (SD: 1.0) adds Stable Diffusion's perceptual term to the loss.

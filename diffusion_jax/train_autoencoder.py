@@ -37,7 +37,9 @@ train.init_from, a local diffusers autoencoder directory, starts the run from it
 its checkpoint instead): an autoencoder of the same layout (fine-tuning, e.g. SD's VAE on one's own data), or, for a
 temporal decoder, an image autoencoder of the same widths, as SVD's temporal decoder started from an image one. The
 temporal decoder then starts reconstructing every frame exactly as the image autoencoder does: its temporal blocks
-start as the identity (models/autoencoder.py, start_params). With train.eval_every > 0 the start is scored too, as
+start as the identity (models/autoencoder.py, start_params). A causal autoencoder starts from an image one of the same
+widths whose downsampling factor is its autoencoder.spatial_compression_ratio: each 2-D kernel becomes the current
+frame's tap of its 3-D one (models/autoencoder.py, inflated). With train.eval_every > 0 the start is scored too, as
 step 0.
 
 The workdir gets `checkpoints/` (parameters, optimizer state and input position; SIGTERM or Ctrl-C saves and

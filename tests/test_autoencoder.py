@@ -2,7 +2,7 @@
 saved under the old attention names); what it cannot read is refused with a reason; the abstract model reads
 no weights; a latent text-to-image model trains on a (2, 2, 2) mesh without touching its pretrained parts, and
 samples full-resolution images; the latent cache holds the encoder's posteriors and trains like the pixels; an
-image autoencoder starts a temporal decoder that reconstructs as it does."""
+image autoencoder starts a temporal decoder that reconstructs as it does, and inflates into a causal one."""
 
 import json
 import shutil
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from configs import t2i_shapes
 from diffusion_jax import config_checks, edit_inputs, sample, sharding, superres, train
@@ -152,11 +152,10 @@ def test_causal_autoencoder_compresses_time_as_diffusers_hunyuan_video_vae_does(
   assert clips.shape == (2, 9, 16, 16, 3)
   np.testing.assert_allclose(ours.decode(jnp.asarray(z) * 0.5), clips, atol=1e-5)
   np.testing.assert_allclose(ours.decode(jnp.asarray(z[:, 0]) * 0.5), stills[:, 0], atol=1e-5)
-  # Fine-tuning: a causal autoencoder starts from one of its own layout only.
+  # Fine-tuning: one of the same layout starts it; each differing field is named.
   assert autoencoder.start_problems(config, config) == []
   assert autoencoder.start_problems(config, config | {"spatial_compression_ratio": 2}) == [
       "its spatial_compression_ratio is 4, this autoencoder's 2"]
-  assert "the other not" in autoencoder.start_problems(config | {"_class_name": "AutoencoderKL"}, config)[0]
   with torch.no_grad():  # a still image is a one-frame clip
     still_posterior = reference.encode(as_clips(x[:, :1])).latent_dist.mean[:, :, 0].permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(ours.moments(jnp.asarray(x[:, 0]))[0], still_posterior, atol=1e-5)
@@ -204,6 +203,60 @@ def test_an_image_autoencoder_starts_a_temporal_decoder_that_reconstructs_each_f
       image_config | {"layers_per_block": 1}, one_block))
   assert autoencoder.start_problems(temporal_config, image_config) == [
       "it has a temporal decoder and this autoencoder an image decoder"]
+
+
+def test_an_image_autoencoder_inflates_into_a_causal_one_whose_convolutions_read_the_current_frame():
+  """start_params, image -> causal ("tail" inflation): every 3-D kernel holds its 2-D kernel at the current frame's
+  tap (a downsampling one moved a tap down and right, its far taps folded in) and zeros at the earlier frames', every
+  other weight is the image autoencoder's, so a clip of one image repeated starts with the image autoencoder's first
+  convolution (its interior); a missing quant convolution starts as the identity; layouts that cannot are
+  refused."""
+  fields = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+                norm_num_groups=4, mid_block_add_attention=True, sample_size=16)
+  image_config, image, image_params = random_autoencoder(fields, 1)
+  causal_config, causal, fresh = random_autoencoder(fields | {"causal": True, "spatial_compression_ratio": 4}, 2)
+  assert autoencoder.start_problems(image_config, causal_config) == []
+  started = autoencoder.start_params(image_config, image_params, causal_config, fresh)
+  source, flat = traverse_util.flatten_dict(image_params), traverse_util.flatten_dict(started)
+  assert traverse_util.flatten_dict(fresh).keys() == flat.keys()
+  kernels = 0
+  for path, value in flat.items():
+    name = path[:-2] + path[-1:] if path[-2] == "conv" and path[:-2] + path[-1:] in source else path
+    if value.ndim == 5:  # [time, h, w, in, out]
+      kernels += 1
+      assert not value[:-1].any()
+      if "downsamplers" in path:  # taps (a, b, c) -> (0, a, b + c) along each spatial axis
+        kernel, image_kernel = value[-1], source[name]
+        assert not kernel[0].any() and not kernel[:, 0].any()
+        np.testing.assert_array_equal(kernel[1, 1], image_kernel[0, 0])
+        np.testing.assert_allclose(kernel[2, 2], image_kernel[1:, 1:].sum((0, 1)), atol=1e-6)
+        np.testing.assert_allclose(kernel.sum((0, 1)), image_kernel.sum((0, 1)), rtol=1e-5, atol=1e-6)
+      else:
+        np.testing.assert_array_equal(value[-1], source[name])
+    else:
+      np.testing.assert_array_equal(value, source[name])
+  assert kernels == sum(value.ndim == 4 for value in source.values())  # every 2-D kernel inflated once
+  without_quant = {k: v for k, v in image_params.items() if k != "post_quant_conv"}  # use_post_quant_conv=False
+  post = autoencoder.start_params(image_config, without_quant, causal_config, fresh)["post_quant_conv"]
+  np.testing.assert_array_equal(post["kernel"][-1, 0, 0], np.eye(4))  # the identity, as the image one has none
+  assert not post["bias"].any()
+  state = nnx.state(causal, nnx.Param)
+  nnx.replace_by_pure_dict(state, started)
+  nnx.update(causal, state)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  first = causal.encoder.conv_in(jnp.repeat(x[:, None], 5, axis=1))
+  for frame in range(5):
+    np.testing.assert_allclose(first[:, frame, 1:-1, 1:-1], image.encoder.conv_in(x)[:, 1:-1, 1:-1], atol=1e-5)
+
+  two_x = autoencoder.diffusers_config(fields | {"causal": True, "spatial_compression_ratio": 2}, 1.0)
+  assert autoencoder.start_problems(image_config, two_x) == [
+      "it halves space at every level but the last (4x), this autoencoder 2x: set spatial_compression_ratio=4, so "
+      "that each of its levels resamples space where the image autoencoder's does"]
+  assert autoencoder.start_problems(image_config | {"latent_channels": 8}, causal_config) == [
+      "its latent_channels is 8, this autoencoder's 4"]
+  temporal = autoencoder.diffusers_config(fields | {"temporal_decoder": True}, 1.0)
+  assert "it has a temporal decoder" in autoencoder.start_problems(temporal, causal_config)[0]
+  assert "starts only one of its own layout" in autoencoder.start_problems(causal_config, image_config)[0]
 
 
 def test_old_attention_names_load_the_same_weights(vae, tmp_path):

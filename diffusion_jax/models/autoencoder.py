@@ -22,8 +22,9 @@ by a learned weight, and a last 3x1x1 convolution follows the output convolution
 frames, h/f, w/f, latent_channels] as clips (a still image [batch, h/f, w/f, c] is a one-frame clip).
 
 `start_params` starts an autoencoder from another's weights (`train_autoencoder`'s train.init_from): a copy of the
-same layout, or a temporal decoder started from an image autoencoder at which it reconstructs every frame exactly as
-the image autoencoder does (SVD fine-tuned its temporal decoder from an image one).
+same layout, a temporal decoder started from an image autoencoder at which it reconstructs every frame exactly as
+the image autoencoder does (SVD fine-tuned its temporal decoder from an image one), or a causal autoencoder inflated
+from an image one (`inflated`: 2-D kernels into 3-D, reading the current frame).
 """
 
 import functools
@@ -502,15 +503,26 @@ def layout(config: dict) -> dict:
 def start_problems(source: dict, target: dict) -> list[str]:
   """Why the autoencoder of config.json `source` cannot start one of config.json `target` (start_params; empty when
   it can)."""
-  if is_causal(source) != is_causal(target):
-    return [f"one of them is an {causal_autoencoder.CLASS_NAME} (a causal 3-D autoencoder) and the other not; a "
-            "causal autoencoder starts only from one of its own layout"]
+  if is_causal(source) and not is_causal(target):
+    return [f"it is an {causal_autoencoder.CLASS_NAME} (a causal 3-D autoencoder) and this autoencoder not; a "
+            "causal autoencoder starts only one of its own layout"]
+  if is_causal(target) and is_temporal(source):
+    return ["it has a temporal decoder; a causal autoencoder starts from an image autoencoder or one of its own "
+            "layout"]
   value = lambda config, field: list(v) if isinstance(v := config.get(field), (tuple, list)) else v
   differ = lambda fields: [f"its {field} is {value(source, field)}, this autoencoder's {value(target, field)}"
                            for field in fields if value(source, field) != value(target, field)]
   if is_causal(source):
     source, target = causal_autoencoder.DEFAULTS | source, causal_autoencoder.DEFAULTS | target
     return differ(SHARED_FIELDS + causal_autoencoder.LAYOUT_FIELDS)
+  if is_causal(target):  # inflated from an image autoencoder
+    source, target = layout(source), causal_autoencoder.DEFAULTS | target
+    found = differ(SHARED_FIELDS + ("mid_block_add_attention",))
+    if target["spatial_compression_ratio"] != (factor := downsampling_factor(source)):
+      found.append(f"it halves space at every level but the last ({factor}x), this autoencoder "
+                   f"{target['spatial_compression_ratio']}x: set spatial_compression_ratio={factor}, so that each "
+                   "of its levels resamples space where the image autoencoder's does")
+    return found
   source, target = layout(source), layout(target)
   if is_temporal(source) and not is_temporal(target):
     return ["it has a temporal decoder and this autoencoder an image decoder"]
@@ -532,7 +544,10 @@ def start_params(source_config: dict, source: dict, target_config: dict, fresh: 
   residual block's last convolution zero (the block is the identity, so its mix is the per-frame block's output),
   the last 3x1x1 convolution the identity in time, and the image decoder's post_quant_conv (z -> z P + b; the
   temporal decoder has none) folded into the first convolution (kernel P K) and the posterior's mean (+ s, s P = b,
-  exact at the borders too); the temporal blocks' other weights stay fresh."""
+  exact at the borders too); the temporal blocks' other weights stay fresh. An image autoencoder starting a causal
+  one: inflated (`inflated`)."""
+  if is_causal(target_config) and not is_causal(source_config):
+    return inflated(source, fresh)
   if is_temporal(source_config) == is_temporal(target_config):
     return source
   source, fresh = traverse_util.flatten_dict(source), traverse_util.flatten_dict(fresh)
@@ -566,3 +581,37 @@ def start_params(source_config: dict, source: dict, target_config: dict, fresh: 
 
   started_flat = {path: np.asarray(start(path, value), np.float32) for path, value in fresh.items()}
   return traverse_util.unflatten_dict(started_flat)
+
+
+def inflated(source: dict, fresh: dict) -> dict:
+  """Pure-dict parameters of a causal autoencoder (fresh: a freshly initialised one's) started from an image
+  autoencoder's (`source`; start_problems empty): each 2-D kernel [k, k, in, out] becomes the last time tap of its
+  3-D one [k, k, k, in, out], the other taps zero ("tail" initialisation: every convolution starts reading the
+  current frame alone, and time downsampling keeps every other frame), and every other weight is copied; a
+  quant_conv or post_quant_conv the image autoencoder lacks starts as the identity. The image downsampling's window
+  (zero-padded below and right) covers pixels 2i..2i+2, the causal one's (padded on every side) 2i-1..2i+1: its
+  kernel moves one tap down and right, the far row and column folded into the nearer ones, so that each latent
+  starts where the image autoencoder's was. The start is still not the image autoencoder: the causal convolutions
+  repeat the edge where the image ones pad zeros, which matters most on small images (README)."""
+  source, fresh = traverse_util.flatten_dict(source), traverse_util.flatten_dict(fresh)
+
+  def recentred(kernel):  # [3, 3, in, out]: taps (a, b, c) -> (0, a, b + c) along each spatial axis
+    for axis in (0, 1):
+      first, middle, last = np.moveaxis(kernel, axis, 0)
+      kernel = np.moveaxis(np.stack([np.zeros_like(first), first, middle + last]), 0, axis)
+    return kernel
+
+  def start(path, value):
+    name = path[:-2] + path[-1:] if path[-2] == "conv" and path[:-2] + path[-1:] in source else path  # CausalConv
+    if name not in source:  # a quant conv the image autoencoder has none of
+      weight = np.eye(value.shape[-1])[None, None] if path[-1] == "kernel" else np.zeros_like(value)
+    else:
+      weight = source[name]
+    if value.ndim == weight.ndim:
+      return weight
+    kernel = np.zeros(value.shape, np.float32)
+    kernel[-1] = recentred(weight) if "downsamplers" in path else weight
+    return kernel
+
+  return traverse_util.unflatten_dict({path: np.asarray(start(path, value), np.float32)
+                                       for path, value in fresh.items()})
