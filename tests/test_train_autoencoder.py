@@ -272,11 +272,12 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
 
 
 def test_a_causal_autoencoder_trains_on_clips_and_is_written_as_hunyuan_videos(tmp_path):
-  """autoencoder.causal (autoencoder_shapes.py:causal_test, on the (2, 4) mesh): 5-frame clips encode to 2 latent
-  frames, the L1 error falls, a 3-D discriminator weighs in from its start step, the written directory is a diffusers
-  AutoencoderKLHunyuanVideo whose PyTorch model encodes and decodes clips as ours does, and the held-out clips are
-  scored frame by frame and as clips. Clips of 4 frames, 2 levels, both video layouts at once and a spatial ratio
-  without the causal layout are refused."""
+  """autoencoder.causal (autoencoder_shapes.py:causal_test, 4x in space, on the (2, 4) mesh), started from an image
+  autoencoder (random weights) inflated into 3-D: 5-frame clips encode to 2 latent frames, the L1 error falls, a 3-D
+  discriminator weighs in from its start step, the convolutions still read the current frame mostly, the written
+  directory is a diffusers AutoencoderKLHunyuanVideo whose PyTorch model encodes and decodes clips as ours does, and
+  the held-out clips are scored frame by frame and as clips. Clips of 4 frames, 2 levels, both video layouts at once,
+  a spatial ratio without the causal layout and an image autoencoder of another downsampling factor are refused."""
   import torch
   from diffusers import AutoencoderKLHunyuanVideo
 
@@ -285,6 +286,11 @@ def test_a_causal_autoencoder_trains_on_clips_and_is_written_as_hunyuan_videos(t
   config.mesh.update(data=2, fsdp=4)
   config.train.eval_every = 0  # scored at the end only
   config.adversarial.update(weight=0.5, start_step=5, layers=2, channels=8, temporal=True)
+  image_config, image, _ = random_autoencoder(config.autoencoder.to_dict() | {"causal": False,
+                                                                              "spatial_compression_ratio": 0}, 3)
+  autoencoder.save_diffusers(image, image_config, tmp_path / "image")
+  config.autoencoder.spatial_compression_ratio = 4  # the image autoencoder's downsampling factor
+  config.train.init_from = str(tmp_path / "image")
   directory = train_autoencoder.train(config, tmp_path / "workdir")
   written = autoencoder.read_config(str(directory))
   assert written["_class_name"] == "AutoencoderKLHunyuanVideo" and autoencoder.latent_frames(written, 5) == 2
@@ -292,8 +298,10 @@ def test_a_causal_autoencoder_trains_on_clips_and_is_written_as_hunyuan_videos(t
   assert logged[-1]["l1"] < logged[0]["l1"]
   assert [(r["generator_weight"] > 0, r["discriminator_loss"] > 0) for r in logged] == [(False, False), (True, True)]
   ours = autoencoder.load_diffusers(str(directory))
+  kernel = np.abs(np.asarray(ours.decoder.up_blocks[0].resnets[0].conv1.conv.kernel[...]))  # [time, h, w, in, out]
+  assert kernel[:-1].mean() < 0.2 * kernel[-1].mean()  # inflated: the earlier frames' taps started at zero
   x = np.random.default_rng(0).uniform(-1, 1, (2, 5, 16, 16, 3)).astype(np.float32)
-  z = np.random.default_rng(1).normal(size=(2, 2, 8, 8, 4)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 2, 4, 4, 4)).astype(np.float32)
   as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
   with torch.no_grad():
     reference = AutoencoderKLHunyuanVideo.from_pretrained(str(directory))
@@ -314,8 +322,11 @@ def test_a_causal_autoencoder_trains_on_clips_and_is_written_as_hunyuan_videos(t
   bad.autoencoder.block_out_channels = (8, 16)
   assert "needs at least 3 levels" in " ".join(train_autoencoder.problems(bad))
   bad.autoencoder.causal = False
-  assert "spatial_compression_ratio=2 is read by a causal autoencoder only" in " ".join(
+  assert "spatial_compression_ratio=4 is read by a causal autoencoder only" in " ".join(
       train_autoencoder.problems(bad))
+  bad = config.copy_and_resolve_references()
+  bad.autoencoder.spatial_compression_ratio = 2
+  assert "set spatial_compression_ratio=4" in " ".join(train_autoencoder.problems(bad))
 
 
 def test_two_processes_train_and_write_what_one_does(config, trained, tmp_path):
