@@ -256,7 +256,7 @@ def test_an_image_autoencoder_inflates_into_a_causal_one_whose_convolutions_read
       "its latent_channels is 8, this autoencoder's 4"]
   temporal = autoencoder.diffusers_config(fields | {"temporal_decoder": True}, 1.0)
   assert "it has a temporal decoder" in autoencoder.start_problems(temporal, causal_config)[0]
-  assert "starts only one of its own layout" in autoencoder.start_problems(causal_config, image_config)[0]
+  assert "a causal autoencoder starts only causal ones" in autoencoder.start_problems(causal_config, image_config)[0]
 
 
 def test_old_attention_names_load_the_same_weights(vae, tmp_path):

@@ -505,7 +505,7 @@ def start_problems(source: dict, target: dict) -> list[str]:
   it can)."""
   if is_causal(source) and not is_causal(target):
     return [f"it is an {causal_autoencoder.CLASS_NAME} (a causal 3-D autoencoder) and this autoencoder not; a "
-            "causal autoencoder starts only one of its own layout"]
+            "causal autoencoder starts only causal ones"]
   if is_causal(target) and is_temporal(source):
     return ["it has a temporal decoder; a causal autoencoder starts from an image autoencoder or one of its own "
             "layout"]
