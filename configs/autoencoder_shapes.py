@@ -7,7 +7,8 @@ writes `workdirs/autoencoder_shapes/autoencoder/`, a diffusers AutoencoderKL dir
 `configs/t2i_shapes.py:latent` trains on (`latent.autoencoder_path`). Variants: `test` is a seconds-long smoke
 configuration for the test suite; `video` trains Stable Video Diffusion's layout (a temporal decoder) on
 t2v_moving_shapes' 16 px clips, `video_test` its smoke configuration; `causal` HunyuanVideo's causal 3-D VAE, which
-compresses time too, on the same clips made 5 frames long, `causal_test` its smoke configuration.
+compresses time too, on the same clips made 5 frames long, `causal_test` its smoke configuration; `causal_image` an
+image autoencoder on those clips' frames that `causal_inflated`, a causal one 4x in space, starts from (inflated).
 
 Groups: `data`, `optimizer` and `mesh` are the diffusion experiments' (configs/base.py documents them);
 `autoencoder` holds the fields of diffusers' AutoencoderKL config (models/autoencoder.py); `train` the run.
@@ -82,7 +83,7 @@ def get_config(variant: str = ""):
       c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
       c.train.update(steps=10, batch_size=8, scale_batches=2, eval_examples=8, eval_every=5, log_every=5,
                      checkpoint_every=5)
-  elif variant in ("causal", "causal_test"):  # t2v_moving_shapes' clips, one frame longer: 5 = 1 + 4
+  elif variant in ("causal", "causal_test", "causal_image", "causal_inflated"):  # t2v_moving_shapes' clips, 5 = 1 + 4
     c.data.update(dataset="moving_shapes", resolution=16, frames=5, image_key="video", num_train=5000, num_eval=256)
     # Three levels, time halved at the first two, space at the first only: 5 frames of 16 px -> 2 x 8x8x8 latents,
     # as many numbers as the temporal decoder's 4 x 8x8x4. Half the image one's widths: 3-D convolutions cost 3x.
@@ -95,7 +96,16 @@ def get_config(variant: str = ""):
       c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
       c.train.update(steps=10, batch_size=8, scale_batches=2, eval_examples=8, eval_every=5, log_every=5,
                      checkpoint_every=5)
+    elif variant in ("causal_image", "causal_inflated"):
+      # 4x in space, 16 latent channels (2 x 4x4x16 latents a clip): an image autoencoder of these widths inflates
+      # into this causal one (train.init_from; README).
+      c.autoencoder.update(latent_channels=16, spatial_compression_ratio=4)
+      if variant == "causal_image":  # that image autoencoder, on the clips' frames: 8 minutes
+        c.autoencoder.update(causal=False, spatial_compression_ratio=0)
+        c.train.update(steps=6000, eval_every=1500)
+      else:  # the causal one started from it: 11 minutes
+        c.train.update(steps=1000, eval_every=250, init_from="workdirs/autoencoder_causal_image/autoencoder")
   elif variant:
     raise ValueError(f"Unknown autoencoder_shapes variant {variant!r}; valid variants: 'test', 'video', "
-                     "'video_test', 'causal', 'causal_test'.")
+                     "'video_test', 'causal', 'causal_test', 'causal_image', 'causal_inflated'.")
   return c
