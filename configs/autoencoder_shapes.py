@@ -103,7 +103,7 @@ def get_config(variant: str = ""):
       if variant == "causal_image":  # that image autoencoder, on the clips' frames: 8 minutes
         c.autoencoder.update(causal=False, spatial_compression_ratio=0)
         c.train.update(steps=6000, eval_every=1500)
-      else:  # the causal one started from it: 11 minutes
+      else:  # the causal one started from it (run causal_image first): 11 minutes
         c.train.update(steps=1000, eval_every=250, init_from="workdirs/autoencoder_causal_image/autoencoder")
   elif variant:
     raise ValueError(f"Unknown autoencoder_shapes variant {variant!r}; valid variants: 'test', 'video', "

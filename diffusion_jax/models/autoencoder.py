@@ -54,13 +54,15 @@ SHARED_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_ch
 
 
 def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
-  """The config.json of a local diffusers AutoencoderKL (or AutoencoderKLTemporalDecoder) directory; a ValueError
-  saying what is wrong (naming `field`, the config field that gave the path)."""
+  """The config.json of a local diffusers AutoencoderKL (AutoencoderKLTemporalDecoder, AutoencoderKLHunyuanVideo)
+  directory; a ValueError saying what is wrong (naming `field`, the config field that gave the path)."""
   file = pathlib.Path(path).expanduser() / "config.json"
   if not file.exists():
     raise ValueError(f"{field}={path!r} has no config.json: give the local directory of a diffusers "
                      f"AutoencoderKL (config.json and {WEIGHTS_FILE}, e.g. the vae/ folder of a Stable Diffusion "
-                     f"checkpoint) or {TEMPORAL} (Stable Video Diffusion's vae/ folder).")
+                     f"checkpoint), {TEMPORAL} (Stable Video Diffusion's vae/ folder) or "
+                     f"{causal_autoencoder.CLASS_NAME} (HunyuanVideo's), or the autoencoder/ folder a "
+                     "train_autoencoder run writes into its workdir once it ends.")
   config = json.loads(file.read_text())
   blocks = set(config.get("down_block_types", ())) | set(config.get("up_block_types", ()))
   name = config.get("_class_name", "AutoencoderKL")
