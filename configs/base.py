@@ -181,7 +181,7 @@ def get_config():
       null_text_iterations=10,     # null_text_inversion: Adam steps on guidance's other text per sampler step
       null_text_learning_rate=0.01,  # ... and their learning rate
       video_length=0,              # video models: frames per video by autoregressive extension (0 = one clip)
-      context_frames=0,            # ... frames of the video so far each window keeps (0 = half a clip)
+      context_frames=0,            # ... frames of the video so far each window keeps (0 = half a clip; causal: 1 + 4 k)
       reconstruction_guidance=0.0,  # edits: > 0 also steers the generated part to agree with the kept (editing.py)
   )
   return c

@@ -83,7 +83,8 @@ Flags:
                       (sample.py's flag; default: the config's sample.null_text_iterations)
   --video_length      video models: make this many frames by autoregressive extension (video_extension.py) and score
                       the last clip's worth, the frames the extension made (default: the config's, 0 = one clip)
-  --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip)
+  --context_frames    with --video_length: frames each window keeps (default: the config's, 0 = half a clip; on a
+                      causal autoencoder's latents 1 + a multiple of 4, by default the one nearest half a clip)
   --guidance_interval LOW:HIGH: guide only the steps whose noise level sigma/alpha is in (LOW, HIGH] (sample.py's
                       flag; default: the config's); the sweeps run with it, e.g. --guidance_sweep at this interval
   --guide_workdir, --guide_step
@@ -865,7 +866,8 @@ def define_flags():
                        "steps on guidance's other text per sampler step.", lower_bound=0)
   flags.DEFINE_integer("video_length", None, "Video models: make this many frames by extension and score the last "
                        "clip's worth.", lower_bound=0)
-  flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps.", lower_bound=0)
+  flags.DEFINE_integer("context_frames", None, "With --video_length: frames each window keeps (on a causal "
+                       "autoencoder's latents 1 + a multiple of 4).", lower_bound=0)
   flags.DEFINE_float("reconstruction_guidance", None, "With --image_to_video or --video_length: reconstruction "
                      "guidance weight.", lower_bound=0)
   flags.DEFINE_string("guidance_interval", None, "LOW:HIGH: guide only the steps whose noise level sigma/alpha is "

@@ -31,8 +31,9 @@ Flags:
   --video_length    video models: frames per video, more than a clip's (--frames) by autoregressive extension
                     (video_extension.py): each window keeps the last --context_frames frames made so far and
                     generates the rest of a clip after them (default: config sample.video_length, 0 = one clip)
-  --context_frames  with --video_length: frames each window keeps, 1 to a clip's frames - 1 (default: config
-                    sample.context_frames, 0 = half a clip)
+  --context_frames  with --video_length: frames each window keeps, 1 to a clip's frames - 1; on a causal
+                    autoencoder's latents 1 + a multiple of 4, whole latent frames (default: config
+                    sample.context_frames, 0 = half a clip; causal: the 1 + a multiple of 4 nearest half a clip)
   --init_image      an image (any size: shorter side to the model's resolution, centre crop) to edit for every
                     prompt without its own, instead of generating from noise (image-to-image, SDEdit; editing.py):
                     it is noised to --strength and the rest of the sampling grid is run; a video model animates it
@@ -144,14 +145,20 @@ def clip_frames(config, sample_config) -> int:
   return frames
 
 
+def time_compression(config) -> int:
+  """Frames a latent frame of the model's autoencoder holds (1 but on a causal autoencoder's latents)."""
+  path = config.latent.autoencoder_path
+  return autoencoder.time_compression(autoencoder.read_config(path)) if path else 1
+
+
 def extension_problems(config, sample_config) -> list[str]:
   """What is wrong with a video model's sample.video_length and sample.context_frames (video_extension.py)."""
-  found = video_extension.problems(sample_config, clip_frames(config, sample_config))
-  path = config.latent.autoencoder_path
-  if sample_config.video_length and path and autoencoder.is_causal(autoencoder.read_config(path)):
-    found.append("--video_length on a causal autoencoder's latents (which hold several frames each) is not "
-                 "supported yet: leave it 0")
-  return found
+  return video_extension.problems(sample_config, clip_frames(config, sample_config), time_compression(config))
+
+
+def extension_context(config, sample_config) -> int:
+  """Frames each window of a video model's extension keeps (video_extension.context_frames)."""
+  return video_extension.context_frames(sample_config, clip_frames(config, sample_config), time_compression(config))
 
 
 def output_shape(config, sample_config) -> tuple:
@@ -668,7 +675,7 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
 
   clips = first.reshape((-1,) + first.shape[2:])
   videos = video_extension.extend(clips, generate_window, example_keys(seeds, n), sample_config.video_length,
-                                  video_extension.context_frames(sample_config, clips.shape[1]))
+                                  extension_context(config, sample_config))
   return videos.reshape(first.shape[:2] + videos.shape[1:])
 
 
@@ -739,7 +746,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   if config.model.temporal and sample_config.video_length:
     clip = clip_frames(config, sample_config)
     provenance.update(video_length=sample_config.video_length, clip_frames=clip,
-                      context_frames=video_extension.context_frames(sample_config, clip))
+                      context_frames=extension_context(config, sample_config))
   return write_outputs(output_dir, entries, np.stack(images), provenance, edits)
 
 
@@ -789,7 +796,8 @@ def define_flags():
   flags.DEFINE_integer("video_length", None, "Video models: frames per video, beyond a clip's by autoregressive "
                        "extension (default: config sample.video_length, 0 = one clip).", lower_bound=0)
   flags.DEFINE_integer("context_frames", None, "With --video_length: frames of the video so far each new window "
-                       "keeps (default: config sample.context_frames, 0 = half a clip).", lower_bound=0)
+                       "keeps; on a causal autoencoder's latents 1 + a multiple of 4 (default: config "
+                       "sample.context_frames, 0 = half a clip, or the 1 + a multiple of 4 nearest it).", lower_bound=0)
   flags.DEFINE_float("reconstruction_guidance", None, "Edits and video extension: > 0 also steers what is "
                      "generated to agree with what is kept, at a backward pass per step (default: config "
                      "sample.reconstruction_guidance, 0 = replacement only).", lower_bound=0)

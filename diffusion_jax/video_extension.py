@@ -5,6 +5,10 @@ is generated as usual, then window after window: a clip whose first `context` fr
 frames made so far, kept (editing.py's inpainting denoiser, over frames: the replacement method), the others
 generated from noise; its new frames are appended until the video is `length` frames long. One compiled program
 serves every window after the first.
+
+On a causal autoencoder's latents (time_compression r > 1: the first latent frame holds one frame, each other r)
+a window keeps whole latent frames: `context` is 1 + a multiple of r, and the kept frames encode, as a clip of
+their own, to the window's first latent frames (the encoder is causal), so each window adds a multiple of r frames.
 """
 
 import logging
@@ -20,19 +24,30 @@ def window_count(length: int, frames: int, context: int) -> int:
   return max(0, -(-(length - frames) // (frames - context)))
 
 
-def context_frames(sample_config, frames: int) -> int:
-  """sample.context_frames, or half the clip when 0."""
-  return sample_config.context_frames or frames // 2
+def context_frames(sample_config, frames: int, time_compression: int = 1) -> int:
+  """sample.context_frames, or when 0 the 1 + a multiple of time_compression nearest half the clip (ties: the
+  fewer; half the clip when time_compression is 1)."""
+  r = time_compression
+  latent_frames_after_first = (frames // 2 - 1 + (r - 1) // 2) // r
+  return sample_config.context_frames or 1 + r * latent_frames_after_first
 
 
-def problems(sample_config, frames: int) -> list[str]:
-  """What is wrong with sample.video_length and sample.context_frames for clips of `frames` frames."""
-  s, found = sample_config, []
+def problems(sample_config, frames: int, time_compression: int = 1) -> list[str]:
+  """What is wrong with sample.video_length and sample.context_frames for clips of `frames` frames (a causal
+  autoencoder's, whose latent frames but the first hold time_compression frames each, when that is > 1)."""
+  s, found, r = sample_config, [], time_compression
   if s.video_length and s.video_length <= frames:
     found.append(f"--video_length={s.video_length} is not longer than a clip ({frames} frames, --frames): leave it "
                  "0 or make it longer")
-  if s.video_length and not 1 <= context_frames(s, frames) < frames:
+  context = context_frames(s, frames, r)
+  if s.video_length and not 1 <= context < frames:
     found.append(f"--context_frames={s.context_frames} must be in 1..{frames - 1} (a clip has {frames} frames)")
+  elif s.video_length and (context - 1) % r:
+    choices = " or ".join(str(c) for c in sorted({1 + (context - 1) // r * r, 1 + -(-(context - 1) // r) * r})
+                          if c < frames)
+    found.append(f"--context_frames={context}: a window keeps whole latent frames of the causal autoencoder (the "
+                 f"first holds one frame, each other {r}): give 1 + a multiple of {r} below {frames} (e.g. "
+                 f"{choices})")
   return found
 
 

@@ -465,7 +465,8 @@ def test_video_latent_model_caches_each_frames_posterior_and_samples_clips_throu
 def test_video_latent_model_on_a_causal_autoencoder_diffuses_fewer_frames_than_it_samples(causal_vae, tmp_path):
   """A video model on HunyuanVideo's causal VAE: clips of 5 frames (4 is refused), 2 latent frames a clip in the
   latent cache (each clip's posterior) and in the network, which trains a step on them, 5-frame clips sampled, and
-  image-to-video keeps the given first frame (the first latent frame)."""
+  image-to-video keeps the given first frame (the first latent frame), and extension to 9 frames keeps the last
+  frame (a latent frame) and adds 4."""
   from configs import t2v_moving_shapes
 
   config = t2v_moving_shapes.get_config("test")
@@ -490,18 +491,25 @@ def test_video_latent_model_on_a_causal_autoencoder_diffuses_fewer_frames_than_i
   _, metrics = one_step(config, {}, {k: batch[k] for k in keys})  # the network diffuses 2 latent frames
   assert np.isfinite(metrics["loss"])
   sample_config = config.sample.copy_and_resolve_references()
-  sample_config.update(steps=2, num_per_prompt=1)
+  sample_config.update(steps=2, num_per_prompt=1, strength=1.0)  # as extension windows are: one compiled sampler
   assert sample.output_shape(config, sample_config) == (2, 4, 4, 4)
-  longer = sample_config.copy_and_resolve_references()
-  longer.video_length = 9
-  assert "--video_length on a causal autoencoder's latents" in " ".join(sample.extension_problems(config, longer))
   first = (np.asarray(clip[0]) * 127.5 + 127.5).round().astype(np.uint8)
   given, keep = edit_inputs.first_frame_edit(first, 5)
-  clips = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
-                          ["a red circle moving left"], sample_config, sharding.make_mesh(config.mesh),
-                          init_images=given[None], keep_masks=keep[None])
+  prompts, mesh = ["a red circle moving left"], sharding.make_mesh(config.mesh)
+  clips = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config), prompts,
+                          sample_config, mesh, init_images=given[None], keep_masks=keep[None])
   assert clips.shape == (1, 1, 5, 16, 16, 3) and clips.dtype == np.uint8
   np.testing.assert_array_equal(clips[0, 0, 0], first)
+  # Extension keeps whole latent frames: 1 + 4 k frames of context (by default 1 of a 5-frame clip), 4 new a window.
+  longer = sample_config.copy_and_resolve_references()
+  longer.update(video_length=9, context_frames=2)
+  assert "--context_frames=2: a window keeps whole latent frames" in " ".join(sample.extension_problems(config, longer))
+  longer.context_frames = 0
+  assert not sample.extension_problems(config, longer) and sample.extension_context(config, longer) == 1
+  videos = sample.extended(config, graphdef, state.params, state.frozen, tokenizers.from_config(config), prompts,
+                           longer, mesh, [longer.seed], [""], clips)
+  assert videos.shape == (1, 1, 9, 16, 16, 3)
+  np.testing.assert_array_equal(videos[:, :, :5], clips)
 
 
 def test_latent_super_resolution_stage_reads_the_low_res_image(vae):

@@ -19,6 +19,12 @@ def test_windows_add_a_clip_less_its_context_until_the_length_is_reached():
                                                                                               4)[0]
   assert "--context_frames=4 must be in 1..3" in video_extension.problems(settings(video_length=9, context_frames=4),
                                                                           4)[0]
+  # On a causal autoencoder's latents (4 frames a latent frame but the first): whole latent frames, 1 + 4 k.
+  assert [video_extension.context_frames(settings(), frames, 4) for frames in (5, 9, 13, 17)] == [1, 5, 5, 9]
+  assert video_extension.problems(settings(video_length=20), 9, 4) == []
+  assert "--context_frames=3: a window keeps whole latent frames of the causal autoencoder (the first holds one " \
+         "frame, each other 4): give 1 + a multiple of 4 below 9 (e.g. 1 or 5)" in video_extension.problems(
+             settings(video_length=20, context_frames=3), 9, 4)[0]
 
 
 def test_a_video_model_makes_videos_longer_than_its_clips(trained_video, trained, tmp_path):

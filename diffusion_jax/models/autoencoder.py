@@ -94,10 +94,15 @@ def latent_frames(config: dict, frames: int) -> int:
   return causal_autoencoder.latent_frames(config, frames) if is_causal(config) else frames
 
 
+def time_compression(config: dict) -> int:
+  """Frames one latent frame holds (a causal autoencoder's first holds one): 1 but for a causal autoencoder."""
+  return causal_autoencoder.compression(config)[0] if is_causal(config) else 1
+
+
 def frames_problem(config: dict, field: str, frames: int) -> str | None:
   """Why a clip of `frames` frames (the value of config field `field`) cannot be encoded and decoded back to as
   many frames (None when it can): a causal autoencoder needs 1 + a multiple of its time compression."""
-  if not is_causal(config) or (frames - 1) % (time := causal_autoencoder.compression(config)[0]) == 0:
+  if (frames - 1) % (time := time_compression(config)) == 0:
     return None
   return (f"{field}={frames}: the causal autoencoder encodes 1 + {time} k frames into 1 + k latent frames; "
           f"give 1 + a multiple of {time} (e.g. {1 + time * max(1, (frames - 1) // time)})")
