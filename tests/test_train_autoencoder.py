@@ -331,16 +331,23 @@ def test_a_causal_autoencoder_trains_on_clips_and_is_written_as_hunyuan_videos(t
 
 def test_two_processes_train_and_write_what_one_does(config, trained, tmp_path):
   """launch/local.py runs the trainer as 2 processes of 4 devices, parameters sharded over all 8 (so over both
-  processes): the same batches as the 8-device run in this process, so the same losses, weights, scaling factor
-  and reconstruction scores."""
+  processes), started (train.init_from) from a directory holding the weights the run in this process started from:
+  the same batches as the 8-device run here, so the same losses, weights, scaling factor and reconstruction
+  scores."""
+  start = jax.device_get(train_autoencoder.init_state(config, sharding.make_mesh(config.mesh)).params)
+  layout = train_autoencoder.model_config(config)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(layout, rngs=nnx.Rngs(0))))
+  autoencoder.save_diffusers(nnx.merge(graphdef, start), layout, tmp_path / "start")
   root = pathlib.Path(__file__).resolve().parents[1]
   workdir = tmp_path / "work"
   command = [sys.executable, str(root / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=4",
              "--module=diffusion_jax.train_autoencoder", "--", "--config=configs/autoencoder_shapes.py:test",
              f"--workdir={workdir}", f"--config.data.data_dir={config.data.data_dir}", "--config.mesh.data=1",
-             "--config.mesh.fsdp=8", "--config.train.eval_every=0"]  # the final scores only: they are compared
+             "--config.mesh.fsdp=8", "--config.train.eval_every=0",  # the final scores only: they are compared
+             f"--config.train.init_from={tmp_path / 'start'}"]
   result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "started from the autoencoder in" in result.stderr
   single, directory = trained
   # The first logged step agrees to float rounding; Adam at learning rate 3e-3 grows rounding differences of
   # near-zero gradients: later steps agree to 1e-3, the final weights to 1% of their norm.
