@@ -27,6 +27,7 @@ def get_config():
       heldout_combinations=(),     # captioned_shapes only: colour-shape pairs ("red square") kept out of the
                                    # train split; evaluation also judges captions that name them
       frames=8,                    # moving_shapes only
+      wrap_around=False,           # moving_shapes only: a shape leaving one edge comes back at the other
       image_fraction=0.0,          # video data: fraction of examples replaced by a still frame (joint
                                    # image-video training; the temporal layers are off for those)
       num_train=20000,             # built-in datasets: training examples

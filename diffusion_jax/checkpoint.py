@@ -250,6 +250,7 @@ ADDED_FIELDS = {
     "model.temporal_patch_size": 1,
     "distill.steps": 0, "distill.guidance_scale": -1.0, "distill.threshold": "",
     "model.remat_policy": "full",  # what model.remat did before the field
+    "data.wrap_around": False,
 }
 
 

@@ -238,6 +238,9 @@ def problems(config, device_count: int | None = None, process_count: int | None 
         found.append(f"data.heldout_combinations: {error}")
   if not 0 <= config.data.image_fraction <= 1:
     found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
+  if config.data.wrap_around and config.data.dataset != "moving_shapes":
+    found.append(f"data.wrap_around makes moving_shapes' frames a torus; data.dataset={config.data.dataset!r} has "
+                 "no paths to wrap (leave it False)")
   if m.lora_rank < 0:
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
   elif m.lora_rank and not config.finetune.workdir:

@@ -236,7 +236,8 @@ def judge_accuracy(config, generated, captions, prefix: str = "accuracy/") -> di
   empty for a dataset without one."""
   if config.data.dataset not in JUDGES:
     return {}
-  return {f"{prefix}{k}": v for k, v in JUDGES[config.data.dataset].accuracy(generated, captions).items()}
+  options = {"wrap_around": True} if config.data.wrap_around else {}  # moving_shapes on a torus
+  return {f"{prefix}{k}": v for k, v in JUDGES[config.data.dataset].accuracy(generated, captions, **options).items()}
 
 
 def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None, edit=None,

@@ -171,6 +171,15 @@ def test_moving_shapes_motion_matches_caption(tmp_path):
     dy, dx = centroids[-1] - centroids[0]
     expected = {"left": dx < -5, "right": dx > 5, "up": dy < -5, "down": dy > 5}[direction]
     assert expected, (direction, dy, dx)
+  from diffusion_jax.metrics import motion_judge
+
+  wrapped = moving_shapes.builder(str(tmp_path), resolution=16, frames=5, num_train=40, num_eval=4, wrap_around=True)
+  assert wrapped.builder_config.name.endswith("_wrap")  # its own files
+  examples = [wrapped.as_data_source("train")[i] for i in range(40)]
+  videos = np.stack([np.asarray(e["video"]) for e in examples])
+  assert motion_judge.accuracy(videos, [e["caption"] for e in examples], wrap_around=True)["direction"] == 1.0
+  lit = videos.max(-1) > 0
+  assert np.any(lit[..., 0] & lit[..., -1])  # one drawn at both edges at once
 
 
 def test_video_batches(tmp_path):

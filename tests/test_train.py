@@ -121,6 +121,7 @@ def test_config_validation_reports_all_problems():
   config.diffusion.prediction = "score"
   config.sample.steps = 0
   config.text.t5.position_bias_init = "alibi"
+  config.data.wrap_around = True  # captioned_shapes has no paths
   config.optimizer.update(learning_rate=float("nan"), b2=1.0, warmup_steps=-1, end_learning_rate_factor=2.0)
   with pytest.raises(ValueError) as error:
     config_checks.validate(config, device_count=8)
@@ -130,6 +131,7 @@ def test_config_validation_reports_all_problems():
   assert "has 3 devices but 8 are present" in message
   assert "diffusion.prediction='score'" in message and "sample.steps=0" in message
   assert "text.t5.position_bias_init='alibi'" in message
+  assert "data.wrap_around makes moving_shapes' frames a torus; data.dataset='captioned_shapes'" in message
   config = t2i_shapes.get_config("test")
   config.model.attention = "flash"
   with pytest.raises(ValueError, match="model.attention='flash' is not one of"):

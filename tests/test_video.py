@@ -216,10 +216,10 @@ def test_video_samples_are_gifs_mp4s_and_frame_strips_with_provenance(trained_vi
     sample.sample_from_workdir(workdir, {"frames": 9}, None, output_dir=tmp_path / "bad")
 
 
-def clips(count, resolution, seed=0, frames=8):
+def clips(count, resolution, seed=0, frames=8, wrap_around=False):
   rng = np.random.default_rng(seed)
-  specs = [moving_shapes.random_clip(rng, frames, resolution) for _ in range(count)]
-  return (np.stack([moving_shapes.render(*s, frames, resolution) for s in specs]),
+  specs = [moving_shapes.random_clip(rng, frames, resolution, wrap_around) for _ in range(count)]
+  return (np.stack([moving_shapes.render(*s, frames, resolution, wrap_around) for s in specs]),
           [moving_shapes.caption(*s[:4]) for s in specs])
 
 
@@ -240,6 +240,29 @@ def test_motion_judge_scores_real_clips_and_rejects_noise_and_stills(resolution)
   flipped = [motion_judge.reversed_direction(c) for c in captions]  # the reversed clips' captions
   assert motion_judge.accuracy(reversed_clips, flipped)["direction"] == 1.0
   assert [motion_judge.parse(c)[:3] for c in flipped] == [motion_judge.parse(c)[:3] for c in captions]
+
+
+def test_wrap_around_clips_cross_the_edges_and_the_judge_follows_them():
+  """data.wrap_around: shapes start anywhere and come back at the far edge; the wrap-around judge scores such clips
+  as the plain one scores plain clips (the plain judge misreads the shapes split at an edge), over 17 frames too
+  (paths longer than the frame, where the plain judge's direction fails)."""
+  videos, captions = clips(200, 16, frames=5, wrap_around=True)
+  lit = videos.max(-1) > 0
+  crossing = (lit[..., 0].any(-1) & lit[..., -1].any(-1)) | (lit[..., 0, :].any(-1) & lit[..., -1, :].any(-1))
+  assert 0.3 < crossing.any(axis=1).mean() < 0.9  # drawn on both sides while it crosses
+  starts = np.array([moving_shapes.random_clip(np.random.default_rng(s), 5, 16, True)[4] for s in range(200)])
+  assert (starts < 4).any(axis=0).all() and (starts > 12).any(axis=0).all()  # anywhere, edges included
+  real = motion_judge.accuracy(videos, captions, wrap_around=True)
+  assert real["direction"] == 1.0 and real["color"] == 1.0 and real["size"] == 1.0
+  plain = motion_judge.accuracy(*clips(200, 16, frames=5))["shape"]  # 16 px shapes: ~0.8 of plain clips
+  assert real["shape"] > plain - 0.1 and motion_judge.accuracy(videos, captions)["shape"] < plain - 0.2
+  assert motion_judge.accuracy(videos[:, ::-1], captions, wrap_around=True)["direction"] == 0.0
+  rng = np.random.default_rng(3)
+  specs = [moving_shapes.random_clip(rng, 5, 16, True) for _ in range(50)]
+  long = np.stack([moving_shapes.render(*s[:4], s[4], 17, 16, True)[::4] for s in specs])  # 4x the clip's speed
+  captions = [moving_shapes.caption(*s[:4]) for s in specs]
+  assert motion_judge.accuracy(long, captions, wrap_around=True)["direction"] > 0.95
+  assert motion_judge.accuracy(long, captions)["direction"] < 0.8
 
 
 def test_evaluating_a_video_model_reports_motion_and_whether_it_reads_the_direction(trained_video):

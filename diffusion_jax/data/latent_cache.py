@@ -35,7 +35,8 @@ def cache_key(autoencoder_params, data_config, superres_config=None) -> str:
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(autoencoder_params):
     digest.update(np.asarray(leaf).tobytes())
-  digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS]).encode())
+  wrapped = ["wrap_around"] if data_config.get("wrap_around", False) else []  # earlier caches keep their keys
+  digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS] + wrapped).encode())
   if superres_config is not None:
     digest.update(json.dumps([str(superres_config[f]) for f in SUPERRES_FIELDS]).encode())
   return digest.hexdigest()[:16]

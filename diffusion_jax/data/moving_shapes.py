@@ -4,6 +4,11 @@ Each video shows one coloured shape moving left, right, up or down at constant s
 background; the caption names it and its motion ("a small red circle moving left"). Colour, shape,
 size, direction and start position are stored as features, so a judge can check generated motion.
 Deterministic from a seed; generated locally.
+
+Every path stays inside the frame, so where a clip starts tells which ways it can go. With `wrap_around`
+the frame is a torus instead: a shape leaving one edge comes back at the other (drawn on both sides while
+it crosses), it starts anywhere, and any position can go on in any direction, as a video extended past
+its first clip has to.
 """
 
 import dataclasses
@@ -25,21 +30,29 @@ def caption(color: int, shape: int, size: int, direction: int) -> str:
           f"{DIRECTIONS[direction]}")
 
 
-def render(color, shape, size, direction, start, frames: int, resolution: int) -> np.ndarray:
+def render(color, shape, size, direction, start, frames: int, resolution: int,
+           wrap_around: bool = False) -> np.ndarray:
   """uint8 video [frames, resolution, resolution, 3]; start = (cy, cx) of the first frame in pixels."""
   dy, dx = STEP[DIRECTIONS[direction]]
   travel = resolution * 0.45 / max(frames - 1, 1)  # pixels per frame: ~half the frame over the clip
   video = np.zeros((frames, resolution, resolution, 3), np.uint8)
+  copies = (-resolution, 0, resolution) if wrap_around else (0,)  # the torus: drawn again one frame away
   for f in range(frames):
-    shapes.draw_shape(video[f], color, shape, shapes.radius_of(size, resolution), start[0] + dy * travel * f,
-                      start[1] + dx * travel * f)
+    cy, cx = start[0] + dy * travel * f, start[1] + dx * travel * f
+    if wrap_around:
+      cy, cx = cy % resolution, cx % resolution
+    for oy in copies:
+      for ox in copies:
+        shapes.draw_shape(video[f], color, shape, shapes.radius_of(size, resolution), cy + oy, cx + ox)
   return video
 
 
-def random_clip(rng: np.random.Generator, frames: int, resolution: int):
-  """(color, shape, size, direction, start) with the whole path inside the frame."""
+def random_clip(rng: np.random.Generator, frames: int, resolution: int, wrap_around: bool = False):
+  """(color, shape, size, direction, start) with the whole path inside the frame (wrap_around: anywhere)."""
   color, shape = int(rng.integers(len(shapes.COLORS))), int(rng.integers(len(shapes.SHAPES)))
   size, direction = int(rng.integers(len(shapes.SIZES))), int(rng.integers(len(DIRECTIONS)))
+  if wrap_around:
+    return color, shape, size, direction, (float(rng.uniform(0, resolution)), float(rng.uniform(0, resolution)))
   margin = shapes.radius_of(size, resolution)
   dy, dx = STEP[DIRECTIONS[direction]]
   travel = resolution * 0.45
@@ -56,6 +69,7 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
   num_train: int = 5000
   num_eval: int = 500
   seed: int = 0
+  wrap_around: bool = False
 
 
 class MovingShapes(tfds.core.GeneratorBasedBuilder):
@@ -91,22 +105,23 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     rng = np.random.default_rng(seed)
     for index in range(count):
-      color, shape, size, direction, start = random_clip(rng, c.frames, c.resolution)
-      video = render(color, shape, size, direction, start, c.frames, c.resolution)
+      color, shape, size, direction, start = random_clip(rng, c.frames, c.resolution, c.wrap_around)
+      video = render(color, shape, size, direction, start, c.frames, c.resolution, c.wrap_around)
       yield index, {"video": [PIL.Image.fromarray(frame) for frame in video],
                     "caption": caption(color, shape, size, direction), "color": color, "shape": shape,
                     "size": size, "direction": direction, "start": np.array(start, np.float32)}
 
 
 def builder(data_dir: str, resolution: int = 32, frames: int = 8, num_train: int = 5000, num_eval: int = 500,
-            seed: int = 0) -> MovingShapes:
+            seed: int = 0, wrap_around: bool = False) -> MovingShapes:
   """The builder for one configuration, prepared (array_record files) on first use."""
   if resolution not in (16, 32, 64):
     raise ValueError(f"moving_shapes resolution must be 16, 32 or 64, got {resolution}.")
   if not 2 <= frames <= 32:
     raise ValueError(f"moving_shapes frames must be in 2..32, got {frames}.")
-  config = MovingShapesConfig(name=f"r{resolution}_f{frames}_n{num_train}_s{seed}_e{num_eval}", resolution=resolution,
-                              frames=frames, num_train=num_train, num_eval=num_eval, seed=seed)
+  name = f"r{resolution}_f{frames}_n{num_train}_s{seed}_e{num_eval}" + ("_wrap" if wrap_around else "")
+  config = MovingShapesConfig(name=name, resolution=resolution, frames=frames, num_train=num_train, num_eval=num_eval,
+                              seed=seed, wrap_around=wrap_around)
   result = MovingShapes(config=config, data_dir=data_dir, file_format="array_record")
   result.download_and_prepare()
   return result

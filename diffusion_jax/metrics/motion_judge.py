@@ -4,6 +4,10 @@ asked for, and does the object keep its appearance from frame to frame?
 Per frame the lit pixels are the object (black background): its centroid gives the path, and colour /
 shape / size come from `shapes_judge.describe` on the first frame where it is visible. The direction is
 the dominant axis and sign of the centroid's displacement from the first to the last visible frame.
+
+On wrap-around clips (data.wrap_around: the frame is a torus) the centroid is the circular mean of the lit
+pixels' coordinates, the displacement the sum of the frame-to-frame steps each taken the short way round, and
+the attributes are read from the first visible frame rolled to put the object in the middle.
 """
 
 import re
@@ -35,26 +39,36 @@ def reversed_direction(caption: str) -> str:
   return moving_shapes.caption(color, shape, size, moving_shapes.DIRECTIONS.index(opposite))
 
 
-def track(video: np.ndarray):
-  """uint8 [frames, res, res, 3] -> (centroids [frames, 2] (y, x; NaN where nothing is lit), areas [frames])."""
+def track(video: np.ndarray, wrap_around: bool = False):
+  """uint8 [frames, res, res, 3] -> (centroids [frames, 2] (y, x; NaN where nothing is lit), areas [frames]);
+  wrap_around: circular means, in [0, res)."""
   res = video.shape[1]
   lit = shapes_judge.lit_pixels(video)
   areas = lit.sum(axis=(1, 2)).astype(np.float64)
   yy, xx = np.mgrid[0:res, 0:res] + 0.5
   with np.errstate(invalid="ignore", divide="ignore"):
-    centroids = np.stack([(lit * yy).sum(axis=(1, 2)) / areas, (lit * xx).sum(axis=(1, 2)) / areas], axis=-1)
+    if wrap_around:
+      angle = lambda c: 2 * np.pi * c / res
+      mean = lambda c: np.arctan2((lit * np.sin(angle(c))).sum(axis=(1, 2)), (lit * np.cos(angle(c))).sum(axis=(1, 2)))
+      centroids = np.stack([mean(yy), mean(xx)], axis=-1) * res / (2 * np.pi) % res
+    else:
+      centroids = np.stack([(lit * yy).sum(axis=(1, 2)) / areas, (lit * xx).sum(axis=(1, 2)) / areas], axis=-1)
   visible = areas >= max(1.0, 0.004 * res * res)
   centroids[~visible] = np.nan
   return centroids, np.where(visible, areas, 0.0)
 
 
-def direction_of(centroids: np.ndarray):
+def direction_of(centroids: np.ndarray, wrap_resolution: int = 0):
   """Index into moving_shapes.DIRECTIONS of the dominant displacement, or None when the object is visible
-  in fewer than two frames or moves less than a pixel."""
+  in fewer than two frames or moves less than a pixel. wrap_resolution > 0: centroids on a torus of that size."""
   visible = np.nonzero(~np.isnan(centroids[:, 0]))[0]
   if len(visible) < 2:
     return None
-  dy, dx = centroids[visible[-1]] - centroids[visible[0]]
+  if wrap_resolution:
+    half = wrap_resolution / 2
+    dy, dx = ((np.diff(centroids[visible], axis=0) + half) % wrap_resolution - half).sum(axis=0)
+  else:
+    dy, dx = centroids[visible[-1]] - centroids[visible[0]]
   if max(abs(dy), abs(dx)) < 1.0:
     return None
   if abs(dx) >= abs(dy):
@@ -62,18 +76,22 @@ def direction_of(centroids: np.ndarray):
   return moving_shapes.DIRECTIONS.index("down" if dy > 0 else "up")
 
 
-def score(video: np.ndarray, caption: str) -> dict:
+def score(video: np.ndarray, caption: str, wrap_around: bool = False) -> dict:
   """Per-attribute correctness (0/1) of one clip, plus `appearance_change`: the mean relative change of
   the object's area between consecutive visible frames (0 for a perfectly rigid object)."""
   color, shape, size, direction = parse(caption)
-  centroids, areas = track(video)
+  res = video.shape[1]
+  centroids, areas = track(video, wrap_around)
   visible = areas > 0
   result = {k: 0.0 for k in ATTRIBUTES}
   result["visible"] = float(visible.mean() >= 0.75)
-  result["direction"] = float(direction_of(centroids) == direction)
+  result["direction"] = float(direction_of(centroids, res if wrap_around else 0) == direction)
   if visible.any():
     first = int(np.argmax(visible))
-    got = shapes_judge.describe(video[first], shapes_judge.lit_pixels(video[first]), video.shape[1])
+    frame = video[first]
+    if wrap_around:  # the object whole, in the middle of the frame
+      frame = np.roll(frame, tuple(int(round(res / 2 - c)) for c in centroids[first]), axis=(0, 1))
+    got = shapes_judge.describe(frame, shapes_judge.lit_pixels(frame), res)
     result["color"], result["shape"], result["size"] = (float(got[0] == color), float(got[1] == shape),
                                                         float(got[2] == size))
   pairs = visible[1:] & visible[:-1]
@@ -82,9 +100,10 @@ def score(video: np.ndarray, caption: str) -> dict:
   return result
 
 
-def accuracy(videos, captions) -> dict:
+def accuracy(videos, captions, wrap_around: bool = False) -> dict:
   """Mean per-attribute accuracy over a set, 'all' (every attribute right) and the mean appearance change."""
-  scores = [score(np.asarray(v), c.decode() if isinstance(c, bytes) else c) for v, c in zip(videos, captions)]
+  scores = [score(np.asarray(v), c.decode() if isinstance(c, bytes) else c, wrap_around)
+            for v, c in zip(videos, captions)]
   result = {k: float(np.mean([s[k] for s in scores])) for k in ATTRIBUTES + ("appearance_change",)}
   result["all"] = float(np.mean([all(s[k] == 1.0 for k in ATTRIBUTES) for s in scores]))
   return result
