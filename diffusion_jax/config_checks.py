@@ -105,6 +105,14 @@ def dit_problems(config, resolution: int) -> list[str]:
   return found
 
 
+def wrap_around_problems(data_config) -> list[str]:
+  """data.wrap_around on a dataset without moving_shapes' paths."""
+  if not data_config.get("wrap_around", False) or data_config.dataset == "moving_shapes":
+    return []
+  return [f"data.wrap_around makes moving_shapes' frames a torus; data.dataset={data_config.dataset!r} has no paths "
+          "to wrap (leave it False)"]
+
+
 def sample_problems(sample_config, prefix: str) -> list[str]:
   """What is wrong with a sample section's sampler, steps, guidance scale, batch size, thresholding,
   noise-augmentation level and editing strength; each named `prefix` + field ("sample." in a config, "--" on a
@@ -238,9 +246,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
         found.append(f"data.heldout_combinations: {error}")
   if not 0 <= config.data.image_fraction <= 1:
     found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
-  if config.data.wrap_around and config.data.dataset != "moving_shapes":
-    found.append(f"data.wrap_around makes moving_shapes' frames a torus; data.dataset={config.data.dataset!r} has "
-                 "no paths to wrap (leave it False)")
+  found += wrap_around_problems(config.data)
   if m.lora_rank < 0:
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
   elif m.lora_rank and not config.finetune.workdir:

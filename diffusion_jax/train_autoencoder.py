@@ -72,7 +72,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from diffusion_jax import checkpoint, cli, distributed, media, metric_writers, optimizer, sharding, stop_signals
+from diffusion_jax import (checkpoint, cli, config_checks, distributed, media, metric_writers, optimizer, sharding,
+                           stop_signals)
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import fid, fvd, lpips, psnr, shapes_judge
 from diffusion_jax.models import autoencoder, discriminator, init_rngs
@@ -99,7 +100,7 @@ class AdversarialState(AutoencoderState):
 def problems(config) -> list[str]:
   """What is wrong with an autoencoder config, before anything is built."""
   a, t = config.autoencoder, config.train
-  out = []
+  out = config_checks.wrap_around_problems(config.data)
   widths = list(a.block_out_channels)
   if not widths or any(w <= 0 or w % a.norm_num_groups for w in widths):
     out.append(f"autoencoder.block_out_channels {tuple(widths)} must be positive multiples of "

@@ -201,7 +201,9 @@ def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
                "the discriminator's 3 stride-2 layers (adversarial.layers) leave no patch of data.resolution=15"):
     assert part in str(error.value)
   bad.lpips.update(path="", loss_weight=1.0)
-  assert "lpips.loss_weight > 0 needs lpips.path" in " ".join(train_autoencoder.problems(bad))
+  bad.data.wrap_around = True
+  found = " ".join(train_autoencoder.problems(bad))
+  assert "lpips.loss_weight > 0 needs lpips.path" in found and "data.dataset='captioned_shapes' has no paths" in found
   assert not (tmp_path / "checkpoints").exists()  # refused before anything is written
   config = config.copy_and_resolve_references()
   config.train.eval_examples = 4  # the evaluation at the end shards its batches over the 8 devices
