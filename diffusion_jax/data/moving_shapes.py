@@ -36,7 +36,7 @@ def render(color, shape, size, direction, start, frames: int, resolution: int,
   dy, dx = STEP[DIRECTIONS[direction]]
   travel = resolution * 0.45 / max(frames - 1, 1)  # pixels per frame: ~half the frame over the clip
   video = np.zeros((frames, resolution, resolution, 3), np.uint8)
-  copies = (-resolution, 0, resolution) if wrap_around else (0,)  # the torus: drawn again one frame away
+  copies = (-resolution, 0, resolution) if wrap_around else (0,)  # the torus: drawn again a side away
   for f in range(frames):
     cy, cx = start[0] + dy * travel * f, start[1] + dx * travel * f
     if wrap_around:
