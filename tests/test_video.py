@@ -244,8 +244,8 @@ def test_motion_judge_scores_real_clips_and_rejects_noise_and_stills(resolution)
 
 def test_wrap_around_clips_cross_the_edges_and_the_judge_follows_them():
   """data.wrap_around: shapes start anywhere and come back at the far edge; the wrap-around judge scores such clips
-  as the plain one scores plain clips (the plain judge misreads the shapes split at an edge), over 17 frames too
-  (paths longer than the frame, where the plain judge's direction fails)."""
+  as the plain one scores plain clips (the plain judge misreads the shapes split at an edge), and paths longer than
+  the frame too (17 frames at a clip's speed, where the plain judge's direction fails)."""
   videos, captions = clips(200, 16, frames=5, wrap_around=True)
   lit = videos.max(-1) > 0
   crossing = (lit[..., 0].any(-1) & lit[..., -1].any(-1)) | (lit[..., 0, :].any(-1) & lit[..., -1, :].any(-1))
@@ -259,9 +259,18 @@ def test_wrap_around_clips_cross_the_edges_and_the_judge_follows_them():
   assert motion_judge.accuracy(videos[:, ::-1], captions, wrap_around=True)["direction"] == 0.0
   rng = np.random.default_rng(3)
   specs = [moving_shapes.random_clip(rng, 5, 16, True) for _ in range(50)]
-  long = np.stack([moving_shapes.render(*s[:4], s[4], 17, 16, True)[::4] for s in specs])  # 4x the clip's speed
+  travel = 16 * 0.45 / 4  # pixels per frame of a 5-frame clip
+
+  def path(color, shape, size, direction, start):  # 17 frames: four such clips end to end, 29 px
+    dy, dx = moving_shapes.STEP[moving_shapes.DIRECTIONS[direction]]
+    return np.concatenate([moving_shapes.render(color, shape, size, direction, (start[0] + 4 * k * travel * dy,
+                                                start[1] + 4 * k * travel * dx), 5, 16, True)[min(k, 1):]
+                           for k in range(4)])
+
+  long = np.stack([path(*s) for s in specs])
+  assert long.shape[1] == 17
   captions = [moving_shapes.caption(*s[:4]) for s in specs]
-  assert motion_judge.accuracy(long, captions, wrap_around=True)["direction"] > 0.95
+  assert motion_judge.accuracy(long, captions, wrap_around=True)["direction"] == 1.0
   assert motion_judge.accuracy(long, captions)["direction"] < 0.8
 
 
