@@ -14,6 +14,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
                            " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
                            " --xla_cpu_use_fusion_emitters=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The two xdist workers keep both cores busy: OpenBLAS's threads then wait on each other, and numpy's small
+# eigendecompositions (every FID and FVD) took a second instead of 10 ms. One thread each (README, Tests).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # One persistent compilation cache for the session: its xdist workers and the jobs tests start inherit it, so
 # a program many tests compile (the test config's train step, its sampler) compiles once per session.
 CREATED_CACHE = None
