@@ -2,6 +2,7 @@
 sampling outputs, the motion judge and FVD."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -228,13 +229,19 @@ def test_motion_judge_scores_real_clips_and_rejects_noise_and_stills(resolution)
   videos, captions = clips(200, resolution)
   real = motion_judge.accuracy(videos, captions)
   assert real["direction"] == 1.0 and real["color"] == 1.0 and real["size"] == 1.0
+  assert [real[k] for k in motion_judge.DIRECTION_MISSES] == [0.0, 0.0, 0.0]
   assert real["appearance_change"] < 0.05
   noise = np.random.default_rng(1).integers(0, 256, videos.shape, dtype=np.uint8)
   assert motion_judge.accuracy(noise, captions)["direction"] < 0.4
   stills = np.broadcast_to(videos[:, :1], videos.shape)
-  assert motion_judge.accuracy(stills, captions)["direction"] == 0.0
+  still = motion_judge.accuracy(stills, captions)
+  assert still["direction"] == 0.0 and still["direction_still"] == 1.0
   reversed_clips = videos[:, ::-1]
-  assert motion_judge.accuracy(reversed_clips, captions)["direction"] == 0.0
+  backwards = motion_judge.accuracy(reversed_clips, captions)
+  assert backwards["direction"] == 0.0 and backwards["direction_opposite"] == 1.0
+  other_axis = {"left": "up", "right": "down", "up": "left", "down": "right"}
+  across = [re.sub(r"moving (\w+)", lambda m: "moving " + other_axis[m.group(1)], c) for c in captions]
+  assert motion_judge.accuracy(videos, across)["direction_across"] == 1.0
   with pytest.raises(ValueError, match="Not a moving_shapes caption"):
     motion_judge.parse("a large red circle at the top left")
   flipped = [motion_judge.reversed_direction(c) for c in captions]  # the reversed clips' captions

@@ -19,6 +19,9 @@ from diffusion_jax.data import moving_shapes
 from diffusion_jax.metrics import shapes_judge
 
 ATTRIBUTES = ("direction", "color", "shape", "size", "visible")
+# How a clip's motion misses its caption's direction: the other way along its axis, along the other axis, or less
+# than a pixel (each clip is one of these or right).
+DIRECTION_MISSES = ("direction_opposite", "direction_across", "direction_still")
 _CAPTION = re.compile(r"a (small|large) (\w+) (circle|square|triangle) moving (left|right|up|down)")
 
 
@@ -77,15 +80,20 @@ def direction_of(centroids: np.ndarray, wrap_resolution: int = 0):
 
 
 def score(video: np.ndarray, caption: str, wrap_around: bool = False) -> dict:
-  """Per-attribute correctness (0/1) of one clip, plus `appearance_change`: the mean relative change of
-  the object's area between consecutive visible frames (0 for a perfectly rigid object)."""
+  """Per-attribute correctness (0/1) of one clip, which of DIRECTION_MISSES its motion is (0/1 each), and
+  `appearance_change`: the mean relative change of the object's area between consecutive visible frames (0 for a
+  perfectly rigid object)."""
   color, shape, size, direction = parse(caption)
   res = video.shape[1]
   centroids, areas = track(video, wrap_around)
   visible = areas > 0
   result = {k: 0.0 for k in ATTRIBUTES}
   result["visible"] = float(visible.mean() >= 0.75)
-  result["direction"] = float(direction_of(centroids, res if wrap_around else 0) == direction)
+  moved = direction_of(centroids, res if wrap_around else 0)
+  result["direction"] = float(moved == direction)
+  result["direction_opposite"] = float(moved == direction ^ 1)  # DIRECTIONS pairs opposites: left/right, up/down
+  result["direction_across"] = float(moved is not None and moved // 2 != direction // 2)
+  result["direction_still"] = float(moved is None)
   if visible.any():
     first = int(np.argmax(visible))
     frame = video[first]
@@ -101,9 +109,10 @@ def score(video: np.ndarray, caption: str, wrap_around: bool = False) -> dict:
 
 
 def accuracy(videos, captions, wrap_around: bool = False) -> dict:
-  """Mean per-attribute accuracy over a set, 'all' (every attribute right) and the mean appearance change."""
+  """Mean per-attribute accuracy over a set, 'all' (every attribute right), the shares of DIRECTION_MISSES and the
+  mean appearance change."""
   scores = [score(np.asarray(v), c.decode() if isinstance(c, bytes) else c, wrap_around)
             for v, c in zip(videos, captions)]
-  result = {k: float(np.mean([s[k] for s in scores])) for k in ATTRIBUTES + ("appearance_change",)}
+  result = {k: float(np.mean([s[k] for s in scores])) for k in ATTRIBUTES + DIRECTION_MISSES + ("appearance_change",)}
   result["all"] = float(np.mean([all(s[k] == 1.0 for k in ATTRIBUTES) for s in scores]))
   return result
