@@ -35,11 +35,16 @@ def parse(caption: str):
           moving_shapes.DIRECTIONS.index(direction))
 
 
+def opposite(direction: int) -> int:
+  """Index into moving_shapes.DIRECTIONS of the opposite motion."""
+  name = {"left": "right", "right": "left", "up": "down", "down": "up"}[moving_shapes.DIRECTIONS[direction]]
+  return moving_shapes.DIRECTIONS.index(name)
+
+
 def reversed_direction(caption: str) -> str:
   """The caption asking for the opposite motion ("... moving left" -> "... moving right"), all else equal."""
   color, shape, size, direction = parse(caption)
-  opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}[moving_shapes.DIRECTIONS[direction]]
-  return moving_shapes.caption(color, shape, size, moving_shapes.DIRECTIONS.index(opposite))
+  return moving_shapes.caption(color, shape, size, opposite(direction))
 
 
 def track(video: np.ndarray, wrap_around: bool = False):
@@ -91,8 +96,8 @@ def score(video: np.ndarray, caption: str, wrap_around: bool = False) -> dict:
   result["visible"] = float(visible.mean() >= 0.75)
   moved = direction_of(centroids, res if wrap_around else 0)
   result["direction"] = float(moved == direction)
-  result["direction_opposite"] = float(moved == direction ^ 1)  # DIRECTIONS pairs opposites: left/right, up/down
-  result["direction_across"] = float(moved is not None and moved // 2 != direction // 2)
+  result["direction_opposite"] = float(moved == opposite(direction))
+  result["direction_across"] = float(moved not in (None, direction, opposite(direction)))
   result["direction_still"] = float(moved is None)
   if visible.any():
     first = int(np.argmax(visible))
