@@ -154,8 +154,8 @@ from ml_collections import config_flags
 from diffusion_jax import (autoguidance, cascade, checkpoint, cli, config_checks, distributed, edit_inputs, editing,
                            lora, media, metric_writers, sample, samplers)
 from diffusion_jax.data import captioned_shapes, pipeline
-from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, lpips, motion_judge,
-                                   psnr, shapes_judge)
+from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, judges, lpips,
+                                   motion_judge, psnr, shapes_judge)
 from diffusion_jax.text import tokenizers
 
 log = logging.getLogger(__name__)
@@ -224,20 +224,8 @@ def media_metrics(config, generated, captions, frechet, clip=None) -> dict:
   metrics = frechet(generated)
   if clip is not None:  # videos: every frame against its caption
     metrics["clip_score"] = clip(frames(generated), np.repeat(captions, len(frames(generated)) // len(captions)))
-  metrics.update(judge_accuracy(config, generated, captions))
+  metrics.update(judges.accuracy(config, generated, captions))
   return metrics
-
-
-JUDGES = {"captioned_shapes": shapes_judge, "moving_shapes": motion_judge}
-
-
-def judge_accuracy(config, generated, captions, prefix: str = "accuracy/") -> dict:
-  """{prefix + attribute: accuracy} of the dataset's judge (JUDGES) on generated uint8 media for `captions`;
-  empty for a dataset without one."""
-  if config.data.dataset not in JUDGES:
-    return {}
-  options = {"wrap_around": True} if config.data.wrap_around else {}  # moving_shapes on a torus
-  return {f"{prefix}{k}": v for k, v in JUDGES[config.data.dataset].accuracy(generated, captions, **options).items()}
 
 
 def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None, edit=None,
@@ -343,7 +331,7 @@ def generation_metrics(config, graphdef, weights, mesh, images, captions, sample
   metrics = media_metrics(config, generated, asked, frechet or frechet_distances(images), clip)
   if edit_real:  # what the edit kept of the real image
     metrics["psnr_source"] = psnr.psnr(generated, images)
-    metrics.update(judge_accuracy(config, generated, captions, "accuracy_source/"))
+    metrics.update(judges.accuracy(config, generated, captions, "accuracy_source/"))
   if lowres is not None:  # what the stage adds over bicubic upsampling of the same input
     metrics["psnr"] = psnr.psnr(generated, images)
     if perceptual is not None:

@@ -47,8 +47,9 @@ stops, rerunning resumes), `logs/`, `config.json`, and at the end `autoencoder/`
 diffusion_pytorch_model.safetensors: what `latent.autoencoder_path` and diffusers' AutoencoderKL.from_pretrained
 read; its scaling_factor is 1 / the std of the training latents, as Stable Diffusion's), the PSNR, FID
 (random-conv features) and, with lpips.path, LPIPS of reconstructed held-out images in `logs/reconstruction.json`
-(on a video dataset every frame of train.eval_examples clips, and the FVD of the reconstructed clips; on
-captioned_shapes also the shapes judge's accuracy on them: what a latent model's samples can reach at most), and
+(on a video dataset every frame of train.eval_examples clips, and the FVD of the reconstructed clips; on a
+dataset with a judge, captioned_shapes or moving_shapes, also its accuracy on them: what a latent model's samples
+can reach at most), and
 `reconstructions.png` (the first of them above their reconstructions). The same scores are measured every
 train.eval_every steps (0: at the end only) and appended, with the final ones, to `logs/eval.jsonl` (and
 TensorBoard, `logs/eval`); reconstruction.json and reconstructions.png then show the latest.
@@ -75,7 +76,7 @@ from ml_collections import config_flags
 from diffusion_jax import (checkpoint, cli, config_checks, distributed, media, metric_writers, optimizer, sharding,
                            stop_signals)
 from diffusion_jax.data import pipeline
-from diffusion_jax.metrics import fid, fvd, lpips, psnr, shapes_judge
+from diffusion_jax.metrics import fid, fvd, judges, lpips, psnr
 from diffusion_jax.models import autoencoder, discriminator, init_rngs
 
 log = logging.getLogger("diffusion_jax.train_autoencoder")  # not __main__ under python -m
@@ -432,10 +433,11 @@ def round_trip(model, x):
 def evaluate(config, model, mesh, workdir) -> dict | None:
   """Reconstruct (posterior means) up to train.eval_examples held-out images or clips (every frame of them, decoded
   by a temporal decoder together, by an image decoder each alone): their PSNR and FID (random-conv features) against
-  the originals, for clips also the FVD (random-conv features) of the reconstructed clips, and on captioned_shapes
-  the shapes judge's accuracy on them against their captions; in logs/reconstruction.json. reconstructions.png
-  shows the first ones. Every process reconstructs its part of each batch; process 0 scores and writes, and returns
-  the scores (None elsewhere, and when the validation split has fewer images than the data-parallel devices)."""
+  the originals, for clips also the FVD (random-conv features) of the reconstructed clips, and on a dataset with
+  a judge (metrics/judges.py) its accuracy on them against their captions; in logs/reconstruction.json.
+  reconstructions.png shows the first ones. Every process reconstructs its part of each batch; process 0 scores
+  and writes, and returns the scores (None elsewhere, and when the validation split has fewer images than the
+  data-parallel devices)."""
   source = pipeline.data_source(config.data, "validation")
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   examples = min(config.train.eval_examples, len(source))
@@ -460,14 +462,14 @@ def evaluate(config, model, mesh, workdir) -> dict | None:
   records = np.concatenate([p[2] for p in parts])[:examples]
   result = {"examples": len(originals), "psnr_db": psnr.psnr(outputs, originals),
             "fid_random_conv": fid.fid(fid.random_conv_features(originals), fid.random_conv_features(outputs))}
+  as_examples = lambda images: images.reshape((examples, *x.shape[1:-3], *images.shape[1:]))  # clips again
   if per_example > 1:  # clips: how far the reconstructed clips are from the originals as videos (flicker counts)
-    clips = lambda images: images.reshape((examples, per_example) + images.shape[1:])
-    result["fvd_random_conv"] = fvd.fvd(clips(originals), clips(outputs))
+    result["fvd_random_conv"] = fvd.fvd(as_examples(originals), as_examples(outputs))
   if config.lpips.path:
     result["lpips"] = lpips.mean_distance(lpips.load(config.lpips.path), outputs, originals)
-  if config.data.dataset == "captioned_shapes":  # the judge's scores a latent model's samples can reach at most
+  if config.data.dataset in judges.JUDGES:  # the judge's scores a latent model's samples can reach at most
     captions = [source[int(i)][config.data.caption_key] for i in records]
-    result |= {f"judge/{k}": v for k, v in shapes_judge.accuracy(outputs, captions).items()}
+    result |= judges.accuracy(config, as_examples(outputs), captions, "judge/")
   label = f"reconstructions ({result['psnr_db']:.1f} dB PSNR over {len(originals)} held-out images)"
   grid = media.labelled_grid([originals[:RECONSTRUCTIONS], outputs[:RECONSTRUCTIONS]], ["held-out images", label],
                              scale=4)

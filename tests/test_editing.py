@@ -346,14 +346,14 @@ def test_evaluation_scores_image_edits_by_the_new_caption_and_by_what_they_kept(
   import shutil
 
   from diffusion_jax import evaluate
-  from diffusion_jax.metrics import shapes_judge
+  from diffusion_jax.metrics import judges, shapes_judge
 
   two = "a small red circle at the top left and a large cyan square at the bottom right"
   assert shapes_judge.recoloured(two) == two.replace("red", "green").replace("cyan", "red")
   config, source, _ = trained
   _, images, captions = evaluate.validation_set(config, 16)
-  as_captioned = evaluate.judge_accuracy(config, images, captions)
-  recoloured = evaluate.judge_accuracy(config, images, evaluate.edit_captions(config, captions))
+  as_captioned = judges.accuracy(config, images, captions)
+  recoloured = judges.accuracy(config, images, evaluate.edit_captions(config, captions))
   assert recoloured["accuracy/color"] < as_captioned["accuracy/color"] and recoloured["accuracy/color"] <= 0.1
   assert all(recoloured[f"accuracy/{k}"] == as_captioned[f"accuracy/{k}"] for k in ("shape", "size", "position"))
   rolled = evaluate.edit_captions(ml_collections.ConfigDict({"data": {"dataset": "folder"}}), ["a", "b", "c"])
@@ -421,11 +421,12 @@ def test_evaluation_scores_video_edits_by_the_new_caption_and_by_what_they_kept(
   import shutil
 
   from diffusion_jax import evaluate
+  from diffusion_jax.metrics import judges
 
   config, source, _ = trained_video
   _, clips, captions = evaluate.validation_set(config, 4)
-  assert evaluate.judge_accuracy(config, clips, captions)["accuracy/direction"] == 1.0
-  reversed_judged = evaluate.judge_accuracy(config, clips, evaluate.edit_captions(config, captions))
+  assert judges.accuracy(config, clips, captions)["accuracy/direction"] == 1.0
+  reversed_judged = judges.accuracy(config, clips, evaluate.edit_captions(config, captions))
   assert reversed_judged["accuracy/direction"] == 0.0 and reversed_judged["accuracy/color"] == 1.0
 
   workdir = tmp_path / "work"

@@ -251,7 +251,7 @@ def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(t
                              clips.permute(0, 2, 3, 1).numpy().reshape(2, 4, 16, 16, 3), atol=1e-4)
   scores = json.loads((tmp_path / "workdir" / "logs" / "reconstruction.json").read_text())
   assert scores["examples"] == 8 * 4 and np.isfinite(scores["psnr_db"])  # train.eval_examples clips, every frame
-  assert scores["fvd_random_conv"] > 0  # and the reconstructed clips as videos
+  assert scores["fvd_random_conv"] > 0 and 0 <= scores["judge/direction"] <= 1  # and the clips as videos, judged
   bad = config.copy_and_resolve_references()
   bad.data.dataset = "captioned_shapes"
   bad.autoencoder.norm_num_groups = 8
@@ -313,6 +313,9 @@ def test_a_causal_autoencoder_trains_on_clips_and_is_written_as_hunyuan_videos(t
   np.testing.assert_allclose(ours.decode_unscaled(jnp.asarray(z)), clips, atol=1e-4)
   scores = json.loads((tmp_path / "workdir" / "logs" / "reconstruction.json").read_text())
   assert scores["examples"] == 8 * 5 and np.isfinite(scores["psnr_db"]) and scores["fvd_random_conv"] > 0
+  # The motion judge read the 8 reconstructed clips against their captions: each moves one of four ways.
+  ways = ("judge/direction", "judge/direction_opposite", "judge/direction_across", "judge/direction_still")
+  assert sum(scores[k] * 8 for k in ways) == pytest.approx(8) and 0 <= scores["judge/all"] <= 1
   bad = config.copy_and_resolve_references()
   bad.data.frames = 4
   bad.autoencoder.temporal_decoder = True
