@@ -49,10 +49,9 @@ read; its scaling_factor is 1 / the std of the training latents, as Stable Diffu
 (random-conv features) and, with lpips.path, LPIPS of reconstructed held-out images in `logs/reconstruction.json`
 (on a video dataset every frame of train.eval_examples clips, and the FVD of the reconstructed clips; on a
 dataset with a judge, captioned_shapes or moving_shapes, also its accuracy on them: what a latent model's samples
-can reach at most), and
-`reconstructions.png` (the first of them above their reconstructions). The same scores are measured every
-train.eval_every steps (0: at the end only) and appended, with the final ones, to `logs/eval.jsonl` (and
-TensorBoard, `logs/eval`); reconstruction.json and reconstructions.png then show the latest.
+can reach at most), and `reconstructions.png` (the first of them above their reconstructions). The same scores are
+measured every train.eval_every steps (0: at the end only) and appended, with the final ones, to `logs/eval.jsonl`
+(and TensorBoard, `logs/eval`); reconstruction.json and reconstructions.png then show the latest.
 """
 
 import json
