@@ -28,6 +28,7 @@ def get_config():
                                    # train split; evaluation also judges captions that name them
       frames=8,                    # moving_shapes only
       wrap_around=False,           # moving_shapes only: a shape leaving one edge comes back at the other
+      travel=0.45,                 # moving_shapes only: fraction of the frame a clip's object crosses
       image_fraction=0.0,          # video data: fraction of examples replaced by a still frame (joint
                                    # image-video training; the temporal layers are off for those)
       num_train=20000,             # built-in datasets: training examples

@@ -251,6 +251,7 @@ ADDED_FIELDS = {
     "distill.steps": 0, "distill.guidance_scale": -1.0, "distill.threshold": "",
     "model.remat_policy": "full",  # what model.remat did before the field
     "data.wrap_around": False,
+    "data.travel": 0.45,
 }
 
 

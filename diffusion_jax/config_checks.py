@@ -3,7 +3,7 @@
 import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
-from diffusion_jax.data import captioned_shapes
+from diffusion_jax.data import captioned_shapes, moving_shapes
 from diffusion_jax.models import attention, autoencoder, layers, t5
 
 
@@ -105,12 +105,16 @@ def dit_problems(config, resolution: int) -> list[str]:
   return found
 
 
-def wrap_around_problems(data_config) -> list[str]:
-  """data.wrap_around on a dataset without moving_shapes' paths."""
-  if not data_config.get("wrap_around", False) or data_config.dataset == "moving_shapes":
-    return []
-  return [f"data.wrap_around makes moving_shapes' frames a torus; data.dataset={data_config.dataset!r} has no paths "
-          "to wrap (leave it False)"]
+def moving_shapes_problems(data_config) -> list[str]:
+  """data.wrap_around on a dataset without moving_shapes' paths; a data.travel those paths cannot take."""
+  wrap_around = data_config.get("wrap_around", False)
+  if data_config.dataset == "moving_shapes":
+    travel = data_config.get("travel", moving_shapes.TRAVEL)
+    return [f"data.{p}" for p in moving_shapes.travel_problems(travel, data_config.frames, wrap_around)]
+  if wrap_around:
+    return [f"data.wrap_around makes moving_shapes' frames a torus; data.dataset={data_config.dataset!r} has no "
+            "paths to wrap (leave it False)"]
+  return []
 
 
 def sample_problems(sample_config, prefix: str) -> list[str]:
@@ -246,7 +250,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
         found.append(f"data.heldout_combinations: {error}")
   if not 0 <= config.data.image_fraction <= 1:
     found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
-  found += wrap_around_problems(config.data)
+  found += moving_shapes_problems(config.data)
   if m.lora_rank < 0:
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
   elif m.lora_rank and not config.finetune.workdir:

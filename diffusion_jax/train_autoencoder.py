@@ -100,7 +100,7 @@ class AdversarialState(AutoencoderState):
 def problems(config) -> list[str]:
   """What is wrong with an autoencoder config, before anything is built."""
   a, t = config.autoencoder, config.train
-  out = config_checks.wrap_around_problems(config.data)
+  out = config_checks.moving_shapes_problems(config.data)
   widths = list(a.block_out_channels)
   if not widths or any(w <= 0 or w % a.norm_num_groups for w in widths):
     out.append(f"autoencoder.block_out_channels {tuple(widths)} must be positive multiples of "

@@ -9,13 +9,14 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
 from configs import t2i_shapes
 from diffusion_jax import config_checks, edit_inputs, sample, sharding, superres, train
-from diffusion_jax.data import pipeline
+from diffusion_jax.data import latent_cache, pipeline
 from diffusion_jax.metrics import heldout_loss
 from diffusion_jax.models import autoencoder, text_to_image
 from diffusion_jax.text import tokenizers
@@ -440,6 +441,13 @@ def test_video_latent_model_caches_each_frames_posterior_and_samples_clips_throu
   state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
   source = pipeline.data_source(config.data, "train")
   cache = train.open_latent_cache(config, graphdef, state, source)
+  slower = config.copy_and_resolve_references()
+  slower.data.travel = 0.3  # other clips: the key no longer matches
+  with pytest.raises(ValueError, match="built for another autoencoder or dataset"):
+    train.open_latent_cache(slower, graphdef, state, source)
+  key = lambda data: latent_cache.cache_key(state.frozen["autoencoder"], data)
+  earlier = {k: v for k, v in config.data.items() if k not in ("travel", "wrap_around")}  # data fields added later
+  assert key(ml_collections.ConfigDict(earlier)) == key(config.data)  # caches built before them still open
   clip = pipeline.Preprocess(config.data, None).pixels(source[5], np.random.default_rng(0))["video"]
   loaded = autoencoder.load_diffusers(temporal_vae[0])
   mean, logvar = loaded.moments(jnp.asarray(clip))  # the frames as a batch

@@ -180,6 +180,12 @@ def test_moving_shapes_motion_matches_caption(tmp_path):
   assert motion_judge.accuracy(videos, [e["caption"] for e in examples], wrap_around=True)["direction"] == 1.0
   lit = videos.max(-1) > 0
   assert np.any(lit[..., 0] & lit[..., -1])  # one drawn at both edges at once
+  slower = moving_shapes.builder(str(tmp_path), resolution=16, frames=5, num_train=8, num_eval=2, wrap_around=True,
+                                 travel=0.2)
+  assert slower.builder_config.name.endswith("_wrap_t0p2")  # its own files; the default travel's keep their name
+  example = slower.as_data_source("train")[0]
+  steps = np.diff(motion_judge.track(np.asarray(example["video"]), wrap_around=True)[0], axis=0)
+  np.testing.assert_allclose(np.abs((steps + 8) % 16 - 8).sum(-1), 16 * 0.2 / 4, atol=0.6)
 
 
 def test_video_batches(tmp_path):

@@ -7,11 +7,12 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from diffusion_jax import media, sample, sharding, train
+from diffusion_jax import config_checks, media, sample, sharding, train
 from diffusion_jax.data import moving_shapes
 from diffusion_jax.metrics import fid, fvd, motion_judge
 from diffusion_jax.models import dit, text_to_image, unet
@@ -266,7 +267,7 @@ def test_wrap_around_clips_cross_the_edges_and_the_judge_follows_them():
   assert motion_judge.accuracy(videos[:, ::-1], captions, wrap_around=True)["direction"] == 0.0
   rng = np.random.default_rng(3)
   specs = [moving_shapes.random_clip(rng, 5, 16, True) for _ in range(50)]
-  travel = 16 * 0.45 / 4  # pixels per frame of a 5-frame clip
+  travel = 16 * moving_shapes.TRAVEL / 4  # pixels per frame of a 5-frame clip
 
   def path(color, shape, size, direction, start):  # 17 frames: four such clips end to end, 29 px
     dy, dx = moving_shapes.STEP[moving_shapes.DIRECTIONS[direction]]
@@ -279,6 +280,31 @@ def test_wrap_around_clips_cross_the_edges_and_the_judge_follows_them():
   captions = [moving_shapes.caption(*s[:4]) for s in specs]
   assert motion_judge.accuracy(long, captions, wrap_around=True)["direction"] == 1.0
   assert motion_judge.accuracy(long, captions)["direction"] < 0.8
+
+
+def test_travel_sets_how_far_a_clip_goes_and_paths_that_cannot_be_drawn_are_refused():
+  """data.travel: the object crosses that fraction of the frame in even steps, on the torus and inside the frame;
+  the judge reads every such clip's direction; a path that leaves the frame, or steps half the torus, is refused."""
+  for wrap_around in (False, True):
+    for travel in (0.2, 0.45):
+      rng = np.random.default_rng(0)
+      specs = [moving_shapes.random_clip(rng, 5, 32, wrap_around, travel) for _ in range(40)]
+      videos = np.stack([moving_shapes.render(*s, 5, 32, wrap_around, travel) for s in specs])
+      captions = [moving_shapes.caption(*s[:4]) for s in specs]
+      assert motion_judge.accuracy(videos, captions, wrap_around)["direction"] == 1.0
+      for video in videos[:8]:
+        centroids, _ = motion_judge.track(video, wrap_around)
+        steps = (np.diff(centroids, axis=0) + 16) % 32 - 16 if wrap_around else np.diff(centroids, axis=0)
+        distance = np.abs(steps).sum(axis=-1)  # along the one axis it moves on
+        np.testing.assert_allclose(distance, 32 * travel / 4, atol=0.6)
+  assert moving_shapes.travel_problems(0.58, 5, False) == [] and moving_shapes.travel_problems(1.9, 5, True) == []
+  assert "must fit inside the frame" in moving_shapes.travel_problems(0.6, 5, False)[0]
+  assert "half the frame or more between frames" in moving_shapes.travel_problems(2.0, 5, True)[0]
+  assert "must be > 0" in moving_shapes.travel_problems(0.0, 5, True)[0]
+  data = ml_collections.ConfigDict(dict(dataset="moving_shapes", frames=5, wrap_around=False, travel=0.6))
+  assert config_checks.moving_shapes_problems(data)[0].startswith("data.travel=0.6: a large shape's path")
+  with pytest.raises(ValueError, match="moving_shapes travel=0.6: a large shape's path"):
+    moving_shapes.builder("unused", resolution=16, frames=5, travel=0.6)
 
 
 def test_evaluating_a_video_model_reports_motion_and_whether_it_reads_the_direction(trained_video):

@@ -19,6 +19,8 @@ import time
 import jax
 import numpy as np
 
+from diffusion_jax.data import moving_shapes
+
 log = logging.getLogger(__name__)
 # data.* fields that decide the pixels of a training example (random crops and flips are refused with a cache).
 DATA_FIELDS = ("dataset", "name", "folder", "captions_file", "image_key", "resolution", "max_objects",
@@ -35,8 +37,11 @@ def cache_key(autoencoder_params, data_config, superres_config=None) -> str:
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(autoencoder_params):
     digest.update(np.asarray(leaf).tobytes())
-  wrapped = ["wrap_around"] if data_config.get("wrap_around", False) else []  # earlier caches keep their keys
-  digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS] + wrapped).encode())
+  # Fields added later enter the key only when set, so earlier caches keep their keys.
+  wrapped = ["wrap_around"] if data_config.get("wrap_around", False) else []
+  travel = data_config.get("travel", moving_shapes.TRAVEL)
+  travelled = [f"travel={travel}"] if travel != moving_shapes.TRAVEL else []
+  digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS] + wrapped + travelled).encode())
   if superres_config is not None:
     digest.update(json.dumps([str(superres_config[f]) for f in SUPERRES_FIELDS]).encode())
   return digest.hexdigest()[:16]

@@ -60,7 +60,8 @@ def _open(config, split: str):
   if config.dataset == "moving_shapes":
     return _prepared(lambda: moving_shapes.builder(
         config.data_dir, resolution=config.resolution, frames=config.frames, num_train=config.num_train,
-        num_eval=config.num_eval, seed=config.seed, wrap_around=config.wrap_around)).as_data_source(split)
+        num_eval=config.num_eval, seed=config.seed, wrap_around=config.wrap_around,
+        travel=config.travel)).as_data_source(split)
   if config.dataset == "folder":
     return _prepared(lambda: folder_dataset.builder(config.folder, config.captions_file,
                                                     config.data_dir)).as_data_source(split)
