@@ -143,7 +143,7 @@ def builder(data_dir: str, resolution: int = 32, frames: int = 8, num_train: int
   if problems:
     raise ValueError(f"moving_shapes {problems[0]}.")
   name = (f"r{resolution}_f{frames}_n{num_train}_s{seed}_e{num_eval}" + ("_wrap" if wrap_around else "")
-          + (f"_t{travel:g}".replace(".", "p") if travel != TRAVEL else ""))  # the default's files keep their name
+          + (f"_t{travel}".replace(".", "p") if travel != TRAVEL else ""))  # the default's files keep their name
   config = MovingShapesConfig(name=name, resolution=resolution, frames=frames, num_train=num_train, num_eval=num_eval,
                               seed=seed, wrap_around=wrap_around, travel=travel)
   result = MovingShapes(config=config, data_dir=data_dir, file_format="array_record")
