@@ -2,7 +2,8 @@
 saved under the old attention names); what it cannot read is refused with a reason; the abstract model reads
 no weights; a latent text-to-image model trains on a (2, 2, 2) mesh without touching its pretrained parts, and
 samples full-resolution images; the latent cache holds the encoder's posteriors and trains like the pixels; an
-image autoencoder starts a temporal decoder that reconstructs as it does, and inflates into a causal one."""
+image autoencoder starts a temporal decoder that reconstructs as it does, and inflates into a causal one; the causal
+3-D VAEs of HunyuanVideo and Wan compute what diffusers' do."""
 
 import json
 import shutil
@@ -76,6 +77,23 @@ def causal_vae(tmp_path_factory):
     for parameter in model.parameters():
       parameter.add_(0.05 * torch.randn_like(parameter))
   directory = tmp_path_factory.mktemp("causal_vae")
+  model.save_pretrained(directory, safe_serialization=True)
+  return str(directory), model
+
+
+@pytest.fixture(scope="module")
+def wan_vae(tmp_path_factory):
+  """(directory, PyTorch model): a tiny random AutoencoderKLWan (Wan 2.1's causal 3-D VAE in its own layout, 8x in
+  space and 4x in time, at width 4) saved as diffusers does, with latents normalised per channel."""
+  import torch
+  from diffusers import AutoencoderKLWan
+
+  torch.manual_seed(0)
+  model = AutoencoderKLWan(base_dim=4, z_dim=4, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.0, 1.5])
+  with torch.no_grad():  # off the unit gammas and zero biases of a fresh model
+    for parameter in model.parameters():
+      parameter.add_(0.05 * torch.randn_like(parameter))
+  directory = tmp_path_factory.mktemp("wan_vae")
   model.save_pretrained(directory, safe_serialization=True)
   return str(directory), model
 
@@ -160,6 +178,57 @@ def test_causal_autoencoder_compresses_time_as_diffusers_hunyuan_video_vae_does(
   with torch.no_grad():  # a still image is a one-frame clip
     still_posterior = reference.encode(as_clips(x[:, :1])).latent_dist.mean[:, :, 0].permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(ours.moments(jnp.asarray(x[:, 0]))[0], still_posterior, atol=1e-5)
+
+
+def test_wan_autoencoder_encodes_and_decodes_clips_as_diffusers_does(wan_vae, tmp_path):
+  """Wan 2.1's VAE, which diffusers runs in chunks (the first frame, then 4 at a time; one latent frame at a time
+  back) with cached frames, computed on whole clips: the posterior of 9-frame clips (3 latent frames) and of a still,
+  and the clips decoded from latents (clamped to [-1, 1]), equal diffusers' AutoencoderKLWan's; latents are normalised
+  per channel by latents_mean and latents_std. What it cannot build is refused with the field to change."""
+  import torch
+
+  directory, reference = wan_vae
+  ours, config = autoencoder.load_diffusers(directory), autoencoder.read_config(directory)
+  assert autoencoder.downsampling_factor(config) == 8 and autoencoder.time_compression(config) == 4
+  assert autoencoder.latent_frames(config, 9) == 3
+  assert config["latent_channels"] == 4
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 9, 16, 16, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 3, 2, 2, 4)).astype(np.float32)
+  as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
+  with torch.no_grad():
+    posterior = reference.encode(as_clips(x)).latent_dist
+    still_mean = reference.encode(as_clips(x[:, :1])).latent_dist.mean[:, :, 0].permute(0, 2, 3, 1).numpy()
+    clips = reference.decode(as_clips(z)).sample.permute(0, 2, 3, 4, 1).numpy()
+    stills = reference.decode(as_clips(z[:, :1])).sample.permute(0, 2, 3, 4, 1).numpy()
+  mean, logvar = ours.moments(jnp.asarray(x))
+  np.testing.assert_allclose(mean, posterior.mean.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(logvar, posterior.logvar.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(ours.moments(jnp.asarray(x[:, 0]))[0], still_mean, atol=1e-5)
+  shift, std = np.array([0.1, -0.2, 0.3, 0.0]), np.array([0.5, 2.0, 1.0, 1.5])
+  np.testing.assert_allclose(ours.encode(jnp.asarray(x)), (mean - shift) / std, atol=1e-5)
+  assert clips.shape == (2, 9, 16, 16, 3) and np.abs(clips).max() == 1.0  # some pixels clamped
+  # (the normalisation's round trip costs a few float32 roundings)
+  np.testing.assert_allclose(ours.decode((jnp.asarray(z) - shift) / std), clips, atol=3e-5)
+  np.testing.assert_allclose(ours.decode((jnp.asarray(z[:, 0]) - shift) / std), stills[:, 0], atol=3e-5)
+  assert "which this project loads but does not train" in autoencoder.start_problems(config, config)[0]
+  from configs import t2v_moving_shapes  # a video model on it diffuses 1 + (frames - 1) / 4 latent frames
+
+  video = t2v_moving_shapes.get_config("test")
+  video.latent.autoencoder_path, video.model.in_channels, video.sample.threshold = directory, 4, "none"
+  video.data.update(image_fraction=0.0, resolution=32)
+  assert "data.frames=4: the causal autoencoder encodes 1 + 4 k frames" in " ".join(
+      config_checks.problems(video, device_count=8))
+  video.data.frames = 5
+  assert config_checks.problems(video, device_count=8) == []
+  assert sample.output_shape(video, video.sample) == (2, 4, 4, 4)
+  saved = json.loads(open(f"{directory}/config.json").read())
+  for change, expected in (({"is_residual": True, "patch_size": 2}, "Wan 2.2's VAE .* is not supported"),
+                           ({"z_dim": 8}, "latents_mean has 4 entries, one per latent channel: z_dim=8"),
+                           ({"temperal_downsample": [True, True, True]}, "time must be halved at exactly two"),
+                           ({"attn_scales": [0.5]}, "attn_scales .0.5.: diffusers' AutoencoderKLWan cannot run")):
+    (tmp_path / "config.json").write_text(json.dumps(saved | change))
+    with pytest.raises(ValueError, match=expected):
+      autoencoder.read_config(str(tmp_path))
 
 
 SVD_FIELDS = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=2,
@@ -295,7 +364,8 @@ def test_what_it_cannot_read_is_refused_with_a_reason(vae, tmp_path):
   other.mkdir()
   (other / "config.json").write_text(json.dumps(config | {"_class_name": "AutoencoderKLCogVideoX"}))
   with pytest.raises(ValueError, match="is not a diffusers AutoencoderKL with 2-D blocks, an AutoencoderKLTemporal"
-                                       "Decoder or an AutoencoderKLHunyuanVideo .class 'AutoencoderKLCogVideoX'"):
+                                       "Decoder, an AutoencoderKLHunyuanVideo or an AutoencoderKLWan .class "
+                                       "'AutoencoderKLCogVideoX'"):
     autoencoder.read_config(str(other))
   causal = config | {"_class_name": "AutoencoderKLHunyuanVideo", "temporal_compression_ratio": 8,
                      "down_block_types": ["HunyuanVideoDownBlock3D"] * 2,

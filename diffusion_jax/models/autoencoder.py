@@ -21,6 +21,10 @@ is a per-frame block followed by one over time (3x1x1 convolutions, group norms 
 by a learned weight, and a last 3x1x1 convolution follows the output convolution. `decode` reads latents [batch,
 frames, h/f, w/f, latent_channels] as clips (a still image [batch, h/f, w/f, c] is a one-frame clip).
 
+So do the causal 3-D VAEs, which compress time too and encode and decode each clip whole: HunyuanVideo's
+(causal_autoencoder.py, assembled here from this module's blocks) and Wan 2.1's (wan_autoencoder.py, whose latents
+are shifted and scaled per channel).
+
 `start_params` starts an autoencoder from another's weights (`train_autoencoder`'s train.init_from): a copy of the
 same layout, a temporal decoder started from an image autoencoder at which it reconstructs every frame exactly as
 the image autoencoder does (SVD fine-tuned its temporal decoder from an image one), or a causal autoencoder inflated
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from diffusion_jax.models import causal_autoencoder, layers, named_tensors
+from diffusion_jax.models import causal_autoencoder, layers, named_tensors, wan_autoencoder
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # Attention names of checkpoints written before diffusers renamed them (its own loader maps them the same way).
@@ -54,36 +58,47 @@ SHARED_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_ch
 
 
 def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
-  """The config.json of a local diffusers AutoencoderKL (AutoencoderKLTemporalDecoder, AutoencoderKLHunyuanVideo)
-  directory; a ValueError saying what is wrong (naming `field`, the config field that gave the path)."""
+  """The config.json of a local diffusers AutoencoderKL (AutoencoderKLTemporalDecoder, AutoencoderKLHunyuanVideo,
+  AutoencoderKLWan: with that class's defaults and the fields the others name, wan_autoencoder.fields) directory; a
+  ValueError saying what is wrong (naming `field`, the config field that gave the path)."""
   file = pathlib.Path(path).expanduser() / "config.json"
   if not file.exists():
     raise ValueError(f"{field}={path!r} has no config.json: give the local directory of a diffusers "
                      f"AutoencoderKL (config.json and {WEIGHTS_FILE}, e.g. the vae/ folder of a Stable Diffusion "
-                     f"checkpoint), {TEMPORAL} (Stable Video Diffusion's vae/ folder) or "
-                     f"{causal_autoencoder.CLASS_NAME} (HunyuanVideo's), or the autoencoder/ folder a "
-                     "train_autoencoder run writes into its workdir once it ends.")
+                     f"checkpoint), {TEMPORAL} (Stable Video Diffusion's vae/ folder), "
+                     f"{causal_autoencoder.CLASS_NAME} (HunyuanVideo's) or {wan_autoencoder.CLASS_NAME} (Wan "
+                     "2.1's), or the autoencoder/ folder a train_autoencoder run writes into its workdir once it ends.")
   config = json.loads(file.read_text())
   blocks = set(config.get("down_block_types", ())) | set(config.get("up_block_types", ()))
   name = config.get("_class_name", "AutoencoderKL")
   known = {name: {"DownEncoderBlock2D", "UpDecoderBlock2D"} for name in ("AutoencoderKL", TEMPORAL)} | {
-      causal_autoencoder.CLASS_NAME: causal_autoencoder.BLOCK_TYPES}
+      causal_autoencoder.CLASS_NAME: causal_autoencoder.BLOCK_TYPES, wan_autoencoder.CLASS_NAME: set()}
   if name not in known or blocks - known[name]:
-    raise ValueError(f"{str(file)!r} is not a diffusers AutoencoderKL with 2-D blocks, an {TEMPORAL} or an "
-                     f"{causal_autoencoder.CLASS_NAME} (class {name!r}, blocks {sorted(blocks)}); only those "
-                     "autoencoders are supported.")
-  if problems := is_causal(config) and causal_autoencoder.config_problems(config):
+    raise ValueError(f"{str(file)!r} is not a diffusers AutoencoderKL with 2-D blocks, an {TEMPORAL}, an "
+                     f"{causal_autoencoder.CLASS_NAME} or an {wan_autoencoder.CLASS_NAME} (class {name!r}, blocks "
+                     f"{sorted(blocks)}); only those autoencoders are supported.")
+  problems = (wan_autoencoder.config_problems(config) if is_wan(config) else
+              causal_autoencoder.config_problems(config) if is_causal(config) else [])
+  if problems:
     raise ValueError(f"{str(file)!r}: " + "; ".join(problems))
-  return config
+  return wan_autoencoder.fields(config) if is_wan(config) else config
+
+
+def is_wan(config: dict) -> bool:
+  """Whether config.json is Wan 2.1's causal 3-D VAE (wan_autoencoder.py)."""
+  return config.get("_class_name") == wan_autoencoder.CLASS_NAME
 
 
 def is_causal(config: dict) -> bool:
-  """Whether config.json is HunyuanVideo's causal 3-D VAE (causal_autoencoder.py), which compresses time too."""
-  return config.get("_class_name") == causal_autoencoder.CLASS_NAME
+  """Whether config.json is a causal 3-D VAE, which compresses time too: HunyuanVideo's (causal_autoencoder.py) or
+  Wan's (wan_autoencoder.py)."""
+  return config.get("_class_name") in (causal_autoencoder.CLASS_NAME, wan_autoencoder.CLASS_NAME)
 
 
 def downsampling_factor(config: dict) -> int:
   """How many pixels of a side one latent holds."""
+  if is_wan(config):
+    return wan_autoencoder.fields(config)["spatial_compression_ratio"]
   if is_causal(config):
     return causal_autoencoder.compression(config)[1]
   return 2 ** (len(config["block_out_channels"]) - 1)
@@ -91,11 +106,13 @@ def downsampling_factor(config: dict) -> int:
 
 def latent_frames(config: dict, frames: int) -> int:
   """Latent frames of a clip of `frames` frames: as many, but for a causal autoencoder (1 + (frames - 1) / r)."""
-  return causal_autoencoder.latent_frames(config, frames) if is_causal(config) else frames
+  return (frames - 1) // time_compression(config) + 1
 
 
 def time_compression(config: dict) -> int:
   """Frames one latent frame holds (a causal autoencoder's first holds one): 1 but for a causal autoencoder."""
+  if is_wan(config):
+    return wan_autoencoder.fields(config)["temporal_compression_ratio"]
   return causal_autoencoder.compression(config)[0] if is_causal(config) else 1
 
 
@@ -350,14 +367,18 @@ class TemporalDecoder(nnx.Module):
 
 
 class AutoencoderKL(nnx.Module):
-  """diffusers' AutoencoderKL, or its AutoencoderKLTemporalDecoder when config.json names that class."""
+  """diffusers' AutoencoderKL, or the AutoencoderKLTemporalDecoder, AutoencoderKLHunyuanVideo or AutoencoderKLWan
+  that config.json names."""
 
   def __init__(self, config: dict, *, rngs: nnx.Rngs):
+    config = wan_autoencoder.fields(config) if is_wan(config) else config
     latent = config["latent_channels"]
     self.temporal = config.get("_class_name") == TEMPORAL
     self.causal = is_causal(config)
     config = config | TEMPORAL_FIXED if self.temporal else config
-    if self.causal:
+    if is_wan(config):
+      self.encoder, self.decoder = wan_autoencoder.Encoder(config, rngs), wan_autoencoder.Decoder(config, rngs)
+    elif self.causal:
       config = causal_autoencoder.DEFAULTS | config
       self.encoder, self.decoder = Encoder(config, rngs, CAUSAL_PARTS), Decoder(config, rngs, CAUSAL_PARTS)
     else:
@@ -367,8 +388,10 @@ class AutoencoderKL(nnx.Module):
     self.quant_conv = conv(2 * latent, 2 * latent, pointwise, rngs) if config.get("use_quant_conv", True) else None
     self.post_quant_conv = (conv(latent, latent, pointwise, rngs) if config.get("use_post_quant_conv", True)
                             else None)
-    self.scaling_factor = float(config.get("scaling_factor") or 0.18215)
-    self.shift_factor = float(config.get("shift_factor") or 0.0)
+    # latents = (z - shift_factor) * scaling_factor: numbers, or (Wan) a tuple of one per latent channel
+    self.shift_factor, self.scaling_factor = (wan_autoencoder.latent_normalisation(config) if is_wan(config) else
+                                              (float(config.get("shift_factor") or 0.0),
+                                               float(config.get("scaling_factor") or 0.18215)))
 
   def moments(self, x):
     """x [batch, h, w, in_channels] (a causal autoencoder: clips [batch, frames, h, w, in_channels]) -> the
@@ -399,10 +422,11 @@ class AutoencoderKL(nnx.Module):
     mean when key is None), shifted and scaled."""
     mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
     z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    return (z - self.shift_factor) * self.scaling_factor
+    return (z - jnp.asarray(self.shift_factor)) * jnp.asarray(self.scaling_factor)
 
   def decode(self, latents):
-    return self.decode_unscaled(latents.astype(jnp.float32) / self.scaling_factor + self.shift_factor)
+    return self.decode_unscaled(latents.astype(jnp.float32) / jnp.asarray(self.scaling_factor)
+                                + jnp.asarray(self.shift_factor))
 
   def decode_unscaled(self, z):
     """Posterior draws z [batch, (frames,) h/f, w/f, latent_channels] (no shift or scaling) -> [batch, (frames,) h,
@@ -444,8 +468,11 @@ def load_diffusers(path: str) -> AutoencoderKL:
   if not weights.exists():
     raise ValueError(f"No {WEIGHTS_FILE} in {path!r} (PyTorch .bin files are not read): save the autoencoder "
                      "with diffusers' save_pretrained(..., safe_serialization=True).")
+  tensors = load_file(weights)
+  if is_wan(config):  # its norms' gammas are stored [channels, 1, 1(, 1)]
+    tensors = {name: value.reshape(-1) if name.endswith(".gamma") else value for name, value in tensors.items()}
   return named_tensors.load(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))),
-                            _renamed_old_attention(load_file(weights)), named_tensors.torch_name,
+                            _renamed_old_attention(tensors), named_tensors.torch_name,
                             f"{str(weights)!r} does not match its config.json")
 
 
@@ -510,6 +537,9 @@ def layout(config: dict) -> dict:
 def start_problems(source: dict, target: dict) -> list[str]:
   """Why the autoencoder of config.json `source` cannot start one of config.json `target` (start_params; empty when
   it can)."""
+  if is_wan(source):
+    return [f"it is an {wan_autoencoder.CLASS_NAME}, which this project loads but does not train (train_autoencoder "
+            "trains Stable Diffusion's, Stable Video Diffusion's and HunyuanVideo's layouts)"]
   if is_causal(source) and not is_causal(target):
     return [f"it is an {causal_autoencoder.CLASS_NAME} (a causal 3-D autoencoder) and this autoencoder not; a "
             "causal autoencoder starts only causal ones"]

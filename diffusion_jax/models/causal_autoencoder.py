@@ -61,13 +61,6 @@ def compression(config: dict) -> tuple[int, int]:
   return math.prod(t for t, _ in factors), math.prod(s for _, s in factors)
 
 
-def latent_frames(config: dict, frames: int) -> int:
-  """Latent frames of a clip of `frames` frames (1 + (frames - 1) / r when r divides frames - 1)."""
-  for time, _ in level_factors(config):
-    frames = (frames - 1) // time + 1
-  return frames
-
-
 class CausalConv(nnx.Module):
   """A k x k x k convolution causal in time: clips [batch, frames, h, w, in] padded by repeating the first frame
   k - 1 times in front and each spatial edge k // 2 times, then convolved without padding (stride (t, s, s))."""

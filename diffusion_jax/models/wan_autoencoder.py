@@ -1,0 +1,221 @@
+"""Wan 2.1's causal 3-D VAE (Wan Team 2025; diffusers' `AutoencoderKLWan`): clips [batch, frames, h, w, 3] ->
+latents [batch, 1 + (frames - 1) / 4, h/f, w/f, z_dim] -> clips, loaded (frozen) from a local diffusers directory
+for a latent video model (`latent.autoencoder_path`; `autoencoder.AutoencoderKL` builds it when config.json names
+this class).
+
+What differs from HunyuanVideo's (causal_autoencoder.py): every convolution is zero-padded (2 frames in front, the
+spatial borders), the norms are RMS norms over each position's channels (no statistics across frames or pixels),
+the middle block's attention is per frame, the resampling happens in space per frame (2-D convolutions) with time
+resampled by separate 3x1x1 convolutions, and each upsampling halves the width. Latents are normalised per channel
+(`latents_mean`, `latents_std`) rather than by one scaling factor, and decoded clips are clamped to [-1, 1].
+
+diffusers runs it in chunks (the first frame, then 4 frames at a time; decoding one latent frame at a time), each
+convolution caching the frames the next chunk needs. Since no layer mixes frames but causally, that equals running
+the whole clip at once, which this module does: a time downsampling keeps the first frame and convolves the whole
+sequence with stride 2 (each chunk's window starts at the previous chunk's last frame), and a time upsampling keeps
+the first latent frame and turns each later one into two, convolving the frames after the first causally (diffusers
+starts their cache from zeros).
+
+Not supported (config_problems refuses them): Wan 2.2's VAE (`is_residual`, `patch_size`), time compressions but 4
+(diffusers reads clips in chunks of 4 frames), and attention within the levels (`attn_scales`, which diffusers'
+encoder cannot run).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax.models import layers
+
+CLASS_NAME = "AutoencoderKLWan"
+DEFAULTS = {"base_dim": 96, "decoder_base_dim": None, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+            "attn_scales": [], "temperal_downsample": [False, True, True], "is_residual": False, "in_channels": 3,
+            "out_channels": 3, "patch_size": None}
+
+
+def config_problems(config: dict) -> list[str]:
+  """What this module cannot build from an AutoencoderKLWan config.json."""
+  c, found = DEFAULTS | config, []
+  if c["is_residual"] or c["patch_size"]:
+    found.append("is_residual / patch_size: Wan 2.2's VAE (residual blocks, patchified pixels) is not supported; "
+                 "Wan 2.1's (and 2.2 A14B's, the same) is")
+  if c["attn_scales"]:
+    found.append(f"attn_scales {c['attn_scales']}: diffusers' {CLASS_NAME} cannot run attention within its levels "
+                 "(Wan's VAEs have none there): leave it empty")
+  for field in ("latents_mean", "latents_std"):
+    if c.get(field) is not None and len(c[field]) != c["z_dim"]:
+      found.append(f"{field} has {len(c[field])} entries, one per latent channel: z_dim={c['z_dim']} needs as many")
+  if c.get("latents_std") and min(c["latents_std"]) <= 0:
+    found.append("latents_std must be positive (latents are divided by it)")
+  if len(c["temperal_downsample"]) != len(c["dim_mult"]) - 1:
+    found.append(f"temperal_downsample {c['temperal_downsample']} needs one entry per level but the last "
+                 f"({len(c['dim_mult']) - 1})")
+  elif sum(map(bool, c["temperal_downsample"])) != 2:
+    found.append(f"temperal_downsample {c['temperal_downsample']}: diffusers reads clips 4 frames at a time, so "
+                 "time must be halved at exactly two levels")
+  return found
+
+
+def fields(config: dict) -> dict:
+  """config.json with this class's defaults and the names the other autoencoders' configs use: latent_channels,
+  and the compressions (spatial_compression_ratio, temporal_compression_ratio)."""
+  c = DEFAULTS | config
+  return c | {"latent_channels": c["z_dim"], "spatial_compression_ratio": 2 ** (len(c["dim_mult"]) - 1),
+              "temporal_compression_ratio": 2 ** sum(map(bool, c["temperal_downsample"]))}
+
+
+def latent_normalisation(config: dict) -> tuple[tuple, tuple]:
+  """(shift, scale) per latent channel: latents = (z - latents_mean) / latents_std, as Wan's pipelines compute."""
+  c = fields(config)
+  mean, std = c.get("latents_mean") or [0.0] * c["z_dim"], c.get("latents_std") or [1.0] * c["z_dim"]
+  return tuple(map(float, mean)), tuple(1.0 / float(s) for s in std)
+
+
+def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="VALID"):
+  return layers.conv(in_ch, out_ch, kernel, rngs, jnp.float32, stride=stride, padding=padding)
+
+
+def causal_conv(in_ch, out_ch, rngs):
+  """diffusers' WanCausalConv3d(in, out, 3, padding=1): 2 zero frames in front, 1 zero pixel around."""
+  return conv(in_ch, out_ch, (3, 3, 3), rngs, padding=((2, 0), (1, 1), (1, 1)))
+
+
+class RMSNorm(nnx.Module):
+  """x / ||x|| sqrt(channels) gamma over each position's channels (x [..., channels]; diffusers' WanRMS_norm)."""
+
+  def __init__(self, channels):
+    self.gamma = nnx.Param(jnp.ones((channels,), jnp.float32), **layers.names("norm"))
+
+  def __call__(self, x):
+    norm = jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return x / norm * math.sqrt(x.shape[-1]) * self.gamma[...]
+
+
+class ResidualBlock(nnx.Module):
+  """RMSNorm-SiLU-causal conv twice, plus the input (through a 1x1x1 conv when the width changes)."""
+
+  def __init__(self, in_ch, out_ch, rngs):
+    self.norm1, self.conv1 = RMSNorm(in_ch), causal_conv(in_ch, out_ch, rngs)
+    self.norm2, self.conv2 = RMSNorm(out_ch), causal_conv(out_ch, out_ch, rngs)
+    self.conv_shortcut = conv(in_ch, out_ch, (1, 1, 1), rngs) if in_ch != out_ch else None
+
+  def __call__(self, x):
+    h = self.conv2(nnx.silu(self.norm2(self.conv1(nnx.silu(self.norm1(x))))))
+    return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nnx.Module):
+  """Single-head self-attention over each frame's positions (clips [batch, frames, h, w, c]), after an RMSNorm,
+  with a residual; q, k and v from one 1x1 convolution."""
+
+  def __init__(self, channels, rngs):
+    self.norm = RMSNorm(channels)
+    self.to_qkv = conv(channels, 3 * channels, 1, rngs)
+    self.proj = conv(channels, channels, 1, rngs)
+
+  def __call__(self, x):
+    batch, frames, h, w, c = x.shape
+    q, k, v = jnp.split(self.to_qkv(self.norm(x)).reshape(batch * frames, h * w, 1, 3 * c), 3, axis=-1)
+    return x + self.proj(jax.nn.dot_product_attention(q, k, v).reshape(x.shape))
+
+
+class Resample(nnx.Module):
+  """Down: per frame, a stride-2 convolution padded on the bottom and right, then (`time`) a stride-2 3x1x1
+  convolution over the whole clip after its first frame is set apart. Up: (`time`) a causal 3x1x1 convolution to
+  twice the width, each latent frame after the first becoming two, then per frame nearest 2x and a convolution to
+  half the width. The 2-D convolution is `resample[1]`, as diffusers names it."""
+
+  def __init__(self, channels, up, time, rngs):
+    self.up = up
+    self.resample = nnx.List([None, conv(channels, channels // 2, 3, rngs, padding="SAME") if up
+                              else conv(channels, channels, 3, rngs, stride=2, padding=((0, 1), (0, 1)))])
+    self.time_conv = None if not time else (
+        conv(channels, 2 * channels, (3, 1, 1), rngs, padding=((2, 0), (0, 0), (0, 0))) if up
+        else conv(channels, channels, (3, 1, 1), rngs, stride=(2, 1, 1)))
+
+  def __call__(self, x):
+    if self.up:
+      if self.time_conv is not None and x.shape[1] > 1:
+        later = self.time_conv(x[:, 1:])
+        later = later.reshape(later.shape[:4] + (2, -1)).transpose(0, 1, 4, 2, 3, 5)
+        x = jnp.concatenate([x[:, :1], later.reshape((x.shape[0], -1) + later.shape[3:])], axis=1)
+      return self.resample[1](jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3))
+    x = self.resample[1](x)
+    if self.time_conv is not None:
+      x = jnp.concatenate([x[:, :1], self.time_conv(x)], axis=1)
+    return x
+
+
+class MidBlock(nnx.Module):
+  """Residual block, per-frame attention, residual block."""
+
+  def __init__(self, channels, rngs):
+    self.resnets = nnx.List([ResidualBlock(channels, channels, rngs) for _ in range(2)])
+    self.attentions = nnx.List([Attention(channels, rngs)])
+
+  def __call__(self, x):
+    return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Encoder(nnx.Module):
+  """Clips [batch, 1 + 4k frames, h, w, in] -> the posterior's moments [batch, 1 + k, h/f, w/f, 2 z_dim]. The levels'
+  blocks are one list, as diffusers builds it: per level its residual blocks, then its resampling (none after the
+  last)."""
+
+  def __init__(self, c: dict, rngs):
+    widths = [c["base_dim"] * m for m in [1] + list(c["dim_mult"])]
+    self.conv_in = causal_conv(c["in_channels"], widths[0], rngs)
+    blocks = []
+    for level, (in_ch, out_ch) in enumerate(zip(widths[:-1], widths[1:])):
+      blocks += [ResidualBlock(in_ch if i == 0 else out_ch, out_ch, rngs) for i in range(c["num_res_blocks"])]
+      if level < len(c["dim_mult"]) - 1:
+        blocks.append(Resample(out_ch, False, c["temperal_downsample"][level], rngs))
+    self.down_blocks = nnx.List(blocks)
+    self.mid_block = MidBlock(widths[-1], rngs)
+    self.norm_out = RMSNorm(widths[-1])
+    self.conv_out = causal_conv(widths[-1], 2 * c["z_dim"], rngs)
+
+  def __call__(self, x):
+    x = self.conv_in(x)
+    for block in self.down_blocks:
+      x = block(x)
+    return self.conv_out(nnx.silu(self.norm_out(self.mid_block(x))))
+
+
+class UpBlock(nnx.Module):
+  """A decoder level: num_res_blocks + 1 residual blocks, then its upsampling (`time`: in time too; None: none)."""
+
+  def __init__(self, in_ch, out_ch, blocks, time, rngs):
+    self.resnets = nnx.List([ResidualBlock(in_ch if i == 0 else out_ch, out_ch, rngs) for i in range(blocks)])
+    self.upsamplers = None if time is None else nnx.List([Resample(out_ch, True, time, rngs)])
+
+  def __call__(self, x):
+    for block in self.resnets:
+      x = block(x)
+    return x if self.upsamplers is None else self.upsamplers[0](x)
+
+
+class Decoder(nnx.Module):
+  """Latents [batch, 1 + k, h/f, w/f, z_dim] (after post_quant_conv) -> clips [batch, 1 + 4k, h, w, out] in
+  [-1, 1]. Each level after the first starts at half the previous level's width (its upsampling halved it)."""
+
+  def __init__(self, c: dict, rngs):
+    mult = list(c["dim_mult"])
+    widths = [(c["decoder_base_dim"] or c["base_dim"]) * m for m in mult[-1:] + mult[::-1]]
+    time = list(c["temperal_downsample"])[::-1]
+    self.conv_in = causal_conv(c["z_dim"], widths[0], rngs)
+    self.mid_block = MidBlock(widths[0], rngs)
+    self.up_blocks = nnx.List([
+        UpBlock(in_ch // 2 if i else in_ch, out_ch, c["num_res_blocks"] + 1,
+                time[i] if i < len(mult) - 1 else None, rngs)
+        for i, (in_ch, out_ch) in enumerate(zip(widths[:-1], widths[1:]))])
+    self.norm_out = RMSNorm(widths[-1])
+    self.conv_out = causal_conv(widths[-1], c["out_channels"], rngs)
+
+  def __call__(self, z):
+    x = self.mid_block(self.conv_in(z))
+    for level in self.up_blocks:
+      x = level(x)
+    return jnp.clip(self.conv_out(nnx.silu(self.norm_out(x))), -1.0, 1.0)
