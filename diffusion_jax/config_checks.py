@@ -56,8 +56,8 @@ def latent_problems(config) -> list[str]:
   if config.data.resolution % factor:
     found.append(f"data.resolution={config.data.resolution} must be divisible by the autoencoder's downsampling "
                  f"factor {factor}")
-  if vae["in_channels"] != 3 or vae["out_channels"] != 3:
-    found.append(f"the autoencoder maps {vae['in_channels']}-channel images to {vae['out_channels']}-channel ones; "
+  if (channels := autoencoder.image_channels(vae)) != (3, 3):
+    found.append(f"the autoencoder maps {channels[0]}-channel images to {channels[1]}-channel ones; "
                  "the data are RGB (3)")
   if config.model.in_channels != vae["latent_channels"]:
     found.append(f"model.in_channels={config.model.in_channels} must equal the autoencoder's latent_channels="

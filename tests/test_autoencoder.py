@@ -83,7 +83,7 @@ def causal_vae(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wan_vae(tmp_path_factory):
-  """(directory, PyTorch model): a tiny random AutoencoderKLWan (Wan 2.1's causal 3-D VAE in its own layout, 8x in
+  """(directory, PyTorch model): a tiny random AutoencoderKLWan (Wan 2.1's causal 3-D VAE layout, 8x in
   space and 4x in time, at width 4) saved as diffusers does, with latents normalised per channel."""
   import torch
   from diffusers import AutoencoderKLWan
@@ -94,6 +94,25 @@ def wan_vae(tmp_path_factory):
     for parameter in model.parameters():
       parameter.add_(0.05 * torch.randn_like(parameter))
   directory = tmp_path_factory.mktemp("wan_vae")
+  model.save_pretrained(directory, safe_serialization=True)
+  return str(directory), model
+
+
+@pytest.fixture(scope="module")
+def wan22_vae(tmp_path_factory):
+  """(directory, PyTorch model): a tiny random AutoencoderKLWan in Wan 2.2 5B's layout (2x2 pixel patches folded
+  into channels, residual levels with averaging and duplicating shortcuts, a wider decoder: 16x in space, 4x in
+  time) saved as diffusers does."""
+  import torch
+  from diffusers import AutoencoderKLWan
+
+  torch.manual_seed(0)
+  model = AutoencoderKLWan(base_dim=4, decoder_base_dim=8, z_dim=4, is_residual=True, patch_size=2, in_channels=12,
+                           out_channels=12, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.0, 1.5])
+  with torch.no_grad():
+    for parameter in model.parameters():
+      parameter.add_(0.05 * torch.randn_like(parameter))
+  directory = tmp_path_factory.mktemp("wan22_vae")
   model.save_pretrained(directory, safe_serialization=True)
   return str(directory), model
 
@@ -222,13 +241,46 @@ def test_wan_autoencoder_encodes_and_decodes_clips_as_diffusers_does(wan_vae, tm
   assert config_checks.problems(video, device_count=8) == []
   assert sample.output_shape(video, video.sample) == (2, 4, 4, 4)
   saved = json.loads(open(f"{directory}/config.json").read())
-  for change, expected in (({"is_residual": True, "patch_size": 2}, "Wan 2.2's VAE .* is not supported"),
+  for change, expected in (({"is_residual": True, "dim_mult": [1, 3, 4, 4]}, "the levels' shortcuts cannot average"),
                            ({"z_dim": 8}, "latents_mean has 4 entries, one per latent channel: z_dim=8"),
                            ({"temperal_downsample": [True, True, True]}, "time must be halved at exactly two"),
                            ({"attn_scales": [0.5]}, "attn_scales .0.5.: diffusers' AutoencoderKLWan cannot run")):
     (tmp_path / "config.json").write_text(json.dumps(saved | change))
     with pytest.raises(ValueError, match=expected):
       autoencoder.read_config(str(tmp_path))
+
+
+def test_wan_2_2_autoencoder_folds_pixel_patches_and_adds_shortcuts_as_diffusers_does(wan22_vae, tmp_path):
+  """Wan 2.2's 5B VAE: 2x2 pixel patches folded into channels, residual levels whose shortcuts average (encoder) or
+  duplicate (decoder) positions and frames, diffusers' first chunk padded or trimmed; posterior and decoded clips
+  equal diffusers' on 9-frame clips of 32 px (3 x 2 x 2 latents); a video model on it sees RGB images."""
+  import torch
+  from configs import t2v_moving_shapes
+
+  directory, reference = wan22_vae
+  ours, config = autoencoder.load_diffusers(directory), autoencoder.read_config(directory)
+  assert autoencoder.downsampling_factor(config) == 16 and autoencoder.image_channels(config) == (3, 3)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 9, 32, 32, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 3, 2, 2, 4)).astype(np.float32)
+  as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
+  with torch.no_grad():
+    posterior = reference.encode(as_clips(x)).latent_dist
+    clips = reference.decode(as_clips(z)).sample.permute(0, 2, 3, 4, 1).numpy()
+  mean, logvar = ours.moments(jnp.asarray(x))
+  np.testing.assert_allclose(mean, posterior.mean.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(logvar, posterior.logvar.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(ours.decode_unscaled(jnp.asarray(z)), clips, atol=1e-5)
+  video = t2v_moving_shapes.get_config("test")
+  video.latent.autoencoder_path, video.model.in_channels, video.sample.threshold = directory, 4, "none"
+  video.data.update(image_fraction=0.0, resolution=32, frames=5)
+  video.model.channel_mults = (1,)  # one level for the 2 x 2 latent grid
+  video.model.update(num_res_blocks=(1,), attention_levels=(0,))
+  assert config_checks.problems(video, device_count=8) == []
+  assert sample.output_shape(video, video.sample) == (2, 2, 2, 4)
+  saved = json.loads(open(f"{directory}/config.json").read())
+  (tmp_path / "config.json").write_text(json.dumps(saved | {"in_channels": 3}))
+  with pytest.raises(ValueError, match="in_channels=3 and out_channels=12 count the channels of 2x2 pixel patches"):
+    autoencoder.read_config(str(tmp_path))
 
 
 SVD_FIELDS = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=2,

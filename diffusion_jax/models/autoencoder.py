@@ -22,7 +22,7 @@ by a learned weight, and a last 3x1x1 convolution follows the output convolution
 frames, h/f, w/f, latent_channels] as clips (a still image [batch, h/f, w/f, c] is a one-frame clip).
 
 So do the causal 3-D VAEs, which compress time too and encode and decode each clip whole: HunyuanVideo's
-(causal_autoencoder.py, assembled here from this module's blocks) and Wan 2.1's (wan_autoencoder.py, whose latents
+(causal_autoencoder.py, assembled here from this module's blocks) and Wan's (wan_autoencoder.py, whose latents
 are shifted and scaled per channel).
 
 `start_params` starts an autoencoder from another's weights (`train_autoencoder`'s train.init_from): a copy of the
@@ -66,8 +66,8 @@ def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
     raise ValueError(f"{field}={path!r} has no config.json: give the local directory of a diffusers "
                      f"AutoencoderKL (config.json and {WEIGHTS_FILE}, e.g. the vae/ folder of a Stable Diffusion "
                      f"checkpoint), {TEMPORAL} (Stable Video Diffusion's vae/ folder), "
-                     f"{causal_autoencoder.CLASS_NAME} (HunyuanVideo's) or {wan_autoencoder.CLASS_NAME} (Wan "
-                     "2.1's), or the autoencoder/ folder a train_autoencoder run writes into its workdir once it ends.")
+                     f"{causal_autoencoder.CLASS_NAME} (HunyuanVideo's) or {wan_autoencoder.CLASS_NAME} (Wan's), "
+                     "or the autoencoder/ folder a train_autoencoder run writes into its workdir once it ends.")
   config = json.loads(file.read_text())
   blocks = set(config.get("down_block_types", ())) | set(config.get("up_block_types", ()))
   name = config.get("_class_name", "AutoencoderKL")
@@ -85,7 +85,7 @@ def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
 
 
 def is_wan(config: dict) -> bool:
-  """Whether config.json is Wan 2.1's causal 3-D VAE (wan_autoencoder.py)."""
+  """Whether config.json is one of Wan's causal 3-D VAEs (wan_autoencoder.py: Wan 2.1's, Wan 2.2's)."""
   return config.get("_class_name") == wan_autoencoder.CLASS_NAME
 
 
@@ -102,6 +102,14 @@ def downsampling_factor(config: dict) -> int:
   if is_causal(config):
     return causal_autoencoder.compression(config)[1]
   return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def image_channels(config: dict) -> tuple[int, int]:
+  """(in, out): the channels of the images the autoencoder encodes and decodes (Wan 2.2's config.json counts those
+  of its 2x2 pixel patches)."""
+  if is_wan(config):
+    return wan_autoencoder.fields(config)["image_channels"]
+  return config["in_channels"], config["out_channels"]
 
 
 def latent_frames(config: dict, frames: int) -> int:
