@@ -404,6 +404,10 @@ def test_what_it_cannot_read_is_refused_with_a_reason(vae, tmp_path):
   directory, _ = vae
   with pytest.raises(ValueError, match="has no config.json: give the local directory of a diffusers AutoencoderKL"):
     autoencoder.read_config(str(tmp_path))
+  shutil.copytree(directory, tmp_path / "pipeline" / "vae")  # a whole checkpoint: its vae/ folder is named
+  with pytest.raises(ValueError, match="is a whole pipeline's checkpoint; its autoencoder is its vae/ folder: "
+                                       "latent.autoencoder_path='.*pipeline/vae'"):
+    autoencoder.read_config(str(tmp_path / "pipeline"))
   config = json.loads(open(f"{directory}/config.json").read())
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="No diffusion_pytorch_model.safetensors"):

@@ -62,6 +62,9 @@ def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
   AutoencoderKLWan: with that class's defaults and the fields the others name, wan_autoencoder.fields) directory; a
   ValueError saying what is wrong (naming `field`, the config field that gave the path)."""
   file = pathlib.Path(path).expanduser() / "config.json"
+  if not file.exists() and (file.parent / "vae" / "config.json").exists():
+    raise ValueError(f"{field}={path!r} is a whole pipeline's checkpoint; its autoencoder is its vae/ folder: "
+                     f"{field}={str(file.parent / 'vae')!r}")
   if not file.exists():
     raise ValueError(f"{field}={path!r} has no config.json: give the local directory of a diffusers "
                      f"AutoencoderKL (config.json and {WEIGHTS_FILE}, e.g. the vae/ folder of a Stable Diffusion "
