@@ -44,13 +44,15 @@ def get_config():
       tokenizer="words",           # 'words' (dataset vocabulary) or 'sentencepiece'
       spiece_path="",              # sentencepiece model for tokenizer == 'sentencepiece'
       max_length=32,
-      pretrained_path="",          # local Hugging Face T5 directory; empty = random init
+      pretrained_path="",          # local Hugging Face T5 (or UMT5) directory; empty = random init
       trainable=True,              # False freezes the encoder (Imagen)
       embedding_cache="",          # directory of cached frozen-encoder embeddings (built on first use)
       # position_bias_init (random init only): 't5' (random normal) or 'local' (each word starts mixed with
-      # its neighbours; models/t5.py local_position_bias).
+      # its neighbours; models/t5.py local_position_bias). per_layer_position_bias: UMT5's layout, a
+      # relative-position bias table in every layer (T5: one, in the first); read from a checkpoint's config.json.
       t5=dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, num_buckets=32,
-              max_distance=128, position_bias_init="t5", gated=True, layer_norm_epsilon=1e-6, dtype="float32"),
+              max_distance=128, position_bias_init="t5", gated=True, layer_norm_epsilon=1e-6, dtype="float32",
+              per_layer_position_bias=False),
   )
 
   # U-Net or DiT (diffusion_jax/models/unet.py and dit.py document each field).

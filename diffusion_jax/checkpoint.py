@@ -252,6 +252,7 @@ ADDED_FIELDS = {
     "model.remat_policy": "full",  # what model.remat did before the field
     "data.wrap_around": False,
     "data.travel": 0.45,
+    "text.t5.per_layer_position_bias": False,
 }
 
 

@@ -1,4 +1,5 @@
-"""T5 encoder against transformers' PyTorch T5EncoderModel (random tiny weights saved as safetensors)."""
+"""T5 encoder against transformers' PyTorch T5EncoderModel and UMT5EncoderModel (random tiny weights saved as
+safetensors)."""
 
 import json
 
@@ -46,6 +47,27 @@ def test_encoder_matches_transformers(tmp_path, feed_forward_proj):
   np.testing.assert_allclose(got[mask], expected[mask], rtol=1e-4, atol=1e-4)
 
 
+def test_umt5_encoder_with_a_position_bias_in_every_layer_matches_transformers(tmp_path):
+  """UMT5 (the text encoder of Wan) learns a relative-position bias table in every layer; read from its config.json's
+  model_type, each layer adds its own, as transformers' UMT5EncoderModel does."""
+  config = transformers.UMT5Config(vocab_size=64, dropout_rate=0.0, **CONFIGS["gated-gelu"])
+  torch.manual_seed(0)
+  reference = transformers.UMT5EncoderModel(config).eval()
+  reference.save_pretrained(tmp_path, safe_serialization=True)
+  ours = t5.load_hf_encoder(tmp_path)
+  tables = [np.asarray(block.position_bias[...]) for block in ours.blocks]
+  assert len(tables) == 2 and np.abs(tables[0] - tables[1]).max() > 0.1
+  ids = np.random.default_rng(0).integers(1, 64, (2, 9)).astype(np.int32)
+  mask = np.ones_like(ids, bool)
+  mask[1, 5:] = False
+  ids[~mask] = 0
+  with torch.no_grad():
+    expected = reference(input_ids=torch.from_numpy(ids).long(),
+                         attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
+  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))[mask], expected[mask], rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_sharded_checkpoint_with_index(tmp_path):
   reference = save_tiny_t5(tmp_path, "relu", max_shard_size="20KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
@@ -68,6 +90,10 @@ def test_padding_does_not_change_real_tokens(tmp_path):
 def test_bad_checkpoints_are_named(tmp_path):
   with pytest.raises(ValueError, match="config.json"):
     t5.load_hf_encoder(tmp_path)
+  save_tiny_t5(tmp_path / "pipeline" / "text_encoder", "relu")  # a whole checkpoint: its text_encoder/ is named
+  with pytest.raises(ValueError, match="its text encoder is its text_encoder/ folder: text.pretrained_path='.*/"
+                                       "pipeline/text_encoder'"):
+    t5.load_hf_encoder(tmp_path / "pipeline")
   save_tiny_t5(tmp_path, "relu")
   config = json.loads((tmp_path / "config.json").read_text())
   config["d_ff"] += 8
@@ -103,7 +129,8 @@ def test_local_position_bias_mixes_each_word_with_its_neighbours():
 
   config = ml_collections.ConfigDict(dict(vocab_size=32, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                                           num_buckets=32, max_distance=128, position_bias_init="local", gated=True,
-                                          layer_norm_epsilon=1e-6, dtype="float32"))
+                                          layer_norm_epsilon=1e-6, dtype="float32",
+                                          per_layer_position_bias=False))
   encoder = t5.T5Encoder(config, rngs=nnx.Rngs(0))
   ids = np.random.default_rng(0).integers(1, 32, (64, 16)).astype(np.int32)
   changed = ids.copy()

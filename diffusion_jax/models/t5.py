@@ -1,4 +1,5 @@
-"""T5 encoder (original T5 with ReLU, T5 v1.1 with gated GELU) in Flax NNX, and Hugging Face import.
+"""T5 encoder (original T5 with ReLU, T5 v1.1 with gated GELU, UMT5 with a relative-position bias in every layer)
+in Flax NNX, and Hugging Face import.
 
 `load_hf_encoder(path)` reads `config.json` and `model.safetensors` (or sharded safetensors with
 `model.safetensors.index.json`) from a local directory, without transformers. Decoder and LM-head
@@ -102,8 +103,9 @@ class T5Encoder(nnx.Module):
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs,
                            embedding_init=nnx.initializers.normal(1.0),  # T5's: unit-variance word vectors
                            embedding_metadata=layers.names("vocab", "text_embed"))
-    self.blocks = nnx.List([T5Block(config, has_position_bias=i == 0, dtype=dtype, rngs=rngs)
-                            for i in range(config.num_layers)])
+    # T5 learns one relative-position bias table, in the first layer, which every layer adds; UMT5 one per layer.
+    self.blocks = nnx.List([T5Block(config, has_position_bias=config.per_layer_position_bias or i == 0, dtype=dtype,
+                                    rngs=rngs) for i in range(config.num_layers)])
     self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
     self.num_buckets, self.max_distance = config.num_buckets, config.max_distance
 
@@ -111,10 +113,11 @@ class T5Encoder(nnx.Module):
     n = ids.shape[1]
     positions = jnp.arange(n)
     buckets = relative_position_bucket(positions[None, :] - positions[:, None], self.num_buckets, self.max_distance)
-    bias = jnp.transpose(self.blocks[0].position_bias[...][buckets], (2, 0, 1))[None]  # [1, heads, q, k]
-    bias = bias + jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
+    padding = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
     x = self.embed(ids)
     for block in self.blocks:
+      if block.position_bias is not None:  # [1, heads, q, k]: this layer's table, kept by the layers after it
+        bias = jnp.transpose(block.position_bias[...][buckets], (2, 0, 1))[None] + padding
       x = block(x, bias)
     return self.final_norm(x).astype(jnp.float32)
 
@@ -132,7 +135,7 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDic
       num_buckets=hf.get("relative_attention_num_buckets", 32),
       max_distance=hf.get("relative_attention_max_distance", 128),
       position_bias_init="t5", gated=proj == "gated-gelu", layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-      dtype=dtype))
+      per_layer_position_bias=hf.get("model_type") == "umt5", dtype=dtype))
 
 
 def _hf_name(path: tuple, gated: bool) -> tuple[str, tuple | None]:
@@ -173,9 +176,12 @@ def _read_safetensors(directory: pathlib.Path) -> dict:
 def read_hf_config(path, dtype: str = "float32") -> ml_collections.ConfigDict:
   """The T5Encoder config of a local Hugging Face checkpoint directory (its config.json only)."""
   directory = pathlib.Path(path)
+  if not (directory / "config.json").exists() and (directory / "text_encoder" / "config.json").exists():
+    raise ValueError(f"{str(directory)!r} is a whole pipeline's checkpoint; its text encoder is its text_encoder/ "
+                     f"folder: text.pretrained_path={str(directory / 'text_encoder')!r}")
   if not (directory / "config.json").exists():
-    raise ValueError(f"No config.json in {str(directory)!r}; give the local directory of a Hugging Face T5 "
-                     "checkpoint.")
+    raise ValueError(f"No config.json in {str(directory)!r}; give the local directory of a Hugging Face T5 (or "
+                     "UMT5) checkpoint.")
   return config_from_hf(json.loads((directory / "config.json").read_text()), dtype)
 
 
