@@ -64,7 +64,8 @@ def get_config():
                                    # projection's output and recomputes the rest (norms, activations, attention scores)
       lowres_conditioning=False, temporal=False, max_frames=16, coordinate_channels=False,
       attention="auto",            # models/attention.py: auto (folded on CPU, cudnn or xla on GPU), folded, xla, cudnn
-      backbone="unet",             # 'unet' (models/unet.py) or 'dit' (models/dit.py)
+      backbone="unet",             # 'unet' (models/unet.py), 'dit' (models/dit.py) or 'wan' (Wan's, wan_path)
+      wan_path="",                 # wan: local diffusers WanTransformer3DModel directory (its structure and weights)
       patch_size=2,                # dit: patch side in pixels
       depth=12,                    # dit: transformer blocks (its width is `channels`)
       position_max_period=10000.0,  # dit: longest patch-position sinusoid period / 2pi, in patches (DiT: 1e4)

@@ -253,6 +253,7 @@ ADDED_FIELDS = {
     "data.wrap_around": False,
     "data.travel": 0.45,
     "text.t5.per_layer_position_bias": False,
+    "model.wan_path": "",
 }
 
 

@@ -4,7 +4,7 @@ import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes, moving_shapes
-from diffusion_jax.models import attention, autoencoder, layers, t5
+from diffusion_jax.models import attention, autoencoder, layers, t5, wan_transformer
 
 
 def network_resolution(config) -> int | None:
@@ -79,6 +79,41 @@ def latent_problems(config) -> list[str]:
     if config.superres.lowres_frames:
       found.append("superres.lowres_frames: a temporal super-resolution stage on a causal autoencoder's latents "
                    "is not supported; leave superres.lowres_frames at 0")
+  return found
+
+
+def wan_problems(config, resolution: int | None) -> list[str]:
+  """What Wan's transformer (model.backbone='wan', model.wan_path) cannot do with this config; `resolution`:
+  network_resolution (None: unknown)."""
+  m, d, found = config.model, config.diffusion, []
+  try:
+    wan = wan_transformer.read_config(m.wan_path)
+    text_dim = t5.read_hf_config(config.text.pretrained_path).d_model if config.text.pretrained_path else (
+        config.text.t5.d_model)
+  except ValueError as error:
+    return [str(error)]
+  if (d.path, d.prediction) != ("flow", "flow"):
+    found.append(f"diffusion.path={d.path!r}, diffusion.prediction={d.prediction!r}: Wan's transformer predicts the "
+                 "velocity eps - x0 on the flow path; set both to 'flow'")
+  if not m.temporal:
+    found.append("model.temporal=False: Wan's transformer is a video model; set model.temporal=True")
+  if m.in_channels != wan["in_channels"] or wan["out_channels"] != wan["in_channels"]:
+    found.append(f"model.in_channels={m.in_channels}: Wan's transformer maps {wan['in_channels']} channels to "
+                 f"{wan['out_channels']}; the data's (or latents') channels must be both")
+  if text_dim != wan["text_dim"]:
+    found.append(f"the text encoder's width {text_dim} (text.pretrained_path's d_model, or text.t5.d_model) must "
+                 f"equal Wan's text_dim={wan['text_dim']} (its text encoder: UMT5-XXL, 4096)")
+  frames_patch, *space_patch = wan["patch_size"]
+  if resolution is not None and any(resolution % p for p in space_patch):
+    found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible by "
+                 f"Wan's patch {space_patch[0]}x{space_patch[1]}")
+  for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
+    if frames and network_frames(config, frames) % frames_patch:
+      found.append(f"{field}={frames}: the network's frames must be a multiple of Wan's patch_size in time "
+                   f"({frames_patch})")
+  if m.lowres_conditioning or config.data.image_fraction or m.lora_rank:
+    found.append("model.lowres_conditioning, data.image_fraction > 0 (stills in video batches) and model.lora_rank "
+                 "are not supported with model.backbone='wan' yet: turn them off")
   return found
 
 
@@ -197,7 +232,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"train.sample_every={config.train.sample_every} must be >= 0 (0: no samples during training)")
 
   m = config.model
-  option(m.backbone, ("unet", "dit"), "model.backbone")
+  option(m.backbone, ("unet", "dit", "wan"), "model.backbone")
   option(m.video_attention, ("factorised", "spacetime"), "model.video_attention")
   if m.video_attention == "spacetime" and not (m.temporal and m.backbone == "dit"):
     found.append("model.video_attention='spacetime' is the video DiT's full attention over a clip: it needs "
@@ -214,6 +249,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
                    "model's are its autoencoder's latent_channels (latent.autoencoder_path)")
   if m.backbone == "dit" and resolution is not None:
     found += dit_problems(config, resolution)
+  elif m.backbone == "wan":
+    found += wan_problems(config, resolution)
   elif m.backbone != "dit":
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
@@ -224,7 +261,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     if resolution is not None and resolution % 2 ** (len(m.channel_mults) - 1):
       found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible "
                    f"by 2^(levels - 1) = {2 ** (len(m.channel_mults) - 1)}")
-  if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path:
+  if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path and m.backbone != "wan":
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")
   option(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
@@ -237,7 +274,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"model.attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
                  "use 'auto', 'folded' or 'xla'")
   for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
-    if m.temporal and (network := network_frames(config, frames)) > m.max_frames:
+    if m.temporal and m.backbone != "wan" and (network := network_frames(config, frames)) > m.max_frames:
       latent = f" ({network} latent frames)" if network != frames else ""
       found.append(f"{field}={frames}{latent} exceeds model.max_frames={m.max_frames}")
   if config.data.heldout_combinations:

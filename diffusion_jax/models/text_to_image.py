@@ -1,6 +1,6 @@
-"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net or DiT (`model.backbone`), with a
-frozen autoencoder for latent diffusion (`latent.autoencoder_path`), and its split into trainable / frozen
-parameters.
+"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net, DiT or Wan's transformer
+(`model.backbone`), with a frozen autoencoder for latent diffusion (`latent.autoencoder_path`), and its split into
+trainable / frozen parameters.
 
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `to_latents(x, key)` / `from_latents(z)`
 map images (or videos) to what the network diffuses and back (the identity for a pixel model);
@@ -12,20 +12,23 @@ train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a ji
 
 from flax import nnx
 
-from diffusion_jax.models import autoencoder, dit, init_rngs, t5, unet
+from diffusion_jax.models import autoencoder, dit, init_rngs, t5, unet, wan_transformer
 
 
 class TextToImage(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
-    """Every part randomly initialised; a pretrained text encoder (text.pretrained_path) or autoencoder
-    (latent.autoencoder_path) gets its structure from its config.json, its weights from `pretrained_weights`."""
+    """Every part randomly initialised; a pretrained text encoder (text.pretrained_path), autoencoder
+    (latent.autoencoder_path) or Wan transformer (model.wan_path) gets its structure from its config.json, its
+    weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
     self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
                                      else config.text.t5, rngs=rngs)
     self.backbone = config.model.backbone
     if self.backbone == "dit":
       self.dit = dit.DiT(config.model, rngs=rngs)
+    elif self.backbone == "wan":
+      self.wan = wan_transformer.WanTransformer(wan_transformer.read_config(config.model.wan_path), rngs=rngs)
     else:
       self.unet = unet.UNet(config.model, rngs=rngs)
     self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path
@@ -46,6 +49,8 @@ class TextToImage(nnx.Module):
     return z if self.autoencoder is None else self.autoencoder.decode(z)
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
+    if self.backbone == "wan":  # clips only, no super-resolution inputs (config_checks.wan_problems)
+      return self.wan(x, wan_transformer.timestep(logsnr), text, text_mask)
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
                    is_video=is_video)
@@ -57,9 +62,11 @@ def abstract(config):
 
 
 def pretrained_weights(config) -> dict:
-  """{'text_encoder': ..., 'autoencoder': ...}: pure dicts of the weights the config names files for (read on
-  the host), to replace those parts of a new model's state."""
+  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ...}: pure dicts of the weights the config names files for
+  (read on the host), to replace those parts of a new model's state."""
   weights = {}
+  if config.model.backbone == "wan":
+    weights["wan"] = wan_transformer.load_diffusers(config.model.wan_path)
   if config.text.pretrained_path:
     weights["text_encoder"] = t5.load_hf_encoder(config.text.pretrained_path, config.text.t5.dtype)
   if config.latent.autoencoder_path:

@@ -1,0 +1,222 @@
+"""Wan's video diffusion transformer (Wan Team 2025; diffusers' `WanTransformer3DModel`, text-to-video), loaded
+from a local diffusers directory (`load_diffusers`: the `transformer/` folder of a Wan 2.1 or 2.2 checkpoint).
+
+Latent clips are cut into tubelets (patch_size, (1, 2, 2): one latent frame x 2 x 2 latent pixels), each a token.
+Every block is self-attention over all tokens of the clip (3-D rotary position embedding: a head's features split
+into a time, a height and a width part; queries and keys RMS-normalised across heads), cross-attention to the
+text, and a GELU feed-forward; the self-attention and feed-forward are modulated (shift, scale, gate) by the
+time embedding plus the block's learnt table, as in DiT's adaLN. The text (UMT5's embeddings, `text_dim` wide) is
+projected to the model width once; the cross-attention attends to every text position, as Wan's pipelines do
+(they zero the embeddings after the prompt's last token, which `__call__` does from the mask).
+
+Call: x [batch, frames, h, w, in_channels] (latent clips; frames, h and w divisible by patch_size), timestep
+[batch] (Wan's: 1000 sigma on the flow path x = (1 - sigma) x0 + sigma eps), text [batch, tokens, text_dim],
+text_mask [batch, tokens] bool -> [batch, frames, h, w, out_channels], Wan's prediction of the velocity
+eps - x0. Computed in float32.
+
+Not supported (config_problems refuses them): image-to-video models' image conditioning (`image_dim`,
+`added_kv_proj_dim`) and other query-key norms than `rms_norm_across_heads`.
+"""
+
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffusion_jax.models import layers, named_tensors
+
+CLASS_NAME = "WanTransformer3DModel"
+DEFAULTS = {"patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
+            "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40,
+            "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
+            "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+WEIGHTS_FILE, WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
+
+
+def config_problems(config: dict) -> list[str]:
+  """What this module cannot build from a WanTransformer3DModel config.json."""
+  c, found = DEFAULTS | config, []
+  if c["image_dim"] is not None or c["added_kv_proj_dim"] is not None:
+    found.append("image_dim / added_kv_proj_dim: an image-to-video Wan model (image conditioning) is not supported; "
+                 "text-to-video ones are")
+  if c["qk_norm"] != "rms_norm_across_heads":
+    found.append(f"qk_norm={c['qk_norm']!r}: only 'rms_norm_across_heads' (every Wan model's) is supported")
+  return found
+
+
+def read_config(path, field: str = "model.wan_path") -> dict:
+  """The config.json of a local diffusers WanTransformer3DModel directory, with its class's defaults; a ValueError
+  that says what is wrong, naming `field`."""
+  directory = pathlib.Path(path).expanduser()
+  if not (directory / "config.json").exists():
+    hint = (f": it is a whole pipeline's checkpoint; give its transformer/ folder, {str(directory / 'transformer')!r}"
+            if (directory / "transformer" / "config.json").exists() else
+            f": give the local directory of a diffusers {CLASS_NAME} (the transformer/ folder of a Wan checkpoint)")
+    raise ValueError(f"{field}={str(path)!r} has no config.json{hint}")
+  config = json.loads((directory / "config.json").read_text())
+  if config.get("_class_name") != CLASS_NAME:
+    raise ValueError(f"{field}={str(path)!r} holds a {config.get('_class_name')!r}, not a {CLASS_NAME}")
+  if problems := config_problems(config):
+    raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
+  return DEFAULTS | config
+
+
+def timestep(logsnr):
+  """Wan's timestep of log-SNRs [batch] on the flow path: 1000 sigma, sigma = sigmoid(-logsnr / 2)."""
+  return 1000.0 * jax.nn.sigmoid(-logsnr / 2)
+
+
+def rotary_angles(frames: int, height: int, width: int, head_dim: int, theta: float = 10000.0):
+  """[frames * height * width, head_dim / 2] rotation angles of each token's feature pairs: the first pairs turn
+  with its frame, the next 2 (head_dim // 6) / 2 with its row, the last as many with its column (Wan's split)."""
+  space = 2 * (head_dim // 6)
+  parts = []
+  for axis, (size, dim) in enumerate(((frames, head_dim - 2 * space), (height, space), (width, space))):
+    freqs = 1.0 / theta ** (np.arange(0, dim, 2)[:dim // 2] / dim)
+    angles = np.arange(size)[:, None] * freqs[None]
+    shape = [frames, height, width, dim // 2]
+    parts.append(np.broadcast_to(np.expand_dims(angles, [a for a in range(3) if a != axis]), shape))
+  return jnp.asarray(np.concatenate(parts, axis=-1).reshape(frames * height * width, -1), jnp.float32)
+
+
+def rotated(x, angles):
+  """x [batch, tokens, heads, head_dim] with each consecutive feature pair (2i, 2i + 1) turned by angles
+  [tokens, head_dim / 2]."""
+  pairs = x.reshape(x.shape[:-1] + (-1, 2))
+  cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]
+  first, second = pairs[..., 0], pairs[..., 1]
+  return jnp.stack([first * cos - second * sin, first * sin + second * cos], axis=-1).reshape(x.shape)
+
+
+def dense(in_dim, out_dim, axes, rngs):
+  return layers.dense(in_dim, out_dim, axes, rngs, jnp.float32)
+
+
+def layer_norm(dim, eps, rngs, affine=False):
+  return nnx.LayerNorm(dim, epsilon=eps, use_bias=affine, use_scale=affine, rngs=rngs,
+                       scale_metadata=layers.names("norm"), bias_metadata=layers.names("norm"))
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with biased projections and queries and keys RMS-normalised across heads (diffusers'
+  WanAttention): x [batch, n, dim] attends to context [batch, m, dim] (itself when None), rotary angles for
+  self-attention."""
+
+  def __init__(self, dim, heads, eps, rngs):
+    self.heads = heads
+    self.to_q, self.to_k, self.to_v = (dense(dim, dim, ("embed", "heads"), rngs) for _ in range(3))
+    self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), rngs)])
+    self.norm_q, self.norm_k = (nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, scale_metadata=layers.names("norm"))
+                                for _ in range(2))
+
+  def __call__(self, x, context=None, angles=None):
+    context = x if context is None else context
+    split = lambda t: t.reshape(t.shape[:2] + (self.heads, -1))
+    q, k = split(self.norm_q(self.to_q(x))), split(self.norm_k(self.to_k(context)))
+    if angles is not None:
+      q, k = rotated(q, angles), rotated(k, angles)
+    out = jax.nn.dot_product_attention(q, k, split(self.to_v(context)))
+    return self.to_out[0](out.reshape(x.shape[:2] + (-1,)))
+
+
+class GeluProjection(nnx.Module):
+  """A linear layer and tanh-approximated GELU (diffusers' GELU(approximate='tanh'), the feed-forward's first
+  layer)."""
+
+  def __init__(self, dim, hidden, rngs):
+    self.proj = dense(dim, hidden, ("embed", "mlp"), rngs)
+
+  def __call__(self, x):
+    return nnx.gelu(self.proj(x), approximate=True)
+
+
+class Block(nnx.Module):
+  """Modulated self-attention, cross-attention to the text, modulated feed-forward: tokens [batch, n, dim]."""
+
+  def __init__(self, c, rngs):
+    dim = c["num_attention_heads"] * c["attention_head_dim"]
+    self.norm1, self.norm3 = layer_norm(dim, c["eps"], rngs), layer_norm(dim, c["eps"], rngs)
+    self.attn1 = Attention(dim, c["num_attention_heads"], c["eps"], rngs)
+    self.attn2 = Attention(dim, c["num_attention_heads"], c["eps"], rngs)
+    self.norm2 = layer_norm(dim, c["eps"], rngs, affine=True) if c["cross_attn_norm"] else None
+    self.ffn = nnx.Module()
+    self.ffn.net = nnx.List([GeluProjection(dim, c["ffn_dim"], rngs), None,
+                             dense(c["ffn_dim"], dim, ("mlp", "embed"), rngs)])
+    self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 6, dim)) / dim ** 0.5,
+                                       **layers.names(None, None, "embed"))
+
+  def __call__(self, x, text, modulation, angles):
+    """modulation [batch, 6, dim]: the time embedding's projection."""
+    shift, scale, gate, ff_shift, ff_scale, ff_gate = jnp.split(self.scale_shift_table[...] + modulation, 6, axis=1)
+    x = x + self.attn1(self.norm1(x) * (1 + scale) + shift, angles=angles) * gate
+    x = x + self.attn2(x if self.norm2 is None else self.norm2(x), text)
+    hidden = self.ffn.net[0](self.norm3(x) * (1 + ff_scale) + ff_shift)
+    return x + self.ffn.net[2](hidden) * ff_gate
+
+
+class WanTransformer(nnx.Module):
+  """diffusers' WanTransformer3DModel (text-to-video) of a config.json (read_config)."""
+
+  def __init__(self, config: dict, *, rngs: nnx.Rngs):
+    c = DEFAULTS | config
+    dim, self.patch = c["num_attention_heads"] * c["attention_head_dim"], tuple(c["patch_size"])
+    self.head_dim, self.freq_dim, self.out_channels = c["attention_head_dim"], c["freq_dim"], c["out_channels"]
+    self.patch_embedding = layers.conv(c["in_channels"], dim, self.patch, rngs, jnp.float32, stride=self.patch,
+                                       padding="VALID")
+    self.condition_embedder = nnx.Module()
+    embedder = self.condition_embedder
+    embedder.time_embedder = nnx.Module()
+    embedder.time_embedder.linear_1 = dense(c["freq_dim"], dim, (None, "embed"), rngs)
+    embedder.time_embedder.linear_2 = dense(dim, dim, ("embed", "embed"), rngs)
+    embedder.time_proj = dense(dim, 6 * dim, ("embed", None), rngs)
+    embedder.text_embedder = nnx.Module()
+    embedder.text_embedder.linear_1 = dense(c["text_dim"], dim, ("text_embed", "embed"), rngs)
+    embedder.text_embedder.linear_2 = dense(dim, dim, ("embed", "embed"), rngs)
+    self.blocks = nnx.List([Block(c, rngs) for _ in range(c["num_layers"])])
+    self.norm_out = layer_norm(dim, c["eps"], rngs)
+    self.proj_out = dense(dim, c["out_channels"] * math.prod(self.patch), ("embed", None), rngs)
+    self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim)) / dim ** 0.5,
+                                       **layers.names(None, None, "embed"))
+
+  def __call__(self, x, timestep, text, text_mask):
+    b, f, h, w, _ = x.shape
+    (pt, ph, pw), grid = self.patch, (f // self.patch[0], h // self.patch[1], w // self.patch[2])
+    tokens = self.patch_embedding(x.astype(jnp.float32))
+    tokens = tokens.reshape(b, -1, tokens.shape[-1])
+    e = self.condition_embedder
+    sinusoids = layers.sinusoidal_embedding(timestep.astype(jnp.float32), self.freq_dim)
+    sinusoids = jnp.concatenate([sinusoids[:, self.freq_dim // 2:], sinusoids[:, :self.freq_dim // 2]], axis=-1)
+    time = e.time_embedder.linear_2(nnx.silu(e.time_embedder.linear_1(sinusoids)))
+    modulation = e.time_proj(nnx.silu(time)).reshape(b, 6, -1)
+    text = jnp.where(text_mask[..., None], text.astype(jnp.float32), 0.0)
+    text = e.text_embedder.linear_2(nnx.gelu(e.text_embedder.linear_1(text), approximate=True))
+    angles = rotary_angles(*grid, self.head_dim)
+    for block in self.blocks:
+      tokens = block(tokens, text, modulation, angles)
+    shift, scale = jnp.split(self.scale_shift_table[...] + time[:, None], 2, axis=1)
+    out = self.proj_out(self.norm_out(tokens) * (1 + scale) + shift)
+    out = out.reshape(b, *grid, pt, ph, pw, self.out_channels).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return out.reshape(b, f, h, w, self.out_channels)
+
+
+def load_diffusers(path, field: str = "model.wan_path") -> WanTransformer:
+  """A WanTransformer with the weights of a local diffusers directory (config.json and WEIGHTS_FILE, or shards
+  listed in WEIGHTS_INDEX)."""
+  from safetensors.numpy import load_file
+
+  config, directory = read_config(path, field), pathlib.Path(path).expanduser()
+  if (directory / WEIGHTS_INDEX).exists():
+    files = sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+  elif (directory / WEIGHTS_FILE).exists():
+    files = [WEIGHTS_FILE]
+  else:
+    raise ValueError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX} in {str(path)!r} (PyTorch .bin files are not read)")
+  tensors = {}
+  for name in files:
+    tensors.update(load_file(directory / name))
+  return named_tensors.load(nnx.eval_shape(lambda: WanTransformer(config, rngs=nnx.Rngs(0))), tensors,
+                            named_tensors.torch_name, f"{str(directory)!r} does not match its config.json")

@@ -1,0 +1,112 @@
+"""Wan's video diffusion transformer against diffusers' PyTorch WanTransformer3DModel (tiny random weights saved as
+diffusers does, in one file and in shards); what it cannot build is refused with a reason."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from diffusion_jax import config_checks, sample, sharding, train
+from diffusion_jax.data import pipeline
+from diffusion_jax.models import wan_transformer
+from diffusion_jax.text import tokenizers
+
+# RGB in and out, and the width of t2v_moving_shapes:test's text encoder, so a pixel video model runs on it.
+TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3,
+            text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32)
+
+
+def save_tiny_wan(directory, max_shard_size="10GB"):
+  from diffusers import WanTransformer3DModel
+
+  torch.manual_seed(0)
+  model = WanTransformer3DModel(**TINY).eval()
+  with torch.no_grad():  # off the zero biases and unit norms of a fresh model
+    for parameter in model.parameters():
+      parameter.add_(0.05 * torch.randn_like(parameter))
+  model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
+  return model
+
+
+def test_the_transformer_computes_what_diffusers_computes(tmp_path):
+  """Latent clips of 3 frames of 4 x 6 (3 x 2 x 3 tubelets, so the rotary angles of every axis matter), two noise
+  levels, text whose second half is padding in one prompt: diffusers' output, the padded text zeroed as Wan's
+  pipelines do; weights saved in shards load the same."""
+  reference = save_tiny_wan(tmp_path / "one")
+  ours = wan_transformer.load_diffusers(tmp_path / "one")
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 4, 6, 3)).astype(np.float32)
+  timestep = np.array([10.0, 873.0], np.float32)
+  text = rng.normal(size=(2, 5, 32)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(timestep),
+                         torch.from_numpy(np.where(mask[..., None], text, 0))).sample
+  got = ours(jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text), jnp.asarray(mask))
+  np.testing.assert_allclose(got, expected.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  save_tiny_wan(tmp_path / "shards", max_shard_size="20KB")
+  assert (tmp_path / "shards" / wan_transformer.WEIGHTS_INDEX).exists()
+  sharded = wan_transformer.load_diffusers(tmp_path / "shards")
+  np.testing.assert_array_equal(sharded(jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text), jnp.asarray(mask)),
+                                got)
+
+
+def test_what_it_cannot_build_is_refused_with_a_reason(tmp_path):
+  with pytest.raises(ValueError, match="has no config.json: give the local directory of a diffusers "
+                                       "WanTransformer3DModel"):
+    wan_transformer.read_config(tmp_path)
+  save_tiny_wan(tmp_path / "pipeline" / "transformer")
+  with pytest.raises(ValueError, match="a whole pipeline's checkpoint; give its transformer/ folder"):
+    wan_transformer.read_config(tmp_path / "pipeline")
+  directory = tmp_path / "pipeline" / "transformer"
+  config = json.loads((directory / "config.json").read_text())
+  (directory / "config.json").write_text(json.dumps(config | {"image_dim": 1280, "added_kv_proj_dim": 24}))
+  with pytest.raises(ValueError, match="an image-to-video Wan model .image conditioning. is not supported"):
+    wan_transformer.load_diffusers(directory)
+  (directory / "config.json").write_text(json.dumps(config | {"ffn_dim": 64}))
+  with pytest.raises(ValueError, match="does not match its config.json .*blocks.0.ffn.net.0.proj.weight has shape"):
+    wan_transformer.load_diffusers(directory)
+
+
+def test_a_video_model_on_wans_transformer_starts_from_its_weights_trains_and_samples(tmp_path):
+  """model.backbone='wan': the config check asks for Wan's flow parameterisation and the transformer's widths; the
+  model starts with the directory's weights, a train step on 8 devices moves them, and clips are sampled."""
+  from configs import t2v_moving_shapes
+
+  save_tiny_wan(tmp_path / "wan")
+  config = t2v_moving_shapes.get_config("test")
+  config.model.update(backbone="wan", wan_path=str(tmp_path / "wan"))
+  config.data.update(data_dir=str(tmp_path / "tfds"), image_fraction=0.0)
+  found = " ".join(config_checks.problems(config, device_count=8))
+  assert "Wan's transformer predicts the velocity eps - x0 on the flow path; set both to 'flow'" in found
+  config.diffusion.update(path="flow", prediction="flow")
+  config.text.t5.d_model = 16
+  assert "the text encoder's width 16 (text.pretrained_path's d_model, or text.t5.d_model) must equal Wan's " \
+         "text_dim=32" in " ".join(config_checks.problems(config, device_count=8))
+  config.text.t5.d_model = 32
+  assert config_checks.problems(config, device_count=8) == []
+  mesh = sharding.make_mesh(config.mesh)
+  state, graphdef = train.init_state(config, mesh)
+  loaded = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(tmp_path / "wan")))
+  jax.tree.map(np.testing.assert_array_equal, state.params["wan"], loaded)
+  source = pipeline.data_source(config.data, "train")
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 8, seed=0)))
+  batch_np = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
+  step, _ = train.compile_step(config, train.make_train_step(config, graphdef), state, shapes, mesh)
+  trained = state  # donated to the step
+  for _ in range(2):  # the first step's learning rate is 0 (warm-up)
+    trained, metrics = step(trained, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)),
+                            train.place_hparams(config, mesh))
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), trained.params["wan"], loaded)
+  assert min(jax.tree.leaves(moved)) > 0
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=2, num_per_prompt=1)
+  clips = sample.generate(config, graphdef, trained.params, trained.frozen, tokenizers.from_config(config),
+                          ["a red circle moving left"], sample_config, mesh)
+  assert clips.shape == (1, 1, config.data.frames, 16, 16, 3) and clips.dtype == np.uint8
