@@ -164,6 +164,24 @@ def test_sampling_is_deterministic_and_independent_of_device_count(trained):
   assert by_twos.shape == one.shape and np.abs(by_twos.astype(int) - one.astype(int)).max() <= 1
 
 
+def test_a_model_built_with_remat_samples_the_same_images(trained):
+  """model.remat recomputes blocks in the backward pass only: the sampler (a scan over steps, where the blocks run
+  inside another transform's trace) runs the model built with it and gets the images of the model without it."""
+  from diffusion_jax.models import text_to_image
+  from diffusion_jax.text import tokenizers
+
+  config, weights, graphdef, _, mesh = sample.load_checkpoint(trained[1])
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=2, num_per_prompt=2)
+  remat = config.copy_and_resolve_references()
+  remat.model.update(remat=True, remat_policy="matmuls")
+  remat_graphdef = text_to_image.split(text_to_image.abstract(remat), remat)[0]
+  assert remat_graphdef != graphdef
+  images = [sample.generate(c, g, weights.params, weights.frozen, tokenizers.from_config(c), ["a red circle"],
+                            sample_config, mesh) for c, g in ((config, graphdef), (remat, remat_graphdef))]
+  assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1
+
+
 def test_sampling_reads_one_copy_of_the_weights_not_the_train_state(trained):
   """A checkpoint holds the trainable weights, an EMA copy of them and the optimizer's moments; sampling
   allocates only the copy it samples with and the frozen weights."""

@@ -29,8 +29,17 @@ def saves_matmuls(primitive, *args, **params) -> bool:
 
 
 def rematerialised(function, policy: str):
-  """nnx.remat of `function` under a REMAT_POLICIES policy."""
-  return nnx.remat(function, policy=saves_matmuls if policy == "matmuls" else None)
+  """`function(module, *args)` recomputed in the backward pass (jax.checkpoint under a REMAT_POLICIES policy). The
+  module's state enters as an argument and is not written back (no block mutates any), so the call also works inside
+  another transform's trace, such as the sampler's scan over steps, where nnx.remat's write-back fails."""
+  checkpoint_policy = saves_matmuls if policy == "matmuls" else None
+
+  def call(module, *args):
+    graphdef, state = nnx.split(module)
+    pure = lambda state, *args: function(nnx.merge(graphdef, state), *args)
+    return jax.checkpoint(pure, policy=checkpoint_policy)(state, *args)
+
+  return call
 
 
 def names(*axes):
