@@ -48,6 +48,20 @@ def test_the_transformer_computes_what_diffusers_computes(tmp_path):
                          torch.from_numpy(np.where(mask[..., None], text, 0))).sample
   got = ours(jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text), jnp.asarray(mask))
   np.testing.assert_allclose(got, expected.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  inputs = (jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text), jnp.asarray(mask))
+
+  def variant(**options):  # the same weights in a model built with other options
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(
+        wan_transformer.read_config(tmp_path / "one"), rngs=nnx.Rngs(0), **options)))
+    return lambda state: nnx.merge(graphdef, state)(*inputs)
+
+  # blocks recomputed in the backward pass (model.remat): the same gradients
+  squares = lambda network: jax.jit(jax.grad(lambda state: jnp.sum(network(state) ** 2)))(nnx.state(ours))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               squares(variant()), squares(variant(remat_policy="full")))
+  # bfloat16 products and attention (model.dtype): about the same output
+  low = jax.jit(variant(dtype="bfloat16"))(nnx.state(ours))
+  assert low.dtype == jnp.float32 and 0 < np.abs(low - got).max() < 0.02 * np.abs(got).max()
   save_tiny_wan(tmp_path / "shards", max_shard_size="20KB")
   assert (tmp_path / "shards" / wan_transformer.WEIGHTS_INDEX).exists()
   sharded = wan_transformer.load_diffusers(tmp_path / "shards")
@@ -74,7 +88,7 @@ def test_what_it_cannot_build_is_refused_with_a_reason(tmp_path):
 
 def test_a_video_model_on_wans_transformer_starts_from_its_weights_trains_and_samples(tmp_path):
   """model.backbone='wan': the config check asks for Wan's flow parameterisation and the transformer's widths; the
-  model starts with the directory's weights, a train step on 8 devices moves them, and clips are sampled."""
+  model starts with the directory's weights, train steps on a (2, 2, 2) mesh move them, and clips are sampled."""
   from configs import t2v_moving_shapes
 
   save_tiny_wan(tmp_path / "wan")
@@ -89,6 +103,8 @@ def test_a_video_model_on_wans_transformer_starts_from_its_weights_trains_and_sa
          "text_dim=32" in " ".join(config_checks.problems(config, device_count=8))
   config.text.t5.d_model = 32
   assert config_checks.problems(config, device_count=8) == []
+  config.mesh.update(data=2, fsdp=2, tensor=2)  # its parameters sharded by their logical axes too
+  config.model.remat = True
   mesh = sharding.make_mesh(config.mesh)
   state, graphdef = train.init_state(config, mesh)
   loaded = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(tmp_path / "wan")))

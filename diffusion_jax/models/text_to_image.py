@@ -28,7 +28,9 @@ class TextToImage(nnx.Module):
     if self.backbone == "dit":
       self.dit = dit.DiT(config.model, rngs=rngs)
     elif self.backbone == "wan":
-      self.wan = wan_transformer.WanTransformer(wan_transformer.read_config(config.model.wan_path), rngs=rngs)
+      self.wan = wan_transformer.WanTransformer(wan_transformer.read_config(config.model.wan_path), rngs=rngs,
+                                                dtype=config.model.dtype,
+                                                remat_policy=config.model.remat_policy if config.model.remat else None)
     else:
       self.unet = unet.UNet(config.model, rngs=rngs)
     self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path

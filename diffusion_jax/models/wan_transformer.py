@@ -11,8 +11,10 @@ projected to the model width once; the cross-attention attends to every text pos
 
 Call: x [batch, frames, h, w, in_channels] (latent clips; frames, h and w divisible by patch_size), timestep
 [batch] (Wan's: 1000 sigma on the flow path x = (1 - sigma) x0 + sigma eps), text [batch, tokens, text_dim],
-text_mask [batch, tokens] bool -> [batch, frames, h, w, out_channels], Wan's prediction of the velocity
-eps - x0. Computed in float32.
+text_mask [batch, tokens] bool -> [batch, frames, h, w, out_channels] float32, Wan's prediction of the velocity
+eps - x0. `dtype` (model.dtype) is that of its matrix products and attention (parameters, norms, modulation and the
+residual stream stay float32, as diffusers keeps them); `remat_policy` (layers.REMAT_POLICIES) recomputes each
+block in the backward pass.
 
 Not supported (config_problems refuses them): image-to-video models' image conditioning (`image_dim`,
 `added_kv_proj_dim`) and other query-key norms than `rms_norm_across_heads`.
@@ -92,8 +94,8 @@ def rotated(x, angles):
   return jnp.stack([first * cos - second * sin, first * sin + second * cos], axis=-1).reshape(x.shape)
 
 
-def dense(in_dim, out_dim, axes, rngs):
-  return layers.dense(in_dim, out_dim, axes, rngs, jnp.float32)
+def dense(in_dim, out_dim, axes, rngs, dtype=jnp.float32):
+  return layers.dense(in_dim, out_dim, axes, rngs, dtype)
 
 
 def layer_norm(dim, eps, rngs, affine=False):
@@ -106,20 +108,21 @@ class Attention(nnx.Module):
   WanAttention): x [batch, n, dim] attends to context [batch, m, dim] (itself when None), rotary angles for
   self-attention."""
 
-  def __init__(self, dim, heads, eps, rngs):
-    self.heads = heads
-    self.to_q, self.to_k, self.to_v = (dense(dim, dim, ("embed", "heads"), rngs) for _ in range(3))
-    self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), rngs)])
+  def __init__(self, dim, heads, eps, rngs, dtype):
+    self.heads, self.dtype = heads, dtype
+    self.to_q, self.to_k, self.to_v = (dense(dim, dim, ("embed", "heads"), rngs, dtype) for _ in range(3))
+    self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), rngs, dtype)])
     self.norm_q, self.norm_k = (nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, scale_metadata=layers.names("norm"))
                                 for _ in range(2))
 
   def __call__(self, x, context=None, angles=None):
     context = x if context is None else context
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, -1))
-    q, k = split(self.norm_q(self.to_q(x))), split(self.norm_k(self.to_k(context)))
+    normed = lambda norm, t: norm(t.astype(jnp.float32))
+    q, k = split(normed(self.norm_q, self.to_q(x))), split(normed(self.norm_k, self.to_k(context)))
     if angles is not None:
       q, k = rotated(q, angles), rotated(k, angles)
-    out = jax.nn.dot_product_attention(q, k, split(self.to_v(context)))
+    out = jax.nn.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), split(self.to_v(context)))
     return self.to_out[0](out.reshape(x.shape[:2] + (-1,)))
 
 
@@ -127,8 +130,8 @@ class GeluProjection(nnx.Module):
   """A linear layer and tanh-approximated GELU (diffusers' GELU(approximate='tanh'), the feed-forward's first
   layer)."""
 
-  def __init__(self, dim, hidden, rngs):
-    self.proj = dense(dim, hidden, ("embed", "mlp"), rngs)
+  def __init__(self, dim, hidden, rngs, dtype):
+    self.proj = dense(dim, hidden, ("embed", "mlp"), rngs, dtype)
 
   def __call__(self, x):
     return nnx.gelu(self.proj(x), approximate=True)
@@ -137,35 +140,36 @@ class GeluProjection(nnx.Module):
 class Block(nnx.Module):
   """Modulated self-attention, cross-attention to the text, modulated feed-forward: tokens [batch, n, dim]."""
 
-  def __init__(self, c, rngs):
+  def __init__(self, c, rngs, dtype):
     dim = c["num_attention_heads"] * c["attention_head_dim"]
     self.norm1, self.norm3 = layer_norm(dim, c["eps"], rngs), layer_norm(dim, c["eps"], rngs)
-    self.attn1 = Attention(dim, c["num_attention_heads"], c["eps"], rngs)
-    self.attn2 = Attention(dim, c["num_attention_heads"], c["eps"], rngs)
+    self.attn1 = Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype)
+    self.attn2 = Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype)
     self.norm2 = layer_norm(dim, c["eps"], rngs, affine=True) if c["cross_attn_norm"] else None
     self.ffn = nnx.Module()
-    self.ffn.net = nnx.List([GeluProjection(dim, c["ffn_dim"], rngs), None,
-                             dense(c["ffn_dim"], dim, ("mlp", "embed"), rngs)])
+    self.ffn.net = nnx.List([GeluProjection(dim, c["ffn_dim"], rngs, dtype), None,
+                             dense(c["ffn_dim"], dim, ("mlp", "embed"), rngs, dtype)])
     self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 6, dim)) / dim ** 0.5,
                                        **layers.names(None, None, "embed"))
 
   def __call__(self, x, text, modulation, angles):
     """modulation [batch, 6, dim]: the time embedding's projection."""
     shift, scale, gate, ff_shift, ff_scale, ff_gate = jnp.split(self.scale_shift_table[...] + modulation, 6, axis=1)
-    x = x + self.attn1(self.norm1(x) * (1 + scale) + shift, angles=angles) * gate
-    x = x + self.attn2(x if self.norm2 is None else self.norm2(x), text)
+    x = x + self.attn1(self.norm1(x) * (1 + scale) + shift, angles=angles).astype(jnp.float32) * gate
+    x = x + self.attn2(x if self.norm2 is None else self.norm2(x), text).astype(jnp.float32)
     hidden = self.ffn.net[0](self.norm3(x) * (1 + ff_scale) + ff_shift)
-    return x + self.ffn.net[2](hidden) * ff_gate
+    return x + self.ffn.net[2](hidden).astype(jnp.float32) * ff_gate
 
 
 class WanTransformer(nnx.Module):
   """diffusers' WanTransformer3DModel (text-to-video) of a config.json (read_config)."""
 
-  def __init__(self, config: dict, *, rngs: nnx.Rngs):
-    c = DEFAULTS | config
+  def __init__(self, config: dict, *, rngs: nnx.Rngs, dtype="float32", remat_policy=None):
+    c, dtype = DEFAULTS | config, jnp.dtype(dtype)
     dim, self.patch = c["num_attention_heads"] * c["attention_head_dim"], tuple(c["patch_size"])
     self.head_dim, self.freq_dim, self.out_channels = c["attention_head_dim"], c["freq_dim"], c["out_channels"]
-    self.patch_embedding = layers.conv(c["in_channels"], dim, self.patch, rngs, jnp.float32, stride=self.patch,
+    self.remat_policy = remat_policy
+    self.patch_embedding = layers.conv(c["in_channels"], dim, self.patch, rngs, dtype, stride=self.patch,
                                        padding="VALID")
     self.condition_embedder = nnx.Module()
     embedder = self.condition_embedder
@@ -176,7 +180,7 @@ class WanTransformer(nnx.Module):
     embedder.text_embedder = nnx.Module()
     embedder.text_embedder.linear_1 = dense(c["text_dim"], dim, ("text_embed", "embed"), rngs)
     embedder.text_embedder.linear_2 = dense(dim, dim, ("embed", "embed"), rngs)
-    self.blocks = nnx.List([Block(c, rngs) for _ in range(c["num_layers"])])
+    self.blocks = nnx.List([Block(c, rngs, dtype) for _ in range(c["num_layers"])])
     self.norm_out = layer_norm(dim, c["eps"], rngs)
     self.proj_out = dense(dim, c["out_channels"] * math.prod(self.patch), ("embed", None), rngs)
     self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim)) / dim ** 0.5,
@@ -185,7 +189,7 @@ class WanTransformer(nnx.Module):
   def __call__(self, x, timestep, text, text_mask):
     b, f, h, w, _ = x.shape
     (pt, ph, pw), grid = self.patch, (f // self.patch[0], h // self.patch[1], w // self.patch[2])
-    tokens = self.patch_embedding(x.astype(jnp.float32))
+    tokens = self.patch_embedding(x.astype(jnp.float32)).astype(jnp.float32)
     tokens = tokens.reshape(b, -1, tokens.shape[-1])
     e = self.condition_embedder
     sinusoids = layers.sinusoidal_embedding(timestep.astype(jnp.float32), self.freq_dim)
@@ -195,8 +199,10 @@ class WanTransformer(nnx.Module):
     text = jnp.where(text_mask[..., None], text.astype(jnp.float32), 0.0)
     text = e.text_embedder.linear_2(nnx.gelu(e.text_embedder.linear_1(text), approximate=True))
     angles = rotary_angles(*grid, self.head_dim)
+    run = lambda block, *args: block(*args)
+    run = layers.rematerialised(run, self.remat_policy) if self.remat_policy else run
     for block in self.blocks:
-      tokens = block(tokens, text, modulation, angles)
+      tokens = run(block, tokens, text, modulation, angles)
     shift, scale = jnp.split(self.scale_shift_table[...] + time[:, None], 2, axis=1)
     out = self.proj_out(self.norm_out(tokens) * (1 + scale) + shift)
     out = out.reshape(b, *grid, pt, ph, pw, self.out_channels).transpose(0, 1, 4, 2, 5, 3, 6, 7)
