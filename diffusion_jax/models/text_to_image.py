@@ -29,7 +29,7 @@ class TextToImage(nnx.Module):
       self.dit = dit.DiT(config.model, rngs=rngs)
     elif self.backbone == "wan":
       self.wan = wan_transformer.WanTransformer(wan_transformer.read_config(config.model.wan_path), rngs=rngs,
-                                                dtype=config.model.dtype,
+                                                dtype=config.model.dtype, attention=config.model.attention,
                                                 remat_policy=config.model.remat_policy if config.model.remat else None)
     else:
       self.unet = unet.UNet(config.model, rngs=rngs)

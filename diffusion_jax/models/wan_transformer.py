@@ -14,7 +14,8 @@ Call: x [batch, frames, h, w, in_channels] (latent clips; frames, h and w divisi
 text_mask [batch, tokens] bool -> [batch, frames, h, w, out_channels] float32, Wan's prediction of the velocity
 eps - x0. `dtype` (model.dtype) is that of its matrix products and attention (parameters, norms, modulation and the
 residual stream stay float32, as diffusers keeps them); `remat_policy` (layers.REMAT_POLICIES) recomputes each
-block in the backward pass.
+block in the backward pass; `attention` (model.attention) picks the attention's implementation (models/attention.py:
+cuDNN's flash attention on recent NVIDIA GPUs in bfloat16).
 
 Not supported (config_problems refuses them): image-to-video models' image conditioning (`image_dim`,
 `added_kv_proj_dim`) and other query-key norms than `rms_norm_across_heads`.
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_jax.models import layers, named_tensors
+from diffusion_jax.models import attention, layers, named_tensors
 
 CLASS_NAME = "WanTransformer3DModel"
 DEFAULTS = {"patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
@@ -108,8 +109,8 @@ class Attention(nnx.Module):
   WanAttention): x [batch, n, dim] attends to context [batch, m, dim] (itself when None), rotary angles for
   self-attention."""
 
-  def __init__(self, dim, heads, eps, rngs, dtype):
-    self.heads, self.dtype = heads, dtype
+  def __init__(self, dim, heads, eps, rngs, dtype, implementation):
+    self.heads, self.dtype, self.implementation = heads, dtype, implementation
     self.to_q, self.to_k, self.to_v = (dense(dim, dim, ("embed", "heads"), rngs, dtype) for _ in range(3))
     self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), rngs, dtype)])
     self.norm_q, self.norm_k = (nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, scale_metadata=layers.names("norm"))
@@ -122,7 +123,8 @@ class Attention(nnx.Module):
     q, k = split(normed(self.norm_q, self.to_q(x))), split(normed(self.norm_k, self.to_k(context)))
     if angles is not None:
       q, k = rotated(q, angles), rotated(k, angles)
-    out = jax.nn.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), split(self.to_v(context)))
+    out = attention.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), split(self.to_v(context)),
+                                          implementation=self.implementation)
     return self.to_out[0](out.reshape(x.shape[:2] + (-1,)))
 
 
@@ -140,11 +142,11 @@ class GeluProjection(nnx.Module):
 class Block(nnx.Module):
   """Modulated self-attention, cross-attention to the text, modulated feed-forward: tokens [batch, n, dim]."""
 
-  def __init__(self, c, rngs, dtype):
+  def __init__(self, c, rngs, dtype, implementation):
     dim = c["num_attention_heads"] * c["attention_head_dim"]
     self.norm1, self.norm3 = layer_norm(dim, c["eps"], rngs), layer_norm(dim, c["eps"], rngs)
-    self.attn1 = Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype)
-    self.attn2 = Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype)
+    self.attn1 = Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype, implementation)
+    self.attn2 = Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype, implementation)
     self.norm2 = layer_norm(dim, c["eps"], rngs, affine=True) if c["cross_attn_norm"] else None
     self.ffn = nnx.Module()
     self.ffn.net = nnx.List([GeluProjection(dim, c["ffn_dim"], rngs, dtype), None,
@@ -164,7 +166,7 @@ class Block(nnx.Module):
 class WanTransformer(nnx.Module):
   """diffusers' WanTransformer3DModel (text-to-video) of a config.json (read_config)."""
 
-  def __init__(self, config: dict, *, rngs: nnx.Rngs, dtype="float32", remat_policy=None):
+  def __init__(self, config: dict, *, rngs: nnx.Rngs, dtype="float32", remat_policy=None, attention="auto"):
     c, dtype = DEFAULTS | config, jnp.dtype(dtype)
     dim, self.patch = c["num_attention_heads"] * c["attention_head_dim"], tuple(c["patch_size"])
     self.head_dim, self.freq_dim, self.out_channels = c["attention_head_dim"], c["freq_dim"], c["out_channels"]
@@ -180,7 +182,7 @@ class WanTransformer(nnx.Module):
     embedder.text_embedder = nnx.Module()
     embedder.text_embedder.linear_1 = dense(c["text_dim"], dim, ("text_embed", "embed"), rngs)
     embedder.text_embedder.linear_2 = dense(dim, dim, ("embed", "embed"), rngs)
-    self.blocks = nnx.List([Block(c, rngs, dtype) for _ in range(c["num_layers"])])
+    self.blocks = nnx.List([Block(c, rngs, dtype, attention) for _ in range(c["num_layers"])])
     self.norm_out = layer_norm(dim, c["eps"], rngs)
     self.proj_out = dense(dim, c["out_channels"] * math.prod(self.patch), ("embed", None), rngs)
     self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim)) / dim ** 0.5,
