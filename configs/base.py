@@ -86,7 +86,7 @@ def get_config():
       schedule="cosine",           # schedules.CONTINUOUS_SCHEDULES
       schedule_params=ml_collections.ConfigDict(dict(logsnr_min=-15.0, logsnr_max=15.0)),
       prediction="v",              # eps, x0, v, flow, edm
-      weighting="v_mse",           # eps_mse, v_mse, x0_mse, min_snr, edm
+      weighting="v_mse",           # eps_mse, v_mse, x0_mse, min_snr, edm, flow_mse (|v_hat - v|^2 of flow)
       min_snr_gamma=5.0,
       sigma_data=0.5,
       time_sampler="uniform",      # uniform, log_normal, logit_normal

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from diffusion_jax import schedules
 
 PREDICTIONS = ("eps", "x0", "v", "flow", "edm")
-WEIGHTINGS = ("eps_mse", "v_mse", "x0_mse", "min_snr", "edm")
+WEIGHTINGS = ("eps_mse", "v_mse", "x0_mse", "min_snr", "edm", "flow_mse")
 TIME_SAMPLERS = ("uniform", "log_normal", "logit_normal")
 
 
@@ -110,7 +110,9 @@ def log_x0_weight(weighting: str, logsnr, min_snr_gamma: float = 5.0, sigma_data
   """log w(logsnr) of the loss w * |x0_hat - x0|^2 that each named weighting corresponds to.
 
   eps_mse: w = snr; v_mse: w = snr + 1; x0_mse: w = 1; min_snr: w = min(snr, gamma)
-  (Hang et al. 2023); edm: w = (s^2 + sd^2) / (s * sd)^2 with s^2 = 1 / snr (Karras et al. 2022).
+  (Hang et al. 2023); edm: w = (s^2 + sd^2) / (s * sd)^2 with s^2 = 1 / snr (Karras et al. 2022); flow_mse:
+  w = (1 + sqrt(snr))^2 = 1 / t^2 on the flow path (x = (1 - t) x0 + t eps), which makes the loss of the flow
+  prediction |v_hat - v|^2, the rectified-flow loss SD3 and Wan train with.
   """
   _check(weighting, WEIGHTINGS, "loss weighting")
   if weighting == "eps_mse":
@@ -121,6 +123,8 @@ def log_x0_weight(weighting: str, logsnr, min_snr_gamma: float = 5.0, sigma_data
     return jnp.zeros_like(logsnr)
   if weighting == "min_snr":
     return jnp.minimum(logsnr, jnp.log(min_snr_gamma))
+  if weighting == "flow_mse":
+    return 2 * jnp.logaddexp(logsnr / 2, 0.0)
   # (s^2 + sd^2) / (s^2 sd^2) = 1 / sd^2 + snr
   return jnp.logaddexp(logsnr, -2 * jnp.log(sigma_data))
 

@@ -12,6 +12,7 @@ tables (betas, alphas_cumprod) are host-side numpy constants, as in the papers' 
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 
 import jax
@@ -164,10 +165,12 @@ def _edm(t, sigma_min=0.002, sigma_max=80.0, rho=7.0):
   return logsnr_from_edm_sigma(edm_sigma)
 
 
-def _flow(t, t_min=1e-5):
-  """Rectified flow: alpha = 1 - t, sigma = t, so logsnr = 2 log((1 - t) / t)."""
+def _flow(t, t_min=1e-5, shift=1.0):
+  """Rectified flow: alpha = 1 - t, sigma = t, so logsnr = 2 log((1 - t) / t); with `shift` s, the time-shifted
+  sigma = s t / (1 + (s - 1) t) of SD3 and Wan (their sampling shift; s > 1 spends more steps at high noise), which
+  is the log-SNR lowered by 2 log s."""
   t = jnp.clip(t, t_min, 1 - t_min)
-  return 2 * (jnp.log1p(-t) - jnp.log(t))
+  return 2 * (jnp.log1p(-t) - jnp.log(t)) - 2 * math.log(shift)
 
 
 CONTINUOUS_SCHEDULES = {
@@ -184,6 +187,8 @@ CONTINUOUS_SCHEDULES = {
 def logsnr_schedule(name: str, **params) -> Callable:
   """The function t -> logsnr of a named continuous schedule with its parameters bound."""
   fn = _lookup(CONTINUOUS_SCHEDULES, "noise schedule", name, params)
+  if name == "flow" and not params.get("shift", 1.0) > 0:
+    raise ValueError(f"flow schedule needs shift > 0, got {params}.")
   if name == "edm" and not 0 < params.get("sigma_min", 0.002) < params.get("sigma_max", 80.0):
     raise ValueError(f"edm schedule needs 0 < sigma_min < sigma_max, got {params}.")
   if "logsnr_min" in params or "logsnr_max" in params:

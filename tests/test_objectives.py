@@ -53,6 +53,11 @@ def test_named_weightings_reduce_to_plain_mse():
   alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr)
   v = objectives.target("v", x0, eps, alpha, sigma)
   np.testing.assert_allclose(objectives.loss("v", "v_mse", v + 1, x0, eps, logsnr), 1.0, rtol=1e-5)
+  # flow_mse makes the flow prediction's loss on the flow path the plain |v_hat - v|^2 (SD3's, Wan's).
+  flow_alpha, flow_sigma = schedules.alpha_sigma_from_logsnr(logsnr, "flow")
+  velocity = objectives.target("flow", x0, eps, flow_alpha, flow_sigma)
+  np.testing.assert_allclose(objectives.loss("flow", "flow_mse", velocity + 1, x0, eps, logsnr, "flow"), 1.0,
+                             rtol=1e-5)
   # EDM weighting makes the preconditioned output's loss unweighted (Karras et al. eq. 8).
   edm = objectives.target("edm", x0, eps, alpha, sigma)
   np.testing.assert_allclose(objectives.loss("edm", "edm", edm + 1, x0, eps, logsnr), 1.0, rtol=1e-4)

@@ -17,6 +17,7 @@ CONTINUOUS = [
     ("scaled_linear", {}),
     ("edm", {}),
     ("flow", {}),
+    ("flow", {"shift": 5.0}),
 ]
 
 
@@ -68,6 +69,15 @@ def test_vp_alpha_sigma_round_trip(logsnr):
   np.testing.assert_allclose(schedules.logsnr_from_alpha_sigma(alpha, sigma), logsnr, atol=1e-3)
   np.testing.assert_allclose(schedules.logsnr_from_edm_sigma(schedules.edm_sigma_from_logsnr(logsnr)),
                              logsnr, atol=1e-4)
+
+
+def test_shifted_flow_is_sd3s_and_wans_time_shift():
+  """shift s: sigma = s t / (1 + (s - 1) t) on the flow path (SD3's and Wan's sampling shift)."""
+  t = np.linspace(0.05, 0.95, 19)
+  _, sigma = schedules.alpha_sigma_from_logsnr(schedules.logsnr_schedule("flow", shift=5.0)(jnp.asarray(t)), "flow")
+  np.testing.assert_allclose(sigma, 5 * t / (1 + 4 * t), rtol=1e-5)
+  with pytest.raises(ValueError, match="flow schedule needs shift > 0"):
+    schedules.logsnr_schedule("flow", shift=0.0)
 
 
 @settings(max_examples=60, deadline=None)
