@@ -14,10 +14,10 @@ def get_config():
 
   # Data: captioned_shapes (built in) or any TFDS dataset prepared as array_record.
   c.data = dict(
-      dataset="captioned_shapes",  # captioned_shapes, moving_shapes, folder, tfds
+      dataset="captioned_shapes",  # captioned_shapes, moving_shapes, folder (images), folder_clips (videos), tfds
       name="",                     # TFDS name when dataset == "tfds"
-      folder="",                   # image folder when dataset == "folder"
-      captions_file="",            # captions.jsonl / .csv when dataset == "folder"
+      folder="",                   # image (clip) folder when dataset == "folder" ("folder_clips")
+      captions_file="",            # captions.jsonl / .csv when dataset == "folder" or "folder_clips"
       data_dir="~/tensorflow_datasets",
       image_key="image",
       caption_key="caption",

@@ -234,6 +234,52 @@ def test_folder_dataset_skips_bad_files_and_trains_shapes(tmp_path):
   assert batch["image"].shape == (8, 16, 16, 3) and np.isfinite(batch["image"]).all()
 
 
+def test_folder_of_clips_keeps_each_clips_first_frames_and_skips_what_it_cannot_use(tmp_path):
+  """MP4 and GIF clips of moving shapes (24 x 32 px) prepared at 5 frames and shorter side 16: each record holds
+  its clip's first 5 frames at 16 x 21, which the loader crops to 16 x 16 clips; a 3-frame clip, a corrupt file,
+  a missing file and an empty caption are skipped; a video model's batch reads them."""
+  from configs import t2v_moving_shapes
+  from diffusion_jax import media
+  from diffusion_jax.data import folder_dataset
+
+  clips = tmp_path / "clips"
+  clips.mkdir()
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(4):
+    frames = np.zeros((7, 24, 32, 3), np.uint8)
+    for f in range(7):  # a square moving right, its colour by clip
+      frames[f, 8:16, 2 + 3 * f:10 + 3 * f] = (rng.integers(64, 256, 3))
+    if i % 2:
+      media.save_mp4(clips / f"c{i}.mp4", frames, {}, scale=1)
+    else:
+      PIL.Image.fromarray(frames[0]).save(clips / f"c{i}.gif", save_all=True,
+                                          append_images=[PIL.Image.fromarray(f) for f in frames[1:]])
+    lines.append({"file": f"c{i}.{'mp4' if i % 2 else 'gif'}", "caption": f"a square moving right {i}"})
+  media.save_mp4(clips / "short.mp4", np.zeros((3, 24, 32, 3), np.uint8), {}, scale=1)
+  (clips / "corrupt.mp4").write_bytes(b"not a video")
+  lines += [{"file": "short.mp4", "caption": "too short"}, {"file": "corrupt.mp4", "caption": "corrupt"},
+            {"file": "gone.mp4", "caption": "missing"}, {"file": "c1.mp4", "caption": ""}]
+  (clips / "captions.jsonl").write_text("\n".join(map(json.dumps, lines)))
+  code = folder_dataset.main([f"--clips={clips}", f"--captions={clips / 'captions.jsonl'}", "--frames=5",
+                              "--resolution=16", f"--data_dir={tmp_path / 'tfds'}"])
+  assert code == 0
+  config = t2v_moving_shapes.get_config("test")
+  config.data.update(dataset="folder_clips", folder=str(clips), captions_file=str(clips / "captions.jsonl"),
+                     data_dir=str(tmp_path / "tfds"), frames=5, resolution=16, image_fraction=0.0)
+  source = pipeline.data_source(config.data, "train")
+  assert len(source) == 4
+  first = np.asarray(source[0]["video"])
+  assert first.shape == (5, 16, 21, 3)
+  assert np.argmax(first[4].sum(axis=(0, 2))) > np.argmax(first[0].sum(axis=(0, 2)))  # moving right, in order
+  config.text.update(tokenizer="sentencepiece", spiece_path=tokenizers.train_sentencepiece(
+      [line["caption"] for line in lines if line["caption"]], tmp_path / "sp", vocab_size=30))
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 4, seed=0)))
+  assert batch["video"].shape == (4, 5, 16, 16, 3) and np.isfinite(batch["video"]).all()
+  assert folder_dataset.main([f"--clips={tmp_path / 'none'}", f"--captions={clips / 'captions.jsonl'}",
+                              "--frames=5", "--resolution=16", f"--data_dir={tmp_path / 'tfds'}"]) == 2
+
+
 def test_unreadable_and_uncaptioned_records_are_skipped(config):
   records = [{"image": np.zeros((16, 16, 3), np.uint8), "caption": b"a red circle"} for _ in range(20)]
   records[3]["caption"] = b""

@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 
 from diffusion_jax.data import captioned_shapes, folder_dataset, moving_shapes
 
-DATASETS = ("captioned_shapes", "moving_shapes", "folder", "tfds")
+DATASETS = ("captioned_shapes", "moving_shapes", "folder", "folder_clips", "tfds")
 # Batch keys the train step consumes (attribute keys are for evaluation only).
 MODEL_INPUTS = ("image", "video", "is_video", "text_ids", "text_embeddings", "text_mask", "latent_mean",
                 "latent_logvar", "lowres")
@@ -65,6 +65,9 @@ def _open(config, split: str):
   if config.dataset == "folder":
     return _prepared(lambda: folder_dataset.builder(config.folder, config.captions_file,
                                                     config.data_dir)).as_data_source(split)
+  if config.dataset == "folder_clips":
+    return _prepared(lambda: folder_dataset.clips_builder(config.folder, config.captions_file, config.frames,
+                                                          config.resolution, config.data_dir)).as_data_source(split)
   if config.dataset == "tfds":
     try:
       return tfds.data_source(config.name, split=split, data_dir=config.data_dir)
