@@ -126,3 +126,50 @@ def test_a_video_model_on_wans_transformer_starts_from_its_weights_trains_and_sa
   clips = sample.generate(config, graphdef, trained.params, trained.frozen, tokenizers.from_config(config),
                           ["a red circle moving left"], sample_config, mesh)
   assert clips.shape == (1, 1, config.data.frames, 16, 16, 3) and clips.dtype == np.uint8
+
+
+def test_the_wan_config_reads_a_checkpoints_four_parts_and_fine_tunes_them(tmp_path):
+  """configs/wan_t2v.py:ROOT on a tiny random diffusers Wan checkpoint (transformer/, UMT5 text_encoder/,
+  tokenizer/spiece.model, vae/): the config check passes, a train step on moving clips runs with every part loaded
+  (UMT5 and the VAE frozen); a missing part is named."""
+  import shutil
+
+  import transformers
+  from diffusers import AutoencoderKLWan
+
+  from configs import wan_t2v
+  from diffusion_jax.models import t5
+
+  root = tmp_path / "Wan-tiny"
+  save_tiny_wan(root / "transformer")  # text_dim 32 = the UMT5's width; 3 channels in and out = the VAE's
+  torch.manual_seed(0)
+  transformers.UMT5EncoderModel(transformers.UMT5Config(
+      vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, dropout_rate=0.0)).save_pretrained(
+          root / "text_encoder", safe_serialization=True)
+  AutoencoderKLWan(base_dim=4, z_dim=3, latents_mean=[0.1, -0.2, 0.3], latents_std=[0.5, 2.0, 1.0]).save_pretrained(
+      root / "vae", safe_serialization=True)
+  (root / "tokenizer").mkdir()
+  tokenizers.train_sentencepiece(["a red circle moving left", "a blue square moving up"],
+                                 root / "tokenizer" / "spiece", vocab_size=30)
+  config = wan_t2v.get_config(str(root))
+  config.model.in_channels = 3
+  config.data.update(dataset="moving_shapes", resolution=32, frames=5, num_train=16, num_eval=8,
+                     data_dir=str(tmp_path / "tfds"))
+  config.text.max_length = 8
+  config.mesh.update(data=2, fsdp=4)
+  assert config_checks.problems(config, device_count=8) == []
+  mesh = sharding.make_mesh(config.mesh)
+  state, graphdef = train.init_state(config, mesh)
+  encoder = nnx.to_pure_dict(nnx.state(t5.load_hf_encoder(root / "text_encoder")))
+  jax.tree.map(np.testing.assert_array_equal, state.frozen["text_encoder"], encoder)
+  source = pipeline.data_source(config.data, "train")
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 8, seed=0)))
+  batch_np = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
+  step, _ = train.compile_step(config, train.make_train_step(config, graphdef), state, shapes, mesh)
+  state, metrics = step(state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)),
+                        train.place_hparams(config, mesh))
+  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  shutil.rmtree(root / "vae")
+  assert f"latent.autoencoder_path={str(root / 'vae')!r} has no config.json" in " ".join(
+      config_checks.problems(config, device_count=8))

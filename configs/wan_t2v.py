@@ -1,0 +1,39 @@
+"""Fine-tuning Wan's text-to-video model (a diffusers checkpoint of Wan 2.1 or Wan 2.2 T2V) on your clips: its
+transformer (model.backbone='wan', trained), UMT5 text encoder and VAE (both frozen), read from the checkpoint's
+folders, on the flow path with Wan's loss (flow_mse) and time shift (5).
+
+  python -m diffusion_jax.main --config=configs/wan_t2v.py:/path/to/Wan2.1-T2V-1.3B-Diffusers --workdir=DIR \\
+      --config.data.folder=/path/to/clips --config.data.captions_file=/path/to/clips/captions.jsonl
+
+The variant is the checkpoint's root directory: transformer/, text_encoder/, tokenizer/spiece.model and vae/ are
+read from it (the config check names any that is missing or does not fit the others). Without one
+(`configs/wan_t2v.py`) the four paths are empty, for the command line to give. Wan 2.2's 5B model (its VAE has 48
+latent channels): add --config.model.in_channels=48. The clips (data.dataset='folder_clips') are cut to their first
+33 frames (9 latent frames) at 480 px squares.
+"""
+
+import os
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(root: str = ""):
+  config = base.get_config()
+  part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
+  config.model.update(backbone="wan", wan_path=part("transformer"), in_channels=16, temporal=True,
+                      dtype="bfloat16", remat=True, remat_policy="matmuls")
+  config.text.update(pretrained_path=part("text_encoder"), tokenizer="sentencepiece",
+                     spiece_path=part("tokenizer", "spiece.model"), max_length=512, trainable=False)
+  config.latent.autoencoder_path = part("vae")
+  config.diffusion.update(path="flow", prediction="flow", weighting="flow_mse", schedule="flow")
+  config.diffusion.schedule_params = ml_collections.ConfigDict(dict(shift=5.0))  # replaces the cosine's
+  config.data.update(dataset="folder_clips", image_key="video", frames=33, resolution=480, image_fraction=0.0,
+                     random_flip=False)
+  config.optimizer.update(learning_rate=1e-5, warmup_steps=100, schedule="constant", weight_decay=0.0)
+  config.train.update(batch_size=8, steps=2000, ema_decays=(0.999,), checkpoint_every=250)
+  config.sample.update(steps=50, guidance_scale=5.0, threshold="none", num_per_prompt=1,
+                       prompts=("A cat walks on the grass, realistic style.",))
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  return config
