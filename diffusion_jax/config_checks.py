@@ -111,9 +111,12 @@ def wan_problems(config, resolution: int | None) -> list[str]:
     if frames and network_frames(config, frames) % frames_patch:
       found.append(f"{field}={frames}: the network's frames must be a multiple of Wan's patch_size in time "
                    f"({frames_patch})")
-  if m.lowres_conditioning or config.data.image_fraction or m.lora_rank:
-    found.append("model.lowres_conditioning, data.image_fraction > 0 (stills in video batches) and model.lora_rank "
-                 "are not supported with model.backbone='wan' yet: turn them off")
+  unsupported = [field for field, value in (("model.lowres_conditioning", m.lowres_conditioning),
+                                            ("data.image_fraction", config.data.image_fraction),
+                                            ("model.lora_rank", m.lora_rank)) if value]
+  if unsupported:
+    found.append(f"{', '.join(unsupported)}: not supported with model.backbone='wan' yet (super-resolution inputs, "
+                 "stills in video batches, LoRA); turn off or set to 0")
   return found
 
 

@@ -102,6 +102,10 @@ def test_a_video_model_on_wans_transformer_starts_from_its_weights_trains_and_sa
   assert "the text encoder's width 16 (text.pretrained_path's d_model, or text.t5.d_model) must equal Wan's " \
          "text_dim=32" in " ".join(config_checks.problems(config, device_count=8))
   config.text.t5.d_model = 32
+  config.model.lora_rank = 4
+  assert "model.lora_rank: not supported with model.backbone='wan' yet" in " ".join(
+      config_checks.problems(config, device_count=8))
+  config.model.lora_rank = 0
   assert config_checks.problems(config, device_count=8) == []
   config.mesh.update(data=2, fsdp=2, tensor=2)  # its parameters sharded by their logical axes too
   config.model.remat = True
