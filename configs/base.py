@@ -18,6 +18,7 @@ def get_config():
       name="",                     # TFDS name when dataset == "tfds"
       folder="",                   # image (clip) folder when dataset == "folder" ("folder_clips")
       captions_file="",            # captions.jsonl / .csv when dataset == "folder" or "folder_clips"
+      eval_captions_file="",       # ... of held-out files of the folder: the validation split evaluation reads
       data_dir="~/tensorflow_datasets",
       image_key="image",
       caption_key="caption",

@@ -254,6 +254,7 @@ ADDED_FIELDS = {
     "data.travel": 0.45,
     "text.t5.per_layer_position_bias": False,
     "model.wan_path": "",
+    "data.eval_captions_file": "",
 }
 
 

@@ -232,12 +232,15 @@ def test_folder_dataset_skips_bad_files_and_trains_shapes(tmp_path):
   assert len(source) == 8  # 6 shapes + grayscale + tiny RGBA; corrupt, missing and empty-caption skipped
   batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 8, seed=0)))
   assert batch["image"].shape == (8, 16, 16, 3) and np.isfinite(batch["image"]).all()
+  with pytest.raises(ValueError, match="the validation split needs held-out ones: give data.eval_captions_file"):
+    pipeline.data_source(config.data, "validation")
 
 
 def test_folder_of_clips_keeps_each_clips_first_frames_and_skips_what_it_cannot_use(tmp_path):
   """MP4 and GIF clips of moving shapes (24 x 32 px) prepared at 5 frames and shorter side 16: each record holds
   its clip's first 5 frames at 16 x 21, which the loader crops to 16 x 16 clips; a 3-frame clip, a corrupt file,
-  a missing file and an empty caption are skipped; a video model's batch reads them."""
+  a missing file and an empty caption are skipped; a video model's batch reads them; the held-out captions file
+  makes the validation split."""
   from configs import t2v_moving_shapes
   from diffusion_jax import media
   from diffusion_jax.data import folder_dataset
@@ -260,22 +263,27 @@ def test_folder_of_clips_keeps_each_clips_first_frames_and_skips_what_it_cannot_
   (clips / "corrupt.mp4").write_bytes(b"not a video")
   lines += [{"file": "short.mp4", "caption": "too short"}, {"file": "corrupt.mp4", "caption": "corrupt"},
             {"file": "gone.mp4", "caption": "missing"}, {"file": "c1.mp4", "caption": ""}]
-  (clips / "captions.jsonl").write_text("\n".join(map(json.dumps, lines)))
+  (clips / "captions.jsonl").write_text("\n".join(map(json.dumps, lines[1:])))
+  (clips / "heldout.jsonl").write_text(json.dumps(lines[0]))
   code = folder_dataset.main([f"--clips={clips}", f"--captions={clips / 'captions.jsonl'}", "--frames=5",
-                              "--resolution=16", f"--data_dir={tmp_path / 'tfds'}"])
+                              "--resolution=16", f"--data_dir={tmp_path / 'tfds'}",
+                              f"--eval_captions={clips / 'heldout.jsonl'}"])
   assert code == 0
   config = t2v_moving_shapes.get_config("test")
   config.data.update(dataset="folder_clips", folder=str(clips), captions_file=str(clips / "captions.jsonl"),
-                     data_dir=str(tmp_path / "tfds"), frames=5, resolution=16, image_fraction=0.0)
+                     eval_captions_file=str(clips / "heldout.jsonl"), data_dir=str(tmp_path / "tfds"), frames=5,
+                     resolution=16, image_fraction=0.0)
+  heldout = pipeline.data_source(config.data, "validation")  # the held-out clip, the validation split
+  assert len(heldout) == 1 and heldout[0]["file"] == b"c0.gif"
   source = pipeline.data_source(config.data, "train")
-  assert len(source) == 4
+  assert len(source) == 3
   first = np.asarray(source[0]["video"])
   assert first.shape == (5, 16, 21, 3)
   assert np.argmax(first[4].sum(axis=(0, 2))) > np.argmax(first[0].sum(axis=(0, 2)))  # moving right, in order
   config.text.update(tokenizer="sentencepiece", spiece_path=tokenizers.train_sentencepiece(
       [line["caption"] for line in lines if line["caption"]], tmp_path / "sp", vocab_size=30))
-  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 4, seed=0)))
-  assert batch["video"].shape == (4, 5, 16, 16, 3) and np.isfinite(batch["video"]).all()
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 3, seed=0)))
+  assert batch["video"].shape == (3, 5, 16, 16, 3) and np.isfinite(batch["video"]).all()
   assert folder_dataset.main([f"--clips={tmp_path / 'none'}", f"--captions={clips / 'captions.jsonl'}",
                               "--frames=5", "--resolution=16", f"--data_dir={tmp_path / 'tfds'}"]) == 2
 

@@ -8,7 +8,9 @@ Flags:
   --clips       folder of video files (any container and codec FFmpeg decodes, through PyAV: .mp4, .webm, .mov,
                 .gif, ...; sub-folders allowed), instead of --images
   --captions    captions.jsonl ({"file": "relative/path.jpg", "caption": "..."} per line) or a .csv with
-                columns file,caption
+                columns file,caption: the train split
+  --eval_captions  the same for held-out files of the folder: the validation split, which evaluation reads
+                (data.eval_captions_file); default none
   --frames      clips: frames kept of each clip, its first ones (data.frames); shorter clips are skipped
   --resolution  clips: each frame is stored with its shorter side resized to this (data.resolution); training crops
                 the square
@@ -22,6 +24,7 @@ caption is empty are skipped and counted in the summary. Train on images with `-
 data.resolution, which decide what is prepared).
 """
 
+import collections
 import csv
 import dataclasses
 import hashlib
@@ -65,47 +68,11 @@ def read_captions(path) -> list[tuple[str, str]]:
 class FolderConfig(tfds.core.BuilderConfig):
   folder: str = ""
   captions_file: str = ""
-
-
-class FolderImages(tfds.core.GeneratorBasedBuilder):
-  """Images from a local folder with captions."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [FolderConfig(name="default")]
-
-  def _info(self):
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
-                                             "caption": tfds.features.Text(), "file": tfds.features.Text()}))
-
-  def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
-    c = self.builder_config
-    folder = pathlib.Path(c.folder)
-    skipped = {"missing file": 0, "empty caption": 0, "undecodable image": 0}
-    for index, (file, caption) in enumerate(read_captions(c.captions_file)):
-      if not caption.strip():
-        skipped["empty caption"] += 1
-        continue
-      if not (folder / file).is_file():
-        skipped["missing file"] += 1
-        continue
-      try:
-        with PIL.Image.open(folder / file) as image:
-          image = image.convert("RGB")
-      except (OSError, ValueError, PIL.Image.DecompressionBombError):
-        skipped["undecodable image"] += 1
-        continue
-      yield index, {"image": image, "caption": caption, "file": file}
-    log.warning("folder dataset: skipped %s", skipped)
+  eval_captions_file: str = ""  # "": no validation split
 
 
 @dataclasses.dataclass
-class FolderClipsConfig(tfds.core.BuilderConfig):
-  folder: str = ""
-  captions_file: str = ""
+class FolderClipsConfig(FolderConfig):
   frames: int = 0
   resolution: int = 0
 
@@ -128,10 +95,57 @@ def read_clip(path, frames: int, resolution: int) -> np.ndarray | None:
   return None
 
 
-class FolderClips(tfds.core.GeneratorBasedBuilder):
-  """Video clips from a local folder with captions: each clip's first `frames` frames."""
+class CaptionedFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """What both folder builders share: a train split of the files captions_file lists and, when eval_captions_file
+  is given, a validation split of those it lists; a line whose caption is empty, whose file is missing or which
+  `_read(path)` cannot use is skipped and counted."""
 
   VERSION = tfds.core.Version("1.0.0")
+
+  def _split_generators(self, dl_manager):
+    c = self.builder_config
+    splits = {"train": self._generate_examples(c.captions_file)}
+    if c.eval_captions_file:
+      splits["validation"] = self._generate_examples(c.eval_captions_file)
+    return splits
+
+  def _generate_examples(self, captions_file):
+    folder, skipped = pathlib.Path(self.builder_config.folder), collections.Counter()
+    for index, (file, caption) in enumerate(read_captions(captions_file)):
+      reason, example = ("empty caption", None) if not caption.strip() else (
+          ("missing file", None) if not (folder / file).is_file() else self._read(folder / file))
+      if reason:
+        skipped[reason] += 1
+        continue
+      yield index, {**example, "caption": caption, "file": file}
+    log.warning("%s: of %s skipped %s", self.name, captions_file, dict(skipped))
+
+  def _read(self, path) -> tuple[str | None, dict | None]:
+    """(None, the example's media features) of a usable file, else (why it is skipped, None)."""
+    raise NotImplementedError
+
+
+class FolderImages(CaptionedFolder):
+  """Images from a local folder with captions."""
+
+  BUILDER_CONFIGS = [FolderConfig(name="default")]
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
+                                             "caption": tfds.features.Text(), "file": tfds.features.Text()}))
+
+  def _read(self, path):
+    try:
+      with PIL.Image.open(path) as image:
+        return None, {"image": image.convert("RGB")}
+    except (OSError, ValueError, PIL.Image.DecompressionBombError):
+      return "undecodable image", None
+
+
+class FolderClips(CaptionedFolder):
+  """Video clips from a local folder with captions: each clip's first `frames` frames."""
+
   BUILDER_CONFIGS = [FolderClipsConfig(name="default")]
 
   def _info(self):
@@ -139,58 +153,54 @@ class FolderClips(tfds.core.GeneratorBasedBuilder):
         "video": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3)), length=self.builder_config.frames),
         "caption": tfds.features.Text(), "file": tfds.features.Text()}))
 
-  def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
+  def _read(self, path):
     import av
 
     c = self.builder_config
-    folder = pathlib.Path(c.folder)
-    skipped = {"missing file": 0, "empty caption": 0, "undecodable clip": 0, f"fewer than {c.frames} frames": 0}
-    for index, (file, caption) in enumerate(read_captions(c.captions_file)):
-      if not caption.strip():
-        skipped["empty caption"] += 1
-        continue
-      if not (folder / file).is_file():
-        skipped["missing file"] += 1
-        continue
-      try:
-        clip = read_clip(folder / file, c.frames, c.resolution)
-      except (OSError, ValueError, av.FFmpegError):
-        skipped["undecodable clip"] += 1
-        continue
-      if clip is None:
-        skipped[f"fewer than {c.frames} frames"] += 1
-        continue
-      yield index, {"video": [PIL.Image.fromarray(frame) for frame in clip], "caption": caption, "file": file}
-    log.warning("folder clips dataset: skipped %s", skipped)
+    try:
+      clip = read_clip(path, c.frames, c.resolution)
+    except (OSError, ValueError, av.FFmpegError):
+      return "undecodable clip", None
+    if clip is None:
+      return f"fewer than {c.frames} frames", None
+    return None, {"video": [PIL.Image.fromarray(frame) for frame in clip]}
 
 
-def clips_builder(folder, captions_file, frames: int, resolution: int, data_dir) -> FolderClips:
-  """The prepared clips dataset for this folder, captions file, clip length and resolution (prepared on first
+def _prepared(builder_class, config_class, data_dir, inputs: str, **fields):
+  """builder_class's dataset for `fields` (a config_class), named by a hash of `inputs`, prepared on first use."""
+  config = config_class(name=hashlib.sha256(inputs.encode()).hexdigest()[:12], **fields)
+  result = builder_class(config=config, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
+  result.download_and_prepare()
+  return result
+
+
+def _inputs(folder, captions_file, eval_captions_file) -> str:
+  """What names a prepared folder dataset: the folder and captions files (the held-out one only when given, so
+  datasets prepared before it existed keep their names)."""
+  paths = [folder, captions_file] + ([eval_captions_file] if eval_captions_file else [])
+  return "|".join(str(pathlib.Path(p).resolve()) for p in paths)
+
+
+def builder(folder, captions_file, data_dir, eval_captions_file="") -> FolderImages:
+  """The prepared images dataset for this folder and captions file(s) (prepared on first use)."""
+  if not pathlib.Path(folder).is_dir():
+    raise ValueError(f"Image folder {str(folder)!r} does not exist.")
+  return _prepared(FolderImages, FolderConfig, data_dir, _inputs(folder, captions_file, eval_captions_file),
+                   folder=str(folder), captions_file=str(captions_file), eval_captions_file=str(eval_captions_file))
+
+
+def clips_builder(folder, captions_file, frames: int, resolution: int, data_dir,
+                  eval_captions_file="") -> FolderClips:
+  """The prepared clips dataset for this folder, captions file(s), clip length and resolution (prepared on first
   use)."""
   if not pathlib.Path(folder).is_dir():
     raise ValueError(f"Clip folder {str(folder)!r} does not exist.")
   if frames < 1 or resolution < 1:
     raise ValueError(f"frames={frames} and resolution={resolution} must be positive: they decide what is prepared")
-  inputs = f"{pathlib.Path(folder).resolve()}|{pathlib.Path(captions_file).resolve()}|{frames}|{resolution}"
-  config = FolderClipsConfig(name=hashlib.sha256(inputs.encode()).hexdigest()[:12], folder=str(folder),
-                             captions_file=str(captions_file), frames=frames, resolution=resolution)
-  result = FolderClips(config=config, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
-  result.download_and_prepare()
-  return result
-
-
-def builder(folder, captions_file, data_dir) -> FolderImages:
-  """The prepared dataset for this folder and captions file (prepared on first use)."""
-  if not pathlib.Path(folder).is_dir():
-    raise ValueError(f"Image folder {str(folder)!r} does not exist.")
-  key = hashlib.sha256(f"{pathlib.Path(folder).resolve()}|{pathlib.Path(captions_file).resolve()}".encode())
-  config = FolderConfig(name=key.hexdigest()[:12], folder=str(folder), captions_file=str(captions_file))
-  result = FolderImages(config=config, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
-  result.download_and_prepare()
-  return result
+  inputs = f"{_inputs(folder, captions_file, eval_captions_file)}|{frames}|{resolution}"
+  return _prepared(FolderClips, FolderClipsConfig, data_dir, inputs, folder=str(folder),
+                   captions_file=str(captions_file), eval_captions_file=str(eval_captions_file), frames=frames,
+                   resolution=resolution)
 
 
 def main(argv=None) -> int:
@@ -201,18 +211,21 @@ def main(argv=None) -> int:
   inputs.add_argument("--images")
   inputs.add_argument("--clips")
   parser.add_argument("--captions", required=True)
+  parser.add_argument("--eval_captions", default="")
   parser.add_argument("--frames", type=int, default=0)
   parser.add_argument("--resolution", type=int, default=0)
   parser.add_argument("--data_dir", required=True)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
   try:
-    prepared = (builder(args.images, args.captions, args.data_dir) if args.images else
-                clips_builder(args.clips, args.captions, args.frames, args.resolution, args.data_dir))
+    prepared = (builder(args.images, args.captions, args.data_dir, args.eval_captions) if args.images else
+                clips_builder(args.clips, args.captions, args.frames, args.resolution, args.data_dir,
+                              args.eval_captions))
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  print(f"prepared {prepared.info.splits['train'].num_examples} examples in {prepared.data_path}")
+  counts = ", ".join(f"{split.num_examples} {name}" for name, split in prepared.info.splits.items())
+  print(f"prepared {counts} examples in {prepared.data_path}")
   return 0
 
 

@@ -62,12 +62,17 @@ def _open(config, split: str):
         config.data_dir, resolution=config.resolution, frames=config.frames, num_train=config.num_train,
         num_eval=config.num_eval, seed=config.seed, wrap_around=config.wrap_around,
         travel=config.travel)).as_data_source(split)
-  if config.dataset == "folder":
-    return _prepared(lambda: folder_dataset.builder(config.folder, config.captions_file,
-                                                    config.data_dir)).as_data_source(split)
-  if config.dataset == "folder_clips":
-    return _prepared(lambda: folder_dataset.clips_builder(config.folder, config.captions_file, config.frames,
-                                                          config.resolution, config.data_dir)).as_data_source(split)
+  if config.dataset in ("folder", "folder_clips"):
+    if split != "train" and not config.eval_captions_file:
+      raise ValueError(f"data.dataset={config.dataset!r} holds only the files data.captions_file lists, which it "
+                       f"trains on; the {split} split needs held-out ones: give data.eval_captions_file, a captions "
+                       "file of other files in data.folder.")
+    if config.dataset == "folder":
+      return _prepared(lambda: folder_dataset.builder(config.folder, config.captions_file, config.data_dir,
+                                                      config.eval_captions_file)).as_data_source(split)
+    return _prepared(lambda: folder_dataset.clips_builder(
+        config.folder, config.captions_file, config.frames, config.resolution, config.data_dir,
+        config.eval_captions_file)).as_data_source(split)
   if config.dataset == "tfds":
     try:
       return tfds.data_source(config.name, split=split, data_dir=config.data_dir)
