@@ -25,6 +25,18 @@ from test_t5 import save_tiny_t5
 from test_train import one_step
 
 
+def saved_off_its_initialisation(model, directory) -> str:
+  """Save a fresh diffusers `model` as diffusers does, every parameter first moved off its initial value (zero
+  biases, unit norms) by 0.05 normal noise, so that a weight loaded into the wrong place shows; returns the path."""
+  import torch
+
+  with torch.no_grad():
+    for parameter in model.parameters():
+      parameter.add_(0.05 * torch.randn_like(parameter))
+  model.save_pretrained(directory, safe_serialization=True)
+  return str(directory)
+
+
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
   """(directory, PyTorch model): a tiny random AutoencoderKL (2 levels, factor 2) saved as diffusers does."""
@@ -35,12 +47,7 @@ def vae(tmp_path_factory):
   model = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
                         norm_num_groups=4, sample_size=16, scaling_factor=0.5, shift_factor=0.1)
-  with torch.no_grad():  # off the zero biases and unit norms of a fresh model
-    for parameter in model.parameters():
-      parameter.add_(0.05 * torch.randn_like(parameter))
-  directory = tmp_path_factory.mktemp("vae")
-  model.save_pretrained(directory, safe_serialization=True)
-  return str(directory), model
+  return saved_off_its_initialisation(model, tmp_path_factory.mktemp("vae")), model
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +80,7 @@ def causal_vae(tmp_path_factory):
                                     up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1,
                                     latent_channels=4, norm_num_groups=4, spatial_compression_ratio=4,
                                     temporal_compression_ratio=4, scaling_factor=0.5)
-  with torch.no_grad():
-    for parameter in model.parameters():
-      parameter.add_(0.05 * torch.randn_like(parameter))
-  directory = tmp_path_factory.mktemp("causal_vae")
-  model.save_pretrained(directory, safe_serialization=True)
-  return str(directory), model
+  return saved_off_its_initialisation(model, tmp_path_factory.mktemp("causal_vae")), model
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +92,7 @@ def wan_vae(tmp_path_factory):
 
   torch.manual_seed(0)
   model = AutoencoderKLWan(base_dim=4, z_dim=4, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.0, 1.5])
-  with torch.no_grad():  # off the unit gammas and zero biases of a fresh model
-    for parameter in model.parameters():
-      parameter.add_(0.05 * torch.randn_like(parameter))
-  directory = tmp_path_factory.mktemp("wan_vae")
-  model.save_pretrained(directory, safe_serialization=True)
-  return str(directory), model
+  return saved_off_its_initialisation(model, tmp_path_factory.mktemp("wan_vae")), model
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +106,7 @@ def wan22_vae(tmp_path_factory):
   torch.manual_seed(0)
   model = AutoencoderKLWan(base_dim=4, decoder_base_dim=8, z_dim=4, is_residual=True, patch_size=2, in_channels=12,
                            out_channels=12, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.0, 1.5])
-  with torch.no_grad():
-    for parameter in model.parameters():
-      parameter.add_(0.05 * torch.randn_like(parameter))
-  directory = tmp_path_factory.mktemp("wan22_vae")
-  model.save_pretrained(directory, safe_serialization=True)
-  return str(directory), model
+  return saved_off_its_initialisation(model, tmp_path_factory.mktemp("wan22_vae")), model
 
 
 def as_torch(x):
@@ -169,34 +161,44 @@ def test_temporal_decoder_decodes_clips_as_diffusers_does(temporal_vae):
   assert np.abs(ours.decode(jnp.asarray(z) * 0.5)[:, 0] - ours.decode(jnp.asarray(z[:, 0]) * 0.5)).max() > 1e-2
 
 
+def causal_oracle(ours, reference, side: int, latent_side: int, channels: int):
+  """A causal autoencoder against its diffusers PyTorch twin on random 9-frame clips [2, 9, side, side, 3] and
+  random latents [2, 3, latent_side, latent_side, channels]: our posterior (mean and log-variance) and the clips
+  we decode from the latents equal the reference's (within 1e-5), and so does a still's posterior mean (a
+  one-frame clip). Returns (clips, latents, our mean, the reference's decoded clips and stills)."""
+  import torch
+
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 9, side, side, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 3, latent_side, latent_side, channels)).astype(np.float32)
+  as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
+  channels_last = lambda t: t.permute(0, 2, 3, 4, 1).numpy()
+  with torch.no_grad():
+    posterior = reference.encode(as_clips(x)).latent_dist
+    still_mean = channels_last(reference.encode(as_clips(x[:, :1])).latent_dist.mean)[:, 0]
+    clips = channels_last(reference.decode(as_clips(z)).sample)
+    stills = channels_last(reference.decode(as_clips(z[:, :1])).sample)
+  mean, logvar = ours.moments(jnp.asarray(x))
+  np.testing.assert_allclose(mean, channels_last(posterior.mean), atol=1e-5)
+  np.testing.assert_allclose(logvar, channels_last(posterior.logvar), atol=1e-5)
+  np.testing.assert_allclose(ours.moments(jnp.asarray(x[:, 0]))[0], still_mean, atol=1e-5)
+  assert clips.shape == (2, 9, side, side, 3)
+  np.testing.assert_allclose(ours.decode_unscaled(jnp.asarray(z)), clips, atol=1e-5)
+  return x, z, mean, clips, stills
+
+
 def test_causal_autoencoder_compresses_time_as_diffusers_hunyuan_video_vae_does(causal_vae):
   """HunyuanVideo's causal 3-D VAE: a clip of 9 frames has 3 latent frames whose posterior, and the clips decoded
   from latents, equal diffusers' AutoencoderKLHunyuanVideo's; so do a still image's, as a one-frame clip."""
-  import torch
-
   directory, reference = causal_vae
   ours, config = autoencoder.load_diffusers(directory), autoencoder.read_config(directory)
   assert autoencoder.downsampling_factor(config) == 4 and autoencoder.latent_frames(config, 9) == 3
-  x = np.random.default_rng(0).uniform(-1, 1, (2, 9, 16, 16, 3)).astype(np.float32)
-  z = np.random.default_rng(1).normal(size=(2, 3, 4, 4, 4)).astype(np.float32)
-  as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
-  with torch.no_grad():
-    posterior = reference.encode(as_clips(x)).latent_dist
-    clips = reference.decode(as_clips(z)).sample.permute(0, 2, 3, 4, 1).numpy()
-    stills = reference.decode(as_clips(z[:, :1])).sample.permute(0, 2, 3, 4, 1).numpy()
-  mean, logvar = ours.moments(jnp.asarray(x))
-  np.testing.assert_allclose(mean, posterior.mean.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
-  np.testing.assert_allclose(logvar, posterior.logvar.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
-  assert clips.shape == (2, 9, 16, 16, 3)
-  np.testing.assert_allclose(ours.decode(jnp.asarray(z) * 0.5), clips, atol=1e-5)
+  _, z, _, clips, stills = causal_oracle(ours, reference, 16, 4, 4)
+  np.testing.assert_allclose(ours.decode(jnp.asarray(z) * 0.5), clips, atol=1e-5)  # scaling_factor 0.5
   np.testing.assert_allclose(ours.decode(jnp.asarray(z[:, 0]) * 0.5), stills[:, 0], atol=1e-5)
   # Fine-tuning: one of the same layout starts it; each differing field is named.
   assert autoencoder.start_problems(config, config) == []
   assert autoencoder.start_problems(config, config | {"spatial_compression_ratio": 2}) == [
       "its spatial_compression_ratio is 4, this autoencoder's 2"]
-  with torch.no_grad():  # a still image is a one-frame clip
-    still_posterior = reference.encode(as_clips(x[:, :1])).latent_dist.mean[:, :, 0].permute(0, 2, 3, 1).numpy()
-  np.testing.assert_allclose(ours.moments(jnp.asarray(x[:, 0]))[0], still_posterior, atol=1e-5)
 
 
 def test_wan_autoencoder_encodes_and_decodes_clips_as_diffusers_does(wan_vae, tmp_path):
@@ -204,28 +206,15 @@ def test_wan_autoencoder_encodes_and_decodes_clips_as_diffusers_does(wan_vae, tm
   back) with cached frames, computed on whole clips: the posterior of 9-frame clips (3 latent frames) and of a still,
   and the clips decoded from latents (clamped to [-1, 1]), equal diffusers' AutoencoderKLWan's; latents are normalised
   per channel by latents_mean and latents_std. What it cannot build is refused with the field to change."""
-  import torch
-
   directory, reference = wan_vae
   ours, config = autoencoder.load_diffusers(directory), autoencoder.read_config(directory)
   assert autoencoder.downsampling_factor(config) == 8 and autoencoder.time_compression(config) == 4
   assert autoencoder.latent_frames(config, 9) == 3
   assert config["latent_channels"] == 4
-  x = np.random.default_rng(0).uniform(-1, 1, (2, 9, 16, 16, 3)).astype(np.float32)
-  z = np.random.default_rng(1).normal(size=(2, 3, 2, 2, 4)).astype(np.float32)
-  as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
-  with torch.no_grad():
-    posterior = reference.encode(as_clips(x)).latent_dist
-    still_mean = reference.encode(as_clips(x[:, :1])).latent_dist.mean[:, :, 0].permute(0, 2, 3, 1).numpy()
-    clips = reference.decode(as_clips(z)).sample.permute(0, 2, 3, 4, 1).numpy()
-    stills = reference.decode(as_clips(z[:, :1])).sample.permute(0, 2, 3, 4, 1).numpy()
-  mean, logvar = ours.moments(jnp.asarray(x))
-  np.testing.assert_allclose(mean, posterior.mean.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
-  np.testing.assert_allclose(logvar, posterior.logvar.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
-  np.testing.assert_allclose(ours.moments(jnp.asarray(x[:, 0]))[0], still_mean, atol=1e-5)
+  x, z, mean, clips, stills = causal_oracle(ours, reference, 16, 2, 4)
   shift, std = np.array([0.1, -0.2, 0.3, 0.0]), np.array([0.5, 2.0, 1.0, 1.5])
   np.testing.assert_allclose(ours.encode(jnp.asarray(x)), (mean - shift) / std, atol=1e-5)
-  assert clips.shape == (2, 9, 16, 16, 3) and np.abs(clips).max() == 1.0  # some pixels clamped
+  assert np.abs(clips).max() == 1.0  # some pixels clamped
   # (the normalisation's round trip costs a few float32 roundings)
   np.testing.assert_allclose(ours.decode((jnp.asarray(z) - shift) / std), clips, atol=3e-5)
   np.testing.assert_allclose(ours.decode((jnp.asarray(z[:, 0]) - shift) / std), stills[:, 0], atol=3e-5)
@@ -252,24 +241,15 @@ def test_wan_autoencoder_encodes_and_decodes_clips_as_diffusers_does(wan_vae, tm
 
 def test_wan_2_2_autoencoder_folds_pixel_patches_and_adds_shortcuts_as_diffusers_does(wan22_vae, tmp_path):
   """Wan 2.2's 5B VAE: 2x2 pixel patches folded into channels, residual levels whose shortcuts average (encoder) or
-  duplicate (decoder) positions and frames, diffusers' first chunk padded or trimmed; posterior and decoded clips
-  equal diffusers' on 9-frame clips of 32 px (3 x 2 x 2 latents); a video model on it sees RGB images."""
-  import torch
+  duplicate (decoder) positions and frames, diffusers' first chunk padded or trimmed; posterior (of clips and of a
+  still) and decoded clips equal diffusers' on 9-frame clips of 32 px (3 x 2 x 2 latents); a video model on it sees
+  RGB images."""
   from configs import t2v_moving_shapes
 
   directory, reference = wan22_vae
   ours, config = autoencoder.load_diffusers(directory), autoencoder.read_config(directory)
   assert autoencoder.downsampling_factor(config) == 16 and autoencoder.image_channels(config) == (3, 3)
-  x = np.random.default_rng(0).uniform(-1, 1, (2, 9, 32, 32, 3)).astype(np.float32)
-  z = np.random.default_rng(1).normal(size=(2, 3, 2, 2, 4)).astype(np.float32)
-  as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
-  with torch.no_grad():
-    posterior = reference.encode(as_clips(x)).latent_dist
-    clips = reference.decode(as_clips(z)).sample.permute(0, 2, 3, 4, 1).numpy()
-  mean, logvar = ours.moments(jnp.asarray(x))
-  np.testing.assert_allclose(mean, posterior.mean.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
-  np.testing.assert_allclose(logvar, posterior.logvar.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
-  np.testing.assert_allclose(ours.decode_unscaled(jnp.asarray(z)), clips, atol=1e-5)
+  causal_oracle(ours, reference, 32, 2, 4)
   video = t2v_moving_shapes.get_config("test")
   video.latent.autoencoder_path, video.model.in_channels, video.sample.threshold = directory, 4, "none"
   video.data.update(image_fraction=0.0, resolution=32, frames=5)

@@ -32,6 +32,16 @@ def save_tiny_wan(directory, max_shard_size="10GB"):
   return model
 
 
+def moving_clips_step(config, graphdef, state, mesh):
+  """(train step compiled for `state`, hyperparameters, a batch of the config's moving clips on the mesh)."""
+  source = pipeline.data_source(config.data, "train")
+  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 8, seed=0)))
+  batch_np = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
+  step, _ = train.compile_step(config, train.make_train_step(config, graphdef), state, shapes, mesh)
+  return step, train.place_hparams(config, mesh), pipeline.to_global(batch_np, sharding.batch_sharding(mesh))
+
+
 def test_the_transformer_computes_what_diffusers_computes(tmp_path):
   """Latent clips of 3 frames of 4 x 6 (3 x 2 x 3 tubelets, so the rotary angles of every axis matter), two noise
   levels, text whose second half is padding in one prompt: diffusers' output, the padded text zeroed as Wan's
@@ -113,15 +123,10 @@ def test_a_video_model_on_wans_transformer_starts_from_its_weights_trains_and_sa
   state, graphdef = train.init_state(config, mesh)
   loaded = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(tmp_path / "wan")))
   jax.tree.map(np.testing.assert_array_equal, state.params["wan"], loaded)
-  source = pipeline.data_source(config.data, "train")
-  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 8, seed=0)))
-  batch_np = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
-  step, _ = train.compile_step(config, train.make_train_step(config, graphdef), state, shapes, mesh)
+  step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
   trained = state  # donated to the step
   for _ in range(2):  # the first step's learning rate is 0 (warm-up)
-    trained, metrics = step(trained, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)),
-                            train.place_hparams(config, mesh))
+    trained, metrics = step(trained, batch, hparams)
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), trained.params["wan"], loaded)
   assert min(jax.tree.leaves(moved)) > 0
@@ -166,13 +171,8 @@ def test_the_wan_config_reads_a_checkpoints_four_parts_and_fine_tunes_them(tmp_p
   state, graphdef = train.init_state(config, mesh)
   encoder = nnx.to_pure_dict(nnx.state(t5.load_hf_encoder(root / "text_encoder")))
   jax.tree.map(np.testing.assert_array_equal, state.frozen["text_encoder"], encoder)
-  source = pipeline.data_source(config.data, "train")
-  batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 8, seed=0)))
-  batch_np = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
-  step, _ = train.compile_step(config, train.make_train_step(config, graphdef), state, shapes, mesh)
-  state, metrics = step(state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)),
-                        train.place_hparams(config, mesh))
+  step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
+  state, metrics = step(state, batch, hparams)
   assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
   shutil.rmtree(root / "vae")
   assert f"latent.autoencoder_path={str(root / 'vae')!r} has no config.json" in " ".join(
