@@ -26,6 +26,7 @@ def get_config(root: str = ""):
                       dtype="bfloat16", remat=True, remat_policy="matmuls")
   config.text.update(pretrained_path=part("text_encoder"), tokenizer="sentencepiece",
                      spiece_path=part("tokenizer", "spiece.model"), max_length=512, trainable=False)
+  config.text.t5.dtype = "bfloat16"  # UMT5-XXL's 5.7B weights: 11 GB, as Wan's pipelines run it
   config.latent.autoencoder_path = part("vae")
   config.diffusion.update(path="flow", prediction="flow", weighting="flow_mse", schedule="flow")
   config.diffusion.schedule_params = ml_collections.ConfigDict(dict(shift=5.0))  # replaces the cosine's
