@@ -90,7 +90,7 @@ MODE_FLAGS = {"widths": ("step", "roofline"), "plot": ("step", "roofline"), "dev
               "workers": ("input",), "lora_rank": ("lora",), "workdir": ("restore",), "repeats": ("compile", "restore"),
               "config": ("input", "step", "roofline", "memory", "peer", "ops", "lora", "profile", "compile"),
               "steps": ("input", "step", "peer", "ops", "lora", "profile", "compile")}
-BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT"}
+BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT", "wan": "Wan transformer"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
@@ -294,8 +294,8 @@ def roofline_table(config, widths, device_kind: str, plot=None) -> str:
 
 
 def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 8) -> str:
-  """Our train step and sampler against diffusers' PyTorch U-Net (or, for a DiT config, its PixArt transformer)
-  at a matched size, on this machine."""
+  """Our train step and sampler against diffusers' PyTorch U-Net (or, for a DiT config, its PixArt transformer;
+  for Wan's, diffusers' Wan transformer of the same checkpoint) at a matched size, on this machine."""
   import torch
 
   from diffusion_jax import diffusers_peer, sample, train
@@ -307,11 +307,14 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   if backbone == "unet":
     config.model.ff_mult = 4  # diffusers' U-Net transformer blocks have a 4x (GEGLU) feed-forward
   b, r, tokens = config.train.batch_size, config.data.resolution, config.text.max_length
+  wan = config.model.backbone == "wan"  # a video peer: diffusers' U-Net and PixArt peers take images
+  frames = config.data.frames if wan else 1
+  clip, unit = (f"{frames} frames of ", "clips") if wan else ("", "images")
   compiled, args, mesh, _ = compiled_step(config)
   ours_params = train.count_params(args[0].params[backbone])
   ours_step, state = time_steps(compiled, args, steps)
   peer = diffusers_peer.closest(config.model, r, ours_params)
-  theirs_step = diffusers_peer.train_step_seconds(peer, b, r, tokens, steps, config.model.dtype)
+  theirs_step = diffusers_peer.train_step_seconds(peer, b, r, tokens, steps, config.model.dtype, frames)
 
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(sampler="dpmpp_2m", steps=sampler_steps, guidance_scale=3.0, num_per_prompt=1)
@@ -324,16 +327,16 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
     generate()
   ours_sampling = 2 * sample_batch / (time.perf_counter() - start)
   theirs_sampling = diffusers_peer.sampling_images_per_s(peer, sample_batch, r, tokens, sampler_steps, 3.0,
-                                                         dtype=config.model.dtype)
+                                                         dtype=config.model.dtype, frames=frames)
   lines = [f"peer: diffusers {diffusers_peer.name(peer)}, torch {torch.__version__} on "
            f"{diffusers_peer.described(diffusers_peer.device())}; ours: jax {jax.__version__} on "
            f"{jax.devices()[0].device_kind} ({config.model.dtype})", "",
            "| | ours (JAX) | diffusers (PyTorch) | ours / diffusers |", "|---|---|---|---|",
            f"| {BACKBONE_NAMES[backbone]} parameters | {ours_params / 1e6:.3f}M | "
            f"{diffusers_peer.count(peer) / 1e6:.3f}M | {ours_params / diffusers_peer.count(peer):.3f} |",
-           f"| train step (batch {b}, {r} px), ms | {ours_step * 1e3:.0f} | {theirs_step * 1e3:.0f} | "
+           f"| train step (batch {b}, {clip}{r} px), ms | {ours_step * 1e3:.0f} | {theirs_step * 1e3:.0f} | "
            f"speed {theirs_step / ours_step:.2f} |",
-           f"| sampling, {sampler_steps}-step DPM-Solver++(2M) + guidance (batch {sample_batch}), images/s | "
+           f"| sampling, {sampler_steps}-step DPM-Solver++(2M) + guidance (batch {sample_batch}), {unit}/s | "
            f"{ours_sampling:.2f} | {theirs_sampling:.2f} | speed {ours_sampling / theirs_sampling:.2f} |"]
   return "\n".join(lines)
 

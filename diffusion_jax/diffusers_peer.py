@@ -1,5 +1,7 @@
 """The PyTorch peers of the benchmarks: diffusers' UNet2DConditionModel for our U-Net and its
-PixArtTransformer2DModel (PixArt-alpha: a DiT with text cross-attention) for our DiT, at a size matched to ours.
+PixArtTransformer2DModel (PixArt-alpha: a DiT with text cross-attention) for our DiT, at a size matched to ours;
+for Wan's transformer (model.backbone='wan') diffusers' WanTransformer3DModel of the same checkpoint
+(model.wan_path), the same network, which runs on clips [batch, channels, frames, h, w].
 
 Needs torch and diffusers (the `test` extra). The peer U-Net gets our widths, resolution, attention
 levels (cross-attention blocks where ours attend), group-norm groups and time-embedding width; its depth
@@ -55,13 +57,31 @@ def transformer_builder(model_config, resolution: int):
   return build
 
 
+def wan_twin(path):
+  """diffusers' WanTransformer3DModel of a local checkpoint directory (its weights read directly: diffusers'
+  from_pretrained needs accelerate for this class)."""
+  import diffusers
+  import safetensors.torch
+
+  from diffusion_jax.models import wan_transformer
+
+  model = diffusers.WanTransformer3DModel.from_config(diffusers.WanTransformer3DModel.load_config(str(path)))
+  weights = {}
+  for file in wan_transformer.weight_files(path):
+    weights.update(safetensors.torch.load_file(file))
+  model.load_state_dict(weights)
+  return model
+
+
 def count(module) -> int:
   return sum(p.numel() for p in module.parameters())
 
 
 def closest(model_config, resolution: int, ours: int):
   """The peer whose parameter count is nearest to `ours`: a U-Net with depths 1, 2 or ours per level, or a
-  transformer with 1 to twice our number of blocks."""
+  transformer with 1 to twice our number of blocks; for Wan's, the checkpoint's own."""
+  if model_config.backbone == "wan":
+    return wan_twin(model_config.wan_path)
   if model_config.backbone == "dit":
     build, depths = transformer_builder(model_config, resolution), range(1, 2 * model_config.depth + 1)
   else:
@@ -71,6 +91,8 @@ def closest(model_config, resolution: int, ours: int):
 
 def name(module) -> str:
   """The peer and its depth, for the table's heading."""
+  if is_wan(module):
+    return f"WanTransformer3DModel, the same checkpoint (num_layers={module.config.num_layers})"
   if is_transformer(module):
     return f"PixArtTransformer2DModel, num_layers={module.config.num_layers}"
   return f"UNet2DConditionModel, layers_per_block={module.config.layers_per_block}"
@@ -82,8 +104,22 @@ def is_transformer(module) -> bool:
   return isinstance(module, diffusers.PixArtTransformer2DModel)
 
 
+def is_wan(module) -> bool:
+  import diffusers
+
+  return isinstance(module, diffusers.WanTransformer3DModel)
+
+
 def text_width(module) -> int:
+  if is_wan(module):
+    return module.config.text_dim
   return module.config.caption_channels if is_transformer(module) else module.config.cross_attention_dim
+
+
+def input_shape(module, batch: int, resolution: int, frames: int) -> tuple:
+  """What the peer denoises: [batch, channels, h, w], or clips [batch, channels, frames, h, w] for Wan's."""
+  side = (resolution, resolution)
+  return (batch, module.config.in_channels) + ((frames,) if is_wan(module) else ()) + side
 
 
 def device() -> str:
@@ -117,15 +153,20 @@ def mixed_precision(where: str, dtype: str):
 
 
 def denoise(module, x, timesteps, text):
-  """The peer's prediction for x [batch, c, h, w] at diffusers timesteps [batch] and text [batch, tokens, width]."""
+  """The peer's prediction for x [batch, c, (frames,) h, w] at diffusers timesteps [batch] and text [batch, tokens,
+  width]."""
+  if is_wan(module):
+    return module(x, timestep=timesteps, encoder_hidden_states=text).sample
   if is_transformer(module):  # no resolution / aspect-ratio conditions (PixArt uses them only at 1024 px)
     return module(x, encoder_hidden_states=text, timestep=timesteps,
                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
   return module(x, timesteps, encoder_hidden_states=text).sample
 
 
-def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: int, dtype: str = "float32") -> float:
-  """Seconds per forward + backward + AdamW step (after two warm-up steps); dtype: our model.dtype."""
+def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: int, dtype: str = "float32",
+                       frames: int = 1) -> float:
+  """Seconds per forward + backward + AdamW step (after two warm-up steps); dtype: our model.dtype; frames: of a
+  video peer's clips."""
   import torch
 
   where = device()
@@ -133,12 +174,13 @@ def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: 
   optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
   generator = torch.Generator(device=where).manual_seed(0)
   normal = lambda *shape: torch.randn(*shape, generator=generator, device=where)
-  x0 = normal(batch, module.config.in_channels, resolution, resolution)
+  x0 = normal(*input_shape(module, batch, resolution, frames))
   text = normal(batch, tokens, text_width(module))
 
   def step():
     t = torch.rand(batch, generator=generator, device=where)
-    alpha, sigma = torch.cos(t * np.pi / 2)[:, None, None, None], torch.sin(t * np.pi / 2)[:, None, None, None]
+    per_example = (-1,) + (1,) * (x0.ndim - 1)
+    alpha, sigma = torch.cos(t * np.pi / 2).view(per_example), torch.sin(t * np.pi / 2).view(per_example)
     eps = normal(*x0.shape)
     with mixed_precision(where, dtype):
       output = denoise(module, alpha * x0 + sigma * eps, t * 1000, text)
@@ -156,9 +198,9 @@ def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: 
 
 
 def sampling_images_per_s(module, batch: int, resolution: int, tokens: int, sampler_steps: int,
-                          guidance_scale: float, repeats: int = 2, dtype: str = "float32") -> float:
-  """Images/s of the diffusers DPM-Solver++(2M) loop with classifier-free guidance (after one warm-up); dtype:
-  our model.dtype."""
+                          guidance_scale: float, repeats: int = 2, dtype: str = "float32", frames: int = 1) -> float:
+  """Images (a video peer: clips) per second of the diffusers DPM-Solver++(2M) loop with classifier-free guidance
+  (after one warm-up); dtype: our model.dtype."""
   import diffusers
   import torch
 
@@ -173,7 +215,7 @@ def sampling_images_per_s(module, batch: int, resolution: int, tokens: int, samp
   @torch.no_grad()
   def run():
     scheduler.set_timesteps(sampler_steps, device=where)
-    x = torch.randn(batch, module.config.in_channels, resolution, resolution, generator=generator, device=where)
+    x = torch.randn(*input_shape(module, batch, resolution, frames), generator=generator, device=where)
     for t in scheduler.timesteps:
       with mixed_precision(where, dtype):
         prediction = denoise(module, torch.cat([x, x]), t.expand(2 * batch), both).float()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -102,6 +103,24 @@ def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):
   assert float(rows[1][3]) <= 1.1, f"FSDP over 8 devices keeps {rows[1][3]} x total/8 per device"
   assert float(rows[1][1]) < float(rows[0][1]) / 6 and float(rows[1][5]) > 0
   assert 0 < float(rows[1][6]) < float(rows[0][6]) / 4  # an eighth of the batch on each device
+
+
+def test_the_peer_of_wans_transformer_is_the_same_checkpoint_run_by_diffusers_on_clips(tmp_path):
+  """The Wan peer is diffusers' WanTransformer3DModel with the checkpoint's weights (our parameter count), timed on
+  clips [batch, channels, frames, h, w]."""
+  from flax import nnx
+
+  from diffusion_jax import diffusers_peer
+  from diffusion_jax.models import wan_transformer
+  from test_wan_transformer import save_tiny_wan
+
+  save_tiny_wan(tmp_path)
+  peer = diffusers_peer.closest(ml_collections.ConfigDict(dict(backbone="wan", wan_path=str(tmp_path))), 16, 0)
+  ours = sum(p.size for p in jax.tree.leaves(nnx.state(wan_transformer.load_diffusers(tmp_path))))
+  assert diffusers_peer.count(peer) == ours and diffusers_peer.name(peer).startswith("WanTransformer3DModel, the same")
+  assert diffusers_peer.input_shape(peer, 2, 16, 4) == (2, 3, 4, 16, 16)
+  assert diffusers_peer.train_step_seconds(peer, 2, 16, 8, steps=1, frames=4) > 0
+  assert diffusers_peer.sampling_images_per_s(peer, 1, 16, 8, 2, 3.0, repeats=1, frames=4) > 0
 
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])

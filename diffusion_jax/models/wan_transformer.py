@@ -211,20 +211,25 @@ class WanTransformer(nnx.Module):
     return out.reshape(b, f, h, w, self.out_channels)
 
 
+def weight_files(path) -> list[pathlib.Path]:
+  """The safetensors files of a local diffusers directory: WEIGHTS_FILE, or the shards WEIGHTS_INDEX lists."""
+  directory = pathlib.Path(path).expanduser()
+  if (directory / WEIGHTS_INDEX).exists():
+    return [directory / name for name in sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())[
+        "weight_map"].values()))]
+  if (directory / WEIGHTS_FILE).exists():
+    return [directory / WEIGHTS_FILE]
+  raise ValueError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX} in {str(path)!r} (PyTorch .bin files are not read)")
+
+
 def load_diffusers(path, field: str = "model.wan_path") -> WanTransformer:
   """A WanTransformer with the weights of a local diffusers directory (config.json and WEIGHTS_FILE, or shards
   listed in WEIGHTS_INDEX)."""
   from safetensors.numpy import load_file
 
-  config, directory = read_config(path, field), pathlib.Path(path).expanduser()
-  if (directory / WEIGHTS_INDEX).exists():
-    files = sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-  elif (directory / WEIGHTS_FILE).exists():
-    files = [WEIGHTS_FILE]
-  else:
-    raise ValueError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX} in {str(path)!r} (PyTorch .bin files are not read)")
-  tensors = {}
-  for name in files:
-    tensors.update(load_file(directory / name))
+  config, tensors = read_config(path, field), {}
+  for file in weight_files(path):
+    tensors.update(load_file(file))
+  directory = pathlib.Path(path).expanduser()
   return named_tensors.load(nnx.eval_shape(lambda: WanTransformer(config, rngs=nnx.Rngs(0))), tensors,
                             named_tensors.torch_name, f"{str(directory)!r} does not match its config.json")
