@@ -245,9 +245,9 @@ class ResidualUpBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-  """Clips [batch, 1 + 4k frames, h, w, in] -> the posterior's moments [batch, 1 + k, h/f, w/f, 2 z_dim]. The levels'
-  blocks are one list, as diffusers builds it: per level its residual blocks, then its resampling (none after the
-  last)."""
+  """Clips [batch, 1 + 4k frames, h, w, 3] -> the posterior's moments [batch, 1 + k, h/f, w/f, 2 z_dim] (Wan 2.2's
+  pixel patches folded into channels first). The levels' blocks are one list, as diffusers builds it: per level its
+  residual blocks, then its resampling (none after the last); Wan 2.2's, one ResidualDownBlock per level."""
 
   def __init__(self, c: dict, rngs):
     widths, last = [c["base_dim"] * m for m in [1] + list(c["dim_mult"])], len(c["dim_mult"]) - 1
