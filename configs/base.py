@@ -19,6 +19,7 @@ def get_config():
       folder="",                   # image (clip) folder when dataset == "folder" ("folder_clips")
       captions_file="",            # captions.jsonl / .csv when dataset == "folder" or "folder_clips"
       eval_captions_file="",       # ... of held-out files of the folder: the validation split evaluation reads
+      frame_stride=1,              # folder_clips: keep every this many-th frame (2: 30 fps clips at 15 fps)
       data_dir="~/tensorflow_datasets",
       image_key="image",
       caption_key="caption",

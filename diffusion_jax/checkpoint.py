@@ -255,6 +255,7 @@ ADDED_FIELDS = {
     "text.t5.per_layer_position_bias": False,
     "model.wan_path": "",
     "data.eval_captions_file": "",
+    "data.frame_stride": 1,
 }
 
 

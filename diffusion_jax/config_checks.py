@@ -288,6 +288,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
         captioned_shapes.combinations(config.data.heldout_combinations)
       except ValueError as error:
         found.append(f"data.heldout_combinations: {error}")
+  if config.data.frame_stride < 1:
+    found.append(f"data.frame_stride={config.data.frame_stride} must be >= 1 (1: every frame of a clip)")
   if not 0 <= config.data.image_fraction <= 1:
     found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
   found += moving_shapes_problems(config.data)

@@ -240,7 +240,7 @@ def test_folder_of_clips_keeps_each_clips_first_frames_and_skips_what_it_cannot_
   """MP4 and GIF clips of moving shapes (24 x 32 px) prepared at 5 frames and shorter side 16: each record holds
   its clip's first 5 frames at 16 x 21, which the loader crops to 16 x 16 clips; a 3-frame clip, a corrupt file,
   a missing file and an empty caption are skipped; a video model's batch reads them; the held-out captions file
-  makes the validation split."""
+  makes the validation split; data.frame_stride 2 keeps every other frame."""
   from configs import t2v_moving_shapes
   from diffusion_jax import media
   from diffusion_jax.data import folder_dataset
@@ -284,6 +284,9 @@ def test_folder_of_clips_keeps_each_clips_first_frames_and_skips_what_it_cannot_
       [line["caption"] for line in lines if line["caption"]], tmp_path / "sp", vocab_size=30))
   batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 3, seed=0)))
   assert batch["video"].shape == (3, 5, 16, 16, 3) and np.isfinite(batch["video"]).all()
+  config.data.update(frames=3, frame_stride=2)  # every other frame: frames 0, 2 and 4 of each clip
+  strided = pipeline.data_source(config.data, "train")
+  assert len(strided) == 3 and np.array_equal(np.asarray(strided[0]["video"]), first[::2])
   assert folder_dataset.main([f"--clips={tmp_path / 'none'}", f"--captions={clips / 'captions.jsonl'}",
                               "--frames=5", "--resolution=16", f"--data_dir={tmp_path / 'tfds'}"]) == 2
 

@@ -1,7 +1,8 @@
 """A user's folder of images or video clips + captions, prepared once into an array_record TFDS dataset.
 
   python -m diffusion_jax.data.folder_dataset --images=DIR --captions=DIR/captions.jsonl --data_dir=DIR
-  python -m diffusion_jax.data.folder_dataset --clips=DIR --captions=FILE --frames=N --resolution=R --data_dir=DIR
+  python -m diffusion_jax.data.folder_dataset --clips=DIR --captions=FILE --frames=N --resolution=R [--frame_stride=S]
+      --data_dir=DIR
 
 Flags:
   --images      folder of image files (any format PIL reads; sub-folders allowed)
@@ -12,6 +13,7 @@ Flags:
   --eval_captions  the same for held-out files of the folder: the validation split, which evaluation reads
                 (data.eval_captions_file); default none
   --frames      clips: frames kept of each clip, its first ones (data.frames); shorter clips are skipped
+  --frame_stride  clips: keep every S-th frame (data.frame_stride; e.g. 2 takes 30 fps clips to 15 fps); default 1
   --resolution  clips: each frame is stored with its shorter side resized to this (data.resolution); training crops
                 the square
   --data_dir    TFDS data directory to write to (the dataset is `folder_images/<hash of the inputs>`, or
@@ -75,16 +77,20 @@ class FolderConfig(tfds.core.BuilderConfig):
 class FolderClipsConfig(FolderConfig):
   frames: int = 0
   resolution: int = 0
+  frame_stride: int = 1
 
 
-def read_clip(path, frames: int, resolution: int) -> np.ndarray | None:
-  """The first `frames` frames of a video file, each resized so that its shorter side is `resolution`: uint8
-  [frames, h, w, 3], or None when the clip is shorter. Decoding errors raise (OSError, ValueError or PyAV's)."""
+def read_clip(path, frames: int, resolution: int, stride: int = 1) -> np.ndarray | None:
+  """Frames 0, stride, 2 stride, ... of a video file, `frames` of them, each resized so that its shorter side is
+  `resolution`: uint8 [frames, h, w, 3], or None when the clip is shorter. Decoding errors raise (OSError,
+  ValueError or PyAV's)."""
   import av
 
   kept = []
   with av.open(str(path)) as container:
-    for frame in container.decode(video=0):
+    for index, frame in enumerate(container.decode(video=0)):
+      if index % stride:
+        continue
       image = frame.to_image()
       scale = resolution / min(image.size)
       kept.append(np.asarray(image.convert("RGB").resize(
@@ -158,11 +164,11 @@ class FolderClips(CaptionedFolder):
 
     c = self.builder_config
     try:
-      clip = read_clip(path, c.frames, c.resolution)
+      clip = read_clip(path, c.frames, c.resolution, c.frame_stride)
     except (OSError, ValueError, av.FFmpegError):
       return "undecodable clip", None
     if clip is None:
-      return f"fewer than {c.frames} frames", None
+      return f"fewer than {c.frames} frames (every {c.frame_stride})", None
     return None, {"video": [PIL.Image.fromarray(frame) for frame in clip]}
 
 
@@ -189,18 +195,20 @@ def builder(folder, captions_file, data_dir, eval_captions_file="") -> FolderIma
                    folder=str(folder), captions_file=str(captions_file), eval_captions_file=str(eval_captions_file))
 
 
-def clips_builder(folder, captions_file, frames: int, resolution: int, data_dir,
-                  eval_captions_file="") -> FolderClips:
-  """The prepared clips dataset for this folder, captions file(s), clip length and resolution (prepared on first
-  use)."""
+def clips_builder(folder, captions_file, frames: int, resolution: int, data_dir, eval_captions_file="",
+                  frame_stride: int = 1) -> FolderClips:
+  """The prepared clips dataset for this folder, captions file(s), clip length, resolution and frame stride
+  (prepared on first use)."""
   if not pathlib.Path(folder).is_dir():
     raise ValueError(f"Clip folder {str(folder)!r} does not exist.")
-  if frames < 1 or resolution < 1:
-    raise ValueError(f"frames={frames} and resolution={resolution} must be positive: they decide what is prepared")
+  if frames < 1 or resolution < 1 or frame_stride < 1:
+    raise ValueError(f"frames={frames}, resolution={resolution} and frame_stride={frame_stride} must be positive: "
+                     "they decide what is prepared")
   inputs = f"{_inputs(folder, captions_file, eval_captions_file)}|{frames}|{resolution}"
+  inputs += f"|stride {frame_stride}" if frame_stride != 1 else ""  # the first datasets keep their names
   return _prepared(FolderClips, FolderClipsConfig, data_dir, inputs, folder=str(folder),
                    captions_file=str(captions_file), eval_captions_file=str(eval_captions_file), frames=frames,
-                   resolution=resolution)
+                   resolution=resolution, frame_stride=frame_stride)
 
 
 def main(argv=None) -> int:
@@ -214,13 +222,14 @@ def main(argv=None) -> int:
   parser.add_argument("--eval_captions", default="")
   parser.add_argument("--frames", type=int, default=0)
   parser.add_argument("--resolution", type=int, default=0)
+  parser.add_argument("--frame_stride", type=int, default=1)
   parser.add_argument("--data_dir", required=True)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
   try:
     prepared = (builder(args.images, args.captions, args.data_dir, args.eval_captions) if args.images else
                 clips_builder(args.clips, args.captions, args.frames, args.resolution, args.data_dir,
-                              args.eval_captions))
+                              args.eval_captions, args.frame_stride))
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

@@ -72,7 +72,7 @@ def _open(config, split: str):
                                                       config.eval_captions_file)).as_data_source(split)
     return _prepared(lambda: folder_dataset.clips_builder(
         config.folder, config.captions_file, config.frames, config.resolution, config.data_dir,
-        config.eval_captions_file)).as_data_source(split)
+        config.eval_captions_file, config.frame_stride)).as_data_source(split)
   if config.dataset == "tfds":
     try:
       return tfds.data_source(config.name, split=split, data_dir=config.data_dir)
