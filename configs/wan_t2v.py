@@ -9,7 +9,7 @@ The variant is the checkpoint's root directory: transformer/, text_encoder/, tok
 read from it (the config check names any that is missing or does not fit the others). Without one
 (`configs/wan_t2v.py`) the four paths are empty, for the command line to give. Wan 2.2's 5B model (its VAE has 48
 latent channels): add --config.model.in_channels=48. The clips (data.dataset='folder_clips') are cut to their first
-33 frames (9 latent frames) at 480 px squares.
+33 frames (9 latent frames) at 480 px squares; Wan's are 16 fps, so give 30 fps clips --config.data.frame_stride=2.
 """
 
 import os
