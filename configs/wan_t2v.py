@@ -6,7 +6,8 @@ folders, on the flow path with Wan's loss (flow_mse) and time shift (5).
       --config.data.folder=/path/to/clips --config.data.captions_file=/path/to/clips/captions.jsonl
 
 The variant is the checkpoint's root directory: transformer/, text_encoder/, tokenizer/spiece.model and vae/ are
-read from it (the config check names any that is missing or does not fit the others). Without one
+read from it (the config check names a missing or mismatched transformer/, text_encoder/ or vae/, the tokenizer a
+missing spiece.model; a copy that keeps it elsewhere takes --config.text.spiece_path=FILE). Without a root
 (`configs/wan_t2v.py`) the four paths are empty, for the command line to give. Wan 2.2's 5B model (its VAE has 48
 latent channels): add --config.model.in_channels=48. The clips (data.dataset='folder_clips') are cut to their first
 33 frames (9 latent frames) at 480 px squares; Wan's are 16 fps, so give 30 fps clips --config.data.frame_stride=2.

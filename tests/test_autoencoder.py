@@ -237,6 +237,9 @@ def test_wan_autoencoder_encodes_and_decodes_clips_as_diffusers_does(wan_vae, tm
     (tmp_path / "config.json").write_text(json.dumps(saved | change))
     with pytest.raises(ValueError, match=expected):
       autoencoder.read_config(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "latents_std"}))
+  with pytest.raises(ValueError, match="latents_std is missing .diffusers would take Wan 2.1's.: give the 4 values"):
+    autoencoder.read_config(str(tmp_path))
 
 
 def test_wan_2_2_autoencoder_folds_pixel_patches_and_adds_shortcuts_as_diffusers_does(wan22_vae, tmp_path):

@@ -172,7 +172,7 @@ class FolderClips(CaptionedFolder):
     return None, {"video": [PIL.Image.fromarray(frame) for frame in clip]}
 
 
-def _prepared(builder_class, config_class, data_dir, inputs: str, **fields):
+def _prepare(builder_class, config_class, data_dir, inputs: str, **fields):
   """builder_class's dataset for `fields` (a config_class), named by a hash of `inputs`, prepared on first use."""
   config = config_class(name=hashlib.sha256(inputs.encode()).hexdigest()[:12], **fields)
   result = builder_class(config=config, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
@@ -191,7 +191,7 @@ def builder(folder, captions_file, data_dir, eval_captions_file="") -> FolderIma
   """The prepared images dataset for this folder and captions file(s) (prepared on first use)."""
   if not pathlib.Path(folder).is_dir():
     raise ValueError(f"Image folder {str(folder)!r} does not exist.")
-  return _prepared(FolderImages, FolderConfig, data_dir, _inputs(folder, captions_file, eval_captions_file),
+  return _prepare(FolderImages, FolderConfig, data_dir, _inputs(folder, captions_file, eval_captions_file),
                    folder=str(folder), captions_file=str(captions_file), eval_captions_file=str(eval_captions_file))
 
 
@@ -206,7 +206,7 @@ def clips_builder(folder, captions_file, frames: int, resolution: int, data_dir,
                      "they decide what is prepared")
   inputs = f"{_inputs(folder, captions_file, eval_captions_file)}|{frames}|{resolution}"
   inputs += f"|stride {frame_stride}" if frame_stride != 1 else ""  # the first datasets keep their names
-  return _prepared(FolderClips, FolderClipsConfig, data_dir, inputs, folder=str(folder),
+  return _prepare(FolderClips, FolderClipsConfig, data_dir, inputs, folder=str(folder),
                    captions_file=str(captions_file), eval_captions_file=str(eval_captions_file), frames=frames,
                    resolution=resolution, frame_stride=frame_stride)
 

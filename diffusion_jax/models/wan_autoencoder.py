@@ -57,7 +57,10 @@ def config_problems(config: dict) -> list[str]:
       found.append(f"is_residual: the levels' shortcuts cannot average widths {widths} into each other: give "
                    "dim_mult whose widths divide as Wan 2.2's ([1, 2, 4, 4]) do")
   for field in ("latents_mean", "latents_std"):
-    if c.get(field) is not None and len(c[field]) != c["z_dim"]:
+    if c.get(field) is None:
+      found.append(f"{field} is missing (diffusers would take Wan 2.1's): give the {c['z_dim']} values the "
+                   "diffusion model's latents were normalised with")
+    elif len(c[field]) != c["z_dim"]:
       found.append(f"{field} has {len(c[field])} entries, one per latent channel: z_dim={c['z_dim']} needs as many")
   if c.get("latents_std") and min(c["latents_std"]) <= 0:
     found.append("latents_std must be positive (latents are divided by it)")
@@ -83,9 +86,7 @@ def fields(config: dict) -> dict:
 
 def latent_normalisation(config: dict) -> tuple[tuple, tuple]:
   """(shift, scale) per latent channel: latents = (z - latents_mean) / latents_std, as Wan's pipelines compute."""
-  c = fields(config)
-  mean, std = c.get("latents_mean") or [0.0] * c["z_dim"], c.get("latents_std") or [1.0] * c["z_dim"]
-  return tuple(map(float, mean)), tuple(1.0 / float(s) for s in std)
+  return tuple(map(float, config["latents_mean"])), tuple(1.0 / float(s) for s in config["latents_std"])
 
 
 def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="VALID"):
