@@ -443,10 +443,13 @@ class AutoencoderKL(nnx.Module):
     """Posterior draws z [batch, (frames,) h/f, w/f, latent_channels] (no shift or scaling) -> [batch, (frames,) h,
     w, out]: a temporal decoder decodes each clip's frames together (more leading axes fold into the batch), the
     image decoder every frame alone (the temporal autoencoder has no post_quant_conv). A causal decoder decodes each
-    clip whole too, a still's latents [batch, h/f, w/f, c] as a one-frame clip's."""
+    clip whole too (Wan's a latent frame at a time: wan_autoencoder.decode_streamed), a still's latents [batch, h/f,
+    w/f, c] as a one-frame clip's."""
     if self.causal:
       clips = z[:, None] if z.ndim == 4 else z.reshape((-1,) + z.shape[-4:])
-      x = self.decoder(clips if self.post_quant_conv is None else self.post_quant_conv(clips))
+      clips = clips if self.post_quant_conv is None else self.post_quant_conv(clips)
+      x = (wan_autoencoder.decode_streamed(self.decoder, clips) if isinstance(self.decoder, wan_autoencoder.Decoder)
+           else self.decoder(clips))
       return x[:, 0] if z.ndim == 4 else x.reshape(z.shape[:-4] + x.shape[1:])
     lead = z.shape[:-3]
     if self.temporal:

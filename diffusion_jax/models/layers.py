@@ -46,11 +46,12 @@ def names(*axes):
   return {"out_sharding": axes}
 
 
-def conv(in_ch, out_ch, kernel, rngs, dtype, stride=1, zero_init=False, padding="SAME"):
-  """A convolution; `kernel` k is a k x k window, a tuple any window (e.g. (3, 1, 1): over time only)."""
+def conv(in_ch, out_ch, kernel, rngs, dtype, stride=1, zero_init=False, padding="SAME", module=nnx.Conv):
+  """A convolution (`module`: nnx.Conv or a subclass); `kernel` k is a k x k window, a tuple any window (e.g.
+  (3, 1, 1): over time only)."""
   window = kernel if isinstance(kernel, tuple) else (kernel, kernel)
   init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
-  return nnx.Conv(in_ch, out_ch, window, strides=stride, padding=padding, dtype=dtype, kernel_init=init, rngs=rngs,
+  return module(in_ch, out_ch, window, strides=stride, padding=padding, dtype=dtype, kernel_init=init, rngs=rngs,
                   kernel_metadata=names(*(None,) * len(window), "conv_in", "conv_out"),
                   bias_metadata=names("conv_out"))
 

@@ -14,11 +14,13 @@ per channel (`latents_mean`, `latents_std`) rather than by one scaling factor, a
 
 diffusers runs it in chunks (the first frame, then 4 frames at a time; decoding one latent frame at a time), each
 convolution caching the frames the next chunk needs. Since no layer mixes frames but causally, that equals running
-the whole clip at once, which this module does: a time downsampling keeps the first frame and convolves the whole
-sequence with stride 2 (each chunk's window starts at the previous chunk's last frame), a time upsampling keeps
-the first latent frame and turns each later one into two, convolving the frames after the first causally (diffusers
-starts their cache from zeros), and the shortcuts pad one zero frame in front (averaging) or drop the first frame's
-copy (duplicating), as diffusers does to the first chunk.
+the whole clip at once, which this module's encoder and decoder do: a time downsampling keeps the first frame and
+convolves the whole sequence with stride 2 (each chunk's window starts at the previous chunk's last frame), a time
+upsampling keeps the first latent frame and turns each later one into two, convolving the frames after the first
+causally (diffusers starts their cache from zeros), and the shortcuts pad one zero frame in front (averaging) or
+drop the first frame's copy (duplicating), as diffusers does to the first chunk. Decoding, whose activations are 4x
+longer and 8x (16x) larger per frame than the latents, streams as diffusers does (decode_streamed): the decoder's
+causal convolutions carry their last two frames from one latent frame's chunk to the next.
 
 Not supported (config_problems refuses them): time compressions but 4 (diffusers reads clips in chunks of 4
 frames) and attention within the levels (`attn_scales`, which diffusers' encoder cannot run).
@@ -89,13 +91,37 @@ def latent_normalisation(config: dict) -> tuple[tuple, tuple]:
   return tuple(map(float, config["latents_mean"])), tuple(1.0 / float(s) for s in config["latents_std"])
 
 
-def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="VALID"):
-  return layers.conv(in_ch, out_ch, kernel, rngs, jnp.float32, stride=stride, padding=padding)
+def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="VALID", module=nnx.Conv):
+  return layers.conv(in_ch, out_ch, kernel, rngs, jnp.float32, stride=stride, padding=padding, module=module)
 
 
-def causal_conv(in_ch, out_ch, rngs):
-  """diffusers' WanCausalConv3d(in, out, 3, padding=1): 2 zero frames in front, 1 zero pixel around."""
-  return conv(in_ch, out_ch, (3, 3, 3), rngs, padding=((2, 0), (1, 1), (1, 1)))
+class Frames(nnx.Variable):
+  """The last two frames a causal convolution read from one chunk of a streamed clip (decode_streamed)."""
+
+
+class CausalConv(nnx.Conv):
+  """diffusers' WanCausalConv3d with a window 3 frames long: clips [batch, frames, h, w, c] with two frames in front,
+  zeros before a clip's first frame. `streamed` (decode_streamed sets it), it keeps the two frames it read last in
+  `context` and reads them in front of the next chunk."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.streamed, self.context = False, nnx.data(None)
+
+  def __call__(self, x):
+    front = (jnp.zeros((x.shape[0], 2) + x.shape[2:], x.dtype) if self.context is None
+             else self.context[...].astype(x.dtype))
+    x = jnp.concatenate([front, x], axis=1)
+    if self.streamed:
+      self.context = Frames(x[:, -2:])
+    return super().__call__(x)
+
+
+def causal_conv(in_ch, out_ch, rngs, kernel=(3, 3, 3)):
+  """A CausalConv (diffusers' WanCausalConv3d(in, out, kernel, padding=1 or (1, 0, 0) for 3x1x1): zero pixels
+  around when the window is 3 wide."""
+  space = (kernel[1] // 2, kernel[1] // 2)
+  return conv(in_ch, out_ch, kernel, rngs, padding=((0, 0), space, space), module=CausalConv)
 
 
 class RMSNorm(nnx.Module):
@@ -162,36 +188,36 @@ def averaged_down(x, out_ch, time, space):
   return x.reshape(b, f // time, h // space, w // space, out_ch, -1).mean(axis=-1)
 
 
-def duplicated_up(x, out_ch, time, space):
-  """diffusers' DupUp3D: clips [b, f, h, w, c] -> [b, f time - (time - 1), h space, w space, out_ch]: each channel
-  repeated out_ch time space^2 / c times, spread (channel-major) over a time x space x space block, the first
-  frame's time - 1 leading copies dropped (as diffusers drops them from its first chunk)."""
+def duplicated_up(x, out_ch, time, space, first=True):
+  """diffusers' DupUp3D: clips [b, f, h, w, c] -> [b, f time, h space, w space, out_ch]: each channel repeated
+  out_ch time space^2 / c times, spread (channel-major) over a time x space x space block; the clip's `first` frame's
+  time - 1 leading copies dropped (as diffusers drops them from its first chunk)."""
   b, f, h, w, c = x.shape
   x = jnp.repeat(x, out_ch * time * space * space // c, axis=-1).reshape(b, f, h, w, out_ch, time, space, space)
   x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, f * time, h * space, w * space, out_ch)
-  return x[:, time - 1:]
+  return x[:, time - 1:] if first else x
 
 
 class Resample(nnx.Module):
   """Down: per frame, a stride-2 convolution padded on the bottom and right, then (`time`) a stride-2 3x1x1
   convolution over the whole clip after its first frame is set apart. Up: (`time`) a causal 3x1x1 convolution to
-  twice the width, each latent frame after the first becoming two, then per frame nearest 2x and a convolution to
-  `out_ch` (default half the width). The 2-D convolution is `resample[1]`, as diffusers names it."""
+  twice the width, each latent frame but the clip's `first` becoming two, then per frame nearest 2x and a
+  convolution to `out_ch` (default half the width). The 2-D convolution is `resample[1]`, as diffusers names it."""
 
   def __init__(self, channels, up, time, rngs, out_ch=None):
     self.up = up
     self.resample = nnx.List([None, conv(channels, out_ch or channels // 2, 3, rngs, padding="SAME") if up
                               else conv(channels, channels, 3, rngs, stride=2, padding=((0, 1), (0, 1)))])
-    self.time_conv = None if not time else (
-        conv(channels, 2 * channels, (3, 1, 1), rngs, padding=((2, 0), (0, 0), (0, 0))) if up
-        else conv(channels, channels, (3, 1, 1), rngs, stride=(2, 1, 1)))
+    self.time_conv = None if not time else (causal_conv(channels, 2 * channels, rngs, (3, 1, 1)) if up
+                                            else conv(channels, channels, (3, 1, 1), rngs, stride=(2, 1, 1)))
 
-  def __call__(self, x):
+  def __call__(self, x, first=True):
     if self.up:
-      if self.time_conv is not None and x.shape[1] > 1:
-        later = self.time_conv(x[:, 1:])
-        later = later.reshape(later.shape[:4] + (2, -1)).transpose(0, 1, 4, 2, 3, 5)
-        x = jnp.concatenate([x[:, :1], later.reshape((x.shape[0], -1) + later.shape[3:])], axis=1)
+      if self.time_conv is not None:  # on the frames after the first (none, in a still or a first chunk)
+        later = self.time_conv(x[:, 1:] if first else x)
+        b, f, h, w, c = later.shape  # (f may be 0: no -1 in the reshapes)
+        later = later.reshape(b, f, h, w, 2, c // 2).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * f, h, w, c // 2)
+        x = jnp.concatenate([x[:, :1], later], axis=1) if first else later
       return self.resample[1](jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3))
     x = self.resample[1](x)
     if self.time_conv is not None:
@@ -236,13 +262,13 @@ class ResidualUpBlock(nnx.Module):
     self.resnets = nnx.List([ResidualBlock(in_ch if i == 0 else out_ch, out_ch, rngs) for i in range(blocks)])
     self.upsampler = Resample(out_ch, True, time, rngs, out_ch=out_ch) if up else None
 
-  def __call__(self, x):
+  def __call__(self, x, first=True):
     h = x
     for block in self.resnets:
       h = block(h)
     if self.upsampler is None:
       return h
-    return self.upsampler(h) + duplicated_up(x, *self.shortcut)
+    return self.upsampler(h, first) + duplicated_up(x, *self.shortcut, first)
 
 
 class Encoder(nnx.Module):
@@ -282,10 +308,10 @@ class UpBlock(nnx.Module):
     self.resnets = nnx.List([ResidualBlock(in_ch if i == 0 else out_ch, out_ch, rngs) for i in range(blocks)])
     self.upsamplers = None if time is None else nnx.List([Resample(out_ch, True, time, rngs)])
 
-  def __call__(self, x):
+  def __call__(self, x, first=True):
     for block in self.resnets:
       x = block(x)
-    return x if self.upsamplers is None else self.upsamplers[0](x)
+    return x if self.upsamplers is None else self.upsamplers[0](x, first)
 
 
 class Decoder(nnx.Module):
@@ -308,8 +334,33 @@ class Decoder(nnx.Module):
     self.norm_out = RMSNorm(widths[-1])
     self.conv_out = causal_conv(widths[-1], c["out_channels"], rngs)
 
-  def __call__(self, z):
+  def __call__(self, z, first=True):
+    """Latents -> clips; `first`: z starts at the clip's first latent frame (else it continues a streamed clip)."""
     x = self.mid_block(self.conv_in(z))
     for level in self.up_blocks:
-      x = level(x)
+      x = level(x, first)
     return jnp.clip(unpatchify(self.conv_out(nnx.silu(self.norm_out(x))), self.patch), -1.0, 1.0)
+
+
+def decode_streamed(decoder: Decoder, z):
+  """Latents [batch, 1 + k, h/f, w/f, z_dim] -> clips [batch, 1 + 4k, h, w, out], one latent frame at a time as
+  diffusers decodes: each causal convolution carries the last two frames it read into the next chunk, so the
+  activations held are one chunk's (4 frames), not the clip's (a 480x832 clip of 81 frames at 96 channels: 12 GB a
+  tensor). The same function as decoding the clip whole, with one latent frame compiled twice (first, the rest)."""
+  stream = nnx.merge(*nnx.split(decoder))
+  for _, module in nnx.iter_modules(stream):
+    if isinstance(module, CausalConv):
+      module.streamed = True
+  first = stream(z[:, :1])
+  if z.shape[1] == 1:
+    return first
+  graph, contexts, rest = nnx.split(stream, Frames, ...)
+
+  def chunk(contexts, latent):
+    module = nnx.merge(graph, contexts, rest)
+    clip = module(latent[:, None], first=False)
+    return nnx.state(module, Frames), clip
+
+  _, later = jax.lax.scan(chunk, contexts, jnp.moveaxis(z[:, 1:], 1, 0))  # [k, batch, 4, h, w, out]
+  later = jnp.moveaxis(later, 0, 1).reshape((z.shape[0], -1) + later.shape[3:])
+  return jnp.concatenate([first, later], axis=1)
