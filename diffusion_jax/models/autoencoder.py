@@ -410,7 +410,9 @@ class AutoencoderKL(nnx.Module):
     [batch, h, w, in_channels] as a one-frame clip."""
     if self.causal and x.ndim == 4:
       return tuple(m[:, 0] for m in self.moments(x[:, None]))
-    h = self.encoder(x.astype(jnp.float32))
+    x = x.astype(jnp.float32)  # Wan's clips are encoded a chunk of 4 frames at a time, as diffusers does
+    h = (wan_autoencoder.streamed(self.encoder, x, 4) if isinstance(self.encoder, wan_autoencoder.Encoder)
+         else self.encoder(x))
     if self.quant_conv is not None:
       h = self.quant_conv(h)
     mean, logvar = jnp.split(h, 2, axis=-1)
@@ -443,12 +445,12 @@ class AutoencoderKL(nnx.Module):
     """Posterior draws z [batch, (frames,) h/f, w/f, latent_channels] (no shift or scaling) -> [batch, (frames,) h,
     w, out]: a temporal decoder decodes each clip's frames together (more leading axes fold into the batch), the
     image decoder every frame alone (the temporal autoencoder has no post_quant_conv). A causal decoder decodes each
-    clip whole too (Wan's a latent frame at a time: wan_autoencoder.decode_streamed), a still's latents [batch, h/f,
+    clip whole too (Wan's a latent frame at a time: wan_autoencoder.streamed), a still's latents [batch, h/f,
     w/f, c] as a one-frame clip's."""
     if self.causal:
       clips = z[:, None] if z.ndim == 4 else z.reshape((-1,) + z.shape[-4:])
       clips = clips if self.post_quant_conv is None else self.post_quant_conv(clips)
-      x = (wan_autoencoder.decode_streamed(self.decoder, clips) if isinstance(self.decoder, wan_autoencoder.Decoder)
+      x = (wan_autoencoder.streamed(self.decoder, clips, 1) if isinstance(self.decoder, wan_autoencoder.Decoder)
            else self.decoder(clips))
       return x[:, 0] if z.ndim == 4 else x.reshape(z.shape[:-4] + x.shape[1:])
     lead = z.shape[:-3]

@@ -14,18 +14,19 @@ per channel (`latents_mean`, `latents_std`) rather than by one scaling factor, a
 
 diffusers runs it in chunks (the first frame, then 4 frames at a time; decoding one latent frame at a time), each
 convolution caching the frames the next chunk needs. Since no layer mixes frames but causally, that equals running
-the whole clip at once, which this module's encoder and decoder do: a time downsampling keeps the first frame and
+the whole clip at once, as the Encoder and Decoder modules do: a time downsampling keeps the first frame and
 convolves the whole sequence with stride 2 (each chunk's window starts at the previous chunk's last frame), a time
 upsampling keeps the first latent frame and turns each later one into two, convolving the frames after the first
 causally (diffusers starts their cache from zeros), and the shortcuts pad one zero frame in front (averaging) or
-drop the first frame's copy (duplicating), as diffusers does to the first chunk. Decoding, whose activations are 4x
-longer and 8x (16x) larger per frame than the latents, streams as diffusers does (decode_streamed): the decoder's
-causal convolutions carry their last two frames from one latent frame's chunk to the next.
+drop the first frame's copy (duplicating), as diffusers does to the first chunk. The autoencoder still runs them in
+diffusers' chunks (`streamed`), each causal convolution carrying its last frames into the next chunk, which holds
+one chunk's activations instead of the clip's.
 
 Not supported (config_problems refuses them): time compressions but 4 (diffusers reads clips in chunks of 4
 frames) and attention within the levels (`attn_scales`, which diffusers' encoder cannot run).
 """
 
+import functools
 import math
 
 import jax
@@ -96,24 +97,26 @@ def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="VALID", module=nnx.Conv
 
 
 class Frames(nnx.Variable):
-  """The last two frames a causal convolution read from one chunk of a streamed clip (decode_streamed)."""
+  """The last frames a causal convolution read from one chunk of a streamed clip (`streamed`)."""
 
 
 class CausalConv(nnx.Conv):
-  """diffusers' WanCausalConv3d with a window 3 frames long: clips [batch, frames, h, w, c] with two frames in front,
-  zeros before a clip's first frame. `streamed` (decode_streamed sets it), it keeps the two frames it read last in
+  """diffusers' WanCausalConv3d: a convolution over clips [batch, frames, h, w, c] whose windows end at or before
+  each frame, reading the `front` frames before its input: zeros before the clip's first frame, or (`zeros=False`,
+  the time downsampling's) none. `streamed` (`streamed` sets it), it keeps the `front` frames it read last in
   `context` and reads them in front of the next chunk."""
 
-  def __init__(self, *args, **kwargs):
+  def __init__(self, *args, front=2, zeros=True, **kwargs):
     super().__init__(*args, **kwargs)
-    self.streamed, self.context = False, nnx.data(None)
+    self.front, self.zeros, self.streamed, self.context = front, zeros, False, nnx.data(None)
 
   def __call__(self, x):
-    front = (jnp.zeros((x.shape[0], 2) + x.shape[2:], x.dtype) if self.context is None
-             else self.context[...].astype(x.dtype))
-    x = jnp.concatenate([front, x], axis=1)
+    if self.context is not None:
+      x = jnp.concatenate([self.context[...].astype(x.dtype), x], axis=1)
+    elif self.zeros:
+      x = jnp.concatenate([jnp.zeros((x.shape[0], self.front) + x.shape[2:], x.dtype), x], axis=1)
     if self.streamed:
-      self.context = Frames(x[:, -2:])
+      self.context = Frames(x[:, -self.front:])
     return super().__call__(x)
 
 
@@ -122,6 +125,34 @@ def causal_conv(in_ch, out_ch, rngs, kernel=(3, 3, 3)):
   around when the window is 3 wide."""
   space = (kernel[1] // 2, kernel[1] // 2)
   return conv(in_ch, out_ch, kernel, rngs, padding=((0, 0), space, space), module=CausalConv)
+
+
+def streamed(module, x, chunk: int):
+  """`module` (an Encoder or Decoder) applied to x [batch, 1 + chunk k, ...] as diffusers runs it: the first frame,
+  then a compiled loop (lax.scan) over k chunks of `chunk` frames, each causal convolution carrying the frames it
+  read last into the next chunk; the same function as `module(x)`, holding one chunk's activations, not the clip's
+  (a 480x832 clip of 81 frames at 96 channels: 12 GB a tensor)."""
+  if (x.shape[1] - 1) % chunk:
+    raise ValueError(f"{CLASS_NAME} reads clips of 1 + {chunk} k frames, not {x.shape[1]}")
+  stream = nnx.merge(*nnx.split(module))
+  for _, part in nnx.iter_modules(stream):
+    if isinstance(part, CausalConv):
+      part.streamed = True
+  first = stream(x[:, :1])
+  if x.shape[1] == 1:
+    return first
+  graph, contexts, rest = nnx.split(stream, Frames, ...)
+
+  def step(contexts, frames):
+    part = nnx.merge(graph, contexts, rest)
+    out = part(frames, first=False)
+    return nnx.state(part, Frames), out
+
+  b, frames = x.shape[0], x.shape[1] - 1
+  chunks = jnp.moveaxis(x[:, 1:].reshape((b, frames // chunk, chunk) + x.shape[2:]), 1, 0)
+  _, later = jax.lax.scan(step, contexts, chunks)  # [k, batch, frames out, ...]
+  later = jnp.moveaxis(later, 0, 1).reshape((b, -1) + later.shape[3:])
+  return jnp.concatenate([first, later], axis=1)
 
 
 class RMSNorm(nnx.Module):
@@ -208,8 +239,10 @@ class Resample(nnx.Module):
     self.up = up
     self.resample = nnx.List([None, conv(channels, out_ch or channels // 2, 3, rngs, padding="SAME") if up
                               else conv(channels, channels, 3, rngs, stride=2, padding=((0, 1), (0, 1)))])
-    self.time_conv = None if not time else (causal_conv(channels, 2 * channels, rngs, (3, 1, 1)) if up
-                                            else conv(channels, channels, (3, 1, 1), rngs, stride=(2, 1, 1)))
+    self.time_conv = None if not time else (
+        causal_conv(channels, 2 * channels, rngs, (3, 1, 1)) if up else
+        conv(channels, channels, (3, 1, 1), rngs, stride=(2, 1, 1),
+             module=functools.partial(CausalConv, front=1, zeros=False)))
 
   def __call__(self, x, first=True):
     if self.up:
@@ -220,8 +253,8 @@ class Resample(nnx.Module):
         x = jnp.concatenate([x[:, :1], later], axis=1) if first else later
       return self.resample[1](jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3))
     x = self.resample[1](x)
-    if self.time_conv is not None:
-      x = jnp.concatenate([x[:, :1], self.time_conv(x)], axis=1)
+    if self.time_conv is not None:  # windows from the clip's first frame, which stays too
+      x = jnp.concatenate([x[:, :1], self.time_conv(x)], axis=1) if first else self.time_conv(x)
     return x
 
 
@@ -245,11 +278,11 @@ class ResidualDownBlock(nnx.Module):
     self.resnets = nnx.List([ResidualBlock(in_ch if i == 0 else out_ch, out_ch, rngs) for i in range(blocks)])
     self.downsampler = Resample(out_ch, False, time, rngs) if down else None
 
-  def __call__(self, x):
+  def __call__(self, x, first=True):
     h = x
     for block in self.resnets:
       h = block(h)
-    h = h if self.downsampler is None else self.downsampler(h)
+    h = h if self.downsampler is None else self.downsampler(h, first)
     return h + averaged_down(x, *self.shortcut)
 
 
@@ -294,10 +327,11 @@ class Encoder(nnx.Module):
     self.norm_out = RMSNorm(widths[-1])
     self.conv_out = causal_conv(widths[-1], 2 * c["z_dim"], rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, first=True):
+    """Clips -> moments; `first`: x starts at the clip's first frame (else it continues a streamed clip)."""
     x = self.conv_in(patchify(x, self.patch))
     for block in self.down_blocks:
-      x = block(x)
+      x = block(x) if isinstance(block, ResidualBlock) else block(x, first)
     return self.conv_out(nnx.silu(self.norm_out(self.mid_block(x))))
 
 
@@ -340,27 +374,3 @@ class Decoder(nnx.Module):
     for level in self.up_blocks:
       x = level(x, first)
     return jnp.clip(unpatchify(self.conv_out(nnx.silu(self.norm_out(x))), self.patch), -1.0, 1.0)
-
-
-def decode_streamed(decoder: Decoder, z):
-  """Latents [batch, 1 + k, h/f, w/f, z_dim] -> clips [batch, 1 + 4k, h, w, out], one latent frame at a time as
-  diffusers decodes: each causal convolution carries the last two frames it read into the next chunk, so the
-  activations held are one chunk's (4 frames), not the clip's (a 480x832 clip of 81 frames at 96 channels: 12 GB a
-  tensor). The same function as decoding the clip whole, with one latent frame compiled twice (first, the rest)."""
-  stream = nnx.merge(*nnx.split(decoder))
-  for _, module in nnx.iter_modules(stream):
-    if isinstance(module, CausalConv):
-      module.streamed = True
-  first = stream(z[:, :1])
-  if z.shape[1] == 1:
-    return first
-  graph, contexts, rest = nnx.split(stream, Frames, ...)
-
-  def chunk(contexts, latent):
-    module = nnx.merge(graph, contexts, rest)
-    clip = module(latent[:, None], first=False)
-    return nnx.state(module, Frames), clip
-
-  _, later = jax.lax.scan(chunk, contexts, jnp.moveaxis(z[:, 1:], 1, 0))  # [k, batch, 4, h, w, out]
-  later = jnp.moveaxis(later, 0, 1).reshape((z.shape[0], -1) + later.shape[3:])
-  return jnp.concatenate([first, later], axis=1)
