@@ -206,8 +206,8 @@ def test_wan_autoencoder_encodes_and_decodes_clips_as_diffusers_does(wan_vae, tm
   back) with cached frames, as it runs here too: the posterior of 9-frame clips (3 latent frames) and of a still,
   and the clips decoded from latents (clamped to [-1, 1]), equal diffusers' AutoencoderKLWan's, and so do the
   encoder and decoder run on the clip whole; the memory an encode or a decode holds grows with the clip by about
-  a copy of its frames (run whole: by more than 4 copies, at these tiny widths). Latents are normalised per channel by latents_mean and latents_std. What it cannot
-  build is refused with the field to change."""
+  a copy of its frames (run whole: by more than 4 copies, at these tiny widths). Latents are normalised per channel
+  by latents_mean and latents_std. What it cannot build is refused with the field to change."""
   directory, reference = wan_vae
   ours, config = autoencoder.load_diffusers(directory), autoencoder.read_config(directory)
   assert autoencoder.downsampling_factor(config) == 8 and autoencoder.time_compression(config) == 4
