@@ -113,10 +113,10 @@ def wan_problems(config, resolution: int | None) -> list[str]:
                    f"({frames_patch})")
   unsupported = [field for field, value in (("model.lowres_conditioning", m.lowres_conditioning),
                                             ("data.image_fraction", config.data.image_fraction),
-                                            ("model.lora_rank", m.lora_rank)) if value]
+                                            ("model.lora_modulation", m.lora_modulation)) if value]
   if unsupported:
     found.append(f"{', '.join(unsupported)}: not supported with model.backbone='wan' yet (super-resolution inputs, "
-                 "stills in video batches, LoRA); turn off or set to 0")
+                 "stills in video batches, a LoRA of the modulation); turn off or set to 0")
   return found
 
 
@@ -295,7 +295,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   found += moving_shapes_problems(config.data)
   if m.lora_rank < 0:
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
-  elif m.lora_rank and not config.finetune.workdir:
+  elif m.lora_rank and not config.finetune.workdir and m.backbone != "wan":  # Wan's: model.wan_path's weights
     found.append("model.lora_rank adapts a trained model, whose other weights it freezes: set finetune.workdir")
   if m.lora_convolutions and not m.lora_rank:
     found.append("model.lora_convolutions: the convolutions' updates need model.lora_rank > 0")

@@ -60,9 +60,9 @@ def name(path) -> str:
 
 
 def kernel_of(update_name: str) -> str:
-  """The kernel a low-rank update adapts: '.../attn/q_lora/lora_a' -> '.../attn/q/kernel'."""
-  *module, projection, _ = update_name.split("/")
-  return "/".join(module + [projection.removesuffix("_lora"), "kernel"])
+  """The kernel a low-rank update adapts: '.../attn/q_lora/lora_a' -> '.../attn/q/kernel', and for a layer in a
+  list (Wan's), '.../attn1/to_out_lora/0/lora_a' -> '.../attn1/to_out/0/kernel'."""
+  return "/".join([part.removesuffix("_lora") for part in update_name.split("/")[:-1]] + ["kernel"])
 
 
 def parse(spec: str) -> tuple[str, float]:
@@ -224,11 +224,11 @@ def layer_kind(update_name: str) -> str:
     return "convolution"
   if parts[-2] in ("conv_lora", "conv_out_lora"):  # a video U-Net's temporal block's
     return "temporal convolution"
-  if parts[-2] in ("proj_in_lora", "proj_out_lora"):
+  if parts[-2] in ("proj_in_lora", "proj_out_lora") or "ffn" in parts:  # (Wan's feed-forward: ffn)
     return "feed-forward"
   if any(part.startswith("temporal") for part in parts):
     return "temporal attention"
-  return "cross-attention" if "cross_attn" in parts else "self-attention"
+  return "cross-attention" if "cross_attn" in parts or "attn2" in parts else "self-attention"
 
 
 def describe(adapter: Adapter) -> str:
@@ -247,7 +247,8 @@ def describe(adapter: Adapter) -> str:
            f"  made from: {m.get('workdir', '?')} step {m.get('step', '?')} "
            f"({'EMA' if m.get('ema') == 'True' else 'trained weights'}), a LoRA of {m.get('source_workdir', '?')}"]
   if model:
-    lines.append(f"  for a model: {model.get('backbone', 'unet')}, channels {model.get('channels')}, "
+    lines.append(f"  for a model: Wan's transformer of {model.get('wan_path')}" if model.get("backbone") == "wan" else
+                 f"  for a model: {model.get('backbone', 'unet')}, channels {model.get('channels')}, "
                  f"{'video' if model.get('temporal') else 'image'}"
                  f"{', DiT depth ' + str(model.get('depth')) if model.get('backbone') == 'dit' else ''}")
   lines += [f"  {kind}: {count} layers, {weights:,} weights" for kind, (count, weights) in sorted(kinds.items())]

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import flax.struct
+import flax.traverse_util
 import grain.python as grain
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,14 @@ def weights_init(config, shardings):
   return jax.jit(init, out_shardings=shardings)
 
 
+def overlaid(tree: dict, weights: dict, shardings: dict) -> dict:
+  """`tree` (a nested dict of arrays) with the leaves `weights` holds too replaced by them, placed by `shardings`."""
+  flat, given = flax.traverse_util.flatten_dict(tree), flax.traverse_util.flatten_dict(weights)
+  where = flax.traverse_util.flatten_dict(shardings)
+  return flax.traverse_util.unflatten_dict(
+      {path: jax.device_put(given[path], where[path]) if path in given else leaf for path, leaf in flat.items()})
+
+
 def init_state(config, mesh):
   """A TrainState created directly with its shardings (no full host copy of a randomly initialised model)."""
   graphdef, abstract_params, abstract_frozen = text_to_image.split(text_to_image.abstract(config), config)
@@ -72,8 +81,9 @@ def init_state(config, mesh):
   image_weights = inflation.load_image_weights(config, targets()) if config.inflate.image_workdir else None
   params, frozen = weights_init(config, shardings)(jax.random.key(config.seed))
   for name, weights in text_to_image.pretrained_weights(config).items():  # read on the host, then placed
-    tree, tree_shardings = (params, shardings[0]) if name in params else (frozen, shardings[1])
-    tree[name] = jax.device_put(weights, tree_shardings[name])
+    for tree, tree_shardings in ((params, shardings[0]), (frozen, shardings[1])):  # (a LoRA's: some in each)
+      if name in tree:
+        tree[name] = overlaid(tree[name], weights, tree_shardings[name])
   if finetune_weights is not None:
     params, frozen = finetune.start_from(finetune_weights, params, frozen)
   if image_weights is not None:

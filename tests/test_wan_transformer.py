@@ -10,9 +10,11 @@ import pytest
 import torch
 from flax import nnx
 
-from diffusion_jax import config_checks, sample, sharding, train
+from flax import traverse_util
+
+from diffusion_jax import config_checks, lora, sample, sharding, train
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import wan_transformer
+from diffusion_jax.models import text_to_image, wan_transformer
 from diffusion_jax.text import tokenizers
 
 # RGB in and out, and the width of t2v_moving_shapes:test's text encoder, so a pixel video model runs on it.
@@ -112,10 +114,10 @@ def test_a_video_model_on_wans_transformer_starts_from_its_weights_trains_and_sa
   assert "the text encoder's width 16 (text.pretrained_path's d_model, or text.t5.d_model) must equal Wan's " \
          "text_dim=32" in " ".join(config_checks.problems(config, device_count=8))
   config.text.t5.d_model = 32
-  config.model.lora_rank = 4
-  assert "model.lora_rank: not supported with model.backbone='wan' yet" in " ".join(
+  config.model.update(lora_rank=4, lora_modulation=True)
+  assert "model.lora_modulation: not supported with model.backbone='wan' yet" in " ".join(
       config_checks.problems(config, device_count=8))
-  config.model.lora_rank = 0
+  config.model.update(lora_rank=0, lora_modulation=False)
   assert config_checks.problems(config, device_count=8) == []
   config.mesh.update(data=2, fsdp=2, tensor=2)  # its parameters sharded by their logical axes too
   config.model.remat = True
@@ -137,10 +139,13 @@ def test_a_video_model_on_wans_transformer_starts_from_its_weights_trains_and_sa
   assert clips.shape == (1, 1, config.data.frames, 16, 16, 3) and clips.dtype == np.uint8
 
 
-def test_the_wan_config_reads_a_checkpoints_four_parts_and_fine_tunes_them(tmp_path):
+def test_the_wan_config_reads_a_checkpoints_four_parts_and_trains_a_lora_of_it(tmp_path):
   """configs/wan_t2v.py:ROOT on a tiny random diffusers Wan checkpoint (transformer/, UMT5 text_encoder/,
-  tokenizer/spiece.model, vae/): the config check passes, a train step on moving clips runs with every part loaded
-  (UMT5 and the VAE frozen); a missing part is named."""
+  tokenizer/spiece.model, vae/), as a LoRA of the transformer's attention and feed-forward (model.lora_rank, no
+  finetune.workdir: its base is the checkpoint): the config check passes, train steps on moving clips run with every
+  part loaded and move only the low-rank updates (Wan, UMT5 and the VAE frozen as loaded), and Wan's own model with
+  the updates fused into its kernels (lora.fuse, as sampling's --lora) computes what the LoRA model computes; a
+  missing part is named."""
   import shutil
 
   import transformers
@@ -166,14 +171,45 @@ def test_the_wan_config_reads_a_checkpoints_four_parts_and_fine_tunes_them(tmp_p
                      data_dir=str(tmp_path / "tfds"))
   config.text.max_length = 8
   config.mesh.update(data=2, fsdp=4)
+  plain = config.copy_and_resolve_references()
+  config.model.update(lora_rank=2, lora_feed_forward=True)
   assert config_checks.problems(config, device_count=8) == []
   mesh = sharding.make_mesh(config.mesh)
   state, graphdef = train.init_state(config, mesh)
   encoder = nnx.to_pure_dict(nnx.state(t5.load_hf_encoder(root / "text_encoder")))
   jax.tree.map(np.testing.assert_array_equal, state.frozen["text_encoder"], encoder)
+  loaded = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(root / "transformer")))
+  jax.tree.map(np.testing.assert_array_equal, state.frozen["wan"], loaded)
+  # 2 blocks x (4 projections of 2 attentions + 2 feed-forward layers), a and b each
+  assert len(trained := traverse_util.flatten_dict(state.params)) == 40 and all(map(text_to_image.is_lora, trained))
   step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
-  state, metrics = step(state, batch, hparams)
-  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  for _ in range(2):  # (the first step's learning rate is 0: warm-up)
+    state, metrics = step(state, batch, hparams)
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  jax.tree.map(np.testing.assert_array_equal, state.frozen["wan"], loaded)
+  trained = traverse_util.flatten_dict(state.params["wan"])
+  assert min(np.abs(x).max() for path, x in trained.items() if path[-1] == "lora_b") > 0
+  rng = np.random.default_rng(0)  # updates large enough to matter (two steps barely move them)
+  updates = {path: 0.3 * rng.normal(size=x.shape).astype(np.float32) for path, x in trained.items()}
+  adapter = lora.Adapter("updates", {"wan/" + lora.name(path): x for path, x in updates.items()}, {})
+  lora.check([adapter], plain)  # its names fit a Wan model's kernels
+  described = lora.describe(lora.Adapter("a.safetensors", adapter.updates, {"config": json.dumps(
+      {"model": {"backbone": "wan", "wan_path": "WAN"}})}))
+  assert "for a model: Wan's transformer of WAN" in described and "self-attention: 8 layers" in described
+  assert "cross-attention: 8 layers" in described and "feed-forward: 4 layers" in described
+  inputs = (rng.normal(size=(2, 2, 4, 4, 3)).astype(np.float32), np.array([10.0, 873.0], np.float32),
+            rng.normal(size=(2, 5, 32)).astype(np.float32), np.array([[1, 1, 1, 0, 0], [1] * 5], bool))
+
+  def output(weights, **ranks):  # Wan's transformer (with LoRA ranks) holding `weights`
+    graph, abstract = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(
+        wan_transformer.read_config(root / "transformer"), rngs=nnx.Rngs(0), **ranks)))
+    nnx.replace_by_pure_dict(abstract, weights)
+    return nnx.merge(graph, abstract)(*map(jnp.asarray, inputs))
+
+  with_lora = output(traverse_util.unflatten_dict(updates | traverse_util.flatten_dict(state.frozen["wan"])),
+                     lora_rank=2, ff_lora_rank=2)
+  np.testing.assert_allclose(output(lora.fuse(state.frozen, [adapter])["wan"]), with_lora, atol=1e-5)
+  assert np.abs(output(state.frozen["wan"]) - with_lora).max() > 1e-3  # (the updates matter)
   shutil.rmtree(root / "vae")
   assert f"latent.autoencoder_path={str(root / 'vae')!r} has no config.json" in " ".join(
       config_checks.problems(config, device_count=8))

@@ -93,6 +93,13 @@ def adapted(module, name, x):
   return out if update is None else out + update(x).astype(out.dtype)
 
 
+def adapted_in_list(module, name, index, x):
+  """Layer `index` of list `name` of `module` (diffusers' `to_out.0`) applied to x, plus its low-rank update
+  (`<name>_lora[index]`) when there is one."""
+  out, updates = getattr(module, name)[index](x), getattr(module, f"{name}_lora")
+  return out if updates[index] is None else out + updates[index](x).astype(out.dtype)
+
+
 class ConvLoRA(nnx.Module):
   """A low-rank update of a `kernel` x `kernel` convolution [in_ch -> out_ch] (LoCon): the convolution with
   lora_a [kernel, kernel, in_ch, rank], then lora_b [rank, out_ch] (zeros, so it starts at nothing). Merged into

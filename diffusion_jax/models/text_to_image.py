@@ -30,7 +30,10 @@ class TextToImage(nnx.Module):
     elif self.backbone == "wan":
       self.wan = wan_transformer.WanTransformer(wan_transformer.read_config(config.model.wan_path), rngs=rngs,
                                                 dtype=config.model.dtype, attention=config.model.attention,
-                                                remat_policy=config.model.remat_policy if config.model.remat else None)
+                                                remat_policy=config.model.remat_policy if config.model.remat else None,
+                                                lora_rank=config.model.lora_rank,
+                                                ff_lora_rank=config.model.lora_rank if config.model.lora_feed_forward
+                                                else 0)
     else:
       self.unet = unet.UNet(config.model, rngs=rngs)
     self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path

@@ -107,12 +107,16 @@ def layer_norm(dim, eps, rngs, affine=False):
 class Attention(nnx.Module):
   """Multi-head attention with biased projections and queries and keys RMS-normalised across heads (diffusers'
   WanAttention): x [batch, n, dim] attends to context [batch, m, dim] (itself when None), rotary angles for
-  self-attention."""
+  self-attention. lora_rank: low-rank updates (layers.lora) of the four projections, as `to_q_lora`, `to_k_lora`,
+  `to_v_lora` and `to_out_lora[0]` (0: none)."""
 
-  def __init__(self, dim, heads, eps, rngs, dtype, implementation):
+  def __init__(self, dim, heads, eps, rngs, dtype, implementation, lora_rank=0):
     self.heads, self.dtype, self.implementation = heads, dtype, implementation
     self.to_q, self.to_k, self.to_v = (dense(dim, dim, ("embed", "heads"), rngs, dtype) for _ in range(3))
     self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), rngs, dtype)])
+    self.to_q_lora, self.to_k_lora, self.to_v_lora = (layers.lora(dim, dim, ("embed", "heads"), lora_rank, rngs, dtype)
+                                                      for _ in range(3))
+    self.to_out_lora = nnx.List([layers.lora(dim, dim, ("heads", "embed"), lora_rank, rngs, dtype)])
     self.norm_q, self.norm_k = (nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, scale_metadata=layers.names("norm"))
                                 for _ in range(2))
 
@@ -120,37 +124,44 @@ class Attention(nnx.Module):
     context = x if context is None else context
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, -1))
     normed = lambda norm, t: norm(t.astype(jnp.float32))
-    q, k = split(normed(self.norm_q, self.to_q(x))), split(normed(self.norm_k, self.to_k(context)))
+    q = split(normed(self.norm_q, layers.adapted(self, "to_q", x)))
+    k = split(normed(self.norm_k, layers.adapted(self, "to_k", context)))
     if angles is not None:
       q, k = rotated(q, angles), rotated(k, angles)
-    out = attention.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), split(self.to_v(context)),
+    out = attention.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype),
+                                          split(layers.adapted(self, "to_v", context)),
                                           implementation=self.implementation)
-    return self.to_out[0](out.reshape(x.shape[:2] + (-1,)))
+    return layers.adapted_in_list(self, "to_out", 0, out.reshape(x.shape[:2] + (-1,)))
 
 
 class GeluProjection(nnx.Module):
-  """A linear layer and tanh-approximated GELU (diffusers' GELU(approximate='tanh'), the feed-forward's first
-  layer)."""
+  """A linear layer (with a low-rank update `proj_lora` of lora_rank, 0: none) and tanh-approximated GELU
+  (diffusers' GELU(approximate='tanh'), the feed-forward's first layer)."""
 
-  def __init__(self, dim, hidden, rngs, dtype):
+  def __init__(self, dim, hidden, rngs, dtype, lora_rank=0):
     self.proj = dense(dim, hidden, ("embed", "mlp"), rngs, dtype)
+    self.proj_lora = layers.lora(dim, hidden, ("embed", "mlp"), lora_rank, rngs, dtype)
 
   def __call__(self, x):
-    return nnx.gelu(self.proj(x), approximate=True)
+    return nnx.gelu(layers.adapted(self, "proj", x), approximate=True)
 
 
 class Block(nnx.Module):
-  """Modulated self-attention, cross-attention to the text, modulated feed-forward: tokens [batch, n, dim]."""
+  """Modulated self-attention, cross-attention to the text, modulated feed-forward: tokens [batch, n, dim].
+  lora_rank: low-rank updates of the attentions' projections; ff_lora_rank: of the feed-forward's two layers (the
+  second's as `ffn.net_lora[2]`) (0: none)."""
 
-  def __init__(self, c, rngs, dtype, implementation):
+  def __init__(self, c, rngs, dtype, implementation, lora_rank=0, ff_lora_rank=0):
     dim = c["num_attention_heads"] * c["attention_head_dim"]
     self.norm1, self.norm3 = layer_norm(dim, c["eps"], rngs), layer_norm(dim, c["eps"], rngs)
-    self.attn1 = Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype, implementation)
-    self.attn2 = Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype, implementation)
+    self.attn1, self.attn2 = (Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype, implementation,
+                                        lora_rank) for _ in range(2))
     self.norm2 = layer_norm(dim, c["eps"], rngs, affine=True) if c["cross_attn_norm"] else None
     self.ffn = nnx.Module()
-    self.ffn.net = nnx.List([GeluProjection(dim, c["ffn_dim"], rngs, dtype), None,
+    self.ffn.net = nnx.List([GeluProjection(dim, c["ffn_dim"], rngs, dtype, ff_lora_rank), None,
                              dense(c["ffn_dim"], dim, ("mlp", "embed"), rngs, dtype)])
+    self.ffn.net_lora = nnx.List([None, None, layers.lora(c["ffn_dim"], dim, ("mlp", "embed"), ff_lora_rank, rngs,
+                                                          dtype)])
     self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 6, dim)) / dim ** 0.5,
                                        **layers.names(None, None, "embed"))
 
@@ -160,13 +171,15 @@ class Block(nnx.Module):
     x = x + self.attn1(self.norm1(x) * (1 + scale) + shift, angles=angles).astype(jnp.float32) * gate
     x = x + self.attn2(x if self.norm2 is None else self.norm2(x), text).astype(jnp.float32)
     hidden = self.ffn.net[0](self.norm3(x) * (1 + ff_scale) + ff_shift)
-    return x + self.ffn.net[2](hidden).astype(jnp.float32) * ff_gate
+    return x + layers.adapted_in_list(self.ffn, "net", 2, hidden).astype(jnp.float32) * ff_gate
 
 
 class WanTransformer(nnx.Module):
-  """diffusers' WanTransformer3DModel (text-to-video) of a config.json (read_config)."""
+  """diffusers' WanTransformer3DModel (text-to-video) of a config.json (read_config); lora_rank, ff_lora_rank: a
+  LoRA's low-rank updates of every block's attention projections and feed-forward layers (0: none)."""
 
-  def __init__(self, config: dict, *, rngs: nnx.Rngs, dtype="float32", remat_policy=None, attention="auto"):
+  def __init__(self, config: dict, *, rngs: nnx.Rngs, dtype="float32", remat_policy=None, attention="auto",
+               lora_rank=0, ff_lora_rank=0):
     c, dtype = DEFAULTS | config, jnp.dtype(dtype)
     dim, self.patch = c["num_attention_heads"] * c["attention_head_dim"], tuple(c["patch_size"])
     self.head_dim, self.freq_dim, self.out_channels = c["attention_head_dim"], c["freq_dim"], c["out_channels"]
@@ -182,7 +195,8 @@ class WanTransformer(nnx.Module):
     embedder.text_embedder = nnx.Module()
     embedder.text_embedder.linear_1 = dense(c["text_dim"], dim, ("text_embed", "embed"), rngs)
     embedder.text_embedder.linear_2 = dense(dim, dim, ("embed", "embed"), rngs)
-    self.blocks = nnx.List([Block(c, rngs, dtype, attention) for _ in range(c["num_layers"])])
+    self.blocks = nnx.List([Block(c, rngs, dtype, attention, lora_rank, ff_lora_rank)
+                            for _ in range(c["num_layers"])])
     self.norm_out = layer_norm(dim, c["eps"], rngs)
     self.proj_out = dense(dim, c["out_channels"] * math.prod(self.patch), ("embed", None), rngs)
     self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim)) / dim ** 0.5,
