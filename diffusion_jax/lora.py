@@ -13,7 +13,12 @@ projections (the source run, or another run of the same architecture) takes one 
 each at its own scale (0: the model as it was; the updates of several add up). `sample.py --lora=FILE[:SCALE]`
 and `evaluate.py --lora=FILE[:SCALE]` fuse them into a workdir's model.
 
+A LoRA of Wan's transformer also travels in the PyTorch world's files (diffusers_lora.py): `--format=diffusers`
+writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` reads that layout and Wan's
+original one (ComfyUI's), as shared Wan LoRAs come.
+
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
+                               [--format=diffusers]
   python -m diffusion_jax.lora --inspect=adapter.safetensors
 
 Flags:
@@ -21,6 +26,7 @@ Flags:
   --output    the adapter file to write (.safetensors)
   --step      checkpoint step (default: the latest)
   --use_ema   take the updates' first EMA copy (default: the run's sample.use_ema) or, false, the trained ones
+  --format    diffusion_jax (default: ours, with what made it) or diffusers (a LoRA of Wan's transformer only)
   --inspect   print what an adapter file holds instead (`describe`): what made it, the model it was made for,
               and how many layers of each kind it updates with how many weights
 """
@@ -38,7 +44,7 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from diffusion_jax import checkpoint, cli, finetune
+from diffusion_jax import checkpoint, cli, diffusers_lora, finetune
 from diffusion_jax.models import text_to_image
 
 FORMAT = "diffusion_jax.lora"
@@ -90,7 +96,8 @@ def at_scales(adapters: list[Adapter], scale=None) -> list[Adapter]:
 
 
 def read(spec: str, flag: str = "--lora") -> Adapter:
-  """The adapter of a --lora=FILE[:SCALE] flag (or `flag`); ValueError when the file is missing or not an adapter."""
+  """The adapter of a --lora=FILE[:SCALE] flag (or `flag`): ours, or a Wan LoRA in diffusers' or Wan's original
+  layout (diffusers_lora.py); ValueError when the file is missing or not an adapter."""
   from safetensors import SafetensorError, safe_open
 
   file, scale = parse(spec)
@@ -101,9 +108,15 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
       metadata, updates = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
   except (OSError, SafetensorError) as error:
     raise ValueError(f"{flag}={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None
+  if metadata.get("format") != FORMAT and diffusers_lora.is_wan_lora(updates):
+    try:
+      return Adapter(file, diffusers_lora.from_file(updates, metadata), {"format": "Wan LoRA (PyTorch layout)"}, scale)
+    except ValueError as error:
+      raise ValueError(f"{flag}={spec}: {file!r} is a Wan LoRA that cannot be read: {error}") from None
   if metadata.get("format") != FORMAT:
     raise ValueError(f"{flag}={spec}: {file!r} is not a diffusion_jax LoRA adapter (no '{FORMAT}' format in its "
-                     "metadata); python -m diffusion_jax.lora writes them from a LoRA run's workdir.")
+                     "metadata) nor a Wan LoRA in diffusers' or Wan's layout; python -m diffusion_jax.lora writes "
+                     "them from a LoRA run's workdir.")
   return Adapter(file, updates, metadata, scale)
 
 
@@ -187,15 +200,21 @@ def provenance(adapters: list[Adapter]) -> list[dict]:
            "step": int(a.metadata.get("step", -1)), "ema": a.metadata.get("ema") == "True"} for a in adapters]
 
 
-def export(workdir, output, step: int | None = None, use_ema: bool | None = None) -> dict:
+def export(workdir, output, step: int | None = None, use_ema: bool | None = None, layout: str = FORMAT) -> dict:
   """Write the low-rank updates of a LoRA run's checkpoint (default: the latest; use_ema default: its
-  sample.use_ema) to `output` (safetensors). Returns the file's metadata."""
+  sample.use_ema) to `output` (safetensors), in our layout or (a Wan LoRA, layout 'diffusers') diffusers'.
+  Returns the file's metadata."""
   from safetensors.numpy import save
 
   config = checkpoint.read_config(workdir)
   if not config.model.lora_rank:
     raise ValueError(f"--workdir={str(workdir)!r} is not a LoRA fine-tune (model.lora_rank is 0): its checkpoints are "
                      "the whole model; sample or fine-tune it as a workdir.")
+  if layout not in (FORMAT, "diffusers"):
+    raise ValueError(f"--format={layout!r}: {FORMAT} or diffusers")
+  if layout == "diffusers" and config.model.backbone != "wan":
+    raise ValueError(f"--format=diffusers: only a LoRA of Wan's transformer has a diffusers layout; "
+                     f"--workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write {FORMAT}'s)")
   use_ema = config.sample.use_ema if use_ema is None else use_ema
   mngr = checkpoint.manager(workdir, read_only=True)
   step = mngr.latest_step() if step is None else step
@@ -210,13 +229,15 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
               "config": json.dumps({k: json.loads(config[k].to_json_best_effort()) for k in finetune.MODEL_SECTIONS})}
   pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
   tensors = {name(p): np.asarray(x, np.float32) for p, x in weights.items()}
+  tensors = diffusers_lora.to_diffusers(tensors) if layout == "diffusers" else tensors
   pathlib.Path(output).write_bytes(save(tensors, metadata=metadata))  # the umask's permissions (save_file: 0600)
   return metadata
 
 
 def layer_kind(update_name: str) -> str:
   """Which kind of layer an update adapts: 'temporal attention', 'self-attention', 'cross-attention',
-  'feed-forward', 'convolution', 'temporal convolution', 'modulation' or 'temporal modulation' (by its path)."""
+  'feed-forward', 'convolution', 'temporal convolution', 'modulation', 'temporal modulation' or (Wan's) 'embedding
+  or output' (by its path)."""
   parts = update_name.split("/")
   if parts[-2] in ("film_lora", "modulation_lora", "final_modulation_lora"):  # the embedding's scale and shift
     return "temporal modulation" if any(part.startswith("temporal") for part in parts) else "modulation"
@@ -226,6 +247,8 @@ def layer_kind(update_name: str) -> str:
     return "temporal convolution"
   if parts[-2] in ("proj_in_lora", "proj_out_lora") or "ffn" in parts:  # (Wan's feed-forward: ffn)
     return "feed-forward"
+  if parts[0] == "wan" and "blocks" not in parts:
+    return "embedding or output"  # (Wan's time and text embedders and output projection)
   if any(part.startswith("temporal") for part in parts):
     return "temporal attention"
   return "cross-attention" if "cross_attn" in parts or "attn2" in parts else "self-attention"
@@ -242,10 +265,12 @@ def describe(adapter: Adapter) -> str:
       b = adapter.updates[key.removesuffix("a") + "b"]
       count, weights = kinds.get(layer_kind(key), (0, 0))
       kinds[layer_kind(key)] = count + 1, weights + a.size + b.size
-  lines = [f"{adapter.file}: rank {m.get('rank', '?')} LoRA updates of {sum(c for c, _ in kinds.values())} layers, "
-           f"{sum(w for _, w in kinds.values()):,} weights",
-           f"  made from: {m.get('workdir', '?')} step {m.get('step', '?')} "
-           f"({'EMA' if m.get('ema') == 'True' else 'trained weights'}), a LoRA of {m.get('source_workdir', '?')}"]
+  ranks = sorted({a.shape[-1] for key, a in adapter.updates.items() if key.endswith("/lora_a")})
+  lines = [f"{adapter.file}: rank {'/'.join(map(str, ranks))} LoRA updates of {sum(c for c, _ in kinds.values())} "
+           f"layers, {sum(w for _, w in kinds.values()):,} weights",
+           f"  made from: {m['workdir']} step {m.get('step', '?')} "
+           f"({'EMA' if m.get('ema') == 'True' else 'trained weights'}), a LoRA of {m.get('source_workdir', '?')}"
+           if "workdir" in m else f"  made elsewhere ({m.get('format', 'no provenance in its metadata')})"]
   if model:
     lines.append(f"  for a model: Wan's transformer of {model.get('wan_path')}" if model.get("backbone") == "wan" else
                  f"  for a model: {model.get('backbone', 'unet')}, channels {model.get('channels')}, "
@@ -261,13 +286,16 @@ def define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
   flags.DEFINE_bool("use_ema", None, "Export the first EMA copy (default: the run's sample.use_ema).")
   flags.DEFINE_string("inspect", None, "Print what this adapter file holds (instead of exporting one).")
+  flags.DEFINE_enum("format", FORMAT, [FORMAT, "diffusers"], "The file's layout: ours, or diffusers' (a LoRA of Wan's "
+                    "transformer only: WanPipeline.load_lora_weights reads it).")
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
   if f.inspect:
-    cli.refuse(("workdir", "output", "step", "use_ema"), "not used with --inspect, which reads an adapter file")
+    cli.refuse(("workdir", "output", "step", "use_ema", "format"), "not used with --inspect, which reads an adapter "
+               "file")
     try:
       print(describe(read(f.inspect, "--inspect")))
     except ValueError as error:
@@ -277,7 +305,7 @@ def main(argv):
   if not f.workdir or not f.output:
     raise app.UsageError("--workdir and --output are required (or --inspect=FILE).")
   try:
-    metadata = export(f.workdir, f.output, f.step, f.use_ema)
+    metadata = export(f.workdir, f.output, f.step, f.use_ema, f.format)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -213,3 +213,74 @@ def test_the_wan_config_reads_a_checkpoints_four_parts_and_trains_a_lora_of_it(t
   shutil.rmtree(root / "vae")
   assert f"latent.autoencoder_path={str(root / 'vae')!r} has no config.json" in " ".join(
       config_checks.problems(config, device_count=8))
+
+
+def test_a_wan_lora_travels_to_and_from_the_pytorch_layouts(tmp_path):
+  """A LoRA of Wan's attention and feed-forward written in diffusers' layout (lora --format=diffusers) and loaded
+  by diffusers (PEFT) into its transformer computes what our LoRA model computes, and reads back as the same
+  updates; files in Wan's original layout (with alphas) and musubi-tuner's, read by --lora and fused into Wan's
+  weights, compute what diffusers computes with them; biases' updates are refused, naming them."""
+  from safetensors.numpy import load_file, save_file
+
+  from diffusion_jax import diffusers_lora
+
+  reference = save_tiny_wan(tmp_path / "wan")
+  config = wan_transformer.read_config(tmp_path / "wan")
+  rng = np.random.default_rng(0)
+  graph, lora_state = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(
+      config, rngs=nnx.Rngs(0), lora_rank=2, ff_lora_rank=2)))
+  base = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(tmp_path / "wan")))
+  updates = {"wan/" + lora.name(path): 0.3 * rng.normal(size=x.shape).astype(np.float32)
+             for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(
+                 nnx.merge(graph, lora_state), nnx.LoRAParam))).items()}
+  x = rng.normal(size=(2, 2, 4, 4, 3)).astype(np.float32)
+  timestep, text = np.array([10.0, 873.0], np.float32), rng.normal(size=(2, 5, 32)).astype(np.float32)
+
+  def theirs(state_dict):  # diffusers' transformer with the LoRA loaded by PEFT
+    model = type(reference).from_pretrained(tmp_path / "wan").eval()
+    model.load_lora_adapter({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, prefix="transformer",
+                            adapter_name="lora")
+    with torch.no_grad():
+      out = model(torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(timestep), torch.from_numpy(text))
+    return out.sample.permute(0, 2, 3, 4, 1).numpy()
+
+  ours = lambda model, weights: nnx.merge(model, weights)(jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text),
+                                                          jnp.ones((2, 5), bool))
+  plain_graph, plain_state = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(config, rngs=nnx.Rngs(0))))
+
+  def fused(adapter):  # Wan's own model with the adapter fused into its kernels (sampling's --lora)
+    nnx.replace_by_pure_dict(plain_state, lora.fuse({"wan": base}, [adapter])["wan"])
+    return ours(plain_graph, plain_state)
+
+  nnx.replace_by_pure_dict(lora_state, traverse_util.unflatten_dict(
+      traverse_util.flatten_dict(base) | {tuple(int(p) if p.isdigit() else p for p in name.split("/")[1:]): u
+                                          for name, u in updates.items()}))
+  with_lora = ours(graph, lora_state)
+  save_file(diffusers_lora.to_diffusers(updates), tmp_path / "diffusers.safetensors")
+  np.testing.assert_allclose(theirs(load_file(tmp_path / "diffusers.safetensors")), with_lora, atol=1e-5)
+  adapter = lora.read(str(tmp_path / "diffusers.safetensors"))
+  assert adapter.updates.keys() == updates.keys()
+  jax.tree.map(np.testing.assert_array_equal, adapter.updates, updates)
+  # Wan's original layout, alpha 4 of rank 2 (an update twice a @ b), and musubi-tuner's flattened names
+  original = {}
+  for key, value in load_file(tmp_path / "diffusers.safetensors").items():
+    for ours_name, theirs_name in diffusers_lora.ORIGINAL_BLOCK_LAYERS.items():
+      key = key.replace(f".{theirs_name}.", f".{ours_name}.")
+    key = key.replace("transformer.", "diffusion_model.").replace("lora_A", "lora_down").replace("lora_B", "lora_up")
+    original[key] = value
+    original[key.rsplit(".", 2)[0] + ".alpha"] = np.array(4.0, np.float32)
+  assert len(original) == 60 and "diffusion_model.blocks.1.cross_attn.o.lora_up.weight" in original
+  from diffusers import WanPipeline
+
+  for name, layout in (("original", original), ("musubi", {
+      "lora_unet_" + k.removeprefix("diffusion_model.").split(".lora")[0].split(".alpha")[0].replace(".", "_")
+      + k[len(k.split(".lora")[0].split(".alpha")[0]):]: v for k, v in original.items()})):
+    save_file(layout, tmp_path / f"{name}.safetensors")
+    expected = theirs(WanPipeline.lora_state_dict(str(tmp_path / f"{name}.safetensors")))
+    np.testing.assert_allclose(fused(lora.read(str(tmp_path / f"{name}.safetensors"))), expected, atol=1e-5)
+  assert np.abs(expected - with_lora).max() > 1e-2  # (alpha matters)
+  save_file(original | {"diffusion_model.blocks.0.self_attn.q.diff_b": np.zeros(24, np.float32)},
+            tmp_path / "bias.safetensors")
+  with pytest.raises(ValueError, match="a Wan LoRA that cannot be read: 1 tensors are not low-rank updates .*"
+                                       "blocks.0.attn1.to_q.diff_b"):
+    lora.read(str(tmp_path / "bias.safetensors"))
