@@ -68,6 +68,8 @@ def get_config():
       attention="auto",            # models/attention.py: auto (folded on CPU, cudnn or xla on GPU), folded, xla, cudnn
       backbone="unet",             # 'unet' (models/unet.py), 'dit' (models/dit.py) or 'wan' (Wan's, wan_path)
       wan_path="",                 # wan: local diffusers WanTransformer3DModel directory (its structure and weights)
+      wan_low_noise_path="",       # wan: a second one, the expert for low noise (Wan 2.2 A14B's transformer_2/)
+      wan_boundary=0.875,          # with wan_low_noise_path: sigma below which (timestep / 1000) its expert denoises
       patch_size=2,                # dit: patch side in pixels
       depth=12,                    # dit: transformer blocks (its width is `channels`)
       position_max_period=10000.0,  # dit: longest patch-position sinusoid period / 2pi, in patches (DiT: 1e4)

@@ -9,11 +9,16 @@ The variant is the checkpoint's root directory: transformer/, text_encoder/, tok
 read from it (the config check names a missing or mismatched transformer/, text_encoder/ or vae/, the tokenizer a
 missing spiece.model; a copy that keeps it elsewhere takes --config.text.spiece_path=FILE). Without a root
 (`configs/wan_t2v.py`) the four paths are empty, for the command line to give. Wan 2.2's 5B model (its VAE has 48
-latent channels): add --config.model.in_channels=48. The clips (data.dataset='folder_clips') are cut to their first
-33 frames (9 latent frames) at 480 px squares; Wan's are 16 fps, so give 30 fps clips --config.data.frame_stride=2.
+latent channels): add --config.model.in_channels=48. Wan 2.2 A14B's root has a second transformer, transformer_2/,
+the expert for low noise: it becomes model.wan_low_noise_path, switched to below model_index.json's boundary_ratio
+(model.wan_boundary), and the run trains both experts (each example by the expert of its noise level). The clips
+(data.dataset='folder_clips') are cut to their first 33 frames (9 latent frames) at 480 px squares; Wan's are 16
+fps, so give 30 fps clips --config.data.frame_stride=2.
 """
 
+import json
 import os
+import pathlib
 
 import ml_collections
 
@@ -25,6 +30,10 @@ def get_config(root: str = ""):
   part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
   config.model.update(backbone="wan", wan_path=part("transformer"), in_channels=16, temporal=True,
                       dtype="bfloat16", remat=True, remat_policy="matmuls")
+  if root and os.path.isdir(part("transformer_2")):  # Wan 2.2 A14B: experts for high and low noise
+    index = pathlib.Path(part("model_index.json"))
+    boundary = json.loads(index.read_text()).get("boundary_ratio") if index.exists() else None
+    config.model.update(wan_low_noise_path=part("transformer_2"), wan_boundary=boundary or 0.875)
   config.text.update(pretrained_path=part("text_encoder"), tokenizer="sentencepiece",
                      spiece_path=part("tokenizer", "spiece.model"), max_length=512, trainable=False)
   config.text.t5.dtype = "bfloat16"  # UMT5-XXL's 5.7B weights: 11 GB, as Wan's pipelines run it

@@ -254,6 +254,7 @@ ADDED_FIELDS = {
     "data.travel": 0.45,
     "text.t5.per_layer_position_bias": False,
     "model.wan_path": "",
+    "model.wan_low_noise_path": "", "model.wan_boundary": 0.875,
     "data.eval_captions_file": "",
     "data.frame_stride": 1,
 }

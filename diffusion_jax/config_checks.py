@@ -117,6 +117,24 @@ def wan_problems(config, resolution: int | None) -> list[str]:
   if unsupported:
     found.append(f"{', '.join(unsupported)}: not supported with model.backbone='wan' yet (super-resolution inputs, "
                  "stills in video batches, a LoRA of the modulation); turn off or set to 0")
+  return found + wan_expert_problems(m, wan)
+
+
+def wan_expert_problems(m, wan: dict) -> list[str]:
+  """What keeps model.wan_low_noise_path's transformer from being the low-noise expert of model.wan_path's `wan`."""
+  if not m.wan_low_noise_path:
+    return []
+  try:
+    low = wan_transformer.read_config(m.wan_low_noise_path, "model.wan_low_noise_path")
+  except ValueError as error:
+    return [str(error)]
+  found = [f"model.wan_low_noise_path's {field}={low[field]} differs from model.wan_path's {wan[field]}: the two "
+           "experts denoise the same latents for the same text" for field in ("in_channels", "out_channels",
+                                                                             "patch_size", "text_dim")
+           if low[field] != wan[field]]
+  if not 0 < m.wan_boundary < 1:
+    found.append(f"model.wan_boundary={m.wan_boundary}: the sigma (timestep / 1000) where the low-noise expert takes "
+                 "over must be in (0, 1) (Wan 2.2's T2V: 0.875, its I2V: 0.9)")
   return found
 
 
@@ -254,6 +272,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found += dit_problems(config, resolution)
   elif m.backbone == "wan":
     found += wan_problems(config, resolution)
+  if m.wan_low_noise_path and m.backbone != "wan":
+    found.append(f"model.wan_low_noise_path: a low-noise expert of Wan's transformer; model.backbone={m.backbone!r}")
   elif m.backbone != "dit":
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "

@@ -215,6 +215,9 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   if layout == "diffusers" and config.model.backbone != "wan":
     raise ValueError(f"--format=diffusers: only a LoRA of Wan's transformer has a diffusers layout; "
                      f"--workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write {FORMAT}'s)")
+  if layout == "diffusers" and config.model.wan_low_noise_path:
+    raise ValueError(f"--format=diffusers: a LoRA of Wan 2.2's pair of experts is two diffusers LoRAs, one per "
+                     f"expert, which are not written yet (write {FORMAT}'s)")
   use_ema = config.sample.use_ema if use_ema is None else use_ema
   mngr = checkpoint.manager(workdir, read_only=True)
   step = mngr.latest_step() if step is None else step

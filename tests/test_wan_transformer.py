@@ -22,10 +22,10 @@ TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, 
             text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32)
 
 
-def save_tiny_wan(directory, max_shard_size="10GB"):
+def save_tiny_wan(directory, max_shard_size="10GB", seed=0):
   from diffusers import WanTransformer3DModel
 
-  torch.manual_seed(0)
+  torch.manual_seed(seed)
   model = WanTransformer3DModel(**TINY).eval()
   with torch.no_grad():  # off the zero biases and unit norms of a fresh model
     for parameter in model.parameters():
@@ -79,6 +79,38 @@ def test_the_transformer_computes_what_diffusers_computes(tmp_path):
   sharded = wan_transformer.load_diffusers(tmp_path / "shards")
   np.testing.assert_array_equal(sharded(jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text), jnp.asarray(mask)),
                                 got)
+
+
+def test_a_pair_of_experts_denoises_each_example_by_its_noise_level(tmp_path):
+  """Wan 2.2 A14B's experts (model.wan_low_noise_path): an example whose timestep is at or above the boundary is
+  the high-noise expert's output, one below it the low-noise expert's, in mixed and in uniform batches; an expert
+  of other widths and a boundary outside (0, 1) are refused."""
+  from configs import t2v_moving_shapes
+
+  save_tiny_wan(tmp_path / "high"), save_tiny_wan(tmp_path / "low", seed=1)
+  high, low = (wan_transformer.load_diffusers(tmp_path / name) for name in ("high", "low"))
+  rng = np.random.default_rng(0)
+  x, text = rng.normal(size=(2, 2, 4, 4, 3)).astype(np.float32), rng.normal(size=(2, 5, 32)).astype(np.float32)
+  mask = jnp.ones((2, 5), bool)
+  pair = jax.jit(lambda t: wan_transformer.experts(high, low, 500.0, x, t, text, mask))
+  for timestep in ([10.0, 873.0], [500.0, 900.0], [10.0, 499.0]):
+    t = jnp.asarray(timestep)
+    expected = jnp.where((t >= 500)[:, None, None, None, None], high(x, t, text, mask), low(x, t, text, mask))
+    np.testing.assert_allclose(pair(t), expected, atol=1e-5)
+  assert np.abs(high(x, t, text, mask) - low(x, t, text, mask)).max() > 0.1  # (the experts differ)
+  config = t2v_moving_shapes.get_config("test")
+  config.model.update(backbone="wan", wan_path=str(tmp_path / "high"), wan_low_noise_path=str(tmp_path / "low"))
+  config.diffusion.update(path="flow", prediction="flow")
+  config.data.image_fraction = 0.0
+  config.text.t5.d_model = 32
+  assert config_checks.problems(config, device_count=8) == []
+  save_tiny_wan(tmp_path / "wide", seed=1)
+  (tmp_path / "wide" / "config.json").write_text(json.dumps(json.loads(
+      (tmp_path / "wide" / "config.json").read_text()) | {"text_dim": 64}))
+  config.model.update(wan_low_noise_path=str(tmp_path / "wide"), wan_boundary=1.0)
+  found = " ".join(config_checks.problems(config, device_count=8))
+  assert "model.wan_low_noise_path's text_dim=64 differs from model.wan_path's 32" in found
+  assert "model.wan_boundary=1.0: the sigma (timestep / 1000) where the low-noise expert takes over" in found
 
 
 def test_what_it_cannot_build_is_refused_with_a_reason(tmp_path):
@@ -156,6 +188,8 @@ def test_the_wan_config_reads_a_checkpoints_four_parts_and_trains_a_lora_of_it(t
 
   root = tmp_path / "Wan-tiny"
   save_tiny_wan(root / "transformer")  # text_dim 32 = the UMT5's width; 3 channels in and out = the VAE's
+  save_tiny_wan(root / "transformer_2", seed=1)  # as Wan 2.2 A14B: an expert for low noise
+  (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.9}))
   torch.manual_seed(0)
   transformers.UMT5EncoderModel(transformers.UMT5Config(
       vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, dropout_rate=0.0)).save_pretrained(
@@ -166,6 +200,7 @@ def test_the_wan_config_reads_a_checkpoints_four_parts_and_trains_a_lora_of_it(t
   tokenizers.train_sentencepiece(["a red circle moving left", "a blue square moving up"],
                                  root / "tokenizer" / "spiece", vocab_size=30)
   config = wan_t2v.get_config(str(root))
+  assert (config.model.wan_low_noise_path, config.model.wan_boundary) == (str(root / "transformer_2"), 0.9)
   config.model.in_channels = 3
   config.data.update(dataset="moving_shapes", resolution=32, frames=5, num_train=16, num_eval=8,
                      data_dir=str(tmp_path / "tfds"))
@@ -178,17 +213,20 @@ def test_the_wan_config_reads_a_checkpoints_four_parts_and_trains_a_lora_of_it(t
   state, graphdef = train.init_state(config, mesh)
   encoder = nnx.to_pure_dict(nnx.state(t5.load_hf_encoder(root / "text_encoder")))
   jax.tree.map(np.testing.assert_array_equal, state.frozen["text_encoder"], encoder)
-  loaded = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(root / "transformer")))
+  loaded, loaded_low = (nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(root / name)))
+                        for name in ("transformer", "transformer_2"))
   jax.tree.map(np.testing.assert_array_equal, state.frozen["wan"], loaded)
-  # 2 blocks x (4 projections of 2 attentions + 2 feed-forward layers), a and b each
-  assert len(trained := traverse_util.flatten_dict(state.params)) == 40 and all(map(text_to_image.is_lora, trained))
+  jax.tree.map(np.testing.assert_array_equal, state.frozen["wan_low"], loaded_low)
+  # 2 experts x 2 blocks x (4 projections of 2 attentions + 2 feed-forward layers), a and b each
+  assert len(trained := traverse_util.flatten_dict(state.params)) == 80 and all(map(text_to_image.is_lora, trained))
   step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
   for _ in range(2):  # (the first step's learning rate is 0: warm-up)
     state, metrics = step(state, batch, hparams)
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
   jax.tree.map(np.testing.assert_array_equal, state.frozen["wan"], loaded)
+  moved = traverse_util.flatten_dict(state.params)  # both experts' updates: the batch has examples for each
+  assert min(np.abs(x).max() for path, x in moved.items() if path[-1] == "lora_b") > 0
   trained = traverse_util.flatten_dict(state.params["wan"])
-  assert min(np.abs(x).max() for path, x in trained.items() if path[-1] == "lora_b") > 0
   rng = np.random.default_rng(0)  # updates large enough to matter (two steps barely move them)
   updates = {path: 0.3 * rng.normal(size=x.shape).astype(np.float32) for path, x in trained.items()}
   adapter = lora.Adapter("updates", {"wan/" + lora.name(path): x for path, x in updates.items()}, {})

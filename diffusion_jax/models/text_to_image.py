@@ -27,13 +27,14 @@ class TextToImage(nnx.Module):
     self.backbone = config.model.backbone
     if self.backbone == "dit":
       self.dit = dit.DiT(config.model, rngs=rngs)
-    elif self.backbone == "wan":
-      self.wan = wan_transformer.WanTransformer(wan_transformer.read_config(config.model.wan_path), rngs=rngs,
-                                                dtype=config.model.dtype, attention=config.model.attention,
-                                                remat_policy=config.model.remat_policy if config.model.remat else None,
-                                                lora_rank=config.model.lora_rank,
-                                                ff_lora_rank=config.model.lora_rank if config.model.lora_feed_forward
-                                                else 0)
+    elif self.backbone == "wan":  # (with model.wan_low_noise_path, a pair of experts: wan for high noise)
+      m = config.model
+      wan = lambda path: wan_transformer.WanTransformer(
+          wan_transformer.read_config(path), rngs=rngs, dtype=m.dtype, attention=m.attention,
+          remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
+          ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
+      self.wan, self.wan_low = wan(m.wan_path), wan(m.wan_low_noise_path) if m.wan_low_noise_path else None
+      self.wan_boundary = m.wan_boundary
     else:
       self.unet = unet.UNet(config.model, rngs=rngs)
     self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path
@@ -55,7 +56,10 @@ class TextToImage(nnx.Module):
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
     if self.backbone == "wan":  # clips only, no super-resolution inputs (config_checks.wan_problems)
-      return self.wan(x, wan_transformer.timestep(logsnr), text, text_mask)
+      timestep = wan_transformer.timestep(logsnr)
+      if self.wan_low is None:
+        return self.wan(x, timestep, text, text_mask)
+      return wan_transformer.experts(self.wan, self.wan_low, 1000 * self.wan_boundary, x, timestep, text, text_mask)
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
                    is_video=is_video)
@@ -72,6 +76,8 @@ def pretrained_weights(config) -> dict:
   weights = {}
   if config.model.backbone == "wan":
     weights["wan"] = wan_transformer.load_diffusers(config.model.wan_path)
+    if config.model.wan_low_noise_path:
+      weights["wan_low"] = wan_transformer.load_diffusers(config.model.wan_low_noise_path, "model.wan_low_noise_path")
   if config.text.pretrained_path:
     weights["text_encoder"] = t5.load_hf_encoder(config.text.pretrained_path, config.text.t5.dtype)
   if config.latent.autoencoder_path:

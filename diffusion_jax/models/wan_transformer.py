@@ -225,6 +225,16 @@ class WanTransformer(nnx.Module):
     return out.reshape(b, f, h, w, self.out_channels)
 
 
+def experts(high, low, boundary, x, timestep, text, text_mask):
+  """Wan 2.2 A14B's pair of experts: each example denoised by `high` where its timestep is >= `boundary` (Wan's
+  boundary_ratio x 1000), else by `low`. A batch at one noise level (sampling's) runs one expert; a mixed one
+  (training's) runs both and takes each example's."""
+  is_high = timestep >= boundary
+  run = lambda expert: lambda: expert(x, timestep, text, text_mask)
+  both = lambda: jnp.where(is_high[:, None, None, None, None], run(high)(), run(low)())
+  return jax.lax.cond(jnp.all(is_high), run(high), lambda: jax.lax.cond(jnp.any(is_high), both, run(low)))
+
+
 def weight_files(path) -> list[pathlib.Path]:
   """The safetensors files of a local diffusers directory: WEIGHTS_FILE, or the shards WEIGHTS_INDEX lists."""
   directory = pathlib.Path(path).expanduser()
