@@ -104,8 +104,8 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
   if not pathlib.Path(file).is_file():
     raise ValueError(f"{flag}={spec}: no file {file!r} (write one with python -m diffusion_jax.lora).")
   try:
-    with safe_open(file, "np") as f:
-      metadata, updates = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
+    with safe_open(file, "flax") as f:  # (numpy has no bfloat16, which shared LoRAs often are)
+      metadata, updates = f.metadata() or {}, {key: np.asarray(f.get_tensor(key), np.float32) for key in f.keys()}
   except (OSError, SafetensorError) as error:
     raise ValueError(f"{flag}={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None
   if metadata.get("format") != FORMAT and diffusers_lora.is_wan_lora(updates):
