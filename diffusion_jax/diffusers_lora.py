@@ -9,6 +9,10 @@
   (or lora_A) and '...lora_up.weight' (or lora_B), with an optional '...alpha' that scales the update by
   alpha / rank; and musubi-tuner's, the same names flattened ('lora_unet_blocks_0_self_attn_q.lora_down.weight').
 
+Each file holds one transformer's updates: a LoRA of Wan 2.2 A14B's pair of experts is two files (`per_expert`:
+the high-noise expert's, and the low-noise one's, which diffusers loads with load_into_transformer_2=True), and
+`from_file` reads a file into either (`expert`).
+
 Updates of biases or whole weights ('.diff', '.diff_b', '.lora_B.bias') and of the image-to-video layers are not
 low-rank updates of a kernel this project's Wan has: such files are refused, naming the keys.
 """
@@ -19,6 +23,7 @@ import re
 import numpy as np
 
 PREFIX = "transformer."
+EXPERTS = {"wan": "", "wan_low": "_low_noise"}  # our model's transformers -> the suffix of their files' names
 ORIGINAL_PREFIX, MUSUBI_PREFIX = "diffusion_model.", "lora_unet_blocks_"
 # Wan's original module names -> diffusers', inside a block ...
 ORIGINAL_BLOCK_LAYERS = {**{f"{attention}.{o}": f"{ours}.{c}" for attention, ours in (("self_attn", "attn1"),
@@ -38,26 +43,34 @@ def is_wan_lora(keys) -> bool:
   return any(k.startswith((PREFIX + "blocks.", ORIGINAL_PREFIX, MUSUBI_PREFIX)) for k in keys)
 
 
-def update_module(layer: str) -> str:
+def update_module(layer: str, expert: str = "wan") -> str:
   """Our update's module of a diffusers layer name: 'blocks.0.attn1.to_out.0' -> 'wan/blocks/0/attn1/to_out_lora/0'
-  (the last named part marked _lora; lora.kernel_of undoes it)."""
+  (the last named part marked _lora; lora.kernel_of undoes it), in `expert` ('wan_low': the low-noise expert)."""
   parts = layer.split(".")
   last = max(i for i, part in enumerate(parts) if not part.isdigit())
-  return "/".join(["wan"] + parts[:last] + [parts[last] + "_lora"] + parts[last + 1:])
+  return "/".join([expert] + parts[:last] + [parts[last] + "_lora"] + parts[last + 1:])
 
 
 def diffusers_layer(update_name: str) -> str:
-  """update_module's inverse: 'wan/blocks/0/attn1/to_out_lora/0/lora_a' -> 'blocks.0.attn1.to_out.0'."""
+  """update_module's inverse: 'wan/blocks/0/attn1/to_out_lora/0/lora_a' -> 'blocks.0.attn1.to_out.0' (or an
+  update of the low-noise expert, 'wan_low/...')."""
   parts = update_name.split("/")
-  if parts[0] != "wan":
+  if parts[0] not in EXPERTS:
     raise ValueError(f"{update_name} is not an update of Wan's transformer: only Wan LoRAs have a diffusers layout")
   return ".".join(part.removesuffix("_lora") for part in parts[1:-1])
 
 
 def to_diffusers(updates: dict) -> dict:
-  """Our updates {name: array} -> diffusers' {key: float32 array} (a^T as lora_A, b^T as lora_B)."""
+  """One transformer's updates {name: array} -> diffusers' {key: float32 array} (a^T as lora_A, b^T as lora_B)."""
   return {f"{PREFIX}{diffusers_layer(name)}.lora_{name[-1].upper()}.weight": np.ascontiguousarray(
       np.asarray(x, np.float32).T) for name, x in updates.items()}
+
+
+def per_expert(updates: dict) -> dict:
+  """{file name suffix: diffusers' tensors}: one file's for each transformer the updates adapt ('' for model.
+  wan_path's, '_low_noise' for model.wan_low_noise_path's)."""
+  return {suffix: to_diffusers({n: x for n, x in updates.items() if n.split("/")[0] == expert})
+          for expert, suffix in EXPERTS.items() if any(n.split("/")[0] == expert for n in updates)}
 
 
 def original_name(key: str) -> str:
@@ -96,10 +109,10 @@ def peft_scale(metadata: dict) -> float:
   return field("lora_alpha") / field("r") if field("lora_alpha") and field("r") else 1.0
 
 
-def from_file(tensors: dict, metadata: dict | None = None) -> dict:
+def from_file(tensors: dict, metadata: dict | None = None, expert: str = "wan") -> dict:
   """The updates {name: float32 array} of a Wan LoRA file (its tensors and safetensors metadata) in diffusers' or
-  Wan's original layout (alpha / rank folded into a); a ValueError naming the keys that are not a kernel's
-  low-rank update."""
+  Wan's original layout (alpha / rank folded into a), of `expert` ('wan_low': the low-noise expert); a ValueError
+  naming the keys that are not a kernel's low-rank update."""
   original = any(k.startswith((ORIGINAL_PREFIX, MUSUBI_PREFIX)) for k in tensors)
   default_scale = peft_scale(metadata)
   named = {(diffusers_name(k) if original else k.removeprefix(PREFIX)): np.asarray(v, np.float32)
@@ -113,7 +126,7 @@ def from_file(tensors: dict, metadata: dict | None = None) -> dict:
       continue
     a = part == "A.weight"
     scale = (alphas[layer] / value.shape[0] if layer in alphas else default_scale) if a else 1.0  # (rank: A's rows)
-    updates[f"{update_module(layer)}/lora_{'a' if a else 'b'}"] = value.T * np.float32(scale)
+    updates[f"{update_module(layer, expert)}/lora_{'a' if a else 'b'}"] = value.T * np.float32(scale)
   if unread:
     raise ValueError(f"{len(unread)} tensors are not low-rank updates of a layer of Wan's text-to-video transformer "
                      f"(updates of biases or whole weights, or of image-to-video layers), e.g. {', '.join(unread[:3])}")

@@ -821,7 +821,8 @@ def define_flags():
   flags.DEFINE_list("combinations", [], "Colour-shape combinations ('red square,green circle') whose validation "
                     "captions --combination_prompts judges (default: data.heldout_combinations).")
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into every checkpoint's "
-                            "weights at SCALE (default 1).")
+                            "weights at SCALE (default 1); ours, or a Wan LoRA in diffusers', Wan's or musubi-tuner's "
+                            "layout (low_noise=FILE[:SCALE]: of Wan 2.2 A14B's low-noise expert).")
   flags.DEFINE_string("inception_weights", None, "Local FID Inception-v3 weights (.pth, .safetensors, .npz): adds "
                       "fid_inception.")
   flags.DEFINE_string("i3d_weights", None, "Local FVD I3D weights (i3d_pretrained_400.pt, .safetensors, .npz): adds "

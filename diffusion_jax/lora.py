@@ -15,7 +15,8 @@ and `evaluate.py --lora=FILE[:SCALE]` fuse them into a workdir's model.
 
 A LoRA of Wan's transformer also travels in the PyTorch world's files (diffusers_lora.py): `--format=diffusers`
 writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` reads that layout and Wan's
-original one (ComfyUI's), as shared Wan LoRAs come.
+original one (ComfyUI's), as shared Wan LoRAs come (`--lora=low_noise=FILE` for Wan 2.2 A14B's low-noise
+expert's file).
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
                                [--format=diffusers]
@@ -26,7 +27,8 @@ Flags:
   --output    the adapter file to write (.safetensors)
   --step      checkpoint step (default: the latest)
   --use_ema   take the updates' first EMA copy (default: the run's sample.use_ema) or, false, the trained ones
-  --format    diffusion_jax (default: ours, with what made it) or diffusers (a LoRA of Wan's transformer only)
+  --format    diffusion_jax (default: ours, with what made it) or diffusers (a LoRA of Wan's transformer only; of
+              Wan 2.2 A14B's pair, a second file, OUTPUT_low_noise.safetensors, for the low-noise expert)
   --inspect   print what an adapter file holds instead (`describe`): what made it, the model it was made for,
               and how many layers of each kind it updates with how many weights
 """
@@ -71,8 +73,12 @@ def kernel_of(update_name: str) -> str:
   return "/".join([part.removesuffix("_lora") for part in update_name.split("/")[:-1]] + ["kernel"])
 
 
+LOW_NOISE = "low_noise="  # --lora=low_noise=FILE: a PyTorch-layout file of Wan 2.2 A14B's low-noise expert
+
+
 def parse(spec: str) -> tuple[str, float]:
-  """'FILE' or 'FILE:SCALE' -> (file, scale)."""
+  """'FILE' or 'FILE:SCALE' (either after LOW_NOISE) -> (file, scale)."""
+  spec = spec.removeprefix(LOW_NOISE)
   file, colon, scale = spec.rpartition(":")
   if colon and file:
     try:
@@ -96,8 +102,9 @@ def at_scales(adapters: list[Adapter], scale=None) -> list[Adapter]:
 
 
 def read(spec: str, flag: str = "--lora") -> Adapter:
-  """The adapter of a --lora=FILE[:SCALE] flag (or `flag`): ours, or a Wan LoRA in diffusers' or Wan's original
-  layout (diffusers_lora.py); ValueError when the file is missing or not an adapter."""
+  """The adapter of a --lora=[low_noise=]FILE[:SCALE] flag (or `flag`): ours, or a Wan LoRA in diffusers' or Wan's
+  original layout (diffusers_lora.py; with low_noise=, of Wan 2.2 A14B's low-noise expert); ValueError when the file
+  is missing or not an adapter."""
   from safetensors import SafetensorError, safe_open
 
   file, scale = parse(spec)
@@ -108,11 +115,18 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
       metadata, updates = f.metadata() or {}, {key: np.asarray(f.get_tensor(key), np.float32) for key in f.keys()}
   except (OSError, SafetensorError) as error:
     raise ValueError(f"{flag}={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None
+  low_noise = spec.startswith(LOW_NOISE)
   if metadata.get("format") != FORMAT and diffusers_lora.is_wan_lora(updates):
     try:
-      return Adapter(file, diffusers_lora.from_file(updates, metadata), {"format": "Wan LoRA (PyTorch layout)"}, scale)
+      updates = diffusers_lora.from_file(updates, metadata, "wan_low" if low_noise else "wan")
     except ValueError as error:
       raise ValueError(f"{flag}={spec}: {file!r} is a Wan LoRA that cannot be read: {error}") from None
+    made_here = metadata if metadata.get("written_by") == FORMAT else {}  # (export's provenance, when it wrote it)
+    return Adapter(file, updates, made_here | {"format": f"Wan LoRA (PyTorch layout){', low-noise expert' * low_noise}"},
+                   scale)
+  if low_noise:
+    raise ValueError(f"{flag}={spec}: {LOW_NOISE} names the expert a Wan LoRA file in a PyTorch layout updates; "
+                     f"{file!r} is not one (ours name their layers themselves)")
   if metadata.get("format") != FORMAT:
     raise ValueError(f"{flag}={spec}: {file!r} is not a diffusion_jax LoRA adapter (no '{FORMAT}' format in its "
                      "metadata) nor a Wan LoRA in diffusers' or Wan's layout; python -m diffusion_jax.lora writes "
@@ -202,8 +216,9 @@ def provenance(adapters: list[Adapter]) -> list[dict]:
 
 def export(workdir, output, step: int | None = None, use_ema: bool | None = None, layout: str = FORMAT) -> dict:
   """Write the low-rank updates of a LoRA run's checkpoint (default: the latest; use_ema default: its
-  sample.use_ema) to `output` (safetensors), in our layout or (a Wan LoRA, layout 'diffusers') diffusers'.
-  Returns the file's metadata."""
+  sample.use_ema) to `output` (safetensors), in our layout or (a Wan LoRA, layout 'diffusers') diffusers' (of
+  Wan 2.2 A14B's pair, the low-noise expert's to OUTPUT_low_noise too). Returns the files' metadata and, as
+  'files', their paths."""
   from safetensors.numpy import save
 
   config = checkpoint.read_config(workdir)
@@ -215,9 +230,6 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   if layout == "diffusers" and config.model.backbone != "wan":
     raise ValueError(f"--format=diffusers: only a LoRA of Wan's transformer has a diffusers layout; "
                      f"--workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write {FORMAT}'s)")
-  if layout == "diffusers" and config.model.wan_low_noise_path:
-    raise ValueError(f"--format=diffusers: a LoRA of Wan 2.2's pair of experts is two diffusers LoRAs, one per "
-                     f"expert, which are not written yet (write {FORMAT}'s)")
   use_ema = config.sample.use_ema if use_ema is None else use_ema
   mngr = checkpoint.manager(workdir, read_only=True)
   step = mngr.latest_step() if step is None else step
@@ -232,9 +244,15 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
               "config": json.dumps({k: json.loads(config[k].to_json_best_effort()) for k in finetune.MODEL_SECTIONS})}
   pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
   tensors = {name(p): np.asarray(x, np.float32) for p, x in weights.items()}
-  tensors = diffusers_lora.to_diffusers(tensors) if layout == "diffusers" else tensors
-  pathlib.Path(output).write_bytes(save(tensors, metadata=metadata))  # the umask's permissions (save_file: 0600)
-  return metadata
+  output = pathlib.Path(output)
+  files = ({output.with_name(output.stem + suffix + output.suffix): part  # one per expert of Wan 2.2 A14B's pair
+            for suffix, part in diffusers_lora.per_expert(tensors).items()} if layout == "diffusers" else
+           {output: tensors})
+  if layout == "diffusers":  # diffusers' format tag, our provenance beside it
+    metadata |= {"format": "pt", "written_by": FORMAT}
+  for file, part in files.items():
+    file.write_bytes(save(part, metadata=metadata))  # the umask's permissions (save_file: 0600)
+  return metadata | {"files": ", ".join(map(str, files))}
 
 
 def layer_kind(update_name: str) -> str:
@@ -312,10 +330,12 @@ def main(argv):
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  size = pathlib.Path(f.output).stat().st_size
+  files = metadata["files"].split(", ")
+  size = sum(pathlib.Path(file).stat().st_size for file in files)
   log.info("wrote the rank-%s updates of %s step %s (%s) to %s: %.0f KB", metadata["rank"], f.workdir,
-               metadata["step"], "EMA" if metadata["ema"] == "True" else "trained weights", f.output, size / 1024)
-  print(f.output)
+           metadata["step"], "EMA" if metadata["ema"] == "True" else "trained weights", " and ".join(files),
+           size / 1024)
+  print("\n".join(files))
 
 
 if __name__ == "__main__":

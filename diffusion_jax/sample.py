@@ -818,7 +818,8 @@ def define_flags():
   flags.DEFINE_string("source_prompt", None, "With --edit_noise=source_inversion or null_text_inversion: what the "
                       "image or clip to edit shows, for every edit without its own.")
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE "
-                            "(default 1).")
+                            "(default 1); ours, or a Wan LoRA in diffusers', Wan's or musubi-tuner's layout "
+                            "(low_noise=FILE[:SCALE]: of Wan 2.2 A14B's low-noise expert).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
   distributed.define_flags()
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from flax import traverse_util
 
-from diffusion_jax import config_checks, lora, sample, sharding, train
+from diffusion_jax import checkpoint, config_checks, lora, sample, sharding, train
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import text_to_image, wan_transformer
 from diffusion_jax.text import tokenizers
@@ -171,6 +171,17 @@ def test_a_lora_of_wans_pair_of_experts_trains_on_a_pod_mesh_and_samples(tmp_pat
     jax.tree.map(np.testing.assert_array_equal, trained.frozen[name], weights)
   moved = traverse_util.flatten_dict(trained.params)  # both experts': the batch has examples for each
   assert min(float(np.abs(x).max()) for path, x in moved.items() if path[-1] == "lora_b") > 0
+  # exported in diffusers' layout: one file per expert, which --lora reads back into each
+  checkpoint.write_config(tmp_path / "run", config)
+  mngr = checkpoint.manager(tmp_path / "run")
+  checkpoint.save(mngr, 2, trained)
+  mngr.wait_until_finished()
+  lora.export(tmp_path / "run", tmp_path / "pair.safetensors", use_ema=False, layout="diffusers")
+  read = lora.read(str(tmp_path / "pair.safetensors")).updates | lora.read(
+      f"low_noise={tmp_path / 'pair_low_noise.safetensors'}").updates
+  assert read.keys() == {lora.name(path) for path in moved}
+  for path, x in moved.items():
+    np.testing.assert_allclose(read[lora.name(path)], x, rtol=1e-6)
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(steps=2, num_per_prompt=1)
   clips = sample.generate(config, graphdef, trained.params, trained.frozen, tokenizers.from_config(config),
@@ -282,6 +293,16 @@ def test_a_wan_lora_travels_to_and_from_the_pytorch_layouts(tmp_path):
   model.model.update(backbone="wan", wan_path=str(tmp_path / "wan"))
   model.text.t5.d_model = 32
   lora.check([adapter], model)  # a Wan workdir's model takes it (sampling's --lora)
+  # Wan 2.2 A14B's pair: one file per expert, read into the low-noise one with low_noise=
+  low = lora.read(f"low_noise={tmp_path / 'diffusers.safetensors'}:0.5")
+  assert low.scale == 0.5 and low.updates.keys() == {"wan_low/" + name[4:] for name in updates}
+  pair = updates | {"wan_low/" + name[4:]: 2 * x for name, x in updates.items()}
+  files = diffusers_lora.per_expert(pair)
+  assert files.keys() == {"", "_low_noise"} and files[""].keys() == files["_low_noise"].keys()
+  jax.tree.map(np.testing.assert_array_equal, files["_low_noise"], jax.tree.map(lambda x: 2 * x, files[""]))
+  save_file(updates, tmp_path / "ours.safetensors", metadata={"format": lora.FORMAT})
+  with pytest.raises(ValueError, match="low_noise= names the expert a Wan LoRA file in a PyTorch layout updates"):
+    lora.read(f"low_noise={tmp_path / 'ours.safetensors'}")
   # Wan's original layout, alpha 4 of rank 2 (an update twice a @ b), and musubi-tuner's flattened names
   original = {}
   for key, value in load_file(tmp_path / "diffusers.safetensors").items():
