@@ -122,8 +122,8 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
     except ValueError as error:
       raise ValueError(f"{flag}={spec}: {file!r} is a Wan LoRA that cannot be read: {error}") from None
     made_here = metadata if metadata.get("written_by") == FORMAT else {}  # (export's provenance, when it wrote it)
-    return Adapter(file, updates, made_here | {"format": f"Wan LoRA (PyTorch layout){', low-noise expert' * low_noise}"},
-                   scale)
+    layout = f"Wan LoRA (PyTorch layout){', low-noise expert' * low_noise}"
+    return Adapter(file, updates, made_here | {"format": layout}, scale)
   if low_noise:
     raise ValueError(f"{flag}={spec}: {LOW_NOISE} names the expert a Wan LoRA file in a PyTorch layout updates; "
                      f"{file!r} is not one (ours name their layers themselves)")
