@@ -272,8 +272,6 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found += dit_problems(config, resolution)
   elif m.backbone == "wan":
     found += wan_problems(config, resolution)
-  if m.wan_low_noise_path and m.backbone != "wan":
-    found.append(f"model.wan_low_noise_path: a low-noise expert of Wan's transformer; model.backbone={m.backbone!r}")
   elif m.backbone != "dit":
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
@@ -313,6 +311,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if not 0 <= config.data.image_fraction <= 1:
     found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
   found += moving_shapes_problems(config.data)
+  if m.wan_low_noise_path and m.backbone != "wan":
+    found.append(f"model.wan_low_noise_path: a low-noise expert of Wan's transformer; model.backbone={m.backbone!r}")
   if m.lora_rank < 0:
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
   elif m.lora_rank and not config.finetune.workdir and m.backbone != "wan":  # Wan's: model.wan_path's weights

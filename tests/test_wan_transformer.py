@@ -111,6 +111,9 @@ def test_a_pair_of_experts_denoises_each_example_by_its_noise_level(tmp_path):
   found = " ".join(config_checks.problems(config, device_count=8))
   assert "model.wan_low_noise_path's text_dim=64 differs from model.wan_path's 32" in found
   assert "model.wan_boundary=1.0: the sigma (timestep / 1000) where the low-noise expert takes over" in found
+  config.model.backbone = "unet"
+  assert "model.wan_low_noise_path: a low-noise expert of Wan's transformer; model.backbone='unet'" in " ".join(
+      config_checks.problems(config, device_count=8))
 
 
 def test_what_it_cannot_build_is_refused_with_a_reason(tmp_path):
