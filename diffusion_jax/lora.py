@@ -14,8 +14,8 @@ each at its own scale (0: the model as it was; the updates of several add up). `
 and `evaluate.py --lora=FILE[:SCALE]` fuse them into a workdir's model.
 
 A LoRA of Wan's transformer also travels in the PyTorch world's files (diffusers_lora.py): `--format=diffusers`
-writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` reads that layout and Wan's
-original one (ComfyUI's), as shared Wan LoRAs come (`--lora=low_noise=FILE` for Wan 2.2 A14B's low-noise
+writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` reads that layout, Wan's
+original one (ComfyUI's) and musubi-tuner's, as shared Wan LoRAs come (`--lora=low_noise=FILE` for Wan 2.2 A14B's low-noise
 expert's file).
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
@@ -268,7 +268,7 @@ def layer_kind(update_name: str) -> str:
     return "temporal convolution"
   if parts[-2] in ("proj_in_lora", "proj_out_lora") or "ffn" in parts:  # (Wan's feed-forward: ffn)
     return "feed-forward"
-  if parts[0] == "wan" and "blocks" not in parts:
+  if parts[0] in ("wan", "wan_low") and "blocks" not in parts:
     return "embedding or output"  # (Wan's time and text embedders and output projection)
   if any(part.startswith("temporal") for part in parts):
     return "temporal attention"
