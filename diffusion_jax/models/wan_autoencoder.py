@@ -133,14 +133,16 @@ def streamed(module, x, chunk: int):
   read last into the next chunk; the same function as `module(x)`, holding one chunk's activations, not the clip's
   (a 480x832 clip of 81 frames at 96 channels: 12 GB a tensor)."""
   if (x.shape[1] - 1) % chunk:
-    raise ValueError(f"{CLASS_NAME} reads clips of 1 + {chunk} k frames, not {x.shape[1]}")
+    nearest = 1 + chunk * max(round((x.shape[1] - 1) / chunk), 1)
+    raise ValueError(f"{CLASS_NAME} reads clips of 1 + {chunk} k frames, not {x.shape[1]}: cut or pad them to "
+                     f"e.g. {nearest}")
+  if x.shape[1] == 1:  # a still: one chunk, nothing to carry
+    return module(x)
   stream = nnx.merge(*nnx.split(module))
   for _, part in nnx.iter_modules(stream):
     if isinstance(part, CausalConv):
       part.streamed = True
   first = stream(x[:, :1])
-  if x.shape[1] == 1:
-    return first
   graph, contexts, rest = nnx.split(stream, Frames, ...)
 
   def step(contexts, frames):
