@@ -97,9 +97,7 @@ def wan_problems(config, resolution: int | None) -> list[str]:
                  "velocity eps - x0 on the flow path; set both to 'flow'")
   if not m.temporal:
     found.append("model.temporal=False: Wan's transformer is a video model; set model.temporal=True")
-  if m.in_channels != wan["in_channels"] or wan["out_channels"] != wan["in_channels"]:
-    found.append(f"model.in_channels={m.in_channels}: Wan's transformer maps {wan['in_channels']} channels to "
-                 f"{wan['out_channels']}; the data's (or latents') channels must be both")
+  found += wan_channel_problems(config, wan)
   if text_dim != wan["text_dim"]:
     found.append(f"the text encoder's width {text_dim} (text.pretrained_path's d_model, or text.t5.d_model) must "
                  f"equal Wan's text_dim={wan['text_dim']} (its text encoder: UMT5-XXL, 4096)")
@@ -118,6 +116,36 @@ def wan_problems(config, resolution: int | None) -> list[str]:
     found.append(f"{', '.join(unsupported)}: not supported with model.backbone='wan' yet (super-resolution inputs, "
                  "stills in video batches, a LoRA of the modulation); turn off or set to 0")
   return found + wan_expert_problems(m, wan)
+
+
+def wan_channel_problems(config, wan: dict) -> list[str]:
+  """Why the data's (or latents') channels do not fit Wan's transformer: a text-to-video model maps them to
+  themselves; an image-to-video one (wan_transformer.is_image_to_video) reads them, a mask of as many channels as
+  frames a latent frame holds, and the latents of the image a clip starts at."""
+  m, out = config.model, wan["out_channels"]
+  if m.in_channels != out:
+    return [f"model.in_channels={m.in_channels}: Wan's transformer predicts {out} channels; the data's (or "
+            "latents') channels must be as many"]
+  if not wan_transformer.is_image_to_video(wan):
+    return [] if wan["in_channels"] == out else [f"Wan's transformer reads {wan['in_channels']} channels but "
+                                                 f"predicts {out}"]
+  try:
+    compression = autoencoder.time_compression(autoencoder.read_config(config.latent.autoencoder_path)) if (
+        config.latent.autoencoder_path) else 1
+  except ValueError:  # latent_problems says why
+    return []
+  found = []
+  if wan["in_channels"] != 2 * out + compression:
+    found.append(f"Wan's image-to-video transformer reads {wan['in_channels']} channels: it must read the clip's "
+                 f"{out}, a mask of {compression} (the frames a latent frame holds) and the image's {out} latents, "
+                 f"{2 * out + compression}")
+  unsupported = [field for field, value in (("latent.cache", config.latent.cache),
+                                            ("distill.steps", config.distill.steps),
+                                            ("sample.video_length", config.sample.video_length)) if value]
+  if unsupported:
+    found.append(f"{', '.join(unsupported)}: not supported for an image-to-video Wan yet (the latent cache keeps no "
+                 "first frames; distillation and video extension pass no image); turn off or set to 0")
+  return found
 
 
 def wan_expert_problems(m, wan: dict) -> list[str]:

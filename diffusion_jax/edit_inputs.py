@@ -1,6 +1,7 @@
 """What an edit reads: the images, masks and clips a prompt names (sample.py's --init_image, --mask, --init_video
 and their prompts-file fields), brought to the model's resolution as training data is and checked before any
-checkpoint is read. What the sampler does with them is editing.py's.
+checkpoint is read. What the sampler does with them is editing.py's; an image-to-video model (Wan 2.2 I2V) reads
+the image its clip starts at as its condition instead (`animated_images`).
 """
 
 import pathlib
@@ -9,12 +10,17 @@ import numpy as np
 
 from diffusion_jax import checkpoint, editing, media
 from diffusion_jax.data import pipeline
+from diffusion_jax.models import text_to_image
 
 
 def read(config, sample_config, prompts: list[dict], frames: int) -> dict:
   """{prompt index: (image, keep)} of the prompts with an "init_image" (image_edit; a video model's:
   first_frame_edit's clips) or an "init_video" (video_edit's clips), each file read and every setting checked.
   frames: a video model's frames per clip (0 for an image model)."""
+  if text_to_image.image_to_video(config):  # every prompt animates its image: clips whose first frame it is
+    if problems := animation_problems(prompts):
+      raise ValueError("; ".join(problems))
+    return {i: first_frame_edit(image_edit(e, config.data.resolution)[0], frames) for i, e in enumerate(prompts)}
   edited = lambda e: "init_image" in e or "init_video" in e
   if without := [e["prompt"] for e in prompts if "strength" in e and not edited(e)][:3]:
     raise ValueError(f"A prompt's 'strength' is the part of the grid run from its image: give it an 'init_image' or "
@@ -92,3 +98,33 @@ def first_frame_edit(image: np.ndarray, frames: int) -> tuple[np.ndarray, np.nda
   keep = np.zeros((frames,) + image.shape[:2], bool)
   keep[0] = True
   return np.repeat(image[None], frames, axis=0), keep
+
+
+ANIMATES = ("This image-to-video model animates an image: give each prompt the image its clip starts at (--init_image, "
+            "or \"init_image\" in a .jsonl prompts file)")
+NOT_EDITED = "--init_video and --mask edit a clip or inpaint; an image-to-video model animates an --init_image"
+
+
+def animation_problems(prompts: list[dict]) -> list[str]:
+  """Why an image-to-video model cannot sample these prompts (dicts as sample.read_prompts reads them): each
+  animates an image (init_image), making its whole clip from noise (no strength of an edit)."""
+  found = []
+  if missing := [e["prompt"] for e in prompts if "init_image" not in e][:3]:
+    found.append(f"{ANIMATES}: {missing}")
+  if any("init_video" in e or "mask" in e for e in prompts):
+    found.append(NOT_EDITED)
+  if any("strength" in e for e in prompts):
+    found.append("a prompt's 'strength': an image-to-video model makes its whole clip from noise (the image is its "
+                 "condition, not a start); leave it out")
+  return found
+
+
+def animated_images(init_images, keep_masks) -> np.ndarray:
+  """The images [n, h, w, 3] an image-to-video model's clips start at: the first frames of clips init_images [n,
+  frames, h, w, 3] whose keep_masks [n, frames, h, w] keep that frame alone (first_frame_edit's); a ValueError
+  for anything else."""
+  if init_images is None:
+    raise ValueError(ANIMATES + ".")
+  if keep_masks is None or not np.all(np.asarray(keep_masks)[:, 0]) or np.any(np.asarray(keep_masks)[:, 1:]):
+    raise ValueError(NOT_EDITED + ".")
+  return np.asarray(init_images)[:, 0]

@@ -156,6 +156,7 @@ from diffusion_jax import (autoguidance, cascade, checkpoint, cli, config_checks
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, judges, lpips,
                                    motion_judge, psnr, shapes_judge)
+from diffusion_jax.models import text_to_image
 from diffusion_jax.text import tokenizers
 
 log = logging.getLogger(__name__)
@@ -565,6 +566,10 @@ def video_problems(config, sample_config, image_to_video: bool, edit_real: str |
     if edit_real == "image_to_image":
       found.append("--image_to_image: this model makes clips; --video_to_video edits its clips whole")
     found += sample.extension_problems(config, sample_config)
+  if text_to_image.image_to_video(config):
+    if not image_to_video or edit_real:
+      found.append("this is an image-to-video model: evaluate it with --image_to_video (each caption's real clip's "
+                   f"first frame given){f', not --{edit_real}' if edit_real else ''}")
   if image_to_video or edit_real:
     try:
       edit_inputs.check_editable(config)

@@ -37,7 +37,9 @@ Flags:
   --init_image      an image (any size: shorter side to the model's resolution, centre crop) to edit for every
                     prompt without its own, instead of generating from noise (image-to-image, SDEdit; editing.py):
                     it is noised to --strength and the rest of the sampling grid is run; a video model animates it
-                    (image-to-video): it is every clip's first frame, the other frames start from it noised
+                    (image-to-video): it is every clip's first frame, the other frames start from it noised; an
+                    image-to-video Wan (Wan 2.2 I2V) reads it as its condition and makes the whole clip from noise
+                    (every prompt needs one; no --strength, --edit_noise, --mask)
   --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the model's
                     resolution as --init_image) to edit for every prompt without an edit of its own (video-to-video:
                     SDEdit over the whole clip, nothing kept)
@@ -111,7 +113,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import (autoguidance, checkpoint, cli, config_checks, distillation, distributed, edit_inputs,
                            editing, lora, media, samplers, schedules, sharding, superres, video_extension)
-from diffusion_jax.models import autoencoder
+from diffusion_jax.models import autoencoder, text_to_image
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,8 @@ def output_shape(config, sample_config) -> tuple:
 
 
 def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
-  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres, negative, init, guide) -> samples
+  """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres, negative, init, first_frames,
+  guide) -> samples
   [n, (frames,) res, res, c] in [-1, 1] (a latent model's decoded latents). Each sample's starting noise (and a
   stochastic sampler's noise at every step) comes from its own key, so a sample does not depend on the batch
   it is generated in (nor on the device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c]
@@ -183,7 +186,9 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   null condition), or None. init: (images [n, (frames,) h, w, c] in [-1, 1], keep [n, (frames,) h, w, 1]) to
   edit (editing.py: the last sample.strength of the grid from the images noised, the region keep marks kept), and
   with sample.edit_noise "source_inversion" the (ids, mask) of the source prompts the images are inverted with and
-  guidance's other branch reads (instead of the null condition or negative prompts), or None. guide: (params,
+  guidance's other branch reads (instead of the null condition or negative prompts), or None. first_frames: the
+  images [n, h, w, c] in [-1, 1] an image-to-video model's clips start at (both guidance branches read their
+  condition), or None. guide: (params,
   frozen) of the autoguidance model of `guide_graphdef` (autoguidance.py), whose prediction for the prompt is
   guidance's other branch instead of the unconditional one, or None."""
   d, s = config.diffusion, sample_config
@@ -191,9 +196,11 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   # numpy: still concrete inside the jitted function, where editing.inverted reads whether the grid ends clean
   alpha, sigma = (np.asarray(a) for a in schedules.alpha_sigma_from_logsnr(logsnr, d.path))
   shape = output_shape(config, sample_config)
+  frames = clip_frames(config, sample_config) if config.model.temporal else 1
 
-  def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, guide=None):
+  def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, first_frames=None, guide=None):
     model = nnx.merge(graphdef, params, frozen)
+    condition = None if first_frames is None else model.image_condition(first_frames, frames)
     text = model.encode(ids, mask)
     null_text, null_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
     if negative is not None:
@@ -219,10 +226,11 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
 
       def network_fn(x, logsnr, conditional):
         if conditional:
-          return model(x, logsnr, *cond, lowres=lowres, aug_logsnr=aug_logsnr)
+          return model(x, logsnr, *cond, lowres=lowres, aug_logsnr=aug_logsnr, condition=condition)
         if guide is not None:
-          return guide_model(x, logsnr, guide_text, mask, lowres=lowres, aug_logsnr=aug_logsnr)
-        return model(x, logsnr, uncond_text_at(logsnr), null_mask, lowres=lowres, aug_logsnr=aug_logsnr)
+          return guide_model(x, logsnr, guide_text, mask, lowres=lowres, aug_logsnr=aug_logsnr, condition=condition)
+        return model(x, logsnr, uncond_text_at(logsnr), null_mask, lowres=lowres, aug_logsnr=aug_logsnr,
+                     condition=condition)
 
       guided = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale,
                                       "none" if residual else s.threshold, s.threshold_percentile, d.sigma_data,
@@ -346,13 +354,19 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   unconditional branch is the null condition and the compiled program has no second text encoding.
   init_images: images (clips) to edit instead of generating from noise, uint8 [len(prompts), (frames,) res, res, 3]
   (editing.py, at sample_config.strength), with keep_masks bool [len(prompts), (frames,) res, res], True where the
-  image is kept (inpainting; default: nothing kept). keys: raw keys [len(prompts) * num_per_prompt, 2] of the
-  samples' noise instead of those of their seeds (example_keys). guide: an autoguidance.Guide, guidance's other
-  branch instead of the unconditional model (refused with negative prompts, which that branch would read).
+  image is kept (inpainting; default: nothing kept); an image-to-video model's: clips whose first frame alone is
+  kept (edit_inputs.first_frame_edit), that frame the image its clip starts at. keys: raw keys [len(prompts) *
+  num_per_prompt, 2] of the samples' noise instead of those of their seeds (example_keys). guide: an
+  autoguidance.Guide, guidance's other branch instead of the unconditional model (refused with negative prompts,
+  which that branch would read).
   source_prompts: with sample.edit_noise "source_inversion" or "null_text_inversion", what each init image shows,
   one per prompt (editing.py)."""
   if init_images is not None:
     edit_inputs.check_editable(config)
+  first_frames = None
+  if text_to_image.image_to_video(config):  # the edit's first frames are the condition; the clips come from noise
+    first_frames = edit_inputs.animated_images(init_images, keep_masks)
+    init_images = keep_masks = None
   sources = list(source_prompts or [])
   inverting_with_sources = init_images is not None and sample_config.edit_noise in editing.SOURCE_PROMPTED
   if inverting_with_sources:
@@ -402,6 +416,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     inputs.append(init)
   else:
     inputs.append(None)
+  inputs.append(None if first_frames is None else np.concatenate(
+      [np.repeat(media.to_float(first_frames), n, axis=0), np.zeros((pad,) + first_frames.shape[1:], np.float32)]))
   generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh, guide), sharding.batch_sharding(mesh)
   guide_weights = None if guide is None else jax.device_put((guide.params, guide.frozen), sharding.replicated(mesh))
   place = lambda a, first: None if a is None else jax.device_put(jax.tree.map(lambda x: x[first:first + chunk], a),
@@ -608,21 +624,23 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
       lora.at_scales(adapters, entry.get("lora_scale"))
     except ValueError as error:
       raise ValueError(f"{prompts_path}, prompt {i + 1} ({entry['prompt']!r}): {error}") from None
-  unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edits)),
-                                              ("edit_noise", edits),
+  edited = {} if text_to_image.image_to_video(config) else edits  # (an image-to-video model animates, not edits)
+  unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edited)),
+                                              ("edit_noise", edited),
                                               ("null_text_iterations",
-                                               edits and sample_config.edit_noise == "null_text_inversion"),
+                                               edited and sample_config.edit_noise == "null_text_inversion"),
                                               ("context_frames", sample_config.video_length),
-                                              ("reconstruction_guidance", edits or sample_config.video_length))
+                                              ("reconstruction_guidance", edited or sample_config.video_length))
             if overrides.get(name) is not None and not applies]
   if unused:
     raise ValueError(f"{', '.join(unused)}: not used here: --strength, --edit_noise and --reconstruction_guidance "
                      "apply to edits (--init_image or --init_video, or such lines of a .jsonl prompts file; --strength "
-                     "to those without a strength of their own), --null_text_iterations to edits with "
+                     "to those without a strength of their own; an image-to-video model's --init_image is not an "
+                     "edit: it makes the whole clip from noise), --null_text_iterations to edits with "
                      "--edit_noise=null_text_inversion, --context_frames and --reconstruction_guidance to "
                      "--video_length")
   stochastic = sample_config.sampler == "ddpm" or (sample_config.sampler == "ddim" and sample_config.eta > 0)
-  if edits and sample_config.edit_noise != "random" and sample_config.num_per_prompt > 1 and not stochastic:
+  if edited and sample_config.edit_noise != "random" and sample_config.num_per_prompt > 1 and not stochastic:
     log.warning("--edit_noise=%s starts every sample of an edited prompt from the same noise, its image's, and "
                 "the %s sampler is deterministic: its %d samples are one image", sample_config.edit_noise,
                 sample_config.sampler, sample_config.num_per_prompt)
@@ -700,7 +718,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   if unused and all(float(e["guidance_scale"]) == 1 for e in entries):
     log.warning("%s: no effect at guidance scale 1 (no step is guided)", " and ".join(unused))
   edits = edits or {}
-  for i in edits:
+  for i in edits if not text_to_image.image_to_video(config) else ():  # (an image-to-video model's are not edits)
     entries[i].setdefault("strength", sample_config.strength)
     entries[i]["edit_noise"] = sample_config.edit_noise
   images, fused = [None] * len(entries), (None, None)  # (LoRA scales, the weights with the adapters fused at them)
@@ -708,7 +726,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   # once per set of LoRA scales (sorted first: one fused copy of the weights at a time).
   lora_scales = lambda i: tuple(a.scale for a in lora.at_scales(adapters, entries[i].get("lora_scale")))
   settings = [(lora_scales(i), entries[i]["guidance_scale"], interval(i),
-               entries[i]["strength"] if i in edits else -1.0) for i in range(len(entries))]
+               entries[i].get("strength", sample_config.strength) if i in edits else -1.0) for i in range(len(entries))]
   for scales, scale, group_interval, strength in sorted(set(settings)):
     group = [i for i, setting in enumerate(settings) if setting == (scales, scale, group_interval, strength)]
     if fused[0] != scales:
@@ -752,7 +770,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
 
 def write_training_samples(config, weights: Weights, graphdef, step: int, workdir):
   """Samples of the config's prompts from a run's weights at `step` (a super-resolution stage: as many real
-  validation images, downsampled, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the
+  validation images, downsampled, with their captions; an image-to-video model: the first frames of as many
+  validation clips, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the
   grid path. Every process takes part; process 0 writes."""
   from diffusion_jax import metric_writers
   from diffusion_jax.text import tokenizers
@@ -763,8 +782,15 @@ def write_training_samples(config, weights: Weights, graphdef, step: int, workdi
     from diffusion_jax import cascade
 
     prompts, lowres = cascade.validation_lowres(config, len(prompts), config.sample.num_per_prompt)
+  edits = None
+  if text_to_image.image_to_video(config):  # animates the first frames of as many validation clips
+    from diffusion_jax import evaluate
+
+    _, clips, prompts = evaluate.validation_set(config, len(prompts))
+    edits = dict(enumerate(edit_inputs.first_frame_edit(clip[0], clip_frames(config, config.sample))
+                           for clip in clips))
   grid = write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
-                       config.sample, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres)
+                       config.sample, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres, edits=edits)
   if jax.process_index() == 0:
     writer = metric_writers.MetricWriter(workdir, config.train.steps, name="samples")
     writer.write_image(step, "samples/grid", media.read_image(grid))

@@ -183,6 +183,8 @@ def make_loss_fn(config, graphdef):
     if superres.is_residual(config):  # the stage diffuses the detail its clean input lacks
       x0 = superres.to_residual(x0, superres.lowres_input(x0, config), config)
     is_video = batch.get("is_video") if config.data.image_fraction > 0 else None  # None: no stills
+    # an image-to-video model learns to continue each clip from its first frame
+    condition = model.image_condition(pixels[:, 0], pixels.shape[1]) if model.image_to_video else None
     if teacher is None:
       logsnr = objectives.sample_logsnr(k_time, x0.shape[0], d.time_sampler, logsnr_fn, d.time_mean, d.time_std)
       alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
@@ -203,7 +205,7 @@ def make_loss_fn(config, graphdef):
       eps = objectives.eps_from_x0(x0, x_t, alpha, sigma)
     x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)
     output = model(x_in, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=k_dropout,
-                   is_video=is_video)
+                   is_video=is_video, condition=condition)
     per_example = objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
                                   d.sigma_data)
     return per_example.mean(), (per_example, logsnr)

@@ -12,7 +12,8 @@ from flax import nnx
 
 from flax import traverse_util
 
-from diffusion_jax import checkpoint, config_checks, lora, sample, sharding, train
+from diffusion_jax import (checkpoint, config_checks, edit_inputs, evaluate, lora, media, sample, sharding,
+                           train)
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import text_to_image, wan_transformer
 from diffusion_jax.text import tokenizers
@@ -127,7 +128,7 @@ def test_what_it_cannot_build_is_refused_with_a_reason(tmp_path):
   directory = tmp_path / "pipeline" / "transformer"
   config = json.loads((directory / "config.json").read_text())
   (directory / "config.json").write_text(json.dumps(config | {"image_dim": 1280, "added_kv_proj_dim": 24}))
-  with pytest.raises(ValueError, match="an image-to-video Wan model .image conditioning. is not supported"):
+  with pytest.raises(ValueError, match="Wan 2.1's image-to-video models .CLIP image embeddings. are not supported"):
     wan_transformer.load_diffusers(directory)
   (directory / "config.json").write_text(json.dumps(config | {"ffn_dim": 64}))
   with pytest.raises(ValueError, match="does not match its config.json .*blocks.0.ffn.net.0.proj.weight has shape"):
@@ -193,27 +194,31 @@ def test_a_lora_of_wans_pair_of_experts_trains_on_a_pod_mesh_and_samples(tmp_pat
   assert clips.shape == (1, 1, config.data.frames, 16, 16, 3) and clips.dtype == np.uint8
 
 
-def test_the_wan_config_reads_a_checkpoints_four_parts_and_fine_tunes_them(tmp_path):
-  """configs/wan_t2v.py:ROOT on a tiny random diffusers Wan checkpoint (transformer/, UMT5 text_encoder/,
-  tokenizer/spiece.model, vae/): the config check passes, a train step on moving clips runs with every part loaded
-  (UMT5 and the VAE frozen); a missing part is named. A root with transformer_2/ (Wan 2.2 A14B) gives the pair of
-  experts, switched at its model_index.json's boundary_ratio."""
+def test_the_wan_config_reads_an_image_to_video_checkpoints_four_parts_and_fine_tunes_them(tmp_path):
+  """configs/wan_t2v.py:ROOT on a tiny random diffusers checkpoint of an image-to-video Wan (as Wan 2.2 I2V:
+  transformer/ reading the clip, a mask and the image's latents; UMT5 text_encoder/, tokenizer/spiece.model, vae/):
+  the config check passes, the condition is what diffusers' WanImageToVideoPipeline builds, the model reads it after
+  the clip's channels as diffusers' transformer does, a train step on moving clips runs with every part loaded (UMT5
+  and the VAE frozen), and clips are sampled from given first frames; a missing part, mismatched channels and a
+  missing image are named. A root with transformer_2/ (Wan 2.2 A14B) gives the pair of experts, switched at its
+  model_index.json's boundary_ratio."""
   import shutil
 
   import transformers
-  from diffusers import AutoencoderKLWan
+  from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 
   from configs import wan_t2v
   from diffusion_jax.models import t5
 
   root = tmp_path / "Wan-tiny"
-  save_tiny_wan(root / "transformer", num_layers=1)  # text_dim 32 = the UMT5's width; 3 channels = the VAE's
+  # text_dim 32 = the UMT5's width; 3 latent channels = the VAE's, read with a mask of 4 (frames a latent holds)
+  reference = save_tiny_wan(root / "transformer", num_layers=1, in_channels=10)
   torch.manual_seed(0)
   transformers.UMT5EncoderModel(transformers.UMT5Config(
       vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, dropout_rate=0.0)).save_pretrained(
           root / "text_encoder", safe_serialization=True)
-  AutoencoderKLWan(base_dim=4, z_dim=3, latents_mean=[0.1, -0.2, 0.3], latents_std=[0.5, 2.0, 1.0]).save_pretrained(
-      root / "vae", safe_serialization=True)
+  vae = AutoencoderKLWan(base_dim=4, z_dim=3, latents_mean=[0.1, -0.2, 0.3], latents_std=[0.5, 2.0, 1.0])
+  vae.save_pretrained(root / "vae", safe_serialization=True)
   (root / "tokenizer").mkdir()
   tokenizers.train_sentencepiece(["a red circle moving left", "a blue square moving up"],
                                  root / "tokenizer" / "spiece", vocab_size=30)
@@ -223,15 +228,68 @@ def test_the_wan_config_reads_a_checkpoints_four_parts_and_fine_tunes_them(tmp_p
   config.data.update(dataset="moving_shapes", resolution=32, frames=5, num_train=16, num_eval=8,
                      data_dir=str(tmp_path / "tfds"))
   config.text.max_length = 8
+  config.model.dtype = "float32"  # (bfloat16 products are slower on a CPU, and the comparison below is exact)
   config.mesh.update(data=2, fsdp=4)
   assert config_checks.problems(config, device_count=8) == []
   mesh = sharding.make_mesh(config.mesh)
   state, graphdef = train.init_state(config, mesh)
   encoder = nnx.to_pure_dict(nnx.state(t5.load_hf_encoder(root / "text_encoder")))
   jax.tree.map(np.testing.assert_array_equal, state.frozen["text_encoder"], encoder)
+  # the condition of two first frames, and the network's output for it, against diffusers'
+  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.frozen))
+  images = np.random.default_rng(0).uniform(-1, 1, size=(2, 32, 32, 3)).astype(np.float32)
+  condition = model.image_condition(jnp.asarray(images), 5)
+  pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), scheduler=None)
+  with torch.no_grad():  # (an image at a time: the pipeline encodes one and repeats it for the batch)
+    expected = torch.cat([pipe.prepare_latents(torch.from_numpy(image[None]).permute(0, 3, 1, 2), 1, 3, 32, 32, 5,
+                                               torch.float32, torch.device("cpu"))[1] for image in images])
+  np.testing.assert_allclose(condition, expected.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  x, text = jax.random.normal(jax.random.key(1), (2, 2, 4, 4, 3)), jax.random.normal(jax.random.key(2), (2, 5, 32))
+  logsnr = jnp.array([-3.0, 1.0])
+  with torch.no_grad():
+    theirs = reference(torch.from_numpy(np.concatenate([x, condition], -1)).permute(0, 4, 1, 2, 3),
+                       torch.from_numpy(np.asarray(wan_transformer.timestep(logsnr))),
+                       torch.from_numpy(np.asarray(text))).sample
+  np.testing.assert_allclose(model(x, logsnr, text, jnp.ones((2, 5), bool), condition=condition),
+                             theirs.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
   step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
   state, metrics = step(state, batch, hparams)
   assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  # sampled from given first frames: the training samples animate the first frames of validation clips
+  config.sample.update(steps=2, batch_size=8)
+  grid = sample.write_training_samples(config, sample.Weights(state.params, state.frozen), graphdef, 1,
+                                       tmp_path / "run")
+  records = [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
+  _, clips, captions = evaluate.validation_set(config, 1)
+  assert [r["prompt"] for r in records] == captions and "strength" not in records[0]
+  assert media.read_image(grid.parent / records[0]["file"]).shape == (32, 5 * 32, 3)
+  with pytest.raises(ValueError, match="This image-to-video model animates an image: give each prompt the image"):
+    sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config), captions,
+                    config.sample, mesh)
+  # the sampling CLI: each prompt's --init_image is read as the first frame of its clip; nothing else is taken
+  media.save_png(tmp_path / "first.png", clips[0, 0], {})
+  prompts = [{"prompt": "a red circle", "init_image": str(tmp_path / "first.png")}]
+  (animated, keep), = edit_inputs.read(config, config.sample, prompts, 5).values()
+  np.testing.assert_array_equal(animated[0], clips[0, 0])
+  assert keep[0].all() and not keep[1:].any()
+  for entry, problem in (({"prompt": "a red circle"}, "give each prompt the image its clip starts at"),
+                         ({**prompts[0], "strength": 0.5}, "an image-to-video model makes its whole clip from noise"),
+                         ({**prompts[0], "init_video": "v.gif"}, "an image-to-video model animates an --init_image")):
+    with pytest.raises(ValueError, match=problem):
+      edit_inputs.read(config, config.sample, [entry], 5)
+  with pytest.raises(ValueError, match="an image-to-video model: evaluate it with --image_to_video"):
+    evaluate.video_problems(config, config.sample, image_to_video=False)
+  evaluate.video_problems(config, config.sample, image_to_video=True)
+  checkpoint.write_config(tmp_path / "run", config)
+  with pytest.raises(ValueError, match="--strength: not used here.*an image-to-video model's --init_image is not"):
+    sample.sample_from_workdir(tmp_path / "run", {"strength": 0.5}, init_image=tmp_path / "first.png")
+  config.latent.cache = str(tmp_path / "cache")
+  reference.save_pretrained(root / "transformer")  # the config's copy, its widths changed
+  (root / "transformer" / "config.json").write_text(json.dumps(json.loads(
+      (root / "transformer" / "config.json").read_text()) | {"in_channels": 7}))
+  found = " ".join(config_checks.problems(config, device_count=8))
+  assert "Wan's image-to-video transformer reads 7 channels: it must read the clip's 3, a mask of 4" in found
+  assert "latent.cache: not supported for an image-to-video Wan yet" in found
   shutil.rmtree(root / "vae")
   assert f"latent.autoencoder_path={str(root / 'vae')!r} has no config.json" in " ".join(
       config_checks.problems(config, device_count=8))

@@ -65,6 +65,7 @@ def _build(config, graphdef):
     clean_lowres = superres.lowres_input(pixels, config) if config.model.lowres_conditioning else None
     x0 = superres.to_residual(image, clean_lowres, config) if superres.is_residual(config) else image
     text = model.encode(batch["text_ids"], batch["text_mask"])
+    condition = model.image_condition(pixels[:, 0], pixels.shape[1]) if model.image_to_video else None
     rows = x0.shape[0]
 
     def own_rows(draw):  # this batch's rows of a draw for all n examples (zeros past n)
@@ -83,7 +84,7 @@ def _build(config, graphdef):
             jax.random.split(jax.random.fold_in(key, 1), n))))
         lowres, aug_logsnr = superres.sampling_condition(clean_lowres, lowres_keys, config, config.sample.aug_level)
       output = model(x_t * objectives.per_example(scale, x_t), logsnr, text, batch["text_mask"], lowres=lowres,
-                     aug_logsnr=aug_logsnr)
+                     aug_logsnr=aug_logsnr, condition=condition)
       return objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
                              d.sigma_data)
 

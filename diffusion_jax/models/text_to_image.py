@@ -5,11 +5,13 @@ trainable / frozen parameters.
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `to_latents(x, key)` / `from_latents(z)`
 map images (or videos) to what the network diffuses and back (the identity for a pixel model);
 `TextToImage(x, logsnr, text, mask)`
-(plus `lowres`, `aug_logsnr` for a super-resolution stage) -> the network's output (x is [batch, h, w, c], or
+(plus `lowres`, `aug_logsnr` for a super-resolution stage; `condition`, `image_condition(images, frames)`, for an
+image-to-video Wan) -> the network's output (x is [batch, h, w, c], or
 [batch, frames, h, w, c] for a video model). Parameters live outside the module as pure dicts (see
 train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a jitted function.
 """
 
+import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import autoencoder, dit, init_rngs, t5, unet, wan_transformer
@@ -24,7 +26,7 @@ class TextToImage(nnx.Module):
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
     self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
                                      else config.text.t5, rngs=rngs)
-    self.backbone = config.model.backbone
+    self.backbone, self.image_to_video = config.model.backbone, False
     if self.backbone == "dit":
       self.dit = dit.DiT(config.model, rngs=rngs)
     elif self.backbone == "wan":  # (with model.wan_low_noise_path, a pair of experts: wan for high noise)
@@ -35,6 +37,9 @@ class TextToImage(nnx.Module):
           ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
       self.wan, self.wan_low = wan(m.wan_path), wan(m.wan_low_noise_path) if m.wan_low_noise_path else None
       self.wan_boundary = m.wan_boundary
+      wan_config = wan_transformer.read_config(m.wan_path)
+      self.image_to_video = wan_transformer.is_image_to_video(wan_config)
+      self.mask_channels = wan_config["in_channels"] - 2 * wan_config["out_channels"]
     else:
       self.unet = unet.UNet(config.model, rngs=rngs)
     self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path
@@ -54,15 +59,34 @@ class TextToImage(nnx.Module):
   def from_latents(self, z):
     return z if self.autoencoder is None else self.autoencoder.decode(z)
 
-  def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None):
+  def image_condition(self, images, frames: int):
+    """An image-to-video model's condition [batch, latent frames, h, w, mask + latent channels] for clips of
+    `frames` frames that start at images [batch, h, w, c] in [-1, 1] (wan_transformer.image_condition of the
+    latents' mean of the clip that is the image then `frames - 1` zero frames, as Wan's pipelines encode it)."""
+    rest = jnp.zeros((images.shape[0], frames - 1) + images.shape[1:], images.dtype)
+    clip = jnp.concatenate([images[:, None], rest], axis=1)
+    return wan_transformer.image_condition(self.to_latents(clip), self.mask_channels)
+
+  def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
+               condition=None):
+    if self.image_to_video != (condition is not None):
+      raise ValueError("This image-to-video model needs the condition of the images its clips start at "
+                       "(image_condition)" if self.image_to_video else "Only an image-to-video model reads a condition")
     if self.backbone == "wan":  # clips only, no super-resolution inputs (config_checks.wan_problems)
       timestep = wan_transformer.timestep(logsnr)
+      x = x if condition is None else jnp.concatenate([x, condition.astype(x.dtype)], axis=-1)
       if self.wan_low is None:
         return self.wan(x, timestep, text, text_mask)
       return wan_transformer.experts(self.wan, self.wan_low, 1000 * self.wan_boundary, x, timestep, text, text_mask)
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
                    is_video=is_video)
+
+
+def image_to_video(config) -> bool:
+  """Whether the config's network animates images: an image-to-video Wan (model.wan_path's config.json)."""
+  return config.model.backbone == "wan" and wan_transformer.is_image_to_video(
+      wan_transformer.read_config(config.model.wan_path))
 
 
 def abstract(config):

@@ -17,7 +17,11 @@ residual stream stay float32, as diffusers keeps them); `remat_policy` (layers.R
 block in the backward pass; `attention` (model.attention) picks the attention's implementation (models/attention.py:
 cuDNN's flash attention on recent NVIDIA GPUs in bfloat16).
 
-Not supported (config_problems refuses them): image-to-video models' image conditioning (`image_dim`,
+An image-to-video model (Wan 2.2 I2V A14B: in_channels = 2 out_channels + 4) reads, beside each noisy latent
+clip, a condition of as many frames (`image_condition`): a mask of the frames given (the first) and the latents of
+the clip that is the image followed by black frames, concatenated after the clip's channels.
+
+Not supported (config_problems refuses them): Wan 2.1's image-to-video models' CLIP image embeddings (`image_dim`,
 `added_kv_proj_dim`) and other query-key norms than `rms_norm_across_heads`.
 """
 
@@ -44,8 +48,8 @@ def config_problems(config: dict) -> list[str]:
   """What this module cannot build from a WanTransformer3DModel config.json."""
   c, found = DEFAULTS | config, []
   if c["image_dim"] is not None or c["added_kv_proj_dim"] is not None:
-    found.append("image_dim / added_kv_proj_dim: an image-to-video Wan model (image conditioning) is not supported; "
-                 "text-to-video ones are")
+    found.append("image_dim / added_kv_proj_dim: Wan 2.1's image-to-video models (CLIP image embeddings) are not "
+                 "supported; text-to-video ones and Wan 2.2 I2V A14B are")
   if c["qk_norm"] != "rms_norm_across_heads":
     found.append(f"qk_norm={c['qk_norm']!r}: only 'rms_norm_across_heads' (every Wan model's) is supported")
   return found
@@ -66,6 +70,21 @@ def read_config(path, field: str = "model.wan_path") -> dict:
   if problems := config_problems(config):
     raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
   return DEFAULTS | config
+
+
+def is_image_to_video(config: dict) -> bool:
+  """Whether a transformer's config.json is an image-to-video model's: more channels in (the condition's) than out."""
+  c = DEFAULTS | config
+  return c["in_channels"] > c["out_channels"]
+
+
+def image_condition(first_latents, mask_channels: int):
+  """The condition an image-to-video Wan reads: latents [batch, frames, h, w, c] of the clip that is the image then
+  black frames -> [batch, frames, h, w, mask_channels + c], a mask (1 on the first latent frame: it holds the given
+  frame; mask_channels = the frames a latent frame holds, as diffusers' WanImageToVideoPipeline counts) before the
+  latents."""
+  mask = jnp.zeros(first_latents.shape[:-1] + (mask_channels,), first_latents.dtype).at[:, 0].set(1.0)
+  return jnp.concatenate([mask, first_latents], axis=-1)
 
 
 def timestep(logsnr):
