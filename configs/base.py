@@ -70,6 +70,8 @@ def get_config():
       wan_path="",                 # wan: local diffusers WanTransformer3DModel directory (its structure and weights)
       wan_low_noise_path="",       # wan: a second one, the expert for low noise (Wan 2.2 A14B's transformer_2/)
       wan_boundary=0.875,          # with wan_low_noise_path: sigma below which (timestep / 1000) its expert denoises
+      wan_expert_batches="routed",  # with wan_low_noise_path: 'routed' draws each batch's noise levels on one side
+                                   # of the boundary (one expert a step), 'mixed' each example's (both experts a step)
       patch_size=2,                # dit: patch side in pixels
       depth=12,                    # dit: transformer blocks (its width is `channels`)
       position_max_period=10000.0,  # dit: longest patch-position sinusoid period / 2pi, in patches (DiT: 1e4)

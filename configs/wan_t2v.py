@@ -11,9 +11,9 @@ missing spiece.model; a copy that keeps it elsewhere takes --config.text.spiece_
 (`configs/wan_t2v.py`) the four paths are empty, for the command line to give. Wan 2.2's 5B model (its VAE has 48
 latent channels): add --config.model.in_channels=48. Wan 2.2 A14B's root has a second transformer, transformer_2/,
 the expert for low noise: it becomes model.wan_low_noise_path, switched to below model_index.json's boundary_ratio
-(model.wan_boundary), and the run trains both experts (each example by the expert of its noise level). A root of
-Wan 2.2's image-to-video model (I2V A14B) works the same: its transformers read each clip's first frame as their
-condition, and sampling animates --init_image. The clips
+(model.wan_boundary), and the run trains both experts (each batch drawn at one expert's noise levels:
+model.wan_expert_batches). A root of Wan 2.2's image-to-video model (I2V A14B) works the same: its transformers
+read each clip's first frame as their condition, and sampling animates --init_image. The clips
 (data.dataset='folder_clips') are cut to their first 33 frames (9 latent frames) at 480 px squares; Wan's are 16
 fps, so give 30 fps clips --config.data.frame_stride=2.
 """

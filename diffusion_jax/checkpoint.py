@@ -255,6 +255,7 @@ ADDED_FIELDS = {
     "text.t5.per_layer_position_bias": False,
     "model.wan_path": "",
     "model.wan_low_noise_path": "", "model.wan_boundary": 0.875,
+    "model.wan_expert_batches": "mixed",  # what a pair's training did before the field
     "data.eval_captions_file": "",
     "data.frame_stride": 1,
 }

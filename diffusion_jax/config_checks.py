@@ -148,6 +148,9 @@ def wan_channel_problems(config, wan: dict) -> list[str]:
   return found
 
 
+EXPERT_BATCHES = ("routed", "mixed")  # model.wan_expert_batches
+
+
 def wan_expert_problems(m, wan: dict) -> list[str]:
   """What keeps model.wan_low_noise_path's transformer from being the low-noise expert of model.wan_path's `wan`."""
   if not m.wan_low_noise_path:
@@ -160,6 +163,8 @@ def wan_expert_problems(m, wan: dict) -> list[str]:
            "experts denoise the same latents for the same text" for field in ("in_channels", "out_channels",
                                                                              "patch_size", "text_dim")
            if low[field] != wan[field]]
+  if m.wan_expert_batches not in EXPERT_BATCHES:
+    found.append(f"model.wan_expert_batches={m.wan_expert_batches!r} must be one of {list(EXPERT_BATCHES)}")
   if not 0 < m.wan_boundary < 1:
     found.append(f"model.wan_boundary={m.wan_boundary}: the sigma (timestep / 1000) where the low-noise expert takes "
                  "over must be in (0, 1) (Wan 2.2's T2V: 0.875, its I2V: 0.9)")

@@ -158,10 +158,54 @@ def sample_logsnr(key, batch: int, sampler: str, logsnr_fn=None, mean: float = 0
   """
   _check(sampler, TIME_SAMPLERS, "timestep sampler")
   if sampler == "uniform":
-    if logsnr_fn is None:
-      raise ValueError("timestep sampler 'uniform' needs the noise schedule's logsnr_fn.")
-    return logsnr_fn(jax.random.uniform(key, (batch,)))
+    return _uniform_logsnr_fn(logsnr_fn)(jax.random.uniform(key, (batch,)))
   return -2 * (mean + std * jax.random.normal(key, (batch,)))
+
+
+def logsnr_above_probability(boundary, sampler: str, logsnr_fn=None, mean: float = 0.0, std: float = 1.0):
+  """P(logsnr > boundary) under sample_logsnr's distribution (a scalar)."""
+  _check(sampler, TIME_SAMPLERS, "timestep sampler")
+  if sampler == "uniform":
+    return _crossing(_uniform_logsnr_fn(logsnr_fn), boundary)  # t below it: log-SNR above the boundary
+  return jax.scipy.stats.norm.cdf(_normal_crossing(boundary, mean, std))
+
+
+def sample_logsnr_on_side(key, batch: int, boundary, above: bool, sampler: str, logsnr_fn=None, mean: float = 0.0,
+                          std: float = 1.0):
+  """Draw training log-SNRs [batch] from sample_logsnr's distribution restricted to those above `boundary` (above
+  True) or at or below it. With the side drawn with its probability (logsnr_above_probability), each log-SNR is
+  distributed as sample_logsnr's while a batch spans one side (a pair of experts split there runs one)."""
+  _check(sampler, TIME_SAMPLERS, "timestep sampler")
+  if sampler == "uniform":
+    logsnr_fn = _uniform_logsnr_fn(logsnr_fn)
+    crossing, u = _crossing(logsnr_fn, boundary), jax.random.uniform(key, (batch,))
+    return logsnr_fn(crossing * u if above else crossing + (1 - crossing) * u)
+  crossing = _normal_crossing(boundary, mean, std)  # z below it: log-SNR above the boundary
+  lower, upper = (-jnp.inf, crossing) if above else (crossing, jnp.inf)
+  return -2 * (mean + std * jax.random.truncated_normal(key, lower, upper, (batch,)))
+
+
+def _uniform_logsnr_fn(logsnr_fn):
+  if logsnr_fn is None:
+    raise ValueError("timestep sampler 'uniform' needs the noise schedule's logsnr_fn.")
+  return logsnr_fn
+
+
+def _normal_crossing(boundary, mean, std):
+  """The standard normal z where the log-normal and logit-normal samplers' logsnr = -2 (mean + std z) is boundary."""
+  return (-boundary / 2 - mean) / std
+
+
+def _crossing(logsnr_fn, logsnr, iterations: int = 40):
+  """The t in [0, 1] where the decreasing logsnr_fn(t) crosses `logsnr` (bisection)."""
+  def halve(_, bounds):
+    low, high = bounds
+    middle = (low + high) / 2
+    above = logsnr_fn(middle) > logsnr
+    return jnp.where(above, middle, low), jnp.where(above, high, middle)
+
+  low, high = jax.lax.fori_loop(0, iterations, halve, (jnp.float32(0.0), jnp.float32(1.0)))
+  return (low + high) / 2
 
 
 # ----------------------------------------------------------------------------- classifier-free guidance

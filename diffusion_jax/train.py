@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import (checkpoint, config_checks, distillation, distributed, finetune, hardware, metric_writers,
                            objectives, optimizer, sample, schedules, sharding, stop_signals, superres)
 from diffusion_jax.data import latent_cache, pipeline
-from diffusion_jax.models import inflation, init_rngs, text_to_image
+from diffusion_jax.models import inflation, init_rngs, text_to_image, wan_transformer
 from diffusion_jax.text import embedding_cache, tokenizers
 
 # Edges of the log-SNR bins in which the loss is also reported (low log-SNR = high noise).
@@ -156,9 +156,17 @@ def count_params(tree) -> int:
 # ----------------------------------------------------------------------------- step
 
 
-def make_loss_fn(config, graphdef):
+def expert_boundary(config) -> float | None:
+  """The log-SNR where a pair of Wan experts trained on routed batches (model.wan_expert_batches) switch, else None."""
+  m = config.model
+  routed = m.backbone == "wan" and m.wan_low_noise_path and m.wan_expert_batches == "routed"
+  return wan_transformer.boundary_logsnr(m.wan_boundary) if routed else None
+
+
+def make_loss_fn(config, graphdef, expert: str | None = None):
   """The training loss `(params, frozen, batch, key, teacher) -> (mean loss, (per-example loss [batch], logsnr
-  [batch]))` of this config; `teacher`: a distillation's teacher parameters, else None."""
+  [batch]))` of this config; `teacher`: a distillation's teacher parameters, else None. expert: 'high' or 'low',
+  a pair of Wan experts' loss on a batch at that expert's noise levels (expert_boundary), run by it alone."""
   d = config.diffusion
   logsnr_fn = schedules.logsnr_schedule(d.schedule, **d.schedule_params)
   teacher_sampling = distillation.teacher_sampling(config) if config.distill.steps else None
@@ -185,7 +193,11 @@ def make_loss_fn(config, graphdef):
     is_video = batch.get("is_video") if config.data.image_fraction > 0 else None  # None: no stills
     # an image-to-video model learns to continue each clip from its first frame
     condition = model.image_condition(pixels[:, 0], pixels.shape[1]) if model.image_to_video else None
-    if teacher is None:
+    if teacher is None and expert is not None:  # the low-noise expert's levels: log-SNRs above the boundary
+      logsnr = objectives.sample_logsnr_on_side(k_time, x0.shape[0], expert_boundary(config), expert == "low",
+                                                d.time_sampler, logsnr_fn, d.time_mean, d.time_std)
+      alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
+    elif teacher is None:
       logsnr = objectives.sample_logsnr(k_time, x0.shape[0], d.time_sampler, logsnr_fn, d.time_mean, d.time_std)
       alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, d.path)
     else:  # a step of the student's sampling grid, with the teacher's midpoint
@@ -205,7 +217,7 @@ def make_loss_fn(config, graphdef):
       eps = objectives.eps_from_x0(x0, x_t, alpha, sigma)
     x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)
     output = model(x_in, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=k_dropout,
-                   is_video=is_video, condition=condition)
+                   is_video=is_video, condition=condition, expert=expert)
     per_example = objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
                                   d.sigma_data)
     return per_example.mean(), (per_example, logsnr)
@@ -222,6 +234,8 @@ def make_train_step(config, graphdef):
   accum = config.train.grad_accum
   edges = jnp.array(LOGSNR_BIN_EDGES)
   grad_fn = jax.value_and_grad(make_loss_fn(config, graphdef), has_aux=True)
+  if (boundary := expert_boundary(config)) is not None:
+    grad_fn = routed_grad_fn(config, graphdef, boundary, grad_fn)
 
   def train_step(state: TrainState, batch: dict, hparams: dict, teacher: dict | None = None):
     tx = optimizer.make(config, hparams)
@@ -270,6 +284,27 @@ def make_train_step(config, graphdef):
     return new_state, metrics
 
   return train_step
+
+
+def routed_grad_fn(config, graphdef, boundary: float, grad_fn):
+  """A pair of Wan experts' gradient function on routed batches: each batch's side of the boundary drawn with the
+  share of the time distribution it holds, then the loss and gradient of that side's expert alone (a lax.cond over
+  two gradient computations: one expert's forward and backward pass runs); a distillation's (teacher given) is
+  grad_fn's."""
+  d = config.diffusion
+  by_expert = {expert: jax.value_and_grad(make_loss_fn(config, graphdef, expert), has_aux=True)
+               for expert in ("high", "low")}
+  low_probability = objectives.logsnr_above_probability(
+      boundary, d.time_sampler, schedules.logsnr_schedule(d.schedule, **d.schedule_params), d.time_mean, d.time_std)
+
+  def routed(params, frozen, batch, key, teacher):
+    if teacher is not None:
+      return grad_fn(params, frozen, batch, key, teacher)
+    low = jax.random.uniform(jax.random.fold_in(key, 3)) < low_probability
+    run = lambda expert: lambda: by_expert[expert](params, frozen, batch, key, teacher)
+    return jax.lax.cond(low, run("low"), run("high"))
+
+  return routed
 
 
 def lower_step(train_step, state, batch_shapes: dict, mesh, teacher=None):

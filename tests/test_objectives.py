@@ -77,6 +77,24 @@ def test_timestep_samplers():
   assert abs(float(logit.mean())) < 0.05 and abs(float(logit.std()) - 1.0) < 0.05
 
 
+@pytest.mark.parametrize("sampler, mean", [("uniform", 0.0), ("logit_normal", -0.5), ("log_normal", -1.2)])
+def test_draws_on_each_side_of_a_boundary_mix_into_the_samplers_distribution(sampler, mean):
+  """A pair of experts' routed batches: sample_logsnr_on_side's draws lie on their side of the boundary, and the
+  sides' draws mixed with logsnr_above_probability's weights are distributed as sample_logsnr's (at its deciles,
+  within 0.01), the probability the share of its draws above the boundary."""
+  boundary, schedule = -1.5, schedules.logsnr_schedule("flow", shift=5.0)
+  key = jax.random.key(0)
+  above, below = (np.asarray(objectives.sample_logsnr_on_side(key, 40000, boundary, side, sampler, schedule, mean,
+                                                              1.2)) for side in (True, False))
+  free = np.asarray(objectives.sample_logsnr(key, 40000, sampler, schedule, mean, 1.2))
+  assert above.min() > boundary >= below.max()
+  probability = float(objectives.logsnr_above_probability(boundary, sampler, schedule, mean, 1.2))
+  assert abs(probability - (free > boundary).mean()) < 0.01
+  deciles = np.quantile(free, np.linspace(0.1, 0.9, 9))
+  mixed = probability * (above[:, None] < deciles).mean(0) + (1 - probability) * (below[:, None] < deciles).mean(0)
+  np.testing.assert_allclose(mixed, np.linspace(0.1, 0.9, 9), atol=0.01)
+
+
 def test_drop_condition():
   emb = jnp.ones((1000, 4, 8))
   mask = jnp.ones((1000, 4), bool)

@@ -109,8 +109,9 @@ def test_a_pair_of_experts_denoises_each_example_by_its_noise_level(tmp_path):
   save_tiny_wan(tmp_path / "wide", seed=1)
   (tmp_path / "wide" / "config.json").write_text(json.dumps(json.loads(
       (tmp_path / "wide" / "config.json").read_text()) | {"text_dim": 64}))
-  config.model.update(wan_low_noise_path=str(tmp_path / "wide"), wan_boundary=1.0)
+  config.model.update(wan_low_noise_path=str(tmp_path / "wide"), wan_boundary=1.0, wan_expert_batches="both")
   found = " ".join(config_checks.problems(config, device_count=8))
+  assert "model.wan_expert_batches='both' must be one of ['routed', 'mixed']" in found
   assert "model.wan_low_noise_path's text_dim=64 differs from model.wan_path's 32" in found
   assert "model.wan_boundary=1.0: the sigma (timestep / 1000) where the low-noise expert takes over" in found
   config.model.backbone = "unet"
@@ -139,7 +140,8 @@ def test_a_lora_of_wans_pair_of_experts_trains_on_a_pod_mesh_and_samples(tmp_pat
   """model.backbone='wan': the config check asks for Wan's flow parameterisation and the transformer's widths. With
   both of Wan 2.2 A14B's experts (model.wan_low_noise_path) as a LoRA (no finetune.workdir: its base is the
   checkpoint), the model starts with the directories' weights, train steps on a (2, 2, 2) mesh move the low-rank
-  updates of both experts and nothing else, and clips are sampled (one expert a step)."""
+  updates of both experts and nothing else, each step's gradient one expert's (routed batches), and clips are
+  sampled (one expert a step)."""
   from configs import t2v_moving_shapes
 
   save_tiny_wan(tmp_path / "wan", num_layers=1), save_tiny_wan(tmp_path / "low", seed=1, num_layers=1)
@@ -169,12 +171,16 @@ def test_a_lora_of_wans_pair_of_experts_trains_on_a_pod_mesh_and_samples(tmp_pat
   assert len(updates := traverse_util.flatten_dict(state.params)) == 40 and all(map(text_to_image.is_lora, updates))
   step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
   trained = state  # donated to the step
-  for _ in range(2):  # the first step's learning rate is 0 (warm-up)
+  for k in range(8):  # the first step's learning rate is 0 (warm-up)
     trained, metrics = step(trained, batch, hparams)
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    if k == 0:  # routed batches (model.wan_expert_batches): the gradient (Adam's first moment) of one expert alone
+      moments = {jax.tree_util.keystr(path): np.abs(np.asarray(x)).max() for path, x in
+                 jax.tree_util.tree_flatten_with_path(trained.opt_state)[0] if "lora_b" in jax.tree_util.keystr(path)}
+      assert sorted({"wan_low" in path for path, m in moments.items() if m > 0}) in ([True], [False])
   for name, weights in loaded.items():
     jax.tree.map(np.testing.assert_array_equal, trained.frozen[name], weights)
-  moved = traverse_util.flatten_dict(trained.params)  # both experts': the batch has examples for each
+  moved = traverse_util.flatten_dict(trained.params)  # both experts': the batches drew each's noise levels
   assert min(float(np.abs(x).max()) for path, x in moved.items() if path[-1] == "lora_b") > 0
   # exported in diffusers' layout: one file per expert, which --lora reads back into each
   checkpoint.write_config(tmp_path / "run", config)

@@ -68,15 +68,17 @@ class TextToImage(nnx.Module):
     return wan_transformer.image_condition(self.to_latents(clip), self.mask_channels)
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
-               condition=None):
+               condition=None, expert=None):
+    """expert: with a pair of Wan experts, 'high' or 'low' runs that one on every example (a batch at its noise
+    levels); None gives each example its noise level's."""
     if self.image_to_video != (condition is not None):
       raise ValueError("This image-to-video model needs the condition of the images its clips start at "
                        "(image_condition)" if self.image_to_video else "Only an image-to-video model reads a condition")
     if self.backbone == "wan":  # clips only, no super-resolution inputs (config_checks.wan_problems)
       timestep = wan_transformer.timestep(logsnr)
       x = x if condition is None else jnp.concatenate([x, condition.astype(x.dtype)], axis=-1)
-      if self.wan_low is None:
-        return self.wan(x, timestep, text, text_mask)
+      if self.wan_low is None or expert is not None:
+        return (self.wan_low if expert == "low" else self.wan)(x, timestep, text, text_mask)
       return wan_transformer.experts(self.wan, self.wan_low, 1000 * self.wan_boundary, x, timestep, text, text_mask)
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,

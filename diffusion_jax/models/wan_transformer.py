@@ -92,6 +92,12 @@ def timestep(logsnr):
   return 1000.0 * jax.nn.sigmoid(-logsnr / 2)
 
 
+def boundary_logsnr(boundary: float) -> float:
+  """The log-SNR of a pair of experts' boundary (model.wan_boundary, a sigma on the flow path): timestep(logsnr) >=
+  1000 boundary, the high-noise expert's, where logsnr <= it."""
+  return 2.0 * math.log((1.0 - boundary) / boundary)
+
+
 def rotary_angles(frames: int, height: int, width: int, head_dim: int, theta: float = 10000.0):
   """[frames * height * width, head_dim / 2] rotation angles of each token's feature pairs: the first pairs turn
   with its frame, the next 2 (head_dim // 6) / 2 with its row, the last as many with its column (Wan's split)."""
