@@ -182,6 +182,7 @@ def get_config():
       sampler="dpmpp_2m", steps=25, eta=0.0, guidance_scale=3.0, guidance_rescale=0.0, threshold="static",
       threshold_percentile=99.5, num_per_prompt=4, seed=0, use_ema=True, prompts=("a large red circle",),
       guidance_interval=(),        # (low, high): guide only where low < sigma/alpha <= high (EDM noise levels)
+      guidance_scale_low_noise=-1.0,  # a pair of Wan experts: the low-noise expert's steps' scale (-1: guidance_scale)
       frames=0,                    # video models: frames per clip (0 = data.frames)
       aug_level=0.1,               # super-resolution stages: noise-augmentation time of the low-res input
       batch_size=256,              # samples generated at once over all devices (more: batch by batch)

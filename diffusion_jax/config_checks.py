@@ -151,6 +151,16 @@ def wan_channel_problems(config, wan: dict) -> list[str]:
 EXPERT_BATCHES = ("routed", "mixed")  # model.wan_expert_batches
 
 
+def low_noise_guidance_problem(config, sample_config, prefix: str) -> str | None:
+  """Why sample_config's guidance_scale_low_noise (named prefix + field) cannot apply: a model without a pair of
+  Wan experts."""
+  if sample_config.guidance_scale_low_noise == -1 or (config.model.backbone == "wan" and
+                                                      config.model.wan_low_noise_path):
+    return None
+  return (f"{prefix}guidance_scale_low_noise={sample_config.guidance_scale_low_noise}: the guidance scale of a pair "
+          "of Wan experts' low-noise steps (model.wan_low_noise_path); this model has one network: leave it at -1")
+
+
 def wan_expert_problems(m, wan: dict) -> list[str]:
   """What keeps model.wan_low_noise_path's transformer from being the low-noise expert of model.wan_path's `wan`."""
   if not m.wan_low_noise_path:
@@ -219,6 +229,9 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}steps={s.steps} must be >= 1")
   if s.guidance_scale < 0:
     found.append(f"{prefix}guidance_scale={s.guidance_scale} must be >= 0")
+  if s.guidance_scale_low_noise < 0 and s.guidance_scale_low_noise != -1:
+    found.append(f"{prefix}guidance_scale_low_noise={s.guidance_scale_low_noise} must be >= 0 (or -1: "
+                 f"{prefix}guidance_scale)")
   if problem := samplers.guidance_interval_problem(s.guidance_interval):
     found.append(f"{prefix}guidance_interval={problem}")
   if s.batch_size < 1:
@@ -346,6 +359,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   found += moving_shapes_problems(config.data)
   if m.wan_low_noise_path and m.backbone != "wan":
     found.append(f"model.wan_low_noise_path: a low-noise expert of Wan's transformer; model.backbone={m.backbone!r}")
+  if problem := low_noise_guidance_problem(config, config.sample, "sample."):
+    found.append(problem)
   if m.lora_rank < 0:
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
   elif m.lora_rank and not config.finetune.workdir and m.backbone != "wan":  # Wan's: model.wan_path's weights

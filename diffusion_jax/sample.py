@@ -14,6 +14,9 @@ Flags:
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
   --guidance_scale  classifier-free guidance scale, >= 0 (default: config sample.guidance_scale)
+  --guidance_scale_low_noise a pair of Wan experts (Wan 2.2 A14B): the guidance scale of the steps the low-noise
+                    expert takes (diffusers' guidance_scale_2), >= 0; -1 = --guidance_scale (default: config
+                    sample.guidance_scale_low_noise, -1); a prompt's guidance_scale sets the high-noise steps'
   --guidance_interval LOW:HIGH: guidance only at the steps whose noise level sigma/alpha (EDM's sigma, exp(-logsnr/2))
                     is in (LOW, HIGH], the others unguided and without the unconditional pass (Kynkaanniemi et al.
                     2024); none = every step (default: config sample.guidance_interval, () = every step)
@@ -113,19 +116,20 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import (autoguidance, checkpoint, cli, config_checks, distillation, distributed, edit_inputs,
                            editing, lora, media, samplers, schedules, sharding, superres, video_extension)
-from diffusion_jax.models import autoencoder, text_to_image
+from diffusion_jax.models import autoencoder, text_to_image, wan_transformer
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
-WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_interval", "num_per_prompt", "seed", "use_ema",
-                    "frames", "strength", "edit_noise", "video_length", "context_frames", "reconstruction_guidance",
-                    "null_text_iterations")
+WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_noise", "guidance_interval",
+                    "num_per_prompt", "seed", "use_ema", "frames", "strength", "edit_noise", "video_length",
+                    "context_frames", "reconstruction_guidance", "null_text_iterations")
 EDIT_FILES = ("init_image", "mask", "init_video")  # a prompt's image to edit, its inpainting mask, a clip to edit
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
-COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_rescale", "guidance_interval",
+COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scale_low_noise", "guidance_rescale",
+                     "guidance_interval",
                      "threshold", "threshold_percentile", "frames", "aug_level", "strength", "edit_noise",
                      "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate")
 _compiled_samplers = {}
@@ -232,9 +236,13 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
         return model(x, logsnr, uncond_text_at(logsnr), null_mask, lowres=lowres, aug_logsnr=aug_logsnr,
                      condition=condition)
 
-      guided = samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale, s.guidance_rescale,
-                                      "none" if residual else s.threshold, s.threshold_percentile, d.sigma_data,
-                                      s.guidance_interval)
+      guided_at = lambda scale: samplers.make_denoiser(network_fn, d.prediction, scale, s.guidance_rescale,
+                                                       "none" if residual else s.threshold, s.threshold_percentile,
+                                                       d.sigma_data, s.guidance_interval)
+      guided = guided_at(s.guidance_scale)
+      if s.guidance_scale_low_noise not in (-1, s.guidance_scale):  # a pair of experts' low-noise steps' own scale
+        guided = samplers.switched_at(guided, guided_at(s.guidance_scale_low_noise),
+                                      wan_transformer.boundary_logsnr(config.model.wan_boundary))
       if not residual:
         return guided
 
@@ -602,7 +610,10 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   config = checkpoint.read_config(workdir)
   sample_config = config.sample
   sample_config.update({k: v for k, v in overrides.items() if v is not None})
-  if problems := config_checks.sample_problems(sample_config, "--"):
+  problems = config_checks.sample_problems(sample_config, "--")
+  if problem := config_checks.low_noise_guidance_problem(config, sample_config, "--"):
+    problems.append(problem)
+  if problems:
     raise ValueError("; ".join(problems))
   if sample_config.video_length and not config.model.temporal:
     raise ValueError("--video_length extends the clips of a video model; this workdir's model makes images.")
@@ -807,6 +818,8 @@ def define_flags():
   flags.DEFINE_string("sampler", None, f"Sampler, one of {list(samplers.SAMPLERS)}.")
   flags.DEFINE_integer("steps", None, "Sampler steps (>= 1).")
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 0).")
+  flags.DEFINE_float("guidance_scale_low_noise", None, "A pair of Wan experts: the guidance scale of the low-noise "
+                     "expert's steps (>= 0; -1 = --guidance_scale; default: config sample.guidance_scale_low_noise).")
   flags.DEFINE_string("guidance_interval", None, "LOW:HIGH: guide only the steps whose noise level sigma/alpha is in "
                       "(LOW, HIGH], e.g. 0.28:5.42; none = every step (default: config sample.guidance_interval).")
   autoguidance.define_flags()

@@ -168,6 +168,20 @@ def in_guidance_interval(alpha, sigma, interval):
   return (level > interval[0]) & (level <= interval[1])
 
 
+def switched_at(high_noise_fn, low_noise_fn, boundary_logsnr):
+  """A denoiser (x, alpha, sigma) -> x0 that is low_noise_fn where an example's log-SNR is above boundary_logsnr and
+  high_noise_fn elsewhere (a pair of experts' two guidance scales): one of them runs when the batch is at one noise
+  level, as a sampler's is."""
+
+  def denoise(x, alpha, sigma):
+    low = objectives.per_example(_logsnr(alpha, sigma) > boundary_logsnr, x)
+    both = lambda: jnp.where(low, low_noise_fn(x, alpha, sigma), high_noise_fn(x, alpha, sigma))
+    run = lambda fn: lambda: fn(x, alpha, sigma)
+    return jax.lax.cond(jnp.all(low), run(low_noise_fn), lambda: jax.lax.cond(jnp.any(low), both, run(high_noise_fn)))
+
+  return denoise
+
+
 def threshold_x0(x0, kind: str = "none", percentile: float = 99.5):
   """static: clip to [-1, 1]; dynamic (Imagen): s = max(1, percentile of |x0|) per example,
   clip to [-s, s] and divide by s."""

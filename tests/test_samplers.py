@@ -254,6 +254,30 @@ def test_guidance_interval_guides_only_the_steps_inside_it_and_skips_the_uncondi
     samplers.make_denoiser(network, "eps", guidance_scale=3.0, guidance_interval=(1.0,))
 
 
+def test_a_denoiser_switched_at_a_noise_level_gives_each_example_its_sides_and_runs_one_for_a_uniform_batch():
+  """samplers.switched_at (a pair of experts' two guidance scales): log-SNR above the boundary -> the low-noise
+  denoiser, at or below -> the high-noise one, per example; a batch on one side runs only that side's."""
+  ran = []
+
+  def denoiser(name, shift):
+    def denoise(x, alpha, sigma):
+      jax.debug.callback(lambda: ran.append(name))
+      return x + shift
+    return denoise
+
+  denoise = jax.jit(samplers.switched_at(denoiser("high", 1.0), denoiser("low", -1.0), 0.0))
+  x = jnp.zeros((3, 2))
+  alpha = jnp.array([0.9, 0.5, 0.2])  # log-SNR 2 log(alpha / sigma): above 0, 0, below 0
+  sigma = jnp.sqrt(1 - alpha ** 2).at[1].set(0.5)
+  np.testing.assert_array_equal(jax.block_until_ready(denoise(x, alpha, sigma))[:, 0], [-1.0, 1.0, 1.0])
+  assert sorted(ran) == ["high", "low"]
+  for level, name, value in ((0.2, "high", 1.0), (0.9, "low", -1.0)):
+    ran.clear()
+    alpha = jnp.full(3, level)
+    np.testing.assert_array_equal(jax.block_until_ready(denoise(x, alpha, jnp.sqrt(1 - alpha ** 2))), value)
+    assert ran == [name]
+
+
 def test_guidance_rescale_restores_conditional_std():
   cond = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   uncond = 0.2 * cond

@@ -115,8 +115,10 @@ def test_a_pair_of_experts_denoises_each_example_by_its_noise_level(tmp_path):
   assert "model.wan_low_noise_path's text_dim=64 differs from model.wan_path's 32" in found
   assert "model.wan_boundary=1.0: the sigma (timestep / 1000) where the low-noise expert takes over" in found
   config.model.backbone = "unet"
-  assert "model.wan_low_noise_path: a low-noise expert of Wan's transformer; model.backbone='unet'" in " ".join(
-      config_checks.problems(config, device_count=8))
+  config.sample.guidance_scale_low_noise = 2.0
+  found = " ".join(config_checks.problems(config, device_count=8))
+  assert "model.wan_low_noise_path: a low-noise expert of Wan's transformer; model.backbone='unet'" in found
+  assert "sample.guidance_scale_low_noise=2.0: the guidance scale of a pair of Wan experts' low-noise steps" in found
 
 
 def test_what_it_cannot_build_is_refused_with_a_reason(tmp_path):
@@ -141,7 +143,7 @@ def test_a_lora_of_wans_pair_of_experts_trains_on_a_pod_mesh_and_samples(tmp_pat
   both of Wan 2.2 A14B's experts (model.wan_low_noise_path) as a LoRA (no finetune.workdir: its base is the
   checkpoint), the model starts with the directories' weights, train steps on a (2, 2, 2) mesh move the low-rank
   updates of both experts and nothing else, each step's gradient one expert's (routed batches), and clips are
-  sampled (one expert a step)."""
+  sampled (one expert a step), the low-noise expert's steps at a guidance scale of their own when given."""
   from configs import t2v_moving_shapes
 
   save_tiny_wan(tmp_path / "wan", num_layers=1), save_tiny_wan(tmp_path / "low", seed=1, num_layers=1)
@@ -198,6 +200,10 @@ def test_a_lora_of_wans_pair_of_experts_trains_on_a_pod_mesh_and_samples(tmp_pat
   clips = sample.generate(config, graphdef, trained.params, trained.frozen, tokenizers.from_config(config),
                           ["a red circle moving left"], sample_config, mesh)
   assert clips.shape == (1, 1, config.data.frames, 16, 16, 3) and clips.dtype == np.uint8
+  sample_config.guidance_scale_low_noise = 0.0  # the low-noise expert's step unguided: other clips
+  unguided = sample.generate(config, graphdef, trained.params, trained.frozen, tokenizers.from_config(config),
+                             ["a red circle moving left"], sample_config, mesh)
+  assert np.abs(unguided.astype(int) - clips).max() > 8
 
 
 def test_the_wan_config_reads_an_image_to_video_checkpoints_four_parts_and_fine_tunes_them(tmp_path):
