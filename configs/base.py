@@ -70,6 +70,7 @@ def get_config():
       wan_path="",                 # wan: local diffusers WanTransformer3DModel directory (its structure and weights)
       wan_low_noise_path="",       # wan: a second one, the expert for low noise (Wan 2.2 A14B's transformer_2/)
       wan_boundary=0.875,          # with wan_low_noise_path: sigma below which (timestep / 1000) its expert denoises
+      wan_image_encoder_path="",   # wan 2.1 image-to-video: local transformers CLIPVisionModel dir (image_encoder/)
       wan_expert_batches="routed",  # with wan_low_noise_path: 'routed' draws each batch's noise levels on one side
                                    # of the boundary (one expert a step), 'mixed' each example's (both experts a step)
       patch_size=2,                # dit: patch side in pixels

@@ -12,8 +12,9 @@ missing spiece.model; a copy that keeps it elsewhere takes --config.text.spiece_
 latent channels): add --config.model.in_channels=48. Wan 2.2 A14B's root has a second transformer, transformer_2/,
 the expert for low noise: it becomes model.wan_low_noise_path, switched to below model_index.json's boundary_ratio
 (model.wan_boundary), and the run trains both experts (each batch drawn at one expert's noise levels:
-model.wan_expert_batches). A root of Wan 2.2's image-to-video model (I2V A14B) works the same: its transformers
-read each clip's first frame as their condition, and sampling animates --init_image. The clips
+model.wan_expert_batches). A root of an image-to-video model (Wan 2.1 I2V, Wan 2.2 I2V A14B) works the same: its
+transformers read each clip's first frame as their condition (Wan 2.1's also its CLIP tokens, from the root's
+image_encoder/: model.wan_image_encoder_path), and sampling animates --init_image. The clips
 (data.dataset='folder_clips') are cut to their first 33 frames (9 latent frames) at 480 px squares; Wan's are 16
 fps, so give 30 fps clips --config.data.frame_stride=2.
 """
@@ -32,6 +33,8 @@ def get_config(root: str = ""):
   part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
   config.model.update(backbone="wan", wan_path=part("transformer"), in_channels=16, temporal=True,
                       dtype="bfloat16", remat=True, remat_policy="matmuls")
+  if root and os.path.isdir(part("image_encoder")):  # Wan 2.1 image-to-video: CLIP's tokens of the image
+    config.model.wan_image_encoder_path = part("image_encoder")
   if root and os.path.isdir(part("transformer_2")):  # Wan 2.2 A14B: experts for high and low noise
     index = pathlib.Path(part("model_index.json"))
     boundary = json.loads(index.read_text()).get("boundary_ratio") if index.exists() else None

@@ -303,6 +303,9 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   from diffusion_jax.text import tokenizers
 
   config = config.copy_and_resolve_references()
+  if text_to_image.image_to_video(config):
+    raise ValueError("bench peer: an image-to-video Wan's condition and image tokens have no matched diffusers step "
+                     "here yet; give a text-to-video Wan (model.wan_path)")
   backbone = config.model.backbone
   if backbone == "unet":
     config.model.ff_mult = 4  # diffusers' U-Net transformer blocks have a 4x (GEGLU) feed-forward

@@ -257,6 +257,7 @@ ADDED_FIELDS = {
     "model.wan_low_noise_path": "", "model.wan_boundary": 0.875,
     "model.wan_expert_batches": "mixed",  # what a pair's training did before the field
     "sample.guidance_scale_low_noise": -1.0,
+    "model.wan_image_encoder_path": "",
     "data.eval_captions_file": "",
     "data.frame_stride": 1,
 }

@@ -4,7 +4,7 @@ import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes, moving_shapes
-from diffusion_jax.models import attention, autoencoder, layers, t5, wan_transformer
+from diffusion_jax.models import attention, autoencoder, clip, layers, t5, wan_transformer
 
 
 def network_resolution(config) -> int | None:
@@ -97,7 +97,7 @@ def wan_problems(config, resolution: int | None) -> list[str]:
                  "velocity eps - x0 on the flow path; set both to 'flow'")
   if not m.temporal:
     found.append("model.temporal=False: Wan's transformer is a video model; set model.temporal=True")
-  found += wan_channel_problems(config, wan)
+  found += wan_channel_problems(config, wan) + wan_image_encoder_problems(m, wan)
   if text_dim != wan["text_dim"]:
     found.append(f"the text encoder's width {text_dim} (text.pretrained_path's d_model, or text.t5.d_model) must "
                  f"equal Wan's text_dim={wan['text_dim']} (its text encoder: UMT5-XXL, 4096)")
@@ -146,6 +146,24 @@ def wan_channel_problems(config, wan: dict) -> list[str]:
     found.append(f"{', '.join(unsupported)}: not supported for an image-to-video Wan yet (the latent cache keeps no "
                  "first frames; distillation and video extension pass no image); turn off or set to 0")
   return found
+
+
+def wan_image_encoder_problems(m, wan: dict) -> list[str]:
+  """Why model.wan_image_encoder_path does not fit Wan's transformer: Wan 2.1's image-to-video models (image_dim)
+  read the penultimate states of a CLIP vision model that wide; no other reads one."""
+  if wan["image_dim"] is None:
+    return [] if not m.wan_image_encoder_path else [
+        "model.wan_image_encoder_path: only a Wan 2.1 image-to-video transformer (image_dim) reads an image "
+        "encoder's tokens; leave it empty"]
+  if not m.wan_image_encoder_path:
+    return [f"Wan's transformer reads CLIP tokens of the image (image_dim={wan['image_dim']}): set "
+            "model.wan_image_encoder_path to its image encoder (the checkpoint's image_encoder/)"]
+  try:
+    width = clip.read_vision_config(m.wan_image_encoder_path, "model.wan_image_encoder_path")["hidden_size"]
+  except ValueError as error:
+    return [str(error)]
+  return [] if width == wan["image_dim"] else [
+      f"model.wan_image_encoder_path's hidden_size={width} differs from Wan's image_dim={wan['image_dim']}"]
 
 
 EXPERT_BATCHES = ("routed", "mixed")  # model.wan_expert_batches

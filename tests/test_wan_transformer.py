@@ -15,7 +15,7 @@ from flax import traverse_util
 from diffusion_jax import (checkpoint, config_checks, edit_inputs, evaluate, lora, media, sample, sharding,
                            train)
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import text_to_image, wan_transformer
+from diffusion_jax.models import clip, text_to_image, wan_transformer
 from diffusion_jax.text import tokenizers
 
 # RGB in and out, and the width of t2v_moving_shapes:test's text encoder, so a pixel video model runs on it.
@@ -109,8 +109,10 @@ def test_a_pair_of_experts_denoises_each_example_by_its_noise_level(tmp_path):
   save_tiny_wan(tmp_path / "wide", seed=1)
   (tmp_path / "wide" / "config.json").write_text(json.dumps(json.loads(
       (tmp_path / "wide" / "config.json").read_text()) | {"text_dim": 64}))
-  config.model.update(wan_low_noise_path=str(tmp_path / "wide"), wan_boundary=1.0, wan_expert_batches="both")
+  config.model.update(wan_low_noise_path=str(tmp_path / "wide"), wan_boundary=1.0, wan_expert_batches="both",
+                      wan_image_encoder_path=str(tmp_path / "low"))
   found = " ".join(config_checks.problems(config, device_count=8))
+  assert "model.wan_image_encoder_path: only a Wan 2.1 image-to-video transformer (image_dim) reads" in found
   assert "model.wan_expert_batches='both' must be one of ['routed', 'mixed']" in found
   assert "model.wan_low_noise_path's text_dim=64 differs from model.wan_path's 32" in found
   assert "model.wan_boundary=1.0: the sigma (timestep / 1000) where the low-noise expert takes over" in found
@@ -130,8 +132,10 @@ def test_what_it_cannot_build_is_refused_with_a_reason(tmp_path):
     wan_transformer.read_config(tmp_path / "pipeline")
   directory = tmp_path / "pipeline" / "transformer"
   config = json.loads((directory / "config.json").read_text())
-  (directory / "config.json").write_text(json.dumps(config | {"image_dim": 1280, "added_kv_proj_dim": 24}))
-  with pytest.raises(ValueError, match="Wan 2.1's image-to-video models .CLIP image embeddings. are not supported"):
+  (directory / "config.json").write_text(json.dumps(config | {"image_dim": 1280, "added_kv_proj_dim": 48,
+                                                              "pos_embed_seq_len": 514}))
+  with pytest.raises(ValueError, match="added_kv_proj_dim=48: an image-to-video model's image tokens need both, the "
+                                       "second the model's width 24; pos_embed_seq_len: a first-last-frame model's"):
     wan_transformer.load_diffusers(directory)
   (directory / "config.json").write_text(json.dumps(config | {"ffn_dim": 64}))
   with pytest.raises(ValueError, match="does not match its config.json .*blocks.0.ffn.net.0.proj.weight has shape"):
@@ -206,13 +210,14 @@ def test_a_lora_of_wans_pair_of_experts_trains_on_a_pod_mesh_and_samples(tmp_pat
   assert np.abs(unguided.astype(int) - clips).max() > 8
 
 
-def test_the_wan_config_reads_an_image_to_video_checkpoints_four_parts_and_fine_tunes_them(tmp_path):
-  """configs/wan_t2v.py:ROOT on a tiny random diffusers checkpoint of an image-to-video Wan (as Wan 2.2 I2V:
-  transformer/ reading the clip, a mask and the image's latents; UMT5 text_encoder/, tokenizer/spiece.model, vae/):
-  the config check passes, the condition is what diffusers' WanImageToVideoPipeline builds, the model reads it after
-  the clip's channels as diffusers' transformer does, a train step on moving clips runs with every part loaded (UMT5
-  and the VAE frozen), and clips are sampled from given first frames; a missing part, mismatched channels and a
-  missing image are named. A root with transformer_2/ (Wan 2.2 A14B) gives the pair of experts, switched at its
+def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes_them(tmp_path):
+  """configs/wan_t2v.py:ROOT on a tiny random diffusers checkpoint of an image-to-video Wan (as Wan 2.1 I2V:
+  transformer/ reading the clip, a mask and the image's latents, and the image's CLIP tokens from image_encoder/;
+  UMT5 text_encoder/, tokenizer/spiece.model, vae/): the config check passes, the condition is what diffusers'
+  WanImageToVideoPipeline builds, the model reads it (the latents after the clip's channels, the CLIP tokens in its
+  cross-attentions) as diffusers' transformer does, a train step on moving clips runs with every part loaded (UMT5,
+  CLIP and the VAE frozen), and clips are sampled from given first frames; a missing part, mismatched channels and
+  a missing image are named. A root with transformer_2/ (Wan 2.2 A14B) gives the pair of experts, switched at its
   model_index.json's boundary_ratio."""
   import shutil
 
@@ -224,8 +229,12 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_four_parts_and_fine_
 
   root = tmp_path / "Wan-tiny"
   # text_dim 32 = the UMT5's width; 3 latent channels = the VAE's, read with a mask of 4 (frames a latent holds)
-  reference = save_tiny_wan(root / "transformer", num_layers=1, in_channels=10)
+  # and CLIP tokens 16 wide read by cross-attention projections of the model's width (2 heads x 12)
+  reference = save_tiny_wan(root / "transformer", num_layers=1, in_channels=10, image_dim=16, added_kv_proj_dim=24)
   torch.manual_seed(0)
+  transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+      hidden_act="gelu")).save_pretrained(root / "image_encoder", safe_serialization=True)
   transformers.UMT5EncoderModel(transformers.UMT5Config(
       vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, dropout_rate=0.0)).save_pretrained(
           root / "text_encoder", safe_serialization=True)
@@ -247,23 +256,31 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_four_parts_and_fine_
   state, graphdef = train.init_state(config, mesh)
   encoder = nnx.to_pure_dict(nnx.state(t5.load_hf_encoder(root / "text_encoder")))
   jax.tree.map(np.testing.assert_array_equal, state.frozen["text_encoder"], encoder)
+  image_encoder = nnx.to_pure_dict(nnx.state(clip.load_vision(root / "image_encoder")))
+  jax.tree.map(np.testing.assert_array_equal, state.frozen["image_encoder"], image_encoder)
+  assert not any("image_encoder" in str(path) for path in traverse_util.flatten_dict(state.params))
   # the condition of two first frames, and the network's output for it, against diffusers'
   model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.frozen))
   images = np.random.default_rng(0).uniform(-1, 1, size=(2, 32, 32, 3)).astype(np.float32)
   condition = model.image_condition(jnp.asarray(images), 5)
+  assert condition["image"].shape == (2, 17, 16)  # the class token and 4 x 4 patches
   pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), scheduler=None)
   with torch.no_grad():  # (an image at a time: the pipeline encodes one and repeats it for the batch)
     expected = torch.cat([pipe.prepare_latents(torch.from_numpy(image[None]).permute(0, 3, 1, 2), 1, 3, 32, 32, 5,
                                                torch.float32, torch.device("cpu"))[1] for image in images])
-  np.testing.assert_allclose(condition, expected.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
-  x, text = jax.random.normal(jax.random.key(1), (2, 2, 4, 4, 3)), jax.random.normal(jax.random.key(2), (2, 5, 32))
+  np.testing.assert_allclose(condition["latents"], expected.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  # (512 text tokens: diffusers' attention takes what comes before the last 512 context tokens as the image's)
+  x, text = jax.random.normal(jax.random.key(1), (2, 2, 4, 4, 3)), jax.random.normal(jax.random.key(2), (2, 512, 32))
   logsnr = jnp.array([-3.0, 1.0])
   with torch.no_grad():
-    theirs = reference(torch.from_numpy(np.concatenate([x, condition], -1)).permute(0, 4, 1, 2, 3),
+    theirs = reference(torch.from_numpy(np.concatenate([x, condition["latents"]], -1)).permute(0, 4, 1, 2, 3),
                        torch.from_numpy(np.asarray(wan_transformer.timestep(logsnr))),
-                       torch.from_numpy(np.asarray(text))).sample
-  np.testing.assert_allclose(model(x, logsnr, text, jnp.ones((2, 5), bool), condition=condition),
-                             theirs.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+                       torch.from_numpy(np.asarray(text)),
+                       encoder_hidden_states_image=torch.from_numpy(np.asarray(condition["image"]))).sample
+  ours = model(x, logsnr, text, jnp.ones((2, 512), bool), condition=condition)
+  np.testing.assert_allclose(ours, theirs.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  other = dict(condition, image=condition["image"][::-1])  # the image tokens are read
+  assert np.abs(model(x, logsnr, text, jnp.ones((2, 512), bool), condition=other) - ours).max() > 1e-3
   step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
   state, metrics = step(state, batch, hparams)
   assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
@@ -295,6 +312,11 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_four_parts_and_fine_
   checkpoint.write_config(tmp_path / "run", config)
   with pytest.raises(ValueError, match="--strength: not used here.*an image-to-video model's --init_image is not"):
     sample.sample_from_workdir(tmp_path / "run", {"strength": 0.5}, init_image=tmp_path / "first.png")
+  config.model.wan_image_encoder_path = ""
+  assert "reads CLIP tokens of the image (image_dim=16): set model.wan_image_encoder_path" in " ".join(
+      config_checks.problems(config, device_count=8))
+  config.model.wan_image_encoder_path = str(root / "text_encoder")
+  assert "holds a 'umt5', not a CLIPVisionModel" in " ".join(config_checks.problems(config, device_count=8))
   config.latent.cache = str(tmp_path / "cache")
   reference.save_pretrained(root / "transformer")  # the config's copy, its widths changed
   (root / "transformer" / "config.json").write_text(json.dumps(json.loads(

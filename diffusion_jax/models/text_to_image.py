@@ -14,23 +14,26 @@ train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a ji
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import autoencoder, dit, init_rngs, t5, unet, wan_transformer
+from diffusion_jax.models import autoencoder, clip, dit, init_rngs, t5, unet, wan_transformer
 
 
 class TextToImage(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     """Every part randomly initialised; a pretrained text encoder (text.pretrained_path), autoencoder
-    (latent.autoencoder_path) or Wan transformer (model.wan_path) gets its structure from its config.json, its
-    weights from `pretrained_weights`."""
+    (latent.autoencoder_path), Wan transformer (model.wan_path) or CLIP image encoder (model.wan_image_encoder_path)
+    gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
     self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
                                      else config.text.t5, rngs=rngs)
-    self.backbone, self.image_to_video = config.model.backbone, False
+    m = config.model
+    self.backbone, self.image_to_video = m.backbone, False
+    self.image_encoder = (clip.VisionModel(clip.read_vision_config(m.wan_image_encoder_path,
+                                                                   "model.wan_image_encoder_path"), rngs=rngs)
+                          if m.backbone == "wan" and m.wan_image_encoder_path else None)  # Wan 2.1 I2V's CLIP
     if self.backbone == "dit":
-      self.dit = dit.DiT(config.model, rngs=rngs)
+      self.dit = dit.DiT(m, rngs=rngs)
     elif self.backbone == "wan":  # (with model.wan_low_noise_path, a pair of experts: wan for high noise)
-      m = config.model
       wan = lambda path: wan_transformer.WanTransformer(
           wan_transformer.read_config(path), rngs=rngs, dtype=m.dtype, attention=m.attention,
           remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
@@ -41,7 +44,7 @@ class TextToImage(nnx.Module):
       self.image_to_video = wan_transformer.is_image_to_video(wan_config)
       self.mask_channels = wan_config["in_channels"] - 2 * wan_config["out_channels"]
     else:
-      self.unet = unet.UNet(config.model, rngs=rngs)
+      self.unet = unet.UNet(m, rngs=rngs)
     self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path
                         else None)
 
@@ -59,13 +62,17 @@ class TextToImage(nnx.Module):
   def from_latents(self, z):
     return z if self.autoencoder is None else self.autoencoder.decode(z)
 
-  def image_condition(self, images, frames: int):
-    """An image-to-video model's condition [batch, latent frames, h, w, mask + latent channels] for clips of
-    `frames` frames that start at images [batch, h, w, c] in [-1, 1] (wan_transformer.image_condition of the
-    latents' mean of the clip that is the image then `frames - 1` zero frames, as Wan's pipelines encode it)."""
+  def image_condition(self, images, frames: int) -> dict:
+    """An image-to-video model's condition for clips of `frames` frames that start at images [batch, h, w, c] in
+    [-1, 1]: {"latents": [batch, latent frames, h, w, mask + latent channels] (wan_transformer.image_condition of
+    the latents' mean of the clip that is the image then `frames - 1` zero frames, as Wan's pipelines encode it),
+    and with an image encoder (Wan 2.1's) "image": its CLIP tokens [batch, tokens, width]}."""
     rest = jnp.zeros((images.shape[0], frames - 1) + images.shape[1:], images.dtype)
     clip = jnp.concatenate([images[:, None], rest], axis=1)
-    return wan_transformer.image_condition(self.to_latents(clip), self.mask_channels)
+    condition = {"latents": wan_transformer.image_condition(self.to_latents(clip), self.mask_channels)}
+    if self.image_encoder is not None:
+      condition["image"] = self.image_encoder.penultimate(images)
+    return condition
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
                condition=None, expert=None):
@@ -76,10 +83,14 @@ class TextToImage(nnx.Module):
                        "(image_condition)" if self.image_to_video else "Only an image-to-video model reads a condition")
     if self.backbone == "wan":  # clips only, no super-resolution inputs (config_checks.wan_problems)
       timestep = wan_transformer.timestep(logsnr)
-      x = x if condition is None else jnp.concatenate([x, condition.astype(x.dtype)], axis=-1)
+      condition = condition or {}
+      if "latents" in condition:
+        x = jnp.concatenate([x, condition["latents"].astype(x.dtype)], axis=-1)
+      image = condition.get("image")
       if self.wan_low is None or expert is not None:
-        return (self.wan_low if expert == "low" else self.wan)(x, timestep, text, text_mask)
-      return wan_transformer.experts(self.wan, self.wan_low, 1000 * self.wan_boundary, x, timestep, text, text_mask)
+        return (self.wan_low if expert == "low" else self.wan)(x, timestep, text, text_mask, image)
+      return wan_transformer.experts(self.wan, self.wan_low, 1000 * self.wan_boundary, x, timestep, text, text_mask,
+                                     image)
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
                    is_video=is_video)
@@ -97,11 +108,13 @@ def abstract(config):
 
 
 def pretrained_weights(config) -> dict:
-  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ...}: pure dicts of the weights the config names files for
-  (read on the host), to replace those parts of a new model's state."""
+  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ..., 'image_encoder': ...}: pure dicts of the weights the
+  config names files for (read on the host), to replace those parts of a new model's state."""
   weights = {}
   if config.model.backbone == "wan":
     weights["wan"] = wan_transformer.load_diffusers(config.model.wan_path)
+    if config.model.wan_image_encoder_path:
+      weights["image_encoder"] = clip.load_vision(config.model.wan_image_encoder_path)
     if config.model.wan_low_noise_path:
       weights["wan_low"] = wan_transformer.load_diffusers(config.model.wan_low_noise_path, "model.wan_low_noise_path")
   if config.text.pretrained_path:
@@ -122,14 +135,15 @@ def is_lora(path, _=None) -> bool:
 
 
 def trainable_filter(config):
-  """Which parameters the optimizer updates: all but the autoencoder's; also not a frozen text encoder's; or
+  """Which parameters the optimizer updates: all but the autoencoder's and an image encoder's (Wan 2.1
+  image-to-video's CLIP); also not a frozen text encoder's; or
   only the temporal layers of an inflated video model (`inflate.train_temporal_only`); or only the low-rank
   updates of a LoRA fine-tune (`model.lora_rank`)."""
   if config.model.lora_rank:
     return nnx.All(nnx.Param, is_lora)
   if config.inflate.train_temporal_only:
     return nnx.All(nnx.Param, is_temporal)
-  not_autoencoder = nnx.Not(nnx.PathContains("autoencoder"))
+  not_autoencoder = nnx.All(nnx.Not(nnx.PathContains("autoencoder")), nnx.Not(nnx.PathContains("image_encoder")))
   if config.text.trainable:
     return nnx.All(nnx.Param, not_autoencoder)
   return nnx.All(nnx.Param, not_autoencoder, nnx.Not(nnx.PathContains("text_encoder")))

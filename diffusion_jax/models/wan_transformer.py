@@ -17,12 +17,15 @@ residual stream stay float32, as diffusers keeps them); `remat_policy` (layers.R
 block in the backward pass; `attention` (model.attention) picks the attention's implementation (models/attention.py:
 cuDNN's flash attention on recent NVIDIA GPUs in bfloat16).
 
-An image-to-video model (Wan 2.2 I2V A14B: in_channels = 2 out_channels + 4) reads, beside each noisy latent
-clip, a condition of as many frames (`image_condition`): a mask of the frames given (the first) and the latents of
-the clip that is the image followed by black frames, concatenated after the clip's channels.
+An image-to-video model (Wan 2.1 I2V and Wan 2.2 I2V A14B: in_channels = 2 out_channels + 4) reads, beside each
+noisy latent clip, a condition of as many frames (`image_condition`): a mask of the frames given (the first) and
+the latents of the clip that is the image followed by zero frames, concatenated after the clip's channels. Wan
+2.1's (`image_dim`) also read the image's CLIP tokens (`image` [batch, tokens, image_dim]: the penultimate layer's
+states of its image encoder, models/clip.py): embedded once, then attended to by every block's cross-attention
+beside the text, with projections of their own (`add_k_proj`, `add_v_proj`), the two attentions' outputs added.
 
-Not supported (config_problems refuses them): Wan 2.1's image-to-video models' CLIP image embeddings (`image_dim`,
-`added_kv_proj_dim`) and other query-key norms than `rms_norm_across_heads`.
+Not supported (config_problems refuses them): first-last-frame models' image position embedding
+(`pos_embed_seq_len`) and other query-key norms than `rms_norm_across_heads`.
 """
 
 import json
@@ -40,16 +43,19 @@ CLASS_NAME = "WanTransformer3DModel"
 DEFAULTS = {"patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
             "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40,
             "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
-            "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+            "added_kv_proj_dim": None, "rope_max_seq_len": 1024, "pos_embed_seq_len": None}
 WEIGHTS_FILE, WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
 
 
 def config_problems(config: dict) -> list[str]:
   """What this module cannot build from a WanTransformer3DModel config.json."""
   c, found = DEFAULTS | config, []
-  if c["image_dim"] is not None or c["added_kv_proj_dim"] is not None:
-    found.append("image_dim / added_kv_proj_dim: Wan 2.1's image-to-video models (CLIP image embeddings) are not "
-                 "supported; text-to-video ones and Wan 2.2 I2V A14B are")
+  dim = c["num_attention_heads"] * c["attention_head_dim"]
+  if (c["image_dim"] is None) != (c["added_kv_proj_dim"] is None) or c["added_kv_proj_dim"] not in (None, dim):
+    found.append(f"image_dim={c['image_dim']}, added_kv_proj_dim={c['added_kv_proj_dim']}: an image-to-video model's "
+                 f"image tokens need both, the second the model's width {dim}")
+  if c["pos_embed_seq_len"] is not None:
+    found.append("pos_embed_seq_len: a first-last-frame model's image position embedding is not supported")
   if c["qk_norm"] != "rms_norm_across_heads":
     found.append(f"qk_norm={c['qk_norm']!r}: only 'rms_norm_across_heads' (every Wan model's) is supported")
   return found
@@ -135,8 +141,11 @@ class Attention(nnx.Module):
   self-attention. lora_rank: low-rank updates (layers.lora) of the four projections, as `to_q_lora`, `to_k_lora`,
   `to_v_lora` and `to_out_lora[0]` (0: none)."""
 
-  def __init__(self, dim, heads, eps, rngs, dtype, implementation, lora_rank=0):
+  def __init__(self, dim, heads, eps, rngs, dtype, implementation, lora_rank=0, image_tokens=False):
     self.heads, self.dtype, self.implementation = heads, dtype, implementation
+    if image_tokens:  # a cross-attention that also attends to an image-to-video model's image tokens
+      self.add_k_proj, self.add_v_proj = (dense(dim, dim, ("embed", "heads"), rngs, dtype) for _ in range(2))
+      self.norm_added_k = nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, scale_metadata=layers.names("norm"))
     self.to_q, self.to_k, self.to_v = (dense(dim, dim, ("embed", "heads"), rngs, dtype) for _ in range(3))
     self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), rngs, dtype)])
     self.to_q_lora, self.to_k_lora, self.to_v_lora = (layers.lora(dim, dim, ("embed", "heads"), lora_rank, rngs, dtype)
@@ -145,30 +154,36 @@ class Attention(nnx.Module):
     self.norm_q, self.norm_k = (nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, scale_metadata=layers.names("norm"))
                                 for _ in range(2))
 
-  def __call__(self, x, context=None, angles=None):
+  def __call__(self, x, context=None, angles=None, image=None):
+    """image: an image-to-video model's embedded image tokens [batch, tokens, dim], attended to apart from the
+    context, the two outputs added (cross-attention only)."""
     context = x if context is None else context
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, -1))
     normed = lambda norm, t: norm(t.astype(jnp.float32))
+    attend = lambda q, k, v: attention.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), v,
+                                                             implementation=self.implementation)
     q = split(normed(self.norm_q, layers.adapted(self, "to_q", x)))
     k = split(normed(self.norm_k, layers.adapted(self, "to_k", context)))
     if angles is not None:
       q, k = rotated(q, angles), rotated(k, angles)
-    out = attention.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype),
-                                          split(layers.adapted(self, "to_v", context)),
-                                          implementation=self.implementation)
+    out = attend(q, k, split(layers.adapted(self, "to_v", context)))
+    if image is not None:
+      out = out + attend(q, split(normed(self.norm_added_k, self.add_k_proj(image))), split(self.add_v_proj(image)))
     return layers.adapted_in_list(self, "to_out", 0, out.reshape(x.shape[:2] + (-1,)))
 
 
 class GeluProjection(nnx.Module):
   """A linear layer (with a low-rank update `proj_lora` of lora_rank, 0: none) and tanh-approximated GELU
-  (diffusers' GELU(approximate='tanh'), the feed-forward's first layer)."""
+  (diffusers' GELU(approximate='tanh'), the feed-forward's first layer; exact: the exact GELU, the image
+  embedder's)."""
 
-  def __init__(self, dim, hidden, rngs, dtype, lora_rank=0):
+  def __init__(self, dim, hidden, rngs, dtype, lora_rank=0, exact=False):
+    self.exact = exact
     self.proj = dense(dim, hidden, ("embed", "mlp"), rngs, dtype)
     self.proj_lora = layers.lora(dim, hidden, ("embed", "mlp"), lora_rank, rngs, dtype)
 
   def __call__(self, x):
-    return nnx.gelu(layers.adapted(self, "proj", x), approximate=True)
+    return nnx.gelu(layers.adapted(self, "proj", x), approximate=not self.exact)
 
 
 class Block(nnx.Module):
@@ -180,7 +195,8 @@ class Block(nnx.Module):
     dim = c["num_attention_heads"] * c["attention_head_dim"]
     self.norm1, self.norm3 = layer_norm(dim, c["eps"], rngs), layer_norm(dim, c["eps"], rngs)
     self.attn1, self.attn2 = (Attention(dim, c["num_attention_heads"], c["eps"], rngs, dtype, implementation,
-                                        lora_rank) for _ in range(2))
+                                        lora_rank, image_tokens=cross and c["image_dim"] is not None)
+                              for cross in (False, True))
     self.norm2 = layer_norm(dim, c["eps"], rngs, affine=True) if c["cross_attn_norm"] else None
     self.ffn = nnx.Module()
     self.ffn.net = nnx.List([GeluProjection(dim, c["ffn_dim"], rngs, dtype, ff_lora_rank), None,
@@ -190,11 +206,11 @@ class Block(nnx.Module):
     self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 6, dim)) / dim ** 0.5,
                                        **layers.names(None, None, "embed"))
 
-  def __call__(self, x, text, modulation, angles):
-    """modulation [batch, 6, dim]: the time embedding's projection."""
+  def __call__(self, x, text, modulation, angles, image=None):
+    """modulation [batch, 6, dim]: the time embedding's projection; image: embedded image tokens or None."""
     shift, scale, gate, ff_shift, ff_scale, ff_gate = jnp.split(self.scale_shift_table[...] + modulation, 6, axis=1)
     x = x + self.attn1(self.norm1(x) * (1 + scale) + shift, angles=angles).astype(jnp.float32) * gate
-    x = x + self.attn2(x if self.norm2 is None else self.norm2(x), text).astype(jnp.float32)
+    x = x + self.attn2(x if self.norm2 is None else self.norm2(x), text, image=image).astype(jnp.float32)
     hidden = self.ffn.net[0](self.norm3(x) * (1 + ff_scale) + ff_shift)
     return x + layers.adapted_in_list(self.ffn, "net", 2, hidden).astype(jnp.float32) * ff_gate
 
@@ -220,6 +236,13 @@ class WanTransformer(nnx.Module):
     embedder.text_embedder = nnx.Module()
     embedder.text_embedder.linear_1 = dense(c["text_dim"], dim, ("text_embed", "embed"), rngs)
     embedder.text_embedder.linear_2 = dense(dim, dim, ("embed", "embed"), rngs)
+    if (image_dim := c["image_dim"]) is not None:  # Wan 2.1 image-to-video: CLIP's tokens to the model width
+      embedder.image_embedder = nnx.Module()
+      embedder.image_embedder.norm1 = layer_norm(image_dim, 1e-5, rngs, affine=True)
+      embedder.image_embedder.ff = nnx.Module()
+      embedder.image_embedder.ff.net = nnx.List([GeluProjection(image_dim, image_dim, rngs, jnp.float32, exact=True),
+                                                 None, dense(image_dim, dim, (None, "embed"), rngs)])
+      embedder.image_embedder.norm2 = layer_norm(dim, 1e-5, rngs, affine=True)
     self.blocks = nnx.List([Block(c, rngs, dtype, attention, lora_rank, ff_lora_rank)
                             for _ in range(c["num_layers"])])
     self.norm_out = layer_norm(dim, c["eps"], rngs)
@@ -227,7 +250,8 @@ class WanTransformer(nnx.Module):
     self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim)) / dim ** 0.5,
                                        **layers.names(None, None, "embed"))
 
-  def __call__(self, x, timestep, text, text_mask):
+  def __call__(self, x, timestep, text, text_mask, image=None):
+    """image: Wan 2.1 image-to-video's CLIP tokens of the image [batch, tokens, image_dim] (None otherwise)."""
     b, f, h, w, _ = x.shape
     (pt, ph, pw), grid = self.patch, (f // self.patch[0], h // self.patch[1], w // self.patch[2])
     tokens = self.patch_embedding(x.astype(jnp.float32)).astype(jnp.float32)
@@ -239,23 +263,26 @@ class WanTransformer(nnx.Module):
     modulation = e.time_proj(nnx.silu(time)).reshape(b, 6, -1)
     text = jnp.where(text_mask[..., None], text.astype(jnp.float32), 0.0)
     text = e.text_embedder.linear_2(nnx.gelu(e.text_embedder.linear_1(text), approximate=True))
+    if image is not None:
+      embed = e.image_embedder
+      image = embed.norm2(embed.ff.net[2](embed.ff.net[0](embed.norm1(image.astype(jnp.float32)))))
     angles = rotary_angles(*grid, self.head_dim)
     run = lambda block, *args: block(*args)
     run = layers.rematerialised(run, self.remat_policy) if self.remat_policy else run
     for block in self.blocks:
-      tokens = run(block, tokens, text, modulation, angles)
+      tokens = run(block, tokens, text, modulation, angles, image)
     shift, scale = jnp.split(self.scale_shift_table[...] + time[:, None], 2, axis=1)
     out = self.proj_out(self.norm_out(tokens) * (1 + scale) + shift)
     out = out.reshape(b, *grid, pt, ph, pw, self.out_channels).transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return out.reshape(b, f, h, w, self.out_channels)
 
 
-def experts(high, low, boundary, x, timestep, text, text_mask):
+def experts(high, low, boundary, x, timestep, text, text_mask, image=None):
   """Wan 2.2 A14B's pair of experts: each example denoised by `high` where its timestep is >= `boundary` (Wan's
   boundary_ratio x 1000), else by `low`. A batch at one noise level (sampling's) runs one expert; a mixed one
-  (training's) runs both and takes each example's."""
+  (training's with mixed batches) runs both and takes each example's."""
   is_high = timestep >= boundary
-  run = lambda expert: lambda: expert(x, timestep, text, text_mask)
+  run = lambda expert: lambda: expert(x, timestep, text, text_mask, image)
   both = lambda: jnp.where(is_high[:, None, None, None, None], run(high)(), run(low)())
   return jax.lax.cond(jnp.all(is_high), run(high), lambda: jax.lax.cond(jnp.any(is_high), both, run(low)))
 
