@@ -13,8 +13,10 @@ Each file holds one transformer's updates: a LoRA of Wan 2.2 A14B's pair of expe
 the high-noise expert's, and the low-noise one's, which diffusers loads with load_into_transformer_2=True), and
 `from_file` reads a file into either (`expert`).
 
-Updates of biases or whole weights ('.diff', '.diff_b', '.lora_B.bias') and of the image-to-video layers are not
-low-rank updates of a kernel this project's Wan has: such files are refused, naming the keys.
+An image-to-video LoRA's updates of the image tokens' projections ('cross_attn.k_img' / 'v_img', diffusers'
+'attn2.add_k_proj' / 'add_v_proj') and image embedder ('img_emb.proj.1' / '.3') are read as those of any layer.
+Updates of biases or whole weights ('.diff', '.diff_b', '.lora_B.bias') are not low-rank updates of a kernel:
+such files are refused, naming the keys.
 """
 
 import json
@@ -29,13 +31,17 @@ ORIGINAL_PREFIX, MUSUBI_PREFIX = "diffusion_model.", "lora_unet_blocks_"
 ORIGINAL_BLOCK_LAYERS = {**{f"{attention}.{o}": f"{ours}.{c}" for attention, ours in (("self_attn", "attn1"),
                                                                                        ("cross_attn", "attn2"))
                             for o, c in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))},
-                         "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+                         "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+                         # Wan 2.1 image-to-video's projections of the image tokens
+                         "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj"}
 # ... and outside the blocks
 ORIGINAL_LAYERS = {"time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out",
                    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
                    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
                    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-                   "time_embedding.2": "condition_embedder.time_embedder.linear_2"}
+                   "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+                   "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+                   "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2"}
 
 
 def is_wan_lora(keys) -> bool:
@@ -128,6 +134,6 @@ def from_file(tensors: dict, metadata: dict | None = None, expert: str = "wan") 
     scale = (alphas[layer] / value.shape[0] if layer in alphas else default_scale) if a else 1.0  # (rank: A's rows)
     updates[f"{update_module(layer, expert)}/lora_{'a' if a else 'b'}"] = value.T * np.float32(scale)
   if unread:
-    raise ValueError(f"{len(unread)} tensors are not low-rank updates of a layer of Wan's text-to-video transformer "
-                     f"(updates of biases or whole weights, or of image-to-video layers), e.g. {', '.join(unread[:3])}")
+    raise ValueError(f"{len(unread)} tensors are not low-rank updates of a layer of Wan's transformer (updates of "
+                     f"biases or whole weights), e.g. {', '.join(unread[:3])}")
   return updates

@@ -1,6 +1,6 @@
 """What an edit reads: the images, masks and clips a prompt names (sample.py's --init_image, --mask, --init_video
 and their prompts-file fields), brought to the model's resolution as training data is and checked before any
-checkpoint is read. What the sampler does with them is editing.py's; an image-to-video model (Wan 2.2 I2V) reads
+checkpoint is read. What the sampler does with them is editing.py's; an image-to-video model (Wan's I2V) reads
 the image its clip starts at as its condition instead (`animated_images`).
 """
 

@@ -41,8 +41,8 @@ Flags:
                     prompt without its own, instead of generating from noise (image-to-image, SDEdit; editing.py):
                     it is noised to --strength and the rest of the sampling grid is run; a video model animates it
                     (image-to-video): it is every clip's first frame, the other frames start from it noised; an
-                    image-to-video Wan (Wan 2.2 I2V) reads it as its condition and makes the whole clip from noise
-                    (every prompt needs one; no --strength, --edit_noise, --mask)
+                    image-to-video Wan (Wan 2.1 or 2.2 I2V) reads it as its condition and makes the whole clip from
+                    noise (every prompt needs one; no --strength, --edit_noise, --mask)
   --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the model's
                     resolution as --init_image) to edit for every prompt without an edit of its own (video-to-video:
                     SDEdit over the whole clip, nothing kept)

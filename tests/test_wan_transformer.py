@@ -429,3 +429,39 @@ def test_a_wan_lora_travels_to_and_from_the_pytorch_layouts(tmp_path):
   with pytest.raises(ValueError, match="a Wan LoRA that cannot be read: 1 tensors are not low-rank updates .*"
                                        "blocks.0.attn1.to_q.diff_b"):
     lora.read(str(tmp_path / "bias.safetensors"))
+
+
+def test_an_image_to_video_wan_lora_reads_its_image_projections_as_diffusers_converts_them(tmp_path):
+  """A Wan 2.1 image-to-video LoRA in Wan's original layout (cross_attn.k_img / v_img, img_emb.proj.1 / .3 beside a
+  self-attention projection, the blocks' with alphas): --lora reads each layer's update a @ b as diffusers' conversion
+  (WanPipeline.lora_state_dict) gives it, and fuses it into that kernel of an image-to-video Wan."""
+  from diffusers import WanPipeline
+  from safetensors.numpy import save_file
+
+  from diffusion_jax import diffusers_lora
+
+  save_tiny_wan(tmp_path / "wan", num_layers=1, in_channels=10, image_dim=16, added_kv_proj_dim=24)
+  rng, original = np.random.default_rng(0), {}
+  shapes = {"blocks.0.cross_attn.k_img": (24, 24), "blocks.0.cross_attn.v_img": (24, 24), "img_emb.proj.1": (16, 16),
+            "img_emb.proj.3": (16, 24), "blocks.0.self_attn.q": (24, 24)}
+  for layer, (fan_in, fan_out) in shapes.items():
+    original[f"diffusion_model.{layer}.lora_down.weight"] = rng.normal(size=(2, fan_in)).astype(np.float32)
+    original[f"diffusion_model.{layer}.lora_up.weight"] = rng.normal(size=(fan_out, 2)).astype(np.float32)
+    if layer.startswith("blocks."):  # (diffusers' conversion takes no alpha of the image embedder)
+      original[f"diffusion_model.{layer}.alpha"] = np.array(4.0, np.float32)
+  save_file(original, tmp_path / "i2v.safetensors")
+  theirs = {k: v.numpy() for k, v in WanPipeline.lora_state_dict(str(tmp_path / "i2v.safetensors")).items()}
+  adapter = lora.read(str(tmp_path / "i2v.safetensors"))
+  base = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(tmp_path / "wan")))
+  fused = traverse_util.flatten_dict(lora.fuse({"wan": base}, [adapter])["wan"])
+  base = traverse_util.flatten_dict(base)
+  assert len(theirs) == 2 * len(shapes)
+  for key in theirs:
+    if key.endswith("lora_A.weight"):
+      layer = key.removeprefix(diffusers_lora.PREFIX).removesuffix(".lora_A.weight")
+      update = theirs[key].T @ theirs[key.replace("lora_A", "lora_B")].T
+      module = diffusers_lora.update_module(layer)
+      np.testing.assert_allclose(adapter.updates[f"{module}/lora_a"] @ adapter.updates[f"{module}/lora_b"], update,
+                                 rtol=1e-5)
+      kernel = tuple(int(p) if p.isdigit() else p for p in lora.kernel_of(f"{module}/lora_a").split("/")[1:])
+      np.testing.assert_allclose(fused[kernel] - base[kernel], update, rtol=1e-4, atol=1e-5)

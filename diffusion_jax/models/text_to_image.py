@@ -68,8 +68,8 @@ class TextToImage(nnx.Module):
     the latents' mean of the clip that is the image then `frames - 1` zero frames, as Wan's pipelines encode it),
     and with an image encoder (Wan 2.1's) "image": its CLIP tokens [batch, tokens, width]}."""
     rest = jnp.zeros((images.shape[0], frames - 1) + images.shape[1:], images.dtype)
-    clip = jnp.concatenate([images[:, None], rest], axis=1)
-    condition = {"latents": wan_transformer.image_condition(self.to_latents(clip), self.mask_channels)}
+    video = jnp.concatenate([images[:, None], rest], axis=1)
+    condition = {"latents": wan_transformer.image_condition(self.to_latents(video), self.mask_channels)}
     if self.image_encoder is not None:
       condition["image"] = self.image_encoder.penultimate(images)
     return condition

@@ -86,7 +86,7 @@ def is_image_to_video(config: dict) -> bool:
 
 def image_condition(first_latents, mask_channels: int):
   """The condition an image-to-video Wan reads: latents [batch, frames, h, w, c] of the clip that is the image then
-  black frames -> [batch, frames, h, w, mask_channels + c], a mask (1 on the first latent frame: it holds the given
+  zero frames -> [batch, frames, h, w, mask_channels + c], a mask (1 on the first latent frame: it holds the given
   frame; mask_channels = the frames a latent frame holds, as diffusers' WanImageToVideoPipeline counts) before the
   latents."""
   mask = jnp.zeros(first_latents.shape[:-1] + (mask_channels,), first_latents.dtype).at[:, 0].set(1.0)
