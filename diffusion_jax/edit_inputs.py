@@ -18,9 +18,12 @@ def read(config, sample_config, prompts: list[dict], frames: int) -> dict:
   first_frame_edit's clips) or an "init_video" (video_edit's clips), each file read and every setting checked.
   frames: a video model's frames per clip (0 for an image model)."""
   if text_to_image.image_to_video(config):  # every prompt animates its image: clips whose first frame it is
-    if problems := animation_problems(prompts):
+    if problems := animation_problems(prompts, clip_tokens=bool(config.model.wan_image_encoder_path)):
       raise ValueError("; ".join(problems))
-    return {i: first_frame_edit(image_edit(e, config.data.resolution)[0], frames) for i, e in enumerate(prompts)}
+    return {i: animated_edit(e, config.data.resolution, frames) for i, e in enumerate(prompts)}
+  if any("last_image" in e for e in prompts):
+    raise ValueError("--last_image (last_image in a prompts file) is the last frame of an image-to-video Wan's clips; "
+                     "this model is not one (a video model animates an --init_image alone)")
   edited = lambda e: "init_image" in e or "init_video" in e
   if without := [e["prompt"] for e in prompts if "strength" in e and not edited(e)][:3]:
     raise ValueError(f"A prompt's 'strength' is the part of the grid run from its image: give it an 'init_image' or "
@@ -103,11 +106,26 @@ def first_frame_edit(image: np.ndarray, frames: int) -> tuple[np.ndarray, np.nda
 ANIMATES = ("This image-to-video model animates an image: give each prompt the image its clip starts at (--init_image, "
             "or \"init_image\" in a .jsonl prompts file)")
 NOT_EDITED = "--init_video and --mask edit a clip or inpaint; an image-to-video model animates an --init_image"
+ONE_IMAGE = ("--last_image: this image-to-video model reads the CLIP tokens of one image (Wan 2.1's); a last frame is "
+             "for one without (Wan 2.2's)")
 
 
-def animation_problems(prompts: list[dict]) -> list[str]:
+def animated_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+  """An image-to-video model's prompt entry as first_frame_edit's clip of its "init_image", and with a
+  "last_image" that image as the clip's last frame, kept too."""
+  clip, keep = first_frame_edit(image_edit(entry, resolution)[0], frames)
+  if "last_image" in entry:
+    if frames < 2:
+      raise ValueError("--last_image: a clip of one frame has no last frame apart from its first (--frames)")
+    clip[-1] = image_edit({"init_image": entry["last_image"]}, resolution)[0]
+    keep[-1] = True
+  return clip, keep
+
+
+def animation_problems(prompts: list[dict], clip_tokens: bool = False) -> list[str]:
   """Why an image-to-video model cannot sample these prompts (dicts as sample.read_prompts reads them): each
-  animates an image (init_image), making its whole clip from noise (no strength of an edit)."""
+  animates an image (init_image), making its whole clip from noise (no strength of an edit); a last frame
+  (last_image) only where no CLIP tokens are read (clip_tokens: Wan 2.1's model reads those of one image)."""
   found = []
   if missing := [e["prompt"] for e in prompts if "init_image" not in e][:3]:
     found.append(f"{ANIMATES}: {missing}")
@@ -116,15 +134,21 @@ def animation_problems(prompts: list[dict]) -> list[str]:
   if any("strength" in e for e in prompts):
     found.append("a prompt's 'strength': an image-to-video model makes its whole clip from noise (the image is its "
                  "condition, not a start); leave it out")
+  if clip_tokens and any("last_image" in e for e in prompts):
+    found.append(ONE_IMAGE)
   return found
 
 
-def animated_images(init_images, keep_masks) -> np.ndarray:
-  """The images [n, h, w, 3] an image-to-video model's clips start at: the first frames of clips init_images [n,
-  frames, h, w, 3] whose keep_masks [n, frames, h, w] keep that frame alone (first_frame_edit's); a ValueError
-  for anything else."""
+def animated_images(init_images, keep_masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(first, last, last_given): the images [n, h, w, 3] an image-to-video model's clips start at and end at, and
+  bool [n] whether each ends at its last one: the first and last frames of clips init_images [n, frames, h, w, 3]
+  whose keep_masks [n, frames, h, w] keep the first frame and maybe the last whole, nothing else (animated_edit's);
+  a ValueError for anything else."""
   if init_images is None:
     raise ValueError(ANIMATES + ".")
-  if keep_masks is None or not np.all(np.asarray(keep_masks)[:, 0]) or np.any(np.asarray(keep_masks)[:, 1:]):
+  keep = np.asarray(keep_masks, bool) if keep_masks is not None else None
+  if keep is None or not keep[:, 0].all() or keep[:, 1:-1].any() or np.any(
+      keep[:, -1].any(axis=(1, 2)) != keep[:, -1].all(axis=(1, 2))):
     raise ValueError(NOT_EDITED + ".")
-  return np.asarray(init_images)[:, 0]
+  last_given = keep[:, -1].all(axis=(1, 2)) & (keep.shape[1] > 1)  # (a clip of one frame has no other last one)
+  return np.asarray(init_images)[:, 0], np.asarray(init_images)[:, -1], last_given

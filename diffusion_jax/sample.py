@@ -7,9 +7,9 @@ Flags:
   --step            checkpoint step (default: the latest)
   --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
                     "guidance_interval"? ("LOW:HIGH", [low, high] or "none"), "negative_prompt"?, "init_image"?,
-                    "mask"?, "init_video"?, "strength"?, "source_prompt"?, "lora_scale"? (with --lora: every
-                    adapter's scale for this prompt, or a list with one per --lora)} (per-prompt settings; image and
-                    clip paths relative to the file); default: the config's sample.prompts
+                    "mask"?, "init_video"?, "last_image"?, "strength"?, "source_prompt"?, "lora_scale"? (with --lora:
+                    every adapter's scale for this prompt, or a list with one per --lora)} (per-prompt settings; image
+                    and clip paths relative to the file); default: the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
@@ -46,6 +46,8 @@ Flags:
   --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the model's
                     resolution as --init_image) to edit for every prompt without an edit of its own (video-to-video:
                     SDEdit over the whole clip, nothing kept)
+  --last_image      with --init_image, an image-to-video Wan without CLIP tokens (Wan 2.2 I2V): the image every
+                    clip ends at, its last frame (diffusers' last_image; read as --init_image is)
   --mask            with --init_image, image models: inpainting mask of the same size, white = generate anew,
                     black = keep (the kept pixels of the output are the image's)
   --strength        with --init_image or --init_video: the part of the sampling grid run, in (0, 1], for every edit
@@ -125,7 +127,8 @@ MAX_PROMPT_CHARS = 2000
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_noise", "guidance_interval",
                     "num_per_prompt", "seed", "use_ema", "frames", "strength", "edit_noise", "video_length",
                     "context_frames", "reconstruction_guidance", "null_text_iterations")
-EDIT_FILES = ("init_image", "mask", "init_video")  # a prompt's image to edit, its inpainting mask, a clip to edit
+# a prompt's image to edit, its inpainting mask, a clip to edit, the last frame of an image-to-video model's clip
+EDIT_FILES = ("init_image", "mask", "init_video", "last_image")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scale_low_noise", "guidance_rescale",
@@ -190,9 +193,9 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   null condition), or None. init: (images [n, (frames,) h, w, c] in [-1, 1], keep [n, (frames,) h, w, 1]) to
   edit (editing.py: the last sample.strength of the grid from the images noised, the region keep marks kept), and
   with sample.edit_noise "source_inversion" the (ids, mask) of the source prompts the images are inverted with and
-  guidance's other branch reads (instead of the null condition or negative prompts), or None. first_frames: the
-  images [n, h, w, c] in [-1, 1] an image-to-video model's clips start at (both guidance branches read their
-  condition), or None. guide: (params,
+  guidance's other branch reads (instead of the null condition or negative prompts), or None. first_frames: (first
+  [n, h, w, c], last [n, h, w, c] in [-1, 1], last_given [n] bool), the images an image-to-video model's clips start
+  at and, where last_given, end at (both guidance branches read their condition), or None. guide: (params,
   frozen) of the autoguidance model of `guide_graphdef` (autoguidance.py), whose prediction for the prompt is
   guidance's other branch instead of the unconditional one, or None."""
   d, s = config.diffusion, sample_config
@@ -204,7 +207,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
 
   def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, first_frames=None, guide=None):
     model = nnx.merge(graphdef, params, frozen)
-    condition = None if first_frames is None else model.image_condition(first_frames, frames)
+    condition = None if first_frames is None else model.image_condition(first_frames[0], frames, *first_frames[1:])
     text = model.encode(ids, mask)
     null_text, null_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
     if negative is not None:
@@ -362,9 +365,9 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   unconditional branch is the null condition and the compiled program has no second text encoding.
   init_images: images (clips) to edit instead of generating from noise, uint8 [len(prompts), (frames,) res, res, 3]
   (editing.py, at sample_config.strength), with keep_masks bool [len(prompts), (frames,) res, res], True where the
-  image is kept (inpainting; default: nothing kept); an image-to-video model's: clips whose first frame alone is
-  kept (edit_inputs.first_frame_edit), that frame the image its clip starts at. keys: raw keys [len(prompts) *
-  num_per_prompt, 2] of the samples' noise instead of those of their seeds (example_keys). guide: an
+  image is kept (inpainting; default: nothing kept); an image-to-video model's: clips whose first frame (and
+  maybe last) alone is kept (edit_inputs.animated_edit), the images its clip starts (and ends) at. keys: raw keys
+  [len(prompts) * num_per_prompt, 2] of the samples' noise instead of those of their seeds (example_keys). guide: an
   autoguidance.Guide, guidance's other branch instead of the unconditional model (refused with negative prompts,
   which that branch would read).
   source_prompts: with sample.edit_noise "source_inversion" or "null_text_inversion", what each init image shows,
@@ -375,6 +378,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   if text_to_image.image_to_video(config):  # the edit's first frames are the condition; the clips come from noise
     first_frames = edit_inputs.animated_images(init_images, keep_masks)
     init_images = keep_masks = None
+    if first_frames[2].any() and config.model.wan_image_encoder_path:
+      raise ValueError(edit_inputs.ONE_IMAGE)
   sources = list(source_prompts or [])
   inverting_with_sources = init_images is not None and sample_config.edit_noise in editing.SOURCE_PROMPTED
   if inverting_with_sources:
@@ -415,17 +420,17 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     given = np.array([bool(p) for p in negatives for _ in range(n)] + [False] * pad)
     negative = (np.asarray(negative_ids), np.asarray(negative_mask) * given[:, None])  # no text: null
   inputs.append(negative)
+  rows = lambda a: np.concatenate([np.repeat(a, n, axis=0), np.zeros((pad,) + a.shape[1:], a.dtype)])
   if init_images is not None:
     keep = np.zeros(np.shape(init_images)[:-1], bool) if keep_masks is None else np.asarray(keep_masks, bool)
-    rows = lambda a: np.concatenate([np.repeat(a, n, axis=0), np.zeros((pad,) + a.shape[1:], a.dtype)])
     init = (rows(media.to_float(init_images)), rows(keep[..., None].astype(np.float32)))
     if inverting_with_sources:
       init += tuple(map(np.asarray, tokenizer([p for p in sources for _ in range(n)] + [""] * pad)))
     inputs.append(init)
   else:
     inputs.append(None)
-  inputs.append(None if first_frames is None else np.concatenate(
-      [np.repeat(media.to_float(first_frames), n, axis=0), np.zeros((pad,) + first_frames.shape[1:], np.float32)]))
+  inputs.append(None if first_frames is None else (rows(media.to_float(first_frames[0])),
+                                                   rows(media.to_float(first_frames[1])), rows(first_frames[2])))
   generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh, guide), sharding.batch_sharding(mesh)
   guide_weights = None if guide is None else jax.device_put((guide.params, guide.frozen), sharding.replicated(mesh))
   place = lambda a, first: None if a is None else jax.device_put(jax.tree.map(lambda x: x[first:first + chunk], a),
@@ -513,7 +518,7 @@ def prompt_guidance_interval(value) -> list:
 
 def read_prompts(path) -> list[dict]:
   """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt", "init_image", "mask",
-  "init_video", "strength", "source_prompt", "lora_scale"}]
+  "init_video", "last_image", "strength", "source_prompt", "lora_scale"}]
   (image paths relative to the file's directory made whole)."""
   path = pathlib.Path(path)
   if not path.exists():
@@ -527,8 +532,9 @@ def read_prompts(path) -> list[dict]:
                  for line in lines]
       for entry in entries:
         entry["prompt"] = str(entry["prompt"])
-        if "mask" in entry and "init_image" not in entry:
-          raise ValueError("a 'mask' needs the 'init_image' it belongs to")
+        for key in ("mask", "last_image"):
+          if key in entry and "init_image" not in entry:
+            raise ValueError(f"a '{key}' needs the 'init_image' it belongs to")
         if "init_image" in entry and "init_video" in entry:
           raise ValueError("an 'init_image' or an 'init_video' to edit, not both")
         if "strength" in entry:
@@ -554,8 +560,9 @@ def read_prompts(path) -> list[dict]:
       raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
                        f"integer 'seed', a 'guidance_scale' >= 0, a 'guidance_interval' (\"LOW:HIGH\", [low, high] "
                        f"or \"none\"), a 'negative_prompt', an 'init_image' (with its 'mask') or 'init_video' to "
-                       f"edit at a 'strength' (with a 'source_prompt'), and a 'lora_scale' (a number, or a list of "
-                       f"one per --lora adapter) ({error}).") from None
+                       f"edit at a 'strength' (with a 'source_prompt'; an image-to-video model's 'init_image' with "
+                       f"a 'last_image'), and a 'lora_scale' (a number, or a list of one per --lora adapter) "
+                       f"({error}).") from None
   else:
     entries = [{"prompt": line} for line in lines]
   if not entries:
@@ -599,9 +606,10 @@ def load_checkpoint(workdir, step=None, use_ema=None):
 
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
                         mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None,
-                        source_prompt=None):
+                        source_prompt=None, last_image=None):
   """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
-  sample settings; init_image and mask, or init_video: files every prompt without its own edits (edit_inputs.py),
+  sample settings; init_image and mask (or an image-to-video model's last_image), or init_video: files every
+  prompt without its own edits (edit_inputs.py),
   and source_prompt what they show, for each edit without its own (edit_noise "source_inversion");
   adapters: lora.Adapters fused into its weights; guide_workdir (with guide_step alone: this workdir) and
   guide_step (default: its latest): the autoguidance guide's checkpoint."""
@@ -621,7 +629,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     if problems := extension_problems(config, sample_config):
       raise ValueError("; ".join(problems))
   prompts = read_prompts(prompts_path) if prompts_path else [{"prompt": p} for p in sample_config.prompts]
-  given = {"init_image": str(init_image), **({"mask": str(mask)} if mask else {})} if init_image else (
+  given = {"init_image": str(init_image), **({"mask": str(mask)} if mask else {}),
+           **({"last_image": str(last_image)} if last_image else {})} if init_image else (
       {"init_video": str(init_video)} if init_video else {})
   for entry in prompts if given else []:
     if "init_image" not in entry and "init_video" not in entry:
@@ -845,6 +854,8 @@ def define_flags():
   flags.DEFINE_string("init_video", None, "Video models: a clip (.gif, .mp4) to edit for every prompt without an "
                       "edit of its own (video-to-video, at --strength).")
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")
+  flags.DEFINE_string("last_image", None, "With --init_image, an image-to-video Wan: the image every clip ends at "
+                      "(its last frame; Wan 2.2's, whose condition has no CLIP tokens).")
   flags.DEFINE_float("strength", None, "With --init_image or --init_video: the part of the sampling grid run from "
                      "it noised, in (0, 1] (default: config sample.strength).")
   flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), "With --init_image or --init_video: random (SDEdit), "
@@ -892,14 +903,15 @@ def main(argv):
     cli.refuse(("workdir", "step") + WORKDIR_SETTINGS, "not used with --cascade, which names each stage's workdir, "
                "checkpoint and settings (e.g. --cascade.stages[1].steps=50, --cascade.stages[1].step=N, "
                "--cascade.seed, --cascade.num_per_prompt)")
-    cli.refuse(("init_image", "mask", "init_video", "source_prompt"), "not used with --cascade: images and clips are "
-               "edited by one model (--workdir)")
+    cli.refuse(("init_image", "mask", "init_video", "last_image", "source_prompt"), "not used with --cascade: "
+               "images and clips are edited by one model (--workdir)")
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
-  if f.mask and not f.init_image:
-    raise app.UsageError("--mask needs the --init_image it belongs to.")
+  for name in ("mask", "last_image"):
+    if f[name].value and not f.init_image:
+      raise app.UsageError(f"--{name} needs the --init_image it belongs to.")
   if f.init_image and f.init_video:
     raise app.UsageError("--init_image or --init_video: an image or a clip to edit, not both.")
   distributed.initialize()
@@ -912,7 +924,7 @@ def main(argv):
     else:
       path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
                                  [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step,
-                                 f.source_prompt)
+                                 f.source_prompt, f.last_image)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

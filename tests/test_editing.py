@@ -305,6 +305,9 @@ def test_a_video_model_animates_an_image_as_its_clips_first_frame(trained_video,
   with pytest.raises(ValueError, match="--mask is for image models"):
     sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "x", init_image=tmp_path / "picture.png",
                                mask=tmp_path / "mask.png")
+  with pytest.raises(ValueError, match="--last_image .* is the last frame of an image-to-video Wan's clips"):
+    sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "x", init_image=tmp_path / "picture.png",
+                               last_image=tmp_path / "picture.png")
 
 
 def test_a_video_model_edits_a_clip_as_a_whole(trained, trained_video, tmp_path):

@@ -269,6 +269,15 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
     expected = torch.cat([pipe.prepare_latents(torch.from_numpy(image[None]).permute(0, 3, 1, 2), 1, 3, 32, 32, 5,
                                                torch.float32, torch.device("cpu"))[1] for image in images])
   np.testing.assert_allclose(condition["latents"], expected.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  # a last frame too (diffusers' last_image) for the first example, not for the second
+  last = np.random.default_rng(2).uniform(-1, 1, size=(2, 32, 32, 3)).astype(np.float32)
+  ended = model.image_condition(jnp.asarray(images), 5, jnp.asarray(last), jnp.array([True, False]))["latents"]
+  with torch.no_grad():
+    expected_last = pipe.prepare_latents(torch.from_numpy(images[:1]).permute(0, 3, 1, 2), 1, 3, 32, 32, 5,
+                                         torch.float32, torch.device("cpu"),
+                                         last_image=torch.from_numpy(last[:1]).permute(0, 3, 1, 2))[1]
+  np.testing.assert_allclose(ended[:1], expected_last.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  np.testing.assert_allclose(ended[1:], condition["latents"][1:], atol=1e-6)
   # (512 text tokens: diffusers' attention takes what comes before the last 512 context tokens as the image's)
   x, text = jax.random.normal(jax.random.key(1), (2, 2, 4, 4, 3)), jax.random.normal(jax.random.key(2), (2, 512, 32))
   logsnr = jnp.array([-3.0, 1.0])
@@ -302,6 +311,7 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
   np.testing.assert_array_equal(animated[0], clips[0, 0])
   assert keep[0].all() and not keep[1:].any()
   for entry, problem in (({"prompt": "a red circle"}, "give each prompt the image its clip starts at"),
+                         ({**prompts[0], "last_image": prompts[0]["init_image"]}, "reads the CLIP tokens of one"),
                          ({**prompts[0], "strength": 0.5}, "an image-to-video model makes its whole clip from noise"),
                          ({**prompts[0], "init_video": "v.gif"}, "an image-to-video model animates an --init_image")):
     with pytest.raises(ValueError, match=problem):

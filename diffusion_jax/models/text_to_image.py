@@ -62,14 +62,17 @@ class TextToImage(nnx.Module):
   def from_latents(self, z):
     return z if self.autoencoder is None else self.autoencoder.decode(z)
 
-  def image_condition(self, images, frames: int) -> dict:
+  def image_condition(self, images, frames: int, last=None, last_given=None) -> dict:
     """An image-to-video model's condition for clips of `frames` frames that start at images [batch, h, w, c] in
-    [-1, 1]: {"latents": [batch, latent frames, h, w, mask + latent channels] (wan_transformer.image_condition of
-    the latents' mean of the clip that is the image then `frames - 1` zero frames, as Wan's pipelines encode it),
-    and with an image encoder (Wan 2.1's) "image": its CLIP tokens [batch, tokens, width]}."""
-    rest = jnp.zeros((images.shape[0], frames - 1) + images.shape[1:], images.dtype)
-    video = jnp.concatenate([images[:, None], rest], axis=1)
-    condition = {"latents": wan_transformer.image_condition(self.to_latents(video), self.mask_channels)}
+    [-1, 1] (and, where last_given [batch] bool, end at last [batch, h, w, c]): {"latents": [batch, latent frames,
+    h, w, mask + latent channels] (wan_transformer.image_condition of the latents' mean of the clip that is the
+    image, zero frames and the last image or a zero frame, as Wan's pipelines encode it), and with an image encoder
+    (Wan 2.1's) "image": its CLIP tokens [batch, tokens, width]}."""
+    given = jnp.zeros(images.shape[:1], bool) if last is None or frames < 2 else last_given
+    end = jnp.where(given[:, None, None, None], images if last is None else last, 0.0)[:, None]
+    rest = jnp.zeros((images.shape[0], max(frames - 2, 0)) + images.shape[1:], images.dtype)
+    video = jnp.concatenate([images[:, None], rest, end.astype(images.dtype)], axis=1)[:, :frames]
+    condition = {"latents": wan_transformer.image_condition(self.to_latents(video), self.mask_channels, given)}
     if self.image_encoder is not None:
       condition["image"] = self.image_encoder.penultimate(images)
     return condition

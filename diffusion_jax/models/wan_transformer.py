@@ -84,13 +84,18 @@ def is_image_to_video(config: dict) -> bool:
   return c["in_channels"] > c["out_channels"]
 
 
-def image_condition(first_latents, mask_channels: int):
+def image_condition(given_latents, mask_channels: int, last_given=None):
   """The condition an image-to-video Wan reads: latents [batch, frames, h, w, c] of the clip that is the image then
-  zero frames -> [batch, frames, h, w, mask_channels + c], a mask (1 on the first latent frame: it holds the given
-  frame; mask_channels = the frames a latent frame holds, as diffusers' WanImageToVideoPipeline counts) before the
-  latents."""
-  mask = jnp.zeros(first_latents.shape[:-1] + (mask_channels,), first_latents.dtype).at[:, 0].set(1.0)
-  return jnp.concatenate([mask, first_latents], axis=-1)
+  zero frames (and, where last_given [batch] bool, a last image) -> [batch, frames, h, w, mask_channels + c], a
+  mask before the latents, 1 where a channel's pixel frame is given (mask_channels = the frames a latent frame
+  holds, as diffusers' WanImageToVideoPipeline counts them): every channel of the first latent frame, which holds
+  the first image, and the last channel of the last one, the last image's."""
+  mask = jnp.zeros(given_latents.shape[:-1] + (mask_channels,), given_latents.dtype)
+  if last_given is not None and given_latents.shape[1] > 1:
+    last = jnp.broadcast_to(last_given[:, None, None], mask.shape[:1] + mask.shape[2:4])  # [batch, h, w]
+    mask = mask.at[:, -1, :, :, -1].set(last.astype(mask.dtype))
+  mask = mask.at[:, 0].set(1.0)
+  return jnp.concatenate([mask, given_latents], axis=-1)
 
 
 def timestep(logsnr):
