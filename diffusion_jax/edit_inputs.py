@@ -55,17 +55,20 @@ def check_editable(config):
                      "--init_video) are for text-to-image and text-to-video models; this is a super-resolution stage.")
 
 
+def read_image(entry: dict, key: str) -> np.ndarray:
+  """The uint8 image [h, w, 3] of a prompt entry's file `key`; a ValueError naming the key when it cannot be read."""
+  path = pathlib.Path(entry[key]).expanduser()
+  try:
+    return media.read_image(path)
+  except (OSError, ValueError) as error:  # missing, or not an image PIL reads
+    raise ValueError(f"{key} {str(path)!r} cannot be read as an image ({error}).") from None
+
+
 def image_edit(entry: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
   """(image uint8 [resolution, resolution, 3], keep bool [resolution, resolution]) of a prompt entry's
   "init_image" and optional "mask" files (white: generate anew, black: keep; without one nothing is kept), each
   brought to the model's resolution as training images are (shorter side, centre crop)."""
-  def read(key):
-    path = pathlib.Path(entry[key]).expanduser()
-    try:
-      return media.read_image(path)
-    except (OSError, ValueError) as error:  # missing, or not an image PIL reads
-      raise ValueError(f"{key} {str(path)!r} cannot be read as an image ({error}).") from None
-
+  read = lambda key: read_image(entry, key)
   image = read("init_image")
   if "mask" not in entry:
     return pipeline.resize_and_crop(image, resolution, None), np.zeros((resolution, resolution), bool)
@@ -117,7 +120,7 @@ def animated_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray
   if "last_image" in entry:
     if frames < 2:
       raise ValueError("--last_image: a clip of one frame has no last frame apart from its first (--frames)")
-    clip[-1] = image_edit({"init_image": entry["last_image"]}, resolution)[0]
+    clip[-1] = pipeline.resize_and_crop(read_image(entry, "last_image"), resolution, None)
     keep[-1] = True
   return clip, keep
 
