@@ -475,3 +475,33 @@ def test_an_image_to_video_wan_lora_reads_its_image_projections_as_diffusers_con
                                  rtol=1e-5)
       kernel = tuple(int(p) if p.isdigit() else p for p in lora.kernel_of(f"{module}/lora_a").split("/")[1:])
       np.testing.assert_allclose(fused[kernel] - base[kernel], update, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lora_of_an_image_to_video_wan_adapts_its_image_projections_as_diffusers_reads_them(tmp_path):
+  """model.lora_rank on Wan 2.1 image-to-video's transformer also adapts the image tokens' projections
+  (add_k_proj_lora, add_v_proj_lora); exported in diffusers' layout and loaded by diffusers (PEFT) into its
+  transformer, the LoRA computes what ours does on a clip with its condition and CLIP tokens (1e-5)."""
+  from diffusion_jax import diffusers_lora
+
+  reference = save_tiny_wan(tmp_path / "wan", num_layers=1, in_channels=10, image_dim=16, added_kv_proj_dim=24)
+  config = wan_transformer.read_config(tmp_path / "wan")
+  graph, state = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(config, rngs=nnx.Rngs(0),
+                                                                                 lora_rank=2, ff_lora_rank=2)))
+  rng = np.random.default_rng(0)
+  base = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(tmp_path / "wan")))
+  updates = {lora.name(path): 0.3 * rng.normal(size=x.shape).astype(np.float32) for path, x in
+             traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(nnx.merge(graph, state), nnx.LoRAParam))).items()}
+  assert {"blocks/0/attn2/add_k_proj_lora/lora_a", "blocks/0/attn2/add_v_proj_lora/lora_b"} <= updates.keys()
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(traverse_util.flatten_dict(base) | {
+      tuple(int(p) if p.isdigit() else p for p in name.split("/")): u for name, u in updates.items()}))
+  x = rng.normal(size=(2, 2, 4, 4, 10)).astype(np.float32)
+  timestep, text = np.array([10.0, 873.0], np.float32), rng.normal(size=(2, 512, 32)).astype(np.float32)
+  image = rng.normal(size=(2, 17, 16)).astype(np.float32)
+  ours = nnx.merge(graph, state)(jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text), jnp.ones((2, 512), bool),
+                                 jnp.asarray(image))
+  reference.load_lora_adapter({k: torch.from_numpy(v) for k, v in diffusers_lora.to_diffusers(
+      {f"wan/{name}": u for name, u in updates.items()}).items()}, prefix="transformer", adapter_name="lora")
+  with torch.no_grad():
+    theirs = reference(torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(timestep), torch.from_numpy(text),
+                       encoder_hidden_states_image=torch.from_numpy(image)).sample.permute(0, 2, 3, 4, 1).numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)

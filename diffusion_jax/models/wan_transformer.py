@@ -144,12 +144,15 @@ class Attention(nnx.Module):
   """Multi-head attention with biased projections and queries and keys RMS-normalised across heads (diffusers'
   WanAttention): x [batch, n, dim] attends to context [batch, m, dim] (itself when None), rotary angles for
   self-attention. lora_rank: low-rank updates (layers.lora) of the four projections, as `to_q_lora`, `to_k_lora`,
-  `to_v_lora` and `to_out_lora[0]` (0: none)."""
+  `to_v_lora` and `to_out_lora[0]`, and of an image-to-video model's image projections (`add_k_proj_lora`,
+  `add_v_proj_lora`) (0: none)."""
 
   def __init__(self, dim, heads, eps, rngs, dtype, implementation, lora_rank=0, image_tokens=False):
     self.heads, self.dtype, self.implementation = heads, dtype, implementation
     if image_tokens:  # a cross-attention that also attends to an image-to-video model's image tokens
       self.add_k_proj, self.add_v_proj = (dense(dim, dim, ("embed", "heads"), rngs, dtype) for _ in range(2))
+      self.add_k_proj_lora, self.add_v_proj_lora = (layers.lora(dim, dim, ("embed", "heads"), lora_rank, rngs, dtype)
+                                                    for _ in range(2))
       self.norm_added_k = nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, scale_metadata=layers.names("norm"))
     self.to_q, self.to_k, self.to_v = (dense(dim, dim, ("embed", "heads"), rngs, dtype) for _ in range(3))
     self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), rngs, dtype)])
@@ -173,7 +176,8 @@ class Attention(nnx.Module):
       q, k = rotated(q, angles), rotated(k, angles)
     out = attend(q, k, split(layers.adapted(self, "to_v", context)))
     if image is not None:
-      out = out + attend(q, split(normed(self.norm_added_k, self.add_k_proj(image))), split(self.add_v_proj(image)))
+      out = out + attend(q, split(normed(self.norm_added_k, layers.adapted(self, "add_k_proj", image))),
+                         split(layers.adapted(self, "add_v_proj", image)))
     return layers.adapted_in_list(self, "to_out", 0, out.reshape(x.shape[:2] + (-1,)))
 
 
