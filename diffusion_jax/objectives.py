@@ -23,6 +23,13 @@ def per_example(a, x):
   return jnp.reshape(a, jnp.shape(a) + (1,) * (x.ndim - jnp.ndim(a)))
 
 
+def per_example_switch(takes_first, first, second):
+  """first() for the examples where takes_first [batch] bool, second() for the others (two functions of no
+  arguments giving [batch, ...]): only one runs when every example agrees (lax.cond), both when they differ."""
+  both = lambda: (lambda a, b: jnp.where(per_example(takes_first, a), a, b))(first(), second())
+  return jax.lax.cond(jnp.all(takes_first), first, lambda: jax.lax.cond(jnp.any(takes_first), both, second))
+
+
 def diffuse(x0, eps, alpha, sigma):
   """Forward process q(x_t | x0): x_t = alpha * x0 + sigma * eps."""
   return per_example(alpha, x0) * x0 + per_example(sigma, x0) * eps

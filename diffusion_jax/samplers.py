@@ -174,10 +174,9 @@ def switched_at(high_noise_fn, low_noise_fn, boundary_logsnr):
   level, as a sampler's is."""
 
   def denoise(x, alpha, sigma):
-    low = objectives.per_example(_logsnr(alpha, sigma) > boundary_logsnr, x)
-    both = lambda: jnp.where(low, low_noise_fn(x, alpha, sigma), high_noise_fn(x, alpha, sigma))
     run = lambda fn: lambda: fn(x, alpha, sigma)
-    return jax.lax.cond(jnp.all(low), run(low_noise_fn), lambda: jax.lax.cond(jnp.any(low), both, run(high_noise_fn)))
+    return objectives.per_example_switch(_logsnr(alpha, sigma) > boundary_logsnr, run(low_noise_fn),
+                                         run(high_noise_fn))
 
   return denoise
 

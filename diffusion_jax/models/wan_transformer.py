@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax import objectives
 from diffusion_jax.models import attention, layers, named_tensors
 
 CLASS_NAME = "WanTransformer3DModel"
@@ -290,10 +291,8 @@ def experts(high, low, boundary, x, timestep, text, text_mask, image=None):
   """Wan 2.2 A14B's pair of experts: each example denoised by `high` where its timestep is >= `boundary` (Wan's
   boundary_ratio x 1000), else by `low`. A batch at one noise level (sampling's) runs one expert; a mixed one
   (training's with mixed batches) runs both and takes each example's."""
-  is_high = timestep >= boundary
   run = lambda expert: lambda: expert(x, timestep, text, text_mask, image)
-  both = lambda: jnp.where(is_high[:, None, None, None, None], run(high)(), run(low)())
-  return jax.lax.cond(jnp.all(is_high), run(high), lambda: jax.lax.cond(jnp.any(is_high), both, run(low)))
+  return objectives.per_example_switch(timestep >= boundary, run(high), run(low))
 
 
 def weight_files(path) -> list[pathlib.Path]:
