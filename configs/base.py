@@ -73,6 +73,9 @@ def get_config():
       wan_image_encoder_path="",   # wan 2.1 image-to-video: local transformers CLIPVisionModel dir (image_encoder/)
       wan_expert_batches="routed",  # with wan_low_noise_path: 'routed' draws each batch's noise levels on one side
                                    # of the boundary (one expert a step), 'mixed' each example's (both experts a step)
+      wan_clean_first_frame=False,  # wan: clips may start at a given image, its latent frame read clean at timestep 0
+                                   # (Wan 2.2 TI2V 5B's image-to-video mode, diffusers' expand_timesteps)
+      wan_first_frame_fraction=0.0,  # with wan_clean_first_frame: the share of training clips given their first frame
       patch_size=2,                # dit: patch side in pixels
       depth=12,                    # dit: transformer blocks (its width is `channels`)
       position_max_period=10000.0,  # dit: longest patch-position sinusoid period / 2pi, in patches (DiT: 1e4)

@@ -8,8 +8,11 @@ folders, on the flow path with Wan's loss (flow_mse) and time shift (5).
 The variant is the checkpoint's root directory: transformer/, text_encoder/, tokenizer/spiece.model and vae/ are
 read from it (the config check names a missing or mismatched transformer/, text_encoder/ or vae/, the tokenizer a
 missing spiece.model; a copy that keeps it elsewhere takes --config.text.spiece_path=FILE). Without a root
-(`configs/wan_t2v.py`) the four paths are empty, for the command line to give. Wan 2.2's 5B model (its VAE has 48
-latent channels): add --config.model.in_channels=48. Wan 2.2 A14B's root has a second transformer, transformer_2/,
+(`configs/wan_t2v.py`) the four paths are empty, for the command line to give (and model.in_channels, 16 unless
+the transformer's config.json is read: Wan 2.2 5B's 48). Wan 2.2 TI2V 5B's root (model_index.json's
+expand_timesteps) also starts clips at images, reading their latent frame clean (model.wan_clean_first_frame): the
+run gives half its clips their own first frame (model.wan_first_frame_fraction), and sampling animates --init_image.
+Wan 2.2 A14B's root has a second transformer, transformer_2/,
 the expert for low noise: it becomes model.wan_low_noise_path, switched to below model_index.json's boundary_ratio
 (model.wan_boundary), and the run trains both experts (each batch drawn at one expert's noise levels:
 model.wan_expert_batches). A root of an image-to-video model (Wan 2.1 I2V, Wan 2.2 I2V A14B) works the same: its
@@ -33,12 +36,16 @@ def get_config(root: str = ""):
   part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
   config.model.update(backbone="wan", wan_path=part("transformer"), in_channels=16, temporal=True,
                       dtype="bfloat16", remat=True, remat_policy="matmuls")
+  index = pathlib.Path(part("model_index.json"))
+  pipeline = json.loads(index.read_text()) if root and index.exists() else {}
+  if root and os.path.exists(part("transformer", "config.json")):  # the latents' channels (Wan 2.2 5B's: 48)
+    config.model.in_channels = json.loads(pathlib.Path(part("transformer", "config.json")).read_text())["out_channels"]
+  if pipeline.get("expand_timesteps"):  # Wan 2.2 TI2V 5B: clips may start at images, read clean
+    config.model.update(wan_clean_first_frame=True, wan_first_frame_fraction=0.5)
   if root and os.path.isdir(part("image_encoder")):  # Wan 2.1 image-to-video: CLIP's tokens of the image
     config.model.wan_image_encoder_path = part("image_encoder")
   if root and os.path.isdir(part("transformer_2")):  # Wan 2.2 A14B: experts for high and low noise
-    index = pathlib.Path(part("model_index.json"))
-    boundary = json.loads(index.read_text()).get("boundary_ratio") if index.exists() else None
-    config.model.update(wan_low_noise_path=part("transformer_2"), wan_boundary=boundary or 0.875)
+    config.model.update(wan_low_noise_path=part("transformer_2"), wan_boundary=pipeline.get("boundary_ratio") or 0.875)
   config.text.update(pretrained_path=part("text_encoder"), tokenizer="sentencepiece",
                      spiece_path=part("tokenizer", "spiece.model"), max_length=512, trainable=False)
   config.text.t5.dtype = "bfloat16"  # UMT5-XXL's 5.7B weights: 11 GB, as Wan's pipelines run it

@@ -258,6 +258,7 @@ ADDED_FIELDS = {
     "model.wan_expert_batches": "mixed",  # what a pair's training did before the field
     "sample.guidance_scale_low_noise": -1.0,
     "model.wan_image_encoder_path": "",
+    "model.wan_clean_first_frame": False, "model.wan_first_frame_fraction": 0.0,
     "data.eval_captions_file": "",
     "data.frame_stride": 1,
 }

@@ -97,7 +97,8 @@ def wan_problems(config, resolution: int | None) -> list[str]:
                  "velocity eps - x0 on the flow path; set both to 'flow'")
   if not m.temporal:
     found.append("model.temporal=False: Wan's transformer is a video model; set model.temporal=True")
-  found += wan_channel_problems(config, wan) + wan_image_encoder_problems(m, wan)
+  found += wan_channel_problems(config, wan) + wan_image_encoder_problems(m, wan) + clean_first_frame_problems(
+      config, wan)
   if text_dim != wan["text_dim"]:
     found.append(f"the text encoder's width {text_dim} (text.pretrained_path's d_model, or text.t5.d_model) must "
                  f"equal Wan's text_dim={wan['text_dim']} (its text encoder: UMT5-XXL, 4096)")
@@ -128,7 +129,8 @@ def wan_channel_problems(config, wan: dict) -> list[str]:
             "latents') channels must be as many"]
   if not wan_transformer.is_image_to_video(wan):
     return [] if wan["in_channels"] == out else [f"Wan's transformer reads {wan['in_channels']} channels but "
-                                                 f"predicts {out}"]
+                                                 f"predicts {out}: no Wan pipeline runs such a model; give "
+                                                 "model.wan_path a text-to-video or image-to-video one"]
   try:
     compression = autoencoder.time_compression(autoencoder.read_config(config.latent.autoencoder_path)) if (
         config.latent.autoencoder_path) else 1
@@ -138,13 +140,39 @@ def wan_channel_problems(config, wan: dict) -> list[str]:
   if wan["in_channels"] != 2 * out + compression:
     found.append(f"Wan's image-to-video transformer reads {wan['in_channels']} channels: it must read the clip's "
                  f"{out}, a mask of {compression} (the frames a latent frame holds) and the image's {out} latents, "
-                 f"{2 * out + compression}")
+                 f"{2 * out + compression} (are model.wan_path and latent.autoencoder_path from different "
+                 "checkpoints?)")
   unsupported = [field for field, value in (("latent.cache", config.latent.cache),
                                             ("distill.steps", config.distill.steps),
                                             ("sample.video_length", config.sample.video_length)) if value]
   if unsupported:
     found.append(f"{', '.join(unsupported)}: not supported for an image-to-video Wan yet (the latent cache keeps no "
                  "first frames; distillation and video extension pass no image); turn off or set to 0")
+  return found
+
+
+def clean_first_frame_problems(config, wan: dict) -> list[str]:
+  """Why a Wan transformer cannot start clips at images by reading their latent frame clean
+  (model.wan_clean_first_frame, Wan 2.2 TI2V's mode), or train so (model.wan_first_frame_fraction)."""
+  m, found = config.model, []
+  if not 0 <= m.wan_first_frame_fraction <= 1:
+    found.append(f"model.wan_first_frame_fraction={m.wan_first_frame_fraction} must be in [0, 1]")
+  if m.wan_first_frame_fraction and not m.wan_clean_first_frame:
+    found.append("model.wan_first_frame_fraction: the share of training clips given their first frame, for a model "
+                 "that starts clips at images; set model.wan_clean_first_frame=True (Wan 2.2 TI2V) or leave it at 0")
+  if not m.wan_clean_first_frame:
+    return found
+  if wan_transformer.is_image_to_video(wan):
+    found.append("model.wan_clean_first_frame: an image-to-video Wan reads its image as a condition of its own; "
+                 "turn it off")
+  if m.wan_low_noise_path:
+    found.append("model.wan_clean_first_frame: not with a pair of experts (model.wan_low_noise_path); turn it off")
+  if wan["patch_size"][0] != 1:
+    found.append(f"model.wan_clean_first_frame: Wan's patch_size in time is {wan['patch_size'][0]}; a clean first "
+                 "frame needs tokens of one latent frame (1)")
+  if m.wan_first_frame_fraction and config.distill.steps:
+    found.append("model.wan_first_frame_fraction with distill.steps: distillation's teacher passes no first frames "
+                 "yet; set the fraction to 0")
   return found
 
 
@@ -336,6 +364,9 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found += dit_problems(config, resolution)
   elif m.backbone == "wan":
     found += wan_problems(config, resolution)
+  if m.backbone != "wan" and (m.wan_clean_first_frame or m.wan_first_frame_fraction):
+    found.append("model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode "
+                 "(model.backbone='wan'); leave them off")
   elif m.backbone != "dit":
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "

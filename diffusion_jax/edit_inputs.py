@@ -1,7 +1,8 @@
 """What an edit reads: the images, masks and clips a prompt names (sample.py's --init_image, --mask, --init_video
 and their prompts-file fields), brought to the model's resolution as training data is and checked before any
-checkpoint is read. What the sampler does with them is editing.py's; an image-to-video model (Wan's I2V) reads
-the image its clip starts at as its condition instead (`animated_images`).
+checkpoint is read. What the sampler does with them is editing.py's; an image-to-video model (Wan's I2V), or one
+that starts clips at images (Wan 2.2 TI2V) given them, reads the image its clip starts at as its condition instead
+(`animated_images`).
 """
 
 import pathlib
@@ -17,8 +18,9 @@ def read(config, sample_config, prompts: list[dict], frames: int) -> dict:
   """{prompt index: (image, keep)} of the prompts with an "init_image" (image_edit; a video model's:
   first_frame_edit's clips) or an "init_video" (video_edit's clips), each file read and every setting checked.
   frames: a video model's frames per clip (0 for an image model)."""
-  if text_to_image.image_to_video(config):  # every prompt animates its image: clips whose first frame it is
-    if problems := animation_problems(prompts, clip_tokens=bool(config.model.wan_image_encoder_path)):
+  if animates(config, prompts):  # every prompt animates its image: clips whose first frame it is
+    if problems := animation_problems(prompts, clip_tokens=bool(config.model.wan_image_encoder_path),
+                                      first_frame_only=text_to_image.starts_clips_at_images(config)):
       raise ValueError("; ".join(problems))
     return {i: animated_edit(e, config.data.resolution, frames) for i, e in enumerate(prompts)}
   if any("last_image" in e for e in prompts):
@@ -46,6 +48,22 @@ def read(config, sample_config, prompts: list[dict], frames: int) -> dict:
   if any("mask" in prompts[i] for i in images):
     raise ValueError("A video model animates an --init_image as its clips' first frame; --mask is for image models.")
   return edits | {i: first_frame_edit(image, frames) for i, (image, _) in images.items()}
+
+
+def animates(config, prompts: list[dict]) -> bool:
+  """Whether sampling these prompts animates images (the model's condition) rather than editing or generating: an
+  image-to-video model's always; a model that starts clips at images (Wan 2.2 TI2V) when a prompt gives one."""
+  return text_to_image.image_to_video(config) or (text_to_image.starts_clips_at_images(config) and
+                                                  any("init_image" in e for e in prompts))
+
+
+def animated(config, keep_masks) -> bool:
+  """Whether edits whose keep masks are keep_masks [n, frames, h, w] (None: no edits) are images to animate: an
+  image-to-video model's always; a model that starts clips at images where the first frames are kept (read's clips
+  of --init_image; an --init_video's clip is edited)."""
+  return text_to_image.image_to_video(config) or bool(
+      text_to_image.starts_clips_at_images(config) and keep_masks is not None and len(keep_masks) and
+      np.asarray(keep_masks)[:, 0].all())
 
 
 def check_editable(config):
@@ -109,6 +127,9 @@ def first_frame_edit(image: np.ndarray, frames: int) -> tuple[np.ndarray, np.nda
 ANIMATES = ("This image-to-video model animates an image: give each prompt the image its clip starts at (--init_image, "
             "or \"init_image\" in a .jsonl prompts file)")
 NOT_EDITED = "--init_video and --mask edit a clip or inpaint; an image-to-video model animates an --init_image"
+MIXED = ("A prompt with an --init_image makes this model (which starts clips at images, Wan 2.2 TI2V's mode) animate "
+         "images: give every prompt of the call one, or sample those without in a call of their own")
+NO_LAST = "--last_image: this model starts clips at images (Wan 2.2 TI2V's mode); it reads no last frame"
 ONE_IMAGE = ("--last_image: this image-to-video model reads the CLIP tokens of one image (Wan 2.1's); a last frame is "
              "for one without (Wan 2.2's)")
 
@@ -125,20 +146,21 @@ def animated_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray
   return clip, keep
 
 
-def animation_problems(prompts: list[dict], clip_tokens: bool = False) -> list[str]:
+def animation_problems(prompts: list[dict], clip_tokens: bool = False, first_frame_only: bool = False) -> list[str]:
   """Why an image-to-video model cannot sample these prompts (dicts as sample.read_prompts reads them): each
   animates an image (init_image), making its whole clip from noise (no strength of an edit); a last frame
-  (last_image) only where no CLIP tokens are read (clip_tokens: Wan 2.1's model reads those of one image)."""
+  (last_image) only where no CLIP tokens are read (clip_tokens: Wan 2.1's model reads those of one image) and the
+  model reads more than a first frame (first_frame_only: one that starts clips at images, Wan 2.2 TI2V)."""
   found = []
   if missing := [e["prompt"] for e in prompts if "init_image" not in e][:3]:
-    found.append(f"{ANIMATES}: {missing}")
+    found.append(f"{MIXED if first_frame_only else ANIMATES}: {missing}")
   if any("init_video" in e or "mask" in e for e in prompts):
     found.append(NOT_EDITED)
   if any("strength" in e for e in prompts):
     found.append("a prompt's 'strength': an image-to-video model makes its whole clip from noise (the image is its "
                  "condition, not a start); leave it out")
-  if clip_tokens and any("last_image" in e for e in prompts):
-    found.append(ONE_IMAGE)
+  if (clip_tokens or first_frame_only) and any("last_image" in e for e in prompts):
+    found.append(NO_LAST if first_frame_only else ONE_IMAGE)
   return found
 
 

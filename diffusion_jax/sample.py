@@ -42,7 +42,9 @@ Flags:
                     it is noised to --strength and the rest of the sampling grid is run; a video model animates it
                     (image-to-video): it is every clip's first frame, the other frames start from it noised; an
                     image-to-video Wan (Wan 2.1 or 2.2 I2V) reads it as its condition and makes the whole clip from
-                    noise (every prompt needs one; no --strength, --edit_noise, --mask)
+                    noise (every prompt needs one; no --strength, --edit_noise, --mask), and so does a Wan that
+                    starts clips at images (model.wan_clean_first_frame, Wan 2.2 TI2V), reading its latent frame
+                    clean as the clip's first (every prompt of the call then needs one; no --last_image)
   --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the model's
                     resolution as --init_image) to edit for every prompt without an edit of its own (video-to-video:
                     SDEdit over the whole clip, nothing kept)
@@ -375,7 +377,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   if init_images is not None:
     edit_inputs.check_editable(config)
   first_frames = None
-  if text_to_image.image_to_video(config):  # the edit's first frames are the condition; the clips come from noise
+  if edit_inputs.animated(config, None if init_images is None else keep_masks):
+    # the edit's first frames are the condition; the clips come from noise
     first_frames = edit_inputs.animated_images(init_images, keep_masks)
     init_images = keep_masks = None
     if first_frames[2].any() and config.model.wan_image_encoder_path:
@@ -644,7 +647,7 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
       lora.at_scales(adapters, entry.get("lora_scale"))
     except ValueError as error:
       raise ValueError(f"{prompts_path}, prompt {i + 1} ({entry['prompt']!r}): {error}") from None
-  edited = {} if text_to_image.image_to_video(config) else edits  # (an image-to-video model animates, not edits)
+  edited = {} if edit_inputs.animates(config, prompts) else edits  # (an image-to-video model animates, not edits)
   unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edited)),
                                               ("edit_noise", edited),
                                               ("null_text_iterations",
@@ -738,7 +741,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   if unused and all(float(e["guidance_scale"]) == 1 for e in entries):
     log.warning("%s: no effect at guidance scale 1 (no step is guided)", " and ".join(unused))
   edits = edits or {}
-  for i in edits if not text_to_image.image_to_video(config) else ():  # (an image-to-video model's are not edits)
+  animated = edit_inputs.animated(config, [keep for _, keep in edits.values()] if edits else None)
+  for i in edits if not animated else ():  # (an image-to-video model's are not edits)
     entries[i].setdefault("strength", sample_config.strength)
     entries[i]["edit_noise"] = sample_config.edit_noise
   images, fused = [None] * len(entries), (None, None)  # (LoRA scales, the weights with the adapters fused at them)
@@ -850,7 +854,7 @@ def define_flags():
                      "generated to agree with what is kept, at a backward pass per step (default: config "
                      "sample.reconstruction_guidance, 0 = replacement only).", lower_bound=0)
   flags.DEFINE_string("init_image", None, "Image to edit for every prompt without its own (image-to-image; a "
-                      "video model: the clips' first frame).")
+                      "video model: the clips' first frame; an image-to-video Wan's, or Wan 2.2 TI2V's, condition).")
   flags.DEFINE_string("init_video", None, "Video models: a clip (.gif, .mp4) to edit for every prompt without an "
                       "edit of its own (video-to-video, at --strength).")
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")

@@ -193,6 +193,9 @@ def make_loss_fn(config, graphdef, expert: str | None = None):
     is_video = batch.get("is_video") if config.data.image_fraction > 0 else None  # None: no stills
     # an image-to-video model learns to continue each clip from its first frame
     condition = model.image_condition(pixels[:, 0], pixels.shape[1]) if model.image_to_video else None
+    if config.model.wan_first_frame_fraction:  # a model that starts clips at images: some at their own first frame
+      given = jax.random.bernoulli(jax.random.fold_in(key, 4), config.model.wan_first_frame_fraction, x0.shape[:1])
+      condition = {"first_latents": x0[:, :1], "first_given": given}
     if teacher is None and expert is not None:  # the low-noise expert's levels: log-SNRs above the boundary
       logsnr = objectives.sample_logsnr_on_side(k_time, x0.shape[0], expert_boundary(config), expert == "low",
                                                 d.time_sampler, logsnr_fn, d.time_mean, d.time_std)

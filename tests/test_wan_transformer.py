@@ -505,3 +505,84 @@ def test_a_lora_of_an_image_to_video_wan_adapts_its_image_projections_as_diffuse
     theirs = reference(torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(timestep), torch.from_numpy(text),
                        encoder_hidden_states_image=torch.from_numpy(image)).sample.permute(0, 2, 3, 4, 1).numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_wan_22_ti2v_starts_clips_at_images_as_diffusers_feeds_its_first_frame(tmp_path):
+  """Wan 2.2 TI2V's image-to-video mode (model.wan_clean_first_frame; diffusers' expand_timesteps): a timestep per
+  frame of tokens is what diffusers' transformer computes from one per token; a given first latent frame is read
+  clean at timestep 0 as WanImageToVideoPipeline feeds it, and its output is the velocity toward it, so a sampler
+  keeps it; a run trains with some clips given their first frame, samples clips that start at an --init_image and
+  from text alone, and what does not fit is refused."""
+  from configs import t2v_moving_shapes
+
+  reference = save_tiny_wan(tmp_path / "wan", num_layers=1)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 4, 6, 3)).astype(np.float32)
+  text, mask = rng.normal(size=(2, 5, 32)).astype(np.float32), np.ones((2, 5), bool)
+  per_frame = np.array([[0.0, 700.0, 700.0], [10.0, 500.0, 900.0]], np.float32)
+  diffusers_output = lambda clips, per_token: reference(torch.from_numpy(np.asarray(clips)).permute(0, 4, 1, 2, 3),
+                                                        torch.from_numpy(np.asarray(per_token, np.float32)),
+                                                        torch.from_numpy(text[:len(clips)])).sample.permute(
+                                                            0, 2, 3, 4, 1).numpy()
+  with torch.no_grad():  # diffusers: a timestep per token, each frame's 2 x 3 tubelets at their frame's
+    expected = diffusers_output(x, np.repeat(per_frame, 6, axis=1))
+  ours = wan_transformer.load_diffusers(tmp_path / "wan")
+  np.testing.assert_allclose(ours(jnp.asarray(x), jnp.asarray(per_frame), jnp.asarray(text), jnp.asarray(mask)),
+                             expected, atol=1e-5)
+  config = t2v_moving_shapes.get_config("test")
+  config.model.update(backbone="wan", wan_path=str(tmp_path / "wan"), wan_first_frame_fraction=0.5)
+  config.diffusion.update(path="flow", prediction="flow")
+  config.data.update(data_dir=str(tmp_path / "tfds"), image_fraction=0.0)
+  config.text.t5.d_model = 32
+  assert "set model.wan_clean_first_frame=True (Wan 2.2 TI2V) or leave it at 0" in " ".join(
+      config_checks.problems(config, device_count=8))
+  config.model.wan_clean_first_frame = True
+  assert config_checks.problems(config, device_count=8) == []
+  mesh = sharding.make_mesh(config.mesh)
+  state, graphdef = train.init_state(config, mesh)
+  model = nnx.merge(graphdef, *jax.device_get((state.params, state.frozen)))
+  # the first example given its first latent frame, the second not
+  first, logsnr = rng.normal(size=(2, 1, 4, 6, 3)).astype(np.float32), jnp.array([-1.0, 2.0])
+  condition = {"first_latents": jnp.asarray(first), "first_given": jnp.array([True, False])}
+  got = model(jnp.asarray(x), logsnr, jnp.asarray(text), jnp.asarray(mask), condition=condition)
+  timestep = float(wan_transformer.timestep(logsnr)[0])
+  with torch.no_grad():  # the pipeline's (1 - first_frame_mask) * condition + first_frame_mask * latents
+    fed = diffusers_output(np.concatenate([first[:1], x[:1, 1:]], axis=1), np.repeat([[0.0, timestep, timestep]], 6, 1))
+  np.testing.assert_allclose(got[:1, 1:], fed[:, 1:], atol=1e-5)
+  sigma = float(jax.nn.sigmoid(-logsnr[0] / 2))  # its clean estimate x - sigma v is the given frame
+  np.testing.assert_allclose(x[:1, :1] - sigma * np.asarray(got[:1, :1]), first[:1], atol=1e-5)
+  np.testing.assert_allclose(got[1:], model(jnp.asarray(x[1:]), logsnr[1:], jnp.asarray(text[1:]),
+                                            jnp.asarray(mask[1:])), atol=1e-5)
+  step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
+  state, metrics = step(state, batch, hparams)
+  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  # sampling: an --init_image starts its clip (not an edit: no strength); a prompt without one is made from text
+  _, clips, captions = evaluate.validation_set(config, 1)
+  media.save_png(tmp_path / "first.png", clips[0, 0], {})
+  prompts = [{"prompt": captions[0], "init_image": str(tmp_path / "first.png")}]
+  edits = edit_inputs.read(config, config.sample, prompts, config.data.frames)
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=3, num_per_prompt=1)
+  grid = sample.write_samples(config, graphdef, state.params, state.frozen, tokenizers.from_config(config), prompts,
+                              sample_config, mesh, 1, tmp_path / "samples", edits=edits)
+  record = json.loads((grid.parent / "manifest.jsonl").read_text().splitlines()[0])
+  strip = media.read_image(grid.parent / record["file"])  # the clip's frames side by side
+  assert "strength" not in record and strip.shape == (16, config.data.frames * 16, 3)
+  assert np.abs(strip[:, :16].astype(int) - clips[0, 0]).max() <= 1  # the clip starts at the image
+  assert np.abs(strip[:, 16:32].astype(int) - clips[0, 0]).max() > 16  # and is made anew after it
+  made = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config), captions,
+                         sample_config, mesh)
+  assert np.abs(made[0, 0, 0].astype(int) - clips[0, 0]).max() > 16
+  for entries, problem in (([prompts[0], {"prompt": "a blue square"}], "give every prompt of the call one"),
+                           ([{**prompts[0], "last_image": prompts[0]["init_image"]}], "it reads no last frame")):
+    with pytest.raises(ValueError, match=problem):
+      edit_inputs.read(config, config.sample, entries, config.data.frames)
+  config.model.update(wan_low_noise_path=str(tmp_path / "wan"), wan_first_frame_fraction=1.5)
+  config.distill.steps = 4
+  found = " ".join(config_checks.problems(config, device_count=8))
+  assert "model.wan_first_frame_fraction=1.5 must be in [0, 1]" in found
+  assert "model.wan_clean_first_frame: not with a pair of experts (model.wan_low_noise_path)" in found
+  assert "model.wan_first_frame_fraction with distill.steps: distillation's teacher passes no first frames" in found
+  config.model.backbone = "unet"
+  assert "model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode" in " ".join(
+      config_checks.problems(config, device_count=8))

@@ -6,7 +6,7 @@ trainable / frozen parameters.
 map images (or videos) to what the network diffuses and back (the identity for a pixel model);
 `TextToImage(x, logsnr, text, mask)`
 (plus `lowres`, `aug_logsnr` for a super-resolution stage; `condition`, `image_condition(images, frames)`, for an
-image-to-video Wan) -> the network's output (x is [batch, h, w, c], or
+image-to-video Wan or one that starts clips at images) -> the network's output (x is [batch, h, w, c], or
 [batch, frames, h, w, c] for a video model). Parameters live outside the module as pure dicts (see
 train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a jitted function.
 """
@@ -14,6 +14,7 @@ train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a ji
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax import objectives, schedules
 from diffusion_jax.models import autoencoder, clip, dit, init_rngs, t5, unet, wan_transformer
 
 
@@ -28,6 +29,7 @@ class TextToImage(nnx.Module):
                                      else config.text.t5, rngs=rngs)
     m = config.model
     self.backbone, self.image_to_video = m.backbone, False
+    self.clean_first_frame = m.backbone == "wan" and m.wan_clean_first_frame  # Wan 2.2 TI2V's image-to-video mode
     self.image_encoder = (clip.VisionModel(clip.read_vision_config(m.wan_image_encoder_path,
                                                                    "model.wan_image_encoder_path"), rngs=rngs)
                           if m.backbone == "wan" and m.wan_image_encoder_path else None)  # Wan 2.1 I2V's CLIP
@@ -67,7 +69,11 @@ class TextToImage(nnx.Module):
     [-1, 1] (and, where last_given [batch] bool, end at last [batch, h, w, c]): {"latents": [batch, latent frames,
     h, w, mask + latent channels] (wan_transformer.image_condition of the latents' mean of the clip that is the
     image, zero frames and the last image or a zero frame, as Wan's pipelines encode it), and with an image encoder
-    (Wan 2.1's) "image": its CLIP tokens [batch, tokens, width]}."""
+    (Wan 2.1's) "image": its CLIP tokens [batch, tokens, width]}. A model that starts clips at images (Wan 2.2
+    TI2V's mode; no last image): {"first_latents": the latents' mean of each image alone [batch, 1, h, w, c], its
+    clip's first latent frame, "first_given": [batch] True}."""
+    if self.clean_first_frame:
+      return {"first_latents": self.to_latents(images[:, None]), "first_given": jnp.ones(images.shape[:1], bool)}
     given = jnp.zeros(images.shape[:1], bool) if last is None or frames < 2 else last_given
     end = jnp.where(given[:, None, None, None], images if last is None else last, 0.0)[:, None]
     rest = jnp.zeros((images.shape[0], max(frames - 2, 0)) + images.shape[1:], images.dtype)
@@ -80,20 +86,37 @@ class TextToImage(nnx.Module):
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
                condition=None, expert=None):
     """expert: with a pair of Wan experts, 'high' or 'low' runs that one on every example (a batch at its noise
-    levels); None gives each example its noise level's."""
-    if self.image_to_video != (condition is not None):
+    levels); None gives each example its noise level's. condition: an image-to-video model's (image_condition); a
+    model that starts clips at images (Wan 2.2 TI2V), optionally {"first_latents": [batch, 1, h, w, c],
+    "first_given": [batch] bool}: where given, x's first latent frame is read as those latents at timestep 0 (the
+    other frames' tokens at logsnr's, diffusers' expand_timesteps) and its output is the velocity toward them from
+    x (a sampler keeps them; the loss on them is 0 when they are the clip's own)."""
+    if self.image_to_video and condition is None:
       raise ValueError("This image-to-video model needs the condition of the images its clips start at "
-                       "(image_condition)" if self.image_to_video else "Only an image-to-video model reads a condition")
+                       "(image_condition)")
+    if condition is not None and not (self.image_to_video or self.clean_first_frame):
+      raise ValueError("Only an image-to-video model (or one that starts clips at images) reads a condition")
     if self.backbone == "wan":  # clips only, no super-resolution inputs (config_checks.wan_problems)
-      timestep = wan_transformer.timestep(logsnr)
-      condition = condition or {}
+      timestep, condition = wan_transformer.timestep(logsnr), condition or {}
+      x_t, clean = x, None
+      if "first_latents" in condition:  # [batch, frames]: the given first frames', at timestep 0
+        clean = condition["first_given"][:, None] & (jnp.arange(x.shape[1]) == 0)[None]
+        x = jnp.where(clean[..., None, None, None], condition["first_latents"].astype(x.dtype), x)
+        timestep = jnp.where(clean, 0.0, timestep[:, None])
       if "latents" in condition:
         x = jnp.concatenate([x, condition["latents"].astype(x.dtype)], axis=-1)
       image = condition.get("image")
       if self.wan_low is None or expert is not None:
-        return (self.wan_low if expert == "low" else self.wan)(x, timestep, text, text_mask, image)
-      return wan_transformer.experts(self.wan, self.wan_low, 1000 * self.wan_boundary, x, timestep, text, text_mask,
-                                     image)
+        out = (self.wan_low if expert == "low" else self.wan)(x, timestep, text, text_mask, image)
+      else:
+        out = wan_transformer.experts(self.wan, self.wan_low, 1000 * self.wan_boundary, x, timestep, text, text_mask,
+                                      image)
+      if clean is None:
+        return out
+      first = condition["first_latents"].astype(jnp.float32)
+      alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, "flow")
+      toward_first = objectives.eps_from_x0(first, x_t.astype(jnp.float32), alpha, sigma) - first
+      return jnp.where(clean[..., None, None, None], toward_first, out)
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
                    is_video=is_video)
@@ -103,6 +126,12 @@ def image_to_video(config) -> bool:
   """Whether the config's network animates images: an image-to-video Wan (model.wan_path's config.json)."""
   return config.model.backbone == "wan" and wan_transformer.is_image_to_video(
       wan_transformer.read_config(config.model.wan_path))
+
+
+def starts_clips_at_images(config) -> bool:
+  """Whether the config's network may start clips at given images, reading their latent frame clean (a Wan with
+  model.wan_clean_first_frame: Wan 2.2 TI2V's mode); it makes clips from text alone too."""
+  return config.model.backbone == "wan" and config.model.wan_clean_first_frame
 
 
 def abstract(config):

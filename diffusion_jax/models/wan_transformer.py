@@ -10,12 +10,13 @@ projected to the model width once; the cross-attention attends to every text pos
 (they zero the embeddings after the prompt's last token, which `__call__` does from the mask).
 
 Call: x [batch, frames, h, w, in_channels] (latent clips; frames, h and w divisible by patch_size), timestep
-[batch] (Wan's: 1000 sigma on the flow path x = (1 - sigma) x0 + sigma eps), text [batch, tokens, text_dim],
-text_mask [batch, tokens] bool -> [batch, frames, h, w, out_channels] float32, Wan's prediction of the velocity
-eps - x0. `dtype` (model.dtype) is that of its matrix products and attention (parameters, norms, modulation and the
-residual stream stay float32, as diffusers keeps them); `remat_policy` (layers.REMAT_POLICIES) recomputes each
-block in the backward pass; `attention` (model.attention) picks the attention's implementation (models/attention.py:
-cuDNN's flash attention on recent NVIDIA GPUs in bfloat16).
+[batch] (Wan's: 1000 sigma on the flow path x = (1 - sigma) x0 + sigma eps), or [batch, frames / patch_size[0]]
+one per frame of tokens (Wan 2.2 TI2V's image-to-video mode: a clean first frame's at 0), text [batch, tokens,
+text_dim], text_mask [batch, tokens] bool -> [batch, frames, h, w, out_channels] float32, Wan's prediction of the
+velocity eps - x0. `dtype` (model.dtype) is that of its matrix products and attention (parameters, norms,
+modulation and the residual stream stay float32, as diffusers keeps them); `remat_policy` (layers.REMAT_POLICIES)
+recomputes each block in the backward pass; `attention` (model.attention) picks the attention's implementation
+(models/attention.py: cuDNN's flash attention on recent NVIDIA GPUs in bfloat16).
 
 An image-to-video model (Wan 2.1 I2V and Wan 2.2 I2V A14B: in_channels = 2 out_channels + 4) reads, beside each
 noisy latent clip, a condition of as many frames (`image_condition`): a mask of the frames given (the first) and
@@ -217,12 +218,24 @@ class Block(nnx.Module):
                                        **layers.names(None, None, "embed"))
 
   def __call__(self, x, text, modulation, angles, image=None):
-    """modulation [batch, 6, dim]: the time embedding's projection; image: embedded image tokens or None."""
-    shift, scale, gate, ff_shift, ff_scale, ff_gate = jnp.split(self.scale_shift_table[...] + modulation, 6, axis=1)
-    x = x + self.attn1(self.norm1(x) * (1 + scale) + shift, angles=angles).astype(jnp.float32) * gate
+    """modulation [batch, 1 or frames, 6, dim]: the time embedding's projection, one per example or per frame of
+    tokens; image: embedded image tokens or None."""
+    table = self.scale_shift_table[...][:, None]
+    shift, scale, gate, ff_shift, ff_scale, ff_gate = jnp.split(table + modulation, 6, axis=2)
+    attended = self.attn1(modulated(self.norm1(x), scale, shift), angles=angles).astype(jnp.float32)
+    x = x + modulated(attended, gate)
     x = x + self.attn2(x if self.norm2 is None else self.norm2(x), text, image=image).astype(jnp.float32)
-    hidden = self.ffn.net[0](self.norm3(x) * (1 + ff_scale) + ff_shift)
-    return x + layers.adapted_in_list(self.ffn, "net", 2, hidden).astype(jnp.float32) * ff_gate
+    hidden = self.ffn.net[0](modulated(self.norm3(x), ff_scale, ff_shift))
+    return x + modulated(layers.adapted_in_list(self.ffn, "net", 2, hidden).astype(jnp.float32), ff_gate)
+
+
+def modulated(x, scale, shift=None):
+  """Tokens x [batch, n, dim] (frame-major) times `scale` (plus 1 where there is a shift) plus `shift`, each
+  [batch, 1 or frames, 1, dim]: one per example, or per frame of tokens."""
+  b, n, dim = x.shape
+  frames = x.reshape(b, scale.shape[1], -1, dim)
+  frames = frames * scale if shift is None else frames * (1 + scale) + shift
+  return frames.reshape(b, n, dim)
 
 
 class WanTransformer(nnx.Module):
@@ -267,10 +280,11 @@ class WanTransformer(nnx.Module):
     tokens = self.patch_embedding(x.astype(jnp.float32)).astype(jnp.float32)
     tokens = tokens.reshape(b, -1, tokens.shape[-1])
     e = self.condition_embedder
-    sinusoids = layers.sinusoidal_embedding(timestep.astype(jnp.float32), self.freq_dim)
+    sinusoids = layers.sinusoidal_embedding(timestep.reshape(-1).astype(jnp.float32), self.freq_dim)
     sinusoids = jnp.concatenate([sinusoids[:, self.freq_dim // 2:], sinusoids[:, :self.freq_dim // 2]], axis=-1)
     time = e.time_embedder.linear_2(nnx.silu(e.time_embedder.linear_1(sinusoids)))
-    modulation = e.time_proj(nnx.silu(time)).reshape(b, 6, -1)
+    time = time.reshape(b, -1, time.shape[-1])  # [batch, 1 or frames, dim]
+    modulation = e.time_proj(nnx.silu(time)).reshape(time.shape[:2] + (6, -1))
     text = jnp.where(text_mask[..., None], text.astype(jnp.float32), 0.0)
     text = e.text_embedder.linear_2(nnx.gelu(e.text_embedder.linear_1(text), approximate=True))
     if image is not None:
@@ -281,8 +295,8 @@ class WanTransformer(nnx.Module):
     run = layers.rematerialised(run, self.remat_policy) if self.remat_policy else run
     for block in self.blocks:
       tokens = run(block, tokens, text, modulation, angles, image)
-    shift, scale = jnp.split(self.scale_shift_table[...] + time[:, None], 2, axis=1)
-    out = self.proj_out(self.norm_out(tokens) * (1 + scale) + shift)
+    shift, scale = jnp.split(self.scale_shift_table[...][:, None] + time[:, :, None], 2, axis=2)
+    out = self.proj_out(modulated(self.norm_out(tokens), scale, shift))
     out = out.reshape(b, *grid, pt, ph, pw, self.out_channels).transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return out.reshape(b, f, h, w, self.out_channels)
 
