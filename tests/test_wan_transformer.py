@@ -218,7 +218,8 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
   cross-attentions) as diffusers' transformer does, a train step on moving clips runs with every part loaded (UMT5,
   CLIP and the VAE frozen), and clips are sampled from given first frames; a missing part, mismatched channels and
   a missing image are named. A root with transformer_2/ (Wan 2.2 A14B) gives the pair of experts, switched at its
-  model_index.json's boundary_ratio."""
+  model_index.json's boundary_ratio; one whose model_index.json has expand_timesteps (Wan 2.2 TI2V 5B) starts clips
+  at images."""
   import shutil
 
   import transformers
@@ -244,8 +245,7 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
   tokenizers.train_sentencepiece(["a red circle moving left", "a blue square moving up"],
                                  root / "tokenizer" / "spiece", vocab_size=30)
   config = wan_t2v.get_config(str(root))
-  assert config.model.wan_low_noise_path == ""
-  config.model.in_channels = 3
+  assert config.model.wan_low_noise_path == "" and config.model.in_channels == 3  # (the transformer's out_channels)
   config.data.update(dataset="moving_shapes", resolution=32, frames=5, num_train=16, num_eval=8,
                      data_dir=str(tmp_path / "tfds"))
   config.text.max_length = 8
@@ -333,10 +333,14 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
       (root / "transformer" / "config.json").read_text()) | {"in_channels": 7}))
   found = " ".join(config_checks.problems(config, device_count=8))
   assert "Wan's image-to-video transformer reads 7 channels: it must read the clip's 3, a mask of 4" in found
+  assert "(are model.wan_path and latent.autoencoder_path from different checkpoints?)" in found
   assert "latent.cache: not supported for an image-to-video Wan yet" in found
   shutil.rmtree(root / "vae")
   assert f"latent.autoencoder_path={str(root / 'vae')!r} has no config.json" in " ".join(
       config_checks.problems(config, device_count=8))
+  (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "expand_timesteps": True}))
+  ti2v = wan_t2v.get_config(str(root))  # as Wan 2.2 TI2V 5B's root: clips may start at images
+  assert ti2v.model.wan_clean_first_frame and ti2v.model.wan_first_frame_fraction == 0.5
   (root / "transformer_2").mkdir()  # as Wan 2.2 A14B: an expert for low noise
   (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.9}))
   pair = wan_t2v.get_config(str(root))
