@@ -187,11 +187,18 @@ def wan_image_encoder_problems(m, wan: dict) -> list[str]:
     return [f"Wan's transformer reads CLIP tokens of the image (image_dim={wan['image_dim']}): set "
             "model.wan_image_encoder_path to its image encoder (the checkpoint's image_encoder/)"]
   try:
-    width = clip.read_vision_config(m.wan_image_encoder_path, "model.wan_image_encoder_path")["hidden_size"]
+    vision = clip.read_vision_config(m.wan_image_encoder_path, "model.wan_image_encoder_path")
   except ValueError as error:
     return [str(error)]
-  return [] if width == wan["image_dim"] else [
-      f"model.wan_image_encoder_path's hidden_size={width} differs from Wan's image_dim={wan['image_dim']}"]
+  found = [] if vision["hidden_size"] == wan["image_dim"] else [
+      f"model.wan_image_encoder_path's hidden_size={vision['hidden_size']} differs from Wan's "
+      f"image_dim={wan['image_dim']}"]
+  tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1  # its patches and the class token
+  if wan_transformer.is_first_last_frame(wan) and wan["pos_embed_seq_len"] != 2 * tokens:
+    found.append(f"Wan's first-last-frame transformer embeds pos_embed_seq_len={wan['pos_embed_seq_len']} image "
+                 f"tokens, two images' of model.wan_image_encoder_path's {tokens}: they must be {2 * tokens} (are "
+                 "the transformer and image encoder from different checkpoints?)")
+  return found
 
 
 EXPERT_BATCHES = ("routed", "mixed")  # model.wan_expert_batches

@@ -20,7 +20,8 @@ def read(config, sample_config, prompts: list[dict], frames: int) -> dict:
   frames: a video model's frames per clip (0 for an image model)."""
   if animates(config, prompts):  # every prompt animates its image: clips whose first frame it is
     if problems := animation_problems(prompts, clip_tokens=bool(config.model.wan_image_encoder_path),
-                                      first_frame_only=text_to_image.starts_clips_at_images(config)):
+                                      first_frame_only=text_to_image.starts_clips_at_images(config),
+                                      last_needed=text_to_image.first_last_frame(config)):
       raise ValueError("; ".join(problems))
     return {i: animated_edit(e, config.data.resolution, frames) for i, e in enumerate(prompts)}
   if any("last_image" in e for e in prompts):
@@ -116,12 +117,17 @@ def video_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray, n
   return clip, np.zeros(clip.shape[:-1], bool)
 
 
-def first_frame_edit(image: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray]:
+def first_frame_edit(image: np.ndarray, frames: int, last: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """An image as the first frame of a clip to generate (image-to-video): (the image repeated [frames, h, w, 3],
-  keep [frames, h, w], True on the first frame)."""
+  keep [frames, h, w], True on the first frame), and with `last` [h, w, 3] that image as its last frame, kept too."""
   keep = np.zeros((frames,) + image.shape[:2], bool)
   keep[0] = True
-  return np.repeat(image[None], frames, axis=0), keep
+  clip = np.repeat(image[None], frames, axis=0)
+  if last is not None:
+    if frames < 2:
+      raise ValueError("--last_image: a clip of one frame has no last frame apart from its first (--frames)")
+    clip[-1], keep[-1] = last, True
+  return clip, keep
 
 
 ANIMATES = ("This image-to-video model animates an image: give each prompt the image its clip starts at (--init_image, "
@@ -129,6 +135,8 @@ ANIMATES = ("This image-to-video model animates an image: give each prompt the i
 NOT_EDITED = "--init_video and --mask edit a clip or inpaint; an image-to-video model animates an --init_image"
 MIXED = ("A prompt with an --init_image makes this model (which starts clips at images, Wan 2.2 TI2V's mode) animate "
          "images: give every prompt of the call one, or sample those without in a call of their own")
+LAST_NEEDED = ("This first-last-frame model (Wan 2.1 FLF2V) makes clips between two images: give each prompt the "
+               "image its clip ends at too (--last_image, or \"last_image\" in a .jsonl prompts file)")
 NO_LAST = "--last_image: this model starts clips at images (Wan 2.2 TI2V's mode); it reads no last frame"
 ONE_IMAGE = ("--last_image: this image-to-video model reads the CLIP tokens of one image (Wan 2.1's); a last frame is "
              "for one without (Wan 2.2's)")
@@ -137,20 +145,17 @@ ONE_IMAGE = ("--last_image: this image-to-video model reads the CLIP tokens of o
 def animated_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
   """An image-to-video model's prompt entry as first_frame_edit's clip of its "init_image", and with a
   "last_image" that image as the clip's last frame, kept too."""
-  clip, keep = first_frame_edit(image_edit(entry, resolution)[0], frames)
-  if "last_image" in entry:
-    if frames < 2:
-      raise ValueError("--last_image: a clip of one frame has no last frame apart from its first (--frames)")
-    clip[-1] = pipeline.resize_and_crop(read_image(entry, "last_image"), resolution, None)
-    keep[-1] = True
-  return clip, keep
+  last = pipeline.resize_and_crop(read_image(entry, "last_image"), resolution, None) if "last_image" in entry else None
+  return first_frame_edit(image_edit(entry, resolution)[0], frames, last)
 
 
-def animation_problems(prompts: list[dict], clip_tokens: bool = False, first_frame_only: bool = False) -> list[str]:
+def animation_problems(prompts: list[dict], clip_tokens: bool = False, first_frame_only: bool = False,
+                       last_needed: bool = False) -> list[str]:
   """Why an image-to-video model cannot sample these prompts (dicts as sample.read_prompts reads them): each
   animates an image (init_image), making its whole clip from noise (no strength of an edit); a last frame
   (last_image) only where no CLIP tokens are read (clip_tokens: Wan 2.1's model reads those of one image) and the
-  model reads more than a first frame (first_frame_only: one that starts clips at images, Wan 2.2 TI2V)."""
+  model reads more than a first frame (first_frame_only: one that starts clips at images, Wan 2.2 TI2V), and on
+  every prompt for a first-last-frame model (last_needed: Wan 2.1 FLF2V, which reads both images' CLIP tokens)."""
   found = []
   if missing := [e["prompt"] for e in prompts if "init_image" not in e][:3]:
     found.append(f"{MIXED if first_frame_only else ANIMATES}: {missing}")
@@ -159,7 +164,9 @@ def animation_problems(prompts: list[dict], clip_tokens: bool = False, first_fra
   if any("strength" in e for e in prompts):
     found.append("a prompt's 'strength': an image-to-video model makes its whole clip from noise (the image is its "
                  "condition, not a start); leave it out")
-  if (clip_tokens or first_frame_only) and any("last_image" in e for e in prompts):
+  if last_needed and (missing := [e["prompt"] for e in prompts if "last_image" not in e][:3]):
+    found.append(f"{LAST_NEEDED}: {missing}")
+  elif (clip_tokens or first_frame_only) and not last_needed and any("last_image" in e for e in prompts):
     found.append(NO_LAST if first_frame_only else ONE_IMAGE)
   return found
 

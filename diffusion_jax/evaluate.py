@@ -253,12 +253,14 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
 def given_media(config, sample_config, real, image_to_video=False, edit_real=None):
   """What the model is given of the real uint8 media `real` [n, (frames,) h, w, 3] (_generate's edit): with
   edit_real each image or clip whole, nothing kept (SDEdit, as sample.py's --init_image and --init_video); with
-  image_to_video each clip's first frame, kept (edit_inputs.first_frame_edit); otherwise None."""
+  image_to_video each clip's first frame, kept (edit_inputs.first_frame_edit; a first-last-frame model's, its
+  last frame too); otherwise None."""
   if edit_real:
     return real, np.zeros(real.shape[:-1], bool)
   if image_to_video:
-    frames = sample.clip_frames(config, sample_config)
-    return tuple(np.stack(a) for a in zip(*[edit_inputs.first_frame_edit(v[0], frames) for v in real]))
+    frames, last = sample.clip_frames(config, sample_config), text_to_image.first_last_frame(config)
+    return tuple(np.stack(a) for a in zip(*[edit_inputs.first_frame_edit(v[0], frames, v[:frames][-1] if last else None)
+                                            for v in real]))
   return None
 
 

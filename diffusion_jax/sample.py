@@ -48,8 +48,9 @@ Flags:
   --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the model's
                     resolution as --init_image) to edit for every prompt without an edit of its own (video-to-video:
                     SDEdit over the whole clip, nothing kept)
-  --last_image      with --init_image, an image-to-video Wan without CLIP tokens (Wan 2.2 I2V): the image every
-                    clip ends at, its last frame (diffusers' last_image; read as --init_image is)
+  --last_image      with --init_image, an image-to-video Wan without CLIP tokens (Wan 2.2 I2V) or a first-last-frame
+                    one (Wan 2.1 FLF2V, which needs it): the image every clip ends at, its last frame (diffusers'
+                    last_image; read as --init_image is)
   --mask            with --init_image, image models: inpainting mask of the same size, white = generate anew,
                     black = keep (the kept pixels of the output are the image's)
   --strength        with --init_image or --init_video: the part of the sampling grid run, in (0, 1], for every edit
@@ -381,7 +382,10 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     # the edit's first frames are the condition; the clips come from noise
     first_frames = edit_inputs.animated_images(init_images, keep_masks)
     init_images = keep_masks = None
-    if first_frames[2].any() and config.model.wan_image_encoder_path:
+    if text_to_image.first_last_frame(config):
+      if not first_frames[2].all():
+        raise ValueError(edit_inputs.LAST_NEEDED + ".")
+    elif first_frames[2].any() and config.model.wan_image_encoder_path:
       raise ValueError(edit_inputs.ONE_IMAGE)
   sources = list(source_prompts or [])
   inverting_with_sources = init_images is not None and sample_config.edit_noise in editing.SOURCE_PROMPTED
@@ -811,7 +815,9 @@ def write_training_samples(config, weights: Weights, graphdef, step: int, workdi
     from diffusion_jax import evaluate
 
     _, clips, prompts = evaluate.validation_set(config, len(prompts))
-    edits = dict(enumerate(edit_inputs.first_frame_edit(clip[0], clip_frames(config, config.sample))
+    frames = clip_frames(config, config.sample)
+    last = text_to_image.first_last_frame(config)  # (and a first-last-frame model, their last frames)
+    edits = dict(enumerate(edit_inputs.first_frame_edit(clip[0], frames, clip[:frames][-1] if last else None)
                            for clip in clips))
   grid = write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        config.sample, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres, edits=edits)
@@ -859,7 +865,7 @@ def define_flags():
                       "edit of its own (video-to-video, at --strength).")
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")
   flags.DEFINE_string("last_image", None, "With --init_image, an image-to-video Wan: the image every clip ends at "
-                      "(its last frame; Wan 2.2's, whose condition has no CLIP tokens).")
+                      "(its last frame; Wan 2.2's, whose condition has no CLIP tokens, or Wan 2.1 FLF2V's).")
   flags.DEFINE_float("strength", None, "With --init_image or --init_video: the part of the sampling grid run from "
                      "it noised, in (0, 1] (default: config sample.strength).")
   flags.DEFINE_enum("edit_noise", None, list(editing.EDIT_NOISE), "With --init_image or --init_video: random (SDEdit), "

@@ -191,8 +191,8 @@ def make_loss_fn(config, graphdef, expert: str | None = None):
     if superres.is_residual(config):  # the stage diffuses the detail its clean input lacks
       x0 = superres.to_residual(x0, superres.lowres_input(x0, config), config)
     is_video = batch.get("is_video") if config.data.image_fraction > 0 else None  # None: no stills
-    # an image-to-video model learns to continue each clip from its first frame
-    condition = model.image_condition(pixels[:, 0], pixels.shape[1]) if model.image_to_video else None
+    # an image-to-video model learns to continue each clip from its first frame (a first-last-frame one, to its last)
+    condition = model.own_condition(pixels) if model.image_to_video else None
     if config.model.wan_first_frame_fraction:  # a model that starts clips at images: some at their own first frame
       given = jax.random.bernoulli(jax.random.fold_in(key, 4), config.model.wan_first_frame_fraction, x0.shape[:1])
       condition = {"first_latents": x0[:, :1], "first_given": given}

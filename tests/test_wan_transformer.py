@@ -132,10 +132,11 @@ def test_what_it_cannot_build_is_refused_with_a_reason(tmp_path):
     wan_transformer.read_config(tmp_path / "pipeline")
   directory = tmp_path / "pipeline" / "transformer"
   config = json.loads((directory / "config.json").read_text())
-  (directory / "config.json").write_text(json.dumps(config | {"image_dim": 1280, "added_kv_proj_dim": 48,
-                                                              "pos_embed_seq_len": 514}))
+  (directory / "config.json").write_text(json.dumps(config | {"added_kv_proj_dim": 48, "pos_embed_seq_len": 514}))
   with pytest.raises(ValueError, match="added_kv_proj_dim=48: an image-to-video model's image tokens need both, the "
-                                       "second the model's width 24; pos_embed_seq_len: a first-last-frame model's"):
+                                       "second the model's width 24; pos_embed_seq_len=514: a first-last-frame "
+                                       "model's image position embedding is for the CLIP tokens of its two images; "
+                                       "it needs image_dim"):
     wan_transformer.load_diffusers(directory)
   (directory / "config.json").write_text(json.dumps(config | {"ffn_dim": 64}))
   with pytest.raises(ValueError, match="does not match its config.json .*blocks.0.ffn.net.0.proj.weight has shape"):
@@ -590,3 +591,78 @@ def test_wan_22_ti2v_starts_clips_at_images_as_diffusers_feeds_its_first_frame(t
   config.model.backbone = "unet"
   assert "model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode" in " ".join(
       config_checks.problems(config, device_count=8))
+
+
+def test_a_first_last_frame_wan_makes_clips_between_two_images_as_diffusers_reads_them(tmp_path):
+  """Wan 2.1 FLF2V (pos_embed_seq_len), on pixels: the condition ends each clip at its last image, the CLIP tokens
+  of both images (the first's then the last's) get the learnt position embedding, and the model's output equals
+  diffusers' transformer given the two images' tokens as WanImageToVideoPipeline passes them; training conditions
+  each clip on its own first and last frames, its samples (and an evaluation's) are made between validation clips'
+  first and last frames, a prompt without a last image is refused, and an image encoder of another token count is
+  named."""
+  import transformers
+
+  from configs import t2v_moving_shapes
+
+  # 7 channels in: the clip's 3, a mask of 1 (a pixel frame a frame) and the given frames' 3; two images of 17
+  # CLIP tokens (4 x 4 patches and the class token)
+  reference = save_tiny_wan(tmp_path / "wan", num_layers=1, in_channels=7, image_dim=16, added_kv_proj_dim=24,
+                            pos_embed_seq_len=34)
+  torch.manual_seed(0)
+  transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+      hidden_act="gelu")).save_pretrained(tmp_path / "image_encoder", safe_serialization=True)
+  config = t2v_moving_shapes.get_config("test")
+  config.model.update(backbone="wan", wan_path=str(tmp_path / "wan"), wan_image_encoder_path=str(
+      tmp_path / "image_encoder"))
+  config.diffusion.update(path="flow", prediction="flow")
+  config.data.update(data_dir=str(tmp_path / "tfds"), image_fraction=0.0)
+  config.text.t5.d_model = 32
+  assert config_checks.problems(config, device_count=8) == []
+  mesh = sharding.make_mesh(config.mesh)
+  state, graphdef = train.init_state(config, mesh)
+  model = nnx.merge(graphdef, *jax.device_get((state.params, state.frozen)))
+  frames, rng = config.data.frames, np.random.default_rng(0)
+  first, last = (rng.uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32) for _ in range(2))
+  condition = model.image_condition(jnp.asarray(first), frames, jnp.asarray(last), jnp.array([True, True]))
+  assert condition["image"].shape == (2, 34, 16)
+  np.testing.assert_allclose(condition["latents"][:, -1, ..., 1:], last, atol=1e-6)  # the clip ends at it
+  x, text = jax.random.normal(jax.random.key(1), (2, frames, 16, 16, 3)), jax.random.normal(jax.random.key(2),
+                                                                                          (2, 512, 32))
+  logsnr = jnp.array([-3.0, 1.0])
+  pairs = np.asarray(condition["image"]).reshape(4, 17, 16)  # the pipeline's batch: each clip's first, then last
+  with torch.no_grad():
+    theirs = reference(torch.from_numpy(np.concatenate([x, condition["latents"]], -1)).permute(0, 4, 1, 2, 3),
+                       torch.from_numpy(np.asarray(wan_transformer.timestep(logsnr))),
+                       torch.from_numpy(np.asarray(text)), encoder_hidden_states_image=torch.from_numpy(pairs)).sample
+  ours = model(x, logsnr, text, jnp.ones((2, 512), bool), condition=condition)
+  np.testing.assert_allclose(ours, theirs.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+  step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
+  state, metrics = step(state, batch, hparams)
+  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  config.sample.update(steps=2, batch_size=8)
+  grid = sample.write_training_samples(config, sample.Weights(state.params, state.frozen), graphdef, 1,
+                                       tmp_path / "run")
+  records = [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
+  _, clips, captions = evaluate.validation_set(config, len(records))
+  assert [r["prompt"] for r in records] == captions
+  assert media.read_image(grid.parent / records[0]["file"]).shape == (16, frames * 16, 3)  # (a sampler without
+  # each clip's last frame is refused: the sampling below)
+  media.save_png(tmp_path / "first.png", clips[0, 0], {})
+  prompt = {"prompt": captions[0], "init_image": str(tmp_path / "first.png")}
+  with pytest.raises(ValueError, match="makes clips between two images: give each prompt the image its clip ends"):
+    edit_inputs.read(config, config.sample, [prompt], frames)
+  with pytest.raises(ValueError, match="makes clips between two images"):
+    sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config), captions[:1],
+                    config.sample, mesh, init_images=clips[:1, :frames],
+                    keep_masks=edit_inputs.first_frame_edit(clips[0, 0], frames)[1][None])
+  (_, keep), = edit_inputs.read(config, config.sample, [{**prompt, "last_image": prompt["init_image"]}],
+                                frames).values()
+  assert keep[0].all() and keep[-1].all() and not keep[1:-1].any()
+  given, kept = evaluate.given_media(config, config.sample, clips, image_to_video=True)  # (evaluate --image_to_video)
+  np.testing.assert_array_equal(given[:, -1], clips[:, frames - 1])
+  assert kept[:, 0].all() and kept[:, -1].all() and not kept[:, 1:-1].any()
+  encoder_config = tmp_path / "image_encoder" / "config.json"
+  encoder_config.write_text(json.dumps(json.loads(encoder_config.read_text()) | {"patch_size": 4}))
+  assert "embeds pos_embed_seq_len=34 image tokens, two images' of model.wan_image_encoder_path's 65: they must be " \
+         "130" in " ".join(config_checks.problems(config, device_count=8))

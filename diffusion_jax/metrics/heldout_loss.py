@@ -65,7 +65,7 @@ def _build(config, graphdef):
     clean_lowres = superres.lowres_input(pixels, config) if config.model.lowres_conditioning else None
     x0 = superres.to_residual(image, clean_lowres, config) if superres.is_residual(config) else image
     text = model.encode(batch["text_ids"], batch["text_mask"])
-    condition = model.image_condition(pixels[:, 0], pixels.shape[1]) if model.image_to_video else None
+    condition = model.own_condition(pixels) if model.image_to_video else None
     rows = x0.shape[0]
 
     def own_rows(draw):  # this batch's rows of a draw for all n examples (zeros past n)

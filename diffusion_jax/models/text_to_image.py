@@ -28,7 +28,7 @@ class TextToImage(nnx.Module):
     self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
                                      else config.text.t5, rngs=rngs)
     m = config.model
-    self.backbone, self.image_to_video = m.backbone, False
+    self.backbone, self.image_to_video, self.first_last_frame = m.backbone, False, False
     self.clean_first_frame = m.backbone == "wan" and m.wan_clean_first_frame  # Wan 2.2 TI2V's image-to-video mode
     self.image_encoder = (clip.VisionModel(clip.read_vision_config(m.wan_image_encoder_path,
                                                                    "model.wan_image_encoder_path"), rngs=rngs)
@@ -44,6 +44,7 @@ class TextToImage(nnx.Module):
       self.wan_boundary = m.wan_boundary
       wan_config = wan_transformer.read_config(m.wan_path)
       self.image_to_video = wan_transformer.is_image_to_video(wan_config)
+      self.first_last_frame = wan_transformer.is_first_last_frame(wan_config)  # Wan 2.1 FLF2V
       self.mask_channels = wan_config["in_channels"] - 2 * wan_config["out_channels"]
     else:
       self.unet = unet.UNet(m, rngs=rngs)
@@ -69,7 +70,8 @@ class TextToImage(nnx.Module):
     [-1, 1] (and, where last_given [batch] bool, end at last [batch, h, w, c]): {"latents": [batch, latent frames,
     h, w, mask + latent channels] (wan_transformer.image_condition of the latents' mean of the clip that is the
     image, zero frames and the last image or a zero frame, as Wan's pipelines encode it), and with an image encoder
-    (Wan 2.1's) "image": its CLIP tokens [batch, tokens, width]}. A model that starts clips at images (Wan 2.2
+    (Wan 2.1's) "image": its CLIP tokens [batch, tokens, width]; a first-last-frame model's, which needs `last`:
+    the first image's then the last's}. A model that starts clips at images (Wan 2.2
     TI2V's mode; no last image): {"first_latents": the latents' mean of each image alone [batch, 1, h, w, c], its
     clip's first latent frame, "first_given": [batch] True}."""
     if self.clean_first_frame:
@@ -79,9 +81,21 @@ class TextToImage(nnx.Module):
     rest = jnp.zeros((images.shape[0], max(frames - 2, 0)) + images.shape[1:], images.dtype)
     video = jnp.concatenate([images[:, None], rest, end.astype(images.dtype)], axis=1)[:, :frames]
     condition = {"latents": wan_transformer.image_condition(self.to_latents(video), self.mask_channels, given)}
-    if self.image_encoder is not None:
+    if self.first_last_frame:
+      if last is None:
+        raise ValueError("A first-last-frame model (Wan 2.1 FLF2V) needs the last image of each clip too")
+      condition["image"] = jnp.concatenate([self.image_encoder.penultimate(images),
+                                            self.image_encoder.penultimate(last)], axis=1)
+    elif self.image_encoder is not None:
       condition["image"] = self.image_encoder.penultimate(images)
     return condition
+
+  def own_condition(self, clips) -> dict:
+    """An image-to-video model's condition for clips [batch, frames, h, w, c] in [-1, 1] of their own first frame
+    (and a first-last-frame model's, last), what training reads."""
+    if not self.first_last_frame:
+      return self.image_condition(clips[:, 0], clips.shape[1])
+    return self.image_condition(clips[:, 0], clips.shape[1], clips[:, -1], jnp.ones(clips.shape[:1], bool))
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
                condition=None, expert=None):
@@ -125,6 +139,12 @@ class TextToImage(nnx.Module):
 def image_to_video(config) -> bool:
   """Whether the config's network animates images: an image-to-video Wan (model.wan_path's config.json)."""
   return config.model.backbone == "wan" and wan_transformer.is_image_to_video(
+      wan_transformer.read_config(config.model.wan_path))
+
+
+def first_last_frame(config) -> bool:
+  """Whether the config's network makes clips between two given images (a first-last-frame Wan: Wan 2.1 FLF2V)."""
+  return config.model.backbone == "wan" and wan_transformer.is_first_last_frame(
       wan_transformer.read_config(config.model.wan_path))
 
 

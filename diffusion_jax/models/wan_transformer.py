@@ -25,8 +25,11 @@ the latents of the clip that is the image followed by zero frames, concatenated 
 states of its image encoder, models/clip.py): embedded once, then attended to by every block's cross-attention
 beside the text, with projections of their own (`add_k_proj`, `add_v_proj`), the two attentions' outputs added.
 
-Not supported (config_problems refuses them): first-last-frame models' image position embedding
-(`pos_embed_seq_len`) and other query-key norms than `rms_norm_across_heads`.
+A first-last-frame model (Wan 2.1 FLF2V: `pos_embed_seq_len`) is such a Wan 2.1 model whose clips end at a given
+image too: it reads the CLIP tokens of both images, the first's then the last's, with a learnt position embedding
+added before they are embedded.
+
+Not supported (config_problems refuses them): other query-key norms than `rms_norm_across_heads`.
 """
 
 import json
@@ -56,8 +59,9 @@ def config_problems(config: dict) -> list[str]:
   if (c["image_dim"] is None) != (c["added_kv_proj_dim"] is None) or c["added_kv_proj_dim"] not in (None, dim):
     found.append(f"image_dim={c['image_dim']}, added_kv_proj_dim={c['added_kv_proj_dim']}: an image-to-video model's "
                  f"image tokens need both, the second the model's width {dim}")
-  if c["pos_embed_seq_len"] is not None:
-    found.append("pos_embed_seq_len: a first-last-frame model's image position embedding is not supported")
+  if c["pos_embed_seq_len"] is not None and c["image_dim"] is None:
+    found.append(f"pos_embed_seq_len={c['pos_embed_seq_len']}: a first-last-frame model's image position embedding "
+                 "is for the CLIP tokens of its two images; it needs image_dim")
   if c["qk_norm"] != "rms_norm_across_heads":
     found.append(f"qk_norm={c['qk_norm']!r}: only 'rms_norm_across_heads' (every Wan model's) is supported")
   return found
@@ -78,6 +82,12 @@ def read_config(path, field: str = "model.wan_path") -> dict:
   if problems := config_problems(config):
     raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
   return DEFAULTS | config
+
+
+def is_first_last_frame(config: dict) -> bool:
+  """Whether a transformer's config.json is a first-last-frame model's (Wan 2.1 FLF2V): it reads the CLIP tokens of
+  both images, a position embedding (pos_embed_seq_len) telling them apart."""
+  return (DEFAULTS | config)["pos_embed_seq_len"] is not None
 
 
 def is_image_to_video(config: dict) -> bool:
@@ -266,6 +276,9 @@ class WanTransformer(nnx.Module):
       embedder.image_embedder.ff.net = nnx.List([GeluProjection(image_dim, image_dim, rngs, jnp.float32, exact=True),
                                                  None, dense(image_dim, dim, (None, "embed"), rngs)])
       embedder.image_embedder.norm2 = layer_norm(dim, 1e-5, rngs, affine=True)
+      if (tokens := c["pos_embed_seq_len"]) is not None:  # first-last-frame: which image each token is of
+        embedder.image_embedder.pos_embed = nnx.Param(jnp.zeros((1, tokens, image_dim)),
+                                                      **layers.names(None, None, None))
     self.blocks = nnx.List([Block(c, rngs, dtype, attention, lora_rank, ff_lora_rank)
                             for _ in range(c["num_layers"])])
     self.norm_out = layer_norm(dim, c["eps"], rngs)
@@ -274,7 +287,8 @@ class WanTransformer(nnx.Module):
                                        **layers.names(None, None, "embed"))
 
   def __call__(self, x, timestep, text, text_mask, image=None):
-    """image: Wan 2.1 image-to-video's CLIP tokens of the image [batch, tokens, image_dim] (None otherwise)."""
+    """image: Wan 2.1 image-to-video's CLIP tokens of the image [batch, tokens, image_dim] (a first-last-frame
+    model's: the first image's then the last's, pos_embed_seq_len in all; None otherwise)."""
     b, f, h, w, _ = x.shape
     (pt, ph, pw), grid = self.patch, (f // self.patch[0], h // self.patch[1], w // self.patch[2])
     tokens = self.patch_embedding(x.astype(jnp.float32)).astype(jnp.float32)
@@ -288,8 +302,9 @@ class WanTransformer(nnx.Module):
     text = jnp.where(text_mask[..., None], text.astype(jnp.float32), 0.0)
     text = e.text_embedder.linear_2(nnx.gelu(e.text_embedder.linear_1(text), approximate=True))
     if image is not None:
-      embed = e.image_embedder
-      image = embed.norm2(embed.ff.net[2](embed.ff.net[0](embed.norm1(image.astype(jnp.float32)))))
+      embed, image = e.image_embedder, image.astype(jnp.float32)
+      image = image + embed.pos_embed[...] if hasattr(embed, "pos_embed") else image
+      image = embed.norm2(embed.ff.net[2](embed.ff.net[0](embed.norm1(image))))
     angles = rotary_angles(*grid, self.head_dim)
     run = lambda block, *args: block(*args)
     run = layers.rematerialised(run, self.remat_policy) if self.remat_policy else run
