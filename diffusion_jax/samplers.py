@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import objectives
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "flow_euler")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "flow_euler", "unipc")
 THRESHOLDS = ("none", "static", "dynamic")
 
 
@@ -39,6 +39,37 @@ def dpmpp_2m_step(x, x0, x0_prev, h_prev, a_t, s_t, a_s, s_s, second_order):
   d = (1 + inv_2r) * x0 - inv_2r * x0_prev
   ratio = jnp.where(s_s > 0, s_s / s_t, 0.0)
   return ratio * x - a_s * jnp.expm1(-h) * d, h
+
+
+def unipc_step(x, x0, x0_prev, a_s, s_s, s_t, half_logsnrs, second_order):
+  """UniPC's predictor (Zhao et al. 2023; UniP-2 with B(h) = e^-h - 1, 'bh2', predicting x0 as diffusers'
+  UniPCMultistepScheduler does): x at level t with its clean estimate x0, the previous level's x0_prev, to level
+  s. half_logsnrs: (lambda_s, lambda_t, lambda_prev), log(alpha / sigma) of the three levels. First order (a DDIM
+  step) where `second_order` is False."""
+  lambda_s, lambda_t, lambda_prev = half_logsnrs
+  h = lambda_s - lambda_t
+  h_phi_1 = jnp.expm1(-h)
+  x_s = jnp.where(s_s > 0, s_s / s_t, 0.0) * x - a_s * h_phi_1 * x0
+  slope = (x0_prev - x0) / ((lambda_prev - lambda_t) / h)  # D1 / r1
+  return jnp.where(second_order, x_s - a_s * h_phi_1 * 0.5 * slope, x_s)
+
+
+def unipc_corrected(x_prev, x0_prev, x0_prev2, x0, a_t, s_t, s_prev, half_logsnrs, second_order):
+  """UniPC's corrector (UniC; 'bh2'): the sample at level t recomputed from the previous level's (corrected)
+  sample x_prev and clean estimates (x0_prev, and the level before's x0_prev2) with the clean estimate x0 that the
+  network made at level t, at no extra evaluation. half_logsnrs: (lambda_t, lambda_prev, lambda_prev2). First
+  order (UniC-1) where `second_order` is False."""
+  lambda_t, lambda_prev, lambda_prev2 = half_logsnrs
+  h = lambda_t - lambda_prev
+  h_phi_1 = jnp.expm1(-h)  # also B(h)
+  phi_2 = h_phi_1 / -h - 1
+  b1, b2 = phi_2 / h_phi_1, (phi_2 / -h - 0.5) * 2 / h_phi_1
+  x_t = s_t / s_prev * x_prev - a_t * h_phi_1 * x0_prev
+  first = x_t - a_t * h_phi_1 * 0.5 * (x0 - x0_prev)
+  r1 = (lambda_prev2 - lambda_prev) / h
+  rho1 = (b1 - b2) / (1 - r1)  # [[1, 1], [r1, 1]] (rho1, rho2) = (b1, b2)
+  second = x_t - a_t * h_phi_1 * (rho1 * (x0_prev2 - x0_prev) / r1 + (b1 - rho1) * (x0 - x0_prev))
+  return jnp.where(second_order, second, first)
 
 
 def euler_step(x, x0, a_t, s_t, a_s, s_s):
@@ -76,6 +107,9 @@ def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, et
     key = jax.random.key(0)
   steps = alpha.shape[0] - 1
   levels = (alpha[:-1], sigma[:-1], alpha[1:], sigma[1:])
+  earlier = lambda a, k: jnp.concatenate([jnp.repeat(a[:1], k), a[:max(steps - k, 0)]])[:steps]  # a[n - k]
+  half_logsnr = jnp.log(alpha) - jnp.log(sigma)
+  history = (earlier(sigma, 1), half_logsnr[:-1], half_logsnr[1:], earlier(half_logsnr, 1), earlier(half_logsnr, 2))
   typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
   per_example = key.ndim == (1 if typed else 2)
   if per_example:  # [steps, batch] keys: example i's noise at every step comes from its own key
@@ -89,12 +123,20 @@ def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, et
     return jax.random.normal(step_key, x.shape, x.dtype)
 
   def body(carry, inputs):
-    x, x0_prev, h_prev, n = carry
-    (a_t, s_t, a_s, s_s), step_key = inputs
+    x, x0_prev, h_prev, n, unipc = carry
+    (a_t, s_t, a_s, s_s), step_key, (s_prev, lambda_t, lambda_s, lambda_prev, lambda_prev2) = inputs
     if on_step is not None:
       jax.debug.callback(on_step, n)
     x0 = denoise_fn(x, jnp.full(x.shape[:1], a_t), jnp.full(x.shape[:1], s_t))
-    if sampler in ("ddpm", "ddim"):
+    if sampler == "unipc":  # order 2 but at the first and last steps, as diffusers' lower_order_final
+      x_prev, x0_prev2 = unipc
+      corrected = unipc_corrected(x_prev, x0_prev, x0_prev2, x0, a_t, s_t, s_prev,
+                                  (lambda_t, lambda_prev, lambda_prev2), second_order=n > 1)
+      x = jnp.where(n > 0, corrected, x)
+      unipc = (x, x0_prev)
+      x = unipc_step(x, x0, x0_prev, a_s, s_s, s_t, (lambda_s, lambda_t, lambda_prev),
+                     second_order=(n > 0) & (n < steps - 1))
+    elif sampler in ("ddpm", "ddim"):
       noise = step_noise(step_key, x) if eta else jnp.zeros_like(x)
       x = ddim_step(x, x0, a_t, s_t, a_s, s_s, eta, noise)
     elif sampler == "dpmpp_2m":
@@ -114,10 +156,11 @@ def sample(denoise_fn, x_init, alpha, sigma, sampler: str = "ddim", key=None, et
         return a_s * (y + (sig_s - sig_t) * slope)
 
       x = jax.lax.cond(s_s > 0, correct, lambda x_euler: x_euler, x_euler)
-    return (x, x0, h_prev, n + 1), (x if return_trajectory else None)
+    return (x, x0, h_prev, n + 1, unipc), (x if return_trajectory else None)
 
-  carry = (x_init, jnp.zeros_like(x_init), jnp.ones((), x_init.dtype), jnp.zeros((), jnp.int32))
-  (x, *_), trajectory = jax.lax.scan(body, carry, (levels, keys))
+  unipc = (x_init, jnp.zeros_like(x_init)) if sampler == "unipc" else ()  # the corrector's sample and x0 before
+  carry = (x_init, jnp.zeros_like(x_init), jnp.ones((), x_init.dtype), jnp.zeros((), jnp.int32), unipc)
+  (x, *_), trajectory = jax.lax.scan(body, carry, (levels, keys, history))
   return trajectory if return_trajectory else x
 
 

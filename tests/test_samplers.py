@@ -113,6 +113,42 @@ def test_dpmpp_2m_matches_diffusers_step_by_step():
     assert rel_err(a, b) < 1e-5, f"step {step}"
 
 
+def test_unipc_matches_diffusers_step_by_step():
+  """UniPC (order 2, bh2, its corrector at every step after the first) against diffusers' UniPCMultistepScheduler,
+  as Stable Diffusion's pipelines use it (epsilon prediction on the VP path)."""
+  scheduler = diffusers.UniPCMultistepScheduler(beta_schedule="linear")
+  scheduler.set_timesteps(STEPS)
+  x_init, states = run_diffusers(scheduler, vp_from_edm_sigmas(scheduler))
+  grid = schedules.logsnr_from_edm_sigma(scheduler.sigmas.double().numpy())
+  ours = our_trajectory(grid, x_init, "unipc")
+  for step, (a, b) in enumerate(zip(ours, states)):
+    assert rel_err(a, b) < 1e-5, f"step {step}"
+
+
+def test_unipc_on_the_flow_path_matches_wans_scheduler_step_by_step():
+  """Wan's pipelines' sampler: diffusers' UniPCMultistepScheduler with flow sigmas (shifted by 5) predicting the
+  velocity eps - x0, against ours on the same sigmas of the flow path x = (1 - sigma) x0 + sigma eps."""
+  scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                flow_shift=5.0)
+  scheduler.set_timesteps(STEPS)
+  flow_sigmas = scheduler.sigmas.double().numpy()
+  torch.manual_seed(0)
+  x = torch.randn(SHAPE, dtype=torch.float64)
+  x_init, states = x.numpy().copy(), []
+  for i, t in enumerate(scheduler.timesteps):
+    s = flow_sigmas[i]
+    x0 = exact_x0(x.numpy(), np.array([1 - s]), np.array([s]))
+    velocity = (x.numpy() - x0) / s  # eps - x0, eps = (x - (1 - s) x0) / s
+    x = scheduler.step(torch.from_numpy(velocity), t, x).prev_sample
+    states.append(x.numpy().copy())
+  with jax.enable_x64(True):
+    sigma = jnp.asarray(flow_sigmas)
+    trajectory = jax.jit(lambda x: samplers.sample(exact_denoiser, x, 1 - sigma, sigma, "unipc",
+                                                   return_trajectory=True))(jnp.asarray(x_init))
+  for step, (a, b) in enumerate(zip(np.asarray(trajectory), states)):
+    assert rel_err(a, b) < 1e-5, f"step {step}"
+
+
 @pytest.mark.parametrize("karras", [False, True])
 def test_euler_matches_diffusers_step_by_step(karras):
   scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", use_karras_sigmas=karras)
@@ -197,7 +233,7 @@ def deterministic_error(sampler, steps):
   return np.abs(run(steps) - run(2048)).max()
 
 
-@pytest.mark.parametrize("sampler, order", [("ddim", 1), ("euler", 1), ("dpmpp_2m", 2), ("heun", 2)])
+@pytest.mark.parametrize("sampler, order", [("ddim", 1), ("euler", 1), ("dpmpp_2m", 2), ("heun", 2), ("unipc", 3)])
 def test_convergence_order(sampler, order):
   e1, e2 = deterministic_error(sampler, 32), deterministic_error(sampler, 64)
   measured = np.log2(e1 / e2)
