@@ -58,6 +58,7 @@ def stage_configs(cascade) -> list[Stage]:
       if key in settings and settings[key] is not None:
         sample_config[key] = settings[key]
     sample_config.num_per_prompt, sample_config.seed = cascade.num_per_prompt, cascade.seed + index
+    sample_config.update(height=0, width=0)  # (each stage samples at its data.resolution, the next stage's input)
     stages.append(Stage(settings.workdir, config, sample_config, stage_adapters(settings, index)))
   return stages
 

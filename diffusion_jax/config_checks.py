@@ -269,6 +269,50 @@ def moving_shapes_problems(data_config) -> list[str]:
   return []
 
 
+def spatial_multiple(config) -> int | None:
+  """What the network's side must be a multiple of: a U-Net's 2 ** (levels - 1), a DiT's patch, Wan's spatial
+  patch (None where Wan's config.json cannot be read: wan_problems says why)."""
+  m = config.model
+  if m.backbone == "dit":
+    return max(m.patch_size, 1)
+  if m.backbone == "wan":
+    try:
+      return wan_transformer.read_config(m.wan_path)["patch_size"][1]
+    except ValueError:
+      return None
+  return 2 ** (len(m.channel_mults) - 1)
+
+
+def sample_size_problems(config, sample_config, prefix: str) -> list[str]:
+  """Why the network cannot make samples of sample_config's height and width (each named prefix + field; 0 is
+  data.resolution): a side the autoencoder's downsampling times spatial_multiple does not divide, a DiT grid
+  longer than its position periods, or a super-resolution stage (its input is the stage below's square)."""
+  sides = {"height": sample_config.height, "width": sample_config.width}
+  if not any(sides.values()):
+    return []
+  if config.model.lowres_conditioning:
+    return [f"{prefix}height, {prefix}width: a super-resolution stage samples at data.resolution (its input is the "
+            "stage below's); leave them at 0"]
+  try:
+    factor = (autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path))
+              if config.latent.autoencoder_path else 1)
+  except ValueError:  # latent_problems says why
+    return []
+  if (multiple := spatial_multiple(config)) is None:
+    return []
+  backbone = {"dit": "the DiT's patch", "wan": "Wan's patch"}.get(config.model.backbone,
+                                                                 "the U-Net's 2 ** (levels - 1)")
+  what = ("the autoencoder's downsampling x " if factor > 1 else "") + backbone
+  found = [f"{prefix}{name}={side} must be a multiple of {factor * multiple} ({what})" if side > 0 else
+           f"{prefix}{name}={side} must be >= 0 (0: data.resolution)"
+           for name, side in sides.items() if side < 0 or side % (factor * multiple)]
+  grid = max(sides.values()) // (factor * multiple)
+  if config.model.backbone == "dit" and config.model.position_max_period < grid:
+    found.append(f"{prefix}height, {prefix}width: the DiT's patch grid's longer side ({grid}) is past "
+                 f"model.position_max_period={config.model.position_max_period}")
+  return found
+
+
 def sample_problems(sample_config, prefix: str) -> list[str]:
   """What is wrong with a sample section's sampler, steps, guidance scale, batch size, thresholding,
   noise-augmentation level and editing strength; each named `prefix` + field ("sample." in a config, "--" on a
@@ -347,7 +391,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
       found.append(f"optimizer.{key}={o[key]} must be >= 0")
   if not 0 <= o.end_learning_rate_factor <= 1:
     found.append(f"optimizer.end_learning_rate_factor={o.end_learning_rate_factor} must be in [0, 1]")
-  found += sample_problems(config.sample, "sample.")
+  found += sample_problems(config.sample, "sample.") + sample_size_problems(config, config.sample, "sample.")
   if config.train.sample_every < 0:
     found.append(f"train.sample_every={config.train.sample_every} must be >= 0 (0: no samples during training)")
 

@@ -1,5 +1,5 @@
 """What an edit reads: the images, masks and clips a prompt names (sample.py's --init_image, --mask, --init_video
-and their prompts-file fields), brought to the model's resolution as training data is and checked before any
+and their prompts-file fields), brought to the samples' size as training data is to its and checked before any
 checkpoint is read. What the sampler does with them is editing.py's; an image-to-video model (Wan's I2V), or one
 that starts clips at images (Wan 2.2 TI2V) given them, reads the image its clip starts at as its condition instead
 (`animated_images`).
@@ -14,16 +14,18 @@ from diffusion_jax.data import pipeline
 from diffusion_jax.models import text_to_image
 
 
-def read(config, sample_config, prompts: list[dict], frames: int) -> dict:
+def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[int, int] | None = None) -> dict:
   """{prompt index: (image, keep)} of the prompts with an "init_image" (image_edit; a video model's:
   first_frame_edit's clips) or an "init_video" (video_edit's clips), each file read and every setting checked.
-  frames: a video model's frames per clip (0 for an image model)."""
+  frames: a video model's frames per clip (0 for an image model); size: (height, width) of the samples
+  (sample.image_size; None: data.resolution's square)."""
+  size = size or config.data.resolution
   if animates(config, prompts):  # every prompt animates its image: clips whose first frame it is
     if problems := animation_problems(prompts, clip_tokens=bool(config.model.wan_image_encoder_path),
                                       first_frame_only=text_to_image.starts_clips_at_images(config),
                                       last_needed=text_to_image.first_last_frame(config)):
       raise ValueError("; ".join(problems))
-    return {i: animated_edit(e, config.data.resolution, frames) for i, e in enumerate(prompts)}
+    return {i: animated_edit(e, size, frames) for i, e in enumerate(prompts)}
   if any("last_image" in e for e in prompts):
     raise ValueError("--last_image (last_image in a prompts file) is the last frame of an image-to-video Wan's clips; "
                      "this model is not one (a video model animates an --init_image alone)")
@@ -41,9 +43,8 @@ def read(config, sample_config, prompts: list[dict], frames: int) -> dict:
     if edited(e):
       editing.first_step(sample_config.steps, e.get("strength", sample_config.strength))
   check_editable(config)
-  resolution = config.data.resolution
-  edits = {i: video_edit(prompts[i], resolution, frames) for i in videos}
-  images = {i: image_edit(e, resolution) for i, e in enumerate(prompts) if "init_image" in e}
+  edits = {i: video_edit(prompts[i], size, frames) for i in videos}
+  images = {i: image_edit(e, size) for i, e in enumerate(prompts) if "init_image" in e}
   if not config.model.temporal:
     return images
   if any("mask" in prompts[i] for i in images):
@@ -83,26 +84,27 @@ def read_image(entry: dict, key: str) -> np.ndarray:
     raise ValueError(f"{key} {str(path)!r} cannot be read as an image ({error}).") from None
 
 
-def image_edit(entry: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-  """(image uint8 [resolution, resolution, 3], keep bool [resolution, resolution]) of a prompt entry's
-  "init_image" and optional "mask" files (white: generate anew, black: keep; without one nothing is kept), each
-  brought to the model's resolution as training images are (shorter side, centre crop)."""
+def image_edit(entry: dict, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """(image uint8 [height, width, 3], keep bool [height, width]) of a prompt entry's "init_image" and optional
+  "mask" files (white: generate anew, black: keep; without one nothing is kept), each brought to the samples' size
+  ((height, width), or a square's side) as training images are to theirs (scaled to cover it, centre crop)."""
   read = lambda key: read_image(entry, key)
   image = read("init_image")
   if "mask" not in entry:
-    return pipeline.resize_and_crop(image, resolution, None), np.zeros((resolution, resolution), bool)
+    image = pipeline.resize_and_crop(image, size, None)
+    return image, np.zeros(image.shape[:2], bool)
   mask = read("mask")
   if mask.shape != image.shape:
     raise ValueError(f"mask {entry['mask']!r} is {mask.shape[1]}x{mask.shape[0]} pixels, its init_image "
                      f"{entry['init_image']!r} {image.shape[1]}x{image.shape[0]}: they must match.")
-  mask = pipeline.resize_and_crop(np.repeat(mask.mean(-1, keepdims=True).astype(np.uint8), 3, -1), resolution, None)
-  return pipeline.resize_and_crop(image, resolution, None), mask[..., 0] < 128
+  mask = pipeline.resize_and_crop(np.repeat(mask.mean(-1, keepdims=True).astype(np.uint8), 3, -1), size, None)
+  return pipeline.resize_and_crop(image, size, None), mask[..., 0] < 128
 
 
-def video_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
-  """(clip uint8 [frames, resolution, resolution, 3], keep: all False) of a prompt entry's "init_video" (a GIF or an
-  MP4, its first `frames` frames, each brought to the model's resolution as training clips are): a clip to edit
-  as a whole (video-to-video, SDEdit over the clip)."""
+def video_edit(entry: dict, size: int | tuple[int, int], frames: int) -> tuple[np.ndarray, np.ndarray]:
+  """(clip uint8 [frames, height, width, 3], keep: all False) of a prompt entry's "init_video" (a GIF or an MP4, its
+  first `frames` frames, each brought to the samples' size as training clips are to theirs): a clip to edit as a
+  whole (video-to-video, SDEdit over the clip)."""
   path = pathlib.Path(entry["init_video"]).expanduser()
   readers = {".gif": media.read_gif, ".mp4": media.read_mp4}
   if path.suffix.lower() not in readers:
@@ -113,7 +115,7 @@ def video_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray, n
     raise ValueError(f"init_video {str(path)!r} cannot be read as a clip ({checkpoint.brief(error)}).") from None
   if len(clip) < frames:
     raise ValueError(f"init_video {str(path)!r} has {len(clip)} frames; the model makes clips of {frames} (--frames).")
-  clip = np.stack([pipeline.resize_and_crop(frame, resolution, None) for frame in clip[:frames]])
+  clip = np.stack([pipeline.resize_and_crop(frame, size, None) for frame in clip[:frames]])
   return clip, np.zeros(clip.shape[:-1], bool)
 
 
@@ -142,11 +144,11 @@ ONE_IMAGE = ("--last_image: this image-to-video model reads the CLIP tokens of o
              "for one without (Wan 2.2's)")
 
 
-def animated_edit(entry: dict, resolution: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+def animated_edit(entry: dict, size: int | tuple[int, int], frames: int) -> tuple[np.ndarray, np.ndarray]:
   """An image-to-video model's prompt entry as first_frame_edit's clip of its "init_image", and with a
-  "last_image" that image as the clip's last frame, kept too."""
-  last = pipeline.resize_and_crop(read_image(entry, "last_image"), resolution, None) if "last_image" in entry else None
-  return first_frame_edit(image_edit(entry, resolution)[0], frames, last)
+  "last_image" that image as the clip's last frame, kept too (both brought to `size` as image_edit's)."""
+  last = pipeline.resize_and_crop(read_image(entry, "last_image"), size, None) if "last_image" in entry else None
+  return first_frame_edit(image_edit(entry, size)[0], frames, last)
 
 
 def animation_problems(prompts: list[dict], clip_tokens: bool = False, first_frame_only: bool = False,

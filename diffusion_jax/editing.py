@@ -50,13 +50,14 @@ def first_step(steps: int, strength: float) -> int:
   return steps - run
 
 
-def keep_at(keep, size: int, frames: int | None = None):
-  """A keep mask [..., H, W, 1] at `size` x `size` (a latent model's latent grid; H a multiple of size): a
-  cell is kept only when every pixel it covers is. With `frames`, a clip's mask [batch, T, H, W, 1] at that many
-  latent frames of a causal autoencoder too (the first latent frame holds the first frame, each other one
+def keep_at(keep, size: tuple[int, int], frames: int | None = None):
+  """A keep mask [..., H, W, 1] at size = (h, w) (a latent model's latent grid; H, W multiples of h, w): a cell is
+  kept only when every pixel it covers is. With `frames`, a clip's mask [batch, T, H, W, 1] at that many latent
+  frames of a causal autoencoder too (the first latent frame holds the first frame, each other one
   (T - 1) / (frames - 1) frames): kept only when all of them are."""
   *lead, height, width, _ = keep.shape
-  blocks = keep.reshape(*lead, size, height // size, size, width // size, 1).min(axis=(-4, -2))
+  rows, columns = size
+  blocks = keep.reshape(*lead, rows, height // rows, columns, width // columns, 1).min(axis=(-4, -2))
   if frames is None or frames == keep.shape[1]:
     return blocks
   rest = blocks[:, 1:].reshape((keep.shape[0], frames - 1, -1) + blocks.shape[2:]).min(axis=2)

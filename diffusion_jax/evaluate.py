@@ -419,10 +419,11 @@ SWEEPS = {
 
 
 def evaluation_sample_config(config, overrides=None):
-  """The config's sample settings with one image per validation caption and `overrides` ({field: value}, e.g. the
-  command line's batch_size and negative_prompt; None values are left to the config)."""
+  """The config's sample settings with one image per validation caption, at data.resolution (the real images'), and
+  `overrides` ({field: value}, e.g. the command line's batch_size and negative_prompt; None values are left to the
+  config)."""
   sample_config = config.sample.copy_and_resolve_references()
-  sample_config.num_per_prompt = 1
+  sample_config.update(num_per_prompt=1, height=0, width=0)
   sample_config.update({k: v for k, v in (overrides or {}).items() if v is not None})
   return sample_config
 

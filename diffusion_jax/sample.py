@@ -29,6 +29,10 @@ Flags:
   --frames          video models: frames per clip, up to model.max_frames (a causal autoencoder's latent model:
                     1 + a multiple of 4, its latent frames up to model.max_frames; default: config sample.frames,
                     0 = data.frames)
+  --height, --width the samples' size in pixels, any the network divides (its autoencoder's downsampling times
+                    the U-Net's levels' or the patch of a DiT or Wan: Wan's 480 x 832, say); --init_image, --mask
+                    and --init_video are brought to it (default: config sample.height and sample.width, 0 =
+                    data.resolution; not a super-resolution stage's)
   --batch_size      samples generated at once over all devices, rounded up to a multiple of the device count
                     (default: config sample.batch_size); more are generated batch by batch, with progress
   --video_length    video models: frames per video, more than a clip's (--frames) by autoregressive extension
@@ -128,15 +132,16 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_noise", "guidance_interval",
-                    "num_per_prompt", "seed", "use_ema", "frames", "strength", "edit_noise", "video_length",
-                    "context_frames", "reconstruction_guidance", "null_text_iterations")
+                    "num_per_prompt", "seed", "use_ema", "frames", "height", "width", "strength", "edit_noise",
+                    "video_length", "context_frames", "reconstruction_guidance", "null_text_iterations")
 # a prompt's image to edit, its inpainting mask, a clip to edit, the last frame of an image-to-video model's clip
 EDIT_FILES = ("init_image", "mask", "init_video", "last_image")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scale_low_noise", "guidance_rescale",
                      "guidance_interval",
-                     "threshold", "threshold_percentile", "frames", "aug_level", "strength", "edit_noise",
+                     "threshold", "threshold_percentile", "frames", "height", "width", "aug_level", "strength",
+                     "edit_noise",
                      "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate")
 _compiled_samplers = {}
 
@@ -173,12 +178,17 @@ def extension_context(config, sample_config) -> int:
   return video_extension.context_frames(sample_config, clip_frames(config, sample_config), time_compression(config))
 
 
+def image_size(config, sample_config) -> tuple[int, int]:
+  """(height, width) of the samples: sample.height and sample.width, each data.resolution where 0."""
+  return sample_config.height or config.data.resolution, sample_config.width or config.data.resolution
+
+
 def output_shape(config, sample_config) -> tuple:
-  """Shape of what the diffusion of one sample runs on: [res, res, c] (a latent model: the shape of its
-  latents), with a leading frames axis for a video (temporal) model (a causal autoencoder's latent frames)."""
-  path = config.latent.autoencoder_path
-  shape = (autoencoder.latent_shape(path, config.data.resolution) if path else
-           (config.data.resolution, config.data.resolution, config.model.in_channels))
+  """Shape of what the diffusion of one sample runs on: [height, width, c] (image_size; a latent model: the shape
+  of its latents), with a leading frames axis for a video (temporal) model (a causal autoencoder's latent
+  frames)."""
+  path, (height, width) = config.latent.autoencoder_path, image_size(config, sample_config)
+  shape = (autoencoder.latent_shape(path, height, width) if path else (height, width, config.model.in_channels))
   if not config.model.temporal:
     return shape
   vae = autoencoder.read_config(path) if path else {}
@@ -267,7 +277,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       given, keep = init
       start = editing.first_step(s.steps, s.strength)
       grid_alpha, grid_sigma, known = alpha[start:], sigma[start:], model.to_latents(given)
-      keep_latent = editing.keep_at(keep, shape[-2], shape[0] if keep.ndim == 5 else None)
+      keep_latent = editing.keep_at(keep, shape[-3:-1], shape[0] if keep.ndim == 5 else None)
       if s.edit_noise != "random":  # the deterministic path back to the given images
         # of the unconditional model (null text), or of the model for the source prompts (null_text holds them)
         inverted_text, inverted_mask = ((null_text, null_mask) if s.edit_noise in editing.SOURCE_PROMPTED else
@@ -625,7 +635,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   config = checkpoint.read_config(workdir)
   sample_config = config.sample
   sample_config.update({k: v for k, v in overrides.items() if v is not None})
-  problems = config_checks.sample_problems(sample_config, "--")
+  problems = config_checks.sample_problems(sample_config, "--") + config_checks.sample_size_problems(
+      config, sample_config, "--")
   if problem := config_checks.low_noise_guidance_problem(config, sample_config, "--"):
     problems.append(problem)
   if problems:
@@ -643,7 +654,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     if "init_image" not in entry and "init_video" not in entry:
       entry.update(given)
   frames = clip_frames(config, sample_config) if config.model.temporal else 0
-  edits = edit_inputs.read(config, sample_config, prompts, frames)  # before a checkpoint is read
+  # before a checkpoint is read
+  edits = edit_inputs.read(config, sample_config, prompts, frames, image_size(config, sample_config))
   check_source_prompts(prompts, edits, sample_config, source_prompt, bool(guide_workdir or guide_step is not None))
   lora.check(adapters, config)
   for i, entry in enumerate(prompts):  # a prompt's lora_scale that fits no --lora is refused before a checkpoint
@@ -799,13 +811,15 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
 def write_training_samples(config, weights: Weights, graphdef, step: int, workdir):
   """Samples of the config's prompts from a run's weights at `step` (a super-resolution stage: as many real
   validation images, downsampled, with their captions; an image-to-video model: the first frames of as many
-  validation clips, with their captions) into WORKDIR/samples/step_N and TensorBoard; returns the
+  validation clips, with their captions), at data.resolution, into WORKDIR/samples/step_N and TensorBoard; returns the
   grid path. Every process takes part; process 0 writes."""
   from diffusion_jax import metric_writers
   from diffusion_jax.text import tokenizers
 
   mesh = sharding.make_mesh(config.mesh)
   prompts, lowres = list(config.sample.prompts), None
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(height=0, width=0)  # (at data.resolution, as the validation images they may start at)
   if config.model.lowres_conditioning:
     from diffusion_jax import cascade
 
@@ -820,7 +834,7 @@ def write_training_samples(config, weights: Weights, graphdef, step: int, workdi
     edits = dict(enumerate(edit_inputs.first_frame_edit(clip[0], frames, clip[:frames][-1] if last else None)
                            for clip in clips))
   grid = write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
-                       config.sample, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres, edits=edits)
+                       sample_config, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres, edits=edits)
   if jax.process_index() == 0:
     writer = metric_writers.MetricWriter(workdir, config.train.steps, name="samples")
     writer.write_image(step, "samples/grid", media.read_image(grid))
@@ -849,6 +863,10 @@ def define_flags():
   flags.DEFINE_bool("use_ema", None, "Use EMA weights (default: config sample.use_ema).")
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames (on a causal "
                        "autoencoder: 1 + a multiple of 4, its latent frames up to model.max_frames).")
+  flags.DEFINE_integer("height", None, "Height of the samples in pixels, any the model divides (default: config "
+                       "sample.height, 0 = data.resolution).", lower_bound=0)
+  flags.DEFINE_integer("width", None, "Width of the samples in pixels, any the model divides (default: config "
+                       "sample.width, 0 = data.resolution).", lower_bound=0)
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: config "
                        "sample.batch_size).")
   flags.DEFINE_integer("video_length", None, "Video models: frames per video, beyond a clip's by autoregressive "

@@ -83,14 +83,17 @@ def test_null_text_optimisation_makes_the_guided_walk_retrace_the_path_example_b
 def test_a_latent_cell_is_kept_only_when_all_its_pixels_and_frames_are():
   keep = np.ones((1, 4, 4, 1), np.float32)
   keep[0, 1, 0] = 0  # one pixel of the top-left 2x2 block is generated anew
-  np.testing.assert_array_equal(editing.keep_at(keep, 2)[0, ..., 0], [[0, 1], [1, 1]])
-  np.testing.assert_array_equal(editing.keep_at(keep, 4), keep)
+  np.testing.assert_array_equal(editing.keep_at(keep, (2, 2))[0, ..., 0], [[0, 1], [1, 1]])
+  np.testing.assert_array_equal(editing.keep_at(keep, (4, 4)), keep)
+  wide = np.ones((1, 2, 4, 1), np.float32)  # a 2 x 4 image at a 1 x 2 grid: 2 x 2 pixels a cell
+  wide[0, 1, 3] = 0
+  np.testing.assert_array_equal(editing.keep_at(wide, (1, 2))[0, ..., 0], [[1, 0]])
   clip = np.stack([keep, np.ones_like(keep)], axis=1)  # [batch, frames, h, w, 1]: each frame apart
-  np.testing.assert_array_equal(editing.keep_at(clip, 2)[0, :, ..., 0], [[[0, 1], [1, 1]], [[1, 1], [1, 1]]])
+  np.testing.assert_array_equal(editing.keep_at(clip, (2, 2))[0, :, ..., 0], [[[0, 1], [1, 1]], [[1, 1], [1, 1]]])
   # A causal autoencoder's 3 latent frames of 9: the first frame alone, then frames 1-4 and 5-8.
   frames = np.ones((1, 9, 4, 4, 1), np.float32)
   frames[0, 6, 3, 3] = 0
-  np.testing.assert_array_equal(editing.keep_at(frames, 2, 3)[0, :, ..., 0],
+  np.testing.assert_array_equal(editing.keep_at(frames, (2, 2), 3)[0, :, ..., 0],
                                 [[[1, 1], [1, 1]], [[1, 1], [1, 1]], [[1, 1], [1, 0]]])
 
 

@@ -35,6 +35,31 @@ def test_samples_carry_provenance(trained, tmp_path):
   assert [(r["seed"], r["guidance_scale"]) for r in records[::3]] == [(11, 3.0), (7, 2.0)]
 
 
+def test_samples_of_another_size_and_the_image_they_edit_brought_to_it(trained, tmp_path):
+  """--height and --width (any size the network divides): 8 x 24 samples (UniPC), an --init_image of another aspect
+  scaled to cover them and centre-cropped as training images are, its --mask with it: the kept pixels are the
+  image's."""
+  from diffusion_jax.data import pipeline
+
+  _, workdir, _ = trained
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (30, 40, 3), np.uint8)
+  mask = np.zeros((30, 40, 3), np.uint8)
+  mask[:, 20:] = 255  # the right half generated anew
+  media.save_png(tmp_path / "image.png", image, {})
+  media.save_png(tmp_path / "mask.png", mask, {})
+  out = tmp_path / "out"
+  sample.sample_from_workdir(workdir, {"height": 8, "width": 24, "steps": 2, "sampler": "unipc", "num_per_prompt": 1},
+                             output_dir=out, init_image=tmp_path / "image.png", mask=tmp_path / "mask.png")
+  records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  samples = [np.asarray(PIL.Image.open(out / r["file"])) for r in records]
+  assert {s.shape for s in samples} == {(8, 24, 3)}
+  kept = pipeline.resize_and_crop(mask, (8, 24), None)[..., 0] < 128
+  assert kept.any() and not kept.all()
+  for generated in samples:
+    np.testing.assert_array_equal(generated[kept], pipeline.resize_and_crop(image, (8, 24), None)[kept])
+
+
 def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, caplog):
   interval = (1e6, 1e7)  # above every noise level sigma/alpha of the grid: no step is guided
   workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim", "guidance_interval": interval}
@@ -108,6 +133,7 @@ def test_a_guide_must_see_and_predict_what_the_model_does(trained):
      r"deterministic DDIM steps: set sampler='ddim' and eta=0 \(not sampler='dpmpp_2m', eta=0.0\)"),
     ({"null_text_iterations": 5}, None, "--null_text_iterations: not used here"),  # nothing is edited
     ({}, "\n\n", "has no prompts"),
+    ({"width": 7}, None, r"--width=7 must be a multiple of 2 \(the U-Net's 2 \*\* \(levels - 1\)\)"),
 ])
 def test_bad_sampling_input_is_explained(trained, tmp_path, overrides, prompts_text, message):
   _, workdir, _ = trained

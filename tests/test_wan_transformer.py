@@ -517,7 +517,7 @@ def test_wan_22_ti2v_starts_clips_at_images_as_diffusers_feeds_its_first_frame(t
   frame of tokens is what diffusers' transformer computes from one per token; a given first latent frame is read
   clean at timestep 0 as WanImageToVideoPipeline feeds it, and its output is the velocity toward it, so a sampler
   keeps it; a run trains with some clips given their first frame, samples clips that start at an --init_image and
-  from text alone, and what does not fit is refused."""
+  from text alone (at another size too), and what does not fit is refused."""
   from configs import t2v_moving_shapes
 
   reference = save_tiny_wan(tmp_path / "wan", num_layers=1)
@@ -575,9 +575,14 @@ def test_wan_22_ti2v_starts_clips_at_images_as_diffusers_feeds_its_first_frame(t
   assert "strength" not in record and strip.shape == (16, config.data.frames * 16, 3)
   assert np.abs(strip[:, :16].astype(int) - clips[0, 0]).max() <= 1  # the clip starts at the image
   assert np.abs(strip[:, 16:32].astype(int) - clips[0, 0]).max() > 16  # and is made anew after it
+  sample_config.update(height=16, width=32)  # from text alone, and at another size (sample.height, sample.width)
+  assert config_checks.sample_size_problems(config, sample_config, "--") == []
   made = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config), captions,
                          sample_config, mesh)
-  assert np.abs(made[0, 0, 0].astype(int) - clips[0, 0]).max() > 16
+  assert made.shape == (1, 1, config.data.frames, 16, 32, 3)
+  sample_config.width = 31
+  assert config_checks.sample_size_problems(config, sample_config, "--") == [
+      "--width=31 must be a multiple of 2 (Wan's patch)"]
   for entries, problem in (([prompts[0], {"prompt": "a blue square"}], "give every prompt of the call one"),
                            ([{**prompts[0], "last_image": prompts[0]["init_image"]}], "it reads no last frame")):
     with pytest.raises(ValueError, match=problem):

@@ -132,18 +132,19 @@ class KeepUsable(grain.FilterTransform):
     return element is not None and len(element[self.caption_key]) > 0
 
 
-def resize_and_crop(image: np.ndarray, resolution: int, rng: np.random.Generator | None) -> np.ndarray:
-  """uint8 [h, w, 3] -> [resolution, resolution, 3]: shorter side to resolution, then a centre
-  (rng None) or random crop."""
+def resize_and_crop(image: np.ndarray, size: int | tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
+  """uint8 [h, w, 3] -> [height, width, 3] (size: (height, width), or the side of a square): scaled (bicubic) to
+  cover it (a square: the shorter side to it), then a centre (rng None) or random crop."""
+  height, width = (size, size) if isinstance(size, int) else size
   h, w = image.shape[:2]
-  if (h, w) != (resolution, resolution):
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = np.asarray(PIL.Image.fromarray(image).resize(size, PIL.Image.BICUBIC))
+  if (h, w) != (height, width):
+    scale = max(height / h, width / w)
+    image = np.asarray(PIL.Image.fromarray(image).resize((max(width, round(w * scale)), max(height, round(h * scale))),
+                                                         PIL.Image.BICUBIC))
     h, w = image.shape[:2]
-  top = (h - resolution) // 2 if rng is None else int(rng.integers(0, h - resolution + 1))
-  left = (w - resolution) // 2 if rng is None else int(rng.integers(0, w - resolution + 1))
-  return image[top:top + resolution, left:left + resolution]
+  top = (h - height) // 2 if rng is None else int(rng.integers(0, h - height + 1))
+  left = (w - width) // 2 if rng is None else int(rng.integers(0, w - width + 1))
+  return image[top:top + height, left:left + width]
 
 
 class Preprocess(grain.RandomMapTransform):

@@ -534,11 +534,11 @@ def save_diffusers(model: AutoencoderKL, config: dict, path) -> pathlib.Path:
   return directory
 
 
-def latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
-  """[h, w, channels] of the latents of a resolution x resolution image."""
+def latent_shape(path: str, height: int, width: int) -> tuple[int, int, int]:
+  """[h, w, channels] of the latents of a height x width image."""
   config = read_config(path)
-  side = resolution // downsampling_factor(config)
-  return (side, side, config["latent_channels"])
+  factor = downsampling_factor(config)
+  return (height // factor, width // factor, config["latent_channels"])
 
 
 def is_temporal(config: dict) -> bool:
