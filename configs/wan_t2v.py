@@ -40,7 +40,8 @@ def get_config(root: str = ""):
   index = pathlib.Path(part("model_index.json"))
   pipeline = json.loads(index.read_text()) if root and index.exists() else {}
   if root and os.path.exists(part("transformer", "config.json")):  # the latents' channels (Wan 2.2 5B's: 48)
-    config.model.in_channels = json.loads(pathlib.Path(part("transformer", "config.json")).read_text())["out_channels"]
+    config.model.in_channels = json.loads(pathlib.Path(part("transformer", "config.json")).read_text()).get(
+        "out_channels", 16)  # (diffusers' default)
   if pipeline.get("expand_timesteps"):  # Wan 2.2 TI2V 5B: clips may start at images, read clean
     config.model.update(wan_clean_first_frame=True, wan_first_frame_fraction=0.5)
   if root and os.path.isdir(part("image_encoder")):  # Wan 2.1 image-to-video: CLIP's tokens of the image

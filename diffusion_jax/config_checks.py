@@ -415,9 +415,6 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found += dit_problems(config, resolution)
   elif m.backbone == "wan":
     found += wan_problems(config, resolution)
-  if m.backbone != "wan" and (m.wan_clean_first_frame or m.wan_first_frame_fraction):
-    found.append("model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode "
-                 "(model.backbone='wan'); leave them off")
   elif m.backbone != "dit":
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
@@ -428,6 +425,9 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     if resolution is not None and resolution % 2 ** (len(m.channel_mults) - 1):
       found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible "
                    f"by 2^(levels - 1) = {2 ** (len(m.channel_mults) - 1)}")
+  if m.backbone != "wan" and (m.wan_clean_first_frame or m.wan_first_frame_fraction):
+    found.append("model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode "
+                 "(model.backbone='wan'); leave them off")
   if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path and m.backbone != "wan":
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")

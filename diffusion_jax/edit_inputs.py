@@ -61,11 +61,12 @@ def animates(config, prompts: list[dict]) -> bool:
 
 def animated(config, keep_masks) -> bool:
   """Whether edits whose keep masks are keep_masks [n, frames, h, w] (None: no edits) are images to animate: an
-  image-to-video model's always; a model that starts clips at images where the first frames are kept (read's clips
-  of --init_image; an --init_video's clip is edited)."""
+  image-to-video model's always; a model that starts clips at images where the first frames alone are kept (read's
+  clips of --init_image; an --init_video's clip, and a video extension's window, are edited)."""
+  keep = None if keep_masks is None or not len(keep_masks) else np.asarray(keep_masks, bool)
   return text_to_image.image_to_video(config) or bool(
-      text_to_image.starts_clips_at_images(config) and keep_masks is not None and len(keep_masks) and
-      np.asarray(keep_masks)[:, 0].all())
+      text_to_image.starts_clips_at_images(config) and keep is not None and keep[:, 0].all() and
+      not keep[:, 1:].any())
 
 
 def check_editable(config):

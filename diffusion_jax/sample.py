@@ -41,7 +41,7 @@ Flags:
   --context_frames  with --video_length: frames each window keeps, 1 to a clip's frames - 1; on a causal
                     autoencoder's latents 1 + a multiple of 4, whole latent frames (default: config
                     sample.context_frames, 0 = half a clip; causal: the 1 + a multiple of 4 nearest half a clip)
-  --init_image      an image (any size: shorter side to the model's resolution, centre crop) to edit for every
+  --init_image      an image (any size: scaled to cover the samples' size, centre crop) to edit for every
                     prompt without its own, instead of generating from noise (image-to-image, SDEdit; editing.py):
                     it is noised to --strength and the rest of the sampling grid is run; a video model animates it
                     (image-to-video): it is every clip's first frame, the other frames start from it noised; an
@@ -49,8 +49,8 @@ Flags:
                     noise (every prompt needs one; no --strength, --edit_noise, --mask), and so does a Wan that
                     starts clips at images (model.wan_clean_first_frame, Wan 2.2 TI2V), reading its latent frame
                     clean as the clip's first (every prompt of the call then needs one; no --last_image)
-  --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the model's
-                    resolution as --init_image) to edit for every prompt without an edit of its own (video-to-video:
+  --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the samples'
+                    size as --init_image) to edit for every prompt without an edit of its own (video-to-video:
                     SDEdit over the whole clip, nothing kept)
   --last_image      with --init_image, an image-to-video Wan without CLIP tokens (Wan 2.2 I2V) or a first-last-frame
                     one (Wan 2.1 FLF2V, which needs it): the image every clip ends at, its last frame (diffusers'
@@ -139,10 +139,9 @@ EDIT_FILES = ("init_image", "mask", "init_video", "last_image")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scale_low_noise", "guidance_rescale",
-                     "guidance_interval",
-                     "threshold", "threshold_percentile", "frames", "height", "width", "aug_level", "strength",
-                     "edit_noise",
-                     "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate")
+                     "guidance_interval", "threshold", "threshold_percentile", "frames", "height", "width",
+                     "aug_level", "strength", "edit_noise", "reconstruction_guidance", "null_text_iterations",
+                     "null_text_learning_rate")
 _compiled_samplers = {}
 
 
@@ -376,9 +375,9 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   uint8 [len(prompts), num_per_prompt, (frames,) r, r, c] (the stage below's samples). negative_prompts: one per
   prompt, "" for none (default: sample_config.negative_prompt for all); with none at all, guidance's
   unconditional branch is the null condition and the compiled program has no second text encoding.
-  init_images: images (clips) to edit instead of generating from noise, uint8 [len(prompts), (frames,) res, res, 3]
-  (editing.py, at sample_config.strength), with keep_masks bool [len(prompts), (frames,) res, res], True where the
-  image is kept (inpainting; default: nothing kept); an image-to-video model's: clips whose first frame (and
+  init_images: images (clips) to edit instead of generating from noise, uint8 [len(prompts), (frames,) h, w, 3] at
+  image_size (editing.py, at sample_config.strength), with keep_masks bool [len(prompts), (frames,) h, w], True
+  where the image is kept (inpainting; default: nothing kept); an image-to-video model's: clips whose first frame (and
   maybe last) alone is kept (edit_inputs.animated_edit), the images its clip starts (and ends) at. keys: raw keys
   [len(prompts) * num_per_prompt, 2] of the samples' noise instead of those of their seeds (example_keys). guide: an
   autoguidance.Guide, guidance's other branch instead of the unconditional model (refused with negative prompts,
@@ -395,6 +394,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     if text_to_image.first_last_frame(config):
       if not first_frames[2].all():
         raise ValueError(edit_inputs.LAST_NEEDED + ".")
+    elif first_frames[2].any() and text_to_image.starts_clips_at_images(config):
+      raise ValueError(edit_inputs.NO_LAST)
     elif first_frames[2].any() and config.model.wan_image_encoder_path:
       raise ValueError(edit_inputs.ONE_IMAGE)
   sources = list(source_prompts or [])

@@ -583,6 +583,9 @@ def test_wan_22_ti2v_starts_clips_at_images_as_diffusers_feeds_its_first_frame(t
   sample_config.width = 31
   assert config_checks.sample_size_problems(config, sample_config, "--") == [
       "--width=31 must be a multiple of 2 (Wan's patch)"]
+  window = np.zeros((1, config.data.frames, 16, 16), bool)
+  window[:, :2] = True  # a video extension's window keeps its context frames: an edit, not an image to animate
+  assert not edit_inputs.animated(config, window) and edit_inputs.animated(config, edits[0][1][None])
   for entries, problem in (([prompts[0], {"prompt": "a blue square"}], "give every prompt of the call one"),
                            ([{**prompts[0], "last_image": prompts[0]["init_image"]}], "it reads no last frame")):
     with pytest.raises(ValueError, match=problem):
@@ -593,9 +596,10 @@ def test_wan_22_ti2v_starts_clips_at_images_as_diffusers_feeds_its_first_frame(t
   assert "model.wan_first_frame_fraction=1.5 must be in [0, 1]" in found
   assert "model.wan_clean_first_frame: not with a pair of experts (model.wan_low_noise_path)" in found
   assert "model.wan_first_frame_fraction with distill.steps: distillation's teacher passes no first frames" in found
-  config.model.backbone = "unet"
-  assert "model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode" in " ".join(
-      config_checks.problems(config, device_count=8))
+  config.model.update(backbone="unet", attention_levels=(5,))  # (the U-Net's own checks still run)
+  found = " ".join(config_checks.problems(config, device_count=8))
+  assert "model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode" in found
+  assert "model.attention_levels (5,) names a level beyond" in found
 
 
 def test_a_first_last_frame_wan_makes_clips_between_two_images_as_diffusers_reads_them(tmp_path):
