@@ -188,6 +188,8 @@ def get_config():
       guidance_interval=(),        # (low, high): guide only where low < sigma/alpha <= high (EDM noise levels)
       guidance_scale_low_noise=-1.0,  # a pair of Wan experts: the low-noise expert's steps' scale (-1: guidance_scale)
       frames=0,                    # video models: frames per clip (0 = data.frames)
+      flow_shift=0.0,              # flow schedule: the sampling grid's time shift (0: diffusion.schedule_params.shift;
+                                   # Wan's pipelines: 3 at 480p, 5 at 720p)
       height=0, width=0,           # the sampling job's image size (0: data.resolution; training samples and
                                    # evaluation stay at it): any the network divides, e.g. Wan's 480 x 832
       aug_level=0.1,               # super-resolution stages: noise-augmentation time of the low-res input

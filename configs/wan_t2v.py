@@ -1,7 +1,7 @@
 """Fine-tuning Wan's text-to-video model (a diffusers checkpoint of Wan 2.1 or Wan 2.2 T2V) on your clips: its
 transformer (model.backbone='wan', trained), UMT5 text encoder and VAE (both frozen), read from the checkpoint's
-folders, on the flow path with Wan's loss (flow_mse) and time shift (5), sampled as Wan's pipelines do (UniPC, 50
-steps, guidance 5).
+folders, on the flow path with Wan's loss (flow_mse) and time shift (5), sampled as Wan's pipelines sample 480p
+(UniPC, 50 steps, guidance 5, time shift 3: sample.flow_shift).
 
   python -m diffusion_jax.main --config=configs/wan_t2v.py:/path/to/Wan2.1-T2V-1.3B-Diffusers --workdir=DIR \\
       --config.data.folder=/path/to/clips --config.data.captions_file=/path/to/clips/captions.jsonl
@@ -58,7 +58,7 @@ def get_config(root: str = ""):
                      random_flip=False)
   config.optimizer.update(learning_rate=1e-5, warmup_steps=100, schedule="constant", weight_decay=0.0)
   config.train.update(batch_size=8, steps=2000, ema_decays=(0.999,), checkpoint_every=250)
-  config.sample.update(sampler="unipc", steps=50, guidance_scale=5.0, threshold="none", num_per_prompt=1,
-                       prompts=("A cat walks on the grass, realistic style.",))
+  config.sample.update(sampler="unipc", steps=50, guidance_scale=5.0, flow_shift=3.0, threshold="none",
+                       num_per_prompt=1, prompts=("A cat walks on the grass, realistic style.",))
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   return config

@@ -259,7 +259,7 @@ ADDED_FIELDS = {
     "sample.guidance_scale_low_noise": -1.0,
     "model.wan_image_encoder_path": "",
     "model.wan_clean_first_frame": False, "model.wan_first_frame_fraction": 0.0,
-    "sample.height": 0, "sample.width": 0,
+    "sample.height": 0, "sample.width": 0, "sample.flow_shift": 0.0,
     "data.eval_captions_file": "",
     "data.frame_stride": 1,
 }

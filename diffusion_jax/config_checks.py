@@ -269,6 +269,17 @@ def moving_shapes_problems(data_config) -> list[str]:
   return []
 
 
+def flow_shift_problem(config, sample_config, prefix: str) -> str | None:
+  """Why sample_config's flow_shift (named prefix + field) cannot apply: negative, or a schedule other than flow."""
+  shift = sample_config.flow_shift
+  if shift < 0:
+    return f"{prefix}flow_shift={shift} must be >= 0 (0: diffusion.schedule_params.shift)"
+  if shift and config.diffusion.schedule != "flow":
+    return (f"{prefix}flow_shift={shift}: the time shift of a flow schedule's sampling grid; this model's schedule is "
+            f"{config.diffusion.schedule!r}: leave it at 0")
+  return None
+
+
 def spatial_multiple(config) -> int | None:
   """What the network's side must be a multiple of: a U-Net's 2 ** (levels - 1), a DiT's patch, Wan's spatial
   patch (None where Wan's config.json cannot be read: wan_problems says why)."""
@@ -392,6 +403,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if not 0 <= o.end_learning_rate_factor <= 1:
     found.append(f"optimizer.end_learning_rate_factor={o.end_learning_rate_factor} must be in [0, 1]")
   found += sample_problems(config.sample, "sample.") + sample_size_problems(config, config.sample, "sample.")
+  if problem := flow_shift_problem(config, config.sample, "sample."):
+    found.append(problem)
   if config.train.sample_every < 0:
     found.append(f"train.sample_every={config.train.sample_every} must be >= 0 (0: no samples during training)")
 

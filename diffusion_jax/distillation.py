@@ -85,9 +85,10 @@ def off_grid(config, sample_config) -> list[str]:
   its N-step deterministic DDIM grid and its run's guidance scale (a student of a guided teacher has learnt the
   guidance). Empty for a model that is no student."""
   n, s, found = config.distill.steps, sample_config, []
-  if n and (s.sampler, s.steps, s.eta) != ("ddim", n, 0):
+  if n and (s.sampler, s.steps, s.eta, s.flow_shift) != ("ddim", n, 0, 0):
     found.append(f"this model was distilled for {n} deterministic DDIM steps: sampler={s.sampler!r}, steps={s.steps}, "
-                 f"eta={s.eta} samples it off the grid it learnt (README: Progressive distillation)")
+                 f"eta={s.eta}, flow_shift={s.flow_shift} samples it off the grid it learnt (README: Progressive "
+                 "distillation)")
   if n and s.guidance_scale != config.sample.guidance_scale:
     found.append(f"this distilled model's run samples at guidance {config.sample.guidance_scale} (a guided teacher's "
                  f"student has learnt its guidance): guidance_scale={s.guidance_scale} guides it otherwise")

@@ -29,6 +29,9 @@ Flags:
   --frames          video models: frames per clip, up to model.max_frames (a causal autoencoder's latent model:
                     1 + a multiple of 4, its latent frames up to model.max_frames; default: config sample.frames,
                     0 = data.frames)
+  --flow_shift      a flow schedule's sampling grid shifted by this (sigma = s t / (1 + (s - 1) t); default: config
+                    sample.flow_shift, 0 = the training schedule's diffusion.schedule_params.shift; Wan's pipelines
+                    sample 480p at 3 and 720p at 5)
   --height, --width the samples' size in pixels, any the network divides (its autoencoder's downsampling times
                     the U-Net's levels' or the patch of a DiT or Wan: Wan's 480 x 832, say); --init_image, --mask
                     and --init_video are brought to it (default: config sample.height and sample.width, 0 =
@@ -132,16 +135,16 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_noise", "guidance_interval",
-                    "num_per_prompt", "seed", "use_ema", "frames", "height", "width", "strength", "edit_noise",
-                    "video_length", "context_frames", "reconstruction_guidance", "null_text_iterations")
+                    "num_per_prompt", "seed", "use_ema", "frames", "height", "width", "flow_shift", "strength",
+                    "edit_noise", "video_length", "context_frames", "reconstruction_guidance", "null_text_iterations")
 # a prompt's image to edit, its inpainting mask, a clip to edit, the last frame of an image-to-video model's clip
 EDIT_FILES = ("init_image", "mask", "init_video", "last_image")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scale_low_noise", "guidance_rescale",
                      "guidance_interval", "threshold", "threshold_percentile", "frames", "height", "width",
-                     "aug_level", "strength", "edit_noise", "reconstruction_guidance", "null_text_iterations",
-                     "null_text_learning_rate")
+                     "flow_shift", "aug_level", "strength", "edit_noise", "reconstruction_guidance",
+                     "null_text_iterations", "null_text_learning_rate")
 _compiled_samplers = {}
 
 
@@ -175,6 +178,17 @@ def extension_problems(config, sample_config) -> list[str]:
 def extension_context(config, sample_config) -> int:
   """Frames each window of a video model's extension keeps (video_extension.context_frames)."""
   return video_extension.context_frames(sample_config, clip_frames(config, sample_config), time_compression(config))
+
+
+def sampling_logsnr(config, sample_config):
+  """The sampling grid's log-SNRs [steps + 1], noisiest first, ending clean: the training schedule's at t from 1
+  down to 0 in equal steps (schedules.continuous_logsnr_grid), a flow schedule's shifted by sample.flow_shift
+  instead where that is set."""
+  params = {**config.diffusion.schedule_params}
+  if sample_config.flow_shift:
+    params["shift"] = sample_config.flow_shift
+  return schedules.continuous_logsnr_grid(schedules.logsnr_schedule(config.diffusion.schedule, **params),
+                                          sample_config.steps)
 
 
 def image_size(config, sample_config) -> tuple[int, int]:
@@ -211,7 +225,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   frozen) of the autoguidance model of `guide_graphdef` (autoguidance.py), whose prediction for the prompt is
   guidance's other branch instead of the unconditional one, or None."""
   d, s = config.diffusion, sample_config
-  logsnr = schedules.continuous_logsnr_grid(schedules.logsnr_schedule(d.schedule, **d.schedule_params), s.steps)
+  logsnr = sampling_logsnr(config, sample_config)
   # numpy: still concrete inside the jitted function, where editing.inverted reads whether the grid ends clean
   alpha, sigma = (np.asarray(a) for a in schedules.alpha_sigma_from_logsnr(logsnr, d.path))
   shape = output_shape(config, sample_config)
@@ -638,8 +652,10 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   sample_config.update({k: v for k, v in overrides.items() if v is not None})
   problems = config_checks.sample_problems(sample_config, "--") + config_checks.sample_size_problems(
       config, sample_config, "--")
-  if problem := config_checks.low_noise_guidance_problem(config, sample_config, "--"):
-    problems.append(problem)
+  for problem in (config_checks.low_noise_guidance_problem(config, sample_config, "--"),
+                  config_checks.flow_shift_problem(config, sample_config, "--")):
+    if problem:
+      problems.append(problem)
   if problems:
     raise ValueError("; ".join(problems))
   if sample_config.video_length and not config.model.temporal:
@@ -864,6 +880,9 @@ def define_flags():
   flags.DEFINE_bool("use_ema", None, "Use EMA weights (default: config sample.use_ema).")
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames (on a causal "
                        "autoencoder: 1 + a multiple of 4, its latent frames up to model.max_frames).")
+  flags.DEFINE_float("flow_shift", None, "Flow schedule: the sampling grid's time shift (default: config "
+                     "sample.flow_shift, 0 = diffusion.schedule_params.shift; Wan's pipelines: 3 at 480p, 5 at 720p).",
+                     lower_bound=0)
   flags.DEFINE_integer("height", None, "Height of the samples in pixels, any the model divides (default: config "
                        "sample.height, 0 = data.resolution).", lower_bound=0)
   flags.DEFINE_integer("width", None, "Width of the samples in pixels, any the model divides (default: config "

@@ -60,6 +60,32 @@ def test_samples_of_another_size_and_the_image_they_edit_brought_to_it(trained, 
     np.testing.assert_array_equal(generated[kept], pipeline.resize_and_crop(image, (8, 24), None)[kept])
 
 
+def test_a_flow_schedules_sampling_grid_takes_its_own_time_shift():
+  """sample.flow_shift (--flow_shift): a flow schedule's sampling grid shifted by it, sigma = s t / (1 + (s - 1) t)
+  at t from 1 down to 0, instead of by the training schedule's shift (configs/wan_t2v.py trains at 5 and samples at
+  3, as Wan's pipelines sample 480p); 0 keeps the training shift; another schedule refuses it."""
+  from configs import t2i_shapes, wan_t2v
+
+  from diffusion_jax import config_checks, schedules
+
+  config = wan_t2v.get_config()
+  assert (config.sample.flow_shift, config.diffusion.schedule_params.shift) == (3.0, 5.0)
+  for shift in (3.0, 5.0):
+    config.sample.flow_shift = shift
+    t = np.linspace(1.0, 0.0, config.sample.steps + 1)[1:-1]
+    sigma = schedules.alpha_sigma_from_logsnr(sample.sampling_logsnr(config, config.sample), "flow")[1]
+    np.testing.assert_allclose(sigma[1:-1], shift * t / (1 + (shift - 1) * t), rtol=1e-5)
+    assert sigma[-1] == 0 and sigma[0] > 0.999
+  config.sample.flow_shift = 0.0
+  np.testing.assert_array_equal(sample.sampling_logsnr(config, config.sample), schedules.continuous_logsnr_grid(
+      schedules.logsnr_schedule("flow", shift=5.0), config.sample.steps))
+  image_config = t2i_shapes.get_config("test")
+  image_config.sample.flow_shift = 3.0
+  assert config_checks.flow_shift_problem(image_config, image_config.sample, "--") == (
+      "--flow_shift=3.0: the time shift of a flow schedule's sampling grid; this model's schedule is 'cosine': leave "
+      "it at 0")
+
+
 def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, caplog):
   interval = (1e6, 1e7)  # above every noise level sigma/alpha of the grid: no step is guided
   workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim", "guidance_interval": interval}
