@@ -103,24 +103,16 @@ def test_ddpm_matches_diffusers_step_by_step():
     assert rel_err(x, states[i]) < 1e-5, f"step {i}"
 
 
-def test_dpmpp_2m_matches_diffusers_step_by_step():
-  scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear")
+@pytest.mark.parametrize("scheduler_class, sampler", [("DPMSolverMultistepScheduler", "dpmpp_2m"),
+                                                      ("UniPCMultistepScheduler", "unipc")])
+def test_multistep_samplers_match_diffusers_step_by_step(scheduler_class, sampler):
+  """DPM-Solver++(2M), and UniPC (order 2, bh2, its corrector at every step after the first), against diffusers'
+  schedulers as Stable Diffusion's pipelines use them (epsilon prediction on the VP path)."""
+  scheduler = getattr(diffusers, scheduler_class)(beta_schedule="linear")
   scheduler.set_timesteps(STEPS)
   x_init, states = run_diffusers(scheduler, vp_from_edm_sigmas(scheduler))
   grid = schedules.logsnr_from_edm_sigma(scheduler.sigmas.double().numpy())
-  ours = our_trajectory(grid, x_init, "dpmpp_2m")
-  for step, (a, b) in enumerate(zip(ours, states)):
-    assert rel_err(a, b) < 1e-5, f"step {step}"
-
-
-def test_unipc_matches_diffusers_step_by_step():
-  """UniPC (order 2, bh2, its corrector at every step after the first) against diffusers' UniPCMultistepScheduler,
-  as Stable Diffusion's pipelines use it (epsilon prediction on the VP path)."""
-  scheduler = diffusers.UniPCMultistepScheduler(beta_schedule="linear")
-  scheduler.set_timesteps(STEPS)
-  x_init, states = run_diffusers(scheduler, vp_from_edm_sigmas(scheduler))
-  grid = schedules.logsnr_from_edm_sigma(scheduler.sigmas.double().numpy())
-  ours = our_trajectory(grid, x_init, "unipc")
+  ours = our_trajectory(grid, x_init, sampler)
   for step, (a, b) in enumerate(zip(ours, states)):
     assert rel_err(a, b) < 1e-5, f"step {step}"
 

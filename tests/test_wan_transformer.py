@@ -46,6 +46,17 @@ def moving_clips_step(config, graphdef, state, mesh):
   return step, train.place_hparams(config, mesh), pipeline.to_global(batch_np, sharding.batch_sharding(mesh))
 
 
+def trained_a_step_and_sampled(config, graphdef, state, mesh, workdir):
+  """(state after a train step on moving clips, whose loss is finite and gradient not zero, the grid and manifest
+  records of the training samples it writes into `workdir` in 2 steps)."""
+  step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
+  state, metrics = step(state, batch, hparams)
+  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  config.sample.update(steps=2, batch_size=8)
+  grid = sample.write_training_samples(config, sample.Weights(state.params, state.frozen), graphdef, 1, workdir)
+  return state, grid, [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
+
+
 def test_the_transformer_computes_what_diffusers_computes(tmp_path):
   """Latent clips of 3 frames of 4 x 6 (3 x 2 x 3 tubelets, so the rotary angles of every axis matter), two noise
   levels, text whose second half is padding in one prompt: diffusers' output, the padded text zeroed as Wan's
@@ -291,14 +302,8 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
   np.testing.assert_allclose(ours, theirs.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
   other = dict(condition, image=condition["image"][::-1])  # the image tokens are read
   assert np.abs(model(x, logsnr, text, jnp.ones((2, 512), bool), condition=other) - ours).max() > 1e-3
-  step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
-  state, metrics = step(state, batch, hparams)
-  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
   # sampled from given first frames: the training samples animate the first frames of validation clips
-  config.sample.update(steps=2, batch_size=8)
-  grid = sample.write_training_samples(config, sample.Weights(state.params, state.frozen), graphdef, 1,
-                                       tmp_path / "run")
-  records = [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
+  state, grid, records = trained_a_step_and_sampled(config, graphdef, state, mesh, tmp_path / "run")
   _, clips, captions = evaluate.validation_set(config, 1)
   assert [r["prompt"] for r in records] == captions and "strength" not in records[0]
   assert media.read_image(grid.parent / records[0]["file"]).shape == (32, 5 * 32, 3)
@@ -646,13 +651,7 @@ def test_a_first_last_frame_wan_makes_clips_between_two_images_as_diffusers_read
                        torch.from_numpy(np.asarray(text)), encoder_hidden_states_image=torch.from_numpy(pairs)).sample
   ours = model(x, logsnr, text, jnp.ones((2, 512), bool), condition=condition)
   np.testing.assert_allclose(ours, theirs.permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
-  step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
-  state, metrics = step(state, batch, hparams)
-  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
-  config.sample.update(steps=2, batch_size=8)
-  grid = sample.write_training_samples(config, sample.Weights(state.params, state.frozen), graphdef, 1,
-                                       tmp_path / "run")
-  records = [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
+  state, grid, records = trained_a_step_and_sampled(config, graphdef, state, mesh, tmp_path / "run")
   _, clips, captions = evaluate.validation_set(config, len(records))
   assert [r["prompt"] for r in records] == captions
   assert media.read_image(grid.parent / records[0]["file"]).shape == (16, frames * 16, 3)  # (a sampler without
