@@ -102,10 +102,7 @@ def wan_problems(config, resolution: int | None) -> list[str]:
   if text_dim != wan["text_dim"]:
     found.append(f"the text encoder's width {text_dim} (text.pretrained_path's d_model, or text.t5.d_model) must "
                  f"equal Wan's text_dim={wan['text_dim']} (its text encoder: UMT5-XXL, 4096)")
-  frames_patch, *space_patch = wan["patch_size"]
-  if resolution is not None and any(resolution % p for p in space_patch):
-    found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible by "
-                 f"Wan's patch {space_patch[0]}x{space_patch[1]}")
+  frames_patch = wan["patch_size"][0]
   for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
     if frames and network_frames(config, frames) % frames_patch:
       found.append(f"{field}={frames}: the network's frames must be a multiple of Wan's patch_size in time "
@@ -237,9 +234,8 @@ def wan_expert_problems(m, wan: dict) -> list[str]:
 def dit_problems(config, resolution: int) -> list[str]:
   """What a DiT (model.backbone='dit') cannot do with this config; `resolution`: network_resolution."""
   m, found = config.model, []
-  if m.patch_size < 1 or resolution % m.patch_size:
-    found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible by "
-                 f"model.patch_size={m.patch_size}")
+  if m.patch_size < 1:
+    found.append(f"model.patch_size={m.patch_size} must be >= 1")
   if m.channels % 4 or m.channels % m.heads:
     found.append(f"model.channels={m.channels} (the DiT's width) must be divisible by 4 and by model.heads={m.heads}")
   if m.depth < 1:
@@ -280,18 +276,19 @@ def flow_shift_problem(config, sample_config, prefix: str) -> str | None:
   return None
 
 
-def spatial_multiple(config) -> int | None:
-  """What the network's side must be a multiple of: a U-Net's 2 ** (levels - 1), a DiT's patch, Wan's spatial
-  patch (None where Wan's config.json cannot be read: wan_problems says why)."""
+def spatial_multiple(config) -> tuple[int, str] | None:
+  """(what the network's height and width must be multiples of, what that is): a U-Net's 2 ** (levels - 1), a
+  DiT's patch, Wan's spatial patch (None where Wan's config.json cannot be read: wan_problems says why)."""
   m = config.model
   if m.backbone == "dit":
-    return max(m.patch_size, 1)
+    return max(m.patch_size, 1), f"the DiT's patch, model.patch_size={m.patch_size}"
   if m.backbone == "wan":
     try:
-      return wan_transformer.read_config(m.wan_path)["patch_size"][1]
+      patch = wan_transformer.read_config(m.wan_path)["patch_size"]
     except ValueError:
       return None
-  return 2 ** (len(m.channel_mults) - 1)
+    return patch[1], f"Wan's patch {patch[1]}x{patch[2]}"
+  return 2 ** (len(m.channel_mults) - 1), f"the U-Net's 2 ** (levels - 1), {len(m.channel_mults)} levels"
 
 
 def sample_size_problems(config, sample_config, prefix: str) -> list[str]:
@@ -309,11 +306,9 @@ def sample_size_problems(config, sample_config, prefix: str) -> list[str]:
               if config.latent.autoencoder_path else 1)
   except ValueError:  # latent_problems says why
     return []
-  if (multiple := spatial_multiple(config)) is None:
+  if (spatial := spatial_multiple(config)) is None:
     return []
-  backbone = {"dit": "the DiT's patch", "wan": "Wan's patch"}.get(config.model.backbone,
-                                                                 "the U-Net's 2 ** (levels - 1)")
-  what = ("the autoencoder's downsampling x " if factor > 1 else "") + backbone
+  multiple, what = spatial[0], ("the autoencoder's downsampling x " if factor > 1 else "") + spatial[1]
   found = [f"{prefix}{name}={side} must be a multiple of {factor * multiple} ({what})" if side > 0 else
            f"{prefix}{name}={side} must be >= 0 (0: data.resolution)"
            for name, side in sides.items() if side < 0 or side % (factor * multiple)]
@@ -435,9 +430,9 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     if any(level >= len(m.channel_mults) for level in m.attention_levels):
       found.append(f"model.attention_levels {tuple(m.attention_levels)} names a level beyond "
                    f"{len(m.channel_mults) - 1}")
-    if resolution is not None and resolution % 2 ** (len(m.channel_mults) - 1):
-      found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible "
-                   f"by 2^(levels - 1) = {2 ** (len(m.channel_mults) - 1)}")
+  if resolution is not None and (spatial := spatial_multiple(config)) and resolution % spatial[0]:
+    found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible by "
+                 f"{spatial[0]} ({spatial[1]})")
   if m.backbone != "wan" and (m.wan_clean_first_frame or m.wan_first_frame_fraction):
     found.append("model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode "
                  "(model.backbone='wan'); leave them off")

@@ -159,7 +159,7 @@ def test_a_guide_must_see_and_predict_what_the_model_does(trained):
      r"deterministic DDIM steps: set sampler='ddim' and eta=0 \(not sampler='dpmpp_2m', eta=0.0\)"),
     ({"null_text_iterations": 5}, None, "--null_text_iterations: not used here"),  # nothing is edited
     ({}, "\n\n", "has no prompts"),
-    ({"width": 7}, None, r"--width=7 must be a multiple of 2 \(the U-Net's 2 \*\* \(levels - 1\)\)"),
+    ({"width": 7}, None, r"--width=7 must be a multiple of 2 \(the U-Net's 2 \*\* \(levels - 1\), 2 levels\)"),
 ])
 def test_bad_sampling_input_is_explained(trained, tmp_path, overrides, prompts_text, message):
   _, workdir, _ = trained

@@ -587,7 +587,7 @@ def test_wan_22_ti2v_starts_clips_at_images_as_diffusers_feeds_its_first_frame(t
   assert made.shape == (1, 1, config.data.frames, 16, 32, 3)
   sample_config.width = 31
   assert config_checks.sample_size_problems(config, sample_config, "--") == [
-      "--width=31 must be a multiple of 2 (Wan's patch)"]
+      "--width=31 must be a multiple of 2 (Wan's patch 2x2)"]
   window = np.zeros((1, config.data.frames, 16, 16), bool)
   window[:, :2] = True  # a video extension's window keeps its context frames: an edit, not an image to animate
   assert not edit_inputs.animated(config, window) and edit_inputs.animated(config, edits[0][1][None])
