@@ -15,6 +15,7 @@ from flax import traverse_util
 from diffusion_jax import (checkpoint, config_checks, edit_inputs, evaluate, lora, media, sample, sharding,
                            train)
 from diffusion_jax.data import pipeline
+from diffusion_jax.metrics import heldout_loss
 from diffusion_jax.models import clip, text_to_image, wan_transformer
 from diffusion_jax.text import tokenizers
 
@@ -521,8 +522,9 @@ def test_wan_22_ti2v_starts_clips_at_images_as_diffusers_feeds_its_first_frame(t
   """Wan 2.2 TI2V's image-to-video mode (model.wan_clean_first_frame; diffusers' expand_timesteps): a timestep per
   frame of tokens is what diffusers' transformer computes from one per token; a given first latent frame is read
   clean at timestep 0 as WanImageToVideoPipeline feeds it, and its output is the velocity toward it, so a sampler
-  keeps it; a run trains with some clips given their first frame, samples clips that start at an --init_image and
-  from text alone (at another size too), and what does not fit is refused."""
+  keeps it; a run trains with some clips given their first frame (and its held-out loss gives the same share theirs,
+  whatever the batch), samples clips that start at an --init_image and from text alone (at another size too), and
+  what does not fit is refused."""
   from configs import t2v_moving_shapes
 
   reference = save_tiny_wan(tmp_path / "wan", num_layers=1)
@@ -566,6 +568,14 @@ def test_wan_22_ti2v_starts_clips_at_images_as_diffusers_feeds_its_first_frame(t
   step, hparams, batch = moving_clips_step(config, graphdef, state, mesh)
   state, metrics = step(state, batch, hparams)
   assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  # the held-out loss gives the second of two clips its first frame (fraction 0.5), a batch at a time or not
+  held = evaluate.validation_set(config, 2)[0]
+  held_out = lambda c, rows: heldout_loss.make_heldout_loss_fn(c, graphdef, None, rows)(state.params, state.frozen,
+                                                                                         held)
+  np.testing.assert_allclose(held_out(config, 1), held_out(config, 2), rtol=1e-5)
+  without = config.copy_and_resolve_references()
+  without.model.wan_first_frame_fraction = 0.0
+  assert not np.allclose(held_out(without, 2), held_out(config, 2), rtol=1e-3)
   # sampling: an --init_image starts its clip (not an edit: no strength); a prompt without one is made from text
   _, clips, captions = evaluate.validation_set(config, 1)
   media.save_png(tmp_path / "first.png", clips[0, 0], {})

@@ -1,7 +1,8 @@
 """Held-out diffusion loss on fixed (x0, log-SNR, noise) triples: the quantity scaling fits use.
 
 Every example is evaluated at the same fixed log-SNR levels with noise from a fixed key, without
-condition dropout, so two checkpoints (or two models) are compared on exactly the same problem. The examples
+condition dropout, so two checkpoints (or two models) are compared on exactly the same problem (a model that
+starts clips at images: every 1/model.wan_first_frame_fraction-th example given its first frame). The examples
 go through the network a batch at a time, each batch sharded over a mesh; example i's noise at a level is row i
 of one draw for the whole set, so the loss does not depend on the batch size or the device count.
 """
@@ -67,6 +68,10 @@ def _build(config, graphdef):
     text = model.encode(batch["text_ids"], batch["text_mask"])
     condition = model.own_condition(pixels) if model.image_to_video else None
     rows = x0.shape[0]
+    if fraction := config.model.wan_first_frame_fraction:  # as trained: that share given their first frame, evenly
+      index = start + jnp.arange(rows)
+      given = jnp.floor((index + 1) * fraction) > jnp.floor(index * fraction)
+      condition = {"first_latents": x0[:, :1], "first_given": given}
 
     def own_rows(draw):  # this batch's rows of a draw for all n examples (zeros past n)
       padded = jnp.concatenate([draw, jnp.zeros((rows,) + draw.shape[1:], draw.dtype)])
