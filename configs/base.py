@@ -24,7 +24,9 @@ def get_config():
       image_key="image",
       caption_key="caption",
       attribute_keys=(),           # extra integer features passed through to the batch
-      resolution=32,
+      resolution=32,               # the training images' side (with data.width: their height)
+      width=0,                     # the training images' width (0: data.resolution, a square); folder,
+                                   # folder_clips and tfds data are scaled to cover it and cropped (Wan: 480 x 832)
       max_objects=2,               # captioned_shapes only
       heldout_combinations=(),     # captioned_shapes only: colour-shape pairs ("red square") kept out of the
                                    # train split; evaluation also judges captions that name them

@@ -19,8 +19,9 @@ the expert for low noise: it becomes model.wan_low_noise_path, switched to below
 model.wan_expert_batches). A root of an image-to-video model (Wan 2.1 I2V, Wan 2.2 I2V A14B) works the same: its
 transformers read each clip's first frame as their condition (Wan 2.1's also its CLIP tokens, from the root's
 image_encoder/: model.wan_image_encoder_path), and sampling animates --init_image. The clips
-(data.dataset='folder_clips') are cut to their first 33 frames (9 latent frames) at 480 px squares; Wan's are 16
-fps, so give 30 fps clips --config.data.frame_stride=2.
+(data.dataset='folder_clips') are cut to their first 33 frames (9 latent frames) of 480 x 832 (data.resolution x
+data.width: frames scaled to cover it and cropped); Wan's are 16 fps, so give 30 fps clips
+--config.data.frame_stride=2.
 """
 
 import json
@@ -54,8 +55,8 @@ def get_config(root: str = ""):
   config.latent.autoencoder_path = part("vae")
   config.diffusion.update(path="flow", prediction="flow", weighting="flow_mse", schedule="flow")
   config.diffusion.schedule_params = ml_collections.ConfigDict(dict(shift=5.0))  # replaces the cosine's
-  config.data.update(dataset="folder_clips", image_key="video", frames=33, resolution=480, image_fraction=0.0,
-                     random_flip=False)
+  config.data.update(dataset="folder_clips", image_key="video", frames=33, resolution=480, width=832,
+                     image_fraction=0.0, random_flip=False)  # Wan's 480p: 480 x 832
   config.optimizer.update(learning_rate=1e-5, warmup_steps=100, schedule="constant", weight_decay=0.0)
   config.train.update(batch_size=8, steps=2000, ema_decays=(0.999,), checkpoint_every=250)
   config.sample.update(sampler="unipc", steps=50, guidance_scale=5.0, flow_shift=3.0, threshold="none",

@@ -18,9 +18,9 @@ from diffusion_jax import checkpoint
 # Why the --guide_* flags are refused with --cascade, and what to give instead.
 WITH_CASCADE = ("not used with --cascade: give the guide to the stage it guides (--cascade.stages[K].guide_step=N, "
                 "--cascade.stages[K].guide_workdir=DIR)")
-# Config fields the guide must share with the model it guides: the same inputs (resolution, latents, frames,
+# Config fields the guide must share with the model it guides: the same inputs (image size, latents, frames,
 # low-res conditioning), the same output parameterisation, and the same tokens.
-GUIDE_FIELDS = ("data.resolution", "latent.autoencoder_path", "model.in_channels", "model.temporal",
+GUIDE_FIELDS = ("data.resolution", "data.width", "latent.autoencoder_path", "model.in_channels", "model.temporal",
                 "model.lowres_conditioning", "superres.lowres_resolution", "superres.lowres_frames",
                 "superres.residual", "diffusion.path", "diffusion.prediction", "diffusion.sigma_data",
                 "text.tokenizer", "text.max_length", "text.spiece_path")

@@ -299,6 +299,7 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   import torch
 
   from diffusion_jax import diffusers_peer, sample, train
+  from diffusion_jax.data import pipeline
   from diffusion_jax.models import text_to_image
   from diffusion_jax.text import tokenizers
 
@@ -309,15 +310,15 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   backbone = config.model.backbone
   if backbone == "unet":
     config.model.ff_mult = 4  # diffusers' U-Net transformer blocks have a 4x (GEGLU) feed-forward
-  b, r, tokens = config.train.batch_size, config.data.resolution, config.text.max_length
+  b, size, tokens = config.train.batch_size, pipeline.image_size(config.data), config.text.max_length
   wan = config.model.backbone == "wan"  # a video peer: diffusers' U-Net and PixArt peers take images
   frames = config.data.frames if wan else 1
   clip, unit = (f"{frames} frames of ", "clips") if wan else ("", "images")
   compiled, args, mesh, _ = compiled_step(config)
   ours_params = train.count_params(args[0].params[backbone])
   ours_step, state = time_steps(compiled, args, steps)
-  peer = diffusers_peer.closest(config.model, r, ours_params)
-  theirs_step = diffusers_peer.train_step_seconds(peer, b, r, tokens, steps, config.model.dtype, frames)
+  peer = diffusers_peer.closest(config.model, size[0], ours_params)
+  theirs_step = diffusers_peer.train_step_seconds(peer, b, size, tokens, steps, config.model.dtype, frames)
 
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(sampler="dpmpp_2m", steps=sampler_steps, guidance_scale=3.0, num_per_prompt=1)
@@ -329,7 +330,7 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   for _ in range(2):
     generate()
   ours_sampling = 2 * sample_batch / (time.perf_counter() - start)
-  theirs_sampling = diffusers_peer.sampling_images_per_s(peer, sample_batch, r, tokens, sampler_steps, 3.0,
+  theirs_sampling = diffusers_peer.sampling_images_per_s(peer, sample_batch, size, tokens, sampler_steps, 3.0,
                                                          dtype=config.model.dtype, frames=frames)
   lines = [f"peer: diffusers {diffusers_peer.name(peer)}, torch {torch.__version__} on "
            f"{diffusers_peer.described(diffusers_peer.device())}; ours: jax {jax.__version__} on "
@@ -337,8 +338,8 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
            "| | ours (JAX) | diffusers (PyTorch) | ours / diffusers |", "|---|---|---|---|",
            f"| {BACKBONE_NAMES[backbone]} parameters | {ours_params / 1e6:.3f}M | "
            f"{diffusers_peer.count(peer) / 1e6:.3f}M | {ours_params / diffusers_peer.count(peer):.3f} |",
-           f"| train step (batch {b}, {clip}{r} px), ms | {ours_step * 1e3:.0f} | {theirs_step * 1e3:.0f} | "
-           f"speed {theirs_step / ours_step:.2f} |",
+           f"| train step (batch {b}, {clip}{size[0]} x {size[1]} px), ms | {ours_step * 1e3:.0f} | "
+           f"{theirs_step * 1e3:.0f} | speed {theirs_step / ours_step:.2f} |",
            f"| sampling, {sampler_steps}-step DPM-Solver++(2M) + guidance (batch {sample_batch}), {unit}/s | "
            f"{ours_sampling:.2f} | {theirs_sampling:.2f} | speed {ours_sampling / theirs_sampling:.2f} |"]
   return "\n".join(lines)
@@ -548,8 +549,9 @@ def main(argv):
   f = flags.FLAGS
   if argv[1] == "restore" and not f.workdir:
     raise app.UsageError("the restore mode reads a checkpoint: give --workdir=DIR (a training workdir)")
-  what = f.workdir if argv[1] == "restore" else (
-      f"batch {f.config.train.batch_size}, {f.config.data.resolution}px")
+  from diffusion_jax.data import pipeline
+  height, width = pipeline.image_size(f.config.data)
+  what = f.workdir if argv[1] == "restore" else f"batch {f.config.train.batch_size}, {height} x {width} px"
   print(f"# {argv[1]} benchmark, {jax.device_count()} x {jax.devices()[0].device_kind}, {what}, "
         f"{time.strftime('%Y-%m-%d')}")
   from diffusion_jax import config_checks

@@ -16,6 +16,7 @@ import pathlib
 import numpy as np
 
 from diffusion_jax import autoguidance, checkpoint, config_checks, lora, media, sample, superres
+from diffusion_jax.data import pipeline
 
 STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "guidance_interval", "threshold",
                   "threshold_percentile", "aug_level", "use_ema", "eta", "frames", "batch_size", "negative_prompt")
@@ -80,9 +81,9 @@ def chain_problems(stages) -> list[str]:
     below, stage = stages[k - 1].config, stages[k].config
     if not stage.model.lowres_conditioning:
       found.append(f"stage {k} ({stages[k].workdir}) is not a super-resolution stage (model.lowres_conditioning)")
-    elif stage.superres.lowres_resolution != below.data.resolution:
-      found.append(f"stage {k} ({stages[k].workdir}) upsamples from {stage.superres.lowres_resolution} px but stage "
-                   f"{k - 1} ({stages[k - 1].workdir}) produces {below.data.resolution} px")
+    elif (produced := pipeline.image_size(below.data)) != (stage.superres.lowres_resolution,) * 2:
+      found.append(f"stage {k} ({stages[k].workdir}) upsamples from {stage.superres.lowres_resolution} px squares but "
+                   f"stage {k - 1} ({stages[k - 1].workdir}) produces {produced[0]} x {produced[1]} px images")
     if stage.model.temporal != below.model.temporal:
       found.append(f"stages {k - 1} and {k} mix image and video models")
     elif stage.model.temporal and stage.model.lowres_conditioning:

@@ -262,6 +262,7 @@ ADDED_FIELDS = {
     "sample.height": 0, "sample.width": 0, "sample.flow_shift": 0.0,
     "data.eval_captions_file": "",
     "data.frame_stride": 1,
+    "data.width": 0,
 }
 
 

@@ -292,15 +292,34 @@ def spatial_multiple(config) -> tuple[int, str] | None:
 
 
 def sample_size_problems(config, sample_config, prefix: str) -> list[str]:
-  """Why the network cannot make samples of sample_config's height and width (each named prefix + field; 0 is
-  data.resolution): a side the autoencoder's downsampling times spatial_multiple does not divide, a DiT grid
-  longer than its position periods, or a super-resolution stage (its input is the stage below's square)."""
-  sides = {"height": sample_config.height, "width": sample_config.width}
-  if not any(sides.values()):
+  """Why the network cannot make samples of sample_config's height and width (each named prefix + field; 0: the
+  training images'): size_problems, or a super-resolution stage (its input is the stage below's square)."""
+  if not (sample_config.height or sample_config.width):
     return []
   if config.model.lowres_conditioning:
     return [f"{prefix}height, {prefix}width: a super-resolution stage samples at data.resolution (its input is the "
             "stage below's); leave them at 0"]
+  return size_problems(config, {f"{prefix}height": sample_config.height, f"{prefix}width": sample_config.width},
+                       "the training images'")
+
+
+def width_problems(config) -> list[str]:
+  """Why the network cannot train on images data.width wide (data.resolution high): size_problems, square data
+  (the built-in datasets), a super-resolution stage (its input is the stage below's square)."""
+  d = config.data
+  if not d.width:
+    return []
+  if d.dataset in ("captioned_shapes", "moving_shapes"):
+    return [f"data.width={d.width}: {d.dataset} draws square images whose captions name what a crop would cut; "
+            "non-square training reads folder, folder_clips or tfds data"]
+  if config.model.lowres_conditioning:
+    return [f"data.width={d.width}: a super-resolution stage trains on squares (its input is the stage below's)"]
+  return size_problems(config, {"data.width": d.width}, "data.resolution")
+
+
+def size_problems(config, sides: dict, zero: str) -> list[str]:
+  """Why the network cannot see images of these sides ({field: pixels}; 0 is `zero`, left as it is): a side the
+  autoencoder's downsampling times spatial_multiple does not divide, a DiT grid longer than its position periods."""
   try:
     factor = (autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path))
               if config.latent.autoencoder_path else 1)
@@ -309,12 +328,12 @@ def sample_size_problems(config, sample_config, prefix: str) -> list[str]:
   if (spatial := spatial_multiple(config)) is None:
     return []
   multiple, what = spatial[0], ("the autoencoder's downsampling x " if factor > 1 else "") + spatial[1]
-  found = [f"{prefix}{name}={side} must be a multiple of {factor * multiple} ({what})" if side > 0 else
-           f"{prefix}{name}={side} must be >= 0 (0: data.resolution)"
+  found = [f"{name}={side} must be a multiple of {factor * multiple} ({what})" if side > 0 else
+           f"{name}={side} must be >= 0 (0: {zero})"
            for name, side in sides.items() if side < 0 or side % (factor * multiple)]
   grid = max(sides.values()) // (factor * multiple)
   if config.model.backbone == "dit" and config.model.position_max_period < grid:
-    found.append(f"{prefix}height, {prefix}width: the DiT's patch grid's longer side ({grid}) is past "
+    found.append(f"{', '.join(sides)}: the DiT's patch grid's longer side ({grid}) is past "
                  f"model.position_max_period={config.model.position_max_period}")
   return found
 
@@ -460,6 +479,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
         captioned_shapes.combinations(config.data.heldout_combinations)
       except ValueError as error:
         found.append(f"data.heldout_combinations: {error}")
+  found += width_problems(config)
   if config.data.frame_stride < 1:
     found.append(f"data.frame_stride={config.data.frame_stride} must be >= 1 (1: every frame of a clip)")
   if not 0 <= config.data.image_fraction <= 1:

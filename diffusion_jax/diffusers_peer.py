@@ -116,9 +116,10 @@ def text_width(module) -> int:
   return module.config.caption_channels if is_transformer(module) else module.config.cross_attention_dim
 
 
-def input_shape(module, batch: int, resolution: int, frames: int) -> tuple:
-  """What the peer denoises: [batch, channels, h, w], or clips [batch, channels, frames, h, w] for Wan's."""
-  side = (resolution, resolution)
+def input_shape(module, batch: int, size: int | tuple[int, int], frames: int) -> tuple:
+  """What the peer denoises: [batch, channels, h, w], or clips [batch, channels, frames, h, w] for Wan's; size:
+  (h, w), or the side of a square."""
+  side = (size, size) if isinstance(size, int) else tuple(size)
   return (batch, module.config.in_channels) + ((frames,) if is_wan(module) else ()) + side
 
 
@@ -163,10 +164,10 @@ def denoise(module, x, timesteps, text):
   return module(x, timesteps, encoder_hidden_states=text).sample
 
 
-def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: int, dtype: str = "float32",
-                       frames: int = 1) -> float:
-  """Seconds per forward + backward + AdamW step (after two warm-up steps); dtype: our model.dtype; frames: of a
-  video peer's clips."""
+def train_step_seconds(module, batch: int, size: int | tuple[int, int], tokens: int, steps: int,
+                       dtype: str = "float32", frames: int = 1) -> float:
+  """Seconds per forward + backward + AdamW step (after two warm-up steps) on input_shape's inputs; dtype: our
+  model.dtype; frames: of a video peer's clips."""
   import torch
 
   where = device()
@@ -174,7 +175,7 @@ def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: 
   optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
   generator = torch.Generator(device=where).manual_seed(0)
   normal = lambda *shape: torch.randn(*shape, generator=generator, device=where)
-  x0 = normal(*input_shape(module, batch, resolution, frames))
+  x0 = normal(*input_shape(module, batch, size, frames))
   text = normal(batch, tokens, text_width(module))
 
   def step():
@@ -197,7 +198,7 @@ def train_step_seconds(module, batch: int, resolution: int, tokens: int, steps: 
   return (synchronized(where) - start) / steps
 
 
-def sampling_images_per_s(module, batch: int, resolution: int, tokens: int, sampler_steps: int,
+def sampling_images_per_s(module, batch: int, size: int | tuple[int, int], tokens: int, sampler_steps: int,
                           guidance_scale: float, repeats: int = 2, dtype: str = "float32", frames: int = 1) -> float:
   """Images (a video peer: clips) per second of the diffusers DPM-Solver++(2M) loop with classifier-free guidance
   (after one warm-up); dtype: our model.dtype."""
@@ -215,7 +216,7 @@ def sampling_images_per_s(module, batch: int, resolution: int, tokens: int, samp
   @torch.no_grad()
   def run():
     scheduler.set_timesteps(sampler_steps, device=where)
-    x = torch.randn(*input_shape(module, batch, resolution, frames), generator=generator, device=where)
+    x = torch.randn(*input_shape(module, batch, size, frames), generator=generator, device=where)
     for t in scheduler.timesteps:
       with mixed_precision(where, dtype):
         prediction = denoise(module, torch.cat([x, x]), t.expand(2 * batch), both).float()

@@ -18,8 +18,8 @@ def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[in
   """{prompt index: (image, keep)} of the prompts with an "init_image" (image_edit; a video model's:
   first_frame_edit's clips) or an "init_video" (video_edit's clips), each file read and every setting checked.
   frames: a video model's frames per clip (0 for an image model); size: (height, width) of the samples
-  (sample.image_size; None: data.resolution's square)."""
-  size = size or config.data.resolution
+  (sample.image_size; None: the training images', pipeline.image_size)."""
+  size = size or pipeline.image_size(config.data)
   if animates(config, prompts):  # every prompt animates its image: clips whose first frame it is
     if problems := animation_problems(prompts, clip_tokens=bool(config.model.wan_image_encoder_path),
                                       first_frame_only=text_to_image.starts_clips_at_images(config),

@@ -174,7 +174,7 @@ def validation_set(config, count: int, keep=None):
   def visual(example):
     pixels = np.asarray(example[config.data.image_key])[..., :3]
     clip = pixels if pixels.ndim == 4 else pixels[None]
-    clip = np.stack([pipeline.resize_and_crop(f, config.data.resolution, None) for f in clip])
+    clip = np.stack([pipeline.resize_and_crop(f, pipeline.image_size(config.data), None) for f in clip])
     return clip if pixels.ndim == 4 else clip[0]
 
   images = np.stack([visual(e) for e in examples])
@@ -419,8 +419,8 @@ SWEEPS = {
 
 
 def evaluation_sample_config(config, overrides=None):
-  """The config's sample settings with one image per validation caption, at data.resolution (the real images'), and
-  `overrides` ({field: value}, e.g. the command line's batch_size and negative_prompt; None values are left to the
+  """The config's sample settings with one image per validation caption, at the training size (the real images'),
+  and `overrides` ({field: value}, e.g. the command line's batch_size and negative_prompt; None values are left to the
   config)."""
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(num_per_prompt=1, height=0, width=0)

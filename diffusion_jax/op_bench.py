@@ -1,7 +1,7 @@
 """The model's operations one at a time, ours (JAX, jitted) against PyTorch's at the same shapes.
 
 Says where the train-step gap to diffusers (`bench peer`) comes from. For every level of the config's
-U-Net (resolution / 2^level, channels * mult, batch train.batch_size): a 3x3 convolution and group norm
+U-Net (the training images' sides / 2^level, channels * mult, batch train.batch_size): a 3x3 convolution and group norm
 + SiLU (layers.GroupNorm and flax's own); at the attention levels, self-attention over the level's pixels
 and cross-attention to text.max_length tokens (each in models/attention.py's "folded" and "xla"
 implementations). For a DiT (model.backbone='dit'), at its patch tokens and width: a linear layer, the
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.data import pipeline
 from diffusion_jax.models import attention, layers
 
 
@@ -103,12 +104,12 @@ def attention_cases(normal, kind, batch, tokens, keys, heads, head_dim):
 def unet_cases(config):
   import torch
 
-  batch, resolution, m = config.train.batch_size, config.data.resolution, config.model
+  batch, (height, width), m = config.train.batch_size, pipeline.image_size(config.data), config.model
   normal = _random_normal()
   channels_last = lambda y: y.permute(0, 2, 3, 1)
   for level, mult in enumerate(m.channel_mults):
-    r, ch = resolution // 2 ** level, m.channels * mult
-    x = normal(batch, r, r, ch)
+    h, w, ch = height // 2 ** level, width // 2 ** level, m.channels * mult
+    x = normal(batch, h, w, ch)
     x_nchw = _as_torch(x.transpose(0, 3, 1, 2))
     conv = layers.conv(ch, ch, 3, nnx.Rngs(0), jnp.float32)
     torch_conv = torch.nn.Conv2d(ch, ch, 3, padding=1)
@@ -116,17 +117,17 @@ def unet_cases(config):
       torch_conv.weight.copy_(torch.tensor(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1)))
       torch_conv.bias.copy_(torch.tensor(np.asarray(conv.bias[...])))
     apply, params = _applied(conv)
-    yield (f"3x3 convolution {r}x{r}x{ch}", apply, (params, jnp.asarray(x)), torch_conv, (x_nchw,), channels_last)
+    yield (f"3x3 convolution {h}x{w}x{ch}", apply, (params, jnp.asarray(x)), torch_conv, (x_nchw,), channels_last)
     norm = layers.group_norm(ch, nnx.Rngs(0), jnp.float32)
     torch_norm = torch.nn.GroupNorm(norm.num_groups, ch, eps=norm.epsilon)
     graphdef, params = nnx.split(norm)
     for implementation, call in (("ours", layers.GroupNorm.__call__), ("flax", nnx.GroupNorm.__call__)):
-      yield (f"group norm + SiLU {r}x{r}x{ch} ({implementation})",
+      yield (f"group norm + SiLU {h}x{w}x{ch} ({implementation})",
              lambda p, x, g=graphdef, c=call: nnx.silu(c(nnx.merge(g, p), x)), (params, jnp.asarray(x)),
              lambda x, n=torch_norm: torch.nn.functional.silu(n(x)), (x_nchw,), channels_last)
     if level in m.attention_levels:
-      yield from attention_cases(normal, "self", batch, r * r, r * r, m.heads, ch // m.heads)
-      yield from attention_cases(normal, "cross", batch, r * r, config.text.max_length, m.heads, ch // m.heads)
+      yield from attention_cases(normal, "self", batch, h * w, h * w, m.heads, ch // m.heads)
+      yield from attention_cases(normal, "cross", batch, h * w, config.text.max_length, m.heads, ch // m.heads)
 
 
 def dit_cases(config):
@@ -135,7 +136,8 @@ def dit_cases(config):
   from diffusion_jax.models import dit
 
   batch, m = config.train.batch_size, config.model
-  tokens, width = (config.data.resolution // m.patch_size) ** 2, m.channels
+  rows, columns = (side // m.patch_size for side in pipeline.image_size(config.data))
+  tokens, width = rows * columns, m.channels
   normal = _random_normal()
   x = normal(batch, tokens, width)
   x_torch, same_layout = _as_torch(x), lambda y: y

@@ -34,8 +34,8 @@ Flags:
                     sample 480p at 3 and 720p at 5)
   --height, --width the samples' size in pixels, any the network divides (its autoencoder's downsampling times
                     the U-Net's levels' or the patch of a DiT or Wan: Wan's 480 x 832, say); --init_image, --mask
-                    and --init_video are brought to it (default: config sample.height and sample.width, 0 =
-                    data.resolution; not a super-resolution stage's)
+                    and --init_video are brought to it (default: config sample.height and sample.width, 0 = the
+                    training images', data.resolution and data.width; not a super-resolution stage's)
   --batch_size      samples generated at once over all devices, rounded up to a multiple of the device count
                     (default: config sample.batch_size); more are generated batch by batch, with progress
   --video_length    video models: frames per video, more than a clip's (--frames) by autoregressive extension
@@ -128,6 +128,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import (autoguidance, checkpoint, cli, config_checks, distillation, distributed, edit_inputs,
                            editing, lora, media, samplers, schedules, sharding, superres, video_extension)
+from diffusion_jax.data import pipeline
 from diffusion_jax.models import autoencoder, text_to_image, wan_transformer
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,9 @@ def sampling_logsnr(config, sample_config):
 
 
 def image_size(config, sample_config) -> tuple[int, int]:
-  """(height, width) of the samples: sample.height and sample.width, each data.resolution where 0."""
-  return sample_config.height or config.data.resolution, sample_config.width or config.data.resolution
+  """(height, width) of the samples: sample.height and sample.width, each the training images' where 0."""
+  height, width = pipeline.image_size(config.data)
+  return sample_config.height or height, sample_config.width or width
 
 
 def output_shape(config, sample_config) -> tuple:
@@ -828,15 +830,15 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
 def write_training_samples(config, weights: Weights, graphdef, step: int, workdir):
   """Samples of the config's prompts from a run's weights at `step` (a super-resolution stage: as many real
   validation images, downsampled, with their captions; an image-to-video model: the first frames of as many
-  validation clips, with their captions), at data.resolution, into WORKDIR/samples/step_N and TensorBoard; returns the
-  grid path. Every process takes part; process 0 writes."""
+  validation clips, with their captions), at the training images' size, into WORKDIR/samples/step_N and TensorBoard;
+  returns the grid path. Every process takes part; process 0 writes."""
   from diffusion_jax import metric_writers
   from diffusion_jax.text import tokenizers
 
   mesh = sharding.make_mesh(config.mesh)
   prompts, lowres = list(config.sample.prompts), None
   sample_config = config.sample.copy_and_resolve_references()
-  sample_config.update(height=0, width=0)  # (at data.resolution, as the validation images they may start at)
+  sample_config.update(height=0, width=0)  # (at the training size, as the validation images they may start at)
   if config.model.lowres_conditioning:
     from diffusion_jax import cascade
 
@@ -886,7 +888,7 @@ def define_flags():
   flags.DEFINE_integer("height", None, "Height of the samples in pixels, any the model divides (default: config "
                        "sample.height, 0 = data.resolution).", lower_bound=0)
   flags.DEFINE_integer("width", None, "Width of the samples in pixels, any the model divides (default: config "
-                       "sample.width, 0 = data.resolution).", lower_bound=0)
+                       "sample.width, 0 = data.width, or data.resolution where that is 0).", lower_bound=0)
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: config "
                        "sample.batch_size).")
   flags.DEFINE_integer("video_length", None, "Video models: frames per video, beyond a clip's by autoregressive "

@@ -575,12 +575,14 @@ def test_video_latent_model_caches_each_frames_posterior_and_samples_clips_throu
   with pytest.raises(ValueError, match="built for another autoencoder or dataset"):
     train.open_latent_cache(slower, graphdef, state, source)
   key = lambda data: latent_cache.cache_key(state.frozen["autoencoder"], data)
-  later = ("travel", "wrap_around", "frame_stride", "eval_captions_file")  # data fields added later
+  later = ("travel", "wrap_around", "frame_stride", "eval_captions_file", "width")  # data fields added later
   earlier = {k: v for k, v in config.data.items() if k not in later}
   assert key(ml_collections.ConfigDict(earlier)) == key(config.data)  # caches built before them still open
   strided = config.data.copy_and_resolve_references()
   strided.frame_stride = 2  # a folder of clips read at every other frame: other pixels, another key
-  assert key(strided) != key(config.data)
+  wide = config.data.copy_and_resolve_references()
+  wide.width = 32  # non-square clips: another key
+  assert key(strided) != key(config.data) and key(wide) != key(config.data)
   clip = pipeline.Preprocess(config.data, None).pixels(source[5], np.random.default_rng(0))["video"]
   loaded = autoencoder.load_diffusers(temporal_vae[0])
   mean, logvar = loaded.moments(jnp.asarray(clip))  # the frames as a batch

@@ -208,7 +208,7 @@ def test_cascade_refuses_stages_that_do_not_chain(trained, trained_sr, tmp_path)
   config = json.loads((trained_sr[1] / "config.json").read_text())
   config["superres"]["lowres_resolution"] = 8
   (mismatched / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match="upsamples from 8 px but stage 0 .* produces 16 px"):
+  with pytest.raises(ValueError, match="upsamples from 8 px squares but stage 0 .* produces 16 x 16 px images"):
     cascade.load(cascade_config(trained[1], mismatched))
   with pytest.raises(ValueError, match=r"stage 1: .*is not a diffusion_jax workdir.*--cascade.stages\[1\].workdir"):
     cascade.load(cascade_config(trained[1], tmp_path / "nope"))

@@ -234,13 +234,23 @@ def test_folder_dataset_skips_bad_files_and_trains_shapes(tmp_path):
   assert batch["image"].shape == (8, 16, 16, 3) and np.isfinite(batch["image"]).all()
   with pytest.raises(ValueError, match="the validation split needs held-out ones: give data.eval_captions_file"):
     pipeline.data_source(config.data, "validation")
+  from diffusion_jax import sample, train  # a run on 16 x 24 crops (data.width), and its samples at that size
+
+  config.data.update(width=24, heldout_combinations=())
+  config.train.update(steps=2, sample_every=1, batch_size=8)
+  train.train_and_evaluate(config, tmp_path / "work")
+  grid = sample.sample_from_workdir(tmp_path / "work", {"steps": 2, "num_per_prompt": 1}, output_dir=tmp_path / "s")
+  for made in (grid, tmp_path / "work/samples/step_1/grid.png"):
+    record = json.loads((made.parent / "manifest.jsonl").read_text().splitlines()[0])
+    assert np.asarray(PIL.Image.open(made.parent / record["file"])).shape == (16, 24, 3)
 
 
 def test_folder_of_clips_keeps_each_clips_first_frames_and_skips_what_it_cannot_use(tmp_path):
   """MP4 and GIF clips of moving shapes (24 x 32 px) prepared at 5 frames and shorter side 16: each record holds
   its clip's first 5 frames at 16 x 21, which the loader crops to 16 x 16 clips; a 3-frame clip, a corrupt file,
-  a missing file and an empty caption are skipped; a video model's batch reads them; the held-out captions file
-  makes the validation split; data.frame_stride 2 keeps every other frame."""
+  a missing file and an empty caption are skipped; a video model's batch reads them (cropped to 16 x 20 with
+  data.width); the held-out captions file makes the validation split; data.frame_stride 2 keeps every other
+  frame."""
   from configs import t2v_moving_shapes
   from diffusion_jax import media
   from diffusion_jax.data import folder_dataset
@@ -284,7 +294,11 @@ def test_folder_of_clips_keeps_each_clips_first_frames_and_skips_what_it_cannot_
       [line["caption"] for line in lines if line["caption"]], tmp_path / "sp", vocab_size=30))
   batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 3, seed=0)))
   assert batch["video"].shape == (3, 5, 16, 16, 3) and np.isfinite(batch["video"]).all()
-  config.data.update(frames=3, frame_stride=2)  # every other frame: frames 0, 2 and 4 of each clip
+  config.data.width = 20  # non-square clips (data.resolution x data.width): the 16 x 21 frames' left 20 columns
+  wide = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 3, seed=0)))
+  row = list(wide[pipeline.RECORD_INDEX]).index(0)
+  np.testing.assert_allclose(wide["video"][row], first[:, :, :20] / 127.5 - 1, atol=1e-6)
+  config.data.update(frames=3, frame_stride=2, width=0)  # every other frame: frames 0, 2 and 4 of each clip
   strided = pipeline.data_source(config.data, "train")
   assert len(strided) == 3 and np.array_equal(np.asarray(strided[0]["video"]), first[::2])
   assert folder_dataset.main([f"--clips={tmp_path / 'none'}", f"--captions={clips / 'captions.jsonl'}",

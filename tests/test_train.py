@@ -147,6 +147,27 @@ def test_config_validation_reports_all_problems():
   config_checks.validate(t2i_shapes.get_config("fsdp"), device_count=8)
 
 
+def test_non_square_training_images_are_checked():
+  from configs import sr_shapes
+
+  config = t2i_shapes.get_config("test")
+  config.data.width = 24
+  found = lambda: " ".join(config_checks.problems(config, device_count=8))
+  assert "data.width=24: captioned_shapes draws square images" in found()
+  config.data.update(dataset="tfds", name="pets", heldout_combinations=())
+  assert found() == ""
+  config.data.width = 21
+  assert "data.width=21 must be a multiple of 2 (the U-Net's 2 ** (levels - 1), 2 levels)" in found()
+  config.data.width = -4
+  assert "data.width=-4 must be >= 0 (0: data.resolution)" in found()
+  config.model.backbone = "dit"
+  config.data.width, config.model.position_max_period = 64, 16.0
+  assert "data.width: the DiT's patch grid's longer side (32) is past model.position_max_period=16.0" in found()
+  config = sr_shapes.get_config("test")
+  config.data.update(dataset="tfds", width=64)
+  assert "data.width=64: a super-resolution stage trains on squares" in found()
+
+
 def test_logical_rules_never_reuse_a_mesh_axis():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   spec = sharding.logical_to_spec(("embed", "embed"), (8, 8), mesh)

@@ -186,7 +186,7 @@ def test_init_from_starts_a_run_from_an_autoencoder_of_the_same_layout(config, t
 
 def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
   bad = config.copy_and_resolve_references()
-  bad.data.resolution = 15
+  bad.data.update(resolution=15, width=17)
   bad.autoencoder.update(block_out_channels=(8, 10), out_channels=1)
   bad.train.kl_weight = -1.0
   bad.lpips.update(path=str(tmp_path / "nope"), loss_weight=-1.0)
@@ -194,11 +194,13 @@ def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
   with pytest.raises(ValueError) as error:
     train_autoencoder.train(bad, tmp_path)
   for part in ("block_out_channels (8, 10) must be positive multiples of autoencoder.norm_num_groups=4",
-               "data.resolution=15 is not divisible by the downsampling factor 2", "must be 3 (RGB",
+               "data.resolution=15 is not divisible by the downsampling factor 2",
+               "data.width=17 is not divisible by the downsampling factor 2", "must be 3 (RGB",
                "train.kl_weight=-1.0 must be >= 0", "lpips.loss_weight=-1.0 must be >= 0",
-               "LPIPS (lpips.path) needs images of at least 16 pixels a side; data.resolution=15",
+               "LPIPS (lpips.path) needs images of at least 16 pixels a side; data.resolution x data.width gives "
+               "15 x 17",
                "lpips.path: No LPIPS weights directory at", "adversarial.start_step=-1 must be >= 0",
-               "the discriminator's 3 stride-2 layers (adversarial.layers) leave no patch of data.resolution=15"):
+               "the discriminator's 3 stride-2 layers (adversarial.layers) leave no patch of 15 x 17 images"):
     assert part in str(error.value)
   bad.lpips.update(path="", loss_weight=1.0)
   bad.data.wrap_around = True

@@ -259,7 +259,8 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
                                  root / "tokenizer" / "spiece", vocab_size=30)
   config = wan_t2v.get_config(str(root))
   assert config.model.wan_low_noise_path == "" and config.model.in_channels == 3  # (the transformer's out_channels)
-  config.data.update(dataset="moving_shapes", resolution=32, frames=5, num_train=16, num_eval=8,
+  assert (config.data.resolution, config.data.width) == (480, 832)  # Wan's 480p
+  config.data.update(dataset="moving_shapes", resolution=32, width=0, frames=5, num_train=16, num_eval=8,
                      data_dir=str(tmp_path / "tfds"))
   config.text.max_length = 8
   config.model.dtype = "float32"  # (bfloat16 products are slower on a CPU, and the comparison below is exact)

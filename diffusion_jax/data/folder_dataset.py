@@ -14,8 +14,8 @@ Flags:
                 (data.eval_captions_file); default none
   --frames      clips: frames kept of each clip, its first ones (data.frames); shorter clips are skipped
   --frame_stride  clips: keep every S-th frame (data.frame_stride; e.g. 2 takes 30 fps clips to 15 fps); default 1
-  --resolution  clips: each frame is stored with its shorter side resized to this (data.resolution); training crops
-                the square
+  --resolution  clips: each frame is stored with its shorter side resized to this (data.resolution); training scales
+                it to cover data.resolution x data.width (a square where data.width is 0) and crops
   --data_dir    TFDS data directory to write to (the dataset is `folder_images/<hash of the inputs>`, or
                 `folder_clips/<hash>`)
 

@@ -42,7 +42,8 @@ def cache_key(autoencoder_params, data_config, superres_config=None) -> str:
   travel = data_config.get("travel", moving_shapes.TRAVEL)
   travelled = [f"travel={travel}"] if travel != moving_shapes.TRAVEL else []
   strided = [f"frame_stride={stride}"] if (stride := data_config.get("frame_stride", 1)) != 1 else []
-  digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS] + wrapped + travelled + strided).encode())
+  wide = [f"width={width}"] if (width := data_config.get("width", 0)) else []
+  digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS] + wrapped + travelled + strided + wide).encode())
   if superres_config is not None:
     digest.update(json.dumps([str(superres_config[f]) for f in SUPERRES_FIELDS]).encode())
   return digest.hexdigest()[:16]

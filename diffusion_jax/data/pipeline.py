@@ -3,8 +3,8 @@
 Each process reads its own rows of every global batch; the iterator state is small and checkpointable
 (`iterator.get_state()` / `set_state()`), so a resumed run sees exactly the batches it would have seen.
 
-Batch (per process): image [batch, res, res, 3] float32 in [-1, 1] (video datasets: video
-[batch, frames, res, res, 3] and is_video [batch] bool, False for stills mixed in), text_ids [batch, tokens] int32
+Batch (per process): image [batch, height, width, 3] float32 in [-1, 1] (`image_size`; video datasets: video
+[batch, frames, height, width, 3] and is_video [batch] bool, False for stills mixed in), text_ids [batch, tokens] int32
 (or text_embeddings [batch, tokens, dim] float32 from a text-embedding cache), text_mask [batch, tokens]
 bool, plus the dataset's integer attributes when present.
 """
@@ -132,6 +132,11 @@ class KeepUsable(grain.FilterTransform):
     return element is not None and len(element[self.caption_key]) > 0
 
 
+def image_size(data_config) -> tuple[int, int]:
+  """(height, width) of the training images: data.resolution by data.width (0: data.resolution, a square)."""
+  return data_config.resolution, data_config.width or data_config.resolution
+
+
 def resize_and_crop(image: np.ndarray, size: int | tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
   """uint8 [h, w, 3] -> [height, width, 3] (size: (height, width), or the side of a square): scaled (bicubic) to
   cover it (a square: the shorter side to it), then a centre (rng None) or random crop."""
@@ -159,7 +164,8 @@ class Preprocess(grain.RandomMapTransform):
     self.latent_cache = latent_cache
 
   def pixels(self, element, rng: np.random.Generator) -> dict:
-    """{"image": [res, res, 3]} or {"video": [frames, res, res, 3], "is_video": bool}, float32 in [-1, 1]."""
+    """{"image": [height, width, 3]} or {"video": [frames, height, width, 3], "is_video": bool}, float32 in
+    [-1, 1]."""
     config = self.config
     visual = np.asarray(element[config.image_key])
     is_video = visual.ndim == 4 or (visual.ndim == 3 and visual.shape[-1] not in (1, 3, 4))
@@ -169,7 +175,7 @@ class Preprocess(grain.RandomMapTransform):
     if frames.shape[-1] == 1:
       frames = np.repeat(frames, 3, axis=-1)
     crop_seed = int(rng.integers(2**31))  # one crop for all frames of a video
-    frames = np.stack([resize_and_crop(f[..., :3], config.resolution,
+    frames = np.stack([resize_and_crop(f[..., :3], image_size(config),
                                        np.random.default_rng(crop_seed) if config.random_crop else None)
                        for f in frames])
     if config.random_flip and rng.random() < 0.5:
@@ -251,8 +257,8 @@ def to_global(local_batch: dict, sharding) -> dict:
 
 def synthetic_batch(config) -> dict:
   """An all-zero global batch with the model inputs' shapes and dtypes (benchmarks, FLOP counts)."""
-  b, r, n = config.train.batch_size, config.data.resolution, config.text.max_length
-  visual = (b, config.data.frames, r, r, 3) if config.model.temporal else (b, r, r, 3)
+  b, n, (h, w) = config.train.batch_size, config.text.max_length, image_size(config.data)
+  visual = (b, config.data.frames, h, w, 3) if config.model.temporal else (b, h, w, 3)
   batch = {"video" if config.model.temporal else "image": np.zeros(visual, np.float32),
            "text_ids": np.ones((b, n), np.int32), "text_mask": np.ones((b, n), bool)}
   if config.model.temporal:

@@ -96,6 +96,8 @@ def measurement_key(config) -> str:
   relevant = {k: config[k].to_dict() for k in ("model", "text", "diffusion")}
   relevant |= {"batch_size": config.train.batch_size, "grad_accum": config.train.grad_accum,
                "resolution": config.data.resolution, "frames": config.data.frames}
+  if config.data.width:  # (added later: square runs keep their keys)
+    relevant["width"] = config.data.width
   return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
