@@ -33,8 +33,10 @@ def test_embeddings_and_scores_match_transformers(tiny_clip):
                                                                           abs=1e-2)
 
 
-def test_preprocessing_matches_the_clip_image_processor():
-  images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+@pytest.mark.parametrize("height, width", [(32, 32), (32, 50), (45, 24)])
+def test_preprocessing_matches_the_clip_image_processor(height, width):
+  """Squares, and other shapes scaled by their shorter side and centre-cropped."""
+  images = np.random.default_rng(1).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
   processor = transformers.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
   theirs = processor(images=list(images), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
   ours = np.asarray(clip_score.preprocess(images, 224))

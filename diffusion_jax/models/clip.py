@@ -191,8 +191,8 @@ class VisionModel(nnx.Module):
     self.vision_model = VisionTransformer(config, rngs=rngs)
 
   def penultimate(self, images):
-    """Images [n, h, w, 3] in [-1, 1] (square) -> VisionTransformer.penultimate of them resized (bicubic) to the
-    model's size and normalised."""
+    """Images [n, h, w, 3] in [-1, 1] -> VisionTransformer.penultimate of them brought to the model's size
+    (preprocess_float) and normalised."""
     return self.vision_model.penultimate(preprocess_float((images + 1.0) / 2.0, self.image_size))
 
 
@@ -227,11 +227,15 @@ def load_vision(path, field: str = "model.wan_image_encoder_path") -> VisionMode
 
 
 def preprocess_float(images, size: int):
-  """Float images [n, h, w, 3] in [0, 1] -> CLIP-normalised [n, size, size, 3] (bicubic resize of square images)."""
-  x = jax.image.resize(images.astype(jnp.float32), (images.shape[0], size, size, 3), "bicubic")
-  return (jnp.clip(x, 0.0, 1.0) - MEAN) / STD
+  """Float images [n, h, w, 3] in [0, 1] -> CLIP-normalised [n, size, size, 3]: scaled (bicubic) so that the shorter
+  side is `size`, then centre-cropped, as transformers' CLIPImageProcessor does."""
+  n, h, w = images.shape[:3]
+  scaled = (size, max(size, int(size * w / h))) if h <= w else (max(size, int(size * h / w)), size)
+  x = jax.image.resize(images.astype(jnp.float32), (n, *scaled, 3), "bicubic")
+  top, left = (scaled[0] - size) // 2, (scaled[1] - size) // 2
+  return (jnp.clip(x[:, top:top + size, left:left + size], 0.0, 1.0) - MEAN) / STD
 
 
 def preprocess(images, size: int):
-  """uint8 [n, h, w, 3] -> CLIP-normalised float [n, size, size, 3] (bicubic resize of square images)."""
+  """uint8 [n, h, w, 3] -> CLIP-normalised float [n, size, size, 3] (preprocess_float)."""
   return preprocess_float(jnp.asarray(images, jnp.float32) / 255.0, size)
