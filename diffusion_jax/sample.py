@@ -213,7 +213,7 @@ def output_shape(config, sample_config) -> tuple:
 def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres, negative, init, first_frames,
   guide) -> samples
-  [n, (frames,) res, res, c] in [-1, 1] (a latent model's decoded latents). Each sample's starting noise (and a
+  [n, (frames,) h, w, c] in [-1, 1] (image_size; a latent model's decoded latents). Each sample's starting noise (and a
   stochastic sampler's noise at every step) comes from its own key, so a sample does not depend on the batch
   it is generated in (nor on the device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c]
   in [-1, 1] (None otherwise), noise-augmented to sample.aug_level. negative: (ids, mask) of negative prompts,
@@ -383,7 +383,7 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
              lowres=None, negative_prompts=None, init_images=None, keep_masks=None, keys=None,
              guide=None, source_prompts=None) -> np.ndarray:
-  """Samples [len(prompts), num_per_prompt, (frames,) res, res, c] uint8, generated sample.batch_size at a time
+  """Samples [len(prompts), num_per_prompt, (frames,) h, w, c] uint8 (image_size), sample.batch_size at a time
   (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
   serves every batch (the last is padded), and more than one batch logs progress with an ETA.
 
