@@ -21,9 +21,7 @@ def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[in
   (sample.image_size; None: the training images', pipeline.image_size)."""
   size = size or pipeline.image_size(config.data)
   if animates(config, prompts):  # every prompt animates its image: clips whose first frame it is
-    if problems := animation_problems(prompts, clip_tokens=bool(config.model.wan_image_encoder_path),
-                                      first_frame_only=text_to_image.starts_clips_at_images(config),
-                                      last_needed=text_to_image.first_last_frame(config)):
+    if problems := animation_problems(config, prompts):
       raise ValueError("; ".join(problems))
     return {i: animated_edit(e, size, frames) for i, e in enumerate(prompts)}
   if any("last_image" in e for e in prompts):
@@ -152,26 +150,36 @@ def animated_edit(entry: dict, size: int | tuple[int, int], frames: int) -> tupl
   return first_frame_edit(image_edit(entry, size)[0], frames, last)
 
 
-def animation_problems(prompts: list[dict], clip_tokens: bool = False, first_frame_only: bool = False,
-                       last_needed: bool = False) -> list[str]:
+def animation_problems(config, prompts: list[dict]) -> list[str]:
   """Why an image-to-video model cannot sample these prompts (dicts as sample.read_prompts reads them): each
-  animates an image (init_image), making its whole clip from noise (no strength of an edit); a last frame
-  (last_image) only where no CLIP tokens are read (clip_tokens: Wan 2.1's model reads those of one image) and the
-  model reads more than a first frame (first_frame_only: one that starts clips at images, Wan 2.2 TI2V), and on
-  every prompt for a first-last-frame model (last_needed: Wan 2.1 FLF2V, which reads both images' CLIP tokens)."""
+  animates an image (init_image), making its whole clip from noise (no strength of an edit); last images
+  (last_image) as last_image_problem allows."""
   found = []
   if missing := [e["prompt"] for e in prompts if "init_image" not in e][:3]:
-    found.append(f"{MIXED if first_frame_only else ANIMATES}: {missing}")
+    found.append(f"{MIXED if text_to_image.starts_clips_at_images(config) else ANIMATES}: {missing}")
   if any("init_video" in e or "mask" in e for e in prompts):
     found.append(NOT_EDITED)
   if any("strength" in e for e in prompts):
     found.append("a prompt's 'strength': an image-to-video model makes its whole clip from noise (the image is its "
                  "condition, not a start); leave it out")
-  if last_needed and (missing := [e["prompt"] for e in prompts if "last_image" not in e][:3]):
-    found.append(f"{LAST_NEEDED}: {missing}")
-  elif (clip_tokens or first_frame_only) and not last_needed and any("last_image" in e for e in prompts):
-    found.append(NO_LAST if first_frame_only else ONE_IMAGE)
+  given = ["last_image" in e for e in prompts]
+  if problem := last_image_problem(config, given):
+    missing = [e["prompt"] for e, last in zip(prompts, given) if not last][:3]
+    found.append(f"{problem}: {missing}" if problem == LAST_NEEDED else problem)
   return found
+
+
+def last_image_problem(config, given) -> str | None:
+  """Why an image-to-video model cannot make clips that end at last images where `given` (bool per clip) says:
+  a first-last-frame model (Wan 2.1 FLF2V) needs one for every clip; one that reads one image's CLIP tokens (Wan
+  2.1 I2V) or starts clips at images (Wan 2.2 TI2V) reads none."""
+  if text_to_image.first_last_frame(config):
+    return None if all(given) else LAST_NEEDED
+  if any(given) and text_to_image.starts_clips_at_images(config):
+    return NO_LAST
+  if any(given) and config.model.wan_image_encoder_path:
+    return ONE_IMAGE
+  return None
 
 
 def animated_images(init_images, keep_masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -407,13 +407,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     # the edit's first frames are the condition; the clips come from noise
     first_frames = edit_inputs.animated_images(init_images, keep_masks)
     init_images = keep_masks = None
-    if text_to_image.first_last_frame(config):
-      if not first_frames[2].all():
-        raise ValueError(edit_inputs.LAST_NEEDED + ".")
-    elif first_frames[2].any() and text_to_image.starts_clips_at_images(config):
-      raise ValueError(edit_inputs.NO_LAST)
-    elif first_frames[2].any() and config.model.wan_image_encoder_path:
-      raise ValueError(edit_inputs.ONE_IMAGE)
+    if problem := edit_inputs.last_image_problem(config, first_frames[2]):
+      raise ValueError(problem + ".")
   sources = list(source_prompts or [])
   inverting_with_sources = init_images is not None and sample_config.edit_noise in editing.SOURCE_PROMPTED
   if inverting_with_sources:
