@@ -37,7 +37,7 @@ def saved_off_its_initialisation(model, directory) -> str:
   return str(directory)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vae(tmp_path_factory):
   """(directory, PyTorch model): a tiny random AutoencoderKL (2 levels, factor 2) saved as diffusers does."""
   import torch
@@ -50,7 +50,7 @@ def vae(tmp_path_factory):
   return saved_off_its_initialisation(model, tmp_path_factory.mktemp("vae")), model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def temporal_vae(tmp_path_factory):
   """(directory, PyTorch model): a tiny random AutoencoderKLTemporalDecoder (Stable Video Diffusion's VAE layout;
   its group norms have 32 groups) saved as diffusers does, with random time-mixing weights."""
@@ -68,7 +68,7 @@ def temporal_vae(tmp_path_factory):
   return str(directory), model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def causal_vae(tmp_path_factory):
   """(directory, PyTorch model): a tiny random AutoencoderKLHunyuanVideo (HunyuanVideo's causal 3-D VAE; 3 levels:
   4x in space, 4x in time) saved as diffusers does."""
@@ -83,7 +83,7 @@ def causal_vae(tmp_path_factory):
   return saved_off_its_initialisation(model, tmp_path_factory.mktemp("causal_vae")), model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wan_vae(tmp_path_factory):
   """(directory, PyTorch model): a tiny random AutoencoderKLWan (Wan 2.1's causal 3-D VAE layout, 8x in
   space and 4x in time, at width 4) saved as diffusers does, with latents normalised per channel."""
@@ -95,7 +95,7 @@ def wan_vae(tmp_path_factory):
   return saved_off_its_initialisation(model, tmp_path_factory.mktemp("wan_vae")), model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wan22_vae(tmp_path_factory):
   """(directory, PyTorch model): a tiny random AutoencoderKLWan in Wan 2.2 5B's layout (2x2 pixel patches folded
   into channels, residual levels with averaging and duplicating shortcuts, a wider decoder: 16x in space, 4x in

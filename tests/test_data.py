@@ -14,7 +14,7 @@ from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.text import tokenizers
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def config(tmp_path_factory):
   config = t2i_shapes.get_config("test")
   config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))

@@ -100,7 +100,7 @@ def test_a_distillation_config_names_what_to_set(tmp_path):
   assert "finetune.workdir=" in distillation.problems(config)[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def distilled(trained, tmp_path_factory):
   """The `trained` run distilled into a student of one unguided step from its two steps at guidance 3 (40 steps,
   checkpoints at 20 and 40): (config, workdir, final state)."""

@@ -89,7 +89,7 @@ def torch_input(videos):
   return (x * 2 - 1).reshape(n, f, c, 224, 224).permute(0, 2, 1, 3, 4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clips():
   from diffusion_jax.data import moving_shapes
 
@@ -97,7 +97,7 @@ def clips():
   return np.stack([moving_shapes.render(*moving_shapes.random_clip(rng, 4, 16), 4, 16) for _ in range(3)])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def torch_i3d(clips):
   torch.manual_seed(0)
   model = TorchI3D()

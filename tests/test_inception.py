@@ -143,7 +143,7 @@ class TorchFIDInception(torch.nn.Module):
     return x.mean((2, 3))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def torch_inception():
   torch.manual_seed(0)
   model = TorchFIDInception().eval()

@@ -27,7 +27,7 @@ def flat(tree):
   return traverse_util.flatten_dict(jax.device_get(tree))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora_run(trained, tmp_path_factory):
   """A 2-step rank-2 LoRA fine-tune of the `trained` run, its attention, feed-forward and FiLM projections and
   residual convolutions: (config, workdir, its state at the start, at the end)."""

@@ -49,7 +49,7 @@ def one_step(config, mesh_config, batch_np, devices=None):
   return compiled(state, pipeline.to_global(batch_np, sharding.batch_sharding(mesh)), train.place_hparams(config, mesh))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def batch(tmp_path_factory):
   config = tiny_config(tmp_path_factory)
   source = pipeline.data_source(config.data, "train")

@@ -27,7 +27,7 @@ from test_autoencoder import as_torch, random_autoencoder
 pytestmark = pytest.mark.xdist_group("autoencoder")  # one worker trains the autoencoder (`trained`) these tests read
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def config(tmp_path_factory):
   config = autoencoder_shapes.get_config("test")
   config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
@@ -35,7 +35,7 @@ def config(tmp_path_factory):
   return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(config, tmp_path_factory):
   """10 steps in this process: (workdir, the diffusers directory written)."""
   workdir = tmp_path_factory.mktemp("autoencoder_workdir")
