@@ -22,6 +22,11 @@
 #              time and saves in memory on the GPU (3 x 150 s; not in the default set)
 #   peer_dit   the demo DiT (bfloat16) against diffusers' PixArt transformer on the same GPU (180 s)
 #   peer_unet  the 64 px U-Net (bfloat16, width 128) against diffusers' UNet2DConditionModel (180 s)
+#   peer_wan   Wan 2.1 1.3B's transformer (random weights, made here by diffusers) against diffusers' on the same
+#              GPU, on the tokens of 9 frames of 480 x 832 (its latents' 3 x 60 x 104: clips given as pixels to a
+#              Wan of 3 input channels, the rest of the network as 1.3B's), batch 1, bfloat16, a frozen one-layer
+#              text encoder 4096 wide; WAN_PEER="LAYERS DIM FFN HEADS FRAMES HEIGHT WIDTH" shrinks it (400 s; not
+#              yet run on a GPU: not in the default set)
 #   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame
 #              tubelets, one `bench step` each (3 x 120 s)
 #   compile    compile seconds against run time at XLA's level 0 and 3, demo model (240 s)
@@ -101,6 +106,26 @@ print(f"- jax devices: {jax.devices()}")'
     peer_unet)
       bench 180 peer --config=configs/t2i_shapes.py --config.data.resolution=64 --config.model.dtype=bfloat16 \
         --config.model.channels=128 --config.train.batch_size=64 --steps=10 ;;
+    peer_wan)
+      local layers dim ffn heads frames height width wan=/tmp/random_wan
+      read -r layers dim ffn heads frames height width <<< "${WAN_PEER:-30 1536 8960 12 3 60 104}"
+      timeout 300 "$PYTHON" -c 'import sys, diffusers, torch
+from diffusion_jax.text import tokenizers
+layers, dim, ffn, heads = map(int, sys.argv[1:5])
+torch.manual_seed(0)
+diffusers.WanTransformer3DModel(num_attention_heads=heads, attention_head_dim=dim // heads, in_channels=3,
+                                out_channels=3, text_dim=4096, freq_dim=256, ffn_dim=ffn,
+                                num_layers=layers).save_pretrained(sys.argv[5])
+tokenizers.train_sentencepiece(["a large red circle", "a cat walks on the grass"] * 8, sys.argv[5] + "/spiece", 30)' \
+        "$layers" "$dim" "$ffn" "$heads" "$wan" >> "$OUT/gpu_bench.log" 2>&1
+      bench 400 peer --config=configs/t2v_moving_shapes.py --config.model.backbone=wan --config.model.wan_path=$wan \
+        --config.diffusion.path=flow --config.diffusion.prediction=flow --config.data.image_fraction=0 \
+        --config.data.dataset=tfds --config.data.name=none --config.data.frames="$frames" \
+        --config.data.resolution="$height" --config.data.width="$width" --config.train.batch_size=1 \
+        --config.mesh.data=1 --config.text.max_length=512 --config.text.trainable=False \
+        --config.text.tokenizer=sentencepiece --config.text.spiece_path=$wan/spiece.model \
+        --config.text.t5.d_model=4096 --config.text.t5.num_layers=1 --config.model.dtype=bfloat16 \
+        --config.model.remat=True --steps=5 ;;
     video)
       local video=(--config=configs/t2v_moving_shapes.py:dit --config.data.frames=16 --config.model.max_frames=16
                    --config.data.resolution=32 --config.model.dtype=bfloat16 --widths=96 --steps=10)
@@ -114,8 +139,8 @@ print(f"- jax devices: {jax.devices()}")'
         --config.data.resolution=64 --config.model.dtype=bfloat16 --config.model.channels=128 \
         --config.train.batch_size=128 --steps=5 ;;
     *)
-      echo "error: no benchmark named '$1' (env, step, attention, base64, remat, peer_dit, peer_unet, video, compile," \
-        "profile)" >&2
+      echo "error: no benchmark named '$1' (env, step, attention, base64, remat, peer_dit, peer_unet, peer_wan, video," \
+        "compile, profile)" >&2
       exit 2 ;;
   esac
 }
