@@ -96,7 +96,8 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_video(trained, tmp_path_factory):
   """The t2v test config inflated from the `trained` image workdir, temporal layers only, 4 steps with
-  joint image-video batches: (config, workdir, final state)."""
+  joint image-video batches: (config, workdir, final state). The tests that read it are the xdist_group "video",
+  so one worker trains it."""
   from configs import t2v_moving_shapes
   from diffusion_jax import train
 

@@ -103,7 +103,8 @@ def test_a_distillation_config_names_what_to_set(tmp_path):
 @pytest.fixture(scope="session")
 def distilled(trained, tmp_path_factory):
   """The `trained` run distilled into a student of one unguided step from its two steps at guidance 3 (40 steps,
-  checkpoints at 20 and 40): (config, workdir, final state)."""
+  checkpoints at 20 and 40): (config, workdir, final state). Its tests are the xdist_group "distillation", so one
+  worker distils it."""
   from diffusion_jax import train
 
   teacher_config, teacher_workdir, _ = trained
@@ -118,6 +119,7 @@ def distilled(trained, tmp_path_factory):
   return config, workdir, state
 
 
+@pytest.mark.xdist_group("distillation")
 def test_the_student_samples_in_one_unguided_step_what_the_teacher_samples_in_two_guided(distilled, caplog):
   """Same prompts and noise: the student's one unguided DDIM step lands much nearer the teacher's two guided steps
   than the teacher's own one guided step does (measured 0.44 of its distance). Sampled off its grid, the student
@@ -152,6 +154,7 @@ def test_the_student_samples_in_one_unguided_step_what_the_teacher_samples_in_tw
           in guided)
 
 
+@pytest.mark.xdist_group("distillation")
 def test_a_resumed_distillation_reads_its_teacher_again_and_ends_where_the_uninterrupted_one_does(distilled,
                                                                                                   tmp_path):
   config, workdir, final = distilled

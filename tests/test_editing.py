@@ -289,6 +289,7 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   assert [r.get("edit_noise") for r in records] == ["source_inversion"] * 2 + [None]
 
 
+@pytest.mark.xdist_group("video")
 def test_a_video_model_animates_an_image_as_its_clips_first_frame(trained_video, tmp_path):
   config, workdir, _ = trained_video
   resolution = config.data.resolution
@@ -313,6 +314,7 @@ def test_a_video_model_animates_an_image_as_its_clips_first_frame(trained_video,
                                last_image=tmp_path / "picture.png")
 
 
+@pytest.mark.xdist_group("video")
 def test_a_video_model_edits_a_clip_as_a_whole(trained, trained_video, tmp_path):
   """Video-to-video: a GIF's frames (brought to the model's resolution) noised to the strength and denoised, none
   kept; a lower strength keeps more of the clip. A clip too short, a file of another kind, and an image model
@@ -420,6 +422,7 @@ def test_evaluation_reconstructs_images_edited_toward_their_own_captions(trained
   assert json.loads(PIL.Image.open(workdir / "eval" / "edits_step_4.png").text["captions"]) == captions
 
 
+@pytest.mark.xdist_group("video")
 def test_evaluation_scores_video_edits_by_the_new_caption_and_by_what_they_kept(trained_video, tmp_path):
   """evaluate --video_to_video: each real clip is edited toward its caption with the direction reversed (the
   real clips' judge says they show the opposite, in the same colour); the edits are judged by that caption and by

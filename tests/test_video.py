@@ -115,6 +115,7 @@ def models_at(config, state, graphdef, image_config, image_workdir):
   return video, image
 
 
+@pytest.mark.xdist_group("video")
 def test_inflated_model_is_the_image_model_per_frame_at_init(trained, trained_video):
   image_config, image_workdir, _ = trained
   config, _, _ = trained_video
@@ -130,6 +131,7 @@ def test_inflated_model_is_the_image_model_per_frame_at_init(trained, trained_vi
   assert np.all(np.delete(frame_influence(video, x, logsnr, text, ids > 0, frame=2), 2) == 0)
 
 
+@pytest.mark.xdist_group("video")
 def test_inflation_adds_pixel_coordinate_inputs_with_zero_weights(trained, trained_video):
   image_config, image_workdir, _ = trained
   config = trained_video[0].copy_and_resolve_references()
@@ -145,6 +147,7 @@ def test_inflation_adds_pixel_coordinate_inputs_with_zero_weights(trained, train
   assert float(jnp.abs(run(video, x, logsnr, text, ids > 0) - per_frame).max()) < 1e-5
 
 
+@pytest.mark.xdist_group("video")
 def test_training_only_the_temporal_layers(trained, trained_video):
   image_config, image_workdir, _ = trained
   config, _, state = trained_video
@@ -162,6 +165,7 @@ def test_training_only_the_temporal_layers(trained, trained_video):
   np.testing.assert_allclose(run(video, x, logsnr, text, ids > 0, is_video=jnp.zeros((2,), bool)), per_frame, atol=1e-5)
 
 
+@pytest.mark.xdist_group("video")
 def test_resuming_an_inflated_run_restores_without_initialising(trained_video, tmp_path):
   # A resumed run restores into the abstract state, so nothing initial is built: not even the inflation, whose
   # image workdir may have moved since (its weights are in the video run's checkpoints).
@@ -197,6 +201,7 @@ def test_inflation_from_an_incompatible_image_model_is_refused(trained, tmp_path
     train.init_state(config, sharding.make_mesh(config.mesh))
 
 
+@pytest.mark.xdist_group("video")
 def test_video_samples_are_gifs_mp4s_and_frame_strips_with_provenance(trained_video, tmp_path):
   config, workdir, _ = trained_video
   out = tmp_path / "samples"
@@ -307,6 +312,7 @@ def test_travel_sets_how_far_a_clip_goes_and_paths_that_cannot_be_drawn_are_refu
     moving_shapes.builder("unused", resolution=16, frames=5, travel=0.6)
 
 
+@pytest.mark.xdist_group("video")
 def test_evaluating_a_video_model_reports_motion_and_whether_it_reads_the_direction(trained_video):
   from diffusion_jax import evaluate
 

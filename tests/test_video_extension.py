@@ -27,6 +27,7 @@ def test_windows_add_a_clip_less_its_context_until_the_length_is_reached():
              settings(video_length=20, context_frames=3), 9, 4)[0]
 
 
+@pytest.mark.xdist_group("video")
 def test_a_video_model_makes_videos_longer_than_its_clips(trained_video, trained, tmp_path):
   config, workdir, _ = trained_video
   settings = {"steps": 2, "num_per_prompt": 2, "frames": 3}
@@ -58,6 +59,7 @@ def test_a_video_model_makes_videos_longer_than_its_clips(trained_video, trained
   refused("--strength, --context_frames: not used here", workdir, strength=0.5, context_frames=1)
 
 
+@pytest.mark.xdist_group("video")
 def test_evaluation_scores_image_to_video_and_the_frames_an_extension_makes(trained_video, trained, tmp_path):
   import shutil
 
