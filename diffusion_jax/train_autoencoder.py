@@ -112,8 +112,9 @@ def problems(config) -> list[str]:
   elif ratio < 0 or ratio & (ratio - 1):
     out.append(f"autoencoder.spatial_compression_ratio={ratio} must be a power of 2 (or 0: 2^(levels - 1))")
   factor = ratio or 2 ** (len(widths) - 1)
-  sides = dict(zip(("resolution", "width"), pipeline.image_size(config.data)))
-  out += [f"data.{name}={side} is not divisible by the downsampling factor {factor}"
+  height, width = pipeline.image_size(config.data)
+  sides = {"data.resolution": height} | ({"data.width": width} if config.data.width else {})
+  out += [f"{name}={side} is not divisible by the downsampling factor {factor}"
           + ("" if ratio else f" of {len(widths)} levels") for name, side in sides.items() if side % factor]
   if (a.in_channels, a.out_channels) != (3, 3):
     out.append("autoencoder.in_channels and out_channels must be 3 (RGB, what latent diffusion models read)")
@@ -129,9 +130,9 @@ def problems(config) -> list[str]:
   if config.lpips.loss_weight > 0 and not config.lpips.path:
     out.append("lpips.loss_weight > 0 needs lpips.path, a local LPIPS weights directory (metrics/lpips.py)")
   if config.lpips.path:
-    if min(sides.values()) < lpips.MIN_RESOLUTION:
+    if min(height, width) < lpips.MIN_RESOLUTION:
       out.append(f"LPIPS (lpips.path) needs images of at least {lpips.MIN_RESOLUTION} pixels a side; "
-                 f"data.resolution x data.width gives {sides['resolution']} x {sides['width']}")
+                 f"data.resolution x data.width gives {height} x {width}")
     try:
       lpips.weight_files(config.lpips.path)
     except ValueError as error:
@@ -179,9 +180,9 @@ def problems(config) -> list[str]:
     if adversarial.layers < 1 or adversarial.channels < 1:
       out.append(f"adversarial.layers={adversarial.layers} and adversarial.channels={adversarial.channels} must be "
                  ">= 1")
-    elif discriminator.output_size(min(sides.values()), adversarial.layers) < 1:
+    elif discriminator.output_size(min(height, width), adversarial.layers) < 1:
       out.append(f"the discriminator's {adversarial.layers} stride-2 layers (adversarial.layers) leave no patch of "
-                 f"{sides['resolution']} x {sides['width']} images (data.resolution x data.width): use fewer")
+                 f"{height} x {width} images (data.resolution x data.width): use fewer")
   return out
 
 

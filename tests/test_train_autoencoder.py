@@ -202,6 +202,8 @@ def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
                "lpips.path: No LPIPS weights directory at", "adversarial.start_step=-1 must be >= 0",
                "the discriminator's 3 stride-2 layers (adversarial.layers) leave no patch of 15 x 17 images"):
     assert part in str(error.value)
+  bad.data.width = 0  # squares: data.width, unset, is not named
+  assert "data.width=" not in " ".join(train_autoencoder.problems(bad))
   bad.lpips.update(path="", loss_weight=1.0)
   bad.data.wrap_around = True
   found = " ".join(train_autoencoder.problems(bad))
