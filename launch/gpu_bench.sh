@@ -139,8 +139,8 @@ tokenizers.train_sentencepiece(["a large red circle", "a cat walks on the grass"
         --config.data.resolution=64 --config.model.dtype=bfloat16 --config.model.channels=128 \
         --config.train.batch_size=128 --steps=5 ;;
     *)
-      echo "error: no benchmark named '$1' (env, step, attention, base64, remat, peer_dit, peer_unet, peer_wan, video," \
-        "compile, profile)" >&2
+      echo "error: no benchmark named '$1' (env, step, attention, base64, remat, peer_dit, peer_unet, peer_wan," \
+        "video, compile, profile)" >&2
       exit 2 ;;
   esac
 }
