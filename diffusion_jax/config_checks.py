@@ -313,7 +313,8 @@ def width_problems(config) -> list[str]:
     return [f"data.width={d.width}: {d.dataset} draws square images whose captions name what a crop would cut; "
             "non-square training reads folder, folder_clips or tfds data"]
   if config.model.lowres_conditioning:
-    return [f"data.width={d.width}: a super-resolution stage trains on squares (its input is the stage below's)"]
+    return [f"data.width={d.width}: a super-resolution stage trains on squares (its input is the stage below's); "
+            "leave it at 0"]
   return size_problems(config, {"data.width": d.width}, "data.resolution")
 
 

@@ -165,7 +165,8 @@ def test_non_square_training_images_are_checked():
   assert "data.width: the DiT's patch grid's longer side (32) is past model.position_max_period=16.0" in found()
   config = sr_shapes.get_config("test")
   config.data.update(dataset="tfds", width=64)
-  assert "data.width=64: a super-resolution stage trains on squares" in found()
+  assert "data.width=64: a super-resolution stage trains on squares (its input is the stage below's); leave it at 0" \
+      in found()
 
 
 def test_logical_rules_never_reuse_a_mesh_axis():
