@@ -7,18 +7,6 @@ from diffusion_jax.data import captioned_shapes, moving_shapes
 from diffusion_jax.models import attention, autoencoder, clip, layers, t5, wan_transformer
 
 
-def network_resolution(config) -> int | None:
-  """The side of what the network sees: data.resolution, or that of a latent model's latents (None when its
-  autoencoder cannot be read)."""
-  path = config.latent.autoencoder_path
-  if not path:
-    return config.data.resolution
-  try:
-    return config.data.resolution // autoencoder.downsampling_factor(autoencoder.read_config(path))
-  except ValueError:
-    return None
-
-
 def network_frames(config, frames: int) -> int:
   """Frames of what a video model diffuses for clips of `frames` frames (a causal autoencoder's latent frames)."""
   path = config.latent.autoencoder_path
@@ -52,10 +40,7 @@ def latent_problems(config) -> list[str]:
     vae = autoencoder.read_config(config.latent.autoencoder_path)
   except ValueError as error:
     return [str(error)]
-  found, factor = [], autoencoder.downsampling_factor(vae)
-  if config.data.resolution % factor:
-    found.append(f"data.resolution={config.data.resolution} must be divisible by the autoencoder's downsampling "
-                 f"factor {factor}")
+  found = []
   if (channels := autoencoder.image_channels(vae)) != (3, 3):
     found.append(f"the autoencoder maps {channels[0]}-channel images to {channels[1]}-channel ones; "
                  "the data are RGB (3)")
@@ -82,9 +67,8 @@ def latent_problems(config) -> list[str]:
   return found
 
 
-def wan_problems(config, resolution: int | None) -> list[str]:
-  """What Wan's transformer (model.backbone='wan', model.wan_path) cannot do with this config; `resolution`:
-  network_resolution (None: unknown)."""
+def wan_problems(config) -> list[str]:
+  """What Wan's transformer (model.backbone='wan', model.wan_path) cannot do with this config."""
   m, d, found = config.model, config.diffusion, []
   try:
     wan = wan_transformer.read_config(m.wan_path)
@@ -231,8 +215,8 @@ def wan_expert_problems(m, wan: dict) -> list[str]:
   return found
 
 
-def dit_problems(config, resolution: int) -> list[str]:
-  """What a DiT (model.backbone='dit') cannot do with this config; `resolution`: network_resolution."""
+def dit_problems(config) -> list[str]:
+  """What a DiT (model.backbone='dit') cannot do with this config (its grid: size_problems)."""
   m, found = config.model, []
   if m.patch_size < 1:
     found.append(f"model.patch_size={m.patch_size} must be >= 1")
@@ -240,10 +224,6 @@ def dit_problems(config, resolution: int) -> list[str]:
     found.append(f"model.channels={m.channels} (the DiT's width) must be divisible by 4 and by model.heads={m.heads}")
   if m.depth < 1:
     found.append(f"model.depth={m.depth} must be >= 1")
-  grid = resolution // max(m.patch_size, 1)
-  if m.position_max_period < grid:
-    found.append(f"model.position_max_period={m.position_max_period} must be at least the patch grid's side ({grid}): "
-                 "shorter, even the slowest position features wrap around within the image")
   if m.coordinate_channels:
     found.append("model.coordinate_channels is a U-Net input (a DiT's patches carry position embeddings): switch "
                  "it off or use model.backbone='unet'")
@@ -303,19 +283,23 @@ def sample_size_problems(config, sample_config, prefix: str) -> list[str]:
                        "the training images'")
 
 
-def width_problems(config) -> list[str]:
-  """Why the network cannot train on images data.width wide (data.resolution high): size_problems, square data
-  (the built-in datasets), a super-resolution stage (its input is the stage below's square)."""
-  d = config.data
-  if not d.width:
-    return []
-  if d.dataset in ("captioned_shapes", "moving_shapes"):
-    return [f"data.width={d.width}: {d.dataset} draws square images whose captions name what a crop would cut; "
-            "non-square training reads folder, folder_clips or tfds data"]
-  if config.model.lowres_conditioning:
-    return [f"data.width={d.width}: a super-resolution stage trains on squares (its input is the stage below's); "
-            "leave it at 0"]
-  return size_problems(config, {"data.width": d.width}, "data.resolution")
+def data_size_problems(config) -> list[str]:
+  """Why the network cannot train on images data.resolution high and data.width wide (0: square): size_problems
+  of both sides; a width of square data (the built-in datasets) or of a super-resolution stage (its input is the
+  stage below's square)."""
+  d, found = config.data, []
+  if d.resolution < 1:
+    return [f"data.resolution={d.resolution} must be >= 1"]
+  sides = {"data.resolution": d.resolution}
+  if d.width and d.dataset in ("captioned_shapes", "moving_shapes"):
+    found.append(f"data.width={d.width}: {d.dataset} draws square images whose captions name what a crop would "
+                 "cut; non-square training reads folder, folder_clips or tfds data")
+  elif d.width and config.model.lowres_conditioning:
+    found.append(f"data.width={d.width}: a super-resolution stage trains on squares (its input is the stage "
+                 "below's); leave it at 0")
+  elif d.width:
+    sides["data.width"] = d.width
+  return found + size_problems(config, sides, "data.resolution")
 
 
 def size_problems(config, sides: dict, zero: str) -> list[str]:
@@ -335,7 +319,8 @@ def size_problems(config, sides: dict, zero: str) -> list[str]:
   grid = max(sides.values()) // (factor * multiple)
   if config.model.backbone == "dit" and config.model.position_max_period < grid:
     found.append(f"{', '.join(sides)}: the DiT's patch grid's longer side ({grid}) is past "
-                 f"model.position_max_period={config.model.position_max_period}")
+                 f"model.position_max_period={config.model.position_max_period} (even the slowest position features "
+                 "would wrap around within the image)")
   return found
 
 
@@ -430,7 +415,6 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append("model.video_attention='spacetime' is the video DiT's full attention over a clip: it needs "
                  "model.backbone='dit' and model.temporal=True")
   found += tubelet_problems(config)
-  resolution = network_resolution(config)  # None: unknown, and latent_problems says why
   if config.latent.autoencoder_path:
     found += latent_problems(config)
   else:
@@ -439,10 +423,10 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     if m.in_channels != 3:
       found.append(f"model.in_channels={m.in_channels} must be 3 for a pixel model (the data are RGB); a latent "
                    "model's are its autoencoder's latent_channels (latent.autoencoder_path)")
-  if m.backbone == "dit" and resolution is not None:
-    found += dit_problems(config, resolution)
+  if m.backbone == "dit":
+    found += dit_problems(config)
   elif m.backbone == "wan":
-    found += wan_problems(config, resolution)
+    found += wan_problems(config)
   elif m.backbone != "dit":
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
@@ -450,9 +434,6 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     if any(level >= len(m.channel_mults) for level in m.attention_levels):
       found.append(f"model.attention_levels {tuple(m.attention_levels)} names a level beyond "
                    f"{len(m.channel_mults) - 1}")
-  if resolution is not None and (spatial := spatial_multiple(config)) and resolution % spatial[0]:
-    found.append(f"the network's resolution {resolution} (data.resolution, or its latents') must be divisible by "
-                 f"{spatial[0]} ({spatial[1]})")
   if m.backbone != "wan" and (m.wan_clean_first_frame or m.wan_first_frame_fraction):
     found.append("model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode "
                  "(model.backbone='wan'); leave them off")
@@ -480,7 +461,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
         captioned_shapes.combinations(config.data.heldout_combinations)
       except ValueError as error:
         found.append(f"data.heldout_combinations: {error}")
-  found += width_problems(config)
+  found += data_size_problems(config)
   if config.data.frame_stride < 1:
     found.append(f"data.frame_stride={config.data.frame_stride} must be >= 1 (1: every frame of a clip)")
   if not 0 <= config.data.image_fraction <= 1:

@@ -468,10 +468,11 @@ def test_config_check_knows_the_latent_geometry(vae, tmp_path):
   config.data.resolution = 18  # 9x9 latents: too odd for the U-Net's two levels
   message = "; ".join(config_checks.problems(config, device_count=8))
   for expected in ("model.in_channels=3 must equal the autoencoder's latent_channels=4", "would clip latents",
-                   "the network's resolution 9"):
+                   "data.resolution=18 must be a multiple of 4 (the autoencoder's downsampling x the U-Net's 2 ** "
+                   "(levels - 1), 2 levels)"):
     assert expected in message, message
   config.data.resolution = 17
-  assert "data.resolution=17 must be divisible by the autoencoder's downsampling factor 2" in "; ".join(
+  assert "data.resolution=17 must be a multiple of 4" in "; ".join(
       config_checks.problems(config, device_count=8))
   config.latent.autoencoder_path = str(tmp_path)
   assert "has no config.json" in "; ".join(config_checks.problems(config, device_count=8))

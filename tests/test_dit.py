@@ -267,8 +267,8 @@ def test_configs_a_dit_cannot_serve_are_refused():
   config = dit_config()
   config.model.update(patch_size=3, channels=30, coordinate_channels=True, position_max_period=4.0)
   message = "; ".join(config_checks.problems(config, device_count=8))
-  assert "divisible by 3 (the DiT's patch, model.patch_size=3)" in message and "model.channels=30" in message
-  assert "model.position_max_period=4.0 must be at least the patch grid's side (5)" in message
+  assert "must be a multiple of 3 (the DiT's patch, model.patch_size=3)" in message and "model.channels=30" in message
+  assert "data.resolution: the DiT's patch grid's longer side (5) is past model.position_max_period=4.0" in message
   assert "model.coordinate_channels is a U-Net input" in message
   config.model.backbone = "vit"
   assert "model.backbone='vit' is not one of" in "; ".join(config_checks.problems(config, device_count=8))

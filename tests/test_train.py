@@ -162,7 +162,8 @@ def test_non_square_training_images_are_checked():
   assert "data.width=-4 must be >= 0 (0: data.resolution)" in found()
   config.model.backbone = "dit"
   config.data.width, config.model.position_max_period = 64, 16.0
-  assert "data.width: the DiT's patch grid's longer side (32) is past model.position_max_period=16.0" in found()
+  assert ("data.resolution, data.width: the DiT's patch grid's longer side (32) is past "
+          "model.position_max_period=16.0") in found()
   config = sr_shapes.get_config("test")
   config.data.update(dataset="tfds", width=64)
   assert "data.width=64: a super-resolution stage trains on squares (its input is the stage below's); leave it at 0" \
