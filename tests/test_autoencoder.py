@@ -3,7 +3,7 @@ saved under the old attention names); what it cannot read is refused with a reas
 no weights; a latent text-to-image model trains on a (2, 2, 2) mesh without touching its pretrained parts, and
 samples full-resolution images; the latent cache holds the encoder's posteriors and trains like the pixels; an
 image autoencoder starts a temporal decoder that reconstructs as it does, and inflates into a causal one; the causal
-3-D VAEs of HunyuanVideo and Wan compute what diffusers' do."""
+3-D VAEs of HunyuanVideo, Wan and CogVideoX compute what diffusers' do."""
 
 import json
 import shutil
@@ -109,6 +109,20 @@ def wan22_vae(tmp_path_factory):
   return saved_off_its_initialisation(model, tmp_path_factory.mktemp("wan22_vae")), model
 
 
+@pytest.fixture(scope="session")
+def cogvideox_vae(tmp_path_factory):
+  """(directory, PyTorch model): a tiny random AutoencoderKLCogVideoX (CogVideoX's causal 3-D VAE; 3 levels: 4x in
+  space, 4x in time) saved as diffusers does."""
+  import torch
+  from diffusers import AutoencoderKLCogVideoX
+
+  torch.manual_seed(0)
+  model = AutoencoderKLCogVideoX(block_out_channels=(8, 16, 16), down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 3, layers_per_block=1, latent_channels=4,
+                                 norm_num_groups=4, scaling_factor=0.5)
+  return saved_off_its_initialisation(model, tmp_path_factory.mktemp("cogvideox_vae")), model
+
+
 def as_torch(x):
   import torch
 
@@ -161,17 +175,19 @@ def test_temporal_decoder_decodes_clips_as_diffusers_does(temporal_vae):
   assert np.abs(ours.decode(jnp.asarray(z) * 0.5)[:, 0] - ours.decode(jnp.asarray(z[:, 0]) * 0.5)).max() > 1e-2
 
 
-def causal_oracle(ours, reference, side: int, latent_side: int, channels: int, first_frame_alone: bool = False):
-  """A causal autoencoder against its diffusers PyTorch twin on random 9-frame clips [2, 9, side, side, 3] and
-  random latents [2, 3, latent_side, latent_side, channels]: our posterior (mean and log-variance) and the clips
-  we decode from the latents equal the reference's (within 1e-5), and so does a still's posterior mean (a
-  one-frame clip); first_frame_alone: the still's is the clip's first latent frame's (Wan's: what the image a
-  clip starts at is encoded to is that frame). Returns (clips, latents, our mean, the reference's decoded clips
-  and stills)."""
+def causal_oracle(ours, reference, side: int, latent_side: int, channels: int, first_frame_alone: bool = False,
+                  frames: int = 9):
+  """A causal autoencoder against its diffusers PyTorch twin on random clips [2, frames, side, side, 3] and
+  random latents [2, 1 + (frames - 1) / 4, latent_side, latent_side, channels]: our posterior (mean and
+  log-variance) and the clips we decode from the latents equal the reference's (within 1e-5), and so does a still's
+  posterior mean (a one-frame clip); first_frame_alone: the still's is the clip's first latent frame's (Wan's: what
+  the image a clip starts at is encoded to is that frame). Returns (clips, latents, our mean, the reference's decoded
+  clips and stills)."""
   import torch
 
-  x = np.random.default_rng(0).uniform(-1, 1, (2, 9, side, side, 3)).astype(np.float32)
-  z = np.random.default_rng(1).normal(size=(2, 3, latent_side, latent_side, channels)).astype(np.float32)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, frames, side, side, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 1 + (frames - 1) // 4, latent_side, latent_side, channels))
+  z = z.astype(np.float32)
   as_clips = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3)
   channels_last = lambda t: t.permute(0, 2, 3, 4, 1).numpy()
   with torch.no_grad():
@@ -186,7 +202,7 @@ def causal_oracle(ours, reference, side: int, latent_side: int, channels: int, f
   np.testing.assert_allclose(still, still_mean, atol=1e-5)
   if first_frame_alone:
     np.testing.assert_allclose(still, mean[:, 0], atol=1e-6)
-  assert clips.shape == (2, 9, side, side, 3)
+  assert clips.shape == (2, frames, side, side, 3)
   np.testing.assert_allclose(ours.decode_unscaled(jnp.asarray(z)), clips, atol=2e-5)
   return x, z, mean, clips, stills
 
@@ -284,6 +300,42 @@ def test_wan_2_2_autoencoder_folds_pixel_patches_and_adds_shortcuts_as_diffusers
   (tmp_path / "config.json").write_text(json.dumps(saved | {"in_channels": 3}))
   with pytest.raises(ValueError, match="in_channels=3 and out_channels=12 count the channels of 2x2 pixel patches"):
     autoencoder.read_config(str(tmp_path))
+
+
+def test_cogvideox_autoencoder_encodes_and_decodes_clips_in_diffusers_chunks(cogvideox_vae, tmp_path):
+  """CogVideoX's VAE, which diffusers runs in chunks (9 frames, then 8 at a time; 3 latent frames, then 2) whose
+  group norms see only their chunk: the posterior of 17-frame clips (5 latent frames, two chunks) and of a still,
+  and the clips decoded from latents, equal diffusers' AutoencoderKLCogVideoX's; the whole clip run at once does
+  not. It decodes an odd number of latent frames only, so a video model on it takes clips of 1 + 8 k frames. What it
+  cannot build is refused with the field to change."""
+  from configs import t2v_moving_shapes
+
+  directory, reference = cogvideox_vae
+  ours, config = autoencoder.load_diffusers(directory), autoencoder.read_config(directory)
+  assert autoencoder.downsampling_factor(config) == 4 and autoencoder.time_compression(config) == 4
+  x, z, mean, clips, stills = causal_oracle(ours, reference, 16, 4, 4, frames=17)
+  np.testing.assert_allclose(ours.decode(jnp.asarray(z) * 0.5), clips, atol=2e-5)  # scaling_factor 0.5
+  np.testing.assert_allclose(ours.decode(jnp.asarray(z[:, 0]) * 0.5), stills[:, 0], atol=2e-5)
+  assert np.abs(ours.encoder(jnp.asarray(x))[..., :4] - mean).max() > 1e-3  # chunks' group norms, not the clip's
+  with pytest.raises(ValueError, match="decodes 2 latent frames to 8 frames, not 5 .* give an odd number"):
+    ours.decode_unscaled(jnp.asarray(z[:, :2]))
+  video = t2v_moving_shapes.get_config("test")
+  video.latent.autoencoder_path, video.model.in_channels, video.sample.threshold = directory, 4, "none"
+  video.data.update(image_fraction=0.0, resolution=16, frames=5)
+  assert "data.frames=5: the causal autoencoder encodes 1 + 4 k frames into 1 + k latent frames; " \
+         "AutoencoderKLCogVideoX decodes an odd number of latent frames only" in " ".join(
+             config_checks.problems(video, device_count=8))
+  video.data.frames = 9
+  assert config_checks.problems(video, device_count=8) == []
+  assert sample.output_shape(video, video.sample) == (3, 4, 4, 4)
+  assert "which this project loads but does not train" in autoencoder.start_problems(config, config)[0]
+  saved = json.loads(open(f"{directory}/config.json").read())
+  for change, expected in (({"temporal_compression_ratio": 8}, "temporal_compression_ratio=8: diffusers reads"),
+                           ({"use_post_quant_conv": True}, "use_post_quant_conv=true: no CogVideoX checkpoint"),
+                           ({"block_out_channels": [8, 16]}, "give at least 3 levels")):
+    (tmp_path / "config.json").write_text(json.dumps(saved | change))
+    with pytest.raises(ValueError, match=expected):
+      autoencoder.read_config(str(tmp_path))
 
 
 SVD_FIELDS = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=2,

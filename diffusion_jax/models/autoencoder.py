@@ -22,8 +22,8 @@ by a learned weight, and a last 3x1x1 convolution follows the output convolution
 frames, h/f, w/f, latent_channels] as clips (a still image [batch, h/f, w/f, c] is a one-frame clip).
 
 So do the causal 3-D VAEs, which compress time too and encode and decode each clip whole: HunyuanVideo's
-(causal_autoencoder.py, assembled here from this module's blocks) and Wan's (wan_autoencoder.py, whose latents
-are shifted and scaled per channel).
+(causal_autoencoder.py, assembled here from this module's blocks), Wan's (wan_autoencoder.py, whose latents
+are shifted and scaled per channel) and CogVideoX's (cogvideox_autoencoder.py, run in diffusers' chunks of frames).
 
 `start_params` starts an autoencoder from another's weights (`train_autoencoder`'s train.init_from): a copy of the
 same layout, a temporal decoder started from an image autoencoder at which it reconstructs every frame exactly as
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from diffusion_jax.models import causal_autoencoder, layers, named_tensors, wan_autoencoder
+from diffusion_jax.models import causal_autoencoder, cogvideox_autoencoder, layers, named_tensors, wan_autoencoder
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # Attention names of checkpoints written before diffusers renamed them (its own loader maps them the same way).
@@ -59,8 +59,9 @@ SHARED_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_ch
 
 def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
   """The config.json of a local diffusers AutoencoderKL (AutoencoderKLTemporalDecoder, AutoencoderKLHunyuanVideo,
-  AutoencoderKLWan: with that class's defaults and the fields the others name, wan_autoencoder.fields) directory; a
-  ValueError saying what is wrong (naming `field`, the config field that gave the path)."""
+  AutoencoderKLWan: with that class's defaults and the fields the others name, wan_autoencoder.fields;
+  AutoencoderKLCogVideoX: with its defaults) directory; a ValueError saying what is wrong (naming `field`, the config
+  field that gave the path)."""
   file = pathlib.Path(path).expanduser() / "config.json"
   if not file.exists() and (file.parent / "vae" / "config.json").exists():
     raise ValueError(f"{field}={path!r} is a whole pipeline's checkpoint; its autoencoder is its vae/ folder: "
@@ -69,22 +70,33 @@ def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
     raise ValueError(f"{field}={path!r} has no config.json: give the local directory of a diffusers "
                      f"AutoencoderKL (config.json and {WEIGHTS_FILE}, e.g. the vae/ folder of a Stable Diffusion "
                      f"checkpoint), {TEMPORAL} (Stable Video Diffusion's vae/ folder), "
-                     f"{causal_autoencoder.CLASS_NAME} (HunyuanVideo's) or {wan_autoencoder.CLASS_NAME} (Wan's), "
+                     f"{causal_autoencoder.CLASS_NAME} (HunyuanVideo's), {wan_autoencoder.CLASS_NAME} (Wan's) or "
+                     f"{cogvideox_autoencoder.CLASS_NAME} (CogVideoX's), "
                      "or the autoencoder/ folder a train_autoencoder run writes into its workdir once it ends.")
   config = json.loads(file.read_text())
   blocks = set(config.get("down_block_types", ())) | set(config.get("up_block_types", ()))
   name = config.get("_class_name", "AutoencoderKL")
   known = {name: {"DownEncoderBlock2D", "UpDecoderBlock2D"} for name in ("AutoencoderKL", TEMPORAL)} | {
-      causal_autoencoder.CLASS_NAME: causal_autoencoder.BLOCK_TYPES, wan_autoencoder.CLASS_NAME: set()}
+      causal_autoencoder.CLASS_NAME: causal_autoencoder.BLOCK_TYPES, wan_autoencoder.CLASS_NAME: set(),
+      cogvideox_autoencoder.CLASS_NAME: cogvideox_autoencoder.BLOCK_TYPES}
   if name not in known or blocks - known[name]:
     raise ValueError(f"{str(file)!r} is not a diffusers AutoencoderKL with 2-D blocks, an {TEMPORAL}, an "
-                     f"{causal_autoencoder.CLASS_NAME} or an {wan_autoencoder.CLASS_NAME} (class {name!r}, blocks "
-                     f"{sorted(blocks)}); only those autoencoders are supported.")
+                     f"{causal_autoencoder.CLASS_NAME}, an {wan_autoencoder.CLASS_NAME} or an "
+                     f"{cogvideox_autoencoder.CLASS_NAME} (class {name!r}, blocks {sorted(blocks)}); only those "
+                     "autoencoders are supported.")
   problems = (wan_autoencoder.config_problems(config) if is_wan(config) else
+              cogvideox_autoencoder.config_problems(config) if is_cogvideox(config) else
               causal_autoencoder.config_problems(config) if is_causal(config) else [])
   if problems:
     raise ValueError(f"{str(file)!r}: " + "; ".join(problems))
-  return wan_autoencoder.fields(config) if is_wan(config) else config
+  return with_class_defaults(config)
+
+
+def with_class_defaults(config: dict) -> dict:
+  """config.json with the defaults of Wan's (and the fields the other classes name: wan_autoencoder.fields) and
+  CogVideoX's classes, which diffusers takes for the fields they leave out."""
+  return (wan_autoencoder.fields(config) if is_wan(config) else
+          cogvideox_autoencoder.fields(config) if is_cogvideox(config) else config)
 
 
 def is_wan(config: dict) -> bool:
@@ -92,17 +104,23 @@ def is_wan(config: dict) -> bool:
   return config.get("_class_name") == wan_autoencoder.CLASS_NAME
 
 
+def is_cogvideox(config: dict) -> bool:
+  """Whether config.json is CogVideoX's causal 3-D VAE (cogvideox_autoencoder.py)."""
+  return config.get("_class_name") == cogvideox_autoencoder.CLASS_NAME
+
+
 def is_causal(config: dict) -> bool:
-  """Whether config.json is a causal 3-D VAE, which compresses time too: HunyuanVideo's (causal_autoencoder.py) or
-  Wan's (wan_autoencoder.py)."""
-  return config.get("_class_name") in (causal_autoencoder.CLASS_NAME, wan_autoencoder.CLASS_NAME)
+  """Whether config.json is a causal 3-D VAE, which compresses time too: HunyuanVideo's (causal_autoencoder.py),
+  Wan's (wan_autoencoder.py) or CogVideoX's (cogvideox_autoencoder.py)."""
+  return config.get("_class_name") in (causal_autoencoder.CLASS_NAME, wan_autoencoder.CLASS_NAME,
+                                       cogvideox_autoencoder.CLASS_NAME)
 
 
 def downsampling_factor(config: dict) -> int:
   """How many pixels of a side one latent holds."""
   if is_wan(config):
     return wan_autoencoder.fields(config)["spatial_compression_ratio"]
-  if is_causal(config):
+  if is_causal(config) and not is_cogvideox(config):
     return causal_autoencoder.compression(config)[1]
   return 2 ** (len(config["block_out_channels"]) - 1)
 
@@ -122,18 +140,23 @@ def latent_frames(config: dict, frames: int) -> int:
 
 def time_compression(config: dict) -> int:
   """Frames one latent frame holds (a causal autoencoder's first holds one): 1 but for a causal autoencoder."""
-  if is_wan(config):
-    return wan_autoencoder.fields(config)["temporal_compression_ratio"]
+  if is_wan(config) or is_cogvideox(config):
+    return with_class_defaults(config)["temporal_compression_ratio"]
   return causal_autoencoder.compression(config)[0] if is_causal(config) else 1
 
 
 def frames_problem(config: dict, field: str, frames: int) -> str | None:
   """Why a clip of `frames` frames (the value of config field `field`) cannot be encoded and decoded back to as
-  many frames (None when it can): a causal autoencoder needs 1 + a multiple of its time compression."""
-  if (frames - 1) % (time := time_compression(config)) == 0:
+  many frames (None when it can): a causal autoencoder needs 1 + a multiple of its time compression (CogVideoX's
+  of twice that: it decodes an odd number of latent frames only, cogvideox_autoencoder.py)."""
+  time = time_compression(config)
+  step = 2 * time if is_cogvideox(config) else time
+  if (frames - 1) % step == 0:
     return None
-  return (f"{field}={frames}: the causal autoencoder encodes 1 + {time} k frames into 1 + k latent frames; "
-          f"give 1 + a multiple of {time} (e.g. {1 + time * max(1, (frames - 1) // time)})")
+  why = (f"; {cogvideox_autoencoder.CLASS_NAME} decodes an odd number of latent frames only (diffusers' decoder "
+         f"turns 2 latent frames into {2 * time} frames)" if is_cogvideox(config) else "")
+  return (f"{field}={frames}: the causal autoencoder encodes 1 + {time} k frames into 1 + k latent frames{why}; "
+          f"give 1 + a multiple of {step} (e.g. {1 + step * max(1, (frames - 1) // step)})")
 
 
 def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="SAME"):
@@ -382,13 +405,16 @@ class AutoencoderKL(nnx.Module):
   that config.json names."""
 
   def __init__(self, config: dict, *, rngs: nnx.Rngs):
-    config = wan_autoencoder.fields(config) if is_wan(config) else config
+    config = with_class_defaults(config)
     latent = config["latent_channels"]
     self.temporal = config.get("_class_name") == TEMPORAL
     self.causal = is_causal(config)
     config = config | TEMPORAL_FIXED if self.temporal else config
     if is_wan(config):
       self.encoder, self.decoder = wan_autoencoder.Encoder(config, rngs), wan_autoencoder.Decoder(config, rngs)
+    elif is_cogvideox(config):
+      self.encoder = cogvideox_autoencoder.Encoder(config, rngs)
+      self.decoder = cogvideox_autoencoder.Decoder(config, rngs)
     elif self.causal:
       config = causal_autoencoder.DEFAULTS | config
       self.encoder, self.decoder = Encoder(config, rngs, CAUSAL_PARTS), Decoder(config, rngs, CAUSAL_PARTS)
@@ -410,8 +436,9 @@ class AutoencoderKL(nnx.Module):
     [batch, h, w, in_channels] as a one-frame clip."""
     if self.causal and x.ndim == 4:
       return tuple(m[:, 0] for m in self.moments(x[:, None]))
-    x = x.astype(jnp.float32)  # Wan's clips are encoded a chunk of 4 frames at a time, as diffusers does
-    h = (wan_autoencoder.streamed(self.encoder, x, 4) if isinstance(self.encoder, wan_autoencoder.Encoder)
+    x = x.astype(jnp.float32)  # Wan's and CogVideoX's clips are encoded in chunks of frames, as diffusers does
+    h = (wan_autoencoder.streamed(self.encoder, x, 4) if isinstance(self.encoder, wan_autoencoder.Encoder) else
+         cogvideox_autoencoder.encoded(self.encoder, x) if isinstance(self.encoder, cogvideox_autoencoder.Encoder)
          else self.encoder(x))
     if self.quant_conv is not None:
       h = self.quant_conv(h)
@@ -445,13 +472,14 @@ class AutoencoderKL(nnx.Module):
     """Posterior draws z [batch, (frames,) h/f, w/f, latent_channels] (no shift or scaling) -> [batch, (frames,) h,
     w, out]: a temporal decoder decodes each clip's frames together (more leading axes fold into the batch), the
     image decoder every frame alone (the temporal autoencoder has no post_quant_conv). A causal decoder decodes each
-    clip whole too (Wan's a latent frame at a time: wan_autoencoder.streamed), a still's latents [batch, h/f,
-    w/f, c] as a one-frame clip's."""
+    clip whole too (Wan's a latent frame at a time: wan_autoencoder.streamed; CogVideoX's in diffusers' chunks,
+    cogvideox_autoencoder.decoded), a still's latents [batch, h/f, w/f, c] as a one-frame clip's."""
     if self.causal:
       clips = z[:, None] if z.ndim == 4 else z.reshape((-1,) + z.shape[-4:])
       clips = clips if self.post_quant_conv is None else self.post_quant_conv(clips)
-      x = (wan_autoencoder.streamed(self.decoder, clips, 1) if isinstance(self.decoder, wan_autoencoder.Decoder)
-           else self.decoder(clips))
+      x = (wan_autoencoder.streamed(self.decoder, clips, 1) if isinstance(self.decoder, wan_autoencoder.Decoder) else
+           cogvideox_autoencoder.decoded(self.decoder, clips)
+           if isinstance(self.decoder, cogvideox_autoencoder.Decoder) else self.decoder(clips))
       return x[:, 0] if z.ndim == 4 else x.reshape(z.shape[:-4] + x.shape[1:])
     lead = z.shape[:-3]
     if self.temporal:
@@ -553,8 +581,8 @@ def layout(config: dict) -> dict:
 def start_problems(source: dict, target: dict) -> list[str]:
   """Why the autoencoder of config.json `source` cannot start one of config.json `target` (start_params; empty when
   it can)."""
-  if is_wan(source):
-    return [f"it is an {wan_autoencoder.CLASS_NAME}, which this project loads but does not train (train_autoencoder "
+  if is_wan(source) or is_cogvideox(source):
+    return [f"it is an {source['_class_name']}, which this project loads but does not train (train_autoencoder "
             "trains Stable Diffusion's, Stable Video Diffusion's and HunyuanVideo's layouts)"]
   if is_causal(source) and not is_causal(target):
     return [f"it is an {causal_autoencoder.CLASS_NAME} (a causal 3-D autoencoder) and this autoencoder not; a "

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import layers, streaming
 
 CLASS_NAME = "AutoencoderKLWan"
 DEFAULTS = {"base_dim": 96, "decoder_base_dim": None, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
@@ -96,65 +96,21 @@ def conv(in_ch, out_ch, kernel, rngs, stride=1, padding="VALID", module=nnx.Conv
   return layers.conv(in_ch, out_ch, kernel, rngs, jnp.float32, stride=stride, padding=padding, module=module)
 
 
-class Frames(nnx.Variable):
-  """The last frames a causal convolution read from one chunk of a streamed clip (`streamed`)."""
-
-
-class CausalConv(nnx.Conv):
-  """diffusers' WanCausalConv3d: a convolution over clips [batch, frames, h, w, c] whose windows end at or before
-  each frame, reading the `front` frames before its input: zeros before the clip's first frame, or (`zeros=False`,
-  the time downsampling's) none. `streamed` (`streamed` sets it), it keeps the `front` frames it read last in
-  `context` and reads them in front of the next chunk."""
-
-  def __init__(self, *args, front=2, zeros=True, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.front, self.zeros, self.streamed, self.context = front, zeros, False, nnx.data(None)
-
-  def __call__(self, x):
-    if self.context is not None:
-      x = jnp.concatenate([self.context[...].astype(x.dtype), x], axis=1)
-    elif self.zeros:
-      x = jnp.concatenate([jnp.zeros((x.shape[0], self.front) + x.shape[2:], x.dtype), x], axis=1)
-    if self.streamed:
-      self.context = Frames(x[:, -self.front:])
-    return super().__call__(x)
-
-
 def causal_conv(in_ch, out_ch, rngs, kernel=(3, 3, 3)):
   """A CausalConv (diffusers' WanCausalConv3d(in, out, kernel, padding=1 or (1, 0, 0) for 3x1x1): zero pixels
   around when the window is 3 wide."""
   space = (kernel[1] // 2, kernel[1] // 2)
-  return conv(in_ch, out_ch, kernel, rngs, padding=((0, 0), space, space), module=CausalConv)
+  return conv(in_ch, out_ch, kernel, rngs, padding=((0, 0), space, space), module=streaming.CausalConv)
 
 
 def streamed(module, x, chunk: int):
   """`module` (an Encoder or Decoder) applied to x [batch, 1 + chunk k, ...] as diffusers runs it: the first frame,
-  then a compiled loop (lax.scan) over k chunks of `chunk` frames, each causal convolution carrying the frames it
-  read last into the next chunk; the same function as `module(x)`, holding one chunk's activations, not the clip's
-  (a 480x832 clip of 81 frames at 96 channels: 12 GB a tensor)."""
+  then a compiled loop over k chunks of `chunk` frames (streaming.streamed); the same function as `module(x)`."""
   if (x.shape[1] - 1) % chunk:
     nearest = 1 + chunk * max(round((x.shape[1] - 1) / chunk), 1)
     raise ValueError(f"{CLASS_NAME} reads clips of 1 + {chunk} k frames, not {x.shape[1]}: cut or pad them to "
                      f"e.g. {nearest}")
-  if x.shape[1] == 1:  # a still: one chunk, nothing to carry
-    return module(x)
-  stream = nnx.merge(*nnx.split(module))
-  for _, part in nnx.iter_modules(stream):
-    if isinstance(part, CausalConv):
-      part.streamed = True
-  first = stream(x[:, :1])
-  graph, contexts, rest = nnx.split(stream, Frames, ...)
-
-  def step(contexts, frames):
-    part = nnx.merge(graph, contexts, rest)
-    out = part(frames, first=False)
-    return nnx.state(part, Frames), out
-
-  b, frames = x.shape[0], x.shape[1] - 1
-  chunks = jnp.moveaxis(x[:, 1:].reshape((b, frames // chunk, chunk) + x.shape[2:]), 1, 0)
-  _, later = jax.lax.scan(step, contexts, chunks)  # [k, batch, frames out, ...]
-  later = jnp.moveaxis(later, 0, 1).reshape((b, -1) + later.shape[3:])
-  return jnp.concatenate([first, later], axis=1)
+  return streaming.streamed(module, x, chunk)
 
 
 class RMSNorm(nnx.Module):
@@ -244,7 +200,7 @@ class Resample(nnx.Module):
     self.time_conv = None if not time else (
         causal_conv(channels, 2 * channels, rngs, (3, 1, 1)) if up else
         conv(channels, channels, (3, 1, 1), rngs, stride=(2, 1, 1),
-             module=functools.partial(CausalConv, front=1, zeros=False)))
+             module=functools.partial(streaming.CausalConv, front=1, fill=None)))
 
   def __call__(self, x, first=True):
     if self.up:
