@@ -27,7 +27,6 @@ concerns that pipeline's transformer input, not the autoencoder: latents are sca
 import functools
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import layers, streaming
@@ -112,29 +111,31 @@ def group_norm(channels, groups, rngs, epsilon=1e-6):
   return layers.group_norm(channels, rngs, jnp.float32, groups=groups, epsilon=epsilon)
 
 
-def nearest(z, shape):
-  """z [batch, f, h, w, c] resized to [batch, *shape, c] as PyTorch's "nearest" does (output i reads input
-  floor(i in / out))."""
-  for axis, size in zip((1, 2, 3), shape):
-    z = jnp.take(z, np.arange(size) * z.shape[axis] // size, axis=axis)
-  return z
+def modulated(x, scale, shift):
+  """x [batch, f, h, w, c] * scale + shift, scale and shift [batch, f', h', w', c] resized to x's frames and pixels
+  as PyTorch's "nearest" does for whole ratios (each value over an f/f' x h/h' x w/w' block), by broadcasting: no
+  resized copy is made (XLA held every spatial norm's resized copy at once: 48 GB to decode 9 frames of 480x720)."""
+  (b, f, h, w, c), (zf, zh, zw) = x.shape, scale.shape[1:4]
+  block = lambda a: a[:, :, None, :, None, :, None]
+  x = x.reshape(b, zf, f // zf, zh, h // zh, zw, w // zw, c)
+  return (x * block(scale) + block(shift)).reshape(b, f, h, w, c)
 
 
 class SpatialNorm(nnx.Module):
   """diffusers' CogVideoXSpatialNorm3D: GroupNorm(x) conv_y(z) + conv_b(z), the latents z [batch, latent frames, h',
-  w', latent_channels] resized to x's frames and pixels (the clip's first latent frame to its first frame alone)."""
+  w', latent_channels] resized to x's frames and pixels (nearest; the clip's first latent frame to its first frame
+  alone). The 1x1x1 convolutions run at the latents' size, before the resizing (the same values)."""
 
   def __init__(self, channels, latent_ch, groups, rngs):
     self.norm_layer = group_norm(channels, groups, rngs)
     self.conv_y, self.conv_b = CausalConv(latent_ch, channels, 1, rngs), CausalConv(latent_ch, channels, 1, rngs)
 
   def __call__(self, x, z, first):
-    if first:
-      z = jnp.concatenate([nearest(z[:, :1], (1,) + x.shape[2:4]),
-                           nearest(z[:, 1:], (x.shape[1] - 1,) + x.shape[2:4])], axis=1)
-    else:
-      z = nearest(z, x.shape[1:4])
-    return self.norm_layer(x) * self.conv_y(z) + self.conv_b(z)
+    x, scale, shift = self.norm_layer(x), self.conv_y(z), self.conv_b(z)
+    if not first or x.shape[1] == 1:
+      return modulated(x, scale, shift)
+    return jnp.concatenate([modulated(x[:, :1], scale[:, :1], shift[:, :1]),
+                            modulated(x[:, 1:], scale[:, 1:], shift[:, 1:])], axis=1)
 
 
 class ResnetBlock(nnx.Module):
