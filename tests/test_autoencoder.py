@@ -473,10 +473,10 @@ def test_what_it_cannot_read_is_refused_with_a_reason(vae, tmp_path):
     autoencoder.load_diffusers(str(tmp_path))
   other = tmp_path / "temporal"
   other.mkdir()
-  (other / "config.json").write_text(json.dumps(config | {"_class_name": "AutoencoderKLCogVideoX"}))
+  (other / "config.json").write_text(json.dumps(config | {"_class_name": "AutoencoderKLLTXVideo"}))
   with pytest.raises(ValueError, match="is not a diffusers AutoencoderKL with 2-D blocks, an AutoencoderKLTemporal"
-                                       "Decoder, an AutoencoderKLHunyuanVideo or an AutoencoderKLWan .class "
-                                       "'AutoencoderKLCogVideoX'"):
+                                       "Decoder, an AutoencoderKLHunyuanVideo, an AutoencoderKLWan or an "
+                                       "AutoencoderKLCogVideoX .class 'AutoencoderKLLTXVideo'"):
     autoencoder.read_config(str(other))
   causal = config | {"_class_name": "AutoencoderKLHunyuanVideo", "temporal_compression_ratio": 8,
                      "down_block_types": ["HunyuanVideoDownBlock3D"] * 2,
