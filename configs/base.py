@@ -178,8 +178,9 @@ def get_config():
       sample_every=0,              # also every this many steps (samples/step_N, TensorBoard); 0: never
   )
 
-  # Device mesh; -1 takes all remaining devices. Product must equal the device count.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Device mesh; -1 takes all remaining devices. Product must equal the device count. `sequence` splits a video
+  # model's frames (Wan's tokens) over devices: sequence parallelism, for clips too large for one device.
+  c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
 
   # Sampling (used after training and by `python -m diffusion_jax.sample`). Static thresholding (x0 clipped
   # to [-1, 1]); dynamic thresholding is for high guidance scales (Imagen configs): on the built-in

@@ -23,8 +23,9 @@ Modes:
   memory   per-device bytes with FSDP over 1, 2, 4, 8 devices: train state (params + EMA + optimizer
            moments) held by one device vs total / N, the compiled step's argument and temporary bytes from
            XLA's memory analysis, and the activations its backward pass keeps for one device's share of the batch
-           (kept_activation_bytes); nothing is allocated (an abstract state). On a CPU run it with
-           XLA_FLAGS=--xla_force_host_platform_device_count=8.
+           (kept_activation_bytes); for a video model also the step's temporary bytes with its frames (Wan's
+           tokens) split over 1, 2, 4, 8 devices (mesh.sequence: sequence_table); nothing is allocated (an
+           abstract state). On a CPU run it with XLA_FLAGS=--xla_force_host_platform_device_count=8.
   peer     diffusers' PyTorch UNet2DConditionModel at a matched size (our widths, resolution and
            attention levels, the depth whose parameter count is nearest; both counts printed; our
            feed-forward set to diffusers' 4x), or for a DiT config (model.backbone='dit') its
@@ -378,6 +379,29 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
   return "\n".join(lines)
 
 
+def sequence_table(config, device_counts=(1, 2, 4, 8)) -> str:
+  """A video model's per-device temporary bytes of the compiled step (XLA's memory analysis) with its frames (Wan's
+  tokens) split over 1, 2, 4, 8 devices (mesh.sequence; the whole batch on each), from an abstract state."""
+  from diffusion_jax import config_checks, sharding, train
+
+  lines = ["| sequence devices | step temporaries (MB) | / one device's |", "|---|---|---|"]
+  one = None
+  for n in device_counts:
+    if n > jax.device_count():
+      lines.append(f"| {n} | needs {n} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) | |")
+      continue
+    sized = config.copy_and_resolve_references()
+    sized.mesh.update(data=1, fsdp=1, sequence=n, tensor=1)
+    if problems := config_checks.sequence_problems(sized, n):
+      lines.append(f"| {n} | {'; '.join(problems)} | |")
+      continue
+    lowered, _ = train.lower_abstract_step(sized, sharding.make_mesh(sized.mesh, devices=jax.devices()[:n]))
+    temporaries = lowered.compile().memory_analysis().temp_size_in_bytes
+    one = one or temporaries
+    lines.append(f"| {n} | {temporaries / 1e6:.1f} | {temporaries / one:.2f} |")
+  return "\n".join(lines)
+
+
 def lora_table(config, steps: int, rank: int) -> str:
   """One row per way of fine-tuning the config's model: in full, a LoRA of rank `rank`, the same with the
   convolutions (U-Net only), the same with the feed-forward projections, the same with the scale-shift
@@ -587,6 +611,8 @@ def print_table(mode, f):
     print(restore_table(f.workdir, f.repeats))
   else:
     print(memory_table(f.config))
+    if f.config.model.temporal:
+      print("\nSequence parallelism (mesh.sequence):\n" + sequence_table(f.config))
 
 
 if __name__ == "__main__":

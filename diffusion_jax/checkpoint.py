@@ -263,6 +263,7 @@ ADDED_FIELDS = {
     "data.eval_captions_file": "",
     "data.frame_stride": 1,
     "data.width": 0,
+    "mesh.sequence": 1,
 }
 
 

@@ -3,7 +3,7 @@
 import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
-from diffusion_jax.data import captioned_shapes, moving_shapes
+from diffusion_jax.data import captioned_shapes, moving_shapes, pipeline
 from diffusion_jax.models import attention, autoencoder, clip, layers, t5, wan_transformer
 
 
@@ -31,6 +31,37 @@ def tubelet_problems(config) -> list[str]:
     if (network := network_frames(config, frames)) % t:
       latent = f" ({network} latent frames)" if network != frames else ""
       found.append(f"{field}={frames}{latent} must be a multiple of model.temporal_patch_size={t}")
+  return found
+
+
+def sequence_problems(config, sequence: int) -> list[str]:
+  """Why mesh.sequence (the devices a video model's frames, or Wan's tokens, are split over) does not fit."""
+  if sequence == 1:
+    return []
+  m = config.model
+  if not m.temporal:
+    return [f"mesh.sequence={sequence} splits a video model's frames over devices; an image model has none: "
+            "use mesh.data or mesh.fsdp"]
+  found = []
+  for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
+    network = network_frames(config, frames)
+    latent = f" ({network} latent frames)" if network != frames else ""
+    if frames and m.backbone == "wan":
+      try:
+        patch = wan_transformer.read_config(m.wan_path)["patch_size"]
+      except ValueError:  # wan_problems says why
+        continue
+      factor = autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path)) if (
+          config.latent.autoencoder_path) else 1
+      height, width = pipeline.image_size(config.data)
+      tokens = network // patch[0] * (height // factor // patch[1]) * (width // factor // patch[2])
+      if tokens % sequence:
+        found.append(f"{field}={frames}{latent} makes {tokens} tokens a clip in Wan's transformer, which "
+                     f"mesh.sequence={sequence} devices do not divide")
+    elif frames and (network // m.temporal_patch_size) % sequence:
+      rows = (f"{network // m.temporal_patch_size} tubelets of {m.temporal_patch_size} frames" if
+              m.temporal_patch_size > 1 else f"{network} frames")
+      found.append(f"{field}={frames}{latent}: a clip's {rows} must be a multiple of mesh.sequence={sequence}")
   return found
 
 
@@ -515,6 +546,12 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   except ValueError as error:
     found.append(str(error))
   else:
+    found += sequence_problems(config, shape["sequence"])
+    group, local = shape["sequence"] * shape["tensor"], device_count // process_count
+    if group > 1 and local % group:
+      found.append(f"mesh.sequence * mesh.tensor = {group} devices share each example, but a process has {local}: "
+                   "every process reads examples of its own, so those devices must be one process's; make the "
+                   f"product divide {local}")
     data_parallel = shape["data"] * shape["fsdp"]
     if t.batch_size % data_parallel:
       found.append(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "

@@ -466,7 +466,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
                                                                    batch)
   outputs, start = [], time.time()
   for first in range(0, len(keys), chunk):
-    images = generate_fn(params, frozen, *(place(a, first) for a in inputs), guide_weights)
+    with jax.set_mesh(mesh):  # traced under the mesh the models' sharding.constrain reads (sequence parallelism)
+      images = generate_fn(params, frozen, *(place(a, first) for a in inputs), guide_weights)
     outputs.append(media.to_uint8(np.asarray(multihost_utils.process_allgather(images, tiled=True))))
     if len(keys) > chunk:
       done, elapsed = min(first + chunk, len(repeated)), time.time() - start

@@ -1,8 +1,14 @@
 """Device mesh and the ONE table mapping logical axis names to mesh axes.
 
 Mesh axes: `data` (batch only: pmap-style data parallel), `fsdp` (batch AND parameters/optimizer
-state: fully sharded data parallel), `tensor` (attention heads and MLP hidden: tensor parallel).
-Changing the parallelism is a config change (`config.mesh`), never a model change.
+state: fully sharded data parallel), `sequence` (a video model's frames, Wan's tokens: sequence parallel, for clips
+whose activations one device cannot hold even at a batch of one), `tensor` (attention heads and MLP hidden: tensor
+parallel). Changing the parallelism is a config change (`config.mesh`), never a model change.
+
+Parameters are placed by their logical axis names (`logical_to_spec`). Activations follow the batch's sharding
+(XLA's propagation) except where a model calls `constrain`: a video model's frames (rows of frames, `frame_rows`)
+and Wan's tokens (`tokens`) are split over `sequence` while the program is traced under `jax.set_mesh` (the train
+step's is, `train.lower_step`); elsewhere `constrain` does nothing.
 """
 
 import math
@@ -12,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # logical name -> mesh axes (tuple) or None (replicated)
 RULES = {
@@ -26,12 +32,14 @@ RULES = {
     "vocab": ("tensor",),
     "norm": None,
     "frames": None,
+    "frame_rows": ("data", "fsdp", "sequence"),  # a video batch's frames as rows, [batch * frames]
+    "tokens": ("sequence",),
 }
 
 
 def mesh_shape(mesh_config, device_count: int) -> tuple[int, ...]:
   """Resolve -1 entries of config.mesh against the device count; raise if they cannot match."""
-  sizes = [mesh_config[a] for a in MESH_AXES]
+  sizes = [mesh_config.get(a, 1) for a in MESH_AXES]  # (a workdir's config from before `sequence` lacks it)
   unknown = [i for i, s in enumerate(sizes) if s == -1]
   if len(unknown) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: use positive sizes and at most one -1.")
@@ -53,11 +61,11 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def logical_to_spec(logical_axes, shape, mesh) -> PartitionSpec:
+def logical_to_spec(logical_axes, shape, mesh, fsdp_fallback=True) -> PartitionSpec:
   """Map logical names to a PartitionSpec; a dim whose size the mesh axes do not divide, or whose
   mesh axis is already used by an earlier dim, stays replicated. If the rules leave `fsdp` unused
   (e.g. 480 channels on 256 devices), FSDP falls back to the largest dim it divides, so parameters
-  are sharded whenever any dimension allows it."""
+  are sharded whenever any dimension allows it (`fsdp_fallback`; not for activations)."""
   used, spec = set(), []
   for name, size in zip(logical_axes, shape):
     axes = RULES.get(name) if name is not None else None
@@ -70,11 +78,21 @@ def logical_to_spec(logical_axes, shape, mesh) -> PartitionSpec:
     else:
       spec.append(None)
   fsdp = mesh.shape["fsdp"]
-  if fsdp > 1 and "fsdp" not in used:
+  if fsdp_fallback and fsdp > 1 and "fsdp" not in used:
     free = [i for i, (s, size) in enumerate(zip(spec, shape)) if s is None and size % fsdp == 0 and size >= fsdp]
     if free:
       spec[max(free, key=lambda i: shape[i])] = "fsdp"
   return PartitionSpec(*spec)
+
+
+def constrain(x, logical_axes):
+  """x with its dims split over the mesh as its logical names say (`logical_to_spec`, no FSDP fallback), when
+  traced under `jax.set_mesh` with a `sequence` axis longer than 1; else x unchanged (so programs without sequence
+  parallelism are the ones they were)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or dict(mesh.shape).get("sequence", 1) == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, fsdp_fallback=False))
 
 
 def state_shardings(state: nnx.State, mesh) -> dict:

@@ -322,8 +322,9 @@ def lower_step(train_step, state, batch_shapes: dict, mesh, teacher=None):
                    donate_argnums=0)
   abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding) for k, s in batch_shapes.items()}
   abstract_hparams = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in optimizer.HYPERPARAMETERS}
-  return jitted.lower(checkpoint.abstract(state), abstract_batch, abstract_hparams,
-                      *map(checkpoint.abstract, teacher_args))
+  with jax.set_mesh(mesh):  # the mesh the models' sharding.constrain reads (sequence parallelism)
+    return jitted.lower(checkpoint.abstract(state), abstract_batch, abstract_hparams,
+                        *map(checkpoint.abstract, teacher_args))
 
 
 def place_hparams(config, mesh) -> dict:

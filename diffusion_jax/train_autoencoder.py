@@ -197,6 +197,9 @@ def validate(config, mesh) -> None:
                  "data-parallel devices of config.mesh (one image each)")
   if config.train.batch_size % jax.process_count():
     found.append(f"train.batch_size={config.train.batch_size} is not divisible by {jax.process_count()} processes")
+  if mesh.shape["sequence"] > 1:
+    found.append(f"mesh.sequence={mesh.shape['sequence']}: sequence parallelism splits a video diffusion model's "
+                 "frames; the autoencoder trainer would only repeat its work on those devices: leave it 1")
   if found:
     raise ValueError("The autoencoder config has problems:\n  - " + "\n  - ".join(found))
 

@@ -105,6 +105,19 @@ def test_memory_benchmark_fsdp_divides_the_state(tmp_path_factory):
   assert 0 < float(rows[1][6]) < float(rows[0][6]) / 4  # an eighth of the batch on each device
 
 
+def test_memory_benchmark_of_a_video_model_splits_its_frames_over_sequence_devices():
+  """The video DiT of t2v_moving_shapes:test (4 frames a clip): temporaries fall with 2 and 4 sequence devices; 8
+  do not divide the frames and say so."""
+  from configs import t2v_moving_shapes
+
+  config = t2v_moving_shapes.get_config("test")
+  config.model.update(backbone="dit", channels=16, depth=2, patch_size=2)
+  rows = [cells(r) for r in bench.sequence_table(config).splitlines()[2:]]
+  assert [r[0] for r in rows] == ["1", "2", "4", "8"] and float(rows[0][2]) == 1.0
+  assert 1 > float(rows[1][2]) > float(rows[2][2])
+  assert "a clip's 4 frames must be a multiple of mesh.sequence=8" in rows[3][1]
+
+
 def test_the_peer_of_wans_transformer_is_the_same_checkpoint_run_by_diffusers_on_clips(tmp_path):
   """The Wan peer is diffusers' WanTransformer3DModel with the checkpoint's weights (our parameter count), timed on
   clips [batch, channels, frames, h, w]."""

@@ -55,7 +55,7 @@ def test_fsdp_shards_parameters_evenly(name, devices):
 
   module, variant = name.split(":")
   config = importlib.import_module(f"configs.{module}").get_config(variant)
-  mesh = jax.sharding.AbstractMesh((1, devices, 1), sharding.MESH_AXES)
+  mesh = jax.sharding.AbstractMesh((1, devices, 1, 1), sharding.MESH_AXES)
   _, params, _ = text_to_image.split(text_to_image.abstract(config), config)
   total = per_device = 0
   for _, variable in nnx.to_flat_state(params):

@@ -16,14 +16,17 @@ False) pass through unchanged and joint image-video batches are exact.
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax import sharding
 from diffusion_jax.models import layers
 
 
 def frames_as_rows(x, *per_example):
   """A video batch as a batch of frames: x [batch, frames, ...] -> [batch * frames, ...] (frames are consecutive
-  rows), and each per-example array [batch, ...] repeated for every frame of its clip."""
+  rows, split over the mesh's `sequence` axis under sequence parallelism: sharding.constrain), and each per-example
+  array [batch, ...] repeated for every frame of its clip."""
   b, f = x.shape[:2]
-  return (x.reshape((b * f,) + x.shape[2:]), *(jnp.repeat(a, f, axis=0) for a in per_example))
+  rows = sharding.constrain(x.reshape((b * f,) + x.shape[2:]), ("frame_rows",) + (None,) * (x.ndim - 2))
+  return (rows, *(jnp.repeat(a, f, axis=0) for a in per_example))
 
 
 def frame_features(batch: int, frames: int, dim: int, max_frames: int, stride: int = 1):

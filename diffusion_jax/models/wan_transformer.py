@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_jax import objectives
+from diffusion_jax import objectives, sharding
 from diffusion_jax.models import attention, layers, named_tensors
 
 CLASS_NAME = "WanTransformer3DModel"
@@ -292,7 +292,8 @@ class WanTransformer(nnx.Module):
     b, f, h, w, _ = x.shape
     (pt, ph, pw), grid = self.patch, (f // self.patch[0], h // self.patch[1], w // self.patch[2])
     tokens = self.patch_embedding(x.astype(jnp.float32)).astype(jnp.float32)
-    tokens = tokens.reshape(b, -1, tokens.shape[-1])
+    # frame-major tokens, split over the mesh's `sequence` axis under sequence parallelism
+    tokens = sharding.constrain(tokens.reshape(b, -1, tokens.shape[-1]), ("batch", "tokens", None))
     e = self.condition_embedder
     sinusoids = layers.sinusoidal_embedding(timestep.reshape(-1).astype(jnp.float32), self.freq_dim)
     sinusoids = jnp.concatenate([sinusoids[:, self.freq_dim // 2:], sinusoids[:, :self.freq_dim // 2]], axis=-1)
