@@ -50,14 +50,14 @@ def check_fit(config, workdir) -> None:
                      "model's -> the guide's)")
 
 
-def load(config, workdir, step: int | None, use_ema: bool) -> Guide:
-  """The guide from `workdir`'s checkpoint `step` (default: the latest) for the model of `config`; check_fit's
-  ValueError before any checkpoint is read."""
+def load(config, workdir, step: int | None, use_ema: bool, mesh_config=None) -> Guide:
+  """The guide from `workdir`'s checkpoint `step` (default: the latest) for the model of `config`, on the model's
+  mesh (sample.load_checkpoint's `mesh_config`); check_fit's ValueError before any checkpoint is read."""
   from diffusion_jax import sample
 
   check_fit(config, workdir)
   try:
-    guide_config, weights, graphdef, step, _ = sample.load_checkpoint(workdir, step, use_ema)
+    guide_config, weights, graphdef, step, _ = sample.load_checkpoint(workdir, step, use_ema, mesh_config)
   except ValueError as error:
     raise ValueError(f"the autoguidance guide (--guide_workdir, --guide_step): {error}") from None
   return Guide(guide_config, graphdef, weights.params, weights.frozen, str(workdir), step)

@@ -34,8 +34,9 @@ def tubelet_problems(config) -> list[str]:
   return found
 
 
-def sequence_problems(config, sequence: int) -> list[str]:
-  """Why mesh.sequence (the devices a video model's frames, or Wan's tokens, are split over) does not fit."""
+def sequence_problems(config, sequence: int, clips=None) -> list[str]:
+  """Why mesh.sequence (the devices a video model's frames, or Wan's tokens, are split over) does not fit the
+  clips (field, frames) (default: data.frames and sample.frames)."""
   if sequence == 1:
     return []
   m = config.model
@@ -43,16 +44,16 @@ def sequence_problems(config, sequence: int) -> list[str]:
     return [f"mesh.sequence={sequence} splits a video model's frames over devices; an image model has none: "
             "use mesh.data or mesh.fsdp"]
   found = []
-  for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
+  for field, frames in clips or (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
     network = network_frames(config, frames)
     latent = f" ({network} latent frames)" if network != frames else ""
     if frames and m.backbone == "wan":
       try:
         patch = wan_transformer.read_config(m.wan_path)["patch_size"]
-      except ValueError:  # wan_problems says why
+        factor = autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path)) if (
+            config.latent.autoencoder_path) else 1
+      except ValueError:  # wan_problems and latent_problems say why
         continue
-      factor = autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path)) if (
-          config.latent.autoencoder_path) else 1
       height, width = pipeline.image_size(config.data)
       tokens = network // patch[0] * (height // factor // patch[1]) * (width // factor // patch[2])
       if tokens % sequence:

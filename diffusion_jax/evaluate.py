@@ -152,7 +152,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax import (autoguidance, cascade, checkpoint, cli, config_checks, distributed, edit_inputs, editing,
-                           lora, media, metric_writers, sample, samplers)
+                           lora, media, metric_writers, sample, samplers, sharding)
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, judges, lpips,
                                    motion_judge, psnr, shapes_judge)
@@ -477,14 +477,14 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
-                  combinations=(), adapters=(), guide=None, edit_real=None, edit_toward="other"):
+                  combinations=(), adapters=(), guide=None, edit_real=None, edit_toward="other", mesh_config=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
   sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
   `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
   evaluation_sample_config's; image_to_video, edit_real, edit_toward and guide: as generation_metrics'; adapters:
-  lora.Adapters fused into the weights."""
-  config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step)
+  lora.Adapters fused into the weights; mesh_config: sample.load_checkpoint's."""
+  config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step, mesh_config=mesh_config)
   weights = lora.fused(weights, adapters)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -699,7 +699,7 @@ def write_edits(workdir, step, real, edited, asked, sample_config) -> pathlib.Pa
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
         combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
-        adapters=(), guide_workdir=None, guide_step=None, edit_real=None, edit_toward="other"):
+        adapters=(), guide_workdir=None, guide_step=None, edit_real=None, edit_toward="other", mesh_config=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
@@ -717,7 +717,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   (at sample.strength) toward edit_captions' caption; adds psnr_source and accuracy_source/* (generation_metrics).
   edit_toward: with edit_real, "other" (edit_captions' other caption) or "own" (each image's own: a reconstruction).
   guide_workdir (with guide_step alone: this workdir) and guide_step (default: its latest): the autoguidance
-  guide's checkpoint (autoguidance.py), the same for every checkpoint evaluated; recorded in the settings."""
+  guide's checkpoint (autoguidance.py), the same for every checkpoint evaluated; recorded in the settings.
+  mesh_config: the mesh each checkpoint (and the guide) is restored onto and sampled on (sample.load_checkpoint)."""
   config = checkpoint.read_config(workdir)
   if lpips_weights and not config.model.lowres_conditioning:  # before any weights are read
     raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "
@@ -734,6 +735,9 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     raise ValueError("--edit_toward=own: only with --image_to_image or --video_to_video, which edit the real media")
   sample_config = evaluation_sample_config(config, sample_overrides)
   video_problems(config, sample_config, image_to_video, edit_real)
+  frames = sample.clip_frames(config, sample_config) if config.model.temporal else 0
+  if problems := sample.mesh_problems(config, mesh_config, frames, "the clips' frames"):
+    raise ValueError("; ".join(problems))
   settings = sweep_settings(sweeps or {}, sample_config, config, bool(image_to_video or edit_real))
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
               "lpips": lpips_weights}
@@ -745,7 +749,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       raise ValueError(f"--edit_noise={'/'.join(sorted(prompted))}: guidance's other branch reads each image's "
                        "caption, so not with an autoguidance guide (leave the guide out, or edit with "
                        "--edit_noise=inversion)")
-    guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
+    guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema, mesh_config)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
                                  combinations, adapters, guide, edit_real, edit_toward)
@@ -774,7 +778,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
                                                      image_to_video, combinations, adapters, guide, edit_real,
-                                                     edit_toward)
+                                                     edit_toward, mesh_config)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -839,6 +843,7 @@ def define_flags():
                       "(vgg16-397923af.pth and the lpips package's vgg.pth): adds lpips and lpips_bicubic.")
   flags.DEFINE_string("clip_weights", None, "Local Hugging Face CLIP directory (config.json, model.safetensors, "
                       "tokenizer.json): adds clip_score.")
+  flags.DEFINE_string("mesh", None, sample.MESH_HELP.replace("sampled on", "evaluated on"))
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: the config's "
                        "sample.batch_size; with --cascade: every stage's).", lower_bound=1)
   flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from, for every caption (default: the "
@@ -904,6 +909,7 @@ def main(argv):
     cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
                "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
+    cli.refuse(("mesh",), "not used with --cascade, whose stages sample on data-parallel meshes")
     cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep", "edit_noise_sweep", "edit_toward"),
                "not used with --cascade: "
                "evaluate a model's edits and a video model's long videos with --workdir")
@@ -943,7 +949,7 @@ def main(argv):
                     f.combination_prompts, overrides, f.lpips_weights, f.image_to_video,
                     f.combinations, [lora.read(spec) for spec in f.lora], f.guide_workdir, f.guide_step,
                     "image_to_image" if f.image_to_image else "video_to_video" if f.video_to_video else None,
-                    f.edit_toward)
+                    f.edit_toward, f.mesh and sharding.mesh_from_flag(f.mesh))
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

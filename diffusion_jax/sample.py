@@ -147,6 +147,10 @@ COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scal
                      "flow_shift", "aug_level", "strength", "edit_noise", "reconstruction_guidance",
                      "null_text_iterations", "null_text_learning_rate")
 _compiled_samplers = {}
+MESH_HELP = ("AXIS=SIZE,... of the mesh the checkpoint is restored and sampled on, over the default data=-1 (every "
+             "device a whole copy of the weights): e.g. fsdp=8 (the weights sharded over 8 devices), sequence=4 (a "
+             "video model's frames split over 4), one axis -1 for the devices left; axes data, fsdp, sequence, "
+             "tensor")
 
 
 def clip_frames(config, sample_config) -> int:
@@ -614,9 +618,10 @@ def weights_of(state, use_ema: bool) -> Weights:
   return Weights(state.ema[0] if use_ema else state.params, state.frozen)
 
 
-def load_checkpoint(workdir, step=None, use_ema=None):
+def load_checkpoint(workdir, step=None, use_ema=None, mesh_config=None):
   """(config, Weights, graphdef, step, mesh) of a training workdir's checkpoint (default: latest), restored
-  onto a data-parallel mesh over all devices; use_ema (default: the config's sample.use_ema): its first EMA
+  onto the mesh of `mesh_config` (default sharding.SAMPLING_MESH: data-parallel over all devices, each a whole
+  copy; a --mesh flag's, sharding.mesh_from_flag); use_ema (default: the config's sample.use_ema): its first EMA
   copy, else its trained parameters. Only those and the frozen weights are read (no optimizer state, no other
   copy): a third to a quarter of the train state with Adam."""
   from diffusion_jax import train  # the state layout lives with the trainer
@@ -626,7 +631,7 @@ def load_checkpoint(workdir, step=None, use_ema=None):
   mngr = checkpoint.manager(workdir, read_only=True)
   if not mngr.all_steps():
     raise ValueError(f"No checkpoints in {str(workdir)!r}/checkpoints; train first.")
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  mesh = sharding.make_mesh(mesh_config or sharding.SAMPLING_MESH)
   target, graphdef = train.abstract_state(config, mesh)
   fields = {"frozen": target.frozen, **({"ema": [target.ema[0]]} if use_ema else {"params": target.params})}
   restored, step = checkpoint.restore(mngr, fields, step=step, partial=True)
@@ -636,13 +641,14 @@ def load_checkpoint(workdir, step=None, use_ema=None):
 
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
                         mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None,
-                        source_prompt=None, last_image=None):
+                        source_prompt=None, last_image=None, mesh_config=None):
   """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
   sample settings; init_image and mask (or an image-to-video model's last_image), or init_video: files every
   prompt without its own edits (edit_inputs.py),
   and source_prompt what they show, for each edit without its own (edit_noise "source_inversion");
   adapters: lora.Adapters fused into its weights; guide_workdir (with guide_step alone: this workdir) and
-  guide_step (default: its latest): the autoguidance guide's checkpoint."""
+  guide_step (default: its latest): the autoguidance guide's checkpoint; mesh_config: the mesh the weights (and the
+  guide's) are restored onto and sampled on (load_checkpoint)."""
   from diffusion_jax.text import tokenizers
 
   config = checkpoint.read_config(workdir)
@@ -669,6 +675,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     if "init_image" not in entry and "init_video" not in entry:
       entry.update(given)
   frames = clip_frames(config, sample_config) if config.model.temporal else 0
+  if problems := mesh_problems(config, mesh_config, frames, "--frames"):
+    raise ValueError("; ".join(problems))
   # before a checkpoint is read
   edits = edit_inputs.read(config, sample_config, prompts, frames, image_size(config, sample_config))
   check_source_prompts(prompts, edits, sample_config, source_prompt, bool(guide_workdir or guide_step is not None))
@@ -701,11 +709,24 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   guide = None
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
-    guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema)
-  config, weights, graphdef, step, mesh = load_checkpoint(workdir, step, sample_config.use_ema)
+    guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema, mesh_config)
+  config, weights, graphdef, step, mesh = load_checkpoint(workdir, step, sample_config.use_ema, mesh_config)
   return write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
                        edits=edits, adapters=adapters, guide=guide)
+
+
+def mesh_problems(config, mesh_config, frames: int, field: str) -> list[str]:
+  """Why a job cannot sample the config's model on the mesh of `mesh_config` (None: sharding.SAMPLING_MESH, which
+  always can): the devices it names, or (mesh.sequence) clips of `frames` frames (given by `field`) it cannot
+  split."""
+  if not mesh_config:
+    return []
+  try:
+    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(mesh_config, jax.device_count())))
+  except ValueError as error:
+    return [f"--mesh: {error}"]
+  return config_checks.sequence_problems(config, shape["sequence"], ((field, frames),))
 
 
 def check_source_prompts(prompts: list[dict], edits: dict, sample_config, default: str | None, guided: bool):
@@ -916,6 +937,7 @@ def define_flags():
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE "
                             "(default 1); ours, or a Wan LoRA in diffusers', Wan's or musubi-tuner's layout "
                             "(low_noise=FILE[:SCALE]: of Wan 2.2 A14B's low-noise expert).")
+  flags.DEFINE_string("mesh", None, MESH_HELP)
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
   distributed.define_flags()
 
@@ -954,6 +976,7 @@ def main(argv):
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
+    cli.refuse(("mesh",), "not used with --cascade, whose stages sample on data-parallel meshes")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
   for name in ("mask", "last_image"):
     if f[name].value and not f.init_image:
@@ -970,7 +993,7 @@ def main(argv):
     else:
       path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
                                  [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step,
-                                 f.source_prompt, f.last_image)
+                                 f.source_prompt, f.last_image, f.mesh and sharding.mesh_from_flag(f.mesh))
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

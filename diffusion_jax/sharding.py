@@ -19,6 +19,8 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+# What sampling and evaluation jobs restore a checkpoint onto unless --mesh says otherwise: every device a whole copy.
+SAMPLING_MESH = {"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1}
 
 # logical name -> mesh axes (tuple) or None (replicated)
 RULES = {
@@ -53,6 +55,21 @@ def mesh_shape(mesh_config, device_count: int) -> tuple[int, ...]:
     raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
                      f"{device_count} are present; make the product match or use -1 for one axis.")
   return tuple(sizes)
+
+
+def mesh_from_flag(text: str) -> dict:
+  """A mesh config from a job's --mesh=AXIS=SIZE,... (e.g. "fsdp=4,sequence=2"): the axes it names over
+  SAMPLING_MESH's, `data` taking the devices left (1 where another axis is -1); a ValueError saying what is wrong."""
+  sizes = {}
+  for part in filter(None, text.split(",")):
+    axis, _, size = part.partition("=")
+    if axis.strip() not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+      raise ValueError(f"--mesh={text!r}: give AXIS=SIZE pairs separated by commas, AXIS one of {list(MESH_AXES)}, "
+                       "SIZE a number (-1 for one axis: the devices left), e.g. --mesh=fsdp=4,sequence=2")
+    sizes[axis.strip()] = int(size)
+  if -1 in sizes.values() and "data" not in sizes:
+    sizes["data"] = 1
+  return SAMPLING_MESH | sizes
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:

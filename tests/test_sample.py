@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -137,6 +138,29 @@ def test_autoguidance_by_the_model_itself_is_no_guidance_and_by_an_earlier_check
     sample.sample_from_workdir(workdir, settings, step=4, output_dir=tmp_path / "m", guide_step=3)
 
 
+def test_a_sampling_job_on_an_fsdp_mesh_makes_the_data_parallel_jobs_samples(trained, tmp_path):
+  """--mesh=fsdp=-1: the weights (and the autoguidance guide's) are restored sharded over the 8 devices; the samples
+  are the default mesh's (every device a whole copy) to float rounding; a mesh the devices or the model do not fit
+  is refused before any checkpoint is read."""
+  from diffusion_jax import sharding
+
+  workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim", "guidance_scale": 3.0}
+  fsdp = sharding.mesh_from_flag("fsdp=-1")
+  assert fsdp == {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}
+  weights = sample.load_checkpoint(workdir, mesh_config=fsdp)[1]
+  assert any("fsdp" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(weights.params))
+  grids = {name: sample.sample_from_workdir(workdir, settings, step=4, output_dir=tmp_path / name, guide_step=2,
+                                            mesh_config=mesh) for name, mesh in (("data", None), ("fsdp", fsdp))}
+  for data_file in sorted(grids["data"].parent.glob("*.png")):
+    read = lambda path: np.asarray(PIL.Image.open(path)).astype(int)
+    assert np.abs(read(data_file) - read(grids["fsdp"].parent / data_file.name)).max() <= 1
+  for flag, message in (("pipeline=2", "--mesh='pipeline=2': give AXIS=SIZE pairs"),
+                        ("fsdp=3", "--mesh: config.mesh .* cannot fill 8 devices"),
+                        ("sequence=2", "mesh.sequence=2 splits a video model's frames over devices; an image model")):
+    with pytest.raises(ValueError, match=message):
+      sample.sample_from_workdir(workdir, settings, mesh_config=sharding.mesh_from_flag(flag))
+
+
 def test_a_guide_must_see_and_predict_what_the_model_does(trained):
   from diffusion_jax import autoguidance
 
@@ -181,7 +205,7 @@ def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
 def test_flags_a_cascade_would_ignore_are_refused():
   for module, flag in (("sample", "--steps=5"), ("sample", "--init_image=a.png"), ("evaluate", "--heldout_examples=8"),
                        ("evaluate", "--lpips_weights=w"), ("evaluate", "--guidance_interval=1:5"),
-                       ("sample", "--guide_step=2"), ("evaluate", "--video_to_video")):
+                       ("sample", "--guide_step=2"), ("evaluate", "--video_to_video"), ("sample", "--mesh=fsdp=8")):
     result = subprocess.run([sys.executable, "-m", f"diffusion_jax.{module}",
                              "--cascade=configs/cascades/shapes_16_32.py", flag], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
@@ -190,8 +214,6 @@ def test_flags_a_cascade_would_ignore_are_refused():
 
 
 def test_sampling_is_deterministic_and_independent_of_device_count(trained):
-  import jax
-
   from diffusion_jax import sharding
   from diffusion_jax.text import tokenizers
 
@@ -239,7 +261,6 @@ def test_sampling_reads_one_copy_of_the_weights_not_the_train_state(trained):
   allocates only the copy it samples with and the frozen weights."""
   import gc
 
-  import jax
 
   from diffusion_jax import train
 
@@ -279,8 +300,6 @@ def test_a_large_prompts_file_writes_every_sample_and_a_grid_of_the_first(tmp_pa
 
 
 def test_negative_prompts_replace_the_null_condition_of_guidance(trained, tmp_path):
-  import jax
-
   from diffusion_jax.text import tokenizers
 
   _, workdir, _ = trained
