@@ -4,7 +4,7 @@ directory for a latent video model (`latent.autoencoder_path`; `autoencoder.Auto
 config.json names this class). f = 2^(levels - 1); time is halved at the first two levels.
 
 Its layout is Stable Diffusion's with 3-D convolutions, causal in time (the first frame repeated in front, zero
-pixels around), group norms, no attention, and a decoder whose norms are spatial norms (Zhu et al. 2022, MoVQ):
+pixels around), group norms, no attention, and a decoder whose norms are spatial norms (Zheng et al. 2022, MoVQ):
 group-normed features scaled and shifted by 1x1x1 convolutions of the latents, resized to the features' frames and
 pixels (nearest; the clip's first latent frame to its first frame alone). Space is resampled per frame (a stride-2
 3x3 convolution, padded on the bottom and right; nearest 2x then a 3x3 convolution); time by averaging pairs of
