@@ -21,12 +21,13 @@ def arrays(seed=0, batch=3, q_len=10, k_len=7, heads=2, head_dim=8):
   return q, k, v, mask, bias
 
 
-@pytest.mark.parametrize("chunk_heads", [None, 1, 2])  # None: all 6 of batch * heads at once
+# None: all 6 of batch * heads at once; 0.2: one head at a time, 2 of its 10 queries at a time
+@pytest.mark.parametrize("chunk_heads", [None, 1, 2, 0.2])
 @pytest.mark.parametrize("use_mask,use_bias", [(False, False), (True, False), (False, True), (True, True)])
 def test_folded_matches_jax_values_and_gradients(use_mask, use_bias, chunk_heads, monkeypatch):
   q, k, v, mask, bias = arrays()
   if chunk_heads:
-    monkeypatch.setattr(attention, "CHUNK_LOGITS", chunk_heads * q.shape[1] * k.shape[1])
+    monkeypatch.setattr(attention, "CHUNK_LOGITS", int(chunk_heads * q.shape[1] * k.shape[1]))
   mask = mask if use_mask else None
 
   def loss(function):  # a nonlinear read-out, so every output element gets a different cotangent
@@ -37,6 +38,19 @@ def test_folded_matches_jax_values_and_gradients(use_mask, use_bias, chunk_heads
   reference = jax.jit(jax.value_and_grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2, 3)))(q, k, v, bias)
   for ours, theirs in zip(jax.tree.leaves(folded), jax.tree.leaves(reference)):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_long_sequence_runs_a_block_of_queries_at_a_time_in_bounded_memory(monkeypatch):
+  """4,096 tokens, one head: its 64 MB of logits run 256 queries at a time (4 MB), so the temporary memory of a
+  gradient of the attention is a small part of what it is with the whole head at once."""
+  q = k = v = jnp.zeros((1, 4096, 1, 8))
+  grad = lambda: jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention.dot_product_attention(
+      q, k, v, implementation="folded")), argnums=(0, 1, 2))).lower(q, k, v).compile().memory_analysis()
+  assert attention._query_block(4096, 4096) == 256
+  blocked = grad().temp_size_in_bytes
+  monkeypatch.setattr(attention, "CHUNK_LOGITS", 4096 * 4096)
+  whole = grad().temp_size_in_bytes
+  assert whole > 4096 * 4096 * 4 and blocked < whole / 4, (blocked, whole)
 
 
 def test_masked_keys_are_ignored():

@@ -8,7 +8,9 @@ The "folded" implementation is the same function as `jax.nn.dot_product_attentio
 compares values and gradients). It folds the heads into the batch, so XLA runs plain batched GEMMs;
 divides by the softmax sum after the value product ([q_len, head_dim] divisions, not [q_len, k_len]);
 computes in float32 whatever the inputs' dtype; and its backward pass recomputes the probabilities from
-the saved log-sum-exp, as flash attention does, instead of keeping them. On XLA:CPU it is the faster
+the saved log-sum-exp, as flash attention does, instead of keeping them. It runs a few heads at a time, and where
+one head's [q_len, k_len] logits pass CHUNK_LOGITS (long clips: 32,760 tokens are 4.3 GB of logits a head) blocks of
+queries at a time, so its memory stays bounded however long the sequence. On XLA:CPU it is the faster
 one (README: Benchmarks). "xla" and "cudnn" are `jax.nn.dot_product_attention`'s own implementations
 (cuDNN's fused kernel on NVIDIA GPUs). "auto" (`resolve`) is "folded" on a CPU; on an NVIDIA GPU (Ampere or
 later) it is "cudnn" where cuDNN's flash attention takes the call (no mask or bias, bfloat16 or float16, a head
@@ -23,7 +25,8 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "folded", "xla", "cudnn")
 
 # Logit elements per chunk of [batch * heads] (4 MB in float32): the folded implementation runs the
-# attention of that many heads at a time, so its [chunk, q_len, k_len] arrays stay in cache.
+# attention of that many heads at a time, so its [chunk, q_len, k_len] arrays stay in cache (and of that many
+# queries at a time where one head's logits are more).
 CHUNK_LOGITS = 2 ** 20
 
 
@@ -80,6 +83,49 @@ def _by_chunks(function, q_len, k_len, *arrays):
   return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(groups, *x.shape[2:]), outs)
 
 
+def _query_block(q_len: int, k_len: int) -> int:
+  """Queries a block of one head's attention holds: all of them, or where [q_len, k_len] logits pass CHUNK_LOGITS
+  the most that q_len's divisors allow within it (at least 1)."""
+  if q_len * k_len <= CHUNK_LOGITS:
+    return q_len
+  return max([b for b in range(1, q_len + 1) if q_len % b == 0 and b * k_len <= CHUNK_LOGITS], default=1)
+
+
+def _as_blocks(x, block):
+  """[g, q_len, ...] -> [q_len / block, g, block, ...] (None stays None)."""
+  return None if x is None else jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
+
+
+def _from_blocks(x):
+  """_as_blocks' inverse."""
+  return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+
+def _blocked_forward(q, k, v, bias):
+  """_chunk_forward a block of queries at a time (_query_block): each query's softmax reads every key."""
+  block = _query_block(q.shape[1], k.shape[1])
+  if block == q.shape[1]:
+    return _chunk_forward(q, k, v, bias)
+  out, log_total = jax.lax.map(lambda blocks: _chunk_forward(blocks[0], k, v, blocks[1]),
+                               (_as_blocks(q, block), _as_blocks(bias, block)))
+  return _from_blocks(out), _from_blocks(log_total)
+
+
+def _blocked_backward(q, k, v, bias, out, log_total, d_out):
+  """_chunk_backward a block of queries at a time: their gradients per block, the keys' and values' summed."""
+  block = _query_block(q.shape[1], k.shape[1])
+  if block == q.shape[1]:
+    return _chunk_backward(q, k, v, bias, out, log_total, d_out)
+
+  def step(d_kv, blocks):
+    d_q, d_k, d_v, d_logits = _chunk_backward(blocks[0], k, v, *blocks[1:])
+    return (d_kv[0] + d_k, d_kv[1] + d_v), (d_q, None if bias is None else d_logits)
+
+  blocks = tuple(_as_blocks(x, block) for x in (q, bias, out, log_total, d_out))
+  (d_k, d_v), (d_q, d_logits) = jax.lax.scan(step, (jnp.zeros_like(k), jnp.zeros_like(v)), blocks)
+  return _from_blocks(d_q), d_k, d_v, None if bias is None else _from_blocks(d_logits)
+
+
 def _logits(q, k, bias):
   """q [g, q, d] (already scaled), k [g, k, d], bias [g, q, k] or None -> [g, q, k]."""
   logits = jnp.einsum("gqd,gkd->gqk", q, k)
@@ -112,14 +158,14 @@ def _folded(q, k, v, bias):
 
 def _forward(q, k, v, bias):
   scaled = q * q.shape[-1] ** -0.5
-  out, log_total = _by_chunks(_chunk_forward, q.shape[1], k.shape[1], scaled, k, v, bias)
+  out, log_total = _by_chunks(_blocked_forward, q.shape[1], k.shape[1], scaled, k, v, bias)
   return out, (scaled, k, v, bias, out, log_total)
 
 
 def _backward(residuals, d_out):
   scaled, k, v, bias, out, log_total = residuals
-  d_scaled, d_k, d_v, d_logits = _by_chunks(_chunk_backward, scaled.shape[1], k.shape[1], scaled, k, v, bias, out,
-                                            log_total, d_out)
+  d_scaled, d_k, d_v, d_logits = _by_chunks(_blocked_backward, scaled.shape[1], k.shape[1], scaled, k, v, bias,
+                                            out, log_total, d_out)
   return d_scaled * scaled.shape[-1] ** -0.5, d_k, d_v, None if bias is None else d_logits
 
 
