@@ -249,7 +249,7 @@ def kept_activation_bytes(config) -> float:
   from diffusion_jax.data import pipeline
 
   config = config.copy_and_resolve_references()
-  config.mesh.update(data=1, fsdp=1, tensor=1)  # one device's share: shapes only, so any config's
+  config.mesh.update(data=1, fsdp=1, sequence=1, tensor=1)  # one device's share: shapes only, so any config's
   state, graphdef = train.abstract_state(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pipeline.synthetic_batch(config).items()}
   loss_fn = train.make_loss_fn(config, graphdef)
@@ -366,7 +366,7 @@ def memory_table(config, device_counts=(1, 2, 4, 8)) -> str:
       lines.append(f"| {n} | needs {n} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) | | | | | |")
       continue
     sized = config.copy_and_resolve_references()
-    sized.mesh.update(data=1, fsdp=n, tensor=1)
+    sized.mesh.update(data=1, fsdp=n, sequence=1, tensor=1)
     lowered, state = train.lower_abstract_step(sized, sharding.make_mesh(sized.mesh, devices=jax.devices()[:n]))
     compiled = lowered.compile()
     held, total = state_bytes_on_one_device(state)
@@ -533,7 +533,7 @@ def restore_cost(workdir: str, whole: bool) -> tuple[float, int, int]:
   start = time.perf_counter()
   if whole:
     config = checkpoint.read_config(workdir)
-    target, _ = train.abstract_state(config, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+    target, _ = train.abstract_state(config, sharding.make_mesh(sharding.SAMPLING_MESH))
     restored, _ = checkpoint.restore(checkpoint.manager(workdir, read_only=True), target)
   else:
     restored = tuple(sample.load_checkpoint(workdir)[1])

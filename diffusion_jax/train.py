@@ -379,7 +379,7 @@ def flops_on_cpu(config) -> float:
   if counted.model.attention in ("auto", "cudnn"):
     counted.model.attention = "folded"
   counted.model.remat = False
-  counted.mesh.update(data=-1, fsdp=1, tensor=1)
+  counted.mesh.update(data=-1, fsdp=1, sequence=1, tensor=1)
   lowered, _ = lower_abstract_step(counted, sharding.make_mesh(counted.mesh, devices=jax.devices("cpu")[:1]))
   return program_flops(lowered)
 
