@@ -8,7 +8,7 @@ parallel). Changing the parallelism is a config change (`config.mesh`), never a 
 Parameters are placed by their logical axis names (`logical_to_spec`). Activations follow the batch's sharding
 (XLA's propagation) except where a model calls `constrain`: a video model's frames (rows of frames, `frame_rows`)
 and Wan's tokens (`tokens`) are split over `sequence` while the program is traced under `jax.set_mesh` (the train
-step's is, `train.lower_step`); elsewhere `constrain` does nothing.
+step's, the held-out loss's and the sampler's are); elsewhere `constrain` does nothing.
 """
 
 import math

@@ -9,6 +9,7 @@ import pytest
 from configs import t2i_shapes, t2v_moving_shapes
 from diffusion_jax import config_checks, sample, sharding, train
 from diffusion_jax.data import pipeline
+from diffusion_jax.metrics import heldout_loss
 from diffusion_jax.models import text_to_image
 from diffusion_jax.text import tokenizers
 from test_wan_transformer import save_tiny_wan
@@ -58,9 +59,13 @@ def test_a_sequence_parallel_step_computes_the_data_parallel_one_with_less_memor
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(data_state.params))):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
   assert sequence_bytes < 0.5 * data_bytes
-  if backbone == "dit":  # a run on that mesh samples its clips there
-    config.mesh.update(data=2, fsdp=1, sequence=4, tensor=1)
+  if backbone == "dit":  # a run on that mesh scores its held-out loss and samples its clips there
     graphdef = text_to_image.split(text_to_image.abstract(config), config)[0]
+    examples = {k: batch_np[k] for k in ("video", "text_ids", "text_mask")}
+    losses = [heldout_loss.make_heldout_loss_fn(config, graphdef, sharding.make_mesh(mesh))(
+        state.params, state.frozen, examples) for mesh in (dict(data=-1), dict(data=2, sequence=4))]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    config.mesh.update(data=2, fsdp=1, sequence=4, tensor=1)
     sample_config = config.sample.copy_and_resolve_references()
     sample_config.update(steps=2, num_per_prompt=1)
     videos = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),

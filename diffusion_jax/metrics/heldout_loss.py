@@ -7,6 +7,7 @@ go through the network a batch at a time, each batch sharded over a mesh; exampl
 of one draw for the whole set, so the loss does not depend on the batch size or the device count.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -25,8 +26,8 @@ def make_heldout_loss_fn(config, graphdef, mesh=None, batch_size=None):
   """(params, frozen, batch of n examples) -> loss per level [len(LEVELS)] (averaged over the examples), as numpy.
 
   The examples go through the network `batch_size` at a time (default: all at once; rounded up to a multiple of
-  the mesh's devices, the last batch padded), each batch sharded over the mesh's batch axes (mesh None: placed
-  as jit places numpy inputs). One program per experiment config and batch shape serves every batch and every
+  the mesh's devices, the last batch padded), each batch sharded over the mesh's batch axes (and a video model's
+  frames over its `sequence` axis: sharding.constrain; mesh None: placed as jit places numpy inputs). One program per experiment config and batch shape serves every batch and every
   checkpoint of a run."""
   key = config.to_json_best_effort(sort_keys=True)
   if key not in _compiled:
@@ -44,7 +45,8 @@ def make_heldout_loss_fn(config, graphdef, mesh=None, batch_size=None):
     losses = []
     for start in range(0, n + pad, chunk):
       rows = place({k: v[start:start + chunk] for k, v in padded.items()})
-      out = per_example(params, frozen, rows, np.int32(start), n)
+      with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # sharding.constrain's mesh
+        out = per_example(params, frozen, rows, np.int32(start), n)
       losses.append(np.asarray(multihost_utils.process_allgather(out, tiled=True)) if mesh is not None
                     else np.asarray(out))
     return np.concatenate(losses)[:n].mean(axis=0)
