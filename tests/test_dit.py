@@ -110,13 +110,18 @@ def test_video_dit_trains_sharded_like_one_device_and_samples(video_attention):
   np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(single_state.params))):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+  videos = sampled_clips(config, state, 2)
+  assert videos.shape == (2, 2, 4, 16, 16, 3) and videos.dtype == np.uint8
+
+
+def sampled_clips(config, state, num_per_prompt: int) -> np.ndarray:
+  """uint8 clips of two moving-shapes prompts, 2 sampler steps, `num_per_prompt` each, on config.mesh."""
   graphdef = text_to_image.split(text_to_image.abstract(config), config)[0]
   sample_config = config.sample.copy_and_resolve_references()
-  sample_config.update(steps=2, num_per_prompt=2)
-  videos = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
-                           ["a large red circle moving right", "a small blue square moving up"], sample_config,
-                           sharding.make_mesh(config.mesh))
-  assert videos.shape == (2, 2, 4, 16, 16, 3) and videos.dtype == np.uint8
+  sample_config.update(steps=2, num_per_prompt=num_per_prompt)
+  return sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                         ["a large red circle moving right", "a small blue square moving up"], sample_config,
+                         sharding.make_mesh(config.mesh))
 
 
 def test_a_spacetime_dit_attends_across_frames_in_every_block_and_keeps_stills_images():

@@ -1,17 +1,17 @@
 """Sequence parallelism (mesh.sequence): a video model's frames, or Wan's tokens, split over devices. A train step
 on a (data 2, sequence 4) mesh computes what it computes on (data 2), each device holding a fraction of the
-activations; a sequence-parallel run samples; what cannot be split is refused."""
+activations; a sequence-parallel run scores its held-out loss and samples; what cannot be split is refused."""
 
 import jax
 import numpy as np
 import pytest
 
 from configs import t2i_shapes, t2v_moving_shapes
-from diffusion_jax import config_checks, sample, sharding, train
+from diffusion_jax import config_checks, sharding, train
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import heldout_loss
 from diffusion_jax.models import text_to_image
-from diffusion_jax.text import tokenizers
+from test_dit import sampled_clips
 from test_wan_transformer import save_tiny_wan
 
 
@@ -66,11 +66,7 @@ def test_a_sequence_parallel_step_computes_the_data_parallel_one_with_less_memor
         state.params, state.frozen, examples) for mesh in (dict(data=-1), dict(data=2, sequence=4))]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     config.mesh.update(data=2, fsdp=1, sequence=4, tensor=1)
-    sample_config = config.sample.copy_and_resolve_references()
-    sample_config.update(steps=2, num_per_prompt=1)
-    videos = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
-                             ["a large red circle moving right", "a small blue square moving up"], sample_config,
-                             sharding.make_mesh(config.mesh))
+    videos = sampled_clips(config, state, 1)
     assert videos.shape == (2, 1, 4, 16, 16, 3) and videos.dtype == np.uint8
 
 
