@@ -142,7 +142,7 @@ def test_a_sampling_job_on_an_fsdp_mesh_makes_the_data_parallel_jobs_samples(tra
   """--mesh=fsdp=-1: the weights (and the autoguidance guide's) are restored sharded over the 8 devices; the samples
   are the default mesh's (every device a whole copy) to float rounding; a mesh the devices or the model do not fit
   is refused before any checkpoint is read."""
-  from diffusion_jax import sharding
+  from diffusion_jax import evaluate, sharding
 
   workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim", "guidance_scale": 3.0}
   fsdp = sharding.mesh_from_flag("fsdp=-1")
@@ -159,6 +159,8 @@ def test_a_sampling_job_on_an_fsdp_mesh_makes_the_data_parallel_jobs_samples(tra
                         ("sequence=2", "mesh.sequence=2 splits a video model's frames over devices; an image model")):
     with pytest.raises(ValueError, match=message):
       sample.sample_from_workdir(workdir, settings, mesh_config=sharding.mesh_from_flag(flag))
+  with pytest.raises(ValueError, match="mesh.sequence=2 splits a video model's frames"):  # an evaluation job's too
+    evaluate.run(workdir, step=4, mesh_config=sharding.mesh_from_flag("sequence=2"))
 
 
 def test_a_guide_must_see_and_predict_what_the_model_does(trained):

@@ -75,7 +75,8 @@ def encoded(encoder, x):
   """Clips [batch, 1 + 4k, h, w, in] -> the posterior's moments [batch, 1 + k, h/f, w/f, 2 latent_channels], run
   in diffusers' chunks."""
   if x.shape[1] % 4 != 1:
-    raise ValueError(f"{CLASS_NAME} encodes clips of 1 + 4 k frames, not {x.shape[1]}")
+    raise ValueError(f"{CLASS_NAME} encodes clips of 1 + 4 k frames, not {x.shape[1]}: cut or pad them to e.g. "
+                     f"{1 + 4 * max(round((x.shape[1] - 1) / 4), 1)}")
   return streaming.streamed(encoder, x, FRAMES_CHUNK, first_chunk(x.shape[1], FRAMES_CHUNK))
 
 
