@@ -27,8 +27,8 @@ def make_heldout_loss_fn(config, graphdef, mesh=None, batch_size=None):
 
   The examples go through the network `batch_size` at a time (default: all at once; rounded up to a multiple of
   the mesh's devices, the last batch padded), each batch sharded over the mesh's batch axes (and a video model's
-  frames over its `sequence` axis: sharding.constrain; mesh None: placed as jit places numpy inputs). One program per experiment config and batch shape serves every batch and every
-  checkpoint of a run."""
+  frames over its `sequence` axis: sharding.constrain; mesh None: placed as jit places numpy inputs). One program
+  per experiment config and batch shape serves every batch and every checkpoint of a run."""
   key = config.to_json_best_effort(sort_keys=True)
   if key not in _compiled:
     _compiled[key] = _build(config, graphdef)
