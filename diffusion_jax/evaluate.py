@@ -736,7 +736,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   sample_config = evaluation_sample_config(config, sample_overrides)
   video_problems(config, sample_config, image_to_video, edit_real)
   frames = sample.clip_frames(config, sample_config) if config.model.temporal else 0
-  if problems := sample.mesh_problems(config, mesh_config, frames, "the clips' frames"):
+  field = "sample.frames" if sample_config.frames else "data.frames"  # (the clips evaluate_step samples)
+  if problems := sample.mesh_problems(config, mesh_config, frames, field):
     raise ValueError("; ".join(problems))
   settings = sweep_settings(sweeps or {}, sample_config, config, bool(image_to_video or edit_real))
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,

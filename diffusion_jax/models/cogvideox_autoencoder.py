@@ -20,8 +20,9 @@ frames: clips of 1 + 8k frames (`autoencoder.frames_problem`).
 
 Not supported (config_problems refuses them): a time compression other than 4, quant and post-quant convolutions
 (which no CogVideoX checkpoint has and diffusers builds with the wrong width), activations other than SiLU.
-`invert_scale_latents` (CogVideoX 1.5's image-to-video pipeline divides the image's latents by the scaling factor)
-concerns that pipeline's transformer input, not the autoencoder: latents are scaled as Stable Diffusion's.
+`invert_scale_latents` (read only by diffusers' CogVideoX image-to-video pipeline, which then divides the image's
+latents by the scaling factor) concerns that pipeline's transformer input, not the autoencoder: latents are scaled
+as Stable Diffusion's.
 """
 
 import functools
