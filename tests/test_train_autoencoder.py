@@ -213,6 +213,11 @@ def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
   config.train.eval_examples = 4  # the evaluation at the end shards its batches over the 8 devices
   with pytest.raises(ValueError, match="train.eval_examples=4 must be at least the 8 data-parallel devices"):
     train_autoencoder.validate(config, sharding.make_mesh(config.mesh))
+  config.mesh.update(data=-1, sequence=2)
+  with pytest.raises(ValueError, match="mesh.sequence=2: sequence parallelism splits a video diffusion model's "
+                                       "frames; the autoencoder trainer would only repeat its work on those "
+                                       "devices: leave it 1"):
+    train_autoencoder.validate(config, sharding.make_mesh(config.mesh))
 
 
 def test_a_temporal_decoder_trains_on_clips_and_is_written_as_svds_autoencoder(tmp_path):
