@@ -2,8 +2,9 @@
 
 A cascade config (`configs/cascades/*.py`) names each stage's training workdir, its sampling settings
 (sampler, steps, guidance, thresholding, and for super-resolution stages the noise-augmentation
-level of the low-resolution input), LoRA adapters to fuse into its weights (lora.py) and an autoguidance guide
-(autoguidance.py: a weaker checkpoint of the same stage's experiment). Stage k > 0 must be a
+level of the low-resolution input), LoRA adapters to fuse into its weights (lora.py), an autoguidance guide
+(autoguidance.py: a weaker checkpoint of the same stage's experiment) and the mesh it samples on (a large
+super-resolution stage's weights sharded with fsdp, a data-parallel base below it). Stage k > 0 must be a
 super-resolution stage whose input (`superres.lowres_resolution`, and for video `superres.lowres_frames`) is what
 stage k - 1 produces; a chain that does not fit is refused before anything is sampled. Video cascades chain spatial
 and temporal super-resolution stages the same way (Imagen Video). Every stage's output is kept and written with
@@ -15,7 +16,7 @@ import pathlib
 
 import numpy as np
 
-from diffusion_jax import autoguidance, checkpoint, config_checks, lora, media, sample, superres
+from diffusion_jax import autoguidance, checkpoint, config_checks, lora, media, sample, sharding, superres
 from diffusion_jax.data import pipeline
 
 STAGE_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_rescale", "guidance_interval", "threshold",
@@ -28,6 +29,7 @@ class Stage:
   config: object           # the stage's experiment config (from its workdir)
   sample_config: object    # its `sample` section with the cascade's settings for this stage
   adapters: list = dataclasses.field(default_factory=list)  # lora.Adapters fused into its weights
+  mesh_config: dict | None = None  # its entry's `mesh` (sharding.mesh_from_flag), None: sharding.SAMPLING_MESH
   weights: object = None   # sample.Weights of its checkpoint (the sample_config's use_ema), adapters fused
   guide: object = None     # an autoguidance.Guide, or None
   graphdef: object = None
@@ -45,6 +47,15 @@ def stage_adapters(settings, index: int) -> list:
     raise ValueError(f"stage {index} (--cascade.stages[{index}].lora): {error}") from None
 
 
+def stage_mesh(settings, index: int) -> dict | None:
+  """The mesh config a stage entry names (`mesh`: AXIS=SIZE,... as --mesh; "" = None, data-parallel); a
+  ValueError naming the stage's field."""
+  try:
+    return sharding.mesh_from_flag(settings.mesh) if settings.get("mesh") else None
+  except ValueError as error:
+    raise ValueError(f"stage {index} (--cascade.stages[{index}].mesh): {error}") from None
+
+
 def stage_configs(cascade) -> list[Stage]:
   """Each stage's experiment config with the cascade's sampling settings; nothing is restored yet."""
   stages = []
@@ -60,12 +71,13 @@ def stage_configs(cascade) -> list[Stage]:
         sample_config[key] = settings[key]
     sample_config.num_per_prompt, sample_config.seed = cascade.num_per_prompt, cascade.seed + index
     sample_config.update(height=0, width=0)  # (each stage samples at its data.resolution, the next stage's input)
-    stages.append(Stage(settings.workdir, config, sample_config, stage_adapters(settings, index)))
+    stages.append(Stage(settings.workdir, config, sample_config, stage_adapters(settings, index),
+                        stage_mesh(settings, index)))
   return stages
 
 
 def set_every_stage(cascade, **settings) -> None:
-  """Give every stage of a cascade config these STAGE_SETTINGS (those that are not None)."""
+  """Give every stage of a cascade config these fields (STAGE_SETTINGS, mesh; those that are not None)."""
   for stage in cascade.stages:
     stage.update({key: value for key, value in settings.items() if value is not None})
 
@@ -107,18 +119,23 @@ def load(cascade) -> list[Stage]:
     except ValueError as error:
       found.append(f"stage {k} (--cascade.stages[{k}].lora): {error}")
   found += guide_problems(stages, cascade)
+  for k, stage in enumerate(stages):
+    field = f"--cascade.stages[{k}].frames" if stage.sample_config.frames else f"stage {k}'s data.frames"
+    frames = stage.sample_config.frames or stage.config.data.frames
+    found += [f"stage {k} (--cascade.stages[{k}].mesh): {problem.removeprefix('--mesh: ')}"
+              for problem in sample.mesh_problems(stage.config, stage.mesh_config, frames, field)]
   if found:
     raise ValueError("Invalid cascade:\n  - " + "\n  - ".join(found))
   for k, (stage, settings) in enumerate(zip(stages, cascade.stages)):
     step = None if settings.step < 0 else settings.step
     _, weights, stage.graphdef, stage.step, stage.mesh = sample.load_checkpoint(
-        stage.workdir, step, stage.sample_config.use_ema)
+        stage.workdir, step, stage.sample_config.use_ema, stage.mesh_config)
     stage.weights = lora.fused(weights, stage.adapters)
     if guided(settings):
       try:
         stage.guide = autoguidance.load(stage.config, settings.guide_workdir or stage.workdir,
                                         None if settings.guide_step < 0 else settings.guide_step,
-                                        stage.sample_config.use_ema)
+                                        stage.sample_config.use_ema, stage.mesh_config)
       except ValueError as error:
         raise ValueError(f"stage {k} (--cascade.stages[{k}].guide_workdir, guide_step): {error}") from None
   return stages

@@ -910,7 +910,6 @@ def main(argv):
     cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
                "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
-    cli.refuse(("mesh",), "not used with --cascade, whose stages sample on data-parallel meshes")
     cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep", "edit_noise_sweep", "edit_toward"),
                "not used with --cascade: "
                "evaluate a model's edits and a video model's long videos with --workdir")
@@ -941,7 +940,7 @@ def main(argv):
     if f.guidance_interval is not None:
       overrides["guidance_interval"] = samplers.parse_guidance_interval(f.guidance_interval, "--guidance_interval=")
     if f.cascade:
-      cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
+      cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt, mesh=f.mesh)
       results = [cascade_metrics(f.cascade, f.num_prompts, metric_features(f.inception_weights, f.i3d_weights),
                                  clip_score.load(f.clip_weights) if f.clip_weights else None, sweeps, f.sweep_stage)]
     else:

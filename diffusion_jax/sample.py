@@ -150,7 +150,7 @@ _compiled_samplers = {}
 MESH_HELP = ("AXIS=SIZE,... of the mesh the checkpoint is restored and sampled on, over the default data=-1 (every "
              "device a whole copy of the weights): e.g. fsdp=8 (the weights sharded over 8 devices), sequence=4 (a "
              "video model's frames split over 4), one axis -1 for the devices left; axes data, fsdp, sequence, "
-             "tensor")
+             "tensor. With --cascade: every stage's (one stage's: --cascade.stages[K].mesh=AXIS=SIZE,...)")
 
 
 def clip_frames(config, sample_config) -> int:
@@ -636,6 +636,7 @@ def load_checkpoint(workdir, step=None, use_ema=None, mesh_config=None):
   fields = {"frozen": target.frozen, **({"ema": [target.ema[0]]} if use_ema else {"params": target.params})}
   restored, step = checkpoint.restore(mngr, fields, step=step, partial=True)
   params = restored["ema"][0] if use_ema else restored["params"]
+  log.info("restored %s step %d onto the mesh %s", workdir, step, dict(mesh.shape))
   return config, Weights(params, restored.get("frozen", {})), graphdef, step, mesh
 
 
@@ -976,8 +977,7 @@ def main(argv):
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
-    cli.refuse(("mesh",), "not used with --cascade, whose stages sample on data-parallel meshes")
-    cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt)
+    cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt, mesh=f.mesh)
   for name in ("mask", "last_image"):
     if f[name].value and not f.init_image:
       raise app.UsageError(f"--{name} needs the --init_image it belongs to.")

@@ -160,6 +160,29 @@ def test_a_cascade_stage_samples_with_its_autoguidance_guide(trained, trained_sr
   assert where(1) + misfit in str(error.value)
 
 
+def test_a_cascade_stage_samples_on_its_own_mesh(trained, trained_sr):
+  """A stage entry's `mesh` (--cascade.stages[K].mesh): the super-resolution stage's weights restored sharded over
+  the 8 devices (fsdp) under a data-parallel base make the data-parallel cascade's samples; a mesh the devices or
+  the model do not fit is refused before any checkpoint is read, naming the stage."""
+  prompts = ["a large red circle at the top left"]
+  config = cascade_config(trained[1], trained_sr[1])
+  data_parallel = cascade.generate(cascade.load(config), prompts)
+  config.stages[1].mesh = "fsdp=-1"
+  stages = cascade.load(config)
+  assert dict(stages[1].mesh.shape)["fsdp"] == 8 and dict(stages[0].mesh.shape)["data"] == 8
+  assert any("fsdp" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(stages[1].weights.params))
+  for ours, expected in zip(cascade.generate(stages, prompts), data_parallel):
+    assert np.abs(ours.astype(int) - expected).max() <= 1  # float rounding may move a level
+  config.stages[0].mesh, config.stages[1].mesh = "sequence=2", "fsdp=3"
+  with pytest.raises(ValueError) as error:
+    cascade.load(config)
+  assert "stage 0 (--cascade.stages[0].mesh): mesh.sequence=2 splits a video model's frames" in str(error.value)
+  assert "stage 1 (--cascade.stages[1].mesh): config.mesh" in str(error.value)
+  config.stages[0].mesh = "pipeline=2"
+  with pytest.raises(ValueError, match=r"stage 0 \(--cascade.stages\[0\].mesh\): --mesh='pipeline=2': give AXIS"):
+    cascade.load(config)
+
+
 def run_two_processes(module, config, *flags):
   """`module` as 2 processes of 4 devices (launch/local.py) on the test cascade `config` (cascade_config)."""
   root = pathlib.Path(__file__).resolve().parents[1]
@@ -171,15 +194,19 @@ def run_two_processes(module, config, *flags):
              f"--cascade.num_per_prompt={config.num_per_prompt}", *flags]
   result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+  return result
 
 
 def test_two_process_cascade_sampling_writes_what_one_process_does(trained, trained_sr, tmp_path):
-  """`sample --cascade` as 2 processes: each stage's batch is split over both processes, the stage below's samples
-  are the next one's input, and process 0 writes the images this process makes."""
+  """`sample --cascade --mesh=fsdp=-1` as 2 processes: each stage's weights are sharded over the 8 devices of both
+  processes and its batch split over them, the stage below's samples are the next one's input, and process 0 writes
+  the images this process makes on data-parallel meshes."""
   config = cascade_config(trained[1], trained_sr[1])
   outputs = cascade.generate(cascade.load(config), list(config.prompts))
   (tmp_path / "prompts.txt").write_text("\n".join(config.prompts) + "\n")
-  run_two_processes("sample", config, f"--prompts={tmp_path / 'prompts.txt'}", f"--output_dir={tmp_path / 'out'}")
+  result = run_two_processes("sample", config, f"--prompts={tmp_path / 'prompts.txt'}",
+                             f"--output_dir={tmp_path / 'out'}", "--mesh=fsdp=-1")
+  assert result.stderr.count("'fsdp': 8") >= 2, result.stderr[-3000:]  # both stages' weights, logged
   for k, expected in enumerate(outputs):  # [prompts, num_per_prompt, h, w, 3]; the manifest lists them in order
     directory = tmp_path / "out" / f"stage_{k}"
     records = [json.loads(line) for line in (directory / "manifest.jsonl").read_text().splitlines()]
