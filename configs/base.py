@@ -68,7 +68,9 @@ def get_config():
                                    # projection's output and recomputes the rest (norms, activations, attention scores)
       lowres_conditioning=False, temporal=False, max_frames=16, coordinate_channels=False,
       attention="auto",            # models/attention.py: auto (folded on CPU, cudnn or xla on GPU), folded, xla, cudnn
-      backbone="unet",             # 'unet' (models/unet.py), 'dit' (models/dit.py) or 'wan' (Wan's, wan_path)
+      backbone="unet",             # 'unet' (models/unet.py), 'dit' (models/dit.py), 'wan' (Wan's, wan_path) or
+                                   # 'sd_unet' (Stable Diffusion's U-Net, sd_unet_path)
+      sd_unet_path="",             # sd_unet: local diffusers UNet2DConditionModel directory (structure and weights)
       wan_path="",                 # wan: local diffusers WanTransformer3DModel directory (its structure and weights)
       wan_low_noise_path="",       # wan: a second one, the expert for low noise (Wan 2.2 A14B's transformer_2/)
       wan_boundary=0.875,          # with wan_low_noise_path: sigma below which (timestep / 1000) its expert denoises

@@ -91,7 +91,7 @@ MODE_FLAGS = {"widths": ("step", "roofline"), "plot": ("step", "roofline"), "dev
               "workers": ("input",), "lora_rank": ("lora",), "workdir": ("restore",), "repeats": ("compile", "restore"),
               "config": ("input", "step", "roofline", "memory", "peer", "ops", "lora", "profile", "compile"),
               "steps": ("input", "step", "peer", "ops", "lora", "profile", "compile")}
-BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT", "wan": "Wan transformer"}
+BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT", "wan": "Wan transformer", "sd_unet": "SD U-Net"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
@@ -333,7 +333,7 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   ours_sampling = 2 * sample_batch / (time.perf_counter() - start)
   theirs_sampling = diffusers_peer.sampling_images_per_s(peer, sample_batch, size, tokens, sampler_steps, 3.0,
                                                          dtype=config.model.dtype, frames=frames)
-  lines = [f"peer: diffusers {diffusers_peer.name(peer)}, torch {torch.__version__} on "
+  lines = [f"peer: diffusers {diffusers_peer.name(peer, backbone)}, torch {torch.__version__} on "
            f"{diffusers_peer.described(diffusers_peer.device())}; ours: jax {jax.__version__} on "
            f"{jax.devices()[0].device_kind} ({config.model.dtype})", "",
            "| | ours (JAX) | diffusers (PyTorch) | ours / diffusers |", "|---|---|---|---|",

@@ -4,7 +4,7 @@ import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes, moving_shapes, pipeline
-from diffusion_jax.models import attention, autoencoder, clip, layers, t5, wan_transformer
+from diffusion_jax.models import attention, autoencoder, clip, layers, sd_unet, t5, wan_transformer
 
 
 def network_frames(config, frames: int) -> int:
@@ -130,6 +130,34 @@ def wan_problems(config) -> list[str]:
     found.append(f"{', '.join(unsupported)}: not supported with model.backbone='wan' yet (super-resolution inputs, "
                  "stills in video batches, a LoRA of the modulation); turn off or set to 0")
   return found + wan_expert_problems(m, wan)
+
+
+def sd_unet_problems(config) -> list[str]:
+  """What Stable Diffusion's U-Net (model.backbone='sd_unet', model.sd_unet_path) cannot do with this config."""
+  m, d, found = config.model, config.diffusion, []
+  try:
+    unet = sd_unet.read_config(m.sd_unet_path)
+    text_dim = t5.read_hf_config(config.text.pretrained_path).d_model if config.text.pretrained_path else (
+        config.text.t5.d_model)
+  except ValueError as error:
+    return [str(error)]
+  if d.path != "vp":
+    found.append(f"diffusion.path={d.path!r}: SD's U-Net reads the timesteps of its variance-preserving table; set "
+                 "diffusion.path='vp' (and diffusion.prediction to what it was trained for: eps for SD 1.x and "
+                 "SD 2.x base, v for SD 2.x at 768 px)")
+  if m.in_channels != unet["in_channels"] or unet["out_channels"] != unet["in_channels"]:
+    found.append(f"model.in_channels={m.in_channels}: SD's U-Net maps {unet['in_channels']} channels to "
+                 f"{unet['out_channels']}; the data's (an autoencoder's latent_channels, or 3 for pixels) must be both")
+  if text_dim != unet["cross_attention_dim"]:
+    found.append(f"the text encoder's width {text_dim} (text.pretrained_path's d_model, or text.t5.d_model) must "
+                 f"equal the U-Net's cross_attention_dim={unet['cross_attention_dim']}")
+  unsupported = [field for field, value in (("model.temporal", m.temporal),
+                                            ("model.lowres_conditioning", m.lowres_conditioning),
+                                            ("model.lora_rank", m.lora_rank), ("model.remat", m.remat)) if value]
+  if unsupported:
+    found.append(f"{', '.join(unsupported)}: not supported with model.backbone='sd_unet' yet (clips, "
+                 "super-resolution inputs, LoRA, remat); turn off or set to 0")
+  return found
 
 
 def wan_channel_problems(config, wan: dict) -> list[str]:
@@ -300,6 +328,12 @@ def spatial_multiple(config) -> tuple[int, str] | None:
     except ValueError:
       return None
     return patch[1], f"Wan's patch {patch[1]}x{patch[2]}"
+  if m.backbone == "sd_unet":
+    try:
+      levels = len(sd_unet.read_config(m.sd_unet_path)["block_out_channels"])
+    except ValueError:
+      return None
+    return 2 ** (levels - 1), f"SD's U-Net's 2 ** (levels - 1), {levels} levels"
   return 2 ** (len(m.channel_mults) - 1), f"the U-Net's 2 ** (levels - 1), {len(m.channel_mults)} levels"
 
 
@@ -441,7 +475,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"train.sample_every={config.train.sample_every} must be >= 0 (0: no samples during training)")
 
   m = config.model
-  option(m.backbone, ("unet", "dit", "wan"), "model.backbone")
+  option(m.backbone, ("unet", "dit", "wan", "sd_unet"), "model.backbone")
   option(m.video_attention, ("factorised", "spacetime"), "model.video_attention")
   if m.video_attention == "spacetime" and not (m.temporal and m.backbone == "dit"):
     found.append("model.video_attention='spacetime' is the video DiT's full attention over a clip: it needs "
@@ -459,7 +493,9 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found += dit_problems(config)
   elif m.backbone == "wan":
     found += wan_problems(config)
-  elif m.backbone != "dit":
+  elif m.backbone == "sd_unet":
+    found += sd_unet_problems(config)
+  else:
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
                    f"model.channel_mults {tuple(m.channel_mults)}")
@@ -469,7 +505,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if m.backbone != "wan" and (m.wan_clean_first_frame or m.wan_first_frame_fraction):
     found.append("model.wan_clean_first_frame, model.wan_first_frame_fraction: Wan 2.2 TI2V's image-to-video mode "
                  "(model.backbone='wan'); leave them off")
-  if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path and m.backbone != "wan":
+  if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path and m.backbone in ("unet", "dit"):
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")
   option(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")

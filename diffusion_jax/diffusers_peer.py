@@ -1,7 +1,8 @@
 """The PyTorch peers of the benchmarks: diffusers' UNet2DConditionModel for our U-Net and its
 PixArtTransformer2DModel (PixArt-alpha: a DiT with text cross-attention) for our DiT, at a size matched to ours;
 for Wan's transformer (model.backbone='wan') diffusers' WanTransformer3DModel of the same checkpoint
-(model.wan_path), the same network, which runs on clips [batch, channels, frames, h, w].
+(model.wan_path), the same network, which runs on clips [batch, channels, frames, h, w]; for Stable Diffusion's
+U-Net (model.backbone='sd_unet') diffusers' UNet2DConditionModel of the same checkpoint (model.sd_unet_path).
 
 Needs torch and diffusers (the `test` extra). The peer U-Net gets our widths, resolution, attention
 levels (cross-attention blocks where ours attend), group-norm groups and time-embedding width; its depth
@@ -57,15 +58,19 @@ def transformer_builder(model_config, resolution: int):
   return build
 
 
-def wan_twin(path):
-  """diffusers' WanTransformer3DModel of a local checkpoint directory (its weights read directly: diffusers'
-  from_pretrained needs accelerate for this class)."""
+SAME_CHECKPOINT = {"wan": ("WanTransformer3DModel", "wan_path"), "sd_unet": ("UNet2DConditionModel", "sd_unet_path")}
+
+
+def twin(path, class_name: str):
+  """diffusers' model `class_name` of a local checkpoint directory (its weights read directly: diffusers'
+  from_pretrained needs accelerate for some classes)."""
   import diffusers
   import safetensors.torch
 
   from diffusion_jax.models import wan_transformer
 
-  model = diffusers.WanTransformer3DModel.from_config(diffusers.WanTransformer3DModel.load_config(str(path)))
+  cls = getattr(diffusers, class_name)
+  model = cls.from_config(cls.load_config(str(path)))
   weights = {}
   for file in wan_transformer.weight_files(path):
     weights.update(safetensors.torch.load_file(file))
@@ -79,9 +84,10 @@ def count(module) -> int:
 
 def closest(model_config, resolution: int, ours: int):
   """The peer whose parameter count is nearest to `ours`: a U-Net with depths 1, 2 or ours per level, or a
-  transformer with 1 to twice our number of blocks; for Wan's, the checkpoint's own."""
-  if model_config.backbone == "wan":
-    return wan_twin(model_config.wan_path)
+  transformer with 1 to twice our number of blocks; for Wan's and Stable Diffusion's, the checkpoint's own."""
+  if model_config.backbone in SAME_CHECKPOINT:
+    class_name, field = SAME_CHECKPOINT[model_config.backbone]
+    return twin(model_config[field], class_name)
   if model_config.backbone == "dit":
     build, depths = transformer_builder(model_config, resolution), range(1, 2 * model_config.depth + 1)
   else:
@@ -89,10 +95,12 @@ def closest(model_config, resolution: int, ours: int):
   return min((build(depth) for depth in depths), key=lambda m: abs(count(m) / ours - 1))
 
 
-def name(module) -> str:
-  """The peer and its depth, for the table's heading."""
+def name(module, backbone: str) -> str:
+  """The peer of our `backbone` (model.backbone) and its depth, for the table's heading."""
   if is_wan(module):
     return f"WanTransformer3DModel, the same checkpoint (num_layers={module.config.num_layers})"
+  if backbone == "sd_unet":
+    return f"UNet2DConditionModel, the same checkpoint (layers_per_block={module.config.layers_per_block})"
   if is_transformer(module):
     return f"PixArtTransformer2DModel, num_layers={module.config.num_layers}"
   return f"UNet2DConditionModel, layers_per_block={module.config.layers_per_block}"

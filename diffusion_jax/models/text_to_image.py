@@ -1,6 +1,6 @@
-"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net, DiT or Wan's transformer
-(`model.backbone`), with a frozen autoencoder for latent diffusion (`latent.autoencoder_path`), and its split into
-trainable / frozen parameters.
+"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net, DiT, Wan's transformer or Stable
+Diffusion's U-Net (`model.backbone`), with a frozen autoencoder for latent diffusion (`latent.autoencoder_path`), and
+its split into trainable / frozen parameters.
 
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `to_latents(x, key)` / `from_latents(z)`
 map images (or videos) to what the network diffuses and back (the identity for a pixel model);
@@ -15,14 +15,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax import objectives, schedules
-from diffusion_jax.models import autoencoder, clip, dit, init_rngs, t5, unet, wan_transformer
+from diffusion_jax.models import autoencoder, clip, dit, init_rngs, sd_unet, t5, unet, wan_transformer
 
 
 class TextToImage(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     """Every part randomly initialised; a pretrained text encoder (text.pretrained_path), autoencoder
-    (latent.autoencoder_path), Wan transformer (model.wan_path) or CLIP image encoder (model.wan_image_encoder_path)
+    (latent.autoencoder_path), Wan transformer (model.wan_path), Stable Diffusion U-Net (model.sd_unet_path) or CLIP
+    image encoder (model.wan_image_encoder_path)
     gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
     self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
@@ -46,6 +47,9 @@ class TextToImage(nnx.Module):
       self.image_to_video = wan_transformer.is_image_to_video(wan_config)
       self.first_last_frame = wan_transformer.is_first_last_frame(wan_config)  # Wan 2.1 FLF2V
       self.mask_channels = wan_config["in_channels"] - 2 * wan_config["out_channels"]
+    elif self.backbone == "sd_unet":
+      self.sd_unet = sd_unet.SDUNet(sd_unet.read_config(m.sd_unet_path), rngs=rngs, dtype=m.dtype,
+                                    attention=m.attention)
     else:
       self.unet = unet.UNet(m, rngs=rngs)
     self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path
@@ -131,6 +135,8 @@ class TextToImage(nnx.Module):
       alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, "flow")
       toward_first = objectives.eps_from_x0(first, x_t.astype(jnp.float32), alpha, sigma) - first
       return jnp.where(clean[..., None, None, None], toward_first, out)
+    if self.backbone == "sd_unet":  # images only; every text token, as SD's pipelines (config_checks.sd_unet_problems)
+      return self.sd_unet(x, sd_unet.timestep(logsnr), text)
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
                    is_video=is_video)
@@ -160,8 +166,8 @@ def abstract(config):
 
 
 def pretrained_weights(config) -> dict:
-  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ..., 'image_encoder': ...}: pure dicts of the weights the
-  config names files for (read on the host), to replace those parts of a new model's state."""
+  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ..., 'sd_unet': ..., 'image_encoder': ...}: pure dicts of the
+  weights the config names files for (read on the host), to replace those parts of a new model's state."""
   weights = {}
   if config.model.backbone == "wan":
     weights["wan"] = wan_transformer.load_diffusers(config.model.wan_path)
@@ -169,6 +175,8 @@ def pretrained_weights(config) -> dict:
       weights["image_encoder"] = clip.load_vision(config.model.wan_image_encoder_path)
     if config.model.wan_low_noise_path:
       weights["wan_low"] = wan_transformer.load_diffusers(config.model.wan_low_noise_path, "model.wan_low_noise_path")
+  if config.model.backbone == "sd_unet":
+    weights["sd_unet"] = sd_unet.load_diffusers(config.model.sd_unet_path)
   if config.text.pretrained_path:
     weights["text_encoder"] = t5.load_hf_encoder(config.text.pretrained_path, config.text.t5.dtype)
   if config.latent.autoencoder_path:
