@@ -45,8 +45,9 @@ def get_config():
 
   # Text: a T5 encoder, trained from scratch (pretrained_path empty) or loaded from a local HF checkpoint.
   c.text = dict(
-      tokenizer="words",           # 'words' (dataset vocabulary) or 'sentencepiece'
+      tokenizer="words",           # 'words' (dataset vocabulary), 'sentencepiece' or 'clip' (CLIP's BPE)
       spiece_path="",              # sentencepiece model for tokenizer == 'sentencepiece'
+      tokenizer_path="",           # local CLIP tokenizer directory for tokenizer == 'clip' (SD's tokenizer/)
       max_length=32,
       pretrained_path="",          # local Hugging Face T5 (or UMT5) directory; empty = random init
       trainable=True,              # False freezes the encoder (Imagen)

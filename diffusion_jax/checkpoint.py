@@ -253,7 +253,7 @@ ADDED_FIELDS = {
     "data.wrap_around": False,
     "data.travel": 0.45,
     "text.t5.per_layer_position_bias": False,
-    "model.wan_path": "", "model.sd_unet_path": "",
+    "model.wan_path": "", "model.sd_unet_path": "", "text.tokenizer_path": "",
     "model.wan_low_noise_path": "", "model.wan_boundary": 0.875,
     "model.wan_expert_batches": "mixed",  # what a pair's training did before the field
     "sample.guidance_scale_low_noise": -1.0,

@@ -4,6 +4,7 @@ import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes, moving_shapes, pipeline
+from diffusion_jax.text import tokenizers
 from diffusion_jax.models import attention, autoencoder, clip, layers, sd_unet, t5, wan_transformer
 
 
@@ -99,13 +100,42 @@ def latent_problems(config) -> list[str]:
   return found
 
 
+def text_width(config) -> int:
+  """The width of the text encoder's states: a pretrained one's (text.pretrained_path: a T5's d_model, a CLIP text
+  model's hidden_size), else text.t5.d_model; a ValueError where its config.json cannot be read."""
+  path = config.text.pretrained_path
+  if path and clip.is_text_model(path):
+    return clip.read_text_config(path)["hidden_size"]
+  return t5.read_hf_config(path).d_model if path else config.text.t5.d_model
+
+
+def clip_text_problems(config) -> list[str]:
+  """Why a CLIP text encoder (text.pretrained_path) or tokenizer (text.tokenizer='clip') does not fit the config."""
+  t, found = config.text, []
+  if t.tokenizer == "clip":
+    try:
+      tokenizers.CLIPTokenizer(t.tokenizer_path, t.max_length)
+    except ValueError as error:
+      found.append(str(error))
+  if t.pretrained_path and clip.is_text_model(t.pretrained_path):
+    try:
+      positions = clip.read_text_config(t.pretrained_path)["max_position_embeddings"]
+    except ValueError as error:
+      return found + [str(error)]
+    if t.tokenizer != "clip":
+      found.append(f"text.tokenizer={t.tokenizer!r}: a CLIP text encoder (text.pretrained_path) reads CLIP's tokens; "
+                   "set text.tokenizer='clip' and text.tokenizer_path (SD's tokenizer/ folder)")
+    if t.max_length > positions:
+      found.append(f"text.max_length={t.max_length} exceeds the CLIP text encoder's {positions} positions")
+  return found
+
+
 def wan_problems(config) -> list[str]:
   """What Wan's transformer (model.backbone='wan', model.wan_path) cannot do with this config."""
   m, d, found = config.model, config.diffusion, []
   try:
     wan = wan_transformer.read_config(m.wan_path)
-    text_dim = t5.read_hf_config(config.text.pretrained_path).d_model if config.text.pretrained_path else (
-        config.text.t5.d_model)
+    text_dim = text_width(config)
   except ValueError as error:
     return [str(error)]
   if (d.path, d.prediction) != ("flow", "flow"):
@@ -116,7 +146,7 @@ def wan_problems(config) -> list[str]:
   found += wan_channel_problems(config, wan) + wan_image_encoder_problems(m, wan) + clean_first_frame_problems(
       config, wan)
   if text_dim != wan["text_dim"]:
-    found.append(f"the text encoder's width {text_dim} (text.pretrained_path's d_model, or text.t5.d_model) must "
+    found.append(f"the text encoder's width {text_dim} (text.pretrained_path's, or text.t5.d_model) must "
                  f"equal Wan's text_dim={wan['text_dim']} (its text encoder: UMT5-XXL, 4096)")
   frames_patch = wan["patch_size"][0]
   for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
@@ -137,8 +167,7 @@ def sd_unet_problems(config) -> list[str]:
   m, d, found = config.model, config.diffusion, []
   try:
     unet = sd_unet.read_config(m.sd_unet_path)
-    text_dim = t5.read_hf_config(config.text.pretrained_path).d_model if config.text.pretrained_path else (
-        config.text.t5.d_model)
+    text_dim = text_width(config)
   except ValueError as error:
     return [str(error)]
   if d.path != "vp":
@@ -149,7 +178,7 @@ def sd_unet_problems(config) -> list[str]:
     found.append(f"model.in_channels={m.in_channels}: SD's U-Net maps {unet['in_channels']} channels to "
                  f"{unet['out_channels']}; the data's (an autoencoder's latent_channels, or 3 for pixels) must be both")
   if text_dim != unet["cross_attention_dim"]:
-    found.append(f"the text encoder's width {text_dim} (text.pretrained_path's d_model, or text.t5.d_model) must "
+    found.append(f"the text encoder's width {text_dim} (text.pretrained_path's, or text.t5.d_model) must "
                  f"equal the U-Net's cross_attention_dim={unet['cross_attention_dim']}")
   unsupported = [field for field, value in (("model.temporal", m.temporal),
                                             ("model.lowres_conditioning", m.lowres_conditioning),
@@ -508,6 +537,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if m.text_dim != config.text.t5.d_model and not config.text.pretrained_path and m.backbone in ("unet", "dit"):
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")
+  found += clip_text_problems(config)
   option(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
   if config.text.embedding_cache and config.text.trainable:
     found.append("text.embedding_cache needs a frozen encoder: set text.trainable=False")

@@ -126,7 +126,7 @@ def teacher_denoiser(model, text, mask, config, sampling, **conditioning):
   def network_fn(x, logsnr, conditional):
     if conditional:
       return model(x, logsnr, text, mask, **conditioning)
-    return model(x, logsnr, jnp.zeros_like(text), jnp.zeros_like(mask), **conditioning)
+    return model(x, logsnr, *model.null_condition(text, mask), **conditioning)
 
   d, s = config.diffusion, sampling
   return samplers.make_denoiser(network_fn, d.prediction, s.guidance_scale,

@@ -218,16 +218,18 @@ def _crossing(logsnr_fn, logsnr, iterations: int = 40):
 # ----------------------------------------------------------------------------- classifier-free guidance
 
 
-def drop_condition(key, embeddings, mask, drop_prob: float):
-  """Replace the text condition by the empty one (zeros, all-padding mask) with probability p.
+def drop_condition(key, embeddings, mask, drop_prob: float, null=None):
+  """Replace the text condition by the null one with probability p: `null` (embeddings, mask) like the inputs
+  (the model's null_condition), default zeros with an all-padding mask.
 
   embeddings: [batch, tokens, dim]; mask: [batch, tokens] bool. Returns (embeddings, mask, kept[batch]).
   """
   if not 0.0 <= drop_prob <= 1.0:
     raise ValueError(f"condition drop probability must be in [0, 1], got {drop_prob}.")
   kept = jax.random.uniform(key, (embeddings.shape[0],)) >= drop_prob
+  null_embeddings, null_mask = null if null is not None else (0, False)
   return (
-      jnp.where(kept[:, None, None], embeddings, 0),
-      jnp.logical_and(mask, kept[:, None]),
+      jnp.where(kept[:, None, None], embeddings, null_embeddings),
+      jnp.where(kept[:, None], mask, null_mask),
       kept,
   )

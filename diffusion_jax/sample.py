@@ -241,7 +241,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
     model = nnx.merge(graphdef, params, frozen)
     condition = None if first_frames is None else model.image_condition(first_frames[0], frames, *first_frames[1:])
     text = model.encode(ids, mask)
-    null_text, null_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
+    null_text, null_mask = model.null_condition(text, mask)
     if negative is not None:
       negative_ids, negative_mask = negative
       given = jnp.any(negative_mask > 0, axis=-1)
@@ -300,7 +300,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       if s.edit_noise != "random":  # the deterministic path back to the given images
         # of the unconditional model (null text), or of the model for the source prompts (null_text holds them)
         inverted_text, inverted_mask = ((null_text, null_mask) if s.edit_noise in editing.SOURCE_PROMPTED else
-                                        (jnp.zeros_like(text), jnp.zeros_like(mask)))
+                                        model.null_condition(text, mask))
         walked = lambda x, logsnr, _: model(x, logsnr, inverted_text, inverted_mask)
         path = editing.inversion_path(samplers.make_denoiser(walked, d.prediction, sigma_data=d.sigma_data), known,
                                       grid_alpha, grid_sigma)

@@ -183,7 +183,8 @@ def make_loss_fn(config, graphdef, expert: str | None = None):
       text = batch["text_embeddings"]
     else:
       text = model.encode(batch["text_ids"], batch["text_mask"])
-    text, text_mask, kept = objectives.drop_condition(k_drop, text, batch["text_mask"], d.cond_drop_prob)
+    text, text_mask, kept = objectives.drop_condition(k_drop, text, batch["text_mask"], d.cond_drop_prob,
+                                                      model.null_condition(text, batch["text_mask"]))
     lowres = aug_logsnr = None
     if config.model.lowres_conditioning:  # the clean low-res input: cached (a latent stage) or from the pixels
       lowres = batch["lowres"] if "lowres" in batch else superres.lowres_input(pixels, config)

@@ -84,7 +84,7 @@ def test_a_stable_diffusion_unet_trains_from_its_weights_and_samples(tmp_path):
   config.diffusion.path, config.text.t5.d_model = "flow", 16
   found = " ".join(config_checks.problems(config, device_count=8))
   for problem in ("SD's U-Net reads the timesteps of its variance-preserving table; set diffusion.path='vp'",
-                  "the text encoder's width 16 (text.pretrained_path's d_model, or text.t5.d_model) must equal the "
+                  "the text encoder's width 16 (text.pretrained_path's, or text.t5.d_model) must equal the "
                   "U-Net's cross_attention_dim=32", "model.remat: not supported with model.backbone='sd_unet' yet"):
     assert problem in found
   config.diffusion.path, config.text.t5.d_model, config.model.remat = "vp", 32, False
@@ -101,3 +101,141 @@ def test_a_stable_diffusion_unet_trains_from_its_weights_and_samples(tmp_path):
   assert min(jax.tree.leaves(moved)) > 0
   grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2, "num_per_prompt": 1}, output_dir=tmp_path / "out")
   assert grid.exists() and len(list(grid.parent.glob("*.png"))) == len(config.sample.prompts) + 1  # and the grid
+
+
+def save_tiny_clip_tokenizer(directory, captions, pad_token=None):
+  """A CLIP tokenizer (vocab.json, merges.txt: byte-level BPE with CLIP's word ends, learnt from `captions`, every byte
+  and its word end in the vocabulary, as CLIP's is) saved as Stable Diffusion's tokenizer/ folder; pad_token: its
+  tokenizer_config.json's (SD 2.x's "!"), else none (end-of-text)."""
+  from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+  from diffusion_jax.text import tokenizers
+
+  tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+  tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tokenizers.CLIPTokenizer.SPLIT),
+                                                                    behavior="removed", invert=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  tok.train_from_iterator(captions, trainers.BpeTrainer(
+      vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+      show_progress=False))
+  directory.mkdir(parents=True, exist_ok=True)
+  tok.model.save(str(directory))
+  vocab = json.loads((directory / "vocab.json").read_text())
+  for token in [c + end for c in sorted(pre_tokenizers.ByteLevel.alphabet()) for end in ("", "</w>")] + [
+      "<|startoftext|>", "<|endoftext|>"]:
+    vocab.setdefault(token, len(vocab))
+  (directory / "vocab.json").write_text(json.dumps(vocab))
+  if pad_token:
+    (directory / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad_token}))
+  return len(vocab)
+
+
+@pytest.mark.parametrize("pad_token", [None, "!"])
+def test_the_clip_tokenizer_makes_transformers_ids(tmp_path, pad_token):
+  """SD 1.x's padding (end-of-text) and SD 2.x's ("!", split out of prompts as transformers splits its special
+  tokens); words, numbers, punctuation, case and spacing; a prompt cut to max_length keeps its end-of-text token.
+  The mask marks the prompt's tokens (none for the empty prompt, whose ids are still start and end)."""
+  import transformers
+
+  from diffusion_jax.text import tokenizers
+
+  save_tiny_clip_tokenizer(tmp_path, ["a large red circle at the top left", "two blue squares"] * 5, pad_token)
+  ours = tokenizers.CLIPTokenizer(str(tmp_path), 12)
+  theirs = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"),
+                                      **({"pad_token": pad_token} if pad_token else {}))
+  prompts = ["a large red circle!! 12 Zebra's", "", "A  large\tRED",
+             "two small blue squares and a green triangle at top"]
+  ids, mask = ours(prompts)
+  for row, prompt in enumerate(prompts):
+    expected = theirs(prompt, padding="max_length", max_length=12, truncation=True)
+    assert list(ids[row]) == expected["input_ids"], prompt
+    assert list(mask[row]) == [bool(m) and bool(prompt) for m in expected["attention_mask"]], prompt
+  with pytest.raises(ValueError, match="has no tokenizer.json, nor vocab.json and merges.txt"):
+    tokenizers.CLIPTokenizer(str(tmp_path / "nothing"), 12)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+  with pytest.raises(ValueError, match=r"lacks \['<pad>'\]: is it a CLIP tokenizer\?"):
+    tokenizers.CLIPTokenizer(str(tmp_path), 12)
+
+
+def save_tiny_stable_diffusion(root, captions):
+  """A Stable Diffusion 1.x checkpoint's folders (unet/, text_encoder/, tokenizer/, vae/, scheduler/) with tiny
+  random models: a 2-level U-Net, a 2-layer CLIP text model of width 32, a factor-2 VAE with 4 latent channels.
+  Returns diffusers' StableDiffusionPipeline of them."""
+  import diffusers
+  import transformers
+
+  save_tiny_sd_unet(root / "unet", cross_attention_dim=32)
+  vocab = save_tiny_clip_tokenizer(root / "tokenizer", captions)
+  torch.manual_seed(0)
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=16)).eval()
+  text_encoder.save_pretrained(root / "text_encoder")
+  vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                                norm_num_groups=4, sample_size=32).eval()
+  vae.save_pretrained(root / "vae")
+  scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                      clip_sample=False)
+  scheduler.save_pretrained(root / "scheduler")
+  tokenizer = transformers.CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
+                                         model_max_length=16)
+  return diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer, diffusers.UNet2DConditionModel.from_pretrained(
+      root / "unet"), scheduler, None, None, requires_safety_checker=False)
+
+
+def test_stable_diffusion_fine_tunes_and_samples_from_a_checkpoints_folders(tmp_path):
+  """configs/stable_diffusion.py:ROOT reads a Stable Diffusion checkpoint's folders. Its text condition and the null
+  condition guidance drops to are what diffusers' StableDiffusionPipeline encodes (the empty prompt's encoding), and
+  its network's prediction at SD's timestep 500 is the pipeline's U-Net's. It trains the U-Net alone (the CLIP text
+  encoder and VAE stay as loaded) and samples."""
+  from configs import stable_diffusion
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.models import text_to_image
+  from diffusion_jax.text import tokenizers
+
+  captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
+  pipeline = save_tiny_stable_diffusion(tmp_path / "sd", captions)
+  config = stable_diffusion.get_config(str(tmp_path / "sd"))
+  assert (config.model.sd_unet_path, config.text.tokenizer_path) == (str(tmp_path / "sd" / "unet"),
+                                                                      str(tmp_path / "sd" / "tokenizer"))
+  config.text.max_length = 20
+  assert "text.max_length=20 exceeds the CLIP text encoder's 16 positions" in " ".join(
+      config_checks.problems(config, device_count=8))
+  config.text.max_length, config.model.dtype = 16, "float32"
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
+  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
+  config.sample.update(steps=2, prompts=("a large red circle",))
+  assert config_checks.problems(config, device_count=8) == []
+
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  model = nnx.merge(graphdef, state.params, state.frozen)
+  prompts = ["a large red circle at the top left", "two small blue squares"]
+  ids, mask = tokenizers.from_config(config)(prompts)
+  text = model.encode(jnp.asarray(ids), jnp.asarray(mask))
+  with torch.no_grad():
+    expected_text, expected_null = (x.numpy() for x in pipeline.encode_prompt(prompts, "cpu", 1, True))
+  np.testing.assert_allclose(text, expected_text, atol=2e-5)
+  np.testing.assert_allclose(model.null_condition(text, mask)[0], expected_null, atol=2e-5)
+  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  alphas_cumprod = pipeline.scheduler.alphas_cumprod.double().numpy()
+  logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(alphas_cumprod[500]), jnp.float32)
+  with torch.no_grad():
+    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500,
+                             torch.tensor(expected_text)).sample.numpy()
+  np.testing.assert_allclose(np.asarray(model(latents, logsnr, text, mask)).transpose(0, 3, 1, 2), expected,
+                             atol=1e-4)
+  del state, model
+
+  train.train_and_evaluate(config, tmp_path / "run")
+  _, weights, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
+  loaded = text_to_image.pretrained_weights(config)
+  for name in ("text_encoder", "autoencoder"):
+    jax.tree.map(np.testing.assert_array_equal, weights.frozen[name], loaded[name])
+  assert set(weights.params) == {"sd_unet"}
+  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                                          weights.params["sd_unet"], loaded["sd_unet"]))) > 0
+  grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
+  assert grid.exists()

@@ -171,7 +171,7 @@ def test_a_lora_of_wans_pair_of_experts_trains_on_a_pod_mesh_and_samples(tmp_pat
   assert "Wan's transformer predicts the velocity eps - x0 on the flow path; set both to 'flow'" in found
   config.diffusion.update(path="flow", prediction="flow")
   config.text.t5.d_model = 16
-  assert "the text encoder's width 16 (text.pretrained_path's d_model, or text.t5.d_model) must equal Wan's " \
+  assert "the text encoder's width 16 (text.pretrained_path's, or text.t5.d_model) must equal Wan's " \
          "text_dim=32" in " ".join(config_checks.problems(config, device_count=8))
   config.text.t5.d_model = 32
   config.model.update(lora_rank=2, lora_modulation=True)

@@ -1,7 +1,8 @@
 """CLIP (Radford et al. 2021): its ViT image tower and causal text transformer with their projections, in Flax NNX,
 read from local Hugging Face checkpoints (nothing is downloaded, transformers is not needed): a whole CLIPModel
-(`from_pretrained`: CLIP score, metrics/clip_score.py) or a CLIPVisionModel alone (`load_vision`: the image encoder
-of Wan 2.1's image-to-video models, which reads its penultimate layer's states).
+(`from_pretrained`: CLIP score, metrics/clip_score.py), a CLIPVisionModel alone (`load_vision`: the image encoder
+of Wan 2.1's image-to-video models, which reads its penultimate layer's states) or a CLIPTextModel alone
+(`load_text`: Stable Diffusion's text encoder, whose every token's last states the U-Net reads).
 """
 
 import json
@@ -82,10 +83,14 @@ class TextTransformer(nnx.Module):
     self.encoder = Encoder(c, rngs=rngs)
     self.final_layer_norm = nnx.LayerNorm(c["hidden_size"], epsilon=c["layer_norm_eps"], rngs=rngs)
 
+  def states(self, ids):
+    """ids [n, tokens] -> every token's last states [n, tokens, width] (transformers' last_hidden_state)."""
+    x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding(jnp.arange(ids.shape[1]))
+    return self.final_layer_norm(self.encoder(x, causal=True))
+
   def __call__(self, ids):
     """ids [n, tokens] (ending in end-of-text, then padding) -> the end-of-text token's state [n, width]."""
-    x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding(jnp.arange(ids.shape[1]))
-    x = self.final_layer_norm(self.encoder(x, causal=True))
+    x = self.states(ids)
     # Configs from before transformers' PR #24773 say eos_token_id=2 and mean the largest id (end of text).
     end = jnp.argmax(ids, axis=-1) if self.eos_token_id == 2 else jnp.argmax(ids == self.eos_token_id, axis=-1)
     return jnp.take_along_axis(x, end[:, None, None], axis=1)[:, 0]
@@ -194,6 +199,50 @@ class VisionModel(nnx.Module):
     """Images [n, h, w, 3] in [-1, 1] -> VisionTransformer.penultimate of them brought to the model's size
     (preprocess_float) and normalised."""
     return self.vision_model.penultimate(preprocess_float((images + 1.0) / 2.0, self.image_size))
+
+
+class TextModel(nnx.Module):
+  """A CLIPTextModel (transformers' name: its tensors are text_model.*) of a config.json's fields, as a text encoder:
+  (ids [n, tokens], mask) -> every token's last states [n, tokens, width]. The mask is not read: CLIP's attention is
+  causal, and Stable Diffusion's pipelines give its text encoder none."""
+
+  def __init__(self, config: dict, *, rngs):
+    self.text_model = TextTransformer(config, rngs=rngs)
+
+  def __call__(self, ids, mask=None):
+    del mask
+    return self.text_model.states(ids)
+
+
+def is_text_model(path) -> bool:
+  """Whether a local directory holds a CLIPTextModel (its config.json's model_type)."""
+  file = pathlib.Path(path).expanduser() / "config.json"
+  return file.is_file() and json.loads(file.read_text()).get("model_type") == "clip_text_model"
+
+
+def read_text_config(path, field: str = "text.pretrained_path") -> dict:
+  """The config.json of a local CLIPTextModel directory, with its defaults; a ValueError naming `field`."""
+  config = json.loads((pathlib.Path(path).expanduser() / "config.json").read_text()) if is_text_model(path) else None
+  if config is None:
+    raise ValueError(f"{field}={str(path)!r} holds no CLIPTextModel (config.json with model_type 'clip_text_model')")
+  config = TEXT_DEFAULTS | config
+  if config["hidden_act"] not in ACTIVATIONS:
+    raise ValueError(f"{field}={str(path)!r}: hidden_act {config['hidden_act']!r} is not one of {list(ACTIVATIONS)}")
+  return config
+
+
+def load_text(path, field: str = "text.pretrained_path") -> TextModel:
+  """A TextModel with the weights of a local CLIPTextModel directory (config.json, model.safetensors)."""
+  from safetensors.numpy import load_file
+
+  config, directory = read_text_config(path, field), pathlib.Path(path).expanduser()
+  if not (directory / "model.safetensors").is_file():
+    raise ValueError(f"{field}={str(path)!r} has no model.safetensors (PyTorch .bin files are not read)")
+  tensors = {k: v for k, v in load_file(directory / "model.safetensors").items() if not k.endswith("position_ids")}
+  if not any(name.startswith("text_model.") for name in tensors):  # (transformers 5 saves them unprefixed)
+    tensors = {f"text_model.{name}": value for name, value in tensors.items()}
+  return named_tensors.load(nnx.eval_shape(lambda: TextModel(config, rngs=init_rngs.seeded(0))), tensors, _hf_name,
+                            f"{field}={str(path)!r} does not match its config.json")
 
 
 def read_vision_config(path, field: str) -> dict:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from diffusion_jax import objectives, schedules
 from diffusion_jax.models import autoencoder, clip, dit, init_rngs, sd_unet, t5, unet, wan_transformer
+from diffusion_jax.text import tokenizers
 
 
 class TextToImage(nnx.Module):
@@ -26,8 +27,14 @@ class TextToImage(nnx.Module):
     image encoder (model.wan_image_encoder_path)
     gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
-    self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
-                                     else config.text.t5, rngs=rngs)
+    if text_path and clip.is_text_model(text_path):  # Stable Diffusion's: CLIP's text transformer
+      self.text_encoder = clip.TextModel(clip.read_text_config(text_path), rngs=rngs)
+      ids, _ = tokenizers.from_config(config)([""])
+      self.empty_prompt_ids = tuple(int(i) for i in ids[0])  # (a static attribute: part of the graphdef)
+    else:
+      self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
+                                       else config.text.t5, rngs=rngs)
+      self.empty_prompt_ids = None
     m = config.model
     self.backbone, self.image_to_video, self.first_last_frame = m.backbone, False, False
     self.clean_first_frame = m.backbone == "wan" and m.wan_clean_first_frame  # Wan 2.2 TI2V's image-to-video mode
@@ -57,6 +64,15 @@ class TextToImage(nnx.Module):
 
   def encode(self, ids, mask):
     return self.text_encoder(ids, mask)
+
+  def null_condition(self, text, mask):
+    """(text [batch, tokens, width], mask [batch, tokens]) of the condition classifier-free guidance drops to, for
+    a batch like (text, mask): zeros with an all-False mask; with a CLIP text encoder (Stable Diffusion's), the
+    encoding of the empty prompt, which its pipelines use and its U-Net learnt."""
+    if self.empty_prompt_ids is None:
+      return jnp.zeros_like(text), jnp.zeros_like(mask)
+    empty = self.encode(jnp.asarray(self.empty_prompt_ids, jnp.int32)[None], None).astype(text.dtype)
+    return jnp.broadcast_to(empty, text.shape), jnp.zeros_like(mask)
 
   def to_latents(self, x, key=None):
     """Images [batch, (frames,) h, w, c] in [-1, 1] -> what the network diffuses (a posterior draw with a key)."""
@@ -177,7 +193,9 @@ def pretrained_weights(config) -> dict:
       weights["wan_low"] = wan_transformer.load_diffusers(config.model.wan_low_noise_path, "model.wan_low_noise_path")
   if config.model.backbone == "sd_unet":
     weights["sd_unet"] = sd_unet.load_diffusers(config.model.sd_unet_path)
-  if config.text.pretrained_path:
+  if config.text.pretrained_path and clip.is_text_model(config.text.pretrained_path):
+    weights["text_encoder"] = clip.load_text(config.text.pretrained_path)
+  elif config.text.pretrained_path:
     weights["text_encoder"] = t5.load_hf_encoder(config.text.pretrained_path, config.text.t5.dtype)
   if config.latent.autoencoder_path:
     weights["autoencoder"] = autoencoder.load_diffusers(config.latent.autoencoder_path)

@@ -1,11 +1,14 @@
 """Tokenizers: caption strings -> (ids [n, max_length] int32, mask [n, max_length] bool).
 
 `WordTokenizer` covers closed vocabularies (the built-in datasets); `SentencePieceTokenizer` loads a
-sentencepiece model from a local path (T5's `spiece.model`). Both pad to max_length and truncate an
-over-long prompt with a warning; an empty prompt gives an all-padding row (mask all False).
+sentencepiece model from a local path (T5's `spiece.model`); `CLIPTokenizer` CLIP's byte-level BPE from a local
+directory (Stable Diffusion's `tokenizer/`). All pad to max_length and truncate an over-long prompt with a warning;
+an empty prompt gives a row whose mask is all False (CLIP's ids still encode it: start and end of text).
 """
 
+import json
 import logging
+import pathlib
 import re
 
 import numpy as np
@@ -67,6 +70,64 @@ class SentencePieceTokenizer:
     return _pack(token_lists, self.max_length, texts)
 
 
+class CLIPTokenizer:
+  """CLIP's byte-level BPE (transformers' CLIPTokenizer, as Stable Diffusion's pipelines call it: start-of-text, the
+  prompt's tokens, end-of-text, cut to max_length with the end kept last, then the pad token) from a local directory:
+  its tokenizer.json, else vocab.json and merges.txt (SD's tokenizer/ folder), the pad token from
+  tokenizer_config.json or special_tokens_map.json (SD 1.x: end-of-text; SD 2.x: "!"). The mask marks the prompt's
+  tokens, start and end included (all False for an empty prompt)."""
+
+  START, END = "<|startoftext|>", "<|endoftext|>"
+  SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""  # CLIP's words, numbers, punctuation
+
+  def __init__(self, path: str, max_length: int, field: str = "text.tokenizer_path"):
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    directory = pathlib.Path(path).expanduser()
+    if (directory / "tokenizer.json").is_file():
+      self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+      self._tok = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                                                 unk_token=self.END, end_of_word_suffix="</w>",
+                                                 continuing_subword_prefix="", fuse_unk=False))
+      self._tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                   normalizers.Lowercase()])
+      self._tok.pre_tokenizer = pre_tokenizers.Sequence([
+          pre_tokenizers.Split(Regex(self.SPLIT), behavior="removed", invert=True),
+          pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+      raise ValueError(f"{field}={str(path)!r} has no tokenizer.json, nor vocab.json and merges.txt: give the local "
+                       "directory of a CLIP tokenizer (the tokenizer/ folder of a Stable Diffusion checkpoint)")
+    settings = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+      settings |= json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
+    pad = settings.get("pad_token", self.END)
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    special = (self.START, self.END, pad)
+    if missing := [token for token in special if self._tok.token_to_id(token) is None]:
+      raise ValueError(f"{field}={str(path)!r} lacks {missing}: is it a CLIP tokenizer?")
+    self._tok.add_special_tokens(list(special))  # split out of a prompt before BPE, as transformers does
+    self.start_id, self.end_id, self.pad_id = (self._tok.token_to_id(token) for token in special)
+    self.max_length = max_length
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size()
+
+  def __call__(self, texts):
+    texts = [t.decode() if isinstance(t, bytes) else t for t in texts]
+    ids = np.full((len(texts), self.max_length), self.pad_id, np.int32)
+    mask = np.zeros((len(texts), self.max_length), bool)
+    for row, (text, encoding) in enumerate(zip(texts, self._tok.encode_batch(texts, add_special_tokens=False))):
+      words = [i for i in encoding.ids if i not in (self.start_id, self.end_id)]
+      if len(words) > self.max_length - 2:
+        logging.warning("Prompt has %d tokens, truncated to max_length=%d: %r", len(words) + 2, self.max_length, text)
+      tokens = [self.start_id] + words[:self.max_length - 2] + [self.end_id]
+      ids[row, :len(tokens)] = tokens
+      mask[row, :len(tokens)] = bool(text)
+    return ids, mask
+
+
 def train_sentencepiece(captions, model_prefix, vocab_size: int = 64) -> str:
   """Train a small sentencepiece model on captions (T5 ids: pad 0, eos 1, unk 2); returns the model path."""
   import io
@@ -84,6 +145,8 @@ def from_config(config):
   """The tokenizer named by config.text for the dataset of config.data."""
   if config.text.tokenizer == "sentencepiece":
     return SentencePieceTokenizer(config.text.spiece_path, config.text.max_length)
+  if config.text.tokenizer == "clip":
+    return CLIPTokenizer(config.text.tokenizer_path, config.text.max_length)
   if config.text.tokenizer == "words":
     from diffusion_jax.data import captioned_shapes, moving_shapes
 
@@ -92,4 +155,5 @@ def from_config(config):
       raise ValueError("text.tokenizer='words' knows only the built-in datasets' vocabulary; use "
                        "text.tokenizer='sentencepiece' with text.spiece_path for other data.")
     return WordTokenizer(vocabularies[config.data.dataset], config.text.max_length)
-  raise ValueError(f"Unknown text.tokenizer {config.text.tokenizer!r}; valid options: ['words', 'sentencepiece'].")
+  raise ValueError(f"Unknown text.tokenizer {config.text.tokenizer!r}; valid options: ['words', 'sentencepiece', "
+                   "'clip'].")

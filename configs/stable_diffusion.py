@@ -1,0 +1,47 @@
+"""Fine-tuning Stable Diffusion 1.x or 2.x (a diffusers checkpoint) on your images: its U-Net (model.backbone=
+'sd_unet', trained), CLIP text encoder and VAE (both frozen), read from the checkpoint's folders, on SD's
+variance-preserving scaled-linear schedule with its prediction (eps, or v for SD 2.x at 768 px: the scheduler's
+prediction_type), sampled with DPM-Solver++(2M), 25 steps, guidance 7.5, against the empty prompt's encoding as
+SD's pipelines are.
+
+  python -m diffusion_jax.main --config=configs/stable_diffusion.py:/path/to/stable-diffusion-v1-5 --workdir=DIR \\
+      --config.data.folder=/path/to/images --config.data.captions_file=/path/to/images/captions.jsonl
+
+The variant is the checkpoint's root directory: unet/, text_encoder/, tokenizer/, vae/ and
+scheduler/scheduler_config.json are read from it (the config check names a missing or mismatched one). The images
+are scaled to cover the U-Net's sample_size times 8 (512 px for SD 1.x and SD 2.x base, 768 for SD 2.x) and
+cropped. Without a root (`configs/stable_diffusion.py`) the paths are empty, for the command line to give.
+"""
+
+import json
+import os
+import pathlib
+
+import ml_collections
+
+from configs import base
+
+PREDICTIONS = {"epsilon": ("eps", "eps_mse"), "v_prediction": ("v", "v_mse")}
+
+
+def get_config(root: str = ""):
+  config = base.get_config()
+  part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
+  read = lambda *names: json.loads(pathlib.Path(part(*names)).read_text()) if root and os.path.exists(
+      part(*names)) else {}
+  unet, scheduler = read("unet", "config.json"), read("scheduler", "scheduler_config.json")
+  config.model.update(backbone="sd_unet", sd_unet_path=part("unet"), in_channels=unet.get("in_channels", 4),
+                      dtype="bfloat16")
+  config.text.update(pretrained_path=part("text_encoder"), tokenizer="clip", tokenizer_path=part("tokenizer"),
+                     max_length=77, trainable=False)
+  config.latent.autoencoder_path = part("vae")
+  prediction, weighting = PREDICTIONS.get(scheduler.get("prediction_type", "epsilon"), ("eps", "eps_mse"))
+  config.diffusion.update(path="vp", schedule="scaled_linear", prediction=prediction, weighting=weighting)
+  config.diffusion.schedule_params = ml_collections.ConfigDict()  # SD's betas, 0.00085 to 0.012 (not the cosine's)
+  config.data.update(dataset="folder", resolution=8 * unet.get("sample_size", 64))
+  config.optimizer.update(learning_rate=1e-5, warmup_steps=100, schedule="constant", weight_decay=0.01)
+  config.train.update(batch_size=16, steps=2000, ema_decays=(0.9999,), checkpoint_every=500)
+  config.sample.update(sampler="dpmpp_2m", steps=25, guidance_scale=7.5, threshold="none", num_per_prompt=1,
+                       prompts=("a photograph of an astronaut riding a horse",))
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  return config
