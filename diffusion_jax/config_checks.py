@@ -182,10 +182,10 @@ def sd_unet_problems(config) -> list[str]:
                  f"equal the U-Net's cross_attention_dim={unet['cross_attention_dim']}")
   unsupported = [field for field, value in (("model.temporal", m.temporal),
                                             ("model.lowres_conditioning", m.lowres_conditioning),
-                                            ("model.lora_rank", m.lora_rank), ("model.remat", m.remat)) if value]
+                                            ("model.lora_modulation", m.lora_modulation)) if value]
   if unsupported:
     found.append(f"{', '.join(unsupported)}: not supported with model.backbone='sd_unet' yet (clips, "
-                 "super-resolution inputs, LoRA, remat); turn off or set to 0")
+                 "super-resolution inputs, a LoRA of the modulation, which it has none of); turn off")
   return found
 
 
@@ -571,7 +571,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(problem)
   if m.lora_rank < 0:
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
-  elif m.lora_rank and not config.finetune.workdir and m.backbone != "wan":  # Wan's: model.wan_path's weights
+  elif m.lora_rank and not config.finetune.workdir and m.backbone not in ("wan", "sd_unet"):  # (a checkpoint's)
     found.append("model.lora_rank adapts a trained model, whose other weights it freezes: set finetune.workdir")
   if m.lora_convolutions and not m.lora_rank:
     found.append("model.lora_convolutions: the convolutions' updates need model.lora_rank > 0")

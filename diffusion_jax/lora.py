@@ -266,7 +266,7 @@ def layer_kind(update_name: str) -> str:
     return "convolution"
   if parts[-2] in ("conv_lora", "conv_out_lora"):  # a video U-Net's temporal block's
     return "temporal convolution"
-  if parts[-2] in ("proj_in_lora", "proj_out_lora") or "ffn" in parts:  # (Wan's feed-forward: ffn)
+  if parts[-2] in ("proj_in_lora", "proj_out_lora") or "ffn" in parts or "ff" in parts:  # (Wan's: ffn; SD's: ff)
     return "feed-forward"
   if parts[0] in ("wan", "wan_low") and "blocks" not in parts:
     return "embedding or output"  # (Wan's time and text embedders and output projection)
@@ -293,7 +293,9 @@ def describe(adapter: Adapter) -> str:
            f"({'EMA' if m.get('ema') == 'True' else 'trained weights'}), a LoRA of {m.get('source_workdir', '?')}"
            if "workdir" in m else f"  made elsewhere ({m.get('format', 'no provenance in its metadata')})"]
   if model:
-    lines.append(f"  for a model: Wan's transformer of {model.get('wan_path')}" if model.get("backbone") == "wan" else
+    checkpoint = {"wan": f"Wan's transformer of {model.get('wan_path')}",
+                  "sd_unet": f"Stable Diffusion's U-Net of {model.get('sd_unet_path')}"}.get(model.get("backbone"))
+    lines.append(f"  for a model: {checkpoint}" if checkpoint else
                  f"  for a model: {model.get('backbone', 'unet')}, channels {model.get('channels')}, "
                  f"{'video' if model.get('temporal') else 'image'}"
                  f"{', DiT depth ' + str(model.get('depth')) if model.get('backbone') == 'dit' else ''}")

@@ -79,15 +79,16 @@ def test_a_stable_diffusion_unet_trains_from_its_weights_and_samples(tmp_path):
 
   save_tiny_sd_unet(tmp_path / "unet", channels=3, cross_attention_dim=32)
   config = t2i_shapes.get_config("test")
-  config.model.update(backbone="sd_unet", sd_unet_path=str(tmp_path / "unet"), remat=True)
+  config.model.update(backbone="sd_unet", sd_unet_path=str(tmp_path / "unet"), lowres_conditioning=True)
   config.data.data_dir = str(tmp_path / "tfds")
   config.diffusion.path, config.text.t5.d_model = "flow", 16
   found = " ".join(config_checks.problems(config, device_count=8))
   for problem in ("SD's U-Net reads the timesteps of its variance-preserving table; set diffusion.path='vp'",
                   "the text encoder's width 16 (text.pretrained_path's, or text.t5.d_model) must equal the "
-                  "U-Net's cross_attention_dim=32", "model.remat: not supported with model.backbone='sd_unet' yet"):
+                  "U-Net's cross_attention_dim=32",
+                  "model.lowres_conditioning: not supported with model.backbone='sd_unet' yet"):
     assert problem in found
-  config.diffusion.path, config.text.t5.d_model, config.model.remat = "vp", 32, False
+  config.diffusion.path, config.text.t5.d_model, config.model.lowres_conditioning = "vp", 32, False
   assert config_checks.problems(config, device_count=8) == []
   state, _ = train.init_state(config, sharding.make_mesh(config.mesh))
   loaded = nnx.to_pure_dict(nnx.state(sd_unet.load_diffusers(tmp_path / "unet")))
@@ -117,7 +118,7 @@ def save_tiny_clip_tokenizer(directory, captions, pad_token=None):
                                                                     behavior="removed", invert=True),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
   tok.train_from_iterator(captions, trainers.BpeTrainer(
-      vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+      vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
       show_progress=False))
   directory.mkdir(parents=True, exist_ok=True)
   tok.model.save(str(directory))
@@ -170,7 +171,7 @@ def save_tiny_stable_diffusion(root, captions):
   torch.manual_seed(0)
   text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
       vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-      max_position_embeddings=16)).eval()
+      max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1)).eval()
   text_encoder.save_pretrained(root / "text_encoder")
   vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
@@ -237,5 +238,56 @@ def test_stable_diffusion_fine_tunes_and_samples_from_a_checkpoints_folders(tmp_
   assert set(weights.params) == {"sd_unet"}
   assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
                                           weights.params["sd_unet"], loaded["sd_unet"]))) > 0
+  grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
+  assert grid.exists()
+
+
+def test_remat_recomputes_the_same_function_and_gradient(tmp_path):
+  save_tiny_sd_unet(tmp_path)
+  plain = sd_unet.load_diffusers(tmp_path)
+  remat = sd_unet.SDUNet(sd_unet.read_config(tmp_path), rngs=nnx.Rngs(1), remat_policy="full")
+  nnx.update(remat, nnx.state(plain))
+  rng = np.random.default_rng(0)
+  x, text = rng.standard_normal((2, 16, 16, 4)).astype(np.float32), rng.standard_normal((2, 5, 16)).astype(np.float32)
+  loss = lambda model: jnp.mean(model(x, jnp.array([3.0, 700.0]), text) ** 2)
+  values = [nnx.value_and_grad(loss)(model) for model in (plain, remat)]
+  np.testing.assert_allclose(values[1][0], values[0][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), nnx.to_pure_dict(values[1][1]),
+               nnx.to_pure_dict(values[0][1]))
+
+
+def test_a_lora_of_a_stable_diffusion_unet_trains_exports_and_samples(tmp_path):
+  """model.lora_rank with model.backbone='sd_unet' (no finetune.workdir: its base is the checkpoint's U-Net): the
+  updates of every attention projection and (model.lora_feed_forward) feed-forward layer train, with remat, and
+  nothing else moves; exported, the adapter says what it adapts, and sampling fuses it."""
+  from configs import stable_diffusion
+  from diffusion_jax import lora
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.models import text_to_image
+
+  save_tiny_stable_diffusion(tmp_path / "sd", [" ".join(captioned_shapes.VOCABULARY)] * 5)
+  config = stable_diffusion.get_config(str(tmp_path / "sd"))
+  config.text.max_length, config.model.dtype = 16, "float32"
+  config.model.update(lora_rank=2, lora_feed_forward=True, remat=True)
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
+  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
+  config.optimizer.learning_rate = 1e-2
+  config.sample.update(steps=2, prompts=("a large red circle",))
+  assert config_checks.problems(config, device_count=8) == []
+  train.train_and_evaluate(config, tmp_path / "run")
+  _, weights, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
+  loaded = text_to_image.pretrained_weights(config)["sd_unet"]
+  jax.tree.map(np.testing.assert_array_equal, weights.frozen["sd_unet"], loaded)
+  updates = jax.tree_util.tree_flatten_with_path(weights.params)[0]
+  assert updates and all(text_to_image.is_lora(tuple(str(getattr(k, "key", k)) for k in path)) for path, _ in updates)
+  assert max(float(np.abs(x).max()) for path, x in updates if "lora_b" in jax.tree_util.keystr(path)) > 0
+  lora.export(tmp_path / "run", tmp_path / "adapter.safetensors", use_ema=False)
+  adapter = lora.read(str(tmp_path / "adapter.safetensors"))
+  described = lora.describe(adapter)
+  # 4 transformers (level 0's down and its two up, the middle's) x 4 projections a attention; x 2 feed-forward layers
+  for line in (f"for a model: Stable Diffusion's U-Net of {tmp_path / 'sd' / 'unet'}", "self-attention: 16 layers",
+               "cross-attention: 16 layers", "feed-forward: 8 layers"):
+    assert line in described, described
   grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
   assert grid.exists()

@@ -13,7 +13,9 @@ upsampling and a convolution up; the up path reads every down-path output (conca
 Call: x [batch, h, w, in_channels] (latents; h and w divisible by 2^(levels - 1)), timestep [batch] (SD's discrete
 timesteps 0..999, fractions allowed), text [batch, tokens, cross_attention_dim] -> [batch, h, w, out_channels]
 float32, the prediction the scheduler config names (eps or v). `dtype` (model.dtype) is that of its convolutions,
-matrix products and attention; parameters, norms and the residual stream stay float32.
+matrix products and attention; parameters, norms and the residual stream stay float32. `remat_policy`
+(layers.REMAT_POLICIES) recomputes each ResNet block and transformer in the backward pass; lora_rank, ff_lora_rank: a
+LoRA's low-rank updates of every attention's four projections and of the feed-forward's two layers (0: none).
 
 Not supported (config_problems refuses them): SDXL's added text-time embedding and other additional embeddings,
 class embeddings (the x4 upscaler's), several transformer layers a block, dual or cross-only attention, other
@@ -152,53 +154,65 @@ class ResnetBlock(nnx.Module):
 
 class Attention(nnx.Module):
   """diffusers' Attention of a BasicTransformerBlock: x [batch, n, dim] attends to context [batch, m, context_dim]
-  (itself when None); unbiased q, k, v projections, a biased output projection."""
+  (itself when None); unbiased q, k, v projections, a biased output projection; their low-rank updates `to_q_lora`,
+  `to_k_lora`, `to_v_lora`, `to_out_lora[0]` of lora_rank (0: none)."""
 
-  def __init__(self, dim, context_dim, heads, rngs, dtype, implementation):
+  def __init__(self, dim, context_dim, heads, rngs, dtype, implementation, lora_rank=0):
     self.heads, self.dtype, self.implementation = heads, dtype, implementation
     self.to_q = dense(dim, dim, ("embed", "heads"), rngs, dtype, use_bias=False)
     self.to_k, self.to_v = (dense(context_dim, dim, ("text_embed", "heads"), rngs, dtype, use_bias=False)
                             for _ in range(2))
     self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), rngs, dtype)])
+    self.to_q_lora = layers.lora(dim, dim, ("embed", "heads"), lora_rank, rngs, dtype)
+    self.to_k_lora, self.to_v_lora = (layers.lora(context_dim, dim, ("text_embed", "heads"), lora_rank, rngs, dtype)
+                                      for _ in range(2))
+    self.to_out_lora = nnx.List([layers.lora(dim, dim, ("heads", "embed"), lora_rank, rngs, dtype)])
 
   def __call__(self, x, context=None):
     context = x if context is None else context
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, -1)).astype(self.dtype)
-    out = attention.dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)),
+    out = attention.dot_product_attention(split(layers.adapted(self, "to_q", x)),
+                                          split(layers.adapted(self, "to_k", context)),
+                                          split(layers.adapted(self, "to_v", context)),
                                           implementation=self.implementation)
-    return self.to_out[0](out.reshape(x.shape[:2] + (-1,))).astype(jnp.float32)
+    return layers.adapted_in_list(self, "to_out", 0, out.reshape(x.shape[:2] + (-1,))).astype(jnp.float32)
 
 
 class GEGLU(nnx.Module):
-  """The feed-forward's first layer: a projection to twice the hidden width, half of it gating the other through
-  the exact GELU."""
+  """The feed-forward's first layer: a projection to twice the hidden width (and its low-rank update `proj_lora`),
+  half of it gating the other through the exact GELU."""
 
-  def __init__(self, dim, hidden, rngs, dtype):
+  def __init__(self, dim, hidden, rngs, dtype, lora_rank=0):
     self.proj = dense(dim, 2 * hidden, ("embed", "mlp"), rngs, dtype)
+    self.proj_lora = layers.lora(dim, 2 * hidden, ("embed", "mlp"), lora_rank, rngs, dtype)
 
   def __call__(self, x):
-    h, gate = jnp.split(self.proj(x).astype(jnp.float32), 2, axis=-1)
+    h, gate = jnp.split(layers.adapted(self, "proj", x).astype(jnp.float32), 2, axis=-1)
     return h * jax.nn.gelu(gate, approximate=False)
 
 
 class FeedForward(nnx.Module):
-  def __init__(self, dim, rngs, dtype):
-    self.net = nnx.List([GEGLU(dim, 4 * dim, rngs, dtype), None, dense(4 * dim, dim, ("mlp", "embed"), rngs, dtype)])
+  """GEGLU, then a projection back (its low-rank update: `net_lora[2]`)."""
+
+  def __init__(self, dim, rngs, dtype, lora_rank=0):
+    self.net = nnx.List([GEGLU(dim, 4 * dim, rngs, dtype, lora_rank), None,
+                         dense(4 * dim, dim, ("mlp", "embed"), rngs, dtype)])
+    self.net_lora = nnx.List([None, None, layers.lora(4 * dim, dim, ("mlp", "embed"), lora_rank, rngs, dtype)])
 
   def __call__(self, x):
-    return self.net[2](self.net[0](x)).astype(jnp.float32)
+    return layers.adapted_in_list(self, "net", 2, self.net[0](x)).astype(jnp.float32)
 
 
 class TransformerBlock(nnx.Module):
   """diffusers' BasicTransformerBlock: self-attention, cross-attention, feed-forward, each after a layer norm."""
 
-  def __init__(self, dim, context_dim, heads, rngs, dtype, implementation):
+  def __init__(self, dim, context_dim, heads, rngs, dtype, implementation, lora_rank=0, ff_lora_rank=0):
     norm = lambda: nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs, scale_metadata=layers.names("norm"),
                                  bias_metadata=layers.names("norm"))
     self.norm1, self.norm2, self.norm3 = norm(), norm(), norm()
-    self.attn1 = Attention(dim, dim, heads, rngs, dtype, implementation)
-    self.attn2 = Attention(dim, context_dim, heads, rngs, dtype, implementation)
-    self.ff = FeedForward(dim, rngs, dtype)
+    self.attn1 = Attention(dim, dim, heads, rngs, dtype, implementation, lora_rank)
+    self.attn2 = Attention(dim, context_dim, heads, rngs, dtype, implementation, lora_rank)
+    self.ff = FeedForward(dim, rngs, dtype, ff_lora_rank)
 
   def __call__(self, tokens, text):
     tokens = tokens + self.attn1(self.norm1(tokens))
@@ -209,14 +223,14 @@ class TransformerBlock(nnx.Module):
 class Transformer(nnx.Module):
   """diffusers' Transformer2DModel (one block): x [batch, h, w, ch], text -> [batch, h, w, ch]."""
 
-  def __init__(self, channels, heads, c, rngs, dtype, implementation):
+  def __init__(self, channels, heads, c, rngs, dtype, implementation, lora_rank=0, ff_lora_rank=0):
     self.linear = c["use_linear_projection"]
     self.norm = group_norm(channels, c["norm_num_groups"], 1e-6, rngs)
     project = ((lambda: dense(channels, channels, ("embed", "embed"), rngs, dtype)) if self.linear else
                (lambda: conv(channels, channels, 1, rngs, dtype)))
     self.proj_in = project()
     self.transformer_blocks = nnx.List([TransformerBlock(channels, c["cross_attention_dim"], heads, rngs, dtype,
-                                                         implementation)])
+                                                         implementation, lora_rank, ff_lora_rank)])
     self.proj_out = project()
 
   def __call__(self, x, text):
@@ -239,48 +253,58 @@ class Resample(nnx.Module):
     return self.conv(x).astype(jnp.float32)
 
 
+def run(module, *args):
+  return module(*args)
+
+
 class Block(nnx.Module):
   """A level of the down or up path: `resnets`, `attentions` after each (cross-attention levels), and a resampler
-  (`downsamplers` / `upsamplers`), as diffusers names them."""
+  (`downsamplers` / `upsamplers`), as diffusers names them. make_transformer(channels, heads) -> a Transformer;
+  call(module, *args): how each ResNet block and transformer runs (rematerialised or not)."""
 
-  def __init__(self, resnet_channels, out_ch, time_dim, heads, attends, resample, up, c, rngs, dtype, implementation):
+  def __init__(self, resnet_channels, out_ch, time_dim, heads, attends, resample, up, c, rngs, dtype,
+               make_transformer):
     self.resnets = nnx.List([ResnetBlock(in_ch, out_ch, time_dim, c, rngs, dtype) for in_ch in resnet_channels])
-    self.attentions = nnx.List([Transformer(out_ch, heads, c, rngs, dtype, implementation)
-                                for _ in resnet_channels]) if attends else None
+    self.attentions = nnx.List([make_transformer(out_ch, heads) for _ in resnet_channels]) if attends else None
     samplers = nnx.List([Resample(out_ch, up, rngs, dtype)]) if resample else None
     self.upsamplers, self.downsamplers = (samplers, None) if up else (None, samplers)
 
-  def down(self, x, time, text, skips: list):
+  def down(self, x, time, text, skips: list, call=run):
     for k, resnet in enumerate(self.resnets):
-      x = resnet(x, time)
-      x = self.attentions[k](x, text) if self.attentions is not None else x
+      x = call(resnet, x, time)
+      x = call(self.attentions[k], x, text) if self.attentions is not None else x
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
       skips.append(x)
     return x
 
-  def up(self, x, time, text, skips: list):
+  def up(self, x, time, text, skips: list, call=run):
     for k, resnet in enumerate(self.resnets):
-      x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), time)
-      x = self.attentions[k](x, text) if self.attentions is not None else x
+      x = call(resnet, jnp.concatenate([x, skips.pop()], axis=-1), time)
+      x = call(self.attentions[k], x, text) if self.attentions is not None else x
     return self.upsamplers[0](x) if self.upsamplers is not None else x
 
 
 class MidBlock(nnx.Module):
-  def __init__(self, channels, time_dim, heads, c, rngs, dtype, implementation):
+  def __init__(self, channels, time_dim, heads, c, rngs, dtype, make_transformer):
     self.resnets = nnx.List([ResnetBlock(channels, channels, time_dim, c, rngs, dtype) for _ in range(2)])
-    self.attentions = nnx.List([Transformer(channels, heads, c, rngs, dtype, implementation)])
+    self.attentions = nnx.List([make_transformer(channels, heads)])
 
-  def __call__(self, x, time, text):
-    return self.resnets[1](self.attentions[0](self.resnets[0](x, time), text), time)
+  def __call__(self, x, time, text, call=run):
+    x = call(self.resnets[0], x, time)
+    return call(self.resnets[1], call(self.attentions[0], x, text), time)
 
 
 class SDUNet(nnx.Module):
   """diffusers' UNet2DConditionModel of a config.json (read_config)."""
 
-  def __init__(self, config: dict, *, rngs: nnx.Rngs, dtype="float32", attention="auto"):
+  def __init__(self, config: dict, *, rngs: nnx.Rngs, dtype="float32", attention="auto", remat_policy=None,
+               lora_rank=0, ff_lora_rank=0):
     c, dtype = DEFAULTS | config, jnp.dtype(dtype)
+    self.remat_policy = remat_policy
+    make_transformer = lambda channels, heads: Transformer(channels, heads, c, rngs, dtype, attention, lora_rank,
+                                                           ff_lora_rank)
     channels, levels = c["block_out_channels"], len(c["block_out_channels"])
     heads, per_layer = heads_per_level(c), c["layers_per_block"]
     self.flip_sin_to_cos, self.freq_shift, self.channels = c["flip_sin_to_cos"], c["freq_shift"], channels[0]
@@ -292,14 +316,14 @@ class SDUNet(nnx.Module):
     attends = [t.startswith("CrossAttn") for t in c["down_block_types"]]
     self.down_blocks = nnx.List([
         Block([channels[max(i - 1, 0)]] + [channels[i]] * (per_layer - 1), channels[i], time_dim, heads[i],
-              attends[i], i < levels - 1, False, c, rngs, dtype, attention) for i in range(levels)])
-    self.mid_block = MidBlock(channels[-1], time_dim, heads[-1], c, rngs, dtype, attention)
+              attends[i], i < levels - 1, False, c, rngs, dtype, make_transformer) for i in range(levels)])
+    self.mid_block = MidBlock(channels[-1], time_dim, heads[-1], c, rngs, dtype, make_transformer)
     up_blocks, previous = [], channels[-1]
     for i in reversed(range(levels)):  # the up path's level i, deepest first
       skips = [channels[i]] * per_layer + [channels[max(i - 1, 0)]]  # what the down path kept, popped in turn
       inputs = [previous + skips[0]] + [channels[i] + s for s in skips[1:]]
       up_blocks.append(Block(inputs, channels[i], time_dim, heads[i], attends[i], i > 0, True, c, rngs, dtype,
-                             attention))
+                             make_transformer))
       previous = channels[i]
     self.up_blocks = nnx.List(up_blocks)
     self.conv_norm_out = group_norm(channels[0], c["norm_num_groups"], c["norm_eps"], rngs)
@@ -318,12 +342,13 @@ class SDUNet(nnx.Module):
     time = self.time_embedding.linear_2(nnx.silu(self.time_embedding.linear_1(self.time_features(timestep))))
     text = text.astype(jnp.float32)
     x = self.conv_in(x.astype(jnp.float32)).astype(jnp.float32)
+    call = layers.rematerialised(run, self.remat_policy) if self.remat_policy else run
     skips = [x]
     for block in self.down_blocks:
-      x = block.down(x, time, text, skips)
-    x = self.mid_block(x, time, text)
+      x = block.down(x, time, text, skips, call)
+    x = self.mid_block(x, time, text, call)
     for block in self.up_blocks:
-      x = block.up(x, time, text, skips)
+      x = block.up(x, time, text, skips, call)
     return self.conv_out(nnx.silu(self.conv_norm_out(x))).astype(jnp.float32)
 
 

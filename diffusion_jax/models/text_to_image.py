@@ -56,7 +56,8 @@ class TextToImage(nnx.Module):
       self.mask_channels = wan_config["in_channels"] - 2 * wan_config["out_channels"]
     elif self.backbone == "sd_unet":
       self.sd_unet = sd_unet.SDUNet(sd_unet.read_config(m.sd_unet_path), rngs=rngs, dtype=m.dtype,
-                                    attention=m.attention)
+                                    attention=m.attention, remat_policy=m.remat_policy if m.remat else None,
+                                    lora_rank=m.lora_rank, ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
     else:
       self.unet = unet.UNet(m, rngs=rngs)
     self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path
