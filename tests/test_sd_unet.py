@@ -72,9 +72,9 @@ def test_what_it_cannot_build_is_refused_by_name(tmp_path):
     sd_unet.load_diffusers(tmp_path / "unet")
 
 
-def test_a_stable_diffusion_unet_trains_from_its_weights_and_samples(tmp_path):
-  """model.backbone='sd_unet': the config check asks for the VP path and the U-Net's channels and text width; the
-  model starts with the directory's weights, trains (every U-Net weight moves) and samples."""
+def test_a_stable_diffusion_unet_backbone_starts_from_its_weights(tmp_path):
+  """model.backbone='sd_unet' with our T5: the config check asks for the VP path and the U-Net's channels and text
+  width; the model starts with the directory's weights (training and sampling: the tests of SD's checkpoints below)."""
   from configs import t2i_shapes
 
   save_tiny_sd_unet(tmp_path / "unet", channels=3, cross_attention_dim=32)
@@ -93,15 +93,6 @@ def test_a_stable_diffusion_unet_trains_from_its_weights_and_samples(tmp_path):
   state, _ = train.init_state(config, sharding.make_mesh(config.mesh))
   loaded = nnx.to_pure_dict(nnx.state(sd_unet.load_diffusers(tmp_path / "unet")))
   jax.tree.map(np.testing.assert_array_equal, state.params["sd_unet"], loaded)
-  del state
-  config.train.update(steps=2, checkpoint_every=2)
-  train.train_and_evaluate(config, tmp_path / "run")
-  config_read, weights, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
-  assert config_read.model.backbone == "sd_unet"
-  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), weights.params["sd_unet"], loaded)
-  assert min(jax.tree.leaves(moved)) > 0
-  grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2, "num_per_prompt": 1}, output_dir=tmp_path / "out")
-  assert grid.exists() and len(list(grid.parent.glob("*.png"))) == len(config.sample.prompts) + 1  # and the grid
 
 
 def save_tiny_clip_tokenizer(directory, captions, pad_token=None):
