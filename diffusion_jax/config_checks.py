@@ -4,8 +4,8 @@ import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes, moving_shapes, pipeline
-from diffusion_jax.text import tokenizers
 from diffusion_jax.models import attention, autoencoder, clip, layers, sd_unet, t5, wan_transformer
+from diffusion_jax.text import tokenizers
 
 
 def network_frames(config, frames: int) -> int:

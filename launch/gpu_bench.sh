@@ -27,6 +27,11 @@
 #              Wan of 3 input channels, the rest of the network as 1.3B's), batch 1, bfloat16, a frozen one-layer
 #              text encoder 4096 wide; WAN_PEER="LAYERS DIM FFN HEADS FRAMES HEIGHT WIDTH" shrinks it (400 s; not
 #              yet run on a GPU: not in the default set)
+#   peer_sd    Stable Diffusion 1.5's U-Net (random weights, made here by diffusers; model.backbone='sd_unet') against
+#              diffusers' UNet2DConditionModel of the same weights on the same GPU, on 64 x 64 inputs (its latents'
+#              size at 512 px, given as 3-channel pixels), batch 8, bfloat16, a frozen one-layer text encoder 768
+#              wide; SD_PEER="BLOCK_OUT_CHANNELS SIZE BATCH" shrinks it (400 s; not yet run on a GPU: not in the
+#              default set)
 #   video      the video DiT's attention at 16 frames of 32 px: factorised, spacetime, spacetime with 2-frame
 #              tubelets, one `bench step` each (3 x 120 s)
 #   compile    compile seconds against run time at XLA's level 0 and 3, demo model (240 s)
@@ -126,6 +131,18 @@ tokenizers.train_sentencepiece(["a large red circle", "a cat walks on the grass"
         --config.text.tokenizer=sentencepiece --config.text.spiece_path=$wan/spiece.model \
         --config.text.t5.d_model=4096 --config.text.t5.num_layers=1 --config.model.dtype=bfloat16 \
         --config.model.remat=True --steps=5 ;;
+    peer_sd)
+      local channels size batch sd=/tmp/random_sd_unet
+      read -r channels size batch <<< "${SD_PEER:-320,640,1280,1280 64 8}"
+      timeout 300 "$PYTHON" -c 'import sys, diffusers, torch
+torch.manual_seed(0)
+diffusers.UNet2DConditionModel(sample_size=int(sys.argv[2]), in_channels=3, out_channels=3, cross_attention_dim=768,
+                               block_out_channels=tuple(map(int, sys.argv[1].split(",")))).save_pretrained(sys.argv[3])' \
+        "$channels" "$size" "$sd" >> "$OUT/gpu_bench.log" 2>&1
+      bench 400 peer --config=configs/t2i_shapes.py --config.model.backbone=sd_unet --config.model.sd_unet_path=$sd \
+        --config.data.resolution="$size" --config.train.batch_size="$batch" --config.text.max_length=77 \
+        --config.text.trainable=False --config.text.t5.d_model=768 --config.text.t5.num_layers=1 \
+        --config.model.dtype=bfloat16 --steps=5 ;;
     video)
       local video=(--config=configs/t2v_moving_shapes.py:dit --config.data.frames=16 --config.model.max_frames=16
                    --config.data.resolution=32 --config.model.dtype=bfloat16 --widths=96 --steps=10)
@@ -140,7 +157,7 @@ tokenizers.train_sentencepiece(["a large red circle", "a cat walks on the grass"
         --config.train.batch_size=128 --steps=5 ;;
     *)
       echo "error: no benchmark named '$1' (env, step, attention, base64, remat, peer_dit, peer_unet, peer_wan," \
-        "video, compile, profile)" >&2
+        "peer_sd, video, compile, profile)" >&2
       exit 2 ;;
   esac
 }

@@ -38,7 +38,7 @@ def test_the_unet_computes_what_diffusers_computes(tmp_path, linear_projection, 
   timesteps, text = np.array([10.0, 999.0], np.float32), rng.standard_normal((2, 7, 16)).astype(np.float32)
   with torch.no_grad():
     expected = reference(torch.tensor(x), torch.tensor(timesteps), torch.tensor(text)).sample.numpy()
-  out = ours(jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(timesteps), jnp.asarray(text))
+  out = nnx.jit(lambda model, *args: model(*args))(ours, x.transpose(0, 2, 3, 1), timesteps, text)
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), expected, atol=2e-5)
 
 
@@ -177,87 +177,26 @@ def save_tiny_stable_diffusion(root, captions):
       root / "unet"), scheduler, None, None, requires_safety_checker=False)
 
 
-def test_stable_diffusion_fine_tunes_and_samples_from_a_checkpoints_folders(tmp_path):
+def test_stable_diffusion_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path):
   """configs/stable_diffusion.py:ROOT reads a Stable Diffusion checkpoint's folders. Its text condition and the null
   condition guidance drops to are what diffusers' StableDiffusionPipeline encodes (the empty prompt's encoding), and
-  its network's prediction at SD's timestep 500 is the pipeline's U-Net's. It trains the U-Net alone (the CLIP text
-  encoder and VAE stay as loaded) and samples."""
+  its network's prediction at SD's timestep 500 is the pipeline's U-Net's. A LoRA of it (model.lora_rank, no
+  finetune.workdir: its base is the checkpoint's U-Net) trains the updates of every attention projection and
+  (model.lora_feed_forward) feed-forward layer, with remat, and nothing else moves; exported, the adapter says what
+  it adapts, and sampling fuses it."""
   from configs import stable_diffusion
+  from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
   from diffusion_jax.models import text_to_image
   from diffusion_jax.text import tokenizers
 
-  captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
-  pipeline = save_tiny_stable_diffusion(tmp_path / "sd", captions)
+  pipeline = save_tiny_stable_diffusion(tmp_path / "sd", [" ".join(captioned_shapes.VOCABULARY)] * 5)
   config = stable_diffusion.get_config(str(tmp_path / "sd"))
   assert (config.model.sd_unet_path, config.text.tokenizer_path) == (str(tmp_path / "sd" / "unet"),
                                                                       str(tmp_path / "sd" / "tokenizer"))
   config.text.max_length = 20
   assert "text.max_length=20 exceeds the CLIP text encoder's 16 positions" in " ".join(
       config_checks.problems(config, device_count=8))
-  config.text.max_length, config.model.dtype = 16, "float32"
-  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
-                     data_dir=str(tmp_path / "tfds"))
-  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
-  config.sample.update(steps=2, prompts=("a large red circle",))
-  assert config_checks.problems(config, device_count=8) == []
-
-  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
-  model = nnx.merge(graphdef, state.params, state.frozen)
-  prompts = ["a large red circle at the top left", "two small blue squares"]
-  ids, mask = tokenizers.from_config(config)(prompts)
-  text = model.encode(jnp.asarray(ids), jnp.asarray(mask))
-  with torch.no_grad():
-    expected_text, expected_null = (x.numpy() for x in pipeline.encode_prompt(prompts, "cpu", 1, True))
-  np.testing.assert_allclose(text, expected_text, atol=2e-5)
-  np.testing.assert_allclose(model.null_condition(text, mask)[0], expected_null, atol=2e-5)
-  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
-  alphas_cumprod = pipeline.scheduler.alphas_cumprod.double().numpy()
-  logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(alphas_cumprod[500]), jnp.float32)
-  with torch.no_grad():
-    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500,
-                             torch.tensor(expected_text)).sample.numpy()
-  np.testing.assert_allclose(np.asarray(model(latents, logsnr, text, mask)).transpose(0, 3, 1, 2), expected,
-                             atol=1e-4)
-  del state, model
-
-  train.train_and_evaluate(config, tmp_path / "run")
-  _, weights, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
-  loaded = text_to_image.pretrained_weights(config)
-  for name in ("text_encoder", "autoencoder"):
-    jax.tree.map(np.testing.assert_array_equal, weights.frozen[name], loaded[name])
-  assert set(weights.params) == {"sd_unet"}
-  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
-                                          weights.params["sd_unet"], loaded["sd_unet"]))) > 0
-  grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
-  assert grid.exists()
-
-
-def test_remat_recomputes_the_same_function_and_gradient(tmp_path):
-  save_tiny_sd_unet(tmp_path)
-  plain = sd_unet.load_diffusers(tmp_path)
-  remat = sd_unet.SDUNet(sd_unet.read_config(tmp_path), rngs=nnx.Rngs(1), remat_policy="full")
-  nnx.update(remat, nnx.state(plain))
-  rng = np.random.default_rng(0)
-  x, text = rng.standard_normal((2, 16, 16, 4)).astype(np.float32), rng.standard_normal((2, 5, 16)).astype(np.float32)
-  loss = lambda model: jnp.mean(model(x, jnp.array([3.0, 700.0]), text) ** 2)
-  values = [nnx.value_and_grad(loss)(model) for model in (plain, remat)]
-  np.testing.assert_allclose(values[1][0], values[0][0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), nnx.to_pure_dict(values[1][1]),
-               nnx.to_pure_dict(values[0][1]))
-
-
-def test_a_lora_of_a_stable_diffusion_unet_trains_exports_and_samples(tmp_path):
-  """model.lora_rank with model.backbone='sd_unet' (no finetune.workdir: its base is the checkpoint's U-Net): the
-  updates of every attention projection and (model.lora_feed_forward) feed-forward layer train, with remat, and
-  nothing else moves; exported, the adapter says what it adapts, and sampling fuses it."""
-  from configs import stable_diffusion
-  from diffusion_jax import lora
-  from diffusion_jax.data import captioned_shapes
-  from diffusion_jax.models import text_to_image
-
-  save_tiny_stable_diffusion(tmp_path / "sd", [" ".join(captioned_shapes.VOCABULARY)] * 5)
-  config = stable_diffusion.get_config(str(tmp_path / "sd"))
   config.text.max_length, config.model.dtype = 16, "float32"
   config.model.update(lora_rank=2, lora_feed_forward=True, remat=True)
   config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
@@ -266,16 +205,39 @@ def test_a_lora_of_a_stable_diffusion_unet_trains_exports_and_samples(tmp_path):
   config.optimizer.learning_rate = 1e-2
   config.sample.update(steps=2, prompts=("a large red circle",))
   assert config_checks.problems(config, device_count=8) == []
+
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  prompts = ["a large red circle at the top left", "two small blue squares"]
+  ids, mask = tokenizers.from_config(config)(prompts)
+  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  alphas_cumprod = pipeline.scheduler.alphas_cumprod.double().numpy()
+  logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(alphas_cumprod[500]), jnp.float32)
+
+  @jax.jit
+  def conditions_and_prediction(params, frozen):
+    model = nnx.merge(graphdef, params, frozen)
+    text = model.encode(ids, mask)
+    return text, model.null_condition(text, mask)[0], model(latents, logsnr, text, mask)
+
+  text, null, prediction = conditions_and_prediction(state.params, state.frozen)
+  del state
+  with torch.no_grad():
+    expected_text, expected_null = pipeline.encode_prompt(prompts, "cpu", 1, True)
+    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, expected_text).sample.numpy()
+  np.testing.assert_allclose(text, expected_text.numpy(), atol=2e-5)
+  np.testing.assert_allclose(null, expected_null.numpy(), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(prediction).transpose(0, 3, 1, 2), expected, atol=1e-4)
+
   train.train_and_evaluate(config, tmp_path / "run")
   _, weights, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
-  loaded = text_to_image.pretrained_weights(config)["sd_unet"]
-  jax.tree.map(np.testing.assert_array_equal, weights.frozen["sd_unet"], loaded)
+  loaded = text_to_image.pretrained_weights(config)
+  for name in ("sd_unet", "text_encoder", "autoencoder"):
+    jax.tree.map(np.testing.assert_array_equal, weights.frozen[name], loaded[name])
   updates = jax.tree_util.tree_flatten_with_path(weights.params)[0]
   assert updates and all(text_to_image.is_lora(tuple(str(getattr(k, "key", k)) for k in path)) for path, _ in updates)
   assert max(float(np.abs(x).max()) for path, x in updates if "lora_b" in jax.tree_util.keystr(path)) > 0
   lora.export(tmp_path / "run", tmp_path / "adapter.safetensors", use_ema=False)
-  adapter = lora.read(str(tmp_path / "adapter.safetensors"))
-  described = lora.describe(adapter)
+  described = lora.describe(lora.read(str(tmp_path / "adapter.safetensors")))
   # 4 transformers (level 0's down and its two up, the middle's) x 4 projections a attention; x 2 feed-forward layers
   for line in (f"for a model: Stable Diffusion's U-Net of {tmp_path / 'sd' / 'unet'}", "self-attention: 16 layers",
                "cross-attention: 16 layers", "feed-forward: 8 layers"):

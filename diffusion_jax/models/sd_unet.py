@@ -59,7 +59,6 @@ FIXED = ("mid_block_type", "only_cross_attention", "downsample_padding", "mid_bl
          "mid_block_only_cross_attention", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
          "timestep_post_act", "class_embeddings_concat", "cross_attention_norm", "resnet_skip_time_act")
 DOWN_TYPES, UP_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 def config_problems(config: dict) -> list[str]:
@@ -77,6 +76,9 @@ def config_problems(config: dict) -> list[str]:
   found += [f"{key}={c[key]}: one value for every level" for key in ("layers_per_block", "cross_attention_dim",
                                                                        "use_linear_projection")
             if isinstance(c[key], (list, tuple))]
+  found += [f"{key}={c[key]}: one entry per level of block_out_channels" for key in ("attention_head_dim",
+                                                                                      "num_attention_heads")
+            if isinstance(c[key], (list, tuple)) and len(c[key]) != levels]
   return [f"{', '.join(found)}: not supported (SD 1.x and 2.x U-Nets are; SDXL's and the x4 upscaler's are not)"
           ] if found else []
 
@@ -130,17 +132,13 @@ def group_norm(channels, groups, eps, rngs):
                           bias_metadata=layers.names("norm"))
 
 
-def dense(in_dim, out_dim, axes, rngs, dtype, use_bias=True):
-  return layers.dense(in_dim, out_dim, axes, rngs, dtype, use_bias=use_bias)
-
-
 class ResnetBlock(nnx.Module):
   """diffusers' ResnetBlock2D: x [batch, h, w, in_ch], time [batch, time_dim] -> [batch, h, w, out_ch]."""
 
   def __init__(self, in_ch, out_ch, time_dim, c, rngs, dtype):
     self.norm1 = group_norm(in_ch, c["norm_num_groups"], c["norm_eps"], rngs)
     self.conv1 = conv(in_ch, out_ch, 3, rngs, dtype)
-    self.time_emb_proj = dense(time_dim, out_ch, ("embed", "conv_out"), rngs, jnp.float32)
+    self.time_emb_proj = layers.dense(time_dim, out_ch, ("embed", "conv_out"), rngs, jnp.float32)
     self.norm2 = group_norm(out_ch, c["norm_num_groups"], c["norm_eps"], rngs)
     self.conv2 = conv(out_ch, out_ch, 3, rngs, dtype)
     self.conv_shortcut = conv(in_ch, out_ch, 1, rngs, dtype) if in_ch != out_ch else None
@@ -159,10 +157,10 @@ class Attention(nnx.Module):
 
   def __init__(self, dim, context_dim, heads, rngs, dtype, implementation, lora_rank=0):
     self.heads, self.dtype, self.implementation = heads, dtype, implementation
-    self.to_q = dense(dim, dim, ("embed", "heads"), rngs, dtype, use_bias=False)
-    self.to_k, self.to_v = (dense(context_dim, dim, ("text_embed", "heads"), rngs, dtype, use_bias=False)
+    self.to_q = layers.dense(dim, dim, ("embed", "heads"), rngs, dtype, use_bias=False)
+    self.to_k, self.to_v = (layers.dense(context_dim, dim, ("text_embed", "heads"), rngs, dtype, use_bias=False)
                             for _ in range(2))
-    self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), rngs, dtype)])
+    self.to_out = nnx.List([layers.dense(dim, dim, ("heads", "embed"), rngs, dtype)])
     self.to_q_lora = layers.lora(dim, dim, ("embed", "heads"), lora_rank, rngs, dtype)
     self.to_k_lora, self.to_v_lora = (layers.lora(context_dim, dim, ("text_embed", "heads"), lora_rank, rngs, dtype)
                                       for _ in range(2))
@@ -183,7 +181,7 @@ class GEGLU(nnx.Module):
   half of it gating the other through the exact GELU."""
 
   def __init__(self, dim, hidden, rngs, dtype, lora_rank=0):
-    self.proj = dense(dim, 2 * hidden, ("embed", "mlp"), rngs, dtype)
+    self.proj = layers.dense(dim, 2 * hidden, ("embed", "mlp"), rngs, dtype)
     self.proj_lora = layers.lora(dim, 2 * hidden, ("embed", "mlp"), lora_rank, rngs, dtype)
 
   def __call__(self, x):
@@ -196,7 +194,7 @@ class FeedForward(nnx.Module):
 
   def __init__(self, dim, rngs, dtype, lora_rank=0):
     self.net = nnx.List([GEGLU(dim, 4 * dim, rngs, dtype, lora_rank), None,
-                         dense(4 * dim, dim, ("mlp", "embed"), rngs, dtype)])
+                         layers.dense(4 * dim, dim, ("mlp", "embed"), rngs, dtype)])
     self.net_lora = nnx.List([None, None, layers.lora(4 * dim, dim, ("mlp", "embed"), lora_rank, rngs, dtype)])
 
   def __call__(self, x):
@@ -226,7 +224,7 @@ class Transformer(nnx.Module):
   def __init__(self, channels, heads, c, rngs, dtype, implementation, lora_rank=0, ff_lora_rank=0):
     self.linear = c["use_linear_projection"]
     self.norm = group_norm(channels, c["norm_num_groups"], 1e-6, rngs)
-    project = ((lambda: dense(channels, channels, ("embed", "embed"), rngs, dtype)) if self.linear else
+    project = ((lambda: layers.dense(channels, channels, ("embed", "embed"), rngs, dtype)) if self.linear else
                (lambda: conv(channels, channels, 1, rngs, dtype)))
     self.proj_in = project()
     self.transformer_blocks = nnx.List([TransformerBlock(channels, c["cross_attention_dim"], heads, rngs, dtype,
@@ -311,8 +309,8 @@ class SDUNet(nnx.Module):
     time_dim = 4 * channels[0]
     self.conv_in = conv(c["in_channels"], channels[0], 3, rngs, dtype)
     self.time_embedding = nnx.Module()
-    self.time_embedding.linear_1 = dense(channels[0], time_dim, (None, "embed"), rngs, jnp.float32)
-    self.time_embedding.linear_2 = dense(time_dim, time_dim, ("embed", "embed"), rngs, jnp.float32)
+    self.time_embedding.linear_1 = layers.dense(channels[0], time_dim, (None, "embed"), rngs, jnp.float32)
+    self.time_embedding.linear_2 = layers.dense(time_dim, time_dim, ("embed", "embed"), rngs, jnp.float32)
     attends = [t.startswith("CrossAttn") for t in c["down_block_types"]]
     self.down_blocks = nnx.List([
         Block([channels[max(i - 1, 0)]] + [channels[i]] * (per_layer - 1), channels[i], time_dim, heads[i],
@@ -353,8 +351,8 @@ class SDUNet(nnx.Module):
 
 
 def load_diffusers(path, field: str = "model.sd_unet_path") -> SDUNet:
-  """An SDUNet with the weights of a local diffusers directory (config.json and WEIGHTS_FILE, or the shards its
-  index lists)."""
+  """An SDUNet with the weights of a local diffusers directory (config.json and its safetensors, one file or the
+  shards its index lists)."""
   from safetensors.numpy import load_file
 
   config, tensors = read_config(path, field), {}
