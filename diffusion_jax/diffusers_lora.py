@@ -104,11 +104,12 @@ def diffusers_name(key: str) -> str:
   return key
 
 
-def peft_scale(metadata: dict) -> float:
-  """lora_alpha / r of the PEFT config diffusers writes into a LoRA file's metadata (its keys bare, or prefixed
-  'transformer.' by a pipeline's save_lora_weights); 1 without one."""
+def peft_scale(metadata: dict, prefix: str = PREFIX) -> float:
+  """lora_alpha / r of the PEFT config diffusers writes into a LoRA file's metadata (its keys bare, or prefixed by
+  a pipeline's save_lora_weights with the model's name: 'transformer.', SD's 'unet.' or 'text_encoder.'); 1 without
+  one."""
   config = json.loads((metadata or {}).get("lora_adapter_metadata") or "{}")
-  field = lambda name: config.get(f"{PREFIX}{name}", config.get(name))
+  field = lambda name: config.get(f"{prefix}{name}", config.get(name))
   if field("alpha_pattern") or field("rank_pattern"):
     raise ValueError("its LoRA config gives some layers their own alpha or rank (alpha_pattern, rank_pattern), "
                      "which is not read")

@@ -16,7 +16,8 @@ and `evaluate.py --lora=FILE[:SCALE]` fuse them into a workdir's model.
 A LoRA of Wan's transformer also travels in the PyTorch world's files (diffusers_lora.py): `--format=diffusers`
 writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` reads that layout, Wan's
 original one (ComfyUI's) and musubi-tuner's, as shared Wan LoRAs come (`--lora=low_noise=FILE` for Wan 2.2
-A14B's low-noise expert's file).
+A14B's low-noise expert's file). `--lora` also reads Stable Diffusion 1.x / 2.x LoRAs in kohya's and diffusers'
+layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too).
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
                                [--format=diffusers]
@@ -46,7 +47,7 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from diffusion_jax import checkpoint, cli, diffusers_lora, finetune
+from diffusion_jax import checkpoint, cli, diffusers_lora, finetune, sd_lora
 from diffusion_jax.models import text_to_image
 
 FORMAT = "diffusion_jax.lora"
@@ -102,9 +103,9 @@ def at_scales(adapters: list[Adapter], scale=None) -> list[Adapter]:
 
 
 def read(spec: str, flag: str = "--lora") -> Adapter:
-  """The adapter of a --lora=[low_noise=]FILE[:SCALE] flag (or `flag`): ours, or a Wan LoRA in diffusers' or Wan's
-  original layout (diffusers_lora.py; with low_noise=, of Wan 2.2 A14B's low-noise expert); ValueError when the file
-  is missing or not an adapter."""
+  """The adapter of a --lora=[low_noise=]FILE[:SCALE] flag (or `flag`): ours, a Wan LoRA in diffusers' or Wan's
+  original layout (diffusers_lora.py; with low_noise=, of Wan 2.2 A14B's low-noise expert) or a Stable Diffusion one
+  in kohya's or diffusers' (sd_lora.py); ValueError when the file is missing or not an adapter."""
   from safetensors import SafetensorError, safe_open
 
   file, scale = parse(spec)
@@ -124,13 +125,19 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
     made_here = metadata if metadata.get("written_by") == FORMAT else {}  # (export's provenance, when it wrote it)
     layout = f"Wan LoRA (PyTorch layout){', low-noise expert' * low_noise}"
     return Adapter(file, updates, made_here | {"format": layout}, scale)
+  if metadata.get("format") != FORMAT and sd_lora.is_sd_lora(updates) and not low_noise:
+    try:
+      updates = sd_lora.from_file(updates, metadata)
+    except ValueError as error:
+      raise ValueError(f"{flag}={spec}: {file!r} is a Stable Diffusion LoRA that cannot be read: {error}") from None
+    return Adapter(file, updates, {"format": "Stable Diffusion LoRA (PyTorch layout)"}, scale)
   if low_noise:
     raise ValueError(f"{flag}={spec}: {LOW_NOISE} names the expert a Wan LoRA file in a PyTorch layout updates; "
                      f"{file!r} is not one (ours name their layers themselves)")
   if metadata.get("format") != FORMAT:
     raise ValueError(f"{flag}={spec}: {file!r} is not a diffusion_jax LoRA adapter (no '{FORMAT}' format in its "
-                     "metadata) nor a Wan LoRA in diffusers' or Wan's layout; python -m diffusion_jax.lora writes "
-                     "them from a LoRA run's workdir.")
+                     "metadata) nor a Wan or Stable Diffusion LoRA in a PyTorch layout; python -m diffusion_jax.lora "
+                     "writes them from a LoRA run's workdir.")
   return Adapter(file, updates, metadata, scale)
 
 

@@ -244,3 +244,78 @@ def test_stable_diffusion_fine_tunes_a_lora_and_samples_from_a_checkpoints_folde
     assert line in described, described
   grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
   assert grid.exists()
+
+
+def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffusers_fuses_them(tmp_path):
+  """A kohya-layout LoRA (attention, feed-forward, a 1x1 projection, a LoCon 3x3 convolution, the text encoder; alpha
+  / rank) fused by --lora at scale 0.7: the U-Net predicts what diffusers' U-Net does after load_lora_weights and
+  fuse_lora(0.7), and the text encoder's projection moves by 0.7 alpha / rank up @ down. The same U-Net updates
+  saved by diffusers in its (PEFT's) layout read the same. Updates of layers the model lacks are refused by name, as
+  are tensors that are no low-rank update."""
+  import diffusers
+  import safetensors.numpy
+  import safetensors.torch
+  from peft.utils import get_peft_model_state_dict
+
+  from configs import stable_diffusion
+  from diffusion_jax import lora
+  from diffusion_jax.data import captioned_shapes
+
+  captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
+  pipeline = save_tiny_stable_diffusion(tmp_path / "sd", captions)
+  rank, generator = 2, torch.Generator().manual_seed(0)
+  shapes = {"unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((rank, 32), (32, rank)),
+            "unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_out_0": ((rank, 32), (32, rank)),
+            "unet_mid_block_attentions_0_proj_in": ((rank, 64, 1, 1), (64, rank, 1, 1)),
+            "unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj": ((rank, 32), (256, rank)),
+            "unet_down_blocks_1_resnets_0_conv1": ((rank, 32, 3, 3), (64, rank, 1, 1)),
+            "te_text_model_encoder_layers_1_self_attn_q_proj": ((rank, 32), (32, rank))}
+  tensors = {}
+  for layer, (down, up) in shapes.items():
+    tensors[f"lora_{layer}.lora_down.weight"] = 0.3 * torch.randn(*down, generator=generator)
+    tensors[f"lora_{layer}.lora_up.weight"] = 0.3 * torch.randn(*up, generator=generator)
+    tensors[f"lora_{layer}.alpha"] = torch.tensor(1.0)
+  safetensors.torch.save_file(tensors, tmp_path / "kohya.safetensors")
+  safetensors.torch.save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")},
+                              tmp_path / "kohya_unet.safetensors")  # (diffusers' kohya loader fails on text encoders)
+  pipeline.load_lora_weights(tmp_path, weight_name="kohya_unet.safetensors", adapter_name="kohya")
+  diffusers.StableDiffusionPipeline.save_lora_weights(
+      tmp_path / "peft", unet_lora_layers=get_peft_model_state_dict(pipeline.unet, adapter_name="kohya"),
+      unet_lora_adapter_metadata=pipeline.unet.peft_config["kohya"].to_dict())
+  pipeline.fuse_lora(lora_scale=0.7)
+
+  config = stable_diffusion.get_config(str(tmp_path / "sd"))
+  config.text.max_length, config.model.dtype, config.data.resolution = 16, "float32", 32
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  adapters = [lora.read(f"{tmp_path / 'kohya.safetensors'}:0.7")]
+  lora.check(adapters, config)
+  weights = lora.fused(sample.Weights(state.params, state.frozen), adapters)
+  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  text = np.random.default_rng(1).standard_normal((2, 16, 32)).astype(np.float32)
+  logsnr = schedules.logsnr_from_alphas_cumprod(pipeline.scheduler.alphas_cumprod.double().numpy()[500])
+  predict = jax.jit(lambda w: nnx.merge(graphdef, w.params, w.frozen)(
+      latents, jnp.full((2,), logsnr, jnp.float32), text, np.ones((2, 16), bool)))
+  with torch.no_grad():
+    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text)).sample.numpy()
+  np.testing.assert_allclose(np.asarray(predict(weights)).transpose(0, 3, 1, 2), expected, atol=5e-5)
+  q_proj = lambda w: np.asarray(w.frozen["text_encoder"]["text_model"]["encoder"]["layers"][1]["self_attn"]["q_proj"][
+      "kernel"])
+  layer = "lora_te_text_model_encoder_layers_1_self_attn_q_proj"
+  moved = 0.7 * (1.0 / rank) * (tensors[f"{layer}.lora_up.weight"] @ tensors[f"{layer}.lora_down.weight"]).numpy().T
+  np.testing.assert_allclose(q_proj(weights) - q_proj(state), moved, atol=1e-6)
+
+  theirs = lora.read(str(tmp_path / "peft" / "pytorch_lora_weights.safetensors"))
+  product = lambda adapter, key: adapter.updates[key] @ adapter.updates[key.removesuffix("a") + "b"]
+  assert sorted(theirs.updates) == sorted(k for k in adapters[0].updates if k.startswith("sd_unet/"))
+  for key in (k for k in theirs.updates if k.endswith("/lora_a")):
+    np.testing.assert_allclose(product(theirs, key), product(adapters[0], key), atol=1e-6)
+
+  misfit = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_1_attn1_to_q.lora_down.weight": np.ones((2, 32)),
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_1_attn1_to_q.lora_up.weight": np.ones((32, 2))}
+  safetensors.numpy.save_file({k: v.astype(np.float32) for k, v in misfit.items()}, tmp_path / "sdxl.safetensors")
+  with pytest.raises(ValueError, match="transformer_blocks/1/attn1/to_q/kernel is not in this model"):
+    lora.check([lora.read(str(tmp_path / "sdxl.safetensors"))], config)
+  safetensors.numpy.save_file({"lora_unet_conv_in.diff": np.ones((4, 4), np.float32)}, tmp_path / "diff.safetensors")
+  with pytest.raises(ValueError, match="is a Stable Diffusion LoRA that cannot be read: 1 tensors are not low-rank "
+                                       "updates .* lora_unet_conv_in.diff"):
+    lora.read(str(tmp_path / "diff.safetensors"))
