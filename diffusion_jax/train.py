@@ -49,24 +49,32 @@ class TrainState:
 # ----------------------------------------------------------------------------- state
 
 
-def weights_init(config, shardings):
+def weights_init(config, shardings, given=frozenset()):
   """The jitted program that makes the config's randomly initialised (params, frozen) pure dicts, placed with
-  `shardings`, from a key: the seed's key is an argument, so runs that differ only in config.seed share it."""
+  `shardings`, from a key: the seed's key is an argument, so runs that differ only in config.seed share it. Leaves
+  at the flat paths `given` (pretrained weights that replace them) are left out: nothing computes them."""
+  kept = lambda tree: without(tree, given)
 
   def init(key):
     model = text_to_image.TextToImage(config, rngs=init_rngs.seeded(key))
     _, params, frozen = text_to_image.split(model, config)
-    return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+    return kept(nnx.to_pure_dict(params)), kept(nnx.to_pure_dict(frozen))
 
-  return jax.jit(init, out_shardings=shardings)
+  return jax.jit(init, out_shardings=(kept(shardings[0]), kept(shardings[1])))
 
 
-def overlaid(tree: dict, weights: dict, shardings: dict) -> dict:
-  """`tree` (a nested dict of arrays) with the leaves `weights` holds too replaced by them, placed by `shardings`."""
-  flat, given = flax.traverse_util.flatten_dict(tree), flax.traverse_util.flatten_dict(weights)
-  where = flax.traverse_util.flatten_dict(shardings)
-  return flax.traverse_util.unflatten_dict(
-      {path: jax.device_put(given[path], where[path]) if path in given else leaf for path, leaf in flat.items()})
+def without(tree: dict, paths) -> dict:
+  """A nested dict without the leaves at the flat paths (tuples, the first the tree's top key) `paths`."""
+  flat = flax.traverse_util.flatten_dict(tree)
+  return flax.traverse_util.unflatten_dict({path: leaf for path, leaf in flat.items() if path not in paths})
+
+
+def filled(tree: dict, weights: dict, shardings: dict) -> dict:
+  """`tree` (a nested dict of arrays) with the leaves of `weights` ({flat path: host array}) that `shardings` (the
+  whole tree's) has a place for added, placed there."""
+  flat, where = flax.traverse_util.flatten_dict(tree), flax.traverse_util.flatten_dict(shardings)
+  flat.update({path: jax.device_put(value, where[path]) for path, value in weights.items() if path in where})
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def init_state(config, mesh):
@@ -79,11 +87,12 @@ def init_state(config, mesh):
   targets = lambda: finetune.abstract_targets(abstract_params, abstract_frozen, shardings)
   finetune_weights = finetune.load_weights(config, targets()) if config.finetune.workdir else None
   image_weights = inflation.load_image_weights(config, targets()) if config.inflate.image_workdir else None
-  params, frozen = weights_init(config, shardings)(jax.random.key(config.seed))
-  for name, weights in text_to_image.pretrained_weights(config).items():  # read on the host, then placed
-    for tree, tree_shardings in ((params, shardings[0]), (frozen, shardings[1])):  # (a LoRA's: some in each)
-      if name in tree:
-        tree[name] = overlaid(tree[name], weights, tree_shardings[name])
+  # Pretrained parts (a text encoder, an autoencoder, Wan's or SD's network) are read on the host and placed on their
+  # shards; the random initialisation computes only the rest (a LoRA's updates of a pretrained network among them).
+  pretrained = {(name,) + path: value for name, weights in text_to_image.pretrained_weights(config).items()
+                for path, value in flax.traverse_util.flatten_dict(weights).items()}
+  params, frozen = weights_init(config, shardings, frozenset(pretrained))(jax.random.key(config.seed))
+  params, frozen = filled(params, pretrained, shardings[0]), filled(frozen, pretrained, shardings[1])
   if finetune_weights is not None:
     params, frozen = finetune.start_from(finetune_weights, params, frozen)
   if image_weights is not None:
