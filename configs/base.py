@@ -196,6 +196,10 @@ def get_config():
       frames=0,                    # video models: frames per clip (0 = data.frames)
       flow_shift=0.0,              # flow schedule: the sampling grid's time shift (0: diffusion.schedule_params.shift;
                                    # Wan's pipelines: 3 at 480p, 5 at 720p)
+      timestep_spacing="",         # "": the schedule's grid, t from 1 to 0 in equal steps; "leading", "trailing",
+      steps_offset=0,              # "linspace": a DDPM table's timesteps (linear, scaled_linear schedules) as
+                                   # diffusers' Euler scheduler spaces them (DDIM's and PNDM's leading and
+                                   # trailing ones too), leading ones + steps_offset (SD's pipelines: leading, 1)
       height=0, width=0,           # the sampling job's image size (0: data.resolution; training samples and
                                    # evaluation stay at it): any the network divides, e.g. Wan's 480 x 832
       aug_level=0.1,               # super-resolution stages: noise-augmentation time of the low-res input

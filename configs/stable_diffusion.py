@@ -1,8 +1,8 @@
 """Fine-tuning Stable Diffusion 1.x or 2.x (a diffusers checkpoint) on your images: its U-Net (model.backbone=
 'sd_unet', trained), CLIP text encoder and VAE (both frozen), read from the checkpoint's folders, on SD's
 variance-preserving scaled-linear schedule with its prediction (eps, or v for SD 2.x at 768 px: the scheduler's
-prediction_type), sampled with DPM-Solver++(2M), 25 steps, guidance 7.5, against the empty prompt's encoding as
-SD's pipelines are.
+prediction_type), sampled with DPM-Solver++(2M), 25 steps, guidance 7.5, at the timesteps its scheduler spaces
+(timestep_spacing, steps_offset), against the empty prompt's encoding as SD's pipelines are.
 
   python -m diffusion_jax.main --config=configs/stable_diffusion.py:/path/to/stable-diffusion-v1-5 --workdir=DIR \\
       --config.data.folder=/path/to/images --config.data.captions_file=/path/to/images/captions.jsonl
@@ -42,6 +42,8 @@ def get_config(root: str = ""):
   config.optimizer.update(learning_rate=1e-5, warmup_steps=100, schedule="constant", weight_decay=0.01)
   config.train.update(batch_size=16, steps=2000, ema_decays=(0.9999,), checkpoint_every=500)
   config.sample.update(sampler="dpmpp_2m", steps=25, guidance_scale=7.5, threshold="none", num_per_prompt=1,
-                       prompts=("a photograph of an astronaut riding a horse",))
+                       prompts=("a photograph of an astronaut riding a horse",),  # at the scheduler's timesteps:
+                       timestep_spacing=scheduler.get("timestep_spacing", "leading"),
+                       steps_offset=scheduler.get("steps_offset", 1))
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   return config

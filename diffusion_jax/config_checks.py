@@ -345,6 +345,22 @@ def flow_shift_problem(config, sample_config, prefix: str) -> str | None:
   return None
 
 
+DISCRETE_TABLES = ("linear", "scaled_linear")  # continuous schedules that are a DDPM table's limit (schedules.betas)
+
+
+def timestep_spacing_problem(config, sample_config, prefix: str) -> str | None:
+  """Why sample_config's timestep_spacing and steps_offset (named prefix + field) cannot apply."""
+  spacing, offset = sample_config.timestep_spacing, sample_config.steps_offset
+  if spacing and spacing not in schedules.SPACINGS:
+    return f"{prefix}timestep_spacing={spacing!r} is not one of {['', *schedules.SPACINGS]}"
+  if spacing and config.diffusion.schedule not in DISCRETE_TABLES:
+    return (f"{prefix}timestep_spacing={spacing!r} spaces a DDPM table's timesteps; this model's schedule is "
+            f"{config.diffusion.schedule!r}, not one of {list(DISCRETE_TABLES)}: leave it empty")
+  if offset and spacing != "leading" or offset < 0:
+    return f"{prefix}steps_offset={offset}: shifts leading timesteps (timestep_spacing='leading') by >= 0"
+  return None
+
+
 def spatial_multiple(config) -> tuple[int, str] | None:
   """(what the network's height and width must be multiples of, what that is): a U-Net's 2 ** (levels - 1), a
   DiT's patch, Wan's spatial patch (None where Wan's config.json cannot be read: wan_problems says why)."""
@@ -498,8 +514,9 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if not 0 <= o.end_learning_rate_factor <= 1:
     found.append(f"optimizer.end_learning_rate_factor={o.end_learning_rate_factor} must be in [0, 1]")
   found += sample_problems(config.sample, "sample.") + sample_size_problems(config, config.sample, "sample.")
-  if problem := flow_shift_problem(config, config.sample, "sample."):
-    found.append(problem)
+  for problem in (flow_shift_problem(config, config.sample, "sample."),
+                  timestep_spacing_problem(config, config.sample, "sample.")):
+    found += [problem] if problem else []
   if config.train.sample_every < 0:
     found.append(f"train.sample_every={config.train.sample_every} must be >= 0 (0: no samples during training)")
 

@@ -188,8 +188,15 @@ def extension_context(config, sample_config) -> int:
 def sampling_logsnr(config, sample_config):
   """The sampling grid's log-SNRs [steps + 1], noisiest first, ending clean: the training schedule's at t from 1
   down to 0 in equal steps (schedules.continuous_logsnr_grid), a flow schedule's shifted by sample.flow_shift
-  instead where that is set."""
+  instead where that is set; with sample.timestep_spacing, its DDPM table's at the timesteps diffusers' Euler
+  scheduler takes (Stable Diffusion's: leading, steps_offset 1)."""
   params = {**config.diffusion.schedule_params}
+  if sample_config.timestep_spacing:
+    alphas_cumprod = schedules.alphas_cumprod_from_betas(schedules.betas(config.diffusion.schedule, **params))
+    timesteps = schedules.discrete_timesteps(len(alphas_cumprod), sample_config.steps, sample_config.timestep_spacing,
+                                             sample_config.steps_offset)
+    return jnp.asarray(np.concatenate([schedules.logsnr_at_timesteps(alphas_cumprod, timesteps), [np.inf]]),
+                       jnp.float32)
   if sample_config.flow_shift:
     params["shift"] = sample_config.flow_shift
   return schedules.continuous_logsnr_grid(schedules.logsnr_schedule(config.diffusion.schedule, **params),

@@ -319,3 +319,29 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
   with pytest.raises(ValueError, match="is a Stable Diffusion LoRA that cannot be read: 1 tensors are not low-rank "
                                        "updates .* lora_unet_conv_in.diff"):
     lora.read(str(tmp_path / "diff.safetensors"))
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_sampling_steps_on_the_timesteps_sds_schedulers_take(spacing):
+  """sample.timestep_spacing (configs/stable_diffusion.py: the scheduler's, leading with steps_offset 1 for SD 1.x
+  and 2.x): the U-Net reads, step by step, the timesteps of diffusers' Euler scheduler of SD's table (fractional
+  ones for linspace), then the grid ends clean. The spacing is refused for a schedule that is no DDPM table, an offset for other than leading ones."""
+  import diffusers
+
+  from configs import stable_diffusion
+
+  config = stable_diffusion.get_config()
+  assert (config.sample.timestep_spacing, config.sample.steps_offset) == ("leading", 1)
+  config.sample.update(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0, steps=25)
+  scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                               timestep_spacing=spacing, steps_offset=config.sample.steps_offset)
+  scheduler.set_timesteps(25)
+  grid = sample.sampling_logsnr(config, config.sample)
+  np.testing.assert_allclose(sd_unet.timestep(grid[:-1]), scheduler.timesteps.numpy(), atol=0.02)
+  assert grid[-1] == np.inf
+  config.diffusion.schedule, config.sample.steps_offset = "cosine", 2
+  assert (f"sample.timestep_spacing={spacing!r} spaces a DDPM table's timesteps; this model's schedule is 'cosine'"
+          in config_checks.timestep_spacing_problem(config, config.sample, "sample."))
+  config.diffusion.schedule = "scaled_linear"
+  problem = config_checks.timestep_spacing_problem(config, config.sample, "sample.")
+  assert problem is None if spacing == "leading" else "sample.steps_offset=2: shifts leading timesteps" in problem
