@@ -136,8 +136,9 @@ tokenizers.train_sentencepiece(["a large red circle", "a cat walks on the grass"
       read -r channels size batch <<< "${SD_PEER:-320,640,1280,1280 64 8}"
       timeout 300 "$PYTHON" -c 'import sys, diffusers, torch
 torch.manual_seed(0)
+channels = tuple(map(int, sys.argv[1].split(",")))
 diffusers.UNet2DConditionModel(sample_size=int(sys.argv[2]), in_channels=3, out_channels=3, cross_attention_dim=768,
-                               block_out_channels=tuple(map(int, sys.argv[1].split(",")))).save_pretrained(sys.argv[3])' \
+                               block_out_channels=channels).save_pretrained(sys.argv[3])' \
         "$channels" "$size" "$sd" >> "$OUT/gpu_bench.log" 2>&1
       bench 400 peer --config=configs/t2i_shapes.py --config.model.backbone=sd_unet --config.model.sd_unet_path=$sd \
         --config.data.resolution="$size" --config.train.batch_size="$batch" --config.text.max_length=77 \

@@ -325,7 +325,8 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
 def test_sampling_steps_on_the_timesteps_sds_schedulers_take(spacing):
   """sample.timestep_spacing (configs/stable_diffusion.py: the scheduler's, leading with steps_offset 1 for SD 1.x
   and 2.x): the U-Net reads, step by step, the timesteps of diffusers' Euler scheduler of SD's table (fractional
-  ones for linspace), then the grid ends clean. The spacing is refused for a schedule that is no DDPM table, an offset for other than leading ones."""
+  ones for linspace), then the grid ends clean. The spacing is refused for a schedule that is no DDPM table, an
+  offset for other than leading ones."""
   import diffusers
 
   from configs import stable_diffusion
