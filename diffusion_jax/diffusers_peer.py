@@ -67,12 +67,12 @@ def twin(path, class_name: str):
   import diffusers
   import safetensors.torch
 
-  from diffusion_jax.models import wan_transformer
+  from diffusion_jax.models import diffusers_directory
 
   cls = getattr(diffusers, class_name)
   model = cls.from_config(cls.load_config(str(path)))
   weights = {}
-  for file in wan_transformer.weight_files(path):
+  for file in diffusers_directory.weight_files(path):
     weights.update(safetensors.torch.load_file(file))
   model.load_state_dict(weights)
   return model

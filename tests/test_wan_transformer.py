@@ -16,7 +16,7 @@ from diffusion_jax import (checkpoint, config_checks, edit_inputs, evaluate, lor
                            train)
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import heldout_loss
-from diffusion_jax.models import clip, text_to_image, wan_transformer
+from diffusion_jax.models import clip, diffusers_directory, text_to_image, wan_transformer
 from diffusion_jax.text import tokenizers
 
 # RGB in and out, and the width of t2v_moving_shapes:test's text encoder, so a pixel video model runs on it.
@@ -89,7 +89,7 @@ def test_the_transformer_computes_what_diffusers_computes(tmp_path):
   low = jax.jit(variant(dtype="bfloat16"))(nnx.state(ours))
   assert low.dtype == jnp.float32 and 0 < np.abs(low - got).max() < 0.02 * np.abs(got).max()
   save_tiny_wan(tmp_path / "shards", max_shard_size="20KB")
-  assert (tmp_path / "shards" / wan_transformer.WEIGHTS_INDEX).exists()
+  assert (tmp_path / "shards" / diffusers_directory.WEIGHTS_INDEX).exists()
   sharded = wan_transformer.load_diffusers(tmp_path / "shards")
   np.testing.assert_array_equal(sharded(jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text), jnp.asarray(mask)),
                                 got)

@@ -233,16 +233,7 @@ def read_text_config(path, field: str = "text.pretrained_path") -> dict:
 
 def load_text(path, field: str = "text.pretrained_path") -> TextModel:
   """A TextModel with the weights of a local CLIPTextModel directory (config.json, model.safetensors)."""
-  from safetensors.numpy import load_file
-
-  config, directory = read_text_config(path, field), pathlib.Path(path).expanduser()
-  if not (directory / "model.safetensors").is_file():
-    raise ValueError(f"{field}={str(path)!r} has no model.safetensors (PyTorch .bin files are not read)")
-  tensors = {k: v for k, v in load_file(directory / "model.safetensors").items() if not k.endswith("position_ids")}
-  if not any(name.startswith("text_model.") for name in tensors):  # (transformers 5 saves them unprefixed)
-    tensors = {f"text_model.{name}": value for name, value in tensors.items()}
-  return named_tensors.load(nnx.eval_shape(lambda: TextModel(config, rngs=init_rngs.seeded(0))), tensors, _hf_name,
-                            f"{field}={str(path)!r} does not match its config.json")
+  return _load_tower(TextModel, read_text_config(path, field), path, field, "text_model.")
 
 
 def read_vision_config(path, field: str) -> dict:
@@ -263,15 +254,21 @@ def read_vision_config(path, field: str) -> dict:
 
 def load_vision(path, field: str = "model.wan_image_encoder_path") -> VisionModel:
   """A VisionModel with the weights of a local CLIPVisionModel directory (config.json, model.safetensors)."""
+  return _load_tower(VisionModel, read_vision_config(path, field), path, field, "vision_model.")
+
+
+def _load_tower(model_class, config: dict, path, field: str, prefix: str):
+  """model_class (TextModel, VisionModel) of `config` with the weights of the directory's model.safetensors, whose
+  tensors are named `prefix`... (transformers 5 saves them unprefixed)."""
   from safetensors.numpy import load_file
 
-  config, directory = read_vision_config(path, field), pathlib.Path(path).expanduser()
+  directory = pathlib.Path(path).expanduser()
   if not (directory / "model.safetensors").is_file():
     raise ValueError(f"{field}={str(path)!r} has no model.safetensors (PyTorch .bin files are not read)")
   tensors = {k: v for k, v in load_file(directory / "model.safetensors").items() if not k.endswith("position_ids")}
-  if not any(name.startswith("vision_model.") for name in tensors):  # (transformers 5 saves them unprefixed)
-    tensors = {f"vision_model.{name}": value for name, value in tensors.items()}
-  return named_tensors.load(nnx.eval_shape(lambda: VisionModel(config, rngs=init_rngs.seeded(0))), tensors, _hf_name,
+  if not any(name.startswith(prefix) for name in tensors):
+    tensors = {f"{prefix}{name}": value for name, value in tensors.items()}
+  return named_tensors.load(nnx.eval_shape(lambda: model_class(config, rngs=init_rngs.seeded(0))), tensors, _hf_name,
                             f"{field}={str(path)!r} does not match its config.json")
 
 

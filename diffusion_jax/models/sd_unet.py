@@ -22,7 +22,6 @@ class embeddings (the x4 upscaler's), several transformer layers a block, dual o
 block types and time-embedding options.
 """
 
-import json
 import pathlib
 
 import jax
@@ -31,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import schedules
-from diffusion_jax.models import attention, layers, named_tensors, wan_transformer
+from diffusion_jax.models import attention, diffusers_directory, layers, named_tensors
 
 CLASS_NAME = "UNet2DConditionModel"
 DEFAULTS = {"in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
@@ -86,16 +85,8 @@ def config_problems(config: dict) -> list[str]:
 def read_config(path, field: str = "model.sd_unet_path") -> dict:
   """The config.json of a local diffusers UNet2DConditionModel directory, with its class's defaults; a ValueError
   that says what is wrong, naming `field`."""
-  directory = pathlib.Path(path).expanduser()
-  if not (directory / "config.json").exists():
-    hint = (f": it is a whole pipeline's checkpoint; give its unet/ folder, {str(directory / 'unet')!r}"
-            if (directory / "unet" / "config.json").exists() else
-            f": give the local directory of a diffusers {CLASS_NAME} (the unet/ folder of a Stable Diffusion "
-            "checkpoint)")
-    raise ValueError(f"{field}={str(path)!r} has no config.json{hint}")
-  config = json.loads((directory / "config.json").read_text())
-  if config.get("_class_name") != CLASS_NAME:
-    raise ValueError(f"{field}={str(path)!r} holds a {config.get('_class_name')!r}, not a {CLASS_NAME}")
+  config = diffusers_directory.read_config(path, field, CLASS_NAME, "unet",
+                                           "the unet/ folder of a Stable Diffusion checkpoint")
   if problems := config_problems(config):
     raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
   return DEFAULTS | config
@@ -356,7 +347,7 @@ def load_diffusers(path, field: str = "model.sd_unet_path") -> SDUNet:
   from safetensors.numpy import load_file
 
   config, tensors = read_config(path, field), {}
-  for file in wan_transformer.weight_files(path):
+  for file in diffusers_directory.weight_files(path):
     tensors.update(load_file(file))
   directory = pathlib.Path(path).expanduser()
   return named_tensors.load(nnx.eval_shape(lambda: SDUNet(config, rngs=nnx.Rngs(0))), tensors,

@@ -32,7 +32,6 @@ added before they are embedded.
 Not supported (config_problems refuses them): other query-key norms than `rms_norm_across_heads`.
 """
 
-import json
 import math
 import pathlib
 
@@ -42,14 +41,13 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import objectives, sharding
-from diffusion_jax.models import attention, layers, named_tensors
+from diffusion_jax.models import attention, diffusers_directory, layers, named_tensors
 
 CLASS_NAME = "WanTransformer3DModel"
 DEFAULTS = {"patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
             "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40,
             "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
             "added_kv_proj_dim": None, "rope_max_seq_len": 1024, "pos_embed_seq_len": None}
-WEIGHTS_FILE, WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
 
 
 def config_problems(config: dict) -> list[str]:
@@ -70,15 +68,8 @@ def config_problems(config: dict) -> list[str]:
 def read_config(path, field: str = "model.wan_path") -> dict:
   """The config.json of a local diffusers WanTransformer3DModel directory, with its class's defaults; a ValueError
   that says what is wrong, naming `field`."""
-  directory = pathlib.Path(path).expanduser()
-  if not (directory / "config.json").exists():
-    hint = (f": it is a whole pipeline's checkpoint; give its transformer/ folder, {str(directory / 'transformer')!r}"
-            if (directory / "transformer" / "config.json").exists() else
-            f": give the local directory of a diffusers {CLASS_NAME} (the transformer/ folder of a Wan checkpoint)")
-    raise ValueError(f"{field}={str(path)!r} has no config.json{hint}")
-  config = json.loads((directory / "config.json").read_text())
-  if config.get("_class_name") != CLASS_NAME:
-    raise ValueError(f"{field}={str(path)!r} holds a {config.get('_class_name')!r}, not a {CLASS_NAME}")
+  config = diffusers_directory.read_config(path, field, CLASS_NAME, "transformer",
+                                           "the transformer/ folder of a Wan checkpoint")
   if problems := config_problems(config):
     raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
   return DEFAULTS | config
@@ -325,24 +316,13 @@ def experts(high, low, boundary, x, timestep, text, text_mask, image=None):
   return objectives.per_example_switch(timestep >= boundary, run(high), run(low))
 
 
-def weight_files(path) -> list[pathlib.Path]:
-  """The safetensors files of a local diffusers directory: WEIGHTS_FILE, or the shards WEIGHTS_INDEX lists."""
-  directory = pathlib.Path(path).expanduser()
-  if (directory / WEIGHTS_INDEX).exists():
-    return [directory / name for name in sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())[
-        "weight_map"].values()))]
-  if (directory / WEIGHTS_FILE).exists():
-    return [directory / WEIGHTS_FILE]
-  raise ValueError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX} in {str(path)!r} (PyTorch .bin files are not read)")
-
-
 def load_diffusers(path, field: str = "model.wan_path") -> WanTransformer:
-  """A WanTransformer with the weights of a local diffusers directory (config.json and WEIGHTS_FILE, or shards
-  listed in WEIGHTS_INDEX)."""
+  """A WanTransformer with the weights of a local diffusers directory (config.json and its safetensors, one file or
+  the shards its index lists)."""
   from safetensors.numpy import load_file
 
   config, tensors = read_config(path, field), {}
-  for file in weight_files(path):
+  for file in diffusers_directory.weight_files(path):
     tensors.update(load_file(file))
   directory = pathlib.Path(path).expanduser()
   return named_tensors.load(nnx.eval_shape(lambda: WanTransformer(config, rngs=nnx.Rngs(0))), tensors,

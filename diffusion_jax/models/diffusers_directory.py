@@ -1,0 +1,35 @@
+"""A local diffusers model directory (a pipeline checkpoint's transformer/ or unet/ folder): its config.json,
+checked against the class a config field expects, and its safetensors files (one, or the shards an index lists).
+"""
+
+import json
+import pathlib
+
+WEIGHTS_FILE, WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
+
+
+def read_config(path, field: str, class_name: str, folder: str, what: str) -> dict:
+  """The config.json of a local diffusers `class_name` directory (`what`: e.g. "the unet/ folder of a Stable
+  Diffusion checkpoint"); a ValueError naming `field` when there is none (a whole pipeline's root: naming its
+  `folder`) or it holds another class."""
+  directory = pathlib.Path(path).expanduser()
+  if not (directory / "config.json").exists():
+    hint = (f": it is a whole pipeline's checkpoint; give its {folder}/ folder, {str(directory / folder)!r}"
+            if (directory / folder / "config.json").exists() else
+            f": give the local directory of a diffusers {class_name} ({what})")
+    raise ValueError(f"{field}={str(path)!r} has no config.json{hint}")
+  config = json.loads((directory / "config.json").read_text())
+  if config.get("_class_name") != class_name:
+    raise ValueError(f"{field}={str(path)!r} holds a {config.get('_class_name')!r}, not a {class_name}")
+  return config
+
+
+def weight_files(path) -> list[pathlib.Path]:
+  """The safetensors files of a local diffusers directory: WEIGHTS_FILE, or the shards WEIGHTS_INDEX lists."""
+  directory = pathlib.Path(path).expanduser()
+  if (directory / WEIGHTS_INDEX).exists():
+    return [directory / name for name in sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())[
+        "weight_map"].values()))]
+  if (directory / WEIGHTS_FILE).exists():
+    return [directory / WEIGHTS_FILE]
+  raise ValueError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX} in {str(path)!r} (PyTorch .bin files are not read)")
