@@ -346,3 +346,16 @@ def test_sampling_steps_on_the_timesteps_sds_schedulers_take(spacing):
   config.diffusion.schedule = "scaled_linear"
   problem = config_checks.timestep_spacing_problem(config, config.sample, "sample.")
   assert problem is None if spacing == "leading" else "sample.steps_offset=2: shifts leading timesteps" in problem
+
+
+def test_the_real_size_has_diffusers_parameter_count():
+  """SD 2.1's U-Net config (diffusers' defaults but its cross-attention width, per-level heads and linear
+  projections; 4 levels of 2 ResNet blocks, which the tiny tests' 2 levels of 1 do not reach): our module's parameter
+  count (shapes only, nothing allocated) is diffusers' (built on PyTorch's meta device)."""
+  import diffusers
+
+  fields = dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+  with torch.device("meta"):
+    expected = sum(p.numel() for p in diffusers.UNet2DConditionModel(**fields).parameters())
+  ours = nnx.eval_shape(lambda: sd_unet.SDUNet(fields, rngs=nnx.Rngs(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param))) == expected > 8.5e8
