@@ -13,32 +13,45 @@ from diffusion_jax import config_checks, sample, schedules, sharding, train
 from diffusion_jax.models import sd_unet
 
 
-def save_tiny_sd_unet(directory, linear_projection=False, heads=4, channels=4, cross_attention_dim=16, seed=0):
+POOLED = 12  # the tiny SDXL U-Net's pooled text width
+
+
+def save_tiny_sd_unet(directory, linear_projection=False, heads=4, channels=4, cross_attention_dim=16, seed=0,
+                      sdxl=False):
   """A random 2-level UNet2DConditionModel (cross-attention at the first level) saved as a diffusers directory:
   SD 1.x's layout (1x1 convolutions around the attention, `heads` heads everywhere) or, with linear_projection and a
-  list of heads, SD 2.x's."""
+  list of heads, SD 2.x's; with sdxl, SDXL's (linear projections, cross-attention at the second level only, there
+  two transformer blocks deep, and the added embedding of a POOLED-wide pooled text embedding and 6 time ids)."""
   import diffusers
 
   torch.manual_seed(seed)
+  attends = ("DownBlock2D", "CrossAttnDownBlock2D") if sdxl else ("CrossAttnDownBlock2D", "DownBlock2D")
+  added = dict(transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+               projection_class_embeddings_input_dim=POOLED + 6 * 8) if sdxl else {}
   model = diffusers.UNet2DConditionModel(
       sample_size=16, in_channels=channels, out_channels=channels, block_out_channels=(32, 64), layers_per_block=1,
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+      down_block_types=attends, up_block_types=tuple(t.replace("Down", "Up") for t in reversed(attends)),
       cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=8,
-      use_linear_projection=linear_projection).eval()
+      use_linear_projection=linear_projection or sdxl, **added).eval()
   model.save_pretrained(directory)
   return model
 
 
-@pytest.mark.parametrize("linear_projection, heads", [(False, 4), (True, (2, 4))])
-def test_the_unet_computes_what_diffusers_computes(tmp_path, linear_projection, heads):
-  reference = save_tiny_sd_unet(tmp_path, linear_projection, heads)
+@pytest.mark.parametrize("linear_projection, heads, sdxl", [(False, 4, False), (True, (2, 4), False),
+                                                            (True, (2, 4), True)])
+def test_the_unet_computes_what_diffusers_computes(tmp_path, linear_projection, heads, sdxl):
+  reference = save_tiny_sd_unet(tmp_path, linear_projection, heads, sdxl=sdxl)
   ours = sd_unet.load_diffusers(tmp_path)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
   timesteps, text = np.array([10.0, 999.0], np.float32), rng.standard_normal((2, 7, 16)).astype(np.float32)
+  added = {"text_embeds": rng.standard_normal((2, POOLED)).astype(np.float32),
+           "time_ids": np.array([[1024, 768, 0, 0, 1024, 1024], [512, 512, 16, 32, 128, 128]], np.float32)}
   with torch.no_grad():
-    expected = reference(torch.tensor(x), torch.tensor(timesteps), torch.tensor(text)).sample.numpy()
-  out = nnx.jit(lambda model, *args: model(*args))(ours, x.transpose(0, 2, 3, 1), timesteps, text)
+    expected = reference(torch.tensor(x), torch.tensor(timesteps), torch.tensor(text), added_cond_kwargs={
+        k: torch.tensor(v) for k, v in added.items()} if sdxl else None).sample.numpy()
+  out = nnx.jit(lambda model, *args: model(*args))(ours, x.transpose(0, 2, 3, 1), timesteps, text,
+                                                    *((added["text_embeds"], added["time_ids"]) if sdxl else ()))
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), expected, atol=2e-5)
 
 
@@ -62,10 +75,12 @@ def test_what_it_cannot_build_is_refused_by_name(tmp_path):
   with pytest.raises(ValueError, match="it is a whole pipeline's checkpoint; give its unet/ folder"):
     sd_unet.read_config(tmp_path)
   config = json.loads((tmp_path / "unet" / "config.json").read_text())
-  (tmp_path / "unet" / "config.json").write_text(json.dumps(config | {"addition_embed_type": "text_time",
-                                                                      "transformer_layers_per_block": 2}))
-  with pytest.raises(ValueError, match=r"transformer_layers_per_block=2, addition_embed_type='text_time': not "
-                                       r"supported \(SD 1.x and 2.x U-Nets are; SDXL's"):
+  (tmp_path / "unet" / "config.json").write_text(json.dumps(config | {"addition_embed_type": "image",
+                                                                      "class_embed_type": "timestep",
+                                                                      "transformer_layers_per_block": [[1], [2]]}))
+  with pytest.raises(ValueError, match=r"class_embed_type='timestep', addition_embed_type='image', "
+                                       r"transformer_layers_per_block=\[\[1\], \[2\]\]: one depth per level, not "
+                                       r"per block: not supported \(SD 1.x, 2.x and SDXL U-Nets are; the x4"):
     sd_unet.read_config(tmp_path / "unet")
   (tmp_path / "unet" / "config.json").write_text(json.dumps(config | {"cross_attention_dim": 32}))
   with pytest.raises(ValueError, match="does not match its config.json .*attn2.to_k.weight has shape"):

@@ -1,25 +1,31 @@
-"""Stable Diffusion's U-Net (Rombach et al. 2022; diffusers' `UNet2DConditionModel` of SD 1.x and 2.x), loaded from
-a local diffusers directory (`load_diffusers`: the `unet/` folder of a Stable Diffusion checkpoint).
+"""Stable Diffusion's U-Net (Rombach et al. 2022; Podell et al. 2023 for SDXL; diffusers' `UNet2DConditionModel` of
+SD 1.x, 2.x and SDXL), loaded from a local diffusers directory (`load_diffusers`: the `unet/` folder of a Stable
+Diffusion checkpoint).
 
 Levels of ResNet blocks (group norm, SiLU, 3x3 convolutions, the time embedding added between them) with, at the
 levels `down_block_types` names CrossAttn*, a transformer after each ResNet block: a group norm, a projection in
-(a 1x1 convolution, SD 1.x; a linear layer with `use_linear_projection`, SD 2.x), blocks of self-attention,
-cross-attention to the text (every text token: SD's pipelines pass no mask) and a GEGLU feed-forward, each after a
-layer norm, then a projection out, added to its input. A strided convolution goes down a level, nearest-neighbour
-upsampling and a convolution up; the up path reads every down-path output (concatenated after its own features).
+(a 1x1 convolution, SD 1.x; a linear layer with `use_linear_projection`, SD 2.x and SDXL), `transformer_layers_per_block`
+blocks (SDXL: 1, 2 and 10 by level; the middle block has the deepest level's) of self-attention, cross-attention to
+the text (every text token: SD's pipelines pass no mask) and a GEGLU feed-forward, each after a layer norm, then a
+projection out, added to its input. A strided convolution goes down a level, nearest-neighbour upsampling and a
+convolution up; the up path reads every down-path output (concatenated after its own features).
 `attention_head_dim` is, as in diffusers, the number of heads of each level's attention (SD 1.x: 8; SD 2.x: 5,
-10, 20, 20, 64-wide heads) unless `num_attention_heads` is given.
+10, 20, 20, 64-wide heads) unless `num_attention_heads` is given. SDXL's added embedding (addition_embed_type
+'text_time') adds to the time embedding an MLP of its pooled text embedding beside the sinusoidal features of its
+size and crop ids.
 
 Call: x [batch, h, w, in_channels] (latents; h and w divisible by 2^(levels - 1)), timestep [batch] (SD's discrete
-timesteps 0..999, fractions allowed), text [batch, tokens, cross_attention_dim] -> [batch, h, w, out_channels]
-float32, the prediction the scheduler config names (eps or v). `dtype` (model.dtype) is that of its convolutions,
-matrix products and attention; parameters, norms and the residual stream stay float32. `remat_policy`
-(layers.REMAT_POLICIES) recomputes each ResNet block and transformer in the backward pass; lora_rank, ff_lora_rank: a
-LoRA's low-rank updates of every attention's four projections and of the feed-forward's two layers (0: none).
+timesteps 0..999, fractions allowed), text [batch, tokens, cross_attention_dim] (and for SDXL pooled [batch,
+projection dim] and time_ids [batch, 6]: original height and width, crop top and left, target height and width)
+-> [batch, h, w, out_channels] float32, the prediction the scheduler config names (eps or v). `dtype` (model.dtype)
+is that of its convolutions, matrix products and attention; parameters, norms and the residual stream stay float32.
+`remat_policy` (layers.REMAT_POLICIES) recomputes each ResNet block and transformer in the backward pass;
+lora_rank, ff_lora_rank: a LoRA's low-rank updates of every attention's four projections and of the feed-forward's
+two layers (0: none).
 
-Not supported (config_problems refuses them): SDXL's added text-time embedding and other additional embeddings,
-class embeddings (the x4 upscaler's), several transformer layers a block, dual or cross-only attention, other
-block types and time-embedding options.
+Not supported (config_problems refuses them): additional embeddings other than SDXL's, class embeddings (the x4
+upscaler's), transformer depths given per block, dual or cross-only attention, other block types and
+time-embedding options.
 """
 
 import pathlib
@@ -51,12 +57,12 @@ DEFAULTS = {"in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_
             "resnet_skip_time_act": False}
 # Fields whose value must be the default (or None / False): what this module builds.
 FIXED = ("mid_block_type", "only_cross_attention", "downsample_padding", "mid_block_scale_factor", "act_fn",
-         "transformer_layers_per_block", "encoder_hid_dim", "dual_cross_attention", "class_embed_type",
-         "addition_embed_type", "num_class_embeds", "resnet_time_scale_shift", "time_embedding_type",
-         "time_embedding_dim", "time_cond_proj_dim", "conv_in_kernel", "conv_out_kernel", "center_input_sample",
-         "resnet_out_scale_factor", "attention_type", "reverse_transformer_layers_per_block",
-         "mid_block_only_cross_attention", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-         "timestep_post_act", "class_embeddings_concat", "cross_attention_norm", "resnet_skip_time_act")
+         "encoder_hid_dim", "dual_cross_attention", "class_embed_type", "num_class_embeds", "resnet_time_scale_shift",
+         "time_embedding_type", "time_embedding_dim", "time_cond_proj_dim", "conv_in_kernel", "conv_out_kernel",
+         "center_input_sample", "resnet_out_scale_factor", "attention_type", "reverse_transformer_layers_per_block",
+         "mid_block_only_cross_attention", "timestep_post_act", "class_embeddings_concat", "cross_attention_norm",
+         "resnet_skip_time_act")
+TEXT_TIME = "text_time"  # SDXL's addition_embed_type
 DOWN_TYPES, UP_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
@@ -64,6 +70,12 @@ def config_problems(config: dict) -> list[str]:
   """What this module cannot build from a UNet2DConditionModel config.json."""
   c = DEFAULTS | config
   found = [f"{key}={c[key]!r}" for key in FIXED if c[key] != DEFAULTS[key]]
+  if c["addition_embed_type"] not in (None, TEXT_TIME):
+    found.append(f"addition_embed_type={c['addition_embed_type']!r}")
+  elif c["addition_embed_type"] and not all(isinstance(c[key], int) for key in (
+      "addition_time_embed_dim", "projection_class_embeddings_input_dim")):
+    found.append("addition_embed_type='text_time' without addition_time_embed_dim and "
+                 "projection_class_embeddings_input_dim")
   levels = len(c["block_out_channels"])
   if [t for t in c["down_block_types"] if t not in DOWN_TYPES] or [t for t in c["up_block_types"]
                                                                    if t not in UP_TYPES]:
@@ -75,10 +87,13 @@ def config_problems(config: dict) -> list[str]:
   found += [f"{key}={c[key]}: one value for every level" for key in ("layers_per_block", "cross_attention_dim",
                                                                        "use_linear_projection")
             if isinstance(c[key], (list, tuple))]
-  found += [f"{key}={c[key]}: one entry per level of block_out_channels" for key in ("attention_head_dim",
-                                                                                      "num_attention_heads")
+  found += [f"{key}={c[key]}: one entry per level of block_out_channels" for key in (
+      "attention_head_dim", "num_attention_heads", "transformer_layers_per_block")
             if isinstance(c[key], (list, tuple)) and len(c[key]) != levels]
-  return [f"{', '.join(found)}: not supported (SD 1.x and 2.x U-Nets are; SDXL's and the x4 upscaler's are not)"
+  if any(isinstance(n, (list, tuple)) for n in per_level(c["transformer_layers_per_block"], levels)):
+    found.append(f"transformer_layers_per_block={c['transformer_layers_per_block']}: one depth per level, not per "
+                 "block")
+  return [f"{', '.join(found)}: not supported (SD 1.x, 2.x and SDXL U-Nets are; the x4 upscaler's is not)"
           ] if found else []
 
 
@@ -210,22 +225,24 @@ class TransformerBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """diffusers' Transformer2DModel (one block): x [batch, h, w, ch], text -> [batch, h, w, ch]."""
+  """diffusers' Transformer2DModel (`depth` blocks): x [batch, h, w, ch], text -> [batch, h, w, ch]."""
 
-  def __init__(self, channels, heads, c, rngs, dtype, implementation, lora_rank=0, ff_lora_rank=0):
+  def __init__(self, channels, heads, depth, c, rngs, dtype, implementation, lora_rank=0, ff_lora_rank=0):
     self.linear = c["use_linear_projection"]
     self.norm = group_norm(channels, c["norm_num_groups"], 1e-6, rngs)
     project = ((lambda: layers.dense(channels, channels, ("embed", "embed"), rngs, dtype)) if self.linear else
                (lambda: conv(channels, channels, 1, rngs, dtype)))
     self.proj_in = project()
     self.transformer_blocks = nnx.List([TransformerBlock(channels, c["cross_attention_dim"], heads, rngs, dtype,
-                                                         implementation, lora_rank, ff_lora_rank)])
+                                                         implementation, lora_rank, ff_lora_rank)
+                                        for _ in range(depth)])
     self.proj_out = project()
 
   def __call__(self, x, text):
     b, h, w, ch = x.shape
     tokens = self.proj_in(self.norm(x)).astype(jnp.float32).reshape(b, h * w, ch)
-    tokens = self.transformer_blocks[0](tokens, text)
+    for block in self.transformer_blocks:
+      tokens = block(tokens, text)
     return x + self.proj_out(tokens.reshape(b, h, w, ch)).astype(jnp.float32)
 
 
@@ -248,13 +265,14 @@ def run(module, *args):
 
 class Block(nnx.Module):
   """A level of the down or up path: `resnets`, `attentions` after each (cross-attention levels), and a resampler
-  (`downsamplers` / `upsamplers`), as diffusers names them. make_transformer(channels, heads) -> a Transformer;
+  (`downsamplers` / `upsamplers`), as diffusers names them. make_transformer(channels, heads, depth) -> a Transformer;
   call(module, *args): how each ResNet block and transformer runs (rematerialised or not)."""
 
-  def __init__(self, resnet_channels, out_ch, time_dim, heads, attends, resample, up, c, rngs, dtype,
+  def __init__(self, resnet_channels, out_ch, time_dim, heads, depth, attends, resample, up, c, rngs, dtype,
                make_transformer):
     self.resnets = nnx.List([ResnetBlock(in_ch, out_ch, time_dim, c, rngs, dtype) for in_ch in resnet_channels])
-    self.attentions = nnx.List([make_transformer(out_ch, heads) for _ in resnet_channels]) if attends else None
+    self.attentions = (nnx.List([make_transformer(out_ch, heads, depth) for _ in resnet_channels]) if attends
+                       else None)
     samplers = nnx.List([Resample(out_ch, up, rngs, dtype)]) if resample else None
     self.upsamplers, self.downsamplers = (samplers, None) if up else (None, samplers)
 
@@ -276,13 +294,31 @@ class Block(nnx.Module):
 
 
 class MidBlock(nnx.Module):
-  def __init__(self, channels, time_dim, heads, c, rngs, dtype, make_transformer):
+  def __init__(self, channels, time_dim, heads, depth, c, rngs, dtype, make_transformer):
     self.resnets = nnx.List([ResnetBlock(channels, channels, time_dim, c, rngs, dtype) for _ in range(2)])
-    self.attentions = nnx.List([make_transformer(channels, heads)])
+    self.attentions = nnx.List([make_transformer(channels, heads, depth)])
 
   def __call__(self, x, time, text, call=run):
     x = call(self.resnets[0], x, time)
     return call(self.resnets[1], call(self.attentions[0], x, text), time)
+
+
+def sinusoid(values, dim: int, flip_sin_to_cos: bool, freq_shift: float):
+  """diffusers' Timesteps: values [n] -> sinusoidal features [n, dim] at frequencies exp(-log(10000) i / (dim / 2 -
+  freq_shift)), cos first when flip_sin_to_cos."""
+  half = dim // 2
+  freqs = jnp.exp(-np.log(10000.0) * jnp.arange(half) / (half - freq_shift))
+  args = values.astype(jnp.float32)[:, None] * freqs[None]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+
+
+def embedding_mlp(in_dim, out_dim, rngs):
+  """diffusers' TimestepEmbedding: linear_1, SiLU, linear_2."""
+  mlp = nnx.Module()
+  mlp.linear_1 = layers.dense(in_dim, out_dim, (None, "embed"), rngs, jnp.float32)
+  mlp.linear_2 = layers.dense(out_dim, out_dim, ("embed", "embed"), rngs, jnp.float32)
+  return mlp
 
 
 class SDUNet(nnx.Module):
@@ -292,43 +328,50 @@ class SDUNet(nnx.Module):
                lora_rank=0, ff_lora_rank=0):
     c, dtype = DEFAULTS | config, jnp.dtype(dtype)
     self.remat_policy = remat_policy
-    make_transformer = lambda channels, heads: Transformer(channels, heads, c, rngs, dtype, attention, lora_rank,
-                                                           ff_lora_rank)
+    make_transformer = lambda channels, heads, depth: Transformer(channels, heads, depth, c, rngs, dtype, attention,
+                                                                  lora_rank, ff_lora_rank)
     channels, levels = c["block_out_channels"], len(c["block_out_channels"])
     heads, per_layer = heads_per_level(c), c["layers_per_block"]
+    depths = per_level(c["transformer_layers_per_block"], levels)
     self.flip_sin_to_cos, self.freq_shift, self.channels = c["flip_sin_to_cos"], c["freq_shift"], channels[0]
     time_dim = 4 * channels[0]
     self.conv_in = conv(c["in_channels"], channels[0], 3, rngs, dtype)
-    self.time_embedding = nnx.Module()
-    self.time_embedding.linear_1 = layers.dense(channels[0], time_dim, (None, "embed"), rngs, jnp.float32)
-    self.time_embedding.linear_2 = layers.dense(time_dim, time_dim, ("embed", "embed"), rngs, jnp.float32)
+    self.time_embedding = embedding_mlp(channels[0], time_dim, rngs)
+    self.added_time_dim = c["addition_time_embed_dim"] if c["addition_embed_type"] == TEXT_TIME else None
+    self.add_embedding = (embedding_mlp(c["projection_class_embeddings_input_dim"], time_dim, rngs)
+                          if self.added_time_dim else None)
     attends = [t.startswith("CrossAttn") for t in c["down_block_types"]]
     self.down_blocks = nnx.List([
-        Block([channels[max(i - 1, 0)]] + [channels[i]] * (per_layer - 1), channels[i], time_dim, heads[i],
+        Block([channels[max(i - 1, 0)]] + [channels[i]] * (per_layer - 1), channels[i], time_dim, heads[i], depths[i],
               attends[i], i < levels - 1, False, c, rngs, dtype, make_transformer) for i in range(levels)])
-    self.mid_block = MidBlock(channels[-1], time_dim, heads[-1], c, rngs, dtype, make_transformer)
+    self.mid_block = MidBlock(channels[-1], time_dim, heads[-1], depths[-1], c, rngs, dtype, make_transformer)
     up_blocks, previous = [], channels[-1]
     for i in reversed(range(levels)):  # the up path's level i, deepest first
       skips = [channels[i]] * per_layer + [channels[max(i - 1, 0)]]  # what the down path kept, popped in turn
       inputs = [previous + skips[0]] + [channels[i] + s for s in skips[1:]]
-      up_blocks.append(Block(inputs, channels[i], time_dim, heads[i], attends[i], i > 0, True, c, rngs, dtype,
-                             make_transformer))
+      up_blocks.append(Block(inputs, channels[i], time_dim, heads[i], depths[i], attends[i], i > 0, True, c, rngs,
+                             dtype, make_transformer))
       previous = channels[i]
     self.up_blocks = nnx.List(up_blocks)
     self.conv_norm_out = group_norm(channels[0], c["norm_num_groups"], c["norm_eps"], rngs)
     self.conv_out = conv(channels[0], c["out_channels"], 3, rngs, dtype)
 
-  def time_features(self, timestep):
-    """SD's sinusoidal timestep features [batch, channels] (diffusers' Timesteps: cos first when flip_sin_to_cos,
-    frequencies exp(-log(10000) i / (half - freq_shift)))."""
-    half = self.channels // 2
-    freqs = jnp.exp(-np.log(10000.0) * jnp.arange(half) / (half - self.freq_shift))
-    args = timestep.astype(jnp.float32)[:, None] * freqs[None]
-    sin, cos = jnp.sin(args), jnp.cos(args)
-    return jnp.concatenate([cos, sin] if self.flip_sin_to_cos else [sin, cos], axis=-1)
+  def embedding(self, timestep, pooled=None, time_ids=None):
+    """The time embedding [batch, 4 channels]: an MLP of the timestep's sinusoidal features, plus (SDXL) one of the
+    pooled text embedding [batch, p] beside its time ids' [batch, k] features."""
+    mlp = self.time_embedding
+    time = mlp.linear_2(nnx.silu(mlp.linear_1(sinusoid(timestep, self.channels, self.flip_sin_to_cos,
+                                                       self.freq_shift))))
+    if self.add_embedding is None:
+      return time
+    if pooled is None or time_ids is None:
+      raise ValueError("SDXL's U-Net (addition_embed_type='text_time') needs the pooled text embedding and time ids")
+    ids = sinusoid(time_ids.reshape(-1), self.added_time_dim, self.flip_sin_to_cos, self.freq_shift)
+    added = jnp.concatenate([pooled.astype(jnp.float32), ids.reshape(pooled.shape[0], -1)], axis=-1)
+    return time + self.add_embedding.linear_2(nnx.silu(self.add_embedding.linear_1(added)))
 
-  def __call__(self, x, timestep, text):
-    time = self.time_embedding.linear_2(nnx.silu(self.time_embedding.linear_1(self.time_features(timestep))))
+  def __call__(self, x, timestep, text, pooled=None, time_ids=None):
+    time = self.embedding(timestep, pooled, time_ids)
     text = text.astype(jnp.float32)
     x = self.conv_in(x.astype(jnp.float32)).astype(jnp.float32)
     call = layers.rematerialised(run, self.remat_policy) if self.remat_policy else run
