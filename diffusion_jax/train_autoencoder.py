@@ -227,7 +227,7 @@ def init_state(config, mesh) -> AutoencoderState:
   tx, replicated = optimizer.make(config, optimizer.hyperparameters(config)), sharding.replicated(mesh)
 
   def params_and_opt_state(make_module, seed):
-    shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: make_module(nnx.Rngs(0)))), mesh)
+    shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: make_module(init_rngs.seeded(0)))), mesh)
     init = lambda key: nnx.to_pure_dict(nnx.state(make_module(init_rngs.seeded(key))))
     params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     return params, jax.jit(tx.init, out_shardings=optimizer.state_shardings(tx, params, shardings, replicated))(params)
@@ -321,7 +321,7 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
   discriminator, when the state is an AdversarialState) on the losses in the module docstring; perceptual_state:
   the LPIPS network's (perceptual_model), None without the perceptual term."""
   kl_weight, perceptual_weight, adversarial = config.train.kl_weight, config.lpips.loss_weight, config.adversarial
-  discriminator_graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_discriminator(config, nnx.Rngs(0))))
+  discriminator_graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_discriminator(config, init_rngs.seeded(0))))
 
   def critic(discriminator_params, images, shape):
     """Patch logits of images [n, h, w, 3], each alone, or by a temporal discriminator as the clips of `shape` (the
@@ -495,7 +495,7 @@ def train(config, workdir: str) -> pathlib.Path:
 def _train(config, workdir: str) -> pathlib.Path:
   mesh = sharding.make_mesh(config.mesh)
   validate(config, mesh)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(model_config(config), rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(model_config(config), rngs=init_rngs.seeded(0))))
   saved = pathlib.Path(workdir) / "config.json"
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if mngr.all_steps() and saved.exists():
@@ -582,7 +582,7 @@ def _train(config, workdir: str) -> pathlib.Path:
     return None
   std = latent_std(config, graphdef, state.params, [next_batch() for _ in range(config.train.scale_batches)])
   trained = model_config(config, 1.0 / std)
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(trained, rngs=nnx.Rngs(0)))),
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(trained, rngs=init_rngs.seeded(0)))),
                     state.params)
   directory = pathlib.Path(workdir) / "autoencoder"
   params = multihost_utils.process_allgather(state.params, tiled=True)  # whole arrays on every process

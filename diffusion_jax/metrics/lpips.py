@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.metrics import fid, torch_weights
-from diffusion_jax.models import named_tensors
+from diffusion_jax.models import init_rngs, named_tensors
 
 # VGG16's convolutions by stage (torchvision's configuration "D"); a 2x2 max pool precedes every stage but the first.
 STAGE_WIDTHS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -115,7 +115,7 @@ def load(directory: str) -> LPIPS:
   backbone, linear = weight_files(directory)
   tensors = torch_weights.read(backbone, "VGG16", "vgg16-397923af.pth")
   tensors |= torch_weights.read(linear, "LPIPS linear layers", "lpips/weights/v0.1/vgg.pth")
-  abstract = nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: LPIPS(rngs=init_rngs.seeded(0)))
   return named_tensors.load(abstract, tensors, torch_name, f"The weights in {str(directory)!r} do not match LPIPS "
                             "(VGG16 + v0.1 linear layers)", ignored=("classifier.",))
 

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import objectives, sharding
-from diffusion_jax.models import attention, diffusers_directory, layers, named_tensors
+from diffusion_jax.models import attention, diffusers_directory, init_rngs, layers, named_tensors
 
 CLASS_NAME = "WanTransformer3DModel"
 DEFAULTS = {"patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
@@ -325,5 +325,5 @@ def load_diffusers(path, field: str = "model.wan_path") -> WanTransformer:
   for file in diffusers_directory.weight_files(path):
     tensors.update(load_file(file))
   directory = pathlib.Path(path).expanduser()
-  return named_tensors.load(nnx.eval_shape(lambda: WanTransformer(config, rngs=nnx.Rngs(0))), tensors,
+  return named_tensors.load(nnx.eval_shape(lambda: WanTransformer(config, rngs=init_rngs.seeded(0))), tensors,
                             named_tensors.torch_name, f"{str(directory)!r} does not match its config.json")
