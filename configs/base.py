@@ -48,8 +48,10 @@ def get_config():
       tokenizer="words",           # 'words' (dataset vocabulary), 'sentencepiece' or 'clip' (CLIP's BPE)
       spiece_path="",              # sentencepiece model for tokenizer == 'sentencepiece'
       tokenizer_path="",           # local CLIP tokenizer directory for tokenizer == 'clip' (SD's tokenizer/)
+      second_tokenizer_path="",    # SDXL's second CLIP tokenizer (tokenizer_2/): text_ids hold both tokenizers' ids
       max_length=32,
       pretrained_path="",          # local Hugging Face T5 (or UMT5) directory; empty = random init
+      second_encoder_path="",      # SDXL's second CLIP text encoder (text_encoder_2/), with text.pretrained_path's
       trainable=True,              # False freezes the encoder (Imagen)
       embedding_cache="",          # directory of cached frozen-encoder embeddings (built on first use)
       # position_bias_init (random init only): 't5' (random normal) or 'local' (each word starts mixed with

@@ -1,16 +1,18 @@
-"""Fine-tuning Stable Diffusion 1.x or 2.x (a diffusers checkpoint) on your images: its U-Net (model.backbone=
-'sd_unet', trained), CLIP text encoder and VAE (both frozen), read from the checkpoint's folders, on SD's
-variance-preserving scaled-linear schedule with its prediction (eps, or v for SD 2.x at 768 px: the scheduler's
-prediction_type), sampled with DPM-Solver++(2M), 25 steps, guidance 7.5, at the timesteps its scheduler spaces
-(timestep_spacing, steps_offset), against the empty prompt's encoding as SD's pipelines are.
+"""Fine-tuning Stable Diffusion 1.x, 2.x or SDXL (a diffusers checkpoint) on your images: its U-Net
+(model.backbone='sd_unet', trained), CLIP text encoder (SDXL: both) and VAE (frozen), read from the checkpoint's
+folders, on SD's variance-preserving scaled-linear schedule with its prediction (eps, or v for SD 2.x at 768 px: the
+scheduler's prediction_type), sampled with DPM-Solver++(2M), 25 steps, guidance 7.5 (SDXL: 5, its pipeline's
+default), at the timesteps its scheduler spaces (timestep_spacing, steps_offset), against the empty prompt's encoding
+as SD's pipelines are (SDXL's: zeros).
 
   python -m diffusion_jax.main --config=configs/stable_diffusion.py:/path/to/stable-diffusion-v1-5 --workdir=DIR \\
       --config.data.folder=/path/to/images --config.data.captions_file=/path/to/images/captions.jsonl
 
 The variant is the checkpoint's root directory: unet/, text_encoder/, tokenizer/, vae/ and
-scheduler/scheduler_config.json are read from it (the config check names a missing or mismatched one). The images
-are scaled to cover the U-Net's sample_size times 8 (512 px for SD 1.x and SD 2.x base, 768 for SD 2.x) and
-cropped. Without a root (`configs/stable_diffusion.py`) the paths are empty, for the command line to give.
+scheduler/scheduler_config.json are read from it, and an SDXL checkpoint's text_encoder_2/ and tokenizer_2/ (the
+config check names a missing or mismatched one). The images are scaled to cover the U-Net's sample_size times 8
+(512 px for SD 1.x and SD 2.x base, 768 for SD 2.x, 1024 for SDXL) and cropped. Without a root
+(`configs/stable_diffusion.py`) the paths are empty, for the command line to give.
 """
 
 import json
@@ -34,6 +36,9 @@ def get_config(root: str = ""):
                       dtype="bfloat16")
   config.text.update(pretrained_path=part("text_encoder"), tokenizer="clip", tokenizer_path=part("tokenizer"),
                      max_length=77, trainable=False)
+  sdxl = bool(root) and os.path.isdir(part("text_encoder_2"))
+  if sdxl:
+    config.text.update(second_encoder_path=part("text_encoder_2"), second_tokenizer_path=part("tokenizer_2"))
   config.latent.autoencoder_path = part("vae")
   prediction, weighting = PREDICTIONS.get(scheduler.get("prediction_type", "epsilon"), ("eps", "eps_mse"))
   config.diffusion.update(path="vp", schedule="scaled_linear", prediction=prediction, weighting=weighting)
@@ -41,9 +46,12 @@ def get_config(root: str = ""):
   config.data.update(dataset="folder", resolution=8 * unet.get("sample_size", 64))
   config.optimizer.update(learning_rate=1e-5, warmup_steps=100, schedule="constant", weight_decay=0.01)
   config.train.update(batch_size=16, steps=2000, ema_decays=(0.9999,), checkpoint_every=500)
-  config.sample.update(sampler="dpmpp_2m", steps=25, guidance_scale=7.5, threshold="none", num_per_prompt=1,
-                       prompts=("a photograph of an astronaut riding a horse",),  # at the scheduler's timesteps:
-                       timestep_spacing=scheduler.get("timestep_spacing", "leading"),
-                       steps_offset=scheduler.get("steps_offset", 1))
+  spacing = scheduler.get("timestep_spacing", "leading")
+  config.sample.update(sampler="dpmpp_2m", steps=25, guidance_scale=5.0 if sdxl else 7.5, threshold="none",
+                       num_per_prompt=1,
+                       prompts=("a photograph of an astronaut riding a horse",),  # at the scheduler's timesteps
+                       # (diffusers reads steps_offset for leading spacing only):
+                       timestep_spacing=spacing, steps_offset=scheduler.get("steps_offset", 1) if spacing == "leading"
+                       else 0)
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   return config

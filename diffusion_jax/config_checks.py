@@ -102,8 +102,12 @@ def latent_problems(config) -> list[str]:
 
 def text_width(config) -> int:
   """The width of the text encoder's states: a pretrained one's (text.pretrained_path: a T5's d_model, a CLIP text
-  model's hidden_size), else text.t5.d_model; a ValueError where its config.json cannot be read."""
+  model's hidden_size; with text.second_encoder_path, SDXL's, both CLIP models' summed), else text.t5.d_model; a
+  ValueError where its config.json cannot be read."""
   path = config.text.pretrained_path
+  if config.text.second_encoder_path:
+    return (clip.read_text_config(path)["hidden_size"]
+            + clip.read_text_config(config.text.second_encoder_path, "text.second_encoder_path")["hidden_size"])
   if path and clip.is_text_model(path):
     return clip.read_text_config(path)["hidden_size"]
   return t5.read_hf_config(path).d_model if path else config.text.t5.d_model
@@ -127,7 +131,28 @@ def clip_text_problems(config) -> list[str]:
                    "set text.tokenizer='clip' and text.tokenizer_path (SD's tokenizer/ folder)")
     if t.max_length > positions:
       found.append(f"text.max_length={t.max_length} exceeds the CLIP text encoder's {positions} positions")
-  return found
+  return found + sdxl_text_problems(config)
+
+
+def sdxl_text_problems(config) -> list[str]:
+  """Why SDXL's second text encoder and tokenizer (text.second_encoder_path, text.second_tokenizer_path) do not fit."""
+  t = config.text
+  if not (t.second_encoder_path or t.second_tokenizer_path):
+    return []
+  if not (t.second_encoder_path and t.second_tokenizer_path and t.tokenizer == "clip"):
+    return ["text.second_encoder_path and text.second_tokenizer_path go together (SDXL's text_encoder_2/ and "
+            "tokenizer_2/), with text.tokenizer='clip'"]
+  if not (t.pretrained_path and clip.is_text_model(t.pretrained_path)):
+    return [f"text.second_encoder_path is SDXL's second text encoder: text.pretrained_path={t.pretrained_path!r} "
+            "must hold its first, a CLIPTextModel (text_encoder/)"]
+  try:
+    second = clip.read_text_config(t.second_encoder_path, "text.second_encoder_path")
+    tokenizers.CLIPTokenizer(t.second_tokenizer_path, t.max_length, "text.second_tokenizer_path")
+  except ValueError as error:
+    return [str(error)]
+  return ([f"text.max_length={t.max_length} exceeds the second CLIP text encoder's "
+           f"{second['max_position_embeddings']} positions"] if t.max_length > second["max_position_embeddings"]
+          else [])
 
 
 def wan_problems(config) -> list[str]:
@@ -178,8 +203,9 @@ def sd_unet_problems(config) -> list[str]:
     found.append(f"model.in_channels={m.in_channels}: SD's U-Net maps {unet['in_channels']} channels to "
                  f"{unet['out_channels']}; the data's (an autoencoder's latent_channels, or 3 for pixels) must be both")
   if text_dim != unet["cross_attention_dim"]:
-    found.append(f"the text encoder's width {text_dim} (text.pretrained_path's, or text.t5.d_model) must "
-                 f"equal the U-Net's cross_attention_dim={unet['cross_attention_dim']}")
+    found.append(f"the text encoder's width {text_dim} (text.pretrained_path's, or text.t5.d_model; SDXL's, both "
+                 f"encoders') must equal the U-Net's cross_attention_dim={unet['cross_attention_dim']}")
+  found += sdxl_unet_problems(config, unet)
   unsupported = [field for field, value in (("model.temporal", m.temporal),
                                             ("model.lowres_conditioning", m.lowres_conditioning),
                                             ("model.lora_modulation", m.lora_modulation)) if value]
@@ -187,6 +213,27 @@ def sd_unet_problems(config) -> list[str]:
     found.append(f"{', '.join(unsupported)}: not supported with model.backbone='sd_unet' yet (clips, "
                  "super-resolution inputs, a LoRA of the modulation, which it has none of); turn off")
   return found
+
+
+def sdxl_unet_problems(config, unet: dict) -> list[str]:
+  """Whether SDXL's U-Net (addition_embed_type 'text_time') and SDXL's pair of text encoders come together, and its
+  added embedding reads the second encoder's pooled embedding beside 6 time ids."""
+  sdxl, second = unet["addition_embed_type"] == sd_unet.TEXT_TIME, config.text.second_encoder_path
+  if sdxl and not second:
+    return ["SDXL's U-Net (addition_embed_type='text_time') reads a second text encoder's pooled embedding: set "
+            "text.second_encoder_path and text.second_tokenizer_path (the checkpoint's text_encoder_2/ and "
+            "tokenizer_2/)"]
+  if second and not sdxl:
+    return [f"text.second_encoder_path={second!r}: only SDXL's U-Net (addition_embed_type='text_time') reads a "
+            "second text encoder"]
+  if not sdxl:
+    return []
+  pooled = clip.read_text_config(second, "text.second_encoder_path")["projection_dim"]
+  reads = pooled + 6 * unet["addition_time_embed_dim"]
+  return [] if reads == unet["projection_class_embeddings_input_dim"] else [
+      f"SDXL's U-Net reads {unet['projection_class_embeddings_input_dim']} added features "
+      f"(projection_class_embeddings_input_dim), not the second text encoder's pooled {pooled} beside 6 time ids of "
+      f"{unet['addition_time_embed_dim']} ({reads}; the SDXL refiner's 5 ids are not supported)"]
 
 
 def wan_channel_problems(config, wan: dict) -> list[str]:

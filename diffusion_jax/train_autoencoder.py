@@ -495,7 +495,8 @@ def train(config, workdir: str) -> pathlib.Path:
 def _train(config, workdir: str) -> pathlib.Path:
   mesh = sharding.make_mesh(config.mesh)
   validate(config, mesh)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(model_config(config), rngs=init_rngs.seeded(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(model_config(config),
+                                                                           rngs=init_rngs.seeded(0))))
   saved = pathlib.Path(workdir) / "config.json"
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if mngr.all_steps() and saved.exists():

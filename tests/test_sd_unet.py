@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from diffusion_jax import config_checks, sample, schedules, sharding, train
-from diffusion_jax.models import sd_unet
+from diffusion_jax.models import init_rngs, sd_unet
 
 
 POOLED = 12  # the tiny SDXL U-Net's pooled text width
@@ -99,8 +99,8 @@ def test_a_stable_diffusion_unet_backbone_starts_from_its_weights(tmp_path):
   config.diffusion.path, config.text.t5.d_model = "flow", 16
   found = " ".join(config_checks.problems(config, device_count=8))
   for problem in ("SD's U-Net reads the timesteps of its variance-preserving table; set diffusion.path='vp'",
-                  "the text encoder's width 16 (text.pretrained_path's, or text.t5.d_model) must equal the "
-                  "U-Net's cross_attention_dim=32",
+                  "the text encoder's width 16 (text.pretrained_path's, or text.t5.d_model; SDXL's, both encoders') "
+                  "must equal the U-Net's cross_attention_dim=32",
                   "model.lowres_conditioning: not supported with model.backbone='sd_unet' yet"):
     assert problem in found
   config.diffusion.path, config.text.t5.d_model, config.model.lowres_conditioning = "vp", 32, False
@@ -165,62 +165,64 @@ def test_the_clip_tokenizer_makes_transformers_ids(tmp_path, pad_token):
     tokenizers.CLIPTokenizer(str(tmp_path), 12)
 
 
-def save_tiny_stable_diffusion(root, captions):
+def save_tiny_stable_diffusion(root, captions, sdxl=False):
   """A Stable Diffusion 1.x checkpoint's folders (unet/, text_encoder/, tokenizer/, vae/, scheduler/) with tiny
   random models: a 2-level U-Net, a 2-layer CLIP text model of width 32, a factor-2 VAE with 4 latent channels.
-  Returns diffusers' StableDiffusionPipeline of them."""
+  With sdxl, an SDXL checkpoint's: SDXL's U-Net layout (save_tiny_sd_unet) and also text_encoder_2/ (a 2-layer
+  CLIPTextModelWithProjection of width 16 projecting to POOLED) and tokenizer_2/ (padding with "!"). Returns
+  diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline) of them."""
   import diffusers
   import transformers
 
-  save_tiny_sd_unet(root / "unet", cross_attention_dim=32)
+  save_tiny_sd_unet(root / "unet", cross_attention_dim=48 if sdxl else 32, sdxl=sdxl)
   vocab = save_tiny_clip_tokenizer(root / "tokenizer", captions)
   torch.manual_seed(0)
-  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-      max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1)).eval()
+  clip_config = lambda width, **fields: transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1, **fields)
+  text_encoder = transformers.CLIPTextModel(clip_config(32)).eval()
   text_encoder.save_pretrained(root / "text_encoder")
   vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
                                 norm_num_groups=4, sample_size=32).eval()
   vae.save_pretrained(root / "vae")
-  scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                      clip_sample=False)
+  scheduler = (diffusers.EulerDiscreteScheduler if sdxl else diffusers.DDPMScheduler)(
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+      **({"timestep_spacing": "leading"} if sdxl else {"clip_sample": False}))
   scheduler.save_pretrained(root / "scheduler")
-  tokenizer = transformers.CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
-                                         model_max_length=16)
-  return diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer, diffusers.UNet2DConditionModel.from_pretrained(
-      root / "unet"), scheduler, None, None, requires_safety_checker=False)
+  tokenizer = lambda folder, **pad: transformers.CLIPTokenizer(
+      str(root / folder / "vocab.json"), str(root / folder / "merges.txt"), model_max_length=16, **pad)
+  unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
+  if not sdxl:
+    return diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer("tokenizer"), unet, scheduler, None, None,
+                                             requires_safety_checker=False)
+  save_tiny_clip_tokenizer(root / "tokenizer_2", captions, pad_token="!")
+  second = transformers.CLIPTextModelWithProjection(clip_config(16, projection_dim=POOLED)).eval()
+  second.save_pretrained(root / "text_encoder_2")
+  return diffusers.StableDiffusionXLPipeline(vae, text_encoder, second, tokenizer("tokenizer"),
+                                             tokenizer("tokenizer_2", pad_token="!"), unet, scheduler)
 
 
-def test_stable_diffusion_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path):
+def test_stable_diffusion_reads_a_checkpoints_folders_as_its_pipeline_encodes_and_predicts(tmp_path):
   """configs/stable_diffusion.py:ROOT reads a Stable Diffusion checkpoint's folders. Its text condition and the null
   condition guidance drops to are what diffusers' StableDiffusionPipeline encodes (the empty prompt's encoding), and
-  its network's prediction at SD's timestep 500 is the pipeline's U-Net's. A LoRA of it (model.lora_rank, no
-  finetune.workdir: its base is the checkpoint's U-Net) trains the updates of every attention projection and
-  (model.lora_feed_forward) feed-forward layer, with remat, and nothing else moves; exported, the adapter says what
-  it adapts, and sampling fuses it."""
+  its network's prediction at SD's timestep 500 is the pipeline's U-Net's (training and sampling: the SDXL test
+  below)."""
   from configs import stable_diffusion
-  from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
-  from diffusion_jax.models import text_to_image
   from diffusion_jax.text import tokenizers
 
   pipeline = save_tiny_stable_diffusion(tmp_path / "sd", [" ".join(captioned_shapes.VOCABULARY)] * 5)
   config = stable_diffusion.get_config(str(tmp_path / "sd"))
   assert (config.model.sd_unet_path, config.text.tokenizer_path) == (str(tmp_path / "sd" / "unet"),
                                                                       str(tmp_path / "sd" / "tokenizer"))
+  assert (config.text.second_encoder_path, config.sample.guidance_scale) == ("", 7.5)
   config.text.max_length = 20
   assert "text.max_length=20 exceeds the CLIP text encoder's 16 positions" in " ".join(
       config_checks.problems(config, device_count=8))
   config.text.max_length, config.model.dtype = 16, "float32"
-  config.model.update(lora_rank=2, lora_feed_forward=True, remat=True)
-  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
-                     data_dir=str(tmp_path / "tfds"))
-  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
-  config.optimizer.learning_rate = 1e-2
-  config.sample.update(steps=2, prompts=("a large red circle",))
+  config.data.update(dataset="captioned_shapes", resolution=32, data_dir=str(tmp_path / "tfds"))
   assert config_checks.problems(config, device_count=8) == []
-
   state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
   prompts = ["a large red circle at the top left", "two small blue squares"]
   ids, mask = tokenizers.from_config(config)(prompts)
@@ -235,12 +237,73 @@ def test_stable_diffusion_fine_tunes_a_lora_and_samples_from_a_checkpoints_folde
     return text, model.null_condition(text, mask)[0], model(latents, logsnr, text, mask)
 
   text, null, prediction = conditions_and_prediction(state.params, state.frozen)
-  del state
   with torch.no_grad():
     expected_text, expected_null = pipeline.encode_prompt(prompts, "cpu", 1, True)
     expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, expected_text).sample.numpy()
   np.testing.assert_allclose(text, expected_text.numpy(), atol=2e-5)
   np.testing.assert_allclose(null, expected_null.numpy(), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(prediction).transpose(0, 3, 1, 2), expected, atol=1e-4)
+
+
+def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path):
+  """configs/stable_diffusion.py:ROOT of an SDXL checkpoint also reads text_encoder_2/ and tokenizer_2/ (guidance 5,
+  its pipeline's). Each prompt's ids are both tokenizers' (which differ where "!" is the second's padding); the text
+  condition holds what StableDiffusionXLPipeline.encode_prompt makes, both encoders' penultimate states and the
+  second's pooled embedding, the null condition is its zeros, and the network's prediction at timestep 500 is the
+  pipeline's U-Net's given those and the image's size as time ids. Without the second encoder, or with an SD 1.x
+  U-Net, the config check says what is missing. A LoRA of it (model.lora_rank, model.lora_feed_forward, remat)
+  trains only its updates; exported, the adapter says what it adapts, and sampling fuses it."""
+  from configs import stable_diffusion
+  from diffusion_jax import lora
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.models import text_to_image
+  from diffusion_jax.text import tokenizers
+
+  pipeline = save_tiny_stable_diffusion(tmp_path / "sdxl", [" ".join(captioned_shapes.VOCABULARY)] * 5, sdxl=True)
+  config = stable_diffusion.get_config(str(tmp_path / "sdxl"))
+  assert (config.text.second_encoder_path, config.text.second_tokenizer_path, config.sample.guidance_scale) == (
+      str(tmp_path / "sdxl" / "text_encoder_2"), str(tmp_path / "sdxl" / "tokenizer_2"), 5.0)
+  config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, remat=True)
+  config.text.max_length = 16
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
+  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
+  config.optimizer.learning_rate = 1e-2
+  config.sample.update(steps=2, prompts=("a large red circle!",))
+  assert config_checks.problems(config, device_count=8) == []
+  bad = config.copy_and_resolve_references()
+  bad.text.second_encoder_path = bad.text.second_tokenizer_path = ""
+  assert ("SDXL's U-Net (addition_embed_type='text_time') reads a second text encoder's pooled embedding"
+          in " ".join(config_checks.problems(bad, device_count=8)))
+  bad = config.copy_and_resolve_references()
+  bad.text.second_tokenizer_path = ""
+  assert "text.second_encoder_path and text.second_tokenizer_path go together" in " ".join(
+      config_checks.problems(bad, device_count=8))
+
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  prompts = ["a large red circle at the top left!", "two small blue squares"]
+  ids, mask = tokenizers.from_config(config)(prompts)
+  assert ids.shape == (2, 32) and mask.shape == (2, 16) and (ids[0, :16] != ids[0, 16:]).any()
+  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  alphas_cumprod = pipeline.scheduler.alphas_cumprod.double().numpy()
+  logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(alphas_cumprod[500]), jnp.float32)
+
+  @jax.jit
+  def conditions_and_prediction(params, frozen):
+    model = nnx.merge(graphdef, params, frozen)
+    text = model.encode(ids, mask)
+    return text, model.null_condition(text, mask)[0], model(latents, logsnr, text, mask)
+
+  text, null, prediction = conditions_and_prediction(state.params, state.frozen)
+  del state
+  with torch.no_grad():
+    expected_text, _, pooled, _ = pipeline.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
+    time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)  # 16 x 16 latents of the factor-2 VAE: 32 px images
+    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, expected_text, added_cond_kwargs={
+        "text_embeds": pooled, "time_ids": time_ids}).sample.numpy()
+  np.testing.assert_allclose(text[..., :48], expected_text.numpy(), atol=2e-5)
+  np.testing.assert_allclose(text[..., 48:], np.broadcast_to(pooled.numpy()[:, None], (2, 16, POOLED)), atol=2e-5)
+  assert not np.asarray(null).any()
   np.testing.assert_allclose(np.asarray(prediction).transpose(0, 3, 1, 2), expected, atol=1e-4)
 
   train.train_and_evaluate(config, tmp_path / "run")
@@ -253,9 +316,10 @@ def test_stable_diffusion_fine_tunes_a_lora_and_samples_from_a_checkpoints_folde
   assert max(float(np.abs(x).max()) for path, x in updates if "lora_b" in jax.tree_util.keystr(path)) > 0
   lora.export(tmp_path / "run", tmp_path / "adapter.safetensors", use_ema=False)
   described = lora.describe(lora.read(str(tmp_path / "adapter.safetensors")))
-  # 4 transformers (level 0's down and its two up, the middle's) x 4 projections a attention; x 2 feed-forward layers
-  for line in (f"for a model: Stable Diffusion's U-Net of {tmp_path / 'sd' / 'unet'}", "self-attention: 16 layers",
-               "cross-attention: 16 layers", "feed-forward: 8 layers"):
+  # Level 1's down transformer and its two up ones, 2 blocks deep, and the middle's: 8 blocks of 4 projections
+  # an attention and 2 feed-forward layers
+  for line in (f"for a model: Stable Diffusion's U-Net of {tmp_path / 'sdxl' / 'unet'}", "self-attention: 32 layers",
+               "cross-attention: 32 layers", "feed-forward: 16 layers"):
     assert line in described, described
   grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
   assert grid.exists()
@@ -363,14 +427,22 @@ def test_sampling_steps_on_the_timesteps_sds_schedulers_take(spacing):
   assert problem is None if spacing == "leading" else "sample.steps_offset=2: shifts leading timesteps" in problem
 
 
-def test_the_real_size_has_diffusers_parameter_count():
-  """SD 2.1's U-Net config (diffusers' defaults but its cross-attention width, per-level heads and linear
-  projections; 4 levels of 2 ResNet blocks, which the tiny tests' 2 levels of 1 do not reach): our module's parameter
-  count (shapes only, nothing allocated) is diffusers' (built on PyTorch's meta device)."""
+SD21 = dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+SDXL = dict(block_out_channels=[320, 640, 1280], down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+            up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], attention_head_dim=[5, 10, 20],
+            transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+
+
+@pytest.mark.parametrize("fields, at_least", [(SD21, 8.5e8), (SDXL, 2.5e9)], ids=["sd21", "sdxl"])
+def test_the_real_size_has_diffusers_parameter_count(fields, at_least):
+  """SD 2.1's and SDXL base's U-Net configs (diffusers' defaults but what their config.json sets: 4 levels of 2
+  ResNet blocks, SDXL's 1, 2 and 10 transformer blocks a level, which the tiny tests do not reach): our module's
+  parameter count (shapes only, nothing allocated) is diffusers' (built on PyTorch's meta device)."""
   import diffusers
 
-  fields = dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+  assert sd_unet.config_problems(fields) == []
   with torch.device("meta"):
     expected = sum(p.numel() for p in diffusers.UNet2DConditionModel(**fields).parameters())
-  ours = nnx.eval_shape(lambda: sd_unet.SDUNet(fields, rngs=nnx.Rngs(0)))
-  assert sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param))) == expected > 8.5e8
+  ours = nnx.eval_shape(lambda: sd_unet.SDUNet(fields, rngs=init_rngs.seeded(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param))) == expected > at_least

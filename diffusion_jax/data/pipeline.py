@@ -20,6 +20,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from diffusion_jax.data import captioned_shapes, folder_dataset, moving_shapes
+from diffusion_jax.text import tokenizers
 
 DATASETS = ("captioned_shapes", "moving_shapes", "folder", "folder_clips", "tfds")
 # Batch keys the train step consumes (attribute keys are for evaluation only).
@@ -260,7 +261,7 @@ def synthetic_batch(config) -> dict:
   b, n, (h, w) = config.train.batch_size, config.text.max_length, image_size(config.data)
   visual = (b, config.data.frames, h, w, 3) if config.model.temporal else (b, h, w, 3)
   batch = {"video" if config.model.temporal else "image": np.zeros(visual, np.float32),
-           "text_ids": np.ones((b, n), np.int32), "text_mask": np.ones((b, n), bool)}
+           "text_ids": np.ones((b, tokenizers.ids_per_prompt(config)), np.int32), "text_mask": np.ones((b, n), bool)}
   if config.model.temporal:
     batch["is_video"] = np.ones((b,), bool)
   return batch

@@ -2,7 +2,8 @@
 read from local Hugging Face checkpoints (nothing is downloaded, transformers is not needed): a whole CLIPModel
 (`from_pretrained`: CLIP score, metrics/clip_score.py), a CLIPVisionModel alone (`load_vision`: the image encoder
 of Wan 2.1's image-to-video models, which reads its penultimate layer's states) or a CLIPTextModel alone
-(`load_text`: Stable Diffusion's text encoder, whose every token's last states the U-Net reads).
+(`load_text`: Stable Diffusion's text encoder, whose every token's last states the U-Net reads) or a
+CLIPTextModelWithProjection (`load_text`, with_projection: SDXL's second text encoder, models/sdxl_text.py).
 """
 
 import json
@@ -20,7 +21,7 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 # Defaults of a Hugging Face CLIP config (ViT-B/32) for fields a config.json leaves out.
 TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                      num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                     eos_token_id=49407)
+                     eos_token_id=49407, projection_dim=512)
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -83,17 +84,31 @@ class TextTransformer(nnx.Module):
     self.encoder = Encoder(c, rngs=rngs)
     self.final_layer_norm = nnx.LayerNorm(c["hidden_size"], epsilon=c["layer_norm_eps"], rngs=rngs)
 
+  def embed(self, ids):
+    return self.embeddings.token_embedding(ids) + self.embeddings.position_embedding(jnp.arange(ids.shape[1]))
+
   def states(self, ids):
     """ids [n, tokens] -> every token's last states [n, tokens, width] (transformers' last_hidden_state)."""
-    x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding(jnp.arange(ids.shape[1]))
-    return self.final_layer_norm(self.encoder(x, causal=True))
+    return self.final_layer_norm(self.encoder(self.embed(ids), causal=True))
+
+  def pooled(self, ids, states):
+    """The end-of-text token's row [n, width] of states [n, tokens, width] (transformers' pooler_output of the last
+    states)."""
+    # Configs from before transformers' PR #24773 say eos_token_id=2 and mean the largest id (end of text).
+    end = jnp.argmax(ids, axis=-1) if self.eos_token_id == 2 else jnp.argmax(ids == self.eos_token_id, axis=-1)
+    return jnp.take_along_axis(states, end[:, None, None], axis=1)[:, 0]
 
   def __call__(self, ids):
     """ids [n, tokens] (ending in end-of-text, then padding) -> the end-of-text token's state [n, width]."""
-    x = self.states(ids)
-    # Configs from before transformers' PR #24773 say eos_token_id=2 and mean the largest id (end of text).
-    end = jnp.argmax(ids, axis=-1) if self.eos_token_id == 2 else jnp.argmax(ids == self.eos_token_id, axis=-1)
-    return jnp.take_along_axis(x, end[:, None, None], axis=1)[:, 0]
+    return self.pooled(ids, self.states(ids))
+
+  def penultimate_and_pooled(self, ids):
+    """ids [n, tokens] -> (every token's states after all but the last layer [n, tokens, width], transformers'
+    hidden_states[-2]; the end-of-text token's last state [n, width], as __call__), in one pass."""
+    x = self.embed(ids)
+    for layer in self.encoder.layers[:-1]:
+      x = layer(x, causal=True)
+    return x, self.pooled(ids, self.final_layer_norm(self.encoder.layers[-1](x, causal=True)))
 
 
 class VisionEmbeddings(nnx.Module):
@@ -214,6 +229,15 @@ class TextModel(nnx.Module):
     return self.text_model.states(ids)
 
 
+class TextModelWithProjection(nnx.Module):
+  """A CLIPTextModelWithProjection (tensors text_model.* and text_projection.weight): its text transformer and the
+  unbiased projection of its pooled state (transformers' text_embeds)."""
+
+  def __init__(self, config: dict, *, rngs):
+    self.text_model = TextTransformer(config, rngs=rngs)
+    self.text_projection = nnx.Linear(config["hidden_size"], config["projection_dim"], use_bias=False, rngs=rngs)
+
+
 def is_text_model(path) -> bool:
   """Whether a local directory holds a CLIPTextModel (its config.json's model_type)."""
   file = pathlib.Path(path).expanduser() / "config.json"
@@ -231,9 +255,11 @@ def read_text_config(path, field: str = "text.pretrained_path") -> dict:
   return config
 
 
-def load_text(path, field: str = "text.pretrained_path") -> TextModel:
-  """A TextModel with the weights of a local CLIPTextModel directory (config.json, model.safetensors)."""
-  return _load_tower(TextModel, read_text_config(path, field), path, field, "text_model.")
+def load_text(path, field: str = "text.pretrained_path", with_projection: bool = False):
+  """A TextModel (with_projection: a TextModelWithProjection) with the weights of a local CLIPTextModel (or
+  CLIPTextModelWithProjection) directory (config.json, model.safetensors)."""
+  return _load_tower(TextModelWithProjection if with_projection else TextModel, read_text_config(path, field), path,
+                     field, "text_model.")
 
 
 def read_vision_config(path, field: str) -> dict:

@@ -4,11 +4,12 @@ Diffusion checkpoint).
 
 Levels of ResNet blocks (group norm, SiLU, 3x3 convolutions, the time embedding added between them) with, at the
 levels `down_block_types` names CrossAttn*, a transformer after each ResNet block: a group norm, a projection in
-(a 1x1 convolution, SD 1.x; a linear layer with `use_linear_projection`, SD 2.x and SDXL), `transformer_layers_per_block`
-blocks (SDXL: 1, 2 and 10 by level; the middle block has the deepest level's) of self-attention, cross-attention to
-the text (every text token: SD's pipelines pass no mask) and a GEGLU feed-forward, each after a layer norm, then a
-projection out, added to its input. A strided convolution goes down a level, nearest-neighbour upsampling and a
-convolution up; the up path reads every down-path output (concatenated after its own features).
+(a 1x1 convolution, SD 1.x; a linear layer with `use_linear_projection`, SD 2.x and SDXL),
+`transformer_layers_per_block` blocks (SDXL: 1, 2 and 10 by level; the middle block has the deepest level's) of
+self-attention, cross-attention to the text (every text token: SD's pipelines pass no mask) and a GEGLU
+feed-forward, each after a layer norm, then a projection out, added to its input. A strided convolution goes down a
+level, nearest-neighbour upsampling and a convolution up; the up path reads every down-path output (concatenated
+after its own features).
 `attention_head_dim` is, as in diffusers, the number of heads of each level's attention (SD 1.x: 8; SD 2.x: 5,
 10, 20, 20, 64-wide heads) unless `num_attention_heads` is given. SDXL's added embedding (addition_embed_type
 'text_time') adds to the time embedding an MLP of its pooled text embedding beside the sinusoidal features of its
@@ -36,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import schedules
-from diffusion_jax.models import attention, diffusers_directory, layers, named_tensors
+from diffusion_jax.models import attention, diffusers_directory, init_rngs, layers, named_tensors
 
 CLASS_NAME = "UNet2DConditionModel"
 DEFAULTS = {"in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
@@ -334,6 +335,7 @@ class SDUNet(nnx.Module):
     heads, per_layer = heads_per_level(c), c["layers_per_block"]
     depths = per_level(c["transformer_layers_per_block"], levels)
     self.flip_sin_to_cos, self.freq_shift, self.channels = c["flip_sin_to_cos"], c["freq_shift"], channels[0]
+    self.cross_attention_dim = c["cross_attention_dim"]
     time_dim = 4 * channels[0]
     self.conv_in = conv(c["in_channels"], channels[0], 3, rngs, dtype)
     self.time_embedding = embedding_mlp(channels[0], time_dim, rngs)
@@ -393,5 +395,5 @@ def load_diffusers(path, field: str = "model.sd_unet_path") -> SDUNet:
   for file in diffusers_directory.weight_files(path):
     tensors.update(load_file(file))
   directory = pathlib.Path(path).expanduser()
-  return named_tensors.load(nnx.eval_shape(lambda: SDUNet(config, rngs=nnx.Rngs(0))), tensors,
+  return named_tensors.load(nnx.eval_shape(lambda: SDUNet(config, rngs=init_rngs.seeded(0))), tensors,
                             named_tensors.torch_name, f"{str(directory)!r} does not match its config.json")

@@ -15,26 +15,30 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax import objectives, schedules
-from diffusion_jax.models import autoencoder, clip, dit, init_rngs, sd_unet, t5, unet, wan_transformer
+from diffusion_jax.models import autoencoder, clip, dit, init_rngs, sd_unet, sdxl_text, t5, unet, wan_transformer
 from diffusion_jax.text import tokenizers
 
 
 class TextToImage(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
-    """Every part randomly initialised; a pretrained text encoder (text.pretrained_path), autoencoder
+    """Every part randomly initialised; a pretrained text encoder (text.pretrained_path; with
+    text.second_encoder_path, SDXL's pair), autoencoder
     (latent.autoencoder_path), Wan transformer (model.wan_path), Stable Diffusion U-Net (model.sd_unet_path) or CLIP
     image encoder (model.wan_image_encoder_path)
     gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
-    if text_path and clip.is_text_model(text_path):  # Stable Diffusion's: CLIP's text transformer
+    self.empty_prompt_ids = None
+    if config.text.second_encoder_path:  # SDXL's two CLIP text transformers; its null condition is zeros
+      self.text_encoder = sdxl_text.TextEncoders(clip.read_text_config(text_path), clip.read_text_config(
+          config.text.second_encoder_path, "text.second_encoder_path"), rngs=rngs)
+    elif text_path and clip.is_text_model(text_path):  # Stable Diffusion's: CLIP's text transformer
       self.text_encoder = clip.TextModel(clip.read_text_config(text_path), rngs=rngs)
       ids, _ = tokenizers.from_config(config)([""])
       self.empty_prompt_ids = tuple(int(i) for i in ids[0])  # (a static attribute: part of the graphdef)
     else:
       self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
                                        else config.text.t5, rngs=rngs)
-      self.empty_prompt_ids = None
     m = config.model
     self.backbone, self.image_to_video, self.first_last_frame = m.backbone, False, False
     self.clean_first_frame = m.backbone == "wan" and m.wan_clean_first_frame  # Wan 2.2 TI2V's image-to-video mode
@@ -62,14 +66,15 @@ class TextToImage(nnx.Module):
       self.unet = unet.UNet(m, rngs=rngs)
     self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path
                         else None)
+    self.pixels_per_latent = autoencoder.downsampling_factor(autoencoder.read_config(latent_path)) if latent_path else 1
 
   def encode(self, ids, mask):
     return self.text_encoder(ids, mask)
 
   def null_condition(self, text, mask):
     """(text [batch, tokens, width], mask [batch, tokens]) of the condition classifier-free guidance drops to, for
-    a batch like (text, mask): zeros with an all-False mask; with a CLIP text encoder (Stable Diffusion's), the
-    encoding of the empty prompt, which its pipelines use and its U-Net learnt."""
+    a batch like (text, mask): zeros with an all-False mask (SDXL's too); with a CLIP text encoder (Stable Diffusion
+    1.x and 2.x's), the encoding of the empty prompt, which its pipelines use and its U-Net learnt."""
     if self.empty_prompt_ids is None:
       return jnp.zeros_like(text), jnp.zeros_like(mask)
     empty = self.encode(jnp.asarray(self.empty_prompt_ids, jnp.int32)[None], None).astype(text.dtype)
@@ -153,7 +158,11 @@ class TextToImage(nnx.Module):
       toward_first = objectives.eps_from_x0(first, x_t.astype(jnp.float32), alpha, sigma) - first
       return jnp.where(clean[..., None, None, None], toward_first, out)
     if self.backbone == "sd_unet":  # images only; every text token, as SD's pipelines (config_checks.sd_unet_problems)
-      return self.sd_unet(x, sd_unet.timestep(logsnr), text)
+      if self.sd_unet.add_embedding is None:
+        return self.sd_unet(x, sd_unet.timestep(logsnr), text)
+      tokens, pooled = sdxl_text.split(text, self.sd_unet.cross_attention_dim)  # SDXL
+      size = [self.pixels_per_latent * n for n in x.shape[1:3]]
+      return self.sd_unet(x, sd_unet.timestep(logsnr), tokens, pooled, sdxl_text.time_ids(x.shape[0], *size))
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
                    is_video=is_video)
@@ -194,7 +203,9 @@ def pretrained_weights(config) -> dict:
       weights["wan_low"] = wan_transformer.load_diffusers(config.model.wan_low_noise_path, "model.wan_low_noise_path")
   if config.model.backbone == "sd_unet":
     weights["sd_unet"] = sd_unet.load_diffusers(config.model.sd_unet_path)
-  if config.text.pretrained_path and clip.is_text_model(config.text.pretrained_path):
+  if config.text.second_encoder_path:
+    weights["text_encoder"] = sdxl_text.load(config.text.pretrained_path, config.text.second_encoder_path)
+  elif config.text.pretrained_path and clip.is_text_model(config.text.pretrained_path):
     weights["text_encoder"] = clip.load_text(config.text.pretrained_path)
   elif config.text.pretrained_path:
     weights["text_encoder"] = t5.load_hf_encoder(config.text.pretrained_path, config.text.t5.dtype)

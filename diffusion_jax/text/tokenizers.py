@@ -128,6 +128,30 @@ class CLIPTokenizer:
     return ids, mask
 
 
+class CLIPTokenizerPair:
+  """SDXL's two CLIP tokenizers (tokenizer/ and tokenizer_2/, whose padding differs: end-of-text and "!"): ids
+  [n, 2 max_length], the first's then the second's (what models/sdxl_text.py's TextEncoders split), and the first's
+  mask [n, max_length]."""
+
+  def __init__(self, first_path: str, second_path: str, max_length: int):
+    self.first = CLIPTokenizer(first_path, max_length)
+    self.second = CLIPTokenizer(second_path, max_length, "text.second_tokenizer_path")
+    self.max_length = max_length
+
+  @property
+  def vocab_size(self) -> int:
+    return self.first.vocab_size
+
+  def __call__(self, texts):
+    (first, mask), (second, _) = self.first(texts), self.second(texts)
+    return np.concatenate([first, second], axis=1), mask
+
+
+def ids_per_prompt(config) -> int:
+  """How many token ids a prompt's text_ids hold: text.max_length, twice that for SDXL's pair of tokenizers."""
+  return config.text.max_length * (2 if config.text.second_tokenizer_path else 1)
+
+
 def train_sentencepiece(captions, model_prefix, vocab_size: int = 64) -> str:
   """Train a small sentencepiece model on captions (T5 ids: pad 0, eos 1, unk 2); returns the model path."""
   import io
@@ -145,6 +169,8 @@ def from_config(config):
   """The tokenizer named by config.text for the dataset of config.data."""
   if config.text.tokenizer == "sentencepiece":
     return SentencePieceTokenizer(config.text.spiece_path, config.text.max_length)
+  if config.text.tokenizer == "clip" and config.text.second_tokenizer_path:
+    return CLIPTokenizerPair(config.text.tokenizer_path, config.text.second_tokenizer_path, config.text.max_length)
   if config.text.tokenizer == "clip":
     return CLIPTokenizer(config.text.tokenizer_path, config.text.max_length)
   if config.text.tokenizer == "words":

@@ -1,0 +1,56 @@
+"""SDXL's text condition (Podell et al. 2023; diffusers' StableDiffusionXLPipeline.encode_prompt): two CLIP text
+encoders, text_encoder/ (a CLIPTextModel, CLIP ViT-L's) and text_encoder_2/ (a CLIPTextModelWithProjection,
+OpenCLIP ViT-bigG's), each reading its own tokenizer's ids. The U-Net cross-attends to every token's states after
+all but the last layer of both, concatenated, and adds to its time embedding the second's projected end-of-text
+state (the pooled embedding) beside the image's size and crop (`time_ids`).
+
+As one text condition (what training, sampling, guidance and the text-embedding cache pass around as `text`) the
+two travel together: [n, tokens, width_1 + width_2 + projection_dim], the pooled embedding repeated beside every
+token; `split` takes it apart. Its null condition is zeros, as SDXL's pipelines' (force_zeros_for_empty_prompt).
+"""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax.models import clip, init_rngs
+
+
+class TextEncoders(nnx.Module):
+  """(ids [n, 2 tokens]: the first tokenizer's ids, then the second's; mask, not read) -> the text condition
+  [n, tokens, width_1 + width_2 + projection_dim]."""
+
+  def __init__(self, first_config: dict, second_config: dict, *, rngs: nnx.Rngs):
+    self.first = clip.TextModel(first_config, rngs=rngs)
+    self.second = clip.TextModelWithProjection(second_config, rngs=rngs)
+
+  def __call__(self, ids, mask=None):
+    del mask
+    first_ids, second_ids = jnp.split(ids, 2, axis=1)
+    first, _ = self.first.text_model.penultimate_and_pooled(first_ids)
+    second, pooled = self.second.text_model.penultimate_and_pooled(second_ids)
+    pooled = self.second.text_projection(pooled)
+    pooled = jnp.broadcast_to(pooled[:, None], first.shape[:2] + pooled.shape[-1:])
+    return jnp.concatenate([first, second, pooled], axis=-1)
+
+
+def load(first_path, second_path) -> TextEncoders:
+  """TextEncoders with the weights of SDXL's text_encoder/ (text.pretrained_path) and text_encoder_2/
+  (text.second_encoder_path) folders."""
+  encoders = nnx.eval_shape(lambda: TextEncoders(clip.read_text_config(first_path),
+                                                 clip.read_text_config(second_path, "text.second_encoder_path"),
+                                                 rngs=init_rngs.seeded(0)))
+  encoders.first = clip.load_text(first_path)
+  encoders.second = clip.load_text(second_path, "text.second_encoder_path", with_projection=True)
+  return encoders
+
+
+def split(text, width: int):
+  """The text condition [n, tokens, width + projection_dim] -> (the tokens' states [n, tokens, width], the pooled
+  embedding [n, projection_dim])."""
+  return text[..., :width], text[:, 0, width:]
+
+
+def time_ids(batch: int, height: int, width: int):
+  """[batch, 6] float32: SDXL's size and crop condition of an image of height x width pixels, uncropped and made at
+  its own size (the pipelines' default: original size, crop top-left (0, 0), target size)."""
+  return jnp.broadcast_to(jnp.array([height, width, 0, 0, height, width], jnp.float32), (batch, 6))
