@@ -169,7 +169,12 @@ def denoise(module, x, timesteps, text):
   if is_transformer(module):  # no resolution / aspect-ratio conditions (PixArt uses them only at 1024 px)
     return module(x, encoder_hidden_states=text, timestep=timesteps,
                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-  return module(x, timesteps, encoder_hidden_states=text).sample
+  c = module.config
+  added = None  # SDXL's U-Net also reads a pooled embedding and size / crop ids (their values do not change its cost)
+  if getattr(c, "addition_embed_type", None) == "text_time":
+    added = {"text_embeds": x.new_zeros(x.shape[0], c.projection_class_embeddings_input_dim
+                                        - 6 * c.addition_time_embed_dim), "time_ids": x.new_ones(x.shape[0], 6)}
+  return module(x, timesteps, encoder_hidden_states=text, added_cond_kwargs=added).sample
 
 
 def train_step_seconds(module, batch: int, size: int | tuple[int, int], tokens: int, steps: int,

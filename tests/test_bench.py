@@ -137,23 +137,26 @@ def test_the_peer_of_wans_transformer_is_the_same_checkpoint_run_by_diffusers_on
   assert diffusers_peer.sampling_images_per_s(peer, 1, 16, 8, 2, 3.0, repeats=1, frames=4) > 0
 
 
-def test_the_peer_of_stable_diffusions_unet_is_the_same_checkpoint_run_by_diffusers(tmp_path):
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_the_peer_of_stable_diffusions_unet_is_the_same_checkpoint_run_by_diffusers(tmp_path, sdxl):
   """The SD U-Net's peer is diffusers' UNet2DConditionModel with the checkpoint's weights: the same function of the
-  same weights as ours, so the benchmark times one network two ways."""
+  same weights as ours (SDXL's: given zeros as its pooled embedding and ones as its time ids), so the benchmark times
+  one network two ways."""
   import torch
 
   from diffusion_jax import diffusers_peer
   from diffusion_jax.models import sd_unet
-  from test_sd_unet import save_tiny_sd_unet
+  from test_sd_unet import POOLED, save_tiny_sd_unet
 
-  save_tiny_sd_unet(tmp_path)
+  save_tiny_sd_unet(tmp_path, sdxl=sdxl)
   peer = diffusers_peer.closest(ml_collections.ConfigDict(dict(backbone="sd_unet", sd_unet_path=str(tmp_path))), 16, 0)
   assert diffusers_peer.name(peer, "sd_unet").startswith("UNet2DConditionModel, the same checkpoint")
   x, text = np.random.default_rng(0).standard_normal((1, 4, 16, 16)), np.ones((1, 3, 16))
   with torch.no_grad():
     expected = diffusers_peer.denoise(peer.eval(), torch.tensor(x, dtype=torch.float32), torch.tensor([500.0]),
                                       torch.tensor(text, dtype=torch.float32)).numpy()
-  ours = sd_unet.load_diffusers(tmp_path)(x.transpose(0, 2, 3, 1), np.array([500.0]), text)
+  added = (np.zeros((1, POOLED)), np.ones((1, 6))) if sdxl else ()
+  ours = sd_unet.load_diffusers(tmp_path)(x.transpose(0, 2, 3, 1), np.array([500.0]), text, *added)
   np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), expected, atol=2e-5)
   assert diffusers_peer.train_step_seconds(peer, 2, 16, 3, steps=1) > 0
 
