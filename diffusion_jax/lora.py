@@ -17,7 +17,9 @@ A LoRA of Wan's transformer also travels in the PyTorch world's files (diffusers
 writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` reads that layout, Wan's
 original one (ComfyUI's) and musubi-tuner's, as shared Wan LoRAs come (`--lora=low_noise=FILE` for Wan 2.2
 A14B's low-noise expert's file). `--lora` also reads Stable Diffusion 1.x / 2.x LoRAs in kohya's and diffusers'
-layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too).
+layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too) and SDXL U-Net
+LoRAs in diffusers'; `--format=diffusers` writes a LoRA of SD's U-Net (1.x, 2.x or SDXL) in diffusers' layout,
+which their pipelines' load_lora_weights read.
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
                                [--format=diffusers]
@@ -28,8 +30,9 @@ Flags:
   --output    the adapter file to write (.safetensors)
   --step      checkpoint step (default: the latest)
   --use_ema   take the updates' first EMA copy (default: the run's sample.use_ema) or, false, the trained ones
-  --format    diffusion_jax (default: ours, with what made it) or diffusers (a LoRA of Wan's transformer only; of
-              Wan 2.2 A14B's pair, a second file, OUTPUT_low_noise.safetensors, for the low-noise expert)
+  --format    diffusion_jax (default: ours, with what made it) or diffusers (a LoRA of Wan's transformer or of
+              Stable Diffusion's U-Net; of Wan 2.2 A14B's pair, a second file, OUTPUT_low_noise.safetensors, for
+              the low-noise expert)
   --inspect   print what an adapter file holds instead (`describe`): what made it, the model it was made for,
               and how many layers of each kind it updates with how many weights
 """
@@ -223,9 +226,9 @@ def provenance(adapters: list[Adapter]) -> list[dict]:
 
 def export(workdir, output, step: int | None = None, use_ema: bool | None = None, layout: str = FORMAT) -> dict:
   """Write the low-rank updates of a LoRA run's checkpoint (default: the latest; use_ema default: its
-  sample.use_ema) to `output` (safetensors), in our layout or (a Wan LoRA, layout 'diffusers') diffusers' (of
-  Wan 2.2 A14B's pair, the low-noise expert's to OUTPUT_low_noise too). Returns the files' metadata and, as
-  'files', their paths."""
+  sample.use_ema) to `output` (safetensors), in our layout or (a LoRA of Wan's transformer or SD's U-Net, layout
+  'diffusers') diffusers' (of Wan 2.2 A14B's pair, the low-noise expert's to OUTPUT_low_noise too). Returns the
+  files' metadata and, as 'files', their paths."""
   from safetensors.numpy import save
 
   config = checkpoint.read_config(workdir)
@@ -234,8 +237,8 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
                      "the whole model; sample or fine-tune it as a workdir.")
   if layout not in (FORMAT, "diffusers"):
     raise ValueError(f"--format={layout!r}: {FORMAT} or diffusers")
-  if layout == "diffusers" and config.model.backbone != "wan":
-    raise ValueError(f"--format=diffusers: only a LoRA of Wan's transformer has a diffusers layout; "
+  if layout == "diffusers" and config.model.backbone not in ("wan", "sd_unet"):
+    raise ValueError(f"--format=diffusers: only a LoRA of Wan's transformer or SD's U-Net has a diffusers layout; "
                      f"--workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write {FORMAT}'s)")
   use_ema = config.sample.use_ema if use_ema is None else use_ema
   mngr = checkpoint.manager(workdir, read_only=True)
@@ -252,9 +255,12 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
   tensors = {name(p): np.asarray(x, np.float32) for p, x in weights.items()}
   output = pathlib.Path(output)
-  files = ({output.with_name(output.stem + suffix + output.suffix): part  # one per expert of Wan 2.2 A14B's pair
-            for suffix, part in diffusers_lora.per_expert(tensors).items()} if layout == "diffusers" else
-           {output: tensors})
+  files = {output: tensors}
+  if layout == "diffusers" and config.model.backbone == "wan":  # one file per expert of Wan 2.2 A14B's pair
+    files = {output.with_name(output.stem + suffix + output.suffix): part
+             for suffix, part in diffusers_lora.per_expert(tensors).items()}
+  elif layout == "diffusers":
+    files = {output: sd_lora.to_diffusers(tensors)}
   if layout == "diffusers":  # diffusers' format tag, our provenance beside it
     metadata |= {"format": "pt", "written_by": FORMAT}
   for file, part in files.items():
@@ -317,7 +323,7 @@ def define_flags():
   flags.DEFINE_bool("use_ema", None, "Export the first EMA copy (default: the run's sample.use_ema).")
   flags.DEFINE_string("inspect", None, "Print what this adapter file holds (instead of exporting one).")
   flags.DEFINE_enum("format", FORMAT, [FORMAT, "diffusers"], "The file's layout: ours, or diffusers' (a LoRA of Wan's "
-                    "transformer only: WanPipeline.load_lora_weights reads it).")
+                    "transformer or Stable Diffusion's U-Net: their pipelines' load_lora_weights read it).")
 
 
 def main(argv):

@@ -1,6 +1,7 @@
-"""Stable Diffusion 1.x / 2.x LoRA files as the PyTorch world shares them, read into our low-rank updates (lora.py's
+"""Stable Diffusion LoRA files as the PyTorch world shares them, read into our low-rank updates (lora.py's
 {'sd_unet/down_blocks/0/attentions/0/transformer_blocks/0/attn1/to_q_lora/lora_a': a [in, rank], ..._b: b [rank,
-out]}: the kernel's update is a @ b), of the U-Net (model.backbone='sd_unet') and the CLIP text encoder.
+out]}: the kernel's update is a @ b), of the U-Net (model.backbone='sd_unet') and the CLIP text encoder; and our
+U-Net updates written in diffusers' layout (`to_diffusers`).
 
 - kohya's layout (sd-scripts; most shared SD LoRAs): 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_
   attn1_to_q.lora_down.weight' [rank, in] and '...lora_up.weight' [out, rank], diffusers' module names with their
@@ -8,7 +9,8 @@ out]}: the kernel's update is a @ b), of the U-Net (model.backbone='sd_unet') an
   optional '...alpha' scaling the update by alpha / rank; convolutions too (LoCon: a 3x3 ResNet convolution's down
   [rank, in, 3, 3], up [out, rank, 1, 1]; a 1x1 projection's [rank, in, 1, 1]).
 - diffusers' (PEFT's) layout: 'unet.<module>.lora_A.weight' / 'lora_B.weight' and 'text_encoder.<module>...',
-  scaled by the lora_alpha / r of each model's PEFT config in the file's metadata where there is one.
+  scaled by the lora_alpha / r of each model's PEFT config in the file's metadata where there is one (else 1, as
+  diffusers reads a file without one). SD 1.x, 2.x and SDXL pipelines' load_lora_weights read it.
 
 Which layers a file may update is our model's business: lora.check refuses updates of layers the model lacks or of
 another shape (an SDXL LoRA on SD 1.5), naming them. Tensors that are not low-rank updates (biases, whole weights,
@@ -59,6 +61,20 @@ def as_pair(down, up, scale: float) -> tuple[np.ndarray, np.ndarray]:
   a = down.T if down.ndim == 2 else down.transpose(2, 3, 1, 0)
   b = (up if up.ndim == 2 else up[:, :, 0, 0]).T
   return np.ascontiguousarray(a * np.float32(scale)), np.ascontiguousarray(b)
+
+
+def to_diffusers(updates: dict) -> dict:
+  """Our U-Net updates {name: array} -> diffusers' (PEFT's) layout {key: float32 array}: 'unet.<module>.lora_A.weight'
+  = a^T [rank, in] and '.lora_B.weight' = b^T [out, rank], at scale 1 (no alpha); a ValueError for updates of other
+  than the dense layers of SD's U-Net."""
+  tensors = {}
+  for name, x in updates.items():
+    model, *parts, leaf = name.split("/")
+    if model != "sd_unet" or np.ndim(x) != 2:
+      raise ValueError(f"{name}: only the updates of SD's U-Net's dense layers are written in diffusers' layout")
+    layer = ".".join(part.removesuffix("_lora") for part in parts)
+    tensors[f"unet.{layer}.lora_{leaf[-1].upper()}.weight"] = np.ascontiguousarray(np.asarray(x, np.float32).T)
+  return tensors
 
 
 def from_file(tensors: dict, metadata: dict | None = None) -> dict:

@@ -252,7 +252,8 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   second's pooled embedding, the null condition is its zeros, and the network's prediction at timestep 500 is the
   pipeline's U-Net's given those and the image's size as time ids. Without the second encoder, or with an SD 1.x
   U-Net, the config check says what is missing. A LoRA of it (model.lora_rank, model.lora_feed_forward, remat)
-  trains only its updates; exported, the adapter says what it adapts, and sampling fuses it."""
+  trains only its updates; exported, the adapter says what it adapts, and sampling fuses it; exported in diffusers'
+  layout, diffusers' pipeline fuses it into the same prediction."""
   from configs import stable_diffusion
   from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
@@ -323,6 +324,22 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
     assert line in described, described
   grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
   assert grid.exists()
+  # Written in diffusers' layout, StableDiffusionXLPipeline.load_lora_weights + fuse_lora make its U-Net predict what
+  # ours predicts with the trained updates; read back by --lora, the same updates.
+  lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
+  with_lora = conditions_and_prediction(weights.params, weights.frozen)[2]
+  pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
+  pipeline.fuse_lora()
+  with torch.no_grad():
+    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, expected_text, added_cond_kwargs={
+        "text_embeds": pooled, "time_ids": time_ids}).sample.numpy()
+  np.testing.assert_allclose(np.asarray(with_lora).transpose(0, 3, 1, 2), expected, atol=1e-4)
+  assert np.abs(np.asarray(with_lora) - np.asarray(prediction)).max() > 1e-3  # (the updates change it)
+  ours = lora.read(str(tmp_path / "adapter.safetensors")).updates
+  theirs = lora.read(str(tmp_path / "diffusers.safetensors")).updates
+  assert ours.keys() == theirs.keys()
+  for name in ours:
+    np.testing.assert_array_equal(ours[name], theirs[name])
 
 
 def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffusers_fuses_them(tmp_path):
