@@ -86,8 +86,8 @@ def test_stable_diffusions_kl_f8_autoencoder_and_discriminator_sizes(lpips_weigh
   model_config = train_autoencoder.model_config(config)
   # diffusers' AutoencoderKL of Stable Diffusion (e.g. stabilityai/sd-vae-ft-mse): 83,653,863 parameters;
   # taming-transformers' NLayerDiscriminator (ndf 64, 3 layers, batch norm): 2,765,633.
-  assert count(lambda: autoencoder.AutoencoderKL(model_config, rngs=nnx.Rngs(0))) == 83_653_863
-  assert count(lambda: train_autoencoder.make_discriminator(config, nnx.Rngs(0))) == 2_765_633
+  assert count(lambda: autoencoder.AutoencoderKL(model_config, rngs=init_rngs.seeded(0))) == 83_653_863
+  assert count(lambda: train_autoencoder.make_discriminator(config, init_rngs.seeded(0))) == 2_765_633
   assert autoencoder.downsampling_factor(model_config) == 8
   assert train_autoencoder.problems(config) == [
       "lpips.loss_weight > 0 needs lpips.path, a local LPIPS weights directory (metrics/lpips.py)"]

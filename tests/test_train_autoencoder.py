@@ -21,7 +21,7 @@ from flax import nnx
 from configs import autoencoder_shapes, t2i_shapes
 from diffusion_jax import config_checks, media, optimizer, sharding, train_autoencoder
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import autoencoder
+from diffusion_jax.models import autoencoder, init_rngs
 from test_autoencoder import as_torch, random_autoencoder
 
 pytestmark = pytest.mark.xdist_group("autoencoder")  # one worker trains the autoencoder (`trained`) these tests read
@@ -129,7 +129,7 @@ def test_adversarial_term_starts_at_its_step_with_sds_adaptive_weight_and_resume
   state = train_autoencoder.init_state(config, mesh)
   state = state.replace(step=jax.device_put(jnp.array(2), state.step.sharding))
   graphdef = nnx.graphdef(nnx.eval_shape(
-      lambda: autoencoder.AutoencoderKL(train_autoencoder.model_config(config), rngs=nnx.Rngs(0))))
+      lambda: autoencoder.AutoencoderKL(train_autoencoder.model_config(config), rngs=init_rngs.seeded(0))))
   source = pipeline.data_source(config.data, "train")
   x = np.stack([media.to_float(source[i]["image"]) for i in range(8)])
   # The program train() compiled (same arguments, shardings and donation): the compilation cache has it.
@@ -350,7 +350,7 @@ def test_two_processes_train_and_write_what_one_does(config, trained, tmp_path):
   scores."""
   start = jax.device_get(train_autoencoder.init_state(config, sharding.make_mesh(config.mesh)).params)
   layout = train_autoencoder.model_config(config)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(layout, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(layout, rngs=init_rngs.seeded(0))))
   autoencoder.save_diffusers(nnx.merge(graphdef, start), layout, tmp_path / "start")
   root = pathlib.Path(__file__).resolve().parents[1]
   workdir = tmp_path / "work"

@@ -16,7 +16,7 @@ from diffusion_jax import (checkpoint, config_checks, edit_inputs, evaluate, lor
                            train)
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import heldout_loss
-from diffusion_jax.models import clip, diffusers_directory, text_to_image, wan_transformer
+from diffusion_jax.models import clip, diffusers_directory, init_rngs, text_to_image, wan_transformer
 from diffusion_jax.text import tokenizers
 
 # RGB in and out, and the width of t2v_moving_shapes:test's text encoder, so a pixel video model runs on it.
@@ -78,7 +78,7 @@ def test_the_transformer_computes_what_diffusers_computes(tmp_path):
 
   def variant(**options):  # the same weights in a model built with other options
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(
-        wan_transformer.read_config(tmp_path / "one"), rngs=nnx.Rngs(0), **options)))
+        wan_transformer.read_config(tmp_path / "one"), rngs=init_rngs.seeded(0), **options)))
     return lambda state: nnx.merge(graphdef, state)(*inputs)
 
   # blocks recomputed in the backward pass (model.remat): the same gradients
@@ -368,7 +368,7 @@ def test_a_wan_lora_travels_to_and_from_the_pytorch_layouts(tmp_path):
   config = wan_transformer.read_config(tmp_path / "wan")
   rng = np.random.default_rng(0)
   graph, lora_state = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(
-      config, rngs=nnx.Rngs(0), lora_rank=2, ff_lora_rank=2)))
+      config, rngs=init_rngs.seeded(0), lora_rank=2, ff_lora_rank=2)))
   base = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(tmp_path / "wan")))
   updates = {"wan/" + lora.name(path): 0.3 * rng.normal(size=x.shape).astype(np.float32)
              for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(
@@ -386,7 +386,8 @@ def test_a_wan_lora_travels_to_and_from_the_pytorch_layouts(tmp_path):
 
   ours = lambda model, weights: nnx.merge(model, weights)(jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text),
                                                           jnp.ones((2, 5), bool))
-  plain_graph, plain_state = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(config, rngs=nnx.Rngs(0))))
+  plain_graph, plain_state = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(
+      config, rngs=init_rngs.seeded(0))))
 
   def fused(adapter):  # Wan's own model with the adapter fused into its kernels (sampling's --lora)
     nnx.replace_by_pure_dict(plain_state, lora.fuse({"wan": base}, [adapter])["wan"])
@@ -497,7 +498,7 @@ def test_a_lora_of_an_image_to_video_wan_adapts_its_image_projections_as_diffuse
 
   reference = save_tiny_wan(tmp_path / "wan", num_layers=1, in_channels=10, image_dim=16, added_kv_proj_dim=24)
   config = wan_transformer.read_config(tmp_path / "wan")
-  graph, state = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(config, rngs=nnx.Rngs(0),
+  graph, state = nnx.split(nnx.eval_shape(lambda: wan_transformer.WanTransformer(config, rngs=init_rngs.seeded(0),
                                                                                  lora_rank=2, ff_lora_rank=2)))
   rng = np.random.default_rng(0)
   base = nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(tmp_path / "wan")))
