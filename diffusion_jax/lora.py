@@ -17,9 +17,9 @@ A LoRA of Wan's transformer also travels in the PyTorch world's files (diffusers
 writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` reads that layout, Wan's
 original one (ComfyUI's) and musubi-tuner's, as shared Wan LoRAs come (`--lora=low_noise=FILE` for Wan 2.2
 A14B's low-noise expert's file). `--lora` also reads Stable Diffusion 1.x / 2.x LoRAs in kohya's and diffusers'
-layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too) and SDXL U-Net
-LoRAs in diffusers'; `--format=diffusers` writes a LoRA of SD's U-Net (1.x, 2.x or SDXL) in diffusers' layout,
-which their pipelines' load_lora_weights read.
+layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too), SDXL's in the
+same (kohya's with the SGM U-Net's module names); `--format=diffusers` writes a LoRA of SD's U-Net (1.x, 2.x or
+SDXL) in diffusers' layout, which their pipelines' load_lora_weights read.
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
                                [--format=diffusers]

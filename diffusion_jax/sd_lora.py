@@ -7,8 +7,12 @@ U-Net updates written in diffusers' layout (`to_diffusers`).
   attn1_to_q.lora_down.weight' [rank, in] and '...lora_up.weight' [out, rank], diffusers' module names with their
   dots written as underscores, the text encoder's as 'lora_te_text_model_encoder_layers_0_self_attn_q_proj...', an
   optional '...alpha' scaling the update by alpha / rank; convolutions too (LoCon: a 3x3 ResNet convolution's down
-  [rank, in, 3, 3], up [out, rank, 1, 1]; a 1x1 projection's [rank, in, 1, 1]).
-- diffusers' (PEFT's) layout: 'unet.<module>.lora_A.weight' / 'lora_B.weight' and 'text_encoder.<module>...',
+  [rank, in, 3, 3], up [out, rank, 1, 1]; a 1x1 projection's [rank, in, 1, 1]). SDXL's files (sd-scripts trains
+  SDXL on the original SGM U-Net) name the U-Net's modules as that U-Net does ('lora_unet_input_blocks_4_1_
+  transformer_blocks_0_attn1_to_q', 'output_blocks_2_0_in_layers_2', 'middle_block_1_proj_in'), numbered as SDXL's
+  blocks are (2 ResNet blocks a level: `diffusers_parts`), and the text encoders' 'lora_te1_' and 'lora_te2_'.
+- diffusers' (PEFT's) layout: 'unet.<module>.lora_A.weight' / 'lora_B.weight' and 'text_encoder.<module>...' (SDXL's
+  also 'text_encoder_2.'),
   scaled by the lora_alpha / r of each model's PEFT config in the file's metadata where there is one (else 1, as
   diffusers reads a file without one). SD 1.x, 2.x and SDXL pipelines' load_lora_weights read it.
 
@@ -21,13 +25,24 @@ import numpy as np
 
 from diffusion_jax import diffusers_lora
 
-KOHYA_PREFIXES = {"lora_unet_": "sd_unet", "lora_te_": "text_encoder"}
-DIFFUSERS_PREFIXES = {"unet.": "sd_unet", "text_encoder.": "text_encoder"}
+KOHYA_PREFIXES = {"lora_unet_": "sd_unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder/first",
+                  "lora_te2_": "text_encoder/second"}  # (te1, te2: SDXL's pair, models/sdxl_text.py)
+DIFFUSERS_PREFIXES = {"unet.": "sd_unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder/second"}
+SDXL_LAYERS_PER_BLOCK = 2  # the SGM U-Net's block numbers in SDXL's files count 2 ResNet blocks a level
+# The SGM U-Net's names of modules outside its numbered blocks, and inside a ResNet block or resampler -> diffusers'
+SGM_NAMES = {("input_blocks", "0", "0"): ["conv_in"], ("time_embed", "0"): ["time_embedding", "linear_1"],
+             ("time_embed", "2"): ["time_embedding", "linear_2"],
+             ("label_emb", "0", "0"): ["add_embedding", "linear_1"],
+             ("label_emb", "0", "2"): ["add_embedding", "linear_2"], ("out", "2"): ["conv_out"],
+             ("in_layers", "2"): ["conv1"], ("out_layers", "3"): ["conv2"], ("emb_layers", "1"): ["time_emb_proj"],
+             ("skip_connection",): ["conv_shortcut"], ("op",): ["conv"]}
 # Module names that contain underscores (diffusers' U-Net, transformers' CLIP text model): kohya's names join every
 # part with underscores, so these are matched as wholes, longest first.
 NAMES = sorted({"down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
                 "proj_in", "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "time_embedding",
-                "linear_1", "linear_2", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj"},
+                "linear_1", "linear_2", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+                "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
+                "skip_connection", "time_embed", "label_emb"},
                key=lambda name: -name.count("_"))
 
 
@@ -45,6 +60,33 @@ def module_path(kohya: str) -> list[str]:
     name = next((n for n in NAMES if kohya == n or kohya.startswith(n + "_")), None) or kohya.split("_")[0]
     parts.append(name)
     kohya = kohya[len(name) + 1:]
+  return parts
+
+
+def diffusers_parts(parts: list[str]) -> list[str]:
+  """The parts of a module of SDXL's U-Net as the SGM U-Net names it -> diffusers' (other names unchanged):
+  ['input_blocks', '4', '1', 'transformer_blocks', '0', ...] -> ['down_blocks', '1', 'attentions', '0',
+  'transformer_blocks', '0', ...]. Input block 0 is conv_in, then each level's ResNet blocks (inner module 0; its
+  transformer: 1) and downsampler; the middle block's ResNet, transformer, ResNet; each output block a level's
+  ResNet (0), transformer (1) and, last, upsampler (2)."""
+  n, (head, *rest) = SDXL_LAYERS_PER_BLOCK, parts
+  if head == "input_blocks" and rest[:2] != ["0", "0"]:
+    index, inner, *rest = rest
+    level, block = divmod(int(index) - 1, n + 1)
+    parts = ["down_blocks", str(level)] + (["downsamplers", "0"] if block == n else
+                                           [("resnets", "attentions")[int(inner)], str(block)]) + rest
+  elif head == "middle_block":
+    index, *rest = rest
+    parts = ["mid_block"] + [["resnets", "0"], ["attentions", "0"], ["resnets", "1"]][int(index)] + rest
+  elif head == "output_blocks":
+    index, inner, *rest = rest
+    level, block = divmod(int(index), n + 1)
+    parts = ["up_blocks", str(level)] + ([("resnets", "attentions")[int(inner)], str(block)] if int(inner) < 2 else
+                                         ["upsamplers", "0"]) + rest
+  for old, new in SGM_NAMES.items():
+    at = next((i for i in range(len(parts)) if tuple(parts[i:i + len(old)]) == old), None)
+    if at is not None and (old[0] in ("in_layers", "out_layers", "emb_layers", "skip_connection", "op") or at == 0):
+      parts = parts[:at] + new + parts[at + len(old):]
   return parts
 
 
@@ -82,17 +124,20 @@ def from_file(tensors: dict, metadata: dict | None = None) -> dict:
   diffusers' layout, alpha / rank folded into a; a ValueError naming the keys that are not a layer's low-rank
   update."""
   pairs, alphas, scales, unread = {}, {}, {}, []
+  sdxl = any(key.startswith("text_encoder_2.") for key in tensors)  # then text_encoder. is SDXL's first
+  text_models = DIFFUSERS_PREFIXES | ({"text_encoder.": "text_encoder/first"} if sdxl else {})
   for key, value in tensors.items():
     value = np.asarray(value, np.float32)
     kohya = next((p for p in KOHYA_PREFIXES if key.startswith(p)), None)
     if kohya:
       layer, _, part = key.partition(".")
-      module = update_module(KOHYA_PREFIXES[kohya], module_path(layer.removeprefix(kohya)))
+      parts = module_path(layer.removeprefix(kohya))
+      module = update_module(KOHYA_PREFIXES[kohya], diffusers_parts(parts) if kohya == "lora_unet_" else parts)
       kind = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(part)
     else:
       prefix = next((p for p in DIFFUSERS_PREFIXES if key.startswith(p)), "")
       layer, _, part = key.removeprefix(prefix).rpartition(".lora_")
-      module = update_module(DIFFUSERS_PREFIXES.get(prefix, ""), layer.split("."))
+      module = update_module(text_models.get(prefix, ""), layer.split("."))
       kind = {"A.weight": "down", "B.weight": "up"}.get(part) if prefix else None
       scales[module] = diffusers_lora.peft_scale(metadata, prefix) if prefix else 1.0
     if kind == "alpha":

@@ -17,7 +17,7 @@ POOLED = 12  # the tiny SDXL U-Net's pooled text width
 
 
 def save_tiny_sd_unet(directory, linear_projection=False, heads=4, channels=4, cross_attention_dim=16, seed=0,
-                      sdxl=False):
+                      sdxl=False, layers_per_block=1):
   """A random 2-level UNet2DConditionModel (cross-attention at the first level) saved as a diffusers directory:
   SD 1.x's layout (1x1 convolutions around the attention, `heads` heads everywhere) or, with linear_projection and a
   list of heads, SD 2.x's; with sdxl, SDXL's (linear projections, cross-attention at the second level only, there
@@ -29,7 +29,8 @@ def save_tiny_sd_unet(directory, linear_projection=False, heads=4, channels=4, c
   added = dict(transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
                projection_class_embeddings_input_dim=POOLED + 6 * 8) if sdxl else {}
   model = diffusers.UNet2DConditionModel(
-      sample_size=16, in_channels=channels, out_channels=channels, block_out_channels=(32, 64), layers_per_block=1,
+      sample_size=16, in_channels=channels, out_channels=channels, block_out_channels=(32, 64),
+      layers_per_block=layers_per_block,
       down_block_types=attends, up_block_types=tuple(t.replace("Down", "Up") for t in reversed(attends)),
       cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=8,
       use_linear_projection=linear_projection or sdxl, **added).eval()
@@ -165,7 +166,7 @@ def test_the_clip_tokenizer_makes_transformers_ids(tmp_path, pad_token):
     tokenizers.CLIPTokenizer(str(tmp_path), 12)
 
 
-def save_tiny_stable_diffusion(root, captions, sdxl=False):
+def save_tiny_stable_diffusion(root, captions, sdxl=False, layers_per_block=1):
   """A Stable Diffusion 1.x checkpoint's folders (unet/, text_encoder/, tokenizer/, vae/, scheduler/) with tiny
   random models: a 2-level U-Net, a 2-layer CLIP text model of width 32, a factor-2 VAE with 4 latent channels.
   With sdxl, an SDXL checkpoint's: SDXL's U-Net layout (save_tiny_sd_unet) and also text_encoder_2/ (a 2-layer
@@ -174,7 +175,7 @@ def save_tiny_stable_diffusion(root, captions, sdxl=False):
   import diffusers
   import transformers
 
-  save_tiny_sd_unet(root / "unet", cross_attention_dim=48 if sdxl else 32, sdxl=sdxl)
+  save_tiny_sd_unet(root / "unet", cross_attention_dim=48 if sdxl else 32, sdxl=sdxl, layers_per_block=layers_per_block)
   vocab = save_tiny_clip_tokenizer(root / "tokenizer", captions)
   torch.manual_seed(0)
   clip_config = lambda width, **fields: transformers.CLIPTextConfig(
@@ -415,6 +416,67 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
   with pytest.raises(ValueError, match="is a Stable Diffusion LoRA that cannot be read: 1 tensors are not low-rank "
                                        "updates .* lora_unet_conv_in.diff"):
     lora.read(str(tmp_path / "diff.safetensors"))
+
+
+def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
+  """An SDXL LoRA in kohya's layout, its U-Net's modules named as the SGM U-Net names them (a transformer's
+  attention, the middle block's projection, LoCon's 3x3 convolutions of a ResNet block, a downsampler and an
+  upsampler, a 1x1 shortcut, the added embedding; both text encoders', te1 and te2), fused by --lora at scale 0.7
+  into a tiny SDXL checkpoint of 2 ResNet blocks a level: the U-Net predicts what diffusers' does after
+  load_lora_weights and fuse_lora(0.7), and each text encoder's layer moves by 0.7 alpha / rank up @ down."""
+  import safetensors.torch
+
+  from configs import stable_diffusion
+  from diffusion_jax import lora
+  from diffusion_jax.data import captioned_shapes
+
+  captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
+  pipeline = save_tiny_stable_diffusion(tmp_path / "sdxl", captions, sdxl=True, layers_per_block=2)
+  rank, generator = 2, torch.Generator().manual_seed(0)
+  shapes = {"unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k": ((rank, 48), (64, rank)),
+            "unet_output_blocks_1_1_transformer_blocks_0_attn1_to_out_0": ((rank, 64), (64, rank)),
+            "unet_middle_block_1_proj_in": ((rank, 64), (64, rank)),
+            "unet_input_blocks_1_0_in_layers_2": ((rank, 32, 3, 3), (32, rank, 1, 1)),
+            "unet_input_blocks_3_0_op": ((rank, 32, 3, 3), (32, rank, 1, 1)),
+            "unet_output_blocks_2_2_conv": ((rank, 64, 3, 3), (64, rank, 1, 1)),
+            "unet_output_blocks_4_0_skip_connection": ((rank, 64, 1, 1), (32, rank, 1, 1)),
+            "unet_label_emb_0_0": ((rank, POOLED + 48), (128, rank)),
+            "te1_text_model_encoder_layers_1_self_attn_q_proj": ((rank, 32), (32, rank)),
+            "te2_text_model_encoder_layers_0_mlp_fc1": ((rank, 16), (32, rank))}
+  tensors = {}
+  for layer, (down, up) in shapes.items():
+    tensors[f"lora_{layer}.lora_down.weight"] = 0.3 * torch.randn(*down, generator=generator)
+    tensors[f"lora_{layer}.lora_up.weight"] = 0.3 * torch.randn(*up, generator=generator)
+    tensors[f"lora_{layer}.alpha"] = torch.tensor(1.0)
+  safetensors.torch.save_file(tensors, tmp_path / "kohya.safetensors")
+  safetensors.torch.save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")},
+                              tmp_path / "kohya_unet.safetensors")
+  pipeline.load_lora_weights(tmp_path, weight_name="kohya_unet.safetensors")
+  pipeline.fuse_lora(lora_scale=0.7)
+
+  config = stable_diffusion.get_config(str(tmp_path / "sdxl"))
+  config.text.max_length, config.model.dtype, config.data.resolution = 16, "float32", 32
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  adapters = [lora.read(f"{tmp_path / 'kohya.safetensors'}:0.7")]
+  lora.check(adapters, config)
+  weights = lora.fused(sample.Weights(state.params, state.frozen), adapters)
+  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  text = np.random.default_rng(1).standard_normal((2, 16, 48 + POOLED)).astype(np.float32)
+  logsnr = schedules.logsnr_from_alphas_cumprod(pipeline.scheduler.alphas_cumprod.double().numpy()[500])
+  predict = jax.jit(lambda w: nnx.merge(graphdef, w.params, w.frozen)(
+      latents, jnp.full((2,), logsnr, jnp.float32), text, np.ones((2, 16), bool)))
+  with torch.no_grad():
+    added = {"text_embeds": torch.tensor(text[:, 0, 48:]), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text[..., :48]),
+                             added_cond_kwargs=added).sample.numpy()
+  np.testing.assert_allclose(np.asarray(predict(weights)).transpose(0, 3, 1, 2), expected, atol=5e-5)
+  for layer, path in (("te1_text_model_encoder_layers_1_self_attn_q_proj", ("first", 1, "self_attn", "q_proj")),
+                      ("te2_text_model_encoder_layers_0_mlp_fc1", ("second", 0, "mlp", "fc1"))):
+    model, index, module, projection = path
+    kernel = lambda w: np.asarray(w.frozen["text_encoder"][model]["text_model"]["encoder"]["layers"][index][module][
+        projection]["kernel"])
+    moved = 0.7 * (1.0 / rank) * (tensors[f"lora_{layer}.lora_up.weight"] @ tensors[f"lora_{layer}.lora_down.weight"])
+    np.testing.assert_allclose(kernel(weights) - kernel(state), moved.numpy().T, atol=1e-6)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
