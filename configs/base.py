@@ -40,6 +40,8 @@ def get_config():
       seed=0,                      # built-in datasets: generation seed
       random_crop=False,
       random_flip=False,           # never for captions that name left/right
+      size_ids=False,              # SDXL: each image's original size and crop as its U-Net's time ids (else the
+                                   # training size, uncropped, as sampling's)
       worker_count=0,              # grain worker processes (0 = in the main process)
   )
 

@@ -43,7 +43,7 @@ def get_config(root: str = ""):
   prediction, weighting = PREDICTIONS.get(scheduler.get("prediction_type", "epsilon"), ("eps", "eps_mse"))
   config.diffusion.update(path="vp", schedule="scaled_linear", prediction=prediction, weighting=weighting)
   config.diffusion.schedule_params = ml_collections.ConfigDict()  # SD's betas, 0.00085 to 0.012 (not the cosine's)
-  config.data.update(dataset="folder", resolution=8 * unet.get("sample_size", 64))
+  config.data.update(dataset="folder", resolution=8 * unet.get("sample_size", 64), size_ids=sdxl)
   config.optimizer.update(learning_rate=1e-5, warmup_steps=100, schedule="constant", weight_decay=0.01)
   config.train.update(batch_size=16, steps=2000, ema_decays=(0.9999,), checkpoint_every=500)
   spacing = scheduler.get("timestep_spacing", "leading")

@@ -265,7 +265,7 @@ ADDED_FIELDS = {
     "data.frame_stride": 1,
     "data.width": 0,
     "mesh.sequence": 1,
-    "text.second_tokenizer_path": "", "text.second_encoder_path": "",
+    "text.second_tokenizer_path": "", "text.second_encoder_path": "", "data.size_ids": False,
 }
 
 

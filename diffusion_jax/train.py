@@ -230,7 +230,7 @@ def make_loss_fn(config, graphdef, expert: str | None = None):
       eps = objectives.eps_from_x0(x0, x_t, alpha, sigma)
     x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)
     output = model(x_in, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=k_dropout,
-                   is_video=is_video, condition=condition, expert=expert)
+                   is_video=is_video, condition=condition, expert=expert, size_ids=batch.get("size_ids"))
     per_example = objectives.loss(d.prediction, d.weighting, output, x0, eps, logsnr, d.path, d.min_snr_gamma,
                                   d.sigma_data)
     return per_example.mean(), (per_example, logsnr)

@@ -110,6 +110,36 @@ def test_resize_and_crop():
   assert pipeline.resize_and_crop(image, 32, np.random.default_rng(0)).shape == (32, 32, 3)
 
 
+def test_size_ids_say_where_each_training_image_came_from(config):
+  """data.size_ids (SDXL's micro-conditioning): an image's original height and width, its crop's top and left in the
+  scaled image, the training size; the crop at those ids of the scaled (and, when flipped, mirrored) image is the
+  training image itself, for a centre crop and for random crops with random flips."""
+  data = config.data.copy_and_resolve_references()
+  data.update(size_ids=True, resolution=32, width=0)
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 80, 3), np.uint8)
+  scaled = np.asarray(PIL.Image.fromarray(image).resize((64, 32), PIL.Image.BICUBIC))  # to cover 32 x 32
+
+  def crop_at(ids, flipped):
+    top, left = int(ids[2]), int(ids[3])
+    return (scaled[:, ::-1] if flipped else scaled)[top:top + 32, left:left + 32].astype(np.float32) / 127.5 - 1.0
+
+  out = pipeline.Preprocess(data, None).pixels({data.image_key: image}, rng)
+  np.testing.assert_array_equal(out["size_ids"], [40, 80, 0, 16, 32, 32])
+  np.testing.assert_array_equal(out["image"], crop_at(out["size_ids"], False))
+  data.update(random_crop=True, random_flip=True)
+  seen = set()
+  for _ in range(12):
+    out = pipeline.Preprocess(data, None).pixels({data.image_key: image}, rng)
+    left = int(out["size_ids"][3])
+    flipped = not np.array_equal(out["image"], crop_at(out["size_ids"], False))
+    np.testing.assert_array_equal(out["image"], crop_at(out["size_ids"], flipped))
+    seen.add((left, flipped))
+  assert len({left for left, _ in seen}) > 3 and {flipped for _, flipped in seen} == {False, True}
+  data.size_ids = False
+  assert "size_ids" not in pipeline.Preprocess(data, None).pixels({data.image_key: image}, rng)
+
+
 def test_word_tokenizer_pads_truncates_and_handles_empty(caplog):
   tokenizer = tokenizers.WordTokenizer(captioned_shapes.VOCABULARY, max_length=6)
   ids, mask = tokenizer(["a red circle", "", "a small red circle at the top left"])

@@ -217,11 +217,14 @@ def test_stable_diffusion_reads_a_checkpoints_folders_as_its_pipeline_encodes_an
   config = stable_diffusion.get_config(str(tmp_path / "sd"))
   assert (config.model.sd_unet_path, config.text.tokenizer_path) == (str(tmp_path / "sd" / "unet"),
                                                                       str(tmp_path / "sd" / "tokenizer"))
-  assert (config.text.second_encoder_path, config.sample.guidance_scale) == ("", 7.5)
-  config.text.max_length = 20
-  assert "text.max_length=20 exceeds the CLIP text encoder's 16 positions" in " ".join(
-      config_checks.problems(config, device_count=8))
-  config.text.max_length, config.model.dtype = 16, "float32"
+  assert (config.text.second_encoder_path, config.sample.guidance_scale, config.data.size_ids) == (
+      "", 7.5, False)
+  config.text.max_length, config.data.size_ids = 20, True
+  found = " ".join(config_checks.problems(config, device_count=8))
+  for problem in ("text.max_length=20 exceeds the CLIP text encoder's 16 positions",
+                  "data.size_ids: only SDXL's U-Net reads an image's size and crop"):
+    assert problem in found
+  config.text.max_length, config.model.dtype, config.data.size_ids = 16, "float32", False
   config.data.update(dataset="captioned_shapes", resolution=32, data_dir=str(tmp_path / "tfds"))
   assert config_checks.problems(config, device_count=8) == []
   state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
@@ -251,8 +254,9 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   its pipeline's). Each prompt's ids are both tokenizers' (which differ where "!" is the second's padding); the text
   condition holds what StableDiffusionXLPipeline.encode_prompt makes, both encoders' penultimate states and the
   second's pooled embedding, the null condition is its zeros, and the network's prediction at timestep 500 is the
-  pipeline's U-Net's given those and the image's size as time ids. Without the second encoder, or with an SD 1.x
-  U-Net, the config check says what is missing. A LoRA of it (model.lora_rank, model.lora_feed_forward, remat)
+  pipeline's U-Net's given those and the images' sizes and crops as time ids (data.size_ids, training's). Without the
+  second encoder or its tokenizer, or with a latent cache beside data.size_ids, the config check says what is wrong.
+  A LoRA of it (model.lora_rank, model.lora_feed_forward, remat)
   trains only its updates; exported, the adapter says what it adapts, and sampling fuses it; exported in diffusers'
   layout, diffusers' pipeline fuses it into the same prediction."""
   from configs import stable_diffusion
@@ -263,8 +267,9 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
 
   pipeline = save_tiny_stable_diffusion(tmp_path / "sdxl", [" ".join(captioned_shapes.VOCABULARY)] * 5, sdxl=True)
   config = stable_diffusion.get_config(str(tmp_path / "sdxl"))
-  assert (config.text.second_encoder_path, config.text.second_tokenizer_path, config.sample.guidance_scale) == (
-      str(tmp_path / "sdxl" / "text_encoder_2"), str(tmp_path / "sdxl" / "tokenizer_2"), 5.0)
+  assert (config.text.second_encoder_path, config.text.second_tokenizer_path, config.sample.guidance_scale,
+          config.data.size_ids) == (str(tmp_path / "sdxl" / "text_encoder_2"), str(tmp_path / "sdxl" / "tokenizer_2"),
+                                    5.0, True)
   config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, remat=True)
   config.text.max_length = 16
   config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
@@ -281,6 +286,10 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   bad.text.second_tokenizer_path = ""
   assert "text.second_encoder_path and text.second_tokenizer_path go together" in " ".join(
       config_checks.problems(bad, device_count=8))
+  bad = config.copy_and_resolve_references()
+  bad.latent.cache = str(tmp_path / "latents")
+  assert "data.size_ids with latent.cache: the cache holds one view of each image" in " ".join(
+      config_checks.problems(bad, device_count=8))
 
   state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
   prompts = ["a large red circle at the top left!", "two small blue squares"]
@@ -289,20 +298,21 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
   alphas_cumprod = pipeline.scheduler.alphas_cumprod.double().numpy()
   logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(alphas_cumprod[500]), jnp.float32)
+  # data.size_ids (the config's for SDXL): one image made at the training size, one cropped from a larger one
+  time_ids = np.array([[32.0, 32, 0, 0, 32, 32], [48, 40, 8, 0, 32, 32]], np.float32)
 
   @jax.jit
   def conditions_and_prediction(params, frozen):
     model = nnx.merge(graphdef, params, frozen)
     text = model.encode(ids, mask)
-    return text, model.null_condition(text, mask)[0], model(latents, logsnr, text, mask)
+    return text, model.null_condition(text, mask)[0], model(latents, logsnr, text, mask, size_ids=time_ids)
 
   text, null, prediction = conditions_and_prediction(state.params, state.frozen)
   del state
   with torch.no_grad():
     expected_text, _, pooled, _ = pipeline.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
-    time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)  # 16 x 16 latents of the factor-2 VAE: 32 px images
     expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, expected_text, added_cond_kwargs={
-        "text_embeds": pooled, "time_ids": time_ids}).sample.numpy()
+        "text_embeds": pooled, "time_ids": torch.tensor(time_ids)}).sample.numpy()
   np.testing.assert_allclose(text[..., :48], expected_text.numpy(), atol=2e-5)
   np.testing.assert_allclose(text[..., 48:], np.broadcast_to(pooled.numpy()[:, None], (2, 16, POOLED)), atol=2e-5)
   assert not np.asarray(null).any()
@@ -333,7 +343,7 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   pipeline.fuse_lora()
   with torch.no_grad():
     expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, expected_text, added_cond_kwargs={
-        "text_embeds": pooled, "time_ids": time_ids}).sample.numpy()
+        "text_embeds": pooled, "time_ids": torch.tensor(time_ids)}).sample.numpy()
   np.testing.assert_allclose(np.asarray(with_lora).transpose(0, 3, 1, 2), expected, atol=1e-4)
   assert np.abs(np.asarray(with_lora) - np.asarray(prediction)).max() > 1e-3  # (the updates change it)
   ours = lora.read(str(tmp_path / "adapter.safetensors")).updates

@@ -25,7 +25,7 @@ from diffusion_jax.text import tokenizers
 DATASETS = ("captioned_shapes", "moving_shapes", "folder", "folder_clips", "tfds")
 # Batch keys the train step consumes (attribute keys are for evaluation only).
 MODEL_INPUTS = ("image", "video", "is_video", "text_ids", "text_embeddings", "text_mask", "latent_mean",
-                "latent_logvar", "lowres")
+                "latent_logvar", "lowres", "size_ids")
 RECORD_INDEX = "record_index"
 
 
@@ -141,6 +141,11 @@ def image_size(data_config) -> tuple[int, int]:
 def resize_and_crop(image: np.ndarray, size: int | tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
   """uint8 [h, w, 3] -> [height, width, 3] (size: (height, width), or the side of a square): scaled (bicubic) to
   cover it (a square: the shorter side to it), then a centre (rng None) or random crop."""
+  return resized_and_cropped(image, size, rng)[0]
+
+
+def resized_and_cropped(image: np.ndarray, size: int | tuple[int, int], rng: np.random.Generator | None):
+  """resize_and_crop's image, and (top, left) of the crop in the scaled image and the scaled image's width."""
   height, width = (size, size) if isinstance(size, int) else size
   h, w = image.shape[:2]
   if (h, w) != (height, width):
@@ -150,7 +155,7 @@ def resize_and_crop(image: np.ndarray, size: int | tuple[int, int], rng: np.rand
     h, w = image.shape[:2]
   top = (h - height) // 2 if rng is None else int(rng.integers(0, h - height + 1))
   left = (w - width) // 2 if rng is None else int(rng.integers(0, w - width + 1))
-  return image[top:top + height, left:left + width]
+  return image[top:top + height, left:left + width], (top, left, w)
 
 
 class Preprocess(grain.RandomMapTransform):
@@ -166,7 +171,9 @@ class Preprocess(grain.RandomMapTransform):
 
   def pixels(self, element, rng: np.random.Generator) -> dict:
     """{"image": [height, width, 3]} or {"video": [frames, height, width, 3], "is_video": bool}, float32 in
-    [-1, 1]."""
+    [-1, 1]; with data.size_ids, an image's "size_ids" [6] float32: its original height and width, the crop's top
+    and left in the scaled image (of the flipped image when it is flipped), the training height and width (SDXL's
+    micro-conditioning)."""
     config = self.config
     visual = np.asarray(element[config.image_key])
     is_video = visual.ndim == 4 or (visual.ndim == 3 and visual.shape[-1] not in (1, 3, 4))
@@ -176,16 +183,19 @@ class Preprocess(grain.RandomMapTransform):
     if frames.shape[-1] == 1:
       frames = np.repeat(frames, 3, axis=-1)
     crop_seed = int(rng.integers(2**31))  # one crop for all frames of a video
-    frames = np.stack([resize_and_crop(f[..., :3], image_size(config),
-                                       np.random.default_rng(crop_seed) if config.random_crop else None)
-                       for f in frames])
+    original = frames.shape[1:3]
+    cropped = [resized_and_cropped(f[..., :3], image_size(config),
+                                   np.random.default_rng(crop_seed) if config.random_crop else None) for f in frames]
+    frames, (top, left, scaled_width) = np.stack([f for f, _ in cropped]), cropped[0][1]
+    height, width = image_size(config)
     if config.random_flip and rng.random() < 0.5:
-      frames = frames[:, :, ::-1]
+      frames, left = frames[:, :, ::-1], scaled_width - left - width
+    size_ids = {"size_ids": np.array([*original, top, left, height, width], np.float32)} if config.size_ids else {}
     frames = frames.astype(np.float32) / 127.5 - 1.0
     still = is_video and config.image_fraction > 0 and rng.random() < config.image_fraction
     if still:  # joint image-video training: one frame as a static clip, temporal layers switched off
       frames = np.broadcast_to(frames[rng.integers(len(frames))], frames.shape).copy()
-    return {"video": frames, "is_video": np.bool_(not still)} if is_video else {"image": frames[0]}
+    return {"video": frames, "is_video": np.bool_(not still)} if is_video else {"image": frames[0], **size_ids}
 
   def random_map(self, element, rng: np.random.Generator):
     config = self.config
@@ -264,4 +274,6 @@ def synthetic_batch(config) -> dict:
            "text_ids": np.ones((b, tokenizers.ids_per_prompt(config)), np.int32), "text_mask": np.ones((b, n), bool)}
   if config.model.temporal:
     batch["is_video"] = np.ones((b,), bool)
+  if config.data.size_ids:
+    batch["size_ids"] = np.tile(np.array([h, w, 0, 0, h, w], np.float32), (b, 1))
   return batch

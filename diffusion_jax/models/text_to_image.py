@@ -124,9 +124,10 @@ class TextToImage(nnx.Module):
     return self.image_condition(clips[:, 0], clips.shape[1], clips[:, -1], jnp.ones(clips.shape[:1], bool))
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
-               condition=None, expert=None):
-    """expert: with a pair of Wan experts, 'high' or 'low' runs that one on every example (a batch at its noise
-    levels); None gives each example its noise level's. condition: an image-to-video model's (image_condition); a
+               condition=None, expert=None, size_ids=None):
+    """size_ids: SDXL's size and crop ids [batch, 6] (data.size_ids; None: sdxl_text.time_ids of x's image size, as
+    sampling's). expert: with a pair of Wan experts, 'high' or 'low' runs that one on every example (a batch at its
+    noise levels); None gives each example its noise level's. condition: an image-to-video model's (image_condition); a
     model that starts clips at images (Wan 2.2 TI2V), optionally {"first_latents": [batch, 1, h, w, c],
     "first_given": [batch] bool}: where given, x's first latent frame is read as those latents at timestep 0 (the
     other frames' tokens at logsnr's, diffusers' expand_timesteps) and its output is the velocity toward them from
@@ -161,8 +162,9 @@ class TextToImage(nnx.Module):
       if self.sd_unet.add_embedding is None:
         return self.sd_unet(x, sd_unet.timestep(logsnr), text)
       tokens, pooled = sdxl_text.split(text, self.sd_unet.cross_attention_dim)  # SDXL
-      size = [self.pixels_per_latent * n for n in x.shape[1:3]]
-      return self.sd_unet(x, sd_unet.timestep(logsnr), tokens, pooled, sdxl_text.time_ids(x.shape[0], *size))
+      if size_ids is None:
+        size_ids = sdxl_text.time_ids(x.shape[0], *(self.pixels_per_latent * n for n in x.shape[1:3]))
+      return self.sd_unet(x, sd_unet.timestep(logsnr), tokens, pooled, size_ids)
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
                    is_video=is_video)
