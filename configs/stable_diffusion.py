@@ -32,7 +32,7 @@ def get_config(root: str = ""):
   read = lambda *names: json.loads(pathlib.Path(part(*names)).read_text()) if root and os.path.exists(
       part(*names)) else {}
   unet, scheduler = read("unet", "config.json"), read("scheduler", "scheduler_config.json")
-  config.model.update(backbone="sd_unet", sd_unet_path=part("unet"), in_channels=unet.get("in_channels", 4),
+  config.model.update(backbone="sd_unet", sd_unet_path=part("unet"), in_channels=unet.get("out_channels", 4),
                       dtype="bfloat16")
   config.text.update(pretrained_path=part("text_encoder"), tokenizer="clip", tokenizer_path=part("tokenizer"),
                      max_length=77, trainable=False)

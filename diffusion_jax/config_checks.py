@@ -199,9 +199,14 @@ def sd_unet_problems(config) -> list[str]:
     found.append(f"diffusion.path={d.path!r}: SD's U-Net reads the timesteps of its variance-preserving table; set "
                  "diffusion.path='vp' (and diffusion.prediction to what it was trained for: eps for SD 1.x and "
                  "SD 2.x base, v for SD 2.x at 768 px)")
-  if m.in_channels != unet["in_channels"] or unet["out_channels"] != unet["in_channels"]:
+  if m.in_channels != unet["out_channels"] or unet["in_channels"] not in (unet["out_channels"],
+                                                                          2 * unet["out_channels"] + 1):
     found.append(f"model.in_channels={m.in_channels}: SD's U-Net maps {unet['in_channels']} channels to "
-                 f"{unet['out_channels']}; the data's (an autoencoder's latent_channels, or 3 for pixels) must be both")
+                 f"{unet['out_channels']}; the data's (an autoencoder's latent_channels, or 3 for pixels) must be the "
+                 "latter, and the former the same (or, an inpainting U-Net, twice as many and a mask)")
+  if sd_unet.is_inpainting(unet) and (config.latent.cache or not config.latent.autoencoder_path):
+    found.append("SD's inpainting U-Net reads the latents of each training image with a masked region: it needs "
+                 "latent.autoencoder_path and the pixels (no latent.cache)")
   if text_dim != unet["cross_attention_dim"]:
     found.append(f"the text encoder's width {text_dim} (text.pretrained_path's, or text.t5.d_model; SDXL's, both "
                  f"encoders') must equal the U-Net's cross_attention_dim={unet['cross_attention_dim']}")

@@ -64,6 +64,21 @@ def keep_at(keep, size: tuple[int, int], frames: int | None = None):
   return jnp.concatenate([blocks[:, :1], rest], axis=1)
 
 
+def training_keep_masks(key, shape: tuple[int, int, int], whole: float = 0.25):
+  """Keep masks float32 [batch, h, w, 1] (shape: (batch, h, w)) for training an inpainting model: a quarter (`whole`)
+  of the images generated whole (0 everywhere, text-to-image), the others with one random rectangle generated
+  anew (each side a uniform fraction of the image's, up to all of it, placed uniformly) and the rest kept."""
+  batch, height, width = shape
+  k_whole, k_size, k_place = jax.random.split(key, 3)
+  size = jax.random.uniform(k_size, (batch, 2), minval=0.1, maxval=1.0) * jnp.array([height, width])
+  corner = jax.random.uniform(k_place, (batch, 2)) * (jnp.array([height, width]) - size)
+  rows, columns = jnp.arange(height)[None, :, None], jnp.arange(width)[None, None, :]
+  inside = ((rows >= corner[:, :1, None]) & (rows < (corner + size)[:, :1, None]) &
+            (columns >= corner[:, 1:, None]) & (columns < (corner + size)[:, 1:, None]))
+  generated = inside | jax.random.bernoulli(k_whole, whole, (batch,))[:, None, None]
+  return (1.0 - generated.astype(jnp.float32))[..., None]
+
+
 def inpainting_denoiser(denoise_fn, known, keep, reconstruction_guidance: float = 0.0):
   """denoise_fn(x, alpha, sigma) -> clean estimate, with the estimate replaced by `known` where `keep` is 1.
 

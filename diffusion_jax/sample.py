@@ -257,6 +257,9 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
     if init is not None and s.edit_noise in editing.SOURCE_PROMPTED:  # (images, keep, source ids, source mask)
       init, (source_ids, source_mask) = init[:2], init[2:]
       null_text, null_mask = model.encode(source_ids, source_mask), source_mask
+    if model.inpainting:  # SD's inpainting U-Net reads the kept image and where to generate (all of it, unedited)
+      condition = model.inpainting_condition(*(init[:2] if init is not None else
+                                               (None, jnp.zeros((keys.shape[0], *image_size(config, s), 1)))))
     aug_logsnr, clean_lowres = None, lowres
     if config.model.lowres_conditioning:  # both guidance branches see the low-res input
       lowres_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
@@ -308,7 +311,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
         # of the unconditional model (null text), or of the model for the source prompts (null_text holds them)
         inverted_text, inverted_mask = ((null_text, null_mask) if s.edit_noise in editing.SOURCE_PROMPTED else
                                         model.null_condition(text, mask))
-        walked = lambda x, logsnr, _: model(x, logsnr, inverted_text, inverted_mask)
+        walked = lambda x, logsnr, _: model(x, logsnr, inverted_text, inverted_mask, condition=condition)
         path = editing.inversion_path(samplers.make_denoiser(walked, d.prediction, sigma_data=d.sigma_data), known,
                                       grid_alpha, grid_sigma)
         x_init = path[0]

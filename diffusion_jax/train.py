@@ -23,8 +23,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, config_checks, distillation, distributed, finetune, hardware, metric_writers,
-                           objectives, optimizer, sample, schedules, sharding, stop_signals, superres)
+from diffusion_jax import (checkpoint, config_checks, distillation, distributed, editing, finetune, hardware,
+                           metric_writers, objectives, optimizer, sample, schedules, sharding, stop_signals, superres)
 from diffusion_jax.data import latent_cache, pipeline
 from diffusion_jax.models import inflation, init_rngs, text_to_image, wan_transformer
 from diffusion_jax.text import embedding_cache, tokenizers
@@ -203,6 +203,9 @@ def make_loss_fn(config, graphdef, expert: str | None = None):
     is_video = batch.get("is_video") if config.data.image_fraction > 0 else None  # None: no stills
     # an image-to-video model learns to continue each clip from its first frame (a first-last-frame one, to its last)
     condition = model.own_condition(pixels) if model.image_to_video else None
+    if model.inpainting:  # SD's inpainting U-Net learns to complete each image from a random part of it
+      keep = editing.training_keep_masks(jax.random.fold_in(key, 5), pixels.shape[:3])
+      condition = model.inpainting_condition(pixels, keep)
     if config.model.wan_first_frame_fraction:  # a model that starts clips at images: some at their own first frame
       given = jax.random.bernoulli(jax.random.fold_in(key, 4), config.model.wan_first_frame_fraction, x0.shape[:1])
       condition = {"first_latents": x0[:, :1], "first_given": given}
@@ -223,9 +226,10 @@ def make_loss_fn(config, graphdef, expert: str | None = None):
       teacher_model = nnx.merge(graphdef, teacher, frozen)
       teacher_text = (batch["text_embeddings"] if "text_embeddings" in batch
                       else teacher_model.encode(batch["text_ids"], batch["text_mask"]))
-      denoise = distillation.teacher_denoiser(teacher_model, jnp.where(kept[:, None, None], teacher_text, 0),
+      teacher_null = teacher_model.null_condition(teacher_text, text_mask)[0]  # where the student's text was dropped
+      denoise = distillation.teacher_denoiser(teacher_model, jnp.where(kept[:, None, None], teacher_text, teacher_null),
                                               text_mask, config, teacher_sampling, lowres=lowres, aug_logsnr=aug_logsnr,
-                                              is_video=is_video)
+                                              is_video=is_video, size_ids=batch.get("size_ids"))
       x0 = jax.lax.stop_gradient(distillation.target(denoise, x_t, *levels))
       eps = objectives.eps_from_x0(x0, x_t, alpha, sigma)
     x_in = x_t * objectives.per_example(objectives.network_input_scale(d.prediction, alpha, sigma, d.sigma_data), x_t)

@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from flax import nnx
@@ -17,7 +18,7 @@ POOLED = 12  # the tiny SDXL U-Net's pooled text width
 
 
 def save_tiny_sd_unet(directory, linear_projection=False, heads=4, channels=4, cross_attention_dim=16, seed=0,
-                      sdxl=False, layers_per_block=1):
+                      sdxl=False, layers_per_block=1, in_channels=None):
   """A random 2-level UNet2DConditionModel (cross-attention at the first level) saved as a diffusers directory:
   SD 1.x's layout (1x1 convolutions around the attention, `heads` heads everywhere) or, with linear_projection and a
   list of heads, SD 2.x's; with sdxl, SDXL's (linear projections, cross-attention at the second level only, there
@@ -29,7 +30,7 @@ def save_tiny_sd_unet(directory, linear_projection=False, heads=4, channels=4, c
   added = dict(transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
                projection_class_embeddings_input_dim=POOLED + 6 * 8) if sdxl else {}
   model = diffusers.UNet2DConditionModel(
-      sample_size=16, in_channels=channels, out_channels=channels, block_out_channels=(32, 64),
+      sample_size=16, in_channels=in_channels or channels, out_channels=channels, block_out_channels=(32, 64),
       layers_per_block=layers_per_block,
       down_block_types=attends, up_block_types=tuple(t.replace("Down", "Up") for t in reversed(attends)),
       cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=8,
@@ -166,16 +167,18 @@ def test_the_clip_tokenizer_makes_transformers_ids(tmp_path, pad_token):
     tokenizers.CLIPTokenizer(str(tmp_path), 12)
 
 
-def save_tiny_stable_diffusion(root, captions, sdxl=False, layers_per_block=1):
+def save_tiny_stable_diffusion(root, captions, sdxl=False, layers_per_block=1, inpainting=False):
   """A Stable Diffusion 1.x checkpoint's folders (unet/, text_encoder/, tokenizer/, vae/, scheduler/) with tiny
   random models: a 2-level U-Net, a 2-layer CLIP text model of width 32, a factor-2 VAE with 4 latent channels.
   With sdxl, an SDXL checkpoint's: SDXL's U-Net layout (save_tiny_sd_unet) and also text_encoder_2/ (a 2-layer
-  CLIPTextModelWithProjection of width 16 projecting to POOLED) and tokenizer_2/ (padding with "!"). Returns
-  diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline) of them."""
+  CLIPTextModelWithProjection of width 16 projecting to POOLED) and tokenizer_2/ (padding with "!"); with inpainting,
+  an SD inpainting checkpoint's (the U-Net reads 9 channels). Returns diffusers' StableDiffusionPipeline
+  (StableDiffusionXLPipeline, StableDiffusionInpaintPipeline) of them."""
   import diffusers
   import transformers
 
-  save_tiny_sd_unet(root / "unet", cross_attention_dim=48 if sdxl else 32, sdxl=sdxl, layers_per_block=layers_per_block)
+  save_tiny_sd_unet(root / "unet", cross_attention_dim=48 if sdxl else 32, sdxl=sdxl, layers_per_block=layers_per_block,
+                    in_channels=9 if inpainting else None)
   vocab = save_tiny_clip_tokenizer(root / "tokenizer", captions)
   torch.manual_seed(0)
   clip_config = lambda width, **fields: transformers.CLIPTextConfig(
@@ -195,8 +198,8 @@ def save_tiny_stable_diffusion(root, captions, sdxl=False, layers_per_block=1):
       str(root / folder / "vocab.json"), str(root / folder / "merges.txt"), model_max_length=16, **pad)
   unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
   if not sdxl:
-    return diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer("tokenizer"), unet, scheduler, None, None,
-                                             requires_safety_checker=False)
+    kind = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
+    return kind(vae, text_encoder, tokenizer("tokenizer"), unet, scheduler, None, None, requires_safety_checker=False)
   save_tiny_clip_tokenizer(root / "tokenizer_2", captions, pad_token="!")
   second = transformers.CLIPTextModelWithProjection(clip_config(16, projection_dim=POOLED)).eval()
   second.save_pretrained(root / "text_encoder_2")
@@ -426,6 +429,84 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
   with pytest.raises(ValueError, match="is a Stable Diffusion LoRA that cannot be read: 1 tensors are not low-rank "
                                        "updates .* lora_unet_conv_in.diff"):
     lora.read(str(tmp_path / "diff.safetensors"))
+
+
+def test_an_inpainting_checkpoint_reads_what_diffusers_inpainting_pipeline_gives_it_trains_and_completes_images(
+    tmp_path):
+  """An SD inpainting checkpoint (its U-Net reads 9 channels: the latents, where to generate, the known image's
+  latents): configs/stable_diffusion.py:ROOT diffuses its 4 latent channels. For an image and a keep mask, its
+  condition is the mask at the latents' size as StableDiffusionInpaintPipeline.prepare_mask_latents makes it and
+  the latents of the image with the generated region zeroed, and its prediction is the pipeline's U-Net's of those.
+  Trained on images with random rectangles generated anew (editing.training_keep_masks: a quarter of them whole),
+  it completes a masked image (sample --init_image --mask), keeping the known pixels exactly, and samples from text
+  alone (all of it generated). A latent cache is refused (the masked images need the pixels)."""
+  from configs import stable_diffusion
+  from diffusion_jax import editing, media
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.text import tokenizers
+
+  pipeline = save_tiny_stable_diffusion(tmp_path / "sd", [" ".join(captioned_shapes.VOCABULARY)] * 5,
+                                        inpainting=True)
+  config = stable_diffusion.get_config(str(tmp_path / "sd"))
+  assert config.model.in_channels == 4
+  config.text.max_length, config.model.dtype = 16, "float32"
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
+  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
+  config.sample.update(steps=2, prompts=("a large red circle",))
+  assert config_checks.problems(config, device_count=8) == []
+  bad = config.copy_and_resolve_references()
+  bad.latent.cache = str(tmp_path / "latents")
+  assert "SD's inpainting U-Net reads the latents of each training image with a masked region" in " ".join(
+      config_checks.problems(bad, device_count=8))
+
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  keep = np.ones((2, 32, 32, 1), np.float32)
+  keep[0, 8:24, 4:20], keep[1, :, 16:] = 0, 0
+  latents = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+  ids, mask = tokenizers.from_config(config)(["a large red circle", "two small blue squares"])
+  logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(pipeline.scheduler.alphas_cumprod.double().numpy()[
+      500]), jnp.float32)
+
+  @jax.jit
+  def condition_and_prediction(params, frozen):
+    model = nnx.merge(graphdef, params, frozen)
+    condition = model.inpainting_condition(images, keep)
+    return condition, model(latents, logsnr, model.encode(ids, mask), mask, condition=condition)
+
+  condition, prediction = condition_and_prediction(state.params, state.frozen)
+  del state
+  as_torch = lambda x: torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    text, _ = pipeline.encode_prompt(["a large red circle", "two small blue squares"], "cpu", 1, False)
+    masked = pipeline.vae.encode(as_torch(images * keep)).latent_dist.mean * pipeline.vae.config.scaling_factor
+    generated, masked = pipeline.prepare_mask_latents(1 - as_torch(keep), masked, 2, 32, 32, torch.float32, "cpu",
+                                                      None, False)
+    expected = pipeline.unet(torch.cat([as_torch(latents), generated, masked], 1), 500, text).sample.numpy()
+  np.testing.assert_array_equal(as_torch(condition["mask"]).numpy(), generated.numpy())
+  np.testing.assert_allclose(as_torch(condition["masked_latents"]).numpy(), masked.numpy(), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(prediction).transpose(0, 3, 1, 2), expected, atol=1e-4)
+  masks = np.asarray(editing.training_keep_masks(jax.random.key(0), (64, 32, 32)))
+  whole = (masks == 0).all(axis=(1, 2, 3))
+  assert 5 < whole.sum() < 30 and ((masks[~whole] == 0).any(axis=(1, 2, 3)) & (masks[~whole] == 1).any(axis=(1, 2, 3))
+                                   ).all()
+
+  train.train_and_evaluate(config, tmp_path / "run")
+  picture = rng.integers(0, 256, (32, 32, 3), np.uint8)
+  hole = np.zeros((32, 32, 3), np.uint8)
+  hole[8:24, 8:24] = 255
+  media.save_png(tmp_path / "picture.png", picture, {})
+  media.save_png(tmp_path / "hole.png", hole, {})
+  out = tmp_path / "out"
+  sample.sample_from_workdir(tmp_path / "run", {"steps": 2, "num_per_prompt": 1}, output_dir=out,
+                             init_image=tmp_path / "picture.png", mask=tmp_path / "hole.png")
+  records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  completed = np.asarray(PIL.Image.open(out / records[0]["file"]))
+  np.testing.assert_array_equal(completed[hole[..., 0] == 0], picture[hole[..., 0] == 0])
+  assert not np.array_equal(completed[8:24, 8:24], picture[8:24, 8:24])
+  assert sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "text_alone").exists()
 
 
 def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):

@@ -98,6 +98,13 @@ def config_problems(config: dict) -> list[str]:
           ] if found else []
 
 
+def is_inpainting(config: dict) -> bool:
+  """Whether a U-Net config is an inpainting model's (SD's inpainting checkpoints): it reads its latents, a mask
+  channel and the known image's latents (in_channels = 2 out_channels + 1)."""
+  c = DEFAULTS | config
+  return c["in_channels"] == 2 * c["out_channels"] + 1
+
+
 def read_config(path, field: str = "model.sd_unet_path") -> dict:
   """The config.json of a local diffusers UNet2DConditionModel directory, with its class's defaults; a ValueError
   that says what is wrong, naming `field`."""

@@ -40,7 +40,7 @@ class TextToImage(nnx.Module):
       self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
                                        else config.text.t5, rngs=rngs)
     m = config.model
-    self.backbone, self.image_to_video, self.first_last_frame = m.backbone, False, False
+    self.backbone, self.image_to_video, self.first_last_frame, self.inpainting = m.backbone, False, False, False
     self.clean_first_frame = m.backbone == "wan" and m.wan_clean_first_frame  # Wan 2.2 TI2V's image-to-video mode
     self.image_encoder = (clip.VisionModel(clip.read_vision_config(m.wan_image_encoder_path,
                                                                    "model.wan_image_encoder_path"), rngs=rngs)
@@ -59,6 +59,7 @@ class TextToImage(nnx.Module):
       self.first_last_frame = wan_transformer.is_first_last_frame(wan_config)  # Wan 2.1 FLF2V
       self.mask_channels = wan_config["in_channels"] - 2 * wan_config["out_channels"]
     elif self.backbone == "sd_unet":
+      self.inpainting = sd_unet.is_inpainting(sd_unet.read_config(m.sd_unet_path))
       self.sd_unet = sd_unet.SDUNet(sd_unet.read_config(m.sd_unet_path), rngs=rngs, dtype=m.dtype,
                                     attention=m.attention, remat_policy=m.remat_policy if m.remat else None,
                                     lora_rank=m.lora_rank, ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
@@ -116,6 +117,19 @@ class TextToImage(nnx.Module):
       condition["image"] = self.image_encoder.penultimate(images)
     return condition
 
+  def inpainting_condition(self, images, keep) -> dict:
+    """An inpainting model's condition (SD's inpainting U-Net, `inpainting`) for images [batch, h, w, 3] in [-1, 1]
+    whose region keep [batch, h, w, 1] (1: kept, 0: generated anew) marks as known: {"mask": where to generate
+    [batch, h/f, w/f, 1] at the latents' size (nearest, as diffusers' pipelines shrink it), "masked_latents": the
+    latents' mean of the images with their generated region zeroed [batch, h/f, w/f, c]}. Without images (None),
+    all of it is generated (a text-to-image sample)."""
+    if images is None:
+      return {"mask": jnp.ones(keep.shape[:1] + tuple(n // self.pixels_per_latent for n in keep.shape[1:3]) + (1,)),
+              "masked_latents": self.to_latents(jnp.zeros(keep.shape[:3] + (3,)))}
+    f = self.pixels_per_latent
+    generated = 1.0 - keep[:, ::f, ::f].astype(jnp.float32)
+    return {"mask": generated, "masked_latents": self.to_latents(images * (keep > 0))}
+
   def own_condition(self, clips) -> dict:
     """An image-to-video model's condition for clips [batch, frames, h, w, c] in [-1, 1] of their own first frame
     (and a first-last-frame model's, last), what training reads."""
@@ -135,8 +149,11 @@ class TextToImage(nnx.Module):
     if self.image_to_video and condition is None:
       raise ValueError("This image-to-video model needs the condition of the images its clips start at "
                        "(image_condition)")
-    if condition is not None and not (self.image_to_video or self.clean_first_frame):
-      raise ValueError("Only an image-to-video model (or one that starts clips at images) reads a condition")
+    if self.inpainting and condition is None:
+      raise ValueError("This inpainting model needs the condition of the image it completes (inpainting_condition)")
+    if condition is not None and not (self.image_to_video or self.clean_first_frame or self.inpainting):
+      raise ValueError("Only an image-to-video or inpainting model (or one that starts clips at images) reads a "
+                       "condition")
     if self.backbone == "wan":  # clips only, no super-resolution inputs (config_checks.wan_problems)
       timestep, condition = wan_transformer.timestep(logsnr), condition or {}
       x_t, clean = x, None
@@ -159,6 +176,8 @@ class TextToImage(nnx.Module):
       toward_first = objectives.eps_from_x0(first, x_t.astype(jnp.float32), alpha, sigma) - first
       return jnp.where(clean[..., None, None, None], toward_first, out)
     if self.backbone == "sd_unet":  # images only; every text token, as SD's pipelines (config_checks.sd_unet_problems)
+      if self.inpainting:  # the latents, where to generate, the known image's latents (diffusers' channel order)
+        x = jnp.concatenate([x, condition["mask"].astype(x.dtype), condition["masked_latents"].astype(x.dtype)], -1)
       if self.sd_unet.add_embedding is None:
         return self.sd_unet(x, sd_unet.timestep(logsnr), text)
       tokens, pooled = sdxl_text.split(text, self.sd_unet.cross_attention_dim)  # SDXL
