@@ -1,9 +1,9 @@
 """Fine-tuning Stable Diffusion 1.x, 2.x, SDXL or an SD inpainting model (a diffusers checkpoint) on your images:
 its U-Net (model.backbone='sd_unet', trained), CLIP text encoder (SDXL: both) and VAE (frozen), read from the
-checkpoint's folders, on SD's variance-preserving scaled-linear schedule with its prediction (eps, or v for SD 2.x at 768 px: the
-scheduler's prediction_type), sampled with DPM-Solver++(2M), 25 steps, guidance 7.5 (SDXL: 5, its pipeline's
-default), at the timesteps its scheduler spaces (timestep_spacing, steps_offset), against the empty prompt's encoding
-as SD's pipelines are (SDXL's: zeros).
+checkpoint's folders, on SD's variance-preserving scaled-linear schedule with its prediction (eps, or v for SD 2.x
+at 768 px: the scheduler's prediction_type), sampled with DPM-Solver++(2M), 25 steps, guidance 7.5 (SDXL: 5, its
+pipeline's default), at the timesteps its scheduler spaces (timestep_spacing, steps_offset), against the empty
+prompt's encoding as SD's pipelines are (SDXL's: zeros).
 
   python -m diffusion_jax.main --config=configs/stable_diffusion.py:/path/to/stable-diffusion-v1-5 --workdir=DIR \\
       --config.data.folder=/path/to/images --config.data.captions_file=/path/to/images/captions.jsonl
