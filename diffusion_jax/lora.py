@@ -19,10 +19,10 @@ original one (ComfyUI's) and musubi-tuner's, as shared Wan LoRAs come (`--lora=l
 A14B's low-noise expert's file). `--lora` also reads Stable Diffusion 1.x / 2.x LoRAs in kohya's and diffusers'
 layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too), SDXL's in the
 same (kohya's with the SGM U-Net's module names); `--format=diffusers` writes a LoRA of SD's U-Net (1.x, 2.x or
-SDXL) in diffusers' layout, which their pipelines' load_lora_weights read.
+SDXL) in diffusers' layout, which their pipelines' load_lora_weights read, and `--format=kohya` in kohya's.
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
-                               [--format=diffusers]
+                               [--format=diffusers|kohya]
   python -m diffusion_jax.lora --inspect=adapter.safetensors
 
 Flags:
@@ -30,9 +30,10 @@ Flags:
   --output    the adapter file to write (.safetensors)
   --step      checkpoint step (default: the latest)
   --use_ema   take the updates' first EMA copy (default: the run's sample.use_ema) or, false, the trained ones
-  --format    diffusion_jax (default: ours, with what made it) or diffusers (a LoRA of Wan's transformer or of
+  --format    diffusion_jax (default: ours, with what made it), diffusers (a LoRA of Wan's transformer or of
               Stable Diffusion's U-Net; of Wan 2.2 A14B's pair, a second file, OUTPUT_low_noise.safetensors, for
-              the low-noise expert)
+              the low-noise expert) or kohya (a LoRA of Stable Diffusion's U-Net, SDXL's named as sd-scripts names
+              them)
   --inspect   print what an adapter file holds instead (`describe`): what made it, the model it was made for,
               and how many layers of each kind it updates with how many weights
 """
@@ -51,9 +52,10 @@ from absl import app, flags
 from flax import traverse_util
 
 from diffusion_jax import checkpoint, cli, diffusers_lora, finetune, sd_lora
-from diffusion_jax.models import text_to_image
+from diffusion_jax.models import sd_unet, text_to_image
 
 FORMAT = "diffusion_jax.lora"
+LAYOUTS = (FORMAT, "diffusers", "kohya")
 log = logging.getLogger(__name__)
 
 
@@ -226,17 +228,26 @@ def provenance(adapters: list[Adapter]) -> list[dict]:
 
 def export(workdir, output, step: int | None = None, use_ema: bool | None = None, layout: str = FORMAT) -> dict:
   """Write the low-rank updates of a LoRA run's checkpoint (default: the latest; use_ema default: its
-  sample.use_ema) to `output` (safetensors), in our layout or (a LoRA of Wan's transformer or SD's U-Net, layout
-  'diffusers') diffusers' (of Wan 2.2 A14B's pair, the low-noise expert's to OUTPUT_low_noise too). Returns the
-  files' metadata and, as 'files', their paths."""
+  sample.use_ema) to `output` (safetensors), in our layout, or (a LoRA of Wan's transformer or SD's U-Net, layout
+  'diffusers') diffusers' (of Wan 2.2 A14B's pair, the low-noise expert's to OUTPUT_low_noise too), or (SD's U-Net,
+  'kohya') kohya's. Returns the files' metadata and, as 'files', their paths."""
   from safetensors.numpy import save
 
   config = checkpoint.read_config(workdir)
   if not config.model.lora_rank:
     raise ValueError(f"--workdir={str(workdir)!r} is not a LoRA fine-tune (model.lora_rank is 0): its checkpoints are "
                      "the whole model; sample or fine-tune it as a workdir.")
-  if layout not in (FORMAT, "diffusers"):
-    raise ValueError(f"--format={layout!r}: {FORMAT} or diffusers")
+  if layout not in LAYOUTS:
+    raise ValueError(f"--format={layout!r}: one of {list(LAYOUTS)}")
+  if layout == "kohya" and config.model.backbone != "sd_unet":
+    raise ValueError(f"--format=kohya: only a LoRA of Stable Diffusion's U-Net has a kohya layout; "
+                     f"--workdir={str(workdir)!r} is a LoRA of a {config.model.backbone}")
+  unet = sd_unet.read_config(config.model.sd_unet_path) if config.model.backbone == "sd_unet" else {}
+  sdxl = unet.get("addition_embed_type") == sd_unet.TEXT_TIME  # kohya names SDXL's modules as the SGM U-Net does
+  if layout == "kohya" and sdxl and unet["layers_per_block"] != sd_lora.SDXL_LAYERS_PER_BLOCK:
+    raise ValueError(f"--format=kohya: kohya's SDXL names number SDXL's blocks ({sd_lora.SDXL_LAYERS_PER_BLOCK} "
+                     f"ResNet blocks a level); this U-Net's layers_per_block={unet['layers_per_block']} has no such "
+                     "names (write diffusers' layout)")
   if layout == "diffusers" and config.model.backbone not in ("wan", "sd_unet"):
     raise ValueError(f"--format=diffusers: only a LoRA of Wan's transformer or SD's U-Net has a diffusers layout; "
                      f"--workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write {FORMAT}'s)")
@@ -261,7 +272,9 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
              for suffix, part in diffusers_lora.per_expert(tensors).items()}
   elif layout == "diffusers":
     files = {output: sd_lora.to_diffusers(tensors)}
-  if layout == "diffusers":  # diffusers' format tag, our provenance beside it
+  elif layout == "kohya":
+    files = {output: sd_lora.to_kohya(tensors, sdxl)}
+  if layout != FORMAT:  # the PyTorch world's format tag, our provenance beside it
     metadata |= {"format": "pt", "written_by": FORMAT}
   for file, part in files.items():
     file.write_bytes(save(part, metadata=metadata))  # the umask's permissions (save_file: 0600)
@@ -322,8 +335,9 @@ def define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
   flags.DEFINE_bool("use_ema", None, "Export the first EMA copy (default: the run's sample.use_ema).")
   flags.DEFINE_string("inspect", None, "Print what this adapter file holds (instead of exporting one).")
-  flags.DEFINE_enum("format", FORMAT, [FORMAT, "diffusers"], "The file's layout: ours, or diffusers' (a LoRA of Wan's "
-                    "transformer or Stable Diffusion's U-Net: their pipelines' load_lora_weights read it).")
+  flags.DEFINE_enum("format", FORMAT, list(LAYOUTS), "The file's layout: ours, diffusers' (a LoRA of Wan's "
+                    "transformer or Stable Diffusion's U-Net: their pipelines' load_lora_weights read it) or kohya's "
+                    "(a LoRA of SD's U-Net, as sd-scripts writes them: ComfyUI and AUTOMATIC1111 read it).")
 
 
 def main(argv):

@@ -1,7 +1,7 @@
 """Stable Diffusion LoRA files as the PyTorch world shares them, read into our low-rank updates (lora.py's
 {'sd_unet/down_blocks/0/attentions/0/transformer_blocks/0/attn1/to_q_lora/lora_a': a [in, rank], ..._b: b [rank,
 out]}: the kernel's update is a @ b), of the U-Net (model.backbone='sd_unet') and the CLIP text encoder; and our
-U-Net updates written in diffusers' layout (`to_diffusers`).
+U-Net updates written in diffusers' layout (`to_diffusers`) or kohya's (`to_kohya`).
 
 - kohya's layout (sd-scripts; most shared SD LoRAs): 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_
   attn1_to_q.lora_down.weight' [rank, in] and '...lora_up.weight' [out, rank], diffusers' module names with their
@@ -116,6 +116,38 @@ def to_diffusers(updates: dict) -> dict:
       raise ValueError(f"{name}: only the updates of SD's U-Net's dense layers are written in diffusers' layout")
     layer = ".".join(part.removesuffix("_lora") for part in parts)
     tensors[f"unet.{layer}.lora_{leaf[-1].upper()}.weight"] = np.ascontiguousarray(np.asarray(x, np.float32).T)
+  return tensors
+
+
+def sgm_parts(parts: list[str]) -> list[str]:
+  """diffusers_parts' inverse for the modules of a transformer: ['down_blocks', '1', 'attentions', '0', ...] ->
+  ['input_blocks', '4', '1', ...]; ['mid_block', 'attentions', '0', ...] -> ['middle_block', '1', ...]; ['up_blocks',
+  '0', 'attentions', '2', ...] -> ['output_blocks', '2', '1', ...] (SDXL's numbering: 2 ResNet blocks a level)."""
+  n = SDXL_LAYERS_PER_BLOCK
+  if parts[0] == "mid_block" and parts[1] == "attentions":
+    return ["middle_block", "1"] + parts[3:]
+  if parts[0] in ("down_blocks", "up_blocks") and parts[2] == "attentions":
+    level, block = int(parts[1]), int(parts[3])
+    index = 1 + level * (n + 1) + block if parts[0] == "down_blocks" else level * (n + 1) + block
+    return ["input_blocks" if parts[0] == "down_blocks" else "output_blocks", str(index), "1"] + parts[4:]
+  raise ValueError(f"{'.'.join(parts)}: only the updates of SDXL's transformers are written in kohya's SDXL layout")
+
+
+def to_kohya(updates: dict, sdxl: bool) -> dict:
+  """Our U-Net updates {name: array} -> kohya's layout {key: float32 array}: 'lora_unet_<module>.lora_down.weight' =
+  a^T [rank, in], '.lora_up.weight' = b^T [out, rank] and '.alpha' = rank (scale 1), the module named as diffusers
+  names it with underscores (SD 1.x, 2.x) or, sdxl, as the SGM U-Net does (sgm_parts), as sd-scripts writes them."""
+  tensors = {}
+  for name, x in updates.items():
+    model, *parts, leaf = name.split("/")
+    if model != "sd_unet" or np.ndim(x) != 2:
+      raise ValueError(f"{name}: only the updates of SD's U-Net's dense layers are written in kohya's layout")
+    parts = [part.removesuffix("_lora") for part in parts]
+    module = "lora_unet_" + "_".join(sgm_parts(parts) if sdxl else parts)
+    x = np.ascontiguousarray(np.asarray(x, np.float32).T)
+    tensors[f"{module}.lora_{'down' if leaf == 'lora_a' else 'up'}.weight"] = x
+    if leaf == "lora_a":
+      tensors[f"{module}.alpha"] = np.array(x.shape[0], np.float32)
   return tensors
 
 

@@ -87,6 +87,8 @@ def test_an_exported_adapter_holds_the_updates_alone(lora_run, tmp_path):
   assert json.loads(metadata["config"])["model"]["lora_rank"] == 2
   with pytest.raises(ValueError, match="only a LoRA of Wan's transformer or SD's U-Net has a diffusers layout"):
     lora.export(workdir, tmp_path / "theirs.safetensors", layout="diffusers")
+  with pytest.raises(ValueError, match="only a LoRA of Stable Diffusion's U-Net has a kohya layout"):
+    lora.export(workdir, tmp_path / "theirs.safetensors", layout="kohya")
   lora.export(workdir, tmp_path / "ema.safetensors")
   ema = lora.read(str(tmp_path / "ema.safetensors"))
   for name, weight in {lora.name(p): w for p, w in flat(end.ema[0]).items()}.items():

@@ -340,6 +340,8 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   # Written in diffusers' layout, StableDiffusionXLPipeline.load_lora_weights + fuse_lora make its U-Net predict what
   # ours predicts with the trained updates; read back by --lora, the same updates.
   lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
+  with pytest.raises(ValueError, match="kohya's SDXL names number SDXL's blocks .* layers_per_block=1 has no such"):
+    lora.export(tmp_path / "run", tmp_path / "kohya.safetensors", layout="kohya")  # (SDXL's: the test below)
   with_lora = conditions_and_prediction(weights.params, weights.frozen)[2]
   pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
   pipeline.fuse_lora()
@@ -359,15 +361,16 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
   """A kohya-layout LoRA (attention, feed-forward, a 1x1 projection, a LoCon 3x3 convolution, the text encoder; alpha
   / rank) fused by --lora at scale 0.7: the U-Net predicts what diffusers' U-Net does after load_lora_weights and
   fuse_lora(0.7), and the text encoder's projection moves by 0.7 alpha / rank up @ down. The same U-Net updates
-  saved by diffusers in its (PEFT's) layout read the same. Updates of layers the model lacks are refused by name, as
-  are tensors that are no low-rank update."""
+  saved by diffusers in its (PEFT's) layout read the same. Ours written in kohya's layout (sd_lora.to_kohya) read back
+  as they were and fuse in diffusers as in ours. Updates of layers the model lacks are refused by name, as are
+  tensors that are no low-rank update."""
   import diffusers
   import safetensors.numpy
   import safetensors.torch
   from peft.utils import get_peft_model_state_dict
 
   from configs import stable_diffusion
-  from diffusion_jax import lora
+  from diffusion_jax import lora, sd_lora
   from diffusion_jax.data import captioned_shapes
 
   captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
@@ -418,6 +421,28 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
   assert sorted(theirs.updates) == sorted(k for k in adapters[0].updates if k.startswith("sd_unet/"))
   for key in (k for k in theirs.updates if k.endswith("/lora_a")):
     np.testing.assert_allclose(product(theirs, key), product(adapters[0], key), atol=1e-6)
+
+  # A LoRA of every attention and feed-forward projection of ours, written in kohya's layout (lora --format=kohya):
+  # read back, the same updates; diffusers fuses it into the prediction ours makes with it.
+  lora_state = nnx.state(nnx.eval_shape(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / "sd" / "unet"),
+                                                               rngs=init_rngs.seeded(0), lora_rank=rank,
+                                                               ff_lora_rank=rank)), nnx.LoRAParam)
+  ours = {f"sd_unet/{lora.name(path)}": 0.2 * np.random.default_rng(len(path)).standard_normal(x.shape).astype(
+      np.float32) for path, x in nnx.to_flat_state(lora_state)}
+  assert len(ours) == 2 * 4 * 10  # 4 transformers (level 0's down and its two up, the middle's), 10 projections each
+  safetensors.numpy.save_file(sd_lora.to_kohya(ours, sdxl=False), tmp_path / "ours.safetensors")
+  written = lora.read(str(tmp_path / "ours.safetensors"))
+  assert written.updates.keys() == ours.keys()
+  for key in ours:
+    np.testing.assert_allclose(written.updates[key], ours[key], atol=1e-7)
+  pipeline.unfuse_lora()
+  pipeline.unload_lora_weights()
+  pipeline.load_lora_weights(tmp_path, weight_name="ours.safetensors")
+  pipeline.fuse_lora()
+  with torch.no_grad():
+    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text)).sample.numpy()
+  fused = lora.fused(sample.Weights(state.params, state.frozen), [written])
+  np.testing.assert_allclose(np.asarray(predict(fused)).transpose(0, 3, 1, 2), expected, atol=5e-5)
 
   misfit = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_1_attn1_to_q.lora_down.weight": np.ones((2, 32)),
             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_1_attn1_to_q.lora_up.weight": np.ones((32, 2))}
@@ -513,11 +538,12 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
   attention, the middle block's projection, LoCon's 3x3 convolutions of a ResNet block, a downsampler and an
   upsampler, a 1x1 shortcut, the added embedding; both text encoders', te1 and te2), fused by --lora at scale 0.7
   into a tiny SDXL checkpoint of 2 ResNet blocks a level: the U-Net predicts what diffusers' does after
-  load_lora_weights and fuse_lora(0.7), and each text encoder's layer moves by 0.7 alpha / rank up @ down."""
+  load_lora_weights and fuse_lora(0.7), and each text encoder's layer moves by 0.7 alpha / rank up @ down. Our
+  updates written in that layout (sd_lora.to_kohya) read back as they were and fuse in diffusers as in ours."""
   import safetensors.torch
 
   from configs import stable_diffusion
-  from diffusion_jax import lora
+  from diffusion_jax import lora, sd_lora
   from diffusion_jax.data import captioned_shapes
 
   captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
@@ -567,6 +593,30 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
         projection]["kernel"])
     moved = 0.7 * (1.0 / rank) * (tensors[f"lora_{layer}.lora_up.weight"] @ tensors[f"lora_{layer}.lora_down.weight"])
     np.testing.assert_allclose(kernel(weights) - kernel(state), moved.numpy().T, atol=1e-6)
+
+  # A LoRA of every attention and feed-forward projection of ours, written in kohya's SDXL layout (lora
+  # --format=kohya): read back, the same updates; diffusers fuses it into the prediction ours makes with it.
+  lora_state = nnx.state(nnx.eval_shape(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / "sdxl" / "unet"),
+                                                               rngs=init_rngs.seeded(0), lora_rank=rank,
+                                                               ff_lora_rank=rank)), nnx.LoRAParam)
+  ours = {f"sd_unet/{lora.name(path)}": 0.2 * np.random.default_rng(len(path)).standard_normal(x.shape).astype(
+      np.float32) for path, x in nnx.to_flat_state(lora_state)}
+  assert len(ours) == 2 * 12 * 10  # 12 transformer blocks (4 down, 2 middle, 6 up), 10 projections each
+  safetensors.torch.save_file({k: torch.tensor(v) for k, v in sd_lora.to_kohya(ours, sdxl=True).items()},
+                              tmp_path / "ours.safetensors")
+  written = lora.read(str(tmp_path / "ours.safetensors"))
+  assert written.updates.keys() == ours.keys()
+  for key in ours:
+    np.testing.assert_allclose(written.updates[key], ours[key], atol=1e-7)
+  pipeline.unfuse_lora()
+  pipeline.unload_lora_weights()
+  pipeline.load_lora_weights(tmp_path, weight_name="ours.safetensors")
+  pipeline.fuse_lora()
+  with torch.no_grad():
+    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text[..., :48]),
+                             added_cond_kwargs=added).sample.numpy()
+  fused = lora.fused(sample.Weights(state.params, state.frozen), [written])
+  np.testing.assert_allclose(np.asarray(predict(fused)).transpose(0, 3, 1, 2), expected, atol=5e-5)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
