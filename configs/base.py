@@ -94,6 +94,7 @@ def get_config():
       lora_convolutions=False,     # with lora_rank: also of both 3x3 convolutions of every U-Net residual block
                                    # (a video U-Net: and both convolutions of every temporal block)
       lora_feed_forward=False,     # with lora_rank: also of both feed-forward projections of every transformer block
+      lora_text_encoder=False,     # with lora_rank: also of a CLIP text encoder's (SD's, SDXL's two) attention and MLP
       lora_modulation=False,       # with lora_rank: also of the projections of the conditioning embedding (noise
                                    # level, pooled text) to every block's scale and shift (U-Net residual and
                                    # temporal blocks' FiLM, DiT adaLN)

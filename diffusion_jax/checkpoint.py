@@ -266,6 +266,7 @@ ADDED_FIELDS = {
     "data.width": 0,
     "mesh.sequence": 1,
     "text.second_tokenizer_path": "", "text.second_encoder_path": "", "data.size_ids": False,
+    "model.lora_text_encoder": False,
 }
 
 

@@ -654,6 +654,13 @@ def problems(config, device_count: int | None = None, process_count: int | None 
                  f"model.backbone={m.backbone!r} has none")
   if m.lora_feed_forward and not m.lora_rank:
     found.append("model.lora_feed_forward: the feed-forward's updates need model.lora_rank > 0")
+  if m.lora_text_encoder and not (m.lora_rank and config.text.pretrained_path and clip.is_text_model(
+      config.text.pretrained_path)):
+    found.append("model.lora_text_encoder: updates of a CLIP text encoder (text.pretrained_path, Stable Diffusion's) "
+                 "need model.lora_rank > 0 and that encoder")
+  if m.lora_text_encoder and config.text.embedding_cache:
+    found.append("model.lora_text_encoder trains the text encoder's updates: its embeddings cannot be cached "
+                 "(text.embedding_cache); turn one off")
   if m.lora_modulation and not m.lora_rank:
     found.append("model.lora_modulation: the scale-shift projections' updates need model.lora_rank > 0")
   if config.finetune.workdir and config.inflate.image_workdir:

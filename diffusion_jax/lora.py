@@ -283,9 +283,11 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
 
 def layer_kind(update_name: str) -> str:
   """Which kind of layer an update adapts: 'temporal attention', 'self-attention', 'cross-attention',
-  'feed-forward', 'convolution', 'temporal convolution', 'modulation', 'temporal modulation' or (Wan's) 'embedding
-  or output' (by its path)."""
+  'feed-forward', 'convolution', 'temporal convolution', 'modulation', 'temporal modulation', (Wan's) 'embedding
+  or output' or 'text encoder' (by its path)."""
   parts = update_name.split("/")
+  if parts[0] == "text_encoder":  # a CLIP text encoder's (Stable Diffusion's)
+    return "text encoder"
   if parts[-2] in ("film_lora", "modulation_lora", "final_modulation_lora"):  # the embedding's scale and shift
     return "temporal modulation" if any(part.startswith("temporal") for part in parts) else "modulation"
   if parts[-2] in ("conv1_lora", "conv2_lora"):

@@ -105,17 +105,33 @@ def as_pair(down, up, scale: float) -> tuple[np.ndarray, np.ndarray]:
   return np.ascontiguousarray(a * np.float32(scale)), np.ascontiguousarray(b)
 
 
+# Our models' updates -> the prefixes of their keys in diffusers' and kohya's layouts (SDXL: text_encoder/first,
+# text_encoder/second)
+WRITTEN = {"sd_unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_"),
+           "text_encoder/first": ("text_encoder.", "lora_te1_"),
+           "text_encoder/second": ("text_encoder_2.", "lora_te2_")}
+
+
+def written_parts(name: str, x, layout: str) -> tuple[str, list[str], str]:
+  """An update's name -> (its model in WRITTEN, its layer's parts without the _lora marks, 'lora_a' or 'lora_b'); a
+  ValueError for what `layout` does not hold (convolutions' updates, other models')."""
+  parts = name.split("/")
+  model = "/".join(parts[:2]) if "/".join(parts[:2]) in WRITTEN else parts[0]
+  if model not in WRITTEN or np.ndim(x) != 2:
+    raise ValueError(f"{name}: only the updates of the dense layers of SD's U-Net and CLIP text encoders are written "
+                     f"in {layout}'s layout")
+  return model, [part.removesuffix("_lora") for part in parts[model.count("/") + 1:-1]], parts[-1]
+
+
 def to_diffusers(updates: dict) -> dict:
-  """Our U-Net updates {name: array} -> diffusers' (PEFT's) layout {key: float32 array}: 'unet.<module>.lora_A.weight'
-  = a^T [rank, in] and '.lora_B.weight' = b^T [out, rank], at scale 1 (no alpha); a ValueError for updates of other
-  than the dense layers of SD's U-Net."""
+  """Our updates {name: array} of SD's U-Net and text encoder(s) -> diffusers' (PEFT's) layout {key: float32 array}:
+  'unet.<module>.lora_A.weight' (or 'text_encoder.', SDXL's second 'text_encoder_2.') = a^T [rank, in] and
+  '.lora_B.weight' = b^T [out, rank], at scale 1 (no alpha)."""
   tensors = {}
   for name, x in updates.items():
-    model, *parts, leaf = name.split("/")
-    if model != "sd_unet" or np.ndim(x) != 2:
-      raise ValueError(f"{name}: only the updates of SD's U-Net's dense layers are written in diffusers' layout")
-    layer = ".".join(part.removesuffix("_lora") for part in parts)
-    tensors[f"unet.{layer}.lora_{leaf[-1].upper()}.weight"] = np.ascontiguousarray(np.asarray(x, np.float32).T)
+    model, parts, leaf = written_parts(name, x, "diffusers")
+    tensors[f"{WRITTEN[model][0]}{'.'.join(parts)}.lora_{leaf[-1].upper()}.weight"] = np.ascontiguousarray(
+        np.asarray(x, np.float32).T)
   return tensors
 
 
@@ -134,16 +150,14 @@ def sgm_parts(parts: list[str]) -> list[str]:
 
 
 def to_kohya(updates: dict, sdxl: bool) -> dict:
-  """Our U-Net updates {name: array} -> kohya's layout {key: float32 array}: 'lora_unet_<module>.lora_down.weight' =
-  a^T [rank, in], '.lora_up.weight' = b^T [out, rank] and '.alpha' = rank (scale 1), the module named as diffusers
-  names it with underscores (SD 1.x, 2.x) or, sdxl, as the SGM U-Net does (sgm_parts), as sd-scripts writes them."""
+  """Our updates {name: array} of SD's U-Net and text encoder(s) -> kohya's layout {key: float32 array}:
+  'lora_unet_<module>.lora_down.weight' (or 'lora_te_', SDXL's 'lora_te1_' and 'lora_te2_') = a^T [rank, in],
+  '.lora_up.weight' = b^T [out, rank] and '.alpha' = rank (scale 1), the module named as diffusers (transformers)
+  names it with underscores or, an SDXL U-Net's, as the SGM U-Net does (sgm_parts), as sd-scripts writes them."""
   tensors = {}
   for name, x in updates.items():
-    model, *parts, leaf = name.split("/")
-    if model != "sd_unet" or np.ndim(x) != 2:
-      raise ValueError(f"{name}: only the updates of SD's U-Net's dense layers are written in kohya's layout")
-    parts = [part.removesuffix("_lora") for part in parts]
-    module = "lora_unet_" + "_".join(sgm_parts(parts) if sdxl else parts)
+    model, parts, leaf = written_parts(name, x, "kohya")
+    module = WRITTEN[model][1] + "_".join(sgm_parts(parts) if sdxl and model == "sd_unet" else parts)
     x = np.ascontiguousarray(np.asarray(x, np.float32).T)
     tensors[f"{module}.lora_{'down' if leaf == 'lora_a' else 'up'}.weight"] = x
     if leaf == "lora_a":

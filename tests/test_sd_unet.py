@@ -1,5 +1,6 @@
 """Stable Diffusion's U-Net (models/sd_unet.py) against diffusers' UNet2DConditionModel, and as a backbone."""
 
+import dataclasses
 import json
 
 import jax
@@ -10,7 +11,7 @@ import torch
 from flax import nnx
 
 from diffusion_jax import config_checks, sample, schedules, sharding, train
-from diffusion_jax.models import init_rngs, sd_unet
+from diffusion_jax.models import clip, init_rngs, sd_unet, sdxl_text
 
 
 POOLED = 12  # the tiny SDXL U-Net's pooled text width
@@ -258,9 +259,9 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   second's pooled embedding, the null condition is its zeros, and the network's prediction at timestep 500 is the
   pipeline's U-Net's given those and the images' sizes and crops as time ids (data.size_ids, training's). Without the
   second encoder or its tokenizer, or with a latent cache beside data.size_ids, the config check says what is wrong.
-  A LoRA of it (model.lora_rank, model.lora_feed_forward, remat)
-  trains only its updates; exported, the adapter says what it adapts, and sampling fuses it; exported in diffusers'
-  layout, diffusers' pipeline fuses it into the same prediction."""
+  A LoRA of it (model.lora_rank, model.lora_feed_forward, model.lora_text_encoder: both encoders', remat) trains only
+  its updates; exported, the adapter says what it adapts, and sampling fuses it; exported in diffusers' layout,
+  diffusers' pipeline fuses it into the same text condition and prediction."""
   from configs import stable_diffusion
   from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
@@ -272,7 +273,7 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   assert (config.text.second_encoder_path, config.text.second_tokenizer_path, config.sample.guidance_scale,
           config.data.size_ids) == (str(tmp_path / "sdxl" / "text_encoder_2"), str(tmp_path / "sdxl" / "tokenizer_2"),
                                     5.0, True)
-  config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, remat=True)
+  config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, lora_text_encoder=True, remat=True)
   config.text.max_length = 16
   config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
                      data_dir=str(tmp_path / "tfds"))
@@ -331,9 +332,9 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   lora.export(tmp_path / "run", tmp_path / "adapter.safetensors", use_ema=False)
   described = lora.describe(lora.read(str(tmp_path / "adapter.safetensors")))
   # Level 1's down transformer and its two up ones, 2 blocks deep, and the middle's: 8 blocks of 4 projections
-  # an attention and 2 feed-forward layers
+  # an attention and 2 feed-forward layers; each text encoder's 2 layers of 4 attention and 2 MLP projections
   for line in (f"for a model: Stable Diffusion's U-Net of {tmp_path / 'sdxl' / 'unet'}", "self-attention: 32 layers",
-               "cross-attention: 32 layers", "feed-forward: 16 layers"):
+               "cross-attention: 32 layers", "feed-forward: 16 layers", "text encoder: 24 layers"):
     assert line in described, described
   grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
   assert grid.exists()
@@ -342,12 +343,16 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
   with pytest.raises(ValueError, match="kohya's SDXL names number SDXL's blocks .* layers_per_block=1 has no such"):
     lora.export(tmp_path / "run", tmp_path / "kohya.safetensors", layout="kohya")  # (SDXL's: the test below)
-  with_lora = conditions_and_prediction(weights.params, weights.frozen)[2]
+  text_with_lora, _, with_lora = conditions_and_prediction(weights.params, weights.frozen)
+  assert np.abs(np.asarray(text_with_lora) - np.asarray(text)).max() > 1e-4  # (the text encoders' updates moved)
   pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
   pipeline.fuse_lora()
   with torch.no_grad():
+    expected_text, _, pooled, _ = pipeline.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
     expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, expected_text, added_cond_kwargs={
         "text_embeds": pooled, "time_ids": torch.tensor(time_ids)}).sample.numpy()
+  np.testing.assert_allclose(text_with_lora[..., :48], expected_text.numpy(), atol=2e-5)
+  np.testing.assert_allclose(text_with_lora[:, 0, 48:], pooled.numpy(), atol=2e-5)
   np.testing.assert_allclose(np.asarray(with_lora).transpose(0, 3, 1, 2), expected, atol=1e-4)
   assert np.abs(np.asarray(with_lora) - np.asarray(prediction)).max() > 1e-3  # (the updates change it)
   ours = lora.read(str(tmp_path / "adapter.safetensors")).updates
@@ -357,12 +362,19 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
     np.testing.assert_array_equal(ours[name], theirs[name])
 
 
+def random_lora(make_module, prefix: str) -> dict:
+  """Random updates {name: array} of every LoRA layer of the module make_module() builds, named under `prefix`."""
+  state = nnx.state(nnx.eval_shape(make_module), nnx.LoRAParam)
+  return {f"{prefix}/{lora_name}": 0.2 * np.random.default_rng(i).standard_normal(x.shape).astype(np.float32)
+          for i, (lora_name, x) in enumerate((("/".join(map(str, path))), x) for path, x in nnx.to_flat_state(state))}
+
+
 def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffusers_fuses_them(tmp_path):
   """A kohya-layout LoRA (attention, feed-forward, a 1x1 projection, a LoCon 3x3 convolution, the text encoder; alpha
   / rank) fused by --lora at scale 0.7: the U-Net predicts what diffusers' U-Net does after load_lora_weights and
   fuse_lora(0.7), and the text encoder's projection moves by 0.7 alpha / rank up @ down. The same U-Net updates
-  saved by diffusers in its (PEFT's) layout read the same. Ours written in kohya's layout (sd_lora.to_kohya) read back
-  as they were and fuse in diffusers as in ours. Updates of layers the model lacks are refused by name, as are
+  saved by diffusers in its (PEFT's) layout read the same. Ours (of the U-Net and the text encoder) written in kohya's
+  layout (sd_lora.to_kohya) read back as they were, and the U-Net's fuse in diffusers as in ours. Updates of layers the model lacks are refused by name, as are
   tensors that are no low-rank update."""
   import diffusers
   import safetensors.numpy
@@ -424,20 +436,21 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
 
   # A LoRA of every attention and feed-forward projection of ours, written in kohya's layout (lora --format=kohya):
   # read back, the same updates; diffusers fuses it into the prediction ours makes with it.
-  lora_state = nnx.state(nnx.eval_shape(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / "sd" / "unet"),
-                                                               rngs=init_rngs.seeded(0), lora_rank=rank,
-                                                               ff_lora_rank=rank)), nnx.LoRAParam)
-  ours = {f"sd_unet/{lora.name(path)}": 0.2 * np.random.default_rng(len(path)).standard_normal(x.shape).astype(
-      np.float32) for path, x in nnx.to_flat_state(lora_state)}
+  ours = random_lora(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / "sd" / "unet"), rngs=init_rngs.seeded(0),
+                                            lora_rank=rank, ff_lora_rank=rank), "sd_unet")
   assert len(ours) == 2 * 4 * 10  # 4 transformers (level 0's down and its two up, the middle's), 10 projections each
-  safetensors.numpy.save_file(sd_lora.to_kohya(ours, sdxl=False), tmp_path / "ours.safetensors")
+  text_lora = random_lora(lambda: clip.TextModel(clip.read_text_config(tmp_path / "sd" / "text_encoder"),
+                                                 rngs=init_rngs.seeded(0), lora_rank=rank), "text_encoder")
+  safetensors.numpy.save_file(sd_lora.to_kohya(ours | text_lora, sdxl=False), tmp_path / "ours.safetensors")
   written = lora.read(str(tmp_path / "ours.safetensors"))
-  assert written.updates.keys() == ours.keys()
-  for key in ours:
-    np.testing.assert_allclose(written.updates[key], ours[key], atol=1e-7)
+  assert written.updates.keys() == (ours | text_lora).keys()
+  for key in ours | text_lora:
+    np.testing.assert_allclose(written.updates[key], (ours | text_lora)[key], atol=1e-7)
+  written = dataclasses.replace(written, updates=ours)  # (diffusers' kohya loader fails on text encoders)
+  safetensors.numpy.save_file(sd_lora.to_kohya(ours, sdxl=False), tmp_path / "ours_unet.safetensors")
   pipeline.unfuse_lora()
   pipeline.unload_lora_weights()
-  pipeline.load_lora_weights(tmp_path, weight_name="ours.safetensors")
+  pipeline.load_lora_weights(tmp_path, weight_name="ours_unet.safetensors")
   pipeline.fuse_lora()
   with torch.no_grad():
     expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text)).sample.numpy()
@@ -539,7 +552,9 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
   upsampler, a 1x1 shortcut, the added embedding; both text encoders', te1 and te2), fused by --lora at scale 0.7
   into a tiny SDXL checkpoint of 2 ResNet blocks a level: the U-Net predicts what diffusers' does after
   load_lora_weights and fuse_lora(0.7), and each text encoder's layer moves by 0.7 alpha / rank up @ down. Our
-  updates written in that layout (sd_lora.to_kohya) read back as they were and fuse in diffusers as in ours."""
+  updates (of the U-Net and both text encoders) written in that layout (sd_lora.to_kohya) read back as they were, and
+  the U-Net's fuse in diffusers as in ours."""
+  import safetensors.numpy
   import safetensors.torch
 
   from configs import stable_diffusion
@@ -596,21 +611,22 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
 
   # A LoRA of every attention and feed-forward projection of ours, written in kohya's SDXL layout (lora
   # --format=kohya): read back, the same updates; diffusers fuses it into the prediction ours makes with it.
-  lora_state = nnx.state(nnx.eval_shape(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / "sdxl" / "unet"),
-                                                               rngs=init_rngs.seeded(0), lora_rank=rank,
-                                                               ff_lora_rank=rank)), nnx.LoRAParam)
-  ours = {f"sd_unet/{lora.name(path)}": 0.2 * np.random.default_rng(len(path)).standard_normal(x.shape).astype(
-      np.float32) for path, x in nnx.to_flat_state(lora_state)}
+  ours = random_lora(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / "sdxl" / "unet"), rngs=init_rngs.seeded(0),
+                                            lora_rank=rank, ff_lora_rank=rank), "sd_unet")
   assert len(ours) == 2 * 12 * 10  # 12 transformer blocks (4 down, 2 middle, 6 up), 10 projections each
-  safetensors.torch.save_file({k: torch.tensor(v) for k, v in sd_lora.to_kohya(ours, sdxl=True).items()},
-                              tmp_path / "ours.safetensors")
+  text_lora = random_lora(lambda: sdxl_text.TextEncoders(
+      clip.read_text_config(tmp_path / "sdxl" / "text_encoder"), clip.read_text_config(
+          tmp_path / "sdxl" / "text_encoder_2"), rngs=init_rngs.seeded(0), lora_rank=rank), "text_encoder")
+  safetensors.numpy.save_file(sd_lora.to_kohya(ours | text_lora, sdxl=True), tmp_path / "ours.safetensors")
   written = lora.read(str(tmp_path / "ours.safetensors"))
-  assert written.updates.keys() == ours.keys()
-  for key in ours:
-    np.testing.assert_allclose(written.updates[key], ours[key], atol=1e-7)
+  assert written.updates.keys() == (ours | text_lora).keys()
+  for key in ours | text_lora:
+    np.testing.assert_allclose(written.updates[key], (ours | text_lora)[key], atol=1e-7)
+  written = dataclasses.replace(written, updates=ours)  # (the U-Net's, for diffusers' kohya loader)
+  safetensors.numpy.save_file(sd_lora.to_kohya(ours, sdxl=True), tmp_path / "ours_unet.safetensors")
   pipeline.unfuse_lora()
   pipeline.unload_lora_weights()
-  pipeline.load_lora_weights(tmp_path, weight_name="ours.safetensors")
+  pipeline.load_lora_weights(tmp_path, weight_name="ours_unet.safetensors")
   pipeline.fuse_lora()
   with torch.no_grad():
     expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text[..., :48]),

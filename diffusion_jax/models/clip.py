@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_jax.models import init_rngs, named_tensors
+from diffusion_jax.models import init_rngs, layers, named_tensors
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -29,41 +29,48 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 
 
 class Attention(nnx.Module):
-  def __init__(self, width, heads, *, rngs):
+  """Self-attention (q_proj, k_proj, v_proj, out_proj) and, with lora_rank, their low-rank updates (`*_lora`)."""
+
+  def __init__(self, width, heads, *, rngs, lora_rank=0):
     self.heads = heads
     self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nnx.Linear(width, width, rngs=rngs) for _ in range(4))
+    self.q_proj_lora, self.k_proj_lora, self.v_proj_lora, self.out_proj_lora = (
+        layers.lora(width, width, (None, None), lora_rank, rngs, jnp.float32) for _ in range(4))
 
   def __call__(self, x, causal):
     """x: [n, tokens, width]."""
     split = lambda y: y.reshape(y.shape[:2] + (self.heads, -1))
-    out = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                                       is_causal=causal)
-    return self.out_proj(out.reshape(x.shape))
+    project = lambda name, y: layers.adapted(self, name, y)
+    out = jax.nn.dot_product_attention(split(project("q_proj", x)), split(project("k_proj", x)),
+                                       split(project("v_proj", x)), is_causal=causal)
+    return project("out_proj", out.reshape(x.shape))
 
 
-class MLP(nnx.Module):  # fc1 and fc2; the activation is applied by EncoderLayer
-  def __init__(self, width, hidden, *, rngs):
+class MLP(nnx.Module):  # fc1 and fc2 (and their low-rank updates); the activation is applied by EncoderLayer
+  def __init__(self, width, hidden, *, rngs, lora_rank=0):
     self.fc1, self.fc2 = nnx.Linear(width, hidden, rngs=rngs), nnx.Linear(hidden, width, rngs=rngs)
+    self.fc1_lora = layers.lora(width, hidden, (None, None), lora_rank, rngs, jnp.float32)
+    self.fc2_lora = layers.lora(hidden, width, (None, None), lora_rank, rngs, jnp.float32)
 
 
 class EncoderLayer(nnx.Module):  # pre-norm transformer block
-  def __init__(self, c, *, rngs):
+  def __init__(self, c, *, rngs, lora_rank=0):
     self.activation = c["hidden_act"]
     width, eps = c["hidden_size"], c["layer_norm_eps"]
     self.layer_norm1 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
-    self.self_attn = Attention(width, c["num_attention_heads"], rngs=rngs)
+    self.self_attn = Attention(width, c["num_attention_heads"], rngs=rngs, lora_rank=lora_rank)
     self.layer_norm2 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
-    self.mlp = MLP(width, c["intermediate_size"], rngs=rngs)
+    self.mlp = MLP(width, c["intermediate_size"], rngs=rngs, lora_rank=lora_rank)
 
   def __call__(self, x, causal):
     x = x + self.self_attn(self.layer_norm1(x), causal)
-    hidden = ACTIVATIONS[self.activation](self.mlp.fc1(self.layer_norm2(x)))
-    return x + self.mlp.fc2(hidden)
+    hidden = ACTIVATIONS[self.activation](layers.adapted(self.mlp, "fc1", self.layer_norm2(x)))
+    return x + layers.adapted(self.mlp, "fc2", hidden)
 
 
 class Encoder(nnx.Module):
-  def __init__(self, c, *, rngs):
-    self.layers = nnx.List([EncoderLayer(c, rngs=rngs) for _ in range(c["num_hidden_layers"])])
+  def __init__(self, c, *, rngs, lora_rank=0):
+    self.layers = nnx.List([EncoderLayer(c, rngs=rngs, lora_rank=lora_rank) for _ in range(c["num_hidden_layers"])])
 
   def __call__(self, x, causal):
     for layer in self.layers:
@@ -78,10 +85,10 @@ class TextEmbeddings(nnx.Module):
 
 
 class TextTransformer(nnx.Module):
-  def __init__(self, c, *, rngs):
+  def __init__(self, c, *, rngs, lora_rank=0):
     self.eos_token_id = c["eos_token_id"]
     self.embeddings = TextEmbeddings(c, rngs=rngs)
-    self.encoder = Encoder(c, rngs=rngs)
+    self.encoder = Encoder(c, rngs=rngs, lora_rank=lora_rank)
     self.final_layer_norm = nnx.LayerNorm(c["hidden_size"], epsilon=c["layer_norm_eps"], rngs=rngs)
 
   def embed(self, ids):
@@ -219,10 +226,11 @@ class VisionModel(nnx.Module):
 class TextModel(nnx.Module):
   """A CLIPTextModel (transformers' name: its tensors are text_model.*) of a config.json's fields, as a text encoder:
   (ids [n, tokens], mask) -> every token's last states [n, tokens, width]. The mask is not read: CLIP's attention is
-  causal, and Stable Diffusion's pipelines give its text encoder none."""
+  causal, and Stable Diffusion's pipelines give its text encoder none. lora_rank: a LoRA's low-rank updates of every
+  layer's attention and MLP projections (0: none)."""
 
-  def __init__(self, config: dict, *, rngs):
-    self.text_model = TextTransformer(config, rngs=rngs)
+  def __init__(self, config: dict, *, rngs, lora_rank=0):
+    self.text_model = TextTransformer(config, rngs=rngs, lora_rank=lora_rank)
 
   def __call__(self, ids, mask=None):
     del mask
@@ -233,8 +241,8 @@ class TextModelWithProjection(nnx.Module):
   """A CLIPTextModelWithProjection (tensors text_model.* and text_projection.weight): its text transformer and the
   unbiased projection of its pooled state (transformers' text_embeds)."""
 
-  def __init__(self, config: dict, *, rngs):
-    self.text_model = TextTransformer(config, rngs=rngs)
+  def __init__(self, config: dict, *, rngs, lora_rank=0):
+    self.text_model = TextTransformer(config, rngs=rngs, lora_rank=lora_rank)
     self.text_projection = nnx.Linear(config["hidden_size"], config["projection_dim"], use_bias=False, rngs=rngs)
 
 

@@ -17,11 +17,11 @@ from diffusion_jax.models import clip, init_rngs
 
 class TextEncoders(nnx.Module):
   """(ids [n, 2 tokens]: the first tokenizer's ids, then the second's; mask, not read) -> the text condition
-  [n, tokens, width_1 + width_2 + projection_dim]."""
+  [n, tokens, width_1 + width_2 + projection_dim]. lora_rank: both encoders' LoRA (clip.TextModel)."""
 
-  def __init__(self, first_config: dict, second_config: dict, *, rngs: nnx.Rngs):
-    self.first = clip.TextModel(first_config, rngs=rngs)
-    self.second = clip.TextModelWithProjection(second_config, rngs=rngs)
+  def __init__(self, first_config: dict, second_config: dict, *, rngs: nnx.Rngs, lora_rank=0):
+    self.first = clip.TextModel(first_config, rngs=rngs, lora_rank=lora_rank)
+    self.second = clip.TextModelWithProjection(second_config, rngs=rngs, lora_rank=lora_rank)
 
   def __call__(self, ids, mask=None):
     del mask

@@ -29,11 +29,12 @@ class TextToImage(nnx.Module):
     gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
     self.empty_prompt_ids = None
+    text_lora = config.model.lora_rank if config.model.lora_text_encoder else 0
     if config.text.second_encoder_path:  # SDXL's two CLIP text transformers; its null condition is zeros
       self.text_encoder = sdxl_text.TextEncoders(clip.read_text_config(text_path), clip.read_text_config(
-          config.text.second_encoder_path, "text.second_encoder_path"), rngs=rngs)
+          config.text.second_encoder_path, "text.second_encoder_path"), rngs=rngs, lora_rank=text_lora)
     elif text_path and clip.is_text_model(text_path):  # Stable Diffusion's: CLIP's text transformer
-      self.text_encoder = clip.TextModel(clip.read_text_config(text_path), rngs=rngs)
+      self.text_encoder = clip.TextModel(clip.read_text_config(text_path), rngs=rngs, lora_rank=text_lora)
       ids, _ = tokenizers.from_config(config)([""])
       self.empty_prompt_ids = tuple(int(i) for i in ids[0])  # (a static attribute: part of the graphdef)
     else:
