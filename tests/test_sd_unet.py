@@ -222,12 +222,17 @@ def test_stable_diffusion_reads_a_checkpoints_folders_as_its_pipeline_encodes_an
                                                                       str(tmp_path / "sd" / "tokenizer"))
   assert (config.text.second_encoder_path, config.sample.guidance_scale, config.data.size_ids) == (
       "", 7.5, False)
-  config.text.max_length, config.data.size_ids = 20, True
+  config.text.update(max_length=20, embedding_cache=str(tmp_path / "cache"))
+  config.data.size_ids, config.model.lora_text_encoder = True, True
   found = " ".join(config_checks.problems(config, device_count=8))
   for problem in ("text.max_length=20 exceeds the CLIP text encoder's 16 positions",
-                  "data.size_ids: only SDXL's U-Net reads an image's size and crop"):
+                  "data.size_ids: only SDXL's U-Net reads an image's size and crop",
+                  "model.lora_text_encoder: updates of a CLIP text encoder (text.pretrained_path, Stable Diffusion's) "
+                  "need model.lora_rank > 0", "model.lora_text_encoder trains the text encoder's updates: its "
+                  "embeddings cannot be cached"):
     assert problem in found
-  config.text.max_length, config.model.dtype, config.data.size_ids = 16, "float32", False
+  config.text.update(max_length=16, embedding_cache="")
+  config.model.dtype, config.data.size_ids, config.model.lora_text_encoder = "float32", False, False
   config.data.update(dataset="captioned_shapes", resolution=32, data_dir=str(tmp_path / "tfds"))
   assert config_checks.problems(config, device_count=8) == []
   state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
@@ -374,8 +379,8 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
   / rank) fused by --lora at scale 0.7: the U-Net predicts what diffusers' U-Net does after load_lora_weights and
   fuse_lora(0.7), and the text encoder's projection moves by 0.7 alpha / rank up @ down. The same U-Net updates
   saved by diffusers in its (PEFT's) layout read the same. Ours (of the U-Net and the text encoder) written in kohya's
-  layout (sd_lora.to_kohya) read back as they were, and the U-Net's fuse in diffusers as in ours. Updates of layers the model lacks are refused by name, as are
-  tensors that are no low-rank update."""
+  layout (sd_lora.to_kohya) read back as they were, and the U-Net's fuse in diffusers as in ours. Updates of layers the
+  model lacks are refused by name, as are tensors that are no low-rank update."""
   import diffusers
   import safetensors.numpy
   import safetensors.torch
