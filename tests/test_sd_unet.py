@@ -367,6 +367,67 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
     np.testing.assert_array_equal(ours[name], theirs[name])
 
 
+def save_kohya_lora(directory, shapes: dict) -> dict:
+  """A kohya-layout LoRA of random updates of the layers `shapes` names ({layer: (down shape, up shape)}), alpha 1:
+  directory/kohya.safetensors, and its U-Net's updates alone in kohya_unet.safetensors (diffusers' kohya loader
+  fails on text encoders). Returns its tensors."""
+  import safetensors.torch
+
+  generator, tensors = torch.Generator().manual_seed(0), {}
+  for layer, (down, up) in shapes.items():
+    tensors[f"lora_{layer}.lora_down.weight"] = 0.3 * torch.randn(*down, generator=generator)
+    tensors[f"lora_{layer}.lora_up.weight"] = 0.3 * torch.randn(*up, generator=generator)
+    tensors[f"lora_{layer}.alpha"] = torch.tensor(1.0)
+  safetensors.torch.save_file(tensors, directory / "kohya.safetensors")
+  safetensors.torch.save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")},
+                              directory / "kohya_unet.safetensors")
+  return tensors
+
+
+def kohya_fused(pipeline, root, directory, text_width: int):
+  """The config of the tiny checkpoint at `root` (diffusers' `pipeline` of it), its initial state, its weights with
+  directory/kohya.safetensors fused at 0.7 (--lora), a jitted predict(weights) of random latents at SD's timestep 500
+  for random text of text_width, and those latents and text."""
+  from configs import stable_diffusion
+  from diffusion_jax import lora
+
+  config = stable_diffusion.get_config(str(root))
+  config.text.max_length, config.model.dtype, config.data.resolution = 16, "float32", 32
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  adapters = [lora.read(f"{directory / 'kohya.safetensors'}:0.7")]
+  lora.check(adapters, config)
+  weights = lora.fused(sample.Weights(state.params, state.frozen), adapters)
+  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  text = np.random.default_rng(1).standard_normal((2, 16, text_width)).astype(np.float32)
+  logsnr = schedules.logsnr_from_alphas_cumprod(pipeline.scheduler.alphas_cumprod.double().numpy()[500])
+  predict = jax.jit(lambda w: nnx.merge(graphdef, w.params, w.frozen)(
+      latents, jnp.full((2,), logsnr, jnp.float32), text, np.ones((2, 16), bool)))
+  return config, state, weights, predict, latents, text
+
+
+def our_lora_fuses_as_diffusers_fuses_it(pipeline, directory, ours: dict, sdxl: bool, predict, state, expected_fn):
+  """Our updates `ours` (name -> array, of the U-Net and text encoders) written in kohya's layout read back as they
+  were; the U-Net's, loaded and fused by diffusers' `pipeline` (after unloading what it had), make expected_fn() its
+  U-Net's prediction equal to predict() of ours fused into `state`'s weights."""
+  import safetensors.numpy
+
+  from diffusion_jax import lora, sd_lora
+
+  safetensors.numpy.save_file(sd_lora.to_kohya(ours, sdxl=sdxl), directory / "ours.safetensors")
+  written = lora.read(str(directory / "ours.safetensors"))
+  assert written.updates.keys() == ours.keys()
+  for key in ours:
+    np.testing.assert_allclose(written.updates[key], ours[key], atol=1e-7)
+  unet = {name: x for name, x in ours.items() if name.startswith("sd_unet/")}
+  safetensors.numpy.save_file(sd_lora.to_kohya(unet, sdxl=sdxl), directory / "ours_unet.safetensors")
+  pipeline.unfuse_lora()
+  pipeline.unload_lora_weights()
+  pipeline.load_lora_weights(directory, weight_name="ours_unet.safetensors")
+  pipeline.fuse_lora()
+  fused = lora.fused(sample.Weights(state.params, state.frozen), [dataclasses.replace(written, updates=unet)])
+  np.testing.assert_allclose(np.asarray(predict(fused)).transpose(0, 3, 1, 2), expected_fn(), atol=5e-5)
+
+
 def random_lora(make_module, prefix: str) -> dict:
   """Random updates {name: array} of every LoRA layer of the module make_module() builds, named under `prefix`."""
   state = nnx.state(nnx.eval_shape(make_module), nnx.LoRAParam)
@@ -386,44 +447,27 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
   import safetensors.torch
   from peft.utils import get_peft_model_state_dict
 
-  from configs import stable_diffusion
-  from diffusion_jax import lora, sd_lora
+  from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
 
   captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
   pipeline = save_tiny_stable_diffusion(tmp_path / "sd", captions)
-  rank, generator = 2, torch.Generator().manual_seed(0)
+  rank = 2
   shapes = {"unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((rank, 32), (32, rank)),
             "unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_out_0": ((rank, 32), (32, rank)),
             "unet_mid_block_attentions_0_proj_in": ((rank, 64, 1, 1), (64, rank, 1, 1)),
             "unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj": ((rank, 32), (256, rank)),
             "unet_down_blocks_1_resnets_0_conv1": ((rank, 32, 3, 3), (64, rank, 1, 1)),
             "te_text_model_encoder_layers_1_self_attn_q_proj": ((rank, 32), (32, rank))}
-  tensors = {}
-  for layer, (down, up) in shapes.items():
-    tensors[f"lora_{layer}.lora_down.weight"] = 0.3 * torch.randn(*down, generator=generator)
-    tensors[f"lora_{layer}.lora_up.weight"] = 0.3 * torch.randn(*up, generator=generator)
-    tensors[f"lora_{layer}.alpha"] = torch.tensor(1.0)
-  safetensors.torch.save_file(tensors, tmp_path / "kohya.safetensors")
-  safetensors.torch.save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")},
-                              tmp_path / "kohya_unet.safetensors")  # (diffusers' kohya loader fails on text encoders)
+  tensors = save_kohya_lora(tmp_path, shapes)
   pipeline.load_lora_weights(tmp_path, weight_name="kohya_unet.safetensors", adapter_name="kohya")
   diffusers.StableDiffusionPipeline.save_lora_weights(
       tmp_path / "peft", unet_lora_layers=get_peft_model_state_dict(pipeline.unet, adapter_name="kohya"),
       unet_lora_adapter_metadata=pipeline.unet.peft_config["kohya"].to_dict())
   pipeline.fuse_lora(lora_scale=0.7)
 
-  config = stable_diffusion.get_config(str(tmp_path / "sd"))
-  config.text.max_length, config.model.dtype, config.data.resolution = 16, "float32", 32
-  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  config, state, weights, predict, latents, text = kohya_fused(pipeline, tmp_path / "sd", tmp_path, 32)
   adapters = [lora.read(f"{tmp_path / 'kohya.safetensors'}:0.7")]
-  lora.check(adapters, config)
-  weights = lora.fused(sample.Weights(state.params, state.frozen), adapters)
-  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
-  text = np.random.default_rng(1).standard_normal((2, 16, 32)).astype(np.float32)
-  logsnr = schedules.logsnr_from_alphas_cumprod(pipeline.scheduler.alphas_cumprod.double().numpy()[500])
-  predict = jax.jit(lambda w: nnx.merge(graphdef, w.params, w.frozen)(
-      latents, jnp.full((2,), logsnr, jnp.float32), text, np.ones((2, 16), bool)))
   with torch.no_grad():
     expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text)).sample.numpy()
   np.testing.assert_allclose(np.asarray(predict(weights)).transpose(0, 3, 1, 2), expected, atol=5e-5)
@@ -439,28 +483,14 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
   for key in (k for k in theirs.updates if k.endswith("/lora_a")):
     np.testing.assert_allclose(product(theirs, key), product(adapters[0], key), atol=1e-6)
 
-  # A LoRA of every attention and feed-forward projection of ours, written in kohya's layout (lora --format=kohya):
-  # read back, the same updates; diffusers fuses it into the prediction ours makes with it.
+  # A LoRA of every attention and feed-forward projection of ours, written in kohya's layout (lora --format=kohya)
   ours = random_lora(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / "sd" / "unet"), rngs=init_rngs.seeded(0),
                                             lora_rank=rank, ff_lora_rank=rank), "sd_unet")
   assert len(ours) == 2 * 4 * 10  # 4 transformers (level 0's down and its two up, the middle's), 10 projections each
-  text_lora = random_lora(lambda: clip.TextModel(clip.read_text_config(tmp_path / "sd" / "text_encoder"),
-                                                 rngs=init_rngs.seeded(0), lora_rank=rank), "text_encoder")
-  safetensors.numpy.save_file(sd_lora.to_kohya(ours | text_lora, sdxl=False), tmp_path / "ours.safetensors")
-  written = lora.read(str(tmp_path / "ours.safetensors"))
-  assert written.updates.keys() == (ours | text_lora).keys()
-  for key in ours | text_lora:
-    np.testing.assert_allclose(written.updates[key], (ours | text_lora)[key], atol=1e-7)
-  written = dataclasses.replace(written, updates=ours)  # (diffusers' kohya loader fails on text encoders)
-  safetensors.numpy.save_file(sd_lora.to_kohya(ours, sdxl=False), tmp_path / "ours_unet.safetensors")
-  pipeline.unfuse_lora()
-  pipeline.unload_lora_weights()
-  pipeline.load_lora_weights(tmp_path, weight_name="ours_unet.safetensors")
-  pipeline.fuse_lora()
-  with torch.no_grad():
-    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text)).sample.numpy()
-  fused = lora.fused(sample.Weights(state.params, state.frozen), [written])
-  np.testing.assert_allclose(np.asarray(predict(fused)).transpose(0, 3, 1, 2), expected, atol=5e-5)
+  ours |= random_lora(lambda: clip.TextModel(clip.read_text_config(tmp_path / "sd" / "text_encoder"),
+                                             rngs=init_rngs.seeded(0), lora_rank=rank), "text_encoder")
+  our_lora_fuses_as_diffusers_fuses_it(pipeline, tmp_path, ours, False, predict, state, lambda: pipeline.unet(
+      torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text)).sample.detach().numpy())
 
   misfit = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_1_attn1_to_q.lora_down.weight": np.ones((2, 32)),
             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_1_attn1_to_q.lora_up.weight": np.ones((32, 2))}
@@ -559,16 +589,11 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
   load_lora_weights and fuse_lora(0.7), and each text encoder's layer moves by 0.7 alpha / rank up @ down. Our
   updates (of the U-Net and both text encoders) written in that layout (sd_lora.to_kohya) read back as they were, and
   the U-Net's fuse in diffusers as in ours."""
-  import safetensors.numpy
-  import safetensors.torch
-
-  from configs import stable_diffusion
-  from diffusion_jax import lora, sd_lora
   from diffusion_jax.data import captioned_shapes
 
   captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
   pipeline = save_tiny_stable_diffusion(tmp_path / "sdxl", captions, sdxl=True, layers_per_block=2)
-  rank, generator = 2, torch.Generator().manual_seed(0)
+  rank = 2
   shapes = {"unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k": ((rank, 48), (64, rank)),
             "unet_output_blocks_1_1_transformer_blocks_0_attn1_to_out_0": ((rank, 64), (64, rank)),
             "unet_middle_block_1_proj_in": ((rank, 64), (64, rank)),
@@ -579,28 +604,11 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
             "unet_label_emb_0_0": ((rank, POOLED + 48), (128, rank)),
             "te1_text_model_encoder_layers_1_self_attn_q_proj": ((rank, 32), (32, rank)),
             "te2_text_model_encoder_layers_0_mlp_fc1": ((rank, 16), (32, rank))}
-  tensors = {}
-  for layer, (down, up) in shapes.items():
-    tensors[f"lora_{layer}.lora_down.weight"] = 0.3 * torch.randn(*down, generator=generator)
-    tensors[f"lora_{layer}.lora_up.weight"] = 0.3 * torch.randn(*up, generator=generator)
-    tensors[f"lora_{layer}.alpha"] = torch.tensor(1.0)
-  safetensors.torch.save_file(tensors, tmp_path / "kohya.safetensors")
-  safetensors.torch.save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")},
-                              tmp_path / "kohya_unet.safetensors")
+  tensors = save_kohya_lora(tmp_path, shapes)
   pipeline.load_lora_weights(tmp_path, weight_name="kohya_unet.safetensors")
   pipeline.fuse_lora(lora_scale=0.7)
 
-  config = stable_diffusion.get_config(str(tmp_path / "sdxl"))
-  config.text.max_length, config.model.dtype, config.data.resolution = 16, "float32", 32
-  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
-  adapters = [lora.read(f"{tmp_path / 'kohya.safetensors'}:0.7")]
-  lora.check(adapters, config)
-  weights = lora.fused(sample.Weights(state.params, state.frozen), adapters)
-  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
-  text = np.random.default_rng(1).standard_normal((2, 16, 48 + POOLED)).astype(np.float32)
-  logsnr = schedules.logsnr_from_alphas_cumprod(pipeline.scheduler.alphas_cumprod.double().numpy()[500])
-  predict = jax.jit(lambda w: nnx.merge(graphdef, w.params, w.frozen)(
-      latents, jnp.full((2,), logsnr, jnp.float32), text, np.ones((2, 16), bool)))
+  _, state, weights, predict, latents, text = kohya_fused(pipeline, tmp_path / "sdxl", tmp_path, 48 + POOLED)
   with torch.no_grad():
     added = {"text_embeds": torch.tensor(text[:, 0, 48:]), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
     expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text[..., :48]),
@@ -614,30 +622,16 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
     moved = 0.7 * (1.0 / rank) * (tensors[f"lora_{layer}.lora_up.weight"] @ tensors[f"lora_{layer}.lora_down.weight"])
     np.testing.assert_allclose(kernel(weights) - kernel(state), moved.numpy().T, atol=1e-6)
 
-  # A LoRA of every attention and feed-forward projection of ours, written in kohya's SDXL layout (lora
-  # --format=kohya): read back, the same updates; diffusers fuses it into the prediction ours makes with it.
+  # A LoRA of every attention and feed-forward projection of ours, written in kohya's SDXL layout (lora --format=kohya)
   ours = random_lora(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / "sdxl" / "unet"), rngs=init_rngs.seeded(0),
                                             lora_rank=rank, ff_lora_rank=rank), "sd_unet")
   assert len(ours) == 2 * 12 * 10  # 12 transformer blocks (4 down, 2 middle, 6 up), 10 projections each
-  text_lora = random_lora(lambda: sdxl_text.TextEncoders(
+  ours |= random_lora(lambda: sdxl_text.TextEncoders(
       clip.read_text_config(tmp_path / "sdxl" / "text_encoder"), clip.read_text_config(
           tmp_path / "sdxl" / "text_encoder_2"), rngs=init_rngs.seeded(0), lora_rank=rank), "text_encoder")
-  safetensors.numpy.save_file(sd_lora.to_kohya(ours | text_lora, sdxl=True), tmp_path / "ours.safetensors")
-  written = lora.read(str(tmp_path / "ours.safetensors"))
-  assert written.updates.keys() == (ours | text_lora).keys()
-  for key in ours | text_lora:
-    np.testing.assert_allclose(written.updates[key], (ours | text_lora)[key], atol=1e-7)
-  written = dataclasses.replace(written, updates=ours)  # (the U-Net's, for diffusers' kohya loader)
-  safetensors.numpy.save_file(sd_lora.to_kohya(ours, sdxl=True), tmp_path / "ours_unet.safetensors")
-  pipeline.unfuse_lora()
-  pipeline.unload_lora_weights()
-  pipeline.load_lora_weights(tmp_path, weight_name="ours_unet.safetensors")
-  pipeline.fuse_lora()
-  with torch.no_grad():
-    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text[..., :48]),
-                             added_cond_kwargs=added).sample.numpy()
-  fused = lora.fused(sample.Weights(state.params, state.frozen), [written])
-  np.testing.assert_allclose(np.asarray(predict(fused)).transpose(0, 3, 1, 2), expected, atol=5e-5)
+  our_lora_fuses_as_diffusers_fuses_it(pipeline, tmp_path, ours, True, predict, state, lambda: pipeline.unet(
+      torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text[..., :48]),
+      added_cond_kwargs=added).sample.detach().numpy())
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
