@@ -262,11 +262,12 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   its pipeline's). Each prompt's ids are both tokenizers' (which differ where "!" is the second's padding); the text
   condition holds what StableDiffusionXLPipeline.encode_prompt makes, both encoders' penultimate states and the
   second's pooled embedding, the null condition is its zeros, and the network's prediction at timestep 500 is the
-  pipeline's U-Net's given those and the images' sizes and crops as time ids (data.size_ids, training's). Without the
+  pipeline's U-Net's given those and the images' sizes and crops as time ids (data.size_ids, training's): checked of
+  the trained LoRA, against the pipeline with it fused. Without the
   second encoder or its tokenizer, or with a latent cache beside data.size_ids, the config check says what is wrong.
   A LoRA of it (model.lora_rank, model.lora_feed_forward, model.lora_text_encoder: both encoders', remat) trains only
-  its updates; exported, the adapter says what it adapts, and sampling fuses it; exported in diffusers' layout,
-  diffusers' pipeline fuses it into the same text condition and prediction."""
+  its updates; exported, the adapter says what it adapts, and sampling fuses it; exported in diffusers' layout, the
+  pipeline with it fused makes the trained model's text condition and prediction."""
   from configs import stable_diffusion
   from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
@@ -299,35 +300,8 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   assert "data.size_ids with latent.cache: the cache holds one view of each image" in " ".join(
       config_checks.problems(bad, device_count=8))
 
-  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
-  prompts = ["a large red circle at the top left!", "two small blue squares"]
-  ids, mask = tokenizers.from_config(config)(prompts)
-  assert ids.shape == (2, 32) and mask.shape == (2, 16) and (ids[0, :16] != ids[0, 16:]).any()
-  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
-  alphas_cumprod = pipeline.scheduler.alphas_cumprod.double().numpy()
-  logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(alphas_cumprod[500]), jnp.float32)
-  # data.size_ids (the config's for SDXL): one image made at the training size, one cropped from a larger one
-  time_ids = np.array([[32.0, 32, 0, 0, 32, 32], [48, 40, 8, 0, 32, 32]], np.float32)
-
-  @jax.jit
-  def conditions_and_prediction(params, frozen):
-    model = nnx.merge(graphdef, params, frozen)
-    text = model.encode(ids, mask)
-    return text, model.null_condition(text, mask)[0], model(latents, logsnr, text, mask, size_ids=time_ids)
-
-  text, null, prediction = conditions_and_prediction(state.params, state.frozen)
-  del state
-  with torch.no_grad():
-    expected_text, _, pooled, _ = pipeline.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
-    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, expected_text, added_cond_kwargs={
-        "text_embeds": pooled, "time_ids": torch.tensor(time_ids)}).sample.numpy()
-  np.testing.assert_allclose(text[..., :48], expected_text.numpy(), atol=2e-5)
-  np.testing.assert_allclose(text[..., 48:], np.broadcast_to(pooled.numpy()[:, None], (2, 16, POOLED)), atol=2e-5)
-  assert not np.asarray(null).any()
-  np.testing.assert_allclose(np.asarray(prediction).transpose(0, 3, 1, 2), expected, atol=1e-4)
-
   train.train_and_evaluate(config, tmp_path / "run")
-  _, weights, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
+  _, weights, graphdef, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
   loaded = text_to_image.pretrained_weights(config)
   for name in ("sd_unet", "text_encoder", "autoencoder"):
     jax.tree.map(np.testing.assert_array_equal, weights.frozen[name], loaded[name])
@@ -343,29 +317,42 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
     assert line in described, described
   grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
   assert grid.exists()
-  # Written in diffusers' layout, StableDiffusionXLPipeline.load_lora_weights + fuse_lora make its U-Net predict what
-  # ours predicts with the trained updates; read back by --lora, the same updates.
   lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
+  assert lora.read(str(tmp_path / "diffusers.safetensors")).updates.keys() == lora.read(
+      str(tmp_path / "adapter.safetensors")).updates.keys()
   with pytest.raises(ValueError, match="kohya's SDXL names number SDXL's blocks .* layers_per_block=1 has no such"):
     lora.export(tmp_path / "run", tmp_path / "kohya.safetensors", layout="kohya")  # (SDXL's: the test below)
-  text_with_lora, _, with_lora = conditions_and_prediction(weights.params, weights.frozen)
-  assert np.abs(np.asarray(text_with_lora) - np.asarray(text)).max() > 1e-4  # (the text encoders' updates moved)
+
+  # The trained model's condition and prediction, and diffusers' of the checkpoint with the diffusers-layout file
+  prompts = ["a large red circle at the top left!", "two small blue squares"]
+  ids, mask = tokenizers.from_config(config)(prompts)
+  assert ids.shape == (2, 32) and mask.shape == (2, 16) and (ids[0, :16] != ids[0, 16:]).any()
+  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  alphas_cumprod = pipeline.scheduler.alphas_cumprod.double().numpy()
+  logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(alphas_cumprod[500]), jnp.float32)
+  # data.size_ids (the config's for SDXL): one image made at the training size, one cropped from a larger one
+  time_ids = np.array([[32.0, 32, 0, 0, 32, 32], [48, 40, 8, 0, 32, 32]], np.float32)
+  model = nnx.merge(graphdef, weights.params, weights.frozen)
+  text, null, prediction = nnx.jit(lambda model: (
+      lambda text: (text, model.null_condition(text, mask)[0], model(latents, logsnr, text, mask, size_ids=time_ids)))(
+          model.encode(ids, mask)))(model)
+
+  def diffusers_condition_and_prediction():
+    with torch.no_grad():
+      text, _, pooled, _ = pipeline.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
+      return text.numpy(), pooled.numpy(), pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, text,
+                                                         added_cond_kwargs={"text_embeds": pooled, "time_ids": (
+                                                             torch.tensor(time_ids))}).sample.numpy()
+
+  base = diffusers_condition_and_prediction()
   pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
   pipeline.fuse_lora()
-  with torch.no_grad():
-    expected_text, _, pooled, _ = pipeline.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
-    expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, expected_text, added_cond_kwargs={
-        "text_embeds": pooled, "time_ids": torch.tensor(time_ids)}).sample.numpy()
-  np.testing.assert_allclose(text_with_lora[..., :48], expected_text.numpy(), atol=2e-5)
-  np.testing.assert_allclose(text_with_lora[:, 0, 48:], pooled.numpy(), atol=2e-5)
-  np.testing.assert_allclose(np.asarray(with_lora).transpose(0, 3, 1, 2), expected, atol=1e-4)
-  assert np.abs(np.asarray(with_lora) - np.asarray(prediction)).max() > 1e-3  # (the updates change it)
-  ours = lora.read(str(tmp_path / "adapter.safetensors")).updates
-  theirs = lora.read(str(tmp_path / "diffusers.safetensors")).updates
-  assert ours.keys() == theirs.keys()
-  for name in ours:
-    np.testing.assert_array_equal(ours[name], theirs[name])
-
+  expected_text, pooled, expected = diffusers_condition_and_prediction()
+  np.testing.assert_allclose(text[..., :48], expected_text, atol=2e-5)
+  np.testing.assert_allclose(text[..., 48:], np.broadcast_to(pooled[:, None], (2, 16, POOLED)), atol=2e-5)
+  assert not np.asarray(null).any()
+  np.testing.assert_allclose(np.asarray(prediction).transpose(0, 3, 1, 2), expected, atol=1e-4)
+  assert np.abs(expected_text - base[0]).max() > 1e-4 and np.abs(expected - base[2]).max() > 1e-3  # (updates matter)
 
 def save_kohya_lora(directory, shapes: dict) -> dict:
   """A kohya-layout LoRA of random updates of the layers `shapes` names ({layer: (down shape, up shape)}), alpha 1:
