@@ -230,9 +230,10 @@ def sdxl_unet_problems(config, unet: dict) -> list[str]:
             "tokenizer_2/)"]
   if second and not sdxl:
     return [f"text.second_encoder_path={second!r}: only SDXL's U-Net (addition_embed_type='text_time') reads a "
-            "second text encoder"]
+            "second text encoder; leave it and text.second_tokenizer_path empty"]
   if not sdxl:
-    return ["data.size_ids: only SDXL's U-Net reads an image's size and crop"] if config.data.size_ids else []
+    return ["data.size_ids: only SDXL's U-Net reads an image's size and crop; turn it off"] if (
+        config.data.size_ids) else []
   if config.data.size_ids and config.latent.cache:
     return ["data.size_ids with latent.cache: the cache holds one view of each image, whose size and crop it does "
             "not keep; turn one off"]
@@ -591,7 +592,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
       found.append(f"model.in_channels={m.in_channels} must be 3 for a pixel model (the data are RGB); a latent "
                    "model's are its autoencoder's latent_channels (latent.autoencoder_path)")
   if config.data.size_ids and m.backbone != "sd_unet":
-    found.append("data.size_ids: only SDXL's U-Net (model.backbone='sd_unet') reads an image's size and crop")
+    found.append("data.size_ids: only SDXL's U-Net (model.backbone='sd_unet') reads an image's size and crop; turn it "
+                 "off")
   if m.backbone == "dit":
     found += dit_problems(config)
   elif m.backbone == "wan":

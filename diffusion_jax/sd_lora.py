@@ -1,7 +1,7 @@
 """Stable Diffusion LoRA files as the PyTorch world shares them, read into our low-rank updates (lora.py's
 {'sd_unet/down_blocks/0/attentions/0/transformer_blocks/0/attn1/to_q_lora/lora_a': a [in, rank], ..._b: b [rank,
 out]}: the kernel's update is a @ b), of the U-Net (model.backbone='sd_unet') and the CLIP text encoder; and our
-U-Net updates written in diffusers' layout (`to_diffusers`) or kohya's (`to_kohya`).
+U-Net and text-encoder updates written in diffusers' layout (`to_diffusers`) or kohya's (`to_kohya`).
 
 - kohya's layout (sd-scripts; most shared SD LoRAs): 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_
   attn1_to_q.lora_down.weight' [rank, in] and '...lora_up.weight' [out, rank], diffusers' module names with their
@@ -29,12 +29,13 @@ KOHYA_PREFIXES = {"lora_unet_": "sd_unet", "lora_te_": "text_encoder", "lora_te1
                   "lora_te2_": "text_encoder/second"}  # (te1, te2: SDXL's pair, models/sdxl_text.py)
 DIFFUSERS_PREFIXES = {"unet.": "sd_unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder/second"}
 SDXL_LAYERS_PER_BLOCK = 2  # the SGM U-Net's block numbers in SDXL's files count 2 ResNet blocks a level
-# The SGM U-Net's names of modules outside its numbered blocks, and inside a ResNet block or resampler -> diffusers'
-SGM_NAMES = {("input_blocks", "0", "0"): ["conv_in"], ("time_embed", "0"): ["time_embedding", "linear_1"],
+# The SGM U-Net's names of modules outside its numbered blocks (a name's first parts) -> diffusers'
+SGM_OUTER = {("input_blocks", "0", "0"): ["conv_in"], ("time_embed", "0"): ["time_embedding", "linear_1"],
              ("time_embed", "2"): ["time_embedding", "linear_2"],
              ("label_emb", "0", "0"): ["add_embedding", "linear_1"],
-             ("label_emb", "0", "2"): ["add_embedding", "linear_2"], ("out", "2"): ["conv_out"],
-             ("in_layers", "2"): ["conv1"], ("out_layers", "3"): ["conv2"], ("emb_layers", "1"): ["time_emb_proj"],
+             ("label_emb", "0", "2"): ["add_embedding", "linear_2"], ("out", "2"): ["conv_out"]}
+# ... and of layers inside a ResNet block or resampler (anywhere in a name)
+SGM_INNER = {("in_layers", "2"): ["conv1"], ("out_layers", "3"): ["conv2"], ("emb_layers", "1"): ["time_emb_proj"],
              ("skip_connection",): ["conv_shortcut"], ("op",): ["conv"]}
 # Module names that contain underscores (diffusers' U-Net, transformers' CLIP text model): kohya's names join every
 # part with underscores, so these are matched as wholes, longest first.
@@ -83,9 +84,12 @@ def diffusers_parts(parts: list[str]) -> list[str]:
     level, block = divmod(int(index), n + 1)
     parts = ["up_blocks", str(level)] + ([("resnets", "attentions")[int(inner)], str(block)] if int(inner) < 2 else
                                          ["upsamplers", "0"]) + rest
-  for old, new in SGM_NAMES.items():
+  for old, new in SGM_OUTER.items():
+    if tuple(parts[:len(old)]) == old:
+      parts = new + parts[len(old):]
+  for old, new in SGM_INNER.items():
     at = next((i for i in range(len(parts)) if tuple(parts[i:i + len(old)]) == old), None)
-    if at is not None and (old[0] in ("in_layers", "out_layers", "emb_layers", "skip_connection", "op") or at == 0):
+    if at is not None:
       parts = parts[:at] + new + parts[at + len(old):]
   return parts
 
@@ -119,7 +123,7 @@ def written_parts(name: str, x, layout: str) -> tuple[str, list[str], str]:
   model = "/".join(parts[:2]) if "/".join(parts[:2]) in WRITTEN else parts[0]
   if model not in WRITTEN or np.ndim(x) != 2:
     raise ValueError(f"{name}: only the updates of the dense layers of SD's U-Net and CLIP text encoders are written "
-                     f"in {layout}'s layout")
+                     f"in {layout}'s layout; write this adapter in ours (--format=diffusion_jax.lora)")
   return model, [part.removesuffix("_lora") for part in parts[model.count("/") + 1:-1]], parts[-1]
 
 
@@ -146,7 +150,8 @@ def sgm_parts(parts: list[str]) -> list[str]:
     level, block = int(parts[1]), int(parts[3])
     index = 1 + level * (n + 1) + block if parts[0] == "down_blocks" else level * (n + 1) + block
     return ["input_blocks" if parts[0] == "down_blocks" else "output_blocks", str(index), "1"] + parts[4:]
-  raise ValueError(f"{'.'.join(parts)}: only the updates of SDXL's transformers are written in kohya's SDXL layout")
+  raise ValueError(f"{'.'.join(parts)}: only the updates of SDXL's transformers are written in kohya's SDXL layout; "
+                   "write this adapter in diffusers' (--format=diffusers)")
 
 
 def to_kohya(updates: dict, sdxl: bool) -> dict:

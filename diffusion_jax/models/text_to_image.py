@@ -60,15 +60,16 @@ class TextToImage(nnx.Module):
       self.first_last_frame = wan_transformer.is_first_last_frame(wan_config)  # Wan 2.1 FLF2V
       self.mask_channels = wan_config["in_channels"] - 2 * wan_config["out_channels"]
     elif self.backbone == "sd_unet":
-      self.inpainting = sd_unet.is_inpainting(sd_unet.read_config(m.sd_unet_path))
-      self.sd_unet = sd_unet.SDUNet(sd_unet.read_config(m.sd_unet_path), rngs=rngs, dtype=m.dtype,
+      unet_config = sd_unet.read_config(m.sd_unet_path)
+      self.inpainting = sd_unet.is_inpainting(unet_config)
+      self.sd_unet = sd_unet.SDUNet(unet_config, rngs=rngs, dtype=m.dtype,
                                     attention=m.attention, remat_policy=m.remat_policy if m.remat else None,
                                     lora_rank=m.lora_rank, ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
     else:
       self.unet = unet.UNet(m, rngs=rngs)
-    self.autoencoder = (autoencoder.AutoencoderKL(autoencoder.read_config(latent_path), rngs=rngs) if latent_path
-                        else None)
-    self.pixels_per_latent = autoencoder.downsampling_factor(autoencoder.read_config(latent_path)) if latent_path else 1
+    vae = autoencoder.read_config(latent_path) if latent_path else None
+    self.autoencoder = autoencoder.AutoencoderKL(vae, rngs=rngs) if vae else None
+    self.pixels_per_latent = autoencoder.downsampling_factor(vae) if vae else 1
 
   def encode(self, ids, mask):
     return self.text_encoder(ids, mask)

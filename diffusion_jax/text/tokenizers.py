@@ -136,11 +136,6 @@ class CLIPTokenizerPair:
   def __init__(self, first_path: str, second_path: str, max_length: int):
     self.first = CLIPTokenizer(first_path, max_length)
     self.second = CLIPTokenizer(second_path, max_length, "text.second_tokenizer_path")
-    self.max_length = max_length
-
-  @property
-  def vocab_size(self) -> int:
-    return self.first.vocab_size
 
   def __call__(self, texts):
     (first, mask), (second, _) = self.first(texts), self.second(texts)
