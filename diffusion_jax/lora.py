@@ -18,8 +18,9 @@ writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` 
 original one (ComfyUI's) and musubi-tuner's, as shared Wan LoRAs come (`--lora=low_noise=FILE` for Wan 2.2
 A14B's low-noise expert's file). `--lora` also reads Stable Diffusion 1.x / 2.x LoRAs in kohya's and diffusers'
 layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too), SDXL's in the
-same (kohya's with the SGM U-Net's module names); `--format=diffusers` writes a LoRA of SD's U-Net (1.x, 2.x or
-SDXL) in diffusers' layout, which their pipelines' load_lora_weights read, and `--format=kohya` in kohya's.
+same (kohya's with the SGM U-Net's module names); `--format=diffusers` writes a LoRA of SD's U-Net and text encoders
+(1.x, 2.x or SDXL) in diffusers' layout, which their pipelines' load_lora_weights read, and `--format=kohya` in
+kohya's.
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
                                [--format=diffusers|kohya]
@@ -32,8 +33,8 @@ Flags:
   --use_ema   take the updates' first EMA copy (default: the run's sample.use_ema) or, false, the trained ones
   --format    diffusion_jax (default: ours, with what made it), diffusers (a LoRA of Wan's transformer or of
               Stable Diffusion's U-Net; of Wan 2.2 A14B's pair, a second file, OUTPUT_low_noise.safetensors, for
-              the low-noise expert) or kohya (a LoRA of Stable Diffusion's U-Net, SDXL's named as sd-scripts names
-              them)
+              the low-noise expert) or kohya (a LoRA of Stable Diffusion's U-Net and text encoders, SDXL's named as
+              sd-scripts names them)
   --inspect   print what an adapter file holds instead (`describe`): what made it, the model it was made for,
               and how many layers of each kind it updates with how many weights
 """
@@ -339,7 +340,8 @@ def define_flags():
   flags.DEFINE_string("inspect", None, "Print what this adapter file holds (instead of exporting one).")
   flags.DEFINE_enum("format", FORMAT, list(LAYOUTS), "The file's layout: ours, diffusers' (a LoRA of Wan's "
                     "transformer or Stable Diffusion's U-Net: their pipelines' load_lora_weights read it) or kohya's "
-                    "(a LoRA of SD's U-Net, as sd-scripts writes them: ComfyUI and AUTOMATIC1111 read it).")
+                    "(a LoRA of SD's U-Net and text encoders, as sd-scripts writes them, for ComfyUI and "
+                    "AUTOMATIC1111).")
 
 
 def main(argv):

@@ -15,6 +15,9 @@ after its own features).
 'text_time') adds to the time embedding an MLP of its pooled text embedding beside the sinusoidal features of its
 size and crop ids.
 
+An inpainting U-Net (`is_inpainting`: in_channels = 2 out_channels + 1) reads its latents, a mask channel and the
+known image's latents concatenated (models/text_to_image.py builds them).
+
 Call: x [batch, h, w, in_channels] (latents; h and w divisible by 2^(levels - 1)), timestep [batch] (SD's discrete
 timesteps 0..999, fractions allowed), text [batch, tokens, cross_attention_dim] (and for SDXL pooled [batch,
 projection dim] and time_ids [batch, 6]: original height and width, crop top and left, target height and width)
