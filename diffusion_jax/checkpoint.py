@@ -267,6 +267,7 @@ ADDED_FIELDS = {
     "mesh.sequence": 1,
     "text.second_tokenizer_path": "", "text.second_encoder_path": "", "data.size_ids": False,
     "model.lora_text_encoder": False,
+    "model.sd3_path": "", "text.t5_encoder_path": "", "text.t5_max_length": 256,
 }
 
 

@@ -4,7 +4,8 @@ import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes, moving_shapes, pipeline
-from diffusion_jax.models import attention, autoencoder, clip, layers, sd_unet, t5, wan_transformer
+from diffusion_jax.models import (attention, autoencoder, clip, layers, sd3_transformer, sd_unet, t5,
+                                  wan_transformer)
 from diffusion_jax.text import tokenizers
 
 
@@ -245,6 +246,50 @@ def sdxl_unet_problems(config, unet: dict) -> list[str]:
       f"{unet['addition_time_embed_dim']} ({reads}; the SDXL refiner's 5 ids are not supported)"]
 
 
+def sd3_problems(config) -> list[str]:
+  """What SD3's transformer (model.backbone='sd3', model.sd3_path) cannot do with this config: its flow path, its
+  channels, and its three text encoders' widths (text.pretrained_path, text.second_encoder_path: CLIP models with
+  projections; text.t5_encoder_path, a T5, or none)."""
+  m, d, t, found = config.model, config.diffusion, config.text, []
+  try:
+    sd3 = sd3_transformer.read_config(m.sd3_path)
+    if not (t.second_encoder_path and t.second_tokenizer_path):
+      return ["SD3's transformer reads two CLIP text encoders and a T5: set text.second_encoder_path and "
+              "text.second_tokenizer_path (the checkpoint's text_encoder_2/ and tokenizer_2/) beside "
+              "text.pretrained_path and text.tokenizer_path"]
+    clips = [clip.read_text_config(t.pretrained_path),
+             clip.read_text_config(t.second_encoder_path, "text.second_encoder_path")]
+    t5_width = t5.read_hf_config(t.t5_encoder_path).d_model if t.t5_encoder_path else None
+  except ValueError as error:
+    return [str(error)]
+  if (d.path, d.prediction) != ("flow", "flow"):
+    found.append(f"diffusion.path={d.path!r}, diffusion.prediction={d.prediction!r}: SD3's transformer predicts the "
+                 "velocity eps - x0 on the flow path; set both to 'flow'")
+  if m.in_channels != sd3["out_channels"] or sd3["in_channels"] != sd3["out_channels"]:
+    found.append(f"model.in_channels={m.in_channels}: SD3's transformer maps {sd3['in_channels']} channels to "
+                 f"{sd3['out_channels']}; the data's (an autoencoder's latent_channels) must be both")
+  width, pooled = sd3["joint_attention_dim"], sd3["pooled_projection_dim"]
+  if sum(c["hidden_size"] for c in clips) > width or t5_width not in (None, width):
+    widths = " + ".join(str(c["hidden_size"]) for c in clips)
+    found.append(f"SD3's transformer reads tokens {width} wide (joint_attention_dim): the CLIP encoders' widths "
+                 f"({widths}) must fit in it and the T5's (text.t5_encoder_path) be it, not {t5_width}")
+  if sum(c["projection_dim"] for c in clips) != pooled:
+    found.append(f"SD3's transformer reads a pooled embedding {pooled} wide (pooled_projection_dim), not the CLIP "
+                 f"encoders' projections, {' + '.join(str(c['projection_dim']) for c in clips)}")
+  if t.t5_encoder_path and not t.spiece_path:
+    found.append("text.t5_encoder_path reads T5's ids: set text.spiece_path (the checkpoint's "
+                 "tokenizer_3/spiece.model)")
+  if t.t5_max_length < 1:
+    found.append(f"text.t5_max_length={t.t5_max_length} must be >= 1 (SD3's pipelines: 256)")
+  unsupported = [field for field, value in (("model.temporal", m.temporal),
+                                            ("model.lowres_conditioning", m.lowres_conditioning),
+                                            ("model.lora_modulation", m.lora_modulation)) if value]
+  if unsupported:
+    found.append(f"{', '.join(unsupported)}: not supported with model.backbone='sd3' yet (clips, super-resolution "
+                 "inputs, a LoRA of the modulation); turn off")
+  return found
+
+
 def wan_channel_problems(config, wan: dict) -> list[str]:
   """Why the data's (or latents') channels do not fit Wan's transformer: a text-to-video model maps them to
   themselves; an image-to-video one (wan_transformer.is_image_to_video) reads them, a mask of as many channels as
@@ -435,6 +480,12 @@ def spatial_multiple(config) -> tuple[int, str] | None:
     except ValueError:
       return None
     return 2 ** (levels - 1), f"SD's U-Net's 2 ** (levels - 1), {levels} levels"
+  if m.backbone == "sd3":
+    try:
+      patch = sd3_transformer.read_config(m.sd3_path)["patch_size"]
+    except ValueError:
+      return None
+    return patch, f"SD3's patch {patch}x{patch}"
   return 2 ** (len(m.channel_mults) - 1), f"the U-Net's 2 ** (levels - 1), {len(m.channel_mults)} levels"
 
 
@@ -577,7 +628,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"train.sample_every={config.train.sample_every} must be >= 0 (0: no samples during training)")
 
   m = config.model
-  option(m.backbone, ("unet", "dit", "wan", "sd_unet"), "model.backbone")
+  option(m.backbone, ("unet", "dit", "wan", "sd_unet", "sd3"), "model.backbone")
   option(m.video_attention, ("factorised", "spacetime"), "model.video_attention")
   if m.video_attention == "spacetime" and not (m.temporal and m.backbone == "dit"):
     found.append("model.video_attention='spacetime' is the video DiT's full attention over a clip: it needs "
@@ -600,6 +651,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found += wan_problems(config)
   elif m.backbone == "sd_unet":
     found += sd_unet_problems(config)
+  elif m.backbone == "sd3":
+    found += sd3_problems(config)
   else:
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
@@ -647,7 +700,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(problem)
   if m.lora_rank < 0:
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
-  elif m.lora_rank and not config.finetune.workdir and m.backbone not in ("wan", "sd_unet"):  # (a checkpoint's)
+  elif m.lora_rank and not config.finetune.workdir and m.backbone not in ("wan", "sd_unet", "sd3"):  # (a checkpoint's)
     found.append("model.lora_rank adapts a trained model, whose other weights it freezes: set finetune.workdir")
   if m.lora_convolutions and not m.lora_rank:
     found.append("model.lora_convolutions: the convolutions' updates need model.lora_rank > 0")

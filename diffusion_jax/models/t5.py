@@ -182,7 +182,11 @@ def read_hf_config(path, dtype: str = "float32") -> ml_collections.ConfigDict:
   if not (directory / "config.json").exists():
     raise ValueError(f"No config.json in {str(directory)!r}; give the local directory of a Hugging Face T5 (or "
                      "UMT5) checkpoint.")
-  return config_from_hf(json.loads((directory / "config.json").read_text()), dtype)
+  hf = json.loads((directory / "config.json").read_text())
+  if missing := [key for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads") if key not in hf]:
+    raise ValueError(f"{str(directory)!r} holds no T5 encoder: its config.json (model_type {hf.get('model_type')!r}) "
+                     f"lacks {', '.join(missing)}")
+  return config_from_hf(hf, dtype)
 
 
 def load_hf_encoder(path, dtype: str = "float32") -> T5Encoder:

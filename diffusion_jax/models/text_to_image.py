@@ -1,6 +1,6 @@
-"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net, DiT, Wan's transformer or Stable
-Diffusion's U-Net (`model.backbone`), with a frozen autoencoder for latent diffusion (`latent.autoencoder_path`), and
-its split into trainable / frozen parameters.
+"""The text-to-image (and text-to-video) network: T5 text encoder + U-Net, DiT, Wan's transformer, Stable
+Diffusion's U-Net or SD3's transformer (`model.backbone`), with a frozen autoencoder for latent diffusion
+(`latent.autoencoder_path`), and its split into trainable / frozen parameters.
 
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `to_latents(x, key)` / `from_latents(z)`
 map images (or videos) to what the network diffuses and back (the identity for a pixel model);
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax import objectives, schedules
-from diffusion_jax.models import autoencoder, clip, dit, init_rngs, sd_unet, sdxl_text, t5, unet, wan_transformer
+from diffusion_jax.models import (autoencoder, clip, dit, init_rngs, sd3_text, sd3_transformer, sd_unet, sdxl_text,
+                                  t5, unet, wan_transformer)
 from diffusion_jax.text import tokenizers
 
 
@@ -23,14 +24,20 @@ class TextToImage(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     """Every part randomly initialised; a pretrained text encoder (text.pretrained_path; with
-    text.second_encoder_path, SDXL's pair), autoencoder
-    (latent.autoencoder_path), Wan transformer (model.wan_path), Stable Diffusion U-Net (model.sd_unet_path) or CLIP
-    image encoder (model.wan_image_encoder_path)
+    text.second_encoder_path, SDXL's pair; with model.backbone='sd3', SD3's CLIP pair and T5), autoencoder
+    (latent.autoencoder_path), Wan transformer (model.wan_path), Stable Diffusion U-Net (model.sd_unet_path), SD3
+    transformer (model.sd3_path) or CLIP image encoder (model.wan_image_encoder_path)
     gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
     self.empty_prompt_ids = None
     text_lora = config.model.lora_rank if config.model.lora_text_encoder else 0
-    if config.text.second_encoder_path:  # SDXL's two CLIP text transformers; its null condition is zeros
+    m = config.model
+    if m.backbone == "sd3":  # SD3's two CLIP text transformers and T5; its null condition the empty prompt's
+      self.sd3_width = sd3_transformer.read_config(m.sd3_path)["joint_attention_dim"]
+      self.text_encoder = sd3_text.build(config, self.sd3_width, rngs, text_lora)
+      ids, _ = tokenizers.from_config(config)([""])
+      self.empty_prompt_ids = tuple(int(i) for i in ids[0])
+    elif config.text.second_encoder_path:  # SDXL's two CLIP text transformers; its null condition is zeros
       self.text_encoder = sdxl_text.TextEncoders(clip.read_text_config(text_path), clip.read_text_config(
           config.text.second_encoder_path, "text.second_encoder_path"), rngs=rngs, lora_rank=text_lora)
     elif text_path and clip.is_text_model(text_path):  # Stable Diffusion's: CLIP's text transformer
@@ -40,7 +47,6 @@ class TextToImage(nnx.Module):
     else:
       self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
                                        else config.text.t5, rngs=rngs)
-    m = config.model
     self.backbone, self.image_to_video, self.first_last_frame, self.inpainting = m.backbone, False, False, False
     self.clean_first_frame = m.backbone == "wan" and m.wan_clean_first_frame  # Wan 2.2 TI2V's image-to-video mode
     self.image_encoder = (clip.VisionModel(clip.read_vision_config(m.wan_image_encoder_path,
@@ -59,6 +65,11 @@ class TextToImage(nnx.Module):
       self.image_to_video = wan_transformer.is_image_to_video(wan_config)
       self.first_last_frame = wan_transformer.is_first_last_frame(wan_config)  # Wan 2.1 FLF2V
       self.mask_channels = wan_config["in_channels"] - 2 * wan_config["out_channels"]
+    elif self.backbone == "sd3":
+      self.sd3 = sd3_transformer.SD3Transformer(
+          sd3_transformer.read_config(m.sd3_path), rngs=rngs, dtype=m.dtype, attention=m.attention,
+          remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
+          ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
     elif self.backbone == "sd_unet":
       unet_config = sd_unet.read_config(m.sd_unet_path)
       self.inpainting = sd_unet.is_inpainting(unet_config)
@@ -77,7 +88,8 @@ class TextToImage(nnx.Module):
   def null_condition(self, text, mask):
     """(text [batch, tokens, width], mask [batch, tokens]) of the condition classifier-free guidance drops to, for
     a batch like (text, mask): zeros with an all-False mask (SDXL's too); with a CLIP text encoder (Stable Diffusion
-    1.x and 2.x's), the encoding of the empty prompt, which its pipelines use and its U-Net learnt."""
+    1.x and 2.x's) or SD3's encoders, the encoding of the empty prompt, which their pipelines use and their networks
+    learnt."""
     if self.empty_prompt_ids is None:
       return jnp.zeros_like(text), jnp.zeros_like(mask)
     empty = self.encode(jnp.asarray(self.empty_prompt_ids, jnp.int32)[None], None).astype(text.dtype)
@@ -177,6 +189,9 @@ class TextToImage(nnx.Module):
       alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, "flow")
       toward_first = objectives.eps_from_x0(first, x_t.astype(jnp.float32), alpha, sigma) - first
       return jnp.where(clean[..., None, None, None], toward_first, out)
+    if self.backbone == "sd3":  # images only; every text token, as SD3's pipelines (config_checks.sd3_problems)
+      tokens, pooled = sdxl_text.split(text, self.sd3_width)
+      return self.sd3(x, wan_transformer.timestep(logsnr), tokens, pooled)  # (the same flow timestep as Wan's)
     if self.backbone == "sd_unet":  # images only; every text token, as SD's pipelines (config_checks.sd_unet_problems)
       if self.inpainting:  # the latents, where to generate, the known image's latents (diffusers' channel order)
         x = jnp.concatenate([x, condition["mask"].astype(x.dtype), condition["masked_latents"].astype(x.dtype)], -1)
@@ -215,8 +230,9 @@ def abstract(config):
 
 
 def pretrained_weights(config) -> dict:
-  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ..., 'sd_unet': ..., 'image_encoder': ...}: pure dicts of the
-  weights the config names files for (read on the host), to replace those parts of a new model's state."""
+  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ..., 'sd_unet': ..., 'sd3': ..., 'image_encoder': ...}: pure
+  dicts of the weights the config names files for (read on the host), to replace those parts of a new model's
+  state."""
   weights = {}
   if config.model.backbone == "wan":
     weights["wan"] = wan_transformer.load_diffusers(config.model.wan_path)
@@ -226,7 +242,11 @@ def pretrained_weights(config) -> dict:
       weights["wan_low"] = wan_transformer.load_diffusers(config.model.wan_low_noise_path, "model.wan_low_noise_path")
   if config.model.backbone == "sd_unet":
     weights["sd_unet"] = sd_unet.load_diffusers(config.model.sd_unet_path)
-  if config.text.second_encoder_path:
+  if config.model.backbone == "sd3":
+    weights["sd3"] = sd3_transformer.load_diffusers(config.model.sd3_path)
+    width = sd3_transformer.read_config(config.model.sd3_path)["joint_attention_dim"]
+    weights["text_encoder"] = sd3_text.load(config, width)
+  elif config.text.second_encoder_path:
     weights["text_encoder"] = sdxl_text.load(config.text.pretrained_path, config.text.second_encoder_path)
   elif config.text.pretrained_path and clip.is_text_model(config.text.pretrained_path):
     weights["text_encoder"] = clip.load_text(config.text.pretrained_path)

@@ -16,12 +16,13 @@ import numpy as np
 PAD_ID = 0
 
 
-def _pack(token_lists, max_length, texts):
+def _pack(token_lists, max_length, texts, keep_last=False):
+  """keep_last: an over-long prompt keeps its last token (an end-of-sequence) after the first max_length - 1."""
   ids = np.zeros((len(token_lists), max_length), np.int32)
   for row, (tokens, text) in enumerate(zip(token_lists, texts)):
     if len(tokens) > max_length:
       logging.warning("Prompt has %d tokens, truncated to max_length=%d: %r", len(tokens), max_length, text)
-      tokens = tokens[:max_length]
+      tokens = tokens[:max_length - 1] + tokens[-1:] if keep_last else tokens[:max_length]
     ids[row, :len(tokens)] = tokens
   return ids, ids != PAD_ID
 
@@ -45,9 +46,11 @@ class WordTokenizer:
 
 
 class SentencePieceTokenizer:
-  """A sentencepiece model from a local file, with an end-of-sequence token appended (as T5 does)."""
+  """A sentencepiece model from a local file, with an end-of-sequence token appended (as T5 does; kept when a long
+  prompt is cut, as transformers' T5 tokenizer keeps it); to the empty
+  prompt too with end_empty (transformers' T5 tokenizer, as SD3's pipelines call it), else it gives no ids."""
 
-  def __init__(self, model_path: str, max_length: int):
+  def __init__(self, model_path: str, max_length: int, end_empty: bool = False):
     import sentencepiece
 
     try:
@@ -58,7 +61,7 @@ class SentencePieceTokenizer:
     if self._sp.pad_id() != PAD_ID:
       raise ValueError(f"sentencepiece model {model_path!r} has pad id {self._sp.pad_id()}, expected {PAD_ID} "
                        "(T5 convention).")
-    self.max_length = max_length
+    self.max_length, self.end_empty = max_length, end_empty
 
   @property
   def vocab_size(self) -> int:
@@ -66,8 +69,8 @@ class SentencePieceTokenizer:
 
   def __call__(self, texts):
     texts = [t.decode() if isinstance(t, bytes) else t for t in texts]
-    token_lists = [self._sp.encode(t) + [self._sp.eos_id()] if t else [] for t in texts]
-    return _pack(token_lists, self.max_length, texts)
+    token_lists = [self._sp.encode(t) + [self._sp.eos_id()] if t or self.end_empty else [] for t in texts]
+    return _pack(token_lists, self.max_length, texts, keep_last=True)
 
 
 class CLIPTokenizer:
@@ -142,9 +145,32 @@ class CLIPTokenizerPair:
     return np.concatenate([first, second], axis=1), mask
 
 
+class SD3Tokenizers:
+  """Stable Diffusion 3's three tokenizers: ids [n, 2 max_length + t5_max_length], the two CLIP tokenizers' (as
+  CLIPTokenizerPair's) then T5's (sentencepiece, end-of-sequence appended, the empty prompt's too, as transformers'
+  T5 tokenizer; zeros without a T5: spiece_path empty), and the mask [n, max_length + t5_max_length] of the tokens
+  the transformer attends to (the first CLIP's, then T5's; what models/sd3_text.py's TextEncoders split)."""
+
+  def __init__(self, first_path: str, second_path: str, spiece_path: str, max_length: int, t5_max_length: int):
+    self.clip = CLIPTokenizerPair(first_path, second_path, max_length)
+    self.t5 = SentencePieceTokenizer(spiece_path, t5_max_length, end_empty=True) if spiece_path else None
+    self.t5_max_length = t5_max_length
+
+  def __call__(self, texts):
+    texts = [t.decode() if isinstance(t, bytes) else t for t in texts]
+    ids, mask = self.clip(texts)
+    if self.t5 is None:
+      t5_ids = np.zeros((len(texts), self.t5_max_length), np.int32)
+    else:
+      t5_ids, _ = self.t5(texts)
+    return np.concatenate([ids, t5_ids], axis=1), np.concatenate([mask, t5_ids != PAD_ID], axis=1)
+
+
 def ids_per_prompt(config) -> int:
-  """How many token ids a prompt's text_ids hold: text.max_length, twice that for SDXL's pair of tokenizers."""
-  return config.text.max_length * (2 if config.text.second_tokenizer_path else 1)
+  """How many token ids a prompt's text_ids hold: text.max_length, twice that for SDXL's pair of tokenizers, and
+  text.t5_max_length more for SD3's three."""
+  pair = config.text.max_length * (2 if config.text.second_tokenizer_path else 1)
+  return pair + (config.text.t5_max_length if config.model.backbone == "sd3" else 0)
 
 
 def train_sentencepiece(captions, model_prefix, vocab_size: int = 64) -> str:
@@ -164,6 +190,9 @@ def from_config(config):
   """The tokenizer named by config.text for the dataset of config.data."""
   if config.text.tokenizer == "sentencepiece":
     return SentencePieceTokenizer(config.text.spiece_path, config.text.max_length)
+  if config.text.tokenizer == "clip" and config.model.backbone == "sd3":
+    return SD3Tokenizers(config.text.tokenizer_path, config.text.second_tokenizer_path, config.text.spiece_path,
+                         config.text.max_length, config.text.t5_max_length)
   if config.text.tokenizer == "clip" and config.text.second_tokenizer_path:
     return CLIPTokenizerPair(config.text.tokenizer_path, config.text.second_tokenizer_path, config.text.max_length)
   if config.text.tokenizer == "clip":
