@@ -48,7 +48,7 @@ def get_config():
   # Text: a T5 encoder, trained from scratch (pretrained_path empty) or loaded from a local HF checkpoint.
   c.text = dict(
       tokenizer="words",           # 'words' (dataset vocabulary), 'sentencepiece' or 'clip' (CLIP's BPE)
-      spiece_path="",              # sentencepiece model for tokenizer == 'sentencepiece' (SD3: its T5's, tokenizer_3/)
+      spiece_path="",              # sentencepiece model for tokenizer == 'sentencepiece' (SD3, Flux: their T5's)
       tokenizer_path="",           # local CLIP tokenizer directory for tokenizer == 'clip' (SD's tokenizer/)
       second_tokenizer_path="",    # SDXL's (and SD3's) second CLIP tokenizer (tokenizer_2/): text_ids hold both
                                    # tokenizers' ids
@@ -56,8 +56,8 @@ def get_config():
       pretrained_path="",          # local Hugging Face T5 (or UMT5) directory; empty = random init
       second_encoder_path="",      # SDXL's (SD3's) second CLIP text encoder (text_encoder_2/), with pretrained_path's
       t5_encoder_path="",          # SD3's T5 encoder (text_encoder_3/; empty: its tokens zeros, as SD3's pipelines
-                                   # without it)
-      t5_max_length=256,           # SD3: the T5 tokens of a prompt (its pipelines' max_sequence_length)
+                                   # without it), Flux's (text_encoder_2/)
+      t5_max_length=256,           # SD3, Flux: the T5 tokens of a prompt (their pipelines' max_sequence_length)
       trainable=True,              # False freezes the encoder (Imagen)
       embedding_cache="",          # directory of cached frozen-encoder embeddings (built on first use)
       # position_bias_init (random init only): 't5' (random normal) or 'local' (each word starts mixed with
@@ -78,9 +78,13 @@ def get_config():
       lowres_conditioning=False, temporal=False, max_frames=16, coordinate_channels=False,
       attention="auto",            # models/attention.py: auto (folded on CPU, cudnn or xla on GPU), folded, xla, cudnn
       backbone="unet",             # 'unet' (models/unet.py), 'dit' (models/dit.py), 'wan' (Wan's, wan_path),
-                                   # 'sd_unet' (Stable Diffusion's U-Net, sd_unet_path) or 'sd3' (SD3's MMDiT, sd3_path)
+                                   # 'sd_unet' (Stable Diffusion's U-Net, sd_unet_path), 'sd3' (SD3's MMDiT, sd3_path)
+                                   # or 'flux' (Flux's transformer, flux_path)
       sd_unet_path="",             # sd_unet: local diffusers UNet2DConditionModel directory (structure and weights)
       sd3_path="",                 # sd3: local diffusers SD3Transformer2DModel directory (structure and weights)
+      flux_path="",                # flux: local diffusers FluxTransformer2DModel directory (structure and weights)
+      flux_guidance=3.5,           # flux with guidance_embeds (FLUX.1 dev): the guidance scale it is told to follow,
+                                   # in training and sampling (its pipelines' guidance_scale; not classifier-free)
       wan_path="",                 # wan: local diffusers WanTransformer3DModel directory (its structure and weights)
       wan_low_noise_path="",       # wan: a second one, the expert for low noise (Wan 2.2 A14B's transformer_2/)
       wan_boundary=0.875,          # with wan_low_noise_path: sigma below which (timestep / 1000) its expert denoises

@@ -4,8 +4,8 @@ import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes, moving_shapes, pipeline
-from diffusion_jax.models import (attention, autoencoder, clip, layers, sd3_transformer, sd_unet, t5,
-                                  wan_transformer)
+from diffusion_jax.models import (attention, autoencoder, clip, flux_transformer, layers, sd3_transformer, sd_unet,
+                                  t5, wan_transformer)
 from diffusion_jax.text import tokenizers
 
 
@@ -247,10 +247,10 @@ def sdxl_unet_problems(config, unet: dict) -> list[str]:
 
 
 def sd3_problems(config) -> list[str]:
-  """What SD3's transformer (model.backbone='sd3', model.sd3_path) cannot do with this config: its flow path, its
-  channels, and its three text encoders' widths (text.pretrained_path, text.second_encoder_path: CLIP models with
-  projections; text.t5_encoder_path, a T5, or none)."""
-  m, d, t, found = config.model, config.diffusion, config.text, []
+  """What SD3's transformer (model.backbone='sd3', model.sd3_path) cannot do with this config: its channels and its
+  three text encoders' widths (text.pretrained_path, text.second_encoder_path: CLIP models with projections;
+  text.t5_encoder_path, a T5, or none), beside flow_transformer_problems."""
+  m, t = config.model, config.text
   try:
     sd3 = sd3_transformer.read_config(m.sd3_path)
     if not (t.second_encoder_path and t.second_tokenizer_path):
@@ -262,9 +262,7 @@ def sd3_problems(config) -> list[str]:
     t5_width = t5.read_hf_config(t.t5_encoder_path).d_model if t.t5_encoder_path else None
   except ValueError as error:
     return [str(error)]
-  if (d.path, d.prediction) != ("flow", "flow"):
-    found.append(f"diffusion.path={d.path!r}, diffusion.prediction={d.prediction!r}: SD3's transformer predicts the "
-                 "velocity eps - x0 on the flow path; set both to 'flow'")
+  found = flow_transformer_problems(config, "SD3")
   if m.in_channels != sd3["out_channels"] or sd3["in_channels"] != sd3["out_channels"]:
     found.append(f"model.in_channels={m.in_channels}: SD3's transformer maps {sd3['in_channels']} channels to "
                  f"{sd3['out_channels']}; the data's (an autoencoder's latent_channels) must be both")
@@ -276,17 +274,57 @@ def sd3_problems(config) -> list[str]:
   if sum(c["projection_dim"] for c in clips) != pooled:
     found.append(f"SD3's transformer reads a pooled embedding {pooled} wide (pooled_projection_dim), not the CLIP "
                  f"encoders' projections, {' + '.join(str(c['projection_dim']) for c in clips)}")
+  return found
+
+
+def flux_problems(config) -> list[str]:
+  """What Flux's transformer (model.backbone='flux', model.flux_path) cannot do with this config: its latent
+  channels and its text encoders' widths (text.pretrained_path: a CLIPTextModel; text.t5_encoder_path: a T5),
+  beside flow_transformer_problems."""
+  m, t = config.model, config.text
+  try:
+    flux = flux_transformer.read_config(m.flux_path)
+    if not t.t5_encoder_path or t.second_encoder_path or t.second_tokenizer_path:
+      return ["Flux's transformer reads a CLIP text encoder's pooled embedding and a T5's states: set "
+              "text.pretrained_path and text.tokenizer_path (the checkpoint's text_encoder/ and tokenizer/), "
+              "text.t5_encoder_path and text.spiece_path (text_encoder_2/ and tokenizer_2/spiece.model), and leave "
+              "text.second_encoder_path and text.second_tokenizer_path empty"]
+    clip_width = clip.read_text_config(t.pretrained_path)["hidden_size"]
+    t5_width = t5.read_hf_config(t.t5_encoder_path).d_model
+  except ValueError as error:
+    return [str(error)]
+  found = flow_transformer_problems(config, "Flux")
+  if m.in_channels != flux_transformer.latent_channels(flux):
+    found.append(f"model.in_channels={m.in_channels}: Flux's transformer reads latents of "
+                 f"{flux_transformer.latent_channels(flux)} channels (its in_channels {flux['in_channels']}, 2 x 2 "
+                 "packed); the autoencoder's latent_channels must be as many")
+  if (t5_width, clip_width) != (flux["joint_attention_dim"], flux["pooled_projection_dim"]):
+    found.append(f"Flux's transformer reads T5 states {flux['joint_attention_dim']} wide (joint_attention_dim) and a "
+                 f"pooled CLIP embedding {flux['pooled_projection_dim']} wide (pooled_projection_dim), not "
+                 f"{t5_width} and {clip_width} (text.t5_encoder_path's, text.pretrained_path's)")
+  if m.flux_guidance < 0:
+    found.append(f"model.flux_guidance={m.flux_guidance} must be >= 0 (FLUX.1 dev's pipelines: 3.5)")
+  return found
+
+
+def flow_transformer_problems(config, name: str) -> list[str]:
+  """What SD3's and Flux's transformers (`name`) share: the flow path, T5's tokenizer and length, and the fields
+  they do not support."""
+  m, d, t, found = config.model, config.diffusion, config.text, []
+  if (d.path, d.prediction) != ("flow", "flow"):
+    found.append(f"diffusion.path={d.path!r}, diffusion.prediction={d.prediction!r}: {name}'s transformer predicts "
+                 "the velocity eps - x0 on the flow path; set both to 'flow'")
   if t.t5_encoder_path and not t.spiece_path:
-    found.append("text.t5_encoder_path reads T5's ids: set text.spiece_path (the checkpoint's "
-                 "tokenizer_3/spiece.model)")
+    found.append("text.t5_encoder_path reads T5's ids: set text.spiece_path (the checkpoint's T5 tokenizer's "
+                 "spiece.model)")
   if t.t5_max_length < 1:
-    found.append(f"text.t5_max_length={t.t5_max_length} must be >= 1 (SD3's pipelines: 256)")
+    found.append(f"text.t5_max_length={t.t5_max_length} must be >= 1 (SD3's pipelines: 256, FLUX.1 dev's 512)")
   unsupported = [field for field, value in (("model.temporal", m.temporal),
                                             ("model.lowres_conditioning", m.lowres_conditioning),
                                             ("model.lora_modulation", m.lora_modulation)) if value]
   if unsupported:
-    found.append(f"{', '.join(unsupported)}: not supported with model.backbone='sd3' yet (clips, super-resolution "
-                 "inputs, a LoRA of the modulation); turn off")
+    found.append(f"{', '.join(unsupported)}: not supported with model.backbone={m.backbone!r} yet (clips, "
+                 "super-resolution inputs, a LoRA of the modulation); turn off")
   return found
 
 
@@ -486,6 +524,8 @@ def spatial_multiple(config) -> tuple[int, str] | None:
     except ValueError:
       return None
     return patch, f"SD3's patch {patch}x{patch}"
+  if m.backbone == "flux":
+    return flux_transformer.PACK, f"Flux's token of {flux_transformer.PACK}x{flux_transformer.PACK} latent pixels"
   return 2 ** (len(m.channel_mults) - 1), f"the U-Net's 2 ** (levels - 1), {len(m.channel_mults)} levels"
 
 
@@ -628,7 +668,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"train.sample_every={config.train.sample_every} must be >= 0 (0: no samples during training)")
 
   m = config.model
-  option(m.backbone, ("unet", "dit", "wan", "sd_unet", "sd3"), "model.backbone")
+  option(m.backbone, ("unet", "dit", "wan", "sd_unet", "sd3", "flux"), "model.backbone")
   option(m.video_attention, ("factorised", "spacetime"), "model.video_attention")
   if m.video_attention == "spacetime" and not (m.temporal and m.backbone == "dit"):
     found.append("model.video_attention='spacetime' is the video DiT's full attention over a clip: it needs "
@@ -653,6 +693,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found += sd_unet_problems(config)
   elif m.backbone == "sd3":
     found += sd3_problems(config)
+  elif m.backbone == "flux":
+    found += flux_problems(config)
   else:
     if len(m.num_res_blocks) != len(m.channel_mults):
       found.append(f"model.num_res_blocks {tuple(m.num_res_blocks)} needs one entry per level of "
@@ -700,7 +742,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(problem)
   if m.lora_rank < 0:
     found.append(f"model.lora_rank={m.lora_rank} must be >= 0")
-  elif m.lora_rank and not config.finetune.workdir and m.backbone not in ("wan", "sd_unet", "sd3"):  # (a checkpoint's)
+  elif m.lora_rank and not config.finetune.workdir and m.backbone in ("unet", "dit"):  # (others: a checkpoint's)
     found.append("model.lora_rank adapts a trained model, whose other weights it freezes: set finetune.workdir")
   if m.lora_convolutions and not m.lora_rank:
     found.append("model.lora_convolutions: the convolutions' updates need model.lora_rank > 0")

@@ -249,7 +249,7 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     raise ValueError(f"--format=kohya: kohya's SDXL names number SDXL's blocks ({sd_lora.SDXL_LAYERS_PER_BLOCK} "
                      f"ResNet blocks a level); this U-Net's layers_per_block={unet['layers_per_block']} has no such "
                      "names (write diffusers' layout)")
-  if layout == "diffusers" and config.model.backbone not in ("wan", "sd_unet"):  # (SD3's: not yet)
+  if layout == "diffusers" and config.model.backbone not in ("wan", "sd_unet"):  # (SD3's, Flux's: not yet)
     raise ValueError(f"--format=diffusers: only a LoRA of Wan's transformer or SD's U-Net has a diffusers layout; "
                      f"--workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write {FORMAT}'s)")
   use_ema = config.sample.use_ema if use_ema is None else use_ema
@@ -285,12 +285,14 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
 def layer_kind(update_name: str) -> str:
   """Which kind of layer an update adapts: 'temporal attention', 'self-attention', 'cross-attention',
   'feed-forward', 'convolution', 'temporal convolution', 'modulation', 'temporal modulation', (Wan's) 'embedding
-  or output', 'text encoder' or (SD3's) 'joint attention' (by its path)."""
+  or output', 'text encoder' or (SD3's, Flux's) 'joint attention' (by its path)."""
   parts = update_name.split("/")
   if parts[0] == "text_encoder":  # a CLIP text encoder's (Stable Diffusion's)
     return "text encoder"
-  if parts[0] == "sd3":  # SD3's blocks: attention over image and text tokens together, a feed-forward per stream
-    return "feed-forward" if "ff" in parts or "ff_context" in parts else "joint attention"
+  if parts[0] in ("sd3", "flux"):  # attention over image and text tokens together; a feed-forward per stream (and
+    # Flux's single blocks' MLP and output projection)
+    feed_forward = {"ff", "ff_context", "proj_mlp_lora", "proj_out_lora"}
+    return "feed-forward" if feed_forward & set(parts) else "joint attention"
   if parts[-2] in ("film_lora", "modulation_lora", "final_modulation_lora"):  # the embedding's scale and shift
     return "temporal modulation" if any(part.startswith("temporal") for part in parts) else "modulation"
   if parts[-2] in ("conv1_lora", "conv2_lora"):
@@ -326,7 +328,8 @@ def describe(adapter: Adapter) -> str:
   if model:
     checkpoint = {"wan": f"Wan's transformer of {model.get('wan_path')}",
                   "sd_unet": f"Stable Diffusion's U-Net of {model.get('sd_unet_path')}",
-                  "sd3": f"Stable Diffusion 3's transformer of {model.get('sd3_path')}"}.get(model.get("backbone"))
+                  "sd3": f"Stable Diffusion 3's transformer of {model.get('sd3_path')}",
+                  "flux": f"Flux's transformer of {model.get('flux_path')}"}.get(model.get("backbone"))
     lines.append(f"  for a model: {checkpoint}" if checkpoint else
                  f"  for a model: {model.get('backbone', 'unet')}, channels {model.get('channels')}, "
                  f"{'video' if model.get('temporal') else 'image'}"

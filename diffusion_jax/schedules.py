@@ -173,6 +173,15 @@ def _flow(t, t_min=1e-5, shift=1.0):
   return 2 * (jnp.log1p(-t) - jnp.log(t)) - 2 * math.log(shift)
 
 
+def resolution_flow_shift(tokens: int, base_tokens=256, max_tokens=4096, base_shift=0.5, max_shift=1.15) -> float:
+  """The flow time shift e^mu for images of `tokens` tokens, mu interpolated linearly in the token count from
+  base_shift at base_tokens to max_shift at max_tokens (Flux's dynamic shift: diffusers' calculate_shift with its
+  scheduler's base_image_seq_len, max_image_seq_len, base_shift, max_shift; their exponential time shift
+  e^mu / (e^mu + 1 / t - 1) is `_flow`'s with shift e^mu)."""
+  slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+  return math.exp(base_shift + slope * (tokens - base_tokens))
+
+
 CONTINUOUS_SCHEDULES = {
     "cosine": _cosine,
     "shifted_cosine": _shifted_cosine,

@@ -78,6 +78,11 @@ class SentencePieceT5Tokenizer:
   def batch_decode(self, ids):  # (the pipeline's warning of a truncated prompt)
     return [self.processor.decode(row.tolist()) for row in ids]
 
+  added_tokens_encoder = {}  # (Flux's pipeline looks for textual-inversion tokens)
+
+  def tokenize(self, prompt):
+    return self.processor.encode(prompt, out_type=str)
+
 
 def save_tiny_sd3(root, captions):
   """A Stable Diffusion 3 checkpoint's folders with tiny random models: transformer/ (save_tiny_sd3_transformer),

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import attention, diffusers_directory, init_rngs, layers, named_tensors, sd_unet
-from diffusion_jax.models.wan_transformer import GeluProjection
+from diffusion_jax.models.wan_transformer import GeluProjection, rotated
 
 CLASS_NAME = "SD3Transformer2DModel"
 DEFAULTS = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 18, "attention_head_dim": 64,
@@ -108,11 +108,14 @@ def run_feed_forward(ff, x):
 
 class Attention(nnx.Module):
   """Attention over image tokens [batch, n, dim] and, when `joint`, text tokens [batch, m, dim] together (diffusers'
-  Attention with JointAttnProcessor2_0): each stream's queries, keys and values by its own projections, every token
-  attending to all. `context_out`: the text stream's output projection (`to_add_out`; not in the last block, whose
-  text output is unused). lora_rank: low-rank updates of every projection (0: none)."""
+  Attention with JointAttnProcessor2_0, and FluxAttention): each stream's queries, keys and values by its own
+  projections, every token attending to all. `context_out`: the text stream's output projection (`to_add_out`; not
+  in SD3's last block, whose text output is unused); `out`: the output projection (`to_out`; not in Flux's single
+  blocks, which project the attention beside their MLP). lora_rank: low-rank updates of every projection (0:
+  none)."""
 
-  def __init__(self, dim, heads, qk_norm, rngs, dtype, implementation, lora_rank=0, joint=True, context_out=True):
+  def __init__(self, dim, heads, qk_norm, rngs, dtype, implementation, lora_rank=0, joint=True, context_out=True,
+               out=True):
     self.heads, self.dtype, self.implementation = heads, dtype, implementation
     head_dim = dim // heads
     norm = lambda: nnx.RMSNorm(head_dim, epsilon=EPS, rngs=rngs, scale_metadata=layers.names("norm"))
@@ -120,8 +123,9 @@ class Attention(nnx.Module):
     update = lambda axes: layers.lora(dim, dim, axes, lora_rank, rngs, dtype)
     self.to_q, self.to_k, self.to_v = (projection(("embed", "heads")) for _ in range(3))
     self.to_q_lora, self.to_k_lora, self.to_v_lora = (update(("embed", "heads")) for _ in range(3))
-    self.to_out = nnx.List([projection(("heads", "embed"))])
-    self.to_out_lora = nnx.List([update(("heads", "embed"))])
+    if out:
+      self.to_out = nnx.List([projection(("heads", "embed"))])
+      self.to_out_lora = nnx.List([update(("heads", "embed"))])
     self.norm_q, self.norm_k = (norm(), norm()) if qk_norm else (None, None)
     if joint:
       self.add_q_proj, self.add_k_proj, self.add_v_proj = (projection(("embed", "heads")) for _ in range(3))
@@ -139,19 +143,26 @@ class Attention(nnx.Module):
             normed(getattr(self, k_norm), split(layers.adapted(self, k_name, x))),
             split(layers.adapted(self, v_name, x)))
 
-  def __call__(self, x, context=None):
-    """-> the image tokens' output [batch, n, dim] (and, with context, the text tokens' [batch, m, dim] or None)."""
+  def __call__(self, x, context=None, angles=None, text_first=False):
+    """-> the image tokens' output [batch, n, dim] (and, with context, the text tokens' [batch, m, dim] or None).
+    text_first: the joint sequence is the text's tokens then the image's (Flux's; SD3's is the image's first);
+    angles: rotary angles [tokens, head_dim / 2] of the joint sequence's queries and keys (Flux's), or None."""
     q, k, v = self._heads(x, ("to_q", "to_k", "to_v", "norm_q", "norm_k"))
     if context is not None:
       added = self._heads(context, ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"))
-      q, k, v = (jnp.concatenate([a, b.astype(a.dtype)], axis=1) for a, b in zip((q, k, v), added))
+      q, k, v = (jnp.concatenate([b.astype(a.dtype), a] if text_first else [a, b.astype(a.dtype)], axis=1)
+                 for a, b in zip((q, k, v), added))
+    if angles is not None:
+      q, k = rotated(q, angles), rotated(k, angles)
     out = attention.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
                                           implementation=self.implementation)
     out = out.reshape(out.shape[:2] + (-1,))
-    image = layers.adapted_in_list(self, "to_out", 0, out[:, :x.shape[1]]).astype(jnp.float32)
     if context is None:
-      return image
-    text = None if self.to_add_out is None else layers.adapted(self, "to_add_out", out[:, x.shape[1]:])
+      return layers.adapted_in_list(self, "to_out", 0, out).astype(jnp.float32) if hasattr(self, "to_out") else out
+    image, text = (out[:, context.shape[1]:], out[:, :context.shape[1]]) if text_first else (
+        out[:, :x.shape[1]], out[:, x.shape[1]:])
+    image = layers.adapted_in_list(self, "to_out", 0, image).astype(jnp.float32)
+    text = None if self.to_add_out is None else layers.adapted(self, "to_add_out", text)
     return image, None if text is None else text.astype(jnp.float32)
 
 
@@ -170,8 +181,9 @@ class JointBlock(nnx.Module):
     self.ff = feed_forward(dim, rngs, dtype, ff_lora_rank)
     self.ff_context = None if last else feed_forward(dim, rngs, dtype, ff_lora_rank)
 
-  def __call__(self, x, context, embedding):
-    """x [batch, n, dim], context [batch, m, dim], embedding [batch, dim] -> (x, context; None after the last)."""
+  def __call__(self, x, context, embedding, angles=None, text_first=False):
+    """x [batch, n, dim], context [batch, m, dim], embedding [batch, dim] -> (x, context; None after the last);
+    angles, text_first: the joint attention's (Flux's double-stream blocks)."""
     chunks = jnp.split(self.norm1.linear(nnx.silu(embedding)), 9 if self.dual else 6, axis=-1)
     shift, scale, gate, ff_shift, ff_scale, ff_gate = chunks[:6]
     context_chunks = jnp.split(self.norm1_context.linear(nnx.silu(embedding)), 2 if self.last else 6, axis=-1)
@@ -181,7 +193,7 @@ class JointBlock(nnx.Module):
       context_shift, context_scale, context_gate, context_ff_shift, context_ff_scale, context_ff_gate = context_chunks
     normed = standardized(x)
     image, text = self.attn(modulated(normed, shift, scale),
-                            modulated(standardized(context), context_shift, context_scale))
+                            modulated(standardized(context), context_shift, context_scale), angles, text_first)
     x = x + gate[:, None] * image
     if self.dual:
       shift2, scale2, gate2 = chunks[6:]

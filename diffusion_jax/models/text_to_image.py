@@ -1,5 +1,5 @@
 """The text-to-image (and text-to-video) network: T5 text encoder + U-Net, DiT, Wan's transformer, Stable
-Diffusion's U-Net or SD3's transformer (`model.backbone`), with a frozen autoencoder for latent diffusion
+Diffusion's U-Net, SD3's or Flux's transformer (`model.backbone`), with a frozen autoencoder for latent diffusion
 (`latent.autoencoder_path`), and its split into trainable / frozen parameters.
 
 `TextToImage.encode(ids, mask)` -> text [batch, tokens, d_model]; `to_latents(x, key)` / `from_latents(z)`
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax import objectives, schedules
-from diffusion_jax.models import (autoencoder, clip, dit, init_rngs, sd3_text, sd3_transformer, sd_unet, sdxl_text,
-                                  t5, unet, wan_transformer)
+from diffusion_jax.models import (autoencoder, clip, dit, flux_text, flux_transformer, init_rngs, sd3_text,
+                                  sd3_transformer, sd_unet, sdxl_text, t5, unet, wan_transformer)
 from diffusion_jax.text import tokenizers
 
 
@@ -24,17 +24,23 @@ class TextToImage(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     """Every part randomly initialised; a pretrained text encoder (text.pretrained_path; with
-    text.second_encoder_path, SDXL's pair; with model.backbone='sd3', SD3's CLIP pair and T5), autoencoder
-    (latent.autoencoder_path), Wan transformer (model.wan_path), Stable Diffusion U-Net (model.sd_unet_path), SD3
-    transformer (model.sd3_path) or CLIP image encoder (model.wan_image_encoder_path)
+    text.second_encoder_path, SDXL's pair; with model.backbone='sd3', SD3's CLIP pair and T5, 'flux' Flux's CLIP
+    and T5), autoencoder (latent.autoencoder_path), Wan transformer (model.wan_path), Stable Diffusion U-Net
+    (model.sd_unet_path), SD3 or Flux transformer (model.sd3_path, model.flux_path) or CLIP image encoder
+    (model.wan_image_encoder_path)
     gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
     self.empty_prompt_ids = None
     text_lora = config.model.lora_rank if config.model.lora_text_encoder else 0
     m = config.model
-    if m.backbone == "sd3":  # SD3's two CLIP text transformers and T5; its null condition the empty prompt's
-      self.sd3_width = sd3_transformer.read_config(m.sd3_path)["joint_attention_dim"]
-      self.text_encoder = sd3_text.build(config, self.sd3_width, rngs, text_lora)
+    if m.backbone in ("sd3", "flux"):  # SD3's two CLIP text transformers and T5, Flux's CLIP and T5; the null
+      # condition the empty prompt's encoding
+      if m.backbone == "sd3":
+        self.text_width = sd3_transformer.read_config(m.sd3_path)["joint_attention_dim"]
+        self.text_encoder = sd3_text.build(config, self.text_width, rngs, text_lora)
+      else:
+        self.text_width = flux_transformer.read_config(m.flux_path)["joint_attention_dim"]
+        self.text_encoder = flux_text.build(config, rngs, text_lora)
       ids, _ = tokenizers.from_config(config)([""])
       self.empty_prompt_ids = tuple(int(i) for i in ids[0])
     elif config.text.second_encoder_path:  # SDXL's two CLIP text transformers; its null condition is zeros
@@ -70,6 +76,12 @@ class TextToImage(nnx.Module):
           sd3_transformer.read_config(m.sd3_path), rngs=rngs, dtype=m.dtype, attention=m.attention,
           remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
           ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
+    elif self.backbone == "flux":
+      self.flux = flux_transformer.FluxTransformer(
+          flux_transformer.read_config(m.flux_path), rngs=rngs, dtype=m.dtype, attention=m.attention,
+          remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
+          ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
+      self.flux_guidance = m.flux_guidance
     elif self.backbone == "sd_unet":
       unet_config = sd_unet.read_config(m.sd_unet_path)
       self.inpainting = sd_unet.is_inpainting(unet_config)
@@ -88,8 +100,8 @@ class TextToImage(nnx.Module):
   def null_condition(self, text, mask):
     """(text [batch, tokens, width], mask [batch, tokens]) of the condition classifier-free guidance drops to, for
     a batch like (text, mask): zeros with an all-False mask (SDXL's too); with a CLIP text encoder (Stable Diffusion
-    1.x and 2.x's) or SD3's encoders, the encoding of the empty prompt, which their pipelines use and their networks
-    learnt."""
+    1.x and 2.x's) or SD3's or Flux's encoders, the encoding of the empty prompt, which their pipelines use and their
+    networks learnt."""
     if self.empty_prompt_ids is None:
       return jnp.zeros_like(text), jnp.zeros_like(mask)
     empty = self.encode(jnp.asarray(self.empty_prompt_ids, jnp.int32)[None], None).astype(text.dtype)
@@ -189,9 +201,13 @@ class TextToImage(nnx.Module):
       alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr, "flow")
       toward_first = objectives.eps_from_x0(first, x_t.astype(jnp.float32), alpha, sigma) - first
       return jnp.where(clean[..., None, None, None], toward_first, out)
-    if self.backbone == "sd3":  # images only; every text token, as SD3's pipelines (config_checks.sd3_problems)
-      tokens, pooled = sdxl_text.split(text, self.sd3_width)
-      return self.sd3(x, wan_transformer.timestep(logsnr), tokens, pooled)  # (the same flow timestep as Wan's)
+    if self.backbone in ("sd3", "flux"):  # images only; every text token, as their pipelines (config_checks)
+      tokens, pooled = sdxl_text.split(text, self.text_width)
+      timestep = wan_transformer.timestep(logsnr)  # (the same flow timestep as Wan's)
+      if self.backbone == "sd3":
+        return self.sd3(x, timestep, tokens, pooled)
+      guidance = jnp.full(x.shape[:1], self.flux_guidance, jnp.float32) if self.flux.guided else None
+      return self.flux(x, timestep, tokens, pooled, guidance)
     if self.backbone == "sd_unet":  # images only; every text token, as SD's pipelines (config_checks.sd_unet_problems)
       if self.inpainting:  # the latents, where to generate, the known image's latents (diffusers' channel order)
         x = jnp.concatenate([x, condition["mask"].astype(x.dtype), condition["masked_latents"].astype(x.dtype)], -1)
@@ -230,9 +246,9 @@ def abstract(config):
 
 
 def pretrained_weights(config) -> dict:
-  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ..., 'sd_unet': ..., 'sd3': ..., 'image_encoder': ...}: pure
-  dicts of the weights the config names files for (read on the host), to replace those parts of a new model's
-  state."""
+  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ..., 'sd_unet': ..., 'sd3' or 'flux': ..., 'image_encoder':
+  ...}: pure dicts of the weights the config names files for (read on the host), to replace those parts of a new
+  model's state."""
   weights = {}
   if config.model.backbone == "wan":
     weights["wan"] = wan_transformer.load_diffusers(config.model.wan_path)
@@ -246,6 +262,9 @@ def pretrained_weights(config) -> dict:
     weights["sd3"] = sd3_transformer.load_diffusers(config.model.sd3_path)
     width = sd3_transformer.read_config(config.model.sd3_path)["joint_attention_dim"]
     weights["text_encoder"] = sd3_text.load(config, width)
+  elif config.model.backbone == "flux":
+    weights["flux"] = flux_transformer.load_diffusers(config.model.flux_path)
+    weights["text_encoder"] = flux_text.load(config)
   elif config.text.second_encoder_path:
     weights["text_encoder"] = sdxl_text.load(config.text.pretrained_path, config.text.second_encoder_path)
   elif config.text.pretrained_path and clip.is_text_model(config.text.pretrained_path):

@@ -145,16 +145,19 @@ class CLIPTokenizerPair:
     return np.concatenate([first, second], axis=1), mask
 
 
-class SD3Tokenizers:
-  """Stable Diffusion 3's three tokenizers: ids [n, 2 max_length + t5_max_length], the two CLIP tokenizers' (as
-  CLIPTokenizerPair's) then T5's (sentencepiece, end-of-sequence appended, the empty prompt's too, as transformers'
-  T5 tokenizer; zeros without a T5: spiece_path empty), and the mask [n, max_length + t5_max_length] of the tokens
-  the transformer attends to (the first CLIP's, then T5's; what models/sd3_text.py's TextEncoders split)."""
+class CLIPAndT5Tokenizers:
+  """Stable Diffusion 3's and Flux's tokenizers: one or two CLIP tokenizers (SD3's pair as CLIPTokenizerPair's, Flux's
+  one) and T5's (sentencepiece, end-of-sequence appended, the empty prompt's too, as transformers' T5 tokenizer;
+  zeros without a T5: spiece_path empty): ids [n, clips x max_length + t5_max_length], the CLIP tokenizers' then
+  T5's, and the mask of the tokens the transformer attends to (what models/sd3_text.py's and flux_text.py's
+  TextEncoders make): the first CLIP's then T5's [n, max_length + t5_max_length] (SD3's) or, `t5_only`, T5's
+  [n, t5_max_length] (Flux's)."""
 
-  def __init__(self, first_path: str, second_path: str, spiece_path: str, max_length: int, t5_max_length: int):
-    self.clip = CLIPTokenizerPair(first_path, second_path, max_length)
+  def __init__(self, clip_paths, spiece_path: str, max_length: int, t5_max_length: int, t5_only: bool = False):
+    self.clip = (CLIPTokenizerPair(*clip_paths, max_length) if len(clip_paths) == 2 else
+                 CLIPTokenizer(clip_paths[0], max_length))
     self.t5 = SentencePieceTokenizer(spiece_path, t5_max_length, end_empty=True) if spiece_path else None
-    self.t5_max_length = t5_max_length
+    self.t5_max_length, self.t5_only = t5_max_length, t5_only
 
   def __call__(self, texts):
     texts = [t.decode() if isinstance(t, bytes) else t for t in texts]
@@ -163,14 +166,15 @@ class SD3Tokenizers:
       t5_ids = np.zeros((len(texts), self.t5_max_length), np.int32)
     else:
       t5_ids, _ = self.t5(texts)
-    return np.concatenate([ids, t5_ids], axis=1), np.concatenate([mask, t5_ids != PAD_ID], axis=1)
+    t5_mask = t5_ids != PAD_ID
+    return np.concatenate([ids, t5_ids], axis=1), t5_mask if self.t5_only else np.concatenate([mask, t5_mask], 1)
 
 
 def ids_per_prompt(config) -> int:
   """How many token ids a prompt's text_ids hold: text.max_length, twice that for SDXL's pair of tokenizers, and
-  text.t5_max_length more for SD3's three."""
+  text.t5_max_length more for SD3's and Flux's T5."""
   pair = config.text.max_length * (2 if config.text.second_tokenizer_path else 1)
-  return pair + (config.text.t5_max_length if config.model.backbone == "sd3" else 0)
+  return pair + (config.text.t5_max_length if config.model.backbone in ("sd3", "flux") else 0)
 
 
 def train_sentencepiece(captions, model_prefix, vocab_size: int = 64) -> str:
@@ -190,9 +194,10 @@ def from_config(config):
   """The tokenizer named by config.text for the dataset of config.data."""
   if config.text.tokenizer == "sentencepiece":
     return SentencePieceTokenizer(config.text.spiece_path, config.text.max_length)
-  if config.text.tokenizer == "clip" and config.model.backbone == "sd3":
-    return SD3Tokenizers(config.text.tokenizer_path, config.text.second_tokenizer_path, config.text.spiece_path,
-                         config.text.max_length, config.text.t5_max_length)
+  if config.text.tokenizer == "clip" and config.model.backbone in ("sd3", "flux"):
+    paths = [path for path in (config.text.tokenizer_path, config.text.second_tokenizer_path) if path]
+    return CLIPAndT5Tokenizers(paths, config.text.spiece_path, config.text.max_length, config.text.t5_max_length,
+                               t5_only=config.model.backbone == "flux")
   if config.text.tokenizer == "clip" and config.text.second_tokenizer_path:
     return CLIPTokenizerPair(config.text.tokenizer_path, config.text.second_tokenizer_path, config.text.max_length)
   if config.text.tokenizer == "clip":

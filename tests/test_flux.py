@@ -1,0 +1,197 @@
+"""Flux: the transformer (models/flux_transformer.py) against diffusers' FluxTransformer2DModel, and configs/flux.py on
+a tiny checkpoint's folders against diffusers' FluxPipeline."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from test_sd3 import SentencePieceT5Tokenizer
+from test_sd_unet import save_tiny_clip_tokenizer
+
+from diffusion_jax import config_checks, sample, schedules, train
+from diffusion_jax.models import flux_transformer
+
+
+def save_tiny_flux_transformer(directory, guidance_embeds=True):
+  """A FluxTransformer2DModel of 2 double-stream and 2 single-stream blocks (2 heads of 8, rotary axes 2 + 2 + 4;
+  latents of 4 channels, packed 16; T5 states 40 wide, CLIP's pooled 16) with random weights, perturbed off
+  diffusers' zero initialisations, saved as a Flux checkpoint's transformer/ folder; returns it."""
+  import diffusers
+
+  torch.manual_seed(0)
+  model = diffusers.FluxTransformer2DModel(
+      patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+      joint_attention_dim=40, pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+      axes_dims_rope=(2, 2, 4)).eval()
+  with torch.no_grad():
+    for parameter in model.parameters():
+      parameter.add_(0.1 * torch.randn_like(parameter))
+  model.save_pretrained(directory)
+  return model
+
+
+def diffusers_prediction(model, latents, sigma, text, pooled, guidance=None):
+  """diffusers' Flux transformer's velocity for latents [batch, h, w, c] (numpy), packed, with the pipeline's ids."""
+  from diffusers import FluxPipeline
+
+  b, h, w, c = latents.shape
+  packed = FluxPipeline._pack_latents(torch.from_numpy(latents).permute(0, 3, 1, 2), b, c, h, w)
+  image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+  with torch.no_grad():
+    out = model(packed, torch.as_tensor(text), torch.as_tensor(pooled), torch.as_tensor(sigma), image_ids,
+                torch.zeros(text.shape[1], 3), None if guidance is None else torch.as_tensor(guidance)).sample
+  # (_unpack_latents takes pixel sizes and the VAE's factor: latents of h x w are pixels of 2h x 2w at factor 2)
+  return FluxPipeline._unpack_latents(out, 2 * h, 2 * w, 2).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev", "schnell"])
+def test_the_transformer_predicts_what_diffusers_flux_transformer_does(tmp_path, guidance_embeds):
+  """FLUX.1 dev's layout (a guidance embedding) and schnell's: loaded from a diffusers directory, a non-square latent
+  image's prediction (packed 2 x 2, rotary angles of the pipeline's ids) equals diffusers' to float rounding; a
+  guided model without a guidance scale and an unsupported config are refused, saying why."""
+  reference = save_tiny_flux_transformer(tmp_path / "transformer", guidance_embeds)
+  ours = flux_transformer.load_diffusers(tmp_path / "transformer")
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 12, 4)).astype(np.float32)
+  text, pooled = rng.standard_normal((2, 7, 40)).astype(np.float32), rng.standard_normal((2, 16)).astype(np.float32)
+  sigma, guidance = np.array([0.9, 0.2], np.float32), np.array([3.5, 1.0], np.float32) if guidance_embeds else None
+  expected = diffusers_prediction(reference, x, sigma, text, pooled, guidance)
+  np.testing.assert_allclose(ours(jnp.asarray(x), jnp.asarray(1000 * sigma), jnp.asarray(text), jnp.asarray(pooled),
+                                  None if guidance is None else jnp.asarray(guidance)), expected, atol=5e-5)
+  if guidance_embeds:
+    with pytest.raises(ValueError, match="reads the guidance scale it follows"):
+      ours(jnp.asarray(x), jnp.asarray(sigma), jnp.asarray(text), jnp.asarray(pooled))
+  assert flux_transformer.config_problems({"patch_size": 2, "in_channels": 10, "axes_dims_rope": [2, 2, 2],
+                                           "attention_head_dim": 8}) == [
+      "patch_size=2: only 1 (every Flux model's: the pipeline packs 2 x 2 latents)",
+      "in_channels=10, out_channels=None: a text-to-image Flux maps packed latents (4 x the latent channels) to as "
+      "many", "axes_dims_rope=[2, 2, 2] must sum to attention_head_dim=8"]
+
+
+def test_flux_shift_follows_the_image_size_as_diffusers_calculate_shift():
+  """schedules.resolution_flow_shift is e^mu of diffusers' calculate_shift (Flux's pipelines' dynamic shift), and
+  its time shift of t is the exponential one diffusers' scheduler applies."""
+  from diffusers import FlowMatchEulerDiscreteScheduler
+  from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+  for tokens in (256, 1024, 4096, 6000):
+    assert schedules.resolution_flow_shift(tokens) == pytest.approx(math.exp(calculate_shift(tokens)), rel=1e-6)
+  scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+  scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.1, 4), mu=calculate_shift(1024))
+  shift, t = schedules.resolution_flow_shift(1024), np.linspace(1.0, 0.1, 4)
+  np.testing.assert_allclose(scheduler.sigmas[:-1].numpy(), shift * t / (1 + (shift - 1) * t), rtol=1e-5)
+
+
+def save_tiny_flux(root, captions):
+  """A FLUX.1 dev checkpoint's folders with tiny random models: transformer/ (save_tiny_flux_transformer),
+  text_encoder/ (a 2-layer CLIPTextModel of width 16) and tokenizer/ (CLIP's BPE), text_encoder_2/ (a 1-layer T5
+  encoder of width 40) and tokenizer_2/spiece.model, vae/ (a factor-2 VAE with 4 latent channels, Flux's latent
+  shift and no quant convolutions) and scheduler/ (flow matching with dynamic shifting, dev's). Returns diffusers'
+  FluxPipeline of them."""
+  import diffusers
+  import transformers
+
+  from diffusion_jax.text import tokenizers
+
+  transformer = save_tiny_flux_transformer(root / "transformer")
+  vocab = save_tiny_clip_tokenizer(root / "tokenizer", captions)
+  torch.manual_seed(0)
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1)).eval()
+  text_encoder.save_pretrained(root / "text_encoder")
+  (root / "tokenizer_2").mkdir()
+  spiece = tokenizers.train_sentencepiece(captions, root / "tokenizer_2" / "spiece", vocab_size=30)
+  t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=32, d_model=40, d_kv=8, d_ff=48, num_layers=1,
+                                                         num_heads=2, feed_forward_proj="gated-gelu")).eval()
+  t5.save_pretrained(root / "text_encoder_2")
+  vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                                norm_num_groups=4, sample_size=32, shift_factor=0.1159, scaling_factor=0.3611,
+                                use_quant_conv=False, use_post_quant_conv=False).eval()
+  vae.save_pretrained(root / "vae")
+  scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+  scheduler.save_pretrained(root / "scheduler")
+  tokenizer = transformers.CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
+                                         model_max_length=16)
+  return diffusers.FluxPipeline(scheduler, vae, text_encoder, tokenizer, t5, SentencePieceT5Tokenizer(spiece),
+                                transformer)
+
+
+def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path):
+  """configs/flux.py:ROOT reads a FLUX.1 dev checkpoint's folders (flow path shifted by its scheduler's shift 3 in
+  training; sampling shifted by e^mu of the training size's tokens, without classifier-free guidance, the model told
+  guidance 3.5). The text condition is what FluxPipeline.encode_prompt makes (T5's states; CLIP's pooled embedding)
+  and the network's prediction its transformer's at the flow timestep with the guidance scale. A LoRA of it trains
+  only its updates on captioned_shapes, describes itself and samples. A second CLIP encoder, a T5 of another width
+  and other latent channels are refused by the config check, saying what is wrong."""
+  from configs import flux
+  from diffusion_jax import lora
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.models import text_to_image
+  from diffusion_jax.text import tokenizers
+
+  pipeline = save_tiny_flux(tmp_path / "flux", [" ".join(captioned_shapes.VOCABULARY)] * 5)
+  config = flux.get_config(str(tmp_path / "flux"))
+  assert (config.model.flux_path, config.text.t5_encoder_path, config.model.in_channels, config.text.t5_max_length,
+          config.diffusion.schedule_params.shift, config.sample.guidance_scale, config.model.flux_guidance) == (
+      str(tmp_path / "flux" / "transformer"), str(tmp_path / "flux" / "text_encoder_2"), 4, 512, 3.0, 1.0, 3.5)
+  assert config.sample.flow_shift == pytest.approx(math.exp(1.15))  # 1024 px: 4096 tokens
+  config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, remat=False)
+  config.text.update(max_length=16, t5_max_length=8)
+  config.text.t5.dtype = "float32"
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
+  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
+  config.optimizer.learning_rate = 1e-2
+  config.sample.update(steps=2, prompts=("a large red circle",))
+  assert config_checks.problems(config, device_count=8) == []
+  bad = config.copy_and_resolve_references()
+  bad.text.second_encoder_path = str(tmp_path / "flux" / "text_encoder")
+  assert "Flux's transformer reads a CLIP text encoder's pooled embedding and a T5's states" in " ".join(
+      config_checks.problems(bad, device_count=8))
+  bad = config.copy_and_resolve_references()
+  bad.model.in_channels, bad.text.spiece_path = 3, ""
+  found = " ".join(config_checks.problems(bad, device_count=8))
+  for problem in ("model.in_channels=3: Flux's transformer reads latents of 4 channels",
+                  "text.t5_encoder_path reads T5's ids: set text.spiece_path"):
+    assert problem in found, found
+
+  train.train_and_evaluate(config, tmp_path / "run")
+  _, weights, graphdef, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
+  loaded = text_to_image.pretrained_weights(config)
+  for name in ("flux", "text_encoder", "autoencoder"):
+    jax.tree.map(np.testing.assert_array_equal, weights.frozen[name], loaded[name])
+  updates = jax.tree_util.tree_flatten_with_path(weights.params)[0]
+  assert updates and all(text_to_image.is_lora(tuple(str(getattr(k, "key", k)) for k in path)) for path, _ in updates)
+  assert max(float(np.abs(x).max()) for path, x in updates if "lora_b" in jax.tree_util.keystr(path)) > 0
+  grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
+  assert grid.exists()
+  lora.export(tmp_path / "run", tmp_path / "adapter.safetensors", use_ema=False)
+  described = lora.describe(lora.read(str(tmp_path / "adapter.safetensors")))
+  # 2 double blocks' 8 attention projections, 2 single blocks' 3; 2 x 4 feed-forward layers, 2 x 2 single-block MLP
+  for line in (f"for a model: Flux's transformer of {tmp_path / 'flux' / 'transformer'}",
+               "joint attention: 22 layers", "feed-forward: 12 layers"):
+    assert line in described, described
+
+  # The condition and the prediction of the base weights (the LoRA's updates zeroed)
+  prompts = ["a large red circle at the top left", "two small blue squares"]
+  ids, mask = tokenizers.from_config(config)(prompts)
+  assert ids.shape == (2, 16 + 8) and mask.shape == (2, 8)
+  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  sigma = 0.7
+  logsnr = jnp.full((2,), 2 * np.log((1 - sigma) / sigma), jnp.float32)
+  model = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, weights.params), weights.frozen)
+  text, prediction = nnx.jit(lambda model: (lambda text: (text, model(latents, logsnr, text, mask)))(
+      model.encode(ids, mask)))(model)
+  with torch.no_grad():
+    expected, pooled, _ = pipeline.encode_prompt(prompts, None, device="cpu", max_sequence_length=8)
+  np.testing.assert_allclose(text[..., :40], expected.numpy(), atol=2e-5)
+  np.testing.assert_allclose(text[:, 0, 40:], pooled.numpy(), atol=2e-5)
+  np.testing.assert_allclose(prediction, diffusers_prediction(pipeline.transformer, latents, np.full(2, sigma),
+                                                              expected.numpy(), pooled.numpy(), np.full(2, 3.5)),
+                             atol=1e-4)
