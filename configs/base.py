@@ -210,6 +210,9 @@ def get_config():
       frames=0,                    # video models: frames per clip (0 = data.frames)
       flow_shift=0.0,              # flow schedule: the sampling grid's time shift (0: diffusion.schedule_params.shift;
                                    # Wan's pipelines: 3 at 480p, 5 at 720p)
+      resolution_shift=(),         # flow schedule, with flow_shift 0: (base_tokens, max_tokens, base_shift, max_shift),
+                                   # the shift e^mu for the samples' token count (Flux's dynamic shift:
+                                   # schedules.resolution_flow_shift); (): none
       timestep_spacing="",         # "": the schedule's grid, t from 1 to 0 in equal steps; "leading", "trailing",
       steps_offset=0,              # "linspace": a DDPM table's timesteps (linear, scaled_linear schedules) as
                                    # diffusers' Euler scheduler spaces them (DDIM's and PNDM's leading and

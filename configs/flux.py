@@ -4,9 +4,9 @@
 (frozen), read from the checkpoint's folders, on the flow path with the velocity loss (flow_mse), training time
 shifted by its scheduler's `shift` (3 for dev, 1 for schnell), as diffusers' Flux fine-tuning scripts. FLUX.1 dev
 is guidance-distilled: it reads the guidance scale it follows (model.flux_guidance 3.5, in training too) and samples
-without classifier-free guidance (sample.guidance_scale 1), 28 flow Euler steps time-shifted for the training
-size's token count (Flux's dynamic shift, e^mu: 3.16 at 1024 px; give --flow_shift for other sizes); schnell 4
-steps unshifted.
+without classifier-free guidance (sample.guidance_scale 1), 28 flow Euler steps time-shifted for the samples'
+token count (Flux's dynamic shift, sample.resolution_shift: e^mu, 3.16 at 1024 px; --flow_shift overrides it);
+schnell 4 steps unshifted.
 
   python -m diffusion_jax.main --config=configs/flux.py:/path/to/FLUX.1-dev --workdir=DIR \\
       --config.data.folder=/path/to/images --config.data.captions_file=/path/to/images/captions.jsonl
@@ -24,10 +24,6 @@ import pathlib
 import ml_collections
 
 from configs import base
-from diffusion_jax import schedules
-
-PIXELS_PER_TOKEN = 16  # the VAE's 8 times the 2 x 2 latents a token packs
-
 
 def get_config(root: str = ""):
   config = base.get_config()
@@ -47,15 +43,14 @@ def get_config(root: str = ""):
   config.diffusion.schedule_params = ml_collections.ConfigDict(dict(shift=scheduler.get("shift", 3.0 if guided
                                                                                          else 1.0)))
   config.data.update(dataset="folder", resolution=1024)
-  if scheduler.get("use_dynamic_shifting", guided):
-    shift = schedules.resolution_flow_shift((config.data.resolution // PIXELS_PER_TOKEN) ** 2, *(
-        scheduler.get(key, default) for key, default in (("base_image_seq_len", 256), ("max_image_seq_len", 4096),
-                                                         ("base_shift", 0.5), ("max_shift", 1.15))))
-  else:
-    shift = scheduler.get("shift", 1.0)
+  resolution_shift = tuple(scheduler.get(key, default) for key, default in (
+      ("base_image_seq_len", 256), ("max_image_seq_len", 4096), ("base_shift", 0.5), ("max_shift", 1.15)))
+  dynamic = scheduler.get("use_dynamic_shifting", guided)
   config.optimizer.update(learning_rate=1e-5, warmup_steps=100, schedule="constant", weight_decay=0.0)
   config.train.update(batch_size=8, steps=2000, ema_decays=(0.999,), checkpoint_every=500)
-  config.sample.update(sampler="flow_euler", steps=28 if guided else 4, guidance_scale=1.0, flow_shift=shift,
-                       threshold="none", num_per_prompt=1, prompts=("a photograph of an astronaut riding a horse",))
+  config.sample.update(sampler="flow_euler", steps=28 if guided else 4, guidance_scale=1.0,
+                       flow_shift=0.0 if dynamic else scheduler.get("shift", 1.0),
+                       resolution_shift=resolution_shift if dynamic else (), threshold="none", num_per_prompt=1,
+                       prompts=("a photograph of an astronaut riding a horse",))
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   return config

@@ -481,6 +481,12 @@ def flow_shift_problem(config, sample_config, prefix: str) -> str | None:
   if shift and config.diffusion.schedule != "flow":
     return (f"{prefix}flow_shift={shift}: the time shift of a flow schedule's sampling grid; this model's schedule is "
             f"{config.diffusion.schedule!r}: leave it at 0")
+  resolution = tuple(sample_config.get("resolution_shift", ()))
+  if resolution and (len(resolution) != 4 or config.diffusion.schedule != "flow" or config.model.backbone not in (
+      "sd3", "flux") or not 0 < resolution[0] < resolution[1]):
+    return (f"{prefix}resolution_shift={resolution}: (base_tokens, max_tokens, base_shift, max_shift), base_tokens < "
+            "max_tokens, shifts a flow schedule's grid by the samples' token count (an sd3 or flux backbone's); "
+            "leave it empty")
   return None
 
 

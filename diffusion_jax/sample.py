@@ -30,7 +30,8 @@ Flags:
                     1 + a multiple of 4, its latent frames up to model.max_frames; default: config sample.frames,
                     0 = data.frames)
   --flow_shift      a flow schedule's sampling grid shifted by this (sigma = s t / (1 + (s - 1) t); default: config
-                    sample.flow_shift, 0 = the training schedule's diffusion.schedule_params.shift; Wan's pipelines
+                    sample.flow_shift, 0 = the training schedule's diffusion.schedule_params.shift, or with
+                    sample.resolution_shift (Flux's) the shift for the samples' token count; Wan's pipelines
                     sample 480p at 3 and 720p at 5)
   --height, --width the samples' size in pixels, any the network divides (its autoencoder's downsampling times
                     the U-Net's levels' or the patch of a DiT or Wan: Wan's 480 x 832, say); --init_image, --mask
@@ -144,7 +145,7 @@ GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation 
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scale_low_noise", "guidance_rescale",
                      "guidance_interval", "threshold", "threshold_percentile", "frames", "height", "width",
-                     "flow_shift", "aug_level", "strength", "edit_noise", "reconstruction_guidance",
+                     "flow_shift", "resolution_shift", "aug_level", "strength", "edit_noise", "reconstruction_guidance",
                      "null_text_iterations", "null_text_learning_rate")
 _compiled_samplers = {}
 MESH_HELP = ("AXIS=SIZE,... of the mesh the checkpoint is restored and sampled on, over the default data=-1 (every "
@@ -188,8 +189,9 @@ def extension_context(config, sample_config) -> int:
 def sampling_logsnr(config, sample_config):
   """The sampling grid's log-SNRs [steps + 1], noisiest first, ending clean: the training schedule's at t from 1
   down to 0 in equal steps (schedules.continuous_logsnr_grid), a flow schedule's shifted by sample.flow_shift
-  instead where that is set; with sample.timestep_spacing, its DDPM table's at the timesteps diffusers' Euler
-  scheduler takes (Stable Diffusion's: leading, steps_offset 1)."""
+  instead where that is set, else by sample.resolution_shift's shift for the samples' token count; with
+  sample.timestep_spacing, its DDPM table's at the timesteps diffusers' Euler scheduler takes (Stable Diffusion's:
+  leading, steps_offset 1)."""
   params = {**config.diffusion.schedule_params}
   if sample_config.timestep_spacing:
     alphas_cumprod = schedules.alphas_cumprod_from_betas(schedules.betas(config.diffusion.schedule, **params))
@@ -199,6 +201,10 @@ def sampling_logsnr(config, sample_config):
                        jnp.float32)
   if sample_config.flow_shift:
     params["shift"] = sample_config.flow_shift
+  elif sample_config.resolution_shift:
+    rows, columns = output_shape(config, sample_config)[-3:-1]
+    patch = config_checks.spatial_multiple(config)[0]  # (a transformer's patch: config_checks allows no other)
+    params["shift"] = schedules.resolution_flow_shift(rows * columns // patch ** 2, *sample_config.resolution_shift)
   return schedules.continuous_logsnr_grid(schedules.logsnr_schedule(config.diffusion.schedule, **params),
                                           sample_config.steps)
 
@@ -911,7 +917,8 @@ def define_flags():
   flags.DEFINE_integer("frames", None, "Video models: frames per clip, up to model.max_frames (on a causal "
                        "autoencoder: 1 + a multiple of 4, its latent frames up to model.max_frames).")
   flags.DEFINE_float("flow_shift", None, "Flow schedule: the sampling grid's time shift (default: config "
-                     "sample.flow_shift, 0 = diffusion.schedule_params.shift; Wan's pipelines: 3 at 480p, 5 at 720p).",
+                     "sample.flow_shift, 0 = diffusion.schedule_params.shift, or with sample.resolution_shift "
+                     "Flux's shift for the samples' token count; Wan's pipelines: 3 at 480p, 5 at 720p).",
                      lower_bound=0)
   flags.DEFINE_integer("height", None, "Height of the samples in pixels, any the model divides (default: config "
                        "sample.height, 0 = data.resolution).", lower_bound=0)

@@ -124,11 +124,14 @@ def save_tiny_flux(root, captions):
 
 def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path):
   """configs/flux.py:ROOT reads a FLUX.1 dev checkpoint's folders (flow path shifted by its scheduler's shift 3 in
-  training; sampling shifted by e^mu of the training size's tokens, without classifier-free guidance, the model told
-  guidance 3.5). The text condition is what FluxPipeline.encode_prompt makes (T5's states; CLIP's pooled embedding)
-  and the network's prediction its transformer's at the flow timestep with the guidance scale. A LoRA of it trains
-  only its updates on captioned_shapes, describes itself and samples. A second CLIP encoder, a T5 of another width
-  and other latent channels are refused by the config check, saying what is wrong."""
+  training; sampling without classifier-free guidance, the model told guidance 3.5, on a grid shifted by e^mu of the
+  samples' tokens, diffusers' calculate_shift, at the training size and another). The text condition is what
+  FluxPipeline.encode_prompt makes (T5's states; CLIP's pooled embedding) and the network's prediction its
+  transformer's at the flow timestep with the guidance scale. A LoRA of it trains only its updates on
+  captioned_shapes, describes itself and samples. A second CLIP encoder, other latent channels, a missing T5
+  tokenizer and a resolution shift out of order are refused by the config check, saying what is wrong."""
+  from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
   from configs import flux
   from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
@@ -140,7 +143,7 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   assert (config.model.flux_path, config.text.t5_encoder_path, config.model.in_channels, config.text.t5_max_length,
           config.diffusion.schedule_params.shift, config.sample.guidance_scale, config.model.flux_guidance) == (
       str(tmp_path / "flux" / "transformer"), str(tmp_path / "flux" / "text_encoder_2"), 4, 512, 3.0, 1.0, 3.5)
-  assert config.sample.flow_shift == pytest.approx(math.exp(1.15))  # 1024 px: 4096 tokens
+  assert (config.sample.flow_shift, config.sample.resolution_shift) == (0.0, (256, 4096, 0.5, 1.15))
   config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, remat=False)
   config.text.update(max_length=16, t5_max_length=8)
   config.text.t5.dtype = "float32"
@@ -150,15 +153,25 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   config.optimizer.learning_rate = 1e-2
   config.sample.update(steps=2, prompts=("a large red circle",))
   assert config_checks.problems(config, device_count=8) == []
+  # The sampling grid's shift is Flux's for the samples' tokens: 32 px, 16 x 16 latents, 8 x 8 tokens; 64 px, 256
+  for size, tokens in ((0, 64), (64, 256)):
+    settings = config.sample.copy_and_resolve_references()
+    settings.update(height=size, width=size, steps=4)
+    shift, t = math.exp(calculate_shift(tokens)), np.linspace(1, 0, 5)[1:-1]
+    sigma = shift * t / (1 + (shift - 1) * t)
+    np.testing.assert_allclose(sample.sampling_logsnr(config, settings)[1:-1], 2 * np.log((1 - sigma) / sigma),
+                               rtol=1e-4)
   bad = config.copy_and_resolve_references()
   bad.text.second_encoder_path = str(tmp_path / "flux" / "text_encoder")
   assert "Flux's transformer reads a CLIP text encoder's pooled embedding and a T5's states" in " ".join(
       config_checks.problems(bad, device_count=8))
   bad = config.copy_and_resolve_references()
-  bad.model.in_channels, bad.text.spiece_path = 3, ""
+  bad.model.in_channels, bad.text.spiece_path, bad.sample.resolution_shift = 3, "", (4096, 256, 0.5, 1.15)
   found = " ".join(config_checks.problems(bad, device_count=8))
   for problem in ("model.in_channels=3: Flux's transformer reads latents of 4 channels",
-                  "text.t5_encoder_path reads T5's ids: set text.spiece_path"):
+                  "text.t5_encoder_path reads T5's ids: set text.spiece_path",
+                  "sample.resolution_shift=(4096, 256, 0.5, 1.15): (base_tokens, max_tokens, base_shift, max_shift), "
+                  "base_tokens < max_tokens"):
     assert problem in found, found
 
   train.train_and_evaluate(config, tmp_path / "run")
