@@ -18,9 +18,10 @@ writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` 
 original one (ComfyUI's) and musubi-tuner's, as shared Wan LoRAs come (`--lora=low_noise=FILE` for Wan 2.2
 A14B's low-noise expert's file). `--lora` also reads Stable Diffusion 1.x / 2.x LoRAs in kohya's and diffusers'
 layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too), SDXL's in the
-same (kohya's with the SGM U-Net's module names); `--format=diffusers` writes a LoRA of SD's U-Net and text encoders
-(1.x, 2.x or SDXL) in diffusers' layout, which their pipelines' load_lora_weights read, and `--format=kohya` in
-kohya's.
+same (kohya's with the SGM U-Net's module names), and SD3's and Flux's in diffusers' layout (their transformers'
+updates named 'transformer.', matched to the model's by `resolved`); `--format=diffusers` writes a LoRA of SD's U-Net
+(1.x, 2.x or SDXL) or SD3's or Flux's transformer, and of their CLIP text encoders, in diffusers' layout, which their
+pipelines' load_lora_weights read, and `--format=kohya` an SD U-Net's in kohya's.
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
                                [--format=diffusers|kohya]
@@ -31,10 +32,10 @@ Flags:
   --output    the adapter file to write (.safetensors)
   --step      checkpoint step (default: the latest)
   --use_ema   take the updates' first EMA copy (default: the run's sample.use_ema) or, false, the trained ones
-  --format    diffusion_jax (default: ours, with what made it), diffusers (a LoRA of Wan's transformer or of
-              Stable Diffusion's U-Net; of Wan 2.2 A14B's pair, a second file, OUTPUT_low_noise.safetensors, for
-              the low-noise expert) or kohya (a LoRA of Stable Diffusion's U-Net and text encoders, SDXL's named as
-              sd-scripts names them)
+  --format    diffusion_jax (default: ours, with what made it), diffusers (a LoRA of Wan's, SD3's or Flux's
+              transformer or of Stable Diffusion's U-Net; of Wan 2.2 A14B's pair, a second file,
+              OUTPUT_low_noise.safetensors, for the low-noise expert) or kohya (a LoRA of Stable Diffusion's
+              U-Net and text encoders, SDXL's named as sd-scripts names them)
   --inspect   print what an adapter file holds instead (`describe`): what made it, the model it was made for,
               and how many layers of each kind it updates with how many weights
 """
@@ -74,6 +75,23 @@ def name(path) -> str:
   return "/".join(map(str, path))
 
 
+# Prefixes PyTorch-layout files give updates without saying whose (diffusers' 'transformer.' of SD3 and Flux, Flux's
+# CLIP as 'text_encoder.') -> the models' own, tried in turn (resolved)
+ALIASES = {"transformer/": ("sd3/", "flux/"), "text_encoder/": ("text_encoder/clip/",)}
+
+
+def resolved(kernel: str, kernels) -> str:
+  """The name of the model's kernel an update's `kernel` names: itself where the model has it, else, for a name a
+  PyTorch-layout file gives without saying whose (ALIASES), the model's own one that it has (unchanged if none)."""
+  if kernel in kernels:
+    return kernel
+  for prefix, models in ALIASES.items():
+    for model in models if kernel.startswith(prefix) else ():
+      if (candidate := model + kernel.removeprefix(prefix)) in kernels:
+        return candidate
+  return kernel
+
+
 def kernel_of(update_name: str) -> str:
   """The kernel a low-rank update adapts: '.../attn/q_lora/lora_a' -> '.../attn/q/kernel', and for a layer in a
   list (Wan's), '.../attn1/to_out_lora/0/lora_a' -> '.../attn1/to_out/0/kernel'."""
@@ -111,7 +129,8 @@ def at_scales(adapters: list[Adapter], scale=None) -> list[Adapter]:
 def read(spec: str, flag: str = "--lora") -> Adapter:
   """The adapter of a --lora=[low_noise=]FILE[:SCALE] flag (or `flag`): ours, a Wan LoRA in diffusers' or Wan's
   original layout (diffusers_lora.py; with low_noise=, of Wan 2.2 A14B's low-noise expert) or a Stable Diffusion one
-  in kohya's or diffusers' (sd_lora.py); ValueError when the file is missing or not an adapter."""
+  in kohya's or diffusers' (sd_lora.py; SD3's and Flux's in diffusers'); ValueError when the file is missing or not
+  an adapter."""
   from safetensors import SafetensorError, safe_open
 
   file, scale = parse(spec)
@@ -154,7 +173,7 @@ def problems(adapter: Adapter, kernels: dict) -> list[str]:
   pairs = sorted({key.rsplit("/", 1)[0] for key in adapter.updates})
   for module in pairs:
     a, b = (adapter.updates.get(f"{module}/lora_{part}") for part in "ab")
-    kernel = kernel_of(f"{module}/lora_a")
+    kernel = resolved(kernel_of(f"{module}/lora_a"), kernels)
     if a is None or b is None or a.ndim < 2 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
       found.append(f"{module} is not an a [..., in, rank], b [rank, out] pair")
     elif kernel not in kernels:
@@ -199,10 +218,10 @@ def fuse(tree: dict, adapters: list[Adapter]) -> dict:
   total = {}
   for adapter in adapters:
     for key, a in adapter.updates.items():
-      if key.endswith("/lora_a") and kernel_of(key) in names:
+      if key.endswith("/lora_a") and (kernel := resolved(kernel_of(key), names)) in names:
         b = adapter.updates[key.removesuffix("a") + "b"]
         update = adapter.scale * (a.astype(np.float64) @ b.astype(np.float64))
-        total[kernel_of(key)] = total.get(kernel_of(key), 0) + update
+        total[kernel] = total.get(kernel, 0) + update
   for key, update in total.items():
     flat[names[key]] = _added(flat[names[key]], update.astype(np.float32))
   return traverse_util.unflatten_dict(flat)
@@ -249,9 +268,10 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     raise ValueError(f"--format=kohya: kohya's SDXL names number SDXL's blocks ({sd_lora.SDXL_LAYERS_PER_BLOCK} "
                      f"ResNet blocks a level); this U-Net's layers_per_block={unet['layers_per_block']} has no such "
                      "names (write diffusers' layout)")
-  if layout == "diffusers" and config.model.backbone not in ("wan", "sd_unet"):  # (SD3's, Flux's: not yet)
-    raise ValueError(f"--format=diffusers: only a LoRA of Wan's transformer or SD's U-Net has a diffusers layout; "
-                     f"--workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write {FORMAT}'s)")
+  if layout == "diffusers" and config.model.backbone not in ("wan", "sd_unet", "sd3", "flux"):
+    raise ValueError(f"--format=diffusers: only a LoRA of Wan's, SD3's or Flux's transformer or SD's U-Net has a "
+                     f"diffusers layout; --workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write "
+                     f"{FORMAT}'s)")
   use_ema = config.sample.use_ema if use_ema is None else use_ema
   mngr = checkpoint.manager(workdir, read_only=True)
   step = mngr.latest_step() if step is None else step
@@ -344,8 +364,9 @@ def define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
   flags.DEFINE_bool("use_ema", None, "Export the first EMA copy (default: the run's sample.use_ema).")
   flags.DEFINE_string("inspect", None, "Print what this adapter file holds (instead of exporting one).")
-  flags.DEFINE_enum("format", FORMAT, list(LAYOUTS), "The file's layout: ours, diffusers' (a LoRA of Wan's "
-                    "transformer or Stable Diffusion's U-Net: their pipelines' load_lora_weights read it) or kohya's "
+  flags.DEFINE_enum("format", FORMAT, list(LAYOUTS), "The file's layout: ours, diffusers' (a LoRA of Wan's, "
+                    "SD3's or Flux's transformer or Stable Diffusion's U-Net: their pipelines' load_lora_weights read "
+                    "it) or kohya's "
                     "(a LoRA of SD's U-Net and text encoders, as sd-scripts writes them, for ComfyUI and "
                     "AUTOMATIC1111).")
 

@@ -12,9 +12,10 @@ U-Net and text-encoder updates written in diffusers' layout (`to_diffusers`) or 
   transformer_blocks_0_attn1_to_q', 'output_blocks_2_0_in_layers_2', 'middle_block_1_proj_in'), numbered as SDXL's
   blocks are (2 ResNet blocks a level: `diffusers_parts`), and the text encoders' 'lora_te1_' and 'lora_te2_'.
 - diffusers' (PEFT's) layout: 'unet.<module>.lora_A.weight' / 'lora_B.weight' and 'text_encoder.<module>...' (SDXL's
-  also 'text_encoder_2.'),
-  scaled by the lora_alpha / r of each model's PEFT config in the file's metadata where there is one (else 1, as
-  diffusers reads a file without one). SD 1.x, 2.x and SDXL pipelines' load_lora_weights read it.
+  and SD3's also 'text_encoder_2.'; SD3's and Flux's transformer 'transformer.<module>...', a name that does not say
+  whose: read as 'transformer/...', which lora.resolved matches to the model's), scaled by the lora_alpha / r of each
+  model's PEFT config in the file's metadata where there is one (else 1, as diffusers reads a file without one).
+  SD 1.x, 2.x, SDXL, SD3 and Flux pipelines' load_lora_weights read it.
 
 Which layers a file may update is our model's business: lora.check refuses updates of layers the model lacks or of
 another shape (an SDXL LoRA on SD 1.5), naming them. Tensors that are not low-rank updates (biases, whole weights,
@@ -27,7 +28,8 @@ from diffusion_jax import diffusers_lora
 
 KOHYA_PREFIXES = {"lora_unet_": "sd_unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder/first",
                   "lora_te2_": "text_encoder/second"}  # (te1, te2: SDXL's pair, models/sdxl_text.py)
-DIFFUSERS_PREFIXES = {"unet.": "sd_unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder/second"}
+DIFFUSERS_PREFIXES = {"unet.": "sd_unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder/second",
+                      "transformer.": "transformer"}  # (an MMDiT's, SD3's or Flux's: lora.resolved finds which)
 SDXL_LAYERS_PER_BLOCK = 2  # the SGM U-Net's block numbers in SDXL's files count 2 ResNet blocks a level
 # The SGM U-Net's names of modules outside its numbered blocks (a name's first parts) -> diffusers'
 SGM_OUTER = {("input_blocks", "0", "0"): ["conv_in"], ("time_embed", "0"): ["time_embedding", "linear_1"],
@@ -109,11 +111,12 @@ def as_pair(down, up, scale: float) -> tuple[np.ndarray, np.ndarray]:
   return np.ascontiguousarray(a * np.float32(scale)), np.ascontiguousarray(b)
 
 
-# Our models' updates -> the prefixes of their keys in diffusers' and kohya's layouts (SDXL: text_encoder/first,
-# text_encoder/second)
+# Our models' updates -> the prefixes of their keys in diffusers' and kohya's layouts (SDXL, SD3: text_encoder/first,
+# text_encoder/second; Flux: text_encoder/clip; SD3's and Flux's transformers have no kohya layout here)
 WRITTEN = {"sd_unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_"),
            "text_encoder/first": ("text_encoder.", "lora_te1_"),
-           "text_encoder/second": ("text_encoder_2.", "lora_te2_")}
+           "text_encoder/second": ("text_encoder_2.", "lora_te2_"), "text_encoder/clip": ("text_encoder.", None),
+           "sd3": ("transformer.", None), "flux": ("transformer.", None)}
 
 
 def written_parts(name: str, x, layout: str) -> tuple[str, list[str], str]:
@@ -121,15 +124,17 @@ def written_parts(name: str, x, layout: str) -> tuple[str, list[str], str]:
   ValueError for what `layout` does not hold (convolutions' updates, other models')."""
   parts = name.split("/")
   model = "/".join(parts[:2]) if "/".join(parts[:2]) in WRITTEN else parts[0]
-  if model not in WRITTEN or np.ndim(x) != 2:
-    raise ValueError(f"{name}: only the updates of the dense layers of SD's U-Net and CLIP text encoders are written "
-                     f"in {layout}'s layout; write this adapter in ours (--format=diffusion_jax.lora)")
+  if model not in WRITTEN or np.ndim(x) != 2 or WRITTEN[model][layout == "kohya"] is None:
+    raise ValueError(f"{name}: only the updates of the dense layers of SD's U-Net, SD3's and Flux's transformers and "
+                     f"CLIP text encoders are written in {layout}'s layout (kohya's: not the transformers'); write "
+                     "this adapter in ours (--format=diffusion_jax.lora)")
   return model, [part.removesuffix("_lora") for part in parts[model.count("/") + 1:-1]], parts[-1]
 
 
 def to_diffusers(updates: dict) -> dict:
-  """Our updates {name: array} of SD's U-Net and text encoder(s) -> diffusers' (PEFT's) layout {key: float32 array}:
-  'unet.<module>.lora_A.weight' (or 'text_encoder.', SDXL's second 'text_encoder_2.') = a^T [rank, in] and
+  """Our updates {name: array} of SD's U-Net or SD3's or Flux's transformer, and text encoder(s) -> diffusers'
+  (PEFT's) layout {key: float32 array}: 'unet.<module>.lora_A.weight' (or 'transformer.', 'text_encoder.', SDXL's and
+  SD3's second 'text_encoder_2.') = a^T [rank, in] and
   '.lora_B.weight' = b^T [out, rank], at scale 1 (no alpha)."""
   tensors = {}
   for name, x in updates.items():

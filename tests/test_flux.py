@@ -128,7 +128,8 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   samples' tokens, diffusers' calculate_shift, at the training size and another). The text condition is what
   FluxPipeline.encode_prompt makes (T5's states; CLIP's pooled embedding) and the network's prediction its
   transformer's at the flow timestep with the guidance scale. A LoRA of it trains only its updates on
-  captioned_shapes, describes itself and samples. A second CLIP encoder, other latent channels, a missing T5
+  captioned_shapes, describes itself and samples; written in diffusers' layout, the pipeline with it fused predicts
+  what the trained model does, and read back it fits. A second CLIP encoder, other latent channels, a missing T5
   tokenizer and a resolution shift out of order are refused by the config check, saying what is wrong."""
   from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -150,7 +151,7 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
                      data_dir=str(tmp_path / "tfds"))
   config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
-  config.optimizer.learning_rate = 1e-2
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)  # (2 steps that move the updates measurably)
   config.sample.update(steps=2, prompts=("a large red circle",))
   assert config_checks.problems(config, device_count=8) == []
   # The sampling grid's shift is Flux's for the samples' tokens: 32 px, 16 x 16 latents, 8 x 8 tokens; 64 px, 256
@@ -191,20 +192,28 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
                "joint attention: 22 layers", "feed-forward: 12 layers"):
     assert line in described, described
 
-  # The condition and the prediction of the base weights (the LoRA's updates zeroed)
+  # The condition and the prediction of the base weights (the LoRA's updates zeroed) and of the trained ones,
+  # against the pipeline's, then with the LoRA written in diffusers' layout fused into it
   prompts = ["a large red circle at the top left", "two small blue squares"]
   ids, mask = tokenizers.from_config(config)(prompts)
   assert ids.shape == (2, 16 + 8) and mask.shape == (2, 8)
   latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
   sigma = 0.7
   logsnr = jnp.full((2,), 2 * np.log((1 - sigma) / sigma), jnp.float32)
-  model = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, weights.params), weights.frozen)
-  text, prediction = nnx.jit(lambda model: (lambda text: (text, model(latents, logsnr, text, mask)))(
-      model.encode(ids, mask)))(model)
+  run = nnx.jit(lambda model: (lambda text: (text, model(latents, logsnr, text, mask)))(model.encode(ids, mask)))
+  text, prediction = run(nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, weights.params), weights.frozen))
+  trained_prediction = run(nnx.merge(graphdef, weights.params, weights.frozen))[1]
   with torch.no_grad():
     expected, pooled, _ = pipeline.encode_prompt(prompts, None, device="cpu", max_sequence_length=8)
-  np.testing.assert_allclose(text[..., :40], expected.numpy(), atol=2e-5)
-  np.testing.assert_allclose(text[:, 0, 40:], pooled.numpy(), atol=2e-5)
-  np.testing.assert_allclose(prediction, diffusers_prediction(pipeline.transformer, latents, np.full(2, sigma),
-                                                              expected.numpy(), pooled.numpy(), np.full(2, 3.5)),
-                             atol=1e-4)
+  expected, pooled = expected.numpy(), pooled.numpy()
+  np.testing.assert_allclose(text[..., :40], expected, atol=2e-5)
+  np.testing.assert_allclose(text[:, 0, 40:], pooled, atol=2e-5)
+  theirs = lambda: diffusers_prediction(pipeline.transformer, latents, np.full(2, sigma), expected, pooled,
+                                        np.full(2, 3.5))
+  np.testing.assert_allclose(prediction, theirs(), atol=1e-4)
+  lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
+  pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
+  pipeline.fuse_lora()
+  assert np.abs(trained_prediction - prediction).max() > 1e-2  # (the LoRA changed the prediction)
+  np.testing.assert_allclose(trained_prediction, theirs(), atol=1e-4)
+  lora.check([lora.read(str(tmp_path / "diffusers.safetensors"))], config)  # (read back: 'transformer/' is Flux's)

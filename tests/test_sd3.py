@@ -129,7 +129,8 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   guidance 7). The text condition is what StableDiffusion3Pipeline.encode_prompt makes (both CLIPs' penultimate
   states, padded to the T5's width, then T5's states; both pooled embeddings), the null condition its encoding of
   the empty negative prompt, and the network's prediction its transformer's at the flow timestep. A LoRA of it
-  (attention and feed-forward) trains only its updates on captioned_shapes, describes itself and samples. Without
+  (attention and feed-forward) trains only its updates on captioned_shapes, describes itself and samples; written in
+  diffusers' layout, the pipeline with it fused predicts what the trained model does, and read back it fits. Without
   the second encoder or T5's tokenizer, with a T5 path holding another model or on the variance-preserving path, the
   config check says what is wrong."""
   from configs import stable_diffusion3
@@ -150,7 +151,7 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
                      data_dir=str(tmp_path / "tfds"))
   config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
-  config.optimizer.learning_rate = 1e-2
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)  # (2 steps that move the updates measurably)
   config.sample.update(steps=2, prompts=("a large red circle",))
   assert config_checks.problems(config, device_count=8) == []
   bad = config.copy_and_resolve_references()
@@ -185,24 +186,43 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
                "joint attention: 15 layers", "feed-forward: 6 layers"):
     assert line in described, described
 
-  # The condition, the null condition and the prediction of the base weights (the LoRA's updates zeroed)
+  # The condition, the null condition and the prediction of the base weights (the LoRA's updates zeroed) and of the
+  # trained ones, against the pipeline's, then with the LoRA written in diffusers' layout fused into it
   prompts = ["a large red circle at the top left", "two small blue squares"]
   ids, mask = tokenizers.from_config(config)(prompts)
   assert ids.shape == (2, 16 + 16 + 8) and mask.shape == (2, 16 + 8)
   latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
   sigma = 0.7
   logsnr = jnp.full((2,), 2 * np.log((1 - sigma) / sigma), jnp.float32)
-  base = jax.tree.map(jnp.zeros_like, weights.params)
-  model = nnx.merge(graphdef, base, weights.frozen)
-  text, null, prediction = nnx.jit(lambda model: (lambda text: (
-      text, model.null_condition(text, mask)[0], model(latents, logsnr, text, mask)))(model.encode(ids, mask)))(model)
-  with torch.no_grad():
-    expected, negative, pooled, negative_pooled = pipeline.encode_prompt(
-        prompts, None, None, device="cpu", do_classifier_free_guidance=True, max_sequence_length=8)
-    expected_prediction = pipeline.transformer(torch.tensor(latents.transpose(0, 3, 1, 2)), expected, pooled,
-                                               torch.full((2,), 1000 * sigma)).sample.numpy()
-  np.testing.assert_allclose(text[..., :40], expected.numpy(), atol=2e-5)
-  np.testing.assert_allclose(text[:, 0, 40:], pooled.numpy(), atol=2e-5)
-  np.testing.assert_allclose(null[..., :40], negative.numpy(), atol=2e-5)
-  np.testing.assert_allclose(null[:, 0, 40:], negative_pooled.numpy(), atol=2e-5)
-  np.testing.assert_allclose(prediction, expected_prediction.transpose(0, 2, 3, 1), atol=1e-4)
+  run = nnx.jit(lambda model: (lambda text: (text, model.null_condition(text, mask)[0], model(latents, logsnr, text,
+                                                                                              mask)))(
+      model.encode(ids, mask)))
+  text, null, prediction = run(nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, weights.params), weights.frozen))
+  trained_prediction = run(nnx.merge(graphdef, weights.params, weights.frozen))[2]
+
+  def diffusers_condition_and_prediction():
+    with torch.no_grad():
+      text, negative, pooled, negative_pooled = pipeline.encode_prompt(
+          prompts, None, None, device="cpu", do_classifier_free_guidance=True, max_sequence_length=8)
+      prediction = pipeline.transformer(torch.tensor(latents.transpose(0, 3, 1, 2)), text, pooled,
+                                        torch.full((2,), 1000 * sigma)).sample.numpy().transpose(0, 2, 3, 1)
+    return text.numpy(), negative.numpy(), pooled.numpy(), negative_pooled.numpy(), prediction
+
+  expected, negative, pooled, negative_pooled, expected_prediction = diffusers_condition_and_prediction()
+  np.testing.assert_allclose(text[..., :40], expected, atol=2e-5)
+  np.testing.assert_allclose(text[:, 0, 40:], pooled, atol=2e-5)
+  np.testing.assert_allclose(null[..., :40], negative, atol=2e-5)
+  np.testing.assert_allclose(null[:, 0, 40:], negative_pooled, atol=2e-5)
+  np.testing.assert_allclose(prediction, expected_prediction, atol=1e-4)
+  lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
+  pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
+  pipeline.fuse_lora()
+  assert np.abs(trained_prediction - prediction).max() > 1e-2  # (the LoRA changed the prediction)
+  np.testing.assert_allclose(trained_prediction, diffusers_condition_and_prediction()[-1], atol=1e-4)
+  # read back, its updates ('transformer/...', whose the file does not say) fit this model, fused as trained
+  adapter = lora.read(str(tmp_path / "diffusers.safetensors"))
+  lora.check([adapter], config)
+  fused = lora.fuse(jax.device_get(weights.frozen), [adapter])["sd3"]["transformer_blocks"][0]["attn"]["to_q"]
+  trained = weights.params["sd3"]["transformer_blocks"][0]["attn"]
+  np.testing.assert_allclose(fused["kernel"], weights.frozen["sd3"]["transformer_blocks"][0]["attn"]["to_q"]["kernel"]
+                             + trained["to_q_lora"]["lora_a"] @ trained["to_q_lora"]["lora_b"], atol=1e-6)
