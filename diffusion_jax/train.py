@@ -416,9 +416,10 @@ def open_text_cache(config, graphdef, state, tokenizer, source):
   frozen_text = state.frozen.get("text_encoder")
   if not frozen_text:
     raise ValueError("text.embedding_cache needs a frozen text encoder (text.trainable=False).")
-  t = config.text  # the tokenizer's identity: its kind and files (CLIP's: SDXL's two)
-  key = embedding_cache.cache_key(frozen_text, t.tokenizer + t.spiece_path + t.tokenizer_path + t.second_tokenizer_path,
-                                  t.max_length)
+  t = config.text  # the tokenizer's identity: its kind and files (CLIP's: SDXL's two; SD3's and Flux's T5 length)
+  t5 = f"|t5 {t.t5_max_length}" if config.model.backbone in ("sd3", "flux") else ""
+  key = embedding_cache.cache_key(
+      frozen_text, t.tokenizer + t.spiece_path + t.tokenizer_path + t.second_tokenizer_path + t5, t.max_length)
   directory = pathlib.Path(config.text.embedding_cache).expanduser()
   if jax.process_index() == 0 and not (directory / "meta.json").exists():
     # Parameters are arguments, not closed-over constants baked into the compiled program.

@@ -2,8 +2,10 @@
 
 `WordTokenizer` covers closed vocabularies (the built-in datasets); `SentencePieceTokenizer` loads a
 sentencepiece model from a local path (T5's `spiece.model`); `CLIPTokenizer` CLIP's byte-level BPE from a local
-directory (Stable Diffusion's `tokenizer/`). All pad to max_length and truncate an over-long prompt with a warning;
-an empty prompt gives a row whose mask is all False (CLIP's ids still encode it: start and end of text).
+directory (Stable Diffusion's `tokenizer/`); `CLIPTokenizerPair` SDXL's two and `CLIPAndT5Tokenizers` SD3's and
+Flux's CLIP and T5 ones side by side. All pad to max_length and truncate an over-long prompt with a warning; an empty
+prompt gives a row whose mask is all False (CLIP's ids still encode it: start and end of text), but for the T5 part
+of SD3's and Flux's, which holds and marks its end-of-sequence, as their pipelines encode it.
 """
 
 import json
@@ -47,8 +49,8 @@ class WordTokenizer:
 
 class SentencePieceTokenizer:
   """A sentencepiece model from a local file, with an end-of-sequence token appended (as T5 does; kept when a long
-  prompt is cut, as transformers' T5 tokenizer keeps it); to the empty
-  prompt too with end_empty (transformers' T5 tokenizer, as SD3's pipelines call it), else it gives no ids."""
+  prompt is cut, as transformers' T5 tokenizer keeps it); to the empty prompt too with end_empty (transformers' T5
+  tokenizer, as SD3's and Flux's pipelines call it), else the empty prompt gives no ids."""
 
   def __init__(self, model_path: str, max_length: int, end_empty: bool = False):
     import sentencepiece
