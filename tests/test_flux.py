@@ -13,7 +13,7 @@ from test_sd3 import SentencePieceT5Tokenizer
 from test_sd_unet import save_tiny_clip_tokenizer
 
 from diffusion_jax import config_checks, sample, schedules, train
-from diffusion_jax.models import flux_transformer
+from diffusion_jax.models import flux_transformer, init_rngs
 
 
 def save_tiny_flux_transformer(directory, guidance_embeds=True):
@@ -217,3 +217,15 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   assert np.abs(trained_prediction - prediction).max() > 1e-2  # (the LoRA changed the prediction)
   np.testing.assert_allclose(trained_prediction, theirs(), atol=1e-4)
   lora.check([lora.read(str(tmp_path / "diffusers.safetensors"))], config)  # (read back: 'transformer/' is Flux's)
+
+
+def test_flux_dev_has_diffusers_parameter_count():
+  """FLUX.1 dev's transformer config (diffusers' defaults and a guidance embedding; schnell's is the same without
+  it): our module's parameter count (shapes only, nothing allocated) is diffusers' (built on PyTorch's meta device),
+  11.9 billion."""
+  import diffusers
+
+  with torch.device("meta"):
+    expected = sum(p.numel() for p in diffusers.FluxTransformer2DModel(guidance_embeds=True).parameters())
+  ours = nnx.eval_shape(lambda: flux_transformer.FluxTransformer({"guidance_embeds": True}, rngs=init_rngs.seeded(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param))) == expected > 1.1e10

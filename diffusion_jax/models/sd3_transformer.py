@@ -25,7 +25,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import attention, diffusers_directory, init_rngs, layers, named_tensors, sd_unet
@@ -67,17 +66,18 @@ class PositionTable(nnx.Variable):
   """A fixed position table read from the checkpoint (a PyTorch buffer): not an nnx.Param, so never trained."""
 
 
-def position_table(dim: int, grid: int, base_size: int) -> np.ndarray:
-  """The 2-D sinusoidal position table [grid * grid, dim] (row-major patches): the first half of each row the
+def position_table(dim: int, grid: int, base_size: int):
+  """The 2-D sinusoidal position table [grid * grid, dim] float32 (row-major patches): the first half of each row the
   features of the patch's column, the second of its row, each [sin, cos] at frequencies 10000^(-i / (dim / 4)), at
-  positions in units of grid / base_size patches (diffusers' get_2d_sincos_pos_embed)."""
-  positions = np.arange(grid) / (grid / base_size)
-  column, row = np.meshgrid(positions, positions)
+  positions in units of grid / base_size patches (diffusers' get_2d_sincos_pos_embed). Computed with jnp, so that
+  an abstract model (eval_shape) does not compute it (SD 3.5 Medium's is 384^2 x 1536)."""
+  positions = jnp.arange(grid, dtype=jnp.float32) / (grid / base_size)
+  column, row = jnp.meshgrid(positions, positions)
   quarter = dim // 4
-  freqs = 1.0 / 10000 ** (np.arange(quarter) / quarter)
-  features = lambda p: np.concatenate([np.sin(np.outer(p.reshape(-1), freqs)),
-                                       np.cos(np.outer(p.reshape(-1), freqs))], axis=1)
-  return np.concatenate([features(column), features(row)], axis=1).astype(np.float32)
+  freqs = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
+  features = lambda p: jnp.concatenate([jnp.sin(jnp.outer(p.reshape(-1), freqs)),
+                                        jnp.cos(jnp.outer(p.reshape(-1), freqs))], axis=1)
+  return jnp.concatenate([features(column), features(row)], axis=1)
 
 
 def modulated(x, shift, scale):
@@ -223,8 +223,7 @@ class SD3Transformer(nnx.Module):
     self.pos_embed = nnx.Module()
     self.pos_embed.proj = layers.conv(c["in_channels"], dim, self.patch, rngs, jnp.float32, stride=self.patch,
                                       padding="VALID")
-    self.pos_embed.pos_embed = PositionTable(jnp.asarray(position_table(
-        dim, self.max_size, c["sample_size"] // self.patch))[None])
+    self.pos_embed.pos_embed = PositionTable(position_table(dim, self.max_size, c["sample_size"] // self.patch)[None])
     self.time_text_embed = nnx.Module()
     self.time_text_embed.timestep_embedder = sd_unet.embedding_mlp(256, dim, rngs)
     self.time_text_embed.text_embedder = sd_unet.embedding_mlp(c["pooled_projection_dim"], dim, rngs)
