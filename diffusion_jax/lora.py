@@ -19,7 +19,8 @@ original one (ComfyUI's) and musubi-tuner's, as shared Wan LoRAs come (`--lora=l
 A14B's low-noise expert's file). `--lora` also reads Stable Diffusion 1.x / 2.x LoRAs in kohya's and diffusers'
 layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too), SDXL's in the
 same (kohya's with the SGM U-Net's module names), and SD3's and Flux's in diffusers' layout (their transformers'
-updates named 'transformer.', matched to the model's by `resolved`); `--format=diffusers` writes a LoRA of SD's U-Net
+updates named 'transformer.', matched to the model's by `resolved`), and Flux's in kohya's and BFL's names
+(flux_lora.py: fused layers split); `--format=diffusers` writes a LoRA of SD's U-Net
 (1.x, 2.x or SDXL) or SD3's or Flux's transformer, and of their CLIP text encoders, in diffusers' layout, which their
 pipelines' load_lora_weights read, and `--format=kohya` an SD U-Net's in kohya's.
 
@@ -53,7 +54,7 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from diffusion_jax import checkpoint, cli, diffusers_lora, finetune, sd_lora
+from diffusion_jax import checkpoint, cli, diffusers_lora, finetune, flux_lora, sd_lora
 from diffusion_jax.models import sd_unet, text_to_image
 
 FORMAT = "diffusion_jax.lora"
@@ -129,8 +130,8 @@ def at_scales(adapters: list[Adapter], scale=None) -> list[Adapter]:
 def read(spec: str, flag: str = "--lora") -> Adapter:
   """The adapter of a --lora=[low_noise=]FILE[:SCALE] flag (or `flag`): ours, a Wan LoRA in diffusers' or Wan's
   original layout (diffusers_lora.py; with low_noise=, of Wan 2.2 A14B's low-noise expert) or a Stable Diffusion one
-  in kohya's or diffusers' (sd_lora.py; SD3's and Flux's in diffusers'); ValueError when the file is missing or not
-  an adapter."""
+  in kohya's or diffusers' (sd_lora.py; SD3's and Flux's in diffusers'), or a Flux one in kohya's or BFL's names
+  (flux_lora.py); ValueError when the file is missing or not an adapter."""
   from safetensors import SafetensorError, safe_open
 
   file, scale = parse(spec)
@@ -142,6 +143,12 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
   except (OSError, SafetensorError) as error:
     raise ValueError(f"{flag}={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None
   low_noise = spec.startswith(LOW_NOISE)
+  if metadata.get("format") != FORMAT and flux_lora.is_flux_lora(updates) and not low_noise:  # (before Wan's, whose
+    try:  # original names share BFL's 'diffusion_model.' prefix)
+      updates = flux_lora.from_file(updates)
+    except ValueError as error:
+      raise ValueError(f"{flag}={spec}: {file!r} is a Flux LoRA that cannot be read: {error}") from None
+    return Adapter(file, updates, {"format": "Flux LoRA (kohya's or BFL's names)"}, scale)
   if metadata.get("format") != FORMAT and diffusers_lora.is_wan_lora(updates):
     try:
       updates = diffusers_lora.from_file(updates, metadata, "wan_low" if low_noise else "wan")
@@ -161,8 +168,8 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
                      f"{file!r} is not one (ours name their layers themselves)")
   if metadata.get("format") != FORMAT:
     raise ValueError(f"{flag}={spec}: {file!r} is not a diffusion_jax LoRA adapter (no '{FORMAT}' format in its "
-                     "metadata) nor a Wan or Stable Diffusion LoRA in a PyTorch layout; python -m diffusion_jax.lora "
-                     "writes them from a LoRA run's workdir.")
+                     "metadata) nor a Wan, Stable Diffusion or Flux LoRA in a PyTorch layout; python -m "
+                     "diffusion_jax.lora writes them from a LoRA run's workdir.")
   return Adapter(file, updates, metadata, scale)
 
 

@@ -2,6 +2,7 @@
 a tiny checkpoint's folders against diffusers' FluxPipeline."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -229,3 +230,82 @@ def test_flux_dev_has_diffusers_parameter_count():
     expected = sum(p.numel() for p in diffusers.FluxTransformer2DModel(guidance_embeds=True).parameters())
   ours = nnx.eval_shape(lambda: flux_transformer.FluxTransformer({"guidance_embeds": True}, rngs=init_rngs.seeded(0)))
   assert sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param))) == expected > 1.1e10
+
+
+def test_flux_loras_in_kohyas_and_bfls_names_fuse_as_diffusers_fuses_them(tmp_path):
+  """A Flux LoRA in kohya's names (a double block's fused image and text qkv, output projection, MLP and text
+  modulation; a single block's linear2; alpha / rank scaling) fused at 0.7 into the transformer predicts what
+  diffusers' does with the file loaded by FluxPipeline.load_lora_weights and fused at 0.7; the same tensors in BFL's
+  names (ComfyUI's) read as the same updates; a tensor of no Flux layer is refused, naming it; a single block's fused
+  linear1 splits into its query, key, value and MLP input updates, and the final modulation's halves are swapped
+  into diffusers' order."""
+  import diffusers
+  import safetensors.torch
+
+  from diffusion_jax import flux_lora, lora
+
+  reference = save_tiny_flux_transformer(tmp_path / "transformer")
+  dim, rank, rng = 16, 4, np.random.default_rng(0)
+  shapes = {"double_blocks_0_img_attn_qkv": (dim, 3 * dim), "double_blocks_1_txt_attn_qkv": (dim, 3 * dim),
+            "double_blocks_0_img_attn_proj": (dim, dim), "double_blocks_1_img_mlp_0": (dim, 4 * dim),
+            "double_blocks_0_txt_mod_lin": (dim, 6 * dim), "single_blocks_0_linear2": (5 * dim, dim)}
+  tensors = {}
+  for layer, (inputs, outputs) in shapes.items():
+    tensors[f"lora_unet_{layer}.lora_down.weight"] = torch.from_numpy(rng.normal(size=(rank, inputs)).astype(
+        np.float32) * 0.3)
+    tensors[f"lora_unet_{layer}.lora_up.weight"] = torch.from_numpy(rng.normal(size=(outputs, rank)).astype(
+        np.float32) * 0.3)
+    tensors[f"lora_unet_{layer}.alpha"] = torch.tensor(2.0)
+  safetensors.torch.save_file(tensors, tmp_path / "kohya.safetensors")
+  pipeline = diffusers.FluxPipeline(None, None, None, None, None, None, reference)
+  pipeline.load_lora_weights(str(tmp_path / "kohya.safetensors"))
+  pipeline.fuse_lora(lora_scale=0.7)
+
+  adapter = lora.read(f"{tmp_path / 'kohya.safetensors'}:0.7")
+  assert len(adapter.updates) == 2 * (3 + 3 + 1 + 1 + 1 + 1)  # the fused qkv layers split into their parts
+  ours = flux_transformer.load_diffusers(tmp_path / "transformer")
+  graphdef, state = nnx.split(ours)
+  fused = lora.fuse({"flux": nnx.to_pure_dict(state)}, [adapter])["flux"]
+  nnx.replace_by_pure_dict(state, fused)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 8, 12, 4)).astype(np.float32)
+  text, pooled = rng.standard_normal((2, 7, 40)).astype(np.float32), rng.standard_normal((2, 16)).astype(np.float32)
+  sigma, guidance = np.array([0.9, 0.2], np.float32), np.array([3.5, 1.0], np.float32)
+  expected = diffusers_prediction(pipeline.transformer, x, sigma, text, pooled, guidance)
+  np.testing.assert_allclose(nnx.merge(graphdef, state)(jnp.asarray(x), jnp.asarray(1000 * sigma), jnp.asarray(text),
+                                                        jnp.asarray(pooled), jnp.asarray(guidance)), expected,
+                             atol=5e-5)
+  unfused = diffusers_prediction(save_tiny_flux_transformer(tmp_path / "again"), x, sigma, text, pooled, guidance)
+  assert np.abs(expected - unfused).max() > 1e-2  # (the LoRA moved the prediction)
+
+  inner = {name.replace(".", "_"): name for name in (*flux_lora.DOUBLE, *flux_lora.SINGLE, *flux_lora.OUTER)}
+  bfl_name = lambda key: "diffusion_model." + re.sub(  # kohya's 'double_blocks_0_img_attn_qkv' -> BFL's dots
+      r"^(double_blocks|single_blocks)_(\d+)_(\w+)$", lambda m: f"{m[1]}.{m[2]}.{inner[m[3]]}",
+      key.removeprefix("lora_unet_").partition(".")[0])
+  bfl = {bfl_name(k) + "." + k.partition(".")[2].replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v.numpy()
+         for k, v in tensors.items()}
+  assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in bfl
+  read = flux_lora.from_file(bfl)
+  assert read.keys() == adapter.updates.keys()
+  for key, value in read.items():
+    np.testing.assert_allclose(value, adapter.updates[key], atol=1e-6)
+  with pytest.raises(ValueError, match="1 tensors are not low-rank updates .* e.g. lora_unet_double_blocks_0_nothing"):
+    flux_lora.from_file(bfl | {"lora_unet_double_blocks_0_nothing.lora_down.weight": np.zeros((rank, dim))})
+  # Two layers diffusers' kohya reader does not take at this size: a single block's linear1 (split at the real
+  # model's widths only): its query, key, value and MLP input rows, dim, dim, dim and 4 dim, each with the shared
+  # down; and the final modulation (dropped): its (shift, scale) halves as diffusers' (scale, shift)
+  down, up = rng.normal(size=(rank, dim)).astype(np.float32), rng.normal(size=(7 * dim, rank)).astype(np.float32)
+  final_up = rng.normal(size=(2 * dim, rank)).astype(np.float32)
+  split = flux_lora.from_file({"lora_unet_single_blocks_1_linear1.lora_down.weight": down,
+                               "lora_unet_single_blocks_1_linear1.lora_up.weight": up,
+                               "lora_unet_final_layer_adaLN_modulation_1.lora_down.weight": down,
+                               "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight": final_up,
+                               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+                               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up[:dim]})
+  assert "text_encoder/clip/text_model/encoder/layers/0/self_attn/q_proj_lora/lora_a" in split  # (Flux's CLIP)
+  rows = {"single_transformer_blocks/1/attn/to_q": up[:dim], "single_transformer_blocks/1/attn/to_k": up[dim:2 * dim],
+          "single_transformer_blocks/1/attn/to_v": up[2 * dim:3 * dim], "single_transformer_blocks/1/proj_mlp":
+          up[3 * dim:], "norm_out/linear": np.concatenate([final_up[dim:], final_up[:dim]])}
+  for layer, part in rows.items():
+    module = f"flux/{layer}_lora"
+    np.testing.assert_allclose(split[f"{module}/lora_a"] @ split[f"{module}/lora_b"], (part @ down).T, atol=1e-5)
