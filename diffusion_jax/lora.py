@@ -18,11 +18,11 @@ writes diffusers' layout (WanPipeline.load_lora_weights reads it), and `--lora` 
 original one (ComfyUI's) and musubi-tuner's, as shared Wan LoRAs come (`--lora=low_noise=FILE` for Wan 2.2
 A14B's low-noise expert's file). `--lora` also reads Stable Diffusion 1.x / 2.x LoRAs in kohya's and diffusers'
 layouts (sd_lora.py: the U-Net's and the CLIP text encoder's updates, LoCon's convolutions too), SDXL's in the
-same (kohya's with the SGM U-Net's module names), and SD3's and Flux's in diffusers' layout (their transformers'
-updates named 'transformer.', matched to the model's by `resolved`), and Flux's in kohya's and BFL's names
-(flux_lora.py: fused layers split); `--format=diffusers` writes a LoRA of SD's U-Net
-(1.x, 2.x or SDXL) or SD3's or Flux's transformer, and of their CLIP text encoders, in diffusers' layout, which their
-pipelines' load_lora_weights read, and `--format=kohya` an SD U-Net's in kohya's.
+same (kohya's with the SGM U-Net's module names), SD3's and Flux's in diffusers' layout (their transformers' updates
+named 'transformer.', matched to the model's by `resolved`), and Flux's in kohya's and BFL's names (flux_lora.py:
+fused layers split); `--format=diffusers` writes a LoRA of SD's U-Net (1.x, 2.x or SDXL) or SD3's or Flux's
+transformer, and of their CLIP text encoders, in diffusers' layout, which their pipelines' load_lora_weights read,
+and `--format=kohya` an SD U-Net's in kohya's.
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
                                [--format=diffusers|kohya]
