@@ -5,7 +5,25 @@ config before anything compiles. A field added here also goes into `diffusion_ja
 with the value that means what the code did before it existed, so workdirs written earlier still load.
 """
 
+import json
+import os
+
 import ml_collections
+
+
+def checkpoint_root(root: str):
+  """(part, read) of a diffusers checkpoint's root directory (the variant of a config that fine-tunes one):
+  part(*names) the path of a file or folder in it ('' without a root, for the command line to give); read(*names)
+  a JSON file in it as a dict ({} without a root or that file)."""
+  part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
+
+  def read(*names) -> dict:
+    if not (root and os.path.isfile(part(*names))):
+      return {}
+    with open(part(*names)) as file:
+      return json.load(file)
+
+  return part, read
 
 
 def get_config():

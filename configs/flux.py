@@ -17,19 +17,14 @@ names a missing or mismatched one). The images are scaled to cover 1024 px and c
 (`configs/flux.py`) the paths are empty, for the command line to give.
 """
 
-import json
-import os
-import pathlib
-
 import ml_collections
 
 from configs import base
 
+
 def get_config(root: str = ""):
   config = base.get_config()
-  part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
-  read = lambda *names: json.loads(pathlib.Path(part(*names)).read_text()) if root and os.path.exists(
-      part(*names)) else {}
+  part, read = base.checkpoint_root(root)
   transformer, scheduler = read("transformer", "config.json"), read("scheduler", "scheduler_config.json")
   guided = transformer.get("guidance_embeds", True)  # FLUX.1 dev's (schnell: False)
   config.model.update(backbone="flux", flux_path=part("transformer"), in_channels=transformer.get("in_channels", 64)

@@ -15,9 +15,7 @@ config check names a missing or mismatched one). The images are scaled to cover 
 (`configs/stable_diffusion.py`) the paths are empty, for the command line to give.
 """
 
-import json
 import os
-import pathlib
 
 import ml_collections
 
@@ -28,9 +26,7 @@ PREDICTIONS = {"epsilon": ("eps", "eps_mse"), "v_prediction": ("v", "v_mse")}
 
 def get_config(root: str = ""):
   config = base.get_config()
-  part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
-  read = lambda *names: json.loads(pathlib.Path(part(*names)).read_text()) if root and os.path.exists(
-      part(*names)) else {}
+  part, read = base.checkpoint_root(root)
   unet, scheduler = read("unet", "config.json"), read("scheduler", "scheduler_config.json")
   config.model.update(backbone="sd_unet", sd_unet_path=part("unet"), in_channels=unet.get("out_channels", 4),
                       dtype="bfloat16")

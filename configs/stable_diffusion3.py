@@ -16,9 +16,7 @@ pipelines allow) gives T5's tokens as zeros. The images are scaled to cover the 
 give.
 """
 
-import json
 import os
-import pathlib
 
 import ml_collections
 
@@ -27,9 +25,7 @@ from configs import base
 
 def get_config(root: str = ""):
   config = base.get_config()
-  part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
-  read = lambda *names: json.loads(pathlib.Path(part(*names)).read_text()) if root and os.path.exists(
-      part(*names)) else {}
+  part, read = base.checkpoint_root(root)
   transformer, scheduler = read("transformer", "config.json"), read("scheduler", "scheduler_config.json")
   config.model.update(backbone="sd3", sd3_path=part("transformer"), in_channels=transformer.get("out_channels", 16),
                       dtype="bfloat16", remat=True, remat_policy="matmuls")

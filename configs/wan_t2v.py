@@ -24,9 +24,7 @@ data.width: frames scaled to cover it and cropped); Wan's are 16 fps, so give 30
 --config.data.frame_stride=2.
 """
 
-import json
 import os
-import pathlib
 
 import ml_collections
 
@@ -35,14 +33,12 @@ from configs import base
 
 def get_config(root: str = ""):
   config = base.get_config()
-  part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
-  config.model.update(backbone="wan", wan_path=part("transformer"), in_channels=16, temporal=True,
+  part, read = base.checkpoint_root(root)
+  pipeline = read("model_index.json")
+  # the latents' channels (Wan 2.2 5B's: 48; diffusers' default 16)
+  config.model.update(backbone="wan", wan_path=part("transformer"),
+                      in_channels=read("transformer", "config.json").get("out_channels", 16), temporal=True,
                       dtype="bfloat16", remat=True, remat_policy="matmuls")
-  index = pathlib.Path(part("model_index.json"))
-  pipeline = json.loads(index.read_text()) if root and index.exists() else {}
-  if root and os.path.exists(part("transformer", "config.json")):  # the latents' channels (Wan 2.2 5B's: 48)
-    config.model.in_channels = json.loads(pathlib.Path(part("transformer", "config.json")).read_text()).get(
-        "out_channels", 16)  # (diffusers' default)
   if pipeline.get("expand_timesteps"):  # Wan 2.2 TI2V 5B: clips may start at images, read clean
     config.model.update(wan_clean_first_frame=True, wan_first_frame_fraction=0.5)
   if root and os.path.isdir(part("image_encoder")):  # Wan 2.1 image-to-video: CLIP's tokens of the image

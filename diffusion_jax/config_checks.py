@@ -211,14 +211,17 @@ def sd_unet_problems(config) -> list[str]:
   if text_dim != unet["cross_attention_dim"]:
     found.append(f"the text encoder's width {text_dim} (text.pretrained_path's, or text.t5.d_model; SDXL's, both "
                  f"encoders') must equal the U-Net's cross_attention_dim={unet['cross_attention_dim']}")
-  found += sdxl_unet_problems(config, unet)
+  return found + sdxl_unet_problems(config, unet) + image_checkpoint_problems(m)
+
+
+def image_checkpoint_problems(m) -> list[str]:
+  """What an image checkpoint's network (SD's U-Net, SD3's or Flux's transformer) does not read: clips,
+  super-resolution inputs, a LoRA of our modulation layers."""
   unsupported = [field for field, value in (("model.temporal", m.temporal),
                                             ("model.lowres_conditioning", m.lowres_conditioning),
                                             ("model.lora_modulation", m.lora_modulation)) if value]
-  if unsupported:
-    found.append(f"{', '.join(unsupported)}: not supported with model.backbone='sd_unet' yet (clips, "
-                 "super-resolution inputs, a LoRA of the modulation, which it has none of); turn off")
-  return found
+  return [f"{', '.join(unsupported)}: not supported with model.backbone={m.backbone!r} yet (clips, super-resolution "
+          "inputs, a LoRA of our modulation layers); turn off"] if unsupported else []
 
 
 def sdxl_unet_problems(config, unet: dict) -> list[str]:
@@ -319,13 +322,7 @@ def flow_transformer_problems(config, name: str) -> list[str]:
                  "spiece.model)")
   if t.t5_max_length < 1:
     found.append(f"text.t5_max_length={t.t5_max_length} must be >= 1 (SD3's pipelines: 256, FLUX.1 dev's 512)")
-  unsupported = [field for field, value in (("model.temporal", m.temporal),
-                                            ("model.lowres_conditioning", m.lowres_conditioning),
-                                            ("model.lora_modulation", m.lora_modulation)) if value]
-  if unsupported:
-    found.append(f"{', '.join(unsupported)}: not supported with model.backbone={m.backbone!r} yet (clips, "
-                 "super-resolution inputs, a LoRA of the modulation); turn off")
-  return found
+  return found + image_checkpoint_problems(m)
 
 
 def wan_channel_problems(config, wan: dict) -> list[str]:

@@ -105,10 +105,7 @@ def from_file(tensors: dict) -> dict:
                      f"encoder in kohya's or BFL's names, e.g. {', '.join(unread[:3])}")
   updates = {}
   for layer, pair in pairs.items():
-    if set(pair) != {"down", "up"}:
-      raise ValueError(f"{layer}: a down (lora_A) without its up (lora_B), or the reverse")
-    down, up = pair["down"], pair["up"]
-    a, b = sd_lora.as_pair(down, up, alphas[layer] / down.shape[0] if layer in alphas else 1.0)
+    a, b = sd_lora.read_pair(layer, pair, alphas.get(layer))
     if layer.startswith("te:"):
       module = sd_lora.update_module("text_encoder/clip", sd_lora.module_path(layer.removeprefix("te:")))
       updates[f"{module}/lora_a"], updates[f"{module}/lora_b"] = a, b

@@ -207,9 +207,14 @@ def from_file(tensors: dict, metadata: dict | None = None) -> dict:
                      f"(updates of biases or whole weights, or another layout), e.g. {', '.join(unread[:3])}")
   updates = {}
   for module, pair in pairs.items():
-    if set(pair) != {"down", "up"}:
-      raise ValueError(f"{module}: a down (lora_A) without its up (lora_B), or the reverse")
-    rank = pair["down"].shape[0]
-    a, b = as_pair(pair["down"], pair["up"], alphas[module] / rank if module in alphas else scales.get(module, 1.0))
-    updates[f"{module}/lora_a"], updates[f"{module}/lora_b"] = a, b
+    updates[f"{module}/lora_a"], updates[f"{module}/lora_b"] = read_pair(module, pair, alphas.get(module),
+                                                                         scales.get(module, 1.0))
   return updates
+
+
+def read_pair(module: str, pair: dict, alpha: float | None, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+  """A file's {'down': ..., 'up': ...} of `module` -> our (a, b) (as_pair), scaled by alpha / rank where the file
+  gives an alpha, else by `scale`; a ValueError for a down without its up, or the reverse."""
+  if set(pair) != {"down", "up"}:
+    raise ValueError(f"{module}: a down (lora_A) without its up (lora_B), or the reverse")
+  return as_pair(pair["down"], pair["up"], alpha / pair["down"].shape[0] if alpha is not None else scale)

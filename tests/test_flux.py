@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from test_sd3 import SentencePieceT5Tokenizer
+from test_sd3 import SentencePieceT5Tokenizer, tiny_lora_run, trained_lora_run
 from test_sd_unet import save_tiny_clip_tokenizer
 
-from diffusion_jax import config_checks, sample, schedules, train
+from diffusion_jax import config_checks, sample, schedules
 from diffusion_jax.models import flux_transformer, init_rngs
 
 
@@ -137,7 +137,6 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   from configs import flux
   from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
-  from diffusion_jax.models import text_to_image
   from diffusion_jax.text import tokenizers
 
   pipeline = save_tiny_flux(tmp_path / "flux", [" ".join(captioned_shapes.VOCABULARY)] * 5)
@@ -146,14 +145,7 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
           config.diffusion.schedule_params.shift, config.sample.guidance_scale, config.model.flux_guidance) == (
       str(tmp_path / "flux" / "transformer"), str(tmp_path / "flux" / "text_encoder_2"), 4, 512, 3.0, 1.0, 3.5)
   assert (config.sample.flow_shift, config.sample.resolution_shift) == (0.0, (256, 4096, 0.5, 1.15))
-  config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, remat=False)
-  config.text.update(max_length=16, t5_max_length=8)
-  config.text.t5.dtype = "float32"
-  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
-                     data_dir=str(tmp_path / "tfds"))
-  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
-  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)  # (2 steps that move the updates measurably)
-  config.sample.update(steps=2, prompts=("a large red circle",))
+  tiny_lora_run(config, tmp_path)
   assert config_checks.problems(config, device_count=8) == []
   # The sampling grid's shift is Flux's for the samples' tokens: 32 px, 16 x 16 latents, 8 x 8 tokens; 64 px, 256
   for size, tokens in ((0, 64), (64, 256)):
@@ -176,22 +168,10 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
                   "base_tokens < max_tokens"):
     assert problem in found, found
 
-  train.train_and_evaluate(config, tmp_path / "run")
-  _, weights, graphdef, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
-  loaded = text_to_image.pretrained_weights(config)
-  for name in ("flux", "text_encoder", "autoencoder"):
-    jax.tree.map(np.testing.assert_array_equal, weights.frozen[name], loaded[name])
-  updates = jax.tree_util.tree_flatten_with_path(weights.params)[0]
-  assert updates and all(text_to_image.is_lora(tuple(str(getattr(k, "key", k)) for k in path)) for path, _ in updates)
-  assert max(float(np.abs(x).max()) for path, x in updates if "lora_b" in jax.tree_util.keystr(path)) > 0
-  grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
-  assert grid.exists()
-  lora.export(tmp_path / "run", tmp_path / "adapter.safetensors", use_ema=False)
-  described = lora.describe(lora.read(str(tmp_path / "adapter.safetensors")))
-  # 2 double blocks' 8 attention projections, 2 single blocks' 3; 2 x 4 feed-forward layers, 2 x 2 single-block MLP
-  for line in (f"for a model: Flux's transformer of {tmp_path / 'flux' / 'transformer'}",
-               "joint attention: 22 layers", "feed-forward: 12 layers"):
-    assert line in described, described
+  weights, graphdef = trained_lora_run(config, tmp_path, "flux", (
+      f"for a model: Flux's transformer of {tmp_path / 'flux' / 'transformer'}",
+      # 2 double blocks' 8 attention projections, 2 single blocks' 3; 2 x 4 feed-forward layers, 2 x 2 single-block MLP
+      "joint attention: 22 layers", "feed-forward: 12 layers"))
 
   # The condition and the prediction of the base weights (the LoRA's updates zeroed) and of the trained ones,
   # against the pipeline's, then with the LoRA written in diffusers' layout fused into it

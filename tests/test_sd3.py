@@ -124,6 +124,42 @@ def save_tiny_sd3(root, captions):
                                             SentencePieceT5Tokenizer(spiece))
 
 
+def tiny_lora_run(config, tmp_path):
+  """A checkpoint config (SD3's, Flux's) made a seconds-long float32 LoRA run (rank 2, attention and feed-forward)
+  of 2 steps on 32 px captioned_shapes, 16 CLIP and 8 T5 tokens, sampling 2 steps."""
+  config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, remat=False)
+  config.text.update(max_length=16, t5_max_length=8)
+  config.text.t5.dtype = "float32"
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
+  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)  # (2 steps that move the updates measurably)
+  config.sample.update(steps=2, prompts=("a large red circle",))
+
+
+def trained_lora_run(config, tmp_path, network: str, described_lines) -> tuple:
+  """Train `config`'s LoRA run in tmp_path/run and check it: the pretrained parts (`network`, the text encoders, the
+  autoencoder) are the checkpoint's as loaded, only the LoRA's updates trained (and moved), samples written, and the
+  exported adapter described with `described_lines`. Returns its (weights, graphdef)."""
+  from diffusion_jax import lora
+  from diffusion_jax.models import text_to_image
+
+  train.train_and_evaluate(config, tmp_path / "run")
+  _, weights, graphdef, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
+  loaded = text_to_image.pretrained_weights(config)
+  for name in (network, "text_encoder", "autoencoder"):
+    jax.tree.map(np.testing.assert_array_equal, weights.frozen[name], loaded[name])
+  updates = jax.tree_util.tree_flatten_with_path(weights.params)[0]
+  assert updates and all(text_to_image.is_lora(tuple(str(getattr(k, "key", k)) for k in path)) for path, _ in updates)
+  assert max(float(np.abs(x).max()) for path, x in updates if "lora_b" in jax.tree_util.keystr(path)) > 0
+  assert sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out").exists()
+  lora.export(tmp_path / "run", tmp_path / "adapter.safetensors", use_ema=False)
+  described = lora.describe(lora.read(str(tmp_path / "adapter.safetensors")))
+  for line in described_lines:
+    assert line in described, described
+  return weights, graphdef
+
+
 def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path):
   """configs/stable_diffusion3.py:ROOT reads an SD3 checkpoint's folders (flow path, shift 3 from its scheduler,
   guidance 7). The text condition is what StableDiffusion3Pipeline.encode_prompt makes (both CLIPs' penultimate
@@ -136,7 +172,6 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   from configs import stable_diffusion3
   from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
-  from diffusion_jax.models import text_to_image
   from diffusion_jax.text import tokenizers
 
   pipeline = save_tiny_sd3(tmp_path / "sd3", [" ".join(captioned_shapes.VOCABULARY)] * 5)
@@ -145,14 +180,7 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
           config.diffusion.schedule_params.shift, config.sample.guidance_scale) == (
       str(tmp_path / "sd3" / "transformer"), str(tmp_path / "sd3" / "text_encoder_3"),
       str(tmp_path / "sd3" / "tokenizer_3" / "spiece.model"), 3.0, 3.0, 7.0)
-  config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, remat=False)
-  config.text.update(max_length=16, t5_max_length=8)
-  config.text.t5.dtype = "float32"
-  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
-                     data_dir=str(tmp_path / "tfds"))
-  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
-  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)  # (2 steps that move the updates measurably)
-  config.sample.update(steps=2, prompts=("a large red circle",))
+  tiny_lora_run(config, tmp_path)
   assert config_checks.problems(config, device_count=8) == []
   bad = config.copy_and_resolve_references()
   bad.text.second_encoder_path = ""
@@ -169,22 +197,10 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
                   "text.t5_encoder_path reads T5's ids: set text.spiece_path"):
     assert problem in found, found
 
-  train.train_and_evaluate(config, tmp_path / "run")
-  _, weights, graphdef, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
-  loaded = text_to_image.pretrained_weights(config)
-  for name in ("sd3", "text_encoder", "autoencoder"):
-    jax.tree.map(np.testing.assert_array_equal, weights.frozen[name], loaded[name])
-  updates = jax.tree_util.tree_flatten_with_path(weights.params)[0]
-  assert updates and all(text_to_image.is_lora(tuple(str(getattr(k, "key", k)) for k in path)) for path, _ in updates)
-  assert max(float(np.abs(x).max()) for path, x in updates if "lora_b" in jax.tree_util.keystr(path)) > 0
-  grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
-  assert grid.exists()
-  lora.export(tmp_path / "run", tmp_path / "adapter.safetensors", use_ema=False)
-  described = lora.describe(lora.read(str(tmp_path / "adapter.safetensors")))
-  # 2 blocks' joint attention: 8 projections, 7 in the last (its text output unused); 3 feed-forward layers' 2
-  for line in (f"for a model: Stable Diffusion 3's transformer of {tmp_path / 'sd3' / 'transformer'}",
-               "joint attention: 15 layers", "feed-forward: 6 layers"):
-    assert line in described, described
+  weights, graphdef = trained_lora_run(config, tmp_path, "sd3", (
+      f"for a model: Stable Diffusion 3's transformer of {tmp_path / 'sd3' / 'transformer'}",
+      # 2 blocks' joint attention: 8 projections, 7 in the last (its text output unused); 3 feed-forward layers' 2
+      "joint attention: 15 layers", "feed-forward: 6 layers"))
 
   # The condition, the null condition and the prediction of the base weights (the LoRA's updates zeroed) and of the
   # trained ones, against the pipeline's, then with the LoRA written in diffusers' layout fused into it
