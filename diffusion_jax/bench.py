@@ -91,7 +91,8 @@ MODE_FLAGS = {"widths": ("step", "roofline"), "plot": ("step", "roofline"), "dev
               "workers": ("input",), "lora_rank": ("lora",), "workdir": ("restore",), "repeats": ("compile", "restore"),
               "config": ("input", "step", "roofline", "memory", "peer", "ops", "lora", "profile", "compile"),
               "steps": ("input", "step", "peer", "ops", "lora", "profile", "compile")}
-BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT", "wan": "Wan transformer", "sd_unet": "SD U-Net"}
+BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT", "wan": "Wan transformer", "sd_unet": "SD U-Net",
+                  "sd3": "SD3 transformer", "flux": "Flux transformer"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
 flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
@@ -296,12 +297,13 @@ def roofline_table(config, widths, device_kind: str, plot=None) -> str:
 
 def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 8) -> str:
   """Our train step and sampler against diffusers' PyTorch U-Net (or, for a DiT config, its PixArt transformer;
-  for Wan's, diffusers' Wan transformer of the same checkpoint) at a matched size, on this machine."""
+  for Wan's, diffusers' Wan transformer of the same checkpoint; SD's, SD3's and Flux's theirs) at a matched size, on
+  this machine. A latent model is timed on its latent cache's latents (ours also decodes its samples)."""
   import torch
 
   from diffusion_jax import diffusers_peer, sample, train
   from diffusion_jax.data import pipeline
-  from diffusion_jax.models import text_to_image
+  from diffusion_jax.models import autoencoder, text_to_image
   from diffusion_jax.text import tokenizers
 
   config = config.copy_and_resolve_references()
@@ -311,7 +313,13 @@ def peer_table(config, steps: int, sampler_steps: int = 25, sample_batch: int = 
   backbone = config.model.backbone
   if backbone == "unet":
     config.model.ff_mult = 4  # diffusers' U-Net transformer blocks have a 4x (GEGLU) feed-forward
+  if config.latent.autoencoder_path and not config.latent.cache:
+    raise ValueError("bench peer times the network on what it diffuses: a latent model's train step would also run "
+                     "its autoencoder on the pixels, which the peer does not; give it a latent.cache (or a pixel "
+                     "config)")
   b, size, tokens = config.train.batch_size, pipeline.image_size(config.data), config.text.max_length
+  if config.latent.autoencoder_path:  # the peer runs on the latents the cache holds
+    size = autoencoder.latent_shape(config.latent.autoencoder_path, *size)[:2]
   wan = config.model.backbone == "wan"  # a video peer: diffusers' U-Net and PixArt peers take images
   frames = config.data.frames if wan else 1
   clip, unit = (f"{frames} frames of ", "clips") if wan else ("", "images")

@@ -2,7 +2,10 @@
 PixArtTransformer2DModel (PixArt-alpha: a DiT with text cross-attention) for our DiT, at a size matched to ours;
 for Wan's transformer (model.backbone='wan') diffusers' WanTransformer3DModel of the same checkpoint
 (model.wan_path), the same network, which runs on clips [batch, channels, frames, h, w]; for Stable Diffusion's
-U-Net (model.backbone='sd_unet') diffusers' UNet2DConditionModel of the same checkpoint (model.sd_unet_path).
+U-Net (model.backbone='sd_unet') diffusers' UNet2DConditionModel of the same checkpoint (model.sd_unet_path); for
+SD3's and Flux's transformers (model.backbone='sd3', 'flux') diffusers' SD3Transformer2DModel and
+FluxTransformer2DModel of the same checkpoint (model.sd3_path, model.flux_path), given zeros as the pooled text
+embedding (and Flux, the pipelines' packed latents and token ids, guidance 3.5 where it reads one).
 
 Needs torch and diffusers (the `test` extra). The peer U-Net gets our widths, resolution, attention
 levels (cross-attention blocks where ours attend), group-norm groups and time-embedding width; its depth
@@ -58,7 +61,8 @@ def transformer_builder(model_config, resolution: int):
   return build
 
 
-SAME_CHECKPOINT = {"wan": ("WanTransformer3DModel", "wan_path"), "sd_unet": ("UNet2DConditionModel", "sd_unet_path")}
+SAME_CHECKPOINT = {"wan": ("WanTransformer3DModel", "wan_path"), "sd_unet": ("UNet2DConditionModel", "sd_unet_path"),
+                   "sd3": ("SD3Transformer2DModel", "sd3_path"), "flux": ("FluxTransformer2DModel", "flux_path")}
 
 
 def twin(path, class_name: str):
@@ -101,6 +105,9 @@ def name(module, backbone: str) -> str:
     return f"WanTransformer3DModel, the same checkpoint (num_layers={module.config.num_layers})"
   if backbone == "sd_unet":
     return f"UNet2DConditionModel, the same checkpoint (layers_per_block={module.config.layers_per_block})"
+  if is_mmdit(module):
+    single = f", {module.config.num_single_layers} single" if is_flux(module) else ""
+    return f"{type(module).__name__}, the same checkpoint (num_layers={module.config.num_layers}{single})"
   if is_transformer(module):
     return f"PixArtTransformer2DModel, num_layers={module.config.num_layers}"
   return f"UNet2DConditionModel, layers_per_block={module.config.layers_per_block}"
@@ -118,9 +125,24 @@ def is_wan(module) -> bool:
   return isinstance(module, diffusers.WanTransformer3DModel)
 
 
+def is_flux(module) -> bool:
+  import diffusers
+
+  return isinstance(module, diffusers.FluxTransformer2DModel)
+
+
+def is_mmdit(module) -> bool:
+  """Whether the peer is SD3's or Flux's transformer (text and image tokens in one attention)."""
+  import diffusers
+
+  return isinstance(module, (diffusers.SD3Transformer2DModel, diffusers.FluxTransformer2DModel))
+
+
 def text_width(module) -> int:
   if is_wan(module):
     return module.config.text_dim
+  if is_mmdit(module):
+    return module.config.joint_attention_dim
   return module.config.caption_channels if is_transformer(module) else module.config.cross_attention_dim
 
 
@@ -128,7 +150,8 @@ def input_shape(module, batch: int, size: int | tuple[int, int], frames: int) ->
   """What the peer denoises: [batch, channels, h, w], or clips [batch, channels, frames, h, w] for Wan's; size:
   (h, w), or the side of a square."""
   side = (size, size) if isinstance(size, int) else tuple(size)
-  return (batch, module.config.in_channels) + ((frames,) if is_wan(module) else ()) + side
+  channels = module.config.in_channels // (4 if is_flux(module) else 1)  # (Flux's in_channels: 2 x 2 packed)
+  return (batch, channels) + ((frames,) if is_wan(module) else ()) + side
 
 
 def device() -> str:
@@ -166,6 +189,11 @@ def denoise(module, x, timesteps, text):
   width]."""
   if is_wan(module):
     return module(x, timestep=timesteps, encoder_hidden_states=text).sample
+  if is_mmdit(module):  # (a pooled embedding of zeros: its value does not change the cost)
+    pooled = x.new_zeros(x.shape[0], module.config.pooled_projection_dim)
+    if not is_flux(module):
+      return module(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=timesteps).sample
+    return flux_denoise(module, x, timesteps, text, pooled)
   if is_transformer(module):  # no resolution / aspect-ratio conditions (PixArt uses them only at 1024 px)
     return module(x, encoder_hidden_states=text, timestep=timesteps,
                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
@@ -175,6 +203,22 @@ def denoise(module, x, timesteps, text):
     added = {"text_embeds": x.new_zeros(x.shape[0], c.projection_class_embeddings_input_dim
                                         - 6 * c.addition_time_embed_dim), "time_ids": x.new_ones(x.shape[0], 6)}
   return module(x, timesteps, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+
+def flux_denoise(module, x, timesteps, text, pooled):
+  """diffusers' Flux transformer on latents x [batch, c, h, w] as FluxPipeline calls it: packed 2 x 2, the image
+  tokens' ids (0, row, column), the text's 0, its timestep the sigma (timesteps / 1000), guidance 3.5 where the
+  model reads one; unpacked back."""
+  import diffusers
+  import torch
+
+  b, c, h, w = x.shape
+  packed = diffusers.FluxPipeline._pack_latents(x, b, c, h, w)
+  image_ids = diffusers.FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+  guidance = torch.full((b,), 3.5, device=x.device) if module.config.guidance_embeds else None
+  out = module(packed, encoder_hidden_states=text, pooled_projections=pooled, timestep=timesteps / 1000,
+               img_ids=image_ids, txt_ids=torch.zeros(text.shape[1], 3, device=x.device), guidance=guidance).sample
+  return diffusers.FluxPipeline._unpack_latents(out, 2 * h, 2 * w, 2)  # (pixel sizes at a VAE factor of 2)
 
 
 def train_step_seconds(module, batch: int, size: int | tuple[int, int], tokens: int, steps: int,

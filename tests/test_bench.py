@@ -161,6 +161,40 @@ def test_the_peer_of_stable_diffusions_unet_is_the_same_checkpoint_run_by_diffus
   assert diffusers_peer.train_step_seconds(peer, 2, 16, 3, steps=1) > 0
 
 
+@pytest.mark.parametrize("backbone", ["sd3", "flux"])
+def test_the_peer_of_sd3s_and_fluxs_transformer_is_the_same_checkpoint_run_by_diffusers(tmp_path, backbone):
+  """SD3's and Flux's peers are diffusers' SD3Transformer2DModel and FluxTransformer2DModel with the checkpoint's
+  weights: the same function of the same weights as ours (given zeros as the pooled embedding; Flux its latents
+  packed as its pipeline packs them, guidance 3.5), so the benchmark times one network two ways; a latent model
+  without a latent cache is refused (its step would also run the autoencoder)."""
+  import torch
+
+  from configs import t2i_shapes
+  from diffusion_jax import diffusers_peer
+  from diffusion_jax.models import flux_transformer, sd3_transformer
+  from test_flux import save_tiny_flux_transformer
+  from test_sd3 import save_tiny_sd3_transformer
+
+  (save_tiny_sd3_transformer if backbone == "sd3" else save_tiny_flux_transformer)(tmp_path)
+  peer = diffusers_peer.closest(ml_collections.ConfigDict({"backbone": backbone, f"{backbone}_path": str(tmp_path)}),
+                                16, 0)
+  assert diffusers_peer.name(peer, backbone).startswith(f"{type(peer).__name__}, the same checkpoint (num_layers=2")
+  assert diffusers_peer.input_shape(peer, 2, 16, 1) == (2, 4, 16, 16)
+  x, text = np.random.default_rng(0).standard_normal((1, 4, 8, 12)), np.ones((1, 3, 40))
+  with torch.no_grad():
+    expected = diffusers_peer.denoise(peer.eval(), torch.tensor(x, dtype=torch.float32), torch.tensor([500.0]),
+                                      torch.tensor(text, dtype=torch.float32)).numpy()
+  inputs = (x.transpose(0, 2, 3, 1), np.array([500.0]), text, np.zeros((1, 16)))
+  ours = (sd3_transformer.load_diffusers(tmp_path)(*inputs) if backbone == "sd3" else
+          flux_transformer.load_diffusers(tmp_path)(*inputs, np.array([3.5])))
+  np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), expected, atol=5e-5)
+  assert diffusers_peer.train_step_seconds(peer, 2, 16, 3, steps=1) > 0
+  config = t2i_shapes.get_config("test")
+  config.latent.autoencoder_path = str(tmp_path / "vae")
+  with pytest.raises(ValueError, match="would also run its autoencoder on the pixels.* give it a latent.cache"):
+    bench.peer_table(config, steps=1)
+
+
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_peer_benchmark_runs_diffusers_at_a_matched_size(tmp_path_factory, backbone):
   config = tiny_dit_config(tmp_path_factory) if backbone == "dit" else tiny_config(tmp_path_factory)
