@@ -30,7 +30,9 @@ Modes:
            attention levels, the depth whose parameter count is nearest; both counts printed; our
            feed-forward set to diffusers' 4x), or for a DiT config (model.backbone='dit') its
            PixArtTransformer2DModel (our width, heads, patch size; the number of blocks whose parameter
-           count is nearest): train step time (forward + backward + AdamW) and sampling images/s
+           count is nearest); for Wan's, SD's U-Net, SD3's and Flux's transformer (model.backbone 'wan',
+           'sd_unet', 'sd3', 'flux') diffusers' model of the same checkpoint (a latent model on its
+           latent.cache's latents): train step time (forward + backward + AdamW) and sampling images/s
            (25-step DPM-Solver++(2M) with classifier-free guidance), ours vs theirs.
            Needs torch and diffusers (`pip install -e '.[test]'`).
   ops      each operation of the model alone (op_bench.py), ours vs PyTorch's kernels, forward and
