@@ -27,8 +27,10 @@ def get_config(root: str = ""):
   part, read = base.checkpoint_root(root)
   transformer, scheduler = read("transformer", "config.json"), read("scheduler", "scheduler_config.json")
   guided = transformer.get("guidance_embeds", True)  # FLUX.1 dev's (schnell: False)
-  config.model.update(backbone="flux", flux_path=part("transformer"), in_channels=transformer.get("in_channels", 64)
-                      // 4, flux_guidance=3.5, dtype="bfloat16", remat=True, remat_policy="matmuls")
+  latents = (transformer.get("out_channels") or transformer.get("in_channels", 64)) // 4  # (2 x 2 packed; FLUX.1
+  # Fill reads more channels than it predicts: the known image's latents and the mask)
+  config.model.update(backbone="flux", flux_path=part("transformer"), in_channels=latents, flux_guidance=3.5,
+                      dtype="bfloat16", remat=True, remat_policy="matmuls")
   config.text.update(pretrained_path=part("text_encoder"), t5_encoder_path=part("text_encoder_2"), tokenizer="clip",
                      tokenizer_path=part("tokenizer"), spiece_path=part("tokenizer_2", "spiece.model"),
                      max_length=77, t5_max_length=512 if guided else 256, trainable=False)

@@ -298,9 +298,12 @@ def flux_problems(config) -> list[str]:
     return [str(error)]
   found = flow_transformer_problems(config, "Flux")
   if m.in_channels != flux_transformer.latent_channels(flux):
-    found.append(f"model.in_channels={m.in_channels}: Flux's transformer reads latents of "
-                 f"{flux_transformer.latent_channels(flux)} channels (its in_channels {flux['in_channels']}, 2 x 2 "
-                 "packed); the autoencoder's latent_channels must be as many")
+    out = flux["out_channels"] or flux["in_channels"]
+    found.append(f"model.in_channels={m.in_channels}: Flux's transformer diffuses latents of "
+                 f"{flux_transformer.latent_channels(flux)} channels (its out_channels {out}, 2 x 2 packed); the "
+                 "autoencoder's latent_channels must be as many")
+  if flux_transformer.is_fill(flux):
+    found += flux_fill_problems(config, flux)
   if (t5_width, clip_width) != (flux["joint_attention_dim"], flux["pooled_projection_dim"]):
     found.append(f"Flux's transformer reads T5 states {flux['joint_attention_dim']} wide (joint_attention_dim) and a "
                  f"pooled CLIP embedding {flux['pooled_projection_dim']} wide (pooled_projection_dim), not "
@@ -308,6 +311,24 @@ def flux_problems(config) -> list[str]:
   if m.flux_guidance < 0:
     found.append(f"model.flux_guidance={m.flux_guidance} must be >= 0 (FLUX.1 dev's pipelines: 3.5)")
   return found
+
+
+def flux_fill_problems(config, flux: dict) -> list[str]:
+  """Why FLUX.1 Fill's transformer (it reads the known image's latents and a mask of every pixel beside the latents)
+  does not fit: it needs the autoencoder and the pixels, and its mask channels are the autoencoder's f x f pixels a
+  latent pixel."""
+  if config.latent.cache or not config.latent.autoencoder_path:
+    return ["FLUX.1 Fill's transformer reads the latents of each training image with a masked region: it needs "
+            "latent.autoencoder_path and the pixels (no latent.cache)"]
+  try:
+    factor = autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path))
+  except ValueError as error:
+    return [str(error)]
+  latent = flux_transformer.latent_channels(flux)
+  mask = flux["in_channels"] // flux_transformer.PACK ** 2 - 2 * latent
+  return [] if mask == factor ** 2 else [
+      f"FLUX.1 Fill's transformer reads {mask} mask channels a latent pixel beside its 2 x {latent} latent ones; the "
+      f"autoencoder's {factor} x {factor} pixels a latent pixel give {factor ** 2}"]
 
 
 def flow_transformer_problems(config, name: str) -> list[str]:

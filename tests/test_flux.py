@@ -17,17 +17,18 @@ from diffusion_jax import config_checks, sample, schedules
 from diffusion_jax.models import flux_transformer, init_rngs
 
 
-def save_tiny_flux_transformer(directory, guidance_embeds=True):
+def save_tiny_flux_transformer(directory, guidance_embeds=True, in_channels=16):
   """A FluxTransformer2DModel of 2 double-stream and 2 single-stream blocks (2 heads of 8, rotary axes 2 + 2 + 4;
-  latents of 4 channels, packed 16; T5 states 40 wide, CLIP's pooled 16) with random weights, perturbed off
-  diffusers' zero initialisations, saved as a Flux checkpoint's transformer/ folder; returns it."""
+  latents of 4 channels, packed 16; more in_channels: FLUX.1 Fill's; T5 states 40 wide, CLIP's pooled 16) with
+  random weights, perturbed off diffusers' zero initialisations, saved as a Flux checkpoint's transformer/ folder;
+  returns it."""
   import diffusers
 
   torch.manual_seed(0)
   model = diffusers.FluxTransformer2DModel(
-      patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-      joint_attention_dim=40, pooled_projection_dim=16, guidance_embeds=guidance_embeds,
-      axes_dims_rope=(2, 2, 4)).eval()
+      patch_size=1, in_channels=in_channels, out_channels=16, num_layers=2, num_single_layers=2,
+      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=40, pooled_projection_dim=16,
+      guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4)).eval()
   with torch.no_grad():
     for parameter in model.parameters():
       parameter.add_(0.1 * torch.randn_like(parameter))
@@ -70,7 +71,8 @@ def test_the_transformer_predicts_what_diffusers_flux_transformer_does(tmp_path,
                                            "attention_head_dim": 8}) == [
       "patch_size=2: only 1 (every Flux model's: the pipeline packs 2 x 2 latents)",
       "in_channels=10, out_channels=None: a text-to-image Flux maps packed latents (4 x the latent channels) to as "
-      "many", "axes_dims_rope=[2, 2, 2] must sum to attention_head_dim=8"]
+      "many; FLUX.1 Fill reads more (the known image's latents and the mask beside them)",
+      "axes_dims_rope=[2, 2, 2] must sum to attention_head_dim=8"]
 
 
 def test_flux_shift_follows_the_image_size_as_diffusers_calculate_shift():
@@ -162,7 +164,7 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   bad = config.copy_and_resolve_references()
   bad.model.in_channels, bad.text.spiece_path, bad.sample.resolution_shift = 3, "", (4096, 256, 0.5, 1.15)
   found = " ".join(config_checks.problems(bad, device_count=8))
-  for problem in ("model.in_channels=3: Flux's transformer reads latents of 4 channels",
+  for problem in ("model.in_channels=3: Flux's transformer diffuses latents of 4 channels",
                   "text.t5_encoder_path reads T5's ids: set text.spiece_path",
                   "sample.resolution_shift=(4096, 256, 0.5, 1.15): (base_tokens, max_tokens, base_shift, max_shift), "
                   "base_tokens < max_tokens"):
@@ -289,3 +291,80 @@ def test_flux_loras_in_kohyas_and_bfls_names_fuse_as_diffusers_fuses_them(tmp_pa
   for layer, part in rows.items():
     module = f"flux/{layer}_lora"
     np.testing.assert_allclose(split[f"{module}/lora_a"] @ split[f"{module}/lora_b"], (part @ down).T, atol=1e-5)
+
+
+def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_completes_images(tmp_path):
+  """A FLUX.1 Fill checkpoint (its transformer reads 48 packed channels: the latents, the known image's latents and
+  where to generate, each latent pixel's 2 x 2 pixels of the tiny VAE): configs/flux.py:ROOT diffuses its 4 latent
+  channels. For an image and a keep mask, its condition is what FluxFillPipeline.prepare_mask_latents makes of them
+  (packed as the pipeline packs it) and its prediction the pipeline's transformer's of the latents beside it; its
+  training loss reads random keep masks; it completes a masked image keeping the known pixels exactly. A latent
+  cache is refused."""
+  import diffusers
+
+  from configs import flux
+  from diffusion_jax import sharding, train
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.text import tokenizers
+
+  pipeline = save_tiny_flux(tmp_path / "flux", [" ".join(captioned_shapes.VOCABULARY)] * 5)
+  fill = save_tiny_flux_transformer(tmp_path / "flux" / "transformer", in_channels=48)
+  pipeline = diffusers.FluxFillPipeline(pipeline.scheduler, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
+                                        pipeline.text_encoder_2, pipeline.tokenizer_2, fill)
+  config = flux.get_config(str(tmp_path / "flux"))
+  assert config.model.in_channels == 4
+  config.model.dtype, config.text.t5.dtype = "float32", "float32"
+  config.text.update(max_length=16, t5_max_length=8)
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
+  config.sample.update(steps=2, prompts=("a large red circle",))
+  assert config_checks.problems(config, device_count=8) == []
+  bad = config.copy_and_resolve_references()
+  bad.latent.cache = str(tmp_path / "latents")
+  assert "FLUX.1 Fill's transformer reads the latents of each training image with a masked region" in " ".join(
+      config_checks.problems(bad, device_count=8))
+
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  keep = np.ones((2, 32, 32, 1), np.float32)
+  keep[0, 8:24, 4:20], keep[1, :, 17:] = 0, 0  # (column 17: a latent pixel half kept)
+  latents = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+  ids, mask = tokenizers.from_config(config)(["a large red circle", "two small blue squares"])
+  sigma = 0.7
+  logsnr = jnp.full((2,), 2 * np.log((1 - sigma) / sigma), jnp.float32)
+
+  @jax.jit
+  def condition_and_prediction(params, frozen):
+    model = nnx.merge(graphdef, params, frozen)
+    condition = model.inpainting_condition(images, keep)
+    text = model.encode(ids, mask)
+    return condition, text, model(latents, logsnr, text, mask, condition=condition)
+
+  condition, text, prediction = condition_and_prediction(state.params, state.frozen)
+  as_torch = lambda x: torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    known = pipeline.vae.encode(as_torch(images * keep)).latent_dist.mean
+    generated, masked = pipeline.prepare_mask_latents(1 - as_torch(keep), known, 2, 4, 1, 32, 32, torch.float32,
+                                                      "cpu", None)
+  pack = lambda x: diffusers.FluxPipeline._pack_latents(as_torch(x), 2, x.shape[-1], 16, 16).numpy()
+  np.testing.assert_allclose(pack(condition["masked_latents"]), masked.numpy(), atol=2e-5)
+  np.testing.assert_array_equal(pack(condition["mask"]), generated.numpy())
+  inputs = np.concatenate([latents, condition["masked_latents"], condition["mask"]], -1)
+  expected = diffusers_prediction(pipeline.transformer, inputs, np.full(2, sigma), np.asarray(text[..., :40]),
+                                  np.asarray(text[:, 0, 40:]), np.full(2, 3.5))
+  np.testing.assert_allclose(prediction, expected, atol=1e-4)
+
+  batch = {"image": images, "text_ids": ids, "text_mask": mask}
+  loss = jax.jit(train.make_loss_fn(config, graphdef))(state.params, state.frozen, batch, jax.random.key(0), None)[0]
+  assert np.isfinite(float(loss))
+  picture = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
+  kept = np.ones((2, 32, 32), bool)
+  kept[:, 8:24, 8:24] = False
+  settings = config.sample.copy_and_resolve_references()
+  settings.update(steps=2, num_per_prompt=1)
+  completed = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
+                              ["a large red circle", "two small blue squares"], settings,
+                              sharding.make_mesh(config.mesh), init_images=picture, keep_masks=kept)[:, 0]
+  np.testing.assert_array_equal(completed[kept], picture[kept])
+  assert not np.array_equal(completed[~kept], picture[~kept])

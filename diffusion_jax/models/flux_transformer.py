@@ -12,10 +12,11 @@ a head for each axis: the text tokens' ids are 0, an image token's (0, row, colu
 modulation is the embedding of the timestep, plus (FLUX.1 dev's guidance_embeds) that of the guidance scale the
 model was distilled to follow, plus the pooled text embedding (CLIP's).
 
-Call: x [batch, h, w, in_channels / 4] (latent images; h and w even), timestep [batch] (1000 sigma on the flow path
-x = (1 - sigma) x0 + sigma eps), text [batch, tokens, joint_attention_dim], pooled [batch, pooled_projection_dim],
-guidance [batch] (the guidance scale; None without guidance_embeds) -> [batch, h, w, in_channels / 4] float32, the
-prediction of the velocity eps - x0. `dtype`, `remat_policy`, `attention`, lora_rank and ff_lora_rank as SD3's
+Call: x [batch, h, w, in_channels / 4] (latent images; h and w even; FLUX.1 Fill's: the latents, the known image's
+latents and the mask, `fill_condition`), timestep [batch] (1000 sigma on the flow path x = (1 - sigma) x0 + sigma
+eps), text [batch, tokens, joint_attention_dim], pooled [batch, pooled_projection_dim], guidance [batch] (the
+guidance scale; None without guidance_embeds) -> [batch, h, w, out_channels / 4] float32, the prediction of the
+velocity eps - x0. `dtype`, `remat_policy`, `attention`, lora_rank and ff_lora_rank as SD3's
 transformer's (the single blocks' MLP and output projections take ff_lora_rank's updates).
 """
 
@@ -41,9 +42,11 @@ def config_problems(config: dict) -> list[str]:
   c, found = DEFAULTS | config, []
   if c["patch_size"] != 1:
     found.append(f"patch_size={c['patch_size']}: only 1 (every Flux model's: the pipeline packs 2 x 2 latents)")
-  if c["in_channels"] % PACK ** 2 or (c["out_channels"] or c["in_channels"]) != c["in_channels"]:
+  out = c["out_channels"] or c["in_channels"]
+  if c["in_channels"] % PACK ** 2 or out % PACK ** 2 or not (c["in_channels"] == out or c["in_channels"] > 2 * out):
     found.append(f"in_channels={c['in_channels']}, out_channels={c['out_channels']}: a text-to-image Flux maps "
-                 f"packed latents (4 x the latent channels) to as many")
+                 "packed latents (4 x the latent channels) to as many; FLUX.1 Fill reads more (the known image's "
+                 "latents and the mask beside them)")
   if sum(c["axes_dims_rope"]) != c["attention_head_dim"]:
     found.append(f"axes_dims_rope={list(c['axes_dims_rope'])} must sum to attention_head_dim="
                  f"{c['attention_head_dim']}")
@@ -61,8 +64,16 @@ def read_config(path, field: str = "model.flux_path") -> dict:
 
 
 def latent_channels(config: dict) -> int:
-  """The channels of the latents a Flux transformer reads (its in_channels unpacked)."""
-  return (DEFAULTS | config)["in_channels"] // PACK ** 2
+  """The channels of the latents a Flux transformer diffuses (its out_channels unpacked)."""
+  c = DEFAULTS | config
+  return (c["out_channels"] or c["in_channels"]) // PACK ** 2
+
+
+def is_fill(config: dict) -> bool:
+  """Whether a transformer's config.json is an inpainting model's (FLUX.1 Fill): it reads, beside the latents, the
+  latents of the known image and where to generate (in_channels > out_channels)."""
+  c = DEFAULTS | config
+  return c["in_channels"] > (c["out_channels"] or c["in_channels"])
 
 
 def rotary_angles(text_tokens: int, rows: int, columns: int, axes_dims) -> np.ndarray:
@@ -119,7 +130,7 @@ class FluxTransformer(nnx.Module):
         SingleBlock(dim, heads, rngs, dtype, attention, lora_rank, ff_lora_rank)
         for _ in range(c["num_single_layers"])])
     self.norm_out = modulation(dim, 2, rngs)
-    self.proj_out = layers.dense(dim, c["in_channels"], ("embed", None), rngs, jnp.float32)
+    self.proj_out = layers.dense(dim, PACK ** 2 * self.channels, ("embed", None), rngs, jnp.float32)
 
   @property
   def guided(self) -> bool:
@@ -142,17 +153,19 @@ class FluxTransformer(nnx.Module):
                                                                             0))
     context = self.context_embedder(text.astype(jnp.float32))
     angles = jnp.asarray(rotary_angles(text.shape[1], rows, columns, self.axes_dims))
-    run = lambda block, *args: block(*args)
-    run = layers.rematerialised(run, self.remat_policy) if self.remat_policy else run
+    # (the text first in the joint sequence: a constant of the call, not an argument remat would trace)
+    double, single = lambda block, *args: block(*args, text_first=True), lambda block, *args: block(*args)
+    if self.remat_policy:
+      double, single = (layers.rematerialised(run, self.remat_policy) for run in (double, single))
     for block in self.transformer_blocks:
-      tokens, context = run(block, tokens, context, embedding, angles, True)
+      tokens, context = double(block, tokens, context, embedding, angles)
     joined = jnp.concatenate([context, tokens], axis=1)
     for block in self.single_transformer_blocks:
-      joined = run(block, joined, embedding, angles)
+      joined = single(block, joined, embedding, angles)
     scale, shift = jnp.split(self.norm_out.linear(nnx.silu(embedding)), 2, axis=-1)
     out = self.proj_out(modulated(standardized(joined[:, text.shape[1]:]), shift, scale))
-    out = out.reshape(b, rows, columns, c, PACK, PACK).transpose(0, 1, 4, 2, 5, 3)
-    return out.reshape(b, h, w, c)
+    out = out.reshape(b, rows, columns, self.channels, PACK, PACK).transpose(0, 1, 4, 2, 5, 3)
+    return out.reshape(b, h, w, self.channels)
 
 
 def load_diffusers(path, field: str = "model.flux_path") -> FluxTransformer:

@@ -77,6 +77,7 @@ class TextToImage(nnx.Module):
           remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
           ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
     elif self.backbone == "flux":
+      self.inpainting = flux_transformer.is_fill(flux_transformer.read_config(m.flux_path))  # FLUX.1 Fill
       self.flux = flux_transformer.FluxTransformer(
           flux_transformer.read_config(m.flux_path), rngs=rngs, dtype=m.dtype, attention=m.attention,
           remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
@@ -144,17 +145,23 @@ class TextToImage(nnx.Module):
     return condition
 
   def inpainting_condition(self, images, keep) -> dict:
-    """An inpainting model's condition (SD's inpainting U-Net, `inpainting`) for images [batch, h, w, 3] in [-1, 1]
-    whose region keep [batch, h, w, 1] (1: kept, 0: generated anew) marks as known: {"mask": where to generate
-    [batch, h/f, w/f, 1] at the latents' size (nearest, as diffusers' pipelines shrink it), "masked_latents": the
-    latents' mean of the images with their generated region zeroed [batch, h/f, w/f, c]}. Without images (None),
-    all of it is generated (a text-to-image sample)."""
-    if images is None:
-      return {"mask": jnp.ones(keep.shape[:1] + tuple(n // self.pixels_per_latent for n in keep.shape[1:3]) + (1,)),
-              "masked_latents": self.to_latents(jnp.zeros(keep.shape[:3] + (3,)))}
+    """An inpainting model's condition (SD's inpainting U-Net, FLUX.1 Fill: `inpainting`) for images [batch, h, w,
+    3] in [-1, 1] whose region keep [batch, h, w, 1] (1: kept, 0: generated anew) marks as known: {"mask": where to
+    generate at the latents' size, [batch, h/f, w/f, 1] (nearest, as SD's pipelines shrink it) or, FLUX.1 Fill's,
+    [batch, h/f, w/f, f * f] every pixel's (an f x f block of a latent pixel, row-major, as FluxFillPipeline lays it
+    out), "masked_latents": the latents' mean of the images with their generated region zeroed [batch, h/f, w/f,
+    c]}. Without images (None), all of it is generated (a text-to-image sample)."""
     f = self.pixels_per_latent
-    generated = 1.0 - keep[:, ::f, ::f].astype(jnp.float32)
-    return {"mask": generated, "masked_latents": self.to_latents(images * (keep > 0))}
+    generated = 1.0 - keep.astype(jnp.float32)
+    masked = jnp.zeros(keep.shape[:3] + (3,)) if images is None else images * (keep > 0)
+    if images is None:
+      generated = jnp.ones_like(generated)
+    b, h, w, _ = generated.shape
+    if self.backbone == "flux":
+      mask = generated.reshape(b, h // f, f, w // f, f).transpose(0, 1, 3, 2, 4).reshape(b, h // f, w // f, f * f)
+    else:
+      mask = generated[:, ::f, ::f]
+    return {"mask": mask, "masked_latents": self.to_latents(masked)}
 
   def own_condition(self, clips) -> dict:
     """An image-to-video model's condition for clips [batch, frames, h, w, c] in [-1, 1] of their own first frame
@@ -207,6 +214,8 @@ class TextToImage(nnx.Module):
       if self.backbone == "sd3":
         return self.sd3(x, timestep, tokens, pooled)
       guidance = jnp.full(x.shape[:1], self.flux_guidance, jnp.float32) if self.flux.guided else None
+      if self.inpainting:  # FLUX.1 Fill: the latents, the known image's latents, where to generate (its order)
+        x = jnp.concatenate([x, condition["masked_latents"].astype(x.dtype), condition["mask"].astype(x.dtype)], -1)
       return self.flux(x, timestep, tokens, pooled, guidance)
     if self.backbone == "sd_unet":  # images only; every text token, as SD's pipelines (config_checks.sd_unet_problems)
       if self.inpainting:  # the latents, where to generate, the known image's latents (diffusers' channel order)
