@@ -125,9 +125,9 @@ def save_tiny_sd3(root, captions):
 
 
 def tiny_lora_run(config, tmp_path):
-  """A checkpoint config (SD3's, Flux's) made a seconds-long float32 LoRA run (rank 2, attention and feed-forward)
-  of 2 steps on 32 px captioned_shapes, 16 CLIP and 8 T5 tokens, sampling 2 steps."""
-  config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True, remat=False)
+  """A checkpoint config (SD3's, Flux's) made a seconds-long float32 LoRA run (rank 2, attention and feed-forward;
+  the config's remat) of 2 steps on 32 px captioned_shapes, 16 CLIP and 8 T5 tokens, sampling 2 steps."""
+  config.model.update(dtype="float32", lora_rank=2, lora_feed_forward=True)  # (remat: the configs' own)
   config.text.update(max_length=16, t5_max_length=8)
   config.text.t5.dtype = "float32"
   config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
