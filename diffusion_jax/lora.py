@@ -76,9 +76,9 @@ def name(path) -> str:
   return "/".join(map(str, path))
 
 
-# Prefixes PyTorch-layout files give updates without saying whose (diffusers' 'transformer.' of SD3 and Flux, Flux's
-# CLIP as 'text_encoder.') -> the models' own, tried in turn (resolved)
-ALIASES = {"transformer/": ("sd3/", "flux/"), "text_encoder/": ("text_encoder/clip/",)}
+# Prefixes PyTorch-layout files give updates without saying whose (diffusers' 'transformer.' of SD3 and Flux; Flux's
+# CLIP, or SD3's first, as 'text_encoder.' in a file without a second) -> the models' own, tried in turn (resolved)
+ALIASES = {"transformer/": ("sd3/", "flux/"), "text_encoder/": ("text_encoder/clip/", "text_encoder/first/")}
 
 
 def resolved(kernel: str, kernels) -> str:
