@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 from test_sd3 import SentencePieceT5Tokenizer, tiny_lora_run, trained_lora_run
-from test_sd_unet import save_tiny_clip_tokenizer
+from test_sd_unet import assert_trains_and_completes, inpainting_inputs, save_tiny_clip_tokenizer
 
 from diffusion_jax import config_checks, sample, schedules
 from diffusion_jax.models import flux_transformer, init_rngs
@@ -298,14 +298,12 @@ def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_
   where to generate, each latent pixel's 2 x 2 pixels of the tiny VAE): configs/flux.py:ROOT diffuses its 4 latent
   channels. For an image and a keep mask, its condition is what FluxFillPipeline.prepare_mask_latents makes of them
   (packed as the pipeline packs it) and its prediction the pipeline's transformer's of the latents beside it; its
-  training loss reads random keep masks; it completes a masked image keeping the known pixels exactly. A latent
-  cache is refused."""
+  training loss reads random keep masks; it completes a masked image keeping the known pixels exactly and samples
+  from text alone. A latent cache is refused."""
   import diffusers
 
   from configs import flux
-  from diffusion_jax import sharding, train
   from diffusion_jax.data import captioned_shapes
-  from diffusion_jax.text import tokenizers
 
   pipeline = save_tiny_flux(tmp_path / "flux", [" ".join(captioned_shapes.VOCABULARY)] * 5)
   fill = save_tiny_flux_transformer(tmp_path / "flux" / "transformer", in_channels=48)
@@ -315,22 +313,8 @@ def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_
   assert config.model.in_channels == 4
   config.model.dtype, config.text.t5.dtype = "float32", "float32"
   config.text.update(max_length=16, t5_max_length=8)
-  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
-                     data_dir=str(tmp_path / "tfds"))
-  config.sample.update(steps=2, prompts=("a large red circle",))
-  assert config_checks.problems(config, device_count=8) == []
-  bad = config.copy_and_resolve_references()
-  bad.latent.cache = str(tmp_path / "latents")
-  assert "FLUX.1 Fill's transformer reads the latents of each training image with a masked region" in " ".join(
-      config_checks.problems(bad, device_count=8))
-
-  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
-  rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-  keep = np.ones((2, 32, 32, 1), np.float32)
-  keep[0, 8:24, 4:20], keep[1, :, 17:] = 0, 0  # (column 17: a latent pixel half kept)
-  latents = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
-  ids, mask = tokenizers.from_config(config)(["a large red circle", "two small blue squares"])
+  state, graphdef, images, keep, latents, ids, mask = inpainting_inputs(
+      config, tmp_path, "FLUX.1 Fill's transformer reads the latents of each training image with a masked region")
   sigma = 0.7
   logsnr = jnp.full((2,), 2 * np.log((1 - sigma) / sigma), jnp.float32)
 
@@ -355,16 +339,4 @@ def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_
                                   np.asarray(text[:, 0, 40:]), np.full(2, 3.5))
   np.testing.assert_allclose(prediction, expected, atol=1e-4)
 
-  batch = {"image": images, "text_ids": ids, "text_mask": mask}
-  loss = jax.jit(train.make_loss_fn(config, graphdef))(state.params, state.frozen, batch, jax.random.key(0), None)[0]
-  assert np.isfinite(float(loss))
-  picture = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
-  kept = np.ones((2, 32, 32), bool)
-  kept[:, 8:24, 8:24] = False
-  settings = config.sample.copy_and_resolve_references()
-  settings.update(steps=2, num_per_prompt=1)
-  completed = sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(config),
-                              ["a large red circle", "two small blue squares"], settings,
-                              sharding.make_mesh(config.mesh), init_images=picture, keep_masks=kept)[:, 0]
-  np.testing.assert_array_equal(completed[kept], picture[kept])
-  assert not np.array_equal(completed[~kept], picture[~kept])
+  assert_trains_and_completes(config, graphdef, state, images, ids, mask)

@@ -501,30 +501,14 @@ def test_an_inpainting_checkpoint_reads_what_diffusers_inpainting_pipeline_gives
   from configs import stable_diffusion
   from diffusion_jax import editing
   from diffusion_jax.data import captioned_shapes
-  from diffusion_jax.text import tokenizers
 
   pipeline = save_tiny_stable_diffusion(tmp_path / "sd", [" ".join(captioned_shapes.VOCABULARY)] * 5,
                                         inpainting=True)
   config = stable_diffusion.get_config(str(tmp_path / "sd"))
   assert config.model.in_channels == 4
   config.text.max_length, config.model.dtype = 16, "float32"
-  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
-                     data_dir=str(tmp_path / "tfds"))
-  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
-  config.sample.update(steps=2, prompts=("a large red circle",))
-  assert config_checks.problems(config, device_count=8) == []
-  bad = config.copy_and_resolve_references()
-  bad.latent.cache = str(tmp_path / "latents")
-  assert "SD's inpainting U-Net reads the latents of each training image with a masked region" in " ".join(
-      config_checks.problems(bad, device_count=8))
-
-  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
-  rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-  keep = np.ones((2, 32, 32, 1), np.float32)
-  keep[0, 8:24, 4:20], keep[1, :, 16:] = 0, 0
-  latents = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
-  ids, mask = tokenizers.from_config(config)(["a large red circle", "two small blue squares"])
+  state, graphdef, images, keep, latents, ids, mask = inpainting_inputs(
+      config, tmp_path, "SD's inpainting U-Net reads the latents of each training image with a masked region")
   logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(pipeline.scheduler.alphas_cumprod.double().numpy()[
       500]), jnp.float32)
 
@@ -537,7 +521,7 @@ def test_an_inpainting_checkpoint_reads_what_diffusers_inpainting_pipeline_gives
   condition, prediction = condition_and_prediction(state.params, state.frozen)
   as_torch = lambda x: torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
   with torch.no_grad():
-    text, _ = pipeline.encode_prompt(["a large red circle", "two small blue squares"], "cpu", 1, False)
+    text, _ = pipeline.encode_prompt(PROMPTS, "cpu", 1, False)
     masked = pipeline.vae.encode(as_torch(images * keep)).latent_dist.mean * pipeline.vae.config.scaling_factor
     generated, masked = pipeline.prepare_mask_latents(1 - as_torch(keep), masked, 2, 32, 32, torch.float32, "cpu",
                                                       None, False)
@@ -550,18 +534,50 @@ def test_an_inpainting_checkpoint_reads_what_diffusers_inpainting_pipeline_gives
   assert 5 < whole.sum() < 30 and ((masks[~whole] == 0).any(axis=(1, 2, 3)) & (masks[~whole] == 1).any(axis=(1, 2, 3))
                                    ).all()
 
-  # The training loss reads a random keep mask's condition for each image
+  assert_trains_and_completes(config, graphdef, state, images, ids, mask)
+
+
+PROMPTS = ["a large red circle", "two small blue squares"]
+
+
+def inpainting_inputs(config, tmp_path, refusal: str):
+  """An inpainting checkpoint's config (SD's, FLUX.1 Fill's) made a tiny run on 32 px captioned_shapes, checked (a
+  latent cache refused, saying `refusal`), and inputs for it: (state, graphdef, images [2, 32, 32, 3], keep masks
+  [2, 32, 32, 1] (a rectangle; the right half from column 17, a latent pixel half kept), latents [2, 16, 16, 4],
+  the ids and mask of PROMPTS)."""
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
+  config.sample.update(steps=2, prompts=("a large red circle",))
+  assert config_checks.problems(config, device_count=8) == []
+  bad = config.copy_and_resolve_references()
+  bad.latent.cache = str(tmp_path / "latents")
+  assert refusal in " ".join(config_checks.problems(bad, device_count=8))
+  from diffusion_jax.text import tokenizers
+
+  state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  keep = np.ones((2, 32, 32, 1), np.float32)
+  keep[0, 8:24, 4:20], keep[1, :, 17:] = 0, 0
+  latents = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+  return (state, graphdef, images, keep, latents) + tokenizers.from_config(config)(PROMPTS)
+
+
+def assert_trains_and_completes(config, graphdef, state, images, ids, mask):
+  """An inpainting model's training loss (a random keep mask's condition for each image) is finite, and it completes
+  masked pictures keeping their known pixels exactly, and samples from text alone (all of it generated)."""
+  from diffusion_jax.text import tokenizers
+
   batch = {"image": images, "text_ids": ids, "text_mask": mask}
   loss = jax.jit(train.make_loss_fn(config, graphdef))(state.params, state.frozen, batch, jax.random.key(0), None)[0]
   assert np.isfinite(float(loss))
-  picture = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
+  picture = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), np.uint8)
   known = np.ones((2, 32, 32), bool)
   known[:, 8:24, 8:24] = False
   sample_config = config.sample.copy_and_resolve_references()
   sample_config.update(steps=2, num_per_prompt=1)
-  prompts = ["a large red circle", "two small blue squares"]
   generate = lambda **edit: sample.generate(config, graphdef, state.params, state.frozen, tokenizers.from_config(
-      config), prompts, sample_config, sharding.make_mesh(config.mesh), **edit)[:, 0]
+      config), PROMPTS, sample_config, sharding.make_mesh(config.mesh), **edit)[:, 0]
   completed = generate(init_images=picture, keep_masks=known)
   np.testing.assert_array_equal(completed[known], picture[known])
   assert not np.array_equal(completed[~known], picture[~known])
