@@ -1,9 +1,14 @@
 """A local diffusers model directory (a pipeline checkpoint's transformer/ or unet/ folder): its config.json,
-checked against the class a config field expects, and its safetensors files (one, or the shards an index lists).
+checked against the class a config field expects, and its safetensors files (one, or the shards an index lists),
+loaded into the module that config builds.
 """
 
 import json
 import pathlib
+
+from flax import nnx
+
+from diffusion_jax.models import init_rngs, named_tensors
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
 
@@ -24,6 +29,16 @@ def read_config(path, field: str, class_name: str, folder: str, what: str) -> di
   return config
 
 
+def read_checked_config(path, field: str, class_name: str, folder: str, what: str, defaults: dict,
+                        config_problems) -> dict:
+  """read_config, completed with the class's `defaults`; a ValueError naming `field` that lists
+  `config_problems(config)` (what the module cannot build) when there are any."""
+  config = read_config(path, field, class_name, folder, what)
+  if problems := config_problems(config):
+    raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
+  return defaults | config
+
+
 def weight_files(path) -> list[pathlib.Path]:
   """The safetensors files of a local diffusers directory: WEIGHTS_FILE, or the shards WEIGHTS_INDEX lists."""
   directory = pathlib.Path(path).expanduser()
@@ -33,3 +48,16 @@ def weight_files(path) -> list[pathlib.Path]:
   if (directory / WEIGHTS_FILE).exists():
     return [directory / WEIGHTS_FILE]
   raise ValueError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX} in {str(path)!r} (PyTorch .bin files are not read)")
+
+
+def load(path, module_class, config: dict):
+  """A `module_class(config, rngs)` holding the weights of the local diffusers directory `path` (its safetensors,
+  by PyTorch names); a ValueError when they do not match the module `config` (its config.json) builds."""
+  from safetensors.numpy import load_file
+
+  tensors = {}
+  for file in weight_files(path):
+    tensors.update(load_file(file))
+  return named_tensors.load(nnx.eval_shape(lambda: module_class(config, rngs=init_rngs.seeded(0))), tensors,
+                            named_tensors.torch_name,
+                            f"{str(pathlib.Path(path).expanduser())!r} does not match its config.json")

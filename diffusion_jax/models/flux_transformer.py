@@ -20,13 +20,11 @@ velocity eps - x0. `dtype`, `remat_policy`, `attention`, lora_rank and ff_lora_r
 transformer's (the single blocks' MLP and output projections take ff_lora_rank's updates).
 """
 
-import pathlib
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_jax.models import diffusers_directory, init_rngs, layers, named_tensors, sd_unet
+from diffusion_jax.models import diffusers_directory, layers, sd_unet
 from diffusion_jax.models.sd3_transformer import Attention, JointBlock, modulated, modulation, standardized
 
 CLASS_NAME = "FluxTransformer2DModel"
@@ -56,11 +54,9 @@ def config_problems(config: dict) -> list[str]:
 def read_config(path, field: str = "model.flux_path") -> dict:
   """The config.json of a local diffusers FluxTransformer2DModel directory, with its class's defaults; a ValueError
   that says what is wrong, naming `field`."""
-  config = diffusers_directory.read_config(path, field, CLASS_NAME, "transformer",
-                                           "the transformer/ folder of a Flux checkpoint")
-  if problems := config_problems(config):
-    raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
-  return DEFAULTS | config
+  return diffusers_directory.read_checked_config(path, field, CLASS_NAME, "transformer",
+                                               "the transformer/ folder of a Flux checkpoint",
+                                               DEFAULTS, config_problems)
 
 
 def latent_channels(config: dict) -> int:
@@ -171,11 +167,4 @@ class FluxTransformer(nnx.Module):
 def load_diffusers(path, field: str = "model.flux_path") -> FluxTransformer:
   """A FluxTransformer with the weights of a local diffusers directory (config.json and its safetensors, one file
   or the shards its index lists)."""
-  from safetensors.numpy import load_file
-
-  config, tensors = read_config(path, field), {}
-  for file in diffusers_directory.weight_files(path):
-    tensors.update(load_file(file))
-  directory = pathlib.Path(path).expanduser()
-  return named_tensors.load(nnx.eval_shape(lambda: FluxTransformer(config, rngs=init_rngs.seeded(0))), tensors,
-                            named_tensors.torch_name, f"{str(directory)!r} does not match its config.json")
+  return diffusers_directory.load(path, FluxTransformer, read_config(path, field))

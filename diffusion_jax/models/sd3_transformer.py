@@ -21,13 +21,11 @@ residual streams stay float32); `remat_policy` (layers.REMAT_POLICIES) recompute
 updates of every attention projection and feed-forward layer (0: none).
 """
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import attention, diffusers_directory, init_rngs, layers, named_tensors, sd_unet
+from diffusion_jax.models import attention, diffusers_directory, layers, sd_unet
 from diffusion_jax.models.wan_transformer import GeluProjection, rotated
 
 CLASS_NAME = "SD3Transformer2DModel"
@@ -55,11 +53,9 @@ def config_problems(config: dict) -> list[str]:
 def read_config(path, field: str = "model.sd3_path") -> dict:
   """The config.json of a local diffusers SD3Transformer2DModel directory, with its class's defaults; a ValueError
   that says what is wrong, naming `field`."""
-  config = diffusers_directory.read_config(path, field, CLASS_NAME, "transformer",
-                                           "the transformer/ folder of a Stable Diffusion 3 checkpoint")
-  if problems := config_problems(config):
-    raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
-  return DEFAULTS | config
+  return diffusers_directory.read_checked_config(path, field, CLASS_NAME, "transformer",
+                                               "the transformer/ folder of a Stable Diffusion 3 checkpoint",
+                                               DEFAULTS, config_problems)
 
 
 class PositionTable(nnx.Variable):
@@ -239,7 +235,7 @@ class SD3Transformer(nnx.Module):
     """The position table's centred crop for rows x columns patches [rows * columns, dim]."""
     if max(rows, columns) > self.max_size:
       raise ValueError(f"{rows} x {columns} patches: SD3's position table covers at most {self.max_size} a side "
-                       f"({self.max_size * self.patch} latent pixels)")
+                       f"({self.max_size * self.patch} latent pixels); make smaller images (--height, --width)")
     top, left = (self.max_size - rows) // 2, (self.max_size - columns) // 2
     table = self.pos_embed.pos_embed[...].reshape(self.max_size, self.max_size, -1)
     return table[top:top + rows, left:left + columns].reshape(rows * columns, -1)
@@ -267,11 +263,4 @@ class SD3Transformer(nnx.Module):
 def load_diffusers(path, field: str = "model.sd3_path") -> SD3Transformer:
   """An SD3Transformer with the weights of a local diffusers directory (config.json and its safetensors, one file or
   the shards its index lists)."""
-  from safetensors.numpy import load_file
-
-  config, tensors = read_config(path, field), {}
-  for file in diffusers_directory.weight_files(path):
-    tensors.update(load_file(file))
-  directory = pathlib.Path(path).expanduser()
-  return named_tensors.load(nnx.eval_shape(lambda: SD3Transformer(config, rngs=init_rngs.seeded(0))), tensors,
-                            named_tensors.torch_name, f"{str(directory)!r} does not match its config.json")
+  return diffusers_directory.load(path, SD3Transformer, read_config(path, field))

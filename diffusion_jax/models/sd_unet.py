@@ -32,15 +32,13 @@ upscaler's), transformer depths given per block, dual or cross-only attention, o
 time-embedding options.
 """
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from diffusion_jax import schedules
-from diffusion_jax.models import attention, diffusers_directory, init_rngs, layers, named_tensors
+from diffusion_jax.models import attention, diffusers_directory, layers
 
 CLASS_NAME = "UNet2DConditionModel"
 DEFAULTS = {"in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
@@ -111,11 +109,9 @@ def is_inpainting(config: dict) -> bool:
 def read_config(path, field: str = "model.sd_unet_path") -> dict:
   """The config.json of a local diffusers UNet2DConditionModel directory, with its class's defaults; a ValueError
   that says what is wrong, naming `field`."""
-  config = diffusers_directory.read_config(path, field, CLASS_NAME, "unet",
-                                           "the unet/ folder of a Stable Diffusion checkpoint")
-  if problems := config_problems(config):
-    raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
-  return DEFAULTS | config
+  return diffusers_directory.read_checked_config(path, field, CLASS_NAME, "unet",
+                                               "the unet/ folder of a Stable Diffusion checkpoint",
+                                               DEFAULTS, config_problems)
 
 
 def timestep(logsnr):
@@ -399,11 +395,4 @@ class SDUNet(nnx.Module):
 def load_diffusers(path, field: str = "model.sd_unet_path") -> SDUNet:
   """An SDUNet with the weights of a local diffusers directory (config.json and its safetensors, one file or the
   shards its index lists)."""
-  from safetensors.numpy import load_file
-
-  config, tensors = read_config(path, field), {}
-  for file in diffusers_directory.weight_files(path):
-    tensors.update(load_file(file))
-  directory = pathlib.Path(path).expanduser()
-  return named_tensors.load(nnx.eval_shape(lambda: SDUNet(config, rngs=init_rngs.seeded(0))), tensors,
-                            named_tensors.torch_name, f"{str(directory)!r} does not match its config.json")
+  return diffusers_directory.load(path, SDUNet, read_config(path, field))

@@ -36,10 +36,12 @@ class TextToImage(nnx.Module):
     if m.backbone in ("sd3", "flux"):  # SD3's two CLIP text transformers and T5, Flux's CLIP and T5; the null
       # condition the empty prompt's encoding
       if m.backbone == "sd3":
-        self.text_width = sd3_transformer.read_config(m.sd3_path)["joint_attention_dim"]
+        sd3_config = sd3_transformer.read_config(m.sd3_path)
+        self.text_width = sd3_config["joint_attention_dim"]
         self.text_encoder = sd3_text.build(config, self.text_width, rngs, text_lora)
       else:
-        self.text_width = flux_transformer.read_config(m.flux_path)["joint_attention_dim"]
+        flux_config = flux_transformer.read_config(m.flux_path)
+        self.text_width = flux_config["joint_attention_dim"]
         self.text_encoder = flux_text.build(config, rngs, text_lora)
       ids, _ = tokenizers.from_config(config)([""])
       self.empty_prompt_ids = tuple(int(i) for i in ids[0])
@@ -58,13 +60,13 @@ class TextToImage(nnx.Module):
     self.image_encoder = (clip.VisionModel(clip.read_vision_config(m.wan_image_encoder_path,
                                                                    "model.wan_image_encoder_path"), rngs=rngs)
                           if m.backbone == "wan" and m.wan_image_encoder_path else None)  # Wan 2.1 I2V's CLIP
+    # A checkpoint's network (Wan, SD3, Flux, SD's U-Net): its config.json's structure, the config's computation
+    options = dict(rngs=rngs, dtype=m.dtype, attention=m.attention, remat_policy=m.remat_policy if m.remat else None,
+                   lora_rank=m.lora_rank, ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
     if self.backbone == "dit":
       self.dit = dit.DiT(m, rngs=rngs)
     elif self.backbone == "wan":  # (with model.wan_low_noise_path, a pair of experts: wan for high noise)
-      wan = lambda path: wan_transformer.WanTransformer(
-          wan_transformer.read_config(path), rngs=rngs, dtype=m.dtype, attention=m.attention,
-          remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
-          ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
+      wan = lambda path: wan_transformer.WanTransformer(wan_transformer.read_config(path), **options)
       self.wan, self.wan_low = wan(m.wan_path), wan(m.wan_low_noise_path) if m.wan_low_noise_path else None
       self.wan_boundary = m.wan_boundary
       wan_config = wan_transformer.read_config(m.wan_path)
@@ -72,23 +74,15 @@ class TextToImage(nnx.Module):
       self.first_last_frame = wan_transformer.is_first_last_frame(wan_config)  # Wan 2.1 FLF2V
       self.mask_channels = wan_config["in_channels"] - 2 * wan_config["out_channels"]
     elif self.backbone == "sd3":
-      self.sd3 = sd3_transformer.SD3Transformer(
-          sd3_transformer.read_config(m.sd3_path), rngs=rngs, dtype=m.dtype, attention=m.attention,
-          remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
-          ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
+      self.sd3 = sd3_transformer.SD3Transformer(sd3_config, **options)  # (sd3_config, flux_config: read above)
     elif self.backbone == "flux":
-      self.inpainting = flux_transformer.is_fill(flux_transformer.read_config(m.flux_path))  # FLUX.1 Fill
-      self.flux = flux_transformer.FluxTransformer(
-          flux_transformer.read_config(m.flux_path), rngs=rngs, dtype=m.dtype, attention=m.attention,
-          remat_policy=m.remat_policy if m.remat else None, lora_rank=m.lora_rank,
-          ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
+      self.inpainting = flux_transformer.is_fill(flux_config)  # FLUX.1 Fill
+      self.flux = flux_transformer.FluxTransformer(flux_config, **options)
       self.flux_guidance = m.flux_guidance
     elif self.backbone == "sd_unet":
       unet_config = sd_unet.read_config(m.sd_unet_path)
       self.inpainting = sd_unet.is_inpainting(unet_config)
-      self.sd_unet = sd_unet.SDUNet(unet_config, rngs=rngs, dtype=m.dtype,
-                                    attention=m.attention, remat_policy=m.remat_policy if m.remat else None,
-                                    lora_rank=m.lora_rank, ff_lora_rank=m.lora_rank if m.lora_feed_forward else 0)
+      self.sd_unet = sd_unet.SDUNet(unet_config, **options)
     else:
       self.unet = unet.UNet(m, rngs=rngs)
     vae = autoencoder.read_config(latent_path) if latent_path else None

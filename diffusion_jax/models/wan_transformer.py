@@ -33,7 +33,6 @@ Not supported (config_problems refuses them): other query-key norms than `rms_no
 """
 
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import objectives, sharding
-from diffusion_jax.models import attention, diffusers_directory, init_rngs, layers, named_tensors
+from diffusion_jax.models import attention, diffusers_directory, layers
 
 CLASS_NAME = "WanTransformer3DModel"
 DEFAULTS = {"patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
@@ -68,11 +67,9 @@ def config_problems(config: dict) -> list[str]:
 def read_config(path, field: str = "model.wan_path") -> dict:
   """The config.json of a local diffusers WanTransformer3DModel directory, with its class's defaults; a ValueError
   that says what is wrong, naming `field`."""
-  config = diffusers_directory.read_config(path, field, CLASS_NAME, "transformer",
-                                           "the transformer/ folder of a Wan checkpoint")
-  if problems := config_problems(config):
-    raise ValueError(f"{field}={str(path)!r}: " + "; ".join(problems))
-  return DEFAULTS | config
+  return diffusers_directory.read_checked_config(path, field, CLASS_NAME, "transformer",
+                                               "the transformer/ folder of a Wan checkpoint",
+                                               DEFAULTS, config_problems)
 
 
 def is_first_last_frame(config: dict) -> bool:
@@ -319,11 +316,4 @@ def experts(high, low, boundary, x, timestep, text, text_mask, image=None):
 def load_diffusers(path, field: str = "model.wan_path") -> WanTransformer:
   """A WanTransformer with the weights of a local diffusers directory (config.json and its safetensors, one file or
   the shards its index lists)."""
-  from safetensors.numpy import load_file
-
-  config, tensors = read_config(path, field), {}
-  for file in diffusers_directory.weight_files(path):
-    tensors.update(load_file(file))
-  directory = pathlib.Path(path).expanduser()
-  return named_tensors.load(nnx.eval_shape(lambda: WanTransformer(config, rngs=init_rngs.seeded(0))), tensors,
-                            named_tensors.torch_name, f"{str(directory)!r} does not match its config.json")
+  return diffusers_directory.load(path, WanTransformer, read_config(path, field))
