@@ -228,6 +228,8 @@ def get_config():
       frames=0,                    # video models: frames per clip (0 = data.frames)
       flow_shift=0.0,              # flow schedule: the sampling grid's time shift (0: diffusion.schedule_params.shift;
                                    # Wan's pipelines: 3 at 480p, 5 at 720p)
+      flux_guidance=-1.0,          # FLUX.1 dev (guidance_embeds): the guidance scale it is told to follow
+                                   # (-1: model.flux_guidance, what it trained with; its pipelines' guidance_scale)
       resolution_shift=(),         # flow schedule, with flow_shift 0: (base_tokens, max_tokens, base_shift, max_shift),
                                    # the shift e^mu for the samples' token count (Flux's dynamic shift:
                                    # schedules.resolution_flow_shift); (): none

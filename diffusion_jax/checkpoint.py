@@ -268,7 +268,7 @@ ADDED_FIELDS = {
     "text.second_tokenizer_path": "", "text.second_encoder_path": "", "data.size_ids": False,
     "model.lora_text_encoder": False,
     "model.sd3_path": "", "text.t5_encoder_path": "", "text.t5_max_length": 256,
-    "model.flux_path": "", "model.flux_guidance": 3.5, "sample.resolution_shift": (),
+    "model.flux_path": "", "model.flux_guidance": 3.5, "sample.flux_guidance": -1.0, "sample.resolution_shift": (),
 }
 
 

@@ -491,6 +491,26 @@ def moving_shapes_problems(data_config) -> list[str]:
   return []
 
 
+def flux_guidance_problem(config, sample_config, prefix: str) -> str | None:
+  """Why sample_config's flux_guidance (named prefix + field) cannot apply: negative, or a model that reads no
+  guidance scale (FLUX.1 dev's guidance_embeds)."""
+  guidance = sample_config.flux_guidance
+  if guidance == -1:
+    return None
+  if guidance < 0:
+    return f"{prefix}flux_guidance={guidance} must be >= 0 (or -1: model.flux_guidance)"
+  try:
+    guided = (config.model.backbone == "flux"
+              and flux_transformer.read_config(config.model.flux_path)["guidance_embeds"])
+  except ValueError:  # flux_problems says why
+    return None
+  if not guided:
+    return (f"{prefix}flux_guidance={guidance}: the guidance scale a guidance-distilled Flux (FLUX.1 dev: "
+            "guidance_embeds) is told to follow; this model reads none: leave it at -1 (classifier-free guidance: "
+            "guidance_scale)")
+  return None
+
+
 def flow_shift_problem(config, sample_config, prefix: str) -> str | None:
   """Why sample_config's flow_shift (named prefix + field) cannot apply: negative, or a schedule other than flow."""
   shift = sample_config.flow_shift
@@ -586,7 +606,8 @@ def data_size_problems(config) -> list[str]:
 
 def size_problems(config, sides: dict, zero: str) -> list[str]:
   """Why the network cannot see images of these sides ({field: pixels}; 0 is `zero`, left as it is): a side the
-  autoencoder's downsampling times spatial_multiple does not divide, a DiT grid longer than its position periods."""
+  autoencoder's downsampling times spatial_multiple does not divide, a DiT grid longer than its position periods,
+  an SD3 grid longer than its position table."""
   try:
     factor = (autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path))
               if config.latent.autoencoder_path else 1)
@@ -603,6 +624,11 @@ def size_problems(config, sides: dict, zero: str) -> list[str]:
     found.append(f"{', '.join(sides)}: the DiT's patch grid's longer side ({grid}) is past "
                  f"model.position_max_period={config.model.position_max_period} (even the slowest position features "
                  "would wrap around within the image)")
+  if config.model.backbone == "sd3":
+    table = sd3_transformer.read_config(config.model.sd3_path)["pos_embed_max_size"]
+    found += [f"{name}={side} is {side // (factor * multiple)} of SD3's patches, and its position table covers at "
+              f"most {table} a side: at most {table * factor * multiple} pixels"
+              for name, side in sides.items() if side // (factor * multiple) > table]
   return found
 
 
@@ -686,6 +712,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"optimizer.end_learning_rate_factor={o.end_learning_rate_factor} must be in [0, 1]")
   found += sample_problems(config.sample, "sample.") + sample_size_problems(config, config.sample, "sample.")
   for problem in (flow_shift_problem(config, config.sample, "sample."),
+                  flux_guidance_problem(config, config.sample, "sample."),
                   timestep_spacing_problem(config, config.sample, "sample.")):
     found += [problem] if problem else []
   if config.train.sample_every < 0:

@@ -33,6 +33,10 @@ Flags:
                     sample.flow_shift, 0 = the training schedule's diffusion.schedule_params.shift, or with
                     sample.resolution_shift (Flux's) the shift for the samples' token count; Wan's pipelines
                     sample 480p at 3 and 720p at 5)
+  --flux_guidance   FLUX.1 dev (a guidance-distilled Flux, guidance_embeds): the guidance scale it is told to follow,
+                    >= 0, what its pipelines call guidance_scale (default: config sample.flux_guidance, -1 =
+                    model.flux_guidance, 3.5 in configs/flux.py); refused for other models. Its --guidance_scale
+                    is classifier-free guidance (diffusers' true_cfg_scale), 1 (none) in configs/flux.py
   --height, --width the samples' size in pixels, any the network divides (its autoencoder's downsampling times
                     the U-Net's levels' or the patch of a DiT or Wan: Wan's 480 x 832, say); --init_image, --mask
                     and --init_video are brought to it (default: config sample.height and sample.width, 0 = the
@@ -106,9 +110,10 @@ Flags:
                     every process generates its part of each batch, process 0 writes
 
 Every PNG carries its provenance (prompt, negative prompt if any, an edit's init image, mask and strength, seed,
-sampler, steps, guidance, checkpoint step, config hash, LoRA adapters) as PNG text chunks, and the same record is a
-line of manifest.jsonl. A video model writes each clip as an animated GIF (provenance in the GIF comment), an H.264 MP4
-(provenance in its comment tag) and a PNG strip of its frames, plus grid.gif and grid.mp4.
+sampler, steps, guidance, FLUX.1 dev's --flux_guidance, checkpoint step, config hash, LoRA adapters) as PNG text
+chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as an animated GIF
+(provenance in the GIF comment), an H.264 MP4 (provenance in its comment tag) and a PNG strip of its frames, plus
+grid.gif and grid.mp4.
 """
 
 import hashlib
@@ -137,16 +142,17 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_noise", "guidance_interval",
-                    "num_per_prompt", "seed", "use_ema", "frames", "height", "width", "flow_shift", "strength",
-                    "edit_noise", "video_length", "context_frames", "reconstruction_guidance", "null_text_iterations")
+                    "num_per_prompt", "seed", "use_ema", "frames", "height", "width", "flow_shift", "flux_guidance",
+                    "strength", "edit_noise", "video_length", "context_frames", "reconstruction_guidance",
+                    "null_text_iterations")
 # a prompt's image to edit, its inpainting mask, a clip to edit, the last frame of an image-to-video model's clip
 EDIT_FILES = ("init_image", "mask", "init_video", "last_image")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scale_low_noise", "guidance_rescale",
                      "guidance_interval", "threshold", "threshold_percentile", "frames", "height", "width",
-                     "flow_shift", "resolution_shift", "aug_level", "strength", "edit_noise", "reconstruction_guidance",
-                     "null_text_iterations", "null_text_learning_rate")
+                     "flow_shift", "flux_guidance", "resolution_shift", "aug_level", "strength", "edit_noise",
+                     "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate")
 _compiled_samplers = {}
 MESH_HELP = ("AXIS=SIZE,... of the mesh the checkpoint is restored and sampled on, over the default data=-1 (every "
              "device a whole copy of the weights): e.g. fsdp=8 (the weights sharded over 8 devices), sequence=4 (a "
@@ -252,6 +258,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
 
   def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, first_frames=None, guide=None):
     model = nnx.merge(graphdef, params, frozen)
+    if s.flux_guidance != -1:  # FLUX.1 dev told another guidance scale than it trained with (a static attribute)
+      model.flux_guidance = s.flux_guidance
     condition = None if first_frames is None else model.image_condition(first_frames[0], frames, *first_frames[1:])
     text = model.encode(ids, mask)
     null_text, null_mask = model.null_condition(text, mask)
@@ -674,7 +682,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   problems = config_checks.sample_problems(sample_config, "--") + config_checks.sample_size_problems(
       config, sample_config, "--")
   for problem in (config_checks.low_noise_guidance_problem(config, sample_config, "--"),
-                  config_checks.flow_shift_problem(config, sample_config, "--")):
+                  config_checks.flow_shift_problem(config, sample_config, "--"),
+                  config_checks.flux_guidance_problem(config, sample_config, "--")):
     if problem:
       problems.append(problem)
   if problems:
@@ -852,6 +861,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     provenance["lora"] = lora.provenance(adapters)
   if sample_config.guidance_interval:
     provenance["guidance_interval"] = list(sample_config.guidance_interval)
+  if sample_config.flux_guidance != -1:
+    provenance["flux_guidance"] = sample_config.flux_guidance
   if guide is not None:
     provenance["guide"] = autoguidance.provenance(guide)
   if config.model.temporal and sample_config.video_length:
@@ -920,6 +931,8 @@ def define_flags():
                      "sample.flow_shift, 0 = diffusion.schedule_params.shift, or with sample.resolution_shift "
                      "Flux's shift for the samples' token count; Wan's pipelines: 3 at 480p, 5 at 720p).",
                      lower_bound=0)
+  flags.DEFINE_float("flux_guidance", None, "FLUX.1 dev: the guidance scale it is told to follow (>= 0; its "
+                     "pipelines' guidance_scale; -1 = model.flux_guidance; default: config sample.flux_guidance).")
   flags.DEFINE_integer("height", None, "Height of the samples in pixels, any the model divides (default: config "
                        "sample.height, 0 = data.resolution).", lower_bound=0)
   flags.DEFINE_integer("width", None, "Width of the samples in pixels, any the model divides (default: config "

@@ -13,7 +13,7 @@ from flax import nnx
 from test_sd3 import SentencePieceT5Tokenizer, tiny_lora_run, trained_lora_run
 from test_sd_unet import assert_trains_and_completes, inpainting_inputs, save_tiny_clip_tokenizer
 
-from diffusion_jax import config_checks, sample, schedules
+from diffusion_jax import config_checks, media, sample, schedules
 from diffusion_jax.models import flux_transformer, init_rngs
 
 
@@ -130,10 +130,13 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   training; sampling without classifier-free guidance, the model told guidance 3.5, on a grid shifted by e^mu of the
   samples' tokens, diffusers' calculate_shift, at the training size and another). The text condition is what
   FluxPipeline.encode_prompt makes (T5's states; CLIP's pooled embedding) and the network's prediction its
-  transformer's at the flow timestep with the guidance scale. A LoRA of it trains only its updates on
-  captioned_shapes, describes itself and samples; written in diffusers' layout, the pipeline with it fused predicts
-  what the trained model does, and read back it fits. A second CLIP encoder, other latent channels, a missing T5
-  tokenizer and a resolution shift out of order are refused by the config check, saying what is wrong."""
+  transformer's at the flow timestep with the guidance scale. A LoRA of it (and of CLIP) trains only its updates on
+  captioned_shapes, describes itself and samples; written in diffusers' layout, the pipeline with it fused (CLIP's
+  updates too) encodes the prompts' pooled embedding and predicts what the trained model does, and read back it
+  fits. Told another guidance scale when sampling (--flux_guidance), it predicts what the pipeline's transformer does
+  with that scale, and samples otherwise. A second CLIP encoder, other latent channels, a missing T5 tokenizer, a
+  negative --flux_guidance and a resolution shift out of order are refused by the config check, saying what is
+  wrong."""
   from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
   from configs import flux
@@ -148,6 +151,7 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
       str(tmp_path / "flux" / "transformer"), str(tmp_path / "flux" / "text_encoder_2"), 4, 512, 3.0, 1.0, 3.5)
   assert (config.sample.flow_shift, config.sample.resolution_shift) == (0.0, (256, 4096, 0.5, 1.15))
   tiny_lora_run(config, tmp_path)
+  config.model.lora_text_encoder = True  # (CLIP's: its pooled embedding)
   assert config_checks.problems(config, device_count=8) == []
   # The sampling grid's shift is Flux's for the samples' tokens: 32 px, 16 x 16 latents, 8 x 8 tokens; 64 px, 256
   for size, tokens in ((0, 64), (64, 256)):
@@ -163,8 +167,10 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
       config_checks.problems(bad, device_count=8))
   bad = config.copy_and_resolve_references()
   bad.model.in_channels, bad.text.spiece_path, bad.sample.resolution_shift = 3, "", (4096, 256, 0.5, 1.15)
+  bad.sample.flux_guidance = -2.0
   found = " ".join(config_checks.problems(bad, device_count=8))
   for problem in ("model.in_channels=3: Flux's transformer diffuses latents of 4 channels",
+                  "sample.flux_guidance=-2.0 must be >= 0 (or -1: model.flux_guidance)",
                   "text.t5_encoder_path reads T5's ids: set text.spiece_path",
                   "sample.resolution_shift=(4096, 256, 0.5, 1.15): (base_tokens, max_tokens, base_shift, max_shift), "
                   "base_tokens < max_tokens"):
@@ -185,20 +191,35 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   logsnr = jnp.full((2,), 2 * np.log((1 - sigma) / sigma), jnp.float32)
   run = nnx.jit(lambda model: (lambda text: (text, model(latents, logsnr, text, mask)))(model.encode(ids, mask)))
   text, prediction = run(nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, weights.params), weights.frozen))
-  trained_prediction = run(nnx.merge(graphdef, weights.params, weights.frozen))[1]
+  trained_text, trained_prediction = run(nnx.merge(graphdef, weights.params, weights.frozen))
   with torch.no_grad():
     expected, pooled, _ = pipeline.encode_prompt(prompts, None, device="cpu", max_sequence_length=8)
   expected, pooled = expected.numpy(), pooled.numpy()
   np.testing.assert_allclose(text[..., :40], expected, atol=2e-5)
   np.testing.assert_allclose(text[:, 0, 40:], pooled, atol=2e-5)
-  theirs = lambda: diffusers_prediction(pipeline.transformer, latents, np.full(2, sigma), expected, pooled,
-                                        np.full(2, 3.5))
-  np.testing.assert_allclose(prediction, theirs(), atol=1e-4)
+  theirs = lambda expected, pooled, guidance=3.5: diffusers_prediction(
+      pipeline.transformer, latents, np.full(2, sigma), expected, pooled, np.full(2, guidance))
+  np.testing.assert_allclose(prediction, theirs(expected, pooled), atol=1e-4)
+  # Told another guidance scale when sampling (sample --flux_guidance), the model predicts what diffusers' does with
+  # it, and the samples change
+  told = lambda model: setattr(model, "flux_guidance", 1.5) or model  # (as sampling sets it: a static attribute)
+  np.testing.assert_allclose(run(told(nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, weights.params),
+                                                weights.frozen)))[1],
+                             theirs(expected, pooled, 1.5), atol=1e-4)
+  sample.sample_from_workdir(tmp_path / "run", {"steps": 2, "flux_guidance": 1.5}, output_dir=tmp_path / "told")
+  told_image, default_image = (media.read_image(tmp_path / folder / "p000_00.png").astype(np.float32)
+                               for folder in ("told", "out"))
+  assert np.abs(told_image - default_image).max() > 0
+  assert media.read_provenance(tmp_path / "told" / "p000_00.png")["flux_guidance"] == "1.5"
   lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
   pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
   pipeline.fuse_lora()
+  with torch.no_grad():
+    expected, pooled, _ = pipeline.encode_prompt(prompts, None, device="cpu", max_sequence_length=8)
+  assert np.abs(trained_text[:, 0, 40:] - text[:, 0, 40:]).max() > 1e-3  # (CLIP's LoRA moved the pooled embedding)
+  np.testing.assert_allclose(trained_text[:, 0, 40:], pooled.numpy(), atol=2e-5)
   assert np.abs(trained_prediction - prediction).max() > 1e-2  # (the LoRA changed the prediction)
-  np.testing.assert_allclose(trained_prediction, theirs(), atol=1e-4)
+  np.testing.assert_allclose(trained_prediction, theirs(expected.numpy(), pooled.numpy()), atol=1e-4)
   lora.check([lora.read(str(tmp_path / "diffusers.safetensors"))], config)  # (read back: 'transformer/' is Flux's)
 
 

@@ -167,8 +167,9 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   the empty negative prompt, and the network's prediction its transformer's at the flow timestep. A LoRA of it
   (attention and feed-forward) trains only its updates on captioned_shapes, describes itself and samples; written in
   diffusers' layout, the pipeline with it fused predicts what the trained model does, and read back it fits. Without
-  the second encoder or T5's tokenizer, with a T5 path holding another model or on the variance-preserving path, the
-  config check says what is wrong."""
+  the second encoder or T5's tokenizer, with a T5 path holding another model, on the variance-preserving path or told
+  FLUX.1 dev's guidance scale, the config check says what is wrong, as it does of samples wider than the position
+  table covers."""
   from configs import stable_diffusion3
   from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
@@ -191,9 +192,15 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   assert "text_encoder' holds no T5 encoder: its config.json (model_type 'clip_text_model') lacks d_model" in " ".join(
       config_checks.problems(bad, device_count=8))
   bad = config.copy_and_resolve_references()
-  bad.diffusion.path, bad.text.spiece_path = "vp", ""
+  bad.sample.width = 52  # 2 x 2 latent pixels a patch, 2 x 2 pixels a latent pixel: 13 patches, the table 12
+  assert config_checks.problems(bad, device_count=8) == [
+      "sample.width=52 is 13 of SD3's patches, and its position table covers at most 12 a side: at most 48 pixels"]
+  bad = config.copy_and_resolve_references()
+  bad.diffusion.path, bad.text.spiece_path, bad.sample.flux_guidance = "vp", "", 3.5
   found = " ".join(config_checks.problems(bad, device_count=8))
   for problem in ("diffusion.path='vp', diffusion.prediction='flow': SD3's transformer predicts the velocity",
+                  "sample.flux_guidance=3.5: the guidance scale a guidance-distilled Flux (FLUX.1 dev: "
+                  "guidance_embeds) is told to follow; this model reads none",
                   "text.t5_encoder_path reads T5's ids: set text.spiece_path"):
     assert problem in found, found
 
