@@ -228,6 +228,10 @@ def get_config():
       frames=0,                    # video models: frames per clip (0 = data.frames)
       flow_shift=0.0,              # flow schedule: the sampling grid's time shift (0: diffusion.schedule_params.shift;
                                    # Wan's pipelines: 3 at 480p, 5 at 720p)
+      skip_layers=(),              # SD3: skip-layer guidance's blocks left out of a third pass (SD 3.5 Medium: (7, 8,
+      skip_layer_scale=2.8,        # 9)), guided away from by skip_layer_scale at the steps i with
+      skip_layer_start=0.01,       # steps x start < i < steps x stop (StableDiffusion3Pipeline's); (): off
+      skip_layer_stop=0.2,
       flux_guidance=-1.0,          # FLUX.1 dev (guidance_embeds): the guidance scale it is told to follow
                                    # (-1: model.flux_guidance, what it trained with; its pipelines' guidance_scale)
       resolution_shift=(),         # flow schedule, with flow_shift 0: (base_tokens, max_tokens, base_shift, max_shift),

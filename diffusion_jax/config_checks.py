@@ -511,6 +511,33 @@ def flux_guidance_problem(config, sample_config, prefix: str) -> str | None:
   return None
 
 
+def skip_layer_problem(config, sample_config, prefix: str) -> str | None:
+  """Why sample_config's skip-layer guidance (skip_layers, skip_layer_scale, skip_layer_start, skip_layer_stop; named
+  prefix + field) cannot apply: a model other than SD3's, blocks it lacks, a negative scale, a window outside
+  [0, 1], or no classifier-free guidance to add it to."""
+  s = sample_config
+  if not s.skip_layers:
+    return None
+  layers = f"{prefix}skip_layers={','.join(map(str, s.skip_layers))}"
+  if config.model.backbone != "sd3":
+    return f"{layers}: skip-layer guidance leaves blocks of SD3's transformer out; this model is no SD3: leave it empty"
+  try:
+    blocks = sd3_transformer.read_config(config.model.sd3_path)["num_layers"]
+  except ValueError:  # sd3_problems says why
+    return None
+  if not all(0 <= layer < blocks for layer in s.skip_layers):
+    return f"{layers}: the transformer has blocks 0 to {blocks - 1}"
+  if s.skip_layer_scale < 0:
+    return f"{prefix}skip_layer_scale={s.skip_layer_scale} must be >= 0"
+  if not 0 <= s.skip_layer_start < s.skip_layer_stop <= 1:
+    return (f"skip_layer_start={s.skip_layer_start}, skip_layer_stop={s.skip_layer_stop}: fractions of the steps, "
+            "0 <= start < stop <= 1")
+  if s.guidance_scale == 1:
+    return (f"{layers}: skip-layer guidance is added to classifier-free guidance, which guidance_scale=1 turns off "
+            "(as StableDiffusion3Pipeline)")
+  return None
+
+
 def flow_shift_problem(config, sample_config, prefix: str) -> str | None:
   """Why sample_config's flow_shift (named prefix + field) cannot apply: negative, or a schedule other than flow."""
   shift = sample_config.flow_shift
@@ -713,6 +740,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   found += sample_problems(config.sample, "sample.") + sample_size_problems(config, config.sample, "sample.")
   for problem in (flow_shift_problem(config, config.sample, "sample."),
                   flux_guidance_problem(config, config.sample, "sample."),
+                  skip_layer_problem(config, config.sample, "sample."),
                   timestep_spacing_problem(config, config.sample, "sample.")):
     found += [problem] if problem else []
   if config.train.sample_every < 0:

@@ -37,6 +37,12 @@ Flags:
                     >= 0, what its pipelines call guidance_scale (default: config sample.flux_guidance, -1 =
                     model.flux_guidance, 3.5 in configs/flux.py); refused for other models. Its --guidance_scale
                     is classifier-free guidance (diffusers' true_cfg_scale), 1 (none) in configs/flux.py
+  --skip_layers     SD3 (model.backbone='sd3'): skip-layer guidance, the comma-separated indices of the transformer
+                    blocks a third pass leaves out (SD 3.5 Medium's model card: 7,8,9), guided away from at the
+                    steps between sample.skip_layer_start and sample.skip_layer_stop (fractions of the steps: 0.01,
+                    0.2) by --skip_layer_scale, as StableDiffusion3Pipeline's skip_guidance_layers; none = off
+                    (default: config sample.skip_layers, () = off); with classifier-free guidance only
+  --skip_layer_scale skip-layer guidance's scale, >= 0 (default: config sample.skip_layer_scale, 2.8: the pipeline's)
   --height, --width the samples' size in pixels, any the network divides (its autoencoder's downsampling times
                     the U-Net's levels' or the patch of a DiT or Wan: Wan's 480 x 832, say); --init_image, --mask
                     and --init_video are brought to it (default: config sample.height and sample.width, 0 = the
@@ -143,15 +149,16 @@ MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_noise", "guidance_interval",
                     "num_per_prompt", "seed", "use_ema", "frames", "height", "width", "flow_shift", "flux_guidance",
-                    "strength", "edit_noise", "video_length", "context_frames", "reconstruction_guidance",
-                    "null_text_iterations")
+                    "skip_layers", "skip_layer_scale", "strength", "edit_noise", "video_length", "context_frames",
+                    "reconstruction_guidance", "null_text_iterations")
 # a prompt's image to edit, its inpainting mask, a clip to edit, the last frame of an image-to-video model's clip
 EDIT_FILES = ("init_image", "mask", "init_video", "last_image")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
 # Settings that change the compiled sampler (prompts, seeds and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scale_low_noise", "guidance_rescale",
                      "guidance_interval", "threshold", "threshold_percentile", "frames", "height", "width",
-                     "flow_shift", "flux_guidance", "resolution_shift", "aug_level", "strength", "edit_noise",
+                     "flow_shift", "flux_guidance", "skip_layers", "skip_layer_scale", "skip_layer_start",
+                     "skip_layer_stop", "resolution_shift", "aug_level", "strength", "edit_noise",
                      "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate")
 _compiled_samplers = {}
 MESH_HELP = ("AXIS=SIZE,... of the mesh the checkpoint is restored and sampled on, over the default data=-1 (every "
@@ -295,9 +302,13 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
         return model(x, logsnr, uncond_text_at(logsnr), null_mask, lowres=lowres, aug_logsnr=aug_logsnr,
                      condition=condition)
 
+      skip_layer_window = samplers.skip_layer_window(logsnr, s.skip_layer_start, s.skip_layer_stop)
+      skip_layer_guidance = (  # SD3's: the conditional pass without sample.skip_layers, guided away from
+          (lambda x, logsnr: model(x, logsnr, *cond, condition=condition, skip_layers=tuple(s.skip_layers)),
+           s.skip_layer_scale, skip_layer_window) if s.skip_layers and skip_layer_window else None)
       guided_at = lambda scale: samplers.make_denoiser(network_fn, d.prediction, scale, s.guidance_rescale,
                                                        "none" if residual else s.threshold, s.threshold_percentile,
-                                                       d.sigma_data, s.guidance_interval)
+                                                       d.sigma_data, s.guidance_interval, skip_layer_guidance)
       guided = guided_at(s.guidance_scale)
       if s.guidance_scale_low_noise not in (-1, s.guidance_scale):  # a pair of experts' low-noise steps' own scale
         guided = samplers.switched_at(guided, guided_at(s.guidance_scale_low_noise),
@@ -564,6 +575,17 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
   return grid_path
 
 
+def parse_skip_layers(values: list[str]) -> tuple[int, ...]:
+  """--skip_layers' comma-separated block indices (["7", "8", "9"]) as ints; "none" or nothing: () (off)."""
+  if [v.strip().lower() for v in values] in ([], ["none"], [""]):
+    return ()
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise ValueError(f"--skip_layers={','.join(values)!r} is not comma-separated block indices (e.g. 7,8,9) or "
+                     "none") from None
+
+
 def prompt_guidance_interval(value) -> list:
   """A prompts file's "guidance_interval" ("LOW:HIGH", "none", or [low, high] / []) as a JSON list of floats."""
   if isinstance(value, str):
@@ -683,7 +705,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
       config, sample_config, "--")
   for problem in (config_checks.low_noise_guidance_problem(config, sample_config, "--"),
                   config_checks.flow_shift_problem(config, sample_config, "--"),
-                  config_checks.flux_guidance_problem(config, sample_config, "--")):
+                  config_checks.flux_guidance_problem(config, sample_config, "--"),
+                  config_checks.skip_layer_problem(config, sample_config, "--")):
     if problem:
       problems.append(problem)
   if problems:
@@ -863,6 +886,10 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     provenance["guidance_interval"] = list(sample_config.guidance_interval)
   if sample_config.flux_guidance != -1:
     provenance["flux_guidance"] = sample_config.flux_guidance
+  if sample_config.skip_layers:
+    s = sample_config
+    provenance["skip_layer_guidance"] = {"layers": list(s.skip_layers), "scale": s.skip_layer_scale,
+                                         "start": s.skip_layer_start, "stop": s.skip_layer_stop}
   if guide is not None:
     provenance["guide"] = autoguidance.provenance(guide)
   if config.model.temporal and sample_config.video_length:
@@ -931,6 +958,10 @@ def define_flags():
                      "sample.flow_shift, 0 = diffusion.schedule_params.shift, or with sample.resolution_shift "
                      "Flux's shift for the samples' token count; Wan's pipelines: 3 at 480p, 5 at 720p).",
                      lower_bound=0)
+  flags.DEFINE_list("skip_layers", None, "SD3: skip-layer guidance's transformer blocks, e.g. 7,8,9; none = off "
+                    "(default: config sample.skip_layers).")
+  flags.DEFINE_float("skip_layer_scale", None, "SD3: skip-layer guidance's scale (>= 0; default: config "
+                     "sample.skip_layer_scale).")
   flags.DEFINE_float("flux_guidance", None, "FLUX.1 dev: the guidance scale it is told to follow (>= 0; its "
                      "pipelines' guidance_scale; -1 = model.flux_guidance; default: config sample.flux_guidance).")
   flags.DEFINE_integer("height", None, "Height of the samples in pixels, any the model divides (default: config "
@@ -1018,6 +1049,8 @@ def main(argv):
   try:
     if f.guidance_interval is not None:
       overrides["guidance_interval"] = samplers.parse_guidance_interval(f.guidance_interval, "--guidance_interval=")
+    if f.skip_layers is not None:
+      overrides["skip_layers"] = parse_skip_layers(f.skip_layers)
     if f.cascade is not None:
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)
     else:

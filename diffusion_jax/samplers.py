@@ -8,6 +8,7 @@ compiles to one program.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import objectives
 
@@ -211,6 +212,19 @@ def in_guidance_interval(alpha, sigma, interval):
   return (level > interval[0]) & (level <= interval[1])
 
 
+def skip_layer_window(logsnr_grid, start: float, stop: float) -> tuple | None:
+  """(lowest, highest) log-SNR of the steps skip-layer guidance acts at: step i of a grid [steps + 1] (noisiest
+  first) where steps x start < i < steps x stop (SD3's pipelines'), each bound halfway to the next step's outside;
+  None where no step is inside."""
+  grid = np.asarray(logsnr_grid, np.float64)
+  steps = len(grid) - 1
+  inside = [i for i in range(steps) if steps * start < i < steps * stop]
+  if not inside:
+    return None
+  first, last = inside[0], inside[-1]
+  return (grid[first - 1] + grid[first]) / 2, (grid[last] + grid[last + 1]) / 2
+
+
 def switched_at(high_noise_fn, low_noise_fn, boundary_logsnr):
   """A denoiser (x, alpha, sigma) -> x0 that is low_noise_fn where an example's log-SNR is above boundary_logsnr and
   high_noise_fn elsewhere (a pair of experts' two guidance scales): one of them runs when the batch is at one noise
@@ -241,14 +255,17 @@ def threshold_x0(x0, kind: str = "none", percentile: float = 99.5):
 
 def make_denoiser(network_fn, prediction: str, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                   threshold: str = "none", threshold_percentile: float = 99.5, sigma_data: float = 0.5,
-                  guidance_interval=()):
+                  guidance_interval=(), skip_layer_guidance=None):
   """Wrap a network into a guided, thresholded denoiser.
 
   network_fn(x, logsnr, conditional: bool) -> output in the `prediction` parameterisation, where
   conditional=False means the empty (null) text condition. Guidance combines the two outputs in
   eps space, which equals combining them in any linear parameterisation. guidance_interval: (low, high) noise
   levels sigma/alpha outside which a step is unguided (in_guidance_interval), the unconditional pass skipped
-  when no example of the batch is inside; () guides every step.
+  when no example of the batch is inside; () guides every step. skip_layer_guidance: (skipped_fn(x, logsnr) ->
+  output with some of the network's layers left out, for the conditional text; scale; (lowest, highest) log-SNR,
+  skip_layer_window): SD3's skip-layer guidance, scale x (conditional - skipped) added to the guided output where an
+  example's log-SNR is in that window (its pass skipped when none is); only where classifier-free guidance acts.
   """
   if guidance_scale < 0:
     raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
@@ -272,8 +289,14 @@ def make_denoiser(network_fn, prediction: str, guidance_scale: float = 1.0, guid
 
     def guided():
       uncond = network_fn(x_in, logsnr, False)
-      eps = guided_prediction(eps_of(cond, x, alpha, sigma), eps_of(uncond, x, alpha, sigma),
-                              guidance_scale, guidance_rescale)
+      cond_eps = eps_of(cond, x, alpha, sigma)
+      eps = guided_prediction(cond_eps, eps_of(uncond, x, alpha, sigma), guidance_scale, guidance_rescale)
+      if skip_layer_guidance:
+        skipped_fn, scale, (lowest, highest) = skip_layer_guidance
+        applies = objectives.per_example((logsnr >= lowest) & (logsnr <= highest), x)
+        away_from_skipped = lambda: jnp.where(applies, scale * (cond_eps - eps_of(skipped_fn(x_in, logsnr), x, alpha,
+                                                                                   sigma)), 0.0)
+        eps = eps + jax.lax.cond(jnp.any(applies), away_from_skipped, lambda: jnp.zeros_like(eps))
       return (x - objectives.per_example(sigma, x) * eps) / objectives.per_example(alpha, x)
 
     if guidance_scale == 1.0:

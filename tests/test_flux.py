@@ -135,8 +135,8 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   updates too) encodes the prompts' pooled embedding and predicts what the trained model does, and read back it
   fits. Told another guidance scale when sampling (--flux_guidance), it predicts what the pipeline's transformer does
   with that scale, and samples otherwise. A second CLIP encoder, other latent channels, a missing T5 tokenizer, a
-  negative --flux_guidance and a resolution shift out of order are refused by the config check, saying what is
-  wrong."""
+  negative --flux_guidance, skip-layer guidance (SD3's) and a resolution shift out of order are refused by the config
+  check, saying what is wrong."""
   from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
   from configs import flux
@@ -167,10 +167,12 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
       config_checks.problems(bad, device_count=8))
   bad = config.copy_and_resolve_references()
   bad.model.in_channels, bad.text.spiece_path, bad.sample.resolution_shift = 3, "", (4096, 256, 0.5, 1.15)
-  bad.sample.flux_guidance = -2.0
+  bad.sample.flux_guidance, bad.sample.skip_layers = -2.0, (0,)
   found = " ".join(config_checks.problems(bad, device_count=8))
   for problem in ("model.in_channels=3: Flux's transformer diffuses latents of 4 channels",
                   "sample.flux_guidance=-2.0 must be >= 0 (or -1: model.flux_guidance)",
+                  "sample.skip_layers=0: skip-layer guidance leaves blocks of SD3's transformer out; this model is no "
+                  "SD3",
                   "text.t5_encoder_path reads T5's ids: set text.spiece_path",
                   "sample.resolution_shift=(4096, 256, 0.5, 1.15): (base_tokens, max_tokens, base_shift, max_shift), "
                   "base_tokens < max_tokens"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_jax import samplers, schedules
+from diffusion_jax import objectives, samplers, schedules
 
 STEPS = 12
 SHAPE = (4, 6)
@@ -304,6 +304,42 @@ def test_a_denoiser_switched_at_a_noise_level_gives_each_example_its_sides_and_r
     alpha = jnp.full(3, level)
     np.testing.assert_array_equal(jax.block_until_ready(denoise(x, alpha, jnp.sqrt(1 - alpha ** 2))), value)
     assert ran == [name]
+
+
+def test_skip_layer_guidance_adds_the_conditional_minus_the_skipped_prediction_at_its_steps_only():
+  """SD3's skip-layer guidance on a flow model: the guided velocity plus scale x (conditional - skipped) where an
+  example's log-SNR is in the window (StableDiffusion3Pipeline's sum of predictions), the guided one elsewhere, and
+  the skipped pass not run when no example is inside. The window holds the steps i of 28 with 28 x 0.01 < i < 28 x
+  0.2, steps 1 to 5, as the pipeline's."""
+  skipped_passes = []
+
+  def network(x, logsnr, conditional):  # velocities whose branches differ
+    return jnp.tanh(x) * (1.0 if conditional else -2.0)
+
+  def skipped(x, logsnr):
+    jax.debug.callback(lambda: skipped_passes.append(1))
+    return jnp.sin(x)
+
+  x = jax.random.normal(jax.random.key(0), (3, 4, 4, 3))
+  t = jnp.array([0.2, 0.5, 0.8])
+  alpha, sigma = 1 - t, t
+  logsnr = 2 * jnp.log(alpha / sigma)
+  window = (float(logsnr[2]) - 0.1, float(logsnr[1]) + 0.1)  # the examples at t 0.5 and 0.8
+  denoiser = lambda **kw: jax.jit(samplers.make_denoiser(network, "flow", 3.0, **kw))
+  x0 = denoiser(skip_layer_guidance=(skipped, 2.8, window))(x, alpha, sigma)
+  cond, uncond = network(x, logsnr, True), network(x, logsnr, False)
+  velocity = uncond + 3.0 * (cond - uncond) + 2.8 * (cond - jnp.sin(x)) * (t[:, None, None, None] > 0.3)
+  np.testing.assert_allclose(x0, objectives.x0_from_prediction("flow", velocity, x, alpha[:, None, None, None],
+                                                                sigma[:, None, None, None]), rtol=1e-5, atol=1e-5)
+  assert len(skipped_passes) == 1
+  np.testing.assert_allclose(denoiser(skip_layer_guidance=(skipped, 2.8, (10.0, 20.0)))(x, alpha, sigma),
+                             denoiser()(x, alpha, sigma), rtol=1e-5, atol=1e-6)
+  assert len(skipped_passes) == 1  # no example inside: the pass is skipped
+
+  grid = np.linspace(-6.0, 6.0, 29)  # 28 steps, noisiest first
+  lowest, highest = samplers.skip_layer_window(grid, 0.01, 0.2)
+  assert [i for i in range(28) if lowest <= grid[i] <= highest] == [1, 2, 3, 4, 5]
+  assert samplers.skip_layer_window(grid[:3], 0.01, 0.2) is None  # 2 steps: 0.02 < i < 0.4 holds none
 
 
 def test_guidance_rescale_restores_conditional_std():

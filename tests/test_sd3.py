@@ -1,6 +1,8 @@
 """Stable Diffusion 3: the MMDiT transformer (models/sd3_transformer.py) against diffusers' SD3Transformer2DModel, and
 configs/stable_diffusion3.py on a tiny checkpoint's folders against diffusers' StableDiffusion3Pipeline."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import torch
 from flax import nnx
 from test_sd_unet import save_tiny_clip_tokenizer
 
-from diffusion_jax import config_checks, sample, train
+from diffusion_jax import config_checks, media, sample, train
 from diffusion_jax.models import init_rngs, sd3_transformer
 
 
@@ -35,7 +37,8 @@ def save_tiny_sd3_transformer(directory, **fields):
 def test_the_transformer_predicts_what_diffusers_sd3_transformer_does(tmp_path, variant):
   """SD 3's layout, and SD 3.5 Medium's (a second self-attention in the first block, queries and keys RMS-normalised
   per head): loaded from a diffusers directory, a non-square latent image's prediction (its patches a centred crop of
-  the position table) equals diffusers' to float rounding; the position table diffusers initialises is ours. Too many
+  the position table) equals diffusers' to float rounding, as does its prediction with a block left out (skip-layer
+  guidance's); the position table diffusers initialises is ours. Too many
   patches and an unsupported config are refused, saying why."""
   fields = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if variant == "sd35" else {}
   reference = save_tiny_sd3_transformer(tmp_path / "transformer", **fields)
@@ -51,6 +54,12 @@ def test_the_transformer_predicts_what_diffusers_sd3_transformer_does(tmp_path, 
                              expected, atol=2e-5)
   fresh = sd3_transformer.SD3Transformer(sd3_transformer.read_config(tmp_path / "transformer"), rngs=nnx.Rngs(0))
   np.testing.assert_allclose(fresh.pos_embed.pos_embed[...], reference.pos_embed.pos_embed.numpy(), atol=1e-5)
+  with torch.no_grad():  # skip-layer guidance's pass: a block left out
+    skipped = reference(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(text), torch.from_numpy(pooled),
+                        torch.from_numpy(timestep), skip_layers=[0]).sample.permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(ours(jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(text), jnp.asarray(pooled),
+                                  skip_layers=(0,)), skipped, atol=2e-5)
+  assert np.abs(skipped - expected).max() > 1e-2
   with pytest.raises(ValueError, match="14 x 6 patches: SD3's position table covers at most 12 a side"):
     ours(jnp.zeros((1, 28, 12, 4)), jnp.asarray(timestep[:1]), jnp.asarray(text[:1]), jnp.asarray(pooled[:1]))
   assert sd3_transformer.config_problems({"caption_projection_dim": 32, "num_attention_heads": 2,
@@ -169,7 +178,8 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   diffusers' layout, the pipeline with it fused predicts what the trained model does, and read back it fits. Without
   the second encoder or T5's tokenizer, with a T5 path holding another model, on the variance-preserving path or told
   FLUX.1 dev's guidance scale, the config check says what is wrong, as it does of samples wider than the position
-  table covers."""
+  table covers, and of skip-layer guidance of blocks it lacks or without classifier-free guidance. Sampled with
+  skip-layer guidance (--skip_layers), its images change."""
   from configs import stable_diffusion3
   from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
@@ -197,17 +207,33 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
       "sample.width=52 is 13 of SD3's patches, and its position table covers at most 12 a side: at most 48 pixels"]
   bad = config.copy_and_resolve_references()
   bad.diffusion.path, bad.text.spiece_path, bad.sample.flux_guidance = "vp", "", 3.5
+  bad.sample.skip_layers = (1, 2)
   found = " ".join(config_checks.problems(bad, device_count=8))
   for problem in ("diffusion.path='vp', diffusion.prediction='flow': SD3's transformer predicts the velocity",
+                  "sample.skip_layers=1,2: the transformer has blocks 0 to 1",
                   "sample.flux_guidance=3.5: the guidance scale a guidance-distilled Flux (FLUX.1 dev: "
                   "guidance_embeds) is told to follow; this model reads none",
                   "text.t5_encoder_path reads T5's ids: set text.spiece_path"):
     assert problem in found, found
 
+  bad = config.copy_and_resolve_references()
+  bad.sample.update(skip_layers=(0,), guidance_scale=1.0)
+  assert config_checks.problems(bad, device_count=8) == [
+      "sample.skip_layers=0: skip-layer guidance is added to classifier-free guidance, which guidance_scale=1 turns "
+      "off (as StableDiffusion3Pipeline)"]
+
   weights, graphdef = trained_lora_run(config, tmp_path, "sd3", (
       f"for a model: Stable Diffusion 3's transformer of {tmp_path / 'sd3' / 'transformer'}",
       # 2 blocks' joint attention: 8 projections, 7 in the last (its text output unused); 3 feed-forward layers' 2
       "joint attention: 15 layers", "feed-forward: 6 layers"))
+  # Skip-layer guidance (sample --skip_layers) at the second of 2 steps: other images, their provenance saying so
+  sample.sample_from_workdir(tmp_path / "run", {"steps": 2, "skip_layers": (0,), "skip_layer_start": 0.0,
+                                                "skip_layer_stop": 1.0}, output_dir=tmp_path / "skipped")
+  skipped_image, default_image = (media.read_image(tmp_path / folder / "p000_00.png").astype(np.float32)
+                                  for folder in ("skipped", "out"))
+  assert np.abs(skipped_image - default_image).max() > 0
+  assert json.loads(media.read_provenance(tmp_path / "skipped" / "p000_00.png")["skip_layer_guidance"]) == {
+      "layers": [0], "scale": 2.8, "start": 0.0, "stop": 1.0}
 
   # The condition, the null condition and the prediction of the base weights (the LoRA's updates zeroed) and of the
   # trained ones, against the pipeline's, then with the LoRA written in diffusers' layout fused into it

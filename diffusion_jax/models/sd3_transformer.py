@@ -240,7 +240,8 @@ class SD3Transformer(nnx.Module):
     table = self.pos_embed.pos_embed[...].reshape(self.max_size, self.max_size, -1)
     return table[top:top + rows, left:left + columns].reshape(rows * columns, -1)
 
-  def __call__(self, x, timestep, text, pooled):
+  def __call__(self, x, timestep, text, pooled, skip_layers=()):
+    """skip_layers: indices of blocks left out (both streams pass them unchanged: skip-layer guidance's pass)."""
     b, h, w, _ = x.shape
     p, rows, columns = self.patch, h // self.patch, w // self.patch
     tokens = self.pos_embed.proj(x.astype(jnp.float32)).reshape(b, rows * columns, -1)
@@ -252,8 +253,9 @@ class SD3Transformer(nnx.Module):
     context = self.context_embedder(text.astype(jnp.float32))
     run = lambda block, *args: block(*args)
     run = layers.rematerialised(run, self.remat_policy) if self.remat_policy else run
-    for block in self.transformer_blocks:
-      tokens, context = run(block, tokens, context, embedding)
+    for index, block in enumerate(self.transformer_blocks):
+      if index not in skip_layers:
+        tokens, context = run(block, tokens, context, embedding)
     scale, shift = jnp.split(self.norm_out.linear(nnx.silu(embedding)), 2, axis=-1)
     out = self.proj_out(modulated(standardized(tokens), shift, scale))
     out = out.reshape(b, rows, columns, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)

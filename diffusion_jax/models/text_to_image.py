@@ -165,14 +165,15 @@ class TextToImage(nnx.Module):
     return self.image_condition(clips[:, 0], clips.shape[1], clips[:, -1], jnp.ones(clips.shape[:1], bool))
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
-               condition=None, expert=None, size_ids=None):
-    """size_ids: SDXL's size and crop ids [batch, 6] (data.size_ids; None: sdxl_text.time_ids of x's image size, as
-    sampling's). expert: with a pair of Wan experts, 'high' or 'low' runs that one on every example (a batch at its
-    noise levels); None gives each example its noise level's. condition: an image-to-video model's (image_condition); a
-    model that starts clips at images (Wan 2.2 TI2V), optionally {"first_latents": [batch, 1, h, w, c],
-    "first_given": [batch] bool}: where given, x's first latent frame is read as those latents at timestep 0 (the
-    other frames' tokens at logsnr's, diffusers' expand_timesteps) and its output is the velocity toward them from
-    x (a sampler keeps them; the loss on them is 0 when they are the clip's own)."""
+               condition=None, expert=None, size_ids=None, skip_layers=()):
+    """skip_layers: SD3's blocks left out (skip-layer guidance's pass). size_ids: SDXL's size and crop ids [batch, 6]
+    (data.size_ids; None: sdxl_text.time_ids of x's image size, as sampling's). expert: with a pair of Wan
+    experts, 'high' or 'low' runs that one on every example (a batch at its noise levels); None gives each
+    example its noise level's. condition: an image-to-video model's (image_condition); a model that starts clips
+    at images (Wan 2.2 TI2V), optionally {"first_latents": [batch, 1, h, w, c], "first_given": [batch] bool}:
+    where given, x's first latent frame is read as those latents at timestep 0 (the other frames' tokens at
+    logsnr's, diffusers' expand_timesteps) and its output is the velocity toward them from x (a sampler keeps
+    them; the loss on them is 0 when they are the clip's own)."""
     if self.image_to_video and condition is None:
       raise ValueError("This image-to-video model needs the condition of the images its clips start at "
                        "(image_condition)")
@@ -206,7 +207,7 @@ class TextToImage(nnx.Module):
       tokens, pooled = sdxl_text.split(text, self.text_width)
       timestep = wan_transformer.timestep(logsnr)  # (the same flow timestep as Wan's)
       if self.backbone == "sd3":
-        return self.sd3(x, timestep, tokens, pooled)
+        return self.sd3(x, timestep, tokens, pooled, skip_layers)
       guidance = jnp.full(x.shape[:1], self.flux_guidance, jnp.float32) if self.flux.guided else None
       if self.inpainting:  # FLUX.1 Fill: the latents, the known image's latents, where to generate (its order)
         x = jnp.concatenate([x, condition["masked_latents"].astype(x.dtype), condition["mask"].astype(x.dtype)], -1)
