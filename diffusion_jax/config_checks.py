@@ -530,8 +530,8 @@ def skip_layer_problem(config, sample_config, prefix: str) -> str | None:
   if s.skip_layer_scale < 0:
     return f"{prefix}skip_layer_scale={s.skip_layer_scale} must be >= 0"
   if not 0 <= s.skip_layer_start < s.skip_layer_stop <= 1:
-    return (f"skip_layer_start={s.skip_layer_start}, skip_layer_stop={s.skip_layer_stop}: fractions of the steps, "
-            "0 <= start < stop <= 1")
+    return (f"{prefix}skip_layer_start={s.skip_layer_start}, {prefix}skip_layer_stop={s.skip_layer_stop}: fractions "
+            "of the steps, 0 <= start < stop <= 1")
   if s.guidance_scale == 1:
     return (f"{layers}: skip-layer guidance is added to classifier-free guidance, which guidance_scale=1 turns off "
             "(as StableDiffusion3Pipeline)")

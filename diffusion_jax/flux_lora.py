@@ -15,6 +15,10 @@ its parts stacked, each its rows of `up` times the shared `down`: read as one up
 final modulation (`final_layer.adaLN_modulation.1`) gives (shift, scale) where diffusers' gives (scale, shift): the
 halves of its update's rows are swapped. Tensors that are not low-rank updates of a layer named here are refused,
 naming the keys.
+
+Written (to_kohya: `lora --format=kohya` of a Flux LoRA), a fused layer's parts' updates become one of their summed
+ranks: down their a's stacked, up block-diagonal (a part without an update: zero rows), so that up @ down is each
+part's update in its rows.
 """
 
 import re
@@ -118,3 +122,55 @@ def from_file(tensors: dict) -> dict:
       module = sd_lora.update_module("flux", name.split("."))
       updates[f"{module}/lora_a"], updates[f"{module}/lora_b"] = a, np.ascontiguousarray(columns)
   return updates
+
+
+def bfl_part(name: str) -> tuple[str, int]:
+  """A layer of diffusers' Flux transformer ('single_transformer_blocks.1.attn.to_k') -> (BFL's layer holding it,
+  its part's index there): ('single_blocks.1.linear1', 1); a ValueError for a layer BFL's names do not hold."""
+  for block, prefix, table in (("double_blocks", "transformer_blocks.", DOUBLE),
+                               ("single_blocks", "single_transformer_blocks.", SINGLE)):
+    number, _, inner = name.removeprefix(prefix).partition(".")
+    if name.startswith(prefix) and number.isdigit():
+      for layer, names in table.items():
+        if inner in names:
+          return f"{block}.{number}.{layer}", names.index(inner)
+  for layer, names in OUTER.items():
+    if name in names:
+      return layer, 0
+  raise ValueError(f"flux/{name}: no layer of Flux's in kohya's names holds it; write this adapter in diffusers' "
+                   "layout (--format=diffusers)")
+
+
+def to_kohya(updates: dict) -> dict:
+  """Our updates {name: array} of Flux's transformer and its CLIP text encoder -> kohya's names {key: float32
+  array}: 'lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight' [rank, in], '.lora_up.weight' [out, rank] and
+  '.alpha' = rank (scale 1); a fused layer's parts stacked (module docstring), the final modulation's halves in BFL's
+  (shift, scale) order; CLIP's 'lora_te1_text_model_...'."""
+  fused, tensors = {}, {}
+  for name, x in updates.items():
+    model, path, leaf = sd_lora.written_parts(name, x, "diffusers")
+    if model == "text_encoder/clip":
+      key = KOHYA_TEXT_PREFIX + "_".join(path)
+      tensors[f"{key}.lora_{'down' if leaf == 'lora_a' else 'up'}.weight"] = np.ascontiguousarray(
+          np.asarray(x, np.float32).T)
+      if leaf == "lora_a":
+        tensors[f"{key}.alpha"] = np.array(np.shape(x)[1], np.float32)
+      continue
+    layer, index = bfl_part(".".join(path))
+    fused.setdefault(layer, {}).setdefault(index, {})[leaf] = np.asarray(x, np.float32)
+  for layer, given in fused.items():
+    _, widths = parts(layer)
+    unit = next(pair["lora_b"].shape[1] // widths[i] for i, pair in given.items())
+    starts = np.cumsum([0, *widths]) * unit
+    down = np.concatenate([given[i]["lora_a"].T for i in sorted(given)])
+    up, column = np.zeros((starts[-1], down.shape[0]), np.float32), 0
+    for i in sorted(given):
+      rank = given[i]["lora_a"].shape[1]
+      up[starts[i]:starts[i + 1], column:column + rank] = given[i]["lora_b"].T
+      column += rank
+    if layer == SWAPPED:
+      up = np.concatenate(np.split(up, 2)[::-1])
+    key = KOHYA_PREFIX + layer.replace(".", "_")
+    tensors.update({f"{key}.lora_down.weight": np.ascontiguousarray(down), f"{key}.lora_up.weight": up,
+                    f"{key}.alpha": np.array(down.shape[0], np.float32)})
+  return tensors

@@ -22,7 +22,8 @@ same (kohya's with the SGM U-Net's module names), SD3's and Flux's in diffusers'
 named 'transformer.', matched to the model's by `resolved`), and Flux's in kohya's and BFL's names (flux_lora.py:
 fused layers split); `--format=diffusers` writes a LoRA of SD's U-Net (1.x, 2.x or SDXL) or SD3's or Flux's
 transformer, and of their CLIP text encoders, in diffusers' layout, which their pipelines' load_lora_weights read,
-and `--format=kohya` an SD U-Net's in kohya's.
+and `--format=kohya` an SD U-Net's in kohya's, or a Flux transformer's in kohya's names (flux_lora.to_kohya: fused
+layers' parts stacked, as ComfyUI and Forge load Flux LoRAs).
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
                                [--format=diffusers|kohya]
@@ -36,7 +37,8 @@ Flags:
   --format    diffusion_jax (default: ours, with what made it), diffusers (a LoRA of Wan's, SD3's or Flux's
               transformer or of Stable Diffusion's U-Net; of Wan 2.2 A14B's pair, a second file,
               OUTPUT_low_noise.safetensors, for the low-noise expert) or kohya (a LoRA of Stable Diffusion's
-              U-Net and text encoders, SDXL's named as sd-scripts names them)
+              U-Net and text encoders, SDXL's named as sd-scripts names them, or of Flux's transformer and CLIP in
+              kohya's names for BFL's layers)
   --inspect   print what an adapter file holds instead (`describe`): what made it, the model it was made for,
               and how many layers of each kind it updates with how many weights
 """
@@ -257,7 +259,7 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   """Write the low-rank updates of a LoRA run's checkpoint (default: the latest; use_ema default: its
   sample.use_ema) to `output` (safetensors), in our layout, or (a LoRA of Wan's transformer or SD's U-Net, layout
   'diffusers') diffusers' (of Wan 2.2 A14B's pair, the low-noise expert's to OUTPUT_low_noise too), or (SD's U-Net,
-  'kohya') kohya's. Returns the files' metadata and, as 'files', their paths."""
+  Flux's transformer, 'kohya') kohya's. Returns the files' metadata and, as 'files', their paths."""
   from safetensors.numpy import save
 
   config = checkpoint.read_config(workdir)
@@ -266,9 +268,9 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
                      "the whole model; sample or fine-tune it as a workdir.")
   if layout not in LAYOUTS:
     raise ValueError(f"--format={layout!r}: one of {list(LAYOUTS)}")
-  if layout == "kohya" and config.model.backbone != "sd_unet":
-    raise ValueError(f"--format=kohya: only a LoRA of Stable Diffusion's U-Net has a kohya layout; "
-                     f"--workdir={str(workdir)!r} is a LoRA of a {config.model.backbone}")
+  if layout == "kohya" and config.model.backbone not in ("sd_unet", "flux"):
+    raise ValueError(f"--format=kohya: only a LoRA of Stable Diffusion's U-Net or Flux's transformer has a kohya "
+                     f"layout; --workdir={str(workdir)!r} is a LoRA of a {config.model.backbone}")
   unet = sd_unet.read_config(config.model.sd_unet_path) if config.model.backbone == "sd_unet" else {}
   sdxl = unet.get("addition_embed_type") == sd_unet.TEXT_TIME  # kohya names SDXL's modules as the SGM U-Net does
   if layout == "kohya" and sdxl and unet["layers_per_block"] != sd_lora.SDXL_LAYERS_PER_BLOCK:
@@ -300,6 +302,8 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
              for suffix, part in diffusers_lora.per_expert(tensors).items()}
   elif layout == "diffusers":
     files = {output: sd_lora.to_diffusers(tensors)}
+  elif layout == "kohya" and config.model.backbone == "flux":
+    files = {output: flux_lora.to_kohya(tensors)}
   elif layout == "kohya":
     files = {output: sd_lora.to_kohya(tensors, sdxl)}
   if layout != FORMAT:  # the PyTorch world's format tag, our provenance beside it
@@ -375,7 +379,7 @@ def define_flags():
                     "SD3's or Flux's transformer or Stable Diffusion's U-Net: their pipelines' load_lora_weights read "
                     "it) or kohya's "
                     "(a LoRA of SD's U-Net and text encoders, as sd-scripts writes them, for ComfyUI and "
-                    "AUTOMATIC1111).")
+                    "AUTOMATIC1111; of Flux's transformer in kohya's names for BFL's layers).")
 
 
 def main(argv):

@@ -133,10 +133,10 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   transformer's at the flow timestep with the guidance scale. A LoRA of it (and of CLIP) trains only its updates on
   captioned_shapes, describes itself and samples; written in diffusers' layout, the pipeline with it fused (CLIP's
   updates too) encodes the prompts' pooled embedding and predicts what the trained model does, and read back it
-  fits. Told another guidance scale when sampling (--flux_guidance), it predicts what the pipeline's transformer does
-  with that scale, and samples otherwise. A second CLIP encoder, other latent channels, a missing T5 tokenizer, a
-  negative --flux_guidance, skip-layer guidance (SD3's) and a resolution shift out of order are refused by the config
-  check, saying what is wrong."""
+  fits, as it does written in kohya's names. Told another guidance scale when sampling (--flux_guidance), it predicts
+  what the pipeline's transformer does with that scale, and samples otherwise. A second CLIP encoder, other latent
+  channels, a missing T5 tokenizer, a negative --flux_guidance, skip-layer guidance (SD3's) and a resolution shift out
+  of order are refused by the config check, saying what is wrong."""
   from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
   from configs import flux
@@ -223,6 +223,15 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   assert np.abs(trained_prediction - prediction).max() > 1e-2  # (the LoRA changed the prediction)
   np.testing.assert_allclose(trained_prediction, theirs(expected.numpy(), pooled.numpy()), atol=1e-4)
   lora.check([lora.read(str(tmp_path / "diffusers.safetensors"))], config)  # (read back: 'transformer/' is Flux's)
+  # Written in kohya's names (fused layers' parts stacked), read back: every layer's update (a @ b) as trained
+  lora.export(tmp_path / "run", tmp_path / "kohya.safetensors", use_ema=False, layout="kohya")
+  product = lambda updates: {k.removesuffix("/lora_a"): updates[k] @ updates[k[:-1] + "b"] for k in updates
+                             if k.endswith("/lora_a")}
+  trained, written = (product(lora.read(str(tmp_path / f"{name}.safetensors")).updates)
+                      for name in ("adapter", "kohya"))
+  assert written.keys() == trained.keys() and any(k.startswith("text_encoder/clip/") for k in written)
+  for key, update in trained.items():
+    np.testing.assert_allclose(written[key], update, atol=1e-6, err_msg=key)
 
 
 def test_flux_dev_has_diffusers_parameter_count():
@@ -243,7 +252,8 @@ def test_flux_loras_in_kohyas_and_bfls_names_fuse_as_diffusers_fuses_them(tmp_pa
   diffusers' does with the file loaded by FluxPipeline.load_lora_weights and fused at 0.7; the same tensors in BFL's
   names (ComfyUI's) read as the same updates; a tensor of no Flux layer is refused, naming it; a single block's fused
   linear1 splits into its query, key, value and MLP input updates, and the final modulation's halves are swapped
-  into diffusers' order."""
+  into diffusers' order. Written in kohya's names, updates of some of a fused layer's parts (the rest zero), of the
+  final modulation and of CLIP read back as they were."""
   import diffusers
   import safetensors.torch
 
@@ -314,6 +324,28 @@ def test_flux_loras_in_kohyas_and_bfls_names_fuse_as_diffusers_fuses_them(tmp_pa
   for layer, part in rows.items():
     module = f"flux/{layer}_lora"
     np.testing.assert_allclose(split[f"{module}/lora_a"] @ split[f"{module}/lora_b"], (part @ down).T, atol=1e-5)
+
+  # Written in kohya's names: a query and key but no value (the fused qkv's third rows zero), a single block's MLP
+  # input and value, the final modulation and CLIP's query, each read back as it was
+  updates = {}
+  shapes = {"flux/transformer_blocks/0/attn/to_q_lora": (dim, dim),
+            "flux/transformer_blocks/0/attn/to_k_lora": (dim, dim),
+            "flux/single_transformer_blocks/1/proj_mlp_lora": (dim, 4 * dim),
+            "flux/single_transformer_blocks/1/attn/to_v_lora": (dim, dim), "flux/norm_out/linear_lora": (dim, 2 * dim),
+            "flux/transformer_blocks/0/ff/net_lora/2": (4 * dim, dim),
+            "text_encoder/clip/text_model/encoder/layers/0/self_attn/q_proj_lora": (dim, dim)}
+  for module, (inputs, outputs) in shapes.items():
+    updates[f"{module}/lora_a"] = rng.normal(size=(inputs, rank)).astype(np.float32)
+    updates[f"{module}/lora_b"] = rng.normal(size=(rank, outputs)).astype(np.float32)
+  written = flux_lora.to_kohya(updates)
+  assert written["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (2 * rank, dim)
+  back = flux_lora.from_file(written)
+  for key in back:
+    if key.endswith("/lora_a"):
+      module = key.removesuffix("/lora_a")
+      given = (updates[key] @ updates[module + "/lora_b"] if key in updates else 0)
+      np.testing.assert_allclose(back[key] @ back[module + "/lora_b"], given, atol=1e-5, err_msg=key)
+  assert {k for k in back if k.endswith("/lora_a")} >= {k for k in updates if k.endswith("/lora_a")}
 
 
 def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_completes_images(tmp_path):

@@ -221,6 +221,11 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   assert config_checks.problems(bad, device_count=8) == [
       "sample.skip_layers=0: skip-layer guidance is added to classifier-free guidance, which guidance_scale=1 turns "
       "off (as StableDiffusion3Pipeline)"]
+  bad.sample.update(guidance_scale=7.0, skip_layer_scale=-1.0)
+  assert config_checks.problems(bad, device_count=8) == ["sample.skip_layer_scale=-1.0 must be >= 0"]
+  bad.sample.update(skip_layer_scale=2.8, skip_layer_start=0.5, skip_layer_stop=0.2)
+  assert config_checks.problems(bad, device_count=8) == [
+      "sample.skip_layer_start=0.5, sample.skip_layer_stop=0.2: fractions of the steps, 0 <= start < stop <= 1"]
 
   weights, graphdef = trained_lora_run(config, tmp_path, "sd3", (
       f"for a model: Stable Diffusion 3's transformer of {tmp_path / 'sd3' / 'transformer'}",
