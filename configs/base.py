@@ -103,6 +103,8 @@ def get_config():
       flux_path="",                # flux: local diffusers FluxTransformer2DModel directory (structure and weights)
       flux_guidance=3.5,           # flux with guidance_embeds (FLUX.1 dev): the guidance scale it is told to follow,
                                    # in training and sampling (its pipelines' guidance_scale; not classifier-free)
+      flux_kontext=False,          # flux: FLUX.1 Kontext, whose sampling reads --init_image as a reference image
+                                   # (its tokens beside the image's), not as an image to edit
       wan_path="",                 # wan: local diffusers WanTransformer3DModel directory (its structure and weights)
       wan_low_noise_path="",       # wan: a second one, the expert for low noise (Wan 2.2 A14B's transformer_2/)
       wan_boundary=0.875,          # with wan_low_noise_path: sigma below which (timestep / 1000) its expert denoises

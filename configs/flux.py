@@ -6,7 +6,8 @@ shifted by its scheduler's `shift` (3 for dev, 1 for schnell), as diffusers' Flu
 is guidance-distilled: it reads the guidance scale it follows (model.flux_guidance 3.5, in training too) and samples
 without classifier-free guidance (sample.guidance_scale 1), 28 flow Euler steps time-shifted for the samples'
 token count (Flux's dynamic shift, sample.resolution_shift: e^mu, 3.16 at 1024 px; --flow_shift overrides it);
-schnell 4 steps unshifted.
+schnell 4 steps unshifted. A FLUX.1 Kontext root (its model_index.json's FluxKontextPipeline) sets
+model.flux_kontext: `sample --init_image` then gives the model a reference image (an edit's source) to attend to.
 
   python -m diffusion_jax.main --config=configs/flux.py:/path/to/FLUX.1-dev --workdir=DIR \\
       --config.data.folder=/path/to/images --config.data.captions_file=/path/to/images/captions.jsonl
@@ -29,8 +30,9 @@ def get_config(root: str = ""):
   guided = transformer.get("guidance_embeds", True)  # FLUX.1 dev's (schnell: False)
   latents = (transformer.get("out_channels") or transformer.get("in_channels", 64)) // 4  # (2 x 2 packed; FLUX.1
   # Fill reads more channels than it predicts: the known image's latents and the mask)
+  kontext = read("model_index.json").get("_class_name") == "FluxKontextPipeline"  # FLUX.1 Kontext's checkpoint
   config.model.update(backbone="flux", flux_path=part("transformer"), in_channels=latents, flux_guidance=3.5,
-                      dtype="bfloat16", remat=True, remat_policy="matmuls")
+                      flux_kontext=kontext, dtype="bfloat16", remat=True, remat_policy="matmuls")
   config.text.update(pretrained_path=part("text_encoder"), t5_encoder_path=part("text_encoder_2"), tokenizer="clip",
                      tokenizer_path=part("tokenizer"), spiece_path=part("tokenizer_2", "spiece.model"),
                      max_length=77, t5_max_length=512 if guided else 256, trainable=False)

@@ -304,6 +304,9 @@ def flux_problems(config) -> list[str]:
                  "autoencoder's latent_channels must be as many")
   if flux_transformer.is_fill(flux):
     found += flux_fill_problems(config, flux)
+    if m.flux_kontext:
+      found.append("model.flux_kontext: this transformer is FLUX.1 Fill's (in_channels above out_channels), which "
+                   "reads an image to complete, not FLUX.1 Kontext's reference image: leave it False")
   if (t5_width, clip_width) != (flux["joint_attention_dim"], flux["pooled_projection_dim"]):
     found.append(f"Flux's transformer reads T5 states {flux['joint_attention_dim']} wide (joint_attention_dim) and a "
                  f"pooled CLIP embedding {flux['pooled_projection_dim']} wide (pooled_projection_dim), not "
@@ -764,6 +767,9 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if config.data.size_ids and m.backbone != "sd_unet":
     found.append("data.size_ids: only SDXL's U-Net (model.backbone='sd_unet') reads an image's size and crop; turn it "
                  "off")
+  if m.flux_kontext and m.backbone != "flux":
+    found.append(f"model.flux_kontext: FLUX.1 Kontext's reference images are read by Flux's transformer; "
+                 f"model.backbone={m.backbone!r}: leave it False")
   if m.backbone == "dit":
     found += dit_problems(config)
   elif m.backbone == "wan":

@@ -37,6 +37,10 @@ def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[in
                      "makes images (--init_image edits an image).")
   if not any(edited(e) for e in prompts):
     return {}
+  if config.model.flux_kontext:  # a reference image each, brought to the samples' size, nothing edited in place
+    if problems := kontext_problems(sample_config, prompts):
+      raise ValueError("; ".join(problems))
+    return {i: image_edit(e, size) for i, e in enumerate(prompts) if "init_image" in e}
   for e in prompts:
     if edited(e):
       editing.first_step(sample_config.steps, e.get("strength", sample_config.strength))
@@ -65,6 +69,19 @@ def animated(config, keep_masks) -> bool:
   return text_to_image.image_to_video(config) or bool(
       text_to_image.starts_clips_at_images(config) and keep is not None and keep[:, 0].all() and
       not keep[:, 1:].any())
+
+
+def kontext_problems(sample_config, prompts: list[dict]) -> list[str]:
+  """Why FLUX.1 Kontext cannot sample these prompts: its --init_image is a reference image the model attends to, so
+  a mask, a strength or an edit's noise (which place an image in the sampling grid) mean nothing to it."""
+  found = []
+  if named := [e["prompt"] for e in prompts if "mask" in e or "strength" in e][:3]:
+    found.append(f"FLUX.1 Kontext (model.flux_kontext) reads --init_image as a reference image to follow, not an "
+                 f"image to edit in place: leave out --mask and 'strength' ({named})")
+  if sample_config.edit_noise != "random":
+    found.append(f"--edit_noise={sample_config.edit_noise!r}: FLUX.1 Kontext samples from noise beside its "
+                 "reference image; leave it 'random'")
+  return found
 
 
 def check_editable(config):

@@ -62,7 +62,9 @@ Flags:
                     image-to-video Wan (Wan 2.1 or 2.2 I2V) reads it as its condition and makes the whole clip from
                     noise (every prompt needs one; no --strength, --edit_noise, --mask), and so does a Wan that
                     starts clips at images (model.wan_clean_first_frame, Wan 2.2 TI2V), reading its latent frame
-                    clean as the clip's first (every prompt of the call then needs one; no --last_image)
+                    clean as the clip's first (every prompt of the call then needs one; no --last_image); FLUX.1
+                    Kontext (model.flux_kontext) reads it as a reference image to follow, sampling from noise
+                    beside it (no --mask, --strength, --edit_noise)
   --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the samples'
                     size as --init_image) to edit for every prompt without an edit of its own (video-to-video:
                     SDEdit over the whole clip, nothing kept)
@@ -278,6 +280,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
     if init is not None and s.edit_noise in editing.SOURCE_PROMPTED:  # (images, keep, source ids, source mask)
       init, (source_ids, source_mask) = init[:2], init[2:]
       null_text, null_mask = model.encode(source_ids, source_mask), source_mask
+    if model.kontext and init is not None:  # FLUX.1 Kontext: the given images are references, no edit's start
+      condition, init = model.reference_condition(init[0]), None
     if model.inpainting:  # SD's inpainting U-Net reads the kept image and where to generate (all of it, unedited)
       condition = model.inpainting_condition(*(init[:2] if init is not None else
                                                (None, jnp.zeros((keys.shape[0], *image_size(config, s), 1)))))
@@ -735,7 +739,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
       lora.at_scales(adapters, entry.get("lora_scale"))
     except ValueError as error:
       raise ValueError(f"{prompts_path}, prompt {i + 1} ({entry['prompt']!r}): {error}") from None
-  edited = {} if edit_inputs.animates(config, prompts) else edits  # (an image-to-video model animates, not edits)
+  # (an image-to-video model animates, FLUX.1 Kontext follows a reference image: neither edits)
+  edited = {} if edit_inputs.animates(config, prompts) or config.model.flux_kontext else edits
   unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edited)),
                                               ("edit_noise", edited),
                                               ("null_text_iterations",
@@ -747,7 +752,8 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
     raise ValueError(f"{', '.join(unused)}: not used here: --strength, --edit_noise and --reconstruction_guidance "
                      "apply to edits (--init_image or --init_video, or such lines of a .jsonl prompts file; --strength "
                      "to those without a strength of their own; an image-to-video model's --init_image is not an "
-                     "edit: it makes the whole clip from noise), --null_text_iterations to edits with "
+                     "edit: it makes the whole clip from noise, nor is FLUX.1 Kontext's, a reference image), "
+                     "--null_text_iterations to edits with "
                      "--edit_noise=null_text_inversion, --context_frames and --reconstruction_guidance to "
                      "--video_length")
   stochastic = sample_config.sampler == "ddpm" or (sample_config.sampler == "ddim" and sample_config.eta > 0)
@@ -843,7 +849,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     log.warning("%s: no effect at guidance scale 1 (no step is guided)", " and ".join(unused))
   edits = edits or {}
   animated = edit_inputs.animated(config, [keep for _, keep in edits.values()] if edits else None)
-  for i in edits if not animated else ():  # (an image-to-video model's are not edits)
+  references = config.model.flux_kontext  # FLUX.1 Kontext's images are references, sampled from noise beside
+  for i in edits if not (animated or references) else ():  # (an image-to-video model's are not edits)
     entries[i].setdefault("strength", sample_config.strength)
     entries[i]["edit_noise"] = sample_config.edit_noise
   images, fused = [None] * len(entries), (None, None)  # (LoRA scales, the weights with the adapters fused at them)
@@ -851,7 +858,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   # once per set of LoRA scales (sorted first: one fused copy of the weights at a time).
   lora_scales = lambda i: tuple(a.scale for a in lora.at_scales(adapters, entries[i].get("lora_scale")))
   settings = [(lora_scales(i), entries[i]["guidance_scale"], interval(i),
-               entries[i].get("strength", sample_config.strength) if i in edits else -1.0) for i in range(len(entries))]
+               (1.0 if references else entries[i].get("strength", sample_config.strength)) if i in edits else -1.0)
+              for i in range(len(entries))]
   for scales, scale, group_interval, strength in sorted(set(settings)):
     group = [i for i, setting in enumerate(settings) if setting == (scales, scale, group_interval, strength)]
     if fused[0] != scales:

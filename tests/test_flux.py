@@ -36,16 +36,25 @@ def save_tiny_flux_transformer(directory, guidance_embeds=True, in_channels=16):
   return model
 
 
-def diffusers_prediction(model, latents, sigma, text, pooled, guidance=None):
-  """diffusers' Flux transformer's velocity for latents [batch, h, w, c] (numpy), packed, with the pipeline's ids."""
+def diffusers_prediction(model, latents, sigma, text, pooled, guidance=None, reference=None):
+  """diffusers' Flux transformer's velocity for latents [batch, h, w, c] (numpy), packed, with the pipeline's ids;
+  with reference latents [batch, h', w', c], FluxKontextPipeline's: their tokens after the image's, ids (1, row,
+  column), the image's part of the output."""
   from diffusers import FluxPipeline
 
+  pack = lambda x: FluxPipeline._pack_latents(torch.from_numpy(x).permute(0, 3, 1, 2), *np.take(x.shape, (0, 3, 1, 2)))
+  ids = lambda x: FluxPipeline._prepare_latent_image_ids(x.shape[0], x.shape[1] // 2, x.shape[2] // 2, "cpu",
+                                                         torch.float32)
   b, h, w, c = latents.shape
-  packed = FluxPipeline._pack_latents(torch.from_numpy(latents).permute(0, 3, 1, 2), b, c, h, w)
-  image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+  packed, image_ids = pack(latents), ids(latents)
+  if reference is not None:
+    reference_ids = ids(reference)
+    reference_ids[:, 0] = 1
+    packed, image_ids = torch.cat([packed, pack(reference)], 1), torch.cat([image_ids, reference_ids])
   with torch.no_grad():
     out = model(packed, torch.as_tensor(text), torch.as_tensor(pooled), torch.as_tensor(sigma), image_ids,
                 torch.zeros(text.shape[1], 3), None if guidance is None else torch.as_tensor(guidance)).sample
+  out = out[:, :h * w // 4]
   # (_unpack_latents takes pixel sizes and the VAE's factor: latents of h x w are pixels of 2h x 2w at factor 2)
   return FluxPipeline._unpack_latents(out, 2 * h, 2 * w, 2).permute(0, 2, 3, 1).numpy()
 
@@ -53,8 +62,9 @@ def diffusers_prediction(model, latents, sigma, text, pooled, guidance=None):
 @pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev", "schnell"])
 def test_the_transformer_predicts_what_diffusers_flux_transformer_does(tmp_path, guidance_embeds):
   """FLUX.1 dev's layout (a guidance embedding) and schnell's: loaded from a diffusers directory, a non-square latent
-  image's prediction (packed 2 x 2, rotary angles of the pipeline's ids) equals diffusers' to float rounding; a
-  guided model without a guidance scale and an unsupported config are refused, saying why."""
+  image's prediction (packed 2 x 2, rotary angles of the pipeline's ids) equals diffusers' to float rounding, also
+  with a reference image's tokens beside (FLUX.1 Kontext's); a guided model without a guidance scale and an
+  unsupported config are refused, saying why."""
   reference = save_tiny_flux_transformer(tmp_path / "transformer", guidance_embeds)
   ours = flux_transformer.load_diffusers(tmp_path / "transformer")
   rng = np.random.default_rng(0)
@@ -67,6 +77,12 @@ def test_the_transformer_predicts_what_diffusers_flux_transformer_does(tmp_path,
   if guidance_embeds:
     with pytest.raises(ValueError, match="reads the guidance scale it follows"):
       ours(jnp.asarray(x), jnp.asarray(sigma), jnp.asarray(text), jnp.asarray(pooled))
+    # FLUX.1 Kontext's call: a reference image's latents (another size) beside the image's
+    image = rng.standard_normal((2, 6, 10, 4)).astype(np.float32)
+    with_reference = diffusers_prediction(reference, x, sigma, text, pooled, guidance, image)
+    np.testing.assert_allclose(ours(jnp.asarray(x), jnp.asarray(1000 * sigma), jnp.asarray(text), jnp.asarray(pooled),
+                                    jnp.asarray(guidance), jnp.asarray(image)), with_reference, atol=5e-5)
+    assert np.abs(with_reference - expected).max() > 1e-2
   assert flux_transformer.config_problems({"patch_size": 2, "in_channels": 10, "axes_dims_rope": [2, 2, 2],
                                            "attention_head_dim": 8}) == [
       "patch_size=2: only 1 (every Flux model's: the pipeline packs 2 x 2 latents)",
@@ -395,3 +411,62 @@ def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_
   np.testing.assert_allclose(prediction, expected, atol=1e-4)
 
   assert_trains_and_completes(config, graphdef, state, images, ids, mask)
+
+
+def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_reference_image(tmp_path):
+  """configs/flux.py of a FLUX.1 Kontext root (model_index.json's FluxKontextPipeline) sets model.flux_kontext; its
+  sampler reads an --init_image as a reference image (its latents' tokens beside the sample's, ids (1, row,
+  column)) and makes, from the same starting noise, the images FluxKontextPipeline makes with that image (4 steps,
+  guidance 3.5, the dynamic shift), to a level of 8 bits; without the reference they differ. A mask, a prompt's
+  strength or an inverted start is refused for it, and the flag on another backbone or on FLUX.1 Fill."""
+  import json
+
+  import diffusers
+  import PIL.Image
+
+  from configs import flux
+  from diffusion_jax import edit_inputs, sharding, train
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.text import tokenizers
+
+  pipeline = save_tiny_flux(tmp_path / "kontext", [" ".join(captioned_shapes.VOCABULARY)] * 5)
+  (tmp_path / "kontext" / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline"}))
+  config = flux.get_config(str(tmp_path / "kontext"))
+  assert config.model.flux_kontext and not flux.get_config(str(tmp_path / "missing")).model.flux_kontext
+  config.model.update(dtype="float32", remat=False)
+  config.text.update(max_length=16, t5_max_length=8)
+  config.text.t5.dtype = "float32"
+  config.data.update(dataset="captioned_shapes", resolution=32, data_dir=str(tmp_path / "tfds"))
+  config.sample.steps = 4
+  assert config_checks.problems(config, device_count=8) == []
+  mesh = sharding.make_mesh(config.mesh)
+  state, graphdef = train.init_state(config, mesh)  # (the checkpoint's weights: nothing is trained)
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+  prompts, tokenizer = ["a large red circle"], tokenizers.from_config(config)
+  given = lambda images: dict(init_images=images, keep_masks=np.zeros(images.shape[:3], bool)) if len(images) else {}
+  ours = sample.generate(config, graphdef, state.params, state.frozen, tokenizer, prompts, config.sample, mesh,
+                         **given(image[None]))[:, 0]
+  without = sample.generate(config, graphdef, state.params, state.frozen, tokenizer, prompts, config.sample, mesh)
+
+  noise = np.asarray(jax.random.normal(sample.example_keys([config.sample.seed], 1)[0], (16, 16, 4)))
+  latents = diffusers.FluxPipeline._pack_latents(torch.from_numpy(noise).permute(2, 0, 1)[None], 1, 4, 16, 16)
+  kontext = diffusers.FluxKontextPipeline(**pipeline.components)
+  theirs = kontext(prompt=prompts, image=PIL.Image.fromarray(image), height=32, width=32, num_inference_steps=4,
+                   guidance_scale=3.5, latents=latents, max_sequence_length=8, output_type="np", max_area=32 * 32,
+                   _auto_resize=False).images
+  np.testing.assert_allclose(ours.astype(np.float32), np.round(theirs * 255), atol=2)
+  assert np.abs(ours.astype(np.float32) - without[:, 0]).max() > 10
+
+  PIL.Image.fromarray(image).save(tmp_path / "image.png")
+  entry = {"prompt": prompts[0], "init_image": str(tmp_path / "image.png")}
+  for extra in ({"mask": str(tmp_path / "image.png")}, {"strength": 0.5}):
+    with pytest.raises(ValueError, match="reads --init_image as a reference image to follow"):
+      edit_inputs.read(config, config.sample, [entry | extra], 0)
+  inverted = config.sample.copy_and_resolve_references()
+  inverted.edit_noise = "inversion"
+  with pytest.raises(ValueError, match="--edit_noise='inversion': FLUX.1 Kontext samples from noise"):
+    edit_inputs.read(config, inverted, [entry], 0)
+  bad = config.copy_and_resolve_references()
+  bad.model.backbone = "dit"
+  assert "model.flux_kontext: FLUX.1 Kontext's reference images are read by Flux's transformer" in " ".join(
+      config_checks.problems(bad, device_count=8))

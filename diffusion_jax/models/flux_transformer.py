@@ -13,11 +13,12 @@ modulation is the embedding of the timestep, plus (FLUX.1 dev's guidance_embeds)
 model was distilled to follow, plus the pooled text embedding (CLIP's).
 
 Call: x [batch, h, w, in_channels / 4] (latent images; h and w even; FLUX.1 Fill's: the latents, the known image's
-latents and the mask, `fill_condition`), timestep [batch] (1000 sigma on the flow path x = (1 - sigma) x0 + sigma
-eps), text [batch, tokens, joint_attention_dim], pooled [batch, pooled_projection_dim], guidance [batch] (the
-guidance scale; None without guidance_embeds) -> [batch, h, w, out_channels / 4] float32, the prediction of the
-velocity eps - x0. `dtype`, `remat_policy`, `attention`, lora_rank and ff_lora_rank as SD3's
-transformer's (the single blocks' MLP and output projections take ff_lora_rank's updates).
+latents and the mask, TextToImage.inpainting_condition), timestep [batch] (1000 sigma on the flow path x = (1 -
+sigma) x0 + sigma eps), text [batch, tokens, joint_attention_dim], pooled [batch, pooled_projection_dim], guidance
+[batch] (the guidance scale; None without guidance_embeds), reference (FLUX.1 Kontext's: a reference image's
+latents, their tokens beside the image's with ids (1, row, column); None: none) -> [batch, h, w, out_channels / 4]
+float32, the prediction of the velocity eps - x0. `dtype`, `remat_policy`, `attention`, lora_rank and ff_lora_rank
+as SD3's transformer's (the single blocks' MLP and output projections take ff_lora_rank's updates).
 """
 
 import jax.numpy as jnp
@@ -72,15 +73,29 @@ def is_fill(config: dict) -> bool:
   return c["in_channels"] > (c["out_channels"] or c["in_channels"])
 
 
-def rotary_angles(text_tokens: int, rows: int, columns: int, axes_dims) -> np.ndarray:
-  """[text_tokens + rows * columns, head_dim / 2] rotation angles of each token's feature pairs: the text tokens'
-  ids 0, then the image tokens' (0, row, column), row-major; each axis's angles id x theta^(-2i / axis_dim) (diffusers'
-  FluxPosEmbed)."""
+def image_ids(first: int, rows: int, columns: int) -> np.ndarray:
+  """[rows * columns, 3] ids of an image's tokens, row-major: (first, row, column)."""
   rows_ids, columns_ids = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
-  image = np.stack([np.zeros(rows * columns), rows_ids.reshape(-1), columns_ids.reshape(-1)], axis=1)
-  ids = np.concatenate([np.zeros((text_tokens, 3)), image])
+  return np.stack([np.full(rows * columns, first), rows_ids.reshape(-1), columns_ids.reshape(-1)], axis=1)
+
+
+def rotary_angles(text_tokens: int, rows: int, columns: int, axes_dims, reference=None) -> np.ndarray:
+  """[text_tokens + rows * columns (+ the reference's), head_dim / 2] rotation angles of each token's feature pairs:
+  the text tokens' ids 0, then the image tokens' (0, row, column), row-major, then, with `reference` (its rows,
+  columns: FLUX.1 Kontext's), its tokens' (1, row, column); each axis's angles id x theta^(-2i / axis_dim)
+  (diffusers' FluxPosEmbed)."""
+  ids = np.concatenate([np.zeros((text_tokens, 3)), image_ids(0, rows, columns),
+                        *([image_ids(1, *reference)] if reference else [])])
   return np.concatenate([np.outer(ids[:, axis], 1.0 / THETA ** (np.arange(0, dim, 2) / dim))
                          for axis, dim in enumerate(axes_dims)], axis=1).astype(np.float32)
+
+
+def packed(x):
+  """Latents [batch, h, w, c] -> Flux's tokens [batch, h / 2 * w / 2, 4 c]: each 2 x 2 block's channels in the order
+  channel, row, column (the pipelines' _pack_latents)."""
+  b, h, w, c = x.shape
+  tokens = x.astype(jnp.float32).reshape(b, h // PACK, PACK, w // PACK, PACK, c).transpose(0, 1, 3, 5, 2, 4)
+  return tokens.reshape(b, h // PACK * (w // PACK), c * PACK ** 2)
 
 
 class SingleBlock(nnx.Module):
@@ -133,13 +148,17 @@ class FluxTransformer(nnx.Module):
     """Whether the model reads the guidance scale it was distilled to follow (FLUX.1 dev)."""
     return self.time_text_embed.guidance_embedder is not None
 
-  def __call__(self, x, timestep, text, pooled, guidance=None):
+  def __call__(self, x, timestep, text, pooled, guidance=None, reference=None):
+    """reference: FLUX.1 Kontext's latents of a reference image [batch, h', w', c] (any even size), its tokens
+    beside the image's (ids (1, row, column)) in every attention; the prediction is the image's."""
     b, h, w, c = x.shape
     if self.guided and guidance is None:
       raise ValueError("This Flux model (guidance_embeds) reads the guidance scale it follows: give `guidance`")
     rows, columns = h // PACK, w // PACK
-    packed = x.astype(jnp.float32).reshape(b, rows, PACK, columns, PACK, c).transpose(0, 1, 3, 5, 2, 4)
-    tokens = self.x_embedder(packed.reshape(b, rows * columns, c * PACK ** 2))
+    tokens = self.x_embedder(packed(x))
+    grid = None if reference is None else (reference.shape[1] // PACK, reference.shape[2] // PACK)
+    if reference is not None:
+      tokens = jnp.concatenate([tokens, self.x_embedder(packed(reference))], axis=1)
     embed = self.time_text_embed
     mlp = lambda module, values: module.linear_2(nnx.silu(module.linear_1(values)))
     embedding = (mlp(embed.timestep_embedder, sd_unet.sinusoid(timestep.reshape(-1), 256, True, 0))
@@ -148,7 +167,7 @@ class FluxTransformer(nnx.Module):
       embedding = embedding + mlp(embed.guidance_embedder, sd_unet.sinusoid(1000.0 * guidance.reshape(-1), 256, True,
                                                                             0))
     context = self.context_embedder(text.astype(jnp.float32))
-    angles = jnp.asarray(rotary_angles(text.shape[1], rows, columns, self.axes_dims))
+    angles = jnp.asarray(rotary_angles(text.shape[1], rows, columns, self.axes_dims, grid))
     # (the text first in the joint sequence: a constant of the call, not an argument remat would trace)
     double, single = lambda block, *args: block(*args, text_first=True), lambda block, *args: block(*args)
     if self.remat_policy:
@@ -159,7 +178,7 @@ class FluxTransformer(nnx.Module):
     for block in self.single_transformer_blocks:
       joined = single(block, joined, embedding, angles)
     scale, shift = jnp.split(self.norm_out.linear(nnx.silu(embedding)), 2, axis=-1)
-    out = self.proj_out(modulated(standardized(joined[:, text.shape[1]:]), shift, scale))
+    out = self.proj_out(modulated(standardized(joined[:, text.shape[1]:text.shape[1] + rows * columns]), shift, scale))
     out = out.reshape(b, rows, columns, self.channels, PACK, PACK).transpose(0, 1, 4, 2, 5, 3)
     return out.reshape(b, h, w, self.channels)
 
