@@ -87,7 +87,8 @@ def test_an_exported_adapter_holds_the_updates_alone(lora_run, tmp_path):
   assert json.loads(metadata["config"])["model"]["lora_rank"] == 2
   with pytest.raises(ValueError, match="only a LoRA of Wan's, SD3's or Flux's transformer or SD's U-Net has a"):
     lora.export(workdir, tmp_path / "theirs.safetensors", layout="diffusers")
-  with pytest.raises(ValueError, match="only a LoRA of Stable Diffusion's U-Net has a kohya layout"):
+  with pytest.raises(ValueError, match="only a LoRA of Stable Diffusion's U-Net or Flux's transformer has a kohya "
+                                       "layout"):
     lora.export(workdir, tmp_path / "theirs.safetensors", layout="kohya")
   lora.export(workdir, tmp_path / "ema.safetensors")
   ema = lora.read(str(tmp_path / "ema.safetensors"))

@@ -151,14 +151,14 @@ class FluxTransformer(nnx.Module):
   def __call__(self, x, timestep, text, pooled, guidance=None, reference=None):
     """reference: FLUX.1 Kontext's latents of a reference image [batch, h', w', c] (any even size), its tokens
     beside the image's (ids (1, row, column)) in every attention; the prediction is the image's."""
-    b, h, w, c = x.shape
+    b, h, w, _ = x.shape
     if self.guided and guidance is None:
       raise ValueError("This Flux model (guidance_embeds) reads the guidance scale it follows: give `guidance`")
     rows, columns = h // PACK, w // PACK
-    tokens = self.x_embedder(packed(x))
-    grid = None if reference is None else (reference.shape[1] // PACK, reference.shape[2] // PACK)
-    if reference is not None:
+    tokens, grid = self.x_embedder(packed(x)), None
+    if reference is not None:  # its tokens after the image's (its rows and columns of tokens: their ids)
       tokens = jnp.concatenate([tokens, self.x_embedder(packed(reference))], axis=1)
+      grid = (reference.shape[1] // PACK, reference.shape[2] // PACK)
     embed = self.time_text_embed
     mlp = lambda module, values: module.linear_2(nnx.silu(module.linear_1(values)))
     embedding = (mlp(embed.timestep_embedder, sd_unet.sinusoid(timestep.reshape(-1), 256, True, 0))
