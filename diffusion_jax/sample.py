@@ -124,6 +124,7 @@ as an animated GIF (provenance in the GIF comment), an H.264 MP4 (provenance in 
 its frames, plus grid.gif and grid.mp4.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -267,8 +268,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
 
   def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, first_frames=None, guide=None):
     model = nnx.merge(graphdef, params, frozen)
-    if s.flux_guidance != -1:  # FLUX.1 dev told another guidance scale than it trained with (a static attribute)
-      model.flux_guidance = s.flux_guidance
+    # The network's prediction: FLUX.1 dev told another guidance scale than it trained with where sample.flux_guidance
+    predict = model if s.flux_guidance == -1 else functools.partial(model, flux_guidance=s.flux_guidance)
     condition = None if first_frames is None else model.image_condition(first_frames[0], frames, *first_frames[1:])
     text = model.encode(ids, mask)
     null_text, null_mask = model.null_condition(text, mask)
@@ -300,15 +301,15 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
 
       def network_fn(x, logsnr, conditional):
         if conditional:
-          return model(x, logsnr, *cond, lowres=lowres, aug_logsnr=aug_logsnr, condition=condition)
+          return predict(x, logsnr, *cond, lowres=lowres, aug_logsnr=aug_logsnr, condition=condition)
         if guide is not None:
           return guide_model(x, logsnr, guide_text, mask, lowres=lowres, aug_logsnr=aug_logsnr, condition=condition)
-        return model(x, logsnr, uncond_text_at(logsnr), null_mask, lowres=lowres, aug_logsnr=aug_logsnr,
-                     condition=condition)
+        return predict(x, logsnr, uncond_text_at(logsnr), null_mask, lowres=lowres, aug_logsnr=aug_logsnr,
+                       condition=condition)
 
       skip_layer_window = samplers.skip_layer_window(logsnr, s.skip_layer_start, s.skip_layer_stop)
       skip_layer_guidance = (  # SD3's: the conditional pass without sample.skip_layers, guided away from
-          (lambda x, logsnr: model(x, logsnr, *cond, condition=condition, skip_layers=tuple(s.skip_layers)),
+          (lambda x, logsnr: predict(x, logsnr, *cond, condition=condition, skip_layers=tuple(s.skip_layers)),
            s.skip_layer_scale, skip_layer_window) if s.skip_layers and skip_layer_window else None)
       guided_at = lambda scale: samplers.make_denoiser(network_fn, d.prediction, scale, s.guidance_rescale,
                                                        "none" if residual else s.threshold, s.threshold_percentile,
@@ -340,7 +341,7 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
         # of the unconditional model (null text), or of the model for the source prompts (null_text holds them)
         inverted_text, inverted_mask = ((null_text, null_mask) if s.edit_noise in editing.SOURCE_PROMPTED else
                                         model.null_condition(text, mask))
-        walked = lambda x, logsnr, _: model(x, logsnr, inverted_text, inverted_mask, condition=condition)
+        walked = lambda x, logsnr, _: predict(x, logsnr, inverted_text, inverted_mask, condition=condition)
         path = editing.inversion_path(samplers.make_denoiser(walked, d.prediction, sigma_data=d.sigma_data), known,
                                       grid_alpha, grid_sigma)
         x_init = path[0]

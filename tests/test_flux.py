@@ -220,9 +220,8 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   np.testing.assert_allclose(prediction, theirs(expected, pooled), atol=1e-4)
   # Told another guidance scale when sampling (sample --flux_guidance), the model predicts what diffusers' does with
   # it, and the samples change
-  told = lambda model: setattr(model, "flux_guidance", 1.5) or model  # (as sampling sets it: a static attribute)
-  np.testing.assert_allclose(run(told(nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, weights.params),
-                                                weights.frozen)))[1],
+  told = nnx.jit(lambda model: model(latents, logsnr, model.encode(ids, mask), mask, flux_guidance=1.5))
+  np.testing.assert_allclose(told(nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, weights.params), weights.frozen)),
                              theirs(expected, pooled, 1.5), atol=1e-4)
   sample.sample_from_workdir(tmp_path / "run", {"steps": 2, "flux_guidance": 1.5}, output_dir=tmp_path / "told")
   told_image, default_image = (media.read_image(tmp_path / folder / "p000_00.png").astype(np.float32)

@@ -172,8 +172,9 @@ class TextToImage(nnx.Module):
     return self.image_condition(clips[:, 0], clips.shape[1], clips[:, -1], jnp.ones(clips.shape[:1], bool))
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
-               condition=None, expert=None, size_ids=None, skip_layers=()):
-    """skip_layers: SD3's blocks left out (skip-layer guidance's pass). size_ids: SDXL's size and crop ids [batch, 6]
+               condition=None, expert=None, size_ids=None, skip_layers=(), flux_guidance=None):
+    """skip_layers: SD3's blocks left out (skip-layer guidance's pass). flux_guidance: the guidance scale FLUX.1 dev
+    (a guidance-distilled Flux) is told to follow (None: model.flux_guidance, the one it trained with). size_ids: SDXL's size and crop ids [batch, 6]
     (data.size_ids; None: sdxl_text.time_ids of x's image size, as sampling's). expert: with a pair of Wan
     experts, 'high' or 'low' runs that one on every example (a batch at its noise levels); None gives each
     example its noise level's. condition: an image-to-video model's (image_condition), an inpainting model's
@@ -217,7 +218,8 @@ class TextToImage(nnx.Module):
       timestep = wan_transformer.timestep(logsnr)  # (the same flow timestep as Wan's)
       if self.backbone == "sd3":
         return self.sd3(x, timestep, tokens, pooled, skip_layers)
-      guidance = jnp.full(x.shape[:1], self.flux_guidance, jnp.float32) if self.flux.guided else None
+      guidance = (jnp.full(x.shape[:1], self.flux_guidance if flux_guidance is None else flux_guidance, jnp.float32)
+                  if self.flux.guided else None)
       if self.inpainting:  # FLUX.1 Fill: the latents, the known image's latents, where to generate (its order)
         x = jnp.concatenate([x, condition["masked_latents"].astype(x.dtype), condition["mask"].astype(x.dtype)], -1)
       reference = condition["reference_latents"].astype(x.dtype) if self.kontext and condition else None
