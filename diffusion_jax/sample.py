@@ -828,6 +828,25 @@ def extended(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   return videos.reshape(first.shape[:2] + videos.shape[1:])
 
 
+def skip_layer_guidance_absent(sample_config, edit: bool) -> str | None:
+  """Why SD3's skip-layer guidance (sample.skip_layers) acts at none of a sampling's steps: its guidance scale is 1
+  (a prompt's own), or its window (samplers.skip_layer_steps) holds none of them (an edit's, `edit`: the last ones of
+  the grid); None where it acts or is not asked for."""
+  s = sample_config
+  if not s.skip_layers:
+    return None
+  if s.guidance_scale == 1:
+    return "guidance scale 1 (it is added to classifier-free guidance)"
+  inside = samplers.skip_layer_steps(s.steps, s.skip_layer_start, s.skip_layer_stop)
+  first = editing.first_step(s.steps, s.strength) if edit else 0
+  if not inside or first > inside[-1]:
+    window = f"skip_layer_start / stop {s.skip_layer_start} / {s.skip_layer_stop}: " + (
+        f"steps {inside[0]} to {inside[-1]} of {s.steps}" if inside else f"none of {s.steps} steps")
+    return f"its window ({window}) holds none of " + (
+        f"the steps an edit at strength {s.strength} runs ({first} to {s.steps - 1})" if edit else "them")
+  return None
+
+
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
                   lowres=None, edits=None, adapters=(), guide=None):
   """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / guidance_interval /
@@ -871,6 +890,10 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     group_config.guidance_scale = float(scale)
     group_config.guidance_interval = group_interval
     group_config.strength = strength if edited else sample_config.strength
+    if why := skip_layer_guidance_absent(group_config, edited and not references):
+      log.warning("skip-layer guidance acts at no step of prompts %s: %s", [entries[i]["prompt"] for i in group], why)
+      for i in group:  # (their provenance says so instead of the settings)
+        entries[i]["skip_layer_guidance"] = f"none: {why}"
     init_images, keep_masks = (np.stack([edits[i][k] for i in group]) for k in (0, 1)) if edited else (None, None)
     group_prompts, seeds = [entries[i]["prompt"] for i in group], [entries[i]["seed"] for i in group]
     negatives = [entries[i].get("negative_prompt", "") for i in group]

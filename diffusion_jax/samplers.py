@@ -212,13 +212,17 @@ def in_guidance_interval(alpha, sigma, interval):
   return (level > interval[0]) & (level <= interval[1])
 
 
+def skip_layer_steps(steps: int, start: float, stop: float) -> list[int]:
+  """The steps of a grid of `steps` skip-layer guidance acts at: i where steps x start < i < steps x stop (SD3's
+  pipelines')."""
+  return [i for i in range(steps) if steps * start < i < steps * stop]
+
+
 def skip_layer_window(logsnr_grid, start: float, stop: float) -> tuple | None:
-  """(lowest, highest) log-SNR of the steps skip-layer guidance acts at: step i of a grid [steps + 1] (noisiest
-  first) where steps x start < i < steps x stop (SD3's pipelines'), each bound halfway to the next step's outside;
-  None where no step is inside."""
+  """(lowest, highest) log-SNR of the steps skip-layer guidance acts at (skip_layer_steps) on a grid [steps + 1]
+  (noisiest first), each bound halfway to the next step's outside; None where no step is inside."""
   grid = np.asarray(logsnr_grid, np.float64)
-  steps = len(grid) - 1
-  inside = [i for i in range(steps) if steps * start < i < steps * stop]
+  inside = skip_layer_steps(len(grid) - 1, start, stop)
   if not inside:
     return None
   first, last = inside[0], inside[-1]

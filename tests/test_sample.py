@@ -87,6 +87,30 @@ def test_a_flow_schedules_sampling_grid_takes_its_own_time_shift():
       "it at 0")
 
 
+def test_skip_layer_guidance_is_said_to_act_at_no_step_where_none_of_a_samplings_steps_is_in_its_window():
+  """sample.skip_layer_guidance_absent: SD3's pipelines' window of 28 steps (start 0.01, stop 0.2) is steps 1 to 5;
+  an edit at strength 0.6 runs steps 12 to 27 (none of them), at 0.9 steps 3 to 27; 2 steps hold no window; a
+  prompt at guidance scale 1 adds none either."""
+  from configs import t2i_shapes
+
+  config = t2i_shapes.get_config("test").sample
+  config.update(steps=28, guidance_scale=7.0, skip_layers=(7,), skip_layer_start=0.01, skip_layer_stop=0.2,
+                strength=0.6)
+  assert sample.skip_layer_guidance_absent(config, edit=False) is None
+  assert sample.skip_layer_guidance_absent(config, edit=True) == (
+      "its window (skip_layer_start / stop 0.01 / 0.2: steps 1 to 5 of 28) holds none of the steps an edit at "
+      "strength 0.6 runs (12 to 27)")
+  config.strength = 0.9
+  assert sample.skip_layer_guidance_absent(config, edit=True) is None
+  config.steps = 2  # 0.02 < i < 0.4: no step
+  assert sample.skip_layer_guidance_absent(config, edit=False) == (
+      "its window (skip_layer_start / stop 0.01 / 0.2: none of 2 steps) holds none of them")
+  config.guidance_scale = 1.0
+  assert "guidance scale 1" in sample.skip_layer_guidance_absent(config, edit=False)
+  config.skip_layers = ()
+  assert sample.skip_layer_guidance_absent(config, edit=True) is None
+
+
 def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, caplog):
   interval = (1e6, 1e7)  # above every noise level sigma/alpha of the grid: no step is guided
   workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim", "guidance_interval": interval}
