@@ -12,7 +12,7 @@ from flax import nnx
 from test_sd_unet import save_tiny_clip_tokenizer
 
 from diffusion_jax import config_checks, media, sample, train
-from diffusion_jax.models import init_rngs, sd3_transformer
+from diffusion_jax.models import init_rngs, sd3_transformer, text_to_image
 
 
 def save_tiny_sd3_transformer(directory, **fields):
@@ -151,7 +151,6 @@ def trained_lora_run(config, tmp_path, network: str, described_lines) -> tuple:
   autoencoder) are the checkpoint's as loaded, only the LoRA's updates trained (and moved), samples written, and the
   exported adapter described with `described_lines`. Returns its (weights, graphdef)."""
   from diffusion_jax import lora
-  from diffusion_jax.models import text_to_image
 
   train.train_and_evaluate(config, tmp_path / "run")
   _, weights, graphdef, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
@@ -265,6 +264,7 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   expected, negative, pooled, negative_pooled, expected_prediction = diffusers_condition_and_prediction()
   np.testing.assert_allclose(text[..., :40], expected, atol=2e-5)
   np.testing.assert_allclose(text[:, 0, 40:], pooled, atol=2e-5)
+  assert text_to_image.token_width(config) == 40  # (where a text-embedding cache stores the pooled embedding apart)
   np.testing.assert_allclose(null[..., :40], negative, atol=2e-5)
   np.testing.assert_allclose(null[:, 0, 40:], negative_pooled, atol=2e-5)
   np.testing.assert_allclose(prediction, expected_prediction, atol=1e-4)

@@ -30,6 +30,32 @@ def test_cache_lookup_matches_encoder_and_refuses_a_stale_key(tmp_path_factory, 
     cache("a green triangle")
 
 
+def test_a_pooled_embedding_beside_every_token_is_stored_once(tmp_path):
+  """With token_width (SDXL's, SD3's, Flux's condition: tokens' states, then a pooled embedding repeated beside each
+  token), the cache holds the tokens' columns and the pooled embedding once, and a lookup gives the whole condition
+  back; a condition whose last columns differ between tokens is refused."""
+  rng = np.random.default_rng(0)
+  tokenizer = lambda captions: (np.array([[len(c), 1, 0, 0] for c in captions]),
+                                np.array([[1, 1, 0, 0]] * len(captions), bool))
+
+  def encode(ids, mask):  # [n, 4 tokens, 6 + 3]: states, then each caption's pooled embedding beside every token
+    states, pooled = rng.normal(size=(len(ids), 4, 6)), rng.normal(size=(len(ids), 1, 3))
+    return np.concatenate([states, np.broadcast_to(pooled, (len(ids), 4, 3))], -1).astype(np.float16)
+
+  captions = ["a red circle", "two blue squares", "a red circle"]
+  encoded = {}
+  cache = embedding_cache.build(tmp_path / "cache", captions, tokenizer,
+                                lambda ids, mask: encoded.setdefault("all", encode(ids, mask)), "k", token_width=6)
+  assert np.load(tmp_path / "cache" / "embeddings.npy").shape == (2, 4, 6)
+  assert np.load(tmp_path / "cache" / "pooled.npy").shape == (2, 3)
+  for row, caption in enumerate(["a red circle", "two blue squares"]):  # (sorted: the cache's row order)
+    embeddings, mask = cache(caption)
+    np.testing.assert_array_equal(embeddings, encoded["all"][row].astype(np.float32))
+    np.testing.assert_array_equal(mask, [1, 1, 0, 0])
+  with pytest.raises(ValueError, match="columns from 5 on differ between tokens"):
+    embedding_cache.build(tmp_path / "other", captions, tokenizer, encode, "k", token_width=5)
+
+
 def test_training_from_the_cache(tmp_path_factory, tmp_path):
   config = tiny_config(tmp_path_factory)
   config.text.trainable = False

@@ -173,16 +173,16 @@ class TextToImage(nnx.Module):
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
                condition=None, expert=None, size_ids=None, skip_layers=(), flux_guidance=None):
-    """skip_layers: SD3's blocks left out (skip-layer guidance's pass). flux_guidance: the guidance scale FLUX.1 dev
-    (a guidance-distilled Flux) is told to follow (None: model.flux_guidance, the one it trained with). size_ids: SDXL's size and crop ids [batch, 6]
-    (data.size_ids; None: sdxl_text.time_ids of x's image size, as sampling's). expert: with a pair of Wan
-    experts, 'high' or 'low' runs that one on every example (a batch at its noise levels); None gives each
-    example its noise level's. condition: an image-to-video model's (image_condition), an inpainting model's
-    (inpainting_condition), FLUX.1 Kontext's (reference_condition: optional); a model that starts clips
-    at images (Wan 2.2 TI2V), optionally {"first_latents": [batch, 1, h, w, c], "first_given": [batch] bool}:
-    where given, x's first latent frame is read as those latents at timestep 0 (the other frames' tokens at
-    logsnr's, diffusers' expand_timesteps) and its output is the velocity toward them from x (a sampler keeps
-    them; the loss on them is 0 when they are the clip's own)."""
+    """skip_layers: SD3's blocks left out (skip-layer guidance's pass). flux_guidance: the guidance scale FLUX.1 dev (a
+    guidance-distilled Flux) is told to follow (None: model.flux_guidance, the one it trained with). size_ids: SDXL's
+    size and crop ids [batch, 6] (data.size_ids; None: sdxl_text.time_ids of x's image size, as sampling's). expert:
+    with a pair of Wan experts, 'high' or 'low' runs that one on every example (a batch at its noise levels); None gives
+    each example its noise level's. condition: an image-to-video model's (image_condition), an inpainting model's
+    (inpainting_condition), FLUX.1 Kontext's (reference_condition: optional); a model that starts clips at images (Wan
+    2.2 TI2V), optionally {"first_latents": [batch, 1, h, w, c], "first_given": [batch] bool}: where given, x's first
+    latent frame is read as those latents at timestep 0 (the other frames' tokens at logsnr's, diffusers'
+    expand_timesteps) and its output is the velocity toward them from x (a sampler keeps them; the loss on them is 0
+    when they are the clip's own)."""
     if self.image_to_video and condition is None:
       raise ValueError("This image-to-video model needs the condition of the images its clips start at "
                        "(image_condition)")
@@ -254,6 +254,19 @@ def starts_clips_at_images(config) -> bool:
   """Whether the config's network may start clips at given images, reading their latent frame clean (a Wan with
   model.wan_clean_first_frame: Wan 2.2 TI2V's mode); it makes clips from text alone too."""
   return config.model.backbone == "wan" and config.model.wan_clean_first_frame
+
+
+def token_width(config) -> int:
+  """Where the text condition's pooled embedding, repeated beside every token, starts (sdxl_text.split): SD3's and
+  Flux's joint_attention_dim, SDXL's U-Net's cross_attention_dim; 0 for a condition of token states only."""
+  m = config.model
+  if m.backbone == "sd3":
+    return sd3_transformer.read_config(m.sd3_path)["joint_attention_dim"]
+  if m.backbone == "flux":
+    return flux_transformer.read_config(m.flux_path)["joint_attention_dim"]
+  if m.backbone == "sd_unet" and config.text.second_encoder_path:  # SDXL's U-Net reads the second's pooled embedding
+    return sd_unet.read_config(m.sd_unet_path)["cross_attention_dim"]
+  return 0
 
 
 def abstract(config):

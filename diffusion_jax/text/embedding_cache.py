@@ -3,7 +3,9 @@
 A cache directory holds `embeddings.npy` [captions, tokens, dim] (float16, memory-mapped), `mask.npy`
 [captions, tokens] bool, `captions.json` (the distinct captions, row order) and `meta.json` with the key:
 a hash of the encoder weights, the tokenizer's identity and max_length. Opening a cache with a different
-key is refused: the embeddings would silently belong to another encoder.
+key is refused: the embeddings would silently belong to another encoder. A condition whose last columns hold a
+pooled embedding repeated beside every token (SDXL's, SD3's, Flux's: sdxl_text.split) keeps the tokens' columns in
+`embeddings.npy` [captions, tokens, token_width] and the pooled embedding once in `pooled.npy` [captions, pooled].
 """
 
 import hashlib
@@ -22,8 +24,10 @@ def cache_key(encoder_params, tokenizer_name: str, max_length: int) -> str:
   return digest.hexdigest()[:16]
 
 
-def build(directory, captions, tokenizer, encode_fn, key: str, batch_size: int = 256) -> "EmbeddingCache":
-  """Encode each distinct caption once. encode_fn(ids, mask) -> embeddings [n, tokens, dim]."""
+def build(directory, captions, tokenizer, encode_fn, key: str, batch_size: int = 256,
+          token_width: int = 0) -> "EmbeddingCache":
+  """Encode each distinct caption once. encode_fn(ids, mask) -> embeddings [n, tokens, dim]; token_width: where the
+  pooled embedding repeated beside every token starts (0: none), stored once."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   distinct = sorted({c.decode() if isinstance(c, bytes) else c for c in captions})
@@ -34,7 +38,16 @@ def build(directory, captions, tokenizer, encode_fn, key: str, batch_size: int =
     ids, mask = tokenizer(distinct[start:start + batch_size])
     chunks.append(np.asarray(encode_fn(ids, mask), np.float16))
     masks.append(mask)
-  np.save(directory / "embeddings.npy", np.concatenate(chunks))
+  embeddings = np.concatenate(chunks)
+  if token_width:
+    pooled = embeddings[:, 0, token_width:]
+    if not np.array_equal(embeddings[..., token_width:], np.broadcast_to(pooled[:, None], pooled.shape[:1] + (
+        embeddings.shape[1],) + pooled.shape[1:])):
+      raise ValueError(f"The text condition's columns from {token_width} on differ between tokens: no pooled embedding "
+                       "repeated beside each token to store once.")
+    np.save(directory / "pooled.npy", pooled)
+    embeddings = embeddings[..., :token_width]
+  np.save(directory / "embeddings.npy", embeddings)
   np.save(directory / "mask.npy", np.concatenate(masks))
   (directory / "captions.json").write_text(json.dumps(distinct))
   (directory / "meta.json").write_text(json.dumps({"key": key, "count": len(distinct)}))
@@ -55,6 +68,7 @@ class EmbeddingCache:
                        f"or max_length (key {key}, expected {expected_key}); rebuild it or point to the right one.")
     self.embeddings = np.load(directory / "embeddings.npy", mmap_mode="r")
     self.mask = np.load(directory / "mask.npy", mmap_mode="r")
+    self.pooled = np.load(directory / "pooled.npy", mmap_mode="r") if (directory / "pooled.npy").exists() else None
     self.rows = {caption: i for i, caption in enumerate(json.loads((directory / "captions.json").read_text()))}
 
   def __call__(self, caption):
@@ -62,4 +76,8 @@ class EmbeddingCache:
     row = self.rows.get(caption)
     if row is None:
       raise KeyError(f"Caption not in the text-embedding cache: {caption!r}; rebuild the cache for this dataset.")
-    return np.asarray(self.embeddings[row], np.float32), np.asarray(self.mask[row])
+    embeddings = np.asarray(self.embeddings[row], np.float32)
+    if self.pooled is not None:  # beside every token again
+      pooled = np.asarray(self.pooled[row], np.float32)
+      embeddings = np.concatenate([embeddings, np.broadcast_to(pooled, embeddings.shape[:1] + pooled.shape)], -1)
+    return embeddings, np.asarray(self.mask[row])
