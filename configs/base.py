@@ -236,6 +236,9 @@ def get_config():
       skip_layer_stop=0.2,
       flux_guidance=-1.0,          # FLUX.1 dev (guidance_embeds): the guidance scale it is told to follow
                                    # (-1: model.flux_guidance, what it trained with; its pipelines' guidance_scale)
+      kontext_resize="preferred",  # FLUX.1 Kontext's reference images: "preferred", the resolution it trained at
+                                   # nearest the image's aspect ratio (FluxKontextPipeline's), or "own", its own
+                                   # size; either rounded down to a multiple of 2 latents
       resolution_shift=(),         # flow schedule, with flow_shift 0: (base_tokens, max_tokens, base_shift, max_shift),
                                    # the shift e^mu for the samples' token count (Flux's dynamic shift:
                                    # schedules.resolution_flow_shift); (): none

@@ -269,6 +269,7 @@ ADDED_FIELDS = {
     "model.lora_text_encoder": False,
     "model.sd3_path": "", "text.t5_encoder_path": "", "text.t5_max_length": 256,
     "model.flux_path": "", "model.flux_guidance": 3.5, "sample.resolution_shift": (), "sample.flux_guidance": -1.0,
+    "sample.kontext_resize": "preferred",
     "sample.skip_layers": (), "sample.skip_layer_scale": 2.8, "sample.skip_layer_start": 0.01,
     "sample.skip_layer_stop": 0.2, "model.flux_kontext": False,
 }

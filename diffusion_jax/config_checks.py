@@ -688,6 +688,8 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}strength={s.strength} must be in (0, 1]")
   if s.edit_noise not in editing.EDIT_NOISE:
     found.append(f"{prefix}edit_noise={s.edit_noise!r} is not one of {list(editing.EDIT_NOISE)}")
+  if s.kontext_resize not in ("preferred", "own"):
+    found.append(f"{prefix}kontext_resize={s.kontext_resize!r} is not 'preferred' or 'own'")
   for field in ("video_length", "context_frames", "reconstruction_guidance", "null_text_iterations"):
     if s[field] < 0:
       found.append(f"{prefix}{field}={s[field]} must be >= 0")

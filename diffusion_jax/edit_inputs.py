@@ -8,10 +8,11 @@ that starts clips at images (Wan 2.2 TI2V) given them, reads the image its clip 
 import pathlib
 
 import numpy as np
+import PIL.Image
 
 from diffusion_jax import checkpoint, editing, media
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import text_to_image
+from diffusion_jax.models import autoencoder, text_to_image
 
 
 def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[int, int] | None = None) -> dict:
@@ -37,10 +38,12 @@ def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[in
                      "makes images (--init_image edits an image).")
   if not any(edited(e) for e in prompts):
     return {}
-  if config.model.flux_kontext:  # a reference image each, brought to the samples' size, nothing edited in place
+  if config.model.flux_kontext:  # a reference image each, nothing edited in place
     if problems := kontext_problems(sample_config, prompts):
       raise ValueError("; ".join(problems))
-    return {i: image_edit(e, size) for i, e in enumerate(prompts) if "init_image" in e}
+    multiple = 2 * autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path))
+    return {i: kontext_reference(e, sample_config.kontext_resize, multiple) for i, e in enumerate(prompts)
+            if "init_image" in e}
   for e in prompts:
     if edited(e):
       editing.first_step(sample_config.steps, e.get("strength", sample_config.strength))
@@ -82,6 +85,27 @@ def kontext_problems(sample_config, prompts: list[dict]) -> list[str]:
     found.append(f"--edit_noise={sample_config.edit_noise!r}: FLUX.1 Kontext samples from noise beside its "
                  "reference image; leave it 'random'")
   return found
+
+
+# FluxKontextPipeline's: the (width, height) FLUX.1 Kontext trained at
+KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                       (1456, 720), (1504, 688), (1568, 672))
+
+
+def kontext_reference(entry: dict, resize: str, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+  """(image uint8 [height, width, 3], keep: all False) of a prompt entry's "init_image" as FLUX.1 Kontext's reference
+  (sample.kontext_resize): resized, as FluxKontextPipeline resizes it (Lanczos, no crop), to the resolution of
+  KONTEXT_RESOLUTIONS nearest its aspect ratio ("preferred") or kept at its size ("own"), either rounded down to a
+  multiple of `multiple` pixels (2 latents: one token)."""
+  image = read_image(entry, "init_image")
+  height, width = image.shape[:2]
+  if resize == "preferred":
+    _, width, height = min((abs(width / height - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
+  height, width = height // multiple * multiple, width // multiple * multiple
+  if (height, width) != image.shape[:2]:
+    image = np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.LANCZOS))
+  return image, np.zeros(image.shape[:2], bool)
 
 
 def check_editable(config):

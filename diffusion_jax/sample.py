@@ -64,7 +64,10 @@ Flags:
                     starts clips at images (model.wan_clean_first_frame, Wan 2.2 TI2V), reading its latent frame
                     clean as the clip's first (every prompt of the call then needs one; no --last_image); FLUX.1
                     Kontext (model.flux_kontext) reads it as a reference image to follow, sampling from noise
-                    beside it (no --mask, --strength, --edit_noise)
+                    beside it (no --mask, --strength, --edit_noise), at the size --kontext_resize says
+  --kontext_resize  FLUX.1 Kontext: the size of its reference images, "preferred" (the resolution it trained at
+                    nearest the image's aspect ratio, as FluxKontextPipeline) or "own" (the image's), either
+                    rounded down to 16 pixels (default: config sample.kontext_resize, "preferred")
   --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the samples'
                     size as --init_image) to edit for every prompt without an edit of its own (video-to-video:
                     SDEdit over the whole clip, nothing kept)
@@ -152,8 +155,8 @@ MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_noise", "guidance_interval",
                     "num_per_prompt", "seed", "use_ema", "frames", "height", "width", "flow_shift", "flux_guidance",
-                    "skip_layers", "skip_layer_scale", "strength", "edit_noise", "video_length", "context_frames",
-                    "reconstruction_guidance", "null_text_iterations")
+                    "kontext_resize", "skip_layers", "skip_layer_scale", "strength", "edit_noise", "video_length",
+                    "context_frames", "reconstruction_guidance", "null_text_iterations")
 # a prompt's image to edit, its inpainting mask, a clip to edit, the last frame of an image-to-video model's clip
 EDIT_FILES = ("init_image", "mask", "init_video", "last_image")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
@@ -874,14 +877,17 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     entries[i].setdefault("strength", sample_config.strength)
     entries[i]["edit_noise"] = sample_config.edit_noise
   images, fused = [None] * len(entries), (None, None)  # (LoRA scales, the weights with the adapters fused at them)
-  # One compiled sampler per (guidance scale, guidance interval), and for edits per strength too; the adapters fused
-  # once per set of LoRA scales (sorted first: one fused copy of the weights at a time).
+  # One compiled sampler per (guidance scale, guidance interval), and for edits per strength too (FLUX.1 Kontext's
+  # references: per size); the adapters fused once per set of LoRA scales (sorted first: one fused copy of the
+  # weights at a time).
   lora_scales = lambda i: tuple(a.scale for a in lora.at_scales(adapters, entries[i].get("lora_scale")))
   settings = [(lora_scales(i), entries[i]["guidance_scale"], interval(i),
-               (1.0 if references else entries[i].get("strength", sample_config.strength)) if i in edits else -1.0)
+               (1.0 if references else entries[i].get("strength", sample_config.strength)) if i in edits else -1.0,
+               edits[i][0].shape[:2] if references and i in edits else ())
               for i in range(len(entries))]
-  for scales, scale, group_interval, strength in sorted(set(settings)):
-    group = [i for i, setting in enumerate(settings) if setting == (scales, scale, group_interval, strength)]
+  for setting in sorted(set(settings)):
+    scales, scale, group_interval, strength, _ = setting
+    group = [i for i, other in enumerate(settings) if other == setting]
     if fused[0] != scales:
       fused = scales, lora.fused(Weights(params, frozen), lora.at_scales(adapters, entries[group[0]].get("lora_scale")))
     group_params, group_frozen = fused[1]
@@ -996,6 +1002,9 @@ def define_flags():
                      "sample.skip_layer_scale).")
   flags.DEFINE_float("flux_guidance", None, "FLUX.1 dev: the guidance scale it is told to follow (>= 0; its "
                      "pipelines' guidance_scale; -1 = model.flux_guidance; default: config sample.flux_guidance).")
+  flags.DEFINE_enum("kontext_resize", None, ["preferred", "own"], "FLUX.1 Kontext: its reference images at the "
+                    "resolution it trained at nearest their aspect ratio, or at their own size (default: config "
+                    "sample.kontext_resize).")
   flags.DEFINE_integer("height", None, "Height of the samples in pixels, any the model divides (default: config "
                        "sample.height, 0 = data.resolution).", lower_bound=0)
   flags.DEFINE_integer("width", None, "Width of the samples in pixels, any the model divides (default: config "

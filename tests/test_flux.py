@@ -443,22 +443,37 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   state, graphdef = train.init_state(config, mesh)  # (the checkpoint's weights: nothing is trained)
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
   prompts, tokenizer = ["a large red circle"], tokenizers.from_config(config)
-  given = lambda images: dict(init_images=images, keep_masks=np.zeros(images.shape[:3], bool)) if len(images) else {}
-  ours = sample.generate(config, graphdef, state.params, state.frozen, tokenizer, prompts, config.sample, mesh,
-                         **given(image[None]))[:, 0]
-  without = sample.generate(config, graphdef, state.params, state.frozen, tokenizer, prompts, config.sample, mesh)
+  wide = np.random.default_rng(1).integers(0, 256, (25, 50, 3), np.uint8)  # 2:1
+  for file, picture in (("image.png", image), ("wide.png", wide)):
+    PIL.Image.fromarray(picture).save(tmp_path / file)
+  entry = {"prompt": prompts[0], "init_image": str(tmp_path / "image.png")}
 
+  def reference(resize, file):  # the reference image sampling reads for --init_image=file
+    sample_config = config.sample.copy_and_resolve_references()
+    sample_config.kontext_resize = resize
+    [(picture, _)] = edit_inputs.read(config, sample_config, [entry | {"init_image": str(tmp_path / file)}],
+                                      0).values()
+    return picture
+
+  kontext = diffusers.FluxKontextPipeline(**pipeline.components)
+  # The pipeline's default resize: the resolution Kontext trained at nearest 2:1, Lanczos (this tiny autoencoder's
+  # tokens are 4 pixels a side, so the sampling below reads references at their own size)
+  np.testing.assert_array_equal(reference("preferred", "wide.png"), np.asarray(
+      kontext.image_processor.resize(PIL.Image.fromarray(wide), 720, 1456)))
+  assert reference("own", "image.png").shape == (32, 32, 3) and reference("own", "wide.png").shape == (24, 48, 3)
+  given = lambda images: dict(init_images=images, keep_masks=np.zeros(images.shape[:3], bool)) if len(images) else {}
+  ours, ours_wide, without = (
+      sample.generate(config, graphdef, state.params, state.frozen, tokenizer, prompts, config.sample, mesh,
+                      **given(picture))[:, 0] for picture in (image[None], reference("own", "wide.png")[None], ()))
   noise = np.asarray(jax.random.normal(sample.example_keys([config.sample.seed], 1)[0], (16, 16, 4)))
   latents = diffusers.FluxPipeline._pack_latents(torch.from_numpy(noise).permute(2, 0, 1)[None], 1, 4, 16, 16)
-  kontext = diffusers.FluxKontextPipeline(**pipeline.components)
-  theirs = kontext(prompt=prompts, image=PIL.Image.fromarray(image), height=32, width=32, num_inference_steps=4,
-                   guidance_scale=3.5, latents=latents, max_sequence_length=8, output_type="np", max_area=32 * 32,
-                   _auto_resize=False).images
+  theirs, theirs_wide = (
+      kontext(prompt=prompts, image=PIL.Image.fromarray(picture), height=32, width=32, num_inference_steps=4,
+              guidance_scale=3.5, latents=latents, max_sequence_length=8, output_type="np", max_area=32 * 32,
+              _auto_resize=False).images for picture in (image, wide))
   np.testing.assert_allclose(ours.astype(np.float32), np.round(theirs * 255), atol=2)
-  assert np.abs(ours.astype(np.float32) - without[:, 0]).max() > 10
-
-  PIL.Image.fromarray(image).save(tmp_path / "image.png")
-  entry = {"prompt": prompts[0], "init_image": str(tmp_path / "image.png")}
+  np.testing.assert_allclose(ours_wide.astype(np.float32), np.round(theirs_wide * 255), atol=2)
+  assert np.abs(ours.astype(np.float32) - without).max() > 10
   for extra in ({"mask": str(tmp_path / "image.png")}, {"strength": 0.5}):
     with pytest.raises(ValueError, match="reads --init_image as a reference image to follow"):
       edit_inputs.read(config, config.sample, [entry | extra], 0)
