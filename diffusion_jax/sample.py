@@ -1,9 +1,16 @@
-"""Sampling job: generate images (or videos) for prompts from a training workdir's checkpoint.
+"""Sampling job: generate images (or videos) for prompts from a training workdir's checkpoint, or from the
+pretrained checkpoints a config reads (a Stable Diffusion, SDXL, SD3, Flux or Wan root), as they are.
 
   python -m diffusion_jax.sample --workdir=DIR --prompts=prompts.txt [--output_dir=DIR/samples/...]
+  python -m diffusion_jax.sample --config=configs/flux.py:/path/to/FLUX.1-dev --output_dir=DIR --prompts=...
 
 Flags:
-  --workdir         training workdir (holds config.json and checkpoints/); required
+  --workdir         training workdir (holds config.json and checkpoints/); this, --config or --cascade is required
+  --config          instead of --workdir: a config file whose every part is read from pretrained checkpoints
+                    (configs/stable_diffusion.py:ROOT, stable_diffusion3.py, flux.py, wan_t2v.py: a LoRA's updates
+                    start at zero), sampled without training, --config.FIELD=VALUE overriding its fields; a config
+                    that trains a part from scratch (the demo's) is refused, naming the parts; needs --output_dir;
+                    no --step or autoguidance guide
   --step            checkpoint step (default: the latest)
   --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
                     "guidance_interval"? ("LOW:HIGH", [low, high] or "none"), "negative_prompt"?, "init_image"?,
@@ -694,10 +701,30 @@ def load_checkpoint(workdir, step=None, use_ema=None, mesh_config=None):
   return config, Weights(params, restored.get("frozen", {})), graphdef, step, mesh
 
 
+def load_pretrained(config, mesh_config=None):
+  """(Weights, graphdef, mesh) of a config whose every part is read from pretrained checkpoints (a Stable Diffusion,
+  SDXL, SD3, Flux or Wan root's configs/*.py; a LoRA's updates start at zero), placed on the mesh of `mesh_config`
+  (load_checkpoint's); a ValueError, before anything is read, naming the parts that would be sampled at their random
+  initialisation (a model trained from scratch: train it, then sample its workdir)."""
+  from diffusion_jax import train  # the weights' layout lives with the trainer
+
+  graphdef, abstract_params, abstract_frozen = text_to_image.split(text_to_image.abstract(config), config)
+  if random := sorted((set(abstract_params) | set(abstract_frozen)) - set(text_to_image.pretrained_parts(config))):
+    raise ValueError(f"--config: this config's {', '.join(random)} would be sampled at their random initialisation "
+                     "(no pretrained checkpoint names them): train it (python -m diffusion_jax.main) and sample its "
+                     "--workdir")
+  mesh = sharding.make_mesh(mesh_config or sharding.SAMPLING_MESH)
+  shardings = (sharding.state_shardings(abstract_params, mesh), sharding.state_shardings(abstract_frozen, mesh))
+  params, frozen, _ = train.initial_weights(config, shardings)
+  log.info("read the pretrained weights onto the mesh %s", dict(mesh.shape))
+  return Weights(params, frozen), graphdef, mesh
+
+
 def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
                         mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None,
-                        source_prompt=None, last_image=None, mesh_config=None):
-  """Sample a workdir's checkpoint for a prompts file (default: the config's prompts) with `overrides` of its
+                        source_prompt=None, last_image=None, mesh_config=None, config=None):
+  """Sample a workdir's checkpoint (or, with `config` and no workdir, the pretrained checkpoints a config reads:
+  load_pretrained; output_dir then required) for a prompts file (default: the config's prompts) with `overrides` of its
   sample settings; init_image and mask (or an image-to-video model's last_image), or init_video: files every
   prompt without its own edits (edit_inputs.py),
   and source_prompt what they show, for each edit without its own (edit_noise "source_inversion");
@@ -706,7 +733,11 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   guide's) are restored onto and sampled on (load_checkpoint)."""
   from diffusion_jax.text import tokenizers
 
-  config = checkpoint.read_config(workdir)
+  if config is None:
+    config = checkpoint.read_config(workdir)
+  else:  # the pretrained checkpoints a config reads, no training
+    config = config.copy_and_resolve_references()
+    config_checks.validate(config)
   sample_config = config.sample
   sample_config.update({k: v for k, v in overrides.items() if v is not None})
   problems = config_checks.sample_problems(sample_config, "--") + config_checks.sample_size_problems(
@@ -769,7 +800,10 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema, mesh_config)
-  config, weights, graphdef, step, mesh = load_checkpoint(workdir, step, sample_config.use_ema, mesh_config)
+  if workdir is None:
+    (weights, graphdef, mesh), step = load_pretrained(config, mesh_config), None
+  else:
+    config, weights, graphdef, step, mesh = load_checkpoint(workdir, step, sample_config.use_ema, mesh_config)
   return write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
                        edits=edits, adapters=adapters, guide=guide)
@@ -916,7 +950,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   output_dir = pathlib.Path(output_dir)
   if jax.process_index() != 0:  # every process samples its shard; process 0 writes
     return output_dir / "grid.png"
-  provenance = {"sampler": sample_config.sampler, "steps": sample_config.steps, "checkpoint_step": int(step),
+  provenance = {"sampler": sample_config.sampler, "steps": sample_config.steps,
+                "checkpoint_step": "none: the pretrained checkpoints" if step is None else int(step),
                 "ema": bool(sample_config.use_ema), "config_hash": config_hash(config)}
   if adapters:
     provenance["lora"] = lora.provenance(adapters)
@@ -974,6 +1009,9 @@ def write_training_samples(config, weights: Weights, graphdef, step: int, workdi
 def define_flags():
   """Flags of the sampling CLI (defined only when this module is the program)."""
   flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+  config_flags.DEFINE_config_file("config", None, "Instead of --workdir: a config whose every part is read from "
+                                  "pretrained checkpoints (configs/flux.py:ROOT, ...), sampled as they are, without "
+                                  "training (needs --output_dir).")
   flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
   flags.DEFINE_string("prompts", None, "Prompts file (.txt one per line, or .jsonl); default config prompts.")
   flags.DEFINE_string("output_dir", None, "Output directory; default WORKDIR/samples/step_<N>.")
@@ -1066,8 +1104,17 @@ def sample_cascade(cascade, prompts_path=None, output_dir=None) -> pathlib.Path:
 def main(argv):
   del argv
   f = flags.FLAGS
-  if f.cascade is None and not f.workdir:
-    raise app.UsageError("--workdir (or --cascade) is required.")
+  if f.cascade is None and not f.workdir and f.config is None:
+    raise app.UsageError("--workdir (or --config, or --cascade) is required.")
+  if f.config is not None:
+    if f.workdir or f.cascade is not None:
+      raise app.UsageError("--config samples the pretrained checkpoints a config reads: not with --workdir or "
+                           "--cascade.")
+    cli.refuse(("step",), "not used with --config: its weights are the pretrained checkpoints', no training's")
+    cli.refuse(("guide_workdir", "guide_step"), "not used with --config: autoguidance's guide is a training "
+               "checkpoint of the model (sample a --workdir)")
+    if not f.output_dir:
+      raise app.UsageError("--config needs --output_dir (there is no workdir to write samples into).")
   if f.cascade is not None:
     from diffusion_jax import cascade
 
@@ -1097,7 +1144,7 @@ def main(argv):
     else:
       path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
                                  [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step,
-                                 f.source_prompt, f.last_image, f.mesh and sharding.mesh_from_flag(f.mesh))
+                                 f.source_prompt, f.last_image, f.mesh and sharding.mesh_from_flag(f.mesh), f.config)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

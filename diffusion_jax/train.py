@@ -77,6 +77,18 @@ def filled(tree: dict, weights: dict, shardings: dict) -> dict:
   return flax.traverse_util.unflatten_dict(flat)
 
 
+def initial_weights(config, shardings) -> tuple[dict, dict, frozenset]:
+  """(params, frozen, the flat paths read from pretrained checkpoints): the pretrained parts (a text encoder, an
+  autoencoder, Wan's, SD's, SD3's or Flux's network) read on the host and placed on their shards (`shardings`:
+  (params', frozen's)); the random initialisation (config.seed) computes only the rest (a LoRA's updates of a
+  pretrained network among them)."""
+  pretrained = {(name,) + path: value for name, weights in text_to_image.pretrained_weights(config).items()
+                for path, value in flax.traverse_util.flatten_dict(weights).items()}
+  params, frozen = weights_init(config, shardings, frozenset(pretrained))(jax.random.key(config.seed))
+  return (filled(params, pretrained, shardings[0]), filled(frozen, pretrained, shardings[1]),
+          frozenset(pretrained))
+
+
 def init_state(config, mesh):
   """A TrainState created directly with its shardings (no full host copy of a randomly initialised model)."""
   graphdef, abstract_params, abstract_frozen = text_to_image.split(text_to_image.abstract(config), config)
@@ -87,12 +99,7 @@ def init_state(config, mesh):
   targets = lambda: finetune.abstract_targets(abstract_params, abstract_frozen, shardings)
   finetune_weights = finetune.load_weights(config, targets()) if config.finetune.workdir else None
   image_weights = inflation.load_image_weights(config, targets()) if config.inflate.image_workdir else None
-  # Pretrained parts (a text encoder, an autoencoder, Wan's or SD's network) are read on the host and placed on their
-  # shards; the random initialisation computes only the rest (a LoRA's updates of a pretrained network among them).
-  pretrained = {(name,) + path: value for name, weights in text_to_image.pretrained_weights(config).items()
-                for path, value in flax.traverse_util.flatten_dict(weights).items()}
-  params, frozen = weights_init(config, shardings, frozenset(pretrained))(jax.random.key(config.seed))
-  params, frozen = filled(params, pretrained, shardings[0]), filled(frozen, pretrained, shardings[1])
+  params, frozen, _ = initial_weights(config, shardings)
   if finetune_weights is not None:
     params, frozen = finetune.start_from(finetune_weights, params, frozen)
   if image_weights is not None:

@@ -370,7 +370,8 @@ def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_
   channels. For an image and a keep mask, its condition is what FluxFillPipeline.prepare_mask_latents makes of them
   (packed as the pipeline packs it) and its prediction the pipeline's transformer's of the latents beside it; its
   training loss reads random keep masks; it completes a masked image keeping the known pixels exactly and samples
-  from text alone. A latent cache is refused."""
+  from text alone. A latent cache is refused, and so is a FLUX.1 Depth / Canny transformer (twice
+  the channels it predicts)."""
   import diffusers
 
   from configs import flux
@@ -411,13 +412,23 @@ def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_
   np.testing.assert_allclose(prediction, expected, atol=1e-4)
 
   assert_trains_and_completes(config, graphdef, state, images, ids, mask)
+  # FLUX.1 Depth / Canny's transformer reads twice the channels it predicts (a control image's latents): refused
+  save_tiny_flux_transformer(tmp_path / "flux" / "transformer", in_channels=32)
+  assert [p for p in config_checks.problems(flux.get_config(str(tmp_path / "flux")), device_count=8)
+          if "Depth / Canny" in p] == [
+              f"model.flux_path={str(tmp_path / 'flux' / 'transformer')!r}: in_channels=32, twice out_channels: a "
+              "FLUX.1 Depth / Canny transformer (it reads a control image's latents beside the latents), which this "
+              "stack does not train or sample yet: use FLUX.1 dev, schnell, Fill or Kontext"]
 
 
 def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_reference_image(tmp_path):
   """configs/flux.py of a FLUX.1 Kontext root (model_index.json's FluxKontextPipeline) sets model.flux_kontext; its
   sampler reads an --init_image as a reference image (its latents' tokens beside the sample's, ids (1, row,
   column)) and makes, from the same starting noise, the images FluxKontextPipeline makes with that image (4 steps,
-  guidance 3.5, the dynamic shift), to a level of 8 bits; without the reference they differ. A mask, a prompt's
+  guidance 3.5, the dynamic shift), to a level of 8 bits, for a square reference and for a 2:1 one at its own size
+  (the pipeline's default resize to the resolution Kontext trained at: the reference read as its image processor
+  makes it); without the reference they differ. The sampling job makes them from the checkpoint's folders as they
+  are (sample --config). A mask, a prompt's
   strength or an inverted start is refused for it, and the flag on another backbone or on FLUX.1 Fill."""
   import json
 
@@ -474,6 +485,14 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   np.testing.assert_allclose(ours.astype(np.float32), np.round(theirs * 255), atol=2)
   np.testing.assert_allclose(ours_wide.astype(np.float32), np.round(theirs_wide * 255), atol=2)
   assert np.abs(ours.astype(np.float32) - without).max() > 10
+  # The sampling job reads the checkpoint's folders as they are (sample --config, no training): the same image
+  job = config.copy_and_resolve_references()
+  job.sample.update(prompts=tuple(prompts), kontext_resize="own")
+  sample.sample_from_workdir(None, {}, output_dir=tmp_path / "job", init_image=tmp_path / "image.png", config=job)
+  np.testing.assert_allclose(media.read_image(tmp_path / "job" / "p000_00.png").astype(np.float32),
+                             ours[0].astype(np.float32), atol=1)
+  assert media.read_provenance(tmp_path / "job" / "p000_00.png")["checkpoint_step"] == (
+      "none: the pretrained checkpoints")
   for extra in ({"mask": str(tmp_path / "image.png")}, {"strength": 0.5}):
     with pytest.raises(ValueError, match="reads --init_image as a reference image to follow"):
       edit_inputs.read(config, config.sample, [entry | extra], 0)

@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from conftest import tiny_config
 from diffusion_jax import media, sample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -85,6 +86,14 @@ def test_a_flow_schedules_sampling_grid_takes_its_own_time_shift():
   assert config_checks.flow_shift_problem(image_config, image_config.sample, "--") == (
       "--flow_shift=3.0: the time shift of a flow schedule's sampling grid; this model's schedule is 'cosine': leave "
       "it at 0")
+
+
+def test_a_config_trained_from_scratch_is_not_sampled_as_pretrained_checkpoints(tmp_path_factory):
+  """sample --config (load_pretrained) samples the pretrained checkpoints a config reads; the test config trains its
+  text encoder and U-Net from scratch, so it is refused naming them, before anything is built."""
+  with pytest.raises(ValueError, match="this config's text_encoder, unet would be sampled at their random "
+                                       "initialisation .* train it .* and sample its --workdir"):
+    sample.load_pretrained(tiny_config(tmp_path_factory))
 
 
 def test_skip_layer_guidance_is_said_to_act_at_no_step_where_none_of_a_samplings_steps_is_in_its_window():

@@ -42,7 +42,11 @@ def config_problems(config: dict) -> list[str]:
   if c["patch_size"] != 1:
     found.append(f"patch_size={c['patch_size']}: only 1 (every Flux model's: the pipeline packs 2 x 2 latents)")
   out = c["out_channels"] or c["in_channels"]
-  if c["in_channels"] % PACK ** 2 or out % PACK ** 2 or not (c["in_channels"] == out or c["in_channels"] > 2 * out):
+  if c["in_channels"] == 2 * out:
+    found.append(f"in_channels={c['in_channels']}, twice out_channels: a FLUX.1 Depth / Canny transformer (it reads "
+                 "a control image's latents beside the latents), which this stack does not train or sample yet: use "
+                 "FLUX.1 dev, schnell, Fill or Kontext")
+  elif c["in_channels"] % PACK ** 2 or out % PACK ** 2 or not (c["in_channels"] == out or c["in_channels"] > 2 * out):
     found.append(f"in_channels={c['in_channels']}, out_channels={c['out_channels']}: a text-to-image Flux maps "
                  "packed latents (4 x the latent channels) to as many; FLUX.1 Fill reads more (the known image's "
                  "latents and the mask beside them)")

@@ -274,35 +274,41 @@ def abstract(config):
   return nnx.eval_shape(lambda: TextToImage(config, rngs=init_rngs.seeded(config.seed)))
 
 
-def pretrained_weights(config) -> dict:
-  """{'text_encoder': ..., 'autoencoder': ..., 'wan': ..., 'sd_unet': ..., 'sd3' or 'flux': ..., 'image_encoder':
-  ...}: pure dicts of the weights the config names files for (read on the host), to replace those parts of a new
-  model's state."""
-  weights = {}
-  if config.model.backbone == "wan":
-    weights["wan"] = wan_transformer.load_diffusers(config.model.wan_path)
-    if config.model.wan_image_encoder_path:
-      weights["image_encoder"] = clip.load_vision(config.model.wan_image_encoder_path)
-    if config.model.wan_low_noise_path:
-      weights["wan_low"] = wan_transformer.load_diffusers(config.model.wan_low_noise_path, "model.wan_low_noise_path")
-  if config.model.backbone == "sd_unet":
-    weights["sd_unet"] = sd_unet.load_diffusers(config.model.sd_unet_path)
-  if config.model.backbone == "sd3":
-    weights["sd3"] = sd3_transformer.load_diffusers(config.model.sd3_path)
-    width = sd3_transformer.read_config(config.model.sd3_path)["joint_attention_dim"]
-    weights["text_encoder"] = sd3_text.load(config, width)
-  elif config.model.backbone == "flux":
-    weights["flux"] = flux_transformer.load_diffusers(config.model.flux_path)
-    weights["text_encoder"] = flux_text.load(config)
-  elif config.text.second_encoder_path:
-    weights["text_encoder"] = sdxl_text.load(config.text.pretrained_path, config.text.second_encoder_path)
-  elif config.text.pretrained_path and clip.is_text_model(config.text.pretrained_path):
-    weights["text_encoder"] = clip.load_text(config.text.pretrained_path)
-  elif config.text.pretrained_path:
-    weights["text_encoder"] = t5.load_hf_encoder(config.text.pretrained_path, config.text.t5.dtype)
+def pretrained_parts(config) -> dict:
+  """{part: a function that reads its weights (a module)} of the parts the config names files for: 'text_encoder',
+  'autoencoder', 'wan' (and 'wan_low', 'image_encoder'), 'sd_unet', 'sd3' or 'flux'. Nothing is read."""
+  m, t = config.model, config.text
+  parts = {}
+  if m.backbone == "wan":
+    parts["wan"] = lambda: wan_transformer.load_diffusers(m.wan_path)
+    if m.wan_image_encoder_path:
+      parts["image_encoder"] = lambda: clip.load_vision(m.wan_image_encoder_path)
+    if m.wan_low_noise_path:
+      parts["wan_low"] = lambda: wan_transformer.load_diffusers(m.wan_low_noise_path, "model.wan_low_noise_path")
+  if m.backbone == "sd_unet":
+    parts["sd_unet"] = lambda: sd_unet.load_diffusers(m.sd_unet_path)
+  if m.backbone == "sd3":
+    parts["sd3"] = lambda: sd3_transformer.load_diffusers(m.sd3_path)
+    parts["text_encoder"] = lambda: sd3_text.load(config, sd3_transformer.read_config(m.sd3_path)[
+        "joint_attention_dim"])
+  elif m.backbone == "flux":
+    parts["flux"] = lambda: flux_transformer.load_diffusers(m.flux_path)
+    parts["text_encoder"] = lambda: flux_text.load(config)
+  elif t.second_encoder_path:
+    parts["text_encoder"] = lambda: sdxl_text.load(t.pretrained_path, t.second_encoder_path)
+  elif t.pretrained_path and clip.is_text_model(t.pretrained_path):
+    parts["text_encoder"] = lambda: clip.load_text(t.pretrained_path)
+  elif t.pretrained_path:
+    parts["text_encoder"] = lambda: t5.load_hf_encoder(t.pretrained_path, t.t5.dtype)
   if config.latent.autoencoder_path:
-    weights["autoencoder"] = autoencoder.load_diffusers(config.latent.autoencoder_path)
-  return {name: nnx.to_pure_dict(nnx.state(module)) for name, module in weights.items()}
+    parts["autoencoder"] = lambda: autoencoder.load_diffusers(config.latent.autoencoder_path)
+  return parts
+
+
+def pretrained_weights(config) -> dict:
+  """{part: pure dict of its weights} (pretrained_parts, read on the host), to replace those parts of a new model's
+  state."""
+  return {name: nnx.to_pure_dict(nnx.state(read())) for name, read in pretrained_parts(config).items()}
 
 
 def is_temporal(path, _) -> bool:
