@@ -715,7 +715,7 @@ def load_pretrained(config, mesh_config=None):
                      "--workdir")
   mesh = sharding.make_mesh(mesh_config or sharding.SAMPLING_MESH)
   shardings = (sharding.state_shardings(abstract_params, mesh), sharding.state_shardings(abstract_frozen, mesh))
-  params, frozen, _ = train.initial_weights(config, shardings)
+  params, frozen = train.initial_weights(config, shardings)
   log.info("read the pretrained weights onto the mesh %s", dict(mesh.shape))
   return Weights(params, frozen), graphdef, mesh
 

@@ -77,16 +77,14 @@ def filled(tree: dict, weights: dict, shardings: dict) -> dict:
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def initial_weights(config, shardings) -> tuple[dict, dict, frozenset]:
-  """(params, frozen, the flat paths read from pretrained checkpoints): the pretrained parts (a text encoder, an
-  autoencoder, Wan's, SD's, SD3's or Flux's network) read on the host and placed on their shards (`shardings`:
-  (params', frozen's)); the random initialisation (config.seed) computes only the rest (a LoRA's updates of a
-  pretrained network among them)."""
+def initial_weights(config, shardings) -> tuple[dict, dict]:
+  """(params, frozen): the pretrained parts (a text encoder, an autoencoder, Wan's, SD's, SD3's or Flux's network)
+  read on the host and placed on their shards (`shardings`: (params', frozen's)); the random initialisation
+  (config.seed) computes only the rest (a LoRA's updates of a pretrained network among them)."""
   pretrained = {(name,) + path: value for name, weights in text_to_image.pretrained_weights(config).items()
                 for path, value in flax.traverse_util.flatten_dict(weights).items()}
   params, frozen = weights_init(config, shardings, frozenset(pretrained))(jax.random.key(config.seed))
-  return (filled(params, pretrained, shardings[0]), filled(frozen, pretrained, shardings[1]),
-          frozenset(pretrained))
+  return filled(params, pretrained, shardings[0]), filled(frozen, pretrained, shardings[1])
 
 
 def init_state(config, mesh):
@@ -99,7 +97,7 @@ def init_state(config, mesh):
   targets = lambda: finetune.abstract_targets(abstract_params, abstract_frozen, shardings)
   finetune_weights = finetune.load_weights(config, targets()) if config.finetune.workdir else None
   image_weights = inflation.load_image_weights(config, targets()) if config.inflate.image_workdir else None
-  params, frozen, _ = initial_weights(config, shardings)
+  params, frozen = initial_weights(config, shardings)
   if finetune_weights is not None:
     params, frozen = finetune.start_from(finetune_weights, params, frozen)
   if image_weights is not None:
