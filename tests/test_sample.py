@@ -10,7 +10,6 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import tiny_config
 from diffusion_jax import media, sample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -86,14 +85,6 @@ def test_a_flow_schedules_sampling_grid_takes_its_own_time_shift():
   assert config_checks.flow_shift_problem(image_config, image_config.sample, "--") == (
       "--flow_shift=3.0: the time shift of a flow schedule's sampling grid; this model's schedule is 'cosine': leave "
       "it at 0")
-
-
-def test_a_config_trained_from_scratch_is_not_sampled_as_pretrained_checkpoints(tmp_path_factory):
-  """sample --config (load_pretrained) samples the pretrained checkpoints a config reads; the test config trains its
-  text encoder and U-Net from scratch, so it is refused naming them, before anything is built."""
-  with pytest.raises(ValueError, match="this config's text_encoder, unet would be sampled at their random "
-                                       "initialisation .* train it .* and sample its --workdir"):
-    sample.load_pretrained(tiny_config(tmp_path_factory))
 
 
 def test_skip_layer_guidance_is_said_to_act_at_no_step_where_none_of_a_samplings_steps_is_in_its_window():
@@ -246,6 +237,19 @@ def test_flags_a_cascade_would_ignore_are_refused():
                             text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].startswith(f"{flag.split('=')[0]}: not used with --cascade"), result.stderr
+
+
+def test_sampling_a_configs_checkpoints_refuses_what_it_cannot_read(tmp_path):
+  """sample --config: a checkpoint step and a missing --output_dir are usage errors; the demo's test config, which
+  trains its text encoder and U-Net from scratch, is refused naming them (exit 2, one line, no traceback)."""
+  for flags, code, message in ((["--step=3", f"--output_dir={tmp_path}"], 1, "--step: not used with --config"),
+                               ([], 1, "--config needs --output_dir"),
+                               ([f"--output_dir={tmp_path}"], 2, "error: --config: this config's text_encoder, unet "
+                                                                  "would be sampled at their random initialisation")):
+    result = subprocess.run([sys.executable, "-m", "diffusion_jax.sample", "--config=configs/t2i_shapes.py:test",
+                             *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr.splitlines()[-1], result.stderr
 
 
 def test_sampling_is_deterministic_and_independent_of_device_count(trained):
