@@ -735,6 +735,9 @@ def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, 
 
   if config is None:
     config = checkpoint.read_config(workdir)
+  elif workdir is not None or output_dir is None:
+    raise ValueError("Sampling a config's pretrained checkpoints (--config) takes no workdir and needs an output "
+                     "directory (--output_dir)")
   else:  # the pretrained checkpoints a config reads, no training
     config = config.copy_and_resolve_references()
     config_checks.validate(config)

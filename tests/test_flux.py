@@ -488,6 +488,8 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   # The sampling job reads the checkpoint's folders as they are (sample --config, no training): the same image
   job = config.copy_and_resolve_references()
   job.sample.update(prompts=tuple(prompts), kontext_resize="own")
+  with pytest.raises(ValueError, match="takes no workdir and needs an output directory"):
+    sample.sample_from_workdir(None, {}, config=job)
   sample.sample_from_workdir(None, {}, output_dir=tmp_path / "job", init_image=tmp_path / "image.png", config=job)
   np.testing.assert_allclose(media.read_image(tmp_path / "job" / "p000_00.png").astype(np.float32),
                              ours[0].astype(np.float32), atol=1)
