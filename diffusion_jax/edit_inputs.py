@@ -103,6 +103,10 @@ def kontext_reference(entry: dict, resize: str, multiple: int) -> tuple[np.ndarr
   if resize == "preferred":
     _, width, height = min((abs(width / height - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
   height, width = height // multiple * multiple, width // multiple * multiple
+  if not height or not width:
+    raise ValueError(f"init_image {entry['init_image']!r} is {image.shape[1]} x {image.shape[0]} pixels: a FLUX.1 "
+                     f"Kontext reference kept at its own size (--kontext_resize=own) needs at least {multiple} x "
+                     f"{multiple} (one token); give a larger image, or --kontext_resize=preferred")
   if (height, width) != image.shape[:2]:
     image = np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.LANCZOS))
   return image, np.zeros(image.shape[:2], bool)

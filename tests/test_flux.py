@@ -455,7 +455,7 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
   prompts, tokenizer = ["a large red circle"], tokenizers.from_config(config)
   wide = np.random.default_rng(1).integers(0, 256, (25, 50, 3), np.uint8)  # 2:1
-  for file, picture in (("image.png", image), ("wide.png", wide)):
+  for file, picture in (("image.png", image), ("wide.png", wide), ("tiny.png", wide[:3])):
     PIL.Image.fromarray(picture).save(tmp_path / file)
   entry = {"prompt": prompts[0], "init_image": str(tmp_path / "image.png")}
 
@@ -472,6 +472,8 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   np.testing.assert_array_equal(reference("preferred", "wide.png"), np.asarray(
       kontext.image_processor.resize(PIL.Image.fromarray(wide), 720, 1456)))
   assert reference("own", "image.png").shape == (32, 32, 3) and reference("own", "wide.png").shape == (24, 48, 3)
+  with pytest.raises(ValueError, match="is 50 x 3 pixels: a FLUX.1 Kontext reference kept at its own size"):
+    reference("own", "tiny.png")  # under one token high
   given = lambda images: dict(init_images=images, keep_masks=np.zeros(images.shape[:3], bool)) if len(images) else {}
   ours, ours_wide, without = (
       sample.generate(config, graphdef, state.params, state.frozen, tokenizer, prompts, config.sample, mesh,
