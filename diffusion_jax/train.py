@@ -432,7 +432,8 @@ def open_text_cache(config, graphdef, state, tokenizer, source):
     encode = lambda ids, mask: encode_jit(state.params, state.frozen, ids, mask)
     captions = (source[i][config.data.caption_key] for i in range(len(source)))
     log.info("building the text-embedding cache in %s", directory)
-    embedding_cache.build(directory, captions, tokenizer, encode, key, token_width=text_to_image.token_width(config))
+    token_width = nnx.merge(graphdef, state.params, state.frozen).token_width  # (no computation: a Python int)
+    embedding_cache.build(directory, captions, tokenizer, encode, key, token_width=token_width)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("text-embedding cache built")
   return embedding_cache.EmbeddingCache(directory, key)

@@ -14,7 +14,7 @@ from test_sd3 import SentencePieceT5Tokenizer, tiny_lora_run, trained_lora_run
 from test_sd_unet import assert_trains_and_completes, inpainting_inputs, save_tiny_clip_tokenizer
 
 from diffusion_jax import config_checks, media, sample, schedules
-from diffusion_jax.models import flux_transformer, init_rngs, text_to_image
+from diffusion_jax.models import flux_transformer, init_rngs
 
 
 def save_tiny_flux_transformer(directory, guidance_embeds=True, in_channels=16):
@@ -215,7 +215,8 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   expected, pooled = expected.numpy(), pooled.numpy()
   np.testing.assert_allclose(text[..., :40], expected, atol=2e-5)
   np.testing.assert_allclose(text[:, 0, 40:], pooled, atol=2e-5)
-  assert text_to_image.token_width(config) == 40  # (where a text-embedding cache stores the pooled embedding apart)
+  assert nnx.merge(graphdef, weights.params, weights.frozen).token_width == 40  # (where a text-embedding cache stores
+  # the pooled embedding apart)
   theirs = lambda expected, pooled, guidance=3.5: diffusers_prediction(
       pipeline.transformer, latents, np.full(2, sigma), expected, pooled, np.full(2, guidance))
   np.testing.assert_allclose(prediction, theirs(expected, pooled), atol=1e-4)

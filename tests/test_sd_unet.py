@@ -300,9 +300,10 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   assert "data.size_ids with latent.cache: the cache holds one view of each image" in " ".join(
       config_checks.problems(bad, device_count=8))
 
-  assert text_to_image.token_width(config) == 48  # (the U-Net's cross_attention_dim: the pooled embedding after)
   train.train_and_evaluate(config, tmp_path / "run")
   _, weights, graphdef, *_ = sample.load_checkpoint(tmp_path / "run", use_ema=False)
+  # (the U-Net's cross_attention_dim: where the pooled embedding starts, what a text-embedding cache stores apart)
+  assert nnx.merge(graphdef, weights.params, weights.frozen).token_width == 48
   loaded = text_to_image.pretrained_weights(config)
   for name in ("sd_unet", "text_encoder", "autoencoder"):
     jax.tree.map(np.testing.assert_array_equal, weights.frozen[name], loaded[name])

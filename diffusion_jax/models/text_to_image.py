@@ -31,17 +31,20 @@ class TextToImage(nnx.Module):
     gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
     self.empty_prompt_ids = None
+    # Where the condition's pooled embedding, repeated beside every token, starts (sdxl_text.split): SD3's and Flux's
+    # joint_attention_dim, SDXL's U-Net's cross_attention_dim (set below); 0 for a condition of token states only.
+    self.token_width = 0
     text_lora = config.model.lora_rank if config.model.lora_text_encoder else 0
     m = config.model
     if m.backbone in ("sd3", "flux"):  # SD3's two CLIP text transformers and T5, Flux's CLIP and T5; the null
       # condition the empty prompt's encoding
       if m.backbone == "sd3":
         sd3_config = sd3_transformer.read_config(m.sd3_path)
-        self.text_width = sd3_config["joint_attention_dim"]
-        self.text_encoder = sd3_text.build(config, self.text_width, rngs, text_lora)
+        self.token_width = sd3_config["joint_attention_dim"]
+        self.text_encoder = sd3_text.build(config, self.token_width, rngs, text_lora)
       else:
         flux_config = flux_transformer.read_config(m.flux_path)
-        self.text_width = flux_config["joint_attention_dim"]
+        self.token_width = flux_config["joint_attention_dim"]
         self.text_encoder = flux_text.build(config, rngs, text_lora)
       ids, _ = tokenizers.from_config(config)([""])
       self.empty_prompt_ids = tuple(int(i) for i in ids[0])
@@ -85,6 +88,8 @@ class TextToImage(nnx.Module):
       unet_config = sd_unet.read_config(m.sd_unet_path)
       self.inpainting = sd_unet.is_inpainting(unet_config)
       self.sd_unet = sd_unet.SDUNet(unet_config, **options)
+      if self.sd_unet.add_embedding is not None:  # SDXL's U-Net reads the second encoder's pooled embedding
+        self.token_width = self.sd_unet.cross_attention_dim
     else:
       self.unet = unet.UNet(m, rngs=rngs)
     vae = autoencoder.read_config(latent_path) if latent_path else None
@@ -214,7 +219,7 @@ class TextToImage(nnx.Module):
       toward_first = objectives.eps_from_x0(first, x_t.astype(jnp.float32), alpha, sigma) - first
       return jnp.where(clean[..., None, None, None], toward_first, out)
     if self.backbone in ("sd3", "flux"):  # images only; every text token, as their pipelines (config_checks)
-      tokens, pooled = sdxl_text.split(text, self.text_width)
+      tokens, pooled = sdxl_text.split(text, self.token_width)
       timestep = wan_transformer.timestep(logsnr)  # (the same flow timestep as Wan's)
       if self.backbone == "sd3":
         return self.sd3(x, timestep, tokens, pooled, skip_layers)
@@ -229,7 +234,7 @@ class TextToImage(nnx.Module):
         x = jnp.concatenate([x, condition["mask"].astype(x.dtype), condition["masked_latents"].astype(x.dtype)], -1)
       if self.sd_unet.add_embedding is None:
         return self.sd_unet(x, sd_unet.timestep(logsnr), text)
-      tokens, pooled = sdxl_text.split(text, self.sd_unet.cross_attention_dim)  # SDXL
+      tokens, pooled = sdxl_text.split(text, self.token_width)  # SDXL
       if size_ids is None:
         size_ids = sdxl_text.time_ids(x.shape[0], *(self.pixels_per_latent * n for n in x.shape[1:3]))
       return self.sd_unet(x, sd_unet.timestep(logsnr), tokens, pooled, size_ids)
@@ -254,19 +259,6 @@ def starts_clips_at_images(config) -> bool:
   """Whether the config's network may start clips at given images, reading their latent frame clean (a Wan with
   model.wan_clean_first_frame: Wan 2.2 TI2V's mode); it makes clips from text alone too."""
   return config.model.backbone == "wan" and config.model.wan_clean_first_frame
-
-
-def token_width(config) -> int:
-  """Where the text condition's pooled embedding, repeated beside every token, starts (sdxl_text.split): SD3's and
-  Flux's joint_attention_dim, SDXL's U-Net's cross_attention_dim; 0 for a condition of token states only."""
-  m = config.model
-  if m.backbone == "sd3":
-    return sd3_transformer.read_config(m.sd3_path)["joint_attention_dim"]
-  if m.backbone == "flux":
-    return flux_transformer.read_config(m.flux_path)["joint_attention_dim"]
-  if m.backbone == "sd_unet" and config.text.second_encoder_path:  # SDXL's U-Net reads the second's pooled embedding
-    return sd_unet.read_config(m.sd_unet_path)["cross_attention_dim"]
-  return 0
 
 
 def abstract(config):
