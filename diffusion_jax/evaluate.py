@@ -1,4 +1,5 @@
-"""Evaluation job: score checkpoints of a training workdir, once each, beside training or on demand.
+"""Evaluation job: score checkpoints of a training workdir, once each, beside training or on demand; or the
+pretrained checkpoints a config reads (a Stable Diffusion, SDXL, SD3, Flux or Wan root), as they are.
 
   python -m diffusion_jax.evaluate --workdir=DIR [--watch] [--step=N] [--guidance_sweep=1,2,3,5]
                                    [--steps_sweep=10,25,50] [--sampler_sweep=dpmpp_2m:20,ddpm:1000]
@@ -10,11 +11,24 @@
                                    [--edit_noise_sweep=random,inversion,source_inversion,null_text_inversion]
                                    [--edit_toward=own]
 
+  python -m diffusion_jax.evaluate --config=configs/stable_diffusion.py:/path/to/sd-root --output_dir=DIR
+                                   [--config.data.folder=...] [--guidance_sweep=...] [--lora=FILE]
+
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
                                    [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
 
 Flags:
-  --workdir           training workdir (this or --cascade)
+  --workdir           training workdir (this, --config or --cascade)
+  --config            instead of --workdir: a config file whose every part is read from pretrained checkpoints
+                      (configs/stable_diffusion.py:ROOT, stable_diffusion3.py, flux.py, wan_t2v.py),
+                      --config.FIELD=VALUE overriding its fields (e.g. the validation data: --config.data.*): its
+                      weights as they are (a LoRA's updates at zero; --lora fuses an adapter file) are evaluated
+                      once, as step 0, with every metric and sweep a workdir's checkpoint gets; a config that trains
+                      a part from scratch (the demo's) is refused, naming the parts; needs --output_dir; no --step,
+                      --watch or autoguidance guide
+  --output_dir        with --config: where the evaluation goes, as a workdir's: OUTPUT_DIR/config.json (the config
+                      evaluated), logs/eval.jsonl (its line's settings with "pretrained": true), logs/eval
+                      (TensorBoard) and eval/ (sweep tables and plots)
   --cascade           cascade config (configs/cascades/*.py, fields overridable with --cascade.<field>):
                       sample the whole cascade for the validation captions, one image each, and print
                       the metrics of its final output against the real images (FID, CLIP score, judge), also
@@ -477,14 +491,19 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
-                  combinations=(), adapters=(), guide=None, edit_real=None, edit_toward="other", mesh_config=None):
-  """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint; `settings` as made by
-  sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
+                  combinations=(), adapters=(), guide=None, edit_real=None, edit_toward="other", mesh_config=None,
+                  pretrained=None):
+  """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint of `workdir` (or, with
+  `pretrained`, a validated config, of the pretrained checkpoints it reads: sample.load_pretrained, step 0); `settings`
+  as made by sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
   `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
   evaluation_sample_config's; image_to_video, edit_real, edit_toward and guide: as generation_metrics'; adapters:
   lora.Adapters fused into the weights; mesh_config: sample.load_checkpoint's."""
-  config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step, mesh_config=mesh_config)
+  if pretrained is None:
+    config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step, mesh_config=mesh_config)
+  else:
+    config, step, (weights, graphdef, mesh) = pretrained, 0, sample.load_pretrained(pretrained, mesh_config)
   weights = lora.fused(weights, adapters)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
   small = {k: v[:heldout_examples] for k, v in batch.items()}
@@ -699,8 +718,12 @@ def write_edits(workdir, step, real, edited, asked, sample_config) -> pathlib.Pa
 def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, num_prompts=64,
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
         combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
-        adapters=(), guide_workdir=None, guide_step=None, edit_real=None, edit_toward="other", mesh_config=None):
+        adapters=(), guide_workdir=None, guide_step=None, edit_real=None, edit_toward="other", mesh_config=None,
+        config=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
+  config: instead of the workdir's checkpoints, the pretrained checkpoints this config reads (sample.load_pretrained),
+  evaluated as they are, once, as step 0; `workdir` is then where the results go (its config.json, logs/eval.jsonl and
+  eval/, as a workdir's), and step, watch and an autoguidance guide are refused.
   sweeps: {name in SWEEPS: values}, each also written as a table and a plot per checkpoint.
   inception_weights: a local FID Inception weights file; adds fid_inception.
   i3d_weights: a local FVD I3D weights file; adds fvd_i3d (video models).
@@ -719,7 +742,11 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   guide_workdir (with guide_step alone: this workdir) and guide_step (default: its latest): the autoguidance
   guide's checkpoint (autoguidance.py), the same for every checkpoint evaluated; recorded in the settings.
   mesh_config: the mesh each checkpoint (and the guide) is restored onto and sampled on (sample.load_checkpoint)."""
-  config = checkpoint.read_config(workdir)
+  pretrained = config is not None
+  if not pretrained:
+    config = checkpoint.read_config(workdir)
+  else:
+    config, step = pretrained_config(config, workdir, step, watch, guide_workdir, guide_step), 0
   if lpips_weights and not config.model.lowres_conditioning:  # before any weights are read
     raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "
                      "given downsampled; this model is not a super-resolution stage (model.lowres_conditioning)")
@@ -758,10 +785,14 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
   perceptual = lpips.load(str(lpips_weights)) if lpips_weights else None
+  if pretrained:
+    recorded["pretrained"] = True  # (what they are: config.json beside)
+    if jax.process_index() == 0:
+      checkpoint.write_config(workdir, config)
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
   written, unreadable, idle_since = [], set(), time.time()
   while True:
-    mngr = checkpoint.manager(workdir, read_only=True)
+    mngr = None if pretrained else checkpoint.manager(workdir, read_only=True)
     todo = [step] if step is not None else distributed.from_process_zero(
         sorted(set(mngr.all_steps()) - done_steps(workdir, recorded) - unreadable))
     if step is None and not todo and not watch:
@@ -779,7 +810,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
                                                      image_to_video, combinations, adapters, guide, edit_real,
-                                                     edit_toward, mesh_config)
+                                                     edit_toward, mesh_config, config if pretrained else None)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -804,6 +835,25 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   return written
 
 
+def pretrained_config(config, output_dir, step, watch, guide_workdir, guide_step):
+  """`config` resolved and validated for evaluating the pretrained checkpoints it reads (run's `config`); a ValueError
+  naming what that cannot take: no output directory, a step, --watch, an autoguidance guide, or a part no
+  pretrained checkpoint names (sample.check_pretrained)."""
+  if output_dir is None:
+    raise ValueError("Evaluating a config's pretrained checkpoints (--config) needs an output directory "
+                     "(--output_dir) for its config.json, logs/eval.jsonl and eval/")
+  taken = [name for name, value in (("--step", step is not None), ("--watch", watch),
+                                    ("--guide_workdir", guide_workdir), ("--guide_step", guide_step is not None))
+           if value]
+  if taken:
+    raise ValueError(f"{', '.join(taken)}: not used with --config, whose weights are the pretrained checkpoints' "
+                     "(one evaluation, recorded as step 0), no training's checkpoints (evaluate a --workdir)")
+  config = config.copy_and_resolve_references()
+  config_checks.validate(config)
+  sample.check_pretrained(config)  # before the validation set is read
+  return config
+
+
 def _log_settings_changes(workdir, steps, settings):
   """Say which of `steps` were evaluated before under other settings, and what changed."""
   before = {r["step"]: as_of(r["settings"], settings) for r in evaluated(workdir)
@@ -820,6 +870,10 @@ VIDEO_SAMPLE_FLAGS = ("strength", "edit_noise", "null_text_iterations", "video_l
 
 def define_flags():
   flags.DEFINE_string("workdir", None, "Training workdir.")
+  config_flags.DEFINE_config_file("config", None, "Instead of --workdir: a config whose every part is read from "
+                                  "pretrained checkpoints (configs/flux.py:ROOT, ...), evaluated as they are, once, "
+                                  "as step 0 (needs --output_dir).")
+  flags.DEFINE_string("output_dir", None, "With --config: where its config.json, logs/eval.jsonl and eval/ go.")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: evaluate the whole cascade's final output.")
   flags.DEFINE_integer("step", None, "Evaluate only this checkpoint.")
   flags.DEFINE_bool("watch", False, "Keep polling for new checkpoints.")
@@ -895,8 +949,19 @@ def define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
-  if bool(f.workdir) == bool(f.cascade):
-    raise app.UsageError("Give --workdir (one experiment) or --cascade (a whole cascade), not both.")
+  if sum(map(bool, (f.workdir, f.cascade, f.config))) != 1:
+    raise app.UsageError("Give one of --workdir (a training run's checkpoints), --config (the pretrained checkpoints "
+                         "a config reads) or --cascade (a whole cascade).")
+  if f.config:
+    cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes"), "not used with --config, whose weights are the "
+               "pretrained checkpoints' (one evaluation, recorded as step 0)")
+    cli.refuse(("guide_workdir", "guide_step"), "not used with --config: autoguidance's guide is a training "
+               "checkpoint of the model (evaluate a --workdir)")
+    if not f.output_dir:
+      raise app.UsageError("--config needs --output_dir (there is no workdir to write the evaluation into).")
+  else:
+    cli.refuse(("output_dir",), "only with --config (a workdir's evaluation goes to WORKDIR/logs and WORKDIR/eval, a "
+               "cascade's to its output_dir)")
   if f.step is not None:
     cli.refuse(("watch", "poll_seconds", "max_idle_minutes"), "not used with --step, which evaluates one checkpoint "
                "and stops")
@@ -944,12 +1009,12 @@ def main(argv):
       results = [cascade_metrics(f.cascade, f.num_prompts, metric_features(f.inception_weights, f.i3d_weights),
                                  clip_score.load(f.clip_weights) if f.clip_weights else None, sweeps, f.sweep_stage)]
     else:
-      results = run(f.workdir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
+      results = run(f.workdir or f.output_dir, f.step, f.watch, f.poll_seconds, f.max_idle_minutes, f.num_prompts,
                     f.heldout_examples, sweeps, f.inception_weights, f.clip_weights, f.i3d_weights,
                     f.combination_prompts, overrides, f.lpips_weights, f.image_to_video,
                     f.combinations, [lora.read(spec) for spec in f.lora], f.guide_workdir, f.guide_step,
                     "image_to_image" if f.image_to_image else "video_to_video" if f.video_to_video else None,
-                    f.edit_toward, f.mesh and sharding.mesh_from_flag(f.mesh))
+                    f.edit_toward, f.mesh and sharding.mesh_from_flag(f.mesh), f.config)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -701,18 +701,26 @@ def load_checkpoint(workdir, step=None, use_ema=None, mesh_config=None):
   return config, Weights(params, restored.get("frozen", {})), graphdef, step, mesh
 
 
-def load_pretrained(config, mesh_config=None):
-  """(Weights, graphdef, mesh) of a config whose every part is read from pretrained checkpoints (a Stable Diffusion,
-  SDXL, SD3, Flux or Wan root's configs/*.py; a LoRA's updates start at zero), placed on the mesh of `mesh_config`
-  (load_checkpoint's); a ValueError, before anything is read, naming the parts that would be sampled at their random
-  initialisation (a model trained from scratch: train it, then sample its workdir)."""
-  from diffusion_jax import train  # the weights' layout lives with the trainer
-
+def check_pretrained(config):
+  """(graphdef, abstract params, abstract frozen weights) of a config whose every part is read from pretrained
+  checkpoints (a Stable Diffusion, SDXL, SD3, Flux or Wan root's configs/*.py); nothing is read. A ValueError naming
+  the parts that would be used at their random initialisation (a model trained from scratch: train it, then give its
+  workdir)."""
   graphdef, abstract_params, abstract_frozen = text_to_image.split(text_to_image.abstract(config), config)
   if random := sorted((set(abstract_params) | set(abstract_frozen)) - set(text_to_image.pretrained_parts(config))):
-    raise ValueError(f"--config: this config's {', '.join(random)} would be sampled at their random initialisation "
-                     "(no pretrained checkpoint names them): train it (python -m diffusion_jax.main) and sample its "
+    raise ValueError(f"--config: this config's {', '.join(random)} would be used at their random initialisation "
+                     "(no pretrained checkpoint names them): train it (python -m diffusion_jax.main) and give its "
                      "--workdir")
+  return graphdef, abstract_params, abstract_frozen
+
+
+def load_pretrained(config, mesh_config=None):
+  """(Weights, graphdef, mesh) of a config whose every part is read from pretrained checkpoints (check_pretrained's
+  ValueError, before anything is read, otherwise; a LoRA's updates start at zero), placed on the mesh of
+  `mesh_config` (load_checkpoint's)."""
+  from diffusion_jax import train  # the weights' layout lives with the trainer
+
+  graphdef, abstract_params, abstract_frozen = check_pretrained(config)
   mesh = sharding.make_mesh(mesh_config or sharding.SAMPLING_MESH)
   shardings = (sharding.state_shardings(abstract_params, mesh), sharding.state_shardings(abstract_frozen, mesh))
   params, frozen = train.initial_weights(config, shardings)

@@ -240,16 +240,24 @@ def test_flags_a_cascade_would_ignore_are_refused():
 
 
 def test_sampling_a_configs_checkpoints_refuses_what_it_cannot_read(tmp_path):
-  """sample --config: a checkpoint step and a missing --output_dir are usage errors; the demo's test config, which
-  trains its text encoder and U-Net from scratch, is refused naming them (exit 2, one line, no traceback)."""
-  for flags, code, message in ((["--step=3", f"--output_dir={tmp_path}"], 1, "--step: not used with --config"),
-                               ([], 1, "--config needs --output_dir"),
-                               ([f"--output_dir={tmp_path}"], 2, "error: --config: this config's text_encoder, unet "
-                                                                  "would be sampled at their random initialisation")):
-    result = subprocess.run([sys.executable, "-m", "diffusion_jax.sample", "--config=configs/t2i_shapes.py:test",
+  """sample --config and evaluate --config: a checkpoint step and a missing --output_dir are usage errors; the demo's
+  test config, which trains its text encoder and U-Net from scratch, is refused naming them (exit 2, one line, no
+  traceback) before anything is read or written."""
+  output = f"--output_dir={tmp_path / 'out'}"
+  for job, flags, code, message in (
+      ("sample", ["--step=3", output], 1, "--step: not used with --config"),
+      ("sample", [], 1, "--config needs --output_dir"),
+      ("sample", [output], 2, "error: --config: this config's text_encoder, unet would be used at their random "
+                              "initialisation"),
+      ("evaluate", ["--watch", output], 1, "--watch: not used with --config"),
+      ("evaluate", [], 1, "--config needs --output_dir"),
+      ("evaluate", [output], 2, "error: --config: this config's text_encoder, unet would be used at their random "
+                                "initialisation")):
+    result = subprocess.run([sys.executable, "-m", f"diffusion_jax.{job}", "--config=configs/t2i_shapes.py:test",
                              *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
     assert message in result.stderr.splitlines()[-1], result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_sampling_is_deterministic_and_independent_of_device_count(trained):

@@ -211,7 +211,8 @@ def test_stable_diffusion_reads_a_checkpoints_folders_as_its_pipeline_encodes_an
   """configs/stable_diffusion.py:ROOT reads a Stable Diffusion checkpoint's folders. Its text condition and the null
   condition guidance drops to are what diffusers' StableDiffusionPipeline encodes (the empty prompt's encoding), and
   its network's prediction at SD's timestep 500 is the pipeline's U-Net's (training and sampling: the SDXL test
-  below)."""
+  below). The evaluation job scores the checkpoint as it is (evaluate --config): one line, step 0, whose held-out
+  loss is that of these weights."""
   from configs import stable_diffusion
   from diffusion_jax.data import captioned_shapes
   from diffusion_jax.text import tokenizers
@@ -233,7 +234,8 @@ def test_stable_diffusion_reads_a_checkpoints_folders_as_its_pipeline_encodes_an
     assert problem in found
   config.text.update(max_length=16, embedding_cache="")
   config.model.dtype, config.data.size_ids, config.model.lora_text_encoder = "float32", False, False
-  config.data.update(dataset="captioned_shapes", resolution=32, data_dir=str(tmp_path / "tfds"))
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
   assert config_checks.problems(config, device_count=8) == []
   state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
   prompts = ["a large red circle at the top left", "two small blue squares"]
@@ -255,6 +257,22 @@ def test_stable_diffusion_reads_a_checkpoints_folders_as_its_pipeline_encodes_an
   np.testing.assert_allclose(text, expected_text.numpy(), atol=2e-5)
   np.testing.assert_allclose(null, expected_null.numpy(), atol=2e-5)
   np.testing.assert_allclose(np.asarray(prediction).transpose(0, 3, 1, 2), expected, atol=1e-4)
+
+  from diffusion_jax import checkpoint, evaluate
+  from diffusion_jax.metrics import heldout_loss
+
+  options = dict(num_prompts=4, heldout_examples=4, combination_prompts=0, sample_overrides={"steps": 2})
+  with pytest.raises(ValueError, match="--step: not used with --config"):
+    evaluate.run(tmp_path / "eval", step=3, config=config, **options)
+  [record] = evaluate.run(tmp_path / "eval", config=config, **options)
+  assert record["step"] == 0 and record["settings"]["pretrained"] and np.isfinite(record["fid_random_conv"])
+  assert checkpoint.config_differences(checkpoint.read_config(tmp_path / "eval"), config) == []  # what was evaluated
+  assert [r["step"] for r in evaluate.evaluated(tmp_path / "eval")] == [0]
+  mesh = sharding.make_mesh(sharding.SAMPLING_MESH)
+  batch, _, _ = evaluate.validation_set(config, 4)
+  losses = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, evaluate.evaluation_sample_config(
+      config).batch_size)(*jax.device_put((state.params, state.frozen), sharding.replicated(mesh)), batch)
+  np.testing.assert_allclose(record["heldout_loss"], np.mean(losses), rtol=1e-5)
 
 
 def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path):
