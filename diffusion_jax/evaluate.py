@@ -128,6 +128,9 @@ Flags:
                       level a cascade needs)
   --sweep_stage       with --cascade: the stage whose settings the sweeps vary (default -1, the last; 0 = the
                       base model, e.g. its guidance scale judged on the cascade's final output)
+  --mesh              AXIS=SIZE,... of the mesh each checkpoint (and a guide) is restored onto and sampled on, over
+                      the default data=-1 (every device a whole copy): e.g. fsdp=8, sequence=4 (a video model's
+                      frames split over 4); with --cascade, every stage's (sample.py's flag)
   --coordinator, --num_processes, --process_id, --auto_distributed
                       a multi-process job, as the main job's (`launch/local.py --module=diffusion_jax.evaluate`):
                       every process generates its part of each batch and follows process 0's list of checkpoints;

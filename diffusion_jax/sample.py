@@ -123,6 +123,10 @@ Flags:
                     lines giving their "prompt" alone;
                     --batch_size and --negative_prompt set every stage's; the flags of one workdir's settings
                     are refused)
+  --mesh            AXIS=SIZE,... of the mesh the checkpoint is restored and sampled on, over the default data=-1
+                    (every device a whole copy of the weights): e.g. fsdp=8 (the weights sharded over 8 devices),
+                    sequence=4 (a video model's frames split over 4), one axis -1 for the devices left; axes data,
+                    fsdp, sequence, tensor; with --cascade, every stage's (one stage's: --cascade.stages[K].mesh)
   --coordinator, --num_processes, --process_id, --auto_distributed
                     a multi-process job, as the main job's (`launch/local.py --module=diffusion_jax.sample`):
                     every process generates its part of each batch, process 0 writes
