@@ -504,6 +504,14 @@ def _renamed_old_attention(tensors: dict) -> dict:
   return renamed
 
 
+def tensor_shapes(path) -> dict:
+  """{tensor name: shape} of what load_diffusers reads from a local diffusers directory's WEIGHTS_FILE (from its
+  config.json alone)."""
+  config = read_config(path)
+  return named_tensors.shapes(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=init_rngs.seeded(0))),
+                              named_tensors.torch_name)
+
+
 def load_diffusers(path: str) -> AutoencoderKL:
   """An AutoencoderKL with the weights of a local diffusers directory (config.json and WEIGHTS_FILE)."""
   from safetensors.numpy import load_file

@@ -270,6 +270,14 @@ def load_text(path, field: str = "text.pretrained_path", with_projection: bool =
                      field, "text_model.")
 
 
+def text_tensor_shapes(path, field: str = "text.pretrained_path", with_projection: bool = False) -> dict:
+  """{tensor name: shape} of what load_text reads from a local CLIPTextModel (with_projection:
+  CLIPTextModelWithProjection) directory's model.safetensors (from its config.json alone; names text_model.*)."""
+  config = read_text_config(path, field)
+  model_class = TextModelWithProjection if with_projection else TextModel
+  return named_tensors.shapes(nnx.eval_shape(lambda: model_class(config, rngs=init_rngs.seeded(0))), _hf_name)
+
+
 def read_vision_config(path, field: str) -> dict:
   """The config.json of a local CLIPVisionModel directory, with its defaults; a ValueError naming `field`."""
   directory = pathlib.Path(path).expanduser()

@@ -50,6 +50,12 @@ def weight_files(path) -> list[pathlib.Path]:
   raise ValueError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX} in {str(path)!r} (PyTorch .bin files are not read)")
 
 
+def tensor_shapes(module_class, config: dict) -> dict:
+  """{tensor name: shape} of what `load` reads into `module_class(config, rngs)` (nothing allocated)."""
+  return named_tensors.shapes(nnx.eval_shape(lambda: module_class(config, rngs=init_rngs.seeded(0))),
+                              named_tensors.torch_name)
+
+
 def load(path, module_class, config: dict):
   """A `module_class(config, rngs)` holding the weights of the local diffusers directory `path` (its safetensors,
   by PyTorch names); a ValueError when they do not match the module `config` (its config.json) builds."""

@@ -30,6 +30,17 @@ def torch_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
   return ".".join(module + [TORCH_NAMES.get(leaf, leaf)]), kernel_transpose(ndim) if leaf == "kernel" else None
 
 
+def shapes(abstract_module: nnx.Module, locate: Locate) -> dict:
+  """{checkpoint name: shape in the checkpoint's layout} of every parameter `load` fills (what a checkpoint of the
+  module holds); nothing is allocated."""
+  found = {}
+  for path, variable in nnx.to_flat_state(nnx.state(abstract_module)):
+    shape = variable.get_value().shape
+    name, transpose = locate(tuple(str(p) for p in path), len(shape))
+    found[name] = tuple(shape[i] for i in np.argsort(transpose)) if transpose else tuple(shape)
+  return found
+
+
 def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, ignored=()) -> nnx.Module:
   """The module with every parameter taken from `tensors` {name: array}; `what` says what failed to match
   (e.g. "CLIP checkpoint '/w/clip' does not match its config.json"); names starting with `ignored` may go unused."""

@@ -392,6 +392,12 @@ class SDUNet(nnx.Module):
     return self.conv_out(nnx.silu(self.conv_norm_out(x))).astype(jnp.float32)
 
 
+def tensor_shapes(path, field: str = "model.sd_unet_path") -> dict:
+  """{tensor name: shape} of what load_diffusers reads from a local diffusers directory's weights (from its
+  config.json alone)."""
+  return diffusers_directory.tensor_shapes(SDUNet, read_config(path, field))
+
+
 def load_diffusers(path, field: str = "model.sd_unet_path") -> SDUNet:
   """An SDUNet with the weights of a local diffusers directory (config.json and its safetensors, one file or the
   shards its index lists)."""

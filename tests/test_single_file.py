@@ -1,0 +1,113 @@
+"""Single-file (original LDM layout) Stable Diffusion checkpoints read into diffusers roots, checked against diffusers'
+own single-file converters."""
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+from test_sd_unet import save_tiny_stable_diffusion
+
+from conftest import assert_trees_equal
+from diffusion_jax import single_file
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+def with_text_model(name: str) -> str:
+  return name if name.startswith(("text_model.", "text_projection")) else f"text_model.{name}"
+
+
+# variant -> its text encoders' (LDM prefix, pipeline attribute, OpenCLIP's layout)
+TEXT_ENCODERS = {"sd1": [("cond_stage_model.transformer.", "text_encoder", False)],
+                 "sd2": [("cond_stage_model.model.", "text_encoder", True)],
+                 "sdxl": [("conditioner.embedders.0.transformer.", "text_encoder", False),
+                          ("conditioner.embedders.1.model.", "text_encoder_2", True)]}
+
+
+def as_single_file(pipeline, variant: str) -> dict:
+  """{LDM name: array} of a diffusers pipeline's U-Net, VAE and text encoders, placed where single_file's sources
+  say each diffusers tensor comes from (the inverse of single_file.taken); its text encoders in `variant`'s layout."""
+  texts = [(prefix, getattr(pipeline, name), open_clip) for prefix, name, open_clip in TEXT_ENCODERS[variant]]
+  parts = [(single_file.UNET, pipeline.unet, lambda n: (single_file.unet_source(n, pipeline.unet.config), "same")),
+           (single_file.VAE, pipeline.vae, lambda n: single_file.vae_source(n, pipeline.vae.config))]
+  # (transformers 5 names a CLIPTextModel's tensors without the text_model. of the files, and of our names)
+  text_source = lambda open_clip: lambda n: (single_file.open_clip_source(with_text_model(n)) if open_clip else
+                                            (with_text_model(n), "same"))
+  parts += [(prefix, model, text_source(open_clip)) for prefix, model, open_clip in texts]
+  ldm, fused = {}, {}
+  for prefix, model, source in parts:
+    for name, tensor in model.state_dict().items():
+      if name.endswith("position_ids"):
+        continue
+      where, how = source(name)
+      value = tensor.numpy()
+      if how in single_file.QKV:
+        fused.setdefault(prefix + where, {})[how] = value
+        continue
+      ldm[prefix + where] = {"same": value, "transpose": value.T, "conv_1x1": value[..., None, None]}[how].copy()
+  for name, thirds in fused.items():
+    ldm[name] = np.concatenate([thirds[k] for k in single_file.QKV])
+  return ldm
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
+def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tmp_path, variant):
+  """A tiny SD 1.x (SDXL) pipeline's weights in the original layout (as single_file's sources place them, 2 layers a
+  level; for sd2 its text encoder in OpenCLIP's layout, as SD 2.x's): diffusers' single-file converters turn that file
+  back into the pipeline's tensors exactly, so the layout is the one they read. single_file.convert, given the root
+  for its structure, writes a root whose weights our loaders (and transformers) read exactly as the original's; an
+  EMA scalar, CLIP's position ids and a text layer the root's config does not run (SD 2.x's last) are left over. A
+  file of another architecture, a missing tensor, a .ckpt and an existing output are refused, naming what is
+  wrong."""
+  import transformers
+  from diffusers.loaders import single_file_utils as theirs
+
+  from configs import stable_diffusion
+  from diffusion_jax.models import text_to_image
+
+  sdxl = variant == "sdxl"
+  pipeline = save_tiny_stable_diffusion(tmp_path / "root", ["a red circle"] * 5, sdxl=sdxl, layers_per_block=2)
+  ldm = as_single_file(pipeline, variant)
+  as_torch = {k: torch.from_numpy(v) for k, v in ldm.items()}
+  same = lambda converted, model: assert_trees_equal(
+      {with_text_model(k): v for k, v in converted.items()},
+      {with_text_model(k): v for k, v in model.state_dict().items() if not k.endswith("position_ids")})
+  same(theirs.convert_ldm_unet_checkpoint(as_torch, pipeline.unet.config), pipeline.unet)
+  same(theirs.convert_ldm_vae_checkpoint(as_torch, pipeline.vae.config), pipeline.vae)
+  for prefix, name, open_clip in TEXT_ENCODERS[variant]:
+    model = getattr(pipeline, name)
+    same(theirs.convert_open_clip_checkpoint(model, as_torch, prefix) if open_clip else
+         theirs.convert_ldm_clip_checkpoint({k: v for k, v in as_torch.items() if k.startswith(prefix)}), model)
+
+  first = TEXT_ENCODERS[variant][0][0]
+  extra = {"model_ema.decay": np.ones((), np.float32)} | (
+      {first + "transformer.resblocks.2.ln_1.weight": np.ones(32, np.float32)} if variant == "sd2" else
+      {first + "text_model.embeddings.position_ids": np.arange(16, dtype=np.int64)[None]})
+  save_file(ldm | extra, str(tmp_path / "model.safetensors"))
+  single_file.convert(tmp_path / "model.safetensors", tmp_path / "root", tmp_path / "converted")
+  weights = lambda root: text_to_image.pretrained_weights(stable_diffusion.get_config(str(root)))
+  assert_trees_equal(weights(tmp_path / "converted"), weights(tmp_path / "root"))
+  assert (tmp_path / "converted" / "tokenizer" / "vocab.json").exists()  # everything else is the root's
+  same(transformers.CLIPTextModel.from_pretrained(tmp_path / "converted" / "text_encoder").state_dict(),
+       pipeline.text_encoder)  # (what diffusers' pipelines read, too)
+
+  with pytest.raises(ValueError, match="exists: give a new directory"):
+    single_file.convert(tmp_path / "model.safetensors", tmp_path / "root", tmp_path / "converted")
+  with pytest.raises(ValueError, match="a .safetensors file, please"):
+    single_file.convert(tmp_path / "model.ckpt", tmp_path / "root", tmp_path / "other")
+  missing = next(k for k in ldm if k.endswith("out_layers.3.weight"))
+  save_file({k: v for k, v in ldm.items() if k != missing}, str(tmp_path / "missing.safetensors"))
+  with pytest.raises(ValueError, match=f"does not fit --like=.*unet: no {missing}"):
+    single_file.convert(tmp_path / "missing.safetensors", tmp_path / "root", tmp_path / "other")
+  if sdxl:  # SDXL's file against SD 1.x's structure
+    save_tiny_stable_diffusion(tmp_path / "sd", ["a red circle"] * 5)
+    result = subprocess.run([sys.executable, "-m", "diffusion_jax.single_file",
+                             f"--checkpoint={tmp_path / 'model.safetensors'}", f"--like={tmp_path / 'sd'}",
+                             f"--output={tmp_path / 'other'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "has no text_encoder_2/config.json: give the diffusers root of the single file's architecture" in \
+        result.stderr.splitlines()[-1]
+  assert not (tmp_path / "other").exists()
