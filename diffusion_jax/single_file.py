@@ -19,6 +19,7 @@ missing; tensors left over (an EMA copy, SD 2.x's last text layer, which its pip
 The names follow the layouts diffusers' single-file loader reads (tested against its converters).
 """
 
+import json
 import logging
 import pathlib
 import re
@@ -33,11 +34,13 @@ from diffusion_jax import cli
 log = logging.getLogger(__name__)
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
-# LDM prefix of a text encoder -> (root folder, OpenCLIP's layout rather than transformers')
-TEXT_ENCODERS = {"cond_stage_model.transformer.": ("text_encoder", False),
-                 "cond_stage_model.model.": ("text_encoder", True),
-                 "conditioner.embedders.0.transformer.": ("text_encoder", False),
-                 "conditioner.embedders.1.model.": ("text_encoder_2", True)}
+# Each architecture's text encoders: root folder -> (LDM prefix, in OpenCLIP's layout rather than transformers')
+LAYOUTS = {"SD 1.x": {"text_encoder": ("cond_stage_model.transformer.", False)},
+           "SD 2.x": {"text_encoder": ("cond_stage_model.model.", True)},
+           "SDXL": {"text_encoder": ("conditioner.embedders.0.transformer.", False),
+                    "text_encoder_2": ("conditioner.embedders.1.model.", True)}}
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+           "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -137,33 +140,120 @@ def taken(tensor: np.ndarray, how: str) -> np.ndarray:
   return tensor
 
 
+def placed(tensor: np.ndarray, how: str) -> np.ndarray:
+  """The LDM tensor of a diffusers `tensor` (taken's inverse; the q/k/v thirds are stacked by `write`)."""
+  if how == TRANSPOSE:
+    return np.ascontiguousarray(tensor.T)
+  if how == CONV_1X1:
+    return tensor.reshape(tensor.shape + (1, 1))
+  return tensor
+
+
+def layout(root: pathlib.Path, flag: str) -> str:
+  """Which of LAYOUTS a diffusers root's text encoders are (SD 2.x's CLIP is OpenCLIP's, with GELU)."""
+  if (root / "text_encoder_2").exists():
+    return "SDXL"
+  text = root / "text_encoder" / "config.json"
+  if not text.exists():
+    raise ValueError(f"{flag}={str(root)!r} has no text_encoder/config.json: give a Stable Diffusion diffusers root")
+  return "SD 2.x" if json.loads(text.read_text()).get("hidden_act") == "gelu" else "SD 1.x"
+
+
+def sources(folder: str, names, root: pathlib.Path, open_clip: bool) -> dict:
+  """{diffusers name: (LDM name under the part's prefix, how)} of a root folder's tensors `names`."""
+  from diffusion_jax.models import autoencoder, sd_unet
+
+  if folder == "unet":
+    unet = sd_unet.read_config(root / "unet", f"{root}/unet")
+    source = lambda n: (unet_source(n, unet), SAME)
+  elif folder == "vae":
+    vae = autoencoder.read_config(root / "vae", f"{root}/vae")
+    source = lambda n: vae_source(n, vae)
+  else:
+    source = open_clip_source if open_clip else lambda n: (n, SAME)
+  found = {}
+  for name in names:
+    try:
+      found[name] = source(name)
+    except (KeyError, IndexError, ValueError):  # a tensor the original layout has no place for
+      raise ValueError(f"{folder}/: no single-file name for {name} (not a Stable Diffusion part's tensor)") from None
+  return found
+
+
 def parts(keys, like: pathlib.Path) -> dict:
   """{root folder: (LDM prefix, {diffusers name: (LDM name, how)}, {diffusers name: shape})} of a single file whose
   tensors are `keys`, for the diffusers root `like`'s config.json files; a ValueError naming what is missing."""
   from diffusion_jax.models import autoencoder, clip, sd_unet
 
   keys = set(keys)
-  texts = {prefix: kind for prefix, kind in TEXT_ENCODERS.items() if any(k.startswith(prefix) for k in keys)}
-  if not any(k.startswith(UNET) for k in keys) or not any(k.startswith(VAE) for k in keys) or not texts:
+  has = lambda prefix: any(k.startswith(prefix) for k in keys)
+  kinds = [name for name, texts in LAYOUTS.items() if all(has(prefix) for prefix, _ in texts.values())]
+  if not has(UNET) or not has(VAE) or len(kinds) != 1:
     raise ValueError(f"no Stable Diffusion checkpoint: a single file holds {UNET}* (the U-Net), {VAE}* (the "
-                     f"autoencoder) and a text encoder ({', '.join(p + '*' for p in TEXT_ENCODERS)})")
-  folders = {folder for folder, _ in texts.values()}
-  if missing := [f for f in ("unet", "vae", *sorted(folders)) if not (like / f / "config.json").exists()]:
+                     "autoencoder) and text encoders (" + "; ".join(
+                         f"{name}: {', '.join(p + '*' for p, _ in texts.values())}" for name, texts in LAYOUTS.items())
+                     + ")")
+  kind = kinds[0]
+  if missing := [f for f in ("unet", "vae", *LAYOUTS[kind]) if not (like / f / "config.json").exists()]:
     raise ValueError(f"--like={str(like)!r} has no {', '.join(f + '/config.json' for f in missing)}: give the "
-                     f"diffusers root of the single file's architecture (its {', '.join(sorted(folders))}: "
-                     f"{'SDXL' if 'text_encoder_2' in folders else 'SD 1.x or 2.x'})")
-  if (like / "text_encoder_2").exists() and "text_encoder_2" not in folders:
-    raise ValueError(f"--like={str(like)!r} is SDXL's (text_encoder_2/), the single file SD 1.x's or 2.x's")
-  unet = sd_unet.read_config(like / "unet", "--like's unet/")
-  vae = autoencoder.read_config(like / "vae", "--like's vae/")
-  unet_shapes = sd_unet.tensor_shapes(like / "unet", "--like's unet/")
-  vae_shapes = autoencoder.tensor_shapes(like / "vae")
-  found = {"unet": (UNET, {n: (unet_source(n, unet), SAME) for n in unet_shapes}, unet_shapes),
-           "vae": (VAE, {n: vae_source(n, vae) for n in vae_shapes}, vae_shapes)}
-  for prefix, (folder, open_clip) in texts.items():
-    shapes = clip.text_tensor_shapes(like / folder, f"--like's {folder}/", with_projection=folder == "text_encoder_2")
-    found[folder] = (prefix, {n: open_clip_source(n) if open_clip else (n, SAME) for n in shapes}, shapes)
-  return found
+                     f"diffusers root of the single file's architecture ({kind})")
+  if (found := layout(like, "--like")) != kind:
+    raise ValueError(f"--like={str(like)!r} is {found}'s, the single file {kind}'s: give a root of its architecture")
+  shapes = {"unet": sd_unet.tensor_shapes(like / "unet", "--like's unet/"),
+            "vae": autoencoder.tensor_shapes(like / "vae")}
+  prefixes = {"unet": UNET, "vae": VAE}
+  for folder, (prefix, _) in LAYOUTS[kind].items():
+    shapes[folder] = clip.text_tensor_shapes(like / folder, f"--like's {folder}/",
+                                             with_projection=folder == "text_encoder_2")
+    prefixes[folder] = prefix
+  open_clip = {folder: in_open_clip for folder, (_, in_open_clip) in LAYOUTS[kind].items()}
+  return {folder: (prefixes[folder], sources(folder, shapes[folder], like, open_clip.get(folder, False)),
+                   shapes[folder]) for folder in shapes}
+
+
+def write(root, output) -> pathlib.Path:
+  """Write the single file `output` (.safetensors) of a Stable Diffusion 1.x or SDXL diffusers root's U-Net, VAE and
+  text encoders (ldm_tensors); returns `output`. SD 2.x's is refused: its text encoder in diffusers lacks the last
+  of OpenCLIP's layers that its single files hold."""
+  from safetensors.numpy import save_file
+
+  root, output = pathlib.Path(root).expanduser(), pathlib.Path(output).expanduser()
+  if output.exists():
+    raise ValueError(f"--single_file={str(output)!r} exists: give a new file (nothing is overwritten)")
+  kind = layout(root, "the root")
+  if kind == "SD 2.x":
+    raise ValueError("an SD 2.x root is not written as a single file: its text encoder in diffusers lacks the last "
+                     "of OpenCLIP's layers that SD 2.x's single files hold")
+  tensors = ldm_tensors(root, kind)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, str(output))
+  log.info("wrote %s (%s, %d tensors)", output, kind, len(tensors))
+  return output
+
+
+def ldm_tensors(root: pathlib.Path, kind: str) -> dict:
+  """{LDM name: array} of a diffusers root's U-Net, VAE and text encoders in the layout `convert` reads, with the
+  text encoders of LAYOUTS[kind] (tensors keep their dtypes)."""
+  from safetensors.numpy import load_file
+
+  from diffusion_jax.models import diffusers_directory
+
+  written, fused = {}, {}
+  for folder, (prefix, open_clip) in {"unet": (UNET, False), "vae": (VAE, False), **LAYOUTS[kind]}.items():
+    files = (diffusers_directory.weight_files(root / folder) if folder in ("unet", "vae") else
+             [root / folder / WEIGHTS[folder]])
+    tensors = {}
+    for file in files:
+      tensors.update(load_file(file))
+    if folder.startswith("text_encoder"):  # (transformers 5 saves a CLIPTextModel's without text_model.)
+      tensors = {n if n.startswith(("text_model.", "text_projection")) else f"text_model.{n}": t
+                 for n, t in tensors.items() if not n.endswith("position_ids")}
+    for name, (source, how) in sources(folder, tensors, root, open_clip).items():
+      if how in QKV:
+        fused.setdefault(prefix + source, {})[how] = tensors[name]
+      else:
+        written[prefix + source] = placed(tensors[name], how)
+  return written | {name: np.concatenate([thirds[k] for k in QKV]) for name, thirds in fused.items()}
 
 
 def convert(checkpoint, like, output) -> pathlib.Path:
@@ -205,8 +295,7 @@ def convert(checkpoint, like, output) -> pathlib.Path:
              ", ..." if len(left) > 5 else "")
   shutil.copytree(like, output, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json", "*.bin"))
   for folder, tensors in weights.items():
-    file = "model.safetensors" if folder.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
-    save_file(tensors, str(output / folder / file), metadata={"format": "pt"})
+    save_file(tensors, str(output / folder / WEIGHTS[folder]), metadata={"format": "pt"})
   log.info("wrote %s: %s", output, ", ".join(f"{f}/ ({len(t)} tensors)" for f, t in weights.items()))
   return output
 

@@ -27,36 +27,10 @@ TEXT_ENCODERS = {"sd1": [("cond_stage_model.transformer.", "text_encoder", False
                           ("conditioner.embedders.1.model.", "text_encoder_2", True)]}
 
 
-def as_single_file(pipeline, variant: str) -> dict:
-  """{LDM name: array} of a diffusers pipeline's U-Net, VAE and text encoders, placed where single_file's sources
-  say each diffusers tensor comes from (the inverse of single_file.taken); its text encoders in `variant`'s layout."""
-  texts = [(prefix, getattr(pipeline, name), open_clip) for prefix, name, open_clip in TEXT_ENCODERS[variant]]
-  parts = [(single_file.UNET, pipeline.unet, lambda n: (single_file.unet_source(n, pipeline.unet.config), "same")),
-           (single_file.VAE, pipeline.vae, lambda n: single_file.vae_source(n, pipeline.vae.config))]
-  # (transformers 5 names a CLIPTextModel's tensors without the text_model. of the files, and of our names)
-  text_source = lambda open_clip: lambda n: (single_file.open_clip_source(with_text_model(n)) if open_clip else
-                                            (with_text_model(n), "same"))
-  parts += [(prefix, model, text_source(open_clip)) for prefix, model, open_clip in texts]
-  ldm, fused = {}, {}
-  for prefix, model, source in parts:
-    for name, tensor in model.state_dict().items():
-      if name.endswith("position_ids"):
-        continue
-      where, how = source(name)
-      value = tensor.numpy()
-      if how in single_file.QKV:
-        fused.setdefault(prefix + where, {})[how] = value
-        continue
-      ldm[prefix + where] = {"same": value, "transpose": value.T, "conv_1x1": value[..., None, None]}[how].copy()
-  for name, thirds in fused.items():
-    ldm[name] = np.concatenate([thirds[k] for k in single_file.QKV])
-  return ldm
-
-
 @pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
 def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tmp_path, variant):
-  """A tiny SD 1.x (SDXL) pipeline's weights in the original layout (as single_file's sources place them, 2 layers a
-  level; for sd2 its text encoder in OpenCLIP's layout, as SD 2.x's): diffusers' single-file converters turn that file
+  """A tiny SD 1.x (SDXL) root written as a single file (single_file.write; 2 layers a level; for sd2 its text
+  encoder in OpenCLIP's layout, as SD 2.x's, which write refuses): diffusers' single-file converters turn that file
   back into the pipeline's tensors exactly, so the layout is the one they read. single_file.convert, given the root
   for its structure, writes a root whose weights our loaders (and transformers) read exactly as the original's; an
   EMA scalar, CLIP's position ids and a text layer the root's config does not run (SD 2.x's last) are left over. A
@@ -64,13 +38,21 @@ def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tm
   wrong."""
   import transformers
   from diffusers.loaders import single_file_utils as theirs
+  from safetensors.numpy import load_file
 
   from configs import stable_diffusion
   from diffusion_jax.models import text_to_image
 
   sdxl = variant == "sdxl"
   pipeline = save_tiny_stable_diffusion(tmp_path / "root", ["a red circle"] * 5, sdxl=sdxl, layers_per_block=2)
-  ldm = as_single_file(pipeline, variant)
+  if variant == "sd2":
+    text_config = tmp_path / "root" / "text_encoder" / "config.json"
+    text_config.write_text(text_config.read_text().replace('"quick_gelu"', '"gelu"'))  # OpenCLIP's: SD 2.x's root
+    with pytest.raises(ValueError, match="an SD 2.x root is not written as a single file"):
+      single_file.write(tmp_path / "root", tmp_path / "written.safetensors")
+    ldm = single_file.ldm_tensors(tmp_path / "root", "SD 2.x")
+  else:
+    ldm = load_file(single_file.write(tmp_path / "root", tmp_path / "written.safetensors"))
   as_torch = {k: torch.from_numpy(v) for k, v in ldm.items()}
   same = lambda converted, model: assert_trees_equal(
       {with_text_model(k): v for k, v in converted.items()},
@@ -108,6 +90,6 @@ def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tm
                              f"--checkpoint={tmp_path / 'model.safetensors'}", f"--like={tmp_path / 'sd'}",
                              f"--output={tmp_path / 'other'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "has no text_encoder_2/config.json: give the diffusers root of the single file's architecture" in \
+    assert "has no text_encoder_2/config.json: give the diffusers root of the single file's architecture (SDXL)" in \
         result.stderr.splitlines()[-1]
   assert not (tmp_path / "other").exists()
