@@ -1,5 +1,6 @@
 """Single-file Stable Diffusion checkpoints: the original (LDM) layout of one .safetensors that A1111, ComfyUI and
-model sites share, read into a diffusers root that every config of configs/stable_diffusion.py reads.
+model sites share, read into a diffusers root that every config of configs/stable_diffusion.py reads (`convert`),
+and a diffusers root written as one (`write`, what export.py's --single_file runs).
 
   python -m diffusion_jax.single_file --checkpoint=model.safetensors --like=/path/to/stable-diffusion-v1-5 \\
       --output=/path/to/model-diffusers

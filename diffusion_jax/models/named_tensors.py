@@ -30,15 +30,25 @@ def torch_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
   return ".".join(module + [TORCH_NAMES.get(leaf, leaf)]), kernel_transpose(ndim) if leaf == "kernel" else None
 
 
+def located(module: nnx.Module, locate: Locate):
+  """(checkpoint name, transpose from its layout to ours, our value) of each of a module's parameters."""
+  for path, variable in nnx.to_flat_state(nnx.state(module)):
+    value = variable.get_value()
+    yield *locate(tuple(str(p) for p in path), value.ndim), value
+
+
 def shapes(abstract_module: nnx.Module, locate: Locate) -> dict:
   """{checkpoint name: shape in the checkpoint's layout} of every parameter `load` fills (what a checkpoint of the
   module holds); nothing is allocated."""
-  found = {}
-  for path, variable in nnx.to_flat_state(nnx.state(abstract_module)):
-    shape = variable.get_value().shape
-    name, transpose = locate(tuple(str(p) for p in path), len(shape))
-    found[name] = tuple(shape[i] for i in np.argsort(transpose)) if transpose else tuple(shape)
-  return found
+  return {name: tuple(value.shape[i] for i in np.argsort(transpose)) if transpose else tuple(value.shape)
+          for name, transpose, value in located(abstract_module, locate)}
+
+
+def tensors(module: nnx.Module, locate: Locate) -> dict:
+  """{checkpoint name: numpy array in the checkpoint's layout} of a module's parameters: what `load` reads back into
+  them."""
+  return {name: np.ascontiguousarray(np.transpose(np.asarray(value), np.argsort(transpose)) if transpose else
+                                     np.asarray(value)) for name, transpose, value in located(module, locate)}
 
 
 def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, ignored=()) -> nnx.Module:
