@@ -24,6 +24,15 @@ def run(main) -> None:
   app.run(main, flags_parser=parse_flags)
 
 
+def print_result(job) -> None:
+  """Print what `job()` returns; a ValueError (input that cannot work) is one line, `error: ...`, and exit code 2."""
+  try:
+    print(job())
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def refuse(names: tuple[str, ...], reason: str) -> None:
   """A usage error naming those of the flags `names` that the command line set, when any: `reason` says why
   they do not apply (a flag that would be silently ignored is refused instead)."""

@@ -18,7 +18,6 @@ Flags:
 import logging
 import pathlib
 import shutil
-import sys
 
 from absl import flags
 from flax import nnx
@@ -93,11 +92,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
-  try:
-    print(export(f.workdir, f.output, f.step, f.use_ema, f.single_file))
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  cli.print_result(lambda: export(f.workdir, f.output, f.step, f.use_ema, f.single_file))
 
 
 if __name__ == "__main__":

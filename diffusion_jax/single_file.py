@@ -25,7 +25,6 @@ import logging
 import pathlib
 import re
 import shutil
-import sys
 
 import numpy as np
 from absl import flags
@@ -312,11 +311,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
-  try:
-    print(convert(f.checkpoint, f.like, f.output))
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  cli.print_result(lambda: convert(f.checkpoint, f.like, f.output))
 
 
 if __name__ == "__main__":
