@@ -789,7 +789,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
   perceptual = lpips.load(str(lpips_weights)) if lpips_weights else None
   if pretrained:
-    recorded["pretrained"] = True  # (what they are: config.json beside)
+    recorded["pretrained"] = True  # the line's weights: the config's pretrained checkpoints (config.json says which)
     if jax.process_index() == 0:
       checkpoint.write_config(workdir, config)
   writer = metric_writers.MetricWriter(workdir, config.train.steps, name="eval")
