@@ -17,7 +17,6 @@ Flags:
 
 import logging
 import pathlib
-import shutil
 
 from absl import flags
 from flax import nnx
@@ -54,7 +53,7 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   from safetensors.numpy import save_file
 
   from diffusion_jax import sample
-  from diffusion_jax.models import named_tensors
+  from diffusion_jax.models import diffusers_directory, named_tensors
 
   config = checkpoint.read_config(workdir)
   root, output = source_root(config, workdir), pathlib.Path(output).expanduser()
@@ -69,9 +68,7 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     raise ValueError(f"--workdir={str(workdir)!r} trained its {', '.join(trained)} too: export writes the U-Net of "
                      "runs whose other parts are frozen")
   unet = nnx.merge(graphdef, weights.params, weights.frozen).sd_unet
-  unet_weights = lambda folder, names: [n for n in names if pathlib.Path(folder) == root / "unet" and n != "config.json"
-                                        and n.endswith((".safetensors", ".bin", ".index.json"))]
-  shutil.copytree(root, output, ignore=unet_weights)  # (the root's own U-Net weights are replaced)
+  diffusers_directory.copy_root(root, output, ("unet",))
   save_file(named_tensors.tensors(unet, named_tensors.torch_name),
             str(output / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
   log.info("wrote %s: %s step %d's U-Net beside %s", output, workdir, step, root)

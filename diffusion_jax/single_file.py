@@ -24,7 +24,6 @@ import json
 import logging
 import pathlib
 import re
-import shutil
 
 import numpy as np
 from absl import flags
@@ -262,6 +261,8 @@ def convert(checkpoint, like, output) -> pathlib.Path:
   from safetensors import safe_open
   from safetensors.numpy import save_file
 
+  from diffusion_jax.models import diffusers_directory
+
   checkpoint, like, output = (pathlib.Path(p).expanduser() for p in (checkpoint, like, output))
   if checkpoint.suffix != ".safetensors":
     raise ValueError(f"--checkpoint={str(checkpoint)!r}: a .safetensors file, please (pickled .ckpt files run code "
@@ -293,7 +294,7 @@ def convert(checkpoint, like, output) -> pathlib.Path:
   if left := sorted(k for k in keys - used if k.startswith(prefixes)):
     log.info("%d tensors of the single file are not read (%s%s)", len(left), ", ".join(left[:5]),
              ", ..." if len(left) > 5 else "")
-  shutil.copytree(like, output, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json", "*.bin"))
+  diffusers_directory.copy_root(like, output, weights)
   for folder, tensors in weights.items():
     save_file(tensors, str(output / folder / WEIGHTS[folder]), metadata={"format": "pt"})
   log.info("wrote %s: %s", output, ", ".join(f"{f}/ ({len(t)} tensors)" for f, t in weights.items()))

@@ -1,6 +1,7 @@
 """Single-file (original LDM layout) Stable Diffusion checkpoints read into diffusers roots, checked against diffusers'
 own single-file converters."""
 
+import filecmp
 import pathlib
 import subprocess
 import sys
@@ -69,10 +70,13 @@ def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tm
       {first + "transformer.resblocks.2.ln_1.weight": np.ones(32, np.float32)} if variant == "sd2" else
       {first + "text_model.embeddings.position_ids": np.arange(16, dtype=np.int64)[None]})
   save_file(ldm | extra, str(tmp_path / "model.safetensors"))
+  (tmp_path / "root" / "safety_checker").mkdir()  # a part the single file does not hold keeps its weights
+  save_file({"weight": np.ones(2, np.float32)}, str(tmp_path / "root" / "safety_checker" / "model.safetensors"))
   single_file.convert(tmp_path / "model.safetensors", tmp_path / "root", tmp_path / "converted")
   weights = lambda root: text_to_image.pretrained_weights(stable_diffusion.get_config(str(root)))
   assert_trees_equal(weights(tmp_path / "converted"), weights(tmp_path / "root"))
-  assert (tmp_path / "converted" / "tokenizer" / "vocab.json").exists()  # everything else is the root's
+  for kept in ("tokenizer/vocab.json", "safety_checker/model.safetensors"):  # everything else is the root's
+    assert filecmp.cmp(tmp_path / "converted" / kept, tmp_path / "root" / kept, shallow=False)
   same(transformers.CLIPTextModel.from_pretrained(tmp_path / "converted" / "text_encoder").state_dict(),
        pipeline.text_encoder)  # (what diffusers' pipelines read, too)
 

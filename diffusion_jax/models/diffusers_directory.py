@@ -50,6 +50,17 @@ def weight_files(path) -> list[pathlib.Path]:
   raise ValueError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX} in {str(path)!r} (PyTorch .bin files are not read)")
 
 
+def copy_root(root: pathlib.Path, output: pathlib.Path, replaced) -> None:
+  """Copy a pipeline's root (model_index.json, tokenizers, scheduler, every part) to `output`, leaving out the weight
+  files of the parts (folder names) `replaced`, whose weights the caller writes."""
+  import shutil
+
+  weights = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+  shutil.copytree(root, output, ignore=lambda folder, names: [
+      n for n in names if pathlib.Path(folder).name in replaced and pathlib.Path(folder).parent == root
+      and n.endswith(weights)])
+
+
 def tensor_shapes(module_class, config: dict) -> dict:
   """{tensor name: shape} of what `load` reads into `module_class(config, rngs)` (nothing allocated)."""
   return named_tensors.shapes(nnx.eval_shape(lambda: module_class(config, rngs=init_rngs.seeded(0))),
