@@ -10,8 +10,8 @@ Flags:
                 first_stage_model.*, cond_stage_model.transformer.*), SD 2.x (cond_stage_model.model.*, OpenCLIP's
                 layout) or SDXL (conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.*)
   --like        a diffusers root of the same architecture: its config.json files give the parts' structure, and
-                everything but its weights (model_index.json, tokenizers, scheduler, configs) is copied; only those
-                files are read, so a root without its weights serves
+                everything but the weights of the parts the file holds (model_index.json, tokenizers, scheduler,
+                configs, a safety checker) is copied; those weights are not read, so a root without them serves
   --output      the diffusers root to write (must not exist yet): unet/, vae/, text_encoder/ (and SDXL's
                 text_encoder_2/) with the single file's weights, in its dtype
 
