@@ -1,41 +1,50 @@
-"""A fine-tuned Stable Diffusion run written as the kind of checkpoint it started from: a diffusers root (the run's
-U-Net beside the rest of the root its config read), and with --single_file the same as one file in the original
-layout (single_file.write), for diffusers' pipelines, A1111 and ComfyUI.
+"""A fine-tuned Stable Diffusion run, or a checkpoint with LoRA adapters merged into it, written as the kind of
+checkpoint it started from: a diffusers root (the new U-Net, and text encoders an adapter changed, beside the rest of
+the root its config read), and with --single_file the same as one file in the original layout (single_file.write),
+for diffusers' pipelines, A1111 and ComfyUI.
 
   python -m diffusion_jax.export --workdir=RUN --output=DIR [--step=N] [--use_ema=false] [--single_file=FILE]
+  python -m diffusion_jax.export --config=configs/stable_diffusion.py:ROOT --lora=ADAPTER[:SCALE] --output=DIR
 
 Flags:
   --workdir      a full fine-tune of a Stable Diffusion 1.x, 2.x or SDXL checkpoint (configs/stable_diffusion.py:ROOT:
                  model.backbone='sd_unet', the text encoders and VAE frozen); a LoRA run's adapter is written by
-                 python -m diffusion_jax.lora instead
-  --output       the diffusers root to write (must not exist): the config's root copied, with the run's U-Net
-                 (float32) in unet/
-  --step         checkpoint step (default: the latest)
-  --use_ema      the first EMA copy (default: the run's sample.use_ema) or, false, the trained weights
+                 python -m diffusion_jax.lora instead (and merged with --config and --lora)
+  --config       instead of --workdir: configs/stable_diffusion.py:ROOT, the checkpoint as downloaded (with --lora,
+                 to merge adapters into it)
+  --lora         FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE (default 1): ours, or a
+                 Stable Diffusion LoRA in kohya's or diffusers' layout (sample.py's flag); one that updates the text
+                 encoders has them written too
+  --output       the diffusers root to write (must not exist): the config's root copied, with the new U-Net
+                 (float32) in unet/ (and text encoders an adapter changed in text_encoder/, text_encoder_2/)
+  --step         with --workdir: checkpoint step (default: the latest)
+  --use_ema      with --workdir: the first EMA copy (default: the run's sample.use_ema) or, false, the trained weights
   --single_file  also write that root as one .safetensors in the original layout (SD 1.x, SDXL; must not exist)
 """
 
 import logging
 import pathlib
 
-from absl import flags
+from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
-from diffusion_jax import checkpoint, cli, single_file
+from diffusion_jax import checkpoint, cli, config_checks, lora, single_file
 
 log = logging.getLogger(__name__)
 
 
-def source_root(config, workdir) -> pathlib.Path:
-  """The diffusers root a Stable Diffusion fine-tune's config read its parts from; a ValueError saying why a run
-  cannot be exported (another backbone, a LoRA, parts from several places)."""
+def source_root(config, what: str) -> pathlib.Path:
+  """The diffusers root a Stable Diffusion config (`what`: the flag that gave it) read its parts from; a ValueError
+  saying why it cannot be exported (another backbone, a LoRA run, parts from several places)."""
   m = config.model
   if m.backbone != "sd_unet":
-    raise ValueError(f"--workdir={str(workdir)!r} fine-tunes a {m.backbone!r}: export writes Stable Diffusion U-Net "
-                     "runs (configs/stable_diffusion.py)")
+    raise ValueError(f"{what} is a {m.backbone!r} model: export writes Stable Diffusion U-Nets "
+                     "(configs/stable_diffusion.py)")
   if m.lora_rank:
-    raise ValueError(f"--workdir={str(workdir)!r} is a LoRA run: write its adapter with python -m diffusion_jax.lora "
-                     "(--format=diffusers or kohya), which diffusers' and kohya's tools load")
+    raise ValueError(f"{what} is a LoRA run: write its adapter with python -m diffusion_jax.lora (--format=diffusers "
+                     "or kohya), which diffusers' and kohya's tools load, or merge it into the checkpoint with "
+                     "--config and --lora")
   root = pathlib.Path(m.sd_unet_path).expanduser().parent
   paths = {"text.pretrained_path": config.text.pretrained_path,
            "latent.autoencoder_path": config.latent.autoencoder_path}
@@ -46,50 +55,75 @@ def source_root(config, workdir) -> pathlib.Path:
   return root
 
 
-def export(workdir, output, step: int | None = None, use_ema: bool | None = None, single=None) -> pathlib.Path:
+def export(workdir, output, step: int | None = None, use_ema: bool | None = None, single=None, adapters=(),
+           config=None) -> pathlib.Path:
   """Write the diffusers root `output`: the root a Stable Diffusion fine-tune's config read (source_root), copied,
   with the run's U-Net at checkpoint `step` (default: the latest; use_ema: its first EMA copy, default the run's
-  sample.use_ema); with `single`, that root as a single file too (single_file.write). Returns `output`."""
+  sample.use_ema), or with `config` and no workdir, the pretrained checkpoints it reads; `adapters` (lora.Adapters)
+  fused in, the text encoders written too when one updates them; with `single`, that root as a single file too
+  (single_file.write). Returns `output`."""
   from safetensors.numpy import save_file
 
   from diffusion_jax import sample
-  from diffusion_jax.models import diffusers_directory, named_tensors
+  from diffusion_jax.models import clip, diffusers_directory, named_tensors
 
-  config = checkpoint.read_config(workdir)
-  root, output = source_root(config, workdir), pathlib.Path(output).expanduser()
+  if config is None:
+    config, what = checkpoint.read_config(workdir), f"--workdir={str(workdir)!r}"
+  else:
+    config, what = config.copy_and_resolve_references(), "--config"
+    config_checks.validate(config)
+  root, output = source_root(config, what), pathlib.Path(output).expanduser()
+  lora.check(adapters, config)
   for flag, path in (("--output", output), ("--single_file", single)):
     if path is not None and pathlib.Path(path).expanduser().exists():
       raise ValueError(f"{flag}={str(path)!r} exists: give a new path (nothing is overwritten)")
   if single is not None and single_file.layout(root, "the root") == "SD 2.x":
     raise ValueError("--single_file: an SD 2.x root is not written as a single file (its text encoder in diffusers "
                      "lacks the last of OpenCLIP's layers that SD 2.x's single files hold); leave it out")
-  _, weights, graphdef, step, _ = sample.load_checkpoint(workdir, step, use_ema)
-  if trained := sorted(set(weights.params) - {"sd_unet"}):
-    raise ValueError(f"--workdir={str(workdir)!r} trained its {', '.join(trained)} too: export writes the U-Net of "
-                     "runs whose other parts are frozen")
-  unet = nnx.merge(graphdef, weights.params, weights.frozen).sd_unet
-  diffusers_directory.copy_root(root, output, ("unet",))
-  save_file(named_tensors.tensors(unet, named_tensors.torch_name),
-            str(output / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-  log.info("wrote %s: %s step %d's U-Net beside %s", output, workdir, step, root)
+  if workdir is None:
+    weights, graphdef, _ = sample.load_pretrained(config)
+  else:
+    _, weights, graphdef, step, _ = sample.load_checkpoint(workdir, step, use_ema)
+    if trained := sorted(set(weights.params) - {"sd_unet"}):
+      raise ValueError(f"{what} trained its {', '.join(trained)} too: export writes the U-Net of runs whose other "
+                       "parts are frozen")
+  model = nnx.merge(graphdef, *lora.fused(weights, adapters))
+  parts = {"unet": named_tensors.tensors(model.sd_unet, named_tensors.torch_name)}
+  if any(name.startswith("text_encoder/") for adapter in adapters for name in adapter.updates):
+    encoders = model.text_encoder
+    pair = {"text_encoder": encoders.first, "text_encoder_2": encoders.second} if hasattr(encoders, "second") else {
+        "text_encoder": encoders}  # (SDXL's two, or one)
+    parts |= {folder: clip.text_tensors(encoder) for folder, encoder in pair.items()}
+  diffusers_directory.copy_root(root, output, parts)
+  for folder, tensors in parts.items():
+    save_file(tensors, str(output / folder / single_file.WEIGHTS[folder]), metadata={"format": "pt"})
+  log.info("wrote %s: %s (%s) beside %s", output, workdir or "the pretrained checkpoints", ", ".join(parts), root)
   if single is not None:
     single_file.write(output, single)
   return output
 
 
 def define_flags():
-  flags.DEFINE_string("workdir", None, "A Stable Diffusion full fine-tune's workdir.", required=True)
+  flags.DEFINE_string("workdir", None, "A Stable Diffusion full fine-tune's workdir.")
+  config_flags.DEFINE_config_file("config", None, "Instead of --workdir: configs/stable_diffusion.py:ROOT, the "
+                                  "checkpoint as downloaded (with --lora: adapters merged into it).")
+  flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights.")
   flags.DEFINE_string("output", None, "The diffusers root to write (a new directory).", required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
-  flags.DEFINE_bool("use_ema", None, "The first EMA copy (default: the run's sample.use_ema).")
+  flags.DEFINE_integer("step", None, "With --workdir: checkpoint step; default latest.")
+  flags.DEFINE_bool("use_ema", None, "With --workdir: the first EMA copy (default: the run's sample.use_ema).")
   flags.DEFINE_string("single_file", None, "Also write the root as one .safetensors in the original layout.")
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  if bool(f.workdir) == (f.config is not None):
+    raise app.UsageError("Give --workdir (a fine-tune) or --config (a checkpoint as downloaded), one of them.")
+  if f.config is not None:
+    cli.refuse(("step", "use_ema"), "only with --workdir (a run's checkpoints)")
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
-  cli.print_result(lambda: export(f.workdir, f.output, f.step, f.use_ema, f.single_file))
+  cli.print_result(lambda: export(f.workdir, f.output, f.step, f.use_ema, f.single_file,
+                                  [lora.read(spec) for spec in f.lora], f.config))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def test_a_fine_tuned_unet_is_written_as_the_root_it_started_from_and_as_a_singl
   root again with the run's U-Net, which diffusers' UNet2DConditionModel loads with no tensor missing or left over
   and our loader reads as the run's weights exactly; the other parts are the root's files. Its single file
   (--single_file) reads back (single_file.convert) to the same weights. A LoRA run, parts from elsewhere, an SD 2.x
-  single file and an existing output are refused, before anything is written."""
+  single file and an existing output are refused, before anything is written, and a checkpoint step with --config
+  (a checkpoint as downloaded, into which export --lora merges adapters: test_sd_unet.py's kohya test)."""
   import diffusers
 
   from configs import stable_diffusion
@@ -51,7 +52,7 @@ def test_a_fine_tuned_unet_is_written_as_the_root_it_started_from_and_as_a_singl
   assert_trees_equal(pretrained(tmp_path / "converted"), pretrained(out))
 
   for bad, message in ((dict(lora_rank=2), "is a LoRA run: write its adapter with python -m diffusion_jax.lora"),
-                       (dict(backbone="unet"), "fine-tunes a 'unet': export writes Stable Diffusion U-Net runs")):
+                       (dict(backbone="unet"), "is a 'unet' model: export writes Stable Diffusion U-Nets")):
     changed = config.copy_and_resolve_references()
     changed.model.update(bad)
     with pytest.raises(ValueError, match=message):
@@ -60,11 +61,15 @@ def test_a_fine_tuned_unet_is_written_as_the_root_it_started_from_and_as_a_singl
   elsewhere.latent.autoencoder_path = str(tmp_path / "vae")
   with pytest.raises(ValueError, match="latent.autoencoder_path=.* read parts from elsewhere"):
     export.source_root(elsewhere, "RUN")
-  result = subprocess.run([sys.executable, "-m", "diffusion_jax.export", f"--workdir={tmp_path / 'run'}",
-                           f"--output={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-  assert result.stderr.splitlines()[-1] == f"error: --output={str(out)!r} exists: give a new path (nothing is " \
-      "overwritten)"
+  for flags, code, message in (
+      ([f"--workdir={tmp_path / 'run'}"], 2, f"error: --output={str(out)!r} exists: give a new path (nothing is "
+                                             "overwritten)"),
+      ([f"--config=configs/stable_diffusion.py:{tmp_path / 'root'}", "--step=2"], 1,
+       "--step: only with --workdir (a run's checkpoints)")):
+    result = subprocess.run([sys.executable, "-m", "diffusion_jax.export", *flags, f"--output={out}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].endswith(message), result.stderr
   text_config = tmp_path / "root" / "text_encoder" / "config.json"
   text_config.write_text(text_config.read_text().replace('"quick_gelu"', '"gelu"'))  # OpenCLIP's: SD 2.x's root
   with pytest.raises(ValueError, match="--single_file: an SD 2.x root is not written as a single file"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
+from conftest import assert_trees_equal
 from diffusion_jax import config_checks, sample, schedules, sharding, train
 from diffusion_jax.models import clip, init_rngs, sd_unet, sdxl_text
 
@@ -445,7 +446,8 @@ def random_lora(make_module, prefix: str) -> dict:
 def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffusers_fuses_them(tmp_path):
   """A kohya-layout LoRA (attention, feed-forward, a 1x1 projection, a LoCon 3x3 convolution, the text encoder; alpha
   / rank) fused by --lora at scale 0.7: the U-Net predicts what diffusers' U-Net does after load_lora_weights and
-  fuse_lora(0.7), and the text encoder's projection moves by 0.7 alpha / rank up @ down. The same U-Net updates
+  fuse_lora(0.7), and the text encoder's projection moves by 0.7 alpha / rank up @ down; export --config --lora
+  writes a root of exactly those fused weights. The same U-Net updates
   saved by diffusers in its (PEFT's) layout read the same. Ours (of the U-Net and the text encoder) written in kohya's
   layout (sd_lora.to_kohya) read back as they were, and the U-Net's fuse in diffusers as in ours. Updates of layers the
   model lacks are refused by name, as are tensors that are no low-rank update."""
@@ -483,6 +485,15 @@ def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffuser
   layer = "lora_te_text_model_encoder_layers_1_self_attn_q_proj"
   moved = 0.7 * (1.0 / rank) * (tensors[f"{layer}.lora_up.weight"] @ tensors[f"{layer}.lora_down.weight"]).numpy().T
   np.testing.assert_allclose(q_proj(weights) - q_proj(state), moved, atol=1e-6)
+  # Merged into the checkpoint (export --config --lora): the root written holds exactly these fused weights
+  from configs import stable_diffusion
+  from diffusion_jax import export
+  from diffusion_jax.models import text_to_image
+
+  export.export(None, tmp_path / "merged", adapters=adapters, config=config)
+  merged = text_to_image.pretrained_weights(stable_diffusion.get_config(str(tmp_path / "merged")))
+  assert_trees_equal((merged["sd_unet"], merged["text_encoder"]),
+                     (weights.params["sd_unet"], weights.frozen["text_encoder"]))
 
   theirs = lora.read(str(tmp_path / "peft" / "pytorch_lora_weights.safetensors"))
   product = lambda adapter, key: adapter.updates[key] @ adapter.updates[key.removesuffix("a") + "b"]

@@ -278,6 +278,12 @@ def text_tensor_shapes(path, field: str = "text.pretrained_path", with_projectio
   return named_tensors.shapes(nnx.eval_shape(lambda: model_class(config, rngs=init_rngs.seeded(0))), _hf_name)
 
 
+def text_tensors(module) -> dict:
+  """{tensor name: array in PyTorch's layout} of a TextModel's (TextModelWithProjection's) weights: the
+  model.safetensors that load_text reads back into them."""
+  return named_tensors.tensors(module, _hf_name)
+
+
 def read_vision_config(path, field: str) -> dict:
   """The config.json of a local CLIPVisionModel directory, with its defaults; a ValueError naming `field`."""
   directory = pathlib.Path(path).expanduser()
