@@ -47,9 +47,10 @@ def source_root(config, what: str) -> pathlib.Path:
                      "--config and --lora")
   root = pathlib.Path(m.sd_unet_path).expanduser().parent
   paths = {"text.pretrained_path": config.text.pretrained_path,
+           "text.second_encoder_path": config.text.second_encoder_path,  # (SDXL's)
            "latent.autoencoder_path": config.latent.autoencoder_path}
   if elsewhere := [f"{field}={path!r}" for field, path in paths.items()
-                   if pathlib.Path(path).expanduser().parent != root]:
+                   if path and pathlib.Path(path).expanduser().parent != root]:
     raise ValueError(f"export copies the root the U-Net came from ({str(root)!r}); {', '.join(elsewhere)} "
                      "read parts from elsewhere")
   return root
@@ -65,7 +66,7 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   from safetensors.numpy import save_file
 
   from diffusion_jax import sample
-  from diffusion_jax.models import clip, diffusers_directory, named_tensors
+  from diffusion_jax.models import clip, diffusers_directory, named_tensors, sdxl_text
 
   if config is None:
     config, what = checkpoint.read_config(workdir), f"--workdir={str(workdir)!r}"
@@ -91,9 +92,9 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   parts = {"unet": named_tensors.tensors(model.sd_unet, named_tensors.torch_name)}
   if any(name.startswith("text_encoder/") for adapter in adapters for name in adapter.updates):
     encoders = model.text_encoder
-    pair = {"text_encoder": encoders.first, "text_encoder_2": encoders.second} if hasattr(encoders, "second") else {
-        "text_encoder": encoders}  # (SDXL's two, or one)
-    parts |= {folder: clip.text_tensors(encoder) for folder, encoder in pair.items()}
+    folders = ({"text_encoder": encoders.first, "text_encoder_2": encoders.second}
+               if isinstance(encoders, sdxl_text.TextEncoders) else {"text_encoder": encoders})
+    parts |= {folder: clip.text_tensors(encoder) for folder, encoder in folders.items()}
   diffusers_directory.copy_root(root, output, parts)
   for folder, tensors in parts.items():
     save_file(tensors, str(output / folder / single_file.WEIGHTS[folder]), metadata={"format": "pt"})

@@ -622,7 +622,8 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
   into a tiny SDXL checkpoint of 2 ResNet blocks a level: the U-Net predicts what diffusers' does after
   load_lora_weights and fuse_lora(0.7), and each text encoder's layer moves by 0.7 alpha / rank up @ down. Our
   updates (of the U-Net and both text encoders) written in that layout (sd_lora.to_kohya) read back as they were, and
-  the U-Net's fuse in diffusers as in ours."""
+  the U-Net's fuse in diffusers as in ours. export --config --lora merges the kohya LoRA into a root, and a single
+  file, of exactly the fused weights."""
   from diffusion_jax.data import captioned_shapes
 
   captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
@@ -642,7 +643,7 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
   pipeline.load_lora_weights(tmp_path, weight_name="kohya_unet.safetensors")
   pipeline.fuse_lora(lora_scale=0.7)
 
-  _, state, weights, predict, latents, text = kohya_fused(pipeline, tmp_path / "sdxl", tmp_path, 48 + POOLED)
+  config, state, weights, predict, latents, text = kohya_fused(pipeline, tmp_path / "sdxl", tmp_path, 48 + POOLED)
   with torch.no_grad():
     added = {"text_embeds": torch.tensor(text[:, 0, 48:]), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
     expected = pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, torch.tensor(text[..., :48]),
@@ -655,6 +656,19 @@ def test_sdxl_loras_in_kohyas_layout_fuse_as_diffusers_fuses_them(tmp_path):
         projection]["kernel"])
     moved = 0.7 * (1.0 / rank) * (tensors[f"lora_{layer}.lora_up.weight"] @ tensors[f"lora_{layer}.lora_down.weight"])
     np.testing.assert_allclose(kernel(weights) - kernel(state), moved.numpy().T, atol=1e-6)
+  # Merged into the checkpoint (export --config --lora --single_file): both text encoders written, and the single
+  # file read back, hold exactly these fused weights
+  from configs import stable_diffusion
+  from diffusion_jax import export, lora, single_file
+  from diffusion_jax.models import text_to_image
+
+  adapters = [lora.read(f"{tmp_path / 'kohya.safetensors'}:0.7")]
+  export.export(None, tmp_path / "merged", single=tmp_path / "merged.safetensors", adapters=adapters, config=config)
+  single_file.convert(tmp_path / "merged.safetensors", tmp_path / "sdxl", tmp_path / "read_back")
+  for root in ("merged", "read_back"):
+    merged = text_to_image.pretrained_weights(stable_diffusion.get_config(str(tmp_path / root)))
+    assert_trees_equal((merged["sd_unet"], merged["text_encoder"]),
+                       (weights.params["sd_unet"], weights.frozen["text_encoder"]))
 
   # A LoRA of every attention and feed-forward projection of ours, written in kohya's SDXL layout (lora --format=kohya)
   ours = random_lora(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / "sdxl" / "unet"), rngs=init_rngs.seeded(0),
