@@ -1,5 +1,5 @@
-"""Single-file (original LDM layout) Stable Diffusion checkpoints read into diffusers roots, checked against diffusers'
-own single-file converters."""
+"""Single-file (original LDM layout) Stable Diffusion checkpoints read into diffusers roots and written from them,
+checked against diffusers' own single-file converters."""
 
 import filecmp
 import pathlib
@@ -17,11 +17,14 @@ from diffusion_jax import single_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+
 def with_text_model(name: str) -> str:
+  """A CLIP text model's tensor name as files name it (transformers 5 names a CLIPTextModel's without text_model.)."""
   return name if name.startswith(("text_model.", "text_projection")) else f"text_model.{name}"
 
 
-# variant -> its text encoders' (LDM prefix, pipeline attribute, OpenCLIP's layout)
+# variant -> its text encoders' (LDM prefix, pipeline attribute, OpenCLIP's layout): the real files' names, stated here
+# apart from single_file.LAYOUTS, which they check
 TEXT_ENCODERS = {"sd1": [("cond_stage_model.transformer.", "text_encoder", False)],
                  "sd2": [("cond_stage_model.model.", "text_encoder", True)],
                  "sdxl": [("conditioner.embedders.0.transformer.", "text_encoder", False),
