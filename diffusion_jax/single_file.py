@@ -175,7 +175,8 @@ def sources(folder: str, names, root: pathlib.Path, open_clip: bool) -> dict:
     try:
       found[name] = source(name)
     except (KeyError, IndexError, ValueError):  # a tensor the original layout has no place for
-      raise ValueError(f"{folder}/: no single-file name for {name} (not a Stable Diffusion part's tensor)") from None
+      raise ValueError(f"{folder}/: no single-file name for {name} (not a tensor of diffusers' Stable Diffusion "
+                       "layout: write a root that diffusers saved)") from None
   return found
 
 
@@ -198,16 +199,13 @@ def parts(keys, like: pathlib.Path) -> dict:
                      f"diffusers root of the single file's architecture ({kind})")
   if (found := layout(like, "--like")) != kind:
     raise ValueError(f"--like={str(like)!r} is {found}'s, the single file {kind}'s: give a root of its architecture")
-  shapes = {"unet": sd_unet.tensor_shapes(like / "unet", "--like's unet/"),
-            "vae": autoencoder.tensor_shapes(like / "vae")}
-  prefixes = {"unet": UNET, "vae": VAE}
-  for folder, (prefix, _) in LAYOUTS[kind].items():
-    shapes[folder] = clip.text_tensor_shapes(like / folder, f"--like's {folder}/",
-                                             with_projection=folder == "text_encoder_2")
-    prefixes[folder] = prefix
-  open_clip = {folder: in_open_clip for folder, (_, in_open_clip) in LAYOUTS[kind].items()}
-  return {folder: (prefixes[folder], sources(folder, shapes[folder], like, open_clip.get(folder, False)),
-                   shapes[folder]) for folder in shapes}
+  found = {}
+  for folder, (prefix, open_clip) in {"unet": (UNET, False), "vae": (VAE, False), **LAYOUTS[kind]}.items():
+    shapes = (sd_unet.tensor_shapes(like / "unet", "--like's unet/") if folder == "unet" else
+              autoencoder.tensor_shapes(like / "vae") if folder == "vae" else
+              clip.text_tensor_shapes(like / folder, f"--like's {folder}/", with_projection=folder == "text_encoder_2"))
+    found[folder] = (prefix, sources(folder, shapes, like, open_clip), shapes)
+  return found
 
 
 def write(root, output) -> pathlib.Path:
@@ -275,9 +273,9 @@ def convert(checkpoint, like, output) -> pathlib.Path:
     keys = set(file.keys())
     found, used, problems = parts(keys, like), set(), []
     weights = {}
-    for folder, (prefix, sources, shapes) in found.items():
+    for folder, (prefix, named, shapes) in found.items():
       weights[folder] = {}
-      for name, (source, how) in sources.items():
+      for name, (source, how) in named.items():
         if prefix + source not in keys:
           problems.append(f"{folder}: no {prefix + source} (for {name})")
           continue
@@ -304,7 +302,7 @@ def convert(checkpoint, like, output) -> pathlib.Path:
 def define_flags():
   flags.DEFINE_string("checkpoint", None, "The single-file checkpoint (.safetensors).", required=True)
   flags.DEFINE_string("like", None, "A diffusers root of the same architecture (its configs, tokenizers and "
-                      "scheduler are copied; its weights are not read).", required=True)
+                      "scheduler are copied; the weights of the parts the file holds are not read).", required=True)
   flags.DEFINE_string("output", None, "The diffusers root to write (a new directory).", required=True)
 
 
