@@ -231,20 +231,12 @@ def write(root, output) -> pathlib.Path:
 def ldm_tensors(root: pathlib.Path, kind: str) -> dict:
   """{LDM name: array} of a diffusers root's U-Net, VAE and text encoders in the layout `convert` reads, with the
   text encoders of LAYOUTS[kind] (tensors keep their dtypes)."""
-  from safetensors.numpy import load_file
-
-  from diffusion_jax.models import diffusers_directory
+  from diffusion_jax.models import clip, diffusers_directory
 
   written, fused = {}, {}
   for folder, (prefix, open_clip) in {"unet": (UNET, False), "vae": (VAE, False), **LAYOUTS[kind]}.items():
-    files = (diffusers_directory.weight_files(root / folder) if folder in ("unet", "vae") else
-             [root / folder / WEIGHTS[folder]])
-    tensors = {}
-    for file in files:
-      tensors.update(load_file(file))
-    if folder.startswith("text_encoder"):  # (transformers 5 saves a CLIPTextModel's without text_model.)
-      tensors = {n if n.startswith(("text_model.", "text_projection")) else f"text_model.{n}": t
-                 for n, t in tensors.items() if not n.endswith("position_ids")}
+    tensors = (clip.tower_tensors(root / folder, "text_model.") if folder.startswith("text_encoder") else
+               diffusers_directory.read_tensors(root / folder))
     for name, (source, how) in sources(folder, tensors, root, open_clip).items():
       if how in QKV:
         fused.setdefault(prefix + source, {})[how] = tensors[name]

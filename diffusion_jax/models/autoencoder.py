@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from diffusion_jax.models import (causal_autoencoder, cogvideox_autoencoder, init_rngs, layers, named_tensors,
-                                  wan_autoencoder)
+from diffusion_jax.models import (causal_autoencoder, cogvideox_autoencoder, diffusers_directory, init_rngs, layers,
+                                  named_tensors, wan_autoencoder)
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # Attention names of checkpoints written before diffusers renamed them (its own loader maps them the same way).
@@ -507,9 +507,7 @@ def _renamed_old_attention(tensors: dict) -> dict:
 def tensor_shapes(path) -> dict:
   """{tensor name: shape} of what load_diffusers reads from a local diffusers directory's WEIGHTS_FILE (from its
   config.json alone)."""
-  config = read_config(path)
-  return named_tensors.shapes(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=init_rngs.seeded(0))),
-                              named_tensors.torch_name)
+  return diffusers_directory.tensor_shapes(AutoencoderKL, read_config(path))
 
 
 def load_diffusers(path: str) -> AutoencoderKL:

@@ -308,16 +308,23 @@ def load_vision(path, field: str = "model.wan_image_encoder_path") -> VisionMode
 def _load_tower(model_class, config: dict, path, field: str, prefix: str):
   """model_class (TextModel, VisionModel) of `config` with the weights of the directory's model.safetensors, whose
   tensors are named `prefix`... (transformers 5 saves them unprefixed)."""
+  if not (pathlib.Path(path).expanduser() / "model.safetensors").is_file():
+    raise ValueError(f"{field}={str(path)!r} has no model.safetensors (PyTorch .bin files are not read)")
+  return named_tensors.load(nnx.eval_shape(lambda: model_class(config, rngs=init_rngs.seeded(0))),
+                            tower_tensors(path, prefix), _hf_name,
+                            f"{field}={str(path)!r} does not match its config.json")
+
+
+def tower_tensors(path, prefix: str) -> dict:
+  """{name: array} of a transformers CLIP tower directory's model.safetensors, every name under `prefix`
+  (transformers 5 saves a CLIPTextModel's without its text_model.), position ids left out."""
   from safetensors.numpy import load_file
 
-  directory = pathlib.Path(path).expanduser()
-  if not (directory / "model.safetensors").is_file():
-    raise ValueError(f"{field}={str(path)!r} has no model.safetensors (PyTorch .bin files are not read)")
-  tensors = {k: v for k, v in load_file(directory / "model.safetensors").items() if not k.endswith("position_ids")}
+  tensors = {name: value for name, value in load_file(pathlib.Path(path).expanduser() / "model.safetensors").items()
+             if not name.endswith("position_ids")}
   if not any(name.startswith(prefix) for name in tensors):
     tensors = {f"{prefix}{name}": value for name, value in tensors.items()}
-  return named_tensors.load(nnx.eval_shape(lambda: model_class(config, rngs=init_rngs.seeded(0))), tensors, _hf_name,
-                            f"{field}={str(path)!r} does not match its config.json")
+  return tensors
 
 
 def preprocess_float(images, size: int):

@@ -50,6 +50,16 @@ def weight_files(path) -> list[pathlib.Path]:
   raise ValueError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX} in {str(path)!r} (PyTorch .bin files are not read)")
 
 
+def read_tensors(path) -> dict:
+  """{PyTorch name: numpy array} of a local diffusers directory's weights (every file of weight_files)."""
+  from safetensors.numpy import load_file
+
+  tensors = {}
+  for file in weight_files(path):
+    tensors.update(load_file(file))
+  return tensors
+
+
 def copy_root(root: pathlib.Path, output: pathlib.Path, replaced) -> None:
   """Copy a pipeline's root (model_index.json, tokenizers, scheduler, every part) to `output`, leaving out the weight
   files of the parts (folder names) `replaced`, whose weights the caller writes."""
@@ -70,11 +80,6 @@ def tensor_shapes(module_class, config: dict) -> dict:
 def load(path, module_class, config: dict):
   """A `module_class(config, rngs)` holding the weights of the local diffusers directory `path` (its safetensors,
   by PyTorch names); a ValueError when they do not match the module `config` (its config.json) builds."""
-  from safetensors.numpy import load_file
-
-  tensors = {}
-  for file in weight_files(path):
-    tensors.update(load_file(file))
-  return named_tensors.load(nnx.eval_shape(lambda: module_class(config, rngs=init_rngs.seeded(0))), tensors,
+  return named_tensors.load(nnx.eval_shape(lambda: module_class(config, rngs=init_rngs.seeded(0))), read_tensors(path),
                             named_tensors.torch_name,
                             f"{str(pathlib.Path(path).expanduser())!r} does not match its config.json")

@@ -30,41 +30,46 @@ def torch_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
   return ".".join(module + [TORCH_NAMES.get(leaf, leaf)]), kernel_transpose(ndim) if leaf == "kernel" else None
 
 
-def located(module: nnx.Module, locate: Locate):
-  """(checkpoint name, transpose from its layout to ours, our value) of each of a module's parameters."""
-  for path, variable in nnx.to_flat_state(nnx.state(module)):
-    value = variable.get_value()
-    yield *locate(tuple(str(p) for p in path), value.ndim), value
+def located(state: nnx.State, locate: Locate):
+  """(checkpoint name, transpose from its layout to ours, variable) of each parameter in a module's state."""
+  for path, variable in nnx.to_flat_state(state):
+    yield *locate(tuple(str(p) for p in path), variable.get_value().ndim), variable
+
+
+def checkpoint_shape(shape: tuple, transpose: tuple | None) -> tuple:
+  """A parameter's shape in the checkpoint's layout (`transpose` goes from that layout to ours)."""
+  return tuple(shape[i] for i in np.argsort(transpose)) if transpose else tuple(shape)
 
 
 def shapes(abstract_module: nnx.Module, locate: Locate) -> dict:
   """{checkpoint name: shape in the checkpoint's layout} of every parameter `load` fills (what a checkpoint of the
   module holds); nothing is allocated."""
-  return {name: tuple(value.shape[i] for i in np.argsort(transpose)) if transpose else tuple(value.shape)
-          for name, transpose, value in located(abstract_module, locate)}
+  return {name: checkpoint_shape(variable.get_value().shape, transpose)
+          for name, transpose, variable in located(nnx.state(abstract_module), locate)}
 
 
 def tensors(module: nnx.Module, locate: Locate) -> dict:
   """{checkpoint name: numpy array in the checkpoint's layout} of a module's parameters: what `load` reads back into
   them."""
-  return {name: np.ascontiguousarray(np.transpose(np.asarray(value), np.argsort(transpose)) if transpose else
-                                     np.asarray(value)) for name, transpose, value in located(module, locate)}
+  arrays = {}
+  for name, transpose, variable in located(nnx.state(module), locate):
+    value = np.asarray(variable.get_value())
+    arrays[name] = np.ascontiguousarray(np.transpose(value, np.argsort(transpose)) if transpose else value)
+  return arrays
 
 
 def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, ignored=()) -> nnx.Module:
   """The module with every parameter taken from `tensors` {name: array}; `what` says what failed to match
   (e.g. "CLIP checkpoint '/w/clip' does not match its config.json"); names starting with `ignored` may go unused."""
   graphdef, state = nnx.split(abstract_module)
-  flat = nnx.to_flat_state(state)
   used, problems = set(), []
-  for path, variable in flat:
+  for name, transpose, variable in located(state, locate):
     target = variable.get_value()
-    name, transpose = locate(tuple(str(p) for p in path), target.ndim)
-    expected = tuple(target.shape[i] for i in np.argsort(transpose)) if transpose else target.shape
+    expected = checkpoint_shape(target.shape, transpose)
     if tensors.get(name) is None:
       problems.append(f"missing {name}")
-    elif tuple(tensors[name].shape) != tuple(expected):
-      problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(expected)}")
+    elif tuple(tensors[name].shape) != expected:
+      problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {expected}")
     else:
       value = np.asarray(tensors[name])
       variable.set_value(jnp.asarray(np.transpose(value, transpose) if transpose else value, target.dtype))
@@ -72,4 +77,4 @@ def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, 
   problems += [f"unknown tensor {k}" for k in sorted(set(tensors) - used) if not k.startswith(tuple(ignored))]
   if problems:
     raise ValueError(f"{what} ({len(problems)} problem{'s' * (len(problems) > 1)}): " + "; ".join(problems[:20]))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return nnx.merge(graphdef, state)
