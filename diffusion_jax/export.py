@@ -1,5 +1,5 @@
-"""A fine-tuned Stable Diffusion run, or a checkpoint with LoRA adapters merged into it, written as the kind of
-checkpoint it started from: a diffusers root (the new U-Net, and text encoders an adapter changed, beside the rest of
+"""A fine-tuned Stable Diffusion run (a full fine-tune, or a LoRA run's updates merged into the checkpoint it
+adapted), or a checkpoint with LoRA adapters merged into it, written as the kind of checkpoint it started from: a diffusers root (the new U-Net, and text encoders an adapter changed, beside the rest of
 the root its config read), and with --single_file the same as one file in the original layout (single_file.write),
 for diffusers' pipelines, A1111 and ComfyUI.
 
@@ -8,8 +8,9 @@ for diffusers' pipelines, A1111 and ComfyUI.
 
 Flags:
   --workdir      a full fine-tune of a Stable Diffusion 1.x, 2.x or SDXL checkpoint (configs/stable_diffusion.py:ROOT:
-                 model.backbone='sd_unet', the text encoders and VAE frozen); a LoRA run's adapter is written by
-                 python -m diffusion_jax.lora instead (and merged with --config and --lora)
+                 model.backbone='sd_unet', the text encoders and VAE frozen), or a LoRA run of one, whose updates
+                 (the U-Net's, and the text encoders' with model.lora_text_encoder) are merged into the checkpoint's
+                 weights as read (python -m diffusion_jax.lora writes them as an adapter file instead)
   --config       instead of --workdir: configs/stable_diffusion.py:ROOT, the checkpoint as downloaded (with --lora,
                  to merge adapters into it)
   --lora         FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE (default 1): ours, or a
@@ -36,15 +37,15 @@ log = logging.getLogger(__name__)
 
 def source_root(config, what: str) -> pathlib.Path:
   """The diffusers root a Stable Diffusion config (`what`: the flag that gave it) read its parts from; a ValueError
-  saying why it cannot be exported (another backbone, a LoRA run, parts from several places)."""
+  saying why it cannot be exported (another backbone, a LoRA of another run, parts from several places)."""
   m = config.model
   if m.backbone != "sd_unet":
     raise ValueError(f"{what} is a {m.backbone!r} model: export writes Stable Diffusion U-Nets "
                      "(configs/stable_diffusion.py)")
-  if m.lora_rank:
-    raise ValueError(f"{what} is a LoRA run: write its adapter with python -m diffusion_jax.lora (--format=diffusers "
-                     "or kohya), which diffusers' and kohya's tools load, or merge it into the checkpoint with "
-                     "--config and --lora")
+  if m.lora_rank and config.finetune.workdir:
+    raise ValueError(f"{what} is a LoRA of the run {config.finetune.workdir!r}, not of the checkpoint: export that "
+                     "run, then merge this one's adapter (python -m diffusion_jax.lora) into it with --config and "
+                     "--lora")
   root = pathlib.Path(m.sd_unet_path).expanduser().parent
   paths = {"text.pretrained_path": config.text.pretrained_path,
            "text.second_encoder_path": config.text.second_encoder_path,  # (SDXL's)
@@ -60,8 +61,8 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
            config=None) -> pathlib.Path:
   """Write the diffusers root `output`: the root a Stable Diffusion fine-tune's config read (source_root), copied,
   with the run's U-Net at checkpoint `step` (default: the latest; use_ema: its first EMA copy, default the run's
-  sample.use_ema), or with `config` and no workdir, the pretrained checkpoints it reads; `adapters` (lora.Adapters)
-  fused in, the text encoders written too when one updates them; with `single`, that root as a single file too
+  sample.use_ema; a LoRA run's: the root's, with the run's updates at that step fused in), or with `config` and no
+  workdir, the pretrained checkpoints it reads; `adapters` (lora.Adapters) fused in, the text encoders written too when one updates them; with `single`, that root as a single file too
   (single_file.write). Returns `output`."""
   from safetensors.numpy import save_file
 
@@ -74,7 +75,7 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     config, what = config.copy_and_resolve_references(), "--config"
     config_checks.validate(config)
   root, output = source_root(config, what), pathlib.Path(output).expanduser()
-  lora.check(adapters, config)
+  lora.check(adapters, lora.without_updates(config))
   for flag, path in (("--output", output), ("--single_file", single)):
     if path is not None and pathlib.Path(path).expanduser().exists():
       raise ValueError(f"{flag}={str(path)!r} exists: give a new path (nothing is overwritten)")
@@ -83,6 +84,9 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
                      "lacks the last of OpenCLIP's layers that SD 2.x's single files hold); leave it out")
   if workdir is None:
     weights, graphdef, _ = sample.load_pretrained(config)
+  elif config.model.lora_rank:  # the checkpoint as downloaded, with the run's updates fused in first
+    adapters = [lora.run_adapter(workdir, config, step, use_ema), *adapters]
+    weights, graphdef, _ = sample.load_pretrained(lora.without_updates(config))
   else:
     _, weights, graphdef, step, _ = sample.load_checkpoint(workdir, step, use_ema)
     if trained := sorted(set(weights.params) - {"sd_unet"}):
@@ -105,7 +109,7 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
 
 
 def define_flags():
-  flags.DEFINE_string("workdir", None, "A Stable Diffusion full fine-tune's workdir.")
+  flags.DEFINE_string("workdir", None, "A Stable Diffusion fine-tune's workdir (full, or LoRA: merged).")
   config_flags.DEFINE_config_file("config", None, "Instead of --workdir: configs/stable_diffusion.py:ROOT, the "
                                   "checkpoint as downloaded (with --lora: adapters merged into it).")
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights.")

@@ -281,21 +281,10 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     raise ValueError(f"--format=diffusers: only a LoRA of Wan's, SD3's or Flux's transformer or SD's U-Net has a "
                      f"diffusers layout; --workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write "
                      f"{FORMAT}'s)")
-  use_ema = config.sample.use_ema if use_ema is None else use_ema
-  mngr = checkpoint.manager(workdir, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  params, _ = finetune.abstract_parameters(config)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  wanted = {p: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device) for p, x in params.items()
-            if text_to_image.is_lora(p)}
-  weights = checkpoint.restore_weights(workdir, -1 if step is None else step, use_ema,
-                                       traverse_util.unflatten_dict(wanted), {}, "--workdir")
-  metadata = {"format": FORMAT, "rank": str(config.model.lora_rank), "workdir": str(pathlib.Path(workdir).resolve()),
-              "step": str(step), "ema": str(use_ema), "source_workdir": config.finetune.workdir,
-              "config": json.dumps({k: json.loads(config[k].to_json_best_effort()) for k in finetune.MODEL_SECTIONS})}
-  pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
-  tensors = {name(p): np.asarray(x, np.float32) for p, x in weights.items()}
+  adapter = run_adapter(workdir, config, step, use_ema)
+  metadata, tensors = adapter.metadata, adapter.updates
   output = pathlib.Path(output)
+  output.parent.mkdir(parents=True, exist_ok=True)
   files = {output: tensors}
   if layout == "diffusers" and config.model.backbone == "wan":  # one file per expert of Wan 2.2 A14B's pair
     files = {output.with_name(output.stem + suffix + output.suffix): part
@@ -311,6 +300,33 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   for file, part in files.items():
     file.write_bytes(save(part, metadata=metadata))  # the umask's permissions (save_file: 0600)
   return metadata | {"files": ", ".join(map(str, files))}
+
+
+def run_adapter(workdir, config, step: int | None = None, use_ema: bool | None = None) -> Adapter:
+  """The adapter of a LoRA run's (`config`: its, model.lora_rank > 0) checkpoint `step` (default: the latest; use_ema
+  default: its sample.use_ema): its low-rank updates in float32, with what made them as metadata (export writes
+  both)."""
+  use_ema = config.sample.use_ema if use_ema is None else use_ema
+  mngr = checkpoint.manager(workdir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  params, _ = finetune.abstract_parameters(config)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  wanted = {p: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device) for p, x in params.items()
+            if text_to_image.is_lora(p)}
+  weights = checkpoint.restore_weights(workdir, -1 if step is None else step, use_ema,
+                                       traverse_util.unflatten_dict(wanted), {}, "--workdir")
+  metadata = {"format": FORMAT, "rank": str(config.model.lora_rank), "workdir": str(pathlib.Path(workdir).resolve()),
+              "step": str(step), "ema": str(use_ema), "source_workdir": config.finetune.workdir,
+              "config": json.dumps({k: json.loads(config[k].to_json_best_effort()) for k in finetune.MODEL_SECTIONS})}
+  return Adapter(str(workdir), {name(p): np.asarray(x, np.float32) for p, x in weights.items()}, metadata)
+
+
+def without_updates(config):
+  """A LoRA run's config without its low-rank updates (model.lora_*): the model they adapt."""
+  base = config.copy_and_resolve_references()
+  base.model.update(lora_rank=0, lora_feed_forward=False, lora_convolutions=False, lora_text_encoder=False,
+                    lora_modulation=False)
+  return base
 
 
 def layer_kind(update_name: str) -> str:

@@ -51,10 +51,11 @@ def test_a_fine_tuned_unet_is_written_as_the_root_it_started_from_and_as_a_singl
   pretrained = lambda root: text_to_image.pretrained_weights(stable_diffusion.get_config(str(root)))
   assert_trees_equal(pretrained(tmp_path / "converted"), pretrained(out))
 
-  for bad, message in ((dict(lora_rank=2), "is a LoRA run: write its adapter with python -m diffusion_jax.lora"),
-                       (dict(backbone="unet"), "is a 'unet' model: export writes Stable Diffusion U-Nets")):
+  for bad, message in ((dict(model=dict(lora_rank=2), finetune=dict(workdir="/w/base")),
+                        "is a LoRA of the run '/w/base', not of the checkpoint: export that run, then merge"),
+                       (dict(model=dict(backbone="unet")), "is a 'unet' model: export writes Stable Diffusion U-Nets")):
     changed = config.copy_and_resolve_references()
-    changed.model.update(bad)
+    changed.update(bad)
     with pytest.raises(ValueError, match=message):
       export.source_root(changed, "RUN")
   elsewhere = config.copy_and_resolve_references()
