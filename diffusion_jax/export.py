@@ -1,7 +1,8 @@
 """A fine-tuned Stable Diffusion run (a full fine-tune, or a LoRA run's updates merged into the checkpoint it
-adapted), or a checkpoint with LoRA adapters merged into it, written as the kind of checkpoint it started from: a diffusers root (the new U-Net, and text encoders an adapter changed, beside the rest of
-the root its config read), and with --single_file the same as one file in the original layout (single_file.write),
-for diffusers' pipelines, A1111 and ComfyUI.
+adapted), or a checkpoint with LoRA adapters merged into it, written as the kind of checkpoint it started from: a
+diffusers root (the new U-Net, and text encoders an adapter changed, beside the rest of the root its config read), and
+with --single_file the same as one file in the original layout (single_file.write), for diffusers' pipelines, A1111
+and ComfyUI.
 
   python -m diffusion_jax.export --workdir=RUN --output=DIR [--step=N] [--use_ema=false] [--single_file=FILE]
   python -m diffusion_jax.export --config=configs/stable_diffusion.py:ROOT --lora=ADAPTER[:SCALE] --output=DIR
@@ -62,8 +63,8 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   """Write the diffusers root `output`: the root a Stable Diffusion fine-tune's config read (source_root), copied,
   with the run's U-Net at checkpoint `step` (default: the latest; use_ema: its first EMA copy, default the run's
   sample.use_ema; a LoRA run's: the root's, with the run's updates at that step fused in), or with `config` and no
-  workdir, the pretrained checkpoints it reads; `adapters` (lora.Adapters) fused in, the text encoders written too when one updates them; with `single`, that root as a single file too
-  (single_file.write). Returns `output`."""
+  workdir, the pretrained checkpoints it reads; `adapters` (lora.Adapters) fused in, the text encoders written too
+  when one updates them; with `single`, that root as a single file too (single_file.write). Returns `output`."""
   from safetensors.numpy import save_file
 
   from diffusion_jax import sample
