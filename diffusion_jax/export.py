@@ -1,24 +1,26 @@
-"""A fine-tuned Stable Diffusion run (a full fine-tune, or a LoRA run's updates merged into the checkpoint it
-adapted), or a checkpoint with LoRA adapters merged into it, written as the kind of checkpoint it started from: a
-diffusers root (the new U-Net, and text encoders an adapter changed, beside the rest of the root its config read), and
-with --single_file the same as one file in the original layout (single_file.write), for diffusers' pipelines, A1111
-and ComfyUI.
+"""A fine-tuned Stable Diffusion, SD3 or Flux run (a full fine-tune, or a LoRA run's updates merged into the
+checkpoint it adapted), or a checkpoint with LoRA adapters merged into it, written as the kind of checkpoint it started
+from: a diffusers root (the new U-Net or transformer, and the CLIP text encoders an adapter changed, beside the rest of
+the root its config read), and for SD 1.x and SDXL with --single_file the same as one file in the original layout
+(single_file.write), for diffusers' pipelines, A1111 and ComfyUI.
 
   python -m diffusion_jax.export --workdir=RUN --output=DIR [--step=N] [--use_ema=false] [--single_file=FILE]
   python -m diffusion_jax.export --config=configs/stable_diffusion.py:ROOT --lora=ADAPTER[:SCALE] --output=DIR
 
 Flags:
-  --workdir      a full fine-tune of a Stable Diffusion 1.x, 2.x or SDXL checkpoint (configs/stable_diffusion.py:ROOT:
-                 model.backbone='sd_unet', the text encoders and VAE frozen), or a LoRA run of one, whose updates
-                 (the U-Net's, and the text encoders' with model.lora_text_encoder) are merged into the checkpoint's
-                 weights as read (python -m diffusion_jax.lora writes them as an adapter file instead)
-  --config       instead of --workdir: configs/stable_diffusion.py:ROOT, the checkpoint as downloaded (with --lora,
-                 to merge adapters into it)
-  --lora         FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE (default 1): ours, or a
-                 Stable Diffusion LoRA in kohya's or diffusers' layout (sample.py's flag); one that updates the text
+  --workdir      a full fine-tune of a Stable Diffusion 1.x, 2.x, SDXL, SD3 or Flux checkpoint
+                 (configs/stable_diffusion.py:ROOT, stable_diffusion3.py:ROOT, flux.py:ROOT; the text encoders and
+                 VAE frozen), or a LoRA run of one, whose updates (the network's, and the CLIP text encoders' with
+                 model.lora_text_encoder) are merged into the checkpoint's weights as read (python -m
+                 diffusion_jax.lora writes them as an adapter file instead)
+  --config       instead of --workdir: one of those configs, the checkpoint as downloaded (with --lora, to merge
+                 adapters into it)
+  --lora         FILE[:SCALE], repeatable: a LoRA adapter fused into the weights at SCALE (default 1): ours, or one in
+                 a PyTorch layout that sample.py's flag reads (kohya's, diffusers', BFL's); one that updates the text
                  encoders has them written too
-  --output       the diffusers root to write (must not exist): the config's root copied, with the new U-Net
-                 (float32) in unet/ (and text encoders an adapter changed in text_encoder/, text_encoder_2/)
+  --output       the diffusers root to write (must not exist): the config's root copied, with the new network
+                 (float32) in unet/ or transformer/ (and the CLIP text encoders an adapter changed in text_encoder/,
+                 SDXL's and SD3's second in text_encoder_2/)
   --step         with --workdir: checkpoint step (default: the latest)
   --use_ema      with --workdir: the first EMA copy (default: the run's sample.use_ema) or, false, the trained weights
   --single_file  also write that root as one .safetensors in the original layout (SD 1.x, SDXL; must not exist)
@@ -36,39 +38,60 @@ from diffusion_jax import checkpoint, cli, config_checks, lora, single_file
 log = logging.getLogger(__name__)
 
 
+# backbone -> (the model's attribute, the root's folder, the model field of its path)
+NETWORKS = {"sd_unet": ("sd_unet", "unet", "sd_unet_path"), "sd3": ("sd3", "transformer", "sd3_path"),
+            "flux": ("flux", "transformer", "flux_path")}
+
+
 def source_root(config, what: str) -> pathlib.Path:
-  """The diffusers root a Stable Diffusion config (`what`: the flag that gave it) read its parts from; a ValueError
-  saying why it cannot be exported (another backbone, a LoRA of another run, parts from several places)."""
+  """The diffusers root a Stable Diffusion, SD3 or Flux config (`what`: the flag that gave it) read its parts from;
+  a ValueError saying why it cannot be exported (another backbone, a LoRA of another run, parts from several
+  places)."""
   m = config.model
-  if m.backbone != "sd_unet":
-    raise ValueError(f"{what} is a {m.backbone!r} model: export writes Stable Diffusion U-Nets "
-                     "(configs/stable_diffusion.py)")
+  if m.backbone not in NETWORKS:
+    raise ValueError(f"{what} is a {m.backbone!r} model: export writes Stable Diffusion U-Nets and SD3's and Flux's "
+                     "transformers (configs/stable_diffusion.py, stable_diffusion3.py, flux.py)")
   if m.lora_rank and config.finetune.workdir:
     raise ValueError(f"{what} is a LoRA of the run {config.finetune.workdir!r}, not of the checkpoint: export that "
                      "run, then merge this one's adapter (python -m diffusion_jax.lora) into it with --config and "
                      "--lora")
-  root = pathlib.Path(m.sd_unet_path).expanduser().parent
+  _, folder, field = NETWORKS[m.backbone]
+  root = pathlib.Path(m[field]).expanduser().parent
   paths = {"text.pretrained_path": config.text.pretrained_path,
-           "text.second_encoder_path": config.text.second_encoder_path,  # (SDXL's)
+           "text.second_encoder_path": config.text.second_encoder_path,  # (SDXL's, SD3's)
+           "text.t5_encoder_path": config.text.t5_encoder_path,  # (SD3's, Flux's)
            "latent.autoencoder_path": config.latent.autoencoder_path}
   if elsewhere := [f"{field}={path!r}" for field, path in paths.items()
                    if path and pathlib.Path(path).expanduser().parent != root]:
-    raise ValueError(f"export copies the root the U-Net came from ({str(root)!r}); {', '.join(elsewhere)} "
+    raise ValueError(f"export copies the root the {folder} came from ({str(root)!r}); {', '.join(elsewhere)} "
                      "read parts from elsewhere")
   return root
 
 
+def text_encoder_folders(encoders) -> dict:
+  """{root folder: CLIP text model} of a model's text encoders (SD's one, SDXL's and SD3's pair, Flux's CLIP; T5s are
+  not adapted, and not written)."""
+  from diffusion_jax.models import flux_text, sd3_text, sdxl_text
+
+  if isinstance(encoders, (sdxl_text.TextEncoders, sd3_text.TextEncoders)):
+    return {"text_encoder": encoders.first, "text_encoder_2": encoders.second}
+  if isinstance(encoders, flux_text.TextEncoders):
+    return {"text_encoder": encoders.clip}
+  return {"text_encoder": encoders}
+
+
 def export(workdir, output, step: int | None = None, use_ema: bool | None = None, single=None, adapters=(),
            config=None) -> pathlib.Path:
-  """Write the diffusers root `output`: the root a Stable Diffusion fine-tune's config read (source_root), copied,
-  with the run's U-Net at checkpoint `step` (default: the latest; use_ema: its first EMA copy, default the run's
-  sample.use_ema; a LoRA run's: the root's, with the run's updates at that step fused in), or with `config` and no
-  workdir, the pretrained checkpoints it reads; `adapters` (lora.Adapters) fused in, the text encoders written too
-  when one updates them; with `single`, that root as a single file too (single_file.write). Returns `output`."""
+  """Write the diffusers root `output`: the root a Stable Diffusion, SD3 or Flux fine-tune's config read
+  (source_root), copied, with the run's network (NETWORKS) at checkpoint `step` (default: the latest; use_ema: its
+  first EMA copy, default the run's sample.use_ema; a LoRA run's: the root's, with the run's updates at that step
+  fused in), or with `config` and no workdir, the pretrained checkpoints it reads; `adapters` (lora.Adapters) fused
+  in, the CLIP text encoders written too when one updates them; with `single`, that root as a single file too
+  (single_file.write). Returns `output`."""
   from safetensors.numpy import save_file
 
   from diffusion_jax import sample
-  from diffusion_jax.models import clip, diffusers_directory, named_tensors, sdxl_text
+  from diffusion_jax.models import clip, diffusers_directory, named_tensors
 
   if config is None:
     config, what = checkpoint.read_config(workdir), f"--workdir={str(workdir)!r}"
@@ -76,10 +99,14 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     config, what = config.copy_and_resolve_references(), "--config"
     config_checks.validate(config)
   root, output = source_root(config, what), pathlib.Path(output).expanduser()
+  attribute, folder, _ = NETWORKS[config.model.backbone]
   lora.check(adapters, lora.without_updates(config))
   for flag, path in (("--output", output), ("--single_file", single)):
     if path is not None and pathlib.Path(path).expanduser().exists():
       raise ValueError(f"{flag}={str(path)!r} exists: give a new path (nothing is overwritten)")
+  if single is not None and config.model.backbone != "sd_unet":
+    raise ValueError(f"--single_file: single files are written of Stable Diffusion 1.x and SDXL roots; this is a "
+                     f"{config.model.backbone!r} model's (its diffusers root is written); leave it out")
   if single is not None and single_file.layout(root, "the root") == "SD 2.x":
     raise ValueError("--single_file: an SD 2.x root is not written as a single file (its text encoder in diffusers "
                      "lacks the last of OpenCLIP's layers that SD 2.x's single files hold); leave it out")
@@ -90,19 +117,17 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     weights, graphdef, _ = sample.load_pretrained(lora.without_updates(config))
   else:
     _, weights, graphdef, step, _ = sample.load_checkpoint(workdir, step, use_ema)
-    if trained := sorted(set(weights.params) - {"sd_unet"}):
-      raise ValueError(f"{what} trained its {', '.join(trained)} too: export writes the U-Net of runs whose other "
-                       "parts are frozen")
+    if trained := sorted(set(weights.params) - {attribute}):
+      raise ValueError(f"{what} trained its {', '.join(trained)} too: export writes the {folder} of runs whose "
+                       "other parts are frozen")
   model = nnx.merge(graphdef, *lora.fused(weights, adapters))
-  parts = {"unet": named_tensors.tensors(model.sd_unet, named_tensors.torch_name)}
+  parts = {folder: named_tensors.tensors(getattr(model, attribute), named_tensors.torch_name)}
   if any(name.startswith("text_encoder/") for adapter in adapters for name in adapter.updates):
-    encoders = model.text_encoder
-    folders = ({"text_encoder": encoders.first, "text_encoder_2": encoders.second}
-               if isinstance(encoders, sdxl_text.TextEncoders) else {"text_encoder": encoders})
-    parts |= {folder: clip.text_tensors(encoder) for folder, encoder in folders.items()}
+    parts |= {f: clip.text_tensors(encoder) for f, encoder in text_encoder_folders(model.text_encoder).items()}
   diffusers_directory.copy_root(root, output, parts)
-  for folder, tensors in parts.items():
-    save_file(tensors, str(output / folder / single_file.WEIGHTS[folder]), metadata={"format": "pt"})
+  for part, tensors in parts.items():
+    name = diffusers_directory.WEIGHTS_FILE if part == folder else "model.safetensors"  # (transformers')
+    save_file(tensors, str(output / part / name), metadata={"format": "pt"})
   log.info("wrote %s: %s (%s) beside %s", output, workdir or "the pretrained checkpoints", ", ".join(parts), root)
   if single is not None:
     single_file.write(output, single)
@@ -110,9 +135,11 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
 
 
 def define_flags():
-  flags.DEFINE_string("workdir", None, "A Stable Diffusion fine-tune's workdir (full, or LoRA: merged).")
-  config_flags.DEFINE_config_file("config", None, "Instead of --workdir: configs/stable_diffusion.py:ROOT, the "
-                                  "checkpoint as downloaded (with --lora: adapters merged into it).")
+  flags.DEFINE_string("workdir", None, "A Stable Diffusion, SD3 or Flux fine-tune's workdir (full, or LoRA: "
+                      "merged).")
+  config_flags.DEFINE_config_file("config", None, "Instead of --workdir: configs/stable_diffusion.py:ROOT (or "
+                                  "stable_diffusion3.py, flux.py), the checkpoint as downloaded (with --lora: "
+                                  "adapters merged into it).")
   flags.DEFINE_multi_string("lora", [], "FILE[:SCALE], repeatable: a LoRA adapter fused into the weights.")
   flags.DEFINE_string("output", None, "The diffusers root to write (a new directory).", required=True)
   flags.DEFINE_integer("step", None, "With --workdir: checkpoint step; default latest.")

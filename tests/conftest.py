@@ -75,6 +75,29 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+def exported_run_holds_the_fused_pipeline(run, pipeline, folders):
+  """A LoRA run exported whole (export.py: its updates merged into the checkpoint it adapted) holds in each of
+  `folders` the weights of the part of diffusers' `pipeline` that has the run's adapter fused (fuse_lora; unloaded
+  here, the fused weights staying), within 1e-6."""
+  import numpy as np
+
+  from diffusion_jax import export
+  from diffusion_jax.models import clip, diffusers_directory
+
+  merged = export.export(run, run.parent / f"{run.name}_merged", use_ema=False)
+  pipeline.unload_lora_weights()
+  for folder in folders:
+    written = (clip.tower_tensors(merged / folder, "text_model.") if folder.startswith("text") else
+               diffusers_directory.read_tensors(merged / folder))
+    expected = {name: x.numpy() for name, x in getattr(pipeline, folder).state_dict().items()
+                if not name.endswith("position_ids")}
+    if folder.startswith("text") and not any(name.startswith("text_model.") for name in expected):
+      expected = {f"text_model.{name}": x for name, x in expected.items()}  # (transformers 5's CLIPTextModel)
+    assert written.keys() == expected.keys(), folder
+    for name, x in expected.items():
+      np.testing.assert_allclose(written[name], x, atol=1e-6, err_msg=f"{folder}: {name}")
+
+
 def sweep_table(path) -> dict:
   """An evaluation sweep's markdown table (evaluate.write_sweep) as {swept value: {metric: value}}."""
   header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")]

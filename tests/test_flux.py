@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from conftest import exported_run_holds_the_fused_pipeline
 from test_sd3 import SentencePieceT5Tokenizer, tiny_lora_run, trained_lora_run
 from test_sd_unet import assert_trains_and_completes, inpainting_inputs, save_tiny_clip_tokenizer
 
-from diffusion_jax import config_checks, media, sample, schedules
+from diffusion_jax import config_checks, export, media, sample, schedules
 from diffusion_jax.models import flux_transformer, init_rngs
 
 
@@ -149,10 +150,11 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   transformer's at the flow timestep with the guidance scale. A LoRA of it (and of CLIP) trains only its updates on
   captioned_shapes, describes itself and samples; written in diffusers' layout, the pipeline with it fused (CLIP's
   updates too) encodes the prompts' pooled embedding and predicts what the trained model does, and read back it
-  fits, as it does written in kohya's names. Told another guidance scale when sampling (--flux_guidance), it predicts
-  what the pipeline's transformer does with that scale, and samples otherwise. A second CLIP encoder, other latent
-  channels, a missing T5 tokenizer, a negative --flux_guidance, skip-layer guidance (SD3's) and a resolution shift out
-  of order are refused by the config check, saying what is wrong."""
+  fits, as it does written in kohya's names. The run exported whole (export.py) holds the fused pipeline's
+  transformer and CLIP; a single file of it is refused. Told another guidance scale when sampling (--flux_guidance),
+  it predicts what the pipeline's transformer does with that scale, and samples otherwise. A second CLIP encoder,
+  other latent channels, a missing T5 tokenizer, a negative --flux_guidance, skip-layer guidance (SD3's) and a
+  resolution shift out of order are refused by the config check, saying what is wrong."""
   from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
   from configs import flux
@@ -232,7 +234,7 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   assert media.read_provenance(tmp_path / "told" / "p000_00.png")["flux_guidance"] == "1.5"
   lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
   pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
-  pipeline.fuse_lora()
+  pipeline.fuse_lora(components=["transformer", "text_encoder"])  # (Flux's default fuses the transformer alone)
   with torch.no_grad():
     expected, pooled, _ = pipeline.encode_prompt(prompts, None, device="cpu", max_sequence_length=8)
   assert np.abs(trained_text[:, 0, 40:] - text[:, 0, 40:]).max() > 1e-3  # (CLIP's LoRA moved the pooled embedding)
@@ -240,6 +242,11 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   assert np.abs(trained_prediction - prediction).max() > 1e-2  # (the LoRA changed the prediction)
   np.testing.assert_allclose(trained_prediction, theirs(expected.numpy(), pooled.numpy()), atol=1e-4)
   lora.check([lora.read(str(tmp_path / "diffusers.safetensors"))], config)  # (read back: 'transformer/' is Flux's)
+  exported_run_holds_the_fused_pipeline(tmp_path / "run", pipeline, ("transformer", "text_encoder", "vae"))
+  with pytest.raises(ValueError, match="--single_file: single files are written of Stable Diffusion 1.x and SDXL "
+                                       "roots; this is a 'flux' model's"):
+    export.export(tmp_path / "run", tmp_path / "merged", single=tmp_path / "flux.safetensors")
+  assert not (tmp_path / "merged").exists()
   # Written in kohya's names (fused layers' parts stacked), read back: every layer's update (a @ b) as trained
   lora.export(tmp_path / "run", tmp_path / "kohya.safetensors", use_ema=False, layout="kohya")
   product = lambda updates: {k.removesuffix("/lora_a"): updates[k] @ updates[k[:-1] + "b"] for k in updates

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from conftest import exported_run_holds_the_fused_pipeline
 from test_sd_unet import save_tiny_clip_tokenizer
 
 from diffusion_jax import config_checks, media, sample, train
@@ -174,7 +175,8 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   states, padded to the T5's width, then T5's states; both pooled embeddings), the null condition its encoding of
   the empty negative prompt, and the network's prediction its transformer's at the flow timestep. A LoRA of it
   (attention and feed-forward) trains only its updates on captioned_shapes, describes itself and samples; written in
-  diffusers' layout, the pipeline with it fused predicts what the trained model does, and read back it fits. Without
+  diffusers' layout, the pipeline with it fused predicts what the trained model does, and read back it fits; the run
+  exported whole (export.py) holds the fused pipeline's transformer. Without
   the second encoder or T5's tokenizer, with a T5 path holding another model, on the variance-preserving path or told
   FLUX.1 dev's guidance scale, the config check says what is wrong, as it does of samples wider than the position
   table covers, and of skip-layer guidance of blocks it lacks or without classifier-free guidance. Sampled with
@@ -274,6 +276,7 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
   pipeline.fuse_lora()
   assert np.abs(trained_prediction - prediction).max() > 1e-2  # (the LoRA changed the prediction)
   np.testing.assert_allclose(trained_prediction, diffusers_condition_and_prediction()[-1], atol=1e-4)
+  exported_run_holds_the_fused_pipeline(tmp_path / "run", pipeline, ("transformer", "text_encoder", "vae"))
   # read back, its updates ('transformer/...', whose the file does not say) fit this model, fused as trained
   adapter = lora.read(str(tmp_path / "diffusers.safetensors"))
   lora.check([adapter], config)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import assert_trees_equal
-from diffusion_jax import config_checks, export, sample, schedules, sharding, train
-from diffusion_jax.models import clip, diffusers_directory, init_rngs, sd_unet, sdxl_text
+from conftest import assert_trees_equal, exported_run_holds_the_fused_pipeline
+from diffusion_jax import config_checks, sample, schedules, sharding, train
+from diffusion_jax.models import clip, init_rngs, sd_unet, sdxl_text
 
 
 POOLED = 12  # the tiny SDXL U-Net's pooled text width
@@ -286,7 +286,8 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   second encoder or its tokenizer, or with a latent cache beside data.size_ids, the config check says what is wrong.
   A LoRA of it (model.lora_rank, model.lora_feed_forward, model.lora_text_encoder: both encoders', remat) trains only
   its updates; exported, the adapter says what it adapts, and sampling fuses it; exported in diffusers' layout, the
-  pipeline with it fused makes the trained model's text condition and prediction."""
+  pipeline with it fused makes the trained model's text condition and prediction, and the run exported whole
+  (export.py) holds that pipeline's U-Net and text encoders."""
   from configs import stable_diffusion
   from diffusion_jax import lora
   from diffusion_jax.data import captioned_shapes
@@ -374,20 +375,7 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   assert not np.asarray(null).any()
   np.testing.assert_allclose(np.asarray(prediction).transpose(0, 3, 1, 2), expected, atol=1e-4)
   assert np.abs(expected_text - base[0]).max() > 1e-4 and np.abs(expected - base[2]).max() > 1e-3  # (updates matter)
-
-  # The run exported (its updates merged into the checkpoint's weights) holds what the pipeline holds with them fused
-  export.export(tmp_path / "run", tmp_path / "merged", use_ema=False)
-  pipeline.unload_lora_weights()  # (the fused weights stay)
-  for folder in ("unet", "text_encoder", "text_encoder_2", "vae"):
-    written = (clip.tower_tensors(tmp_path / "merged" / folder, "text_model.") if folder.startswith("text") else
-               diffusers_directory.read_tensors(tmp_path / "merged" / folder))
-    expected = {name: x.numpy() for name, x in getattr(pipeline, folder).state_dict().items()
-                if not name.endswith("position_ids")}
-    if folder.startswith("text") and not any(name.startswith("text_model.") for name in expected):
-      expected = {f"text_model.{name}": x for name, x in expected.items()}  # (transformers 5's CLIPTextModel)
-    assert written.keys() == expected.keys(), folder
-    for name, x in expected.items():
-      np.testing.assert_allclose(written[name], x, atol=1e-6, err_msg=f"{folder}: {name}")
+  exported_run_holds_the_fused_pipeline(tmp_path / "run", pipeline, ("unet", "text_encoder", "text_encoder_2", "vae"))
 
 def save_kohya_lora(directory, shapes: dict) -> dict:
   """A kohya-layout LoRA of random updates of the layers `shapes` names ({layer: (down shape, up shape)}), alpha 1:
