@@ -732,9 +732,9 @@ def load_pretrained(config, mesh_config=None):
   return Weights(params, frozen), graphdef, mesh
 
 
-def sample_from_workdir(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
-                        mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None,
-                        source_prompt=None, last_image=None, mesh_config=None, config=None):
+def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
+        mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None,
+        source_prompt=None, last_image=None, mesh_config=None, config=None):
   """Sample a workdir's checkpoint (or, with `config` and no workdir, the pretrained checkpoints a config reads:
   load_pretrained; output_dir then required) for a prompts file (default: the config's prompts) with `overrides` of its
   sample settings; init_image and mask (or an image-to-video model's last_image), or init_video: files every
@@ -1157,9 +1157,9 @@ def main(argv):
     if f.cascade is not None:
       path = sample_cascade(f.cascade, f.prompts, f.output_dir)
     else:
-      path = sample_from_workdir(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
-                                 [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step,
-                                 f.source_prompt, f.last_image, f.mesh and sharding.mesh_from_flag(f.mesh), f.config)
+      path = run(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
+                 [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step,
+                 f.source_prompt, f.last_image, f.mesh and sharding.mesh_from_flag(f.mesh), f.config)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

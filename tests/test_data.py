@@ -269,7 +269,7 @@ def test_folder_dataset_skips_bad_files_and_trains_shapes(tmp_path):
   config.data.update(width=24, heldout_combinations=())
   config.train.update(steps=2, sample_every=1, batch_size=8)
   train.train_and_evaluate(config, tmp_path / "work")
-  grid = sample.sample_from_workdir(tmp_path / "work", {}, output_dir=tmp_path / "s")  # (the same program)
+  grid = sample.run(tmp_path / "work", {}, output_dir=tmp_path / "s")  # (the same program)
   for made in (grid, tmp_path / "work/samples/step_1/grid.png"):
     record = json.loads((made.parent / "manifest.jsonl").read_text().splitlines()[0])
     assert np.asarray(PIL.Image.open(made.parent / record["file"])).shape == (16, 24, 3)

@@ -222,7 +222,7 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
                                                         "strength": 0.25}]))
   out = tmp_path / "out"
   settings = {"steps": 4, "num_per_prompt": 1, "strength": 0.5}
-  sample.sample_from_workdir(workdir, settings, prompts, output_dir=out)
+  sample.run(workdir, settings, prompts, output_dir=out)
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   assert records[0]["init_image"] == str(tmp_path / "picture.png") and records[0]["strength"] == 0.5
   assert records[0]["mask"] == str(tmp_path / "mask.png") and "init_image" not in records[1]
@@ -240,8 +240,8 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
 
   def refused(message, **overrides):
     with pytest.raises(ValueError, match=message):
-      sample.sample_from_workdir(workdir, {**settings, **overrides.pop("settings", {})}, overrides.pop("prompts", None),
-                                 output_dir=tmp_path / "x", **overrides)
+      sample.run(workdir, {**settings, **overrides.pop("settings", {})}, overrides.pop("prompts", None),
+                 output_dir=tmp_path / "x", **overrides)
 
   refused(r"strength=0.2 of 4 sampler steps runs none", init_image=tmp_path / "picture.png",
           settings={"strength": 0.2})
@@ -282,8 +282,8 @@ def test_the_sampling_job_edits_the_images_a_prompts_file_names(trained, tmp_pat
   (tmp_path / "sources.jsonl").write_text("\n".join(json.dumps(e) for e in [
       {"prompt": "a large red circle", "init_image": "picture.png", "source_prompt": "coloured noise"},
       {"prompt": "a small blue square", "init_image": "picture.png"}, {"prompt": "a small blue square"}]))
-  sample.sample_from_workdir(workdir, {**settings, **inverting}, tmp_path / "sources.jsonl", output_dir=out,
-                             source_prompt="noise")
+  sample.run(workdir, {**settings, **inverting}, tmp_path / "sources.jsonl", output_dir=out,
+             source_prompt="noise")
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   assert [r.get("source_prompt") for r in records] == ["coloured noise", "noise", None]  # its own, else the flag's
   assert [r.get("edit_noise") for r in records] == ["source_inversion"] * 2 + [None]
@@ -297,7 +297,7 @@ def test_a_video_model_animates_an_image_as_its_clips_first_frame(trained_video,
   PIL.Image.fromarray(picture).save(tmp_path / "picture.png")
   out = tmp_path / "out"
   settings = {"steps": 2, "num_per_prompt": 2, "frames": 3, "strength": 1.0}
-  sample.sample_from_workdir(workdir, settings, None, output_dir=out, init_image=tmp_path / "picture.png")
+  sample.run(workdir, settings, None, output_dir=out, init_image=tmp_path / "picture.png")
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   assert len(records) == 2 * len(config.sample.prompts)
   for record in records:
@@ -307,11 +307,11 @@ def test_a_video_model_animates_an_image_as_its_clips_first_frame(trained_video,
     assert np.abs(strip[:, resolution:].astype(int) - np.tile(picture, (1, 2, 1))).mean() > 10  # the rest generated
   PIL.Image.fromarray(np.zeros((resolution, resolution), np.uint8)).save(tmp_path / "mask.png")
   with pytest.raises(ValueError, match="--mask is for image models"):
-    sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "x", init_image=tmp_path / "picture.png",
-                               mask=tmp_path / "mask.png")
+    sample.run(workdir, settings, None, output_dir=tmp_path / "x", init_image=tmp_path / "picture.png",
+               mask=tmp_path / "mask.png")
   with pytest.raises(ValueError, match="--last_image .* is the last frame of an image-to-video Wan's clips"):
-    sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "x", init_image=tmp_path / "picture.png",
-                               last_image=tmp_path / "picture.png")
+    sample.run(workdir, settings, None, output_dir=tmp_path / "x", init_image=tmp_path / "picture.png",
+               last_image=tmp_path / "picture.png")
 
 
 @pytest.mark.xdist_group("video")
@@ -327,7 +327,7 @@ def test_a_video_model_edits_a_clip_as_a_whole(trained, trained_video, tmp_path)
   settings = {"steps": 4, "num_per_prompt": 1, "frames": 3}
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("\n".join(json.dumps({"prompt": "a red circle moving left", "strength": s}) for s in (0.25, 1)))
-  sample.sample_from_workdir(workdir, settings, prompts, output_dir=tmp_path / "out", init_video=tmp_path / "clip.gif")
+  sample.run(workdir, settings, prompts, output_dir=tmp_path / "out", init_video=tmp_path / "clip.gif")
   records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
   assert [(r["init_video"], r["strength"]) for r in records] == [(str(tmp_path / "clip.gif"), s) for s in (0.25, 1)]
   strips = [media.read_image(tmp_path / "out" / r["file"]) for r in records]
@@ -336,7 +336,7 @@ def test_a_video_model_edits_a_clip_as_a_whole(trained, trained_video, tmp_path)
 
   def refused(message, workdir=workdir, clip="clip.gif"):
     with pytest.raises(ValueError, match=message):
-      sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "x", init_video=tmp_path / clip)
+      sample.run(workdir, settings, None, output_dir=tmp_path / "x", init_video=tmp_path / clip)
 
   media.save_gif(tmp_path / "short.gif", clip[:2], {})
   refused(r"short.gif' has 2 frames; the model makes clips of 3", clip="short.gif")

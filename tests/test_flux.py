@@ -227,7 +227,7 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   told = nnx.jit(lambda model: model(latents, logsnr, model.encode(ids, mask), mask, flux_guidance=1.5))
   np.testing.assert_allclose(told(nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, weights.params), weights.frozen)),
                              theirs(expected, pooled, 1.5), atol=1e-4)
-  sample.sample_from_workdir(tmp_path / "run", {"steps": 2, "flux_guidance": 1.5}, output_dir=tmp_path / "told")
+  sample.run(tmp_path / "run", {"steps": 2, "flux_guidance": 1.5}, output_dir=tmp_path / "told")
   told_image, default_image = (media.read_image(tmp_path / folder / "p000_00.png").astype(np.float32)
                                for folder in ("told", "out"))
   assert np.abs(told_image - default_image).max() > 0
@@ -499,8 +499,8 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   job = config.copy_and_resolve_references()
   job.sample.update(prompts=tuple(prompts), kontext_resize="own")
   with pytest.raises(ValueError, match="takes no workdir and needs an output directory"):
-    sample.sample_from_workdir(None, {}, config=job)
-  sample.sample_from_workdir(None, {}, output_dir=tmp_path / "job", init_image=tmp_path / "image.png", config=job)
+    sample.run(None, {}, config=job)
+  sample.run(None, {}, output_dir=tmp_path / "job", init_image=tmp_path / "image.png", config=job)
   np.testing.assert_allclose(media.read_image(tmp_path / "job" / "p000_00.png").astype(np.float32),
                              ours[0].astype(np.float32), atol=1)
   assert media.read_provenance(tmp_path / "job" / "p000_00.png")["checkpoint_step"] == (

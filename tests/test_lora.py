@@ -148,9 +148,9 @@ def test_sampling_with_an_adapter_file_records_it(trained, lora_run, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a large red circle at the top left\na small blue square at the bottom right\n")
   images = lambda out: np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("p*.png"))])
-  source = images(sample.sample_from_workdir(trained[1], overrides, prompts, output_dir=tmp_path / "s").parent)
-  adapted = sample.sample_from_workdir(trained[1], overrides, prompts, output_dir=tmp_path / "a",
-                                       adapters=[lora.read(f"{tmp_path / 'adapter.safetensors'}:100")]).parent
+  source = images(sample.run(trained[1], overrides, prompts, output_dir=tmp_path / "s").parent)
+  adapted = sample.run(trained[1], overrides, prompts, output_dir=tmp_path / "a",
+                       adapters=[lora.read(f"{tmp_path / 'adapter.safetensors'}:100")]).parent
   assert np.abs(images(adapted).astype(int) - source).max() > 8  # two steps' updates, a hundred times over
   record = json.loads((adapted / "manifest.jsonl").read_text().splitlines()[0])
   assert record["lora"] == [{"file": str(tmp_path / "adapter.safetensors"), "scale": 100.0,
@@ -191,10 +191,10 @@ def test_a_prompts_file_sets_each_prompts_lora_scale(trained, lora_run, tmp_path
   (tmp_path / "scales.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
   (tmp_path / "one.txt").write_text(prompt + "\n")
   images = lambda out: [np.asarray(Image.open(p)) for p in sorted(out.glob("p*.png"))]
-  scaled = sample.sample_from_workdir(trained[1], overrides, tmp_path / "scales.jsonl", output_dir=tmp_path / "a",
-                                      adapters=[adapter]).parent
-  source = sample.sample_from_workdir(trained[1], {**overrides, "seed": 1}, tmp_path / "one.txt",
-                                      output_dir=tmp_path / "s").parent
+  scaled = sample.run(trained[1], overrides, tmp_path / "scales.jsonl", output_dir=tmp_path / "a",
+                      adapters=[adapter]).parent
+  source = sample.run(trained[1], {**overrides, "seed": 1}, tmp_path / "one.txt",
+                      output_dir=tmp_path / "s").parent
   at_zero, default, at_hundred = images(scaled)
   np.testing.assert_array_equal(at_zero, images(source)[0])
   np.testing.assert_array_equal(default, at_hundred)  # --lora's own scale, 100
@@ -205,8 +205,8 @@ def test_a_prompts_file_sets_each_prompts_lora_scale(trained, lora_run, tmp_path
                                    ([1, 2], [adapter], r"one scale per --lora adapter \(1\)")):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": prompt, "lora_scale": scale}) + "\n")
     with pytest.raises(ValueError, match=message):
-      sample.sample_from_workdir(trained[1], overrides, tmp_path / "bad.jsonl", output_dir=tmp_path / "b",
-                                 adapters=adapters)
+      sample.run(trained[1], overrides, tmp_path / "bad.jsonl", output_dir=tmp_path / "b",
+                 adapters=adapters)
 
 
 def test_an_adapter_is_refused_by_a_model_it_does_not_fit(lora_run, tmp_path, tmp_path_factory):

@@ -21,8 +21,8 @@ def test_samples_carry_provenance(trained, tmp_path):
   prompts.write_text(json.dumps({"prompt": "a large red circle at the top left", "seed": 11}) + "\n"
                      + json.dumps({"prompt": "a small blue square at the bottom right", "guidance_scale": 2.0}) + "\n")
   out = tmp_path / "out"
-  grid = sample.sample_from_workdir(workdir, {"num_per_prompt": 3, "steps": 3, "sampler": "ddim", "seed": 7},
-                                    prompts, step=2, output_dir=out)
+  grid = sample.run(workdir, {"num_per_prompt": 3, "steps": 3, "sampler": "ddim", "seed": 7},
+                    prompts, step=2, output_dir=out)
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   assert len(records) == 6 and grid.exists()
   for record in records:
@@ -50,8 +50,8 @@ def test_samples_of_another_size_and_the_image_they_edit_brought_to_it(trained, 
   media.save_png(tmp_path / "image.png", image, {})
   media.save_png(tmp_path / "mask.png", mask, {})
   out = tmp_path / "out"
-  sample.sample_from_workdir(workdir, {"height": 8, "width": 24, "steps": 2, "sampler": "unipc", "num_per_prompt": 1},
-                             output_dir=out, init_image=tmp_path / "image.png", mask=tmp_path / "mask.png")
+  sample.run(workdir, {"height": 8, "width": 24, "steps": 2, "sampler": "unipc", "num_per_prompt": 1},
+             output_dir=out, init_image=tmp_path / "image.png", mask=tmp_path / "mask.png")
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   samples = [np.asarray(PIL.Image.open(out / r["file"])) for r in records]
   assert {s.shape for s in samples} == {(8, 24, 3)}
@@ -114,9 +114,9 @@ def test_skip_layer_guidance_is_said_to_act_at_no_step_where_none_of_a_samplings
 def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, caplog):
   interval = (1e6, 1e7)  # above every noise level sigma/alpha of the grid: no step is guided
   workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim", "guidance_interval": interval}
-  unguided = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 1.0}, step=2, output_dir=tmp_path / "a")
+  unguided = sample.run(workdir, {**settings, "guidance_scale": 1.0}, step=2, output_dir=tmp_path / "a")
   assert "--guidance_interval: no effect at guidance scale 1" in caplog.text
-  outside = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 3.0}, step=2, output_dir=tmp_path / "b")
+  outside = sample.run(workdir, {**settings, "guidance_scale": 3.0}, step=2, output_dir=tmp_path / "b")
   records = [json.loads(line) for line in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()]
   assert records and all(r["guidance_interval"] == list(interval) and r["guidance_scale"] == 3.0 for r in records)
   for record in records:
@@ -128,8 +128,8 @@ def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, c
   prompts.write_text(json.dumps({"prompt": prompt, "guidance_interval": "1e6:1e7"}) + "\n"
                      + json.dumps({"prompt": prompt, "guidance_interval": "none"}) + "\n")
   every_step = {**settings, "guidance_interval": (), "guidance_scale": 3.0}
-  per_prompt = sample.sample_from_workdir(workdir, every_step, prompts, step=2, output_dir=tmp_path / "c")
-  guided = sample.sample_from_workdir(workdir, every_step, step=2, output_dir=tmp_path / "d")
+  per_prompt = sample.run(workdir, every_step, prompts, step=2, output_dir=tmp_path / "c")
+  guided = sample.run(workdir, every_step, step=2, output_dir=tmp_path / "d")
   records = [json.loads(line) for line in (tmp_path / "c" / "manifest.jsonl").read_text().splitlines()]
   assert [r["guidance_interval"] for r in records] == [list(interval)] * 2 + [[]] * 2
   read = lambda grid, r: np.asarray(PIL.Image.open(grid.parent / r["file"]))
@@ -143,10 +143,10 @@ def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, c
 
 def test_autoguidance_by_the_model_itself_is_no_guidance_and_by_an_earlier_checkpoint_guides(trained, tmp_path):
   workdir, settings = trained[1], {"num_per_prompt": 2, "steps": 3, "sampler": "ddim", "guidance_scale": 3.0}
-  run = lambda name, **guide: sample.sample_from_workdir(workdir, settings, step=4, output_dir=tmp_path / name, **guide)
+  run = lambda name, **guide: sample.run(workdir, settings, step=4, output_dir=tmp_path / name, **guide)
   grids = {"self": run("self", guide_step=4), "earlier": run("earlier", guide_workdir=workdir, guide_step=2)}
-  unguided = sample.sample_from_workdir(workdir, {**settings, "guidance_scale": 1.0}, step=4,
-                                        output_dir=tmp_path / "scale1")
+  unguided = sample.run(workdir, {**settings, "guidance_scale": 1.0}, step=4,
+                        output_dir=tmp_path / "scale1")
   records = [json.loads(line) for line in (grids["earlier"].parent / "manifest.jsonl").read_text().splitlines()]
   assert all(r["guide"] == {"workdir": str(workdir), "step": 2} for r in records)
   read = lambda grid, record: np.asarray(PIL.Image.open(grid.parent / record["file"])).astype(int)
@@ -155,11 +155,11 @@ def test_autoguidance_by_the_model_itself_is_no_guidance_and_by_an_earlier_check
     assert np.abs(read(grids["self"], record) - read(unguided, record)).max() <= 1
   assert any(np.abs(read(grids["earlier"], r) - read(unguided, r)).max() > 1 for r in records)
   with pytest.raises(ValueError, match="negative prompts and an autoguidance guide"):
-    sample.sample_from_workdir(workdir, {**settings, "negative_prompt": "blue"}, step=4, output_dir=tmp_path / "n",
-                               guide_step=2)
+    sample.run(workdir, {**settings, "negative_prompt": "blue"}, step=4, output_dir=tmp_path / "n",
+               guide_step=2)
   with pytest.raises(ValueError, match=r"the autoguidance guide \(--guide_workdir, --guide_step\): No checkpoint at "
                                        r"step 3 .* available steps: \[2, 4\]"):
-    sample.sample_from_workdir(workdir, settings, step=4, output_dir=tmp_path / "m", guide_step=3)
+    sample.run(workdir, settings, step=4, output_dir=tmp_path / "m", guide_step=3)
 
 
 def test_a_sampling_job_on_an_fsdp_mesh_makes_the_data_parallel_jobs_samples(trained, tmp_path):
@@ -173,8 +173,8 @@ def test_a_sampling_job_on_an_fsdp_mesh_makes_the_data_parallel_jobs_samples(tra
   assert fsdp == {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}
   weights = sample.load_checkpoint(workdir, mesh_config=fsdp)[1]
   assert any("fsdp" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(weights.params))
-  grids = {name: sample.sample_from_workdir(workdir, settings, step=4, output_dir=tmp_path / name, guide_step=2,
-                                            mesh_config=mesh) for name, mesh in (("data", None), ("fsdp", fsdp))}
+  grids = {name: sample.run(workdir, settings, step=4, output_dir=tmp_path / name, guide_step=2,
+                            mesh_config=mesh) for name, mesh in (("data", None), ("fsdp", fsdp))}
   for data_file in sorted(grids["data"].parent.glob("*.png")):
     read = lambda path: np.asarray(PIL.Image.open(path)).astype(int)
     assert np.abs(read(data_file) - read(grids["fsdp"].parent / data_file.name)).max() <= 1
@@ -182,7 +182,7 @@ def test_a_sampling_job_on_an_fsdp_mesh_makes_the_data_parallel_jobs_samples(tra
                         ("fsdp=3", "--mesh: config.mesh .* cannot fill 8 devices"),
                         ("sequence=2", "mesh.sequence=2 splits a video model's frames over devices; an image model")):
     with pytest.raises(ValueError, match=message):
-      sample.sample_from_workdir(workdir, settings, mesh_config=sharding.mesh_from_flag(flag))
+      sample.run(workdir, settings, mesh_config=sharding.mesh_from_flag(flag))
   with pytest.raises(ValueError, match="mesh.sequence=2 splits a video model's frames"):  # an evaluation job's too
     evaluate.run(workdir, step=4, mesh_config=sharding.mesh_from_flag("sequence=2"))
 
@@ -218,7 +218,7 @@ def test_bad_sampling_input_is_explained(trained, tmp_path, overrides, prompts_t
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(prompts_text)
   with pytest.raises(ValueError, match=message):
-    sample.sample_from_workdir(workdir, overrides, prompts)
+    sample.run(workdir, overrides, prompts)
 
 
 def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
@@ -374,8 +374,8 @@ def test_negative_prompts_replace_the_null_condition_of_guidance(trained, tmp_pa
   jsonl.write_text("\n".join(json.dumps(e) for e in [{"prompt": prompts[0], "negative_prompt": "green"},
                                                       {"prompt": prompts[1]}]))
   out = tmp_path / "out"
-  sample.sample_from_workdir(workdir, {"steps": 2, "num_per_prompt": 1, "negative_prompt": "blue"}, jsonl,
-                             output_dir=out)
+  sample.run(workdir, {"steps": 2, "num_per_prompt": 1, "negative_prompt": "blue"}, jsonl,
+             output_dir=out)
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   assert [r["negative_prompt"] for r in records] == ["green", "blue"]  # the file's, else --negative_prompt's
   assert media.read_provenance(out / records[0]["file"])["negative_prompt"] == "green"

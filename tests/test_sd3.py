@@ -161,7 +161,7 @@ def trained_lora_run(config, tmp_path, network: str, described_lines) -> tuple:
   updates = jax.tree_util.tree_flatten_with_path(weights.params)[0]
   assert updates and all(text_to_image.is_lora(tuple(str(getattr(k, "key", k)) for k in path)) for path, _ in updates)
   assert max(float(np.abs(x).max()) for path, x in updates if "lora_b" in jax.tree_util.keystr(path)) > 0
-  assert sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out").exists()
+  assert sample.run(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out").exists()
   lora.export(tmp_path / "run", tmp_path / "adapter.safetensors", use_ema=False)
   described = lora.describe(lora.read(str(tmp_path / "adapter.safetensors")))
   for line in described_lines:
@@ -233,8 +233,8 @@ def test_sd3_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path)
       # 2 blocks' joint attention: 8 projections, 7 in the last (its text output unused); 3 feed-forward layers' 2
       "joint attention: 15 layers", "feed-forward: 6 layers"))
   # Skip-layer guidance (sample --skip_layers) at the second of 2 steps: other images, their provenance saying so
-  sample.sample_from_workdir(tmp_path / "run", {"steps": 2, "skip_layers": (0,), "skip_layer_start": 0.0,
-                                                "skip_layer_stop": 1.0}, output_dir=tmp_path / "skipped")
+  sample.run(tmp_path / "run", {"steps": 2, "skip_layers": (0,), "skip_layer_start": 0.0,
+                                "skip_layer_stop": 1.0}, output_dir=tmp_path / "skipped")
   skipped_image, default_image = (media.read_image(tmp_path / folder / "p000_00.png").astype(np.float32)
                                   for folder in ("skipped", "out"))
   assert np.abs(skipped_image - default_image).max() > 0

@@ -337,7 +337,7 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   for line in (f"for a model: Stable Diffusion's U-Net of {tmp_path / 'sdxl' / 'unet'}", "self-attention: 32 layers",
                "cross-attention: 32 layers", "feed-forward: 16 layers", "text encoder: 24 layers"):
     assert line in described, described
-  grid = sample.sample_from_workdir(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
+  grid = sample.run(tmp_path / "run", {"steps": 2}, output_dir=tmp_path / "out")
   assert grid.exists()
   lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
   assert lora.read(str(tmp_path / "diffusers.safetensors")).updates.keys() == lora.read(

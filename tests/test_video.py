@@ -205,7 +205,7 @@ def test_inflation_from_an_incompatible_image_model_is_refused(trained, tmp_path
 def test_video_samples_are_gifs_mp4s_and_frame_strips_with_provenance(trained_video, tmp_path):
   config, workdir, _ = trained_video
   out = tmp_path / "samples"
-  sample.sample_from_workdir(workdir, {"steps": 2, "num_per_prompt": 2, "frames": 3}, None, output_dir=out)
+  sample.run(workdir, {"steps": 2, "num_per_prompt": 2, "frames": 3}, None, output_dir=out)
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
   assert len(records) == 2 * len(config.sample.prompts) and (out / "grid.gif").exists()
   assert media.read_mp4(out / "grid.mp4")[1]["prompts"] == list(config.sample.prompts)
@@ -220,7 +220,7 @@ def test_video_samples_are_gifs_mp4s_and_frame_strips_with_provenance(trained_vi
     np.testing.assert_array_equal(strip, np.concatenate(list(frames), axis=1))
     assert media.read_provenance(out / record["file"])["generated_by"] == "diffusion_jax"
   with pytest.raises(ValueError, match="--frames=9"):
-    sample.sample_from_workdir(workdir, {"frames": 9}, None, output_dir=tmp_path / "bad")
+    sample.run(workdir, {"frames": 9}, None, output_dir=tmp_path / "bad")
 
 
 def clips(count, resolution, seed=0, frames=8, wrap_around=False):

@@ -31,9 +31,9 @@ def test_windows_add_a_clip_less_its_context_until_the_length_is_reached():
 def test_a_video_model_makes_videos_longer_than_its_clips(trained_video, trained, tmp_path):
   config, workdir, _ = trained_video
   settings = {"steps": 2, "num_per_prompt": 2, "frames": 3}
-  sample.sample_from_workdir(workdir, settings, None, output_dir=tmp_path / "clips")
-  sample.sample_from_workdir(workdir, {**settings, "video_length": 6, "context_frames": 1}, None,
-                             output_dir=tmp_path / "long")
+  sample.run(workdir, settings, None, output_dir=tmp_path / "clips")
+  sample.run(workdir, {**settings, "video_length": 6, "context_frames": 1}, None,
+             output_dir=tmp_path / "long")
   records = [json.loads(line) for line in (tmp_path / "long" / "manifest.jsonl").read_text().splitlines()]
   assert records[0]["video_length"] == 6 and records[0]["context_frames"] == 1 and records[0]["clip_frames"] == 3
   side = config.data.resolution
@@ -50,7 +50,7 @@ def test_a_video_model_makes_videos_longer_than_its_clips(trained_video, trained
 
   def refused(message, workdir, **overrides):
     with pytest.raises(ValueError, match=message):
-      sample.sample_from_workdir(workdir, {**settings, **overrides}, None, output_dir=tmp_path / "x")
+      sample.run(workdir, {**settings, **overrides}, None, output_dir=tmp_path / "x")
 
   refused("--video_length=3 is not longer than a clip", workdir, video_length=3)
   refused(r"--context_frames=3 must be in 1..2", workdir, video_length=8, context_frames=3)

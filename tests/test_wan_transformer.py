@@ -329,7 +329,7 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
   evaluate.video_problems(config, config.sample, image_to_video=True)
   checkpoint.write_config(tmp_path / "run", config)
   with pytest.raises(ValueError, match="--strength: not used here.*an image-to-video model's --init_image is not"):
-    sample.sample_from_workdir(tmp_path / "run", {"strength": 0.5}, init_image=tmp_path / "first.png")
+    sample.run(tmp_path / "run", {"strength": 0.5}, init_image=tmp_path / "first.png")
   config.model.wan_image_encoder_path = ""
   assert "reads CLIP tokens of the image (image_dim=16): set model.wan_image_encoder_path" in " ".join(
       config_checks.problems(config, device_count=8))
