@@ -5,6 +5,7 @@ the root its config read), and for SD 1.x and SDXL with --single_file the same a
 (single_file.write), for diffusers' pipelines, A1111 and ComfyUI.
 
   python -m diffusion_jax.export --workdir=RUN --output=DIR [--step=N] [--use_ema=false] [--single_file=FILE]
+                                 [--dtype=stored|float32|float16|bfloat16]
   python -m diffusion_jax.export --config=configs/stable_diffusion.py:ROOT --lora=ADAPTER[:SCALE] --output=DIR
 
 Flags:
@@ -19,11 +20,13 @@ Flags:
                  a PyTorch layout that sample.py's flag reads (kohya's, diffusers', BFL's); one that updates the text
                  encoders has them written too
   --output       the diffusers root to write (must not exist): the config's root copied, with the new network
-                 (float32) in unet/ or transformer/ (and the CLIP text encoders an adapter changed in text_encoder/,
+                 in unet/ or transformer/ (and the CLIP text encoders an adapter changed in text_encoder/,
                  SDXL's and SD3's second in text_encoder_2/)
   --step         with --workdir: checkpoint step (default: the latest)
   --use_ema      with --workdir: the first EMA copy (default: the run's sample.use_ema) or, false, the trained weights
   --single_file  also write that root as one .safetensors in the original layout (SD 1.x, SDXL; must not exist)
+  --dtype        the written parts' dtype: stored (default: the dtype the root stores each part in, float16 of most SD
+                 checkpoints, bfloat16 of FLUX.1's), float32, float16 or bfloat16
 """
 
 import logging
@@ -38,6 +41,7 @@ from diffusion_jax import checkpoint, cli, config_checks, lora, single_file
 log = logging.getLogger(__name__)
 
 
+FLOATS = ("float64", "float32", "float16", "bfloat16")
 # backbone -> (the model's attribute, the root's folder, the model field of its path)
 NETWORKS = {"sd_unet": ("sd_unet", "unet", "sd_unet_path"), "sd3": ("sd3", "transformer", "sd3_path"),
             "flux": ("flux", "transformer", "flux_path")}
@@ -81,13 +85,16 @@ def text_encoder_folders(encoders) -> dict:
 
 
 def export(workdir, output, step: int | None = None, use_ema: bool | None = None, single=None, adapters=(),
-           config=None) -> pathlib.Path:
+           config=None, dtype: str | None = None) -> pathlib.Path:
   """Write the diffusers root `output`: the root a Stable Diffusion, SD3 or Flux fine-tune's config read
   (source_root), copied, with the run's network (NETWORKS) at checkpoint `step` (default: the latest; use_ema: its
   first EMA copy, default the run's sample.use_ema; a LoRA run's: the root's, with the run's updates at that step
   fused in), or with `config` and no workdir, the pretrained checkpoints it reads; `adapters` (lora.Adapters) fused
   in, the CLIP text encoders written too when one updates them; with `single`, that root as a single file too
-  (single_file.write). Returns `output`."""
+  (single_file.write). Each part is written in `dtype` ('float32', 'float16', 'bfloat16'; default: the dtype the
+  root stores it in). Returns `output`."""
+  import ml_dtypes
+  import numpy as np
   from safetensors.numpy import save_file
 
   from diffusion_jax import sample
@@ -125,10 +132,17 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   if any(name.startswith("text_encoder/") for adapter in adapters for name in adapter.updates):
     parts |= {f: clip.text_tensors(encoder) for f, encoder in text_encoder_folders(model.text_encoder).items()}
   diffusers_directory.copy_root(root, output, parts)
+  written = []
   for part, tensors in parts.items():
-    name = diffusers_directory.WEIGHTS_FILE if part == folder else "model.safetensors"  # (transformers')
-    save_file(tensors, str(output / part / name), metadata={"format": "pt"})
-  log.info("wrote %s: %s (%s) beside %s", output, workdir or "the pretrained checkpoints", ", ".join(parts), root)
+    network = part == folder  # (else a transformers CLIP's folder)
+    stored = dtype or diffusers_directory.stored_dtype(
+        diffusers_directory.weight_files(root / part) if network else [root / part / "model.safetensors"])
+    cast = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[stored]
+    save_file({name: x.astype(cast) if x.dtype.name in FLOATS else x for name, x in tensors.items()},
+              str(output / part / (diffusers_directory.WEIGHTS_FILE if network else "model.safetensors")),
+              metadata={"format": "pt"})
+    written.append(f"{part}/ ({stored})")
+  log.info("wrote %s: %s of %s beside %s", output, ", ".join(written), workdir or "the pretrained checkpoints", root)
   if single is not None:
     single_file.write(output, single)
   return output
@@ -145,6 +159,8 @@ def define_flags():
   flags.DEFINE_integer("step", None, "With --workdir: checkpoint step; default latest.")
   flags.DEFINE_bool("use_ema", None, "With --workdir: the first EMA copy (default: the run's sample.use_ema).")
   flags.DEFINE_string("single_file", None, "Also write the root as one .safetensors in the original layout.")
+  flags.DEFINE_enum("dtype", "stored", ["stored", "float32", "float16", "bfloat16"], "The written weights' dtype; "
+                    "stored: each part's in the root.")
 
 
 def main(argv):
@@ -156,7 +172,8 @@ def main(argv):
     cli.refuse(("step", "use_ema"), "only with --workdir (a run's checkpoints)")
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   cli.print_result(lambda: export(f.workdir, f.output, f.step, f.use_ema, f.single_file,
-                                  [lora.read(spec) for spec in f.lora], f.config))
+                                  [lora.read(spec) for spec in f.lora], f.config,
+                                  None if f.dtype == "stored" else f.dtype))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from diffusion_jax import checkpoint, cli, diffusers_lora, finetune, flux_lora, sd_lora
-from diffusion_jax.models import sd_unet, text_to_image
+from diffusion_jax.models import named_tensors, sd_unet, text_to_image
 
 FORMAT = "diffusion_jax.lora"
 LAYOUTS = (FORMAT, "diffusers", "kohya")
@@ -134,13 +134,13 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
   original layout (diffusers_lora.py; with low_noise=, of Wan 2.2 A14B's low-noise expert) or a Stable Diffusion one
   in kohya's or diffusers' (sd_lora.py; SD3's and Flux's in diffusers'), or a Flux one in kohya's or BFL's names
   (flux_lora.py); ValueError when the file is missing or not an adapter."""
-  from safetensors import SafetensorError, safe_open
+  from safetensors import SafetensorError
 
   file, scale = parse(spec)
   if not pathlib.Path(file).is_file():
     raise ValueError(f"{flag}={spec}: no file {file!r} (write one with python -m diffusion_jax.lora).")
   try:
-    with safe_open(file, "flax") as f:  # (numpy has no bfloat16, which shared LoRAs often are)
+    with named_tensors.safetensors_file(file) as f:  # (shared LoRAs are often bfloat16)
       metadata, updates = f.metadata() or {}, {key: np.asarray(f.get_tensor(key), np.float32) for key in f.keys()}
   except (OSError, SafetensorError) as error:
     raise ValueError(f"{flag}={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None

@@ -248,10 +248,9 @@ def ldm_tensors(root: pathlib.Path, kind: str) -> dict:
 def convert(checkpoint, like, output) -> pathlib.Path:
   """Write the diffusers root `output` holding the single file `checkpoint`'s weights in the structure of the
   diffusers root `like` (whose other files are copied); returns `output`."""
-  from safetensors import safe_open
   from safetensors.numpy import save_file
 
-  from diffusion_jax.models import diffusers_directory
+  from diffusion_jax.models import diffusers_directory, named_tensors
 
   checkpoint, like, output = (pathlib.Path(p).expanduser() for p in (checkpoint, like, output))
   if checkpoint.suffix != ".safetensors":
@@ -261,7 +260,7 @@ def convert(checkpoint, like, output) -> pathlib.Path:
     raise ValueError(f"--checkpoint={str(checkpoint)!r} does not exist")
   if output.exists():
     raise ValueError(f"--output={str(output)!r} exists: give a new directory (nothing is overwritten)")
-  with safe_open(checkpoint, "numpy") as file:
+  with named_tensors.safetensors_file(checkpoint) as file:
     keys = set(file.keys())
     found, used, problems = parts(keys, like), set(), []
     weights = {}
@@ -271,7 +270,7 @@ def convert(checkpoint, like, output) -> pathlib.Path:
         if prefix + source not in keys:
           problems.append(f"{folder}: no {prefix + source} (for {name})")
           continue
-        tensor = taken(file.get_tensor(prefix + source), how)
+        tensor = taken(np.asarray(file.get_tensor(prefix + source)), how)
         if tensor.shape != shapes[name]:
           problems.append(f"{folder}: {prefix + source} gives {name} of shape {tensor.shape}, its config.json "
                           f"{shapes[name]}")

@@ -4,6 +4,8 @@ import filecmp
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,14 +20,18 @@ def test_a_fine_tuned_unet_is_written_as_the_root_it_started_from_and_as_a_singl
   """Two steps of a full fine-tune of a tiny SD 1.x checkpoint (configs/stable_diffusion.py:ROOT): export writes the
   root again with the run's U-Net, which diffusers' UNet2DConditionModel loads with no tensor missing or left over
   and our loader reads as the run's weights exactly; the other parts are the root's files. Its single file
-  (--single_file) reads back (single_file.convert) to the same weights. A LoRA run, parts from elsewhere, an SD 2.x
+  (--single_file) reads back (single_file.convert) to the same weights. A root stored in float16 is written in
+  float16, and --dtype=bfloat16 writes bfloat16, which our loader and single_file.convert read (the run's weights
+  rounded). A LoRA of another run, parts from elsewhere, an SD 2.x
   single file and an existing output are refused, before anything is written, and a checkpoint step with --config
   (a checkpoint as downloaded, into which export --lora merges adapters: test_sd_unet.py's kohya test)."""
   import diffusers
 
   from configs import stable_diffusion
   from diffusion_jax.data import captioned_shapes
-  from diffusion_jax.models import sd_unet, text_to_image
+  import safetensors.numpy
+
+  from diffusion_jax.models import diffusers_directory, sd_unet, text_to_image
 
   save_tiny_stable_diffusion(tmp_path / "root", [" ".join(captioned_shapes.VOCABULARY)] * 5)
   config = stable_diffusion.get_config(str(tmp_path / "root"))
@@ -50,6 +56,22 @@ def test_a_fine_tuned_unet_is_written_as_the_root_it_started_from_and_as_a_singl
   single_file.convert(file, tmp_path / "root", tmp_path / "converted")
   pretrained = lambda root: text_to_image.pretrained_weights(stable_diffusion.get_config(str(root)))
   assert_trees_equal(pretrained(tmp_path / "converted"), pretrained(out))
+
+  # A root stored in float16 (as most SD checkpoints are) is written back in float16; --dtype=bfloat16 writes
+  # bfloat16 (as FLUX.1's files are), which our loaders and single-file reader read
+  unet_file = tmp_path / "root" / "unet" / diffusers_directory.WEIGHTS_FILE
+  safetensors.numpy.save_file({k: v.astype(np.float16) for k, v in safetensors.numpy.load_file(unet_file).items()},
+                              unet_file)
+  rounded = lambda dtype: jax.tree.map(lambda x: x.astype(dtype).astype(jnp.float32), trained)
+  half = export.export(tmp_path / "run", tmp_path / "half", use_ema=False)
+  assert stored_dtypes(half / "unet") == {"F16"} and stored_dtypes(half / "text_encoder") == {"F32"}
+  assert_trees_equal(nnx.state(sd_unet.load_diffusers(half / "unet")), rounded(jnp.float16))
+  bf16 = export.export(tmp_path / "run", tmp_path / "bf16", use_ema=False, single=tmp_path / "bf16.safetensors",
+                       dtype="bfloat16")
+  assert stored_dtypes(bf16 / "unet") == {"BF16"}
+  assert_trees_equal(nnx.state(sd_unet.load_diffusers(bf16 / "unet")), rounded(jnp.bfloat16))
+  single_file.convert(tmp_path / "bf16.safetensors", tmp_path / "root", tmp_path / "bf16_converted")
+  assert_trees_equal(pretrained(tmp_path / "bf16_converted"), pretrained(bf16))
 
   for bad, message in ((dict(model=dict(lora_rank=2), finetune=dict(workdir="/w/base")),
                         "is a LoRA of the run '/w/base', not of the checkpoint: export that run, then merge"),
@@ -76,3 +98,14 @@ def test_a_fine_tuned_unet_is_written_as_the_root_it_started_from_and_as_a_singl
   with pytest.raises(ValueError, match="--single_file: an SD 2.x root is not written as a single file"):
     export.export(tmp_path / "run", tmp_path / "sd2", single=tmp_path / "sd2.safetensors")
   assert not (tmp_path / "sd2").exists()
+
+
+def stored_dtypes(folder) -> set:
+  """The dtypes (safetensors' names) of every tensor in a folder's safetensors files."""
+  from safetensors import safe_open
+
+  found = set()
+  for file in folder.glob("*.safetensors"):
+    with safe_open(file, "numpy") as f:
+      found |= {f.get_slice(name).get_dtype() for name in f.keys()}
+  return found

@@ -30,8 +30,8 @@ def read(path, model: str, standard_file: str) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
   if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
-    return {k: v.astype(np.float32) for k, v in load_file(path).items()}
+    from diffusion_jax.models import named_tensors
+    return {k: v.astype(np.float32) for k, v in named_tensors.read_safetensors(path).items()}
   if path.suffix == ".npz":
     with np.load(path) as data:
       return {k: data[k].astype(np.float32) for k in data.files}

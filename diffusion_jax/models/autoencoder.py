@@ -512,14 +512,12 @@ def tensor_shapes(path) -> dict:
 
 def load_diffusers(path: str) -> AutoencoderKL:
   """An AutoencoderKL with the weights of a local diffusers directory (config.json and WEIGHTS_FILE)."""
-  from safetensors.numpy import load_file
-
   config = read_config(path)
   weights = pathlib.Path(path).expanduser() / WEIGHTS_FILE
   if not weights.exists():
     raise ValueError(f"No {WEIGHTS_FILE} in {path!r} (PyTorch .bin files are not read): save the autoencoder "
                      "with diffusers' save_pretrained(..., safe_serialization=True).")
-  tensors = load_file(weights)
+  tensors = named_tensors.read_safetensors(weights)
   if is_wan(config):  # its norms' gammas are stored [channels, 1, 1(, 1)]
     tensors = {name: value.reshape(-1) if name.endswith(".gamma") else value for name, value in tensors.items()}
   return named_tensors.load(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=init_rngs.seeded(0))),

@@ -190,8 +190,6 @@ def _hf_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
 
 def from_pretrained(path) -> CLIP:
   """CLIP from a local Hugging Face checkpoint directory (config.json + model.safetensors)."""
-  from safetensors.numpy import load_file
-
   directory = pathlib.Path(path).expanduser()
   missing = [n for n in ("config.json", "model.safetensors") if not (directory / n).is_file()]
   if missing:
@@ -204,7 +202,8 @@ def from_pretrained(path) -> CLIP:
               if c["hidden_act"] not in ACTIVATIONS]
   if problems:
     raise ValueError(f"CLIP checkpoint {str(directory)!r}: " + "; ".join(problems))
-  tensors = {k: v for k, v in load_file(directory / "model.safetensors").items() if not k.endswith("position_ids")}
+  tensors = {k: v for k, v in named_tensors.read_safetensors(directory / "model.safetensors").items()
+             if not k.endswith("position_ids")}
   abstract = nnx.eval_shape(lambda: CLIP(text, vision, config.get("projection_dim", 512), rngs=init_rngs.seeded(0)))
   return named_tensors.load(abstract, tensors, _hf_name,
                             f"CLIP checkpoint {str(directory)!r} does not match its config.json")
@@ -318,9 +317,8 @@ def _load_tower(model_class, config: dict, path, field: str, prefix: str):
 def tower_tensors(path, prefix: str) -> dict:
   """{name: array} of a transformers CLIP tower directory's model.safetensors, every name under `prefix`
   (transformers 5 saves a CLIPTextModel's without its text_model.), position ids left out."""
-  from safetensors.numpy import load_file
-
-  tensors = {name: value for name, value in load_file(pathlib.Path(path).expanduser() / "model.safetensors").items()
+  tensors = {name: value for name, value in
+             named_tensors.read_safetensors(pathlib.Path(path).expanduser() / "model.safetensors").items()
              if not name.endswith("position_ids")}
   if not any(name.startswith(prefix) for name in tensors):
     tensors = {f"{prefix}{name}": value for name, value in tensors.items()}

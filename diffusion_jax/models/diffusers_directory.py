@@ -52,12 +52,28 @@ def weight_files(path) -> list[pathlib.Path]:
 
 def read_tensors(path) -> dict:
   """{PyTorch name: numpy array} of a local diffusers directory's weights (every file of weight_files)."""
-  from safetensors.numpy import load_file
-
   tensors = {}
   for file in weight_files(path):
-    tensors.update(load_file(file))
+    tensors.update(named_tensors.read_safetensors(file))
   return tensors
+
+
+# safetensors' names of the floating dtypes weights are stored in
+STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_dtype(files) -> str:
+  """The floating dtype ('float32', 'float16' or 'bfloat16') most of the tensors in safetensors `files` are stored
+  in (read from their headers; 'float32' when none is floating)."""
+  from collections import Counter
+
+  from safetensors import safe_open
+
+  counts = Counter()
+  for file in files:
+    with safe_open(file, "numpy") as f:
+      counts.update(STORED_DTYPES[d] for d in (f.get_slice(k).get_dtype() for k in f.keys()) if d in STORED_DTYPES)
+  return counts.most_common(1)[0][0] if counts else "float32"
 
 
 def copy_root(root: pathlib.Path, output: pathlib.Path, replaced) -> None:

@@ -5,10 +5,13 @@ at an NNX path (a tuple of strings) with `ndim` axes, and the axes permutation f
 (None: the same layout; PyTorch's conv kernel [out, in, *window] is Flax's [*window, in, out]). Every parameter must
 be found with its shape and every tensor used (or named in `ignored`): all mismatches are listed in one ValueError.
 `torch_name` is that `locate` for modules whose attribute paths mirror the PyTorch module's names.
+`read_safetensors` reads a checkpoint file's tensors in the dtypes they are stored in, bfloat16 too.
 """
 
+import contextlib
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -16,6 +19,22 @@ from flax import nnx
 Locate = Callable[[tuple, int], tuple[str, tuple | None]]
 # NNX variable name -> PyTorch parameter or buffer name.
 TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+@contextlib.contextmanager
+def safetensors_file(path):
+  """The safetensors file `path`, open: its get_tensor gives arrays on the host's CPU device in any stored dtype
+  (bfloat16 too, which safetensors' numpy reader lacks; FLUX.1's and SD 3.5's files hold it)."""
+  from safetensors import safe_open
+
+  with jax.default_device(jax.local_devices(backend="cpu")[0]), safe_open(path, "flax") as file:
+    yield file
+
+
+def read_safetensors(path) -> dict:
+  """{name: numpy array} of every tensor in a safetensors file, in its stored dtype (bfloat16: ml_dtypes')."""
+  with safetensors_file(path) as file:
+    return {name: np.asarray(file.get_tensor(name)) for name in file.keys()}
 
 
 def kernel_transpose(ndim: int) -> tuple:

@@ -157,8 +157,6 @@ def _hf_name(path: tuple, gated: bool) -> tuple[str, tuple | None]:
 
 
 def _read_safetensors(directory: pathlib.Path) -> dict:
-  from safetensors.numpy import load_file
-
   index = directory / "model.safetensors.index.json"
   if index.exists():
     files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -169,7 +167,7 @@ def _read_safetensors(directory: pathlib.Path) -> dict:
                      "T5 checkpoint directory is needed (PyTorch .bin files are not read).")
   tensors = {}
   for name in files:
-    tensors.update(load_file(directory / name))
+    tensors.update(named_tensors.read_safetensors(directory / name))
   return tensors
 
 
