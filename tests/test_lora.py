@@ -227,6 +227,9 @@ def test_an_adapter_is_refused_by_a_model_it_does_not_fit(lora_run, tmp_path, tm
     lora.read(str(tmp_path / "weights.safetensors"))
   with pytest.raises(ValueError, match="no file"):
     lora.read(str(tmp_path / "missing.safetensors:0.5"))
+  (tmp_path / "text.safetensors").write_text("not tensors")
+  with pytest.raises(ValueError, match="'.*text.safetensors' is not a safetensors file: Error while deserializing"):
+    lora.read(str(tmp_path / "text.safetensors"))
   assert lora.parse("a:b.safetensors:0.5") == ("a:b.safetensors", 0.5)
   assert lora.parse("dir/adapter.safetensors") == ("dir/adapter.safetensors", 1.0)
 
