@@ -229,14 +229,17 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
   UMT5 text_encoder/, tokenizer/spiece.model, vae/): the config check passes, the condition is what diffusers'
   WanImageToVideoPipeline builds, the model reads it (the latents after the clip's channels, the CLIP tokens in its
   cross-attentions) as diffusers' transformer does, a train step on moving clips runs with every part loaded (UMT5,
-  CLIP and the VAE frozen), and clips are sampled from given first frames; a missing part, mismatched channels and
-  a missing image are named. A root with transformer_2/ (Wan 2.2 A14B) gives the pair of experts, switched at its
+  CLIP and the VAE frozen), exported (export.py) it is the root again with the trained transformer, which diffusers
+  loads whole, and clips are sampled from given first frames; a missing part, mismatched channels and a missing
+  image are named. A root with transformer_2/ (Wan 2.2 A14B) gives the pair of experts, switched at its
   model_index.json's boundary_ratio; one whose model_index.json has expand_timesteps (Wan 2.2 TI2V 5B) starts clips
   at images."""
   import shutil
 
   import transformers
-  from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+  from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
+
+  from diffusion_jax import export
 
   from configs import wan_t2v
   from diffusion_jax.models import t5
@@ -306,6 +309,17 @@ def test_the_wan_config_reads_an_image_to_video_checkpoints_parts_and_fine_tunes
   assert np.abs(model(x, logsnr, text, jnp.ones((2, 512), bool), condition=other) - ours).max() > 1e-3
   # sampled from given first frames: the training samples animate the first frames of validation clips
   state, grid, records = trained_a_step_and_sampled(config, graphdef, state, mesh, tmp_path / "run")
+  # exported (export.py): the root again, with the trained transformer, which diffusers loads whole
+  checkpoint.write_config(tmp_path / "run", config)
+  mngr = checkpoint.manager(tmp_path / "run")
+  checkpoint.save(mngr, 1, state)
+  mngr.wait_until_finished()
+  exported = export.export(tmp_path / "run", tmp_path / "exported", use_ema=False)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(wan_transformer.load_diffusers(
+      exported / "transformer"))), jax.device_get(state.params["wan"]))
+  _, info = WanTransformer3DModel.from_pretrained(exported / "transformer", output_loading_info=True)
+  assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+  assert sorted(p.name for p in exported.iterdir()) == sorted(p.name for p in root.iterdir())
   _, clips, captions = evaluate.validation_set(config, 1)
   assert [r["prompt"] for r in records] == captions and "strength" not in records[0]
   assert media.read_image(grid.parent / records[0]["file"]).shape == (32, 5 * 32, 3)
