@@ -302,6 +302,9 @@ def flux_problems(config) -> list[str]:
     found.append(f"model.in_channels={m.in_channels}: Flux's transformer diffuses latents of "
                  f"{flux_transformer.latent_channels(flux)} channels (its out_channels {out}, 2 x 2 packed); the "
                  "autoencoder's latent_channels must be as many")
+  if flux_transformer.is_control(flux) and m.flux_kontext:
+    found.append("model.flux_kontext: this transformer is FLUX.1 Depth / Canny's (in_channels twice out_channels), "
+                 "which reads a control image, not FLUX.1 Kontext's reference image: leave it False")
   if flux_transformer.is_fill(flux):
     found += flux_fill_problems(config, flux)
     if m.flux_kontext:

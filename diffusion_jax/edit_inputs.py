@@ -2,7 +2,8 @@
 and their prompts-file fields), brought to the samples' size as training data is to its and checked before any
 checkpoint is read. What the sampler does with them is editing.py's; an image-to-video model (Wan's I2V), or one
 that starts clips at images (Wan 2.2 TI2V) given them, reads the image its clip starts at as its condition instead
-(`animated_images`).
+(`animated_images`), FLUX.1 Kontext its --init_image as a reference image and FLUX.1 Depth / Canny as its control
+image (`references`).
 """
 
 import pathlib
@@ -36,10 +37,14 @@ def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[in
   if videos and not config.model.temporal:
     raise ValueError("--init_video (init_video in a prompts file) is a clip for a video model to edit; this model "
                      "makes images (--init_image edits an image).")
+  if text_to_image.flux_control(config):  # a control image each, nothing edited in place
+    if problems := reference_problems(sample_config, prompts, CONTROL):
+      raise ValueError("; ".join(problems))
+    return {i: image_edit(e, size) for i, e in enumerate(prompts)}
   if not any(edited(e) for e in prompts):
     return {}
   if config.model.flux_kontext:  # a reference image each, nothing edited in place
-    if problems := kontext_problems(sample_config, prompts):
+    if problems := reference_problems(sample_config, prompts, KONTEXT):
       raise ValueError("; ".join(problems))
     multiple = 2 * autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path))
     return {i: kontext_reference(e, sample_config.kontext_resize, multiple) for i, e in enumerate(prompts)
@@ -74,16 +79,31 @@ def animated(config, keep_masks) -> bool:
       not keep[:, 1:].any())
 
 
-def kontext_problems(sample_config, prompts: list[dict]) -> list[str]:
-  """Why FLUX.1 Kontext cannot sample these prompts: its --init_image is a reference image the model attends to, so
-  a mask, a strength or an edit's noise (which place an image in the sampling grid) mean nothing to it."""
-  found = []
+def references(config) -> bool:
+  """Whether the model reads a prompt's --init_image as a condition to sample beside, from noise (FLUX.1 Kontext's
+  reference image, FLUX.1 Depth / Canny's control image), not as an image to edit."""
+  return config.model.flux_kontext or text_to_image.flux_control(config)
+
+
+# (the model, what its --init_image is)
+KONTEXT = ("FLUX.1 Kontext", "a reference image to follow")
+CONTROL = ("FLUX.1 Depth / Canny", "its control image (a depth map, an edge map)")
+
+
+def reference_problems(sample_config, prompts: list[dict], model: tuple[str, str]) -> list[str]:
+  """Why a model that reads --init_image as a condition (`model`: KONTEXT, CONTROL) cannot sample these prompts: a
+  mask, a strength or an edit's noise (which place an image in the sampling grid) mean nothing to it, and a control
+  model needs an image for every prompt."""
+  (name, image), found = model, []
+  if model == CONTROL and (without := [e["prompt"] for e in prompts if "init_image" not in e][:3]):
+    found.append(f"{name} samples from {image}: give each prompt one (--init_image, or init_image in a prompts "
+                 f"file): {without}")
   if named := [e["prompt"] for e in prompts if "mask" in e or "strength" in e][:3]:
-    found.append(f"FLUX.1 Kontext (model.flux_kontext) reads --init_image as a reference image to follow, not an "
-                 f"image to edit in place: leave out --mask and 'strength' ({named})")
+    found.append(f"{name} reads --init_image as {image}, not an image to edit in place: leave out --mask and "
+                 f"'strength' ({named})")
   if sample_config.edit_noise != "random":
-    found.append(f"--edit_noise={sample_config.edit_noise!r}: FLUX.1 Kontext samples from noise beside its "
-                 "reference image; leave it 'random'")
+    found.append(f"--edit_noise={sample_config.edit_noise!r}: {name} samples from noise beside {image}; leave it "
+                 "'random'")
   return found
 
 

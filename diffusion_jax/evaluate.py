@@ -748,7 +748,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   pretrained = config is not None
   if not pretrained:
     config = checkpoint.read_config(workdir)
-  else:
+  if text_to_image.flux_control(config):  # (before anything is written)
+    raise ValueError("FLUX.1 Depth / Canny samples from control images, which evaluation's captions do not come "
+                     "with: sample it with --init_image=CONTROL (python -m diffusion_jax.sample)")
+  if pretrained:
     config, step = pretrained_config(config, workdir, step, watch, guide_workdir, guide_step), 0
   if lpips_weights and not config.model.lowres_conditioning:  # before any weights are read
     raise ValueError("--lpips_weights: LPIPS compares a super-resolution stage's output with the real image it was "

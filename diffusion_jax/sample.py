@@ -71,7 +71,10 @@ Flags:
                     starts clips at images (model.wan_clean_first_frame, Wan 2.2 TI2V), reading its latent frame
                     clean as the clip's first (every prompt of the call then needs one; no --last_image); FLUX.1
                     Kontext (model.flux_kontext) reads it as a reference image to follow, sampling from noise
-                    beside it (no --mask, --strength, --edit_noise), at the size --kontext_resize says
+                    beside it (no --mask, --strength, --edit_noise), at the size --kontext_resize says; FLUX.1
+                    Depth / Canny reads it as its control image (a depth map, an edge map: every prompt needs one),
+                    brought to the samples' size, sampling from noise beside it (no --mask, --strength,
+                    --edit_noise)
   --kontext_resize  FLUX.1 Kontext: the size of its reference images, "preferred" (the resolution it trained at
                     nearest the image's aspect ratio, as FluxKontextPipeline) or "own" (the image's), either
                     rounded down to 16 pixels (default: config sample.kontext_resize, "preferred")
@@ -297,6 +300,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       null_text, null_mask = model.encode(source_ids, source_mask), source_mask
     if model.kontext and init is not None:  # FLUX.1 Kontext: the given images are references, no edit's start
       condition, init = model.reference_condition(init[0]), None
+    if model.control and init is not None:  # FLUX.1 Depth / Canny: the given images are control images
+      condition, init = model.control_condition(init[0]), None
     if model.inpainting:  # SD's inpainting U-Net reads the kept image and where to generate (all of it, unedited)
       condition = model.inpainting_condition(*(init[:2] if init is not None else
                                                (None, jnp.zeros((keys.shape[0], *image_size(config, s), 1)))))
@@ -789,8 +794,9 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
       lora.at_scales(adapters, entry.get("lora_scale"))
     except ValueError as error:
       raise ValueError(f"{prompts_path}, prompt {i + 1} ({entry['prompt']!r}): {error}") from None
-  # (an image-to-video model animates, FLUX.1 Kontext follows a reference image: neither edits)
-  edited = {} if edit_inputs.animates(config, prompts) or config.model.flux_kontext else edits
+  # (an image-to-video model animates, FLUX.1 Kontext follows a reference image, Depth / Canny a control image: no
+  # edits)
+  edited = {} if edit_inputs.animates(config, prompts) or edit_inputs.references(config) else edits
   unused = [f"--{name}" for name, applies in (("strength", any("strength" not in prompts[i] for i in edited)),
                                               ("edit_noise", edited),
                                               ("null_text_iterations",
@@ -921,7 +927,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     log.warning("%s: no effect at guidance scale 1 (no step is guided)", " and ".join(unused))
   edits = edits or {}
   animated = edit_inputs.animated(config, [keep for _, keep in edits.values()] if edits else None)
-  references = config.model.flux_kontext  # FLUX.1 Kontext's images are references, sampled from noise beside
+  references = edit_inputs.references(config)  # FLUX.1 Kontext's and Depth / Canny's: sampled from noise beside
   for i in edits if not (animated or references) else ():  # (an image-to-video model's are not edits)
     entries[i].setdefault("strength", sample_config.strength)
     entries[i]["edit_noise"] = sample_config.edit_noise
@@ -1073,7 +1079,8 @@ def define_flags():
                      "generated to agree with what is kept, at a backward pass per step (default: config "
                      "sample.reconstruction_guidance, 0 = replacement only).", lower_bound=0)
   flags.DEFINE_string("init_image", None, "Image to edit for every prompt without its own (image-to-image; a "
-                      "video model: the clips' first frame; an image-to-video Wan's, or Wan 2.2 TI2V's, condition).")
+                      "video model: the clips' first frame; an image-to-video Wan's, or Wan 2.2 TI2V's, condition; "
+                      "FLUX.1 Kontext's reference, FLUX.1 Depth / Canny's control image).")
   flags.DEFINE_string("init_video", None, "Video models: a clip (.gif, .mp4) to edit for every prompt without an "
                       "edit of its own (video-to-video, at --strength).")
   flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black = keep.")

@@ -484,6 +484,10 @@ def train_and_evaluate(config, workdir: str):
   """Build everything from the config, resume from the workdir if it has checkpoints, train; returns
   (state, graphdef). One training job per workdir at a time (a second is refused)."""
   config_checks.validate(config)
+  if text_to_image.flux_control(config):
+    raise ValueError("model.flux_path is FLUX.1 Depth / Canny's transformer, which trains on images paired with "
+                     "control images (depth maps, edge maps), which no dataset here holds: sample it (python -m "
+                     "diffusion_jax.sample --config=configs/flux.py:ROOT --init_image=CONTROL)")
   workdir = str(workdir)
   checkpoint.prepare_workdir(workdir)
   with checkpoint.workdir_lock(workdir):

@@ -88,7 +88,8 @@ def test_the_transformer_predicts_what_diffusers_flux_transformer_does(tmp_path,
                                            "attention_head_dim": 8}) == [
       "patch_size=2: only 1 (every Flux model's: the pipeline packs 2 x 2 latents)",
       "in_channels=10, out_channels=None: a text-to-image Flux maps packed latents (4 x the latent channels) to as "
-      "many; FLUX.1 Fill reads more (the known image's latents and the mask beside them)",
+      "many; FLUX.1 Depth / Canny reads twice as many (a control image's latents beside them), FLUX.1 Fill more (the "
+      "known image's latents and a mask)",
       "axes_dims_rope=[2, 2, 2] must sum to attention_head_dim=8"]
 
 
@@ -378,8 +379,7 @@ def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_
   channels. For an image and a keep mask, its condition is what FluxFillPipeline.prepare_mask_latents makes of them
   (packed as the pipeline packs it) and its prediction the pipeline's transformer's of the latents beside it; its
   training loss reads random keep masks; it completes a masked image keeping the known pixels exactly and samples
-  from text alone. A latent cache is refused, and so is a FLUX.1 Depth / Canny transformer (twice
-  the channels it predicts)."""
+  from text alone. A latent cache is refused."""
   import diffusers
 
   from configs import flux
@@ -420,13 +420,70 @@ def test_a_flux_fill_checkpoint_reads_what_diffusers_fill_pipeline_gives_it_and_
   np.testing.assert_allclose(prediction, expected, atol=1e-4)
 
   assert_trains_and_completes(config, graphdef, state, images, ids, mask)
-  # FLUX.1 Depth / Canny's transformer reads twice the channels it predicts (a control image's latents): refused
-  save_tiny_flux_transformer(tmp_path / "flux" / "transformer", in_channels=32)
-  assert [p for p in config_checks.problems(flux.get_config(str(tmp_path / "flux")), device_count=8)
-          if "Depth / Canny" in p] == [
-              f"model.flux_path={str(tmp_path / 'flux' / 'transformer')!r}: in_channels=32, twice out_channels: a "
-              "FLUX.1 Depth / Canny transformer (it reads a control image's latents beside the latents), which this "
-              "stack does not train or sample yet: use FLUX.1 dev, schnell, Fill or Kontext"]
+
+
+def test_flux_depth_canny_samples_what_diffusers_control_pipeline_samples_from_a_control_image(tmp_path):
+  """A FLUX.1 Depth / Canny checkpoint (its transformer reads twice the channels it predicts: a control image's
+  latents beside the latents): the sampling job reads it as it is (sample --config) and each prompt's --init_image
+  as its control image, and makes, from the same starting noise, the image FluxControlPipeline makes given that
+  image's latents (4 steps, guidance 3.5, the dynamic shift; the posterior's mean, which the pipeline would draw
+  from), to a level of 8 bits; another control image makes another image. A prompt without one, a mask, a strength
+  and an inverted start are refused, as are training it, evaluating it and the Kontext flag on it."""
+  import diffusers
+  import PIL.Image
+
+  from configs import flux
+  from diffusion_jax import edit_inputs, evaluate, train
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.models import text_to_image
+
+  pipeline = save_tiny_flux(tmp_path / "control", [" ".join(captioned_shapes.VOCABULARY)] * 5)
+  transformer = save_tiny_flux_transformer(tmp_path / "control" / "transformer", in_channels=32)
+  config = flux.get_config(str(tmp_path / "control"))
+  config.model.update(dtype="float32", remat=False)
+  config.text.update(max_length=16, t5_max_length=8)
+  config.text.t5.dtype = "float32"
+  config.data.update(dataset="captioned_shapes", resolution=32, data_dir=str(tmp_path / "tfds"))
+  config.sample.update(steps=4, prompts=("a large red circle",))
+  assert config_checks.problems(config, device_count=8) == [] and text_to_image.flux_control(config)
+  controls = [np.random.default_rng(seed).integers(0, 256, (32, 32, 3), np.uint8) for seed in (0, 1)]
+  for k, control in enumerate(controls):
+    PIL.Image.fromarray(control).save(tmp_path / f"control{k}.png")
+    sample.run(None, {}, output_dir=tmp_path / f"job{k}", init_image=tmp_path / f"control{k}.png", config=config)
+  ours = [media.read_image(tmp_path / f"job{k}" / "p000_00.png").astype(np.float32) for k in (0, 1)]
+
+  noise = np.asarray(jax.random.normal(sample.example_keys([config.sample.seed], 1)[0], (16, 16, 4)))
+  pack = lambda x: diffusers.FluxPipeline._pack_latents(x, 1, 4, 16, 16)
+  with torch.no_grad():
+    control = pipeline.vae.encode(torch.tensor(controls[0] / 127.5 - 1.0).permute(2, 0, 1)[None].float()).latent_dist
+  control_latents = pack((control.mean - pipeline.vae.config.shift_factor) * pipeline.vae.config.scaling_factor)
+  theirs = diffusers.FluxControlPipeline(pipeline.scheduler, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
+                                         pipeline.text_encoder_2, pipeline.tokenizer_2, transformer)(
+      prompt=list(config.sample.prompts), control_image=control_latents, height=32, width=32, num_inference_steps=4,
+      guidance_scale=3.5, latents=pack(torch.from_numpy(noise).permute(2, 0, 1)[None]), max_sequence_length=8,
+      output_type="np").images[0]
+  np.testing.assert_allclose(ours[0], np.round(theirs * 255), atol=2)
+  assert np.abs(ours[0] - ours[1]).max() > 10
+
+  entry = {"prompt": "a large red circle", "init_image": str(tmp_path / "control0.png")}
+  inverted = config.sample.copy_and_resolve_references()
+  inverted.edit_noise = "inversion"
+  for entries, sample_config, problem in (
+      ([entry, {"prompt": "two squares"}], config.sample,
+       r"FLUX.1 Depth / Canny samples from its control image \(a depth map, an edge map\): give each prompt one .*"
+       r"\['two squares'\]"),
+      ([entry | {"strength": 0.5}], config.sample, "reads --init_image as its control image .* not an image to edit"),
+      ([entry], inverted, "--edit_noise='inversion': FLUX.1 Depth / Canny samples from noise beside")):
+    with pytest.raises(ValueError, match=problem):
+      edit_inputs.read(config, sample_config, entries, 0)
+  with pytest.raises(ValueError, match="FLUX.1 Depth / Canny's transformer, which trains on images paired with"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  with pytest.raises(ValueError, match="FLUX.1 Depth / Canny samples from control images, which evaluation's"):
+    evaluate.run(tmp_path / "eval", config=config)
+  assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()
+  config.model.flux_kontext = True
+  assert "this transformer is FLUX.1 Depth / Canny's (in_channels twice out_channels), which reads a control" in (
+      " ".join(config_checks.problems(config, device_count=8)))
 
 
 def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_reference_image(tmp_path):

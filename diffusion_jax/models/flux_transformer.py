@@ -1,5 +1,6 @@
 """Flux's rectified-flow transformer (Black Forest Labs 2024; diffusers' `FluxTransformer2DModel`: FLUX.1 dev and
-schnell), loaded from a local diffusers directory (`load_diffusers`: the `transformer/` folder of a Flux checkpoint).
+schnell, and the variants that read an image beside the latents: Fill, Depth / Canny, Kontext), loaded from a local
+diffusers directory (`load_diffusers`: the `transformer/` folder of a Flux checkpoint).
 
 Latent images are packed as Flux's pipelines pack them, 2 x 2 latent pixels a token (their channels in the order
 channel, row, column), and embedded by one linear layer; the text tokens (T5's states, joint_attention_dim wide:
@@ -13,7 +14,8 @@ modulation is the embedding of the timestep, plus (FLUX.1 dev's guidance_embeds)
 model was distilled to follow, plus the pooled text embedding (CLIP's).
 
 Call: x [batch, h, w, in_channels / 4] (latent images; h and w even; FLUX.1 Fill's: the latents, the known image's
-latents and the mask, TextToImage.inpainting_condition), timestep [batch] (1000 sigma on the flow path x = (1 -
+latents and the mask, TextToImage.inpainting_condition; FLUX.1 Depth / Canny's: the latents and the control image's,
+TextToImage.control_condition), timestep [batch] (1000 sigma on the flow path x = (1 -
 sigma) x0 + sigma eps), text [batch, tokens, joint_attention_dim], pooled [batch, pooled_projection_dim], guidance
 [batch] (the guidance scale; None without guidance_embeds), reference (FLUX.1 Kontext's: a reference image's
 latents, their tokens beside the image's with ids (1, row, column); None: none) -> [batch, h, w, out_channels / 4]
@@ -42,14 +44,10 @@ def config_problems(config: dict) -> list[str]:
   if c["patch_size"] != 1:
     found.append(f"patch_size={c['patch_size']}: only 1 (every Flux model's: the pipeline packs 2 x 2 latents)")
   out = c["out_channels"] or c["in_channels"]
-  if c["in_channels"] == 2 * out:
-    found.append(f"in_channels={c['in_channels']}, twice out_channels: a FLUX.1 Depth / Canny transformer (it reads "
-                 "a control image's latents beside the latents), which this stack does not train or sample yet: use "
-                 "FLUX.1 dev, schnell, Fill or Kontext")
-  elif c["in_channels"] % PACK ** 2 or out % PACK ** 2 or not (c["in_channels"] == out or c["in_channels"] > 2 * out):
+  if c["in_channels"] % PACK ** 2 or out % PACK ** 2 or c["in_channels"] < out or out < c["in_channels"] < 2 * out:
     found.append(f"in_channels={c['in_channels']}, out_channels={c['out_channels']}: a text-to-image Flux maps "
-                 "packed latents (4 x the latent channels) to as many; FLUX.1 Fill reads more (the known image's "
-                 "latents and the mask beside them)")
+                 "packed latents (4 x the latent channels) to as many; FLUX.1 Depth / Canny reads twice as many (a "
+                 "control image's latents beside them), FLUX.1 Fill more (the known image's latents and a mask)")
   if sum(c["axes_dims_rope"]) != c["attention_head_dim"]:
     found.append(f"axes_dims_rope={list(c['axes_dims_rope'])} must sum to attention_head_dim="
                  f"{c['attention_head_dim']}")
@@ -72,9 +70,16 @@ def latent_channels(config: dict) -> int:
 
 def is_fill(config: dict) -> bool:
   """Whether a transformer's config.json is an inpainting model's (FLUX.1 Fill): it reads, beside the latents, the
-  latents of the known image and where to generate (in_channels > out_channels)."""
+  latents of the known image and where to generate (in_channels > 2 x out_channels)."""
   c = DEFAULTS | config
-  return c["in_channels"] > (c["out_channels"] or c["in_channels"])
+  return c["in_channels"] > 2 * (c["out_channels"] or c["in_channels"])
+
+
+def is_control(config: dict) -> bool:
+  """Whether a transformer's config.json is a structure-conditioned model's (FLUX.1 Depth / Canny): it reads a
+  control image's latents (a depth map's, an edge map's) beside the latents (in_channels = 2 x out_channels)."""
+  c = DEFAULTS | config
+  return c["in_channels"] == 2 * (c["out_channels"] or c["in_channels"])
 
 
 def image_ids(first: int, rows: int, columns: int) -> np.ndarray:

@@ -59,7 +59,7 @@ class TextToImage(nnx.Module):
       self.text_encoder = t5.T5Encoder(t5.read_hf_config(text_path, config.text.t5.dtype) if text_path
                                        else config.text.t5, rngs=rngs)
     self.backbone, self.image_to_video, self.first_last_frame, self.inpainting = m.backbone, False, False, False
-    self.kontext = False
+    self.kontext, self.control = False, False
     self.clean_first_frame = m.backbone == "wan" and m.wan_clean_first_frame  # Wan 2.2 TI2V's image-to-video mode
     self.image_encoder = (clip.VisionModel(clip.read_vision_config(m.wan_image_encoder_path,
                                                                    "model.wan_image_encoder_path"), rngs=rngs)
@@ -82,6 +82,7 @@ class TextToImage(nnx.Module):
     elif self.backbone == "flux":
       self.inpainting = flux_transformer.is_fill(flux_config)  # FLUX.1 Fill
       self.kontext = m.flux_kontext  # FLUX.1 Kontext: a reference image's latents (reference_condition)
+      self.control = flux_transformer.is_control(flux_config)  # FLUX.1 Depth / Canny (control_condition)
       self.flux = flux_transformer.FluxTransformer(flux_config, **options)
       self.flux_guidance = m.flux_guidance
     elif self.backbone == "sd_unet":
@@ -169,6 +170,12 @@ class TextToImage(nnx.Module):
     latents' mean [batch, h/f, w/f, c]}, whose tokens the network attends to beside the image's."""
     return {"reference_latents": self.to_latents(images)}
 
+  def control_condition(self, images) -> dict:
+    """FLUX.1 Depth / Canny's condition for control images [batch, h, w, 3] in [-1, 1] (depth maps, edge maps) at the
+    samples' size: {"control_latents": their latents' mean [batch, h/f, w/f, c]}, read beside the latents
+    (FluxControlPipeline draws them from the posterior instead)."""
+    return {"control_latents": self.to_latents(images)}
+
   def own_condition(self, clips) -> dict:
     """An image-to-video model's condition for clips [batch, frames, h, w, c] in [-1, 1] of their own first frame
     (and a first-last-frame model's, last), what training reads."""
@@ -183,7 +190,8 @@ class TextToImage(nnx.Module):
     size and crop ids [batch, 6] (data.size_ids; None: sdxl_text.time_ids of x's image size, as sampling's). expert:
     with a pair of Wan experts, 'high' or 'low' runs that one on every example (a batch at its noise levels); None gives
     each example its noise level's. condition: an image-to-video model's (image_condition), an inpainting model's
-    (inpainting_condition), FLUX.1 Kontext's (reference_condition: optional); a model that starts clips at images (Wan
+    (inpainting_condition), FLUX.1 Kontext's (reference_condition: optional), FLUX.1 Depth / Canny's
+    (control_condition); a model that starts clips at images (Wan
     2.2 TI2V), optionally {"first_latents": [batch, 1, h, w, c], "first_given": [batch] bool}: where given, x's first
     latent frame is read as those latents at timestep 0 (the other frames' tokens at logsnr's, diffusers'
     expand_timesteps) and its output is the velocity toward them from x (a sampler keeps them; the loss on them is 0
@@ -193,10 +201,12 @@ class TextToImage(nnx.Module):
                        "(image_condition)")
     if self.inpainting and condition is None:
       raise ValueError("This inpainting model needs the condition of the image it completes (inpainting_condition)")
+    if self.control and condition is None:
+      raise ValueError("This FLUX.1 Depth / Canny model needs the condition of its control image (control_condition)")
     if condition is not None and not (self.image_to_video or self.clean_first_frame or self.inpainting or
-                                      self.kontext):
-      raise ValueError("Only an image-to-video, inpainting or FLUX.1 Kontext model (or one that starts clips at "
-                       "images) reads a condition")
+                                      self.kontext or self.control):
+      raise ValueError("Only an image-to-video, inpainting, FLUX.1 Kontext or Depth / Canny model (or one that "
+                       "starts clips at images) reads a condition")
     if self.backbone == "wan":  # clips only, no super-resolution inputs (config_checks.wan_problems)
       timestep, condition = wan_transformer.timestep(logsnr), condition or {}
       x_t, clean = x, None
@@ -227,6 +237,8 @@ class TextToImage(nnx.Module):
                   if self.flux.guided else None)
       if self.inpainting:  # FLUX.1 Fill: the latents, the known image's latents, where to generate (its order)
         x = jnp.concatenate([x, condition["masked_latents"].astype(x.dtype), condition["mask"].astype(x.dtype)], -1)
+      if self.control:  # FLUX.1 Depth / Canny: the latents, then the control image's
+        x = jnp.concatenate([x, condition["control_latents"].astype(x.dtype)], -1)
       reference = condition["reference_latents"].astype(x.dtype) if self.kontext and condition else None
       return self.flux(x, timestep, tokens, pooled, guidance, reference)
     if self.backbone == "sd_unet":  # images only; every text token, as SD's pipelines (config_checks.sd_unet_problems)
@@ -253,6 +265,13 @@ def first_last_frame(config) -> bool:
   """Whether the config's network makes clips between two given images (a first-last-frame Wan: Wan 2.1 FLF2V)."""
   return config.model.backbone == "wan" and wan_transformer.is_first_last_frame(
       wan_transformer.read_config(config.model.wan_path))
+
+
+def flux_control(config) -> bool:
+  """Whether the config's network is FLUX.1 Depth / Canny's, which samples from a control image (model.flux_path's
+  config.json)."""
+  return config.model.backbone == "flux" and flux_transformer.is_control(
+      flux_transformer.read_config(config.model.flux_path))
 
 
 def starts_clips_at_images(config) -> bool:
