@@ -73,8 +73,8 @@ def source_root(config, what: str) -> pathlib.Path:
            "text.second_encoder_path": config.text.second_encoder_path,  # (SDXL's, SD3's)
            "text.t5_encoder_path": config.text.t5_encoder_path,  # (SD3's, Flux's)
            "latent.autoencoder_path": config.latent.autoencoder_path,
-           **{f"model.{field}": m.get(field, "") for field in ("wan_low_noise_path", "wan_image_encoder_path")}}
-  if elsewhere := [f"{field}={path!r}" for field, path in paths.items()
+           **{f"model.{name}": m.get(name, "") for name in ("wan_low_noise_path", "wan_image_encoder_path")}}
+  if elsewhere := [f"{name}={path!r}" for name, path in paths.items()
                    if path and pathlib.Path(path).expanduser().parent != root]:
     raise ValueError(f"export copies the root the {folder} came from ({str(root)!r}); {', '.join(elsewhere)} "
                      "read parts from elsewhere")
@@ -102,10 +102,6 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   in, the CLIP text encoders written too when one updates them; with `single`, that root as a single file too
   (single_file.write). Each part is written in `dtype` ('float32', 'float16', 'bfloat16'; default: the dtype the
   root stores it in). Returns `output`."""
-  import ml_dtypes
-  import numpy as np
-  from safetensors.numpy import save_file
-
   from diffusion_jax import sample
   from diffusion_jax.models import clip, diffusers_directory, named_tensors
 
@@ -142,20 +138,33 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   if any(name.startswith("text_encoder/") for adapter in adapters for name in adapter.updates):
     parts |= {f: clip.text_tensors(encoder) for f, encoder in text_encoder_folders(model.text_encoder).items()}
   diffusers_directory.copy_root(root, output, parts)
-  written = []
-  for part, tensors in parts.items():
-    network = part in written_networks  # (else a transformers CLIP's folder)
-    stored = dtype or diffusers_directory.stored_dtype(
-        diffusers_directory.weight_files(root / part) if network else [root / part / "model.safetensors"])
-    cast = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[stored]
-    save_file({name: x.astype(cast) if x.dtype.name in FLOATS else x for name, x in tensors.items()},
-              str(output / part / (diffusers_directory.WEIGHTS_FILE if network else "model.safetensors")),
-              metadata={"format": "pt"})
-    written.append(f"{part}/ ({stored})")
+  written = write_parts(parts, root, output, written_networks, dtype)
   log.info("wrote %s: %s of %s beside %s", output, ", ".join(written), workdir or "the pretrained checkpoints", root)
   if single is not None:
     single_file.write(output, single)
   return output
+
+
+def write_parts(parts: dict, root, output, network_folders, dtype: str | None) -> list[str]:
+  """Write each part ({root folder: {PyTorch name: array}}) into `output`'s copy of `root`: a network's as diffusers'
+  WEIGHTS_FILE, a CLIP's as transformers' model.safetensors, in `dtype` (None: the dtype `root` stores that part
+  in). Returns 'folder/ (dtype)' of each."""
+  import jax.numpy as jnp
+  from safetensors.numpy import save_file
+
+  from diffusion_jax.models import diffusers_directory
+
+  written = []
+  for part, tensors in parts.items():
+    network = part in network_folders  # (else a transformers CLIP's folder)
+    stored = dtype or diffusers_directory.stored_dtype(
+        diffusers_directory.weight_files(root / part) if network else [root / part / "model.safetensors"])
+    cast = jnp.dtype(stored)  # (bfloat16 too, which numpy lacks)
+    save_file({name: x.astype(cast) if x.dtype.name in FLOATS else x for name, x in tensors.items()},
+              str(output / part / (diffusers_directory.WEIGHTS_FILE if network else "model.safetensors")),
+              metadata={"format": "pt"})
+    written.append(f"{part}/ ({stored})")
+  return written
 
 
 def define_flags():

@@ -134,14 +134,15 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
   original layout (diffusers_lora.py; with low_noise=, of Wan 2.2 A14B's low-noise expert) or a Stable Diffusion one
   in kohya's or diffusers' (sd_lora.py; SD3's and Flux's in diffusers'), or a Flux one in kohya's or BFL's names
   (flux_lora.py); ValueError when the file is missing or not an adapter."""
-  from safetensors import SafetensorError
+  from safetensors import SafetensorError, safe_open
 
   file, scale = parse(spec)
   if not pathlib.Path(file).is_file():
     raise ValueError(f"{flag}={spec}: no file {file!r} (write one with python -m diffusion_jax.lora).")
   try:
-    with named_tensors.safetensors_file(file) as f:  # (shared LoRAs are often bfloat16)
-      metadata, updates = f.metadata() or {}, {key: np.asarray(f.get_tensor(key), np.float32) for key in f.keys()}
+    with safe_open(file, "numpy") as f:
+      metadata = f.metadata() or {}
+    updates = {key: np.asarray(x, np.float32) for key, x in named_tensors.read_safetensors(file).items()}  # (bf16)
   except (OSError, SafetensorError) as error:
     raise ValueError(f"{flag}={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None
   low_noise = spec.startswith(LOW_NOISE)

@@ -260,22 +260,22 @@ def convert(checkpoint, like, output) -> pathlib.Path:
     raise ValueError(f"--checkpoint={str(checkpoint)!r} does not exist")
   if output.exists():
     raise ValueError(f"--output={str(output)!r} exists: give a new directory (nothing is overwritten)")
-  with named_tensors.safetensors_file(checkpoint) as file:
-    keys = set(file.keys())
-    found, used, problems = parts(keys, like), set(), []
-    weights = {}
-    for folder, (prefix, named, shapes) in found.items():
-      weights[folder] = {}
-      for name, (source, how) in named.items():
-        if prefix + source not in keys:
-          problems.append(f"{folder}: no {prefix + source} (for {name})")
-          continue
-        tensor = taken(np.asarray(file.get_tensor(prefix + source)), how)
-        if tensor.shape != shapes[name]:
-          problems.append(f"{folder}: {prefix + source} gives {name} of shape {tensor.shape}, its config.json "
-                          f"{shapes[name]}")
-        weights[folder][name] = tensor
-        used.add(prefix + source)
+  stored = named_tensors.read_safetensors(checkpoint)
+  keys = set(stored)
+  found, used, problems = parts(keys, like), set(), []
+  weights = {}
+  for folder, (prefix, named, shapes) in found.items():
+    weights[folder] = {}
+    for name, (source, how) in named.items():
+      if prefix + source not in keys:
+        problems.append(f"{folder}: no {prefix + source} (for {name})")
+        continue
+      tensor = taken(np.asarray(stored[prefix + source]), how)
+      if tensor.shape != shapes[name]:
+        problems.append(f"{folder}: {prefix + source} gives {name} of shape {tensor.shape}, its config.json "
+                        f"{shapes[name]}")
+      weights[folder][name] = tensor
+      used.add(prefix + source)
   if problems:
     raise ValueError(f"{str(checkpoint)!r} does not fit --like={str(like)!r} ({len(problems)} problems): "
                      + "; ".join(problems[:20]))

@@ -8,7 +8,7 @@ be found with its shape and every tensor used (or named in `ignored`): all misma
 `read_safetensors` reads a checkpoint file's tensors in the dtypes they are stored in, bfloat16 too.
 """
 
-import contextlib
+import json
 from typing import Callable
 
 import jax
@@ -21,20 +21,25 @@ Locate = Callable[[tuple, int], tuple[str, tuple | None]]
 TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
-@contextlib.contextmanager
-def safetensors_file(path):
-  """The safetensors file `path`, open: its get_tensor gives arrays on the host's CPU device in any stored dtype
-  (bfloat16 too, which safetensors' numpy reader lacks; FLUX.1's and SD 3.5's files hold it)."""
+def read_safetensors(path) -> dict:
+  """{name: numpy array} of every tensor in a safetensors file, in its stored dtype. safetensors' numpy reader has
+  no bfloat16 (FLUX.1's and SD 3.5's files hold it): those tensors are ml_dtypes' bfloat16 mapped from the file's
+  bytes, where its header places them. (Through JAX instead, each tensor's shape would compile a program.)"""
   from safetensors import safe_open
 
-  with jax.default_device(jax.local_devices(backend="cpu")[0]), safe_open(path, "flax") as file:
-    yield file
-
-
-def read_safetensors(path) -> dict:
-  """{name: numpy array} of every tensor in a safetensors file, in its stored dtype (bfloat16: ml_dtypes')."""
-  with safetensors_file(path) as file:
-    return {name: np.asarray(file.get_tensor(name)) for name in file.keys()}
+  with safe_open(path, "numpy") as file:
+    names = list(file.keys())
+    bfloat16 = [name for name in names if file.get_slice(name).get_dtype() == "BF16"]
+    tensors = {name: file.get_tensor(name) for name in names if name not in bfloat16}
+  if bfloat16:
+    with open(path, "rb") as file:
+      size = int.from_bytes(file.read(8), "little")
+      header = json.loads(file.read(size))
+    for name in bfloat16:
+      begin, end = header[name]["data_offsets"]
+      tensors[name] = np.memmap(path, np.uint16, "r", 8 + size + begin, ((end - begin) // 2,)).view(
+          jnp.bfloat16).reshape(header[name]["shape"])
+  return {name: tensors[name] for name in names}
 
 
 def kernel_transpose(ndim: int) -> tuple:
@@ -90,8 +95,9 @@ def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, 
     elif tuple(tensors[name].shape) != expected:
       problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {expected}")
     else:
-      value = np.asarray(tensors[name])
-      variable.set_value(jnp.asarray(np.transpose(value, transpose) if transpose else value, target.dtype))
+      value = np.asarray(tensors[name]).astype(target.dtype, copy=False)  # (on the host: no program per shape)
+      variable.set_value(jax.device_put(np.transpose(value, transpose) if transpose else value))  # (jnp.asarray
+      # would compile a program per shape)
       used.add(name)
   problems += [f"unknown tensor {k}" for k in sorted(set(tensors) - used) if not k.startswith(tuple(ignored))]
   if problems:
