@@ -29,7 +29,7 @@ def read_safetensors(path) -> dict:
 
   with safe_open(path, "numpy") as file:
     names = list(file.keys())
-    bfloat16 = [name for name in names if file.get_slice(name).get_dtype() == "BF16"]
+    bfloat16 = {name for name in names if file.get_slice(name).get_dtype() == "BF16"}
     tensors = {name: file.get_tensor(name) for name in names if name not in bfloat16}
   if bfloat16:
     with open(path, "rb") as file:
