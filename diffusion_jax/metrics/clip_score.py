@@ -61,6 +61,7 @@ def scores(model: CLIP, encode, images, prompts, batch: int = 64) -> np.ndarray:
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images but {len(prompts)} prompts; CLIP score pairs them one to one.")
   graphdef, state = nnx.split(model)
+  state = jax.device_put(state)  # once, not every batch (loaded weights are on the host)
   cosines = [np.asarray(_cosines(graphdef, state, preprocess(images[i:i + batch], model.image_size),
                                  encode(prompts[i:i + batch]))) for i in range(0, len(images), batch)]
   return 100.0 * np.maximum(np.concatenate(cosines), 0.0)

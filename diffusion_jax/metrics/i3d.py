@@ -131,6 +131,7 @@ def features(model: InceptionI3d, videos, batch: int = 8) -> np.ndarray:
   from diffusion_jax.metrics import fid
 
   graphdef, state = nnx.split(model)
+  state = jax.device_put(state)  # once, not every batch (loaded weights are on the host)
   return fid.batched(lambda v: _apply(graphdef, state, v), np.asarray(videos), batch)
 
 

@@ -211,6 +211,7 @@ def features(model: InceptionV3, pixels, resize: bool = True, batch: int = 64) -
   from diffusion_jax.metrics import fid
 
   graphdef, state = nnx.split(model)
+  state = jax.device_put(state)  # once, not every batch (loaded weights are on the host)
   return fid.batched(lambda x: _apply(graphdef, state, x, resize), pixels, batch)
 
 

@@ -137,5 +137,6 @@ def mean_distance(model: LPIPS, images, reference, batch: int = 64) -> float:
     raise ValueError(f"LPIPS needs images of at least {MIN_RESOLUTION} pixels a side (its VGG pools four times); "
                      f"these are {images.shape[1]}x{images.shape[2]}")
   graphdef, state = nnx.split(model)
+  state = jax.device_put(state)  # once, not every batch (loaded weights are on the host)
   pairs = np.stack([images, reference], axis=1)
   return float(np.mean(fid.batched(lambda p: _pair_distance(graphdef, state, p), pairs, batch)))

@@ -11,7 +11,6 @@ be found with its shape and every tensor used (or named in `ignored`): all misma
 import json
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -83,7 +82,8 @@ def tensors(module: nnx.Module, locate: Locate) -> dict:
 
 
 def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, ignored=()) -> nnx.Module:
-  """The module with every parameter taken from `tensors` {name: array}; `what` says what failed to match
+  """The module with every parameter taken from `tensors` {name: array}, as host (numpy) arrays that its user places
+  (e.g. on their shards: train.initial_weights); `what` says what failed to match
   (e.g. "CLIP checkpoint '/w/clip' does not match its config.json"); names starting with `ignored` may go unused."""
   graphdef, state = nnx.split(abstract_module)
   used, problems = set(), []
@@ -96,8 +96,9 @@ def load(abstract_module: nnx.Module, tensors: dict, locate: Locate, what: str, 
       problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {expected}")
     else:
       value = np.asarray(tensors[name]).astype(target.dtype, copy=False)  # (on the host: no program per shape)
-      variable.set_value(jax.device_put(np.transpose(value, transpose) if transpose else value))  # (jnp.asarray
-      # would compile a program per shape)
+      # Kept on the host: placed where it belongs when used (sharded by train.initial_weights, not staged whole on
+      # one device first; jnp.asarray would also compile a program per shape)
+      variable.set_value(np.ascontiguousarray(np.transpose(value, transpose)) if transpose else value)
       used.add(name)
   problems += [f"unknown tensor {k}" for k in sorted(set(tensors) - used) if not k.startswith(tuple(ignored))]
   if problems:
