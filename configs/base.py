@@ -60,6 +60,8 @@ def get_config():
       random_flip=False,           # never for captions that name left/right
       size_ids=False,              # SDXL: each image's original size and crop as its U-Net's time ids (else the
                                    # training size, uncropped, as sampling's)
+      aesthetic_score=0.0,         # the SDXL refiner: the training images' aesthetic score, its U-Net's last time
+                                   # id (its pipeline's 6 for sampling; 0: a U-Net that reads none, SDXL base's)
       worker_count=0,              # grain worker processes (0 = in the main process)
   )
 
@@ -252,6 +254,8 @@ def get_config():
       batch_size=256,              # samples generated at once over all devices (more: batch by batch)
       negative_prompt="",          # guidance's unconditional branch reads this text instead of the null one
       strength=0.8,                # image-to-image and inpainting (--init_image): the part of the grid run, (0, 1]
+      aesthetic_score=6.0,         # the SDXL refiner: the aesthetic score id of guidance's conditional branch,
+      negative_aesthetic_score=2.5,  # and of its other branch (its pipeline's defaults)
       edit_noise="random",         # edits start from: "random" noise (SDEdit), "inversion" (DDIM), "source_inversion"
                                    # or "null_text_inversion" (with a source prompt; editing.py)
       null_text_iterations=10,     # null_text_inversion: Adam steps on guidance's other text per sampler step

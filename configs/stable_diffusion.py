@@ -1,16 +1,19 @@
-"""Fine-tuning Stable Diffusion 1.x, 2.x, SDXL or an SD inpainting model (a diffusers checkpoint) on your images:
-its U-Net (model.backbone='sd_unet', trained), CLIP text encoder (SDXL: both) and VAE (frozen), read from the
-checkpoint's folders, on SD's variance-preserving scaled-linear schedule with its prediction (eps, or v for SD 2.x
-at 768 px: the scheduler's prediction_type), sampled with DPM-Solver++(2M), 25 steps, guidance 7.5 (SDXL: 5, its
-pipeline's default), at the timesteps its scheduler spaces (timestep_spacing, steps_offset), against the empty
-prompt's encoding as SD's pipelines are (SDXL's: zeros).
+"""Fine-tuning Stable Diffusion 1.x, 2.x, SDXL (or its refiner) or an SD inpainting model (a diffusers checkpoint) on
+your images: its U-Net (model.backbone='sd_unet', trained), CLIP text encoder (SDXL: both) and VAE (frozen), read
+from the checkpoint's folders, on SD's variance-preserving scaled-linear schedule with its prediction (eps, or v for
+SD 2.x at 768 px: the scheduler's prediction_type), sampled with DPM-Solver++(2M), 25 steps, guidance 7.5 (SDXL: 5,
+its pipeline's default), at the timesteps its scheduler spaces (timestep_spacing, steps_offset), against the empty
+prompt's encoding as SD's pipelines are (SDXL base's: zeros).
 
   python -m diffusion_jax.main --config=configs/stable_diffusion.py:/path/to/stable-diffusion-v1-5 --workdir=DIR \\
       --config.data.folder=/path/to/images --config.data.captions_file=/path/to/images/captions.jsonl
 
 The variant is the checkpoint's root directory: unet/, text_encoder/, tokenizer/, vae/ and
 scheduler/scheduler_config.json are read from it, and an SDXL checkpoint's text_encoder_2/ and tokenizer_2/ (the
-config check names a missing or mismatched one). The images are scaled to cover the U-Net's sample_size times 8
+config check names a missing or mismatched one). The SDXL refiner's root has no text_encoder/ and tokenizer/: its
+text_encoder_2/ and tokenizer_2/ are the text encoder and tokenizer, its images' aesthetic score (data.aesthetic_score,
+6) a time id, and its edits (--init_image, a base model's image) run the last 0.3 of the grid, as its pipeline's
+(sample.strength). The images are scaled to cover the U-Net's sample_size times 8
 (512 px for SD 1.x and SD 2.x base, 768 for SD 2.x, 1024 for SDXL) and cropped. Without a root
 (`configs/stable_diffusion.py`) the paths are empty, for the command line to give.
 """
@@ -33,7 +36,12 @@ def get_config(root: str = ""):
   config.text.update(pretrained_path=part("text_encoder"), tokenizer="clip", tokenizer_path=part("tokenizer"),
                      max_length=77, trainable=False)
   sdxl = bool(root) and os.path.isdir(part("text_encoder_2"))
-  if sdxl:
+  refiner = sdxl and not os.path.isdir(part("text_encoder"))  # the SDXL refiner: text_encoder_2/ alone
+  if refiner:
+    config.text.update(pretrained_path=part("text_encoder_2"), tokenizer_path=part("tokenizer_2"))
+    config.data.aesthetic_score = 6.0
+    config.sample.strength = 0.3
+  elif sdxl:
     config.text.update(second_encoder_path=part("text_encoder_2"), second_tokenizer_path=part("tokenizer_2"))
   config.latent.autoencoder_path = part("vae")
   prediction, weighting = PREDICTIONS.get(scheduler.get("prediction_type", "epsilon"), ("eps", "eps_mse"))

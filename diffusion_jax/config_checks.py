@@ -226,27 +226,50 @@ def image_checkpoint_problems(m) -> list[str]:
 
 def sdxl_unet_problems(config, unet: dict) -> list[str]:
   """Whether SDXL's U-Net (addition_embed_type 'text_time') and SDXL's pair of text encoders come together, and its
-  added embedding reads the second encoder's pooled embedding beside 6 time ids."""
+  added embedding reads the second encoder's pooled embedding beside 6 time ids; or the SDXL refiner's U-Net, its
+  one text encoder SDXL's second (text.pretrained_path) and 5 time ids, the last an aesthetic score
+  (data.aesthetic_score)."""
   sdxl, second = unet["addition_embed_type"] == sd_unet.TEXT_TIME, config.text.second_encoder_path
-  if sdxl and not second:
-    return ["SDXL's U-Net (addition_embed_type='text_time') reads a second text encoder's pooled embedding: set "
-            "text.second_encoder_path and text.second_tokenizer_path (the checkpoint's text_encoder_2/ and "
-            "tokenizer_2/)"]
+  refiner = sdxl and not second
   if second and not sdxl:
     return [f"text.second_encoder_path={second!r}: only SDXL's U-Net (addition_embed_type='text_time') reads a "
             "second text encoder; leave it and text.second_tokenizer_path empty"]
   if not sdxl:
-    return ["data.size_ids: only SDXL's U-Net reads an image's size and crop; turn it off"] if (
-        config.data.size_ids) else []
+    return (["data.size_ids: only SDXL's U-Net reads an image's size and crop; turn it off"] if config.data.size_ids
+            else []) + aesthetic_problems(config, refiner)
   if config.data.size_ids and config.latent.cache:
     return ["data.size_ids with latent.cache: the cache holds one view of each image, whose size and crop it does "
             "not keep; turn one off"]
-  pooled = clip.read_text_config(second, "text.second_encoder_path")["projection_dim"]
-  reads = pooled + 6 * unet["addition_time_embed_dim"]
-  return [] if reads == unet["projection_class_embeddings_input_dim"] else [
-      f"SDXL's U-Net reads {unet['projection_class_embeddings_input_dim']} added features "
-      f"(projection_class_embeddings_input_dim), not the second text encoder's pooled {pooled} beside 6 time ids of "
-      f"{unet['addition_time_embed_dim']} ({reads}; the SDXL refiner's 5 ids are not supported)"]
+  pooled_path, field = (config.text.pretrained_path, "text.pretrained_path") if refiner else (
+      second, "text.second_encoder_path")
+  if refiner and not (pooled_path and clip.has_text_projection(pooled_path)):
+    return ["SDXL's U-Net (addition_embed_type='text_time') reads a second text encoder's pooled embedding: set "
+            "text.second_encoder_path and text.second_tokenizer_path (the checkpoint's text_encoder_2/ and "
+            "tokenizer_2/); the SDXL refiner's U-Net, whose root has no text_encoder/, reads text_encoder_2/ as "
+            "text.pretrained_path"]
+  pooled, width = clip.read_text_config(pooled_path, field)["projection_dim"], unet["addition_time_embed_dim"]
+  ids = 5 if refiner else 6
+  if pooled + ids * width != unet["projection_class_embeddings_input_dim"]:
+    other = 6 if refiner else 5
+    hint = ((" (an SDXL base U-Net, which reads 6: set text.second_encoder_path and text.second_tokenizer_path, and "
+             "text.pretrained_path to its text_encoder/)") if refiner else
+            " (an SDXL refiner's U-Net, which reads 5: its one text encoder, text_encoder_2/, is text.pretrained_path)")
+    return [f"SDXL's U-Net reads {unet['projection_class_embeddings_input_dim']} added features "
+            f"(projection_class_embeddings_input_dim), not the {field} encoder's pooled {pooled} beside {ids} time "
+            f"ids of {width} ({pooled + ids * width})"
+            + (hint if pooled + other * width == unet["projection_class_embeddings_input_dim"] else "")]
+  return aesthetic_problems(config, refiner)
+
+
+def aesthetic_problems(config, refiner: bool) -> list[str]:
+  """Whether data.aesthetic_score is given exactly when the SDXL refiner's U-Net reads it."""
+  if refiner and config.data.aesthetic_score <= 0:
+    return ["The SDXL refiner's U-Net reads its images' aesthetic score as a time id: set data.aesthetic_score "
+            "(> 0; 6 as its pipeline samples with)"]
+  if not refiner and config.data.aesthetic_score:
+    return [f"data.aesthetic_score={config.data.aesthetic_score}: only the SDXL refiner's U-Net reads an aesthetic "
+            "score; leave it 0"]
+  return []
 
 
 def sd3_problems(config) -> list[str]:
@@ -772,6 +795,8 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if config.data.size_ids and m.backbone != "sd_unet":
     found.append("data.size_ids: only SDXL's U-Net (model.backbone='sd_unet') reads an image's size and crop; turn it "
                  "off")
+  if config.data.aesthetic_score and m.backbone != "sd_unet":
+    found += aesthetic_problems(config, refiner=False)
   if m.flux_kontext and m.backbone != "flux":
     found.append(f"model.flux_kontext: FLUX.1 Kontext's reference images are read by Flux's transformer; "
                  f"model.backbone={m.backbone!r}: leave it False")

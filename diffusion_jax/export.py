@@ -82,12 +82,13 @@ def source_root(config, what: str) -> pathlib.Path:
 
 
 def text_encoder_folders(encoders) -> dict:
-  """{root folder: CLIP text model} of a model's text encoders (SD's one, SDXL's and SD3's pair, Flux's CLIP; T5s are
-  not adapted, and not written)."""
+  """{root folder: CLIP text model} of a model's text encoders (SD's one, SDXL's and SD3's pair, the SDXL refiner's
+  second alone, Flux's CLIP; T5s are not adapted, and not written)."""
   from diffusion_jax.models import clip, flux_text, sd3_text, sdxl_text
 
   if isinstance(encoders, (sdxl_text.TextEncoders, sd3_text.TextEncoders)):
-    return {"text_encoder": encoders.first, "text_encoder_2": encoders.second}
+    return {"text_encoder": encoders.first, "text_encoder_2": encoders.second} if encoders.first is not None else {
+        "text_encoder_2": encoders.second}
   if isinstance(encoders, flux_text.TextEncoders):
     return {"text_encoder": encoders.clip}
   return {"text_encoder": encoders} if isinstance(encoders, (clip.TextModel, clip.TextModelWithProjection)) else {}

@@ -50,6 +50,10 @@ Flags:
                     0.2) by --skip_layer_scale, as StableDiffusion3Pipeline's skip_guidance_layers; none = off
                     (default: config sample.skip_layers, () = off); with classifier-free guidance only
   --skip_layer_scale skip-layer guidance's scale, >= 0 (default: config sample.skip_layer_scale, 2.8: the pipeline's)
+  --aesthetic_score the SDXL refiner: the aesthetic score its U-Net is told the sample has, a time id (default:
+                    config sample.aesthetic_score, 6: its pipeline's); refused for other models
+  --negative_aesthetic_score  the SDXL refiner: the aesthetic score guidance's other branch is told (default: config
+                    sample.negative_aesthetic_score, 2.5: its pipeline's); refused for other models
   --height, --width the samples' size in pixels, any the network divides (its autoencoder's downsampling times
                     the U-Net's levels' or the patch of a DiT or Wan: Wan's 480 x 832, say); --init_image, --mask
                     and --init_video are brought to it (default: config sample.height and sample.width, 0 = the
@@ -135,8 +139,8 @@ Flags:
                     every process generates its part of each batch, process 0 writes
 
 Every PNG carries its provenance (prompt, negative prompt if any, an edit's init image, mask and strength, seed,
-sampler, steps, guidance, FLUX.1 dev's --flux_guidance, SD3's skip-layer guidance, checkpoint step, config hash,
-LoRA adapters) as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip
+sampler, steps, guidance, FLUX.1 dev's --flux_guidance, SD3's skip-layer guidance, the SDXL refiner's aesthetic
+scores, checkpoint step, config hash, LoRA adapters) as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip
 as an animated GIF (provenance in the GIF comment), an H.264 MP4 (provenance in its comment tag) and a PNG strip of
 its frames, plus grid.gif and grid.mp4.
 """
@@ -170,7 +174,8 @@ MAX_PROMPT_CHARS = 2000
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_noise", "guidance_interval",
                     "num_per_prompt", "seed", "use_ema", "frames", "height", "width", "flow_shift", "flux_guidance",
                     "kontext_resize", "skip_layers", "skip_layer_scale", "strength", "edit_noise", "video_length",
-                    "context_frames", "reconstruction_guidance", "null_text_iterations")
+                    "context_frames", "reconstruction_guidance", "null_text_iterations", "aesthetic_score",
+                    "negative_aesthetic_score")
 # a prompt's image to edit, its inpainting mask, a clip to edit, the last frame of an image-to-video model's clip
 EDIT_FILES = ("init_image", "mask", "init_video", "last_image")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
@@ -179,7 +184,8 @@ COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scal
                      "guidance_interval", "threshold", "threshold_percentile", "frames", "height", "width",
                      "flow_shift", "flux_guidance", "skip_layers", "skip_layer_scale", "skip_layer_start",
                      "skip_layer_stop", "resolution_shift", "aug_level", "strength", "edit_noise",
-                     "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate")
+                     "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate", "aesthetic_score",
+                     "negative_aesthetic_score")
 _compiled_samplers = {}
 MESH_HELP = ("AXIS=SIZE,... of the mesh the checkpoint is restored and sampled on, over the default data=-1 (every "
              "device a whole copy of the weights): e.g. fsdp=8 (the weights sharded over 8 devices), sequence=4 (a "
@@ -318,13 +324,14 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
       """The guided (thresholded) denoiser for cond (text, mask) and, in guidance's other branch, uncond_text_at(
       logsnr [batch]) with null_mask, unless an autoguidance guide fills that branch."""
 
-      def network_fn(x, logsnr, conditional):
+      def network_fn(x, logsnr, conditional):  # (the SDXL refiner's aesthetic score: each branch's own)
         if conditional:
-          return predict(x, logsnr, *cond, lowres=lowres, aug_logsnr=aug_logsnr, condition=condition)
+          return predict(x, logsnr, *cond, lowres=lowres, aug_logsnr=aug_logsnr, condition=condition,
+                         aesthetic_score=s.aesthetic_score)
         if guide is not None:
           return guide_model(x, logsnr, guide_text, mask, lowres=lowres, aug_logsnr=aug_logsnr, condition=condition)
         return predict(x, logsnr, uncond_text_at(logsnr), null_mask, lowres=lowres, aug_logsnr=aug_logsnr,
-                       condition=condition)
+                       condition=condition, aesthetic_score=s.negative_aesthetic_score)
 
       skip_layer_window = samplers.skip_layer_window(logsnr, s.skip_layer_start, s.skip_layer_stop)
       skip_layer_guidance = (  # SD3's: the conditional pass without sample.skip_layers, guided away from
@@ -768,6 +775,9 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
                   config_checks.skip_layer_problem(config, sample_config, "--")):
     if problem:
       problems.append(problem)
+  scores = [f"--{name}" for name in ("aesthetic_score", "negative_aesthetic_score") if overrides.get(name) is not None]
+  if scores and not text_to_image.sdxl_refiner(config):
+    problems.append(f"{' and '.join(scores)}: only the SDXL refiner's U-Net reads an aesthetic score")
   if problems:
     raise ValueError("; ".join(problems))
   if sample_config.video_length and not config.model.temporal:
@@ -980,6 +990,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     provenance["guidance_interval"] = list(sample_config.guidance_interval)
   if sample_config.flux_guidance != -1:
     provenance["flux_guidance"] = sample_config.flux_guidance
+  if text_to_image.sdxl_refiner(config):
+    provenance["aesthetic_scores"] = [sample_config.aesthetic_score, sample_config.negative_aesthetic_score]
   if sample_config.skip_layers:
     s = sample_config
     provenance["skip_layer_guidance"] = {"layers": list(s.skip_layers), "scale": s.skip_layer_scale,
@@ -1064,6 +1076,10 @@ def define_flags():
   flags.DEFINE_enum("kontext_resize", None, ["preferred", "own"], "FLUX.1 Kontext: its reference images at the "
                     "resolution it trained at nearest their aspect ratio, or at their own size (default: config "
                     "sample.kontext_resize).")
+  flags.DEFINE_float("aesthetic_score", None, "The SDXL refiner: the aesthetic score its U-Net is told the sample has "
+                     "(default: config sample.aesthetic_score, 6).")
+  flags.DEFINE_float("negative_aesthetic_score", None, "The SDXL refiner: the aesthetic score guidance's other branch "
+                     "is told (default: config sample.negative_aesthetic_score, 2.5).")
   flags.DEFINE_integer("height", None, "Height of the samples in pixels, any the model divides (default: config "
                        "sample.height, 0 = data.resolution).", lower_bound=0)
   flags.DEFINE_integer("width", None, "Width of the samples in pixels, any the model divides (default: config "

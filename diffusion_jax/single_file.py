@@ -8,12 +8,13 @@ and a diffusers root written as one (`write`, what export.py's --single_file run
 Flags:
   --checkpoint  the single file (.safetensors; pickled .ckpt files are not read): SD 1.x (model.diffusion_model.*,
                 first_stage_model.*, cond_stage_model.transformer.*), SD 2.x (cond_stage_model.model.*, OpenCLIP's
-                layout) or SDXL (conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.*)
+                layout), SDXL (conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.*) or the
+                SDXL refiner (conditioner.embedders.0.model.*: its one text encoder, text_encoder_2/)
   --like        a diffusers root of the same architecture: its config.json files give the parts' structure, and
                 everything but the weights of the parts the file holds (model_index.json, tokenizers, scheduler,
                 configs, a safety checker) is copied; those weights are not read, so a root without them serves
   --output      the diffusers root to write (must not exist yet): unet/, vae/, text_encoder/ (and SDXL's
-                text_encoder_2/) with the single file's weights, in its dtype
+                text_encoder_2/; the refiner's alone) with the single file's weights, in its dtype
 
 Every tensor a part's config.json builds must be found with its shape, or the conversion fails naming what is
 missing; tensors left over (an EMA copy, SD 2.x's last text layer, which its pipeline does not run) are logged.
@@ -37,7 +38,8 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 LAYOUTS = {"SD 1.x": {"text_encoder": ("cond_stage_model.transformer.", False)},
            "SD 2.x": {"text_encoder": ("cond_stage_model.model.", True)},
            "SDXL": {"text_encoder": ("conditioner.embedders.0.transformer.", False),
-                    "text_encoder_2": ("conditioner.embedders.1.model.", True)}}
+                    "text_encoder_2": ("conditioner.embedders.1.model.", True)},
+           "SDXL refiner": {"text_encoder_2": ("conditioner.embedders.0.model.", True)}}
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
            "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -151,7 +153,7 @@ def placed(tensor: np.ndarray, how: str) -> np.ndarray:
 def layout(root: pathlib.Path, flag: str) -> str:
   """Which of LAYOUTS a diffusers root's text encoders are (SD 2.x's CLIP is OpenCLIP's, with GELU)."""
   if (root / "text_encoder_2").exists():
-    return "SDXL"
+    return "SDXL" if (root / "text_encoder").exists() else "SDXL refiner"
   text = root / "text_encoder" / "config.json"
   if not text.exists():
     raise ValueError(f"{flag}={str(root)!r} has no text_encoder/config.json: give a Stable Diffusion diffusers root")
@@ -209,9 +211,9 @@ def parts(keys, like: pathlib.Path) -> dict:
 
 
 def write(root, output) -> pathlib.Path:
-  """Write the single file `output` (.safetensors) of a Stable Diffusion 1.x or SDXL diffusers root's U-Net, VAE and
-  text encoders (ldm_tensors); returns `output`. SD 2.x's is refused: its text encoder in diffusers lacks the last
-  of OpenCLIP's layers that its single files hold."""
+  """Write the single file `output` (.safetensors) of a Stable Diffusion 1.x or SDXL (or SDXL refiner) diffusers
+  root's U-Net, VAE and text encoders (ldm_tensors); returns `output`. SD 2.x's is refused: its text encoder in
+  diffusers lacks the last of OpenCLIP's layers that its single files hold."""
   from safetensors.numpy import save_file
 
   root, output = pathlib.Path(root).expanduser(), pathlib.Path(output).expanduser()

@@ -112,8 +112,9 @@ def test_resize_and_crop():
 
 def test_size_ids_say_where_each_training_image_came_from(config):
   """data.size_ids (SDXL's micro-conditioning): an image's original height and width, its crop's top and left in the
-  scaled image, the training size; the crop at those ids of the scaled (and, when flipped, mirrored) image is the
-  training image itself, for a centre crop and for random crops with random flips."""
+  scaled image, the training size (the SDXL refiner's: data.aesthetic_score instead); the crop at those ids of the
+  scaled (and, when flipped, mirrored) image is the training image itself, for a centre crop and for random crops with
+  random flips."""
   data = config.data.copy_and_resolve_references()
   data.update(size_ids=True, resolution=32, width=0)
   rng = np.random.default_rng(0)
@@ -127,6 +128,10 @@ def test_size_ids_say_where_each_training_image_came_from(config):
   out = pipeline.Preprocess(data, None).pixels({data.image_key: image}, rng)
   np.testing.assert_array_equal(out["size_ids"], [40, 80, 0, 16, 32, 32])
   np.testing.assert_array_equal(out["image"], crop_at(out["size_ids"], False))
+  refiner = data.copy_and_resolve_references()
+  refiner.aesthetic_score = 5.5
+  np.testing.assert_array_equal(pipeline.Preprocess(refiner, None).pixels({data.image_key: image}, rng)["size_ids"],
+                                [40, 80, 0, 16, 5.5])
   data.update(random_crop=True, random_flip=True)
   seen = set()
   for _ in range(12):

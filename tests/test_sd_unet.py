@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +20,18 @@ POOLED = 12  # the tiny SDXL U-Net's pooled text width
 
 
 def save_tiny_sd_unet(directory, linear_projection=False, heads=4, channels=4, cross_attention_dim=16, seed=0,
-                      sdxl=False, layers_per_block=1, in_channels=None):
+                      sdxl=False, layers_per_block=1, in_channels=None, time_ids=6):
   """A random 2-level UNet2DConditionModel (cross-attention at the first level) saved as a diffusers directory:
   SD 1.x's layout (1x1 convolutions around the attention, `heads` heads everywhere) or, with linear_projection and a
   list of heads, SD 2.x's; with sdxl, SDXL's (linear projections, cross-attention at the second level only, there
-  two transformer blocks deep, and the added embedding of a POOLED-wide pooled text embedding and 6 time ids)."""
+  two transformer blocks deep, and the added embedding of a POOLED-wide pooled text embedding and `time_ids` time ids:
+  the refiner's 5)."""
   import diffusers
 
   torch.manual_seed(seed)
   attends = ("DownBlock2D", "CrossAttnDownBlock2D") if sdxl else ("CrossAttnDownBlock2D", "DownBlock2D")
   added = dict(transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
-               projection_class_embeddings_input_dim=POOLED + 6 * 8) if sdxl else {}
+               projection_class_embeddings_input_dim=POOLED + time_ids * 8) if sdxl else {}
   model = diffusers.UNet2DConditionModel(
       sample_size=16, in_channels=in_channels or channels, out_channels=channels, block_out_channels=(32, 64),
       layers_per_block=layers_per_block,
@@ -168,18 +170,21 @@ def test_the_clip_tokenizer_makes_transformers_ids(tmp_path, pad_token):
     tokenizers.CLIPTokenizer(str(tmp_path), 12)
 
 
-def save_tiny_stable_diffusion(root, captions, sdxl=False, layers_per_block=1, inpainting=False):
+def save_tiny_stable_diffusion(root, captions, sdxl=False, layers_per_block=1, inpainting=False, refiner=False):
   """A Stable Diffusion 1.x checkpoint's folders (unet/, text_encoder/, tokenizer/, vae/, scheduler/) with tiny
   random models: a 2-level U-Net, a 2-layer CLIP text model of width 32, a factor-2 VAE with 4 latent channels.
   With sdxl, an SDXL checkpoint's: SDXL's U-Net layout (save_tiny_sd_unet) and also text_encoder_2/ (a 2-layer
-  CLIPTextModelWithProjection of width 16 projecting to POOLED) and tokenizer_2/ (padding with "!"); with inpainting,
-  an SD inpainting checkpoint's (the U-Net reads 9 channels). Returns diffusers' StableDiffusionPipeline
-  (StableDiffusionXLPipeline, StableDiffusionInpaintPipeline) of them."""
+  CLIPTextModelWithProjection of width 16 projecting to POOLED) and tokenizer_2/ (padding with "!"); with refiner
+  too, the SDXL refiner's (no text_encoder/ and tokenizer/; the U-Net reads text_encoder_2/'s states and 5 time ids);
+  with inpainting, an SD inpainting checkpoint's (the U-Net reads 9 channels). Returns diffusers'
+  StableDiffusionPipeline (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline,
+  StableDiffusionInpaintPipeline) of them."""
   import diffusers
   import transformers
 
-  save_tiny_sd_unet(root / "unet", cross_attention_dim=48 if sdxl else 32, sdxl=sdxl, layers_per_block=layers_per_block,
-                    in_channels=9 if inpainting else None)
+  save_tiny_sd_unet(root / "unet", cross_attention_dim=16 if refiner else 48 if sdxl else 32, sdxl=sdxl,
+                    layers_per_block=layers_per_block, in_channels=9 if inpainting else None,
+                    time_ids=5 if refiner else 6)
   vocab = save_tiny_clip_tokenizer(root / "tokenizer", captions)
   torch.manual_seed(0)
   clip_config = lambda width, **fields: transformers.CLIPTextConfig(
@@ -204,6 +209,12 @@ def save_tiny_stable_diffusion(root, captions, sdxl=False, layers_per_block=1, i
   save_tiny_clip_tokenizer(root / "tokenizer_2", captions, pad_token="!")
   second = transformers.CLIPTextModelWithProjection(clip_config(16, projection_dim=POOLED)).eval()
   second.save_pretrained(root / "text_encoder_2")
+  if refiner:  # (no first text encoder: as the SDXL refiner's root)
+    shutil.rmtree(root / "text_encoder")
+    shutil.rmtree(root / "tokenizer")
+    return diffusers.StableDiffusionXLImg2ImgPipeline(vae, None, second, None, tokenizer("tokenizer_2", pad_token="!"),
+                                                      unet, scheduler, requires_aesthetics_score=True,
+                                                      force_zeros_for_empty_prompt=False)
   return diffusers.StableDiffusionXLPipeline(vae, text_encoder, second, tokenizer("tokenizer"),
                                              tokenizer("tokenizer_2", pad_token="!"), unet, scheduler)
 
@@ -225,16 +236,18 @@ def test_stable_diffusion_reads_a_checkpoints_folders_as_its_pipeline_encodes_an
   assert (config.text.second_encoder_path, config.sample.guidance_scale, config.data.size_ids) == (
       "", 7.5, False)
   config.text.update(max_length=20, embedding_cache=str(tmp_path / "cache"))
-  config.data.size_ids, config.model.lora_text_encoder = True, True
+  config.data.size_ids, config.model.lora_text_encoder, config.data.aesthetic_score = True, True, 6.0
   found = " ".join(config_checks.problems(config, device_count=8))
   for problem in ("text.max_length=20 exceeds the CLIP text encoder's 16 positions",
                   "data.size_ids: only SDXL's U-Net reads an image's size and crop",
+                  "data.aesthetic_score=6.0: only the SDXL refiner's U-Net reads an aesthetic score; leave it 0",
                   "model.lora_text_encoder: updates of a CLIP text encoder (text.pretrained_path, Stable Diffusion's) "
                   "need model.lora_rank > 0", "model.lora_text_encoder trains the text encoder's updates: its "
                   "embeddings cannot be cached"):
     assert problem in found
   config.text.update(max_length=16, embedding_cache="")
   config.model.dtype, config.data.size_ids, config.model.lora_text_encoder = "float32", False, False
+  config.data.aesthetic_score = 0.0
   config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
                      data_dir=str(tmp_path / "tfds"))
   assert config_checks.problems(config, device_count=8) == []
@@ -376,6 +389,80 @@ def test_sdxl_fine_tunes_a_lora_and_samples_from_a_checkpoints_folders(tmp_path)
   np.testing.assert_allclose(np.asarray(prediction).transpose(0, 3, 1, 2), expected, atol=1e-4)
   assert np.abs(expected_text - base[0]).max() > 1e-4 and np.abs(expected - base[2]).max() > 1e-3  # (updates matter)
   exported_run_holds_the_fused_pipeline(tmp_path / "run", pipeline, ("unet", "text_encoder", "text_encoder_2", "vae"))
+
+def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_images(tmp_path):
+  """configs/stable_diffusion.py:ROOT of the SDXL refiner's root (text_encoder_2/ and tokenizer_2/, no text_encoder/)
+  reads those as its text encoder and tokenizer, with its pipeline's aesthetic score (6) and strength (0.3). Its text
+  condition holds what StableDiffusionXLImg2ImgPipeline.encode_prompt makes (the encoder's penultimate states and
+  pooled embedding), its null condition the empty prompt's encoding (the pipeline's negative:
+  force_zeros_for_empty_prompt false), and the network's prediction at timestep 500 is the pipeline's U-Net's given
+  the pipeline's time ids, the last an aesthetic score: 6 (the conditional branch's), 2.5 (guidance's other branch's)
+  or the data's (data.size_ids). The config check asks for data.aesthetic_score with its U-Net. The sampler refines
+  an image (--init_image), and the other branch's aesthetic score changes what it makes."""
+  from configs import stable_diffusion
+  from diffusion_jax.data import captioned_shapes
+  from diffusion_jax.text import tokenizers
+
+  root = tmp_path / "refiner"
+  pipeline = save_tiny_stable_diffusion(root, [" ".join(captioned_shapes.VOCABULARY)] * 5, sdxl=True, refiner=True)
+  config = stable_diffusion.get_config(str(root))
+  assert (config.text.pretrained_path, config.text.tokenizer_path, config.text.second_encoder_path,
+          config.data.aesthetic_score, config.sample.strength, config.sample.guidance_scale) == (
+              str(root / "text_encoder_2"), str(root / "tokenizer_2"), "", 6.0, 0.3, 5.0)
+  config.model.dtype, config.text.max_length = "float32", 16
+  config.data.update(dataset="captioned_shapes", resolution=32, num_train=64, num_eval=16,
+                     data_dir=str(tmp_path / "tfds"))
+  assert config_checks.problems(config, device_count=8) == []
+  bad = config.copy_and_resolve_references()
+  bad.data.aesthetic_score = 0.0
+  assert "The SDXL refiner's U-Net reads its images' aesthetic score as a time id: set data.aesthetic_score" in (
+      " ".join(config_checks.problems(bad, device_count=8)))
+
+  weights, graphdef, mesh = sample.load_pretrained(config)
+  prompts = ["a large red circle at the top left!", "two small blue squares"]
+  ids, mask = tokenizers.from_config(config)(prompts)
+  latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  logsnr = jnp.full((2,), schedules.logsnr_from_alphas_cumprod(pipeline.scheduler.alphas_cumprod.double().numpy()[
+      500]), jnp.float32)
+  data_ids = np.array([[48.0, 40, 8, 0, 6], [32, 32, 0, 0, 4]], np.float32)  # (data.size_ids: training's)
+
+  @jax.jit
+  def conditions_and_predictions(params, frozen):
+    model = nnx.merge(graphdef, params, frozen)
+    text = model.encode(ids, mask)
+    null = model.null_condition(text, mask)[0]
+    return text, null, [model(latents, logsnr, text, mask), model(latents, logsnr, null, mask, aesthetic_score=2.5),
+                        model(latents, logsnr, text, mask, size_ids=data_ids)]
+
+  text, null, predictions = conditions_and_predictions(weights.params, weights.frozen)
+  with torch.no_grad():
+    expected_text, expected_null, pooled, null_pooled = pipeline.encode_prompt(prompts, device="cpu",
+                                                                               do_classifier_free_guidance=True)
+    time_ids, null_time_ids = pipeline._get_add_time_ids((32, 32), (0, 0), (32, 32), 6.0, 2.5, (32, 32), (0, 0),
+                                                         (32, 32), torch.float32, POOLED)
+    unet = lambda text, pooled, ids: pipeline.unet(torch.tensor(latents.transpose(0, 3, 1, 2)), 500, text,
+                                                   added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    expected = [unet(expected_text, pooled, time_ids.repeat(2, 1)), unet(expected_null, null_pooled,
+                                                                          null_time_ids.repeat(2, 1)),
+                unet(expected_text, pooled, torch.tensor(data_ids))]
+  assert time_ids.tolist() == [[32, 32, 0, 0, 6.0]] and null_time_ids.tolist() == [[32, 32, 0, 0, 2.5]]
+  for ours, states, theirs_pooled in ((text, expected_text, pooled), (null, expected_null, null_pooled)):
+    np.testing.assert_allclose(ours[..., :16], states.numpy(), atol=2e-5)
+    np.testing.assert_allclose(ours[..., 16:], np.broadcast_to(theirs_pooled.numpy()[:, None], (2, 16, POOLED)),
+                               atol=2e-5)
+  for ours, theirs in zip(predictions, expected):
+    np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), theirs.numpy(), atol=1e-4)
+
+  images = np.random.default_rng(2).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=10, num_per_prompt=1)
+  refine = lambda: sample.generate(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config),
+                                   prompts[:1], sample_config, mesh, init_images=images)[:, 0].astype(int)
+  refined = refine()
+  assert refined.shape == images.shape
+  sample_config.negative_aesthetic_score = 6.0
+  assert np.abs(refine() - refined).max() > 0
+
 
 def save_kohya_lora(directory, shapes: dict) -> dict:
   """A kohya-layout LoRA of random updates of the layers `shapes` names ({layer: (down shape, up shape)}), alpha 1:

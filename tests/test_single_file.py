@@ -28,18 +28,19 @@ def with_text_model(name: str) -> str:
 TEXT_ENCODERS = {"sd1": [("cond_stage_model.transformer.", "text_encoder", False)],
                  "sd2": [("cond_stage_model.model.", "text_encoder", True)],
                  "sdxl": [("conditioner.embedders.0.transformer.", "text_encoder", False),
-                          ("conditioner.embedders.1.model.", "text_encoder_2", True)]}
+                          ("conditioner.embedders.1.model.", "text_encoder_2", True)],
+                 "sdxl_refiner": [("conditioner.embedders.0.model.", "text_encoder_2", True)]}
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl", "sdxl_refiner"])
 def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tmp_path, variant):
-  """A tiny SD 1.x (SDXL) root written as a single file (single_file.write; 2 layers a level; for sd2 its text
-  encoder in OpenCLIP's layout, as SD 2.x's, which write refuses): diffusers' single-file converters turn that file
-  back into the pipeline's tensors exactly, so the layout is the one they read. single_file.convert, given the root
-  for its structure, writes a root whose weights our loaders (and transformers) read exactly as the original's; an
-  EMA scalar, CLIP's position ids and a text layer the root's config does not run (SD 2.x's last) are left over. A
-  file of another architecture, a missing tensor, a .ckpt and an existing output are refused, naming what is
-  wrong."""
+  """A tiny SD 1.x (SDXL, SDXL refiner) root written as a single file (single_file.write; 2 layers a level; for sd2
+  its text encoder in OpenCLIP's layout, as SD 2.x's, which write refuses): diffusers' single-file converters turn
+  that file back into the pipeline's tensors exactly, so the layout is the one they read. single_file.convert, given
+  the root for its structure, writes a root whose weights our loaders (and transformers) read exactly as the
+  original's; an EMA scalar, CLIP's position ids and a text layer the root's config does not run (SD 2.x's last) are
+  left over. A file of another architecture, a missing tensor, a .ckpt and an existing output are refused, naming
+  what is wrong."""
   import transformers
   from diffusers.loaders import single_file_utils as theirs
   from safetensors.numpy import load_file
@@ -47,8 +48,9 @@ def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tm
   from configs import stable_diffusion
   from diffusion_jax.models import text_to_image
 
-  sdxl = variant == "sdxl"
-  pipeline = save_tiny_stable_diffusion(tmp_path / "root", ["a red circle"] * 5, sdxl=sdxl, layers_per_block=2)
+  sdxl, refiner = variant.startswith("sdxl"), variant == "sdxl_refiner"
+  pipeline = save_tiny_stable_diffusion(tmp_path / "root", ["a red circle"] * 5, sdxl=sdxl, layers_per_block=2,
+                                        refiner=refiner)
   if variant == "sd2":
     text_config = tmp_path / "root" / "text_encoder" / "config.json"
     text_config.write_text(text_config.read_text().replace('"quick_gelu"', '"gelu"'))  # OpenCLIP's: SD 2.x's root
@@ -78,10 +80,13 @@ def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tm
   single_file.convert(tmp_path / "model.safetensors", tmp_path / "root", tmp_path / "converted")
   weights = lambda root: text_to_image.pretrained_weights(stable_diffusion.get_config(str(root)))
   assert_trees_equal(weights(tmp_path / "converted"), weights(tmp_path / "root"))
-  for kept in ("tokenizer/vocab.json", "safety_checker/model.safetensors"):  # everything else is the root's
+  tokenizer = "tokenizer_2" if refiner else "tokenizer"
+  for kept in (f"{tokenizer}/vocab.json", "safety_checker/model.safetensors"):  # everything else is the root's
     assert filecmp.cmp(tmp_path / "converted" / kept, tmp_path / "root" / kept, shallow=False)
-  same(transformers.CLIPTextModel.from_pretrained(tmp_path / "converted" / "text_encoder").state_dict(),
-       pipeline.text_encoder)  # (what diffusers' pipelines read, too)
+  reader, name = ((transformers.CLIPTextModelWithProjection, "text_encoder_2") if refiner else
+                  (transformers.CLIPTextModel, "text_encoder"))
+  same(reader.from_pretrained(tmp_path / "converted" / name).state_dict(),
+       getattr(pipeline, name))  # (what diffusers' pipelines read, too)
 
   with pytest.raises(ValueError, match="exists: give a new directory"):
     single_file.convert(tmp_path / "model.safetensors", tmp_path / "root", tmp_path / "converted")
@@ -91,7 +96,7 @@ def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tm
   save_file({k: v for k, v in ldm.items() if k != missing}, str(tmp_path / "missing.safetensors"))
   with pytest.raises(ValueError, match=f"does not fit --like=.*unet: no {missing}"):
     single_file.convert(tmp_path / "missing.safetensors", tmp_path / "root", tmp_path / "other")
-  if sdxl:  # SDXL's file against SD 1.x's structure
+  if variant == "sdxl":  # SDXL's file against SD 1.x's structure
     save_tiny_stable_diffusion(tmp_path / "sd", ["a red circle"] * 5)
     result = subprocess.run([sys.executable, "-m", "diffusion_jax.single_file",
                              f"--checkpoint={tmp_path / 'model.safetensors'}", f"--like={tmp_path / 'sd'}",

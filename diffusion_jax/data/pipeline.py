@@ -173,7 +173,7 @@ class Preprocess(grain.RandomMapTransform):
     """{"image": [height, width, 3]} or {"video": [frames, height, width, 3], "is_video": bool}, float32 in
     [-1, 1]; with data.size_ids, an image's "size_ids" [6] float32: its original height and width, the crop's top
     and left in the scaled image (of the flipped image when it is flipped), the training height and width (SDXL's
-    micro-conditioning)."""
+    micro-conditioning; the refiner's [5]: data.aesthetic_score instead of the training size)."""
     config = self.config
     visual = np.asarray(element[config.image_key])
     is_video = visual.ndim == 4 or (visual.ndim == 3 and visual.shape[-1] not in (1, 3, 4))
@@ -190,7 +190,8 @@ class Preprocess(grain.RandomMapTransform):
     height, width = image_size(config)
     if config.random_flip and rng.random() < 0.5:
       frames, left = frames[:, :, ::-1], scaled_width - left - width
-    size_ids = {"size_ids": np.array([*original, top, left, height, width], np.float32)} if config.size_ids else {}
+    target = (config.aesthetic_score,) if config.aesthetic_score else (height, width)
+    size_ids = {"size_ids": np.array([*original, top, left, *target], np.float32)} if config.size_ids else {}
     frames = frames.astype(np.float32) / 127.5 - 1.0
     still = is_video and config.image_fraction > 0 and rng.random() < config.image_fraction
     if still:  # joint image-video training: one frame as a static clip, temporal layers switched off
@@ -275,5 +276,6 @@ def synthetic_batch(config) -> dict:
   if config.model.temporal:
     batch["is_video"] = np.ones((b,), bool)
   if config.data.size_ids:
-    batch["size_ids"] = np.tile(np.array([h, w, 0, 0, h, w], np.float32), (b, 1))
+    target = (config.data.aesthetic_score,) if config.data.aesthetic_score else (h, w)
+    batch["size_ids"] = np.tile(np.array([h, w, 0, 0, *target], np.float32), (b, 1))
   return batch

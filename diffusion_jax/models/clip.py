@@ -251,6 +251,13 @@ def is_text_model(path) -> bool:
   return file.is_file() and json.loads(file.read_text()).get("model_type") == "clip_text_model"
 
 
+def has_text_projection(path) -> bool:
+  """Whether a local CLIP text model directory holds a CLIPTextModelWithProjection (its config.json's
+  architectures), as SDXL's text_encoder_2/."""
+  file = pathlib.Path(path).expanduser() / "config.json"
+  return file.is_file() and "CLIPTextModelWithProjection" in json.loads(file.read_text()).get("architectures", [])
+
+
 def read_text_config(path, field: str = "text.pretrained_path") -> dict:
   """The config.json of a local CLIPTextModel directory, with its defaults; a ValueError naming `field`."""
   config = json.loads((pathlib.Path(path).expanduser() / "config.json").read_text()) if is_text_model(path) else None

@@ -4,6 +4,10 @@ OpenCLIP ViT-bigG's), each reading its own tokenizer's ids. The U-Net cross-atte
 all but the last layer of both, concatenated, and adds to its time embedding the second's projected end-of-text
 state (the pooled embedding) beside the image's size and crop (`time_ids`).
 
+The SDXL refiner has the second encoder alone (its root has no text_encoder/): it cross-attends to that encoder's
+penultimate states, and its time ids end with an aesthetic score instead of the target size. Its null condition is
+the empty prompt's encoding (its pipeline's force_zeros_for_empty_prompt is false).
+
 As one text condition (what training, sampling, guidance and the text-embedding cache pass around as `text`) the
 two travel together: [n, tokens, width_1 + width_2 + projection_dim], the pooled embedding repeated beside every
 token; `split` takes it apart. Its null condition is zeros, as SDXL's pipelines' (force_zeros_for_empty_prompt).
@@ -17,30 +21,33 @@ from diffusion_jax.models import clip, init_rngs
 
 class TextEncoders(nnx.Module):
   """(ids [n, 2 tokens]: the first tokenizer's ids, then the second's; mask, not read) -> the text condition
-  [n, tokens, width_1 + width_2 + projection_dim]. lora_rank: both encoders' LoRA (clip.TextModel)."""
+  [n, tokens, width_1 + width_2 + projection_dim]. Without a first encoder (first_config None: the refiner's), ids
+  [n, tokens] of the second's tokenizer -> [n, tokens, width_2 + projection_dim]. lora_rank: both encoders' LoRA
+  (clip.TextModel)."""
 
-  def __init__(self, first_config: dict, second_config: dict, *, rngs: nnx.Rngs, lora_rank=0):
-    self.first = clip.TextModel(first_config, rngs=rngs, lora_rank=lora_rank)
+  def __init__(self, first_config: dict | None, second_config: dict, *, rngs: nnx.Rngs, lora_rank=0):
+    self.first = clip.TextModel(first_config, rngs=rngs, lora_rank=lora_rank) if first_config else None
     self.second = clip.TextModelWithProjection(second_config, rngs=rngs, lora_rank=lora_rank)
 
   def __call__(self, ids, mask=None):
     del mask
-    first_ids, second_ids = jnp.split(ids, 2, axis=1)
-    first, _ = self.first.text_model.penultimate_and_pooled(first_ids)
+    first_ids, second_ids = jnp.split(ids, 2, axis=1) if self.first is not None else (None, ids)
     second, pooled = self.second.text_model.penultimate_and_pooled(second_ids)
+    states = [self.first.text_model.penultimate_and_pooled(first_ids)[0]] if self.first is not None else []
     pooled = self.second.text_projection(pooled)
-    pooled = jnp.broadcast_to(pooled[:, None], first.shape[:2] + pooled.shape[-1:])
-    return jnp.concatenate([first, second, pooled], axis=-1)
+    pooled = jnp.broadcast_to(pooled[:, None], second.shape[:2] + pooled.shape[-1:])
+    return jnp.concatenate(states + [second, pooled], axis=-1)
 
 
-def load(first_path, second_path) -> TextEncoders:
+def load(first_path, second_path, second_field: str = "text.second_encoder_path") -> TextEncoders:
   """TextEncoders with the weights of SDXL's text_encoder/ (text.pretrained_path) and text_encoder_2/
-  (text.second_encoder_path) folders."""
-  encoders = nnx.eval_shape(lambda: TextEncoders(clip.read_text_config(first_path),
-                                                 clip.read_text_config(second_path, "text.second_encoder_path"),
+  (text.second_encoder_path) folders; first_path empty: the refiner's, its text_encoder_2/ alone (at `second_field`,
+  text.pretrained_path)."""
+  encoders = nnx.eval_shape(lambda: TextEncoders(clip.read_text_config(first_path) if first_path else None,
+                                                 clip.read_text_config(second_path, second_field),
                                                  rngs=init_rngs.seeded(0)))
-  encoders.first = clip.load_text(first_path)
-  encoders.second = clip.load_text(second_path, "text.second_encoder_path", with_projection=True)
+  encoders.first = clip.load_text(first_path) if first_path else None
+  encoders.second = clip.load_text(second_path, second_field, with_projection=True)
   return encoders
 
 
@@ -50,7 +57,11 @@ def split(text, width: int):
   return text[..., :width], text[:, 0, width:]
 
 
-def time_ids(batch: int, height: int, width: int):
+def time_ids(batch: int, height: int, width: int, aesthetic_score=None):
   """[batch, 6] float32: SDXL's size and crop condition of an image of height x width pixels, uncropped and made at
-  its own size (the pipelines' default: original size, crop top-left (0, 0), target size)."""
-  return jnp.broadcast_to(jnp.array([height, width, 0, 0, height, width], jnp.float32), (batch, 6))
+  its own size (the pipelines' default: original size, crop top-left (0, 0), target size); with an aesthetic_score
+  (a float, or [batch]), the refiner's [batch, 5]: the score instead of the target size."""
+  if aesthetic_score is None:
+    return jnp.broadcast_to(jnp.array([height, width, 0, 0, height, width], jnp.float32), (batch, 6))
+  size = jnp.broadcast_to(jnp.array([height, width, 0, 0], jnp.float32), (batch, 4))
+  return jnp.concatenate([size, jnp.broadcast_to(jnp.asarray(aesthetic_score, jnp.float32), (batch,))[:, None]], 1)

@@ -51,6 +51,12 @@ class TextToImage(nnx.Module):
     elif config.text.second_encoder_path:  # SDXL's two CLIP text transformers; its null condition is zeros
       self.text_encoder = sdxl_text.TextEncoders(clip.read_text_config(text_path), clip.read_text_config(
           config.text.second_encoder_path, "text.second_encoder_path"), rngs=rngs, lora_rank=text_lora)
+    elif sdxl_refiner(config):  # the SDXL refiner's: SDXL's second encoder alone; its null condition is the empty
+      # prompt's encoding
+      self.text_encoder = sdxl_text.TextEncoders(None, clip.read_text_config(text_path), rngs=rngs,
+                                                 lora_rank=text_lora)
+      ids, _ = tokenizers.from_config(config)([""])
+      self.empty_prompt_ids = tuple(int(i) for i in ids[0])
     elif text_path and clip.is_text_model(text_path):  # Stable Diffusion's: CLIP's text transformer
       self.text_encoder = clip.TextModel(clip.read_text_config(text_path), rngs=rngs, lora_rank=text_lora)
       ids, _ = tokenizers.from_config(config)([""])
@@ -93,6 +99,8 @@ class TextToImage(nnx.Module):
         self.token_width = self.sd_unet.cross_attention_dim
     else:
       self.unet = unet.UNet(m, rngs=rngs)
+    # The SDXL refiner's aesthetic score id where no size_ids are given (data.aesthetic_score); None: not a refiner
+    self.aesthetic_score = config.data.aesthetic_score if sdxl_refiner(config) else None
     vae = autoencoder.read_config(latent_path) if latent_path else None
     self.autoencoder = autoencoder.AutoencoderKL(vae, rngs=rngs) if vae else None
     self.pixels_per_latent = autoencoder.downsampling_factor(vae) if vae else 1
@@ -184,10 +192,12 @@ class TextToImage(nnx.Module):
     return self.image_condition(clips[:, 0], clips.shape[1], clips[:, -1], jnp.ones(clips.shape[:1], bool))
 
   def __call__(self, x, logsnr, text, text_mask, lowres=None, aug_logsnr=None, dropout_key=None, is_video=None,
-               condition=None, expert=None, size_ids=None, skip_layers=(), flux_guidance=None):
+               condition=None, expert=None, size_ids=None, skip_layers=(), flux_guidance=None, aesthetic_score=None):
     """skip_layers: SD3's blocks left out (skip-layer guidance's pass). flux_guidance: the guidance scale FLUX.1 dev (a
     guidance-distilled Flux) is told to follow (None: model.flux_guidance, the one it trained with). size_ids: SDXL's
-    size and crop ids [batch, 6] (data.size_ids; None: sdxl_text.time_ids of x's image size, as sampling's). expert:
+    size and crop ids [batch, 6] (the refiner's [batch, 5], the last an aesthetic score; data.size_ids; None:
+    sdxl_text.time_ids of x's image size, as sampling's, and the refiner's aesthetic_score, default
+    data.aesthetic_score; read by the refiner alone). expert:
     with a pair of Wan experts, 'high' or 'low' runs that one on every example (a batch at its noise levels); None gives
     each example its noise level's. condition: an image-to-video model's (image_condition), an inpainting model's
     (inpainting_condition), FLUX.1 Kontext's (reference_condition: optional), FLUX.1 Depth / Canny's
@@ -248,7 +258,9 @@ class TextToImage(nnx.Module):
         return self.sd_unet(x, sd_unet.timestep(logsnr), text)
       tokens, pooled = sdxl_text.split(text, self.token_width)  # SDXL
       if size_ids is None:
-        size_ids = sdxl_text.time_ids(x.shape[0], *(self.pixels_per_latent * n for n in x.shape[1:3]))
+        score = None if self.aesthetic_score is None else (
+            self.aesthetic_score if aesthetic_score is None else aesthetic_score)
+        size_ids = sdxl_text.time_ids(x.shape[0], *(self.pixels_per_latent * n for n in x.shape[1:3]), score)
       return self.sd_unet(x, sd_unet.timestep(logsnr), tokens, pooled, size_ids)
     network = self.dit if self.backbone == "dit" else self.unet
     return network(x, logsnr, text, text_mask, lowres=lowres, aug_logsnr=aug_logsnr, dropout_key=dropout_key,
@@ -307,6 +319,8 @@ def pretrained_parts(config) -> dict:
     parts["text_encoder"] = lambda: flux_text.load(config)
   elif t.second_encoder_path:
     parts["text_encoder"] = lambda: sdxl_text.load(t.pretrained_path, t.second_encoder_path)
+  elif sdxl_refiner(config):
+    parts["text_encoder"] = lambda: sdxl_text.load("", t.pretrained_path, "text.pretrained_path")
   elif t.pretrained_path and clip.is_text_model(t.pretrained_path):
     parts["text_encoder"] = lambda: clip.load_text(t.pretrained_path)
   elif t.pretrained_path:
@@ -314,6 +328,13 @@ def pretrained_parts(config) -> dict:
   if config.latent.autoencoder_path:
     parts["autoencoder"] = lambda: autoencoder.load_diffusers(config.latent.autoencoder_path)
   return parts
+
+
+def sdxl_refiner(config) -> bool:
+  """Whether the config's network is the SDXL refiner's U-Net: SDXL's (addition_embed_type 'text_time') with one
+  text encoder, SDXL's second (text.pretrained_path: a CLIPTextModelWithProjection; config_checks)."""
+  return (config.model.backbone == "sd_unet" and not config.text.second_encoder_path
+          and sd_unet.read_config(config.model.sd_unet_path)["addition_embed_type"] == sd_unet.TEXT_TIME)
 
 
 def pretrained_weights(config) -> dict:
