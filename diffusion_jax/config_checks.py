@@ -248,16 +248,14 @@ def sdxl_unet_problems(config, unet: dict) -> list[str]:
             "tokenizer_2/); the SDXL refiner's U-Net, whose root has no text_encoder/, reads text_encoder_2/ as "
             "text.pretrained_path"]
   pooled, width = clip.read_text_config(pooled_path, field)["projection_dim"], unet["addition_time_embed_dim"]
-  ids = 5 if refiner else 6
-  if pooled + ids * width != unet["projection_class_embeddings_input_dim"]:
-    other = 6 if refiner else 5
-    hint = ((" (an SDXL base U-Net, which reads 6: set text.second_encoder_path and text.second_tokenizer_path, and "
-             "text.pretrained_path to its text_encoder/)") if refiner else
-            " (an SDXL refiner's U-Net, which reads 5: its one text encoder, text_encoder_2/, is text.pretrained_path)")
-    return [f"SDXL's U-Net reads {unet['projection_class_embeddings_input_dim']} added features "
-            f"(projection_class_embeddings_input_dim), not the {field} encoder's pooled {pooled} beside {ids} time "
-            f"ids of {width} ({pooled + ids * width})"
-            + (hint if pooled + other * width == unet["projection_class_embeddings_input_dim"] else "")]
+  added = unet["projection_class_embeddings_input_dim"]
+  ids, reads = (5 if refiner else 6), (added - pooled) / width  # (reads: the time ids beside this pooled embedding)
+  if reads != ids:
+    hint = {5: "; an SDXL refiner's U-Net reads 5: its one text encoder (text_encoder_2/) is text.pretrained_path",
+            6: "; an SDXL base U-Net reads 6: set text.second_encoder_path and text.second_tokenizer_path, and "
+               "text.pretrained_path to its text_encoder/"}.get(reads, "")
+    return [f"SDXL's U-Net reads {added} added features (projection_class_embeddings_input_dim), not the {field} "
+            f"encoder's pooled {pooled} beside {ids} time ids of {width} ({pooled + ids * width}){hint}"]
   return aesthetic_problems(config, refiner)
 
 

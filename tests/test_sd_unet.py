@@ -397,7 +397,8 @@ def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_image
   pooled embedding), its null condition the empty prompt's encoding (the pipeline's negative:
   force_zeros_for_empty_prompt false), and the network's prediction at timestep 500 is the pipeline's U-Net's given
   the pipeline's time ids, the last an aesthetic score: 6 (the conditional branch's), 2.5 (guidance's other branch's)
-  or the data's (data.size_ids). The config check asks for data.aesthetic_score with its U-Net. The sampler refines
+  or the data's (data.size_ids). The config check asks for data.aesthetic_score with its U-Net, and names an SDXL
+  base U-Net's 6 time ids given the refiner's one encoder. The sampler refines
   an image (--init_image), and the other branch's aesthetic score changes what it makes."""
   from configs import stable_diffusion
   from diffusion_jax.data import captioned_shapes
@@ -416,6 +417,10 @@ def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_image
   bad = config.copy_and_resolve_references()
   bad.data.aesthetic_score = 0.0
   assert "The SDXL refiner's U-Net reads its images' aesthetic score as a time id: set data.aesthetic_score" in (
+      " ".join(config_checks.problems(bad, device_count=8)))
+  save_tiny_sd_unet(tmp_path / "base_unet", cross_attention_dim=16, sdxl=True)  # (SDXL base's 6 time ids)
+  bad.data.aesthetic_score, bad.model.sd_unet_path = 6.0, str(tmp_path / "base_unet")
+  assert "beside 5 time ids of 8 (52); an SDXL base U-Net reads 6: set text.second_encoder_path" in (
       " ".join(config_checks.problems(bad, device_count=8)))
 
   weights, graphdef, mesh = sample.load_pretrained(config)
