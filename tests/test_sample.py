@@ -208,6 +208,7 @@ def test_a_guide_must_see_and_predict_what_the_model_does(trained):
     ({"edit_noise": "null_text_inversion"}, None, r"--edit_noise='null_text_inversion' optimises guidance's text for "
      r"deterministic DDIM steps: set sampler='ddim' and eta=0 \(not sampler='dpmpp_2m', eta=0.0\)"),
     ({"null_text_iterations": 5}, None, "--null_text_iterations: not used here"),  # nothing is edited
+    ({"negative_aesthetic_score": 2.0}, None, "--negative_aesthetic_score: only the SDXL refiner's U-Net reads"),
     ({}, "\n\n", "has no prompts"),
     ({"width": 7}, None, r"--width=7 must be a multiple of 2 \(the U-Net's 2 \*\* \(levels - 1\), 2 levels\)"),
 ])
