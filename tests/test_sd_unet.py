@@ -398,8 +398,9 @@ def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_image
   force_zeros_for_empty_prompt false), and the network's prediction at timestep 500 is the pipeline's U-Net's given
   the pipeline's time ids, the last an aesthetic score: 6 (the conditional branch's), 2.5 (guidance's other branch's)
   or the data's (data.size_ids). The config check asks for data.aesthetic_score with its U-Net, and names an SDXL
-  base U-Net's 6 time ids given the refiner's one encoder. The sampler refines
-  an image (--init_image), and the other branch's aesthetic score changes what it makes."""
+  base U-Net's 6 time ids given the refiner's one encoder. The sampling job (sample --config) refines an image
+  (--init_image), recording both scores, and the other branch's (--negative_aesthetic_score) changes what it
+  makes."""
   from configs import stable_diffusion
   from diffusion_jax.data import captioned_shapes
   from diffusion_jax.text import tokenizers
@@ -423,7 +424,7 @@ def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_image
   assert "beside 5 time ids of 8 (52); an SDXL base U-Net reads 6: set text.second_encoder_path" in (
       " ".join(config_checks.problems(bad, device_count=8)))
 
-  weights, graphdef, mesh = sample.load_pretrained(config)
+  weights, graphdef, _ = sample.load_pretrained(config)
   prompts = ["a large red circle at the top left!", "two small blue squares"]
   ids, mask = tokenizers.from_config(config)(prompts)
   latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
@@ -458,15 +459,19 @@ def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_image
   for ours, theirs in zip(predictions, expected):
     np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), theirs.numpy(), atol=1e-4)
 
-  images = np.random.default_rng(2).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
-  sample_config = config.sample.copy_and_resolve_references()
-  sample_config.update(steps=10, num_per_prompt=1)
-  refine = lambda: sample.generate(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config),
-                                   prompts[:1], sample_config, mesh, init_images=images)[:, 0].astype(int)
-  refined = refine()
-  assert refined.shape == images.shape
-  sample_config.negative_aesthetic_score = 6.0
-  assert np.abs(refine() - refined).max() > 0
+  import PIL.Image
+
+  from diffusion_jax import media
+
+  PIL.Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+  config.sample.prompts = prompts[:1]
+  refine = lambda name, **scores: np.asarray(PIL.Image.open(sample.run(
+      None, {"steps": 10, "num_per_prompt": 1, **scores}, output_dir=tmp_path / name, init_image=tmp_path / "a.png",
+      config=config).parent / "p000_00.png"), int)
+  refined = refine("refined")
+  assert refined.shape == (32, 32, 3)
+  assert media.read_provenance(tmp_path / "refined" / "p000_00.png")["aesthetic_scores"] == "[6.0, 2.5]"
+  assert np.abs(refine("other", negative_aesthetic_score=6.0) - refined).max() > 0
 
 
 def save_kohya_lora(directory, shapes: dict) -> dict:
