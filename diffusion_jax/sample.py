@@ -140,9 +140,9 @@ Flags:
 
 Every PNG carries its provenance (prompt, negative prompt if any, an edit's init image, mask and strength, seed,
 sampler, steps, guidance, FLUX.1 dev's --flux_guidance, SD3's skip-layer guidance, the SDXL refiner's aesthetic
-scores, checkpoint step, config hash, LoRA adapters) as PNG text chunks, and the same record is a line of manifest.jsonl. A video model writes each clip
-as an animated GIF (provenance in the GIF comment), an H.264 MP4 (provenance in its comment tag) and a PNG strip of
-its frames, plus grid.gif and grid.mp4.
+scores, checkpoint step, config hash, LoRA adapters) as PNG text chunks, and the same record is a line of
+manifest.jsonl. A video model writes each clip as an animated GIF (provenance in the GIF comment), an H.264 MP4
+(provenance in its comment tag) and a PNG strip of its frames, plus grid.gif and grid.mp4.
 """
 
 import functools
