@@ -400,7 +400,8 @@ def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_image
   or the data's (data.size_ids). The config check asks for data.aesthetic_score with its U-Net, and names an SDXL
   base U-Net's 6 time ids given the refiner's one encoder. The sampling job (sample --config) refines an image
   (--init_image), recording both scores, and the other branch's (--negative_aesthetic_score) changes what it
-  makes."""
+  makes. A LoRA of its U-Net and text encoder trains on the data's ids; written in diffusers' layout, the
+  pipeline's load_lora_weights and fuse_lora make what the run exported whole (export.py) holds."""
   from configs import stable_diffusion
   from diffusion_jax.data import captioned_shapes
   from diffusion_jax.text import tokenizers
@@ -472,6 +473,22 @@ def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_image
   assert refined.shape == (32, 32, 3)
   assert media.read_provenance(tmp_path / "refined" / "p000_00.png")["aesthetic_scores"] == "[6.0, 2.5]"
   assert np.abs(refine("other", negative_aesthetic_score=6.0) - refined).max() > 0
+
+  from diffusion_jax import lora
+
+  config.model.update(lora_rank=2, lora_text_encoder=True)  # a LoRA of it and its text encoder, on the data's ids
+  config.train.update(batch_size=8, steps=2, checkpoint_every=2, log_every=1, sample_every=0)
+  config.optimizer.learning_rate = 1e-2
+  train.train_and_evaluate(config, tmp_path / "run")
+  lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
+  weights = lambda part: {k.replace(".base_layer", ""): v.clone() for k, v in getattr(pipeline, part).state_dict().items()
+                          if "lora_" not in k}  # (a loaded adapter wraps each adapted layer's base_layer)
+  base = {part: weights(part) for part in ("unet", "text_encoder_2")}
+  pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
+  pipeline.fuse_lora()
+  for part, before in base.items():  # (the trained updates matter)
+    assert max(float((v - before[k]).abs().max()) for k, v in weights(part).items()) > 1e-4, part
+  exported_run_holds_the_fused_pipeline(tmp_path / "run", pipeline, ("unet", "text_encoder_2", "vae"))
 
 
 def save_kohya_lora(directory, shapes: dict) -> dict:
