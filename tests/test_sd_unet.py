@@ -481,8 +481,8 @@ def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_image
   config.optimizer.learning_rate = 1e-2
   train.train_and_evaluate(config, tmp_path / "run")
   lora.export(tmp_path / "run", tmp_path / "diffusers.safetensors", use_ema=False, layout="diffusers")
-  weights = lambda part: {k.replace(".base_layer", ""): v.clone() for k, v in getattr(pipeline, part).state_dict().items()
-                          if "lora_" not in k}  # (a loaded adapter wraps each adapted layer's base_layer)
+  weights = lambda part: {k.replace(".base_layer", ""): v.clone()  # (a loaded adapter wraps each layer's base_layer)
+                          for k, v in getattr(pipeline, part).state_dict().items() if "lora_" not in k}
   base = {part: weights(part) for part in ("unet", "text_encoder_2")}
   pipeline.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
   pipeline.fuse_lora()
