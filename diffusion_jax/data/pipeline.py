@@ -20,6 +20,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from diffusion_jax.data import captioned_shapes, folder_dataset, moving_shapes
+from diffusion_jax.models import sdxl_text
 from diffusion_jax.text import tokenizers
 
 DATASETS = ("captioned_shapes", "moving_shapes", "folder", "folder_clips", "tfds")
@@ -190,8 +191,9 @@ class Preprocess(grain.RandomMapTransform):
     height, width = image_size(config)
     if config.random_flip and rng.random() < 0.5:
       frames, left = frames[:, :, ::-1], scaled_width - left - width
-    target = (config.aesthetic_score,) if config.aesthetic_score else (height, width)
-    size_ids = {"size_ids": np.array([*original, top, left, *target], np.float32)} if config.size_ids else {}
+    score = config.aesthetic_score or None  # (0: SDXL base's ids, which end with the training size)
+    size_ids = ({"size_ids": sdxl_text.size_ids(original, (top, left), (height, width), score)} if config.size_ids
+                else {})
     frames = frames.astype(np.float32) / 127.5 - 1.0
     still = is_video and config.image_fraction > 0 and rng.random() < config.image_fraction
     if still:  # joint image-video training: one frame as a static clip, temporal layers switched off
@@ -276,6 +278,5 @@ def synthetic_batch(config) -> dict:
   if config.model.temporal:
     batch["is_video"] = np.ones((b,), bool)
   if config.data.size_ids:
-    target = (config.data.aesthetic_score,) if config.data.aesthetic_score else (h, w)
-    batch["size_ids"] = np.tile(np.array([h, w, 0, 0, *target], np.float32), (b, 1))
+    batch["size_ids"] = np.tile(sdxl_text.size_ids((h, w), (0, 0), (h, w), config.data.aesthetic_score or None), (b, 1))
   return batch

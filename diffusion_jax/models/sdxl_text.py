@@ -14,6 +14,7 @@ token; `split` takes it apart. Its null condition is zeros, as SDXL's pipelines'
 """
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import clip, init_rngs
@@ -57,11 +58,16 @@ def split(text, width: int):
   return text[..., :width], text[:, 0, width:]
 
 
+def size_ids(original, top_left, target, aesthetic_score=None) -> np.ndarray:
+  """SDXL's size and crop condition of one image, [6] float32: its original (height, width), the (top, left) of its
+  crop, the target (height, width); with an aesthetic_score, the refiner's [5]: the score instead of the target."""
+  last = tuple(target) if aesthetic_score is None else (aesthetic_score,)
+  return np.array([*original, *top_left, *last], np.float32)
+
+
 def time_ids(batch: int, height: int, width: int, aesthetic_score=None):
-  """[batch, 6] float32: SDXL's size and crop condition of an image of height x width pixels, uncropped and made at
-  its own size (the pipelines' default: original size, crop top-left (0, 0), target size); with an aesthetic_score
-  (a float, or [batch]), the refiner's [batch, 5]: the score instead of the target size."""
-  if aesthetic_score is None:
-    return jnp.broadcast_to(jnp.array([height, width, 0, 0, height, width], jnp.float32), (batch, 6))
-  size = jnp.broadcast_to(jnp.array([height, width, 0, 0], jnp.float32), (batch, 4))
-  return jnp.concatenate([size, jnp.broadcast_to(jnp.asarray(aesthetic_score, jnp.float32), (batch,))[:, None]], 1)
+  """[batch, 6] float32 (the refiner's, with an aesthetic_score: [batch, 5]): size_ids of an image of height x width
+  pixels, uncropped and made at its own size (the pipelines' default: original size, crop top-left (0, 0), target
+  size)."""
+  ids = size_ids((height, width), (0, 0), (height, width), aesthetic_score)
+  return jnp.broadcast_to(jnp.asarray(ids), (batch,) + ids.shape)
