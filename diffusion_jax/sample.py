@@ -777,7 +777,8 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
       problems.append(problem)
   scores = [f"--{name}" for name in ("aesthetic_score", "negative_aesthetic_score") if overrides.get(name) is not None]
   if scores and not text_to_image.sdxl_refiner(config):
-    problems.append(f"{' and '.join(scores)}: only the SDXL refiner's U-Net reads an aesthetic score")
+    problems.append(f"{' and '.join(scores)}: only the SDXL refiner's U-Net reads an aesthetic score; leave "
+                    f"{'them' if len(scores) > 1 else 'it'} out")
   if problems:
     raise ValueError("; ".join(problems))
   if sample_config.video_length and not config.model.temporal:
