@@ -50,10 +50,11 @@ Flags:
                     0.2) by --skip_layer_scale, as StableDiffusion3Pipeline's skip_guidance_layers; none = off
                     (default: config sample.skip_layers, () = off); with classifier-free guidance only
   --skip_layer_scale skip-layer guidance's scale, >= 0 (default: config sample.skip_layer_scale, 2.8: the pipeline's)
-  --aesthetic_score the SDXL refiner: the aesthetic score its U-Net is told the sample has, a time id (default:
-                    config sample.aesthetic_score, 6: its pipeline's); refused for other models
-  --negative_aesthetic_score  the SDXL refiner: the aesthetic score guidance's other branch is told (default: config
-                    sample.negative_aesthetic_score, 2.5: its pipeline's); refused for other models
+  --aesthetic_score the SDXL refiner (--config's or --refiner's): the aesthetic score its U-Net is told the sample
+                    has, a time id (default: its config's sample.aesthetic_score, 6: its pipeline's); refused for
+                    other models
+  --negative_aesthetic_score  the SDXL refiner: the aesthetic score guidance's other branch is told (default: its
+                    config's sample.negative_aesthetic_score, 2.5: its pipeline's); refused for other models
   --height, --width the samples' size in pixels, any the network divides (its autoencoder's downsampling times
                     the U-Net's levels' or the patch of a DiT or Wan: Wan's 480 x 832, say); --init_image, --mask
                     and --init_video are brought to it (default: config sample.height and sample.width, 0 = the
@@ -122,6 +123,15 @@ Flags:
                     the model does (autoguidance.GUIDE_FIELDS)
   --guide_step      the guide's checkpoint (default: its latest); without --guide_workdir, a checkpoint of --workdir
                     (a cascade's stages take theirs as --cascade.stages[K].guide_workdir=DIR and guide_step=N)
+  --refiner         an ensemble of experts (refiner.py; SDXL's base and refiner): a config read from pretrained
+                    checkpoints, as --config's (configs/stable_diffusion.py:/path/to/stable-diffusion-xl-refiner-1.0;
+                    --refiner.FIELD=VALUE overriding its fields), whose model runs the last part of every sample's
+                    grid from the model's latents, with the model's sampler, steps, guidance, size and negative
+                    prompts and its own aesthetic scores; both must share the latents' shape and the schedule; no
+                    edits, autoguidance or --cascade
+  --denoising_end   with --refiner: the part of the grid the model runs, in (0, 1): the steps at the training
+                    schedule's noise level at t = 1 - it and noisier (on SD's DDPM table: timestep round(1000 (1 -
+                    it)) and above, the cutoff of diffusers' denoising_end and denoising_start) (default 0.8)
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -140,9 +150,10 @@ Flags:
 
 Every PNG carries its provenance (prompt, negative prompt if any, an edit's init image, mask and strength, seed,
 sampler, steps, guidance, FLUX.1 dev's --flux_guidance, SD3's skip-layer guidance, the SDXL refiner's aesthetic
-scores, checkpoint step, config hash, LoRA adapters) as PNG text chunks, and the same record is a line of
-manifest.jsonl. A video model writes each clip as an animated GIF (provenance in the GIF comment), an H.264 MP4
-(provenance in its comment tag) and a PNG strip of its frames, plus grid.gif and grid.mp4.
+scores, a --refiner's handoff, config hash and scores, checkpoint step, config hash, LoRA adapters) as PNG text
+chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as an animated GIF
+(provenance in the GIF comment), an H.264 MP4 (provenance in its comment tag) and a PNG strip of its frames, plus
+grid.gif and grid.mp4.
 """
 
 import functools
@@ -164,6 +175,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import (autoguidance, checkpoint, cli, config_checks, distillation, distributed, edit_inputs,
                            editing, lora, media, samplers, schedules, sharding, superres, video_extension)
+from diffusion_jax import refiner as refiners
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import autoencoder, text_to_image, wan_transformer
 
@@ -266,9 +278,9 @@ def output_shape(config, sample_config) -> tuple:
   return (autoencoder.latent_frames(vae, clip_frames(config, sample_config)),) + shape
 
 
-def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
+def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None, handoff=None):
   """(params, frozen, keys [n, 2] uint32, ids [n, tokens], mask [n, tokens], lowres, negative, init, first_frames,
-  guide) -> samples
+  guide, latents) -> samples
   [n, (frames,) h, w, c] in [-1, 1] (image_size; a latent model's decoded latents). Each sample's starting noise (and a
   stochastic sampler's noise at every step) comes from its own key, so a sample does not depend on the batch
   it is generated in (nor on the device count). lowres: a super-resolution stage's input [n, (frames,) r, r, c]
@@ -281,7 +293,9 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   [n, h, w, c], last [n, h, w, c] in [-1, 1], last_given [n] bool), the images an image-to-video model's clips start
   at and, where last_given, end at (both guidance branches read their condition), or None. guide: (params,
   frozen) of the autoguidance model of `guide_graphdef` (autoguidance.py), whose prediction for the prompt is
-  guidance's other branch instead of the unconditional one, or None."""
+  guidance's other branch instead of the unconditional one, or None. handoff: an ensemble of experts' (refiner.py)
+  index into the grid: without latents, the model runs the grid to it and returns its latents there [n, (frames,)
+  h', w', c'] as they are (output_shape); with latents (those), it runs the rest of the grid from them."""
   d, s = config.diffusion, sample_config
   logsnr = sampling_logsnr(config, sample_config)
   # numpy: still concrete inside the jitted function, where editing.inverted reads whether the grid ends clean
@@ -289,7 +303,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
   shape = output_shape(config, sample_config)
   frames = clip_frames(config, sample_config) if config.model.temporal else 1
 
-  def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, first_frames=None, guide=None):
+  def generate(params, frozen, keys, ids, mask, lowres=None, negative=None, init=None, first_frames=None, guide=None,
+               latents=None):
     model = nnx.merge(graphdef, params, frozen)
     # The network's prediction: FLUX.1 dev told another guidance scale than it trained with where sample.flux_guidance
     predict = model if s.flux_guidance == -1 else functools.partial(model, flux_guidance=s.flux_guidance)
@@ -382,9 +397,15 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None):
         denoise = make_denoise((text, mask), lambda logsnr: nulls[editing.step_of(logsnr, grid_logsnr),
                                                            jnp.arange(logsnr.shape[0])])
       denoise = editing.inpainting_denoiser(denoise, known, keep_latent, s.reconstruction_guidance)
+    if handoff is not None:  # an ensemble of experts: the model's noisy part of the grid, or the refiner's rest
+      grid_alpha, grid_sigma = (alpha[:handoff + 1], sigma[:handoff + 1]) if latents is None else (
+          alpha[handoff:], sigma[handoff:])
+      x_init = x_init if latents is None else latents
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # each sample's own stochastic-sampler noise
     images = samplers.sample(denoise, x_init, grid_alpha, grid_sigma, s.sampler, key=step_keys, eta=s.eta,
                              on_step=SamplingProgress(len(grid_alpha) - 1, s.sampler))
+    if handoff is not None and latents is None:
+      return images
     if residual:
       images = superres.from_residual(images, clean_lowres, config)
     images = jnp.clip(model.from_latents(images), -1.0, 1.0)
@@ -431,15 +452,16 @@ class SamplingProgress:
                100 * step // self.steps, elapsed, elapsed * (self.steps - step) / step)
 
 
-def compiled_sampler(config, graphdef, sample_config, mesh, guide=None):
+def compiled_sampler(config, graphdef, sample_config, mesh, guide=None, handoff=None):
   """The jitted `make_generate_fn` for this experiment and these settings (and the architecture of the
-  autoguidance.Guide `guide`), built once per process: an evaluation job reuses one compiled program for every
-  checkpoint."""
+  autoguidance.Guide `guide`, and the handoff of an ensemble of experts), built once per process: an evaluation job
+  reuses one compiled program for every checkpoint."""
   hashable = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # config.json: lists
   key = (config_hash(config), tuple(hashable(sample_config[k]) for k in COMPILED_SETTINGS), mesh,
-         guide and config_hash(guide.config))
+         guide and config_hash(guide.config), handoff)
   if key not in _compiled_samplers:
-    _compiled_samplers[key] = jax.jit(make_generate_fn(config, graphdef, sample_config, guide and guide.graphdef),
+    _compiled_samplers[key] = jax.jit(make_generate_fn(config, graphdef, sample_config, guide and guide.graphdef,
+                                                       handoff),
                                       out_shardings=sharding.batch_sharding(mesh))
   return _compiled_samplers[key]
 
@@ -452,7 +474,7 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
              lowres=None, negative_prompts=None, init_images=None, keep_masks=None, keys=None,
-             guide=None, source_prompts=None) -> np.ndarray:
+             guide=None, source_prompts=None, handoff=None, latents=None) -> np.ndarray:
   """Samples [len(prompts), num_per_prompt, (frames,) h, w, c] uint8 (image_size), sample.batch_size at a time
   (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
   serves every batch (the last is padded), and more than one batch logs progress with an ETA.
@@ -469,7 +491,9 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   autoguidance.Guide, guidance's other branch instead of the unconditional model (refused with negative prompts,
   which that branch would read).
   source_prompts: with sample.edit_noise "source_inversion" or "null_text_inversion", what each init image shows,
-  one per prompt (editing.py)."""
+  one per prompt (editing.py). handoff: an ensemble of experts' index into the grid (refiner.py): without latents,
+  the model's latents there, float32 [len(prompts), num_per_prompt, *output_shape], instead of samples; with latents
+  (those), the samples the rest of the grid makes from them."""
   if init_images is not None:
     edit_inputs.check_editable(config)
   first_frames = None
@@ -530,15 +554,20 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     inputs.append(None)
   inputs.append(None if first_frames is None else (rows(media.to_float(first_frames[0])),
                                                    rows(media.to_float(first_frames[1])), rows(first_frames[2])))
-  generate_fn, batch = compiled_sampler(config, graphdef, sample_config, mesh, guide), sharding.batch_sharding(mesh)
+  generate_fn = compiled_sampler(config, graphdef, sample_config, mesh, guide, handoff)
+  batch = sharding.batch_sharding(mesh)
   guide_weights = None if guide is None else jax.device_put((guide.params, guide.frozen), sharding.replicated(mesh))
+  handed = None if latents is None else np.asarray(latents, np.float32).reshape((-1,) + np.shape(latents)[2:])
+  handed = None if handed is None else np.concatenate([handed, np.zeros((pad,) + handed.shape[1:], handed.dtype)])
   place = lambda a, first: None if a is None else jax.device_put(jax.tree.map(lambda x: x[first:first + chunk], a),
                                                                    batch)
   outputs, start = [], time.time()
   for first in range(0, len(keys), chunk):
     with jax.set_mesh(mesh):  # traced under the mesh the models' sharding.constrain reads (sequence parallelism)
-      images = generate_fn(params, frozen, *(place(a, first) for a in inputs), guide_weights)
-    outputs.append(media.to_uint8(np.asarray(multihost_utils.process_allgather(images, tiled=True))))
+      images = generate_fn(params, frozen, *(place(a, first) for a in inputs), guide_weights,
+                           place(handed, first))
+    images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+    outputs.append(images if handoff is not None and latents is None else media.to_uint8(images))
     if len(keys) > chunk:
       done, elapsed = min(first + chunk, len(repeated)), time.time() - start
       log.info("sampled %d of %d (%d%%), elapsed %.0fs, eta %.0fs", done, len(repeated),
@@ -717,26 +746,26 @@ def load_checkpoint(workdir, step=None, use_ema=None, mesh_config=None):
   return config, Weights(params, restored.get("frozen", {})), graphdef, step, mesh
 
 
-def check_pretrained(config):
+def check_pretrained(config, flag: str = "--config"):
   """(graphdef, abstract params, abstract frozen weights) of a config whose every part is read from pretrained
   checkpoints (a Stable Diffusion, SDXL, SD3, Flux or Wan root's configs/*.py); nothing is read. A ValueError naming
   the parts that would be used at their random initialisation (a model trained from scratch: train it, then give its
   workdir)."""
   graphdef, abstract_params, abstract_frozen = text_to_image.split(text_to_image.abstract(config), config)
   if random := sorted((set(abstract_params) | set(abstract_frozen)) - set(text_to_image.pretrained_parts(config))):
-    raise ValueError(f"--config: this config's {', '.join(random)} would be used at their random initialisation "
+    raise ValueError(f"{flag}: this config's {', '.join(random)} would be used at their random initialisation "
                      "(no pretrained checkpoint names them): train it (python -m diffusion_jax.main) and give its "
                      "--workdir")
   return graphdef, abstract_params, abstract_frozen
 
 
-def load_pretrained(config, mesh_config=None):
+def load_pretrained(config, mesh_config=None, flag: str = "--config"):
   """(Weights, graphdef, mesh) of a config whose every part is read from pretrained checkpoints (check_pretrained's
   ValueError, before anything is read, otherwise; a LoRA's updates start at zero), placed on the mesh of
   `mesh_config` (load_checkpoint's)."""
   from diffusion_jax import train  # the weights' layout lives with the trainer
 
-  graphdef, abstract_params, abstract_frozen = check_pretrained(config)
+  graphdef, abstract_params, abstract_frozen = check_pretrained(config, flag)
   mesh = sharding.make_mesh(mesh_config or sharding.SAMPLING_MESH)
   shardings = (sharding.state_shardings(abstract_params, mesh), sharding.state_shardings(abstract_frozen, mesh))
   params, frozen = train.initial_weights(config, shardings)
@@ -746,7 +775,8 @@ def load_pretrained(config, mesh_config=None):
 
 def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
         mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None,
-        source_prompt=None, last_image=None, mesh_config=None, config=None):
+        source_prompt=None, last_image=None, mesh_config=None, config=None, refiner_config=None,
+        denoising_end=None):
   """Sample a workdir's checkpoint (or, with `config` and no workdir, the pretrained checkpoints a config reads:
   load_pretrained; output_dir then required) for a prompts file (default: the config's prompts) with `overrides` of its
   sample settings; init_image and mask (or an image-to-video model's last_image), or init_video: files every
@@ -754,7 +784,9 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
   and source_prompt what they show, for each edit without its own (edit_noise "source_inversion");
   adapters: lora.Adapters fused into its weights; guide_workdir (with guide_step alone: this workdir) and
   guide_step (default: its latest): the autoguidance guide's checkpoint; mesh_config: the mesh the weights (and the
-  guide's) are restored onto and sampled on (load_checkpoint)."""
+  guide's) are restored onto and sampled on (load_checkpoint); refiner_config: a config read from pretrained
+  checkpoints (load_pretrained) whose model finishes the model's samples from its latents at denoising_end of the
+  grid (default refiner.DENOISING_END; refiner.py)."""
   from diffusion_jax.text import tokenizers
 
   if config is None:
@@ -765,6 +797,11 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
   else:  # the pretrained checkpoints a config reads, no training
     config = config.copy_and_resolve_references()
     config_checks.validate(config)
+  if refiner_config is not None:
+    refiner_config = refiner_config.copy_and_resolve_references()
+    config_checks.validate(refiner_config)
+  elif denoising_end is not None:
+    raise ValueError("--denoising_end: the part of the grid the model runs before a --refiner; give the refiner")
   sample_config = config.sample
   sample_config.update({k: v for k, v in overrides.items() if v is not None})
   problems = config_checks.sample_problems(sample_config, "--") + config_checks.sample_size_problems(
@@ -776,7 +813,7 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
     if problem:
       problems.append(problem)
   scores = [f"--{name}" for name in ("aesthetic_score", "negative_aesthetic_score") if overrides.get(name) is not None]
-  if scores and not text_to_image.sdxl_refiner(config):
+  if scores and not any(c is not None and text_to_image.sdxl_refiner(c) for c in (config, refiner_config)):
     problems.append(f"{' and '.join(scores)}: only the SDXL refiner's U-Net reads an aesthetic score; leave "
                     f"{'them' if len(scores) > 1 else 'it'} out")
   if problems:
@@ -828,6 +865,13 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
     log.warning("--edit_noise=%s starts every sample of an edited prompt from the same noise, its image's, and "
                 "the %s sampler is deterministic: its %d samples are one image", sample_config.edit_noise,
                 sample_config.sampler, sample_config.num_per_prompt)
+  refiner = None
+  if refiner_config is not None:  # refused before any checkpoint is read
+    scores = tuple(refiner_config.sample[k] if overrides.get(k) is None else overrides[k]
+                   for k in ("aesthetic_score", "negative_aesthetic_score"))
+    denoising_end = refiners.DENOISING_END if denoising_end is None else denoising_end
+    check_refiner(config, refiner_config, sample_config, denoising_end, scores, bool(edits),
+                  bool(guide_workdir or guide_step is not None))
   guide = None
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
@@ -836,9 +880,35 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
     (weights, graphdef, mesh), step = load_pretrained(config, mesh_config), None
   else:
     config, weights, graphdef, step, mesh = load_checkpoint(workdir, step, sample_config.use_ema, mesh_config)
+  if refiner_config is not None:
+    refiner_weights, refiner_graphdef, _ = load_pretrained(refiner_config, mesh_config, "--refiner")
+    refiner = refiners.Refiner(refiner_config, refiner_weights, refiner_graphdef,
+                               tokenizers.from_config(refiner_config), denoising_end, scores)
   return write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
-                       edits=edits, adapters=adapters, guide=guide)
+                       edits=edits, adapters=adapters, guide=guide, refiner=refiner)
+
+
+def check_refiner(config, refiner_config, sample_config, denoising_end: float, aesthetic_scores: tuple,
+                  edited: bool, guided: bool) -> None:
+  """A ValueError, before any checkpoint is read, where the model cannot hand its latents to the refiner of
+  `refiner_config` at denoising_end of the grid (refiner.py), or sampling would edit (edited) or be autoguided
+  (guided), which a handover does not do."""
+  problems = [problem for problem, given in (
+      ("the prompts edit images (--init_image, --init_video, or such lines of a .jsonl prompts file); a handover "
+       "starts from noise", edited),
+      ("an autoguidance guide fits one model; sample without --guide_workdir and --guide_step", guided)) if given]
+  problems += refiners.problems(config, refiner_config)
+  if not problems:
+    settings = refiners.sample_config(refiner_config, sample_config, image_size(config, sample_config),
+                                      aesthetic_scores)
+    problems = refiners.sampling_problems(config, refiner_config, *(
+        (sampling_logsnr(c, s), output_shape(c, s)) for c, s in ((config, sample_config),
+                                                                  (refiner_config, settings))))
+  if problems:
+    raise ValueError(f"--refiner: {'; '.join(problems)}")
+  refiners.handoff_step(config, sample_config, sampling_logsnr(config, sample_config), denoising_end)
+  check_pretrained(refiner_config, "--refiner")
 
 
 def mesh_problems(config, mesh_config, frames: int, field: str) -> list[str]:
@@ -917,14 +987,15 @@ def skip_layer_guidance_absent(sample_config, edit: bool) -> str | None:
 
 
 def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, step, output_dir,
-                  lowres=None, edits=None, adapters=(), guide=None):
+                  lowres=None, edits=None, adapters=(), guide=None, refiner=None):
   """Generate for prompts (strings, or dicts with per-prompt seed / guidance_scale / guidance_interval /
   negative_prompt / lora_scale, and the init_image / mask / init_video files of an edit) and write outputs.
   edits: {prompt index: (image, keep)} as edit_inputs.read reads them, the prompts to edit instead of generating
   for.
   lowres: a super-resolution stage's inputs, uint8 [len(prompts), num_per_prompt, ...]. adapters: lora.Adapters
   fused into the weights (params, frozen), each at its scale or at a prompt's lora_scale (lora.at_scales), recorded
-  in the provenance. guide: an autoguidance.Guide (recorded too)."""
+  in the provenance. guide: an autoguidance.Guide (recorded too). refiner: a refiner.Refiner the model hands its
+  latents to (an ensemble of experts; recorded too)."""
   entries = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
   for entry in entries:
     entry.setdefault("seed", sample_config.seed)
@@ -970,10 +1041,14 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     group_prompts, seeds = [entries[i]["prompt"] for i in group], [entries[i]["seed"] for i in group]
     negatives = [entries[i].get("negative_prompt", "") for i in group]
     sources = [entries[i].get("source_prompt", "") for i in group] if edited else None
-    generated = generate(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
-                         seeds=seeds, lowres=None if lowres is None else np.asarray(lowres)[group],
-                         negative_prompts=negatives, init_images=init_images, keep_masks=keep_masks, guide=guide,
-                         source_prompts=sources)
+    common = dict(seeds=seeds, negative_prompts=negatives)
+    if refiner is not None:  # an ensemble of experts: the model's latents, still noisy, finished by the refiner
+      generated = handed_over(refiner, config, graphdef, group_params, group_frozen, tokenizer, group_prompts,
+                              group_config, mesh, **common)
+    else:
+      generated = generate(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
+                           lowres=None if lowres is None else np.asarray(lowres)[group], init_images=init_images,
+                           keep_masks=keep_masks, guide=guide, source_prompts=sources, **common)
     if config.model.temporal and sample_config.video_length:
       generated = extended(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
                            seeds, negatives, generated, guide)
@@ -999,11 +1074,29 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
                                          "start": s.skip_layer_start, "stop": s.skip_layer_stop}
   if guide is not None:
     provenance["guide"] = autoguidance.provenance(guide)
+  if refiner is not None:
+    provenance["refiner"] = {"denoising_end": refiner.denoising_end, "config_hash": config_hash(refiner.config)}
+    if text_to_image.sdxl_refiner(refiner.config):
+      provenance["refiner"]["aesthetic_scores"] = list(refiner.aesthetic_scores)
   if config.model.temporal and sample_config.video_length:
     clip = clip_frames(config, sample_config)
     provenance.update(video_length=sample_config.video_length, clip_frames=clip,
                       context_frames=extension_context(config, sample_config))
   return write_outputs(output_dir, entries, np.stack(images), provenance, edits)
+
+
+def handed_over(refiner, config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds,
+                negative_prompts) -> np.ndarray:
+  """Samples (as generate's) of an ensemble of experts (refiner.py): the model runs the grid to the handoff, the
+  refiner (a refiners.Refiner) the rest from the model's latents, each reading the prompts with its own encoders."""
+  refiner_settings = refiners.sample_config(refiner.config, sample_config, image_size(config, sample_config),
+                                            refiner.aesthetic_scores)
+  step = refiners.handoff_step(config, sample_config, sampling_logsnr(config, sample_config), refiner.denoising_end)
+  latents = generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=seeds,
+                     negative_prompts=negative_prompts, handoff=step)
+  return generate(refiner.config, refiner.graphdef, refiner.weights.params, refiner.weights.frozen, refiner.tokenizer,
+                  prompts, refiner_settings, mesh, seeds=seeds, negative_prompts=negative_prompts, handoff=step,
+                  latents=latents)
 
 
 def write_training_samples(config, weights: Weights, graphdef, step: int, workdir):
@@ -1118,6 +1211,12 @@ def define_flags():
                             "(default 1); ours, or a Wan LoRA in diffusers', Wan's or musubi-tuner's layout "
                             "(low_noise=FILE[:SCALE]: of Wan 2.2 A14B's low-noise expert).")
   flags.DEFINE_string("mesh", None, MESH_HELP)
+  config_flags.DEFINE_config_file("refiner", None, "A config read from pretrained checkpoints (e.g. "
+                                  "configs/stable_diffusion.py:/path/to/stable-diffusion-xl-refiner-1.0) whose model "
+                                  "finishes every sample from the model's latents (an ensemble of experts; "
+                                  "--refiner.FIELD=VALUE overrides its fields).")
+  flags.DEFINE_float("denoising_end", None, "With --refiner: the part of the grid the model runs, in (0, 1), before "
+                     f"the refiner runs the rest from its latents (default {refiners.DENOISING_END}).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
   distributed.define_flags()
 
@@ -1165,6 +1264,7 @@ def main(argv):
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
+    cli.refuse(("refiner", "denoising_end"), "not used with --cascade, whose stages are super-resolution models")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt, mesh=f.mesh)
   for name in ("mask", "last_image"):
     if f[name].value and not f.init_image:
@@ -1183,7 +1283,8 @@ def main(argv):
     else:
       path = run(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
                  [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step,
-                 f.source_prompt, f.last_image, f.mesh and sharding.mesh_from_flag(f.mesh), f.config)
+                 f.source_prompt, f.last_image, f.mesh and sharding.mesh_from_flag(f.mesh), f.config, f.refiner,
+                 f.denoising_end)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -491,6 +491,68 @@ def test_the_sdxl_refiner_encodes_and_predicts_as_its_pipeline_and_refines_image
   exported_run_holds_the_fused_pipeline(tmp_path / "run", pipeline, ("unet", "text_encoder_2", "vae"))
 
 
+def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of_experts_does(tmp_path):
+  """sample --config=BASE --refiner=REFINER (refiner.py): the SDXL base runs the Euler steps of the grid at
+  timesteps 200 and above (--denoising_end=0.8: 8 of 10) and the refiner the other 2 from its latents, making from the
+  same noise, to a level of 8 bits, what StableDiffusionXLPipeline(denoising_end=0.8, output_type="latent") handed
+  to StableDiffusionXLImg2ImgPipeline(denoising_start=0.8) makes; the refiner's aesthetic scores matter and are
+  recorded. Refused before any checkpoint is read: --denoising_end without a refiner or with a handover where one
+  model runs no step, edits, autoguidance, another schedule; refused by what they are: video and super-resolution
+  models, latents of another shape."""
+  import PIL.Image
+
+  from configs import stable_diffusion
+  from diffusion_jax import media, refiner
+  from diffusion_jax.data import captioned_shapes
+
+  captions = [" ".join(captioned_shapes.VOCABULARY)] * 5
+  base = save_tiny_stable_diffusion(tmp_path / "base", captions, sdxl=True)
+  refining = save_tiny_stable_diffusion(tmp_path / "refiner", captions, sdxl=True, refiner=True)
+  base_config, refiner_config = (stable_diffusion.get_config(str(tmp_path / name)) for name in ("base", "refiner"))
+  for c in (base_config, refiner_config):
+    c.model.dtype, c.text.max_length, c.data.resolution = "float32", 16, 32
+  prompt = "a large red circle at the top left"
+  base_config.sample.prompts = [prompt]
+  run = lambda name, **settings: sample.run(
+      None, {"steps": 10, "num_per_prompt": 1, "sampler": "euler", **settings}, output_dir=tmp_path / name,
+      config=base_config, refiner_config=refiner_config, denoising_end=0.8).parent / "p000_00.png"
+  ours = np.asarray(PIL.Image.open(run("ensemble")), float)
+
+  noise = np.array(jax.random.normal(sample.example_keys([base_config.sample.seed], 1)[0], (16, 16, 4)))
+  base.scheduler.set_timesteps(10)
+  start = float(base.scheduler.sigmas[0]) / float(base.scheduler.init_noise_sigma)  # (our start: sigma_max noise)
+  with torch.no_grad():
+    latents = base(prompt=[prompt], height=32, width=32, num_inference_steps=10, denoising_end=0.8,
+                   guidance_scale=5.0, latents=torch.from_numpy(noise).permute(2, 0, 1)[None] * start,
+                   output_type="latent").images
+    theirs = refining(prompt=[prompt], image=latents, num_inference_steps=10, denoising_start=0.8,
+                      guidance_scale=5.0, output_type="np").images[0]
+  assert np.abs(ours - theirs * 255).max() <= 1
+  record = media.read_provenance(tmp_path / "ensemble" / "p000_00.png")
+  assert json.loads(record["refiner"])["aesthetic_scores"] == [6.0, 2.5]
+  assert np.abs(np.asarray(PIL.Image.open(run("other", negative_aesthetic_score=6.0)), float) - ours).max() > 0
+
+  def refused(match, refiner_config=refiner_config, denoising_end=0.8, **given):
+    with pytest.raises(ValueError, match=match):
+      sample.run(None, {"steps": 10}, output_dir=tmp_path / "refused", config=base_config,
+                 refiner_config=refiner_config, denoising_end=denoising_end, **given)
+
+  refused("--denoising_end: the part of the grid the model runs before a --refiner", refiner_config=None)
+  refused(r"--denoising_end=0.999 hands over at step 10 of 10: the refiner would run none", denoising_end=0.999)
+  PIL.Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+  refused("--refiner: the prompts edit images", init_image=tmp_path / "a.png")
+  refused("an autoguidance guide fits one model", guide_workdir=tmp_path)
+  other = refiner_config.copy_and_resolve_references()
+  other.diffusion.schedule_params.beta_end = 0.02
+  refused("--refiner: the refiner's sampling grid is not the model's", refiner_config=other)
+  video = base_config.copy_and_resolve_references()
+  video.model.temporal = True
+  assert refiner.problems(video, refiner_config) == [
+      "the model is a video model; an ensemble of experts hands over an image's latents, from noise"]
+  assert "the refiner's latents are (16, 16, 8), the model's (16, 16, 4)" in refiner.sampling_problems(
+      base_config, refiner_config, (np.zeros(3), (16, 16, 4)), (np.zeros(3), (16, 16, 8)))[0]
+
+
 def save_kohya_lora(directory, shapes: dict) -> dict:
   """A kohya-layout LoRA of random updates of the layers `shapes` names ({layer: (down shape, up shape)}), alpha 1:
   directory/kohya.safetensors, and its U-Net's updates alone in kohya_unet.safetensors (diffusers' kohya loader
