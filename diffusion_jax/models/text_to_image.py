@@ -11,6 +11,8 @@ image-to-video Wan or one that starts clips at images) -> the network's output (
 train.py): `nnx.merge(graphdef, params, frozen)` rebuilds the module inside a jitted function.
 """
 
+import pathlib
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -292,9 +294,34 @@ def starts_clips_at_images(config) -> bool:
   return config.model.backbone == "wan" and config.model.wan_clean_first_frame
 
 
+_abstract_models = {}  # (config JSON, named_files) -> nnx.split of its abstract model, the latest ABSTRACT_KEPT
+ABSTRACT_KEPT = 8
+
+
 def abstract(config):
-  """The model with ShapeDtypeStruct parameters (nothing allocated, no weights file read: a T5-XXL's 19 GB)."""
-  return nnx.eval_shape(lambda: TextToImage(config, rngs=init_rngs.seeded(config.seed)))
+  """The model with ShapeDtypeStruct parameters (nothing allocated, no weights file read: a T5-XXL's 19 GB), a new
+  module each call. Traced once per config and state of the files it names (a job asks for it a few times, and a
+  tiny SDXL's takes half a second)."""
+  key = (config.to_json_best_effort(sort_keys=True), named_files(config))
+  if key not in _abstract_models:
+    while len(_abstract_models) >= ABSTRACT_KEPT:
+      _abstract_models.pop(next(iter(_abstract_models)))
+    _abstract_models[key] = nnx.split(nnx.eval_shape(lambda: TextToImage(config, rngs=init_rngs.seeded(config.seed))))
+  return nnx.merge(*_abstract_models[key])
+
+
+def named_files(config) -> tuple:
+  """(path, size, modification time) of each file a config's string field names and of the JSON files in (and one
+  folder below) each folder one names: what a model's shapes are read from."""
+  stamps, fields = [], [config.to_dict()]
+  while fields:
+    for value in fields.pop().values():
+      if isinstance(value, dict):
+        fields.append(value)
+      elif isinstance(value, str) and value and (path := pathlib.Path(value)).exists():
+        files = [path] if path.is_file() else sorted([*path.glob("*.json"), *path.glob("*/config.json")])
+        stamps += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+  return tuple(stamps)
 
 
 def pretrained_parts(config) -> dict:
