@@ -94,8 +94,10 @@ def test_what_it_cannot_build_is_refused_by_name(tmp_path):
 
 def test_a_stable_diffusion_unet_backbone_starts_from_its_weights(tmp_path):
   """model.backbone='sd_unet' with our T5: the config check asks for the VP path and the U-Net's channels and text
-  width; the model starts with the directory's weights (training and sampling: the tests of SD's checkpoints below)."""
+  width; the model starts with the directory's weights (training and sampling: the tests of SD's checkpoints below).
+  Its abstract model (text_to_image.abstract), traced once per config, follows the U-Net folder rewritten deeper."""
   from configs import t2i_shapes
+  from diffusion_jax.models import text_to_image
 
   save_tiny_sd_unet(tmp_path / "unet", channels=3, cross_attention_dim=32)
   config = t2i_shapes.get_config("test")
@@ -113,6 +115,14 @@ def test_a_stable_diffusion_unet_backbone_starts_from_its_weights(tmp_path):
   state, _ = train.init_state(config, sharding.make_mesh(config.mesh))
   loaded = nnx.to_pure_dict(nnx.state(sd_unet.load_diffusers(tmp_path / "unet")))
   jax.tree.map(np.testing.assert_array_equal, state.params["sd_unet"], loaded)
+  # The abstract model, traced once per config, is traced again when a file the config names changes
+  shapes = lambda model: jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(model)))
+  first = text_to_image.abstract(config)
+  assert text_to_image.abstract(config) is not first and shapes(text_to_image.abstract(config)) == shapes(first)
+  save_tiny_sd_unet(tmp_path / "unet", channels=3, cross_attention_dim=32, layers_per_block=2)
+  deeper = shapes(text_to_image.abstract(config))["sd_unet"]
+  assert deeper == jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(sd_unet.load_diffusers(
+      tmp_path / "unet")))) != shapes(first)["sd_unet"]
 
 
 def save_tiny_clip_tokenizer(directory, captions, pad_token=None):
