@@ -13,6 +13,7 @@ pretrained checkpoints a config reads (a Stable Diffusion, SDXL, SD3, Flux or Wa
 
   python -m diffusion_jax.evaluate --config=configs/stable_diffusion.py:/path/to/sd-root --output_dir=DIR
                                    [--config.data.folder=...] [--guidance_sweep=...] [--lora=FILE]
+                                   [--refiner=configs/stable_diffusion.py:/path/to/refiner [--denoising_end=0.8]]
 
   python -m diffusion_jax.evaluate --cascade=configs/cascades/shapes_16_32.py [--num_prompts=64]
                                    [--aug_level_sweep=0.1,0.3,0.5] [--guidance_sweep=1,2] [--sweep_stage=-1]
@@ -128,6 +129,13 @@ Flags:
                       level a cascade needs)
   --sweep_stage       with --cascade: the stage whose settings the sweeps vary (default -1, the last; 0 = the
                       base model, e.g. its guidance scale judged on the cascade's final output)
+  --refiner           an ensemble of experts (sample.py's flag; refiner.py): a config read from pretrained
+                      checkpoints (configs/stable_diffusion.py:/path/to/stable-diffusion-xl-refiner-1.0) whose model
+                      runs the last part of every sample's grid from the model's latents, at every sample setting and
+                      sweep point, with its config's aesthetic scores (--refiner.sample.aesthetic_score=...); the
+                      held-out loss stays the model's; recorded in the settings; not with edits, --video_length or
+                      autoguidance
+  --denoising_end     with --refiner: the part of the grid the model runs, in (0, 1) (default 0.8)
   --mesh              AXIS=SIZE,... of the mesh each checkpoint (and a guide) is restored onto and sampled on, over
                       the default data=-1 (every device a whole copy): e.g. fsdp=8, sequence=4 (a video model's
                       frames split over 4); with --cascade, every stage's (sample.py's flag)
@@ -170,6 +178,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import (autoguidance, cascade, checkpoint, cli, config_checks, distributed, edit_inputs, editing,
                            lora, media, metric_writers, sample, samplers, sharding)
+from diffusion_jax import refiner as refiners
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.metrics import (clip_score, fid, fvd, heldout_loss, i3d, inception, judges, lpips,
                                    motion_judge, psnr, shapes_judge)
@@ -247,16 +256,19 @@ def media_metrics(config, generated, captions, frechet, clip=None) -> dict:
 
 
 def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, lowres=None, edit=None,
-              guide=None, sources=None) -> np.ndarray:
+              guide=None, sources=None, refiner=None) -> np.ndarray:
   """uint8 media [n, (frames,) h, w, 3], one per caption. Each caption its own noise (seed + index): the same
   noise for every caption would make the set far less diverse than real data (FID) and let the noise, not the
   caption, decide what the judge sees. edit: (init uint8 [n, (frames,) h, w, 3], keep bool [n, (frames,) h, w]),
   media to edit at sample_config.strength (editing.py; given_media). A video model with sample.video_length makes
   that many frames (video_extension.py) and returns the last clip's worth, the frames the extension made.
   guide: an autoguidance.Guide or None. sources: the source prompts of edits inverted with them (what the given
-  media show), or None."""
+  media show), or None. refiner: a refiner.Refiner the model hands its latents to, or None."""
   seeds = sample_config.seed + np.arange(len(captions))
   tokenizer = tokenizers.from_config(config)
+  if refiner is not None:  # (no edits, guide or video: check_refiner)
+    return sample.handed_over(refiner, config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh,
+                              seeds)[:, 0]
   init, keep = edit if edit is not None else (None, None)
   clips = sample.generate(config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh, seeds=seeds,
                           lowres=lowres, init_images=init, keep_masks=keep, guide=guide, source_prompts=sources)
@@ -299,7 +311,7 @@ def edit_captions(config, captions: list[str], toward: str = "other") -> list[st
 
 
 def heldout_combination_accuracy(config, graphdef, weights, mesh, count: int, sample_config, combinations=(),
-                                 guide=None) -> dict:
+                                 guide=None, refiner=None) -> dict:
   """The judge's per-attribute accuracy, as `accuracy_heldout_combinations/<attribute>`, on the first `count`
   validation captions that name a colour-shape combination of `combinations` ("red square", ...; default: those
   the train split never showed, data.heldout_combinations), sampled from `weights` (sample.Weights) with
@@ -315,7 +327,7 @@ def heldout_combination_accuracy(config, graphdef, weights, mesh, count: int, sa
     return {}
   lowres = cascade.downsampled(images, config)[:, None] if config.model.lowres_conditioning else None
   generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, captions, sample_config, lowres,
-                        guide=guide)
+                        guide=guide, refiner=refiner)
   return {f"accuracy_heldout_combinations/{k}": v for k, v in shapes_judge.accuracy(generated, captions).items()}
 
 
@@ -331,7 +343,7 @@ def bicubic_metrics(config, images, perceptual=None) -> dict:
 
 def generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config, frechet=None,
                        clip=None, perceptual=None, bicubic=None, image_to_video=False,
-                       guide=None, edit_real=None, edit_toward="other") -> tuple[dict, np.ndarray]:
+                       guide=None, edit_real=None, edit_toward="other", refiner=None) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) of `weights` (sample.Weights) for one sample setting (media_metrics
   against the real `images`; `frechet`: their frechet_distances, made here when not given; for super-resolution
   stages, given the real images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic
@@ -339,7 +351,8 @@ def generation_metrics(config, graphdef, weights, mesh, images, captions, sample
   real clip's first frame; edit_real ("image_to_image", "video_to_video" or None): each real image or clip is
   edited toward edit_captions' caption (edit_toward="own": its own), which the metrics judge it by, with psnr_source
   (its PSNR against the real one) and the judge's accuracy_source/* (against the real one's caption) for what the
-  edit kept; guide: an autoguidance.Guide or None)."""
+  edit kept; guide: an autoguidance.Guide or None; refiner: a refiner.Refiner the model hands its latents to, or
+  None)."""
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
@@ -347,7 +360,7 @@ def generation_metrics(config, graphdef, weights, mesh, images, captions, sample
   edit = given_media(config, sample_config, images, image_to_video, edit_real)
   sources = captions if edit is not None and sample_config.edit_noise in editing.SOURCE_PROMPTED else None
   generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, asked, sample_config, lowres, edit,
-                        guide, sources)
+                        guide, sources, refiner)
   metrics = media_metrics(config, generated, asked, frechet or frechet_distances(images), clip)
   if edit_real:  # what the edit kept of the real image
     metrics["psnr_source"] = psnr.psnr(generated, images)
@@ -495,14 +508,14 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
                   combinations=(), adapters=(), guide=None, edit_real=None, edit_toward="other", mesh_config=None,
-                  pretrained=None):
+                  pretrained=None, refiner=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint of `workdir` (or, with
   `pretrained`, a validated config, of the pretrained checkpoints it reads: sample.load_pretrained, step 0); `settings`
   as made by sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
   `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
-  evaluation_sample_config's; image_to_video, edit_real, edit_toward and guide: as generation_metrics'; adapters:
-  lora.Adapters fused into the weights; mesh_config: sample.load_checkpoint's."""
+  evaluation_sample_config's; image_to_video, edit_real, edit_toward, guide and refiner: as generation_metrics';
+  adapters: lora.Adapters fused into the weights; mesh_config: sample.load_checkpoint's."""
   if pretrained is None:
     config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step, mesh_config=mesh_config)
   else:
@@ -527,9 +540,9 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   def scored(sample_config):
     setting_metrics, generated = generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config,
                                                     frechet, clip, perceptual, bicubic, image_to_video, guide,
-                                                    edit_real, edit_toward)
+                                                    edit_real, edit_toward, refiner)
     setting_metrics.update(heldout_combination_accuracy(config, graphdef, weights, mesh, combination_prompts,
-                                                        sample_config, combinations, guide))
+                                                        sample_config, combinations, guide, refiner))
     return setting_metrics, generated
 
   generated_metrics, generated = scored(evaluation_sample_config(config, sample_overrides))
@@ -548,13 +561,13 @@ ADDED_SAMPLE_SETTINGS = json.loads(json.dumps({
 
 def evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts, optional_metrics,
                         image_to_video=False, combinations=(), adapters=(), guide=None, edit_real=None,
-                        edit_toward="other") -> dict:
+                        edit_toward="other", refiner=None) -> dict:
   """What an eval.jsonl line's numbers depend on besides the checkpoint, recorded in it as "settings" (JSON
   values): a checkpoint counts as evaluated only under the same settings. `optional_metrics`: the names of
   those added by local weights (fid_inception, fvd_i3d, clip_score, lpips); combinations and adapters (recorded
   only when given): --combinations, lora.Adapters; guide (recorded only when given): an autoguidance.Guide;
   edit_real (recorded only when given): "image_to_image" or "video_to_video", the flag given; edit_toward (recorded
-  only when "own")."""
+  only when "own"); refiner (recorded only when given): a refiner.Refiner."""
   sample_settings = {k: v for k, v in sample_config.to_dict().items() if k not in UNRECORDED_SAMPLE_FIELDS}
   settings = {"num_prompts": num_prompts, "heldout_examples": heldout_examples,
               "combination_prompts": combination_prompts, "metrics": sorted(optional_metrics),
@@ -569,6 +582,8 @@ def evaluation_settings(sample_config, num_prompts, heldout_examples, combinatio
     settings[edit_real] = True
   if edit_toward == "own":
     settings["edit_toward"] = "own"
+  if refiner is not None:
+    settings["refiner"] = sample.refiner_provenance(refiner)
   return json.loads(json.dumps(settings))
 
 
@@ -722,7 +737,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
         combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
         adapters=(), guide_workdir=None, guide_step=None, edit_real=None, edit_toward="other", mesh_config=None,
-        config=None):
+        config=None, refiner_config=None, denoising_end=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   config: instead of the workdir's checkpoints, the pretrained checkpoints this config reads (sample.load_pretrained),
   evaluated as they are, once, as step 0; `workdir` is then where the results go (its config.json, logs/eval.jsonl and
@@ -744,7 +759,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   edit_toward: with edit_real, "other" (edit_captions' other caption) or "own" (each image's own: a reconstruction).
   guide_workdir (with guide_step alone: this workdir) and guide_step (default: its latest): the autoguidance
   guide's checkpoint (autoguidance.py), the same for every checkpoint evaluated; recorded in the settings.
-  mesh_config: the mesh each checkpoint (and the guide) is restored onto and sampled on (sample.load_checkpoint)."""
+  mesh_config: the mesh each checkpoint (and the guide) is restored onto and sampled on (sample.load_checkpoint).
+  refiner_config: a config read from pretrained checkpoints whose model finishes every sample from the model's
+  latents at denoising_end of the grid (refiner.py; default refiner.DENOISING_END), at every sample setting;
+  recorded in the settings. The held-out loss stays the model's."""
   pretrained = config is not None
   if not pretrained:
     config = checkpoint.read_config(workdir)
@@ -773,6 +791,13 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   if problems := sample.mesh_problems(config, mesh_config, frames, field):
     raise ValueError("; ".join(problems))
   settings = sweep_settings(sweeps or {}, sample_config, config, bool(image_to_video or edit_real))
+  given = [flag for flag, value in (("--image_to_video", image_to_video), ("--" + str(edit_real), edit_real),
+                                    ("--video_length", sample_config.video_length),
+                                    ("--guide_workdir / --guide_step", guide_workdir or guide_step is not None))
+           if value]
+  refiner = sample.checked_refiner(  # before any checkpoint is read
+      config, refiner_config, denoising_end, [sample_config] + [c for points in settings.values() for _, c in points],
+      {}, [f"{', '.join(given)}: not with a refiner (a handover starts from noise, one model's)"] if given else [])
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
               "lpips": lpips_weights}
   guide = None
@@ -784,9 +809,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
                        "caption, so not with an autoguidance guide (leave the guide out, or edit with "
                        "--edit_noise=inversion)")
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema, mesh_config)
+  refiner = refiner and sample.load_refiner(refiner, mesh_config)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
-                                 combinations, adapters, guide, edit_real, edit_toward)
+                                 combinations, adapters, guide, edit_real, edit_toward, refiner)
   feature_fns = metric_features(inception_weights, i3d_weights)
   frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
@@ -816,7 +842,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
                                                      image_to_video, combinations, adapters, guide, edit_real,
-                                                     edit_toward, mesh_config, config if pretrained else None)
+                                                     edit_toward, mesh_config, config if pretrained else None,
+                                                     refiner)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
@@ -905,6 +932,10 @@ def define_flags():
   flags.DEFINE_string("clip_weights", None, "Local Hugging Face CLIP directory (config.json, model.safetensors, "
                       "tokenizer.json): adds clip_score.")
   flags.DEFINE_string("mesh", None, sample.MESH_HELP.replace("sampled on", "evaluated on"))
+  config_flags.DEFINE_config_file("refiner", None, "A config read from pretrained checkpoints whose model finishes "
+                                  "every sample from the model's latents (an ensemble of experts, sample.py's flag).")
+  flags.DEFINE_float("denoising_end", None, "With --refiner: the part of the grid the model runs, in (0, 1) "
+                     f"(default {refiners.DENOISING_END}).")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: the config's "
                        "sample.batch_size; with --cascade: every stage's).", lower_bound=1)
   flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from, for every caption (default: the "
@@ -984,6 +1015,7 @@ def main(argv):
     cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep", "edit_noise_sweep", "edit_toward"),
                "not used with --cascade: "
                "evaluate a model's edits and a video model's long videos with --workdir")
+    cli.refuse(("refiner", "denoising_end"), "not used with --cascade, whose stages are super-resolution models")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
                "stage with --workdir)")
@@ -1020,7 +1052,7 @@ def main(argv):
                     f.combination_prompts, overrides, f.lpips_weights, f.image_to_video,
                     f.combinations, [lora.read(spec) for spec in f.lora], f.guide_workdir, f.guide_step,
                     "image_to_image" if f.image_to_image else "video_to_video" if f.video_to_video else None,
-                    f.edit_toward, f.mesh and sharding.mesh_from_flag(f.mesh), f.config)
+                    f.edit_toward, f.mesh and sharding.mesh_from_flag(f.mesh), f.config, f.refiner, f.denoising_end)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -25,11 +25,11 @@ OWN_SETTINGS = ("flux_guidance", "skip_layers", "skip_layer_scale", "skip_layer_
 @dataclasses.dataclass
 class Refiner:
   config: object          # the refiner's config (read from pretrained checkpoints: sample --refiner)
-  weights: object         # its sample.Weights
-  graphdef: object
-  tokenizer: object
   denoising_end: float    # the handoff, in (0, 1)
   aesthetic_scores: tuple  # (the prompt's, guidance's other branch's): read by an SDXL refiner's U-Net alone
+  weights: object = None  # its sample.Weights, once read (sample.load_refiner)
+  graphdef: object = None
+  tokenizer: object = None
 
 
 def sample_config(refiner_config, model_sample_config, image_size: tuple, aesthetic_scores: tuple):

@@ -3,6 +3,8 @@ pretrained checkpoints a config reads (a Stable Diffusion, SDXL, SD3, Flux or Wa
 
   python -m diffusion_jax.sample --workdir=DIR --prompts=prompts.txt [--output_dir=DIR/samples/...]
   python -m diffusion_jax.sample --config=configs/flux.py:/path/to/FLUX.1-dev --output_dir=DIR --prompts=...
+  python -m diffusion_jax.sample --config=configs/stable_diffusion.py:/path/to/sdxl-base --output_dir=DIR
+                                 --refiner=configs/stable_diffusion.py:/path/to/sdxl-refiner [--denoising_end=0.8]
 
 Flags:
   --workdir         training workdir (holds config.json and checkpoints/); this, --config or --cascade is required
@@ -156,6 +158,7 @@ chunks, and the same record is a line of manifest.jsonl. A video model writes ea
 grid.gif and grid.mp4.
 """
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -797,11 +800,6 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
   else:  # the pretrained checkpoints a config reads, no training
     config = config.copy_and_resolve_references()
     config_checks.validate(config)
-  if refiner_config is not None:
-    refiner_config = refiner_config.copy_and_resolve_references()
-    config_checks.validate(refiner_config)
-  elif denoising_end is not None:
-    raise ValueError("--denoising_end: the part of the grid the model runs before a --refiner; give the refiner")
   sample_config = config.sample
   sample_config.update({k: v for k, v in overrides.items() if v is not None})
   problems = config_checks.sample_problems(sample_config, "--") + config_checks.sample_size_problems(
@@ -865,13 +863,12 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
     log.warning("--edit_noise=%s starts every sample of an edited prompt from the same noise, its image's, and "
                 "the %s sampler is deterministic: its %d samples are one image", sample_config.edit_noise,
                 sample_config.sampler, sample_config.num_per_prompt)
-  refiner = None
-  if refiner_config is not None:  # refused before any checkpoint is read
-    scores = tuple(refiner_config.sample[k] if overrides.get(k) is None else overrides[k]
-                   for k in ("aesthetic_score", "negative_aesthetic_score"))
-    denoising_end = refiners.DENOISING_END if denoising_end is None else denoising_end
-    check_refiner(config, refiner_config, sample_config, denoising_end, scores, bool(edits),
-                  bool(guide_workdir or guide_step is not None))
+  refiner = checked_refiner(config, refiner_config, denoising_end, [sample_config], overrides, [
+      problem for problem, given in (
+          ("the prompts edit images (--init_image, --init_video, or such lines of a .jsonl prompts file); a handover "
+           "starts from noise", edits),
+          ("an autoguidance guide fits one model; sample without --guide_workdir and --guide_step",
+           guide_workdir or guide_step is not None)) if given])
   guide = None
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
@@ -880,35 +877,58 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
     (weights, graphdef, mesh), step = load_pretrained(config, mesh_config), None
   else:
     config, weights, graphdef, step, mesh = load_checkpoint(workdir, step, sample_config.use_ema, mesh_config)
-  if refiner_config is not None:
-    refiner_weights, refiner_graphdef, _ = load_pretrained(refiner_config, mesh_config, "--refiner")
-    refiner = refiners.Refiner(refiner_config, refiner_weights, refiner_graphdef,
-                               tokenizers.from_config(refiner_config), denoising_end, scores)
+  if refiner is not None:
+    refiner = load_refiner(refiner, mesh_config)
+    log.info("the model hands its latents to the refiner at step %d of %d", refiners.handoff_step(
+        config, sample_config, sampling_logsnr(config, sample_config), refiner.denoising_end), sample_config.steps)
   return write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
                        edits=edits, adapters=adapters, guide=guide, refiner=refiner)
 
 
-def check_refiner(config, refiner_config, sample_config, denoising_end: float, aesthetic_scores: tuple,
-                  edited: bool, guided: bool) -> None:
-  """A ValueError, before any checkpoint is read, where the model cannot hand its latents to the refiner of
-  `refiner_config` at denoising_end of the grid (refiner.py), or sampling would edit (edited) or be autoguided
-  (guided), which a handover does not do."""
-  problems = [problem for problem, given in (
-      ("the prompts edit images (--init_image, --init_video, or such lines of a .jsonl prompts file); a handover "
-       "starts from noise", edited),
-      ("an autoguidance guide fits one model; sample without --guide_workdir and --guide_step", guided)) if given]
-  problems += refiners.problems(config, refiner_config)
-  if not problems:
-    settings = refiners.sample_config(refiner_config, sample_config, image_size(config, sample_config),
-                                      aesthetic_scores)
-    problems = refiners.sampling_problems(config, refiner_config, *(
-        (sampling_logsnr(c, s), output_shape(c, s)) for c, s in ((config, sample_config),
-                                                                  (refiner_config, settings))))
+def checked_refiner(config, refiner_config, denoising_end, sample_configs, overrides, problems=()):
+  """The refiner.Refiner (weights not read yet) of a --refiner config (None: none; --denoising_end is then refused)
+  at denoising_end (None: refiner.DENOISING_END) with the aesthetic scores `overrides` give (else its config's);
+  before any checkpoint is read, a ValueError naming `problems` (what the caller does that a handover does not) and
+  why the model cannot hand its latents to it on the grid of each of sample_configs (refiner.py)."""
+  if refiner_config is None:
+    if denoising_end is not None:
+      raise ValueError("--denoising_end: the part of the grid the model runs before a --refiner; give the refiner")
+    return None
+  refiner_config = refiner_config.copy_and_resolve_references()
+  config_checks.validate(refiner_config)
+  scores = tuple(refiner_config.sample[k] if overrides.get(k) is None else overrides[k]
+                 for k in ("aesthetic_score", "negative_aesthetic_score"))
+  refiner = refiners.Refiner(refiner_config, refiners.DENOISING_END if denoising_end is None else denoising_end,
+                             scores)
+  problems = list(problems) + refiners.problems(config, refiner_config)
+  for sample_config in sample_configs if not problems else ():
+    settings = refiners.sample_config(refiner_config, sample_config, image_size(config, sample_config), scores)
+    problems += refiners.sampling_problems(config, refiner_config, *(
+        (sampling_logsnr(c, s), output_shape(c, s)) for c, s in ((config, sample_config), (refiner_config, settings))))
   if problems:
-    raise ValueError(f"--refiner: {'; '.join(problems)}")
-  refiners.handoff_step(config, sample_config, sampling_logsnr(config, sample_config), denoising_end)
+    raise ValueError(f"--refiner: {'; '.join(dict.fromkeys(problems))}")
+  for sample_config in sample_configs:
+    refiners.handoff_step(config, sample_config, sampling_logsnr(config, sample_config), refiner.denoising_end)
   check_pretrained(refiner_config, "--refiner")
+  return refiner
+
+
+def load_refiner(refiner, mesh_config=None):
+  """A checked_refiner's Refiner with its weights read onto the mesh of `mesh_config` (load_pretrained's)."""
+  from diffusion_jax.text import tokenizers
+
+  weights, graphdef, _ = load_pretrained(refiner.config, mesh_config, "--refiner")
+  return dataclasses.replace(refiner, weights=weights, graphdef=graphdef,
+                             tokenizer=tokenizers.from_config(refiner.config))
+
+
+def refiner_provenance(refiner) -> dict:
+  """What a sample's record (and an evaluation's settings) says of the refiner.Refiner that finished it."""
+  record = {"denoising_end": refiner.denoising_end, "config_hash": config_hash(refiner.config)}
+  if text_to_image.sdxl_refiner(refiner.config):
+    record["aesthetic_scores"] = list(refiner.aesthetic_scores)
+  return record
 
 
 def mesh_problems(config, mesh_config, frames: int, field: str) -> list[str]:
@@ -1075,9 +1095,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   if guide is not None:
     provenance["guide"] = autoguidance.provenance(guide)
   if refiner is not None:
-    provenance["refiner"] = {"denoising_end": refiner.denoising_end, "config_hash": config_hash(refiner.config)}
-    if text_to_image.sdxl_refiner(refiner.config):
-      provenance["refiner"]["aesthetic_scores"] = list(refiner.aesthetic_scores)
+    provenance["refiner"] = refiner_provenance(refiner)
   if config.model.temporal and sample_config.video_length:
     clip = clip_frames(config, sample_config)
     provenance.update(video_length=sample_config.video_length, clip_frames=clip,
@@ -1085,10 +1103,10 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   return write_outputs(output_dir, entries, np.stack(images), provenance, edits)
 
 
-def handed_over(refiner, config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds,
-                negative_prompts) -> np.ndarray:
+def handed_over(refiner, config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
+                negative_prompts=None) -> np.ndarray:
   """Samples (as generate's) of an ensemble of experts (refiner.py): the model runs the grid to the handoff, the
-  refiner (a refiners.Refiner) the rest from the model's latents, each reading the prompts with its own encoders."""
+  refiner (a refiner.Refiner) the rest from the model's latents, each reading the prompts with its own encoders."""
   refiner_settings = refiners.sample_config(refiner.config, sample_config, image_size(config, sample_config),
                                             refiner.aesthetic_scores)
   step = refiners.handoff_step(config, sample_config, sampling_logsnr(config, sample_config), refiner.denoising_end)

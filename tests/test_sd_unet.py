@@ -505,7 +505,9 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
   to StableDiffusionXLImg2ImgPipeline(denoising_start=0.8) makes; the refiner's aesthetic scores matter and are
   recorded. Refused before any checkpoint is read: --denoising_end without a refiner or with a handover where one
   model runs no step, edits, autoguidance, another schedule; refused by what they are: video and super-resolution
-  models, latents of another shape."""
+  models, latents of another shape. The evaluation job (evaluate --config --refiner) scores the ensemble's samples
+  (another FID than the base's alone, the same held-out loss), records the refiner in its settings, and checks every
+  sweep point's handover and refuses edits first."""
   import PIL.Image
 
   from configs import stable_diffusion
@@ -518,6 +520,7 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
   base_config, refiner_config = (stable_diffusion.get_config(str(tmp_path / name)) for name in ("base", "refiner"))
   for c in (base_config, refiner_config):
     c.model.dtype, c.text.max_length, c.data.resolution = "float32", 16, 32
+  base_config.data.update(dataset="captioned_shapes", num_train=64, num_eval=16, data_dir=str(tmp_path / "tfds"))
   prompt = "a large red circle at the top left"
   base_config.sample.prompts = [prompt]
   run = lambda name, **settings: sample.run(
@@ -537,6 +540,7 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
   assert np.abs(ours - theirs * 255).max() <= 1
   record = media.read_provenance(tmp_path / "ensemble" / "p000_00.png")
   assert json.loads(record["refiner"])["aesthetic_scores"] == [6.0, 2.5]
+  record_hash = lambda record: json.loads(record["refiner"])["config_hash"]
   assert np.abs(np.asarray(PIL.Image.open(run("other", negative_aesthetic_score=6.0)), float) - ours).max() > 0
 
   def refused(match, refiner_config=refiner_config, denoising_end=0.8, **given):
@@ -558,6 +562,21 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
       "the model is a video model; an ensemble of experts hands over an image's latents, from noise"]
   assert "the refiner's latents are (16, 16, 8), the model's (16, 16, 4)" in refiner.sampling_problems(
       base_config, refiner_config, (np.zeros(3), (16, 16, 4)), (np.zeros(3), (16, 16, 8)))[0]
+
+  from diffusion_jax import evaluate  # the evaluation job scores the ensemble's samples, at every sweep point
+
+  options = dict(config=base_config, num_prompts=4, heldout_examples=4, combination_prompts=0,
+                 sample_overrides={"steps": 10, "sampler": "euler"})
+  with pytest.raises(ValueError, match="--refiner: --image_to_image: not with a refiner"):
+    evaluate.run(tmp_path / "eval", refiner_config=refiner_config, edit_real="image_to_image", **options)
+  with pytest.raises(ValueError, match="--denoising_end=0.8 hands over at step 0 of 1: the model would run none"):
+    evaluate.run(tmp_path / "eval", refiner_config=refiner_config, sweeps={"steps": ("1",)}, **options)
+  [ensemble] = evaluate.run(tmp_path / "eval", refiner_config=refiner_config, **options)
+  assert ensemble["settings"]["refiner"] == {"denoising_end": 0.8, "config_hash": record_hash(record),
+                                             "aesthetic_scores": [6.0, 2.5]}
+  [alone] = evaluate.run(tmp_path / "eval", **options)  # (other settings: evaluated again, without the refiner)
+  assert "refiner" not in alone["settings"] and alone["heldout_loss"] == ensemble["heldout_loss"]
+  assert alone["fid_random_conv"] != ensemble["fid_random_conv"]
 
 
 def save_kohya_lora(directory, shapes: dict) -> dict:
