@@ -203,15 +203,15 @@ def model_differences(adapter: Adapter, config) -> list[str]:
   return [d for d in checkpoint.config_differences(made, this) if not d.startswith("model.lora_")]
 
 
-def check(adapters: list[Adapter], config) -> None:
-  """A ValueError naming the first mismatches when an adapter does not fit `config`'s model, and the fields in
-  which the model it was made for differs (nothing read)."""
+def check(adapters: list[Adapter], config, flag: str = "--lora") -> None:
+  """A ValueError naming the first mismatches when an adapter (of `flag`) does not fit `config`'s model, and the
+  fields in which the model it was made for differs (nothing read)."""
   params, frozen = finetune.abstract_parameters(config)
   kernels = {name(p): x.shape for p, x in (params | frozen).items() if p[-1] == "kernel"}
   for adapter in adapters:
     if found := problems(adapter, kernels):
       made = adapter.metadata.get("workdir", "another model")
-      said = [f"--lora={adapter.file}: its updates (from {made}) do not fit this model: "
+      said = [f"{flag}={adapter.file}: its updates (from {made}) do not fit this model: "
               f"{'; '.join(found[:5])}{' ...' if len(found) > 5 else ''}"]
       if differences := model_differences(adapter, config):
         said.append(f"It was made for a model that differs in: {'; '.join(differences)} (adapter's -> this one's)")

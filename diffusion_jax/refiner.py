@@ -27,7 +27,8 @@ class Refiner:
   config: object          # the refiner's config (read from pretrained checkpoints: sample --refiner)
   denoising_end: float    # the handoff, in (0, 1)
   aesthetic_scores: tuple  # (the prompt's, guidance's other branch's): read by an SDXL refiner's U-Net alone
-  weights: object = None  # its sample.Weights, once read (sample.load_refiner)
+  adapters: list = dataclasses.field(default_factory=list)  # lora.Adapters fused into its weights
+  weights: object = None  # its sample.Weights, once read (sample.load_refiner), the adapters fused
   graphdef: object = None
   tokenizer: object = None
 

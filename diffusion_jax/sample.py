@@ -134,6 +134,8 @@ Flags:
   --denoising_end   with --refiner: the part of the grid the model runs, in (0, 1): the steps at the training
                     schedule's noise level at t = 1 - it and noisier (on SD's DDPM table: timestep round(1000 (1 -
                     it)) and above, the cutoff of diffusers' denoising_end and denoising_start) (default 0.8)
+  --refiner_lora    with --refiner: FILE[:SCALE], repeatable: a LoRA adapter fused into the refiner's weights (as
+                    --lora into the model's; a prompt's lora_scale sets the model's alone); recorded in the provenance
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -779,7 +781,7 @@ def load_pretrained(config, mesh_config=None, flag: str = "--config"):
 def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
         mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None,
         source_prompt=None, last_image=None, mesh_config=None, config=None, refiner_config=None,
-        denoising_end=None):
+        denoising_end=None, refiner_adapters=()):
   """Sample a workdir's checkpoint (or, with `config` and no workdir, the pretrained checkpoints a config reads:
   load_pretrained; output_dir then required) for a prompts file (default: the config's prompts) with `overrides` of its
   sample settings; init_image and mask (or an image-to-video model's last_image), or init_video: files every
@@ -789,7 +791,7 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
   guide_step (default: its latest): the autoguidance guide's checkpoint; mesh_config: the mesh the weights (and the
   guide's) are restored onto and sampled on (load_checkpoint); refiner_config: a config read from pretrained
   checkpoints (load_pretrained) whose model finishes the model's samples from its latents at denoising_end of the
-  grid (default refiner.DENOISING_END; refiner.py)."""
+  grid (default refiner.DENOISING_END; refiner.py), refiner_adapters (lora.Adapters) fused into its weights."""
   from diffusion_jax.text import tokenizers
 
   if config is None:
@@ -868,7 +870,7 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
           ("the prompts edit images (--init_image, --init_video, or such lines of a .jsonl prompts file); a handover "
            "starts from noise", edits),
           ("an autoguidance guide fits one model; sample without --guide_workdir and --guide_step",
-           guide_workdir or guide_step is not None)) if given])
+           guide_workdir or guide_step is not None)) if given], refiner_adapters)
   guide = None
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
@@ -886,21 +888,24 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
                        edits=edits, adapters=adapters, guide=guide, refiner=refiner)
 
 
-def checked_refiner(config, refiner_config, denoising_end, sample_configs, overrides, problems=()):
-  """The refiner.Refiner (weights not read yet) of a --refiner config (None: none; --denoising_end is then refused)
-  at denoising_end (None: refiner.DENOISING_END) with the aesthetic scores `overrides` give (else its config's);
-  before any checkpoint is read, a ValueError naming `problems` (what the caller does that a handover does not) and
-  why the model cannot hand its latents to it on the grid of each of sample_configs (refiner.py)."""
+def checked_refiner(config, refiner_config, denoising_end, sample_configs, overrides, problems=(), adapters=()):
+  """The refiner.Refiner (weights not read yet) of a --refiner config (None: none; --denoising_end and adapters are
+  then refused) at denoising_end (None: refiner.DENOISING_END) with the aesthetic scores `overrides` give (else its
+  config's) and lora.Adapters to fuse into its weights (--refiner_lora); before any checkpoint is read, a ValueError
+  naming `problems` (what the caller does that a handover does not) and why the model cannot hand its latents to it
+  on the grid of each of sample_configs (refiner.py), or an adapter does not fit it."""
   if refiner_config is None:
-    if denoising_end is not None:
-      raise ValueError("--denoising_end: the part of the grid the model runs before a --refiner; give the refiner")
+    for flag, given in (("--denoising_end: the part of the grid the model runs before", denoising_end is not None),
+                        ("--refiner_lora: an adapter fused into", adapters)):
+      if given:
+        raise ValueError(f"{flag} a --refiner; give the refiner")
     return None
   refiner_config = refiner_config.copy_and_resolve_references()
   config_checks.validate(refiner_config)
   scores = tuple(refiner_config.sample[k] if overrides.get(k) is None else overrides[k]
                  for k in ("aesthetic_score", "negative_aesthetic_score"))
   refiner = refiners.Refiner(refiner_config, refiners.DENOISING_END if denoising_end is None else denoising_end,
-                             scores)
+                             scores, list(adapters))
   problems = list(problems) + refiners.problems(config, refiner_config)
   for sample_config in sample_configs if not problems else ():
     settings = refiners.sample_config(refiner_config, sample_config, image_size(config, sample_config), scores)
@@ -911,15 +916,17 @@ def checked_refiner(config, refiner_config, denoising_end, sample_configs, overr
   for sample_config in sample_configs:
     refiners.handoff_step(config, sample_config, sampling_logsnr(config, sample_config), refiner.denoising_end)
   check_pretrained(refiner_config, "--refiner")
+  lora.check(adapters, refiner_config, "--refiner_lora")
   return refiner
 
 
 def load_refiner(refiner, mesh_config=None):
-  """A checked_refiner's Refiner with its weights read onto the mesh of `mesh_config` (load_pretrained's)."""
+  """A checked_refiner's Refiner with its weights read onto the mesh of `mesh_config` (load_pretrained's), its
+  adapters fused."""
   from diffusion_jax.text import tokenizers
 
   weights, graphdef, _ = load_pretrained(refiner.config, mesh_config, "--refiner")
-  return dataclasses.replace(refiner, weights=weights, graphdef=graphdef,
+  return dataclasses.replace(refiner, weights=lora.fused(weights, refiner.adapters), graphdef=graphdef,
                              tokenizer=tokenizers.from_config(refiner.config))
 
 
@@ -928,6 +935,8 @@ def refiner_provenance(refiner) -> dict:
   record = {"denoising_end": refiner.denoising_end, "config_hash": config_hash(refiner.config)}
   if text_to_image.sdxl_refiner(refiner.config):
     record["aesthetic_scores"] = list(refiner.aesthetic_scores)
+  if refiner.adapters:
+    record["lora"] = lora.provenance(refiner.adapters)
   return record
 
 
@@ -1235,6 +1244,8 @@ def define_flags():
                                   "--refiner.FIELD=VALUE overrides its fields).")
   flags.DEFINE_float("denoising_end", None, "With --refiner: the part of the grid the model runs, in (0, 1), before "
                      f"the refiner runs the rest from its latents (default {refiners.DENOISING_END}).")
+  flags.DEFINE_multi_string("refiner_lora", [], "With --refiner: FILE[:SCALE], repeatable: a LoRA adapter fused "
+                            "into the refiner's weights at SCALE (default 1), as --lora into the model's.")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
   distributed.define_flags()
 
@@ -1282,7 +1293,8 @@ def main(argv):
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
-    cli.refuse(("refiner", "denoising_end"), "not used with --cascade, whose stages are super-resolution models")
+    cli.refuse(("refiner", "denoising_end", "refiner_lora"), "not used with --cascade, whose stages are "
+               "super-resolution models")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt, mesh=f.mesh)
   for name in ("mask", "last_image"):
     if f[name].value and not f.init_image:
@@ -1302,7 +1314,7 @@ def main(argv):
       path = run(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
                  [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step,
                  f.source_prompt, f.last_image, f.mesh and sharding.mesh_from_flag(f.mesh), f.config, f.refiner,
-                 f.denoising_end)
+                 f.denoising_end, [lora.read(spec, "--refiner_lora") for spec in f.refiner_lora])
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

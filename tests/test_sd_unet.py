@@ -503,7 +503,7 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
   timesteps 200 and above (--denoising_end=0.8: 8 of 10) and the refiner the other 2 from its latents, making from the
   same noise, to a level of 8 bits, what StableDiffusionXLPipeline(denoising_end=0.8, output_type="latent") handed
   to StableDiffusionXLImg2ImgPipeline(denoising_start=0.8) makes; the refiner's aesthetic scores matter and are
-  recorded. Refused before any checkpoint is read: --denoising_end without a refiner or with a handover where one
+  recorded, as is a LoRA of its U-Net fused into it (--refiner_lora), which changes the image. Refused before any checkpoint is read: --denoising_end without a refiner or with a handover where one
   model runs no step, edits, autoguidance, another schedule; refused by what they are: video and super-resolution
   models, latents of another shape. The evaluation job (evaluate --config --refiner) scores the ensemble's samples
   (another FID than the base's alone, the same held-out loss), records the refiner in its settings, and checks every
@@ -543,6 +543,24 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
   record_hash = lambda record: json.loads(record["refiner"])["config_hash"]
   assert np.abs(np.asarray(PIL.Image.open(run("other", negative_aesthetic_score=6.0)), float) - ours).max() > 0
 
+  # A LoRA of the refiner's U-Net fused into it (--refiner_lora) changes the image and is recorded; one of the base's
+  # does not fit it
+  import safetensors.numpy
+
+  from diffusion_jax import lora
+
+  for name in ("refiner", "base"):  # (of the middle block's projections: a few programs fuse them)
+    updates = random_lora(lambda: sd_unet.SDUNet(sd_unet.read_config(tmp_path / name / "unet"),
+                                                 rngs=init_rngs.seeded(0), lora_rank=2), "sd_unet")
+    safetensors.numpy.save_file({k: v for k, v in updates.items() if "mid_block" in k},
+                                tmp_path / f"{name}_lora.safetensors", metadata={"format": lora.FORMAT})
+  adapted = sample.run(None, {"steps": 10, "num_per_prompt": 1, "sampler": "euler"}, output_dir=tmp_path / "adapted",
+                       config=base_config, refiner_config=refiner_config, refiner_adapters=[
+                           lora.read(f"{tmp_path / 'refiner_lora.safetensors'}:0.5", "--refiner_lora")])
+  assert np.abs(np.asarray(PIL.Image.open(adapted.parent / "p000_00.png"), float) - ours).max() > 0
+  [adapter] = json.loads(media.read_provenance(adapted.parent / "p000_00.png")["refiner"])["lora"]
+  assert adapter["scale"] == 0.5 and adapter["file"].endswith("refiner_lora.safetensors")
+
   def refused(match, refiner_config=refiner_config, denoising_end=0.8, **given):
     with pytest.raises(ValueError, match=match):
       sample.run(None, {"steps": 10}, output_dir=tmp_path / "refused", config=base_config,
@@ -553,6 +571,10 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
   PIL.Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
   refused("--refiner: the prompts edit images", init_image=tmp_path / "a.png")
   refused("an autoguidance guide fits one model", guide_workdir=tmp_path)
+  refused("--refiner_lora=.*base_lora.safetensors: its updates .* do not fit this model",
+          refiner_adapters=[lora.read(str(tmp_path / "base_lora.safetensors"))])
+  refused("--refiner_lora: an adapter fused into a --refiner", refiner_config=None, denoising_end=None,
+          refiner_adapters=[lora.read(str(tmp_path / "refiner_lora.safetensors"))])
   other = refiner_config.copy_and_resolve_references()
   other.diffusion.schedule_params.beta_end = 0.02
   refused("--refiner: the refiner's sampling grid is not the model's", refiner_config=other)
