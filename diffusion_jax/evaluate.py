@@ -813,7 +813,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
                        "caption, so not with an autoguidance guide (leave the guide out, or edit with "
                        "--edit_noise=inversion)")
     guide = autoguidance.load(config, guide_workdir or workdir, guide_step, sample_config.use_ema, mesh_config)
-  refiner = refiner and sample.load_refiner(refiner, mesh_config)
+  if refiner is not None:
+    refiner = sample.load_refiner(refiner, mesh_config)
   recorded = evaluation_settings(sample_config, num_prompts, heldout_examples, combination_prompts,
                                  [name for name, weights in optional.items() if weights], image_to_video,
                                  combinations, adapters, guide, edit_real, edit_toward, refiner)

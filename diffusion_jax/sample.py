@@ -562,8 +562,10 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   generate_fn = compiled_sampler(config, graphdef, sample_config, mesh, guide, handoff)
   batch = sharding.batch_sharding(mesh)
   guide_weights = None if guide is None else jax.device_put((guide.params, guide.frozen), sharding.replicated(mesh))
-  handed = None if latents is None else np.asarray(latents, np.float32).reshape((-1,) + np.shape(latents)[2:])
-  handed = None if handed is None else np.concatenate([handed, np.zeros((pad,) + handed.shape[1:], handed.dtype)])
+  handed = None
+  if latents is not None:  # a sample's row each, as the keys, padded
+    handed = np.asarray(latents, np.float32).reshape((-1,) + np.shape(latents)[2:])
+    handed = np.concatenate([handed, np.zeros((pad,) + handed.shape[1:], handed.dtype)])
   place = lambda a, first: None if a is None else jax.device_put(jax.tree.map(lambda x: x[first:first + chunk], a),
                                                                    batch)
   outputs, start = [], time.time()

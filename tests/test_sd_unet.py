@@ -503,11 +503,12 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
   timesteps 200 and above (--denoising_end=0.8: 8 of 10) and the refiner the other 2 from its latents, making from the
   same noise, to a level of 8 bits, what StableDiffusionXLPipeline(denoising_end=0.8, output_type="latent") handed
   to StableDiffusionXLImg2ImgPipeline(denoising_start=0.8) makes; the refiner's aesthetic scores matter and are
-  recorded, as is a LoRA of its U-Net fused into it (--refiner_lora), which changes the image. Refused before any checkpoint is read: --denoising_end without a refiner or with a handover where one
-  model runs no step, edits, autoguidance, another schedule; refused by what they are: video and super-resolution
-  models, latents of another shape. The evaluation job (evaluate --config --refiner) scores the ensemble's samples
-  (another FID than the base's alone, the same held-out loss), records the refiner in its settings, and checks every
-  sweep point's handover and refuses edits first."""
+  recorded, as is a LoRA of its U-Net fused into it (--refiner_lora), which changes the image. Refused before any
+  checkpoint is read: --denoising_end without a refiner or with a handover where one model runs no step, edits,
+  autoguidance, another schedule, a LoRA that does not fit the refiner; refused by what they are: video and
+  super-resolution models, latents of another shape. The evaluation job (evaluate --config --refiner) scores the
+  ensemble's samples (another FID than the base's alone, the same held-out loss), records the refiner in its
+  settings, and checks every sweep point's handover and refuses edits first."""
   import PIL.Image
 
   from configs import stable_diffusion
