@@ -17,9 +17,10 @@ from diffusion_jax import schedules
 from diffusion_jax.models import text_to_image
 
 DENOISING_END = 0.8  # the part of the grid SDXL's documentation gives the base (its high_noise_frac)
+AESTHETIC_SETTINGS = ("aesthetic_score", "negative_aesthetic_score")  # (the prompt's, guidance's other branch's)
 # Sample settings a model reads of its own: the refiner's come from its config, the rest from the model's
 OWN_SETTINGS = ("flux_guidance", "skip_layers", "skip_layer_scale", "skip_layer_start", "skip_layer_stop",
-                "guidance_scale_low_noise", "kontext_resize", "aesthetic_score", "negative_aesthetic_score")
+                "guidance_scale_low_noise", "kontext_resize") + AESTHETIC_SETTINGS
 
 
 @dataclasses.dataclass

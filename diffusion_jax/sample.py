@@ -805,7 +805,10 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
     config = config.copy_and_resolve_references()
     config_checks.validate(config)
   sample_config = config.sample
-  sample_config.update({k: v for k, v in overrides.items() if v is not None})
+  # (the aesthetic scores are a --refiner's where the model reads none: its sampler is not compiled again for them)
+  scores_elsewhere = refiner_config is not None and not text_to_image.sdxl_refiner(config)
+  sample_config.update({k: v for k, v in overrides.items()
+                        if v is not None and not (scores_elsewhere and k in refiners.AESTHETIC_SETTINGS)})
   problems = config_checks.sample_problems(sample_config, "--") + config_checks.sample_size_problems(
       config, sample_config, "--")
   for problem in (config_checks.low_noise_guidance_problem(config, sample_config, "--"),
@@ -905,7 +908,7 @@ def checked_refiner(config, refiner_config, denoising_end, sample_configs, overr
   refiner_config = refiner_config.copy_and_resolve_references()
   config_checks.validate(refiner_config)
   scores = tuple(refiner_config.sample[k] if overrides.get(k) is None else overrides[k]
-                 for k in ("aesthetic_score", "negative_aesthetic_score"))
+                 for k in refiners.AESTHETIC_SETTINGS)
   refiner = refiners.Refiner(refiner_config, refiners.DENOISING_END if denoising_end is None else denoising_end,
                              scores, list(adapters))
   problems = list(problems) + refiners.problems(config, refiner_config)

@@ -523,10 +523,10 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
     c.model.dtype, c.text.max_length, c.data.resolution = "float32", 16, 32
   base_config.data.update(dataset="captioned_shapes", num_train=64, num_eval=16, data_dir=str(tmp_path / "tfds"))
   prompt = "a large red circle at the top left"
-  base_config.sample.prompts = [prompt]
-  run = lambda name, **settings: sample.run(
-      None, {"steps": 10, "num_per_prompt": 1, "sampler": "euler", **settings}, output_dir=tmp_path / name,
-      config=base_config, refiner_config=refiner_config, denoising_end=0.8).parent / "p000_00.png"
+  # (the sampling and evaluation jobs then sample one config: their compiled samplers are shared)
+  base_config.sample.update(prompts=[prompt], steps=10, num_per_prompt=1, sampler="euler")
+  run = lambda name, **settings: sample.run(None, settings, output_dir=tmp_path / name, config=base_config,
+                                            refiner_config=refiner_config, denoising_end=0.8).parent / "p000_00.png"
   ours = np.asarray(PIL.Image.open(run("ensemble")), float)
 
   noise = np.array(jax.random.normal(sample.example_keys([base_config.sample.seed], 1)[0], (16, 16, 4)))
@@ -555,7 +555,7 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
                                                  rngs=init_rngs.seeded(0), lora_rank=2), "sd_unet")
     safetensors.numpy.save_file({k: v for k, v in updates.items() if "mid_block" in k},
                                 tmp_path / f"{name}_lora.safetensors", metadata={"format": lora.FORMAT})
-  adapted = sample.run(None, {"steps": 10, "num_per_prompt": 1, "sampler": "euler"}, output_dir=tmp_path / "adapted",
+  adapted = sample.run(None, {}, output_dir=tmp_path / "adapted",
                        config=base_config, refiner_config=refiner_config, refiner_adapters=[
                            lora.read(f"{tmp_path / 'refiner_lora.safetensors'}:0.5", "--refiner_lora")])
   assert np.abs(np.asarray(PIL.Image.open(adapted.parent / "p000_00.png"), float) - ours).max() > 0
@@ -588,8 +588,7 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
 
   from diffusion_jax import evaluate  # the evaluation job scores the ensemble's samples, at every sweep point
 
-  options = dict(config=base_config, num_prompts=4, heldout_examples=4, combination_prompts=0,
-                 sample_overrides={"steps": 10, "sampler": "euler"})
+  options = dict(config=base_config, num_prompts=4, heldout_examples=4, combination_prompts=0)
   with pytest.raises(ValueError, match="--refiner: --image_to_image: not with a refiner"):
     evaluate.run(tmp_path / "eval", refiner_config=refiner_config, edit_real="image_to_image", **options)
   with pytest.raises(ValueError, match="--denoising_end=0.8 hands over at step 0 of 1: the model would run none"):
