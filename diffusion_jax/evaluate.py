@@ -800,7 +800,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
            if value]
   refiner = sample.checked_refiner(  # before any checkpoint is read
       config, refiner_config, denoising_end, [sample_config] + [c for points in settings.values() for _, c in points],
-      {}, [f"{', '.join(given)}: not with a refiner (a handover starts from noise, one model's)"] if given else [],
+      {}, [f"{', '.join(given)}: not with a refiner (a handover starts from noise, one model's): evaluate them "
+           "without --refiner"] if given else [],
       refiner_adapters)
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
               "lpips": lpips_weights}

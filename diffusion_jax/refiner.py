@@ -79,9 +79,10 @@ def problems(config, refiner_config) -> list[str]:
   for name, c in (("the model", config), ("the refiner", refiner_config)):
     if c.model.temporal or c.model.lowres_conditioning:
       found.append(f"{name} is a {'video' if c.model.temporal else 'super-resolution'} model; an ensemble of "
-                   f"experts hands over an image's latents, from noise")
+                   f"experts hands over an image's latents, from noise: sample it without --refiner")
     elif text_to_image.flux_control(c):
-      found.append(f"{name} samples beside a control image (FLUX.1 Depth / Canny), which a handover has none of")
+      found.append(f"{name} samples beside a control image (FLUX.1 Depth / Canny), which a handover has none of: "
+                   "sample it without --refiner")
   return found
 
 
@@ -91,9 +92,9 @@ def sampling_problems(config, refiner_config, model_sampling, refiner_sampling) 
   (model_grid, model_shape), (refiner_grid, refiner_shape) = model_sampling, refiner_sampling
   if tuple(model_shape) != tuple(refiner_shape):
     return [f"the refiner's latents are {tuple(refiner_shape)}, the model's {tuple(model_shape)}: they must share an "
-            "autoencoder's latent space"]
+            "autoencoder's latent space (pair models of one family, e.g. SDXL's base and refiner)"]
   if np.shape(model_grid) != np.shape(refiner_grid) or not np.allclose(model_grid, refiner_grid, rtol=1e-5):
     schedule = lambda c: f"{c.diffusion.schedule} {dict(c.diffusion.schedule_params)}"
     return [f"the refiner's sampling grid is not the model's (diffusion.schedule {schedule(refiner_config)}, the "
-            f"model's {schedule(config)}): both must sample one grid"]
+            f"model's {schedule(config)}): both must sample one grid (pair models trained on one schedule)"]
   return []

@@ -873,7 +873,7 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
   refiner = checked_refiner(config, refiner_config, denoising_end, [sample_config], overrides, [
       problem for problem, given in (
           ("the prompts edit images (--init_image, --init_video, or such lines of a .jsonl prompts file); a handover "
-           "starts from noise", edits),
+           "starts from noise: edit without --refiner", edits),
           ("an autoguidance guide fits one model; sample without --guide_workdir and --guide_step",
            guide_workdir or guide_step is not None)) if given], refiner_adapters)
   guide = None

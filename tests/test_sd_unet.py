@@ -582,7 +582,8 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
   video = base_config.copy_and_resolve_references()
   video.model.temporal = True
   assert refiner.problems(video, refiner_config) == [
-      "the model is a video model; an ensemble of experts hands over an image's latents, from noise"]
+      "the model is a video model; an ensemble of experts hands over an image's latents, from noise: sample it "
+      "without --refiner"]
   assert "the refiner's latents are (16, 16, 8), the model's (16, 16, 4)" in refiner.sampling_problems(
       base_config, refiner_config, (np.zeros(3), (16, 16, 4)), (np.zeros(3), (16, 16, 8)))[0]
 

@@ -296,6 +296,7 @@ def starts_clips_at_images(config) -> bool:
 
 _abstract_models = {}  # (config JSON, named_files) -> nnx.split of its abstract model, the latest ABSTRACT_KEPT
 ABSTRACT_KEPT = 8
+BUILT_FROM = ("model", "text", "latent")  # the config sections whose paths name what a model is built from
 
 
 def abstract(config):
@@ -311,9 +312,9 @@ def abstract(config):
 
 
 def named_files(config) -> tuple:
-  """(path, size, modification time) of each file a config's string field names and of the JSON files in (and one
-  folder below) each folder one names: what a model's shapes are read from."""
-  stamps, fields = [], [config.to_dict()]
+  """(path, size, modification time) of each file a string field of BUILT_FROM names and of the JSON files in (and
+  one folder below) each folder one names: what a model's shapes are read from (not the data's folders)."""
+  stamps, fields = [], [config[section].to_dict() for section in BUILT_FROM]
   while fields:
     for value in fields.pop().values():
       if isinstance(value, dict):
