@@ -49,10 +49,21 @@ class TrainState:
 # ----------------------------------------------------------------------------- state
 
 
+_weights_inits = {}  # weights_init's programs by model, given paths and shardings: the latest WEIGHTS_INITS_KEPT
+WEIGHTS_INITS_KEPT = 8
+
+
 def weights_init(config, shardings, given=frozenset()):
   """The jitted program that makes the config's randomly initialised (params, frozen) pure dicts, placed with
   `shardings`, from a key: the seed's key is an argument, so runs that differ only in config.seed share it. Leaves
-  at the flat paths `given` (pretrained weights that replace them) are left out: nothing computes them."""
+  at the flat paths `given` (pretrained weights that replace them) are left out: nothing computes them. One program
+  per model (text_to_image.model_key), `given` and `shardings` in a process: a job that loads a model again (and a
+  test) does not trace its construction again (a second or more for a tiny SDXL)."""
+  placed = tuple(tuple(flax.traverse_util.flatten_dict(tree).items()) for tree in shardings)
+  key = (text_to_image.model_key(config), given, placed)
+  if key in _weights_inits:
+    return _weights_inits[key]
+  config = config.copy_and_resolve_references()  # (traced at the first call)
   kept = lambda tree: without(tree, given)
 
   def init(key):
@@ -60,7 +71,10 @@ def weights_init(config, shardings, given=frozenset()):
     _, params, frozen = text_to_image.split(model, config)
     return kept(nnx.to_pure_dict(params)), kept(nnx.to_pure_dict(frozen))
 
-  return jax.jit(init, out_shardings=(kept(shardings[0]), kept(shardings[1])))
+  while len(_weights_inits) >= WEIGHTS_INITS_KEPT:
+    _weights_inits.pop(next(iter(_weights_inits)))
+  _weights_inits[key] = jax.jit(init, out_shardings=(kept(shardings[0]), kept(shardings[1])))
+  return _weights_inits[key]
 
 
 def without(tree: dict, paths) -> dict:

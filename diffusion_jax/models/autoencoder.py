@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from diffusion_jax.models import (causal_autoencoder, cogvideox_autoencoder, diffusers_directory, init_rngs, layers,
-                                  named_tensors, wan_autoencoder)
+from diffusion_jax.models import (abstract_modules, causal_autoencoder, cogvideox_autoencoder, diffusers_directory,
+                                  layers, named_tensors, wan_autoencoder)
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # Attention names of checkpoints written before diffusers renamed them (its own loader maps them the same way).
@@ -520,9 +520,8 @@ def load_diffusers(path: str) -> AutoencoderKL:
   tensors = named_tensors.read_safetensors(weights)
   if is_wan(config):  # its norms' gammas are stored [channels, 1, 1(, 1)]
     tensors = {name: value.reshape(-1) if name.endswith(".gamma") else value for name, value in tensors.items()}
-  return named_tensors.load(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=init_rngs.seeded(0))),
-                            _renamed_old_attention(tensors), named_tensors.torch_name,
-                            f"{str(weights)!r} does not match its config.json")
+  return named_tensors.load(abstract_modules.of(AutoencoderKL, config), _renamed_old_attention(tensors),
+                            named_tensors.torch_name, f"{str(weights)!r} does not match its config.json")
 
 
 def diffusers_config(fields: dict, scaling_factor: float) -> dict:

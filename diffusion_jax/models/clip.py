@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_jax.models import init_rngs, layers, named_tensors
+from diffusion_jax.models import abstract_modules, layers, named_tensors
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -204,7 +204,7 @@ def from_pretrained(path) -> CLIP:
     raise ValueError(f"CLIP checkpoint {str(directory)!r}: " + "; ".join(problems))
   tensors = {k: v for k, v in named_tensors.read_safetensors(directory / "model.safetensors").items()
              if not k.endswith("position_ids")}
-  abstract = nnx.eval_shape(lambda: CLIP(text, vision, config.get("projection_dim", 512), rngs=init_rngs.seeded(0)))
+  abstract = abstract_modules.of(CLIP, text, vision, config.get("projection_dim", 512))
   return named_tensors.load(abstract, tensors, _hf_name,
                             f"CLIP checkpoint {str(directory)!r} does not match its config.json")
 
@@ -281,7 +281,7 @@ def text_tensor_shapes(path, field: str = "text.pretrained_path", with_projectio
   CLIPTextModelWithProjection) directory's model.safetensors (from its config.json alone; names text_model.*)."""
   config = read_text_config(path, field)
   model_class = TextModelWithProjection if with_projection else TextModel
-  return named_tensors.shapes(nnx.eval_shape(lambda: model_class(config, rngs=init_rngs.seeded(0))), _hf_name)
+  return named_tensors.shapes(abstract_modules.of(model_class, config), _hf_name)
 
 
 def text_tensors(module) -> dict:
@@ -316,8 +316,7 @@ def _load_tower(model_class, config: dict, path, field: str, prefix: str):
   tensors are named `prefix`... (transformers 5 saves them unprefixed)."""
   if not (pathlib.Path(path).expanduser() / "model.safetensors").is_file():
     raise ValueError(f"{field}={str(path)!r} has no model.safetensors (PyTorch .bin files are not read)")
-  return named_tensors.load(nnx.eval_shape(lambda: model_class(config, rngs=init_rngs.seeded(0))),
-                            tower_tensors(path, prefix), _hf_name,
+  return named_tensors.load(abstract_modules.of(model_class, config), tower_tensors(path, prefix), _hf_name,
                             f"{field}={str(path)!r} does not match its config.json")
 
 

@@ -6,9 +6,7 @@ loaded into the module that config builds.
 import json
 import pathlib
 
-from flax import nnx
-
-from diffusion_jax.models import init_rngs, named_tensors
+from diffusion_jax.models import abstract_modules, named_tensors
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
 
@@ -89,13 +87,12 @@ def copy_root(root: pathlib.Path, output: pathlib.Path, replaced) -> None:
 
 def tensor_shapes(module_class, config: dict) -> dict:
   """{tensor name: shape} of what `load` reads into `module_class(config, rngs)` (nothing allocated)."""
-  return named_tensors.shapes(nnx.eval_shape(lambda: module_class(config, rngs=init_rngs.seeded(0))),
-                              named_tensors.torch_name)
+  return named_tensors.shapes(abstract_modules.of(module_class, config), named_tensors.torch_name)
 
 
 def load(path, module_class, config: dict):
   """A `module_class(config, rngs)` holding the weights of the local diffusers directory `path` (its safetensors,
   by PyTorch names); a ValueError when they do not match the module `config` (its config.json) builds."""
-  return named_tensors.load(nnx.eval_shape(lambda: module_class(config, rngs=init_rngs.seeded(0))), read_tensors(path),
+  return named_tensors.load(abstract_modules.of(module_class, config), read_tensors(path),
                             named_tensors.torch_name,
                             f"{str(pathlib.Path(path).expanduser())!r} does not match its config.json")

@@ -12,7 +12,7 @@ as a negative prompt; FLUX.1 dev itself is guidance-distilled and samples withou
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import clip, init_rngs, t5
+from diffusion_jax.models import abstract_modules, clip, t5
 
 
 class TextEncoders(nnx.Module):
@@ -34,15 +34,19 @@ class TextEncoders(nnx.Module):
 
 def build(config, rngs: nnx.Rngs, lora_rank=0) -> TextEncoders:
   """The TextEncoders of config.text's folders (text.pretrained_path, text.t5_encoder_path), randomly initialised."""
+  return TextEncoders(*arguments(config), rngs=rngs, lora_rank=lora_rank)
+
+
+def arguments(config) -> tuple:
+  """TextEncoders' configs and sizes (before rngs) for config.text's folders."""
   text = config.text
-  return TextEncoders(clip.read_text_config(text.pretrained_path),
-                      t5.read_hf_config(text.t5_encoder_path, text.t5.dtype), text.t5_max_length, rngs=rngs,
-                      lora_rank=lora_rank)
+  return (clip.read_text_config(text.pretrained_path), t5.read_hf_config(text.t5_encoder_path, text.t5.dtype),
+          text.t5_max_length)
 
 
 def load(config) -> TextEncoders:
   """TextEncoders with the weights of Flux's text_encoder/ and text_encoder_2/ folders."""
-  encoders = nnx.eval_shape(lambda: build(config, init_rngs.seeded(0)))
+  encoders = abstract_modules.of(TextEncoders, *arguments(config))
   encoders.clip = clip.load_text(config.text.pretrained_path)
   encoders.t5 = t5.load_hf_encoder(config.text.t5_encoder_path, config.text.t5.dtype)
   return encoders

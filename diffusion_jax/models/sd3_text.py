@@ -15,7 +15,7 @@ negative prompt "".
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import clip, init_rngs, t5
+from diffusion_jax.models import abstract_modules, clip, t5
 
 
 class TextEncoders(nnx.Module):
@@ -52,17 +52,22 @@ class TextEncoders(nnx.Module):
 def build(config, width: int, rngs: nnx.Rngs, lora_rank=0) -> TextEncoders:
   """The TextEncoders of config.text's folders (text.pretrained_path, text.second_encoder_path, text.t5_encoder_path)
   for a transformer reading `width`-wide tokens, randomly initialised."""
+  return TextEncoders(*arguments(config, width), rngs=rngs, lora_rank=lora_rank)
+
+
+def arguments(config, width: int) -> tuple:
+  """TextEncoders' configs and sizes (before rngs) for config.text's folders and a `width`-wide transformer."""
   text = config.text
   t5_config = t5.read_hf_config(text.t5_encoder_path, text.t5.dtype) if text.t5_encoder_path else None
-  return TextEncoders(clip.read_text_config(text.pretrained_path),
-                      clip.read_text_config(text.second_encoder_path, "text.second_encoder_path"), t5_config,
-                      text.t5_max_length, width, rngs=rngs, lora_rank=lora_rank)
+  return (clip.read_text_config(text.pretrained_path),
+          clip.read_text_config(text.second_encoder_path, "text.second_encoder_path"), t5_config, text.t5_max_length,
+          width)
 
 
 def load(config, width: int) -> TextEncoders:
   """TextEncoders with the weights of SD3's text_encoder/, text_encoder_2/ and text_encoder_3/ folders."""
   text = config.text
-  encoders = nnx.eval_shape(lambda: build(config, width, init_rngs.seeded(0)))
+  encoders = abstract_modules.of(TextEncoders, *arguments(config, width))
   encoders.first = clip.load_text(text.pretrained_path, with_projection=True)
   encoders.second = clip.load_text(text.second_encoder_path, "text.second_encoder_path", with_projection=True)
   if text.t5_encoder_path:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_jax.models import clip, init_rngs
+from diffusion_jax.models import abstract_modules, clip
 
 
 class TextEncoders(nnx.Module):
@@ -44,9 +44,8 @@ def load(first_path, second_path, second_field: str = "text.second_encoder_path"
   """TextEncoders with the weights of SDXL's text_encoder/ (text.pretrained_path) and text_encoder_2/
   (text.second_encoder_path) folders; first_path empty: the refiner's, its text_encoder_2/ alone (at `second_field`,
   text.pretrained_path)."""
-  encoders = nnx.eval_shape(lambda: TextEncoders(clip.read_text_config(first_path) if first_path else None,
-                                                 clip.read_text_config(second_path, second_field),
-                                                 rngs=init_rngs.seeded(0)))
+  encoders = abstract_modules.of(TextEncoders, clip.read_text_config(first_path) if first_path else None,
+                                 clip.read_text_config(second_path, second_field))
   encoders.first = clip.load_text(first_path) if first_path else None
   encoders.second = clip.load_text(second_path, second_field, with_projection=True)
   return encoders

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from diffusion_jax.models import init_rngs, layers, named_tensors
+from diffusion_jax.models import abstract_modules, layers, named_tensors
 
 
 def relative_position_bucket(relative_position, num_buckets: int, max_distance: int):
@@ -194,7 +194,7 @@ def load_hf_encoder(path, dtype: str = "float32") -> T5Encoder:
   tensors = _read_safetensors(directory)
   if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:  # an encoder-only checkpoint
     tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
-  abstract = nnx.eval_shape(lambda: T5Encoder(config, rngs=init_rngs.seeded(0)))
-  return named_tensors.load(abstract, tensors, lambda path, ndim: _hf_name(path, config.gated),
+  return named_tensors.load(abstract_modules.of(T5Encoder, config), tensors,
+                            lambda path, ndim: _hf_name(path, config.gated),
                             f"T5 checkpoint {str(directory)!r} does not match the encoder",
                             ignored=("decoder.", "lm_head.", "encoder.embed_tokens.weight"))

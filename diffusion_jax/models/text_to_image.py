@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax import objectives, schedules
-from diffusion_jax.models import (autoencoder, clip, dit, flux_text, flux_transformer, init_rngs, sd3_text,
-                                  sd3_transformer, sd_unet, sdxl_text, t5, unet, wan_transformer)
+from diffusion_jax.models import (abstract_modules, autoencoder, clip, dit, flux_text, flux_transformer, init_rngs,
+                                  sd3_text, sd3_transformer, sd_unet, sdxl_text, t5, unet, wan_transformer)
 from diffusion_jax.text import tokenizers
 
 
@@ -294,21 +294,18 @@ def starts_clips_at_images(config) -> bool:
   return config.model.backbone == "wan" and config.model.wan_clean_first_frame
 
 
-_abstract_models = {}  # (config JSON, named_files) -> nnx.split of its abstract model, the latest ABSTRACT_KEPT
-ABSTRACT_KEPT = 8
 BUILT_FROM = ("model", "text", "latent")  # the config sections whose paths name what a model is built from
 
 
 def abstract(config):
   """The model with ShapeDtypeStruct parameters (nothing allocated, no weights file read: a T5-XXL's 19 GB), a new
-  module each call. Traced once per config and state of the files it names (a job asks for it a few times, and a
-  tiny SDXL's takes half a second)."""
-  key = (config.to_json_best_effort(sort_keys=True), named_files(config))
-  if key not in _abstract_models:
-    while len(_abstract_models) >= ABSTRACT_KEPT:
-      _abstract_models.pop(next(iter(_abstract_models)))
-    _abstract_models[key] = nnx.split(nnx.eval_shape(lambda: TextToImage(config, rngs=init_rngs.seeded(config.seed))))
-  return nnx.merge(*_abstract_models[key])
+  module each call; traced once per `model_key` (abstract_modules)."""
+  return abstract_modules.cached(lambda: TextToImage(config, rngs=init_rngs.seeded(config.seed)), model_key(config))
+
+
+def model_key(config) -> tuple:
+  """What fixes the config's model (a hashable): the config's JSON and the state of the files it names."""
+  return config.to_json_best_effort(sort_keys=True), named_files(config)
 
 
 def named_files(config) -> tuple:
