@@ -76,7 +76,7 @@ from diffusion_jax import (checkpoint, cli, config_checks, distributed, media, m
                            stop_signals)
 from diffusion_jax.data import pipeline
 from diffusion_jax.metrics import fid, fvd, judges, lpips, psnr
-from diffusion_jax.models import autoencoder, discriminator, init_rngs
+from diffusion_jax.models import abstract_modules, autoencoder, discriminator, init_rngs
 
 log = logging.getLogger("diffusion_jax.train_autoencoder")  # not __main__ under python -m
 RECONSTRUCTIONS = 8  # held-out images shown in reconstructions.png
@@ -217,28 +217,31 @@ def discriminator_layout(config) -> str:
 
 
 def make_discriminator(config, rngs) -> discriminator.PatchDiscriminator:
+  return discriminator.PatchDiscriminator(*discriminator_arguments(config), rngs=rngs)
+
+
+def discriminator_arguments(config) -> tuple:
+  """PatchDiscriminator's arguments (before rngs) for the config's adversarial term."""
   a = config.adversarial
-  return discriminator.PatchDiscriminator(config.autoencoder.out_channels, a.channels, a.layers, a.temporal,
-                                          rngs=rngs)
+  return config.autoencoder.out_channels, a.channels, a.layers, a.temporal
 
 
 def init_state(config, mesh) -> AutoencoderState:
   """The initial state, built sharded; an AdversarialState with adversarial.weight > 0."""
   tx, replicated = optimizer.make(config, optimizer.hyperparameters(config)), sharding.replicated(mesh)
 
-  def params_and_opt_state(make_module, seed):
-    shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: make_module(init_rngs.seeded(0)))), mesh)
-    init = lambda key: nnx.to_pure_dict(nnx.state(make_module(init_rngs.seeded(key))))
+  def params_and_opt_state(module_class, arguments, seed):
+    shardings = sharding.state_shardings(nnx.state(abstract_modules.of(module_class, *arguments)), mesh)
+    init = lambda key: nnx.to_pure_dict(nnx.state(module_class(*arguments, rngs=init_rngs.seeded(key))))
     params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     return params, jax.jit(tx.init, out_shardings=optimizer.state_shardings(tx, params, shardings, replicated))(params)
 
-  params, opt_state = params_and_opt_state(lambda r: autoencoder.AutoencoderKL(model_config(config), rngs=r),
-                                           config.seed)
+  params, opt_state = params_and_opt_state(autoencoder.AutoencoderKL, (model_config(config),), config.seed)
   step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
   if config.adversarial.weight == 0:
     return AutoencoderState(step=step, params=params, opt_state=opt_state)
-  discriminator_params, discriminator_opt_state = params_and_opt_state(lambda r: make_discriminator(config, r),
-                                                                       config.seed + 1)
+  discriminator_params, discriminator_opt_state = params_and_opt_state(
+      discriminator.PatchDiscriminator, discriminator_arguments(config), config.seed + 1)
   return AdversarialState(step=step, params=params, opt_state=opt_state, discriminator=discriminator_params,
                           discriminator_opt_state=discriminator_opt_state)
 
@@ -321,7 +324,8 @@ def make_train_step(config, graphdef, perceptual_graphdef=None):
   discriminator, when the state is an AdversarialState) on the losses in the module docstring; perceptual_state:
   the LPIPS network's (perceptual_model), None without the perceptual term."""
   kl_weight, perceptual_weight, adversarial = config.train.kl_weight, config.lpips.loss_weight, config.adversarial
-  discriminator_graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_discriminator(config, init_rngs.seeded(0))))
+  discriminator_graphdef = nnx.graphdef(abstract_modules.of(discriminator.PatchDiscriminator,
+                                                             *discriminator_arguments(config)))
 
   def critic(discriminator_params, images, shape):
     """Patch logits of images [n, h, w, 3], each alone, or by a temporal discriminator as the clips of `shape` (the
@@ -495,8 +499,7 @@ def train(config, workdir: str) -> pathlib.Path:
 def _train(config, workdir: str) -> pathlib.Path:
   mesh = sharding.make_mesh(config.mesh)
   validate(config, mesh)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(model_config(config),
-                                                                           rngs=init_rngs.seeded(0))))
+  graphdef = nnx.graphdef(abstract_modules.of(autoencoder.AutoencoderKL, model_config(config)))
   saved = pathlib.Path(workdir) / "config.json"
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if mngr.all_steps() and saved.exists():
@@ -583,8 +586,7 @@ def _train(config, workdir: str) -> pathlib.Path:
     return None
   std = latent_std(config, graphdef, state.params, [next_batch() for _ in range(config.train.scale_batches)])
   trained = model_config(config, 1.0 / std)
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: autoencoder.AutoencoderKL(trained, rngs=init_rngs.seeded(0)))),
-                    state.params)
+  model = nnx.merge(nnx.graphdef(abstract_modules.of(autoencoder.AutoencoderKL, trained)), state.params)
   directory = pathlib.Path(workdir) / "autoencoder"
   params = multihost_utils.process_allgather(state.params, tiled=True)  # whole arrays on every process
   if jax.process_index() == 0:
