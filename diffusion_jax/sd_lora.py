@@ -71,7 +71,8 @@ def diffusers_parts(parts: list[str]) -> list[str]:
   ['input_blocks', '4', '1', 'transformer_blocks', '0', ...] -> ['down_blocks', '1', 'attentions', '0',
   'transformer_blocks', '0', ...]. Input block 0 is conv_in, then each level's ResNet blocks (inner module 0; its
   transformer: 1) and downsampler; the middle block's ResNet, transformer, ResNet; each output block a level's
-  ResNet (0), transformer (1) and, last, upsampler (2)."""
+  ResNet (0), transformer (1) and, last, upsampler (2; 1 at a level without transformers, such as the SDXL
+  refiner's outermost: ['output_blocks', '2', '1', 'conv'] -> ['up_blocks', '0', 'upsamplers', '0', 'conv'])."""
   n, (head, *rest) = SDXL_LAYERS_PER_BLOCK, parts
   if head == "input_blocks" and rest[:2] != ["0", "0"]:
     index, inner, *rest = rest
@@ -84,8 +85,9 @@ def diffusers_parts(parts: list[str]) -> list[str]:
   elif head == "output_blocks":
     index, inner, *rest = rest
     level, block = divmod(int(index), n + 1)
-    parts = ["up_blocks", str(level)] + ([("resnets", "attentions")[int(inner)], str(block)] if int(inner) < 2 else
-                                         ["upsamplers", "0"]) + rest
+    upsampler = inner == "2" or (inner == "1" and rest[:1] == ["conv"])  # (a transformer has no `conv`)
+    parts = ["up_blocks", str(level)] + (["upsamplers", "0"] if upsampler else
+                                         [("resnets", "attentions")[int(inner)], str(block)]) + rest
   for old, new in SGM_OUTER.items():
     if tuple(parts[:len(old)]) == old:
       parts = new + parts[len(old):]

@@ -670,6 +670,23 @@ def random_lora(make_module, prefix: str) -> dict:
           for i, (lora_name, x) in enumerate((("/".join(map(str, path))), x) for path, x in nnx.to_flat_state(state))}
 
 
+def test_the_sgm_names_of_sdxls_blocks_are_diffusers_modules():
+  """kohya's SDXL files name the U-Net's modules as the SGM U-Net numbers them (2 ResNet blocks a level). An output
+  block's module 1 is the level's transformer, or, at a level without one (the SDXL refiner's outermost, whose up
+  level diffusers' own conversion maps to its attentions), its upsampler."""
+  from diffusion_jax import sd_lora
+
+  for sgm, ours in (("input_blocks 4 1 proj_in", "down_blocks 1 attentions 0 proj_in"),
+                    ("input_blocks 3 0 op", "down_blocks 0 downsamplers 0 conv"),
+                    ("middle_block 2 in_layers 2", "mid_block resnets 1 conv1"),
+                    ("output_blocks 5 1 transformer_blocks 0 attn1 to_q",
+                     "up_blocks 1 attentions 2 transformer_blocks 0 attn1 to_q"),
+                    ("output_blocks 5 2 conv", "up_blocks 1 upsamplers 0 conv"),
+                    ("output_blocks 2 1 conv", "up_blocks 0 upsamplers 0 conv"),
+                    ("output_blocks 2 0 skip_connection", "up_blocks 0 resnets 2 conv_shortcut")):
+    assert sd_lora.diffusers_parts(sgm.split()) == ours.split(), sgm
+
+
 def test_stable_diffusion_loras_in_kohyas_and_diffusers_layouts_fuse_as_diffusers_fuses_them(tmp_path):
   """A kohya-layout LoRA (attention, feed-forward, a 1x1 projection, a LoCon 3x3 convolution, the text encoder; alpha
   / rank) fused by --lora at scale 0.7: the U-Net predicts what diffusers' U-Net does after load_lora_weights and
