@@ -268,7 +268,7 @@ def _generate(config, graphdef, params, frozen, mesh, captions, sample_config, l
   media show), or None. refiner: a refiner.Refiner the model hands its latents to, or None."""
   seeds = sample_config.seed + np.arange(len(captions))
   tokenizer = tokenizers.from_config(config)
-  if refiner is not None:  # (no edits, guide or video: check_refiner)
+  if refiner is not None:  # (no edits, guide or video: sample.checked_refiner)
     return sample.handed_over(refiner, config, graphdef, params, frozen, tokenizer, captions, sample_config, mesh,
                               seeds)[:, 0]
   init, keep = edit if edit is not None else (None, None)
