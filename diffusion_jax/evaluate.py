@@ -135,9 +135,13 @@ Flags:
                       sweep point, with its config's aesthetic scores (--refiner.sample.aesthetic_score=...); the
                       held-out loss stays the model's; recorded in the settings; not with edits, --video_length or
                       autoguidance
-  --denoising_end     with --refiner: the part of the grid the model runs, in (0, 1) (default 0.8)
-  --refiner_lora      with --refiner: FILE[:SCALE], repeatable: a LoRA adapter fused into the refiner's weights
-                      (sample.py's flag); recorded in the settings
+  --denoising_end     with --refiner (or --refiner_workdir): the part of the grid the model runs, in (0, 1)
+                      (default 0.8)
+  --refiner_lora      with --refiner (or --refiner_workdir): FILE[:SCALE], repeatable: a LoRA adapter fused into the
+                      refiner's weights (sample.py's flag); recorded in the settings
+  --refiner_workdir   instead of --refiner: a training workdir of the refiner (sample.py's flag), its checkpoint's
+                      EMA copy as its config's sample.use_ema says; recorded in the settings
+  --refiner_step      with --refiner_workdir: its checkpoint's step (default: the latest)
   --mesh              AXIS=SIZE,... of the mesh each checkpoint (and a guide) is restored onto and sampled on, over
                       the default data=-1 (every device a whole copy): e.g. fsdp=8, sequence=4 (a video model's
                       frames split over 4); with --cascade, every stage's (sample.py's flag)
@@ -739,7 +743,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
         heldout_examples=64, sweeps=None, inception_weights=None, clip_weights=None, i3d_weights=None,
         combination_prompts=64, sample_overrides=None, lpips_weights=None, image_to_video=False, combinations=(),
         adapters=(), guide_workdir=None, guide_step=None, edit_real=None, edit_toward="other", mesh_config=None,
-        config=None, refiner_config=None, denoising_end=None, refiner_adapters=()):
+        config=None, refiner_config=None, denoising_end=None, refiner_adapters=(), refiner_workdir=None,
+        refiner_step=None):
   """Evaluate the requested (or every not-yet-evaluated) checkpoint; returns the metrics written.
   config: instead of the workdir's checkpoints, the pretrained checkpoints this config reads (sample.load_pretrained),
   evaluated as they are, once, as step 0; `workdir` is then where the results go (its config.json, logs/eval.jsonl and
@@ -764,7 +769,8 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   mesh_config: the mesh each checkpoint (and the guide) is restored onto and sampled on (sample.load_checkpoint).
   refiner_config: a config read from pretrained checkpoints whose model finishes every sample from the model's
   latents at denoising_end of the grid (refiner.py; default refiner.DENOISING_END), at every sample setting, with
-  refiner_adapters (lora.Adapters) fused into its weights; recorded in the settings. The held-out loss stays the
+  refiner_adapters (lora.Adapters) fused into its weights; recorded in the settings; refiner_workdir instead: a
+  training run of the refiner, its checkpoint refiner_step (default: the latest). The held-out loss stays the
   model's."""
   pretrained = config is not None
   if not pretrained:
@@ -802,7 +808,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       config, refiner_config, denoising_end, [sample_config] + [c for points in settings.values() for _, c in points],
       {}, [f"{', '.join(given)}: not with a refiner (a handover starts from noise, one model's): evaluate them "
            "without --refiner"] if given else [],
-      refiner_adapters)
+      refiner_adapters, refiner_workdir, refiner_step)
   optional = {"fid_inception": inception_weights, "fvd_i3d": i3d_weights, "clip_score": clip_weights,
               "lpips": lpips_weights}
   guide = None
@@ -940,10 +946,13 @@ def define_flags():
   flags.DEFINE_string("mesh", None, sample.MESH_HELP.replace("sampled on", "evaluated on"))
   config_flags.DEFINE_config_file("refiner", None, "A config read from pretrained checkpoints whose model finishes "
                                   "every sample from the model's latents (an ensemble of experts, sample.py's flag).")
-  flags.DEFINE_float("denoising_end", None, "With --refiner: the part of the grid the model runs, in (0, 1) "
-                     f"(default {refiners.DENOISING_END}).")
-  flags.DEFINE_multi_string("refiner_lora", [], "With --refiner: FILE[:SCALE], repeatable: a LoRA adapter fused "
-                            "into the refiner's weights (sample.py's flag).")
+  flags.DEFINE_float("denoising_end", None, "With --refiner (or --refiner_workdir): the part of the grid the model "
+                     f"runs, in (0, 1) (default {refiners.DENOISING_END}).")
+  flags.DEFINE_multi_string("refiner_lora", [], "With --refiner (or --refiner_workdir): FILE[:SCALE], repeatable: a "
+                            "LoRA adapter fused into the refiner's weights (sample.py's flag).")
+  flags.DEFINE_string("refiner_workdir", None, "Instead of --refiner: a training workdir of the refiner whose "
+                      "checkpoint finishes every sample (sample.py's flag).")
+  flags.DEFINE_integer("refiner_step", None, "With --refiner_workdir: its checkpoint (default: the latest).")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once over all devices (default: the config's "
                        "sample.batch_size; with --cascade: every stage's).", lower_bound=1)
   flags.DEFINE_string("negative_prompt", None, "Text guidance steers away from, for every caption (default: the "
@@ -1023,8 +1032,8 @@ def main(argv):
     cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep", "edit_noise_sweep", "edit_toward"),
                "not used with --cascade: "
                "evaluate a model's edits and a video model's long videos with --workdir")
-    cli.refuse(("refiner", "denoising_end", "refiner_lora"), "not used with --cascade, whose stages are "
-               "super-resolution models")
+    cli.refuse(("refiner", "refiner_workdir", "refiner_step", "denoising_end", "refiner_lora"), "not used with "
+               "--cascade, whose stages are super-resolution models")
     cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
                "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
                "stage with --workdir)")
@@ -1062,7 +1071,8 @@ def main(argv):
                     f.combinations, [lora.read(spec) for spec in f.lora], f.guide_workdir, f.guide_step,
                     "image_to_image" if f.image_to_image else "video_to_video" if f.video_to_video else None,
                     f.edit_toward, f.mesh and sharding.mesh_from_flag(f.mesh), f.config, f.refiner, f.denoising_end,
-                    [lora.read(spec, "--refiner_lora") for spec in f.refiner_lora])
+                    [lora.read(spec, "--refiner_lora") for spec in f.refiner_lora], f.refiner_workdir,
+                    f.refiner_step)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -25,10 +25,14 @@ OWN_SETTINGS = ("flux_guidance", "skip_layers", "skip_layer_scale", "skip_layer_
 
 @dataclasses.dataclass
 class Refiner:
-  config: object          # the refiner's config (read from pretrained checkpoints: sample --refiner)
+  config: object          # the refiner's config (sample --refiner's, read from pretrained checkpoints, or the
+                          # config.json of its --refiner_workdir)
   denoising_end: float    # the handoff, in (0, 1)
   aesthetic_scores: tuple  # (the prompt's, guidance's other branch's): read by an SDXL refiner's U-Net alone
   adapters: list = dataclasses.field(default_factory=list)  # lora.Adapters fused into its weights
+  workdir: str | None = None  # a training workdir whose checkpoint it is (None: the config's pretrained checkpoints)
+  step: int | None = None     # that checkpoint's step (None: the latest, until read)
+  use_ema: bool = True        # with a workdir: its first EMA copy of the weights, else its trained parameters
   weights: object = None  # its sample.Weights, once read (sample.load_refiner), the adapters fused
   graphdef: object = None
   tokenizer: object = None

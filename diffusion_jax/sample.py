@@ -131,11 +131,17 @@ Flags:
                     grid from the model's latents, with the model's sampler, steps, guidance, size and negative
                     prompts and its own aesthetic scores; both must share the latents' shape and the schedule; no
                     edits, autoguidance or --cascade
-  --denoising_end   with --refiner: the part of the grid the model runs, in (0, 1): the steps at the training
-                    schedule's noise level at t = 1 - it and noisier (on SD's DDPM table: timestep round(1000 (1 -
-                    it)) and above, the cutoff of diffusers' denoising_end and denoising_start) (default 0.8)
-  --refiner_lora    with --refiner: FILE[:SCALE], repeatable: a LoRA adapter fused into the refiner's weights (as
-                    --lora into the model's; a prompt's lora_scale sets the model's alone); recorded in the provenance
+  --denoising_end   with --refiner (or --refiner_workdir): the part of the grid the model runs, in (0, 1): the
+                    steps at the training schedule's noise level at t = 1 - it and noisier (on SD's DDPM table:
+                    timestep round(1000 (1 - it)) and above, the cutoff of diffusers' denoising_end and
+                    denoising_start) (default 0.8)
+  --refiner_lora    with --refiner (or --refiner_workdir): FILE[:SCALE], repeatable: a LoRA adapter fused into the
+                    refiner's weights (as --lora into the model's; a prompt's lora_scale sets the model's alone);
+                    recorded in the provenance
+  --refiner_workdir instead of --refiner: a training workdir of the refiner (a fine-tuned SDXL refiner, say): its
+                    checkpoint runs the last part of the grid as --refiner's model does, its EMA copy as --use_ema
+                    (default: its config's sample.use_ema) says; recorded in the provenance (workdir and step)
+  --refiner_step    with --refiner_workdir: its checkpoint's step (default: the latest)
   --cascade         a cascade config (`configs/cascades/*.py`, fields overridable with --cascade.<field>):
                     sample its base stage, then each super-resolution stage from the one below, with
                     per-stage sampler, steps, guidance, thresholding and augmentation level; replaces
@@ -783,7 +789,7 @@ def load_pretrained(config, mesh_config=None, flag: str = "--config"):
 def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None, init_image=None,
         mask=None, adapters=(), init_video=None, guide_workdir=None, guide_step=None,
         source_prompt=None, last_image=None, mesh_config=None, config=None, refiner_config=None,
-        denoising_end=None, refiner_adapters=()):
+        denoising_end=None, refiner_adapters=(), refiner_workdir=None, refiner_step=None):
   """Sample a workdir's checkpoint (or, with `config` and no workdir, the pretrained checkpoints a config reads:
   load_pretrained; output_dir then required) for a prompts file (default: the config's prompts) with `overrides` of its
   sample settings; init_image and mask (or an image-to-video model's last_image), or init_video: files every
@@ -793,7 +799,9 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
   guide_step (default: its latest): the autoguidance guide's checkpoint; mesh_config: the mesh the weights (and the
   guide's) are restored onto and sampled on (load_checkpoint); refiner_config: a config read from pretrained
   checkpoints (load_pretrained) whose model finishes the model's samples from its latents at denoising_end of the
-  grid (default refiner.DENOISING_END; refiner.py), refiner_adapters (lora.Adapters) fused into its weights."""
+  grid (default refiner.DENOISING_END; refiner.py), refiner_adapters (lora.Adapters) fused into its weights;
+  refiner_workdir instead of refiner_config: a training run of the refiner, its checkpoint refiner_step (default:
+  the latest)."""
   from diffusion_jax.text import tokenizers
 
   if config is None:
@@ -805,8 +813,9 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
     config = config.copy_and_resolve_references()
     config_checks.validate(config)
   sample_config = config.sample
+  refiner_seen = refiner_config if refiner_workdir is None else refiner_checkpoint_config(refiner_workdir, refiner_step)
   # (the aesthetic scores are a --refiner's where the model reads none: its sampler is not compiled again for them)
-  scores_elsewhere = refiner_config is not None and not text_to_image.sdxl_refiner(config)
+  scores_elsewhere = refiner_seen is not None and not text_to_image.sdxl_refiner(config)
   sample_config.update({k: v for k, v in overrides.items()
                         if v is not None and not (scores_elsewhere and k in refiners.AESTHETIC_SETTINGS)})
   problems = config_checks.sample_problems(sample_config, "--") + config_checks.sample_size_problems(
@@ -818,7 +827,7 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
     if problem:
       problems.append(problem)
   scores = [f"--{name}" for name in ("aesthetic_score", "negative_aesthetic_score") if overrides.get(name) is not None]
-  if scores and not any(c is not None and text_to_image.sdxl_refiner(c) for c in (config, refiner_config)):
+  if scores and not any(c is not None and text_to_image.sdxl_refiner(c) for c in (config, refiner_seen)):
     problems.append(f"{' and '.join(scores)}: only the SDXL refiner's U-Net reads an aesthetic score; leave "
                     f"{'them' if len(scores) > 1 else 'it'} out")
   if problems:
@@ -875,7 +884,7 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
           ("the prompts edit images (--init_image, --init_video, or such lines of a .jsonl prompts file); a handover "
            "starts from noise: edit without --refiner", edits),
           ("an autoguidance guide fits one model; sample without --guide_workdir and --guide_step",
-           guide_workdir or guide_step is not None)) if given], refiner_adapters)
+           guide_workdir or guide_step is not None)) if given], refiner_adapters, refiner_workdir, refiner_step)
   guide = None
   if guide_workdir or guide_step is not None:  # refused before any checkpoint is read, as misfit guides are
     autoguidance.check_negative_prompts([sample_config.negative_prompt] + [p.get("negative_prompt") for p in prompts])
@@ -893,51 +902,86 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
                        edits=edits, adapters=adapters, guide=guide, refiner=refiner)
 
 
-def checked_refiner(config, refiner_config, denoising_end, sample_configs, overrides, problems=(), adapters=()):
-  """The refiner.Refiner (weights not read yet) of a --refiner config (None: none; --denoising_end and adapters are
-  then refused) at denoising_end (None: refiner.DENOISING_END) with the aesthetic scores `overrides` give (else its
-  config's) and lora.Adapters to fuse into its weights (--refiner_lora); before any checkpoint is read, a ValueError
-  naming `problems` (what the caller does that a handover does not) and why the model cannot hand its latents to it
-  on the grid of each of sample_configs (refiner.py), or an adapter does not fit it."""
-  if refiner_config is None:
+def checked_refiner(config, refiner_config, denoising_end, sample_configs, overrides, problems=(), adapters=(),
+                    workdir=None, step=None):
+  """The refiner.Refiner (weights not read yet) of a --refiner config, or of a --refiner_workdir `workdir` (a
+  training run of the refiner: its checkpoint `step`, default the latest, with the EMA copy as `overrides`'
+  use_ema or its config's sample.use_ema says) (neither: none; --denoising_end and adapters are then refused) at
+  denoising_end (None: refiner.DENOISING_END) with the aesthetic scores `overrides` give (else its config's) and
+  lora.Adapters to fuse into its weights (--refiner_lora); before any checkpoint is read, a ValueError naming
+  `problems` (what the caller does that a handover does not) and why the model cannot hand its latents to it on the
+  grid of each of sample_configs (refiner.py), or an adapter does not fit it."""
+  if step is not None and workdir is None:
+    raise ValueError("--refiner_step: a checkpoint of a --refiner_workdir; give the workdir (a --refiner config reads "
+                     "pretrained checkpoints)")
+  if refiner_config is not None and workdir is not None:
+    raise ValueError("--refiner and --refiner_workdir: give one refiner, a config read from pretrained checkpoints or "
+                     "a training workdir")
+  if refiner_config is None and workdir is None:
     for flag, given in (("--denoising_end: the part of the grid the model runs before", denoising_end is not None),
                         ("--refiner_lora: an adapter fused into", adapters)):
       if given:
         raise ValueError(f"{flag} a --refiner; give the refiner")
     return None
-  refiner_config = refiner_config.copy_and_resolve_references()
-  config_checks.validate(refiner_config)
+  if workdir is None:
+    refiner_config = refiner_config.copy_and_resolve_references()
+    config_checks.validate(refiner_config)
+  else:
+    refiner_config = refiner_checkpoint_config(workdir, step)
   scores = tuple(refiner_config.sample[k] if overrides.get(k) is None else overrides[k]
                  for k in refiners.AESTHETIC_SETTINGS)
+  use_ema = refiner_config.sample.use_ema if overrides.get("use_ema") is None else overrides["use_ema"]
   refiner = refiners.Refiner(refiner_config, refiners.DENOISING_END if denoising_end is None else denoising_end,
-                             scores, list(adapters))
+                             scores, list(adapters), workdir and str(workdir), step, use_ema)
   problems = list(problems) + refiners.problems(config, refiner_config)
   for sample_config in sample_configs if not problems else ():
     settings = refiners.sample_config(refiner_config, sample_config, image_size(config, sample_config), scores)
     problems += refiners.sampling_problems(config, refiner_config, *(
         (sampling_logsnr(c, s), output_shape(c, s)) for c, s in ((config, sample_config), (refiner_config, settings))))
   if problems:
-    raise ValueError(f"--refiner: {'; '.join(dict.fromkeys(problems))}")
+    raise ValueError(f"--refiner{'' if workdir is None else '_workdir'}: {'; '.join(dict.fromkeys(problems))}")
   for sample_config in sample_configs:
     refiners.handoff_step(config, sample_config, sampling_logsnr(config, sample_config), refiner.denoising_end)
-  check_pretrained(refiner_config, "--refiner")
+  if workdir is None:
+    check_pretrained(refiner_config, "--refiner")
   lora.check(adapters, refiner_config, "--refiner_lora")
   return refiner
 
 
+def refiner_checkpoint_config(workdir, step=None):
+  """The config of the training run in `workdir` (--refiner_workdir), a ValueError where it has no checkpoint
+  `step` (None: none at all); nothing but its config.json and its checkpoints' steps is read."""
+  try:
+    config = checkpoint.read_config(workdir)
+  except ValueError as error:
+    raise ValueError(f"--refiner_workdir: {error}") from None
+  steps = checkpoint.manager(workdir, read_only=True).all_steps()
+  if (step is None and not steps) or (step is not None and step not in steps):
+    raise ValueError(f"--refiner_workdir={str(workdir)!r} has no checkpoint at step "
+                     f"{'latest' if step is None else step} (available: {list(steps)}): train it first, or give "
+                     "--refiner_step one of those")
+  return config
+
+
 def load_refiner(refiner, mesh_config=None):
-  """A checked_refiner's Refiner with its weights read onto the mesh of `mesh_config` (load_pretrained's), its
-  adapters fused."""
+  """A checked_refiner's Refiner with its weights read onto the mesh of `mesh_config` (load_pretrained's, or
+  load_checkpoint's from its workdir, its step then the one read), its adapters fused."""
   from diffusion_jax.text import tokenizers
 
-  weights, graphdef, _ = load_pretrained(refiner.config, mesh_config, "--refiner")
+  step = refiner.step
+  if refiner.workdir is None:
+    weights, graphdef, _ = load_pretrained(refiner.config, mesh_config, "--refiner")
+  else:
+    _, weights, graphdef, step, _ = load_checkpoint(refiner.workdir, step, refiner.use_ema, mesh_config)
   return dataclasses.replace(refiner, weights=lora.fused(weights, refiner.adapters), graphdef=graphdef,
-                             tokenizer=tokenizers.from_config(refiner.config))
+                             tokenizer=tokenizers.from_config(refiner.config), step=step)
 
 
 def refiner_provenance(refiner) -> dict:
   """What a sample's record (and an evaluation's settings) says of the refiner.Refiner that finished it."""
   record = {"denoising_end": refiner.denoising_end, "config_hash": config_hash(refiner.config)}
+  if refiner.workdir is not None:
+    record.update(workdir=refiner.workdir, step=int(refiner.step), use_ema=refiner.use_ema)
   if text_to_image.sdxl_refiner(refiner.config):
     record["aesthetic_scores"] = list(refiner.aesthetic_scores)
   if refiner.adapters:
@@ -1247,10 +1291,15 @@ def define_flags():
                                   "configs/stable_diffusion.py:/path/to/stable-diffusion-xl-refiner-1.0) whose model "
                                   "finishes every sample from the model's latents (an ensemble of experts; "
                                   "--refiner.FIELD=VALUE overrides its fields).")
-  flags.DEFINE_float("denoising_end", None, "With --refiner: the part of the grid the model runs, in (0, 1), before "
-                     f"the refiner runs the rest from its latents (default {refiners.DENOISING_END}).")
-  flags.DEFINE_multi_string("refiner_lora", [], "With --refiner: FILE[:SCALE], repeatable: a LoRA adapter fused "
-                            "into the refiner's weights at SCALE (default 1), as --lora into the model's.")
+  flags.DEFINE_float("denoising_end", None, "With --refiner (or --refiner_workdir): the part of the grid the model "
+                     "runs, in (0, 1), before the refiner runs the rest from its latents (default "
+                     f"{refiners.DENOISING_END}).")
+  flags.DEFINE_multi_string("refiner_lora", [], "With --refiner (or --refiner_workdir): FILE[:SCALE], repeatable: "
+                            "a LoRA adapter fused into the refiner's weights at SCALE (default 1), as --lora into the "
+                            "model's.")
+  flags.DEFINE_string("refiner_workdir", None, "Instead of --refiner: a training workdir of the refiner (a fine-tuned "
+                      "SDXL refiner, say) whose checkpoint runs the last part of every sample's grid.")
+  flags.DEFINE_integer("refiner_step", None, "With --refiner_workdir: its checkpoint (default: the latest).")
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: sample base -> super-resolution stages.")
   distributed.define_flags()
 
@@ -1298,8 +1347,8 @@ def main(argv):
     cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
                "(--cascade.stages[K].lora=FILE[:SCALE])")
     cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
-    cli.refuse(("refiner", "denoising_end", "refiner_lora"), "not used with --cascade, whose stages are "
-               "super-resolution models")
+    cli.refuse(("refiner", "refiner_workdir", "refiner_step", "denoising_end", "refiner_lora"), "not used with "
+               "--cascade, whose stages are super-resolution models")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt, mesh=f.mesh)
   for name in ("mask", "last_image"):
     if f[name].value and not f.init_image:
@@ -1319,7 +1368,8 @@ def main(argv):
       path = run(f.workdir, overrides, f.prompts, f.step, f.output_dir, f.init_image, f.mask,
                  [lora.read(spec) for spec in f.lora], f.init_video, f.guide_workdir, f.guide_step,
                  f.source_prompt, f.last_image, f.mesh and sharding.mesh_from_flag(f.mesh), f.config, f.refiner,
-                 f.denoising_end, [lora.read(spec, "--refiner_lora") for spec in f.refiner_lora])
+                 f.denoising_end, [lora.read(spec, "--refiner_lora") for spec in f.refiner_lora], f.refiner_workdir,
+                 f.refiner_step)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

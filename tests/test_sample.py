@@ -162,6 +162,46 @@ def test_autoguidance_by_the_model_itself_is_no_guidance_and_by_an_earlier_check
     sample.run(workdir, settings, step=4, output_dir=tmp_path / "m", guide_step=3)
 
 
+def test_a_runs_own_checkpoint_as_its_refiner_finishes_its_samples_and_an_earlier_one_changes_them(trained,
+                                                                                                   tmp_path):
+  """sample --refiner_workdir (refiner.py): the workdir's own latest checkpoint as the refiner of its model makes,
+  under a first-order deterministic sampler (DDIM), the images the model makes alone (to float rounding); its
+  earlier checkpoint (--refiner_step) finishes them otherwise; the records name the refiner's workdir and step.
+  Refused before any checkpoint is read: a step the workdir lacks, a directory that is not a workdir, both --refiner
+  and --refiner_workdir, --refiner_step without a workdir. The evaluation job records the refiner's checkpoint."""
+  config, workdir, _ = trained
+  settings = {"num_per_prompt": 2, "steps": 4, "sampler": "ddim", "guidance_scale": 3.0}
+  run = lambda name, **refiner: sample.run(workdir, settings, step=4, output_dir=tmp_path / name, **refiner)
+  alone, own, earlier = (run("alone"), run("own", refiner_workdir=workdir, denoising_end=0.5),
+                         run("earlier", refiner_workdir=workdir, refiner_step=2, denoising_end=0.5))
+  records = [json.loads(line) for line in (earlier.parent / "manifest.jsonl").read_text().splitlines()]
+  assert all(r["refiner"] | {"config_hash": None} == {"denoising_end": 0.5, "config_hash": None,
+                                                      "workdir": str(workdir), "step": 2, "use_ema": True}
+             for r in records)
+  read = lambda grid, record: np.asarray(PIL.Image.open(grid.parent / record["file"])).astype(int)
+  for record in records:
+    assert np.abs(read(own, record) - read(alone, record)).max() <= 1
+  assert any(np.abs(read(earlier, r) - read(alone, r)).max() > 1 for r in records)
+
+  def refused(match, **refiner):
+    with pytest.raises(ValueError, match=match):
+      sample.run(workdir, settings, step=4, output_dir=tmp_path / "refused", **refiner)
+
+  refused(r"--refiner_workdir=.* has no checkpoint at step 3 \(available: \[2, 4\]\)", refiner_workdir=workdir,
+          refiner_step=3)
+  refused("--refiner_workdir: .* is not a diffusion_jax workdir", refiner_workdir=tmp_path)
+  refused("--refiner and --refiner_workdir: give one refiner", refiner_workdir=workdir, refiner_config=config)
+  refused("--refiner_step: a checkpoint of a --refiner_workdir", refiner_step=2)
+  assert not (tmp_path / "refused").exists()
+
+  from diffusion_jax import evaluate
+
+  [line] = evaluate.run(workdir, step=4, num_prompts=2, heldout_examples=2, combination_prompts=0,
+                        refiner_workdir=workdir, refiner_step=2, denoising_end=0.5,
+                        sample_overrides={"steps": 4, "sampler": "ddim"})
+  assert line["settings"]["refiner"]["workdir"] == str(workdir) and line["settings"]["refiner"]["step"] == 2
+
+
 def test_a_sampling_job_on_an_fsdp_mesh_makes_the_data_parallel_jobs_samples(trained, tmp_path):
   """--mesh=fsdp=-1: the weights (and the autoguidance guide's) are restored sharded over the 8 devices; the samples
   are the default mesh's (every device a whole copy) to float rounding; a mesh the devices or the model do not fit
