@@ -202,11 +202,12 @@ WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_no
 # a prompt's image to edit, its inpainting mask, a clip to edit, the last frame of an image-to-video model's clip
 EDIT_FILES = ("init_image", "mask", "init_video", "last_image")
 GRID_PROMPTS = 64  # prompts shown in grid.png (a prompts file of an evaluation set may hold thousands)
-# Settings that change the compiled sampler (prompts, seeds and weights are arguments).
+# The sample settings that change the compiled sampler (prompts, seeds, the batch and weights are arguments).
 COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scale_low_noise", "guidance_rescale",
                      "guidance_interval", "threshold", "threshold_percentile", "frames", "height", "width",
                      "flow_shift", "flux_guidance", "skip_layers", "skip_layer_scale", "skip_layer_start",
-                     "skip_layer_stop", "resolution_shift", "aug_level", "strength", "edit_noise",
+                     "skip_layer_stop", "resolution_shift", "timestep_spacing", "steps_offset", "aug_level",
+                     "strength", "edit_noise",
                      "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate", "aesthetic_score",
                      "negative_aesthetic_score")
 _compiled_samplers = {}
@@ -466,10 +467,11 @@ class SamplingProgress:
 def compiled_sampler(config, graphdef, sample_config, mesh, guide=None, handoff=None):
   """The jitted `make_generate_fn` for this experiment and these settings (and the architecture of the
   autoguidance.Guide `guide`, and the handoff of an ensemble of experts), built once per process: an evaluation job
-  reuses one compiled program for every checkpoint."""
+  reuses one compiled program for every checkpoint, and samples of other prompts, seeds or counts of the same
+  experiment and COMPILED_SETTINGS share one."""
   hashable = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # config.json: lists
-  key = (config_hash(config), tuple(hashable(sample_config[k]) for k in COMPILED_SETTINGS), mesh,
-         guide and config_hash(guide.config), handoff)
+  key = (model_hash(config), tuple(hashable(sample_config[k]) for k in COMPILED_SETTINGS), mesh,
+         guide and model_hash(guide.config), handoff)
   if key not in _compiled_samplers:
     _compiled_samplers[key] = jax.jit(make_generate_fn(config, graphdef, sample_config, guide and guide.graphdef,
                                                        handoff),
@@ -605,6 +607,13 @@ def check_source_inversion(prompts, sources, negatives, guided: bool) -> None:
 
 def config_hash(config) -> str:
   return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:12]
+
+
+def model_hash(config) -> str:
+  """config_hash of all but the config's sample settings (what a compiled sampler reads of those: COMPILED_SETTINGS)."""
+  fields = json.loads(config.to_json_best_effort())
+  fields.pop("sample", None)
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edits=None) -> pathlib.Path:

@@ -375,6 +375,15 @@ def test_checkpoints_of_one_run_share_one_compiled_sampler(trained):
                                   ["a large red circle at the top left"], sample_config, mesh))
   assert sample.compiled_sampler(config, graphdef, sample_config, mesh)._cache_size() == 1
   assert not np.array_equal(images[0], images[1])  # the weights are arguments, not baked-in constants
+  # Other prompts, seeds and counts (a job's overrides of the config's sample section) share it too; a setting the
+  # program reads does not
+  other = config.copy_and_resolve_references()
+  other.sample.update(prompts=["a blue square"], seed=7, num_per_prompt=3, use_ema=False)
+  shared = sample.compiled_sampler(config, graphdef, sample_config, mesh)
+  assert sample.compiled_sampler(other, graphdef, sample_config, mesh) is shared
+  longer = sample_config.copy_and_resolve_references()
+  longer.steps += 1
+  assert sample.compiled_sampler(other, graphdef, longer, mesh) is not shared
 
 
 def test_a_large_prompts_file_writes_every_sample_and_a_grid_of_the_first(tmp_path):
