@@ -7,7 +7,9 @@ is guidance-distilled: it reads the guidance scale it follows (model.flux_guidan
 without classifier-free guidance (sample.guidance_scale 1), 28 flow Euler steps time-shifted for the samples'
 token count (Flux's dynamic shift, sample.resolution_shift: e^mu, 3.16 at 1024 px; --flow_shift overrides it);
 schnell 4 steps unshifted. A FLUX.1 Kontext root (its model_index.json's FluxKontextPipeline) sets
-model.flux_kontext: `sample --init_image` then gives the model a reference image (an edit's source) to attend to.
+model.flux_kontext: `sample --init_image` then gives the model a reference image (an edit's source) to attend to,
+and it trains on edit pairs with --config.data.reference_key=reference (a folder prepared with folder_dataset
+--references).
 
   python -m diffusion_jax.main --config=configs/flux.py:/path/to/FLUX.1-dev --workdir=DIR \\
       --config.data.folder=/path/to/images --config.data.captions_file=/path/to/images/captions.jsonl

@@ -68,6 +68,24 @@ def sequence_problems(config, sequence: int, clips=None) -> list[str]:
   return found
 
 
+def reference_problems(config) -> list[str]:
+  """Why data.reference_key (FLUX.1 Kontext's edit pairs) cannot be trained on with this config."""
+  d = config.data
+  if not d.reference_key:
+    return []
+  found = []
+  if not config.model.flux_kontext:
+    found.append(f"data.reference_key={d.reference_key!r}: reference images are read by FLUX.1 Kontext "
+                 "(model.flux_kontext); this model reads none: leave it empty")
+  if d.dataset in ("folder", "folder_clips") and (d.dataset == "folder_clips" or d.reference_key != "reference"):
+    found.append(f"data.reference_key={d.reference_key!r}: a folder of images holds its edit pairs' references as "
+                 "'reference' (folder_dataset --references); clips have none")
+  if config.latent.cache:
+    found.append("data.reference_key with latent.cache: the cache holds the images' latents alone; leave "
+                 "latent.cache empty")
+  return found
+
+
 def latent_problems(config) -> list[str]:
   """What a latent diffusion model (latent.autoencoder_path) cannot do with this config."""
   try:
@@ -798,6 +816,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if m.flux_kontext and m.backbone != "flux":
     found.append(f"model.flux_kontext: FLUX.1 Kontext's reference images are read by Flux's transformer; "
                  f"model.backbone={m.backbone!r}: leave it False")
+  found += reference_problems(config)
   if m.backbone == "dit":
     found += dit_problems(config)
   elif m.backbone == "wan":

@@ -222,6 +222,8 @@ def make_loss_fn(config, graphdef, expert: str | None = None):
     is_video = batch.get("is_video") if config.data.image_fraction > 0 else None  # None: no stills
     # an image-to-video model learns to continue each clip from its first frame (a first-last-frame one, to its last)
     condition = model.own_condition(pixels) if model.image_to_video else None
+    if "reference" in batch:  # FLUX.1 Kontext learns each edit pair's image beside the reference it starts from
+      condition = model.reference_condition(batch["reference"])
     if model.inpainting:  # SD's inpainting U-Net learns to complete each image from a random part of it
       keep = editing.training_keep_masks(jax.random.fold_in(key, 5), pixels.shape[:3])
       condition = model.inpainting_condition(pixels, keep)

@@ -280,6 +280,61 @@ def test_folder_dataset_skips_bad_files_and_trains_shapes(tmp_path):
     assert np.asarray(PIL.Image.open(made.parent / record["file"])).shape == (16, 24, 3)
 
 
+def test_a_folder_of_edit_pairs_holds_each_images_reference_and_skips_pairs_it_cannot_use(tmp_path, caplog):
+  """folder_dataset --references (FLUX.1 Kontext's edit pairs): each line's image with the reference its line names
+  (a .jsonl's "reference"), brought to the training size as the image is (a wide reference scaled to cover it and
+  centre-cropped), flipped with it; lines without a reference, or whose reference is missing or undecodable, are
+  skipped and counted; data.reference_key on a folder without references names the keys there are."""
+  from diffusion_jax.data import folder_dataset
+
+  folder, rng = tmp_path / "pairs", np.random.default_rng(0)
+  folder.mkdir()
+  lines = []
+  for i in range(4):
+    target, source = rng.integers(0, 256, (2, 16, 16, 3), np.uint8)
+    PIL.Image.fromarray(target).save(folder / f"edited{i}.png")
+    PIL.Image.fromarray(np.repeat(source, 2, axis=1)).save(folder / f"source{i}.png")  # 16 x 32: wider
+    lines.append({"file": f"edited{i}.png", "caption": f"make it {i}", "reference": f"source{i}.png"})
+  (folder / "broken.png").write_bytes(b"not a png")
+  lines += [{"file": "edited0.png", "caption": "no reference"},
+            {"file": "edited0.png", "caption": "gone", "reference": "missing.png"},
+            {"file": "edited0.png", "caption": "broken", "reference": "broken.png"}]
+  (folder / "captions.jsonl").write_text("\n".join(map(json.dumps, lines)))
+  code = folder_dataset.main([f"--images={folder}", f"--captions={folder / 'captions.jsonl'}",
+                              f"--data_dir={tmp_path / 'tfds'}", "--references"])
+  assert code == 0
+  assert "{'no reference': 1, 'missing reference': 1, 'undecodable reference': 1}" in caplog.text
+  config = t2i_shapes.get_config("test")
+  config.data.update(dataset="folder", folder=str(folder), captions_file=str(folder / "captions.jsonl"),
+                     data_dir=str(tmp_path / "tfds"), resolution=8, reference_key="reference")
+  source = pipeline.data_source(config.data, "train")
+  assert len(source) == 4
+  element = source[0]
+  expected = pipeline.resize_and_crop(np.asarray(element["reference"]), 8, None).astype(np.float32) / 127.5 - 1
+  assert np.asarray(element["reference"]).shape == (16, 32, 3)
+  image = pipeline.resize_and_crop(np.asarray(element["image"]), 8, None).astype(np.float32) / 127.5 - 1
+  made = pipeline.Preprocess(config.data, None).pixels(element, np.random.default_rng(0))
+  np.testing.assert_array_equal(made["reference"], expected)
+  np.testing.assert_array_equal(made["image"], image)
+  config.data.random_flip = True
+  flipped = []
+  for seed in range(8):  # the reference is flipped with the image
+    made = pipeline.Preprocess(config.data, None).pixels(element, np.random.default_rng(seed))
+    flipped.append(np.array_equal(made["image"], image[:, ::-1]))
+    np.testing.assert_array_equal(made["reference"], expected[:, ::-1] if flipped[-1] else expected)
+  assert any(flipped) and not all(flipped)
+  batch = next(iter(pipeline.make_loader(config.data, source, None, 4, seed=0)))
+  assert batch["reference"].shape == batch["image"].shape == (4, 8, 8, 3)
+
+
+def test_a_reference_key_the_dataset_lacks_is_named_with_the_keys_it_has(config):
+  data = config.data.copy_and_resolve_references()
+  data.reference_key = "source_image"
+  with pytest.raises(ValueError, match=r"data feature keys \['source_image'\] are not in the dataset; it has "
+                                       r"\['caption', .*data.reference_key"):
+    pipeline.data_source(data, "train")
+
+
 def test_folder_of_clips_keeps_each_clips_first_frames_and_skips_what_it_cannot_use(tmp_path):
   """MP4 and GIF clips of moving shapes (24 x 32 px) prepared at 5 frames and shorter side 16: each record holds
   its clip's first 5 frames at 16 x 21, which the loader crops to 16 x 16 clips; a 3-frame clip, a corrupt file,

@@ -494,7 +494,10 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   (the pipeline's default resize to the resolution Kontext trained at: the reference read as its image processor
   makes it); without the reference they differ. The sampling job makes them from the checkpoint's folders as they
   are (sample --config). A mask, a prompt's
-  strength or an inverted start is refused for it, and the flag on another backbone or on FLUX.1 Fill."""
+  strength or an inverted start is refused for it, and the flag on another backbone or on FLUX.1 Fill. A LoRA of it
+  trains on a folder of edit pairs (folder_dataset --references, data.reference_key): each example's loss reads its
+  reference (another reference, another loss); a reference key without model.flux_kontext, or another key on a
+  folder, is refused."""
   import json
 
   import diffusers
@@ -573,3 +576,37 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   bad.model.backbone = "dit"
   assert "model.flux_kontext: FLUX.1 Kontext's reference images are read by Flux's transformer" in " ".join(
       config_checks.problems(bad, device_count=8))
+
+  # A LoRA of it trains on edit pairs (folder_dataset --references, data.reference_key): its loss reads each image's
+  # reference, beside which the model predicts
+  from diffusion_jax import train
+  from diffusion_jax.data import folder_dataset, pipeline
+
+  pairs, rng, lines = tmp_path / "pairs", np.random.default_rng(2), []
+  pairs.mkdir()
+  for i in range(8):
+    for name, picture in zip(("edited", "source"), rng.integers(0, 256, (2, 32, 32, 3), np.uint8)):
+      PIL.Image.fromarray(picture).save(pairs / f"{name}{i}.png")
+    lines.append(json.dumps({"file": f"edited{i}.png", "caption": "a red circle", "reference": f"source{i}.png"}))
+  (pairs / "captions.jsonl").write_text("\n".join(lines))
+  assert folder_dataset.main([f"--images={pairs}", f"--captions={pairs / 'captions.jsonl'}",
+                              f"--data_dir={tmp_path / 'tfds'}", "--references"]) == 0
+  edits = config.copy_and_resolve_references()
+  tiny_lora_run(edits, tmp_path)
+  edits.data.update(dataset="folder", folder=str(pairs), captions_file=str(pairs / "captions.jsonl"),
+                    reference_key="reference")
+  assert config_checks.problems(edits, device_count=8) == []
+  train.train_and_evaluate(edits, tmp_path / "edits")
+  _, weights, graphdef, step, _ = sample.load_checkpoint(tmp_path / "edits", use_ema=False)
+  assert step == 2
+  batch = next(iter(pipeline.make_loader(edits.data, pipeline.data_source(edits.data, "train"),
+                                         tokenizers.from_config(edits), 8, seed=0)))
+  loss = jax.jit(lambda batch: train.make_loss_fn(edits, graphdef)(weights.params, weights.frozen, batch,
+                                                                   jax.random.PRNGKey(0), None)[1][0])
+  assert np.abs(loss(batch) - loss(batch | {"reference": batch["reference"][::-1]})).min() > 0
+  for field, value, problem in (("model.flux_kontext", False, "reference images are read by FLUX.1 Kontext"),
+                                ("data.reference_key", "source", "a folder of images holds its edit pairs' "
+                                                                 "references as 'reference'")):
+    bad = edits.copy_and_resolve_references()
+    bad.update_from_flattened_dict({field: value})
+    assert problem in " ".join(config_checks.problems(bad, device_count=8))

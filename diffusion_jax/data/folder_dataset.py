@@ -1,6 +1,6 @@
 """A user's folder of images or video clips + captions, prepared once into an array_record TFDS dataset.
 
-  python -m diffusion_jax.data.folder_dataset --images=DIR --captions=DIR/captions.jsonl --data_dir=DIR
+  python -m diffusion_jax.data.folder_dataset --images=DIR --captions=DIR/captions.jsonl --data_dir=DIR [--references]
   python -m diffusion_jax.data.folder_dataset --clips=DIR --captions=FILE --frames=N --resolution=R [--frame_stride=S]
       --data_dir=DIR
 
@@ -10,6 +10,10 @@ Flags:
                 .gif, ...; sub-folders allowed), instead of --images
   --captions    captions.jsonl ({"file": "relative/path.jpg", "caption": "..."} per line) or a .csv with
                 columns file,caption: the train split
+  --references  images: each line also names the image's reference image ("reference": "relative/path.jpg", a
+                .csv's column reference), stored beside it: FLUX.1 Kontext's edit pairs (the reference the edit
+                starts from, the image it ends at, the instruction as its caption; data.reference_key='reference');
+                lines without one, or whose reference is missing or undecodable, are skipped
   --eval_captions  the same for held-out files of the folder: the validation split, which evaluation reads
                 (data.eval_captions_file); default none
   --frames      clips: frames kept of each clip, its first ones (data.frames); shorter clips are skipped
@@ -23,7 +27,8 @@ Files that cannot be decoded, clips with fewer frames than --frames, and lines w
 caption is empty are skipped and counted in the summary. Train on images with `--config.data.dataset=folder
 --config.data.folder=DIR --config.data.captions_file=FILE --config.data.data_dir=DIR`, on clips with
 `--config.data.dataset=folder_clips --config.data.image_key=video` and the same fields (plus data.frames and
-data.resolution, which decide what is prepared).
+data.resolution, which decide what is prepared), on edit pairs (--references) with those of images and
+`--config.data.reference_key=reference`.
 """
 
 import collections
@@ -42,7 +47,8 @@ import tensorflow_datasets as tfds
 log = logging.getLogger(__name__)
 
 
-def read_captions(path) -> list[tuple[str, str]]:
+def read_captions(path) -> list[tuple[str, str, str]]:
+  """(file, caption, reference file or "") of each line of a captions.jsonl or .csv."""
   path = pathlib.Path(path)
   if not path.exists():
     raise ValueError(f"Captions file {str(path)!r} does not exist.")
@@ -52,13 +58,13 @@ def read_captions(path) -> list[tuple[str, str]]:
       reader = csv.DictReader(f)
       if not {"file", "caption"} <= set(reader.fieldnames or ()):
         raise ValueError(f"{str(path)!r} needs the columns file,caption; it has {reader.fieldnames}.")
-      rows = [(r["file"], r["caption"]) for r in reader]
+      rows = [(r["file"], r["caption"], r.get("reference") or "") for r in reader]
   else:
     for number, line in enumerate(path.read_text().splitlines(), 1):
       if line.strip():
         try:
           record = json.loads(line)
-          rows.append((record["file"], record.get("caption") or ""))
+          rows.append((record["file"], record.get("caption") or "", record.get("reference") or ""))
         except (json.JSONDecodeError, KeyError, TypeError):
           raise ValueError(f"{str(path)!r} line {number}: expected a JSON object with 'file' and 'caption'.") from None
   if not rows:
@@ -71,6 +77,7 @@ class FolderConfig(tfds.core.BuilderConfig):
   folder: str = ""
   captions_file: str = ""
   eval_captions_file: str = ""  # "": no validation split
+  references: bool = False  # images: each with the reference image its line names (FLUX.1 Kontext's edit pairs)
 
 
 @dataclasses.dataclass
@@ -117,9 +124,18 @@ class CaptionedFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, captions_file):
     folder, skipped = pathlib.Path(self.builder_config.folder), collections.Counter()
-    for index, (file, caption) in enumerate(read_captions(captions_file)):
+    references = self.builder_config.references
+    for index, (file, caption, reference) in enumerate(read_captions(captions_file)):
       reason, example = ("empty caption", None) if not caption.strip() else (
           ("missing file", None) if not (folder / file).is_file() else self._read(folder / file))
+      if not reason and references:  # (an edit pair's reference: the image it starts from)
+        reason, referenced = (("no reference", None) if not reference else
+                              ("missing reference", None) if not (folder / reference).is_file() else
+                              self._read(folder / reference))
+        if reason:
+          reason = reason if "reference" in reason else "undecodable reference"
+        else:
+          example["reference"] = referenced["image"]
       if reason:
         skipped[reason] += 1
         continue
@@ -137,9 +153,10 @@ class FolderImages(CaptionedFolder):
   BUILDER_CONFIGS = [FolderConfig(name="default")]
 
   def _info(self):
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
-                                             "caption": tfds.features.Text(), "file": tfds.features.Text()}))
+    image = lambda: tfds.features.Image(shape=(None, None, 3))
+    references = {"reference": image()} if self.builder_config.references else {}
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(
+        {"image": image(), **references, "caption": tfds.features.Text(), "file": tfds.features.Text()}))
 
   def _read(self, path):
     try:
@@ -187,12 +204,14 @@ def _inputs(folder, captions_file, eval_captions_file) -> str:
   return "|".join(str(pathlib.Path(p).resolve()) for p in paths)
 
 
-def builder(folder, captions_file, data_dir, eval_captions_file="") -> FolderImages:
-  """The prepared images dataset for this folder and captions file(s) (prepared on first use)."""
+def builder(folder, captions_file, data_dir, eval_captions_file="", references: bool = False) -> FolderImages:
+  """The prepared images dataset for this folder and captions file(s) (prepared on first use); references: each
+  image with the reference image its line names (FLUX.1 Kontext's edit pairs)."""
   if not pathlib.Path(folder).is_dir():
     raise ValueError(f"Image folder {str(folder)!r} does not exist.")
-  return _prepare(FolderImages, FolderConfig, data_dir, _inputs(folder, captions_file, eval_captions_file),
-                   folder=str(folder), captions_file=str(captions_file), eval_captions_file=str(eval_captions_file))
+  inputs = _inputs(folder, captions_file, eval_captions_file) + ("|references" if references else "")
+  return _prepare(FolderImages, FolderConfig, data_dir, inputs, folder=str(folder), captions_file=str(captions_file),
+                  eval_captions_file=str(eval_captions_file), references=references)
 
 
 def clips_builder(folder, captions_file, frames: int, resolution: int, data_dir, eval_captions_file="",
@@ -224,10 +243,14 @@ def main(argv=None) -> int:
   parser.add_argument("--resolution", type=int, default=0)
   parser.add_argument("--frame_stride", type=int, default=1)
   parser.add_argument("--data_dir", required=True)
+  parser.add_argument("--references", action="store_true")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
   try:
-    prepared = (builder(args.images, args.captions, args.data_dir, args.eval_captions) if args.images else
+    if args.references and not args.images:
+      raise ValueError("--references: edit pairs are images (--images)")
+    prepared = (builder(args.images, args.captions, args.data_dir, args.eval_captions, args.references) if args.images
+                else
                 clips_builder(args.clips, args.captions, args.frames, args.resolution, args.data_dir,
                               args.eval_captions, args.frame_stride))
   except ValueError as error:

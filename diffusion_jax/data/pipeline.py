@@ -71,7 +71,8 @@ def _open(config, split: str):
                        "file of other files in data.folder.")
     if config.dataset == "folder":
       return _prepared(lambda: folder_dataset.builder(config.folder, config.captions_file, config.data_dir,
-                                                      config.eval_captions_file)).as_data_source(split)
+                                                      config.eval_captions_file, bool(config.reference_key))
+                       ).as_data_source(split)
     return _prepared(lambda: folder_dataset.clips_builder(
         config.folder, config.captions_file, config.frames, config.resolution, config.data_dir,
         config.eval_captions_file, config.frame_stride)).as_data_source(split)
@@ -92,10 +93,12 @@ def data_source(config, split: str):
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of data.dataset={config.dataset!r} is empty.")
   available = sorted(source[0])
-  missing = [k for k in (config.image_key, config.caption_key, *config.attribute_keys) if k not in available]
+  wanted = (config.image_key, config.caption_key, *config.attribute_keys) + ((config.reference_key,) if
+                                                                              config.reference_key else ())
+  missing = [k for k in wanted if k not in available]
   if missing:
     raise ValueError(f"data feature keys {missing} are not in the dataset; it has {available} "
-                     "(set data.image_key / data.caption_key / data.attribute_keys).")
+                     "(set data.image_key / data.caption_key / data.attribute_keys / data.reference_key).")
   return SkipBadRecords(source)
 
 
@@ -159,6 +162,12 @@ def resized_and_cropped(image: np.ndarray, size: int | tuple[int, int], rng: np.
   return image[top:top + height, left:left + width], (top, left, w)
 
 
+def rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [h, w] or [h, w, 1, 3 or 4] -> [h, w, 3]."""
+  image = image[..., None] if image.ndim == 2 else image
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+
+
 class Preprocess(grain.RandomMapTransform):
   """Decode, resize/crop, optional flip, scale to [-1, 1] (or look up the record's cached autoencoder posterior
   when `latent_cache` is given), tokenize the caption (or look up its cached text embeddings when `text_cache` is
@@ -172,9 +181,11 @@ class Preprocess(grain.RandomMapTransform):
 
   def pixels(self, element, rng: np.random.Generator) -> dict:
     """{"image": [height, width, 3]} or {"video": [frames, height, width, 3], "is_video": bool}, float32 in
-    [-1, 1]; with data.size_ids, an image's "size_ids" [6] float32: its original height and width, the crop's top
-    and left in the scaled image (of the flipped image when it is flipped), the training height and width (SDXL's
-    micro-conditioning; the refiner's [5]: data.aesthetic_score instead of the training size)."""
+    [-1, 1]; with data.reference_key, the image's "reference" [height, width, 3] too (FLUX.1 Kontext's: scaled to
+    cover the training size, centre-cropped, flipped with the image); with data.size_ids, an image's "size_ids" [6]
+    float32: its original height and width, the crop's top and left in the scaled image (of the flipped image when
+    it is flipped), the training height and width (SDXL's micro-conditioning; the refiner's [5]:
+    data.aesthetic_score instead of the training size)."""
     config = self.config
     visual = np.asarray(element[config.image_key])
     is_video = visual.ndim == 4 or (visual.ndim == 3 and visual.shape[-1] not in (1, 3, 4))
@@ -189,7 +200,8 @@ class Preprocess(grain.RandomMapTransform):
                                    np.random.default_rng(crop_seed) if config.random_crop else None) for f in frames]
     frames, (top, left, scaled_width) = np.stack([f for f, _ in cropped]), cropped[0][1]
     height, width = image_size(config)
-    if config.random_flip and rng.random() < 0.5:
+    flip = config.random_flip and rng.random() < 0.5
+    if flip:
       frames, left = frames[:, :, ::-1], scaled_width - left - width
     score = config.aesthetic_score or None  # (0: SDXL base's ids, which end with the training size)
     size_ids = ({"size_ids": sdxl_text.size_ids(original, (top, left), (height, width), score)} if config.size_ids
@@ -198,7 +210,13 @@ class Preprocess(grain.RandomMapTransform):
     still = is_video and config.image_fraction > 0 and rng.random() < config.image_fraction
     if still:  # joint image-video training: one frame as a static clip, temporal layers switched off
       frames = np.broadcast_to(frames[rng.integers(len(frames))], frames.shape).copy()
-    return {"video": frames, "is_video": np.bool_(not still)} if is_video else {"image": frames[0], **size_ids}
+    if is_video:
+      return {"video": frames, "is_video": np.bool_(not still)}
+    out = {"image": frames[0], **size_ids}
+    if config.reference_key:
+      reference = resize_and_crop(rgb(np.asarray(element[config.reference_key])), (height, width), None)
+      out["reference"] = (reference[:, ::-1] if flip else reference).astype(np.float32) / 127.5 - 1.0
+    return out
 
   def random_map(self, element, rng: np.random.Generator):
     config = self.config
@@ -277,6 +295,8 @@ def synthetic_batch(config) -> dict:
            "text_ids": np.ones((b, tokenizers.ids_per_prompt(config)), np.int32), "text_mask": np.ones((b, n), bool)}
   if config.model.temporal:
     batch["is_video"] = np.ones((b,), bool)
+  if config.data.reference_key:
+    batch["reference"] = np.zeros(visual, np.float32)
   if config.data.size_ids:
     batch["size_ids"] = np.tile(sdxl_text.size_ids((h, w), (0, 0), (h, w), config.data.aesthetic_score or None), (b, 1))
   return batch
