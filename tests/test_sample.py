@@ -167,8 +167,8 @@ def test_a_runs_own_checkpoint_as_its_refiner_finishes_its_samples_and_an_earlie
   """sample --refiner_workdir (refiner.py): the workdir's own latest checkpoint as the refiner of its model makes,
   under a first-order deterministic sampler (DDIM), the images the model makes alone (to float rounding); its
   earlier checkpoint (--refiner_step) finishes them otherwise; the records name the refiner's workdir and step.
-  Refused before any checkpoint is read: a step the workdir lacks, a directory that is not a workdir, both --refiner
-  and --refiner_workdir, --refiner_step without a workdir. The evaluation job records the refiner's checkpoint."""
+  Refused before any checkpoint is read, by the sampling and the evaluation job: a step the workdir lacks, a
+  directory that is not a workdir, both --refiner and --refiner_workdir, --refiner_step without a workdir."""
   config, workdir, _ = trained
   settings = {"num_per_prompt": 2, "steps": 4, "sampler": "ddim", "guidance_scale": 3.0}
   run = lambda name, **refiner: sample.run(workdir, settings, step=4, output_dir=tmp_path / name, **refiner)
@@ -194,12 +194,10 @@ def test_a_runs_own_checkpoint_as_its_refiner_finishes_its_samples_and_an_earlie
   refused("--refiner_step: a checkpoint of a --refiner_workdir", refiner_step=2)
   assert not (tmp_path / "refused").exists()
 
-  from diffusion_jax import evaluate
+  from diffusion_jax import evaluate  # (its job passes the flags on: checked as sampling's, before anything is read)
 
-  [line] = evaluate.run(workdir, step=4, num_prompts=2, heldout_examples=2, combination_prompts=0,
-                        refiner_workdir=workdir, refiner_step=2, denoising_end=0.5,
-                        sample_overrides={"steps": 4, "sampler": "ddim"})
-  assert line["settings"]["refiner"]["workdir"] == str(workdir) and line["settings"]["refiner"]["step"] == 2
+  with pytest.raises(ValueError, match=r"--refiner_workdir=.* has no checkpoint at step 3"):
+    evaluate.run(workdir, step=4, refiner_workdir=workdir, refiner_step=3)
 
 
 def test_a_sampling_job_on_an_fsdp_mesh_makes_the_data_parallel_jobs_samples(trained, tmp_path):
