@@ -42,9 +42,10 @@ def get_config():
       image_key="image",
       caption_key="caption",
       attribute_keys=(),           # extra integer features passed through to the batch
-      reference_key="",            # FLUX.1 Kontext (model.flux_kontext): the feature holding each image's reference
-                                   # image (an edit's source), read beside it in training; a folder dataset's is
-                                   # "reference" (its captions' "reference" files); "": none, text-to-image
+      reference_key="",            # the feature holding each image's reference image, read beside it in training:
+                                   # FLUX.1 Kontext's (model.flux_kontext) edit source, FLUX.1 Depth / Canny's
+                                   # control image; a folder dataset's is "reference" (its captions' "reference"
+                                   # files); "": none
       resolution=32,               # the training images' side (with data.width: their height)
       width=0,                     # the training images' width (0: data.resolution, a square); folder,
                                    # folder_clips and tfds data are scaled to cover it and cropped (Wan: 480 x 832)

@@ -69,14 +69,25 @@ def sequence_problems(config, sequence: int, clips=None) -> list[str]:
 
 
 def reference_problems(config) -> list[str]:
-  """Why data.reference_key (FLUX.1 Kontext's edit pairs) cannot be trained on with this config."""
+  """Why data.reference_key (FLUX.1 Kontext's edit pairs, FLUX.1 Depth / Canny's control images) cannot be trained
+  on with this config."""
   d = config.data
   if not d.reference_key:
     return []
-  found = []
-  if not config.model.flux_kontext:
+  found, control = [], False
+  if config.model.backbone == "flux":
+    try:
+      control = flux_transformer.is_control(flux_transformer.read_config(config.model.flux_path))
+    except ValueError:
+      pass  # (flux_problems names the path)
+  if not (config.model.flux_kontext or control):
     found.append(f"data.reference_key={d.reference_key!r}: reference images are read by FLUX.1 Kontext "
-                 "(model.flux_kontext); this model reads none: leave it empty")
+                 "(model.flux_kontext) and control images by FLUX.1 Depth / Canny; this model reads neither: leave "
+                 "it empty")
+  if control and (config.train.sample_every or config.train.sample_at_end):
+    found.append("train.sample_every, train.sample_at_end: FLUX.1 Depth / Canny samples from control images, which "
+                 "the config's prompts come without: set train.sample_every=0 and train.sample_at_end=False, and "
+                 "sample its checkpoints with --init_image=CONTROL")
   if d.dataset in ("folder", "folder_clips") and (d.dataset == "folder_clips" or d.reference_key != "reference"):
     found.append(f"data.reference_key={d.reference_key!r}: a folder of images holds its edit pairs' references as "
                  "'reference' (folder_dataset --references); clips have none")

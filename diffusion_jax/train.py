@@ -222,8 +222,9 @@ def make_loss_fn(config, graphdef, expert: str | None = None):
     is_video = batch.get("is_video") if config.data.image_fraction > 0 else None  # None: no stills
     # an image-to-video model learns to continue each clip from its first frame (a first-last-frame one, to its last)
     condition = model.own_condition(pixels) if model.image_to_video else None
-    if "reference" in batch:  # FLUX.1 Kontext learns each edit pair's image beside the reference it starts from
-      condition = model.reference_condition(batch["reference"])
+    if "reference" in batch:  # FLUX.1 Kontext learns each edit pair's image beside the reference it starts from;
+      # FLUX.1 Depth / Canny each image from its control image (data.reference_key)
+      condition = (model.reference_condition if model.kontext else model.control_condition)(batch["reference"])
     if model.inpainting:  # SD's inpainting U-Net learns to complete each image from a random part of it
       keep = editing.training_keep_masks(jax.random.fold_in(key, 5), pixels.shape[:3])
       condition = model.inpainting_condition(pixels, keep)
@@ -500,10 +501,12 @@ def train_and_evaluate(config, workdir: str):
   """Build everything from the config, resume from the workdir if it has checkpoints, train; returns
   (state, graphdef). One training job per workdir at a time (a second is refused)."""
   config_checks.validate(config)
-  if text_to_image.flux_control(config):
+  if text_to_image.flux_control(config) and not config.data.reference_key:
     raise ValueError("model.flux_path is FLUX.1 Depth / Canny's transformer, which trains on images paired with "
-                     "control images (depth maps, edge maps), which no dataset here holds: sample it (python -m "
-                     "diffusion_jax.sample --config=configs/flux.py:ROOT --init_image=CONTROL)")
+                     "control images (depth maps, edge maps): give them as data.reference_key (a folder prepared "
+                     "with python -m diffusion_jax.data.folder_dataset --references: each image's control image as "
+                     "its reference), or sample it (python -m diffusion_jax.sample --config=configs/flux.py:ROOT "
+                     "--init_image=CONTROL)")
   workdir = str(workdir)
   checkpoint.prepare_workdir(workdir)
   with checkpoint.workdir_lock(workdir):

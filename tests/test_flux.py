@@ -428,7 +428,9 @@ def test_flux_depth_canny_samples_what_diffusers_control_pipeline_samples_from_a
   as its control image, and makes, from the same starting noise, the image FluxControlPipeline makes given that
   image's latents (4 steps, guidance 3.5, the dynamic shift; the posterior's mean, which the pipeline would draw
   from), to a level of 8 bits; another control image makes another image. A prompt without one, a mask, a strength
-  and an inverted start are refused, as are training it, evaluating it and the Kontext flag on it."""
+  and an inverted start are refused, as are evaluating it and the Kontext flag on it, and training it without
+  control images. Given them as a folder's references (data.reference_key), each example's training loss reads its
+  own (another control image, another loss); training samples, whose prompts have none, are refused."""
   import diffusers
   import PIL.Image
 
@@ -476,11 +478,40 @@ def test_flux_depth_canny_samples_what_diffusers_control_pipeline_samples_from_a
       ([entry], inverted, "--edit_noise='inversion': FLUX.1 Depth / Canny samples from noise beside")):
     with pytest.raises(ValueError, match=problem):
       edit_inputs.read(config, sample_config, entries, 0)
-  with pytest.raises(ValueError, match="FLUX.1 Depth / Canny's transformer, which trains on images paired with"):
+  with pytest.raises(ValueError, match="FLUX.1 Depth / Canny's transformer, which trains on images paired with "
+                                       "control images .*: give them as data.reference_key"):
     train.train_and_evaluate(config, tmp_path / "run")
   with pytest.raises(ValueError, match="FLUX.1 Depth / Canny samples from control images, which evaluation's"):
     evaluate.run(tmp_path / "eval", config=config)
   assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()
+  # Trained on (image, control image) pairs, a folder's references: the loss reads each example's control image
+  import json
+
+  from diffusion_jax.data import pipeline
+  from diffusion_jax.text import tokenizers
+
+  pairs, lines = tmp_path / "pairs", []
+  pairs.mkdir()
+  for i in range(8):
+    for name, picture in zip(("image", "control"), np.random.default_rng(i).integers(0, 256, (2, 32, 32, 3),
+                                                                                     np.uint8)):
+      PIL.Image.fromarray(picture).save(pairs / f"{name}{i}.png")
+    lines.append(json.dumps({"file": f"image{i}.png", "caption": "a red circle", "reference": f"control{i}.png"}))
+  (pairs / "captions.jsonl").write_text("\n".join(lines))
+  paired = config.copy_and_resolve_references()
+  paired.data.update(dataset="folder", folder=str(pairs), captions_file=str(pairs / "captions.jsonl"),
+                     reference_key="reference")
+  paired.train.update(batch_size=8, sample_every=0, sample_at_end=False)
+  assert config_checks.problems(paired, device_count=8) == []
+  weights, graphdef, _ = sample.load_pretrained(paired)
+  batch = next(iter(pipeline.make_loader(paired.data, pipeline.data_source(paired.data, "train"),
+                                         tokenizers.from_config(paired), 8, seed=0)))
+  loss = jax.jit(lambda batch: train.make_loss_fn(paired, graphdef)(weights.params, weights.frozen, batch,
+                                                                    jax.random.PRNGKey(0), None)[1][0])
+  assert np.abs(loss(batch) - loss(batch | {"reference": batch["reference"][::-1]})).min() > 0
+  paired.train.sample_at_end = True
+  assert "train.sample_every, train.sample_at_end: FLUX.1 Depth / Canny samples from control images" in " ".join(
+      config_checks.problems(paired, device_count=8))
   config.model.flux_kontext = True
   assert "this transformer is FLUX.1 Depth / Canny's (in_channels twice out_channels), which reads a control" in (
       " ".join(config_checks.problems(config, device_count=8)))

@@ -12,8 +12,9 @@ Flags:
                 columns file,caption: the train split
   --references  images: each line also names the image's reference image ("reference": "relative/path.jpg", a
                 .csv's column reference), stored beside it: FLUX.1 Kontext's edit pairs (the reference the edit
-                starts from, the image it ends at, the instruction as its caption; data.reference_key='reference');
-                lines without one, or whose reference is missing or undecodable, are skipped
+                starts from, the image it ends at, the instruction as its caption; data.reference_key='reference')
+                or FLUX.1 Depth / Canny's (image, control image) pairs; lines without one, or whose reference is
+                missing or undecodable, are skipped
   --eval_captions  the same for held-out files of the folder: the validation split, which evaluation reads
                 (data.eval_captions_file); default none
   --frames      clips: frames kept of each clip, its first ones (data.frames); shorter clips are skipped
