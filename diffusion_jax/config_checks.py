@@ -68,6 +68,12 @@ def sequence_problems(config, sequence: int, clips=None) -> list[str]:
   return found
 
 
+def held_out(data_config) -> bool:
+  """Whether the data hold a validation split: a folder's only with data.eval_captions_file (built-in datasets
+  always; a TFDS dataset's is taken to)."""
+  return data_config.dataset not in ("folder", "folder_clips") or bool(data_config.eval_captions_file)
+
+
 def reference_problems(config) -> list[str]:
   """Why data.reference_key (FLUX.1 Kontext's edit pairs, FLUX.1 Depth / Canny's control images) cannot be trained
   on with this config."""
@@ -84,10 +90,11 @@ def reference_problems(config) -> list[str]:
     found.append(f"data.reference_key={d.reference_key!r}: reference images are read by FLUX.1 Kontext "
                  "(model.flux_kontext) and control images by FLUX.1 Depth / Canny; this model reads neither: leave "
                  "it empty")
-  if control and (config.train.sample_every or config.train.sample_at_end):
-    found.append("train.sample_every, train.sample_at_end: FLUX.1 Depth / Canny samples from control images, which "
-                 "the config's prompts come without: set train.sample_every=0 and train.sample_at_end=False, and "
-                 "sample its checkpoints with --init_image=CONTROL")
+  if control and (config.train.sample_every or config.train.sample_at_end) and not held_out(d):
+    found.append("train.sample_every, train.sample_at_end: FLUX.1 Depth / Canny's training samples read held-out "
+                 "control images, which this folder has none of: give data.eval_captions_file (held-out pairs), or "
+                 "set train.sample_every=0 and train.sample_at_end=False and sample its checkpoints with "
+                 "--init_image=CONTROL")
   if d.dataset in ("folder", "folder_clips") and (d.dataset == "folder_clips" or d.reference_key != "reference"):
     found.append(f"data.reference_key={d.reference_key!r}: a folder of images holds its edit pairs' references as "
                  "'reference' (folder_dataset --references); clips have none")

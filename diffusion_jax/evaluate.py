@@ -216,6 +216,17 @@ def validation_set(config, count: int, keep=None):
   return batch, images, captions
 
 
+def validation_references(config, count: int):
+  """(uint8 reference images [n, h, w, 3] at the training size, captions) of the first `count` validation examples
+  of a dataset with data.reference_key (FLUX.1 Kontext's edit pairs, Depth / Canny's control images), brought to
+  the training size as training brings them."""
+  source = pipeline.data_source(config.data, "validation")
+  examples = [source[i] for i in range(min(count, len(source)))]
+  references = np.stack([pipeline.resize_and_crop(pipeline.rgb(np.asarray(e[config.data.reference_key])),
+                                                  pipeline.image_size(config.data), None) for e in examples])
+  return references, [e[config.data.caption_key].decode() for e in examples]
+
+
 def metric_features(inception_weights=None, i3d_weights=None) -> dict:
   """{metric name: feature function} of the Fréchet distances to report: `fid_*` take uint8 images
   [n, h, w, 3] (video frames), `fvd_*` uint8 videos [n, frames, h, w, 3]. Random-conv features always;

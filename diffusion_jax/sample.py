@@ -1187,8 +1187,10 @@ def handed_over(refiner, config, graphdef, params, frozen, tokenizer, prompts, s
 def write_training_samples(config, weights: Weights, graphdef, step: int, workdir):
   """Samples of the config's prompts from a run's weights at `step` (a super-resolution stage: as many real
   validation images, downsampled, with their captions; an image-to-video model: the first frames of as many
-  validation clips, with their captions), at the training images' size, into WORKDIR/samples/step_N and TensorBoard;
-  returns the grid path. Every process takes part; process 0 writes."""
+  validation clips, with their captions; a run on reference images, data.reference_key: as many validation
+  references, FLUX.1 Kontext's edit sources or Depth / Canny's control images, with their captions, where the data
+  hold a validation split, config_checks.held_out), at the training images' size, into WORKDIR/samples/step_N and
+  TensorBoard; returns the grid path. Every process takes part; process 0 writes."""
   from diffusion_jax import metric_writers
   from diffusion_jax.text import tokenizers
 
@@ -1209,6 +1211,11 @@ def write_training_samples(config, weights: Weights, graphdef, step: int, workdi
     last = text_to_image.first_last_frame(config)  # (and a first-last-frame model, their last frames)
     edits = dict(enumerate(edit_inputs.first_frame_edit(clip[0], frames, clip[:frames][-1] if last else None)
                            for clip in clips))
+  if config.data.reference_key and config_checks.held_out(config.data):  # (else Kontext's: text-to-image)
+    from diffusion_jax import evaluate
+
+    references, prompts = evaluate.validation_references(config, len(prompts))
+    edits = {i: (reference, np.zeros(reference.shape[:2], bool)) for i, reference in enumerate(references)}
   grid = write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres, edits=edits)
   if jax.process_index() == 0:

@@ -430,7 +430,7 @@ def test_flux_depth_canny_samples_what_diffusers_control_pipeline_samples_from_a
   from), to a level of 8 bits; another control image makes another image. A prompt without one, a mask, a strength
   and an inverted start are refused, as are evaluating it and the Kontext flag on it, and training it without
   control images. Given them as a folder's references (data.reference_key), each example's training loss reads its
-  own (another control image, another loss); training samples, whose prompts have none, are refused."""
+  own (another control image, another loss); training samples without held-out pairs to read are refused."""
   import diffusers
   import PIL.Image
 
@@ -509,9 +509,9 @@ def test_flux_depth_canny_samples_what_diffusers_control_pipeline_samples_from_a
   loss = jax.jit(lambda batch: train.make_loss_fn(paired, graphdef)(weights.params, weights.frozen, batch,
                                                                     jax.random.PRNGKey(0), None)[1][0])
   assert np.abs(loss(batch) - loss(batch | {"reference": batch["reference"][::-1]})).min() > 0
-  paired.train.sample_at_end = True
-  assert "train.sample_every, train.sample_at_end: FLUX.1 Depth / Canny samples from control images" in " ".join(
-      config_checks.problems(paired, device_count=8))
+  paired.train.sample_at_end = True  # (training samples read held-out control images, which this folder lacks)
+  assert "train.sample_every, train.sample_at_end: FLUX.1 Depth / Canny's training samples read held-out control" in (
+      " ".join(config_checks.problems(paired, device_count=8)))
   config.model.flux_kontext = True
   assert "this transformer is FLUX.1 Depth / Canny's (in_channels twice out_channels), which reads a control" in (
       " ".join(config_checks.problems(config, device_count=8)))
@@ -527,8 +527,9 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   are (sample --config). A mask, a prompt's
   strength or an inverted start is refused for it, and the flag on another backbone or on FLUX.1 Fill. A LoRA of it
   trains on a folder of edit pairs (folder_dataset --references, data.reference_key): each example's loss reads its
-  reference (another reference, another loss); a reference key without model.flux_kontext, or another key on a
-  folder, is refused."""
+  reference (another reference, another loss), and its training samples follow the held-out pairs' references (two
+  of one caption, from one noise, differ); a reference key without model.flux_kontext, or another key on a folder,
+  is refused."""
   import json
 
   import diffusers
@@ -615,17 +616,21 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
 
   pairs, rng, lines = tmp_path / "pairs", np.random.default_rng(2), []
   pairs.mkdir()
-  for i in range(8):
-    for name, picture in zip(("edited", "source"), rng.integers(0, 256, (2, 32, 32, 3), np.uint8)):
+  for i in range(10):  # (the last 2 held out, their references black and white)
+    edited, source = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
+    source = source if i < 8 else np.full_like(source, 255 * (i - 8))
+    for name, picture in (("edited", edited), ("source", source)):
       PIL.Image.fromarray(picture).save(pairs / f"{name}{i}.png")
     lines.append(json.dumps({"file": f"edited{i}.png", "caption": "a red circle", "reference": f"source{i}.png"}))
-  (pairs / "captions.jsonl").write_text("\n".join(lines))
+  (pairs / "captions.jsonl").write_text("\n".join(lines[:8]))
+  (pairs / "held_out.jsonl").write_text("\n".join(lines[8:]))
   assert folder_dataset.main([f"--images={pairs}", f"--captions={pairs / 'captions.jsonl'}",
-                              f"--data_dir={tmp_path / 'tfds'}", "--references"]) == 0
+                              f"--eval_captions={pairs / 'held_out.jsonl'}", f"--data_dir={tmp_path / 'tfds'}",
+                              "--references"]) == 0
   edits = config.copy_and_resolve_references()
   tiny_lora_run(edits, tmp_path)
   edits.data.update(dataset="folder", folder=str(pairs), captions_file=str(pairs / "captions.jsonl"),
-                    reference_key="reference")
+                    eval_captions_file=str(pairs / "held_out.jsonl"), reference_key="reference")
   assert config_checks.problems(edits, device_count=8) == []
   train.train_and_evaluate(edits, tmp_path / "edits")
   _, weights, graphdef, step, _ = sample.load_checkpoint(tmp_path / "edits", use_ema=False)
@@ -635,6 +640,13 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
   loss = jax.jit(lambda batch: train.make_loss_fn(edits, graphdef)(weights.params, weights.frozen, batch,
                                                                    jax.random.PRNGKey(0), None)[1][0])
   assert np.abs(loss(batch) - loss(batch | {"reference": batch["reference"][::-1]})).min() > 0
+  # Its training samples follow the held-out references: two pairs of one caption, sampled from one noise, differ
+  edits.sample.prompts = ("one", "two")  # (as many samples as prompts; theirs are the held-out captions)
+  grid = sample.write_training_samples(edits, weights, graphdef, 2, tmp_path / "edits")
+  records = [json.loads(line) for line in (grid.parent / "manifest.jsonl").read_text().splitlines()]
+  assert [r["prompt"] for r in records] == ["a red circle"] * 2
+  first, second = (media.read_image(grid.parent / r["file"]).astype(np.float32) for r in records)
+  assert np.abs(first - second).max() > 2  # (the same noise and prompt: without the references, the same image)
   for field, value, problem in (("model.flux_kontext", False, "reference images are read by FLUX.1 Kontext"),
                                 ("data.reference_key", "source", "a folder of images holds its edit pairs' "
                                                                  "references as 'reference'")):
