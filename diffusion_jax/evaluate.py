@@ -360,7 +360,8 @@ def bicubic_metrics(config, images, perceptual=None) -> dict:
 
 def generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config, frechet=None,
                        clip=None, perceptual=None, bicubic=None, image_to_video=False,
-                       guide=None, edit_real=None, edit_toward="other", refiner=None) -> tuple[dict, np.ndarray]:
+                       guide=None, edit_real=None, edit_toward="other", refiner=None,
+                       references=None) -> tuple[dict, np.ndarray]:
   """({metric: value}, generated uint8 media) of `weights` (sample.Weights) for one sample setting (media_metrics
   against the real `images`; `frechet`: their frechet_distances, made here when not given; for super-resolution
   stages, given the real images downsampled, also PSNR and, with `perceptual` (lpips.load), LPIPS next to bicubic
@@ -369,16 +370,22 @@ def generation_metrics(config, graphdef, weights, mesh, images, captions, sample
   edited toward edit_captions' caption (edit_toward="own": its own), which the metrics judge it by, with psnr_source
   (its PSNR against the real one) and the judge's accuracy_source/* (against the real one's caption) for what the
   edit kept; guide: an autoguidance.Guide or None; refiner: a refiner.Refiner the model hands its latents to, or
-  None)."""
+  None; references: uint8 [n, h, w, 3] the real images' reference images (data.reference_key: FLUX.1 Kontext's edit
+  sources, Depth / Canny's control images), which the model samples beside, adding psnr_target, the PSNR of what
+  it made against the real image the pair ends at, or None)."""
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
   asked = edit_captions(config, captions, edit_toward) if edit_real else captions
   edit = given_media(config, sample_config, images, image_to_video, edit_real)
+  if references is not None:
+    edit = references, np.zeros(references.shape[:-1], bool)
   sources = captions if edit is not None and sample_config.edit_noise in editing.SOURCE_PROMPTED else None
   generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, asked, sample_config, lowres, edit,
                         guide, sources, refiner)
   metrics = media_metrics(config, generated, asked, frechet or frechet_distances(images), clip)
+  if references is not None:  # (paired: the image each reference's pair ends at)
+    metrics["psnr_target"] = psnr.psnr(generated, images)
   if edit_real:  # what the edit kept of the real image
     metrics["psnr_source"] = psnr.psnr(generated, images)
     metrics.update(judges.accuracy(config, generated, captions, "accuracy_source/"))
@@ -539,6 +546,10 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
     config, step, (weights, graphdef, mesh) = pretrained, 0, sample.load_pretrained(pretrained, mesh_config)
   weights = lora.fused(weights, adapters)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
+  references = None
+  if config.data.reference_key:  # each held-out image's reference (Kontext's edit source, Depth / Canny's control)
+    references = validation_references(config, len(images))[0]
+    batch["reference"] = references.astype(np.float32) / 127.5 - 1.0
   small = {k: v[:heldout_examples] for k, v in batch.items()}
   batch_size = evaluation_sample_config(config, sample_overrides).batch_size  # examples at once, sharded
   heldout = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, batch_size)
@@ -551,13 +562,14 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
     if gap is not None:
       metrics[name] = gap
   images, captions = images[:num_prompts], captions[:num_prompts]
+  references = None if references is None else references[:num_prompts]
   frechet = frechet or frechet_distances(images)
   bicubic = bicubic_metrics(config, images, perceptual) if config.model.lowres_conditioning else None  # once
 
   def scored(sample_config):
     setting_metrics, generated = generation_metrics(config, graphdef, weights, mesh, images, captions, sample_config,
                                                     frechet, clip, perceptual, bicubic, image_to_video, guide,
-                                                    edit_real, edit_toward, refiner)
+                                                    edit_real, edit_toward, refiner, references)
     setting_metrics.update(heldout_combination_accuracy(config, graphdef, weights, mesh, combination_prompts,
                                                         sample_config, combinations, guide, refiner))
     return setting_metrics, generated
@@ -712,11 +724,11 @@ def write_sweep(workdir, step, name, sweep, stem=None) -> pathlib.Path:
     positions = list(range(len(values)))
   # One panel per kind of metric present: FID, the judge's accuracies (an edit's also against its real image's
   # caption), a super-resolution stage's PSNR and LPIPS (each beside bicubic upsampling's), an edit's PSNR against
-  # its real image.
+  # its real image, a paired model's against the image its reference pairs with.
   panels = [("FID (random-conv features)", ["fid_random_conv"]),
             ("judge accuracy", [k for k in keys if k.startswith("accuracy/")]),
             ("judge accuracy, source caption", [k for k in keys if k.startswith("accuracy_source/")]),
-            ("PSNR (dB)", [k for k in ("psnr", "psnr_bicubic", "psnr_source") if k in keys]),
+            ("PSNR (dB)", [k for k in ("psnr", "psnr_bicubic", "psnr_source", "psnr_target") if k in keys]),
             ("LPIPS", [k for k in ("lpips", "lpips_bicubic") if k in keys])]
   panels = [panel for panel in panels if panel[1]]
   figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
@@ -786,9 +798,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   pretrained = config is not None
   if not pretrained:
     config = checkpoint.read_config(workdir)
-  if text_to_image.flux_control(config):  # (before anything is written)
+  if text_to_image.flux_control(config) and not config.data.reference_key:  # (before anything is written)
     raise ValueError("FLUX.1 Depth / Canny samples from control images, which evaluation's captions do not come "
-                     "with: sample it with --init_image=CONTROL (python -m diffusion_jax.sample)")
+                     "with: give the data's (data.reference_key: each held-out image's control image), or sample "
+                     "it with --init_image=CONTROL (python -m diffusion_jax.sample)")
   if pretrained:
     config, step = pretrained_config(config, workdir, step, watch, guide_workdir, guide_step), 0
   if lpips_weights and not config.model.lowres_conditioning:  # before any weights are read

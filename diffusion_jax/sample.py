@@ -331,10 +331,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None, hando
     if init is not None and s.edit_noise in editing.SOURCE_PROMPTED:  # (images, keep, source ids, source mask)
       init, (source_ids, source_mask) = init[:2], init[2:]
       null_text, null_mask = model.encode(source_ids, source_mask), source_mask
-    if model.kontext and init is not None:  # FLUX.1 Kontext: the given images are references, no edit's start
-      condition, init = model.reference_condition(init[0]), None
-    if model.control and init is not None:  # FLUX.1 Depth / Canny: the given images are control images
-      condition, init = model.control_condition(init[0]), None
+    if (model.kontext or model.control) and init is not None:  # FLUX.1 Kontext's references, Depth / Canny's
+      condition, init = model.paired_condition(init[0]), None  # control images: sampled beside, no edit's start
     if model.inpainting:  # SD's inpainting U-Net reads the kept image and where to generate (all of it, unedited)
       condition = model.inpainting_condition(*(init[:2] if init is not None else
                                                (None, jnp.zeros((keys.shape[0], *image_size(config, s), 1)))))

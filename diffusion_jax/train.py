@@ -223,8 +223,7 @@ def make_loss_fn(config, graphdef, expert: str | None = None):
     # an image-to-video model learns to continue each clip from its first frame (a first-last-frame one, to its last)
     condition = model.own_condition(pixels) if model.image_to_video else None
     if "reference" in batch:  # FLUX.1 Kontext learns each edit pair's image beside the reference it starts from;
-      # FLUX.1 Depth / Canny each image from its control image (data.reference_key)
-      condition = (model.reference_condition if model.kontext else model.control_condition)(batch["reference"])
+      condition = model.paired_condition(batch["reference"])  # FLUX.1 Depth / Canny from its control image
     if model.inpainting:  # SD's inpainting U-Net learns to complete each image from a random part of it
       keep = editing.training_keep_masks(jax.random.fold_in(key, 5), pixels.shape[:3])
       condition = model.inpainting_condition(pixels, keep)

@@ -430,7 +430,9 @@ def test_flux_depth_canny_samples_what_diffusers_control_pipeline_samples_from_a
   from), to a level of 8 bits; another control image makes another image. A prompt without one, a mask, a strength
   and an inverted start are refused, as are evaluating it and the Kontext flag on it, and training it without
   control images. Given them as a folder's references (data.reference_key), each example's training loss reads its
-  own (another control image, another loss); training samples without held-out pairs to read are refused."""
+  own (another control image, another loss); the evaluation job samples beside the held-out pairs' control images
+  (psnr_target: against the images they pair with); training samples without held-out pairs to read are
+  refused."""
   import diffusers
   import PIL.Image
 
@@ -492,15 +494,16 @@ def test_flux_depth_canny_samples_what_diffusers_control_pipeline_samples_from_a
 
   pairs, lines = tmp_path / "pairs", []
   pairs.mkdir()
-  for i in range(8):
+  for i in range(10):  # (the last 2 held out)
     for name, picture in zip(("image", "control"), np.random.default_rng(i).integers(0, 256, (2, 32, 32, 3),
                                                                                      np.uint8)):
       PIL.Image.fromarray(picture).save(pairs / f"{name}{i}.png")
     lines.append(json.dumps({"file": f"image{i}.png", "caption": "a red circle", "reference": f"control{i}.png"}))
-  (pairs / "captions.jsonl").write_text("\n".join(lines))
+  (pairs / "captions.jsonl").write_text("\n".join(lines[:8]))
+  (pairs / "held_out.jsonl").write_text("\n".join(lines[8:]))
   paired = config.copy_and_resolve_references()
   paired.data.update(dataset="folder", folder=str(pairs), captions_file=str(pairs / "captions.jsonl"),
-                     reference_key="reference")
+                     eval_captions_file=str(pairs / "held_out.jsonl"), reference_key="reference")
   paired.train.update(batch_size=8, sample_every=0, sample_at_end=False)
   assert config_checks.problems(paired, device_count=8) == []
   weights, graphdef, _ = sample.load_pretrained(paired)
@@ -509,7 +512,12 @@ def test_flux_depth_canny_samples_what_diffusers_control_pipeline_samples_from_a
   loss = jax.jit(lambda batch: train.make_loss_fn(paired, graphdef)(weights.params, weights.frozen, batch,
                                                                     jax.random.PRNGKey(0), None)[1][0])
   assert np.abs(loss(batch) - loss(batch | {"reference": batch["reference"][::-1]})).min() > 0
+  # The evaluation job samples beside the held-out pairs' control images: its held-out loss reads them as trained
+  [line] = evaluate.run(tmp_path / "paired_eval", config=paired, num_prompts=2, heldout_examples=2,
+                        combination_prompts=0)
+  assert np.isfinite([line[k] for k in ("psnr_target", "fid_random_conv", "heldout_loss")]).all()
   paired.train.sample_at_end = True  # (training samples read held-out control images, which this folder lacks)
+  paired.data.eval_captions_file = ""
   assert "train.sample_every, train.sample_at_end: FLUX.1 Depth / Canny's training samples read held-out control" in (
       " ".join(config_checks.problems(paired, device_count=8)))
   config.model.flux_kontext = True

@@ -2,7 +2,8 @@
 
 Every example is evaluated at the same fixed log-SNR levels with noise from a fixed key, without
 condition dropout, so two checkpoints (or two models) are compared on exactly the same problem (a model that
-starts clips at images: every 1/model.wan_first_frame_fraction-th example given its first frame). The examples
+starts clips at images: every 1/model.wan_first_frame_fraction-th example given its first frame; a pair's image, its
+reference image, data.reference_key, as trained). The examples
 go through the network a batch at a time, each batch sharded over a mesh; example i's noise at a level is row i
 of one draw for the whole set, so the loss does not depend on the batch size or the device count.
 """
@@ -69,6 +70,8 @@ def _build(config, graphdef):
     x0 = superres.to_residual(image, clean_lowres, config) if superres.is_residual(config) else image
     text = model.encode(batch["text_ids"], batch["text_mask"])
     condition = model.own_condition(pixels) if model.image_to_video else None
+    if "reference" in batch:  # each image's reference (data.reference_key), as trained
+      condition = model.paired_condition(batch["reference"])
     rows = x0.shape[0]
     if fraction := config.model.wan_first_frame_fraction:  # as trained: that share given their first frame, evenly
       index = start + jnp.arange(rows)

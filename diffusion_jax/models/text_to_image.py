@@ -186,6 +186,12 @@ class TextToImage(nnx.Module):
     (FluxControlPipeline draws them from the posterior instead)."""
     return {"control_latents": self.to_latents(images)}
 
+  def paired_condition(self, images) -> dict:
+    """The condition of images [batch, h, w, 3] in [-1, 1] paired with what the model makes (a pair's reference
+    image, data.reference_key; sampling's --init_image): FLUX.1 Kontext's reference_condition, FLUX.1 Depth /
+    Canny's control_condition."""
+    return self.reference_condition(images) if self.kontext else self.control_condition(images)
+
   def own_condition(self, clips) -> dict:
     """An image-to-video model's condition for clips [batch, frames, h, w, c] in [-1, 1] of their own first frame
     (and a first-last-frame model's, last), what training reads."""
