@@ -371,20 +371,22 @@ def generation_metrics(config, graphdef, weights, mesh, images, captions, sample
   (its PSNR against the real one) and the judge's accuracy_source/* (against the real one's caption) for what the
   edit kept; guide: an autoguidance.Guide or None; refiner: a refiner.Refiner the model hands its latents to, or
   None; references: uint8 [n, h, w, 3] the real images' reference images (data.reference_key: FLUX.1 Kontext's edit
-  sources, Depth / Canny's control images), which the model samples beside, adding psnr_target, the PSNR of what
-  it made against the real image the pair ends at, or None)."""
+  sources, Depth / Canny's control images), which the model samples beside (unless edit_real gives it the real
+  images instead), adding psnr_target, the PSNR of what it made against the real image the pair ends at, or
+  None)."""
   lowres = None
   if config.model.lowres_conditioning:  # a super-resolution stage upsamples the real images, downsampled
     lowres = cascade.downsampled(images, config)[:, None]
   asked = edit_captions(config, captions, edit_toward) if edit_real else captions
   edit = given_media(config, sample_config, images, image_to_video, edit_real)
-  if references is not None:
+  paired = references is not None and not edit_real
+  if paired:
     edit = references, np.zeros(references.shape[:-1], bool)
   sources = captions if edit is not None and sample_config.edit_noise in editing.SOURCE_PROMPTED else None
   generated = _generate(config, graphdef, weights.params, weights.frozen, mesh, asked, sample_config, lowres, edit,
                         guide, sources, refiner)
   metrics = media_metrics(config, generated, asked, frechet or frechet_distances(images), clip)
-  if references is not None:  # (paired: the image each reference's pair ends at)
+  if paired:  # (against the image each reference's pair ends at)
     metrics["psnr_target"] = psnr.psnr(generated, images)
   if edit_real:  # what the edit kept of the real image
     metrics["psnr_source"] = psnr.psnr(generated, images)

@@ -250,10 +250,11 @@ def main(argv=None) -> int:
   try:
     if args.references and not args.images:
       raise ValueError("--references: edit pairs are images (--images)")
-    prepared = (builder(args.images, args.captions, args.data_dir, args.eval_captions, args.references) if args.images
-                else
-                clips_builder(args.clips, args.captions, args.frames, args.resolution, args.data_dir,
-                              args.eval_captions, args.frame_stride))
+    if args.images:
+      prepared = builder(args.images, args.captions, args.data_dir, args.eval_captions, args.references)
+    else:
+      prepared = clips_builder(args.clips, args.captions, args.frames, args.resolution, args.data_dir,
+                               args.eval_captions, args.frame_stride)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
