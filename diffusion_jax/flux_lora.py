@@ -16,9 +16,10 @@ final modulation (`final_layer.adaLN_modulation.1`) gives (shift, scale) where d
 halves of its update's rows are swapped. Tensors that are not low-rank updates of a layer named here are refused,
 naming the keys.
 
-Written (to_kohya: `lora --format=kohya` of a Flux LoRA), a fused layer's parts' updates become one of their summed
-ranks: down their a's stacked, up block-diagonal (a part without an update: zero rows), so that up @ down is each
-part's update in its rows.
+Written (to_kohya, to_bfl: `lora --format=kohya` or `--format=bfl` of a Flux LoRA), a fused layer's parts' updates
+become one of their summed ranks: down their a's stacked, up block-diagonal (a part without an update: zero rows),
+so that up @ down is each part's update in its rows; BFL's names carry no alpha (scale 1), and the CLIP text
+encoder's updates keep kohya's names beside them, as files in BFL's names come.
 """
 
 import re
@@ -146,7 +147,29 @@ def to_kohya(updates: dict) -> dict:
   array}: 'lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight' [rank, in], '.lora_up.weight' [out, rank] and
   '.alpha' = rank (scale 1); a fused layer's parts stacked (module docstring), the final modulation's halves in BFL's
   (shift, scale) order; CLIP's 'lora_te1_text_model_...'."""
-  fused, tensors = {}, {}
+  tensors, layers = written_layers(updates)
+  for layer, (down, up) in layers.items():
+    key = KOHYA_PREFIX + layer.replace(".", "_")
+    tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                    f"{key}.alpha": np.array(down.shape[0], np.float32)})
+  return tensors
+
+
+def to_bfl(updates: dict) -> dict:
+  """Our updates {name: array} of Flux's transformer and its CLIP text encoder -> BFL's names {key: float32 array}:
+  'diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight' [rank, in] and '.lora_B.weight' [out, rank] (no
+  alpha: scale 1), laid out as to_kohya's; CLIP's in kohya's names ('lora_te1_text_model_...')."""
+  tensors, layers = written_layers(updates)
+  for layer, (down, up) in layers.items():
+    tensors.update({f"{BFL_PREFIX}{layer}.lora_A.weight": down, f"{BFL_PREFIX}{layer}.lora_B.weight": up})
+  return tensors
+
+
+def written_layers(updates: dict) -> tuple[dict, dict]:
+  """Our updates of Flux's transformer and its CLIP text encoder -> (the text encoder's in kohya's names {key:
+  float32 array}, {BFL's layer: (down [rank, in], up [out, rank])}: a fused layer's parts stacked, the final
+  modulation's halves in BFL's order)."""
+  fused, tensors, layers = {}, {}, {}
   for name, x in updates.items():
     model, path, leaf = sd_lora.written_parts(name, x, "diffusers")
     if model == "text_encoder/clip":
@@ -170,7 +193,5 @@ def to_kohya(updates: dict) -> dict:
       column += rank
     if layer == SWAPPED:
       up = np.concatenate(np.split(up, 2)[::-1])
-    key = KOHYA_PREFIX + layer.replace(".", "_")
-    tensors.update({f"{key}.lora_down.weight": np.ascontiguousarray(down), f"{key}.lora_up.weight": up,
-                    f"{key}.alpha": np.array(down.shape[0], np.float32)})
-  return tensors
+    layers[layer] = np.ascontiguousarray(down), up
+  return tensors, layers

@@ -23,10 +23,12 @@ named 'transformer.', matched to the model's by `resolved`), and Flux's in kohya
 fused layers split); `--format=diffusers` writes a LoRA of SD's U-Net (1.x, 2.x or SDXL) or SD3's or Flux's
 transformer, and of their CLIP text encoders, in diffusers' layout, which their pipelines' load_lora_weights read,
 and `--format=kohya` an SD U-Net's in kohya's, or a Flux transformer's in kohya's names (flux_lora.to_kohya: fused
-layers' parts stacked, as ComfyUI and Forge load Flux LoRAs).
+layers' parts stacked, as ComfyUI and Forge load Flux LoRAs), `--format=bfl` a Flux transformer's in BFL's own
+names (flux_lora.to_bfl: 'diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight', as ComfyUI and ai-toolkit
+write them).
 
   python -m diffusion_jax.lora --workdir=LORA_RUN --output=adapter.safetensors [--step=N] [--use_ema=false]
-                               [--format=diffusers|kohya]
+                               [--format=diffusers|kohya|bfl]
   python -m diffusion_jax.lora --inspect=adapter.safetensors
 
 Flags:
@@ -38,7 +40,8 @@ Flags:
               transformer or of Stable Diffusion's U-Net; of Wan 2.2 A14B's pair, a second file,
               OUTPUT_low_noise.safetensors, for the low-noise expert) or kohya (a LoRA of Stable Diffusion's
               U-Net and text encoders, SDXL's named as sd-scripts names them, or of Flux's transformer and CLIP in
-              kohya's names for BFL's layers)
+              kohya's names for BFL's layers) or bfl (a LoRA of Flux's transformer in BFL's own module names,
+              'diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight', its CLIP's in kohya's)
   --inspect   print what an adapter file holds instead (`describe`): what made it, the model it was made for,
               and how many layers of each kind it updates with how many weights
 """
@@ -60,7 +63,7 @@ from diffusion_jax import checkpoint, cli, diffusers_lora, finetune, flux_lora, 
 from diffusion_jax.models import named_tensors, sd_unet, text_to_image
 
 FORMAT = "diffusion_jax.lora"
-LAYOUTS = (FORMAT, "diffusers", "kohya")
+LAYOUTS = (FORMAT, "diffusers", "kohya", "bfl")
 log = logging.getLogger(__name__)
 
 
@@ -260,7 +263,8 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   """Write the low-rank updates of a LoRA run's checkpoint (default: the latest; use_ema default: its
   sample.use_ema) to `output` (safetensors), in our layout, or (a LoRA of Wan's transformer or SD's U-Net, layout
   'diffusers') diffusers' (of Wan 2.2 A14B's pair, the low-noise expert's to OUTPUT_low_noise too), or (SD's U-Net,
-  Flux's transformer, 'kohya') kohya's. Returns the files' metadata and, as 'files', their paths."""
+  Flux's transformer, 'kohya') kohya's, or (Flux's, 'bfl') Black Forest Labs' module names. Returns the files'
+  metadata and, as 'files', their paths."""
   from safetensors.numpy import save
 
   config = checkpoint.read_config(workdir)
@@ -272,6 +276,9 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
   if layout == "kohya" and config.model.backbone not in ("sd_unet", "flux"):
     raise ValueError(f"--format=kohya: only a LoRA of Stable Diffusion's U-Net or Flux's transformer has a kohya "
                      f"layout; --workdir={str(workdir)!r} is a LoRA of a {config.model.backbone}")
+  if layout == "bfl" and config.model.backbone != "flux":
+    raise ValueError(f"--format=bfl: Black Forest Labs' names are Flux's; --workdir={str(workdir)!r} is a LoRA of a "
+                     f"{config.model.backbone}")
   unet = sd_unet.read_config(config.model.sd_unet_path) if config.model.backbone == "sd_unet" else {}
   sdxl = unet.get("addition_embed_type") == sd_unet.TEXT_TIME  # kohya names SDXL's modules as the SGM U-Net does
   if layout == "kohya" and sdxl and unet["layers_per_block"] != sd_lora.SDXL_LAYERS_PER_BLOCK:
@@ -294,6 +301,8 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     files = {output: sd_lora.to_diffusers(tensors)}
   elif layout == "kohya" and config.model.backbone == "flux":
     files = {output: flux_lora.to_kohya(tensors)}
+  elif layout == "bfl":
+    files = {output: flux_lora.to_bfl(tensors)}
   elif layout == "kohya":
     files = {output: sd_lora.to_kohya(tensors, sdxl)}
   if layout != FORMAT:  # the PyTorch world's format tag, our provenance beside it
@@ -396,7 +405,8 @@ def define_flags():
                     "SD3's or Flux's transformer or Stable Diffusion's U-Net: their pipelines' load_lora_weights read "
                     "it) or kohya's "
                     "(a LoRA of SD's U-Net and text encoders, as sd-scripts writes them, for ComfyUI and "
-                    "AUTOMATIC1111; of Flux's transformer in kohya's names for BFL's layers).")
+                    "AUTOMATIC1111; of Flux's transformer in kohya's names for BFL's layers) or BFL's (Flux's "
+                    "transformer in Black Forest Labs' own module names).")
 
 
 def main(argv):

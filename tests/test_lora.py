@@ -90,6 +90,8 @@ def test_an_exported_adapter_holds_the_updates_alone(lora_run, tmp_path):
   with pytest.raises(ValueError, match="only a LoRA of Stable Diffusion's U-Net or Flux's transformer has a kohya "
                                        "layout"):
     lora.export(workdir, tmp_path / "theirs.safetensors", layout="kohya")
+  with pytest.raises(ValueError, match="--format=bfl: Black Forest Labs' names are Flux's"):
+    lora.export(workdir, tmp_path / "theirs.safetensors", layout="bfl")
   lora.export(workdir, tmp_path / "ema.safetensors")
   ema = lora.read(str(tmp_path / "ema.safetensors"))
   for name, weight in {lora.name(p): w for p, w in flat(end.ema[0]).items()}.items():
