@@ -109,6 +109,8 @@ def get_config():
       flux_path="",                # flux: local diffusers FluxTransformer2DModel directory (structure and weights)
       flux_guidance=3.5,           # flux with guidance_embeds (FLUX.1 dev): the guidance scale it is told to follow,
                                    # in training and sampling (its pipelines' guidance_scale; not classifier-free)
+      flux_redux_path="",          # flux: a FLUX.1 Redux root (image_encoder/, feature_extractor/, image_embedder/):
+                                   # sampling reads --init_image as an image to vary, its tokens after the prompt's
       flux_kontext=False,          # flux: FLUX.1 Kontext, whose sampling reads --init_image as a reference image
                                    # (its tokens beside the image's), not as an image to edit
       wan_path="",                 # wan: local diffusers WanTransformer3DModel directory (its structure and weights)

@@ -273,7 +273,7 @@ ADDED_FIELDS = {
     "sample.skip_layers": (), "sample.skip_layer_scale": 2.8, "sample.skip_layer_start": 0.01,
     "sample.skip_layer_stop": 0.2, "model.flux_kontext": False,
     "data.aesthetic_score": 0.0, "sample.aesthetic_score": 6.0, "sample.negative_aesthetic_score": 2.5,
-    "data.reference_key": "",
+    "data.reference_key": "", "model.flux_redux_path": "",
 }
 
 

@@ -4,8 +4,8 @@ import jax
 
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes, moving_shapes, pipeline
-from diffusion_jax.models import (attention, autoencoder, clip, flux_transformer, layers, sd3_transformer, sd_unet,
-                                  t5, wan_transformer)
+from diffusion_jax.models import (attention, autoencoder, clip, flux_transformer, layers, redux, sd3_transformer,
+                                  sd_unet, t5, wan_transformer)
 from diffusion_jax.text import tokenizers
 
 
@@ -373,7 +373,37 @@ def flux_problems(config) -> list[str]:
                  f"{t5_width} and {clip_width} (text.t5_encoder_path's, text.pretrained_path's)")
   if m.flux_guidance < 0:
     found.append(f"model.flux_guidance={m.flux_guidance} must be >= 0 (FLUX.1 dev's pipelines: 3.5)")
+  if m.flux_redux_path:
+    found += redux_problems(config, flux)
   return found
+
+
+def redux_problems(config, flux: dict) -> list[str]:
+  """Why FLUX.1 Redux (model.flux_redux_path) cannot give this Flux (its transformer's config.json `flux`) images'
+  tokens: a root it cannot read, an embedder of another width than the T5 states the transformer reads, or a
+  transformer that reads an image of its own (Fill, Depth / Canny, Kontext)."""
+  try:
+    _, embedder, _ = redux.configs(config.model.flux_redux_path)
+  except ValueError as error:
+    return [str(error)]
+  found = []
+  if embedder["txt_in_features"] != flux["joint_attention_dim"]:
+    found.append(f"model.flux_redux_path: its embedder makes tokens {embedder['txt_in_features']} wide "
+                 f"(txt_in_features); Flux's transformer reads T5 states {flux['joint_attention_dim']} wide")
+  if flux_transformer.is_fill(flux) or flux_transformer.is_control(flux) or config.model.flux_kontext:
+    found.append("model.flux_redux_path: FLUX.1 Redux varies an image with FLUX.1 dev or schnell; this transformer "
+                 "reads an image of its own (Fill, Depth / Canny or Kontext): leave it empty")
+  return found
+
+
+def redux_guidance_problem(config, sample_config, prefix: str) -> str | None:
+  """Why sample_config's guidance_scale (named prefix + field) cannot apply with FLUX.1 Redux, whose image tokens
+  lengthen the condition that guidance's other branch would lack."""
+  if config.model.backbone == "flux" and config.model.flux_redux_path and sample_config.guidance_scale != 1:
+    return (f"{prefix}guidance_scale={sample_config.guidance_scale}: with FLUX.1 Redux (model.flux_redux_path) "
+            "sampling is unguided, as its pipeline's (the image's tokens have no unconditional branch): leave it 1 "
+            "(FLUX.1 dev follows --flux_guidance)")
+  return None
 
 
 def flux_fill_problems(config, flux: dict) -> list[str]:
@@ -805,6 +835,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   found += sample_problems(config.sample, "sample.") + sample_size_problems(config, config.sample, "sample.")
   for problem in (flow_shift_problem(config, config.sample, "sample."),
                   flux_guidance_problem(config, config.sample, "sample."),
+                  redux_guidance_problem(config, config.sample, "sample."),
                   skip_layer_problem(config, config.sample, "sample."),
                   timestep_spacing_problem(config, config.sample, "sample.")):
     found += [problem] if problem else []

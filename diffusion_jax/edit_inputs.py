@@ -2,8 +2,8 @@
 and their prompts-file fields), brought to the samples' size as training data is to its and checked before any
 checkpoint is read. What the sampler does with them is editing.py's; an image-to-video model (Wan's I2V), or one
 that starts clips at images (Wan 2.2 TI2V) given them, reads the image its clip starts at as its condition instead
-(`animated_images`), FLUX.1 Kontext its --init_image as a reference image and FLUX.1 Depth / Canny as its control
-image (`references`).
+(`animated_images`), FLUX.1 Kontext its --init_image as a reference image, FLUX.1 Depth / Canny as its control
+image and FLUX.1 Redux as an image to vary (`references`).
 """
 
 import pathlib
@@ -13,7 +13,7 @@ import PIL.Image
 
 from diffusion_jax import checkpoint, editing, media
 from diffusion_jax.data import pipeline
-from diffusion_jax.models import autoencoder, text_to_image
+from diffusion_jax.models import autoencoder, redux, text_to_image
 
 
 def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[int, int] | None = None) -> dict:
@@ -49,6 +49,11 @@ def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[in
     multiple = 2 * autoencoder.downsampling_factor(autoencoder.read_config(config.latent.autoencoder_path))
     return {i: kontext_reference(e, sample_config.kontext_resize, multiple) for i, e in enumerate(prompts)
             if "init_image" in e}
+  if varies(config):  # an image to vary each, at the size its image encoder reads, nothing edited in place
+    if problems := reference_problems(sample_config, prompts, REDUX):
+      raise ValueError("; ".join(problems))
+    size = redux.image_size(config.model.flux_redux_path)
+    return {i: redux_image(e, size) for i, e in enumerate(prompts) if "init_image" in e}
   for e in prompts:
     if edited(e):
       editing.first_step(sample_config.steps, e.get("strength", sample_config.strength))
@@ -81,13 +86,19 @@ def animated(config, keep_masks) -> bool:
 
 def references(config) -> bool:
   """Whether the model reads a prompt's --init_image as a condition to sample beside, from noise (FLUX.1 Kontext's
-  reference image, FLUX.1 Depth / Canny's control image), not as an image to edit."""
-  return config.model.flux_kontext or text_to_image.flux_control(config)
+  reference image, FLUX.1 Depth / Canny's control image, FLUX.1 Redux's image to vary), not as an image to edit."""
+  return config.model.flux_kontext or text_to_image.flux_control(config) or varies(config)
+
+
+def varies(config) -> bool:
+  """Whether the model reads a prompt's --init_image as FLUX.1 Redux's image to vary (model.flux_redux_path)."""
+  return config.model.backbone == "flux" and bool(config.model.flux_redux_path)
 
 
 # (the model, what its --init_image is)
 KONTEXT = ("FLUX.1 Kontext", "a reference image to follow")
 CONTROL = ("FLUX.1 Depth / Canny", "its control image (a depth map, an edge map)")
+REDUX = ("FLUX.1 Redux", "an image to vary")
 
 
 def reference_problems(sample_config, prompts: list[dict], model: tuple[str, str]) -> list[str]:
@@ -129,6 +140,13 @@ def kontext_reference(entry: dict, resize: str, multiple: int) -> tuple[np.ndarr
                      f"{multiple} (one token); give a larger image, or --kontext_resize=preferred")
   if (height, width) != image.shape[:2]:
     image = np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.LANCZOS))
+  return image, np.zeros(image.shape[:2], bool)
+
+
+def redux_image(entry: dict, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """(image uint8 [height, width, 3], keep: all False) of a prompt entry's "init_image" as FLUX.1 Redux's image to
+  vary, resized to its image encoder's `size` (redux.image_pixels)."""
+  image = redux.image_pixels(read_image(entry, "init_image"), size)
   return image, np.zeros(image.shape[:2], bool)
 
 

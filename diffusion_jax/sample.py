@@ -81,7 +81,8 @@ Flags:
                     beside it (no --mask, --strength, --edit_noise), at the size --kontext_resize says; FLUX.1
                     Depth / Canny reads it as its control image (a depth map, an edge map: every prompt needs one),
                     brought to the samples' size, sampling from noise beside it (no --mask, --strength,
-                    --edit_noise)
+                    --edit_noise); FLUX.1 Redux (model.flux_redux_path) reads it as an image to vary, its
+                    SigLIP tokens after the prompt's (the same refused; unguided)
   --kontext_resize  FLUX.1 Kontext: the size of its reference images, "preferred" (the resolution it trained at
                     nearest the image's aspect ratio, as FluxKontextPipeline) or "own" (the image's), either
                     rounded down to 16 pixels (default: config sample.kontext_resize, "preferred")
@@ -333,6 +334,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None, hando
       null_text, null_mask = model.encode(source_ids, source_mask), source_mask
     if (model.kontext or model.control) and init is not None:  # FLUX.1 Kontext's references, Depth / Canny's
       condition, init = model.paired_condition(init[0]), None  # control images: sampled beside, no edit's start
+    if model.redux is not None and init is not None:  # FLUX.1 Redux: the image's tokens after the prompt's (unguided:
+      (text, mask), init = model.with_image_tokens(text, mask, init[0]), None  # config_checks.redux_guidance_problem)
     if model.inpainting:  # SD's inpainting U-Net reads the kept image and where to generate (all of it, unedited)
       condition = model.inpainting_condition(*(init[:2] if init is not None else
                                                (None, jnp.zeros((keys.shape[0], *image_size(config, s), 1)))))
@@ -830,6 +833,7 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
   for problem in (config_checks.low_noise_guidance_problem(config, sample_config, "--"),
                   config_checks.flow_shift_problem(config, sample_config, "--"),
                   config_checks.flux_guidance_problem(config, sample_config, "--"),
+                  config_checks.redux_guidance_problem(config, sample_config, "--"),
                   config_checks.skip_layer_problem(config, sample_config, "--")):
     if problem:
       problems.append(problem)

@@ -257,6 +257,17 @@ def test_flux_reads_a_checkpoints_folders_fine_tunes_a_lora_and_samples(tmp_path
   assert written.keys() == trained.keys() and any(k.startswith("text_encoder/clip/") for k in written)
   for key, update in trained.items():
     np.testing.assert_allclose(written[key], update, atol=1e-6, err_msg=key)
+  # ... and in BFL's own names (no alpha; CLIP's in kohya's), read back: the same updates
+  import safetensors.numpy
+
+  lora.export(tmp_path / "run", tmp_path / "bfl.safetensors", use_ema=False, layout="bfl")
+  keys = safetensors.numpy.load_file(tmp_path / "bfl.safetensors").keys()
+  assert "diffusion_model.single_blocks.0.linear1.lora_A.weight" in keys and not any("alpha" in k for k in keys
+                                                                                      if "diffusion_model" in k)
+  written = product(lora.read(str(tmp_path / "bfl.safetensors")).updates)
+  assert written.keys() == trained.keys()
+  for key, update in trained.items():
+    np.testing.assert_allclose(written[key], update, atol=1e-6, err_msg=key)
 
 
 def test_flux_dev_has_diffusers_parameter_count():
@@ -660,4 +671,81 @@ def test_flux_kontext_samples_what_diffusers_kontext_pipeline_samples_beside_a_r
                                                                  "references as 'reference'")):
     bad = edits.copy_and_resolve_references()
     bad.update_from_flattened_dict({field: value})
+    assert problem in " ".join(config_checks.problems(bad, device_count=8))
+
+
+def test_flux_redux_samples_what_diffusers_samples_from_an_images_redux_tokens(tmp_path):
+  """configs/flux.py with model.flux_redux_path (a FLUX.1 Redux root: SigLIP's image encoder, its image processor,
+  the Redux embedder) reads an --init_image as an image to vary: its SigLIP states projected to T5's width follow the
+  prompt's T5 states, as FluxPriorReduxPipeline appends them, and the sampling job makes, from the same noise, the
+  image FluxPipeline makes from those embeddings (4 steps, guidance 3.5, the dynamic shift; within 2 of 255 levels);
+  another image, another image. Refused by name: classifier-free guidance with it, a mask, an embedder of another
+  width, a Kontext transformer with it, a root without its parts. The tokens are the pipeline's image_embeds (1e-5)."""
+  import diffusers
+  import PIL.Image
+  import transformers
+  from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+
+  from configs import flux
+  from diffusion_jax import edit_inputs
+  from diffusion_jax.data import captioned_shapes
+
+  pipeline = save_tiny_flux(tmp_path / "flux", [" ".join(captioned_shapes.VOCABULARY)] * 5)
+  root = tmp_path / "redux"
+  torch.manual_seed(0)
+  encoder = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+      patch_size=8)).eval()
+  encoder.save_pretrained(root / "image_encoder")
+  processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+  processor.save_pretrained(root / "feature_extractor")
+  embedder = ReduxImageEncoder(redux_dim=16, txt_in_features=40).eval()
+  embedder.save_pretrained(root / "image_embedder")
+  prompt = "a large red circle"
+  config = flux.get_config(str(tmp_path / "flux"))
+  config.model.update(dtype="float32", remat=False, flux_redux_path=str(root))
+  config.text.update(max_length=16, t5_max_length=8)
+  config.text.t5.dtype = "float32"
+  config.data.update(dataset="captioned_shapes", resolution=32, data_dir=str(tmp_path / "tfds"))
+  config.sample.update(steps=4, prompts=(prompt,))
+  assert config_checks.problems(config, device_count=8) == []
+  pictures = [np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)]
+  ours = []
+  for k, picture in enumerate(pictures):
+    PIL.Image.fromarray(picture).save(tmp_path / f"image{k}.png")
+    sample.run(None, {}, output_dir=tmp_path / f"job{k}", init_image=tmp_path / f"image{k}.png", config=config)
+    ours.append(media.read_image(tmp_path / f"job{k}" / "p000_00.png").astype(np.float32))
+
+  noise = np.asarray(jax.random.normal(sample.example_keys([config.sample.seed], 1)[0], (16, 16, 4)))
+  with torch.no_grad():
+    pixels = processor(images=PIL.Image.fromarray(pictures[0]), return_tensors="pt").pixel_values
+    image_embeds = embedder(encoder(pixel_values=pixels).last_hidden_state).image_embeds
+    prompt_embeds, pooled, _ = pipeline.encode_prompt([prompt], None, device="cpu", max_sequence_length=8)
+    theirs = pipeline(prompt_embeds=torch.cat([prompt_embeds, image_embeds], dim=1), pooled_prompt_embeds=pooled,
+                      height=32, width=32, num_inference_steps=4, guidance_scale=3.5, output_type="np",
+                      latents=diffusers.FluxPipeline._pack_latents(torch.from_numpy(noise).permute(2, 0, 1)[None],
+                                                                   1, 4, 16, 16)).images[0]
+  np.testing.assert_allclose(ours[0], np.round(theirs * 255), atol=2)
+  assert np.abs(ours[0] - ours[1]).max() > 2  # (the same noise and prompt: a white image, other tokens)
+  weights, graphdef, _ = sample.load_pretrained(config)  # the tokens themselves: the pipeline's image_embeds
+  tokens = nnx.merge(graphdef, weights.params, weights.frozen).redux(pictures[0][None] / 127.5 - 1.0)
+  np.testing.assert_allclose(tokens, image_embeds.numpy(), atol=1e-5)
+
+  with pytest.raises(ValueError, match="--guidance_scale=3.0: with FLUX.1 Redux"):
+    sample.run(None, {"guidance_scale": 3.0}, output_dir=tmp_path / "guided", init_image=tmp_path / "image0.png",
+               config=config)
+  with pytest.raises(ValueError, match="FLUX.1 Redux reads --init_image as an image to vary, not an image to edit"):
+    edit_inputs.read(config, config.sample, [{"prompt": prompt, "init_image": str(tmp_path / "image0.png"),
+                                              "mask": str(tmp_path / "image1.png")}], 0)
+  ReduxImageEncoder(redux_dim=16, txt_in_features=32).save_pretrained(tmp_path / "narrow" / "image_embedder")
+  for part in ("image_encoder", "feature_extractor"):
+    (tmp_path / "narrow" / part).symlink_to(root / part)
+  for update, problem in (({"model.flux_redux_path": str(tmp_path / "narrow")},
+                           "its embedder makes tokens 32 wide (txt_in_features); Flux's transformer reads T5 states "
+                           "40 wide"),
+                          ({"model.flux_kontext": True}, "FLUX.1 Redux varies an image with FLUX.1 dev or schnell"),
+                          ({"model.flux_redux_path": str(tmp_path / "flux")}, "lacks image_encoder/, "
+                                                                              "feature_extractor/, image_embedder/")):
+    bad = config.copy_and_resolve_references()
+    bad.update_from_flattened_dict(update)
     assert problem in " ".join(config_checks.problems(bad, device_count=8))

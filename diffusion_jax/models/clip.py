@@ -25,7 +25,8 @@ TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, 
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-               "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+               "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}  # (SigLIP's: siglip.py)
 
 
 class Attention(nnx.Module):
@@ -176,7 +177,7 @@ class CLIP(nnx.Module):
     return self.visual_projection(self.vision_model(pixels))
 
 
-def _hf_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
+def hf_name(path: tuple, ndim: int) -> tuple[str, tuple | None]:
   """NNX parameter path -> (checkpoint tensor name, transpose from PyTorch layout or None)."""
   *module, leaf = path
   prefix = ".".join(module)
@@ -205,7 +206,7 @@ def from_pretrained(path) -> CLIP:
   tensors = {k: v for k, v in named_tensors.read_safetensors(directory / "model.safetensors").items()
              if not k.endswith("position_ids")}
   abstract = abstract_modules.of(CLIP, text, vision, config.get("projection_dim", 512))
-  return named_tensors.load(abstract, tensors, _hf_name,
+  return named_tensors.load(abstract, tensors, hf_name,
                             f"CLIP checkpoint {str(directory)!r} does not match its config.json")
 
 
@@ -281,13 +282,13 @@ def text_tensor_shapes(path, field: str = "text.pretrained_path", with_projectio
   CLIPTextModelWithProjection) directory's model.safetensors (from its config.json alone; names text_model.*)."""
   config = read_text_config(path, field)
   model_class = TextModelWithProjection if with_projection else TextModel
-  return named_tensors.shapes(abstract_modules.of(model_class, config), _hf_name)
+  return named_tensors.shapes(abstract_modules.of(model_class, config), hf_name)
 
 
 def text_tensors(module) -> dict:
   """{tensor name: array in PyTorch's layout} of a TextModel's (TextModelWithProjection's) weights: the
   model.safetensors that load_text reads back into them."""
-  return named_tensors.tensors(module, _hf_name)
+  return named_tensors.tensors(module, hf_name)
 
 
 def read_vision_config(path, field: str) -> dict:
@@ -316,7 +317,7 @@ def _load_tower(model_class, config: dict, path, field: str, prefix: str):
   tensors are named `prefix`... (transformers 5 saves them unprefixed)."""
   if not (pathlib.Path(path).expanduser() / "model.safetensors").is_file():
     raise ValueError(f"{field}={str(path)!r} has no model.safetensors (PyTorch .bin files are not read)")
-  return named_tensors.load(abstract_modules.of(model_class, config), tower_tensors(path, prefix), _hf_name,
+  return named_tensors.load(abstract_modules.of(model_class, config), tower_tensors(path, prefix), hf_name,
                             f"{field}={str(path)!r} does not match its config.json")
 
 

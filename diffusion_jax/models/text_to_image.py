@@ -18,7 +18,7 @@ from flax import nnx
 
 from diffusion_jax import objectives, schedules
 from diffusion_jax.models import (abstract_modules, autoencoder, clip, dit, flux_text, flux_transformer, init_rngs,
-                                  sd3_text, sd3_transformer, sd_unet, sdxl_text, t5, unet, wan_transformer)
+                                  redux, sd3_text, sd3_transformer, sd_unet, sdxl_text, t5, unet, wan_transformer)
 from diffusion_jax.text import tokenizers
 
 
@@ -28,8 +28,8 @@ class TextToImage(nnx.Module):
     """Every part randomly initialised; a pretrained text encoder (text.pretrained_path; with
     text.second_encoder_path, SDXL's pair; with model.backbone='sd3', SD3's CLIP pair and T5, 'flux' Flux's CLIP
     and T5), autoencoder (latent.autoencoder_path), Wan transformer (model.wan_path), Stable Diffusion U-Net
-    (model.sd_unet_path), SD3 or Flux transformer (model.sd3_path, model.flux_path) or CLIP image encoder
-    (model.wan_image_encoder_path)
+    (model.sd_unet_path), SD3 or Flux transformer (model.sd3_path, model.flux_path), CLIP image encoder
+    (model.wan_image_encoder_path) or FLUX.1 Redux's image encoder and embedder (model.flux_redux_path)
     gets its structure from its config.json, its weights from `pretrained_weights`."""
     text_path, latent_path = config.text.pretrained_path, config.latent.autoencoder_path
     self.empty_prompt_ids = None
@@ -68,6 +68,8 @@ class TextToImage(nnx.Module):
                                        else config.text.t5, rngs=rngs)
     self.backbone, self.image_to_video, self.first_last_frame, self.inpainting = m.backbone, False, False, False
     self.kontext, self.control = False, False
+    self.redux = (redux.Redux(*redux.configs(m.flux_redux_path), rngs=rngs)  # FLUX.1 Redux: an image's tokens
+                  if m.backbone == "flux" and m.flux_redux_path else None)
     self.clean_first_frame = m.backbone == "wan" and m.wan_clean_first_frame  # Wan 2.2 TI2V's image-to-video mode
     self.image_encoder = (clip.VisionModel(clip.read_vision_config(m.wan_image_encoder_path,
                                                                    "model.wan_image_encoder_path"), rngs=rngs)
@@ -119,6 +121,15 @@ class TextToImage(nnx.Module):
       return jnp.zeros_like(text), jnp.zeros_like(mask)
     empty = self.encode(jnp.asarray(self.empty_prompt_ids, jnp.int32)[None], None).astype(text.dtype)
     return jnp.broadcast_to(empty, text.shape), jnp.zeros_like(mask)
+
+  def with_image_tokens(self, text, mask, images):
+    """FLUX.1 Redux's condition: (text [batch, tokens, width], mask [batch, tokens]) of encode's followed by the
+    Redux tokens of images [batch, size, size, 3] in [-1, 1] (redux.image_pixels' size), as FluxPriorReduxPipeline
+    appends them to the prompt's T5 states (the pooled embedding's columns zero: sdxl_text.split reads token 0's)."""
+    tokens = self.redux(images).astype(text.dtype)
+    tokens = jnp.pad(tokens, ((0, 0), (0, 0), (0, text.shape[-1] - tokens.shape[-1])))
+    return (jnp.concatenate([text, tokens], axis=1),
+            jnp.concatenate([mask, jnp.ones(tokens.shape[:2], mask.dtype)], axis=1))
 
   def to_latents(self, x, key=None):
     """Images [batch, (frames,) h, w, c] in [-1, 1] -> what the network diffuses (a posterior draw with a key)."""
@@ -330,7 +341,8 @@ def named_files(config) -> tuple:
 
 def pretrained_parts(config) -> dict:
   """{part: a function that reads its weights (a module)} of the parts the config names files for: 'text_encoder',
-  'autoencoder', 'wan' (and 'wan_low', 'image_encoder'), 'sd_unet', 'sd3' or 'flux'. Nothing is read."""
+  'autoencoder', 'wan' (and 'wan_low', 'image_encoder'), 'sd_unet', 'sd3' or 'flux' (and 'redux'). Nothing is
+  read."""
   m, t = config.model, config.text
   parts = {}
   if m.backbone == "wan":
@@ -348,6 +360,8 @@ def pretrained_parts(config) -> dict:
   elif m.backbone == "flux":
     parts["flux"] = lambda: flux_transformer.load_diffusers(m.flux_path)
     parts["text_encoder"] = lambda: flux_text.load(config)
+    if m.flux_redux_path:
+      parts["redux"] = lambda: redux.load(m.flux_redux_path)
   elif t.second_encoder_path:
     parts["text_encoder"] = lambda: sdxl_text.load(t.pretrained_path, t.second_encoder_path)
   elif sdxl_refiner(config):
@@ -386,14 +400,15 @@ def is_lora(path, _=None) -> bool:
 
 def trainable_filter(config):
   """Which parameters the optimizer updates: all but the autoencoder's and an image encoder's (Wan 2.1
-  image-to-video's CLIP); also not a frozen text encoder's; or
+  image-to-video's CLIP, FLUX.1 Redux's); also not a frozen text encoder's; or
   only the temporal layers of an inflated video model (`inflate.train_temporal_only`); or only the low-rank
   updates of a LoRA fine-tune (`model.lora_rank`)."""
   if config.model.lora_rank:
     return nnx.All(nnx.Param, is_lora)
   if config.inflate.train_temporal_only:
     return nnx.All(nnx.Param, is_temporal)
-  not_autoencoder = nnx.All(nnx.Not(nnx.PathContains("autoencoder")), nnx.Not(nnx.PathContains("image_encoder")))
+  not_autoencoder = nnx.All(nnx.Not(nnx.PathContains("autoencoder")), nnx.Not(nnx.PathContains("image_encoder")),
+                            nnx.Not(nnx.PathContains("redux")))
   if config.text.trainable:
     return nnx.All(nnx.Param, not_autoencoder)
   return nnx.All(nnx.Param, not_autoencoder, nnx.Not(nnx.PathContains("text_encoder")))
