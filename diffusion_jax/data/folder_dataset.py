@@ -130,13 +130,14 @@ class CaptionedFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       reason, example = ("empty caption", None) if not caption.strip() else (
           ("missing file", None) if not (folder / file).is_file() else self._read(folder / file))
       if not reason and references:  # (an edit pair's reference: the image it starts from)
-        reason, referenced = (("no reference", None) if not reference else
-                              ("missing reference", None) if not (folder / reference).is_file() else
-                              self._read(folder / reference))
-        if reason:
-          reason = reason if "reference" in reason else "undecodable reference"
+        if not reference:
+          reason = "no reference"
+        elif not (folder / reference).is_file():
+          reason = "missing reference"
+        elif (referenced := self._read(folder / reference))[0]:
+          reason = "undecodable reference"
         else:
-          example["reference"] = referenced["image"]
+          example["reference"] = referenced[1]["image"]
       if reason:
         skipped[reason] += 1
         continue
