@@ -97,7 +97,8 @@ def reference_problems(config) -> list[str]:
                  "--init_image=CONTROL")
   if d.dataset in ("folder", "folder_clips") and (d.dataset == "folder_clips" or d.reference_key != "reference"):
     found.append(f"data.reference_key={d.reference_key!r}: a folder of images holds its edit pairs' references as "
-                 "'reference' (folder_dataset --references); clips have none")
+                 "'reference' (folder_dataset --references): set data.reference_key='reference'; a folder of clips "
+                 "has none: leave it empty")
   if config.latent.cache:
     found.append("data.reference_key with latent.cache: the cache holds the images' latents alone; leave "
                  "latent.cache empty")
@@ -389,7 +390,8 @@ def redux_problems(config, flux: dict) -> list[str]:
   found = []
   if embedder["txt_in_features"] != flux["joint_attention_dim"]:
     found.append(f"model.flux_redux_path: its embedder makes tokens {embedder['txt_in_features']} wide "
-                 f"(txt_in_features); Flux's transformer reads T5 states {flux['joint_attention_dim']} wide")
+                 f"(txt_in_features); Flux's transformer reads T5 states {flux['joint_attention_dim']} wide: give the "
+                 "Redux root made for this Flux (FLUX.1 Redux dev for FLUX.1 dev and schnell)")
   if flux_transformer.is_fill(flux) or flux_transformer.is_control(flux) or config.model.flux_kontext:
     found.append("model.flux_redux_path: FLUX.1 Redux varies an image with FLUX.1 dev or schnell; this transformer "
                  "reads an image of its own (Fill, Depth / Canny or Kontext): leave it empty")
