@@ -5,7 +5,7 @@ import jax
 from diffusion_jax import distillation, editing, objectives, optimizer, samplers, schedules, sharding
 from diffusion_jax.data import captioned_shapes, moving_shapes, pipeline
 from diffusion_jax.models import (attention, autoencoder, clip, flux_transformer, layers, redux, sd3_transformer,
-                                  sd_unet, t5, wan_transformer)
+                                  sd_unet, t5, text_to_image, wan_transformer)
 from diffusion_jax.text import tokenizers
 
 
@@ -69,9 +69,34 @@ def sequence_problems(config, sequence: int, clips=None) -> list[str]:
 
 
 def held_out(data_config) -> bool:
-  """Whether the data hold a validation split: a folder's only with data.eval_captions_file (built-in datasets
-  always; a TFDS dataset's is taken to)."""
-  return data_config.dataset not in ("folder", "folder_clips") or bool(data_config.eval_captions_file)
+  """Whether the data hold a validation split (pipeline.holds_split): a folder's only with data.eval_captions_file,
+  a TFDS dataset's where its dataset_info lists one, the built-in datasets' always."""
+  return pipeline.holds_split(data_config, "validation")
+
+
+def training_sample_problems(config) -> list[str]:
+  """Why the run's training samples (train.sample_every, train.sample_at_end) cannot be made: a super-resolution
+  stage's start at held-out images, an image-to-video model's at held-out clips' first frames and FLUX.1 Depth /
+  Canny's at held-out control images, which data without a validation split lack (found before training, not at
+  the first sample)."""
+  t, d = config.train, config.data
+  if not (t.sample_every or t.sample_at_end) or held_out(d):
+    return []
+  try:
+    if config.model.lowres_conditioning:
+      reads = "a super-resolution stage's training samples start at held-out images"
+    elif text_to_image.image_to_video(config):
+      reads = "an image-to-video model's training samples start at held-out clips' first frames"
+    elif d.reference_key and text_to_image.flux_control(config):
+      reads = "FLUX.1 Depth / Canny's training samples read held-out control images"
+    else:
+      return []
+  except ValueError:  # (wan_problems, flux_problems name the path)
+    return []
+  lacks = (f"TFDS dataset {d.name!r} in {d.data_dir!r} has no 'validation' split" if d.dataset == "tfds" else
+           "this folder has none: give data.eval_captions_file (a captions file of held-out files)")
+  return [f"train.sample_every, train.sample_at_end: {reads}, but {lacks}; or set train.sample_every=0 and "
+          "train.sample_at_end=False and sample the run's checkpoints with `sample --init_image`"]
 
 
 def reference_problems(config) -> list[str]:
@@ -90,11 +115,6 @@ def reference_problems(config) -> list[str]:
     found.append(f"data.reference_key={d.reference_key!r}: reference images are read by FLUX.1 Kontext "
                  "(model.flux_kontext) and control images by FLUX.1 Depth / Canny; this model reads neither: leave "
                  "it empty")
-  if control and (config.train.sample_every or config.train.sample_at_end) and not held_out(d):
-    found.append("train.sample_every, train.sample_at_end: FLUX.1 Depth / Canny's training samples read held-out "
-                 "control images, which this folder has none of: give data.eval_captions_file (held-out pairs), or "
-                 "set train.sample_every=0 and train.sample_at_end=False and sample its checkpoints with "
-                 "--init_image=CONTROL")
   if d.dataset in ("folder", "folder_clips") and (d.dataset == "folder_clips" or d.reference_key != "reference"):
     found.append(f"data.reference_key={d.reference_key!r}: a folder of images holds its edit pairs' references as "
                  "'reference' (folder_dataset --references): set data.reference_key='reference'; a folder of clips "
@@ -149,6 +169,28 @@ def text_width(config) -> int:
   if path and clip.is_text_model(path):
     return clip.read_text_config(path)["hidden_size"]
   return t5.read_hf_config(path).d_model if path else config.text.t5.d_model
+
+
+def t5_vocabulary_problems(config) -> list[str]:
+  """Why some of the tokenizer's ids (text.tokenizer 'words' or 'sentencepiece') have no embedding in the U-Net's or
+  DiT's T5 encoder (text.t5.vocab_size, or a pretrained T5's, text.pretrained_path): they would embed as NaN."""
+  t = config.text
+  if config.model.backbone not in ("unet", "dit") or t.tokenizer not in ("words", "sentencepiece"):
+    return []
+  try:
+    if t.pretrained_path and clip.is_text_model(t.pretrained_path):
+      return []  # (clip_text_problems: a CLIP encoder reads CLIP's tokens)
+    embedded, field = ((t5.read_hf_config(t.pretrained_path).vocab_size, "text.pretrained_path's T5 vocab_size")
+                       if t.pretrained_path else (t.t5.vocab_size, "text.t5.vocab_size"))
+    ids = tokenizers.from_config(config).vocab_size
+  except ValueError:  # (an unreadable tokenizer or encoder says why where it is read)
+    return []
+  if ids <= embedded:
+    return []
+  made_by = "text.spiece_path's model" if t.tokenizer == "sentencepiece" else f"{config.data.dataset}'s words"
+  return [f"{field}={embedded}: the tokenizer ({made_by}) makes {ids} ids, and those beyond the encoder's embedding "
+          f"table would embed as NaN; set text.t5.vocab_size >= {ids} (a model trained from scratch) or give a "
+          "tokenizer of the encoder's vocabulary"]
 
 
 def clip_text_problems(config) -> list[str]:
@@ -868,6 +910,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"model.flux_kontext: FLUX.1 Kontext's reference images are read by Flux's transformer; "
                  f"model.backbone={m.backbone!r}: leave it False")
   found += reference_problems(config)
+  found += training_sample_problems(config)
   if m.backbone == "dit":
     found += dit_problems(config)
   elif m.backbone == "wan":
@@ -892,6 +935,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")
   found += clip_text_problems(config)
+  found += t5_vocabulary_problems(config)
   option(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
   if config.text.embedding_cache and config.text.trainable:
     found.append("text.embedding_cache needs a frozen encoder: set text.trainable=False")

@@ -11,8 +11,9 @@ import PIL.PngImagePlugin
 
 
 def to_uint8(images) -> np.ndarray:
-  """[..., h, w, 3] in [-1, 1] -> uint8 [0, 255]."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+  """[..., h, w, 3] in [-1, 1] -> uint8 [0, 255] (NaN: 0, black)."""
+  return np.clip(np.round((np.nan_to_num(np.asarray(images, np.float32), nan=-1.0) + 1) * 127.5), 0, 255
+                 ).astype(np.uint8)
 
 
 def to_float(images) -> np.ndarray:

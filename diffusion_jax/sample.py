@@ -577,17 +577,22 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     handed = np.concatenate([handed, np.zeros((pad,) + handed.shape[1:], handed.dtype)])
   place = lambda a, first: None if a is None else jax.device_put(jax.tree.map(lambda x: x[first:first + chunk], a),
                                                                    batch)
-  outputs, start = [], time.time()
+  outputs, nonfinite, start = [], 0, time.time()
   for first in range(0, len(keys), chunk):
     with jax.set_mesh(mesh):  # traced under the mesh the models' sharding.constrain reads (sequence parallelism)
       images = generate_fn(params, frozen, *(place(a, first) for a in inputs), guide_weights,
                            place(handed, first))
     images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+    real = images[:len(repeated) - first]  # (not the padding)
+    nonfinite += int((~np.isfinite(real.reshape(len(real), -1))).any(axis=1).sum())
     outputs.append(images if handoff is not None and latents is None else media.to_uint8(images))
     if len(keys) > chunk:
       done, elapsed = min(first + chunk, len(repeated)), time.time() - start
       log.info("sampled %d of %d (%d%%), elapsed %.0fs, eta %.0fs", done, len(repeated),
                100 * done // len(repeated), elapsed, elapsed * (len(repeated) - done) / done)
+  if nonfinite:
+    log.warning("%d of %d samples hold non-finite values (NaN or inf), written as black pixels: the weights make "
+                "them (is the training log's loss finite?)", nonfinite, len(repeated))
   images = np.concatenate(outputs)[:len(repeated)]
   return images.reshape((len(prompts), n) + images.shape[1:])
 

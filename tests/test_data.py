@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import t2i_shapes
+from diffusion_jax import config_checks
 from diffusion_jax.data import captioned_shapes, pipeline
 from diffusion_jax.text import tokenizers
 
@@ -263,17 +264,37 @@ def test_folder_dataset_skips_bad_files_and_trains_shapes(tmp_path):
   config.text.update(tokenizer="sentencepiece", spiece_path=spiece)
   config.data.update(dataset="folder", folder=str(tmp_path / "images"),
                      captions_file=str(tmp_path / "images/captions.jsonl"), data_dir=str(tmp_path / "tfds"))
+  # The tokenizer's 40 ids need as many embeddings (the config's T5 has 32: ids beyond them would embed as NaN)
+  assert "text.t5.vocab_size=32: the tokenizer (text.spiece_path's model) makes 40 ids" in " ".join(
+      config_checks.problems(config, device_count=8))
+  config.text.t5.vocab_size = 40
   source = pipeline.data_source(config.data, "train")
   assert len(source) == 8  # 6 shapes + grayscale + tiny RGBA; corrupt, missing and empty-caption skipped
   batch = next(iter(pipeline.make_loader(config.data, source, tokenizers.from_config(config), 8, seed=0)))
   assert batch["image"].shape == (8, 16, 16, 3) and np.isfinite(batch["image"]).all()
   with pytest.raises(ValueError, match="the validation split needs held-out ones: give data.eval_captions_file"):
     pipeline.data_source(config.data, "validation")
+  # A super-resolution stage on them, whose training samples start at held-out images, is refused before training:
+  # as a folder, and as the TFDS dataset it is prepared as (its splits read from its dataset_info)
+  from configs import sr_shapes
+
+  stage = sr_shapes.get_config("test")
+  stage.data.update({k: config.data[k] for k in ("dataset", "folder", "captions_file", "data_dir")})
+  stage.text, stage.train.sample_at_end = config.text, True
+  assert "start at held-out images, but this folder has none: give data.eval_captions_file" in " ".join(
+      config_checks.problems(stage, device_count=8))
+  [prepared] = (tmp_path / "tfds/folder_images").glob("[0-9a-f]*")
+  stage.data.update(dataset="tfds", name=f"folder_images/{prepared.name}")
+  assert pipeline.holds_split(stage.data, "train") and not pipeline.holds_split(stage.data, "validation")
+  assert f"TFDS dataset 'folder_images/{prepared.name}' in '{tmp_path / 'tfds'}' has no 'validation' split" in (
+      " ".join(config_checks.problems(stage, device_count=8)))
   from diffusion_jax import sample, train  # a run on 16 x 24 crops (data.width), and its samples at that size
 
   config.data.update(width=24, heldout_combinations=())
   config.train.update(steps=2, sample_every=1, batch_size=8)
   train.train_and_evaluate(config, tmp_path / "work")
+  logged = [json.loads(line) for line in (tmp_path / "work/logs/train.jsonl").read_text().splitlines()]
+  assert logged and np.isfinite(np.array([line["loss"] for line in logged], float)).all()
   grid = sample.run(tmp_path / "work", {}, output_dir=tmp_path / "s")  # (the same program)
   for made in (grid, tmp_path / "work/samples/step_1/grid.png"):
     record = json.loads((made.parent / "manifest.jsonl").read_text().splitlines()[0])

@@ -360,7 +360,7 @@ def test_sampling_reads_one_copy_of_the_weights_not_the_train_state(trained):
   assert 2 * allocated < sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(whole))
 
 
-def test_checkpoints_of_one_run_share_one_compiled_sampler(trained):
+def test_checkpoints_of_one_run_share_one_compiled_sampler(trained, caplog):
   from diffusion_jax.text import tokenizers
 
   config, workdir, _ = trained
@@ -373,6 +373,12 @@ def test_checkpoints_of_one_run_share_one_compiled_sampler(trained):
                                   ["a large red circle at the top left"], sample_config, mesh))
   assert sample.compiled_sampler(config, graphdef, sample_config, mesh)._cache_size() == 1
   assert not np.array_equal(images[0], images[1])  # the weights are arguments, not baked-in constants
+  # Weights that make non-finite values (a diverged run's) are said to, not written as black pixels unsaid
+  diverged = jax.tree.map(lambda x: x * np.nan, weights.params)
+  sample.generate(config, graphdef, diverged, weights.frozen, tokenizers.from_config(config), ["a blue square"],
+                  sample_config, mesh)
+  assert "1 of 1 samples hold non-finite values (NaN or inf), written as black pixels" in caplog.text
+  assert "non-finite" not in caplog.text.replace("1 of 1 samples hold non-finite", "")  # (the finite ones: unsaid)
   # Other prompts, seeds and counts (a job's overrides of the config's sample section) share it too; a setting the
   # program reads does not
   other = config.copy_and_resolve_references()

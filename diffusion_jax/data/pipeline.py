@@ -86,6 +86,21 @@ def _open(config, split: str):
   raise ValueError(f"Unknown data.dataset {config.dataset!r}; valid options: {list(DATASETS)}.")
 
 
+def holds_split(config, split: str) -> bool:
+  """Whether `config.data` holds `split`: a folder's held-out splits only with data.eval_captions_file; a prepared
+  TFDS dataset's as its dataset_info lists (one not found or not prepared: taken to, opening it says why not);
+  the built-in datasets' always."""
+  if config.dataset in ("folder", "folder_clips"):
+    return split == "train" or bool(config.eval_captions_file)
+  if config.dataset == "tfds":
+    try:
+      splits = tfds.builder(config.name, data_dir=os.path.expanduser(config.data_dir)).info.splits
+    except Exception:  # TFDS raises many kinds; data_source names the dataset and directory
+      return True
+    return not splits or split in splits
+  return True
+
+
 def data_source(config, split: str):
   """A random-access source of examples for `config.data` (see configs/base.py); the configured
   feature keys are checked against what the dataset has."""
