@@ -607,9 +607,11 @@ def _train(config, workdir: str):
         if run >= config.train.max_nonfinite:
           save()
           mngr.wait_until_finished()
-          raise FloatingPointError(
-              f"{run} steps in a row had a non-finite loss or gradient (step {step}); the last good state is "
-              f"saved in {workdir}. Lower optimizer.learning_rate or set model.dtype='float32'.")
+          hint = ("No step has updated the weights: the weights the run started from and its data make them, not "
+                  "training (are the data finite? has the text encoder an embedding for every token id?)." if (
+                      run >= step) else "Lower optimizer.learning_rate or set model.dtype='float32'.")
+          raise FloatingPointError(f"{run} steps in a row had a non-finite loss or gradient (step {step}); the last "
+                                   f"good state is saved in {workdir}. {hint}")
       stopping = stop_signals.all_stop(stop, step, config.train.log_every) or mngr.reached_preemption(step)
       if step % config.train.checkpoint_every == 0 or step == config.train.steps or stopping:
         save()
@@ -630,5 +632,6 @@ def _train(config, workdir: str):
     log.warning("%s: checkpoint saved at step %d of %d; rerun the same command to resume.",
                 stop.received or "stop requested by another process or a preemption notice", step,
                 config.train.steps)
-  log.info("non-finite steps skipped: %d", int(state.nonfinite_total))
+  (log.warning if int(state.nonfinite_total) else log.info)("non-finite steps skipped: %d",
+                                                           int(state.nonfinite_total))
   return state, graphdef

@@ -92,6 +92,18 @@ def test_nonfinite_batch_skips_the_update(batch):
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_diverging_run_stops_with_its_last_state_saved(trained, tmp_path):
+  """train.max_nonfinite steps in a row with a non-finite loss or gradient stop the run: its state is saved, and
+  the error says what to change (the learning rate, where an update made the weights diverge)."""
+  config = trained[0].copy_and_resolve_references()
+  config.optimizer.update(learning_rate=1e30, warmup_steps=0)  # step 2's update diverges (step 1's rate is 0)
+  config.train.update(steps=6, max_nonfinite=2, log_every=1, sample_every=0, sample_at_end=False)
+  with pytest.raises(FloatingPointError, match=r"2 steps in a row had a non-finite loss or gradient \(step 4\); "
+                     r"the last good state is saved in .*Lower optimizer.learning_rate"):
+    train.train_and_evaluate(config, tmp_path / "work")
+  assert checkpoint.manager(tmp_path / "work", read_only=True).all_steps()[-1] == 4
+
+
 def test_grad_accumulation_matches_one_big_batch(batch):
   config, batch_np = batch
   config = config.copy_and_resolve_references()
