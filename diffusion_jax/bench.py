@@ -577,9 +577,10 @@ def restore_table(workdir: str, repeats: int) -> str:
 def main(argv):
   if len(argv) != 2 or argv[1] not in MODES:
     raise app.UsageError(f"usage: python -m diffusion_jax.bench MODE --config=... (modes: {', '.join(MODES)})")
-  for flag, modes in MODE_FLAGS.items():
-    if argv[1] not in modes:
-      cli.refuse((flag,), f"not used by the {argv[1]} mode (only by {', '.join(modes)})")
+  with cli.refusals():
+    for flag, modes in MODE_FLAGS.items():
+      if argv[1] not in modes:
+        cli.refuse((flag,), f"not used by the {argv[1]} mode (only by {', '.join(modes)})")
   f = flags.FLAGS
   if argv[1] == "restore" and not f.workdir:
     raise app.UsageError("the restore mode reads a checkpoint: give --workdir=DIR (a training workdir)")

@@ -2,6 +2,7 @@
 (a mistyped `--config.<field>` or `--cascade.<field>`, a config file that fails to load) reported as one line on
 stderr with exit code 2 instead of a traceback; ml_collections raises those while the flags are parsed."""
 
+import contextlib
 import sys
 
 from absl import app, flags
@@ -33,9 +34,27 @@ def print_result(job) -> None:
     sys.exit(2)
 
 
+_collected: list[list[str]] = []  # the refusals of the enclosing `refusals()` blocks
+
+
 def refuse(names: tuple[str, ...], reason: str) -> None:
   """A usage error naming those of the flags `names` that the command line set, when any: `reason` says why
-  they do not apply (a flag that would be silently ignored is refused instead)."""
+  they do not apply (a flag that would be silently ignored is refused instead). Inside `refusals()`, collected."""
   given = [f"--{name}" for name in names if flags.FLAGS[name].present]
-  if given:
+  if given and _collected:
+    _collected[-1].append(f"{', '.join(given)}: {reason}")
+  elif given:
     raise app.UsageError(f"{', '.join(given)}: {reason}")
+
+
+@contextlib.contextmanager
+def refusals():
+  """The `refuse` calls of its block collected into one usage error at its end, a line each: every flag a
+  command line must drop, named at once."""
+  _collected.append([])
+  try:
+    yield
+  finally:
+    found = _collected.pop()
+  if found:
+    raise app.UsageError("\n".join(found))

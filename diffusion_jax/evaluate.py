@@ -1029,56 +1029,57 @@ def define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
-  if sum(map(bool, (f.workdir, f.cascade, f.config))) != 1:
-    raise app.UsageError("Give one of --workdir (a training run's checkpoints), --config (the pretrained checkpoints "
-                         "a config reads) or --cascade (a whole cascade).")
-  if f.config:
-    cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes"), "not used with --config, whose weights are the "
-               "pretrained checkpoints' (one evaluation, recorded as step 0)")
-    cli.refuse(("guide_workdir", "guide_step"), "not used with --config: autoguidance's guide is a training "
-               "checkpoint of the model (evaluate a --workdir)")
-    if not f.output_dir:
-      raise app.UsageError("--config needs --output_dir (there is no workdir to write the evaluation into).")
-  else:
-    cli.refuse(("output_dir",), "only with --config (a workdir's evaluation goes to WORKDIR/logs and WORKDIR/eval, a "
-               "cascade's to its output_dir)")
-  if f.step is not None:
-    cli.refuse(("watch", "poll_seconds", "max_idle_minutes"), "not used with --step, which evaluates one checkpoint "
-               "and stops")
-  if f.cascade:
-    cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts",
-                "combinations"),
-               "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
-               "--cascade.stages[k].step=N)")
-    cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
-               "(--cascade.stages[K].lora=FILE[:SCALE])")
-    cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
-               "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
-    cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
-    cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep", "edit_noise_sweep", "edit_toward"),
-               "not used with --cascade: "
-               "evaluate a model's edits and a video model's long videos with --workdir")
-    cli.refuse(("refiner", "refiner_workdir", "refiner_step", "denoising_end", "refiner_lora"), "not used with "
-               "--cascade, whose stages are super-resolution models")
-    cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
-               "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
-               "stage with --workdir)")
-  else:
-    cli.refuse(("sweep_stage",), "only with --cascade")
-    if f.combination_prompts == 0:
-      cli.refuse(("combinations",), "not used with --combination_prompts=0, which judges no combination's captions")
-    if f.image_to_image:
-      cli.refuse(("video_to_video",), "not with --image_to_image: one kind of edit at a time")
-    if not any(f[name].value for name in EDIT_FLAGS):
-      cli.refuse(("strength", "edit_noise", "null_text_iterations"), f"only with {EDITING}, which edit given media")
-    if not (f.image_to_image or f.video_to_video):
-      cli.refuse(("edit_toward",), "only with --image_to_image or --video_to_video, which edit the real media "
-                 "toward a caption")
-    if not f.video_length:
-      cli.refuse(("context_frames",), "only with --video_length (the frames each extension window keeps)")
-    if not (f.image_to_video or f.video_length):
-      cli.refuse(("reconstruction_guidance",), "only with --image_to_video or --video_length, which keep frames "
-                 "for it to agree with")
+  with cli.refusals():  # every flag the command line must drop, named at once
+    if sum(map(bool, (f.workdir, f.cascade, f.config))) != 1:
+      raise app.UsageError("Give one of --workdir (a training run's checkpoints), --config (the pretrained checkpoints "
+                           "a config reads) or --cascade (a whole cascade).")
+    if f.config:
+      cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes"), "not used with --config, whose weights are the "
+                 "pretrained checkpoints' (one evaluation, recorded as step 0)")
+      cli.refuse(("guide_workdir", "guide_step"), "not used with --config: autoguidance's guide is a training "
+                 "checkpoint of the model (evaluate a --workdir)")
+      if not f.output_dir:
+        raise app.UsageError("--config needs --output_dir (there is no workdir to write the evaluation into).")
+    else:
+      cli.refuse(("output_dir",), "only with --config (a workdir's evaluation goes to WORKDIR/logs and WORKDIR/eval, a "
+                 "cascade's to its output_dir)")
+    if f.step is not None:
+      cli.refuse(("watch", "poll_seconds", "max_idle_minutes"), "not used with --step, which evaluates one checkpoint "
+                 "and stops")
+    if f.cascade:
+      cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts",
+                  "combinations"),
+                 "not used with --cascade, which scores the cascade's final output once (a stage's checkpoint: "
+                 "--cascade.stages[k].step=N)")
+      cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
+                 "(--cascade.stages[K].lora=FILE[:SCALE])")
+      cli.refuse(("guidance_interval",), "not used with --cascade: give it to the stage it guides "
+                 "(--cascade.stages[K].guidance_interval=(LOW,HIGH))")
+      cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
+      cli.refuse(EDIT_FLAGS + VIDEO_SAMPLE_FLAGS + ("strength_sweep", "edit_noise_sweep", "edit_toward"),
+                 "not used with --cascade: "
+                 "evaluate a model's edits and a video model's long videos with --workdir")
+      cli.refuse(("refiner", "refiner_workdir", "refiner_step", "denoising_end", "refiner_lora"), "not used with "
+                 "--cascade, whose stages are super-resolution models")
+      cli.refuse(("lpips_weights",), "not used with --cascade: LPIPS compares a super-resolution stage's output with "
+                 "the real image it was given downsampled, and a cascade's output has no such image (evaluate the "
+                 "stage with --workdir)")
+    else:
+      cli.refuse(("sweep_stage",), "only with --cascade")
+      if f.combination_prompts == 0:
+        cli.refuse(("combinations",), "not used with --combination_prompts=0, which judges no combination's captions")
+      if f.image_to_image:
+        cli.refuse(("video_to_video",), "not with --image_to_image: one kind of edit at a time")
+      if not any(f[name].value for name in EDIT_FLAGS):
+        cli.refuse(("strength", "edit_noise", "null_text_iterations"), f"only with {EDITING}, which edit given media")
+      if not (f.image_to_image or f.video_to_video):
+        cli.refuse(("edit_toward",), "only with --image_to_image or --video_to_video, which edit the real media "
+                   "toward a caption")
+      if not f.video_length:
+        cli.refuse(("context_frames",), "only with --video_length (the frames each extension window keeps)")
+      if not (f.image_to_video or f.video_length):
+        cli.refuse(("reconstruction_guidance",), "only with --image_to_video or --video_length, which keep frames "
+                   "for it to agree with")
   distributed.initialize()
   logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}

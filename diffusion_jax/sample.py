@@ -1348,30 +1348,32 @@ def sample_cascade(cascade, prompts_path=None, output_dir=None) -> pathlib.Path:
 def main(argv):
   del argv
   f = flags.FLAGS
-  if f.cascade is None and not f.workdir and f.config is None:
-    raise app.UsageError("--workdir (or --config, or --cascade) is required.")
-  if f.config is not None:
-    if f.workdir or f.cascade is not None:
-      raise app.UsageError("--config samples the pretrained checkpoints a config reads: not with --workdir or "
-                           "--cascade.")
-    cli.refuse(("step",), "not used with --config: its weights are the pretrained checkpoints', no training's")
-    cli.refuse(("guide_workdir", "guide_step"), "not used with --config: autoguidance's guide is a training "
-               "checkpoint of the model (sample a --workdir)")
-    if not f.output_dir:
-      raise app.UsageError("--config needs --output_dir (there is no workdir to write samples into).")
+  with cli.refusals():  # every flag the command line must drop, named at once
+    if f.cascade is None and not f.workdir and f.config is None:
+      raise app.UsageError("--workdir (or --config, or --cascade) is required.")
+    if f.config is not None:
+      if f.workdir or f.cascade is not None:
+        raise app.UsageError("--config samples the pretrained checkpoints a config reads: not with --workdir or "
+                             "--cascade.")
+      cli.refuse(("step",), "not used with --config: its weights are the pretrained checkpoints', no training's")
+      cli.refuse(("guide_workdir", "guide_step"), "not used with --config: autoguidance's guide is a training "
+                 "checkpoint of the model (sample a --workdir)")
+      if not f.output_dir:
+        raise app.UsageError("--config needs --output_dir (there is no workdir to write samples into).")
+    if f.cascade is not None:
+      cli.refuse(("workdir", "step") + WORKDIR_SETTINGS, "not used with --cascade, which names each stage's workdir, "
+                 "checkpoint and settings (e.g. --cascade.stages[1].steps=50, --cascade.stages[1].step=N, "
+                 "--cascade.seed, --cascade.num_per_prompt)")
+      cli.refuse(("init_image", "mask", "init_video", "last_image", "source_prompt"), "not used with --cascade: "
+                 "images and clips are edited by one model (--workdir)")
+      cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
+                 "(--cascade.stages[K].lora=FILE[:SCALE])")
+      cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
+      cli.refuse(("refiner", "refiner_workdir", "refiner_step", "denoising_end", "refiner_lora"), "not used with "
+                 "--cascade, whose stages are super-resolution models")
   if f.cascade is not None:
     from diffusion_jax import cascade
 
-    cli.refuse(("workdir", "step") + WORKDIR_SETTINGS, "not used with --cascade, which names each stage's workdir, "
-               "checkpoint and settings (e.g. --cascade.stages[1].steps=50, --cascade.stages[1].step=N, "
-               "--cascade.seed, --cascade.num_per_prompt)")
-    cli.refuse(("init_image", "mask", "init_video", "last_image", "source_prompt"), "not used with --cascade: "
-               "images and clips are edited by one model (--workdir)")
-    cli.refuse(("lora",), "not used with --cascade: an adapter fits one model; give it to its stage "
-               "(--cascade.stages[K].lora=FILE[:SCALE])")
-    cli.refuse(("guide_workdir", "guide_step"), autoguidance.WITH_CASCADE)
-    cli.refuse(("refiner", "refiner_workdir", "refiner_step", "denoising_end", "refiner_lora"), "not used with "
-               "--cascade, whose stages are super-resolution models")
     cascade.set_every_stage(f.cascade, batch_size=f.batch_size, negative_prompt=f.negative_prompt, mesh=f.mesh)
   for name in ("mask", "last_image"):
     if f[name].value and not f.init_image:
