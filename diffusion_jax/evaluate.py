@@ -196,35 +196,28 @@ log = logging.getLogger(__name__)
 
 def validation_set(config, count: int, keep=None):
   """The first `count` validation examples (that `keep(example)` accepts, when given), in order: (batch for the
-  model, uint8 images [n, h, w, 3] or videos [n, frames, h, w, 3], captions)."""
+  model, uint8 images [n, h, w, 3] or videos [n, frames, h, w, 3], captions), at the training size; with
+  data.reference_key (FLUX.1 Kontext's edit pairs, Depth / Canny's control images) the batch holds each image's
+  "reference" [n, h, w, 3], brought to the training size as training brings it."""
   source = pipeline.data_source(config.data, "validation")
   examples = (source[i] for i in range(len(source)))
   examples = list(itertools.islice(examples if keep is None else filter(keep, examples), count))
   tokenizer = tokenizers.from_config(config)
   ids, mask = tokenizer([e[config.data.caption_key] for e in examples])
+  size = pipeline.image_size(config.data)
 
   def visual(example):
-    pixels = np.asarray(example[config.data.image_key])[..., :3]
-    clip = pixels if pixels.ndim == 4 else pixels[None]
-    clip = np.stack([pipeline.resize_and_crop(f, pipeline.image_size(config.data), None) for f in clip])
-    return clip if pixels.ndim == 4 else clip[0]
+    frames, is_video = pipeline.as_frames(np.asarray(example[config.data.image_key]))
+    frames = np.stack([pipeline.resize_and_crop(f, size, None) for f in frames])
+    return frames if is_video else frames[0]
 
   images = np.stack([visual(e) for e in examples])
   captions = [e[config.data.caption_key].decode() for e in examples]
-  batch = {"video" if images.ndim == 5 else "image": images.astype(np.float32) / 127.5 - 1.0, "text_ids": ids,
-           "text_mask": mask}
+  batch = {"video" if images.ndim == 5 else "image": media.to_float(images), "text_ids": ids, "text_mask": mask}
+  if config.data.reference_key:
+    batch["reference"] = media.to_float(np.stack([pipeline.resize_and_crop(
+        pipeline.rgb(np.asarray(e[config.data.reference_key])), size, None) for e in examples]))
   return batch, images, captions
-
-
-def validation_references(config, count: int):
-  """(uint8 reference images [n, h, w, 3] at the training size, captions) of the first `count` validation examples
-  of a dataset with data.reference_key (FLUX.1 Kontext's edit pairs, Depth / Canny's control images), brought to
-  the training size as training brings them."""
-  source = pipeline.data_source(config.data, "validation")
-  examples = [source[i] for i in range(min(count, len(source)))]
-  references = np.stack([pipeline.resize_and_crop(pipeline.rgb(np.asarray(e[config.data.reference_key])),
-                                                  pipeline.image_size(config.data), None) for e in examples])
-  return references, [e[config.data.caption_key].decode() for e in examples]
 
 
 def metric_features(inception_weights=None, i3d_weights=None) -> dict:
@@ -548,10 +541,8 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
     config, step, (weights, graphdef, mesh) = pretrained, 0, sample.load_pretrained(pretrained, mesh_config)
   weights = lora.fused(weights, adapters)
   batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
-  references = None
-  if config.data.reference_key:  # each held-out image's reference (Kontext's edit source, Depth / Canny's control)
-    references = validation_references(config, len(images))[0]
-    batch["reference"] = references.astype(np.float32) / 127.5 - 1.0
+  # each held-out image's reference (Kontext's edit source, Depth / Canny's control)
+  references = media.to_uint8(batch["reference"]) if config.data.reference_key else None
   small = {k: v[:heldout_examples] for k, v in batch.items()}
   batch_size = evaluation_sample_config(config, sample_overrides).batch_size  # examples at once, sharded
   heldout = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, batch_size)

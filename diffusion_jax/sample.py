@@ -1221,7 +1221,8 @@ def write_training_samples(config, weights: Weights, graphdef, step: int, workdi
   if config.data.reference_key and config_checks.held_out(config.data):  # (else Kontext's: text-to-image)
     from diffusion_jax import evaluate
 
-    references, prompts = evaluate.validation_references(config, len(prompts))
+    batch, _, prompts = evaluate.validation_set(config, len(prompts))
+    references = media.to_uint8(batch["reference"])
     edits = {i: (reference, np.zeros(reference.shape[:2], bool)) for i, reference in enumerate(references)}
   grid = write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres, edits=edits)

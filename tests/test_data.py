@@ -177,6 +177,22 @@ def test_bad_dataset_settings_are_explained(config):
     pipeline.data_source(bad, "train")
 
 
+def test_records_of_any_channel_count_are_read_as_rgb_frames():
+  """pipeline.as_frames, which training and the held-out sets read records with: a TFDS dataset's grayscale images
+  ([h, w] or [h, w, 1], as MNIST's) get three equal channels, RGBA drops its alpha, a video keeps its frames."""
+  rng = np.random.default_rng(0)
+  gray, rgba, clip = rng.integers(0, 256, (6, 5), np.uint8), rng.integers(0, 256, (6, 5, 4), np.uint8), rng.integers(
+      0, 256, (3, 6, 5), np.uint8)
+  for record, frames, is_video in ((gray, np.repeat(gray[None, ..., None], 3, -1), False),
+                                   (gray[..., None], np.repeat(gray[None, ..., None], 3, -1), False),
+                                   (rgba, rgba[None, ..., :3], False),
+                                   (clip, np.repeat(clip[..., None], 3, -1), True),
+                                   (rgba[None].repeat(2, 0), rgba[None, ..., :3].repeat(2, 0), True)):
+    made, video = pipeline.as_frames(record)
+    assert video == is_video and made.dtype == np.uint8
+    np.testing.assert_array_equal(made, frames)
+
+
 def test_shards_are_disjoint_and_cover_the_split(config):
   """Records carry their index in their pixels; two shards for one epoch see every index exactly once."""
   records = [{"image": np.full((16, 16, 3), i, np.uint8), "caption": b"a red circle"} for i in range(64)]

@@ -178,9 +178,17 @@ def resized_and_cropped(image: np.ndarray, size: int | tuple[int, int], rng: np.
 
 
 def rgb(image: np.ndarray) -> np.ndarray:
-  """uint8 [h, w] or [h, w, 1, 3 or 4] -> [h, w, 3]."""
+  """uint8 [h, w] (grayscale) or [..., h, w, 1, 3 or 4 channels] -> [..., h, w, 3]."""
   image = image[..., None] if image.ndim == 2 else image
   return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+
+
+def as_frames(visual: np.ndarray) -> tuple[np.ndarray, bool]:
+  """(uint8 frames [f, h, w, 3], whether a video) of a record's image [h, w(, 1, 3 or 4)] (one frame) or video
+  [f, h, w(, 1, 3 or 4)]."""
+  is_video = visual.ndim == 4 or (visual.ndim == 3 and visual.shape[-1] not in (1, 3, 4))
+  frames = visual if is_video else visual[None]
+  return rgb(frames[..., None] if frames.ndim == 3 else frames), is_video
 
 
 class Preprocess(grain.RandomMapTransform):
@@ -202,16 +210,10 @@ class Preprocess(grain.RandomMapTransform):
     it is flipped), the training height and width (SDXL's micro-conditioning; the refiner's [5]:
     data.aesthetic_score instead of the training size)."""
     config = self.config
-    visual = np.asarray(element[config.image_key])
-    is_video = visual.ndim == 4 or (visual.ndim == 3 and visual.shape[-1] not in (1, 3, 4))
-    frames = visual if is_video else visual[None]
-    if frames.ndim == 3:  # grayscale frames [f, h, w]
-      frames = frames[..., None]
-    if frames.shape[-1] == 1:
-      frames = np.repeat(frames, 3, axis=-1)
+    frames, is_video = as_frames(np.asarray(element[config.image_key]))
     crop_seed = int(rng.integers(2**31))  # one crop for all frames of a video
     original = frames.shape[1:3]
-    cropped = [resized_and_cropped(f[..., :3], image_size(config),
+    cropped = [resized_and_cropped(f, image_size(config),
                                    np.random.default_rng(crop_seed) if config.random_crop else None) for f in frames]
     frames, (top, left, scaled_width) = np.stack([f for f, _ in cropped]), cropped[0][1]
     height, width = image_size(config)
