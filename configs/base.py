@@ -247,6 +247,9 @@ def get_config():
       kontext_resize="preferred",  # FLUX.1 Kontext's reference images: "preferred", the resolution it trained at
                                    # nearest the image's aspect ratio (FluxKontextPipeline's), or "own", its own
                                    # size; either rounded down to a multiple of 2 latents
+      redux_prompt_scale=1.0,      # FLUX.1 Redux: the scale of the prompt's T5 states and the image's tokens after
+      redux_pooled_scale=1.0,      # them, and of the pooled CLIP embedding (FluxPriorReduxPipeline's
+                                   # prompt_embeds_scale, pooled_prompt_embeds_scale): below 1, a looser variation
       resolution_shift=(),         # flow schedule, with flow_shift 0: (base_tokens, max_tokens, base_shift, max_shift),
                                    # the shift e^mu for the samples' token count (Flux's dynamic shift:
                                    # schedules.resolution_flow_shift); (): none

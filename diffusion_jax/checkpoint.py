@@ -274,6 +274,7 @@ ADDED_FIELDS = {
     "sample.skip_layer_stop": 0.2, "model.flux_kontext": False,
     "data.aesthetic_score": 0.0, "sample.aesthetic_score": 6.0, "sample.negative_aesthetic_score": 2.5,
     "data.reference_key": "", "model.flux_redux_path": "",
+    "sample.redux_prompt_scale": 1.0, "sample.redux_pooled_scale": 1.0,
 }
 
 

@@ -440,13 +440,18 @@ def redux_problems(config, flux: dict) -> list[str]:
   return found
 
 
-def redux_guidance_problem(config, sample_config, prefix: str) -> str | None:
+def redux_sampling_problem(config, sample_config, prefix: str) -> str | None:
   """Why sample_config's guidance_scale (named prefix + field) cannot apply with FLUX.1 Redux, whose image tokens
-  lengthen the condition that guidance's other branch would lack."""
-  if config.model.backbone == "flux" and config.model.flux_redux_path and sample_config.guidance_scale != 1:
+  lengthen the condition that guidance's other branch would lack, or its Redux scales without it."""
+  redux = config.model.backbone == "flux" and config.model.flux_redux_path
+  if redux and sample_config.guidance_scale != 1:
     return (f"{prefix}guidance_scale={sample_config.guidance_scale}: with FLUX.1 Redux (model.flux_redux_path) "
             "sampling is unguided, as its pipeline's (the image's tokens have no unconditional branch): leave it 1 "
             "(FLUX.1 dev follows --flux_guidance)")
+  scaled = [f"{prefix}{name}={sample_config[name]}" for name in ("redux_prompt_scale", "redux_pooled_scale")
+            if sample_config[name] != 1]
+  if scaled and not redux:
+    return f"{', '.join(scaled)}: FLUX.1 Redux's scales (model.flux_redux_path); this model has none: leave them 1"
   return None
 
 
@@ -879,7 +884,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   found += sample_problems(config.sample, "sample.") + sample_size_problems(config, config.sample, "sample.")
   for problem in (flow_shift_problem(config, config.sample, "sample."),
                   flux_guidance_problem(config, config.sample, "sample."),
-                  redux_guidance_problem(config, config.sample, "sample."),
+                  redux_sampling_problem(config, config.sample, "sample."),
                   skip_layer_problem(config, config.sample, "sample."),
                   timestep_spacing_problem(config, config.sample, "sample.")):
     found += [problem] if problem else []

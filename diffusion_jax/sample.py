@@ -86,6 +86,11 @@ Flags:
   --kontext_resize  FLUX.1 Kontext: the size of its reference images, "preferred" (the resolution it trained at
                     nearest the image's aspect ratio, as FluxKontextPipeline) or "own" (the image's), either
                     rounded down to 16 pixels (default: config sample.kontext_resize, "preferred")
+  --redux_prompt_scale  FLUX.1 Redux: the scale of the prompt's T5 states and the image's tokens after them
+                    (FluxPriorReduxPipeline's prompt_embeds_scale; below 1, a looser variation; default: config
+                    sample.redux_prompt_scale, 1)
+  --redux_pooled_scale  FLUX.1 Redux: the scale of the pooled CLIP embedding (its pooled_prompt_embeds_scale;
+                    default: config sample.redux_pooled_scale, 1)
   --init_video      video models: a clip (.gif or .mp4, its first --frames frames, each brought to the samples'
                     size as --init_image) to edit for every prompt without an edit of its own (video-to-video:
                     SDEdit over the whole clip, nothing kept)
@@ -197,7 +202,8 @@ MAX_PROMPT_CHARS = 2000
 # Flags that override a workdir's sample settings (a cascade sets them per stage).
 WORKDIR_SETTINGS = ("sampler", "steps", "guidance_scale", "guidance_scale_low_noise", "guidance_interval",
                     "num_per_prompt", "seed", "use_ema", "frames", "height", "width", "flow_shift", "flux_guidance",
-                    "kontext_resize", "skip_layers", "skip_layer_scale", "strength", "edit_noise", "video_length",
+                    "kontext_resize", "redux_prompt_scale", "redux_pooled_scale", "skip_layers", "skip_layer_scale",
+                    "strength", "edit_noise", "video_length",
                     "context_frames", "reconstruction_guidance", "null_text_iterations", "aesthetic_score",
                     "negative_aesthetic_score")
 # a prompt's image to edit, its inpainting mask, a clip to edit, the last frame of an image-to-video model's clip
@@ -208,7 +214,7 @@ COMPILED_SETTINGS = ("sampler", "steps", "eta", "guidance_scale", "guidance_scal
                      "guidance_interval", "threshold", "threshold_percentile", "frames", "height", "width",
                      "flow_shift", "flux_guidance", "skip_layers", "skip_layer_scale", "skip_layer_start",
                      "skip_layer_stop", "resolution_shift", "timestep_spacing", "steps_offset", "aug_level",
-                     "strength", "edit_noise",
+                     "strength", "edit_noise", "redux_prompt_scale", "redux_pooled_scale",
                      "reconstruction_guidance", "null_text_iterations", "null_text_learning_rate", "aesthetic_score",
                      "negative_aesthetic_score")
 _compiled_samplers = {}
@@ -335,7 +341,8 @@ def make_generate_fn(config, graphdef, sample_config, guide_graphdef=None, hando
     if (model.kontext or model.control) and init is not None:  # FLUX.1 Kontext's references, Depth / Canny's
       condition, init = model.paired_condition(init[0]), None  # control images: sampled beside, no edit's start
     if model.redux is not None and init is not None:  # FLUX.1 Redux: the image's tokens after the prompt's (unguided:
-      (text, mask), init = model.with_image_tokens(text, mask, init[0]), None  # config_checks.redux_guidance_problem)
+      (text, mask), init = model.with_image_tokens(  # config_checks.redux_sampling_problem)
+          text, mask, init[0], s.redux_prompt_scale, s.redux_pooled_scale), None
     if model.inpainting:  # SD's inpainting U-Net reads the kept image and where to generate (all of it, unedited)
       condition = model.inpainting_condition(*(init[:2] if init is not None else
                                                (None, jnp.zeros((keys.shape[0], *image_size(config, s), 1)))))
@@ -838,7 +845,7 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
   for problem in (config_checks.low_noise_guidance_problem(config, sample_config, "--"),
                   config_checks.flow_shift_problem(config, sample_config, "--"),
                   config_checks.flux_guidance_problem(config, sample_config, "--"),
-                  config_checks.redux_guidance_problem(config, sample_config, "--"),
+                  config_checks.redux_sampling_problem(config, sample_config, "--"),
                   config_checks.skip_layer_problem(config, sample_config, "--")):
     if problem:
       problems.append(problem)
@@ -1270,6 +1277,12 @@ def define_flags():
   flags.DEFINE_enum("kontext_resize", None, ["preferred", "own"], "FLUX.1 Kontext: its reference images at the "
                     "resolution it trained at nearest their aspect ratio, or at their own size (default: config "
                     "sample.kontext_resize).")
+  flags.DEFINE_float("redux_prompt_scale", None, "FLUX.1 Redux: the scale of the prompt's T5 states and the image's "
+                     "tokens (FluxPriorReduxPipeline's prompt_embeds_scale; default: config "
+                     "sample.redux_prompt_scale, 1).")
+  flags.DEFINE_float("redux_pooled_scale", None, "FLUX.1 Redux: the scale of the pooled CLIP embedding "
+                     "(FluxPriorReduxPipeline's pooled_prompt_embeds_scale; default: config "
+                     "sample.redux_pooled_scale, 1).")
   flags.DEFINE_float("aesthetic_score", None, "The SDXL refiner: the aesthetic score its U-Net is told the sample has "
                      "(default: config sample.aesthetic_score, 6).")
   flags.DEFINE_float("negative_aesthetic_score", None, "The SDXL refiner: the aesthetic score guidance's other branch "

@@ -679,8 +679,10 @@ def test_flux_redux_samples_what_diffusers_samples_from_an_images_redux_tokens(t
   the Redux embedder) reads an --init_image as an image to vary: its SigLIP states projected to T5's width follow the
   prompt's T5 states, as FluxPriorReduxPipeline appends them, and the sampling job makes, from the same noise, the
   image FluxPipeline makes from those embeddings (4 steps, guidance 3.5, the dynamic shift; within 2 of 255 levels);
-  another image, another image. Refused by name: classifier-free guidance with it, a mask, an embedder of another
-  width, a Kontext transformer with it, a root without its parts. The tokens are the pipeline's image_embeds (1e-5)."""
+  another image, scaled (--redux_prompt_scale, --redux_pooled_scale: FluxPriorReduxPipeline's prompt_embeds_scale
+  and pooled_prompt_embeds_scale), what it makes of that image's embeddings so scaled. Refused by name:
+  classifier-free guidance with it, a mask, an embedder of another width, a Kontext transformer with it, a root
+  without its parts, its scales without it. The tokens are the pipeline's image_embeds (1e-5)."""
   import diffusers
   import PIL.Image
   import transformers
@@ -710,26 +712,30 @@ def test_flux_redux_samples_what_diffusers_samples_from_an_images_redux_tokens(t
   config.sample.update(steps=4, prompts=(prompt,))
   assert config_checks.problems(config, device_count=8) == []
   pictures = [np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)]
+  scales = [(1.0, 1.0), (0.3, 0.5)]  # (prompt_embeds_scale, pooled_prompt_embeds_scale)
   ours = []
   for k, picture in enumerate(pictures):
     PIL.Image.fromarray(picture).save(tmp_path / f"image{k}.png")
-    sample.run(None, {}, output_dir=tmp_path / f"job{k}", init_image=tmp_path / f"image{k}.png", config=config)
+    sample.run(None, {"redux_prompt_scale": scales[k][0], "redux_pooled_scale": scales[k][1]},
+               output_dir=tmp_path / f"job{k}", init_image=tmp_path / f"image{k}.png", config=config)
     ours.append(media.read_image(tmp_path / f"job{k}" / "p000_00.png").astype(np.float32))
 
   noise = np.asarray(jax.random.normal(sample.example_keys([config.sample.seed], 1)[0], (16, 16, 4)))
-  with torch.no_grad():
-    pixels = processor(images=PIL.Image.fromarray(pictures[0]), return_tensors="pt").pixel_values
-    image_embeds = embedder(encoder(pixel_values=pixels).last_hidden_state).image_embeds
-    prompt_embeds, pooled, _ = pipeline.encode_prompt([prompt], None, device="cpu", max_sequence_length=8)
-    theirs = pipeline(prompt_embeds=torch.cat([prompt_embeds, image_embeds], dim=1), pooled_prompt_embeds=pooled,
-                      height=32, width=32, num_inference_steps=4, guidance_scale=3.5, output_type="np",
-                      latents=diffusers.FluxPipeline._pack_latents(torch.from_numpy(noise).permute(2, 0, 1)[None],
-                                                                   1, 4, 16, 16)).images[0]
-  np.testing.assert_allclose(ours[0], np.round(theirs * 255), atol=2)
+  embeds = []
+  for picture, (prompt_scale, pooled_scale), made in zip(pictures, scales, ours):
+    with torch.no_grad():
+      pixels = processor(images=PIL.Image.fromarray(picture), return_tensors="pt").pixel_values
+      embeds.append(image_embeds := embedder(encoder(pixel_values=pixels).last_hidden_state).image_embeds)
+      prompt_embeds, pooled, _ = pipeline.encode_prompt([prompt], None, device="cpu", max_sequence_length=8)
+      theirs = pipeline(prompt_embeds=torch.cat([prompt_embeds, image_embeds], dim=1) * prompt_scale,
+                        pooled_prompt_embeds=pooled * pooled_scale, height=32, width=32, num_inference_steps=4,
+                        guidance_scale=3.5, output_type="np", latents=diffusers.FluxPipeline._pack_latents(
+                            torch.from_numpy(noise).permute(2, 0, 1)[None], 1, 4, 16, 16)).images[0]
+    np.testing.assert_allclose(made, np.round(theirs * 255), atol=2)
   assert np.abs(ours[0] - ours[1]).max() > 2  # (the same noise and prompt: a white image, other tokens)
   weights, graphdef, _ = sample.load_pretrained(config)  # the tokens themselves: the pipeline's image_embeds
   tokens = nnx.merge(graphdef, weights.params, weights.frozen).redux(pictures[0][None] / 127.5 - 1.0)
-  np.testing.assert_allclose(tokens, image_embeds.numpy(), atol=1e-5)
+  np.testing.assert_allclose(tokens, embeds[0].numpy(), atol=1e-5)
 
   with pytest.raises(ValueError, match="--guidance_scale=3.0: with FLUX.1 Redux"):
     sample.run(None, {"guidance_scale": 3.0}, output_dir=tmp_path / "guided", init_image=tmp_path / "image0.png",
@@ -745,7 +751,10 @@ def test_flux_redux_samples_what_diffusers_samples_from_an_images_redux_tokens(t
                            "40 wide"),
                           ({"model.flux_kontext": True}, "FLUX.1 Redux varies an image with FLUX.1 dev or schnell"),
                           ({"model.flux_redux_path": str(tmp_path / "flux")}, "lacks image_encoder/, "
-                                                                              "feature_extractor/, image_embedder/")):
+                                                                              "feature_extractor/, image_embedder/"),
+                          ({"model.flux_redux_path": "", "sample.redux_pooled_scale": 0.5},
+                           "sample.redux_pooled_scale=0.5: FLUX.1 Redux's scales (model.flux_redux_path); this model "
+                           "has none")):
     bad = config.copy_and_resolve_references()
     bad.update_from_flattened_dict(update)
     assert problem in " ".join(config_checks.problems(bad, device_count=8))

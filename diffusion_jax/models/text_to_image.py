@@ -122,12 +122,15 @@ class TextToImage(nnx.Module):
     empty = self.encode(jnp.asarray(self.empty_prompt_ids, jnp.int32)[None], None).astype(text.dtype)
     return jnp.broadcast_to(empty, text.shape), jnp.zeros_like(mask)
 
-  def with_image_tokens(self, text, mask, images):
+  def with_image_tokens(self, text, mask, images, prompt_scale: float = 1.0, pooled_scale: float = 1.0):
     """FLUX.1 Redux's condition: (text [batch, tokens, width], mask [batch, tokens]) of encode's followed by the
     Redux tokens of images [batch, size, size, 3] in [-1, 1] (redux.image_pixels' size), as FluxPriorReduxPipeline
-    appends them to the prompt's T5 states (the pooled embedding's columns zero: sdxl_text.split reads token 0's)."""
-    tokens = self.redux(images).astype(text.dtype)
-    tokens = jnp.pad(tokens, ((0, 0), (0, 0), (0, text.shape[-1] - tokens.shape[-1])))
+    appends them to the prompt's T5 states, both times prompt_scale, the pooled embedding times pooled_scale (its
+    columns of the image's tokens zero: sdxl_text.split reads token 0's)."""
+    tokens = self.redux(images).astype(text.dtype) * prompt_scale
+    width = tokens.shape[-1]  # (T5's; the pooled embedding's columns follow)
+    text = jnp.concatenate([text[..., :width] * prompt_scale, text[..., width:] * pooled_scale], axis=-1)
+    tokens = jnp.pad(tokens, ((0, 0), (0, 0), (0, text.shape[-1] - width)))
     return (jnp.concatenate([text, tokens], axis=1),
             jnp.concatenate([mask, jnp.ones(tokens.shape[:2], mask.dtype)], axis=1))
 
