@@ -266,13 +266,15 @@ def write_folder(folder):
   (folder / "captions.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
 
 
-def test_folder_dataset_skips_bad_files_and_trains_shapes(tmp_path):
+def test_folder_dataset_skips_bad_files_and_trains_shapes(tmp_path, caplog):
   from diffusion_jax.data import folder_dataset
 
   write_folder(tmp_path / "images")
   code = folder_dataset.main([f"--images={tmp_path / 'images'}", f"--captions={tmp_path / 'images/captions.jsonl'}",
                               f"--data_dir={tmp_path / 'tfds'}"])
   assert code == 0
+  # The kept images' sizes are summarised (what training at data.resolution scales up): six of 40 px, 20 x 30, 8 x 8
+  assert "the shorter sides of the 8 images of" in caplog.text and ": min 8, median 40, max 40 px" in caplog.text
   config = t2i_shapes.get_config("test")
   spiece = tokenizers.train_sentencepiece([line["caption"] for line in map(
       json.loads, (tmp_path / "images/captions.jsonl").read_text().splitlines()) if line["caption"]],

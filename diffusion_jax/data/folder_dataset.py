@@ -25,7 +25,8 @@ Flags:
                 `folder_clips/<hash>`)
 
 Files that cannot be decoded, clips with fewer frames than --frames, and lines whose file is missing or whose
-caption is empty are skipped and counted in the summary. Train on images with `--config.data.dataset=folder
+caption is empty are skipped and counted in the summary; the images' shorter sides are summarised too (min, median,
+max: training scales an image smaller than data.resolution up). Train on images with `--config.data.dataset=folder
 --config.data.folder=DIR --config.data.captions_file=FILE --config.data.data_dir=DIR`, on clips with
 `--config.data.dataset=folder_clips --config.data.image_key=video` and the same fields (plus data.frames and
 data.resolution, which decide what is prepared), on edit pairs (--references) with those of images and
@@ -124,7 +125,7 @@ class CaptionedFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return splits
 
   def _generate_examples(self, captions_file):
-    folder, skipped = pathlib.Path(self.builder_config.folder), collections.Counter()
+    folder, skipped, sides = pathlib.Path(self.builder_config.folder), collections.Counter(), []
     references = self.builder_config.references
     for index, (file, caption, reference) in enumerate(read_captions(captions_file)):
       reason, example = ("empty caption", None) if not caption.strip() else (
@@ -141,8 +142,13 @@ class CaptionedFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if reason:
         skipped[reason] += 1
         continue
+      if "image" in example:  # (a clip's frames are stored at --resolution)
+        sides.append(min(example["image"].size))
       yield index, {**example, "caption": caption, "file": file}
     log.warning("%s: of %s skipped %s", self.name, captions_file, dict(skipped))
+    if sides:  # training scales each image to cover data.resolution x data.width: below it, up
+      log.warning("%s: the shorter sides of the %d images of %s: min %d, median %d, max %d px", self.name,
+                  len(sides), captions_file, min(sides), int(np.median(sides)), max(sides))
 
   def _read(self, path) -> tuple[str | None, dict | None]:
     """(None, the example's media features) of a usable file, else (why it is skipped, None)."""
