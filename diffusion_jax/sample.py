@@ -629,13 +629,15 @@ def model_hash(config) -> str:
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edits=None) -> pathlib.Path:
+def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edits=None,
+                  given: str = "the edited image") -> pathlib.Path:
   """One PNG per sample (videos: a GIF, an MP4 and a PNG strip of its frames), manifest.jsonl, and grid.png
   of the first GRID_PROMPTS prompts (videos: also grid.gif and grid.mp4); entries carry each prompt's
   prompt/seed/guidance_scale. Returns the grid path.
   images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]. edits: {prompt index: (image, keep)} of
   the prompts that edited an image or clip (edit_inputs.read): their grid rows show it first (inpainting: the region
-  generated anew dark; image-to-video: the given first frame; video-to-video: the given clip)."""
+  generated anew dark; image-to-video: the given first frame; video-to-video: the given clip), labelled `given`; an
+  image of another size than the samples (FLUX.1 Kontext's reference, Redux's image) brought to theirs."""
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   is_video = images.ndim == 6
@@ -660,8 +662,10 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
       labels[p] = f"{prompts[p]} (the given {'frame' if keep.any() else 'clip'} first)"
     elif p < GRID_PROMPTS:
       shown = np.where(keep[..., None], image, image // 4) if keep.any() else image  # inpainting: the mask shown
+      if shown.shape[:2] != rows[p].shape[1:3]:
+        shown = pipeline.resize_and_crop(shown, rows[p].shape[1:3], None)
       rows[p] = np.concatenate([shown[None], rows[p]])
-      labels[p] = f"{prompts[p]} (the edited image first)"
+      labels[p] = f"{prompts[p]} ({given} first)"
   media.save_png(grid_path, media.labelled_grid(rows, labels), {**provenance, "prompts": prompts})
   if is_video:  # animated grid: frame k of every clip, one row per prompt
     frames = [media.labelled_grid([row[:, k] for row in images], prompts) for k in range(images.shape[2])]
@@ -1181,7 +1185,8 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     clip = clip_frames(config, sample_config)
     provenance.update(video_length=sample_config.video_length, clip_frames=clip,
                       context_frames=extension_context(config, sample_config))
-  return write_outputs(output_dir, entries, np.stack(images), provenance, edits)
+  return write_outputs(output_dir, entries, np.stack(images), provenance, edits,
+                       "the given image" if references else "the edited image")
 
 
 def handed_over(refiner, config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,

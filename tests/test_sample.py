@@ -392,6 +392,19 @@ def test_checkpoints_of_one_run_share_one_compiled_sampler(trained, caplog):
   assert sample.compiled_sampler(other, graphdef, longer, mesh) is not shared
 
 
+def test_a_given_image_of_another_size_is_shown_in_the_grid_at_the_samples_size(tmp_path):
+  """FLUX.1 Kontext's reference at its own size, Redux's image at its encoder's: the grid row shows it first,
+  brought to the samples' size (scaled to cover, centre crop), labelled as given, not edited."""
+  samples = np.random.default_rng(0).integers(0, 256, (1, 2, 16, 16, 3), np.uint8)
+  wide = np.zeros((8, 32, 3), np.uint8)
+  wide[:, 8:24] = 255  # its centre half white: what a centre crop of it, scaled to cover 16 x 16, keeps
+  grid = media.read_image(sample.write_outputs(tmp_path, [{"prompt": "p"}], samples, {},
+                                               {0: (wide, np.zeros((8, 32), bool))}, "the given image"))
+  top = 14  # (the label's height; tiles at twice the size)
+  assert (grid[top:top + 32, :32] == 255).all()
+  np.testing.assert_array_equal(grid[top:top + 32:2, 34:66:2], samples[0, 0])
+
+
 def test_a_large_prompts_file_writes_every_sample_and_a_grid_of_the_first(tmp_path):
   count = sample.GRID_PROMPTS + 3
   images = np.random.default_rng(0).integers(0, 256, (count, 1, 8, 8, 3), np.uint8)
