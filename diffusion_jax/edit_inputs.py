@@ -22,6 +22,9 @@ def read(config, sample_config, prompts: list[dict], frames: int, size: tuple[in
   frames: a video model's frames per clip (0 for an image model); size: (height, width) of the samples
   (sample.image_size; None: the training images', pipeline.image_size)."""
   size = size or pipeline.image_size(config.data)
+  if not varies(config) and (listed := [e["prompt"] for e in prompts if isinstance(e.get("init_image"), list)][:3]):
+    raise ValueError(f"A list of init_images is FLUX.1 Redux's (model.flux_redux_path) images to blend; this model "
+                     f"reads one image a prompt: {listed}")
   if animates(config, prompts):  # every prompt animates its image: clips whose first frame it is
     if problems := animation_problems(config, prompts):
       raise ValueError("; ".join(problems))
@@ -144,10 +147,15 @@ def kontext_reference(entry: dict, resize: str, multiple: int) -> tuple[np.ndarr
 
 
 def redux_image(entry: dict, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """(image uint8 [height, width, 3], keep: all False) of a prompt entry's "init_image" as FLUX.1 Redux's image to
-  vary, resized to its image encoder's `size` (redux.image_pixels)."""
-  image = redux.image_pixels(read_image(entry, "init_image"), size)
-  return image, np.zeros(image.shape[:2], bool)
+  """(image uint8 [height, width, 3], or [images, height, width, 3] of a list of them, keep: all False [height,
+  width]) of a prompt entry's "init_image" as FLUX.1 Redux's image to vary (a list: images to blend), each resized
+  to its image encoder's `size` (redux.image_pixels)."""
+  paths = entry["init_image"]
+  if isinstance(paths, list):
+    image = np.stack([redux.image_pixels(read_image({"init_image": path}, "init_image"), size) for path in paths])
+  else:
+    image = redux.image_pixels(read_image(entry, "init_image"), size)
+  return image, np.zeros(image.shape[-3:-1], bool)
 
 
 def check_editable(config):

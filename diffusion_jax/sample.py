@@ -15,10 +15,11 @@ Flags:
                     no --step or autoguidance guide
   --step            checkpoint step (default: the latest)
   --prompts         text file, one prompt per line, or .jsonl with {"prompt", "seed"?, "guidance_scale"?,
-                    "guidance_interval"? ("LOW:HIGH", [low, high] or "none"), "negative_prompt"?, "init_image"?,
-                    "mask"?, "init_video"?, "last_image"?, "strength"?, "source_prompt"?, "lora_scale"? (with --lora:
-                    every adapter's scale for this prompt, or a list with one per --lora)} (per-prompt settings; image
-                    and clip paths relative to the file); default: the config's sample.prompts
+                    "guidance_interval"? ("LOW:HIGH", [low, high] or "none"), "negative_prompt"?, "init_image"?
+                    (FLUX.1 Redux: a list of images to blend), "mask"?, "init_video"?, "last_image"?, "strength"?,
+                    "source_prompt"?, "lora_scale"? (with --lora: every adapter's scale for this prompt, or a list
+                    with one per --lora)} (per-prompt settings; image and clip paths relative to the file); default:
+                    the config's sample.prompts
   --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
@@ -662,9 +663,10 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
       labels[p] = f"{prompts[p]} (the given {'frame' if keep.any() else 'clip'} first)"
     elif p < GRID_PROMPTS:
       shown = np.where(keep[..., None], image, image // 4) if keep.any() else image  # inpainting: the mask shown
-      if shown.shape[:2] != rows[p].shape[1:3]:
-        shown = pipeline.resize_and_crop(shown, rows[p].shape[1:3], None)
-      rows[p] = np.concatenate([shown[None], rows[p]])
+      shown = np.stack([f if f.shape[:2] == rows[p].shape[1:3] else pipeline.resize_and_crop(f, rows[p].shape[1:3],
+                                                                                             None)
+                        for f in shown.reshape((-1,) + shown.shape[-3:])])  # (FLUX.1 Redux's to blend: each)
+      rows[p] = np.concatenate([shown, rows[p]])
       labels[p] = f"{prompts[p]} ({given} first)"
   media.save_png(grid_path, media.labelled_grid(rows, labels), {**provenance, "prompts": prompts})
   if is_video:  # animated grid: frame k of every clip, one row per prompt
@@ -720,9 +722,12 @@ def read_prompts(path) -> list[dict]:
           entry["strength"] = float(entry["strength"])
           if not 0 < entry["strength"] <= 1:
             raise ValueError(f"strength {entry['strength']} must be in (0, 1]")
+        whole = lambda file: str(path.parent / pathlib.Path(file).expanduser())  # an absolute path stays
         for key in EDIT_FILES:
-          if key in entry:
-            entry[key] = str(path.parent / pathlib.Path(entry[key]).expanduser())  # an absolute path stays
+          if key == "init_image" and isinstance(entry.get(key), list) and entry[key]:  # FLUX.1 Redux's to blend
+            entry[key] = [whole(str(file)) for file in entry[key]]
+          elif key in entry:
+            entry[key] = whole(entry[key])
         for key in ("negative_prompt", "source_prompt"):
           if key in entry:
             entry[key] = str(entry[key])[:MAX_PROMPT_CHARS]
@@ -740,8 +745,8 @@ def read_prompts(path) -> list[dict]:
                        f"integer 'seed', a 'guidance_scale' >= 0, a 'guidance_interval' (\"LOW:HIGH\", [low, high] "
                        f"or \"none\"), a 'negative_prompt', an 'init_image' (with its 'mask') or 'init_video' to "
                        f"edit at a 'strength' (with a 'source_prompt'; an image-to-video model's 'init_image' with "
-                       f"a 'last_image'), and a 'lora_scale' (a number, or a list of one per --lora adapter) "
-                       f"({error}).") from None
+                       f"a 'last_image'; FLUX.1 Redux's: a list of images to blend), and a 'lora_scale' (a number, "
+                       f"or a list of one per --lora adapter) ({error}).") from None
   else:
     entries = [{"prompt": line} for line in lines]
   if not entries:
@@ -1125,7 +1130,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   lora_scales = lambda i: tuple(a.scale for a in lora.at_scales(adapters, entries[i].get("lora_scale")))
   settings = [(lora_scales(i), entries[i]["guidance_scale"], interval(i),
                (1.0 if references else entries[i].get("strength", sample_config.strength)) if i in edits else -1.0,
-               edits[i][0].shape[:2] if references and i in edits else ())
+               edits[i][0].shape[:-1] if references and i in edits else ())
               for i in range(len(entries))]
   for setting in sorted(set(settings)):
     scales, scale, group_interval, strength, _ = setting

@@ -1,6 +1,7 @@
 """Flux: the transformer (models/flux_transformer.py) against diffusers' FluxTransformer2DModel, and configs/flux.py on
 a tiny checkpoint's folders against diffusers' FluxPipeline."""
 
+import json
 import math
 import re
 
@@ -733,6 +734,20 @@ def test_flux_redux_samples_what_diffusers_samples_from_an_images_redux_tokens(t
                             torch.from_numpy(noise).permute(2, 0, 1)[None], 1, 4, 16, 16)).images[0]
     np.testing.assert_allclose(made, np.round(theirs * 255), atol=2)
   assert np.abs(ours[0] - ours[1]).max() > 2  # (the same noise and prompt: a white image, other tokens)
+  # Both images, blended (a prompts file's list of init_images): FluxPriorReduxPipeline's sum of the two conditions
+  (tmp_path / "blend.jsonl").write_text(json.dumps({"prompt": prompt, "init_image": ["image0.png", "image1.png"]}))
+  grid = sample.run(None, {}, prompts_path=tmp_path / "blend.jsonl", output_dir=tmp_path / "blend", config=config)
+  with torch.no_grad():
+    blended = sum(torch.cat([prompt_embeds, image_embeds], dim=1) for image_embeds in embeds)
+    theirs = pipeline(prompt_embeds=blended, pooled_prompt_embeds=2 * pooled, height=32, width=32,
+                      num_inference_steps=4, guidance_scale=3.5, output_type="np",
+                      latents=diffusers.FluxPipeline._pack_latents(torch.from_numpy(noise).permute(2, 0, 1)[None], 1,
+                                                                   4, 16, 16)).images[0]
+  np.testing.assert_allclose(media.read_image(tmp_path / "blend" / "p000_00.png").astype(np.float32),
+                             np.round(theirs * 255), atol=2)
+  shown = media.read_image(grid)[14:14 + 64]  # its row (below the label): both images given, then the sample
+  np.testing.assert_array_equal(shown[::2, :64:2], pictures[0])
+  assert (shown[:, 66:66 + 64] == 255).all()
   weights, graphdef, _ = sample.load_pretrained(config)  # the tokens themselves: the pipeline's image_embeds
   tokens = nnx.merge(graphdef, weights.params, weights.frozen).redux(pictures[0][None] / 127.5 - 1.0)
   np.testing.assert_allclose(tokens, embeds[0].numpy(), atol=1e-5)

@@ -126,10 +126,14 @@ class TextToImage(nnx.Module):
     """FLUX.1 Redux's condition: (text [batch, tokens, width], mask [batch, tokens]) of encode's followed by the
     Redux tokens of images [batch, size, size, 3] in [-1, 1] (redux.image_pixels' size), as FluxPriorReduxPipeline
     appends them to the prompt's T5 states, both times prompt_scale, the pooled embedding times pooled_scale (its
-    columns of the image's tokens zero: sdxl_text.split reads token 0's)."""
-    tokens = self.redux(images).astype(text.dtype) * prompt_scale
+    columns of the image's tokens zero: sdxl_text.split reads token 0's). Images [batch, k, size, size, 3] are
+    blended as that pipeline blends k images: the sum of the k conditions (the tokens summed, the text k times)."""
+    count = images.shape[1] if images.ndim == 5 else 1
+    tokens = self.redux(images.reshape((-1,) + images.shape[-3:]))
+    tokens = tokens.reshape((-1, count) + tokens.shape[1:]).sum(axis=1).astype(text.dtype) * prompt_scale
     width = tokens.shape[-1]  # (T5's; the pooled embedding's columns follow)
-    text = jnp.concatenate([text[..., :width] * prompt_scale, text[..., width:] * pooled_scale], axis=-1)
+    text = jnp.concatenate([text[..., :width] * (count * prompt_scale), text[..., width:] * (count * pooled_scale)],
+                           axis=-1)
     tokens = jnp.pad(tokens, ((0, 0), (0, 0), (0, text.shape[-1] - width)))
     return (jnp.concatenate([text, tokens], axis=1),
             jnp.concatenate([mask, jnp.ones(tokens.shape[:2], mask.dtype)], axis=1))
