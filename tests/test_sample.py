@@ -249,12 +249,15 @@ def test_a_guide_must_see_and_predict_what_the_model_does(trained):
     ({"negative_aesthetic_score": 2.0}, None, "--negative_aesthetic_score: only the SDXL refiner's U-Net reads"),
     ({}, "\n\n", "has no prompts"),
     ({"width": 7}, None, r"--width=7 must be a multiple of 2 \(the U-Net's 2 \*\* \(levels - 1\), 2 levels\)"),
+    ({"redux_prompt_scale": 0.5}, None, r"--redux_prompt_scale=0.5: FLUX.1 Redux's scales \(model.flux_redux_path\)"),
+    ({}, '{"prompt": "a red circle", "init_image": ["a.png", "b.png"]}',
+     "A list of init_images is FLUX.1 Redux's .* images to blend; this model reads one image a prompt"),
 ])
 def test_bad_sampling_input_is_explained(trained, tmp_path, overrides, prompts_text, message):
   _, workdir, _ = trained
   prompts = None
   if prompts_text is not None:
-    prompts = tmp_path / "prompts.txt"
+    prompts = tmp_path / ("prompts.jsonl" if prompts_text.startswith("{") else "prompts.txt")
     prompts.write_text(prompts_text)
   with pytest.raises(ValueError, match=message):
     sample.run(workdir, overrides, prompts)
