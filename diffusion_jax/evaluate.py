@@ -43,7 +43,8 @@ Flags:
   --watch             keep polling for new checkpoints until none appears for --max_idle_minutes
   --poll_seconds      polling interval with --watch (default 60)
   --max_idle_minutes  with --watch, stop after this long without a new checkpoint (default 60)
-  --num_prompts       validation captions to generate for (default 64); also the FID set size
+  --num_prompts       validation captions to generate for (default 64); also the FID set size (at most the
+                      validation split's examples)
   --batch_size        samples generated at once over all devices (default: the config's sample.batch_size;
                       with --cascade it sets every stage's, one stage's is --cascade.stages[k].batch_size);
                       more are generated batch by batch, with progress; also the held-out loss's examples at once
@@ -865,6 +866,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
       _log_settings_changes(workdir, todo, recorded)
     for s in todo:
       if frechet is None:  # the real images' features, once for every checkpoint and sweep point
+        check_validation_size(config, num_prompts, heldout_examples)
         _, real, captions = validation_set(config, num_prompts)
         frechet = frechet_distances(real, feature_fns)
       try:
@@ -895,6 +897,19 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     time.sleep(poll_seconds)
   writer.close()
   return written
+
+
+def check_validation_size(config, num_prompts: int, heldout_examples: int) -> None:
+  """A ValueError where the validation split holds fewer examples than --num_prompts or --heldout_examples ask for
+  (its FID and held-out loss would be of fewer, under the settings' numbers)."""
+  available = len(pipeline.data_source(config.data, "validation"))
+  asked = [f"--{flag}={count}" for flag, count in (("num_prompts", num_prompts), ("heldout_examples",
+                                                                                  heldout_examples))
+           if count > available]
+  if asked:
+    raise ValueError(f"{', '.join(asked)}: the validation split holds {available} examples; give at most "
+                     f"{available} (or hold out more: data.num_eval of a built-in dataset, data.eval_captions_file "
+                     "of a folder)")
 
 
 def pretrained_config(config, output_dir, step, watch, guide_workdir, guide_step):
