@@ -173,8 +173,12 @@ def text_width(config) -> int:
 
 def t5_vocabulary_problems(config) -> list[str]:
   """Why some of the tokenizer's ids (text.tokenizer 'words' or 'sentencepiece') have no embedding in the U-Net's or
-  DiT's T5 encoder (text.t5.vocab_size, or a pretrained T5's, text.pretrained_path): they would embed as NaN."""
+  DiT's T5 encoder (text.t5.vocab_size, or a pretrained T5's, text.pretrained_path): they would embed as NaN; or
+  why a sentencepiece tokenizer has no model to read."""
   t = config.text
+  if t.tokenizer == "sentencepiece" and not t.spiece_path:
+    return ["text.tokenizer='sentencepiece' needs text.spiece_path, a local spiece.model (a T5's; or one trained on "
+            "the captions: tokenizers.train_sentencepiece)"]
   if config.model.backbone not in ("unet", "dit") or t.tokenizer not in ("words", "sentencepiece"):
     return []
   try:
@@ -761,6 +765,8 @@ def data_size_problems(config) -> list[str]:
   d, found = config.data, []
   if d.resolution < 1:
     return [f"data.resolution={d.resolution} must be >= 1"]
+  if d.dataset in ("captioned_shapes", "moving_shapes") and d.resolution not in (16, 32, 64):
+    return [f"data.resolution={d.resolution}: {d.dataset} draws images of 16, 32 or 64 px"]
   sides = {"data.resolution": d.resolution}
   if d.width and d.dataset in ("captioned_shapes", "moving_shapes"):
     found.append(f"data.width={d.width}: {d.dataset} draws square images whose captions name what a crop would "

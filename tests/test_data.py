@@ -162,8 +162,9 @@ def test_sentencepiece_tokenizer(tmp_path):
   ids, mask = tokenizer(["a red circle", ""])
   assert mask[0].sum() >= 4 and ids[0, mask[0].sum() - 1] == 1  # ends with EOS
   assert not mask[1].any()
-  with pytest.raises(ValueError, match="spiece.model"):
-    tokenizers.SentencePieceTokenizer(tmp_path / "missing.model", 8)
+  for missing in (tmp_path / "missing.model", ""):  # ('' read by sentencepiece as an empty model)
+    with pytest.raises(ValueError, match="no such file; give the path of a local spiece.model"):
+      tokenizers.SentencePieceTokenizer(missing, 8)
 
 
 def test_bad_dataset_settings_are_explained(config):

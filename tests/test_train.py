@@ -134,6 +134,8 @@ def test_config_validation_reports_all_problems():
   config.sample.steps = 0
   config.text.t5.position_bias_init = "alibi"
   config.data.wrap_around = True  # captioned_shapes has no paths
+  config.data.resolution = 24  # (captioned_shapes draws 16, 32 or 64 px)
+  config.text.tokenizer = "sentencepiece"  # without its model (text.spiece_path)
   config.optimizer.update(learning_rate=float("nan"), b2=1.0, warmup_steps=-1, end_learning_rate_factor=2.0)
   with pytest.raises(ValueError) as error:
     config_checks.validate(config, device_count=8)
@@ -144,6 +146,8 @@ def test_config_validation_reports_all_problems():
   assert "diffusion.prediction='score'" in message and "sample.steps=0" in message
   assert "text.t5.position_bias_init='alibi'" in message
   assert "data.wrap_around makes moving_shapes' frames a torus; data.dataset='captioned_shapes'" in message
+  assert "data.resolution=24: captioned_shapes draws images of 16, 32 or 64 px" in message
+  assert "text.tokenizer='sentencepiece' needs text.spiece_path" in message
   config = t2i_shapes.get_config("test")
   config.model.attention = "flash"
   with pytest.raises(ValueError, match="model.attention='flash' is not one of"):

@@ -55,6 +55,9 @@ class SentencePieceTokenizer:
   def __init__(self, model_path: str, max_length: int, end_empty: bool = False):
     import sentencepiece
 
+    if not pathlib.Path(model_path).is_file():  # (sentencepiece reads '' as an empty model)
+      raise ValueError(f"Cannot load a sentencepiece model from {str(model_path)!r}: no such file; give the path of a "
+                       "local spiece.model file (text.spiece_path).")
     try:
       self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
     except (OSError, RuntimeError) as error:
