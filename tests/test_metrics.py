@@ -251,7 +251,7 @@ def test_evaluation_skips_unreadable_checkpoints_and_goes_on(trained, tmp_path, 
   with pytest.raises(ValueError, match="Checkpoint 2 in .* cannot be read"):  # asked for by step: an error
     evaluate.run(workdir, step=2, num_prompts=4, heldout_examples=4, combination_prompts=0)
   # More examples than the validation split holds (the test data's 32): refused before any checkpoint is read
-  with pytest.raises(ValueError, match="--heldout_examples=40: the validation split holds 32 examples; give at most 32"):
+  with pytest.raises(ValueError, match="--heldout_examples=40: the validation split holds 32 examples; give at most"):
     evaluate.run(workdir, step=2, num_prompts=4, heldout_examples=40, combination_prompts=0)
 
 
