@@ -171,6 +171,34 @@ def text_width(config) -> int:
   return t5.read_hf_config(path).d_model if path else config.text.t5.d_model
 
 
+def network_size_problems(config) -> list[str]:
+  """Why a U-Net or DiT built from the config's sizes (and the T5 it trains from scratch) cannot be: a width or
+  count below 1, a dropout rate outside [0, 1), an attention width model.heads does not divide; and a text length
+  below 1."""
+  m, found = config.model, []
+  if config.text.max_length < 1:
+    found.append(f"text.max_length={config.text.max_length} must be >= 1")
+  if m.backbone not in ("unet", "dit"):
+    return found
+  sizes = [("model.channels", m.channels), ("model.heads", m.heads), ("model.ff_mult", m.ff_mult)]
+  if not config.text.pretrained_path:
+    sizes += [(f"text.t5.{key}", config.text.t5[key]) for key in ("d_model", "d_kv", "d_ff", "num_heads",
+                                                                   "num_buckets")]
+  found += [f"{field}={value} must be >= 1" for field, value in sizes if value < 1]
+  if not 0 <= m.dropout < 1:
+    found.append(f"model.dropout={m.dropout} must be in [0, 1)")
+  if m.channels < 1 or m.heads < 1:
+    return found
+  levels = set(m.attention_levels) | {len(m.channel_mults) - 1} | (set(range(len(m.channel_mults))) if m.temporal
+                                                                    else set())
+  widths = [m.channels] if m.backbone == "dit" else sorted({m.channels * m.channel_mults[level] for level in levels
+                                                            if 0 <= level < len(m.channel_mults)})
+  if undivided := [width for width in widths if width % m.heads]:
+    found.append(f"model.heads={m.heads} must divide every attention width (model.channels x model.channel_mults "
+                 f"at the attention levels, the middle's, a video model's every level): not {undivided}")
+  return found
+
+
 def t5_vocabulary_problems(config) -> list[str]:
   """Why some of the tokenizer's ids (text.tokenizer 'words' or 'sentencepiece') have no embedding in the U-Net's or
   DiT's T5 encoder (text.t5.vocab_size, or a pretrained T5's, text.pretrained_path): they would embed as NaN; or
@@ -827,6 +855,8 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}guidance_interval={problem}")
   if s.batch_size < 1:
     found.append(f"{prefix}batch_size={s.batch_size} must be >= 1")
+  if s.num_per_prompt < 1:
+    found.append(f"{prefix}num_per_prompt={s.num_per_prompt} must be >= 1")
   if not 0 <= s.aug_level <= 1:
     found.append(f"{prefix}aug_level={s.aug_level} must be in [0, 1]")
   if not 0 < s.strength <= 1:
@@ -946,7 +976,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")
   found += clip_text_problems(config)
-  found += t5_vocabulary_problems(config)
+  found += t5_vocabulary_problems(config) + network_size_problems(config)
   option(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
   if config.text.embedding_cache and config.text.trainable:
     found.append("text.embedding_cache needs a frozen encoder: set text.trainable=False")

@@ -136,6 +136,10 @@ def test_config_validation_reports_all_problems():
   config.data.wrap_around = True  # captioned_shapes has no paths
   config.data.resolution = 24  # (captioned_shapes draws 16, 32 or 64 px)
   config.text.tokenizer = "sentencepiece"  # without its model (text.spiece_path)
+  config.model.update(heads=3, dropout=1.5, ff_mult=0)  # (sizes the network could not be built with)
+  config.text.update(max_length=0)
+  config.text.t5.d_kv = 0
+  config.sample.num_per_prompt = 0
   config.optimizer.update(learning_rate=float("nan"), b2=1.0, warmup_steps=-1, end_learning_rate_factor=2.0)
   with pytest.raises(ValueError) as error:
     config_checks.validate(config, device_count=8)
@@ -148,6 +152,10 @@ def test_config_validation_reports_all_problems():
   assert "data.wrap_around makes moving_shapes' frames a torus; data.dataset='captioned_shapes'" in message
   assert "data.resolution=24: captioned_shapes draws images of 16, 32 or 64 px" in message
   assert "text.tokenizer='sentencepiece' needs text.spiece_path" in message
+  assert "model.heads=3 must divide every attention width" in message and "not [32]" in message
+  for part in ("model.dropout=1.5 must be in [0, 1)", "model.ff_mult=0 must be >= 1", "text.max_length=0 must be >= 1",
+               "text.t5.d_kv=0 must be >= 1", "sample.num_per_prompt=0 must be >= 1"):
+    assert part in message
   config = t2i_shapes.get_config("test")
   config.model.attention = "flash"
   with pytest.raises(ValueError, match="model.attention='flash' is not one of"):
