@@ -653,6 +653,18 @@ def dit_problems(config) -> list[str]:
   return found
 
 
+def built_in_data_problems(data_config) -> list[str]:
+  """Why a built-in dataset (captioned_shapes, moving_shapes) cannot be drawn: no training or held-out examples,
+  a captioned_shapes object count outside what its captions name (found before the model is built)."""
+  d = data_config
+  if d.dataset not in ("captioned_shapes", "moving_shapes"):
+    return []
+  found = [f"data.{key}={d[key]} must be >= 1" for key in ("num_train", "num_eval") if d[key] < 1]
+  if d.dataset == "captioned_shapes" and not 1 <= d.max_objects <= captioned_shapes.MAX_OBJECTS:
+    found.append(f"data.max_objects={d.max_objects} must be in 1..{captioned_shapes.MAX_OBJECTS}")
+  return found
+
+
 def moving_shapes_problems(data_config) -> list[str]:
   """data.wrap_around on a dataset without moving_shapes' paths; a data.travel those paths cannot take."""
   wrap_around = data_config.get("wrap_around", False)
@@ -1003,7 +1015,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"data.frame_stride={config.data.frame_stride} must be >= 1 (1: every frame of a clip)")
   if not 0 <= config.data.image_fraction <= 1:
     found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
-  found += moving_shapes_problems(config.data)
+  found += moving_shapes_problems(config.data) + built_in_data_problems(config.data)
   if m.wan_low_noise_path and m.backbone != "wan":
     found.append(f"model.wan_low_noise_path: a low-noise expert of Wan's transformer; model.backbone={m.backbone!r}")
   if problem := low_noise_guidance_problem(config, config.sample, "sample."):

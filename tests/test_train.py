@@ -140,6 +140,7 @@ def test_config_validation_reports_all_problems():
   config.text.update(max_length=0)
   config.text.t5.d_kv = 0
   config.sample.num_per_prompt = 0
+  config.data.update(max_objects=3, num_eval=0)
   config.optimizer.update(learning_rate=float("nan"), b2=1.0, warmup_steps=-1, end_learning_rate_factor=2.0)
   with pytest.raises(ValueError) as error:
     config_checks.validate(config, device_count=8)
@@ -154,7 +155,8 @@ def test_config_validation_reports_all_problems():
   assert "text.tokenizer='sentencepiece' needs text.spiece_path" in message
   assert "model.heads=3 must divide every attention width" in message and "not [32]" in message
   for part in ("model.dropout=1.5 must be in [0, 1)", "model.ff_mult=0 must be >= 1", "text.max_length=0 must be >= 1",
-               "text.t5.d_kv=0 must be >= 1", "sample.num_per_prompt=0 must be >= 1"):
+               "text.t5.d_kv=0 must be >= 1", "sample.num_per_prompt=0 must be >= 1",
+               "data.max_objects=3 must be in 1..2", "data.num_eval=0 must be >= 1"):
     assert part in message
   config = t2i_shapes.get_config("test")
   config.model.attention = "flash"
