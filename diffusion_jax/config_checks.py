@@ -173,8 +173,8 @@ def text_width(config) -> int:
 
 def network_size_problems(config) -> list[str]:
   """Why a U-Net or DiT built from the config's sizes (and the T5 it trains from scratch) cannot be: a width or
-  count below 1, a dropout rate outside [0, 1), an attention width model.heads does not divide; and a text length
-  below 1."""
+  count below 1, a dropout rate outside [0, 1), a U-Net's attention width model.heads does not divide (a DiT's:
+  dit_problems); and a text length below 1."""
   m, found = config.model, []
   if config.text.max_length < 1:
     found.append(f"text.max_length={config.text.max_length} must be >= 1")
@@ -187,12 +187,11 @@ def network_size_problems(config) -> list[str]:
   found += [f"{field}={value} must be >= 1" for field, value in sizes if value < 1]
   if not 0 <= m.dropout < 1:
     found.append(f"model.dropout={m.dropout} must be in [0, 1)")
-  if m.channels < 1 or m.heads < 1:
+  if m.channels < 1 or m.heads < 1 or m.backbone == "dit":  # (dit_problems: the DiT's width)
     return found
   levels = set(m.attention_levels) | {len(m.channel_mults) - 1} | (set(range(len(m.channel_mults))) if m.temporal
                                                                     else set())
-  widths = [m.channels] if m.backbone == "dit" else sorted({m.channels * m.channel_mults[level] for level in levels
-                                                            if 0 <= level < len(m.channel_mults)})
+  widths = sorted({m.channels * m.channel_mults[level] for level in levels if 0 <= level < len(m.channel_mults)})
   if undivided := [width for width in widths if width % m.heads]:
     found.append(f"model.heads={m.heads} must divide every attention width (model.channels x model.channel_mults "
                  f"at the attention levels, the middle's, a video model's every level): not {undivided}")
@@ -998,10 +997,19 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   if m.attention == "cudnn" and jax.default_backend() != "gpu":
     found.append(f"model.attention='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
                  "use 'auto', 'folded' or 'xla'")
-  for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
-    if m.temporal and m.backbone != "wan" and (network := network_frames(config, frames)) > m.max_frames:
-      latent = f" ({network} latent frames)" if network != frames else ""
-      found.append(f"{field}={frames}{latent} exceeds model.max_frames={m.max_frames}")
+  video_data = config.data.dataset in ("moving_shapes", "folder_clips")
+  if m.temporal and video_data and config.data.frames < 1:
+    found.append(f"data.frames={config.data.frames} must be >= 1 (the frames of a training clip)")
+  elif m.temporal and config.sample.frames < 0:
+    found.append(f"sample.frames={config.sample.frames} must be >= 0 (0: data.frames)")
+  elif m.temporal:
+    for field, frames in (("data.frames", config.data.frames), ("sample.frames", config.sample.frames)):
+      if m.backbone != "wan" and (network := network_frames(config, frames)) > m.max_frames:
+        latent = f" ({network} latent frames)" if network != frames else ""
+        found.append(f"{field}={frames}{latent} exceeds model.max_frames={m.max_frames}")
+  if video_data and not m.temporal and m.backbone in ("unet", "dit"):
+    found.append(f"data.dataset={config.data.dataset!r} holds clips, which an image model (model.temporal=False) "
+                 "cannot read: set model.temporal=True (a video model), or train on images")
   if config.data.heldout_combinations:
     if config.data.dataset != "captioned_shapes":
       found.append("data.heldout_combinations needs data.dataset='captioned_shapes'")

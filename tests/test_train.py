@@ -171,6 +171,14 @@ def test_config_validation_reports_all_problems():
     config_checks.validate(config, device_count=8)
   config_checks.validate(t2i_shapes.get_config("test"), device_count=8)
   config_checks.validate(t2i_shapes.get_config("fsdp"), device_count=8)
+  from configs import t2v_moving_shapes  # clips: a video model's, with frames
+
+  config = t2v_moving_shapes.get_config("test")
+  config.data.frames = 0
+  assert "data.frames=0 must be >= 1" in " ".join(config_checks.problems(config, device_count=8))
+  config.data.frames, config.model.temporal = 4, False
+  assert ("data.dataset='moving_shapes' holds clips, which an image model (model.temporal=False) cannot read" in
+          " ".join(config_checks.problems(config, device_count=8)))
 
 
 def test_non_square_training_images_are_checked():
