@@ -868,6 +868,12 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}batch_size={s.batch_size} must be >= 1")
   if s.num_per_prompt < 1:
     found.append(f"{prefix}num_per_prompt={s.num_per_prompt} must be >= 1")
+  if not 0 <= s.eta <= 1:
+    found.append(f"{prefix}eta={s.eta} must be in [0, 1] (DDIM's share of fresh noise a step)")
+  if not 0 <= s.guidance_rescale <= 1:
+    found.append(f"{prefix}guidance_rescale={s.guidance_rescale} must be in [0, 1] (the rescaled prediction's share)")
+  if not 0 < s.threshold_percentile <= 100:
+    found.append(f"{prefix}threshold_percentile={s.threshold_percentile} must be in (0, 100] (a percentile of |x0|)")
   if not 0 <= s.aug_level <= 1:
     found.append(f"{prefix}aug_level={s.aug_level} must be in [0, 1]")
   if not 0 < s.strength <= 1:
