@@ -805,7 +805,7 @@ def data_size_problems(config) -> list[str]:
   if d.resolution < 1:
     return [f"data.resolution={d.resolution} must be >= 1"]
   if d.dataset in ("captioned_shapes", "moving_shapes") and d.resolution not in (16, 32, 64):
-    return [f"data.resolution={d.resolution}: {d.dataset} draws images of 16, 32 or 64 px"]
+    found.append(f"data.resolution={d.resolution}: {d.dataset} draws images of 16, 32 or 64 px")
   sides = {"data.resolution": d.resolution}
   if d.width and d.dataset in ("captioned_shapes", "moving_shapes"):
     found.append(f"data.width={d.width}: {d.dataset} draws square images whose captions name what a crop would "

@@ -74,6 +74,7 @@ def test_imagen_sr256_stage_size_and_pod_validation():
   # Imagen's 64 -> 256 Efficient U-Net has 600M parameters.
   assert count(lambda: unet.UNet(config.model, rngs=init_rngs.seeded(0))) == pytest.approx(6.0e8, rel=0.25)
   config.text.spiece_path = "/path/to/spiece.model"
+  config.data.update(dataset="tfds", name="your_dataset")  # (as its docstring's command: 256 px images of a dataset)
   config_checks.validate(config, device_count=256, process_count=64)
 
 
