@@ -80,7 +80,7 @@ def training_sample_problems(config) -> list[str]:
   Canny's at held-out control images, which data without a validation split lack (found before training, not at
   the first sample)."""
   t, d = config.train, config.data
-  if not (t.sample_every or t.sample_at_end) or held_out(d):
+  if not (t.sample_every or t.sample_at_end):
     return []
   try:
     if config.model.lowres_conditioning:
@@ -92,6 +92,8 @@ def training_sample_problems(config) -> list[str]:
     else:
       return []
   except ValueError:  # (wan_problems, flux_problems name the path)
+    return []
+  if held_out(d):  # (read only here: a TFDS dataset's dataset_info)
     return []
   lacks = (f"TFDS dataset {d.name!r} in {d.data_dir!r} has no 'validation' split" if d.dataset == "tfds" else
            "this folder has none: give data.eval_captions_file (a captions file of held-out files)")
