@@ -97,8 +97,10 @@ def training_sample_problems(config) -> list[str]:
     return []
   lacks = (f"TFDS dataset {d.name!r} in {d.data_dir!r} has no 'validation' split" if d.dataset == "tfds" else
            "this folder has none: give data.eval_captions_file (a captions file of held-out files)")
+  instead = ("in a cascade above the stage below (sample --cascade)" if config.model.lowres_conditioning else
+             "with `sample --init_image`")
   return [f"train.sample_every, train.sample_at_end: {reads}, but {lacks}; or set train.sample_every=0 and "
-          "train.sample_at_end=False and sample the run's checkpoints with `sample --init_image`"]
+          f"train.sample_at_end=False and sample the run's checkpoints {instead}"]
 
 
 def reference_problems(config) -> list[str]:
