@@ -1017,6 +1017,11 @@ def problems(config, device_count: int | None = None, process_count: int | None 
       if m.backbone != "wan" and (network := network_frames(config, frames)) > m.max_frames:
         latent = f" ({network} latent frames)" if network != frames else ""
         found.append(f"{field}={frames}{latent} exceeds model.max_frames={m.max_frames}")
+  video_settings = [f"sample.{field}={config.sample[field]}" for field in ("frames", "video_length", "context_frames")
+                    if config.sample[field]]
+  if video_settings and not m.temporal:
+    found.append(f"{', '.join(video_settings)}: a video model's settings, which an image model (model.temporal=False) "
+                 "does not read; leave them at 0")
   if video_data and not m.temporal and m.backbone in ("unet", "dit"):
     found.append(f"data.dataset={config.data.dataset!r} holds clips, which an image model (model.temporal=False) "
                  "cannot read: set model.temporal=True (a video model), or train on images")
