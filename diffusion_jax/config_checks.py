@@ -643,7 +643,7 @@ def dit_problems(config) -> list[str]:
   m, found = config.model, []
   if m.patch_size < 1:
     found.append(f"model.patch_size={m.patch_size} must be >= 1")
-  if m.channels % 4 or m.channels % m.heads:
+  if m.heads >= 1 and (m.channels % 4 or m.channels % m.heads):  # (heads below 1: network_size_problems)
     found.append(f"model.channels={m.channels} (the DiT's width) must be divisible by 4 and by model.heads={m.heads}")
   if m.depth < 1:
     found.append(f"model.depth={m.depth} must be >= 1")

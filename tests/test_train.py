@@ -172,6 +172,8 @@ def test_config_validation_reports_all_problems():
   config.train.batch_size = 12
   with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
     config_checks.validate(config, device_count=8)
+  config.model.update(backbone="dit", heads=0)  # (the DiT's width check divides by it)
+  assert "model.heads=0 must be >= 1" in " ".join(config_checks.problems(config, device_count=8))
   config_checks.validate(t2i_shapes.get_config("test"), device_count=8)
   config_checks.validate(t2i_shapes.get_config("fsdp"), device_count=8)
   from configs import t2v_moving_shapes  # clips: a video model's, with frames
