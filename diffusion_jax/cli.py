@@ -1,6 +1,7 @@
 """Entry point of every command-line job: absl's `app.run`, with a config override that cannot be applied
 (a mistyped `--config.<field>` or `--cascade.<field>`, a config file that fails to load) reported as one line on
-stderr with exit code 2 instead of a traceback; ml_collections raises those while the flags are parsed."""
+stderr with exit code 2 instead of a traceback (ml_collections raises those while the flags are parsed), and usage
+errors (`refuse`) as lines of their own with exit code 2."""
 
 import contextlib
 import sys
@@ -22,7 +23,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main) -> None:
-  app.run(main, flags_parser=parse_flags)
+  """absl's app.run of `main`; a usage error (flags that do not go together, a missing one) is `error: ...` a line,
+  then a pointer to --help, and exit code 2, rather than the whole usage text with the error under it."""
+
+  def main_or_usage_error(argv):
+    try:
+      return main(argv)
+    except app.UsageError as error:
+      for line in str(error).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+      print("(--help lists every flag)", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(main_or_usage_error, flags_parser=parse_flags)
 
 
 def print_result(job) -> None:

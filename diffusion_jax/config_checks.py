@@ -490,6 +490,16 @@ def redux_sampling_problem(config, sample_config, prefix: str) -> str | None:
   return None
 
 
+def kontext_resize_problem(config, sample_config, prefix: str) -> str | None:
+  """Why sample_config's kontext_resize (named prefix + field) has nothing to size: a model without FLUX.1 Kontext's
+  reference images."""
+  if sample_config.kontext_resize != "preferred" and not (config.model.backbone == "flux"
+                                                          and config.model.flux_kontext):
+    return (f"{prefix}kontext_resize={sample_config.kontext_resize!r}: the size of FLUX.1 Kontext's reference images "
+            f"(model.flux_kontext); this model reads none: leave it {'out' if prefix == '--' else 'preferred'}")
+  return None
+
+
 def flux_fill_problems(config, flux: dict) -> list[str]:
   """Why FLUX.1 Fill's transformer (it reads the known image's latents and a mask of every pixel beside the latents)
   does not fit: it needs the autoencoder and the pixels, and its mask channels are the autoencoder's f x f pixels a
@@ -942,6 +952,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   for problem in (flow_shift_problem(config, config.sample, "sample."),
                   flux_guidance_problem(config, config.sample, "sample."),
                   redux_sampling_problem(config, config.sample, "sample."),
+                  kontext_resize_problem(config, config.sample, "sample."),
                   skip_layer_problem(config, config.sample, "sample."),
                   timestep_spacing_problem(config, config.sample, "sample.")):
     found += [problem] if problem else []

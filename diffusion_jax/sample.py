@@ -855,6 +855,7 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
                   config_checks.flow_shift_problem(config, sample_config, "--"),
                   config_checks.flux_guidance_problem(config, sample_config, "--"),
                   config_checks.redux_sampling_problem(config, sample_config, "--"),
+                  config_checks.kontext_resize_problem(config, sample_config, "--"),
                   config_checks.skip_layer_problem(config, sample_config, "--")):
     if problem:
       problems.append(problem)

@@ -242,9 +242,9 @@ def test_ops_benchmark_compares_the_same_functions(tmp_path_factory, backbone):
 def test_a_flag_the_mode_does_not_read_is_refused():
   result = subprocess.run([sys.executable, "-m", "diffusion_jax.bench", "memory", "--steps=3"],
                           cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
-  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-  expected = "--steps: not used by the memory mode (only by input, step, peer, ops, lora, profile, compile)"
-  assert result.stderr.splitlines()[-1] == expected
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  expected = "error: --steps: not used by the memory mode (only by input, step, peer, ops, lora, profile, compile)"
+  assert result.stderr.splitlines()[-2:] == [expected, "(--help lists every flag)"]
 
 
 def test_lora_benchmark_trains_fewer_weights_and_keeps_less_state(tmp_path_factory):
