@@ -697,61 +697,86 @@ def prompt_guidance_interval(value) -> list:
   return interval
 
 
+PROMPT_KEYS = ("prompt", "seed", "guidance_scale", "guidance_interval", "negative_prompt", "strength", "source_prompt",
+               "lora_scale") + EDIT_FILES
+
+
+def prompt_entry(line: dict, directory: pathlib.Path) -> dict:
+  """One line of a .jsonl prompts file, checked and typed (image paths relative to `directory` made whole); a
+  ValueError (KeyError, TypeError) saying what is wrong with it: not an object, a key it does not know (a
+  misspelt "seed" would be dropped), a prompt that is no text, a value out of range."""
+  if not isinstance(line, dict):
+    raise ValueError(f"a JSON {type(line).__name__}, not an object")
+  if unknown := sorted(set(line) - set(PROMPT_KEYS)):
+    raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (known: "
+                     f"{', '.join(PROMPT_KEYS)})")
+  entry = dict(line)
+  for key in ("prompt", "negative_prompt", "source_prompt"):
+    if key in entry and not isinstance(entry[key], str):
+      raise ValueError(f"'{key}' {entry[key]!r} is not a string")
+  entry["prompt"] = entry["prompt"][:MAX_PROMPT_CHARS]
+  for key in ("mask", "last_image"):
+    if key in entry and "init_image" not in entry:
+      raise ValueError(f"a '{key}' needs the 'init_image' it belongs to")
+  if "init_image" in entry and "init_video" in entry:
+    raise ValueError("an 'init_image' or an 'init_video' to edit, not both")
+  if "strength" in entry:
+    entry["strength"] = float(entry["strength"])
+    if not 0 < entry["strength"] <= 1:
+      raise ValueError(f"strength {entry['strength']} must be in (0, 1]")
+  whole = lambda file: str(directory / pathlib.Path(file).expanduser())  # an absolute path stays
+  for key in EDIT_FILES:
+    if key == "init_image" and isinstance(entry.get(key), list) and entry[key]:  # FLUX.1 Redux's to blend
+      entry[key] = [whole(str(file)) for file in entry[key]]
+    elif key in entry:
+      entry[key] = whole(entry[key])
+  for key in ("negative_prompt", "source_prompt"):
+    if key in entry:
+      entry[key] = entry[key][:MAX_PROMPT_CHARS]
+  if float(entry.get("guidance_scale", 0.0)) < 0:
+    raise ValueError(f"guidance_scale {entry['guidance_scale']} must be >= 0")
+  if "seed" in entry:
+    seed = entry["seed"]
+    if isinstance(seed, bool) or not (isinstance(seed, int) or isinstance(seed, float) and seed.is_integer()):
+      raise ValueError(f"seed {seed!r} is not an integer")
+    entry["seed"] = int(seed)
+  if "guidance_interval" in entry:
+    entry["guidance_interval"] = prompt_guidance_interval(entry["guidance_interval"])
+  if "lora_scale" in entry:
+    scale = entry["lora_scale"]
+    entry["lora_scale"] = [float(s) for s in scale] if isinstance(scale, list) else float(scale)
+  return entry
+
+
 def read_prompts(path) -> list[dict]:
   """Prompts file -> [{"prompt", optional "seed", "guidance_scale", "negative_prompt", "init_image", "mask",
-  "init_video", "last_image", "strength", "source_prompt", "lora_scale"}]
-  (image paths relative to the file's directory made whole)."""
+  "init_video", "last_image", "strength", "source_prompt", "lora_scale"}]: a text file's lines, or a .jsonl file's
+  objects (prompt_entry); a ValueError naming the file and the line that cannot be read."""
   path = pathlib.Path(path)
   if not path.exists():
     raise ValueError(f"Prompts file {str(path)!r} does not exist.")
-  lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-  if path.suffix == ".jsonl":
+  try:
+    lines = [(number, line.strip()) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+  except UnicodeDecodeError as error:
+    raise ValueError(f"Prompts file {str(path)!r} is not UTF-8 text ({error}).") from None
+  entries = []
+  for number, line in lines:
+    if path.suffix != ".jsonl":
+      entries.append({"prompt": line[:MAX_PROMPT_CHARS]})
+      continue
     try:
-      entries = [{k: v for k, v in json.loads(line).items()
-                  if k in ("prompt", "seed", "guidance_scale", "guidance_interval", "negative_prompt", "strength",
-                           "source_prompt", "lora_scale") + EDIT_FILES}
-                 for line in lines]
-      for entry in entries:
-        entry["prompt"] = str(entry["prompt"])
-        for key in ("mask", "last_image"):
-          if key in entry and "init_image" not in entry:
-            raise ValueError(f"a '{key}' needs the 'init_image' it belongs to")
-        if "init_image" in entry and "init_video" in entry:
-          raise ValueError("an 'init_image' or an 'init_video' to edit, not both")
-        if "strength" in entry:
-          entry["strength"] = float(entry["strength"])
-          if not 0 < entry["strength"] <= 1:
-            raise ValueError(f"strength {entry['strength']} must be in (0, 1]")
-        whole = lambda file: str(path.parent / pathlib.Path(file).expanduser())  # an absolute path stays
-        for key in EDIT_FILES:
-          if key == "init_image" and isinstance(entry.get(key), list) and entry[key]:  # FLUX.1 Redux's to blend
-            entry[key] = [whole(str(file)) for file in entry[key]]
-          elif key in entry:
-            entry[key] = whole(entry[key])
-        for key in ("negative_prompt", "source_prompt"):
-          if key in entry:
-            entry[key] = str(entry[key])[:MAX_PROMPT_CHARS]
-        if float(entry.get("guidance_scale", 0.0)) < 0:
-          raise ValueError(f"guidance_scale {entry['guidance_scale']} must be >= 0")
-        if "seed" in entry:
-          entry["seed"] = int(entry["seed"])
-        if "guidance_interval" in entry:
-          entry["guidance_interval"] = prompt_guidance_interval(entry["guidance_interval"])
-        if "lora_scale" in entry:
-          scale = entry["lora_scale"]
-          entry["lora_scale"] = [float(s) for s in scale] if isinstance(scale, list) else float(scale)
+      entries.append(prompt_entry(json.loads(line), path.parent))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-      raise ValueError(f"{str(path)!r}: each line must be a JSON object with a 'prompt' and optionally an "
-                       f"integer 'seed', a 'guidance_scale' >= 0, a 'guidance_interval' (\"LOW:HIGH\", [low, high] "
-                       f"or \"none\"), a 'negative_prompt', an 'init_image' (with its 'mask') or 'init_video' to "
-                       f"edit at a 'strength' (with a 'source_prompt'; an image-to-video model's 'init_image' with "
-                       f"a 'last_image'; FLUX.1 Redux's: a list of images to blend), and a 'lora_scale' (a number, "
-                       f"or a list of one per --lora adapter) ({error}).") from None
-  else:
-    entries = [{"prompt": line} for line in lines]
+      problem = f"no {error}" if isinstance(error, KeyError) else str(error)
+      raise ValueError(f"{str(path)!r}, line {number}: {problem}. Each line must be a JSON object with a "
+                       f"'prompt' and optionally an integer 'seed', a 'guidance_scale' >= 0, a 'guidance_interval' "
+                       f"(\"LOW:HIGH\", [low, high] or \"none\"), a 'negative_prompt', an 'init_image' (with its "
+                       f"'mask') or 'init_video' to edit at a 'strength' (with a 'source_prompt'; an image-to-video "
+                       f"model's 'init_image' with a 'last_image'; FLUX.1 Redux's: a list of images to blend), and a "
+                       f"'lora_scale' (a number, or a list of one per --lora adapter).") from None
   if not entries:
     raise ValueError(f"Prompts file {str(path)!r} has no prompts.")
-  return [{**e, "prompt": e["prompt"][:MAX_PROMPT_CHARS]} for e in entries]
+  return entries
 
 
 # ----------------------------------------------------------------------------- CLI

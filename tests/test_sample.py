@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -137,8 +138,28 @@ def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, c
   np.testing.assert_array_equal(read(per_prompt, records[2]), read(guided, records[0]))
   assert not np.array_equal(read(guided, records[0]), read(unguided, records[0]))
   prompts.write_text(json.dumps({"prompt": prompt, "guidance_interval": [2, 1]}) + "\n")
-  with pytest.raises(ValueError, match="'guidance_interval'.*must be .* with 0 <= low < high"):
+  with pytest.raises(ValueError, match=r"line 1: guidance_interval \(2.0, 1.0\) must be .* with 0 <= low < high"):
     sample.read_prompts(prompts)
+
+
+def test_a_prompts_file_line_that_would_be_misread_is_refused_naming_it(tmp_path):
+  """A misspelt key (its value dropped), a line that is no object, a prompt that is no text, a seed that is no integer
+  and a file that is no UTF-8 text are refused, each naming the file's line; a blank line is skipped, counted."""
+  prompts = tmp_path / "prompts.jsonl"
+  good = json.dumps({"prompt": "a red circle", "seed": 3.0}) + "\n\n"
+  prompts.write_text(good)
+  assert sample.read_prompts(prompts) == [{"prompt": "a red circle", "seed": 3}]
+  for line, problem in (({"prompt": "a", "sede": 3}, "line 3: unknown key 'sede' (known: prompt, seed,"),
+                        (["a", "b"], "line 3: a JSON list, not an object"),
+                        ({"prompt": 5}, "line 3: 'prompt' 5 is not a string"),
+                        ({"prompt": "a", "seed": 1.5}, "line 3: seed 1.5 is not an integer"),
+                        ({"seed": 1}, "line 3: no 'prompt'")):
+    prompts.write_text(good + json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{str(prompts)!r}, {problem}")):
+      sample.read_prompts(prompts)
+  (text := tmp_path / "prompts.txt").write_bytes(b"\xff\xfe a red circle\n")
+  with pytest.raises(ValueError, match="prompts.txt' is not UTF-8 text"):
+    sample.read_prompts(text)
 
 
 def test_autoguidance_by_the_model_itself_is_no_guidance_and_by_an_earlier_checkpoint_guides(trained, tmp_path):

@@ -23,7 +23,8 @@ def _pack(token_lists, max_length, texts, keep_last=False):
   ids = np.zeros((len(token_lists), max_length), np.int32)
   for row, (tokens, text) in enumerate(zip(token_lists, texts)):
     if len(tokens) > max_length:
-      logging.warning("Prompt has %d tokens, truncated to max_length=%d: %r", len(tokens), max_length, text)
+      shown = text if len(text) <= 80 else text[:77] + "..."
+      logging.warning("Prompt has %d tokens, truncated to max_length=%d: %r", len(tokens), max_length, shown)
       tokens = tokens[:max_length - 1] + tokens[-1:] if keep_last else tokens[:max_length]
     ids[row, :len(tokens)] = tokens
   return ids, ids != PAD_ID
