@@ -521,3 +521,21 @@ def test_two_jobs_preparing_one_dataset_together_both_open_it(tmp_path):
   assert all(r is not None for r in results), "a job preparing the dataset at the same time failed"
   np.testing.assert_array_equal(results[0][5]["image"], results[1][5]["image"])
   assert len(results[0]) == len(results[1]) == 512
+
+
+def test_making_a_builder_of_an_unprepared_dataset_leaves_no_temporary_directory(tmp_path, monkeypatch):
+  """TFDS's DatasetInfo looks for an unprepared dataset's info on its GCS bucket through a temporary directory it
+  leaves behind; this project's builders (data/local_builder.py) do not look."""
+  import tempfile
+
+  from diffusion_jax.data import folder_dataset, moving_shapes
+
+  (scratch := tmp_path / "tmp").mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  made = [captioned_shapes.CaptionedShapes(config=captioned_shapes.CaptionedShapesConfig(name="a", resolution=16),
+                                           data_dir=tmp_path / "tfds", file_format="array_record"),
+          moving_shapes.MovingShapes(config=moving_shapes.MovingShapesConfig(name="b", resolution=16),
+                                     data_dir=tmp_path / "tfds", file_format="array_record"),
+          folder_dataset.FolderImages(config=folder_dataset.FolderConfig(name="c", folder=str(tmp_path)),
+                                      data_dir=tmp_path / "tfds", file_format="array_record")]
+  assert [builder.info.splits for builder in made] and not list(scratch.iterdir())

@@ -17,6 +17,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from diffusion_jax.data import local_builder
+
 COLORS = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
@@ -115,7 +117,7 @@ def config_name(resolution, max_objects, num_train, seed, heldout_combinations=(
   return f"r{resolution}_o{max_objects}_n{num_train}_s{seed}{heldout}"
 
 
-class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
+class CaptionedShapes(local_builder.LocalBuilder):
   """Coloured shapes with compositional captions and ground-truth attributes."""
 
   VERSION = tfds.core.Version("1.0.0")

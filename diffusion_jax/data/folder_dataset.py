@@ -46,6 +46,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from diffusion_jax.data import local_builder
+
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +112,7 @@ def read_clip(path, frames: int, resolution: int, stride: int = 1) -> np.ndarray
   return None
 
 
-class CaptionedFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class CaptionedFolder(local_builder.LocalBuilder, skip_registration=True):
   """What both folder builders share: a train split of the files captions_file lists and, when eval_captions_file
   is given, a validation split of those it lists; a line whose caption is empty, whose file is missing or which
   `_read(path)` cannot use is skipped and counted."""

@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from diffusion_jax.data import captioned_shapes as shapes
+from diffusion_jax.data import captioned_shapes as shapes, local_builder
 
 DIRECTIONS = ("left", "right", "up", "down")
 STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per unit
@@ -92,7 +92,7 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
   travel: float = TRAVEL
 
 
-class MovingShapes(tfds.core.GeneratorBasedBuilder):
+class MovingShapes(local_builder.LocalBuilder):
   """Videos of coloured shapes moving in one of four directions, with captions and attributes."""
 
   VERSION = tfds.core.Version("1.0.0")
