@@ -954,8 +954,9 @@ def define_flags():
   config_flags.DEFINE_config_file("cascade", None, "Cascade config: evaluate the whole cascade's final output.")
   flags.DEFINE_integer("step", None, "Evaluate only this checkpoint.")
   flags.DEFINE_bool("watch", False, "Keep polling for new checkpoints.")
-  flags.DEFINE_integer("poll_seconds", 60, "Polling interval with --watch.")
-  flags.DEFINE_float("max_idle_minutes", 60, "With --watch, stop after this long without a new checkpoint.")
+  flags.DEFINE_integer("poll_seconds", 60, "Polling interval with --watch.", lower_bound=1)
+  flags.DEFINE_float("max_idle_minutes", 60, "With --watch, stop after this long without a new checkpoint.",
+                     lower_bound=0)
   flags.DEFINE_integer("num_prompts", 64, "Validation captions to generate for (also the FID set size).",
                        lower_bound=1)
   flags.DEFINE_integer("heldout_examples", 64, "Validation examples for the held-out loss.", lower_bound=1)
@@ -1052,6 +1053,9 @@ def main(argv):
     if f.step is not None:
       cli.refuse(("watch", "poll_seconds", "max_idle_minutes"), "not used with --step, which evaluates one checkpoint "
                  "and stops")
+    elif f.workdir and not f.watch:
+      cli.refuse(("poll_seconds", "max_idle_minutes"), "only with --watch (without it the checkpoints there now are "
+                 "evaluated once)")
     if f.cascade:
       cli.refuse(("step", "watch", "poll_seconds", "max_idle_minutes", "heldout_examples", "combination_prompts",
                   "combinations"),

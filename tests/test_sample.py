@@ -304,6 +304,13 @@ def test_flags_a_cascade_would_ignore_are_refused_all_at_once():
     assert all(": not used with --cascade" in line for line in refused), refused
 
 
+def test_evaluations_polling_flags_without_watch_are_refused(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "diffusion_jax.evaluate", f"--workdir={tmp_path}", "--poll_seconds=5",
+                           "--max_idle_minutes=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  assert "error: --poll_seconds, --max_idle_minutes: only with --watch" in result.stderr
+
+
 def test_sampling_a_configs_checkpoints_refuses_what_it_cannot_read(tmp_path):
   """sample --config and evaluate --config: a checkpoint step and a missing --output_dir are usage errors; the demo's
   test config, which trains its text encoder and U-Net from scratch, is refused naming them (exit 2, one line, no
