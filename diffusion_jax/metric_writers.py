@@ -12,6 +12,13 @@ import numpy as np
 PROGRESS_SCALARS = 6  # shown by a progress line of a writer that was never started
 
 
+def tensorboard_tag(key: str) -> str:
+  """A metric's TensorBoard name: its key without "+" signs, which TensorBoard's names cannot hold (the held-out loss
+  at log-SNR +2, "heldout_loss/logsnr_+2", is "heldout_loss/logsnr_2" beside "heldout_loss/logsnr_-2"; tensorboardX
+  would write "logsnr__2" and log that it did, at every evaluation)."""
+  return key.replace("+", "")
+
+
 class MetricWriter:
 
   def __init__(self, workdir, total_steps: int, name: str = "train"):
@@ -42,7 +49,7 @@ class MetricWriter:
     self.jsonl.flush()
     for key, value in scalars.items():
       if np.isfinite(value):
-        self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.add_scalar(tensorboard_tag(key), value, step)
     self.tensorboard.flush()
     self.progress(step, scalars)
 
