@@ -4,9 +4,11 @@ stderr with exit code 2 instead of a traceback (ml_collections raises those whil
 errors (`refuse`) as lines of their own with exit code 2."""
 
 import contextlib
+import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -24,9 +26,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run(main) -> None:
   """absl's app.run of `main`; a usage error (flags that do not go together, a missing one) is `error: ...` a line,
-  then a pointer to --help, and exit code 2, rather than the whole usage text with the error under it."""
+  then a pointer to --help, and exit code 2, rather than the whole usage text with the error under it. The job's
+  own log (diffusion_jax's loggers) is at INFO, the libraries' (orbax, TFDS, JAX, through absl) at WARNING unless
+  --verbosity says otherwise."""
 
   def main_or_usage_error(argv):
+    if not flags.FLAGS["verbosity"].present:
+      absl_logging.set_verbosity(absl_logging.WARNING)  # libraries say only what matters
+    logging.getLogger("diffusion_jax").setLevel(logging.INFO)
     try:
       return main(argv)
     except app.UsageError as error:

@@ -1091,7 +1091,6 @@ def main(argv):
         cli.refuse(("reconstruction_guidance",), "only with --image_to_video or --video_length, which keep frames "
                    "for it to agree with")
   distributed.initialize()
-  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   sweeps = {name: f[f"{name}_sweep"].value for name in SWEEPS if f[f"{name}_sweep"].value}
   try:
     overrides = {name: f[name].value for name in ("batch_size", "negative_prompt") + VIDEO_SAMPLE_FLAGS}

@@ -190,7 +190,6 @@ def main(argv):
     raise app.UsageError("Give --workdir (a fine-tune) or --config (a checkpoint as downloaded), one of them.")
   if f.config is not None:
     cli.refuse(("step", "use_ema"), "only with --workdir (a run's checkpoints)")
-  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   cli.print_result(lambda: export(f.workdir, f.output, f.step, f.use_ema, f.single_file,
                                   [lora.read(spec) for spec in f.lora], f.config,
                                   None if f.dtype == "stored" else f.dtype))

@@ -15,12 +15,10 @@ every host of a TPU pod. SIGTERM or Ctrl-C saves a checkpoint after the current 
 stops at once); rerunning resumes.
 """
 
-import logging
 import pathlib
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from diffusion_jax import cli, distributed
@@ -36,8 +34,6 @@ def main(argv):
   if f.workdir is None or f.config is None:
     raise app.UsageError("--config and --workdir are required.")
   distributed.initialize()
-  absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, tfds) say only what matters
-  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   import jax
 
   from diffusion_jax import train

@@ -302,7 +302,6 @@ def define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
-  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   cli.print_result(lambda: convert(f.checkpoint, f.like, f.output))
 
 

@@ -67,7 +67,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -607,8 +606,6 @@ def main(argv):
   if f.workdir is None or f.config is None:
     raise app.UsageError("--config and --workdir are required.")
   distributed.initialize()
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   try:
     train(f.config, f.workdir)
   except ValueError as error:  # configuration, data and path errors a user can fix

@@ -29,7 +29,6 @@ import sys
 import time
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from diffusion_jax import cli
@@ -160,8 +159,6 @@ def main(argv):
     raise app.UsageError("--sweep and --root are required.")
   if not f.print_commands:
     cli.refuse(("launcher",), "only with --print_commands (it prefixes the printed commands)")
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("diffusion_jax").setLevel(logging.INFO)
   import jax
 
   # Runs of one size share their train step (budgets change train.steps and warm-up, arguments of the step),
