@@ -1,4 +1,5 @@
-"""Writing generated images and videos that carry their provenance (PNG, GIF, MP4), and labelled grids."""
+"""Writing generated images and videos that carry their provenance (PNG, GIF, MP4), and labelled grids; reading
+given images upright."""
 
 import fractions
 import json
@@ -7,6 +8,7 @@ import pathlib
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageOps
 import PIL.PngImagePlugin
 
 
@@ -31,9 +33,16 @@ def save_png(path, image: np.ndarray, provenance: dict) -> None:
   PIL.Image.fromarray(image).save(path, pnginfo=info)
 
 
+def upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+  """An opened image as RGB, turned as its EXIF orientation says: a camera's photo is often stored sideways with a
+  tag saying how to turn it (diffusers' load_image turns it too)."""
+  return PIL.ImageOps.exif_transpose(image).convert("RGB")
+
+
 def read_image(path) -> np.ndarray:
+  """uint8 [h, w, 3] of an image file, upright."""
   with PIL.Image.open(path) as image:
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(upright_rgb(image))
 
 
 def read_provenance(path) -> dict:

@@ -539,3 +539,21 @@ def test_making_a_builder_of_an_unprepared_dataset_leaves_no_temporary_directory
           folder_dataset.FolderImages(config=folder_dataset.FolderConfig(name="c", folder=str(tmp_path)),
                                       data_dir=tmp_path / "tfds", file_format="array_record")]
   assert [builder.info.splits for builder in made] and not list(scratch.iterdir())
+
+
+def test_a_photo_stored_sideways_is_read_upright(tmp_path):
+  """A camera's JPEG stored sideways with an EXIF orientation (6: turn 90 degrees clockwise) is read turned, as an
+  edit's image (media.read_image) and as a folder dataset's."""
+  from diffusion_jax import media
+  from diffusion_jax.data import folder_dataset
+
+  pixels = np.zeros((8, 16, 3), np.uint8)
+  pixels[:, :8] = 255  # as stored: 8 high, 16 wide, the left half white
+  exif = PIL.Image.Exif()
+  exif[0x0112] = 6
+  PIL.Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+  upright = media.read_image(tmp_path / "photo.jpg")
+  assert upright.shape == (16, 8, 3) and upright[:8].mean() > 200 and upright[8:].mean() < 50  # left -> top
+  builder = folder_dataset.FolderImages(config=folder_dataset.FolderConfig(name="photos", folder=str(tmp_path)),
+                                        data_dir=tmp_path / "tfds", file_format="array_record")
+  np.testing.assert_array_equal(np.asarray(builder._read(tmp_path / "photo.jpg")[1]["image"]), upright)

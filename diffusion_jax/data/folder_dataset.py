@@ -46,6 +46,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from diffusion_jax import media
 from diffusion_jax.data import local_builder
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class FolderImages(CaptionedFolder):
   def _read(self, path):
     try:
       with PIL.Image.open(path) as image:
-        return None, {"image": image.convert("RGB")}
+        return None, {"image": media.upright_rgb(image)}
     except (OSError, ValueError, PIL.Image.DecompressionBombError):
       return "undecodable image", None
 
