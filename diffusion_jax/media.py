@@ -39,6 +39,13 @@ def upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
   return PIL.ImageOps.exif_transpose(image).convert("RGB")
 
 
+def upright_frame(frame) -> PIL.Image.Image:
+  """A decoded video frame (PyAV's) as an RGB image, turned as its display matrix says: a phone's clip is often stored
+  sideways with a matrix saying how to turn it (players and FFmpeg turn it)."""
+  image = frame.to_image().convert("RGB")
+  return image.rotate(frame.rotation, expand=True) if frame.rotation else image  # (counterclockwise, as PIL turns)
+
+
 def read_image(path) -> np.ndarray:
   """uint8 [h, w, 3] of an image file, upright."""
   with PIL.Image.open(path) as image:
@@ -109,9 +116,10 @@ def save_mp4(path, frames: np.ndarray, provenance: dict, scale: int | None = Non
 
 
 def read_mp4(path) -> tuple[np.ndarray, dict]:
-  """(frames uint8 [frames, h, w, 3] as stored, i.e. upscaled and padded, provenance) of a save_mp4 file."""
+  """(frames uint8 [frames, h, w, 3] as stored, i.e. upscaled and padded, provenance) of a save_mp4 file; another
+  MP4's frames upright (upright_frame)."""
   import av
 
   with av.open(str(path)) as container:
-    frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    frames = np.stack([np.asarray(upright_frame(frame)) for frame in container.decode(video=0)])
     return frames, json.loads(container.metadata.get("comment", "{}"))

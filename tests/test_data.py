@@ -557,3 +557,26 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path):
   builder = folder_dataset.FolderImages(config=folder_dataset.FolderConfig(name="photos", folder=str(tmp_path)),
                                         data_dir=tmp_path / "tfds", file_format="array_record")
   np.testing.assert_array_equal(np.asarray(builder._read(tmp_path / "photo.jpg")[1]["image"]), upright)
+
+
+def test_a_clip_stored_sideways_is_read_upright(tmp_path):
+  """A phone's MP4 stored sideways with a display matrix that turns it 90 degrees clockwise (its track header's:
+  the matrix an iPhone writes for a portrait clip) is read turned, as players turn it: as a folder dataset's clip
+  and as a sampling job's --init_video."""
+  import struct
+
+  from diffusion_jax import media
+  from diffusion_jax.data import folder_dataset
+
+  frames = np.zeros((3, 16, 32, 3), np.uint8)
+  frames[:, :, :16] = 255  # as stored: 16 high, 32 wide, the left half white
+  media.save_mp4(tmp_path / "clip.mp4", frames, {}, scale=1)
+  data = bytearray((tmp_path / "clip.mp4").read_bytes())
+  header = data.index(b"tkhd") + 4  # version 0: flags, times, track id, duration, reserved, layer ... then the matrix
+  assert data[header] == 0
+  matrix = header + 4 + 20 + 8 + 8
+  data[matrix:matrix + 36] = struct.pack(">9i", 0, 1 << 16, 0, -(1 << 16), 0, 0, 0, 0, 1 << 30)
+  (tmp_path / "clip.mp4").write_bytes(bytes(data))
+  clip = folder_dataset.read_clip(tmp_path / "clip.mp4", frames=3, resolution=16)
+  assert clip.shape == (3, 32, 16, 3) and clip[:, :16].mean() > 200 and clip[:, 16:].mean() < 50  # left -> top
+  np.testing.assert_array_equal(media.read_mp4(tmp_path / "clip.mp4")[0], clip)  # a sampling job's --init_video

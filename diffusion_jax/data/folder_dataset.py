@@ -93,9 +93,10 @@ class FolderClipsConfig(FolderConfig):
 
 
 def read_clip(path, frames: int, resolution: int, stride: int = 1) -> np.ndarray | None:
-  """Frames 0, stride, 2 stride, ... of a video file, `frames` of them, each resized so that its shorter side is
-  `resolution`: uint8 [frames, h, w, 3], or None when the clip is shorter. Decoding errors raise (OSError,
-  ValueError or PyAV's)."""
+  """Frames 0, stride, 2 stride, ... of a video file, `frames` of them, each turned as its display matrix says (a
+  phone's clip stored sideways; as players and FFmpeg turn it) and resized so that its shorter side is `resolution`:
+  uint8 [frames, h, w, 3], or None when the clip is shorter. Decoding errors raise (OSError, ValueError or
+  PyAV's)."""
   import av
 
   kept = []
@@ -103,9 +104,9 @@ def read_clip(path, frames: int, resolution: int, stride: int = 1) -> np.ndarray
     for index, frame in enumerate(container.decode(video=0)):
       if index % stride:
         continue
-      image = frame.to_image()
+      image = media.upright_frame(frame)
       scale = resolution / min(image.size)
-      kept.append(np.asarray(image.convert("RGB").resize(
+      kept.append(np.asarray(image.resize(
           (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
           PIL.Image.BICUBIC)))
       if len(kept) == frames:
