@@ -33,10 +33,17 @@ def save_png(path, image: np.ndarray, provenance: dict) -> None:
   PIL.Image.fromarray(image).save(path, pnginfo=info)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of a 16-bit grayscale PNG
+
+
 def upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
   """An opened image as RGB, turned as its EXIF orientation says: a camera's photo is often stored sideways with a
-  tag saying how to turn it (diffusers' load_image turns it too)."""
-  return PIL.ImageOps.exif_transpose(image).convert("RGB")
+  tag saying how to turn it (diffusers' load_image turns it too). A 16-bit grayscale image is scaled to 8 bits
+  (PIL's convert would clip its 0..65535 at 255: white wherever it is above 0.4% grey)."""
+  image = PIL.ImageOps.exif_transpose(image)
+  if image.mode in SIXTEEN_BIT_MODES:
+    image = PIL.Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
+  return image.convert("RGB")
 
 
 def upright_frame(frame) -> PIL.Image.Image:

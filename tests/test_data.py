@@ -543,7 +543,7 @@ def test_making_a_builder_of_an_unprepared_dataset_leaves_no_temporary_directory
 
 def test_a_photo_stored_sideways_is_read_upright(tmp_path):
   """A camera's JPEG stored sideways with an EXIF orientation (6: turn 90 degrees clockwise) is read turned, as an
-  edit's image (media.read_image) and as a folder dataset's."""
+  edit's image (media.read_image) and as a folder dataset's; a 16-bit grayscale PNG is read at its levels."""
   from diffusion_jax import media
   from diffusion_jax.data import folder_dataset
 
@@ -557,6 +557,12 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path):
   builder = folder_dataset.FolderImages(config=folder_dataset.FolderConfig(name="photos", folder=str(tmp_path)),
                                         data_dir=tmp_path / "tfds", file_format="array_record")
   np.testing.assert_array_equal(np.asarray(builder._read(tmp_path / "photo.jpg")[1]["image"]), upright)
+  # A 16-bit grayscale PNG (a scan's, a depth map's): its 0..65535 brought to 0..255, not clipped there (white)
+  levels = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+  PIL.Image.fromarray(levels).save(tmp_path / "sixteen.png")
+  eight = np.repeat(np.round(levels / 257).astype(np.uint8)[..., None], 3, -1)
+  np.testing.assert_array_equal(media.read_image(tmp_path / "sixteen.png"), eight)
+  np.testing.assert_array_equal(np.asarray(builder._read(tmp_path / "sixteen.png")[1]["image"]), eight)
 
 
 def test_a_clip_stored_sideways_is_read_upright(tmp_path):
