@@ -586,3 +586,24 @@ def test_a_clip_stored_sideways_is_read_upright(tmp_path):
   clip = folder_dataset.read_clip(tmp_path / "clip.mp4", frames=3, resolution=16)
   assert clip.shape == (3, 32, 16, 3) and clip[:, :16].mean() > 200 and clip[:, 16:].mean() < 50  # left -> top
   np.testing.assert_array_equal(media.read_mp4(tmp_path / "clip.mp4")[0], clip)  # a sampling job's --init_video
+
+
+def test_a_captions_file_that_would_leave_every_image_uncaptioned_is_refused(tmp_path, capsys):
+  """A captions.jsonl line with its caption under another key is refused naming the line (every image would have
+  been skipped as uncaptioned); a spreadsheet's CSV with a byte-order mark is read; a file none of whose lines can be
+  used is refused with the reasons, not prepared as an empty dataset."""
+  from diffusion_jax.data import folder_dataset
+
+  PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+  (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "a.png", "caption": "a red circle"}) + "\n"
+                                           + json.dumps({"file": "a.png", "text": "a red circle"}) + "\n")
+  with pytest.raises(ValueError, match="captions.jsonl' line 2: expected a JSON object with a 'file' and a 'caption'"):
+    folder_dataset.read_captions(tmp_path / "captions.jsonl")
+  (tmp_path / "captions.csv").write_text("file,caption\na.png,a red circle\n", encoding="utf-8-sig")
+  assert folder_dataset.read_captions(tmp_path / "captions.csv") == [("a.png", "a red circle", "")]
+  (tmp_path / "unusable.jsonl").write_text(json.dumps({"file": "a.png", "caption": " "}) + "\n"
+                                           + json.dumps({"file": "gone.png", "caption": "a red circle"}) + "\n")
+  assert folder_dataset.main([f"--images={tmp_path}", f"--captions={tmp_path / 'unusable.jsonl'}",
+                              f"--data_dir={tmp_path / 'tfds'}"]) == 2
+  assert ("error: None of the 2 lines of" in capsys.readouterr().err and
+          not list((tmp_path / "tfds").glob("folder_images/*/1.0.0")))

@@ -52,26 +52,38 @@ from diffusion_jax.data import local_builder
 log = logging.getLogger(__name__)
 
 
+CAPTION_KEYS = ("file", "caption", "reference")
+
+
 def read_captions(path) -> list[tuple[str, str, str]]:
-  """(file, caption, reference file or "") of each line of a captions.jsonl or .csv."""
+  """(file, caption, reference file or "") of each line of a captions.jsonl or .csv (UTF-8, a spreadsheet's
+  byte-order mark allowed); a ValueError naming a line that is no JSON object of those keys (a caption under another
+  key would leave every image uncaptioned, skipped)."""
   path = pathlib.Path(path)
   if not path.exists():
     raise ValueError(f"Captions file {str(path)!r} does not exist.")
   rows = []
-  if path.suffix == ".csv":
-    with open(path, newline="") as f:
-      reader = csv.DictReader(f)
-      if not {"file", "caption"} <= set(reader.fieldnames or ()):
-        raise ValueError(f"{str(path)!r} needs the columns file,caption; it has {reader.fieldnames}.")
-      rows = [(r["file"], r["caption"], r.get("reference") or "") for r in reader]
-  else:
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-          rows.append((record["file"], record.get("caption") or "", record.get("reference") or ""))
-        except (json.JSONDecodeError, KeyError, TypeError):
-          raise ValueError(f"{str(path)!r} line {number}: expected a JSON object with 'file' and 'caption'.") from None
+  try:
+    if path.suffix == ".csv":
+      with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not {"file", "caption"} <= set(reader.fieldnames or ()):
+          raise ValueError(f"{str(path)!r} needs the columns file,caption; it has {reader.fieldnames}.")
+        rows = [(r["file"], r["caption"], r.get("reference") or "") for r in reader]
+    else:
+      for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if line.strip():
+          try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or set(record) - set(CAPTION_KEYS) or not all(
+                isinstance(record.get(key, ""), str) for key in CAPTION_KEYS):
+              raise TypeError
+            rows.append((record["file"], record.get("caption", ""), record.get("reference", "")))
+          except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{str(path)!r} line {number}: expected a JSON object with a 'file' and a 'caption' "
+                             f"(and a 'reference'), strings, and no other keys: {line.strip()[:200]}") from None
+  except UnicodeDecodeError as error:
+    raise ValueError(f"Captions file {str(path)!r} is not UTF-8 text ({error}).") from None
   if not rows:
     raise ValueError(f"Captions file {str(path)!r} lists no images.")
   return rows
@@ -150,6 +162,8 @@ class CaptionedFolder(local_builder.LocalBuilder, skip_registration=True):
         sides.append(min(example["image"].size))
       yield index, {**example, "caption": caption, "file": file}
     log.warning("%s: of %s skipped %s", self.name, captions_file, dict(skipped))
+    if sum(skipped.values()) == index + 1:
+      raise ValueError(f"None of the {index + 1} lines of {str(captions_file)!r} could be used: {dict(skipped)}")
     if sides:  # training scales each image to cover data.resolution x data.width: below it, up
       log.warning("%s: the shorter sides of the %d images of %s: min %d, median %d, max %d px", self.name,
                   len(sides), captions_file, min(sides), int(np.median(sides)), max(sides))
