@@ -152,6 +152,11 @@ def test_word_tokenizer_pads_truncates_and_handles_empty(caplog):
   assert mask[0].sum() == 3 and not mask[1].any() and mask[2].all()
   assert "truncated" in caplog.text
   assert (ids[~mask] == 0).all()
+  caplog.clear()
+  ids, _ = tokenizer(["a crimson circle", "a crimson square"])
+  assert ids[0, 1] == ids[1, 1] == 1 and caplog.text.count("vocabulary, each read as one unknown token: crimson") == 1
+  tokenizer(["a crimson circle"])
+  assert caplog.text.count("crimson") == 1  # (once per word)
 
 
 def test_sentencepiece_tokenizer(tmp_path):

@@ -31,12 +31,14 @@ def _pack(token_lists, max_length, texts, keep_last=False):
 
 
 class WordTokenizer:
-  """Lower-cased words of a fixed vocabulary; id 0 = padding, 1 = unknown word."""
+  """Lower-cased words of a fixed vocabulary; id 0 = padding, 1 = unknown word (each such word warned of once: a
+  prompt's "crimson" is read as no colour at all)."""
 
   def __init__(self, vocabulary, max_length: int):
     self.vocabulary = tuple(vocabulary)
     self.max_length = max_length
     self._ids = {word: i + 2 for i, word in enumerate(self.vocabulary)}
+    self._unknown_seen = set()
 
   @property
   def vocab_size(self) -> int:
@@ -44,8 +46,12 @@ class WordTokenizer:
 
   def __call__(self, texts):
     texts = [t.decode() if isinstance(t, bytes) else t for t in texts]
-    token_lists = [[self._ids.get(w, 1) for w in re.findall(r"[a-z0-9]+", t.lower())] for t in texts]
-    return _pack(token_lists, self.max_length, texts)
+    words = [re.findall(r"[a-z0-9]+", t.lower()) for t in texts]
+    if unknown := sorted({w for ws in words for w in ws if w not in self._ids} - self._unknown_seen):
+      self._unknown_seen.update(unknown)
+      logging.warning("Words outside the tokenizer's %d-word vocabulary, each read as one unknown token: %s",
+                      len(self.vocabulary), ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else ""))
+    return _pack([[self._ids.get(w, 1) for w in ws] for ws in words], self.max_length, texts)
 
 
 class SentencePieceTokenizer:
