@@ -20,7 +20,8 @@ Flags:
                     "source_prompt"?, "lora_scale"? (with --lora: every adapter's scale for this prompt, or a list
                     with one per --lora)} (per-prompt settings; image and clip paths relative to the file); default:
                     the config's sample.prompts
-  --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>)
+  --output_dir      where PNGs, grid.png and manifest.jsonl go (default: WORKDIR/samples/step_<N>, or where that
+                    holds samples already, the training run's say, step_<N>.2, .3, ...: none is overwritten)
   --sampler         one of samplers.SAMPLERS (default: config sample.sampler)
   --steps           sampler steps, >= 1 (default: config sample.steps)
   --guidance_scale  classifier-free guidance scale, >= 0 (default: config sample.guidance_scale)
@@ -176,6 +177,7 @@ grid.gif and grid.mp4.
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import pathlib
@@ -956,8 +958,17 @@ def run(workdir, overrides: dict, prompts_path=None, step=None, output_dir=None,
     log.info("the model hands its latents to the refiner at step %d of %d", refiners.handoff_step(
         config, sample_config, sampling_logsnr(config, sample_config), refiner.denoising_end), sample_config.steps)
   return write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
-                       sample_config, mesh, step, output_dir or pathlib.Path(workdir) / "samples" / f"step_{step}",
+                       sample_config, mesh, step, output_dir or free_output_dir(workdir, step),
                        edits=edits, adapters=adapters, guide=guide, refiner=refiner)
+
+
+def free_output_dir(workdir, step: int) -> pathlib.Path:
+  """A sampling job's default output directory: WORKDIR/samples/step_<N>, or where that already holds samples (the
+  training run's own at that step, an earlier job's), the first of step_<N>.2, step_<N>.3, ... that does not: a job
+  never overwrites samples it was not pointed at."""
+  default = pathlib.Path(workdir) / "samples" / f"step_{step}"
+  candidates = itertools.chain([default], (default.with_name(f"{default.name}.{k}") for k in itertools.count(2)))
+  return next(path for path in candidates if not (path / "manifest.jsonl").exists())
 
 
 def checked_refiner(config, refiner_config, denoising_end, sample_configs, overrides, problems=(), adapters=(),
@@ -1284,7 +1295,8 @@ def define_flags():
                                   "training (needs --output_dir).")
   flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
   flags.DEFINE_string("prompts", None, "Prompts file (.txt one per line, or .jsonl); default config prompts.")
-  flags.DEFINE_string("output_dir", None, "Output directory; default WORKDIR/samples/step_<N>.")
+  flags.DEFINE_string("output_dir", None, "Output directory; default WORKDIR/samples/step_<N> (step_<N>.2, .3, ... "
+                      "where that holds samples already).")
   flags.DEFINE_string("sampler", None, f"Sampler, one of {list(samplers.SAMPLERS)}.")
   flags.DEFINE_integer("steps", None, "Sampler steps (>= 1).")
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (>= 0).")

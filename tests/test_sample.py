@@ -142,6 +142,20 @@ def test_outside_its_guidance_interval_a_sample_is_unguided(trained, tmp_path, c
     sample.read_prompts(prompts)
 
 
+def test_a_sampling_jobs_default_directory_never_holds_samples_already(tmp_path):
+  """WORKDIR/samples/step_<N> while it holds no samples; once it does (the training run's at that step), step_<N>.2,
+  then .3: a job never overwrites samples it was not pointed at."""
+  chosen = []
+  for _ in range(3):
+    chosen.append(sample.free_output_dir(tmp_path, 4))
+    chosen[-1].mkdir(parents=True)
+    (chosen[-1] / "manifest.jsonl").write_text("{}\n")
+  assert [path.relative_to(tmp_path).as_posix() for path in chosen] == [
+      "samples/step_4", "samples/step_4.2", "samples/step_4.3"]
+  (tmp_path / "samples" / "step_5").mkdir()  # (a directory without samples is used)
+  assert sample.free_output_dir(tmp_path, 5) == tmp_path / "samples" / "step_5"
+
+
 def test_a_prompts_file_line_that_would_be_misread_is_refused_naming_it(tmp_path):
   """A misspelt key (its value dropped), a line that is no object, a prompt that is no text, a seed that is no integer
   and a file that is no UTF-8 text are refused, each naming the file's line; a blank line is skipped, counted."""
