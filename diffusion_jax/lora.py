@@ -33,7 +33,7 @@ write them).
 
 Flags:
   --workdir   a LoRA fine-tune's workdir (model.lora_rank > 0)
-  --output    the adapter file to write (.safetensors)
+  --output    the adapter file to write (.safetensors; an existing file is refused, not overwritten)
   --step      checkpoint step (default: the latest)
   --use_ema   take the updates' first EMA copy (default: the run's sample.use_ema) or, false, the trained ones
   --format    diffusion_jax (default: ours, with what made it), diffusers (a LoRA of Wan's, SD3's or Flux's
@@ -307,6 +307,8 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     files = {output: sd_lora.to_kohya(tensors, sdxl)}
   if layout != FORMAT:  # the PyTorch world's format tag, our provenance beside it
     metadata |= {"format": "pt", "written_by": FORMAT}
+  if existing := [str(file) for file in files if file.exists()]:
+    raise ValueError(f"--output: {', '.join(existing)} exists: give a new path (nothing is overwritten)")
   for file, part in files.items():
     file.write_bytes(save(part, metadata=metadata))  # the umask's permissions (save_file: 0600)
   return metadata | {"files": ", ".join(map(str, files))}
