@@ -811,24 +811,54 @@ def sample_size_problems(config, sample_config, prefix: str) -> list[str]:
                        "the training images'")
 
 
-def data_size_problems(config) -> list[str]:
-  """Why the network cannot train on images data.resolution high and data.width wide (0: square): size_problems
-  of both sides; a width of square data (the built-in datasets) or of a super-resolution stage (its input is the
-  stage below's square)."""
-  d, found = config.data, []
-  if d.resolution < 1:
-    return [f"data.resolution={d.resolution} must be >= 1"]
-  if d.dataset in ("captioned_shapes", "moving_shapes") and d.resolution not in (16, 32, 64):
-    found.append(f"data.resolution={d.resolution}: {d.dataset} draws images of 16, 32 or 64 px")
-  sides = {"data.resolution": d.resolution}
-  if d.width and d.dataset in ("captioned_shapes", "moving_shapes"):
+def optimizer_problems(optimizer_config) -> list[str]:
+  """What is wrong with an optimizer section (the diffusion trainer's and the autoencoder trainer's): a schedule it
+  does not know, a learning rate that is not positive (NaN included), Adam's betas outside [0, 1), negative warm-up,
+  weight decay or clipping, an end factor outside [0, 1]."""
+  o, found = optimizer_config, []
+  if o.schedule not in optimizer.SCHEDULES:
+    found.append(f"optimizer.schedule={o.schedule!r} is not one of {list(optimizer.SCHEDULES)}")
+  if not o.learning_rate > 0:
+    found.append(f"optimizer.learning_rate={o.learning_rate} must be > 0")
+  for key in ("b1", "b2"):
+    if not 0 <= o[key] < 1:
+      found.append(f"optimizer.{key}={o[key]} must be in [0, 1)")
+  for key in ("warmup_steps", "weight_decay", "grad_clip"):
+    if not o[key] >= 0:
+      found.append(f"optimizer.{key}={o[key]} must be >= 0")
+  if not 0 <= o.end_learning_rate_factor <= 1:
+    found.append(f"optimizer.end_learning_rate_factor={o.end_learning_rate_factor} must be in [0, 1]")
+  return found
+
+
+def built_in_size_problems(data_config) -> list[str]:
+  """Why a built-in dataset (captioned_shapes, moving_shapes) cannot be drawn at data.resolution x data.width: it
+  draws 16, 32 or 64 px squares (their captions name what a crop would cut)."""
+  d = data_config
+  if d.dataset not in ("captioned_shapes", "moving_shapes"):
+    return []
+  found = [] if d.resolution in (16, 32, 64) else [f"data.resolution={d.resolution}: {d.dataset} draws images of "
+                                                    "16, 32 or 64 px"]
+  if d.width:
     found.append(f"data.width={d.width}: {d.dataset} draws square images whose captions name what a crop would "
                  "cut; non-square training reads folder, folder_clips or tfds data")
-  elif d.width and config.model.lowres_conditioning:
+  return found
+
+
+def data_size_problems(config) -> list[str]:
+  """Why the network cannot train on images data.resolution high and data.width wide (0: square): size_problems
+  of both sides; a built-in dataset's size (built_in_size_problems), a width of a super-resolution stage (its input
+  is the stage below's square)."""
+  d = config.data
+  if d.resolution < 1:
+    return [f"data.resolution={d.resolution} must be >= 1"]
+  found, sides = built_in_size_problems(d), {"data.resolution": d.resolution}
+  width = d.width if d.dataset not in ("captioned_shapes", "moving_shapes") else 0  # (else built_in_size_problems)
+  if width and config.model.lowres_conditioning:
     found.append(f"data.width={d.width}: a super-resolution stage trains on squares (its input is the stage "
                  "below's); leave it at 0")
-  elif d.width:
-    sides["data.width"] = d.width
+  elif width:
+    sides["data.width"] = width
   return found + size_problems(config, sides, "data.resolution")
 
 
@@ -936,18 +966,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"diffusion.schedule: {error}")
   if not 0 <= d.cond_drop_prob <= 1:
     found.append(f"diffusion.cond_drop_prob={d.cond_drop_prob} must be in [0, 1]")
-  o = config.optimizer
-  option(o.schedule, optimizer.SCHEDULES, "optimizer.schedule")
-  if not o.learning_rate > 0:
-    found.append(f"optimizer.learning_rate={o.learning_rate} must be > 0")
-  for key in ("b1", "b2"):
-    if not 0 <= o[key] < 1:
-      found.append(f"optimizer.{key}={o[key]} must be in [0, 1)")
-  for key in ("warmup_steps", "weight_decay", "grad_clip"):
-    if not o[key] >= 0:
-      found.append(f"optimizer.{key}={o[key]} must be >= 0")
-  if not 0 <= o.end_learning_rate_factor <= 1:
-    found.append(f"optimizer.end_learning_rate_factor={o.end_learning_rate_factor} must be in [0, 1]")
+  found += optimizer_problems(config.optimizer)
   found += sample_problems(config.sample, "sample.") + sample_size_problems(config, config.sample, "sample.")
   for problem in (flow_shift_problem(config, config.sample, "sample."),
                   flux_guidance_problem(config, config.sample, "sample."),

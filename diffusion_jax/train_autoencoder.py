@@ -99,9 +99,14 @@ class AdversarialState(AutoencoderState):
 def problems(config) -> list[str]:
   """What is wrong with an autoencoder config, before anything is built."""
   a, t = config.autoencoder, config.train
-  out = config_checks.moving_shapes_problems(config.data)
+  out = config_checks.moving_shapes_problems(config.data) + config_checks.built_in_data_problems(config.data)
+  if config.data.dataset not in pipeline.DATASETS:
+    out.append(f"data.dataset={config.data.dataset!r} is not one of {list(pipeline.DATASETS)}")
+  out += config_checks.built_in_size_problems(config.data) + config_checks.optimizer_problems(config.optimizer)
   widths = list(a.block_out_channels)
-  if not widths or any(w <= 0 or w % a.norm_num_groups for w in widths):
+  out += [f"autoencoder.{field}={a[field]} must be >= 1" for field in ("norm_num_groups", "latent_channels",
+                                                                       "layers_per_block") if a[field] < 1]
+  if a.norm_num_groups >= 1 and (not widths or any(w <= 0 or w % a.norm_num_groups for w in widths)):
     out.append(f"autoencoder.block_out_channels {tuple(widths)} must be positive multiples of "
                f"autoencoder.norm_num_groups={a.norm_num_groups}")
   causal, ratio = a.get("causal", False), a.get("spatial_compression_ratio", 0)
@@ -122,9 +127,9 @@ def problems(config) -> list[str]:
       out.append(f"train.{field}={t[field]} must be > 0")
   if t.eval_every < 0:
     out.append(f"train.eval_every={t.eval_every} must be >= 0 (0: evaluate at the end only)")
-  if t.kl_weight < 0:
+  if not t.kl_weight >= 0:  # (NaN included, as below)
     out.append(f"train.kl_weight={t.kl_weight} must be >= 0")
-  if config.lpips.loss_weight < 0:
+  if not config.lpips.loss_weight >= 0:
     out.append(f"lpips.loss_weight={config.lpips.loss_weight} must be >= 0")
   if config.lpips.loss_weight > 0 and not config.lpips.path:
     out.append("lpips.loss_weight > 0 needs lpips.path, a local LPIPS weights directory (metrics/lpips.py)")
@@ -138,7 +143,7 @@ def problems(config) -> list[str]:
       out.append(f"lpips.path: {error}")
   adversarial = config.adversarial
   for field in ("weight", "start_step"):
-    if adversarial[field] < 0:
+    if not adversarial[field] >= 0:
       out.append(f"adversarial.{field}={adversarial[field]} must be >= 0")
   if t.init_from:
     try:

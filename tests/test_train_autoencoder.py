@@ -187,8 +187,10 @@ def test_init_from_starts_a_run_from_an_autoencoder_of_the_same_layout(config, t
 def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
   bad = config.copy_and_resolve_references()
   bad.data.update(resolution=15, width=17)
-  bad.autoencoder.update(block_out_channels=(8, 10), out_channels=1)
+  bad.autoencoder.update(block_out_channels=(8, 10), out_channels=1, latent_channels=0)
   bad.train.kl_weight = -1.0
+  bad.optimizer.learning_rate = float("nan")  # (the diffusion trainer's optimizer and built-in data checks)
+  bad.data.max_objects = 3
   bad.lpips.update(path=str(tmp_path / "nope"), loss_weight=-1.0)
   bad.adversarial.update(weight=0.5, layers=3, start_step=-1)
   with pytest.raises(ValueError) as error:
@@ -200,10 +202,14 @@ def test_a_bad_config_is_refused_with_every_problem(config, tmp_path):
                "LPIPS (lpips.path) needs images of at least 16 pixels a side; data.resolution x data.width gives "
                "15 x 17",
                "lpips.path: No LPIPS weights directory at", "adversarial.start_step=-1 must be >= 0",
-               "the discriminator's 3 stride-2 layers (adversarial.layers) leave no patch of 15 x 17 images"):
+               "the discriminator's 3 stride-2 layers (adversarial.layers) leave no patch of 15 x 17 images",
+               "autoencoder.latent_channels=0 must be >= 1", "optimizer.learning_rate=nan must be > 0",
+               "data.max_objects=3 must be in 1..2", "data.resolution=15: captioned_shapes draws images of 16, 32"):
     assert part in str(error.value)
   bad.data.width = 0  # squares: data.width, unset, is not named
-  assert "data.width=" not in " ".join(train_autoencoder.problems(bad))
+  bad.autoencoder.norm_num_groups = 0  # (the widths' check divides by it)
+  found = " ".join(train_autoencoder.problems(bad))
+  assert "data.width=" not in found and "autoencoder.norm_num_groups=0 must be >= 1" in found
   bad.lpips.update(path="", loss_weight=1.0)
   bad.data.wrap_around = True
   found = " ".join(train_autoencoder.problems(bad))
