@@ -375,7 +375,7 @@ def sdxl_unet_problems(config, unet: dict) -> list[str]:
 
 def aesthetic_problems(config, refiner: bool) -> list[str]:
   """Whether data.aesthetic_score is given exactly when the SDXL refiner's U-Net reads it."""
-  if refiner and config.data.aesthetic_score <= 0:
+  if refiner and not config.data.aesthetic_score > 0:
     return ["The SDXL refiner's U-Net reads its images' aesthetic score as a time id: set data.aesthetic_score "
             "(> 0; 6 as its pipeline samples with)"]
   if not refiner and config.data.aesthetic_score:
@@ -449,7 +449,7 @@ def flux_problems(config) -> list[str]:
     found.append(f"Flux's transformer reads T5 states {flux['joint_attention_dim']} wide (joint_attention_dim) and a "
                  f"pooled CLIP embedding {flux['pooled_projection_dim']} wide (pooled_projection_dim), not "
                  f"{t5_width} and {clip_width} (text.t5_encoder_path's, text.pretrained_path's)")
-  if m.flux_guidance < 0:
+  if not m.flux_guidance >= 0:
     found.append(f"model.flux_guidance={m.flux_guidance} must be >= 0 (FLUX.1 dev's pipelines: 3.5)")
   if m.flux_redux_path:
     found += redux_problems(config, flux)
@@ -696,7 +696,7 @@ def flux_guidance_problem(config, sample_config, prefix: str) -> str | None:
   guidance = sample_config.flux_guidance
   if guidance == -1:
     return None
-  if guidance < 0:
+  if not guidance >= 0:
     return f"{prefix}flux_guidance={guidance} must be >= 0 (or -1: model.flux_guidance)"
   try:
     guided = (config.model.backbone == "flux"
@@ -726,7 +726,7 @@ def skip_layer_problem(config, sample_config, prefix: str) -> str | None:
     return None
   if not all(0 <= layer < blocks for layer in s.skip_layers):
     return f"{layers}: the transformer has blocks 0 to {blocks - 1}"
-  if s.skip_layer_scale < 0:
+  if not s.skip_layer_scale >= 0:
     return f"{prefix}skip_layer_scale={s.skip_layer_scale} must be >= 0"
   if not 0 <= s.skip_layer_start < s.skip_layer_stop <= 1:
     return (f"{prefix}skip_layer_start={s.skip_layer_start}, {prefix}skip_layer_stop={s.skip_layer_stop}: fractions "
@@ -740,7 +740,7 @@ def skip_layer_problem(config, sample_config, prefix: str) -> str | None:
 def flow_shift_problem(config, sample_config, prefix: str) -> str | None:
   """Why sample_config's flow_shift (named prefix + field) cannot apply: negative, or a schedule other than flow."""
   shift = sample_config.flow_shift
-  if shift < 0:
+  if not shift >= 0:
     return f"{prefix}flow_shift={shift} must be >= 0 (0: diffusion.schedule_params.shift)"
   if shift and config.diffusion.schedule != "flow":
     return (f"{prefix}flow_shift={shift}: the time shift of a flow schedule's sampling grid; this model's schedule is "
@@ -901,9 +901,9 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
     found.append(f"{prefix}threshold={s.threshold!r} is not one of {list(samplers.THRESHOLDS)}")
   if s.steps < 1:
     found.append(f"{prefix}steps={s.steps} must be >= 1")
-  if s.guidance_scale < 0:
+  if not s.guidance_scale >= 0:
     found.append(f"{prefix}guidance_scale={s.guidance_scale} must be >= 0")
-  if s.guidance_scale_low_noise < 0 and s.guidance_scale_low_noise != -1:
+  if not s.guidance_scale_low_noise >= 0 and s.guidance_scale_low_noise != -1:
     found.append(f"{prefix}guidance_scale_low_noise={s.guidance_scale_low_noise} must be >= 0 (or -1: "
                  f"{prefix}guidance_scale)")
   if problem := samplers.guidance_interval_problem(s.guidance_interval):
@@ -927,9 +927,9 @@ def sample_problems(sample_config, prefix: str) -> list[str]:
   if s.kontext_resize not in ("preferred", "own"):
     found.append(f"{prefix}kontext_resize={s.kontext_resize!r} is not 'preferred' or 'own'")
   for field in ("video_length", "context_frames", "reconstruction_guidance", "null_text_iterations"):
-    if s[field] < 0:
+    if not s[field] >= 0:
       found.append(f"{prefix}{field}={s[field]} must be >= 0")
-  if s.null_text_learning_rate <= 0:
+  if not s.null_text_learning_rate > 0:
     found.append(f"{prefix}null_text_learning_rate={s.null_text_learning_rate} must be > 0")
   if problem := null_text_problem(s, prefix):
     found.append(problem)

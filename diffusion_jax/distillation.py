@@ -36,7 +36,7 @@ def problems(config) -> list[str]:
   if not c.steps:
     return []
   found = []
-  if c.guidance_scale < 0 and c.guidance_scale != -1:
+  if not c.guidance_scale >= 0 and c.guidance_scale != -1:
     found.append(f"distill.guidance_scale={c.guidance_scale} must be >= 0, or -1 for the teacher's "
                  "sample.guidance_scale")
   if c.threshold and c.threshold not in samplers.THRESHOLDS:

@@ -140,7 +140,7 @@ def test_config_validation_reports_all_problems():
   config.text.update(max_length=0)
   config.text.t5.d_kv = 0
   config.sample.update(num_per_prompt=0, eta=2.0, guidance_rescale=-0.5, video_length=16,
-                       kontext_resize="own")
+                       kontext_resize="own", guidance_scale=float("nan"))
   config.data.update(max_objects=3, num_eval=0)
   config.optimizer.update(learning_rate=float("nan"), b2=1.0, warmup_steps=-1, end_learning_rate_factor=2.0)
   with pytest.raises(ValueError) as error:
@@ -160,7 +160,8 @@ def test_config_validation_reports_all_problems():
                "data.max_objects=3 must be in 1..2", "data.num_eval=0 must be >= 1", "sample.eta=2.0 must be in [0, 1]",
                "sample.guidance_rescale=-0.5 must be in [0, 1]",
                "sample.video_length=16: a video model's settings, which an image model (model.temporal=False) does not "
-               "read", "sample.kontext_resize='own': the size of FLUX.1 Kontext's reference images"):
+               "read", "sample.kontext_resize='own': the size of FLUX.1 Kontext's reference images",
+               "sample.guidance_scale=nan must be >= 0"):
     assert part in message
   config = t2i_shapes.get_config("test")
   config.model.attention = "flash"
