@@ -735,7 +735,7 @@ def prompt_entry(line: dict, directory: pathlib.Path) -> dict:
   for key in ("negative_prompt", "source_prompt"):
     if key in entry:
       entry[key] = entry[key][:MAX_PROMPT_CHARS]
-  if float(entry.get("guidance_scale", 0.0)) < 0:
+  if not float(entry.get("guidance_scale", 0.0)) >= 0:  # (NaN too)
     raise ValueError(f"guidance_scale {entry['guidance_scale']} must be >= 0")
   if "seed" in entry:
     seed = entry["seed"]

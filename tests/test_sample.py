@@ -167,6 +167,7 @@ def test_a_prompts_file_line_that_would_be_misread_is_refused_naming_it(tmp_path
                         (["a", "b"], "line 3: a JSON list, not an object"),
                         ({"prompt": 5}, "line 3: 'prompt' 5 is not a string"),
                         ({"prompt": "a", "seed": 1.5}, "line 3: seed 1.5 is not an integer"),
+                        ({"prompt": "a", "guidance_scale": float("nan")}, "line 3: guidance_scale nan must be >= 0"),
                         ({"seed": 1}, "line 3: no 'prompt'")):
     prompts.write_text(good + json.dumps(line) + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{str(prompts)!r}, {problem}")):
