@@ -8,6 +8,8 @@ from diffusion_jax.models import (attention, autoencoder, clip, flux_transformer
                                   sd_unet, t5, text_to_image, wan_transformer)
 from diffusion_jax.text import tokenizers
 
+BUILT_IN_DATASETS = ("captioned_shapes", "moving_shapes")  # drawn here, at 16, 32 or 64 px squares
+
 
 def network_frames(config, frames: int) -> int:
   """Frames of what a video model diffuses for clips of `frames` frames (a causal autoencoder's latent frames)."""
@@ -670,7 +672,7 @@ def built_in_data_problems(data_config) -> list[str]:
   """Why a built-in dataset (captioned_shapes, moving_shapes) cannot be drawn: no training or held-out examples,
   a captioned_shapes object count outside what its captions name (found before the model is built)."""
   d = data_config
-  if d.dataset not in ("captioned_shapes", "moving_shapes"):
+  if d.dataset not in BUILT_IN_DATASETS:
     return []
   found = [f"data.{key}={d[key]} must be >= 1" for key in ("num_train", "num_eval") if d[key] < 1]
   if d.dataset == "captioned_shapes" and not 1 <= d.max_objects <= captioned_shapes.MAX_OBJECTS:
@@ -835,7 +837,7 @@ def built_in_size_problems(data_config) -> list[str]:
   """Why a built-in dataset (captioned_shapes, moving_shapes) cannot be drawn at data.resolution x data.width: it
   draws 16, 32 or 64 px squares (their captions name what a crop would cut)."""
   d = data_config
-  if d.dataset not in ("captioned_shapes", "moving_shapes"):
+  if d.dataset not in BUILT_IN_DATASETS:
     return []
   found = [] if d.resolution in (16, 32, 64) else [f"data.resolution={d.resolution}: {d.dataset} draws images of "
                                                     "16, 32 or 64 px"]
@@ -853,7 +855,7 @@ def data_size_problems(config) -> list[str]:
   if d.resolution < 1:
     return [f"data.resolution={d.resolution} must be >= 1"]
   found, sides = built_in_size_problems(d), {"data.resolution": d.resolution}
-  width = d.width if d.dataset not in ("captioned_shapes", "moving_shapes") else 0  # (else built_in_size_problems)
+  width = d.width if d.dataset not in BUILT_IN_DATASETS else 0  # (else built_in_size_problems)
   if width and config.model.lowres_conditioning:
     found.append(f"data.width={d.width}: a super-resolution stage trains on squares (its input is the stage "
                  "below's); leave it at 0")
