@@ -12,15 +12,18 @@ from absl import logging as absl_logging
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing (its own errors print usage and exit); an error raised by a config flag's parser is one
-  line, `error: ...` (ml_collections' "Did you mean" included), and exit code 2."""
+  """absl's flag parsing; an error raised by a config flag's parser (ml_collections' "Did you mean" included) or by
+  absl's (an unknown flag, a value out of its bounds) is one line, `error: ...`, and exit code 2."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
     while error.args and isinstance(error.args[0], BaseException):  # ml_collections wraps its KeyError
       error = error.args[0]
     message = " ".join(str(error.args[0] if error.args else error).split())
     print(f"error: {'no such config field: ' if isinstance(error, KeyError) else ''}{message}", file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as error:
+    print(f"error: {' '.join(str(error).split())}\n(--help lists every flag)", file=sys.stderr)
     sys.exit(2)
 
 

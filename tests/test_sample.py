@@ -320,10 +320,15 @@ def test_flags_a_cascade_would_ignore_are_refused_all_at_once():
 
 
 def test_evaluations_polling_flags_without_watch_are_refused(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "diffusion_jax.evaluate", f"--workdir={tmp_path}", "--poll_seconds=5",
-                           "--max_idle_minutes=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-  assert "error: --poll_seconds, --max_idle_minutes: only with --watch" in result.stderr
+  """Flags that do not go together, and a value absl's parser refuses (out of the flag's bounds), are both `error:`
+  lines and exit code 2, like every other bad input."""
+  for given, message in ((["--poll_seconds=5", "--max_idle_minutes=1"],
+                          "error: --poll_seconds, --max_idle_minutes: only with --watch"),
+                         (["--watch", "--poll_seconds=0"], "error: flag --poll_seconds=0: 0 is not a positive integer")):
+    result = subprocess.run([sys.executable, "-m", "diffusion_jax.evaluate", f"--workdir={tmp_path}", *given], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert any(line.startswith(message) for line in result.stderr.splitlines()), result.stderr
 
 
 def test_sampling_a_configs_checkpoints_refuses_what_it_cannot_read(tmp_path):
