@@ -96,9 +96,12 @@ MODE_FLAGS = {"widths": ("step", "roofline"), "plot": ("step", "roofline"), "dev
 BACKBONE_NAMES = {"unet": "U-Net", "dit": "DiT", "wan": "Wan transformer", "sd_unet": "SD U-Net",
                   "sd3": "SD3 transformer", "flux": "Flux transformer"}
 config_flags.DEFINE_config_file("config", "configs/t2i_shapes.py", "Experiment config file.", lock_config=True)
-flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.")
-flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.")
+flags.DEFINE_integer("steps", 20, "Batches / train steps (ops: calls of each operation) timed per measurement.",
+                     lower_bound=1)
+flags.DEFINE_integer("workers", 2, "Grain worker processes for the second pipeline measurement.", lower_bound=0)
 flags.DEFINE_list("widths", ["16", "32", "64"], "model.channels values for the `step` and `roofline` modes.")
+flags.register_validator("widths", lambda widths: bool(widths) and all(w.isdigit() and int(w) > 0 for w in widths),
+                         "must be comma-separated positive model.channels, e.g. 16,32,64")
 flags.DEFINE_string("plot", None, "`step` and `roofline`: also draw the roofline with each width's point into this "
                     "PNG.")
 flags.DEFINE_string("device_kind", "NVIDIA H200", "The accelerator whose datasheet roofs the `roofline` mode uses (a "
