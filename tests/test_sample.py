@@ -324,7 +324,8 @@ def test_evaluations_polling_flags_without_watch_are_refused(tmp_path):
   lines and exit code 2, like every other bad input."""
   for given, message in ((["--poll_seconds=5", "--max_idle_minutes=1"],
                           "error: --poll_seconds, --max_idle_minutes: only with --watch"),
-                         (["--watch", "--poll_seconds=0"], "error: flag --poll_seconds=0: 0 is not a positive integer")):
+                         (["--watch", "--poll_seconds=0"],
+                          "error: flag --poll_seconds=0: 0 is not a positive integer")):
     result = subprocess.run([sys.executable, "-m", "diffusion_jax.evaluate", f"--workdir={tmp_path}", *given], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -161,8 +161,12 @@ def test_plan_with_learning_rates_trains_each_size_and_budget_at_each(tmp_path):
   assert [sweeps.run_config(sweep, r).optimizer.learning_rate for r in runs] == [1e-3, 3e-3] * 2
   assert all(sweeps.run_config(sweep, r).train.sample_every == 0 for r in runs)  # runs sample nothing
   sweep.learning_rates = (3e-3, 0.0)
-  with pytest.raises(ValueError, match="must all be > 0"):
+  with pytest.raises(ValueError, match=r"sweep.learning_rates=\(0.003, 0.0\) must all be > 0"):
     sweeps.plan(sweep, tmp_path / "measurements.json")
+  bad = sweep.copy_and_resolve_references()  # (a grid or budget list that plans nothing, runs that cannot train)
+  bad.update(learning_rates=(), budgets=(), width_multipliers=(0.0,), checkpoints_per_run=0)
+  assert sweeps.problems(bad) == ["sweep.budgets=() is empty", "sweep.width_multipliers=(0.0,) must all be > 0",
+                                  "sweep.checkpoints_per_run=0 must be >= 1"]
   del sweep["learning_rates"]  # a sweep config written before the field
   with pytest.raises(ValueError, match="has no learning_rates"):
     sweeps.plan(sweep, tmp_path / "measurements.json")

@@ -119,6 +119,22 @@ def budget_name(budget: float) -> str:
   return f"C{budget:.2e}".replace("+", "")
 
 
+def problems(sweep) -> list[str]:
+  """What makes a sweep config plan nothing, or runs that cannot train: an empty grid or budget list, multipliers,
+  budgets or learning rates that are not positive (NaN included), counts below their least."""
+  found = [f"sweep.{field}=() is empty" for field in ("width_multipliers", "depth_multipliers", "budgets")
+           if not len(sweep[field])]
+  found += [f"sweep.{field}={tuple(sweep[field])} must all be > 0" for field in
+            ("width_multipliers", "depth_multipliers", "budgets", "learning_rates")
+            if any(not value > 0 for value in sweep[field])]
+  found += [f"sweep.{field}={sweep[field]} must be >= {least}" for field, least in
+            (("min_steps", 1), ("checkpoints_per_run", 1), ("heldout_examples", 1), ("generation_metrics", 0),
+             ("bootstrap_samples", 1)) if not sweep[field] >= least]
+  if not 0 <= sweep.warmup_fraction < 1:
+    found.append(f"sweep.warmup_fraction={sweep.warmup_fraction} must be in [0, 1)")
+  return found
+
+
 def plan(sweep, measurements_path=None) -> list[Run]:
   """Every run of the sweep, sizes outer and budgets inner. Step measurements are cached in
   `measurements_path` (JSON, keyed by the sized config) so a resumed sweep does not recompile them."""
@@ -126,12 +142,12 @@ def plan(sweep, measurements_path=None) -> list[Run]:
   if missing:
     raise ValueError(f"The sweep config has no {', '.join(missing)} (configs/scaling/shapes_t2i.py documents "
                      "each field; e.g. learning_rates=() trains with the experiment's learning rate).")
+  if found := problems(sweep):
+    raise ValueError("The sweep config cannot be planned: " + "; ".join(found) + ".")
   common = flatten(sweep.common)
   experiment = apply(load_config_file(sweep.experiment), common)
   path = pathlib.Path(measurements_path) if measurements_path else None
   cache = json.loads(path.read_text()) if path and path.exists() else {}
-  if any(not lr > 0 for lr in sweep.learning_rates):
-    raise ValueError(f"sweep.learning_rates={tuple(sweep.learning_rates)} must all be > 0.")
   runs, too_short = [], []
   for size, overrides in size_overrides(sweep, experiment).items():
     sized = apply(experiment, overrides)
