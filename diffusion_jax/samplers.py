@@ -271,7 +271,7 @@ def make_denoiser(network_fn, prediction: str, guidance_scale: float = 1.0, guid
   skip_layer_window): SD3's skip-layer guidance, scale x (conditional - skipped) added to the guided output where an
   example's log-SNR is in that window (its pass skipped when none is); only where classifier-free guidance acts.
   """
-  if guidance_scale < 0:
+  if not guidance_scale >= 0:  # (NaN too)
     raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
   guidance_interval = tuple(guidance_interval)
   if problem := guidance_interval_problem(guidance_interval):

@@ -31,7 +31,7 @@ def travel_problems(travel: float, frames: int, wrap_around: bool) -> list[str]:
   """Why a clip cannot cross `travel` of the frame: a path that does not fit inside it, or on the torus a step of
   half the frame or more between frames (which way it went would be ambiguous)."""
   largest = 2 * shapes.radius_of(shapes.SIZES.index("large"), 1)  # a large shape's width, as a fraction of the frame
-  if travel <= 0:
+  if not travel > 0:  # (NaN too)
     return [f"travel={travel} must be > 0 (the fraction of the frame a clip's object crosses)"]
   if wrap_around and travel / max(frames - 1, 1) >= 0.5:
     return [f"travel={travel} over {frames} frames steps half the frame or more between frames, which on the torus "
