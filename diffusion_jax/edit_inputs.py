@@ -165,25 +165,26 @@ def check_editable(config):
                      "--init_video) are for text-to-image and text-to-video models; this is a super-resolution stage.")
 
 
-def read_image(entry: dict, key: str) -> np.ndarray:
-  """The uint8 image [h, w, 3] of a prompt entry's file `key`; a ValueError naming the key when it cannot be read."""
+def read_image(entry: dict, key: str, background: tuple[int, int, int] = media.WHITE) -> np.ndarray:
+  """The uint8 image [h, w, 3] of a prompt entry's file `key` (its transparent pixels `background`); a ValueError
+  naming the key when it cannot be read."""
   path = pathlib.Path(entry[key]).expanduser()
   try:
-    return media.read_image(path)
+    return media.read_image(path, background)
   except (OSError, ValueError) as error:  # missing, or not an image PIL reads
     raise ValueError(f"{key} {str(path)!r} cannot be read as an image ({error}).") from None
 
 
 def image_edit(entry: dict, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
   """(image uint8 [height, width, 3], keep bool [height, width]) of a prompt entry's "init_image" and optional
-  "mask" files (white: generate anew, black: keep; without one nothing is kept), each brought to the samples' size
-  ((height, width), or a square's side) as training images are to theirs (scaled to cover it, centre crop)."""
-  read = lambda key: read_image(entry, key)
-  image = read("init_image")
+  "mask" files (white: generate anew, black or transparent: keep, as strokes painted on an empty layer say; without
+  one nothing is kept), each brought to the samples' size ((height, width), or a square's side) as training images
+  are to theirs (scaled to cover it, centre crop)."""
+  image = read_image(entry, "init_image")
   if "mask" not in entry:
     image = pipeline.resize_and_crop(image, size, None)
     return image, np.zeros(image.shape[:2], bool)
-  mask = read("mask")
+  mask = read_image(entry, "mask", media.BLACK)
   if mask.shape != image.shape:
     raise ValueError(f"mask {entry['mask']!r} is {mask.shape[1]}x{mask.shape[0]} pixels, its init_image "
                      f"{entry['init_image']!r} {image.shape[1]}x{image.shape[0]}: they must match.")

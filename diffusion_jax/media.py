@@ -36,13 +36,20 @@ def save_png(path, image: np.ndarray, provenance: dict) -> None:
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of a 16-bit grayscale PNG
 
 
-def upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+
+def upright_rgb(image: PIL.Image.Image, background: tuple[int, int, int] = WHITE) -> PIL.Image.Image:
   """An opened image as RGB, turned as its EXIF orientation says: a camera's photo is often stored sideways with a
   tag saying how to turn it (diffusers' load_image turns it too). A 16-bit grayscale image is scaled to 8 bits
-  (PIL's convert would clip its 0..65535 at 255: white wherever it is above 0.4% grey)."""
+  (PIL's convert would clip its 0..65535 at 255: white wherever it is above 0.4% grey). An image with transparency
+  (an alpha channel, a palette's or a colour's) is laid over `background`, white as LAION's img2dataset lays it
+  (PIL's convert drops the alpha, showing whatever colour its transparent pixels store: often black)."""
   image = PIL.ImageOps.exif_transpose(image)
   if image.mode in SIXTEEN_BIT_MODES:
     image = PIL.Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
+  if image.has_transparency_data:
+    image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", image.size, background + (255,)), image.convert("RGBA"))
   return image.convert("RGB")
 
 
@@ -53,10 +60,10 @@ def upright_frame(frame) -> PIL.Image.Image:
   return image.rotate(frame.rotation, expand=True) if frame.rotation else image  # (counterclockwise, as PIL turns)
 
 
-def read_image(path) -> np.ndarray:
-  """uint8 [h, w, 3] of an image file, upright."""
+def read_image(path, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+  """uint8 [h, w, 3] of an image file, upright, its transparent pixels `background`."""
   with PIL.Image.open(path) as image:
-    return np.asarray(upright_rgb(image))
+    return np.asarray(upright_rgb(image, background))
 
 
 def read_provenance(path) -> dict:
@@ -92,12 +99,13 @@ def save_gif(path, frames: np.ndarray, provenance: dict, scale: int = 1, fps: fl
 
 
 def read_gif(path) -> tuple[np.ndarray, dict]:
-  """(frames uint8 [frames, h, w, 3], provenance) of a GIF written by save_gif."""
+  """(frames uint8 [frames, h, w, 3], provenance) of a GIF (one written by save_gif, or a user's: its transparent
+  pixels white, as upright_rgb reads them)."""
   with PIL.Image.open(path) as image:
     frames = []
     for index in range(image.n_frames):
       image.seek(index)
-      frames.append(np.asarray(image.convert("RGB")))
+      frames.append(np.asarray(upright_rgb(image)))
     return np.stack(frames), json.loads(image.info.get("comment", b"{}"))
 
 

@@ -570,6 +570,66 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path):
   np.testing.assert_array_equal(np.asarray(builder._read(tmp_path / "sixteen.png")[1]["image"]), eight)
 
 
+def test_transparent_pixels_are_read_over_white_and_a_masks_as_keep(tmp_path):
+  """A PNG with an alpha channel (a logo, a cut-out product) is read over white, as a folder dataset's image and as
+  an edit's, not as whatever its transparent pixels store (black here); so is a palette image with a transparent
+  colour (a GIF's). A mask's transparent pixels are read black (keep): strokes painted white on an empty layer."""
+  from diffusion_jax import edit_inputs, media
+  from diffusion_jax.data import folder_dataset
+
+  rgba = np.zeros((8, 8, 4), np.uint8)  # transparent black
+  rgba[:4] = (255, 0, 0, 255)  # the top half opaque red
+  rgba[4:, :4, 3] = 128  # the bottom left half-transparent black
+  PIL.Image.fromarray(rgba).save(tmp_path / "logo.png")
+  expected = np.full((8, 8, 3), 255, np.uint8)
+  expected[:4] = (255, 0, 0)
+  expected[4:, :4] = 127
+  np.testing.assert_allclose(media.read_image(tmp_path / "logo.png"), expected, atol=1)
+  builder = folder_dataset.FolderImages(config=folder_dataset.FolderConfig(name="logos", folder=str(tmp_path)),
+                                        data_dir=tmp_path / "tfds", file_format="array_record")
+  np.testing.assert_array_equal(np.asarray(builder._read(tmp_path / "logo.png")[1]["image"]),
+                                media.read_image(tmp_path / "logo.png"))
+  palette = PIL.Image.fromarray(rgba[..., :3]).convert("P", palette=PIL.Image.Palette.ADAPTIVE, colors=4)
+  black = int(np.asarray(palette)[-1, -1])
+  palette.save(tmp_path / "palette.png", transparency=black)
+  np.testing.assert_array_equal(media.read_image(tmp_path / "palette.png")[4:, 4:], 255)
+  palette.save(tmp_path / "clip.gif", save_all=True, append_images=[palette], transparency=black)
+  np.testing.assert_array_equal(media.read_gif(tmp_path / "clip.gif")[0][:, 4:, 4:], 255)  # an --init_video's
+  # A mask of the image's size: the left half painted white (generate anew), the right half transparent white
+  mask = np.zeros((8, 8, 4), np.uint8)
+  mask[:, :4] = 255
+  mask[:, 4:, :3] = 255
+  PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+  image, keep = edit_inputs.image_edit({"init_image": str(tmp_path / "logo.png"),
+                                        "mask": str(tmp_path / "mask.png")}, 8)
+  np.testing.assert_array_equal(image, media.read_image(tmp_path / "logo.png"))
+  assert not keep[:, :4].any() and keep[:, 4:].all()
+
+
+def test_a_folder_prepared_by_earlier_reading_is_prepared_again(tmp_path, monkeypatch):
+  """A folder dataset prepared when files were read otherwise (an earlier builder version: sideways photos, white
+  16-bit scans) is prepared again rather than reused, and a latent cache built from it no longer opens."""
+  import tensorflow_datasets as tfds
+  from diffusion_jax.data import folder_dataset, latent_cache
+
+  folder = tmp_path / "images"
+  folder.mkdir()
+  PIL.Image.fromarray(np.full((8, 8, 4), 0, np.uint8)).save(folder / "cutout.png")  # transparent: black, then white
+  (folder / "captions.jsonl").write_text(json.dumps({"file": "cutout.png", "caption": "a cut-out"}))
+  prepare = lambda: folder_dataset.builder(folder, folder / "captions.jsonl", tmp_path / "tfds")
+  data = t2i_shapes.get_config("test").data
+  data.update(dataset="folder", folder=str(folder), captions_file=str(folder / "captions.jsonl"))
+  key = lambda: latent_cache.cache_key({}, data)
+  with monkeypatch.context() as earlier:
+    earlier.setattr(folder_dataset.CaptionedFolder, "VERSION", tfds.core.Version("1.0.0"))
+    earlier.setattr(folder_dataset.media, "upright_rgb", lambda image: image.convert("RGB"))
+    old, old_key = prepare(), key()
+  new = prepare()
+  assert old.data_path != new.data_path and str(new.version) == str(folder_dataset.CaptionedFolder.VERSION)
+  assert old.as_data_source("train")[0]["image"].max() == 0 and new.as_data_source("train")[0]["image"].min() == 255
+  assert key() != old_key
+
+
 def test_a_clip_stored_sideways_is_read_upright(tmp_path):
   """A phone's MP4 stored sideways with a display matrix that turns it 90 degrees clockwise (its track header's:
   the matrix an iPhone writes for a portrait clip) is read turned, as players turn it: as a folder dataset's clip
@@ -611,4 +671,4 @@ def test_a_captions_file_that_would_leave_every_image_uncaptioned_is_refused(tmp
   assert folder_dataset.main([f"--images={tmp_path}", f"--captions={tmp_path / 'unusable.jsonl'}",
                               f"--data_dir={tmp_path / 'tfds'}"]) == 2
   assert ("error: None of the 2 lines of" in capsys.readouterr().err and
-          not list((tmp_path / "tfds").glob("folder_images/*/1.0.0")))
+          not list((tmp_path / "tfds").glob("folder_images/[!.]*/*")))  # (no version of it)

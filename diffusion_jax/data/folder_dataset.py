@@ -131,7 +131,10 @@ class CaptionedFolder(local_builder.LocalBuilder, skip_registration=True):
   is given, a validation split of those it lists; a line whose caption is empty, whose file is missing or which
   `_read(path)` cannot use is skipped and counted."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  # A new version whenever what is read from a file changes: folders prepared by earlier code are prepared again.
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Images and clips turned upright (EXIF orientation, display matrix), 16-bit grayscale "
+                            "scaled to 8 bits, transparent pixels laid over white."}
 
   def _split_generators(self, dl_manager):
     c = self.builder_config

@@ -5,8 +5,9 @@ A cache directory holds `mean.npy` and `logvar.npy` [records, (frames,) h/f, w/f
 memory-mapped; row i is record i of the train split, zeros for a record that could not be read), for a latent
 super-resolution stage also `lowres.npy`, its clean low-resolution input [records, (frames,) r, r, 3]
 (`superres.lowres_input` of the pixels), and `meta.json` with the key: a hash of the autoencoder's weights, of
-the data fields that decide each example's pixels and of the stage's low-res input size. The train step still
-draws a new latent from the posterior (and new augmentation noise) at every step, as it does from an image.
+the data fields that decide each example's pixels (and of a folder builder's version) and of the stage's low-res
+input size. The train step still draws a new latent from the posterior (and new augmentation noise) at every step,
+as it does from an image.
 Opening a cache with another key is refused: its latents would silently belong to another autoencoder or dataset.
 """
 
@@ -19,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax.data import moving_shapes
+from diffusion_jax.data import folder_dataset, moving_shapes
 
 log = logging.getLogger(__name__)
 # data.* fields that decide the pixels of a training example (random crops and flips are refused with a cache).
@@ -43,7 +44,10 @@ def cache_key(autoencoder_params, data_config, superres_config=None) -> str:
   travelled = [f"travel={travel}"] if travel != moving_shapes.TRAVEL else []
   strided = [f"frame_stride={stride}"] if (stride := data_config.get("frame_stride", 1)) != 1 else []
   wide = [f"width={width}"] if (width := data_config.get("width", 0)) else []
-  digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS] + wrapped + travelled + strided + wide).encode())
+  folder = data_config.dataset in ("folder", "folder_clips")  # (a folder prepared again reads its files anew)
+  read = [f"version={folder_dataset.CaptionedFolder.VERSION}"] if folder else []
+  digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS] + wrapped + travelled + strided + wide + read
+                           ).encode())
   if superres_config is not None:
     digest.update(json.dumps([str(superres_config[f]) for f in SUPERRES_FIELDS]).encode())
   return digest.hexdigest()[:16]
