@@ -1354,7 +1354,8 @@ def define_flags():
                       "FLUX.1 Kontext's reference, FLUX.1 Depth / Canny's control image).")
   flags.DEFINE_string("init_video", None, "Video models: a clip (.gif, .mp4) to edit for every prompt without an "
                       "edit of its own (video-to-video, at --strength).")
-  flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black (or transparent) = keep.")
+  flags.DEFINE_string("mask", None, "With --init_image: inpainting mask, white = generate anew, black (or "
+                      "transparent) = keep.")
   flags.DEFINE_string("last_image", None, "With --init_image, an image-to-video Wan: the image every clip ends at "
                       "(its last frame; Wan 2.2's, whose condition has no CLIP tokens, or Wan 2.1 FLF2V's).")
   flags.DEFINE_float("strength", None, "With --init_image or --init_video: the part of the sampling grid run from "
