@@ -171,7 +171,7 @@ def read_image(entry: dict, key: str, background: tuple[int, int, int] = media.W
   path = pathlib.Path(entry[key]).expanduser()
   try:
     return media.read_image(path, background)
-  except (OSError, ValueError) as error:  # missing, or not an image PIL reads
+  except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:  # missing, not an image PIL reads, huge
     raise ValueError(f"{key} {str(path)!r} cannot be read as an image ({error}).") from None
 
 

@@ -606,6 +606,21 @@ def test_transparent_pixels_are_read_over_white_and_a_masks_as_keep(tmp_path):
   assert not keep[:, :4].any() and keep[:, 4:].all()
 
 
+def test_an_image_over_pils_pixel_limit_is_named_not_a_traceback(tmp_path, monkeypatch):
+  """An image over PIL's limit against decompression bombs (179 million pixels; 20 here) is an --init_image's
+  ValueError naming the file and a folder dataset's skip naming the limit, not a traceback or "undecodable"."""
+  from diffusion_jax import edit_inputs
+  from diffusion_jax.data import folder_dataset
+
+  PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "panorama.png")
+  monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10)
+  with pytest.raises(ValueError, match="init_image .*panorama.png' cannot be read as an image .*exceeds limit"):
+    edit_inputs.image_edit({"init_image": str(tmp_path / "panorama.png")}, 8)
+  builder = folder_dataset.FolderImages(config=folder_dataset.FolderConfig(name="big", folder=str(tmp_path)),
+                                        data_dir=tmp_path / "tfds", file_format="array_record")
+  assert builder._read(tmp_path / "panorama.png")[0] == "over 20 pixels (PIL's limit against decompression bombs)"
+
+
 def test_a_folder_prepared_by_earlier_reading_is_prepared_again(tmp_path, monkeypatch):
   """A folder dataset prepared when files were read otherwise (an earlier builder version: sideways photos, white
   16-bit scans) is prepared again rather than reused, and a latent cache built from it no longer opens."""

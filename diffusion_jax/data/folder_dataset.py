@@ -191,7 +191,9 @@ class FolderImages(CaptionedFolder):
     try:
       with PIL.Image.open(path) as image:
         return None, {"image": media.upright_rgb(image)}
-    except (OSError, ValueError, PIL.Image.DecompressionBombError):
+    except PIL.Image.DecompressionBombError:
+      return f"over {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels (PIL's limit against decompression bombs)", None
+    except (OSError, ValueError):
       return "undecodable image", None
 
 
