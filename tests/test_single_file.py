@@ -105,3 +105,16 @@ def test_a_single_file_checkpoint_becomes_the_diffusers_root_it_was_made_from(tm
     assert "has no text_encoder_2/config.json: give the diffusers root of the single file's architecture (SDXL)" in \
         result.stderr.splitlines()[-1]
   assert not (tmp_path / "other").exists()
+
+
+def test_a_damaged_or_cut_short_file_is_refused_naming_it(tmp_path):
+  """A download cut short, or another format under the .safetensors name, is a ValueError naming the file (the
+  jobs' `error: ...` line), not safetensors' own error as a traceback."""
+  save_file({"model.diffusion_model.out.2.weight": np.ones((4, 8), np.float32)}, tmp_path / "whole.safetensors")
+  whole = (tmp_path / "whole.safetensors").read_bytes()
+  (tmp_path / "cut.safetensors").write_bytes(whole[:len(whole) - 16])
+  (tmp_path / "photo.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+  for name in ("cut", "photo"):
+    with pytest.raises(ValueError, match=f"'.*{name}.safetensors' cannot be read as safetensors \\(damaged, cut "
+                                         "short or another format\\): Error while deserializing header"):
+      single_file.convert(tmp_path / f"{name}.safetensors", tmp_path, tmp_path / "root")

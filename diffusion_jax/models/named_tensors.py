@@ -23,13 +23,18 @@ TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "r
 def read_safetensors(path) -> dict:
   """{name: numpy array} of every tensor in a safetensors file, in its stored dtype. safetensors' numpy reader has
   no bfloat16 (FLUX.1's and SD 3.5's files hold it): those tensors are ml_dtypes' bfloat16 mapped from the file's
-  bytes, where its header places them. (Through JAX instead, each tensor's shape would compile a program.)"""
-  from safetensors import safe_open
+  bytes, where its header places them. (Through JAX instead, each tensor's shape would compile a program.)
+  A file that is no safetensors, or one cut short, is a ValueError naming it."""
+  from safetensors import SafetensorError, safe_open
 
-  with safe_open(path, "numpy") as file:
-    names = list(file.keys())
-    bfloat16 = {name for name in names if file.get_slice(name).get_dtype() == "BF16"}
-    tensors = {name: file.get_tensor(name) for name in names if name not in bfloat16}
+  try:
+    with safe_open(path, "numpy") as file:
+      names = list(file.keys())
+      bfloat16 = {name for name in names if file.get_slice(name).get_dtype() == "BF16"}
+      tensors = {name: file.get_tensor(name) for name in names if name not in bfloat16}
+  except SafetensorError as error:
+    raise ValueError(f"{str(path)!r} cannot be read as safetensors (damaged, cut short or another format): "
+                     f"{' '.join(str(error).split())}") from None
   if bfloat16:
     with open(path, "rb") as file:
       size = int.from_bytes(file.read(8), "little")
