@@ -215,3 +215,21 @@ def test_weights_files_are_read_without_torch_and_mismatches_named(torch_incepti
     assert part in str(error.value)
   with pytest.raises(ValueError, match="No Inception weights file"):
     inception.read_weights(tmp_path / "absent.pth")
+
+
+def test_a_damaged_weights_file_is_named_not_a_traceback(tmp_path):
+  """A .pth, .npz or .safetensors download cut short (or a pickled whole model) is a ValueError naming the file."""
+  import torch
+
+  torch.save({"conv.weight": torch.ones(64, 3, 3, 3)}, tmp_path / "whole.pth")
+  np.savez(tmp_path / "whole.npz", **{"conv.weight": np.ones((64, 3, 3, 3), np.float32)})
+  for suffix in (".pth", ".npz"):
+    (tmp_path / f"cut{suffix}").write_bytes((tmp_path / f"whole{suffix}").read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"Inception weights '.*cut{suffix}' cannot be read as"):
+      inception.read_weights(tmp_path / f"cut{suffix}")
+  torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a whole pickled module: refused by weights_only
+  with pytest.raises(ValueError, match="module.pth' cannot be read as a PyTorch state dict: Weights only load"):
+    inception.read_weights(tmp_path / "module.pth")
+  torch.save([torch.ones(2)], tmp_path / "list.pth")
+  with pytest.raises(ValueError, match="list.pth' hold a list, not a state dict"):
+    inception.read_weights(tmp_path / "list.pth")

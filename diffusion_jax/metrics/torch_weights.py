@@ -7,14 +7,17 @@ from PyTorch's [out, in, *window] to Flax's [*window, in, out]. Nothing is downl
 """
 
 import pathlib
+import zipfile
 
 import numpy as np
 from flax import nnx
 
 from diffusion_jax.models import named_tensors
 
+
 def read(path, model: str, standard_file: str) -> dict:
-  """{tensor name: float32 array} of a .pth / .pt (needs torch), .safetensors or .npz weights file.
+  """{tensor name: float32 array} of a .pth / .pt (needs torch), .safetensors or .npz weights file; a ValueError
+  naming a file that is missing, damaged or cut short.
 
   model and standard_file name what is expected, for the error messages."""
   path = pathlib.Path(path).expanduser()
@@ -27,14 +30,22 @@ def read(path, model: str, standard_file: str) -> dict:
     except ImportError:
       raise ValueError(f"Reading {path.name} needs torch; install it, or save the same tensors as "
                        ".safetensors.") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
+    try:
+      state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # (torch raises RuntimeError, pickle's errors, EOFError, ... for a damaged file)
+      raise ValueError(f"{model} weights {str(path)!r} cannot be read as a PyTorch state dict: "
+                       f"{' '.join(str(error).split())[:300]}") from None
+    if not isinstance(state, dict):
+      raise ValueError(f"{model} weights {str(path)!r} hold a {type(state).__name__}, not a state dict of tensors.")
+    return {k: v.float().numpy() for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
   if path.suffix == ".safetensors":
-    from diffusion_jax.models import named_tensors
     return {k: v.astype(np.float32) for k, v in named_tensors.read_safetensors(path).items()}
   if path.suffix == ".npz":
-    with np.load(path) as data:
-      return {k: data[k].astype(np.float32) for k in data.files}
+    try:
+      with np.load(path) as data:
+        return {k: data[k].astype(np.float32) for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+      raise ValueError(f"{model} weights {str(path)!r} cannot be read as .npz: {error}") from None
   raise ValueError(f"Unknown {model} weights format {path.suffix!r} ({str(path)!r}); use .pth, .safetensors or "
                    ".npz.")
 
