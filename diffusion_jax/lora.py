@@ -146,8 +146,10 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
     with safe_open(file, "numpy") as f:
       metadata = f.metadata() or {}
     updates = {key: np.asarray(x, np.float32) for key, x in named_tensors.read_safetensors(file).items()}  # (bf16)
-  except (OSError, SafetensorError) as error:
-    raise ValueError(f"{flag}={spec}: {file!r} is not a safetensors file: {checkpoint.brief(error)}") from None
+  except SafetensorError as error:
+    raise ValueError(f"{flag}={spec}: {named_tensors.unreadable(file, 'safetensors', error)}") from None
+  except OSError as error:
+    raise ValueError(f"{flag}={spec}: {file!r} cannot be read: {checkpoint.brief(error)}") from None
   low_noise = spec.startswith(LOW_NOISE)
   if metadata.get("format") != FORMAT and flux_lora.is_flux_lora(updates) and not low_noise:  # (before Wan's, whose
     try:  # original names share BFL's 'diffusion_model.' prefix)

@@ -225,10 +225,15 @@ def test_a_damaged_weights_file_is_named_not_a_traceback(tmp_path):
   np.savez(tmp_path / "whole.npz", **{"conv.weight": np.ones((64, 3, 3, 3), np.float32)})
   for suffix in (".pth", ".npz"):
     (tmp_path / f"cut{suffix}").write_bytes((tmp_path / f"whole{suffix}").read_bytes()[:200])
-    with pytest.raises(ValueError, match=f"Inception weights '.*cut{suffix}' cannot be read as"):
+    with pytest.raises(ValueError, match=f"'.*cut{suffix}' cannot be read as Inception weights"):
       inception.read_weights(tmp_path / f"cut{suffix}")
+    # A repository cloned without Git LFS: text pointing at the weights
+    (tmp_path / f"lfs{suffix}").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    with pytest.raises(ValueError, match=f"'.*lfs{suffix}' is a Git LFS pointer, not the weights"):
+      inception.read_weights(tmp_path / f"lfs{suffix}")
   torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a whole pickled module: refused by weights_only
-  with pytest.raises(ValueError, match="module.pth' cannot be read as a PyTorch state dict: Weights only load"):
+  with pytest.raises(ValueError, match=r"module.pth' cannot be read as Inception weights \(a PyTorch state dict\) "
+                                       r"\(damaged, cut short or another format\): Weights only load"):
     inception.read_weights(tmp_path / "module.pth")
   torch.save([torch.ones(2)], tmp_path / "list.pth")
   with pytest.raises(ValueError, match="list.pth' hold a list, not a state dict"):

@@ -14,6 +14,7 @@ from test_sd_unet import save_tiny_stable_diffusion
 
 from conftest import assert_trees_equal
 from diffusion_jax import single_file
+from diffusion_jax.models import diffusers_directory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -118,3 +119,9 @@ def test_a_damaged_or_cut_short_file_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match=f"'.*{name}.safetensors' cannot be read as safetensors \\(damaged, cut "
                                          "short or another format\\): Error while deserializing header"):
       single_file.convert(tmp_path / f"{name}.safetensors", tmp_path, tmp_path / "root")
+  # A checkpoint's repository cloned without Git LFS: its weights files are pointers (text) to them
+  (tmp_path / "pointer.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
+  with pytest.raises(ValueError, match="'.*pointer.safetensors' is a Git LFS pointer, not the weights"):
+    single_file.convert(tmp_path / "pointer.safetensors", tmp_path, tmp_path / "root")
+  with pytest.raises(ValueError, match="'.*pointer.safetensors' is a Git LFS pointer"):  # (export reads dtypes)
+    diffusers_directory.stored_dtype([tmp_path / "pointer.safetensors"])

@@ -65,12 +65,15 @@ def stored_dtype(files) -> str:
   in (read from their headers; 'float32' when none is floating)."""
   from collections import Counter
 
-  from safetensors import safe_open
+  from safetensors import SafetensorError, safe_open
 
   counts = Counter()
   for file in files:
-    with safe_open(file, "numpy") as f:
-      counts.update(STORED_DTYPES[d] for d in (f.get_slice(k).get_dtype() for k in f.keys()) if d in STORED_DTYPES)
+    try:
+      with safe_open(file, "numpy") as f:
+        counts.update(STORED_DTYPES[d] for d in (f.get_slice(k).get_dtype() for k in f.keys()) if d in STORED_DTYPES)
+    except SafetensorError as error:
+      raise named_tensors.unreadable(file, "safetensors", error) from None
   return counts.most_common(1)[0][0] if counts else "float32"
 
 
