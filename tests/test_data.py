@@ -2,6 +2,7 @@
 
 import collections
 import json
+import pathlib
 import threading
 
 import grain.python as grain
@@ -170,6 +171,12 @@ def test_sentencepiece_tokenizer(tmp_path):
   for missing in (tmp_path / "missing.model", ""):  # ('' read by sentencepiece as an empty model)
     with pytest.raises(ValueError, match="no such file; give the path of a local spiece.model"):
       tokenizers.SentencePieceTokenizer(missing, 8)
+  (tmp_path / "damaged.model").write_bytes(pathlib.Path(model_path).read_bytes()[:100])
+  with pytest.raises(ValueError, match=r"damaged.model' cannot be read as a sentencepiece model \(text.spiece_path"):
+    tokenizers.SentencePieceTokenizer(tmp_path / "damaged.model", 8)
+  (tmp_path / "spiece.model").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+  with pytest.raises(ValueError, match="spiece.model' is a Git LFS pointer, not the file itself"):  # (as cloned
+    tokenizers.SentencePieceTokenizer(tmp_path / "spiece.model", 8)  # without Git LFS: T5's spiece.model is in it)
 
 
 def test_bad_dataset_settings_are_explained(config):

@@ -229,7 +229,7 @@ def test_a_damaged_weights_file_is_named_not_a_traceback(tmp_path):
       inception.read_weights(tmp_path / f"cut{suffix}")
     # A repository cloned without Git LFS: text pointing at the weights
     (tmp_path / f"lfs{suffix}").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
-    with pytest.raises(ValueError, match=f"'.*lfs{suffix}' is a Git LFS pointer, not the weights"):
+    with pytest.raises(ValueError, match=f"'.*lfs{suffix}' is a Git LFS pointer, not the file itself"):
       inception.read_weights(tmp_path / f"lfs{suffix}")
   torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a whole pickled module: refused by weights_only
   with pytest.raises(ValueError, match=r"module.pth' cannot be read as Inception weights \(a PyTorch state dict\) "

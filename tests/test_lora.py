@@ -235,7 +235,7 @@ def test_an_adapter_is_refused_by_a_model_it_does_not_fit(lora_run, tmp_path, tm
   with pytest.raises(ValueError, match="'.*text.safetensors' cannot be read as safetensors .*Error while deserial"):
     lora.read(str(tmp_path / "text.safetensors"))
   (tmp_path / "pointer.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
-  with pytest.raises(ValueError, match="--lora=.*pointer.safetensors: '.*' is a Git LFS pointer, not the weights"):
+  with pytest.raises(ValueError, match="--lora=.*pointer.safetensors: '.*' is a Git LFS pointer, not the file itself"):
     lora.read(str(tmp_path / "pointer.safetensors"))
   assert lora.parse("a:b.safetensors:0.5") == ("a:b.safetensors", 0.5)
   assert lora.parse("dir/adapter.safetensors") == ("dir/adapter.safetensors", 1.0)

@@ -178,6 +178,10 @@ def test_the_clip_tokenizer_makes_transformers_ids(tmp_path, pad_token):
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
   with pytest.raises(ValueError, match=r"lacks \['<pad>'\]: is it a CLIP tokenizer\?"):
     tokenizers.CLIPTokenizer(str(tmp_path), 12)
+  (tmp_path / "damaged").mkdir()
+  (tmp_path / "damaged" / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
+  with pytest.raises(ValueError, match=r"tokenizer.json' cannot be read as a tokenizer \(text.tokenizer_path\)"):
+    tokenizers.CLIPTokenizer(str(tmp_path / "damaged"), 12)
 
 
 def save_tiny_stable_diffusion(root, captions, sdxl=False, layers_per_block=1, inpainting=False, refiner=False):

@@ -121,7 +121,7 @@ def test_a_damaged_or_cut_short_file_is_refused_naming_it(tmp_path):
       single_file.convert(tmp_path / f"{name}.safetensors", tmp_path, tmp_path / "root")
   # A checkpoint's repository cloned without Git LFS: its weights files are pointers (text) to them
   (tmp_path / "pointer.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
-  with pytest.raises(ValueError, match="'.*pointer.safetensors' is a Git LFS pointer, not the weights"):
+  with pytest.raises(ValueError, match="'.*pointer.safetensors' is a Git LFS pointer, not the file itself"):
     single_file.convert(tmp_path / "pointer.safetensors", tmp_path, tmp_path / "root")
   with pytest.raises(ValueError, match="'.*pointer.safetensors' is a Git LFS pointer"):  # (export reads dtypes)
     diffusers_directory.stored_dtype([tmp_path / "pointer.safetensors"])

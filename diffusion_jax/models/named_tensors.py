@@ -47,12 +47,12 @@ def read_safetensors(path) -> dict:
 
 
 def unreadable(path, form: str, error: Exception) -> ValueError:
-  """The error of a weights file that cannot be read as `form`: one cloned without Git LFS (a pointer: text naming
-  the weights) said to be that, another said to be damaged, cut short or of another format."""
+  """The error of a file (weights, a tokenizer's model) that cannot be read as `form`: one cloned without Git LFS (a
+  pointer: text naming the file) said to be that, another said to be damaged, cut short or of another format."""
   with open(path, "rb") as file:
     if file.read(len(LFS_POINTER)) == LFS_POINTER:
-      return ValueError(f"{str(path)!r} is a Git LFS pointer, not the weights (a repository cloned without Git LFS): "
-                        "fetch them (`git lfs pull` in the repository) or download the file itself")
+      return ValueError(f"{str(path)!r} is a Git LFS pointer, not the file itself (a repository cloned without Git "
+                        "LFS): fetch it (`git lfs pull` in the repository) or download the file")
   return ValueError(f"{str(path)!r} cannot be read as {form} (damaged, cut short or another format): "
                     f"{' '.join(str(error).split())[:300]}")
 

@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from diffusion_jax.models import named_tensors
+
 PAD_ID = 0
 
 
@@ -68,8 +70,8 @@ class SentencePieceTokenizer:
     try:
       self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
     except (OSError, RuntimeError) as error:
-      raise ValueError(f"Cannot load a sentencepiece model from {model_path!r} ({error}); give the path of a "
-                       "local spiece.model file.") from None
+      raise named_tensors.unreadable(model_path, "a sentencepiece model (text.spiece_path: a local spiece.model)",
+                                     error) from None
     if self._sp.pad_id() != PAD_ID:
       raise ValueError(f"sentencepiece model {model_path!r} has pad id {self._sp.pad_id()}, expected {PAD_ID} "
                        "(T5 convention).")
@@ -100,7 +102,10 @@ class CLIPTokenizer:
 
     directory = pathlib.Path(path).expanduser()
     if (directory / "tokenizer.json").is_file():
-      self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+      try:
+        self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+      except Exception as error:  # (tokenizers raises Exception itself)
+        raise named_tensors.unreadable(directory / "tokenizer.json", f"a tokenizer ({field})", error) from None
     elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
       self._tok = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"),
                                                  unk_token=self.END, end_of_word_suffix="</w>",
