@@ -14,14 +14,18 @@ import ml_collections
 def checkpoint_root(root: str):
   """(part, read) of a diffusers checkpoint's root directory (the variant of a config that fine-tunes one):
   part(*names) the path of a file or folder in it ('' without a root, for the command line to give); read(*names)
-  a JSON file in it as a dict ({} without a root or that file)."""
+  a JSON file in it as a dict ({} without a root or that file; a ValueError naming a file that is not JSON)."""
   part = lambda *names: os.path.join(os.path.expanduser(root), *names) if root else ""
 
   def read(*names) -> dict:
     if not (root and os.path.isfile(part(*names))):
       return {}
-    with open(part(*names)) as file:
-      return json.load(file)
+    with open(part(*names), "rb") as file:
+      try:
+        return json.load(file)
+      except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{part(*names)!r} cannot be read as JSON (damaged, cut short or another format): "
+                         f"{error}") from None
 
   return part, read
 

@@ -23,8 +23,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(f"error: {'no such config field: ' if isinstance(error, KeyError) else ''}{message}", file=sys.stderr)
     sys.exit(2)
   except flags.Error as error:
-    print(f"error: {' '.join(str(error).split())}\n(--help lists every flag)", file=sys.stderr)
+    print(f"error: {flag_error(error)}\n(--help lists every flag)", file=sys.stderr)
     sys.exit(2)
+
+
+CONFIG_FILE_ERROR = "Error whilst parsing config file:"  # ml_collections' words, before the config's traceback
+
+
+def flag_error(error: Exception) -> str:
+  """absl's error of a flag, on one line; a config file's error (one its get_config raised, which ml_collections
+  passes on with the whole traceback as text) as the flag and the error's own message."""
+  text = str(error)
+  if CONFIG_FILE_ERROR in text:
+    flag, _, trace = text.partition(CONFIG_FILE_ERROR)
+    text = flag + trace.strip().splitlines()[-1].split(": ", 1)[-1]
+  return " ".join(text.split())
 
 
 def run(main) -> None:

@@ -59,7 +59,7 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from diffusion_jax import checkpoint, cli, diffusers_lora, finetune, flux_lora, sd_lora
+from diffusion_jax import checkpoint, cli, diffusers_lora, finetune, flux_lora, local_files, sd_lora
 from diffusion_jax.models import named_tensors, sd_unet, text_to_image
 
 FORMAT = "diffusion_jax.lora"
@@ -147,7 +147,7 @@ def read(spec: str, flag: str = "--lora") -> Adapter:
       metadata = f.metadata() or {}
     updates = {key: np.asarray(x, np.float32) for key, x in named_tensors.read_safetensors(file).items()}  # (bf16)
   except SafetensorError as error:
-    raise ValueError(f"{flag}={spec}: {named_tensors.unreadable(file, 'safetensors', error)}") from None
+    raise ValueError(f"{flag}={spec}: {local_files.unreadable(file, 'safetensors', error)}") from None
   except OSError as error:
     raise ValueError(f"{flag}={spec}: {file!r} cannot be read: {checkpoint.brief(error)}") from None
   low_noise = spec.startswith(LOW_NOISE)

@@ -21,7 +21,6 @@ missing; tensors left over (an EMA copy, SD 2.x's last text layer, which its pip
 The names follow the layouts diffusers' single-file loader reads (tested against its converters).
 """
 
-import json
 import logging
 import pathlib
 import re
@@ -29,7 +28,7 @@ import re
 import numpy as np
 from absl import flags
 
-from diffusion_jax import cli
+from diffusion_jax import cli, local_files
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ def layout(root: pathlib.Path, flag: str) -> str:
   text = root / "text_encoder" / "config.json"
   if not text.exists():
     raise ValueError(f"{flag}={str(root)!r} has no text_encoder/config.json: give a Stable Diffusion diffusers root")
-  return "SD 2.x" if json.loads(text.read_text()).get("hidden_act") == "gelu" else "SD 1.x"
+  return "SD 2.x" if local_files.read_json(text).get("hidden_act") == "gelu" else "SD 1.x"
 
 
 def sources(folder: str, names, root: pathlib.Path, open_clip: bool) -> dict:

@@ -12,6 +12,7 @@ import zipfile
 import numpy as np
 from flax import nnx
 
+from diffusion_jax import local_files
 from diffusion_jax.models import named_tensors
 
 
@@ -33,7 +34,7 @@ def read(path, model: str, standard_file: str) -> dict:
     try:
       state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # (torch raises RuntimeError, pickle's errors, EOFError, ... for a damaged file)
-      raise named_tensors.unreadable(path, f"{model} weights (a PyTorch state dict)", error) from None
+      raise local_files.unreadable(path, f"{model} weights (a PyTorch state dict)", error) from None
     if not isinstance(state, dict):
       raise ValueError(f"{model} weights {str(path)!r} hold a {type(state).__name__}, not a state dict of tensors.")
     return {k: v.float().numpy() for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
@@ -44,7 +45,7 @@ def read(path, model: str, standard_file: str) -> dict:
       with np.load(path) as data:
         return {k: data[k].astype(np.float32) for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-      raise named_tensors.unreadable(path, f"{model} weights (.npz)", error) from None
+      raise local_files.unreadable(path, f"{model} weights (.npz)", error) from None
   raise ValueError(f"Unknown {model} weights format {path.suffix!r} ({str(path)!r}); use .pth, .safetensors or "
                    ".npz.")
 

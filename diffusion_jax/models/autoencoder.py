@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from diffusion_jax import local_files
 from diffusion_jax.models import (abstract_modules, causal_autoencoder, cogvideox_autoencoder, diffusers_directory,
                                   layers, named_tensors, wan_autoencoder)
 
@@ -74,7 +75,7 @@ def read_config(path: str, field: str = "latent.autoencoder_path") -> dict:
                      f"{causal_autoencoder.CLASS_NAME} (HunyuanVideo's), {wan_autoencoder.CLASS_NAME} (Wan's) or "
                      f"{cogvideox_autoencoder.CLASS_NAME} (CogVideoX's), "
                      "or the autoencoder/ folder a train_autoencoder run writes into its workdir once it ends.")
-  config = json.loads(file.read_text())
+  config = local_files.read_json(file)
   blocks = set(config.get("down_block_types", ())) | set(config.get("up_block_types", ()))
   name = config.get("_class_name", "AutoencoderKL")
   known = {name: {"DownEncoderBlock2D", "UpDecoderBlock2D"} for name in ("AutoencoderKL", TEMPORAL)} | {

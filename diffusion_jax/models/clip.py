@@ -6,7 +6,6 @@ of Wan 2.1's image-to-video models, which reads its penultimate layer's states) 
 CLIPTextModelWithProjection (`load_text`, with_projection: SDXL's second text encoder, models/sdxl_text.py).
 """
 
-import json
 import pathlib
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax import local_files
 from diffusion_jax.models import abstract_modules, layers, named_tensors
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -196,7 +196,7 @@ def from_pretrained(path) -> CLIP:
   if missing:
     raise ValueError(f"No {' or '.join(missing)} in {str(directory)!r}; give the local directory of a Hugging Face "
                      "CLIP checkpoint (config.json, model.safetensors, tokenizer.json).")
-  config = json.loads((directory / "config.json").read_text())
+  config = local_files.read_json(directory / "config.json")
   text = TEXT_DEFAULTS | config.get("text_config", {})
   vision = VISION_DEFAULTS | config.get("vision_config", {})
   problems = [f"hidden_act {c['hidden_act']!r} is not one of {list(ACTIVATIONS)}" for c in (text, vision)
@@ -249,19 +249,19 @@ class TextModelWithProjection(nnx.Module):
 def is_text_model(path) -> bool:
   """Whether a local directory holds a CLIPTextModel (its config.json's model_type)."""
   file = pathlib.Path(path).expanduser() / "config.json"
-  return file.is_file() and json.loads(file.read_text()).get("model_type") == "clip_text_model"
+  return file.is_file() and local_files.read_json(file).get("model_type") == "clip_text_model"
 
 
 def has_text_projection(path) -> bool:
   """Whether a local CLIP text model directory holds a CLIPTextModelWithProjection (its config.json's
   architectures), as SDXL's text_encoder_2/."""
   file = pathlib.Path(path).expanduser() / "config.json"
-  return file.is_file() and "CLIPTextModelWithProjection" in json.loads(file.read_text()).get("architectures", [])
+  return file.is_file() and "CLIPTextModelWithProjection" in local_files.read_json(file).get("architectures", [])
 
 
 def read_text_config(path, field: str = "text.pretrained_path") -> dict:
   """The config.json of a local CLIPTextModel directory, with its defaults; a ValueError naming `field`."""
-  config = json.loads((pathlib.Path(path).expanduser() / "config.json").read_text()) if is_text_model(path) else None
+  config = local_files.read_json(pathlib.Path(path).expanduser() / "config.json") if is_text_model(path) else None
   if config is None:
     raise ValueError(f"{field}={str(path)!r} holds no CLIPTextModel (config.json with model_type 'clip_text_model')")
   config = TEXT_DEFAULTS | config
@@ -297,7 +297,7 @@ def read_vision_config(path, field: str) -> dict:
   if not (directory / "config.json").is_file():
     raise ValueError(f"{field}={str(path)!r} has no config.json: give the local directory of a transformers "
                      "CLIPVisionModel (the image_encoder/ folder of a Wan 2.1 image-to-video checkpoint)")
-  config = json.loads((directory / "config.json").read_text())
+  config = local_files.read_json(directory / "config.json")
   if "vision_config" in config or config.get("model_type", "clip_vision_model") != "clip_vision_model":
     raise ValueError(f"{field}={str(path)!r} holds a {config.get('model_type')!r}, not a CLIPVisionModel (a whole "
                      "CLIP's vision tower is not read here)")

@@ -3,9 +3,9 @@ checked against the class a config field expects, and its safetensors files (one
 loaded into the module that config builds.
 """
 
-import json
 import pathlib
 
+from diffusion_jax import local_files
 from diffusion_jax.models import abstract_modules, named_tensors
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
@@ -21,7 +21,7 @@ def read_config(path, field: str, class_name: str, folder: str, what: str) -> di
             if (directory / folder / "config.json").exists() else
             f": give the local directory of a diffusers {class_name} ({what})")
     raise ValueError(f"{field}={str(path)!r} has no config.json{hint}")
-  config = json.loads((directory / "config.json").read_text())
+  config = local_files.read_json(directory / "config.json")
   if config.get("_class_name") != class_name:
     raise ValueError(f"{field}={str(path)!r} holds a {config.get('_class_name')!r}, not a {class_name}")
   return config
@@ -41,7 +41,7 @@ def weight_files(path) -> list[pathlib.Path]:
   """The safetensors files of a local diffusers directory: WEIGHTS_FILE, or the shards WEIGHTS_INDEX lists."""
   directory = pathlib.Path(path).expanduser()
   if (directory / WEIGHTS_INDEX).exists():
-    return [directory / name for name in sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())[
+    return [directory / name for name in sorted(set(local_files.read_json(directory / WEIGHTS_INDEX)[
         "weight_map"].values()))]
   if (directory / WEIGHTS_FILE).exists():
     return [directory / WEIGHTS_FILE]
@@ -73,7 +73,7 @@ def stored_dtype(files) -> str:
       with safe_open(file, "numpy") as f:
         counts.update(STORED_DTYPES[d] for d in (f.get_slice(k).get_dtype() for k in f.keys()) if d in STORED_DTYPES)
     except SafetensorError as error:
-      raise named_tensors.unreadable(file, "safetensors", error) from None
+      raise local_files.unreadable(file, "safetensors", error) from None
   return counts.most_common(1)[0][0] if counts else "float32"
 
 

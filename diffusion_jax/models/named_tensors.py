@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax import local_files
+
 Locate = Callable[[tuple, int], tuple[str, tuple | None]]
 # NNX variable name -> PyTorch parameter or buffer name.
-LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file begins
 TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
@@ -34,7 +35,7 @@ def read_safetensors(path) -> dict:
       bfloat16 = {name for name in names if file.get_slice(name).get_dtype() == "BF16"}
       tensors = {name: file.get_tensor(name) for name in names if name not in bfloat16}
   except SafetensorError as error:
-    raise unreadable(path, "safetensors", error) from None
+    raise local_files.unreadable(path, "safetensors", error) from None
   if bfloat16:
     with open(path, "rb") as file:
       size = int.from_bytes(file.read(8), "little")
@@ -44,17 +45,6 @@ def read_safetensors(path) -> dict:
       tensors[name] = np.memmap(path, np.uint16, "r", 8 + size + begin, ((end - begin) // 2,)).view(
           jnp.bfloat16).reshape(header[name]["shape"])
   return {name: tensors[name] for name in names}
-
-
-def unreadable(path, form: str, error: Exception) -> ValueError:
-  """The error of a file (weights, a tokenizer's model) that cannot be read as `form`: one cloned without Git LFS (a
-  pointer: text naming the file) said to be that, another said to be damaged, cut short or of another format."""
-  with open(path, "rb") as file:
-    if file.read(len(LFS_POINTER)) == LFS_POINTER:
-      return ValueError(f"{str(path)!r} is a Git LFS pointer, not the file itself (a repository cloned without Git "
-                        "LFS): fetch it (`git lfs pull` in the repository) or download the file")
-  return ValueError(f"{str(path)!r} cannot be read as {form} (damaged, cut short or another format): "
-                    f"{' '.join(str(error).split())[:300]}")
 
 
 def kernel_transpose(ndim: int) -> tuple:

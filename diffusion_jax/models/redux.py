@@ -4,7 +4,6 @@ resize and normalisation of its feature_extractor/), each projected to T5's widt
 (image_embedder/: up to three times that width, SiLU, down to it), read from a local FLUX.1 Redux root.
 """
 
-import json
 import pathlib
 
 import jax
@@ -12,6 +11,7 @@ import numpy as np
 import PIL.Image
 from flax import nnx
 
+from diffusion_jax import local_files
 from diffusion_jax.models import abstract_modules, clip, diffusers_directory, named_tensors, siglip
 
 FOLDERS = ("image_encoder", "feature_extractor", "image_embedder")
@@ -44,8 +44,8 @@ def configs(root, field: str = "model.flux_redux_path") -> tuple[dict, dict, dic
                      f"Redux checkpoint ({', '.join(f'{f}/' for f in FOLDERS)})")
   embedder = diffusers_directory.read_config(root / "image_embedder", field, "ReduxImageEncoder", "image_embedder",
                                              "a FLUX.1 Redux root's image_embedder/")
-  preprocessor = {"image_mean": (0.5,) * 3, "image_std": (0.5,) * 3} | json.loads(
-      (root / "feature_extractor" / "preprocessor_config.json").read_text())
+  preprocessor = {"image_mean": (0.5,) * 3, "image_std": (0.5,) * 3} | local_files.read_json(
+      root / "feature_extractor" / "preprocessor_config.json")
   return siglip.read_config(root / "image_encoder", field), embedder, preprocessor
 
 

@@ -4,12 +4,12 @@ Its blocks are CLIP's (clip.Encoder, GELU's tanh form); it has no class token, n
 a patch embedding with a bias; its attention-pooling head is not read.
 """
 
-import json
 import pathlib
 
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax import local_files
 from diffusion_jax.models import clip
 
 # Defaults of a transformers SiglipVisionConfig for fields a config.json leaves out.
@@ -55,7 +55,7 @@ def read_config(path, field: str) -> dict:
   if not file.is_file():
     raise ValueError(f"{field}: {str(file.parent)!r} has no config.json: give the local directory of a transformers "
                      "SiglipVisionModel (a FLUX.1 Redux root's image_encoder/)")
-  config = json.loads(file.read_text())
+  config = local_files.read_json(file)
   if config.get("model_type") != "siglip_vision_model":
     raise ValueError(f"{field}: {str(file.parent)!r} holds a {config.get('model_type')!r}, not a SiglipVisionModel")
   config = DEFAULTS | config

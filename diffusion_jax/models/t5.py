@@ -9,7 +9,6 @@ that names it.
 Call: ids [batch, tokens] int32, mask [batch, tokens] bool -> embeddings [batch, tokens, d_model] float32.
 """
 
-import json
 import math
 import pathlib
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from diffusion_jax import local_files
 from diffusion_jax.models import abstract_modules, layers, named_tensors
 
 
@@ -159,7 +159,7 @@ def _hf_name(path: tuple, gated: bool) -> tuple[str, tuple | None]:
 def _read_safetensors(directory: pathlib.Path) -> dict:
   index = directory / "model.safetensors.index.json"
   if index.exists():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    files = sorted(set(local_files.read_json(index)["weight_map"].values()))
   elif (directory / "model.safetensors").exists():
     files = ["model.safetensors"]
   else:
@@ -180,7 +180,7 @@ def read_hf_config(path, dtype: str = "float32") -> ml_collections.ConfigDict:
   if not (directory / "config.json").exists():
     raise ValueError(f"No config.json in {str(directory)!r}; give the local directory of a Hugging Face T5 (or "
                      "UMT5) checkpoint.")
-  hf = json.loads((directory / "config.json").read_text())
+  hf = local_files.read_json(directory / "config.json")
   if missing := [key for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads") if key not in hf]:
     raise ValueError(f"{str(directory)!r} holds no T5 encoder: its config.json (model_type {hf.get('model_type')!r}) "
                      f"lacks {', '.join(missing)}")

@@ -8,14 +8,13 @@ prompt gives a row whose mask is all False (CLIP's ids still encode it: start an
 of SD3's and Flux's, which holds and marks its end-of-sequence, as their pipelines encode it.
 """
 
-import json
 import logging
 import pathlib
 import re
 
 import numpy as np
 
-from diffusion_jax.models import named_tensors
+from diffusion_jax import local_files
 
 PAD_ID = 0
 
@@ -70,7 +69,7 @@ class SentencePieceTokenizer:
     try:
       self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
     except (OSError, RuntimeError) as error:
-      raise named_tensors.unreadable(model_path, "a sentencepiece model (text.spiece_path: a local spiece.model)",
+      raise local_files.unreadable(model_path, "a sentencepiece model (text.spiece_path: a local spiece.model)",
                                      error) from None
     if self._sp.pad_id() != PAD_ID:
       raise ValueError(f"sentencepiece model {model_path!r} has pad id {self._sp.pad_id()}, expected {PAD_ID} "
@@ -105,7 +104,7 @@ class CLIPTokenizer:
       try:
         self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
       except Exception as error:  # (tokenizers raises Exception itself)
-        raise named_tensors.unreadable(directory / "tokenizer.json", f"a tokenizer ({field})", error) from None
+        raise local_files.unreadable(directory / "tokenizer.json", f"a tokenizer ({field})", error) from None
     elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
       self._tok = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"),
                                                  unk_token=self.END, end_of_word_suffix="</w>",
@@ -120,7 +119,7 @@ class CLIPTokenizer:
                        "directory of a CLIP tokenizer (the tokenizer/ folder of a Stable Diffusion checkpoint)")
     settings = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-      settings |= json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
+      settings |= local_files.read_json(directory / name) if (directory / name).is_file() else {}
     pad = settings.get("pad_token", self.END)
     pad = pad.get("content") if isinstance(pad, dict) else pad
     special = (self.START, self.END, pad)
