@@ -171,7 +171,8 @@ sampler, steps, guidance, FLUX.1 dev's --flux_guidance, SD3's skip-layer guidanc
 scores, a --refiner's handoff, config hash and scores, checkpoint step, config hash, LoRA adapters) as PNG text
 chunks, and the same record is a line of manifest.jsonl. A video model writes each clip as an animated GIF
 (provenance in the GIF comment), an H.264 MP4 (provenance in its comment tag) and a PNG strip of its frames, plus
-grid.gif and grid.mp4.
+grid.gif and grid.mp4. Samples are written as they are made: an interrupted job keeps every sample it made, each
+listed in manifest.jsonl.
 """
 
 import dataclasses
@@ -498,7 +499,7 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
              lowres=None, negative_prompts=None, init_images=None, keep_masks=None, keys=None,
-             guide=None, source_prompts=None, handoff=None, latents=None) -> np.ndarray:
+             guide=None, source_prompts=None, handoff=None, latents=None, on_batch=None) -> np.ndarray:
   """Samples [len(prompts), num_per_prompt, (frames,) h, w, c] uint8 (image_size), sample.batch_size at a time
   (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
   serves every batch (the last is padded), and more than one batch logs progress with an ETA.
@@ -517,7 +518,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   source_prompts: with sample.edit_noise "source_inversion" or "null_text_inversion", what each init image shows,
   one per prompt (editing.py). handoff: an ensemble of experts' index into the grid (refiner.py): without latents,
   the model's latents there, float32 [len(prompts), num_per_prompt, *output_shape], instead of samples; with latents
-  (those), the samples the rest of the grid makes from them."""
+  (those), the samples the rest of the grid makes from them. on_batch(first, samples): called with each batch's
+  samples as they are made (uint8 [k, ...], samples first .. first + k - 1 in prompt-major order), but for latents."""
   if init_images is not None:
     edit_inputs.check_editable(config)
   first_frames = None
@@ -596,6 +598,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     real = images[:len(repeated) - first]  # (not the padding)
     nonfinite += int((~np.isfinite(real.reshape(len(real), -1))).any(axis=1).sum())
     outputs.append(images if handoff is not None and latents is None else media.to_uint8(images))
+    if on_batch is not None and outputs[-1].dtype == np.uint8:
+      on_batch(first, outputs[-1][:len(real)])
     if len(keys) > chunk:
       done, elapsed = min(first + chunk, len(repeated)), time.time() - start
       log.info("sampled %d of %d (%d%%), elapsed %.0fs, eta %.0fs", done, len(repeated),
@@ -632,29 +636,56 @@ def model_hash(config) -> str:
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def sample_record(provenance: dict, entry: dict, p: int, i: int, is_video: bool) -> dict:
+  """The provenance record of prompt p's sample i (its PNG's text chunks, its manifest.jsonl line), naming its files."""
+  record = {**provenance, **entry, "index": i, "file": f"p{p:03d}_{i:02d}.png"}
+  if is_video:
+    record["animation"], record["video"] = f"p{p:03d}_{i:02d}.gif", f"p{p:03d}_{i:02d}.mp4"
+  return record
+
+
+def write_sample(output_dir: pathlib.Path, record: dict, sample: np.ndarray) -> None:
+  """A sample's files as its record names them: uint8 [h, w, 3] a PNG; [frames, h, w, 3] a GIF, an MP4 and a PNG strip
+  of its frames."""
+  if sample.ndim == 4:
+    media.save_gif(output_dir / record["animation"], sample, record)
+    media.save_mp4(output_dir / record["video"], sample, record)
+    sample = np.concatenate(list(sample), axis=1)  # frames left to right
+  media.save_png(output_dir / record["file"], sample, record)
+
+
 def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edits=None,
                   given: str = "the edited image") -> pathlib.Path:
   """One PNG per sample (videos: a GIF, an MP4 and a PNG strip of its frames), manifest.jsonl, and grid.png
   of the first GRID_PROMPTS prompts (videos: also grid.gif and grid.mp4); entries carry each prompt's
   prompt/seed/guidance_scale. Returns the grid path.
+  images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]. edits, given: as write_grid reads them."""
+  output_dir = pathlib.Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  records = []
+  for p, (entry, row) in enumerate(zip(entries, images)):
+    for i, sample in enumerate(row):
+      records.append(sample_record(provenance, entry, p, i, images.ndim == 6))
+      write_sample(output_dir, records[-1], sample)
+  write_manifest(output_dir, records)
+  return write_grid(output_dir, entries, images, provenance, edits, given)
+
+
+def write_manifest(output_dir: pathlib.Path, records: list[dict]) -> None:
+  """manifest.jsonl: the records, a line each, in order (replacing the file at once)."""
+  partial = output_dir / "manifest.jsonl.partial"
+  partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+  partial.replace(output_dir / "manifest.jsonl")
+
+
+def write_grid(output_dir: pathlib.Path, entries: list[dict], images, provenance: dict, edits=None,
+               given: str = "the edited image") -> pathlib.Path:
+  """grid.png of the first GRID_PROMPTS prompts' samples (videos: also grid.gif and grid.mp4); returns its path.
   images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]. edits: {prompt index: (image, keep)} of
   the prompts that edited an image or clip (edit_inputs.read): their grid rows show it first (inpainting: the region
   generated anew dark; image-to-video: the given first frame; video-to-video: the given clip), labelled `given`; an
   image of another size than the samples (FLUX.1 Kontext's reference, Redux's image) brought to theirs."""
-  output_dir = pathlib.Path(output_dir)
-  output_dir.mkdir(parents=True, exist_ok=True)
   is_video = images.ndim == 6
-  with open(output_dir / "manifest.jsonl", "w") as manifest:
-    for p, (entry, row) in enumerate(zip(entries, images)):
-      for i, sample in enumerate(row):
-        record = {**provenance, **entry, "index": i, "file": f"p{p:03d}_{i:02d}.png"}
-        if is_video:
-          record["animation"], record["video"] = f"p{p:03d}_{i:02d}.gif", f"p{p:03d}_{i:02d}.mp4"
-          media.save_gif(output_dir / record["animation"], sample, record)
-          media.save_mp4(output_dir / record["video"], sample, record)
-          sample = np.concatenate(list(sample), axis=1)  # frames left to right
-        media.save_png(output_dir / record["file"], sample, record)
-        manifest.write(json.dumps(record) + "\n")
   grid_path, images = output_dir / "grid.png", images[:GRID_PROMPTS]
   prompts = [e["prompt"] for e in entries[:GRID_PROMPTS]]
   rows = [row.reshape((-1,) + row.shape[-3:]) for row in images]  # a video row: its clips' frames in order
@@ -1169,41 +1200,67 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
                (1.0 if references else entries[i].get("strength", sample_config.strength)) if i in edits else -1.0,
                edits[i][0].shape[:-1] if references and i in edits else ())
               for i in range(len(entries))]
-  for setting in sorted(set(settings)):
-    scales, scale, group_interval, strength, _ = setting
-    group = [i for i, other in enumerate(settings) if other == setting]
-    if fused[0] != scales:
-      fused = scales, lora.fused(Weights(params, frozen), lora.at_scales(adapters, entries[group[0]].get("lora_scale")))
-    group_params, group_frozen = fused[1]
-    edited = strength >= 0
-    group_config = sample_config.copy_and_resolve_references()
-    group_config.guidance_scale = float(scale)
-    group_config.guidance_interval = group_interval
-    group_config.strength = strength if edited else sample_config.strength
-    if why := skip_layer_guidance_absent(group_config, edited and not references):
-      log.warning("skip-layer guidance acts at no step of prompts %s: %s", [entries[i]["prompt"] for i in group], why)
-      for i in group:  # (their provenance says so instead of the settings)
-        entries[i]["skip_layer_guidance"] = f"none: {why}"
-    init_images, keep_masks = (np.stack([edits[i][k] for i in group]) for k in (0, 1)) if edited else (None, None)
-    group_prompts, seeds = [entries[i]["prompt"] for i in group], [entries[i]["seed"] for i in group]
-    negatives = [entries[i].get("negative_prompt", "") for i in group]
-    sources = [entries[i].get("source_prompt", "") for i in group] if edited else None
-    common = dict(seeds=seeds, negative_prompts=negatives)
-    if refiner is not None:  # an ensemble of experts: the model's latents, still noisy, finished by the refiner
-      generated = handed_over(refiner, config, graphdef, group_params, group_frozen, tokenizer, group_prompts,
-                              group_config, mesh, **common)
-    else:
-      generated = generate(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
-                           lowres=None if lowres is None else np.asarray(lowres)[group], init_images=init_images,
-                           keep_masks=keep_masks, guide=guide, source_prompts=sources, **common)
-    if config.model.temporal and sample_config.video_length:
-      generated = extended(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
-                           seeds, negatives, generated, guide)
-    for i, row in zip(group, generated):
-      images[i] = row
   output_dir = pathlib.Path(output_dir)
-  if jax.process_index() != 0:  # every process samples its shard; process 0 writes
+  provenance = samples_provenance(config, sample_config, step, adapters, guide, refiner)
+  files = SampleFiles(output_dir, provenance, entries) if jax.process_index() == 0 else None  # (process 0 writes)
+  try:
+    for setting in sorted(set(settings)):
+      scales, scale, group_interval, strength, _ = setting
+      group = [i for i, other in enumerate(settings) if other == setting]
+      if fused[0] != scales:
+        fused = scales, lora.fused(Weights(params, frozen),
+                                   lora.at_scales(adapters, entries[group[0]].get("lora_scale")))
+      group_params, group_frozen = fused[1]
+      edited = strength >= 0
+      group_config = sample_config.copy_and_resolve_references()
+      group_config.guidance_scale = float(scale)
+      group_config.guidance_interval = group_interval
+      group_config.strength = strength if edited else sample_config.strength
+      if why := skip_layer_guidance_absent(group_config, edited and not references):
+        log.warning("skip-layer guidance acts at no step of prompts %s: %s", [entries[i]["prompt"] for i in group],
+                    why)
+        for i in group:  # (their provenance says so instead of the settings)
+          entries[i]["skip_layer_guidance"] = f"none: {why}"
+      init_images, keep_masks = (np.stack([edits[i][k] for i in group]) for k in (0, 1)) if edited else (None, None)
+      group_prompts, seeds = [entries[i]["prompt"] for i in group], [entries[i]["seed"] for i in group]
+      negatives = [entries[i].get("negative_prompt", "") for i in group]
+      sources = [entries[i].get("source_prompt", "") for i in group] if edited else None
+      common = dict(seeds=seeds, negative_prompts=negatives)
+      n, extending = group_config.num_per_prompt, config.model.temporal and sample_config.video_length
+      written_as_made = files is not None and refiner is None and not extending  # (else each group once it is done)
+      on_batch = (lambda first, batch, group=group: [files.write(group[(first + k) // n], (first + k) % n, sample)
+                                                     for k, sample in enumerate(batch)]) if written_as_made else None
+      if refiner is not None:  # an ensemble of experts: the model's latents, still noisy, finished by the refiner
+        generated = handed_over(refiner, config, graphdef, group_params, group_frozen, tokenizer, group_prompts,
+                                group_config, mesh, **common)
+      else:
+        generated = generate(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
+                             lowres=None if lowres is None else np.asarray(lowres)[group], init_images=init_images,
+                             keep_masks=keep_masks, guide=guide, source_prompts=sources, on_batch=on_batch, **common)
+      if extending:
+        generated = extended(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
+                             seeds, negatives, generated, guide)
+      for i, row in zip(group, generated):
+        images[i] = row
+        for k, sample in enumerate(row) if files is not None and not written_as_made else ():
+          files.write(i, k, sample)
+  except KeyboardInterrupt:
+    if files is not None:
+      log.warning("interrupted: the %d samples made so far are in %s (manifest.jsonl lists them; no grid)",
+                  len(files.records), output_dir)
+    raise
+  finally:
+    if files is not None:
+      files.close()
+  if files is None:  # every process samples its shard; process 0 writes
     return output_dir / "grid.png"
+  write_manifest(output_dir, [files.records[key] for key in sorted(files.records)])  # (in prompt order)
+  return write_grid(output_dir, entries, np.stack(images), provenance, edits,
+                    "the given image" if references else "the edited image")
+
+
+def samples_provenance(config, sample_config, step, adapters=(), guide=None, refiner=None) -> dict:
+  """What every sample of a sampling job records of how it was made (its own prompt, seed and guidance aside)."""
   provenance = {"sampler": sample_config.sampler, "steps": sample_config.steps,
                 "checkpoint_step": "none: the pretrained checkpoints" if step is None else int(step),
                 "ema": bool(sample_config.use_ema), "config_hash": config_hash(config)}
@@ -1227,8 +1284,29 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
     clip = clip_frames(config, sample_config)
     provenance.update(video_length=sample_config.video_length, clip_frames=clip,
                       context_frames=extension_context(config, sample_config))
-  return write_outputs(output_dir, entries, np.stack(images), provenance, edits,
-                       "the given image" if references else "the edited image")
+  return provenance
+
+
+class SampleFiles:
+  """A sampling job's samples written as they are made: each one's files, and its line appended to manifest.jsonl at
+  once, so that a job interrupted (Ctrl-C, a lost machine) keeps every sample it made."""
+
+  def __init__(self, output_dir: pathlib.Path, provenance: dict, entries: list[dict]):
+    output_dir.mkdir(parents=True, exist_ok=True)
+    self.output_dir, self.provenance, self.entries = output_dir, provenance, entries
+    self.records = {}  # (prompt index, sample index) -> record
+    self.manifest = open(output_dir / "manifest.jsonl", "w")
+
+  def write(self, p: int, i: int, sample: np.ndarray) -> None:
+    """Prompt p's sample i: uint8 [h, w, 3], or a clip [frames, h, w, 3]."""
+    record = sample_record(self.provenance, self.entries[p], p, i, sample.ndim == 4)
+    write_sample(self.output_dir, record, sample)
+    self.manifest.write(json.dumps(record) + "\n")
+    self.manifest.flush()
+    self.records[p, i] = record
+
+  def close(self) -> None:
+    self.manifest.close()
 
 
 def handed_over(refiner, config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,

@@ -37,6 +37,34 @@ def test_samples_carry_provenance(trained, tmp_path):
   assert [(r["seed"], r["guidance_scale"]) for r in records[::3]] == [(11, 3.0), (7, 2.0)]
 
 
+def test_an_interrupted_sampling_job_keeps_every_sample_it_made(trained, tmp_path, caplog):
+  """Samples are written as they are made: a job stopped by Ctrl-C while sampling its second group of prompts (here
+  its tokenizer's second call) keeps the first group's files, each listed in manifest.jsonl, and says so."""
+  from diffusion_jax.text import tokenizers
+
+  config, weights, graphdef, step, mesh = sample.load_checkpoint(trained[1])
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.update(steps=2, num_per_prompt=2)
+  tokenizer, calls = tokenizers.from_config(config), []
+
+  def interrupted_on_the_second_group(texts):
+    calls.append(texts)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return tokenizer(texts)
+
+  prompts = [{"prompt": "a red circle", "guidance_scale": 2.0}, {"prompt": "a blue square", "guidance_scale": 3.0}]
+  with pytest.raises(KeyboardInterrupt):
+    sample.write_samples(config, graphdef, weights.params, weights.frozen, interrupted_on_the_second_group, prompts,
+                         sample_config, mesh, step, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+  assert [(r["prompt"], r["index"], r["file"]) for r in records] == [("a red circle", 0, "p000_00.png"),
+                                                                     ("a red circle", 1, "p000_01.png")]
+  assert all(media.read_provenance(tmp_path / r["file"])["prompt"] == "a red circle" for r in records)
+  assert not (tmp_path / "grid.png").exists() and not list(tmp_path.glob("p001_*"))
+  assert f"interrupted: the 2 samples made so far are in {tmp_path} (manifest.jsonl lists them" in caplog.text
+
+
 def test_samples_of_another_size_and_the_image_they_edit_brought_to_it(trained, tmp_path):
   """--height and --width (any size the network divides): 8 x 24 samples (UniPC), an --init_image of another aspect
   scaled to cover them and centre-cropped as training images are, its --mask with it: the kept pixels are the
@@ -364,18 +392,22 @@ def test_sampling_is_deterministic_and_independent_of_device_count(trained):
   sample_config.update(steps=3, num_per_prompt=3)
   prompts = ["a large red circle at the top left"]
 
-  def run(devices, batch_size=256):
+  def run(devices, batch_size=256, on_batch=None):
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=devices)
     params, frozen = jax.device_put((weights.params, weights.frozen), sharding.replicated(mesh))
     sample_config.batch_size = batch_size
-    return sample.generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh)
+    return sample.generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh,
+                           on_batch=on_batch)
 
   eight, again, one = run(jax.devices()), run(jax.devices()), run(jax.devices()[:1])
   np.testing.assert_array_equal(eight, again)
   assert np.abs(eight.astype(int) - one.astype(int)).max() <= 1  # same images up to float rounding
   assert not np.array_equal(eight[0, 0], eight[0, 1])  # the images of one prompt differ
-  by_twos = run(jax.devices()[:1], batch_size=2)  # three samples in two batches, the last one padded
+  batches = []  # each batch's samples as it is made (what a sampling job writes then)
+  by_twos = run(jax.devices()[:1], batch_size=2, on_batch=lambda first, samples: batches.append((first, samples)))
   assert by_twos.shape == one.shape and np.abs(by_twos.astype(int) - one.astype(int)).max() <= 1
+  assert [first for first, _ in batches] == [0, 2]  # three samples in two batches, the last one padded (not passed)
+  np.testing.assert_array_equal(np.concatenate([samples for _, samples in batches]), by_twos[0])
 
 
 def test_a_model_built_with_remat_samples_the_same_images(trained):
