@@ -630,4 +630,4 @@ def print_table(mode, f):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, config_kinds={"config": "experiment"})

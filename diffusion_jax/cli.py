@@ -40,10 +40,37 @@ def flag_error(error: Exception) -> str:
   return " ".join(text.split())
 
 
-def run(main) -> None:
-  """absl's app.run of `main`; a usage error (flags that do not go together, a missing one) is `error: ...` a line,
-  then a pointer to --help, and exit code 2, rather than the whole usage text with the error under it. The job's
-  own log (diffusion_jax's loggers) is at INFO, the libraries' (orbax, TFDS, JAX, through absl) at WARNING unless
+# The kinds of config the jobs read, each known by a section no other kind has: (that section, whose config it is,
+# where such configs are, what reads it).
+CONFIG_KINDS = {
+    "experiment": ("diffusion", "a diffusion experiment's", "configs/t2i_shapes.py, stable_diffusion.py, ...",
+                   "the main job trains it"),
+    "autoencoder": ("autoencoder", "an autoencoder's", "configs/autoencoder_*.py",
+                    "python -m diffusion_jax.train_autoencoder trains it"),
+    "cascade": ("stages", "a cascade's", "configs/cascades/", "sample and evaluate read it as --cascade"),
+    "sweep": ("budgets", "a scaling sweep's", "configs/scaling/", "python -m diffusion_jax.scaling.run runs it"),
+}
+
+
+def config_kind_problems(kinds: dict[str, str]) -> list[str]:
+  """'--FLAG=FILE is ...' for each config flag given ({flag name: CONFIG_KINDS key}) whose config is of another kind
+  (the job's fields would be missing from it: a traceback deep in the job otherwise)."""
+  found = []
+  for name, kind in kinds.items():
+    config, (section, whose, where, _) = flags.FLAGS[name].value, CONFIG_KINDS[kind]
+    if config is None or section in config:
+      continue
+    other = next((CONFIG_KINDS[k] for k, (s, *_) in CONFIG_KINDS.items() if s in config), None)
+    what = f"{other[1]} config ({other[3]})" if other else f"no config of the jobs' kinds (no {section} section)"
+    found.append(f"--{name}={flags.FLAGS[name].config_filename} is {what}, not {whose} ({where})")
+  return found
+
+
+def run(main, config_kinds: dict[str, str] | None = None) -> None:
+  """absl's app.run of `main`; a usage error (flags that do not go together, a missing one, a config flag given a
+  config of another kind than `config_kinds` says, {flag name: CONFIG_KINDS key}) is `error: ...` a line, then a
+  pointer to --help, and exit code 2, rather than the whole usage text with the error under it. The job's own log
+  (diffusion_jax's loggers) is at INFO, the libraries' (orbax, TFDS, JAX, through absl) at WARNING unless
   --verbosity says otherwise."""
 
   def main_or_usage_error(argv):
@@ -51,6 +78,8 @@ def run(main) -> None:
       absl_logging.set_verbosity(absl_logging.WARNING)  # libraries say only what matters
     logging.getLogger("diffusion_jax").setLevel(logging.INFO)
     try:
+      if problems := config_kind_problems(config_kinds or {}):
+        raise app.UsageError("\n".join(problems))
       return main(argv)
     except app.UsageError as error:
       for line in str(error).splitlines():

@@ -68,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, config_kinds={"config": "experiment"})

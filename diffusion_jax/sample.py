@@ -1548,4 +1548,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main)
+  cli.run(main, config_kinds={"config": "experiment", "refiner": "experiment", "cascade": "cascade"})

@@ -626,4 +626,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Autoencoder config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, the trained autoencoder).")
   distributed.define_flags()
-  cli.run(main)
+  cli.run(main, config_kinds={"config": "autoencoder"})

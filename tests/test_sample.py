@@ -334,6 +334,35 @@ def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
   assert "is not a diffusion_jax workdir" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_config_of_another_kind_is_refused_naming_what_it_is(tmp_path):
+  """A job given another kind of config (a cascade's or an autoencoder's where a diffusion experiment's is read, an
+  experiment's as --cascade) says what each one is and what reads it, every such flag at once; an autoencoder's
+  config given to the main job and an experiment's to the autoencoder trainer too (an AttributeError traceback
+  before)."""
+  jobs = {"sample": ["--cascade=configs/t2i_shapes.py:test", "--refiner=configs/autoencoder_shapes.py:test"],
+          "train_autoencoder": ["--config=configs/t2i_shapes.py:test", f"--workdir={tmp_path / 'run'}"],
+          "main": ["--config=configs/cascades/shapes_16_32.py", f"--workdir={tmp_path / 'run'}"]}
+  errors = {}
+  for job, args in jobs.items():
+    result = subprocess.run([sys.executable, "-m", f"diffusion_jax.{job}", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors[job] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert errors["sample"] == [
+      "error: --refiner=configs/autoencoder_shapes.py:test is an autoencoder's config (python -m "
+      "diffusion_jax.train_autoencoder trains it), not a diffusion experiment's (configs/t2i_shapes.py, "
+      "stable_diffusion.py, ...)",
+      "error: --cascade=configs/t2i_shapes.py:test is a diffusion experiment's config (the main job trains it), not a "
+      "cascade's (configs/cascades/)"]
+  assert errors["train_autoencoder"] == [
+      "error: --config=configs/t2i_shapes.py:test is a diffusion experiment's config (the main job trains it), not an "
+      "autoencoder's (configs/autoencoder_*.py)"]
+  assert errors["main"] == [
+      "error: --config=configs/cascades/shapes_16_32.py is a cascade's config (sample and evaluate read it as "
+      "--cascade), not a diffusion experiment's (configs/t2i_shapes.py, stable_diffusion.py, ...)"]
+  assert not (tmp_path / "run").exists()
+
+
 def test_flags_a_cascade_would_ignore_are_refused_all_at_once():
   for module, given in (("sample", ["--steps=5", "--init_image=a.png", "--guide_step=2"]),
                         ("evaluate", ["--heldout_examples=8", "--lpips_weights=w", "--guidance_interval=1:5",
