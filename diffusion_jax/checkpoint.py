@@ -170,17 +170,18 @@ def local_path(workdir) -> pathlib.Path:
   return pathlib.Path(text).expanduser()
 
 
-def prepare_workdir(workdir) -> None:
+def prepare_workdir(workdir, flag: str = "--workdir") -> None:
   """Create the workdir (every process: on a shared filesystem they all see one) before any work is done; a
-  URL, a file in the way or a place this user cannot write is a ValueError, not a crash at the first save."""
+  URL, a file in the way or a place this user cannot write is a ValueError naming `flag`, not a crash at the first
+  save."""
   text = str(workdir)
   path = local_path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as error:  # a file in the way, no permission, a read-only filesystem
-    raise ValueError(f"--workdir={text} cannot be made a directory: {error.strerror} ({error.filename}).") from None
+    raise ValueError(f"{flag}={text} cannot be made a directory: {error.strerror} ({error.filename}).") from None
   if not os.access(path, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir={text} is not writable by this user.")
+    raise ValueError(f"{flag}={text} is not writable by this user.")
 
 
 @contextlib.contextmanager
@@ -297,13 +298,21 @@ def config_differences(old: ml_collections.ConfigDict, new: ml_collections.Confi
           if old.get(k) != new.get(k)]
 
 
-def read_config(workdir) -> ml_collections.ConfigDict:
-  """The experiment config a workdir was trained with (its config.json; fields it predates: ADDED_FIELDS)."""
+def read_config(workdir, kind: str = "experiment") -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (its config.json; an experiment's fields it predates: ADDED_FIELDS); a
+  ValueError when it is of another kind than `kind` (cli.CONFIG_KINDS: an autoencoder trainer's workdir given to
+  sample, say)."""
+  from diffusion_jax import cli
+
   path = local_path(workdir) / "config.json"
   if not path.exists():
     raise ValueError(f"{str(path)!r} does not exist: {str(workdir)!r} is not a diffusion_jax workdir (train "
                      "first, or give the --workdir of a training run).")
   saved = json.loads(path.read_text())
+  if problem := cli.kind_problem(saved, kind):
+    raise ValueError(f"--workdir={str(workdir)!r} holds the run of {problem}")
+  if kind != "experiment":
+    return ml_collections.ConfigDict(saved)
   for field, value in ADDED_FIELDS.items():
     *groups, name = field.split(".")
     group = saved

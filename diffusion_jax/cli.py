@@ -57,13 +57,20 @@ def config_kind_problems(kinds: dict[str, str]) -> list[str]:
   (the job's fields would be missing from it: a traceback deep in the job otherwise)."""
   found = []
   for name, kind in kinds.items():
-    config, (section, whose, where, _) = flags.FLAGS[name].value, CONFIG_KINDS[kind]
-    if config is None or section in config:
-      continue
-    other = next((CONFIG_KINDS[k] for k, (s, *_) in CONFIG_KINDS.items() if s in config), None)
-    what = f"{other[1]} config ({other[3]})" if other else f"no config of the jobs' kinds (no {section} section)"
-    found.append(f"--{name}={flags.FLAGS[name].config_filename} is {what}, not {whose} ({where})")
+    if flags.FLAGS[name].value is not None and (problem := kind_problem(flags.FLAGS[name].value, kind)):
+      found.append(f"--{name}={flags.FLAGS[name].config_filename} is {problem}")
   return found
+
+
+def kind_problem(config, kind: str) -> str | None:
+  """What `config` (a ConfigDict or dict) is when it is not of `kind` (a CONFIG_KINDS key): "an autoencoder's config
+  (... trains it), not a diffusion experiment's (configs/...)"."""
+  section, whose, where, _ = CONFIG_KINDS[kind]
+  if section in config:
+    return None
+  other = next((CONFIG_KINDS[k] for k, (s, *_) in CONFIG_KINDS.items() if s in config), None)
+  what = f"{other[1]} config ({other[3]})" if other else f"no config of the jobs' kinds (no {section} section)"
+  return f"{what}, not {whose} ({where})"
 
 
 def run(main, config_kinds: dict[str, str] | None = None) -> None:

@@ -507,7 +507,7 @@ def _train(config, workdir: str) -> pathlib.Path:
   saved = pathlib.Path(workdir) / "config.json"
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if mngr.all_steps() and saved.exists():
-    trained = checkpoint.read_config(workdir)
+    trained = checkpoint.read_config(workdir, "autoencoder")
     for field, before in (("temporal_decoder", False), ("causal", False), ("spatial_compression_ratio", 0)):
       if field in config.autoencoder and field not in trained.autoencoder:
         trained.autoencoder[field] = before  # a run from before the field: an image autoencoder

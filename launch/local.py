@@ -6,7 +6,7 @@
 Flags:
   --num_processes        processes to start (default 2)
   --devices_per_process  simulated CPU devices per process (default 4)
-  --port                 coordinator port on 127.0.0.1 (default: a free one)
+  --port                 coordinator port on 127.0.0.1 (default 0: a free one)
   --module               the job: diffusion_jax.main (default), diffusion_jax.train_autoencoder,
                          diffusion_jax.sample or diffusion_jax.evaluate
   --dry_run              print the commands instead of running them
@@ -43,11 +43,25 @@ def commands(module: str, num_processes: int, port: int, main_args: list[str]) -
            f"--num_processes={num_processes}", f"--process_id={i}", *main_args] for i in range(num_processes)]
 
 
+def int_in(low: int, high: int | None = None):
+  """argparse's type of an integer flag in [low, high]: out of it, the usage error names the bounds."""
+
+  def parse(text: str) -> int:
+    value = int(text)
+    if value < low or (high is not None and value > high):
+      most = f" and at most {high}" if high is not None else ""
+      raise argparse.ArgumentTypeError(f"{value}: at least {low}{most}")
+    return value
+
+  parse.__name__ = "integer"  # (how argparse names the type in its message of a non-integer)
+  return parse
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--num_processes", type=int, default=2)
-  parser.add_argument("--devices_per_process", type=int, default=4)
-  parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--num_processes", type=int_in(1), default=2)
+  parser.add_argument("--devices_per_process", type=int_in(1), default=4)
+  parser.add_argument("--port", type=int_in(0, 65535), default=0)
   parser.add_argument("--module", default="diffusion_jax.main", choices=MODULES)
   parser.add_argument("--dry_run", action="store_true")
   parser.add_argument("main_args", nargs=argparse.REMAINDER)

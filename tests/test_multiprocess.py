@@ -54,6 +54,13 @@ def test_launchers_dry_run():
   assert len(lines) == 2 and all("-m diffusion_jax.train_autoencoder --coordinator=" in line for line in lines)
   assert all(line.startswith("XLA_FLAGS='--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4' ")
              for line in lines), lines
+  # Counts that start nothing (a launcher that ran no job and exited 0) and ports that cannot be are refused
+  for flag, message in (("--num_processes=0", "argument --num_processes: 0: at least 1"),
+                        ("--devices_per_process=-4", "argument --devices_per_process: -4: at least 1"),
+                        ("--port=70000", "argument --port: 70000: at least 0 and at most 65535")):
+    local = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), flag, "--dry_run", "--", "--workdir=w"],
+                           capture_output=True, text=True, timeout=60)
+    assert local.returncode == 2 and local.stderr.splitlines()[-1] == f"local.py: error: {message}", local.stderr
   tpu = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "pod", "zone", "--workdir=/mnt/shared/r"],
                        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
   assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "--auto_distributed" in tpu.stdout

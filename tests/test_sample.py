@@ -361,6 +361,20 @@ def test_a_config_of_another_kind_is_refused_naming_what_it_is(tmp_path):
       "error: --config=configs/cascades/shapes_16_32.py is a cascade's config (sample and evaluate read it as "
       "--cascade), not a diffusion experiment's (configs/t2i_shapes.py, stable_diffusion.py, ...)"]
   assert not (tmp_path / "run").exists()
+  # A workdir of another kind: an autoencoder trainer's given to sample, evaluate, export or the main job, and back
+  from configs import autoencoder_shapes, t2i_shapes
+  from diffusion_jax import checkpoint
+
+  for kind, config in (("autoencoder", autoencoder_shapes.get_config("test")), ("experiment", t2i_shapes.get_config())):
+    (tmp_path / kind).mkdir()
+    checkpoint.write_config(tmp_path / kind, config)
+  assert checkpoint.read_config(tmp_path / "autoencoder", "autoencoder").autoencoder.latent_channels == 4
+  with pytest.raises(ValueError, match=r"--workdir='.*autoencoder' holds the run of an autoencoder's config \(python "
+                                       r"-m diffusion_jax.train_autoencoder trains it\), not a diffusion experiment's"):
+    checkpoint.read_config(tmp_path / "autoencoder")
+  with pytest.raises(ValueError, match=r"--workdir='.*experiment' holds the run of a diffusion experiment's config "
+                                       r"\(the main job trains it\), not an autoencoder's"):
+    checkpoint.read_config(tmp_path / "experiment", "autoencoder")
 
 
 def test_flags_a_cascade_would_ignore_are_refused_all_at_once():

@@ -238,3 +238,21 @@ def test_only_selects_named_runs_and_refuses_unknown_names():
   assert runner.selected(runs) == runs and runner.selected(runs, ["c8_d1_C2"]) == runs[1:]
   with pytest.raises(ValueError, match=r"does not have: \['c9_d1_C1'\]"):
     runner.selected(runs, ["c9_d1_C1"])
+
+
+def test_analyzing_a_sweep_that_cannot_be_fitted_is_an_error_only_when_asked_for(tmp_path, caplog):
+  """--analyze_only over finished runs that cannot be fitted (one budget) is an error naming why (it wrote nothing
+  and exited 0 before); after a sweep's runs it is a warning. A --root that cannot be a directory is named."""
+  from diffusion_jax import checkpoint
+  from diffusion_jax.scaling import run as runner
+
+  with open(tmp_path / "results.jsonl", "w") as results:
+    for record in synthetic_runs(budgets=(1e12,)):
+      results.write(json.dumps({"name": f"{record['size']}_C1e12", **record}) + "\n")
+  sweep = shapes_t2i.get_config("test")
+  assert runner.analyze(sweep, tmp_path) is None and "no scaling report yet" in caplog.text
+  with pytest.raises(ValueError, match=r"--root=.*: no scaling report from 7 finished runs: Scaling fits need runs "
+                                       r"at two or more compute budgets"):
+    runner.analyze(sweep, tmp_path, required=True)
+  with pytest.raises(ValueError, match="--root=.*results.jsonl cannot be made a directory: File exists"):
+    checkpoint.prepare_workdir(tmp_path / "results.jsonl", "--root")

@@ -12,7 +12,8 @@ Flags:
   --launcher        command prefix for --print_commands (default `python -m diffusion_jax.main`), e.g.
                     `sbatch --nodes=4 launch/slurm_gpu.sbatch` or `launch/tpu_pod.sh NAME ZONE`
   --only            comma-separated run names to run (default all)
-  --analyze_only    only fit and plot the runs already in results.jsonl
+  --analyze_only    only fit and plot the runs already in results.jsonl (an error naming why when they cannot
+                    be fitted yet; not with --print_commands)
 
 Runs execute one after another in this process. Finished runs (in results.jsonl) are skipped; a run
 that was killed resumes from its last checkpoint. Each record holds the parameters, FLOPs per example
@@ -135,11 +136,15 @@ def print_commands(sweep, root, launcher: str, only=()) -> list[str]:
   return lines
 
 
-def analyze(sweep, root) -> tuple[pathlib.Path, pathlib.Path] | None:
+def analyze(sweep, root, required: bool = False) -> tuple[pathlib.Path, pathlib.Path] | None:
+  """The report's and plot's paths; None with a warning when the finished runs cannot be fitted yet (a ValueError
+  when the report is `required`: --analyze_only)."""
   records = list(read_results(root).values())
   try:
     return report.write(records, root, sweep.bootstrap_samples)
   except ValueError as error:
+    if required:
+      raise ValueError(f"--root={root}: no scaling report from {len(records)} finished runs: {error}") from None
     log.warning("no scaling report yet: %s", error)
     return None
 
@@ -159,19 +164,24 @@ def main(argv):
     raise app.UsageError("--sweep and --root are required.")
   if not f.print_commands:
     cli.refuse(("launcher",), "only with --print_commands (it prefixes the printed commands)")
+  else:
+    cli.refuse(("analyze_only",), "not with --print_commands (which prints the commands of the runs left)")
   import jax
+
+  from diffusion_jax import checkpoint
 
   # Runs of one size share their train step (budgets change train.steps and warm-up, arguments of the step),
   # initialisation and evaluation programs: compile those once per sweep.
   jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(f.root).expanduser() / "compilation_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   try:
+    checkpoint.prepare_workdir(f.root, "--root")
     if f.print_commands:
       print("\n".join(print_commands(f.sweep, f.root, f.launcher, f.only)))
       return
     if not f.analyze_only:
       run_sweep(f.sweep, f.root, f.only)
-    written = analyze(f.sweep, f.root)
+    written = analyze(f.sweep, f.root, required=f.analyze_only)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
