@@ -1,5 +1,7 @@
 """Text-embedding cache: lookups equal the encoder's output, stale caches are refused, training reads it."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from diffusion_jax import sharding, train
 from diffusion_jax.text import embedding_cache, tokenizers
 
 
-def test_cache_lookup_matches_encoder_and_refuses_a_stale_key(tmp_path_factory, tmp_path):
+def test_cache_lookup_matches_encoder_and_refuses_a_stale_key(tmp_path_factory, tmp_path, caplog):
   config = tiny_config(tmp_path_factory)
   config.text.trainable = False
   state, graphdef = train.init_state(config, sharding.make_mesh(config.mesh))
@@ -18,8 +20,11 @@ def test_cache_lookup_matches_encoder_and_refuses_a_stale_key(tmp_path_factory, 
   encode = jax.jit(lambda ids, mask: nnx.merge(graphdef, state.params, state.frozen).encode(ids, mask))
   captions = ["a large red circle at the top left", "a small blue square at the bottom right"] * 3
   key = embedding_cache.cache_key(state.frozen["text_encoder"], "words", config.text.max_length)
+  caplog.set_level(logging.INFO)
   cache = embedding_cache.build(tmp_path / "cache", captions, tokenizer, encode, key)
   assert len(cache.rows) == 2  # each distinct caption encoded once
+  assert "text-embedding cache: 2 of 2 captions (100%), elapsed" in caplog.text  # progress, every tenth
+  assert not list((tmp_path / "cache").glob("*.partial"))  # (written a batch at a time, then renamed)
   ids, mask = tokenizer(captions[:1])
   embeddings, cached_mask = cache(captions[0].encode())
   np.testing.assert_array_equal(cached_mask, mask[0])
@@ -45,7 +50,9 @@ def test_a_pooled_embedding_beside_every_token_is_stored_once(tmp_path):
   captions = ["a red circle", "two blue squares", "a red circle"]
   encoded = {}
   cache = embedding_cache.build(tmp_path / "cache", captions, tokenizer,
-                                lambda ids, mask: encoded.setdefault("all", encode(ids, mask)), "k", token_width=6)
+                                lambda ids, mask: encoded.setdefault(len(encoded), encode(ids, mask)), "k",
+                                token_width=6, batch_size=1)  # a caption a batch: each written where it belongs
+  encoded["all"] = np.concatenate([encoded[0], encoded[1]])
   assert np.load(tmp_path / "cache" / "embeddings.npy").shape == (2, 4, 6)
   assert np.load(tmp_path / "cache" / "pooled.npy").shape == (2, 3)
   for row, caption in enumerate(["a red circle", "two blue squares"]):  # (sorted: the cache's row order)

@@ -10,10 +10,14 @@ pooled embedding repeated beside every token (SDXL's, SD3's, Flux's: sdxl_text.s
 
 import hashlib
 import json
+import logging
 import pathlib
+import time
 
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def cache_key(encoder_params, tokenizer_name: str, max_length: int) -> str:
@@ -26,29 +30,40 @@ def cache_key(encoder_params, tokenizer_name: str, max_length: int) -> str:
 
 def build(directory, captions, tokenizer, encode_fn, key: str, batch_size: int = 256,
           token_width: int = 0) -> "EmbeddingCache":
-  """Encode each distinct caption once. encode_fn(ids, mask) -> embeddings [n, tokens, dim]; token_width: where the
-  pooled embedding repeated beside every token starts (0: none), stored once."""
+  """Encode each distinct caption once, a batch at a time into memory-mapped files (the encoder's states of a million
+  captions are far larger than a host's memory), logging progress and ETA. encode_fn(ids, mask) -> embeddings [n,
+  tokens, dim]; token_width: where the pooled embedding repeated beside every token starts (0: none), stored once.
+  Written under temporary names, then renamed; meta.json last: an interrupted build leaves no cache that opens."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   distinct = sorted({c.decode() if isinstance(c, bytes) else c for c in captions})
   if not distinct:
     raise ValueError("No captions to cache.")
-  chunks, masks = [], []
+  arrays, start_time, reported = {}, time.perf_counter(), 0
   for start in range(0, len(distinct), batch_size):
     ids, mask = tokenizer(distinct[start:start + batch_size])
-    chunks.append(np.asarray(encode_fn(ids, mask), np.float16))
-    masks.append(mask)
-  embeddings = np.concatenate(chunks)
-  if token_width:
-    pooled = embeddings[:, 0, token_width:]
-    if not np.array_equal(embeddings[..., token_width:], np.broadcast_to(pooled[:, None], pooled.shape[:1] + (
-        embeddings.shape[1],) + pooled.shape[1:])):
-      raise ValueError(f"The text condition's columns from {token_width} on differ between tokens: no pooled embedding "
-                       "repeated beside each token to store once.")
-    np.save(directory / "pooled.npy", pooled)
-    embeddings = embeddings[..., :token_width]
-  np.save(directory / "embeddings.npy", embeddings)
-  np.save(directory / "mask.npy", np.concatenate(masks))
+    embeddings = np.asarray(encode_fn(ids, mask), np.float16)
+    parts = {"embeddings": embeddings, "mask": np.asarray(mask)}
+    if token_width:
+      pooled = embeddings[:, 0, token_width:]
+      if not np.array_equal(embeddings[..., token_width:], np.broadcast_to(pooled[:, None], pooled.shape[:1] + (
+          embeddings.shape[1],) + pooled.shape[1:])):
+        raise ValueError(f"The text condition's columns from {token_width} on differ between tokens: no pooled "
+                         "embedding repeated beside each token to store once.")
+      parts.update(embeddings=embeddings[..., :token_width], pooled=pooled)
+    for name, value in parts.items():
+      if name not in arrays:
+        arrays[name] = np.lib.format.open_memmap(directory / f"{name}.npy.partial", "w+", value.dtype,
+                                                 (len(distinct),) + value.shape[1:])
+      arrays[name][start:start + len(value)] = value
+    done = min(start + batch_size, len(distinct))
+    if done * 10 // len(distinct) > reported:  # every tenth of the captions
+      reported, elapsed = done * 10 // len(distinct), time.perf_counter() - start_time
+      log.info("text-embedding cache: %d of %d captions (%d%%), elapsed %.0fs eta %.0fs", done, len(distinct),
+               100 * done // len(distinct), elapsed, elapsed / done * (len(distinct) - done))
+  for name, array in arrays.items():
+    array.flush()
+    (directory / f"{name}.npy.partial").rename(directory / f"{name}.npy")
   (directory / "captions.json").write_text(json.dumps(distinct))
   (directory / "meta.json").write_text(json.dumps({"key": key, "count": len(distinct)}))
   return EmbeddingCache(directory, key)
