@@ -499,7 +499,8 @@ def example_keys(seeds, num_per_prompt: int) -> np.ndarray:
 
 def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, seeds=None,
              lowres=None, negative_prompts=None, init_images=None, keep_masks=None, keys=None,
-             guide=None, source_prompts=None, handoff=None, latents=None, on_batch=None) -> np.ndarray:
+             guide=None, source_prompts=None, handoff=None, latents=None, on_batch=None,
+             kept_prompts=None) -> np.ndarray:
   """Samples [len(prompts), num_per_prompt, (frames,) h, w, c] uint8 (image_size), sample.batch_size at a time
   (rounded up to a multiple of the device count), each batch sharded over all devices; one compiled program
   serves every batch (the last is padded), and more than one batch logs progress with an ETA.
@@ -519,7 +520,9 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   one per prompt (editing.py). handoff: an ensemble of experts' index into the grid (refiner.py): without latents,
   the model's latents there, float32 [len(prompts), num_per_prompt, *output_shape], instead of samples; with latents
   (those), the samples the rest of the grid makes from them. on_batch(first, samples): called with each batch's
-  samples as they are made (uint8 [k, ...], samples first .. first + k - 1 in prompt-major order), but for latents."""
+  samples as they are made (uint8 [k, ...], samples first .. first + k - 1 in prompt-major order), but for latents.
+  kept_prompts: return the samples of the first kept_prompts prompts only (the others given to on_batch alone: a
+  job of many prompts does not hold every image in memory)."""
   if init_images is not None:
     edit_inputs.check_editable(config)
   first_frames = None
@@ -590,6 +593,7 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   place = lambda a, first: None if a is None else jax.device_put(jax.tree.map(lambda x: x[first:first + chunk], a),
                                                                    batch)
   outputs, nonfinite, start = [], 0, time.time()
+  kept = len(repeated) if kept_prompts is None else min(kept_prompts, len(prompts)) * n  # (samples returned)
   for first in range(0, len(keys), chunk):
     with jax.set_mesh(mesh):  # traced under the mesh the models' sharding.constrain reads (sequence parallelism)
       images = generate_fn(params, frozen, *(place(a, first) for a in inputs), guide_weights,
@@ -597,9 +601,10 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
     images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
     real = images[:len(repeated) - first]  # (not the padding)
     nonfinite += int((~np.isfinite(real.reshape(len(real), -1))).any(axis=1).sum())
-    outputs.append(images if handoff is not None and latents is None else media.to_uint8(images))
-    if on_batch is not None and outputs[-1].dtype == np.uint8:
-      on_batch(first, outputs[-1][:len(real)])
+    made = images if handoff is not None and latents is None else media.to_uint8(images)
+    if on_batch is not None and made.dtype == np.uint8:
+      on_batch(first, made[:len(real)])
+    outputs.append(made[:max(kept - first, 0)])
     if len(keys) > chunk:
       done, elapsed = min(first + chunk, len(repeated)), time.time() - start
       log.info("sampled %d of %d (%d%%), elapsed %.0fs, eta %.0fs", done, len(repeated),
@@ -607,8 +612,8 @@ def generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config
   if nonfinite:
     log.warning("%d of %d samples hold non-finite values (NaN or inf), written as black pixels: the weights make "
                 "them (is the training log's loss finite?)", nonfinite, len(repeated))
-  images = np.concatenate(outputs)[:len(repeated)]
-  return images.reshape((len(prompts), n) + images.shape[1:])
+  images = np.concatenate(outputs)[:kept]
+  return images.reshape((kept // n, n) + images.shape[1:])
 
 
 def check_source_inversion(prompts, sources, negatives, guided: bool) -> None:
@@ -1236,11 +1241,13 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
       else:
         generated = generate(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
                              lowres=None if lowres is None else np.asarray(lowres)[group], init_images=init_images,
-                             keep_masks=keep_masks, guide=guide, source_prompts=sources, on_batch=on_batch, **common)
+                             keep_masks=keep_masks, guide=guide, source_prompts=sources, on_batch=on_batch,
+                             kept_prompts=sum(i < GRID_PROMPTS for i in group) if written_as_made else None,
+                             **common)
       if extending:
         generated = extended(config, graphdef, group_params, group_frozen, tokenizer, group_prompts, group_config, mesh,
                              seeds, negatives, generated, guide)
-      for i, row in zip(group, generated):
+      for i, row in zip(group, generated):  # (written as made: the grid's prompts' rows alone)
         images[i] = row
         for k, sample in enumerate(row) if files is not None and not written_as_made else ():
           files.write(i, k, sample)
@@ -1255,7 +1262,7 @@ def write_samples(config, graphdef, params, frozen, tokenizer, prompts, sample_c
   if files is None:  # every process samples its shard; process 0 writes
     return output_dir / "grid.png"
   write_manifest(output_dir, [files.records[key] for key in sorted(files.records)])  # (in prompt order)
-  return write_grid(output_dir, entries, np.stack(images), provenance, edits,
+  return write_grid(output_dir, entries, np.stack(images[:GRID_PROMPTS]), provenance, edits,
                     "the given image" if references else "the edited image")
 
 

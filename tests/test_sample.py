@@ -16,8 +16,9 @@ from diffusion_jax import media, sample
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_samples_carry_provenance(trained, tmp_path):
+def test_samples_carry_provenance(trained, tmp_path, monkeypatch):
   config, workdir, _ = trained
+  monkeypatch.setattr(sample, "GRID_PROMPTS", 1)  # the grid shows the first prompt; every sample is written
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(json.dumps({"prompt": "a large red circle at the top left", "seed": 11}) + "\n"
                      + json.dumps({"prompt": "a small blue square at the bottom right", "guidance_scale": 2.0}) + "\n")
@@ -25,7 +26,7 @@ def test_samples_carry_provenance(trained, tmp_path):
   grid = sample.run(workdir, {"num_per_prompt": 3, "steps": 3, "sampler": "ddim", "seed": 7},
                     prompts, step=2, output_dir=out)
   records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-  assert len(records) == 6 and grid.exists()
+  assert len(records) == 6 and PIL.Image.open(grid).height == 2 * config.data.resolution + 18  # (one labelled row)
   for record in records:
     image = np.asarray(PIL.Image.open(out / record["file"]))
     assert image.shape == (config.data.resolution, config.data.resolution, 3)
@@ -435,12 +436,11 @@ def test_sampling_is_deterministic_and_independent_of_device_count(trained):
   sample_config.update(steps=3, num_per_prompt=3)
   prompts = ["a large red circle at the top left"]
 
-  def run(devices, batch_size=256, on_batch=None):
+  def run(devices, batch_size=256, **kwargs):
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=devices)
     params, frozen = jax.device_put((weights.params, weights.frozen), sharding.replicated(mesh))
     sample_config.batch_size = batch_size
-    return sample.generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh,
-                           on_batch=on_batch)
+    return sample.generate(config, graphdef, params, frozen, tokenizer, prompts, sample_config, mesh, **kwargs)
 
   eight, again, one = run(jax.devices()), run(jax.devices()), run(jax.devices()[:1])
   np.testing.assert_array_equal(eight, again)
@@ -451,6 +451,8 @@ def test_sampling_is_deterministic_and_independent_of_device_count(trained):
   assert by_twos.shape == one.shape and np.abs(by_twos.astype(int) - one.astype(int)).max() <= 1
   assert [first for first, _ in batches] == [0, 2]  # three samples in two batches, the last one padded (not passed)
   np.testing.assert_array_equal(np.concatenate([samples for _, samples in batches]), by_twos[0])
+  none_kept = run(jax.devices()[:1], batch_size=2, kept_prompts=0)  # (a job's: its samples given to on_batch alone)
+  assert none_kept.shape == (0,) + by_twos.shape[1:]
 
 
 def test_a_model_built_with_remat_samples_the_same_images(trained):
