@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from diffusion_jax import cli
+
 ITEMS = ("state", "data_iter")
 # Orbax saves a replicated array "replica-parallel": each replica writes a slice, cut by one eager op per
 # slice (and a compile per new shape). Below this many bytes per slice one replica writes the whole array
@@ -302,8 +304,6 @@ def read_config(workdir, kind: str = "experiment") -> ml_collections.ConfigDict:
   """The config a workdir was trained with (its config.json; an experiment's fields it predates: ADDED_FIELDS); a
   ValueError when it is of another kind than `kind` (cli.CONFIG_KINDS: an autoencoder trainer's workdir given to
   sample, say)."""
-  from diffusion_jax import cli
-
   path = local_path(workdir) / "config.json"
   if not path.exists():
     raise ValueError(f"{str(path)!r} does not exist: {str(workdir)!r} is not a diffusion_jax workdir (train "
