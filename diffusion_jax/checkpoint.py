@@ -34,12 +34,20 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
+# orbax's warnings of what `manager` does on purpose: overriding jax.Array's type handler (its replica-parallel
+# threshold) and opening the checkpoints read-only (sampling, evaluation)
+ORBAX_NOTICES = cli.DroppedNotices('Type handler registry type "%s" overriding %s', "Given directory is read only=%s")
+
+
 def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """The workdir's checkpoint manager (`read_only`: for jobs that only restore, which never save or delete)."""
+  logging.getLogger("absl").addFilter(ORBAX_NOTICES)  # (orbax logs through absl; added once)
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
       override=True)
   directory = pathlib.Path(workdir).expanduser().resolve() / "checkpoints"
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+  options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                         save_interval_steps=0 if read_only else 1, read_only=read_only)
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 

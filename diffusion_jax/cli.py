@@ -40,6 +40,19 @@ def flag_error(error: Exception) -> str:
   return " ".join(text.split())
 
 
+class DroppedNotices(logging.Filter):
+  """Drops a library's log records whose message (its format string) is one of `messages`: its warnings of what this
+  project does on purpose, which every job would print. Added to the "absl" logger, which orbax and TFDS log
+  through."""
+
+  def __init__(self, *messages: str):
+    super().__init__()
+    self.messages = messages
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.msg not in self.messages
+
+
 # The kinds of config the jobs read, each known by a section no other kind has: (that section, whose config it is,
 # where such configs are, what reads it).
 CONFIG_KINDS = {
@@ -83,7 +96,8 @@ def run(main, config_kinds: dict[str, str] | None = None) -> None:
   def main_or_usage_error(argv):
     if not flags.FLAGS["verbosity"].present:
       absl_logging.set_verbosity(absl_logging.WARNING)  # libraries say only what matters
-    logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+    for own in ("diffusion_jax", "__main__"):  # (a job's module run with -m logs as __main__)
+      logging.getLogger(own).setLevel(logging.INFO)
     try:
       if problems := config_kind_problems(config_kinds or {}):
         raise app.UsageError("\n".join(problems))

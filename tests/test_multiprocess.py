@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,9 @@ def test_two_process_sampling_job_writes_the_training_samples(trained, tmp_path)
              "--module=diffusion_jax.sample", "--", f"--workdir={workdir}", "--step=2", f"--output_dir={output}"]
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+  # The job's own log lines are shown (its module, run with -m, logs as __main__): the restore, progress and ETA
+  assert re.search(r"sample.py:\d+\] restored .* step 2 onto the mesh", result.stderr), result.stderr[-3000:]
+  assert not re.search("read only|read_only|overriding", result.stderr)  # (orbax's notices of what we chose)
   theirs = workdir / "samples" / "step_2"
   assert (output / "manifest.jsonl").read_text() == (theirs / "manifest.jsonl").read_text()
   for line in (theirs / "manifest.jsonl").read_text().splitlines():
@@ -121,6 +125,9 @@ def test_two_process_evaluation_job_scores_as_one_process(trained, tmp_path):
              *(f"--{k}={v}" for k, v in options.items())]
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+  # The libraries' notices of what the job does on purpose are left out (TFDS's custom configs, decoding without
+  # OpenCV; orbax's read-only checkpoints): its warnings are those a user would act on
+  assert not re.search("custom data configuration|OpenCV|read only", result.stderr), result.stderr[-3000:]
   [two] = [json.loads(line) for line in (copies[1] / "logs" / "eval.jsonl").read_text().splitlines()]
   settings = [record.pop("settings") for record in (one, two)]
   assert [s.pop("guide") for s in settings] == [{"workdir": str(copy), "step": 2} for copy in copies]
