@@ -7,7 +7,7 @@ Flags:
   --workdirs   comma-separated workdirs of the main job or the autoencoder trainer (their logs/train.jsonl and,
                when there is one, logs/eval.jsonl); quoted glob patterns name many, e.g. a scaling sweep's runs,
                "workdirs/scaling_shapes/*" (directories only)
-  --output     the PNG (default: WORKDIR/curves.png for one workdir; needed for several)
+  --output     the PNG, a .png path (default: WORKDIR/curves.png for one workdir; needed for several)
   --metrics    comma-separated metric names of either log, one panel each (default: those of DEFAULT_METRICS that
                some workdir logged); an unknown name is refused with the names there are
   --smoothing  exponential moving average of the train log's points (not the learning rate), in [0, 1) (default
@@ -110,6 +110,9 @@ def write(workdirs: list, output, metrics=None, smoothing: float = 0.6) -> pathl
 
   if not 0 <= smoothing < 1:
     raise ValueError(f"--smoothing={smoothing} must be in [0, 1)")
+  path = pathlib.Path(output).expanduser()
+  if path.suffix.lower() != ".png" or path.is_dir():
+    raise ValueError(f"--output={output}: a .png file's path, please (the plot is a PNG that records its workdirs)")
   logs = {w: read_logs(w) for w in expand(workdirs)}
   logged = {m for runs in logs.values() for records in runs.values() for r in records for m, v in r.items()
             if v is None or isinstance(v, (int, float))} - {"step"}
@@ -150,7 +153,6 @@ def write(workdirs: list, output, metrics=None, smoothing: float = 0.6) -> pathl
   figure.canvas.draw()
   image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
   plt.close(figure)
-  path = pathlib.Path(output).expanduser()
   media.save_png(path, image, {"workdirs": list(logs), "metrics": list(metrics), "smoothing": smoothing})
   return path
 

@@ -79,6 +79,9 @@ def test_what_cannot_be_plotted_is_refused(trained, tmp_path):
     curves.write([str(tmp_path / "nothing*")], tmp_path / "x.png")
   with pytest.raises(ValueError, match=r"--smoothing=1.0 must be in \[0, 1\)"):
     curves.write([workdir], tmp_path / "x.png", smoothing=1.0)
+  for output in (tmp_path, tmp_path / "curves"):  # a directory, no extension: PIL's "unknown file extension: " before
+    with pytest.raises(ValueError, match=f"--output={output}: a .png file's path, please"):
+      curves.write([workdir], output)
   result = subprocess.run([sys.executable, "-m", "diffusion_jax.curves", f"--workdirs={tmp_path / 'nope'}"],
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and "Traceback" not in result.stderr
