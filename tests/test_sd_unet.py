@@ -549,7 +549,8 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
   assert np.abs(np.asarray(PIL.Image.open(run("other", negative_aesthetic_score=6.0)), float) - ours).max() > 0
 
   # A LoRA of the refiner's U-Net fused into it (--refiner_lora) changes the image and is recorded; one of the base's
-  # does not fit it
+  # does not fit it. (At a scale far past use: the refiner runs the grid's last 2 steps, whose changes this tiny VAE
+  # shows 1 level deep in 8 bits; at 0.5 one value in 768 moved, and a flake once left none)
   import safetensors.numpy
 
   from diffusion_jax import lora
@@ -561,10 +562,10 @@ def test_the_sdxl_base_hands_its_latents_to_the_refiner_as_diffusers_ensemble_of
                                 tmp_path / f"{name}_lora.safetensors", metadata={"format": lora.FORMAT})
   adapted = sample.run(None, {}, output_dir=tmp_path / "adapted",
                        config=base_config, refiner_config=refiner_config, refiner_adapters=[
-                           lora.read(f"{tmp_path / 'refiner_lora.safetensors'}:0.5", "--refiner_lora")])
-  assert np.abs(np.asarray(PIL.Image.open(adapted.parent / "p000_00.png"), float) - ours).max() > 0
+                           lora.read(f"{tmp_path / 'refiner_lora.safetensors'}:100", "--refiner_lora")])
+  assert (np.asarray(PIL.Image.open(adapted.parent / "p000_00.png"), float) != ours).mean() > 0.1
   [adapter] = json.loads(media.read_provenance(adapted.parent / "p000_00.png")["refiner"])["lora"]
-  assert adapter["scale"] == 0.5 and adapter["file"].endswith("refiner_lora.safetensors")
+  assert adapter["scale"] == 100 and adapter["file"].endswith("refiner_lora.safetensors")
 
   def refused(match, refiner_config=refiner_config, denoising_end=0.8, **given):
     with pytest.raises(ValueError, match=match):
