@@ -665,15 +665,12 @@ def write_outputs(output_dir, entries: list[dict], images, provenance: dict, edi
   of the first GRID_PROMPTS prompts (videos: also grid.gif and grid.mp4); entries carry each prompt's
   prompt/seed/guidance_scale. Returns the grid path.
   images: uint8 [prompts, n, h, w, 3] or [prompts, n, frames, h, w, 3]. edits, given: as write_grid reads them."""
-  output_dir = pathlib.Path(output_dir)
-  output_dir.mkdir(parents=True, exist_ok=True)
-  records = []
-  for p, (entry, row) in enumerate(zip(entries, images)):
+  files = SampleFiles(pathlib.Path(output_dir), provenance, entries)
+  for p, row in enumerate(images):  # (in prompt order: the manifest's)
     for i, sample in enumerate(row):
-      records.append(sample_record(provenance, entry, p, i, images.ndim == 6))
-      write_sample(output_dir, records[-1], sample)
-  write_manifest(output_dir, records)
-  return write_grid(output_dir, entries, images, provenance, edits, given)
+      files.write(p, i, sample)
+  files.close()
+  return write_grid(files.output_dir, entries, images, provenance, edits, given)
 
 
 def write_manifest(output_dir: pathlib.Path, records: list[dict]) -> None:
