@@ -291,9 +291,14 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     raise ValueError(f"--format=diffusers: only a LoRA of Wan's, SD3's or Flux's transformer or SD's U-Net has a "
                      f"diffusers layout; --workdir={str(workdir)!r} is a LoRA of a {config.model.backbone} (write "
                      f"{FORMAT}'s)")
+  output = pathlib.Path(output)
+  pair = layout == "diffusers" and config.model.backbone == "wan" and config.model.wan_low_noise_path
+  written = [output.with_name(output.stem + suffix + output.suffix)  # (before the checkpoint is read)
+             for suffix in (diffusers_lora.EXPERTS.values() if pair else [""])]
+  if existing := [str(file) for file in written if file.exists()]:
+    raise ValueError(f"--output: {', '.join(existing)} exists: give a new path (nothing is overwritten)")
   adapter = run_adapter(workdir, config, step, use_ema)
   metadata, tensors = adapter.metadata, adapter.updates
-  output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   files = {output: tensors}
   if layout == "diffusers" and config.model.backbone == "wan":  # one file per expert of Wan 2.2 A14B's pair
@@ -309,8 +314,6 @@ def export(workdir, output, step: int | None = None, use_ema: bool | None = None
     files = {output: sd_lora.to_kohya(tensors, sdxl)}
   if layout != FORMAT:  # the PyTorch world's format tag, our provenance beside it
     metadata |= {"format": "pt", "written_by": FORMAT}
-  if existing := [str(file) for file in files if file.exists()]:
-    raise ValueError(f"--output: {', '.join(existing)} exists: give a new path (nothing is overwritten)")
   for file, part in files.items():
     file.write_bytes(save(part, metadata=metadata))  # the umask's permissions (save_file: 0600)
   return metadata | {"files": ", ".join(map(str, files))}

@@ -206,6 +206,9 @@ def test_a_lora_of_wans_pair_of_experts_trains_on_a_pod_mesh_and_samples(tmp_pat
   mngr = checkpoint.manager(tmp_path / "run")
   checkpoint.save(mngr, 2, trained)
   mngr.wait_until_finished()
+  (tmp_path / "taken_low_noise.safetensors").touch()  # (the second file refused as the first, before any reading)
+  with pytest.raises(ValueError, match="taken_low_noise.safetensors exists: give a new path"):
+    lora.export(tmp_path / "run", tmp_path / "taken.safetensors", step=999, layout="diffusers")
   lora.export(tmp_path / "run", tmp_path / "pair.safetensors", use_ema=False, layout="diffusers")
   read = lora.read(str(tmp_path / "pair.safetensors")).updates | lora.read(
       f"low_noise={tmp_path / 'pair_low_noise.safetensors'}").updates
