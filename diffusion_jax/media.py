@@ -53,10 +53,15 @@ def upright_rgb(image: PIL.Image.Image, background: tuple[int, int, int] = WHITE
   return image.convert("RGB")
 
 
-def upright_frame(frame) -> PIL.Image.Image:
+def upright_frame(frame, background: tuple[int, int, int] = WHITE) -> PIL.Image.Image:
   """A decoded video frame (PyAV's) as an RGB image, turned as its display matrix says: a phone's clip is often stored
-  sideways with a matrix saying how to turn it (players and FFmpeg turn it)."""
-  image = frame.to_image().convert("RGB")
+  sideways with a matrix saying how to turn it (players and FFmpeg turn it). A frame with an alpha channel (a .mov's
+  PNG, QuickTime Animation or ProRes 4444) is laid over `background` as upright_rgb lays an image (FFmpeg's RGB
+  shows whatever colour its transparent pixels store: black here)."""
+  if any(component.is_alpha for component in frame.format.components):
+    image = upright_rgb(PIL.Image.fromarray(frame.to_ndarray(format="rgba")), background)
+  else:
+    image = frame.to_image()
   return image.rotate(frame.rotation, expand=True) if frame.rotation else image  # (counterclockwise, as PIL turns)
 
 

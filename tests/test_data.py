@@ -613,6 +613,28 @@ def test_transparent_pixels_are_read_over_white_and_a_masks_as_keep(tmp_path):
   assert not keep[:, :4].any() and keep[:, 4:].all()
 
 
+def test_a_clips_transparent_pixels_are_read_over_white(tmp_path):
+  """A clip with an alpha channel (a .mov of PNG frames, as QuickTime Animation and ProRes 4444 hold one) is read over
+  white as a folder dataset's clip, as its images are, not as the black its transparent pixels store."""
+  import av
+
+  from diffusion_jax.data import folder_dataset
+
+  rgba = np.zeros((16, 16, 4), np.uint8)  # transparent black
+  rgba[:8] = (255, 0, 0, 255)  # the top half opaque red
+  with av.open(str(tmp_path / "sticker.mov"), "w") as container:
+    stream = container.add_stream("png", rate=4)
+    stream.width, stream.height, stream.pix_fmt = 16, 16, "rgba"
+    for _ in range(2):
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(rgba, format="rgba")))
+    container.mux(stream.encode())
+  clip = folder_dataset.read_clip(tmp_path / "sticker.mov", frames=2, resolution=16)
+  expected = np.full((2, 16, 16, 3), 255, np.uint8)
+  expected[:, :8] = (255, 0, 0)
+  np.testing.assert_array_equal(clip, expected)
+  assert folder_dataset.FolderClips.VERSION > folder_dataset.FolderImages.VERSION  # (clip folders prepared again)
+
+
 def test_an_image_over_pils_pixel_limit_is_named_not_a_traceback(tmp_path, monkeypatch):
   """An image over PIL's limit against decompression bombs (179 million pixels; 20 here) is an --init_image's
   ValueError naming the file and a folder dataset's skip naming the limit, not a traceback or "undecodable"."""

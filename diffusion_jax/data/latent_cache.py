@@ -44,8 +44,9 @@ def cache_key(autoencoder_params, data_config, superres_config=None) -> str:
   travelled = [f"travel={travel}"] if travel != moving_shapes.TRAVEL else []
   strided = [f"frame_stride={stride}"] if (stride := data_config.get("frame_stride", 1)) != 1 else []
   wide = [f"width={width}"] if (width := data_config.get("width", 0)) else []
-  folder = data_config.dataset in ("folder", "folder_clips")  # (a folder prepared again reads its files anew)
-  read = [f"version={folder_dataset.CaptionedFolder.VERSION}"] if folder else []
+  builders = {"folder": folder_dataset.FolderImages, "folder_clips": folder_dataset.FolderClips}
+  # (a folder prepared again reads its files anew)
+  read = [f"version={builders[data_config.dataset].VERSION}"] if data_config.dataset in builders else []
   digest.update(json.dumps([str(data_config[f]) for f in DATA_FIELDS] + wrapped + travelled + strided + wide + read
                            ).encode())
   if superres_config is not None:
