@@ -204,11 +204,16 @@ def network_size_problems(config) -> list[str]:
   return found
 
 
-def t5_vocabulary_problems(config) -> list[str]:
-  """Why some of the tokenizer's ids (text.tokenizer 'words' or 'sentencepiece') have no embedding in the U-Net's or
-  DiT's T5 encoder (text.t5.vocab_size, or a pretrained T5's, text.pretrained_path): they would embed as NaN; or
-  why a sentencepiece tokenizer has no model to read."""
+def tokenizer_problems(config) -> list[str]:
+  """Why the tokenizer (text.tokenizer 'words' or 'sentencepiece') cannot serve the config: the words tokenizer on
+  data other than the built-in datasets', a sentencepiece tokenizer without its model, or ids without an embedding
+  in the U-Net's or DiT's T5 encoder (text.t5.vocab_size, or a pretrained T5's, text.pretrained_path): they would
+  embed as NaN."""
   t = config.text
+  if t.tokenizer == "words" and config.data.dataset not in BUILT_IN_DATASETS:
+    return [f"text.tokenizer='words' knows only the built-in datasets' words ({', '.join(BUILT_IN_DATASETS)}), not "
+            f"the captions of data.dataset={config.data.dataset!r}: use text.tokenizer='sentencepiece' with "
+            "text.spiece_path (a T5's spiece.model), or 'clip'"]
   if t.tokenizer == "sentencepiece" and not t.spiece_path:
     return ["text.tokenizer='sentencepiece' needs text.spiece_path, a local spiece.model (a T5's; or one trained on "
             "the captions: tokenizers.train_sentencepiece)"]
@@ -668,6 +673,26 @@ def dit_problems(config) -> list[str]:
   return found
 
 
+def dataset_problems(data_config) -> list[str]:
+  """A data.dataset name the pipeline does not know."""
+  if data_config.dataset not in pipeline.DATASETS:
+    return [f"data.dataset={data_config.dataset!r} is not one of {list(pipeline.DATASETS)}"]
+  return []
+
+
+def data_source_problems(data_config) -> list[str]:
+  """Why a job that reads the data (training, evaluation) cannot open them, found before anything is built: a folder
+  dataset without its folder or captions file, a TFDS dataset without its name. (Sampling a pretrained config reads
+  no data: its configs leave them to the command line.)"""
+  d = data_config
+  if d.dataset in ("folder", "folder_clips"):
+    return [f"data.dataset={d.dataset!r} reads data.{field} ({what}): set it" for field, what in (
+        ("folder", "the local folder of files"), ("captions_file", "its captions.jsonl or .csv")) if not d[field]]
+  if d.dataset == "tfds" and not d.name:
+    return ["data.dataset='tfds' opens the prepared TFDS dataset data.name (in data.data_dir): set it"]
+  return []
+
+
 def built_in_data_problems(data_config) -> list[str]:
   """Why a built-in dataset (captioned_shapes, moving_shapes) cannot be drawn: no training or held-out examples,
   a captioned_shapes object count outside what its captions name (found before the model is built)."""
@@ -1029,7 +1054,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"model.text_dim={m.text_dim} must equal text.t5.d_model={config.text.t5.d_model}")
   option(config.text.t5.position_bias_init, t5.POSITION_BIAS_INITS, "text.t5.position_bias_init")
   found += clip_text_problems(config)
-  found += t5_vocabulary_problems(config) + network_size_problems(config)
+  found += tokenizer_problems(config) + network_size_problems(config)
   option(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
   if config.text.embedding_cache and config.text.trainable:
     found.append("text.embedding_cache needs a frozen encoder: set text.trainable=False")
@@ -1070,7 +1095,7 @@ def problems(config, device_count: int | None = None, process_count: int | None 
     found.append(f"data.frame_stride={config.data.frame_stride} must be >= 1 (1: every frame of a clip)")
   if not 0 <= config.data.image_fraction <= 1:
     found.append(f"data.image_fraction={config.data.image_fraction} must be in [0, 1]")
-  found += moving_shapes_problems(config.data) + built_in_data_problems(config.data)
+  found += dataset_problems(config.data) + moving_shapes_problems(config.data) + built_in_data_problems(config.data)
   if m.wan_low_noise_path and m.backbone != "wan":
     found.append(f"model.wan_low_noise_path: a low-noise expert of Wan's transformer; model.backbone={m.backbone!r}")
   if problem := low_noise_guidance_problem(config, config.sample, "sample."):
@@ -1151,7 +1176,10 @@ def problems(config, device_count: int | None = None, process_count: int | None 
   return found
 
 
-def validate(config, device_count: int | None = None, process_count: int | None = None) -> None:
-  found = problems(config, device_count, process_count)
+def validate(config, device_count: int | None = None, process_count: int | None = None,
+             reads_data: bool = False) -> None:
+  """A ValueError listing the config's problems; reads_data: a job that reads the data, its data_source_problems
+  too."""
+  found = problems(config, device_count, process_count) + (data_source_problems(config.data) if reads_data else [])
   if found:
     raise ValueError("Invalid config:\n  - " + "\n  - ".join(found))

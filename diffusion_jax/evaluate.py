@@ -926,7 +926,7 @@ def pretrained_config(config, output_dir, step, watch, guide_workdir, guide_step
     raise ValueError(f"{', '.join(taken)}: not used with --config, whose weights are the pretrained checkpoints' "
                      "(one evaluation, recorded as step 0), no training's checkpoints (evaluate a --workdir)")
   config = config.copy_and_resolve_references()
-  config_checks.validate(config)
+  config_checks.validate(config, reads_data=True)
   sample.check_pretrained(config)  # before the validation set is read
   return config
 

@@ -499,7 +499,7 @@ def _host_metrics(metrics, flops, step_time, data_time, batch_size, peak):
 def train_and_evaluate(config, workdir: str):
   """Build everything from the config, resume from the workdir if it has checkpoints, train; returns
   (state, graphdef). One training job per workdir at a time (a second is refused)."""
-  config_checks.validate(config)
+  config_checks.validate(config, reads_data=True)
   if text_to_image.flux_control(config) and not config.data.reference_key:
     raise ValueError("model.flux_path is FLUX.1 Depth / Canny's transformer, which trains on images paired with "
                      "control images (depth maps, edge maps): give them as data.reference_key (a folder prepared "

@@ -99,9 +99,8 @@ class AdversarialState(AutoencoderState):
 def problems(config) -> list[str]:
   """What is wrong with an autoencoder config, before anything is built."""
   a, t = config.autoencoder, config.train
-  out = config_checks.moving_shapes_problems(config.data) + config_checks.built_in_data_problems(config.data)
-  if config.data.dataset not in pipeline.DATASETS:
-    out.append(f"data.dataset={config.data.dataset!r} is not one of {list(pipeline.DATASETS)}")
+  out = (config_checks.dataset_problems(config.data) + config_checks.data_source_problems(config.data)
+         + config_checks.moving_shapes_problems(config.data) + config_checks.built_in_data_problems(config.data))
   out += config_checks.built_in_size_problems(config.data) + config_checks.optimizer_problems(config.optimizer)
   widths = list(a.block_out_channels)
   out += [f"autoencoder.{field}={a[field]} must be >= 1" for field in ("norm_num_groups", "latent_channels",

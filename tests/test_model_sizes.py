@@ -91,6 +91,8 @@ def test_stable_diffusions_kl_f8_autoencoder_and_discriminator_sizes(lpips_weigh
   assert count(lambda: train_autoencoder.make_discriminator(config, init_rngs.seeded(0))) == 2_765_633
   assert autoencoder.downsampling_factor(model_config) == 8
   assert train_autoencoder.problems(config) == [
+      "data.dataset='tfds' opens the prepared TFDS dataset data.name (in data.data_dir): set it",
       "lpips.loss_weight > 0 needs lpips.path, a local LPIPS weights directory (metrics/lpips.py)"]
+  config.data.name = "your_dataset"  # (as its docstring's command)
   config.lpips.path = str(lpips_weights[0])
   assert train_autoencoder.problems(config) == []

@@ -196,6 +196,7 @@ def test_non_square_training_images_are_checked():
   found = lambda: " ".join(config_checks.problems(config, device_count=8))
   assert "data.width=24: captioned_shapes draws square images" in found()
   config.data.update(dataset="tfds", name="pets", heldout_combinations=())
+  config.text.update(tokenizer="sentencepiece", spiece_path="spiece.model")  # (words: captioned_shapes' alone)
   assert found() == ""
   config.data.width = 21
   assert "data.width=21 must be a multiple of 2 (the U-Net's 2 ** (levels - 1), 2 levels)" in found()
@@ -209,6 +210,31 @@ def test_non_square_training_images_are_checked():
   config.data.update(dataset="tfds", width=64)
   assert "data.width=64: a super-resolution stage trains on squares (its input is the stage below's); leave it at 0" \
       in found()
+
+
+def test_data_that_cannot_be_opened_are_refused_before_anything_is_built(tmp_path):
+  """A data.dataset the pipeline does not know, the words tokenizer on other data, and (for the jobs that read the
+  data: training, evaluation) a folder dataset without its folder or captions file or a TFDS one without its name
+  are config errors, before the model is built (the first two were the tokenizer's error after it, the others a
+  folder of '.' or TFDS's error). Sampling a pretrained config reads no data: its configs leave them unset."""
+  config = t2i_shapes.get_config("test")
+  config.data.update(dataset="bogus", heldout_combinations=())
+  found = lambda: " ".join(config_checks.problems(config, device_count=8))
+  assert ("data.dataset='bogus' is not one of ['captioned_shapes', 'moving_shapes', 'folder', 'folder_clips', "
+          "'tfds']") in found()
+  config.data.dataset = "folder"
+  assert "text.tokenizer='words' knows only the built-in datasets' words" in found()
+  config.text.update(tokenizer="sentencepiece", spiece_path="spiece.model")
+  config_checks.validate(config, device_count=8)  # (what sampling a pretrained config checks)
+  with pytest.raises(ValueError, match=r"data.dataset='folder' reads data.folder \(the local folder of files\): set "
+                                       r"it\n  - data.dataset='folder' reads data.captions_file"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  config.data.update(dataset="tfds", name="")
+  assert config_checks.data_source_problems(config.data) == [
+      "data.dataset='tfds' opens the prepared TFDS dataset data.name (in data.data_dir): set it"]
+  config.data.update(dataset="folder_clips", folder="clips", captions_file="clips/captions.jsonl")
+  assert config_checks.data_source_problems(config.data) == []
 
 
 def test_logical_rules_never_reuse_a_mesh_axis():
