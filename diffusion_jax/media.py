@@ -39,12 +39,20 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of a 16-bit g
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 
+class FloatPixels(ValueError):
+  """An image of 32-bit float pixels (PIL's mode F: a float TIFF), whose range (0..1, 0..255, HDR) no file states."""
+
+
 def upright_rgb(image: PIL.Image.Image, background: tuple[int, int, int] = WHITE) -> PIL.Image.Image:
   """An opened image as RGB, turned as its EXIF orientation says: a camera's photo is often stored sideways with a
   tag saying how to turn it (diffusers' load_image turns it too). A 16-bit grayscale image is scaled to 8 bits
   (PIL's convert would clip its 0..65535 at 255: white wherever it is above 0.4% grey). An image with transparency
   (an alpha channel, a palette's or a colour's) is laid over `background`, white as LAION's img2dataset lays it
-  (PIL's convert drops the alpha, showing whatever colour its transparent pixels store: often black)."""
+  (PIL's convert drops the alpha, showing whatever colour its transparent pixels store: often black). Float pixels
+  raise FloatPixels (PIL's convert clips them at 0..255: a 0..1 image black)."""
+  if image.mode == "F":
+    raise FloatPixels("32-bit float pixels, whose range no file states (PIL's conversion would clip them: 0..1 "
+                      "black): save the image with 8 or 16 bits a channel")
   image = PIL.ImageOps.exif_transpose(image)
   if image.mode in SIXTEEN_BIT_MODES:
     image = PIL.Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))

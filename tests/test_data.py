@@ -555,7 +555,8 @@ def test_making_a_builder_of_an_unprepared_dataset_leaves_no_temporary_directory
 
 def test_a_photo_stored_sideways_is_read_upright(tmp_path):
   """A camera's JPEG stored sideways with an EXIF orientation (6: turn 90 degrees clockwise) is read turned, as an
-  edit's image (media.read_image) and as a folder dataset's; a 16-bit grayscale PNG is read at its levels."""
+  edit's image (media.read_image) and as a folder dataset's; a 16-bit grayscale PNG is read at its levels; a float
+  TIFF is refused (skipped, an edit's an error) naming why."""
   from diffusion_jax import media
   from diffusion_jax.data import folder_dataset
 
@@ -575,6 +576,14 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path):
   eight = np.repeat(np.round(levels / 257).astype(np.uint8)[..., None], 3, -1)
   np.testing.assert_array_equal(media.read_image(tmp_path / "sixteen.png"), eight)
   np.testing.assert_array_equal(np.asarray(builder._read(tmp_path / "sixteen.png")[1]["image"]), eight)
+  # A float TIFF (0..1 here; PIL's conversion made it black): refused, its range unknown, not read clipped
+  from diffusion_jax import edit_inputs
+
+  PIL.Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "float.tif")
+  assert builder._read(tmp_path / "float.tif") == ("32-bit float pixels (their range unknown)", None)
+  with pytest.raises(ValueError, match="init_image .*float.tif' cannot be read as an image .32-bit float pixels, "
+                                       "whose range no file states"):
+    edit_inputs.image_edit({"init_image": str(tmp_path / "float.tif")}, 8)
 
 
 def test_transparent_pixels_are_read_over_white_and_a_masks_as_keep(tmp_path):

@@ -193,6 +193,8 @@ class FolderImages(CaptionedFolder):
         return None, {"image": media.upright_rgb(image)}
     except PIL.Image.DecompressionBombError:
       return f"over {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels (PIL's limit against decompression bombs)", None
+    except media.FloatPixels:
+      return "32-bit float pixels (their range unknown)", None
     except (OSError, ValueError):
       return "undecodable image", None
 
