@@ -195,7 +195,7 @@ def validation_lowres(config, count: int, num_per_prompt: int):
   downsampled to a super-resolution stage's input size, to show what the stage does on its own."""
   from diffusion_jax import evaluate
 
-  _, images, captions = evaluate.validation_set(config, count)
+  images, captions, _ = evaluate.validation_media(config, count)
   return captions, np.repeat(downsampled(images, config)[:, None], num_per_prompt, axis=1)
 
 

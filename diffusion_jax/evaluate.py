@@ -197,28 +197,43 @@ log = logging.getLogger(__name__)
 
 def validation_set(config, count: int, keep=None):
   """The first `count` validation examples (that `keep(example)` accepts, when given), in order: (batch for the
-  model, uint8 images [n, h, w, 3] or videos [n, frames, h, w, 3], captions), at the training size; with
-  data.reference_key (FLUX.1 Kontext's edit pairs, Depth / Canny's control images) the batch holds each image's
-  "reference" [n, h, w, 3], brought to the training size as training brings it."""
+  model, uint8 images [n, h, w, 3] or videos [n, frames, h, w, 3], captions), at the training size (validation_media
+  and model_batch)."""
+  images, captions, references = validation_media(config, count, keep)
+  return model_batch(config, images, captions, references), images, captions
+
+
+def validation_media(config, count: int, keep=None):
+  """(uint8 images [n, h, w, 3] or videos [n, frames, h, w, 3], captions, references) of the first `count`
+  validation examples (that `keep(example)` accepts, when given; none: an empty array), in order, at the training
+  size, each brought to it as it is read (a set of large files is never held whole); references: with
+  data.reference_key
+  (FLUX.1 Kontext's edit pairs, Depth / Canny's control images) each image's uint8 [h, w, 3], brought to the
+  training size as training brings it, else None."""
   source = pipeline.data_source(config.data, "validation")
   examples = (source[i] for i in range(len(source)))
-  examples = list(itertools.islice(examples if keep is None else filter(keep, examples), count))
-  tokenizer = tokenizers.from_config(config)
-  ids, mask = tokenizer([e[config.data.caption_key] for e in examples])
   size = pipeline.image_size(config.data)
-
-  def visual(example):
+  images, captions, references = [], [], []
+  for example in itertools.islice(examples if keep is None else filter(keep, examples), count):
     frames, is_video = pipeline.as_frames(np.asarray(example[config.data.image_key]))
     frames = np.stack([pipeline.resize_and_crop(f, size, None) for f in frames])
-    return frames if is_video else frames[0]
+    images.append(frames if is_video else frames[0])
+    captions.append(example[config.data.caption_key].decode())
+    if config.data.reference_key:
+      references.append(pipeline.resize_and_crop(pipeline.rgb(np.asarray(example[config.data.reference_key])), size,
+                                                 None))
+  if not images:  # (none accepted)
+    return np.zeros((0,), np.uint8), [], None
+  return np.stack(images), captions, np.stack(references) if config.data.reference_key else None
 
-  images = np.stack([visual(e) for e in examples])
-  captions = [e[config.data.caption_key].decode() for e in examples]
+
+def model_batch(config, images, captions: list[str], references=None) -> dict:
+  """The batch the model reads (its held-out loss) of validation_media's uint8 media, captions and references."""
+  ids, mask = tokenizers.from_config(config)(captions)
   batch = {"video" if images.ndim == 5 else "image": media.to_float(images), "text_ids": ids, "text_mask": mask}
-  if config.data.reference_key:
-    batch["reference"] = media.to_float(np.stack([pipeline.resize_and_crop(
-        pipeline.rgb(np.asarray(e[config.data.reference_key])), size, None) for e in examples]))
-  return batch, images, captions
+  if references is not None:
+    batch["reference"] = media.to_float(references)
+  return batch
 
 
 def metric_features(inception_weights=None, i3d_weights=None) -> dict:
@@ -331,7 +346,8 @@ def heldout_combination_accuracy(config, graphdef, weights, mesh, count: int, sa
   if not combinations or count == 0:
     return {}
   pairs = captioned_shapes.combinations(combinations)
-  _, images, captions = validation_set(config, count, keep=lambda example: captioned_shapes.shows_any(example, pairs))
+  images, captions, _ = validation_media(config, count, keep=lambda example: captioned_shapes.shows_any(example,
+                                                                                                      pairs))
   if not captions:
     log.warning("No validation caption names one of %s: their accuracy is not measured (raise data.num_eval).",
                 combinations)
@@ -411,7 +427,7 @@ def cascade_metrics(cascade_config, num_prompts: int, feature_fns=None, clip=Non
   settings = sweep_settings(sweeps or {}, configs[k].sample_config, configs[k].config)
   stages = cascade.load(cascade_config)
   final = stages[-1].config
-  _, images, captions = validation_set(final, num_prompts)
+  images, captions, _ = validation_media(final, num_prompts)
   frechet = frechet_distances(images, feature_fns)
   below = cascade.generate(stages[:k], captions, distinct_noise=True)
 
@@ -541,10 +557,10 @@ def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, f
   else:
     config, step, (weights, graphdef, mesh) = pretrained, 0, sample.load_pretrained(pretrained, mesh_config)
   weights = lora.fused(weights, adapters)
-  batch, images, captions = validation_set(config, max(num_prompts, heldout_examples))
-  # each held-out image's reference (Kontext's edit source, Depth / Canny's control)
-  references = media.to_uint8(batch["reference"]) if config.data.reference_key else None
-  small = {k: v[:heldout_examples] for k, v in batch.items()}
+  # (references: each held-out image's, Kontext's edit source or Depth / Canny's control)
+  images, captions, references = validation_media(config, max(num_prompts, heldout_examples))
+  small = model_batch(config, images[:heldout_examples], captions[:heldout_examples],
+                      None if references is None else references[:heldout_examples])  # (in floats: these alone)
   batch_size = evaluation_sample_config(config, sample_overrides).batch_size  # examples at once, sharded
   heldout = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, batch_size)
   losses = heldout(weights.params, weights.frozen, small)
@@ -867,7 +883,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     for s in todo:
       if frechet is None:  # the real images' features, once for every checkpoint and sweep point
         check_validation_size(config, num_prompts, heldout_examples)
-        _, real, captions = validation_set(config, num_prompts)
+        real, captions, _ = validation_media(config, num_prompts)
         frechet = frechet_distances(real, feature_fns)
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,

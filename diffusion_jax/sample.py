@@ -1349,7 +1349,7 @@ def write_training_samples(config, weights: Weights, graphdef, step: int, workdi
   if text_to_image.image_to_video(config):  # animates the first frames of as many validation clips
     from diffusion_jax import evaluate
 
-    _, clips, prompts = evaluate.validation_set(config, len(prompts))
+    clips, prompts, _ = evaluate.validation_media(config, len(prompts))
     frames = clip_frames(config, config.sample)
     last = text_to_image.first_last_frame(config)  # (and a first-last-frame model, their last frames)
     edits = dict(enumerate(edit_inputs.first_frame_edit(clip[0], frames, clip[:frames][-1] if last else None)
@@ -1357,8 +1357,7 @@ def write_training_samples(config, weights: Weights, graphdef, step: int, workdi
   if config.data.reference_key and config_checks.held_out(config.data):  # (else Kontext's: text-to-image)
     from diffusion_jax import evaluate
 
-    batch, _, prompts = evaluate.validation_set(config, len(prompts))
-    references = media.to_uint8(batch["reference"])
+    _, prompts, references = evaluate.validation_media(config, len(prompts))
     edits = {i: (reference, np.zeros(reference.shape[:2], bool)) for i, reference in enumerate(references)}
   grid = write_samples(config, graphdef, weights.params, weights.frozen, tokenizers.from_config(config), prompts,
                        sample_config, mesh, step, f"{workdir}/samples/step_{step}", lowres=lowres, edits=edits)

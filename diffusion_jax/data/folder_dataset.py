@@ -205,8 +205,8 @@ class FolderClips(CaptionedFolder):
   BUILDER_CONFIGS = [FolderClipsConfig(name="default")]
   VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {**CaptionedFolder.RELEASE_NOTES,
-                   "1.2.0": "A clip's transparent pixels (an alpha channel: a .mov's PNG, QuickTime Animation or ProRes "
-                            "4444) laid over white."}
+                   "1.2.0": "A clip's transparent pixels (an alpha channel: a .mov's PNG, QuickTime Animation or "
+                            "ProRes 4444) laid over white."}
 
   def _info(self):
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({

@@ -63,8 +63,8 @@ def heldout_record(sweep, run: sweeps.Run, workdir) -> dict:
 
   config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir)
   count = max(sweep.heldout_examples, sweep.generation_metrics)
-  batch, images, captions = evaluate.validation_set(config, count)
-  batch = {k: v[:sweep.heldout_examples] for k, v in batch.items()}
+  images, captions, _ = evaluate.validation_media(config, count)
+  batch = evaluate.model_batch(config, images[:sweep.heldout_examples], captions[:sweep.heldout_examples])
   losses = heldout_loss.make_heldout_loss_fn(config, graphdef, mesh, config.sample.batch_size)(weights.params,
                                                                                                weights.frozen, batch)
   batch_size = config.train.batch_size
