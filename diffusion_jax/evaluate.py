@@ -544,21 +544,22 @@ def caption_gap(config, heldout, params, frozen, batch, captions, rewrite, losse
 def evaluate_step(workdir, step, num_prompts, heldout_examples, settings=None, frechet=None, clip=None,
                   combination_prompts=64, sample_overrides=None, perceptual=None, image_to_video=False,
                   combinations=(), adapters=(), guide=None, edit_real=None, edit_toward="other", mesh_config=None,
-                  pretrained=None, refiner=None):
+                  pretrained=None, refiner=None, validation=None):
   """(step, metrics, generated, {sweep name: [(value, metrics)]}) of one checkpoint of `workdir` (or, with
   `pretrained`, a validated config, of the pretrained checkpoints it reads: sample.load_pretrained, step 0); `settings`
   as made by sweep_settings, `frechet` by frechet_distances of the first `num_prompts` validation images (made here when
   not given), `clip` by clip_score.load, `perceptual` by lpips.load; `combination_prompts` captions naming one of
   `combinations` for heldout_combination_accuracy at each sample setting; `sample_overrides`: as
   evaluation_sample_config's; image_to_video, edit_real, edit_toward, guide and refiner: as generation_metrics';
-  adapters: lora.Adapters fused into the weights; mesh_config: sample.load_checkpoint's."""
+  adapters: lora.Adapters fused into the weights; mesh_config: sample.load_checkpoint's; validation: validation_media
+  of max(num_prompts, heldout_examples) examples (read here when not given: a job reads them once)."""
   if pretrained is None:
     config, weights, graphdef, step, mesh = sample.load_checkpoint(workdir, step, mesh_config=mesh_config)
   else:
     config, step, (weights, graphdef, mesh) = pretrained, 0, sample.load_pretrained(pretrained, mesh_config)
   weights = lora.fused(weights, adapters)
   # (references: each held-out image's, Kontext's edit source or Depth / Canny's control)
-  images, captions, references = validation_media(config, max(num_prompts, heldout_examples))
+  images, captions, references = validation or validation_media(config, max(num_prompts, heldout_examples))
   small = model_batch(config, images[:heldout_examples], captions[:heldout_examples],
                       None if references is None else references[:heldout_examples])  # (in floats: these alone)
   batch_size = evaluation_sample_config(config, sample_overrides).batch_size  # examples at once, sharded
@@ -860,7 +861,7 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
                                  [name for name, weights in optional.items() if weights], image_to_video,
                                  combinations, adapters, guide, edit_real, edit_toward, refiner)
   feature_fns = metric_features(inception_weights, i3d_weights)
-  frechet = None  # made at the first checkpoint (training may still be writing the dataset before it)
+  frechet = validation = None  # made at the first checkpoint (training may still be writing the dataset before it)
   clip = clip_score.load(str(clip_weights)) if clip_weights else None
   perceptual = lpips.load(str(lpips_weights)) if lpips_weights else None
   if pretrained:
@@ -883,14 +884,15 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     for s in todo:
       if frechet is None:  # the real images' features, once for every checkpoint and sweep point
         check_validation_size(config, num_prompts, heldout_examples)
-        real, captions, _ = validation_media(config, num_prompts)
+        validation = validation_media(config, max(num_prompts, heldout_examples))
+        real, captions = validation[0][:num_prompts], validation[1][:num_prompts]
         frechet = frechet_distances(real, feature_fns)
       try:
         s, metrics, generated, swept = evaluate_step(workdir, s, num_prompts, heldout_examples, settings, frechet,
                                                      clip, combination_prompts, sample_overrides, perceptual,
                                                      image_to_video, combinations, adapters, guide, edit_real,
                                                      edit_toward, mesh_config, config if pretrained else None,
-                                                     refiner)
+                                                     refiner, validation)
       except checkpoint.UnreadableCheckpoint as error:
         if step is not None:  # the one asked for
           raise
