@@ -207,9 +207,8 @@ def validation_media(config, count: int, keep=None):
   """(uint8 images [n, h, w, 3] or videos [n, frames, h, w, 3], captions, references) of the first `count`
   validation examples (that `keep(example)` accepts, when given; none: an empty array), in order, at the training
   size, each brought to it as it is read (a set of large files is never held whole); references: with
-  data.reference_key
-  (FLUX.1 Kontext's edit pairs, Depth / Canny's control images) each image's uint8 [h, w, 3], brought to the
-  training size as training brings it, else None."""
+  data.reference_key (FLUX.1 Kontext's edit pairs, Depth / Canny's control images) each image's uint8 [h, w, 3],
+  brought to the training size as training brings it, else None."""
   source = pipeline.data_source(config.data, "validation")
   examples = (source[i] for i in range(len(source)))
   size = pipeline.image_size(config.data)
@@ -346,8 +345,8 @@ def heldout_combination_accuracy(config, graphdef, weights, mesh, count: int, sa
   if not combinations or count == 0:
     return {}
   pairs = captioned_shapes.combinations(combinations)
-  images, captions, _ = validation_media(config, count, keep=lambda example: captioned_shapes.shows_any(example,
-                                                                                                      pairs))
+  shows_one = lambda example: captioned_shapes.shows_any(example, pairs)
+  images, captions, _ = validation_media(config, count, keep=shows_one)
   if not captions:
     log.warning("No validation caption names one of %s: their accuracy is not measured (raise data.num_eval).",
                 combinations)
