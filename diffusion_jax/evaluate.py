@@ -180,6 +180,7 @@ import time
 
 import jax
 import numpy as np
+import psutil
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -834,6 +835,9 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   if problems := sample.mesh_problems(config, mesh_config, frames, field):
     raise ValueError("; ".join(problems))
   settings = sweep_settings(sweeps or {}, sample_config, config, bool(image_to_video or edit_real))
+  if problem := host_memory_problem(config, sample_config, num_prompts, heldout_examples, bool(settings),
+                                    psutil.virtual_memory().available):
+    raise ValueError(problem)
   given = [flag for flag, value in (("--image_to_video", image_to_video), ("--" + str(edit_real), edit_real),
                                     ("--video_length", sample_config.video_length),
                                     ("--guide_workdir / --guide_step", guide_workdir or guide_step is not None))
@@ -914,6 +918,24 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
     time.sleep(poll_seconds)
   writer.close()
   return written
+
+
+def host_memory_problem(config, sample_config, num_prompts: int, heldout_examples: int, swept: bool,
+                        available: int) -> str | None:
+  """Why the job would run out of host memory (`available` bytes free), before any checkpoint is read: it holds the
+  real media and the generated (uint8, at the training size), the generated twice while a batch list is stacked,
+  and a sweep point's beside the evaluation's; None where they fit. (An out-of-memory kill would come after hours of
+  sampling, with nothing written.)"""
+  height, width = pipeline.image_size(config.data)
+  frames = sample.clip_frames(config, sample_config) if config.model.temporal else 1
+  item = frames * height * width * 3
+  needed = item * (max(num_prompts, heldout_examples) + num_prompts * (3 if swept else 2))
+  if needed <= available:
+    return None
+  fit = max(1, int(available // (item * (4 if swept else 3))))
+  return (f"--num_prompts={num_prompts}: the job would hold about {needed / 1e9:.1f} GB of {height} x {width} "
+          f"{'clips' if frames > 1 else 'images'} in host memory (the real and the generated, uint8), and "
+          f"{available / 1e9:.1f} GB is free; give at most about {fit}, or run it on a machine with more memory")
 
 
 def check_validation_size(config, num_prompts: int, heldout_examples: int) -> None:

@@ -253,6 +253,17 @@ def test_evaluation_skips_unreadable_checkpoints_and_goes_on(trained, tmp_path, 
   # More examples than the validation split holds (the test data's 32): refused before any checkpoint is read
   with pytest.raises(ValueError, match="--heldout_examples=40: the validation split holds 32 examples; give at most"):
     evaluate.run(workdir, step=2, num_prompts=4, heldout_examples=40, combination_prompts=0)
+  # More images than the host's free memory holds: refused before anything is read, not killed after the sampling
+  with pytest.raises(ValueError, match=r"--num_prompts=1000000000: the job would hold about 2304.0 GB of 16 x 16 "
+                                       r"images in host memory .the real and the generated, uint8., and .* GB is free"):
+    evaluate.run(workdir, step=2, num_prompts=10**9, heldout_examples=4, combination_prompts=0)
+  from diffusion_jax import checkpoint
+
+  config = checkpoint.read_config(workdir)
+  sample_config = evaluate.evaluation_sample_config(config)
+  problem = lambda swept, available: evaluate.host_memory_problem(config, sample_config, 1000, 64, swept, available)
+  assert problem(False, 16 * 16 * 3 * 3000) is None and problem(True, 16 * 16 * 3 * 3000) is not None
+  assert "give at most about 999," in problem(True, 16 * 16 * 3 * 3999)
 
 
 def test_the_command_lines_sample_settings_override_the_configs_for_evaluation():
