@@ -835,9 +835,10 @@ def run(workdir, step=None, watch=False, poll_seconds=60, max_idle_minutes=60, n
   if problems := sample.mesh_problems(config, mesh_config, frames, field):
     raise ValueError("; ".join(problems))
   settings = sweep_settings(sweeps or {}, sample_config, config, bool(image_to_video or edit_real))
-  if problem := host_memory_problem(config, sample_config, num_prompts, heldout_examples, bool(settings),
-                                    psutil.virtual_memory().available):
-    raise ValueError(problem)
+  problem = host_memory_problem(config, sample_config, num_prompts, heldout_examples, bool(settings),
+                                psutil.virtual_memory().available)
+  if distributed.any_process(problem is not None):  # (every process stops: free memory differs between hosts)
+    raise ValueError(problem or "another process's host has too little free memory for the job: see its error")
   given = [flag for flag, value in (("--image_to_video", image_to_video), ("--" + str(edit_real), edit_real),
                                     ("--video_length", sample_config.video_length),
                                     ("--guide_workdir / --guide_step", guide_workdir or guide_step is not None))
